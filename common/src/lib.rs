@@ -1,0 +1,26 @@
+//! The shared vocabulary of telemeter.
+//!
+//! Everything both binaries speak lives here: the Prometheus metric model and its two wire formats
+//! (protobuf-delimited and text exposition 0.0.4), label rules, series selectors, anonymization,
+//! snappy framing, signed upload tokens, the consistent hash ring, Prometheus-style durations, and the
+//! small synchronous HTTP front both binaries serve their endpoints with.
+
+#![deny(missing_docs)]
+
+pub mod anonymize;
+pub mod base64;
+pub mod delimited;
+pub mod duration;
+pub mod hashring;
+pub mod http;
+pub mod instrument;
+pub mod labels;
+pub mod logging;
+pub mod media;
+pub mod model;
+pub mod selector;
+pub mod signal;
+pub mod snappy;
+pub mod text;
+pub mod tls;
+pub mod token;

@@ -1,0 +1,2 @@
+//! telemeter-server: receives pushed metrics, validates and stores them durably, serves `/federate`.
+#![deny(missing_docs)]
