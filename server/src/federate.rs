@@ -100,3 +100,45 @@ pub fn write_cluster(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use telemeter_common::model::{Counter, LabelPair, Metric, MetricType};
+
+    fn families() -> Vec<MetricFamily> {
+        vec![MetricFamily {
+            name: Some("requests_total".into()),
+            help: Some("Requests.".into()),
+            r#type: Some(MetricType::Counter as i32),
+            metric: vec![Metric {
+                label: vec![LabelPair::new("_id", "a")],
+                counter: Some(Counter { value: Some(3.0) }),
+                timestamp_ms: Some(1_700_000_000_000),
+                ..Default::default()
+            }],
+        }]
+    }
+
+    #[test]
+    fn text_has_no_timestamps() {
+        let mut out = Vec::new();
+        write_cluster(families(), Format::Text, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("requests_total{_id=\"a\"} 3\n"), "{text}");
+        assert!(!text.contains("1700000000000"), "{text}");
+    }
+
+    #[test]
+    fn protobuf_has_no_timestamps() {
+        let mut out = Vec::new();
+        write_cluster(families(), Format::ProtoDelimited, &mut out).unwrap();
+        let decoded = delimited::decode(&out, &delimited::Limits::default()).unwrap();
+        assert_eq!(decoded.len(), 1);
+        assert_eq!(decoded[0].metric[0].timestamp_ms, None);
+        assert_eq!(
+            decoded[0].metric[0].counter,
+            Some(Counter { value: Some(3.0) })
+        );
+    }
+}

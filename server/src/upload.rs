@@ -305,3 +305,159 @@ impl UploadHandler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::RouteError;
+    use crate::store::StoreError;
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use telemeter_common::media::PROTO_DELIMITED;
+    use telemeter_common::model::{Gauge, LabelPair, Metric, MetricType};
+    use telemeter_common::selector::Selector;
+    use telemeter_common::token::SharedKey;
+
+    /// Records what it stores; fails while `fail` is set.
+    #[derive(Default)]
+    struct FakeRouter {
+        stored: Mutex<Vec<(String, Vec<u8>)>>,
+        fail: Mutex<bool>,
+    }
+
+    impl Router for Arc<FakeRouter> {
+        fn route(
+            &self,
+            cluster_id: &str,
+            payload: Vec<u8>,
+            _received: SystemTime,
+        ) -> Result<(), RouteError> {
+            if *self.fail.lock().unwrap() {
+                return Err(RouteError::Store(StoreError::Closed));
+            }
+            self.stored
+                .lock()
+                .unwrap()
+                .push((cluster_id.to_string(), payload));
+            Ok(())
+        }
+    }
+
+    fn signer() -> TokenSigner {
+        TokenSigner::new(&SharedKey::from_bytes(&[1u8; 32]).unwrap())
+    }
+
+    fn handler(router: Arc<FakeRouter>, whitelist: Vec<Selector>) -> UploadHandler {
+        UploadHandler::new(
+            signer(),
+            "_id",
+            UploadLimits {
+                max_upload_bytes: 1 << 20,
+                max_decompressed_bytes: 4 << 20,
+                max_series: 1000,
+            },
+            Rules {
+                partition_label: "_id".into(),
+                extra_labels: vec![],
+                whitelist,
+                max_sample_age: Duration::from_secs(86_400),
+                max_future_skew: Duration::from_secs(300),
+                max_samples: 10_000,
+            },
+            RateLimiter::new(Duration::from_secs(3600)),
+            Arc::new(router),
+            Metrics::new(),
+        )
+    }
+
+    fn request(token: &str, body: Vec<u8>) -> Request {
+        Request {
+            method: "POST".into(),
+            path: "/upload".into(),
+            query: String::new(),
+            headers: vec![
+                ("Authorization".into(), format!("Bearer {token}")),
+                ("Content-Type".into(), PROTO_DELIMITED.into()),
+            ],
+            body,
+            remote: "127.0.0.1:1".parse().unwrap(),
+        }
+    }
+
+    fn body(name: &str) -> Vec<u8> {
+        let ts = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        delimited::encode(&[MetricFamily {
+            name: Some(name.into()),
+            help: None,
+            r#type: Some(MetricType::Gauge as i32),
+            metric: vec![Metric {
+                label: vec![LabelPair::new("job", "x")],
+                gauge: Some(Gauge { value: Some(1.0) }),
+                timestamp_ms: Some(ts),
+                ..Default::default()
+            }],
+        }])
+    }
+
+    fn token(id: &str) -> String {
+        let labels = BTreeMap::from([("_id".to_string(), id.to_string())]);
+        signer().issue(id, id, &labels, Duration::from_secs(60), SystemTime::now())
+    }
+
+    #[test]
+    fn a_failed_store_does_not_use_the_slot() {
+        let router = Arc::new(FakeRouter::default());
+        let h = handler(router.clone(), vec![]);
+        *router.fail.lock().unwrap() = true;
+        let r = h.handle(&request(&token("a"), body("up")));
+        assert_eq!(r.status, 503);
+        *router.fail.lock().unwrap() = false;
+        assert_eq!(h.handle(&request(&token("a"), body("up"))).status, 200);
+        let stored = router.stored.lock().unwrap().clone();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].0, "a");
+        let families = delimited::decode(&stored[0].1, &delimited::Limits::default()).unwrap();
+        assert_eq!(families[0].metric[0].label_value("_id"), Some("a"));
+        // Now the slot is used.
+        let r = h.handle(&request(&token("a"), body("up")));
+        assert_eq!(r.status, 429);
+        assert!(r
+            .headers
+            .iter()
+            .any(|(n, v)| n == "Retry-After" && v.parse::<u64>().unwrap() > 3500));
+    }
+
+    #[test]
+    fn an_empty_upload_stores_nothing_and_keeps_the_slot() {
+        let router = Arc::new(FakeRouter::default());
+        let h = handler(router.clone(), vec![Selector::parse("up").unwrap()]);
+        assert_eq!(h.handle(&request(&token("a"), body("other"))).status, 200);
+        assert!(router.stored.lock().unwrap().is_empty());
+        assert_eq!(h.handle(&request(&token("a"), body("up"))).status, 200);
+        assert_eq!(router.stored.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn refusals() {
+        let router = Arc::new(FakeRouter::default());
+        let h = handler(router.clone(), vec![]);
+        let mut r = request(&token("a"), body("up"));
+        r.method = "GET".into();
+        assert_eq!(h.handle(&r).status, 405);
+        assert_eq!(h.handle(&request("garbage", body("up"))).status, 401);
+        let mut r = request(&token("a"), body("up"));
+        r.headers[1].1 = "application/json".into();
+        assert_eq!(h.handle(&r).status, 415);
+        let mut r = request(&token("a"), body("up"));
+        r.headers.push(("Content-Encoding".into(), "br".into()));
+        assert_eq!(h.handle(&r).status, 415);
+        // No Content-Type: protobuf-delimited, as upstream clients send.
+        let mut r = request(&token("a"), body("up"));
+        r.headers.remove(1);
+        assert_eq!(h.handle(&r).status, 200);
+        assert_eq!(router.stored.lock().unwrap().len(), 1);
+    }
+}
