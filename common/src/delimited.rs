@@ -161,3 +161,287 @@ pub fn encode(families: &[MetricFamily]) -> Vec<u8> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{
+        Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricType, Quantile, Summary,
+        Untyped,
+    };
+
+    const METRICS_PB: &[u8] = include_bytes!("../../tests/fixtures/prometheus-metrics.pb");
+
+    fn family(name: &str, t: MetricType, metric: Metric) -> MetricFamily {
+        MetricFamily {
+            name: Some(name.into()),
+            help: Some(format!("help of {name} with \\ and \n")),
+            r#type: Some(t as i32),
+            metric: vec![metric],
+        }
+    }
+
+    fn every_type() -> Vec<MetricFamily> {
+        let labels = vec![LabelPair::new("a", "\"\\\n\u{e9}"), LabelPair::new("b", "")];
+        vec![
+            family(
+                "c",
+                MetricType::Counter,
+                Metric {
+                    label: labels.clone(),
+                    counter: Some(Counter { value: Some(0.0) }),
+                    timestamp_ms: Some(-1),
+                    ..Default::default()
+                },
+            ),
+            family(
+                "g",
+                MetricType::Gauge,
+                Metric {
+                    gauge: Some(Gauge {
+                        value: Some(f64::NAN),
+                    }),
+                    ..Default::default()
+                },
+            ),
+            family(
+                "u",
+                MetricType::Untyped,
+                Metric {
+                    untyped: Some(Untyped {
+                        value: Some(f64::NEG_INFINITY),
+                    }),
+                    timestamp_ms: Some(i64::MAX),
+                    ..Default::default()
+                },
+            ),
+            family(
+                "h",
+                MetricType::Histogram,
+                Metric {
+                    label: labels.clone(),
+                    histogram: Some(Histogram {
+                        sample_count: Some(u64::MAX),
+                        sample_sum: Some(f64::INFINITY),
+                        bucket: vec![Bucket {
+                            cumulative_count: Some(1),
+                            upper_bound: Some(0.5),
+                        }],
+                    }),
+                    ..Default::default()
+                },
+            ),
+            family(
+                "s",
+                MetricType::Summary,
+                Metric {
+                    summary: Some(Summary {
+                        sample_count: Some(3),
+                        sample_sum: Some(1.5),
+                        quantile: vec![Quantile {
+                            quantile: Some(0.5),
+                            value: Some(f64::NAN),
+                        }],
+                    }),
+                    ..Default::default()
+                },
+            ),
+        ]
+    }
+
+    fn bytes_of(families: &[MetricFamily]) -> Vec<Vec<u8>> {
+        families.iter().map(Message::encode_to_vec).collect()
+    }
+
+    #[test]
+    fn every_type_round_trips() {
+        let families = every_type();
+        let body = encode(&families);
+        let back = decode(&body, &Limits::default()).unwrap();
+        // Compared as protobuf bytes so NaN equals itself.
+        assert_eq!(bytes_of(&back), bytes_of(&families));
+        assert!(back[1].metric[0].gauge.unwrap().value.unwrap().is_nan());
+        assert_eq!(back[0].metric[0].label, families[0].metric[0].label);
+        // The wire form is a varint length, then the message, for each family.
+        assert_eq!(body[0] as usize, families[0].encoded_len());
+        assert_eq!(decode(&[], &Limits::default()).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn encode_family_appends_what_prost_would() {
+        let mut out = vec![0xAA];
+        for f in every_type() {
+            encode_family(&f, &mut out);
+        }
+        let mut expected = vec![0xAA];
+        for f in every_type() {
+            f.encode_length_delimited(&mut expected).unwrap();
+        }
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn prometheus_fixture_decodes_and_reencodes_identically() {
+        let families = decode(METRICS_PB, &Limits::default()).unwrap();
+        assert!(families.len() > 100);
+        let build = families
+            .iter()
+            .find(|f| f.name.as_deref() == Some("prometheus_build_info"))
+            .unwrap();
+        assert_eq!(build.metric_type(), MetricType::Gauge);
+        assert_eq!(build.metric[0].label_value("version"), Some("2.42.0+ds"));
+        // Compared as protobuf bytes: the fixture has NaN quantiles, and NaN != NaN.
+        let again = decode(&encode(&families), &Limits::default()).unwrap();
+        assert_eq!(bytes_of(&again), bytes_of(&families));
+        // Nothing the Go encoder wrote is lost, except what we do not model at all.
+        assert_eq!(encode(&families), METRICS_PB);
+    }
+
+    #[test]
+    fn truncation_anywhere_is_an_error() {
+        let body = encode(&every_type());
+        let mut boundaries = vec![0];
+        let mut at = 0;
+        for f in every_type() {
+            let len = f.encoded_len();
+            at += prost::length_delimiter_len(len) + len;
+            boundaries.push(at);
+        }
+        for cut in 0..body.len() {
+            let got = decode(&body[..cut], &Limits::default());
+            if boundaries.contains(&cut) {
+                assert!(got.is_ok(), "cut at {cut}");
+            } else {
+                assert_eq!(got, Err(DecodeError::Truncated), "cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn varint_overflow() {
+        let d = Limits::default();
+        assert_eq!(decode(&[0xff; 11], &d), Err(DecodeError::VarintOverflow));
+        assert_eq!(decode(&[0x80; 12], &d), Err(DecodeError::VarintOverflow));
+        let mut ten = [0xff; 10];
+        ten[9] = 0x02;
+        assert_eq!(decode(&ten, &d), Err(DecodeError::VarintOverflow));
+        // The largest ten-byte varint is fine as a number, just far too large as a size.
+        ten[9] = 0x01;
+        assert_eq!(
+            decode(&ten, &d),
+            Err(DecodeError::MessageTooLarge {
+                size: u64::MAX,
+                limit: 4 << 20
+            })
+        );
+        assert_eq!(decode(&[0x80, 0x80], &d), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn huge_declared_length_is_not_allocated() {
+        // 1 TiB declared, 3 bytes present: allocating the declared size would abort the test.
+        let mut body = Vec::new();
+        prost::encode_length_delimiter(1 << 40, &mut body).unwrap();
+        body.extend_from_slice(b"abc");
+        let unlimited = Limits {
+            max_message_bytes: usize::MAX,
+            ..Limits::default()
+        };
+        assert_eq!(decode(&body, &unlimited), Err(DecodeError::Truncated));
+        let err = decode(&body, &Limits::default()).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::MessageTooLarge {
+                size: 1 << 40,
+                limit: 4 << 20
+            }
+        );
+        assert_eq!(
+            DecodeError::MessageTooLarge {
+                size: 5_000_000,
+                limit: 4_194_304
+            }
+            .to_string(),
+            "message of 5000000 bytes exceeds the limit of 4194304"
+        );
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let families = every_type();
+        let body = encode(&families);
+        let limits = |max_families, max_series, max_total_bytes| Limits {
+            max_message_bytes: 1 << 20,
+            max_total_bytes,
+            max_families,
+            max_series,
+        };
+        assert!(decode(&body, &limits(5, 5, body.len())).is_ok());
+        assert_eq!(
+            decode(&body, &limits(4, 5, body.len())),
+            Err(DecodeError::TooManyFamilies { limit: 4 })
+        );
+        assert_eq!(
+            decode(&body, &limits(5, 4, body.len())),
+            Err(DecodeError::TooManySeries { limit: 4 })
+        );
+        assert_eq!(
+            decode(&body, &limits(5, 5, body.len() - 1)),
+            Err(DecodeError::TooLarge {
+                limit: body.len() - 1
+            })
+        );
+        let first = families[0].encoded_len();
+        let tight = Limits {
+            max_message_bytes: first - 1,
+            ..Limits::default()
+        };
+        assert_eq!(
+            decode(&body, &tight),
+            Err(DecodeError::MessageTooLarge {
+                size: first as u64,
+                limit: first - 1
+            })
+        );
+        for e in [
+            DecodeError::Truncated,
+            DecodeError::VarintOverflow,
+            DecodeError::TooManySeries { limit: 4 },
+            DecodeError::Invalid("x".into()),
+        ] {
+            assert!(!e.to_string().is_empty() && !e.to_string().contains('\n'));
+        }
+    }
+
+    #[test]
+    fn invalid_messages_are_errors() {
+        // Field 1 (name) declares 5 bytes but the message holds 1.
+        let err = decode(&[3, 0x0a, 0x05, b'x'], &Limits::default()).unwrap_err();
+        assert!(matches!(err, DecodeError::Invalid(_)), "{err:?}");
+        // Name that is not UTF-8.
+        let err = decode(&[3, 0x0a, 0x01, 0xff], &Limits::default()).unwrap_err();
+        assert!(matches!(err, DecodeError::Invalid(_)), "{err:?}");
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut x = 0x853c_49e6_748f_ea9bu64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let base = encode(&every_type());
+        for _ in 0..5000 {
+            let mut body = base.clone();
+            for _ in 0..(next() % 6) {
+                let at = (next() as usize) % body.len();
+                body[at] = next() as u8;
+            }
+            let _ = decode(&body, &Limits::default());
+            let random: Vec<u8> = (0..(next() % 64)).map(|_| next() as u8).collect();
+            let _ = decode(&random, &Limits::default());
+        }
+    }
+}
