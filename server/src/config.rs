@@ -394,6 +394,16 @@ mod tests {
     }
 
     #[test]
+    fn flag_definitions_are_consistent() {
+        use clap::CommandFactory;
+        Flags::command().debug_assert();
+        // Every flag explains itself in --help.
+        for arg in Flags::command().get_arguments() {
+            assert!(arg.get_help().is_some(), "{} has no help", arg.get_id());
+        }
+    }
+
+    #[test]
     fn needs_a_token_source() {
         let err = flags(&[]).into_config().unwrap_err();
         assert_eq!(err, ConfigError::NoTokenSource);

@@ -31,7 +31,7 @@ fn stored_limits() -> delimited::Limits {
 
 /// Answers `/federate`: text by default, protobuf-delimited when `Accept` asks for it.
 pub fn handle(request: &Request, store: &Store, metrics: &Metrics) -> Response {
-    if request.method != "GET" && request.method != "HEAD" {
+    if request.method != "GET" {
         return Response::text(405, "only GET is allowed").with_header("Allow", "GET");
     }
     let format = Format::negotiate(request.header("Accept"));

@@ -11,7 +11,21 @@ fn main() -> ExitCode {
     // First, before any thread exists, so every thread inherits the blocked signal mask.
     let signals = signal::termination_channel();
     logging::init();
-    let flags = Flags::parse();
+    let flags = match Flags::try_parse() {
+        Ok(flags) => flags,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // clap's message spans lines (error, usage, hint); keep the promise of one line.
+            let text = e.to_string();
+            let message: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            eprintln!("telemeter-server: {}", message.join(" "));
+            return ExitCode::from(1);
+        }
+    };
     let config = match flags.into_config() {
         Ok(config) => config,
         Err(e) => {
