@@ -1,17 +1,20 @@
-//! The group committer: the one thread that writes cluster files.
+//! The group committer: the one place that writes cluster files.
 //!
 //! Every `put` becomes a [`Request`] on a channel. The committer takes whatever is pending (up to
-//! `max_batch`), writes each upload to its own temp file, makes all of them durable with one
-//! `syncfs` (one `fdatasync` per file only when `syncfs` fails), renames them over their final
-//! names, syncs the directory once, and only then answers every caller. So N concurrent uploads
-//! cost about one round of syncs instead of N.
+//! `max_batch`), writes each upload to its own temp file (once per cluster: a later request for the
+//! same cluster supersedes an earlier one), makes all of them durable with one `syncfs` (one
+//! `fdatasync` per file only when `syncfs` fails), and hands the batch to the publisher, which
+//! renames the files over their final names, syncs the directory once, and only then answers every
+//! caller. So N concurrent uploads cost about one round of syncs instead of N, and the two stages
+//! overlap (batch N is published while batch N+1 is written).
 
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::thread;
 
 use crossbeam_channel::{Receiver, Sender};
 
@@ -37,20 +40,50 @@ pub(super) struct Request {
 }
 
 /// Runs until every sender is gone and the queue is drained.
+///
+/// Two stages overlap: while this thread writes and syncs batch N+1, a publisher thread renames
+/// batch N into place, syncs the directory and answers its callers. Each stage ends in a journal
+/// commit, so overlapping them roughly halves the time a batch holds the queue.
 pub(super) fn run(shared: Arc<Shared>, requests: Receiver<Request>, max_batch: usize) {
     let max_batch = max_batch.max(1);
-    // `recv` keeps returning queued requests after the last sender is dropped, so closing the
-    // store still commits what was already asked for.
-    while let Ok(first) = requests.recv() {
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match requests.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
+    let pending = Mutex::new(HashMap::new());
+    thread::scope(|scope| {
+        // Rendezvous: at most one batch is published while the next is prepared; whatever arrives
+        // meanwhile waits in the queue and forms a bigger next batch.
+        let (to_publisher, prepared) = crossbeam_channel::bounded::<Prepared>(0);
+        let publisher = thread::Builder::new()
+            .name("store-publisher".to_string())
+            .spawn_scoped(scope, || {
+                for batch in prepared {
+                    publish(&shared, &pending, batch);
+                }
+            });
+        // Without a publisher, batches are published here (slower, still correct).
+        let to_publisher = publisher.ok().map(|_| to_publisher);
+        // `recv` keeps returning queued requests after the last sender is dropped, so closing the
+        // store still commits what was already asked for.
+        while let Ok(first) = requests.recv() {
+            let mut batch = vec![first];
+            while batch.len() < max_batch {
+                match requests.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            let ready = prepare(&shared, &pending, batch);
+            match &to_publisher {
+                Some(to_publisher) => {
+                    if let Err(unsent) = to_publisher.send(ready) {
+                        // The publisher died (it panicked); publish here instead.
+                        publish(&shared, &pending, unsent.into_inner());
+                    }
+                }
+                None => publish(&shared, &pending, ready),
             }
         }
-        commit(&shared, batch);
-    }
+        // Dropping the sender lets the publisher finish its last batch; the scope joins it.
+        drop(to_publisher);
+    });
 }
 
 /// io::Error is not Clone; every caller sharing a failure gets an equal copy.
@@ -81,21 +114,43 @@ impl Group {
     }
 }
 
-/// Commits one batch and answers every request in it.
+/// Commits one batch and answers every request in it (both stages, on this thread).
+#[cfg(test)]
 pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
+    let pending = Mutex::new(HashMap::new());
+    let ready = prepare(shared, &pending, batch);
+    publish(shared, &pending, ready);
+}
+
+/// A batch whose temp files are written and durable, waiting to be renamed into place.
+struct Prepared {
+    batch: Vec<Request>,
+    groups: Vec<Group>,
+    skipped: Vec<usize>,
+}
+
+/// Receive times of the clusters in batches prepared but not yet published; `put_if_newer`
+/// compares with them as well as with the index.
+type Pending = Mutex<HashMap<String, u64>>;
+
+/// Stage one: decides what gets written, writes the temp files and makes them durable.
+fn prepare(shared: &Shared, pending: &Pending, batch: Vec<Request>) -> Prepared {
     // Decide what gets written: per cluster, the last request that is allowed to replace.
     let mut groups: Vec<Group> = Vec::new();
     let mut skipped: Vec<usize> = Vec::new();
     {
         let index = lock(&shared.index);
+        let mut pending = lock(pending);
         let mut by_cluster: HashMap<&str, usize> = HashMap::new();
         for (i, request) in batch.iter().enumerate() {
             let group = by_cluster.get(request.cluster_id.as_str()).copied();
             let current = match group.and_then(|g| groups.get(g)) {
                 Some(group) => Some(group.received_millis),
-                None => index
-                    .get(&request.cluster_id)
-                    .map(|entry| entry.received_millis),
+                None => pending.get(&request.cluster_id).copied().or_else(|| {
+                    index
+                        .get(&request.cluster_id)
+                        .map(|entry| entry.received_millis)
+                }),
             };
             if request.mode == Mode::IfNewer
                 && current.is_some_and(|stored| stored > request.received_millis)
@@ -120,6 +175,11 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                         renamed: false,
                     });
                 }
+            }
+        }
+        for group in &groups {
+            if let Some(request) = batch.get(group.winner) {
+                pending.insert(request.cluster_id.clone(), group.received_millis);
             }
         }
     }
@@ -179,6 +239,21 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         }
     }
     drop(open_files);
+    Prepared {
+        batch,
+        groups,
+        skipped,
+    }
+}
+
+/// Stage two: renames the batch's files into place, syncs the directory, updates the index and
+/// answers every caller.
+fn publish(shared: &Shared, pending: &Pending, prepared: Prepared) {
+    let Prepared {
+        batch,
+        mut groups,
+        skipped,
+    } = prepared;
 
     // Rename and sync the directory under the mutation lock, so `remove` and the sweeper never
     // interleave with a replacement and the index always follows the directory.
@@ -225,6 +300,16 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                 }
             }
         }
+        let mut pending = lock(pending);
+        for group in &groups {
+            if let Some(request) = batch.get(group.winner) {
+                // A later batch may have claimed the cluster since; its entry stays.
+                if pending.get(&request.cluster_id) == Some(&group.received_millis) {
+                    pending.remove(&request.cluster_id);
+                }
+            }
+        }
+        drop(pending);
         for group in &groups {
             if group.renamed && group.outcome.is_none() {
                 written += 1 + group.superseded.len() as u64;
