@@ -23,7 +23,7 @@ fn start(dir: &TempDir, extra: &[&str]) -> ServerProcess {
         "--shared-key",
         key.to_str().unwrap(),
     ];
-    if !extra.iter().any(|a| *a == "--ratelimit") {
+    if !extra.contains(&"--ratelimit") {
         args.extend(["--ratelimit", "0s"]);
     }
     args.extend_from_slice(extra);
