@@ -14,6 +14,7 @@ use log::{info, warn};
 use ring::digest;
 use serde::Deserialize;
 use telemeter_common::http::{Request, Response};
+use telemeter_common::tls;
 use telemeter_common::token::TokenSigner;
 
 use crate::metrics::Metrics;
@@ -273,11 +274,22 @@ struct TollboothAnswer {
 }
 
 impl Tollbooth {
-    /// A client of the service at `url`, with a [`TOLLBOOTH_TIMEOUT`] per call.
+    /// A client of the service at `url`, with a [`TOLLBOOTH_TIMEOUT`] per call, trusting the
+    /// system's root certificates for `https://` (the rustls crypto provider must be installed).
     pub fn new(url: &str) -> Tollbooth {
+        // ureq is built without its bundled roots: without explicit roots an https call panics.
+        let roots: Vec<ureq::tls::Certificate<'static>> = tls::system_roots()
+            .iter()
+            .map(|der| ureq::tls::Certificate::from_der(der.as_ref()).to_owned())
+            .collect();
         let config = ureq::Agent::config_builder()
             .timeout_global(Some(TOLLBOOTH_TIMEOUT))
             .http_status_as_error(false)
+            .tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
+                    .build(),
+            )
             .build();
         Tollbooth {
             url: url.to_string(),
@@ -558,6 +570,21 @@ mod tests {
         assert!(check_cluster_id("").is_err());
         assert!(check_cluster_id(&"x".repeat(256)).is_err());
         assert!(check_cluster_id("a\nb").is_err());
+    }
+
+    #[test]
+    fn an_https_service_that_fails_tls_is_unavailable_not_a_panic() {
+        tls::install_crypto_provider();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = std::thread::spawn(move || {
+            // Accept and hang up: the TLS handshake fails after the client built its TLS config.
+            let _ = listener.accept();
+        });
+        let tollbooth = Tollbooth::new(&format!("https://{addr}/"));
+        let err = tollbooth.authorize("t", "c").unwrap_err();
+        assert_eq!(err.status(), 503, "{err}");
+        peer.join().unwrap();
     }
 
     #[test]
