@@ -1,6 +1,7 @@
 //! A quick throughput probe (not a benchmark harness): 32 senders pushing 500-series uploads for
 //! distinct clusters for a few seconds. Run with
-//! `cargo test -p telemeter-server --test bench -- --ignored --nocapture`.
+//! `cargo test -p telemeter-server --test bench -- --ignored --nocapture`
+//! (`TELEMETER_SERVER_BIN=target/release/telemeter-server` to probe a release build).
 
 mod common;
 
@@ -40,9 +41,10 @@ fn uploads_per_second() {
             std::thread::spawn(move || {
                 let agent = agent();
                 let auth = format!("Bearer {token}");
+                // Encoded once: the probe measures the server, not the senders.
+                let body =
+                    snappy::encode_framed(&delimited::encode(&families(None, 499, now_ms())));
                 while started.elapsed() < run {
-                    let body =
-                        snappy::encode_framed(&delimited::encode(&families(None, 499, now_ms())));
                     let r = agent
                         .post(&url)
                         .header("Authorization", &auth)

@@ -69,7 +69,9 @@ pub struct ServerProcess {
 pub const TOKENS: &str = "secret test,other\nwild *\n";
 
 fn command(storage: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(BIN);
+    // TELEMETER_SERVER_BIN runs another build (e.g. release, for the throughput probe).
+    let bin = std::env::var("TELEMETER_SERVER_BIN").unwrap_or_else(|_| BIN.to_string());
+    let mut cmd = Command::new(bin);
     cmd.args([
         "--listen",
         "127.0.0.1:0",
