@@ -34,6 +34,10 @@ pub struct Metrics {
     pub stored_clusters: GaugeVec,
     /// Payload bytes stored now.
     pub stored_bytes: GaugeVec,
+    store_commits: CounterVec,
+    store_writes: CounterVec,
+    store_corrupt: CounterVec,
+    store_expired: CounterVec,
     http_open: GaugeVec,
     http_accepted: CounterVec,
     http_rejected: CounterVec,
@@ -108,6 +112,26 @@ impl Metrics {
                 "Payload bytes stored now.",
                 &[],
             ),
+            store_commits: r.counter(
+                "telemeter_server_store_commits_total",
+                "Group commits of the store (one directory sync each).",
+                &[],
+            ),
+            store_writes: r.counter(
+                "telemeter_server_store_writes_total",
+                "Uploads written by the store.",
+                &[],
+            ),
+            store_corrupt: r.counter(
+                "telemeter_server_store_corrupt_files_total",
+                "Stored files set aside because their checksum failed.",
+                &[],
+            ),
+            store_expired: r.counter(
+                "telemeter_server_store_expired_total",
+                "Stored files removed because their cluster was not pushed within the TTL.",
+                &[],
+            ),
             http_open: r.gauge(
                 "telemeter_server_http_open_connections",
                 "Connections open now, by port.",
@@ -144,6 +168,10 @@ impl Metrics {
             let _guard = self.refresh.lock().unwrap_or_else(|e| e.into_inner());
             self.stored_clusters.with(&[]).set(store.clusters as f64);
             self.stored_bytes.with(&[]).set(store.bytes as f64);
+            catch_up(&self.store_commits.with(&[]), store.commits);
+            catch_up(&self.store_writes.with(&[]), store.writes);
+            catch_up(&self.store_corrupt.with(&[]), store.corrupt_files);
+            catch_up(&self.store_expired.with(&[]), store.expired);
             for (port, stats) in fronts {
                 self.http_open
                     .with(&[port])

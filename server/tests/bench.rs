@@ -69,5 +69,13 @@ fn uploads_per_second() {
         ok as f64 / secs,
         failed.load(Ordering::Relaxed)
     );
+    let metrics = get(&s.url_internal("/metrics"), &[]).body;
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("telemeter_server_store_write_seconds_sum")
+            || l.starts_with("telemeter_server_store_write_seconds_count")
+            || l.starts_with("telemeter_server_store_commits_total")
+    }) {
+        println!("{line}");
+    }
     assert!(ok > 0);
 }
