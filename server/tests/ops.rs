@@ -114,3 +114,14 @@ fn slow_clients_do_not_block_uploads() {
     assert_eq!(series_lines(&s.federate()).len(), 6);
     drop(slow);
 }
+
+#[test]
+fn sigint_stops_cleanly_and_sighup_does_not() {
+    let dir = TempDir::new("sigint");
+    let mut s = ServerProcess::start(&dir.path().join("data"), &["--insecure-accept-any-token"]);
+    unsafe {
+        libc::kill(s.child.id() as i32, libc::SIGHUP);
+    }
+    assert_eq!(get(&s.url("/healthz"), &[]).status, 200);
+    assert_eq!(s.signal_and_wait(libc::SIGINT).code(), Some(0));
+}

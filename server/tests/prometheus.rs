@@ -47,6 +47,11 @@ fn prometheus_scrapes_federate() {
     let token = s.upload_token("secret", "test");
     let r = s.upload(&token, &families(Some("test"), 25, now_ms()));
     assert_eq!(r.status, 200, "{}", r.body);
+    // A second cluster: its families repeat the first one's names (and HELP/TYPE lines) in the
+    // same scrape, which Prometheus must accept.
+    let other = s.upload_token("secret", "other");
+    let r = s.upload(&other, &families(None, 5, now_ms()));
+    assert_eq!(r.status, 200, "{}", r.body);
 
     let config = dir.file(
         "prometheus.yml",
@@ -71,28 +76,30 @@ fn prometheus_scrapes_federate() {
             .expect("start prometheus"),
     );
 
-    let query = format!(
-        "http://127.0.0.1:{port}/api/v1/query?query={}",
-        telemeter_common::http::percent_encode("count({_id=\"test\"})")
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = String::new();
-    loop {
+    let count = |selector: &str| -> Option<String> {
+        let query = format!(
+            "http://127.0.0.1:{port}/api/v1/query?query={}",
+            telemeter_common::http::percent_encode(&format!("count({selector})"))
+        );
         let r = get(&query, &[]);
-        if r.status == 200 {
-            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-            if let Some(value) = v["data"]["result"][0]["value"][1].as_str() {
-                if value == "26" {
-                    break;
-                }
-            }
-            last = r.body;
+        let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
+        v["data"]["result"][0]["value"][1]
+            .as_str()
+            .map(String::from)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let last = count("{_id=\"test\"}");
+        if last.as_deref() == Some("26") {
+            break;
         }
         assert!(
             Instant::now() < deadline,
-            "Prometheus never counted 26 series with _id=\"test\"; last answer: {last}"
+            "Prometheus never counted 26 series with _id=\"test\"; last answer: {last:?}"
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+    assert_eq!(count("{_id=\"other\"}").as_deref(), Some("6"));
+    assert_eq!(count("up{job=\"prometheus\"}").as_deref(), Some("2"));
     drop(prom);
 }
