@@ -122,6 +122,8 @@ fn sigint_stops_cleanly_and_sighup_does_not() {
     unsafe {
         libc::kill(s.child.id() as i32, libc::SIGHUP);
     }
+    // Give a (wrongly) fatal SIGHUP time to act before checking the server is still there.
+    std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(get(&s.url("/healthz"), &[]).status, 200);
     assert_eq!(s.signal_and_wait(libc::SIGINT).code(), Some(0));
 }
