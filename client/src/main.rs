@@ -78,7 +78,11 @@ fn once(flags: Flags) -> ExitCode {
     };
     match client.cycle() {
         Ok(report) => {
-            log::info!("cluster {}: {report}", config.id);
+            if report.pushed.is_none() {
+                log::warn!("cluster {}: {report}", config.id);
+            } else {
+                log::info!("cluster {}: {report}", config.id);
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -222,7 +222,11 @@ impl Client {
             let wait = match self.cycle() {
                 Ok(report) => {
                     failures = 0;
-                    log::info!("cluster {}: {report}", self.id);
+                    if report.pushed.is_none() {
+                        log::warn!("cluster {}: {report}", self.id);
+                    } else {
+                        log::info!("cluster {}: {report}", self.id);
+                    }
                     self.interval.saturating_sub(started.elapsed())
                 }
                 Err(CycleError::Push(PushError::RateLimited {

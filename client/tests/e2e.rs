@@ -183,6 +183,8 @@ fn once_fails_with_one_line_when_server_is_down() {
             "t",
             "--id",
             "c",
+            "--match",
+            "source_up",
         ],
         WAIT,
     );
@@ -315,6 +317,8 @@ fn daemon_honours_retry_after_serves_metrics_and_stops_on_sigterm() {
             "client-secret",
             "--id",
             "cluster-d",
+            "--match",
+            r#"{__name__=~"source_up|ALERTS"}"#,
             "--interval",
             "1h",
             "--listen",
