@@ -59,9 +59,15 @@ fn prometheus_client_server_federate() {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start telemeter-server");
-    let _server = Killed(server);
+    let mut server = Killed(server);
     let deadline = Instant::now() + Duration::from_secs(30);
     while get(&format!("http://{external}/healthz")).map(|(s, _)| s) != Some(200) {
+        if let Ok(Some(status)) = server.0.try_wait() {
+            panic!(
+                "{} exited with {status} before serving /healthz (a stale build? run `make test`)",
+                server_bin.display()
+            );
+        }
         assert!(Instant::now() < deadline, "server not healthy within 30 s");
         std::thread::sleep(Duration::from_millis(100));
     }
