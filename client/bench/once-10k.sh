@@ -61,11 +61,17 @@ echo "Prometheus /federate serves $n series (text lines) from $jobs jobs"
 args=(--once --from "http://127.0.0.1:$prom_port" --to "http://127.0.0.1:$recv_port"
       --to-token bench --id bench --match '{__name__=~".+"}' --anonymize-labels instance
       --anonymize-salt s)
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+for f in 'application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited' 'text/plain'; do
+  curl -s -o /dev/null -w "curl of /federate alone ($f): %{time_total} s, %{size_download} bytes\n" \
+    -H "Accept: $f" -G --data-urlencode 'match[]={__name__=~".+"}' "$federate"
+done
 "$bin" "${args[@]}"   # warm-up: Prometheus's own caches, page cache of the binary
 for i in 1 2 3 4 5; do
   start=$(date +%s%N)
-  /usr/bin/time -v "$bin" "${args[@]}" 2>"$work/time.txt"
+  RUST_LOG=info /usr/bin/time -v "$bin" "${args[@]}" 2>"$work/time.txt"
   end=$(date +%s%N)
   echo "run $i: wall $(( (end - start) / 1000000 )) ms, peak RSS $(awk '/Maximum resident/ {print $6}' "$work/time.txt") KiB"
+  grep -E "User time|System time|pushed" "$work/time.txt" | sed 's/^.*INFO  telemeter_client: /\t/' 
 done
 tail -1 "$work/recv.log"

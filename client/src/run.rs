@@ -44,6 +44,31 @@ pub struct CycleReport {
     pub filtered: Filtered,
     /// What was pushed; `None` when nothing was left to send.
     pub pushed: Option<Pushed>,
+    /// Time spent scraping, transforming and pushing.
+    pub timings: Timings,
+}
+
+/// Where the time of one cycle went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timings {
+    /// The scrape, decoding included.
+    pub scrape: Duration,
+    /// The transform pipeline.
+    pub transform: Duration,
+    /// Authorize (when needed), encode, compress and upload.
+    pub push: Duration,
+}
+
+impl fmt::Display for Timings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "scrape {} ms, transform {} ms, push {} ms",
+            self.scrape.as_millis(),
+            self.transform.as_millis(),
+            self.push.as_millis()
+        )
+    }
 }
 
 impl fmt::Display for CycleReport {
@@ -51,13 +76,14 @@ impl fmt::Display for CycleReport {
         match self.pushed {
             Some(p) => write!(
                 f,
-                "pushed {} series ({} samples, {} bytes) of {} scraped; {} unselected, {} invalid",
+                "pushed {} series ({} samples, {} bytes) of {} scraped; {} unselected, {} invalid; {}",
                 p.series,
                 p.samples,
                 p.bytes,
                 self.scraped_series,
                 self.filtered.unselected,
-                self.filtered.invalid
+                self.filtered.invalid,
+                self.timings
             ),
             None => write!(
                 f,
@@ -177,20 +203,28 @@ impl Client {
     /// One scrape, transform and push.
     pub fn cycle(&mut self) -> Result<CycleReport, CycleError> {
         let scrape_time = now_ms();
+        let started = Instant::now();
+        let mut timings = Timings::default();
         let scraped = self.scraper.scrape();
+        timings.scrape = started.elapsed();
         self.metrics.scrape(scraped.is_ok());
         let mut families = scraped.map_err(CycleError::Scrape)?.families;
         let scraped_series = families.iter().map(|f| f.metric.len()).sum();
         let filtered = self.pipeline.apply(&mut families, scrape_time);
+        timings.transform = started.elapsed() - timings.scrape;
         self.metrics.filtered(filtered.unselected, filtered.invalid);
         if families.is_empty() {
             return Ok(CycleReport {
                 scraped_series,
                 filtered,
                 pushed: None,
+                timings,
             });
         }
-        match self.pusher.push(&mut families) {
+        let pushing = Instant::now();
+        let result = self.pusher.push(&mut families);
+        timings.push = pushing.elapsed();
+        match result {
             Ok(pushed) => {
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
@@ -201,6 +235,7 @@ impl Client {
                     scraped_series,
                     filtered,
                     pushed: Some(pushed),
+                    timings,
                 })
             }
             Err(e) => {
