@@ -364,3 +364,23 @@ fn daemon_honours_retry_after_serves_metrics_and_stops_on_sigterm() {
     }
     assert_eq!(status.and_then(|s| s.code()), Some(0), "exit 0 on SIGTERM");
 }
+
+#[test]
+fn tls_with_ca_files_for_both_sides() {
+    let receiver = Receiver::start_tls(Behaviour::default());
+    let ca = tls_fixtures().join("ca.pem");
+    let ca = ca.to_str().expect("utf-8 path");
+    let from = format!("{}/metrics", receiver.url);
+    let mut args = once_args(&receiver, &from);
+    args.extend_from_slice(&["--from-ca-file", ca, "--to-ca-file", ca]);
+    let out = run_client(&args, WAIT);
+    assert!(out.status.success(), "client failed: {}", stderr_of(&out));
+    assert_eq!(receiver.seen("/upload").len(), 1);
+
+    // Without the CA the server's certificate is not trusted: a clear failure, nothing sent.
+    let out = run_client(&once_args(&receiver, &from), WAIT);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(err.contains("scraping"), "{err}");
+    assert_eq!(receiver.seen("/upload").len(), 1);
+}

@@ -16,6 +16,11 @@ use telemeter_common::{delimited, snappy};
 /// The client binary under test.
 pub const CLIENT: &str = env!("CARGO_BIN_EXE_telemeter-client");
 
+/// The directory of the test TLS certificates.
+pub fn tls_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tls")
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
@@ -176,6 +181,23 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn start(behaviour: Behaviour) -> Receiver {
+        Receiver::start_with(behaviour, None)
+    }
+
+    /// A receiver serving HTTPS with the test certificate of `tests/fixtures/tls` (signed by its
+    /// `ca.pem`, valid for 127.0.0.1).
+    pub fn start_tls(behaviour: Behaviour) -> Receiver {
+        let dir = tls_fixtures();
+        let tls = telemeter_common::tls::server_config(
+            &dir.join("server.pem"),
+            &dir.join("server-key.pem"),
+        )
+        .expect("test TLS config");
+        Receiver::start_with(behaviour, Some(tls))
+    }
+
+    fn start_with(behaviour: Behaviour, tls: Option<Arc<rustls::ServerConfig>>) -> Receiver {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let state = Arc::new(Mutex::new(State {
             behaviour,
             seen: Vec::new(),
@@ -183,11 +205,12 @@ impl Receiver {
         }));
         let config = telemeter_common::http::Config {
             name: "test-receiver".into(),
+            tls,
             ..telemeter_common::http::Config::default()
         };
         let server = Server::bind("127.0.0.1:0", config, Arc::new(Recorder(state.clone())))
             .expect("bind receiver");
-        let url = format!("http://{}", server.local_addr());
+        let url = format!("{scheme}://{}", server.local_addr());
         Receiver {
             state,
             handle: Some(server.spawn()),
