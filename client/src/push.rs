@@ -500,6 +500,37 @@ mod tests {
     }
 
     #[test]
+    fn upload_over_the_limit_is_refused_before_sending() {
+        let dir = std::env::temp_dir().join(format!("tc-push-limit-{}", std::process::id()));
+        let mut p = pusher(&dir.join("unused.json"), "c1", "client");
+        p.cache_file = None;
+        p.limit_bytes = 10;
+        // Nothing listens on the upload URL: the error must come from the size check.
+        p.upload_url = "http://127.0.0.1:1/upload".into();
+        p.token = Some(UploadToken {
+            token: "tok".into(),
+            refresh_at: SystemTime::now() + Duration::from_secs(600),
+            labels: BTreeMap::from([("_id".into(), "c1".into())]),
+        });
+        let mut families = vec![MetricFamily {
+            name: Some("up".into()),
+            r#type: Some(1),
+            metric: vec![telemeter_common::model::Metric {
+                gauge: Some(telemeter_common::model::Gauge { value: Some(1.0) }),
+                timestamp_ms: Some(1),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }];
+        match p.push(&mut families) {
+            Err(e @ PushError::TooLarge { limit: 10, .. }) => {
+                assert!(e.to_string().contains("--limit-bytes"), "{e}")
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn token_cache_round_trips_and_is_private() {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("tc-push-{}", std::process::id()));
