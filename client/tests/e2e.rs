@@ -307,7 +307,7 @@ fn daemon_honours_retry_after_serves_metrics_and_stops_on_sigterm() {
     });
     let from = format!("{}/metrics", receiver.url);
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(CLIENT)
+    let child = Command::new(CLIENT)
         .args([
             "--from",
             &from,
@@ -329,6 +329,7 @@ fn daemon_honours_retry_after_serves_metrics_and_stops_on_sigterm() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start client");
+    let mut child = Guard(child);
 
     let uploads = receiver.wait_for("/upload", 2, Duration::from_secs(30));
     assert_eq!(uploads.len(), 2, "a second attempt after the 429");
@@ -356,12 +357,8 @@ fn daemon_honours_retry_after_serves_metrics_and_stops_on_sigterm() {
         "{metrics}"
     );
 
-    sigterm(&child);
-    let status = wait_exit(&mut child, Duration::from_secs(10));
-    if status.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    sigterm(&child.0);
+    let status = wait_exit(&mut child.0, Duration::from_secs(10));
     assert_eq!(status.and_then(|s| s.code()), Some(0), "exit 0 on SIGTERM");
 }
 

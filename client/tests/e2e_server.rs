@@ -8,7 +8,7 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
 use telemeter_common::anonymize::anonymize;
@@ -18,15 +18,6 @@ fn server_binary() -> Option<PathBuf> {
     // target/<profile>/deps/e2e_server-<hash> → target/<profile>/telemeter-server
     let bin = exe.parent()?.parent()?.join("telemeter-server");
     bin.exists().then_some(bin)
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -59,7 +50,7 @@ fn prometheus_client_server_federate() {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start telemeter-server");
-    let mut server = Killed(server);
+    let mut server = Guard(server);
     let deadline = Instant::now() + Duration::from_secs(30);
     while get(&format!("http://{external}/healthz")).map(|(s, _)| s) != Some(200) {
         if let Ok(Some(status)) = server.0.try_wait() {

@@ -279,6 +279,18 @@ pub fn wait_output(mut child: Child, within: Duration) -> Output {
     child.wait_with_output().expect("client output")
 }
 
+/// A child process killed on drop, so a failing assertion never leaves it running.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
 /// Waits (bounded) for a child to exit.
 pub fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + within;
