@@ -125,6 +125,33 @@ fn canonical(families: &[MetricFamily]) -> Vec<u8> {
     delimited::encode(&families)
 }
 
+/// Whether a family is named like a part of a summary or histogram family (`x_sum` beside summary
+/// `x`). Text cannot say which family such lines belong to: the parser, like Go's, gives them to
+/// the family with the exact name, so the round trip may regroup them. Not a bug, an ambiguity of
+/// the format; such bodies are still parsed, encoded and re-parsed, only not compared.
+fn shadows_a_part(families: &[MetricFamily]) -> bool {
+    use telemeter_common::model::MetricType;
+    let grouped: std::collections::HashSet<&str> = families
+        .iter()
+        .filter(|f| {
+            matches!(
+                f.metric_type(),
+                MetricType::Summary | MetricType::Histogram | MetricType::GaugeHistogram
+            )
+        })
+        .filter_map(|f| f.name.as_deref())
+        .collect();
+    families
+        .iter()
+        .filter_map(|f| f.name.as_deref())
+        .any(|name| {
+            ["_sum", "_count", "_bucket"].iter().any(|suffix| {
+                name.strip_suffix(suffix)
+                    .is_some_and(|base| grouped.contains(base))
+            })
+        })
+}
+
 /// Parse; what parses must encode, and the encoding must parse back to the same families.
 fn text_exec(input: &[u8]) -> Verdict {
     let Ok(families) = text::parse(input, &text_limits()) else {
@@ -140,7 +167,7 @@ fn text_exec(input: &[u8]) -> Verdict {
             escape(&encoded)
         )
     })?;
-    if canonical(&families) != canonical(&again) {
+    if !shadows_a_part(&families) && canonical(&families) != canonical(&again) {
         return Err(format!(
             "families differ after encode + parse\nre-encoded: {}\nfirst:  {families:?}\nsecond: {again:?}",
             escape(&encoded)

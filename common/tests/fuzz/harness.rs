@@ -373,6 +373,9 @@ pub fn run(target: Target<'_>, mut exec: impl FnMut(&[u8]) -> Verdict) {
     let start = Instant::now();
     let mut execs: u64 = 0;
     let mut input = Vec::new();
+    // The slowest exec and its input's length: a parser that is slow on some input is a
+    // denial-of-service risk even when it never panics.
+    let mut slowest = (Duration::ZERO, 0usize);
     let seeds = corpus.len();
     loop {
         let seed_pass = (execs as usize) < seeds;
@@ -388,7 +391,12 @@ pub fn run(target: Target<'_>, mut exec: impl FnMut(&[u8]) -> Verdict) {
             input.extend_from_slice(base);
             mutate(&mut rng, &mut input, &corpus, target.dict);
         }
+        let began = Instant::now();
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| exec(&input)));
+        let took = began.elapsed();
+        if took > slowest.0 {
+            slowest = (took, input.len());
+        }
         let failure = match outcome {
             Ok(Ok(())) => None,
             Ok(Err(why)) => Some(format!("property violated: {why}")),
@@ -408,9 +416,12 @@ pub fn run(target: Target<'_>, mut exec: impl FnMut(&[u8]) -> Verdict) {
     }
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "fuzz {}: {execs} execs in {secs:.1} s ({:.0}/s), {seeds} seeds, seed {base:#x}",
+        "fuzz {}: {execs} execs in {secs:.1} s ({:.0}/s), {seeds} seeds, seed {base:#x}; \
+         slowest exec {:.1} ms on {} bytes",
         target.name,
-        execs as f64 / secs.max(1e-9)
+        execs as f64 / secs.max(1e-9),
+        slowest.0.as_secs_f64() * 1e3,
+        slowest.1
     );
 }
 
