@@ -23,9 +23,9 @@ mod harness;
 use harness::{escape, Target, Verdict};
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
-use telemeter_common::model::{Bucket, LabelPair, MetricFamily};
+use telemeter_common::model::{Bucket, LabelPair, Metric, MetricFamily, MetricType};
 use telemeter_common::token::{KeyPurpose, SharedKey, TokenSigner};
-use telemeter_common::{base64, delimited, duration, selector, snappy, text};
+use telemeter_common::{base64, delimited, duration, labels, selector, snappy, text};
 
 // ---------------------------------------------------------------------------------------------
 // Text exposition
@@ -71,6 +71,7 @@ fn text_limits() -> text::Limits {
 /// Families as protobuf bytes, with what the text format cannot carry made the way the encoder
 /// writes it, so families that read the same give equal bytes:
 /// - a NaN's payload, and the sign of zero (the encoder writes `-0.0` as `0`, as Go does);
+/// - the type as the encoder names it, and empty help as none;
 /// - a summary's or histogram's missing `_sum`/`_count` (written as 0) and a histogram's missing
 ///   `+Inf` bucket (written with the count), as Go's `expfmt` writes them.
 fn canonical(families: &[MetricFamily]) -> Vec<u8> {
@@ -84,6 +85,16 @@ fn canonical(families: &[MetricFamily]) -> Vec<u8> {
     }
     let mut families = families.to_vec();
     for family in &mut families {
+        // The text format has no gauge histogram, spells an unknown type `untyped`, and leaves
+        // empty help out.
+        let written = match family.metric_type() {
+            MetricType::GaugeHistogram => MetricType::Histogram,
+            other => other,
+        };
+        family.r#type = Some(written as i32);
+        if family.help.as_deref() == Some("") {
+            family.help = None;
+        }
         for metric in &mut family.metric {
             if let Some(g) = &mut metric.gauge {
                 float(&mut g.value);
@@ -130,7 +141,6 @@ fn canonical(families: &[MetricFamily]) -> Vec<u8> {
 /// the family with the exact name, so the round trip may regroup them. Not a bug, an ambiguity of
 /// the format; such bodies are still parsed, encoded and re-parsed, only not compared.
 fn shadows_a_part(families: &[MetricFamily]) -> bool {
-    use telemeter_common::model::MetricType;
     let grouped: std::collections::HashSet<&str> = families
         .iter()
         .filter(|f| {
@@ -241,8 +251,114 @@ fn delimited_exec(input: &[u8]) -> Verdict {
             "families differ after encode + decode\nfirst:  {families:?}\nsecond: {again:?}"
         ));
     }
-    let mut sink = Vec::new();
-    let _ = text::encode(&mut sink, &families, true);
+    pushed_then_federated(&families)
+}
+
+/// What `families` (as pushed, protobuf) should read as once served as text and parsed again:
+/// only what passes the server's name and label checks, each series reduced to the value its
+/// family's type calls for (the encoder skips series without one), help without leading blanks.
+/// `None` when text cannot say
+/// it unambiguously: repeated family names, an `le`/`quantile` label on a histogram/summary
+/// series, two such series with one label set (text merges them), or [`shadows_a_part`].
+fn as_text_carries(families: &[MetricFamily]) -> Option<Vec<MetricFamily>> {
+    let mut names = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for family in families {
+        let name = family.name.as_deref().unwrap_or("");
+        if labels::check_metric_name(name).is_err() || !names.insert(name) {
+            return None;
+        }
+        let kind = family.metric_type();
+        // Blanks between the name and the help text are separators, in Go's parser as in ours.
+        let help = family
+            .help
+            .as_deref()
+            .map(|h| h.trim_start_matches([' ', '\t']))
+            .filter(|h| !h.is_empty());
+        let mut carried = MetricFamily {
+            help: help.map(str::to_string),
+            metric: Vec::new(),
+            ..family.clone()
+        };
+        let mut label_sets = std::collections::HashSet::new();
+        for metric in &family.metric {
+            labels::check_series_labels(metric).ok()?;
+            let mut series = Metric {
+                label: metric.label.clone(),
+                timestamp_ms: metric.timestamp_ms,
+                ..Metric::default()
+            };
+            let reserved = match kind {
+                MetricType::Counter => {
+                    let Some(v) = metric.counter else { continue };
+                    series.counter = Some(v);
+                    None
+                }
+                MetricType::Gauge => {
+                    let Some(v) = metric.gauge else { continue };
+                    series.gauge = Some(v);
+                    None
+                }
+                MetricType::Untyped => {
+                    let Some(v) = metric.untyped else { continue };
+                    series.untyped = Some(v);
+                    None
+                }
+                MetricType::Summary => {
+                    let Some(v) = &metric.summary else { continue };
+                    series.summary = Some(v.clone());
+                    Some("quantile")
+                }
+                MetricType::Histogram | MetricType::GaugeHistogram => {
+                    let Some(v) = &metric.histogram else { continue };
+                    series.histogram = Some(v.clone());
+                    Some("le")
+                }
+            };
+            if let Some(reserved) = reserved {
+                if metric.label_value(reserved).is_some() {
+                    return None;
+                }
+                let mut set: Vec<_> = metric.label.clone();
+                set.sort();
+                if !label_sets.insert(set) {
+                    return None;
+                }
+            }
+            carried.metric.push(series);
+        }
+        if !carried.metric.is_empty() {
+            out.push(carried);
+        }
+    }
+    if shadows_a_part(&out) {
+        return None;
+    }
+    Some(out)
+}
+
+/// The server's path: families pushed as protobuf are served as text on `/federate` and read by
+/// a Prometheus. The encoder must never panic on them, and what passes validation must read back
+/// as pushed.
+fn pushed_then_federated(families: &[MetricFamily]) -> Verdict {
+    let mut served = Vec::new();
+    let written = text::encode(&mut served, families, true);
+    let Some(expected) = as_text_carries(families) else {
+        return Ok(());
+    };
+    written.map_err(|e| format!("valid families do not encode as text: {e}"))?;
+    let read = text::parse(&served, &text::Limits::default()).map_err(|e| {
+        format!(
+            "valid families, served as text, do not parse: {e}\nserved: {}",
+            escape(&served)
+        )
+    })?;
+    if canonical(&expected) != canonical(&read) {
+        return Err(format!(
+            "valid families read back differently from text\nserved: {}\npushed: {expected:?}\nread:   {read:?}",
+            escape(&served)
+        ));
+    }
     Ok(())
 }
 
