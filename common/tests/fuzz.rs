@@ -1,5 +1,6 @@
 //! Fuzz tests of the parsers that read bytes from the network or disk: text exposition,
-//! protobuf-delimited, snappy (framed and block), upload tokens, selectors, durations and base64.
+//! protobuf-delimited, snappy (framed and block), upload tokens and their claims, selectors,
+//! durations, base64, and the HTTP request helpers.
 //!
 //! Each test mutates a committed seed corpus (`tests/fixtures/fuzz/<target>/`) for a bounded time and
 //! fails on the first panic or broken round-trip property, printing the input. The default budget
@@ -591,6 +592,86 @@ fn token_verify() {
     );
 }
 
+const CLAIMS_DICT: &[&[u8]] = &[
+    b"\"iss\":\"telemeter.selfsigned\"",
+    b"\"aud\":[\"federate\"]",
+    b"\"aud\":\"federate\"",
+    b"\"exp\":",
+    b"\"nbf\":",
+    b"\"iat\":",
+    b"\"sub\":",
+    b"\"cluster_id\":",
+    b"\"telemeter.openshift.io\":{\"labels\":{\"_id\":\"x\"}}",
+    b"1700003600",
+    b"1700000000",
+    b"18446744073709551616",
+    b"-1",
+    b"1e400",
+    b"1.5",
+    b"null",
+    b"true",
+    b"[]",
+    b"{}",
+    b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
+    b"\\u0000",
+    b"\\ud800",
+    b"\\\"",
+    b",",
+    b":",
+];
+
+/// Claims JSON signed with the fixed key, then verified: the claims parser sees hostile JSON behind a
+/// good signature (as a leaked or upstream-issued token would carry). It must not panic, and what
+/// it accepts must satisfy every check `verify` promises.
+fn claims_exec(signer: &TokenSigner, input: &[u8]) -> Verdict {
+    let key = SharedKey::from_bytes(&TOKEN_KEY)
+        .map_err(|e| e.to_string())?
+        .derive(KeyPurpose::UploadToken);
+    let signed = format!(
+        "{}.{}",
+        base64::encode_url(br#"{"alg":"HS256","typ":"JWT"}"#),
+        base64::encode_url(input)
+    );
+    let tag = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key.0),
+        signed.as_bytes(),
+    );
+    let token = format!("{signed}.{}", base64::encode_url(tag.as_ref()));
+    let now = TOKEN_NOW + 60;
+    let Ok(claims) = signer.verify(&token, token_now()) else {
+        return Ok(());
+    };
+    let leeway = telemeter_common::token::LEEWAY.as_secs();
+    let problems = [
+        (claims.issuer != telemeter_common::token::ISSUER, "issuer"),
+        (
+            claims.audience != telemeter_common::token::AUDIENCE,
+            "audience",
+        ),
+        (claims.not_before > now + leeway, "not yet valid"),
+        (claims.expires_at.saturating_add(leeway) < now, "expired"),
+    ];
+    match problems.iter().find(|(bad, _)| *bad) {
+        Some((_, what)) => Err(format!(
+            "verify accepted claims that fail the {what} check: {claims:?}"
+        )),
+        None => Ok(()),
+    }
+}
+
+#[test]
+fn token_claims() {
+    let signer = token_signer();
+    harness::run(
+        Target {
+            name: "token_claims",
+            dict: CLAIMS_DICT,
+            seeds: Vec::new(),
+        },
+        |input| claims_exec(&signer, input),
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Selectors
 
@@ -767,6 +848,99 @@ fn base64_round_trip() {
             seeds: Vec::new(),
         },
         base64_exec,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP request fields: query strings, form bodies, Authorization, Accept, Content-Type
+
+const HTTP_DICT: &[&[u8]] = &[
+    b"%",
+    b"%2",
+    b"%25",
+    b"%5B%5D",
+    b"%ff",
+    b"%c3%a9",
+    b"%00",
+    b"+",
+    b"&",
+    b"=",
+    b"match[]=",
+    b"Bearer ",
+    b"bearer\t",
+    b"application/vnd.google.protobuf",
+    b";proto=io.prometheus.client.MetricFamily",
+    b";encoding=delimited",
+    b";q=0",
+    b";q=0.5",
+    b"text/plain;version=0.0.4",
+    b"\xc4\xb0",
+    b"\xe2\x84\xaa",
+];
+
+/// The request helpers on hostile text: no panics; percent-encoding round-trips any text, and a
+/// query built from encoded values gives those values back; a bearer token is never empty nor
+/// padded with blanks.
+fn http_exec(input: &[u8]) -> Verdict {
+    use telemeter_common::http::{percent_decode, percent_encode, Request};
+    use telemeter_common::media::Format;
+    let text = String::from_utf8_lossy(input);
+    if let Some(decoded) = percent_decode(&text) {
+        let again = percent_decode(&percent_encode(&decoded));
+        if again.as_deref() != Some(decoded.as_str()) {
+            return Err(format!("{decoded:?} encoded and decoded to {again:?}"));
+        }
+    }
+    let encoded = percent_encode(&text);
+    if percent_decode(&encoded).as_deref() != Some(&*text) {
+        return Err(format!(
+            "{text:?} encoded as {encoded:?} does not decode back"
+        ));
+    }
+    let request = Request {
+        method: "POST".to_string(),
+        path: "/upload".to_string(),
+        query: format!("match%5B%5D={encoded}&{text}&match[]=up"),
+        headers: vec![
+            (
+                "content-type".to_string(),
+                "application/x-www-form-urlencoded".to_string(),
+            ),
+            ("Authorization".to_string(), text.to_string()),
+            ("Accept".to_string(), text.to_string()),
+        ],
+        body: input.to_vec(),
+        remote: std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
+    };
+    let values = request.query_params("match[]");
+    if values.first().map(String::as_str) != Some(&*text)
+        || values.last().map(String::as_str) != Some("up")
+    {
+        return Err(format!(
+            "query {:?} gave match[] values {values:?}",
+            request.query
+        ));
+    }
+    let _ = request.form_param("a");
+    if let Some(token) = request.bearer_token() {
+        if token.is_empty() || token != token.trim() {
+            return Err(format!("bearer token {token:?} from {text:?}"));
+        }
+    }
+    let _ = Format::negotiate(Some(&text));
+    let _ = Format::from_content_type(&text);
+    Ok(())
+}
+
+#[test]
+fn http_request_fields() {
+    harness::run(
+        Target {
+            name: "http",
+            dict: HTTP_DICT,
+            seeds: Vec::new(),
+        },
+        http_exec,
     );
 }
 
@@ -962,6 +1136,14 @@ fn regenerate_seed_corpus() {
     ];
     for (name, header, claims) in forged {
         write("token", name, forge(header, claims).as_bytes());
+        let claims_name = name.trim_start_matches("forged-").replace(".jwt", ".json");
+        write("token_claims", &claims_name, claims.as_bytes());
+    }
+    for name in ["valid-labels.jwt", "valid-empty.jwt", "valid-escapes.jwt"] {
+        let token = std::fs::read_to_string(harness::corpus_dir("token").join(name)).unwrap();
+        let payload = token.split('.').nth(1).unwrap();
+        let claims = base64::decode_url(payload).unwrap();
+        write("token_claims", &name.replace(".jwt", ".json"), &claims);
     }
 }
 
