@@ -15,8 +15,7 @@
 //! `cargo test -p telemeter-common --test fuzz -- --ignored regenerate_seed_corpus`.
 //!
 //! Other crates reuse the harness (see `fuzz/harness.rs`); the gossip packet decoder, which lives in
-//! the server crate, gets its target there (`server/tests/fuzz.rs`, corpus
-//! `tests/fixtures/fuzz/gossip_packet/`).
+//! the server crate, gets its target there: see "Gossip packets" below for the code to add.
 
 #[path = "fuzz/harness.rs"]
 mod harness;
@@ -943,6 +942,39 @@ fn http_request_fields() {
         http_exec,
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Gossip packets: the target to add in the server crate
+//
+// The decoder, `fn decode(bytes: &[u8], key: &DerivedKey) -> Result<Heartbeat, PacketError>` in
+// `server/src/cluster/packet.rs`, is out of this crate's sight. Its target belongs in
+// `server/tests/fuzz.rs`, reusing this harness; seeds are real packets from the encoder (plus any
+// files under `tests/fixtures/fuzz/gossip_packet/`):
+//
+//     #[path = "../../common/tests/fuzz/harness.rs"]
+//     mod harness;
+//     use telemeter_common::token::{KeyPurpose, SharedKey};
+//     use telemeter_server::cluster::packet;
+//
+//     #[test]
+//     fn gossip_packet() {
+//         let key = SharedKey::from_bytes(&[7; 32]).unwrap().derive(KeyPurpose::Gossip);
+//         let seeds: Vec<Vec<u8>> = vec![/* packet::encode(&heartbeat, &key) for a few heartbeats */];
+//         let valid = seeds.clone();
+//         harness::run(
+//             harness::Target { name: "gossip_packet", dict: &[], seeds },
+//             |input| match packet::decode(input, &key) {
+//                 // The MAC covers the packet: only an untouched packet may authenticate.
+//                 Ok(hb) if !valid.iter().any(|v| v == input) => {
+//                     Err(format!("a mutated packet authenticated: {hb:?}"))
+//                 }
+//                 _ => Ok(()),
+//             },
+//         );
+//     }
+//
+// As with `token_claims` above, a second target that re-MACs the mutated body before decoding
+// reaches the field parser behind the MAC, which byte mutations of whole packets never do.
 
 // ---------------------------------------------------------------------------------------------
 // The harness itself
