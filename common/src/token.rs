@@ -5,6 +5,8 @@
 //! different jobs (token signing, peer forwarding, gossip) are derived with distinct labels, so the
 //! same bytes never serve two purposes.
 
+use ring::{hmac, rand};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
@@ -69,44 +71,111 @@ pub enum KeyError {
 
 impl fmt::Display for KeyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        todo!()
+        match self {
+            KeyError::Read { path, source } => write!(f, "cannot read key file {path}: {source}"),
+            KeyError::TooShort { len } => write!(
+                f,
+                "shared key is {len} bytes long, at least {MIN_KEY_BYTES} are needed"
+            ),
+        }
     }
 }
 
-impl std::error::Error for KeyError {}
+impl std::error::Error for KeyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            KeyError::Read { source, .. } => Some(source),
+            KeyError::TooShort { .. } => None,
+        }
+    }
+}
+
+/// The least key material accepted, in bytes: as much as one HMAC-SHA256 key holds.
+pub const MIN_KEY_BYTES: usize = 32;
+
+impl KeyPurpose {
+    /// The label the key for this purpose is derived with. Part of the protocol: every server of a
+    /// cluster must derive the same keys.
+    pub fn label(self) -> &'static str {
+        match self {
+            KeyPurpose::UploadToken => "telemeter/v1/upload-token",
+            KeyPurpose::PeerForward => "telemeter/v1/peer-forward",
+            KeyPurpose::Gossip => "telemeter/v1/gossip",
+        }
+    }
+}
 
 impl SharedKey {
     /// Reads the key file: its whole contents (any format, a PEM key included) are the secret; at
     /// least 32 bytes.
     pub fn from_file(path: &Path) -> Result<SharedKey, KeyError> {
-        todo!()
+        let secret = std::fs::read(path).map_err(|source| KeyError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        SharedKey::from_bytes(&secret)
     }
 
     /// A key from bytes; at least 32.
     pub fn from_bytes(secret: &[u8]) -> Result<SharedKey, KeyError> {
-        todo!()
+        if secret.len() < MIN_KEY_BYTES {
+            return Err(KeyError::TooShort { len: secret.len() });
+        }
+        Ok(SharedKey {
+            secret: secret.to_vec(),
+        })
     }
 
     /// A fresh random key, for a single server started without `--shared-key`.
     pub fn generate() -> SharedKey {
-        todo!()
+        let mut secret = vec![0u8; MIN_KEY_BYTES];
+        // Without a working system random source no key is safe to use, and nothing the caller
+        // could do would fix that: stopping is the only sound reaction.
+        #[allow(clippy::expect_used)]
+        rand::SecureRandom::fill(&rand::SystemRandom::new(), &mut secret)
+            .expect("the system random number generator failed");
+        SharedKey { secret }
     }
 
     /// The key for `purpose`: HMAC-SHA256 of a purpose label under the shared secret.
     pub fn derive(&self, purpose: KeyPurpose) -> DerivedKey {
-        todo!()
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &self.secret);
+        let tag = hmac::sign(&key, purpose.label().as_bytes());
+        DerivedKey(tag_bytes(&tag))
     }
+}
+
+/// The 32 bytes of an HMAC-SHA256 tag.
+fn tag_bytes(tag: &hmac::Tag) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (dst, src) in out.iter_mut().zip(tag.as_ref()) {
+        *dst = *src;
+    }
+    out
+}
+
+/// The message `mac` signs: each part preceded by its length as 8 bytes big endian.
+fn framed_parts(parts: &[&[u8]]) -> Vec<u8> {
+    let total: usize = parts.iter().map(|p| p.len() + 8).sum();
+    let mut message = Vec::with_capacity(total);
+    for part in parts {
+        message.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        message.extend_from_slice(part);
+    }
+    message
 }
 
 /// HMAC-SHA256 over the concatenation of `parts`, each prefixed with its length so that part
 /// boundaries cannot be shifted.
 pub fn mac(key: &DerivedKey, parts: &[&[u8]]) -> [u8; 32] {
-    todo!()
+    let key = hmac::Key::new(hmac::HMAC_SHA256, &key.0);
+    tag_bytes(&hmac::sign(&key, &framed_parts(parts)))
 }
 
 /// Whether `tag` is the MAC of `parts` under `key`, compared in constant time.
 pub fn verify_mac(key: &DerivedKey, parts: &[&[u8]], tag: &[u8]) -> bool {
-    todo!()
+    let key = hmac::Key::new(hmac::HMAC_SHA256, &key.0);
+    hmac::verify(&key, &framed_parts(parts), tag).is_ok()
 }
 
 /// The claims of an upload token.
@@ -151,11 +220,78 @@ pub enum TokenError {
 
 impl fmt::Display for TokenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        todo!()
+        match self {
+            TokenError::Malformed => f.write_str("token is not a well-formed JWT"),
+            TokenError::UnsupportedAlgorithm(alg) => {
+                // The name comes from the client: cut it short so the line stays short.
+                let alg: String = alg.chars().take(32).collect();
+                write!(f, "token algorithm {alg:?} is not supported (HS256 only)")
+            }
+            TokenError::BadSignature => f.write_str("token signature does not verify"),
+            TokenError::Expired => f.write_str("token has expired"),
+            TokenError::NotYetValid => f.write_str("token is not valid yet"),
+            TokenError::WrongIssuer => write!(f, "token issuer is not {ISSUER:?}"),
+            TokenError::WrongAudience => write!(f, "token audience does not include {AUDIENCE:?}"),
+        }
     }
 }
 
 impl std::error::Error for TokenError {}
+
+/// The JOSE header we issue: fixed, so it is written as a constant.
+const HEADER_JSON: &str = r#"{"alg":"HS256","typ":"JWT"}"#;
+
+#[derive(Deserialize)]
+struct Header {
+    alg: String,
+}
+
+/// `aud` may be one string or an array of strings (RFC 7519 §4.1.3).
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Audience {
+    fn contains(&self, wanted: &str) -> bool {
+        match self {
+            Audience::One(a) => a == wanted,
+            Audience::Many(all) => all.iter().any(|a| a == wanted),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct TelemeterClaims {
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+/// The JSON claims, named as upstream's tokens name them.
+#[derive(Serialize, Deserialize)]
+struct WireClaims {
+    iss: String,
+    #[serde(default)]
+    sub: String,
+    aud: Audience,
+    #[serde(default)]
+    iat: u64,
+    #[serde(default)]
+    nbf: u64,
+    exp: u64,
+    #[serde(rename = "telemeter.openshift.io", default)]
+    telemeter: TelemeterClaims,
+    #[serde(default)]
+    cluster_id: String,
+}
+
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
 
 /// Issues and verifies upload tokens with the key derived for [`KeyPurpose::UploadToken`].
 #[derive(Clone, Debug)]
@@ -171,6 +307,10 @@ impl TokenSigner {
         }
     }
 
+    fn hmac_key(&self) -> hmac::Key {
+        hmac::Key::new(hmac::HMAC_SHA256, &self.key.0)
+    }
+
     /// A compact HS256 JWT for `cluster_id`, valid from `now` for `lifetime`. The JSON claims are
     /// `iss`, `sub`, `aud` (an array, as upstream), `iat`, `nbf`, `exp`, and upstream's
     /// `"telemeter.openshift.io": {"labels": {...}}`, plus `"cluster_id"`.
@@ -182,11 +322,521 @@ impl TokenSigner {
         lifetime: Duration,
         now: SystemTime,
     ) -> String {
-        todo!()
+        let now = unix_seconds(now);
+        let claims = WireClaims {
+            iss: ISSUER.to_string(),
+            sub: subject.to_string(),
+            aud: Audience::Many(vec![AUDIENCE.to_string()]),
+            iat: now,
+            nbf: now,
+            exp: now.saturating_add(lifetime.as_secs()),
+            telemeter: TelemeterClaims {
+                labels: labels.clone(),
+            },
+            cluster_id: cluster_id.to_string(),
+        };
+        // Serializing plain strings, integers and string maps cannot fail.
+        let payload = serde_json::to_vec(&claims).unwrap_or_default();
+        let mut token = crate::base64::encode_url(HEADER_JSON.as_bytes());
+        token.push('.');
+        token.push_str(&crate::base64::encode_url(&payload));
+        let tag = hmac::sign(&self.hmac_key(), token.as_bytes());
+        token.push('.');
+        token.push_str(&crate::base64::encode_url(tag.as_ref()));
+        token
     }
 
     /// Verifies signature, algorithm, issuer, audience and validity window at `now`.
     pub fn verify(&self, token: &str, now: SystemTime) -> Result<Claims, TokenError> {
-        todo!()
+        let mut parts = token.split('.');
+        let (Some(header_b64), Some(payload_b64), Some(signature_b64), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed);
+        };
+        let header = crate::base64::decode_url(header_b64).ok_or(TokenError::Malformed)?;
+        let header: Header = serde_json::from_slice(&header).map_err(|_| TokenError::Malformed)?;
+        // The algorithm is fixed by us, never chosen by the token: "none" and every other name
+        // are refused before anything else is looked at.
+        if header.alg != "HS256" {
+            return Err(TokenError::UnsupportedAlgorithm(header.alg));
+        }
+        let signature = crate::base64::decode_url(signature_b64).ok_or(TokenError::Malformed)?;
+        let signed_len = header_b64.len() + 1 + payload_b64.len();
+        let signed = token.get(..signed_len).ok_or(TokenError::Malformed)?;
+        hmac::verify(&self.hmac_key(), signed.as_bytes(), &signature)
+            .map_err(|_| TokenError::BadSignature)?;
+
+        let payload = crate::base64::decode_url(payload_b64).ok_or(TokenError::Malformed)?;
+        let claims: WireClaims =
+            serde_json::from_slice(&payload).map_err(|_| TokenError::Malformed)?;
+        if claims.iss != ISSUER {
+            return Err(TokenError::WrongIssuer);
+        }
+        if !claims.aud.contains(AUDIENCE) {
+            return Err(TokenError::WrongAudience);
+        }
+        let now = unix_seconds(now);
+        let leeway = LEEWAY.as_secs();
+        if now.saturating_add(leeway) < claims.nbf {
+            return Err(TokenError::NotYetValid);
+        }
+        if now.saturating_sub(leeway) > claims.exp {
+            return Err(TokenError::Expired);
+        }
+        let labels = claims.telemeter.labels;
+        let cluster_id = if claims.cluster_id.is_empty() {
+            // Upstream's tokens carry the id only as the `_id` label.
+            labels.get("_id").cloned().unwrap_or_default()
+        } else {
+            claims.cluster_id
+        };
+        Ok(Claims {
+            issuer: claims.iss,
+            subject: claims.sub,
+            audience: AUDIENCE.to_string(),
+            cluster_id,
+            labels,
+            issued_at: claims.iat,
+            not_before: claims.nbf,
+            expires_at: claims.exp,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::base64::{decode_url, encode_url};
+
+    const NOW: u64 = 1_700_000_000;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn shared(byte: u8) -> SharedKey {
+        SharedKey::from_bytes(&[byte; 32]).unwrap()
+    }
+
+    fn labels() -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("_id".to_string(), "cluster-1".to_string()),
+            ("region".to_string(), "eu".to_string()),
+        ])
+    }
+
+    fn issue(signer: &TokenSigner) -> String {
+        signer.issue(
+            "cluster-1",
+            "account-7",
+            &labels(),
+            Duration::from_secs(3600),
+            at(NOW),
+        )
+    }
+
+    /// A token with the given header and claims JSON, signed with `key` (or with `signature`).
+    fn forge(key: &DerivedKey, header: &str, claims: &serde_json::Value) -> String {
+        let signed = format!(
+            "{}.{}",
+            encode_url(header.as_bytes()),
+            encode_url(claims.to_string().as_bytes())
+        );
+        let tag = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, &key.0),
+            signed.as_bytes(),
+        );
+        format!("{signed}.{}", encode_url(tag.as_ref()))
+    }
+
+    fn claims_json() -> serde_json::Value {
+        serde_json::json!({
+            "iss": ISSUER,
+            "sub": "account-7",
+            "aud": ["federate"],
+            "iat": NOW,
+            "nbf": NOW,
+            "exp": NOW + 3600,
+            "telemeter.openshift.io": {"labels": {"_id": "cluster-1"}},
+            "cluster_id": "cluster-1",
+        })
+    }
+
+    #[test]
+    fn keys_need_32_bytes() {
+        assert!(matches!(
+            SharedKey::from_bytes(&[1; 31]),
+            Err(KeyError::TooShort { len: 31 })
+        ));
+        assert!(SharedKey::from_bytes(&[1; 32]).is_ok());
+        assert_eq!(
+            KeyError::TooShort { len: 5 }.to_string(),
+            "shared key is 5 bytes long, at least 32 are needed"
+        );
+    }
+
+    #[test]
+    fn key_file() {
+        let dir = std::env::temp_dir().join(format!("telemeter-token-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("key.pem");
+        std::fs::write(
+            &path,
+            "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49\n",
+        )
+        .unwrap();
+        let from_file = SharedKey::from_file(&path).unwrap();
+        let from_bytes = SharedKey::from_bytes(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(
+            from_file.derive(KeyPurpose::Gossip),
+            from_bytes.derive(KeyPurpose::Gossip)
+        );
+
+        std::fs::write(&path, "short").unwrap();
+        assert!(matches!(
+            SharedKey::from_file(&path),
+            Err(KeyError::TooShort { len: 5 })
+        ));
+
+        let missing = dir.join("missing");
+        let err = SharedKey::from_file(&missing).unwrap_err();
+        let line = err.to_string();
+        assert!(line.contains(&missing.display().to_string()), "{line}");
+        assert!(!line.contains('\n'));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn generated_keys_differ() {
+        let a = SharedKey::generate();
+        let b = SharedKey::generate();
+        assert_eq!(a.secret.len(), 32);
+        assert_ne!(a.secret, b.secret);
+    }
+
+    #[test]
+    fn derived_keys_differ_per_purpose_and_secret() {
+        let k = shared(1);
+        let token = k.derive(KeyPurpose::UploadToken);
+        let forward = k.derive(KeyPurpose::PeerForward);
+        let gossip = k.derive(KeyPurpose::Gossip);
+        assert_ne!(token, forward);
+        assert_ne!(token, gossip);
+        assert_ne!(forward, gossip);
+        // Never the shared bytes themselves.
+        assert_ne!(token.0.to_vec(), k.secret);
+        // Deterministic, and a function of the secret.
+        assert_eq!(
+            k.derive(KeyPurpose::Gossip),
+            shared(1).derive(KeyPurpose::Gossip)
+        );
+        assert_ne!(
+            k.derive(KeyPurpose::Gossip),
+            shared(2).derive(KeyPurpose::Gossip)
+        );
+        // Derivation is HMAC-SHA256(secret, label): pinned so all servers keep agreeing.
+        let expected = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, &[1; 32]),
+            b"telemeter/v1/gossip",
+        );
+        assert_eq!(gossip.0.as_slice(), expected.as_ref());
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let k = shared(0x41);
+        assert_eq!(format!("{k:?}"), "SharedKey(..)");
+        assert_eq!(
+            format!("{:?}", k.derive(KeyPurpose::Gossip)),
+            "DerivedKey(..)"
+        );
+        assert!(!format!("{:?}", TokenSigner::new(&k)).contains("65"));
+    }
+
+    #[test]
+    fn mac_round_trip_and_boundaries() {
+        let key = shared(3).derive(KeyPurpose::PeerForward);
+        let tag = mac(&key, &[b"POST", b"/upload", b"body"]);
+        assert!(verify_mac(&key, &[b"POST", b"/upload", b"body"], &tag));
+        // Moving a byte across a boundary changes the MAC.
+        assert!(!verify_mac(&key, &[b"POS", b"T/upload", b"body"], &tag));
+        assert!(!verify_mac(&key, &[b"POST/upload", b"body"], &tag));
+        assert!(!verify_mac(&key, &[b"POST", b"/upload", b"bodY"], &tag));
+        // Another key, a truncated tag, an empty tag.
+        let other = shared(3).derive(KeyPurpose::Gossip);
+        assert!(!verify_mac(&other, &[b"POST", b"/upload", b"body"], &tag));
+        assert!(!verify_mac(
+            &key,
+            &[b"POST", b"/upload", b"body"],
+            &tag[..31]
+        ));
+        assert!(!verify_mac(&key, &[b"POST", b"/upload", b"body"], &[]));
+        // The MAC is HMAC over length-prefixed parts.
+        let mut message = Vec::new();
+        for part in [&b"POST"[..], b"/upload", b"body"] {
+            message.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            message.extend_from_slice(part);
+        }
+        let expected = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &key.0), &message);
+        assert_eq!(tag.as_slice(), expected.as_ref());
+    }
+
+    #[test]
+    fn issue_verify_round_trip() {
+        let signer = TokenSigner::new(&shared(5));
+        let token = issue(&signer);
+        let claims = signer.verify(&token, at(NOW + 10)).unwrap();
+        assert_eq!(
+            claims,
+            Claims {
+                issuer: ISSUER.to_string(),
+                subject: "account-7".to_string(),
+                audience: AUDIENCE.to_string(),
+                cluster_id: "cluster-1".to_string(),
+                labels: labels(),
+                issued_at: NOW,
+                not_before: NOW,
+                expires_at: NOW + 3600,
+            }
+        );
+    }
+
+    #[test]
+    fn issued_token_has_upstream_shape() {
+        let token = issue(&TokenSigner::new(&shared(5)));
+        let parts: Vec<&str> = token.split('.').collect();
+        assert_eq!(parts.len(), 3);
+        let header: serde_json::Value =
+            serde_json::from_slice(&decode_url(parts[0]).unwrap()).unwrap();
+        assert_eq!(header, serde_json::json!({"alg": "HS256", "typ": "JWT"}));
+        let claims: serde_json::Value =
+            serde_json::from_slice(&decode_url(parts[1]).unwrap()).unwrap();
+        assert_eq!(
+            claims,
+            serde_json::json!({
+                "iss": "telemeter.selfsigned",
+                "sub": "account-7",
+                "aud": ["federate"],
+                "iat": NOW,
+                "nbf": NOW,
+                "exp": NOW + 3600,
+                "telemeter.openshift.io": {"labels": {"_id": "cluster-1", "region": "eu"}},
+                "cluster_id": "cluster-1",
+            })
+        );
+        assert_eq!(decode_url(parts[2]).unwrap().len(), 32);
+    }
+
+    #[test]
+    fn tampered_payload_fails() {
+        let signer = TokenSigner::new(&shared(5));
+        let token = issue(&signer);
+        let parts: Vec<&str> = token.split('.').collect();
+        let mut claims: serde_json::Value =
+            serde_json::from_slice(&decode_url(parts[1]).unwrap()).unwrap();
+        claims["cluster_id"] = serde_json::json!("cluster-2");
+        let tampered = format!(
+            "{}.{}.{}",
+            parts[0],
+            encode_url(claims.to_string().as_bytes()),
+            parts[2]
+        );
+        assert_eq!(
+            signer.verify(&tampered, at(NOW)),
+            Err(TokenError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn tampered_signature_fails() {
+        let signer = TokenSigner::new(&shared(5));
+        let token = issue(&signer);
+        let (signed, sig) = token.rsplit_once('.').unwrap();
+        let mut bytes = decode_url(sig).unwrap();
+        bytes[0] ^= 1;
+        let flipped = format!("{signed}.{}", encode_url(&bytes));
+        assert_eq!(
+            signer.verify(&flipped, at(NOW)),
+            Err(TokenError::BadSignature)
+        );
+        let short = format!("{signed}.{}", encode_url(&bytes[..16]));
+        assert_eq!(
+            signer.verify(&short, at(NOW)),
+            Err(TokenError::BadSignature)
+        );
+        let empty = format!("{signed}.");
+        assert_eq!(
+            signer.verify(&empty, at(NOW)),
+            Err(TokenError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn token_from_another_key_fails() {
+        let ours = TokenSigner::new(&shared(5));
+        let theirs = TokenSigner::new(&shared(6));
+        assert_eq!(
+            ours.verify(&issue(&theirs), at(NOW)),
+            Err(TokenError::BadSignature)
+        );
+        // Same shared key, but a key derived for another purpose.
+        let forward_key = shared(5).derive(KeyPurpose::PeerForward);
+        let forged = forge(&forward_key, HEADER_JSON, &claims_json());
+        assert_eq!(ours.verify(&forged, at(NOW)), Err(TokenError::BadSignature));
+        // The forge helper itself produces tokens the right key accepts.
+        let good = forge(
+            &shared(5).derive(KeyPurpose::UploadToken),
+            HEADER_JSON,
+            &claims_json(),
+        );
+        assert!(ours.verify(&good, at(NOW)).is_ok());
+    }
+
+    #[test]
+    fn validity_window_with_leeway() {
+        let signer = TokenSigner::new(&shared(5));
+        let token = issue(&signer);
+        let exp = NOW + 3600;
+        assert!(signer.verify(&token, at(exp)).is_ok());
+        assert!(signer.verify(&token, at(exp + 60)).is_ok());
+        assert_eq!(
+            signer.verify(&token, at(exp + 61)),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            signer.verify(&token, at(exp + 86_400)),
+            Err(TokenError::Expired)
+        );
+        assert!(signer.verify(&token, at(NOW - 60)).is_ok());
+        assert_eq!(
+            signer.verify(&token, at(NOW - 61)),
+            Err(TokenError::NotYetValid)
+        );
+        assert_eq!(signer.verify(&token, at(0)), Err(TokenError::NotYetValid));
+    }
+
+    #[test]
+    fn wrong_audience() {
+        let key = shared(5).derive(KeyPurpose::UploadToken);
+        let signer = TokenSigner::new(&shared(5));
+        for aud in [
+            serde_json::json!(["other"]),
+            serde_json::json!([]),
+            serde_json::json!("other"),
+        ] {
+            let mut claims = claims_json();
+            claims["aud"] = aud;
+            let token = forge(&key, HEADER_JSON, &claims);
+            assert_eq!(
+                signer.verify(&token, at(NOW)),
+                Err(TokenError::WrongAudience)
+            );
+        }
+        // A single string, or an array that contains it among others, is fine.
+        for aud in [
+            serde_json::json!("federate"),
+            serde_json::json!(["x", "federate"]),
+        ] {
+            let mut claims = claims_json();
+            claims["aud"] = aud;
+            let token = forge(&key, HEADER_JSON, &claims);
+            assert!(signer.verify(&token, at(NOW)).is_ok());
+        }
+    }
+
+    #[test]
+    fn wrong_issuer() {
+        let key = shared(5).derive(KeyPurpose::UploadToken);
+        let mut claims = claims_json();
+        claims["iss"] = serde_json::json!("someone.else");
+        let token = forge(&key, HEADER_JSON, &claims);
+        assert_eq!(
+            TokenSigner::new(&shared(5)).verify(&token, at(NOW)),
+            Err(TokenError::WrongIssuer)
+        );
+    }
+
+    #[test]
+    fn algorithm_none_and_others_are_refused() {
+        let signer = TokenSigner::new(&shared(5));
+        let claims = encode_url(claims_json().to_string().as_bytes());
+        let none = format!("{}.{claims}.", encode_url(br#"{"alg":"none","typ":"JWT"}"#));
+        assert_eq!(
+            signer.verify(&none, at(NOW)),
+            Err(TokenError::UnsupportedAlgorithm("none".to_string()))
+        );
+        let key = shared(5).derive(KeyPurpose::UploadToken);
+        for alg in ["RS256", "HS512", "hs256", "ES256"] {
+            let header = format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#);
+            let token = forge(&key, &header, &claims_json());
+            assert_eq!(
+                signer.verify(&token, at(NOW)),
+                Err(TokenError::UnsupportedAlgorithm(alg.to_string()))
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        let signer = TokenSigner::new(&shared(5));
+        let token = issue(&signer);
+        let key = shared(5).derive(KeyPurpose::UploadToken);
+        let (_, rest) = token.split_once('.').unwrap();
+        let cases = vec![
+            String::new(),
+            "garbage".to_string(),
+            "a.b".to_string(),
+            "a.b.c.d".to_string(),
+            format!("{token}.extra"),
+            format!("!!!.{rest}"),
+            format!("{}.{rest}", encode_url(b"not json")),
+            format!("{}.{rest}", encode_url(br#"{"typ":"JWT"}"#)),
+            // Valid signature over a payload that is not JSON claims.
+            forge(&key, HEADER_JSON, &serde_json::json!("just a string")),
+            forge(&key, HEADER_JSON, &serde_json::json!({"iss": ISSUER})),
+        ];
+        for bad in cases {
+            assert_eq!(
+                signer.verify(&bad, at(NOW)),
+                Err(TokenError::Malformed),
+                "{bad}"
+            );
+        }
+        let bad_sig_encoding = format!("{}.{}", token.rsplit_once('.').unwrap().0, "***");
+        assert_eq!(
+            signer.verify(&bad_sig_encoding, at(NOW)),
+            Err(TokenError::Malformed)
+        );
+    }
+
+    #[test]
+    fn cluster_id_falls_back_to_the_id_label() {
+        let key = shared(5).derive(KeyPurpose::UploadToken);
+        let mut claims = claims_json();
+        claims.as_object_mut().unwrap().remove("cluster_id");
+        let token = forge(&key, HEADER_JSON, &claims);
+        let verified = TokenSigner::new(&shared(5))
+            .verify(&token, at(NOW))
+            .unwrap();
+        assert_eq!(verified.cluster_id, "cluster-1");
+    }
+
+    #[test]
+    fn errors_display_one_line() {
+        let errors = [
+            TokenError::Malformed,
+            TokenError::UnsupportedAlgorithm("x".repeat(500)),
+            TokenError::BadSignature,
+            TokenError::Expired,
+            TokenError::NotYetValid,
+            TokenError::WrongIssuer,
+            TokenError::WrongAudience,
+        ];
+        for e in errors {
+            let s = e.to_string();
+            assert!(!s.contains('\n') && s.len() < 100, "{s}");
+        }
+        assert_eq!(TokenError::Expired.to_string(), "token has expired");
     }
 }
