@@ -4,13 +4,17 @@
 //! - [`packet`]: the heartbeat datagram and its MAC;
 //! - [`membership`]: the member table and the ring, a pure state machine;
 //! - [`gossip`]: the thread that sends and receives heartbeats;
-//! - [`forward`]: signing, verifying and sending forwarded pushes.
+//! - [`forward`]: signing, verifying and sending forwarded pushes;
+//! - [`endpoint`]: the internal endpoint that stores forwarded pushes;
+//! - [`handoff`]: moving files to their new owner when ownership moves.
 //!
 //! [`Cluster`] ties them together for the server: where should this cluster id's upload go, in
 //! which order, and what does the cluster look like (`/debug/cluster`, `/metrics`).
 
+pub mod endpoint;
 pub mod forward;
 pub mod gossip;
+pub mod handoff;
 pub mod membership;
 pub mod packet;
 
@@ -124,9 +128,14 @@ pub struct ClusterStats {
     pub heartbeats_accepted: u64,
     /// Dropped datagrams by reason (label value, count), every reason listed.
     pub drops: Vec<(&'static str, u64)>,
-    /// Forwards by kind and result (`push`/`handoff`, `ok`/`unreachable`/`rejected`).
+    /// Forwards sent, by kind and result (`push`/`handoff`, `ok`/`unreachable`/`rejected`).
     pub forwards: Vec<(&'static str, &'static str, u64)>,
+    /// Forwards received, by result (`push`, `handoff`: stored; `unauthorized`; `store_error`).
+    pub received_forwards: Vec<(&'static str, u64)>,
 }
+
+/// Results of forwards received, in [`ClusterStats::received_forwards`] order.
+const RECEIVED: [&str; 4] = ["push", "handoff", "unauthorized", "store_error"];
 
 /// Forward results by kind (push, handoff) × result (ok, unreachable, rejected).
 #[derive(Debug, Default)]
@@ -169,6 +178,7 @@ pub struct Cluster {
     signer: Arc<Signer>,
     forwarder: Forwarder,
     forwards: ForwardCounters,
+    received: [AtomicU64; 4],
     started: Instant,
 }
 
@@ -234,6 +244,7 @@ impl Cluster {
             forwarder: Forwarder::new(signer.clone(), config.forward_timeout),
             signer,
             forwards: ForwardCounters::default(),
+            received: Default::default(),
             started: Instant::now(),
         })
     }
@@ -300,6 +311,28 @@ impl Cluster {
             .collect()
     }
 
+    /// The ring owner of `cluster_id` when it is another member that is alive (not suspect):
+    /// where a handoff goes. `None` when this node owns it or the owner is suspect.
+    pub fn ring_owner(&self, cluster_id: &str) -> Option<Owner> {
+        let membership = lock(&self.membership);
+        let name = membership.ring().owner(cluster_id)?;
+        let member = membership.member(name)?;
+        (member.state == MemberState::Alive).then(|| Owner {
+            name: name.to_owned(),
+            internal_addr: member.internal_addr.clone(),
+            is_self: false,
+        })
+    }
+
+    /// Counts a forward received by the endpoint: `push`, `handoff`, `unauthorized`, `store_error`.
+    pub fn count_received_forward(&self, result: &str) {
+        if let Some(i) = RECEIVED.iter().position(|r| *r == result) {
+            if let Some(counter) = self.received.get(i) {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Marks `name` suspect after a failed forward: skipped until it heartbeats again after a
     /// peer timeout.
     pub fn mark_suspect(&self, name: &str) {
@@ -360,6 +393,11 @@ impl Cluster {
                 .map(|(reason, n)| (reason.as_str(), n))
                 .collect(),
             forwards: self.forwards.snapshot(),
+            received_forwards: RECEIVED
+                .iter()
+                .zip(&self.received)
+                .map(|(result, n)| (*result, n.load(Ordering::Relaxed)))
+                .collect(),
             ..ClusterStats::default()
         };
         for member in membership.members() {
