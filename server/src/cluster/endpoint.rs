@@ -53,3 +53,75 @@ pub fn handle_forward(cluster: &Cluster, store: &Store, request: Request) -> Res
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::forward::{Signer, FORWARD_PATH};
+    use super::super::testing::{key, node, TempStore};
+    use super::*;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    fn request(method: &str, headers: Vec<(&'static str, String)>, body: &[u8]) -> Request {
+        Request {
+            method: method.into(),
+            path: FORWARD_PATH.into(),
+            query: String::new(),
+            headers: headers
+                .into_iter()
+                .map(|(n, v)| (n.to_owned(), v))
+                .collect(),
+            body: body.to_vec(),
+            remote: "127.0.0.1:5555".parse().unwrap(),
+        }
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn signed_forwards_are_stored_others_refused() {
+        let store = TempStore::new("endpoint");
+        let cluster = node("solo", "127.0.0.1:1", vec![]);
+        let signer = Signer::new(&key());
+        let now = SystemTime::now();
+        let recent = now - Duration::from_secs(5);
+
+        let headers = signer.headers("c1", recent, ForwardKind::Push, b"new", now);
+        let reply = handle_forward(&cluster, &store.store, request("POST", headers, b"new"));
+        assert_eq!(reply.status, 200);
+        let stored = store.store.get("c1").unwrap().unwrap();
+        assert_eq!(stored.payload, b"new".to_vec());
+
+        // A handoff of an older upload does not replace it, but is acknowledged.
+        let headers = signer.headers("c1", at(1_000), ForwardKind::Handoff, b"old", now);
+        let reply = handle_forward(&cluster, &store.store, request("POST", headers, b"old"));
+        assert_eq!(reply.status, 200);
+        assert_eq!(
+            store.store.get("c1").unwrap().unwrap().payload,
+            b"new".to_vec()
+        );
+
+        // Unsigned, tampered, wrong method.
+        let reply = handle_forward(&cluster, &store.store, request("POST", vec![], b"x"));
+        assert_eq!(reply.status, 401);
+        let headers = signer.headers("c2", recent, ForwardKind::Push, b"a", now);
+        let reply = handle_forward(&cluster, &store.store, request("POST", headers, b"b"));
+        assert_eq!(reply.status, 401);
+        let reply = handle_forward(&cluster, &store.store, request("GET", vec![], b""));
+        assert_eq!(reply.status, 405);
+        assert!(store.store.get("c2").unwrap().is_none());
+
+        let received: Vec<(&str, u64)> = cluster.stats().received_forwards;
+        assert_eq!(
+            received,
+            vec![
+                ("push", 1),
+                ("handoff", 1),
+                ("unauthorized", 2),
+                ("store_error", 0)
+            ]
+        );
+        cluster.shutdown();
+    }
+}

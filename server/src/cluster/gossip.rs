@@ -18,8 +18,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use telemeter_common::token::DerivedKey;
 
-use super::membership::{Change, DropReason, MemberState, Membership};
+use super::membership::{Change, DropReason, MemberState, Membership, Rejection};
 use super::packet::{Heartbeat, MAX_DATAGRAM, MAX_MEMBERS};
+
+/// How often a clash of node names is logged at most.
+const NAME_CLASH_WARNING: Duration = Duration::from_secs(60);
+
+/// How often silent members are checked for the peer timeout.
+const TICK: Duration = Duration::from_millis(50);
 
 /// The longest the thread blocks in `recv` before it looks at the shutdown flag again.
 const POLL: Duration = Duration::from_millis(100);
@@ -129,6 +135,7 @@ impl Gossip {
             counters: counters.clone(),
             seq: 0,
             resolve_errors: BTreeMap::new(),
+            warned_name_clash: None,
         };
         let thread = thread::Builder::new()
             .name("gossip".into())
@@ -180,22 +187,29 @@ struct Worker {
     seq: u64,
     /// The last resolve error per `--join` entry, so each is logged once until it changes.
     resolve_errors: BTreeMap<String, String>,
+    /// When a clash of names was last logged.
+    warned_name_clash: Option<Instant>,
 }
 
 impl Worker {
     fn run(&mut self) {
         let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        let interval = self.config.interval;
         let mut next_send = Instant::now();
+        let mut last_send: Option<Instant> = None;
+        let mut last_tick = Instant::now();
         while !self.shutdown.load(Ordering::SeqCst) {
+            let mut changed = false;
             let now = Instant::now();
+            // Deaths are noticed within TICK of the timeout, not only at send rounds.
+            if now.saturating_duration_since(last_tick) >= TICK {
+                last_tick = now;
+                changed |= self.tick(now);
+            }
             if now >= next_send {
                 self.send_round();
-                self.tick(Instant::now());
-                next_send += self.config.interval;
-                // After a long stall, do not send a burst to catch up.
-                if next_send < now {
-                    next_send = now + self.config.interval;
-                }
+                last_send = Some(now);
+                next_send = now + interval;
             }
             let wait = next_send
                 .saturating_duration_since(Instant::now())
@@ -206,7 +220,7 @@ impl Worker {
                 continue;
             }
             match self.socket.recv_from(&mut buf) {
-                Ok((len, from)) => self.receive(buf.get(..len).unwrap_or(&[]), from),
+                Ok((len, from)) => changed |= self.receive(buf.get(..len).unwrap_or(&[]), from),
                 Err(err)
                     if matches!(
                         err.kind(),
@@ -222,11 +236,18 @@ impl Worker {
                     thread::sleep(POLL);
                 }
             }
+            if changed {
+                // Tell the peers our new view now rather than at the next round, so views agree
+                // sooner; at most four rounds per interval however often membership changes.
+                let earliest = last_send.map_or(now, |at| at + interval / 4);
+                next_send = next_send.min(earliest.max(Instant::now()));
+            }
         }
         log::debug!("gossip thread stopped");
     }
 
-    fn receive(&mut self, datagram: &[u8], from: SocketAddr) {
+    /// Handles one datagram; true when membership changed (a member joined or restarted).
+    fn receive(&mut self, datagram: &[u8], from: SocketAddr) -> bool {
         self.counters.received.fetch_add(1, Ordering::Relaxed);
         let decoded = Heartbeat::decode(datagram, &self.key);
         let mut membership = lock(&self.membership);
@@ -235,10 +256,15 @@ impl Worker {
             Err(err) => {
                 membership.count_drop(DropReason::of_packet_error(&err));
                 log::debug!("gossip: dropped datagram from {from}: {err}");
-                return;
+                return false;
             }
         };
-        match membership.on_heartbeat(&hb, from, Instant::now(), now_ms()) {
+        if hb.name == membership.name() && hb.boot_id == membership.boot_id() {
+            // Our own heartbeat: --join lists this node too (the same list on every node).
+            return false;
+        }
+        let result = membership.on_heartbeat(&hb, from, Instant::now(), now_ms());
+        match &result {
             Ok(Change::Joined) => log::info!(
                 "cluster: member {} is alive (internal {}, gossip {from}); members now {:?}, ring generation {}",
                 hb.name,
@@ -252,17 +278,33 @@ impl Worker {
                 hb.boot_id
             ),
             Ok(Change::None) => {}
+            Err(Rejection::SelfName) => {
+                let due = self
+                    .warned_name_clash
+                    .is_none_or(|at| at.elapsed() >= NAME_CLASH_WARNING);
+                if due {
+                    self.warned_name_clash = Some(Instant::now());
+                    log::warn!(
+                        "cluster: {from} sends heartbeats under our name {:?} (boot {:016x}): two servers share a --name; their heartbeats are dropped",
+                        hb.name,
+                        hb.boot_id
+                    );
+                }
+            }
             Err(rejection) => log::debug!(
                 "gossip: dropped heartbeat from {from} naming {}: {rejection}",
                 hb.name
             ),
         }
+        matches!(result, Ok(Change::Joined | Change::Restarted))
     }
 
-    fn tick(&mut self, now: Instant) {
+    /// Marks silent members dead; true when that changed membership.
+    fn tick(&mut self, now: Instant) -> bool {
         let mut membership = lock(&self.membership);
         let before: BTreeSet<String> = membership.alive().into_iter().collect();
-        if membership.tick(now) {
+        let changed = membership.tick(now);
+        if changed {
             let after: BTreeSet<String> = membership.alive().into_iter().collect();
             for gone in before.difference(&after) {
                 log::warn!(
@@ -273,11 +315,16 @@ impl Worker {
                 );
             }
         }
+        changed
     }
 
     fn send_round(&mut self) {
         let (datagram, mut targets) = {
             let membership = lock(&self.membership);
+            if membership.internal_addr().is_empty() {
+                // Not advertising yet: peers would learn an address that does not work.
+                return;
+            }
             self.seq += 1;
             let mut members = membership.alive();
             members.truncate(MAX_MEMBERS);
@@ -417,6 +464,41 @@ mod tests {
             && count(DropReason::Garbage) >= 1
             && count(DropReason::Oversized) >= 1));
         assert_eq!(lock(&ma).alive(), ["a"]);
+        a.shutdown();
+        b.shutdown();
+    }
+
+    #[test]
+    fn own_address_in_join_is_ignored() {
+        let key = DerivedKey([4; 32]);
+        let (mut a, ma) = start("a", vec![], key.clone());
+        // b lists itself and a, as one --join list shared by every node would.
+        let b_addr = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut config = MembershipConfig::new("b", "b:9004", 77);
+        config.vnodes = 8;
+        let mb = Arc::new(Mutex::new(Membership::new(config)));
+        let mut b = Gossip::start(
+            GossipConfig {
+                listen: b_addr,
+                join: vec![a.local_addr().to_string(), b_addr.to_string()],
+                interval: Duration::from_millis(50),
+            },
+            key,
+            mb.clone(),
+        )
+        .unwrap();
+        assert!(wait_for(|| lock(&mb).alive() == ["a", "b"]
+            && lock(&ma).alive() == ["a", "b"]
+            && b.counters().received.load(Ordering::Relaxed) > 10));
+        let self_drops = lock(&mb)
+            .drops()
+            .into_iter()
+            .find(|(r, _)| *r == DropReason::SelfName)
+            .map(|(_, n)| n);
+        assert_eq!(self_drops, Some(0));
         a.shutdown();
         b.shutdown();
     }

@@ -162,3 +162,56 @@ fn run(cluster: &Cluster, store: &Store, interval: Duration, stopped: &Receiver<
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{closed_addr, id_owned_by, node, pair, TempStore};
+    use super::*;
+    use std::time::SystemTime;
+
+    #[test]
+    fn owned_files_stay() {
+        let store = TempStore::new("handoff-owned");
+        let cluster = node("solo", "127.0.0.1:1", vec![]);
+        store
+            .store
+            .put("c1", b"x".to_vec(), SystemTime::now())
+            .unwrap();
+        assert_eq!(handoff_pass(&cluster, &store.store), PassReport::default());
+        assert!(store.store.get("c1").unwrap().is_some());
+        cluster.shutdown();
+    }
+
+    #[test]
+    fn failed_handoff_keeps_the_file_and_waits_while_suspect() {
+        let store = TempStore::new("handoff-failed");
+        let (a, b) = pair(&closed_addr());
+        let id = id_owned_by(&a, "b");
+        store
+            .store
+            .put(&id, b"x".to_vec(), SystemTime::now())
+            .unwrap();
+        let report = handoff_pass(&a, &store.store);
+        assert_eq!(
+            report,
+            PassReport {
+                moved: 0,
+                failed: 1,
+                waiting: 0
+            }
+        );
+        assert!(store.store.get(&id).unwrap().is_some());
+        // b is now suspect: the next pass waits instead of hammering it.
+        let report = handoff_pass(&a, &store.store);
+        assert_eq!(
+            report,
+            PassReport {
+                moved: 0,
+                failed: 0,
+                waiting: 1
+            }
+        );
+        a.shutdown();
+        b.shutdown();
+    }
+}

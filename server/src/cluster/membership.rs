@@ -39,7 +39,7 @@ const RETIRED_BOOTS: usize = 8;
 pub struct MembershipConfig {
     /// This node's name.
     pub name: String,
-    /// This node's internal (HTTP peer) address, as advertised.
+    /// This node's internal (HTTP peer) address, as advertised; empty until known.
     pub internal_addr: String,
     /// This node's boot id.
     pub boot_id: u64,
@@ -288,6 +288,12 @@ impl Membership {
     /// This node's advertised internal address.
     pub fn internal_addr(&self) -> &str {
         &self.config.internal_addr
+    }
+
+    /// Changes the advertised internal address (once the internal port is bound, when it was
+    /// bound to port 0); peers learn it from the next heartbeat.
+    pub fn set_internal_addr(&mut self, addr: &str) {
+        addr.clone_into(&mut self.config.internal_addr);
     }
 
     /// This node's boot id.

@@ -6,22 +6,37 @@
 //! - [`gossip`]: the thread that sends and receives heartbeats;
 //! - [`forward`]: signing, verifying and sending forwarded pushes;
 //! - [`endpoint`]: the internal endpoint that stores forwarded pushes;
-//! - [`handoff`]: moving files to their new owner when ownership moves.
+//! - [`handoff`]: moving files to their new owner when ownership moves;
+//! - [`router`]: the upload pipeline's router: store locally or forward to the owner;
+//! - [`metrics`]: the cluster's families in `/metrics`.
 //!
 //! [`Cluster`] ties them together for the server: where should this cluster id's upload go, in
 //! which order, and what does the cluster look like (`/debug/cluster`, `/metrics`).
+//!
+//! What it guarantees, and what it does not:
+//! - a client gets 200 only once some server has the upload on disk: the owner, or when the owner
+//!   cannot be reached, the next live member in ring order (which becomes the owner if the first
+//!   one is gone), or this node; the handoff thread later moves a failed-over file to its owner;
+//! - each node serves on `/federate` only the clusters it owns in its own view of the ring, and
+//!   nothing before it has heard its peers (or a peer timeout passed), so two nodes serve the same
+//!   cluster only while their views differ: about one peer timeout after a change, or for as long
+//!   as a network partition lasts (there is no consensus: each side of a partition owns all of
+//!   its clusters);
+//! - nodes' clocks must agree within 30 s (heartbeats and forwards carry signed send times).
 
 pub mod endpoint;
 pub mod forward;
 pub mod gossip;
 pub mod handoff;
 pub mod membership;
+pub mod metrics;
 pub mod packet;
+pub mod router;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -47,7 +62,9 @@ pub struct ClusterConfig {
     pub gossip_interval: Duration,
     /// A member silent for this long is dead (`--peer-timeout`).
     pub peer_timeout: Duration,
-    /// The internal address peers forward pushes to, "host:port", as they can reach it.
+    /// The internal address peers forward pushes to, "host:port", as they can reach it. Empty
+    /// when not known yet (the internal port is bound later): no heartbeat is sent until
+    /// [`Cluster::set_internal_addr`] gives it, so peers never learn a wrong address.
     pub internal_addr: String,
     /// Bound on one forwarded request, the owner's fsync included.
     pub forward_timeout: Duration,
@@ -180,6 +197,9 @@ pub struct Cluster {
     forwards: ForwardCounters,
     received: [AtomicU64; 4],
     started: Instant,
+    peer_timeout: Duration,
+    join_count: usize,
+    settled: AtomicBool,
 }
 
 impl Cluster {
@@ -191,9 +211,9 @@ impl Cluster {
                 config.name
             )));
         }
-        if config.internal_addr.is_empty() || config.internal_addr.len() > MAX_NAME {
+        if config.internal_addr.len() > MAX_NAME {
             return Err(ClusterError::Config(format!(
-                "the internal address must be 1 to {MAX_NAME} bytes, got {:?}",
+                "the internal address must be at most {MAX_NAME} bytes, got {:?}",
                 config.internal_addr
             )));
         }
@@ -230,13 +250,18 @@ impl Cluster {
         )
         .map_err(ClusterError::Gossip)?;
         log::info!(
-            "cluster: node {} (boot {:016x}) gossiping on udp {} with peers {:?}, internal address {}",
+            "cluster: node {} (boot {:016x}) gossiping on udp {} with peers {:?}",
             config.name,
             u64::from_be_bytes(boot),
             gossip.local_addr(),
             config.join,
-            config.internal_addr
         );
+        if !config.internal_addr.is_empty() {
+            log::info!(
+                "cluster: advertising internal address {}",
+                config.internal_addr
+            );
+        }
         let signer = Arc::new(Signer::new(shared_key));
         Ok(Cluster {
             membership,
@@ -246,6 +271,9 @@ impl Cluster {
             forwards: ForwardCounters::default(),
             received: Default::default(),
             started: Instant::now(),
+            peer_timeout: config.peer_timeout,
+            join_count: config.join.len(),
+            settled: AtomicBool::new(false),
         })
     }
 
@@ -267,6 +295,18 @@ impl Cluster {
         &self.membership
     }
 
+    /// Changes the internal address advertised to peers (see [`Membership::set_internal_addr`]).
+    pub fn set_internal_addr(&self, addr: &str) -> Result<(), ClusterError> {
+        if addr.is_empty() || addr.len() > MAX_NAME {
+            return Err(ClusterError::Config(format!(
+                "the internal address must be 1 to {MAX_NAME} bytes, got {addr:?}"
+            )));
+        }
+        lock(&self.membership).set_internal_addr(addr);
+        log::info!("cluster: advertising internal address {addr}");
+        Ok(())
+    }
+
     /// The ring's generation: changes exactly when the set of live members does.
     pub fn generation(&self) -> u64 {
         lock(&self.membership).generation()
@@ -282,6 +322,26 @@ impl Cluster {
     pub fn owns(&self, cluster_id: &str) -> bool {
         let membership = lock(&self.membership);
         membership.ring().owner(cluster_id) == Some(membership.name())
+    }
+
+    /// Whether this node has had time to hear its peers since it started: it has heard as many
+    /// as `--join` lists, or a peer timeout has passed. Until then its ring may hold only itself,
+    /// and serving every stored cluster would duplicate the owners' series.
+    pub fn settled(&self) -> bool {
+        if self.settled.load(Ordering::Relaxed) {
+            return true;
+        }
+        let heard = self.alive().len().saturating_sub(1);
+        let settled = heard >= self.join_count || self.started.elapsed() >= self.peer_timeout;
+        if settled {
+            self.settled.store(true, Ordering::Relaxed);
+        }
+        settled
+    }
+
+    /// Whether `/federate` should serve `cluster_id` now: settled, and the owner.
+    pub fn serves(&self, cluster_id: &str) -> bool {
+        self.settled() && self.owns(cluster_id)
     }
 
     /// Where to store `cluster_id`'s upload, best first: the ring's preference order, skipping
@@ -448,6 +508,7 @@ impl Cluster {
             "members": members,
             "alive": membership.alive(),
             "converged": membership.converged(),
+            "settled": self.settled.load(Ordering::Relaxed),
             "ring": {
                 "generation": membership.generation(),
                 "members": membership.ring().members(),
@@ -470,6 +531,102 @@ impl DropReason {
     /// The drop reasons as metric label values.
     pub fn labels() -> impl Iterator<Item = &'static str> {
         DropReason::ALL.iter().map(|r| r.as_str())
+    }
+}
+
+/// Helpers for the cluster's unit tests: temporary stores and started clusters.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::store::{Store, StoreConfig};
+    use std::path::PathBuf;
+    use std::sync::atomic::AtomicUsize;
+    use std::thread;
+
+    /// The shared key of the tests.
+    pub fn key() -> SharedKey {
+        SharedKey::from_bytes(&[7u8; 32]).unwrap()
+    }
+
+    /// A store in a fresh temporary directory, removed on drop.
+    pub struct TempStore {
+        pub store: Store,
+        dir: PathBuf,
+    }
+
+    impl TempStore {
+        pub fn new(tag: &str) -> TempStore {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "telemeter-cluster-{}-{tag}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            let store = Store::open(StoreConfig {
+                dir: dir.clone(),
+                ttl: Duration::from_secs(3600),
+                max_batch: 16,
+            })
+            .unwrap();
+            TempStore { store, dir }
+        }
+    }
+
+    impl Drop for TempStore {
+        fn drop(&mut self) {
+            self.store.close();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// A cluster node on a free UDP port, fast timings, advertising `internal`.
+    pub fn node(name: &str, internal: &str, join: Vec<String>) -> Cluster {
+        let mut config = ClusterConfig::new(name, SocketAddr::from(([127, 0, 0, 1], 0)), internal);
+        config.join = join;
+        config.gossip_interval = Duration::from_millis(50);
+        config.peer_timeout = Duration::from_millis(1_000);
+        config.forward_timeout = Duration::from_secs(5);
+        Cluster::start(config, &key()).unwrap()
+    }
+
+    /// Polls `cond` for up to 10 s.
+    pub fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if cond() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        cond()
+    }
+
+    /// An internal address where nothing listens (bound, then closed).
+    pub fn closed_addr() -> String {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Two nodes `a` and `b` that see each other; `b` advertises `b_internal`.
+    pub fn pair(b_internal: &str) -> (Cluster, Cluster) {
+        let a = node("a", "127.0.0.1:1", vec![]);
+        let b = node("b", b_internal, vec![a.gossip_addr().to_string()]);
+        assert!(wait_for(
+            || a.alive() == ["a", "b"] && b.alive() == ["a", "b"]
+        ));
+        (a, b)
+    }
+
+    /// A cluster id the ring gives to `owner` in `cluster`'s view.
+    pub fn id_owned_by(cluster: &Cluster, owner: &str) -> String {
+        (0..1000)
+            .map(|i| format!("id-{i}"))
+            .find(|id| lock(&cluster.membership).ring().owner(id) == Some(owner))
+            .unwrap()
     }
 }
 
@@ -518,6 +675,46 @@ mod tests {
             Cluster::start(c, &key()),
             Err(ClusterError::Config(_))
         ));
+    }
+
+    #[test]
+    fn serves_nothing_until_settled() {
+        let alone = Cluster::start(config("alone", vec![]), &key()).unwrap();
+        assert!(alone.settled());
+        assert!(alone.serves("c1"));
+        alone.shutdown();
+
+        // A peer that never answers: settled after the peer timeout.
+        let quiet = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let a = Cluster::start(
+            config("a", vec![quiet.local_addr().unwrap().to_string()]),
+            &key(),
+        )
+        .unwrap();
+        assert!(a.owns("c1"));
+        assert!(!a.serves("c1"));
+        assert!(wait_for(|| a.serves("c1")));
+        assert!(a.started.elapsed() >= a.peer_timeout);
+        a.shutdown();
+    }
+
+    #[test]
+    fn no_heartbeat_before_the_internal_address_is_known() {
+        let a = Cluster::start(config("a", vec![]), &key()).unwrap();
+        let mut unknown = config("b", vec![a.gossip_addr().to_string()]);
+        unknown.internal_addr = String::new();
+        let b = Cluster::start(unknown, &key()).unwrap();
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(a.alive(), ["a"]);
+        assert_eq!(b.stats().heartbeats_sent, 0);
+        b.set_internal_addr("127.0.0.1:4444").unwrap();
+        assert!(wait_for(|| a.alive() == ["a", "b"]));
+        let addr = lock(&a.membership)
+            .member("b")
+            .map(|m| m.internal_addr.clone());
+        assert_eq!(addr.as_deref(), Some("127.0.0.1:4444"));
+        a.shutdown();
+        b.shutdown();
     }
 
     #[test]
