@@ -756,3 +756,256 @@ fn nan_and_infinities_are_stored_and_served() {
     assert!(text.contains("} +Inf"), "{text}");
     assert!(text.contains("} -Inf"), "{text}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The cluster's ports: gossip datagrams and forwarded pushes
+
+use std::net::UdpSocket;
+use std::time::Instant;
+use telemeter_server::cluster::forward::{ForwardKind, Signer, HEADER_HOP, HEADER_TIME};
+use telemeter_server::cluster::packet::Heartbeat;
+
+fn gossip_dropped(s: &ServerProcess, reason: &str) -> f64 {
+    let metrics = get(&s.url_internal("/metrics"), &[]).body;
+    metric_value(
+        &metrics,
+        "telemeter_server_gossip_dropped_packets_total",
+        &[&format!("reason=\"{reason}\"")],
+    )
+}
+
+/// Waits (bounded) until the drop counter for `reason` reaches `want`; the value seen.
+fn wait_dropped(s: &ServerProcess, reason: &str, want: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = gossip_dropped(s, reason);
+        if seen >= want || Instant::now() > deadline {
+            return seen;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn hostile_cluster_traffic_is_dropped_counted_or_refused() {
+    let dir = TempDir::new("hostile-cluster");
+    let tokens = dir.file("tokens", TOKENS);
+    let key_file = dir.file("key", KEY);
+    let udp_port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cluster_addr = format!("127.0.0.1:{udp_port}");
+    let s = ServerProcess::start(
+        &dir.path().join("data"),
+        &[
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+            "--shared-key",
+            key_file.to_str().unwrap(),
+            "--ratelimit",
+            "0s",
+            "--name",
+            "solo",
+            "--listen-cluster",
+            &cluster_addr,
+            "--gossip-interval",
+            "200ms",
+            "--peer-timeout",
+            "1s",
+        ],
+    );
+    let bystander = s.upload_token("wild", "bystander");
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let shared = SharedKey::from_bytes(KEY.as_bytes()).unwrap();
+    let gossip_key = shared.derive(KeyPurpose::Gossip);
+    let boot = 4242;
+    let heartbeat = |name: &str, seq: u64, sent_ms: u64| Heartbeat {
+        name: name.into(),
+        boot_id: boot,
+        seq,
+        sent_ms,
+        internal_addr: "127.0.0.1:1".into(),
+        members: vec![name.into()],
+    };
+    let now = || now_ms() as u64;
+    let genuine = heartbeat("mallory", 10, now()).encode(&gossip_key).unwrap();
+    let mut flipped = genuine.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x01;
+    let other_key = SharedKey::from_bytes(&[9; 32])
+        .unwrap()
+        .derive(KeyPurpose::Gossip);
+
+    // (case, datagrams sent in order, the drop reason the last one must be counted under)
+    let datagrams: Vec<(&str, Vec<Vec<u8>>, &str)> = vec![
+        (
+            "forged MAC (another deployment's key)",
+            vec![heartbeat("mallory", 1, now()).encode(&other_key).unwrap()],
+            "bad_mac",
+        ),
+        (
+            "one bit flipped in a genuine heartbeat",
+            vec![flipped],
+            "bad_mac",
+        ),
+        (
+            "replayed genuine heartbeat",
+            vec![genuine.clone(), genuine.clone()],
+            "replay",
+        ),
+        (
+            "genuine heartbeat with an older sequence number",
+            vec![heartbeat("mallory", 3, now()).encode(&gossip_key).unwrap()],
+            "replay",
+        ),
+        (
+            "genuine heartbeat sent two minutes ago",
+            vec![heartbeat("mallory", 99, now() - 120_000)
+                .encode(&gossip_key)
+                .unwrap()],
+            "clock_skew",
+        ),
+        (
+            "genuine heartbeat from the future",
+            vec![heartbeat("mallory", 100, now() + 120_000)
+                .encode(&gossip_key)
+                .unwrap()],
+            "clock_skew",
+        ),
+        (
+            "genuine heartbeat claiming our own name",
+            vec![heartbeat("solo", 1, now()).encode(&gossip_key).unwrap()],
+            "self_name",
+        ),
+        (
+            "truncated heartbeat",
+            vec![genuine[..genuine.len() / 3].to_vec()],
+            "garbage",
+        ),
+        ("garbage datagram", vec![b"\x01garbage".to_vec()], "garbage"),
+        ("empty datagram", vec![Vec::new()], "garbage"),
+        (
+            "oversized datagram (9,000 bytes)",
+            vec![vec![1u8; 9000]],
+            "oversized",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, packets, reason) in datagrams {
+        let before = gossip_dropped(&s, reason);
+        for p in &packets {
+            udp.send_to(p, &cluster_addr).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let after = wait_dropped(&s, reason, before + 1.0);
+        println!("gossip: {name:<50} → dropped as {reason} ({before} → {after})");
+        if after != before + 1.0 {
+            failures.push(format!("{name}: {reason} went {before} → {after}"));
+        }
+        let ok = post(
+            &s.url("/upload"),
+            &[
+                ("Authorization", &format!("Bearer {bystander}")),
+                ("Content-Type", PROTO_DELIMITED),
+                ("Content-Encoding", "snappy"),
+            ],
+            &pd_snappy(&families(None, 2, now_ms())),
+        );
+        if ok.status != 200 {
+            failures.push(format!(
+                "{name}: a normal upload afterwards got {}: {}",
+                ok.status, ok.body
+            ));
+        }
+    }
+
+    // Forwarded pushes on the internal port.
+    let url = s.url_internal("/internal/forward");
+    let ours = Signer::new(&shared);
+    let theirs = Signer::new(&SharedKey::from_bytes(&[9; 32]).unwrap());
+    let body = delimited::encode(&families(Some("fwd"), 1, now_ms()));
+    let signed = |signer: &Signer, body: &[u8], at: SystemTime| {
+        signer.headers("fwd", SystemTime::now(), ForwardKind::Push, body, at)
+    };
+    let send = |headers: &[(&str, String)], body: &[u8]| {
+        let refs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        post(&url, &refs, body)
+    };
+    let genuine_headers = signed(&ours, &body, SystemTime::now());
+    let r = send(&genuine_headers, &body);
+    assert_eq!(r.status, 200, "a genuine forward: {}", r.body);
+    let set = |headers: &[(&'static str, String)], name: &str, value: &str| {
+        let mut h = headers.to_vec();
+        for (n, v) in h.iter_mut() {
+            if *n == name {
+                *v = value.to_string();
+            }
+        }
+        h
+    };
+    let forwards: Vec<(&str, Vec<(&'static str, String)>, Vec<u8>, &str)> = vec![
+        ("unsigned forward", vec![], body.clone(), "missing header"),
+        (
+            "forward signed with another key",
+            signed(&theirs, &body, SystemTime::now()),
+            body.clone(),
+            "bad forward signature",
+        ),
+        (
+            "genuine signature, tampered body",
+            signed(&ours, &body, SystemTime::now()),
+            delimited::encode(&families(Some("fwd"), 9, now_ms())),
+            "bad forward signature",
+        ),
+        (
+            "replayed genuine forward",
+            genuine_headers.clone(),
+            body.clone(),
+            "replayed",
+        ),
+        (
+            "genuine forward signed ten minutes ago",
+            signed(&ours, &body, SystemTime::now() - Duration::from_secs(600)),
+            body.clone(),
+            "away from our clock",
+        ),
+        (
+            "genuine forward with its time header changed",
+            set(
+                &signed(&ours, &body, SystemTime::now()),
+                HEADER_TIME,
+                // Still inside the window, so only the signature can catch it.
+                &(now_ms() + 5_000).to_string(),
+            ),
+            body.clone(),
+            "forward",
+        ),
+        (
+            "forward with hop 2",
+            set(&signed(&ours, &body, SystemTime::now()), HEADER_HOP, "2"),
+            body.clone(),
+            "forward",
+        ),
+    ];
+    for (name, headers, body, reason) in forwards {
+        let r = send(&headers, &body);
+        let line = r.body.trim_end();
+        println!("forward: {name:<44} → {} {line:?}", r.status);
+        if r.status != 401 || !line.contains(reason) || line.contains('\n') {
+            failures.push(format!(
+                "{name}: {} {line:?}, want 401 saying {reason:?}",
+                r.status
+            ));
+        }
+    }
+    // Only the genuine forward and the bystander were stored.
+    let text = s.federate();
+    let fwd = series_lines(&text)
+        .iter()
+        .filter(|l| l.contains("_id=\"fwd\""))
+        .count();
+    assert_eq!(fwd, 2, "{text}");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
