@@ -361,3 +361,321 @@ fn sigkill_during_an_upload_storm_loses_nothing_acknowledged() {
     println!("crash: {total_sent} uploads sent, {total_acked} acknowledged over {rounds} rounds");
     assert!(total_acked > 0, "no upload ever succeeded");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Three nodes: SIGKILL the owner while the others forward pushes to it
+
+use std::net::UdpSocket;
+use telemeter_common::hashring::{HashRing, DEFAULT_VNODES};
+
+const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
+/// The node killed every round: it owns the clusters under test.
+const VICTIM: usize = 2;
+const SETTLE: Duration = Duration::from_secs(45);
+
+struct Node {
+    cluster_addr: String,
+    storage: TempDir,
+    process: Option<ServerProcess>,
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+    tokens: String,
+    key: String,
+    _dir: TempDir,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = TempDir::new("crash-cluster");
+        let tokens = dir.file("tokens", TOKENS).display().to_string();
+        let key = dir.file("key", KEY).display().to_string();
+        let nodes = NODES
+            .iter()
+            .map(|name| Node {
+                cluster_addr: format!(
+                    "127.0.0.1:{}",
+                    UdpSocket::bind("127.0.0.1:0")
+                        .unwrap()
+                        .local_addr()
+                        .unwrap()
+                        .port()
+                ),
+                storage: TempDir::new(&format!("crash-{name}")),
+                process: None,
+            })
+            .collect();
+        let mut cluster = Cluster {
+            nodes,
+            tokens,
+            key,
+            _dir: dir,
+        };
+        for i in 0..NODES.len() {
+            cluster.start_node(i);
+        }
+        cluster
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let mut args: Vec<String> = [
+            "--tokens-file",
+            &self.tokens,
+            "--shared-key",
+            &self.key,
+            "--ratelimit",
+            "0s",
+            "--name",
+            NODES[i],
+            "--listen-cluster",
+            &self.nodes[i].cluster_addr,
+            "--gossip-interval",
+            "200ms",
+            "--peer-timeout",
+            "1s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for (j, other) in self.nodes.iter().enumerate() {
+            if j != i {
+                args.push("--join".into());
+                args.push(other.cluster_addr.clone());
+            }
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let process = ServerProcess::start(self.nodes[i].storage.path(), &refs);
+        self.nodes[i].process = Some(process);
+    }
+
+    fn process(&self, i: usize) -> &ServerProcess {
+        self.nodes[i].process.as_ref().unwrap()
+    }
+
+    /// Waits (bounded) until every node sees all three alive and their views agree.
+    fn wait_converged(&self) {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let all = (0..NODES.len()).all(|i| {
+                let r = get(&self.process(i).url_internal("/debug/cluster"), &[]);
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&r.body) else {
+                    return false;
+                };
+                v["alive"].as_array().map(|a| a.len()) == Some(NODES.len())
+                    && v["converged"] == true
+            });
+            if all {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not converge");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What every node serves, by cluster id: (node, what it serves).
+    fn served(&self) -> BTreeMap<String, Vec<(usize, Served)>> {
+        let mut out: BTreeMap<String, Vec<(usize, Served)>> = BTreeMap::new();
+        for i in 0..NODES.len() {
+            for (id, served) in served_by_cluster(&self.process(i).federate()) {
+                out.entry(id).or_default().push((i, served));
+            }
+        }
+        out
+    }
+}
+
+#[test]
+fn sigkill_of_the_owner_mid_forward_loses_nothing_acknowledged() {
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    let rounds: usize = std::env::var("CRASH_CLUSTER_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    println!("crash cluster: seed {seed} (CRASH_SEED={seed} replays), {rounds} rounds");
+    let mut rng = Rng(seed);
+    let ring = HashRing::new(&NODES, DEFAULT_VNODES);
+    // Clusters the victim owns (their pushes are forwarded to it), and a few it does not.
+    let victim_owned: Vec<String> = (0..)
+        .map(|i| format!("owned-{i}"))
+        .filter(|id| ring.owner(id) == Some(NODES[VICTIM]))
+        .take(8)
+        .collect();
+    let others: Vec<String> = (0..)
+        .map(|i| format!("other-{i}"))
+        .filter(|id| ring.owner(id) != Some(NODES[VICTIM]))
+        .take(3)
+        .collect();
+    let clusters: Vec<String> = victim_owned.iter().chain(&others).cloned().collect();
+    let histories: Arc<BTreeMap<String, Mutex<History>>> = Arc::new(
+        clusters
+            .iter()
+            .map(|c| (c.clone(), Mutex::new(History::default())))
+            .collect(),
+    );
+    let next_seq = Arc::new(AtomicU64::new(1));
+
+    let mut cluster = Cluster::start();
+    cluster.wait_converged();
+    let tokens: BTreeMap<String, String> = clusters
+        .iter()
+        .map(|id| (id.clone(), cluster.process(0).upload_token("wild", id)))
+        .collect();
+    for round in 0..rounds {
+        // Uploads go to the two survivors only, so every push of a victim-owned cluster is a
+        // forward to the victim until it is noticed dead.
+        let entries = [
+            cluster.process(0).url("/upload"),
+            cluster.process(1).url("/upload"),
+        ];
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = clusters
+            .iter()
+            .enumerate()
+            .map(|(n, id)| {
+                let (id, stop, entries) = (id.clone(), stop.clone(), entries.clone());
+                let (token, histories) = (tokens[&id].clone(), histories.clone());
+                let next_seq = next_seq.clone();
+                std::thread::spawn(move || {
+                    let agent = ureq::Agent::new_with_config(
+                        ureq::Agent::config_builder()
+                            .http_status_as_error(false)
+                            .timeout_global(Some(Duration::from_secs(20)))
+                            .build(),
+                    );
+                    let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
+                    let mut k = n;
+                    while !stop.load(Ordering::SeqCst) {
+                        // One global sequence: every cluster's sequence still only grows.
+                        let seq = next_seq.fetch_add(1, Ordering::SeqCst);
+                        let started = Instant::now();
+                        let status = try_upload(&agent, &entries[k % 2], &token, &upload_body(seq));
+                        k += 1;
+                        histories[&id].lock().unwrap().attempts.push(Attempt {
+                            seq,
+                            started,
+                            acked: (status == 200).then(Instant::now),
+                        });
+                        *statuses.entry(status).or_default() += 1;
+                        if status != 200 {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                    statuses
+                })
+            })
+            .collect();
+        let delay = Duration::from_millis(rng.between(100, 1000));
+        std::thread::sleep(delay);
+        cluster.nodes[VICTIM]
+            .process
+            .take()
+            .unwrap()
+            .signal_and_wait(libc::SIGKILL);
+        // Keep pushing while the survivors notice and fail over.
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, Ordering::SeqCst);
+        let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
+        for w in writers {
+            for (k, v) in w.join().unwrap() {
+                *statuses.entry(k).or_default() += v;
+            }
+        }
+        let forwards: Vec<String> = ["ok", "unreachable", "rejected"]
+            .iter()
+            .map(|result| {
+                let n: f64 = (0..2)
+                    .map(|i| {
+                        let m = get(&cluster.process(i).url_internal("/metrics"), &[]).body;
+                        metric_value(
+                            &m,
+                            "telemeter_server_cluster_forwards_total",
+                            &["kind=\"push\"", &format!("result=\"{result}\"")],
+                        )
+                    })
+                    .sum();
+                format!("{result}={n}")
+            })
+            .collect();
+        println!(
+            "round {:>2}: owner killed after {:>4} ms; statuses {statuses:?}; forwards so far {}",
+            round + 1,
+            delay.as_millis(),
+            forwards.join(" ")
+        );
+        // The survivors stayed up: nothing but 200 and 503 (no owner could store it: retry).
+        assert!(
+            statuses.keys().all(|s| *s == 200 || *s == 503),
+            "round {round}: statuses {statuses:?}"
+        );
+
+        // The victim comes back on its old directory; ownership settles back to it.
+        cluster.start_node(VICTIM);
+        cluster.wait_converged();
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let served = cluster.served();
+            let mut problems = Vec::new();
+            for id in &clusters {
+                let owner = NODES
+                    .iter()
+                    .position(|n| Some(*n) == ring.owner(id))
+                    .unwrap();
+                let by: Vec<&(usize, Served)> = served
+                    .get(id)
+                    .map(|v| v.iter().collect())
+                    .unwrap_or_default();
+                match by.as_slice() {
+                    [] => {
+                        let history = histories[id].lock().unwrap();
+                        if let Some(p) = check_cluster(id, None, &history) {
+                            problems.push(p);
+                        }
+                    }
+                    [(node, s)] if *node == owner => {
+                        let history = histories[id].lock().unwrap();
+                        if let Some(p) = check_cluster(id, Some(s), &history) {
+                            problems.push(p);
+                        }
+                    }
+                    other => problems.push(format!(
+                        "{id}: served by {:?}, owner {}",
+                        other.iter().map(|(n, _)| NODES[*n]).collect::<Vec<_>>(),
+                        NODES[owner]
+                    )),
+                }
+            }
+            if problems.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "seed {seed}, round {round}: not settled to what was acknowledged after {SETTLE:?}:\n{}",
+                problems.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let acked: usize = histories
+        .values()
+        .map(|h| {
+            h.lock()
+                .unwrap()
+                .attempts
+                .iter()
+                .filter(|a| a.acked.is_some())
+                .count()
+        })
+        .sum();
+    println!("crash cluster: {acked} uploads acknowledged over {rounds} rounds");
+    assert!(acked > 0);
+}

@@ -411,5 +411,6 @@ pub fn metric_value(metrics_text: &str, name: &str, matching: &[&str]) -> f64 {
         })
         .filter(|l| matching.iter().all(|m| l.contains(m)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        // Not `sum()`: its empty sum is -0.0, which prints oddly.
+        .fold(0.0, |total, v| total + v)
 }
