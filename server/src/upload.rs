@@ -28,6 +28,9 @@ use crate::ratelimit::{retry_after_secs, RateLimiter};
 use crate::route::Router;
 use crate::validate::Rules;
 
+/// What a client hears when its upload could not be stored (503).
+const STORE_FAILED: &str = "the upload could not be stored now; retry later";
+
 /// Byte and count caps on one upload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UploadLimits {
@@ -206,7 +209,9 @@ impl UploadHandler {
         if let Err(e) = stored {
             // The slot is dropped unused: the client may retry at once.
             warn!("upload from cluster {cluster_id:?} not stored: {e}");
-            return Err(Refusal::new(e.status(), e.to_string()));
+            // The detail (storage paths, OS errors, peers) stays in the log: the client is on the
+            // other side of the security boundary.
+            return Err(Refusal::new(e.status(), STORE_FAILED));
         }
         slot.commit();
         self.metrics.upload_series.add(validated.series as u64);
@@ -428,6 +433,32 @@ mod tests {
             .headers
             .iter()
             .any(|(n, v)| n == "Retry-After" && v.parse::<u64>().unwrap() > 3500));
+    }
+
+    /// Fails like a full disk does.
+    struct DiskFull;
+
+    impl Router for DiskFull {
+        fn route(&self, _: &str, _: Vec<u8>, _: SystemTime) -> Result<(), RouteError> {
+            Err(RouteError::Store(StoreError::Io {
+                context: "writing /var/lib/secret-place/.tmp-7".into(),
+                source: std::io::Error::from_raw_os_error(28),
+            }))
+        }
+    }
+
+    #[test]
+    fn a_store_failure_is_503_without_server_details() {
+        let mut h = handler(Arc::new(FakeRouter::default()), vec![]);
+        h.router = Arc::new(DiskFull);
+        let r = h.handle(&request(&token("a"), body("up")));
+        assert_eq!(r.status, 503);
+        let telemeter_common::http::Body::Bytes(text) = &r.body else {
+            panic!("a 503 has a text body");
+        };
+        let text = String::from_utf8_lossy(text);
+        assert_eq!(text.trim_end(), STORE_FAILED);
+        assert!(!text.contains("secret-place") && !text.contains("os error"));
     }
 
     #[test]
