@@ -25,7 +25,7 @@ use telemeter_common::token::TokenSigner;
 use crate::authorize::{bearer, check_cluster_id, unauthorized};
 use crate::metrics::Metrics;
 use crate::ratelimit::{retry_after_secs, RateLimiter};
-use crate::route::Router;
+use crate::route::{RouteError, Router};
 use crate::validate::Rules;
 
 /// What a client hears when its upload could not be stored (503).
@@ -209,9 +209,13 @@ impl UploadHandler {
         if let Err(e) = stored {
             // The slot is dropped unused: the client may retry at once.
             warn!("upload from cluster {cluster_id:?} not stored: {e}");
-            // The detail (storage paths, OS errors, peers) stays in the log: the client is on the
-            // other side of the security boundary.
-            return Err(Refusal::new(e.status(), STORE_FAILED));
+            // A store error names storage paths and OS errors: that stays in the log, the client
+            // is on the other side of the security boundary.
+            let message = match &e {
+                RouteError::Store(_) => STORE_FAILED.to_string(),
+                RouteError::Unavailable => e.to_string(),
+            };
+            return Err(Refusal::new(e.status(), message));
         }
         slot.commit();
         self.metrics.upload_series.add(validated.series as u64);
@@ -314,7 +318,6 @@ impl UploadHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::RouteError;
     use crate::store::StoreError;
     use std::sync::Mutex;
     use std::time::Duration;
