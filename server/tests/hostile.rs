@@ -945,7 +945,14 @@ fn hostile_cluster_traffic_is_dropped_counted_or_refused() {
         }
         h
     };
-    let forwards: Vec<(&str, Vec<(&'static str, String)>, Vec<u8>, &str)> = vec![
+    // (case, headers, body, what the 401's reason must say)
+    type Forward = (
+        &'static str,
+        Vec<(&'static str, String)>,
+        Vec<u8>,
+        &'static str,
+    );
+    let forwards: Vec<Forward> = vec![
         ("unsigned forward", vec![], body.clone(), "missing header"),
         (
             "forward signed with another key",
