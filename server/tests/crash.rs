@@ -264,6 +264,18 @@ fn sigkill_during_an_upload_storm_loses_nothing_acknowledged() {
         let metrics = get(&server.url_internal("/metrics"), &[]).body;
         let corrupt = metric_value(&metrics, "telemeter_server_store_corrupt_files_total", &[]);
         assert_eq!(corrupt, 0.0, "round {round}: corrupt files set aside");
+        let complaints: Vec<String> = server
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .cloned()
+            .collect();
+        assert!(
+            complaints.is_empty(),
+            "round {round}: start was not clean: {complaints:?}"
+        );
         let served = served_by_cluster(&server.federate());
         let mut problems = Vec::new();
         for id in &clusters {
@@ -618,8 +630,23 @@ fn sigkill_of_the_owner_mid_forward_loses_nothing_acknowledged() {
             "round {round}: statuses {statuses:?}"
         );
 
-        // The victim comes back on its old directory; ownership settles back to it.
+        // The victim comes back on its old directory, cleanly; ownership settles back to it.
         cluster.start_node(VICTIM);
+        let leftovers: Vec<String> = std::fs::read_dir(cluster.nodes[VICTIM].storage.path())
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(".tmp-") || n == "corrupt")
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "round {round}: left after start: {leftovers:?}"
+        );
+        let metrics = get(&cluster.process(VICTIM).url_internal("/metrics"), &[]).body;
+        assert_eq!(
+            metric_value(&metrics, "telemeter_server_store_corrupt_files_total", &[]),
+            0.0,
+            "round {round}: corrupt files set aside"
+        );
         cluster.wait_converged();
         let deadline = Instant::now() + SETTLE;
         loop {
