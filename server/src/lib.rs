@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod config;
 pub mod federate;
 pub mod metrics;
+mod prescan;
 pub mod ratelimit;
 pub mod route;
 pub mod routes;

@@ -24,9 +24,15 @@ use telemeter_common::token::TokenSigner;
 
 use crate::authorize::{bearer, check_cluster_id, unauthorized};
 use crate::metrics::Metrics;
+use crate::prescan;
 use crate::ratelimit::{retry_after_secs, RateLimiter};
 use crate::route::{RouteError, Router};
 use crate::validate::Rules;
+
+/// Decoding may spend this many bytes on label, quantile and bucket structs per byte of the
+/// decompressed cap. The smallest valid label pair is 7 bytes on the wire and 48 in memory, so
+/// no valid upload comes near it; runs of empty elements (24× or more) do.
+const DECODE_BYTES_PER_BODY_BYTE: usize = 8;
 
 /// What a client hears when its upload could not be stored (503).
 const STORE_FAILED: &str = "the upload could not be stored now; retry later";
@@ -285,6 +291,30 @@ impl UploadHandler {
         }
         match format {
             Format::ProtoDelimited => {
+                // The decoder checks its caps only after building each family, so they are
+                // checked here first on counts taken from the wire (see `prescan`).
+                let counts = prescan::count(body);
+                if counts.series > limits.max_series {
+                    return Err(Refusal::new(
+                        413,
+                        format!(
+                            "invalid protobuf body: more than {} series",
+                            limits.max_series
+                        ),
+                    ));
+                }
+                let budget = limits
+                    .max_decompressed_bytes
+                    .saturating_mul(DECODE_BYTES_PER_BODY_BYTE);
+                if counts.element_bytes() > budget {
+                    return Err(Refusal::new(
+                        413,
+                        format!(
+                            "invalid protobuf body: {} labels, quantiles and buckets would take more than {budget} bytes to decode",
+                            counts.labels + counts.quantiles + counts.buckets
+                        ),
+                    ));
+                }
                 let decode_limits = delimited::Limits {
                     max_message_bytes: limits.max_decompressed_bytes,
                     max_total_bytes: limits.max_decompressed_bytes,
@@ -462,6 +492,22 @@ mod tests {
         let text = String::from_utf8_lossy(text);
         assert_eq!(text.trim_end(), STORE_FAILED);
         assert!(!text.contains("secret-place") && !text.contains("os error"));
+    }
+
+    #[test]
+    fn series_over_the_cap_are_refused_before_decoding() {
+        // 1,001 empty series (the handler's cap is 1,000) in one family, two bytes each.
+        let mut family = vec![0x0a, 1, b'm'];
+        for _ in 0..1001 {
+            family.extend_from_slice(&[0x22, 0]);
+        }
+        let mut body = Vec::new();
+        prost::encoding::encode_varint(family.len() as u64, &mut body);
+        body.extend_from_slice(&family);
+        let router = Arc::new(FakeRouter::default());
+        let r = handler(router.clone(), vec![]).handle(&request(&token("a"), body));
+        assert_eq!(r.status, 413);
+        assert!(router.stored.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -142,6 +142,23 @@ fn tiny_series(n: usize) -> Vec<u8> {
     pd
 }
 
+/// One family `bomb` with one series holding `n` empty label pairs, encoded by hand.
+fn empty_labels(n: usize) -> Vec<u8> {
+    let mut metric = Vec::with_capacity(2 * n);
+    for _ in 0..n {
+        metric.extend_from_slice(&[0x0a, 0]);
+    }
+    let mut family = vec![0x0a, 4];
+    family.extend_from_slice(b"bomb");
+    family.push(0x22);
+    varint(metric.len() as u64, &mut family);
+    family.extend_from_slice(&metric);
+    let mut pd = Vec::new();
+    varint(family.len() as u64, &mut pd);
+    pd.extend_from_slice(&family);
+    pd
+}
+
 /// A valid body whose label value `XXXX` is swapped, byte for byte, for invalid UTF-8.
 fn invalid_utf8_pd() -> Vec<u8> {
     let fam = gauge("m", vec![LabelPair::new("l", "XXXX")], 1.0, now_ms());
@@ -401,6 +418,23 @@ fn catalogue() -> Vec<Case> {
             413,
             "series",
             Box::new(|c| c.upload_pd(&tiny_series(1_000_000))),
+        ),
+        case(
+            "memory bomb: 8M empty series, 16 MiB decompressed",
+            413,
+            "more than 100000 series",
+            Box::new(|c| {
+                // Within every byte cap (~800 KB sent); decoded, it would take 1.6 GB.
+                let pd = tiny_series((16 << 20) / 2 - 16);
+                assert!(pd.len() <= 16 << 20);
+                c.upload_pd(&pd)
+            }),
+        ),
+        case(
+            "memory bomb: 7M empty label pairs on one series",
+            413,
+            "would take more than",
+            Box::new(|c| c.upload_pd(&empty_labels(7_000_000))),
         ),
         // --- values and timestamps ---
         case(
@@ -722,6 +756,15 @@ fn hostile_inputs_get_exact_statuses_and_the_server_keeps_serving() {
         .filter(|l| l.contains("panicked"))
         .count();
     assert_eq!(panics, 0);
+    // The memory bombs were refused before they were built.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.child.id())).unwrap();
+    let hwm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    println!("server peak resident memory over the catalogue: {hwm_kib} KiB");
+    assert!(hwm_kib < 256 << 10, "the server peaked at {hwm_kib} KiB");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     s.signal_and_wait(libc::SIGTERM);
 }
