@@ -45,6 +45,7 @@ test-reliability:
 	  -- --include-ignored --nocapture --test-threads 1 2>&1 | grep -v '^\[server\]'
 
 test-integration: build
+	./tests/integration-port-in-use.sh
 	./tests/integration.sh
 
 demo: build
