@@ -3,6 +3,9 @@
 //!
 //! The storage directory is a 2 MiB tmpfs mounted by the test, which needs root (or
 //! CAP_SYS_ADMIN); without it the test prints why and passes without checking anything.
+//!
+//! Found (2026-11): statuses were right (503, data intact, recovery without restart), but the 503's
+//! line carried the storage path and OS error to the client; now a fixed line, details in the log.
 
 mod common;
 

@@ -2,6 +2,11 @@
 //! send, asserts the exact status and a one-line reason, then checks that the same server still
 //! stores a normal upload from another cluster. Printed as a table (`--nocapture`) so a reader sees
 //! what each case is about.
+//!
+//! Found (2026-11): the memory bombs — 8M empty series in one family (~800 KB sent, 16 MiB
+//! decompressed, within every default cap) made the server allocate 1.6 GB before its 413, because
+//! prost builds a whole family before the series cap is checked; fixed by counting on the wire first
+//! (`server/src/prescan.rs`). Every other case already had its exact status.
 
 mod common;
 
