@@ -5,14 +5,15 @@
 //! peaks are printed.
 //!
 //! Long, so `#[ignore]`d: `make test-reliability` runs it. `SLOW_SECS` shortens it,
-//! `SLOW_MAX_CONNECTIONS` sets the server's `--max-connections` (default 4096: room for the
-//! attack; with the default 1024 the cap is what refuses the normal client).
+//! `SLOW_MAX_CONNECTIONS` sets the server's `--max-connections` (default: the server's own, 1024,
+//! well under the 3,000 attacking sockets).
 //!
-//! Found (2026-11): with the default `--max-connections 1024` the attack fills the cap and 73 of 84
-//! normal uploads failed (503 "too many connections", or a reset). The front (one thread per
-//! connection) has no way to shed connections still sending their head when the cap is reached;
-//! until it does, size `--max-connections` (and `ulimit -n`) for the expected number of sockets.
-//! With room for them: 0 failures, p99 83 ms, 3,016 threads and 82 MB resident at the peak.
+//! Found (2026-11): with `--max-connections 1024` the attack filled the cap and 73 of 84 normal
+//! uploads failed (503 "too many connections", or a reset): the front refused new connections while
+//! every slot was held by a socket that never completed a request. Fixed in `common::http`: at the
+//! cap the connection that has waited longest without completing a request is closed to make room,
+//! so attackers evict each other and a prompt client gets in. With room for all 3,000 sockets
+//! (`--max-connections 4096`) before the fix: 0 failures, p99 83 ms, 3,016 threads, 82 MB resident.
 
 mod common;
 
@@ -169,7 +170,7 @@ fn timed_upload(url: &str, token: &str, body: &[u8]) -> (u16, Duration) {
 #[ignore = "60 s; run by make test-reliability"]
 fn slow_and_idle_connections_do_not_starve_a_normal_client() {
     let secs: u64 = env_or("SLOW_SECS", 60);
-    let max_connections: usize = env_or("SLOW_MAX_CONNECTIONS", 4096);
+    let max_connections: usize = env_or("SLOW_MAX_CONNECTIONS", 1024);
     // 3,000 attacker sockets here, as many accepted ones in the server.
     if let Err(reason) = raise_nofile(4096) {
         println!("SKIPPED: {reason}");
@@ -288,6 +289,7 @@ fn slow_and_idle_connections_do_not_starve_a_normal_client() {
     for name in [
         "telemeter_server_http_open_connections",
         "telemeter_server_http_rejected_connections_total",
+        "telemeter_server_http_evicted_connections_total",
         "telemeter_server_http_protocol_errors_total",
     ] {
         println!(
@@ -298,14 +300,15 @@ fn slow_and_idle_connections_do_not_starve_a_normal_client() {
 
     // The attack really held its connections (else the rest proves nothing).
     assert!(
-        open as usize >= (SLOW + IDLE) * 95 / 100,
+        open as usize >= (SLOW + IDLE).min(max_connections) * 95 / 100,
         "only {open} connections were open at once"
     );
     assert!(failures.is_empty(), "normal uploads failed: {failures:?}");
     assert!(p99 < Duration::from_secs(1), "p99 {p99:?}");
     // Bounded: one thread per connection up to the cap, plus the fixed ones (workers, accept,
     // store); the internal port is idle here.
-    let bound = max_connections as u64 + 64;
+    // (At the cap, up to cap/8 evicted connections may still be on their way out.)
+    let bound = max_connections as u64 + max_connections as u64 / 8 + 64;
     assert!(threads <= bound, "{threads} threads, over {bound}");
     // A connection thread costs its touched stack pages and buffers: well under 64 KiB each.
     let memory_bound = 64 * 1024 + max_connections as u64 * 64;
