@@ -2,7 +2,8 @@
 //!
 //! One module per job: [`config`] (flags), [`authorize`] (client tokens → upload tokens),
 //! [`upload`] (the push pipeline), [`validate`] (checks and stamping), [`ratelimit`], [`route`]
-//! (where an upload is stored), [`store`] (durable files), [`federate`] (serving them), [`metrics`],
+//! (where an upload is stored), [`store`] (durable files), [`federate`] (serving them),
+//! [`remote_write`] (shipping stored uploads to a remote-write receiver), [`metrics`],
 //! [`routes`] (the two HTTP applications) and [`server`] (wiring it all up).
 #![deny(missing_docs)]
 
@@ -11,6 +12,7 @@ pub mod config;
 pub mod federate;
 pub mod metrics;
 pub mod ratelimit;
+pub mod remote_write;
 pub mod route;
 pub mod routes;
 pub mod server;

@@ -14,6 +14,7 @@ use crate::authorize::{self, AuthorizeHandler, TokensFileError};
 use crate::config::{Config, TlsFiles};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
+use crate::remote_write::{RemoteWriteError, RemoteWriter};
 use crate::route::LocalRouter;
 use crate::routes::{External, Fronts, Internal};
 use crate::store::{Store, StoreConfig, StoreError};
@@ -22,6 +23,8 @@ use crate::validate::Rules;
 
 /// How long shutdown waits for in-flight requests.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long shutdown keeps sending queued uploads to the remote-write receiver.
+pub const REMOTE_WRITE_GRACE: Duration = Duration::from_secs(5);
 /// Most uploads one group commit of the store takes.
 const STORE_MAX_BATCH: usize = 64;
 /// Samples allowed per allowed series (histograms and summaries carry several).
@@ -40,6 +43,8 @@ pub enum StartError {
     Store(StoreError),
     /// A port could not be bound.
     Http(HttpError),
+    /// The remote-write sender could not start.
+    RemoteWrite(RemoteWriteError),
 }
 
 impl fmt::Display for StartError {
@@ -50,6 +55,7 @@ impl fmt::Display for StartError {
             StartError::Tls(e) => write!(f, "TLS: {e}"),
             StartError::Store(e) => write!(f, "--storage-path: {e}"),
             StartError::Http(e) => write!(f, "{e}"),
+            StartError::RemoteWrite(e) => write!(f, "{e}"),
         }
     }
 }
@@ -65,6 +71,7 @@ pub struct RunningServer {
     internal: SocketAddr,
     fronts: Arc<Fronts>,
     store: Store,
+    remote_write: Option<RemoteWriter>,
 }
 
 impl Server {
@@ -96,6 +103,16 @@ impl Server {
         })
         .map_err(StartError::Store)?;
         let metrics = Metrics::new();
+        let remote_write = match &config.remote_write {
+            Some(rw) => match RemoteWriter::start(rw, &metrics.registry) {
+                Ok(writer) => Some(writer),
+                Err(e) => {
+                    store.close();
+                    return Err(StartError::RemoteWrite(e));
+                }
+            },
+            None => None,
+        };
 
         let external_handler = External {
             authorize: AuthorizeHandler::new(
@@ -123,7 +140,7 @@ impl Server {
                     max_samples: config.max_series.saturating_mul(SAMPLES_PER_SERIES),
                 },
                 RateLimiter::new(config.ratelimit),
-                Arc::new(LocalRouter::new(store.clone())),
+                Arc::new(LocalRouter::new(store.clone()).shipping_to(remote_write.clone())),
                 metrics.clone(),
             ),
         };
@@ -162,6 +179,9 @@ impl Server {
         let (external, internal) = match bound {
             Ok(pair) => pair,
             Err(e) => {
+                if let Some(writer) = &remote_write {
+                    writer.shutdown(Duration::ZERO);
+                }
                 store.close();
                 return Err(StartError::Http(e));
             }
@@ -173,6 +193,7 @@ impl Server {
             internal: internal.local_addr(),
             fronts,
             store,
+            remote_write,
         };
         running.fronts.add("external", external);
         running.fronts.add("internal", internal);
@@ -210,11 +231,19 @@ impl RunningServer {
     }
 
     /// Stops accepting, finishes in-flight requests (external port first, so no upload is cut off
-    /// while the store is still open), then closes the store.
+    /// while the store is still open), sends what the remote-write queue holds (for a few seconds
+    /// at most), then closes the store.
     pub fn shutdown(self) {
         for (port, handle) in self.fronts.take() {
             info!("stopping the {port} port");
             handle.shutdown(SHUTDOWN_GRACE);
+        }
+        if let Some(writer) = &self.remote_write {
+            info!(
+                "remote write: sending {} queued uploads before stopping",
+                writer.queue_length()
+            );
+            writer.shutdown(REMOTE_WRITE_GRACE);
         }
         self.store.close();
         info!("stopped");
