@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use telemeter_common::delimited::{self, DecodeError};
 use telemeter_common::http::{Request, Response};
 use telemeter_common::media::Format;
@@ -133,6 +133,11 @@ impl UploadHandler {
                     self.metrics.ratelimited.inc();
                 }
                 let mut response = if refusal.status == 401 {
+                    // A failed token check is worth a line: it may be an attack or a misconfigured client.
+                    info!(
+                        "upload from {} refused: {}",
+                        request.remote, refusal.message
+                    );
                     unauthorized(&refusal.message)
                 } else {
                     Response::text(refusal.status, &refusal.message)
@@ -171,7 +176,7 @@ impl UploadHandler {
             .map_err(Refusal::rate_limited)?;
 
         let families = self.decode(request).inspect_err(|refusal| {
-            debug!(
+            info!(
                 "upload from cluster {cluster_id:?} refused: {}",
                 refusal.message
             );
@@ -183,7 +188,7 @@ impl UploadHandler {
             .rules
             .apply(families, &token_labels, now)
             .map_err(|e| {
-                debug!("upload from cluster {cluster_id:?} refused: {e}");
+                info!("upload from cluster {cluster_id:?} refused: {e}");
                 Refusal::new(e.status(), e.to_string())
             })?;
         self.metrics.filtered_series.add(validated.filtered as u64);

@@ -485,3 +485,112 @@ fn shutdown_sends_what_is_queued() {
     }
     handle.shutdown(Duration::from_secs(1));
 }
+
+/// A UDP port free now (bound, then released).
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn in_a_cluster_only_the_owner_ships_each_upload_once() {
+    use telemeter_common::hashring::{HashRing, DEFAULT_VNODES};
+
+    let (stub, handle) = stub(vec![(200, None)]);
+    let url = format!("http://{}/api/v1/write", handle.local_addr());
+    let dir = TempDir::new("rw-cluster");
+    let key = dir.file(
+        "shared.key",
+        "0123456789abcdef0123456789abcdef-rw-cluster-key",
+    );
+    let names = ["rw-a", "rw-b"];
+    let udp: Vec<String> = names
+        .iter()
+        .map(|_| format!("127.0.0.1:{}", free_udp_port()))
+        .collect();
+    let nodes: Vec<(TempDir, ServerProcess)> = (0..2)
+        .map(|i| {
+            let storage = TempDir::new(&format!("rw-cluster-{i}"));
+            let args = [
+                "--insecure-accept-any-token",
+                "--ratelimit",
+                "0s",
+                "--shared-key",
+                key.to_str().unwrap(),
+                "--name",
+                names[i],
+                "--listen-cluster",
+                &udp[i],
+                "--join",
+                &udp[1 - i],
+                "--gossip-interval",
+                "200ms",
+                "--peer-timeout",
+                "1s",
+                "--remote-write-url",
+                &url,
+            ];
+            let process = ServerProcess::start(storage.path(), &args);
+            (storage, process)
+        })
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    for (_, p) in &nodes {
+        loop {
+            let r = get(&p.url_internal("/debug/cluster"), &[]);
+            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
+            if v["converged"] == true && v["alive"].as_array().map(Vec::len) == Some(2) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster did not converge: {v}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    // Every push goes to node a; the ring sends about half of them on to node b.
+    let ids: Vec<String> = (0..20).map(|i| format!("rw-cluster-{i:02}")).collect();
+    let a = &nodes[0].1;
+    for id in &ids {
+        let token = a.upload_token("any", id);
+        let r = a.upload(&token, &families(None, 2, now_ms() - 1_000));
+        assert_eq!(r.status, 200, "{id}: {}", r.body);
+    }
+    let ring = HashRing::new(&names, DEFAULT_VNODES);
+    for (i, (_, p)) in nodes.iter().enumerate() {
+        let owned = ids
+            .iter()
+            .filter(|id| ring.owner(id) == Some(names[i]))
+            .count();
+        // 2 test_metric + up per upload, from the node that owns (and stores) it.
+        wait_own_metric(
+            p,
+            r#"telemeter_server_remote_write_samples_total{result="sent"}"#,
+            (owned * 3) as f64,
+        );
+    }
+    let seen = stub.seen.lock().unwrap();
+    let mut shipped: Vec<String> = seen
+        .iter()
+        .map(|request| {
+            let write =
+                WriteRequest::decode(&snappy::decode_block(&request.body, 1 << 20).unwrap()[..])
+                    .unwrap();
+            let ids: std::collections::BTreeSet<String> = write
+                .timeseries
+                .iter()
+                .flat_map(|s| s.labels.iter())
+                .filter(|l| l.name == "_id")
+                .map(|l| l.value.clone())
+                .collect();
+            assert_eq!(ids.len(), 1, "one upload per request");
+            ids.into_iter().next().unwrap()
+        })
+        .collect();
+    shipped.sort();
+    assert_eq!(shipped, ids, "every upload shipped exactly once");
+    drop(seen);
+    handle.shutdown(Duration::from_secs(1));
+}
