@@ -2,7 +2,8 @@
 # Smoke test of the static binaries of `make static` (target/static/): both answer --help (also in
 # an empty root, when run as root), `file` calls them statically linked, each is under 5 MB, and a
 # one-shot push with the static client lands on the static server. The client scrapes the server's
-# own internal /metrics (plain text), so nothing else is needed. Every wait is bounded; the server is stopped and the temp dir removed however it ends.
+# own internal /metrics (plain text), so nothing else is needed. Every wait is bounded; the server
+# is stopped and the temp dir removed however it ends.
 #
 #   tests/static-smoke.sh            uses target/static/
 #   STATIC_BIN=DIR tests/static-smoke.sh
