@@ -594,3 +594,60 @@ fn in_a_cluster_only_the_owner_ships_each_upload_once() {
     drop(seen);
     handle.shutdown(Duration::from_secs(1));
 }
+
+/// A throughput probe, not a test: 200 uploads of 1,000 series queue up while Prometheus is paused
+/// (SIGSTOP), then drain into it; prints the drain rate. Run with `cargo test -p telemeter-server
+/// --test remote_write -- --ignored --nocapture` (`TELEMETER_SERVER_BIN=target/static/telemeter-server`
+/// to probe a release build).
+#[test]
+#[ignore]
+fn remote_write_throughput() {
+    if !have_prometheus() {
+        return;
+    }
+    const UPLOADS: usize = 200;
+    const SERIES: usize = 1000;
+    let dir = TempDir::new("rw-probe");
+    let prom = Prometheus::start(dir.path(), free_port());
+    let s = start_server(&dir, &prom.write_url());
+    let tokens: Vec<String> = (0..UPLOADS)
+        .map(|i| s.upload_token("wild", &format!("probe-{i}")))
+        .collect();
+    let ts = now_ms() - 10_000;
+    let pid = prom.child.as_ref().unwrap().id() as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGSTOP);
+    }
+    let started = Instant::now();
+    for token in &tokens {
+        let r = s.upload(token, &families(None, SERIES, ts));
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let pushed = started.elapsed();
+    let queued = own_metric(&s, "telemeter_server_remote_write_queue_length").unwrap_or(0.0);
+    let resumed = Instant::now();
+    unsafe {
+        libc::kill(pid, libc::SIGCONT);
+    }
+    let samples = (UPLOADS * (SERIES + 1)) as f64;
+    wait_own_metric(
+        &s,
+        r#"telemeter_server_remote_write_samples_total{result="sent"}"#,
+        samples,
+    );
+    let drained = resumed.elapsed();
+    let bytes = own_metric(&s, "telemeter_server_remote_write_sent_bytes_total").unwrap_or(0.0);
+    eprintln!(
+        "{UPLOADS} uploads of {} samples pushed in {pushed:.1?} with the receiver paused ({queued} queued); \
+         drained into Prometheus in {drained:.1?} = {:.0} samples/s, {:.1} bytes/sample on the wire",
+        SERIES + 1,
+        samples / drained.as_secs_f64(),
+        bytes / samples
+    );
+    let count = prom.wait_for(
+        r#"count(test_metric{_id=~"probe-.*"})"#,
+        ts as f64 / 1000.0 + 1.0,
+        1,
+    );
+    assert_eq!(count[0]["value"][1], (UPLOADS * SERIES).to_string());
+}
