@@ -528,6 +528,8 @@ fn build_agent(config: &RemoteWriteConfig) -> Result<ureq::Agent, RemoteWriteErr
     let agent_config = ureq::Agent::config_builder()
         .tls_config(tls_config)
         .http_status_as_error(false)
+        // A redirected POST may come back as a GET without its body: report the 3xx instead.
+        .max_redirects(0)
         .timeout_global(Some(config.timeout))
         .user_agent(concat!("telemeter-server/", env!("CARGO_PKG_VERSION")))
         .build();
