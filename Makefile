@@ -32,6 +32,7 @@ test:
 	$(CARGO) test --workspace
 
 test-integration: build
+	./tests/integration-port-in-use.sh
 	./tests/integration.sh
 
 demo: build

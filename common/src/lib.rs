@@ -24,3 +24,4 @@ pub mod snappy;
 pub mod text;
 pub mod tls;
 pub mod token;
+pub mod wire;
