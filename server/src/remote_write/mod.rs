@@ -67,6 +67,8 @@ pub struct RemoteWriteConfig {
 pub enum RemoteWriteError {
     /// The CA file is unusable.
     CaFile(String),
+    /// The sender thread could not be started.
+    Thread(String),
     /// The bearer token file is unusable.
     TokenFile {
         /// The path.
@@ -80,6 +82,9 @@ impl fmt::Display for RemoteWriteError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RemoteWriteError::CaFile(reason) => write!(f, "--remote-write-ca-file: {reason}"),
+            RemoteWriteError::Thread(reason) => {
+                write!(f, "starting the remote-write sender: {reason}")
+            }
             RemoteWriteError::TokenFile { path, reason } => write!(
                 f,
                 "--remote-write-bearer-token-file: {}: {reason}",
@@ -223,7 +228,7 @@ impl RemoteWriter {
                 sender.run();
                 let _ = done_tx.send(());
             })
-            .map_err(|e| RemoteWriteError::CaFile(format!("starting the sender thread: {e}")))?;
+            .map_err(|e| RemoteWriteError::Thread(e.to_string()))?;
         info!(
             "remote write to {} (queue of {} uploads)",
             config.url, shared.capacity
