@@ -34,6 +34,13 @@ impl Values {
     }
 }
 
+/// A scalar family: name, type and extra labels.
+type Scalars = (
+    &'static str,
+    MetricType,
+    &'static [(&'static str, &'static str)],
+);
+
 fn push(families: &mut Vec<MetricFamily>, name: &str, kind: MetricType, metric: Metric) {
     if families.last().and_then(|f| f.name.as_deref()) != Some(name) {
         families.push(MetricFamily {
@@ -85,7 +92,7 @@ fn payload(seed: u64, ts: i64) -> Vec<MetricFamily> {
             }
         }
     }
-    let simple: [(&str, MetricType, &[(&str, &str)]); 6] = [
+    let simple: [Scalars; 6] = [
         ("node_memory_bytes", MetricType::Gauge, &[]),
         (
             "node_filesystem_avail_bytes",
@@ -317,4 +324,109 @@ fn full_federate_scrape() {
         );
         assert_eq!(counter.series, clusters * 500);
     }
+}
+
+/// Counts the bytes written to it and throws them away.
+struct Sink(usize);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The same scrape without HTTP, split into its parts: reading the files (with their checksums)
+/// and transcoding. `nice cargo test --release -p telemeter-server --test federate_speed
+/// in_process -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn in_process_parts_of_a_scrape() {
+    use telemeter_common::delimited;
+    use telemeter_common::media::Format;
+    use telemeter_server::federate;
+    use telemeter_server::store::{Store, StoreConfig};
+
+    let clusters = 2000;
+    let dir = TempDir::new("federate-parts");
+    let store = Store::open(StoreConfig {
+        dir: dir.path().join("data"),
+        ttl: std::time::Duration::from_secs(3600),
+        max_batch: 64,
+    })
+    .unwrap();
+    let now = std::time::SystemTime::now();
+    for i in 0..clusters {
+        let id = format!("cluster-{i:06}");
+        let mut families = payload(i as u64 + 1, now_ms());
+        for f in &mut families {
+            for m in &mut f.metric {
+                m.label.push(LabelPair::new("_id", &id));
+            }
+        }
+        store.put(&id, delimited::encode(&families), now).unwrap();
+    }
+    let ids: Vec<String> = store.clusters().into_iter().map(|e| e.cluster_id).collect();
+    let rounds = 3;
+
+    let started = Instant::now();
+    let mut payloads = Vec::new();
+    for _ in 0..rounds {
+        payloads = ids
+            .iter()
+            .map(|id| store.get(id).unwrap().unwrap().payload)
+            .collect();
+    }
+    let read = started.elapsed().as_secs_f64() / rounds as f64;
+    let pd_bytes: usize = payloads.iter().map(Vec::len).sum();
+    let started = Instant::now();
+    for _ in 0..rounds {
+        for p in &payloads {
+            std::hint::black_box(ring::digest::digest(&ring::digest::SHA256, p));
+        }
+    }
+    let sha = started.elapsed().as_secs_f64() / rounds as f64;
+    println!(
+        "SHA-256 of the payloads alone: {sha:.3}s ({:.0} MB/s)",
+        pd_bytes as f64 / sha / 1e6
+    );
+
+    for format in [Format::Text, Format::ProtoDelimited] {
+        let started = Instant::now();
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..rounds {
+            for p in &payloads {
+                out.clear();
+                federate::write_cluster(p, format, &mut out).unwrap();
+                bytes += out.len();
+            }
+        }
+        let secs = started.elapsed().as_secs_f64() / rounds as f64;
+        println!(
+            "transcode {format:?}: {:.2}M series/s ({:.0} MB/s out)",
+            (clusters * 500) as f64 / secs / 1e6,
+            bytes as f64 / rounds as f64 / secs / 1e6
+        );
+    }
+    let started = Instant::now();
+    let mut sink = Sink(0);
+    for _ in 0..rounds {
+        federate::write_all(&store, Format::Text, None, &mut sink).unwrap();
+    }
+    let all = started.elapsed().as_secs_f64() / rounds as f64;
+    println!(
+        "store.get: {:.3}s for {clusters} clusters ({:.0} MB/s of payload, {:.0} µs each)",
+        read,
+        pd_bytes as f64 / read / 1e6,
+        read / clusters as f64 * 1e6
+    );
+    println!(
+        "write_all (text, to a sink): {:.2}M series/s",
+        (clusters * 500) as f64 / all / 1e6
+    );
+    store.close();
 }
