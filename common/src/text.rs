@@ -764,18 +764,19 @@ fn finish_sample<W: Write>(
 }
 
 /// Writes one family read from a protobuf body without decoding it (see [`crate::wire`]): the
-/// bytes [`write_family`] writes for the same family decoded, with nothing allocated per series.
+/// bytes [`write_family`] writes for the same family decoded, with nothing allocated per series
+/// (`out` grows, nothing else).
 ///
 /// The family's series are checked as they are written, not before: on a message that does not
-/// decode, an [`io::ErrorKind::InvalidData`] error is returned and part of the family may already
-/// have been written, so write into a buffer to throw away when that matters. (A series whose
+/// decode, an [`io::ErrorKind::InvalidData`] error (wrapping the [`DecodeError`]) is returned and
+/// part of the family may already be in `out`; throw it away when that matters. (A series whose
 /// value is not the family's is skipped unread, so its labels are not checked.)
-pub fn write_family_view<W: Write>(
-    w: &mut W,
+pub fn write_family_view(
+    out: &mut Vec<u8>,
     family: &FamilyView<'_>,
     timestamps: bool,
 ) -> io::Result<()> {
-    let name = family.name;
+    let name = family.name.as_bytes();
     let metric_type = family.metric_type();
     let mut header_written = false;
     for metric in family.metrics() {
@@ -794,33 +795,37 @@ pub fn write_family_view<W: Write>(
         if !header_written {
             header_written = true;
             if !family.help.is_empty() {
-                w.write_all(b"# HELP ")?;
-                w.write_all(name.as_bytes())?;
-                w.write_all(b" ")?;
-                write_escaped(w, family.help, false)?;
-                w.write_all(b"\n")?;
+                out.extend_from_slice(b"# HELP ");
+                out.extend_from_slice(name);
+                out.push(b' ');
+                write_escaped(out, family.help, false)?;
+                out.push(b'\n');
             }
-            w.write_all(b"# TYPE ")?;
-            w.write_all(name.as_bytes())?;
-            w.write_all(type_line_end(metric_type))?;
+            out.extend_from_slice(b"# TYPE ");
+            out.extend_from_slice(name);
+            out.extend_from_slice(type_line_end(metric_type));
         }
-        let ts = if timestamps {
-            metric.timestamp_ms
-        } else {
-            None
-        };
-        let sample = |w: &mut W, suffix: &str, extra: Option<(&str, f64)>, value: f64| {
-            write_view_sample(w, name, suffix, &metric, extra, value, ts)
+        let mut lines = SeriesLines {
+            name,
+            metric: &metric,
+            labels: None,
+            timestamp: if timestamps {
+                metric.timestamp_ms
+            } else {
+                None
+            },
         };
         match value {
-            Value::Gauge(v) | Value::Counter(v) | Value::Untyped(v) => sample(w, "", None, v)?,
+            Value::Gauge(v) | Value::Counter(v) | Value::Untyped(v) => {
+                lines.write(out, b"", None, v)?
+            }
             Value::Summary(summary) => {
                 for q in summary.quantiles() {
                     let (rank, value) = q.map_err(invalid_data)?;
-                    sample(w, "", Some(("quantile", rank)), value)?;
+                    lines.write(out, b"", Some((b"quantile", rank)), value)?;
                 }
-                sample(w, "_sum", None, summary.sample_sum)?;
-                sample(w, "_count", None, summary.sample_count as f64)?;
+                lines.write(out, b"_sum", None, summary.sample_sum)?;
+                lines.write(out, b"_count", None, summary.sample_count as f64)?;
             }
             Value::Histogram(histogram) => {
                 let count = histogram.sample_count as f64;
@@ -828,13 +833,13 @@ pub fn write_family_view<W: Write>(
                 for b in histogram.buckets() {
                     let (le, cumulative) = b.map_err(invalid_data)?;
                     inf_seen |= le == f64::INFINITY;
-                    sample(w, "_bucket", Some(("le", le)), cumulative as f64)?;
+                    lines.write(out, b"_bucket", Some((b"le", le)), cumulative as f64)?;
                 }
                 if !inf_seen {
-                    sample(w, "_bucket", Some(("le", f64::INFINITY)), count)?;
+                    lines.write(out, b"_bucket", Some((b"le", f64::INFINITY)), count)?;
                 }
-                sample(w, "_sum", None, histogram.sample_sum)?;
-                sample(w, "_count", None, count)?;
+                lines.write(out, b"_sum", None, histogram.sample_sum)?;
+                lines.write(out, b"_count", None, count)?;
             }
             Value::Missing | Value::Several => {}
         }
@@ -846,29 +851,91 @@ fn invalid_data(e: DecodeError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// One sample line of a borrowed series (see [`write_sample`]).
-fn write_view_sample<W: Write>(
-    w: &mut W,
-    name: &str,
-    suffix: &str,
-    metric: &MetricView<'_>,
-    extra: Option<(&str, f64)>,
-    value: f64,
+/// The sample lines of one borrowed series. Its labels are decoded and escaped for the first
+/// line only; later lines (a histogram has a dozen) copy that first rendering from `out`.
+struct SeriesLines<'a, 'b> {
+    name: &'a [u8],
+    metric: &'a MetricView<'b>,
+    /// Where the rendered `{a="b",c="d"` (without the closing brace) sits in `out`.
+    labels: Option<std::ops::Range<usize>>,
     timestamp: Option<i64>,
-) -> io::Result<()> {
-    w.write_all(name.as_bytes())?;
-    w.write_all(suffix.as_bytes())?;
-    let mut separator = b"{";
-    for label in metric.labels() {
-        let (label_name, label_value) = label.map_err(invalid_data)?;
-        w.write_all(separator)?;
-        separator = b",";
-        w.write_all(label_name.as_bytes())?;
-        w.write_all(b"=\"")?;
-        write_escaped(w, label_value, true)?;
-        w.write_all(b"\"")?;
+}
+
+impl SeriesLines<'_, '_> {
+    /// One line: `name_suffix{labels,extra="x"} value [timestamp]`.
+    fn write(
+        &mut self,
+        out: &mut Vec<u8>,
+        suffix: &[u8],
+        extra: Option<(&[u8], f64)>,
+        value: f64,
+    ) -> io::Result<()> {
+        out.extend_from_slice(self.name);
+        out.extend_from_slice(suffix);
+        let labels = match &self.labels {
+            Some(range) => {
+                let range = range.clone();
+                out.extend_from_within(range.clone());
+                range
+            }
+            None => {
+                let start = out.len();
+                let mut separator = b'{';
+                for label in self.metric.label_bytes() {
+                    let (label_name, label_value) = label.map_err(invalid_data)?;
+                    out.push(separator);
+                    separator = b',';
+                    out.extend_from_slice(label_name);
+                    out.extend_from_slice(b"=\"");
+                    escape_into(out, label_value, true);
+                    out.push(b'"');
+                }
+                let range = start..out.len();
+                self.labels = Some(range.clone());
+                range
+            }
+        };
+        let mut buf = NumBuf::new();
+        let mut open = !labels.is_empty();
+        if let Some((extra_name, extra_value)) = extra {
+            buf.push(if open { b',' } else { b'{' });
+            open = true;
+            buf.push_slice(extra_name);
+            buf.push_slice(b"=\"");
+            buf.push_float(extra_value);
+            buf.push(b'"');
+        }
+        if open {
+            buf.push(b'}');
+        }
+        buf.push(b' ');
+        buf.push_float(value);
+        if let Some(ts) = self.timestamp {
+            buf.push(b' ');
+            buf.push_i64(ts);
+        }
+        buf.push(b'\n');
+        out.extend_from_slice(buf.as_bytes());
+        Ok(())
     }
-    finish_sample(w, separator, extra, value, timestamp)
+}
+
+/// As [`write_escaped`], for bytes into a `Vec`.
+fn escape_into(out: &mut Vec<u8>, bytes: &[u8], quotes: bool) {
+    let special = bytes.iter().fold(false, |acc, &b| {
+        acc | (b == b'\\') | (b == b'\n') | (quotes & (b == b'"'))
+    });
+    if !special {
+        return out.extend_from_slice(bytes);
+    }
+    for &b in bytes {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'"' if quotes => out.extend_from_slice(b"\\\""),
+            _ => out.push(b),
+        }
+    }
 }
 
 /// Writes `s` with `\` and newline escaped, and `"` too in label values.
@@ -904,16 +971,17 @@ fn write_float<W: Write>(w: &mut W, f: f64) -> io::Result<()> {
     w.write_all(buf.as_bytes())
 }
 
-/// A small stack buffer numbers are formatted into, so formatting never touches the heap.
+/// A small stack buffer numbers are formatted into, so formatting never touches the heap. Room
+/// for the longest line tail: `,quantile="<float>"} <float> <i64>\n` is at most 84 bytes.
 struct NumBuf {
-    bytes: [u8; 64],
+    bytes: [u8; 128],
     len: usize,
 }
 
 impl NumBuf {
     fn new() -> Self {
         NumBuf {
-            bytes: [0; 64],
+            bytes: [0; 128],
             len: 0,
         }
     }

@@ -211,6 +211,14 @@ impl<'a> MetricView<'a> {
         }
     }
 
+    /// As [`MetricView::labels`], as UTF-8-checked bytes (for the text writer).
+    pub(crate) fn label_bytes(&self) -> LabelBytes<'a> {
+        LabelBytes {
+            fields: Fields::new(self.message, METRIC_DEPTH),
+            done: false,
+        }
+    }
+
     /// The value a family of type `metric_type` is read from (a gauge histogram reads the
     /// histogram), or [`Value::Missing`] when the series does not set it; never [`Value::Several`].
     /// This is the value [`crate::text::write_family`] writes, whatever else the series sets.
@@ -267,6 +275,33 @@ impl<'a> Iterator for Labels<'a> {
             let item = match self.fields.next() {
                 Ok(None) => None,
                 Ok(Some((LABEL_FIELD, wire))) => Some(wire.bytes().and_then(parse_label)),
+                Ok(Some(_)) => continue,
+                Err(bad) => Some(Err(bad)),
+            };
+            self.done = !matches!(item, Some(Ok(_)));
+            return item.map(|r| r.map_err(DecodeError::from));
+        }
+    }
+}
+
+/// An iterator over the labels of a series as bytes (see [`MetricView::label_bytes`]).
+pub(crate) struct LabelBytes<'a> {
+    fields: Fields<'a>,
+    done: bool,
+}
+
+impl<'a> Iterator for LabelBytes<'a> {
+    type Item = Result<(&'a [u8], &'a [u8]), DecodeError>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let item = match self.fields.next() {
+                Ok(None) => None,
+                Ok(Some((LABEL_FIELD, wire))) => Some(wire.bytes().and_then(parse_label_bytes)),
                 Ok(Some(_)) => continue,
                 Err(bad) => Some(Err(bad)),
             };
@@ -657,6 +692,31 @@ fn parse_label(message: &[u8]) -> Result<(&str, &str), Bad> {
     Ok((name, value))
 }
 
+/// As [`parse_label`], as bytes: for writers, which need no `&str`. The UTF-8 check is the same;
+/// ASCII (nearly every label) is settled by a quicker scan first.
+#[inline]
+fn parse_label_bytes(message: &[u8]) -> Result<(&[u8], &[u8]), Bad> {
+    let (mut name, mut value): (&[u8], &[u8]) = (b"", b"");
+    let mut fields = Fields::new(message, VALUE_DEPTH);
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => name = utf8_bytes(wire.bytes()?)?,
+            2 => value = utf8_bytes(wire.bytes()?)?,
+            _ => {}
+        }
+    }
+    Ok((name, value))
+}
+
+#[inline]
+fn utf8_bytes(bytes: &[u8]) -> Result<&[u8], Bad> {
+    if bytes.is_ascii() || std::str::from_utf8(bytes).is_ok() {
+        Ok(bytes)
+    } else {
+        Err(Bad("string is not UTF-8"))
+    }
+}
+
 /// Checks a whole family message, series and all, and counts its series.
 fn check_family_message(message: &[u8]) -> Result<usize, Bad> {
     family_header(message)?;
@@ -851,7 +911,9 @@ impl<'a> Fields<'a> {
     }
 
     /// The next field's number and value; unknown groups are skipped and reported as [`Wire::Group`].
-    #[inline]
+    // Always inlined: it is the innermost loop of every reader, and inlined its result stays in
+    // registers.
+    #[inline(always)]
     fn next(&mut self) -> Result<Option<(u32, Wire<'a>)>, Bad> {
         if self.rest.is_empty() {
             return Ok(None);
@@ -898,7 +960,7 @@ const TRUNCATED: &str = "field runs past the end of its message";
 
 /// Reads a field key: its field number and wire type (0, 1, 2, 3, 4 or 5), as prost's
 /// `decode_key` checks it.
-#[inline]
+#[inline(always)]
 fn read_key(buf: &mut &[u8]) -> Result<(u32, u8), Bad> {
     let key = read_varint(buf)?;
     let key = u32::try_from(key).map_err(|_| Bad("field key does not fit 32 bits"))?;
@@ -964,7 +1026,7 @@ fn take<const N: usize>(buf: &mut &[u8]) -> Result<[u8; N], Bad> {
 }
 
 /// Reads a varint of at most 10 bytes whose tenth byte holds only bit 63 (prost's rule).
-#[inline]
+#[inline(always)]
 fn read_varint(buf: &mut &[u8]) -> Result<u64, Bad> {
     if let Some((&byte, rest)) = buf.split_first() {
         if byte < 0x80 {

@@ -1,13 +1,15 @@
 //! `GET /federate`: every live cluster's series, streamed one cluster at a time.
 //!
 //! Timestamps are left out (upstream behaviour): the central Prometheus stamps samples at scrape
-//! time, so a cluster's series stay fresh until its next push. Only one cluster's payload is in
-//! memory at a time, however many clusters are stored. A cluster whose file cannot be read or
-//! decoded is skipped with a warning rather than failing the whole scrape.
+//! time, so a cluster's series stay fresh until its next push. Payloads are served straight from
+//! their stored bytes through [`wire`]'s views (text transcoded, protobuf copied without the
+//! timestamps), by a few workers, and only a few clusters are in memory at a time however many
+//! are stored. A cluster whose file cannot be read or decoded is skipped with a warning rather
+//! than failing the whole scrape.
 
 use std::fmt;
 use std::io::{self, Write};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use log::warn;
@@ -60,37 +62,89 @@ pub fn handle(
     )
 }
 
-/// Writes every live cluster's families to `w` in `format`, without timestamps.
+/// Most clusters a worker may have read and encoded ahead of the writer.
+const AHEAD_PER_WORKER: usize = 2;
+/// Most workers one scrape uses.
+const MAX_WORKERS: usize = 4;
+
+/// Writes every live cluster's families to `w` in `format`, without timestamps, in the store's
+/// order. Reading and encoding (nearly all the work) is spread over one worker per core, each
+/// taking every n-th cluster and at most [`AHEAD_PER_WORKER`] ahead, so memory stays a few
+/// clusters' worth however many are stored; this thread writes their buffers in order.
 pub fn write_all(
     store: &Store,
     format: Format,
     filter: Option<&ClusterFilter>,
     w: &mut dyn Write,
 ) -> io::Result<()> {
-    let mut buffer = Vec::new();
-    for entry in store.clusters() {
-        if filter.is_some_and(|serves| !serves(&entry.cluster_id)) {
-            continue;
+    let ids: Vec<String> = store
+        .clusters()
+        .into_iter()
+        .map(|entry| entry.cluster_id)
+        .filter(|id| filter.is_none_or(|serves| serves(id)))
+        .collect();
+    let workers = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(MAX_WORKERS)
+        .min(ids.len());
+    if workers <= 1 {
+        let mut buffer = Vec::new();
+        for id in &ids {
+            encode_stored(store, id, format, &mut buffer);
+            w.write_all(&buffer)?;
         }
-        let upload = match store.get(&entry.cluster_id) {
-            Ok(Some(upload)) => upload,
-            // Expired or removed between listing and reading.
-            Ok(None) => continue,
-            Err(e) => {
-                warn!("federate: skipping cluster {:?}: {e}", entry.cluster_id);
-                continue;
-            }
-        };
-        buffer.clear();
-        // A cluster is written whole or not at all: its buffer goes out only once it all reads.
-        if let Err(e) = write_cluster(&upload.payload, format, &mut buffer) {
-            warn!("federate: skipping cluster {:?}: {e}", entry.cluster_id);
-            continue;
-        }
-        drop(upload);
-        w.write_all(&buffer)?;
+        return w.flush();
     }
-    w.flush()
+    std::thread::scope(|scope| {
+        let mut lanes = Vec::with_capacity(workers);
+        for first in 0..workers {
+            let (ready, from_worker) = mpsc::sync_channel::<Vec<u8>>(AHEAD_PER_WORKER);
+            let (to_worker, spares) = mpsc::channel::<Vec<u8>>();
+            let ids = &ids;
+            scope.spawn(move || {
+                for id in ids.iter().skip(first).step_by(workers) {
+                    let mut buffer = spares.try_recv().unwrap_or_default();
+                    encode_stored(store, id, format, &mut buffer);
+                    // An error means the writer stopped (the client went away): stop too.
+                    if ready.send(buffer).is_err() {
+                        break;
+                    }
+                }
+            });
+            lanes.push((from_worker, to_worker));
+        }
+        // Returning early (a write error) drops the lanes, which stops the workers.
+        for lane in lanes.iter().cycle().take(ids.len()) {
+            let (from_worker, to_worker) = lane;
+            let Ok(buffer) = from_worker.recv() else {
+                break;
+            };
+            w.write_all(&buffer)?;
+            // Handed back for the worker's next cluster, so buffers are not reallocated.
+            let _ = to_worker.send(buffer);
+        }
+        w.flush()
+    })
+}
+
+/// Replaces `buffer` with cluster `id`'s families in `format`, or with nothing when its file
+/// cannot be read or decoded (skipped with a warning, so one bad file never fails a scrape). A
+/// cluster is written whole or not at all.
+fn encode_stored(store: &Store, id: &str, format: Format, buffer: &mut Vec<u8>) {
+    buffer.clear();
+    let upload = match store.get(id) {
+        Ok(Some(upload)) => upload,
+        // Expired or removed between listing and reading.
+        Ok(None) => return,
+        Err(e) => {
+            warn!("federate: skipping cluster {id:?}: {e}");
+            return;
+        }
+    };
+    if let Err(e) = write_cluster(&upload.payload, format, buffer) {
+        warn!("federate: skipping cluster {id:?}: {e}");
+        buffer.clear();
+    }
 }
 
 /// Why a stored payload could not be served.
@@ -290,6 +344,42 @@ mod tests {
             }
             assert_eq!(out, expected);
         }
+        // Many clusters, so that every worker takes several, in order.
+        let ids: Vec<String> = (0..40).map(|i| format!("m{i:02}")).collect();
+        for id in &ids {
+            store.put(id, payload(id), now).unwrap();
+        }
+        let mut out = Vec::new();
+        write_all(&store, Format::Text, None, &mut out).unwrap();
+        let mut expected = Vec::new();
+        for id in ["a", "c", "d"]
+            .iter()
+            .copied()
+            .chain(ids.iter().map(String::as_str))
+        {
+            write_cluster(&payload(id), Format::Text, &mut expected).unwrap();
+        }
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(expected).unwrap()
+        );
+
+        // A client that goes away stops the scrape with its error, without hanging.
+        struct Fails(usize);
+        impl Write for Fails {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(io::Error::new(io::ErrorKind::BrokenPipe, "gone"));
+                }
+                self.0 -= 1;
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let err = write_all(&store, Format::Text, None, &mut Fails(3)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
         store.close();
         let _ = std::fs::remove_dir_all(&dir);
     }

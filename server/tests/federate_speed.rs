@@ -370,7 +370,11 @@ fn in_process_parts_of_a_scrape() {
         store.put(&id, delimited::encode(&families), now).unwrap();
     }
     let ids: Vec<String> = store.clusters().into_iter().map(|e| e.cluster_id).collect();
-    let rounds = 3;
+    // FEDERATE_ROUNDS=N repeats each part N times (for profiling one part with perf).
+    let rounds: usize = std::env::var("FEDERATE_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(3);
 
     let started = Instant::now();
     let mut payloads = Vec::new();
