@@ -282,6 +282,7 @@ fn full_federate_scrape() {
 
     let pid = s.child.id();
     let cpu_before = cpu_seconds(pid);
+    let client_before = cpu_seconds(std::process::id());
     let started = Instant::now();
     let accept = if pd { PROTO_DELIMITED } else { "text/plain" };
     let mut r = agent()
@@ -309,15 +310,16 @@ fn full_federate_scrape() {
     }
     let secs = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid) - cpu_before;
+    let client_cpu = cpu_seconds(std::process::id()) - client_before;
     if pd {
         println!(
-            "federate (protobuf): {bytes} bytes in {secs:.3}s = {:.0} MB/s, {:.2}M series/s, server CPU {cpu:.2}s",
+            "federate (protobuf): {bytes} bytes in {secs:.3}s = {:.0} MB/s, {:.2}M series/s, server CPU {cpu:.2}s, client CPU {client_cpu:.2}s",
             bytes as f64 / secs / 1e6,
             (clusters * 500) as f64 / secs / 1e6,
         );
     } else {
         println!(
-            "federate (text): {} series, {bytes} bytes in {secs:.3}s = {:.2}M series/s, {:.0} MB/s, server CPU {cpu:.2}s",
+            "federate (text): {} series, {bytes} bytes in {secs:.3}s = {:.2}M series/s, {:.0} MB/s, server CPU {cpu:.2}s, client CPU {client_cpu:.2}s",
             counter.series,
             counter.series as f64 / secs / 1e6,
             bytes as f64 / secs / 1e6,
