@@ -1028,13 +1028,18 @@ fn take<const N: usize>(buf: &mut &[u8]) -> Result<[u8; N], Bad> {
 /// Reads a varint of at most 10 bytes whose tenth byte holds only bit 63 (prost's rule).
 #[inline(always)]
 fn read_varint(buf: &mut &[u8]) -> Result<u64, Bad> {
-    if let Some((&byte, rest)) = buf.split_first() {
-        if byte < 0x80 {
+    match **buf {
+        [byte, ref rest @ ..] if byte < 0x80 => {
             *buf = rest;
-            return Ok(u64::from(byte));
+            Ok(u64::from(byte))
         }
+        // Two bytes: the length of every series and family message of 128 bytes to 16 KiB.
+        [low, high, ref rest @ ..] if high < 0x80 => {
+            *buf = rest;
+            Ok(u64::from(low & 0x7f) | u64::from(high) << 7)
+        }
+        _ => read_long_varint(buf),
     }
-    read_long_varint(buf)
 }
 
 fn read_long_varint(buf: &mut &[u8]) -> Result<u64, Bad> {
@@ -1352,6 +1357,27 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    #[test]
+    fn varints_read_as_prost_reads_them() {
+        for v in [0, 1, 127, 128, 300, 16_383, 16_384, 1 << 35, u64::MAX] {
+            let mut encoded = Vec::new();
+            put_varint(&mut encoded, v);
+            encoded.push(0xAA);
+            let mut buf = encoded.as_slice();
+            assert_eq!(read_varint(&mut buf).unwrap(), v);
+            assert_eq!(buf, [0xAA], "{v}");
+            let mut prost_buf = encoded.as_slice();
+            assert_eq!(prost::encoding::decode_varint(&mut prost_buf).unwrap(), v);
+        }
+        // Non-minimal encodings are fine; an eleventh byte, bits past 64, or an end is not.
+        assert_eq!(read_varint(&mut &[0x80, 0x00][..]).unwrap(), 0);
+        assert_eq!(read_varint(&mut &[0xff, 0x80, 0x00][..]).unwrap(), 127);
+        assert!(read_varint(&mut &[0x80][..]).is_err());
+        assert!(read_varint(&mut &[][..]).is_err());
+        assert!(read_varint(&mut &[[0xff; 9].as_slice(), &[0x02]].concat()[..]).is_err());
+        assert!(read_varint(&mut &[0x80; 11][..]).is_err());
     }
 
     #[test]
