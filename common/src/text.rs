@@ -4,10 +4,12 @@
 //! series the way the Go `expfmt` parser does, so a text body and the protobuf body of the same
 //! metrics decode to the same families.
 
+use crate::delimited::DecodeError;
 use crate::model::{
     Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType, Quantile,
     Summary, Untyped,
 };
+use crate::wire::{FamilyView, MetricView, Value};
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Write};
@@ -625,16 +627,9 @@ pub fn write_family<W: Write>(
         write_escaped(w, help, false)?;
         w.write_all(b"\n")?;
     }
-    let type_name: &[u8] = match metric_type {
-        MetricType::Counter => b" counter\n",
-        MetricType::Gauge => b" gauge\n",
-        MetricType::Summary => b" summary\n",
-        MetricType::Untyped => b" untyped\n",
-        MetricType::Histogram | MetricType::GaugeHistogram => b" histogram\n",
-    };
     w.write_all(b"# TYPE ")?;
     w.write_all(name.as_bytes())?;
-    w.write_all(type_name)?;
+    w.write_all(type_line_end(metric_type))?;
 
     for metric in &family.metric {
         let ts = if timestamps {
@@ -691,6 +686,17 @@ pub fn write_family<W: Write>(
     Ok(())
 }
 
+/// The end of a `# TYPE` line: the type as Go's `expfmt` names it.
+fn type_line_end(metric_type: MetricType) -> &'static [u8] {
+    match metric_type {
+        MetricType::Counter => b" counter\n",
+        MetricType::Gauge => b" gauge\n",
+        MetricType::Summary => b" summary\n",
+        MetricType::Untyped => b" untyped\n",
+        MetricType::Histogram | MetricType::GaugeHistogram => b" histogram\n",
+    }
+}
+
 /// Whether `metric` carries the value a family of type `metric_type` is written from.
 fn has_value_for(metric: &Metric, metric_type: MetricType) -> bool {
     match metric_type {
@@ -723,6 +729,17 @@ fn write_sample<W: Write>(
         write_escaped(w, label.value.as_deref().unwrap_or(""), true)?;
         w.write_all(b"\"")?;
     }
+    finish_sample(w, separator, extra, value, timestamp)
+}
+
+/// The rest of a sample line after its labels (`separator` is `{` when none was written).
+fn finish_sample<W: Write>(
+    w: &mut W,
+    mut separator: &[u8; 1],
+    extra: Option<(&str, f64)>,
+    value: f64,
+    timestamp: Option<i64>,
+) -> io::Result<()> {
     if let Some((extra_name, extra_value)) = extra {
         w.write_all(separator)?;
         separator = b",";
@@ -731,18 +748,194 @@ fn write_sample<W: Write>(
         write_float(w, extra_value)?;
         w.write_all(b"\"")?;
     }
+    // The value (and timestamp) are formatted on the stack and written at once.
+    let mut buf = NumBuf::new();
     if separator == b"," {
-        w.write_all(b"}")?;
+        buf.push(b'}');
     }
-    w.write_all(b" ")?;
-    write_float(w, value)?;
+    buf.push(b' ');
+    buf.push_float(value);
     if let Some(ts) = timestamp {
-        let mut buf = NumBuf::new();
         buf.push(b' ');
         buf.push_i64(ts);
-        w.write_all(buf.as_bytes())?;
     }
-    w.write_all(b"\n")
+    buf.push(b'\n');
+    w.write_all(buf.as_bytes())
+}
+
+/// Writes one family read from a protobuf body without decoding it (see [`crate::wire`]): the
+/// bytes [`write_family`] writes for the same family decoded, with nothing allocated per series
+/// (`out` grows, nothing else).
+///
+/// The family's series are checked as they are written, not before: on a message that does not
+/// decode, an [`io::ErrorKind::InvalidData`] error (wrapping the [`DecodeError`]) is returned and
+/// part of the family may already be in `out`; throw it away when that matters. (A series whose
+/// value is not the family's is skipped unread, so its labels are not checked.)
+pub fn write_family_view(
+    out: &mut Vec<u8>,
+    family: &FamilyView<'_>,
+    timestamps: bool,
+) -> io::Result<()> {
+    let name = family.name.as_bytes();
+    let metric_type = family.metric_type();
+    let mut header_written = false;
+    for metric in family.metrics() {
+        let metric = metric.map_err(invalid_data)?;
+        if name.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "metric family without a name",
+            ));
+        }
+        let value = metric.value_for(metric_type).map_err(invalid_data)?;
+        if matches!(value, Value::Missing | Value::Several) {
+            continue;
+        }
+        // The header waits for the first series with a value, as in `write_family`.
+        if !header_written {
+            header_written = true;
+            if !family.help.is_empty() {
+                out.extend_from_slice(b"# HELP ");
+                out.extend_from_slice(name);
+                out.push(b' ');
+                write_escaped(out, family.help, false)?;
+                out.push(b'\n');
+            }
+            out.extend_from_slice(b"# TYPE ");
+            out.extend_from_slice(name);
+            out.extend_from_slice(type_line_end(metric_type));
+        }
+        let mut lines = SeriesLines {
+            name,
+            metric: &metric,
+            labels: None,
+            timestamp: if timestamps {
+                metric.timestamp_ms
+            } else {
+                None
+            },
+        };
+        match value {
+            Value::Gauge(v) | Value::Counter(v) | Value::Untyped(v) => {
+                lines.write(out, b"", None, v)?
+            }
+            Value::Summary(summary) => {
+                for q in summary.quantiles() {
+                    let (rank, value) = q.map_err(invalid_data)?;
+                    lines.write(out, b"", Some((b"quantile", rank)), value)?;
+                }
+                lines.write(out, b"_sum", None, summary.sample_sum)?;
+                lines.write(out, b"_count", None, summary.sample_count as f64)?;
+            }
+            Value::Histogram(histogram) => {
+                let count = histogram.sample_count as f64;
+                let mut inf_seen = false;
+                for b in histogram.buckets() {
+                    let (le, cumulative) = b.map_err(invalid_data)?;
+                    inf_seen |= le == f64::INFINITY;
+                    lines.write(out, b"_bucket", Some((b"le", le)), cumulative as f64)?;
+                }
+                if !inf_seen {
+                    lines.write(out, b"_bucket", Some((b"le", f64::INFINITY)), count)?;
+                }
+                lines.write(out, b"_sum", None, histogram.sample_sum)?;
+                lines.write(out, b"_count", None, count)?;
+            }
+            Value::Missing | Value::Several => {}
+        }
+    }
+    Ok(())
+}
+
+fn invalid_data(e: DecodeError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// The sample lines of one borrowed series. Its labels are decoded and escaped for the first
+/// line only; later lines (a histogram has a dozen) copy that first rendering from `out`.
+struct SeriesLines<'a, 'b> {
+    name: &'a [u8],
+    metric: &'a MetricView<'b>,
+    /// Where the rendered `{a="b",c="d"` (without the closing brace) sits in `out`.
+    labels: Option<std::ops::Range<usize>>,
+    timestamp: Option<i64>,
+}
+
+impl SeriesLines<'_, '_> {
+    /// One line: `name_suffix{labels,extra="x"} value [timestamp]`.
+    fn write(
+        &mut self,
+        out: &mut Vec<u8>,
+        suffix: &[u8],
+        extra: Option<(&[u8], f64)>,
+        value: f64,
+    ) -> io::Result<()> {
+        out.extend_from_slice(self.name);
+        out.extend_from_slice(suffix);
+        let labels = match &self.labels {
+            Some(range) => {
+                let range = range.clone();
+                out.extend_from_within(range.clone());
+                range
+            }
+            None => {
+                let start = out.len();
+                let mut separator = b'{';
+                for label in self.metric.label_bytes() {
+                    let (label_name, label_value) = label.map_err(invalid_data)?;
+                    out.push(separator);
+                    separator = b',';
+                    out.extend_from_slice(label_name);
+                    out.extend_from_slice(b"=\"");
+                    escape_into(out, label_value, true);
+                    out.push(b'"');
+                }
+                let range = start..out.len();
+                self.labels = Some(range.clone());
+                range
+            }
+        };
+        let mut buf = NumBuf::new();
+        let mut open = !labels.is_empty();
+        if let Some((extra_name, extra_value)) = extra {
+            buf.push(if open { b',' } else { b'{' });
+            open = true;
+            buf.push_slice(extra_name);
+            buf.push_slice(b"=\"");
+            buf.push_float(extra_value);
+            buf.push(b'"');
+        }
+        if open {
+            buf.push(b'}');
+        }
+        buf.push(b' ');
+        buf.push_float(value);
+        if let Some(ts) = self.timestamp {
+            buf.push(b' ');
+            buf.push_i64(ts);
+        }
+        buf.push(b'\n');
+        out.extend_from_slice(buf.as_bytes());
+        Ok(())
+    }
+}
+
+/// As [`write_escaped`], for bytes into a `Vec`.
+fn escape_into(out: &mut Vec<u8>, bytes: &[u8], quotes: bool) {
+    let special = bytes.iter().fold(false, |acc, &b| {
+        acc | (b == b'\\') | (b == b'\n') | (quotes & (b == b'"'))
+    });
+    if !special {
+        return out.extend_from_slice(bytes);
+    }
+    for &b in bytes {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'"' if quotes => out.extend_from_slice(b"\\\""),
+            _ => out.push(b),
+        }
+    }
 }
 
 /// Writes `s` with `\` and newline escaped, and `"` too in label values.
@@ -778,16 +971,17 @@ fn write_float<W: Write>(w: &mut W, f: f64) -> io::Result<()> {
     w.write_all(buf.as_bytes())
 }
 
-/// A small stack buffer numbers are formatted into, so formatting never touches the heap.
+/// A small stack buffer numbers are formatted into, so formatting never touches the heap. Room
+/// for the longest line tail: `,quantile="<float>"} <float> <i64>\n` is at most 84 bytes.
 struct NumBuf {
-    bytes: [u8; 48],
+    bytes: [u8; 128],
     len: usize,
 }
 
 impl NumBuf {
     fn new() -> Self {
         NumBuf {
-            bytes: [0; 48],
+            bytes: [0; 128],
             len: 0,
         }
     }

@@ -2,6 +2,9 @@
 //! protobuf-delimited, snappy (framed and block), upload tokens and their claims, selectors,
 //! durations, base64, and the HTTP request helpers.
 //!
+//! The zero-copy views (`wire`) are checked against the protobuf-delimited decoder on the same
+//! corpus.
+//!
 //! Each test mutates a committed seed corpus (`tests/fixtures/fuzz/<target>/`) for a bounded time and
 //! fails on the first panic or broken round-trip property, printing the input. The default budget
 //! is 3 s per target so CI stays quick; for a longer run:
@@ -371,6 +374,324 @@ fn protobuf_delimited() {
             seeds: Vec::new(),
         },
         delimited_exec,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Zero-copy views of protobuf-delimited bodies (`wire`)
+
+/// Extra tokens for the views: unknown fields of every wire type, groups, repeated value messages.
+const WIRE_DICT: &[&[u8]] = &[
+    b"\x7b\x7c",
+    b"\x7b\x08\x01\x7c",
+    b"\x4b\x4b\x4c\x4c",
+    b"\x7d\x00\x00\x00\x00",
+    b"\x79\x00\x00\x00\x00\x00\x00\x00\x00",
+    b"\x82\x01\x00",
+    b"\x8a\x80\x00",
+    b"\x22\x0b\x12\x09\x09\x00\x00\x00\x00\x00\x00\xf0\x3f",
+    b"\x22\x04\x12\x00\x12\x00",
+    b"\x22\x0d\x22\x0b\x1a\x09\x09\x00\x00\x00\x00\x00\x00\xe0\x3f",
+    b"\x3a\x05\x1a\x03\x08\x01\x7c",
+    b"\x30\x01",
+];
+
+/// The families the views read, as owned values in a normal form: absent names, help, labels and
+/// values read as empty or 0 (as the views read them); a value field is present when
+/// `value_for` finds it.
+fn rebuilt_from_views(body: &[u8]) -> Result<Vec<MetricFamily>, String> {
+    use telemeter_common::model::{Counter, Gauge, Histogram, Quantile, Summary, Untyped};
+    use telemeter_common::wire::{self, Value};
+    let mut out = Vec::new();
+    for family in wire::families(body, &delimited::Limits::default()) {
+        let family = family.map_err(|e| format!("family: {e}"))?;
+        let mut rebuilt = MetricFamily {
+            name: Some(family.name.to_string()),
+            help: Some(family.help.to_string()),
+            r#type: family.raw_type,
+            metric: Vec::new(),
+        };
+        for metric in family.metrics() {
+            let metric = metric.map_err(|e| format!("metric: {e}"))?;
+            let mut m = Metric {
+                timestamp_ms: metric.timestamp_ms,
+                ..Metric::default()
+            };
+            for label in metric.labels() {
+                let (name, value) = label.map_err(|e| format!("label: {e}"))?;
+                m.label.push(LabelPair::new(name, value));
+            }
+            let mut kinds = 0;
+            for t in [
+                MetricType::Counter,
+                MetricType::Gauge,
+                MetricType::Summary,
+                MetricType::Untyped,
+                MetricType::Histogram,
+            ] {
+                match metric.value_for(t).map_err(|e| format!("value: {e}"))? {
+                    Value::Missing => continue,
+                    Value::Gauge(v) => m.gauge = Some(Gauge { value: Some(v) }),
+                    Value::Counter(v) => m.counter = Some(Counter { value: Some(v) }),
+                    Value::Untyped(v) => m.untyped = Some(Untyped { value: Some(v) }),
+                    Value::Summary(s) => {
+                        let mut quantile = Vec::new();
+                        for q in s.quantiles() {
+                            let (q, v) = q.map_err(|e| format!("quantile: {e}"))?;
+                            quantile.push(Quantile {
+                                quantile: Some(q),
+                                value: Some(v),
+                            });
+                        }
+                        m.summary = Some(Summary {
+                            sample_count: Some(s.sample_count),
+                            sample_sum: Some(s.sample_sum),
+                            quantile,
+                        });
+                    }
+                    Value::Histogram(h) => {
+                        let mut bucket = Vec::new();
+                        for b in h.buckets() {
+                            let (le, count) = b.map_err(|e| format!("bucket: {e}"))?;
+                            bucket.push(Bucket {
+                                cumulative_count: Some(count),
+                                upper_bound: Some(le),
+                            });
+                        }
+                        m.histogram = Some(Histogram {
+                            sample_count: Some(h.sample_count),
+                            sample_sum: Some(h.sample_sum),
+                            bucket,
+                        });
+                    }
+                    Value::Several => return Err("value_for gave Several".into()),
+                }
+                kinds += 1;
+            }
+            if (kinds > 1) != matches!(metric.value, Value::Several) {
+                return Err(format!("{kinds} value kinds read as {:?}", metric.value));
+            }
+            rebuilt.metric.push(m);
+        }
+        out.push(rebuilt);
+    }
+    Ok(out)
+}
+
+/// The owned decoding in the views' normal form (see [`rebuilt_from_views`]).
+fn normal_form(mut families: Vec<MetricFamily>) -> Vec<MetricFamily> {
+    fn value(v: &mut Option<f64>) {
+        v.get_or_insert(0.0);
+    }
+    for f in &mut families {
+        f.name.get_or_insert_with(String::new);
+        f.help.get_or_insert_with(String::new);
+        for m in &mut f.metric {
+            for l in &mut m.label {
+                l.name.get_or_insert_with(String::new);
+                l.value.get_or_insert_with(String::new);
+            }
+            if let Some(g) = &mut m.gauge {
+                value(&mut g.value);
+            }
+            if let Some(c) = &mut m.counter {
+                value(&mut c.value);
+            }
+            if let Some(u) = &mut m.untyped {
+                value(&mut u.value);
+            }
+            if let Some(s) = &mut m.summary {
+                s.sample_count.get_or_insert(0);
+                value(&mut s.sample_sum);
+                for q in &mut s.quantile {
+                    value(&mut q.quantile);
+                    value(&mut q.value);
+                }
+            }
+            if let Some(h) = &mut m.histogram {
+                h.sample_count.get_or_insert(0);
+                value(&mut h.sample_sum);
+                for b in &mut h.bucket {
+                    b.cumulative_count.get_or_insert(0);
+                    value(&mut b.upper_bound);
+                }
+            }
+        }
+    }
+    families
+}
+
+/// The views must never panic; they must refuse what `delimited::decode` refuses (same error
+/// class) and, when it succeeds, read exactly what it decodes, write exactly its text, and drop
+/// timestamps exactly as decode + clear + encode does.
+fn wire_exec(input: &[u8]) -> Verdict {
+    use telemeter_common::wire;
+    let limits = delimited_limits();
+    let owned = delimited::decode(input, &limits);
+    let counted = wire::count_series(input, &limits);
+    let class = |e: &delimited::DecodeError| match e {
+        delimited::DecodeError::Invalid(_) => "Invalid".to_string(),
+        other => format!("{other:?}"),
+    };
+    let families = match (&owned, &counted) {
+        (Ok(families), Ok((n, series))) => {
+            let want = families.iter().map(|f| f.metric.len()).sum::<usize>();
+            if (*n, *series) != (families.len(), want) {
+                return Err(format!(
+                    "count_series says {n} families, {series} series; decode {} and {want}",
+                    families.len()
+                ));
+            }
+            families
+        }
+        (Err(a), Err(b)) if class(a) == class(b) => {
+            // Refused alike. Reading lazily must still never panic.
+            for family in wire::families(input, &limits).flatten() {
+                let _ = text::write_family_view(&mut Vec::new(), &family, true);
+                let _ = wire::write_family_without_timestamps(&mut Vec::new(), &family);
+                for metric in family.metrics().flatten() {
+                    let _ = metric.labels().count();
+                }
+            }
+            return Ok(());
+        }
+        (a, b) => {
+            return Err(format!(
+                "decode: {a:?}\ncount_series: {b:?}",
+                a = a.as_ref().map(|f| f.len())
+            ))
+        }
+    };
+    let rebuilt = rebuilt_from_views(input)?;
+    let bytes = |f: &[MetricFamily]| delimited::encode(f);
+    if bytes(&rebuilt) != bytes(&normal_form(families.clone())) {
+        return Err(format!(
+            "views read differently\nviews:  {rebuilt:?}\ndecode: {families:?}"
+        ));
+    }
+    let views: Vec<_> = wire::families(input, &limits)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("families: {e}"))?;
+    for timestamps in [false, true] {
+        for (owned, view) in families.iter().zip(&views) {
+            let (mut want, mut got) = (Vec::new(), Vec::new());
+            let w = text::write_family(&mut want, owned, timestamps).map_err(|e| e.kind());
+            let g = text::write_family_view(&mut got, view, timestamps).map_err(|e| e.kind());
+            if w != g || want != got {
+                return Err(format!(
+                    "text differs ({w:?} / {g:?})\nowned: {}\nviews: {}",
+                    escape(&want),
+                    escape(&got)
+                ));
+            }
+        }
+    }
+    let mut ours = Vec::new();
+    for view in &views {
+        wire::write_family_without_timestamps(&mut ours, view)
+            .map_err(|e| format!("dropping timestamps: {e}"))?;
+    }
+    let mut cleared = families.clone();
+    for f in &mut cleared {
+        for m in &mut f.metric {
+            m.timestamp_ms = None;
+        }
+    }
+    let reread = delimited::decode(&ours, &delimited::Limits::default())
+        .map_err(|e| format!("timestamp-free body does not decode: {e}"))?;
+    if bytes(&reread) != bytes(&cleared) {
+        return Err(format!(
+            "timestamp-free body differs from decode + clear + encode: {}",
+            escape(&ours)
+        ));
+    }
+    Ok(())
+}
+
+/// Bodies whose series repeat their value fields: concatenated encodings of a message merge in
+/// protobuf, so each series here is two series' bytes back to back (histograms with buckets,
+/// summaries with quantiles, gauges), with labels and timestamps from both.
+fn merged_seeds() -> Vec<Vec<u8>> {
+    use prost::Message;
+    use telemeter_common::model::{Gauge, Histogram, Quantile, Summary};
+    let histogram = |le: f64, label: &str| Metric {
+        label: vec![LabelPair::new("a", label)],
+        histogram: Some(Histogram {
+            sample_count: Some(3),
+            sample_sum: Some(le),
+            bucket: vec![Bucket {
+                cumulative_count: Some(1),
+                upper_bound: Some(le),
+            }],
+        }),
+        timestamp_ms: Some(7),
+        ..Metric::default()
+    };
+    let summary = |q: f64| Metric {
+        summary: Some(Summary {
+            sample_count: Some(2),
+            sample_sum: None,
+            quantile: vec![Quantile {
+                quantile: Some(q),
+                value: Some(1.0),
+            }],
+        }),
+        ..Metric::default()
+    };
+    let gauge = |v: Option<f64>| Metric {
+        label: vec![LabelPair::new("g", "1")],
+        gauge: Some(Gauge { value: v }),
+        ..Metric::default()
+    };
+    let family = |name: &str, t: MetricType, merged: &[Vec<u8>]| {
+        let mut message = MetricFamily {
+            name: Some(name.into()),
+            help: Some("h".into()),
+            r#type: Some(t as i32),
+            metric: vec![],
+        }
+        .encode_to_vec();
+        for m in merged {
+            message.push(0x22);
+            prost::encode_length_delimiter(m.len(), &mut message).unwrap();
+            message.extend_from_slice(m);
+        }
+        let mut body = Vec::new();
+        prost::encode_length_delimiter(message.len(), &mut body).unwrap();
+        body.extend(message);
+        body
+    };
+    let two = |a: Metric, b: Metric| [a.encode_to_vec(), b.encode_to_vec()].concat();
+    vec![
+        family(
+            "h",
+            MetricType::Histogram,
+            &[two(histogram(0.5, "x"), histogram(1.0, "y"))],
+        ),
+        family("s", MetricType::Summary, &[two(summary(0.5), summary(0.9))]),
+        family(
+            "g",
+            MetricType::Gauge,
+            &[
+                two(gauge(Some(2.0)), gauge(None)),
+                two(gauge(Some(1.0)), histogram(0.1, "z")),
+            ],
+        ),
+    ]
+}
+
+#[test]
+fn wire_views() {
+    let mut dict = DELIMITED_DICT.to_vec();
+    dict.extend_from_slice(WIRE_DICT);
+    harness::run(
+        Target {
+            name: "wire",
+            dict: &dict,
+            // The protobuf-delimited corpus: the same bodies, read the other way.
+            seeds: [harness::load_corpus("delimited"), merged_seeds()].concat(),
+        },
+        wire_exec,
     );
 }
 

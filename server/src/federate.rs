@@ -1,20 +1,22 @@
 //! `GET /federate`: every live cluster's series, streamed one cluster at a time.
 //!
 //! Timestamps are left out (upstream behaviour): the central Prometheus stamps samples at scrape
-//! time, so a cluster's series stay fresh until its next push. Only one cluster's payload is in
-//! memory at a time, however many clusters are stored. A cluster whose file cannot be read or
-//! decoded is skipped with a warning rather than failing the whole scrape.
+//! time, so a cluster's series stay fresh until its next push. Payloads are served straight from
+//! their stored bytes through [`wire`]'s views (text transcoded, protobuf copied without the
+//! timestamps), by a few workers, and only a few clusters are in memory at a time however many
+//! are stored. A cluster whose file cannot be read or decoded is skipped with a warning rather
+//! than failing the whole scrape.
 
+use std::fmt;
 use std::io::{self, Write};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use log::warn;
-use telemeter_common::delimited;
+use telemeter_common::delimited::{self, DecodeError};
 use telemeter_common::http::{Request, Response};
 use telemeter_common::media::Format;
-use telemeter_common::model::MetricFamily;
-use telemeter_common::text;
+use telemeter_common::{text, wire};
 
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -60,60 +62,132 @@ pub fn handle(
     )
 }
 
-/// Writes every live cluster's families to `w` in `format`, without timestamps.
+/// Most clusters a worker may have read and encoded ahead of the writer.
+const AHEAD_PER_WORKER: usize = 2;
+/// Most workers one scrape uses.
+const MAX_WORKERS: usize = 4;
+
+/// Writes every live cluster's families to `w` in `format`, without timestamps, in the store's
+/// order. Reading and encoding (nearly all the work) is spread over one worker per core, each
+/// taking every n-th cluster and at most [`AHEAD_PER_WORKER`] ahead, so memory stays a few
+/// clusters' worth however many are stored; this thread writes their buffers in order.
 pub fn write_all(
     store: &Store,
     format: Format,
     filter: Option<&ClusterFilter>,
     w: &mut dyn Write,
 ) -> io::Result<()> {
-    let mut buffer = Vec::new();
-    for entry in store.clusters() {
-        if filter.is_some_and(|serves| !serves(&entry.cluster_id)) {
-            continue;
+    let ids: Vec<String> = store
+        .clusters()
+        .into_iter()
+        .map(|entry| entry.cluster_id)
+        .filter(|id| filter.is_none_or(|serves| serves(id)))
+        .collect();
+    let workers = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(MAX_WORKERS)
+        .min(ids.len());
+    if workers <= 1 {
+        let mut buffer = Vec::new();
+        for id in &ids {
+            encode_stored(store, id, format, &mut buffer);
+            w.write_all(&buffer)?;
         }
-        let upload = match store.get(&entry.cluster_id) {
-            Ok(Some(upload)) => upload,
-            // Expired or removed between listing and reading.
-            Ok(None) => continue,
-            Err(e) => {
-                warn!("federate: skipping cluster {:?}: {e}", entry.cluster_id);
-                continue;
-            }
-        };
-        let families = match delimited::decode(&upload.payload, &stored_limits()) {
-            Ok(families) => families,
-            Err(e) => {
-                warn!("federate: skipping cluster {:?}: {e}", entry.cluster_id);
-                continue;
-            }
-        };
-        drop(upload);
-        buffer.clear();
-        write_cluster(families, format, &mut buffer)?;
-        w.write_all(&buffer)?;
+        return w.flush();
     }
-    w.flush()
+    std::thread::scope(|scope| {
+        let mut lanes = Vec::with_capacity(workers);
+        for first in 0..workers {
+            let (ready, from_worker) = mpsc::sync_channel::<Vec<u8>>(AHEAD_PER_WORKER);
+            let (to_worker, spares) = mpsc::channel::<Vec<u8>>();
+            let ids = &ids;
+            scope.spawn(move || {
+                for id in ids.iter().skip(first).step_by(workers) {
+                    let mut buffer = spares.try_recv().unwrap_or_default();
+                    encode_stored(store, id, format, &mut buffer);
+                    // An error means the writer stopped (the client went away): stop too.
+                    if ready.send(buffer).is_err() {
+                        break;
+                    }
+                }
+            });
+            lanes.push((from_worker, to_worker));
+        }
+        // Returning early (a write error) drops the lanes, which stops the workers.
+        for lane in lanes.iter().cycle().take(ids.len()) {
+            let (from_worker, to_worker) = lane;
+            let Ok(buffer) = from_worker.recv() else {
+                break;
+            };
+            w.write_all(&buffer)?;
+            // Handed back for the worker's next cluster, so buffers are not reallocated.
+            let _ = to_worker.send(buffer);
+        }
+        w.flush()
+    })
 }
 
-/// Encodes one cluster's families in `format` without timestamps.
-pub fn write_cluster(
-    mut families: Vec<MetricFamily>,
-    format: Format,
-    out: &mut Vec<u8>,
-) -> io::Result<()> {
-    match format {
-        Format::Text => {
-            for family in &families {
-                text::write_family(out, family, false)?;
-            }
+/// Replaces `buffer` with cluster `id`'s families in `format`, or with nothing when its file
+/// cannot be read or decoded (skipped with a warning, so one bad file never fails a scrape). A
+/// cluster is written whole or not at all.
+fn encode_stored(store: &Store, id: &str, format: Format, buffer: &mut Vec<u8>) {
+    buffer.clear();
+    let upload = match store.get(id) {
+        Ok(Some(upload)) => upload,
+        // Expired or removed between listing and reading.
+        Ok(None) => return,
+        Err(e) => {
+            warn!("federate: skipping cluster {id:?}: {e}");
+            return;
         }
-        Format::ProtoDelimited => {
-            for family in &mut families {
-                for metric in &mut family.metric {
-                    metric.timestamp_ms = None;
-                }
-                delimited::encode_family(family, out);
+    };
+    if let Err(e) = write_cluster(&upload.payload, format, buffer) {
+        warn!("federate: skipping cluster {id:?}: {e}");
+        buffer.clear();
+    }
+}
+
+/// Why a stored payload could not be served.
+#[derive(Debug)]
+pub enum ServeError {
+    /// The payload does not decode.
+    Decode(DecodeError),
+    /// A family cannot be written as text (it has no name).
+    Text(io::Error),
+}
+
+impl fmt::Display for ServeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServeError::Decode(e) => write!(f, "stored payload does not decode: {e}"),
+            ServeError::Text(e) => write!(f, "stored payload cannot be written as text: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ServeError {}
+
+/// Encodes one cluster's stored (protobuf-delimited) payload in `format` without timestamps,
+/// appending to `out`, straight from the payload's bytes ([`wire`]): text is transcoded, protobuf
+/// copied with the timestamps cut out. On error `out` holds part of the cluster.
+pub fn write_cluster(payload: &[u8], format: Format, out: &mut Vec<u8>) -> Result<(), ServeError> {
+    for family in wire::families(payload, &stored_limits()) {
+        let family = family.map_err(ServeError::Decode)?;
+        match format {
+            Format::Text => {
+                text::write_family_view(out, &family, false).map_err(|e| {
+                    // A series that does not decode comes back as InvalidData wrapping the reason.
+                    match e
+                        .get_ref()
+                        .and_then(|inner| inner.downcast_ref::<DecodeError>())
+                    {
+                        Some(decode) => ServeError::Decode(decode.clone()),
+                        None => ServeError::Text(e),
+                    }
+                })?
+            }
+            Format::ProtoDelimited => {
+                wire::write_family_without_timestamps(out, &family).map_err(ServeError::Decode)?
             }
         }
     }
@@ -123,41 +197,190 @@ pub fn write_cluster(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use telemeter_common::model::{Counter, LabelPair, Metric, MetricType};
+    use crate::store::StoreConfig;
+    use std::time::{Duration, SystemTime};
+    use telemeter_common::model::{
+        Bucket, Counter, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+    };
 
-    fn families() -> Vec<MetricFamily> {
-        vec![MetricFamily {
-            name: Some("requests_total".into()),
-            help: Some("Requests.".into()),
-            r#type: Some(MetricType::Counter as i32),
-            metric: vec![Metric {
-                label: vec![LabelPair::new("_id", "a")],
-                counter: Some(Counter { value: Some(3.0) }),
-                timestamp_ms: Some(1_700_000_000_000),
-                ..Default::default()
-            }],
-        }]
+    const METRICS_PB: &[u8] = include_bytes!("../../tests/fixtures/prometheus-metrics.pb");
+
+    fn families(id: &str) -> Vec<MetricFamily> {
+        vec![
+            MetricFamily {
+                name: Some("requests_total".into()),
+                help: Some("Requests.".into()),
+                r#type: Some(MetricType::Counter as i32),
+                metric: vec![Metric {
+                    label: vec![LabelPair::new("_id", id)],
+                    counter: Some(Counter { value: Some(3.0) }),
+                    timestamp_ms: Some(1_700_000_000_000),
+                    ..Default::default()
+                }],
+            },
+            MetricFamily {
+                name: Some("latency_seconds".into()),
+                help: None,
+                r#type: Some(MetricType::Histogram as i32),
+                metric: vec![Metric {
+                    label: vec![LabelPair::new("_id", id)],
+                    histogram: Some(Histogram {
+                        sample_count: Some(2),
+                        sample_sum: Some(0.25),
+                        bucket: vec![Bucket {
+                            cumulative_count: Some(1),
+                            upper_bound: Some(0.1),
+                        }],
+                    }),
+                    timestamp_ms: Some(1_700_000_000_001),
+                    ..Default::default()
+                }],
+            },
+        ]
+    }
+
+    fn payload(id: &str) -> Vec<u8> {
+        delimited::encode(&families(id))
     }
 
     #[test]
     fn text_has_no_timestamps() {
         let mut out = Vec::new();
-        write_cluster(families(), Format::Text, &mut out).unwrap();
+        write_cluster(&payload("a"), Format::Text, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("requests_total{_id=\"a\"} 3\n"), "{text}");
+        assert!(
+            text.contains("latency_seconds_bucket{_id=\"a\",le=\"+Inf\"} 2\n"),
+            "{text}"
+        );
         assert!(!text.contains("1700000000000"), "{text}");
     }
 
     #[test]
+    fn text_is_what_the_owned_decoding_writes() {
+        for body in [METRICS_PB.to_vec(), payload("x")] {
+            let mut ours = Vec::new();
+            write_cluster(&body, Format::Text, &mut ours).unwrap();
+            let owned = delimited::decode(&body, &stored_limits()).unwrap();
+            let mut theirs = Vec::new();
+            text::encode(&mut theirs, &owned, false).unwrap();
+            assert_eq!(ours, theirs);
+        }
+    }
+
+    #[test]
     fn protobuf_has_no_timestamps() {
+        for body in [METRICS_PB.to_vec(), payload("a")] {
+            let mut out = Vec::new();
+            write_cluster(&body, Format::ProtoDelimited, &mut out).unwrap();
+            let decoded = delimited::decode(&out, &stored_limits()).unwrap();
+            let mut expected = delimited::decode(&body, &stored_limits()).unwrap();
+            for family in &mut expected {
+                for metric in &mut family.metric {
+                    metric.timestamp_ms = None;
+                }
+            }
+            assert_eq!(delimited::encode(&decoded), delimited::encode(&expected));
+        }
         let mut out = Vec::new();
-        write_cluster(families(), Format::ProtoDelimited, &mut out).unwrap();
+        write_cluster(&payload("a"), Format::ProtoDelimited, &mut out).unwrap();
         let decoded = delimited::decode(&out, &delimited::Limits::default()).unwrap();
-        assert_eq!(decoded.len(), 1);
         assert_eq!(decoded[0].metric[0].timestamp_ms, None);
         assert_eq!(
             decoded[0].metric[0].counter,
             Some(Counter { value: Some(3.0) })
         );
+    }
+
+    #[test]
+    fn a_payload_that_does_not_decode_is_an_error() {
+        let mut body = payload("a");
+        body.truncate(body.len() - 3);
+        for format in [Format::Text, Format::ProtoDelimited] {
+            let err = write_cluster(&body, format, &mut Vec::new()).unwrap_err();
+            assert!(matches!(err, ServeError::Decode(_)), "{err}");
+        }
+        // A label that is not UTF-8, deep inside an otherwise well-framed family.
+        let mut body = payload("\u{e9}");
+        let at = body
+            .windows(2)
+            .position(|w| w == "\u{e9}".as_bytes())
+            .unwrap();
+        body[at] = 0xff;
+        for format in [Format::Text, Format::ProtoDelimited] {
+            let err = write_cluster(&body, format, &mut Vec::new()).unwrap_err();
+            assert!(matches!(err, ServeError::Decode(_)), "{err}");
+        }
+        let nameless = delimited::encode(&[MetricFamily {
+            name: None,
+            ..families("a").remove(0)
+        }]);
+        let err = write_cluster(&nameless, Format::Text, &mut Vec::new()).unwrap_err();
+        assert!(matches!(err, ServeError::Text(_)), "{err}");
+    }
+
+    #[test]
+    fn serves_every_readable_cluster_the_filter_accepts() {
+        let dir = std::env::temp_dir().join(format!("telemeter-federate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(StoreConfig {
+            dir: dir.clone(),
+            ttl: Duration::from_secs(3600),
+            max_batch: 8,
+        })
+        .unwrap();
+        let now = SystemTime::now();
+        store.put("a", payload("a"), now).unwrap();
+        store.put("bad", b"\x05\x0a\x03".to_vec(), now).unwrap();
+        store.put("c", payload("c"), now).unwrap();
+        store.put("d", payload("d"), now).unwrap();
+        let filter: ClusterFilter = Arc::new(|id: &str| id != "d");
+        for format in [Format::Text, Format::ProtoDelimited] {
+            let mut out = Vec::new();
+            write_all(&store, format, Some(&filter), &mut out).unwrap();
+            let mut expected = Vec::new();
+            for id in ["a", "c"] {
+                write_cluster(&payload(id), format, &mut expected).unwrap();
+            }
+            assert_eq!(out, expected);
+        }
+        // Many clusters, so that every worker takes several, in order.
+        let ids: Vec<String> = (0..40).map(|i| format!("m{i:02}")).collect();
+        for id in &ids {
+            store.put(id, payload(id), now).unwrap();
+        }
+        let mut out = Vec::new();
+        write_all(&store, Format::Text, None, &mut out).unwrap();
+        let mut expected = Vec::new();
+        for id in ["a", "c", "d"]
+            .iter()
+            .copied()
+            .chain(ids.iter().map(String::as_str))
+        {
+            write_cluster(&payload(id), Format::Text, &mut expected).unwrap();
+        }
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(expected).unwrap()
+        );
+
+        // A client that goes away stops the scrape with its error, without hanging.
+        struct Fails(usize);
+        impl Write for Fails {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(io::Error::new(io::ErrorKind::BrokenPipe, "gone"));
+                }
+                self.0 -= 1;
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let err = write_all(&store, Format::Text, None, &mut Fails(3)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+        store.close();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
