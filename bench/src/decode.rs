@@ -43,6 +43,35 @@ pub fn decode_one(body: &[u8], cluster: &str) -> Result<usize, String> {
     validate(&families, cluster)
 }
 
+/// Seconds per upload spent in each stage (snappy, protobuf decode, validation), each stage timed
+/// alone over `rounds` repetitions: where the time of [`decode_one`] goes.
+pub fn stages(body: &[u8], cluster: &str, rounds: u32) -> Result<[f64; 3], String> {
+    let rounds = rounds.max(1);
+    let pd = snappy::decode_framed(body, MAX_DECOMPRESSED).map_err(|e| e.to_string())?;
+    let families =
+        delimited::decode(&pd, &delimited::Limits::default()).map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    for _ in 0..rounds {
+        let out = snappy::decode_framed(body, MAX_DECOMPRESSED).map_err(|e| e.to_string())?;
+        std::hint::black_box(out);
+    }
+    let snappy_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..rounds {
+        let out =
+            delimited::decode(&pd, &delimited::Limits::default()).map_err(|e| e.to_string())?;
+        std::hint::black_box(out);
+    }
+    let decode_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..rounds {
+        std::hint::black_box(validate(&families, cluster)?);
+    }
+    let validate_s = t.elapsed().as_secs_f64();
+    let per = f64::from(rounds);
+    Ok([snappy_s / per, decode_s / per, validate_s / per])
+}
+
 /// Repeats [`decode_one`] on the benchmark upload for `duration` and reports samples/s.
 pub fn run(duration: Duration) -> Result<Report, String> {
     let cluster = payload::cluster_id(1);
@@ -59,6 +88,8 @@ pub fn run(duration: Duration) -> Result<Report, String> {
     }
     let wall = started.elapsed().as_secs_f64().max(1e-9);
     let cpu = (cpu_seconds() - cpu_before).max(1e-9);
+    let [snappy_s, decode_s, validate_s] = stages(&body, &cluster, 300)?;
+    let stage_total = (snappy_s + decode_s + validate_s).max(1e-12);
     let mut report = Report::new();
     report
         .word("validator", "common-label-checks")
@@ -68,7 +99,10 @@ pub fn run(duration: Duration) -> Result<Report, String> {
         .float("cpu_s", cpu, 3)
         .float("uploads_per_s", uploads as f64 / wall, 1)
         .float("samples_per_s", samples as f64 / wall, 0)
-        .float("samples_per_cpu_s", samples as f64 / cpu, 0);
+        .float("samples_per_cpu_s", samples as f64 / cpu, 0)
+        .float("snappy_share", snappy_s / stage_total, 2)
+        .float("pd_decode_share", decode_s / stage_total, 2)
+        .float("validate_share", validate_s / stage_total, 2);
     Ok(report)
 }
 
