@@ -1,0 +1,248 @@
+//! The on-disk format of one cluster's file (layout in the parent module's doc).
+//!
+//! Reading trusts nothing: every length is checked against the file's real size before anything is
+//! allocated, and the checksum is verified before a payload is handed out.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ring::digest;
+
+/// The first eight bytes of every cluster file.
+pub(super) const MAGIC: &[u8; 8] = b"TLMSTORE";
+/// The only format version this code writes and reads.
+pub(super) const VERSION: u16 = 1;
+/// Bytes of the checksum (SHA-256).
+pub(super) const CHECKSUM_LEN: u64 = 32;
+/// Bytes of magic + version + cluster id length, the part before the cluster id.
+pub(super) const PREFIX_LEN: u64 = 8 + 2 + 2;
+/// Bytes of receive time + payload length, between the cluster id and the checksum.
+pub(super) const TIMES_LEN: u64 = 8 + 8;
+/// The smallest possible header: an empty cluster id.
+const MIN_HEADER_LEN: u64 = PREFIX_LEN + TIMES_LEN + CHECKSUM_LEN;
+
+/// The file name of a cluster: lowercase hex SHA-256 of its id, so any id is a safe name.
+pub(super) fn file_name(cluster_id: &str) -> String {
+    let hash = digest::digest(&digest::SHA256, cluster_id.as_bytes());
+    let mut name = String::with_capacity(64);
+    for byte in hash.as_ref() {
+        name.push_str(&format!("{byte:02x}"));
+    }
+    name
+}
+
+/// Whether `name` looks like a cluster file's name (64 lowercase hex digits).
+pub(super) fn is_cluster_file_name(name: &str) -> bool {
+    name.len() == 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Milliseconds since the Unix epoch; times before it count as the epoch.
+pub(super) fn to_millis(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The inverse of [`to_millis`] (saturating far in the future).
+pub(super) fn from_millis(millis: u64) -> SystemTime {
+    UNIX_EPOCH
+        .checked_add(Duration::from_millis(millis))
+        .unwrap_or(UNIX_EPOCH)
+}
+
+/// Builds the header for `payload`; the payload itself follows it in the file. Fails only when the
+/// cluster id does not fit its u16 length field.
+pub(super) fn encode_header(
+    cluster_id: &str,
+    received_millis: u64,
+    payload: &[u8],
+) -> Result<Vec<u8>, String> {
+    let id_len = u16::try_from(cluster_id.len())
+        .map_err(|_| format!("cluster id is {} bytes, more than 65535", cluster_id.len()))?;
+    let mut header = Vec::with_capacity(MIN_HEADER_LEN as usize + cluster_id.len());
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&VERSION.to_le_bytes());
+    header.extend_from_slice(&id_len.to_le_bytes());
+    header.extend_from_slice(cluster_id.as_bytes());
+    header.extend_from_slice(&received_millis.to_le_bytes());
+    header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    let mut checksum = digest::Context::new(&digest::SHA256);
+    checksum.update(&header);
+    checksum.update(payload);
+    header.extend_from_slice(checksum.finish().as_ref());
+    Ok(header)
+}
+
+/// What a verified file's header says.
+#[derive(Debug)]
+pub(super) struct Header {
+    /// The cluster id.
+    pub(super) cluster_id: String,
+    /// Receive time, ms since the epoch.
+    pub(super) received_millis: u64,
+    /// Payload bytes.
+    pub(super) payload_len: u64,
+}
+
+/// Why a file could not be read.
+#[derive(Debug)]
+pub(super) enum ReadError {
+    /// The file system failed (including the file not existing); the file may be fine.
+    Io(io::Error),
+    /// The file's content is damaged; the reason says how.
+    Corrupt(String),
+}
+
+/// An early end means the file changed size under us or lies about its lengths: corruption.
+fn early_end(error: io::Error) -> ReadError {
+    if error.kind() == io::ErrorKind::UnexpectedEof {
+        ReadError::Corrupt("ends before its declared lengths".to_string())
+    } else {
+        ReadError::Io(error)
+    }
+}
+
+fn read_array<const N: usize>(reader: &mut impl Read) -> Result<[u8; N], ReadError> {
+    let mut bytes = [0u8; N];
+    reader.read_exact(&mut bytes).map_err(early_end)?;
+    Ok(bytes)
+}
+
+/// Reads and verifies the file at `path`. With `keep_payload` the payload is returned; without, it
+/// is streamed through the checksum in small pieces (recovery verifies every file that way, so
+/// memory does not grow with payload size).
+pub(super) fn read(
+    path: &Path,
+    keep_payload: bool,
+) -> Result<(Header, Option<Vec<u8>>), ReadError> {
+    let file = File::open(path).map_err(ReadError::Io)?;
+    let file_len = file.metadata().map_err(ReadError::Io)?.len();
+    if file_len < MIN_HEADER_LEN {
+        return Err(ReadError::Corrupt(format!(
+            "is {file_len} bytes, shorter than any header ({MIN_HEADER_LEN})"
+        )));
+    }
+    let mut reader = BufReader::new(file);
+    let mut checksum = digest::Context::new(&digest::SHA256);
+
+    let magic: [u8; 8] = read_array(&mut reader)?;
+    if &magic != MAGIC {
+        return Err(ReadError::Corrupt(
+            "does not start with TLMSTORE".to_string(),
+        ));
+    }
+    let version: [u8; 2] = read_array(&mut reader)?;
+    if u16::from_le_bytes(version) != VERSION {
+        return Err(ReadError::Corrupt(format!(
+            "has format version {}, this server reads {VERSION}",
+            u16::from_le_bytes(version)
+        )));
+    }
+    let id_len: [u8; 2] = read_array(&mut reader)?;
+    let header_len = MIN_HEADER_LEN + u64::from(u16::from_le_bytes(id_len));
+    if file_len < header_len {
+        return Err(ReadError::Corrupt(format!(
+            "is {file_len} bytes, shorter than its header ({header_len})"
+        )));
+    }
+    checksum.update(MAGIC);
+    checksum.update(&version);
+    checksum.update(&id_len);
+
+    // At most 65535 bytes, and the file was just shown to hold them.
+    let mut id = vec![0u8; usize::from(u16::from_le_bytes(id_len))];
+    reader.read_exact(&mut id).map_err(early_end)?;
+    checksum.update(&id);
+    let received: [u8; 8] = read_array(&mut reader)?;
+    checksum.update(&received);
+    let payload_len: [u8; 8] = read_array(&mut reader)?;
+    checksum.update(&payload_len);
+    let stored_checksum: [u8; CHECKSUM_LEN as usize] = read_array(&mut reader)?;
+
+    let declared = u64::from_le_bytes(payload_len);
+    let actual = file_len - header_len;
+    if declared != actual {
+        return Err(ReadError::Corrupt(format!(
+            "declares {declared} payload bytes but holds {actual}"
+        )));
+    }
+
+    let payload = if keep_payload {
+        // `declared` equals the real remaining size, so this allocation is backed by the file.
+        let len = usize::try_from(declared)
+            .map_err(|_| ReadError::Corrupt(format!("payload of {declared} bytes")))?;
+        let mut payload = vec![0u8; len];
+        reader.read_exact(&mut payload).map_err(early_end)?;
+        checksum.update(&payload);
+        Some(payload)
+    } else {
+        let mut remaining = declared;
+        let mut buf = vec![0u8; 64 * 1024];
+        while remaining > 0 {
+            let want = usize::try_from(remaining.min(buf.len() as u64)).unwrap_or(buf.len());
+            let piece = buf.get_mut(..want).unwrap_or_default();
+            reader.read_exact(piece).map_err(early_end)?;
+            checksum.update(piece);
+            remaining -= want as u64;
+        }
+        None
+    };
+
+    if checksum.finish().as_ref() != stored_checksum.as_slice() {
+        return Err(ReadError::Corrupt("fails its checksum".to_string()));
+    }
+    let cluster_id = String::from_utf8(id)
+        .map_err(|_| ReadError::Corrupt("holds a cluster id that is not UTF-8".to_string()))?;
+    let header = Header {
+        cluster_id,
+        received_millis: u64::from_le_bytes(received),
+        payload_len: declared,
+    };
+    Ok((header, payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_are_hex_sha256() {
+        // SHA-256("abc"), from FIPS 180-2.
+        assert_eq!(
+            file_name("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert!(is_cluster_file_name(&file_name("x")));
+        assert!(!is_cluster_file_name(".lock"));
+        assert!(!is_cluster_file_name(&file_name("x").to_uppercase()));
+    }
+
+    #[test]
+    fn millis_round_trip() {
+        let t = from_millis(1_700_000_000_123);
+        assert_eq!(to_millis(t), 1_700_000_000_123);
+        assert_eq!(to_millis(UNIX_EPOCH - Duration::from_secs(5)), 0);
+    }
+
+    #[test]
+    fn header_layout() {
+        let header = encode_header("ab", 7, b"xyz").unwrap();
+        assert_eq!(header.len() as u64, MIN_HEADER_LEN + 2);
+        assert_eq!(&header[..8], MAGIC);
+        assert_eq!(&header[8..10], &1u16.to_le_bytes());
+        assert_eq!(&header[10..12], &2u16.to_le_bytes());
+        assert_eq!(&header[12..14], b"ab");
+        assert_eq!(&header[14..22], &7u64.to_le_bytes());
+        assert_eq!(&header[22..30], &3u64.to_le_bytes());
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        ctx.update(&header[..30]);
+        ctx.update(b"xyz");
+        assert_eq!(&header[30..], ctx.finish().as_ref());
+        assert!(encode_header(&"x".repeat(70_000), 0, b"").is_err());
+    }
+}

@@ -1,0 +1,1261 @@
+//! The durable store: one file per cluster, replaced atomically on every accepted upload.
+//!
+//! `DIR/<hex SHA-256 of the cluster id>` holds a small header (magic, format version, cluster id,
+//! receive time, payload length, checksum) and the validated families as protobuf-delimited bytes.
+//! A write goes to `DIR/.tmp-…`, is fsynced, renamed over the cluster's file, and the directory is
+//! fsynced before [`Store::put`] returns. Concurrent puts share their syncs (group commit): a single
+//! committer thread writes every pending upload's temp file and syncs them together, then a
+//! publisher thread renames them, syncs the directory once, and only then wakes each caller (while
+//! the committer already writes the next batch).
+//!
+//! The directory is locked (fs2) so a second server on it refuses to start. On open, temp files are
+//! removed and files that fail their checksum are moved to `DIR/corrupt/` and never served. A cluster
+//! not written for the TTL is no longer listed, and the sweeper removes its file.
+//!
+//! # File format (version 1)
+//!
+//! All integers little endian.
+//!
+//! | bytes        | field                                                          |
+//! |--------------|----------------------------------------------------------------|
+//! | 8            | magic `TLMSTORE`                                               |
+//! | 2            | format version, u16 (1)                                        |
+//! | 2            | cluster id length `n`, u16                                     |
+//! | n            | cluster id, UTF-8                                              |
+//! | 8            | receive time, u64 milliseconds since the Unix epoch            |
+//! | 8            | payload length `p`, u64                                        |
+//! | 32           | SHA-256 of every header byte above + the payload               |
+//! | p            | payload: protobuf-delimited families (opaque to the store)     |
+//!
+//! A file is served only if the magic and version match, `p` is exactly what follows the header
+//! (nothing is allocated from a declared length before that is checked against the file's size),
+//! the checksum matches and the name is the hash of the id inside. Any other file is moved to
+//! `DIR/corrupt/<name>.<unix seconds>` with a warning.
+//!
+//! # Layout of the directory
+//!
+//! - `.lock`: held (fs2 exclusive lock) for the store's lifetime.
+//! - `<64 hex digits>`: one cluster's file.
+//! - `.tmp-<n>`: a write in progress; removed on open (a crash left it, it was never answered Ok).
+//! - `corrupt/`: files set aside.
+//!
+//! Memory holds only the index (cluster id → receive time, payload size), never payloads.
+//!
+//! # Durability
+//!
+//! A put is answered `Ok` only after its data is synced (one `syncfs(2)` per batch, or
+//! `fdatasync` per file when `syncfs` fails), its rename is done and the directory is synced.
+//! An error leaves the cluster's previous file in place, except when the final directory sync
+//! fails: the rename has then happened, and the caller hears an error although the new upload
+//! may survive (the client retries, which is harmless). No error state sticks: the next batch
+//! tries again from scratch.
+
+mod commit;
+mod file;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, SystemTime};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use fs2::FileExt;
+
+use commit::{Mode, Request};
+use file::ReadError;
+
+/// The lock file inside the storage directory.
+const LOCK_FILE: &str = ".lock";
+/// Where files that fail verification are moved.
+const CORRUPT_DIR: &str = "corrupt";
+/// Temp files start with this.
+const TEMP_PREFIX: &str = ".tmp-";
+/// The sweeper never runs more often than this, however short the TTL.
+const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+/// Nor less often than this.
+const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How the store runs.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// The storage directory (created if missing).
+    pub dir: PathBuf,
+    /// A cluster not written for this long is no longer served, and its file is removed.
+    pub ttl: Duration,
+    /// Most uploads one group commit takes.
+    pub max_batch: usize,
+}
+
+/// Why the store could not open or write.
+#[derive(Debug)]
+pub enum StoreError {
+    /// Another process holds the directory's lock.
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// A file system operation failed (disk full, read-only, permissions...).
+    Io {
+        /// What was being done, e.g. "writing /var/lib/telemeter/.tmp-1".
+        context: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// The committer thread has stopped (the store is shutting down).
+    Closed,
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Locked { dir } => write!(
+                f,
+                "{}: another telemeter-server is using this storage directory (it holds {}); \
+                 stop it or choose another --storage-path",
+                dir.display(),
+                dir.join(LOCK_FILE).display()
+            ),
+            StoreError::Io { context, source } => write!(f, "{context}: {source}"),
+            StoreError::Closed => write!(f, "the store is closed"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Io { source, .. } => Some(source),
+            StoreError::Locked { .. } | StoreError::Closed => None,
+        }
+    }
+}
+
+impl StoreError {
+    fn io(context: impl Into<String>, source: io::Error) -> StoreError {
+        StoreError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// One cluster's stored upload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredUpload {
+    /// The cluster id.
+    pub cluster_id: String,
+    /// When the server accepted the upload.
+    pub received: SystemTime,
+    /// The validated families, protobuf-delimited.
+    pub payload: Vec<u8>,
+}
+
+/// What the store knows of one cluster without reading its file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterEntry {
+    /// The cluster id.
+    pub cluster_id: String,
+    /// When the stored upload was accepted.
+    pub received: SystemTime,
+    /// The size of the payload in bytes.
+    pub payload_bytes: u64,
+}
+
+/// Counters for `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Clusters stored now.
+    pub clusters: u64,
+    /// Bytes of payload stored now.
+    pub bytes: u64,
+    /// Group commits done since start.
+    pub commits: u64,
+    /// Uploads written since start.
+    pub writes: u64,
+    /// Files moved aside as corrupt since start.
+    pub corrupt_files: u64,
+    /// Files removed by the sweeper since start.
+    pub expired: u64,
+}
+
+/// The store. Cheap to clone; all clones share one directory and one committer.
+#[derive(Clone)]
+pub struct Store {
+    handle: Arc<Handle>,
+}
+
+/// What the clones share. Dropping the last clone closes the store.
+struct Handle {
+    shared: Arc<Shared>,
+    /// `None` once closed; the committer stops when every sender is gone.
+    requests: Mutex<Option<Sender<Request>>>,
+    /// Dropping it wakes and stops the sweeper.
+    stop_sweeper: Mutex<Option<Sender<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The state the committer, the sweeper and the callers share.
+struct Shared {
+    dir: PathBuf,
+    ttl: Duration,
+    /// The directory itself, for `syncfs` and the directory fsync.
+    dir_file: File,
+    /// Held only for its fs2 lock, released when the store is gone.
+    _lock_file: File,
+    /// Cluster id → what is on disk. Sorted, so listings are stable.
+    index: Mutex<BTreeMap<String, Entry>>,
+    /// Serializes changes to the directory's cluster files (rename, remove, set aside) with the
+    /// index updates that follow them.
+    mutation: Mutex<()>,
+    /// Number of the next temp file.
+    next_temp: AtomicU64,
+    counters: Counters,
+}
+
+/// One indexed cluster file.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    received_millis: u64,
+    payload_bytes: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    commits: AtomicU64,
+    writes: AtomicU64,
+    corrupt_files: AtomicU64,
+    expired: AtomicU64,
+}
+
+/// A poisoned lock only means another thread panicked while holding it; the data it guards (an
+/// index, or nothing) is still consistent enough to go on, and the store must not panic.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Whether an upload received at `received` is still served at `now`.
+fn is_live(received: SystemTime, now: SystemTime, ttl: Duration) -> bool {
+    match now.duration_since(received) {
+        Ok(age) => age <= ttl,
+        // Received in the future (clock stepped back): keep it.
+        Err(_) => true,
+    }
+}
+
+impl Store {
+    /// Locks the directory, recovers it (temp files removed, corrupt files set aside), indexes the
+    /// clusters it holds, and starts the committer and the TTL sweeper threads.
+    pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
+        let dir = config.dir.clone();
+        fs::create_dir_all(&dir)
+            .map_err(|e| StoreError::io(format!("creating directory {}", dir.display()), e))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock_file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| StoreError::io(format!("opening {}", lock_path.display()), e))?;
+        if let Err(error) = lock_file.try_lock_exclusive() {
+            if error.raw_os_error() == fs2::lock_contended_error().raw_os_error() {
+                return Err(StoreError::Locked { dir });
+            }
+            return Err(StoreError::io(
+                format!("locking {}", lock_path.display()),
+                error,
+            ));
+        }
+        let dir_file = File::open(&dir)
+            .map_err(|e| StoreError::io(format!("opening directory {}", dir.display()), e))?;
+
+        let shared = Arc::new(Shared {
+            dir,
+            ttl: config.ttl,
+            dir_file,
+            _lock_file: lock_file,
+            index: Mutex::new(BTreeMap::new()),
+            mutation: Mutex::new(()),
+            next_temp: AtomicU64::new(0),
+            counters: Counters::default(),
+        });
+        shared.recover()?;
+
+        let (requests, queue) = crossbeam_channel::unbounded();
+        let (stop_sweeper, stopped) = crossbeam_channel::bounded::<()>(0);
+        let committer = {
+            let shared = Arc::clone(&shared);
+            let max_batch = config.max_batch;
+            thread::Builder::new()
+                .name("store-committer".to_string())
+                .spawn(move || commit::run(shared, queue, max_batch))
+                .map_err(|e| StoreError::io("starting the store's committer thread", e))?
+        };
+        let sweeper = {
+            let shared = Arc::clone(&shared);
+            thread::Builder::new()
+                .name("store-sweeper".to_string())
+                .spawn(move || sweep_until_stopped(&shared, &stopped))
+        };
+        let sweeper = match sweeper {
+            Ok(sweeper) => sweeper,
+            Err(error) => {
+                drop(requests);
+                let _ = committer.join();
+                return Err(StoreError::io("starting the store's sweeper thread", error));
+            }
+        };
+        Ok(Store {
+            handle: Arc::new(Handle {
+                shared,
+                requests: Mutex::new(Some(requests)),
+                stop_sweeper: Mutex::new(Some(stop_sweeper)),
+                threads: Mutex::new(vec![committer, sweeper]),
+            }),
+        })
+    }
+
+    /// Stores `payload` as `cluster_id`'s upload received at `received`, replacing the previous one.
+    /// Returns only once the data and the rename are durable on disk.
+    pub fn put(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<(), StoreError> {
+        self.submit(cluster_id, payload, received, Mode::Replace)
+            .map(|_| ())
+    }
+
+    /// Like [`Store::put`], but keeps the stored upload when it is newer than `received` (used when
+    /// ownership moves between servers). Returns whether `payload` was written.
+    pub fn put_if_newer(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<bool, StoreError> {
+        self.submit(cluster_id, payload, received, Mode::IfNewer)
+    }
+
+    /// Hands one upload to the committer and waits for its answer.
+    fn submit(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        received: SystemTime,
+        mode: Mode,
+    ) -> Result<bool, StoreError> {
+        // Cloned so the lock is not held while waiting; a clone keeps the committer alive until
+        // this request is queued, so a racing close() still commits it.
+        let requests = lock(&self.handle.requests)
+            .clone()
+            .ok_or(StoreError::Closed)?;
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        requests
+            .send(Request {
+                cluster_id: cluster_id.to_string(),
+                payload,
+                received_millis: file::to_millis(received),
+                mode,
+                reply,
+            })
+            .map_err(|_| StoreError::Closed)?;
+        drop(requests);
+        // The committer answers every request it takes; if it died instead, the reply sender is
+        // dropped and this returns.
+        answer.recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// The clusters served now (written within the TTL), in a stable order (by cluster id).
+    pub fn clusters(&self) -> Vec<ClusterEntry> {
+        let shared = &self.handle.shared;
+        let now = SystemTime::now();
+        lock(&shared.index)
+            .iter()
+            .map(|(cluster_id, entry)| ClusterEntry {
+                cluster_id: cluster_id.clone(),
+                received: file::from_millis(entry.received_millis),
+                payload_bytes: entry.payload_bytes,
+            })
+            .filter(|entry| is_live(entry.received, now, shared.ttl))
+            .collect()
+    }
+
+    /// Reads one cluster's upload, verifying its checksum. `Ok(None)` when it is absent, expired, or
+    /// (after being moved aside) corrupt.
+    pub fn get(&self, cluster_id: &str) -> Result<Option<StoredUpload>, StoreError> {
+        self.handle.shared.get(cluster_id)
+    }
+
+    /// Removes a cluster's file (used when another server took ownership of it).
+    pub fn remove(&self, cluster_id: &str) -> Result<(), StoreError> {
+        self.handle.shared.remove(cluster_id)
+    }
+
+    /// Removes every cluster not written since `now - ttl`; returns how many.
+    pub fn sweep(&self, now: SystemTime) -> usize {
+        self.handle.shared.sweep(now)
+    }
+
+    /// The store's counters now.
+    pub fn stats(&self) -> StoreStats {
+        let shared = &self.handle.shared;
+        let (clusters, bytes) = {
+            let index = lock(&shared.index);
+            let bytes = index.values().map(|entry| entry.payload_bytes).sum();
+            (index.len() as u64, bytes)
+        };
+        let counters = &shared.counters;
+        StoreStats {
+            clusters,
+            bytes,
+            commits: counters.commits.load(Ordering::Relaxed),
+            writes: counters.writes.load(Ordering::Relaxed),
+            corrupt_files: counters.corrupt_files.load(Ordering::Relaxed),
+            expired: counters.expired.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The storage directory.
+    pub fn dir(&self) -> &Path {
+        &self.handle.shared.dir
+    }
+
+    /// Stops the committer and the sweeper after the pending writes are done.
+    pub fn close(&self) {
+        self.handle.close();
+    }
+}
+
+impl Handle {
+    fn close(&self) {
+        drop(lock(&self.requests).take());
+        drop(lock(&self.stop_sweeper).take());
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for thread in threads {
+            // Neither thread holds a Handle, so none of them can be the one closing it; the check
+            // only guards against a deadlock should that ever change.
+            if thread.thread().id() != thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The sweeper thread's loop: sweep every min(ttl/4, 60 s) until the store closes.
+fn sweep_until_stopped(shared: &Shared, stopped: &Receiver<()>) {
+    let interval = (shared.ttl / 4).clamp(MIN_SWEEP_INTERVAL, MAX_SWEEP_INTERVAL);
+    loop {
+        match stopped.recv_timeout(interval) {
+            Err(RecvTimeoutError::Timeout) => {
+                shared.sweep(SystemTime::now());
+            }
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+impl Shared {
+    fn path_of(&self, cluster_id: &str) -> PathBuf {
+        self.dir.join(file::file_name(cluster_id))
+    }
+
+    /// Removes temp files, verifies every cluster file, sets aside the bad ones and indexes the rest.
+    fn recover(&self) -> Result<(), StoreError> {
+        let context = || format!("listing directory {}", self.dir.display());
+        let entries = fs::read_dir(&self.dir).map_err(|e| StoreError::io(context(), e))?;
+        let mut index = BTreeMap::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io(context(), e))?;
+            let path = entry.path();
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                log::warn!("{}: unexpected file in the store, ignored", path.display());
+                continue;
+            };
+            if name.starts_with(TEMP_PREFIX) {
+                // A write that never completed, and so was never answered Ok.
+                fs::remove_file(&path)
+                    .map_err(|e| StoreError::io(format!("removing {}", path.display()), e))?;
+                continue;
+            }
+            if name == LOCK_FILE || name == CORRUPT_DIR {
+                continue;
+            }
+            if !file::is_cluster_file_name(&name) {
+                log::warn!("{}: unexpected file in the store, ignored", path.display());
+                continue;
+            }
+            match file::read(&path, false) {
+                Ok((header, _)) if file::file_name(&header.cluster_id) == name => {
+                    index.insert(
+                        header.cluster_id,
+                        Entry {
+                            received_millis: header.received_millis,
+                            payload_bytes: header.payload_len,
+                        },
+                    );
+                }
+                Ok((header, _)) => self.set_aside(
+                    &name,
+                    &format!(
+                        "holds cluster {:?}, whose file has another name",
+                        header.cluster_id
+                    ),
+                ),
+                Err(ReadError::Corrupt(reason)) => self.set_aside(&name, &reason),
+                Err(ReadError::Io(error)) => {
+                    return Err(StoreError::io(format!("reading {}", path.display()), error))
+                }
+            }
+        }
+        *lock(&self.index) = index;
+        Ok(())
+    }
+
+    /// Moves a damaged file to `corrupt/` so it is never served again, but kept for inspection.
+    fn set_aside(&self, name: &str, reason: &str) {
+        let path = self.dir.join(name);
+        let corrupt = self.dir.join(CORRUPT_DIR);
+        let seconds = file::to_millis(SystemTime::now()) / 1000;
+        let mut target = corrupt.join(format!("{name}.{seconds}"));
+        let mut n = 1;
+        while target.exists() {
+            target = corrupt.join(format!("{name}.{seconds}.{n}"));
+            n += 1;
+        }
+        let moved = fs::create_dir_all(&corrupt).and_then(|()| fs::rename(&path, &target));
+        self.counters.corrupt_files.fetch_add(1, Ordering::Relaxed);
+        match moved {
+            Ok(()) => log::warn!(
+                "{} {reason}; moved to {} and no longer served",
+                path.display(),
+                target.display()
+            ),
+            Err(error) => log::warn!(
+                "{} {reason}; not served, and could not be moved to {}: {error}",
+                path.display(),
+                target.display()
+            ),
+        }
+    }
+
+    fn get(&self, cluster_id: &str) -> Result<Option<StoredUpload>, StoreError> {
+        let Some(entry) = lock(&self.index).get(cluster_id).copied() else {
+            return Ok(None);
+        };
+        if !is_live(
+            file::from_millis(entry.received_millis),
+            SystemTime::now(),
+            self.ttl,
+        ) {
+            return Ok(None);
+        }
+        let path = self.path_of(cluster_id);
+        match self.read_upload(cluster_id, &path) {
+            Ok(upload) => Ok(Some(upload)),
+            Err(ReadError::Io(error)) if error.kind() == io::ErrorKind::NotFound => {
+                // Removed or swept since the index was read.
+                Ok(None)
+            }
+            Err(ReadError::Io(error)) => {
+                Err(StoreError::io(format!("reading {}", path.display()), error))
+            }
+            Err(ReadError::Corrupt(_)) => {
+                // Read again under the mutation lock: the committer may have replaced the file
+                // in between, and a good new file must not be set aside.
+                let _mutation = lock(&self.mutation);
+                match self.read_upload(cluster_id, &path) {
+                    Ok(upload) => Ok(Some(upload)),
+                    Err(ReadError::Io(error)) if error.kind() == io::ErrorKind::NotFound => {
+                        Ok(None)
+                    }
+                    Err(ReadError::Io(error)) => {
+                        Err(StoreError::io(format!("reading {}", path.display()), error))
+                    }
+                    Err(ReadError::Corrupt(reason)) => {
+                        lock(&self.index).remove(cluster_id);
+                        self.set_aside(&file::file_name(cluster_id), &reason);
+                        Ok(None)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads and verifies `cluster_id`'s file.
+    fn read_upload(&self, cluster_id: &str, path: &Path) -> Result<StoredUpload, ReadError> {
+        let (header, payload) = file::read(path, true)?;
+        if header.cluster_id != cluster_id {
+            return Err(ReadError::Corrupt(format!(
+                "holds cluster {:?}, whose file has another name",
+                header.cluster_id
+            )));
+        }
+        Ok(StoredUpload {
+            cluster_id: header.cluster_id,
+            received: file::from_millis(header.received_millis),
+            payload: payload.unwrap_or_default(),
+        })
+    }
+
+    fn remove(&self, cluster_id: &str) -> Result<(), StoreError> {
+        let path = self.path_of(cluster_id);
+        let _mutation = lock(&self.mutation);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => {
+                return Err(StoreError::io(
+                    format!("removing {}", path.display()),
+                    error,
+                ))
+            }
+        }
+        lock(&self.index).remove(cluster_id);
+        // Otherwise a crash could bring the file back, and this server would serve a cluster
+        // another server now owns.
+        self.dir_file
+            .sync_all()
+            .map_err(|e| StoreError::io(format!("syncing directory {}", self.dir.display()), e))
+    }
+
+    fn sweep(&self, now: SystemTime) -> usize {
+        let _mutation = lock(&self.mutation);
+        let expired: Vec<String> = lock(&self.index)
+            .iter()
+            .filter(|(_, entry)| !is_live(file::from_millis(entry.received_millis), now, self.ttl))
+            .map(|(cluster_id, _)| cluster_id.clone())
+            .collect();
+        let mut removed = 0;
+        for cluster_id in expired {
+            let path = self.path_of(&cluster_id);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    // Still hidden by the TTL; the next sweep tries again.
+                    log::warn!("removing expired {}: {error}", path.display());
+                    continue;
+                }
+            }
+            lock(&self.index).remove(&cluster_id);
+            removed += 1;
+        }
+        // No directory sync: a file that comes back after a crash is still expired and is swept
+        // again.
+        self.counters
+            .expired
+            .fetch_add(removed as u64, Ordering::Relaxed);
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A fresh directory under the system temp dir, removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path = std::env::temp_dir()
+                .join(format!("telemeter-store-{}-{name}-{n}", std::process::id()));
+            let _ = fs::remove_dir_all(&path);
+            TempDir(path)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn config(dir: &TempDir) -> StoreConfig {
+        StoreConfig {
+            dir: dir.0.clone(),
+            ttl: Duration::from_secs(3600),
+            max_batch: 64,
+        }
+    }
+
+    fn open(dir: &TempDir) -> Store {
+        Store::open(config(dir)).unwrap()
+    }
+
+    /// A receive time the file format keeps exactly (whole milliseconds), near now.
+    fn at(offset_ms: i64) -> SystemTime {
+        let now = file::to_millis(SystemTime::now()) as i64;
+        file::from_millis((now + offset_ms) as u64)
+    }
+
+    fn file_of(store: &Store, cluster_id: &str) -> PathBuf {
+        store.dir().join(file::file_name(cluster_id))
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn put_then_get_round_trips() {
+        let dir = TempDir::new("roundtrip");
+        let store = open(&dir);
+        let received = at(0);
+        store
+            .put("cluster-a", b"payload-a".to_vec(), received)
+            .unwrap();
+
+        let upload = store.get("cluster-a").unwrap().unwrap();
+        assert_eq!(
+            upload,
+            StoredUpload {
+                cluster_id: "cluster-a".to_string(),
+                received,
+                payload: b"payload-a".to_vec(),
+            }
+        );
+        assert_eq!(store.get("cluster-b").unwrap(), None);
+        assert_eq!(
+            store.clusters(),
+            vec![ClusterEntry {
+                cluster_id: "cluster-a".to_string(),
+                received,
+                payload_bytes: 9,
+            }]
+        );
+        let stats = store.stats();
+        assert_eq!(
+            (stats.clusters, stats.bytes, stats.writes, stats.commits),
+            (1, 9, 1, 1)
+        );
+    }
+
+    #[test]
+    fn put_replaces_the_previous_upload() {
+        let dir = TempDir::new("replace");
+        let store = open(&dir);
+        store.put("c", b"first".to_vec(), at(-10)).unwrap();
+        store.put("c", b"second, longer".to_vec(), at(0)).unwrap();
+        let upload = store.get("c").unwrap().unwrap();
+        assert_eq!(upload.payload, b"second, longer");
+        assert_eq!(store.stats().bytes, 14);
+        assert_eq!(store.clusters().len(), 1);
+        // One cluster file and the lock: the old file was replaced, no temp file left.
+        assert_eq!(
+            names_in(store.dir()),
+            vec![".lock".to_string(), file::file_name("c")]
+        );
+    }
+
+    #[test]
+    fn put_returns_only_after_the_file_holds_the_new_content() {
+        let dir = TempDir::new("durable");
+        let store = open(&dir);
+        for round in 0..5u8 {
+            let payload = vec![round; 1000 + usize::from(round)];
+            store.put("c", payload.clone(), at(0)).unwrap();
+            // Read straight from disk, bypassing the store.
+            let (header, on_disk) = file::read(&file_of(&store, "c"), true).unwrap();
+            assert_eq!(header.cluster_id, "c");
+            assert_eq!(on_disk.unwrap(), payload);
+        }
+    }
+
+    #[test]
+    fn concurrent_puts_are_all_stored_and_share_commits() {
+        let dir = TempDir::new("concurrent");
+        let store = open(&dir);
+        const THREADS: usize = 64;
+        const ROUNDS: usize = 10;
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let store = store.clone();
+                thread::spawn(move || {
+                    for round in 0..ROUNDS {
+                        let own = format!("own-{t}");
+                        store
+                            .put(&own, format!("{t}/{round}").into_bytes(), at(0))
+                            .unwrap();
+                        // Shared ids: several threads replace the same cluster.
+                        let shared = format!("shared-{}", t % 4);
+                        let received = at(round as i64);
+                        store
+                            .put(&shared, format!("{t}/{round}").into_bytes(), received)
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().unwrap();
+        }
+
+        for t in 0..THREADS {
+            let upload = store.get(&format!("own-{t}")).unwrap().unwrap();
+            assert_eq!(upload.payload, format!("{t}/{}", ROUNDS - 1).into_bytes());
+        }
+        for s in 0..4 {
+            let upload = store.get(&format!("shared-{s}")).unwrap().unwrap();
+            let text = String::from_utf8(upload.payload).unwrap();
+            let (t, round) = text.split_once('/').unwrap();
+            assert_eq!(t.parse::<usize>().unwrap() % 4, s);
+            assert!(round.parse::<usize>().unwrap() < ROUNDS);
+        }
+        let stats = store.stats();
+        assert_eq!(stats.clusters, THREADS as u64 + 4);
+        assert_eq!(stats.writes, (THREADS * ROUNDS * 2) as u64);
+        assert!(
+            stats.commits < stats.writes,
+            "no group commit: {} commits for {} writes",
+            stats.commits,
+            stats.writes
+        );
+        assert!(!names_in(store.dir())
+            .iter()
+            .any(|n| n.starts_with(TEMP_PREFIX)));
+    }
+
+    #[test]
+    fn uploads_answered_ok_are_served_after_reopening() {
+        let dir = TempDir::new("reopen");
+        let received = at(-5);
+        {
+            let store = open(&dir);
+            let clone = store.clone();
+            for i in 0..20 {
+                clone
+                    .put(&format!("c{i}"), vec![i as u8; 100 + i], received)
+                    .unwrap();
+            }
+            // Dropping every clone closes the store and releases the lock (else reopening fails).
+        }
+        let store = open(&dir);
+        assert_eq!(store.clusters().len(), 20);
+        for i in 0..20 {
+            let upload = store.get(&format!("c{i}")).unwrap().unwrap();
+            assert_eq!(upload.payload, vec![i as u8; 100 + i]);
+            assert_eq!(upload.received, received);
+        }
+        assert_eq!(
+            store.stats().bytes,
+            (0..20).map(|i| 100 + i as u64).sum::<u64>()
+        );
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_directory_is_refused() {
+        let dir = TempDir::new("locked");
+        let first = open(&dir);
+        match Store::open(config(&dir)) {
+            Err(error @ StoreError::Locked { .. }) => {
+                assert!(
+                    error.to_string().contains("another telemeter-server"),
+                    "{error}"
+                );
+            }
+            Err(other) => panic!("expected Locked, got {other}"),
+            Ok(_) => panic!("a second store opened a locked directory"),
+        }
+        drop(first);
+        open(&dir);
+    }
+
+    #[test]
+    fn open_removes_leftover_temp_files() {
+        let dir = TempDir::new("leftover");
+        fs::create_dir_all(&dir.0).unwrap();
+        fs::write(dir.0.join(".tmp-7"), b"half a write").unwrap();
+        fs::write(dir.0.join(".tmp-junk"), b"").unwrap();
+        let store = open(&dir);
+        assert_eq!(names_in(store.dir()), vec![".lock".to_string()]);
+        assert!(store.clusters().is_empty());
+    }
+
+    /// Where the payload-length field of `cluster_id`'s file is.
+    fn payload_len_offset(cluster_id: &str) -> usize {
+        (file::PREFIX_LEN as usize) + cluster_id.len() + 8
+    }
+
+    fn corrupt_names(dir: &Path) -> Vec<String> {
+        names_in(&dir.join(CORRUPT_DIR))
+    }
+
+    #[test]
+    fn corrupt_files_are_set_aside_on_open_and_never_served() {
+        let dir = TempDir::new("corrupt");
+        {
+            let store = open(&dir);
+            for id in ["flipped", "truncated", "magic", "huge", "good", "renamed"] {
+                store.put(id, vec![7u8; 300], at(0)).unwrap();
+            }
+            store.close();
+        }
+        let path = |id: &str| dir.0.join(file::file_name(id));
+
+        let mut bytes = fs::read(path("flipped")).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        fs::write(path("flipped"), &bytes).unwrap();
+
+        let bytes = fs::read(path("truncated")).unwrap();
+        fs::write(path("truncated"), &bytes[..bytes.len() - 10]).unwrap();
+
+        let mut bytes = fs::read(path("magic")).unwrap();
+        bytes[..8].copy_from_slice(b"NOTSTORE");
+        fs::write(path("magic"), &bytes).unwrap();
+
+        let mut bytes = fs::read(path("huge")).unwrap();
+        let at_len = payload_len_offset("huge");
+        bytes[at_len..at_len + 8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+        fs::write(path("huge"), &bytes).unwrap();
+
+        // A valid file under the wrong name.
+        fs::rename(path("renamed"), dir.0.join(file::file_name("elsewhere"))).unwrap();
+
+        let store = open(&dir);
+        for id in [
+            "flipped",
+            "truncated",
+            "magic",
+            "huge",
+            "elsewhere",
+            "renamed",
+        ] {
+            assert_eq!(store.get(id).unwrap(), None, "{id} was served");
+        }
+        assert_eq!(store.get("good").unwrap().unwrap().payload, vec![7u8; 300]);
+        let listed: Vec<String> = store.clusters().into_iter().map(|c| c.cluster_id).collect();
+        assert_eq!(listed, vec!["good".to_string()]);
+        assert_eq!(store.stats().corrupt_files, 5);
+        let set_aside = corrupt_names(store.dir());
+        assert_eq!(set_aside.len(), 5);
+        for id in ["flipped", "truncated", "magic", "huge", "elsewhere"] {
+            let prefix = format!("{}.", file::file_name(id));
+            assert!(
+                set_aside.iter().any(|n| n.starts_with(&prefix)),
+                "{id} not in corrupt/"
+            );
+            assert!(!path(id).exists());
+        }
+    }
+
+    #[test]
+    fn a_file_damaged_while_running_is_set_aside_on_read() {
+        let dir = TempDir::new("damaged");
+        let store = open(&dir);
+        store.put("a", b"aaaa".to_vec(), at(0)).unwrap();
+        store.put("b", b"bbbb".to_vec(), at(0)).unwrap();
+        let path = file_of(&store, "a");
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&path, &bytes).unwrap();
+
+        assert_eq!(store.get("a").unwrap(), None);
+        assert_eq!(store.get("b").unwrap().unwrap().payload, b"bbbb");
+        assert_eq!(store.clusters().len(), 1);
+        assert_eq!(store.stats().corrupt_files, 1);
+        assert_eq!(corrupt_names(store.dir()).len(), 1);
+        // The cluster can be written again afterwards.
+        store.put("a", b"again".to_vec(), at(0)).unwrap();
+        assert_eq!(store.get("a").unwrap().unwrap().payload, b"again");
+    }
+
+    #[test]
+    fn expired_clusters_are_hidden_then_swept() {
+        let dir = TempDir::new("ttl");
+        let store = open(&dir);
+        store
+            .put("old", b"old".to_vec(), at(-2 * 3600 * 1000))
+            .unwrap();
+        store.put("fresh", b"fresh".to_vec(), at(0)).unwrap();
+
+        let listed: Vec<String> = store.clusters().into_iter().map(|c| c.cluster_id).collect();
+        assert_eq!(listed, vec!["fresh".to_string()]);
+        assert_eq!(store.get("old").unwrap(), None);
+        assert!(file_of(&store, "old").exists());
+
+        assert_eq!(store.sweep(SystemTime::now()), 1);
+        assert!(!file_of(&store, "old").exists());
+        assert!(file_of(&store, "fresh").exists());
+        let stats = store.stats();
+        assert_eq!((stats.clusters, stats.expired), (1, 1));
+        // Later, the fresh one expires too.
+        assert_eq!(
+            store.sweep(SystemTime::now() + Duration::from_secs(7200)),
+            1
+        );
+        assert!(store.clusters().is_empty());
+    }
+
+    #[test]
+    fn put_if_newer_keeps_the_newer_upload() {
+        let dir = TempDir::new("ifnewer");
+        let store = open(&dir);
+        assert!(store
+            .put_if_newer("c", b"first".to_vec(), at(-100))
+            .unwrap());
+        assert!(!store
+            .put_if_newer("c", b"older".to_vec(), at(-200))
+            .unwrap());
+        assert_eq!(store.get("c").unwrap().unwrap().payload, b"first");
+        let newest = at(0);
+        assert!(store.put_if_newer("c", b"newer".to_vec(), newest).unwrap());
+        let upload = store.get("c").unwrap().unwrap();
+        assert_eq!(
+            (upload.payload, upload.received),
+            (b"newer".to_vec(), newest)
+        );
+    }
+
+    #[test]
+    fn a_batch_writes_each_cluster_once_and_answers_everyone() {
+        let dir = TempDir::new("batch");
+        let store = open(&dir);
+        let shared = &store.handle.shared;
+        store.put("kept", b"stored".to_vec(), at(0)).unwrap();
+        let mut answers = Vec::new();
+        let mut batch = Vec::new();
+        for (id, payload, received, mode) in [
+            ("c", "one", at(-30), Mode::Replace),
+            ("c", "two", at(-20), Mode::Replace),
+            ("d", "three", at(-10), Mode::Replace),
+            ("kept", "stale", at(-1000), Mode::IfNewer),
+        ] {
+            let (reply, answer) = crossbeam_channel::bounded(1);
+            answers.push(answer);
+            batch.push(Request {
+                cluster_id: id.to_string(),
+                payload: payload.as_bytes().to_vec(),
+                received_millis: file::to_millis(received),
+                mode,
+                reply,
+            });
+        }
+        let temps_before = shared.next_temp.load(Ordering::Relaxed);
+        commit::commit(shared, batch);
+        let results: Vec<bool> = answers.iter().map(|a| a.recv().unwrap().unwrap()).collect();
+        assert_eq!(results, vec![true, true, true, false]);
+        // Two files written ("c" once, "d"), none for the skipped one.
+        assert_eq!(shared.next_temp.load(Ordering::Relaxed) - temps_before, 2);
+        assert_eq!(store.get("c").unwrap().unwrap().payload, b"two");
+        assert_eq!(store.get("d").unwrap().unwrap().payload, b"three");
+        assert_eq!(store.get("kept").unwrap().unwrap().payload, b"stored");
+    }
+
+    #[test]
+    fn remove_deletes_the_file_and_the_entry() {
+        let dir = TempDir::new("remove");
+        let store = open(&dir);
+        store.put("c", b"x".to_vec(), at(0)).unwrap();
+        store.remove("c").unwrap();
+        assert_eq!(store.get("c").unwrap(), None);
+        assert!(!file_of(&store, "c").exists());
+        assert!(store.clusters().is_empty());
+        // Removing what is not there is fine.
+        store.remove("never").unwrap();
+    }
+
+    #[test]
+    fn a_failed_write_is_an_error_and_leaves_the_old_upload() {
+        let dir = TempDir::new("ioerror");
+        let store = open(&dir);
+        let old = at(-10);
+        store.put("c", b"old".to_vec(), old).unwrap();
+
+        // Root ignores permissions, so make the next temp files impossible to create: a directory
+        // stands where each would go (the same create failure a full or read-only disk gives).
+        let next = store.handle.shared.next_temp.load(Ordering::Relaxed);
+        let blockers: Vec<PathBuf> = (next..next + 4)
+            .map(|n| store.dir().join(format!("{TEMP_PREFIX}{n}")))
+            .collect();
+        for blocker in &blockers {
+            fs::create_dir(blocker).unwrap();
+        }
+        match store.put("c", b"new".to_vec(), at(0)) {
+            Err(StoreError::Io { context, .. }) => {
+                assert!(context.contains(".tmp-"), "{context}");
+                assert!(context.contains(&dir.0.display().to_string()), "{context}");
+            }
+            other => panic!("expected an Io error, got {other:?}"),
+        }
+        let upload = store.get("c").unwrap().unwrap();
+        assert_eq!((upload.payload, upload.received), (b"old".to_vec(), old));
+        let (_, on_disk) = file::read(&file_of(&store, "c"), true).unwrap();
+        assert_eq!(on_disk.unwrap(), b"old");
+
+        // Once the cause is gone, the next put works: no sticky failure.
+        for blocker in &blockers {
+            fs::remove_dir(blocker).unwrap();
+        }
+        store.put("c", b"newer".to_vec(), at(0)).unwrap();
+        assert_eq!(store.get("c").unwrap().unwrap().payload, b"newer");
+    }
+
+    #[test]
+    fn a_read_only_directory_is_an_error_when_permissions_apply() {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            // Root writes through 0555; the previous test covers the failure path instead.
+            return;
+        }
+        let dir = TempDir::new("readonly");
+        let store = open(&dir);
+        store.put("c", b"old".to_vec(), at(-10)).unwrap();
+        fs::set_permissions(store.dir(), fs::Permissions::from_mode(0o555)).unwrap();
+        let result = store.put("c", b"new".to_vec(), at(0));
+        fs::set_permissions(store.dir(), fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(matches!(result, Err(StoreError::Io { .. })), "{result:?}");
+        assert_eq!(store.get("c").unwrap().unwrap().payload, b"old");
+        store.put("c", b"new".to_vec(), at(0)).unwrap();
+    }
+
+    #[test]
+    fn a_closed_store_refuses_puts_and_drop_does_not_hang() {
+        let dir = TempDir::new("closed");
+        let store = open(&dir);
+        let clone = store.clone();
+        store.put("c", b"x".to_vec(), at(0)).unwrap();
+        store.close();
+        assert!(matches!(
+            clone.put("c", b"y".to_vec(), at(0)),
+            Err(StoreError::Closed)
+        ));
+        // Reads still work from the index and the files.
+        assert_eq!(clone.get("c").unwrap().unwrap().payload, b"x");
+        drop(store);
+        drop(clone);
+        open(&dir);
+    }
+
+    /// Not a test: compares group commit with a naive write + fsync + rename + dir fsync per put.
+    /// `cargo test -p telemeter-server store::tests::bench -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench_group_commit_against_naive_fsync() {
+        const THREADS: usize = 64;
+        const PUTS: usize = 200;
+        let payload = vec![0x5au8; 20 * 1024];
+
+        let dir = TempDir::new("bench-group");
+        let store = open(&dir);
+        let started = std::time::Instant::now();
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let store = store.clone();
+                let payload = payload.clone();
+                thread::spawn(move || {
+                    for _ in 0..PUTS {
+                        store
+                            .put(&format!("bench-{t}"), payload.clone(), at(0))
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().unwrap();
+        }
+        let group = started.elapsed();
+        let stats = store.stats();
+        drop(store);
+
+        let naive_dir = TempDir::new("bench-naive");
+        fs::create_dir_all(&naive_dir.0).unwrap();
+        let started = std::time::Instant::now();
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let dir = naive_dir.0.clone();
+                let payload = payload.clone();
+                thread::spawn(move || {
+                    use std::io::Write;
+                    for i in 0..PUTS {
+                        let id = format!("bench-{t}");
+                        let header = file::encode_header(&id, 0, &payload).unwrap();
+                        let temp = dir.join(format!(".tmp-{t}-{i}"));
+                        let mut out = File::create(&temp).unwrap();
+                        out.write_all(&header).unwrap();
+                        out.write_all(&payload).unwrap();
+                        out.sync_data().unwrap();
+                        fs::rename(&temp, dir.join(file::file_name(&id))).unwrap();
+                        File::open(&dir).unwrap().sync_all().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().unwrap();
+        }
+        let naive = started.elapsed();
+
+        // The same, one put at a time (a single writer, as without group commit in one thread).
+        const SERIAL_PUTS: usize = 25;
+        let serial_lock = Arc::new(Mutex::new(()));
+        let started = std::time::Instant::now();
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let dir = naive_dir.0.clone();
+                let payload = payload.clone();
+                let serial_lock = Arc::clone(&serial_lock);
+                thread::spawn(move || {
+                    use std::io::Write;
+                    for i in 0..SERIAL_PUTS {
+                        let _one_at_a_time = lock(&serial_lock);
+                        let id = format!("bench-{t}");
+                        let header = file::encode_header(&id, 0, &payload).unwrap();
+                        let temp = dir.join(format!(".tmp-s{t}-{i}"));
+                        let mut out = File::create(&temp).unwrap();
+                        out.write_all(&header).unwrap();
+                        out.write_all(&payload).unwrap();
+                        out.sync_data().unwrap();
+                        fs::rename(&temp, dir.join(file::file_name(&id))).unwrap();
+                        File::open(&dir).unwrap().sync_all().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().unwrap();
+        }
+        let serial = started.elapsed();
+
+        let total = (THREADS * PUTS) as f64;
+        println!(
+            "group commit: {:.0} puts/s ({} puts in {} commits, {:.2?}); \
+             naive fsync per put, 64 threads at once: {:.0} puts/s ({:.2?}); \
+             naive, one put at a time: {:.0} puts/s ({} puts in {:.2?})",
+            total / group.as_secs_f64(),
+            stats.writes,
+            stats.commits,
+            group,
+            total / naive.as_secs_f64(),
+            naive,
+            (THREADS * SERIAL_PUTS) as f64 / serial.as_secs_f64(),
+            THREADS * SERIAL_PUTS,
+            serial
+        );
+    }
+}
