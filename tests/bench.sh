@@ -18,13 +18,14 @@
 # exit, also on failure or Ctrl-C.
 # Environment: BENCH_SECONDS (per ingest point, default 10), BENCH_FEDERATE_CLUSTERS (10000),
 # BENCH_NO_BUILD=1 (use the binaries in target/release as they are), BENCH_NO_STATIC=1,
+# TELEMETER_BIN (where telemeter-server and telemeter-client are, default target/release),
 # KEEP_WORKDIR=1 (keep logs and data), BENCH_RESULTS (output file, default bench/RESULTS.md).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-bin=$root/target/release
-loadgen=$bin/telemeter-loadgen
+bin=${TELEMETER_BIN:-$root/target/release}
+loadgen=$root/target/release/telemeter-loadgen
 point_s=${BENCH_SECONDS:-10}
 fed_clusters=${BENCH_FEDERATE_CLUSTERS:-10000}
 budget=${BENCH_BUDGET:-570}
@@ -145,6 +146,8 @@ if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
 fi
 # The budget counts from here: the build depends on the cache, the measurements do not.
 SECONDS=0
+# Other work on the machine skews every figure: say how busy it was when the run began and ended.
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 [ -x "$loadgen" ] || fail "$loadgen missing"
 
 server_ready=0
@@ -209,7 +212,12 @@ done
 
 # ---------------------------------------------------------------------------------------------
 # 2a. Ingest into our server, a fresh server (and peak RSS) per point.
-declare -A ours_rate ours_line ours_rss ours_cpu
+declare -A ours_rate ours_line ours_rss ours_cpu ours_store
+# The mean store write (ms) from the server's own histogram, if it exports one.
+store_write_ms() {
+  awk '/^telemeter_server_store_write_seconds_sum/ { s = $2 } /^telemeter_server_store_write_seconds_count/ { c = $2 }
+    END { if (c > 0) printf "%.2f", s / c * 1000 }' "$1" 2>/dev/null || true
+}
 if [ "$server_ready" = 1 ]; then
   for n in "${senders_list[@]}"; do
     log "ingest into telemeter-server, $n senders"
@@ -224,9 +232,10 @@ if [ "$server_ready" = 1 ]; then
     ours_rss[$n]=$(peak_rss_kib "$server_pid")
     ours_cpu[$n]=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')
     curl -s --max-time 5 "http://127.0.0.1:$int_port/metrics" >"$work/metrics-ingest-$n.txt" || true
+    ours_store[$n]=$(store_write_ms "$work/metrics-ingest-$n.txt")
     stop_pid "$server_pid"
     rm -rf "$work/store-ingest-$n"
-    raw+=("ours N=$n: $line server_cpu_s=${ours_cpu[$n]} server_peak_rss_kib=${ours_rss[$n]}")
+    raw+=("ours N=$n: $line server_cpu_s=${ours_cpu[$n]} server_peak_rss_kib=${ours_rss[$n]} store_write_avg_ms=${ours_store[$n]}")
   done
 fi
 
@@ -363,7 +372,8 @@ desc() { # LINE RSS_KIB CPU_S
   local l=$1
   local s="$(num "$(field "$l" uploads_per_s)") uploads/s · $(millions "$(field "$l" samples_per_s)") samples/s · p50 $(field "$l" p50_ms) ms · p99 $(field "$l" p99_ms) ms"
   [ -n "${2:-}" ] && s="$s · RSS $(mb "$2")"
-  [ -n "${3:-}" ] && s="$s · CPU $(cores "$3" "$(field "$l" seconds)") cores"
+  [ -n "${3:-}" ] && s="$s · CPU server $(cores "$3" "$(field "$l" seconds)") + loadgen $(cores "$(field "$l" loadgen_cpu_s)" "$(field "$l" seconds)") cores"
+  [ -n "$(field "$l" cpu_s)" ] && s="$s · CPU $(cores "$(field "$l" cpu_s)" "$(field "$l" seconds)") cores"
   local failed
   failed=$(field "$l" failed)
   if [ -n "$failed" ] && [ "$failed" != 0 ]; then s="$s · **$failed failed** ($(field "$l" first_error))"; fi
@@ -376,6 +386,7 @@ done
 for n in "${senders_list[@]}"; do
   if [ "$server_ready" = 1 ]; then
     d=$(desc "${ours_line[$n]}" "${ours_rss[$n]}" "${ours_cpu[$n]}")
+    [ -n "${ours_store[$n]}" ] && d="$d · store write avg ${ours_store[$n]} ms"
     if [ "$n" = 64 ]; then
       l=${ours_line[$n]}
       ok=$(all_met "$(met "$(field "$l" uploads_per_s)" ">=" 5000)" \
@@ -451,6 +462,7 @@ dirty=$(git status --porcelain 2>/dev/null | grep -v '^?? ' | grep -vc 'bench/RE
   echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "- Commit: $commit"
   echo "- Command: \`$command_line\` ($point_s s per ingest point, run took $SECONDS s after the build)"
+  echo "- Load average (1, 5, 15 min): $load_start at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end"
   echo "- Machine: $(nproc) cores ($(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -n 1)), $(free -m | awk '/^Mem:/ {print $2}') MiB memory, $(uname -sr)"
   echo "- Disk: storage and disk ceiling in $(dirname "$work") ($(df -T "$work" | awk 'NR == 2 {print $2 ", device " $1}'))"
   echo "- Payload: $payload_stats (one upload = one cluster's 500 series)"
@@ -470,7 +482,7 @@ dirty=$(git status --porcelain 2>/dev/null | grep -v '^?? ' | grep -vc 'bench/RE
     echo "## Server /metrics after the N=64 ingest point (store and upload lines)"
     echo
     echo '```'
-    grep -E '^telemeter_(store|upload)' "$work/metrics-ingest-64.txt" | head -n 60 || true
+    grep -E '^telemeter_server_(store|upload|stored)' "$work/metrics-ingest-64.txt" | head -n 60 || true
     echo '```'
   fi
 } >"$results"
