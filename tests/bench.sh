@@ -182,7 +182,9 @@ pg_pid=
 pg_port=
 start_pushgateway() {
   pg_port=$(free_port)
-  /usr/bin/prometheus-pushgateway --web.listen-address="127.0.0.1:$pg_port" \
+  # In memory only: the Debian build persists to /var/lib/prometheus/pushgateway.data by default,
+  # which would carry groups from one run (and one section) into the next.
+  /usr/bin/prometheus-pushgateway --web.listen-address="127.0.0.1:$pg_port" --persistence.file= \
     --log.level=warn >"$work/pushgateway-$1.log" 2>&1 &
   pg_pid=$!
   pids+=("$pg_pid")
