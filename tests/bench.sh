@@ -418,7 +418,7 @@ row "2. Ratio ours / disk ceiling (uploads/s)" "$(IFS=,; echo "${ours_disk[*]}" 
 if [ -n "$fed_line" ]; then
   fs=$(field "$fed_line" series)
   row "3. Federate, full GET after $(num "$fed_clusters") clusters × 500 series" \
-    "$(num "$fs") series in $(field "$fed_line" seconds) s · $(millions "$(field "$fed_line" series_per_s)") series/s · $(awk -v b="$(field "$fed_line" bytes_per_s)" 'BEGIN { printf "%.0f MB/s", b / 1e6 }') · $(awk -v b="$(field "$fed_line" bytes)" 'BEGIN { printf "%.0f MB", b / 1e6 }') · first byte $(field "$fed_line" first_byte_ms) ms · RSS $(mb "$fed_rss") ($rss_scope) · CPU $(cores "$fed_cpu" "$(field "$fed_line" seconds)") cores · loaded at $(num "$(field "$load_line" uploads_per_s)") uploads/s" \
+    "$(num "$fs") series in $(field "$fed_line" seconds) s · $(millions "$(field "$fed_line" series_per_s)") series/s · $(awk -v b="$(field "$fed_line" bytes_per_s)" 'BEGIN { printf "%.0f MB/s", b / 1e6 }') · $(awk -v b="$(field "$fed_line" bytes)" 'BEGIN { printf "%.0f MB", b / 1e6 }') · first byte $(field "$fed_line" first_byte_ms) ms · RSS $(mb "$fed_rss") ($rss_scope) · CPU server $(cores "$fed_cpu" "$(field "$fed_line" seconds)") + loadgen $(cores "$(field "$fed_line" loadgen_cpu_s)" "$(field "$fed_line" seconds)") cores · loaded at $(num "$(field "$load_line" uploads_per_s)") uploads/s" \
     "≥ 2M series/s, RSS < 100 MB (5M series)" \
     "$(all_met "$(met "$(field "$fed_line" series_per_s)" ">=" 2000000)" "$(met "$fed_rss" "<" 102400)" "$(met "$fs" ">=" $((fed_clusters * 500)))")"
 else

@@ -208,3 +208,99 @@ pub fn run(plan: &Plan, target: &Target, workload: Arc<dyn Workload + Send>) -> 
     }
     report
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+
+    /// Answers 200 for even cluster paths `/c/N` and 503 for odd ones, on keep-alive connections.
+    fn serve() -> Target {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                thread::spawn(move || {
+                    let mut reader = BufReader::new(stream);
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let odd = line
+                            .split(' ')
+                            .nth(1)
+                            .and_then(|p| p.strip_prefix("/c/"))
+                            .and_then(|n| n.parse::<usize>().ok())
+                            .is_some_and(|n| n % 2 == 1);
+                        let mut length = 0usize;
+                        loop {
+                            let mut h = String::new();
+                            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if h == "\r\n" {
+                                break;
+                            }
+                            if let Some(v) = h.strip_prefix("Content-Length: ") {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        if reader.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        let reply: &[u8] = if odd {
+                            b"HTTP/1.1 503 Busy\r\nContent-Length: 9\r\n\r\nno owner\n"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+                        };
+                        if reader.get_mut().write_all(reply).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Target {
+            authority: addr.to_string(),
+            base_path: String::new(),
+        }
+    }
+
+    struct Numbered;
+
+    impl Workload for Numbered {
+        fn request(&self, cluster: usize) -> Result<Request, String> {
+            Ok(Request {
+                method: "POST",
+                path: format!("/c/{cluster}"),
+                headers: vec![],
+                body: vec![b'x'; 100],
+            })
+        }
+
+        fn body_size_hint(&self) -> usize {
+            100
+        }
+    }
+
+    #[test]
+    fn failures_are_counted_by_status_never_as_speed() {
+        let plan = Plan {
+            senders: 3,
+            clusters: 10,
+            duration: Duration::from_secs(30),
+            once: true,
+            samples_per_request: 500,
+            expected_status: 200,
+            timeout: Duration::from_secs(5),
+        };
+        let report = run(&plan, &serve(), Arc::new(Numbered));
+        assert_eq!(report.get("ok"), Some("5"), "{report}");
+        assert_eq!(report.get("failed"), Some("5"), "{report}");
+        assert_eq!(report.get("status_503"), Some("5"), "{report}");
+        assert_eq!(report.get("first_error"), Some("503_no_owner"), "{report}");
+    }
+}
