@@ -7,8 +7,8 @@
 //!   and a body under its own deadline, so a client trickling bytes holds only its own thread;
 //! - a fixed pool of worker threads running the [`Handler`] (CPU work is bounded by the pool size);
 //! - optional TLS with rustls ≥ 0.23.5;
-//! - the protocol errors answered here, one line each: `400` malformed, `408` too slow, `411` no
-//!   length on a body, `413` body over the handler's limit (checked before reading it), `431` head too
+//! - the protocol errors answered here, one line each: `400` malformed, `408` too slow, `411` chunked
+//!   request body, `413` body over the handler's limit (checked before reading it), `431` head too
 //!   large, `503` too many connections or a full body budget;
 //! - HTTP/1.1 keep-alive with an idle deadline, and `Connection: close`;
 //! - graceful shutdown: stop accepting, finish in-flight requests, then return.
@@ -1107,16 +1107,9 @@ impl Connection {
             }
             declared = Some(length);
         }
-        let length = match declared {
-            Some(length) => length,
-            None if matches!(head.method.as_str(), "POST" | "PUT" | "PATCH") => {
-                return Err(Stop::Refuse(Response::text(
-                    411,
-                    "a request body needs a Content-Length",
-                )))
-            }
-            None => 0,
-        };
+        // RFC 9112 §6.3: a request with neither Content-Length nor Transfer-Encoding has no body
+        // (what `curl -X POST` without data sends), so it is an empty body, not a 411.
+        let length = declared.unwrap_or(0);
         let limit = self.shared.handler.body_limit(&head.method, &head.path);
         if length > limit {
             return Err(Stop::Refuse(Response::text(
@@ -1745,13 +1738,13 @@ mod tests {
     }
 
     #[test]
-    fn a_post_without_length_is_411() {
+    fn a_post_without_length_has_an_empty_body() {
         let server = start(test_config());
         let mut client = connect(&server);
         send(&mut client, b"POST /echo HTTP/1.1\r\n\r\n");
-        assert_eq!(read_reply(&mut client, false).status, 411);
-        assert!(closed(&mut client));
-        assert_eq!(server.stats().protocol_errors, 1);
+        let reply = read_reply(&mut client, false);
+        assert_eq!((reply.status, reply.text().as_str()), (200, ""));
+        assert_eq!(server.stats().protocol_errors, 0);
         server.shutdown(Duration::from_secs(5));
     }
 

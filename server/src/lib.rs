@@ -1,4 +1,22 @@
 //! telemeter-server: receives pushed metrics, validates and stores them durably, serves `/federate`.
+//!
+//! One module per job: [`config`] (flags), [`authorize`] (client tokens → upload tokens),
+//! [`upload`] (the push pipeline), [`validate`] (checks and stamping), [`ratelimit`], [`route`]
+//! (where an upload is stored), [`store`] (durable files), [`federate`] (serving them), [`metrics`],
+//! [`routes`] (the two HTTP applications) and [`server`] (wiring it all up).
 #![deny(missing_docs)]
 
+pub mod authorize;
+pub mod config;
+pub mod federate;
+pub mod metrics;
+pub mod ratelimit;
+pub mod route;
+pub mod routes;
+pub mod server;
 pub mod store;
+pub mod upload;
+pub mod validate;
+
+pub use config::{Config, Flags};
+pub use server::{RunningServer, Server, StartError};

@@ -1,0 +1,78 @@
+//! The HTTP client agents (ureq) for the scrape and the push, each with its own trust roots.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use telemeter_common::tls;
+use ureq::tls::{Certificate, RootCerts, TlsConfig};
+
+/// Why an agent could not be built.
+#[derive(Debug)]
+pub struct AgentError(pub String);
+
+impl fmt::Display for AgentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for AgentError {}
+
+/// An agent that trusts the CA certificates of `ca_file` (the system roots when `None`), gives
+/// each request `timeout` in all, and hands every status back to the caller instead of erroring.
+pub fn build(ca_file: Option<&Path>, timeout: Duration) -> Result<ureq::Agent, AgentError> {
+    tls::install_crypto_provider();
+    let roots: Vec<Certificate<'static>> = match ca_file {
+        Some(path) => {
+            let certs = tls::load_certificates(path).map_err(|e| AgentError(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(AgentError(format!(
+                    "{} holds no PEM certificate",
+                    path.display()
+                )));
+            }
+            certs
+                .iter()
+                .map(|c| Certificate::from_der(c.as_ref()).to_owned())
+                .collect()
+        }
+        None => tls::system_roots()
+            .iter()
+            .map(|c| Certificate::from_der(c.as_ref()).to_owned())
+            .collect(),
+    };
+    let tls_config = TlsConfig::builder()
+        .root_certs(RootCerts::Specific(Arc::new(roots)))
+        .build();
+    let config = ureq::Agent::config_builder()
+        .tls_config(tls_config)
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .user_agent(concat!("telemeter-client/", env!("CARGO_PKG_VERSION")))
+        .build();
+    Ok(config.new_agent())
+}
+
+/// The first line of an error reply body, trimmed and cut to 200 characters, for error messages.
+pub fn first_line(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
+    line.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_line_is_short_and_clean() {
+        assert_eq!(first_line(b"\n  bad token \nmore"), "bad token");
+        assert_eq!(first_line(b""), "");
+        assert_eq!(first_line(&[b'x'; 500]).len(), 200);
+    }
+}

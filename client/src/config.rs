@@ -1,0 +1,566 @@
+//! Command-line flags (upstream names, so existing command lines keep working) and the checked
+//! configuration the rest of the client runs from.
+
+use clap::Parser;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use telemeter_common::selector::{self, Selector};
+
+/// The selector scraped when neither `--match` nor `--match-file` is given (upstream's default).
+pub const DEFAULT_MATCH: &str = r#"{__name__="up"}"#;
+
+/// The default of `--limit-bytes`: 8 MiB. Large enough for ~10,000 federated series in either
+/// format, small enough that a misconfigured `--match` cannot make the client buffer gigabytes.
+pub const DEFAULT_LIMIT_BYTES: usize = 8 << 20;
+
+/// The raw command line.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "telemeter-client",
+    version,
+    about = "Scrapes an isolated Prometheus, cleans and anonymizes the series, and pushes them to telemeter-server.",
+    long_about = None
+)]
+pub struct Flags {
+    /// The Prometheus to scrape. A URL with an empty path means `<URL>/federate`; any other path
+    /// (for example an exporter's `/metrics`) is scraped as given.
+    #[arg(long, value_name = "URL")]
+    pub from: String,
+
+    /// Bearer token sent with the scrape.
+    #[arg(long, value_name = "TOKEN")]
+    pub from_token: Option<String>,
+
+    /// File holding the bearer token sent with the scrape (surrounding whitespace is trimmed).
+    #[arg(long, value_name = "FILE", conflicts_with = "from_token")]
+    pub from_token_file: Option<PathBuf>,
+
+    /// PEM file of the CA certificates that sign the scraped server's certificate (system roots
+    /// otherwise).
+    #[arg(long, value_name = "FILE")]
+    pub from_ca_file: Option<PathBuf>,
+
+    /// Base URL of telemeter-server; `/authorize` and `/upload` are appended to it.
+    #[arg(long, value_name = "URL")]
+    pub to: Option<String>,
+
+    /// Explicit authorize URL (overrides `<--to>/authorize`); `?id=<--id>` is appended.
+    #[arg(long, value_name = "URL")]
+    pub to_auth: Option<String>,
+
+    /// Explicit upload URL (overrides `<--to>/upload`).
+    #[arg(long, value_name = "URL")]
+    pub to_upload: Option<String>,
+
+    /// Client token presented to `/authorize` to obtain an upload token.
+    #[arg(long, value_name = "TOKEN")]
+    pub to_token: Option<String>,
+
+    /// File holding the client token (surrounding whitespace is trimmed).
+    #[arg(long, value_name = "FILE", conflicts_with = "to_token")]
+    pub to_token_file: Option<PathBuf>,
+
+    /// PEM file of the CA certificates that sign telemeter-server's certificate (system roots
+    /// otherwise).
+    #[arg(long, value_name = "FILE")]
+    pub to_ca_file: Option<PathBuf>,
+
+    /// The cluster id this client pushes as (sent to `/authorize?id=`).
+    #[arg(long, value_name = "ID")]
+    pub id: Option<String>,
+
+    /// Time between pushes in daemon mode, as Prometheus writes durations (`4m30s`). Also the cap
+    /// of the back-off after failures.
+    #[arg(long, value_name = "DURATION", default_value = "4m30s", value_parser = parse_duration)]
+    pub interval: Duration,
+
+    /// A series selector sent as `match[]` (repeatable). When neither `--match` nor
+    /// `--match-file` is given, `{__name__="up"}` is used.
+    #[arg(long = "match", value_name = "SELECTOR")]
+    pub matches: Vec<String>,
+
+    /// File of series selectors, one per line (blank lines and `#` comments skipped); added to
+    /// those of `--match`.
+    #[arg(long, value_name = "FILE")]
+    pub match_file: Option<PathBuf>,
+
+    /// Rename metric OLD to NEW (repeatable). Giving any `--rename` replaces the default.
+    #[arg(long, value_name = "OLD=NEW", default_values_t = vec!["ALERTS=alerts".to_string()])]
+    pub rename: Vec<String>,
+
+    /// Add label NAME=VALUE to every series, replacing a scraped value (repeatable).
+    #[arg(long, value_name = "NAME=VALUE")]
+    pub label: Vec<String>,
+
+    /// Remove label NAME from every series (repeatable).
+    #[arg(long, value_name = "NAME")]
+    pub elide_label: Vec<String>,
+
+    /// Label names whose values are replaced by a salted hash (comma-separated, repeatable).
+    /// Requires `--anonymize-salt` or `--anonymize-salt-file`.
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    pub anonymize_labels: Vec<String>,
+
+    /// The salt of `--anonymize-labels`; the same salt gives the same values as upstream.
+    #[arg(long, value_name = "SALT")]
+    pub anonymize_salt: Option<String>,
+
+    /// File holding the salt of `--anonymize-labels` (surrounding whitespace is trimmed).
+    #[arg(long, value_name = "FILE", conflicts_with = "anonymize_salt")]
+    pub anonymize_salt_file: Option<PathBuf>,
+
+    /// Largest scrape body read and largest (compressed) upload body sent, in bytes; over it the
+    /// cycle fails with a clear error rather than sending partial data.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_LIMIT_BYTES)]
+    pub limit_bytes: usize,
+
+    /// Address of the daemon's own `/healthz`, `/healthz/ready` and `/metrics`; empty turns it
+    /// off. Not used with `--once`.
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:9002")]
+    pub listen: String,
+
+    /// Scrape and push once, then exit: 0 on success, 1 with a one-line reason otherwise (for cron
+    /// and systemd timers).
+    #[arg(long)]
+    pub once: bool,
+
+    /// File where the upload token is kept between runs (JSON, mode 0600), so repeated `--once`
+    /// runs authorize only when the token expires.
+    #[arg(long, value_name = "FILE")]
+    pub token_cache: Option<PathBuf>,
+
+    /// Time allowed for each HTTP request (scrape, authorize, upload).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    telemeter_common::duration::parse(text).map_err(|e| e.to_string())
+}
+
+/// Why the flags do not make a usable configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(message: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(message.into()))
+}
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The scrape URL without query (`/federate` filled in for an empty path).
+    pub from: String,
+    /// Bearer token for the scrape.
+    pub from_token: Option<String>,
+    /// CA file for the scrape.
+    pub from_ca_file: Option<PathBuf>,
+    /// Authorize URL, without the `id` parameter.
+    pub authorize_url: String,
+    /// Upload URL.
+    pub upload_url: String,
+    /// Client token for `/authorize`.
+    pub to_token: String,
+    /// CA file for the server.
+    pub to_ca_file: Option<PathBuf>,
+    /// Cluster id.
+    pub id: String,
+    /// Time between pushes.
+    pub interval: Duration,
+    /// The selectors, sent as `match[]` and also applied to what comes back.
+    pub matches: Vec<Selector>,
+    /// Metric renames, old to new.
+    pub renames: Vec<(String, String)>,
+    /// Labels added to every series.
+    pub labels: Vec<(String, String)>,
+    /// Labels removed from every series.
+    pub elide_labels: Vec<String>,
+    /// Labels whose values are anonymized.
+    pub anonymize_labels: Vec<String>,
+    /// The anonymization salt (empty when nothing is anonymized).
+    pub anonymize_salt: String,
+    /// Byte cap on the scrape body and the upload body.
+    pub limit_bytes: usize,
+    /// Address of the daemon's own endpoints; `None` when off.
+    pub listen: Option<String>,
+    /// One cycle, then exit.
+    pub once: bool,
+    /// Where the upload token is kept between runs.
+    pub token_cache: Option<PathBuf>,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+fn read_secret(path: &Path, what: &str) -> Result<String, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text.trim().to_string()),
+        Err(e) => err(format!("cannot read {what} {}: {e}", path.display())),
+    }
+}
+
+fn split_pair(text: &str, flag: &str, shape: &str) -> Result<(String, String), ConfigError> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => err(format!("{flag} {text:?}: expected {shape}")),
+    }
+}
+
+fn check_http_url(url: &str, flag: &str) -> Result<(), ConfigError> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    match rest {
+        Some(r) if !r.is_empty() && !r.starts_with('/') => Ok(()),
+        _ => err(format!(
+            "{flag} {url:?}: expected an http:// or https:// URL with a host"
+        )),
+    }
+}
+
+/// `url` with `/federate` as its path when the path is empty (upstream's rule for `--from`).
+pub fn scrape_url(from: &str) -> String {
+    let (base, query) = match from.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (from, None),
+    };
+    let after_scheme = base.split_once("://").map(|(_, r)| r).unwrap_or(base);
+    let path_empty = match after_scheme.find('/') {
+        None => true,
+        Some(i) => &after_scheme[i..] == "/",
+    };
+    let mut url = if path_empty {
+        format!("{}/federate", base.trim_end_matches('/'))
+    } else {
+        base.to_string()
+    };
+    if let Some(q) = query {
+        url.push('?');
+        url.push_str(q);
+    }
+    url
+}
+
+fn join_url(base: &str, path: &str) -> String {
+    format!("{}{path}", base.trim_end_matches('/'))
+}
+
+impl Config {
+    /// Checks the flags and reads the files they name.
+    pub fn from_flags(flags: Flags) -> Result<Config, ConfigError> {
+        check_http_url(&flags.from, "--from")?;
+        let from = scrape_url(&flags.from);
+
+        let from_token = match (&flags.from_token, &flags.from_token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(p)) => Some(read_secret(p, "--from-token-file")?),
+            (None, None) => None,
+        };
+
+        let authorize_url = match (&flags.to_auth, &flags.to) {
+            (Some(u), _) => u.clone(),
+            (None, Some(to)) => join_url(to, "/authorize"),
+            (None, None) => return err("--to (or both --to-auth and --to-upload) is required"),
+        };
+        let upload_url = match (&flags.to_upload, &flags.to) {
+            (Some(u), _) => u.clone(),
+            (None, Some(to)) => join_url(to, "/upload"),
+            (None, None) => return err("--to (or both --to-auth and --to-upload) is required"),
+        };
+        check_http_url(&authorize_url, "--to-auth")?;
+        check_http_url(&upload_url, "--to-upload")?;
+
+        let to_token = match (&flags.to_token, &flags.to_token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(p)) => read_secret(p, "--to-token-file")?,
+            (None, None) => return err("--to-token or --to-token-file is required"),
+        };
+        if to_token.is_empty() {
+            return err("the client token (--to-token/--to-token-file) is empty");
+        }
+
+        let id = match &flags.id {
+            Some(id) if !id.trim().is_empty() => id.trim().to_string(),
+            _ => return err("--id (the cluster id to push as) is required"),
+        };
+
+        if flags.interval.is_zero() {
+            return err("--interval must be greater than 0s");
+        }
+        if flags.timeout.is_zero() {
+            return err("--timeout must be greater than 0s");
+        }
+        if flags.limit_bytes == 0 {
+            return err("--limit-bytes must be greater than 0");
+        }
+
+        let mut matches = Vec::new();
+        for text in &flags.matches {
+            let s = Selector::parse(text).map_err(|e| ConfigError(format!("--match: {e}")))?;
+            matches.push(s);
+        }
+        if let Some(path) = &flags.match_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("cannot read --match-file {}: {e}", path.display()))
+            })?;
+            let parsed = selector::parse_file(&text)
+                .map_err(|e| ConfigError(format!("--match-file {}: {e}", path.display())))?;
+            matches.extend(parsed);
+        }
+        if flags.matches.is_empty() && flags.match_file.is_none() {
+            let s = Selector::parse(DEFAULT_MATCH)
+                .map_err(|e| ConfigError(format!("default --match: {e}")))?;
+            matches.push(s);
+        }
+        if matches.is_empty() {
+            return err("--match-file holds no selectors and no --match was given");
+        }
+
+        let mut renames = Vec::new();
+        for r in &flags.rename {
+            let (old, new) = split_pair(r, "--rename", "OLD=NEW")?;
+            if !telemeter_common::labels::is_valid_metric_name(&new) {
+                return err(format!(
+                    "--rename {r:?}: {new:?} is not a valid metric name"
+                ));
+            }
+            renames.push((old, new));
+        }
+
+        let mut labels = Vec::new();
+        for l in &flags.label {
+            let (name, value) = split_pair(l, "--label", "NAME=VALUE")?;
+            if !telemeter_common::labels::is_valid_label_name(&name) {
+                return err(format!("--label {l:?}: {name:?} is not a valid label name"));
+            }
+            labels.push((name, value));
+        }
+
+        for name in &flags.elide_label {
+            if !telemeter_common::labels::is_valid_label_name(name) {
+                return err(format!("--elide-label {name:?} is not a valid label name"));
+            }
+        }
+
+        let anonymize_labels: Vec<String> = flags
+            .anonymize_labels
+            .iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let anonymize_salt = match (&flags.anonymize_salt, &flags.anonymize_salt_file) {
+            (Some(s), _) => s.clone(),
+            (None, Some(p)) => read_secret(p, "--anonymize-salt-file")?,
+            (None, None) => String::new(),
+        };
+        if !anonymize_labels.is_empty() && anonymize_salt.is_empty() {
+            return err("--anonymize-labels needs --anonymize-salt or --anonymize-salt-file");
+        }
+
+        let listen = match flags.listen.trim() {
+            "" => None,
+            l => Some(l.to_string()),
+        };
+
+        Ok(Config {
+            from,
+            from_token,
+            from_ca_file: flags.from_ca_file,
+            authorize_url,
+            upload_url,
+            to_token,
+            to_ca_file: flags.to_ca_file,
+            id,
+            interval: flags.interval,
+            matches,
+            renames,
+            labels,
+            elide_labels: flags.elide_label,
+            anonymize_labels,
+            anonymize_salt,
+            limit_bytes: flags.limit_bytes,
+            listen,
+            once: flags.once,
+            token_cache: flags.token_cache,
+            timeout: flags.timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> Flags {
+        let mut full = vec!["telemeter-client"];
+        full.extend_from_slice(args);
+        Flags::try_parse_from(full).unwrap()
+    }
+
+    const BASE: &[&str] = &[
+        "--from",
+        "http://localhost:9090",
+        "--to",
+        "http://server:9003/",
+        "--to-token",
+        "t",
+        "--id",
+        "c1",
+    ];
+
+    #[test]
+    fn empty_path_means_federate() {
+        assert_eq!(scrape_url("http://h:9090"), "http://h:9090/federate");
+        assert_eq!(scrape_url("http://h:9090/"), "http://h:9090/federate");
+        assert_eq!(scrape_url("http://h:9090/metrics"), "http://h:9090/metrics");
+        assert_eq!(scrape_url("https://h/x?a=b"), "https://h/x?a=b");
+        assert_eq!(scrape_url("http://h?a=b"), "http://h/federate?a=b");
+    }
+
+    #[test]
+    fn urls_derive_from_to() {
+        let c = Config::from_flags(flags(BASE)).unwrap();
+        assert_eq!(c.from, "http://localhost:9090/federate");
+        assert_eq!(c.authorize_url, "http://server:9003/authorize");
+        assert_eq!(c.upload_url, "http://server:9003/upload");
+        assert_eq!(c.interval, Duration::from_secs(270));
+        assert_eq!(c.renames, vec![("ALERTS".into(), "alerts".into())]);
+        assert_eq!(c.listen.as_deref(), Some("127.0.0.1:9002"));
+    }
+
+    #[test]
+    fn to_upload_alone_with_to_auth_works() {
+        // Upstream parsed --to-upload into the wrong variable; here it is used as given.
+        let c = Config::from_flags(flags(&[
+            "--from",
+            "http://p:9090",
+            "--to-auth",
+            "http://a/auth",
+            "--to-upload",
+            "http://u/up",
+            "--to-token",
+            "t",
+            "--id",
+            "c",
+        ]))
+        .unwrap();
+        assert_eq!(c.authorize_url, "http://a/auth");
+        assert_eq!(c.upload_url, "http://u/up");
+    }
+
+    #[test]
+    fn missing_pieces_are_named() {
+        let e = Config::from_flags(flags(&[
+            "--from",
+            "http://p",
+            "--to-token",
+            "t",
+            "--id",
+            "c",
+        ]))
+        .unwrap_err();
+        assert!(e.0.contains("--to"), "{e}");
+        let e = Config::from_flags(flags(&[
+            "--from", "http://p", "--to", "http://s", "--id", "c",
+        ]))
+        .unwrap_err();
+        assert!(e.0.contains("--to-token"), "{e}");
+        let e = Config::from_flags(flags(&[
+            "--from",
+            "http://p",
+            "--to",
+            "http://s",
+            "--to-token",
+            "t",
+        ]))
+        .unwrap_err();
+        assert!(e.0.contains("--id"), "{e}");
+        let e = Config::from_flags(flags(&[
+            "--from",
+            "p:9090",
+            "--to",
+            "http://s",
+            "--to-token",
+            "t",
+            "--id",
+            "c",
+        ]))
+        .unwrap_err();
+        assert!(e.0.contains("--from"), "{e}");
+    }
+
+    #[test]
+    fn pairs_and_salts_are_checked() {
+        let mut args = BASE.to_vec();
+        args.extend_from_slice(&["--label", "novalue"]);
+        assert!(Config::from_flags(flags(&args)).is_err());
+
+        let mut args = BASE.to_vec();
+        args.extend_from_slice(&["--anonymize-labels", "instance"]);
+        let e = Config::from_flags(flags(&args)).unwrap_err();
+        assert!(e.0.contains("salt"), "{e}");
+
+        let mut args = BASE.to_vec();
+        args.extend_from_slice(&[
+            "--anonymize-labels",
+            "instance,job",
+            "--anonymize-labels",
+            "pod",
+            "--anonymize-salt",
+            "s",
+            "--rename",
+            "a=b",
+            "--label",
+            "x=y=z",
+            "--listen",
+            "",
+        ]);
+        let c = Config::from_flags(flags(&args)).unwrap();
+        assert_eq!(c.anonymize_labels, vec!["instance", "job", "pod"]);
+        assert_eq!(c.renames, vec![("a".into(), "b".into())]);
+        assert_eq!(c.labels, vec![("x".into(), "y=z".into())]);
+        assert_eq!(c.listen, None);
+    }
+
+    #[test]
+    fn secrets_come_from_files_trimmed() {
+        let dir = std::env::temp_dir().join(format!("tc-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "secret\n").unwrap();
+        let args = [
+            "--from",
+            "http://p",
+            "--to",
+            "http://s",
+            "--to-token-file",
+            token.to_str().unwrap(),
+            "--id",
+            "c",
+        ];
+        let c = Config::from_flags(flags(&args)).unwrap();
+        assert_eq!(c.to_token, "secret");
+        let missing = dir.join("nope");
+        let args = [
+            "--from",
+            "http://p",
+            "--to",
+            "http://s",
+            "--to-token-file",
+            missing.to_str().unwrap(),
+            "--id",
+            "c",
+        ];
+        let e = Config::from_flags(flags(&args)).unwrap_err();
+        assert!(e.0.contains("--to-token-file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,334 @@
+//! The client's loop: scrape → transform → push, once (`--once`) or every `--interval`, with
+//! `Retry-After` honoured on 429 and exponential back-off with jitter after other failures.
+
+use crate::agent::AgentError;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::push::{PushError, Pushed, Pusher};
+use crate::scrape::{ScrapeError, Scraper};
+use crate::transform::{Filtered, Pipeline};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The first wait after a failure; it doubles with each consecutive failure up to `--interval`.
+pub const BACKOFF_START: Duration = Duration::from_secs(5);
+
+/// Why a cycle failed.
+#[derive(Debug)]
+pub enum CycleError {
+    /// The scrape failed.
+    Scrape(ScrapeError),
+    /// The push failed.
+    Push(PushError),
+}
+
+impl fmt::Display for CycleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CycleError::Scrape(e) => e.fmt(f),
+            CycleError::Push(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for CycleError {}
+
+/// What one successful cycle did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CycleReport {
+    /// Series scraped.
+    pub scraped_series: usize,
+    /// Series removed by the pipeline.
+    pub filtered: Filtered,
+    /// What was pushed; `None` when nothing was left to send.
+    pub pushed: Option<Pushed>,
+    /// Time spent scraping, transforming and pushing.
+    pub timings: Timings,
+}
+
+/// Where the time of one cycle went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timings {
+    /// The scrape, decoding included.
+    pub scrape: Duration,
+    /// The transform pipeline.
+    pub transform: Duration,
+    /// Authorize (when needed), encode, compress and upload.
+    pub push: Duration,
+}
+
+impl fmt::Display for Timings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "scrape {} ms, transform {} ms, push {} ms",
+            self.scrape.as_millis(),
+            self.transform.as_millis(),
+            self.push.as_millis()
+        )
+    }
+}
+
+impl fmt::Display for CycleReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.pushed {
+            Some(p) => write!(
+                f,
+                "pushed {} series ({} samples, {} bytes) of {} scraped; {} unselected, {} invalid; {}",
+                p.series,
+                p.samples,
+                p.bytes,
+                self.scraped_series,
+                self.filtered.unselected,
+                self.filtered.invalid,
+                self.timings
+            ),
+            None => write!(
+                f,
+                "nothing to push: {} series scraped, {} unselected, {} invalid",
+                self.scraped_series, self.filtered.unselected, self.filtered.invalid
+            ),
+        }
+    }
+}
+
+/// A configured client.
+pub struct Client {
+    id: String,
+    interval: Duration,
+    scraper: Scraper,
+    pusher: Pusher,
+    pipeline: Pipeline,
+    metrics: Arc<Metrics>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A random number in `[0, 1)`, for jitter.
+fn unit_random() -> f64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 4];
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        // Without randomness, sub-second clock noise still spreads clients apart.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        b = nanos.to_le_bytes();
+    }
+    f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0)
+}
+
+/// The wait after `failures` consecutive failures (≥ 1): `BACKOFF_START` doubled per failure,
+/// capped at `cap`, then scaled by a jitter factor in `[0.5, 1)` from `random` in `[0, 1)` so that
+/// many clients failing together do not retry together.
+pub fn backoff(failures: u32, cap: Duration, random: f64) -> Duration {
+    let exp = failures.saturating_sub(1).min(20);
+    let base = BACKOFF_START.saturating_mul(1u32 << exp).min(cap);
+    base.mul_f64(0.5 + 0.5 * random.clamp(0.0, 1.0))
+}
+
+/// Waits up to `wait` for a termination signal; true when one came. SIGHUP is logged and ignored
+/// (there is no reload: restart to reconfigure).
+pub fn wait_for_termination(signals: &Receiver<i32>, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match signals.recv_timeout(left) {
+            Ok(sig) if sig == libc_sighup() => {
+                log::info!("SIGHUP ignored: restart the client to change its configuration");
+            }
+            Ok(sig) => {
+                log::info!("signal {sig} received, stopping");
+                return true;
+            }
+            Err(RecvTimeoutError::Timeout) => return false,
+            Err(RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(left);
+                return false;
+            }
+        }
+    }
+}
+
+const fn libc_sighup() -> i32 {
+    1
+}
+
+impl Client {
+    /// Builds the scraper and the pusher from `config`.
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Client, AgentError> {
+        let scraper = Scraper::new(
+            &config.from,
+            &config.matches,
+            config.from_token.clone(),
+            config.from_ca_file.as_deref(),
+            config.timeout,
+            config.limit_bytes,
+        )?;
+        let pusher = Pusher::new(
+            &config.authorize_url,
+            &config.upload_url,
+            &config.id,
+            &config.to_token,
+            config.to_ca_file.as_deref(),
+            config.timeout,
+            config.limit_bytes,
+            config.token_cache.clone(),
+        )?;
+        Ok(Client {
+            id: config.id.clone(),
+            interval: config.interval,
+            scraper,
+            pusher,
+            pipeline: Pipeline {
+                matches: config.matches.clone(),
+                labels: config.labels.clone(),
+                renames: config.renames.clone(),
+                elide_labels: config.elide_labels.clone(),
+                anonymize_labels: config.anonymize_labels.clone(),
+                anonymize_salt: config.anonymize_salt.clone(),
+            },
+            metrics,
+        })
+    }
+
+    /// One scrape, transform and push.
+    pub fn cycle(&mut self) -> Result<CycleReport, CycleError> {
+        let scrape_time = now_ms();
+        let started = Instant::now();
+        let mut timings = Timings::default();
+        let scraped = self.scraper.scrape();
+        timings.scrape = started.elapsed();
+        self.metrics.scrape(scraped.is_ok());
+        let mut families = scraped.map_err(CycleError::Scrape)?.families;
+        let scraped_series = families.iter().map(|f| f.metric.len()).sum();
+        let filtered = self.pipeline.apply(&mut families, scrape_time);
+        timings.transform = started.elapsed() - timings.scrape;
+        self.metrics.filtered(filtered.unselected, filtered.invalid);
+        if families.is_empty() {
+            return Ok(CycleReport {
+                scraped_series,
+                filtered,
+                pushed: None,
+                timings,
+            });
+        }
+        let pushing = Instant::now();
+        let result = self.pusher.push(&mut families);
+        timings.push = pushing.elapsed();
+        match result {
+            Ok(pushed) => {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0);
+                self.metrics.push_succeeded(pushed.samples, now);
+                Ok(CycleReport {
+                    scraped_series,
+                    filtered,
+                    pushed: Some(pushed),
+                    timings,
+                })
+            }
+            Err(e) => {
+                let result = match e {
+                    PushError::RateLimited { .. } => "rate_limited",
+                    _ => "error",
+                };
+                self.metrics.push_failed(result);
+                Err(CycleError::Push(e))
+            }
+        }
+    }
+
+    /// Cycles every interval until a termination signal arrives.
+    pub fn run(&mut self, signals: &Receiver<i32>) {
+        let mut failures = 0u32;
+        loop {
+            let started = Instant::now();
+            let wait = match self.cycle() {
+                Ok(report) => {
+                    failures = 0;
+                    if report.pushed.is_none() {
+                        log::warn!("cluster {}: {report}", self.id);
+                    } else {
+                        log::info!("cluster {}: {report}", self.id);
+                    }
+                    self.interval.saturating_sub(started.elapsed())
+                }
+                Err(CycleError::Push(PushError::RateLimited {
+                    retry_after: Some(after),
+                })) => {
+                    let wait = after.min(self.interval);
+                    log::warn!(
+                        "cluster {}: upload rate limited, next attempt in {}",
+                        self.id,
+                        telemeter_common::duration::format(wait)
+                    );
+                    wait
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let wait = backoff(failures, self.interval, unit_random());
+                    log::warn!(
+                        "cluster {}: {e}; attempt {failures} failed, next in {:.1}s",
+                        self.id,
+                        wait.as_secs_f64()
+                    );
+                    wait
+                }
+            };
+            if wait_for_termination(signals, wait) {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        let cap = Duration::from_secs(270);
+        assert_eq!(backoff(1, cap, 0.0), Duration::from_millis(2500));
+        assert_eq!(
+            backoff(1, cap, 0.999_999),
+            Duration::from_secs(5).mul_f64(0.9999995)
+        );
+        assert_eq!(backoff(2, cap, 0.0), Duration::from_secs(5));
+        assert_eq!(backoff(3, cap, 0.0), Duration::from_secs(10));
+        assert_eq!(backoff(30, cap, 0.0), Duration::from_secs(135));
+        assert!(backoff(30, cap, 0.99) <= cap);
+        assert_eq!(
+            backoff(1, Duration::from_secs(1), 0.0),
+            Duration::from_millis(500)
+        );
+    }
+
+    #[test]
+    fn random_is_in_unit_interval() {
+        for _ in 0..100 {
+            let r = unit_random();
+            assert!((0.0..1.0).contains(&r), "{r}");
+        }
+    }
+
+    #[test]
+    fn termination_wait_ends_on_signal_and_ignores_hup() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        tx.send(1).unwrap();
+        tx.send(15).unwrap();
+        assert!(wait_for_termination(&rx, Duration::from_secs(30)));
+        assert!(!wait_for_termination(&rx, Duration::from_millis(10)));
+    }
+}

@@ -1,0 +1,280 @@
+//! Scraping the isolated Prometheus: `GET <from>?match[]=…`, protobuf preferred, text accepted.
+
+use crate::agent::{self, AgentError};
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+use telemeter_common::http::percent_encode;
+use telemeter_common::media::{Format, ACCEPT_PD_THEN_TEXT};
+use telemeter_common::model::MetricFamily;
+use telemeter_common::selector::Selector;
+use telemeter_common::{delimited, text};
+
+/// Why a scrape failed.
+#[derive(Debug)]
+pub enum ScrapeError {
+    /// The request could not be made or the reply not read (connection refused, timeout, TLS).
+    Transport {
+        /// The URL scraped (without query).
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The server answered with a status other than 200.
+    Status {
+        /// The URL scraped (without query).
+        url: String,
+        /// The status.
+        status: u16,
+        /// The first line of the reply body.
+        message: String,
+    },
+    /// The body is larger than `--limit-bytes`.
+    TooLarge {
+        /// The URL scraped (without query).
+        url: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// The body could not be decoded.
+    Decode {
+        /// The URL scraped (without query).
+        url: String,
+        /// The Content-Type of the reply.
+        content_type: String,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+impl fmt::Display for ScrapeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ScrapeError::Transport { url, message } => {
+                write!(f, "scraping {url} failed: {message}")
+            }
+            ScrapeError::Status {
+                url,
+                status,
+                message,
+            } => write!(f, "scraping {url} failed with status {status}: {message}"),
+            ScrapeError::TooLarge { url, limit } => write!(
+                f,
+                "scraping {url}: the reply is larger than --limit-bytes ({limit} bytes); narrow --match or raise --limit-bytes"
+            ),
+            ScrapeError::Decode {
+                url,
+                content_type,
+                message,
+            } => write!(
+                f,
+                "scraping {url}: cannot decode the reply ({content_type}): {message}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ScrapeError {}
+
+/// What one scrape brought back.
+#[derive(Debug)]
+pub struct Scraped {
+    /// The decoded families.
+    pub families: Vec<MetricFamily>,
+    /// The format the server answered in.
+    pub format: Format,
+    /// Size of the reply body, in bytes.
+    pub bytes: usize,
+}
+
+/// Scrapes one URL with fixed selectors and credentials.
+pub struct Scraper {
+    agent: ureq::Agent,
+    url: String,
+    matches: Vec<String>,
+    token: Option<String>,
+    limit_bytes: usize,
+}
+
+/// `url` with one `match[]` parameter per selector, built fresh (upstream appended them to a shared
+/// URL on every cycle, so the query grew without bound).
+pub fn build_url(url: &str, matches: &[String]) -> String {
+    let mut out = String::with_capacity(url.len() + matches.len() * 32);
+    out.push_str(url);
+    let mut sep = if url.contains('?') { '&' } else { '?' };
+    for m in matches {
+        out.push(sep);
+        out.push_str("match%5B%5D=");
+        out.push_str(&percent_encode(m));
+        sep = '&';
+    }
+    out
+}
+
+/// Decodes a scrape body by its Content-Type: protobuf-delimited, or text for `text/plain` and
+/// anything unlabelled (as Prometheus does for an unknown type).
+pub fn decode_body(
+    body: &[u8],
+    content_type: &str,
+    limit_bytes: usize,
+) -> Result<(Vec<MetricFamily>, Format), String> {
+    match Format::from_content_type(content_type) {
+        Some(Format::ProtoDelimited) => {
+            let limits = delimited::Limits {
+                max_total_bytes: limit_bytes,
+                max_message_bytes: limit_bytes,
+                ..delimited::Limits::default()
+            };
+            delimited::decode(body, &limits)
+                .map(|f| (f, Format::ProtoDelimited))
+                .map_err(|e| e.to_string())
+        }
+        _ => text::parse(body, &text::Limits::default())
+            .map(|f| (f, Format::Text))
+            .map_err(|e| e.to_string()),
+    }
+}
+
+impl Scraper {
+    /// A scraper of `url` (already with `/federate` filled in) sending `matches` as `match[]`.
+    pub fn new(
+        url: &str,
+        matches: &[Selector],
+        token: Option<String>,
+        ca_file: Option<&Path>,
+        timeout: Duration,
+        limit_bytes: usize,
+    ) -> Result<Scraper, AgentError> {
+        Ok(Scraper {
+            agent: agent::build(ca_file, timeout)?,
+            url: url.to_string(),
+            matches: matches.iter().map(|s| s.source.clone()).collect(),
+            token,
+            limit_bytes,
+        })
+    }
+
+    /// The URL scraped, without the `match[]` parameters.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Scrapes once.
+    pub fn scrape(&self) -> Result<Scraped, ScrapeError> {
+        let url = build_url(&self.url, &self.matches);
+        let transport = |e: ureq::Error| ScrapeError::Transport {
+            url: self.url.clone(),
+            message: e.to_string(),
+        };
+        let mut request = self.agent.get(&url).header("Accept", ACCEPT_PD_THEN_TEXT);
+        if let Some(token) = &self.token {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        let mut response = request.call().map_err(transport)?;
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let read = response
+            .body_mut()
+            .with_config()
+            .limit(self.limit_bytes as u64)
+            .read_to_vec();
+        let body = match read {
+            Ok(b) => b,
+            Err(ureq::Error::BodyExceedsLimit(_)) if status == 200 => {
+                return Err(ScrapeError::TooLarge {
+                    url: self.url.clone(),
+                    limit: self.limit_bytes,
+                })
+            }
+            Err(e) if status == 200 => return Err(transport(e)),
+            Err(_) => Vec::new(),
+        };
+        if status != 200 {
+            return Err(ScrapeError::Status {
+                url: self.url.clone(),
+                status,
+                message: agent::first_line(&body),
+            });
+        }
+        let (families, format) =
+            decode_body(&body, &content_type, self.limit_bytes).map_err(|message| {
+                ScrapeError::Decode {
+                    url: self.url.clone(),
+                    content_type: content_type.clone(),
+                    message,
+                }
+            })?;
+        Ok(Scraped {
+            families,
+            format,
+            bytes: body.len(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_is_built_fresh_with_each_match() {
+        let m = vec![
+            r#"{__name__="up"}"#.to_string(),
+            "a{b=~\"c|d\"}".to_string(),
+        ];
+        let u = build_url("http://p/federate", &m);
+        assert_eq!(
+            u,
+            format!(
+                "http://p/federate?match%5B%5D={}&match%5B%5D={}",
+                percent_encode(&m[0]),
+                percent_encode(&m[1])
+            )
+        );
+        // Building twice gives the same URL: nothing accumulates.
+        assert_eq!(build_url("http://p/federate", &m), u);
+        assert!(build_url("http://p/x?a=b", &m).starts_with("http://p/x?a=b&match%5B%5D="));
+        assert_eq!(build_url("http://p/metrics", &[]), "http://p/metrics");
+    }
+
+    #[test]
+    fn decodes_text_and_unknown_as_text() {
+        let body = b"# TYPE up gauge\nup{job=\"a\"} 1 1000\n";
+        let (f, fmt) = decode_body(body, "text/plain; version=0.0.4", 1 << 20).unwrap();
+        assert_eq!(fmt, Format::Text);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].name.as_deref(), Some("up"));
+        let (f, _) = decode_body(body, "", 1 << 20).unwrap();
+        assert_eq!(f.len(), 1);
+    }
+
+    #[test]
+    fn decodes_protobuf() {
+        let fam = MetricFamily {
+            name: Some("up".into()),
+            r#type: Some(1),
+            metric: vec![telemeter_common::model::Metric {
+                gauge: Some(telemeter_common::model::Gauge { value: Some(1.0) }),
+                timestamp_ms: Some(5),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let body = delimited::encode(std::slice::from_ref(&fam));
+        let (f, fmt) =
+            decode_body(&body, telemeter_common::media::PROTO_DELIMITED, 1 << 20).unwrap();
+        assert_eq!(fmt, Format::ProtoDelimited);
+        assert_eq!(f, vec![fam]);
+        assert!(decode_body(
+            b"\xff\xff",
+            telemeter_common::media::PROTO_DELIMITED,
+            1 << 20
+        )
+        .is_err());
+    }
+}

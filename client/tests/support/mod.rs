@@ -1,0 +1,403 @@
+//! Helpers of the client's end-to-end tests: an in-test telemeter-server stand-in that records what
+//! the client sends, a real Prometheus, and running the real client binary with bounded waits.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use telemeter_common::http::{Handler, Request, Response, Server, ServerHandle};
+use telemeter_common::model::MetricFamily;
+use telemeter_common::{delimited, snappy};
+
+/// The client binary under test.
+pub const CLIENT: &str = env!("CARGO_BIN_EXE_telemeter-client");
+
+/// The directory of the test TLS certificates.
+pub fn tls_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tls")
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let p = std::env::temp_dir().join(format!("tc-e2e-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One request the receiver saw.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub at: Instant,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The upload body decoded: snappy framed, then protobuf-delimited.
+    pub fn families(&self) -> Vec<MetricFamily> {
+        let raw = snappy::decode_framed(&self.body, 64 << 20).expect("snappy framed body");
+        delimited::decode(&raw, &delimited::Limits::default()).expect("protobuf-delimited body")
+    }
+}
+
+/// How the receiver behaves.
+pub struct Behaviour {
+    /// Status of `/authorize` (200 gives a token).
+    pub authorize_status: u16,
+    /// Lifetime of the tokens given.
+    pub expires_in: i64,
+    /// Replies of the next uploads, in order: status and optional Retry-After; 200 once empty.
+    pub upload_replies: VecDeque<(u16, Option<u64>)>,
+    /// The body served on `GET /metrics` (a plain exporter to scrape).
+    pub metrics_body: String,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Behaviour {
+            authorize_status: 200,
+            expires_in: 3600,
+            upload_replies: VecDeque::new(),
+            metrics_body: concat!(
+                "# HELP source_up A gauge.\n",
+                "# TYPE source_up gauge\n",
+                "source_up{instance=\"host-1:9100\",job=\"node\"} 1\n",
+                "source_up{instance=\"host-2:9100\",job=\"node\"} 0\n",
+                "# TYPE ALERTS gauge\n",
+                "ALERTS{alertname=\"Down\",instance=\"host-2:9100\"} 1\n",
+                "# TYPE other_metric counter\n",
+                "other_metric 5\n",
+            )
+            .to_string(),
+        }
+    }
+}
+
+struct State {
+    behaviour: Behaviour,
+    seen: Vec<Seen>,
+    tokens_issued: u32,
+}
+
+struct Recorder(Arc<Mutex<State>>);
+
+impl Handler for Recorder {
+    fn handle(&self, request: Request) -> Response {
+        let Ok(mut state) = self.0.lock() else {
+            return Response::text(500, "poisoned");
+        };
+        state.seen.push(Seen {
+            method: request.method.clone(),
+            path: request.path.clone(),
+            query: request.query.clone(),
+            headers: request.headers.clone(),
+            body: request.body.clone(),
+            at: Instant::now(),
+        });
+        match request.path.as_str() {
+            "/metrics" => Response::bytes(
+                200,
+                "text/plain; version=0.0.4",
+                state.behaviour.metrics_body.clone().into_bytes(),
+            ),
+            "/authorize" => {
+                if state.behaviour.authorize_status != 200 {
+                    return Response::text(state.behaviour.authorize_status, "unauthorized");
+                }
+                state.tokens_issued += 1;
+                let id = request.query_param("id").unwrap_or_default();
+                Response::json(
+                    200,
+                    &serde_json::json!({
+                        "version": 1,
+                        "token": format!("upload-token-{}", state.tokens_issued),
+                        "expiresInSeconds": state.behaviour.expires_in,
+                        "labels": {"_id": id},
+                    }),
+                )
+            }
+            "/upload" => match state.behaviour.upload_replies.pop_front() {
+                None | Some((200, _)) => Response::empty(200),
+                Some((status, retry_after)) => {
+                    let r = Response::text(status, "refused by the test");
+                    match retry_after {
+                        Some(s) => r.with_header("Retry-After", &s.to_string()),
+                        None => r,
+                    }
+                }
+            },
+            _ => Response::text(404, "not found"),
+        }
+    }
+
+    fn body_limit(&self, _method: &str, _path: &str) -> usize {
+        64 << 20
+    }
+}
+
+/// An in-test stand-in for telemeter-server (and a plain `/metrics` source).
+pub struct Receiver {
+    state: Arc<Mutex<State>>,
+    handle: Option<ServerHandle>,
+    pub url: String,
+}
+
+impl Receiver {
+    pub fn start(behaviour: Behaviour) -> Receiver {
+        Receiver::start_with(behaviour, None)
+    }
+
+    /// A receiver serving HTTPS with the test certificate of `tests/fixtures/tls` (signed by its
+    /// `ca.pem`, valid for 127.0.0.1).
+    pub fn start_tls(behaviour: Behaviour) -> Receiver {
+        let dir = tls_fixtures();
+        let tls = telemeter_common::tls::server_config(
+            &dir.join("server.pem"),
+            &dir.join("server-key.pem"),
+        )
+        .expect("test TLS config");
+        Receiver::start_with(behaviour, Some(tls))
+    }
+
+    fn start_with(behaviour: Behaviour, tls: Option<Arc<rustls::ServerConfig>>) -> Receiver {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let state = Arc::new(Mutex::new(State {
+            behaviour,
+            seen: Vec::new(),
+            tokens_issued: 0,
+        }));
+        let config = telemeter_common::http::Config {
+            name: "test-receiver".into(),
+            tls,
+            ..telemeter_common::http::Config::default()
+        };
+        let server = Server::bind("127.0.0.1:0", config, Arc::new(Recorder(state.clone())))
+            .expect("bind receiver");
+        let url = format!("{scheme}://{}", server.local_addr());
+        Receiver {
+            state,
+            handle: Some(server.spawn()),
+            url,
+        }
+    }
+
+    pub fn seen(&self, path: &str) -> Vec<Seen> {
+        self.state
+            .lock()
+            .expect("state")
+            .seen
+            .iter()
+            .filter(|s| s.path == path)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits (bounded) until `n` requests to `path` were seen.
+    pub fn wait_for(&self, path: &str, n: usize, within: Duration) -> Vec<Seen> {
+        let deadline = Instant::now() + within;
+        loop {
+            let seen = self.seen(path);
+            if seen.len() >= n || Instant::now() > deadline {
+                return seen;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.shutdown(Duration::from_secs(2));
+        }
+    }
+}
+
+/// Runs the client to completion, killing it after `within`.
+pub fn run_client(args: &[&str], within: Duration) -> Output {
+    let child = Command::new(CLIENT)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start telemeter-client");
+    wait_output(child, within)
+}
+
+/// Waits for `child` with a bound, killing it when the bound passes.
+pub fn wait_output(mut child: Child, within: Duration) -> Output {
+    let deadline = Instant::now() + within;
+    loop {
+        match child.try_wait().expect("try_wait") {
+            Some(_) => break,
+            None if Instant::now() > deadline => {
+                let _ = child.kill();
+                break;
+            }
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    child.wait_with_output().expect("client output")
+}
+
+/// A child process killed on drop, so a failing assertion never leaves it running.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (bounded) for a child to exit.
+pub fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Sends SIGTERM to a child (through kill(1): the client crate does not link libc).
+pub fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// An HTTP GET with a short timeout: status and body.
+pub fn get(url: &str) -> Option<(u16, String)> {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .new_agent();
+    let mut r = agent.get(url).call().ok()?;
+    let status = r.status().as_u16();
+    let mut body = String::new();
+    r.body_mut().as_reader().read_to_string(&mut body).ok()?;
+    Some((status, body))
+}
+
+/// A real Prometheus scraping itself every second, killed on drop.
+pub struct Prometheus {
+    child: Child,
+    _dir: TempDir,
+    pub url: String,
+    pub port: u16,
+}
+
+pub const PROMETHEUS: &str = "/usr/bin/prometheus";
+
+impl Prometheus {
+    /// Starts Prometheus with `jobs` scrape jobs of itself (distinct job names) and waits (bounded)
+    /// until `/federate` returns `up` for all of them. `None` when Prometheus is not installed.
+    pub fn start(jobs: usize) -> Option<Prometheus> {
+        if !Path::new(PROMETHEUS).exists() {
+            eprintln!("NOTE: {PROMETHEUS} not found; skipping the real-Prometheus test");
+            return None;
+        }
+        let dir = TempDir::new("prom");
+        let port = free_port();
+        let mut config = String::from("global:\n  scrape_interval: 1s\nscrape_configs:\n");
+        for j in 0..jobs {
+            config.push_str(&format!(
+                "  - job_name: self-{j}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+            ));
+        }
+        let config_path = dir.path().join("prometheus.yml");
+        std::fs::write(&config_path, config).expect("write prometheus.yml");
+        let child = Command::new(PROMETHEUS)
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus");
+        let prom = Prometheus {
+            child,
+            _dir: dir,
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+        };
+        let probe = format!(
+            "{}/federate?match%5B%5D=%7B__name__%3D%22up%22%7D",
+            prom.url
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some((200, body)) = get(&probe) {
+                let jobs_up = body.lines().filter(|l| l.starts_with("up{")).count();
+                if jobs_up >= jobs {
+                    // One more scrape interval so every job's series are in the head block.
+                    std::thread::sleep(Duration::from_millis(1500));
+                    return Some(prom);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Prometheus did not have data within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,600 @@
+//! `/authorize`: exchanging a client token for a signed upload token.
+//!
+//! Client tokens are checked by one [`ClientAuthorizer`]: a tokens file, an upstream authorization
+//! service ("tollbooth"), or, for tests only, anything. Upstream accepted any token when no service
+//! was configured; here that needs `--insecure-accept-any-token`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use log::{info, warn};
+use ring::digest;
+use serde::Deserialize;
+use telemeter_common::http::{Request, Response};
+use telemeter_common::tls;
+use telemeter_common::token::TokenSigner;
+
+use crate::metrics::Metrics;
+
+/// Longest cluster id accepted, in bytes.
+pub const MAX_CLUSTER_ID_BYTES: usize = 255;
+/// Largest `/authorize` body read (it is empty, or a small form).
+pub const MAX_BODY_BYTES: usize = 4 << 10;
+/// Time allowed for a call to the authorization service.
+pub const TOLLBOOTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// `Retry-After` sent when the authorization service rate-limits without saying for how long
+/// (upstream's value).
+pub const DEFAULT_RETRY_AFTER_SECS: u64 = 300;
+
+/// Why a client token was not accepted for a cluster id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthorizeError {
+    /// The token is not known.
+    UnknownToken,
+    /// The token is known but may not push for this cluster id.
+    NotAllowed {
+        /// The cluster id asked for.
+        cluster_id: String,
+    },
+    /// The authorization service asks to come back later.
+    RateLimited {
+        /// Seconds to wait.
+        retry_after: u64,
+    },
+    /// The authorization service answered an unexpected status.
+    Rejected {
+        /// Its status.
+        status: u16,
+    },
+    /// The authorization service answered something we cannot read.
+    BadAnswer(String),
+    /// The authorization service could not be reached.
+    Unavailable(String),
+}
+
+impl AuthorizeError {
+    /// The HTTP status for the client.
+    pub fn status(&self) -> u16 {
+        match self {
+            AuthorizeError::UnknownToken => 401,
+            AuthorizeError::NotAllowed { .. } => 403,
+            AuthorizeError::RateLimited { .. } => 429,
+            AuthorizeError::Rejected { .. } | AuthorizeError::BadAnswer(_) => 502,
+            AuthorizeError::Unavailable(_) => 503,
+        }
+    }
+}
+
+impl fmt::Display for AuthorizeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuthorizeError::UnknownToken => f.write_str("unauthorized"),
+            AuthorizeError::NotAllowed { cluster_id } => {
+                write!(f, "the token may not push for cluster {cluster_id:?}")
+            }
+            AuthorizeError::RateLimited { retry_after } => write!(
+                f,
+                "authorization service is rate limiting: retry in {retry_after}s"
+            ),
+            AuthorizeError::Rejected { status } => {
+                write!(f, "authorization service answered {status}")
+            }
+            AuthorizeError::BadAnswer(reason) => {
+                write!(f, "authorization service answered badly: {reason}")
+            }
+            AuthorizeError::Unavailable(reason) => {
+                write!(f, "authorization service unavailable: {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for AuthorizeError {}
+
+/// Checks client tokens.
+pub trait ClientAuthorizer: Send + Sync + 'static {
+    /// Whether `token` may push for `cluster_id`; the token subject (an account id) when it may.
+    fn authorize(&self, token: &str, cluster_id: &str) -> Result<String, AuthorizeError>;
+}
+
+/// Why a tokens file could not be loaded.
+#[derive(Debug)]
+pub enum TokensFileError {
+    /// The file could not be read.
+    Read(std::io::Error),
+    /// The JSON form is invalid.
+    Json(serde_json::Error),
+    /// A line of the line form is invalid.
+    Line {
+        /// The 1-based line number.
+        line: usize,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The file names no token.
+    Empty,
+}
+
+impl fmt::Display for TokensFileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokensFileError::Read(e) => write!(f, "{e}"),
+            TokensFileError::Json(e) => write!(f, "invalid JSON: {e}"),
+            TokensFileError::Line { line, reason } => write!(f, "line {line}: {reason}"),
+            TokensFileError::Empty => f.write_str("no token in the file"),
+        }
+    }
+}
+
+impl std::error::Error for TokensFileError {}
+
+/// Client tokens from a file, each allowed for some cluster ids or all (`*`).
+///
+/// Tokens are kept as SHA-256 digests, so a lookup's timing says nothing useful about a token.
+#[derive(Debug, Default)]
+pub struct TokensFile {
+    tokens: HashMap<[u8; 32], Allowed>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Allowed {
+    any: bool,
+    clusters: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct JsonEntry {
+    token: String,
+    #[serde(default)]
+    clusters: Vec<String>,
+}
+
+impl TokensFile {
+    /// Reads and parses a tokens file.
+    pub fn load(path: &Path) -> Result<TokensFile, TokensFileError> {
+        let contents = std::fs::read_to_string(path).map_err(TokensFileError::Read)?;
+        TokensFile::parse(&contents)
+    }
+
+    /// Parses a tokens file: JSON `[{"token":"…","clusters":["id","*"]}]` when the first
+    /// non-space character is `[`, else lines `TOKEN ID1,ID2` or `TOKEN *` (`#` comments, blank
+    /// lines skipped).
+    pub fn parse(contents: &str) -> Result<TokensFile, TokensFileError> {
+        let mut file = TokensFile::default();
+        if contents.trim_start().starts_with('[') {
+            let entries: Vec<JsonEntry> =
+                serde_json::from_str(contents).map_err(TokensFileError::Json)?;
+            for (i, entry) in entries.into_iter().enumerate() {
+                if entry.token.is_empty() {
+                    return Err(TokensFileError::Line {
+                        line: i + 1,
+                        reason: "entry has an empty token".into(),
+                    });
+                }
+                file.add(&entry.token, entry.clusters.iter().map(String::as_str));
+            }
+        } else {
+            for (i, line) in contents.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let mut words = line.split_whitespace();
+                let (Some(token), Some(clusters), None) =
+                    (words.next(), words.next(), words.next())
+                else {
+                    return Err(TokensFileError::Line {
+                        line: i + 1,
+                        reason: "expected TOKEN CLUSTER1,CLUSTER2 or TOKEN *".into(),
+                    });
+                };
+                file.add(token, clusters.split(',').filter(|c| !c.is_empty()));
+            }
+        }
+        if file.tokens.is_empty() {
+            return Err(TokensFileError::Empty);
+        }
+        Ok(file)
+    }
+
+    /// How many tokens the file holds.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether the file holds no token.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    fn add<'a>(&mut self, token: &str, clusters: impl Iterator<Item = &'a str>) {
+        let allowed = self.tokens.entry(token_digest(token)).or_default();
+        for cluster in clusters {
+            if cluster == "*" {
+                allowed.any = true;
+            } else {
+                allowed.clusters.push(cluster.to_string());
+            }
+        }
+    }
+}
+
+fn token_digest(token: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest::digest(&digest::SHA256, token.as_bytes()).as_ref());
+    out
+}
+
+impl ClientAuthorizer for TokensFile {
+    fn authorize(&self, token: &str, cluster_id: &str) -> Result<String, AuthorizeError> {
+        let allowed = self
+            .tokens
+            .get(&token_digest(token))
+            .ok_or(AuthorizeError::UnknownToken)?;
+        if allowed.any || allowed.clusters.iter().any(|c| c == cluster_id) {
+            Ok(cluster_id.to_string())
+        } else {
+            Err(AuthorizeError::NotAllowed {
+                cluster_id: cluster_id.to_string(),
+            })
+        }
+    }
+}
+
+/// Accepts every token for every cluster (`--insecure-accept-any-token`).
+#[derive(Debug, Default)]
+pub struct AnyToken;
+
+impl ClientAuthorizer for AnyToken {
+    fn authorize(&self, _token: &str, cluster_id: &str) -> Result<String, AuthorizeError> {
+        Ok(cluster_id.to_string())
+    }
+}
+
+/// An upstream authorization service speaking the tollbooth protocol.
+pub struct Tollbooth {
+    url: String,
+    agent: ureq::Agent,
+}
+
+#[derive(serde::Serialize)]
+struct TollboothRequest<'a> {
+    cluster_id: &'a str,
+    authorization_token: &'a str,
+    account_id: &'a str,
+}
+
+#[derive(Deserialize)]
+struct TollboothAnswer {
+    #[serde(default)]
+    account_id: String,
+}
+
+impl Tollbooth {
+    /// A client of the service at `url`, with a [`TOLLBOOTH_TIMEOUT`] per call, trusting the
+    /// system's root certificates for `https://` (the rustls crypto provider must be installed).
+    pub fn new(url: &str) -> Tollbooth {
+        // ureq is built without its bundled roots: without explicit roots an https call panics.
+        let roots: Vec<ureq::tls::Certificate<'static>> = tls::system_roots()
+            .iter()
+            .map(|der| ureq::tls::Certificate::from_der(der.as_ref()).to_owned())
+            .collect();
+        let config = ureq::Agent::config_builder()
+            .timeout_global(Some(TOLLBOOTH_TIMEOUT))
+            .http_status_as_error(false)
+            .tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
+                    .build(),
+            )
+            .build();
+        Tollbooth {
+            url: url.to_string(),
+            agent: ureq::Agent::new_with_config(config),
+        }
+    }
+}
+
+impl ClientAuthorizer for Tollbooth {
+    fn authorize(&self, token: &str, cluster_id: &str) -> Result<String, AuthorizeError> {
+        let body = serde_json::to_vec(&TollboothRequest {
+            cluster_id,
+            authorization_token: token,
+            account_id: "",
+        })
+        .map_err(|e| AuthorizeError::BadAnswer(e.to_string()))?;
+        let mut response = self
+            .agent
+            .post(&self.url)
+            .header("Content-Type", "application/json")
+            .header("Accept", "application/json")
+            .send(&body[..])
+            .map_err(|e| AuthorizeError::Unavailable(e.to_string()))?;
+        let status = response.status().as_u16();
+        match status {
+            200 | 201 => {}
+            401 => return Err(AuthorizeError::UnknownToken),
+            429 => {
+                let retry_after = response
+                    .headers()
+                    .get("Retry-After")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(DEFAULT_RETRY_AFTER_SECS);
+                return Err(AuthorizeError::RateLimited { retry_after });
+            }
+            other => return Err(AuthorizeError::Rejected { status: other }),
+        }
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(16 << 10)
+            .read_to_vec()
+            .map_err(|e| AuthorizeError::BadAnswer(e.to_string()))?;
+        let answer: TollboothAnswer = serde_json::from_slice(&bytes)
+            .map_err(|e| AuthorizeError::BadAnswer(format!("invalid JSON: {e}")))?;
+        if answer.account_id.is_empty() {
+            return Err(AuthorizeError::BadAnswer("no account_id".into()));
+        }
+        Ok(answer.account_id)
+    }
+}
+
+/// Serves `/authorize`.
+pub struct AuthorizeHandler {
+    authorizer: Arc<dyn ClientAuthorizer>,
+    signer: TokenSigner,
+    lifetime: Duration,
+    partition_label: String,
+    required_labels: Vec<(String, String)>,
+    metrics: Metrics,
+}
+
+/// The JSON answer of `/authorize` (upstream's `TokenResponse`).
+#[derive(Debug, serde::Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenResponse {
+    /// Always 1.
+    pub version: u32,
+    /// The upload token.
+    pub token: String,
+    /// Seconds until the token expires.
+    #[serde(rename = "expiresInSeconds")]
+    pub expires_in_seconds: u64,
+    /// Labels the client should put on every series (the partition label included).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl AuthorizeHandler {
+    /// A handler issuing tokens valid `lifetime` that carry the partition label and `required_labels`.
+    pub fn new(
+        authorizer: Arc<dyn ClientAuthorizer>,
+        signer: TokenSigner,
+        lifetime: Duration,
+        partition_label: &str,
+        required_labels: Vec<(String, String)>,
+        metrics: Metrics,
+    ) -> AuthorizeHandler {
+        AuthorizeHandler {
+            authorizer,
+            signer,
+            lifetime,
+            partition_label: partition_label.to_string(),
+            required_labels,
+            metrics,
+        }
+    }
+
+    /// Answers one `/authorize` request.
+    pub fn handle(&self, request: &Request) -> Response {
+        let response = self.answer(request);
+        let result = match response.status {
+            200 => "ok",
+            400 | 401 | 403 | 405 => "denied",
+            _ => "error",
+        };
+        self.metrics.authorize.with(&[result]).inc();
+        response
+    }
+
+    fn answer(&self, request: &Request) -> Response {
+        if request.method != "POST" {
+            return Response::text(405, "only POST is allowed").with_header("Allow", "POST");
+        }
+        let id = match request
+            .query_param("id")
+            .filter(|id| !id.is_empty())
+            .or_else(|| request.form_param("id").filter(|id| !id.is_empty()))
+        {
+            Some(id) => id,
+            None => {
+                return Response::text(
+                    400,
+                    "The 'id' parameter must be specified via URL or url-encoded form body",
+                )
+            }
+        };
+        let token = match bearer(request) {
+            Ok(token) => token,
+            Err(reason) => return unauthorized(reason),
+        };
+        if let Err(reason) = check_cluster_id(&id) {
+            return Response::text(400, &format!("invalid cluster id: {reason}"));
+        }
+        let subject = match self.authorizer.authorize(token, &id) {
+            Ok(subject) => subject,
+            Err(e) => {
+                info!("authorize refused for cluster {id:?}: {e}");
+                return match e {
+                    AuthorizeError::UnknownToken => unauthorized(&e.to_string()),
+                    AuthorizeError::RateLimited { retry_after } => {
+                        Response::text(429, &e.to_string())
+                            .with_header("Retry-After", &retry_after.to_string())
+                    }
+                    _ => Response::text(e.status(), &e.to_string()),
+                };
+            }
+        };
+        let mut labels = BTreeMap::new();
+        for (name, value) in &self.required_labels {
+            labels.insert(name.clone(), value.clone());
+        }
+        labels.insert(self.partition_label.clone(), id.clone());
+        let token = self
+            .signer
+            .issue(&id, &subject, &labels, self.lifetime, SystemTime::now());
+        info!("authorized cluster {id:?}");
+        Response::json(
+            200,
+            &TokenResponse {
+                version: 1,
+                token,
+                expires_in_seconds: self.lifetime.as_secs(),
+                labels,
+            },
+        )
+    }
+}
+
+/// The bearer token of a request, or the one-line reason (upstream's wording) it has none.
+pub fn bearer(request: &Request) -> Result<&str, &'static str> {
+    let header = request
+        .header("Authorization")
+        .ok_or("Only bearer authorization allowed")?;
+    let header = header.trim();
+    let (scheme, token) = header.split_once(' ').unwrap_or((header, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err("Only bearer authorization allowed");
+    }
+    let token = token.trim();
+    if token.is_empty() {
+        return Err("Invalid Authorization header");
+    }
+    Ok(token)
+}
+
+/// A 401 with the challenge that says which scheme to use.
+pub fn unauthorized(reason: &str) -> Response {
+    Response::text(401, reason).with_header("WWW-Authenticate", "Bearer")
+}
+
+/// Whether `id` can be a cluster id: a label value of 1 to [`MAX_CLUSTER_ID_BYTES`] bytes without
+/// control characters (it ends up in logs and file headers).
+pub fn check_cluster_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("empty".into());
+    }
+    if id.len() > MAX_CLUSTER_ID_BYTES {
+        return Err(format!("longer than {MAX_CLUSTER_ID_BYTES} bytes"));
+    }
+    if id.chars().any(char::is_control) {
+        return Err("contains control characters".into());
+    }
+    Ok(())
+}
+
+/// Builds the authorizer a token source names (loading a tokens file).
+pub fn from_source(
+    source: &crate::config::TokenSource,
+) -> Result<Arc<dyn ClientAuthorizer>, TokensFileError> {
+    Ok(match source {
+        crate::config::TokenSource::File(path) => {
+            let file = TokensFile::load(path)?;
+            info!("client tokens: {} from {}", file.len(), path.display());
+            Arc::new(file)
+        }
+        crate::config::TokenSource::Tollbooth(url) => {
+            info!("client tokens: checked by {url}");
+            Arc::new(Tollbooth::new(url))
+        }
+        crate::config::TokenSource::AnyToken => {
+            warn!("client tokens: ANY token is accepted for ANY cluster (--insecure-accept-any-token)");
+            Arc::new(AnyToken)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_file_line_form() {
+        let f = TokensFile::parse("# comment\n\nsecret1 a,b\nsecret2 *\n").unwrap();
+        assert_eq!(f.len(), 2);
+        assert_eq!(f.authorize("secret1", "a"), Ok("a".to_string()));
+        assert_eq!(f.authorize("secret1", "b"), Ok("b".to_string()));
+        assert_eq!(
+            f.authorize("secret1", "c"),
+            Err(AuthorizeError::NotAllowed {
+                cluster_id: "c".into()
+            })
+        );
+        assert_eq!(f.authorize("secret2", "anything"), Ok("anything".into()));
+        assert_eq!(f.authorize("nope", "a"), Err(AuthorizeError::UnknownToken));
+    }
+
+    #[test]
+    fn tokens_file_json_form() {
+        let f = TokensFile::parse(
+            r#"  [{"token":"t1","clusters":["x"]},{"token":"t2","clusters":["*"]}]"#,
+        )
+        .unwrap();
+        assert_eq!(f.authorize("t1", "x"), Ok("x".into()));
+        assert_eq!(f.authorize("t1", "y").unwrap_err().status(), 403);
+        assert_eq!(f.authorize("t2", "y"), Ok("y".into()));
+        assert_eq!(f.authorize("t3", "y").unwrap_err().status(), 401);
+    }
+
+    #[test]
+    fn tokens_file_errors() {
+        assert!(matches!(
+            TokensFile::parse("only-a-token\n"),
+            Err(TokensFileError::Line { line: 1, .. })
+        ));
+        assert!(matches!(
+            TokensFile::parse("[{\"token\":1}]"),
+            Err(TokensFileError::Json(_))
+        ));
+        assert!(matches!(
+            TokensFile::parse("# nothing\n"),
+            Err(TokensFileError::Empty)
+        ));
+    }
+
+    #[test]
+    fn cluster_ids_are_checked() {
+        assert!(check_cluster_id("abc-123").is_ok());
+        assert!(check_cluster_id("").is_err());
+        assert!(check_cluster_id(&"x".repeat(256)).is_err());
+        assert!(check_cluster_id("a\nb").is_err());
+    }
+
+    #[test]
+    fn an_https_service_that_fails_tls_is_unavailable_not_a_panic() {
+        tls::install_crypto_provider();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = std::thread::spawn(move || {
+            // Accept and hang up: the TLS handshake fails after the client built its TLS config.
+            let _ = listener.accept();
+        });
+        let tollbooth = Tollbooth::new(&format!("https://{addr}/"));
+        let err = tollbooth.authorize("t", "c").unwrap_err();
+        assert_eq!(err.status(), 503, "{err}");
+        peer.join().unwrap();
+    }
+
+    #[test]
+    fn error_statuses() {
+        assert_eq!(AuthorizeError::Rejected { status: 500 }.status(), 502);
+        assert_eq!(
+            AuthorizeError::Rejected { status: 500 }.to_string(),
+            "authorization service answered 500"
+        );
+        assert_eq!(AuthorizeError::Unavailable("x".into()).status(), 503);
+        assert_eq!(AuthorizeError::RateLimited { retry_after: 3 }.status(), 429);
+    }
+}

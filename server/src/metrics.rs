@@ -1,0 +1,209 @@
+//! The server's own metrics, served on the internal port's `/metrics`.
+
+use std::sync::Mutex;
+
+use telemeter_common::http::Stats;
+use telemeter_common::instrument::{
+    Counter, CounterVec, GaugeVec, HistogramVec, Registry, LATENCY_BUCKETS,
+};
+
+use crate::store::StoreStats;
+
+/// Every metric the server keeps, registered once at start.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry they render from.
+    pub registry: Registry,
+    /// Uploads by result (`stored`, `empty`, `rejected`, `failed`) and status code.
+    pub uploads: CounterVec,
+    /// Upload body bytes received, as sent (compressed).
+    pub upload_bytes: Counter,
+    /// Series stored from uploads.
+    pub upload_series: Counter,
+    /// Series dropped by the whitelist.
+    pub filtered_series: Counter,
+    /// `/authorize` calls by result (`ok`, `denied`, `error`).
+    pub authorize: CounterVec,
+    /// Store write latency.
+    pub store_write_seconds: HistogramVec,
+    /// `/federate` duration, whole response streamed.
+    pub federate_seconds: HistogramVec,
+    /// Uploads refused by the rate limit.
+    pub ratelimited: Counter,
+    /// Clusters stored now.
+    pub stored_clusters: GaugeVec,
+    /// Payload bytes stored now.
+    pub stored_bytes: GaugeVec,
+    store_commits: CounterVec,
+    store_writes: CounterVec,
+    store_corrupt: CounterVec,
+    store_expired: CounterVec,
+    http_open: GaugeVec,
+    http_accepted: CounterVec,
+    http_rejected: CounterVec,
+    http_protocol_errors: CounterVec,
+    // The front counters are copied in as deltas; the lock keeps two concurrent scrapes from both
+    // adding the same delta.
+    refresh: std::sync::Arc<Mutex<()>>,
+}
+
+impl Metrics {
+    /// Registers every metric in a new registry.
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        Metrics {
+            uploads: r.counter(
+                "telemeter_server_uploads_total",
+                "Uploads received, by result and HTTP status.",
+                &["result", "status"],
+            ),
+            upload_bytes: r
+                .counter(
+                    "telemeter_server_upload_bytes_total",
+                    "Upload body bytes received, as sent (compressed).",
+                    &[],
+                )
+                .with(&[]),
+            upload_series: r
+                .counter(
+                    "telemeter_server_upload_series_total",
+                    "Series stored from accepted uploads.",
+                    &[],
+                )
+                .with(&[]),
+            filtered_series: r
+                .counter(
+                    "telemeter_server_filtered_series_total",
+                    "Series dropped because they matched no whitelist selector.",
+                    &[],
+                )
+                .with(&[]),
+            authorize: r.counter(
+                "telemeter_server_authorize_total",
+                "Calls of /authorize, by result.",
+                &["result"],
+            ),
+            store_write_seconds: r.histogram(
+                "telemeter_server_store_write_seconds",
+                "Time to store an upload durably.",
+                &[],
+                LATENCY_BUCKETS,
+            ),
+            federate_seconds: r.histogram(
+                "telemeter_server_federate_seconds",
+                "Time to stream a whole /federate response.",
+                &[],
+                LATENCY_BUCKETS,
+            ),
+            ratelimited: r
+                .counter(
+                    "telemeter_server_ratelimited_total",
+                    "Uploads refused because the cluster already uploaded within the window.",
+                    &[],
+                )
+                .with(&[]),
+            stored_clusters: r.gauge(
+                "telemeter_server_stored_clusters",
+                "Clusters stored and served now.",
+                &[],
+            ),
+            stored_bytes: r.gauge(
+                "telemeter_server_stored_bytes",
+                "Payload bytes stored now.",
+                &[],
+            ),
+            store_commits: r.counter(
+                "telemeter_server_store_commits_total",
+                "Group commits of the store (one directory sync each).",
+                &[],
+            ),
+            store_writes: r.counter(
+                "telemeter_server_store_writes_total",
+                "Uploads written by the store.",
+                &[],
+            ),
+            store_corrupt: r.counter(
+                "telemeter_server_store_corrupt_files_total",
+                "Stored files set aside because their checksum failed.",
+                &[],
+            ),
+            store_expired: r.counter(
+                "telemeter_server_store_expired_total",
+                "Stored files removed because their cluster was not pushed within the TTL.",
+                &[],
+            ),
+            http_open: r.gauge(
+                "telemeter_server_http_open_connections",
+                "Connections open now, by port.",
+                &["port"],
+            ),
+            http_accepted: r.counter(
+                "telemeter_server_http_accepted_connections_total",
+                "Connections accepted, by port.",
+                &["port"],
+            ),
+            http_rejected: r.counter(
+                "telemeter_server_http_rejected_connections_total",
+                "Connections refused because the connection cap was reached, by port.",
+                &["port"],
+            ),
+            http_protocol_errors: r.counter(
+                "telemeter_server_http_protocol_errors_total",
+                "Requests the HTTP front answered itself with a protocol error, by port.",
+                &["port"],
+            ),
+            registry: r,
+            refresh: Default::default(),
+        }
+    }
+
+    /// Counts one upload answered with `status`.
+    pub fn upload(&self, result: &str, status: u16) {
+        self.uploads.with(&[result, &status.to_string()]).inc();
+    }
+
+    /// Copies the store's and the HTTP fronts' counters in, then renders everything.
+    pub fn render(&self, store: StoreStats, fronts: &[(&str, Stats)]) -> String {
+        {
+            let _guard = self.refresh.lock().unwrap_or_else(|e| e.into_inner());
+            self.stored_clusters.with(&[]).set(store.clusters as f64);
+            self.stored_bytes.with(&[]).set(store.bytes as f64);
+            catch_up(&self.store_commits.with(&[]), store.commits);
+            catch_up(&self.store_writes.with(&[]), store.writes);
+            catch_up(&self.store_corrupt.with(&[]), store.corrupt_files);
+            catch_up(&self.store_expired.with(&[]), store.expired);
+            for (port, stats) in fronts {
+                self.http_open
+                    .with(&[port])
+                    .set(stats.open_connections as f64);
+                catch_up(
+                    &self.http_accepted.with(&[port]),
+                    stats.accepted_connections,
+                );
+                catch_up(
+                    &self.http_rejected.with(&[port]),
+                    stats.rejected_connections,
+                );
+                catch_up(
+                    &self.http_protocol_errors.with(&[port]),
+                    stats.protocol_errors,
+                );
+            }
+        }
+        self.registry.render()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Raises a counter to a monotonic total kept elsewhere.
+fn catch_up(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.add(total - now);
+    }
+}

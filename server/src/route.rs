@@ -1,0 +1,75 @@
+//! Where an accepted upload is stored.
+//!
+//! A single server stores every upload itself; the cluster work adds a router that looks up the
+//! cluster's owner on the hash ring and forwards to it. The upload pipeline only sees [`Router`].
+
+use std::fmt;
+use std::time::SystemTime;
+
+use crate::store::{Store, StoreError};
+
+/// Why an upload could not be stored anywhere.
+#[derive(Debug)]
+pub enum RouteError {
+    /// The local store failed.
+    Store(StoreError),
+}
+
+impl RouteError {
+    /// The HTTP status for the client: 503 (retry later), since none of these are the client's fault
+    /// and the data was not stored.
+    pub fn status(&self) -> u16 {
+        503
+    }
+}
+
+impl fmt::Display for RouteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouteError::Store(e) => write!(f, "storing the upload failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RouteError {}
+
+impl From<StoreError> for RouteError {
+    fn from(e: StoreError) -> Self {
+        RouteError::Store(e)
+    }
+}
+
+/// Decides where an accepted upload is stored, and stores it durably before returning.
+pub trait Router: Send + Sync + 'static {
+    /// Stores `payload` (validated families, protobuf-delimited) as `cluster_id`'s latest upload.
+    fn route(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<(), RouteError>;
+}
+
+/// Stores everything in the local store.
+#[derive(Clone)]
+pub struct LocalRouter {
+    store: Store,
+}
+
+impl LocalRouter {
+    /// A router writing to `store`.
+    pub fn new(store: Store) -> LocalRouter {
+        LocalRouter { store }
+    }
+}
+
+impl Router for LocalRouter {
+    fn route(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<(), RouteError> {
+        Ok(self.store.put(cluster_id, payload, received)?)
+    }
+}

@@ -1,0 +1,463 @@
+//! `/upload`: the push pipeline.
+//!
+//! method → upload token → rate-limit peek → Content-Encoding → Content-Type → decode (with caps
+//! before and after decompression) → validate and stamp → reserve the rate-limit slot → route (store
+//! durably) → 200. Every refusal is one line of text with a status saying whose fault it is.
+//!
+//! Status choices: an absent Content-Type is read as protobuf-delimited (what every upstream client
+//! sends); an unknown one is 415 (upstream parsed it as text). Too many series or samples is 413,
+//! like a body over the byte caps. An upload left empty by the whitelist is answered 200, stores
+//! nothing and does not use the cluster's rate-limit slot.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use log::{debug, warn};
+use telemeter_common::delimited::{self, DecodeError};
+use telemeter_common::http::{Request, Response};
+use telemeter_common::media::Format;
+use telemeter_common::model::MetricFamily;
+use telemeter_common::snappy::{self, SnappyError};
+use telemeter_common::text;
+use telemeter_common::token::TokenSigner;
+
+use crate::authorize::{bearer, check_cluster_id, unauthorized};
+use crate::metrics::Metrics;
+use crate::ratelimit::{retry_after_secs, RateLimiter};
+use crate::route::Router;
+use crate::validate::Rules;
+
+/// Byte and count caps on one upload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UploadLimits {
+    /// Largest body as sent.
+    pub max_upload_bytes: usize,
+    /// Largest body after decompression.
+    pub max_decompressed_bytes: usize,
+    /// Most series.
+    pub max_series: usize,
+}
+
+/// Serves `/upload`.
+pub struct UploadHandler {
+    signer: TokenSigner,
+    partition_label: String,
+    limits: UploadLimits,
+    rules: Rules,
+    limiter: RateLimiter,
+    router: Arc<dyn Router>,
+    metrics: Metrics,
+}
+
+/// A refused upload: status, one-line message, and for 429 the seconds to wait.
+struct Refusal {
+    status: u16,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl Refusal {
+    fn new(status: u16, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn rate_limited(wait: std::time::Duration) -> Refusal {
+        let secs = retry_after_secs(wait);
+        Refusal {
+            status: 429,
+            message: format!("rate limited: next upload accepted in {secs}s"),
+            retry_after: Some(secs),
+        }
+    }
+}
+
+/// What an accepted upload did.
+enum Accepted {
+    Stored,
+    Empty,
+}
+
+impl UploadHandler {
+    /// A handler verifying tokens with `signer`, enforcing `limits` and `rules`, one stored upload
+    /// per cluster per `limiter` window, storing through `router`.
+    pub fn new(
+        signer: TokenSigner,
+        partition_label: &str,
+        limits: UploadLimits,
+        rules: Rules,
+        limiter: RateLimiter,
+        router: Arc<dyn Router>,
+        metrics: Metrics,
+    ) -> UploadHandler {
+        UploadHandler {
+            signer,
+            partition_label: partition_label.to_string(),
+            limits,
+            rules,
+            limiter,
+            router,
+            metrics,
+        }
+    }
+
+    /// The body cap the HTTP front enforces before reading an upload.
+    pub fn body_limit(&self) -> usize {
+        self.limits.max_upload_bytes
+    }
+
+    /// Answers one `/upload` request.
+    pub fn handle(&self, request: &Request) -> Response {
+        self.metrics.upload_bytes.add(request.body.len() as u64);
+        match self.accept(request) {
+            Ok(Accepted::Stored) => {
+                self.metrics.upload("stored", 200);
+                Response::empty(200)
+            }
+            Ok(Accepted::Empty) => {
+                self.metrics.upload("empty", 200);
+                Response::empty(200)
+            }
+            Err(refusal) => {
+                let result = if refusal.status >= 500 {
+                    "failed"
+                } else {
+                    "rejected"
+                };
+                self.metrics.upload(result, refusal.status);
+                if refusal.status == 429 {
+                    self.metrics.ratelimited.inc();
+                }
+                let mut response = if refusal.status == 401 {
+                    unauthorized(&refusal.message)
+                } else {
+                    Response::text(refusal.status, &refusal.message)
+                };
+                if let Some(secs) = refusal.retry_after {
+                    response = response.with_header("Retry-After", &secs.to_string());
+                }
+                if refusal.status == 405 {
+                    response = response.with_header("Allow", "POST");
+                }
+                response
+            }
+        }
+    }
+
+    fn accept(&self, request: &Request) -> Result<Accepted, Refusal> {
+        if request.method != "POST" {
+            return Err(Refusal::new(405, "only POST is allowed"));
+        }
+        let token = bearer(request).map_err(|reason| Refusal::new(401, reason))?;
+        let now = SystemTime::now();
+        let claims = self
+            .signer
+            .verify(token, now)
+            .map_err(|e| Refusal::new(401, format!("Not authorized: {e}")))?;
+        let cluster_id = claims.cluster_id;
+        if check_cluster_id(&cluster_id).is_err() {
+            return Err(Refusal::new(
+                401,
+                "Not authorized: the token names no valid cluster",
+            ));
+        }
+        // A cluster that may not store now is refused before its body costs any decoding.
+        self.limiter
+            .check(&cluster_id, Instant::now())
+            .map_err(Refusal::rate_limited)?;
+
+        let families = self.decode(request).inspect_err(|refusal| {
+            debug!(
+                "upload from cluster {cluster_id:?} refused: {}",
+                refusal.message
+            );
+        })?;
+
+        let mut token_labels: BTreeMap<String, String> = claims.labels;
+        token_labels.insert(self.partition_label.clone(), cluster_id.clone());
+        let validated = self
+            .rules
+            .apply(families, &token_labels, now)
+            .map_err(|e| {
+                debug!("upload from cluster {cluster_id:?} refused: {e}");
+                Refusal::new(e.status(), e.to_string())
+            })?;
+        self.metrics.filtered_series.add(validated.filtered as u64);
+        if validated.families.is_empty() {
+            debug!("upload from cluster {cluster_id:?} is empty after filtering");
+            return Ok(Accepted::Empty);
+        }
+
+        let slot = self
+            .limiter
+            .try_acquire(&cluster_id, Instant::now())
+            .map_err(Refusal::rate_limited)?;
+        let payload = delimited::encode(&validated.families);
+        let started = Instant::now();
+        let stored = self.router.route(&cluster_id, payload, now);
+        self.metrics
+            .store_write_seconds
+            .with(&[])
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = stored {
+            // The slot is dropped unused: the client may retry at once.
+            warn!("upload from cluster {cluster_id:?} not stored: {e}");
+            return Err(Refusal::new(e.status(), e.to_string()));
+        }
+        slot.commit();
+        self.metrics.upload_series.add(validated.series as u64);
+        debug!(
+            "stored {} series for cluster {cluster_id:?}",
+            validated.series
+        );
+        Ok(Accepted::Stored)
+    }
+
+    /// Decompresses and decodes the body by its Content-Encoding and Content-Type.
+    fn decode(&self, request: &Request) -> Result<Vec<MetricFamily>, Refusal> {
+        let limits = &self.limits;
+        if request.body.len() > limits.max_upload_bytes {
+            return Err(Refusal::new(
+                413,
+                format!("body is larger than {} bytes", limits.max_upload_bytes),
+            ));
+        }
+        let format = match request.header("Content-Type").map(str::trim) {
+            None | Some("") => Format::ProtoDelimited,
+            Some(content_type) => Format::from_content_type(content_type).ok_or_else(|| {
+                Refusal::new(
+                    415,
+                    format!("unsupported Content-Type {content_type:?}: send protobuf-delimited MetricFamily or text/plain"),
+                )
+            })?,
+        };
+        let decompressed;
+        let body: &[u8] = match request
+            .header("Content-Encoding")
+            .map(|e| e.trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("") | Some("identity") => &request.body,
+            Some("snappy") => {
+                decompressed = snappy::decode_framed(&request.body, limits.max_decompressed_bytes)
+                    .map_err(|e| match e {
+                        SnappyError::TooLarge { .. } => Refusal::new(
+                            413,
+                            format!(
+                                "decompressed body is larger than {} bytes",
+                                limits.max_decompressed_bytes
+                            ),
+                        ),
+                        SnappyError::Corrupt(_) => {
+                            Refusal::new(400, format!("invalid snappy body: {e}"))
+                        }
+                    })?;
+                &decompressed
+            }
+            Some(other) => {
+                return Err(Refusal::new(
+                    415,
+                    format!("unsupported Content-Encoding {other:?}: send snappy or identity"),
+                ))
+            }
+        };
+        if body.len() > limits.max_decompressed_bytes {
+            return Err(Refusal::new(
+                413,
+                format!(
+                    "decompressed body is larger than {} bytes",
+                    limits.max_decompressed_bytes
+                ),
+            ));
+        }
+        match format {
+            Format::ProtoDelimited => {
+                let decode_limits = delimited::Limits {
+                    max_message_bytes: limits.max_decompressed_bytes,
+                    max_total_bytes: limits.max_decompressed_bytes,
+                    max_families: limits.max_series,
+                    max_series: limits.max_series,
+                };
+                delimited::decode(body, &decode_limits).map_err(|e| {
+                    let status = match e {
+                        DecodeError::MessageTooLarge { .. }
+                        | DecodeError::TooLarge { .. }
+                        | DecodeError::TooManyFamilies { .. }
+                        | DecodeError::TooManySeries { .. } => 413,
+                        _ => 400,
+                    };
+                    Refusal::new(status, format!("invalid protobuf body: {e}"))
+                })
+            }
+            Format::Text => {
+                let text_limits = text::Limits {
+                    max_families: limits.max_series,
+                    max_series: limits.max_series,
+                    ..text::Limits::default()
+                };
+                text::parse(body, &text_limits)
+                    .map_err(|e| Refusal::new(400, format!("invalid text body: {e}")))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::RouteError;
+    use crate::store::StoreError;
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use telemeter_common::media::PROTO_DELIMITED;
+    use telemeter_common::model::{Gauge, LabelPair, Metric, MetricType};
+    use telemeter_common::selector::Selector;
+    use telemeter_common::token::SharedKey;
+
+    /// Records what it stores; fails while `fail` is set.
+    #[derive(Default)]
+    struct FakeRouter {
+        stored: Mutex<Vec<(String, Vec<u8>)>>,
+        fail: Mutex<bool>,
+    }
+
+    impl Router for Arc<FakeRouter> {
+        fn route(
+            &self,
+            cluster_id: &str,
+            payload: Vec<u8>,
+            _received: SystemTime,
+        ) -> Result<(), RouteError> {
+            if *self.fail.lock().unwrap() {
+                return Err(RouteError::Store(StoreError::Closed));
+            }
+            self.stored
+                .lock()
+                .unwrap()
+                .push((cluster_id.to_string(), payload));
+            Ok(())
+        }
+    }
+
+    fn signer() -> TokenSigner {
+        TokenSigner::new(&SharedKey::from_bytes(&[1u8; 32]).unwrap())
+    }
+
+    fn handler(router: Arc<FakeRouter>, whitelist: Vec<Selector>) -> UploadHandler {
+        UploadHandler::new(
+            signer(),
+            "_id",
+            UploadLimits {
+                max_upload_bytes: 1 << 20,
+                max_decompressed_bytes: 4 << 20,
+                max_series: 1000,
+            },
+            Rules {
+                partition_label: "_id".into(),
+                extra_labels: vec![],
+                whitelist,
+                max_sample_age: Duration::from_secs(86_400),
+                max_future_skew: Duration::from_secs(300),
+                max_samples: 10_000,
+            },
+            RateLimiter::new(Duration::from_secs(3600)),
+            Arc::new(router),
+            Metrics::new(),
+        )
+    }
+
+    fn request(token: &str, body: Vec<u8>) -> Request {
+        Request {
+            method: "POST".into(),
+            path: "/upload".into(),
+            query: String::new(),
+            headers: vec![
+                ("Authorization".into(), format!("Bearer {token}")),
+                ("Content-Type".into(), PROTO_DELIMITED.into()),
+            ],
+            body,
+            remote: "127.0.0.1:1".parse().unwrap(),
+        }
+    }
+
+    fn body(name: &str) -> Vec<u8> {
+        let ts = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        delimited::encode(&[MetricFamily {
+            name: Some(name.into()),
+            help: None,
+            r#type: Some(MetricType::Gauge as i32),
+            metric: vec![Metric {
+                label: vec![LabelPair::new("job", "x")],
+                gauge: Some(Gauge { value: Some(1.0) }),
+                timestamp_ms: Some(ts),
+                ..Default::default()
+            }],
+        }])
+    }
+
+    fn token(id: &str) -> String {
+        let labels = BTreeMap::from([("_id".to_string(), id.to_string())]);
+        signer().issue(id, id, &labels, Duration::from_secs(60), SystemTime::now())
+    }
+
+    #[test]
+    fn a_failed_store_does_not_use_the_slot() {
+        let router = Arc::new(FakeRouter::default());
+        let h = handler(router.clone(), vec![]);
+        *router.fail.lock().unwrap() = true;
+        let r = h.handle(&request(&token("a"), body("up")));
+        assert_eq!(r.status, 503);
+        *router.fail.lock().unwrap() = false;
+        assert_eq!(h.handle(&request(&token("a"), body("up"))).status, 200);
+        let stored = router.stored.lock().unwrap().clone();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].0, "a");
+        let families = delimited::decode(&stored[0].1, &delimited::Limits::default()).unwrap();
+        assert_eq!(families[0].metric[0].label_value("_id"), Some("a"));
+        // Now the slot is used.
+        let r = h.handle(&request(&token("a"), body("up")));
+        assert_eq!(r.status, 429);
+        assert!(r
+            .headers
+            .iter()
+            .any(|(n, v)| n == "Retry-After" && v.parse::<u64>().unwrap() > 3500));
+    }
+
+    #[test]
+    fn an_empty_upload_stores_nothing_and_keeps_the_slot() {
+        let router = Arc::new(FakeRouter::default());
+        let h = handler(router.clone(), vec![Selector::parse("up").unwrap()]);
+        assert_eq!(h.handle(&request(&token("a"), body("other"))).status, 200);
+        assert!(router.stored.lock().unwrap().is_empty());
+        assert_eq!(h.handle(&request(&token("a"), body("up"))).status, 200);
+        assert_eq!(router.stored.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn refusals() {
+        let router = Arc::new(FakeRouter::default());
+        let h = handler(router.clone(), vec![]);
+        let mut r = request(&token("a"), body("up"));
+        r.method = "GET".into();
+        assert_eq!(h.handle(&r).status, 405);
+        assert_eq!(h.handle(&request("garbage", body("up"))).status, 401);
+        let mut r = request(&token("a"), body("up"));
+        r.headers[1].1 = "application/json".into();
+        assert_eq!(h.handle(&r).status, 415);
+        let mut r = request(&token("a"), body("up"));
+        r.headers.push(("Content-Encoding".into(), "br".into()));
+        assert_eq!(h.handle(&r).status, 415);
+        // No Content-Type: protobuf-delimited, as upstream clients send.
+        let mut r = request(&token("a"), body("up"));
+        r.headers.remove(1);
+        assert_eq!(h.handle(&r).status, 200);
+        assert_eq!(router.stored.lock().unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,530 @@
+//! Validation and stamping of an upload's families.
+//!
+//! Every check upstream made (names, types, labels, value fields, timestamps present, not too old,
+//! non-decreasing per family, required labels) answers a client error here instead of upstream's 500,
+//! and future timestamps are refused too. The partition label is not trusted from the client: it is
+//! set from the token on every series, and a series carrying another value is refused (403).
+//!
+//! Caps: the series count is capped by the decoder (413, see `upload`); this module caps samples at
+//! ten per allowed series (413), which bounds histogram and summary uploads as well.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use telemeter_common::labels::{self, LabelError};
+use telemeter_common::model::{Metric, MetricFamily, MetricType};
+use telemeter_common::selector::{self, Selector};
+
+/// What the validator enforces.
+#[derive(Clone, Debug)]
+pub struct Rules {
+    /// The label naming the cluster (`_id`).
+    pub partition_label: String,
+    /// Labels added to every series after validation (`--label`).
+    pub extra_labels: Vec<(String, String)>,
+    /// Keep only series matching one of these; empty keeps all.
+    pub whitelist: Vec<Selector>,
+    /// Samples older than now minus this are refused.
+    pub max_sample_age: Duration,
+    /// Samples newer than now plus this are refused.
+    pub max_future_skew: Duration,
+    /// Most samples one upload may carry.
+    pub max_samples: usize,
+}
+
+/// An upload's families after validation, filtering and stamping.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validated {
+    /// The families to store (none empty).
+    pub families: Vec<MetricFamily>,
+    /// Series kept.
+    pub series: usize,
+    /// Series dropped by the whitelist.
+    pub filtered: usize,
+}
+
+/// Why an upload was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValidationError {
+    /// A family's name is missing or invalid.
+    FamilyName(String),
+    /// A family's type is not one we know.
+    UnknownType {
+        /// The family.
+        family: String,
+        /// The type number.
+        value: i32,
+    },
+    /// A series' labels are invalid.
+    Labels {
+        /// The family.
+        family: String,
+        /// What was wrong.
+        error: LabelError,
+    },
+    /// A series lacks the value field of its family's type.
+    ValueMismatch {
+        /// The family.
+        family: String,
+        /// The family's type.
+        expected: &'static str,
+    },
+    /// A sample has no timestamp.
+    MissingTimestamp(String),
+    /// A sample is older than the cutoff.
+    TooOld {
+        /// The family.
+        family: String,
+        /// The sample's timestamp, ms.
+        timestamp_ms: i64,
+    },
+    /// A sample is too far in the future.
+    InFuture {
+        /// The family.
+        family: String,
+        /// The sample's timestamp, ms.
+        timestamp_ms: i64,
+    },
+    /// Timestamps go backwards within a family.
+    Decreasing(String),
+    /// A series carries a token label (the partition label included) with another value.
+    LabelOverride {
+        /// The family.
+        family: String,
+        /// The label.
+        label: String,
+        /// The value the series carries.
+        value: String,
+        /// The value the token requires.
+        expected: String,
+        /// Whether the label is the partition label.
+        partition: bool,
+    },
+    /// More samples than allowed.
+    TooManySamples {
+        /// The limit.
+        limit: usize,
+    },
+}
+
+impl ValidationError {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            ValidationError::LabelOverride { .. } => 403,
+            ValidationError::TooManySamples { .. } => 413,
+            _ => 400,
+        }
+    }
+}
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ValidationError::FamilyName(name) => write!(f, "invalid metric family name {name:?}"),
+            ValidationError::UnknownType { family, value } => {
+                write!(f, "family {family} has unknown type {value}")
+            }
+            ValidationError::Labels { family, error } => {
+                write!(f, "a series of {family} has invalid labels: {error}")
+            }
+            ValidationError::ValueMismatch { family, expected } => {
+                write!(f, "a series of {family} has no {expected} value")
+            }
+            ValidationError::MissingTimestamp(family) => {
+                write!(f, "a sample of {family} has no timestamp")
+            }
+            ValidationError::TooOld {
+                family,
+                timestamp_ms,
+            } => write!(
+                f,
+                "a sample of {family} is too old (timestamp {timestamp_ms} ms)"
+            ),
+            ValidationError::InFuture {
+                family,
+                timestamp_ms,
+            } => write!(
+                f,
+                "a sample of {family} is in the future (timestamp {timestamp_ms} ms)"
+            ),
+            ValidationError::Decreasing(family) => {
+                write!(f, "timestamps of {family} are not in increasing order")
+            }
+            ValidationError::LabelOverride {
+                family,
+                label,
+                value,
+                expected,
+                partition: true,
+            } => write!(
+                f,
+                "series {family} carries {label}={value:?} but the token is for cluster {expected:?}"
+            ),
+            ValidationError::LabelOverride {
+                family,
+                label,
+                value,
+                expected,
+                partition: false,
+            } => write!(
+                f,
+                "series {family} carries {label}={value:?} but the token requires {label}={expected:?}"
+            ),
+            ValidationError::TooManySamples { limit } => {
+                write!(f, "the upload has more than {limit} samples")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ValidationError {}
+
+impl Rules {
+    /// Validates `families` pushed for a token whose labels are `token_labels` (the partition label
+    /// included), at `now`; returns what to store.
+    pub fn apply(
+        &self,
+        families: Vec<MetricFamily>,
+        token_labels: &BTreeMap<String, String>,
+        now: SystemTime,
+    ) -> Result<Validated, ValidationError> {
+        let now_ms = millis(now);
+        let oldest = now_ms.saturating_sub(duration_ms(self.max_sample_age));
+        let newest = now_ms.saturating_add(duration_ms(self.max_future_skew));
+        let samples: usize = families.iter().map(MetricFamily::sample_count).sum();
+        if samples > self.max_samples {
+            return Err(ValidationError::TooManySamples {
+                limit: self.max_samples,
+            });
+        }
+
+        let mut out = Validated {
+            families: Vec::with_capacity(families.len()),
+            series: 0,
+            filtered: 0,
+        };
+        for mut family in families {
+            let name = family.name.clone().unwrap_or_default();
+            if labels::check_metric_name(&name).is_err() {
+                return Err(ValidationError::FamilyName(name));
+            }
+            let kind = match family.r#type {
+                None => MetricType::Untyped,
+                Some(value) => {
+                    MetricType::try_from(value).map_err(|_| ValidationError::UnknownType {
+                        family: name.clone(),
+                        value,
+                    })?
+                }
+            };
+            let mut previous_ts = i64::MIN;
+            for metric in &mut family.metric {
+                labels::check_series_labels(metric).map_err(|error| ValidationError::Labels {
+                    family: name.clone(),
+                    error,
+                })?;
+                check_value(&name, kind, metric)?;
+                let ts = metric
+                    .timestamp_ms
+                    .ok_or_else(|| ValidationError::MissingTimestamp(name.clone()))?;
+                if ts < oldest {
+                    return Err(ValidationError::TooOld {
+                        family: name,
+                        timestamp_ms: ts,
+                    });
+                }
+                if ts > newest {
+                    return Err(ValidationError::InFuture {
+                        family: name,
+                        timestamp_ms: ts,
+                    });
+                }
+                if ts < previous_ts {
+                    return Err(ValidationError::Decreasing(name));
+                }
+                previous_ts = ts;
+                stamp_token_labels(&name, metric, token_labels, &self.partition_label)?;
+            }
+            let before = family.metric.len();
+            if !self.whitelist.is_empty() {
+                family
+                    .metric
+                    .retain(|m| selector::any_matches(&self.whitelist, &name, &m.label));
+            }
+            out.filtered += before - family.metric.len();
+            if family.metric.is_empty() {
+                continue;
+            }
+            for metric in &mut family.metric {
+                for (label, value) in &self.extra_labels {
+                    metric.set_label(label, value);
+                }
+            }
+            out.series += family.metric.len();
+            out.families.push(family);
+        }
+        Ok(out)
+    }
+}
+
+/// Checks each token label against the series and sets it (the client may omit it; it may not
+/// override it).
+fn stamp_token_labels(
+    family: &str,
+    metric: &mut Metric,
+    token_labels: &BTreeMap<String, String>,
+    partition_label: &str,
+) -> Result<(), ValidationError> {
+    for (label, expected) in token_labels {
+        match metric.label_value(label) {
+            Some(value) if value == expected => {}
+            Some(value) => {
+                return Err(ValidationError::LabelOverride {
+                    family: family.to_string(),
+                    label: label.clone(),
+                    value: value.to_string(),
+                    expected: expected.clone(),
+                    partition: label == partition_label,
+                })
+            }
+            None => metric.set_label(label, expected),
+        }
+    }
+    Ok(())
+}
+
+fn check_value(family: &str, kind: MetricType, metric: &Metric) -> Result<(), ValidationError> {
+    let (present, expected) = match kind {
+        MetricType::Counter => (metric.counter.is_some(), "counter"),
+        MetricType::Gauge => (metric.gauge.is_some(), "gauge"),
+        MetricType::Summary => (metric.summary.is_some(), "summary"),
+        MetricType::Untyped => (metric.untyped.is_some(), "untyped"),
+        MetricType::Histogram | MetricType::GaugeHistogram => {
+            (metric.histogram.is_some(), "histogram")
+        }
+    };
+    if present {
+        Ok(())
+    } else {
+        Err(ValidationError::ValueMismatch {
+            family: family.to_string(),
+            expected,
+        })
+    }
+}
+
+fn millis(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(_) => 0,
+    }
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use telemeter_common::model::{Counter, Gauge, LabelPair};
+
+    const NOW_MS: i64 = 1_700_000_000_000;
+
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(NOW_MS as u64)
+    }
+
+    fn rules() -> Rules {
+        Rules {
+            partition_label: "_id".into(),
+            extra_labels: vec![],
+            whitelist: vec![],
+            max_sample_age: Duration::from_secs(86_400),
+            max_future_skew: Duration::from_secs(300),
+            max_samples: 1000,
+        }
+    }
+
+    fn token() -> BTreeMap<String, String> {
+        BTreeMap::from([("_id".to_string(), "a".to_string())])
+    }
+
+    fn gauge(name: &str, series: &[(&[(&str, &str)], i64)]) -> MetricFamily {
+        MetricFamily {
+            name: Some(name.into()),
+            help: None,
+            r#type: Some(MetricType::Gauge as i32),
+            metric: series
+                .iter()
+                .map(|(labels, ts)| Metric {
+                    label: labels.iter().map(|(n, v)| LabelPair::new(n, v)).collect(),
+                    gauge: Some(Gauge { value: Some(1.0) }),
+                    timestamp_ms: Some(*ts),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn stamps_the_partition_label_and_extra_labels() {
+        let mut r = rules();
+        r.extra_labels = vec![("region".into(), "eu".into())];
+        let v = r
+            .apply(
+                vec![gauge("up", &[(&[("job", "x")], NOW_MS)])],
+                &token(),
+                now(),
+            )
+            .unwrap();
+        assert_eq!(v.series, 1);
+        let m = &v.families[0].metric[0];
+        assert_eq!(m.label_value("_id"), Some("a"));
+        assert_eq!(m.label_value("region"), Some("eu"));
+        assert_eq!(m.label_value("job"), Some("x"));
+    }
+
+    #[test]
+    fn a_matching_partition_label_is_accepted() {
+        let v = rules()
+            .apply(
+                vec![gauge("up", &[(&[("_id", "a")], NOW_MS)])],
+                &token(),
+                now(),
+            )
+            .unwrap();
+        assert_eq!(v.families[0].metric[0].label.len(), 1);
+    }
+
+    #[test]
+    fn another_partition_value_is_forbidden() {
+        let err = rules()
+            .apply(
+                vec![gauge("up", &[(&[("_id", "b")], NOW_MS)])],
+                &token(),
+                now(),
+            )
+            .unwrap_err();
+        assert_eq!(err.status(), 403);
+        assert_eq!(
+            err.to_string(),
+            "series up carries _id=\"b\" but the token is for cluster \"a\""
+        );
+    }
+
+    #[test]
+    fn timestamps_are_checked() {
+        let r = rules();
+        let old = NOW_MS - 86_400_000 - 1;
+        let err = r
+            .apply(vec![gauge("up", &[(&[], old)])], &token(), now())
+            .unwrap_err();
+        assert!(matches!(err, ValidationError::TooOld { .. }), "{err}");
+        let future = NOW_MS + 300_001;
+        let err = r
+            .apply(vec![gauge("up", &[(&[], future)])], &token(), now())
+            .unwrap_err();
+        assert!(matches!(err, ValidationError::InFuture { .. }), "{err}");
+        let err = r
+            .apply(
+                vec![gauge(
+                    "up",
+                    &[(&[("a", "1")], NOW_MS), (&[("a", "2")], NOW_MS - 1)],
+                )],
+                &token(),
+                now(),
+            )
+            .unwrap_err();
+        assert_eq!(err, ValidationError::Decreasing("up".into()));
+        let mut f = gauge("up", &[(&[], NOW_MS)]);
+        f.metric[0].timestamp_ms = None;
+        let err = r.apply(vec![f], &token(), now()).unwrap_err();
+        assert_eq!(err, ValidationError::MissingTimestamp("up".into()));
+        assert_eq!(err.status(), 400);
+    }
+
+    #[test]
+    fn names_types_and_values_are_checked() {
+        let r = rules();
+        let err = r
+            .apply(vec![gauge("1bad", &[(&[], NOW_MS)])], &token(), now())
+            .unwrap_err();
+        assert_eq!(err, ValidationError::FamilyName("1bad".into()));
+        let mut f = gauge("up", &[(&[], NOW_MS)]);
+        f.r#type = Some(42);
+        assert!(matches!(
+            r.apply(vec![f], &token(), now()).unwrap_err(),
+            ValidationError::UnknownType { value: 42, .. }
+        ));
+        let mut f = gauge("up", &[(&[], NOW_MS)]);
+        f.metric[0].gauge = None;
+        f.metric[0].counter = Some(Counter { value: Some(1.0) });
+        assert!(matches!(
+            r.apply(vec![f], &token(), now()).unwrap_err(),
+            ValidationError::ValueMismatch {
+                expected: "gauge",
+                ..
+            }
+        ));
+        let err = r
+            .apply(
+                vec![gauge("up", &[(&[("bad-name", "x")], NOW_MS)])],
+                &token(),
+                now(),
+            )
+            .unwrap_err();
+        assert!(matches!(err, ValidationError::Labels { .. }), "{err}");
+    }
+
+    #[test]
+    fn whitelist_keeps_matching_series_only() {
+        let mut r = rules();
+        r.whitelist = vec![Selector::parse("up{job=\"keep\"}").unwrap()];
+        let v = r
+            .apply(
+                vec![
+                    gauge(
+                        "up",
+                        &[(&[("job", "keep")], NOW_MS), (&[("job", "drop")], NOW_MS)],
+                    ),
+                    gauge("other", &[(&[("job", "keep")], NOW_MS)]),
+                ],
+                &token(),
+                now(),
+            )
+            .unwrap();
+        assert_eq!(v.series, 1);
+        assert_eq!(v.filtered, 2);
+        assert_eq!(v.families.len(), 1);
+        assert_eq!(v.families[0].metric[0].label_value("job"), Some("keep"));
+    }
+
+    #[test]
+    fn samples_are_capped() {
+        let mut r = rules();
+        r.max_samples = 1;
+        let err = r
+            .apply(
+                vec![gauge(
+                    "up",
+                    &[(&[("a", "1")], NOW_MS), (&[("a", "2")], NOW_MS)],
+                )],
+                &token(),
+                now(),
+            )
+            .unwrap_err();
+        assert_eq!(err.status(), 413);
+    }
+
+    #[test]
+    fn empty_families_are_dropped() {
+        let v = rules()
+            .apply(vec![gauge("up", &[])], &token(), now())
+            .unwrap();
+        assert!(v.families.is_empty());
+        assert_eq!(v.series, 0);
+    }
+}

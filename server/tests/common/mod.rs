@@ -1,0 +1,356 @@
+//! Helpers for tests that run the real `telemeter-server` binary: temp dirs, starting the binary on
+//! free ports and waiting for it (bounded), an HTTP client, and metric bodies like the upstream Go
+//! client sends.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use telemeter_common::delimited;
+use telemeter_common::media::PROTO_DELIMITED;
+use telemeter_common::model::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use telemeter_common::snappy;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_telemeter-server");
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "telemeter-{tag}-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn file(&self, name: &str, contents: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, contents).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `telemeter-server`, killed on drop.
+pub struct ServerProcess {
+    pub child: Child,
+    pub external: SocketAddr,
+    pub internal: SocketAddr,
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+/// The default tokens file of the tests: `secret` for cluster `test` and `other`, `wild` for any.
+pub const TOKENS: &str = "secret test,other\nwild *\n";
+
+fn command(storage: &Path, args: &[&str]) -> Command {
+    // TELEMETER_SERVER_BIN runs another build (e.g. release, for the throughput probe).
+    let bin = std::env::var("TELEMETER_SERVER_BIN").unwrap_or_else(|_| BIN.to_string());
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--listen-internal",
+        "127.0.0.1:0",
+        "--storage-path",
+    ])
+    .arg(storage)
+    .args(args)
+    .env("RUST_LOG", "info")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    cmd
+}
+
+impl ServerProcess {
+    /// Starts the server on free ports with `storage` and `args`; waits (bounded) until it serves.
+    pub fn start(storage: &Path, args: &[&str]) -> ServerProcess {
+        let mut child = command(storage, args)
+            .spawn()
+            .expect("start telemeter-server");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    eprintln!("[server] {line}");
+                    if let Some(rest) = line.split("listening external=").nth(1) {
+                        let mut parts = rest.split(" internal=");
+                        let ext = parts.next().unwrap_or("").trim().to_string();
+                        let int = parts.next().unwrap_or("").trim().to_string();
+                        let _ = tx.send((ext, int));
+                    }
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
+        let (ext, int) = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(pair) => pair,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "server did not report its addresses: {:?}",
+                    logs.lock().unwrap()
+                );
+            }
+        };
+        let server = ServerProcess {
+            child,
+            external: ext.parse().expect("external address"),
+            internal: int.parse().expect("internal address"),
+            logs,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let r = get(&server.url_internal("/healthz"), &[]);
+            if r.status == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "server never became healthy");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    /// Runs the server expecting it to fail at start: its exit status and standard error.
+    pub fn run_failing(storage: &Path, args: &[&str]) -> (ExitStatus, String) {
+        let mut child = command(storage, args)
+            .spawn()
+            .expect("start telemeter-server");
+        let status = wait_bounded(&mut child, START_TIMEOUT).expect("server should exit");
+        let mut stderr = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        (status, stderr)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.external)
+    }
+
+    pub fn url_internal(&self, path: &str) -> String {
+        format!("http://{}{path}", self.internal)
+    }
+
+    /// Sends `signal` and waits (bounded) for the exit.
+    pub fn signal_and_wait(&mut self, signal: i32) -> ExitStatus {
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+        wait_bounded(&mut self.child, Duration::from_secs(20)).expect("server should exit")
+    }
+
+    /// Authorizes `token` for `id` and returns the upload token.
+    pub fn upload_token(&self, token: &str, id: &str) -> String {
+        let r = post(
+            &self.url(&format!("/authorize?id={id}")),
+            &[("Authorization", &format!("Bearer {token}"))],
+            b"",
+        );
+        assert_eq!(r.status, 200, "authorize: {}", r.body);
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    /// Uploads families as the upstream client does (PD, snappy framed).
+    pub fn upload(&self, upload_token: &str, families: &[MetricFamily]) -> Reply {
+        post(
+            &self.url("/upload"),
+            &[
+                ("Authorization", &format!("Bearer {upload_token}")),
+                ("Content-Type", PROTO_DELIMITED),
+                ("Content-Encoding", "snappy"),
+            ],
+            &snappy::encode_framed(&delimited::encode(families)),
+        )
+    }
+
+    pub fn federate(&self) -> String {
+        let r = get(&self.url_internal("/federate"), &[]);
+        assert_eq!(r.status, 200, "federate: {}", r.body);
+        r.body
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An HTTP reply.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    pub bytes: Vec<u8>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build(),
+    )
+}
+
+fn reply(mut r: ureq::http::Response<ureq::Body>) -> Reply {
+    let status = r.status().as_u16();
+    let headers = r
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let bytes = r
+        .body_mut()
+        .with_config()
+        .limit(256 << 20)
+        .read_to_vec()
+        .unwrap_or_default();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+        bytes,
+    }
+}
+
+pub fn post(url: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+    let mut req = agent().post(url);
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    reply(req.send(body).expect("POST"))
+}
+
+pub fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut req = agent().get(url);
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    match req.call() {
+        Ok(r) => reply(r),
+        Err(e) => Reply {
+            status: 0,
+            headers: vec![],
+            body: e.to_string(),
+            bytes: vec![],
+        },
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// `n` gauge series `test_metric{i="0".."n"}` at `ts`, each with `_id=id` when given, plus an `up`
+/// series; as the upstream client sends them (with timestamps).
+pub fn families(id: Option<&str>, n: usize, ts: i64) -> Vec<MetricFamily> {
+    let series = |extra: Vec<LabelPair>, value: f64| {
+        let mut label = extra;
+        if let Some(id) = id {
+            label.push(LabelPair::new("_id", id));
+        }
+        Metric {
+            label,
+            gauge: Some(Gauge { value: Some(value) }),
+            timestamp_ms: Some(ts),
+            ..Default::default()
+        }
+    };
+    vec![
+        MetricFamily {
+            name: Some("up".into()),
+            help: Some("Whether the target is up.".into()),
+            r#type: Some(MetricType::Gauge as i32),
+            metric: vec![series(vec![LabelPair::new("job", "prometheus")], 1.0)],
+        },
+        MetricFamily {
+            name: Some("test_metric".into()),
+            help: None,
+            r#type: Some(MetricType::Gauge as i32),
+            metric: (0..n)
+                .map(|i| series(vec![LabelPair::new("i", &i.to_string())], i as f64))
+                .collect(),
+        },
+    ]
+}
+
+/// The series lines (not comments) of a text body.
+pub fn series_lines(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect()
+}
+
+pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}

@@ -1,0 +1,129 @@
+//! Operations: /metrics is valid for promtool, health checks, clean SIGTERM, slow clients.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn metrics_health_and_sigterm() {
+    let dir = TempDir::new("ops");
+    let tokens = dir.file("tokens", TOKENS);
+    let mut s = ServerProcess::start(
+        &dir.path().join("data"),
+        &[
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+            "--ratelimit",
+            "0s",
+        ],
+    );
+    let token = s.upload_token("secret", "test");
+    assert_eq!(s.upload(&token, &families(None, 3, now_ms())).status, 200);
+    assert_eq!(s.upload("bad", &families(None, 3, now_ms())).status, 401);
+    let _ = s.federate();
+
+    for url in [
+        s.url("/healthz"),
+        s.url("/healthz/ready"),
+        s.url_internal("/healthz"),
+        s.url_internal("/healthz/ready"),
+    ] {
+        let r = get(&url, &[]);
+        assert_eq!((r.status, r.body.as_str()), (200, "ok\n"), "{url}");
+    }
+    let r = get(&s.url("/"), &[]);
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("/authorize"), "{}", r.body);
+    assert_eq!(get(&s.url("/nope"), &[]).status, 404);
+    // /federate is not on the external port.
+    assert_eq!(get(&s.url("/federate"), &[]).status, 404);
+
+    let r = get(&s.url_internal("/metrics"), &[]);
+    assert_eq!(r.status, 200);
+    for name in [
+        "telemeter_server_uploads_total{result=\"stored\",status=\"200\"} 1",
+        "telemeter_server_uploads_total{result=\"rejected\",status=\"401\"} 1",
+        "telemeter_server_upload_series_total 4",
+        "telemeter_server_authorize_total{result=\"ok\"} 1",
+        "telemeter_server_stored_clusters 1",
+        "telemeter_server_store_write_seconds_count 1",
+        "telemeter_server_federate_seconds_count 1",
+    ] {
+        assert!(r.body.contains(name), "missing {name}:\n{}", r.body);
+    }
+    if std::path::Path::new("/usr/bin/promtool").exists() {
+        let mut promtool = Command::new("/usr/bin/promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        promtool
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(r.body.as_bytes())
+            .unwrap();
+        let out = promtool.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            r.body
+        );
+    }
+
+    let status = s.signal_and_wait(libc::SIGTERM);
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn slow_clients_do_not_block_uploads() {
+    let dir = TempDir::new("slow");
+    let tokens = dir.file("tokens", TOKENS);
+    let s = ServerProcess::start(
+        &dir.path().join("data"),
+        &[
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+            "--ratelimit",
+            "0s",
+        ],
+    );
+    let token = s.upload_token("secret", "test");
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let mut c = TcpStream::connect(s.external).unwrap();
+        c.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"POST /upload HTTP/1.1\r\nHo").unwrap();
+        slow.push(c);
+    }
+    // Trickle one more byte on each, as a slowloris would.
+    for c in &mut slow {
+        let _ = c.write_all(b"s");
+    }
+    let r = s.upload(&token, &families(None, 5, now_ms()));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(series_lines(&s.federate()).len(), 6);
+    drop(slow);
+}
+
+#[test]
+fn sigint_stops_cleanly_and_sighup_does_not() {
+    let dir = TempDir::new("sigint");
+    let mut s = ServerProcess::start(&dir.path().join("data"), &["--insecure-accept-any-token"]);
+    unsafe {
+        libc::kill(s.child.id() as i32, libc::SIGHUP);
+    }
+    // Give a (wrongly) fatal SIGHUP time to act before checking the server is still there.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(get(&s.url("/healthz"), &[]).status, 200);
+    assert_eq!(s.signal_and_wait(libc::SIGINT).code(), Some(0));
+}
