@@ -594,7 +594,8 @@ impl<'a> Cursor<'a> {
 ///
 /// The output is byte for byte what Go's `expfmt.MetricFamilyToText` writes, except that a family
 /// without series writes nothing, empty help is left out, a gauge histogram is written as a
-/// histogram, and a series lacking the value its family's type calls for is skipped.
+/// histogram, and a series lacking the value its family's type calls for is skipped (a family left
+/// with none writes nothing).
 pub fn write_family<W: Write>(
     w: &mut W,
     family: &MetricFamily,
@@ -610,6 +611,13 @@ pub fn write_family<W: Write>(
             "metric family without a name",
         ));
     }
+    // A header with no sample after it is worse than nothing: a dangling `# TYPE x histogram`
+    // makes a following `# TYPE x_count ...` a second TYPE line for `x`, which Go's parser and
+    // ours refuse, failing the whole body.
+    let metric_type = family.metric_type();
+    if !family.metric.iter().any(|m| has_value_for(m, metric_type)) {
+        return Ok(());
+    }
     if let Some(help) = family.help.as_deref().filter(|h| !h.is_empty()) {
         w.write_all(b"# HELP ")?;
         w.write_all(name.as_bytes())?;
@@ -617,7 +625,6 @@ pub fn write_family<W: Write>(
         write_escaped(w, help, false)?;
         w.write_all(b"\n")?;
     }
-    let metric_type = family.metric_type();
     let type_name: &[u8] = match metric_type {
         MetricType::Counter => b" counter\n",
         MetricType::Gauge => b" gauge\n",
@@ -682,6 +689,17 @@ pub fn write_family<W: Write>(
         }
     }
     Ok(())
+}
+
+/// Whether `metric` carries the value a family of type `metric_type` is written from.
+fn has_value_for(metric: &Metric, metric_type: MetricType) -> bool {
+    match metric_type {
+        MetricType::Counter => metric.counter.is_some(),
+        MetricType::Gauge => metric.gauge.is_some(),
+        MetricType::Untyped => metric.untyped.is_some(),
+        MetricType::Summary => metric.summary.is_some(),
+        MetricType::Histogram | MetricType::GaugeHistogram => metric.histogram.is_some(),
+    }
 }
 
 /// One sample line: `name_suffix{labels,extra="x"} value [timestamp]`.
@@ -1253,13 +1271,45 @@ s_count{a="x"} 0
         ];
         assert_eq!(
             encode_to_string(&families, true),
-            "# TYPE h histogram\nh_bucket{le=\"0.5\"} 2\nh_bucket{le=\"+Inf\"} 5\nh_sum 1.5\nh_count 5\n# TYPE mismatch counter\n"
+            "# TYPE h histogram\nh_bucket{le=\"0.5\"} 2\nh_bucket{le=\"+Inf\"} 5\nh_sum 1.5\nh_count 5\n"
         );
         let nameless = MetricFamily {
             metric: vec![Metric::default()],
             ..Default::default()
         };
         assert!(write_family(&mut Vec::new(), &nameless, true).is_err());
+    }
+
+    /// Found by fuzzing (`common/tests/fuzz.rs`): a histogram family whose series all lacked a
+    /// histogram still wrote its `# TYPE` line, so the untyped `x_count` family after it read as a
+    /// second TYPE line for `x` and the whole body failed to parse.
+    #[test]
+    fn a_family_with_nothing_to_write_leaves_no_header_behind() {
+        let families = vec![
+            MetricFamily {
+                name: Some("x".into()),
+                help: Some("dangling".into()),
+                r#type: Some(MetricType::Histogram as i32),
+                metric: vec![Metric {
+                    untyped: Some(Untyped { value: Some(1.0) }),
+                    ..Default::default()
+                }],
+            },
+            MetricFamily {
+                name: Some("x_count".into()),
+                r#type: Some(MetricType::Untyped as i32),
+                metric: vec![Metric {
+                    untyped: Some(Untyped { value: Some(6.0) }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ];
+        let text = encode_to_string(&families, true);
+        assert_eq!(text, "# TYPE x_count untyped\nx_count 6\n");
+        let back = parse(text.as_bytes(), &Limits::default()).unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].name.as_deref(), Some("x_count"));
     }
 
     #[test]

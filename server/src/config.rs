@@ -132,8 +132,49 @@ pub struct Flags {
     /// Most connections open at once on each port; more are answered 503 and closed.
     #[arg(long, default_value_t = 1024, value_name = "N")]
     pub max_connections: usize,
-    // Cluster flags (--listen-cluster, --join, --name, --gossip-interval, --peer-timeout) go here
-    // with the cluster work.
+
+    /// UDP address for cluster heartbeats. Clustering is off without it (upstream's behaviour).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen_cluster: Option<String>,
+
+    /// A peer's --listen-cluster address (repeatable). Peers not listed here are still accepted when
+    /// their heartbeats carry a valid MAC under the shared key.
+    #[arg(long = "join", value_name = "HOST:PORT", requires = "listen_cluster")]
+    pub join: Vec<String>,
+
+    /// This server's name in the cluster, unique among its peers (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// The internal address peers forward pushes to (default: --listen-internal as bound; required
+    /// when that is a wildcard address such as 0.0.0.0).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise_internal: Option<String>,
+
+    /// Time between two heartbeats to each peer (Prometheus duration).
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    pub gossip_interval: String,
+
+    /// A peer silent for this long is dead and its clusters move to other servers.
+    #[arg(long, default_value = "3s", value_name = "DURATION")]
+    pub peer_timeout: String,
+}
+
+/// The cluster part of the configuration (present when --listen-cluster is given).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterFlags {
+    /// UDP address to bind.
+    pub listen_cluster: String,
+    /// Peers' cluster addresses.
+    pub join: Vec<String>,
+    /// This node's name.
+    pub name: String,
+    /// The internal address to advertise, when given.
+    pub advertise_internal: Option<String>,
+    /// Heartbeat interval.
+    pub gossip_interval: Duration,
+    /// Peer timeout.
+    pub peer_timeout: Duration,
 }
 
 /// Where client tokens are checked.
@@ -201,6 +242,8 @@ pub struct Config {
     pub workers: Option<usize>,
     /// Connection cap per port.
     pub max_connections: usize,
+    /// Clustering, when on.
+    pub cluster: Option<ClusterFlags>,
 }
 
 /// Why the flags do not make a usable configuration.
@@ -309,6 +352,8 @@ impl Flags {
                 Ok(n)
             }
         };
+        let has_shared_key = self.shared_key.is_some();
+        let has_internal_tls = self.internal_tls_key.is_some();
         Ok(Config {
             listen: self.listen,
             listen_internal: self.listen_internal,
@@ -337,8 +382,69 @@ impl Flags {
                 None => None,
             },
             max_connections: positive("--max-connections", self.max_connections)?,
+            cluster: match self.listen_cluster {
+                None => None,
+                Some(listen_cluster) => {
+                    if has_internal_tls {
+                        return Err(ConfigError::Invalid {
+                            flag: "--listen-cluster",
+                            reason: "servers forward pushes to each other's internal port over plain HTTP (signed); TLS on the internal port (--internal-tls-*) is not supported with clustering yet".into(),
+                        });
+                    }
+                    if !has_shared_key {
+                        return Err(ConfigError::Invalid {
+                            flag: "--listen-cluster",
+                            reason: "clustering needs --shared-key: every server must sign and verify with the same key".into(),
+                        });
+                    }
+                    let name = match self.name {
+                        Some(name) => name,
+                        None => host_name().ok_or_else(|| ConfigError::Invalid {
+                            flag: "--name",
+                            reason: "the host name is unavailable: give --name".into(),
+                        })?,
+                    };
+                    if name.is_empty() || name.len() > 255 {
+                        return Err(ConfigError::Invalid {
+                            flag: "--name",
+                            reason: "must be 1 to 255 bytes".into(),
+                        });
+                    }
+                    let gossip_interval =
+                        parse_duration("--gossip-interval", &self.gossip_interval)?;
+                    let peer_timeout = parse_duration("--peer-timeout", &self.peer_timeout)?;
+                    if gossip_interval.is_zero() || peer_timeout <= gossip_interval {
+                        return Err(ConfigError::Invalid {
+                            flag: "--peer-timeout",
+                            reason: "must be longer than --gossip-interval, which must be above 0"
+                                .into(),
+                        });
+                    }
+                    Some(ClusterFlags {
+                        listen_cluster,
+                        join: self.join,
+                        name,
+                        advertise_internal: self.advertise_internal,
+                        gossip_interval,
+                        peer_timeout,
+                    })
+                }
+            },
         })
     }
+}
+
+/// The host name, if the system has a usable one.
+pub fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates when it fits.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let len = buf.iter().position(|&b| b == 0)?;
+    let name = std::str::from_utf8(buf.get(..len)?).ok()?;
+    (!name.is_empty()).then(|| name.to_owned())
 }
 
 fn pair(cert: Option<PathBuf>, key: Option<PathBuf>) -> Option<TlsFiles> {
@@ -461,6 +567,86 @@ mod tests {
         assert_eq!(c.partition_label, "_id");
         assert_eq!(c.token_source, TokenSource::AnyToken);
         assert!(c.whitelist.is_empty());
+    }
+
+    #[test]
+    fn cluster_flags() {
+        let c = flags(&["--insecure-accept-any-token"])
+            .into_config()
+            .unwrap();
+        assert_eq!(c.cluster, None);
+        let err = flags(&[
+            "--insecure-accept-any-token",
+            "--listen-cluster",
+            "127.0.0.1:9005",
+        ])
+        .into_config()
+        .unwrap_err();
+        assert!(err.to_string().contains("--shared-key"), "{err}");
+        let c = flags(&[
+            "--insecure-accept-any-token",
+            "--shared-key",
+            "/k",
+            "--listen-cluster",
+            "127.0.0.1:9005",
+            "--join",
+            "10.0.0.2:9005",
+            "--join",
+            "10.0.0.3:9005",
+            "--name",
+            "a",
+            "--peer-timeout",
+            "5s",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(
+            c.cluster,
+            Some(ClusterFlags {
+                listen_cluster: "127.0.0.1:9005".into(),
+                join: vec!["10.0.0.2:9005".into(), "10.0.0.3:9005".into()],
+                name: "a".into(),
+                advertise_internal: None,
+                gossip_interval: Duration::from_secs(1),
+                peer_timeout: Duration::from_secs(5),
+            })
+        );
+        let err = flags(&[
+            "--insecure-accept-any-token",
+            "--shared-key",
+            "/k",
+            "--listen-cluster",
+            "127.0.0.1:9005",
+            "--peer-timeout",
+            "1s",
+        ])
+        .into_config()
+        .unwrap_err();
+        assert!(err.to_string().contains("--peer-timeout"), "{err}");
+        let err = flags(&[
+            "--insecure-accept-any-token",
+            "--shared-key",
+            "/k",
+            "--listen-cluster",
+            "127.0.0.1:9005",
+            "--internal-tls-key",
+            "/k",
+            "--internal-tls-crt",
+            "/c",
+        ])
+        .into_config()
+        .unwrap_err();
+        assert!(err.to_string().contains("--internal-tls"), "{err}");
+        // --join without --listen-cluster is refused by the parser.
+        assert!(Flags::try_parse_from([
+            "telemeter-server",
+            "--storage-path",
+            "/x",
+            "--join",
+            "a:1"
+        ])
+        .is_err());
+        assert!(host_name().is_some());
     }
 
     #[test]

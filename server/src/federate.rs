@@ -6,6 +6,7 @@
 //! decoded is skipped with a warning rather than failing the whole scrape.
 
 use std::io::{self, Write};
+use std::sync::Arc;
 use std::time::Instant;
 
 use log::warn;
@@ -29,8 +30,18 @@ fn stored_limits() -> delimited::Limits {
     }
 }
 
-/// Answers `/federate`: text by default, protobuf-delimited when `Accept` asks for it.
-pub fn handle(request: &Request, store: &Store, metrics: &Metrics) -> Response {
+/// Decides which stored clusters this server serves: in a cluster, only those it owns on the ring,
+/// so each cluster's series come from exactly one server.
+pub type ClusterFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// Answers `/federate`: text by default, protobuf-delimited when `Accept` asks for it. With a
+/// `filter`, only the clusters it accepts are served.
+pub fn handle(
+    request: &Request,
+    store: &Store,
+    metrics: &Metrics,
+    filter: Option<ClusterFilter>,
+) -> Response {
     if request.method != "GET" {
         return Response::text(405, "only GET is allowed").with_header("Allow", "GET");
     }
@@ -42,7 +53,7 @@ pub fn handle(request: &Request, store: &Store, metrics: &Metrics) -> Response {
         format.content_type(),
         Box::new(move |w: &mut dyn Write| {
             let started = Instant::now();
-            let result = write_all(&store, format, w);
+            let result = write_all(&store, format, filter.as_ref(), w);
             histogram.observe(started.elapsed().as_secs_f64());
             result
         }),
@@ -50,9 +61,17 @@ pub fn handle(request: &Request, store: &Store, metrics: &Metrics) -> Response {
 }
 
 /// Writes every live cluster's families to `w` in `format`, without timestamps.
-pub fn write_all(store: &Store, format: Format, w: &mut dyn Write) -> io::Result<()> {
+pub fn write_all(
+    store: &Store,
+    format: Format,
+    filter: Option<&ClusterFilter>,
+    w: &mut dyn Write,
+) -> io::Result<()> {
     let mut buffer = Vec::new();
     for entry in store.clusters() {
+        if filter.is_some_and(|serves| !serves(&entry.cluster_id)) {
+            continue;
+        }
         let upload = match store.get(&entry.cluster_id) {
             Ok(Some(upload)) => upload,
             // Expired or removed between listing and reading.

@@ -2,11 +2,13 @@
 //!
 //! One module per job: [`config`] (flags), [`authorize`] (client tokens → upload tokens),
 //! [`upload`] (the push pipeline), [`validate`] (checks and stamping), [`ratelimit`], [`route`]
-//! (where an upload is stored), [`store`] (durable files), [`federate`] (serving them), [`metrics`],
-//! [`routes`] (the two HTTP applications) and [`server`] (wiring it all up).
+//! (where an upload is stored), [`cluster`] (membership, hash ring, forwarding and handoff between
+//! servers), [`store`] (durable files), [`federate`] (serving them), [`metrics`], [`routes`] (the two
+//! HTTP applications) and [`server`] (wiring it all up).
 #![deny(missing_docs)]
 
 pub mod authorize;
+pub mod cluster;
 pub mod config;
 pub mod federate;
 pub mod metrics;

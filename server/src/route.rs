@@ -13,6 +13,10 @@ use crate::store::{Store, StoreError};
 pub enum RouteError {
     /// The local store failed.
     Store(StoreError),
+    /// Neither this server nor any live peer could store it (cluster degraded). Each failure is
+    /// logged where it happens; the client only learns that it should retry, not the peers'
+    /// internal addresses.
+    Unavailable,
 }
 
 impl RouteError {
@@ -27,6 +31,7 @@ impl fmt::Display for RouteError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RouteError::Store(e) => write!(f, "storing the upload failed: {e}"),
+            RouteError::Unavailable => f.write_str("no server could store the upload; retry"),
         }
     }
 }

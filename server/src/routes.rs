@@ -5,6 +5,10 @@ use std::sync::{Arc, Mutex};
 use telemeter_common::http::{Handler, Request, Response, ServerHandle, Stats};
 
 use crate::authorize::{AuthorizeHandler, MAX_BODY_BYTES};
+use crate::cluster::endpoint::handle_forward;
+use crate::cluster::forward::FORWARD_PATH;
+use crate::cluster::metrics::ClusterMetrics;
+use crate::cluster::Cluster;
 use crate::federate;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -14,6 +18,8 @@ use crate::upload::UploadHandler;
 pub const EXTERNAL_PATHS: &[&str] = &["/", "/authorize", "/upload", "/healthz", "/healthz/ready"];
 /// The paths the internal port serves, listed by `GET /`.
 pub const INTERNAL_PATHS: &[&str] = &["/", "/federate", "/metrics", "/healthz", "/healthz/ready"];
+/// The paths the internal port serves besides [`INTERNAL_PATHS`] when clustered.
+pub const CLUSTER_PATHS: &[&str] = &["/debug/cluster", FORWARD_PATH];
 
 /// Body cap for requests that carry none worth reading.
 const SMALL_BODY: usize = 4 << 10;
@@ -73,7 +79,8 @@ impl Fronts {
     }
 }
 
-/// The internal port: `/federate`, `/metrics`, health.
+/// The internal port: `/federate`, `/metrics`, health; clustered, also `/debug/cluster` and the
+/// peer-forward endpoint.
 pub struct Internal {
     /// The store `/federate` reads.
     pub store: Store,
@@ -81,13 +88,43 @@ pub struct Internal {
     pub metrics: Metrics,
     /// The HTTP fronts, for their counters.
     pub fronts: Arc<Fronts>,
+    /// The cluster, when clustering is on.
+    pub cluster: Option<ClusterRoutes>,
+    /// Body cap of forwarded pushes (the decompressed upload cap).
+    pub max_forward_bytes: usize,
+}
+
+/// What the internal port needs of the cluster.
+pub struct ClusterRoutes {
+    /// The cluster.
+    pub cluster: Arc<Cluster>,
+    /// Its metric families, refreshed at each `/metrics` scrape.
+    pub metrics: ClusterMetrics,
 }
 
 impl Handler for Internal {
     fn handle(&self, request: Request) -> Response {
         match request.path.as_str() {
-            "/federate" => federate::handle(&request, &self.store, &self.metrics),
+            "/federate" => {
+                let filter = self.cluster.as_ref().map(|c| {
+                    let cluster = c.cluster.clone();
+                    let serves: federate::ClusterFilter = Arc::new(move |id| cluster.serves(id));
+                    serves
+                });
+                federate::handle(&request, &self.store, &self.metrics, filter)
+            }
+            FORWARD_PATH => match &self.cluster {
+                Some(c) => handle_forward(&c.cluster, &self.store, request),
+                None => not_found(),
+            },
+            "/debug/cluster" => match &self.cluster {
+                Some(c) => Response::json(200, &c.cluster.debug_json()),
+                None => Response::text(404, "clustering is off (no --listen-cluster)"),
+            },
             "/metrics" => {
+                if let Some(c) = &self.cluster {
+                    c.metrics.refresh(&c.cluster.stats());
+                }
                 let fronts = self.fronts.stats();
                 let refs: Vec<(&str, Stats)> = fronts.iter().map(|(p, s)| (*p, *s)).collect();
                 let body = self.metrics.render(self.store.stats(), &refs);
@@ -98,13 +135,23 @@ impl Handler for Internal {
                 )
             }
             "/healthz" | "/healthz/ready" => Response::text(200, "ok"),
-            "/" => Response::json(200, &serde_json::json!({ "paths": INTERNAL_PATHS })),
+            "/" => {
+                let mut paths = INTERNAL_PATHS.to_vec();
+                if self.cluster.is_some() {
+                    paths.extend_from_slice(CLUSTER_PATHS);
+                }
+                Response::json(200, &serde_json::json!({ "paths": paths }))
+            }
             _ => not_found(),
         }
     }
 
-    fn body_limit(&self, _method: &str, _path: &str) -> usize {
-        SMALL_BODY
+    fn body_limit(&self, _method: &str, path: &str) -> usize {
+        if path == FORWARD_PATH && self.cluster.is_some() {
+            self.max_forward_bytes
+        } else {
+            SMALL_BODY
+        }
     }
 }
 

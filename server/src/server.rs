@@ -11,11 +11,15 @@ use telemeter_common::tls::{self, TlsError};
 use telemeter_common::token::{KeyError, SharedKey, TokenSigner};
 
 use crate::authorize::{self, AuthorizeHandler, TokensFileError};
+use crate::cluster::handoff::Handoff;
+use crate::cluster::metrics::ClusterMetrics;
+use crate::cluster::router::ClusterRouter;
+use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::config::{Config, TlsFiles};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
-use crate::route::LocalRouter;
-use crate::routes::{External, Fronts, Internal};
+use crate::route::{LocalRouter, Router};
+use crate::routes::{ClusterRoutes, External, Fronts, Internal};
 use crate::store::{Store, StoreConfig, StoreError};
 use crate::upload::{UploadHandler, UploadLimits};
 use crate::validate::Rules;
@@ -40,6 +44,8 @@ pub enum StartError {
     Store(StoreError),
     /// A port could not be bound.
     Http(HttpError),
+    /// Clustering could not start.
+    Cluster(ClusterError),
 }
 
 impl fmt::Display for StartError {
@@ -50,6 +56,7 @@ impl fmt::Display for StartError {
             StartError::Tls(e) => write!(f, "TLS: {e}"),
             StartError::Store(e) => write!(f, "--storage-path: {e}"),
             StartError::Http(e) => write!(f, "{e}"),
+            StartError::Cluster(e) => write!(f, "cluster: {e}"),
         }
     }
 }
@@ -65,6 +72,8 @@ pub struct RunningServer {
     internal: SocketAddr,
     fronts: Arc<Fronts>,
     store: Store,
+    cluster: Option<Arc<Cluster>>,
+    handoff: Option<Handoff>,
 }
 
 impl Server {
@@ -97,6 +106,21 @@ impl Server {
         .map_err(StartError::Store)?;
         let metrics = Metrics::new();
 
+        let cluster = match &config.cluster {
+            None => None,
+            Some(flags) => match start_cluster(flags, &shared) {
+                Ok(cluster) => Some(Arc::new(cluster)),
+                Err(e) => {
+                    store.close();
+                    return Err(e);
+                }
+            },
+        };
+        let router: Arc<dyn Router> = match &cluster {
+            Some(cluster) => Arc::new(ClusterRouter::new(cluster.clone(), store.clone())),
+            None => Arc::new(LocalRouter::new(store.clone())),
+        };
+
         let external_handler = External {
             authorize: AuthorizeHandler::new(
                 authorizer,
@@ -123,15 +147,21 @@ impl Server {
                     max_samples: config.max_series.saturating_mul(SAMPLES_PER_SERIES),
                 },
                 RateLimiter::new(config.ratelimit),
-                Arc::new(LocalRouter::new(store.clone())),
+                router,
                 metrics.clone(),
             ),
         };
         let fronts = Arc::new(Fronts::default());
         let internal_handler = Internal {
             store: store.clone(),
+            cluster: cluster.as_ref().map(|cluster| ClusterRoutes {
+                cluster: cluster.clone(),
+                metrics: ClusterMetrics::register(&metrics.registry),
+            }),
             metrics,
             fronts: fronts.clone(),
+            // The forwarded body is the validated upload with its labels stamped: allow for growth.
+            max_forward_bytes: config.max_decompressed_bytes.saturating_mul(2),
         };
 
         let front_config = |name: &str, tls| {
@@ -162,10 +192,38 @@ impl Server {
         let (external, internal) = match bound {
             Ok(pair) => pair,
             Err(e) => {
+                if let Some(cluster) = &cluster {
+                    cluster.shutdown();
+                }
                 store.close();
                 return Err(StartError::Http(e));
             }
         };
+        let mut handoff = None;
+        if let (Some(cluster), Some(flags)) = (&cluster, &config.cluster) {
+            let advertised = match &flags.advertise_internal {
+                Some(addr) => Ok(addr.clone()),
+                None if internal.local_addr().ip().is_unspecified() => Err(ClusterError::Config(
+                    format!("--listen-internal {} is a wildcard address peers cannot reach: give --advertise-internal", config.listen_internal),
+                )),
+                None => Ok(internal.local_addr().to_string()),
+            };
+            let started = advertised
+                .and_then(|addr| cluster.set_internal_addr(&addr))
+                .and_then(|()| {
+                    Handoff::start(cluster.clone(), store.clone(), flags.gossip_interval).map_err(
+                        |e| ClusterError::Config(format!("cannot start the handoff thread: {e}")),
+                    )
+                });
+            match started {
+                Ok(thread) => handoff = Some(thread),
+                Err(e) => {
+                    cluster.shutdown();
+                    store.close();
+                    return Err(StartError::Cluster(e));
+                }
+            }
+        }
         let external = external.spawn();
         let internal = internal.spawn();
         let running = RunningServer {
@@ -173,6 +231,8 @@ impl Server {
             internal: internal.local_addr(),
             fronts,
             store,
+            cluster,
+            handoff,
         };
         running.fronts.add("external", external);
         running.fronts.add("internal", internal);
@@ -182,6 +242,26 @@ impl Server {
         );
         Ok(running)
     }
+}
+
+fn start_cluster(
+    flags: &crate::config::ClusterFlags,
+    shared: &SharedKey,
+) -> Result<Cluster, StartError> {
+    let listen_cluster = flags.listen_cluster.parse().map_err(|e| {
+        StartError::Cluster(ClusterError::Config(format!(
+            "--listen-cluster {:?}: {e}",
+            flags.listen_cluster
+        )))
+    })?;
+    // Without --advertise-internal, the address is known once the internal port is bound; the
+    // cluster sends no heartbeat until then.
+    let internal = flags.advertise_internal.clone().unwrap_or_default();
+    let mut cluster_config = ClusterConfig::new(&flags.name, listen_cluster, &internal);
+    cluster_config.join.clone_from(&flags.join);
+    cluster_config.gossip_interval = flags.gossip_interval;
+    cluster_config.peer_timeout = flags.peer_timeout;
+    Cluster::start(cluster_config, shared).map_err(StartError::Cluster)
 }
 
 fn load_tls(files: Option<&TlsFiles>) -> Result<Option<Arc<rustls::ServerConfig>>, StartError> {
@@ -209,9 +289,21 @@ impl RunningServer {
         &self.store
     }
 
+    /// The cluster, when clustering is on.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
     /// Stops accepting, finishes in-flight requests (external port first, so no upload is cut off
-    /// while the store is still open), then closes the store.
-    pub fn shutdown(self) {
+    /// while the store is still open), then closes the store. Clustered, the handoff thread and
+    /// the heartbeats stop first, so peers start taking over this node's clusters at once.
+    pub fn shutdown(mut self) {
+        if let Some(mut handoff) = self.handoff.take() {
+            handoff.shutdown();
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.shutdown();
+        }
         for (port, handle) in self.fronts.take() {
             info!("stopping the {port} port");
             handle.shutdown(SHUTDOWN_GRACE);

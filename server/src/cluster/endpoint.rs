@@ -1,0 +1,127 @@
+//! The internal `/internal/forward` endpoint: stores a push another server forwarded to us.
+//!
+//! Only signed requests are accepted (401 otherwise). A forwarded push is never forwarded again,
+//! whoever the ring names as owner: the sender chose us, and if we do not own the cluster the
+//! handoff thread moves the file on later. The reply is 200 only once the upload is durable.
+
+use telemeter_common::http::{Request, Response};
+
+use super::forward::{ForwardKind, FORWARD_METHOD};
+use super::Cluster;
+use crate::store::Store;
+
+/// Answers one request to the forward endpoint.
+pub fn handle_forward(cluster: &Cluster, store: &Store, request: Request) -> Response {
+    if request.method != FORWARD_METHOD {
+        return Response::text(405, "only POST is allowed").with_header("Allow", "POST");
+    }
+    let forwarded = match cluster.verify_forward(
+        &request.method,
+        &request.path,
+        &request.headers,
+        &request.body,
+    ) {
+        Ok(forwarded) => forwarded,
+        Err(err) => {
+            cluster.count_received_forward("unauthorized");
+            log::warn!("cluster: refused a forward from {}: {err}", request.remote);
+            return Response::text(401, &format!("forward refused: {err}"));
+        }
+    };
+    let id = &forwarded.cluster_id;
+    let bytes = request.body.len();
+    let result = match forwarded.kind {
+        ForwardKind::Push => store
+            .put(id, request.body, forwarded.received)
+            .map(|()| true),
+        ForwardKind::Handoff => store.put_if_newer(id, request.body, forwarded.received),
+    };
+    match result {
+        Ok(written) => {
+            cluster.count_received_forward(forwarded.kind.as_str());
+            log::debug!(
+                "cluster: stored a forwarded {} for cluster {id} from {} ({bytes} bytes, written: {written})",
+                forwarded.kind.as_str(),
+                request.remote
+            );
+            Response::empty(200)
+        }
+        Err(err) => {
+            cluster.count_received_forward("store_error");
+            log::error!("cluster: storing a forwarded push for cluster {id} failed: {err}");
+            Response::text(503, "storing the forwarded upload failed; retry")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::forward::{Signer, FORWARD_PATH};
+    use super::super::testing::{key, node, TempStore};
+    use super::*;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    fn request(method: &str, headers: Vec<(&'static str, String)>, body: &[u8]) -> Request {
+        Request {
+            method: method.into(),
+            path: FORWARD_PATH.into(),
+            query: String::new(),
+            headers: headers
+                .into_iter()
+                .map(|(n, v)| (n.to_owned(), v))
+                .collect(),
+            body: body.to_vec(),
+            remote: "127.0.0.1:5555".parse().unwrap(),
+        }
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn signed_forwards_are_stored_others_refused() {
+        let store = TempStore::new("endpoint");
+        let cluster = node("solo", "127.0.0.1:1", vec![]);
+        let signer = Signer::new(&key());
+        let now = SystemTime::now();
+        let recent = now - Duration::from_secs(5);
+
+        let headers = signer.headers("c1", recent, ForwardKind::Push, b"new", now);
+        let reply = handle_forward(&cluster, &store.store, request("POST", headers, b"new"));
+        assert_eq!(reply.status, 200);
+        let stored = store.store.get("c1").unwrap().unwrap();
+        assert_eq!(stored.payload, b"new".to_vec());
+
+        // A handoff of an older upload does not replace it, but is acknowledged.
+        let headers = signer.headers("c1", at(1_000), ForwardKind::Handoff, b"old", now);
+        let reply = handle_forward(&cluster, &store.store, request("POST", headers, b"old"));
+        assert_eq!(reply.status, 200);
+        assert_eq!(
+            store.store.get("c1").unwrap().unwrap().payload,
+            b"new".to_vec()
+        );
+
+        // Unsigned, tampered, wrong method.
+        let reply = handle_forward(&cluster, &store.store, request("POST", vec![], b"x"));
+        assert_eq!(reply.status, 401);
+        let headers = signer.headers("c2", recent, ForwardKind::Push, b"a", now);
+        let reply = handle_forward(&cluster, &store.store, request("POST", headers, b"b"));
+        assert_eq!(reply.status, 401);
+        let reply = handle_forward(&cluster, &store.store, request("GET", vec![], b""));
+        assert_eq!(reply.status, 405);
+        assert!(store.store.get("c2").unwrap().is_none());
+
+        let received: Vec<(&str, u64)> = cluster.stats().received_forwards;
+        assert_eq!(
+            received,
+            vec![
+                ("push", 1),
+                ("handoff", 1),
+                ("unauthorized", 2),
+                ("store_error", 0)
+            ]
+        );
+        cluster.shutdown();
+    }
+}

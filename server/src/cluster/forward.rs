@@ -1,0 +1,736 @@
+//! Pushes forwarded between servers: how they are signed, verified and sent.
+//!
+//! A forwarded push is `POST /internal/forward` on the owner's internal port. The body is exactly
+//! what the owner stores: the validated, stamped families as protobuf-delimited bytes. Headers:
+//!
+//! - `X-Telemeter-Cluster-Id`: the cluster id the body belongs to;
+//! - `X-Telemeter-Received`: when the first server accepted the upload, ms since the epoch;
+//! - `X-Telemeter-Time`: when this request was signed, ms since the epoch;
+//! - `X-Telemeter-Hop`: `1`. A forwarded push is never forwarded again;
+//! - `X-Telemeter-Kind`: `push` (a client's upload: store it) or `handoff` (a file moving to its
+//!   new owner after membership changed: store it only if newer than what is there);
+//! - `X-Telemeter-Signature`: hex of `mac(PeerForward key, [method, path, cluster id, received,
+//!   time, hop, kind, SHA-256(body)])`.
+//!
+//! The receiver checks the signature, that the time is within a window of its clock, that the hop
+//! is 1, and that it has not seen the same signature within the window (a replayed request could
+//! otherwise put an older upload back over a newer one).
+
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ring::digest;
+use telemeter_common::media;
+use telemeter_common::token::{mac, verify_mac, DerivedKey, KeyPurpose, SharedKey};
+
+/// The internal endpoint forwarded pushes are sent to.
+pub const FORWARD_PATH: &str = "/internal/forward";
+/// The method of a forwarded push.
+pub const FORWARD_METHOD: &str = "POST";
+/// Header: the cluster id.
+pub const HEADER_CLUSTER_ID: &str = "X-Telemeter-Cluster-Id";
+/// Header: when the upload was first received, ms since the epoch.
+pub const HEADER_RECEIVED: &str = "X-Telemeter-Received";
+/// Header: when the request was signed, ms since the epoch.
+pub const HEADER_TIME: &str = "X-Telemeter-Time";
+/// Header: the hop count, always 1.
+pub const HEADER_HOP: &str = "X-Telemeter-Hop";
+/// Header: `push` or `handoff`.
+pub const HEADER_KIND: &str = "X-Telemeter-Kind";
+/// Header: the hex HMAC.
+pub const HEADER_SIGNATURE: &str = "X-Telemeter-Signature";
+/// How far the signing time may be from the receiver's clock.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(30);
+/// Most signatures remembered for replay detection.
+const REPLAY_CACHE: usize = 100_000;
+
+/// Why a push is being forwarded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardKind {
+    /// A client's upload, accepted by another server: the owner stores it (replacing).
+    Push,
+    /// A stored file moving to its new owner: stored only when newer than the owner's.
+    Handoff,
+}
+
+impl ForwardKind {
+    /// The header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForwardKind::Push => "push",
+            ForwardKind::Handoff => "handoff",
+        }
+    }
+
+    fn parse(value: &str) -> Option<ForwardKind> {
+        match value {
+            "push" => Some(ForwardKind::Push),
+            "handoff" => Some(ForwardKind::Handoff),
+            _ => None,
+        }
+    }
+}
+
+/// A verified forwarded push: what the receiver should store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forwarded {
+    /// The cluster id.
+    pub cluster_id: String,
+    /// When the upload was first received.
+    pub received: SystemTime,
+    /// Push or handoff.
+    pub kind: ForwardKind,
+}
+
+/// Why a forwarded push was refused (the endpoint answers 401 for all of them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VerifyError {
+    /// A required header is absent.
+    MissingHeader(&'static str),
+    /// A header's value cannot be parsed.
+    BadHeader(&'static str),
+    /// The signature does not match (tampered, or another cluster's key).
+    BadSignature,
+    /// The signing time is `skew_ms` away from our clock, over the window.
+    OutsideWindow {
+        /// Absolute difference, ms.
+        skew_ms: u64,
+    },
+    /// The hop marker is not 1: the push was already forwarded once.
+    HopExceeded(String),
+    /// The same signed request was seen before.
+    Replayed,
+}
+
+impl fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VerifyError::MissingHeader(h) => write!(f, "missing header {h}"),
+            VerifyError::BadHeader(h) => write!(f, "malformed header {h}"),
+            VerifyError::BadSignature => f.write_str("bad forward signature"),
+            VerifyError::OutsideWindow { skew_ms } => {
+                write!(f, "forward signed {skew_ms} ms away from our clock")
+            }
+            VerifyError::HopExceeded(hop) => {
+                write!(f, "hop {hop:?}: a forwarded push is never forwarded again")
+            }
+            VerifyError::Replayed => f.write_str("forwarded request replayed"),
+        }
+    }
+}
+
+impl std::error::Error for VerifyError {}
+
+/// Signs and verifies forwarded pushes with the key derived for [`KeyPurpose::PeerForward`].
+#[derive(Debug)]
+pub struct Signer {
+    key: DerivedKey,
+    window: Duration,
+    seen: Mutex<ReplayCache>,
+}
+
+impl Signer {
+    /// A signer with `shared`'s forward key and the default window.
+    pub fn new(shared: &SharedKey) -> Signer {
+        Signer::with_key(shared.derive(KeyPurpose::PeerForward), DEFAULT_WINDOW)
+    }
+
+    /// A signer with an explicit key and window.
+    pub fn with_key(key: DerivedKey, window: Duration) -> Signer {
+        Signer {
+            key,
+            window,
+            seen: Mutex::new(ReplayCache::default()),
+        }
+    }
+
+    /// The headers of a forwarded push of `body`, signed at `now`.
+    pub fn headers(
+        &self,
+        cluster_id: &str,
+        received: SystemTime,
+        kind: ForwardKind,
+        body: &[u8],
+        now: SystemTime,
+    ) -> Vec<(&'static str, String)> {
+        let received = epoch_ms(received).to_string();
+        let time = epoch_ms(now).to_string();
+        let hop = "1";
+        let tag = self.tag(
+            FORWARD_METHOD,
+            FORWARD_PATH,
+            cluster_id,
+            &received,
+            &time,
+            hop,
+            kind.as_str(),
+            body,
+        );
+        vec![
+            (HEADER_CLUSTER_ID, cluster_id.to_owned()),
+            (HEADER_RECEIVED, received),
+            (HEADER_TIME, time),
+            (HEADER_HOP, hop.to_owned()),
+            (HEADER_KIND, kind.as_str().to_owned()),
+            (HEADER_SIGNATURE, hex(&tag)),
+        ]
+    }
+
+    /// Verifies a forwarded request as received: its method, path, headers (names compared
+    /// case-insensitively) and body, at `now`.
+    pub fn verify(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(String, String)],
+        body: &[u8],
+        now: SystemTime,
+    ) -> Result<Forwarded, VerifyError> {
+        let cluster_id = header(headers, HEADER_CLUSTER_ID)?;
+        let received = header(headers, HEADER_RECEIVED)?;
+        let time = header(headers, HEADER_TIME)?;
+        let hop = header(headers, HEADER_HOP)?;
+        let kind_text = header(headers, HEADER_KIND)?;
+        let signature = header(headers, HEADER_SIGNATURE)?;
+        let tag = unhex(signature).ok_or(VerifyError::BadHeader(HEADER_SIGNATURE))?;
+        let received_ms: u64 = received
+            .parse()
+            .map_err(|_| VerifyError::BadHeader(HEADER_RECEIVED))?;
+        let time_ms: u64 = time
+            .parse()
+            .map_err(|_| VerifyError::BadHeader(HEADER_TIME))?;
+        let kind = ForwardKind::parse(kind_text).ok_or(VerifyError::BadHeader(HEADER_KIND))?;
+        if cluster_id.is_empty() {
+            return Err(VerifyError::BadHeader(HEADER_CLUSTER_ID));
+        }
+        let parts = self.parts(
+            method, path, cluster_id, received, time, hop, kind_text, body,
+        );
+        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        if !verify_mac(&self.key, &refs, &tag) {
+            return Err(VerifyError::BadSignature);
+        }
+        // Checked after the signature, so an unsigned request cannot probe our clock or hop rules.
+        if hop != "1" {
+            return Err(VerifyError::HopExceeded(hop.to_owned()));
+        }
+        let now_ms = epoch_ms(now);
+        let skew_ms = time_ms.abs_diff(now_ms);
+        if u128::from(skew_ms) > self.window.as_millis() {
+            return Err(VerifyError::OutsideWindow { skew_ms });
+        }
+        let fresh = self
+            .seen
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(tag, now_ms, self.window);
+        if !fresh {
+            return Err(VerifyError::Replayed);
+        }
+        Ok(Forwarded {
+            cluster_id: cluster_id.to_owned(),
+            received: UNIX_EPOCH + Duration::from_millis(received_ms),
+            kind,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn tag(
+        &self,
+        method: &str,
+        path: &str,
+        cluster_id: &str,
+        received: &str,
+        time: &str,
+        hop: &str,
+        kind: &str,
+        body: &[u8],
+    ) -> [u8; 32] {
+        let parts = self.parts(method, path, cluster_id, received, time, hop, kind, body);
+        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        mac(&self.key, &refs)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn parts(
+        &self,
+        method: &str,
+        path: &str,
+        cluster_id: &str,
+        received: &str,
+        time: &str,
+        hop: &str,
+        kind: &str,
+        body: &[u8],
+    ) -> Vec<Vec<u8>> {
+        let digest = digest::digest(&digest::SHA256, body);
+        vec![
+            method.as_bytes().to_vec(),
+            path.as_bytes().to_vec(),
+            cluster_id.as_bytes().to_vec(),
+            received.as_bytes().to_vec(),
+            time.as_bytes().to_vec(),
+            hop.as_bytes().to_vec(),
+            kind.as_bytes().to_vec(),
+            digest.as_ref().to_vec(),
+        ]
+    }
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &'static str) -> Result<&'a str, VerifyError> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+        .ok_or(VerifyError::MissingHeader(name))
+}
+
+/// Milliseconds since the epoch (0 before it, saturating far after it).
+pub fn epoch_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() != 64 {
+        return None;
+    }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    text.as_bytes()
+        .chunks(2)
+        .map(|pair| match pair {
+            [hi, lo] => Some(digit(*hi)? << 4 | digit(*lo)?),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Signatures seen within the window, bounded: the oldest are forgotten first.
+#[derive(Debug, Default)]
+struct ReplayCache {
+    order: VecDeque<(u64, Vec<u8>)>,
+    set: HashSet<Vec<u8>>,
+}
+
+impl ReplayCache {
+    /// Records `tag` seen at `now_ms`; false when it was already there.
+    fn insert(&mut self, tag: Vec<u8>, now_ms: u64, window: Duration) -> bool {
+        // A request is only accepted within ±window of its time, so twice the window is enough.
+        let keep_ms = u64::try_from(window.as_millis().saturating_mul(2)).unwrap_or(u64::MAX);
+        while let Some((at, _)) = self.order.front() {
+            if now_ms.saturating_sub(*at) <= keep_ms && self.order.len() < REPLAY_CACHE {
+                break;
+            }
+            if let Some((_, old)) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        if !self.set.insert(tag.clone()) {
+            return false;
+        }
+        self.order.push_back((now_ms, tag));
+        true
+    }
+}
+
+/// Why a forward did not store the push.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ForwardError {
+    /// No answer: connection refused, timeout, reset...
+    Unreachable(String),
+    /// The peer answered, but not 200.
+    Rejected {
+        /// Its status.
+        status: u16,
+        /// The first line of its reply.
+        reason: String,
+    },
+}
+
+impl fmt::Display for ForwardError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ForwardError::Unreachable(err) => write!(f, "peer unreachable: {err}"),
+            ForwardError::Rejected { status, reason } => {
+                write!(f, "peer rejected the forward with {status}: {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ForwardError {}
+
+/// Sends signed pushes to peers' internal endpoints, synchronously.
+#[derive(Debug)]
+pub struct Forwarder {
+    agent: ureq::Agent,
+    signer: std::sync::Arc<Signer>,
+}
+
+impl Forwarder {
+    /// A client signing with `signer`; `timeout` bounds a whole request (connect, send, the
+    /// owner's fsync, reply).
+    pub fn new(signer: std::sync::Arc<Signer>, timeout: Duration) -> Forwarder {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            // Internal traffic never goes through an HTTP proxy from the environment.
+            .proxy(None)
+            .timeout_connect(Some(timeout.min(Duration::from_secs(2))))
+            .timeout_global(Some(timeout))
+            .user_agent(concat!("telemeter-server/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Forwarder { agent, signer }
+    }
+
+    /// POSTs `body` to the peer whose internal address is `peer` ("host:port"). Ok only when the
+    /// peer answered 200, which it does only once the push is durable.
+    pub fn forward(
+        &self,
+        peer: &str,
+        cluster_id: &str,
+        received: SystemTime,
+        kind: ForwardKind,
+        body: &[u8],
+    ) -> Result<(), ForwardError> {
+        let url = format!("http://{peer}{FORWARD_PATH}");
+        let mut request = self.agent.post(&url).content_type(media::PROTO_DELIMITED);
+        for (name, value) in
+            self.signer
+                .headers(cluster_id, received, kind, body, SystemTime::now())
+        {
+            request = request.header(name, value);
+        }
+        let mut response = request
+            .send(body)
+            .map_err(|err| ForwardError::Unreachable(err.to_string()))?;
+        let status = response.status().as_u16();
+        if status == 200 {
+            return Ok(());
+        }
+        let reason = response
+            .body_mut()
+            .with_config()
+            .limit(4096)
+            .read_to_string()
+            .unwrap_or_default();
+        Err(ForwardError::Rejected {
+            status,
+            reason: reason.lines().next().unwrap_or("").trim().to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+    use std::sync::Arc;
+
+    fn signer(byte: u8) -> Signer {
+        Signer::with_key(DerivedKey([byte; 32]), DEFAULT_WINDOW)
+    }
+
+    fn owned(headers: Vec<(&'static str, String)>) -> Vec<(String, String)> {
+        headers
+            .into_iter()
+            .map(|(n, v)| (n.to_ascii_lowercase(), v))
+            .collect()
+    }
+
+    fn t(ms: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn signed(s: &Signer, body: &[u8], kind: ForwardKind) -> Vec<(String, String)> {
+        owned(s.headers("cluster-1", t(NOW - 5_000), kind, body, t(NOW)))
+    }
+
+    fn set(headers: &mut [(String, String)], name: &str, value: &str) {
+        for (n, v) in headers.iter_mut() {
+            if n.eq_ignore_ascii_case(name) {
+                *v = value.to_owned();
+            }
+        }
+    }
+
+    #[test]
+    fn signed_push_verifies() {
+        let s = signer(1);
+        let headers = signed(&s, b"families", ForwardKind::Push);
+        let got = s
+            .verify("POST", FORWARD_PATH, &headers, b"families", t(NOW + 1_000))
+            .unwrap();
+        assert_eq!(
+            got,
+            Forwarded {
+                cluster_id: "cluster-1".into(),
+                received: t(NOW - 5_000),
+                kind: ForwardKind::Push,
+            }
+        );
+        let handoff = signed(&s, b"families", ForwardKind::Handoff);
+        let got = s
+            .verify("POST", FORWARD_PATH, &handoff, b"families", t(NOW))
+            .unwrap();
+        assert_eq!(got.kind, ForwardKind::Handoff);
+    }
+
+    #[test]
+    fn tampered_body_is_bad_signature() {
+        let s = signer(1);
+        let headers = signed(&s, b"families", ForwardKind::Push);
+        assert_eq!(
+            s.verify("POST", FORWARD_PATH, &headers, b"famil1es", t(NOW)),
+            Err(VerifyError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn tampered_headers_are_bad_signature() {
+        let s = signer(1);
+        for (name, value) in [
+            (HEADER_CLUSTER_ID, "cluster-2"),
+            (HEADER_RECEIVED, "1"),
+            (HEADER_TIME, "1800000000001"),
+            (HEADER_KIND, "handoff"),
+        ] {
+            let mut headers = signed(&s, b"b", ForwardKind::Push);
+            set(&mut headers, name, value);
+            assert_eq!(
+                s.verify("POST", FORWARD_PATH, &headers, b"b", t(NOW)),
+                Err(VerifyError::BadSignature),
+                "{name}"
+            );
+        }
+        let headers = signed(&s, b"b", ForwardKind::Push);
+        assert_eq!(
+            s.verify("PUT", FORWARD_PATH, &headers, b"b", t(NOW)),
+            Err(VerifyError::BadSignature)
+        );
+        assert_eq!(
+            s.verify("POST", "/upload", &headers, b"b", t(NOW)),
+            Err(VerifyError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn wrong_key_is_bad_signature() {
+        let headers = signed(&signer(1), b"b", ForwardKind::Push);
+        assert_eq!(
+            signer(2).verify("POST", FORWARD_PATH, &headers, b"b", t(NOW)),
+            Err(VerifyError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn old_or_future_time_is_outside_window() {
+        let s = signer(1);
+        let headers = signed(&s, b"b", ForwardKind::Push);
+        assert_eq!(
+            s.verify("POST", FORWARD_PATH, &headers, b"b", t(NOW + 30_001)),
+            Err(VerifyError::OutsideWindow { skew_ms: 30_001 })
+        );
+        assert_eq!(
+            s.verify("POST", FORWARD_PATH, &headers, b"b", t(NOW - 60_000)),
+            Err(VerifyError::OutsideWindow { skew_ms: 60_000 })
+        );
+    }
+
+    #[test]
+    fn second_hop_is_refused() {
+        let s = signer(1);
+        // A peer that signs hop 2 (it would only do so if it re-forwarded) is still refused.
+        let mut headers = signed(&s, b"b", ForwardKind::Push);
+        set(&mut headers, HEADER_HOP, "2");
+        let received = (NOW - 5_000).to_string();
+        let time = NOW.to_string();
+        let tag = s.tag(
+            "POST",
+            FORWARD_PATH,
+            "cluster-1",
+            &received,
+            &time,
+            "2",
+            "push",
+            b"b",
+        );
+        set(&mut headers, HEADER_SIGNATURE, &hex(&tag));
+        assert_eq!(
+            s.verify("POST", FORWARD_PATH, &headers, b"b", t(NOW)),
+            Err(VerifyError::HopExceeded("2".into()))
+        );
+        // An unsigned change of the hop is a bad signature.
+        let mut headers = signed(&s, b"b", ForwardKind::Push);
+        set(&mut headers, HEADER_HOP, "2");
+        assert_eq!(
+            s.verify("POST", FORWARD_PATH, &headers, b"b", t(NOW)),
+            Err(VerifyError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn replay_is_refused() {
+        let s = signer(1);
+        let headers = signed(&s, b"b", ForwardKind::Push);
+        assert!(s
+            .verify("POST", FORWARD_PATH, &headers, b"b", t(NOW))
+            .is_ok());
+        assert_eq!(
+            s.verify("POST", FORWARD_PATH, &headers, b"b", t(NOW + 10)),
+            Err(VerifyError::Replayed)
+        );
+    }
+
+    #[test]
+    fn missing_and_malformed_headers() {
+        let s = signer(1);
+        assert_eq!(
+            s.verify("POST", FORWARD_PATH, &[], b"b", t(NOW)),
+            Err(VerifyError::MissingHeader(HEADER_CLUSTER_ID))
+        );
+        let mut headers = signed(&s, b"b", ForwardKind::Push);
+        headers.retain(|(n, _)| !n.eq_ignore_ascii_case(HEADER_SIGNATURE));
+        assert_eq!(
+            s.verify("POST", FORWARD_PATH, &headers, b"b", t(NOW)),
+            Err(VerifyError::MissingHeader(HEADER_SIGNATURE))
+        );
+        for (name, value) in [
+            (HEADER_SIGNATURE, "zz"),
+            (HEADER_SIGNATURE, &"g".repeat(64)),
+            (HEADER_RECEIVED, "yesterday"),
+            (HEADER_TIME, "-1"),
+            (HEADER_KIND, "copy"),
+            (HEADER_CLUSTER_ID, ""),
+        ] {
+            let mut headers = signed(&s, b"b", ForwardKind::Push);
+            set(&mut headers, name, value);
+            assert_eq!(
+                s.verify("POST", FORWARD_PATH, &headers, b"b", t(NOW)),
+                Err(VerifyError::BadHeader(name)),
+                "{name}={value}"
+            );
+        }
+    }
+
+    #[test]
+    fn replay_cache_is_bounded_in_time() {
+        let mut cache = ReplayCache::default();
+        let window = Duration::from_secs(30);
+        assert!(cache.insert(vec![1], 0, window));
+        assert!(!cache.insert(vec![1], 1_000, window));
+        assert!(cache.insert(vec![2], 100_000, window));
+        assert_eq!(cache.order.len(), 1);
+        assert!(cache.insert(vec![1], 100_001, window));
+    }
+
+    /// A one-request HTTP server answering `status` and recording the request's head and body.
+    fn one_shot(status: u16) -> (String, std::thread::JoinHandle<(String, Vec<u8>)>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let handle = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut head = String::new();
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            let reply = if status == 200 {
+                "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_string()
+            } else {
+                format!("HTTP/1.1 {status} No\r\ncontent-length: 13\r\nconnection: close\r\n\r\nbad signature\n")
+            };
+            let mut stream = stream;
+            stream.write_all(reply.as_bytes()).unwrap();
+            (head, body)
+        });
+        (addr, handle)
+    }
+
+    #[test]
+    fn forwarder_posts_a_verifiable_request() {
+        let s = Arc::new(signer(1));
+        let forwarder = Forwarder::new(s.clone(), Duration::from_secs(5));
+        let (addr, server) = one_shot(200);
+        forwarder
+            .forward(&addr, "c1", t(NOW), ForwardKind::Push, b"payload")
+            .unwrap();
+        let (head, body) = server.join().unwrap();
+        assert_eq!(body, b"payload");
+        assert!(
+            head.starts_with("POST /internal/forward HTTP/1.1"),
+            "{head}"
+        );
+        let headers: Vec<(String, String)> = head
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.to_owned(), v.trim().to_owned()))
+            .collect();
+        let got = s
+            .verify("POST", FORWARD_PATH, &headers, &body, SystemTime::now())
+            .unwrap();
+        assert_eq!(got.cluster_id, "c1");
+        assert_eq!(got.received, t(NOW));
+    }
+
+    #[test]
+    fn forwarder_reports_rejection_and_unreachable() {
+        let forwarder = Forwarder::new(Arc::new(signer(1)), Duration::from_secs(5));
+        let (addr, server) = one_shot(401);
+        assert_eq!(
+            forwarder.forward(&addr, "c1", t(NOW), ForwardKind::Push, b"x"),
+            Err(ForwardError::Rejected {
+                status: 401,
+                reason: "bad signature".into()
+            })
+        );
+        server.join().unwrap();
+        // A port nobody listens on (bound, then closed).
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        assert!(matches!(
+            forwarder.forward(&closed, "c1", t(NOW), ForwardKind::Push, b"x"),
+            Err(ForwardError::Unreachable(_))
+        ));
+    }
+}

@@ -1,0 +1,98 @@
+//! The cluster's metrics, registered in the server's registry and refreshed at scrape time.
+
+use std::sync::{Arc, Mutex};
+
+use telemeter_common::instrument::{Counter, CounterVec, GaugeVec, Registry};
+
+use super::ClusterStats;
+
+/// The cluster's metric families.
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    members: GaugeVec,
+    ring_generation: GaugeVec,
+    heartbeats: CounterVec,
+    dropped: CounterVec,
+    forwards: CounterVec,
+    received: CounterVec,
+    // Counters are copied in as deltas; the lock keeps two scrapes from adding one delta twice.
+    refresh: Arc<Mutex<()>>,
+}
+
+impl ClusterMetrics {
+    /// Registers the families in `registry`.
+    pub fn register(registry: &Registry) -> ClusterMetrics {
+        ClusterMetrics {
+            members: registry.gauge(
+                "telemeter_server_cluster_members",
+                "Cluster members as this server sees them (itself included), by state.",
+                &["state"],
+            ),
+            ring_generation: registry.gauge(
+                "telemeter_server_cluster_ring_generation",
+                "How many times the hash ring was rebuilt because the live members changed.",
+                &[],
+            ),
+            heartbeats: registry.counter(
+                "telemeter_server_gossip_heartbeats_total",
+                "Heartbeats by result: sent, send_error, accepted.",
+                &["result"],
+            ),
+            dropped: registry.counter(
+                "telemeter_server_gossip_dropped_packets_total",
+                "Gossip datagrams dropped, by reason.",
+                &["reason"],
+            ),
+            forwards: registry.counter(
+                "telemeter_server_cluster_forwards_total",
+                "Pushes forwarded to other servers, by kind (push, handoff) and result.",
+                &["kind", "result"],
+            ),
+            received: registry.counter(
+                "telemeter_server_cluster_forwards_received_total",
+                "Forwarded pushes received, by result (push, handoff, unauthorized, store_error).",
+                &["result"],
+            ),
+            refresh: Arc::default(),
+        }
+    }
+
+    /// Copies `stats` in; call before rendering the registry.
+    pub fn refresh(&self, stats: &ClusterStats) {
+        let _guard = self.refresh.lock().unwrap_or_else(|e| e.into_inner());
+        for (state, n) in [
+            ("alive", stats.members_alive),
+            ("suspect", stats.members_suspect),
+            ("dead", stats.members_dead),
+        ] {
+            self.members.with(&[state]).set(n as f64);
+        }
+        self.ring_generation
+            .with(&[])
+            .set(stats.ring_generation as f64);
+        for (result, n) in [
+            ("sent", stats.heartbeats_sent),
+            ("send_error", stats.heartbeat_send_errors),
+            ("accepted", stats.heartbeats_accepted),
+        ] {
+            catch_up(&self.heartbeats.with(&[result]), n);
+        }
+        for (reason, n) in &stats.drops {
+            catch_up(&self.dropped.with(&[reason]), *n);
+        }
+        for (kind, result, n) in &stats.forwards {
+            catch_up(&self.forwards.with(&[kind, result]), *n);
+        }
+        for (result, n) in &stats.received_forwards {
+            catch_up(&self.received.with(&[result]), *n);
+        }
+    }
+}
+
+/// Raises a counter to a monotonic total kept elsewhere.
+fn catch_up(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.add(total - now);
+    }
+}

@@ -1,0 +1,773 @@
+//! The cluster: static membership over UDP heartbeats, a consistent hash ring over the live
+//! members, and signed forwarding of pushes to the member that owns their cluster id (DESIGN §6).
+//!
+//! - [`packet`]: the heartbeat datagram and its MAC;
+//! - [`membership`]: the member table and the ring, a pure state machine;
+//! - [`gossip`]: the thread that sends and receives heartbeats;
+//! - [`forward`]: signing, verifying and sending forwarded pushes;
+//! - [`endpoint`]: the internal endpoint that stores forwarded pushes;
+//! - [`handoff`]: moving files to their new owner when ownership moves;
+//! - [`router`]: the upload pipeline's router: store locally or forward to the owner;
+//! - [`metrics`]: the cluster's families in `/metrics`.
+//!
+//! [`Cluster`] ties them together for the server: where should this cluster id's upload go, in
+//! which order, and what does the cluster look like (`/debug/cluster`, `/metrics`).
+//!
+//! What it guarantees, and what it does not:
+//! - a client gets 200 only once some server has the upload on disk: the owner, or when the owner
+//!   cannot be reached, the next live member in ring order (which becomes the owner if the first
+//!   one is gone), or this node; the handoff thread later moves a failed-over file to its owner;
+//! - each node serves on `/federate` only the clusters it owns in its own view of the ring, and
+//!   nothing before it has heard its peers (or a peer timeout passed), so two nodes serve the same
+//!   cluster only while their views differ: about one peer timeout after a change, or for as long
+//!   as a network partition lasts (there is no consensus: each side of a partition owns all of
+//!   its clusters);
+//! - nodes' clocks must agree within 30 s (heartbeats and forwards carry signed send times).
+
+pub mod endpoint;
+pub mod forward;
+pub mod gossip;
+pub mod handoff;
+pub mod membership;
+pub mod metrics;
+pub mod packet;
+pub mod router;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use serde_json::{json, Value};
+use telemeter_common::token::{KeyPurpose, SharedKey};
+
+use forward::{ForwardError, ForwardKind, Forwarded, Forwarder, Signer, VerifyError};
+use gossip::{lock, Gossip, GossipConfig};
+use membership::{DropReason, MemberState, Membership, MembershipConfig};
+use packet::MAX_NAME;
+
+/// How this node takes part in the cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// This node's name (`--name`), unique in the cluster, 1 to 255 bytes.
+    pub name: String,
+    /// The UDP address heartbeats are sent from and received on (`--listen-cluster`).
+    pub listen_cluster: SocketAddr,
+    /// The peers' cluster addresses (`--join`, repeatable), "host:port".
+    pub join: Vec<String>,
+    /// Time between heartbeats (`--gossip-interval`).
+    pub gossip_interval: Duration,
+    /// A member silent for this long is dead (`--peer-timeout`).
+    pub peer_timeout: Duration,
+    /// The internal address peers forward pushes to, "host:port", as they can reach it. Empty
+    /// when not known yet (the internal port is bound later): no heartbeat is sent until
+    /// [`Cluster::set_internal_addr`] gives it, so peers never learn a wrong address.
+    pub internal_addr: String,
+    /// Bound on one forwarded request, the owner's fsync included.
+    pub forward_timeout: Duration,
+}
+
+impl ClusterConfig {
+    /// A configuration with the default timings: 1 s interval, 3 s peer timeout, 10 s forwards.
+    pub fn new(name: &str, listen_cluster: SocketAddr, internal_addr: &str) -> ClusterConfig {
+        ClusterConfig {
+            name: name.to_owned(),
+            listen_cluster,
+            join: Vec::new(),
+            gossip_interval: Duration::from_secs(1),
+            peer_timeout: Duration::from_secs(3),
+            internal_addr: internal_addr.to_owned(),
+            forward_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the cluster could not start.
+#[derive(Debug)]
+pub enum ClusterError {
+    /// The configuration cannot work; the text says why.
+    Config(String),
+    /// The gossip socket or thread failed.
+    Gossip(gossip::GossipError),
+    /// No randomness for the boot id.
+    Random,
+}
+
+impl fmt::Display for ClusterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClusterError::Config(why) => write!(f, "invalid cluster configuration: {why}"),
+            ClusterError::Gossip(err) => err.fmt(f),
+            ClusterError::Random => f.write_str("no randomness available for the boot id"),
+        }
+    }
+}
+
+impl std::error::Error for ClusterError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ClusterError::Gossip(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
+/// A place an upload can be stored: this node or a live peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// The member's name.
+    pub name: String,
+    /// Its internal address (ours for self).
+    pub internal_addr: String,
+    /// Whether it is this node (store locally, do not forward).
+    pub is_self: bool,
+}
+
+/// Counters of the cluster, for `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterStats {
+    /// Members by state, self counted as alive.
+    pub members_alive: u64,
+    /// Members suspect.
+    pub members_suspect: u64,
+    /// Members dead (still remembered).
+    pub members_dead: u64,
+    /// Ring rebuilds so far.
+    pub ring_generation: u64,
+    /// Heartbeats sent.
+    pub heartbeats_sent: u64,
+    /// Heartbeats that could not be sent.
+    pub heartbeat_send_errors: u64,
+    /// Heartbeats accepted.
+    pub heartbeats_accepted: u64,
+    /// Dropped datagrams by reason (label value, count), every reason listed.
+    pub drops: Vec<(&'static str, u64)>,
+    /// Forwards sent, by kind and result (`push`/`handoff`, `ok`/`unreachable`/`rejected`).
+    pub forwards: Vec<(&'static str, &'static str, u64)>,
+    /// Forwards received, by result (`push`, `handoff`: stored; `unauthorized`; `store_error`).
+    pub received_forwards: Vec<(&'static str, u64)>,
+}
+
+/// Results of forwards received, in [`ClusterStats::received_forwards`] order.
+const RECEIVED: [&str; 4] = ["push", "handoff", "unauthorized", "store_error"];
+
+/// Forward results by kind (push, handoff) × result (ok, unreachable, rejected).
+#[derive(Debug, Default)]
+struct ForwardCounters {
+    counts: [[AtomicU64; 3]; 2],
+}
+
+const RESULTS: [&str; 3] = ["ok", "unreachable", "rejected"];
+const KINDS: [ForwardKind; 2] = [ForwardKind::Push, ForwardKind::Handoff];
+
+impl ForwardCounters {
+    fn count(&self, kind: ForwardKind, result: &Result<(), ForwardError>) {
+        let k = usize::from(kind == ForwardKind::Handoff);
+        let r = match result {
+            Ok(()) => 0,
+            Err(ForwardError::Unreachable(_)) => 1,
+            Err(ForwardError::Rejected { .. }) => 2,
+        };
+        if let Some(counter) = self.counts.get(k).and_then(|row| row.get(r)) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn snapshot(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let mut out = Vec::new();
+        for (kind, row) in KINDS.iter().zip(&self.counts) {
+            for (result, counter) in RESULTS.iter().zip(row) {
+                out.push((kind.as_str(), *result, counter.load(Ordering::Relaxed)));
+            }
+        }
+        out
+    }
+}
+
+/// This node's view of the cluster, and the means to forward to it.
+#[derive(Debug)]
+pub struct Cluster {
+    membership: Arc<Mutex<Membership>>,
+    gossip: Mutex<Gossip>,
+    signer: Arc<Signer>,
+    forwarder: Forwarder,
+    forwards: ForwardCounters,
+    received: [AtomicU64; 4],
+    started: Instant,
+    peer_timeout: Duration,
+    join_count: usize,
+    settled: AtomicBool,
+}
+
+impl Cluster {
+    /// Checks the configuration, binds the gossip socket and starts heartbeating.
+    pub fn start(config: ClusterConfig, shared_key: &SharedKey) -> Result<Cluster, ClusterError> {
+        if config.name.is_empty() || config.name.len() > MAX_NAME {
+            return Err(ClusterError::Config(format!(
+                "--name must be 1 to {MAX_NAME} bytes, got {:?}",
+                config.name
+            )));
+        }
+        if config.internal_addr.len() > MAX_NAME {
+            return Err(ClusterError::Config(format!(
+                "the internal address must be at most {MAX_NAME} bytes, got {:?}",
+                config.internal_addr
+            )));
+        }
+        if config.gossip_interval.is_zero() {
+            return Err(ClusterError::Config(
+                "--gossip-interval must be above 0".into(),
+            ));
+        }
+        if config.peer_timeout <= config.gossip_interval {
+            return Err(ClusterError::Config(format!(
+                "--peer-timeout ({:?}) must be longer than --gossip-interval ({:?}), or members flap",
+                config.peer_timeout, config.gossip_interval
+            )));
+        }
+        let mut boot = [0u8; 8];
+        SystemRandom::new()
+            .fill(&mut boot)
+            .map_err(|_| ClusterError::Random)?;
+        let mut membership_config = MembershipConfig::new(
+            &config.name,
+            &config.internal_addr,
+            u64::from_be_bytes(boot),
+        );
+        membership_config.peer_timeout = config.peer_timeout;
+        let membership = Arc::new(Mutex::new(Membership::new(membership_config)));
+        let gossip = Gossip::start(
+            GossipConfig {
+                listen: config.listen_cluster,
+                join: config.join.clone(),
+                interval: config.gossip_interval,
+            },
+            shared_key.derive(KeyPurpose::Gossip),
+            membership.clone(),
+        )
+        .map_err(ClusterError::Gossip)?;
+        log::info!(
+            "cluster: node {} (boot {:016x}) gossiping on udp {} with peers {:?}",
+            config.name,
+            u64::from_be_bytes(boot),
+            gossip.local_addr(),
+            config.join,
+        );
+        if !config.internal_addr.is_empty() {
+            log::info!(
+                "cluster: advertising internal address {}",
+                config.internal_addr
+            );
+        }
+        let signer = Arc::new(Signer::new(shared_key));
+        Ok(Cluster {
+            membership,
+            gossip: Mutex::new(gossip),
+            forwarder: Forwarder::new(signer.clone(), config.forward_timeout),
+            signer,
+            forwards: ForwardCounters::default(),
+            received: Default::default(),
+            started: Instant::now(),
+            peer_timeout: config.peer_timeout,
+            join_count: config.join.len(),
+            settled: AtomicBool::new(false),
+        })
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> String {
+        lock(&self.membership).name().to_owned()
+    }
+
+    /// The bound UDP address.
+    pub fn gossip_addr(&self) -> SocketAddr {
+        self.gossip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .local_addr()
+    }
+
+    /// The shared member table (for tests and the debug page; hold the lock briefly).
+    pub fn membership(&self) -> &Arc<Mutex<Membership>> {
+        &self.membership
+    }
+
+    /// Changes the internal address advertised to peers (see [`Membership::set_internal_addr`]).
+    pub fn set_internal_addr(&self, addr: &str) -> Result<(), ClusterError> {
+        if addr.is_empty() || addr.len() > MAX_NAME {
+            return Err(ClusterError::Config(format!(
+                "the internal address must be 1 to {MAX_NAME} bytes, got {addr:?}"
+            )));
+        }
+        lock(&self.membership).set_internal_addr(addr);
+        log::info!("cluster: advertising internal address {addr}");
+        Ok(())
+    }
+
+    /// The ring's generation: changes exactly when the set of live members does.
+    pub fn generation(&self) -> u64 {
+        lock(&self.membership).generation()
+    }
+
+    /// The live members, self included, sorted.
+    pub fn alive(&self) -> Vec<String> {
+        lock(&self.membership).alive()
+    }
+
+    /// Whether this node owns `cluster_id` on the ring (suspects included: suspicion is local and
+    /// does not move ownership). Federate serves, and handoff keeps, only what this returns true for.
+    pub fn owns(&self, cluster_id: &str) -> bool {
+        let membership = lock(&self.membership);
+        membership.ring().owner(cluster_id) == Some(membership.name())
+    }
+
+    /// Whether this node has had time to hear its peers since it started: it has heard as many
+    /// as `--join` lists, or a peer timeout has passed. Until then its ring may hold only itself,
+    /// and serving every stored cluster would duplicate the owners' series.
+    pub fn settled(&self) -> bool {
+        if self.settled.load(Ordering::Relaxed) {
+            return true;
+        }
+        let heard = self.alive().len().saturating_sub(1);
+        let settled = heard >= self.join_count || self.started.elapsed() >= self.peer_timeout;
+        if settled {
+            self.settled.store(true, Ordering::Relaxed);
+        }
+        settled
+    }
+
+    /// Whether `/federate` should serve `cluster_id` now: settled, and the owner.
+    pub fn serves(&self, cluster_id: &str) -> bool {
+        self.settled() && self.owns(cluster_id)
+    }
+
+    /// Where to store `cluster_id`'s upload, best first: the ring's preference order, skipping
+    /// suspect and dead members. Self is always in the list (it is always alive to itself).
+    pub fn owner_preference(&self, cluster_id: &str) -> Vec<Owner> {
+        let membership = lock(&self.membership);
+        let me = membership.name();
+        membership
+            .ring()
+            .preference(cluster_id)
+            .into_iter()
+            .filter_map(|name| {
+                if name == me {
+                    return Some(Owner {
+                        name: name.to_owned(),
+                        internal_addr: membership.internal_addr().to_owned(),
+                        is_self: true,
+                    });
+                }
+                let member = membership.member(name)?;
+                (member.state == MemberState::Alive).then(|| Owner {
+                    name: name.to_owned(),
+                    internal_addr: member.internal_addr.clone(),
+                    is_self: false,
+                })
+            })
+            .collect()
+    }
+
+    /// The ring owner of `cluster_id` when it is another member that is alive (not suspect):
+    /// where a handoff goes. `None` when this node owns it or the owner is suspect.
+    pub fn ring_owner(&self, cluster_id: &str) -> Option<Owner> {
+        let membership = lock(&self.membership);
+        let name = membership.ring().owner(cluster_id)?;
+        let member = membership.member(name)?;
+        (member.state == MemberState::Alive).then(|| Owner {
+            name: name.to_owned(),
+            internal_addr: member.internal_addr.clone(),
+            is_self: false,
+        })
+    }
+
+    /// Counts a forward received by the endpoint: `push`, `handoff`, `unauthorized`, `store_error`.
+    pub fn count_received_forward(&self, result: &str) {
+        if let Some(i) = RECEIVED.iter().position(|r| *r == result) {
+            if let Some(counter) = self.received.get(i) {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Marks `name` suspect after a failed forward: skipped until it heartbeats again after a
+    /// peer timeout.
+    pub fn mark_suspect(&self, name: &str) {
+        if lock(&self.membership).mark_suspect(name, Instant::now()) {
+            log::warn!("cluster: member {name} is suspect (forwarding to it failed)");
+        }
+    }
+
+    /// Forwards `body` to `owner` (a peer), signed, and counts the result. Ok only once the owner
+    /// stored it durably.
+    pub fn forward(
+        &self,
+        owner: &Owner,
+        cluster_id: &str,
+        received: SystemTime,
+        kind: ForwardKind,
+        body: &[u8],
+    ) -> Result<(), ForwardError> {
+        let result = self
+            .forwarder
+            .forward(&owner.internal_addr, cluster_id, received, kind, body);
+        self.forwards.count(kind, &result);
+        result
+    }
+
+    /// Verifies a request to the internal forward endpoint.
+    pub fn verify_forward(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> Result<Forwarded, VerifyError> {
+        self.signer
+            .verify(method, path, headers, body, SystemTime::now())
+    }
+
+    /// Counters for `/metrics`.
+    pub fn stats(&self) -> ClusterStats {
+        let (sent, send_errors) = {
+            let gossip = self.gossip.lock().unwrap_or_else(|p| p.into_inner());
+            let c = gossip.counters();
+            (
+                c.sent.load(Ordering::Relaxed),
+                c.send_errors.load(Ordering::Relaxed),
+            )
+        };
+        let membership = lock(&self.membership);
+        let mut stats = ClusterStats {
+            members_alive: 1,
+            ring_generation: membership.generation(),
+            heartbeats_sent: sent,
+            heartbeat_send_errors: send_errors,
+            heartbeats_accepted: membership.accepted(),
+            drops: membership
+                .drops()
+                .into_iter()
+                .map(|(reason, n)| (reason.as_str(), n))
+                .collect(),
+            forwards: self.forwards.snapshot(),
+            received_forwards: RECEIVED
+                .iter()
+                .zip(&self.received)
+                .map(|(result, n)| (*result, n.load(Ordering::Relaxed)))
+                .collect(),
+            ..ClusterStats::default()
+        };
+        for member in membership.members() {
+            match member.state {
+                MemberState::Alive => stats.members_alive += 1,
+                MemberState::Suspect => stats.members_suspect += 1,
+                MemberState::Dead => stats.members_dead += 1,
+            }
+        }
+        stats
+    }
+
+    /// The `/debug/cluster` document: self, every member with its state and heartbeat age, the
+    /// ring's members, shares and generation, and the drop counters.
+    pub fn debug_json(&self) -> Value {
+        let now = Instant::now();
+        let membership = lock(&self.membership);
+        let mut members = vec![json!({
+            "name": membership.name(),
+            "self": true,
+            "state": MemberState::Alive.as_str(),
+            "internal_addr": membership.internal_addr(),
+            "boot_id": format!("{:016x}", membership.boot_id()),
+            "uptime_seconds": now.saturating_duration_since(self.started).as_secs_f64(),
+        })];
+        for m in membership.members() {
+            members.push(json!({
+                "name": m.name,
+                "self": false,
+                "state": m.state.as_str(),
+                "internal_addr": m.internal_addr,
+                "gossip_addr": m.gossip_addr.to_string(),
+                "boot_id": format!("{:016x}", m.boot_id),
+                "last_seq": m.last_seq,
+                "last_heartbeat_age_seconds":
+                    now.saturating_duration_since(m.last_heard).as_secs_f64(),
+                "view": m.view,
+            }));
+        }
+        let shares: BTreeMap<String, f64> = membership.ring().shares().into_iter().collect();
+        let drops: BTreeMap<&str, u64> = membership
+            .drops()
+            .into_iter()
+            .map(|(reason, n)| (reason.as_str(), n))
+            .collect();
+        json!({
+            "name": membership.name(),
+            "members": members,
+            "alive": membership.alive(),
+            "converged": membership.converged(),
+            "settled": self.settled.load(Ordering::Relaxed),
+            "ring": {
+                "generation": membership.generation(),
+                "members": membership.ring().members(),
+                "shares": shares,
+            },
+            "dropped_packets": drops,
+        })
+    }
+
+    /// Stops gossiping. Peers see this node dead after their peer timeout.
+    pub fn shutdown(&self) {
+        self.gossip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .shutdown();
+    }
+}
+
+impl DropReason {
+    /// The drop reasons as metric label values.
+    pub fn labels() -> impl Iterator<Item = &'static str> {
+        DropReason::ALL.iter().map(|r| r.as_str())
+    }
+}
+
+/// Helpers for the cluster's unit tests: temporary stores and started clusters.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use crate::store::{Store, StoreConfig};
+    use std::path::PathBuf;
+    use std::sync::atomic::AtomicUsize;
+    use std::thread;
+
+    /// The shared key of the tests.
+    pub fn key() -> SharedKey {
+        SharedKey::from_bytes(&[7u8; 32]).unwrap()
+    }
+
+    /// A store in a fresh temporary directory, removed on drop.
+    pub struct TempStore {
+        pub store: Store,
+        dir: PathBuf,
+    }
+
+    impl TempStore {
+        pub fn new(tag: &str) -> TempStore {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "telemeter-cluster-{}-{tag}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            let store = Store::open(StoreConfig {
+                dir: dir.clone(),
+                ttl: Duration::from_secs(3600),
+                max_batch: 16,
+            })
+            .unwrap();
+            TempStore { store, dir }
+        }
+    }
+
+    impl Drop for TempStore {
+        fn drop(&mut self) {
+            self.store.close();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// A cluster node on a free UDP port, fast timings, advertising `internal`.
+    pub fn node(name: &str, internal: &str, join: Vec<String>) -> Cluster {
+        let mut config = ClusterConfig::new(name, SocketAddr::from(([127, 0, 0, 1], 0)), internal);
+        config.join = join;
+        config.gossip_interval = Duration::from_millis(50);
+        config.peer_timeout = Duration::from_millis(1_000);
+        config.forward_timeout = Duration::from_secs(5);
+        Cluster::start(config, &key()).unwrap()
+    }
+
+    /// Polls `cond` for up to 10 s.
+    pub fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if cond() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        cond()
+    }
+
+    /// An internal address where nothing listens (bound, then closed).
+    pub fn closed_addr() -> String {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Two nodes `a` and `b` that see each other; `b` advertises `b_internal`.
+    pub fn pair(b_internal: &str) -> (Cluster, Cluster) {
+        let a = node("a", "127.0.0.1:1", vec![]);
+        let b = node("b", b_internal, vec![a.gossip_addr().to_string()]);
+        assert!(wait_for(
+            || a.alive() == ["a", "b"] && b.alive() == ["a", "b"]
+        ));
+        (a, b)
+    }
+
+    /// A cluster id the ring gives to `owner` in `cluster`'s view.
+    pub fn id_owned_by(cluster: &Cluster, owner: &str) -> String {
+        (0..1000)
+            .map(|i| format!("id-{i}"))
+            .find(|id| lock(&cluster.membership).ring().owner(id) == Some(owner))
+            .unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    fn key() -> SharedKey {
+        SharedKey::from_bytes(&[7u8; 32]).unwrap()
+    }
+
+    fn config(name: &str, join: Vec<String>) -> ClusterConfig {
+        let mut config = ClusterConfig::new(
+            name,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            &format!("{name}.internal:9004"),
+        );
+        config.join = join;
+        config.gossip_interval = Duration::from_millis(50);
+        config.peer_timeout = Duration::from_millis(1_000);
+        config
+    }
+
+    fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if cond() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        cond()
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        let mut c = config("", vec![]);
+        assert!(matches!(
+            Cluster::start(c.clone(), &key()),
+            Err(ClusterError::Config(_))
+        ));
+        c.name = "a".into();
+        c.peer_timeout = c.gossip_interval;
+        assert!(matches!(
+            Cluster::start(c, &key()),
+            Err(ClusterError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn serves_nothing_until_settled() {
+        let alone = Cluster::start(config("alone", vec![]), &key()).unwrap();
+        assert!(alone.settled());
+        assert!(alone.serves("c1"));
+        alone.shutdown();
+
+        // A peer that never answers: settled after the peer timeout.
+        let quiet = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let a = Cluster::start(
+            config("a", vec![quiet.local_addr().unwrap().to_string()]),
+            &key(),
+        )
+        .unwrap();
+        assert!(a.owns("c1"));
+        assert!(!a.serves("c1"));
+        assert!(wait_for(|| a.serves("c1")));
+        assert!(a.started.elapsed() >= a.peer_timeout);
+        a.shutdown();
+    }
+
+    #[test]
+    fn no_heartbeat_before_the_internal_address_is_known() {
+        let a = Cluster::start(config("a", vec![]), &key()).unwrap();
+        let mut unknown = config("b", vec![a.gossip_addr().to_string()]);
+        unknown.internal_addr = String::new();
+        let b = Cluster::start(unknown, &key()).unwrap();
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(a.alive(), ["a"]);
+        assert_eq!(b.stats().heartbeats_sent, 0);
+        b.set_internal_addr("127.0.0.1:4444").unwrap();
+        assert!(wait_for(|| a.alive() == ["a", "b"]));
+        let addr = lock(&a.membership)
+            .member("b")
+            .map(|m| m.internal_addr.clone());
+        assert_eq!(addr.as_deref(), Some("127.0.0.1:4444"));
+        a.shutdown();
+        b.shutdown();
+    }
+
+    #[test]
+    fn two_nodes_agree_on_owners_and_skip_suspects() {
+        let a = Cluster::start(config("a", vec![]), &key()).unwrap();
+        let b = Cluster::start(config("b", vec![a.gossip_addr().to_string()]), &key()).unwrap();
+        assert!(wait_for(
+            || a.alive() == ["a", "b"] && b.alive() == ["a", "b"]
+        ));
+
+        let ids: Vec<String> = (0..100).map(|i| format!("cluster-{i}")).collect();
+        let mut owned_by_a = 0;
+        for id in &ids {
+            let pa = a.owner_preference(id);
+            let pb = b.owner_preference(id);
+            let names = |p: &[Owner]| p.iter().map(|o| o.name.clone()).collect::<Vec<_>>();
+            assert_eq!(names(&pa), names(&pb), "{id}");
+            assert_eq!(pa.len(), 2);
+            assert_eq!(a.owns(id), pa[0].name == "a");
+            assert_ne!(a.owns(id), b.owns(id), "{id} must have exactly one owner");
+            let peer = pa.iter().find(|o| !o.is_self).unwrap();
+            assert_eq!(peer.internal_addr, "b.internal:9004");
+            owned_by_a += usize::from(a.owns(id));
+        }
+        assert!(owned_by_a > 0 && owned_by_a < ids.len());
+
+        // A suspect peer is skipped by a, but ownership does not move.
+        let generation = a.generation();
+        a.mark_suspect("b");
+        for id in &ids {
+            let pa = a.owner_preference(id);
+            assert_eq!(pa.len(), 1);
+            assert!(pa[0].is_self);
+        }
+        assert_eq!(a.generation(), generation);
+        assert_eq!(a.stats().members_suspect, 1);
+
+        let debug = a.debug_json();
+        assert_eq!(debug["name"], "a");
+        assert_eq!(debug["ring"]["members"], json!(["a", "b"]));
+        assert_eq!(debug["members"][1]["state"], "suspect");
+        assert!(
+            debug["members"][1]["last_heartbeat_age_seconds"]
+                .as_f64()
+                .unwrap()
+                < 10.0
+        );
+
+        // b stops: a sees it dead and owns everything.
+        b.shutdown();
+        assert!(wait_for(|| a.alive() == ["a"]));
+        assert!(ids.iter().all(|id| a.owns(id)));
+        assert_eq!(a.stats().members_dead, 1);
+        a.shutdown();
+    }
+}

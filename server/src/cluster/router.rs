@@ -1,0 +1,171 @@
+//! The cluster's [`Router`]: store an accepted upload on the node that owns its cluster id.
+//!
+//! The owner is the first live member of the ring's preference order for the cluster id. This
+//! node stores locally when that is itself; otherwise it forwards synchronously and answers the
+//! client only after the owner has the upload on disk. A failed owner is marked suspect (skipped
+//! by later pushes until it heartbeats again after a peer timeout) and the next member in the
+//! order is tried; when none can store it the client gets 503 and retries. Never 200 for data
+//! that was not stored.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::forward::ForwardKind;
+use super::Cluster;
+use crate::route::{RouteError, Router};
+use crate::store::Store;
+
+/// Routes uploads through the ring.
+pub struct ClusterRouter {
+    cluster: Arc<Cluster>,
+    store: Store,
+}
+
+impl ClusterRouter {
+    /// A router storing locally in `store` what `cluster` says this node owns.
+    pub fn new(cluster: Arc<Cluster>, store: Store) -> ClusterRouter {
+        ClusterRouter { cluster, store }
+    }
+}
+
+impl Router for ClusterRouter {
+    fn route(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<(), RouteError> {
+        let candidates = self.cluster.owner_preference(cluster_id);
+        let mut failures = Vec::new();
+        let last = candidates.len().saturating_sub(1);
+        let mut payload = Some(payload);
+        for (i, owner) in candidates.iter().enumerate() {
+            let result = if owner.is_self {
+                // Keep a copy only if someone else may still need it.
+                let bytes = if i == last {
+                    payload.take().unwrap_or_default()
+                } else {
+                    payload.clone().unwrap_or_default()
+                };
+                self.store
+                    .put(cluster_id, bytes, received)
+                    .map_err(|e| e.to_string())
+            } else {
+                let bytes = payload.as_deref().unwrap_or_default();
+                self.cluster
+                    .forward(owner, cluster_id, received, ForwardKind::Push, bytes)
+                    .map_err(|e| {
+                        self.cluster.mark_suspect(&owner.name);
+                        e.to_string()
+                    })
+            };
+            match result {
+                Ok(()) => {
+                    if i > 0 {
+                        log::info!(
+                            "cluster {cluster_id}: stored on {} after {} failed",
+                            owner.name,
+                            failures.join("; ")
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(err) => {
+                    log::warn!(
+                        "cluster {cluster_id}: storing on {} failed: {err}",
+                        owner.name
+                    );
+                    failures.push(format!("{}: {err}", owner.name));
+                }
+            }
+        }
+        log::error!(
+            "cluster {cluster_id}: no server could store the upload: {}",
+            failures.join("; ")
+        );
+        Err(RouteError::Unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::membership::MemberState;
+    use super::super::testing::{closed_addr, id_owned_by, node, pair, TempStore};
+    use super::*;
+
+    #[test]
+    fn alone_stores_locally() {
+        let store = TempStore::new("router-alone");
+        let cluster = Arc::new(node("solo", "127.0.0.1:1", vec![]));
+        let router = ClusterRouter::new(cluster.clone(), store.store.clone());
+        router
+            .route("c1", b"payload".to_vec(), SystemTime::now())
+            .unwrap();
+        assert_eq!(
+            store.store.get("c1").unwrap().unwrap().payload,
+            b"payload".to_vec()
+        );
+        cluster.shutdown();
+    }
+
+    #[test]
+    fn nobody_able_to_store_is_unavailable() {
+        let store = TempStore::new("router-none");
+        let (a, b) = pair(&closed_addr());
+        let a = Arc::new(a);
+        let id = id_owned_by(&a, "b");
+        store.store.close();
+        let router = ClusterRouter::new(a.clone(), store.store.clone());
+        let err = router
+            .route(&id, b"payload".to_vec(), SystemTime::now())
+            .unwrap_err();
+        assert!(matches!(err, RouteError::Unavailable));
+        assert_eq!(err.status(), 503);
+        assert_eq!(err.to_string(), "no server could store the upload; retry");
+        a.shutdown();
+        b.shutdown();
+    }
+
+    #[test]
+    fn unreachable_owner_is_suspected_and_the_next_stores() {
+        let store = TempStore::new("router-failover");
+        let (a, b) = pair(&closed_addr());
+        let a = Arc::new(a);
+        let id = id_owned_by(&a, "b");
+        let router = ClusterRouter::new(a.clone(), store.store.clone());
+        router
+            .route(&id, b"payload".to_vec(), SystemTime::now())
+            .unwrap();
+        // Stored here, b suspect, ownership unchanged.
+        assert!(store.store.get(&id).unwrap().is_some());
+        let state = super::super::gossip::lock(a.membership())
+            .member("b")
+            .map(|m| m.state);
+        assert_eq!(state, Some(MemberState::Suspect));
+        assert!(!a.owns(&id));
+        let unreachable = a
+            .stats()
+            .forwards
+            .iter()
+            .find(|(k, r, _)| *k == "push" && *r == "unreachable")
+            .map(|(_, _, n)| *n);
+        assert_eq!(unreachable, Some(1));
+        // The next push does not try b again while it is suspect.
+        router
+            .route(&id, b"second".to_vec(), SystemTime::now())
+            .unwrap();
+        assert_eq!(
+            store.store.get(&id).unwrap().unwrap().payload,
+            b"second".to_vec()
+        );
+        let unreachable = a
+            .stats()
+            .forwards
+            .iter()
+            .find(|(k, r, _)| *k == "push" && *r == "unreachable")
+            .map(|(_, _, n)| *n);
+        assert_eq!(unreachable, Some(1));
+        a.shutdown();
+        b.shutdown();
+    }
+}
