@@ -339,6 +339,14 @@ EOF
   # One warm-up (page cache of the binary, Prometheus's caches), then three timed runs.
   timeout 30 "$bin/telemeter-client" "${client_args[@]}" >"$work/client-warmup.log" 2>&1 ||
     fail "telemeter-client --once failed (see client-warmup.log)"
+  # What the source alone takes: the same scrape with curl (the client's Accept header).
+  source_ms=()
+  for _ in 1 2 3; do
+    source_ms+=("$(curl -s -o /dev/null --max-time 10 -w '%{time_total}' -G \
+      -H 'Accept: application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.7,text/plain;version=0.0.4;q=0.3' \
+      --data-urlencode 'match[]={__name__=~".+"}' "http://127.0.0.1:$prom_port/federate" |
+      awk '{ printf "%.0f", $1 * 1000 }')")
+  done
   walls=()
   client_cpus=()
   client_rss=0
@@ -352,7 +360,7 @@ EOF
     [ "$r" -gt "$client_rss" ] && client_rss=$r
   done
   client_wall=$(printf '%s\n' "${walls[@]}" | sort -n | sed -n 2p)
-  raw+=("client: Prometheus series=$series runs_wall_s=${walls[*]} runs_cpu_s=${client_cpus[*]} max_rss_kib=$client_rss")
+  raw+=("client: Prometheus series=$series runs_wall_s=${walls[*]} runs_cpu_s=${client_cpus[*]} max_rss_kib=$client_rss prometheus_federate_alone_ms=${source_ms[*]}")
   stop_pid "$server_pid"
   stop_pid "$prom_pid"
   stop_pid "$pg_pid"
@@ -438,7 +446,7 @@ row "4. Decode + validate in process, 1 thread ($(field "$decode" validator))" \
   "≥ 5M samples/s per core" "$(met "$dec_rate" ">=" 5000000)"
 if [ -n "$client_wall" ]; then
   row "5. telemeter-client --once, $(num "$series") series from Prometheus → server" \
-    "$(awk -v w="$client_wall" 'BEGIN { printf "%.0f ms", w * 1000 }') wall (median of 3; runs ${walls[*]} s, client CPU ${client_cpus[*]} s) · peak RSS $(mb "$client_rss")" \
+    "$(awk -v w="$client_wall" 'BEGIN { printf "%.0f ms", w * 1000 }') wall (median of 3; runs ${walls[*]} s, client CPU ${client_cpus[*]} s; Prometheus /federate alone ${source_ms[*]} ms) · peak RSS $(mb "$client_rss")" \
     "< 150 ms, < 20 MB" \
     "$(all_met "$(met "$(awk -v w="$client_wall" 'BEGIN { print w * 1000 }')" "<" 150)" "$(met "$client_rss" "<" 20480)")"
 else
