@@ -4,10 +4,12 @@
 //! series the way the Go `expfmt` parser does, so a text body and the protobuf body of the same
 //! metrics decode to the same families.
 
+use crate::delimited::DecodeError;
 use crate::model::{
     Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType, Quantile,
     Summary, Untyped,
 };
+use crate::wire::{FamilyView, MetricView, Value};
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Write};
@@ -625,16 +627,9 @@ pub fn write_family<W: Write>(
         write_escaped(w, help, false)?;
         w.write_all(b"\n")?;
     }
-    let type_name: &[u8] = match metric_type {
-        MetricType::Counter => b" counter\n",
-        MetricType::Gauge => b" gauge\n",
-        MetricType::Summary => b" summary\n",
-        MetricType::Untyped => b" untyped\n",
-        MetricType::Histogram | MetricType::GaugeHistogram => b" histogram\n",
-    };
     w.write_all(b"# TYPE ")?;
     w.write_all(name.as_bytes())?;
-    w.write_all(type_name)?;
+    w.write_all(type_line_end(metric_type))?;
 
     for metric in &family.metric {
         let ts = if timestamps {
@@ -691,6 +686,17 @@ pub fn write_family<W: Write>(
     Ok(())
 }
 
+/// The end of a `# TYPE` line: the type as Go's `expfmt` names it.
+fn type_line_end(metric_type: MetricType) -> &'static [u8] {
+    match metric_type {
+        MetricType::Counter => b" counter\n",
+        MetricType::Gauge => b" gauge\n",
+        MetricType::Summary => b" summary\n",
+        MetricType::Untyped => b" untyped\n",
+        MetricType::Histogram | MetricType::GaugeHistogram => b" histogram\n",
+    }
+}
+
 /// Whether `metric` carries the value a family of type `metric_type` is written from.
 fn has_value_for(metric: &Metric, metric_type: MetricType) -> bool {
     match metric_type {
@@ -723,6 +729,17 @@ fn write_sample<W: Write>(
         write_escaped(w, label.value.as_deref().unwrap_or(""), true)?;
         w.write_all(b"\"")?;
     }
+    finish_sample(w, separator, extra, value, timestamp)
+}
+
+/// The rest of a sample line after its labels (`separator` is `{` when none was written).
+fn finish_sample<W: Write>(
+    w: &mut W,
+    mut separator: &[u8; 1],
+    extra: Option<(&str, f64)>,
+    value: f64,
+    timestamp: Option<i64>,
+) -> io::Result<()> {
     if let Some((extra_name, extra_value)) = extra {
         w.write_all(separator)?;
         separator = b",";
@@ -731,18 +748,127 @@ fn write_sample<W: Write>(
         write_float(w, extra_value)?;
         w.write_all(b"\"")?;
     }
+    // The value (and timestamp) are formatted on the stack and written at once.
+    let mut buf = NumBuf::new();
     if separator == b"," {
-        w.write_all(b"}")?;
+        buf.push(b'}');
     }
-    w.write_all(b" ")?;
-    write_float(w, value)?;
+    buf.push(b' ');
+    buf.push_float(value);
     if let Some(ts) = timestamp {
-        let mut buf = NumBuf::new();
         buf.push(b' ');
         buf.push_i64(ts);
-        w.write_all(buf.as_bytes())?;
     }
-    w.write_all(b"\n")
+    buf.push(b'\n');
+    w.write_all(buf.as_bytes())
+}
+
+/// Writes one family read from a protobuf body without decoding it (see [`crate::wire`]): the
+/// bytes [`write_family`] writes for the same family decoded, with nothing allocated per series.
+///
+/// The family's series are checked as they are written, not before: on a message that does not
+/// decode, an [`io::ErrorKind::InvalidData`] error is returned and part of the family may already
+/// have been written, so write into a buffer to throw away when that matters. (A series whose
+/// value is not the family's is skipped unread, so its labels are not checked.)
+pub fn write_family_view<W: Write>(
+    w: &mut W,
+    family: &FamilyView<'_>,
+    timestamps: bool,
+) -> io::Result<()> {
+    let name = family.name;
+    let metric_type = family.metric_type();
+    let mut header_written = false;
+    for metric in family.metrics() {
+        let metric = metric.map_err(invalid_data)?;
+        if name.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "metric family without a name",
+            ));
+        }
+        let value = metric.value_for(metric_type).map_err(invalid_data)?;
+        if matches!(value, Value::Missing | Value::Several) {
+            continue;
+        }
+        // The header waits for the first series with a value, as in `write_family`.
+        if !header_written {
+            header_written = true;
+            if !family.help.is_empty() {
+                w.write_all(b"# HELP ")?;
+                w.write_all(name.as_bytes())?;
+                w.write_all(b" ")?;
+                write_escaped(w, family.help, false)?;
+                w.write_all(b"\n")?;
+            }
+            w.write_all(b"# TYPE ")?;
+            w.write_all(name.as_bytes())?;
+            w.write_all(type_line_end(metric_type))?;
+        }
+        let ts = if timestamps {
+            metric.timestamp_ms
+        } else {
+            None
+        };
+        let sample = |w: &mut W, suffix: &str, extra: Option<(&str, f64)>, value: f64| {
+            write_view_sample(w, name, suffix, &metric, extra, value, ts)
+        };
+        match value {
+            Value::Gauge(v) | Value::Counter(v) | Value::Untyped(v) => sample(w, "", None, v)?,
+            Value::Summary(summary) => {
+                for q in summary.quantiles() {
+                    let (rank, value) = q.map_err(invalid_data)?;
+                    sample(w, "", Some(("quantile", rank)), value)?;
+                }
+                sample(w, "_sum", None, summary.sample_sum)?;
+                sample(w, "_count", None, summary.sample_count as f64)?;
+            }
+            Value::Histogram(histogram) => {
+                let count = histogram.sample_count as f64;
+                let mut inf_seen = false;
+                for b in histogram.buckets() {
+                    let (le, cumulative) = b.map_err(invalid_data)?;
+                    inf_seen |= le == f64::INFINITY;
+                    sample(w, "_bucket", Some(("le", le)), cumulative as f64)?;
+                }
+                if !inf_seen {
+                    sample(w, "_bucket", Some(("le", f64::INFINITY)), count)?;
+                }
+                sample(w, "_sum", None, histogram.sample_sum)?;
+                sample(w, "_count", None, count)?;
+            }
+            Value::Missing | Value::Several => {}
+        }
+    }
+    Ok(())
+}
+
+fn invalid_data(e: DecodeError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// One sample line of a borrowed series (see [`write_sample`]).
+fn write_view_sample<W: Write>(
+    w: &mut W,
+    name: &str,
+    suffix: &str,
+    metric: &MetricView<'_>,
+    extra: Option<(&str, f64)>,
+    value: f64,
+    timestamp: Option<i64>,
+) -> io::Result<()> {
+    w.write_all(name.as_bytes())?;
+    w.write_all(suffix.as_bytes())?;
+    let mut separator = b"{";
+    for label in metric.labels() {
+        let (label_name, label_value) = label.map_err(invalid_data)?;
+        w.write_all(separator)?;
+        separator = b",";
+        w.write_all(label_name.as_bytes())?;
+        w.write_all(b"=\"")?;
+        write_escaped(w, label_value, true)?;
+        w.write_all(b"\"")?;
+    }
+    finish_sample(w, separator, extra, value, timestamp)
 }
 
 /// Writes `s` with `\` and newline escaped, and `"` too in label values.
@@ -780,14 +906,14 @@ fn write_float<W: Write>(w: &mut W, f: f64) -> io::Result<()> {
 
 /// A small stack buffer numbers are formatted into, so formatting never touches the heap.
 struct NumBuf {
-    bytes: [u8; 48],
+    bytes: [u8; 64],
     len: usize,
 }
 
 impl NumBuf {
     fn new() -> Self {
         NumBuf {
-            bytes: [0; 48],
+            bytes: [0; 64],
             len: 0,
         }
     }
