@@ -10,7 +10,7 @@
 //! nothing and does not use the cluster's rate-limit slot.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Instant, SystemTime};
 
 use log::{debug, info, warn};
@@ -48,6 +48,47 @@ pub struct UploadHandler {
     limiter: RateLimiter,
     router: Arc<dyn Router>,
     metrics: Metrics,
+    cpu: Gate,
+}
+
+/// A counting semaphore: many workers wait for the store at once, but only as many decode and
+/// validate at once as there are cores, so a burst of uploads neither oversubscribes the CPU nor
+/// holds more decoded bodies in memory than that.
+struct Gate {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// A held permit of a [`Gate`], given back on drop.
+struct Permit<'a>(&'a Gate);
+
+impl Gate {
+    fn new(permits: usize) -> Gate {
+        Gate {
+            free: Mutex::new(permits.max(1)),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Waits for a permit. The holders only run CPU work that ends, so the wait is bounded.
+    fn enter(&self) -> Permit<'_> {
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        while *free == 0 {
+            free = self
+                .freed
+                .wait(free)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        *free -= 1;
+        Permit(self)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 /// A refused upload: status, one-line message, and for 429 the seconds to wait.
@@ -76,6 +117,16 @@ impl Refusal {
     }
 }
 
+/// An upload ready to store.
+struct Prepared {
+    /// The protobuf-delimited families to store; `None` when the whitelist left nothing.
+    payload: Option<Vec<u8>>,
+    /// Series kept.
+    series: usize,
+    /// Series dropped by the whitelist.
+    filtered: usize,
+}
+
 /// What an accepted upload did.
 enum Accepted {
     Stored,
@@ -102,6 +153,7 @@ impl UploadHandler {
             limiter,
             router,
             metrics,
+            cpu: Gate::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
         }
     }
 
@@ -175,33 +227,28 @@ impl UploadHandler {
             .check(&cluster_id, Instant::now())
             .map_err(Refusal::rate_limited)?;
 
-        let families = self.decode(request).inspect_err(|refusal| {
+        let mut token_labels: BTreeMap<String, String> = claims.labels;
+        token_labels.insert(self.partition_label.clone(), cluster_id.clone());
+        let prepared = {
+            let _cpu = self.cpu.enter();
+            self.prepare(request, &token_labels, now)
+        }
+        .inspect_err(|refusal| {
             info!(
                 "upload from cluster {cluster_id:?} refused: {}",
                 refusal.message
             );
         })?;
-
-        let mut token_labels: BTreeMap<String, String> = claims.labels;
-        token_labels.insert(self.partition_label.clone(), cluster_id.clone());
-        let validated = self
-            .rules
-            .apply(families, &token_labels, now)
-            .map_err(|e| {
-                info!("upload from cluster {cluster_id:?} refused: {e}");
-                Refusal::new(e.status(), e.to_string())
-            })?;
-        self.metrics.filtered_series.add(validated.filtered as u64);
-        if validated.families.is_empty() {
+        self.metrics.filtered_series.add(prepared.filtered as u64);
+        let Some(payload) = prepared.payload else {
             debug!("upload from cluster {cluster_id:?} is empty after filtering");
             return Ok(Accepted::Empty);
-        }
+        };
 
         let slot = self
             .limiter
             .try_acquire(&cluster_id, Instant::now())
             .map_err(Refusal::rate_limited)?;
-        let payload = delimited::encode(&validated.families);
         let started = Instant::now();
         let stored = self.router.route(&cluster_id, payload, now);
         self.metrics
@@ -214,12 +261,36 @@ impl UploadHandler {
             return Err(Refusal::new(e.status(), e.to_string()));
         }
         slot.commit();
-        self.metrics.upload_series.add(validated.series as u64);
+        self.metrics.upload_series.add(prepared.series as u64);
         debug!(
             "stored {} series for cluster {cluster_id:?}",
-            validated.series
+            prepared.series
         );
         Ok(Accepted::Stored)
+    }
+
+    /// The CPU part of an upload: decompress, decode, validate, stamp, encode what is stored.
+    fn prepare(
+        &self,
+        request: &Request,
+        token_labels: &BTreeMap<String, String>,
+        now: SystemTime,
+    ) -> Result<Prepared, Refusal> {
+        let families = self.decode(request)?;
+        let validated = self
+            .rules
+            .apply(families, token_labels, now)
+            .map_err(|e| Refusal::new(e.status(), e.to_string()))?;
+        let payload = if validated.families.is_empty() {
+            None
+        } else {
+            Some(delimited::encode(&validated.families))
+        };
+        Ok(Prepared {
+            payload,
+            series: validated.series,
+            filtered: validated.filtered,
+        })
     }
 
     /// Decompresses and decodes the body by its Content-Encoding and Content-Type.

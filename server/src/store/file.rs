@@ -206,6 +206,76 @@ pub(super) fn read(
     Ok((header, payload))
 }
 
+/// Reads one file image (header + payload, the layout of a cluster file) from `reader`, which holds
+/// at most `available` more bytes, and verifies it. The journal stores its records this way.
+pub(super) fn read_image(
+    reader: &mut impl Read,
+    available: u64,
+) -> Result<(Header, Vec<u8>), ReadError> {
+    if available < MIN_HEADER_LEN {
+        return Err(ReadError::Corrupt(format!(
+            "has {available} bytes left, fewer than any header ({MIN_HEADER_LEN})"
+        )));
+    }
+    let mut checksum = digest::Context::new(&digest::SHA256);
+    let magic: [u8; 8] = read_array(reader)?;
+    if &magic != MAGIC {
+        return Err(ReadError::Corrupt("holds no TLMSTORE record".to_string()));
+    }
+    let version: [u8; 2] = read_array(reader)?;
+    if u16::from_le_bytes(version) != VERSION {
+        return Err(ReadError::Corrupt(format!(
+            "has format version {}, this server reads {VERSION}",
+            u16::from_le_bytes(version)
+        )));
+    }
+    let id_len: [u8; 2] = read_array(reader)?;
+    let header_len = MIN_HEADER_LEN + u64::from(u16::from_le_bytes(id_len));
+    if available < header_len {
+        return Err(ReadError::Corrupt("ends inside a header".to_string()));
+    }
+    checksum.update(MAGIC);
+    checksum.update(&version);
+    checksum.update(&id_len);
+    let mut id = vec![0u8; usize::from(u16::from_le_bytes(id_len))];
+    reader.read_exact(&mut id).map_err(early_end)?;
+    checksum.update(&id);
+    let received: [u8; 8] = read_array(reader)?;
+    checksum.update(&received);
+    let payload_len: [u8; 8] = read_array(reader)?;
+    checksum.update(&payload_len);
+    let stored_checksum: [u8; CHECKSUM_LEN as usize] = read_array(reader)?;
+    let declared = u64::from_le_bytes(payload_len);
+    if declared > available - header_len {
+        return Err(ReadError::Corrupt(format!(
+            "declares {declared} payload bytes but {} are left",
+            available - header_len
+        )));
+    }
+    // `declared` is backed by bytes the caller has shown to exist.
+    let len = usize::try_from(declared)
+        .map_err(|_| ReadError::Corrupt(format!("payload of {declared} bytes")))?;
+    let mut payload = vec![0u8; len];
+    reader.read_exact(&mut payload).map_err(early_end)?;
+    checksum.update(&payload);
+    if checksum.finish().as_ref() != stored_checksum.as_slice() {
+        return Err(ReadError::Corrupt("fails its checksum".to_string()));
+    }
+    let cluster_id = String::from_utf8(id)
+        .map_err(|_| ReadError::Corrupt("holds a cluster id that is not UTF-8".to_string()))?;
+    let header = Header {
+        cluster_id,
+        received_millis: u64::from_le_bytes(received),
+        payload_len: declared,
+    };
+    Ok((header, payload))
+}
+
+/// Bytes of the header of `cluster_id`'s file.
+pub(super) fn header_len(cluster_id: &str) -> u64 {
+    MIN_HEADER_LEN + cluster_id.len() as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
