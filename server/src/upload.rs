@@ -26,7 +26,7 @@ use crate::authorize::{bearer, check_cluster_id, unauthorized};
 use crate::metrics::Metrics;
 use crate::ratelimit::{retry_after_secs, RateLimiter};
 use crate::route::Router;
-use crate::validate::Rules;
+use crate::validate::{Rules, WireCheck};
 
 /// Byte and count caps on one upload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,6 +125,19 @@ struct Prepared {
     series: usize,
     /// Series dropped by the whitelist.
     filtered: usize,
+}
+
+/// A decoded body.
+enum Decoded {
+    /// Families for the owned path ([`Rules::apply`]).
+    Families(Vec<MetricFamily>),
+    /// A protobuf-delimited body valid as it is, to store unchanged.
+    Unchanged {
+        /// The decompressed body.
+        body: Vec<u8>,
+        /// Its series.
+        series: usize,
+    },
 }
 
 /// What an accepted upload did.
@@ -276,7 +289,16 @@ impl UploadHandler {
         token_labels: &BTreeMap<String, String>,
         now: SystemTime,
     ) -> Result<Prepared, Refusal> {
-        let families = self.decode(request)?;
+        let families = match self.decode(request, token_labels, now)? {
+            Decoded::Families(families) => families,
+            Decoded::Unchanged { body, series } => {
+                return Ok(Prepared {
+                    payload: Some(body),
+                    series,
+                    filtered: 0,
+                })
+            }
+        };
         let validated = self
             .rules
             .apply(families, token_labels, now)
@@ -293,8 +315,15 @@ impl UploadHandler {
         })
     }
 
-    /// Decompresses and decodes the body by its Content-Encoding and Content-Type.
-    fn decode(&self, request: &Request) -> Result<Vec<MetricFamily>, Refusal> {
+    /// Decompresses and decodes the body by its Content-Encoding and Content-Type. A
+    /// protobuf-delimited body that is valid and needs no rewrite for a token with
+    /// `token_labels` at `now` is not decoded at all (see [`Rules::check_wire`]).
+    fn decode(
+        &self,
+        request: &Request,
+        token_labels: &BTreeMap<String, String>,
+        now: SystemTime,
+    ) -> Result<Decoded, Refusal> {
         let limits = &self.limits;
         if request.body.len() > limits.max_upload_bytes {
             return Err(Refusal::new(
@@ -358,16 +387,27 @@ impl UploadHandler {
                     max_families: limits.max_series,
                     max_series: limits.max_series,
                 };
-                delimited::decode(body, &decode_limits).map_err(|e| {
-                    let status = match e {
-                        DecodeError::MessageTooLarge { .. }
-                        | DecodeError::TooLarge { .. }
-                        | DecodeError::TooManyFamilies { .. }
-                        | DecodeError::TooManySeries { .. } => 413,
-                        _ => 400,
-                    };
-                    Refusal::new(status, format!("invalid protobuf body: {e}"))
-                })
+                if let WireCheck::Unchanged { series } =
+                    self.rules
+                        .check_wire(body, &decode_limits, token_labels, now)
+                {
+                    return Ok(Decoded::Unchanged {
+                        body: body.to_vec(),
+                        series,
+                    });
+                }
+                delimited::decode(body, &decode_limits)
+                    .map(Decoded::Families)
+                    .map_err(|e| {
+                        let status = match e {
+                            DecodeError::MessageTooLarge { .. }
+                            | DecodeError::TooLarge { .. }
+                            | DecodeError::TooManyFamilies { .. }
+                            | DecodeError::TooManySeries { .. } => 413,
+                            _ => 400,
+                        };
+                        Refusal::new(status, format!("invalid protobuf body: {e}"))
+                    })
             }
             Format::Text => {
                 let text_limits = text::Limits {
@@ -376,6 +416,7 @@ impl UploadHandler {
                     ..text::Limits::default()
                 };
                 text::parse(body, &text_limits)
+                    .map(Decoded::Families)
                     .map_err(|e| Refusal::new(400, format!("invalid text body: {e}")))
             }
         }
@@ -504,6 +545,40 @@ mod tests {
             .headers
             .iter()
             .any(|(n, v)| n == "Retry-After" && v.parse::<u64>().unwrap() > 3500));
+    }
+
+    #[test]
+    fn a_stamped_upload_is_stored_byte_for_byte_and_an_unstamped_one_is_stamped() {
+        let router = Arc::new(FakeRouter::default());
+        let h = handler(router.clone(), vec![]);
+        let ts = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let stamped = delimited::encode(&[MetricFamily {
+            name: Some("up".into()),
+            help: Some("Up.".into()),
+            r#type: Some(MetricType::Gauge as i32),
+            metric: vec![Metric {
+                label: vec![LabelPair::new("_id", "a"), LabelPair::new("job", "x")],
+                gauge: Some(Gauge { value: Some(1.0) }),
+                timestamp_ms: Some(ts),
+                ..Default::default()
+            }],
+        }]);
+        let mut compressed = request(&token("a"), snappy::encode_framed(&stamped));
+        compressed
+            .headers
+            .push(("Content-Encoding".into(), "snappy".into()));
+        assert_eq!(h.handle(&compressed).status, 200);
+        // Stored as sent (after decompression): no decode, no re-encode.
+        assert_eq!(router.stored.lock().unwrap()[0].1, stamped);
+
+        let h = handler(router.clone(), vec![]);
+        assert_eq!(h.handle(&request(&token("b"), body("up"))).status, 200);
+        let stored = router.stored.lock().unwrap()[1].1.clone();
+        let families = delimited::decode(&stored, &delimited::Limits::default()).unwrap();
+        assert_eq!(families[0].metric[0].label_value("_id"), Some("b"));
     }
 
     #[test]

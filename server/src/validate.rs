@@ -12,9 +12,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use telemeter_common::delimited;
 use telemeter_common::labels::{self, LabelError};
 use telemeter_common::model::{Metric, MetricFamily, MetricType};
 use telemeter_common::selector::{self, Selector};
+use telemeter_common::wire::{self, FamilyView, MetricView, Value};
 
 /// What the validator enforces.
 #[derive(Clone, Debug)]
@@ -269,6 +271,173 @@ impl Rules {
     }
 }
 
+/// What [`Rules::check_wire`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireCheck {
+    /// The body is valid and [`Rules::apply`] would store exactly its families, with the same
+    /// series and labels: it can be stored as it is.
+    Unchanged {
+        /// Series in the body.
+        series: usize,
+    },
+    /// The body needs the owned path: it has to be rewritten (a token label to stamp, `--label`,
+    /// a whitelist, an empty family), or it is refused, and the owned path says why in the very
+    /// words it always has.
+    Owned,
+}
+
+impl Rules {
+    /// The fast path of an upload: validates a protobuf-delimited `body` on its wire views (no
+    /// decoding into owned values) with `limits` (those the owned decoder would get), and says
+    /// whether it can be stored unchanged. Upstream clients and ours stamp the partition label
+    /// themselves, so a valid upload usually can.
+    ///
+    /// Only a `WireCheck::Unchanged` is a decision: it is given only when [`Rules::apply`] would
+    /// accept the decoded body without changing a series. Anything else (including every kind of
+    /// invalid body) is `WireCheck::Owned`, so refusals keep their statuses and messages exactly.
+    pub fn check_wire(
+        &self,
+        body: &[u8],
+        limits: &delimited::Limits,
+        token_labels: &BTreeMap<String, String>,
+        now: SystemTime,
+    ) -> WireCheck {
+        if !self.whitelist.is_empty() || !self.extra_labels.is_empty() {
+            return WireCheck::Owned;
+        }
+        // The whole structure first, as the owned decoder checks it before any validation.
+        let Ok((_, series)) = wire::count_series(body, limits) else {
+            return WireCheck::Owned;
+        };
+        let now_ms = millis(now);
+        let bounds = (
+            now_ms.saturating_sub(duration_ms(self.max_sample_age)),
+            now_ms.saturating_add(duration_ms(self.max_future_skew)),
+        );
+        let mut samples = 0usize;
+        for family in wire::families(body, limits) {
+            let Ok(family) = family else {
+                return WireCheck::Owned;
+            };
+            match self.check_wire_family(&family, token_labels, bounds) {
+                Some(family_samples) => samples = samples.saturating_add(family_samples),
+                None => return WireCheck::Owned,
+            }
+        }
+        if samples > self.max_samples || series == 0 {
+            return WireCheck::Owned;
+        }
+        WireCheck::Unchanged { series }
+    }
+
+    /// One family on the fast path: its samples when it passes every check unchanged.
+    fn check_wire_family(
+        &self,
+        family: &FamilyView<'_>,
+        token_labels: &BTreeMap<String, String>,
+        (oldest, newest): (i64, i64),
+    ) -> Option<usize> {
+        labels::check_metric_name(family.name).ok()?;
+        let kind = match family.raw_type {
+            None => MetricType::Untyped,
+            Some(value) => MetricType::try_from(value).ok()?,
+        };
+        let mut samples = 0usize;
+        let mut previous_ts = i64::MIN;
+        let mut any = false;
+        for metric in family.metrics() {
+            let metric = metric.ok()?;
+            any = true;
+            samples = samples.saturating_add(wire_samples(&metric, kind)?);
+            let ts = metric.timestamp_ms?;
+            if ts < oldest || ts > newest || ts < previous_ts {
+                return None;
+            }
+            previous_ts = ts;
+            check_wire_labels(&metric, token_labels)?;
+        }
+        // An empty family is dropped by the owned path: the body would change.
+        any.then_some(samples)
+    }
+}
+
+/// The samples of one series whose value field is the one `kind` calls for (and the only one);
+/// `None` otherwise.
+fn wire_samples(metric: &MetricView<'_>, kind: MetricType) -> Option<usize> {
+    match (metric.value, kind) {
+        (Value::Gauge(_), MetricType::Gauge)
+        | (Value::Counter(_), MetricType::Counter)
+        | (Value::Untyped(_), MetricType::Untyped) => Some(1),
+        (Value::Summary(summary), MetricType::Summary) => {
+            let mut n = 2usize;
+            for quantile in summary.quantiles() {
+                quantile.ok()?;
+                n += 1;
+            }
+            Some(n)
+        }
+        (Value::Histogram(histogram), MetricType::Histogram | MetricType::GaugeHistogram) => {
+            let mut n = 2usize;
+            for bucket in histogram.buckets() {
+                bucket.ok()?;
+                n += 1;
+            }
+            Some(n)
+        }
+        _ => None,
+    }
+}
+
+/// [`labels::check_series_labels`] and the token labels on the wire: `Some` when every label is
+/// valid and every token label is already there with its value. An empty value is sent to the
+/// owned path, which alone can tell an absent value (refused) from an empty one.
+fn check_wire_labels(
+    metric: &MetricView<'_>,
+    token_labels: &BTreeMap<String, String>,
+) -> Option<()> {
+    let mut names: [&str; labels::MAX_LABELS] = [""; labels::MAX_LABELS];
+    let mut count = 0usize;
+    let mut sorted = true;
+    let mut found = 0usize;
+    for label in metric.labels() {
+        let (name, value) = label.ok()?;
+        if name.len() > labels::MAX_NAME_BYTES
+            || !labels::is_valid_label_name(name)
+            || value.is_empty()
+            || value.len() > labels::MAX_VALUE_BYTES
+        {
+            return None;
+        }
+        let slot = names.get_mut(count)?;
+        *slot = name;
+        if count > 0
+            && names
+                .get(count - 1)
+                .is_none_or(|previous| *previous >= name)
+        {
+            sorted = false;
+        }
+        count += 1;
+        if let Some(expected) = token_labels.get(name) {
+            if expected != value {
+                return None;
+            }
+            found += 1;
+        }
+    }
+    let names = names.get(..count)?;
+    // Prometheus sends labels sorted, which rules out duplicates at once.
+    if !sorted {
+        for (i, name) in names.iter().enumerate() {
+            if names.get(i + 1..)?.contains(name) {
+                return None;
+            }
+        }
+    }
+    // Every token label present (no duplicates, so each was counted once).
+    (found == token_labels.len()).then_some(())
+}
+
 /// Checks each token label against the series and sets it (the client may omit it; it may not
 /// override it).
 fn stamp_token_labels(
@@ -329,7 +498,9 @@ fn duration_ms(d: Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use telemeter_common::model::{Counter, Gauge, LabelPair};
+    use telemeter_common::model::{
+        Bucket, Counter, Gauge, Histogram, LabelPair, Quantile, Summary,
+    };
 
     const NOW_MS: i64 = 1_700_000_000_000;
 
@@ -526,5 +697,164 @@ mod tests {
             .unwrap();
         assert!(v.families.is_empty());
         assert_eq!(v.series, 0);
+    }
+
+    /// Runs both paths on `families`; a fast-path `Unchanged` must be exactly what the owned path
+    /// stores for the same body.
+    fn both_paths(r: &Rules, families: Vec<MetricFamily>) -> WireCheck {
+        let body = delimited::encode(&families);
+        let limits = delimited::Limits::default();
+        let check = r.check_wire(&body, &limits, &token(), now());
+        if let WireCheck::Unchanged { series } = check {
+            let decoded = delimited::decode(&body, &limits).unwrap();
+            let owned = r.apply(decoded.clone(), &token(), now()).unwrap();
+            assert_eq!(owned.families, decoded, "the owned path would rewrite it");
+            assert_eq!((owned.series, owned.filtered), (series, 0));
+        }
+        check
+    }
+
+    fn stamped(name: &str, labels: &[(&str, &str)], ts: &[i64]) -> MetricFamily {
+        let series: Vec<(&[(&str, &str)], i64)> = ts.iter().map(|t| (labels, *t)).collect();
+        gauge(name, &series)
+    }
+
+    #[test]
+    fn the_fast_path_takes_stamped_valid_uploads_unchanged() {
+        let r = rules();
+        let ok = [("_id", "a"), ("job", "x")];
+        assert_eq!(
+            both_paths(
+                &r,
+                vec![
+                    stamped("up", &ok, &[NOW_MS, NOW_MS]),
+                    stamped("b", &ok, &[NOW_MS])
+                ]
+            ),
+            WireCheck::Unchanged { series: 3 }
+        );
+        // Unsorted labels are fine, as long as none repeats.
+        let unsorted = [("job", "x"), ("_id", "a")];
+        assert_eq!(
+            both_paths(&r, vec![stamped("up", &unsorted, &[NOW_MS])]),
+            WireCheck::Unchanged { series: 1 }
+        );
+        let mut summary = stamped("s", &ok, &[NOW_MS]);
+        summary.r#type = Some(MetricType::Summary as i32);
+        summary.metric[0].gauge = None;
+        summary.metric[0].summary = Some(Summary {
+            sample_count: Some(3),
+            sample_sum: Some(1.5),
+            quantile: vec![Quantile {
+                quantile: Some(0.5),
+                value: Some(1.0),
+            }],
+        });
+        let mut histogram = stamped("h", &ok, &[NOW_MS]);
+        histogram.r#type = Some(MetricType::Histogram as i32);
+        histogram.metric[0].gauge = None;
+        histogram.metric[0].histogram = Some(Histogram {
+            sample_count: Some(3),
+            sample_sum: Some(1.5),
+            bucket: vec![Bucket {
+                cumulative_count: Some(3),
+                upper_bound: Some(1.0),
+            }],
+            ..Default::default()
+        });
+        assert_eq!(
+            both_paths(&r, vec![summary.clone(), histogram.clone()]),
+            WireCheck::Unchanged { series: 2 }
+        );
+        // Each of them carries 3 samples: a cap of 5 is over the limit, 6 is not.
+        let mut capped = rules();
+        capped.max_samples = 5;
+        assert_eq!(
+            both_paths(&capped, vec![summary.clone(), histogram.clone()]),
+            WireCheck::Owned
+        );
+        capped.max_samples = 6;
+        assert_eq!(
+            both_paths(&capped, vec![summary, histogram]),
+            WireCheck::Unchanged { series: 2 }
+        );
+    }
+
+    #[test]
+    fn the_fast_path_leaves_rewrites_and_refusals_to_the_owned_path() {
+        let r = rules();
+        let ok: &[(&str, &str)] = &[("_id", "a")];
+        let owned = |r: &Rules, families: Vec<MetricFamily>| {
+            assert_eq!(both_paths(r, families), WireCheck::Owned);
+        };
+        // Rewrites: the partition label to stamp, --label, a whitelist, an empty family.
+        owned(&r, vec![stamped("up", &[("job", "x")], &[NOW_MS])]);
+        let mut extra = rules();
+        extra.extra_labels = vec![("region".into(), "eu".into())];
+        owned(&extra, vec![stamped("up", ok, &[NOW_MS])]);
+        let mut listed = rules();
+        listed.whitelist = vec![Selector::parse("up").unwrap()];
+        owned(&listed, vec![stamped("up", ok, &[NOW_MS])]);
+        owned(&r, vec![stamped("up", ok, &[NOW_MS]), gauge("empty", &[])]);
+        owned(&r, vec![]);
+        // Refusals.
+        owned(&r, vec![stamped("up", &[("_id", "b")], &[NOW_MS])]);
+        owned(&r, vec![stamped("up", ok, &[NOW_MS - 86_400_000 - 1])]);
+        owned(&r, vec![stamped("up", ok, &[NOW_MS + 300_001])]);
+        owned(&r, vec![stamped("up", ok, &[NOW_MS, NOW_MS - 1])]);
+        owned(&r, vec![stamped("1bad", ok, &[NOW_MS])]);
+        owned(
+            &r,
+            vec![stamped("up", &[("_id", "a"), ("bad-name", "x")], &[NOW_MS])],
+        );
+        owned(
+            &r,
+            vec![stamped(
+                "up",
+                &[("_id", "a"), ("x", "1"), ("x", "2")],
+                &[NOW_MS],
+            )],
+        );
+        owned(
+            &r,
+            vec![stamped(
+                "up",
+                &[("x", "1"), ("_id", "a"), ("x", "1")],
+                &[NOW_MS],
+            )],
+        );
+        owned(
+            &r,
+            vec![stamped("up", &[("_id", "a"), ("x", "")], &[NOW_MS])],
+        );
+        let long = "v".repeat(labels::MAX_VALUE_BYTES + 1);
+        owned(
+            &r,
+            vec![stamped("up", &[("_id", "a"), ("x", &long)], &[NOW_MS])],
+        );
+        let mut f = stamped("up", ok, &[NOW_MS]);
+        f.metric[0].timestamp_ms = None;
+        owned(&r, vec![f]);
+        let mut f = stamped("up", ok, &[NOW_MS]);
+        f.r#type = Some(42);
+        owned(&r, vec![f]);
+        let mut f = stamped("up", ok, &[NOW_MS]);
+        f.metric[0].gauge = None;
+        f.metric[0].counter = Some(Counter { value: Some(1.0) });
+        owned(&r, vec![f]);
+        let mut f = stamped("up", ok, &[NOW_MS]);
+        f.metric[0].counter = Some(Counter { value: Some(1.0) });
+        owned(&r, vec![f]);
+        let mut capped = rules();
+        capped.max_samples = 1;
+        owned(&capped, vec![stamped("up", ok, &[NOW_MS, NOW_MS])]);
+        // A body that does not decode.
+        let check = r.check_wire(
+            &[0x05, 0x0a],
+            &delimited::Limits::default(),
+            &token(),
+            now(),
+        );
+        assert_eq!(check, WireCheck::Owned);
     }
 }
