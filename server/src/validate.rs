@@ -760,7 +760,6 @@ mod tests {
                 cumulative_count: Some(3),
                 upper_bound: Some(1.0),
             }],
-            ..Default::default()
         });
         assert_eq!(
             both_paths(&r, vec![summary.clone(), histogram.clone()]),
