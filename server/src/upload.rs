@@ -387,7 +387,7 @@ impl UploadHandler {
                     max_families: limits.max_series,
                     max_series: limits.max_series,
                 };
-                if let WireCheck::Unchanged { series } =
+                if let WireCheck::Unchanged { series, .. } =
                     self.rules
                         .check_wire(body, &decode_limits, token_labels, now)
                 {

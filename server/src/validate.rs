@@ -279,6 +279,8 @@ pub enum WireCheck {
     Unchanged {
         /// Series in the body.
         series: usize,
+        /// Samples in the body (counted as [`MetricFamily::sample_count`] counts them).
+        samples: usize,
     },
     /// The body needs the owned path: it has to be rewritten (a token label to stamp, `--label`,
     /// a whitelist, an empty family), or it is refused, and the owned path says why in the very
@@ -327,7 +329,7 @@ impl Rules {
         if samples > self.max_samples || series == 0 {
             return WireCheck::Owned;
         }
-        WireCheck::Unchanged { series }
+        WireCheck::Unchanged { series, samples }
     }
 
     /// One family on the fast path: its samples when it passes every check unchanged.
@@ -705,11 +707,13 @@ mod tests {
         let body = delimited::encode(&families);
         let limits = delimited::Limits::default();
         let check = r.check_wire(&body, &limits, &token(), now());
-        if let WireCheck::Unchanged { series } = check {
+        if let WireCheck::Unchanged { series, samples } = check {
             let decoded = delimited::decode(&body, &limits).unwrap();
             let owned = r.apply(decoded.clone(), &token(), now()).unwrap();
             assert_eq!(owned.families, decoded, "the owned path would rewrite it");
             assert_eq!((owned.series, owned.filtered), (series, 0));
+            let counted: usize = decoded.iter().map(MetricFamily::sample_count).sum();
+            assert_eq!(samples, counted);
         }
         check
     }
@@ -731,13 +735,19 @@ mod tests {
                     stamped("b", &ok, &[NOW_MS])
                 ]
             ),
-            WireCheck::Unchanged { series: 3 }
+            WireCheck::Unchanged {
+                series: 3,
+                samples: 3
+            }
         );
         // Unsorted labels are fine, as long as none repeats.
         let unsorted = [("job", "x"), ("_id", "a")];
         assert_eq!(
             both_paths(&r, vec![stamped("up", &unsorted, &[NOW_MS])]),
-            WireCheck::Unchanged { series: 1 }
+            WireCheck::Unchanged {
+                series: 1,
+                samples: 1
+            }
         );
         let mut summary = stamped("s", &ok, &[NOW_MS]);
         summary.r#type = Some(MetricType::Summary as i32);
@@ -763,7 +773,10 @@ mod tests {
         });
         assert_eq!(
             both_paths(&r, vec![summary.clone(), histogram.clone()]),
-            WireCheck::Unchanged { series: 2 }
+            WireCheck::Unchanged {
+                series: 2,
+                samples: 6
+            }
         );
         // Each of them carries 3 samples: a cap of 5 is over the limit, 6 is not.
         let mut capped = rules();
@@ -775,7 +788,10 @@ mod tests {
         capped.max_samples = 6;
         assert_eq!(
             both_paths(&capped, vec![summary, histogram]),
-            WireCheck::Unchanged { series: 2 }
+            WireCheck::Unchanged {
+                series: 2,
+                samples: 6
+            }
         );
     }
 
