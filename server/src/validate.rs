@@ -307,23 +307,28 @@ impl Rules {
         if !self.whitelist.is_empty() || !self.extra_labels.is_empty() {
             return WireCheck::Owned;
         }
-        // The whole structure first, as the owned decoder checks it before any validation.
-        let Ok((_, series)) = wire::count_series(body, limits) else {
-            return WireCheck::Owned;
-        };
         let now_ms = millis(now);
         let bounds = (
             now_ms.saturating_sub(duration_ms(self.max_sample_age)),
             now_ms.saturating_add(duration_ms(self.max_future_skew)),
         );
-        let mut samples = 0usize;
+        // One pass reads every field the owned decoder would (the views check each message as it
+        // is read, and every series, label, quantile and bucket is read below), so a body it
+        // accepts decodes too.
+        let (mut series, mut samples) = (0usize, 0usize);
         for family in wire::families(body, limits) {
             let Ok(family) = family else {
                 return WireCheck::Owned;
             };
             match self.check_wire_family(&family, token_labels, bounds) {
-                Some(family_samples) => samples = samples.saturating_add(family_samples),
+                Some((family_series, family_samples)) => {
+                    series = series.saturating_add(family_series);
+                    samples = samples.saturating_add(family_samples);
+                }
                 None => return WireCheck::Owned,
+            }
+            if series > limits.max_series {
+                return WireCheck::Owned;
             }
         }
         if samples > self.max_samples || series == 0 {
@@ -332,13 +337,13 @@ impl Rules {
         WireCheck::Unchanged { series, samples }
     }
 
-    /// One family on the fast path: its samples when it passes every check unchanged.
+    /// One family on the fast path: its series and samples when it passes every check unchanged.
     fn check_wire_family(
         &self,
         family: &FamilyView<'_>,
         token_labels: &BTreeMap<String, String>,
         (oldest, newest): (i64, i64),
-    ) -> Option<usize> {
+    ) -> Option<(usize, usize)> {
         labels::check_metric_name(family.name).ok()?;
         let kind = match family.raw_type {
             None => MetricType::Untyped,
@@ -346,10 +351,10 @@ impl Rules {
         };
         let mut samples = 0usize;
         let mut previous_ts = i64::MIN;
-        let mut any = false;
+        let mut series = 0usize;
         for metric in family.metrics() {
             let metric = metric.ok()?;
-            any = true;
+            series += 1;
             samples = samples.saturating_add(wire_samples(&metric, kind)?);
             let ts = metric.timestamp_ms?;
             if ts < oldest || ts > newest || ts < previous_ts {
@@ -359,7 +364,7 @@ impl Rules {
             check_wire_labels(&metric, token_labels)?;
         }
         // An empty family is dropped by the owned path: the body would change.
-        any.then_some(samples)
+        (series > 0).then_some((series, samples))
     }
 }
 
@@ -397,9 +402,9 @@ fn check_wire_labels(
     metric: &MetricView<'_>,
     token_labels: &BTreeMap<String, String>,
 ) -> Option<()> {
-    let mut names: [&str; labels::MAX_LABELS] = [""; labels::MAX_LABELS];
     let mut count = 0usize;
     let mut sorted = true;
+    let mut previous = "";
     let mut found = 0usize;
     for label in metric.labels() {
         let (name, value) = label.ok()?;
@@ -410,16 +415,12 @@ fn check_wire_labels(
         {
             return None;
         }
-        let slot = names.get_mut(count)?;
-        *slot = name;
-        if count > 0
-            && names
-                .get(count - 1)
-                .is_none_or(|previous| *previous >= name)
-        {
-            sorted = false;
-        }
         count += 1;
+        if count > labels::MAX_LABELS {
+            return None;
+        }
+        sorted &= count == 1 || previous < name;
+        previous = name;
         if let Some(expected) = token_labels.get(name) {
             if expected != value {
                 return None;
@@ -427,11 +428,16 @@ fn check_wire_labels(
             found += 1;
         }
     }
-    let names = names.get(..count)?;
-    // Prometheus sends labels sorted, which rules out duplicates at once.
+    // Prometheus sends labels sorted, which rules out duplicates at once; otherwise compare
+    // each pair (at most 64 labels).
     if !sorted {
-        for (i, name) in names.iter().enumerate() {
-            if names.get(i + 1..)?.contains(name) {
+        for (i, label) in metric.labels().enumerate() {
+            let (name, _) = label.ok()?;
+            if metric
+                .labels()
+                .skip(i + 1)
+                .any(|l| l.is_ok_and(|(n, _)| n == name))
+            {
                 return None;
             }
         }
@@ -871,5 +877,65 @@ mod tests {
             now(),
         );
         assert_eq!(check, WireCheck::Owned);
+    }
+
+    #[test]
+    fn the_fast_path_refuses_what_the_decoder_refuses_deep_inside() {
+        fn varint(mut v: u64, out: &mut Vec<u8>) {
+            while v >= 0x80 {
+                out.push((v as u8) | 0x80);
+                v >>= 7;
+            }
+            out.push(v as u8);
+        }
+        fn field(tag: u8, bytes: &[u8], out: &mut Vec<u8>) {
+            out.push(tag);
+            varint(bytes.len() as u64, out);
+            out.extend_from_slice(bytes);
+        }
+        // A gauge series whose second label holds a field of wire type 7 (none exists).
+        let body = |second_label: &[u8]| {
+            let mut label = Vec::new();
+            field(0x0a, b"_id", &mut label);
+            field(0x12, b"a", &mut label);
+            let mut gauge = vec![0x09];
+            gauge.extend_from_slice(&1.0f64.to_le_bytes());
+            let mut metric = Vec::new();
+            field(0x0a, &label, &mut metric);
+            field(0x0a, second_label, &mut metric);
+            field(0x12, &gauge, &mut metric);
+            metric.push(0x30);
+            varint(NOW_MS as u64, &mut metric);
+            let mut family = Vec::new();
+            field(0x0a, b"up", &mut family);
+            family.extend_from_slice(&[0x18, MetricType::Gauge as u8]);
+            field(0x22, &metric, &mut family);
+            let mut body = Vec::new();
+            varint(family.len() as u64, &mut body);
+            body.extend_from_slice(&family);
+            body
+        };
+        let limits = delimited::Limits::default();
+        let good = body(&[0x0a, 1, b'j', 0x12, 1, b'x']);
+        assert!(delimited::decode(&good, &limits).is_ok());
+        assert!(matches!(
+            rules().check_wire(&good, &limits, &token(), now()),
+            WireCheck::Unchanged { series: 1, .. }
+        ));
+        let bad = body(&[0x0a, 1, b'j', 0x0f, 0]);
+        assert!(delimited::decode(&bad, &limits).is_err());
+        assert_eq!(
+            rules().check_wire(&bad, &limits, &token(), now()),
+            WireCheck::Owned
+        );
+        // Over the series cap.
+        let capped = delimited::Limits {
+            max_series: 0,
+            ..limits
+        };
+        assert_eq!(
+            rules().check_wire(&good, &capped, &token(), now()),
+            WireCheck::Owned
+        );
     }
 }
