@@ -395,6 +395,9 @@ fn wire_samples(metric: &MetricView<'_>, kind: MetricType) -> Option<usize> {
     }
 }
 
+/// Label names kept per series for the duplicate check without re-reading the labels.
+const KEPT_NAMES: usize = 16;
+
 /// [`labels::check_series_labels`] and the token labels on the wire: `Some` when every label is
 /// valid and every token label is already there with its value. An empty value is sent to the
 /// owned path, which alone can tell an absent value (refused) from an empty one.
@@ -402,6 +405,8 @@ fn check_wire_labels(
     metric: &MetricView<'_>,
     token_labels: &BTreeMap<String, String>,
 ) -> Option<()> {
+    // The first names, kept for the duplicate check of unsorted labels (small, so cheap to set up).
+    let mut names: [&str; KEPT_NAMES] = [""; KEPT_NAMES];
     let mut count = 0usize;
     let mut sorted = true;
     let mut previous = "";
@@ -421,6 +426,9 @@ fn check_wire_labels(
         }
         sorted &= count == 1 || previous < name;
         previous = name;
+        if let Some(slot) = names.get_mut(count - 1) {
+            *slot = name;
+        }
         if let Some(expected) = token_labels.get(name) {
             if expected != value {
                 return None;
@@ -428,9 +436,16 @@ fn check_wire_labels(
             found += 1;
         }
     }
-    // Prometheus sends labels sorted, which rules out duplicates at once; otherwise compare
-    // each pair (at most 64 labels).
-    if !sorted {
+    // Sorted labels rule out duplicates at once. Clients that stamp `_id` append it, so unsorted
+    // is common too: compare the kept names pairwise, or re-read the labels when there are more.
+    if !sorted && count <= KEPT_NAMES {
+        let kept = names.get(..count).unwrap_or_default();
+        for (i, name) in kept.iter().enumerate() {
+            if kept.get(i + 1..).unwrap_or_default().contains(name) {
+                return None;
+            }
+        }
+    } else if !sorted {
         for (i, label) in metric.labels().enumerate() {
             let (name, _) = label.ok()?;
             if metric
@@ -847,6 +862,25 @@ mod tests {
         owned(
             &r,
             vec![stamped("up", &[("_id", "a"), ("x", "")], &[NOW_MS])],
+        );
+        // Many unsorted labels, with and without a duplicate (past the kept names).
+        let names: Vec<String> = (0..20).rev().map(|i| format!("l{i:02}")).collect();
+        let mut many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+        many.push(("_id", "a"));
+        assert!(matches!(
+            both_paths(&r, vec![stamped("up", &many, &[NOW_MS])]),
+            WireCheck::Unchanged { series: 1, .. }
+        ));
+        many.push(("l03", "w"));
+        owned(&r, vec![stamped("up", &many, &[NOW_MS])]);
+        // Unsorted and few: the kept names catch the duplicate.
+        owned(
+            &r,
+            vec![stamped(
+                "up",
+                &[("x", "1"), ("_id", "a"), ("x", "2")],
+                &[NOW_MS],
+            )],
         );
         let long = "v".repeat(labels::MAX_VALUE_BYTES + 1);
         owned(
