@@ -3,6 +3,7 @@
 #   make                 release binaries in target/release/
 #   make check           what CI runs: fmt, clippy -D warnings, every unit and end-to-end test
 #   make test-integration  the two-server + client + real Prometheus scenario (tests/integration.sh)
+#   make test-reliability  crash safety, hostile input, slow clients, full disk, gossip fuzzing
 #   make demo            the same system, left running in the foreground (Ctrl-C stops it)
 #   make static          static x86_64-unknown-linux-musl release binaries in target/static/
 #   make fixtures        regenerate tests/fixtures/ from a real Prometheus
@@ -11,7 +12,7 @@ CARGO ?= cargo
 MUSL_TARGET := x86_64-unknown-linux-musl
 BINARIES := telemeter-server telemeter-client
 
-.PHONY: all build check fmt-check clippy test test-integration demo static fixtures clean
+.PHONY: all build check fmt-check clippy test test-integration test-reliability demo static fixtures clean
 
 all: build
 
@@ -31,6 +32,18 @@ test:
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
+# The reliability suite (server/tests/{crash,hostile,disk_full,slow_clients,fuzz}.rs). The quick ones
+# also run in `make test`; here the 3-node crash test gets 20 rounds instead of 5, and the ignored
+# 60 s slow/idle connections test runs too (it prints the server's peak threads and memory).
+RELIABILITY_TESTS := --test crash --test hostile --test disk_full --test fuzz --test slow_clients
+
+# The servers' own log lines (`[server] ...`) are left out of the output; the tests' findings stay.
+test-reliability: SHELL := /bin/bash
+test-reliability:
+	$(CARGO) build -p telemeter-server --bins
+	set -o pipefail; CRASH_CLUSTER_ROUNDS=20 $(CARGO) test -p telemeter-server $(RELIABILITY_TESTS) \
+	  -- --include-ignored --nocapture --test-threads 1 2>&1 | grep -v '^\[server\]'
+
 test-integration: build
 	./tests/integration-port-in-use.sh
 	./tests/integration.sh
@@ -38,8 +51,15 @@ test-integration: build
 demo: build
 	./tests/integration.sh --demo
 
+# Static binaries are for copying onto hosts with nothing installed, so size matters more than the
+# last percent of speed: optimized for size (the server's throughput is bound by fsync, not CPU),
+# and non-PIE so they are plain static executables (`file`: statically linked). ring's C and
+# assembly parts build with musl-gcc (musl-tools), which the cc crate finds by itself.
+STATIC_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static
+
 static:
-	$(CARGO) build --release --workspace --bins --target $(MUSL_TARGET)
+	CARGO_PROFILE_RELEASE_OPT_LEVEL=s RUSTFLAGS="$(STATIC_RUSTFLAGS)" \
+	  $(CARGO) build --release --workspace --bins --target $(MUSL_TARGET)
 	mkdir -p target/static
 	for b in $(BINARIES); do cp target/$(MUSL_TARGET)/release/$$b target/static/$$b; done
 	@for b in $(BINARIES); do printf '%s: %s bytes\n' $$b $$(stat -c %s target/static/$$b); file target/static/$$b; done

@@ -322,8 +322,11 @@ pub struct Stats {
     pub open_connections: u64,
     /// Connections accepted since start.
     pub accepted_connections: u64,
-    /// Connections refused because the cap was reached.
+    /// Connections refused because the cap was reached and every open one was busy.
     pub rejected_connections: u64,
+    /// Connections closed to make room at the cap: the one that had waited longest without
+    /// completing a request.
+    pub evicted_connections: u64,
     /// Requests answered by the front itself with a protocol error (400, 408, 411, 413, 431, 503).
     pub protocol_errors: u64,
 }
@@ -396,6 +399,7 @@ impl Server {
             open: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
             body_bytes_in_flight: AtomicUsize::new(0),
             jobs: Mutex::new(Some(jobs)),
@@ -454,6 +458,7 @@ impl ServerHandle {
             open_connections: self.shared.open.load(Ordering::SeqCst),
             accepted_connections: self.shared.accepted.load(Ordering::SeqCst),
             rejected_connections: self.shared.rejected.load(Ordering::SeqCst),
+            evicted_connections: self.shared.evicted.load(Ordering::SeqCst),
             protocol_errors: self.shared.protocol_errors.load(Ordering::SeqCst),
         }
     }
@@ -516,6 +521,7 @@ struct Shared {
     open: AtomicU64,
     accepted: AtomicU64,
     rejected: AtomicU64,
+    evicted: AtomicU64,
     protocol_errors: AtomicU64,
     body_bytes_in_flight: AtomicUsize,
     /// Taken once shutdown has drained the connections, which ends the workers. Without a
@@ -532,6 +538,9 @@ struct Tracked {
     fd: RawFd,
     idle: bool,
     closed_by_server: bool,
+    /// Since when the connection has been waiting for, or receiving, a request it has not yet
+    /// completed; `None` while a request is being handled or answered. See [`Shared::evict_oldest`].
+    evictable_since: Option<Instant>,
 }
 
 impl Shared {
@@ -579,6 +588,32 @@ impl Shared {
                     libc::shutdown(tracked.fd, libc::SHUT_RDWR);
                 }
             }
+        }
+    }
+
+    /// At the connection cap, makes room by closing the connection that has waited longest
+    /// without completing a request (idle keep-alive, trickling head or body). Without this, a
+    /// crowd of slow or idle sockets would hold every slot and a normal client would only ever get
+    /// 503; with it, they only evict each other, while a client that sends its request promptly
+    /// is in a worker before it becomes the oldest. False when every connection is busy.
+    fn evict_oldest(&self) -> bool {
+        let mut connections = self.connections();
+        let oldest = connections
+            .values_mut()
+            .filter(|t| !t.closed_by_server)
+            .filter_map(|t| t.evictable_since.map(|since| (since, t)))
+            .min_by_key(|(since, _)| *since);
+        match oldest {
+            Some((_, tracked)) => {
+                tracked.closed_by_server = true;
+                // SAFETY: see `Tracked`: the descriptor is open while its entry exists.
+                unsafe {
+                    libc::shutdown(tracked.fd, libc::SHUT_RDWR);
+                }
+                self.evicted.fetch_add(1, Ordering::SeqCst);
+                true
+            }
+            None => false,
         }
     }
 
@@ -668,7 +703,11 @@ fn accept_loop(shared: &Arc<Shared>) {
         };
         shared.accepted.fetch_add(1, Ordering::SeqCst);
         let open = shared.open.load(Ordering::SeqCst);
-        if open >= shared.config.max_connections as u64 {
+        let cap = shared.config.max_connections as u64;
+        // Evicted connections leave within moments of their shutdown; the slack bounds how many
+        // may still be on their way out while new ones come in.
+        let slack = cap / 8 + 1;
+        if open >= cap && !(open < cap + slack && shared.evict_oldest()) {
             shared.rejected.fetch_add(1, Ordering::SeqCst);
             log::debug!("{name}: refusing {remote}: {open} connections open");
             refuse(tcp);
@@ -861,6 +900,7 @@ fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, remote: SocketAddr) {
             fd: tcp.as_raw_fd(),
             idle: true,
             closed_by_server: false,
+            evictable_since: Some(accepted_at),
         },
     );
     let _ = tcp.set_nodelay(true);
@@ -914,7 +954,7 @@ impl Connection {
             first = false;
             match self.read_request(head_deadline) {
                 Ok(parsed) => {
-                    if !self.answer(parsed) {
+                    if !self.set_busy() || !self.answer(parsed) {
                         return;
                     }
                 }
@@ -963,12 +1003,29 @@ impl Connection {
         })
     }
 
-    /// Marks the connection idle or busy; false when shutdown has claimed it.
+    /// Marks the connection idle (waiting for a request) or not (receiving one); false when
+    /// shutdown or eviction has claimed it.
     fn set_idle(&self, idle: bool) -> bool {
         let mut connections = self.shared.connections();
         match connections.get_mut(&self.id) {
             Some(tracked) if !(tracked.closed_by_server || idle && self.shared.stopping()) => {
                 tracked.idle = idle;
+                if idle {
+                    tracked.evictable_since = Some(Instant::now());
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Marks the connection as handling a complete request: no longer evictable. False when it
+    /// was evicted while its request was still arriving.
+    fn set_busy(&self) -> bool {
+        let mut connections = self.shared.connections();
+        match connections.get_mut(&self.id) {
+            Some(tracked) if !tracked.closed_by_server => {
+                tracked.evictable_since = None;
                 true
             }
             _ => false,
@@ -1868,13 +1925,46 @@ mod tests {
     }
 
     #[test]
-    fn connections_over_the_cap_get_503() {
+    fn busy_connections_over_the_cap_get_503() {
         let mut config = test_config();
         config.max_connections = 4;
         let server = start(config);
+        // Four complete requests in hand (two in the workers, two queued behind them for 300 ms
+        // each): nothing can be evicted, so the fifth connection is refused.
         let mut clients: Vec<_> = (0..4)
             .map(|_| {
-                // A request on each proves it is accepted and counted before the fifth comes.
+                let mut client = connect(&server);
+                send(&mut client, b"GET /slow HTTP/1.1\r\n\r\n");
+                client
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let mut fifth = connect(&server);
+        let reply = read_reply(&mut fifth, false);
+        assert_eq!(reply.status, 503);
+        assert_eq!(reply.header("Connection"), Some("close"));
+        let stats = server.stats();
+        assert_eq!(stats.rejected_connections, 1);
+        assert_eq!(stats.evicted_connections, 0);
+        // The first four are answered.
+        for client in &mut clients {
+            assert_eq!(read_reply(client, false).status, 200);
+        }
+        server.shutdown(Duration::from_secs(5));
+    }
+
+    #[test]
+    fn at_the_cap_the_longest_waiting_idle_connection_makes_room() {
+        let mut config = test_config();
+        config.max_connections = 4;
+        config.header_timeout = Duration::from_secs(30);
+        let server = start(config);
+        // The oldest only trickles a head; the next three are idle keep-alive connections.
+        let mut trickler = connect(&server);
+        send(&mut trickler, b"GET /hello HTTP/1.1\r\n");
+        std::thread::sleep(Duration::from_millis(20));
+        let mut idle: Vec<_> = (0..3)
+            .map(|_| {
                 let mut client = connect(&server);
                 send(&mut client, b"GET /hello HTTP/1.1\r\n\r\n");
                 assert_eq!(read_reply(&mut client, false).status, 200);
@@ -1882,15 +1972,18 @@ mod tests {
             })
             .collect();
         let mut fifth = connect(&server);
+        send(&mut fifth, b"GET /hello HTTP/1.1\r\n\r\n");
         let reply = read_reply(&mut fifth, false);
-        assert_eq!(reply.status, 503);
-        assert_eq!(reply.header("Connection"), Some("close"));
+        assert_eq!((reply.status, reply.text().as_str()), (200, "hello\n"));
         let stats = server.stats();
-        assert_eq!(stats.rejected_connections, 1);
-        assert_eq!(stats.open_connections, 4);
-        // The first four still work.
-        send(&mut clients[0], b"GET /hello HTTP/1.1\r\n\r\n");
-        assert_eq!(read_reply(&mut clients[0], false).status, 200);
+        assert_eq!(
+            (stats.evicted_connections, stats.rejected_connections),
+            (1, 0)
+        );
+        // The trickler, waiting longest, was the one closed; the idle ones still work.
+        assert!(closed(&mut trickler));
+        send(&mut idle[0], b"GET /hello HTTP/1.1\r\n\r\n");
+        assert_eq!(read_reply(&mut idle[0], false).status, 200);
         server.shutdown(Duration::from_secs(5));
     }
 

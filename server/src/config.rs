@@ -13,6 +13,8 @@ use telemeter_common::duration;
 use telemeter_common::labels;
 use telemeter_common::selector::{self, Selector};
 
+use crate::remote_write::RemoteWriteConfig;
+
 /// The flags of `telemeter-server`.
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -137,6 +139,28 @@ pub struct Flags {
     #[arg(long, default_value_t = 1024, value_name = "N")]
     pub max_connections: usize,
 
+    /// Also ship every upload this server stores, with its original timestamps, as Prometheus
+    /// remote-write 1.0 to this URL (Prometheus with --web.enable-remote-write-receiver, Thanos
+    /// receive, Mimir, Cortex, VictoriaMetrics).
+    #[arg(long, value_name = "URL")]
+    pub remote_write_url: Option<String>,
+
+    /// Most uploads waiting to be sent to --remote-write-url; when full, the oldest is dropped.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub remote_write_queue: usize,
+
+    /// Time allowed for one remote-write request (Prometheus duration).
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    pub remote_write_timeout: String,
+
+    /// PEM CA certificates trusted for an https:// --remote-write-url (default: the system roots).
+    #[arg(long, value_name = "FILE")]
+    pub remote_write_ca_file: Option<PathBuf>,
+
+    /// A file holding a bearer token sent with every remote-write request.
+    #[arg(long, value_name = "FILE")]
+    pub remote_write_bearer_token_file: Option<PathBuf>,
+
     /// UDP address for cluster heartbeats. Clustering is off without it (upstream's behaviour).
     #[arg(long, value_name = "HOST:PORT")]
     pub listen_cluster: Option<String>,
@@ -248,6 +272,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Clustering, when on.
     pub cluster: Option<ClusterFlags>,
+    /// Where stored uploads are also shipped, if anywhere.
+    pub remote_write: Option<RemoteWriteConfig>,
 }
 
 /// Why the flags do not make a usable configuration.
@@ -346,6 +372,38 @@ impl Flags {
             })?);
         }
 
+        let remote_write = match self.remote_write_url {
+            None => None,
+            Some(url) => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(ConfigError::Invalid {
+                        flag: "--remote-write-url",
+                        reason: format!("{url:?} is not an http:// or https:// URL"),
+                    });
+                }
+                if self.remote_write_queue == 0 {
+                    return Err(ConfigError::Invalid {
+                        flag: "--remote-write-queue",
+                        reason: "must be greater than 0".into(),
+                    });
+                }
+                let timeout = parse_duration("--remote-write-timeout", &self.remote_write_timeout)?;
+                if timeout.is_zero() {
+                    return Err(ConfigError::Invalid {
+                        flag: "--remote-write-timeout",
+                        reason: "must be greater than 0s".into(),
+                    });
+                }
+                Some(RemoteWriteConfig {
+                    url,
+                    queue_capacity: self.remote_write_queue,
+                    timeout,
+                    ca_file: self.remote_write_ca_file,
+                    bearer_token_file: self.remote_write_bearer_token_file,
+                })
+            }
+        };
+
         let positive = |flag: &'static str, n: usize| {
             if n == 0 {
                 Err(ConfigError::Invalid {
@@ -386,6 +444,7 @@ impl Flags {
                 None => None,
             },
             max_connections: positive("--max-connections", self.max_connections)?,
+            remote_write,
             cluster: match self.listen_cluster {
                 None => None,
                 Some(listen_cluster) => {
@@ -651,6 +710,55 @@ mod tests {
         ])
         .is_err());
         assert!(host_name().is_some());
+    }
+
+    #[test]
+    fn remote_write_flags() {
+        let c = flags(&["--insecure-accept-any-token"])
+            .into_config()
+            .unwrap();
+        assert_eq!(c.remote_write, None);
+        let c = flags(&[
+            "--insecure-accept-any-token",
+            "--remote-write-url",
+            "http://127.0.0.1:9090/api/v1/write",
+            "--remote-write-queue",
+            "5",
+            "--remote-write-timeout",
+            "2s",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(
+            c.remote_write,
+            Some(RemoteWriteConfig {
+                url: "http://127.0.0.1:9090/api/v1/write".into(),
+                queue_capacity: 5,
+                timeout: Duration::from_secs(2),
+                ca_file: None,
+                bearer_token_file: None,
+            })
+        );
+        for bad in [
+            vec!["--remote-write-url", "ftp://x"],
+            vec![
+                "--remote-write-url",
+                "http://x",
+                "--remote-write-queue",
+                "0",
+            ],
+            vec![
+                "--remote-write-url",
+                "http://x",
+                "--remote-write-timeout",
+                "0s",
+            ],
+        ] {
+            let mut args = vec!["--insecure-accept-any-token"];
+            args.extend(bad);
+            let err = flags(&args).into_config().unwrap_err();
+            assert!(err.to_string().contains("--remote-write"), "{err}");
+        }
     }
 
     #[test]

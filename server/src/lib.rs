@@ -3,8 +3,9 @@
 //! One module per job: [`config`] (flags), [`authorize`] (client tokens → upload tokens),
 //! [`upload`] (the push pipeline), [`validate`] (checks and stamping), [`ratelimit`], [`route`]
 //! (where an upload is stored), [`cluster`] (membership, hash ring, forwarding and handoff between
-//! servers), [`store`] (durable files), [`federate`] (serving them), [`metrics`], [`routes`] (the two
-//! HTTP applications) and [`server`] (wiring it all up).
+//! servers), [`store`] (durable files), [`federate`] (serving them), [`remote_write`] (shipping
+//! stored uploads to a remote-write receiver), [`metrics`], [`routes`] (the two HTTP applications)
+//! and [`server`] (wiring it all up).
 #![deny(missing_docs)]
 
 pub mod authorize;
@@ -12,7 +13,9 @@ pub mod cluster;
 pub mod config;
 pub mod federate;
 pub mod metrics;
+mod prescan;
 pub mod ratelimit;
+pub mod remote_write;
 pub mod route;
 pub mod routes;
 pub mod server;

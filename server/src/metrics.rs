@@ -41,6 +41,7 @@ pub struct Metrics {
     http_open: GaugeVec,
     http_accepted: CounterVec,
     http_rejected: CounterVec,
+    http_evicted: CounterVec,
     http_protocol_errors: CounterVec,
     // The front counters are copied in as deltas; the lock keeps two concurrent scrapes from both
     // adding the same delta.
@@ -147,6 +148,11 @@ impl Metrics {
                 "Connections refused because the connection cap was reached, by port.",
                 &["port"],
             ),
+            http_evicted: r.counter(
+                "telemeter_server_http_evicted_connections_total",
+                "Connections closed at the connection cap to make room: the one that had waited longest without completing a request, by port.",
+                &["port"],
+            ),
             http_protocol_errors: r.counter(
                 "telemeter_server_http_protocol_errors_total",
                 "Requests the HTTP front answered itself with a protocol error, by port.",
@@ -184,6 +190,7 @@ impl Metrics {
                     &self.http_rejected.with(&[port]),
                     stats.rejected_connections,
                 );
+                catch_up(&self.http_evicted.with(&[port]), stats.evicted_connections);
                 catch_up(
                     &self.http_protocol_errors.with(&[port]),
                     stats.protocol_errors,

@@ -6,6 +6,7 @@
 use std::fmt;
 use std::time::SystemTime;
 
+use crate::remote_write::RemoteWriter;
 use crate::store::{Store, StoreError};
 
 /// Why an upload could not be stored anywhere.
@@ -55,16 +56,27 @@ pub trait Router: Send + Sync + 'static {
     ) -> Result<(), RouteError>;
 }
 
-/// Stores everything in the local store.
+/// Stores everything in the local store, and ships what it stored to the remote-write receiver if
+/// there is one.
 #[derive(Clone)]
 pub struct LocalRouter {
     store: Store,
+    remote_write: Option<RemoteWriter>,
 }
 
 impl LocalRouter {
     /// A router writing to `store`.
     pub fn new(store: Store) -> LocalRouter {
-        LocalRouter { store }
+        LocalRouter {
+            store,
+            remote_write: None,
+        }
+    }
+
+    /// The same router, also queueing every stored upload on `writer` (None: nothing is shipped).
+    pub fn shipping_to(mut self, writer: Option<RemoteWriter>) -> LocalRouter {
+        self.remote_write = writer;
+        self
     }
 }
 
@@ -75,6 +87,14 @@ impl Router for LocalRouter {
         payload: Vec<u8>,
         received: SystemTime,
     ) -> Result<(), RouteError> {
-        Ok(self.store.put(cluster_id, payload, received)?)
+        match &self.remote_write {
+            None => Ok(self.store.put(cluster_id, payload, received)?),
+            Some(writer) => {
+                // Shipped only once stored: the receiver never holds what the client was told failed.
+                self.store.put(cluster_id, payload.clone(), received)?;
+                writer.enqueue(cluster_id, payload, received);
+                Ok(())
+            }
+        }
     }
 }

@@ -11,6 +11,7 @@ use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::Cluster;
 use crate::federate;
 use crate::metrics::Metrics;
+use crate::remote_write::RemoteWriter;
 use crate::store::Store;
 use crate::upload::UploadHandler;
 
@@ -100,6 +101,8 @@ pub struct ClusterRoutes {
     pub cluster: Arc<Cluster>,
     /// Its metric families, refreshed at each `/metrics` scrape.
     pub metrics: ClusterMetrics,
+    /// Where pushes forwarded here are shipped once stored, if anywhere.
+    pub remote_write: Option<RemoteWriter>,
 }
 
 impl Handler for Internal {
@@ -114,7 +117,9 @@ impl Handler for Internal {
                 federate::handle(&request, &self.store, &self.metrics, filter)
             }
             FORWARD_PATH => match &self.cluster {
-                Some(c) => handle_forward(&c.cluster, &self.store, request),
+                Some(c) => {
+                    handle_forward(&c.cluster, &self.store, c.remote_write.as_ref(), request)
+                }
                 None => not_found(),
             },
             "/debug/cluster" => match &self.cluster {

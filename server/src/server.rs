@@ -18,6 +18,7 @@ use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::config::{Config, TlsFiles};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
+use crate::remote_write::{RemoteWriteError, RemoteWriter};
 use crate::route::{LocalRouter, Router};
 use crate::routes::{ClusterRoutes, External, Fronts, Internal};
 use crate::store::{Store, StoreConfig, StoreError};
@@ -26,6 +27,8 @@ use crate::validate::Rules;
 
 /// How long shutdown waits for in-flight requests.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long shutdown keeps sending queued uploads to the remote-write receiver.
+pub const REMOTE_WRITE_GRACE: Duration = Duration::from_secs(5);
 /// Most uploads one group commit of the store takes: every upload waiting may join the next one.
 const STORE_MAX_BATCH: usize = DEFAULT_WORKERS;
 /// Worker threads per port without `--workers`. An upload holds its worker until the store has
@@ -51,6 +54,8 @@ pub enum StartError {
     Http(HttpError),
     /// Clustering could not start.
     Cluster(ClusterError),
+    /// The remote-write sender could not start.
+    RemoteWrite(RemoteWriteError),
 }
 
 impl fmt::Display for StartError {
@@ -62,6 +67,7 @@ impl fmt::Display for StartError {
             StartError::Store(e) => write!(f, "--storage-path: {e}"),
             StartError::Http(e) => write!(f, "{e}"),
             StartError::Cluster(e) => write!(f, "cluster: {e}"),
+            StartError::RemoteWrite(e) => write!(f, "{e}"),
         }
     }
 }
@@ -79,6 +85,7 @@ pub struct RunningServer {
     store: Store,
     cluster: Option<Arc<Cluster>>,
     handoff: Option<Handoff>,
+    remote_write: Option<RemoteWriter>,
 }
 
 impl Server {
@@ -110,20 +117,42 @@ impl Server {
         })
         .map_err(StartError::Store)?;
         let metrics = Metrics::new();
+        let remote_write = match &config.remote_write {
+            Some(rw) => match RemoteWriter::start(rw, &metrics.registry) {
+                Ok(writer) => Some(writer),
+                Err(e) => {
+                    store.close();
+                    return Err(StartError::RemoteWrite(e));
+                }
+            },
+            None => None,
+        };
+        // Whatever fails from here on stops the sender thread too.
+        let stop_remote_write = || {
+            if let Some(writer) = &remote_write {
+                writer.shutdown(Duration::ZERO);
+            }
+        };
 
         let cluster = match &config.cluster {
             None => None,
             Some(flags) => match start_cluster(flags, &shared) {
                 Ok(cluster) => Some(Arc::new(cluster)),
                 Err(e) => {
+                    stop_remote_write();
                     store.close();
                     return Err(e);
                 }
             },
         };
+        // Only the node that stores an upload ships it: the router when it stores locally, the
+        // forward endpoint when a peer forwarded the push here.
         let router: Arc<dyn Router> = match &cluster {
-            Some(cluster) => Arc::new(ClusterRouter::new(cluster.clone(), store.clone())),
-            None => Arc::new(LocalRouter::new(store.clone())),
+            Some(cluster) => Arc::new(
+                ClusterRouter::new(cluster.clone(), store.clone())
+                    .shipping_to(remote_write.clone()),
+            ),
+            None => Arc::new(LocalRouter::new(store.clone()).shipping_to(remote_write.clone())),
         };
 
         let external_handler = External {
@@ -162,6 +191,7 @@ impl Server {
             cluster: cluster.as_ref().map(|cluster| ClusterRoutes {
                 cluster: cluster.clone(),
                 metrics: ClusterMetrics::register(&metrics.registry),
+                remote_write: remote_write.clone(),
             }),
             metrics,
             fronts: fronts.clone(),
@@ -198,6 +228,7 @@ impl Server {
                 if let Some(cluster) = &cluster {
                     cluster.shutdown();
                 }
+                stop_remote_write();
                 store.close();
                 return Err(StartError::Http(e));
             }
@@ -222,6 +253,7 @@ impl Server {
                 Ok(thread) => handoff = Some(thread),
                 Err(e) => {
                     cluster.shutdown();
+                    stop_remote_write();
                     store.close();
                     return Err(StartError::Cluster(e));
                 }
@@ -236,6 +268,7 @@ impl Server {
             store,
             cluster,
             handoff,
+            remote_write,
         };
         running.fronts.add("external", external);
         running.fronts.add("internal", internal);
@@ -298,8 +331,9 @@ impl RunningServer {
     }
 
     /// Stops accepting, finishes in-flight requests (external port first, so no upload is cut off
-    /// while the store is still open), then closes the store. Clustered, the handoff thread and
-    /// the heartbeats stop first, so peers start taking over this node's clusters at once.
+    /// while the store is still open), sends what the remote-write queue holds (for a few seconds
+    /// at most), then closes the store. Clustered, the handoff thread and the heartbeats stop
+    /// first, so peers start taking over this node's clusters at once.
     pub fn shutdown(mut self) {
         if let Some(mut handoff) = self.handoff.take() {
             handoff.shutdown();
@@ -310,6 +344,13 @@ impl RunningServer {
         for (port, handle) in self.fronts.take() {
             info!("stopping the {port} port");
             handle.shutdown(SHUTDOWN_GRACE);
+        }
+        if let Some(writer) = &self.remote_write {
+            info!(
+                "remote write: sending {} queued uploads before stopping",
+                writer.queue_length()
+            );
+            writer.shutdown(REMOTE_WRITE_GRACE);
         }
         self.store.close();
         info!("stopped");

@@ -24,9 +24,18 @@ use telemeter_common::token::TokenSigner;
 
 use crate::authorize::{bearer, check_cluster_id, unauthorized};
 use crate::metrics::Metrics;
+use crate::prescan;
 use crate::ratelimit::{retry_after_secs, RateLimiter};
-use crate::route::Router;
+use crate::route::{RouteError, Router};
 use crate::validate::{Rules, WireCheck};
+
+/// Decoding may spend this many bytes on label, quantile and bucket structs per byte of the
+/// decompressed cap. The smallest valid label pair is 7 bytes on the wire and 48 in memory, so
+/// no valid upload comes near it; runs of empty elements (24× or more) do.
+const DECODE_BYTES_PER_BODY_BYTE: usize = 8;
+
+/// What a client hears when its upload could not be stored (503).
+const STORE_FAILED: &str = "the upload could not be stored now; retry later";
 
 /// Byte and count caps on one upload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -271,7 +280,13 @@ impl UploadHandler {
         if let Err(e) = stored {
             // The slot is dropped unused: the client may retry at once.
             warn!("upload from cluster {cluster_id:?} not stored: {e}");
-            return Err(Refusal::new(e.status(), e.to_string()));
+            // A store error names storage paths and OS errors: that stays in the log, the client
+            // is on the other side of the security boundary.
+            let message = match &e {
+                RouteError::Store(_) => STORE_FAILED.to_string(),
+                RouteError::Unavailable => e.to_string(),
+            };
+            return Err(Refusal::new(e.status(), message));
         }
         slot.commit();
         self.metrics.upload_series.add(prepared.series as u64);
@@ -387,14 +402,46 @@ impl UploadHandler {
                     max_families: limits.max_series,
                     max_series: limits.max_series,
                 };
-                if let WireCheck::Unchanged { series, .. } =
-                    self.rules
-                        .check_wire(body, &decode_limits, token_labels, now)
+                let budget = limits
+                    .max_decompressed_bytes
+                    .saturating_mul(DECODE_BYTES_PER_BODY_BYTE);
+                // The fast path counts what the pre-decode scan below counts, so the same caps
+                // hold without that scan.
+                if let WireCheck::Unchanged {
+                    series,
+                    element_bytes,
+                    ..
+                } = self
+                    .rules
+                    .check_wire(body, &decode_limits, token_labels, now)
                 {
-                    return Ok(Decoded::Unchanged {
-                        body: body.to_vec(),
-                        series,
-                    });
+                    if element_bytes <= budget {
+                        return Ok(Decoded::Unchanged {
+                            body: body.to_vec(),
+                            series,
+                        });
+                    }
+                }
+                // The decoder checks its caps only after building each family, so they are
+                // checked here first on counts taken from the wire (see `prescan`).
+                let counts = prescan::count(body);
+                if counts.series > limits.max_series {
+                    return Err(Refusal::new(
+                        413,
+                        format!(
+                            "invalid protobuf body: more than {} series",
+                            limits.max_series
+                        ),
+                    ));
+                }
+                if counts.element_bytes() > budget {
+                    return Err(Refusal::new(
+                        413,
+                        format!(
+                            "invalid protobuf body: {} labels, quantiles and buckets would take more than {budget} bytes to decode",
+                            counts.labels + counts.quantiles + counts.buckets
+                        ),
+                    ));
                 }
                 delimited::decode(body, &decode_limits)
                     .map(Decoded::Families)
@@ -426,7 +473,6 @@ impl UploadHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::RouteError;
     use crate::store::StoreError;
     use std::sync::Mutex;
     use std::time::Duration;
@@ -545,6 +591,48 @@ mod tests {
             .headers
             .iter()
             .any(|(n, v)| n == "Retry-After" && v.parse::<u64>().unwrap() > 3500));
+    }
+
+    /// Fails like a full disk does.
+    struct DiskFull;
+
+    impl Router for DiskFull {
+        fn route(&self, _: &str, _: Vec<u8>, _: SystemTime) -> Result<(), RouteError> {
+            Err(RouteError::Store(StoreError::Io {
+                context: "writing /var/lib/secret-place/.tmp-7".into(),
+                source: std::io::Error::from_raw_os_error(28),
+            }))
+        }
+    }
+
+    #[test]
+    fn a_store_failure_is_503_without_server_details() {
+        let mut h = handler(Arc::new(FakeRouter::default()), vec![]);
+        h.router = Arc::new(DiskFull);
+        let r = h.handle(&request(&token("a"), body("up")));
+        assert_eq!(r.status, 503);
+        let telemeter_common::http::Body::Bytes(text) = &r.body else {
+            panic!("a 503 has a text body");
+        };
+        let text = String::from_utf8_lossy(text);
+        assert_eq!(text.trim_end(), STORE_FAILED);
+        assert!(!text.contains("secret-place") && !text.contains("os error"));
+    }
+
+    #[test]
+    fn series_over_the_cap_are_refused_before_decoding() {
+        // 1,001 empty series (the handler's cap is 1,000) in one family, two bytes each.
+        let mut family = vec![0x0a, 1, b'm'];
+        for _ in 0..1001 {
+            family.extend_from_slice(&[0x22, 0]);
+        }
+        let mut body = Vec::new();
+        prost::encoding::encode_varint(family.len() as u64, &mut body);
+        body.extend_from_slice(&family);
+        let router = Arc::new(FakeRouter::default());
+        let r = handler(router.clone(), vec![]).handle(&request(&token("a"), body));
+        assert_eq!(r.status, 413);
+        assert!(router.stored.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -10,11 +10,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::mem::size_of;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use telemeter_common::delimited;
 use telemeter_common::labels::{self, LabelError};
-use telemeter_common::model::{Metric, MetricFamily, MetricType};
+use telemeter_common::model::{Bucket, LabelPair, Metric, MetricFamily, MetricType, Quantile};
 use telemeter_common::selector::{self, Selector};
 use telemeter_common::wire::{self, FamilyView, MetricView, Value};
 
@@ -281,6 +282,9 @@ pub enum WireCheck {
         series: usize,
         /// Samples in the body (counted as [`MetricFamily::sample_count`] counts them).
         samples: usize,
+        /// Bytes decoding it would allocate for label, quantile and bucket structs (as the
+        /// upload's pre-decode scan counts them, so the same cap can be applied without it).
+        element_bytes: usize,
     },
     /// The body needs the owned path: it has to be rewritten (a token label to stamp, `--label`,
     /// a whitelist, an empty family), or it is refused, and the owned path says why in the very
@@ -315,84 +319,112 @@ impl Rules {
         // One pass reads every field the owned decoder would (the views check each message as it
         // is read, and every series, label, quantile and bucket is read below), so a body it
         // accepts decodes too.
-        let (mut series, mut samples) = (0usize, 0usize);
+        let mut total = Counted::default();
         for family in wire::families(body, limits) {
             let Ok(family) = family else {
                 return WireCheck::Owned;
             };
-            match self.check_wire_family(&family, token_labels, bounds) {
-                Some((family_series, family_samples)) => {
-                    series = series.saturating_add(family_series);
-                    samples = samples.saturating_add(family_samples);
-                }
-                None => return WireCheck::Owned,
+            if self
+                .check_wire_family(&family, token_labels, bounds, &mut total)
+                .is_none()
+            {
+                return WireCheck::Owned;
             }
-            if series > limits.max_series {
+            if total.series > limits.max_series {
                 return WireCheck::Owned;
             }
         }
-        if samples > self.max_samples || series == 0 {
+        if total.samples > self.max_samples || total.series == 0 {
             return WireCheck::Owned;
         }
-        WireCheck::Unchanged { series, samples }
+        WireCheck::Unchanged {
+            series: total.series,
+            samples: total.samples,
+            element_bytes: total
+                .labels
+                .saturating_mul(size_of::<LabelPair>())
+                .saturating_add(total.quantiles.saturating_mul(size_of::<Quantile>()))
+                .saturating_add(total.buckets.saturating_mul(size_of::<Bucket>())),
+        }
     }
 
-    /// One family on the fast path: its series and samples when it passes every check unchanged.
+    /// One family on the fast path: `Some` when it passes every check unchanged; what it holds
+    /// is added to `total`.
     fn check_wire_family(
         &self,
         family: &FamilyView<'_>,
         token_labels: &BTreeMap<String, String>,
         (oldest, newest): (i64, i64),
-    ) -> Option<(usize, usize)> {
+        total: &mut Counted,
+    ) -> Option<()> {
         labels::check_metric_name(family.name).ok()?;
         let kind = match family.raw_type {
             None => MetricType::Untyped,
             Some(value) => MetricType::try_from(value).ok()?,
         };
-        let mut samples = 0usize;
         let mut previous_ts = i64::MIN;
         let mut series = 0usize;
         for metric in family.metrics() {
             let metric = metric.ok()?;
             series += 1;
-            samples = samples.saturating_add(wire_samples(&metric, kind)?);
+            count_wire_samples(&metric, kind, total)?;
             let ts = metric.timestamp_ms?;
             if ts < oldest || ts > newest || ts < previous_ts {
                 return None;
             }
             previous_ts = ts;
-            check_wire_labels(&metric, token_labels)?;
+            let labels = check_wire_labels(&metric, token_labels)?;
+            total.labels = total.labels.saturating_add(labels);
         }
+        total.series = total.series.saturating_add(series);
         // An empty family is dropped by the owned path: the body would change.
-        (series > 0).then_some((series, samples))
+        (series > 0).then_some(())
     }
 }
 
-/// The samples of one series whose value field is the one `kind` calls for (and the only one);
-/// `None` otherwise.
-fn wire_samples(metric: &MetricView<'_>, kind: MetricType) -> Option<usize> {
-    match (metric.value, kind) {
+/// What the fast path counted so far.
+#[derive(Default)]
+struct Counted {
+    series: usize,
+    samples: usize,
+    labels: usize,
+    quantiles: usize,
+    buckets: usize,
+}
+
+/// Counts the samples (and quantiles or buckets) of one series whose value field is the one
+/// `kind` calls for (and the only one); `None` otherwise.
+fn count_wire_samples(
+    metric: &MetricView<'_>,
+    kind: MetricType,
+    total: &mut Counted,
+) -> Option<()> {
+    let samples = match (metric.value, kind) {
         (Value::Gauge(_), MetricType::Gauge)
         | (Value::Counter(_), MetricType::Counter)
-        | (Value::Untyped(_), MetricType::Untyped) => Some(1),
+        | (Value::Untyped(_), MetricType::Untyped) => 1,
         (Value::Summary(summary), MetricType::Summary) => {
-            let mut n = 2usize;
+            let mut n = 0usize;
             for quantile in summary.quantiles() {
                 quantile.ok()?;
                 n += 1;
             }
-            Some(n)
+            total.quantiles = total.quantiles.saturating_add(n);
+            n + 2
         }
         (Value::Histogram(histogram), MetricType::Histogram | MetricType::GaugeHistogram) => {
-            let mut n = 2usize;
+            let mut n = 0usize;
             for bucket in histogram.buckets() {
                 bucket.ok()?;
                 n += 1;
             }
-            Some(n)
+            total.buckets = total.buckets.saturating_add(n);
+            n + 2
         }
-        _ => None,
-    }
+        _ => return None,
+    };
+    total.samples = total.samples.saturating_add(samples);
+    Some(())
 }
 
 /// Label names kept per series for the duplicate check without re-reading the labels.
@@ -404,7 +436,7 @@ const KEPT_NAMES: usize = 16;
 fn check_wire_labels(
     metric: &MetricView<'_>,
     token_labels: &BTreeMap<String, String>,
-) -> Option<()> {
+) -> Option<usize> {
     // The first names, kept for the duplicate check of unsorted labels (small, so cheap to set up).
     let mut names: [&str; KEPT_NAMES] = [""; KEPT_NAMES];
     let mut count = 0usize;
@@ -458,7 +490,7 @@ fn check_wire_labels(
         }
     }
     // Every token label present (no duplicates, so each was counted once).
-    (found == token_labels.len()).then_some(())
+    (found == token_labels.len()).then_some(count)
 }
 
 /// Checks each token label against the series and sets it (the client may omit it; it may not
@@ -521,9 +553,7 @@ fn duration_ms(d: Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use telemeter_common::model::{
-        Bucket, Counter, Gauge, Histogram, LabelPair, Quantile, Summary,
-    };
+    use telemeter_common::model::{Counter, Gauge, Histogram, Summary};
 
     const NOW_MS: i64 = 1_700_000_000_000;
 
@@ -728,7 +758,17 @@ mod tests {
         let body = delimited::encode(&families);
         let limits = delimited::Limits::default();
         let check = r.check_wire(&body, &limits, &token(), now());
-        if let WireCheck::Unchanged { series, samples } = check {
+        if let WireCheck::Unchanged {
+            series,
+            samples,
+            element_bytes,
+        } = check
+        {
+            let counts = crate::prescan::count(&body);
+            assert_eq!(
+                (counts.series, counts.element_bytes()),
+                (series, element_bytes)
+            );
             let decoded = delimited::decode(&body, &limits).unwrap();
             let owned = r.apply(decoded.clone(), &token(), now()).unwrap();
             assert_eq!(owned.families, decoded, "the owned path would rewrite it");
@@ -748,7 +788,7 @@ mod tests {
     fn the_fast_path_takes_stamped_valid_uploads_unchanged() {
         let r = rules();
         let ok = [("_id", "a"), ("job", "x")];
-        assert_eq!(
+        assert!(matches!(
             both_paths(
                 &r,
                 vec![
@@ -758,18 +798,20 @@ mod tests {
             ),
             WireCheck::Unchanged {
                 series: 3,
-                samples: 3
+                samples: 3,
+                ..
             }
-        );
+        ));
         // Unsorted labels are fine, as long as none repeats.
         let unsorted = [("job", "x"), ("_id", "a")];
-        assert_eq!(
+        assert!(matches!(
             both_paths(&r, vec![stamped("up", &unsorted, &[NOW_MS])]),
             WireCheck::Unchanged {
                 series: 1,
-                samples: 1
+                samples: 1,
+                ..
             }
-        );
+        ));
         let mut summary = stamped("s", &ok, &[NOW_MS]);
         summary.r#type = Some(MetricType::Summary as i32);
         summary.metric[0].gauge = None;
@@ -792,13 +834,14 @@ mod tests {
                 upper_bound: Some(1.0),
             }],
         });
-        assert_eq!(
+        assert!(matches!(
             both_paths(&r, vec![summary.clone(), histogram.clone()]),
             WireCheck::Unchanged {
                 series: 2,
-                samples: 6
+                samples: 6,
+                ..
             }
-        );
+        ));
         // Each of them carries 3 samples: a cap of 5 is over the limit, 6 is not.
         let mut capped = rules();
         capped.max_samples = 5;
@@ -807,13 +850,14 @@ mod tests {
             WireCheck::Owned
         );
         capped.max_samples = 6;
-        assert_eq!(
+        assert!(matches!(
             both_paths(&capped, vec![summary, histogram]),
             WireCheck::Unchanged {
                 series: 2,
-                samples: 6
+                samples: 6,
+                ..
             }
-        );
+        ));
     }
 
     #[test]

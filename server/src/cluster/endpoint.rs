@@ -8,10 +8,17 @@ use telemeter_common::http::{Request, Response};
 
 use super::forward::{ForwardKind, FORWARD_METHOD};
 use super::Cluster;
+use crate::remote_write::RemoteWriter;
 use crate::store::Store;
 
-/// Answers one request to the forward endpoint.
-pub fn handle_forward(cluster: &Cluster, store: &Store, request: Request) -> Response {
+/// Answers one request to the forward endpoint. A forwarded push is shipped to `remote_write` once
+/// stored (this node is its owner); a handoff is not, its first owner shipped it already.
+pub fn handle_forward(
+    cluster: &Cluster,
+    store: &Store,
+    remote_write: Option<&RemoteWriter>,
+    request: Request,
+) -> Response {
     if request.method != FORWARD_METHOD {
         return Response::text(405, "only POST is allowed").with_header("Allow", "POST");
     }
@@ -31,9 +38,13 @@ pub fn handle_forward(cluster: &Cluster, store: &Store, request: Request) -> Res
     let id = &forwarded.cluster_id;
     let bytes = request.body.len();
     let result = match forwarded.kind {
-        ForwardKind::Push => store
-            .put(id, request.body, forwarded.received)
-            .map(|()| true),
+        ForwardKind::Push => match remote_write {
+            None => store.put(id, request.body, forwarded.received),
+            Some(writer) => store
+                .put(id, request.body.clone(), forwarded.received)
+                .map(|()| writer.enqueue(id, request.body, forwarded.received)),
+        }
+        .map(|()| true),
         ForwardKind::Handoff => store.put_if_newer(id, request.body, forwarded.received),
     };
     match result {
@@ -88,14 +99,24 @@ mod tests {
         let recent = now - Duration::from_secs(5);
 
         let headers = signer.headers("c1", recent, ForwardKind::Push, b"new", now);
-        let reply = handle_forward(&cluster, &store.store, request("POST", headers, b"new"));
+        let reply = handle_forward(
+            &cluster,
+            &store.store,
+            None,
+            request("POST", headers, b"new"),
+        );
         assert_eq!(reply.status, 200);
         let stored = store.store.get("c1").unwrap().unwrap();
         assert_eq!(stored.payload, b"new".to_vec());
 
         // A handoff of an older upload does not replace it, but is acknowledged.
         let headers = signer.headers("c1", at(1_000), ForwardKind::Handoff, b"old", now);
-        let reply = handle_forward(&cluster, &store.store, request("POST", headers, b"old"));
+        let reply = handle_forward(
+            &cluster,
+            &store.store,
+            None,
+            request("POST", headers, b"old"),
+        );
         assert_eq!(reply.status, 200);
         assert_eq!(
             store.store.get("c1").unwrap().unwrap().payload,
@@ -103,12 +124,12 @@ mod tests {
         );
 
         // Unsigned, tampered, wrong method.
-        let reply = handle_forward(&cluster, &store.store, request("POST", vec![], b"x"));
+        let reply = handle_forward(&cluster, &store.store, None, request("POST", vec![], b"x"));
         assert_eq!(reply.status, 401);
         let headers = signer.headers("c2", recent, ForwardKind::Push, b"a", now);
-        let reply = handle_forward(&cluster, &store.store, request("POST", headers, b"b"));
+        let reply = handle_forward(&cluster, &store.store, None, request("POST", headers, b"b"));
         assert_eq!(reply.status, 401);
-        let reply = handle_forward(&cluster, &store.store, request("GET", vec![], b""));
+        let reply = handle_forward(&cluster, &store.store, None, request("GET", vec![], b""));
         assert_eq!(reply.status, 405);
         assert!(store.store.get("c2").unwrap().is_none());
 

@@ -12,6 +12,7 @@ use std::time::SystemTime;
 
 use super::forward::ForwardKind;
 use super::Cluster;
+use crate::remote_write::RemoteWriter;
 use crate::route::{RouteError, Router};
 use crate::store::Store;
 
@@ -19,12 +20,24 @@ use crate::store::Store;
 pub struct ClusterRouter {
     cluster: Arc<Cluster>,
     store: Store,
+    remote_write: Option<RemoteWriter>,
 }
 
 impl ClusterRouter {
     /// A router storing locally in `store` what `cluster` says this node owns.
     pub fn new(cluster: Arc<Cluster>, store: Store) -> ClusterRouter {
-        ClusterRouter { cluster, store }
+        ClusterRouter {
+            cluster,
+            store,
+            remote_write: None,
+        }
+    }
+
+    /// The same router, also queueing on `writer` every upload it stores locally (a forwarded one
+    /// is shipped by the node that stores it).
+    pub fn shipping_to(mut self, writer: Option<RemoteWriter>) -> ClusterRouter {
+        self.remote_write = writer;
+        self
     }
 }
 
@@ -42,13 +55,19 @@ impl Router for ClusterRouter {
         for (i, owner) in candidates.iter().enumerate() {
             let result = if owner.is_self {
                 // Keep a copy only if someone else may still need it.
-                let bytes = if i == last {
+                let bytes = if i == last && self.remote_write.is_none() {
                     payload.take().unwrap_or_default()
                 } else {
                     payload.clone().unwrap_or_default()
                 };
                 self.store
                     .put(cluster_id, bytes, received)
+                    .map(|()| {
+                        if let (Some(writer), Some(payload)) = (&self.remote_write, payload.take())
+                        {
+                            writer.enqueue(cluster_id, payload, received);
+                        }
+                    })
                     .map_err(|e| e.to_string())
             } else {
                 let bytes = payload.as_deref().unwrap_or_default();

@@ -1321,14 +1321,12 @@ mod tests {
     fn put_if_newer_keeps_the_newer_upload() {
         let dir = TempDir::new("ifnewer");
         let store = open(&dir);
-        assert!(store
-            .put_if_newer("c", b"first".to_vec(), at(-100))
-            .unwrap());
-        assert!(!store
-            .put_if_newer("c", b"older".to_vec(), at(-200))
-            .unwrap());
+        // Taken together: a put can take over 100 ms on a loaded machine, and a time taken after
+        // it would then not be older at all.
+        let (first, older, newest) = (at(-100), at(-200), at(0));
+        assert!(store.put_if_newer("c", b"first".to_vec(), first).unwrap());
+        assert!(!store.put_if_newer("c", b"older".to_vec(), older).unwrap());
         assert_eq!(store.get("c").unwrap().unwrap().payload, b"first");
-        let newest = at(0);
         assert!(store.put_if_newer("c", b"newer".to_vec(), newest).unwrap());
         let upload = store.get("c").unwrap().unwrap();
         assert_eq!(

@@ -354,3 +354,63 @@ pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
 }
+
+/// Sends `request` as raw bytes on a fresh connection to `addr` and reads the reply (bounded by a
+/// 30 s timeout); for requests an HTTP client would refuse to send (huge heads, bad framing).
+/// Status 0 when the server closed the connection without a reply.
+pub fn raw_request(addr: SocketAddr, request: &[u8]) -> Reply {
+    use std::io::{Read, Write};
+    let no_reply = |why: String| Reply {
+        status: 0,
+        headers: vec![],
+        body: why,
+        bytes: vec![],
+    };
+    let mut tcp = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+        Ok(tcp) => tcp,
+        Err(e) => return no_reply(format!("connect: {e}")),
+    };
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(30)));
+    let _ = tcp.set_write_timeout(Some(Duration::from_secs(30)));
+    // The server may answer (and close) before reading everything: a failed write is not fatal.
+    let _ = tcp.write_all(request);
+    let _ = tcp.shutdown(std::net::Shutdown::Write);
+    let mut raw = Vec::new();
+    let _ = tcp.read_to_end(&mut raw);
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return no_reply(String::from_utf8_lossy(&raw).into_owned());
+    };
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let bytes = raw[end + 4..].to_vec();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+        bytes,
+    }
+}
+
+/// A value of `/metrics` text: the sum of every series of `name` whose labels contain all of
+/// `matching` (`k="v"` fragments); 0 when there is none.
+pub fn metric_value(metrics_text: &str, name: &str, matching: &[&str]) -> f64 {
+    metrics_text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{' | b' '))
+        })
+        .filter(|l| matching.iter().all(|m| l.contains(m)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        // Not `sum()`: its empty sum is -0.0, which prints oddly.
+        .fold(0.0, |total, v| total + v)
+}

@@ -1,0 +1,213 @@
+//! Counting what decoding a protobuf-delimited upload would allocate, before decoding it.
+//!
+//! prost decodes a whole `MetricFamily` message at once, so the decoder's series cap is checked only
+//! after every series of the family is in memory. An empty `Metric` is two bytes on the wire and
+//! about 200 in memory: 16 MiB of them (about 800 KB snappy-compressed, within the default caps)
+//! made the server allocate 1.6 GB before answering 413. Empty label pairs, quantiles and buckets
+//! amplify less (24× or so) but the same way. This scan walks the wire format without allocating
+//! and counts the repeated messages of the schema, so the caps hold before prost runs.
+//!
+//! The scan is lenient: on anything malformed it stops and returns what it counted; the real
+//! decoder then reports the error.
+
+use std::mem::size_of;
+
+use telemeter_common::model::{Bucket, LabelPair, Quantile};
+
+/// The repeated messages a body holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// `MetricFamily.metric` elements (series).
+    pub series: usize,
+    /// `Metric.label` elements.
+    pub labels: usize,
+    /// `Summary.quantile` elements.
+    pub quantiles: usize,
+    /// `Histogram.bucket` elements.
+    pub buckets: usize,
+}
+
+impl Counts {
+    /// Bytes of the structs decoding would allocate for labels, quantiles and buckets (strings
+    /// aside, which are bounded by the body's size).
+    pub fn element_bytes(&self) -> usize {
+        self.labels
+            .saturating_mul(size_of::<LabelPair>())
+            .saturating_add(self.quantiles.saturating_mul(size_of::<Quantile>()))
+            .saturating_add(self.buckets.saturating_mul(size_of::<Bucket>()))
+    }
+}
+
+/// Field numbers of the repeated messages, per message type.
+const FAMILY_METRIC: u64 = 4;
+const METRIC_LABEL: u64 = 1;
+const METRIC_SUMMARY: u64 = 4;
+const METRIC_HISTOGRAM: u64 = 7;
+const SUMMARY_QUANTILE: u64 = 3;
+const HISTOGRAM_BUCKET: u64 = 3;
+
+/// Counts the repeated messages of a protobuf-delimited body of `MetricFamily` messages.
+pub fn count(body: &[u8]) -> Counts {
+    let mut counts = Counts::default();
+    let mut rest = body;
+    while !rest.is_empty() {
+        let Some((size, after)) = varint(rest) else {
+            break;
+        };
+        let Some(message) = usize::try_from(size).ok().and_then(|n| after.get(..n)) else {
+            break;
+        };
+        each_message_field(message, |field, sub| {
+            if field == FAMILY_METRIC {
+                counts.series += 1;
+                metric(sub, &mut counts);
+            }
+        });
+        rest = after.get(message.len()..).unwrap_or_default();
+    }
+    counts
+}
+
+fn metric(message: &[u8], counts: &mut Counts) {
+    each_message_field(message, |field, sub| match field {
+        METRIC_LABEL => counts.labels += 1,
+        METRIC_SUMMARY => each_message_field(sub, |f, _| {
+            if f == SUMMARY_QUANTILE {
+                counts.quantiles += 1;
+            }
+        }),
+        METRIC_HISTOGRAM => each_message_field(sub, |f, _| {
+            if f == HISTOGRAM_BUCKET {
+                counts.buckets += 1;
+            }
+        }),
+        _ => {}
+    });
+}
+
+/// Calls `on_field(field number, bytes)` for every length-delimited field of `message`, skipping
+/// the others; stops at the first malformed byte.
+fn each_message_field(message: &[u8], mut on_field: impl FnMut(u64, &[u8])) {
+    let mut rest = message;
+    while !rest.is_empty() {
+        let Some((tag, after)) = varint(rest) else {
+            return;
+        };
+        let field = tag >> 3;
+        rest = match tag & 7 {
+            0 => match varint(after) {
+                Some((_, after)) => after,
+                None => return,
+            },
+            1 => match after.get(8..) {
+                Some(after) => after,
+                None => return,
+            },
+            5 => match after.get(4..) {
+                Some(after) => after,
+                None => return,
+            },
+            2 => {
+                let Some((len, after)) = varint(after) else {
+                    return;
+                };
+                let Some(bytes) = usize::try_from(len).ok().and_then(|n| after.get(..n)) else {
+                    return;
+                };
+                on_field(field, bytes);
+                after.get(bytes.len()..).unwrap_or_default()
+            }
+            // Groups (3, 4) and unknown wire types: the decoder refuses them.
+            _ => return,
+        };
+    }
+}
+
+/// A base-128 varint from the front of `buf` and what follows it.
+fn varint(buf: &[u8]) -> Option<(u64, &[u8])> {
+    let mut value = 0u64;
+    for (i, byte) in buf.iter().enumerate().take(10) {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((value, buf.get(i + 1..).unwrap_or_default()));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use telemeter_common::delimited;
+    use telemeter_common::model::{Gauge, Histogram, Metric, MetricFamily, MetricType, Summary};
+
+    fn family(series: usize, labels: usize) -> MetricFamily {
+        MetricFamily {
+            name: Some("m".into()),
+            help: Some("help".into()),
+            r#type: Some(MetricType::Gauge as i32),
+            metric: (0..series)
+                .map(|i| Metric {
+                    label: (0..labels)
+                        .map(|l| LabelPair::new(&format!("l{l}"), &i.to_string()))
+                        .collect(),
+                    gauge: Some(Gauge { value: Some(1.0) }),
+                    timestamp_ms: Some(1_700_000_000_000),
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn counts_what_the_decoder_would_build() {
+        let mut summary = family(1, 1);
+        summary.metric[0].summary = Some(Summary {
+            quantile: vec![Quantile::default(); 3],
+            ..Default::default()
+        });
+        let mut histogram = family(2, 0);
+        histogram.metric[1].histogram = Some(Histogram {
+            bucket: vec![Bucket::default(); 5],
+            ..Default::default()
+        });
+        let body = delimited::encode(&[family(3, 2), summary, histogram]);
+        assert_eq!(
+            count(&body),
+            Counts {
+                series: 6,
+                labels: 7,
+                quantiles: 3,
+                buckets: 5
+            }
+        );
+    }
+
+    #[test]
+    fn empty_series_are_counted_without_being_built() {
+        let mut message = vec![0x0a, 1, b'm'];
+        for _ in 0..1000 {
+            message.extend_from_slice(&[0x22, 0]);
+        }
+        let mut body = vec![0xd3, 0x0f]; // 2003 as a varint
+        assert_eq!(message.len(), 2003);
+        body.extend_from_slice(&message);
+        let counts = count(&body);
+        assert_eq!(counts.series, 1000);
+    }
+
+    #[test]
+    fn malformed_input_stops_the_scan_without_panicking() {
+        let body = delimited::encode(&[family(4, 1)]);
+        for cut in 0..body.len() {
+            let counts = count(&body[..cut]);
+            assert!(
+                counts.series <= 4 && counts.labels <= 4,
+                "{cut}: {counts:?}"
+            );
+        }
+        assert_eq!(count(&[0xff; 11]), Counts::default());
+        assert_eq!(count(&[0x05, 0x0b, 0, 0, 0, 0]), Counts::default());
+        assert_eq!(count(b""), Counts::default());
+    }
+}

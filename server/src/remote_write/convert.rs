@@ -1,0 +1,331 @@
+//! Our stored families → remote-write series, the way Prometheus itself would have scraped them.
+//!
+//! Counters, gauges and untyped metrics are one series each; a histogram is `_bucket{le}` series
+//! (with the `+Inf` bucket added when missing, as the text format does), `_sum` and `_count`; a
+//! summary is `{quantile}` series, `_sum` and `_count`. `le` and `quantile` values are written as
+//! Go formats floats, so the series are the same ones a scrape of `/federate` produces.
+
+use telemeter_common::model::{LabelPair, Metric, MetricFamily, MetricType};
+
+use super::proto::{Label, Sample, TimeSeries};
+
+/// The series of `families`, each with its one sample at the metric's own timestamp (`fallback_ms`
+/// for a metric without one, which validation does not let through).
+pub fn to_series(families: &[MetricFamily], fallback_ms: i64) -> Vec<TimeSeries> {
+    let mut out = Vec::new();
+    for family in families {
+        let Some(name) = family.name.as_deref().filter(|n| !n.is_empty()) else {
+            continue;
+        };
+        let metric_type = family.metric_type();
+        for metric in &family.metric {
+            let timestamp = metric.timestamp_ms.unwrap_or(fallback_ms);
+            let mut push = |suffix: &str, extra: Option<(&str, f64)>, value: f64| {
+                out.push(series(name, suffix, &metric.label, extra, value, timestamp));
+            };
+            match metric_type {
+                MetricType::Counter | MetricType::Gauge | MetricType::Untyped => {
+                    if let Some(value) = simple_value(metric, metric_type) {
+                        push("", None, value);
+                    }
+                }
+                MetricType::Summary => {
+                    let Some(summary) = &metric.summary else {
+                        continue;
+                    };
+                    for q in &summary.quantile {
+                        let rank = q.quantile.unwrap_or(0.0);
+                        push("", Some(("quantile", rank)), q.value.unwrap_or(0.0));
+                    }
+                    push("_sum", None, summary.sample_sum.unwrap_or(0.0));
+                    push("_count", None, summary.sample_count.unwrap_or(0) as f64);
+                }
+                MetricType::Histogram | MetricType::GaugeHistogram => {
+                    let Some(histogram) = &metric.histogram else {
+                        continue;
+                    };
+                    let count = histogram.sample_count.unwrap_or(0) as f64;
+                    let mut inf_seen = false;
+                    for b in &histogram.bucket {
+                        let le = b.upper_bound.unwrap_or(0.0);
+                        inf_seen |= le == f64::INFINITY;
+                        push(
+                            "_bucket",
+                            Some(("le", le)),
+                            b.cumulative_count.unwrap_or(0) as f64,
+                        );
+                    }
+                    if !inf_seen {
+                        push("_bucket", Some(("le", f64::INFINITY)), count);
+                    }
+                    push("_sum", None, histogram.sample_sum.unwrap_or(0.0));
+                    push("_count", None, count);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// How many samples `to_series` makes of `families` (one per series).
+pub fn sample_count(series: &[TimeSeries]) -> usize {
+    series.iter().map(|s| s.samples.len()).sum()
+}
+
+fn simple_value(metric: &Metric, metric_type: MetricType) -> Option<f64> {
+    let value = match metric_type {
+        MetricType::Counter => metric.counter.map(|c| c.value),
+        MetricType::Gauge => metric.gauge.map(|g| g.value),
+        _ => metric.untyped.map(|u| u.value),
+    }?;
+    Some(value.unwrap_or(0.0))
+}
+
+/// One series: `__name__`, the metric's labels and the extra one, sorted by name as remote write
+/// requires; labels with an empty name or value are left out (empty means absent).
+fn series(
+    name: &str,
+    suffix: &str,
+    labels: &[LabelPair],
+    extra: Option<(&str, f64)>,
+    value: f64,
+    timestamp: i64,
+) -> TimeSeries {
+    let mut out = Vec::with_capacity(labels.len() + 2);
+    out.push(Label {
+        name: "__name__".into(),
+        value: format!("{name}{suffix}"),
+    });
+    for pair in labels {
+        let (Some(n), Some(v)) = (pair.name.as_deref(), pair.value.as_deref()) else {
+            continue;
+        };
+        if n.is_empty() || v.is_empty() || n == "__name__" {
+            continue;
+        }
+        out.push(Label {
+            name: n.to_string(),
+            value: v.to_string(),
+        });
+    }
+    if let Some((n, v)) = extra {
+        // The bound or rank replaces a label of the same name the series might carry.
+        out.retain(|l| l.name != n);
+        out.push(Label {
+            name: n.to_string(),
+            value: format_float(v),
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    TimeSeries {
+        labels: out,
+        samples: vec![Sample { value, timestamp }],
+    }
+}
+
+/// `f` as Go's `strconv.FormatFloat(f, 'g', -1, 64)` writes it (what Prometheus puts in `le` and
+/// `quantile`): the shortest digits that read back as `f`, in exponent form below 1e-4 and from
+/// 1e6 up, and `NaN`, `+Inf`, `-Inf`.
+pub fn format_float(f: f64) -> String {
+    if f.is_nan() {
+        return "NaN".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "+Inf" } else { "-Inf" }.into();
+    }
+    // Rust's `{:e}` gives the same shortest round-trip digits, as `d.ddde<exp>`.
+    let sci = format!("{f:e}");
+    let Some((mantissa, exp)) = sci.split_once('e') else {
+        return format!("{f}");
+    };
+    let Ok(exp) = exp.parse::<i32>() else {
+        return format!("{f}");
+    };
+    // Go decides by the exponent alone when the precision is the shortest: `eprec` is 6.
+    if !(-4..6).contains(&exp) {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{mantissa}e{sign}{:02}", exp.unsigned_abs())
+    } else {
+        format!("{f}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use telemeter_common::model::{Bucket, Counter, Gauge, Histogram, Quantile, Summary, Untyped};
+
+    fn family(name: &str, t: MetricType, metric: Metric) -> MetricFamily {
+        MetricFamily {
+            name: Some(name.into()),
+            help: None,
+            r#type: Some(t as i32),
+            metric: vec![metric],
+        }
+    }
+
+    type Pairs = Vec<(String, String)>;
+
+    fn labels_of(s: &TimeSeries) -> Pairs {
+        s.labels
+            .iter()
+            .map(|l| (l.name.clone(), l.value.clone()))
+            .collect()
+    }
+
+    fn pairs(p: &[(&str, &str)]) -> Pairs {
+        p.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn simple_types_are_one_series_with_sorted_labels() {
+        let metric = Metric {
+            label: vec![
+                LabelPair::new("zone", "a"),
+                LabelPair::new("_id", "c1"),
+                LabelPair::new("Job", "x"),
+                LabelPair::new("empty", ""),
+            ],
+            gauge: Some(Gauge { value: Some(2.5) }),
+            counter: Some(Counter { value: Some(9.0) }),
+            untyped: Some(Untyped { value: Some(7.0) }),
+            timestamp_ms: Some(1234),
+            ..Default::default()
+        };
+        for (t, want) in [
+            (MetricType::Gauge, 2.5),
+            (MetricType::Counter, 9.0),
+            (MetricType::Untyped, 7.0),
+        ] {
+            let s = to_series(&[family("m", t, metric.clone())], 0);
+            assert_eq!(s.len(), 1);
+            // Byte order: uppercase before `_`, so `Job` precedes `__name__`.
+            assert_eq!(
+                labels_of(&s[0]),
+                pairs(&[
+                    ("Job", "x"),
+                    ("__name__", "m"),
+                    ("_id", "c1"),
+                    ("zone", "a")
+                ])
+            );
+            assert_eq!(
+                s[0].samples,
+                vec![Sample {
+                    value: want,
+                    timestamp: 1234
+                }]
+            );
+        }
+    }
+
+    #[test]
+    fn a_histogram_is_buckets_sum_and_count() {
+        let metric = Metric {
+            label: vec![LabelPair::new("_id", "c")],
+            histogram: Some(Histogram {
+                sample_count: Some(10),
+                sample_sum: Some(4.5),
+                bucket: vec![
+                    Bucket {
+                        cumulative_count: Some(3),
+                        upper_bound: Some(0.005),
+                    },
+                    Bucket {
+                        cumulative_count: Some(8),
+                        upper_bound: Some(1.0),
+                    },
+                ],
+            }),
+            timestamp_ms: Some(5),
+            ..Default::default()
+        };
+        let s = to_series(&[family("h", MetricType::Histogram, metric)], 0);
+        let got: Vec<(Pairs, f64)> = s
+            .iter()
+            .map(|s| (labels_of(s), s.samples[0].value))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    pairs(&[("__name__", "h_bucket"), ("_id", "c"), ("le", "0.005")]),
+                    3.0
+                ),
+                (
+                    pairs(&[("__name__", "h_bucket"), ("_id", "c"), ("le", "1")]),
+                    8.0
+                ),
+                (
+                    pairs(&[("__name__", "h_bucket"), ("_id", "c"), ("le", "+Inf")]),
+                    10.0
+                ),
+                (pairs(&[("__name__", "h_sum"), ("_id", "c")]), 4.5),
+                (pairs(&[("__name__", "h_count"), ("_id", "c")]), 10.0),
+            ]
+        );
+        assert!(s.iter().all(|s| s.samples[0].timestamp == 5));
+        assert_eq!(sample_count(&s), 5);
+    }
+
+    #[test]
+    fn a_summary_is_quantiles_sum_and_count() {
+        let metric = Metric {
+            label: vec![],
+            summary: Some(Summary {
+                sample_count: Some(4),
+                sample_sum: Some(2.0),
+                quantile: vec![Quantile {
+                    quantile: Some(0.99),
+                    value: Some(0.7),
+                }],
+            }),
+            ..Default::default()
+        };
+        let s = to_series(&[family("s", MetricType::Summary, metric)], 77);
+        let got: Vec<(Pairs, f64, i64)> = s
+            .iter()
+            .map(|s| (labels_of(s), s.samples[0].value, s.samples[0].timestamp))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (pairs(&[("__name__", "s"), ("quantile", "0.99")]), 0.7, 77),
+                (pairs(&[("__name__", "s_sum")]), 2.0, 77),
+                (pairs(&[("__name__", "s_count")]), 4.0, 77),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_metric_without_its_types_value_makes_no_series() {
+        let metric = Metric {
+            gauge: Some(Gauge { value: Some(1.0) }),
+            ..Default::default()
+        };
+        assert!(to_series(&[family("c", MetricType::Counter, metric)], 0).is_empty());
+    }
+
+    #[test]
+    fn floats_are_formatted_like_go() {
+        for (f, want) in [
+            (1.0, "1"),
+            (0.005, "0.005"),
+            (2.5, "2.5"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (100000.0, "100000"),
+            (1e6, "1e+06"),
+            (1234567.0, "1.234567e+06"),
+            (1.5e300, "1.5e+300"),
+            (-0.25, "-0.25"),
+            (f64::INFINITY, "+Inf"),
+            (f64::NEG_INFINITY, "-Inf"),
+            (f64::NAN, "NaN"),
+        ] {
+            assert_eq!(format_float(f), want, "{f}");
+        }
+    }
+}

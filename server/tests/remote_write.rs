@@ -1,0 +1,653 @@
+//! `--remote-write-url` against a real Prometheus (`--web.enable-remote-write-receiver`) and a stub
+//! receiver: series arrive with `_id` at their original timestamps, a receiver that goes down and
+//! comes back loses nothing that was queued, retries honour 429/5xx, and refusals are counted.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use prost::Message;
+use telemeter_common::http::{self as http, Handler, Request, Response};
+use telemeter_common::model::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
+use telemeter_common::snappy;
+use telemeter_server::remote_write::proto::WriteRequest;
+
+const PROMETHEUS: &str = "/usr/bin/prometheus";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A Prometheus receiving remote write, killed on drop.
+struct Prometheus {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Prometheus {
+    /// Starts Prometheus on `port` with its TSDB in `dir`; waits (bounded) until it is ready.
+    fn start(dir: &Path, port: u16) -> Prometheus {
+        let config = dir.join("prometheus.yml");
+        std::fs::write(&config, "global:\n  scrape_interval: 1m\n").unwrap();
+        let child = Command::new(PROMETHEUS)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--web.enable-remote-write-receiver")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus");
+        let prometheus = Prometheus {
+            child: Some(child),
+            port,
+        };
+        let deadline = Instant::now() + WAIT;
+        while get(&prometheus.url("/-/ready"), &[]).status != 200 {
+            assert!(Instant::now() < deadline, "prometheus never became ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        prometheus
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn write_url(&self) -> String {
+        self.url("/api/v1/write")
+    }
+
+    /// Stops it (SIGTERM, bounded wait).
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            if wait_bounded(&mut child, Duration::from_secs(20)).is_none() {
+                panic!("prometheus did not stop");
+            }
+        }
+    }
+
+    /// The result vector or matrix of an instant query at `time_s`.
+    fn query(&self, query: &str, time_s: f64) -> Vec<serde_json::Value> {
+        let r = get(
+            &self.url(&format!(
+                "/api/v1/query?query={}&time={time_s}",
+                http::percent_encode(query)
+            )),
+            &[],
+        );
+        if r.status != 200 {
+            return vec![];
+        }
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Polls `query` at `time_s` until it returns at least `n` results (bounded).
+    fn wait_for(&self, query: &str, time_s: f64, n: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let result = self.query(query, time_s);
+            if result.len() >= n {
+                return result;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{query} at {time_s}: {} results, wanted {n}",
+                result.len()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn have_prometheus() -> bool {
+    if Path::new(PROMETHEUS).exists() {
+        return true;
+    }
+    eprintln!("skipping: {PROMETHEUS} is not installed");
+    false
+}
+
+/// The value of the server's own metric line `series` (exact name and labels), if present.
+fn own_metric(s: &ServerProcess, series: &str) -> Option<f64> {
+    let r = get(&s.url_internal("/metrics"), &[]);
+    assert_eq!(r.status, 200);
+    r.body.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?.strip_prefix(' ')?;
+        rest.trim().parse().ok()
+    })
+}
+
+/// Polls the server's metric `series` until it reaches `want` (bounded).
+fn wait_own_metric(s: &ServerProcess, series: &str, want: f64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = own_metric(s, series);
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series}: {got:?}, wanted {want}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn start_server(dir: &TempDir, url: &str) -> ServerProcess {
+    let tokens = dir.file("tokens", TOKENS);
+    ServerProcess::start(
+        &dir.path().join("data"),
+        &[
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+            "--ratelimit",
+            "0s",
+            "--remote-write-url",
+            url,
+        ],
+    )
+}
+
+/// `families` plus a histogram `rw_latency_seconds` with two buckets, all at `ts`.
+fn upload_families(n: usize, ts: i64) -> Vec<MetricFamily> {
+    let mut f = families(None, n, ts);
+    f.push(MetricFamily {
+        name: Some("rw_latency_seconds".into()),
+        help: Some("A histogram.".into()),
+        r#type: Some(MetricType::Histogram as i32),
+        metric: vec![Metric {
+            label: vec![LabelPair::new("path", "/x")],
+            histogram: Some(Histogram {
+                sample_count: Some(7),
+                sample_sum: Some(1.25),
+                bucket: vec![
+                    Bucket {
+                        cumulative_count: Some(3),
+                        upper_bound: Some(0.1),
+                    },
+                    Bucket {
+                        cumulative_count: Some(7),
+                        upper_bound: Some(1.0),
+                    },
+                ],
+            }),
+            timestamp_ms: Some(ts),
+            ..Default::default()
+        }],
+    });
+    f
+}
+
+#[test]
+fn series_arrive_in_prometheus_with_id_and_their_original_timestamps() {
+    if !have_prometheus() {
+        return;
+    }
+    let dir = TempDir::new("rw-prom");
+    let prom = Prometheus::start(dir.path(), free_port());
+    let s = start_server(&dir, &prom.write_url());
+
+    // A minute in the past: Prometheus must store this time, not its receive time.
+    let ts = now_ms() - 60_000;
+    let token = s.upload_token("secret", "test");
+    let r = s.upload(&token, &upload_families(3, ts));
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // A range selector returns the raw samples with their own timestamps.
+    let at = ts as f64 / 1000.0 + 1.0;
+    let result = prom.wait_for(r#"test_metric{_id="test"}[10s]"#, at, 3);
+    assert_eq!(result.len(), 3, "{result:?}");
+    for series in &result {
+        assert_eq!(series["metric"]["_id"], "test");
+        let i: f64 = series["metric"]["i"].as_str().unwrap().parse().unwrap();
+        let values = series["values"].as_array().unwrap();
+        assert_eq!(values.len(), 1, "{series}");
+        assert_eq!(values[0][0].as_f64().unwrap(), ts as f64 / 1000.0);
+        assert_eq!(values[0][1].as_str().unwrap().parse::<f64>().unwrap(), i);
+    }
+    let up = prom.wait_for(r#"up{_id="test",job="prometheus"}"#, at, 1);
+    assert_eq!(up[0]["value"][1], "1");
+    // Histograms arrive as the series a scrape would have made, `le` written as Prometheus does.
+    let inf = prom.wait_for(r#"rw_latency_seconds_bucket{_id="test",le="+Inf"}"#, at, 1);
+    assert_eq!(inf[0]["value"][1], "7");
+    let bucket = prom.wait_for(r#"rw_latency_seconds_bucket{_id="test",le="0.1"}"#, at, 1);
+    assert_eq!(bucket[0]["value"][1], "3");
+    let sum = prom.wait_for(r#"rw_latency_seconds_sum{_id="test"}"#, at, 1);
+    assert_eq!(sum[0]["value"][1], "1.25");
+    // Nothing at all was stamped at receive time: an instant query just before the original
+    // timestamp sees nothing.
+    assert!(prom
+        .query(r#"test_metric{_id="test"}"#, ts as f64 / 1000.0 - 1.0)
+        .is_empty());
+
+    // 3 test_metric + up + 3 buckets (+Inf added) + sum + count.
+    wait_own_metric(
+        &s,
+        r#"telemeter_server_remote_write_samples_total{result="sent"}"#,
+        9.0,
+    );
+    assert_eq!(
+        own_metric(
+            &s,
+            r#"telemeter_server_remote_write_requests_total{status="204"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn a_receiver_that_goes_down_and_comes_back_loses_nothing_queued() {
+    if !have_prometheus() {
+        return;
+    }
+    let dir = TempDir::new("rw-down");
+    let port = free_port();
+    let mut prom = Prometheus::start(dir.path(), port);
+    let s = start_server(&dir, &prom.write_url());
+    let ts = now_ms() - 30_000;
+    let at = ts as f64 / 1000.0 + 1.0;
+
+    let token = s.upload_token("wild", "rw-first");
+    assert_eq!(s.upload(&token, &families(None, 2, ts)).status, 200);
+    prom.wait_for(r#"test_metric{_id="rw-first"}"#, at, 2);
+
+    prom.stop();
+    let ids: Vec<String> = (0..5).map(|i| format!("rw-{i}")).collect();
+    for id in &ids {
+        let token = s.upload_token("wild", id);
+        // Accepted and stored although the receiver is down: the queue holds the upload.
+        let r = s.upload(&token, &families(None, 2, ts));
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    // The sender is retrying with backoff: its failed attempts show, nothing is dropped.
+    let deadline = Instant::now() + WAIT;
+    while own_metric(
+        &s,
+        r#"telemeter_server_remote_write_requests_total{status="error"}"#,
+    )
+    .unwrap_or(0.0)
+        < 2.0
+    {
+        assert!(Instant::now() < deadline, "no failed retry counted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let prom = Prometheus::start(dir.path(), port);
+    let result = prom.wait_for(r#"count by (_id) (test_metric{_id=~"rw-[0-9]"})"#, at, 5);
+    let mut got: Vec<String> = result
+        .iter()
+        .map(|r| {
+            assert_eq!(r["value"][1], "2", "{r}");
+            r["metric"]["_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    got.sort();
+    assert_eq!(got, ids);
+    wait_own_metric(&s, "telemeter_server_remote_write_queue_length", 0.0);
+    for reason in ["queue_full", "rejected_4xx", "shutdown"] {
+        assert_eq!(
+            own_metric(
+                &s,
+                &format!(r#"telemeter_server_remote_write_dropped_total{{reason="{reason}"}}"#)
+            ),
+            Some(0.0),
+            "{reason}"
+        );
+    }
+    // (1 + 5 uploads) × (2 test_metric + up).
+    wait_own_metric(
+        &s,
+        r#"telemeter_server_remote_write_samples_total{result="sent"}"#,
+        18.0,
+    );
+}
+
+/// A receiver answering from a script of statuses (the last one repeats), recording every request.
+struct Stub {
+    script: Mutex<Vec<(u16, Option<&'static str>)>>,
+    seen: Mutex<Vec<Request>>,
+}
+
+struct StubHandler(Arc<Stub>);
+
+impl Handler for StubHandler {
+    fn handle(&self, request: Request) -> Response {
+        self.0.seen.lock().unwrap().push(request);
+        let mut script = self.0.script.lock().unwrap();
+        let (status, retry_after) = if script.len() > 1 {
+            script.remove(0)
+        } else {
+            script[0]
+        };
+        let mut r = Response::text(status, &format!("stub says {status}"));
+        if let Some(secs) = retry_after {
+            r = r.with_header("Retry-After", secs);
+        }
+        r
+    }
+
+    fn body_limit(&self, _method: &str, _path: &str) -> usize {
+        16 << 20
+    }
+}
+
+fn stub(script: Vec<(u16, Option<&'static str>)>) -> (Arc<Stub>, http::ServerHandle) {
+    let stub = Arc::new(Stub {
+        script: Mutex::new(script),
+        seen: Mutex::new(vec![]),
+    });
+    let server = http::Server::bind(
+        "127.0.0.1:0",
+        http::Config {
+            name: "stub".into(),
+            ..http::Config::default()
+        },
+        Arc::new(StubHandler(stub.clone())),
+    )
+    .unwrap();
+    (stub, server.spawn())
+}
+
+#[test]
+fn retries_on_429_and_5xx_then_counts_a_4xx_refusal_as_dropped() {
+    let (stub, handle) = stub(vec![
+        (429, Some("1")),
+        (503, None),
+        (204, None),
+        (400, None),
+    ]);
+    let dir = TempDir::new("rw-stub");
+    let url = format!("http://{}/api/v1/write", handle.local_addr());
+    let s = start_server(&dir, &url);
+    let ts = now_ms() - 5_000;
+
+    let token = s.upload_token("secret", "test");
+    assert_eq!(s.upload(&token, &families(None, 2, ts)).status, 200);
+    wait_own_metric(
+        &s,
+        r#"telemeter_server_remote_write_samples_total{result="sent"}"#,
+        3.0,
+    );
+    for (status, n) in [("429", 1.0), ("503", 1.0), ("204", 1.0)] {
+        let series =
+            format!(r#"telemeter_server_remote_write_requests_total{{status="{status}"}}"#);
+        assert_eq!(own_metric(&s, &series), Some(n), "{status}");
+    }
+
+    // The next upload is refused with 400: dropped and counted, never retried.
+    assert_eq!(s.upload(&token, &families(None, 1, ts)).status, 200);
+    wait_own_metric(
+        &s,
+        r#"telemeter_server_remote_write_dropped_total{reason="rejected_4xx"}"#,
+        1.0,
+    );
+    assert_eq!(
+        own_metric(
+            &s,
+            r#"telemeter_server_remote_write_samples_total{result="rejected"}"#
+        ),
+        Some(2.0)
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let seen = stub.seen.lock().unwrap();
+    assert_eq!(
+        seen.len(),
+        4,
+        "one request per attempt, the refused batch sent once"
+    );
+
+    // Every attempt is the same well-formed remote-write request.
+    for request in seen.iter() {
+        assert_eq!(request.method, "POST");
+        assert_eq!(request.path, "/api/v1/write");
+        assert_eq!(
+            request.header("Content-Type"),
+            Some("application/x-protobuf")
+        );
+        assert_eq!(request.header("Content-Encoding"), Some("snappy"));
+        assert_eq!(
+            request.header("X-Prometheus-Remote-Write-Version"),
+            Some("0.1.0")
+        );
+        assert!(request
+            .header("User-Agent")
+            .unwrap_or("")
+            .starts_with("telemeter-server/"));
+    }
+    assert_eq!(seen[0].body, seen[2].body, "a retry sends the same batch");
+    let write =
+        WriteRequest::decode(&snappy::decode_block(&seen[2].body, 1 << 20).unwrap()[..]).unwrap();
+    assert_eq!(write.timeseries.len(), 3);
+    for series in &write.timeseries {
+        let names: Vec<&str> = series.labels.iter().map(|l| l.name.as_str()).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted, "labels sorted by name");
+        assert!(series
+            .labels
+            .iter()
+            .any(|l| l.name == "_id" && l.value == "test"));
+        assert_eq!(series.samples.len(), 1);
+        assert_eq!(series.samples[0].timestamp, ts);
+    }
+    drop(seen);
+    handle.shutdown(Duration::from_secs(1));
+}
+
+#[test]
+fn shutdown_sends_what_is_queued() {
+    let (stub, handle) = stub(vec![(200, None)]);
+    let dir = TempDir::new("rw-flush");
+    let url = format!("http://{}/api/v1/write", handle.local_addr());
+    let mut s = start_server(&dir, &url);
+    let token = s.upload_token("secret", "test");
+    assert_eq!(s.upload(&token, &families(None, 1, now_ms())).status, 200);
+    let status = s.signal_and_wait(libc::SIGTERM);
+    assert!(status.success(), "{status:?}");
+    assert_eq!(stub.seen.lock().unwrap().len(), 1);
+    // The log reader may still be draining the pipe after the exit.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let logs = s.logs.lock().unwrap().join("\n");
+        if logs.contains("remote write: stopped, nothing left to send") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{logs}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    handle.shutdown(Duration::from_secs(1));
+}
+
+/// A UDP port free now (bound, then released).
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn in_a_cluster_only_the_owner_ships_each_upload_once() {
+    use telemeter_common::hashring::{HashRing, DEFAULT_VNODES};
+
+    let (stub, handle) = stub(vec![(200, None)]);
+    let url = format!("http://{}/api/v1/write", handle.local_addr());
+    let dir = TempDir::new("rw-cluster");
+    let key = dir.file(
+        "shared.key",
+        "0123456789abcdef0123456789abcdef-rw-cluster-key",
+    );
+    let names = ["rw-a", "rw-b"];
+    let udp: Vec<String> = names
+        .iter()
+        .map(|_| format!("127.0.0.1:{}", free_udp_port()))
+        .collect();
+    let nodes: Vec<(TempDir, ServerProcess)> = (0..2)
+        .map(|i| {
+            let storage = TempDir::new(&format!("rw-cluster-{i}"));
+            let args = [
+                "--insecure-accept-any-token",
+                "--ratelimit",
+                "0s",
+                "--shared-key",
+                key.to_str().unwrap(),
+                "--name",
+                names[i],
+                "--listen-cluster",
+                &udp[i],
+                "--join",
+                &udp[1 - i],
+                "--gossip-interval",
+                "200ms",
+                "--peer-timeout",
+                "1s",
+                "--remote-write-url",
+                &url,
+            ];
+            let process = ServerProcess::start(storage.path(), &args);
+            (storage, process)
+        })
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    for (_, p) in &nodes {
+        loop {
+            let r = get(&p.url_internal("/debug/cluster"), &[]);
+            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
+            if v["converged"] == true && v["alive"].as_array().map(Vec::len) == Some(2) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster did not converge: {v}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    // Every push goes to node a; the ring sends about half of them on to node b.
+    let ids: Vec<String> = (0..20).map(|i| format!("rw-cluster-{i:02}")).collect();
+    let a = &nodes[0].1;
+    for id in &ids {
+        let token = a.upload_token("any", id);
+        let r = a.upload(&token, &families(None, 2, now_ms() - 1_000));
+        assert_eq!(r.status, 200, "{id}: {}", r.body);
+    }
+    let ring = HashRing::new(&names, DEFAULT_VNODES);
+    for (i, (_, p)) in nodes.iter().enumerate() {
+        let owned = ids
+            .iter()
+            .filter(|id| ring.owner(id) == Some(names[i]))
+            .count();
+        // 2 test_metric + up per upload, from the node that owns (and stores) it.
+        wait_own_metric(
+            p,
+            r#"telemeter_server_remote_write_samples_total{result="sent"}"#,
+            (owned * 3) as f64,
+        );
+    }
+    let seen = stub.seen.lock().unwrap();
+    let mut shipped: Vec<String> = seen
+        .iter()
+        .map(|request| {
+            let write =
+                WriteRequest::decode(&snappy::decode_block(&request.body, 1 << 20).unwrap()[..])
+                    .unwrap();
+            let ids: std::collections::BTreeSet<String> = write
+                .timeseries
+                .iter()
+                .flat_map(|s| s.labels.iter())
+                .filter(|l| l.name == "_id")
+                .map(|l| l.value.clone())
+                .collect();
+            assert_eq!(ids.len(), 1, "one upload per request");
+            ids.into_iter().next().unwrap()
+        })
+        .collect();
+    shipped.sort();
+    assert_eq!(shipped, ids, "every upload shipped exactly once");
+    drop(seen);
+    handle.shutdown(Duration::from_secs(1));
+}
+
+/// A throughput probe, not a test: 200 uploads of 1,000 series queue up while Prometheus is paused
+/// (SIGSTOP), then drain into it; prints the drain rate. Run with `cargo test -p telemeter-server
+/// --test remote_write -- --ignored --nocapture` (`TELEMETER_SERVER_BIN=target/static/telemeter-server`
+/// to probe a release build).
+#[test]
+#[ignore]
+fn remote_write_throughput() {
+    if !have_prometheus() {
+        return;
+    }
+    const UPLOADS: usize = 200;
+    const SERIES: usize = 1000;
+    let dir = TempDir::new("rw-probe");
+    let prom = Prometheus::start(dir.path(), free_port());
+    let s = start_server(&dir, &prom.write_url());
+    let tokens: Vec<String> = (0..UPLOADS)
+        .map(|i| s.upload_token("wild", &format!("probe-{i}")))
+        .collect();
+    let ts = now_ms() - 10_000;
+    let pid = prom.child.as_ref().unwrap().id() as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGSTOP);
+    }
+    let started = Instant::now();
+    for token in &tokens {
+        let r = s.upload(token, &families(None, SERIES, ts));
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let pushed = started.elapsed();
+    let queued = own_metric(&s, "telemeter_server_remote_write_queue_length").unwrap_or(0.0);
+    let resumed = Instant::now();
+    unsafe {
+        libc::kill(pid, libc::SIGCONT);
+    }
+    let samples = (UPLOADS * (SERIES + 1)) as f64;
+    wait_own_metric(
+        &s,
+        r#"telemeter_server_remote_write_samples_total{result="sent"}"#,
+        samples,
+    );
+    let drained = resumed.elapsed();
+    let bytes = own_metric(&s, "telemeter_server_remote_write_sent_bytes_total").unwrap_or(0.0);
+    eprintln!(
+        "{UPLOADS} uploads of {} samples pushed in {pushed:.1?} with the receiver paused ({queued} queued); \
+         drained into Prometheus in {drained:.1?} = {:.0} samples/s, {:.1} bytes/sample on the wire",
+        SERIES + 1,
+        samples / drained.as_secs_f64(),
+        bytes / samples
+    );
+    let count = prom.wait_for(
+        r#"count(test_metric{_id=~"probe-.*"})"#,
+        ts as f64 / 1000.0 + 1.0,
+        1,
+    );
+    assert_eq!(count[0]["value"][1], (UPLOADS * SERIES).to_string());
+}
