@@ -129,11 +129,22 @@ impl Shared {
         let Some(segment) = journal.segment.clone() else {
             return Err(StoreError::Closed);
         };
-        let offset = journal.len;
-        let written = segment
-            .file
-            .write_all_at(bytes, offset)
-            .and_then(|()| segment.file.sync_data());
+        // Each commit starts on a fresh page: the previous commit's last page is never written
+        // again (a page under writeback would make this write wait for it), and a commit always
+        // needs new space, so a full disk is refused at once rather than after the slack of the
+        // last page is used up. The gap is a hole that replay skips.
+        let offset = journal.len.next_multiple_of(journal::PAGE);
+        // Opened by its path for each commit (a few microseconds, next to a sync's milliseconds),
+        // as the per-upload temp files were: a storage directory that became read-only, also
+        // through a read-only mount on top of it, refuses the commit instead of taking it
+        // through a descriptor opened before.
+        let written = File::options()
+            .write(true)
+            .open(&segment.path)
+            .and_then(|out| {
+                out.write_all_at(bytes, offset)?;
+                out.sync_data()
+            });
         if let Err(error) = written {
             journal.broken = true;
             return Err(StoreError::io(
@@ -141,7 +152,7 @@ impl Shared {
                 error,
             ));
         }
-        journal.len += bytes.len() as u64;
+        journal.len = offset + bytes.len() as u64;
         Ok(then(&segment, offset))
     }
 }

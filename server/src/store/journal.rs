@@ -33,6 +33,8 @@ use super::file::{Header, ReadError};
 pub(super) const PREFIX: &str = "journal-";
 /// A segment is closed and checkpointed once it holds this many bytes.
 pub(super) const SEGMENT_BYTES: u64 = 256 << 20;
+/// Commits start at multiples of this; the bytes between are zeros (a hole).
+pub(super) const PAGE: u64 = 4096;
 /// The record of an upload.
 pub(super) const PUT: u8 = 1;
 /// The record of a removal.
@@ -271,8 +273,20 @@ pub(super) fn replay(
     let mut reader = BufReader::with_capacity(256 << 10, file);
     let mut at = 0u64;
     while at < len {
+        let torn = |reason: &str| Ok(Some((len - at, reason.to_string())));
+        if at % PAGE != 0 {
+            // After a commit's last record: zeros up to the next page, where the next one starts.
+            let mut kind = [0u8; 1];
+            reader.read_exact(&mut kind)?;
+            if kind[0] == 0 {
+                let gap = at.next_multiple_of(PAGE).min(len) - at - 1;
+                io::copy(&mut (&mut reader).take(gap), &mut io::sink())?;
+                at += 1 + gap;
+                continue;
+            }
+            reader.seek_relative(-1)?;
+        }
         let left = len - at;
-        let torn = |reason: &str| Ok(Some((left, reason.to_string())));
         if left < PREFIX_LEN as u64 {
             return torn("ends inside a record's prefix");
         }
