@@ -129,9 +129,9 @@ pub struct Flags {
 
     /// Worker threads running request handlers on each port (default: 256). Most of them wait for
     /// their upload's group commit to be durable, which costs a thread stack and nothing else:
-    /// decoding and validation run at most one per core whatever this is, so the memory an upload
-    /// holds while waiting is its validated payload only (at most --max-decompressed-bytes; the
-    /// store also caps the payload bytes waiting at once, see the README).
+    /// decoding and validation run at most one per core whatever this is, and the payloads
+    /// waiting for the store are capped at 256 MiB in all, so memory is bounded by bodies in
+    /// flight + one decoded body per core + 256 MiB, not by this number.
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
 

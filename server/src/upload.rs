@@ -58,45 +58,59 @@ pub struct UploadHandler {
     router: Arc<dyn Router>,
     metrics: Metrics,
     cpu: Gate,
+    waiting_bytes: Gate,
 }
 
-/// A counting semaphore: many workers wait for the store at once, but only as many decode and
-/// validate at once as there are cores, so a burst of uploads neither oversubscribes the CPU nor
-/// holds more decoded bodies in memory than that.
+/// Payload bytes that may wait for the store at once, over all uploads; more wait for room
+/// before they are handed over. With the cores gating decoding, this bounds what uploads hold in
+/// memory however many workers there are: bodies in flight (the HTTP front's own cap), plus one
+/// decoded body per core, plus this.
+pub const MAX_BYTES_WAITING_FOR_STORE: usize = 256 << 20;
+
+/// A weighted counting semaphore. Many workers wait for the store at once, but only as many decode
+/// and validate at once as there are cores (one unit each), so a burst of uploads neither
+/// oversubscribes the CPU nor holds more decoded bodies than that; and their payloads waiting for
+/// the store are capped in bytes.
 struct Gate {
+    total: usize,
     free: Mutex<usize>,
     freed: Condvar,
 }
 
-/// A held permit of a [`Gate`], given back on drop.
-struct Permit<'a>(&'a Gate);
+/// Units held from a [`Gate`], given back on drop.
+struct Permit<'a>(&'a Gate, usize);
 
 impl Gate {
-    fn new(permits: usize) -> Gate {
+    fn new(total: usize) -> Gate {
+        let total = total.max(1);
         Gate {
-            free: Mutex::new(permits.max(1)),
+            total,
+            free: Mutex::new(total),
             freed: Condvar::new(),
         }
     }
 
-    /// Waits for a permit. The holders only run CPU work that ends, so the wait is bounded.
-    fn enter(&self) -> Permit<'_> {
+    /// Waits for `units` (at most the whole gate). The holders only run work that ends (CPU work,
+    /// or a store commit, which answers or fails), so the wait is bounded.
+    fn enter(&self, units: usize) -> Permit<'_> {
+        let units = units.clamp(1, self.total);
         let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        while *free == 0 {
+        while *free < units {
             free = self
                 .freed
                 .wait(free)
                 .unwrap_or_else(PoisonError::into_inner);
         }
-        *free -= 1;
-        Permit(self)
+        *free -= units;
+        Permit(self, units)
     }
 }
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        *self.0.free.lock().unwrap_or_else(PoisonError::into_inner) += 1;
-        self.0.freed.notify_one();
+        *self.0.free.lock().unwrap_or_else(PoisonError::into_inner) += self.1;
+        // Waiters want different amounts: let each see whether it fits now.
+        self.0.freed.notify_all();
     }
 }
 
@@ -176,6 +190,7 @@ impl UploadHandler {
             router,
             metrics,
             cpu: Gate::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            waiting_bytes: Gate::new(MAX_BYTES_WAITING_FOR_STORE),
         }
     }
 
@@ -252,7 +267,7 @@ impl UploadHandler {
         let mut token_labels: BTreeMap<String, String> = claims.labels;
         token_labels.insert(self.partition_label.clone(), cluster_id.clone());
         let prepared = {
-            let _cpu = self.cpu.enter();
+            let _cpu = self.cpu.enter(1);
             self.prepare(request, &token_labels, now)
         }
         .inspect_err(|refusal| {
@@ -271,6 +286,7 @@ impl UploadHandler {
             .limiter
             .try_acquire(&cluster_id, Instant::now())
             .map_err(Refusal::rate_limited)?;
+        let _room = self.waiting_bytes.enter(payload.len());
         let started = Instant::now();
         let stored = self.router.route(&cluster_id, payload, now);
         self.metrics
@@ -667,6 +683,25 @@ mod tests {
         let stored = router.stored.lock().unwrap()[1].1.clone();
         let families = delimited::decode(&stored, &delimited::Limits::default()).unwrap();
         assert_eq!(families[0].metric[0].label_value("_id"), Some("b"));
+    }
+
+    #[test]
+    fn the_gate_hands_out_at_most_its_units_and_takes_them_back() {
+        let gate = Gate::new(10);
+        let big = gate.enter(1_000);
+        assert_eq!((big.1, *gate.free.lock().unwrap()), (10, 0));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let small = gate.enter(3);
+                tx.send(small.1).unwrap();
+            });
+            // The waiter cannot get in while the gate is empty.
+            assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
+            drop(big);
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 3);
+        });
+        assert_eq!(*gate.free.lock().unwrap(), 10);
     }
 
     #[test]
