@@ -67,5 +67,10 @@ static:
 fixtures:
 	./tests/fixtures/make-prometheus-fixtures.sh
 
+# The speed figures against the targets, in one bounded run; writes bench/RESULTS.md.
+.PHONY: bench
+bench:
+	./tests/bench.sh
+
 clean:
 	$(CARGO) clean

@@ -127,7 +127,11 @@ pub struct Flags {
     #[arg(long, default_value = "5m", value_name = "DURATION")]
     pub max_future_skew: String,
 
-    /// Worker threads running request handlers on each port (default: twice the cores, at least 4).
+    /// Worker threads running request handlers on each port (default: 256). Most of them wait for
+    /// their upload's group commit to be durable, which costs a thread stack and nothing else:
+    /// decoding and validation run at most one per core whatever this is, and the payloads
+    /// waiting for the store are capped at 256 MiB in all, so memory is bounded by bodies in
+    /// flight + one decoded body per core + 256 MiB, not by this number.
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
 
@@ -262,7 +266,7 @@ pub struct Config {
     pub max_sample_age: Duration,
     /// Furthest future sample accepted, relative to now.
     pub max_future_skew: Duration,
-    /// Worker threads per port (None = the front's default).
+    /// Worker threads per port (None = [`crate::server::DEFAULT_WORKERS`]).
     pub workers: Option<usize>,
     /// Connection cap per port.
     pub max_connections: usize,

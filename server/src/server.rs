@@ -29,8 +29,13 @@ use crate::validate::Rules;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long shutdown keeps sending queued uploads to the remote-write receiver.
 pub const REMOTE_WRITE_GRACE: Duration = Duration::from_secs(5);
-/// Most uploads one group commit of the store takes.
-const STORE_MAX_BATCH: usize = 64;
+/// Most uploads one group commit of the store takes: every upload waiting may join the next one.
+const STORE_MAX_BATCH: usize = DEFAULT_WORKERS;
+/// Worker threads per port without `--workers`. An upload holds its worker until the store has
+/// made it durable, so this is how many uploads can share one commit; the CPU part of an upload
+/// (decode, validate) is gated to one per core separately, so idle waiting workers cost a thread
+/// stack each, not CPU.
+pub const DEFAULT_WORKERS: usize = 256;
 /// Samples allowed per allowed series (histograms and summaries carry several).
 const SAMPLES_PER_SERIES: usize = 10;
 
@@ -201,9 +206,7 @@ impl Server {
                 tls,
                 ..http::Config::default()
             };
-            if let Some(workers) = config.workers {
-                c.workers = workers;
-            }
+            c.workers = config.workers.unwrap_or(DEFAULT_WORKERS);
             c
         };
         let bound = http::Server::bind(

@@ -10,7 +10,7 @@
 //! nothing and does not use the cluster's rate-limit slot.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Instant, SystemTime};
 
 use log::{debug, info, warn};
@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 use crate::prescan;
 use crate::ratelimit::{retry_after_secs, RateLimiter};
 use crate::route::{RouteError, Router};
-use crate::validate::Rules;
+use crate::validate::{Rules, WireCheck};
 
 /// Decoding may spend this many bytes on label, quantile and bucket structs per byte of the
 /// decompressed cap. The smallest valid label pair is 7 bytes on the wire and 48 in memory, so
@@ -57,6 +57,61 @@ pub struct UploadHandler {
     limiter: RateLimiter,
     router: Arc<dyn Router>,
     metrics: Metrics,
+    cpu: Gate,
+    waiting_bytes: Gate,
+}
+
+/// Payload bytes that may wait for the store at once, over all uploads; more wait for room
+/// before they are handed over. With the cores gating decoding, this bounds what uploads hold in
+/// memory however many workers there are: bodies in flight (the HTTP front's own cap), plus one
+/// decoded body per core, plus this.
+pub const MAX_BYTES_WAITING_FOR_STORE: usize = 256 << 20;
+
+/// A weighted counting semaphore. Many workers wait for the store at once, but only as many decode
+/// and validate at once as there are cores (one unit each), so a burst of uploads neither
+/// oversubscribes the CPU nor holds more decoded bodies than that; and their payloads waiting for
+/// the store are capped in bytes.
+struct Gate {
+    total: usize,
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// Units held from a [`Gate`], given back on drop.
+struct Permit<'a>(&'a Gate, usize);
+
+impl Gate {
+    fn new(total: usize) -> Gate {
+        let total = total.max(1);
+        Gate {
+            total,
+            free: Mutex::new(total),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Waits for `units` (at most the whole gate). The holders only run work that ends (CPU work,
+    /// or a store commit, which answers or fails), so the wait is bounded.
+    fn enter(&self, units: usize) -> Permit<'_> {
+        let units = units.clamp(1, self.total);
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        while *free < units {
+            free = self
+                .freed
+                .wait(free)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        *free -= units;
+        Permit(self, units)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(PoisonError::into_inner) += self.1;
+        // Waiters want different amounts: let each see whether it fits now.
+        self.0.freed.notify_all();
+    }
 }
 
 /// A refused upload: status, one-line message, and for 429 the seconds to wait.
@@ -85,6 +140,29 @@ impl Refusal {
     }
 }
 
+/// An upload ready to store.
+struct Prepared {
+    /// The protobuf-delimited families to store; `None` when the whitelist left nothing.
+    payload: Option<Vec<u8>>,
+    /// Series kept.
+    series: usize,
+    /// Series dropped by the whitelist.
+    filtered: usize,
+}
+
+/// A decoded body.
+enum Decoded {
+    /// Families for the owned path ([`Rules::apply`]).
+    Families(Vec<MetricFamily>),
+    /// A protobuf-delimited body valid as it is, to store unchanged.
+    Unchanged {
+        /// The decompressed body.
+        body: Vec<u8>,
+        /// Its series.
+        series: usize,
+    },
+}
+
 /// What an accepted upload did.
 enum Accepted {
     Stored,
@@ -111,6 +189,8 @@ impl UploadHandler {
             limiter,
             router,
             metrics,
+            cpu: Gate::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            waiting_bytes: Gate::new(MAX_BYTES_WAITING_FOR_STORE),
         }
     }
 
@@ -184,33 +264,29 @@ impl UploadHandler {
             .check(&cluster_id, Instant::now())
             .map_err(Refusal::rate_limited)?;
 
-        let families = self.decode(request).inspect_err(|refusal| {
+        let mut token_labels: BTreeMap<String, String> = claims.labels;
+        token_labels.insert(self.partition_label.clone(), cluster_id.clone());
+        let prepared = {
+            let _cpu = self.cpu.enter(1);
+            self.prepare(request, &token_labels, now)
+        }
+        .inspect_err(|refusal| {
             info!(
                 "upload from cluster {cluster_id:?} refused: {}",
                 refusal.message
             );
         })?;
-
-        let mut token_labels: BTreeMap<String, String> = claims.labels;
-        token_labels.insert(self.partition_label.clone(), cluster_id.clone());
-        let validated = self
-            .rules
-            .apply(families, &token_labels, now)
-            .map_err(|e| {
-                info!("upload from cluster {cluster_id:?} refused: {e}");
-                Refusal::new(e.status(), e.to_string())
-            })?;
-        self.metrics.filtered_series.add(validated.filtered as u64);
-        if validated.families.is_empty() {
+        self.metrics.filtered_series.add(prepared.filtered as u64);
+        let Some(payload) = prepared.payload else {
             debug!("upload from cluster {cluster_id:?} is empty after filtering");
             return Ok(Accepted::Empty);
-        }
+        };
 
         let slot = self
             .limiter
             .try_acquire(&cluster_id, Instant::now())
             .map_err(Refusal::rate_limited)?;
-        let payload = delimited::encode(&validated.families);
+        let _room = self.waiting_bytes.enter(payload.len());
         let started = Instant::now();
         let stored = self.router.route(&cluster_id, payload, now);
         self.metrics
@@ -229,16 +305,56 @@ impl UploadHandler {
             return Err(Refusal::new(e.status(), message));
         }
         slot.commit();
-        self.metrics.upload_series.add(validated.series as u64);
+        self.metrics.upload_series.add(prepared.series as u64);
         debug!(
             "stored {} series for cluster {cluster_id:?}",
-            validated.series
+            prepared.series
         );
         Ok(Accepted::Stored)
     }
 
-    /// Decompresses and decodes the body by its Content-Encoding and Content-Type.
-    fn decode(&self, request: &Request) -> Result<Vec<MetricFamily>, Refusal> {
+    /// The CPU part of an upload: decompress, decode, validate, stamp, encode what is stored.
+    fn prepare(
+        &self,
+        request: &Request,
+        token_labels: &BTreeMap<String, String>,
+        now: SystemTime,
+    ) -> Result<Prepared, Refusal> {
+        let families = match self.decode(request, token_labels, now)? {
+            Decoded::Families(families) => families,
+            Decoded::Unchanged { body, series } => {
+                return Ok(Prepared {
+                    payload: Some(body),
+                    series,
+                    filtered: 0,
+                })
+            }
+        };
+        let validated = self
+            .rules
+            .apply(families, token_labels, now)
+            .map_err(|e| Refusal::new(e.status(), e.to_string()))?;
+        let payload = if validated.families.is_empty() {
+            None
+        } else {
+            Some(delimited::encode(&validated.families))
+        };
+        Ok(Prepared {
+            payload,
+            series: validated.series,
+            filtered: validated.filtered,
+        })
+    }
+
+    /// Decompresses and decodes the body by its Content-Encoding and Content-Type. A
+    /// protobuf-delimited body that is valid and needs no rewrite for a token with
+    /// `token_labels` at `now` is not decoded at all (see [`Rules::check_wire`]).
+    fn decode(
+        &self,
+        request: &Request,
+        token_labels: &BTreeMap<String, String>,
+        now: SystemTime,
+    ) -> Result<Decoded, Refusal> {
         let limits = &self.limits;
         if request.body.len() > limits.max_upload_bytes {
             return Err(Refusal::new(
@@ -296,6 +412,32 @@ impl UploadHandler {
         }
         match format {
             Format::ProtoDelimited => {
+                let decode_limits = delimited::Limits {
+                    max_message_bytes: limits.max_decompressed_bytes,
+                    max_total_bytes: limits.max_decompressed_bytes,
+                    max_families: limits.max_series,
+                    max_series: limits.max_series,
+                };
+                let budget = limits
+                    .max_decompressed_bytes
+                    .saturating_mul(DECODE_BYTES_PER_BODY_BYTE);
+                // The fast path counts what the pre-decode scan below counts, so the same caps
+                // hold without that scan.
+                if let WireCheck::Unchanged {
+                    series,
+                    element_bytes,
+                    ..
+                } = self
+                    .rules
+                    .check_wire(body, &decode_limits, token_labels, now)
+                {
+                    if element_bytes <= budget {
+                        return Ok(Decoded::Unchanged {
+                            body: body.to_vec(),
+                            series,
+                        });
+                    }
+                }
                 // The decoder checks its caps only after building each family, so they are
                 // checked here first on counts taken from the wire (see `prescan`).
                 let counts = prescan::count(body);
@@ -308,9 +450,6 @@ impl UploadHandler {
                         ),
                     ));
                 }
-                let budget = limits
-                    .max_decompressed_bytes
-                    .saturating_mul(DECODE_BYTES_PER_BODY_BYTE);
                 if counts.element_bytes() > budget {
                     return Err(Refusal::new(
                         413,
@@ -320,22 +459,18 @@ impl UploadHandler {
                         ),
                     ));
                 }
-                let decode_limits = delimited::Limits {
-                    max_message_bytes: limits.max_decompressed_bytes,
-                    max_total_bytes: limits.max_decompressed_bytes,
-                    max_families: limits.max_series,
-                    max_series: limits.max_series,
-                };
-                delimited::decode(body, &decode_limits).map_err(|e| {
-                    let status = match e {
-                        DecodeError::MessageTooLarge { .. }
-                        | DecodeError::TooLarge { .. }
-                        | DecodeError::TooManyFamilies { .. }
-                        | DecodeError::TooManySeries { .. } => 413,
-                        _ => 400,
-                    };
-                    Refusal::new(status, format!("invalid protobuf body: {e}"))
-                })
+                delimited::decode(body, &decode_limits)
+                    .map(Decoded::Families)
+                    .map_err(|e| {
+                        let status = match e {
+                            DecodeError::MessageTooLarge { .. }
+                            | DecodeError::TooLarge { .. }
+                            | DecodeError::TooManyFamilies { .. }
+                            | DecodeError::TooManySeries { .. } => 413,
+                            _ => 400,
+                        };
+                        Refusal::new(status, format!("invalid protobuf body: {e}"))
+                    })
             }
             Format::Text => {
                 let text_limits = text::Limits {
@@ -344,6 +479,7 @@ impl UploadHandler {
                     ..text::Limits::default()
                 };
                 text::parse(body, &text_limits)
+                    .map(Decoded::Families)
                     .map_err(|e| Refusal::new(400, format!("invalid text body: {e}")))
             }
         }
@@ -513,6 +649,59 @@ mod tests {
         let r = handler(router.clone(), vec![]).handle(&request(&token("a"), body));
         assert_eq!(r.status, 413);
         assert!(router.stored.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_stamped_upload_is_stored_byte_for_byte_and_an_unstamped_one_is_stamped() {
+        let router = Arc::new(FakeRouter::default());
+        let h = handler(router.clone(), vec![]);
+        let ts = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let stamped = delimited::encode(&[MetricFamily {
+            name: Some("up".into()),
+            help: Some("Up.".into()),
+            r#type: Some(MetricType::Gauge as i32),
+            metric: vec![Metric {
+                label: vec![LabelPair::new("_id", "a"), LabelPair::new("job", "x")],
+                gauge: Some(Gauge { value: Some(1.0) }),
+                timestamp_ms: Some(ts),
+                ..Default::default()
+            }],
+        }]);
+        let mut compressed = request(&token("a"), snappy::encode_framed(&stamped));
+        compressed
+            .headers
+            .push(("Content-Encoding".into(), "snappy".into()));
+        assert_eq!(h.handle(&compressed).status, 200);
+        // Stored as sent (after decompression): no decode, no re-encode.
+        assert_eq!(router.stored.lock().unwrap()[0].1, stamped);
+
+        let h = handler(router.clone(), vec![]);
+        assert_eq!(h.handle(&request(&token("b"), body("up"))).status, 200);
+        let stored = router.stored.lock().unwrap()[1].1.clone();
+        let families = delimited::decode(&stored, &delimited::Limits::default()).unwrap();
+        assert_eq!(families[0].metric[0].label_value("_id"), Some("b"));
+    }
+
+    #[test]
+    fn the_gate_hands_out_at_most_its_units_and_takes_them_back() {
+        let gate = Gate::new(10);
+        let big = gate.enter(1_000);
+        assert_eq!((big.1, *gate.free.lock().unwrap()), (10, 0));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let small = gate.enter(3);
+                tx.send(small.1).unwrap();
+            });
+            // The waiter cannot get in while the gate is empty.
+            assert!(rx.recv_timeout(Duration::from_millis(50)).is_err());
+            drop(big);
+            assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 3);
+        });
+        assert_eq!(*gate.free.lock().unwrap(), 10);
     }
 
     #[test]

@@ -10,11 +10,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::mem::size_of;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use telemeter_common::delimited;
 use telemeter_common::labels::{self, LabelError};
-use telemeter_common::model::{Metric, MetricFamily, MetricType};
+use telemeter_common::model::{Bucket, LabelPair, Metric, MetricFamily, MetricType, Quantile};
 use telemeter_common::selector::{self, Selector};
+use telemeter_common::wire::{self, FamilyView, MetricView, Value};
 
 /// What the validator enforces.
 #[derive(Clone, Debug)]
@@ -269,6 +272,227 @@ impl Rules {
     }
 }
 
+/// What [`Rules::check_wire`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireCheck {
+    /// The body is valid and [`Rules::apply`] would store exactly its families, with the same
+    /// series and labels: it can be stored as it is.
+    Unchanged {
+        /// Series in the body.
+        series: usize,
+        /// Samples in the body (counted as [`MetricFamily::sample_count`] counts them).
+        samples: usize,
+        /// Bytes decoding it would allocate for label, quantile and bucket structs (as the
+        /// upload's pre-decode scan counts them, so the same cap can be applied without it).
+        element_bytes: usize,
+    },
+    /// The body needs the owned path: it has to be rewritten (a token label to stamp, `--label`,
+    /// a whitelist, an empty family), or it is refused, and the owned path says why in the very
+    /// words it always has.
+    Owned,
+}
+
+impl Rules {
+    /// The fast path of an upload: validates a protobuf-delimited `body` on its wire views (no
+    /// decoding into owned values) with `limits` (those the owned decoder would get), and says
+    /// whether it can be stored unchanged. Upstream clients and ours stamp the partition label
+    /// themselves, so a valid upload usually can.
+    ///
+    /// Only a `WireCheck::Unchanged` is a decision: it is given only when [`Rules::apply`] would
+    /// accept the decoded body without changing a series. Anything else (including every kind of
+    /// invalid body) is `WireCheck::Owned`, so refusals keep their statuses and messages exactly.
+    pub fn check_wire(
+        &self,
+        body: &[u8],
+        limits: &delimited::Limits,
+        token_labels: &BTreeMap<String, String>,
+        now: SystemTime,
+    ) -> WireCheck {
+        if !self.whitelist.is_empty() || !self.extra_labels.is_empty() {
+            return WireCheck::Owned;
+        }
+        let now_ms = millis(now);
+        let bounds = (
+            now_ms.saturating_sub(duration_ms(self.max_sample_age)),
+            now_ms.saturating_add(duration_ms(self.max_future_skew)),
+        );
+        // One pass reads every field the owned decoder would (the views check each message as it
+        // is read, and every series, label, quantile and bucket is read below), so a body it
+        // accepts decodes too.
+        let mut total = Counted::default();
+        for family in wire::families(body, limits) {
+            let Ok(family) = family else {
+                return WireCheck::Owned;
+            };
+            if self
+                .check_wire_family(&family, token_labels, bounds, &mut total)
+                .is_none()
+            {
+                return WireCheck::Owned;
+            }
+            if total.series > limits.max_series {
+                return WireCheck::Owned;
+            }
+        }
+        if total.samples > self.max_samples || total.series == 0 {
+            return WireCheck::Owned;
+        }
+        WireCheck::Unchanged {
+            series: total.series,
+            samples: total.samples,
+            element_bytes: total
+                .labels
+                .saturating_mul(size_of::<LabelPair>())
+                .saturating_add(total.quantiles.saturating_mul(size_of::<Quantile>()))
+                .saturating_add(total.buckets.saturating_mul(size_of::<Bucket>())),
+        }
+    }
+
+    /// One family on the fast path: `Some` when it passes every check unchanged; what it holds
+    /// is added to `total`.
+    fn check_wire_family(
+        &self,
+        family: &FamilyView<'_>,
+        token_labels: &BTreeMap<String, String>,
+        (oldest, newest): (i64, i64),
+        total: &mut Counted,
+    ) -> Option<()> {
+        labels::check_metric_name(family.name).ok()?;
+        let kind = match family.raw_type {
+            None => MetricType::Untyped,
+            Some(value) => MetricType::try_from(value).ok()?,
+        };
+        let mut previous_ts = i64::MIN;
+        let mut series = 0usize;
+        for metric in family.metrics() {
+            let metric = metric.ok()?;
+            series += 1;
+            count_wire_samples(&metric, kind, total)?;
+            let ts = metric.timestamp_ms?;
+            if ts < oldest || ts > newest || ts < previous_ts {
+                return None;
+            }
+            previous_ts = ts;
+            let labels = check_wire_labels(&metric, token_labels)?;
+            total.labels = total.labels.saturating_add(labels);
+        }
+        total.series = total.series.saturating_add(series);
+        // An empty family is dropped by the owned path: the body would change.
+        (series > 0).then_some(())
+    }
+}
+
+/// What the fast path counted so far.
+#[derive(Default)]
+struct Counted {
+    series: usize,
+    samples: usize,
+    labels: usize,
+    quantiles: usize,
+    buckets: usize,
+}
+
+/// Counts the samples (and quantiles or buckets) of one series whose value field is the one
+/// `kind` calls for (and the only one); `None` otherwise.
+fn count_wire_samples(
+    metric: &MetricView<'_>,
+    kind: MetricType,
+    total: &mut Counted,
+) -> Option<()> {
+    let samples = match (metric.value, kind) {
+        (Value::Gauge(_), MetricType::Gauge)
+        | (Value::Counter(_), MetricType::Counter)
+        | (Value::Untyped(_), MetricType::Untyped) => 1,
+        (Value::Summary(summary), MetricType::Summary) => {
+            let mut n = 0usize;
+            for quantile in summary.quantiles() {
+                quantile.ok()?;
+                n += 1;
+            }
+            total.quantiles = total.quantiles.saturating_add(n);
+            n + 2
+        }
+        (Value::Histogram(histogram), MetricType::Histogram | MetricType::GaugeHistogram) => {
+            let mut n = 0usize;
+            for bucket in histogram.buckets() {
+                bucket.ok()?;
+                n += 1;
+            }
+            total.buckets = total.buckets.saturating_add(n);
+            n + 2
+        }
+        _ => return None,
+    };
+    total.samples = total.samples.saturating_add(samples);
+    Some(())
+}
+
+/// Label names kept per series for the duplicate check without re-reading the labels.
+const KEPT_NAMES: usize = 16;
+
+/// [`labels::check_series_labels`] and the token labels on the wire: `Some` when every label is
+/// valid and every token label is already there with its value. An empty value is sent to the
+/// owned path, which alone can tell an absent value (refused) from an empty one.
+fn check_wire_labels(
+    metric: &MetricView<'_>,
+    token_labels: &BTreeMap<String, String>,
+) -> Option<usize> {
+    // The first names, kept for the duplicate check of unsorted labels (small, so cheap to set up).
+    let mut names: [&str; KEPT_NAMES] = [""; KEPT_NAMES];
+    let mut count = 0usize;
+    let mut sorted = true;
+    let mut previous = "";
+    let mut found = 0usize;
+    for label in metric.labels() {
+        let (name, value) = label.ok()?;
+        if name.len() > labels::MAX_NAME_BYTES
+            || !labels::is_valid_label_name(name)
+            || value.is_empty()
+            || value.len() > labels::MAX_VALUE_BYTES
+        {
+            return None;
+        }
+        count += 1;
+        if count > labels::MAX_LABELS {
+            return None;
+        }
+        sorted &= count == 1 || previous < name;
+        previous = name;
+        if let Some(slot) = names.get_mut(count - 1) {
+            *slot = name;
+        }
+        if let Some(expected) = token_labels.get(name) {
+            if expected != value {
+                return None;
+            }
+            found += 1;
+        }
+    }
+    // Sorted labels rule out duplicates at once. Clients that stamp `_id` append it, so unsorted
+    // is common too: compare the kept names pairwise, or re-read the labels when there are more.
+    if !sorted && count <= KEPT_NAMES {
+        let kept = names.get(..count).unwrap_or_default();
+        for (i, name) in kept.iter().enumerate() {
+            if kept.get(i + 1..).unwrap_or_default().contains(name) {
+                return None;
+            }
+        }
+    } else if !sorted {
+        for (i, label) in metric.labels().enumerate() {
+            let (name, _) = label.ok()?;
+            if metric
+                .labels()
+                .skip(i + 1)
+                .any(|l| l.is_ok_and(|(n, _)| n == name))
+            {
+                return None;
+            }
+        }
+    }
+    // Every token label present (no duplicates, so each was counted once).
+    (found == token_labels.len()).then_some(count)
+}
+
 /// Checks each token label against the series and sets it (the client may omit it; it may not
 /// override it).
 fn stamp_token_labels(
@@ -329,7 +553,7 @@ fn duration_ms(d: Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use telemeter_common::model::{Counter, Gauge, LabelPair};
+    use telemeter_common::model::{Counter, Gauge, Histogram, Summary};
 
     const NOW_MS: i64 = 1_700_000_000_000;
 
@@ -526,5 +750,270 @@ mod tests {
             .unwrap();
         assert!(v.families.is_empty());
         assert_eq!(v.series, 0);
+    }
+
+    /// Runs both paths on `families`; a fast-path `Unchanged` must be exactly what the owned path
+    /// stores for the same body.
+    fn both_paths(r: &Rules, families: Vec<MetricFamily>) -> WireCheck {
+        let body = delimited::encode(&families);
+        let limits = delimited::Limits::default();
+        let check = r.check_wire(&body, &limits, &token(), now());
+        if let WireCheck::Unchanged {
+            series,
+            samples,
+            element_bytes,
+        } = check
+        {
+            let counts = crate::prescan::count(&body);
+            assert_eq!(
+                (counts.series, counts.element_bytes()),
+                (series, element_bytes)
+            );
+            let decoded = delimited::decode(&body, &limits).unwrap();
+            let owned = r.apply(decoded.clone(), &token(), now()).unwrap();
+            assert_eq!(owned.families, decoded, "the owned path would rewrite it");
+            assert_eq!((owned.series, owned.filtered), (series, 0));
+            let counted: usize = decoded.iter().map(MetricFamily::sample_count).sum();
+            assert_eq!(samples, counted);
+        }
+        check
+    }
+
+    fn stamped(name: &str, labels: &[(&str, &str)], ts: &[i64]) -> MetricFamily {
+        let series: Vec<(&[(&str, &str)], i64)> = ts.iter().map(|t| (labels, *t)).collect();
+        gauge(name, &series)
+    }
+
+    #[test]
+    fn the_fast_path_takes_stamped_valid_uploads_unchanged() {
+        let r = rules();
+        let ok = [("_id", "a"), ("job", "x")];
+        assert!(matches!(
+            both_paths(
+                &r,
+                vec![
+                    stamped("up", &ok, &[NOW_MS, NOW_MS]),
+                    stamped("b", &ok, &[NOW_MS])
+                ]
+            ),
+            WireCheck::Unchanged {
+                series: 3,
+                samples: 3,
+                ..
+            }
+        ));
+        // Unsorted labels are fine, as long as none repeats.
+        let unsorted = [("job", "x"), ("_id", "a")];
+        assert!(matches!(
+            both_paths(&r, vec![stamped("up", &unsorted, &[NOW_MS])]),
+            WireCheck::Unchanged {
+                series: 1,
+                samples: 1,
+                ..
+            }
+        ));
+        let mut summary = stamped("s", &ok, &[NOW_MS]);
+        summary.r#type = Some(MetricType::Summary as i32);
+        summary.metric[0].gauge = None;
+        summary.metric[0].summary = Some(Summary {
+            sample_count: Some(3),
+            sample_sum: Some(1.5),
+            quantile: vec![Quantile {
+                quantile: Some(0.5),
+                value: Some(1.0),
+            }],
+        });
+        let mut histogram = stamped("h", &ok, &[NOW_MS]);
+        histogram.r#type = Some(MetricType::Histogram as i32);
+        histogram.metric[0].gauge = None;
+        histogram.metric[0].histogram = Some(Histogram {
+            sample_count: Some(3),
+            sample_sum: Some(1.5),
+            bucket: vec![Bucket {
+                cumulative_count: Some(3),
+                upper_bound: Some(1.0),
+            }],
+        });
+        assert!(matches!(
+            both_paths(&r, vec![summary.clone(), histogram.clone()]),
+            WireCheck::Unchanged {
+                series: 2,
+                samples: 6,
+                ..
+            }
+        ));
+        // Each of them carries 3 samples: a cap of 5 is over the limit, 6 is not.
+        let mut capped = rules();
+        capped.max_samples = 5;
+        assert_eq!(
+            both_paths(&capped, vec![summary.clone(), histogram.clone()]),
+            WireCheck::Owned
+        );
+        capped.max_samples = 6;
+        assert!(matches!(
+            both_paths(&capped, vec![summary, histogram]),
+            WireCheck::Unchanged {
+                series: 2,
+                samples: 6,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn the_fast_path_leaves_rewrites_and_refusals_to_the_owned_path() {
+        let r = rules();
+        let ok: &[(&str, &str)] = &[("_id", "a")];
+        let owned = |r: &Rules, families: Vec<MetricFamily>| {
+            assert_eq!(both_paths(r, families), WireCheck::Owned);
+        };
+        // Rewrites: the partition label to stamp, --label, a whitelist, an empty family.
+        owned(&r, vec![stamped("up", &[("job", "x")], &[NOW_MS])]);
+        let mut extra = rules();
+        extra.extra_labels = vec![("region".into(), "eu".into())];
+        owned(&extra, vec![stamped("up", ok, &[NOW_MS])]);
+        let mut listed = rules();
+        listed.whitelist = vec![Selector::parse("up").unwrap()];
+        owned(&listed, vec![stamped("up", ok, &[NOW_MS])]);
+        owned(&r, vec![stamped("up", ok, &[NOW_MS]), gauge("empty", &[])]);
+        owned(&r, vec![]);
+        // Refusals.
+        owned(&r, vec![stamped("up", &[("_id", "b")], &[NOW_MS])]);
+        owned(&r, vec![stamped("up", ok, &[NOW_MS - 86_400_000 - 1])]);
+        owned(&r, vec![stamped("up", ok, &[NOW_MS + 300_001])]);
+        owned(&r, vec![stamped("up", ok, &[NOW_MS, NOW_MS - 1])]);
+        owned(&r, vec![stamped("1bad", ok, &[NOW_MS])]);
+        owned(
+            &r,
+            vec![stamped("up", &[("_id", "a"), ("bad-name", "x")], &[NOW_MS])],
+        );
+        owned(
+            &r,
+            vec![stamped(
+                "up",
+                &[("_id", "a"), ("x", "1"), ("x", "2")],
+                &[NOW_MS],
+            )],
+        );
+        owned(
+            &r,
+            vec![stamped(
+                "up",
+                &[("x", "1"), ("_id", "a"), ("x", "1")],
+                &[NOW_MS],
+            )],
+        );
+        owned(
+            &r,
+            vec![stamped("up", &[("_id", "a"), ("x", "")], &[NOW_MS])],
+        );
+        // Many unsorted labels, with and without a duplicate (past the kept names).
+        let names: Vec<String> = (0..20).rev().map(|i| format!("l{i:02}")).collect();
+        let mut many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+        many.push(("_id", "a"));
+        assert!(matches!(
+            both_paths(&r, vec![stamped("up", &many, &[NOW_MS])]),
+            WireCheck::Unchanged { series: 1, .. }
+        ));
+        many.push(("l03", "w"));
+        owned(&r, vec![stamped("up", &many, &[NOW_MS])]);
+        // Unsorted and few: the kept names catch the duplicate.
+        owned(
+            &r,
+            vec![stamped(
+                "up",
+                &[("x", "1"), ("_id", "a"), ("x", "2")],
+                &[NOW_MS],
+            )],
+        );
+        let long = "v".repeat(labels::MAX_VALUE_BYTES + 1);
+        owned(
+            &r,
+            vec![stamped("up", &[("_id", "a"), ("x", &long)], &[NOW_MS])],
+        );
+        let mut f = stamped("up", ok, &[NOW_MS]);
+        f.metric[0].timestamp_ms = None;
+        owned(&r, vec![f]);
+        let mut f = stamped("up", ok, &[NOW_MS]);
+        f.r#type = Some(42);
+        owned(&r, vec![f]);
+        let mut f = stamped("up", ok, &[NOW_MS]);
+        f.metric[0].gauge = None;
+        f.metric[0].counter = Some(Counter { value: Some(1.0) });
+        owned(&r, vec![f]);
+        let mut f = stamped("up", ok, &[NOW_MS]);
+        f.metric[0].counter = Some(Counter { value: Some(1.0) });
+        owned(&r, vec![f]);
+        let mut capped = rules();
+        capped.max_samples = 1;
+        owned(&capped, vec![stamped("up", ok, &[NOW_MS, NOW_MS])]);
+        // A body that does not decode.
+        let check = r.check_wire(
+            &[0x05, 0x0a],
+            &delimited::Limits::default(),
+            &token(),
+            now(),
+        );
+        assert_eq!(check, WireCheck::Owned);
+    }
+
+    #[test]
+    fn the_fast_path_refuses_what_the_decoder_refuses_deep_inside() {
+        fn varint(mut v: u64, out: &mut Vec<u8>) {
+            while v >= 0x80 {
+                out.push((v as u8) | 0x80);
+                v >>= 7;
+            }
+            out.push(v as u8);
+        }
+        fn field(tag: u8, bytes: &[u8], out: &mut Vec<u8>) {
+            out.push(tag);
+            varint(bytes.len() as u64, out);
+            out.extend_from_slice(bytes);
+        }
+        // A gauge series whose second label holds a field of wire type 7 (none exists).
+        let body = |second_label: &[u8]| {
+            let mut label = Vec::new();
+            field(0x0a, b"_id", &mut label);
+            field(0x12, b"a", &mut label);
+            let mut gauge = vec![0x09];
+            gauge.extend_from_slice(&1.0f64.to_le_bytes());
+            let mut metric = Vec::new();
+            field(0x0a, &label, &mut metric);
+            field(0x0a, second_label, &mut metric);
+            field(0x12, &gauge, &mut metric);
+            metric.push(0x30);
+            varint(NOW_MS as u64, &mut metric);
+            let mut family = Vec::new();
+            field(0x0a, b"up", &mut family);
+            family.extend_from_slice(&[0x18, MetricType::Gauge as u8]);
+            field(0x22, &metric, &mut family);
+            let mut body = Vec::new();
+            varint(family.len() as u64, &mut body);
+            body.extend_from_slice(&family);
+            body
+        };
+        let limits = delimited::Limits::default();
+        let good = body(&[0x0a, 1, b'j', 0x12, 1, b'x']);
+        assert!(delimited::decode(&good, &limits).is_ok());
+        assert!(matches!(
+            rules().check_wire(&good, &limits, &token(), now()),
+            WireCheck::Unchanged { series: 1, .. }
+        ));
+        let bad = body(&[0x0a, 1, b'j', 0x0f, 0]);
+        assert!(delimited::decode(&bad, &limits).is_err());
+        assert_eq!(
+            rules().check_wire(&bad, &limits, &token(), now()),
+            WireCheck::Owned
+        );
+        // Over the series cap.
+        let capped = delimited::Limits {
+            max_series: 0,
+            ..limits
+        };
+        assert_eq!(
+            rules().check_wire(&good, &capped, &token(), now()),
+            WireCheck::Owned
+        );
     }
 }

@@ -1,25 +1,28 @@
-//! The group committer: the one place that writes cluster files.
+//! The group committer and the checkpointer: the only writers of the journal and the cluster files.
 //!
 //! Every `put` becomes a [`Request`] on a channel. The committer takes whatever is pending (up to
-//! `max_batch`), writes each upload to its own temp file (once per cluster: a later request for the
-//! same cluster supersedes an earlier one), makes all of them durable with one `syncfs` (one
-//! `fdatasync` per file only when `syncfs` fails), and hands the batch to the publisher, which
-//! renames the files over their final names, syncs the directory once, and only then answers every
-//! caller. So N concurrent uploads cost about one round of syncs instead of N, and the two stages
-//! overlap (batch N is published while batch N+1 is written).
+//! `max_batch`), keeps per cluster the last request allowed to replace (a later request for the
+//! same cluster supersedes an earlier one), appends one journal record per cluster to the current
+//! segment with one write, makes it durable with one `fdatasync`, points the index at the records,
+//! and only then answers every caller. So N concurrent uploads cost one sync instead of N; while a
+//! sync runs, new requests queue up and form the next, bigger batch.
+//!
+//! Full segments go to the checkpointer thread, which writes the cluster files of the clusters
+//! whose newest upload is in that segment, syncs and renames them, and deletes the segment (see
+//! the `journal` module).
 
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::thread;
+use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::file;
-use super::{lock, Entry, Shared, StoreError};
+use super::journal::{self, Segment};
+use super::{file, lock, Entry, Location, Shared, StoreError};
 
 /// Whether a request replaces unconditionally or only when newer than what is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,51 +42,43 @@ pub(super) struct Request {
     pub(super) reply: Sender<Result<bool, StoreError>>,
 }
 
-/// Runs until every sender is gone and the queue is drained.
-///
-/// Two stages overlap: while this thread writes and syncs batch N+1, a publisher thread renames
-/// batch N into place, syncs the directory and answers its callers. Each stage ends in a journal
-/// commit, so overlapping them roughly halves the time a batch holds the queue.
+/// The journal's writing end: the current segment and how full it is.
+pub(super) struct JournalState {
+    /// Appended to; `None` until the first append, or after starting a new one failed.
+    pub(super) segment: Option<Arc<Segment>>,
+    /// Bytes written to it and synced.
+    pub(super) len: u64,
+    /// A write or sync failed: what follows `len` is unknown, so the next append starts a new
+    /// segment rather than write after bytes a replay could misread.
+    pub(super) broken: bool,
+    /// The number of the next segment.
+    pub(super) next_number: u64,
+    /// Where full segments go to be checkpointed; `None` once the store closes.
+    pub(super) retired: Option<Sender<Arc<Segment>>>,
+}
+
+/// Runs until every sender is gone and the queue is drained, then hands the last segment to the
+/// checkpointer (so a clean stop leaves only cluster files behind).
 pub(super) fn run(shared: Arc<Shared>, requests: Receiver<Request>, max_batch: usize) {
     let max_batch = max_batch.max(1);
-    let pending = Mutex::new(HashMap::new());
-    thread::scope(|scope| {
-        // Rendezvous: at most one batch is published while the next is prepared; whatever arrives
-        // meanwhile waits in the queue and forms a bigger next batch.
-        let (to_publisher, prepared) = crossbeam_channel::bounded::<Prepared>(0);
-        let publisher = thread::Builder::new()
-            .name("store-publisher".to_string())
-            .spawn_scoped(scope, || {
-                for batch in prepared {
-                    publish(&shared, &pending, batch);
-                }
-            });
-        // Without a publisher, batches are published here (slower, still correct).
-        let to_publisher = publisher.ok().map(|_| to_publisher);
-        // `recv` keeps returning queued requests after the last sender is dropped, so closing the
-        // store still commits what was already asked for.
-        while let Ok(first) = requests.recv() {
-            let mut batch = vec![first];
-            while batch.len() < max_batch {
-                match requests.try_recv() {
-                    Ok(request) => batch.push(request),
-                    Err(_) => break,
-                }
-            }
-            let ready = prepare(&shared, &pending, batch);
-            match &to_publisher {
-                Some(to_publisher) => {
-                    if let Err(unsent) = to_publisher.send(ready) {
-                        // The publisher died (it panicked); publish here instead.
-                        publish(&shared, &pending, unsent.into_inner());
-                    }
-                }
-                None => publish(&shared, &pending, ready),
+    // `recv` keeps returning queued requests after the last sender is dropped, so closing the
+    // store still commits what was already asked for.
+    while let Ok(first) = requests.recv() {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match requests.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
             }
         }
-        // Dropping the sender lets the publisher finish its last batch; the scope joins it.
-        drop(to_publisher);
-    });
+        commit(&shared, batch);
+    }
+    let mut journal = lock(&shared.journal);
+    if let (Some(segment), Some(retired)) = (journal.segment.take(), journal.retired.as_ref()) {
+        let _ = retired.send(segment);
+    }
+    // The checkpointer ends once it has done what is queued.
+    journal.retired = None;
 }
 
 /// io::Error is not Clone; every caller sharing a failure gets an equal copy.
@@ -94,63 +89,95 @@ fn copy_error(error: &io::Error) -> io::Error {
     }
 }
 
-/// One cluster's share of a batch: the request that gets written and the ones it supersedes.
-struct Group {
-    winner: usize,
-    superseded: Vec<usize>,
-    received_millis: u64,
-    outcome: Option<(String, io::Error)>,
-    temp: Option<PathBuf>,
-    renamed: bool,
-}
-
-impl Group {
-    fn fail(&mut self, context: String, error: io::Error) {
-        if let Some(temp) = self.temp.take() {
-            // Best effort: a temp file left behind is removed at the next open anyway.
-            let _ = fs::remove_file(&temp);
+impl Shared {
+    /// Appends `bytes` to the journal and syncs them, with the journal locked for `then`, which
+    /// gets the segment and the offset `bytes` start at (so index updates follow the journal's
+    /// order). Starts a new segment first when the current one is full or broken.
+    pub(super) fn append<T>(
+        &self,
+        bytes: &[u8],
+        then: impl FnOnce(&Arc<Segment>, u64) -> T,
+    ) -> Result<T, StoreError> {
+        let mut journal = lock(&self.journal);
+        let full = journal.len >= self.segment_bytes.load(Ordering::Relaxed);
+        if journal.segment.is_none() || journal.broken || full {
+            if let Some(old) = journal.segment.take() {
+                if let Some(retired) = &journal.retired {
+                    // Its records stay readable through the index until the checkpoint is done.
+                    let _ = retired.send(old);
+                }
+            }
+            let number = journal.next_number;
+            journal.next_number += 1;
+            let segment = Segment::create(&self.dir, number)
+                .and_then(|segment| self.dir_file.sync_all().map(|()| segment))
+                .map_err(|e| {
+                    StoreError::io(
+                        format!(
+                            "creating {}",
+                            self.dir
+                                .join(format!("{}{number}", journal::PREFIX))
+                                .display()
+                        ),
+                        e,
+                    )
+                })?;
+            journal.segment = Some(Arc::new(segment));
+            journal.len = 0;
+            journal.broken = false;
         }
-        self.outcome = Some((context, error));
+        let Some(segment) = journal.segment.clone() else {
+            return Err(StoreError::Closed);
+        };
+        // Each commit starts on a fresh page: the previous commit's last page is never written
+        // again (a page under writeback would make this write wait for it), and a commit always
+        // needs new space, so a full disk is refused at once rather than after the slack of the
+        // last page is used up. The gap is a hole that replay skips.
+        let offset = journal.len.next_multiple_of(journal::PAGE);
+        // Opened by its path for each commit (a few microseconds, next to a sync's milliseconds),
+        // as the per-upload temp files were: a storage directory that became read-only, also
+        // through a read-only mount on top of it, refuses the commit instead of taking it
+        // through a descriptor opened before.
+        let written = File::options()
+            .write(true)
+            .open(&segment.path)
+            .and_then(|out| {
+                out.write_all_at(bytes, offset)?;
+                out.sync_data()
+            });
+        if let Err(error) = written {
+            journal.broken = true;
+            return Err(StoreError::io(
+                format!("appending to {}", segment.path.display()),
+                error,
+            ));
+        }
+        journal.len = offset + bytes.len() as u64;
+        Ok(then(&segment, offset))
     }
 }
 
-/// Commits one batch and answers every request in it (both stages, on this thread).
-#[cfg(test)]
+/// Commits one batch and answers every request in it.
 pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
-    let pending = Mutex::new(HashMap::new());
-    let ready = prepare(shared, &pending, batch);
-    publish(shared, &pending, ready);
-}
-
-/// A batch whose temp files are written and durable, waiting to be renamed into place.
-struct Prepared {
-    batch: Vec<Request>,
-    groups: Vec<Group>,
-    skipped: Vec<usize>,
-}
-
-/// Receive times of the clusters in batches prepared but not yet published; `put_if_newer`
-/// compares with them as well as with the index.
-type Pending = Mutex<HashMap<String, u64>>;
-
-/// Stage one: decides what gets written, writes the temp files and makes them durable.
-fn prepare(shared: &Shared, pending: &Pending, batch: Vec<Request>) -> Prepared {
-    // Decide what gets written: per cluster, the last request that is allowed to replace.
+    // Per cluster, the last request that is allowed to replace; the others are superseded.
+    struct Group {
+        winner: usize,
+        superseded: Vec<usize>,
+        received_millis: u64,
+        image: usize,
+    }
     let mut groups: Vec<Group> = Vec::new();
     let mut skipped: Vec<usize> = Vec::new();
     {
         let index = lock(&shared.index);
-        let mut pending = lock(pending);
         let mut by_cluster: HashMap<&str, usize> = HashMap::new();
         for (i, request) in batch.iter().enumerate() {
             let group = by_cluster.get(request.cluster_id.as_str()).copied();
             let current = match group.and_then(|g| groups.get(g)) {
                 Some(group) => Some(group.received_millis),
-                None => pending.get(&request.cluster_id).copied().or_else(|| {
-                    index
-                        .get(&request.cluster_id)
-                        .map(|entry| entry.received_millis)
-                }),
+                None => index
+                    .get(&request.cluster_id)
+                    .map(|entry| entry.received_millis),
             };
             if request.mode == Mode::IfNewer
                 && current.is_some_and(|stored| stored > request.received_millis)
@@ -170,170 +197,108 @@ fn prepare(shared: &Shared, pending: &Pending, batch: Vec<Request>) -> Prepared 
                         winner: i,
                         superseded: Vec::new(),
                         received_millis: request.received_millis,
-                        outcome: None,
-                        temp: None,
-                        renamed: false,
+                        image: 0,
                     });
                 }
             }
         }
-        for group in &groups {
-            if let Some(request) = batch.get(group.winner) {
-                pending.insert(request.cluster_id.clone(), group.received_millis);
-            }
-        }
     }
 
-    // Write every temp file; keep them open for the per-file fallback sync.
-    let mut open_files: Vec<(usize, File)> = Vec::new();
+    // One buffer, one write, one sync for the whole batch.
+    let mut bytes = Vec::with_capacity(
+        groups
+            .iter()
+            .filter_map(|g| batch.get(g.winner))
+            .map(|r| r.payload.len() + 128 + r.cluster_id.len())
+            .sum(),
+    );
+    let mut refused: Vec<(usize, String)> = Vec::new();
     for (g, group) in groups.iter_mut().enumerate() {
         let Some(request) = batch.get(group.winner) else {
             continue;
         };
-        let seq = shared.next_temp.fetch_add(1, Ordering::Relaxed);
-        let temp = shared.dir.join(format!(".tmp-{seq}"));
-        let header = match file::encode_header(
+        match journal::encode(
+            journal::PUT,
             &request.cluster_id,
             request.received_millis,
             &request.payload,
+            &mut bytes,
         ) {
-            Ok(header) => header,
-            Err(reason) => {
-                group.fail(
-                    format!("encoding the file of cluster {:?}", request.cluster_id),
-                    io::Error::new(io::ErrorKind::InvalidInput, reason),
-                );
-                continue;
-            }
-        };
-        let created = File::options().write(true).create_new(true).open(&temp);
-        let mut out = match created {
-            Ok(out) => out,
-            Err(error) => {
-                group.fail(format!("creating {}", temp.display()), error);
-                continue;
-            }
-        };
-        group.temp = Some(temp.clone());
-        let written = out
-            .write_all(&header)
-            .and_then(|()| out.write_all(&request.payload));
-        if let Err(error) = written {
-            group.fail(format!("writing {}", temp.display()), error);
-            continue;
-        }
-        open_files.push((g, out));
-    }
-
-    // One syncfs flushes every temp file at once. Since Linux 5.8 it also reports writeback errors
-    // seen on the file system since the directory fd was opened; when it fails we cannot tell which
-    // file was hit, so each file is synced on its own to find out.
-    if !open_files.is_empty() && !sync_file_system(shared) {
-        for (g, out) in &open_files {
-            if let Some(group) = groups.get_mut(*g) {
-                if let Err(error) = out.sync_data() {
-                    let temp = group.temp.clone().unwrap_or_default();
-                    group.fail(format!("syncing {}", temp.display()), error);
-                }
-            }
+            Ok(image) => group.image = image,
+            Err(reason) => refused.push((g, reason)),
         }
     }
-    drop(open_files);
-    Prepared {
-        batch,
-        groups,
-        skipped,
-    }
-}
-
-/// Stage two: renames the batch's files into place, syncs the directory, updates the index and
-/// answers every caller.
-fn publish(shared: &Shared, pending: &Pending, prepared: Prepared) {
-    let Prepared {
-        batch,
-        mut groups,
-        skipped,
-    } = prepared;
-
-    // Rename and sync the directory under the mutation lock, so `remove` and the sweeper never
-    // interleave with a replacement and the index always follows the directory.
-    let mut written = 0u64;
-    {
-        let _mutation = lock(&shared.mutation);
-        let mut any_renamed = false;
-        for group in groups.iter_mut() {
-            let (Some(temp), Some(request)) = (group.temp.clone(), batch.get(group.winner)) else {
-                continue;
-            };
-            let target = shared.dir.join(file::file_name(&request.cluster_id));
-            match fs::rename(&temp, &target) {
-                Ok(()) => {
-                    group.temp = None;
-                    group.renamed = true;
-                    any_renamed = true;
-                }
-                Err(error) => group.fail(
-                    format!("renaming {} to {}", temp.display(), target.display()),
-                    error,
-                ),
-            }
-        }
-        if any_renamed {
-            if let Err(error) = shared.dir_file.sync_all() {
-                // The renames happened but may not survive a crash: the callers must not hear Ok.
-                // The files stay (the old ones are gone), so the index follows them below.
-                let context = format!("syncing directory {}", shared.dir.display());
-                for group in groups.iter_mut().filter(|g| g.renamed) {
-                    group.outcome = Some((context.clone(), copy_error(&error)));
-                }
-            }
+    let written: Result<u64, StoreError> = if bytes.is_empty() {
+        Ok(0)
+    } else {
+        shared.append(&bytes, |segment, base| {
             let mut index = lock(&shared.index);
-            for group in groups.iter().filter(|g| g.renamed) {
+            let mut written = 0;
+            for (g, group) in groups.iter().enumerate() {
+                if refused.iter().any(|(r, _)| *r == g) {
+                    continue;
+                }
                 if let Some(request) = batch.get(group.winner) {
                     index.insert(
                         request.cluster_id.clone(),
                         Entry {
                             received_millis: request.received_millis,
                             payload_bytes: request.payload.len() as u64,
+                            location: Location::Journal {
+                                segment: Arc::clone(segment),
+                                offset: base + group.image as u64,
+                            },
                         },
                     );
+                    written += 1 + group.superseded.len() as u64;
                 }
             }
+            written
+        })
+    };
+    if let Ok(written) = &written {
+        if *written > 0 {
+            shared.counters.commits.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counters
+                .writes
+                .fetch_add(*written, Ordering::Relaxed);
         }
-        let mut pending = lock(pending);
-        for group in &groups {
-            if let Some(request) = batch.get(group.winner) {
-                // A later batch may have claimed the cluster since; its entry stays.
-                if pending.get(&request.cluster_id) == Some(&group.received_millis) {
-                    pending.remove(&request.cluster_id);
-                }
-            }
-        }
-        drop(pending);
-        for group in &groups {
-            if group.renamed && group.outcome.is_none() {
-                written += 1 + group.superseded.len() as u64;
-            }
-        }
-    }
-    if written > 0 {
-        shared.counters.commits.fetch_add(1, Ordering::Relaxed);
-        shared.counters.writes.fetch_add(written, Ordering::Relaxed);
     }
 
-    // Only now, with data and renames durable, answer.
-    for group in &groups {
+    // Only now, with the records durable, answer.
+    for (g, group) in groups.iter().enumerate() {
+        let result = match (&written, refused.iter().find(|(r, _)| *r == g)) {
+            (_, Some((_, reason))) => Err(StoreError::Io {
+                context: format!(
+                    "encoding the file of cluster {:?}",
+                    batch
+                        .get(group.winner)
+                        .map(|r| r.cluster_id.as_str())
+                        .unwrap_or_default()
+                ),
+                source: io::Error::new(io::ErrorKind::InvalidInput, reason.clone()),
+            }),
+            (Ok(_), None) => Ok(true),
+            (Err(StoreError::Io { context, source }), None) => Err(StoreError::Io {
+                context: context.clone(),
+                source: copy_error(source),
+            }),
+            (Err(StoreError::Locked { dir }), None) => Err(StoreError::Locked { dir: dir.clone() }),
+            (Err(StoreError::Closed), None) => Err(StoreError::Closed),
+        };
         for &i in std::iter::once(&group.winner).chain(&group.superseded) {
-            let result = match &group.outcome {
-                None => Ok(true),
-                Some((context, error)) => Err(StoreError::Io {
-                    context: context.clone(),
-                    source: copy_error(error),
-                }),
-            };
             if let Some(request) = batch.get(i) {
                 // The caller may have given up waiting; nothing to do then.
-                let _ = request.reply.send(result);
+                let _ = request.reply.send(match &result {
+                    Ok(v) => Ok(*v),
+                    Err(StoreError::Io { context, source }) => Err(StoreError::Io {
+                        context: context.clone(),
+                        source: copy_error(source),
+                    }),
+                    Err(StoreError::Locked { dir }) => Err(StoreError::Locked { dir: dir.clone() }),
+                    Err(StoreError::Closed) => Err(StoreError::Closed),
+                });
             }
         }
     }
@@ -344,23 +309,149 @@ fn publish(shared: &Shared, pending: &Pending, prepared: Prepared) {
     }
 }
 
-/// Flushes the whole file system holding the directory; false when that failed or is unavailable.
-#[cfg(target_os = "linux")]
-fn sync_file_system(shared: &Shared) -> bool {
-    use std::os::unix::io::AsRawFd;
-    // SAFETY: syncfs only reads the descriptor, which `shared.dir_file` keeps open.
-    let status = unsafe { libc::syncfs(shared.dir_file.as_raw_fd()) };
-    if status != 0 {
-        log::warn!(
-            "syncfs on {} failed ({}); syncing each file instead",
-            shared.dir.display(),
-            io::Error::last_os_error()
-        );
+/// The checkpointer thread's loop: checkpoints each retired segment in turn.
+pub(super) fn checkpoint_until_closed(shared: &Shared, retired: &Receiver<Arc<Segment>>) {
+    // Once a segment could not be checkpointed it stays to be replayed, and so must every later
+    // one: replaying it alone would put its older uploads over newer cluster files.
+    let mut keep = false;
+    for segment in retired {
+        keep = !checkpoint(shared, &segment, keep) || keep;
     }
-    status == 0
 }
 
-#[cfg(not(target_os = "linux"))]
-fn sync_file_system(_shared: &Shared) -> bool {
-    false
+/// Writes the cluster files of the clusters whose newest upload is in `segment`, then deletes it.
+/// On failure the segment stays: reads keep using it, and the next open replays it. With `keep`
+/// the segment stays even on success. Returns whether it succeeded.
+pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) -> bool {
+    let in_segment: Vec<(String, u64, u64)> = lock(&shared.index)
+        .iter()
+        .filter_map(|(id, entry)| match &entry.location {
+            Location::Journal { segment: s, offset } if s.number == segment.number => {
+                Some((id.clone(), *offset, entry.payload_bytes))
+            }
+            _ => None,
+        })
+        .collect();
+
+    let mut written: Vec<(String, u64, PathBuf, File)> = Vec::new();
+    let mut failed = false;
+    for (cluster_id, offset, payload_bytes) in in_segment {
+        let temp = shared.dir.join(format!(
+            "{}{}",
+            super::TEMP_PREFIX,
+            shared.next_temp.fetch_add(1, Ordering::Relaxed)
+        ));
+        let done = segment
+            .read_put(&cluster_id, offset, payload_bytes)
+            .map_err(|e| match e {
+                file::ReadError::Io(e) => e,
+                file::ReadError::Corrupt(reason) => {
+                    io::Error::new(io::ErrorKind::InvalidData, reason)
+                }
+            })
+            .and_then(|(header, payload)| {
+                let image =
+                    file::encode_header(&header.cluster_id, header.received_millis, &payload)
+                        .map_err(|reason| io::Error::new(io::ErrorKind::InvalidInput, reason))?;
+                let mut out = File::options().write(true).create_new(true).open(&temp)?;
+                out.write_all(&image)?;
+                out.write_all(&payload)?;
+                Ok(out)
+            });
+        match done {
+            Ok(out) => written.push((cluster_id, offset, temp, out)),
+            Err(error) => {
+                log::warn!(
+                    "checkpointing {}: writing {} for cluster {cluster_id:?}: {error}",
+                    segment.path.display(),
+                    temp.display()
+                );
+                let _ = fs::remove_file(&temp);
+                failed = true;
+            }
+        }
+    }
+    if !written.is_empty() && !super::sync_file_system(shared) {
+        for (cluster_id, _, temp, out) in &written {
+            if let Err(error) = out.sync_data() {
+                log::warn!(
+                    "checkpointing cluster {cluster_id:?}: syncing {}: {error}",
+                    temp.display()
+                );
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        for (_, _, temp, _) in &written {
+            let _ = fs::remove_file(temp);
+        }
+        log::warn!(
+            "checkpointing {} failed; it stays and is replayed at the next start",
+            segment.path.display()
+        );
+        return false;
+    }
+
+    {
+        // Rename under the mutation lock, and only files whose cluster still has this upload
+        // as its newest: a later put, a remove or the sweeper may have moved on.
+        let _mutation = lock(&shared.mutation);
+        let mut renamed = Vec::new();
+        for (cluster_id, offset, temp, _) in &written {
+            let current = matches!(
+                lock(&shared.index).get(cluster_id).map(|e| &e.location),
+                Some(Location::Journal { segment: s, offset: o }) if s.number == segment.number && o == offset
+            );
+            if !current {
+                let _ = fs::remove_file(temp);
+                continue;
+            }
+            match fs::rename(temp, shared.path_of(cluster_id)) {
+                Ok(()) => renamed.push((cluster_id, *offset)),
+                Err(error) => {
+                    log::warn!(
+                        "checkpointing cluster {cluster_id:?}: renaming {}: {error}",
+                        temp.display()
+                    );
+                    let _ = fs::remove_file(temp);
+                    failed = true;
+                }
+            }
+        }
+        if let Err(error) = shared.dir_file.sync_all() {
+            log::warn!(
+                "checkpointing: syncing directory {}: {error}",
+                shared.dir.display()
+            );
+            failed = true;
+        }
+        if !failed {
+            let mut index = lock(&shared.index);
+            for (cluster_id, offset) in renamed {
+                if let Some(entry) = index.get_mut(cluster_id.as_str()) {
+                    if matches!(&entry.location, Location::Journal { segment: s, offset: o } if s.number == segment.number && *o == offset)
+                    {
+                        entry.location = Location::File;
+                    }
+                }
+            }
+        }
+    }
+    if failed {
+        log::warn!(
+            "checkpointing {} failed; it stays and is replayed at the next start",
+            segment.path.display()
+        );
+        return false;
+    }
+    if keep {
+        return true;
+    }
+    // Synced, so a crash cannot bring the segment back to be replayed over newer files.
+    let removed = fs::remove_file(&segment.path).and_then(|()| shared.dir_file.sync_all());
+    if let Err(error) = removed {
+        log::warn!("removing checkpointed {}: {error}", segment.path.display());
+    }
+    true
 }

@@ -2,11 +2,13 @@
 //!
 //! `DIR/<hex SHA-256 of the cluster id>` holds a small header (magic, format version, cluster id,
 //! receive time, payload length, checksum) and the validated families as protobuf-delimited bytes.
-//! A write goes to `DIR/.tmp-…`, is fsynced, renamed over the cluster's file, and the directory is
-//! fsynced before [`Store::put`] returns. Concurrent puts share their syncs (group commit): a single
-//! committer thread writes every pending upload's temp file and syncs them together, then a
-//! publisher thread renames them, syncs the directory once, and only then wakes each caller (while
-//! the committer already writes the next batch).
+//! A put is first made durable in a write-ahead journal (the `journal` module): a single committer
+//! thread appends every pending upload to the current segment `DIR/journal-<n>` with one write and
+//! one `fdatasync`, and only then wakes each caller (group commit). Reads find uploads in the
+//! segment until a checkpoint (when a segment is full, and on close) writes each cluster's newest
+//! upload to its file the durable way (`DIR/.tmp-…`, synced, renamed over the cluster's file, one
+//! directory sync) and deletes the segment. On ext4 that is several times cheaper than syncing one
+//! file per upload (figures in the `journal` module).
 //!
 //! The directory is locked (fs2) so a second server on it refuses to start. On open, temp files are
 //! removed and files that fail their checksum are moved to `DIR/corrupt/` and never served. A cluster
@@ -36,27 +38,32 @@
 //!
 //! - `.lock`: held (fs2 exclusive lock) for the store's lifetime.
 //! - `<64 hex digits>`: one cluster's file.
-//! - `.tmp-<n>`: a write in progress; removed on open (a crash left it, it was never answered Ok).
+//! - `journal-<n>`: a journal segment not yet checkpointed; replayed in order on open, then
+//!   removed.
+//! - `.tmp-<n>`: a checkpoint in progress; removed on open (its data is still in the journal).
 //! - `corrupt/`: files set aside.
 //!
-//! Memory holds only the index (cluster id → receive time, payload size), never payloads.
+//! Memory holds only the index (cluster id → receive time, payload size, where it is), never
+//! payloads.
 //!
 //! # Durability
 //!
-//! A put is answered `Ok` only after its data is synced (one `syncfs(2)` per batch, or
-//! `fdatasync` per file when `syncfs` fails), its rename is done and the directory is synced.
-//! An error leaves the cluster's previous file in place, except when the final directory sync
-//! fails: the rename has then happened, and the caller hears an error although the new upload
-//! may survive (the client retries, which is harmless). No error state sticks: the next batch
-//! tries again from scratch.
+//! A put is answered `Ok` only after its journal record is synced (and, for a new segment, the
+//! directory holding it). A failed append answers every caller of the batch with the error and
+//! the next batch starts a new segment (what follows the failed write is unknown); a record that
+//! a crash cut short is ignored by the replay, as it was never answered Ok (a record written but
+//! not answered may survive: the client retries, which is harmless). A removal is journaled too,
+//! so a replay does not bring a removed cluster back. A failed checkpoint keeps its segment (and
+//! every later one) for the next open to replay; reads keep using it meanwhile.
 
 mod commit;
 mod file;
+mod journal;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -66,8 +73,9 @@ use std::time::{Duration, SystemTime};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use fs2::FileExt;
 
-use commit::{Mode, Request};
+use commit::{JournalState, Mode, Request};
 use file::ReadError;
+use journal::Segment;
 
 /// The lock file inside the storage directory.
 const LOCK_FILE: &str = ".lock";
@@ -214,14 +222,28 @@ struct Shared {
     mutation: Mutex<()>,
     /// Number of the next temp file.
     next_temp: AtomicU64,
+    /// The journal's writing end. Lock order: `mutation`, then `journal`, then `index`.
+    journal: Mutex<JournalState>,
+    /// A segment this full is closed ([`journal::SEGMENT_BYTES`]; tests lower it).
+    segment_bytes: AtomicU64,
     counters: Counters,
 }
 
-/// One indexed cluster file.
-#[derive(Clone, Copy, Debug)]
+/// One indexed cluster.
+#[derive(Clone, Debug)]
 struct Entry {
     received_millis: u64,
     payload_bytes: u64,
+    location: Location,
+}
+
+/// Where a cluster's newest upload is.
+#[derive(Clone, Debug)]
+enum Location {
+    /// In its cluster file.
+    File,
+    /// In a journal segment, not yet checkpointed; `offset` is where its record's image starts.
+    Journal { segment: Arc<Segment>, offset: u64 },
 }
 
 #[derive(Default)]
@@ -282,19 +304,46 @@ impl Store {
             index: Mutex::new(BTreeMap::new()),
             mutation: Mutex::new(()),
             next_temp: AtomicU64::new(0),
+            journal: Mutex::new(JournalState {
+                segment: None,
+                len: 0,
+                broken: false,
+                next_number: 0,
+                retired: None,
+            }),
+            segment_bytes: AtomicU64::new(journal::SEGMENT_BYTES),
             counters: Counters::default(),
         });
         shared.recover()?;
 
+        let (retire, retired) = crossbeam_channel::unbounded();
+        lock(&shared.journal).retired = Some(retire);
+        let checkpointer = {
+            let shared = Arc::clone(&shared);
+            thread::Builder::new()
+                .name("store-checkpointer".to_string())
+                .spawn(move || commit::checkpoint_until_closed(&shared, &retired))
+                .map_err(|e| StoreError::io("starting the store's checkpointer thread", e))?
+        };
         let (requests, queue) = crossbeam_channel::unbounded();
         let (stop_sweeper, stopped) = crossbeam_channel::bounded::<()>(0);
         let committer = {
-            let shared = Arc::clone(&shared);
+            let shared_clone = Arc::clone(&shared);
             let max_batch = config.max_batch;
-            thread::Builder::new()
+            let spawned = thread::Builder::new()
                 .name("store-committer".to_string())
-                .spawn(move || commit::run(shared, queue, max_batch))
-                .map_err(|e| StoreError::io("starting the store's committer thread", e))?
+                .spawn(move || commit::run(shared_clone, queue, max_batch));
+            match spawned {
+                Ok(committer) => committer,
+                Err(error) => {
+                    lock(&shared.journal).retired = None;
+                    let _ = checkpointer.join();
+                    return Err(StoreError::io(
+                        "starting the store's committer thread",
+                        error,
+                    ));
+                }
+            }
         };
         let sweeper = {
             let shared = Arc::clone(&shared);
@@ -307,6 +356,7 @@ impl Store {
             Err(error) => {
                 drop(requests);
                 let _ = committer.join();
+                let _ = checkpointer.join();
                 return Err(StoreError::io("starting the store's sweeper thread", error));
             }
         };
@@ -315,7 +365,8 @@ impl Store {
                 shared,
                 requests: Mutex::new(Some(requests)),
                 stop_sweeper: Mutex::new(Some(stop_sweeper)),
-                threads: Mutex::new(vec![committer, sweeper]),
+                // Joined in this order: the committer hands its last segment to the checkpointer.
+                threads: Mutex::new(vec![committer, checkpointer, sweeper]),
             }),
         })
     }
@@ -490,7 +541,7 @@ impl Shared {
                     .map_err(|e| StoreError::io(format!("removing {}", path.display()), e))?;
                 continue;
             }
-            if name == LOCK_FILE || name == CORRUPT_DIR {
+            if name == LOCK_FILE || name == CORRUPT_DIR || journal::is_segment_name(&name) {
                 continue;
             }
             if !file::is_cluster_file_name(&name) {
@@ -504,6 +555,7 @@ impl Shared {
                         Entry {
                             received_millis: header.received_millis,
                             payload_bytes: header.payload_len,
+                            location: Location::File,
                         },
                     );
                 }
@@ -521,6 +573,99 @@ impl Shared {
             }
         }
         *lock(&self.index) = index;
+        self.replay_journal()
+    }
+
+    /// Applies the journal's segments, in order, to the cluster files, syncs them and deletes the
+    /// segments. Every acknowledged upload not yet checkpointed is in a segment.
+    fn replay_journal(&self) -> Result<(), StoreError> {
+        let numbers = journal::list(&self.dir)
+            .map_err(|e| StoreError::io(format!("listing directory {}", self.dir.display()), e))?;
+        let Some(&last) = numbers.last() else {
+            return Ok(());
+        };
+        let mut applied = 0u64;
+        for &number in &numbers {
+            let path = self.dir.join(format!("{}{number}", journal::PREFIX));
+            let torn = journal::replay(&path, |record| {
+                applied += 1;
+                self.apply(record)
+            })
+            .map_err(|e| StoreError::io(format!("replaying {}", path.display()), e))?;
+            if let Some((bytes, reason)) = torn {
+                // An append a crash cut off; it was never answered Ok.
+                log::info!(
+                    "{}: the last {bytes} bytes are no whole record ({reason}); ignored",
+                    path.display()
+                );
+            }
+        }
+        // Durable before the segments go: a crash now replays them again, which is harmless.
+        if !sync_file_system(self) {
+            for entry in lock(&self.index).keys() {
+                let path = self.path_of(entry);
+                if let Ok(file) = File::open(&path) {
+                    file.sync_data()
+                        .map_err(|e| StoreError::io(format!("syncing {}", path.display()), e))?;
+                }
+            }
+        }
+        let sync_dir = |what: &str| {
+            self.dir_file.sync_all().map_err(|e| {
+                StoreError::io(
+                    format!("syncing directory {} ({what})", self.dir.display()),
+                    e,
+                )
+            })
+        };
+        sync_dir("after replaying the journal")?;
+        for number in &numbers {
+            let path = self.dir.join(format!("{}{number}", journal::PREFIX));
+            fs::remove_file(&path)
+                .map_err(|e| StoreError::io(format!("removing {}", path.display()), e))?;
+        }
+        sync_dir("after removing the journal")?;
+        lock(&self.journal).next_number = last + 1;
+        log::info!(
+            "replayed {applied} journal records from {} segment(s)",
+            numbers.len()
+        );
+        Ok(())
+    }
+
+    /// Applies one replayed journal record to the directory and the index.
+    fn apply(&self, record: journal::Record) -> io::Result<()> {
+        let cluster_id = record.header.cluster_id;
+        let target = self.path_of(&cluster_id);
+        if record.kind == journal::REMOVE {
+            match fs::remove_file(&target) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => return Err(error),
+            }
+            lock(&self.index).remove(&cluster_id);
+            return Ok(());
+        }
+        let temp = self.dir.join(format!(
+            "{TEMP_PREFIX}{}",
+            self.next_temp.fetch_add(1, Ordering::Relaxed)
+        ));
+        let header =
+            file::encode_header(&cluster_id, record.header.received_millis, &record.payload)
+                .map_err(|reason| io::Error::new(io::ErrorKind::InvalidData, reason))?;
+        let mut out = File::options().write(true).create_new(true).open(&temp)?;
+        out.write_all(&header)?;
+        out.write_all(&record.payload)?;
+        drop(out);
+        fs::rename(&temp, &target)?;
+        lock(&self.index).insert(
+            cluster_id,
+            Entry {
+                received_millis: record.header.received_millis,
+                payload_bytes: record.payload.len() as u64,
+                location: Location::File,
+            },
+        );
         Ok(())
     }
 
@@ -552,7 +697,7 @@ impl Shared {
     }
 
     fn get(&self, cluster_id: &str) -> Result<Option<StoredUpload>, StoreError> {
-        let Some(entry) = lock(&self.index).get(cluster_id).copied() else {
+        let Some(entry) = lock(&self.index).get(cluster_id).cloned() else {
             return Ok(None);
         };
         if !is_live(
@@ -561,6 +706,30 @@ impl Shared {
             self.ttl,
         ) {
             return Ok(None);
+        }
+        if let Location::Journal { segment, offset } = &entry.location {
+            let context = || format!("reading {} at {offset}", segment.path.display());
+            return match segment.read_put(cluster_id, *offset, entry.payload_bytes) {
+                Ok((header, payload)) if header.cluster_id == cluster_id => {
+                    Ok(Some(StoredUpload {
+                        cluster_id: header.cluster_id,
+                        received: file::from_millis(header.received_millis),
+                        payload,
+                    }))
+                }
+                Ok((header, _)) => Err(StoreError::io(
+                    context(),
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("holds cluster {:?}", header.cluster_id),
+                    ),
+                )),
+                Err(ReadError::Corrupt(reason)) => Err(StoreError::io(
+                    context(),
+                    io::Error::new(io::ErrorKind::InvalidData, reason),
+                )),
+                Err(ReadError::Io(error)) => Err(StoreError::io(context(), error)),
+            };
         }
         let path = self.path_of(cluster_id);
         match self.read_upload(cluster_id, &path) {
@@ -613,6 +782,17 @@ impl Shared {
     fn remove(&self, cluster_id: &str) -> Result<(), StoreError> {
         let path = self.path_of(cluster_id);
         let _mutation = lock(&self.mutation);
+        // A removal record first, or a replay of the journal could bring the cluster back.
+        let mut record = Vec::new();
+        journal::encode(journal::REMOVE, cluster_id, 0, b"", &mut record).map_err(|reason| {
+            StoreError::io(
+                format!("removing cluster {cluster_id:?}"),
+                io::Error::new(io::ErrorKind::InvalidInput, reason),
+            )
+        })?;
+        self.append(&record, |_, _| {
+            lock(&self.index).remove(cluster_id);
+        })?;
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(error) if error.kind() == io::ErrorKind::NotFound => {}
@@ -662,6 +842,27 @@ impl Shared {
     }
 }
 
+/// Flushes the whole file system holding the directory; false when that failed or is unavailable.
+#[cfg(target_os = "linux")]
+fn sync_file_system(shared: &Shared) -> bool {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: syncfs only reads the descriptor, which `shared.dir_file` keeps open.
+    let status = unsafe { libc::syncfs(shared.dir_file.as_raw_fd()) };
+    if status != 0 {
+        log::warn!(
+            "syncfs on {} failed ({}); syncing each file instead",
+            shared.dir.display(),
+            io::Error::last_os_error()
+        );
+    }
+    status == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn sync_file_system(_shared: &Shared) -> bool {
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -707,6 +908,29 @@ mod tests {
 
     fn file_of(store: &Store, cluster_id: &str) -> PathBuf {
         store.dir().join(file::file_name(cluster_id))
+    }
+
+    /// Checkpoints the current journal segment now, as a full one would be.
+    fn checkpoint_now(store: &Store) {
+        let shared = &store.handle.shared;
+        let segment = lock(&shared.journal).segment.take();
+        if let Some(segment) = segment {
+            assert!(commit::checkpoint(shared, &segment, false));
+        }
+    }
+
+    /// Every record in the journal's segments, read straight from disk: (kind, cluster, payload).
+    fn journal_records(dir: &Path) -> Vec<(u8, String, Vec<u8>)> {
+        let mut records = Vec::new();
+        for number in journal::list(dir).unwrap() {
+            let torn = journal::replay(&dir.join(format!("{}{number}", journal::PREFIX)), |r| {
+                records.push((r.kind, r.header.cluster_id, r.payload));
+                Ok(())
+            })
+            .unwrap();
+            assert!(torn.is_none());
+        }
+        records
     }
 
     fn names_in(dir: &Path) -> Vec<String> {
@@ -762,7 +986,9 @@ mod tests {
         assert_eq!(upload.payload, b"second, longer");
         assert_eq!(store.stats().bytes, 14);
         assert_eq!(store.clusters().len(), 1);
-        // One cluster file and the lock: the old file was replaced, no temp file left.
+        checkpoint_now(&store);
+        assert_eq!(store.get("c").unwrap().unwrap().payload, b"second, longer");
+        // One cluster file and the lock: the old file was replaced, no temp file or segment left.
         assert_eq!(
             names_in(store.dir()),
             vec![".lock".to_string(), file::file_name("c")]
@@ -776,11 +1002,96 @@ mod tests {
         for round in 0..5u8 {
             let payload = vec![round; 1000 + usize::from(round)];
             store.put("c", payload.clone(), at(0)).unwrap();
-            // Read straight from disk, bypassing the store.
-            let (header, on_disk) = file::read(&file_of(&store, "c"), true).unwrap();
-            assert_eq!(header.cluster_id, "c");
-            assert_eq!(on_disk.unwrap(), payload);
+            // Read straight from disk, bypassing the store: the journal holds it...
+            let records = journal_records(store.dir());
+            assert_eq!(
+                records.last().unwrap(),
+                &(journal::PUT, "c".to_string(), payload.clone())
+            );
+            // ...and after a checkpoint, the cluster file.
+            if round % 2 == 1 {
+                checkpoint_now(&store);
+                let (header, on_disk) = file::read(&file_of(&store, "c"), true).unwrap();
+                assert_eq!(header.cluster_id, "c");
+                assert_eq!(on_disk.unwrap(), payload);
+            }
         }
+    }
+
+    #[test]
+    fn acknowledged_uploads_in_the_journal_are_replayed_on_open() {
+        let dir = TempDir::new("replay");
+        let d_received = at(0);
+        {
+            let store = open(&dir);
+            store.put("a", b"a-first".to_vec(), at(-30)).unwrap();
+            store.put("b", b"b-only".to_vec(), at(-20)).unwrap();
+            checkpoint_now(&store);
+            store.put("a", b"a-second".to_vec(), at(-10)).unwrap();
+            store.put("c", b"c-gone".to_vec(), at(-10)).unwrap();
+            store.remove("c").unwrap();
+            store
+                .put("d", b"d-journal-only".to_vec(), d_received)
+                .unwrap();
+            // A crash: nothing checkpoints the segment (taken away from the closing store), which
+            // ends in a record cut short.
+            let shared = &store.handle.shared;
+            let segment = lock(&shared.journal).segment.take().unwrap();
+            let len = segment.file.metadata().unwrap().len();
+            std::os::unix::fs::FileExt::write_all_at(
+                &segment.file,
+                &[journal::PUT, b'T', b'L', b'M'],
+                len,
+            )
+            .unwrap();
+            drop(store);
+            assert!(dir
+                .0
+                .join(format!("{}{}", journal::PREFIX, segment.number))
+                .exists());
+        }
+        let store = open(&dir);
+        assert_eq!(store.get("a").unwrap().unwrap().payload, b"a-second");
+        assert_eq!(store.get("b").unwrap().unwrap().payload, b"b-only");
+        assert_eq!(store.get("c").unwrap(), None);
+        let d = store.get("d").unwrap().unwrap();
+        assert_eq!(
+            (d.payload, d.received),
+            (b"d-journal-only".to_vec(), d_received)
+        );
+        // Replayed into cluster files, and the segments are gone.
+        let mut expected = vec![".lock".to_string()];
+        expected.extend(["a", "b", "d"].map(file::file_name));
+        expected.sort();
+        assert_eq!(names_in(store.dir()), expected);
+        let (_, on_disk) = file::read(&file_of(&store, "a"), true).unwrap();
+        assert_eq!(on_disk.unwrap(), b"a-second");
+    }
+
+    #[test]
+    fn full_segments_are_checkpointed_and_reads_follow() {
+        let dir = TempDir::new("segments");
+        let store = open(&dir);
+        // Every commit starts a new segment and retires the previous one.
+        store
+            .handle
+            .shared
+            .segment_bytes
+            .store(1, Ordering::Relaxed);
+        for round in 0..20u8 {
+            for id in ["x", "y"] {
+                store.put(id, vec![round; 100], at(0)).unwrap();
+                assert_eq!(store.get(id).unwrap().unwrap().payload, vec![round; 100]);
+            }
+        }
+        drop(store);
+        // A clean close checkpoints everything: only cluster files remain.
+        let mut expected = vec![".lock".to_string()];
+        expected.extend(["x", "y"].map(file::file_name));
+        expected.sort();
+        assert_eq!(names_in(&dir.0), expected);
+        let store = open(&dir);
+        assert_eq!(store.get("y").unwrap().unwrap().payload, vec![19u8; 100]);
     }
 
     #[test]
@@ -967,6 +1278,7 @@ mod tests {
         let store = open(&dir);
         store.put("a", b"aaaa".to_vec(), at(0)).unwrap();
         store.put("b", b"bbbb".to_vec(), at(0)).unwrap();
+        checkpoint_now(&store);
         let path = file_of(&store, "a");
         let mut bytes = fs::read(&path).unwrap();
         let last = bytes.len() - 1;
@@ -991,6 +1303,7 @@ mod tests {
             .put("old", b"old".to_vec(), at(-2 * 3600 * 1000))
             .unwrap();
         store.put("fresh", b"fresh".to_vec(), at(0)).unwrap();
+        checkpoint_now(&store);
 
         let listed: Vec<String> = store.clusters().into_iter().map(|c| c.cluster_id).collect();
         assert_eq!(listed, vec!["fresh".to_string()]);
@@ -1052,12 +1365,14 @@ mod tests {
                 reply,
             });
         }
-        let temps_before = shared.next_temp.load(Ordering::Relaxed);
+        let records_before = journal_records(store.dir()).len();
         commit::commit(shared, batch);
         let results: Vec<bool> = answers.iter().map(|a| a.recv().unwrap().unwrap()).collect();
         assert_eq!(results, vec![true, true, true, false]);
-        // Two files written ("c" once, "d"), none for the skipped one.
-        assert_eq!(shared.next_temp.load(Ordering::Relaxed) - temps_before, 2);
+        // Two records written ("c" once, "d"), none for the skipped one.
+        let records = journal_records(store.dir());
+        assert_eq!(records.len() - records_before, 2);
+        assert_eq!(records[records_before].2, b"two");
         assert_eq!(store.get("c").unwrap().unwrap().payload, b"two");
         assert_eq!(store.get("d").unwrap().unwrap().payload, b"three");
         assert_eq!(store.get("kept").unwrap().unwrap().payload, b"stored");
@@ -1083,18 +1398,21 @@ mod tests {
         let old = at(-10);
         store.put("c", b"old".to_vec(), old).unwrap();
 
-        // Root ignores permissions, so make the next temp files impossible to create: a directory
-        // stands where each would go (the same create failure a full or read-only disk gives).
-        let next = store.handle.shared.next_temp.load(Ordering::Relaxed);
+        checkpoint_now(&store);
+
+        // Root ignores permissions, so make the next journal segments impossible to create: a
+        // directory stands where each would go (the same create failure a full or read-only
+        // disk gives).
+        let next = lock(&store.handle.shared.journal).next_number;
         let blockers: Vec<PathBuf> = (next..next + 4)
-            .map(|n| store.dir().join(format!("{TEMP_PREFIX}{n}")))
+            .map(|n| store.dir().join(format!("{}{n}", journal::PREFIX)))
             .collect();
         for blocker in &blockers {
             fs::create_dir(blocker).unwrap();
         }
         match store.put("c", b"new".to_vec(), at(0)) {
             Err(StoreError::Io { context, .. }) => {
-                assert!(context.contains(".tmp-"), "{context}");
+                assert!(context.contains(journal::PREFIX), "{context}");
                 assert!(context.contains(&dir.0.display().to_string()), "{context}");
             }
             other => panic!("expected an Io error, got {other:?}"),

@@ -1,0 +1,17 @@
+//! The load generator and in-process probes behind `make bench` (`tests/bench.sh`).
+//!
+//! Each subcommand of `telemeter-loadgen` measures one thing and prints one line of `key=value`
+//! figures: [`disk`] (the durable-write ceiling of the disk), [`load`] with [`ingest`] (uploads to
+//! our server, or the same series to a Pushgateway), [`federate`] (one full scrape), [`decode`]
+//! (decode + validate on one thread) and [`payload`] (the realistic 500-sample upload they share).
+#![deny(missing_docs)]
+
+pub mod decode;
+pub mod disk;
+pub mod federate;
+pub mod http;
+pub mod ingest;
+pub mod latency;
+pub mod load;
+pub mod payload;
+pub mod report;

@@ -1,0 +1,275 @@
+//! telemeter-loadgen: flags → one measurement → one line of `key=value` figures on stdout.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use telemeter_bench::http::Target;
+use telemeter_bench::ingest::{Pushgateway, Tokens, Upload};
+use telemeter_bench::load::{self, Plan};
+use telemeter_bench::{decode, disk, federate, payload};
+use telemeter_common::token::{SharedKey, TokenSigner};
+use telemeter_common::{delimited, text};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "telemeter-loadgen",
+    version,
+    about = "Load generator and probes for `make bench`: each subcommand prints one line of key=value figures."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PayloadFormat {
+    /// Text exposition 0.0.4 with timestamps.
+    Text,
+    /// Protobuf-delimited, snappy framed: the upload body.
+    Upload,
+    /// One line of figures about the payload.
+    Stats,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the realistic 500-sample upload of one cluster.
+    Payload {
+        /// The cluster id stamped on every series.
+        #[arg(long, default_value = "bench-00000000")]
+        cluster: String,
+        /// What to print.
+        #[arg(long, value_enum, default_value = "stats")]
+        format: PayloadFormat,
+    },
+    /// The durable-write ceiling: temp file + write + fsync + rename + directory fsync per upload.
+    Disk {
+        /// Directory to write in (same file system as the server's storage).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Writer threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Writes in all.
+        #[arg(long, default_value_t = 10_000)]
+        uploads: usize,
+        /// Stop after this many seconds anyway.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Distinct files, each replaced over and over (default: 4 per thread).
+        #[arg(long)]
+        clusters: Option<usize>,
+    },
+    /// Upload to telemeter-server as clients do (PD, snappy framed, bearer upload token).
+    Ingest {
+        /// The server's external URL.
+        #[arg(long)]
+        url: String,
+        /// The server's --shared-key file: upload tokens are minted here, no /authorize calls.
+        #[arg(long, conflicts_with = "token")]
+        shared_key: Option<PathBuf>,
+        /// A client token: upload tokens come from /authorize, one per cluster, before the clock.
+        #[arg(long, required_unless_present = "shared_key")]
+        token: Option<String>,
+        /// Sender threads, each with one keep-alive connection.
+        #[arg(long, default_value_t = 1)]
+        senders: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Distinct cluster ids over all senders (default: 4 per sender).
+        #[arg(long)]
+        clusters: Option<usize>,
+        /// Upload each cluster exactly once, then stop (to load a server).
+        #[arg(long)]
+        once: bool,
+        /// Per-request timeout in seconds.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// PUT the same series as text to a Pushgateway, under /metrics/job/<cluster id>.
+    Pushgateway {
+        /// The Pushgateway's URL.
+        #[arg(long)]
+        url: String,
+        /// Sender threads.
+        #[arg(long, default_value_t = 1)]
+        senders: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Distinct cluster ids (groups) over all senders (default: 4 per sender).
+        #[arg(long)]
+        clusters: Option<usize>,
+        /// Push each cluster exactly once, then stop.
+        #[arg(long)]
+        once: bool,
+        /// Per-request timeout in seconds.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// One full GET of /federate, counted as it streams.
+    Federate {
+        /// The server's internal URL.
+        #[arg(long)]
+        url: String,
+        /// The path to get.
+        #[arg(long, default_value = "/federate")]
+        path: String,
+        /// Seconds the whole response may take between reads.
+        #[arg(long, default_value_t = 120.0)]
+        timeout: f64,
+    },
+    /// Decode + validate the upload body in process, on one thread.
+    Decode {
+        /// Seconds to run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
+}
+
+fn seconds(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::from_secs(3600))
+}
+
+fn target(url: &str) -> Result<Target, String> {
+    Target::parse(url).map_err(|e| e.to_string())
+}
+
+fn run(cli: Cli) -> Result<String, String> {
+    match cli.command {
+        Command::Payload { cluster, format } => {
+            let families = payload::families(&cluster, payload::now_ms());
+            let mut out = std::io::stdout().lock();
+            let written = match format {
+                PayloadFormat::Text => text::encode(&mut out, &families, true),
+                PayloadFormat::Upload => {
+                    out.write_all(&payload::upload_body(&cluster, payload::now_ms()))
+                }
+                PayloadFormat::Stats => {
+                    let pd = delimited::encode(&families);
+                    let series: usize = families.iter().map(|f| f.metric.len()).sum();
+                    return Ok(format!(
+                        "families={} series={} samples={} pd_bytes={} upload_bytes={} text_bytes={}",
+                        families.len(),
+                        series,
+                        payload::sample_count(&families),
+                        pd.len(),
+                        payload::upload_body(&cluster, 0).len(),
+                        payload::text_body(&cluster).len()
+                    ));
+                }
+            };
+            written.map_err(|e| e.to_string())?;
+            Ok(String::new())
+        }
+        Command::Disk {
+            dir,
+            threads,
+            uploads,
+            duration,
+            clusters,
+        } => disk::run(&disk::Plan {
+            dir,
+            threads,
+            uploads,
+            duration: seconds(duration),
+            clusters: clusters.unwrap_or(threads.max(1) * 4),
+        })
+        .map(|r| r.to_string())
+        .map_err(|e| e.to_string()),
+        Command::Ingest {
+            url,
+            shared_key,
+            token,
+            senders,
+            duration,
+            clusters,
+            once,
+            timeout,
+        } => {
+            let target = target(&url)?;
+            let tokens = match (shared_key, token) {
+                (Some(path), _) => {
+                    let key = SharedKey::from_file(&path).map_err(|e| e.to_string())?;
+                    Tokens::Signed(TokenSigner::new(&key))
+                }
+                (None, Some(client_token)) => Tokens::Authorize {
+                    target: target.clone(),
+                    client_token,
+                },
+                (None, None) => return Err("give --shared-key or --token".into()),
+            };
+            let plan = Plan {
+                senders,
+                clusters: clusters.unwrap_or(senders.max(1) * 4),
+                duration: seconds(duration),
+                once,
+                samples_per_request: payload::SAMPLES_PER_UPLOAD,
+                expected_status: 200,
+                timeout: seconds(timeout),
+            };
+            Ok(load::run(
+                &plan,
+                &target,
+                Arc::new(Upload {
+                    target: target.clone(),
+                    tokens,
+                }),
+            )
+            .to_string())
+        }
+        Command::Pushgateway {
+            url,
+            senders,
+            duration,
+            clusters,
+            once,
+            timeout,
+        } => {
+            let target = target(&url)?;
+            let plan = Plan {
+                senders,
+                clusters: clusters.unwrap_or(senders.max(1) * 4),
+                duration: seconds(duration),
+                once,
+                samples_per_request: payload::SAMPLES_PER_UPLOAD,
+                expected_status: 200,
+                timeout: seconds(timeout),
+            };
+            Ok(load::run(
+                &plan,
+                &target,
+                Arc::new(Pushgateway {
+                    target: target.clone(),
+                }),
+            )
+            .to_string())
+        }
+        Command::Federate { url, path, timeout } => {
+            federate::run(&target(&url)?, &path, seconds(timeout))
+                .map(|r| r.to_string())
+                .map_err(|e| e.to_string())
+        }
+        Command::Decode { seconds: s } => decode::run(seconds(s)).map(|r| r.to_string()),
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(line) => {
+            if !line.is_empty() {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("telemeter-loadgen: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

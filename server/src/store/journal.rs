@@ -1,0 +1,405 @@
+//! The write-ahead journal: what makes a group commit cost one `fdatasync`.
+//!
+//! On ext4 (data=ordered) every journal commit of the file system also flushes the dirty data of
+//! the files it touches, so writing 64 cluster files and syncing them costs far more than
+//! appending the same bytes to one file: measured here, ~115 ms per batch of 64 × 50 KB files
+//! with one `syncfs`, ~150–200 ms with `fdatasync` per file, ~20 ms appending them to one file
+//! with one `fdatasync`. So a batch is appended to the current segment (`DIR/journal-<n>`) and
+//! synced once; the callers are answered then, and reads find the data in the segment. When a
+//! segment is full the committer starts the next one and the checkpointer writes, for each cluster
+//! whose newest upload lives in the old segment, its cluster file (temp + sync + rename + one
+//! directory sync for all), then deletes the segment. Clusters uploaded many times per segment
+//! are written once.
+//!
+//! A record is: kind (u8), cluster id length (u16), receive time (u64 ms), payload length (u64),
+//! checksum (u64), cluster id, payload; integers little endian. [`PUT`] carries an upload,
+//! [`REMOVE`] (empty payload) says the cluster's file was removed, so a replay does not bring it
+//! back. On open, segments are replayed in order; a record that is cut short or fails its checksum
+//! ends its segment's replay (a crash during an append, which was never answered Ok).
+//!
+//! The checksum only has to catch a torn or stale tail, not an adversary, and every accepted byte
+//! passes through it on the commit path: a 64-bit multiply-rotate hash (several GB/s) instead of
+//! the cluster files' SHA-256 (~0.5 GB/s here, which cost the committer 0.1 ms per upload).
+//! Checkpoints compute the SHA-256 of the cluster files, once per cluster.
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::file::{Header, ReadError};
+
+/// Segment files are named this followed by their number.
+pub(super) const PREFIX: &str = "journal-";
+/// A segment is closed and checkpointed once it holds this many bytes.
+pub(super) const SEGMENT_BYTES: u64 = 256 << 20;
+/// Commits start at multiples of this; the bytes between are zeros (a hole).
+pub(super) const PAGE: u64 = 4096;
+/// The record of an upload.
+pub(super) const PUT: u8 = 1;
+/// The record of a removal.
+pub(super) const REMOVE: u8 = 2;
+/// Bytes before a record's cluster id: kind, id length, receive time, payload length, checksum.
+const PREFIX_LEN: usize = 1 + 2 + 8 + 8 + 8;
+/// The part of the prefix the checksum covers (all but the checksum itself).
+const CHECKED_PREFIX_LEN: usize = PREFIX_LEN - 8;
+
+/// The checksum of a record: a 64-bit hash over its checked prefix, id and payload.
+fn checksum(prefix: &[u8], cluster_id: &[u8], payload: &[u8]) -> u64 {
+    hash(payload, hash(cluster_id, hash(prefix, 0)))
+}
+
+/// A fast non-cryptographic 64-bit hash (four independent multiply-rotate lanes over 8-byte
+/// words, then the length mixed in), chained through `seed`.
+fn hash(bytes: &[u8], seed: u64) -> u64 {
+    const P1: u64 = 0x9E37_79B9_7F4A_7C15;
+    const P2: u64 = 0xC2B2_AE3D_27D4_EB4F;
+    let mut lanes = [
+        seed ^ P1,
+        seed.rotate_left(17) ^ P2,
+        seed.rotate_left(31).wrapping_add(P1),
+        !seed,
+    ];
+    let mut round = |block: &[u8]| {
+        for (lane, word) in lanes.iter_mut().zip(block.chunks_exact(8)) {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            *lane = (*lane ^ u64::from_le_bytes(w))
+                .wrapping_mul(P2)
+                .rotate_left(29)
+                .wrapping_mul(P1);
+        }
+    };
+    let mut blocks = bytes.chunks_exact(32);
+    for block in &mut blocks {
+        round(block);
+    }
+    let tail = blocks.remainder();
+    if !tail.is_empty() {
+        let mut block = [0u8; 32];
+        block
+            .get_mut(..tail.len())
+            .unwrap_or_default()
+            .copy_from_slice(tail);
+        round(&block);
+    }
+    let mut h = bytes.len() as u64 ^ P2;
+    for lane in lanes {
+        h = (h ^ lane).wrapping_mul(P1).rotate_left(27);
+    }
+    h ^ (h >> 33)
+}
+
+/// The fixed-size start of a record, read.
+struct Prefix {
+    kind: u8,
+    id_len: usize,
+    received_millis: u64,
+    payload_len: u64,
+    checksum: u64,
+}
+
+fn read_u64(bytes: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    if let Some(src) = bytes.get(at..at + 8) {
+        w.copy_from_slice(src);
+    }
+    u64::from_le_bytes(w)
+}
+
+fn parse_prefix(prefix: &[u8; PREFIX_LEN]) -> Prefix {
+    Prefix {
+        kind: prefix[0],
+        id_len: usize::from(u16::from_le_bytes([prefix[1], prefix[2]])),
+        received_millis: read_u64(prefix, 3),
+        payload_len: read_u64(prefix, 11),
+        checksum: read_u64(prefix, 19),
+    }
+}
+
+/// Verifies a record whose prefix, id and payload were read; returns what it holds.
+fn verify(
+    prefix_bytes: &[u8; PREFIX_LEN],
+    prefix: &Prefix,
+    id: Vec<u8>,
+    payload: Vec<u8>,
+) -> Result<(Header, Vec<u8>), ReadError> {
+    let checked = prefix_bytes.get(..CHECKED_PREFIX_LEN).unwrap_or_default();
+    if checksum(checked, &id, &payload) != prefix.checksum {
+        return Err(ReadError::Corrupt("fails its checksum".to_string()));
+    }
+    let cluster_id = String::from_utf8(id)
+        .map_err(|_| ReadError::Corrupt("holds a cluster id that is not UTF-8".to_string()))?;
+    Ok((
+        Header {
+            cluster_id,
+            received_millis: prefix.received_millis,
+            payload_len: prefix.payload_len,
+        },
+        payload,
+    ))
+}
+
+/// One segment file, shared by the index entries whose data it holds. Reads go through the open
+/// descriptor, so they keep working while the checkpointer deletes the file.
+#[derive(Debug)]
+pub(super) struct Segment {
+    /// Its number; segments are replayed in this order.
+    pub(super) number: u64,
+    /// Where it is.
+    pub(super) path: PathBuf,
+    /// Open for reading and writing.
+    pub(super) file: File,
+}
+
+impl Segment {
+    /// Creates segment `number` in `dir` (which the caller syncs before relying on it).
+    pub(super) fn create(dir: &Path, number: u64) -> io::Result<Segment> {
+        let path = dir.join(format!("{PREFIX}{number}"));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok(Segment { number, path, file })
+    }
+
+    /// Reads and verifies the record at `offset` of a put of `payload_bytes` for `cluster_id`.
+    pub(super) fn read_put(
+        &self,
+        cluster_id: &str,
+        offset: u64,
+        payload_bytes: u64,
+    ) -> Result<(Header, Vec<u8>), ReadError> {
+        let mut prefix_bytes = [0u8; PREFIX_LEN];
+        self.file
+            .read_exact_at(&mut prefix_bytes, offset)
+            .map_err(ReadError::Io)?;
+        let prefix = parse_prefix(&prefix_bytes);
+        if prefix.kind != PUT
+            || prefix.id_len != cluster_id.len()
+            || prefix.payload_len != payload_bytes
+        {
+            return Err(ReadError::Corrupt(
+                "holds another record than the index says".to_string(),
+            ));
+        }
+        let payload_len = usize::try_from(payload_bytes)
+            .map_err(|_| ReadError::Corrupt(format!("payload of {payload_bytes} bytes")))?;
+        let mut id = vec![0u8; prefix.id_len];
+        let mut payload = vec![0u8; payload_len];
+        let id_at = offset + PREFIX_LEN as u64;
+        self.file
+            .read_exact_at(&mut id, id_at)
+            .and_then(|()| {
+                self.file
+                    .read_exact_at(&mut payload, id_at + id.len() as u64)
+            })
+            .map_err(ReadError::Io)?;
+        verify(&prefix_bytes, &prefix, id, payload)
+    }
+}
+
+/// Appends a record of `kind` to `out`; returns its offset relative to `out`'s start. Fails only
+/// when the cluster id does not fit its u16 length field.
+pub(super) fn encode(
+    kind: u8,
+    cluster_id: &str,
+    received_millis: u64,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<usize, String> {
+    let id_len = u16::try_from(cluster_id.len())
+        .map_err(|_| format!("cluster id is {} bytes, more than 65535", cluster_id.len()))?;
+    let start = out.len();
+    out.push(kind);
+    out.extend_from_slice(&id_len.to_le_bytes());
+    out.extend_from_slice(&received_millis.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    let sum = checksum(
+        out.get(start..).unwrap_or_default(),
+        cluster_id.as_bytes(),
+        payload,
+    );
+    out.extend_from_slice(&sum.to_le_bytes());
+    out.extend_from_slice(cluster_id.as_bytes());
+    out.extend_from_slice(payload);
+    Ok(start)
+}
+
+/// The segment numbers present in `dir`, in replay order.
+pub(super) fn list(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut numbers = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if let Some(number) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.strip_prefix(PREFIX))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            numbers.push(number);
+        }
+    }
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
+/// Whether `name` is a segment's file name.
+pub(super) fn is_segment_name(name: &str) -> bool {
+    name.strip_prefix(PREFIX)
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// One replayed record.
+pub(super) struct Record {
+    /// [`PUT`] or [`REMOVE`].
+    pub(super) kind: u8,
+    /// The image's header.
+    pub(super) header: Header,
+    /// The image's payload (empty for a removal).
+    pub(super) payload: Vec<u8>,
+}
+
+/// Reads the records of the segment at `path` one by one (memory holds one record at a time) and
+/// hands each to `apply`. Returns how many bytes at the end were not a whole valid record, with
+/// the reason.
+pub(super) fn replay(
+    path: &Path,
+    mut apply: impl FnMut(Record) -> io::Result<()>,
+) -> io::Result<Option<(u64, String)>> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut reader = BufReader::with_capacity(256 << 10, file);
+    let mut at = 0u64;
+    while at < len {
+        let torn = |reason: &str| Ok(Some((len - at, reason.to_string())));
+        if at % PAGE != 0 {
+            // After a commit's last record: zeros up to the next page, where the next one starts.
+            let mut kind = [0u8; 1];
+            reader.read_exact(&mut kind)?;
+            if kind[0] == 0 {
+                let gap = at.next_multiple_of(PAGE).min(len) - at - 1;
+                io::copy(&mut (&mut reader).take(gap), &mut io::sink())?;
+                at += 1 + gap;
+                continue;
+            }
+            reader.seek_relative(-1)?;
+        }
+        let left = len - at;
+        if left < PREFIX_LEN as u64 {
+            return torn("ends inside a record's prefix");
+        }
+        let mut prefix_bytes = [0u8; PREFIX_LEN];
+        reader.read_exact(&mut prefix_bytes)?;
+        let prefix = parse_prefix(&prefix_bytes);
+        if prefix.kind != PUT && prefix.kind != REMOVE {
+            return torn(&format!("unknown record kind {}", prefix.kind));
+        }
+        let size = (PREFIX_LEN + prefix.id_len) as u64;
+        if prefix.payload_len > left.saturating_sub(size) || size > left {
+            return torn("ends inside a record");
+        }
+        // Both lengths were just shown to be backed by the file.
+        let payload_len = usize::try_from(prefix.payload_len).unwrap_or(0);
+        let mut id = vec![0u8; prefix.id_len];
+        let mut payload = vec![0u8; payload_len];
+        reader.read_exact(&mut id)?;
+        reader.read_exact(&mut payload)?;
+        match verify(&prefix_bytes, &prefix, id, payload) {
+            Ok((header, payload)) => {
+                at += size + prefix.payload_len;
+                apply(Record {
+                    kind: prefix.kind,
+                    header,
+                    payload,
+                })?;
+            }
+            Err(ReadError::Corrupt(reason)) => return torn(&reason),
+            Err(ReadError::Io(error)) => return Err(error),
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_a_torn_tail_is_reported() {
+        let dir = std::env::temp_dir().join(format!("telemeter-journal-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let segment = Segment::create(&dir, 7).unwrap();
+        let mut bytes = Vec::new();
+        let first = encode(PUT, "a", 5, b"payload", &mut bytes).unwrap();
+        encode(REMOVE, "b", 0, b"", &mut bytes).unwrap();
+        let whole = bytes.len();
+        encode(PUT, "c", 6, b"cut off", &mut bytes).unwrap();
+        bytes.truncate(bytes.len() - 3);
+        segment.file.write_all_at(&bytes, 0).unwrap();
+
+        let (header, payload) = segment.read_put("a", first as u64, 7).unwrap();
+        assert_eq!(
+            (header.cluster_id.as_str(), payload.as_slice()),
+            ("a", &b"payload"[..])
+        );
+        assert_eq!(list(&dir).unwrap(), vec![7]);
+        assert!(
+            is_segment_name("journal-7")
+                && !is_segment_name("journal-")
+                && !is_segment_name("journal-x")
+        );
+
+        let mut seen = Vec::new();
+        let torn = replay(&segment.path, |r| {
+            seen.push((r.kind, r.header.cluster_id, r.payload));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            vec![
+                (PUT, "a".to_string(), b"payload".to_vec()),
+                (REMOVE, "b".to_string(), vec![])
+            ]
+        );
+        let (left, _) = torn.unwrap();
+        assert_eq!(left, (bytes.len() - whole) as u64);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_changed_byte_fails_the_checksum() {
+        let dir =
+            std::env::temp_dir().join(format!("telemeter-journal-flip-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let segment = Segment::create(&dir, 1).unwrap();
+        let mut bytes = Vec::new();
+        encode(PUT, "a", 5, &[7u8; 100], &mut bytes).unwrap();
+        let second = encode(PUT, "b", 6, &[8u8; 100], &mut bytes).unwrap();
+        for at in [second + 1, second + 5, bytes.len() - 1, second + 40] {
+            let mut flipped = bytes.clone();
+            flipped[at] ^= 0x10;
+            segment.file.write_all_at(&flipped, 0).unwrap();
+            assert!(
+                segment.read_put("b", second as u64, 100).is_err(),
+                "byte {at}"
+            );
+            let mut seen = 0;
+            let torn = replay(&segment.path, |_| {
+                seen += 1;
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(
+                (seen, torn.map(|(left, _)| left)),
+                (1, Some((bytes.len() - second) as u64))
+            );
+        }
+        assert_ne!(hash(&[0u8; 3], 0), hash(&[0u8; 4], 0));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,508 @@
+#!/usr/bin/env bash
+# `make bench`: the speed figures of telemeter, measured in one run on 127.0.0.1, against the
+# targets of the "make bench" issue. Prints one markdown table and writes it, with the machine, the
+# commit and the command, to bench/RESULTS.md.
+#
+#   tests/bench.sh            build release binaries, run every section, write bench/RESULTS.md
+#
+# Sections, all on the same 500-sample uploads (distinct cluster ids, node-exporter-like labels):
+#   1. disk ceiling   temp file + write + fsync + rename + dir fsync per upload, no HTTP
+#   2. ingest         our server (durable) and prometheus-pushgateway, N = 1, 16, 64 senders
+#   3. federate       one full GET /federate after loading 10,000 clusters x 500 series
+#   4. decode         snappy + protobuf-delimited decode + validation, one thread, in process
+#   5. client         telemeter-client --once scraping >= 10,000 series from a real Prometheus
+#   6. static sizes   make static (musl)
+#
+# Bounded: every wait and every measurement has a time limit, and the whole run (after the release
+# build) stays under BENCH_BUDGET seconds (default 570). Every process started here is stopped on
+# exit, also on failure or Ctrl-C.
+# Environment: BENCH_SECONDS (per ingest point, default 10), BENCH_FEDERATE_CLUSTERS (10000),
+# BENCH_NO_BUILD=1 (use the binaries in target/release as they are), BENCH_NO_STATIC=1,
+# TELEMETER_BIN (where telemeter-server and telemeter-client are, default target/release),
+# KEEP_WORKDIR=1 (keep logs and data), BENCH_RESULTS (output file, default bench/RESULTS.md).
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+bin=${TELEMETER_BIN:-$root/target/release}
+loadgen=$root/target/release/telemeter-loadgen
+point_s=${BENCH_SECONDS:-10}
+fed_clusters=${BENCH_FEDERATE_CLUSTERS:-10000}
+budget=${BENCH_BUDGET:-570}
+results=${BENCH_RESULTS:-$root/bench/RESULTS.md}
+senders_list=(1 16 64)
+command_line="make bench${BENCH_SECONDS:+ BENCH_SECONDS=$BENCH_SECONDS}"
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/telemeter-bench.XXXXXX")
+pids=()
+
+log() { printf '%s bench: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+
+stop_pid() {
+  local p=$1
+  kill -TERM "$p" 2>/dev/null || true
+  for _ in $(seq 1 100); do
+    kill -0 "$p" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$p" 2>/dev/null || true
+  wait "$p" 2>/dev/null || true
+  local keep=()
+  for q in "${pids[@]}"; do [ "$q" = "$p" ] || keep+=("$q"); done
+  pids=("${keep[@]}")
+}
+
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for _ in $(seq 1 100); do
+    local alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ "${KEEP_WORKDIR:-0}" = 1 ] || [ "$status" != 0 ]; then
+    # Keep the logs of a failed run, but not its bulk data.
+    rm -rf "$work"/store-* "$work"/disk-* "$work"/prom-data
+    echo "bench: logs kept in $work" >&2
+  else
+    rm -rf "$work"
+  fi
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+fail() {
+  echo "bench: FAILED: $*" >&2
+  for f in "$work"/*.log; do
+    [ -f "$f" ] || continue
+    echo "----- last lines of $(basename "$f")" >&2
+    tail -n 15 "$f" >&2
+  done
+  exit 1
+}
+
+# Seconds left of the budget (never below 1).
+left() { local l=$((budget - SECONDS)); [ "$l" -gt 1 ] && echo "$l" || echo 1; }
+# The time limit of one step: what it needs, but never more than the budget left.
+limit() { local l; l=$(left); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# wait_http URL SECONDS: until URL answers 2xx, or fail.
+wait_http() {
+  local deadline=$((SECONDS + $2))
+  until curl -sf -o /dev/null --max-time 2 "$1"; do
+    [ "$SECONDS" -lt "$deadline" ] || fail "no answer from $1 within $2 s"
+    sleep 0.1
+  done
+}
+
+# field LINE KEY: the value of KEY in a loadgen line of key=value pairs (empty if absent).
+field() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p" | head -n 1; }
+
+peak_rss_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+# CPU seconds (user + system) a process has used.
+cpu_s() {
+  local tck
+  tck=$(getconf CLK_TCK)
+  awk -v t="$tck" '{ print ($14 + $15) / t }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+
+# Formatting for the table.
+num() { awk -v x="$1" 'BEGIN { if (x == "" || x != x + 0) { print "n/a"; exit }
+  s = sprintf("%.0f", x); n = length(s); o = ""
+  for (i = 1; i <= n; i++) { o = o substr(s, i, 1); if ((n - i) % 3 == 0 && i < n) o = o "," }
+  print o }'; }
+mb() { awk -v k="$1" 'BEGIN { if (k == "" || k + 0 == 0) print "n/a"; else printf "%.1f MB", k / 1024 }'; }
+millions() { awk -v x="$1" 'BEGIN { if (x == "") print "n/a"; else printf "%.2fM", x / 1e6 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b + 0 == 0) print "n/a"; else printf "%.2f×", a / b }'; }
+cores() { awk -v c="$1" -v w="$2" 'BEGIN { if (w + 0 == 0) print "n/a"; else printf "%.2f", c / w }'; }
+# met VALUE OP BOUND: yes / **no** / n/a
+met() { awk -v v="$1" -v op="$2" -v b="$3" 'BEGIN {
+  if (v == "" || v != v + 0) { print "n/a"; exit }
+  ok = (op == ">=") ? (v + 0 >= b + 0) : (v + 0 < b + 0); print ok ? "yes" : "**no**" }'; }
+all_met() { local r=yes; for m in "$@"; do
+  case $m in "**no**") r="**no**" ;; n/a) [ "$r" = yes ] && r=n/a ;; esac; done; echo "$r"; }
+
+rows=()
+row() { rows+=("| $1 | $2 | $3 | $4 |"); }
+raw=()
+
+# ---------------------------------------------------------------------------------------------
+# Build.
+if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
+  log "building release binaries (cargo build --release)"
+  build_start=$SECONDS
+  cargo build --release -p telemeter-server -p telemeter-client -p telemeter-bench \
+    >"$work/build.log" 2>&1 || fail "release build failed (see build.log)"
+  log "built in $((SECONDS - build_start)) s"
+fi
+# The budget counts from here: the build depends on the cache, the measurements do not.
+SECONDS=0
+# Other work on the machine skews every figure: say how busy it was when the run began and ended.
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+[ -x "$loadgen" ] || fail "$loadgen missing"
+
+server_ready=0
+if "$bin/telemeter-server" --help 2>/dev/null | grep -q -- '--storage-path'; then server_ready=1; fi
+client_ready=0
+if "$bin/telemeter-client" --help 2>/dev/null | grep -q -- '--once'; then client_ready=1; fi
+
+head -c 48 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/shared.key"
+client_token=bench-client-token
+printf '[{"token":"%s","clusters":["*"]}]\n' "$client_token" >"$work/tokens.json"
+payload_stats=$("$loadgen" payload --format stats)
+raw+=("payload: $payload_stats")
+
+server_pid=
+ext_port=
+int_port=
+start_server() {
+  local name=$1
+  ext_port=$(free_port)
+  int_port=$(free_port)
+  "$bin/telemeter-server" --listen "127.0.0.1:$ext_port" --listen-internal "127.0.0.1:$int_port" \
+    --storage-path "$work/store-$name" --shared-key "$work/shared.key" \
+    --tokens-file "$work/tokens.json" --ratelimit 0s --ttl 1h \
+    >"$work/server-$name.log" 2>&1 &
+  server_pid=$!
+  pids+=("$server_pid")
+  wait_http "http://127.0.0.1:$int_port/healthz" 30
+  wait_http "http://127.0.0.1:$ext_port/healthz" 10
+}
+
+pg_pid=
+pg_port=
+start_pushgateway() {
+  pg_port=$(free_port)
+  # In memory only: the Debian build persists to /var/lib/prometheus/pushgateway.data by default,
+  # which would carry groups from one run (and one section) into the next.
+  /usr/bin/prometheus-pushgateway --web.listen-address="127.0.0.1:$pg_port" --persistence.file= \
+    --log.level=warn >"$work/pushgateway-$1.log" 2>&1 &
+  pg_pid=$!
+  pids+=("$pg_pid")
+  wait_http "http://127.0.0.1:$pg_port/-/ready" 20
+}
+
+# ---------------------------------------------------------------------------------------------
+# 4 (run first, on a quiet machine). Decode + validate in process.
+log "decode + validate, one thread"
+decode=$(timeout "$(limit 30)" "$loadgen" decode --seconds 5) || fail "decode failed"
+raw+=("decode: $decode")
+dec_rate=$(field "$decode" samples_per_cpu_s)
+
+# ---------------------------------------------------------------------------------------------
+# 1. Disk ceiling, same concurrency as the ingest points.
+declare -A disk_rate disk_line
+for n in "${senders_list[@]}"; do
+  log "disk ceiling, $n writers"
+  line=$(timeout "$(limit $((point_s + 30)))" "$loadgen" disk --dir "$work/disk-$n" \
+    --threads "$n" --uploads 1000000 --duration "$point_s" --clusters $((n * 4))) ||
+    fail "disk ceiling failed"
+  rm -rf "$work/disk-$n"
+  disk_line[$n]=$line
+  disk_rate[$n]=$(field "$line" uploads_per_s)
+  raw+=("disk N=$n: $line")
+done
+
+# ---------------------------------------------------------------------------------------------
+# 2a. Ingest into our server, a fresh server (and peak RSS) per point.
+declare -A ours_rate ours_line ours_rss ours_cpu ours_store ours_batch
+# Uploads per group commit (fsync), from the store's counters, if it exports them.
+uploads_per_commit() {
+  awk '/^telemeter_server_store_writes_total/ { w = $2 } /^telemeter_server_store_commits_total/ { c = $2 }
+    END { if (c > 0) printf "%.2f", w / c }' "$1" 2>/dev/null || true
+}
+# The mean store write (ms) from the server's own histogram, if it exports one.
+store_write_ms() {
+  awk '/^telemeter_server_store_write_seconds_sum/ { s = $2 } /^telemeter_server_store_write_seconds_count/ { c = $2 }
+    END { if (c > 0) printf "%.2f", s / c * 1000 }' "$1" 2>/dev/null || true
+}
+if [ "$server_ready" = 1 ]; then
+  for n in "${senders_list[@]}"; do
+    log "ingest into telemeter-server, $n senders"
+    start_server "ingest-$n"
+    cpu0=$(cpu_s "$server_pid")
+    line=$(timeout "$(limit $((point_s + 60)))" "$loadgen" ingest \
+      --url "http://127.0.0.1:$ext_port" --shared-key "$work/shared.key" \
+      --senders "$n" --duration "$point_s" --clusters $((n * 4))) || fail "ingest failed"
+    cpu1=$(cpu_s "$server_pid")
+    ours_line[$n]=$line
+    ours_rate[$n]=$(field "$line" uploads_per_s)
+    ours_rss[$n]=$(peak_rss_kib "$server_pid")
+    ours_cpu[$n]=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')
+    curl -s --max-time 5 "http://127.0.0.1:$int_port/metrics" >"$work/metrics-ingest-$n.txt" || true
+    ours_store[$n]=$(store_write_ms "$work/metrics-ingest-$n.txt")
+    ours_batch[$n]=$(uploads_per_commit "$work/metrics-ingest-$n.txt")
+    stop_pid "$server_pid"
+    rm -rf "$work/store-ingest-$n"
+    raw+=("ours N=$n: $line server_cpu_s=${ours_cpu[$n]} server_peak_rss_kib=${ours_rss[$n]} store_write_avg_ms=${ours_store[$n]} uploads_per_commit=${ours_batch[$n]}")
+  done
+fi
+
+# 2b. The same series, as text, to a Pushgateway.
+declare -A pg_rate pg_line pg_rss pg_cpu
+for n in "${senders_list[@]}"; do
+  log "ingest into prometheus-pushgateway, $n senders"
+  start_pushgateway "ingest-$n"
+  cpu0=$(cpu_s "$pg_pid")
+  line=$(timeout "$(limit $((point_s + 60)))" "$loadgen" pushgateway \
+    --url "http://127.0.0.1:$pg_port" --senders "$n" --duration "$point_s" \
+    --clusters $((n * 4))) || fail "pushgateway load failed"
+  cpu1=$(cpu_s "$pg_pid")
+  pg_line[$n]=$line
+  pg_rate[$n]=$(field "$line" uploads_per_s)
+  pg_rss[$n]=$(peak_rss_kib "$pg_pid")
+  pg_cpu[$n]=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')
+  stop_pid "$pg_pid"
+  raw+=("pushgateway N=$n: $line server_cpu_s=${pg_cpu[$n]} server_peak_rss_kib=${pg_rss[$n]}")
+done
+
+# ---------------------------------------------------------------------------------------------
+# 3. Federate after loading fed_clusters clusters.
+fed_line=
+fed_rss=
+fed_cpu=
+load_line=
+if [ "$server_ready" = 1 ]; then
+  log "loading $fed_clusters clusters x 500 series"
+  start_server federate
+  load_line=$(timeout "$(limit 240)" "$loadgen" ingest --url "http://127.0.0.1:$ext_port" \
+    --shared-key "$work/shared.key" --senders 16 --duration 220 --clusters "$fed_clusters" \
+    --once) || fail "loading the federate data failed"
+  raw+=("federate load: $load_line")
+  # Peak RSS of the federate alone: reset the high-water mark (Linux >= 4.0), or say it includes
+  # the load.
+  rss_scope="during the GET"
+  echo 5 >"/proc/$server_pid/clear_refs" 2>/dev/null || rss_scope="load + GET"
+  log "GET /federate"
+  cpu0=$(cpu_s "$server_pid")
+  fed_line=$(timeout "$(limit 180)" "$loadgen" federate --url "http://127.0.0.1:$int_port") ||
+    fail "federate failed"
+  cpu1=$(cpu_s "$server_pid")
+  fed_rss=$(peak_rss_kib "$server_pid")
+  fed_cpu=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')
+  curl -s --max-time 5 "http://127.0.0.1:$int_port/metrics" >"$work/metrics-federate.txt" || true
+  stop_pid "$server_pid"
+  rm -rf "$work/store-federate"
+  raw+=("federate: $fed_line server_cpu_s=$fed_cpu server_peak_rss_kib=$fed_rss ($rss_scope)")
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 5. Client one-shot against a real Prometheus serving >= 10,000 series.
+client_note=
+client_wall=
+client_rss=
+if [ "$client_ready" != 1 ]; then
+  client_note="not measured: client not yet merged"
+elif [ "$server_ready" != 1 ]; then
+  client_note="not measured: server not yet merged"
+else
+  log "client one-shot: Prometheus scraping a Pushgateway holding 20 x 500 series"
+  start_pushgateway client
+  line=$(timeout "$(limit 60)" "$loadgen" pushgateway --url "http://127.0.0.1:$pg_port" \
+    --senders 4 --clusters 20 --once --duration 50) || fail "loading the pushgateway failed"
+  raw+=("client source load: $line")
+  prom_port=$(free_port)
+  cat >"$work/prometheus.yml" <<EOF
+global: {scrape_interval: 1s, scrape_timeout: 1s}
+scrape_configs:
+  - job_name: pushgateway
+    honor_labels: true
+    static_configs: [{targets: ['127.0.0.1:$pg_port']}]
+EOF
+  /usr/bin/prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/prom-data" \
+    --web.listen-address="127.0.0.1:$prom_port" --log.level=warn >"$work/prometheus.log" 2>&1 &
+  prom_pid=$!
+  pids+=("$prom_pid")
+  wait_http "http://127.0.0.1:$prom_port/-/ready" 30
+  deadline=$((SECONDS + $(limit 40)))
+  series=0
+  while :; do
+    series=$(curl -s --max-time 5 -G --data-urlencode 'query=count({__name__=~".+"})' \
+      "http://127.0.0.1:$prom_port/api/v1/query" |
+      sed -n 's/.*"value":\[[^,]*,"\([0-9]*\)"\].*/\1/p')
+    [ "${series:-0}" -ge 10000 ] && break
+    [ "$SECONDS" -lt "$deadline" ] || fail "Prometheus holds only ${series:-0} series"
+    sleep 0.5
+  done
+  start_server client
+  client_args=(--once --from "http://127.0.0.1:$prom_port" --match '{__name__=~".+"}'
+    --to "http://127.0.0.1:$ext_port" --id bench --to-token "$client_token")
+  # One warm-up (page cache of the binary, Prometheus's caches), then three timed runs.
+  timeout 30 "$bin/telemeter-client" "${client_args[@]}" >"$work/client-warmup.log" 2>&1 ||
+    fail "telemeter-client --once failed (see client-warmup.log)"
+  # What the source alone takes: the same scrape with curl (the client's Accept header).
+  source_ms=()
+  for _ in 1 2 3; do
+    source_ms+=("$(curl -s -o /dev/null --max-time 10 -w '%{time_total}' -G \
+      -H 'Accept: application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.7,text/plain;version=0.0.4;q=0.3' \
+      --data-urlencode 'match[]={__name__=~".+"}' "http://127.0.0.1:$prom_port/federate" |
+      awk '{ printf "%.0f", $1 * 1000 }')")
+  done
+  walls=()
+  client_cpus=()
+  client_rss=0
+  for i in 1 2 3; do
+    timeout 30 /usr/bin/time -f '%e %M %U %S' -o "$work/client-time-$i.txt" \
+      "$bin/telemeter-client" "${client_args[@]}" >"$work/client-$i.log" 2>&1 ||
+      fail "telemeter-client --once failed (see client-$i.log)"
+    read -r w r u k <"$work/client-time-$i.txt"
+    walls+=("$w")
+    client_cpus+=("$(awk -v u="$u" -v k="$k" 'BEGIN { print u + k }')")
+    [ "$r" -gt "$client_rss" ] && client_rss=$r
+  done
+  client_wall=$(printf '%s\n' "${walls[@]}" | sort -n | sed -n 2p)
+  raw+=("client: Prometheus series=$series runs_wall_s=${walls[*]} runs_cpu_s=${client_cpus[*]} max_rss_kib=$client_rss prometheus_federate_alone_ms=${source_ms[*]}")
+  stop_pid "$server_pid"
+  stop_pid "$prom_pid"
+  stop_pid "$pg_pid"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 6. Static musl binaries.
+static_note=
+declare -A static_size
+if [ "${BENCH_NO_STATIC:-0}" = 1 ]; then
+  static_note="not measured: BENCH_NO_STATIC=1"
+else
+  log "make static (time limit $(left) s)"
+  if timeout "$(left)" make static >"$work/static.log" 2>&1; then
+    for b in telemeter-server telemeter-client; do
+      static_size[$b]=$(stat -c %s "target/static/$b" 2>/dev/null || echo "")
+    done
+  else
+    static_note="build failed: $(grep -m1 -E '^error' "$work/static.log" || tail -n 1 "$work/static.log")"
+    [ "$SECONDS" -ge "$budget" ] && static_note="not finished within the time budget"
+  fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# The table.
+desc() { # LINE RSS_KIB CPU_S
+  local l=$1
+  local s="$(num "$(field "$l" uploads_per_s)") uploads/s · $(millions "$(field "$l" samples_per_s)") samples/s · p50 $(field "$l" p50_ms) ms · p99 $(field "$l" p99_ms) ms"
+  [ -n "${2:-}" ] && s="$s · RSS $(mb "$2")"
+  [ -n "${3:-}" ] && s="$s · CPU server $(cores "$3" "$(field "$l" seconds)") + loadgen $(cores "$(field "$l" loadgen_cpu_s)" "$(field "$l" seconds)") cores"
+  [ -n "$(field "$l" cpu_s)" ] && s="$s · CPU $(cores "$(field "$l" cpu_s)" "$(field "$l" seconds)") cores"
+  local failed
+  failed=$(field "$l" failed)
+  if [ -n "$failed" ] && [ "$failed" != 0 ]; then s="$s · **$failed failed** ($(field "$l" first_error))"; fi
+  echo "$s"
+}
+
+for n in "${senders_list[@]}"; do
+  row "1. Disk ceiling, N=$n (write+fsync+rename+dir fsync)" "$(desc "${disk_line[$n]}")" "" ""
+done
+for n in "${senders_list[@]}"; do
+  if [ "$server_ready" = 1 ]; then
+    d=$(desc "${ours_line[$n]}" "${ours_rss[$n]}" "${ours_cpu[$n]}")
+    [ -n "${ours_store[$n]}" ] && d="$d · store write avg ${ours_store[$n]} ms"
+    [ -n "${ours_batch[$n]}" ] && d="$d · ${ours_batch[$n]} uploads per fsync batch"
+    if [ "$n" = 64 ]; then
+      l=${ours_line[$n]}
+      ok=$(all_met "$(met "$(field "$l" uploads_per_s)" ">=" 5000)" \
+        "$(met "$(field "$l" p99_ms)" "<" 50)" "$(met "${ours_rss[$n]}" "<" 102400)" \
+        "$(met "$(awk -v a="${ours_rate[$n]}" -v b="${disk_rate[$n]}" 'BEGIN { print (b > 0) ? a / b : "" }')" ">=" 1.5)")
+      [ "$(field "$l" failed)" = 0 ] || ok="**no**"
+      row "2. Ingest, telemeter-server, N=$n" "$d" "≥ 5,000 uploads/s, p99 < 50 ms, RSS < 100 MB, ≥ 1.5× disk ceiling" "$ok"
+    else
+      row "2. Ingest, telemeter-server, N=$n" "$d" "" ""
+    fi
+  else
+    row "2. Ingest, telemeter-server, N=$n" "not measured: server not yet merged" "" ""
+  fi
+done
+for n in "${senders_list[@]}"; do
+  row "2. Ingest, prometheus-pushgateway (PUT text), N=$n" "$(desc "${pg_line[$n]}" "${pg_rss[$n]}" "${pg_cpu[$n]}")" "" ""
+done
+ours_pg=()
+ours_disk=()
+for n in "${senders_list[@]}"; do
+  ours_pg+=("N=$n $(ratio "${ours_rate[$n]:-}" "${pg_rate[$n]}")")
+  ours_disk+=("N=$n $(ratio "${ours_rate[$n]:-}" "${disk_rate[$n]}")")
+done
+row "2. Ratio ours / pushgateway (uploads/s)" "$(IFS=,; echo "${ours_pg[*]}" | sed 's/,/ · /g')" "" ""
+disk64=$(awk -v a="${ours_rate[64]:-}" -v b="${disk_rate[64]}" 'BEGIN { if (a != "" && b > 0) print a / b }')
+row "2. Ratio ours / disk ceiling (uploads/s)" "$(IFS=,; echo "${ours_disk[*]}" | sed 's/,/ · /g')" "≥ 1.5× at N=64" "$(met "$disk64" ">=" 1.5)"
+if [ -n "$fed_line" ]; then
+  fs=$(field "$fed_line" series)
+  row "3. Federate, full GET after $(num "$fed_clusters") clusters × 500 series" \
+    "$(num "$fs") series in $(field "$fed_line" seconds) s · $(millions "$(field "$fed_line" series_per_s)") series/s · $(awk -v b="$(field "$fed_line" bytes_per_s)" 'BEGIN { printf "%.0f MB/s", b / 1e6 }') · $(awk -v b="$(field "$fed_line" bytes)" 'BEGIN { printf "%.0f MB", b / 1e6 }') · first byte $(field "$fed_line" first_byte_ms) ms · RSS $(mb "$fed_rss") ($rss_scope) · CPU server $(cores "$fed_cpu" "$(field "$fed_line" seconds)") + loadgen $(cores "$(field "$fed_line" loadgen_cpu_s)" "$(field "$fed_line" seconds)") cores · loaded at $(num "$(field "$load_line" uploads_per_s)") uploads/s" \
+    "≥ 2M series/s, RSS < 100 MB (5M series)" \
+    "$(all_met "$(met "$(field "$fed_line" series_per_s)" ">=" 2000000)" "$(met "$fed_rss" "<" 102400)" "$(met "$fs" ">=" $((fed_clusters * 500)))")"
+else
+  row "3. Federate" "not measured: server not yet merged" "≥ 2M series/s, RSS < 100 MB" "n/a"
+fi
+row "4. Decode + validate in process, 1 thread ($(field "$decode" validator))" \
+  "$(millions "$dec_rate") samples/s per core ($(num "$(field "$decode" uploads_per_s)") uploads/s)" \
+  "≥ 5M samples/s per core" "$(met "$dec_rate" ">=" 5000000)"
+if [ -n "$client_wall" ]; then
+  row "5. telemeter-client --once, $(num "$series") series from Prometheus → server" \
+    "$(awk -v w="$client_wall" 'BEGIN { printf "%.0f ms", w * 1000 }') wall (median of 3; runs ${walls[*]} s, client CPU ${client_cpus[*]} s; Prometheus /federate alone ${source_ms[*]} ms) · peak RSS $(mb "$client_rss")" \
+    "< 150 ms, < 20 MB" \
+    "$(all_met "$(met "$(awk -v w="$client_wall" 'BEGIN { print w * 1000 }')" "<" 150)" "$(met "$client_rss" "<" 20480)")"
+else
+  row "5. telemeter-client --once" "$client_note" "< 150 ms, < 20 MB" "n/a"
+fi
+if [ -z "$static_note" ]; then
+  for b in telemeter-server telemeter-client; do
+    s=${static_size[$b]:-}
+    row "6. Static musl binary: $b" "$(awk -v s="$s" 'BEGIN { if (s == "") print "n/a"; else printf "%.2f MB (%d bytes)", s / 1048576, s }')" "< 5 MB" "$(met "$s" "<" 5242880)"
+  done
+else
+  row "6. Static musl binaries" "$static_note" "< 5 MB each" "n/a"
+fi
+
+table=$(
+  echo "| Measurement | Result | Target | Met |"
+  echo "|---|---|---|---|"
+  printf '%s\n' "${rows[@]}"
+)
+echo
+echo "$table"
+echo
+
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+dirty=$(git status --porcelain 2>/dev/null | grep -v '^?? ' | grep -vc 'bench/RESULTS.md' || true)
+[ "${dirty:-0}" != 0 ] && commit="$commit (+ uncommitted changes)"
+{
+  echo "# telemeter benchmark results"
+  echo
+  echo "Written by \`tests/bench.sh\`; do not edit by hand."
+  echo
+  echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "- Commit: $commit"
+  echo "- Command: \`$command_line\` ($point_s s per ingest point, run took $SECONDS s after the build)"
+  echo "- Load average (1, 5, 15 min): $load_start at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end"
+  echo "- Machine: $(nproc) cores ($(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -n 1)), $(free -m | awk '/^Mem:/ {print $2}') MiB memory, $(uname -sr)"
+  echo "- Disk: storage and disk ceiling in $(dirname "$work") ($(df -T "$work" | awk 'NR == 2 {print $2 ", device " $1}'))"
+  echo "- Payload: $payload_stats (one upload = one cluster's 500 series)"
+  echo
+  echo "Every server and the load generator share the same machine: CPU figures are cores busy"
+  echo "over the measurement (server process, from /proc/PID/stat); RSS is the peak (VmHWM)."
+  echo
+  echo "$table"
+  echo
+  echo "## Raw figures"
+  echo
+  echo '```'
+  printf '%s\n' "${raw[@]}"
+  echo '```'
+  if [ -f "$work/metrics-ingest-64.txt" ]; then
+    echo
+    echo "## Server /metrics after the N=64 ingest point (store and upload lines)"
+    echo
+    echo '```'
+    grep -E '^telemeter_server_(store|upload|stored)' "$work/metrics-ingest-64.txt" | head -n 60 || true
+    echo '```'
+  fi
+} >"$results"
+log "wrote $results"
