@@ -24,6 +24,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::handoff;
+
 /// One request, with its whole body read (up to the handler's limit).
 #[derive(Debug)]
 pub struct Request {
@@ -388,7 +390,7 @@ impl Server {
 
     /// Starts the accept loop and the workers on their own threads.
     pub fn spawn(self) -> ServerHandle {
-        let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
+        let (jobs, queue) = handoff::queue::<Job>();
         let name = self.config.name.clone();
         let shared = Arc::new(Shared {
             addr: self.addr,
@@ -507,7 +509,7 @@ impl Drop for ServerHandle {
     }
 }
 
-type Job = (Request, crossbeam_channel::Sender<Response>);
+type Job = (Request, handoff::ReplySender<Response>);
 
 /// What the accept loop, connections and the handle share.
 struct Shared {
@@ -526,7 +528,7 @@ struct Shared {
     body_bytes_in_flight: AtomicUsize,
     /// Taken once shutdown has drained the connections, which ends the workers. Without a
     /// shutdown, the queue closes when the last holder of `Shared` goes.
-    jobs: Mutex<Option<crossbeam_channel::Sender<Job>>>,
+    jobs: Mutex<Option<handoff::Sender<Job>>>,
     connections: Mutex<HashMap<u64, Tracked>>,
     next_connection: AtomicU64,
 }
@@ -650,7 +652,7 @@ impl Drop for BodyReservation {
     }
 }
 
-fn work(name: &str, handler: &dyn Handler, queue: crossbeam_channel::Receiver<Job>) {
+fn work(name: &str, handler: &dyn Handler, queue: handoff::Receiver<Job>) {
     for (request, reply) in queue.iter() {
         let what = format!("{} {}", request.method, request.path);
         let response = match catch_unwind(AssertUnwindSafe(|| handler.handle(request))) {
@@ -664,7 +666,7 @@ fn work(name: &str, handler: &dyn Handler, queue: crossbeam_channel::Receiver<Jo
             }
         };
         // The connection may be gone (shutdown, peer reset); nothing to do then.
-        let _ = reply.send(response);
+        reply.send(response);
     }
 }
 
@@ -1229,13 +1231,12 @@ impl Connection {
                 Response::text(503, "shutting down")
             }
             Some(jobs) => {
-                let (reply, answer) = crossbeam_channel::bounded(1);
-                // A closed queue or a dropped reply means the workers are gone.
-                match jobs
-                    .send((request, reply))
-                    .ok()
-                    .and_then(|()| answer.recv().ok())
-                {
+                let (reply, answer) = handoff::oneshot();
+                // With the workers gone the job is given back and dropped, and so is its reply
+                // sender: the answer is then None.
+                let _ = jobs.send((request, reply));
+                drop(jobs);
+                match answer.recv() {
                     Some(response) => response,
                     None => {
                         close = true;

@@ -11,6 +11,7 @@ pub mod anonymize;
 pub mod base64;
 pub mod delimited;
 pub mod duration;
+pub mod handoff;
 pub mod hashring;
 pub mod http;
 pub mod instrument;

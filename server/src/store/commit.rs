@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
+use telemeter_common::handoff::ReplySender;
 
 use super::journal::{self, Segment};
 use super::{file, lock, Entry, Location, Shared, StoreError};
@@ -39,7 +40,7 @@ pub(super) struct Request {
     pub(super) payload: Vec<u8>,
     pub(super) received_millis: u64,
     pub(super) mode: Mode,
-    pub(super) reply: Sender<Result<bool, StoreError>>,
+    pub(super) reply: ReplySender<Result<bool, StoreError>>,
 }
 
 /// The journal's writing end: the current segment and how full it is.
@@ -290,7 +291,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         for &i in std::iter::once(&group.winner).chain(&group.superseded) {
             if let Some(request) = batch.get(i) {
                 // The caller may have given up waiting; nothing to do then.
-                let _ = request.reply.send(match &result {
+                request.reply.send(match &result {
                     Ok(v) => Ok(*v),
                     Err(StoreError::Io { context, source }) => Err(StoreError::Io {
                         context: context.clone(),
@@ -304,7 +305,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
     }
     for i in skipped {
         if let Some(request) = batch.get(i) {
-            let _ = request.reply.send(Ok(false));
+            request.reply.send(Ok(false));
         }
     }
 }

@@ -72,6 +72,7 @@ use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use fs2::FileExt;
+use telemeter_common::handoff;
 
 use commit::{JournalState, Mode, Request};
 use file::ReadError;
@@ -407,7 +408,7 @@ impl Store {
         let requests = lock(&self.handle.requests)
             .clone()
             .ok_or(StoreError::Closed)?;
-        let (reply, answer) = crossbeam_channel::bounded(1);
+        let (reply, answer) = handoff::oneshot();
         requests
             .send(Request {
                 cluster_id: cluster_id.to_string(),
@@ -420,7 +421,7 @@ impl Store {
         drop(requests);
         // The committer answers every request it takes; if it died instead, the reply sender is
         // dropped and this returns.
-        answer.recv().map_err(|_| StoreError::Closed)?
+        answer.recv().ok_or(StoreError::Closed)?
     }
 
     /// The clusters served now (written within the TTL), in a stable order (by cluster id).
@@ -1355,7 +1356,7 @@ mod tests {
             ("d", "three", at(-10), Mode::Replace),
             ("kept", "stale", at(-1000), Mode::IfNewer),
         ] {
-            let (reply, answer) = crossbeam_channel::bounded(1);
+            let (reply, answer) = handoff::oneshot();
             answers.push(answer);
             batch.push(Request {
                 cluster_id: id.to_string(),
@@ -1367,7 +1368,10 @@ mod tests {
         }
         let records_before = journal_records(store.dir()).len();
         commit::commit(shared, batch);
-        let results: Vec<bool> = answers.iter().map(|a| a.recv().unwrap().unwrap()).collect();
+        let results: Vec<bool> = answers
+            .into_iter()
+            .map(|a| a.recv().unwrap().unwrap())
+            .collect();
         assert_eq!(results, vec![true, true, true, false]);
         // Two records written ("c" once, "d"), none for the skipped one.
         let records = journal_records(store.dir());
