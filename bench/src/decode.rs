@@ -1,6 +1,9 @@
 //! Decode and validate in process, on one thread: what the server does to an upload body between
-//! reading it and storing it (snappy framed → protobuf-delimited → families → the server's own
-//! validation and stamping, `telemeter_server::validate::Rules`), with no network and no disk.
+//! reading it and storing it, with no network and no disk. The same steps as the server's upload
+//! pipeline, in its order: snappy framed → the fast path on the body's wire views
+//! (`telemeter_server::validate::Rules::check_wire`), which takes a valid body that needs no
+//! rewrite as it is; only when it cannot, the owned path (decode into families, validate and stamp
+//! with `Rules::apply`). The owned path alone is measured too, for the uploads that need it.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
@@ -8,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use telemeter_common::delimited;
 use telemeter_common::model::MetricFamily;
 use telemeter_common::snappy;
-use telemeter_server::validate::Rules;
+use telemeter_server::validate::{Rules, WireCheck};
 
 use crate::payload;
 use crate::report::{cpu_seconds, Report};
@@ -42,6 +45,18 @@ impl Validator {
         }
     }
 
+    /// The server's fast path on the decompressed `pd`: the samples of a body stored as it is,
+    /// `None` when the owned path has to decide.
+    pub fn check_wire(&self, pd: &[u8]) -> Option<usize> {
+        match self
+            .rules
+            .check_wire(pd, &limits(), &self.token_labels, SystemTime::now())
+        {
+            WireCheck::Unchanged { samples, .. } => Some(samples),
+            WireCheck::Owned => None,
+        }
+    }
+
     /// Validates and stamps `families`; returns the samples kept.
     pub fn check(&self, families: Vec<MetricFamily>) -> Result<usize, String> {
         let validated = self
@@ -59,78 +74,126 @@ fn limits() -> delimited::Limits {
     }
 }
 
-/// Decodes and validates one upload body; returns its samples.
+/// Decodes and validates one upload body as the server does (fast path first); returns its
+/// samples.
 pub fn decode_one(body: &[u8], validator: &Validator) -> Result<usize, String> {
     let pd = snappy::decode_framed(body, MAX_DECOMPRESSED).map_err(|e| e.to_string())?;
-    let families = delimited::decode(&pd, &limits()).map_err(|e| e.to_string())?;
+    if let Some(samples) = validator.check_wire(&pd) {
+        // The server keeps its own copy of a body it stores unchanged.
+        std::hint::black_box(pd.to_vec());
+        return Ok(samples);
+    }
+    owned(&pd, validator)
+}
+
+/// The owned path alone on one decompressed body: decode into families, validate, stamp.
+fn owned(pd: &[u8], validator: &Validator) -> Result<usize, String> {
+    let families = delimited::decode(pd, &limits()).map_err(|e| e.to_string())?;
     validator.check(families)
 }
 
-/// Seconds per upload spent in each stage (snappy, protobuf decode, validation), each stage timed
-/// alone over `rounds` repetitions: where the time of [`decode_one`] goes.
-pub fn stages(body: &[u8], validator: &Validator, rounds: u32) -> Result<[f64; 3], String> {
-    let rounds = rounds.max(1);
-    let pd = snappy::decode_framed(body, MAX_DECOMPRESSED).map_err(|e| e.to_string())?;
-    let families = delimited::decode(&pd, &limits()).map_err(|e| e.to_string())?;
-    let t = Instant::now();
-    for _ in 0..rounds {
-        let out = snappy::decode_framed(body, MAX_DECOMPRESSED).map_err(|e| e.to_string())?;
-        std::hint::black_box(out);
-    }
-    let snappy_s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    for _ in 0..rounds {
-        let out = delimited::decode(&pd, &limits()).map_err(|e| e.to_string())?;
-        std::hint::black_box(out);
-    }
-    let decode_s = t.elapsed().as_secs_f64();
-    // Validation takes the families by value: time the copies alone and take them off.
-    let t = Instant::now();
-    for _ in 0..rounds {
-        std::hint::black_box(families.clone());
-    }
-    let clone_s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    for _ in 0..rounds {
-        std::hint::black_box(validator.check(families.clone())?);
-    }
-    let validate_s = (t.elapsed().as_secs_f64() - clone_s).max(0.0);
-    let per = f64::from(rounds);
-    Ok([snappy_s / per, decode_s / per, validate_s / per])
-}
-
-/// Repeats [`decode_one`] on the benchmark upload for `duration` and reports samples/s.
-pub fn run(duration: Duration) -> Result<Report, String> {
-    let cluster = payload::cluster_id(1);
-    let validator = Validator::for_cluster(&cluster);
-    let body = payload::upload_body(&cluster, payload::now_ms());
+/// Samples per CPU second of `f` repeated on one thread for `duration`, with the uploads done.
+fn rate(duration: Duration, mut f: impl FnMut() -> Result<usize, String>) -> Result<Rate, String> {
     // One untimed pass: page faults of the first allocations are not the decoder's speed.
-    decode_one(&body, &validator)?;
+    f()?;
     let cpu_before = cpu_seconds();
     let started = Instant::now();
     let mut uploads = 0u64;
     let mut samples = 0u64;
     while started.elapsed() < duration {
-        samples += decode_one(&body, &validator)? as u64;
+        samples += f()? as u64;
         uploads += 1;
     }
-    let wall = started.elapsed().as_secs_f64().max(1e-9);
-    let cpu = (cpu_seconds() - cpu_before).max(1e-9);
-    let [snappy_s, decode_s, validate_s] = stages(&body, &validator, 300)?;
-    let stage_total = (snappy_s + decode_s + validate_s).max(1e-12);
+    Ok(Rate {
+        uploads,
+        samples,
+        wall: started.elapsed().as_secs_f64().max(1e-9),
+        cpu: (cpu_seconds() - cpu_before).max(1e-9),
+    })
+}
+
+/// What [`rate`] measured.
+struct Rate {
+    uploads: u64,
+    samples: u64,
+    wall: f64,
+    cpu: f64,
+}
+
+/// Seconds per upload spent in each stage of [`decode_one`] (snappy, the wire check), and in the
+/// owned path's two stages (protobuf decode, validation), each timed alone over `rounds`
+/// repetitions.
+pub fn stages(body: &[u8], validator: &Validator, rounds: u32) -> Result<[f64; 4], String> {
+    let rounds = rounds.max(1);
+    let pd = snappy::decode_framed(body, MAX_DECOMPRESSED).map_err(|e| e.to_string())?;
+    let families = delimited::decode(&pd, &limits()).map_err(|e| e.to_string())?;
+    let time = |f: &mut dyn FnMut() -> Result<(), String>| -> Result<f64, String> {
+        let t = Instant::now();
+        for _ in 0..rounds {
+            f()?;
+        }
+        Ok(t.elapsed().as_secs_f64() / f64::from(rounds))
+    };
+    let snappy_s = time(&mut || {
+        let out = snappy::decode_framed(body, MAX_DECOMPRESSED).map_err(|e| e.to_string())?;
+        std::hint::black_box(out);
+        Ok(())
+    })?;
+    let wire_s = time(&mut || {
+        std::hint::black_box(validator.check_wire(&pd));
+        Ok(())
+    })?;
+    let decode_s = time(&mut || {
+        let out = delimited::decode(&pd, &limits()).map_err(|e| e.to_string())?;
+        std::hint::black_box(out);
+        Ok(())
+    })?;
+    // Validation takes the families by value: time the copies alone and take them off.
+    let clone_s = time(&mut || {
+        std::hint::black_box(families.clone());
+        Ok(())
+    })?;
+    let validate_s = time(&mut || {
+        std::hint::black_box(validator.check(families.clone())?);
+        Ok(())
+    })?;
+    Ok([snappy_s, wire_s, decode_s, (validate_s - clone_s).max(0.0)])
+}
+
+/// Repeats [`decode_one`] on the benchmark upload for `duration` and reports samples/s, then the
+/// owned path alone for `duration` more.
+pub fn run(duration: Duration) -> Result<Report, String> {
+    let cluster = payload::cluster_id(1);
+    let validator = Validator::for_cluster(&cluster);
+    let body = payload::upload_body(&cluster, payload::now_ms());
+    let pd = snappy::decode_framed(&body, MAX_DECOMPRESSED).map_err(|e| e.to_string())?;
+    let path = match validator.check_wire(&pd) {
+        Some(_) => "wire",
+        None => "owned",
+    };
+    let server = rate(duration, || decode_one(&body, &validator))?;
+    let owned = rate(duration, || owned(&pd, &validator))?;
+    let [snappy_s, wire_s, decode_s, validate_s] = stages(&body, &validator, 300)?;
     let mut report = Report::new();
     report
         .word("validator", "telemeter_server::validate::Rules")
+        .word("path", path)
         .int("body_bytes", body.len() as u64)
-        .int("uploads", uploads)
-        .float("seconds", wall, 3)
-        .float("cpu_s", cpu, 3)
-        .float("uploads_per_s", uploads as f64 / wall, 1)
-        .float("samples_per_s", samples as f64 / wall, 0)
-        .float("samples_per_cpu_s", samples as f64 / cpu, 0)
-        .float("snappy_share", snappy_s / stage_total, 2)
-        .float("pd_decode_share", decode_s / stage_total, 2)
-        .float("validate_share", validate_s / stage_total, 2);
+        .int("uploads", server.uploads)
+        .float("seconds", server.wall, 3)
+        .float("cpu_s", server.cpu, 3)
+        .float("uploads_per_s", server.uploads as f64 / server.wall, 1)
+        .float("samples_per_s", server.samples as f64 / server.wall, 0)
+        .float("samples_per_cpu_s", server.samples as f64 / server.cpu, 0)
+        .float(
+            "owned_samples_per_cpu_s",
+            owned.samples as f64 / owned.cpu,
+            0,
+        )
+        .float("snappy_us", snappy_s * 1e6, 1)
+        .float("wire_check_us", wire_s * 1e6, 1)
+        .float("owned_decode_us", decode_s * 1e6, 1)
+        .float("owned_validate_us", validate_s * 1e6, 1);
     Ok(report)
 }
 
@@ -146,6 +209,21 @@ mod tests {
         // Another cluster's token: the series carry _id of cluster 5, so the server refuses them.
         assert!(decode_one(&body, &Validator::for_cluster("bench-00000006")).is_err());
         assert!(decode_one(&body[..body.len() / 2], &own).is_err());
+    }
+
+    #[test]
+    fn the_benchmark_upload_takes_the_fast_path_and_both_paths_agree() {
+        let cluster = "bench-00000005";
+        let body = payload::upload_body(cluster, payload::now_ms());
+        let pd = snappy::decode_framed(&body, MAX_DECOMPRESSED).unwrap();
+        let v = Validator::for_cluster(cluster);
+        assert_eq!(v.check_wire(&pd), Some(payload::SAMPLES_PER_UPLOAD));
+        assert_eq!(owned(&pd, &v), Ok(payload::SAMPLES_PER_UPLOAD));
+        // Another cluster's token is never taken unchanged.
+        assert_eq!(
+            Validator::for_cluster("bench-00000006").check_wire(&pd),
+            None
+        );
     }
 
     #[test]
