@@ -874,7 +874,14 @@ impl<'a> Wire<'a> {
 
     #[inline]
     fn str(self) -> Result<&'a str, Bad> {
-        std::str::from_utf8(self.bytes()?).map_err(|_| Bad("string is not UTF-8"))
+        let bytes = self.bytes()?;
+        // Nearly every name and value is short ASCII, which the inlined scan settles without the
+        // call into the general UTF-8 validator (a few percent of an upload's CPU, measured).
+        if bytes.is_ascii() {
+            // SAFETY: ASCII bytes are valid UTF-8.
+            return Ok(unsafe { std::str::from_utf8_unchecked(bytes) });
+        }
+        std::str::from_utf8(bytes).map_err(|_| Bad("string is not UTF-8"))
     }
 
     #[inline]

@@ -461,7 +461,12 @@ fn check_wire_labels(
         if let Some(slot) = names.get_mut(count - 1) {
             *slot = name;
         }
-        if let Some(expected) = token_labels.get(name) {
+        // A scan with the length compared first: the token has one or two labels, and most names
+        // differ from them in length, so no string comparison runs for them.
+        if let Some((_, expected)) = token_labels
+            .iter()
+            .find(|(k, _)| k.len() == name.len() && *k == name)
+        {
             if expected != value {
                 return None;
             }
