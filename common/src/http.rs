@@ -1219,30 +1219,25 @@ impl Connection {
             mut close,
             _reservation,
         } = parsed;
-        let jobs = self
-            .shared
-            .jobs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let response = match jobs {
+        let (reply, answer) = handoff::oneshot();
+        {
+            // Queued under the lock rather than with a clone of the sender: a clone and its drop
+            // would take the queue's own lock twice more, against every worker.
+            let jobs = self.shared.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            match jobs.as_ref() {
+                // With the workers gone the job is given back and dropped, and so is its reply
+                // sender.
+                Some(jobs) => drop(jobs.send((request, reply))),
+                // Shutting down: no queue to take it.
+                None => drop(reply),
+            }
+        }
+        // `None`: shutting down, or the workers are gone.
+        let response = match answer.recv() {
+            Some(response) => response,
             None => {
                 close = true;
                 Response::text(503, "shutting down")
-            }
-            Some(jobs) => {
-                let (reply, answer) = handoff::oneshot();
-                // With the workers gone the job is given back and dropped, and so is its reply
-                // sender: the answer is then None.
-                let _ = jobs.send((request, reply));
-                drop(jobs);
-                match answer.recv() {
-                    Some(response) => response,
-                    None => {
-                        close = true;
-                        Response::text(503, "shutting down")
-                    }
-                }
             }
         };
         drop(_reservation);
