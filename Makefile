@@ -1,6 +1,8 @@
 # telemeter — build, test, run.
 #
 #   make                 release binaries in target/release/
+#   make setup           install what a fresh Debian machine lacks (Prometheus, musl, ...); the
+#                        targets below that need it run it first
 #   make check           what CI runs: fmt, clippy -D warnings, every unit and end-to-end test
 #   make test-integration  the two-server + client + real Prometheus scenario (tests/integration.sh)
 #   make test-reliability  crash safety, hostile input, slow clients, full disk, gossip fuzzing
@@ -12,14 +14,17 @@ CARGO ?= cargo
 MUSL_TARGET := x86_64-unknown-linux-musl
 BINARIES := telemeter-server telemeter-client
 
-.PHONY: all build check fmt-check clippy test test-integration test-reliability demo static fixtures clean
+.PHONY: all build setup check fmt-check clippy test test-integration test-reliability demo static fixtures clean
 
 all: build
 
 build:
 	$(CARGO) build --release --workspace --bins
 
-check: fmt-check clippy test
+setup:
+	./tests/setup.sh
+
+check: setup fmt-check clippy test
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -39,16 +44,16 @@ RELIABILITY_TESTS := --test crash --test hostile --test disk_full --test fuzz --
 
 # The servers' own log lines (`[server] ...`) are left out of the output; the tests' findings stay.
 test-reliability: SHELL := /bin/bash
-test-reliability:
+test-reliability: setup
 	$(CARGO) build -p telemeter-server --bins
 	set -o pipefail; CRASH_CLUSTER_ROUNDS=20 $(CARGO) test -p telemeter-server $(RELIABILITY_TESTS) \
 	  -- --include-ignored --nocapture --test-threads 1 2>&1 | grep -v '^\[server\]'
 
-test-integration: build
+test-integration: setup build
 	./tests/integration-port-in-use.sh
 	./tests/integration.sh
 
-demo: build
+demo: setup build
 	./tests/integration.sh --demo
 
 # Static binaries are for copying onto hosts with nothing installed, so size matters more than the
@@ -57,7 +62,7 @@ demo: build
 # assembly parts build with musl-gcc (musl-tools), which the cc crate finds by itself.
 STATIC_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static
 
-static:
+static: setup
 	CARGO_PROFILE_RELEASE_OPT_LEVEL=s RUSTFLAGS="$(STATIC_RUSTFLAGS)" \
 	  $(CARGO) build --release --workspace --bins --target $(MUSL_TARGET)
 	mkdir -p target/static
@@ -69,7 +74,7 @@ fixtures:
 
 # The speed figures against the targets, in one bounded run; writes bench/RESULTS.md.
 .PHONY: bench
-bench:
+bench: setup
 	./tests/bench.sh
 
 clean:

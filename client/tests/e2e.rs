@@ -55,9 +55,7 @@ fn once_args<'a>(receiver: &'a Receiver, from: &'a str) -> Vec<&'a str> {
 
 #[test]
 fn real_prometheus_two_matches_without_match_file() {
-    let Some(prom) = Prometheus::start(1) else {
-        return;
-    };
+    let prom = Prometheus::start(1);
     let receiver = Receiver::start(Behaviour::default());
     let instance = format!("127.0.0.1:{}", prom.port);
     let out = run_client(

@@ -56,29 +56,31 @@ fn metrics_health_and_sigterm() {
     ] {
         assert!(r.body.contains(name), "missing {name}:\n{}", r.body);
     }
-    if std::path::Path::new("/usr/bin/promtool").exists() {
-        let mut promtool = Command::new("/usr/bin/promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        promtool
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(r.body.as_bytes())
-            .unwrap();
-        let out = promtool.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "promtool: {}{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            r.body
-        );
-    }
+    assert!(
+        std::path::Path::new("/usr/bin/promtool").exists(),
+        "/usr/bin/promtool is not installed: run `make setup` (Debian package prometheus)"
+    );
+    let mut promtool = Command::new("/usr/bin/promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(r.body.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        r.body
+    );
 
     let status = s.signal_and_wait(libc::SIGTERM);
     assert_eq!(status.code(), Some(0));

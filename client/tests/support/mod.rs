@@ -338,12 +338,13 @@ pub const PROMETHEUS: &str = "/usr/bin/prometheus";
 
 impl Prometheus {
     /// Starts Prometheus with `jobs` scrape jobs of itself (distinct job names) and waits (bounded)
-    /// until `/federate` returns `up` for all of them. `None` when Prometheus is not installed.
-    pub fn start(jobs: usize) -> Option<Prometheus> {
-        if !Path::new(PROMETHEUS).exists() {
-            eprintln!("NOTE: {PROMETHEUS} not found; skipping the real-Prometheus test");
-            return None;
-        }
+    /// until `/federate` returns `up` for all of them. Panics when Prometheus is not installed:
+    /// these tests exist to run against the real one.
+    pub fn start(jobs: usize) -> Prometheus {
+        assert!(
+            Path::new(PROMETHEUS).exists(),
+            "{PROMETHEUS} is not installed: run `make setup` (Debian package prometheus)"
+        );
         let dir = TempDir::new("prom");
         let port = free_port();
         let mut config = String::from("global:\n  scrape_interval: 1s\nscrape_configs:\n");
@@ -383,7 +384,7 @@ impl Prometheus {
                 if jobs_up >= jobs {
                     // One more scrape interval so every job's series are in the head block.
                     std::thread::sleep(Duration::from_millis(1500));
-                    return Some(prom);
+                    return prom;
                 }
             }
             assert!(
