@@ -371,16 +371,15 @@ impl UploadHandler {
                 )
             })?,
         };
-        let decompressed;
-        let body: &[u8] = match request
+        let decompressed: Option<Vec<u8>> = match request
             .header("Content-Encoding")
             .map(|e| e.trim().to_ascii_lowercase())
             .as_deref()
         {
-            None | Some("") | Some("identity") => &request.body,
-            Some("snappy") => {
-                decompressed = snappy::decode_framed(&request.body, limits.max_decompressed_bytes)
-                    .map_err(|e| match e {
+            None | Some("") | Some("identity") => None,
+            Some("snappy") => Some(
+                snappy::decode_framed(&request.body, limits.max_decompressed_bytes).map_err(
+                    |e| match e {
                         SnappyError::TooLarge { .. } => Refusal::new(
                             413,
                             format!(
@@ -391,9 +390,9 @@ impl UploadHandler {
                         SnappyError::Corrupt(_) => {
                             Refusal::new(400, format!("invalid snappy body: {e}"))
                         }
-                    })?;
-                &decompressed
-            }
+                    },
+                )?,
+            ),
             Some(other) => {
                 return Err(Refusal::new(
                     415,
@@ -401,6 +400,7 @@ impl UploadHandler {
                 ))
             }
         };
+        let body: &[u8] = decompressed.as_deref().unwrap_or(&request.body);
         if body.len() > limits.max_decompressed_bytes {
             return Err(Refusal::new(
                 413,
@@ -432,10 +432,9 @@ impl UploadHandler {
                     .check_wire(body, &decode_limits, token_labels, now)
                 {
                     if element_bytes <= budget {
-                        return Ok(Decoded::Unchanged {
-                            body: body.to_vec(),
-                            series,
-                        });
+                        // A decompressed body is stored as it is, not copied again.
+                        let body = decompressed.unwrap_or_else(|| request.body.clone());
+                        return Ok(Decoded::Unchanged { body, series });
                     }
                 }
                 // The decoder checks its caps only after building each family, so they are
