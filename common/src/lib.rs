@@ -19,6 +19,8 @@ pub mod labels;
 pub mod logging;
 pub mod media;
 pub mod model;
+#[cfg(test)]
+mod promtool;
 pub mod selector;
 pub mod signal;
 pub mod snappy;

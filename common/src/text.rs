@@ -1809,30 +1809,6 @@ s_count{a="x"} 0
         assert_eq!(encode_to_string(&text, true).as_bytes(), FEDERATE_TXT);
     }
 
-    /// Runs `promtool check metrics` on `text`: its exit code and stderr.
-    fn promtool_check(text: Vec<u8>) -> (i32, String) {
-        use std::process::{Command, Stdio};
-        let promtool = "/usr/bin/promtool";
-        assert!(
-            std::path::Path::new(promtool).exists(),
-            "{promtool} is not installed: run `make setup` (Debian package prometheus)"
-        );
-        let mut child = Command::new(promtool)
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        let writer = std::thread::spawn(move || stdin.write_all(&text));
-        let out = child.wait_with_output().unwrap();
-        writer.join().unwrap().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned()
-            + &String::from_utf8_lossy(&out.stdout);
-        (out.status.code().unwrap_or(-1), stderr)
-    }
-
     #[test]
     fn promtool_accepts_our_encoding() {
         // promtool 2.42 exits 0 when clean, 3 when it only has lint complaints (no help text,
@@ -1842,14 +1818,14 @@ s_count{a="x"} 0
         for families in [pd, text] {
             let mut ours = Vec::new();
             encode(&mut ours, &families, true).unwrap();
-            let (code, stderr) = promtool_check(ours);
+            let (code, stderr) = crate::promtool::check_metrics(ours);
             // Prometheus's own /metrics is lint-clean, so our rendering of it must be too.
             assert_eq!(code, 0, "{stderr}");
         }
         let synthetic = parse_ok(CANONICAL);
         let mut ours = Vec::new();
         encode(&mut ours, &synthetic, true).unwrap();
-        let (code, stderr) = promtool_check(ours);
+        let (code, stderr) = crate::promtool::check_metrics(ours);
         assert!(code == 0 || code == 3, "exit {code}: {stderr}");
         assert!(!stderr.contains("error while linting"), "{stderr}");
     }
