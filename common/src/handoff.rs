@@ -205,20 +205,17 @@ impl<T> ReplyReceiver<T> {
     /// The answer, waiting for it; `None` when the sender was dropped without answering.
     pub fn recv(self) -> Option<T> {
         let mut slot = lock(&self.reply.slot);
-        loop {
-            // Taken out for good: the receiver is consumed, so nothing after this looks again.
-            match std::mem::replace(&mut *slot, Slot::Dropped) {
-                Slot::Sent(value) => return Some(value),
-                Slot::Dropped => return None,
-                Slot::Empty => {
-                    *slot = Slot::Empty;
-                    slot = self
-                        .reply
-                        .ready
-                        .wait(slot)
-                        .unwrap_or_else(PoisonError::into_inner)
-                }
-            }
+        while matches!(*slot, Slot::Empty) {
+            slot = self
+                .reply
+                .ready
+                .wait(slot)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        // Taken out for good: the receiver is consumed, so nothing looks at the slot again.
+        match std::mem::replace(&mut *slot, Slot::Dropped) {
+            Slot::Sent(value) => Some(value),
+            Slot::Empty | Slot::Dropped => None,
         }
     }
 }
