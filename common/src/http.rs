@@ -2,21 +2,39 @@
 //!
 //! Why not tiny_http: 0.12 starts one unbounded thread per connection, sets no socket deadlines, and
 //! its TLS feature pins rustls 0.20 (RUSTSEC-2024-0336). This front owns exactly those parts:
-//! - an accept loop with a cap on open connections (over it: `503` and close);
+//! - an accept loop with a cap on open connections, over all peers and per peer address (an IPv4
+//!   address or an IPv6 /64); at a cap it first closes a connection that is not doing anything
+//!   useful (see [`Stats::evicted_connections`]), else answers `503` and closes;
 //! - one thread per open connection (small stack) that reads a request head under a total deadline
 //!   and a body under its own deadline, so a client trickling bytes holds only its own thread;
+//! - the [`Handler`] is asked about each head ([`Handler::admit`]) before any of its body is read:
+//!   it may refuse it (the server's `/upload` checks the upload token there) or set its body cap;
+//! - request bodies with `Content-Length` or `Transfer-Encoding: chunked` (RFC 9112 §7.1; chunk
+//!   extensions ignored, trailers read and dropped), held in memory that grows with the bytes that
+//!   arrive, never with what was declared, and counted against a budget over all connections and
+//!   one per peer address;
 //! - a fixed pool of worker threads running the [`Handler`] (CPU work is bounded by the pool size);
 //! - optional TLS with rustls ≥ 0.23.5;
-//! - the protocol errors answered here, one line each: `400` malformed, `408` too slow, `411` chunked
-//!   request body, `413` body over the handler's limit (checked before reading it), `431` head too
-//!   large, `503` too many connections or a full body budget;
+//! - the protocol errors answered here, one line each, and the connection closed after them:
+//!   `400` malformed (including lone-LF line ends, control characters in header values, folded
+//!   header lines, `Transfer-Encoding` with `Content-Length` or in HTTP/1.0, a bad chunk), `408`
+//!   too slow, `413` body over the handler's limit (a declared length before reading, a chunked
+//!   body as soon as its chunks pass it), `417` unknown expectation, `431` head or trailers too
+//!   large, `501` a transfer coding other than a single `chunked`, `503` too many connections or a
+//!   full body budget, `505` not HTTP/1.x;
 //! - HTTP/1.1 keep-alive with an idle deadline, and `Connection: close`;
 //! - graceful shutdown: stop accepting, finish in-flight requests, then return.
+//!
+//! Request heads and chunk-size lines are parsed by `httparse`, behind the sans-IO functions
+//! [`head_end`], [`parse_head`], [`framing`] and [`ChunkedDecoder`] that each connection runs (and
+//! the fuzz tests drive directly). httparse accepts lone `\n` line ends and a chunk-size line
+//! without digits; both are refused here before they reach it.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, BufWriter, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -46,10 +64,7 @@ pub struct Request {
 impl Request {
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        first_header(&self.headers, name)
     }
 
     /// The first value of query parameter `name`, percent- and `+`-decoded.
@@ -225,9 +240,18 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, request: Request) -> Response;
 
     /// The largest body accepted for a request with this method and path; a declared length over it
-    /// is answered `413` before any of the body is read. Default 64 KiB.
+    /// is answered `413` before any of the body is read, a chunked body as soon as it passes it.
+    /// Default 64 KiB.
     fn body_limit(&self, _method: &str, _path: &str) -> usize {
         64 << 10
+    }
+
+    /// Decides on a request from its head alone, before any of its body is read or any memory is
+    /// set aside for it: `Ok` with the body cap, or the response that refuses it (the connection is
+    /// closed after it, since the body was not read). Runs on the connection's thread, so it must
+    /// be cheap (a token's MAC, not a call to another service). Default: [`Handler::body_limit`].
+    fn admit(&self, head: &Head, _remote: SocketAddr) -> Result<usize, Response> {
+        Ok(self.body_limit(&head.method, &head.path))
     }
 }
 
@@ -238,6 +262,10 @@ pub struct Config {
     pub name: String,
     /// Most connections open at once; more are answered `503` and closed.
     pub max_connections: usize,
+    /// Most connections open at once from one peer address (an IPv4 address, or an IPv6 /64); at
+    /// it, that peer's own longest-waiting idle connection is closed to make room, and only when
+    /// all of them are busy is the new one answered `503`.
+    pub max_connections_per_peer: usize,
     /// Worker threads running the handler.
     pub workers: usize,
     /// Time allowed to receive a whole request head.
@@ -248,22 +276,26 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Time allowed for each write to the peer.
     pub write_timeout: Duration,
-    /// Largest request head, in bytes.
+    /// Largest request head, in bytes; also the cap on a chunked body's trailers and extensions.
     pub max_header_bytes: usize,
     /// Most body bytes held in memory over all connections at once; past it, `503` with `Retry-After`.
     pub max_body_bytes_in_flight: usize,
+    /// Most body bytes held in memory for one peer address at once; past it, `503` with
+    /// `Retry-After`.
+    pub max_body_bytes_per_peer: usize,
     /// TLS, when set.
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for Config {
-    /// 1,024 connections, 2× cores workers (at least 4), 10 s head, 30 s body, 60 s idle,
-    /// 30 s write, 16 KiB head, 256 MiB of bodies in flight, no TLS.
+    /// 1,024 connections (256 per peer), 2× cores workers (at least 4), 10 s head, 30 s body,
+    /// 60 s idle, 30 s write, 16 KiB head, 256 MiB of bodies in flight (64 MiB per peer), no TLS.
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Config {
             name: "http".into(),
             max_connections: 1024,
+            max_connections_per_peer: 256,
             workers: (2 * cores).max(4),
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
@@ -271,6 +303,7 @@ impl Default for Config {
             write_timeout: Duration::from_secs(30),
             max_header_bytes: 16 << 10,
             max_body_bytes_in_flight: 256 << 20,
+            max_body_bytes_per_peer: 64 << 20,
             tls: None,
         }
     }
@@ -326,11 +359,22 @@ pub struct Stats {
     pub accepted_connections: u64,
     /// Connections refused because the cap was reached and every open one was busy.
     pub rejected_connections: u64,
-    /// Connections closed to make room at the cap: the one that had waited longest without
-    /// completing a request.
+    /// Connections refused because their peer address had [`Config::max_connections_per_peer`]
+    /// open and every one of them was busy.
+    pub peer_rejected_connections: u64,
+    /// Connections closed to make room at a connection cap: first the one that had waited longest
+    /// for or in a request head (idle keep-alive, silent, trickling), then a body that has stopped
+    /// arriving; never a body still making progress nor a request being answered.
     pub evicted_connections: u64,
-    /// Requests answered by the front itself with a protocol error (400, 408, 411, 413, 431, 503).
+    /// Requests answered by the front itself with a protocol error (400, 408, 413, 417, 431, 501,
+    /// 503, 505).
     pub protocol_errors: u64,
+    /// Of those, bodies refused because their peer address held [`Config::max_body_bytes_per_peer`].
+    pub peer_rejected_bodies: u64,
+    /// Requests the handler refused from their head alone ([`Handler::admit`]), before their body.
+    pub refused_heads: u64,
+    /// Body bytes held in memory now, over all connections.
+    pub body_bytes_in_flight: u64,
 }
 
 /// The stack of a connection thread. It parses heads, drives rustls, and runs [`StreamBody`]
@@ -344,6 +388,24 @@ const LINGER: Duration = Duration::from_secs(1);
 
 /// The most bytes discarded while lingering.
 const LINGER_BYTES: usize = 1 << 20;
+
+/// Most header fields in a request head (httparse needs a fixed array; 128 is several times what
+/// any client we serve sends).
+pub const MAX_HEADERS: usize = 128;
+
+/// Longest chunk-size line (size, extensions, CRLF), as Go's net/http allows.
+pub const MAX_CHUNK_LINE: usize = 4096;
+
+/// Body memory is set aside in steps of at least this much (or the whole body, when smaller), so
+/// a body that stops arriving holds about what it sent.
+const BODY_STEP: usize = 16 << 10;
+
+/// A body that received bytes within this long is making progress and is not closed to make room
+/// at the connection cap; one silent for longer may be, after every idle connection.
+const BODY_PROGRESS_GRACE: Duration = Duration::from_secs(5);
+
+/// How often a receiving body records its progress (a lock of the connection table each time).
+const PROGRESS_MARK_EVERY: Duration = Duration::from_millis(250);
 
 /// A bound, not yet running, server.
 pub struct Server {
@@ -401,11 +463,14 @@ impl Server {
             open: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            peer_rejected: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
+            peer_rejected_bodies: AtomicU64::new(0),
+            refused_heads: AtomicU64::new(0),
             body_bytes_in_flight: AtomicUsize::new(0),
             jobs: Mutex::new(Some(jobs)),
-            connections: Mutex::new(HashMap::new()),
+            connections: Mutex::new(Table::default()),
             next_connection: AtomicU64::new(0),
         });
         let mut workers = Vec::new();
@@ -460,8 +525,12 @@ impl ServerHandle {
             open_connections: self.shared.open.load(Ordering::SeqCst),
             accepted_connections: self.shared.accepted.load(Ordering::SeqCst),
             rejected_connections: self.shared.rejected.load(Ordering::SeqCst),
+            peer_rejected_connections: self.shared.peer_rejected.load(Ordering::SeqCst),
             evicted_connections: self.shared.evicted.load(Ordering::SeqCst),
             protocol_errors: self.shared.protocol_errors.load(Ordering::SeqCst),
+            peer_rejected_bodies: self.shared.peer_rejected_bodies.load(Ordering::SeqCst),
+            refused_heads: self.shared.refused_heads.load(Ordering::SeqCst),
+            body_bytes_in_flight: self.shared.body_bytes_in_flight.load(Ordering::SeqCst) as u64,
         }
     }
 
@@ -523,30 +592,100 @@ struct Shared {
     open: AtomicU64,
     accepted: AtomicU64,
     rejected: AtomicU64,
+    peer_rejected: AtomicU64,
     evicted: AtomicU64,
     protocol_errors: AtomicU64,
+    peer_rejected_bodies: AtomicU64,
+    refused_heads: AtomicU64,
     body_bytes_in_flight: AtomicUsize,
     /// Taken once shutdown has drained the connections, which ends the workers. Without a
     /// shutdown, the queue closes when the last holder of `Shared` goes.
     jobs: Mutex<Option<handoff::Sender<Job>>>,
-    connections: Mutex<HashMap<u64, Tracked>>,
+    connections: Mutex<Table>,
     next_connection: AtomicU64,
 }
 
-/// An open connection as shutdown sees it. The descriptor stays valid while the entry exists: a
-/// connection removes its entry (under the lock) before closing its socket, and `shutdown(2)` is
-/// only called under the lock.
+/// Whose connections and body bytes count together: an IPv4 address, or an IPv6 /64 (one host
+/// usually has a whole /64, so counting single IPv6 addresses would cap nothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PeerKey(IpAddr);
+
+impl PeerKey {
+    fn of(ip: IpAddr) -> PeerKey {
+        PeerKey(match ip {
+            IpAddr::V4(v4) => IpAddr::V4(v4),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => {
+                    let s = v6.segments();
+                    IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+                }
+            },
+        })
+    }
+}
+
+/// What one peer address holds now.
+#[derive(Default)]
+struct PeerUsage {
+    connections: usize,
+    body_bytes: usize,
+}
+
+/// The open connections and what each peer address holds, under one lock.
+#[derive(Default)]
+struct Table {
+    connections: HashMap<u64, Tracked>,
+    peers: HashMap<PeerKey, PeerUsage>,
+}
+
+impl Table {
+    /// Forgets `peer` once it holds nothing, so the map only grows with peers that hold something.
+    fn forget_if_unused(&mut self, peer: PeerKey) {
+        if self
+            .peers
+            .get(&peer)
+            .is_some_and(|u| u.connections == 0 && u.body_bytes == 0)
+        {
+            self.peers.remove(&peer);
+        }
+    }
+}
+
+/// What a connection is doing, as eviction at the connection cap sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for a request or receiving its head (idle keep-alive, silent, trickling) since
+    /// then: nothing authenticated it yet. Evicted first, longest waiting first.
+    Waiting(Instant),
+    /// Receiving an admitted body; the time is when bytes last arrived. Evicted only once silent
+    /// for [`BODY_PROGRESS_GRACE`], and only when no connection is waiting.
+    Body(Instant),
+    /// Its request is complete and being handled or answered: never evicted.
+    Busy,
+}
+
+/// An open connection as shutdown and eviction see it. The descriptor stays valid while the entry
+/// exists: a connection removes its entry (under the lock) before closing its socket, and
+/// `shutdown(2)` is only called under the lock.
 struct Tracked {
     fd: RawFd,
+    peer: PeerKey,
     idle: bool,
     closed_by_server: bool,
-    /// Since when the connection has been waiting for, or receiving, a request it has not yet
-    /// completed; `None` while a request is being handled or answered. See [`Shared::evict_oldest`].
-    evictable_since: Option<Instant>,
+    phase: Phase,
+}
+
+/// Why a body could not grow.
+enum BudgetFull {
+    /// Over [`Config::max_body_bytes_in_flight`].
+    All,
+    /// Over [`Config::max_body_bytes_per_peer`].
+    Peer,
 }
 
 impl Shared {
-    fn connections(&self) -> MutexGuard<'_, HashMap<u64, Tracked>> {
+    fn connections(&self) -> MutexGuard<'_, Table> {
         self.connections.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -582,7 +721,7 @@ impl Shared {
 
     /// Shuts down idle connections (all of them when `busy_too`), which wakes their blocked reads.
     fn close_connections(&self, busy_too: bool) {
-        for tracked in self.connections().values_mut() {
+        for tracked in self.connections().connections.values_mut() {
             if tracked.idle || busy_too {
                 tracked.closed_by_server = true;
                 // SAFETY: see `Tracked`: the descriptor is open while its entry exists.
@@ -593,19 +732,59 @@ impl Shared {
         }
     }
 
-    /// At the connection cap, makes room by closing the connection that has waited longest
-    /// without completing a request (idle keep-alive, trickling head or body). Without this, a
-    /// crowd of slow or idle sockets would hold every slot and a normal client would only ever get
-    /// 503; with it, they only evict each other, while a client that sends its request promptly
-    /// is in a worker before it becomes the oldest. False when every connection is busy.
-    fn evict_oldest(&self) -> bool {
-        let mut connections = self.connections();
-        let oldest = connections
+    /// Decides whether a new connection from `peer` may be served, making room at a cap when it
+    /// can; on success the connection is counted for its peer (the caller counts `open`).
+    ///
+    /// At a cap, the connection closed is the one that has waited longest for or in a request head
+    /// (idle keep-alive, silent, trickling): nothing has authenticated those, and without this a
+    /// crowd of slow or idle sockets would hold every slot so that a normal client only ever got
+    /// 503; with it, they evict each other, while a client that sends its request promptly is past
+    /// its head before it becomes the oldest. Only when none is waiting is a body that has stopped
+    /// arriving closed. A body still arriving (an upload over a slow link) and a request being
+    /// answered are never closed. At the per-peer cap only that peer's own connections are
+    /// candidates, so clients behind one NAT recycle their own idle connections.
+    fn admit_connection(&self, peer: PeerKey) -> Result<(), Refused> {
+        let config = &self.config;
+        let mut table = self.connections();
+        let held = table.peers.get(&peer).map_or(0, |u| u.connections);
+        let peer_cap = config.max_connections_per_peer.max(1);
+        let mut made_room = false;
+        if held >= peer_cap {
+            // Evicted connections leave within moments of their shutdown; the slack bounds how
+            // many may still be on their way out while new ones come in.
+            if held < peer_cap + peer_cap / 8 + 1 && self.evict(&mut table, Some(peer)) {
+                made_room = true;
+            } else {
+                return Err(Refused::Peer);
+            }
+        }
+        let open = self.open.load(Ordering::SeqCst);
+        let cap = config.max_connections as u64;
+        if open >= cap && !(open < cap + cap / 8 + 1 && (made_room || self.evict(&mut table, None)))
+        {
+            return Err(Refused::All);
+        }
+        table.peers.entry(peer).or_default().connections += 1;
+        Ok(())
+    }
+
+    /// Closes one connection to make room (see [`Shared::admit_connection`]); only `peer`'s when
+    /// given. False when none may be closed.
+    fn evict(&self, table: &mut Table, peer: Option<PeerKey>) -> bool {
+        let now = Instant::now();
+        let victim = table
+            .connections
             .values_mut()
-            .filter(|t| !t.closed_by_server)
-            .filter_map(|t| t.evictable_since.map(|since| (since, t)))
-            .min_by_key(|(since, _)| *since);
-        match oldest {
+            .filter(|t| !t.closed_by_server && peer.is_none_or(|p| t.peer == p))
+            .filter_map(|t| match t.phase {
+                Phase::Waiting(since) => Some(((0, since), t)),
+                Phase::Body(progress) if now.duration_since(progress) >= BODY_PROGRESS_GRACE => {
+                    Some(((1, progress), t))
+                }
+                Phase::Body(_) | Phase::Busy => None,
+            })
+            .min_by_key(|(order, _)| *order);
+        match victim {
             Some((_, tracked)) => {
                 tracked.closed_by_server = true;
                 // SAFETY: see `Tracked`: the descriptor is open while its entry exists.
@@ -619,36 +798,108 @@ impl Shared {
         }
     }
 
+    /// Uncounts a connection of `peer` (admitted by [`Shared::admit_connection`]).
+    fn release_connection(&self, peer: PeerKey) {
+        let mut table = self.connections();
+        if let Some(usage) = table.peers.get_mut(&peer) {
+            usage.connections = usage.connections.saturating_sub(1);
+        }
+        table.forget_if_unused(peer);
+    }
+
     fn protocol_error(&self) {
         self.protocol_errors.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Reserves `bytes` of the body budget; the reservation is returned when the guard drops.
-    fn reserve_body(self: &Arc<Self>, bytes: usize) -> Option<BodyReservation> {
+    /// Sets `bytes` more of the body budget aside for `peer`, within both budgets.
+    fn reserve_body(&self, peer: PeerKey, bytes: usize) -> Result<(), BudgetFull> {
+        let mut table = self.connections();
+        let usage = table.peers.entry(peer).or_default();
+        let peer_total = usage.body_bytes.saturating_add(bytes);
+        if peer_total > self.config.max_body_bytes_per_peer {
+            drop(table);
+            self.peer_rejected_bodies.fetch_add(1, Ordering::SeqCst);
+            return Err(BudgetFull::Peer);
+        }
         let limit = self.config.max_body_bytes_in_flight;
         self.body_bytes_in_flight
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
                 used.checked_add(bytes).filter(|total| *total <= limit)
             })
-            .ok()
-            .map(|_| BodyReservation {
-                shared: self.clone(),
-                bytes,
-            })
+            .map_err(|_| BudgetFull::All)?;
+        usage.body_bytes = peer_total;
+        Ok(())
+    }
+
+    fn release_body(&self, peer: PeerKey, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        self.body_bytes_in_flight.fetch_sub(bytes, Ordering::SeqCst);
+        let mut table = self.connections();
+        if let Some(usage) = table.peers.get_mut(&peer) {
+            usage.body_bytes = usage.body_bytes.saturating_sub(bytes);
+        }
+        table.forget_if_unused(peer);
     }
 }
 
-/// Body bytes counted against `max_body_bytes_in_flight` until the request is answered.
-struct BodyReservation {
-    shared: Arc<Shared>,
-    bytes: usize,
+/// Which connection cap refused a new connection.
+enum Refused {
+    All,
+    Peer,
 }
 
-impl Drop for BodyReservation {
+/// A request body as it arrives, with the budget it holds. Memory is set aside in steps as bytes
+/// arrive ([`BODY_STEP`], or half again what is held), never for what was only declared, so a
+/// peer that declares a large body and stalls holds about what it sent.
+struct BodyBuffer {
+    shared: Arc<Shared>,
+    peer: PeerKey,
+    bytes: Vec<u8>,
+    /// Budget held: the capacity asked for.
+    reserved: usize,
+    /// The body's size when known (Content-Length), else its cap; memory never grows past it.
+    most: usize,
+}
+
+impl BodyBuffer {
+    fn new(shared: Arc<Shared>, peer: PeerKey, most: usize) -> BodyBuffer {
+        BodyBuffer {
+            shared,
+            peer,
+            bytes: Vec::new(),
+            reserved: 0,
+            most,
+        }
+    }
+
+    /// Appends `data` (the caller has checked it stays within `most`), setting more budget aside
+    /// first when the buffer is full.
+    fn append(&mut self, data: &[u8]) -> Result<(), BudgetFull> {
+        let needed = self.bytes.len() + data.len();
+        if needed > self.reserved {
+            let step = BODY_STEP.max(self.reserved / 2);
+            let target = needed.max(self.reserved.saturating_add(step).min(self.most));
+            self.shared
+                .reserve_body(self.peer, target - self.reserved)?;
+            self.reserved = target;
+            self.bytes.reserve_exact(target - self.bytes.len());
+        }
+        self.bytes.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// The body, leaving the budget held until this buffer drops (after the answer is written, so
+    /// the budget covers the handler's use of the body).
+    fn take(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.bytes)
+    }
+}
+
+impl Drop for BodyBuffer {
     fn drop(&mut self) {
-        self.shared
-            .body_bytes_in_flight
-            .fetch_sub(self.bytes, Ordering::SeqCst);
+        self.shared.release_body(self.peer, self.reserved);
     }
 }
 
@@ -704,25 +955,34 @@ fn accept_loop(shared: &Arc<Shared>) {
             }
         };
         shared.accepted.fetch_add(1, Ordering::SeqCst);
-        let open = shared.open.load(Ordering::SeqCst);
-        let cap = shared.config.max_connections as u64;
-        // Evicted connections leave within moments of their shutdown; the slack bounds how many
-        // may still be on their way out while new ones come in.
-        let slack = cap / 8 + 1;
-        if open >= cap && !(open < cap + slack && shared.evict_oldest()) {
-            shared.rejected.fetch_add(1, Ordering::SeqCst);
-            log::debug!("{name}: refusing {remote}: {open} connections open");
-            refuse(tcp);
-            continue;
+        let peer = PeerKey::of(remote.ip());
+        match shared.admit_connection(peer) {
+            Ok(()) => {}
+            Err(Refused::All) => {
+                shared.rejected.fetch_add(1, Ordering::SeqCst);
+                log::debug!(
+                    "{name}: refusing {remote}: {} connections open",
+                    shared.open.load(Ordering::SeqCst)
+                );
+                refuse(tcp, "too many connections");
+                continue;
+            }
+            Err(Refused::Peer) => {
+                shared.peer_rejected.fetch_add(1, Ordering::SeqCst);
+                log::debug!("{name}: refusing {remote}: too many connections from its address");
+                refuse(tcp, "too many connections from your address");
+                continue;
+            }
         }
         shared.open.fetch_add(1, Ordering::SeqCst);
         let connection_shared = shared.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("{name}-conn"))
             .stack_size(CONNECTION_STACK_BYTES)
-            .spawn(move || serve_connection(connection_shared, tcp, remote));
+            .spawn(move || serve_connection(connection_shared, tcp, remote, peer));
         if let Err(e) = spawned {
             shared.open.fetch_sub(1, Ordering::SeqCst);
+            shared.release_connection(peer);
             shared.rejected.fetch_add(1, Ordering::SeqCst);
             log::warn!("{name}: starting a connection thread for {remote} failed: {e}");
         }
@@ -730,13 +990,12 @@ fn accept_loop(shared: &Arc<Shared>) {
 }
 
 /// Answers `503` on a fresh connection from the accept thread, never blocking it.
-fn refuse(mut tcp: TcpStream) {
+fn refuse(mut tcp: TcpStream, reason: &str) {
     let _ = tcp.set_nonblocking(true);
-    let body = "too many connections\n";
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
-         Content-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+         Content-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{reason}\n",
+        reason.len() + 1
     );
     let _ = tcp.write_all(response.as_bytes());
     let _ = tcp.shutdown(std::net::Shutdown::Write);
@@ -827,14 +1086,24 @@ struct Connection {
     shared: Arc<Shared>,
     id: u64,
     remote: SocketAddr,
+    peer: PeerKey,
     stream: Stream,
     /// Bytes read past the current request (the next pipelined request, or the start of a body).
     pending: Vec<u8>,
+    /// When a body being received last recorded its progress in the table.
+    progress_marked: Instant,
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.shared.connections().remove(&self.id);
+        {
+            let mut table = self.shared.connections();
+            table.connections.remove(&self.id);
+            if let Some(usage) = table.peers.get_mut(&self.peer) {
+                usage.connections = usage.connections.saturating_sub(1);
+            }
+            table.forget_if_unused(self.peer);
+        }
         self.shared.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -847,7 +1116,7 @@ struct Parsed {
     /// Close after answering (asked by the peer, HTTP/1.0, or shutting down).
     close: bool,
     /// Released once the answer is written, so the budget covers the handler's use of the body.
-    _reservation: Option<BodyReservation>,
+    _body: BodyBuffer,
 }
 
 /// Why a connection stops reading requests.
@@ -856,53 +1125,38 @@ enum Stop {
     Close,
     /// Answer this protocol error, then close.
     Refuse(Response),
+    /// Answer the handler's refusal of a head ([`Handler::admit`]), then close: its body, if
+    /// any, was not read.
+    Refused(Response),
 }
 
-/// The parts of a request head the front acts on.
-struct Head {
-    method: String,
-    path: String,
-    query: String,
-    headers: Vec<(String, String)>,
-    http10: bool,
-}
-
-impl Head {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// Whether the `Connection` header lists `token`.
-    fn connection_has(&self, token: &str) -> bool {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
-            .flat_map(|(_, v)| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    }
-
-    fn wants_close(&self) -> bool {
-        if self.http10 {
-            !self.connection_has("keep-alive")
-        } else {
-            self.connection_has("close")
-        }
+impl From<RequestError> for Stop {
+    fn from(e: RequestError) -> Stop {
+        Stop::Refuse(Response::text(e.status(), &e.to_string()))
     }
 }
 
-fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, remote: SocketAddr) {
+impl From<BudgetFull> for Stop {
+    fn from(full: BudgetFull) -> Stop {
+        let reason = match full {
+            BudgetFull::All => "too many request bodies in flight; retry",
+            BudgetFull::Peer => "too many request bodies in flight from your address; retry",
+        };
+        Stop::Refuse(Response::text(503, reason).with_header("Retry-After", "1"))
+    }
+}
+
+fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, remote: SocketAddr, peer: PeerKey) {
     let accepted_at = Instant::now();
     let id = shared.next_connection.fetch_add(1, Ordering::SeqCst);
-    shared.connections().insert(
+    shared.connections().connections.insert(
         id,
         Tracked {
             fd: tcp.as_raw_fd(),
+            peer,
             idle: true,
             closed_by_server: false,
-            evictable_since: Some(accepted_at),
+            phase: Phase::Waiting(accepted_at),
         },
     );
     let _ = tcp.set_nodelay(true);
@@ -917,7 +1171,8 @@ fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, remote: SocketAddr) {
             Ok(session) => Stream::Tls(Box::new(rustls::StreamOwned::new(session, socket))),
             Err(e) => {
                 log::warn!("{}: starting TLS for {remote}: {e}", shared.config.name);
-                shared.connections().remove(&id);
+                shared.connections().connections.remove(&id);
+                shared.release_connection(peer);
                 shared.open.fetch_sub(1, Ordering::SeqCst);
                 return;
             }
@@ -927,8 +1182,10 @@ fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, remote: SocketAddr) {
         shared,
         id,
         remote,
+        peer,
         stream,
         pending: Vec::new(),
+        progress_marked: accepted_at,
     };
     // A panic in a stream body or here must still close the connection and release its slot,
     // which `Connection`'s drop does during unwinding; catching it keeps the log tidy.
@@ -954,26 +1211,37 @@ impl Connection {
                 None => return,
             };
             first = false;
-            match self.read_request(head_deadline) {
+            let (response, refused_head) = match self.read_request(head_deadline) {
                 Ok(parsed) => {
-                    if !self.set_busy() || !self.answer(parsed) {
+                    if !self.set_phase(Phase::Busy) || !self.answer(parsed) {
                         return;
                     }
+                    continue;
                 }
                 Err(Stop::Close) => return,
                 Err(Stop::Refuse(response)) => {
                     self.shared.protocol_error();
-                    log::debug!(
-                        "{}: {} from {}",
-                        self.config().name,
-                        response.status,
-                        self.remote
-                    );
-                    let _ = self.write_response(response, false, false, true);
-                    self.linger();
-                    return;
+                    (response, false)
                 }
-            }
+                Err(Stop::Refused(response)) => {
+                    self.shared.refused_heads.fetch_add(1, Ordering::SeqCst);
+                    (response, true)
+                }
+            };
+            log::debug!(
+                "{}: {} from {}{}",
+                self.config().name,
+                response.status,
+                self.remote,
+                if refused_head {
+                    " (refused by the handler)"
+                } else {
+                    ""
+                }
+            );
+            let _ = self.write_response(response, false, false, true);
+            self.linger();
+            return;
         }
     }
 
@@ -1006,14 +1274,15 @@ impl Connection {
     }
 
     /// Marks the connection idle (waiting for a request) or not (receiving one); false when
-    /// shutdown or eviction has claimed it.
+    /// shutdown or eviction has claimed it. A head being received keeps the time its wait began,
+    /// so a trickled head stays first in line for eviction.
     fn set_idle(&self, idle: bool) -> bool {
-        let mut connections = self.shared.connections();
-        match connections.get_mut(&self.id) {
+        let mut table = self.shared.connections();
+        match table.connections.get_mut(&self.id) {
             Some(tracked) if !(tracked.closed_by_server || idle && self.shared.stopping()) => {
                 tracked.idle = idle;
                 if idle {
-                    tracked.evictable_since = Some(Instant::now());
+                    tracked.phase = Phase::Waiting(Instant::now());
                 }
                 true
             }
@@ -1021,13 +1290,12 @@ impl Connection {
         }
     }
 
-    /// Marks the connection as handling a complete request: no longer evictable. False when it
-    /// was evicted while its request was still arriving.
-    fn set_busy(&self) -> bool {
-        let mut connections = self.shared.connections();
-        match connections.get_mut(&self.id) {
+    /// Records what the connection is doing; false when eviction or shutdown has claimed it.
+    fn set_phase(&self, phase: Phase) -> bool {
+        let mut table = self.shared.connections();
+        match table.connections.get_mut(&self.id) {
             Some(tracked) if !tracked.closed_by_server => {
-                tracked.evictable_since = None;
+                tracked.phase = phase;
                 true
             }
             _ => false,
@@ -1045,26 +1313,47 @@ impl Connection {
         Ok(read)
     }
 
-    /// Reads and checks one request; `(request, http10, head_only, close_after)`.
+    /// Reads some body bytes into `buf` under the body deadline, recording progress now and then.
+    fn read_body_bytes(&mut self, buf: &mut [u8]) -> Result<usize, Stop> {
+        loop {
+            match self.stream.read(buf) {
+                Ok(0) => return Err(Stop::Close),
+                Ok(n) => {
+                    let now = Instant::now();
+                    if now.duration_since(self.progress_marked) >= PROGRESS_MARK_EVERY {
+                        self.progress_marked = now;
+                        // An eviction shows on the next read, as the end of the stream.
+                        self.set_phase(Phase::Body(now));
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => {
+                    return Err(Stop::Refuse(Response::text(
+                        408,
+                        "the request body took too long",
+                    )))
+                }
+                Err(_) => return Err(Stop::Close),
+            }
+        }
+    }
+
+    /// Reads and checks one request: head, the handler's admission, body.
     fn read_request(&mut self, deadline: Instant) -> Result<Parsed, Stop> {
         let max = self.config().max_header_bytes;
         self.stream.set_deadline(deadline);
+        let mut scanned = 0;
         let head_end = loop {
-            // Stray line ends before a request line are allowed (RFC 9112 §2.2).
-            let blank = self
-                .pending
-                .iter()
-                .take_while(|b| matches!(b, b'\r' | b'\n'))
-                .count();
-            self.pending.drain(..blank);
-            if let Some(end) = find_head_end(&self.pending) {
-                if end > max {
-                    return Err(Stop::Refuse(too_large_head(max)));
-                }
-                break end;
+            // Empty lines before a request line are ignored (RFC 9112 §2.2): some clients send a
+            // CRLF after a body.
+            let blank = leading_empty_lines(&self.pending);
+            if blank > 0 {
+                self.pending.drain(..blank);
+                scanned = 0;
             }
-            if self.pending.len() > max {
-                return Err(Stop::Refuse(too_large_head(max)));
+            if let Some(end) = head_end(&self.pending, &mut scanned, max)? {
+                break end;
             }
             match self.fill() {
                 Ok(0) => return Err(Stop::Close),
@@ -1079,34 +1368,35 @@ impl Connection {
                 Err(_) => return Err(Stop::Close),
             }
         };
-        let head_bytes: Vec<u8> = self.pending.drain(..head_end).collect();
-        let head = parse_head(&head_bytes).map_err(|reason| match reason {
-            HeadError::Malformed(reason) => Stop::Refuse(Response::text(400, reason)),
-            HeadError::Version => Stop::Refuse(Response::text(
-                505,
-                "only HTTP/1.0 and HTTP/1.1 are supported",
-            )),
-        })?;
-        let length = self.body_length(&head)?;
-        let mut close = head.wants_close();
-        let head_only = head.method == "HEAD";
-        let reservation = match length {
-            0 => None,
-            n => Some(self.shared.reserve_body(n).ok_or_else(|| {
-                Stop::Refuse(
-                    Response::text(503, "too many request bodies in flight; retry")
-                        .with_header("Retry-After", "1"),
-                )
-            })?),
+        let head = parse_head(self.pending.get(..head_end).unwrap_or(&[]))?;
+        self.pending.drain(..head_end);
+        let framing = framing(&head)?;
+        let limit = self
+            .shared
+            .handler
+            .admit(&head, self.remote)
+            .map_err(Stop::Refused)?;
+        let most = match framing {
+            Framing::Length(length) if length > limit => {
+                return Err(RequestError::BodyTooLarge {
+                    declared: Some(length as u64),
+                    limit,
+                }
+                .into())
+            }
+            Framing::Length(length) => length,
+            Framing::Chunked => limit,
         };
+        let has_body = framing != Framing::Length(0);
         if let Some(expect) = head.header("Expect") {
             if !expect.eq_ignore_ascii_case("100-continue") {
-                return Err(Stop::Refuse(Response::text(
-                    417,
-                    "only Expect: 100-continue is supported",
-                )));
+                return Err(RequestError::Expectation.into());
             }
-            if !head.http10 && self.pending.len() < length {
+            let arrived = match framing {
+                Framing::Length(length) => self.pending.len() >= length,
+                Framing::Chunked => !self.pending.is_empty(),
+            };
+            if !head.http10 && has_body && !arrived {
                 let sent = self
                     .stream
                     .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -1116,16 +1406,32 @@ impl Connection {
                 }
             }
         }
-        let body = self.read_body(length)?;
-        if self.shared.stopping() {
-            close = true;
+        let mut body = BodyBuffer::new(self.shared.clone(), self.peer, most);
+        if has_body {
+            let now = Instant::now();
+            self.progress_marked = now;
+            if !self.set_phase(Phase::Body(now)) {
+                return Err(Stop::Close);
+            }
+            self.stream.set_deadline(now + self.config().body_timeout);
+            match framing {
+                Framing::Length(length) => self.read_sized_body(length, &mut body)?,
+                Framing::Chunked => self.read_chunked_body(limit, &mut body)?,
+            }
         }
+        // A large head or a chunked body's reads may have grown the buffer; an idle keep-alive
+        // connection should not keep that.
+        if self.pending.capacity() > 2 * BODY_STEP {
+            self.pending.shrink_to(4 << 10);
+        }
+        let close = head.wants_close() || self.shared.stopping();
+        let head_only = head.method == "HEAD";
         let request = Request {
             method: head.method,
             path: head.path,
             query: head.query,
             headers: head.headers,
-            body,
+            body: body.take(),
             remote: self.remote,
         };
         Ok(Parsed {
@@ -1133,81 +1439,49 @@ impl Connection {
             http10: head.http10,
             head_only,
             close,
-            _reservation: reservation,
+            _body: body,
         })
     }
 
-    /// The declared body length, checked against the rules and the handler's limit.
-    fn body_length(&self, head: &Head) -> Result<usize, Stop> {
-        if head.header("Transfer-Encoding").is_some() {
-            return Err(Stop::Refuse(Response::text(
-                411,
-                "chunked request bodies are not supported; send Content-Length",
-            )));
+    /// Reads a body of `length` bytes (already checked against the cap).
+    fn read_sized_body(&mut self, length: usize, body: &mut BodyBuffer) -> Result<(), Stop> {
+        let from_pending = length.min(self.pending.len());
+        body.append(self.pending.get(..from_pending).unwrap_or(&[]))?;
+        self.pending.drain(..from_pending);
+        // Read straight into the stack, never past the body: what follows it stays unread.
+        let mut chunk = [0u8; BODY_STEP];
+        while body.bytes.len() < length {
+            let want = (length - body.bytes.len()).min(chunk.len());
+            let read = self.read_body_bytes(&mut chunk[..want])?;
+            body.append(chunk.get(..read).unwrap_or(&[]))?;
         }
-        let mut declared: Option<usize> = None;
-        for (_, value) in head
-            .headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-        {
-            let value = value.trim();
-            let length = value
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-                .then(|| value.parse::<usize>().ok())
-                .flatten()
-                .ok_or_else(|| Stop::Refuse(Response::text(400, "invalid Content-Length")))?;
-            if declared.is_some_and(|d| d != length) {
-                return Err(Stop::Refuse(Response::text(
-                    400,
-                    "conflicting Content-Length headers",
-                )));
-            }
-            declared = Some(length);
-        }
-        // RFC 9112 §6.3: a request with neither Content-Length nor Transfer-Encoding has no body
-        // (what `curl -X POST` without data sends), so it is an empty body, not a 411.
-        let length = declared.unwrap_or(0);
-        let limit = self.shared.handler.body_limit(&head.method, &head.path);
-        if length > limit {
-            return Err(Stop::Refuse(Response::text(
-                413,
-                &format!("the body of {length} bytes is over the limit of {limit} bytes"),
-            )));
-        }
-        Ok(length)
+        Ok(())
     }
 
-    /// Reads a body of `length` bytes under the body deadline.
-    fn read_body(&mut self, length: usize) -> Result<Vec<u8>, Stop> {
-        if length == 0 {
-            return Ok(Vec::new());
-        }
-        let from_pending = length.min(self.pending.len());
-        let mut body = Vec::with_capacity(length);
-        body.extend(self.pending.drain(..from_pending));
-        if body.len() < length {
-            self.stream
-                .set_deadline(Instant::now() + self.config().body_timeout);
-            body.resize(length, 0);
-            let mut filled = from_pending;
-            while filled < length {
-                match self.stream.read(&mut body[filled..]) {
-                    Ok(0) => return Err(Stop::Close),
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if is_timeout(&e) => {
-                        return Err(Stop::Refuse(Response::text(
-                            408,
-                            "the request body took too long",
-                        )))
-                    }
-                    Err(_) => return Err(Stop::Close),
+    /// Reads a chunked body of at most `limit` bytes; bytes past its end stay in `pending`.
+    fn read_chunked_body(&mut self, limit: usize, body: &mut BodyBuffer) -> Result<(), Stop> {
+        let mut decoder = ChunkedDecoder::new(limit, self.config().max_header_bytes);
+        let mut chunk = [0u8; BODY_STEP];
+        loop {
+            // Steps move a cursor; `pending` is drained once per read, not once per chunk.
+            let mut at = 0;
+            while !decoder.is_done() {
+                let input = self.pending.get(at..).unwrap_or(&[]);
+                let step = decoder.step(input)?;
+                if step.consumed == 0 {
+                    break;
                 }
+                body.append(input.get(step.data).unwrap_or(&[]))?;
+                at += step.consumed;
             }
+            self.pending.drain(..at);
+            if decoder.is_done() {
+                return Ok(());
+            }
+            let read = self.read_body_bytes(&mut chunk)?;
+            self.pending
+                .extend_from_slice(chunk.get(..read).unwrap_or(&[]));
         }
-        Ok(body)
     }
 
     /// Hands the request to the workers and writes their answer; false to close the connection.
@@ -1217,7 +1491,7 @@ impl Connection {
             http10,
             head_only,
             mut close,
-            _reservation,
+            _body,
         } = parsed;
         let (reply, answer) = handoff::oneshot();
         {
@@ -1240,7 +1514,7 @@ impl Connection {
                 Response::text(503, "shutting down")
             }
         };
-        drop(_reservation);
+        drop(_body);
         if self.shared.stopping() {
             close = true;
         }
@@ -1399,30 +1673,530 @@ impl<W: Write> Write for Chunked<W> {
     }
 }
 
-fn too_large_head(max: usize) -> Response {
-    Response::text(
-        431,
-        &format!("the request head is over the limit of {max} bytes"),
-    )
+/// A request head, as [`Handler::admit`] sees it before any of the body is read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Head {
+    /// The method, as sent.
+    pub method: String,
+    /// The path, without the query string, percent-decoding not applied.
+    pub path: String,
+    /// The raw query string (without `?`), possibly empty.
+    pub query: String,
+    /// The header fields in order; names as sent, values without surrounding blanks.
+    pub headers: Vec<(String, String)>,
+    /// Whether the request is HTTP/1.0 (else HTTP/1.1).
+    pub http10: bool,
 }
 
-/// The offset just past the blank line ending a head (`\r\n\r\n`, or bare `\n\n`).
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    while let Some(offset) = buf.get(i..)?.iter().position(|&b| b == b'\n') {
-        let at = i + offset;
-        match (buf.get(at + 1), buf.get(at + 2)) {
-            (Some(b'\n'), _) => return Some(at + 2),
-            (Some(b'\r'), Some(b'\n')) => return Some(at + 3),
-            _ => i = at + 1,
+impl Head {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        first_header(&self.headers, name)
+    }
+
+    /// Whether the `Connection` header lists `token`.
+    fn connection_has(&self, token: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+            .flat_map(|(_, v)| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+
+    fn wants_close(&self) -> bool {
+        if self.http10 {
+            !self.connection_has("keep-alive")
+        } else {
+            self.connection_has("close")
         }
     }
-    None
 }
 
-enum HeadError {
+/// The first value of header `name` among `headers` (case-insensitive).
+fn first_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// Why the front refuses a request itself, before the handler sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestError {
+    /// A malformed head, body framing or chunk (`400`), and what was wrong.
     Malformed(&'static str),
+    /// Not HTTP/1.0 nor HTTP/1.1 (`505`).
     Version,
+    /// The head is over the cap (`431`).
+    HeadTooLarge {
+        /// The cap, in bytes.
+        limit: usize,
+    },
+    /// More header fields than [`MAX_HEADERS`] (`431`).
+    TooManyHeaders,
+    /// A chunked body's trailers and chunk extensions together are over the cap (`431`).
+    TrailersTooLarge {
+        /// The cap, in bytes.
+        limit: usize,
+    },
+    /// A transfer coding other than a single `chunked` (`501`).
+    UnsupportedTransferCoding,
+    /// The body is over the handler's cap (`413`).
+    BodyTooLarge {
+        /// The declared length; `None` for a chunked body, refused as soon as a chunk passes it.
+        declared: Option<u64>,
+        /// The cap, in bytes.
+        limit: usize,
+    },
+    /// An `Expect` other than `100-continue` (`417`).
+    Expectation,
+}
+
+impl RequestError {
+    /// The status the front answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            RequestError::Malformed(_) => 400,
+            RequestError::Version => 505,
+            RequestError::HeadTooLarge { .. }
+            | RequestError::TooManyHeaders
+            | RequestError::TrailersTooLarge { .. } => 431,
+            RequestError::UnsupportedTransferCoding => 501,
+            RequestError::BodyTooLarge { .. } => 413,
+            RequestError::Expectation => 417,
+        }
+    }
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestError::Malformed(reason) => f.write_str(reason),
+            RequestError::Version => f.write_str("only HTTP/1.0 and HTTP/1.1 are supported"),
+            RequestError::HeadTooLarge { limit } => {
+                write!(f, "the request head is over the limit of {limit} bytes")
+            }
+            RequestError::TooManyHeaders => write!(
+                f,
+                "the request head has more than {MAX_HEADERS} header fields"
+            ),
+            RequestError::TrailersTooLarge { limit } => write!(
+                f,
+                "the chunk extensions and trailers are over the limit of {limit} bytes"
+            ),
+            RequestError::UnsupportedTransferCoding => {
+                f.write_str("only Transfer-Encoding: chunked is supported (one coding, no other)")
+            }
+            RequestError::BodyTooLarge {
+                declared: Some(length),
+                limit,
+            } => write!(
+                f,
+                "the body of {length} bytes is over the limit of {limit} bytes"
+            ),
+            RequestError::BodyTooLarge {
+                declared: None,
+                limit,
+            } => write!(f, "the chunked body is over the limit of {limit} bytes"),
+            RequestError::Expectation => f.write_str("only Expect: 100-continue is supported"),
+        }
+    }
+}
+
+impl std::error::Error for RequestError {}
+
+/// How many bytes of empty lines (CRLF) start `buf`: what may precede a request line.
+fn leading_empty_lines(buf: &[u8]) -> usize {
+    buf.chunks_exact(2)
+        .take_while(|pair| pair == b"\r\n")
+        .count()
+        * 2
+}
+
+/// Where the request head at the start of `buf` ends: `Ok(Some(n))` when its first `n` bytes are
+/// a whole head (through its empty line), `Ok(None)` when more bytes are needed, `431` when the
+/// head is longer than `max`. `scanned` carries how far earlier calls looked (start it at 0 for
+/// each head), so a head that arrives a byte at a time is scanned once, not once per byte. A head
+/// whose empty line is a lone LF is found too, so that [`parse_head`] refuses it at once rather
+/// than the connection waiting for a CRLF that never comes.
+pub fn head_end(
+    buf: &[u8],
+    scanned: &mut usize,
+    max: usize,
+) -> Result<Option<usize>, RequestError> {
+    // The end (`\n\r\n` or `\n\n`) may straddle what the last call saw: look 2 bytes back.
+    let mut from = (*scanned).min(buf.len()).saturating_sub(2);
+    let end = loop {
+        let Some(offset) = buf
+            .get(from..)
+            .and_then(|rest| rest.iter().position(|&b| b == b'\n'))
+        else {
+            break None;
+        };
+        let at = from + offset;
+        match (buf.get(at + 1), buf.get(at + 2)) {
+            (Some(b'\n'), _) => break Some(at + 2),
+            (Some(b'\r'), Some(b'\n')) => break Some(at + 3),
+            _ => from = at + 1,
+        }
+    };
+    match end {
+        Some(end) if end > max => Err(RequestError::HeadTooLarge { limit: max }),
+        Some(end) => Ok(Some(end)),
+        None if buf.len() > max => Err(RequestError::HeadTooLarge { limit: max }),
+        None => {
+            *scanned = buf.len();
+            Ok(None)
+        }
+    }
+}
+
+/// Parses a whole request head (as [`head_end`] delimits it) with httparse, refusing what RFC 9112
+/// lets a server refuse and httparse accepts: lone-LF line ends (§2.2) and folded header lines
+/// (§5.2). httparse itself refuses control characters other than HTAB in header values, a bare
+/// CR, blanks before a header's colon, and invalid names.
+pub fn parse_head(bytes: &[u8]) -> Result<Head, RequestError> {
+    // A lone LF is a line end to some parsers and not to others; a proxy in front of us that
+    // disagrees about where a line ends is how requests get smuggled.
+    let lone_lf = bytes
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || bytes.get(i - 1) != Some(&b'\r')));
+    if lone_lf {
+        return Err(RequestError::Malformed(
+            "a line of the request head ends in a lone LF; line ends must be CRLF",
+        ));
+    }
+    if bytes
+        .windows(2)
+        .any(|w| w[0] == b'\n' && matches!(w[1], b' ' | b'\t'))
+    {
+        return Err(RequestError::Malformed(
+            "folded header lines (obs-fold) are not accepted",
+        ));
+    }
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut fields);
+    match parsed.parse(bytes) {
+        Ok(httparse::Status::Complete(used)) if used == bytes.len() => {}
+        Ok(_) => return Err(RequestError::Malformed("malformed request head")),
+        Err(httparse::Error::Version) => {
+            // The version is the request line's last word; "HTTP/2.0" is a version we do not
+            // speak, anything else is not a request line.
+            let line = bytes.split(|&b| b == b'\r').next().unwrap_or(&[]);
+            let version = line.rsplit(|&b| b == b' ').next().unwrap_or(&[]);
+            return Err(if version.starts_with(b"HTTP/") {
+                RequestError::Version
+            } else {
+                RequestError::Malformed("malformed request line")
+            });
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(RequestError::TooManyHeaders),
+        Err(httparse::Error::HeaderName) => {
+            return Err(RequestError::Malformed("malformed header name"))
+        }
+        Err(httparse::Error::HeaderValue) => {
+            return Err(RequestError::Malformed(
+                "a header value holds a control character",
+            ))
+        }
+        Err(httparse::Error::NewLine) => {
+            return Err(RequestError::Malformed(
+                "malformed line end in the request head",
+            ))
+        }
+        Err(_) => return Err(RequestError::Malformed("malformed request line")),
+    }
+    let (Some(method), Some(target)) = (parsed.method, parsed.path) else {
+        return Err(RequestError::Malformed("malformed request line"));
+    };
+    // Absolute form (`http://host/path`) is allowed by RFC 9112; only its path matters here.
+    let origin = match target.split_once("://") {
+        Some((scheme, rest))
+            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+        {
+            rest.find('/').map_or("/", |slash| &rest[slash..])
+        }
+        _ => target,
+    };
+    if !(origin.starts_with('/') || method == "OPTIONS" && origin == "*") {
+        return Err(RequestError::Malformed("malformed request target"));
+    }
+    if origin.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(RequestError::Malformed("malformed request target"));
+    }
+    let (path, query) = origin.split_once('?').unwrap_or((origin, ""));
+    let mut headers = Vec::with_capacity(parsed.headers.len());
+    for field in parsed.headers.iter() {
+        let value = std::str::from_utf8(field.value)
+            .map_err(|_| RequestError::Malformed("a header value is not UTF-8"))?;
+        headers.push((
+            field.name.to_owned(),
+            value.trim_matches([' ', '\t']).to_owned(),
+        ));
+    }
+    Ok(Head {
+        method: method.to_owned(),
+        path: path.to_owned(),
+        query: query.to_owned(),
+        headers,
+        http10: parsed.version == Some(0),
+    })
+}
+
+/// How a request's body is delimited (RFC 9112 §6.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// This many bytes, from `Content-Length`; 0 without either header (a request with neither
+    /// has no body, which is what `curl -X POST` without data sends).
+    Length(usize),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// The body framing a head declares, refusing every combination that two parsers could read
+/// differently (RFC 9112 §6.1, §6.3): `Transfer-Encoding` with `Content-Length` or in HTTP/1.0
+/// (`400`), a coding other than one `chunked` (`501`), conflicting or malformed lengths (`400`).
+pub fn framing(head: &Head) -> Result<Framing, RequestError> {
+    let mut transfer_encoding = false;
+    let mut codings = Vec::new();
+    for (_, value) in head
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"))
+    {
+        transfer_encoding = true;
+        codings.extend(value.split(',').map(str::trim).filter(|c| !c.is_empty()));
+    }
+    let lengths = head
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"));
+    if transfer_encoding {
+        if head.http10 {
+            return Err(RequestError::Malformed(
+                "Transfer-Encoding is not allowed in an HTTP/1.0 request",
+            ));
+        }
+        if lengths.count() > 0 {
+            return Err(RequestError::Malformed(
+                "a request may not have both Transfer-Encoding and Content-Length",
+            ));
+        }
+        return match codings.as_slice() {
+            [only] if only.eq_ignore_ascii_case("chunked") => Ok(Framing::Chunked),
+            _ => Err(RequestError::UnsupportedTransferCoding),
+        };
+    }
+    let mut declared: Option<usize> = None;
+    for (_, value) in lengths {
+        let length = value
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| value.parse::<usize>().ok())
+            .flatten()
+            .ok_or(RequestError::Malformed("invalid Content-Length"))?;
+        if declared.is_some_and(|d| d != length) {
+            return Err(RequestError::Malformed(
+                "conflicting Content-Length headers",
+            ));
+        }
+        declared = Some(length);
+    }
+    Ok(Framing::Length(declared.unwrap_or(0)))
+}
+
+/// Decodes a chunked request body (RFC 9112 §7.1) from bytes as they arrive, without doing any
+/// I/O: each [`ChunkedDecoder::step`] takes what it can from the front of its input. Chunk sizes
+/// are parsed by httparse; extensions are ignored and trailers read and dropped, both counted
+/// against one cap; the body cap is checked when a chunk's size is read, before its data arrives.
+#[derive(Clone, Debug)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+    limit: usize,
+    received: usize,
+    max_overhead: usize,
+    overhead: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChunkState {
+    /// Before a chunk-size line.
+    Size,
+    /// Inside a chunk's data, with this many bytes to come.
+    Data(usize),
+    /// After a chunk's data, before its CRLF.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+    /// The body is complete.
+    Done,
+}
+
+/// What one [`ChunkedDecoder::step`] took from its input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkStep {
+    /// Bytes of the input used; 0 when more input is needed (or the body is complete).
+    pub consumed: usize,
+    /// The body bytes among them, as a range of the input (empty for framing).
+    pub data: Range<usize>,
+}
+
+impl ChunkedDecoder {
+    /// A decoder of a body of at most `limit` bytes, whose chunk extensions and trailers together
+    /// may take `max_overhead` bytes.
+    pub fn new(limit: usize, max_overhead: usize) -> ChunkedDecoder {
+        ChunkedDecoder {
+            state: ChunkState::Size,
+            limit,
+            received: 0,
+            max_overhead,
+            overhead: 0,
+        }
+    }
+
+    /// Whether the whole body, trailers included, has been decoded.
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Body bytes decoded so far.
+    pub fn received(&self) -> usize {
+        self.received
+    }
+
+    /// Decodes the next piece at the start of `input`: a chunk-size line, data, the CRLF after
+    /// data, or a trailer line. Consumes nothing until a whole line is there.
+    pub fn step(&mut self, input: &[u8]) -> Result<ChunkStep, RequestError> {
+        let framing = |consumed| ChunkStep {
+            consumed,
+            data: 0..0,
+        };
+        match self.state {
+            ChunkState::Done => Ok(framing(0)),
+            ChunkState::Size => {
+                let Some(end) = input.iter().take(MAX_CHUNK_LINE).position(|&b| b == b'\n') else {
+                    if input.len() >= MAX_CHUNK_LINE {
+                        return Err(RequestError::Malformed(
+                            "a chunk-size line is longer than 4096 bytes",
+                        ));
+                    }
+                    return Ok(framing(0));
+                };
+                let line = input.get(..=end).unwrap_or(&[]);
+                if end == 0 || line.get(end - 1) != Some(&b'\r') {
+                    return Err(RequestError::Malformed(
+                        "a chunk-size line ends in a lone LF; line ends must be CRLF",
+                    ));
+                }
+                // httparse reads a line without digits (`\r\n`, `;x\r\n`) as size 0, which
+                // would end the body where another parser sees garbage.
+                let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+                if digits == 0 {
+                    return Err(RequestError::Malformed("a chunk size is not a hex number"));
+                }
+                let size = match httparse::parse_chunk_size(line) {
+                    Ok(httparse::Status::Complete((used, size))) if used == line.len() => size,
+                    // More than 16 hex digits overflow; anything else is not a chunk size.
+                    _ if digits > 16 => {
+                        return Err(RequestError::Malformed(
+                            "a chunk size has more than 16 hex digits",
+                        ))
+                    }
+                    _ => return Err(RequestError::Malformed("invalid chunk-size line")),
+                };
+                self.add_overhead(line.len() - digits - 2)?;
+                let room = self.limit - self.received;
+                if size > room as u64 {
+                    return Err(RequestError::BodyTooLarge {
+                        declared: None,
+                        limit: self.limit,
+                    });
+                }
+                self.state = match size as usize {
+                    0 => ChunkState::Trailers,
+                    size => ChunkState::Data(size),
+                };
+                Ok(framing(line.len()))
+            }
+            ChunkState::Data(left) => {
+                let n = left.min(input.len());
+                if n == 0 {
+                    return Ok(framing(0));
+                }
+                self.received += n;
+                self.state = if n == left {
+                    ChunkState::DataEnd
+                } else {
+                    ChunkState::Data(left - n)
+                };
+                Ok(ChunkStep {
+                    consumed: n,
+                    data: 0..n,
+                })
+            }
+            ChunkState::DataEnd => match input {
+                [] | [b'\r'] => Ok(framing(0)),
+                [b'\r', b'\n', ..] => {
+                    self.state = ChunkState::Size;
+                    Ok(framing(2))
+                }
+                _ => Err(RequestError::Malformed(
+                    "a chunk's data is not followed by CRLF",
+                )),
+            },
+            ChunkState::Trailers => {
+                let room = self.max_overhead - self.overhead;
+                let Some(end) = input.iter().take(room + 1).position(|&b| b == b'\n') else {
+                    if input.len() > room {
+                        return Err(RequestError::TrailersTooLarge {
+                            limit: self.max_overhead,
+                        });
+                    }
+                    return Ok(framing(0));
+                };
+                let line = input.get(..=end).unwrap_or(&[]);
+                if end == 0 || line.get(end - 1) != Some(&b'\r') {
+                    return Err(RequestError::Malformed(
+                        "a trailer line ends in a lone LF; line ends must be CRLF",
+                    ));
+                }
+                if line.len() == 2 {
+                    self.state = ChunkState::Done;
+                    return Ok(framing(2));
+                }
+                self.add_overhead(line.len())?;
+                if !is_field_line(line.get(..end - 1).unwrap_or(&[])) {
+                    return Err(RequestError::Malformed("malformed trailer field"));
+                }
+                Ok(framing(line.len()))
+            }
+        }
+    }
+
+    fn add_overhead(&mut self, bytes: usize) -> Result<(), RequestError> {
+        self.overhead += bytes;
+        if self.overhead > self.max_overhead {
+            return Err(RequestError::TrailersTooLarge {
+                limit: self.max_overhead,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Whether `line` (without its CRLF) is `name: value` with a token name and a value without
+/// control characters other than HTAB: what a trailer field must be, though it is dropped.
+fn is_field_line(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    let (name, value) = line.split_at(colon);
+    std::str::from_utf8(name).is_ok_and(is_token)
+        && value
+            .iter()
+            .skip(1)
+            .all(|&b| b == b'\t' || (b >= b' ' && b != 0x7f))
 }
 
 /// `tchar` of RFC 9110: what methods and header names are made of.
@@ -1448,73 +2222,6 @@ fn is_token(text: &str) -> bool {
                         | b'~'
                 )
         })
-}
-
-fn parse_head(bytes: &[u8]) -> Result<Head, HeadError> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| HeadError::Malformed("the request head is not UTF-8"))?;
-    let mut lines = text
-        .split('\n')
-        .map(|line| line.strip_suffix('\r').unwrap_or(line));
-    let request_line = lines.next().unwrap_or("");
-    let mut parts = request_line.split(' ');
-    let (method, target, version) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(m), Some(t), Some(v), None) => (m, t, v),
-        _ => return Err(HeadError::Malformed("malformed request line")),
-    };
-    if !is_token(method) {
-        return Err(HeadError::Malformed("malformed request method"));
-    }
-    let http10 = match version {
-        "HTTP/1.1" => false,
-        "HTTP/1.0" => true,
-        v if v.starts_with("HTTP/") => return Err(HeadError::Version),
-        _ => return Err(HeadError::Malformed("malformed request line")),
-    };
-    // Absolute form (`http://host/path`) is allowed by RFC 9112; only its path matters here.
-    let origin = match target.split_once("://") {
-        Some((scheme, rest))
-            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
-        {
-            rest.find('/').map_or("/", |slash| &rest[slash..])
-        }
-        _ => target,
-    };
-    if !(origin.starts_with('/') || method == "OPTIONS" && origin == "*") {
-        return Err(HeadError::Malformed("malformed request target"));
-    }
-    if origin.bytes().any(|b| b <= b' ' || b == 0x7f) {
-        return Err(HeadError::Malformed("malformed request target"));
-    }
-    let (path, query) = origin.split_once('?').unwrap_or((origin, ""));
-    let mut headers = Vec::new();
-    for line in lines {
-        if line.is_empty() {
-            continue;
-        }
-        if line.starts_with([' ', '\t']) {
-            return Err(HeadError::Malformed(
-                "folded header lines are not supported",
-            ));
-        }
-        let (name, value) = line
-            .split_once(':')
-            .ok_or(HeadError::Malformed("malformed header line"))?;
-        if !is_token(name) {
-            return Err(HeadError::Malformed("malformed header name"));
-        }
-        if value.bytes().any(|b| b == 0 || b == b'\r') {
-            return Err(HeadError::Malformed("malformed header value"));
-        }
-        headers.push((name.to_owned(), value.trim_matches([' ', '\t']).to_owned()));
-    }
-    Ok(Head {
-        method: method.to_owned(),
-        path: path.to_owned(),
-        query: query.to_owned(),
-        headers,
-        http10,
-    })
 }
 
 fn reason_phrase(status: u16) -> &'static str {
@@ -1571,6 +2278,10 @@ mod tests {
         fn handle(&self, request: Request) -> Response {
             match request.path.as_str() {
                 "/hello" => Response::text(200, "hello"),
+                "/guarded" => Response::text(
+                    200,
+                    &format!("guarded {}", String::from_utf8_lossy(&request.body)),
+                ),
                 "/echo" => Response::bytes(200, "application/octet-stream", request.body),
                 "/query" => {
                     Response::text(200, &request.query_param("q").unwrap_or_else(|| "-".into()))
@@ -1612,12 +2323,21 @@ mod tests {
                 1024
             }
         }
+
+        fn admit(&self, head: &Head, _remote: SocketAddr) -> Result<usize, Response> {
+            match (head.path.as_str(), head.header("X-Key")) {
+                ("/guarded", Some("open")) => Ok(10),
+                ("/guarded", _) => Err(Response::text(401, "no key")),
+                (path, _) => Ok(self.body_limit(&head.method, path)),
+            }
+        }
     }
 
     fn test_config() -> Config {
         Config {
             name: "test".into(),
             max_connections: 200,
+            max_connections_per_peer: 200,
             workers: 2,
             header_timeout: Duration::from_secs(1),
             body_timeout: Duration::from_secs(1),
@@ -1625,6 +2345,7 @@ mod tests {
             write_timeout: Duration::from_secs(5),
             max_header_bytes: 4096,
             max_body_bytes_in_flight: 1 << 20,
+            max_body_bytes_per_peer: 1 << 20,
             tls: None,
         }
     }
@@ -1801,21 +2522,499 @@ mod tests {
         server.shutdown(Duration::from_secs(5));
     }
 
+    /// Sends `request` on a fresh connection and reads the reply; whether the server closed the
+    /// connection after it.
+    fn exchange(server: &ServerHandle, request: &[u8]) -> (Reply, bool) {
+        let mut client = connect(server);
+        send(&mut client, request);
+        let reply = read_reply(&mut client, false);
+        let closed = closed(&mut client);
+        (reply, closed)
+    }
+
     #[test]
-    fn a_chunked_request_body_is_411() {
+    fn a_chunked_request_body_is_decoded() {
+        let server = start(test_config());
+        let mut client = connect(&server);
+        // Sizes in both cases and with leading zeros, an extension (ignored), a trailer (dropped),
+        // then a pipelined request on the same connection.
+        send(
+            &mut client,
+            b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n0001;name=\"value\"\r\n \r\nA\r\n0123456789\r\n\
+              0\r\nX-Checksum: abc\r\n\r\nGET /hello HTTP/1.1\r\n\r\n",
+        );
+        let reply = read_reply(&mut client, false);
+        assert_eq!(
+            (reply.status, reply.text().as_str()),
+            (200, "hello 0123456789")
+        );
+        assert_eq!(read_reply(&mut client, false).text(), "hello\n");
+        // Chunks trickled a few bytes at a time, across every boundary.
+        let body: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let mut wire = b"POST /echo HTTP/1.1\r\ntransfer-encoding: Chunked\r\n\r\n".to_vec();
+        for piece in body.chunks(777) {
+            wire.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+            wire.extend_from_slice(piece);
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b"0\r\n\r\n");
+        for piece in wire.chunks(5) {
+            send(&mut client, piece);
+        }
+        let reply = read_reply(&mut client, false);
+        assert_eq!((reply.status, &reply.body), (200, &body));
+        assert_eq!(server.stats().protocol_errors, 0);
+        assert_eq!(server.stats().body_bytes_in_flight, 0);
+        server.shutdown(Duration::from_secs(5));
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused_and_the_connection_closed() {
+        let server = start(test_config());
+        let cases: &[(&[u8], u16, &str)] = &[
+            (
+                b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                400,
+                "both Transfer-Encoding and Content-Length",
+            ),
+            (
+                b"POST /echo HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                400,
+                "both Transfer-Encoding and Content-Length",
+            ),
+            (
+                b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                400,
+                "HTTP/1.0",
+            ),
+            (
+                b"POST /echo HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+                501,
+                "only Transfer-Encoding: chunked",
+            ),
+            (
+                b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+                501,
+                "only Transfer-Encoding: chunked",
+            ),
+            (
+                b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                501,
+                "only Transfer-Encoding: chunked",
+            ),
+            (
+                b"POST /echo HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n",
+                501,
+                "only Transfer-Encoding: chunked",
+            ),
+            (
+                b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nxyz\r\nhello\r\n0\r\n\r\n",
+                400,
+                "not a hex number",
+            ),
+            (
+                b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\r\n",
+                400,
+                "not a hex number",
+            ),
+            (
+                b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000005\r\nhello\r\n0\r\n\r\n",
+                400,
+                "more than 16 hex digits",
+            ),
+            (
+                b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+                400,
+                "not followed by CRLF",
+            ),
+            (
+                b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
+                400,
+                "lone LF",
+            ),
+            (
+                b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5 5\r\nhello\r\n0\r\n\r\n",
+                400,
+                "invalid chunk-size line",
+            ),
+            (
+                b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nno colon\r\n\r\n",
+                400,
+                "trailer",
+            ),
+        ];
+        for (request, status, reason) in cases {
+            let (reply, closed) = exchange(&server, request);
+            let what = String::from_utf8_lossy(request);
+            assert_eq!(reply.status, *status, "{what:?}: {}", reply.text());
+            assert!(reply.text().contains(reason), "{what:?}: {}", reply.text());
+            assert_eq!(reply.header("Connection"), Some("close"), "{what:?}");
+            assert!(closed, "{what:?}: the connection stayed open");
+        }
+        // A chunk-size line that never ends is refused at 4096 bytes, not buffered.
+        let mut long = b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1;".to_vec();
+        long.extend(std::iter::repeat_n(b'x', 5000));
+        let (reply, _) = exchange(&server, &long);
+        assert_eq!(reply.status, 400, "{}", reply.text());
+        assert!(
+            reply.text().contains("longer than 4096"),
+            "{}",
+            reply.text()
+        );
+        // Extensions and trailers share the head's cap.
+        let mut heavy = b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..3 {
+            heavy.extend_from_slice(format!("1;{}\r\nx\r\n", "e".repeat(2000)).as_bytes());
+        }
+        heavy.extend_from_slice(b"0\r\n\r\n");
+        let (reply, _) = exchange(&server, &heavy);
+        assert_eq!(reply.status, 431, "{}", reply.text());
+        assert_eq!(server.stats().body_bytes_in_flight, 0);
+        server.shutdown(Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_chunked_body_over_the_limit_is_413_before_it_has_all_arrived() {
+        let server = start(test_config());
+        let mut client = connect(&server);
+        // The /hello limit is 1 KiB: the third 400-byte chunk passes it. No last chunk is sent,
+        // so a server that waited for the whole body would answer 408 after a second.
+        let mut wire = b"POST /hello HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..3 {
+            wire.extend_from_slice(b"190\r\n");
+            wire.extend_from_slice(&[b'a'; 400]);
+            wire.extend_from_slice(b"\r\n");
+        }
+        send(&mut client, &wire);
+        let started = Instant::now();
+        let reply = read_reply(&mut client, false);
+        assert_eq!(reply.status, 413, "{}", reply.text());
+        assert!(
+            reply
+                .text()
+                .contains("chunked body is over the limit of 1024 bytes"),
+            "{}",
+            reply.text()
+        );
+        assert!(started.elapsed() < Duration::from_millis(900));
+        assert!(closed(&mut client));
+        // One chunk declaring more than the limit is refused at its size line.
+        let (reply, _) = exchange(
+            &server,
+            b"POST /hello HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n",
+        );
+        assert_eq!(reply.status, 413, "{}", reply.text());
+        server.shutdown(Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_chunked_body_that_stalls_gets_408() {
         let server = start(test_config());
         let mut client = connect(&server);
         send(
             &mut client,
-            b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
         );
+        let started = Instant::now();
         let reply = read_reply(&mut client, false);
-        assert_eq!(reply.status, 411);
-        assert!(
-            reply.text().contains("send Content-Length"),
-            "{}",
-            reply.text()
+        assert_eq!(
+            (reply.status, reply.text().as_str()),
+            (408, "the request body took too long\n")
         );
+        // The 1 s body deadline, not the 1 s head deadline again nor the 10 s client timeout.
+        assert!(started.elapsed() < Duration::from_secs(3));
+        server.shutdown(Duration::from_secs(5));
+    }
+
+    #[test]
+    fn expect_100_continue_is_answered_before_a_chunked_body() {
+        let server = start(test_config());
+        let mut client = connect(&server);
+        send(
+            &mut client,
+            b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
+        );
+        assert_eq!(read_reply(&mut client, false).status, 100);
+        send(&mut client, b"3\r\nabc\r\n0\r\n\r\n");
+        let reply = read_reply(&mut client, false);
+        assert_eq!((reply.status, reply.text().as_str()), (200, "abc"));
+        server.shutdown(Duration::from_secs(5));
+    }
+
+    #[test]
+    fn header_hygiene() {
+        let server = start(test_config());
+        let cases: &[(&[u8], &str)] = &[
+            (b"GET /hello HTTP/1.1\nHost: x\r\n\r\n", "lone LF"),
+            (b"GET /hello HTTP/1.1\r\nHost: x\n\r\n", "lone LF"),
+            (b"GET /hello HTTP/1.1\r\nHost: x\n\n", "lone LF"),
+            (
+                b"GET /hello HTTP/1.1\r\nX-A: a\x01b\r\n\r\n",
+                "control character",
+            ),
+            (
+                b"GET /hello HTTP/1.1\r\nX-A: a\x00b\r\n\r\n",
+                "control character",
+            ),
+            (
+                b"GET /hello HTTP/1.1\r\nX-A: a\x1bb\r\n\r\n",
+                "control character",
+            ),
+            (
+                b"GET /hello HTTP/1.1\r\nX-A: a\x7fb\r\n\r\n",
+                "control character",
+            ),
+            (
+                b"GET /hello HTTP/1.1\r\nX-A: a\rb\r\n\r\n",
+                "control character",
+            ),
+            (b"GET /hello HTTP/1.1\r\nX-A: a\r\n b\r\n\r\n", "obs-fold"),
+            (b"GET /hello HTTP/1.1\r\nX-A : a\r\n\r\n", "header name"),
+            (b"GET /hello HTTP/1.1\r\nX-A: \xff\r\n\r\n", "not UTF-8"),
+        ];
+        for (request, reason) in cases {
+            let (reply, closed) = exchange(&server, request);
+            let what = String::from_utf8_lossy(request);
+            assert_eq!(reply.status, 400, "{what:?}: {}", reply.text());
+            assert!(reply.text().contains(reason), "{what:?}: {}", reply.text());
+            assert!(closed, "{what:?}");
+        }
+        // HTAB inside a value is fine.
+        let (reply, _) = exchange(
+            &server,
+            b"GET /hello HTTP/1.1\r\nX-A: a\tb\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(reply.status, 200);
+        server.shutdown(Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_handler_refuses_a_head_before_its_body() {
+        let server = start(test_config());
+        // 10 MB declared and none sent: the 401 comes at once, and nothing was set aside for it.
+        let (reply, closed) = exchange(
+            &server,
+            b"POST /guarded HTTP/1.1\r\nContent-Length: 10000000\r\nExpect: 100-continue\r\n\r\n",
+        );
+        assert_eq!((reply.status, reply.text().as_str()), (401, "no key\n"));
+        assert!(closed);
+        let (reply, _) = exchange(
+            &server,
+            b"POST /guarded HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        );
+        assert_eq!(reply.status, 401);
+        let stats = server.stats();
+        assert_eq!((stats.refused_heads, stats.protocol_errors), (2, 0));
+        // With the key, its limit is the one admit gave.
+        let (reply, _) = exchange(
+            &server,
+            b"POST /guarded HTTP/1.1\r\nX-Key: open\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        );
+        assert_eq!(
+            (reply.status, reply.text().as_str()),
+            (200, "guarded hello\n")
+        );
+        let (reply, _) = exchange(
+            &server,
+            b"POST /guarded HTTP/1.1\r\nX-Key: open\r\nContent-Length: 20\r\n\r\n",
+        );
+        assert_eq!(reply.status, 413);
+        server.shutdown(Duration::from_secs(5));
+    }
+
+    /// Waits (bounded) until `check` holds for the server's stats; the last stats seen.
+    fn wait_for_stats(server: &ServerHandle, check: impl Fn(&Stats) -> bool) -> Stats {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stats = server.stats();
+            if check(&stats) || Instant::now() > deadline {
+                return stats;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn body_memory_follows_the_bytes_that_arrived() {
+        let mut config = test_config();
+        config.body_timeout = Duration::from_secs(10);
+        let server = start(config);
+        // 60 KiB declared, 1 KiB sent: about one step is held, not 60 KiB.
+        let mut declared = connect(&server);
+        send(
+            &mut declared,
+            b"POST /echo HTTP/1.1\r\nContent-Length: 61440\r\n\r\n",
+        );
+        send(&mut declared, &[b'a'; 1024]);
+        let stats = wait_for_stats(&server, |s| s.body_bytes_in_flight > 0);
+        assert!(
+            (1024..=BODY_STEP as u64).contains(&stats.body_bytes_in_flight),
+            "{stats:?}"
+        );
+        // A head alone holds nothing.
+        let mut head_only = connect(&server);
+        send(
+            &mut head_only,
+            b"POST /echo HTTP/1.1\r\nContent-Length: 61440\r\n\r\n",
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            server.stats().body_bytes_in_flight,
+            stats.body_bytes_in_flight
+        );
+        // The rest arrives: the body is whole and the budget is back to zero once answered.
+        send(&mut declared, &[b'b'; 61440 - 1024]);
+        let reply = read_reply(&mut declared, false);
+        assert_eq!((reply.status, reply.body.len()), (200, 61440));
+        drop(head_only);
+        let stats = wait_for_stats(&server, |s| s.body_bytes_in_flight == 0);
+        assert_eq!(stats.body_bytes_in_flight, 0);
+        server.shutdown(Duration::from_secs(5));
+    }
+
+    /// A client socket bound to `local` (a 127.0.0.x address) connected to the server.
+    fn connect_from(server: &ServerHandle, local: [u8; 4]) -> BufReader<TcpStream> {
+        // SAFETY: plain socket calls on a descriptor this function owns until it is wrapped.
+        let tcp = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(fd >= 0);
+            let bind = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(local),
+                },
+                sin_zero: [0; 8],
+            };
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            assert_eq!(
+                libc::bind(fd, &bind as *const _ as *const libc::sockaddr, len),
+                0
+            );
+            let port = server.local_addr().port();
+            let to = libc::sockaddr_in {
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+                },
+                ..bind
+            };
+            assert_eq!(
+                libc::connect(fd, &to as *const _ as *const libc::sockaddr, len),
+                0
+            );
+            <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd)
+        };
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        BufReader::new(tcp)
+    }
+
+    #[test]
+    fn per_peer_caps_hold_one_address_back_and_not_the_others() {
+        let mut config = test_config();
+        config.max_connections_per_peer = 3;
+        config.max_body_bytes_per_peer = 40 << 10;
+        config.body_timeout = Duration::from_secs(10);
+        let server = start(config);
+        // Three requests being answered from one address: its fourth connection is refused.
+        let mut busy: Vec<_> = (0..3)
+            .map(|_| {
+                let mut client = connect_from(&server, [127, 0, 0, 2]);
+                send(&mut client, b"GET /slow HTTP/1.1\r\n\r\n");
+                client
+            })
+            .collect();
+        wait_for_stats(&server, |s| s.open_connections == 3);
+        std::thread::sleep(Duration::from_millis(50));
+        let mut fourth = connect_from(&server, [127, 0, 0, 2]);
+        let reply = read_reply(&mut fourth, false);
+        assert_eq!(
+            (reply.status, reply.text().as_str()),
+            (503, "too many connections from your address\n")
+        );
+        assert_eq!(reply.header("Retry-After"), Some("1"));
+        // Another address is served meanwhile.
+        let mut other = connect_from(&server, [127, 0, 0, 3]);
+        send(&mut other, b"GET /hello HTTP/1.1\r\n\r\n");
+        assert_eq!(read_reply(&mut other, false).status, 200);
+        for client in &mut busy {
+            assert_eq!(read_reply(client, false).status, 200);
+        }
+        // Now idle: at the per-peer cap, the address's own idle connections make room.
+        let mut fifth = connect_from(&server, [127, 0, 0, 2]);
+        send(&mut fifth, b"GET /hello HTTP/1.1\r\n\r\n");
+        assert_eq!(read_reply(&mut fifth, false).status, 200);
+        let stats = server.stats();
+        assert_eq!(stats.peer_rejected_connections, 1);
+        assert_eq!(stats.evicted_connections, 1);
+        drop((busy, fifth, other));
+        // Body bytes: 30 KiB arrived on one body from 127.0.0.4 (held, it waits for the rest);
+        // a second body of 20 KiB from that address passes its 40 KiB, one from elsewhere does not.
+        let mut holder = connect_from(&server, [127, 0, 0, 4]);
+        send(
+            &mut holder,
+            b"POST /echo HTTP/1.1\r\nContent-Length: 40000\r\n\r\n",
+        );
+        send(&mut holder, &[b'a'; 30 << 10]);
+        wait_for_stats(&server, |s| s.body_bytes_in_flight >= 30 << 10);
+        let mut request = b"POST /echo HTTP/1.1\r\nContent-Length: 20480\r\n\r\n".to_vec();
+        request.extend_from_slice(&[b'b'; 20 << 10]);
+        let mut second = connect_from(&server, [127, 0, 0, 4]);
+        send(&mut second, &request);
+        let reply = read_reply(&mut second, false);
+        assert_eq!(
+            (reply.status, reply.text().as_str()),
+            (
+                503,
+                "too many request bodies in flight from your address; retry\n"
+            )
+        );
+        let mut elsewhere = connect_from(&server, [127, 0, 0, 5]);
+        send(&mut elsewhere, &request);
+        assert_eq!(read_reply(&mut elsewhere, false).status, 200);
+        send(&mut holder, &[b'a'; 40000 - (30 << 10)]);
+        assert_eq!(read_reply(&mut holder, false).status, 200);
+        assert_eq!(server.stats().peer_rejected_bodies, 1);
+        server.shutdown(Duration::from_secs(5));
+    }
+
+    #[test]
+    fn at_the_cap_a_body_still_arriving_is_not_evicted() {
+        let mut config = test_config();
+        config.max_connections = 4;
+        config.body_timeout = Duration::from_secs(10);
+        config.header_timeout = Duration::from_secs(10);
+        let server = start(config);
+        // The oldest connection is a body trickling in, 2,000 bytes over about 2 s.
+        let mut upload = connect(&server);
+        send(
+            &mut upload,
+            b"POST /echo HTTP/1.1\r\nContent-Length: 2000\r\n\r\n",
+        );
+        let trickle = {
+            let mut writer = upload.get_ref().try_clone().unwrap();
+            std::thread::spawn(move || {
+                for _ in 0..20 {
+                    writer.write_all(&[b'u'; 100]).unwrap();
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        // Meanwhile a flood of silent and garbage-trickling connections, far over the cap.
+        let mut flood = Vec::new();
+        for i in 0..40 {
+            let mut client = connect(&server);
+            if i % 2 == 0 {
+                let _ = client.get_mut().write_all(b"GET /hel");
+            }
+            flood.push(client);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        trickle.join().unwrap();
+        let reply = read_reply(&mut upload, false);
+        assert_eq!((reply.status, reply.body.len()), (200, 2000));
+        assert!(server.stats().evicted_connections >= 30);
         server.shutdown(Duration::from_secs(5));
     }
 
