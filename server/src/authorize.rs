@@ -460,9 +460,12 @@ impl AuthorizeHandler {
 
 /// The bearer token of a request, or the one-line reason (upstream's wording) it has none.
 pub fn bearer(request: &Request) -> Result<&str, &'static str> {
-    let header = request
-        .header("Authorization")
-        .ok_or("Only bearer authorization allowed")?;
+    bearer_in(request.header("Authorization"))
+}
+
+/// [`bearer`] on the value of an `Authorization` header, when there is one (for a request head).
+pub fn bearer_in(authorization: Option<&str>) -> Result<&str, &'static str> {
+    let header = authorization.ok_or("Only bearer authorization allowed")?;
     let header = header.trim();
     let (scheme, token) = header.split_once(' ').unwrap_or((header, ""));
     if !scheme.eq_ignore_ascii_case("bearer") {

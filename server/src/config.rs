@@ -139,6 +139,23 @@ pub struct Flags {
     #[arg(long, default_value_t = 1024, value_name = "N")]
     pub max_connections: usize,
 
+    /// Most connections open at once on each port from one client address (an IPv4 address or an
+    /// IPv6 /64). At the cap that address's own longest-idle connection is closed to make room, so
+    /// a fleet behind one NAT keeps working however many clusters share the address; only when
+    /// all of its connections are busy with requests is a new one answered 503 with Retry-After.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub max_connections_per_peer: usize,
+
+    /// Most request-body bytes held in memory at once for one client address (of the 256 MiB all
+    /// bodies may hold); a body that would pass it is answered 503 with Retry-After. Bodies hold
+    /// only what has arrived, so the default takes dozens of full-size uploads from one NAT at once.
+    #[arg(long, default_value_t = 64 << 20, value_name = "BYTES")]
+    pub max_body_bytes_per_peer: usize,
+
+    /// Time allowed to receive a whole request body (Prometheus duration); slower ones get 408.
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    pub body_timeout: String,
+
     /// Also ship every upload this server stores, with its original timestamps, as Prometheus
     /// remote-write 1.0 to this URL (Prometheus with --web.enable-remote-write-receiver, Thanos
     /// receive, Mimir, Cortex, VictoriaMetrics).
@@ -270,6 +287,12 @@ pub struct Config {
     pub workers: Option<usize>,
     /// Connection cap per port.
     pub max_connections: usize,
+    /// Connection cap per port and client address.
+    pub max_connections_per_peer: usize,
+    /// Body-memory cap per port and client address.
+    pub max_body_bytes_per_peer: usize,
+    /// Time allowed for a whole request body.
+    pub body_timeout: Duration,
     /// Clustering, when on.
     pub cluster: Option<ClusterFlags>,
     /// Where stored uploads are also shipped, if anywhere.
@@ -444,6 +467,23 @@ impl Flags {
                 None => None,
             },
             max_connections: positive("--max-connections", self.max_connections)?,
+            max_connections_per_peer: positive(
+                "--max-connections-per-peer",
+                self.max_connections_per_peer,
+            )?,
+            max_body_bytes_per_peer: positive(
+                "--max-body-bytes-per-peer",
+                self.max_body_bytes_per_peer,
+            )?,
+            body_timeout: match parse_duration("--body-timeout", &self.body_timeout)? {
+                zero if zero.is_zero() => {
+                    return Err(ConfigError::Invalid {
+                        flag: "--body-timeout",
+                        reason: "must be greater than 0s".into(),
+                    })
+                }
+                timeout => timeout,
+            },
             remote_write,
             cluster: match self.listen_cluster {
                 None => None,

@@ -43,6 +43,9 @@ pub struct Metrics {
     http_rejected: CounterVec,
     http_evicted: CounterVec,
     http_protocol_errors: CounterVec,
+    http_peer_rejected: CounterVec,
+    http_refused_heads: CounterVec,
+    http_body_bytes: GaugeVec,
     // The front counters are copied in as deltas; the lock keeps two concurrent scrapes from both
     // adding the same delta.
     refresh: std::sync::Arc<Mutex<()>>,
@@ -158,6 +161,21 @@ impl Metrics {
                 "Requests the HTTP front answered itself with a protocol error, by port.",
                 &["port"],
             ),
+            http_peer_rejected: r.counter(
+                "telemeter_server_http_peer_rejected_total",
+                "Connections and request bodies (what) refused because their client address held its share (--max-connections-per-peer, --max-body-bytes-per-peer), by port.",
+                &["port", "what"],
+            ),
+            http_refused_heads: r.counter(
+                "telemeter_server_http_refused_heads_total",
+                "Requests refused from their head alone, before any body was read (an upload without a valid token), by port.",
+                &["port"],
+            ),
+            http_body_bytes: r.gauge(
+                "telemeter_server_http_body_bytes_in_flight",
+                "Request body bytes held in memory now, by port.",
+                &["port"],
+            ),
             registry: r,
             refresh: Default::default(),
         }
@@ -195,6 +213,18 @@ impl Metrics {
                     &self.http_protocol_errors.with(&[port]),
                     stats.protocol_errors,
                 );
+                catch_up(
+                    &self.http_peer_rejected.with(&[port, "connection"]),
+                    stats.peer_rejected_connections,
+                );
+                catch_up(
+                    &self.http_peer_rejected.with(&[port, "body"]),
+                    stats.peer_rejected_bodies,
+                );
+                catch_up(&self.http_refused_heads.with(&[port]), stats.refused_heads);
+                self.http_body_bytes
+                    .with(&[port])
+                    .set(stats.body_bytes_in_flight as f64);
             }
         }
         self.registry.render()

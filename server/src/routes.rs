@@ -1,8 +1,9 @@
 //! The two HTTP applications: the external port (clients) and the internal port (scrapers, operators).
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use telemeter_common::http::{Handler, Request, Response, ServerHandle, Stats};
+use telemeter_common::http::{Handler, Head, Request, Response, ServerHandle, Stats};
 
 use crate::authorize::{AuthorizeHandler, MAX_BODY_BYTES};
 use crate::cluster::endpoint::handle_forward;
@@ -49,6 +50,14 @@ impl Handler for External {
             "/upload" => self.upload.body_limit(),
             "/authorize" => MAX_BODY_BYTES,
             _ => SMALL_BODY,
+        }
+    }
+    /// `/upload` checks its token before the body (see [`UploadHandler::admit`]); the rest only
+    /// cap their bodies. `/authorize` bodies stay allowed without a token: they are tiny.
+    fn admit(&self, head: &Head, remote: SocketAddr) -> Result<usize, Response> {
+        match head.path.as_str() {
+            "/upload" => self.upload.admit(head, remote),
+            path => Ok(self.body_limit(&head.method, path)),
         }
     }
 }

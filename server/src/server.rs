@@ -203,6 +203,9 @@ impl Server {
             let mut c = http::Config {
                 name: name.to_string(),
                 max_connections: config.max_connections,
+                max_connections_per_peer: config.max_connections_per_peer,
+                max_body_bytes_per_peer: config.max_body_bytes_per_peer,
+                body_timeout: config.body_timeout,
                 tls,
                 ..http::Config::default()
             };

@@ -10,19 +10,20 @@
 //! nothing and does not use the cluster's rate-limit slot.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Instant, SystemTime};
 
 use log::{debug, info, warn};
 use telemeter_common::delimited::{self, DecodeError};
-use telemeter_common::http::{Request, Response};
+use telemeter_common::http::{Head, Request, Response};
 use telemeter_common::media::Format;
 use telemeter_common::model::MetricFamily;
 use telemeter_common::snappy::{self, SnappyError};
 use telemeter_common::text;
-use telemeter_common::token::TokenSigner;
+use telemeter_common::token::{Claims, TokenSigner};
 
-use crate::authorize::{bearer, check_cluster_id, unauthorized};
+use crate::authorize::{bearer_in, check_cluster_id, unauthorized};
 use crate::metrics::Metrics;
 use crate::prescan;
 use crate::ratelimit::{retry_after_secs, RateLimiter};
@@ -199,6 +200,20 @@ impl UploadHandler {
         self.limits.max_upload_bytes
     }
 
+    /// Checks an `/upload` head before any of its body is read: a POST without a valid upload
+    /// token is refused (401) here, so a peer without one holds no body memory and no worker. The
+    /// body cap when it passes. Other methods pass, to be answered 405 by [`UploadHandler::handle`].
+    pub fn admit(&self, head: &Head, remote: SocketAddr) -> Result<usize, Response> {
+        if head.method == "POST" {
+            if let Err(refusal) = self.authenticate(head.header("Authorization"), SystemTime::now())
+            {
+                self.metrics.upload("rejected", refusal.status);
+                return Err(self.refuse(refusal, remote));
+            }
+        }
+        Ok(self.body_limit())
+    }
+
     /// Answers one `/upload` request.
     pub fn handle(&self, request: &Request) -> Response {
         self.metrics.upload_bytes.add(request.body.len() as u64);
@@ -221,44 +236,57 @@ impl UploadHandler {
                 if refusal.status == 429 {
                     self.metrics.ratelimited.inc();
                 }
-                let mut response = if refusal.status == 401 {
-                    // A failed token check is worth a line: it may be an attack or a misconfigured client.
-                    info!(
-                        "upload from {} refused: {}",
-                        request.remote, refusal.message
-                    );
-                    unauthorized(&refusal.message)
-                } else {
-                    Response::text(refusal.status, &refusal.message)
-                };
-                if let Some(secs) = refusal.retry_after {
-                    response = response.with_header("Retry-After", &secs.to_string());
-                }
-                if refusal.status == 405 {
-                    response = response.with_header("Allow", "POST");
-                }
-                response
+                self.refuse(refusal, request.remote)
             }
         }
+    }
+
+    /// The response of a refusal.
+    fn refuse(&self, refusal: Refusal, remote: SocketAddr) -> Response {
+        let mut response = if refusal.status == 401 {
+            // A failed token check is worth a line: it may be an attack or a misconfigured client.
+            info!("upload from {remote} refused: {}", refusal.message);
+            unauthorized(&refusal.message)
+        } else {
+            Response::text(refusal.status, &refusal.message)
+        };
+        if let Some(secs) = refusal.retry_after {
+            response = response.with_header("Retry-After", &secs.to_string());
+        }
+        if refusal.status == 405 {
+            response = response.with_header("Allow", "POST");
+        }
+        response
+    }
+
+    /// The claims of the upload token in `authorization` (an `Authorization` header value), with
+    /// a cluster id that can be used.
+    fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        now: SystemTime,
+    ) -> Result<Claims, Refusal> {
+        let token = bearer_in(authorization).map_err(|reason| Refusal::new(401, reason))?;
+        let claims = self
+            .signer
+            .verify(token, now)
+            .map_err(|e| Refusal::new(401, format!("Not authorized: {e}")))?;
+        if check_cluster_id(&claims.cluster_id).is_err() {
+            return Err(Refusal::new(
+                401,
+                "Not authorized: the token names no valid cluster",
+            ));
+        }
+        Ok(claims)
     }
 
     fn accept(&self, request: &Request) -> Result<Accepted, Refusal> {
         if request.method != "POST" {
             return Err(Refusal::new(405, "only POST is allowed"));
         }
-        let token = bearer(request).map_err(|reason| Refusal::new(401, reason))?;
         let now = SystemTime::now();
-        let claims = self
-            .signer
-            .verify(token, now)
-            .map_err(|e| Refusal::new(401, format!("Not authorized: {e}")))?;
+        let claims = self.authenticate(request.header("Authorization"), now)?;
         let cluster_id = claims.cluster_id;
-        if check_cluster_id(&cluster_id).is_err() {
-            return Err(Refusal::new(
-                401,
-                "Not authorized: the token names no valid cluster",
-            ));
-        }
         // A cluster that may not store now is refused before its body costs any decoding.
         self.limiter
             .check(&cluster_id, Instant::now())

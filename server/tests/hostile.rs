@@ -186,6 +186,32 @@ fn raw_post(path: &str, headers: &[&str], body: &[u8]) -> Vec<u8> {
     r
 }
 
+/// An `/upload` with `token`, `headers` and `Transfer-Encoding: chunked`, the chunked body as given.
+fn chunked_upload(token: &str, headers: &[&str], chunked_body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: {PROTO_DELIMITED}\r\nTransfer-Encoding: chunked\r\n"
+    );
+    for h in headers {
+        r.push_str(h);
+        r.push_str("\r\n");
+    }
+    r.push_str("\r\n");
+    let mut r = r.into_bytes();
+    r.extend_from_slice(chunked_body);
+    r
+}
+
+/// An `/upload` with `token` and the given coding headers, and an empty chunked body.
+fn coded_upload(token: &str, headers: &[&str]) -> Vec<u8> {
+    let mut r = format!("POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n");
+    for h in headers {
+        r.push_str(h);
+        r.push_str("\r\n");
+    }
+    r.push_str("\r\n0\r\n\r\n");
+    r.into_bytes()
+}
+
 type Send = Box<dyn Fn(&Ctx) -> Reply>;
 
 struct Case {
@@ -366,12 +392,213 @@ fn catalogue() -> Vec<Case> {
             }),
         ),
         case(
-            "chunked body (no declared length)",
-            411,
-            "Content-Length",
+            "upload head without a token, 1 MB declared, no body sent",
+            401,
+            "bearer",
             Box::new(|c| {
-                c.raw(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+                // Refused from the head: a server that waited for the body would see the end of
+                // the stream instead and answer nothing.
+                c.raw(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
             }),
+        ),
+        case(
+            "upload head with a forged token, chunked, no body sent",
+            401,
+            "signature",
+            Box::new(|c| {
+                let forged = sign(&[9u8; 32], "HS256", &claims());
+                c.raw(format!("POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {forged}\r\nTransfer-Encoding: chunked\r\n\r\n").as_bytes())
+            }),
+        ),
+        // --- request smuggling and chunked framing (RFC 9112 §6, §7.1) ---
+        case(
+            "Transfer-Encoding and Content-Length together",
+            400,
+            "both Transfer-Encoding and Content-Length",
+            Box::new(|c| {
+                c.raw(&chunked_upload(
+                    &c.token,
+                    &["Content-Length: 5"],
+                    b"5\r\nhello\r\n0\r\n\r\n",
+                ))
+            }),
+        ),
+        case(
+            "Content-Length before Transfer-Encoding",
+            400,
+            "both Transfer-Encoding and Content-Length",
+            Box::new(|c| {
+                c.raw(format!("POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 13\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET / HTTP/1.1\r\n\r\n", c.token).as_bytes())
+            }),
+        ),
+        case(
+            "Transfer-Encoding: gzip, chunked",
+            501,
+            "only Transfer-Encoding: chunked",
+            Box::new(|c| {
+                c.raw(&coded_upload(
+                    &c.token,
+                    &["Transfer-Encoding: gzip, chunked"],
+                ))
+            }),
+        ),
+        case(
+            "Transfer-Encoding: chunked, chunked",
+            501,
+            "only Transfer-Encoding: chunked",
+            Box::new(|c| {
+                c.raw(&coded_upload(
+                    &c.token,
+                    &["Transfer-Encoding: chunked, chunked"],
+                ))
+            }),
+        ),
+        case(
+            "Transfer-Encoding: chunked twice, as two headers",
+            501,
+            "only Transfer-Encoding: chunked",
+            Box::new(|c| {
+                c.raw(&coded_upload(
+                    &c.token,
+                    &["Transfer-Encoding: chunked", "Transfer-Encoding: chunked"],
+                ))
+            }),
+        ),
+        case(
+            "Transfer-Encoding: identity",
+            501,
+            "only Transfer-Encoding: chunked",
+            Box::new(|c| c.raw(&coded_upload(&c.token, &["Transfer-Encoding: identity"]))),
+        ),
+        case(
+            "Transfer-Encoding in an HTTP/1.0 request",
+            400,
+            "HTTP/1.0",
+            Box::new(|c| {
+                c.raw(format!("POST /upload HTTP/1.0\r\nAuthorization: Bearer {}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", c.token).as_bytes())
+            }),
+        ),
+        case(
+            "chunk size not a hex number",
+            400,
+            "not a hex number",
+            Box::new(|c| c.raw(&chunked_upload(&c.token, &[], b"zz\r\nhello\r\n0\r\n\r\n"))),
+        ),
+        case(
+            "chunk size overflow (17 hex digits)",
+            400,
+            "more than 16 hex digits",
+            Box::new(|c| {
+                c.raw(&chunked_upload(
+                    &c.token,
+                    &[],
+                    b"10000000000000005\r\nhello\r\n0\r\n\r\n",
+                ))
+            }),
+        ),
+        case(
+            "chunk size of 2^64 - 1",
+            413,
+            "chunked body is over the limit",
+            Box::new(|c| {
+                c.raw(&chunked_upload(
+                    &c.token,
+                    &[],
+                    b"ffffffffffffffff\r\nhello\r\n",
+                ))
+            }),
+        ),
+        case(
+            "chunk data not followed by CRLF",
+            400,
+            "not followed by CRLF",
+            Box::new(|c| c.raw(&chunked_upload(&c.token, &[], b"5\r\nhelloXY0\r\n\r\n"))),
+        ),
+        case(
+            "chunk-size line over 4 KiB",
+            400,
+            "longer than 4096",
+            Box::new(|c| {
+                let mut body = b"1;".to_vec();
+                body.extend_from_slice(&[b'x'; 5000]);
+                c.raw(&chunked_upload(&c.token, &[], &body))
+            }),
+        ),
+        case(
+            "chunked body over the cap, refused before it is all sent",
+            413,
+            "chunked body is over the limit of 1048576 bytes",
+            Box::new(|c| {
+                // 17 chunks of 64 KiB and no last chunk: only a server that counts as chunks
+                // arrive can answer; one waiting for the end would see the stream end first.
+                let mut body = Vec::new();
+                for _ in 0..17 {
+                    body.extend_from_slice(b"10000\r\n");
+                    body.extend_from_slice(&[7u8; 1 << 16]);
+                    body.extend_from_slice(b"\r\n");
+                }
+                c.raw(&chunked_upload(&c.token, &[], &body))
+            }),
+        ),
+        case(
+            "chunked snappy bomb",
+            413,
+            "decompressed",
+            Box::new(|c| {
+                let bomb = snappy::encode_framed(&vec![0u8; 20 << 20]);
+                let mut body = Vec::new();
+                for piece in bomb.chunks(4000) {
+                    body.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                    body.extend_from_slice(piece);
+                    body.extend_from_slice(b"\r\n");
+                }
+                body.extend_from_slice(b"0\r\n\r\n");
+                c.raw(&chunked_upload(
+                    &c.token,
+                    &["Content-Encoding: snappy"],
+                    &body,
+                ))
+            }),
+        ),
+        case(
+            "chunked body that stalls (--body-timeout 2s)",
+            408,
+            "body took too long",
+            Box::new(|c| {
+                let started = std::time::Instant::now();
+                let r = raw_request_then_stall(
+                    c.s.external,
+                    &chunked_upload(&c.token, &[], b"100\r\nonly part of the chunk"),
+                );
+                let took = started.elapsed();
+                assert!(took < Duration::from_secs(10), "the 408 took {took:?}");
+                r
+            }),
+        ),
+        // --- header hygiene (RFC 9112 §2.2, §5) ---
+        case(
+            "lone LF line ends",
+            400,
+            "lone LF",
+            Box::new(|c| c.raw(b"GET /healthz HTTP/1.1\nHost: x\n\n")),
+        ),
+        case(
+            "a control character in a header value",
+            400,
+            "control character",
+            Box::new(|c| c.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Evil: a\x1b[2Jb\r\n\r\n")),
+        ),
+        case(
+            "a NUL in a header value",
+            400,
+            "control character",
+            Box::new(|c| c.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Evil: a\x00b\r\n\r\n")),
+        ),
+        case(
+            "a folded header line (obs-fold)",
+            400,
+            "obs-fold",
+            Box::new(|c| c.raw(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n")),
         ),
         case(
             "snappy bomb (small body, huge decompressed size)",
@@ -649,6 +876,16 @@ fn catalogue() -> Vec<Case> {
             }),
         ),
         case(
+            "many small header fields (200, under the byte cap)",
+            431,
+            "more than 128 header fields",
+            Box::new(|c| {
+                let many: Vec<String> = (0..200).map(|i| format!("X-H{i}: 1")).collect();
+                let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+                c.raw(&raw_post("/upload", &refs, b""))
+            }),
+        ),
+        case(
             "garbage request line",
             400,
             "",
@@ -686,6 +923,8 @@ fn start(dir: &TempDir) -> ServerProcess {
             "0s",
             "--max-upload-bytes",
             &max_upload,
+            "--body-timeout",
+            "2s",
         ],
     )
 }

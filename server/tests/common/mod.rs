@@ -359,6 +359,16 @@ pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 /// 30 s timeout); for requests an HTTP client would refuse to send (huge heads, bad framing).
 /// Status 0 when the server closed the connection without a reply.
 pub fn raw_request(addr: SocketAddr, request: &[u8]) -> Reply {
+    raw_exchange(addr, request, true)
+}
+
+/// [`raw_request`] without closing the sending side: the server sees a peer that stalls after
+/// `request` rather than one that has finished.
+pub fn raw_request_then_stall(addr: SocketAddr, request: &[u8]) -> Reply {
+    raw_exchange(addr, request, false)
+}
+
+fn raw_exchange(addr: SocketAddr, request: &[u8], finish: bool) -> Reply {
     use std::io::{Read, Write};
     let no_reply = |why: String| Reply {
         status: 0,
@@ -374,7 +384,9 @@ pub fn raw_request(addr: SocketAddr, request: &[u8]) -> Reply {
     let _ = tcp.set_write_timeout(Some(Duration::from_secs(30)));
     // The server may answer (and close) before reading everything: a failed write is not fatal.
     let _ = tcp.write_all(request);
-    let _ = tcp.shutdown(std::net::Shutdown::Write);
+    if finish {
+        let _ = tcp.shutdown(std::net::Shutdown::Write);
+    }
     let mut raw = Vec::new();
     let _ = tcp.read_to_end(&mut raw);
     let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
