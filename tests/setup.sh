@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What the tests, the demo and the static build need on a fresh Debian machine, installed only if
 # missing (so it is quick once done): a real Prometheus and promtool, the Pushgateway (benchmark
-# baseline), musl-tools and file (static build), openssl, curl and jq (scripts), and the rustfmt
+# baseline), musl-tools and file (static build), openssl, curl and jq (scripts), Go and python3 (the
+# interop tests upload through net/http and http.client, as real clients do), and the rustfmt
 # and clippy components and the musl target of the Rust toolchain. `make check`, `make demo` and
 # `.ci/run` run it first. Needs root (or sudo) only when a Debian package is missing.
 set -euo pipefail
@@ -15,6 +16,8 @@ command -v file >/dev/null 2>&1 || need+=(file)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v jq >/dev/null 2>&1 || need+=(jq)
+command -v go >/dev/null 2>&1 || need+=(golang-go)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
   # prometheus appears twice when both binaries are missing; apt-get does not mind.
   sudo=()
