@@ -317,3 +317,272 @@ fn slow_and_idle_connections_do_not_starve_a_normal_client() {
         "VmHWM {hwm} KiB over {memory_bound} KiB"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Body memory and worker slots held by peers that send heads and stall
+
+use std::net::Ipv4Addr;
+
+/// A TCP connection to `to` from the local address `from` (a 127.0.0.x address), so one test can
+/// play many peer addresses.
+fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let SocketAddr::V4(to) = to else {
+        panic!("IPv4 only")
+    };
+    let addr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor owned here until it is wrapped (or closed).
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let local = addr(from, 0);
+        let remote = addr(*to.ip(), to.port());
+        if libc::bind(fd, &local as *const _ as *const libc::sockaddr, len) != 0
+            || libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len) != 0
+        {
+            let e = std::io::Error::last_os_error();
+            libc::close(fd);
+            return Err(e);
+        }
+        let tcp = <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
+        Ok(tcp)
+    }
+}
+
+/// An upload from `from` on a fresh connection: its status (0 when the connection failed).
+fn upload_from(from: Ipv4Addr, to: SocketAddr, token: &str, body: &[u8]) -> u16 {
+    let Ok(mut tcp) = connect_from(from, to) else {
+        return 0;
+    };
+    let mut request = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: {PROTO_DELIMITED}\r\nContent-Encoding: snappy\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    if tcp.write_all(&request).is_err() {
+        return 0;
+    }
+    let mut reply = Vec::new();
+    let _ = tcp.read_to_end(&mut reply);
+    let head = String::from_utf8_lossy(&reply);
+    head.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Values of the external port's front metrics: (body bytes held, heads refused, open).
+fn front(s: &ServerProcess) -> (f64, f64, f64) {
+    let m = get(&s.url_internal("/metrics"), &[]).body;
+    let v = |name: &str| metric_value(&m, name, &["port=\"external\""]);
+    (
+        v("telemeter_server_http_body_bytes_in_flight"),
+        v("telemeter_server_http_refused_heads_total"),
+        v("telemeter_server_http_open_connections"),
+    )
+}
+
+/// Polls the front metrics (bounded, 20 s) until `check` holds; the last values seen.
+fn wait_front(s: &ServerProcess, check: impl Fn((f64, f64, f64)) -> bool) -> (f64, f64, f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = front(s);
+        if check(seen) || Instant::now() > deadline {
+            return seen;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Found (2026-12): 300 connections each sending only an `/upload` head with
+/// `Content-Length: 1000000` reserved (and zero-filled) 300 MB against the 256 MiB body budget
+/// for the 30 s body deadline, so every legitimate upload got 503. Now the token is checked from
+/// the head (401 before any body memory), and a body holds only what has arrived.
+#[test]
+fn stalled_upload_heads_hold_no_body_memory_and_a_bystander_keeps_uploading() {
+    let dir = TempDir::new("stalled-heads");
+    let tokens = dir.file("tokens", TOKENS);
+    let key = dir.file("key", KEY);
+    let s = ServerProcess::start(
+        &dir.path().join("data"),
+        &[
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+            "--shared-key",
+            key.to_str().unwrap(),
+            "--ratelimit",
+            "0s",
+        ],
+    );
+    let addr = s.external;
+    let token = s.upload_token("secret", "test");
+    let bystander_token = s.upload_token("wild", "bystander");
+    let body = snappy::encode_framed(&delimited::encode(&families(None, 20, now_ms())));
+    let bystander = Ipv4Addr::new(127, 0, 0, 2);
+
+    // 300 heads without a valid token from ten addresses (none, then garbage, then a forged
+    // one), each declaring 1 MB and sending nothing more.
+    let forged = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ0ZXN0In0.c2lnbmF0dXJl";
+    let mut unauthenticated = Vec::new();
+    for i in 0..300u32 {
+        let from = Ipv4Addr::new(127, 0, 1, 10 + (i % 10) as u8);
+        let mut tcp = connect_from(from, addr).expect("attacker connection");
+        let auth = match i % 3 {
+            0 => String::new(),
+            1 => "Authorization: Bearer garbage\r\n".to_string(),
+            _ => format!("Authorization: Bearer {forged}\r\n"),
+        };
+        let head =
+            format!("POST /upload HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 1000000\r\n\r\n");
+        tcp.write_all(head.as_bytes()).unwrap();
+        unauthenticated.push(tcp);
+    }
+    let (held, refused, _) = wait_front(&s, |(_, refused, _)| refused >= 300.0);
+    println!("unauthenticated heads: {refused} refused from the head, {held} body bytes held");
+    assert_eq!(
+        refused, 300.0,
+        "every head without a valid token is refused"
+    );
+    assert_eq!(held, 0.0);
+    for tcp in &mut unauthenticated {
+        let mut reply = [0u8; 12];
+        tcp.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"HTTP/1.1 401", "a refused head gets 401");
+    }
+    for _ in 0..5 {
+        assert_eq!(upload_from(bystander, addr, &bystander_token, &body), 200);
+    }
+    drop(unauthenticated);
+
+    // 200 heads with a valid token from four addresses, each declaring 1 MB: half send nothing
+    // more, half 1,000 bytes of it; then all stall (within the 30 s body deadline).
+    let mut authenticated = Vec::new();
+    for i in 0..200u32 {
+        let from = Ipv4Addr::new(127, 0, 2, 10 + (i % 4) as u8);
+        let mut tcp = connect_from(from, addr).expect("stalling connection");
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 1000000\r\n\r\n"
+        );
+        tcp.write_all(head.as_bytes()).unwrap();
+        if i % 2 == 1 {
+            tcp.write_all(&[0u8; 1000]).unwrap();
+        }
+        authenticated.push(tcp);
+    }
+    // Each of the 100 that sent bytes holds one 16 KiB step; the heads alone hold nothing.
+    let step = 16.0 * 1024.0;
+    let (held, _, open) = wait_front(&s, |(held, _, open)| held >= 100.0 * step && open >= 200.0);
+    println!(
+        "authenticated stalled uploads: {open} open, {held} body bytes held ({:.1} KiB each of the 100 that sent 1,000 bytes)",
+        held / 100.0 / 1024.0
+    );
+    assert!(open >= 200.0, "only {open} connections open");
+    assert_eq!(held, 100.0 * step, "held {held} bytes");
+    // Far under the 256 MiB budget, so a bystander is not turned away.
+    for _ in 0..5 {
+        assert_eq!(upload_from(bystander, addr, &bystander_token, &body), 200);
+    }
+    drop(authenticated);
+    let (held, _, _) = wait_front(&s, |(held, _, _)| held == 0.0);
+    assert_eq!(
+        held, 0.0,
+        "budget not returned after the stalled uploads closed"
+    );
+}
+
+/// Found (2026-12): at the connection cap the connection waiting longest without completing a
+/// request was closed to make room, which could be an authenticated upload still receiving its
+/// body over a slow link. Now idle and head-receiving connections go first and a body that is
+/// still arriving is never closed.
+#[test]
+fn a_trickling_upload_survives_a_flood_at_the_connection_cap() {
+    let dir = TempDir::new("trickle-flood");
+    let tokens = dir.file("tokens", TOKENS);
+    let key = dir.file("key", KEY);
+    let s = ServerProcess::start(
+        &dir.path().join("data"),
+        &[
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+            "--shared-key",
+            key.to_str().unwrap(),
+            "--ratelimit",
+            "0s",
+            "--max-connections",
+            "16",
+        ],
+    );
+    let addr = s.external;
+    let token = s.upload_token("secret", "test");
+    let body = snappy::encode_framed(&delimited::encode(&families(None, 400, now_ms())));
+
+    // The upload: its head, then its body in 40 pieces over about 4 s.
+    let mut upload = connect_from(Ipv4Addr::new(127, 0, 3, 2), addr).unwrap();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: {PROTO_DELIMITED}\r\nContent-Encoding: snappy\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    upload.write_all(head.as_bytes()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // The flood: silent sockets and garbage heads from other addresses, reopened as they are
+    // closed, many times the cap.
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut opened = 0u64;
+            let mut sockets: Vec<TcpStream> = Vec::new();
+            while !stop.load(Ordering::SeqCst) && opened < 5_000 {
+                let from = Ipv4Addr::new(127, 0, 4, 10 + (opened % 50) as u8);
+                if let Ok(mut tcp) = connect_from(from, addr) {
+                    if opened % 2 == 0 {
+                        let _ = tcp.write_all(b"GET /heal");
+                    }
+                    sockets.push(tcp);
+                }
+                opened += 1;
+                if sockets.len() > 64 {
+                    sockets.remove(0);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            opened
+        })
+    };
+    let piece = body.len().div_ceil(40);
+    for part in body.chunks(piece) {
+        std::thread::sleep(Duration::from_millis(100));
+        upload.write_all(part).unwrap();
+    }
+    let mut reply = Vec::new();
+    let _ = upload.read_to_end(&mut reply);
+    stop.store(true, Ordering::SeqCst);
+    let opened = flood.join().unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    let metrics = get(&s.url_internal("/metrics"), &[]).body;
+    let evicted = metric_value(
+        &metrics,
+        "telemeter_server_http_evicted_connections_total",
+        &["external"],
+    );
+    println!(
+        "flood: {opened} connections opened against --max-connections 16, {evicted} evicted; the upload: {:?}",
+        reply.lines().next()
+    );
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    // The flood did fill the cap again and again.
+    assert!(evicted >= 100.0, "only {evicted} evictions");
+    let text = s.federate();
+    assert!(text.contains("_id=\"test\""), "{text}");
+}
