@@ -1,6 +1,7 @@
 //! Fuzz tests of the parsers that read bytes from the network or disk: text exposition,
 //! protobuf-delimited, snappy (framed and block), upload tokens and their claims, selectors,
-//! durations, base64, and the HTTP request helpers.
+//! durations, base64, the HTTP request helpers, and the HTTP front's request head and chunked body
+//! reader.
 //!
 //! The zero-copy views (`wire`) are checked against the protobuf-delimited decoder on the same
 //! corpus.
@@ -26,6 +27,7 @@ mod harness;
 use harness::{escape, Target, Verdict};
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
+use telemeter_common::http::{self, ChunkedDecoder, Framing, Head, RequestError};
 use telemeter_common::model::{Bucket, LabelPair, Metric, MetricFamily, MetricType};
 use telemeter_common::token::{KeyPurpose, SharedKey, TokenSigner};
 use telemeter_common::{base64, delimited, duration, labels, selector, snappy, text};
@@ -1261,6 +1263,225 @@ fn http_request_fields() {
             seeds: Vec::new(),
         },
         http_exec,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP request heads and chunked bodies, as the server's connections read them
+
+const REQUEST_DICT: &[&[u8]] = &[
+    b"\r\n",
+    b"\r\n\r\n",
+    b"\n",
+    b"\r",
+    b"POST /upload HTTP/1.1\r\n",
+    b"GET / HTTP/1.0\r\n",
+    b"HTTP/1.1",
+    b"HTTP/2.0",
+    b"Transfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: gzip, chunked\r\n",
+    b"transfer-encoding: CHUNKED\r\n",
+    b"Content-Length: 5\r\n",
+    b"Content-Length: 18446744073709551616\r\n",
+    b"Expect: 100-continue\r\n",
+    b"Connection: close\r\n",
+    b": ",
+    b"\r\n ",
+    b"\t",
+    b"0\r\n\r\n",
+    b"0\r\nX-Trailer: 1\r\n\r\n",
+    b"5\r\nhello\r\n",
+    b";ext=\"v\"",
+    b";",
+    b"ffffffffffffffff\r\n",
+    b"10000000000000000\r\n",
+    b"00000000000000001\r\n",
+    b"\x00",
+    b"\x7f",
+    b"\x1b",
+    b"\xff",
+];
+
+/// What the front makes of one input: the head's end, the parsed head or its refusal, the
+/// framing, and a chunked body's bytes or refusal, with how much of the input it used.
+#[derive(Debug, PartialEq)]
+struct RequestOutcome {
+    head_end: Result<Option<usize>, RequestError>,
+    head: Option<Result<Head, RequestError>>,
+    framing: Option<Result<Framing, RequestError>>,
+    body: Option<ChunkedOutcome>,
+}
+
+#[derive(Debug, PartialEq)]
+struct ChunkedOutcome {
+    body: Vec<u8>,
+    consumed: usize,
+    done: bool,
+    error: Option<RequestError>,
+}
+
+const FUZZ_MAX_HEAD: usize = 4096;
+const FUZZ_BODY_LIMIT: usize = 16 << 10;
+const FUZZ_MAX_OVERHEAD: usize = 1024;
+
+/// Decodes a chunked body from `input`, offered to the decoder in pieces of `pieces` bytes
+/// (cycled; at least 1), the way the connection does: steps over what has arrived, then more.
+fn decode_chunked(input: &[u8], pieces: &[usize]) -> ChunkedOutcome {
+    let mut decoder = ChunkedDecoder::new(FUZZ_BODY_LIMIT, FUZZ_MAX_OVERHEAD);
+    let mut body = Vec::new();
+    let mut consumed = 0;
+    let mut arrived = 0;
+    let mut sizes = pieces.iter().cycle();
+    loop {
+        loop {
+            let available = &input[consumed..arrived];
+            match decoder.step(available) {
+                Ok(step) if step.consumed == 0 => break,
+                Ok(step) => {
+                    assert!(step.consumed <= available.len(), "consumed past the input");
+                    body.extend_from_slice(&available[step.data]);
+                    consumed += step.consumed;
+                }
+                Err(error) => {
+                    return ChunkedOutcome {
+                        body,
+                        consumed,
+                        done: false,
+                        error: Some(error),
+                    }
+                }
+            }
+        }
+        if decoder.is_done() || arrived == input.len() {
+            return ChunkedOutcome {
+                body,
+                consumed,
+                done: decoder.is_done(),
+                error: None,
+            };
+        }
+        arrived = (arrived + sizes.next().copied().unwrap_or(1).max(1)).min(input.len());
+    }
+}
+
+/// Reads a request from `input` arriving in pieces of `pieces` bytes, as a connection does.
+fn read_request(input: &[u8], pieces: &[usize]) -> RequestOutcome {
+    let mut scanned = 0;
+    let mut arrived = 0;
+    let mut sizes = pieces.iter().cycle();
+    let head_end = loop {
+        arrived = (arrived + sizes.next().copied().unwrap_or(1).max(1)).min(input.len());
+        match http::head_end(&input[..arrived], &mut scanned, FUZZ_MAX_HEAD) {
+            Ok(None) if arrived < input.len() => continue,
+            other => break other,
+        }
+    };
+    let mut outcome = RequestOutcome {
+        head_end: head_end.clone(),
+        head: None,
+        framing: None,
+        body: None,
+    };
+    let Ok(Some(end)) = head_end else {
+        return outcome;
+    };
+    let head = http::parse_head(&input[..end]);
+    outcome.head = Some(head.clone());
+    let Ok(head) = head else {
+        return outcome;
+    };
+    let framing = http::framing(&head);
+    outcome.framing = Some(framing.clone());
+    if framing == Ok(Framing::Chunked) {
+        outcome.body = Some(decode_chunked(&input[end..], pieces));
+    }
+    outcome
+}
+
+/// Chunk sizes from the input itself, so each input is also read a few bytes at a time.
+fn pieces_of(input: &[u8]) -> Vec<usize> {
+    let mut sizes: Vec<usize> = input
+        .iter()
+        .take(8)
+        .map(|b| usize::from(b % 7) + 1)
+        .collect();
+    sizes.push(1);
+    sizes
+}
+
+/// The head and chunked-body reader the connections run (`head_end`, `parse_head`, `framing`,
+/// `ChunkedDecoder`) on hostile bytes: no panics; the same outcome whether the bytes arrive at
+/// once, a byte at a time, or in uneven pieces; a parsed head holds no control character, lone
+/// LF nor folded line; a chunked body stays under its cap, and once complete it is what our own
+/// chunked encoding of it decodes to.
+fn request_exec(input: &[u8]) -> Verdict {
+    let whole = read_request(input, &[input.len().max(1)]);
+    for pieces in [vec![1], pieces_of(input)] {
+        let split = read_request(input, &pieces);
+        if split != whole {
+            return Err(format!(
+                "read in pieces of {pieces:?}: {split:?}\nread at once: {whole:?}"
+            ));
+        }
+    }
+    if let Some(Ok(head)) = &whole.head {
+        for (name, value) in &head.headers {
+            if name.is_empty() || value.bytes().any(|b| b < b' ' && b != b'\t' || b == 0x7f) {
+                return Err(format!("accepted header {name:?}: {value:?}"));
+            }
+        }
+    }
+    // Also drive the decoder with the whole input as a body, which mutation reaches far more often
+    // than a body behind a head.
+    let bodies = [
+        whole.body,
+        Some(decode_chunked(input, &[input.len().max(1)])),
+    ];
+    for outcome in bodies.into_iter().flatten() {
+        if outcome.body.len() > FUZZ_BODY_LIMIT {
+            return Err(format!(
+                "a body of {} bytes passed the cap",
+                outcome.body.len()
+            ));
+        }
+        if outcome.done {
+            let mut again = Vec::new();
+            for chunk in outcome.body.chunks(100) {
+                again.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                again.extend_from_slice(chunk);
+                again.extend_from_slice(b"\r\n");
+            }
+            again.extend_from_slice(b"0\r\n\r\n");
+            let decoded = decode_chunked(&again, &[1]);
+            if !decoded.done || decoded.body != outcome.body || decoded.consumed != again.len() {
+                return Err(format!("re-encoded body decoded to {decoded:?}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn http_request_head_and_chunked_body() {
+    let seeds: Vec<Vec<u8>> = [
+        &b"GET /federate?match[]=up HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n"[..],
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+        b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1:9003\r\nUser-Agent: Go-http-client/1.1\r\nTransfer-Encoding: chunked\r\nAuthorization: Bearer x.y.z\r\nContent-Encoding: snappy\r\nAccept-Encoding: gzip\r\n\r\n1f\r\n\xff\x06\x00\x00sNaPpY\x01\x0d\x00\x00abcdefghijklm\r\n0\r\n\r\n",
+        b"POST /upload HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n5;ext=1\r\nhello\r\n0000A\r\n0123456789\r\n0\r\nX-Sum: 1\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+        b"POST /upload HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+        b"\r\nPOST / HTTP/1.0\r\nConnection: keep-alive\r\nX-A: a\tb\r\n\r\n",
+        b"1\r\na\r\n7\r\nabcdefg\r\n0\r\n\r\n",
+    ]
+    .iter()
+    .map(|s| s.to_vec())
+    .collect();
+    harness::run(
+        Target {
+            name: "http_request",
+            dict: REQUEST_DICT,
+            seeds,
+        },
+        request_exec,
     );
 }
 
