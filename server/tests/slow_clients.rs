@@ -4,6 +4,11 @@
 //! succeed with p99 under a second, and the server's threads and memory must stay bounded; the
 //! peaks are printed.
 //!
+//! The attacking sockets come from 40 loopback addresses (127.0.1.x, 127.0.2.x), none of them the
+//! normal client's (127.0.0.1): a crowd from many addresses meets the global connection cap,
+//! whereas a crowd from the client's own address would meet the per-address cap
+//! (`--max-connections-per-peer`), which by design makes that address's connections share it.
+//!
 //! Long, so `#[ignore]`d: `make test-reliability` runs it. `SLOW_SECS` shortens it,
 //! `SLOW_MAX_CONNECTIONS` sets the server's `--max-connections` (default: the server's own, 1024,
 //! well under the 3,000 attacking sockets).
@@ -18,7 +23,7 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -81,27 +86,36 @@ fn proc_status(pid: u32) -> Option<(u64, u64, u64)> {
     Some((field("Threads:")?, field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// Source addresses each attack spreads its sockets over.
+const ATTACK_ADDRESSES: usize = 20;
+
 /// Attacker sockets: kept open, reopened when the server closes them.
 struct Attack {
     addr: SocketAddr,
     sockets: Vec<Option<TcpStream>>,
     /// Whether these sockets trickle bytes (else they stay silent).
     trickle: bool,
+    /// The third byte of the attack's 127.0.x.y source addresses.
+    net: u8,
     reconnects: u64,
 }
 
 impl Attack {
-    fn connect(addr: SocketAddr) -> Option<TcpStream> {
-        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    /// Socket `i` comes from one of [`ATTACK_ADDRESSES`] addresses, none the normal client's: a
+    /// crowd of many addresses, so it meets the global cap rather than the per-address one.
+    fn connect(net: u8, i: usize, addr: SocketAddr) -> Option<TcpStream> {
+        let from = Ipv4Addr::new(127, 0, net, 1 + (i % ATTACK_ADDRESSES) as u8);
+        let tcp = connect_from(from, addr).ok()?;
         tcp.set_nonblocking(true).ok()?;
         Some(tcp)
     }
 
-    fn new(addr: SocketAddr, n: usize, trickle: bool) -> Attack {
+    fn new(addr: SocketAddr, n: usize, trickle: bool, net: u8) -> Attack {
         Attack {
             addr,
-            sockets: (0..n).map(|_| Attack::connect(addr)).collect(),
+            sockets: (0..n).map(|i| Attack::connect(net, i, addr)).collect(),
             trickle,
+            net,
             reconnects: 0,
         }
     }
@@ -109,7 +123,7 @@ impl Attack {
     /// One pass: trickle a byte (when trickling), notice closed sockets and reopen them.
     fn tick(&mut self, head_byte: u8) {
         let mut buf = [0u8; 512];
-        for slot in self.sockets.iter_mut() {
+        for (i, slot) in self.sockets.iter_mut().enumerate() {
             let alive = match slot {
                 None => false,
                 Some(tcp) => {
@@ -127,7 +141,7 @@ impl Attack {
                 }
             };
             if !alive {
-                *slot = Attack::connect(self.addr);
+                *slot = Attack::connect(self.net, i, self.addr);
                 self.reconnects += 1;
                 if let (Some(tcp), true) = (slot.as_mut(), self.trickle) {
                     let _ = tcp.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nX-Slow: ");
@@ -225,12 +239,12 @@ fn slow_and_idle_connections_do_not_starve_a_normal_client() {
             }
         })
     };
-    let attackers: Vec<_> = [(SLOW, true), (IDLE, false)]
+    let attackers: Vec<_> = [(SLOW, true, 1), (IDLE, false, 2)]
         .into_iter()
-        .map(|(n, trickle)| {
+        .map(|(n, trickle, net)| {
             let (stop, addr) = (stop.clone(), s.external);
             std::thread::spawn(move || {
-                let mut attack = Attack::new(addr, n, trickle);
+                let mut attack = Attack::new(addr, n, trickle, net);
                 let mut min_open = usize::MAX;
                 while !stop.load(Ordering::SeqCst) {
                     attack.tick(b'a');
@@ -321,8 +335,6 @@ fn slow_and_idle_connections_do_not_starve_a_normal_client() {
 // ---------------------------------------------------------------------------------------------
 // Body memory and worker slots held by peers that send heads and stall
 
-use std::net::Ipv4Addr;
-
 /// A TCP connection to `to` from the local address `from` (a 127.0.0.x address), so one test can
 /// play many peer addresses.
 fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
@@ -344,6 +356,18 @@ fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        // Linux bounds a blocking connect by the send timeout.
+        let timeout = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            &timeout as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
         let local = addr(from, 0);
         let remote = addr(*to.ip(), to.port());
         if libc::bind(fd, &local as *const _ as *const libc::sockaddr, len) != 0
