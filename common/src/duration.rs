@@ -129,7 +129,11 @@ fn parse_go(text: &str) -> Option<Duration> {
         if whole.len() > 20 {
             return None;
         }
-        let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+        let whole: u128 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().ok()?
+        };
         let fraction = fraction.get(..MAX_FRACTION_DIGITS).unwrap_or(fraction);
         let fraction_nanos = if fraction.is_empty() {
             0
