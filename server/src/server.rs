@@ -294,12 +294,22 @@ fn start_cluster(
     flags: &crate::config::ClusterFlags,
     shared: &SharedKey,
 ) -> Result<Cluster, StartError> {
-    let listen_cluster = flags.listen_cluster.parse().map_err(|e| {
-        StartError::Cluster(ClusterError::Config(format!(
-            "--listen-cluster {:?}: {e}",
-            flags.listen_cluster
-        )))
-    })?;
+    // A host name is resolved, as --listen and --listen-internal are (`localhost:9006`).
+    let listen_cluster = flags
+        .listen_cluster
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())
+        .and_then(|mut addrs| {
+            addrs
+                .next()
+                .ok_or_else(|| "resolves to nothing".to_string())
+        })
+        .map_err(|e| {
+            StartError::Cluster(ClusterError::Config(format!(
+                "--listen-cluster {:?}: {e}",
+                flags.listen_cluster
+            )))
+        })?;
     // Without --advertise-internal, the address is known once the internal port is bound; the
     // cluster sends no heartbeat until then.
     let internal = flags.advertise_internal.clone().unwrap_or_default();
