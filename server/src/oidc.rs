@@ -87,6 +87,19 @@ struct Cached {
     fetched_at: Instant,
     /// When to fetch another; None: when the service refuses this one.
     refresh_at: Option<Instant>,
+    /// When it expires; until then it is still used if fetching another fails.
+    expires_at: Option<Instant>,
+}
+
+impl State {
+    /// The cached token if it has not expired yet (it may be due for a refresh).
+    fn unexpired(&self, now: Instant) -> Option<String> {
+        let token = self.token.as_ref()?;
+        token
+            .expires_at
+            .is_none_or(|at| now < at)
+            .then(|| token.access_token.clone())
+    }
 }
 
 #[derive(Deserialize)]
@@ -138,7 +151,7 @@ impl TokenSource {
             }
             if let Some((at, err)) = &state.failure {
                 if now.duration_since(*at) < FAILURE_MEMORY {
-                    return Err(err.clone());
+                    return state.unexpired(now).ok_or_else(|| err.clone());
                 }
             }
             if !state.fetching {
@@ -181,6 +194,7 @@ impl TokenSource {
                     access_token: reply.access_token.clone(),
                     fetched_at: now,
                     refresh_at: lifetime.map(|l| now + l - refresh_margin(l)),
+                    expires_at: lifetime.map(|l| now + l),
                 });
                 Ok(reply.access_token)
             }
@@ -190,7 +204,8 @@ impl TokenSource {
                 if err != OidcError::Deadline {
                     state.failure = Some((Instant::now(), err.clone()));
                 }
-                Err(err)
+                // A token due for a refresh but not expired still works meanwhile.
+                state.unexpired(Instant::now()).ok_or(err)
             }
         };
         drop(state);
@@ -392,6 +407,14 @@ mod tests {
         status: u16,
         body: &'static str,
     ) -> (String, Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
+        issuer_replying(issuer, vec![(status, body)])
+    }
+
+    /// [`issuer`] answering the n-th token request with `replies[n]` (the last one repeats).
+    fn issuer_replying(
+        issuer: Option<&'static str>,
+        replies: Vec<(u16, &'static str)>,
+    ) -> (String, Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let count = Arc::new(AtomicUsize::new(0));
@@ -426,8 +449,9 @@ mod tests {
                         format!(r#"{{"issuer":"{named}","token_endpoint":"{b}/token"}}"#),
                     )
                 } else {
-                    c.fetch_add(1, Ordering::SeqCst);
+                    let n = c.fetch_add(1, Ordering::SeqCst);
                     f.lock().unwrap().push(String::from_utf8(form).unwrap());
+                    let (status, body) = replies[n.min(replies.len() - 1)];
                     (status, body.to_string())
                 };
                 let mut stream = stream;
@@ -478,10 +502,41 @@ mod tests {
             "grant_type=client_credentials&client_id=telemeter&client_secret=s3cr%3Dt%26"
         );
         // A 401 right after the fetch is the client token's fault, not ours.
+        let fetched = |at: Instant| src.lock().token.as_mut().unwrap().fetched_at = at;
+        fetched(Instant::now());
         assert!(!src.refused("tok"));
         assert!(src.refused("an older token"));
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        // Later it is ours: the token is dropped, the next call fetches another.
+        fetched(Instant::now() - MIN_AGE_TO_REFRESH_AFTER_401);
+        assert!(src.refused("tok"));
+        assert_eq!(src.token(soon()).unwrap(), "tok");
+        assert_eq!(count.load(Ordering::SeqCst), 2);
         assert!(format!("{src:?}").contains("issuer_url"));
         assert!(!format!("{:?}", src.config).contains("s3cr"));
+    }
+
+    #[test]
+    fn a_token_due_but_unexpired_is_used_while_the_issuer_fails() {
+        let (url, count, _) = issuer_replying(
+            None,
+            vec![
+                (200, r#"{"access_token":"tok","expires_in":3600}"#),
+                (500, r#"{"error":"server_error"}"#),
+            ],
+        );
+        let src = source(&url, false);
+        assert_eq!(src.token(soon()).unwrap(), "tok");
+        let due = |field: fn(&mut Cached) -> &mut Option<Instant>| {
+            *field(src.lock().token.as_mut().unwrap()) = Some(Instant::now());
+        };
+        due(|c| &mut c.refresh_at);
+        assert_eq!(src.token(soon()).unwrap(), "tok");
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        // Remembered or met again, the failure does not stop the token until it expires.
+        assert_eq!(src.token(soon()).unwrap(), "tok");
+        due(|c| &mut c.expires_at);
+        assert!(matches!(src.token(soon()), Err(OidcError::Token(_))));
     }
 
     #[test]
