@@ -6,7 +6,21 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Initializes `log` with `env_logger`. Safe to call more than once (later calls do nothing).
 pub fn init() {
-    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    init_with(None);
+}
+
+/// Like [`init`], but `filter` (as `RUST_LOG` writes it: `debug`, `warn,ureq=info`), when given,
+/// overrides `RUST_LOG`: a binary's `-v` or `--log-level` flag says what the operator wants now.
+pub fn init_with(filter: Option<&str>) {
+    let mut builder = match filter {
+        Some(filter) => {
+            let mut builder = env_logger::Builder::new();
+            builder.parse_filters(filter);
+            builder
+        }
+        None => env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")),
+    };
+    let _ = builder
         .format(|buf, record| {
             writeln!(
                 buf,

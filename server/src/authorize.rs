@@ -3,12 +3,18 @@
 //! Client tokens are checked by one [`ClientAuthorizer`]: a tokens file, an upstream authorization
 //! service ("tollbooth"), or, for tests only, anything. Upstream accepted any token when no service
 //! was configured; here that needs `--insecure-accept-any-token`.
+//!
+//! `/authorize` runs on the same worker threads as `/upload`, so a slow authorization service must
+//! not be able to hold them all: calls to it are capped (`--authorize-concurrency`, a non-blocking
+//! try-acquire; over it the client gets 503 with Retry-After at once) and each has a deadline
+//! (`--authorize-timeout`, `--authorize-connect-timeout`) covering its OIDC token fetch too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use log::{info, warn};
 use ring::digest;
@@ -17,17 +23,19 @@ use telemeter_common::http::{Request, Response};
 use telemeter_common::tls;
 use telemeter_common::token::TokenSigner;
 
+use crate::config::TollboothConfig;
 use crate::metrics::Metrics;
+use crate::oidc::TokenSource;
 
 /// Longest cluster id accepted, in bytes.
 pub const MAX_CLUSTER_ID_BYTES: usize = 255;
 /// Largest `/authorize` body read (it is empty, or a small form).
 pub const MAX_BODY_BYTES: usize = 4 << 10;
-/// Time allowed for a call to the authorization service.
-pub const TOLLBOOTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// `Retry-After` sent when the authorization service rate-limits without saying for how long
 /// (upstream's value).
 pub const DEFAULT_RETRY_AFTER_SECS: u64 = 300;
+/// `Retry-After` sent when every slot for calls to the authorization service is taken.
+pub const BUSY_RETRY_AFTER_SECS: u64 = 5;
 
 /// Why a client token was not accepted for a cluster id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +61,11 @@ pub enum AuthorizeError {
     BadAnswer(String),
     /// The authorization service could not be reached.
     Unavailable(String),
+    /// As many calls to the authorization service as allowed are in flight already.
+    Busy {
+        /// Seconds to wait.
+        retry_after: u64,
+    },
 }
 
 impl AuthorizeError {
@@ -63,7 +76,7 @@ impl AuthorizeError {
             AuthorizeError::NotAllowed { .. } => 403,
             AuthorizeError::RateLimited { .. } => 429,
             AuthorizeError::Rejected { .. } | AuthorizeError::BadAnswer(_) => 502,
-            AuthorizeError::Unavailable(_) => 503,
+            AuthorizeError::Unavailable(_) | AuthorizeError::Busy { .. } => 503,
         }
     }
 }
@@ -88,6 +101,10 @@ impl fmt::Display for AuthorizeError {
             AuthorizeError::Unavailable(reason) => {
                 write!(f, "authorization service unavailable: {reason}")
             }
+            AuthorizeError::Busy { retry_after } => write!(
+                f,
+                "authorization service busy: too many authorizations in flight, retry in {retry_after}s"
+            ),
         }
     }
 }
@@ -131,7 +148,8 @@ impl fmt::Display for TokensFileError {
 
 impl std::error::Error for TokensFileError {}
 
-/// Client tokens from a file, each allowed for some cluster ids or all (`*`).
+/// Client tokens from a file, each allowed for some cluster ids or all (`*`, or a JSON entry
+/// without `clusters`, which is upstream's tokens file `[{"token":"a"}]`).
 ///
 /// Tokens are kept as SHA-256 digests, so a lookup's timing says nothing useful about a token.
 #[derive(Debug, Default)]
@@ -148,8 +166,9 @@ struct Allowed {
 #[derive(Deserialize)]
 struct JsonEntry {
     token: String,
+    /// Absent: any cluster (upstream's authorization server knew no restriction).
     #[serde(default)]
-    clusters: Vec<String>,
+    clusters: Option<Vec<String>>,
 }
 
 impl TokensFile {
@@ -160,8 +179,9 @@ impl TokensFile {
     }
 
     /// Parses a tokens file: JSON `[{"token":"…","clusters":["id","*"]}]` when the first
-    /// non-space character is `[`, else lines `TOKEN ID1,ID2` or `TOKEN *` (`#` comments, blank
-    /// lines skipped).
+    /// non-space character is `[` (an entry without `clusters` may push for any cluster id; other
+    /// fields are ignored), else lines `TOKEN ID1,ID2` or `TOKEN *` (`#` comments, blank lines
+    /// skipped).
     pub fn parse(contents: &str) -> Result<TokensFile, TokensFileError> {
         let mut file = TokensFile::default();
         if contents.trim_start().starts_with('[') {
@@ -174,7 +194,16 @@ impl TokensFile {
                         reason: "entry has an empty token".into(),
                     });
                 }
-                file.add(&entry.token, entry.clusters.iter().map(String::as_str));
+                match &entry.clusters {
+                    None => file.add(&entry.token, std::iter::once("*")),
+                    Some(clusters) if clusters.is_empty() => {
+                        return Err(TokensFileError::Line {
+                            line: i + 1,
+                            reason: "entry has an empty \"clusters\" list: list cluster ids or \"*\", or leave the field out to allow any".into(),
+                        })
+                    }
+                    Some(clusters) => file.add(&entry.token, clusters.iter().map(String::as_str)),
+                }
             }
         } else {
             for (i, line) in contents.lines().enumerate() {
@@ -208,6 +237,11 @@ impl TokensFile {
     /// Whether the file holds no token.
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
+    }
+
+    /// How many tokens may push for any cluster id.
+    pub fn unrestricted(&self) -> usize {
+        self.tokens.values().filter(|a| a.any).count()
     }
 
     fn add<'a>(&mut self, token: &str, clusters: impl Iterator<Item = &'a str>) {
@@ -258,6 +292,9 @@ impl ClientAuthorizer for AnyToken {
 pub struct Tollbooth {
     url: String,
     agent: ureq::Agent,
+    oidc: Option<TokenSource>,
+    slots: Slots,
+    timeout: Duration,
 }
 
 #[derive(serde::Serialize)]
@@ -273,17 +310,45 @@ struct TollboothAnswer {
     account_id: String,
 }
 
+/// A counting semaphore that never waits: a call either gets a slot now or is refused.
+struct Slots {
+    in_flight: AtomicUsize,
+    max: usize,
+}
+
+/// A taken slot, given back when dropped.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Slots {
+    fn try_acquire(&self) -> Option<Slot<'_>> {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(&self.in_flight))
+    }
+}
+
 impl Tollbooth {
-    /// A client of the service at `url`, with a [`TOLLBOOTH_TIMEOUT`] per call, trusting the
-    /// system's root certificates for `https://` (the rustls crypto provider must be installed).
-    pub fn new(url: &str) -> Tollbooth {
+    /// A client of the service `config` names, trusting the system's root certificates for
+    /// `https://` (the rustls crypto provider must be installed).
+    pub fn new(config: &TollboothConfig) -> Tollbooth {
         // ureq is built without its bundled roots: without explicit roots an https call panics.
         let roots: Vec<ureq::tls::Certificate<'static>> = tls::system_roots()
             .iter()
             .map(|der| ureq::tls::Certificate::from_der(der.as_ref()).to_owned())
             .collect();
-        let config = ureq::Agent::config_builder()
-            .timeout_global(Some(TOLLBOOTH_TIMEOUT))
+        let agent_config = ureq::Agent::config_builder()
+            .timeout_connect(Some(config.connect_timeout))
+            // Each call also gets what is left of its deadline; this is the most it can be.
+            .timeout_global(Some(config.timeout))
             .http_status_as_error(false)
             .tls_config(
                 ureq::tls::TlsConfig::builder()
@@ -291,26 +356,57 @@ impl Tollbooth {
                     .build(),
             )
             .build();
+        let agent = ureq::Agent::new_with_config(agent_config);
         Tollbooth {
-            url: url.to_string(),
-            agent: ureq::Agent::new_with_config(config),
+            url: config.url.clone(),
+            oidc: config
+                .oidc
+                .clone()
+                .map(|oidc| TokenSource::new(oidc, agent.clone())),
+            agent,
+            slots: Slots {
+                in_flight: AtomicUsize::new(0),
+                max: config.concurrency.max(1),
+            },
+            timeout: config.timeout,
         }
     }
-}
 
-impl ClientAuthorizer for Tollbooth {
-    fn authorize(&self, token: &str, cluster_id: &str) -> Result<String, AuthorizeError> {
+    /// Calls now in flight.
+    pub fn in_flight(&self) -> usize {
+        self.slots.in_flight.load(Ordering::Acquire)
+    }
+
+    /// One call to the service, with `bearer` as its `Authorization`, before `deadline`.
+    fn call(
+        &self,
+        token: &str,
+        cluster_id: &str,
+        bearer: Option<&str>,
+        deadline: Instant,
+    ) -> Result<String, AuthorizeError> {
         let body = serde_json::to_vec(&TollboothRequest {
             cluster_id,
             authorization_token: token,
             account_id: "",
         })
         .map_err(|e| AuthorizeError::BadAnswer(e.to_string()))?;
-        let mut response = self
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(AuthorizeError::Unavailable("deadline passed".into()));
+        }
+        let mut request = self
             .agent
             .post(&self.url)
             .header("Content-Type", "application/json")
-            .header("Accept", "application/json")
+            .header("Accept", "application/json");
+        if let Some(bearer) = bearer {
+            request = request.header("Authorization", format!("Bearer {bearer}"));
+        }
+        let mut response = request
+            .config()
+            .timeout_global(Some(left))
+            .build()
             .send(&body[..])
             .map_err(|e| AuthorizeError::Unavailable(e.to_string()))?;
         let status = response.status().as_u16();
@@ -340,6 +436,33 @@ impl ClientAuthorizer for Tollbooth {
             return Err(AuthorizeError::BadAnswer("no account_id".into()));
         }
         Ok(answer.account_id)
+    }
+}
+
+impl ClientAuthorizer for Tollbooth {
+    fn authorize(&self, token: &str, cluster_id: &str) -> Result<String, AuthorizeError> {
+        let Some(_slot) = self.slots.try_acquire() else {
+            return Err(AuthorizeError::Busy {
+                retry_after: BUSY_RETRY_AFTER_SECS,
+            });
+        };
+        let deadline = Instant::now() + self.timeout;
+        let Some(oidc) = &self.oidc else {
+            return self.call(token, cluster_id, None, deadline);
+        };
+        let bearer = oidc
+            .token(deadline)
+            .map_err(|e| AuthorizeError::Unavailable(e.to_string()))?;
+        match self.call(token, cluster_id, Some(&bearer), deadline) {
+            // The service may have revoked our access token: once, with a fresh one.
+            Err(AuthorizeError::UnknownToken) if oidc.refused(&bearer) => {
+                let bearer = oidc
+                    .token(deadline)
+                    .map_err(|e| AuthorizeError::Unavailable(e.to_string()))?;
+                self.call(token, cluster_id, Some(&bearer), deadline)
+            }
+            other => other,
+        }
     }
 }
 
@@ -433,6 +556,8 @@ impl AuthorizeHandler {
                         Response::text(429, &e.to_string())
                             .with_header("Retry-After", &retry_after.to_string())
                     }
+                    AuthorizeError::Busy { retry_after } => Response::text(503, &e.to_string())
+                        .with_header("Retry-After", &retry_after.to_string()),
                     _ => Response::text(e.status(), &e.to_string()),
                 };
             }
@@ -506,11 +631,28 @@ pub fn from_source(
         crate::config::TokenSource::File(path) => {
             let file = TokensFile::load(path)?;
             info!("client tokens: {} from {}", file.len(), path.display());
+            let unrestricted = file.unrestricted();
+            if unrestricted > 0 {
+                warn!(
+                    "client tokens: {unrestricted} of the {} tokens in {} may push for ANY cluster id (\"*\", or a JSON entry without \"clusters\" as in upstream's tokens file)",
+                    file.len(),
+                    path.display()
+                );
+            }
             Arc::new(file)
         }
-        crate::config::TokenSource::Tollbooth(url) => {
-            info!("client tokens: checked by {url}");
-            Arc::new(Tollbooth::new(url))
+        crate::config::TokenSource::Tollbooth(config) => {
+            info!(
+                "client tokens: checked by {} (at most {} calls at once, {}s deadline{})",
+                config.url,
+                config.concurrency,
+                config.timeout.as_secs_f64(),
+                match &config.oidc {
+                    Some(oidc) => format!(", OIDC token from {}", oidc.issuer_url),
+                    None => String::new(),
+                }
+            );
+            Arc::new(Tollbooth::new(config))
         }
         crate::config::TokenSource::AnyToken => {
             warn!("client tokens: ANY token is accepted for ANY cluster (--insecure-accept-any-token)");
@@ -552,6 +694,28 @@ mod tests {
     }
 
     #[test]
+    fn tokens_file_upstream_form_allows_any_cluster() {
+        // Upstream's test/tokens.json, and its authorization server's responses.json.
+        let f = TokensFile::parse("[\n  {\n    \"token\": \"a\"\n  }\n]\n").unwrap();
+        assert_eq!(f.authorize("a", "any-cluster"), Ok("any-cluster".into()));
+        assert_eq!(f.authorize("b", "any-cluster").unwrap_err().status(), 401);
+        assert_eq!(f.unrestricted(), 1);
+        let f = TokensFile::parse(
+            r#"[{"token":"a","response":{"code":201,"account_id":"1"}},{"token":"b","clusters":["x"]}]"#,
+        )
+        .unwrap();
+        assert_eq!(f.authorize("a", "y"), Ok("y".into()));
+        assert_eq!(f.authorize("b", "y").unwrap_err().status(), 403);
+        assert_eq!((f.len(), f.unrestricted()), (2, 1));
+        // An explicit empty list is a mistake, not "any".
+        assert!(matches!(
+            TokensFile::parse(r#"[{"token":"a"},{"token":"b","clusters":[]}]"#),
+            Err(TokensFileError::Line { line: 2, .. })
+        ));
+        assert_eq!(TokensFile::parse("t1 a\nt2 *\n").unwrap().unrestricted(), 1);
+    }
+
+    #[test]
     fn tokens_file_errors() {
         assert!(matches!(
             TokensFile::parse("only-a-token\n"),
@@ -584,10 +748,70 @@ mod tests {
             // Accept and hang up: the TLS handshake fails after the client built its TLS config.
             let _ = listener.accept();
         });
-        let tollbooth = Tollbooth::new(&format!("https://{addr}/"));
+        let tollbooth = Tollbooth::new(&service(&format!("https://{addr}/"), 1, 10));
         let err = tollbooth.authorize("t", "c").unwrap_err();
         assert_eq!(err.status(), 503, "{err}");
         peer.join().unwrap();
+    }
+
+    fn service(url: &str, concurrency: usize, timeout_secs: u64) -> TollboothConfig {
+        TollboothConfig {
+            url: url.into(),
+            oidc: None,
+            concurrency,
+            timeout: Duration::from_secs(timeout_secs),
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn a_stalled_service_holds_at_most_its_slots_until_the_deadline() {
+        tls::install_crypto_provider();
+        // Accepts, reads, never answers.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming().take(4) {
+                held.push(stream);
+            }
+            std::thread::sleep(Duration::from_secs(10));
+        });
+        let tollbooth = Arc::new(Tollbooth::new(&service(&format!("http://{addr}/"), 2, 1)));
+        let started = Instant::now();
+        let calls: Vec<_> = (0..2)
+            .map(|_| {
+                let t = tollbooth.clone();
+                std::thread::spawn(move || t.authorize("t", "c"))
+            })
+            .collect();
+        while tollbooth.in_flight() < 2 {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "calls never started"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Over the cap: refused at once, without touching the service.
+        let refused = Instant::now();
+        let err = tollbooth.authorize("t", "c").unwrap_err();
+        assert_eq!(
+            err,
+            AuthorizeError::Busy {
+                retry_after: BUSY_RETRY_AFTER_SECS
+            }
+        );
+        assert!(refused.elapsed() < Duration::from_millis(500));
+        for call in calls {
+            let err = call.join().unwrap().unwrap_err();
+            assert_eq!(err.status(), 503, "{err}");
+        }
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+            "{waited:?}"
+        );
+        assert_eq!(tollbooth.in_flight(), 0);
     }
 
     #[test]
@@ -599,5 +823,6 @@ mod tests {
         );
         assert_eq!(AuthorizeError::Unavailable("x".into()).status(), 503);
         assert_eq!(AuthorizeError::RateLimited { retry_after: 3 }.status(), 429);
+        assert_eq!(AuthorizeError::Busy { retry_after: 3 }.status(), 503);
     }
 }

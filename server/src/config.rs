@@ -1,10 +1,14 @@
 //! Command-line flags and the validated configuration the server runs with.
 //!
-//! Flag names keep upstream telemeter-server's, so existing deployments keep their command lines.
-//! [`Flags`] is what clap parses; [`Flags::into_config`] checks what clap cannot (durations, label
-//! pairs, selector files, that a client token source exists) and yields a [`Config`].
+//! Flag names keep upstream telemeter-server's, so existing deployments keep their command lines:
+//! every flag of upstream's `--help` is accepted with upstream's meaning, durations may be written
+//! as Go wrote them, and an empty value (`--authorize-issuer-url=` from an unset variable in a
+//! manifest) means the flag is not set, as it did upstream. [`Flags`] is what clap parses;
+//! [`Flags::into_config`] checks what clap cannot (durations, label pairs, selector files, that a
+//! client token source exists) and yields a [`Config`].
 
 use std::fmt;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -20,7 +24,8 @@ use crate::remote_write::RemoteWriteConfig;
 #[command(
     name = "telemeter-server",
     version,
-    about = "Receives pushed Prometheus metrics from telemeter clients, stores them durably and serves them on /federate."
+    about = "Receives pushed Prometheus metrics from telemeter clients, stores them durably and serves them on /federate.",
+    after_help = "Durations are written as Prometheus writes them (15s, 4m30s, 1d) or as Go does (1.5m, 300ms, 1h30m).\nAn empty value (--authorize-issuer-url=) means the flag is not set, as it did upstream."
 )]
 pub struct Flags {
     /// Address of the external port, where clients call /authorize and /upload.
@@ -48,8 +53,9 @@ pub struct Flags {
     #[arg(long, value_name = "FILE", requires = "internal_tls_key")]
     pub internal_tls_crt: Option<PathBuf>,
 
-    /// File whose contents (at least 32 bytes, any format) are the secret every server of a cluster
-    /// shares; upload tokens are signed with a key derived from it. Without it a random key is made
+    /// File whose contents (at least 32 bytes, any format: upstream's PEM or DER EC or RSA private
+    /// key works as it is) are the secret every server of a cluster shares; upload tokens, forwards
+    /// and heartbeats are signed with keys derived from its bytes. Without it a random key is made
     /// at start, and tokens stop working when the process ends.
     #[arg(long, value_name = "FILE")]
     pub shared_key: Option<PathBuf>,
@@ -62,8 +68,60 @@ pub struct Flags {
     #[arg(long, value_name = "URL", conflicts_with = "tokens_file")]
     pub authorize: Option<String>,
 
+    /// OIDC issuer of the access token presented to --authorize (`Authorization: Bearer`). Its
+    /// token endpoint is found at <URL>/.well-known/openid-configuration; the token is fetched
+    /// with the client credentials grant (the password grant with --authorize-username) and
+    /// fetched again before it expires or after the service answers 401.
+    #[arg(long, value_name = "URL")]
+    pub authorize_issuer_url: Option<String>,
+
+    /// OIDC client id for --authorize-issuer-url.
+    #[arg(long, value_name = "ID")]
+    pub authorize_client_id: Option<String>,
+
+    /// OIDC client secret for --authorize-issuer-url (also read from the environment, which,
+    /// unlike the command line, other users cannot see in the process list).
+    #[arg(
+        long,
+        value_name = "SECRET",
+        env = "TELEMETER_AUTHORIZE_CLIENT_SECRET",
+        hide_env_values = true
+    )]
+    pub authorize_client_secret: Option<Secret>,
+
+    /// OIDC user name for --authorize-issuer-url: the token is fetched with the resource owner
+    /// password grant (give --authorize-password too).
+    #[arg(long, value_name = "NAME")]
+    pub authorize_username: Option<String>,
+
+    /// OIDC password of --authorize-username (also read from the environment).
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        env = "TELEMETER_AUTHORIZE_PASSWORD",
+        hide_env_values = true
+    )]
+    pub authorize_password: Option<Secret>,
+
+    /// Most calls to --authorize (and its OIDC issuer) in flight at once. /authorize requests over
+    /// it are answered 503 with Retry-After at once, so a slow service holds at most this many
+    /// worker threads and uploads never wait for it.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub authorize_concurrency: usize,
+
+    /// Deadline of one /authorize call to the service, the OIDC token fetch and a retry after a
+    /// refreshed token included (duration); past it the client gets 503.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    pub authorize_timeout: String,
+
+    /// Deadline for connecting to --authorize or its OIDC issuer (duration).
+    #[arg(long, default_value = "2s", value_name = "DURATION")]
+    pub authorize_connect_timeout: String,
+
     /// File mapping client tokens to the cluster ids they may push for: JSON
-    /// `[{"token":"...","clusters":["id1","*"]}]`, or one `TOKEN ID1,ID2` (or `TOKEN *`) per line.
+    /// `[{"token":"...","clusters":["id1","*"]}]` (an entry without "clusters" may push for any
+    /// cluster id, as in upstream's tokens file `[{"token":"a"}]`), or one `TOKEN ID1,ID2` (or
+    /// `TOKEN *`) per line.
     #[arg(long, value_name = "FILE")]
     pub tokens_file: Option<PathBuf>,
 
@@ -75,17 +133,23 @@ pub struct Flags {
     #[arg(long, default_value = "_id", value_name = "NAME")]
     pub partition_label: String,
 
-    /// A label added to every stored series (repeatable), as NAME=VALUE.
-    #[arg(long = "label", value_name = "NAME=VALUE")]
+    /// A label added to every stored series, as NAME=VALUE (repeatable, or comma-separated).
+    #[arg(long = "label", value_name = "NAME=VALUE", value_delimiter = ',')]
     pub labels: Vec<String>,
 
     /// A label written into every upload token and required on (or set on) every series of that
-    /// cluster (repeatable), as NAME=VALUE. A series carrying another value is refused (403).
-    #[arg(long = "required-label", value_name = "NAME=VALUE")]
+    /// cluster, as NAME=VALUE (repeatable, or comma-separated). A series carrying another value
+    /// is refused (403).
+    #[arg(
+        long = "required-label",
+        value_name = "NAME=VALUE",
+        value_delimiter = ','
+    )]
     pub required_labels: Vec<String>,
 
     /// A series selector, like `up{job="x"}`; only series matching at least one --whitelist or
-    /// --whitelist-file selector are stored (repeatable). None given: every series is stored.
+    /// --whitelist-file selector are stored (repeatable; not comma-separated, since a selector
+    /// holds commas). None given: every series is stored.
     #[arg(long = "whitelist", value_name = "SELECTOR")]
     pub whitelist: Vec<String>,
 
@@ -94,8 +158,8 @@ pub struct Flags {
     #[arg(long, value_name = "FILE")]
     pub whitelist_file: Option<PathBuf>,
 
-    /// Each cluster may store one upload per this window (Prometheus duration); more are answered
-    /// 429 with Retry-After. 0s turns the limit off.
+    /// Each cluster may store one upload per this window (a duration, as Prometheus writes it,
+    /// `4m30s`, or Go, `4.5m`); more are answered 429 with Retry-After. 0s turns the limit off.
     #[arg(long, default_value = "4m30s", value_name = "DURATION")]
     pub ratelimit: String,
 
@@ -104,11 +168,22 @@ pub struct Flags {
     pub ttl: String,
 
     /// Directory holding one file per cluster (created if missing; locked while the server runs).
-    #[arg(long, value_name = "DIR")]
+    /// Relative to the working directory, like Prometheus's `data/`.
+    #[arg(
+        long,
+        visible_alias = "storage-dir",
+        default_value = "data",
+        value_name = "DIR"
+    )]
     pub storage_path: PathBuf,
 
     /// Largest upload body accepted as sent (compressed), in bytes; larger ones get 413.
-    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
+    #[arg(
+        long,
+        visible_alias = "limit-bytes",
+        default_value_t = 1 << 20,
+        value_name = "BYTES"
+    )]
     pub max_upload_bytes: usize,
 
     /// Largest upload body accepted after snappy decompression, in bytes; larger ones get 413.
@@ -119,11 +194,11 @@ pub struct Flags {
     #[arg(long, default_value_t = 100_000, value_name = "N")]
     pub max_series: usize,
 
-    /// Samples older than this (Prometheus duration) make the upload fail with 400.
+    /// Samples older than this (duration) make the upload fail with 400.
     #[arg(long, default_value = "24h", value_name = "DURATION")]
     pub max_sample_age: String,
 
-    /// Samples further in the future than this (Prometheus duration) make the upload fail with 400.
+    /// Samples further in the future than this (duration) make the upload fail with 400.
     #[arg(long, default_value = "5m", value_name = "DURATION")]
     pub max_future_skew: String,
 
@@ -166,7 +241,7 @@ pub struct Flags {
     #[arg(long, default_value_t = 1000, value_name = "N")]
     pub remote_write_queue: usize,
 
-    /// Time allowed for one remote-write request (Prometheus duration).
+    /// Time allowed for one remote-write request (duration).
     #[arg(long, default_value = "30s", value_name = "DURATION")]
     pub remote_write_timeout: String,
 
@@ -182,27 +257,81 @@ pub struct Flags {
     #[arg(long, value_name = "HOST:PORT")]
     pub listen_cluster: Option<String>,
 
-    /// A peer's --listen-cluster address (repeatable). Peers not listed here are still accepted when
-    /// their heartbeats carry a valid MAC under the shared key.
-    #[arg(long = "join", value_name = "HOST:PORT", requires = "listen_cluster")]
+    /// A peer's --listen-cluster address (repeatable, or comma-separated; a host name resolves to
+    /// every address it has, at every heartbeat). Without a port, the port of --listen-cluster.
+    /// Peers not listed here are still accepted when their heartbeats carry a valid MAC under the
+    /// shared key.
+    #[arg(
+        long = "join",
+        value_name = "HOST[:PORT]",
+        value_delimiter = ',',
+        requires = "listen_cluster"
+    )]
     pub join: Vec<String>,
 
     /// This server's name in the cluster, unique among its peers (default: the host name).
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
 
-    /// The internal address peers forward pushes to (default: --listen-internal as bound; required
-    /// when that is a wildcard address such as 0.0.0.0).
+    /// The internal address peers forward pushes to (default: --listen-internal as bound; when
+    /// that is a wildcard address such as 0.0.0.0, the local address that routes to the first
+    /// --join peer, else the host name's address).
     #[arg(long, value_name = "HOST:PORT")]
     pub advertise_internal: Option<String>,
 
-    /// Time between two heartbeats to each peer (Prometheus duration).
+    /// Time between two heartbeats to each peer (duration).
     #[arg(long, default_value = "1s", value_name = "DURATION")]
     pub gossip_interval: String,
 
     /// A peer silent for this long is dead and its clusters move to other servers.
     #[arg(long, default_value = "3s", value_name = "DURATION")]
     pub peer_timeout: String,
+
+    /// Log at debug level (upstream's flag). Tokens and secrets are never logged.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+
+    /// Log level; given, it (or -v) overrides the RUST_LOG environment variable.
+    #[arg(long, value_name = "LEVEL", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    pub log_level: Option<String>,
+}
+
+/// The cluster port of upstream's memberlist (its default), for a `--join` without a port when
+/// `--listen-cluster` has none to offer (port 0).
+pub const DEFAULT_CLUSTER_PORT: u16 = 7946;
+
+/// A secret flag value: never shown by `Debug`, so a logged configuration cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Secret {
+        Secret(value)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Flags {
+    /// The log filter the flags ask for (`--log-level`, else `debug` with `-v`), if any.
+    pub fn log_filter(&self) -> Option<&str> {
+        match (&self.log_level, self.verbose) {
+            (Some(level), _) => Some(level.as_str()),
+            (None, true) => Some("debug"),
+            (None, false) => None,
+        }
+    }
 }
 
 /// The cluster part of the configuration (present when --listen-cluster is given).
@@ -210,8 +339,10 @@ pub struct Flags {
 pub struct ClusterFlags {
     /// UDP address to bind.
     pub listen_cluster: String,
-    /// Peers' cluster addresses.
+    /// Peers' cluster addresses, "host:port" (a port added where `--join` had none).
     pub join: Vec<String>,
+    /// Whether the internal port serves TLS, so peers are reached over https.
+    pub internal_tls: bool,
     /// This node's name.
     pub name: String,
     /// The internal address to advertise, when given.
@@ -227,10 +358,38 @@ pub struct ClusterFlags {
 pub enum TokenSource {
     /// A tokens file.
     File(PathBuf),
-    /// An upstream authorization service at this URL.
-    Tollbooth(String),
+    /// An upstream authorization service.
+    Tollbooth(TollboothConfig),
     /// Any token is accepted (testing only).
     AnyToken,
+}
+
+/// How to call the upstream authorization service (`--authorize` and the flags around it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TollboothConfig {
+    /// Its URL.
+    pub url: String,
+    /// Where its bearer token comes from, if it wants one.
+    pub oidc: Option<OidcConfig>,
+    /// Most calls in flight at once.
+    pub concurrency: usize,
+    /// Deadline of one authorization, token fetch and retry included.
+    pub timeout: Duration,
+    /// Deadline for connecting.
+    pub connect_timeout: Duration,
+}
+
+/// The OIDC client that obtains the bearer token for the authorization service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OidcConfig {
+    /// The issuer URL (discovery at `<issuer>/.well-known/openid-configuration`).
+    pub issuer_url: String,
+    /// The client id.
+    pub client_id: String,
+    /// The client secret, if the client has one.
+    pub client_secret: Option<Secret>,
+    /// User name and password for the password grant; None: client credentials grant.
+    pub password_grant: Option<(String, Secret)>,
 }
 
 /// A certificate chain and key pair.
@@ -341,16 +500,44 @@ impl std::error::Error for ConfigError {}
 impl Flags {
     /// Checks the flags and builds the configuration (reading `--whitelist-file`).
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let token_source = match (&self.tokens_file, &self.authorize) {
+        let authorize = non_empty(self.authorize.clone());
+        if authorize.is_none() && non_empty(self.authorize_issuer_url.clone()).is_some() {
+            return Err(ConfigError::Invalid {
+                flag: "--authorize-issuer-url",
+                reason: "the OIDC token is for the authorization service: give --authorize too"
+                    .into(),
+            });
+        }
+        let oidc = self.oidc_config()?;
+        let token_source = match (&self.tokens_file, authorize) {
             (Some(path), _) => TokenSource::File(path.clone()),
             (None, Some(url)) => {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                check_url("--authorize", &url)?;
+                let concurrency = self.authorize_concurrency;
+                if concurrency == 0 {
                     return Err(ConfigError::Invalid {
-                        flag: "--authorize",
-                        reason: format!("{url:?} is not an http:// or https:// URL"),
+                        flag: "--authorize-concurrency",
+                        reason: "must be greater than 0".into(),
                     });
                 }
-                TokenSource::Tollbooth(url.clone())
+                let timeout = parse_duration("--authorize-timeout", &self.authorize_timeout)?;
+                let connect_timeout = parse_duration(
+                    "--authorize-connect-timeout",
+                    &self.authorize_connect_timeout,
+                )?;
+                if timeout.is_zero() || connect_timeout.is_zero() {
+                    return Err(ConfigError::Invalid {
+                        flag: "--authorize-timeout",
+                        reason: "--authorize-timeout and --authorize-connect-timeout must be greater than 0s".into(),
+                    });
+                }
+                TokenSource::Tollbooth(TollboothConfig {
+                    url,
+                    oidc,
+                    concurrency,
+                    timeout,
+                    connect_timeout,
+                })
             }
             (None, None) if self.insecure_accept_any_token => TokenSource::AnyToken,
             (None, None) => return Err(ConfigError::NoTokenSource),
@@ -488,12 +675,6 @@ impl Flags {
             cluster: match self.listen_cluster {
                 None => None,
                 Some(listen_cluster) => {
-                    if has_internal_tls {
-                        return Err(ConfigError::Invalid {
-                            flag: "--listen-cluster",
-                            reason: "servers forward pushes to each other's internal port over plain HTTP (signed); TLS on the internal port (--internal-tls-*) is not supported with clustering yet".into(),
-                        });
-                    }
                     if !has_shared_key {
                         return Err(ConfigError::Invalid {
                             flag: "--listen-cluster",
@@ -523,9 +704,11 @@ impl Flags {
                                 .into(),
                         });
                     }
+                    let join = join_addresses(&listen_cluster, &self.join)?;
                     Some(ClusterFlags {
                         listen_cluster,
-                        join: self.join,
+                        join,
+                        internal_tls: has_internal_tls,
                         name,
                         advertise_internal: self.advertise_internal,
                         gossip_interval,
@@ -535,6 +718,100 @@ impl Flags {
             },
         })
     }
+}
+
+impl Flags {
+    /// The OIDC client the `--authorize-*` flags describe, if `--authorize-issuer-url` is set.
+    /// Without it the other OIDC flags are ignored, as upstream did.
+    fn oidc_config(&self) -> Result<Option<OidcConfig>, ConfigError> {
+        let Some(issuer_url) = non_empty(self.authorize_issuer_url.clone()) else {
+            return Ok(None);
+        };
+        check_url("--authorize-issuer-url", &issuer_url)?;
+        let client_id =
+            non_empty(self.authorize_client_id.clone()).ok_or_else(|| ConfigError::Invalid {
+                flag: "--authorize-client-id",
+                reason: "required with --authorize-issuer-url".into(),
+            })?;
+        let secret = |s: &Option<Secret>| s.clone().filter(|s| !s.0.is_empty());
+        let password_grant = match (
+            non_empty(self.authorize_username.clone()),
+            secret(&self.authorize_password),
+        ) {
+            (Some(user), Some(password)) => Some((user, password)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    flag: "--authorize-username",
+                    reason: "--authorize-username and --authorize-password go together".into(),
+                })
+            }
+        };
+        Ok(Some(OidcConfig {
+            issuer_url,
+            client_id,
+            client_secret: secret(&self.authorize_client_secret),
+            password_grant,
+        }))
+    }
+}
+
+/// `value`, unless it is empty: upstream's manifests pass `--flag=$(VAR)`, and an unset variable
+/// meant "not set" there.
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.is_empty())
+}
+
+fn check_url(flag: &'static str, url: &str) -> Result<(), ConfigError> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            flag,
+            reason: format!("{url:?} is not an http:// or https:// URL"),
+        })
+    }
+}
+
+/// The `--join` entries as "host:port": an entry without a port gets the port of
+/// `listen_cluster` (every node of a cluster usually listens on the same one, and upstream's
+/// memberlist did the same), or [`DEFAULT_CLUSTER_PORT`] when that is 0. Empty entries are
+/// dropped.
+pub fn join_addresses(listen_cluster: &str, join: &[String]) -> Result<Vec<String>, ConfigError> {
+    let port = listen_cluster
+        .parse::<SocketAddr>()
+        .map(|a| a.port())
+        .ok()
+        .or_else(|| listen_cluster.rsplit_once(':')?.1.parse().ok())
+        .filter(|port| *port != 0)
+        .unwrap_or(DEFAULT_CLUSTER_PORT);
+    let mut out = Vec::new();
+    for entry in join.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+        let address = if entry.parse::<SocketAddr>().is_ok() {
+            entry.to_owned()
+        } else if entry.starts_with('[') && entry.ends_with(']') {
+            format!("{entry}:{port}")
+        } else if entry.parse::<Ipv6Addr>().is_ok() {
+            format!("[{entry}]:{port}")
+        } else {
+            match entry.rsplit_once(':') {
+                None => format!("{entry}:{port}"),
+                Some((host, p))
+                    if !host.is_empty() && !host.contains(':') && p.parse::<u16>().is_ok() =>
+                {
+                    entry.to_owned()
+                }
+                Some(_) => {
+                    return Err(ConfigError::Invalid {
+                        flag: "--join",
+                        reason: format!("{entry:?} is not HOST or HOST:PORT"),
+                    })
+                }
+            }
+        };
+        out.push(address);
+    }
+    Ok(out)
 }
 
 /// The host name, if the system has a usable one.
@@ -708,6 +985,7 @@ mod tests {
             Some(ClusterFlags {
                 listen_cluster: "127.0.0.1:9005".into(),
                 join: vec!["10.0.0.2:9005".into(), "10.0.0.3:9005".into()],
+                internal_tls: false,
                 name: "a".into(),
                 advertise_internal: None,
                 gossip_interval: Duration::from_secs(1),
@@ -726,7 +1004,8 @@ mod tests {
         .into_config()
         .unwrap_err();
         assert!(err.to_string().contains("--peer-timeout"), "{err}");
-        let err = flags(&[
+        // Upstream's manifests serve the internal port over TLS in a cluster: forwards use https.
+        let c = flags(&[
             "--insecure-accept-any-token",
             "--shared-key",
             "/k",
@@ -738,8 +1017,8 @@ mod tests {
             "/c",
         ])
         .into_config()
-        .unwrap_err();
-        assert!(err.to_string().contains("--internal-tls"), "{err}");
+        .unwrap();
+        assert!(c.cluster.unwrap().internal_tls);
         // --join without --listen-cluster is refused by the parser.
         assert!(Flags::try_parse_from([
             "telemeter-server",
@@ -799,6 +1078,256 @@ mod tests {
             let err = flags(&args).into_config().unwrap_err();
             assert!(err.to_string().contains("--remote-write"), "{err}");
         }
+    }
+
+    #[test]
+    fn join_takes_lists_and_defaults_the_port() {
+        let c = flags(&[
+            "--insecure-accept-any-token",
+            "--shared-key=/k",
+            "--listen-cluster=0.0.0.0:8082",
+            "--join=telemeter-server",
+            "--join",
+            "10.0.0.2,10.0.0.3:9000,[::1],::2,[::3]:7,host:1",
+            "--join=",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(
+            c.cluster.unwrap().join,
+            [
+                "telemeter-server:8082",
+                "10.0.0.2:8082",
+                "10.0.0.3:9000",
+                "[::1]:8082",
+                "[::2]:8082",
+                "[::3]:7",
+                "host:1"
+            ]
+        );
+        // No port to borrow: upstream memberlist's.
+        assert_eq!(
+            join_addresses("127.0.0.1:0", &["peer".into()]).unwrap(),
+            ["peer:7946"]
+        );
+        for bad in ["host:", ":80", "host:99999", "a:b:c:"] {
+            assert!(
+                join_addresses("127.0.0.1:1", &[bad.into()]).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn labels_take_lists() {
+        let c = flags(&[
+            "--insecure-accept-any-token",
+            "--label=a=1,b=2",
+            "--label",
+            "c=3",
+            "--required-label=env=prod,tier=web",
+        ])
+        .into_config()
+        .unwrap();
+        let pairs = |p: &[(&str, &str)]| -> Vec<(String, String)> {
+            p.iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(c.labels, pairs(&[("a", "1"), ("b", "2"), ("c", "3")]));
+        assert_eq!(
+            c.required_labels,
+            pairs(&[("env", "prod"), ("tier", "web")])
+        );
+        // A selector holds commas: --whitelist is never split.
+        let c = flags(&[
+            "--insecure-accept-any-token",
+            "--whitelist",
+            r#"{__name__="up",job="a"}"#,
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(c.whitelist.len(), 1);
+    }
+
+    #[test]
+    fn storage_defaults_to_data_and_takes_upstreams_name() {
+        let c = Flags::try_parse_from(["telemeter-server", "--insecure-accept-any-token"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(c.storage_path, PathBuf::from("data"));
+        let c = Flags::try_parse_from([
+            "telemeter-server",
+            "--insecure-accept-any-token",
+            "--storage-dir=/var/lib/x",
+            "--limit-bytes=5242880",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        assert_eq!(c.storage_path, PathBuf::from("/var/lib/x"));
+        assert_eq!(c.max_upload_bytes, 5_242_880);
+    }
+
+    #[test]
+    fn durations_may_be_written_as_go_writes_them() {
+        let c = flags(&[
+            "--insecure-accept-any-token",
+            "--ratelimit=4.5m",
+            "--ttl",
+            "1h30m",
+            "--max-future-skew=2.5s",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(c.ratelimit, Duration::from_secs(270));
+        assert_eq!(c.ttl, Duration::from_secs(5400));
+        assert_eq!(c.max_future_skew, Duration::from_millis(2500));
+        let err = flags(&["--insecure-accept-any-token", "--ttl=10 minutes"])
+            .into_config()
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("--ttl: invalid duration"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn verbosity() {
+        assert_eq!(flags(&[]).log_filter(), None);
+        assert_eq!(flags(&["-v"]).log_filter(), Some("debug"));
+        assert_eq!(flags(&["--verbose"]).log_filter(), Some("debug"));
+        assert_eq!(
+            flags(&["-v", "--log-level", "warn"]).log_filter(),
+            Some("warn")
+        );
+        assert!(Flags::try_parse_from(["telemeter-server", "--log-level", "loud"]).is_err());
+    }
+
+    fn tollbooth(c: Config) -> TollboothConfig {
+        match c.token_source {
+            TokenSource::Tollbooth(t) => t,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn authorize_flags() {
+        let t = tollbooth(
+            flags(&["--authorize", "https://tollbooth/v1"])
+                .into_config()
+                .unwrap(),
+        );
+        assert_eq!(
+            t,
+            TollboothConfig {
+                url: "https://tollbooth/v1".into(),
+                oidc: None,
+                concurrency: 16,
+                timeout: Duration::from_secs(10),
+                connect_timeout: Duration::from_secs(2),
+            }
+        );
+        // Upstream's manifest with its secrets unset: every OIDC flag empty, so no OIDC.
+        let t = tollbooth(
+            flags(&[
+                "--authorize=https://tollbooth/v1",
+                "--authorize-issuer-url=",
+                "--authorize-client-id=",
+                "--authorize-username=",
+                "--authorize-password=",
+            ])
+            .into_config()
+            .unwrap(),
+        );
+        assert_eq!(t.oidc, None);
+        let t = tollbooth(
+            flags(&[
+                "--authorize=https://tollbooth/v1",
+                "--authorize-issuer-url=https://sso/realms/x",
+                "--authorize-client-id=telemeter",
+                "--authorize-username=bob",
+                "--authorize-password=hunter2",
+                "--authorize-concurrency=4",
+                "--authorize-timeout=1.5s",
+                "--authorize-connect-timeout=300ms",
+            ])
+            .into_config()
+            .unwrap(),
+        );
+        assert_eq!(
+            t.oidc,
+            Some(OidcConfig {
+                issuer_url: "https://sso/realms/x".into(),
+                client_id: "telemeter".into(),
+                client_secret: None,
+                password_grant: Some(("bob".into(), Secret::from("hunter2".to_string()))),
+            })
+        );
+        assert_eq!(
+            (t.concurrency, t.timeout, t.connect_timeout),
+            (4, Duration::from_millis(1500), Duration::from_millis(300))
+        );
+        // Secrets stay out of Debug output, so out of any log line.
+        assert!(!format!("{t:?}").contains("hunter2"), "{t:?}");
+        let c = flags(&[
+            "--authorize=https://tollbooth/v1",
+            "--authorize-issuer-url=https://sso",
+            "--authorize-client-id=telemeter",
+            "--authorize-client-secret=s3cret",
+        ])
+        .into_config()
+        .unwrap();
+        assert!(!format!("{c:?}").contains("s3cret"));
+        assert_eq!(
+            tollbooth(c).oidc.unwrap().client_secret,
+            Some(Secret::from("s3cret".to_string()))
+        );
+
+        for (bad, flag) in [
+            (
+                vec!["--authorize-issuer-url=https://sso"],
+                "--authorize-issuer-url",
+            ),
+            (
+                vec!["--authorize=http://t", "--authorize-issuer-url=https://sso"],
+                "--authorize-client-id",
+            ),
+            (
+                vec![
+                    "--authorize=http://t",
+                    "--authorize-issuer-url=sso",
+                    "--authorize-client-id=c",
+                ],
+                "--authorize-issuer-url",
+            ),
+            (
+                vec![
+                    "--authorize=http://t",
+                    "--authorize-issuer-url=https://sso",
+                    "--authorize-client-id=c",
+                    "--authorize-username=bob",
+                ],
+                "--authorize-username",
+            ),
+            (
+                vec!["--authorize=http://t", "--authorize-concurrency=0"],
+                "--authorize-concurrency",
+            ),
+            (
+                vec!["--authorize=http://t", "--authorize-timeout=0s"],
+                "--authorize-timeout",
+            ),
+        ] {
+            let err = flags(&bad).into_config().unwrap_err();
+            assert!(err.to_string().starts_with(flag), "{bad:?}: {err}");
+        }
+        // --authorize= (empty, as from an unset variable) is no token source.
+        assert_eq!(
+            flags(&["--authorize="]).into_config().unwrap_err(),
+            ConfigError::NoTokenSource
+        );
     }
 
     #[test]

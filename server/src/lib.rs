@@ -1,6 +1,7 @@
 //! telemeter-server: receives pushed metrics, validates and stores them durably, serves `/federate`.
 //!
 //! One module per job: [`config`] (flags), [`authorize`] (client tokens → upload tokens),
+//! [`oidc`] (the access token for the upstream authorization service),
 //! [`upload`] (the push pipeline), [`validate`] (checks and stamping), [`ratelimit`], [`route`]
 //! (where an upload is stored), [`cluster`] (membership, hash ring, forwarding and handoff between
 //! servers), [`store`] (durable files), [`federate`] (serving them), [`remote_write`] (shipping
@@ -13,6 +14,7 @@ pub mod cluster;
 pub mod config;
 pub mod federate;
 pub mod metrics;
+pub mod oidc;
 mod prescan;
 pub mod ratelimit;
 pub mod remote_write;

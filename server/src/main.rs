@@ -10,7 +10,6 @@ use telemeter_server::{Flags, Server};
 fn main() -> ExitCode {
     // First, before any thread exists, so every thread inherits the blocked signal mask.
     let signals = signal::termination_channel();
-    logging::init();
     let flags = match Flags::try_parse() {
         Ok(flags) => flags,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
@@ -26,6 +25,8 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // After the flags, which may set the level (-v, --log-level); nothing is logged before.
+    logging::init_with(flags.log_filter());
     let config = match flags.into_config() {
         Ok(config) => config,
         Err(e) => {

@@ -1,7 +1,7 @@
 //! Building and running a whole server from a [`Config`]: store, token signer, handlers, both ports.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -238,12 +238,22 @@ impl Server {
         };
         let mut handoff = None;
         if let (Some(cluster), Some(flags)) = (&cluster, &config.cluster) {
+            let bound = internal.local_addr();
             let advertised = match &flags.advertise_internal {
                 Some(addr) => Ok(addr.clone()),
-                None if internal.local_addr().ip().is_unspecified() => Err(ClusterError::Config(
-                    format!("--listen-internal {} is a wildcard address peers cannot reach: give --advertise-internal", config.listen_internal),
-                )),
-                None => Ok(internal.local_addr().to_string()),
+                // Upstream's manifests listen on 0.0.0.0 and name no address to advertise.
+                None if bound.ip().is_unspecified() => match local_ip(&flags.join) {
+                    Some((ip, how)) => {
+                        let addr = SocketAddr::new(ip, bound.port()).to_string();
+                        info!("cluster: --listen-internal {} is a wildcard address: advertising {addr} ({how}; --advertise-internal sets another)", config.listen_internal);
+                        Ok(addr)
+                    }
+                    None => Err(ClusterError::Config(format!(
+                        "--listen-internal {} is a wildcard address, and no local address routes to a --join peer nor does the host name resolve: give --advertise-internal",
+                        config.listen_internal
+                    ))),
+                },
+                None => Ok(bound.to_string()),
             };
             let started = advertised
                 .and_then(|addr| cluster.set_internal_addr(&addr))
@@ -287,20 +297,68 @@ fn start_cluster(
     flags: &crate::config::ClusterFlags,
     shared: &SharedKey,
 ) -> Result<Cluster, StartError> {
-    let listen_cluster = flags.listen_cluster.parse().map_err(|e| {
-        StartError::Cluster(ClusterError::Config(format!(
-            "--listen-cluster {:?}: {e}",
-            flags.listen_cluster
-        )))
-    })?;
+    // A host name is resolved, as --listen and --listen-internal are (`localhost:9006`).
+    let listen_cluster = flags
+        .listen_cluster
+        .to_socket_addrs()
+        .map_err(|e| e.to_string())
+        .and_then(|mut addrs| {
+            addrs
+                .next()
+                .ok_or_else(|| "resolves to nothing".to_string())
+        })
+        .map_err(|e| {
+            StartError::Cluster(ClusterError::Config(format!(
+                "--listen-cluster {:?}: {e}",
+                flags.listen_cluster
+            )))
+        })?;
     // Without --advertise-internal, the address is known once the internal port is bound; the
     // cluster sends no heartbeat until then.
     let internal = flags.advertise_internal.clone().unwrap_or_default();
     let mut cluster_config = ClusterConfig::new(&flags.name, listen_cluster, &internal);
     cluster_config.join.clone_from(&flags.join);
+    cluster_config.internal_tls = flags.internal_tls;
     cluster_config.gossip_interval = flags.gossip_interval;
     cluster_config.peer_timeout = flags.peer_timeout;
     Cluster::start(cluster_config, shared).map_err(StartError::Cluster)
+}
+
+/// An address of this host that peers can reach, and how it was found: the local address of the
+/// route to the first resolvable `--join` peer (a UDP socket's `connect` picks it without sending
+/// anything), else the first address the host name resolves to (a pod's IP in Kubernetes).
+fn local_ip(join: &[String]) -> Option<(IpAddr, String)> {
+    for peer in join {
+        let Ok(addrs) = peer.to_socket_addrs() else {
+            continue;
+        };
+        for addr in addrs {
+            let any: SocketAddr = match addr {
+                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+                SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            let local = UdpSocket::bind(any)
+                .and_then(|socket| socket.connect(addr).map(|()| socket))
+                .and_then(|socket| socket.local_addr());
+            if let Ok(local) = local {
+                if !local.ip().is_unspecified() {
+                    return Some((local.ip(), format!("the route to --join {peer}")));
+                }
+            }
+        }
+    }
+    let host = crate::config::host_name()?;
+    let addrs: Vec<IpAddr> = (host.as_str(), 0)
+        .to_socket_addrs()
+        .ok()?
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .collect();
+    let ip = addrs
+        .iter()
+        .find(|ip| !ip.is_loopback())
+        .or_else(|| addrs.first())?;
+    Some((*ip, format!("the address of host name {host}")))
 }
 
 fn load_tls(files: Option<&TlsFiles>) -> Result<Option<Arc<rustls::ServerConfig>>, StartError> {

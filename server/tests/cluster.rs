@@ -399,6 +399,7 @@ fn forged_and_replayed_gossip_is_dropped_and_unsigned_forwards_refused() {
     let other =
         telemeter_server::cluster::forward::Signer::new(&SharedKey::from_bytes(&[9; 32]).unwrap());
     let headers = other.headers(
+        "solo",
         "c1",
         std::time::SystemTime::now(),
         telemeter_server::cluster::forward::ForwardKind::Push,

@@ -1049,7 +1049,9 @@ fn nan_and_infinities_are_stored_and_served() {
 
 use std::net::UdpSocket;
 use std::time::Instant;
-use telemeter_server::cluster::forward::{ForwardKind, Signer, HEADER_HOP, HEADER_TIME};
+use telemeter_server::cluster::forward::{
+    ForwardKind, Signer, HEADER_DESTINATION, HEADER_HOP, HEADER_TIME,
+};
 use telemeter_server::cluster::packet::Heartbeat;
 
 fn gossip_dropped(s: &ServerProcess, reason: &str) -> f64 {
@@ -1213,9 +1215,10 @@ fn hostile_cluster_traffic_is_dropped_counted_or_refused() {
     let ours = Signer::new(&shared);
     let theirs = Signer::new(&SharedKey::from_bytes(&[9; 32]).unwrap());
     let body = delimited::encode(&families(Some("fwd"), 1, now_ms()));
-    let signed = |signer: &Signer, body: &[u8], at: SystemTime| {
-        signer.headers("fwd", SystemTime::now(), ForwardKind::Push, body, at)
+    let signed_to = |node: &str, signer: &Signer, body: &[u8], at: SystemTime| {
+        signer.headers(node, "fwd", SystemTime::now(), ForwardKind::Push, body, at)
     };
+    let signed = |signer: &Signer, body: &[u8], at: SystemTime| signed_to("solo", signer, body, at);
     let send = |headers: &[(&str, String)], body: &[u8]| {
         let refs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
         post(&url, &refs, body)
@@ -1281,6 +1284,24 @@ fn hostile_cluster_traffic_is_dropped_counted_or_refused() {
             set(&signed(&ours, &body, SystemTime::now()), HEADER_HOP, "2"),
             body.clone(),
             "forward",
+        ),
+        (
+            // Captured on its way to another node of the cluster and replayed here: our replay
+            // cache has never seen it, the destination in the signature catches it.
+            "genuine forward signed for another node",
+            signed_to("node-b", &ours, &body, SystemTime::now()),
+            body.clone(),
+            "addressed to node \"node-b\"",
+        ),
+        (
+            "genuine forward with its destination changed to us",
+            set(
+                &signed_to("node-b", &ours, &body, SystemTime::now()),
+                HEADER_DESTINATION,
+                "solo",
+            ),
+            body.clone(),
+            "bad forward signature",
         ),
     ];
     for (name, headers, body, reason) in forwards {

@@ -1,6 +1,7 @@
 //! The internal `/internal/forward` endpoint: stores a push another server forwarded to us.
 //!
-//! Only signed requests are accepted (401 otherwise). A forwarded push is never forwarded again,
+//! Only signed requests addressed to this node are accepted (401 otherwise, counted as
+//! `unauthorized`). A forwarded push is never forwarded again,
 //! whoever the ring names as owner: the sender chose us, and if we do not own the cluster the
 //! handoff thread moves the file on later. The reply is 200 only once the upload is durable.
 
@@ -98,7 +99,7 @@ mod tests {
         let now = SystemTime::now();
         let recent = now - Duration::from_secs(5);
 
-        let headers = signer.headers("c1", recent, ForwardKind::Push, b"new", now);
+        let headers = signer.headers("solo", "c1", recent, ForwardKind::Push, b"new", now);
         let reply = handle_forward(
             &cluster,
             &store.store,
@@ -110,7 +111,7 @@ mod tests {
         assert_eq!(stored.payload, b"new".to_vec());
 
         // A handoff of an older upload does not replace it, but is acknowledged.
-        let headers = signer.headers("c1", at(1_000), ForwardKind::Handoff, b"old", now);
+        let headers = signer.headers("solo", "c1", at(1_000), ForwardKind::Handoff, b"old", now);
         let reply = handle_forward(
             &cluster,
             &store.store,
@@ -123,12 +124,22 @@ mod tests {
             b"new".to_vec()
         );
 
-        // Unsigned, tampered, wrong method.
+        // Unsigned, tampered, addressed to another node, wrong method.
         let reply = handle_forward(&cluster, &store.store, None, request("POST", vec![], b"x"));
         assert_eq!(reply.status, 401);
-        let headers = signer.headers("c2", recent, ForwardKind::Push, b"a", now);
+        let headers = signer.headers("solo", "c2", recent, ForwardKind::Push, b"a", now);
         let reply = handle_forward(&cluster, &store.store, None, request("POST", headers, b"b"));
         assert_eq!(reply.status, 401);
+        let headers = signer.headers("other", "c2", recent, ForwardKind::Push, b"a", now);
+        let reply = handle_forward(&cluster, &store.store, None, request("POST", headers, b"a"));
+        assert_eq!(reply.status, 401);
+        match &reply.body {
+            telemeter_common::http::Body::Bytes(body) => assert!(
+                String::from_utf8_lossy(body).contains("addressed to node \"other\""),
+                "{body:?}"
+            ),
+            _ => panic!("a 401 carries its reason"),
+        }
         let reply = handle_forward(&cluster, &store.store, None, request("GET", vec![], b""));
         assert_eq!(reply.status, 405);
         assert!(store.store.get("c2").unwrap().is_none());
@@ -139,7 +150,7 @@ mod tests {
             vec![
                 ("push", 1),
                 ("handoff", 1),
-                ("unauthorized", 2),
+                ("unauthorized", 3),
                 ("store_error", 0)
             ]
         );

@@ -3,18 +3,21 @@
 //! A forwarded push is `POST /internal/forward` on the owner's internal port. The body is exactly
 //! what the owner stores: the validated, stamped families as protobuf-delimited bytes. Headers:
 //!
+//! - `X-Telemeter-Destination`: the name of the node the push is for (its `--name`);
 //! - `X-Telemeter-Cluster-Id`: the cluster id the body belongs to;
 //! - `X-Telemeter-Received`: when the first server accepted the upload, ms since the epoch;
 //! - `X-Telemeter-Time`: when this request was signed, ms since the epoch;
 //! - `X-Telemeter-Hop`: `1`. A forwarded push is never forwarded again;
 //! - `X-Telemeter-Kind`: `push` (a client's upload: store it) or `handoff` (a file moving to its
 //!   new owner after membership changed: store it only if newer than what is there);
-//! - `X-Telemeter-Signature`: hex of `mac(PeerForward key, [method, path, cluster id, received,
-//!   time, hop, kind, SHA-256(body)])`.
+//! - `X-Telemeter-Signature`: hex of `mac(PeerForward key, [method, path, destination, cluster id,
+//!   received, time, hop, kind, SHA-256(body)])`.
 //!
-//! The receiver checks the signature, that the time is within a window of its clock, that the hop
-//! is 1, and that it has not seen the same signature within the window (a replayed request could
-//! otherwise put an older upload back over a newer one).
+//! The receiver checks the signature, that it is the destination named (every node shares the
+//! key, so without this a forward captured on its way to one node could be replayed to another,
+//! whose replay cache has not seen it), that the time is within a window of its clock, that the
+//! hop is 1, and that it has not seen the same signature within the window (a replayed request
+//! could otherwise put an older upload back over a newer one).
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
@@ -29,6 +32,8 @@ use telemeter_common::token::{mac, verify_mac, DerivedKey, KeyPurpose, SharedKey
 pub const FORWARD_PATH: &str = "/internal/forward";
 /// The method of a forwarded push.
 pub const FORWARD_METHOD: &str = "POST";
+/// Header: the name of the node the forward is addressed to.
+pub const HEADER_DESTINATION: &str = "X-Telemeter-Destination";
 /// Header: the cluster id.
 pub const HEADER_CLUSTER_ID: &str = "X-Telemeter-Cluster-Id";
 /// Header: when the upload was first received, ms since the epoch.
@@ -102,6 +107,11 @@ pub enum VerifyError {
     HopExceeded(String),
     /// The same signed request was seen before.
     Replayed,
+    /// The forward is signed for another node (captured on its way there and replayed here).
+    WrongDestination {
+        /// The node the forward names.
+        to: String,
+    },
 }
 
 impl fmt::Display for VerifyError {
@@ -117,6 +127,9 @@ impl fmt::Display for VerifyError {
                 write!(f, "hop {hop:?}: a forwarded push is never forwarded again")
             }
             VerifyError::Replayed => f.write_str("forwarded request replayed"),
+            VerifyError::WrongDestination { to } => {
+                write!(f, "forward addressed to node {to:?}, not to this node")
+            }
         }
     }
 }
@@ -146,9 +159,10 @@ impl Signer {
         }
     }
 
-    /// The headers of a forwarded push of `body`, signed at `now`.
+    /// The headers of a forwarded push of `body` to the node named `destination`, signed at `now`.
     pub fn headers(
         &self,
+        destination: &str,
         cluster_id: &str,
         received: SystemTime,
         kind: ForwardKind,
@@ -161,6 +175,7 @@ impl Signer {
         let tag = self.tag(
             FORWARD_METHOD,
             FORWARD_PATH,
+            destination,
             cluster_id,
             &received,
             &time,
@@ -169,6 +184,7 @@ impl Signer {
             body,
         );
         vec![
+            (HEADER_DESTINATION, destination.to_owned()),
             (HEADER_CLUSTER_ID, cluster_id.to_owned()),
             (HEADER_RECEIVED, received),
             (HEADER_TIME, time),
@@ -178,16 +194,18 @@ impl Signer {
         ]
     }
 
-    /// Verifies a forwarded request as received: its method, path, headers (names compared
-    /// case-insensitively) and body, at `now`.
+    /// Verifies a forwarded request as received by the node named `local_name`: its method, path,
+    /// headers (names compared case-insensitively) and body, at `now`.
     pub fn verify(
         &self,
+        local_name: &str,
         method: &str,
         path: &str,
         headers: &[(String, String)],
         body: &[u8],
         now: SystemTime,
     ) -> Result<Forwarded, VerifyError> {
+        let destination = header(headers, HEADER_DESTINATION)?;
         let cluster_id = header(headers, HEADER_CLUSTER_ID)?;
         let received = header(headers, HEADER_RECEIVED)?;
         let time = header(headers, HEADER_TIME)?;
@@ -206,13 +224,26 @@ impl Signer {
             return Err(VerifyError::BadHeader(HEADER_CLUSTER_ID));
         }
         let parts = self.parts(
-            method, path, cluster_id, received, time, hop, kind_text, body,
+            method,
+            path,
+            destination,
+            cluster_id,
+            received,
+            time,
+            hop,
+            kind_text,
+            body,
         );
         let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
         if !verify_mac(&self.key, &refs, &tag) {
             return Err(VerifyError::BadSignature);
         }
         // Checked after the signature, so an unsigned request cannot probe our clock or hop rules.
+        if destination != local_name {
+            return Err(VerifyError::WrongDestination {
+                to: destination.to_owned(),
+            });
+        }
         if hop != "1" {
             return Err(VerifyError::HopExceeded(hop.to_owned()));
         }
@@ -241,6 +272,7 @@ impl Signer {
         &self,
         method: &str,
         path: &str,
+        destination: &str,
         cluster_id: &str,
         received: &str,
         time: &str,
@@ -248,7 +280,17 @@ impl Signer {
         kind: &str,
         body: &[u8],
     ) -> [u8; 32] {
-        let parts = self.parts(method, path, cluster_id, received, time, hop, kind, body);
+        let parts = self.parts(
+            method,
+            path,
+            destination,
+            cluster_id,
+            received,
+            time,
+            hop,
+            kind,
+            body,
+        );
         let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
         mac(&self.key, &refs)
     }
@@ -258,6 +300,7 @@ impl Signer {
         &self,
         method: &str,
         path: &str,
+        destination: &str,
         cluster_id: &str,
         received: &str,
         time: &str,
@@ -269,6 +312,7 @@ impl Signer {
         vec![
             method.as_bytes().to_vec(),
             path.as_bytes().to_vec(),
+            destination.as_bytes().to_vec(),
             cluster_id.as_bytes().to_vec(),
             received.as_bytes().to_vec(),
             time.as_bytes().to_vec(),
@@ -383,13 +427,25 @@ impl std::error::Error for ForwardError {}
 pub struct Forwarder {
     agent: ureq::Agent,
     signer: std::sync::Arc<Signer>,
+    scheme: &'static str,
 }
 
 impl Forwarder {
     /// A client signing with `signer`; `timeout` bounds a whole request (connect, send, the
-    /// owner's fsync, reply).
-    pub fn new(signer: std::sync::Arc<Signer>, timeout: Duration) -> Forwarder {
+    /// owner's fsync, reply). With `tls`, peers' internal ports serve TLS (`--internal-tls-*`)
+    /// and forwards go over `https://`.
+    ///
+    /// The peer's certificate is not verified: peers are reached by the address they advertise
+    /// (often a pod IP), which upstream's certificates (a service name) never name, and what makes
+    /// a forward genuine is its signature under the shared key, not the channel. TLS adds
+    /// confidentiality against a passive listener on the internal network.
+    pub fn new(signer: std::sync::Arc<Signer>, timeout: Duration, tls: bool) -> Forwarder {
         let agent: ureq::Agent = ureq::Agent::config_builder()
+            .tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .disable_verification(true)
+                    .build(),
+            )
             .http_status_as_error(false)
             .max_redirects(0)
             // Internal traffic never goes through an HTTP proxy from the environment.
@@ -399,25 +455,35 @@ impl Forwarder {
             .user_agent(concat!("telemeter-server/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
-        Forwarder { agent, signer }
+        Forwarder {
+            agent,
+            signer,
+            scheme: if tls { "https" } else { "http" },
+        }
     }
 
-    /// POSTs `body` to the peer whose internal address is `peer` ("host:port"). Ok only when the
-    /// peer answered 200, which it does only once the push is durable.
+    /// POSTs `body` to the peer named `destination` whose internal address is `peer`
+    /// ("host:port"). Ok only when the peer answered 200, which it does only once the push is
+    /// durable.
     pub fn forward(
         &self,
+        destination: &str,
         peer: &str,
         cluster_id: &str,
         received: SystemTime,
         kind: ForwardKind,
         body: &[u8],
     ) -> Result<(), ForwardError> {
-        let url = format!("http://{peer}{FORWARD_PATH}");
+        let url = format!("{}://{peer}{FORWARD_PATH}", self.scheme);
         let mut request = self.agent.post(&url).content_type(media::PROTO_DELIMITED);
-        for (name, value) in
-            self.signer
-                .headers(cluster_id, received, kind, body, SystemTime::now())
-        {
+        for (name, value) in self.signer.headers(
+            destination,
+            cluster_id,
+            received,
+            kind,
+            body,
+            SystemTime::now(),
+        ) {
             request = request.header(name, value);
         }
         let mut response = request
@@ -463,9 +529,11 @@ mod tests {
     }
 
     const NOW: u64 = 1_800_000_000_000;
+    /// The node the test forwards are addressed to, and the one verifying them.
+    const DEST: &str = "node-b";
 
     fn signed(s: &Signer, body: &[u8], kind: ForwardKind) -> Vec<(String, String)> {
-        owned(s.headers("cluster-1", t(NOW - 5_000), kind, body, t(NOW)))
+        owned(s.headers(DEST, "cluster-1", t(NOW - 5_000), kind, body, t(NOW)))
     }
 
     fn set(headers: &mut [(String, String)], name: &str, value: &str) {
@@ -481,7 +549,14 @@ mod tests {
         let s = signer(1);
         let headers = signed(&s, b"families", ForwardKind::Push);
         let got = s
-            .verify("POST", FORWARD_PATH, &headers, b"families", t(NOW + 1_000))
+            .verify(
+                DEST,
+                "POST",
+                FORWARD_PATH,
+                &headers,
+                b"families",
+                t(NOW + 1_000),
+            )
             .unwrap();
         assert_eq!(
             got,
@@ -493,7 +568,7 @@ mod tests {
         );
         let handoff = signed(&s, b"families", ForwardKind::Handoff);
         let got = s
-            .verify("POST", FORWARD_PATH, &handoff, b"families", t(NOW))
+            .verify(DEST, "POST", FORWARD_PATH, &handoff, b"families", t(NOW))
             .unwrap();
         assert_eq!(got.kind, ForwardKind::Handoff);
     }
@@ -503,7 +578,7 @@ mod tests {
         let s = signer(1);
         let headers = signed(&s, b"families", ForwardKind::Push);
         assert_eq!(
-            s.verify("POST", FORWARD_PATH, &headers, b"famil1es", t(NOW)),
+            s.verify(DEST, "POST", FORWARD_PATH, &headers, b"famil1es", t(NOW)),
             Err(VerifyError::BadSignature)
         );
     }
@@ -512,6 +587,7 @@ mod tests {
     fn tampered_headers_are_bad_signature() {
         let s = signer(1);
         for (name, value) in [
+            (HEADER_DESTINATION, "node-c"),
             (HEADER_CLUSTER_ID, "cluster-2"),
             (HEADER_RECEIVED, "1"),
             (HEADER_TIME, "1800000000001"),
@@ -520,18 +596,18 @@ mod tests {
             let mut headers = signed(&s, b"b", ForwardKind::Push);
             set(&mut headers, name, value);
             assert_eq!(
-                s.verify("POST", FORWARD_PATH, &headers, b"b", t(NOW)),
+                s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW)),
                 Err(VerifyError::BadSignature),
                 "{name}"
             );
         }
         let headers = signed(&s, b"b", ForwardKind::Push);
         assert_eq!(
-            s.verify("PUT", FORWARD_PATH, &headers, b"b", t(NOW)),
+            s.verify(DEST, "PUT", FORWARD_PATH, &headers, b"b", t(NOW)),
             Err(VerifyError::BadSignature)
         );
         assert_eq!(
-            s.verify("POST", "/upload", &headers, b"b", t(NOW)),
+            s.verify(DEST, "POST", "/upload", &headers, b"b", t(NOW)),
             Err(VerifyError::BadSignature)
         );
     }
@@ -540,7 +616,7 @@ mod tests {
     fn wrong_key_is_bad_signature() {
         let headers = signed(&signer(1), b"b", ForwardKind::Push);
         assert_eq!(
-            signer(2).verify("POST", FORWARD_PATH, &headers, b"b", t(NOW)),
+            signer(2).verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW)),
             Err(VerifyError::BadSignature)
         );
     }
@@ -550,11 +626,11 @@ mod tests {
         let s = signer(1);
         let headers = signed(&s, b"b", ForwardKind::Push);
         assert_eq!(
-            s.verify("POST", FORWARD_PATH, &headers, b"b", t(NOW + 30_001)),
+            s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW + 30_001)),
             Err(VerifyError::OutsideWindow { skew_ms: 30_001 })
         );
         assert_eq!(
-            s.verify("POST", FORWARD_PATH, &headers, b"b", t(NOW - 60_000)),
+            s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW - 60_000)),
             Err(VerifyError::OutsideWindow { skew_ms: 60_000 })
         );
     }
@@ -570,6 +646,7 @@ mod tests {
         let tag = s.tag(
             "POST",
             FORWARD_PATH,
+            DEST,
             "cluster-1",
             &received,
             &time,
@@ -579,14 +656,14 @@ mod tests {
         );
         set(&mut headers, HEADER_SIGNATURE, &hex(&tag));
         assert_eq!(
-            s.verify("POST", FORWARD_PATH, &headers, b"b", t(NOW)),
+            s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW)),
             Err(VerifyError::HopExceeded("2".into()))
         );
         // An unsigned change of the hop is a bad signature.
         let mut headers = signed(&s, b"b", ForwardKind::Push);
         set(&mut headers, HEADER_HOP, "2");
         assert_eq!(
-            s.verify("POST", FORWARD_PATH, &headers, b"b", t(NOW)),
+            s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW)),
             Err(VerifyError::BadSignature)
         );
     }
@@ -596,11 +673,41 @@ mod tests {
         let s = signer(1);
         let headers = signed(&s, b"b", ForwardKind::Push);
         assert!(s
-            .verify("POST", FORWARD_PATH, &headers, b"b", t(NOW))
+            .verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW))
             .is_ok());
         assert_eq!(
-            s.verify("POST", FORWARD_PATH, &headers, b"b", t(NOW + 10)),
+            s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW + 10)),
             Err(VerifyError::Replayed)
+        );
+    }
+
+    #[test]
+    fn a_forward_for_another_node_is_refused() {
+        let s = signer(1);
+        // Genuinely signed, for node-a: captured on its way there and replayed to node-b.
+        let headers = owned(s.headers(
+            "node-a",
+            "cluster-1",
+            t(NOW - 5_000),
+            ForwardKind::Push,
+            b"b",
+            t(NOW),
+        ));
+        assert_eq!(
+            s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW)),
+            Err(VerifyError::WrongDestination {
+                to: "node-a".into()
+            })
+        );
+        // Refusing it did not mark it seen: node-a still takes it once.
+        assert!(s
+            .verify("node-a", "POST", FORWARD_PATH, &headers, b"b", t(NOW))
+            .is_ok());
+        let mut headers = headers;
+        headers.retain(|(n, _)| !n.eq_ignore_ascii_case(HEADER_DESTINATION));
+        assert_eq!(
+            s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW)),
+            Err(VerifyError::MissingHeader(HEADER_DESTINATION))
         );
     }
 
@@ -608,13 +715,13 @@ mod tests {
     fn missing_and_malformed_headers() {
         let s = signer(1);
         assert_eq!(
-            s.verify("POST", FORWARD_PATH, &[], b"b", t(NOW)),
-            Err(VerifyError::MissingHeader(HEADER_CLUSTER_ID))
+            s.verify(DEST, "POST", FORWARD_PATH, &[], b"b", t(NOW)),
+            Err(VerifyError::MissingHeader(HEADER_DESTINATION))
         );
         let mut headers = signed(&s, b"b", ForwardKind::Push);
         headers.retain(|(n, _)| !n.eq_ignore_ascii_case(HEADER_SIGNATURE));
         assert_eq!(
-            s.verify("POST", FORWARD_PATH, &headers, b"b", t(NOW)),
+            s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW)),
             Err(VerifyError::MissingHeader(HEADER_SIGNATURE))
         );
         for (name, value) in [
@@ -628,7 +735,7 @@ mod tests {
             let mut headers = signed(&s, b"b", ForwardKind::Push);
             set(&mut headers, name, value);
             assert_eq!(
-                s.verify("POST", FORWARD_PATH, &headers, b"b", t(NOW)),
+                s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW)),
                 Err(VerifyError::BadHeader(name)),
                 "{name}={value}"
             );
@@ -686,10 +793,10 @@ mod tests {
     #[test]
     fn forwarder_posts_a_verifiable_request() {
         let s = Arc::new(signer(1));
-        let forwarder = Forwarder::new(s.clone(), Duration::from_secs(5));
+        let forwarder = Forwarder::new(s.clone(), Duration::from_secs(5), false);
         let (addr, server) = one_shot(200);
         forwarder
-            .forward(&addr, "c1", t(NOW), ForwardKind::Push, b"payload")
+            .forward(DEST, &addr, "c1", t(NOW), ForwardKind::Push, b"payload")
             .unwrap();
         let (head, body) = server.join().unwrap();
         assert_eq!(body, b"payload");
@@ -704,7 +811,14 @@ mod tests {
             .map(|(n, v)| (n.to_owned(), v.trim().to_owned()))
             .collect();
         let got = s
-            .verify("POST", FORWARD_PATH, &headers, &body, SystemTime::now())
+            .verify(
+                DEST,
+                "POST",
+                FORWARD_PATH,
+                &headers,
+                &body,
+                SystemTime::now(),
+            )
             .unwrap();
         assert_eq!(got.cluster_id, "c1");
         assert_eq!(got.received, t(NOW));
@@ -712,10 +826,10 @@ mod tests {
 
     #[test]
     fn forwarder_reports_rejection_and_unreachable() {
-        let forwarder = Forwarder::new(Arc::new(signer(1)), Duration::from_secs(5));
+        let forwarder = Forwarder::new(Arc::new(signer(1)), Duration::from_secs(5), false);
         let (addr, server) = one_shot(401);
         assert_eq!(
-            forwarder.forward(&addr, "c1", t(NOW), ForwardKind::Push, b"x"),
+            forwarder.forward(DEST, &addr, "c1", t(NOW), ForwardKind::Push, b"x"),
             Err(ForwardError::Rejected {
                 status: 401,
                 reason: "bad signature".into()
@@ -729,7 +843,7 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(matches!(
-            forwarder.forward(&closed, "c1", t(NOW), ForwardKind::Push, b"x"),
+            forwarder.forward(DEST, &closed, "c1", t(NOW), ForwardKind::Push, b"x"),
             Err(ForwardError::Unreachable(_))
         ));
     }

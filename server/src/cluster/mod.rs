@@ -68,6 +68,8 @@ pub struct ClusterConfig {
     pub internal_addr: String,
     /// Bound on one forwarded request, the owner's fsync included.
     pub forward_timeout: Duration,
+    /// Whether peers' internal ports serve TLS (`--internal-tls-*`): forwards then use https.
+    pub internal_tls: bool,
 }
 
 impl ClusterConfig {
@@ -81,6 +83,7 @@ impl ClusterConfig {
             peer_timeout: Duration::from_secs(3),
             internal_addr: internal_addr.to_owned(),
             forward_timeout: Duration::from_secs(10),
+            internal_tls: false,
         }
     }
 }
@@ -266,7 +269,7 @@ impl Cluster {
         Ok(Cluster {
             membership,
             gossip: Mutex::new(gossip),
-            forwarder: Forwarder::new(signer.clone(), config.forward_timeout),
+            forwarder: Forwarder::new(signer.clone(), config.forward_timeout, config.internal_tls),
             signer,
             forwards: ForwardCounters::default(),
             received: Default::default(),
@@ -411,14 +414,19 @@ impl Cluster {
         kind: ForwardKind,
         body: &[u8],
     ) -> Result<(), ForwardError> {
-        let result = self
-            .forwarder
-            .forward(&owner.internal_addr, cluster_id, received, kind, body);
+        let result = self.forwarder.forward(
+            &owner.name,
+            &owner.internal_addr,
+            cluster_id,
+            received,
+            kind,
+            body,
+        );
         self.forwards.count(kind, &result);
         result
     }
 
-    /// Verifies a request to the internal forward endpoint.
+    /// Verifies a request to the internal forward endpoint: signed, and addressed to this node.
     pub fn verify_forward(
         &self,
         method: &str,
@@ -426,8 +434,9 @@ impl Cluster {
         headers: &[(String, String)],
         body: &[u8],
     ) -> Result<Forwarded, VerifyError> {
+        let name = self.name();
         self.signer
-            .verify(method, path, headers, body, SystemTime::now())
+            .verify(&name, method, path, headers, body, SystemTime::now())
     }
 
     /// Counters for `/metrics`.
