@@ -62,22 +62,44 @@ fn sort_scratch(len: usize, size: usize) -> usize {
     len.min((len / 2).max(full)).saturating_mul(size)
 }
 
-/// Bytes the transform may add to each series: the `--label` pairs and the `/authorize` labels
-/// (`_id`, and room for one more) it sets, each a label pair with its name and value on the heap,
-/// with room for the label vector to double; and the anonymized values that replace scraped ones.
-pub fn transform_bytes_per_series(
-    labels: &[(String, String)],
-    id: &str,
-    anonymized: usize,
-) -> usize {
-    let pair = |name: usize, value: usize| 2 * size_of::<LabelPair>() + heap(name) + heap(value);
-    labels
-        .iter()
-        .map(|(n, v)| pair(n.len(), v.len()))
-        .sum::<usize>()
-        + pair("_id".len(), id.len())
-        + pair(32, 32)
-        + anonymized * heap(12)
+/// The capacity of a `Vec` after `len` pushes from empty: doubling from 4.
+fn vec_capacity(len: usize) -> usize {
+    if len == 0 {
+        0
+    } else {
+        len.max(4).checked_next_power_of_two().unwrap_or(usize::MAX)
+    }
+}
+
+/// What the transform adds to each series after decoding, for the estimate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transform {
+    /// Labels it sets on every series: the `--label` pairs and the `/authorize` labels (`_id`,
+    /// and room for one more). A series' label vector full to capacity is grown (doubled) for them,
+    /// and the old one stays behind as a hole between the label strings around it.
+    pub added_labels: usize,
+    /// Heap bytes it adds to every series besides: the added labels' names and values, and the
+    /// anonymized values that replace scraped ones.
+    pub bytes_per_series: usize,
+}
+
+impl Transform {
+    /// What the transform adds with `--label` pairs `labels`, cluster `id`, and `anonymized`
+    /// `--anonymize-labels`.
+    pub fn of(labels: &[(String, String)], id: &str, anonymized: usize) -> Transform {
+        let strings: usize = labels
+            .iter()
+            .map(|(n, v)| heap(n.len()) + heap(v.len()))
+            .sum();
+        Transform {
+            added_labels: labels.len() + 2,
+            bytes_per_series: strings
+                + heap("_id".len())
+                + heap(id.len())
+                + 2 * heap(32)
+                + anonymized * heap(12),
+        }
+    }
 }
 
 /// What a reply holds and what decoding it would take.
@@ -95,15 +117,16 @@ pub struct Estimate {
     pub largest_family: usize,
     /// Bytes the decoded families would take, an upper bound.
     pub decoded_bytes: usize,
+    /// Bytes the transform would add to them (grown label vectors, added strings).
+    pub transform_bytes: usize,
 }
 
 impl Estimate {
     /// The bytes the client would hold at most while it decodes the reply and runs the transform:
-    /// the decoded families, `per_series` more for each series (labels the transform adds), and the
-    /// sort's scratch buffer.
-    pub fn peak_bytes(&self, per_series: usize) -> usize {
+    /// the decoded families, what the transform adds, and the sort's scratch buffer.
+    pub fn peak_bytes(&self) -> usize {
         self.decoded_bytes
-            .saturating_add(self.series.saturating_mul(per_series))
+            .saturating_add(self.transform_bytes)
             .saturating_add(sort_scratch(self.largest_family, size_of::<Metric>()))
     }
 
@@ -115,12 +138,21 @@ impl Estimate {
             .saturating_add(heap(help_len));
     }
 
-    fn labels(&mut self, count: usize) {
+    /// A series of `count` labels, and what `transform` adds to it.
+    fn series(&mut self, count: usize, transform: &Transform) {
+        self.series = self.series.saturating_add(1);
         self.labels = self.labels.saturating_add(count);
         self.most_labels = self.most_labels.max(count);
-        self.decoded_bytes = self
-            .decoded_bytes
-            .saturating_add(vec_bytes(count, size_of::<LabelPair>()));
+        let size = size_of::<LabelPair>();
+        self.decoded_bytes = self.decoded_bytes.saturating_add(vec_bytes(count, size));
+        let mut grown = transform.bytes_per_series;
+        let wanted = count.saturating_add(transform.added_labels);
+        let mut capacity = vec_capacity(count);
+        while capacity < wanted {
+            capacity = capacity.saturating_mul(2).max(4);
+            grown = grown.saturating_add(heap(capacity.saturating_mul(size)));
+        }
+        self.transform_bytes = self.transform_bytes.saturating_add(grown);
     }
 
     fn add(&mut self, bytes: usize) {
@@ -169,9 +201,9 @@ impl From<DecodeError> for Refusal {
 }
 
 /// Estimates what [`telemeter_common::delimited::decode`] would allocate for `body` under `limits`,
-/// checking everything it would check (framing, sizes, family and series caps, every message).
-/// Allocates nothing.
-pub fn protobuf(body: &[u8], limits: &Limits) -> Result<Estimate, Refusal> {
+/// and `transform` after it, checking everything the decoder would check (framing, sizes, family and
+/// series caps, every message). Allocates nothing.
+pub fn protobuf(body: &[u8], limits: &Limits, transform: &Transform) -> Result<Estimate, Refusal> {
     let mut e = Estimate::default();
     for family in wire::families(body, limits) {
         let family = family?;
@@ -187,7 +219,7 @@ pub fn protobuf(body: &[u8], limits: &Limits) -> Result<Estimate, Refusal> {
                 e.check_labels(count)?;
                 e.add(heap(name.len()).saturating_add(heap(value.len())));
             }
-            e.labels(count);
+            e.series(count, transform);
             // prost decodes every value field whatever the family's type, so both are counted.
             if let Value::Summary(s) = metric.value_for(MetricType::Summary)? {
                 let mut n = 0usize;
@@ -206,7 +238,6 @@ pub fn protobuf(body: &[u8], limits: &Limits) -> Result<Estimate, Refusal> {
                 e.add(vec_bytes(n, size_of::<Bucket>()));
             }
         }
-        e.series = e.series.saturating_add(series);
         // The owned decoder checks the series cap after each family; so does this.
         if e.series > limits.max_series {
             return Err(DecodeError::TooManySeries {
@@ -310,7 +341,8 @@ impl<'a> TextFamilies<'a> {
     }
 }
 
-/// Estimates what [`telemeter_common::text::parse`] would allocate for `body` with `max_families`.
+/// Estimates what [`telemeter_common::text::parse`] would allocate for `body` with `max_families`,
+/// and `transform` after it.
 ///
 /// Families are resolved and typed exactly as the parser does (the index borrows the names from the
 /// body: at most `max_families` entries, as more makes the parser refuse the body). Then per line:
@@ -327,7 +359,7 @@ impl<'a> TextFamilies<'a> {
 /// The tokenizer follows the parser's grammar. Where a line breaks it, the parser stops with an
 /// error, so what is counted after that point only overestimates; the scan never stops early on a
 /// line it cannot follow, since stopping where the parser goes on would underestimate.
-pub fn text(body: &[u8], max_families: usize) -> Result<Estimate, Refusal> {
+pub fn text(body: &[u8], max_families: usize, transform: &Transform) -> Result<Estimate, Refusal> {
     let mut e = Estimate::default();
     let hasher = RandomState::new();
     let mut families = TextFamilies {
@@ -410,8 +442,7 @@ pub fn text(body: &[u8], max_families: usize) -> Result<Estimate, Refusal> {
                     }
                 }
                 if kind.special().is_none() {
-                    e.series += 1;
-                    e.labels(labels);
+                    e.series(labels, transform);
                     e.add(2 * size_of::<Metric>() + label_bytes);
                     continue;
                 }
@@ -420,8 +451,7 @@ pub fn text(body: &[u8], max_families: usize) -> Result<Estimate, Refusal> {
                 let key = key.finish();
                 if previous_key != Some(key) {
                     previous_key = Some(key);
-                    e.series += 1;
-                    e.labels(labels);
+                    e.series(labels, transform);
                     // The series, and the grouping key: the labels copied as (name, value) pairs.
                     e.add(
                         2 * size_of::<Metric>()
@@ -532,6 +562,11 @@ impl<'a> Cursor<'a> {
 mod tests {
     use super::*;
     use telemeter_common::delimited;
+
+    const NONE: Transform = Transform {
+        added_labels: 0,
+        bytes_per_series: 0,
+    };
     use telemeter_common::model::{Gauge, Histogram, Summary};
 
     const FEDERATE_PB: &[u8] = include_bytes!("../../tests/fixtures/prometheus-federate.pb");
@@ -557,7 +592,7 @@ mod tests {
     fn estimates_bound_prometheus_replies_closely() {
         let limits = Limits::default();
         for (what, body) in [("federate", FEDERATE_PB), ("metrics", METRICS_PB)] {
-            let e = protobuf(body, &limits).unwrap();
+            let e = protobuf(body, &limits, &NONE).unwrap();
             let decoded = delimited::decode(body, &limits).unwrap();
             assert_eq!(e.families, decoded.len(), "{what}");
             assert_eq!(
@@ -570,7 +605,7 @@ mod tests {
             assert!(e.decoded_bytes <= 2 * held, "{what}: {e:?} > 2 × {held}");
         }
         for (what, body) in [("federate", FEDERATE_TXT), ("metrics", METRICS_TXT)] {
-            let e = text(body, 10_000).unwrap();
+            let e = text(body, 10_000, &NONE).unwrap();
             let decoded =
                 telemeter_common::text::parse(body, &telemeter_common::text::Limits::default())
                     .unwrap();
@@ -588,7 +623,7 @@ mod tests {
     /// The heap the decoded families hold, counted from the values (exact capacities).
     fn held_bytes(families: &[MetricFamily]) -> usize {
         let s = |s: &Option<String>| s.as_ref().map_or(0, |s| heap(s.capacity()));
-        let mut total = heap(families.len() * size_of::<MetricFamily>());
+        let mut total = heap(std::mem::size_of_val(families));
         for f in families {
             total += s(&f.name) + s(&f.help) + heap(f.metric.capacity() * size_of::<Metric>());
             for m in &f.metric {
@@ -631,7 +666,7 @@ mod tests {
             max_total_bytes: 1 << 20,
             ..Limits::default()
         };
-        let e = protobuf(&body, &limits).unwrap();
+        let e = protobuf(&body, &limits, &NONE).unwrap();
         assert_eq!(e.series, 100_000);
         assert!(e.decoded_bytes >= 100_000 * size_of::<Metric>(), "{e:?}");
         assert!(e.decoded_bytes > 50 * body.len(), "{e:?}");
@@ -641,7 +676,7 @@ mod tests {
         prost::encode_length_delimiter(message.len(), &mut body).unwrap();
         body.extend_from_slice(&message);
         assert_eq!(
-            protobuf(&body, &limits),
+            protobuf(&body, &limits, &NONE),
             Err(Refusal::Decode(DecodeError::TooManySeries {
                 limit: 100_000
             }))
@@ -661,11 +696,11 @@ mod tests {
             ..Default::default()
         };
         let ok = delimited::encode(&[family_of(vec![series(MAX_LABELS_PER_SERIES)])]);
-        let e = protobuf(&ok, &Limits::default()).unwrap();
+        let e = protobuf(&ok, &Limits::default(), &NONE).unwrap();
         assert_eq!(e.most_labels, MAX_LABELS_PER_SERIES);
         let bad = delimited::encode(&[family_of(vec![series(MAX_LABELS_PER_SERIES + 1)])]);
         assert_eq!(
-            protobuf(&bad, &Limits::default()),
+            protobuf(&bad, &Limits::default(), &NONE),
             Err(Refusal::TooManyLabels {
                 labels: MAX_LABELS_PER_SERIES + 1
             })
@@ -678,7 +713,8 @@ mod tests {
         assert!(matches!(
             protobuf(
                 &delimited::encode(&[family_of(vec![same])]),
-                &Limits::default()
+                &Limits::default(),
+                &NONE
             ),
             Err(Refusal::TooManyLabels { .. })
         ));
@@ -687,10 +723,10 @@ mod tests {
             let pairs: Vec<String> = (0..n).map(|i| format!("l{i}=\"\"")).collect();
             format!("m{{{}}} 1\n", pairs.join(","))
         };
-        let e = text(line(MAX_LABELS_PER_SERIES).as_bytes(), 10_000).unwrap();
+        let e = text(line(MAX_LABELS_PER_SERIES).as_bytes(), 10_000, &NONE).unwrap();
         assert_eq!(e.most_labels, MAX_LABELS_PER_SERIES);
         assert!(matches!(
-            text(line(MAX_LABELS_PER_SERIES + 1).as_bytes(), 10_000),
+            text(line(MAX_LABELS_PER_SERIES + 1).as_bytes(), 10_000, &NONE),
             Err(Refusal::TooManyLabels { .. })
         ));
         assert!(Refusal::TooManyLabels { labels: 300 }
@@ -713,7 +749,7 @@ mod tests {
         };
         m.label = vec![LabelPair::new("a", "b")];
         let body = delimited::encode(&[family_of(vec![m])]);
-        let e = protobuf(&body, &Limits::default()).unwrap();
+        let e = protobuf(&body, &Limits::default(), &NONE).unwrap();
         assert!(
             e.decoded_bytes
                 >= 100 * size_of::<Quantile>() + 100 * size_of::<Bucket>() + size_of::<Metric>(),
@@ -726,17 +762,17 @@ mod tests {
         let limits = Limits::default();
         for body in [&[0xff; 11][..], &[0x80, 0x80], &[9, 0x0a]] {
             let want = delimited::decode(body, &limits).unwrap_err();
-            assert_eq!(protobuf(body, &limits), Err(Refusal::Decode(want)));
+            assert_eq!(protobuf(body, &limits, &NONE), Err(Refusal::Decode(want)));
         }
         // Invalid messages: the same refusal, in the views' words.
         for body in [&[3, 0x0a, 0x05, b'x'][..], &[3, 0x0a, 0x01, 0xff]] {
             assert!(delimited::decode(body, &limits).is_err());
             assert!(matches!(
-                protobuf(body, &limits),
+                protobuf(body, &limits, &NONE),
                 Err(Refusal::Decode(DecodeError::Invalid(_)))
             ));
         }
-        assert_eq!(protobuf(b"", &limits), Ok(Estimate::default()));
+        assert_eq!(protobuf(b"", &limits, &NONE), Ok(Estimate::default()));
     }
 
     #[test]
@@ -757,7 +793,7 @@ mod tests {
             "  \n",
             "b 1\n",
         );
-        let e = text(body.as_bytes(), 10_000).unwrap();
+        let e = text(body.as_bytes(), 10_000, &NONE).unwrap();
         let parsed = telemeter_common::text::parse(
             body.as_bytes(),
             &telemeter_common::text::Limits::default(),
@@ -779,10 +815,10 @@ mod tests {
             "h_bucket{x=\"1\",le=\"2\"} 1\n",
             "h_bucket{x=\"2\",le=\"2\"} 1\n",
         );
-        assert_eq!(text(body.as_bytes(), 10_000).unwrap().series, 4);
+        assert_eq!(text(body.as_bytes(), 10_000, &NONE).unwrap().series, 4);
         // A broken line stops the parser; the scan goes on counting.
         let body = "a{x=\"1\" 1\nb{y=\"\\q\"} 1\nc 1\n";
-        let e = text(body.as_bytes(), 10_000).unwrap();
+        let e = text(body.as_bytes(), 10_000, &NONE).unwrap();
         assert_eq!(e.series, 3);
         assert!(telemeter_common::text::parse(
             body.as_bytes(),
@@ -790,7 +826,7 @@ mod tests {
         )
         .is_err());
         // An escaped quote does not end a value; an unterminated value ends the label set.
-        let e = text(b"a{x=\"\\\"\",y=\"2\"} 1\nb{x=\"open} 1\n", 10_000).unwrap();
+        let e = text(b"a{x=\"\\\"\",y=\"2\"} 1\nb{x=\"open} 1\n", 10_000, &NONE).unwrap();
         assert_eq!(e.labels, 2);
     }
 
@@ -814,20 +850,43 @@ mod tests {
             11
         );
         assert_eq!(
-            text(body.as_bytes(), 10),
+            text(body.as_bytes(), 10, &NONE),
             Err(Refusal::Decode(DecodeError::TooManyFamilies { limit: 10 }))
         );
-        assert!(text(body.as_bytes(), 11).is_ok());
+        assert!(text(body.as_bytes(), 11, &NONE).is_ok());
     }
 
     #[test]
     fn transform_cost_grows_with_labels() {
-        let none = transform_bytes_per_series(&[], "c", 0);
-        assert!(none >= 2 * (2 * size_of::<LabelPair>() + 32), "{none}");
+        let none = Transform::of(&[], "c", 0);
+        assert_eq!(none.added_labels, 2);
         let labels = [("site".to_string(), "x".repeat(100))];
+        let some = Transform::of(&labels, "c", 2);
+        assert_eq!(some.added_labels, 3);
         assert_eq!(
-            transform_bytes_per_series(&labels, "c", 2),
-            none + 2 * size_of::<LabelPair>() + heap(4) + heap(100) + 2 * heap(12)
+            some.bytes_per_series,
+            none.bytes_per_series + heap(4) + heap(100) + 2 * heap(12)
+        );
+        // A label vector full to capacity is grown for the added labels: the new block counts.
+        let size = size_of::<LabelPair>();
+        let mut e = Estimate::default();
+        e.series(8, &none);
+        assert_eq!(e.decoded_bytes, heap(8 * size));
+        assert_eq!(e.transform_bytes, none.bytes_per_series + heap(16 * size));
+        let mut e = Estimate::default();
+        e.series(5, &none);
+        assert_eq!(e.transform_bytes, none.bytes_per_series);
+        let mut e = Estimate::default();
+        e.series(
+            0,
+            &Transform {
+                added_labels: 9,
+                bytes_per_series: 0,
+            },
+        );
+        assert_eq!(
+            e.transform_bytes,
+            heap(4 * size) + heap(8 * size) + heap(16 * size)
         );
     }
 
@@ -837,10 +896,10 @@ mod tests {
             series: 10,
             largest_family: 10,
             decoded_bytes: 1000,
+            transform_bytes: 500,
             ..Estimate::default()
         };
-        assert_eq!(e.peak_bytes(0), 1000 + 10 * size_of::<Metric>());
-        assert_eq!(e.peak_bytes(100), 2000 + 10 * size_of::<Metric>());
+        assert_eq!(e.peak_bytes(), 1500 + 10 * size_of::<Metric>());
         assert_eq!(sort_scratch(1000, 200), 1000 * 200);
         assert_eq!(sort_scratch(1_000_000, 200), 500_000 * 200);
     }

@@ -166,18 +166,15 @@ const fn libc_sighup() -> i32 {
 impl Client {
     /// Builds the scraper and the pusher from `config`.
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Client, AgentError> {
-        let per_series = prescan::transform_bytes_per_series(
-            &config.labels,
-            &config.id,
-            config.anonymize_labels.len(),
-        );
+        let transform =
+            prescan::Transform::of(&config.labels, &config.id, config.anonymize_labels.len());
         let scraper = Scraper::new(
             &config.from,
             &config.matches,
             config.from_token.clone(),
             config.from_ca_file.as_deref(),
             config.timeout,
-            ReplyLimits::new(config.limit_bytes, per_series),
+            ReplyLimits::new(config.limit_bytes, transform),
         )?;
         let pusher = Pusher::new(
             &config.authorize_url,

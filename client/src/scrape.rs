@@ -1,7 +1,7 @@
 //! Scraping the isolated Prometheus: `GET <from>?match[]=…`, protobuf preferred, text accepted.
 
 use crate::agent::{self, AgentError};
-use crate::prescan::{self, Estimate, Refusal};
+use crate::prescan::{self, Estimate, Refusal, Transform};
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
@@ -104,11 +104,12 @@ impl fmt::Display for ScrapeError {
 
 impl std::error::Error for ScrapeError {}
 
-/// The memory a reply may take once decoded (with what the transform adds), per byte of
-/// `--limit-bytes`. What Prometheus sends takes 4 to 10 bytes decoded per byte on the wire, so the
-/// default 8 MiB admits about 25,000 federated series; a reply built to take more (millions of
-/// empty series or labels) is refused before it is decoded. With the reply itself, the upload
-/// body and its compressed copy, the client holds at most about 8 × `--limit-bytes`.
+/// The memory a reply may take once decoded, transformed and sorted, per byte of `--limit-bytes`.
+/// What Prometheus sends takes 6 to 14 bytes of that per byte on the wire (about 1.5 KB a
+/// federated series), so the default 8 MiB admits about 20,000 federated series; a reply built to
+/// take more (millions of empty series or labels) is refused before it is decoded. With the reply
+/// itself, the upload body and its compressed copy, the client then holds at most about
+/// 8 × `--limit-bytes` and a few MiB of its own (`tests/hostile.rs` measures it).
 pub const DECODED_BYTES_PER_LIMIT_BYTE: usize = 4;
 
 fn mib(bytes: usize) -> String {
@@ -122,17 +123,17 @@ pub struct ReplyLimits {
     pub limit_bytes: usize,
     /// The memory the decoded families (and the transform) may take.
     pub memory_bytes: usize,
-    /// What the transform adds to each series (see [`prescan::transform_bytes_per_series`]).
-    pub per_series: usize,
+    /// What the transform adds to each series.
+    pub transform: Transform,
 }
 
 impl ReplyLimits {
-    /// The caps for `--limit-bytes`, with `per_series` bytes added to each series by the transform.
-    pub fn new(limit_bytes: usize, per_series: usize) -> ReplyLimits {
+    /// The caps for `--limit-bytes`, with `transform` run on the decoded families.
+    pub fn new(limit_bytes: usize, transform: Transform) -> ReplyLimits {
         ReplyLimits {
             limit_bytes,
             memory_bytes: limit_bytes.saturating_mul(DECODED_BYTES_PER_LIMIT_BYTE),
-            per_series,
+            transform,
         }
     }
 }
@@ -176,7 +177,7 @@ impl From<Refusal> for ReplyError {
 impl ReplyLimits {
     /// Refuses a reply whose estimate is over the memory budget.
     fn check(&self, estimate: Estimate) -> Result<(), ReplyError> {
-        let needed = estimate.peak_bytes(self.per_series);
+        let needed = estimate.peak_bytes();
         if needed > self.memory_bytes {
             return Err(ReplyError::TooMuchMemory {
                 estimate,
@@ -238,14 +239,14 @@ pub fn decode_body(
                 max_message_bytes: limits.limit_bytes,
                 ..delimited::Limits::default()
             };
-            limits.check(prescan::protobuf(body, &decoder)?)?;
+            limits.check(prescan::protobuf(body, &decoder, &limits.transform)?)?;
             delimited::decode(body, &decoder)
                 .map(|f| (f, Format::ProtoDelimited))
                 .map_err(|e| ReplyError::Invalid(e.to_string()))
         }
         _ => {
             let parser = text::Limits::default();
-            limits.check(prescan::text(body, parser.max_families)?)?;
+            limits.check(prescan::text(body, parser.max_families, &limits.transform)?)?;
             text::parse(body, &parser)
                 .map(|f| (f, Format::Text))
                 .map_err(|e| ReplyError::Invalid(e.to_string()))
@@ -265,7 +266,7 @@ impl Scraper {
         limits: ReplyLimits,
     ) -> Result<Scraper, AgentError> {
         Ok(Scraper {
-            agent: agent::build(ca_file, timeout)?,
+            agent: agent::build(ca_file, timeout, agent::Redirects::Follow)?,
             url: url.to_string(),
             matches: matches.iter().map(|s| s.source.clone()).collect(),
             token,
@@ -352,7 +353,7 @@ mod tests {
     use super::*;
 
     fn limits(limit_bytes: usize) -> ReplyLimits {
-        ReplyLimits::new(limit_bytes, 0)
+        ReplyLimits::new(limit_bytes, Transform::default())
     }
 
     #[test]
@@ -385,6 +386,50 @@ mod tests {
         assert_eq!(f[0].name.as_deref(), Some("up"));
         let (f, _) = decode_body(body, "", &limits(1 << 20)).unwrap();
         assert_eq!(f.len(), 1);
+    }
+
+    #[test]
+    fn a_reply_too_big_decoded_is_refused_before_decoding() {
+        // 64 KiB of `a 1` lines: 16,384 series, about 200 bytes each decoded.
+        let text_body = b"a 1\n".repeat(1 << 14);
+        let mut pd_body = vec![0x0a, 1, b'm'];
+        pd_body.extend(std::iter::repeat_n([0x22, 0], 1 << 15).flatten());
+        let mut framed = Vec::new();
+        prost::encode_length_delimiter(pd_body.len(), &mut framed).unwrap();
+        framed.extend_from_slice(&pd_body);
+        for (body, content_type) in [
+            (&text_body[..], "text/plain"),
+            (&framed[..], telemeter_common::media::PROTO_DELIMITED),
+        ] {
+            match decode_body(body, content_type, &limits(1 << 17)) {
+                Err(ReplyError::TooMuchMemory {
+                    estimate,
+                    needed,
+                    budget,
+                }) => {
+                    assert_eq!(budget, 4 << 17);
+                    assert!(needed > budget);
+                    assert!(estimate.series >= 1 << 14, "{estimate:?}");
+                }
+                other => panic!("{content_type}: {other:?}"),
+            }
+            // With room for it, the same reply decodes.
+            assert!(decode_body(body, content_type, &limits(16 << 20)).is_ok());
+        }
+        let e = ScrapeError::TooMuchMemory {
+            url: "http://p/federate".into(),
+            bytes: 65536,
+            estimate: Estimate {
+                series: 16384,
+                ..Estimate::default()
+            },
+            needed: 7 << 20,
+            budget: 4 << 20,
+        };
+        assert_eq!(
+            e.to_string(),
+            "scraping http://p/federate: the reply (65536 bytes: 16384 series, 0 labels) would take 7.0 MiB to decode, over the 4.0 MiB allowed (4 × --limit-bytes); narrow --match or raise --limit-bytes"
+        );
     }
 
     #[test]
