@@ -23,7 +23,7 @@ impl std::error::Error for AgentError {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Redirects {
     /// Follow up to 10 (the scrape: a GET is safe to repeat elsewhere, and a proxy in front of
-    /// Prometheus may move it; credentials are not sent to the new location).
+    /// Prometheus may move it; ureq sends no `Authorization` header after a redirect).
     Follow,
     /// Hand the 3xx back to the caller (authorize and upload: a redirected POST becomes a GET
     /// without a body, so following it would report an upload that never happened).
