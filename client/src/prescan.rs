@@ -386,11 +386,11 @@ pub fn text(body: &[u8], max_families: usize, transform: &Transform) -> Result<E
                 }
                 let family = families.family_for(name, &mut e)?;
                 c.skip_blanks();
-                let rest = c.rest();
                 if keyword == b"HELP" {
-                    e.add(heap(rest.len()));
+                    e.add(heap(line.len().saturating_sub(c.pos)));
                     continue;
                 }
+                let rest = c.rest();
                 let kind = if rest.eq_ignore_ascii_case(b"histogram") {
                     Kind::Histogram
                 } else if rest.eq_ignore_ascii_case(b"summary") {
@@ -732,6 +732,27 @@ mod tests {
         assert!(Refusal::TooManyLabels { labels: 300 }
             .to_string()
             .contains("300 labels"));
+    }
+
+    #[test]
+    fn labels_after_an_unknown_group_are_counted() {
+        // prost skips an unknown group field and decodes what follows, so the scan must not stop
+        // at it: a series opening with a group, then 200 empty labels.
+        let mut metric = vec![0x7b, 0x08, 0x01, 0x7c]; // field 15: start group { field 1 = 1 } end
+        for _ in 0..200 {
+            metric.extend_from_slice(&[0x0a, 0]);
+        }
+        let mut message = vec![0x0a, 1, b'm', 0x22];
+        prost::encode_length_delimiter(metric.len(), &mut message).unwrap();
+        message.extend_from_slice(&metric);
+        let mut body = Vec::new();
+        prost::encode_length_delimiter(message.len(), &mut body).unwrap();
+        body.extend_from_slice(&message);
+        let decoded = delimited::decode(&body, &Limits::default()).unwrap();
+        assert_eq!(decoded[0].metric[0].label.len(), 200);
+        let e = protobuf(&body, &Limits::default(), &NONE).unwrap();
+        assert_eq!(e.labels, 200);
+        assert!(e.decoded_bytes >= held_bytes(&decoded), "{e:?}");
     }
 
     #[test]

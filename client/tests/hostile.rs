@@ -210,6 +210,7 @@ fn run_client(args: &[&str]) -> Run {
         .args([
             "rusage_helper",
             "--exact",
+            "--ignored",
             "--nocapture",
             "--test-threads=1",
             "-q",
@@ -260,6 +261,7 @@ fn wait_output(mut child: std::process::Child, within: Duration) -> std::process
 /// waits for it with `wait4`, and prints `rusage: <exit code or -> <ru_maxrss in KiB>`. Without
 /// [`HELPER_ENV`] it does nothing.
 #[test]
+#[ignore = "not a test: the helper process of run_client"]
 #[allow(clippy::zombie_processes)] // reaped by wait4, which std's Child does not know about
 fn rusage_helper() {
     let Some(args) = std::env::var_os(HELPER_ENV) else {
