@@ -24,6 +24,8 @@ source_url=${1:-http://localhost:$prom_port}
 source_token=${2:-}
 cluster_id=test
 client_token=integration-token
+# The client anonymizes `instance` with this salt; the checks below recompute the hashes.
+salt=integration-salt
 
 # Two servers on their own loopback addresses, same ports, as on two hosts.
 s1=127.0.0.2
@@ -113,6 +115,7 @@ for b in telemeter-server telemeter-client; do
 done
 command -v prometheus >/dev/null || fail "prometheus is not installed: apt-get install prometheus"
 command -v curl >/dev/null || fail "curl is not installed"
+command -v openssl >/dev/null || fail "openssl is not installed (it checks the anonymized values)"
 
 port_free localhost $prom_port "Prometheus"
 port_free 127.0.0.1 ${client_listen##*:} "telemeter-client --listen"
@@ -189,8 +192,9 @@ client_args=(
   --match '{__name__="scrape_samples_scraped",_id=""}'
   --match '{__name__="ALERTS",_id=""}'
   --match '{__name__="prometheus_build_info",_id=""}'
-  --rename ALERTS=alerts
-  --rename scrape_samples_scraped=scraped
+  --rename ALERTS=alerts,scrape_samples_scraped=scraped
+  --anonymize-labels instance
+  --anonymize-salt "$salt"
 )
 [ -n "$source_token" ] && client_args+=(--from-token "$source_token")
 log "starting telemeter-client: $source_url -> http://$s1:$ext_port as cluster '$cluster_id'"
@@ -231,6 +235,20 @@ wait_until 'alerts{_id="test"} (renamed from ALERTS)' has_series 'alerts{_id="te
 [ "$(query_count 'ALERTS{_id="test"}')" = 0 ] || fail 'ALERTS{_id="test"} present: the rename did not apply'
 [ "$(query_count 'scrape_samples_scraped{_id="test"}')" = 0 ] || fail 'scrape_samples_scraped{_id="test"} present: the rename did not apply'
 
+# --anonymize-labels instance, as upstream: a value becomes base64url(SHA-256(salt + value)[:9]),
+# computed here with openssl, not with our code; an empty value (Prometheus's /federate writes
+# instance="" on alerts, which have no instance) stays empty, so no fake instance is invented.
+anonymized() { printf '%s%s' "$salt" "$1" | openssl dgst -sha256 -binary | head -c 9 | base64 | tr '+/' '-_'; }
+if [ "$source_url" = "http://localhost:$prom_port" ]; then
+  self_instance=$(anonymized "localhost:$prom_port")
+  wait_until "up{_id=\"test\",job=\"prometheus\"} with instance anonymized to $self_instance" \
+    has_series "up{_id=\"test\",job=\"prometheus\",instance=\"$self_instance\"}"
+fi
+[ "$(query_count 'up{_id="test",instance!~"[A-Za-z0-9_-]{12}"}')" = 0 ] ||
+  fail 'an up{_id="test"} series has an instance that is not anonymized'
+[ "$(query_count 'alerts{_id="test",instance!=""}')" = 0 ] ||
+  fail 'alerts{_id="test"} carries an instance: the empty instance="" of the alert was anonymized'
+
 # Each series comes from exactly one server: the ring owner's /federate has them, the other's none.
 curl -fsS "http://$s1:$int_port/federate" | grep -F "_id=\"$cluster_id\"" | sort >"$work/s1.federate" || true
 curl -fsS "http://$s2:$int_port/federate" | grep -F "_id=\"$cluster_id\"" | sort >"$work/s2.federate" || true
@@ -240,6 +258,16 @@ log "series of cluster '$cluster_id': s1 serves $n1, s2 serves $n2"
 [ $((n1 + n2)) -gt 0 ] || fail "neither server serves cluster '$cluster_id'"
 if [ "$n1" -gt 0 ] && [ "$n2" -gt 0 ]; then
   fail "cluster '$cluster_id' is served by both servers (s1: $n1 series, s2: $n2)"
+fi
+# The same on the servers' own /federate: alerts without a (non-empty) instance, up with a hashed one.
+cat "$work/s1.federate" "$work/s2.federate" >"$work/federate"
+grep -q '^alerts{' "$work/federate" || fail "no alerts series of cluster '$cluster_id' on the servers' /federate"
+if grep '^alerts{' "$work/federate" | grep -q 'instance="[^"]'; then
+  fail "alerts on the servers' /federate carry an instance: $(grep '^alerts{' "$work/federate" | head -n 1)"
+fi
+grep -q '^up{' "$work/federate" || fail "no up series of cluster '$cluster_id' on the servers' /federate"
+if grep '^up{' "$work/federate" | grep -vqE 'instance="[A-Za-z0-9_-]{12}"'; then
+  fail "up on the servers' /federate with an instance not anonymized: $(grep '^up{' "$work/federate" | grep -vE 'instance="[A-Za-z0-9_-]{12}"' | head -n 1)"
 fi
 
 echo "tests: ok"

@@ -19,9 +19,25 @@ impl fmt::Display for AgentError {
 
 impl std::error::Error for AgentError {}
 
+/// Whether an agent follows redirects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redirects {
+    /// Follow up to 10 (the scrape: a GET is safe to repeat elsewhere, and a proxy in front of
+    /// Prometheus may move it; ureq sends no `Authorization` header after a redirect).
+    Follow,
+    /// Hand the 3xx back to the caller (authorize and upload: a redirected POST becomes a GET
+    /// without a body, so following it would report an upload that never happened).
+    Refuse,
+}
+
 /// An agent that trusts the CA certificates of `ca_file` (the system roots when `None`), gives
-/// each request `timeout` in all, and hands every status back to the caller instead of erroring.
-pub fn build(ca_file: Option<&Path>, timeout: Duration) -> Result<ureq::Agent, AgentError> {
+/// each request `timeout` in all, follows redirects or not, and hands every status back to the
+/// caller instead of erroring.
+pub fn build(
+    ca_file: Option<&Path>,
+    timeout: Duration,
+    redirects: Redirects,
+) -> Result<ureq::Agent, AgentError> {
     tls::install_crypto_provider();
     let roots: Vec<Certificate<'static>> = match ca_file {
         Some(path) => {
@@ -48,6 +64,10 @@ pub fn build(ca_file: Option<&Path>, timeout: Duration) -> Result<ureq::Agent, A
     let config = ureq::Agent::config_builder()
         .tls_config(tls_config)
         .http_status_as_error(false)
+        .max_redirects(match redirects {
+            Redirects::Follow => 10,
+            Redirects::Refuse => 0,
+        })
         .timeout_global(Some(timeout))
         .user_agent(concat!("telemeter-client/", env!("CARGO_PKG_VERSION")))
         .build();
@@ -65,9 +85,34 @@ pub fn first_line(body: &[u8]) -> String {
     line.chars().take(200).collect()
 }
 
+/// The `Location` of a reply, for an error message: at most 200 characters, `(none)` when absent.
+pub fn location(headers: &ureq::http::HeaderMap) -> String {
+    match headers.get("location") {
+        None => "(none)".to_string(),
+        Some(v) => {
+            let text = String::from_utf8_lossy(v.as_bytes());
+            format!("{:?}", text.chars().take(200).collect::<String>())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn location_is_quoted_and_short() {
+        let mut headers = ureq::http::HeaderMap::new();
+        assert_eq!(location(&headers), "(none)");
+        headers.insert(
+            "location",
+            ureq::http::HeaderValue::from_static("/elsewhere"),
+        );
+        assert_eq!(location(&headers), "\"/elsewhere\"");
+        let long = "x".repeat(500);
+        headers.insert("location", long.parse().unwrap());
+        assert_eq!(location(&headers).len(), 202);
+    }
 
     #[test]
     fn first_line_is_short_and_clean() {

@@ -75,7 +75,8 @@ pub struct Flags {
     #[arg(long, value_name = "DURATION", default_value = "4m30s", value_parser = parse_duration)]
     pub interval: Duration,
 
-    /// A series selector sent as `match[]` (repeatable). When neither `--match` nor
+    /// A series selector sent as `match[]`; repeat the flag for more. Never split on commas
+    /// (selectors hold them), like upstream's `--match`. When neither `--match` nor
     /// `--match-file` is given, `{__name__="up"}` is used.
     #[arg(long = "match", value_name = "SELECTOR")]
     pub matches: Vec<String>,
@@ -85,21 +86,25 @@ pub struct Flags {
     #[arg(long, value_name = "FILE")]
     pub match_file: Option<PathBuf>,
 
-    /// Rename metric OLD to NEW (repeatable). Giving any `--rename` replaces the default.
+    /// Rename metric OLD to NEW. Repeat the flag or give a list (`A=a,B=b`, see `--label`).
+    /// Giving any `--rename` replaces the default; `--rename ''` renames nothing.
     #[arg(long, value_name = "OLD=NEW", default_values_t = vec!["ALERTS=alerts".to_string()])]
     pub rename: Vec<String>,
 
-    /// Add label NAME=VALUE to every series, replacing a scraped value (repeatable).
+    /// Add label NAME=VALUE to every series, replacing a scraped value. Repeat the flag or give a
+    /// comma-separated list (`a=b,c=d`), as upstream reads it: CSV, so an item that holds a comma
+    /// is quoted (`'"a=b,c",d=e'`).
     #[arg(long, value_name = "NAME=VALUE")]
     pub label: Vec<String>,
 
-    /// Remove label NAME from every series (repeatable).
+    /// Remove label NAME from every series. Repeat the flag or give a list (`a,b`).
     #[arg(long, value_name = "NAME")]
     pub elide_label: Vec<String>,
 
-    /// Label names whose values are replaced by a salted hash (comma-separated, repeatable).
+    /// Label names whose values are replaced by a salted hash; an empty value (no such label)
+    /// stays empty, as upstream leaves it. Repeat the flag or give a list (`instance,pod`).
     /// Requires `--anonymize-salt` or `--anonymize-salt-file`.
-    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    #[arg(long, value_name = "NAMES")]
     pub anonymize_labels: Vec<String>,
 
     /// The salt of `--anonymize-labels`; the same salt gives the same values as upstream.
@@ -111,7 +116,9 @@ pub struct Flags {
     pub anonymize_salt_file: Option<PathBuf>,
 
     /// Largest scrape body read and largest (compressed) upload body sent, in bytes; over it the
-    /// cycle fails with a clear error rather than sending partial data.
+    /// cycle fails with a clear error rather than sending partial data. A reply whose series would
+    /// take more than 4 × this in memory once decoded is refused before it is decoded (what
+    /// Prometheus sends takes about 1.5 KB a series: about 20,000 series at the default).
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_LIMIT_BYTES)]
     pub limit_bytes: usize,
 
@@ -205,6 +212,71 @@ fn read_secret(path: &Path, what: &str) -> Result<String, ConfigError> {
         Ok(text) => Ok(text.trim().to_string()),
         Err(e) => err(format!("cannot read {what} {}: {e}", path.display())),
     }
+}
+
+/// Splits one value of a list flag as upstream's flags split it (Go pflag's `StringSlice`, which
+/// reads the value as one CSV record): on commas, except inside an item that starts with a double
+/// quote, which ends at the next lone quote (`""` is a quote inside it). An empty value is no
+/// items; a quote inside an unquoted item, or text after a closing quote, is an error.
+pub fn split_list(flag: &str, value: &str) -> Result<Vec<String>, ConfigError> {
+    let mut items = Vec::new();
+    if value.is_empty() {
+        return Ok(items);
+    }
+    let mut chars = value.chars().peekable();
+    loop {
+        let mut item = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    None => return err(format!("{flag} {value:?}: a quoted item is not closed")),
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        item.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => item.push(c),
+                }
+            }
+            items.push(item);
+            match chars.next() {
+                None => return Ok(items),
+                Some(',') => {}
+                Some(_) => {
+                    return err(format!(
+                        "{flag} {value:?}: a quoted item must be followed by a comma or the end"
+                    ))
+                }
+            }
+        } else {
+            loop {
+                match chars.next() {
+                    None => {
+                        items.push(item);
+                        return Ok(items);
+                    }
+                    Some(',') => break,
+                    Some('"') => {
+                        return err(format!(
+                            "{flag} {value:?}: a quote may only open an item (quote a whole item that holds a comma)"
+                        ))
+                    }
+                    Some(c) => item.push(c),
+                }
+            }
+            items.push(item);
+        }
+    }
+}
+
+/// Every item of every occurrence of a list flag, in order.
+fn list(flag: &str, values: &[String]) -> Result<Vec<String>, ConfigError> {
+    let mut items = Vec::new();
+    for value in values {
+        items.extend(split_list(flag, value)?);
+    }
+    Ok(items)
 }
 
 fn split_pair(text: &str, flag: &str, shape: &str) -> Result<(String, String), ConfigError> {
@@ -325,7 +397,11 @@ impl Config {
         }
 
         let mut renames = Vec::new();
-        for r in &flags.rename {
+        // Empty items are skipped, as upstream skips them: `--rename ''` renames nothing.
+        for r in list("--rename", &flags.rename)?
+            .iter()
+            .filter(|r| !r.is_empty())
+        {
             let (old, new) = split_pair(r, "--rename", "OLD=NEW")?;
             if !telemeter_common::labels::is_valid_metric_name(&new) {
                 return err(format!(
@@ -336,7 +412,7 @@ impl Config {
         }
 
         let mut labels = Vec::new();
-        for l in &flags.label {
+        for l in &list("--label", &flags.label)? {
             let (name, value) = split_pair(l, "--label", "NAME=VALUE")?;
             if !telemeter_common::labels::is_valid_label_name(&name) {
                 return err(format!("--label {l:?}: {name:?} is not a valid label name"));
@@ -344,14 +420,17 @@ impl Config {
             labels.push((name, value));
         }
 
-        for name in &flags.elide_label {
+        let elide_labels: Vec<String> = list("--elide-label", &flags.elide_label)?
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect();
+        for name in &elide_labels {
             if !telemeter_common::labels::is_valid_label_name(name) {
                 return err(format!("--elide-label {name:?} is not a valid label name"));
             }
         }
 
-        let anonymize_labels: Vec<String> = flags
-            .anonymize_labels
+        let anonymize_labels: Vec<String> = list("--anonymize-labels", &flags.anonymize_labels)?
             .iter()
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
@@ -383,7 +462,7 @@ impl Config {
             matches,
             renames,
             labels,
-            elide_labels: flags.elide_label,
+            elide_labels,
             anonymize_labels,
             anonymize_salt,
             limit_bytes: flags.limit_bytes,
@@ -528,6 +607,122 @@ mod tests {
         assert_eq!(c.renames, vec![("a".into(), "b".into())]);
         assert_eq!(c.labels, vec![("x".into(), "y=z".into())]);
         assert_eq!(c.listen, None);
+    }
+
+    #[test]
+    fn lists_split_like_upstream_csv() {
+        let split = |v: &str| split_list("--label", v);
+        assert_eq!(split("a=b,c=d").unwrap(), vec!["a=b", "c=d"]);
+        assert_eq!(split("a=b").unwrap(), vec!["a=b"]);
+        assert_eq!(split("").unwrap(), Vec::<String>::new());
+        assert_eq!(split("a,,b,").unwrap(), vec!["a", "", "b", ""]);
+        // Spaces are kept, as Go's CSV reader keeps them.
+        assert_eq!(split(" a , b").unwrap(), vec![" a ", " b"]);
+        // A quoted item holds commas; "" inside it is a quote.
+        assert_eq!(split(r#""site=a,b",x=y"#).unwrap(), vec!["site=a,b", "x=y"]);
+        assert_eq!(split(r#""q=say ""hi""""#).unwrap(), vec![r#"q=say "hi""#]);
+        assert_eq!(split(r#""""#).unwrap(), vec![""]);
+        for bad in [r#"a="b""#, r#""a"b"#, r#""open"#, r#"x,"open,y"#] {
+            let e = split(bad).unwrap_err();
+            assert!(e.0.starts_with("--label "), "{bad}: {e}");
+            assert!(!e.0.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn label_rename_and_anonymize_take_lists_as_repeated_flags() {
+        let listed = {
+            let mut args = BASE.to_vec();
+            args.extend_from_slice(&[
+                "--label",
+                "a=b,c=d",
+                "--label",
+                r#""e=f,g""#,
+                "--rename",
+                "x=y,ALERTS=alerts",
+                "--anonymize-labels",
+                "instance,pod",
+                "--anonymize-salt",
+                "s",
+                "--elide-label",
+                "p,q",
+            ]);
+            Config::from_flags(flags(&args)).unwrap()
+        };
+        let repeated = {
+            let mut args = BASE.to_vec();
+            args.extend_from_slice(&[
+                "--label",
+                "a=b",
+                "--label",
+                "c=d",
+                "--label",
+                "e=f,g",
+                "--rename",
+                "x=y",
+                "--rename",
+                "ALERTS=alerts",
+                "--anonymize-labels",
+                "instance",
+                "--anonymize-labels",
+                "pod",
+                "--anonymize-salt",
+                "s",
+                "--elide-label",
+                "p",
+                "--elide-label",
+                "q",
+            ]);
+            // The repeated form of an item with a comma still needs its quotes.
+            let at = args.iter().position(|a| *a == "e=f,g").unwrap();
+            args[at] = r#""e=f,g""#;
+            Config::from_flags(flags(&args)).unwrap()
+        };
+        for c in [&listed, &repeated] {
+            assert_eq!(
+                c.labels,
+                vec![
+                    ("a".into(), "b".into()),
+                    ("c".into(), "d".into()),
+                    ("e".into(), "f,g".into())
+                ]
+            );
+            assert_eq!(
+                c.renames,
+                vec![("x".into(), "y".into()), ("ALERTS".into(), "alerts".into())]
+            );
+            assert_eq!(c.anonymize_labels, vec!["instance", "pod"]);
+            assert_eq!(c.elide_labels, vec!["p", "q"]);
+        }
+        // `--rename ''` turns the default off.
+        let mut args = BASE.to_vec();
+        args.extend_from_slice(&["--rename", ""]);
+        assert!(Config::from_flags(flags(&args)).unwrap().renames.is_empty());
+        // A broken list names its flag.
+        let mut args = BASE.to_vec();
+        args.extend_from_slice(&["--label", "a=b,c"]);
+        let e = Config::from_flags(flags(&args)).unwrap_err();
+        assert!(e.0.contains("--label \"c\""), "{e}");
+        let mut args = BASE.to_vec();
+        args.extend_from_slice(&["--anonymize-labels", "a\"b", "--anonymize-salt", "s"]);
+        let e = Config::from_flags(flags(&args)).unwrap_err();
+        assert!(e.0.starts_with("--anonymize-labels"), "{e}");
+    }
+
+    #[test]
+    fn match_is_never_split_on_commas() {
+        let mut args = BASE.to_vec();
+        args.extend_from_slice(&["--match", r#"{__name__="up",job=~"a,b"}"#, "--match", "x,y"]);
+        let f = flags(&args);
+        assert_eq!(f.matches.len(), 2);
+        let e = Config::from_flags(f).unwrap_err();
+        // `x,y` is one (invalid) selector, not two.
+        assert!(e.0.starts_with("--match"), "{e}");
+        let mut args = BASE.to_vec();
+        args.extend_from_slice(&["--match", r#"{__name__="up",job=~"a,b"}"#]);
+        let c = Config::from_flags(flags(&args)).unwrap();
+        assert_eq!(c.matches.len(), 1);
+        assert_eq!(c.matches[0].source, r#"{__name__="up",job=~"a,b"}"#);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod config;
 pub mod metrics;
+pub mod prescan;
 pub mod push;
 pub mod run;
 pub mod scrape;

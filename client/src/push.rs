@@ -52,6 +52,17 @@ pub enum PushError {
         /// The first line of the reply.
         message: String,
     },
+    /// `/authorize` or `/upload` answered with a redirect, which is not followed.
+    Redirected {
+        /// `authorize` or `upload`.
+        what: &'static str,
+        /// The URL (without query).
+        url: String,
+        /// The status.
+        status: u16,
+        /// The `Location` header, quoted (see [`agent::location`]).
+        location: String,
+    },
     /// The compressed upload body is larger than `--limit-bytes`.
     TooLarge {
         /// The body size.
@@ -78,6 +89,15 @@ impl fmt::Display for PushError {
             PushError::Upload { status, message } => {
                 write!(f, "upload refused with status {status}: {message}")
             }
+            PushError::Redirected {
+                what,
+                url,
+                status,
+                location,
+            } => write!(
+                f,
+                "{what} at {url} answered {status} with Location {location}; redirects are not followed: give the final URL in --to (or --to-auth/--to-upload)"
+            ),
             PushError::TooLarge { size, limit } => write!(
                 f,
                 "refusing to send {size} bytes (compressed): over --limit-bytes ({limit} bytes); narrow --match or raise --limit-bytes"
@@ -229,7 +249,7 @@ impl Pusher {
         cache_file: Option<PathBuf>,
     ) -> Result<Pusher, AgentError> {
         let mut pusher = Pusher {
-            agent: agent::build(ca_file, timeout)?,
+            agent: agent::build(ca_file, timeout, agent::Redirects::Refuse)?,
             authorize_url: authorize_url.to_string(),
             upload_url: upload_url.to_string(),
             id: id.to_string(),
@@ -346,6 +366,14 @@ impl Pusher {
                 message: e.to_string(),
             })?;
         let status = response.status().as_u16();
+        if (300..400).contains(&status) {
+            return Err(PushError::Redirected {
+                what: "authorize",
+                url: self.authorize_url.clone(),
+                status,
+                location: agent::location(response.headers()),
+            });
+        }
         let limit = if status == 200 || status == 201 {
             MAX_AUTHORIZE_REPLY
         } else {
@@ -432,6 +460,14 @@ impl Pusher {
             .send(&body[..])
             .map_err(transport)?;
         let status = response.status().as_u16();
+        if (300..400).contains(&status) {
+            return Err(PushError::Redirected {
+                what: "upload",
+                url: self.upload_url.clone(),
+                status,
+                location: agent::location(response.headers()),
+            });
+        }
         let retry_after = response
             .headers()
             .get("retry-after")

@@ -4,8 +4,9 @@
 use crate::agent::AgentError;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::prescan;
 use crate::push::{PushError, Pushed, Pusher};
-use crate::scrape::{ScrapeError, Scraper};
+use crate::scrape::{ReplyLimits, ScrapeError, Scraper};
 use crate::transform::{Filtered, Pipeline};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::fmt;
@@ -165,13 +166,15 @@ const fn libc_sighup() -> i32 {
 impl Client {
     /// Builds the scraper and the pusher from `config`.
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Client, AgentError> {
+        let transform =
+            prescan::Transform::of(&config.labels, &config.id, config.anonymize_labels.len());
         let scraper = Scraper::new(
             &config.from,
             &config.matches,
             config.from_token.clone(),
             config.from_ca_file.as_deref(),
             config.timeout,
-            config.limit_bytes,
+            ReplyLimits::new(config.limit_bytes, transform),
         )?;
         let pusher = Pusher::new(
             &config.authorize_url,

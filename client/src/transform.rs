@@ -173,7 +173,8 @@ pub fn sort_by_timestamp(families: &mut [MetricFamily]) {
     }
 }
 
-/// Replaces the values of the labels in `names` with their salted hash (upstream's algorithm).
+/// Replaces the values of the labels in `names` with their salted hash (upstream's algorithm);
+/// empty values, which mean the label is absent, stay empty as upstream leaves them.
 pub fn anonymize(families: &mut [MetricFamily], salt: &str, names: &[String]) {
     if names.is_empty() {
         return;
@@ -340,6 +341,16 @@ mod tests {
         anonymize(&mut f, "a-unique-value", &["instance".into()]);
         assert_eq!(f[0].metric[0].label_value("instance"), Some("pzMPIS6aBuSI"));
         assert_eq!(f[0].metric[0].label_value("job"), Some("j"));
+    }
+
+    #[test]
+    fn anonymize_leaves_the_empty_instance_of_alerts_alone() {
+        let mut f = vec![family(
+            "ALERTS",
+            vec![gauge(&[("alertname", "A"), ("instance", "")], None)],
+        )];
+        anonymize(&mut f, "a-unique-value", &["instance".into()]);
+        assert_eq!(f[0].metric[0].label_value("instance"), Some(""));
     }
 
     #[test]

@@ -166,6 +166,55 @@ fn plain_metrics_url_is_selected_stamped_and_renamed() {
 }
 
 #[test]
+fn comma_lists_work_like_repeated_flags_and_empty_values_stay_unhashed() {
+    let receiver = Receiver::start(Behaviour {
+        metrics_body: concat!(
+            "# TYPE source_up gauge\n",
+            "source_up{instance=\"host-1:9100\",job=\"node\"} 1\n",
+            // What Prometheus's /federate writes for an alert: instance="" because it has none.
+            "# TYPE ALERTS gauge\n",
+            "ALERTS{alertname=\"Down\",instance=\"\"} 1\n",
+        )
+        .to_string(),
+        ..Behaviour::default()
+    });
+    let from = format!("{}/metrics", receiver.url);
+    let mut args = once_args(&receiver, &from);
+    args.extend_from_slice(&[
+        "--label",
+        "site=lab,env=prod",
+        "--rename",
+        "source_up=su,ALERTS=alerts_renamed",
+        "--anonymize-labels",
+        "instance,job",
+        "--anonymize-salt",
+        "s1",
+    ]);
+    let out = run_client(&args, WAIT);
+    assert!(out.status.success(), "client failed: {}", stderr_of(&out));
+    let families = receiver.seen("/upload")[0].families();
+    assert_eq!(
+        names(&families),
+        BTreeSet::from(["su".to_string(), "alerts_renamed".to_string()])
+    );
+    for family in &families {
+        let labels = label_map(&family.metric[0]);
+        assert_eq!(labels.get("site").map(String::as_str), Some("lab"));
+        assert_eq!(labels.get("env").map(String::as_str), Some("prod"));
+        if family.name.as_deref() == Some("su") {
+            assert_eq!(
+                labels.get("instance"),
+                Some(&anonymize("s1", "host-1:9100"))
+            );
+            assert_eq!(labels.get("job"), Some(&anonymize("s1", "node")));
+        } else {
+            assert_eq!(labels.get("instance").map(String::as_str), Some(""));
+            assert_eq!(labels.get("alertname").map(String::as_str), Some("Down"));
+        }
+    }
+}
+
+#[test]
 fn once_fails_with_one_line_when_server_is_down() {
     let source = Receiver::start(Behaviour::default());
     let from = format!("{}/metrics", source.url);

@@ -18,6 +18,11 @@ pub fn anonymize(salt: &str, value: &str) -> String {
 }
 
 /// Replaces the value of each label named in `label_names`, in every series of `families`.
+///
+/// Empty values stay empty, as upstream leaves them: an empty value means "no such label", and
+/// Prometheus's `/federate` writes `instance=""` on purpose on series that have no instance (rule
+/// and alert results), so that the federating Prometheus adds none. Its hash would invent an
+/// `instance` on every alert.
 pub fn anonymize_labels(families: &mut [MetricFamily], salt: &str, label_names: &[String]) {
     if label_names.is_empty() {
         return;
@@ -32,7 +37,7 @@ pub fn anonymize_labels(families: &mut [MetricFamily], salt: &str, label_names: 
                 if !named {
                     continue;
                 }
-                if let Some(value) = pair.value.as_mut() {
+                if let Some(value) = pair.value.as_mut().filter(|v| !v.is_empty()) {
                     *value = anonymize(salt, value);
                 }
             }
@@ -138,6 +143,28 @@ mod tests {
         assert_eq!(families, before);
         anonymize_labels(&mut families, "s", &["job".to_string()]);
         assert_eq!(families, before);
+    }
+
+    #[test]
+    fn empty_values_stay_empty_as_upstream() {
+        // What Prometheus's /federate sends for an alert: instance="" because it has none.
+        let mut families = vec![family(
+            "ALERTS",
+            vec![
+                vec![pair("alertname", "Down"), pair("instance", "")],
+                vec![pair("alertname", "Up"), pair("instance", "h:9100")],
+            ],
+        )];
+        anonymize_labels(&mut families, "s", &["instance".to_string()]);
+        assert_eq!(families[0].metric[0].label_value("instance"), Some(""));
+        assert_eq!(
+            families[0].metric[1]
+                .label_value("instance")
+                .map(str::to_string),
+            Some(anonymize("s", "h:9100"))
+        );
+        // The hash of an empty value is a real value, which is why it must not be used.
+        assert_eq!(anonymize("s", "").len(), 12);
     }
 
     #[test]
