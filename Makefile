@@ -5,7 +5,8 @@
 #                        targets below that need it run it first
 #   make check           what CI runs: fmt, clippy -D warnings, every unit and end-to-end test
 #   make test-integration  the two-server + client + real Prometheus scenario (tests/integration.sh)
-#   make test-reliability  crash safety, hostile input, slow clients, full disk, gossip fuzzing
+#   make test-reliability  crash safety, hostile input, slow clients, full disk, gossip fuzzing,
+#                        and the memory bound (make test-memory)
 #   make demo            the same system, left running in the foreground (Ctrl-C stops it)
 #   make static          static x86_64-unknown-linux-musl release binaries in target/static/
 #   make fixtures        regenerate tests/fixtures/ from a real Prometheus
@@ -14,7 +15,7 @@ CARGO ?= cargo
 MUSL_TARGET := x86_64-unknown-linux-musl
 BINARIES := telemeter-server telemeter-client
 
-.PHONY: all build setup check fmt-check clippy test test-integration test-reliability demo static fixtures clean
+.PHONY: all build setup check fmt-check clippy test test-integration test-reliability test-memory demo static fixtures clean
 
 all: build
 
@@ -44,10 +45,18 @@ RELIABILITY_TESTS := --test crash --test hostile --test disk_full --test fuzz --
 
 # The servers' own log lines (`[server] ...`) are left out of the output; the tests' findings stay.
 test-reliability: SHELL := /bin/bash
-test-reliability: setup
+test-reliability: setup test-memory
 	$(CARGO) build -p telemeter-server --bins
 	set -o pipefail; CRASH_CLUSTER_ROUNDS=20 $(CARGO) test -p telemeter-server $(RELIABILITY_TESTS) \
 	  -- --include-ignored --nocapture --test-threads 1 2>&1 | grep -v '^\[server\]'
+
+# The memory bound the README states: 64 concurrent worst-case uploads of each kind, against the
+# release binary (a debug build takes minutes to decode them; memory is the same), peak RSS per kind.
+test-memory: SHELL := /bin/bash
+test-memory: setup build
+	set -o pipefail; TELEMETER_SERVER_BIN=$(CURDIR)/target/release/telemeter-server \
+	  $(CARGO) test -p telemeter-server --test memory -- --include-ignored --nocapture 2>&1 \
+	  | grep -v '^\[server\]'
 
 test-integration: setup build
 	./tests/integration-port-in-use.sh

@@ -289,7 +289,7 @@ pub struct Config {
 
 impl Default for Config {
     /// 1,024 connections (256 per peer), 2× cores workers (at least 4), 10 s head, 30 s body,
-    /// 60 s idle, 30 s write, 16 KiB head, 256 MiB of bodies in flight (64 MiB per peer), no TLS.
+    /// 60 s idle, 30 s write, 16 KiB head, 128 MiB of bodies in flight (64 MiB per peer), no TLS.
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Config {
@@ -302,7 +302,9 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(30),
             max_header_bytes: 16 << 10,
-            max_body_bytes_in_flight: 256 << 20,
+            // Half of the server's memory bound (README, "Memory"): the other half is what
+            // uploads hold past the front.
+            max_body_bytes_in_flight: 128 << 20,
             max_body_bytes_per_peer: 64 << 20,
             tls: None,
         }

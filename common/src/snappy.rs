@@ -46,14 +46,13 @@ pub fn encode_framed(data: &[u8]) -> Vec<u8> {
     }
 }
 
-/// Reads at most `limit` bytes from `reader`, growing the buffer no further than `limit` either.
+/// Reads at most `limit` bytes from `reader` into `out`, growing it no further than `limit` either.
 /// Returns `TooLarge` as soon as one byte more than `limit` is available.
-fn read_capped(mut reader: impl Read, limit: usize) -> Result<Vec<u8>, SnappyError> {
-    let mut out = Vec::new();
+fn read_capped(mut reader: impl Read, limit: usize, out: &mut Vec<u8>) -> Result<(), SnappyError> {
     let mut chunk = [0u8; 16 * 1024];
     loop {
         let n = match reader.read(&mut chunk) {
-            Ok(0) => return Ok(out),
+            Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(SnappyError::Corrupt(e.to_string())),
@@ -76,13 +75,65 @@ fn read_capped(mut reader: impl Read, limit: usize) -> Result<Vec<u8>, SnappyErr
     }
 }
 
+/// The length a snappy framed body decompresses to, read from its chunk headers and the blocks'
+/// length preambles without decompressing anything; `TooLarge` past `max_decompressed`. A body
+/// whose chunks lie about their lengths is caught by [`decode_framed`], which never writes past
+/// this length.
+pub fn framed_len(body: &[u8], max_decompressed: usize) -> Result<usize, SnappyError> {
+    let corrupt = |why: &str| SnappyError::Corrupt(why.to_string());
+    let mut total = 0usize;
+    let mut rest = body;
+    while !rest.is_empty() {
+        let (kind, len) = match rest {
+            [kind, a, b, c, ..] => (
+                *kind,
+                usize::from(*a) | usize::from(*b) << 8 | usize::from(*c) << 16,
+            ),
+            _ => return Err(corrupt("truncated chunk header")),
+        };
+        let chunk = rest
+            .get(4..4 + len)
+            .ok_or_else(|| corrupt("truncated chunk"))?;
+        let data = match kind {
+            // Compressed data and uncompressed data: a 4-byte checksum, then the data.
+            0x00 => {
+                snap::raw::decompress_len(chunk.get(4..).ok_or_else(|| corrupt("short chunk"))?)
+                    .map_err(|e| SnappyError::Corrupt(e.to_string()))?
+            }
+            0x01 => len.checked_sub(4).ok_or_else(|| corrupt("short chunk"))?,
+            // The stream identifier, padding and skippable chunks hold no data.
+            0x80..=0xff => 0,
+            _ => return Err(corrupt("reserved unskippable chunk")),
+        };
+        total = total.saturating_add(data);
+        if total > max_decompressed {
+            return Err(SnappyError::TooLarge {
+                limit: max_decompressed,
+            });
+        }
+        rest = rest.get(4 + len..).unwrap_or_default();
+    }
+    Ok(total)
+}
+
 /// Decompresses a snappy framed body, failing as soon as the output would pass `max_decompressed`.
+/// The output is allocated once, at the length the chunk headers declare (see [`framed_len`]).
 pub fn decode_framed(body: &[u8], max_decompressed: usize) -> Result<Vec<u8>, SnappyError> {
+    let declared = framed_len(body, max_decompressed)?;
     let decoder = snap::read::FrameDecoder::new(body);
-    // `take` stops the decoder right after the first byte past the cap, so a bomb costs at most one
-    // frame of work beyond the limit.
-    let limited = decoder.take((max_decompressed as u64).saturating_add(1));
-    read_capped(limited, max_decompressed)
+    // `take` stops the decoder right after the first byte past the declared length, so a body
+    // whose chunks decode to more than they declare costs at most one frame of work beyond it.
+    let limited = decoder.take((declared as u64).saturating_add(1));
+    let mut out = Vec::with_capacity(declared);
+    read_capped(limited, declared, &mut out).map_err(|e| match e {
+        SnappyError::TooLarge { .. } => corrupt_len(),
+        other => other,
+    })?;
+    Ok(out)
+}
+
+fn corrupt_len() -> SnappyError {
+    SnappyError::Corrupt("chunks decompress to more than their headers declare".into())
 }
 
 /// Compresses `data` as one snappy block (remote write).
@@ -143,6 +194,30 @@ mod tests {
     }
 
     #[test]
+    fn framed_len_reads_the_length_from_the_headers_and_decode_allocates_it_once() {
+        for len in [0, 1, 100, 65_536, 65_537, 300_000] {
+            let encoded = encode_framed(&sample(len));
+            assert_eq!(framed_len(&encoded, len), Ok(len), "length {len}");
+            assert_eq!(decode_framed(&encoded, len).unwrap().capacity(), len);
+        }
+        let encoded = encode_framed(&sample(1000));
+        assert_eq!(
+            framed_len(&encoded, 999),
+            Err(SnappyError::TooLarge { limit: 999 })
+        );
+        // Cut anywhere but right after the 10-byte stream identifier (an empty stream).
+        for cut in (1..encoded.len()).filter(|&cut| cut != 10) {
+            assert!(
+                matches!(
+                    framed_len(&encoded[..cut], 1 << 20),
+                    Err(SnappyError::Corrupt(_))
+                ),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
     fn framed_exactly_at_cap_passes_one_over_fails() {
         let data = sample(10_000);
         let encoded = encode_framed(&data);
@@ -171,7 +246,8 @@ mod tests {
     #[test]
     fn read_capped_never_reserves_past_the_cap() {
         let data = vec![7u8; 100_000];
-        let out = read_capped(&data[..], 100_000).unwrap();
+        let mut out = Vec::new();
+        read_capped(&data[..], 100_000, &mut out).unwrap();
         assert_eq!(out, data);
         assert!(out.capacity() <= 100_000, "capacity {}", out.capacity());
     }

@@ -204,9 +204,9 @@ pub struct Flags {
 
     /// Worker threads running request handlers on each port (default: 256). Most of them wait for
     /// their upload's group commit to be durable, which costs a thread stack and nothing else:
-    /// decoding and validation run at most one per core whatever this is, and the payloads
-    /// waiting for the store are capped at 256 MiB in all, so memory is bounded by bodies in
-    /// flight + one decoded body per core + 256 MiB, not by this number.
+    /// decoding and validation run at most one per core whatever this is, and what uploads hold
+    /// past the HTTP front is reserved from 256 MiB in all, so memory is bounded by bodies in
+    /// flight (128 MiB) + 256 MiB, not by this number (README, "Memory").
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
 
@@ -221,7 +221,7 @@ pub struct Flags {
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub max_connections_per_peer: usize,
 
-    /// Most request-body bytes held in memory at once for one client address (of the 256 MiB all
+    /// Most request-body bytes held in memory at once for one client address (of the 128 MiB all
     /// bodies may hold); a body that would pass it is answered 503 with Retry-After. Bodies hold
     /// only what has arrived, so the default takes dozens of full-size uploads from one NAT at once.
     #[arg(long, default_value_t = 64 << 20, value_name = "BYTES")]

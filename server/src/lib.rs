@@ -9,6 +9,7 @@
 //! and [`server`] (wiring it all up).
 #![deny(missing_docs)]
 
+pub mod allocator;
 pub mod authorize;
 pub mod cluster;
 pub mod config;

@@ -10,6 +10,7 @@ use telemeter_server::{Flags, Server};
 fn main() -> ExitCode {
     // First, before any thread exists, so every thread inherits the blocked signal mask.
     let signals = signal::termination_channel();
+    telemeter_server::allocator::tune();
     let flags = match Flags::try_parse() {
         Ok(flags) => flags,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version

@@ -12,7 +12,10 @@
 
 use std::mem::size_of;
 
-use telemeter_common::model::{Bucket, LabelPair, Quantile};
+use telemeter_common::model::{Bucket, LabelPair, Metric, Quantile};
+
+/// The heap a short string costs beyond its bytes: glibc's smallest chunk is 32 bytes.
+const SMALL_STRING_BYTES: usize = 32;
 
 /// The repeated messages a body holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -30,11 +33,41 @@ pub struct Counts {
 impl Counts {
     /// Bytes of the structs decoding would allocate for labels, quantiles and buckets (strings
     /// aside, which are bounded by the body's size).
+    #[cfg(test)]
     pub fn element_bytes(&self) -> usize {
         self.labels
             .saturating_mul(size_of::<LabelPair>())
             .saturating_add(self.quantiles.saturating_mul(size_of::<Quantile>()))
             .saturating_add(self.buckets.saturating_mul(size_of::<Bucket>()))
+    }
+}
+
+impl Counts {
+    /// Bytes decoding would allocate at most, strings' own bytes aside (they are bounded by the
+    /// body's size): every element's struct twice (vectors grow by doubling), and a label's two
+    /// strings at the allocator's smallest chunk each.
+    pub fn decode_bytes(&self) -> usize {
+        let label = 2 * size_of::<LabelPair>() + 2 * SMALL_STRING_BYTES;
+        self.labels
+            .saturating_mul(label)
+            .saturating_add(self.series.saturating_mul(2 * size_of::<Metric>()))
+            .saturating_add(self.quantiles.saturating_mul(2 * size_of::<Quantile>()))
+            .saturating_add(self.buckets.saturating_mul(2 * size_of::<Bucket>()))
+    }
+}
+
+/// Upper bounds of what the text parser would build from `body`: no more series than lines, no
+/// more label pairs than `=` signs. One pass, no allocation.
+pub fn count_text(body: &[u8]) -> Counts {
+    let (mut lines, mut equals) = (1usize, 0usize);
+    for &byte in body {
+        lines += usize::from(byte == b'\n');
+        equals += usize::from(byte == b'=');
+    }
+    Counts {
+        series: lines,
+        labels: equals,
+        ..Counts::default()
     }
 }
 
@@ -117,8 +150,40 @@ fn each_message_field(message: &[u8], mut on_field: impl FnMut(u64, &[u8])) {
                 on_field(field, bytes);
                 after.get(bytes.len()..).unwrap_or_default()
             }
-            // Groups (3, 4) and unknown wire types: the decoder refuses them.
+            // prost skips a group of an unknown field and goes on decoding what follows it, so
+            // the scan must too: stopping here let millions of labels after one group go
+            // uncounted.
+            3 => match skip_group(after, field, 0) {
+                Some(after) => after,
+                None => return,
+            },
+            // An end-group without its start, and unknown wire types: the decoder refuses them.
             _ => return,
+        };
+    }
+}
+
+/// prost's limit on nested messages and groups.
+const MAX_DEPTH: usize = 100;
+
+/// What follows the group of `field` that `buf` is inside of (just past its end-group tag).
+fn skip_group(mut buf: &[u8], field: u64, depth: usize) -> Option<&[u8]> {
+    if depth >= MAX_DEPTH {
+        return None;
+    }
+    loop {
+        let (tag, after) = varint(buf)?;
+        buf = match tag & 7 {
+            0 => varint(after)?.1,
+            1 => after.get(8..)?,
+            5 => after.get(4..)?,
+            2 => {
+                let (len, after) = varint(after)?;
+                after.get(usize::try_from(len).ok()?..)?
+            }
+            3 => skip_group(after, tag >> 3, depth + 1)?,
+            4 if tag >> 3 == field => return Some(after),
+            _ => return None,
         };
     }
 }
@@ -184,6 +249,37 @@ mod tests {
     }
 
     #[test]
+    fn text_counts_bound_what_the_parser_builds() {
+        let body = b"# HELP m help\n# TYPE m gauge\nm{a=\"1\",b=\"\"} 1\nm{a=\"2\"} 2\n";
+        let counts = count_text(body);
+        let parsed = telemeter_common::text::parse(body, &Default::default()).unwrap();
+        let labels: usize = parsed
+            .iter()
+            .flat_map(|f| &f.metric)
+            .map(|m| m.label.len())
+            .sum();
+        let series: usize = parsed.iter().map(|f| f.metric.len()).sum();
+        assert!(
+            counts.labels >= labels && counts.series >= series,
+            "{counts:?}"
+        );
+        assert_eq!((counts.labels, counts.series), (3, 5));
+    }
+
+    #[test]
+    fn decode_bytes_cover_the_structs_and_small_strings() {
+        let counts = Counts {
+            series: 1,
+            labels: 2,
+            quantiles: 0,
+            buckets: 0,
+        };
+        assert!(
+            counts.decode_bytes() >= 2 * size_of::<Metric>() + 4 * size_of::<LabelPair>() + 128
+        );
+    }
+
+    #[test]
     fn empty_series_are_counted_without_being_built() {
         let mut message = vec![0x0a, 1, b'm'];
         for _ in 0..1000 {
@@ -194,6 +290,38 @@ mod tests {
         body.extend_from_slice(&message);
         let counts = count(&body);
         assert_eq!(counts.series, 1000);
+    }
+
+    #[test]
+    fn labels_after_an_unknown_group_are_counted_as_prost_decodes_them() {
+        // A series: an unknown field 15 as a group (holding a varint and a nested group), then
+        // 200 labels. prost skips the group and decodes the labels.
+        let mut metric = vec![0x7b, 0x08, 0x01, 0x1b, 0x1c, 0x7c];
+        for _ in 0..200 {
+            metric.extend_from_slice(&[0x0a, 0x06, 0x0a, 0x01, b'a', 0x12, 0x01, b'b'][..]);
+        }
+        let mut family = vec![0x0a, 1, b'm', 0x22];
+        let mut len = Vec::new();
+        let mut n = metric.len();
+        while n >= 0x80 {
+            len.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        len.push(n as u8);
+        family.extend_from_slice(&len);
+        family.extend_from_slice(&metric);
+        let mut body = Vec::new();
+        let mut n = family.len();
+        while n >= 0x80 {
+            body.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        body.push(n as u8);
+        body.extend_from_slice(&family);
+        let families = delimited::decode(&body, &Default::default()).unwrap();
+        assert_eq!(families[0].metric[0].label.len(), 200);
+        let counts = count(&body);
+        assert_eq!((counts.series, counts.labels), (1, 200));
     }
 
     #[test]

@@ -30,10 +30,19 @@ use crate::ratelimit::{retry_after_secs, RateLimiter};
 use crate::route::{RouteError, Router};
 use crate::validate::{Rules, WireCheck};
 
-/// Decoding may spend this many bytes on label, quantile and bucket structs per byte of the
-/// decompressed cap. The smallest valid label pair is 7 bytes on the wire and 48 in memory, so
-/// no valid upload comes near it; runs of empty elements (24× or more) do.
-const DECODE_BYTES_PER_BODY_BYTE: usize = 8;
+/// Memory an upload reserves per byte of its decompressed body before it is decompressed: the
+/// body itself, the structs the owned path may decode it into, and the payload re-encoded from
+/// them. A label pair of one-character name and value is 9 bytes on the wire and up to 160 in
+/// memory (its slot in a vector that grows by doubling, and two heap strings of glibc's smallest
+/// chunk), so valid uploads stay within 20×; hostile ones (runs of empty elements) are refused by
+/// their counts before they are decoded.
+const RESERVED_BYTES_PER_BODY_BYTE: usize = 24;
+
+/// What every upload reserves besides its per-byte share: its small buffers and structs.
+const RESERVED_BYTES_PER_UPLOAD: usize = 64 << 10;
+
+/// What stamping the token's labels may add to one series of the re-encoded payload.
+const STAMP_BYTES_PER_SERIES: usize = 128;
 
 /// What a client hears when its upload could not be stored (503).
 const STORE_FAILED: &str = "the upload could not be stored now; retry later";
@@ -59,59 +68,122 @@ pub struct UploadHandler {
     router: Arc<dyn Router>,
     metrics: Metrics,
     cpu: Gate,
-    waiting_bytes: Gate,
+    memory: Gate,
 }
 
-/// Payload bytes that may wait for the store at once, over all uploads; more wait for room
-/// before they are handed over. With the cores gating decoding, this bounds what uploads hold in
-/// memory however many workers there are: bodies in flight (the HTTP front's own cap), plus one
-/// decoded body per core, plus this.
-pub const MAX_BYTES_WAITING_FOR_STORE: usize = 256 << 20;
+/// Bytes that uploads may hold at once past the HTTP front (their decompressed bodies, what they
+/// are decoded into, and their payloads until stored). Each upload reserves its share before it
+/// is decompressed, from the length its snappy frames declare, and keeps it until the store has
+/// answered: so however many workers there are, uploads hold at most this much besides their
+/// bodies as sent (the front's own cap). One upload larger than this still runs, alone.
+pub const MAX_UPLOAD_MEMORY_BYTES: usize = 256 << 20;
 
 /// A weighted counting semaphore. Many workers wait for the store at once, but only as many decode
-/// and validate at once as there are cores (one unit each), so a burst of uploads neither
-/// oversubscribes the CPU nor holds more decoded bodies than that; and their payloads waiting for
-/// the store are capped in bytes.
+/// and validate at once as there are cores (one unit each), so a burst of uploads does not
+/// oversubscribe the CPU; and the memory they hold is reserved from one in bytes
+/// ([`MAX_UPLOAD_MEMORY_BYTES`]) before it is taken.
+///
+/// Waiters are served first come, first served: without that, a large reservation (which needs
+/// most of the gate free at once) would wait for ever behind a steady stream of small ones.
 struct Gate {
     total: usize,
-    free: Mutex<usize>,
+    state: Mutex<GateState>,
     freed: Condvar,
+}
+
+/// The units free, and the tickets that order the waiters.
+struct GateState {
+    free: usize,
+    /// The ticket the next waiter takes.
+    next: u64,
+    /// The ticket whose holder may enter next.
+    serving: u64,
 }
 
 /// Units held from a [`Gate`], given back on drop.
 struct Permit<'a>(&'a Gate, usize);
+
+impl Permit<'_> {
+    /// The units held.
+    fn units(&self) -> usize {
+        self.1
+    }
+
+    /// Gives back what is held beyond `units` (never takes more).
+    fn shrink_to(&mut self, units: usize) {
+        let units = units.clamp(1, self.1);
+        let freed = self.1 - units;
+        if freed > 0 {
+            self.1 = units;
+            self.0.give_back(freed);
+        }
+    }
+}
 
 impl Gate {
     fn new(total: usize) -> Gate {
         let total = total.max(1);
         Gate {
             total,
-            free: Mutex::new(total),
+            state: Mutex::new(GateState {
+                free: total,
+                next: 0,
+                serving: 0,
+            }),
             freed: Condvar::new(),
         }
     }
 
-    /// Waits for `units` (at most the whole gate). The holders only run work that ends (CPU work,
-    /// or a store commit, which answers or fails), so the wait is bounded.
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for `units` (at most the whole gate), after every earlier waiter. The holders only
+    /// run work that ends (CPU work, or a store commit, which answers or fails), so the wait is
+    /// bounded.
     fn enter(&self, units: usize) -> Permit<'_> {
         let units = units.clamp(1, self.total);
-        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        while *free < units {
-            free = self
+        let mut state = self.state();
+        let ticket = state.next;
+        state.next += 1;
+        while state.serving != ticket || state.free < units {
+            state = self
                 .freed
-                .wait(free)
+                .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
         }
-        *free -= units;
+        state.free -= units;
+        state.serving += 1;
+        drop(state);
+        // The next in line may fit too.
+        self.freed.notify_all();
         Permit(self, units)
     }
 }
 
+impl Gate {
+    fn give_back(&self, units: usize) {
+        let idle = {
+            let mut state = self.state();
+            state.free += units;
+            state.free == self.total
+        };
+        // Waiters want different amounts: let each see whether it fits now.
+        self.freed.notify_all();
+        if idle && units >= TRIM_AFTER_BYTES && self.total > TRIM_AFTER_BYTES {
+            // A large upload has just let go of its memory and nothing else holds any: hand the
+            // freed pages back to the system rather than keep the peak for good.
+            crate::allocator::trim();
+        }
+    }
+}
+
+/// A reservation at least this large, given back to an idle memory gate, trims the heap.
+const TRIM_AFTER_BYTES: usize = 8 << 20;
+
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        *self.0.free.lock().unwrap_or_else(PoisonError::into_inner) += self.1;
-        // Waiters want different amounts: let each see whether it fits now.
-        self.0.freed.notify_all();
+        self.0.give_back(self.1);
     }
 }
 
@@ -191,7 +263,7 @@ impl UploadHandler {
             router,
             metrics,
             cpu: Gate::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
-            waiting_bytes: Gate::new(MAX_BYTES_WAITING_FOR_STORE),
+            memory: Gate::new(MAX_UPLOAD_MEMORY_BYTES),
         }
     }
 
@@ -294,9 +366,15 @@ impl UploadHandler {
 
         let mut token_labels: BTreeMap<String, String> = claims.labels;
         token_labels.insert(self.partition_label.clone(), cluster_id.clone());
+        let decompressed = self.decompressed_len(request)?;
+        let mut memory = self.memory.enter(
+            decompressed
+                .saturating_mul(RESERVED_BYTES_PER_BODY_BYTE)
+                .saturating_add(RESERVED_BYTES_PER_UPLOAD),
+        );
         let prepared = {
             let _cpu = self.cpu.enter(1);
-            self.prepare(request, &token_labels, now)
+            self.prepare(request, &token_labels, now, memory.units())
         }
         .inspect_err(|refusal| {
             info!(
@@ -314,7 +392,8 @@ impl UploadHandler {
             .limiter
             .try_acquire(&cluster_id, Instant::now())
             .map_err(Refusal::rate_limited)?;
-        let _room = self.waiting_bytes.enter(payload.len());
+        // Only the payload is held from here until the store answers.
+        memory.shrink_to(payload.len());
         let started = Instant::now();
         let stored = self.router.route(&cluster_id, payload, now);
         self.metrics
@@ -341,14 +420,29 @@ impl UploadHandler {
         Ok(Accepted::Stored)
     }
 
-    /// The CPU part of an upload: decompress, decode, validate, stamp, encode what is stored.
+    /// The length the body decompresses to, from its snappy frames' headers (its own length when
+    /// it is not compressed); 413 past the cap, before anything is decompressed.
+    fn decompressed_len(&self, request: &Request) -> Result<usize, Refusal> {
+        let max = self.limits.max_decompressed_bytes;
+        let snappy = request
+            .header("Content-Encoding")
+            .is_some_and(|e| e.trim().eq_ignore_ascii_case("snappy"));
+        if !snappy {
+            return Ok(request.body.len());
+        }
+        snappy::framed_len(&request.body, max).map_err(|e| snappy_refusal(e, max))
+    }
+
+    /// The CPU part of an upload: decompress, decode, validate, stamp, encode what is stored,
+    /// within `memory` bytes (what the upload reserved).
     fn prepare(
         &self,
         request: &Request,
         token_labels: &BTreeMap<String, String>,
         now: SystemTime,
+        memory: usize,
     ) -> Result<Prepared, Refusal> {
-        let families = match self.decode(request, token_labels, now)? {
+        let families = match self.decode(request, token_labels, now, memory)? {
             Decoded::Families(families) => families,
             Decoded::Unchanged { body, series } => {
                 return Ok(Prepared {
@@ -382,6 +476,7 @@ impl UploadHandler {
         request: &Request,
         token_labels: &BTreeMap<String, String>,
         now: SystemTime,
+        memory: usize,
     ) -> Result<Decoded, Refusal> {
         let limits = &self.limits;
         if request.body.len() > limits.max_upload_bytes {
@@ -406,20 +501,8 @@ impl UploadHandler {
         {
             None | Some("") | Some("identity") => None,
             Some("snappy") => Some(
-                snappy::decode_framed(&request.body, limits.max_decompressed_bytes).map_err(
-                    |e| match e {
-                        SnappyError::TooLarge { .. } => Refusal::new(
-                            413,
-                            format!(
-                                "decompressed body is larger than {} bytes",
-                                limits.max_decompressed_bytes
-                            ),
-                        ),
-                        SnappyError::Corrupt(_) => {
-                            Refusal::new(400, format!("invalid snappy body: {e}"))
-                        }
-                    },
-                )?,
+                snappy::decode_framed(&request.body, limits.max_decompressed_bytes)
+                    .map_err(|e| snappy_refusal(e, limits.max_decompressed_bytes))?,
             ),
             Some(other) => {
                 return Err(Refusal::new(
@@ -446,9 +529,15 @@ impl UploadHandler {
                     max_families: limits.max_series,
                     max_series: limits.max_series,
                 };
-                let budget = limits
-                    .max_decompressed_bytes
-                    .saturating_mul(DECODE_BYTES_PER_BODY_BYTE);
+                // What the owned path may spend on structs: the reservation less the body and
+                // the payload it re-encodes.
+                let budget = |series: usize| {
+                    memory.saturating_sub(
+                        body.len()
+                            .saturating_mul(2)
+                            .saturating_add(series.saturating_mul(STAMP_BYTES_PER_SERIES)),
+                    )
+                };
                 // The fast path counts what the pre-decode scan below counts, so the same caps
                 // hold without that scan.
                 if let WireCheck::Unchanged {
@@ -459,7 +548,7 @@ impl UploadHandler {
                     .rules
                     .check_wire(body, &decode_limits, token_labels, now)
                 {
-                    if element_bytes <= budget {
+                    if element_bytes <= budget(series) {
                         // A decompressed body is stored as it is, not copied again.
                         let body = decompressed.unwrap_or_else(|| request.body.clone());
                         return Ok(Decoded::Unchanged { body, series });
@@ -477,11 +566,13 @@ impl UploadHandler {
                         ),
                     ));
                 }
-                if counts.element_bytes() > budget {
+                let budget = budget(counts.series);
+                if counts.decode_bytes() > budget {
                     return Err(Refusal::new(
                         413,
                         format!(
-                            "invalid protobuf body: {} labels, quantiles and buckets would take more than {budget} bytes to decode",
+                            "invalid protobuf body: {} series with {} labels, quantiles and buckets would take more than {budget} bytes to decode",
+                            counts.series,
                             counts.labels + counts.quantiles + counts.buckets
                         ),
                     ));
@@ -500,6 +591,21 @@ impl UploadHandler {
                     })
             }
             Format::Text => {
+                let counts = prescan::count_text(body);
+                let budget = memory.saturating_sub(
+                    body.len()
+                        .saturating_mul(2)
+                        .saturating_add(counts.series.saturating_mul(STAMP_BYTES_PER_SERIES)),
+                );
+                if counts.decode_bytes() > budget {
+                    return Err(Refusal::new(
+                        413,
+                        format!(
+                            "invalid text body: up to {} series with {} labels would take more than {budget} bytes to decode",
+                            counts.series, counts.labels
+                        ),
+                    ));
+                }
                 let text_limits = text::Limits {
                     max_families: limits.max_series,
                     max_series: limits.max_series,
@@ -510,6 +616,72 @@ impl UploadHandler {
                     .map_err(|e| Refusal::new(400, format!("invalid text body: {e}")))
             }
         }
+    }
+}
+
+/// The refusal for a snappy body that could not be decompressed within `max` bytes.
+fn snappy_refusal(e: SnappyError, max: usize) -> Refusal {
+    match e {
+        SnappyError::TooLarge { .. } => {
+            Refusal::new(413, format!("decompressed body is larger than {max} bytes"))
+        }
+        SnappyError::Corrupt(_) => Refusal::new(400, format!("invalid snappy body: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    #[test]
+    fn a_large_reservation_is_not_starved_by_a_stream_of_small_ones() {
+        let gate = Arc::new(Gate::new(100));
+        let small = gate.enter(10);
+        let entered = Arc::new(AtomicBool::new(false));
+        let big = {
+            let (gate, entered) = (gate.clone(), entered.clone());
+            std::thread::spawn(move || {
+                let _all = gate.enter(100);
+                entered.store(true, Ordering::SeqCst);
+            })
+        };
+        // Wait (bounded) until the big one holds its ticket, then keep taking small units: they
+        // queue behind it instead of overtaking it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gate.state().next < 2 {
+            assert!(Instant::now() < deadline, "the big waiter never queued");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let late = {
+            let gate = gate.clone();
+            std::thread::spawn(move || drop(gate.enter(10)))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !entered.load(Ordering::SeqCst),
+            "entered while 10 units were held"
+        );
+        drop(small);
+        big.join().unwrap();
+        late.join().unwrap();
+        assert!(entered.load(Ordering::SeqCst));
+        assert_eq!(gate.state().free, 100);
+    }
+
+    #[test]
+    fn shrinking_a_permit_gives_back_the_rest() {
+        let gate = Gate::new(100);
+        let mut permit = gate.enter(80);
+        permit.shrink_to(30);
+        assert_eq!((permit.units(), gate.state().free), (30, 70));
+        permit.shrink_to(50); // never grows
+        assert_eq!(permit.units(), 30);
+        drop(permit);
+        assert_eq!(gate.state().free, 100);
+        // A reservation over the whole gate takes the whole gate, and still runs.
+        assert_eq!(gate.enter(1000).units(), 100);
     }
 }
 
@@ -716,7 +888,7 @@ mod tests {
     fn the_gate_hands_out_at_most_its_units_and_takes_them_back() {
         let gate = Gate::new(10);
         let big = gate.enter(1_000);
-        assert_eq!((big.1, *gate.free.lock().unwrap()), (10, 0));
+        assert_eq!((big.1, gate.state().free), (10, 0));
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::scope(|scope| {
             scope.spawn(|| {
@@ -728,7 +900,7 @@ mod tests {
             drop(big);
             assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 3);
         });
-        assert_eq!(*gate.free.lock().unwrap(), 10);
+        assert_eq!(gate.state().free, 10);
     }
 
     #[test]
