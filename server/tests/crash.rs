@@ -277,6 +277,8 @@ fn sigkill_during_an_upload_storm_loses_nothing_acknowledged() {
             .unwrap()
             .iter()
             .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            // The tokens file's `*` entry is warned about at every start, by design.
+            .filter(|l| !l.contains("may push for ANY cluster id"))
             .cloned()
             .collect();
         assert!(
