@@ -1806,14 +1806,17 @@ mod tests {
         for timestamps in [false, true] {
             for (o, v) in owned.iter().zip(&views) {
                 let (mut want, mut got) = (Vec::new(), Vec::new());
-                let w = crate::text::write_family(&mut want, o, timestamps);
-                let g = crate::text::write_family_view(&mut got, v, timestamps);
+                let (mut want_skipped, mut got_skipped) = Default::default();
+                let w =
+                    crate::text::write_family_counted(&mut want, o, timestamps, &mut want_skipped);
+                let g = crate::text::write_family_view(&mut got, v, timestamps, &mut got_skipped);
                 assert_eq!(
                     w.map_err(|e| e.kind()),
                     g.map_err(|e| e.kind()),
                     "{:?}",
                     o.name
                 );
+                assert_eq!(want_skipped, got_skipped, "{:?}", o.name);
                 assert_eq!(
                     String::from_utf8_lossy(&got),
                     String::from_utf8_lossy(&want)
@@ -1841,7 +1844,7 @@ mod tests {
         assert_same_text(&body);
         let family = families(&body, &unlimited()).next().unwrap().unwrap();
         let mut text = Vec::new();
-        crate::text::write_family_view(&mut text, &family, false).unwrap();
+        crate::text::write_family_view(&mut text, &family, false, &mut Default::default()).unwrap();
         assert_eq!(
             String::from_utf8(text).unwrap(),
             "# TYPE g gauge\ng{a=\"x\\\"\\\\\\n\"} 2.5\n"
@@ -1856,7 +1859,13 @@ mod tests {
         ]
         .concat()]);
         let family = families(&bad, &unlimited()).next().unwrap().unwrap();
-        let err = crate::text::write_family_view(&mut Vec::new(), &family, false).unwrap_err();
+        let err = crate::text::write_family_view(
+            &mut Vec::new(),
+            &family,
+            false,
+            &mut Default::default(),
+        )
+        .unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
     }
 
