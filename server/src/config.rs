@@ -340,6 +340,15 @@ impl Flags {
         }
         let labels = parse_label_pairs("--label", &self.labels)?;
         let required_labels = parse_label_pairs("--required-label", &self.required_labels)?;
+        // Every series carries these: one /federate could not serve would refuse every upload.
+        let added = std::iter::once(("--partition-label", &self.partition_label))
+            .chain(labels.iter().map(|(name, _)| ("--label", name)))
+            .chain(required_labels.iter().map(|(name, _)| ("--required-label", name)));
+        for (flag, name) in added {
+            if let Some(reason) = crate::validate::server_label_problem(name) {
+                return Err(ConfigError::Invalid { flag, reason });
+            }
+        }
         for (name, _) in labels.iter().chain(&required_labels) {
             if *name == self.partition_label {
                 return Err(ConfigError::Invalid {
@@ -758,6 +767,22 @@ mod tests {
             args.extend(bad);
             let err = flags(&args).into_config().unwrap_err();
             assert!(err.to_string().contains("--remote-write"), "{err}");
+        }
+    }
+
+    #[test]
+    fn labels_the_server_adds_must_be_servable() {
+        for (flag, value) in [
+            ("--label", "le=x"),
+            ("--label", "__name__=x"),
+            ("--required-label", "quantile=x"),
+            ("--partition-label", "__id"),
+            ("--partition-label", "le"),
+        ] {
+            let err = flags(&["--insecure-accept-any-token", flag, value])
+                .into_config()
+                .unwrap_err();
+            assert!(err.to_string().contains(flag), "{err}");
         }
     }
 
