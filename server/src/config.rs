@@ -343,7 +343,11 @@ impl Flags {
         // Every series carries these: one /federate could not serve would refuse every upload.
         let added = std::iter::once(("--partition-label", &self.partition_label))
             .chain(labels.iter().map(|(name, _)| ("--label", name)))
-            .chain(required_labels.iter().map(|(name, _)| ("--required-label", name)));
+            .chain(
+                required_labels
+                    .iter()
+                    .map(|(name, _)| ("--required-label", name)),
+            );
         for (flag, name) in added {
             if let Some(reason) = crate::validate::server_label_problem(name) {
                 return Err(ConfigError::Invalid { flag, reason });
