@@ -99,7 +99,9 @@ pub struct Flags {
     #[arg(long, default_value = "4m30s", value_name = "DURATION")]
     pub ratelimit: String,
 
-    /// A cluster not pushed for this long is no longer served on /federate and its file is removed.
+    /// A cluster is served on /federate only while the newest sample timestamp of its last
+    /// upload is younger than this (Prometheus duration), however recently the upload arrived;
+    /// then its file is removed. As upstream: samples older than now minus the TTL are dropped.
     #[arg(long, default_value = "10m", value_name = "DURATION")]
     pub ttl: String,
 
