@@ -784,15 +784,16 @@ impl<'a> SeenNames<'a> {
     }
 }
 
-/// Why `metric` cannot be written in a family of `metric_type`, if it cannot; checked in the
-/// order [`write_family_view`] finds the same problems, so both count them alike.
-fn series_problem(metric: &Metric, metric_type: MetricType) -> Option<SkipReason> {
-    if !has_value_for(metric, metric_type) {
-        return Some(SkipReason::NoValue);
-    }
+/// Why a series whose label names are `names` (in order) cannot be served in a family of
+/// `metric_type`, in text or protobuf, if it cannot: an invalid, reserved or repeated name
+/// ([`SkipReason::LabelName`], [`SkipReason::ReservedLabel`], [`SkipReason::TypeLabel`],
+/// [`SkipReason::DuplicateLabel`]). The first problem in label order is reported.
+pub fn unservable_labels<'a>(
+    metric_type: MetricType,
+    names: impl IntoIterator<Item = &'a [u8]>,
+) -> Option<SkipReason> {
     let mut seen = SeenNames::new();
-    for label in &metric.label {
-        let name = label.name.as_deref().unwrap_or("").as_bytes();
+    for name in names {
         if let Some(problem) = label_problem(metric_type, name) {
             return Some(problem);
         }
@@ -801,6 +802,21 @@ fn series_problem(metric: &Metric, metric_type: MetricType) -> Option<SkipReason
         }
     }
     None
+}
+
+/// Why `metric` cannot be written in a family of `metric_type`, if it cannot; checked in the
+/// order [`write_family_view`] finds the same problems, so both count them alike.
+fn series_problem(metric: &Metric, metric_type: MetricType) -> Option<SkipReason> {
+    if !has_value_for(metric, metric_type) {
+        return Some(SkipReason::NoValue);
+    }
+    unservable_labels(
+        metric_type,
+        metric
+            .label
+            .iter()
+            .map(|l| l.name.as_deref().unwrap_or("").as_bytes()),
+    )
 }
 
 /// Writes one family in text format: `# HELP` (when there is help text), `# TYPE`, then one line per

@@ -9,9 +9,10 @@
 //!
 //! One line Prometheus refuses (a label named twice, `le` on a histogram series, `__name__`, an
 //! invalid name) fails the whole scrape, and with it every cluster this server serves. Validation
-//! refuses such series on the way in; as a second defence, the text writer leaves out any series
-//! that still cannot be written validly (from an older server's files, or a peer's), counts it in
-//! `telemeter_server_federate_series_skipped_total{reason}` and logs one warning per scrape.
+//! refuses such series on the way in; as a second defence, `/federate` leaves out any series that
+//! still cannot be served validly (from an older server's files, or a peer's), in text and in
+//! protobuf alike, counts it in `telemeter_server_federate_series_skipped_total{reason}` and logs
+//! one warning per scrape.
 
 use std::fmt;
 use std::io::{self, Write};
@@ -22,8 +23,9 @@ use log::warn;
 use telemeter_common::delimited::{self, DecodeError};
 use telemeter_common::http::{Request, Response};
 use telemeter_common::media::Format;
+use telemeter_common::model::{Metric, MetricFamily};
 use telemeter_common::text::{SkipReason, Skipped};
-use telemeter_common::{text, wire};
+use telemeter_common::{labels, text, wire};
 
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -221,9 +223,9 @@ impl fmt::Display for ServeError {
 impl std::error::Error for ServeError {}
 
 /// Encodes one cluster's stored (protobuf-delimited) payload in `format` without timestamps,
-/// appending to `out`, straight from the payload's bytes ([`wire`]): text is transcoded (leaving
-/// out, and counting, the series that cannot be written validly), protobuf copied with the
-/// timestamps cut out. On error `out` holds part of the cluster.
+/// appending to `out`, straight from the payload's bytes ([`wire`]): text is transcoded, protobuf
+/// copied with the timestamps cut out. Either way the series that cannot be served validly are
+/// left out, and counted. On error `out` holds part of the cluster.
 pub fn write_cluster(
     payload: &[u8],
     format: Format,
@@ -245,12 +247,61 @@ pub fn write_cluster(
                     }
                 })?
             }
-            Format::ProtoDelimited => {
-                wire::write_family_without_timestamps(out, &family).map_err(ServeError::Decode)?
-            }
+            Format::ProtoDelimited => write_family_protobuf(out, &family, &mut skipped)?,
         }
     }
     Ok(skipped)
+}
+
+/// One family in protobuf without timestamps, leaving out (and counting in `skipped`) the series
+/// Prometheus would refuse, by the rule the text writer applies ([`text::unservable_labels`]);
+/// a series without the value of its type is valid protobuf and stays. Nearly every family has
+/// none to leave out and is copied from its bytes; one that has is decoded, filtered and encoded
+/// again.
+fn write_family_protobuf(
+    out: &mut Vec<u8>,
+    family: &wire::FamilyView<'_>,
+    skipped: &mut Skipped,
+) -> Result<(), ServeError> {
+    // Checked whole first, so that reading the labels below cannot fail.
+    wire::check_family(family).map_err(ServeError::Decode)?;
+    let kind = family.metric_type();
+    let servable_name = labels::is_valid_metric_name(family.name);
+    let problem = |metric: &Metric| {
+        if !servable_name {
+            return Some(SkipReason::MetricName);
+        }
+        let names = metric.label.iter();
+        text::unservable_labels(
+            kind,
+            names.map(|l| l.name.as_deref().unwrap_or("").as_bytes()),
+        )
+    };
+    let clean = servable_name
+        && family.metrics().flatten().all(|metric| {
+            let names = metric.labels().flatten().map(|(name, _)| name.as_bytes());
+            text::unservable_labels(kind, names).is_none()
+        });
+    if clean {
+        return wire::write_family_without_timestamps(out, family).map_err(ServeError::Decode);
+    }
+    let mut owned = <MetricFamily as prost::Message>::decode(family.message)
+        .map_err(|e| ServeError::Decode(DecodeError::Invalid(e.to_string())))?;
+    owned.metric.retain(|metric| match problem(metric) {
+        Some(reason) => {
+            skipped.add(reason);
+            false
+        }
+        None => true,
+    });
+    if owned.metric.is_empty() {
+        return Ok(());
+    }
+    for metric in &mut owned.metric {
+        metric.timestamp_ms = None;
+    }
+    delimited::encode_family(&owned, out);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -264,6 +315,14 @@ mod tests {
 
     const METRICS_PB: &[u8] = include_bytes!("../../tests/fixtures/prometheus-metrics.pb");
 
+    /// Now, in milliseconds: stored samples older than the TTL are not served.
+    fn now_ms() -> i64 {
+        SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    }
+
     fn families(id: &str) -> Vec<MetricFamily> {
         vec![
             MetricFamily {
@@ -273,7 +332,7 @@ mod tests {
                 metric: vec![Metric {
                     label: vec![LabelPair::new("_id", id)],
                     counter: Some(Counter { value: Some(3.0) }),
-                    timestamp_ms: Some(1_700_000_000_000),
+                    timestamp_ms: Some(now_ms()),
                     ..Default::default()
                 }],
             },
@@ -291,7 +350,7 @@ mod tests {
                             upper_bound: Some(0.1),
                         }],
                     }),
-                    timestamp_ms: Some(1_700_000_000_001),
+                    timestamp_ms: Some(now_ms() + 1),
                     ..Default::default()
                 }],
             },
@@ -312,7 +371,8 @@ mod tests {
             text.contains("latency_seconds_bucket{_id=\"a\",le=\"+Inf\"} 2\n"),
             "{text}"
         );
-        assert!(!text.contains("1700000000000"), "{text}");
+        // No 13-digit number (a timestamp in milliseconds) anywhere.
+        assert!(!text.contains(&now_ms().to_string()[..8]), "{text}");
     }
 
     #[test]
@@ -388,6 +448,16 @@ mod tests {
         });
         let mut text = Vec::new();
         let skipped = write_cluster(&delimited::encode(&stored), Format::Text, &mut text).unwrap();
+        // Protobuf leaves out the same series (but keeps a series without its value).
+        let mut pd = Vec::new();
+        let pd_skipped =
+            write_cluster(&delimited::encode(&stored), Format::ProtoDelimited, &mut pd).unwrap();
+        assert_eq!(pd_skipped, skipped);
+        let served = delimited::decode(&pd, &stored_limits()).unwrap();
+        assert_eq!(served.len(), 1, "{served:?}");
+        assert_eq!(served[0].metric.len(), 1);
+        assert_eq!(served[0].metric[0].label, vec![LabelPair::new("_id", "a")]);
+        assert_eq!(served[0].metric[0].timestamp_ms, None);
         let text = String::from_utf8(text).unwrap();
         // Only the one valid series is served, with its header; the rest is counted.
         assert_eq!(
