@@ -365,6 +365,16 @@ impl Flags {
                 });
             }
         }
+        // A series would be required to carry one value and then be given the other.
+        if let Some((name, _)) = labels
+            .iter()
+            .find(|(name, _)| required_labels.iter().any(|(r, _)| r == name))
+        {
+            return Err(ConfigError::Invalid {
+                flag: "--label",
+                reason: format!("{name:?} is also a --required-label"),
+            });
+        }
 
         let mut whitelist = Vec::new();
         for text in &self.whitelist {
@@ -790,6 +800,16 @@ mod tests {
                 .unwrap_err();
             assert!(err.to_string().contains(flag), "{err}");
         }
+        let err = flags(&[
+            "--insecure-accept-any-token",
+            "--label",
+            "region=eu",
+            "--required-label",
+            "region=us",
+        ])
+        .into_config()
+        .unwrap_err();
+        assert!(err.to_string().contains("also a --required-label"), "{err}");
     }
 
     #[test]
