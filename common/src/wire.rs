@@ -1927,7 +1927,10 @@ mod tests {
         assert_eq!(newest_timestamp(&body).unwrap(), Some(7));
         let body = framed(&[ld(4, &varint_field(6, (-5i64) as u64))]);
         assert_eq!(newest_timestamp(&body).unwrap(), Some(-5));
-        assert_eq!(newest_timestamp(&framed(&[ld(4, &label("a", "b"))])).unwrap(), None);
+        assert_eq!(
+            newest_timestamp(&framed(&[ld(4, &label("a", "b"))])).unwrap(),
+            None
+        );
         // A body cut short is an error, not a guess.
         let whole = delimited::encode(&generated(3));
         assert!(newest_timestamp(&whole[..whole.len() - 1]).is_err());
