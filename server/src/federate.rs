@@ -263,8 +263,6 @@ fn write_family_protobuf(
     family: &wire::FamilyView<'_>,
     skipped: &mut Skipped,
 ) -> Result<(), ServeError> {
-    // Checked whole first, so that reading the labels below cannot fail.
-    wire::check_family(family).map_err(ServeError::Decode)?;
     let kind = family.metric_type();
     let servable_name = labels::is_valid_metric_name(family.name);
     let problem = |metric: &Metric| {
@@ -277,6 +275,8 @@ fn write_family_protobuf(
             names.map(|l| l.name.as_deref().unwrap_or("").as_bytes()),
         )
     };
+    // A family that does not decode is refused below, whichever way it is written: what
+    // cannot be read here is passed over.
     let clean = servable_name
         && family.metrics().flatten().all(|metric| {
             let names = metric.labels().flatten().map(|(name, _)| name.as_bytes());
