@@ -30,7 +30,7 @@ pub struct Metrics {
     pub federate_seconds: HistogramVec,
     /// Series `/federate` left out because they could not be written validly, by reason.
     pub federate_skipped: CounterVec,
-    /// Uploads refused by the rate limit.
+    /// Uploads refused by the rate limit (the slot, or the budget of refusals).
     pub ratelimited: Counter,
     /// Clusters stored now.
     pub stored_clusters: GaugeVec,
@@ -113,7 +113,7 @@ impl Metrics {
             ratelimited: r
                 .counter(
                     "telemeter_server_ratelimited_total",
-                    "Uploads refused because the cluster already uploaded within the window.",
+                    "Uploads refused (429) before being read: the cluster stored an upload within the window, or had its budget of uploads read but not stored spent.",
                     &[],
                 )
                 .with(&[]),
