@@ -22,8 +22,8 @@
 //! index keeps each cluster's newest sample time, read from the payload when it is put (one pass
 //! over the series' fields, by the caller, not the committer), kept in the file header from
 //! version 2, and read from the payload again when a journal record is replayed or a version 1
-//! file is opened. A payload with no sample timestamps (none is accepted) counts from its receive
-//! time.
+//! file is opened. A payload with no sample timestamp (validation accepts none such) counts from
+//! its receive time.
 //!
 //! # File format (version 2)
 //!
@@ -871,7 +871,16 @@ impl Shared {
                     continue;
                 }
             }
-            lock(&self.index).remove(&cluster_id);
+            // A put since the listing (the committer does not take the mutation lock) made the
+            // cluster live again: its upload is in the journal, and its entry must stay.
+            let mut index = lock(&self.index);
+            if index
+                .get(&cluster_id)
+                .is_some_and(|entry| is_live(entry.newest_sample_ms, now, self.ttl))
+            {
+                continue;
+            }
+            index.remove(&cluster_id);
             removed += 1;
         }
         // No directory sync: a file that comes back after a crash is still expired and is swept
