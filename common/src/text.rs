@@ -5,12 +5,13 @@
 //! metrics decode to the same families.
 
 use crate::delimited::DecodeError;
+use crate::labels;
 use crate::model::{
     Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType, Quantile,
     Summary, Untyped,
 };
 use crate::wire::{FamilyView, MetricView, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io::{self, Write};
 
@@ -206,7 +207,14 @@ impl Parser<'_> {
         let mut special_value: Option<f64> = None;
         if c.peek() == Some(b'{') {
             c.bump();
-            parse_labels(&mut c, &mut labels, special, &mut special_value)?;
+            let family_name = family.name.as_deref().unwrap_or(name);
+            parse_labels(
+                &mut c,
+                family_name,
+                &mut labels,
+                special,
+                &mut special_value,
+            )?;
         }
         c.skip_blanks();
         let token = c.token();
@@ -368,9 +376,11 @@ impl Parser<'_> {
 }
 
 /// Parses `name="value",...}` (the `{` already consumed) into `labels`. The `special` label
-/// (`le` or `quantile`) is parsed as a float into `special_value` instead.
+/// (`le` or `quantile`) is parsed as a float into `special_value` instead. `family` names the
+/// series' family in errors.
 fn parse_labels(
     c: &mut Cursor<'_>,
+    family: &str,
     labels: &mut Vec<LabelPair>,
     special: Option<&str>,
     special_value: &mut Option<f64>,
@@ -387,7 +397,10 @@ fn parse_labels(
             return Err("invalid label name".to_string());
         }
         if name == "__name__" {
-            return Err("label name __name__ is reserved".to_string());
+            return Err(format!(
+                "label name \"__name__\" is reserved (a series of {})",
+                quoted(family)
+            ));
         }
         c.skip_blanks();
         if c.peek() != Some(b'=') {
@@ -417,7 +430,11 @@ fn parse_labels(
             seen
         };
         if duplicate {
-            return Err(format!("duplicate label name {}", quoted(name)));
+            return Err(format!(
+                "duplicate label name {} in a series of {}",
+                quoted(name),
+                quoted(family)
+            ));
         }
         c.skip_blanks();
         match c.peek() {
@@ -591,47 +608,278 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Why a text writer left a series out. Written, it would be a line Prometheus refuses, and one
+/// refused line fails the whole scrape: every cluster on the server would vanish centrally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SkipReason {
+    /// The family's name is not a valid metric name (or is empty).
+    MetricName,
+    /// A label name is not a valid label name.
+    LabelName,
+    /// A label name starts with `__`, which Prometheus reserves (`__name__` would name the
+    /// series twice).
+    ReservedLabel,
+    /// The series carries the label the exposition of its family's type adds to its lines itself
+    /// (`le` on a histogram, `quantile` on a summary; see [`type_label`]).
+    TypeLabel,
+    /// A label name appears twice in the series.
+    DuplicateLabel,
+    /// The series lacks the value its family's type calls for: there is nothing to write.
+    NoValue,
+}
+
+impl SkipReason {
+    /// Every reason, in a stable order.
+    pub const ALL: [SkipReason; 6] = [
+        SkipReason::MetricName,
+        SkipReason::LabelName,
+        SkipReason::ReservedLabel,
+        SkipReason::TypeLabel,
+        SkipReason::DuplicateLabel,
+        SkipReason::NoValue,
+    ];
+
+    /// The reason as a metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::MetricName => "metric_name",
+            SkipReason::LabelName => "label_name",
+            SkipReason::ReservedLabel => "reserved_label",
+            SkipReason::TypeLabel => "type_label",
+            SkipReason::DuplicateLabel => "duplicate_label",
+            SkipReason::NoValue => "no_value",
+        }
+    }
+}
+
+/// Series a writer left out, by [`SkipReason`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Skipped([u64; SkipReason::ALL.len()]);
+
+impl Skipped {
+    /// Counts one series left out for `reason`.
+    pub fn add(&mut self, reason: SkipReason) {
+        if let Some(n) = self.0.get_mut(reason as usize) {
+            *n += 1;
+        }
+    }
+
+    /// Series left out for `reason`.
+    pub fn count(&self, reason: SkipReason) -> u64 {
+        self.0.get(reason as usize).copied().unwrap_or(0)
+    }
+
+    /// Series left out for any reason.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn merge(&mut self, other: &Skipped) {
+        for (n, more) in self.0.iter_mut().zip(other.0) {
+            *n += more;
+        }
+    }
+}
+
+impl fmt::Display for Skipped {
+    /// `type_label: 2, reserved_label: 1`: the reasons that occurred, with their counts.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut separator = "";
+        for reason in SkipReason::ALL {
+            let n = self.count(reason);
+            if n > 0 {
+                write!(f, "{separator}{}: {n}", reason.as_str())?;
+                separator = ", ";
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The label the exposition of a family of `metric_type` adds to its series' lines: `le` on a
+/// histogram's buckets, `quantile` on a summary's quantiles. A series carrying it already would
+/// repeat it.
+pub fn type_label(metric_type: MetricType) -> Option<&'static str> {
+    match metric_type {
+        MetricType::Histogram | MetricType::GaugeHistogram => Some("le"),
+        MetricType::Summary => Some("quantile"),
+        MetricType::Counter | MetricType::Gauge | MetricType::Untyped => None,
+    }
+}
+
+/// Whether label `name` (a valid name) still cannot be written on a series of `metric_type`:
+/// [`SkipReason::ReservedLabel`] for a `__` prefix, [`SkipReason::TypeLabel`] for the type's own
+/// label. One rule for both ends: validation refuses such series on the way in, and the writers
+/// leave out any that got into the store some other way.
+pub fn reserved_label(metric_type: MetricType, name: &str) -> Option<SkipReason> {
+    reserved_label_bytes(metric_type, name.as_bytes())
+}
+
+fn reserved_label_bytes(metric_type: MetricType, name: &[u8]) -> Option<SkipReason> {
+    if name.starts_with(b"__") {
+        Some(SkipReason::ReservedLabel)
+    } else if type_label(metric_type).is_some_and(|own| own.as_bytes() == name) {
+        Some(SkipReason::TypeLabel)
+    } else {
+        None
+    }
+}
+
+/// Why label `name` cannot be written on a series of `metric_type`, duplicates aside.
+#[inline]
+fn label_problem(metric_type: MetricType, name: &[u8]) -> Option<SkipReason> {
+    // [`labels::is_valid_label_name`]'s rule, on the bytes: it admits only ASCII, so they need no
+    // UTF-8 check first (this runs for every label `/federate` writes).
+    let valid = match name.split_first() {
+        Some((&first, rest)) => {
+            (first.is_ascii_alphabetic() || first == b'_')
+                && rest.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'_')
+        }
+        None => false,
+    };
+    if !valid {
+        return Some(SkipReason::LabelName);
+    }
+    reserved_label_bytes(metric_type, name)
+}
+
+/// Label names kept on the stack per series for the duplicate check; a series with more (rare:
+/// validation allows 64) moves them to a set.
+const KEPT_NAMES: usize = 16;
+
+/// The label names of one series seen so far.
+struct SeenNames<'a> {
+    kept: [&'a [u8]; KEPT_NAMES],
+    len: usize,
+    more: Option<HashSet<&'a [u8]>>,
+}
+
+impl<'a> SeenNames<'a> {
+    fn new() -> Self {
+        SeenNames {
+            kept: [&[]; KEPT_NAMES],
+            len: 0,
+            more: None,
+        }
+    }
+
+    /// Adds `name`; false when the series had it already.
+    #[inline]
+    fn insert(&mut self, name: &'a [u8]) -> bool {
+        if let Some(more) = &mut self.more {
+            return more.insert(name);
+        }
+        if self
+            .kept
+            .get(..self.len)
+            .unwrap_or_default()
+            .contains(&name)
+        {
+            return false;
+        }
+        match self.kept.get_mut(self.len) {
+            Some(slot) => {
+                *slot = name;
+                self.len += 1;
+            }
+            None => {
+                let mut set: HashSet<&[u8]> = self.kept.iter().copied().collect();
+                set.insert(name);
+                self.more = Some(set);
+            }
+        }
+        true
+    }
+}
+
+/// Why a series whose label names are `names` (in order) cannot be served in a family of
+/// `metric_type`, in text or protobuf, if it cannot: an invalid, reserved or repeated name
+/// ([`SkipReason::LabelName`], [`SkipReason::ReservedLabel`], [`SkipReason::TypeLabel`],
+/// [`SkipReason::DuplicateLabel`]). The first problem in label order is reported.
+pub fn unservable_labels<'a>(
+    metric_type: MetricType,
+    names: impl IntoIterator<Item = &'a [u8]>,
+) -> Option<SkipReason> {
+    let mut seen = SeenNames::new();
+    for name in names {
+        if let Some(problem) = label_problem(metric_type, name) {
+            return Some(problem);
+        }
+        if !seen.insert(name) {
+            return Some(SkipReason::DuplicateLabel);
+        }
+    }
+    None
+}
+
+/// Why `metric` cannot be written in a family of `metric_type`, if it cannot; checked in the
+/// order [`write_family_view`] finds the same problems, so both count them alike.
+fn series_problem(metric: &Metric, metric_type: MetricType) -> Option<SkipReason> {
+    if !has_value_for(metric, metric_type) {
+        return Some(SkipReason::NoValue);
+    }
+    unservable_labels(
+        metric_type,
+        metric
+            .label
+            .iter()
+            .map(|l| l.name.as_deref().unwrap_or("").as_bytes()),
+    )
+}
+
 /// Writes one family in text format: `# HELP` (when there is help text), `# TYPE`, then one line per
 /// sample. With `timestamps` false, sample timestamps are left out.
 ///
 /// The output is byte for byte what Go's `expfmt.MetricFamilyToText` writes, except that a family
 /// without series writes nothing, empty help is left out, a gauge histogram is written as a
-/// histogram, and a series lacking the value its family's type calls for is skipped (a family left
-/// with none writes nothing).
+/// histogram, and a series that cannot be written as lines Prometheus accepts is left out (a
+/// family left with none writes nothing): see [`SkipReason`] and [`write_family_counted`].
 pub fn write_family<W: Write>(
     w: &mut W,
     family: &MetricFamily,
     timestamps: bool,
 ) -> io::Result<()> {
-    let name = family.name.as_deref().unwrap_or("");
-    if family.metric.is_empty() {
-        return Ok(());
-    }
-    if name.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "metric family without a name",
-        ));
-    }
-    // A header with no sample after it is worse than nothing: a dangling `# TYPE x histogram`
-    // makes a following `# TYPE x_count ...` a second TYPE line for `x`, which Go's parser and
-    // ours refuse, failing the whole body.
-    let metric_type = family.metric_type();
-    if !family.metric.iter().any(|m| has_value_for(m, metric_type)) {
-        return Ok(());
-    }
-    if let Some(help) = family.help.as_deref().filter(|h| !h.is_empty()) {
-        w.write_all(b"# HELP ")?;
-        w.write_all(name.as_bytes())?;
-        w.write_all(b" ")?;
-        write_escaped(w, help, false)?;
-        w.write_all(b"\n")?;
-    }
-    w.write_all(b"# TYPE ")?;
-    w.write_all(name.as_bytes())?;
-    w.write_all(type_line_end(metric_type))?;
+    write_family_counted(w, family, timestamps, &mut Skipped::default())
+}
 
+/// As [`write_family`], counting each series left out in `skipped`.
+pub fn write_family_counted<W: Write>(
+    w: &mut W,
+    family: &MetricFamily,
+    timestamps: bool,
+    skipped: &mut Skipped,
+) -> io::Result<()> {
+    let name = family.name.as_deref().unwrap_or("");
+    if !labels::is_valid_metric_name(name) {
+        for _ in &family.metric {
+            skipped.add(SkipReason::MetricName);
+        }
+        return Ok(());
+    }
+    let metric_type = family.metric_type();
+    // The header waits for the first series written: a dangling `# TYPE x histogram` makes a
+    // following `# TYPE x_count ...` a second TYPE line for `x`, which Go's parser and ours
+    // refuse, failing the whole body.
+    let mut header_written = false;
     for metric in &family.metric {
+        if let Some(problem) = series_problem(metric, metric_type) {
+            skipped.add(problem);
+            continue;
+        }
+        if !header_written {
+            header_written = true;
+            if let Some(help) = family.help.as_deref().filter(|h| !h.is_empty()) {
+                w.write_all(b"# HELP ")?;
+                w.write_all(name.as_bytes())?;
+                w.write_all(b" ")?;
+                write_escaped(w, help, false)?;
+                w.write_all(b"\n")?;
+            }
+            w.write_all(b"# TYPE ")?;
+            w.write_all(name.as_bytes())?;
+            w.write_all(type_line_end(metric_type))?;
+        }
         let ts = if timestamps {
             metric.timestamp_ms
         } else {
@@ -765,7 +1013,8 @@ fn finish_sample<W: Write>(
 
 /// Writes one family read from a protobuf body without decoding it (see [`crate::wire`]): the
 /// bytes [`write_family`] writes for the same family decoded, with nothing allocated per series
-/// (`out` grows, nothing else).
+/// (`out` grows, nothing else); each series left out is counted in `skipped`, as
+/// [`write_family_counted`] counts it.
 ///
 /// The family's series are checked as they are written, not before: on a message that does not
 /// decode, an [`io::ErrorKind::InvalidData`] error (wrapping the [`DecodeError`]) is returned and
@@ -775,24 +1024,28 @@ pub fn write_family_view(
     out: &mut Vec<u8>,
     family: &FamilyView<'_>,
     timestamps: bool,
+    skipped: &mut Skipped,
 ) -> io::Result<()> {
     let name = family.name.as_bytes();
+    let name_ok = labels::is_valid_metric_name(family.name);
     let metric_type = family.metric_type();
     let mut header_written = false;
     for metric in family.metrics() {
         let metric = metric.map_err(invalid_data)?;
-        if name.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "metric family without a name",
-            ));
+        if !name_ok {
+            skipped.add(SkipReason::MetricName);
+            continue;
         }
         let value = metric.value_for(metric_type).map_err(invalid_data)?;
         if matches!(value, Value::Missing | Value::Several) {
+            skipped.add(SkipReason::NoValue);
             continue;
         }
-        // The header waits for the first series with a value, as in `write_family`.
-        if !header_written {
+        // The labels are checked as the series' first line renders them; a series that fails
+        // is taken back out, with the header when it was the one to bring it.
+        let start = out.len();
+        let brought_header = !header_written;
+        if brought_header {
             header_written = true;
             if !family.help.is_empty() {
                 out.extend_from_slice(b"# HELP ");
@@ -808,6 +1061,7 @@ pub fn write_family_view(
         let mut lines = SeriesLines {
             name,
             metric: &metric,
+            metric_type,
             labels: None,
             timestamp: if timestamps {
                 metric.timestamp_ms
@@ -815,33 +1069,14 @@ pub fn write_family_view(
                 None
             },
         };
-        match value {
-            Value::Gauge(v) | Value::Counter(v) | Value::Untyped(v) => {
-                lines.write(out, b"", None, v)?
+        match lines.write_all(out, value) {
+            Ok(()) => {}
+            Err(LineError::Skip(reason)) => {
+                out.truncate(start);
+                header_written = !brought_header;
+                skipped.add(reason);
             }
-            Value::Summary(summary) => {
-                for q in summary.quantiles() {
-                    let (rank, value) = q.map_err(invalid_data)?;
-                    lines.write(out, b"", Some((b"quantile", rank)), value)?;
-                }
-                lines.write(out, b"_sum", None, summary.sample_sum)?;
-                lines.write(out, b"_count", None, summary.sample_count as f64)?;
-            }
-            Value::Histogram(histogram) => {
-                let count = histogram.sample_count as f64;
-                let mut inf_seen = false;
-                for b in histogram.buckets() {
-                    let (le, cumulative) = b.map_err(invalid_data)?;
-                    inf_seen |= le == f64::INFINITY;
-                    lines.write(out, b"_bucket", Some((b"le", le)), cumulative as f64)?;
-                }
-                if !inf_seen {
-                    lines.write(out, b"_bucket", Some((b"le", f64::INFINITY)), count)?;
-                }
-                lines.write(out, b"_sum", None, histogram.sample_sum)?;
-                lines.write(out, b"_count", None, count)?;
-            }
-            Value::Missing | Value::Several => {}
+            Err(LineError::Io(e)) => return Err(e),
         }
     }
     Ok(())
@@ -851,17 +1086,65 @@ fn invalid_data(e: DecodeError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// The sample lines of one borrowed series. Its labels are decoded and escaped for the first
-/// line only; later lines (a histogram has a dozen) copy that first rendering from `out`.
+/// Why a series' lines stopped.
+enum LineError {
+    /// A label cannot be written: the series is left out.
+    Skip(SkipReason),
+    /// A message does not decode: the family fails.
+    Io(io::Error),
+}
+
+impl From<io::Error> for LineError {
+    fn from(e: io::Error) -> Self {
+        LineError::Io(e)
+    }
+}
+
+/// The sample lines of one borrowed series. Its labels are decoded, checked and escaped for the
+/// first line only; later lines (a histogram has a dozen) copy that first rendering from `out`.
 struct SeriesLines<'a, 'b> {
     name: &'a [u8],
     metric: &'a MetricView<'b>,
+    metric_type: MetricType,
     /// Where the rendered `{a="b",c="d"` (without the closing brace) sits in `out`.
     labels: Option<std::ops::Range<usize>>,
     timestamp: Option<i64>,
 }
 
 impl SeriesLines<'_, '_> {
+    /// Every line of the series, whose value is `value`.
+    fn write_all(&mut self, out: &mut Vec<u8>, value: Value<'_>) -> Result<(), LineError> {
+        match value {
+            Value::Gauge(v) | Value::Counter(v) | Value::Untyped(v) => {
+                self.write(out, b"", None, v)?
+            }
+            Value::Summary(summary) => {
+                for q in summary.quantiles() {
+                    let (rank, value) = q.map_err(invalid_data)?;
+                    self.write(out, b"", Some((b"quantile", rank)), value)?;
+                }
+                self.write(out, b"_sum", None, summary.sample_sum)?;
+                self.write(out, b"_count", None, summary.sample_count as f64)?;
+            }
+            Value::Histogram(histogram) => {
+                let count = histogram.sample_count as f64;
+                let mut inf_seen = false;
+                for b in histogram.buckets() {
+                    let (le, cumulative) = b.map_err(invalid_data)?;
+                    inf_seen |= le == f64::INFINITY;
+                    self.write(out, b"_bucket", Some((b"le", le)), cumulative as f64)?;
+                }
+                if !inf_seen {
+                    self.write(out, b"_bucket", Some((b"le", f64::INFINITY)), count)?;
+                }
+                self.write(out, b"_sum", None, histogram.sample_sum)?;
+                self.write(out, b"_count", None, count)?;
+            }
+            Value::Missing | Value::Several => {}
+        }
+        Ok(())
+    }
+
     /// One line: `name_suffix{labels,extra="x"} value [timestamp]`.
     fn write(
         &mut self,
@@ -869,7 +1152,7 @@ impl SeriesLines<'_, '_> {
         suffix: &[u8],
         extra: Option<(&[u8], f64)>,
         value: f64,
-    ) -> io::Result<()> {
+    ) -> Result<(), LineError> {
         out.extend_from_slice(self.name);
         out.extend_from_slice(suffix);
         let labels = match &self.labels {
@@ -881,8 +1164,15 @@ impl SeriesLines<'_, '_> {
             None => {
                 let start = out.len();
                 let mut separator = b'{';
+                let mut seen = SeenNames::new();
                 for label in self.metric.label_bytes() {
                     let (label_name, label_value) = label.map_err(invalid_data)?;
+                    if let Some(problem) = label_problem(self.metric_type, label_name) {
+                        return Err(LineError::Skip(problem));
+                    }
+                    if !seen.insert(label_name) {
+                        return Err(LineError::Skip(SkipReason::DuplicateLabel));
+                    }
                     out.push(separator);
                     separator = b',';
                     out.extend_from_slice(label_name);
@@ -1471,7 +1761,192 @@ s_count{a="x"} 0
             metric: vec![Metric::default()],
             ..Default::default()
         };
-        assert!(write_family(&mut Vec::new(), &nameless, true).is_err());
+        let mut skipped = Skipped::default();
+        let mut out = Vec::new();
+        write_family_counted(&mut out, &nameless, true, &mut skipped).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(skipped.count(SkipReason::MetricName), 1);
+    }
+
+    /// A family of `metric_type` with one series per label set, each with the value its type
+    /// calls for.
+    fn family_of(metric_type: MetricType, series: &[&[(&str, &str)]]) -> MetricFamily {
+        MetricFamily {
+            name: Some("f".into()),
+            help: Some("Help.".into()),
+            r#type: Some(metric_type as i32),
+            metric: series
+                .iter()
+                .map(|labels| {
+                    let mut m = Metric {
+                        label: labels.iter().map(|(n, v)| LabelPair::new(n, v)).collect(),
+                        timestamp_ms: Some(5),
+                        ..Default::default()
+                    };
+                    match metric_type {
+                        MetricType::Counter => m.counter = Some(Counter { value: Some(1.0) }),
+                        MetricType::Gauge => m.gauge = Some(Gauge { value: Some(1.0) }),
+                        MetricType::Untyped => m.untyped = Some(Untyped { value: Some(1.0) }),
+                        MetricType::Summary => {
+                            m.summary = Some(Summary {
+                                sample_count: Some(1),
+                                sample_sum: Some(1.0),
+                                quantile: vec![Quantile {
+                                    quantile: Some(0.5),
+                                    value: Some(1.0),
+                                }],
+                            })
+                        }
+                        MetricType::Histogram | MetricType::GaugeHistogram => {
+                            m.histogram = Some(Histogram {
+                                sample_count: Some(1),
+                                sample_sum: Some(1.0),
+                                bucket: vec![Bucket {
+                                    cumulative_count: Some(1),
+                                    upper_bound: Some(1.0),
+                                }],
+                            })
+                        }
+                    }
+                    m
+                })
+                .collect(),
+        }
+    }
+
+    /// Writes `family` with both writers, asserting they agree; the text and what was skipped.
+    fn written(family: &MetricFamily) -> (String, Skipped) {
+        let mut owned = Vec::new();
+        let mut owned_skipped = Skipped::default();
+        write_family_counted(&mut owned, family, false, &mut owned_skipped).unwrap();
+        let body = delimited::encode(std::slice::from_ref(family));
+        let view = crate::wire::families(&body, &delimited::Limits::default())
+            .next()
+            .unwrap()
+            .unwrap();
+        let mut viewed = Vec::new();
+        let mut view_skipped = Skipped::default();
+        write_family_view(&mut viewed, &view, false, &mut view_skipped).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&viewed),
+            String::from_utf8_lossy(&owned)
+        );
+        assert_eq!(view_skipped, owned_skipped);
+        (String::from_utf8(owned).unwrap(), owned_skipped)
+    }
+
+    #[test]
+    fn the_writers_label_name_rule_is_the_validators() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let alphabet = b"aZ_09:-.\xc3\xa9 ";
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let name: Vec<u8> = (0..(x % 5))
+                .map(|i| alphabet[((x >> (8 * i)) % alphabet.len() as u64) as usize])
+                .collect();
+            let Ok(text) = std::str::from_utf8(&name) else {
+                assert_eq!(
+                    label_problem(MetricType::Gauge, &name),
+                    Some(SkipReason::LabelName)
+                );
+                continue;
+            };
+            assert_eq!(
+                label_problem(MetricType::Gauge, &name) != Some(SkipReason::LabelName),
+                labels::is_valid_label_name(text),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn series_prometheus_would_refuse_are_left_out_and_counted() {
+        let ok: &[(&str, &str)] = &[("a", "1")];
+        for (metric_type, bad, reason) in [
+            (
+                MetricType::Histogram,
+                &[("le", "1")][..],
+                SkipReason::TypeLabel,
+            ),
+            (
+                MetricType::GaugeHistogram,
+                &[("le", "1")][..],
+                SkipReason::TypeLabel,
+            ),
+            (
+                MetricType::Summary,
+                &[("quantile", "0.5")][..],
+                SkipReason::TypeLabel,
+            ),
+            (
+                MetricType::Gauge,
+                &[("__name__", "x")][..],
+                SkipReason::ReservedLabel,
+            ),
+            (
+                MetricType::Counter,
+                &[("a", "1"), ("__foo", "x")][..],
+                SkipReason::ReservedLabel,
+            ),
+            (
+                MetricType::Untyped,
+                &[("a", "1"), ("b", "2"), ("a", "3")][..],
+                SkipReason::DuplicateLabel,
+            ),
+            (
+                MetricType::Gauge,
+                &[("a-b", "1")][..],
+                SkipReason::LabelName,
+            ),
+            (MetricType::Gauge, &[("", "1")][..], SkipReason::LabelName),
+        ] {
+            // Alone, the bad series leaves nothing behind, not even the header.
+            let (text, skipped) = written(&family_of(metric_type, &[bad]));
+            assert_eq!(text, "", "{metric_type:?} {bad:?}");
+            assert_eq!(
+                skipped.count(reason),
+                1,
+                "{metric_type:?} {bad:?}: {skipped}"
+            );
+            assert_eq!(skipped.total(), 1);
+            // Between good ones, only it is left out, and what is written parses.
+            let (text, skipped) = written(&family_of(metric_type, &[ok, bad, ok]));
+            let (good, _) = written(&family_of(metric_type, &[ok, ok]));
+            assert_eq!(text, good, "{metric_type:?} {bad:?}");
+            assert_eq!(skipped.total(), 1);
+            assert!(parse(text.as_bytes(), &Limits::default()).is_ok(), "{text}");
+        }
+        // `le` and `quantile` are ordinary labels on the other types.
+        for metric_type in [MetricType::Gauge, MetricType::Counter, MetricType::Untyped] {
+            let (text, skipped) = written(&family_of(
+                metric_type,
+                &[&[("le", "1"), ("quantile", "2")]],
+            ));
+            assert_eq!(skipped.total(), 0);
+            assert!(text.contains("f{le=\"1\",quantile=\"2\"} 1\n"), "{text}");
+        }
+        // Past the names kept on the stack, a duplicate is still found.
+        let names: Vec<String> = (0..40).map(|i| format!("l{i}")).collect();
+        let mut many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+        let (_, skipped) = written(&family_of(MetricType::Gauge, &[&many]));
+        assert_eq!(skipped.total(), 0);
+        many.push(("l33", "w"));
+        let (text, skipped) = written(&family_of(MetricType::Gauge, &[&many]));
+        assert_eq!(
+            (text.as_str(), skipped.count(SkipReason::DuplicateLabel)),
+            ("", 1)
+        );
+        // An invalid family name leaves every series out.
+        let mut bad_name = family_of(MetricType::Gauge, &[ok, ok]);
+        bad_name.name = Some("a-b".into());
+        let (text, skipped) = written(&bad_name);
+        assert_eq!(
+            (text.as_str(), skipped.count(SkipReason::MetricName)),
+            ("", 2)
+        );
+        assert_eq!(skipped.to_string(), "metric_name: 2");
     }
 
     /// Found by fuzzing (`common/tests/fuzz.rs`): a histogram family whose series all lacked a

@@ -446,6 +446,42 @@ pub fn write_family_without_timestamps(
     Ok(())
 }
 
+/// The newest (largest) sample timestamp of a protobuf-delimited `body`, `None` when no series has
+/// one. Reads only what leads to the timestamps (the framing, each family's and each series'
+/// fields); labels and values are passed over unchecked, so use it on bodies checked already (the
+/// store keeps it per cluster: the TTL counts from it). Cheap: nothing is allocated.
+pub fn newest_timestamp(body: &[u8]) -> Result<Option<i64>, DecodeError> {
+    let mut newest: Option<i64> = None;
+    let mut rest = body;
+    while !rest.is_empty() {
+        let (size, prefix) = length_prefix(rest)?;
+        let size = usize::try_from(size).map_err(|_| DecodeError::Truncated)?;
+        let (message, after) = rest
+            .get(prefix..)
+            .and_then(|r| r.split_at_checked(size))
+            .ok_or(DecodeError::Truncated)?;
+        rest = after;
+        let mut fields = Fields::new(message, FAMILY_DEPTH);
+        while let Some((tag, wire)) = fields.next()? {
+            if tag != METRIC_FIELD {
+                continue;
+            }
+            let mut metric = Fields::new(wire.bytes()?, METRIC_DEPTH);
+            // The last timestamp field of a series is its timestamp, as prost reads it.
+            let mut timestamp = None;
+            while let Some((tag, wire)) = metric.next()? {
+                if tag == TIMESTAMP_FIELD {
+                    timestamp = Some(wire.varint()? as i64);
+                }
+            }
+            if let Some(ts) = timestamp {
+                newest = Some(newest.map_or(ts, |n| n.max(ts)));
+            }
+        }
+    }
+    Ok(newest)
+}
+
 /// The size of a `Metric` message once its timestamp fields are dropped.
 fn size_without_timestamp(metric: &[u8]) -> Result<usize, Bad> {
     let mut size = 0;
@@ -1806,14 +1842,17 @@ mod tests {
         for timestamps in [false, true] {
             for (o, v) in owned.iter().zip(&views) {
                 let (mut want, mut got) = (Vec::new(), Vec::new());
-                let w = crate::text::write_family(&mut want, o, timestamps);
-                let g = crate::text::write_family_view(&mut got, v, timestamps);
+                let (mut want_skipped, mut got_skipped) = Default::default();
+                let w =
+                    crate::text::write_family_counted(&mut want, o, timestamps, &mut want_skipped);
+                let g = crate::text::write_family_view(&mut got, v, timestamps, &mut got_skipped);
                 assert_eq!(
                     w.map_err(|e| e.kind()),
                     g.map_err(|e| e.kind()),
                     "{:?}",
                     o.name
                 );
+                assert_eq!(want_skipped, got_skipped, "{:?}", o.name);
                 assert_eq!(
                     String::from_utf8_lossy(&got),
                     String::from_utf8_lossy(&want)
@@ -1841,7 +1880,7 @@ mod tests {
         assert_same_text(&body);
         let family = families(&body, &unlimited()).next().unwrap().unwrap();
         let mut text = Vec::new();
-        crate::text::write_family_view(&mut text, &family, false).unwrap();
+        crate::text::write_family_view(&mut text, &family, false, &mut Default::default()).unwrap();
         assert_eq!(
             String::from_utf8(text).unwrap(),
             "# TYPE g gauge\ng{a=\"x\\\"\\\\\\n\"} 2.5\n"
@@ -1856,8 +1895,45 @@ mod tests {
         ]
         .concat()]);
         let family = families(&bad, &unlimited()).next().unwrap().unwrap();
-        let err = crate::text::write_family_view(&mut Vec::new(), &family, false).unwrap_err();
+        let err = crate::text::write_family_view(
+            &mut Vec::new(),
+            &family,
+            false,
+            &mut Default::default(),
+        )
+        .unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn newest_timestamp_is_the_largest_the_owned_decoding_holds() {
+        let mut bodies = vec![METRICS_PB.to_vec(), FEDERATE_PB.to_vec(), Vec::new()];
+        for seed in 1..200u64 {
+            bodies.push(delimited::encode(&generated(seed * 31)));
+        }
+        for body in &bodies {
+            let owned = delimited::decode(body, &unlimited()).unwrap();
+            let want = owned
+                .iter()
+                .flat_map(|f| &f.metric)
+                .filter_map(|m| m.timestamp_ms)
+                .max();
+            assert_eq!(newest_timestamp(body).unwrap(), want);
+        }
+        // Series without one do not count; a repeated field counts its last value; a negative
+        // timestamp is one too.
+        let metric = [varint_field(6, 900), label("a", "b"), varint_field(6, 7)].concat();
+        let body = framed(&[[ld(4, &metric), ld(4, &label("c", "d"))].concat()]);
+        assert_eq!(newest_timestamp(&body).unwrap(), Some(7));
+        let body = framed(&[ld(4, &varint_field(6, (-5i64) as u64))]);
+        assert_eq!(newest_timestamp(&body).unwrap(), Some(-5));
+        assert_eq!(
+            newest_timestamp(&framed(&[ld(4, &label("a", "b"))])).unwrap(),
+            None
+        );
+        // A body cut short is an error, not a guess.
+        let whole = delimited::encode(&generated(3));
+        assert!(newest_timestamp(&whole[..whole.len() - 1]).is_err());
     }
 
     trait ReplaceLastByte {

@@ -167,7 +167,20 @@ fn shadows_a_part(families: &[MetricFamily]) -> bool {
         })
 }
 
-/// Parse; what parses must encode, and the encoding must parse back to the same families.
+/// `families` without the series the text writers leave out (see [`writer_leaves_out`]; the
+/// parser reads only valid names, but a `__` prefix among them), and without families left empty.
+fn written_part(families: &[MetricFamily]) -> Vec<MetricFamily> {
+    let mut out = families.to_vec();
+    for family in &mut out {
+        let kind = family.metric_type();
+        family.metric.retain(|m| !writer_leaves_out(kind, m));
+    }
+    out.retain(|f| !f.metric.is_empty());
+    out
+}
+
+/// Parse; what parses must encode, and the encoding must parse back to the same families (but
+/// the series the writers leave out).
 fn text_exec(input: &[u8]) -> Verdict {
     let Ok(families) = text::parse(input, &text_limits()) else {
         return Ok(());
@@ -182,7 +195,7 @@ fn text_exec(input: &[u8]) -> Verdict {
             escape(&encoded)
         )
     })?;
-    if !shadows_a_part(&families) && canonical(&families) != canonical(&again) {
+    if !shadows_a_part(&families) && canonical(&written_part(&families)) != canonical(&again) {
         return Err(format!(
             "families differ after encode + parse\nre-encoded: {}\nfirst:  {families:?}\nsecond: {again:?}",
             escape(&encoded)
@@ -259,17 +272,32 @@ fn delimited_exec(input: &[u8]) -> Verdict {
     pushed_then_federated(&families)
 }
 
+/// Whether the text writers leave `metric` out of a family of `kind` for its labels: an invalid
+/// name, a reserved one (`__`, or the type's own `le`/`quantile`), or a name given twice.
+fn writer_leaves_out(kind: MetricType, metric: &Metric) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    metric.label.iter().any(|l| {
+        let name = l.name.as_deref().unwrap_or("");
+        !labels::is_valid_label_name(name)
+            || text::reserved_label(kind, name).is_some()
+            || !seen.insert(name)
+    })
+}
+
 /// What `families` (as pushed, protobuf) should read as once served as text and parsed again:
-/// only what passes the server's name and label checks, each series reduced to the value its
-/// family's type calls for (the encoder skips series without one), help without leading blanks.
-/// `None` when text cannot say
-/// it unambiguously: repeated family names, an `le`/`quantile` label on a histogram/summary
-/// series, two such series with one label set (text merges them), or [`shadows_a_part`].
+/// each series reduced to the value its family's type calls for (the encoder skips series without
+/// one), help without leading blanks, and without what the writers leave out (families with an
+/// invalid name, series with labels Prometheus would refuse). `None` when the server would refuse
+/// the families on length limits, or text cannot say them unambiguously: repeated family names,
+/// two histogram or summary series with one label set (text merges them), or [`shadows_a_part`].
 fn as_text_carries(families: &[MetricFamily]) -> Option<Vec<MetricFamily>> {
     let mut names = std::collections::HashSet::new();
     let mut out = Vec::new();
     for family in families {
         let name = family.name.as_deref().unwrap_or("");
+        if !labels::is_valid_metric_name(name) {
+            continue;
+        }
         if labels::check_metric_name(name).is_err() || !names.insert(name) {
             return None;
         }
@@ -287,43 +315,43 @@ fn as_text_carries(families: &[MetricFamily]) -> Option<Vec<MetricFamily>> {
         };
         let mut label_sets = std::collections::HashSet::new();
         for metric in &family.metric {
+            if writer_leaves_out(kind, metric) {
+                continue;
+            }
             labels::check_series_labels(metric).ok()?;
             let mut series = Metric {
                 label: metric.label.clone(),
                 timestamp_ms: metric.timestamp_ms,
                 ..Metric::default()
             };
-            let reserved = match kind {
+            let grouped = match kind {
                 MetricType::Counter => {
                     let Some(v) = metric.counter else { continue };
                     series.counter = Some(v);
-                    None
+                    false
                 }
                 MetricType::Gauge => {
                     let Some(v) = metric.gauge else { continue };
                     series.gauge = Some(v);
-                    None
+                    false
                 }
                 MetricType::Untyped => {
                     let Some(v) = metric.untyped else { continue };
                     series.untyped = Some(v);
-                    None
+                    false
                 }
                 MetricType::Summary => {
                     let Some(v) = &metric.summary else { continue };
                     series.summary = Some(v.clone());
-                    Some("quantile")
+                    true
                 }
                 MetricType::Histogram | MetricType::GaugeHistogram => {
                     let Some(v) = &metric.histogram else { continue };
                     series.histogram = Some(v.clone());
-                    Some("le")
+                    true
                 }
             };
-            if let Some(reserved) = reserved {
-                if metric.label_value(reserved).is_some() {
-                    return None;
-                }
+            if grouped {
                 let mut set: Vec<_> = metric.label.clone();
                 set.sort();
                 if !label_sets.insert(set) {
@@ -549,7 +577,12 @@ fn wire_exec(input: &[u8]) -> Verdict {
         (Err(a), Err(b)) if class(a) == class(b) => {
             // Refused alike. Reading lazily must still never panic.
             for family in wire::families(input, &limits).flatten() {
-                let _ = text::write_family_view(&mut Vec::new(), &family, true);
+                let _ = text::write_family_view(
+                    &mut Vec::new(),
+                    &family,
+                    true,
+                    &mut Default::default(),
+                );
                 let _ = wire::write_family_without_timestamps(&mut Vec::new(), &family);
                 for metric in family.metrics().flatten() {
                     let _ = metric.labels().count();
@@ -577,11 +610,14 @@ fn wire_exec(input: &[u8]) -> Verdict {
     for timestamps in [false, true] {
         for (owned, view) in families.iter().zip(&views) {
             let (mut want, mut got) = (Vec::new(), Vec::new());
-            let w = text::write_family(&mut want, owned, timestamps).map_err(|e| e.kind());
-            let g = text::write_family_view(&mut got, view, timestamps).map_err(|e| e.kind());
-            if w != g || want != got {
+            let (mut want_skipped, mut got_skipped) = Default::default();
+            let w = text::write_family_counted(&mut want, owned, timestamps, &mut want_skipped)
+                .map_err(|e| e.kind());
+            let g = text::write_family_view(&mut got, view, timestamps, &mut got_skipped)
+                .map_err(|e| e.kind());
+            if w != g || want != got || want_skipped != got_skipped {
                 return Err(format!(
-                    "text differs ({w:?} / {g:?})\nowned: {}\nviews: {}",
+                    "text differs ({w:?} / {g:?}; skipped {want_skipped} / {got_skipped})\nowned: {}\nviews: {}",
                     escape(&want),
                     escape(&got)
                 ));

@@ -163,7 +163,9 @@ pub struct Flags {
     #[arg(long, default_value = "4m30s", value_name = "DURATION")]
     pub ratelimit: String,
 
-    /// A cluster not pushed for this long is no longer served on /federate and its file is removed.
+    /// A cluster is served on /federate only while the newest sample timestamp of its last
+    /// upload is younger than this (Prometheus duration), however recently the upload arrived;
+    /// then its file is removed. As upstream: samples older than now minus the TTL are dropped.
     #[arg(long, default_value = "10m", value_name = "DURATION")]
     pub ttl: String,
 
@@ -550,6 +552,19 @@ impl Flags {
         }
         let labels = parse_label_pairs("--label", &self.labels)?;
         let required_labels = parse_label_pairs("--required-label", &self.required_labels)?;
+        // Every series carries these: one /federate could not serve would refuse every upload.
+        let added = std::iter::once(("--partition-label", &self.partition_label))
+            .chain(labels.iter().map(|(name, _)| ("--label", name)))
+            .chain(
+                required_labels
+                    .iter()
+                    .map(|(name, _)| ("--required-label", name)),
+            );
+        for (flag, name) in added {
+            if let Some(reason) = crate::validate::server_label_problem(name) {
+                return Err(ConfigError::Invalid { flag, reason });
+            }
+        }
         for (name, _) in labels.iter().chain(&required_labels) {
             if *name == self.partition_label {
                 return Err(ConfigError::Invalid {
@@ -559,6 +574,16 @@ impl Flags {
                     ),
                 });
             }
+        }
+        // A series would be required to carry one value and then be given the other.
+        if let Some((name, _)) = labels
+            .iter()
+            .find(|(name, _)| required_labels.iter().any(|(r, _)| r == name))
+        {
+            return Err(ConfigError::Invalid {
+                flag: "--label",
+                reason: format!("{name:?} is also a --required-label"),
+            });
         }
 
         let mut whitelist = Vec::new();
@@ -1328,6 +1353,32 @@ mod tests {
             flags(&["--authorize="]).into_config().unwrap_err(),
             ConfigError::NoTokenSource
         );
+    }
+
+    #[test]
+    fn labels_the_server_adds_must_be_servable() {
+        for (flag, value) in [
+            ("--label", "le=x"),
+            ("--label", "__name__=x"),
+            ("--required-label", "quantile=x"),
+            ("--partition-label", "__id"),
+            ("--partition-label", "le"),
+        ] {
+            let err = flags(&["--insecure-accept-any-token", flag, value])
+                .into_config()
+                .unwrap_err();
+            assert!(err.to_string().contains(flag), "{err}");
+        }
+        let err = flags(&[
+            "--insecure-accept-any-token",
+            "--label",
+            "region=eu",
+            "--required-label",
+            "region=us",
+        ])
+        .into_config()
+        .unwrap_err();
+        assert!(err.to_string().contains("also a --required-label"), "{err}");
     }
 
     #[test]

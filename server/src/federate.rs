@@ -6,6 +6,13 @@
 //! timestamps), by a few workers, and only a few clusters are in memory at a time however many
 //! are stored. A cluster whose file cannot be read or decoded is skipped with a warning rather
 //! than failing the whole scrape.
+//!
+//! One line Prometheus refuses (a label named twice, `le` on a histogram series, `__name__`, an
+//! invalid name) fails the whole scrape, and with it every cluster this server serves. Validation
+//! refuses such series on the way in; as a second defence, `/federate` leaves out any series that
+//! still cannot be served validly (from an older server's files, or a peer's), in text and in
+//! protobuf alike, counts it in `telemeter_server_federate_series_skipped_total{reason}` and logs
+//! one warning per scrape.
 
 use std::fmt;
 use std::io::{self, Write};
@@ -16,7 +23,9 @@ use log::warn;
 use telemeter_common::delimited::{self, DecodeError};
 use telemeter_common::http::{Request, Response};
 use telemeter_common::media::Format;
-use telemeter_common::{text, wire};
+use telemeter_common::model::{Metric, MetricFamily};
+use telemeter_common::text::{SkipReason, Skipped};
+use telemeter_common::{labels, text, wire};
 
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -50,6 +59,7 @@ pub fn handle(
     let format = Format::negotiate(request.header("Accept"));
     let store = store.clone();
     let histogram = metrics.federate_seconds.with(&[]);
+    let skipped_series = metrics.federate_skipped.clone();
     Response::stream(
         200,
         format.content_type(),
@@ -57,9 +67,44 @@ pub fn handle(
             let started = Instant::now();
             let result = write_all(&store, format, filter.as_ref(), w);
             histogram.observe(started.elapsed().as_secs_f64());
-            result
+            let skips = result?;
+            if skips.series.total() > 0 {
+                for reason in SkipReason::ALL {
+                    skipped_series
+                        .with(&[reason.as_str()])
+                        .add(skips.series.count(reason));
+                }
+                // Once per scrape, however many series: a scrape every few seconds must not
+                // flood the log.
+                warn!(
+                    "federate: left out {} series that would have made the scrape invalid ({}); \
+                     the first in cluster {:?}",
+                    skips.series.total(),
+                    skips.series,
+                    skips.first_cluster.as_deref().unwrap_or("")
+                );
+            }
+            Ok(())
         }),
     )
+}
+
+/// The series one scrape left out because they could not be written validly.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Skips {
+    /// How many, by reason.
+    pub series: Skipped,
+    /// The first cluster that had any, for the log.
+    pub first_cluster: Option<String>,
+}
+
+impl Skips {
+    fn add(&mut self, cluster_id: &str, skipped: &Skipped) {
+        if skipped.total() > 0 && self.first_cluster.is_none() {
+            self.first_cluster = Some(cluster_id.to_string());
+        }
+        self.series.merge(skipped);
+    }
 }
 
 /// Most clusters a worker may have read and encoded ahead of the writer.
@@ -68,15 +113,16 @@ const AHEAD_PER_WORKER: usize = 2;
 const MAX_WORKERS: usize = 4;
 
 /// Writes every live cluster's families to `w` in `format`, without timestamps, in the store's
-/// order. Reading and encoding (nearly all the work) is spread over one worker per core, each
-/// taking every n-th cluster and at most [`AHEAD_PER_WORKER`] ahead, so memory stays a few
-/// clusters' worth however many are stored; this thread writes their buffers in order.
+/// order; returns the series left out. Reading and encoding (nearly all the work) is spread over
+/// one worker per core, each taking every n-th cluster and at most [`AHEAD_PER_WORKER`] ahead, so
+/// memory stays a few clusters' worth however many are stored; this thread writes their buffers
+/// in order.
 pub fn write_all(
     store: &Store,
     format: Format,
     filter: Option<&ClusterFilter>,
     w: &mut dyn Write,
-) -> io::Result<()> {
+) -> io::Result<Skips> {
     let ids: Vec<String> = store
         .clusters()
         .into_iter()
@@ -87,26 +133,29 @@ pub fn write_all(
         .map_or(1, usize::from)
         .min(MAX_WORKERS)
         .min(ids.len());
+    let mut skips = Skips::default();
     if workers <= 1 {
         let mut buffer = Vec::new();
         for id in &ids {
-            encode_stored(store, id, format, &mut buffer);
+            let skipped = encode_stored(store, id, format, &mut buffer);
+            skips.add(id, &skipped);
             w.write_all(&buffer)?;
         }
-        return w.flush();
+        w.flush()?;
+        return Ok(skips);
     }
     std::thread::scope(|scope| {
         let mut lanes = Vec::with_capacity(workers);
         for first in 0..workers {
-            let (ready, from_worker) = mpsc::sync_channel::<Vec<u8>>(AHEAD_PER_WORKER);
+            let (ready, from_worker) = mpsc::sync_channel::<(Vec<u8>, Skipped)>(AHEAD_PER_WORKER);
             let (to_worker, spares) = mpsc::channel::<Vec<u8>>();
             let ids = &ids;
             scope.spawn(move || {
                 for id in ids.iter().skip(first).step_by(workers) {
                     let mut buffer = spares.try_recv().unwrap_or_default();
-                    encode_stored(store, id, format, &mut buffer);
+                    let skipped = encode_stored(store, id, format, &mut buffer);
                     // An error means the writer stopped (the client went away): stop too.
-                    if ready.send(buffer).is_err() {
+                    if ready.send((buffer, skipped)).is_err() {
                         break;
                     }
                 }
@@ -114,36 +163,42 @@ pub fn write_all(
             lanes.push((from_worker, to_worker));
         }
         // Returning early (a write error) drops the lanes, which stops the workers.
-        for lane in lanes.iter().cycle().take(ids.len()) {
+        for (lane, id) in lanes.iter().cycle().zip(&ids) {
             let (from_worker, to_worker) = lane;
-            let Ok(buffer) = from_worker.recv() else {
+            let Ok((buffer, skipped)) = from_worker.recv() else {
                 break;
             };
+            skips.add(id, &skipped);
             w.write_all(&buffer)?;
             // Handed back for the worker's next cluster, so buffers are not reallocated.
             let _ = to_worker.send(buffer);
         }
-        w.flush()
+        w.flush()?;
+        Ok(skips)
     })
 }
 
 /// Replaces `buffer` with cluster `id`'s families in `format`, or with nothing when its file
-/// cannot be read or decoded (skipped with a warning, so one bad file never fails a scrape). A
-/// cluster is written whole or not at all.
-fn encode_stored(store: &Store, id: &str, format: Format, buffer: &mut Vec<u8>) {
+/// cannot be read or decoded (skipped with a warning, so one bad file never fails a scrape); the
+/// series left out. A cluster is written whole (but for those series) or not at all.
+fn encode_stored(store: &Store, id: &str, format: Format, buffer: &mut Vec<u8>) -> Skipped {
     buffer.clear();
     let upload = match store.get(id) {
         Ok(Some(upload)) => upload,
         // Expired or removed between listing and reading.
-        Ok(None) => return,
+        Ok(None) => return Skipped::default(),
         Err(e) => {
             warn!("federate: skipping cluster {id:?}: {e}");
-            return;
+            return Skipped::default();
         }
     };
-    if let Err(e) = write_cluster(&upload.payload, format, buffer) {
-        warn!("federate: skipping cluster {id:?}: {e}");
-        buffer.clear();
+    match write_cluster(&upload.payload, format, buffer) {
+        Ok(skipped) => skipped,
+        Err(e) => {
+            warn!("federate: skipping cluster {id:?}: {e}");
+            buffer.clear();
+            Skipped::default()
+        }
     }
 }
 
@@ -169,13 +224,19 @@ impl std::error::Error for ServeError {}
 
 /// Encodes one cluster's stored (protobuf-delimited) payload in `format` without timestamps,
 /// appending to `out`, straight from the payload's bytes ([`wire`]): text is transcoded, protobuf
-/// copied with the timestamps cut out. On error `out` holds part of the cluster.
-pub fn write_cluster(payload: &[u8], format: Format, out: &mut Vec<u8>) -> Result<(), ServeError> {
+/// copied with the timestamps cut out. Either way the series that cannot be served validly are
+/// left out, and counted. On error `out` holds part of the cluster.
+pub fn write_cluster(
+    payload: &[u8],
+    format: Format,
+    out: &mut Vec<u8>,
+) -> Result<Skipped, ServeError> {
+    let mut skipped = Skipped::default();
     for family in wire::families(payload, &stored_limits()) {
         let family = family.map_err(ServeError::Decode)?;
         match format {
             Format::Text => {
-                text::write_family_view(out, &family, false).map_err(|e| {
+                text::write_family_view(out, &family, false, &mut skipped).map_err(|e| {
                     // A series that does not decode comes back as InvalidData wrapping the reason.
                     match e
                         .get_ref()
@@ -186,11 +247,60 @@ pub fn write_cluster(payload: &[u8], format: Format, out: &mut Vec<u8>) -> Resul
                     }
                 })?
             }
-            Format::ProtoDelimited => {
-                wire::write_family_without_timestamps(out, &family).map_err(ServeError::Decode)?
-            }
+            Format::ProtoDelimited => write_family_protobuf(out, &family, &mut skipped)?,
         }
     }
+    Ok(skipped)
+}
+
+/// One family in protobuf without timestamps, leaving out (and counting in `skipped`) the series
+/// Prometheus would refuse, by the rule the text writer applies ([`text::unservable_labels`]);
+/// a series without the value of its type is valid protobuf and stays. Nearly every family has
+/// none to leave out and is copied from its bytes; one that has is decoded, filtered and encoded
+/// again.
+fn write_family_protobuf(
+    out: &mut Vec<u8>,
+    family: &wire::FamilyView<'_>,
+    skipped: &mut Skipped,
+) -> Result<(), ServeError> {
+    let kind = family.metric_type();
+    let servable_name = labels::is_valid_metric_name(family.name);
+    let problem = |metric: &Metric| {
+        if !servable_name {
+            return Some(SkipReason::MetricName);
+        }
+        let names = metric.label.iter();
+        text::unservable_labels(
+            kind,
+            names.map(|l| l.name.as_deref().unwrap_or("").as_bytes()),
+        )
+    };
+    // A family that does not decode is refused below, whichever way it is written: what
+    // cannot be read here is passed over.
+    let clean = servable_name
+        && family.metrics().flatten().all(|metric| {
+            let names = metric.labels().flatten().map(|(name, _)| name.as_bytes());
+            text::unservable_labels(kind, names).is_none()
+        });
+    if clean {
+        return wire::write_family_without_timestamps(out, family).map_err(ServeError::Decode);
+    }
+    let mut owned = <MetricFamily as prost::Message>::decode(family.message)
+        .map_err(|e| ServeError::Decode(DecodeError::Invalid(e.to_string())))?;
+    owned.metric.retain(|metric| match problem(metric) {
+        Some(reason) => {
+            skipped.add(reason);
+            false
+        }
+        None => true,
+    });
+    if owned.metric.is_empty() {
+        return Ok(());
+    }
+    for metric in &mut owned.metric {
+        metric.timestamp_ms = None;
+    }
+    delimited::encode_family(&owned, out);
     Ok(())
 }
 
@@ -205,6 +315,14 @@ mod tests {
 
     const METRICS_PB: &[u8] = include_bytes!("../../tests/fixtures/prometheus-metrics.pb");
 
+    /// Now, in milliseconds: stored samples older than the TTL are not served.
+    fn now_ms() -> i64 {
+        SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    }
+
     fn families(id: &str) -> Vec<MetricFamily> {
         vec![
             MetricFamily {
@@ -214,7 +332,7 @@ mod tests {
                 metric: vec![Metric {
                     label: vec![LabelPair::new("_id", id)],
                     counter: Some(Counter { value: Some(3.0) }),
-                    timestamp_ms: Some(1_700_000_000_000),
+                    timestamp_ms: Some(now_ms()),
                     ..Default::default()
                 }],
             },
@@ -232,7 +350,7 @@ mod tests {
                             upper_bound: Some(0.1),
                         }],
                     }),
-                    timestamp_ms: Some(1_700_000_000_001),
+                    timestamp_ms: Some(now_ms() + 1),
                     ..Default::default()
                 }],
             },
@@ -253,7 +371,8 @@ mod tests {
             text.contains("latency_seconds_bucket{_id=\"a\",le=\"+Inf\"} 2\n"),
             "{text}"
         );
-        assert!(!text.contains("1700000000000"), "{text}");
+        // No 13-digit number (a timestamp in milliseconds) anywhere.
+        assert!(!text.contains(&now_ms().to_string()[..8]), "{text}");
     }
 
     #[test]
@@ -311,12 +430,70 @@ mod tests {
             let err = write_cluster(&body, format, &mut Vec::new()).unwrap_err();
             assert!(matches!(err, ServeError::Decode(_)), "{err}");
         }
-        let nameless = delimited::encode(&[MetricFamily {
+    }
+
+    #[test]
+    fn series_that_cannot_be_written_validly_are_left_out_and_counted() {
+        // What validation refuses, stored anyway (an older server's file, or a peer's).
+        let mut stored = families("a");
+        stored[1].metric[0].label.push(LabelPair::new("le", "0.5"));
+        let mut dup = stored[0].metric[0].clone();
+        dup.label.push(LabelPair::new("_id", "again"));
+        let mut name = stored[0].metric[0].clone();
+        name.label.push(LabelPair::new("__name__", "other"));
+        stored[0].metric.extend([dup, name]);
+        stored.push(MetricFamily {
             name: None,
             ..families("a").remove(0)
-        }]);
-        let err = write_cluster(&nameless, Format::Text, &mut Vec::new()).unwrap_err();
-        assert!(matches!(err, ServeError::Text(_)), "{err}");
+        });
+        let mut text = Vec::new();
+        let skipped = write_cluster(&delimited::encode(&stored), Format::Text, &mut text).unwrap();
+        // Protobuf leaves out the same series (but keeps a series without its value).
+        let mut pd = Vec::new();
+        let pd_skipped =
+            write_cluster(&delimited::encode(&stored), Format::ProtoDelimited, &mut pd).unwrap();
+        assert_eq!(pd_skipped, skipped);
+        let served = delimited::decode(&pd, &stored_limits()).unwrap();
+        assert_eq!(served.len(), 1, "{served:?}");
+        assert_eq!(served[0].metric.len(), 1);
+        assert_eq!(served[0].metric[0].label, vec![LabelPair::new("_id", "a")]);
+        assert_eq!(served[0].metric[0].timestamp_ms, None);
+        let text = String::from_utf8(text).unwrap();
+        // Only the one valid series is served, with its header; the rest is counted.
+        assert_eq!(
+            text,
+            "# HELP requests_total Requests.\n# TYPE requests_total counter\nrequests_total{_id=\"a\"} 3\n"
+        );
+        assert_eq!(skipped.count(SkipReason::TypeLabel), 1);
+        assert_eq!(skipped.count(SkipReason::DuplicateLabel), 1);
+        assert_eq!(skipped.count(SkipReason::ReservedLabel), 1);
+        assert_eq!(skipped.count(SkipReason::MetricName), 1);
+        assert_eq!(skipped.total(), 4);
+
+        let dir =
+            std::env::temp_dir().join(format!("telemeter-federate-skip-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(StoreConfig {
+            dir: dir.clone(),
+            ttl: Duration::from_secs(3600),
+            max_batch: 8,
+        })
+        .unwrap();
+        let now = SystemTime::now();
+        store.put("good", payload("good"), now).unwrap();
+        store.put("mixed", delimited::encode(&stored), now).unwrap();
+        let mut out = Vec::new();
+        let skips = write_all(&store, Format::Text, None, &mut out).unwrap();
+        assert_eq!(skips.series, skipped);
+        assert_eq!(skips.first_cluster.as_deref(), Some("mixed"));
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains("requests_total{_id=\"good\"} 3\n"), "{out}");
+        assert!(
+            out.contains("latency_seconds_count{_id=\"good\"} 2\n"),
+            "{out}"
+        );
+        store.close();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -28,7 +28,9 @@ pub struct Metrics {
     pub store_write_seconds: HistogramVec,
     /// `/federate` duration, whole response streamed.
     pub federate_seconds: HistogramVec,
-    /// Uploads refused by the rate limit.
+    /// Series `/federate` left out because they could not be written validly, by reason.
+    pub federate_skipped: CounterVec,
+    /// Uploads refused by the rate limit (the slot, or the budget of refusals).
     pub ratelimited: Counter,
     /// Clusters stored now.
     pub stored_clusters: GaugeVec,
@@ -99,10 +101,22 @@ impl Metrics {
                 &[],
                 LATENCY_BUCKETS,
             ),
+            federate_skipped: {
+                let skipped = r.counter(
+                    "telemeter_server_federate_series_skipped_total",
+                    "Stored series /federate left out because Prometheus would refuse their line (and with it the whole scrape), by reason.",
+                    &["reason"],
+                );
+                // Every reason from the start, so an alert on an increase sees the first one.
+                for reason in telemeter_common::text::SkipReason::ALL {
+                    skipped.with(&[reason.as_str()]);
+                }
+                skipped
+            },
             ratelimited: r
                 .counter(
                     "telemeter_server_ratelimited_total",
-                    "Uploads refused because the cluster already uploaded within the window.",
+                    "Uploads refused (429) before being read: the cluster stored an upload within the window, or had its budget of uploads read but not stored spent.",
                     &[],
                 )
                 .with(&[]),

@@ -1,10 +1,29 @@
-//! Per-cluster rate limit: one stored upload per window.
+//! Per-cluster rate limit: one stored upload per window, and a small budget of uploads that are
+//! read but not stored.
 //!
 //! Upstream used a token bucket that an empty upload also drained, and never pruned its map. Here a
 //! slot is reserved before the store write and kept only when the write succeeded ([`Slot::commit`]);
 //! a dropped slot gives the window back, so rejected or failed uploads never cost the client its turn.
-//! Entries older than the window carry no information and are pruned, so the state stays bounded by
-//! the clusters that pushed within one window.
+//!
+//! Reading an upload (decompressing, decoding, validating up to 16 MiB) is the expensive part, and
+//! a refused one used no slot, so one valid token could have the server read maximum-size uploads
+//! that fail at their last series as fast as it could send them. So every read is paid for before
+//! it starts ([`RateLimiter::admit`]): with a refusal, taken from a budget of
+//! [`REFUSALS_PER_WINDOW`] per cluster that comes back one every window / [`REFUSALS_PER_WINDOW`];
+//! an upload that ends stored gives it back ([`Decode::stored`]), having used the slot instead.
+//! So per cluster (per upload token) the server reads at most `1 + REFUSALS_PER_WINDOW` uploads per
+//! window, and at most that many at once; past that, 429 before any byte is read.
+//!
+//! Why a budget of its own rather than the slot: a client whose upload is refused (a series its
+//! exporter got wrong, a body over a cap) can retry at once after fixing it instead of losing its
+//! turn for a whole window, and an empty upload (all filtered out by the whitelist) does not
+//! delay the next real one. Nothing locks a client out for good: a 429 costs nothing and moves no
+//! window, the budget comes back with time alone (never only after a stored upload), so a client
+//! that only ever sends empty uploads, or keeps retrying through 429s, is read again at the latest
+//! one window / [`REFUSALS_PER_WINDOW`] after its last read.
+//!
+//! Entries that carry no information any more (a window passed, a budget back to full) are pruned,
+//! so the state stays bounded by the clusters that pushed within one window.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,11 +36,18 @@ pub struct RateLimiter {
     state: Mutex<State>,
 }
 
+/// Uploads read but not stored that a cluster may have per window.
+pub const REFUSALS_PER_WINDOW: u32 = 3;
+
 #[derive(Debug, Default)]
 struct State {
     /// When each cluster's last upload was accepted (or reserved).
     last: HashMap<String, Instant>,
-    /// When the map was last pruned.
+    /// Each cluster's refusal budget as the time it is whole again (a generic cell rate
+    /// algorithm: every read moves it one window / [`REFUSALS_PER_WINDOW`] later, and a read is
+    /// allowed while it stays within one window of now). Absent: whole.
+    refused_until: HashMap<String, Instant>,
+    /// When the maps were last pruned.
     pruned: Option<Instant>,
 }
 
@@ -34,6 +60,33 @@ pub struct Slot<'a> {
     previous: Option<Instant>,
     reserved_at: Option<Instant>,
     committed: bool,
+}
+
+/// Why a read was not admitted, with the time until it would be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// The cluster stored an upload within the window.
+    Slot(Duration),
+    /// The cluster's refusal budget is spent.
+    Refusals(Duration),
+}
+
+impl Wait {
+    /// The time until a read would be admitted.
+    pub fn duration(self) -> Duration {
+        match self {
+            Wait::Slot(wait) | Wait::Refusals(wait) => wait,
+        }
+    }
+}
+
+/// A read of one upload, paid for with a refusal from its cluster's budget (see the module doc).
+/// Dropped, the refusal stays spent; [`Decode::stored`] gives it back.
+#[must_use = "a read is charged as a refusal unless it is marked stored"]
+pub struct Decode<'a> {
+    limiter: &'a RateLimiter,
+    cluster_id: String,
+    charged: bool,
 }
 
 impl RateLimiter {
@@ -50,8 +103,47 @@ impl RateLimiter {
         self.window
     }
 
+    /// Admits reading one upload of `cluster_id` at `now`: when its slot is free (see
+    /// [`RateLimiter::check`]) and its refusal budget has one left, which this takes. `Err(wait)`
+    /// otherwise, with the time until it would be admitted; that costs nothing.
+    pub fn admit(&self, cluster_id: &str, now: Instant) -> Result<Decode<'_>, Wait> {
+        let free = Decode {
+            limiter: self,
+            cluster_id: String::new(),
+            charged: false,
+        };
+        if self.window.is_zero() {
+            return Ok(free);
+        }
+        let mut state = self.lock();
+        self.prune(&mut state, now);
+        if let Some(&last) = state.last.get(cluster_id) {
+            self.wait(last, now).map_err(Wait::Slot)?;
+        }
+        let step = self.refusal_interval();
+        let whole_at = state
+            .refused_until
+            .get(cluster_id)
+            .map_or(now, |&until| until.max(now));
+        let after = whole_at + step;
+        if after > now + self.window {
+            return Err(Wait::Refusals(after - now - self.window));
+        }
+        state.refused_until.insert(cluster_id.to_string(), after);
+        Ok(Decode {
+            cluster_id: cluster_id.to_string(),
+            charged: true,
+            ..free
+        })
+    }
+
+    /// What one refusal costs: the time the budget takes to get it back.
+    fn refusal_interval(&self) -> Duration {
+        self.window / REFUSALS_PER_WINDOW
+    }
+
     /// Whether `cluster_id` could upload at `now`: `Err(wait)` with the time until its next slot.
-    /// Reserves nothing; a cheap early refusal before decoding a body.
+    /// Reserves nothing.
     pub fn check(&self, cluster_id: &str, now: Instant) -> Result<(), Duration> {
         if self.window.is_zero() {
             return Ok(());
@@ -90,9 +182,10 @@ impl RateLimiter {
         })
     }
 
-    /// How many clusters the limiter remembers now.
+    /// How many clusters the limiter remembers now (slots and budgets).
     pub fn tracked(&self) -> usize {
-        self.lock().last.len()
+        let state = self.lock();
+        state.last.len() + state.refused_until.len()
     }
 
     fn wait(&self, last: Instant, now: Instant) -> Result<(), Duration> {
@@ -104,7 +197,8 @@ impl RateLimiter {
         }
     }
 
-    /// Drops entries whose window has passed, at most once per window (amortized O(1) per call).
+    /// Drops entries whose window has passed and budgets whole again, at most once per window
+    /// (amortized O(1) per call).
     fn prune(&self, state: &mut State, now: Instant) {
         if let Some(at) = state.pruned {
             if now.saturating_duration_since(at) < self.window {
@@ -115,12 +209,37 @@ impl RateLimiter {
         state
             .last
             .retain(|_, last| now.saturating_duration_since(*last) < window);
+        state.refused_until.retain(|_, until| *until > now);
         state.pruned = Some(now);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // The state stays consistent even if a holder panicked: every update is one insert/remove.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Decode<'_> {
+    /// The upload was stored: it used the cluster's slot, so the refusal is given back.
+    pub fn stored(mut self) {
+        self.refund();
+    }
+
+    fn refund(&mut self) {
+        if !std::mem::replace(&mut self.charged, false) {
+            return;
+        }
+        let step = self.limiter.refusal_interval();
+        let mut state = self.limiter.lock();
+        if let Some(until) = state.refused_until.get_mut(&self.cluster_id) {
+            // A later read may have moved it on meanwhile; the refund only takes back this one.
+            match until.checked_sub(step) {
+                Some(earlier) => *until = earlier,
+                None => {
+                    state.refused_until.remove(&self.cluster_id);
+                }
+            }
+        }
     }
 }
 
@@ -230,7 +349,64 @@ mod tests {
         for _ in 0..3 {
             l.try_acquire("a", t0).unwrap().commit();
         }
+        for _ in 0..10 {
+            drop(l.admit("a", t0).unwrap());
+        }
         assert_eq!(l.tracked(), 0);
+    }
+
+    #[test]
+    fn reads_not_stored_have_a_budget_that_comes_back_with_time() {
+        let l = RateLimiter::new(W);
+        let step = W / REFUSALS_PER_WINDOW;
+        let t0 = Instant::now();
+        // Three refusals at once, held together (concurrent reads count too), then no more.
+        let held: Vec<_> = (0..REFUSALS_PER_WINDOW)
+            .map(|_| l.admit("a", t0).unwrap())
+            .collect();
+        assert_eq!(l.admit("a", t0).err(), Some(Wait::Refusals(step)));
+        drop(held);
+        assert_eq!(l.admit("a", t0).err(), Some(Wait::Refusals(step)));
+        // Another cluster has its own budget.
+        drop(l.admit("b", t0).unwrap());
+        // Asking again costs nothing and moves nothing: one comes back after one step.
+        for i in 1..100 {
+            assert!(l.admit("a", t0 + step * i / 100).is_err());
+        }
+        drop(l.admit("a", t0 + step).unwrap());
+        assert!(l.admit("a", t0 + step).is_err());
+        // After a whole window the budget is whole again, and its entry is pruned.
+        let later = t0 + step + W;
+        let held: Vec<_> = (0..REFUSALS_PER_WINDOW)
+            .map(|_| l.admit("a", later).unwrap())
+            .collect();
+        assert!(l.admit("a", later).is_err());
+        drop(held);
+        let _ = l.admit("new", later + W * 2);
+        assert_eq!(l.tracked(), 1);
+    }
+
+    #[test]
+    fn a_stored_upload_gives_its_refusal_back_and_uses_the_slot() {
+        let l = RateLimiter::new(W);
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            let read = l.admit("a", t0).unwrap();
+            read.stored();
+        }
+        // Once the slot is used, no read is admitted before the window passes, budget or not.
+        let read = l.admit("a", t0).unwrap();
+        l.try_acquire("a", t0).unwrap().commit();
+        read.stored();
+        assert_eq!(l.admit("a", t0).err(), Some(Wait::Slot(W)));
+        let read = l.admit("a", t0 + W).unwrap();
+        read.stored();
+        // The refunds left the budget whole.
+        let held: Vec<_> = (0..REFUSALS_PER_WINDOW)
+            .map(|_| l.admit("a", t0 + W).unwrap())
+            .collect();
+        assert!(l.admit("a", t0 + W).is_err());
+        drop(held);
     }
 
     #[test]

@@ -1,13 +1,27 @@
 //! `/upload`: the push pipeline.
 //!
-//! method → upload token → rate-limit peek → Content-Encoding → Content-Type → decode (with caps
-//! before and after decompression) → validate and stamp → reserve the rate-limit slot → route (store
-//! durably) → 200. Every refusal is one line of text with a status saying whose fault it is.
+//! method → upload token → rate-limit admission → Content-Encoding → Content-Type → decode (with
+//! caps before and after decompression) → validate and stamp → reserve the rate-limit slot → route
+//! (store durably) → 200. Every refusal is one line of text with a status saying whose fault it is.
 //!
 //! Status choices: an absent Content-Type is read as protobuf-delimited (what every upstream client
 //! sends); an unknown one is 415 (upstream parsed it as text). Too many series or samples is 413,
 //! like a body over the byte caps. An upload left empty by the whitelist is answered 200, stores
 //! nothing and does not use the cluster's rate-limit slot.
+//!
+//! What a read costs the sender: an upload that is stored uses the cluster's slot (one per
+//! `--ratelimit` window); every other upload that passes the token check (refused as malformed or
+//! invalid, left empty by the whitelist, an empty body, or not stored for want of a store: 503)
+//! costs one of
+//! [`REFUSALS_PER_WINDOW`] refusals per window instead, paid before the body is read (see
+//! [`crate::ratelimit`]). A separate budget rather than the slot, so that one refused upload does
+//! not cost a client a whole window (it can fix and retry at once), and an empty upload does not
+//! delay the next real one. Over either: 429 with `Retry-After` before anything is read, so one
+//! token makes the server read at most `1 + REFUSALS_PER_WINDOW` uploads per window. Clients that
+//! send empty uploads (upstream ones may, and a whitelist can empty any upload) are never locked
+//! out: an empty upload costs one refusal, refusals come back with time alone (one every window /
+//! [`REFUSALS_PER_WINDOW`], whether or not anything is stored meanwhile), and a 429 costs nothing,
+//! so retrying never pushes the next turn further away.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,7 +40,7 @@ use telemeter_common::token::{Claims, TokenSigner};
 use crate::authorize::{bearer_in, check_cluster_id, unauthorized};
 use crate::metrics::Metrics;
 use crate::prescan;
-use crate::ratelimit::{retry_after_secs, RateLimiter};
+use crate::ratelimit::{retry_after_secs, RateLimiter, Wait, REFUSALS_PER_WINDOW};
 use crate::route::{RouteError, Router};
 use crate::validate::{Rules, WireCheck};
 
@@ -211,6 +225,22 @@ impl Refusal {
             retry_after: Some(secs),
         }
     }
+
+    fn not_admitted(wait: Wait) -> Refusal {
+        match wait {
+            Wait::Slot(wait) => Refusal::rate_limited(wait),
+            Wait::Refusals(wait) => {
+                let secs = retry_after_secs(wait);
+                Refusal {
+                    status: 429,
+                    message: format!(
+                        "rate limited: {REFUSALS_PER_WINDOW} uploads of this cluster were refused or empty within the window; next upload read in {secs}s"
+                    ),
+                    retry_after: Some(secs),
+                }
+            }
+        }
+    }
 }
 
 /// An upload ready to store.
@@ -359,10 +389,12 @@ impl UploadHandler {
         let now = SystemTime::now();
         let claims = self.authenticate(request.header("Authorization"), now)?;
         let cluster_id = claims.cluster_id;
-        // A cluster that may not store now is refused before its body costs any decoding.
-        self.limiter
-            .check(&cluster_id, Instant::now())
-            .map_err(Refusal::rate_limited)?;
+        // Paid for before the body costs any decoding: a read that does not end stored costs a
+        // refusal from the cluster's budget, one that does gives it back for the slot.
+        let read = self
+            .limiter
+            .admit(&cluster_id, Instant::now())
+            .map_err(Refusal::not_admitted)?;
 
         let mut token_labels: BTreeMap<String, String> = claims.labels;
         token_labels.insert(self.partition_label.clone(), cluster_id.clone());
@@ -412,6 +444,7 @@ impl UploadHandler {
             return Err(Refusal::new(e.status(), message));
         }
         slot.commit();
+        read.stored();
         self.metrics.upload_series.add(prepared.series as u64);
         debug!(
             "stored {} series for cluster {cluster_id:?}",
@@ -911,6 +944,66 @@ mod tests {
         assert!(router.stored.lock().unwrap().is_empty());
         assert_eq!(h.handle(&request(&token("a"), body("up"))).status, 200);
         assert_eq!(router.stored.lock().unwrap().len(), 1);
+    }
+
+    fn retry_after(r: &Response) -> Option<u64> {
+        r.headers
+            .iter()
+            .find(|(n, _)| n == "Retry-After")
+            .and_then(|(_, v)| v.parse().ok())
+    }
+
+    fn reason(r: &Response) -> String {
+        match &r.body {
+            telemeter_common::http::Body::Bytes(text) => String::from_utf8_lossy(text).into_owned(),
+            _ => String::new(),
+        }
+    }
+
+    #[test]
+    fn uploads_read_but_not_stored_cost_the_sender_a_refusal_each() {
+        let router = Arc::new(FakeRouter::default());
+        let h = handler(router.clone(), vec![]);
+        // Refused after a full decode (the sample is a day and a bit old).
+        let old = |name: &str| {
+            let mut families = delimited::decode(&body(name), &Default::default()).unwrap();
+            families[0].metric[0].timestamp_ms = Some(1_000);
+            delimited::encode(&families)
+        };
+        for _ in 0..REFUSALS_PER_WINDOW {
+            assert_eq!(h.handle(&request(&token("a"), old("up"))).status, 400);
+        }
+        // Over the budget: 429 before anything is read (read, it would be 400), valid or not.
+        for upload in [old("up"), body("up")] {
+            let r = h.handle(&request(&token("a"), upload));
+            assert_eq!(r.status, 429);
+            // The handler's window is an hour: one refusal comes back every 20 minutes.
+            assert_eq!(retry_after(&r), Some(1200));
+            assert!(reason(&r).contains("refused or empty"), "{}", reason(&r));
+        }
+        // Other clusters are not affected.
+        assert_eq!(h.handle(&request(&token("b"), body("up"))).status, 200);
+        assert_eq!(router.stored.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn empty_uploads_cost_a_refusal_and_not_the_slot() {
+        let router = Arc::new(FakeRouter::default());
+        let h = handler(router.clone(), vec![Selector::parse("up").unwrap()]);
+        for _ in 0..REFUSALS_PER_WINDOW - 1 {
+            assert_eq!(h.handle(&request(&token("a"), body("other"))).status, 200);
+        }
+        // With one refusal left, a real upload is read and stored: it gives the refusal back.
+        assert_eq!(h.handle(&request(&token("a"), body("up"))).status, 200);
+        assert_eq!(router.stored.lock().unwrap().len(), 1);
+        // Now the slot is used: not read at all.
+        let r = h.handle(&request(&token("a"), body("other")));
+        assert_eq!((r.status, retry_after(&r)), (429, Some(3600)));
+        assert!(
+            reason(&r).contains("next upload accepted"),
+            "{}",
+            reason(&r)
+        );
     }
 
     #[test]

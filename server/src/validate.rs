@@ -5,6 +5,14 @@
 //! and future timestamps are refused too. The partition label is not trusted from the client: it is
 //! set from the token on every series, and a series carrying another value is refused (403).
 //!
+//! A series whose `/federate` line Prometheus would refuse is refused too (400): a line with a
+//! label named twice fails the whole scrape, and so blinds the central Prometheus to every cluster
+//! on the server. Beyond duplicates within the series, that is a label the exposition adds itself
+//! (`le` on a histogram, `quantile` on a summary) and any `__` name (reserved; `__name__` would
+//! repeat the metric name). The rule is [`text::reserved_label`], the one the writer applies too;
+//! the labels the server adds (partition, `--label`, `--required-label`) are held to it at start
+//! ([`server_label_problem`]).
+//!
 //! Caps: the series count is capped by the decoder (413, see `upload`); this module caps samples at
 //! ten per allowed series (413), which bounds histogram and summary uploads as well.
 
@@ -17,6 +25,7 @@ use telemeter_common::delimited;
 use telemeter_common::labels::{self, LabelError};
 use telemeter_common::model::{Bucket, LabelPair, Metric, MetricFamily, MetricType, Quantile};
 use telemeter_common::selector::{self, Selector};
+use telemeter_common::text::{self, SkipReason};
 use telemeter_common::wire::{self, FamilyView, MetricView, Value};
 
 /// What the validator enforces.
@@ -65,6 +74,17 @@ pub enum ValidationError {
         family: String,
         /// What was wrong.
         error: LabelError,
+    },
+    /// A series carries a label its exposition cannot: reserved, or the one its type adds.
+    UnservableLabel {
+        /// The family.
+        family: String,
+        /// The family's type.
+        kind: MetricType,
+        /// The label.
+        label: String,
+        /// [`SkipReason::ReservedLabel`] or [`SkipReason::TypeLabel`].
+        reason: SkipReason,
     },
     /// A series lacks the value field of its family's type.
     ValueMismatch {
@@ -132,6 +152,20 @@ impl fmt::Display for ValidationError {
             ValidationError::Labels { family, error } => {
                 write!(f, "a series of {family} has invalid labels: {error}")
             }
+            ValidationError::UnservableLabel {
+                family,
+                kind,
+                label,
+                reason: SkipReason::TypeLabel,
+            } => write!(
+                f,
+                "a series of {family} has label {label:?}, which the exposition of a {} sets itself",
+                type_name(*kind)
+            ),
+            ValidationError::UnservableLabel { family, label, .. } => write!(
+                f,
+                "a series of {family} has label {label:?}: names starting with \"__\" are reserved for Prometheus"
+            ),
             ValidationError::ValueMismatch { family, expected } => {
                 write!(f, "a series of {family} has no {expected} value")
             }
@@ -228,6 +262,7 @@ impl Rules {
                     family: name.clone(),
                     error,
                 })?;
+                check_servable(&name, kind, metric)?;
                 check_value(&name, kind, metric)?;
                 let ts = metric
                     .timestamp_ms
@@ -373,7 +408,7 @@ impl Rules {
                 return None;
             }
             previous_ts = ts;
-            let labels = check_wire_labels(&metric, token_labels)?;
+            let labels = check_wire_labels(&metric, kind, token_labels)?;
             total.labels = total.labels.saturating_add(labels);
         }
         total.series = total.series.saturating_add(series);
@@ -430,11 +465,13 @@ fn count_wire_samples(
 /// Label names kept per series for the duplicate check without re-reading the labels.
 const KEPT_NAMES: usize = 16;
 
-/// [`labels::check_series_labels`] and the token labels on the wire: `Some` when every label is
-/// valid and every token label is already there with its value. An empty value is sent to the
-/// owned path, which alone can tell an absent value (refused) from an empty one.
+/// [`labels::check_series_labels`], [`check_servable`] and the token labels on the wire: `Some`
+/// when every label is valid and servable in a family of `kind`, and every token label is already
+/// there with its value. An empty value is sent to the owned path, which alone can tell an
+/// absent value (refused) from an empty one.
 fn check_wire_labels(
     metric: &MetricView<'_>,
+    kind: MetricType,
     token_labels: &BTreeMap<String, String>,
 ) -> Option<usize> {
     // The first names, kept for the duplicate check of unsorted labels (small, so cheap to set up).
@@ -447,6 +484,7 @@ fn check_wire_labels(
         let (name, value) = label.ok()?;
         if name.len() > labels::MAX_NAME_BYTES
             || !labels::is_valid_label_name(name)
+            || text::reserved_label(kind, name).is_some()
             || value.is_empty()
             || value.len() > labels::MAX_VALUE_BYTES
         {
@@ -522,6 +560,49 @@ fn stamp_token_labels(
         }
     }
     Ok(())
+}
+
+/// Refuses a series with a label its `/federate` line cannot carry ([`text::reserved_label`]).
+fn check_servable(family: &str, kind: MetricType, metric: &Metric) -> Result<(), ValidationError> {
+    for pair in &metric.label {
+        let label = pair.name.as_deref().unwrap_or("");
+        if let Some(reason) = text::reserved_label(kind, label) {
+            return Err(ValidationError::UnservableLabel {
+                family: family.to_string(),
+                kind,
+                label: label.to_string(),
+                reason,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A type as the text format names it.
+fn type_name(kind: MetricType) -> &'static str {
+    match kind {
+        MetricType::Counter => "counter",
+        MetricType::Gauge => "gauge",
+        MetricType::Summary => "summary",
+        MetricType::Untyped => "untyped metric",
+        MetricType::Histogram | MetricType::GaugeHistogram => "histogram",
+    }
+}
+
+/// Why the server may not put label `name` on every series (`--partition-label`, `--label`,
+/// `--required-label`): every histogram or summary, or every series, would then be refused or
+/// left out of `/federate`. `None` when it may.
+pub fn server_label_problem(name: &str) -> Option<String> {
+    [MetricType::Histogram, MetricType::Summary]
+        .into_iter()
+        .find_map(|kind| Some((kind, text::reserved_label(kind, name)?)))
+        .map(|(kind, reason)| match reason {
+            SkipReason::TypeLabel => format!(
+                "{name:?} is the label the exposition of a {} sets itself",
+                type_name(kind)
+            ),
+            _ => format!("{name:?} starts with \"__\", which is reserved for Prometheus"),
+        })
 }
 
 fn check_value(family: &str, kind: MetricType, metric: &Metric) -> Result<(), ValidationError> {
@@ -706,6 +787,126 @@ mod tests {
             )
             .unwrap_err();
         assert!(matches!(err, ValidationError::Labels { .. }), "{err}");
+    }
+
+    /// `family` as a family of `kind`, each series with the value that type calls for.
+    fn typed(mut family: MetricFamily, kind: MetricType) -> MetricFamily {
+        family.r#type = Some(kind as i32);
+        for m in &mut family.metric {
+            m.gauge = None;
+            match kind {
+                MetricType::Counter => m.counter = Some(Counter { value: Some(1.0) }),
+                MetricType::Gauge => m.gauge = Some(Gauge { value: Some(1.0) }),
+                MetricType::Untyped => {
+                    m.untyped = Some(telemeter_common::model::Untyped { value: Some(1.0) })
+                }
+                MetricType::Summary => {
+                    m.summary = Some(Summary {
+                        sample_count: Some(1),
+                        sample_sum: Some(1.0),
+                        quantile: vec![Quantile {
+                            quantile: Some(0.5),
+                            value: Some(1.0),
+                        }],
+                    })
+                }
+                MetricType::Histogram | MetricType::GaugeHistogram => {
+                    m.histogram = Some(Histogram {
+                        sample_count: Some(1),
+                        sample_sum: Some(1.0),
+                        bucket: vec![Bucket {
+                            cumulative_count: Some(1),
+                            upper_bound: Some(1.0),
+                        }],
+                    })
+                }
+            }
+        }
+        family
+    }
+
+    #[test]
+    fn labels_the_exposition_cannot_carry_are_refused_on_both_paths() {
+        let r = rules();
+        for (kind, label, message) in [
+            (
+                MetricType::Histogram,
+                "le",
+                "a series of f has label \"le\", which the exposition of a histogram sets itself",
+            ),
+            (
+                MetricType::GaugeHistogram,
+                "le",
+                "a series of f has label \"le\", which the exposition of a histogram sets itself",
+            ),
+            (
+                MetricType::Summary,
+                "quantile",
+                "a series of f has label \"quantile\", which the exposition of a summary sets itself",
+            ),
+            (
+                MetricType::Gauge,
+                "__name__",
+                "a series of f has label \"__name__\": names starting with \"__\" are reserved for Prometheus",
+            ),
+            (
+                MetricType::Counter,
+                "__foo",
+                "a series of f has label \"__foo\": names starting with \"__\" are reserved for Prometheus",
+            ),
+        ] {
+            // Stamped, so that the fast path would take it were the label fine.
+            let family = typed(
+                stamped("f", &[("_id", "a"), (label, "1")], &[NOW_MS]),
+                kind,
+            );
+            assert_eq!(both_paths(&r, vec![family.clone()]), WireCheck::Owned, "{label}");
+            let err = r.apply(vec![family], &token(), now()).unwrap_err();
+            assert_eq!((err.status(), err.to_string().as_str()), (400, message));
+        }
+        // On the other types, le and quantile are ordinary labels, on both paths.
+        for kind in [MetricType::Gauge, MetricType::Counter, MetricType::Untyped] {
+            let family = typed(
+                stamped(
+                    "f",
+                    &[("_id", "a"), ("le", "1"), ("quantile", "x")],
+                    &[NOW_MS],
+                ),
+                kind,
+            );
+            assert!(
+                matches!(both_paths(&r, vec![family]), WireCheck::Unchanged { .. }),
+                "{kind:?}"
+            );
+        }
+        // A name given twice names the family and the label.
+        let err = r
+            .apply(
+                vec![stamped("f", &[("a", "1"), ("a", "2")], &[NOW_MS])],
+                &token(),
+                now(),
+            )
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "a series of f has invalid labels: label \"a\" appears more than once"
+        );
+    }
+
+    #[test]
+    fn labels_the_server_adds_must_be_servable_on_every_series() {
+        for fine in ["_id", "region", "cluster", "_x"] {
+            assert_eq!(server_label_problem(fine), None, "{fine}");
+        }
+        for (bad, says) in [
+            ("le", "histogram"),
+            ("quantile", "summary"),
+            ("__name__", "reserved"),
+            ("__x", "reserved"),
+        ] {
+            let problem = server_label_problem(bad).unwrap();
+            assert!(problem.contains(says) && problem.contains(bad), "{problem}");
+        }
     }
 
     #[test]

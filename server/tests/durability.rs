@@ -158,3 +158,83 @@ fn clusters_not_pushed_for_the_ttl_are_no_longer_served_and_their_files_go() {
     let again = ServerProcess::start(&storage, &args);
     assert!(series_lines(&again.federate()).is_empty());
 }
+
+/// The TTL counts from the newest sample, as upstream meant it: a push of samples taken 20 minutes
+/// ago is answered 200 but never served with `--ttl 10m`, also after a restart; and a push of
+/// samples taken 6 s ago with `--ttl 12s` is served for about 6 s, not 12, then swept.
+#[test]
+fn the_ttl_counts_from_the_newest_sample() {
+    let dir = TempDir::new("ttl-samples");
+    let storage = dir.path().join("data");
+    let args = [
+        "--insecure-accept-any-token",
+        "--ratelimit",
+        "0s",
+        "--ttl",
+        "10m",
+    ];
+    let mut s = ServerProcess::start(&storage, &args);
+    let late = s.upload_token("any", "late");
+    let r = s.upload(&late, &families(Some("late"), 3, now_ms() - 20 * 60_000));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let fresh = s.upload_token("any", "fresh");
+    let r = s.upload(&fresh, &families(Some("fresh"), 3, now_ms() - 9 * 60_000));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let served = |s: &ServerProcess| {
+        let text = s.federate();
+        (
+            text.contains("_id=\"late\""),
+            series_lines(&text)
+                .iter()
+                .filter(|l| l.contains("_id=\"fresh\""))
+                .count(),
+        )
+    };
+    assert_eq!(served(&s), (false, 4));
+    // Also once reopened from its files (the newest sample is in their headers).
+    assert!(s.signal_and_wait(libc::SIGTERM).success());
+    let s = ServerProcess::start(&storage, &args);
+    assert_eq!(served(&s), (false, 4));
+    drop(s);
+
+    let dir = TempDir::new("ttl-samples-short");
+    let storage = dir.path().join("data");
+    let args = [
+        "--insecure-accept-any-token",
+        "--ratelimit",
+        "0s",
+        "--ttl",
+        "12s",
+    ];
+    let s = ServerProcess::start(&storage, &args);
+    let token = s.upload_token("any", "aging");
+    let pushed = std::time::Instant::now();
+    let r = s.upload(&token, &families(Some("aging"), 3, now_ms() - 6_000));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(series_lines(&s.federate()).len(), 4);
+    let deadline = pushed + std::time::Duration::from_secs(30);
+    let gone = loop {
+        if series_lines(&s.federate()).is_empty() {
+            break pushed.elapsed();
+        }
+        assert!(std::time::Instant::now() < deadline, "still served");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    // Counted from the receive time it would have stayed 12 s.
+    assert!(
+        gone < std::time::Duration::from_secs(10),
+        "gone after {gone:?}"
+    );
+    loop {
+        let metrics = get(&s.url_internal("/metrics"), &[]).body;
+        if metric_value(&metrics, "telemeter_server_store_expired_total", &[]) == 1.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never swept: {metrics}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    println!("samples 6 s old with a 12 s TTL: no longer served {gone:?} after the push");
+}

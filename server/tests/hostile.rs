@@ -233,6 +233,26 @@ fn case(name: &'static str, status: u16, reason: &'static str, send: Send) -> Ca
 
 fn catalogue() -> Vec<Case> {
     let key = KEY.as_bytes();
+    let mut cases = catalogue_without_unservable(key);
+    // Series /federate could not serve, which would fail the central Prometheus's whole scrape.
+    for upload in unservable_uploads("test") {
+        let Unservable {
+            name,
+            content_type,
+            body,
+            reason,
+        } = upload;
+        cases.push(case(
+            name,
+            400,
+            reason,
+            Box::new(move |c| upload_as(c.s, &c.token, content_type, &body)),
+        ));
+    }
+    cases
+}
+
+fn catalogue_without_unservable(key: &'static [u8]) -> Vec<Case> {
     vec![
         // --- tokens ---
         case(

@@ -294,6 +294,173 @@ fn rate_limit() {
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
+/// The server's CPU time so far (user + system), from `/proc`.
+fn cpu_time(s: &ServerProcess) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", s.child.id())).unwrap();
+    // After the command name in parentheses: state is field 3, utime and stime fields 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// The median of `samples`.
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+/// One token, many maximum-size uploads that are refused only at their last series: the server
+/// reads the first few (the cluster's refusal budget) and answers every other one 429 before
+/// reading it, so they cost next to no CPU, and a bystander pushing meanwhile is not slowed down.
+#[test]
+fn refused_uploads_cost_the_sender_and_not_the_bystander() {
+    const SERIES: usize = 20_000;
+    const ATTACKERS: usize = 4;
+    const TRIES: usize = 25;
+    let dir = TempDir::new("refusal-budget");
+    let max_series = SERIES.to_string();
+    let s = start(&dir, &["--ratelimit", "1h", "--max-series", &max_series]);
+    // As big as the caps allow, valid to the last series, whose timestamp goes backwards.
+    let ts = now_ms();
+    let mut attack = families(Some("test"), SERIES - 1, ts);
+    attack[1].metric[SERIES - 2].timestamp_ms = Some(ts - 1);
+    let attack = snappy::encode_framed(&delimited::encode(&attack));
+    let attacker = s.upload_token("secret", "test");
+    let bystander = |i: usize| s.upload_token("wild", &format!("bystander-{i}"));
+    let bystander_upload = |token: &str| {
+        let started = std::time::Instant::now();
+        let r = s.upload(token, &families(None, 20, now_ms()));
+        assert_eq!(r.status, 200, "{}", r.body);
+        started.elapsed()
+    };
+    let quiet: Vec<Duration> = (0..10).map(|i| bystander_upload(&bystander(i))).collect();
+
+    let cpu_before = cpu_time(&s);
+    let (answers, during) = std::thread::scope(|scope| {
+        let attackers: Vec<_> = (0..ATTACKERS)
+            .map(|_| {
+                scope.spawn(|| {
+                    (0..TRIES)
+                        .map(|_| {
+                            let r = raw_upload(
+                                &s,
+                                &attacker,
+                                &[
+                                    ("Content-Type", PROTO_DELIMITED),
+                                    ("Content-Encoding", "snappy"),
+                                ],
+                                &attack,
+                            );
+                            (r.status, r.header("Retry-After").map(String::from), r.body)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let during: Vec<Duration> = (10..30).map(|i| bystander_upload(&bystander(i))).collect();
+        let answers: Vec<_> = attackers
+            .into_iter()
+            .flat_map(|a| a.join().unwrap())
+            .collect();
+        (answers, during)
+    });
+    let cpu = cpu_time(&s) - cpu_before;
+    let refused = answers.iter().filter(|(status, ..)| *status == 400).count();
+    let limited = answers.iter().filter(|(status, ..)| *status == 429).count();
+    println!(
+        "{} attacking uploads of {} bytes: {refused} read and refused (400), {limited} answered 429 unread; \
+         server CPU over the attack {cpu:?}; bystander p50 {:?} quiet, {:?} under attack",
+        answers.len(),
+        attack.len(),
+        median(quiet),
+        median(during.clone())
+    );
+    // Exactly the budget was read, whatever the timing; everything else was refused unread.
+    assert_eq!((refused, limited), (3, ATTACKERS * TRIES - 3));
+    for (status, retry_after, body) in &answers {
+        if *status == 400 {
+            assert!(body.contains("not in increasing order"), "{body}");
+        } else {
+            // One refusal comes back every 20 minutes with a one-hour window.
+            let secs: u64 = retry_after.as_deref().unwrap().parse().unwrap();
+            assert!(secs > 1100 && secs <= 1200, "{secs}");
+            assert!(body.contains("refused or empty") && !body.trim_end().contains('\n'));
+        }
+    }
+    let metrics = get(&s.url_internal("/metrics"), &[]).body;
+    let uploads = |status: &str| {
+        metric_value(
+            &metrics,
+            "telemeter_server_uploads_total",
+            &[&format!("status=\"{status}\"")],
+        )
+    };
+    assert_eq!(uploads("400"), 3.0, "{metrics}");
+    assert_eq!(uploads("429"), (ATTACKERS * TRIES - 3) as f64, "{metrics}");
+    assert_eq!(uploads("200"), 30.0, "{metrics}");
+    // The cluster is locked out of reads, not forever: a valid upload is 429 too, for now.
+    let r = s.upload(&attacker, &families(None, 1, now_ms()));
+    assert_eq!(r.status, 429, "{}", r.body);
+}
+
+/// Retries `upload` until it is not 429, waiting what `Retry-After` says (bounded); the reply,
+/// and how many 429s came first.
+fn until_admitted(upload: impl Fn() -> Reply) -> (Reply, usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut limited = 0;
+    loop {
+        let r = upload();
+        if r.status != 429 {
+            return (r, limited);
+        }
+        limited += 1;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still 429: {}",
+            r.body
+        );
+        // Much more often than Retry-After asks: retrying must not push the next turn away.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A client whose every upload is emptied by the whitelist (as an upstream client's may be) is
+/// answered 200 and never locked out: each empty upload costs one refusal from a budget that
+/// comes back with time alone, 429s cost nothing however often it retries, and its first real
+/// upload is stored as soon as it is read.
+#[test]
+fn empty_uploads_never_lock_a_client_out() {
+    let dir = TempDir::new("empty-uploads");
+    // A 3 s window: one refusal back every second.
+    let s = start(&dir, &["--ratelimit", "3s", "--whitelist", "up"]);
+    let token = s.upload_token("secret", "test");
+    let mut empty = families(None, 1, now_ms());
+    empty.remove(0);
+    for _ in 0..3 {
+        let r = s.upload(&token, &empty);
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let r = s.upload(&token, &empty);
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.header("Retry-After"), Some("1"));
+    for _ in 0..3 {
+        let (r, limited) = until_admitted(|| s.upload(&token, &empty));
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(limited > 0);
+    }
+    assert!(series_lines(&s.federate()).is_empty());
+    let (r, _) = until_admitted(|| s.upload(&token, &families(None, 1, now_ms())));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(series_lines(&s.federate()).len(), 1);
+}
+
 #[test]
 fn whitelist_filters_series() {
     let dir = TempDir::new("whitelist");

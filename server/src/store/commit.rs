@@ -39,6 +39,8 @@ pub(super) struct Request {
     pub(super) cluster_id: String,
     pub(super) payload: Vec<u8>,
     pub(super) received_millis: u64,
+    /// The payload's newest sample time (the TTL counts from it), read by the caller.
+    pub(super) newest_sample_ms: i64,
     pub(super) mode: Mode,
     pub(super) reply: ReplySender<Result<bool, StoreError>>,
 }
@@ -244,6 +246,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                         request.cluster_id.clone(),
                         Entry {
                             received_millis: request.received_millis,
+                            newest_sample_ms: request.newest_sample_ms,
                             payload_bytes: request.payload.len() as u64,
                             location: Location::Journal {
                                 segment: Arc::clone(segment),
@@ -324,19 +327,22 @@ pub(super) fn checkpoint_until_closed(shared: &Shared, retired: &Receiver<Arc<Se
 /// On failure the segment stays: reads keep using it, and the next open replays it. With `keep`
 /// the segment stays even on success. Returns whether it succeeded.
 pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) -> bool {
-    let in_segment: Vec<(String, u64, u64)> = lock(&shared.index)
+    let in_segment: Vec<(String, u64, u64, i64)> = lock(&shared.index)
         .iter()
         .filter_map(|(id, entry)| match &entry.location {
-            Location::Journal { segment: s, offset } if s.number == segment.number => {
-                Some((id.clone(), *offset, entry.payload_bytes))
-            }
+            Location::Journal { segment: s, offset } if s.number == segment.number => Some((
+                id.clone(),
+                *offset,
+                entry.payload_bytes,
+                entry.newest_sample_ms,
+            )),
             _ => None,
         })
         .collect();
 
     let mut written: Vec<(String, u64, PathBuf, File)> = Vec::new();
     let mut failed = false;
-    for (cluster_id, offset, payload_bytes) in in_segment {
+    for (cluster_id, offset, payload_bytes, newest_sample_ms) in in_segment {
         let temp = shared.dir.join(format!(
             "{}{}",
             super::TEMP_PREFIX,
@@ -351,9 +357,13 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
                 }
             })
             .and_then(|(header, payload)| {
-                let image =
-                    file::encode_header(&header.cluster_id, header.received_millis, &payload)
-                        .map_err(|reason| io::Error::new(io::ErrorKind::InvalidInput, reason))?;
+                let image = file::encode_header(
+                    &header.cluster_id,
+                    header.received_millis,
+                    newest_sample_ms,
+                    &payload,
+                )
+                .map_err(|reason| io::Error::new(io::ErrorKind::InvalidInput, reason))?;
                 let mut out = File::options().write(true).create_new(true).open(&temp)?;
                 out.write_all(&image)?;
                 out.write_all(&payload)?;

@@ -12,15 +12,20 @@ use ring::digest;
 
 /// The first eight bytes of every cluster file.
 pub(super) const MAGIC: &[u8; 8] = b"TLMSTORE";
-/// The only format version this code writes and reads.
-pub(super) const VERSION: u16 = 1;
+/// The format version this code writes: 2 records the newest sample's time.
+pub(super) const VERSION: u16 = 2;
+/// The first version, still read: without the newest sample's time, which is then read from the
+/// payload.
+pub(super) const VERSION_1: u16 = 1;
 /// Bytes of the checksum (SHA-256).
 pub(super) const CHECKSUM_LEN: u64 = 32;
 /// Bytes of magic + version + cluster id length, the part before the cluster id.
 pub(super) const PREFIX_LEN: u64 = 8 + 2 + 2;
-/// Bytes of receive time + payload length, between the cluster id and the checksum.
+/// Bytes of receive time + payload length, between the cluster id and the checksum, in version 1.
 pub(super) const TIMES_LEN: u64 = 8 + 8;
-/// The smallest possible header: an empty cluster id.
+/// Bytes of the newest sample's time, after the receive time, from version 2.
+pub(super) const NEWEST_LEN: u64 = 8;
+/// The smallest possible header: an empty cluster id, version 1.
 const MIN_HEADER_LEN: u64 = PREFIX_LEN + TIMES_LEN + CHECKSUM_LEN;
 
 /// The file name of a cluster: lowercase hex SHA-256 of its id, so any id is a safe name.
@@ -55,21 +60,24 @@ pub(super) fn from_millis(millis: u64) -> SystemTime {
         .unwrap_or(UNIX_EPOCH)
 }
 
-/// Builds the header for `payload`; the payload itself follows it in the file. Fails only when the
-/// cluster id does not fit its u16 length field.
+/// Builds the (current version's) header for `payload`, whose newest sample is stamped
+/// `newest_sample_ms`; the payload itself follows it in the file. Fails only when the cluster id
+/// does not fit its u16 length field.
 pub(super) fn encode_header(
     cluster_id: &str,
     received_millis: u64,
+    newest_sample_ms: i64,
     payload: &[u8],
 ) -> Result<Vec<u8>, String> {
     let id_len = u16::try_from(cluster_id.len())
         .map_err(|_| format!("cluster id is {} bytes, more than 65535", cluster_id.len()))?;
-    let mut header = Vec::with_capacity(MIN_HEADER_LEN as usize + cluster_id.len());
+    let mut header = Vec::with_capacity((MIN_HEADER_LEN + NEWEST_LEN) as usize + cluster_id.len());
     header.extend_from_slice(MAGIC);
     header.extend_from_slice(&VERSION.to_le_bytes());
     header.extend_from_slice(&id_len.to_le_bytes());
     header.extend_from_slice(cluster_id.as_bytes());
     header.extend_from_slice(&received_millis.to_le_bytes());
+    header.extend_from_slice(&newest_sample_ms.to_le_bytes());
     header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     let mut checksum = digest::Context::new(&digest::SHA256);
     checksum.update(&header);
@@ -85,6 +93,9 @@ pub(super) struct Header {
     pub(super) cluster_id: String,
     /// Receive time, ms since the epoch.
     pub(super) received_millis: u64,
+    /// The newest sample's timestamp, ms since the epoch; `None` where the format does not record
+    /// it (version 1 files, journal records), so it is read from the payload.
+    pub(super) newest_sample_ms: Option<i64>,
     /// Payload bytes.
     pub(super) payload_len: u64,
 }
@@ -115,7 +126,8 @@ fn read_array<const N: usize>(reader: &mut impl Read) -> Result<[u8; N], ReadErr
 
 /// Reads and verifies the file at `path`. With `keep_payload` the payload is returned; without, it
 /// is streamed through the checksum in small pieces (recovery verifies every file that way, so
-/// memory does not grow with payload size).
+/// memory does not grow with payload size), except in a version 1 file: its header does not record
+/// the newest sample's time, so its payload is returned to read that from.
 pub(super) fn read(
     path: &Path,
     keep_payload: bool,
@@ -137,14 +149,19 @@ pub(super) fn read(
         ));
     }
     let version: [u8; 2] = read_array(&mut reader)?;
-    if u16::from_le_bytes(version) != VERSION {
-        return Err(ReadError::Corrupt(format!(
-            "has format version {}, this server reads {VERSION}",
-            u16::from_le_bytes(version)
-        )));
-    }
+    let with_newest = match u16::from_le_bytes(version) {
+        VERSION => true,
+        VERSION_1 => false,
+        other => {
+            return Err(ReadError::Corrupt(format!(
+                "has format version {other}, this server reads {VERSION_1} and {VERSION}"
+            )))
+        }
+    };
+    let keep_payload = keep_payload || !with_newest;
     let id_len: [u8; 2] = read_array(&mut reader)?;
-    let header_len = MIN_HEADER_LEN + u64::from(u16::from_le_bytes(id_len));
+    let newest_len = if with_newest { NEWEST_LEN } else { 0 };
+    let header_len = MIN_HEADER_LEN + newest_len + u64::from(u16::from_le_bytes(id_len));
     if file_len < header_len {
         return Err(ReadError::Corrupt(format!(
             "is {file_len} bytes, shorter than its header ({header_len})"
@@ -160,6 +177,13 @@ pub(super) fn read(
     checksum.update(&id);
     let received: [u8; 8] = read_array(&mut reader)?;
     checksum.update(&received);
+    let newest_sample_ms = if with_newest {
+        let newest: [u8; 8] = read_array(&mut reader)?;
+        checksum.update(&newest);
+        Some(i64::from_le_bytes(newest))
+    } else {
+        None
+    };
     let payload_len: [u8; 8] = read_array(&mut reader)?;
     checksum.update(&payload_len);
     let stored_checksum: [u8; CHECKSUM_LEN as usize] = read_array(&mut reader)?;
@@ -201,13 +225,14 @@ pub(super) fn read(
     let header = Header {
         cluster_id,
         received_millis: u64::from_le_bytes(received),
+        newest_sample_ms,
         payload_len: declared,
     };
     Ok((header, payload))
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -231,18 +256,78 @@ mod tests {
 
     #[test]
     fn header_layout() {
-        let header = encode_header("ab", 7, b"xyz").unwrap();
-        assert_eq!(header.len() as u64, MIN_HEADER_LEN + 2);
+        let header = encode_header("ab", 7, -9, b"xyz").unwrap();
+        assert_eq!(header.len() as u64, MIN_HEADER_LEN + NEWEST_LEN + 2);
         assert_eq!(&header[..8], MAGIC);
-        assert_eq!(&header[8..10], &1u16.to_le_bytes());
+        assert_eq!(&header[8..10], &2u16.to_le_bytes());
         assert_eq!(&header[10..12], &2u16.to_le_bytes());
         assert_eq!(&header[12..14], b"ab");
         assert_eq!(&header[14..22], &7u64.to_le_bytes());
-        assert_eq!(&header[22..30], &3u64.to_le_bytes());
+        assert_eq!(&header[22..30], &(-9i64).to_le_bytes());
+        assert_eq!(&header[30..38], &3u64.to_le_bytes());
         let mut ctx = digest::Context::new(&digest::SHA256);
-        ctx.update(&header[..30]);
+        ctx.update(&header[..38]);
         ctx.update(b"xyz");
-        assert_eq!(&header[30..], ctx.finish().as_ref());
-        assert!(encode_header(&"x".repeat(70_000), 0, b"").is_err());
+        assert_eq!(&header[38..], ctx.finish().as_ref());
+        assert!(encode_header(&"x".repeat(70_000), 0, 0, b"").is_err());
+    }
+
+    /// A version 1 header, as servers before version 2 wrote it.
+    pub(in crate::store) fn encode_header_v1(
+        cluster_id: &str,
+        received_millis: u64,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut header = Vec::new();
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&VERSION_1.to_le_bytes());
+        header.extend_from_slice(&(cluster_id.len() as u16).to_le_bytes());
+        header.extend_from_slice(cluster_id.as_bytes());
+        header.extend_from_slice(&received_millis.to_le_bytes());
+        header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        let mut checksum = digest::Context::new(&digest::SHA256);
+        checksum.update(&header);
+        checksum.update(payload);
+        header.extend_from_slice(checksum.finish().as_ref());
+        header
+    }
+
+    #[test]
+    fn both_versions_are_read() {
+        let dir = std::env::temp_dir().join(format!("telemeter-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        for (bytes, newest) in [
+            (
+                [encode_header("c", 5, 42, b"pay").unwrap(), b"pay".to_vec()].concat(),
+                Some(42),
+            ),
+            (
+                [encode_header_v1("c", 5, b"pay"), b"pay".to_vec()].concat(),
+                None,
+            ),
+        ] {
+            std::fs::write(&path, &bytes).unwrap();
+            let (header, payload) = read(&path, false).unwrap();
+            assert_eq!(
+                (
+                    header.cluster_id.as_str(),
+                    header.received_millis,
+                    header.newest_sample_ms
+                ),
+                ("c", 5, newest)
+            );
+            // Version 1 hands its payload out anyway: the newest sample is read from it.
+            assert_eq!(payload.is_some(), newest.is_none());
+            assert_eq!(read(&path, true).unwrap().1.unwrap(), b"pay");
+            // Every header byte is under the checksum.
+            for at in 8..bytes.len() {
+                let mut flipped = bytes.clone();
+                flipped[at] ^= 0x01;
+                std::fs::write(&path, &flipped).unwrap();
+                assert!(read(&path, true).is_err(), "byte {at}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -134,6 +134,8 @@ fn verify(
         Header {
             cluster_id,
             received_millis: prefix.received_millis,
+            // Not recorded: the store reads it from the payload.
+            newest_sample_ms: None,
             payload_len: prefix.payload_len,
         },
         payload,

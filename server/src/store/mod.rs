@@ -11,25 +11,40 @@
 //! file per upload (figures in the `journal` module).
 //!
 //! The directory is locked (fs2) so a second server on it refuses to start. On open, temp files are
-//! removed and files that fail their checksum are moved to `DIR/corrupt/` and never served. A cluster
-//! not written for the TTL is no longer listed, and the sweeper removes its file.
+//! removed and files that fail their checksum are moved to `DIR/corrupt/` and never served.
 //!
-//! # File format (version 1)
+//! # The TTL counts from the newest sample
+//!
+//! As upstream meant it (it dropped samples older than now − TTL at read time): a cluster is
+//! listed and served only while the newest sample timestamp of its upload is younger than the TTL,
+//! whenever the upload arrived; the sweeper removes the others. A push of samples taken 20 minutes
+//! ago is stored (they are within `--max-sample-age`) but never served with a 10 minute TTL. The
+//! index keeps each cluster's newest sample time, read from the payload when it is put (one pass
+//! over the series' fields, by the caller, not the committer), kept in the file header from
+//! version 2, and read from the payload again when a journal record is replayed or a version 1
+//! file is opened. A payload with no sample timestamp (validation accepts none such) counts from
+//! its receive time.
+//!
+//! # File format (version 2)
 //!
 //! All integers little endian.
 //!
 //! | bytes        | field                                                          |
 //! |--------------|----------------------------------------------------------------|
 //! | 8            | magic `TLMSTORE`                                               |
-//! | 2            | format version, u16 (1)                                        |
+//! | 2            | format version, u16 (2)                                        |
 //! | 2            | cluster id length `n`, u16                                     |
 //! | n            | cluster id, UTF-8                                              |
 //! | 8            | receive time, u64 milliseconds since the Unix epoch            |
+//! | 8            | newest sample timestamp, i64 milliseconds since the Unix epoch |
 //! | 8            | payload length `p`, u64                                        |
 //! | 32           | SHA-256 of every header byte above + the payload               |
-//! | p            | payload: protobuf-delimited families (opaque to the store)     |
+//! | p            | payload: protobuf-delimited families                           |
 //!
-//! A file is served only if the magic and version match, `p` is exactly what follows the header
+//! Version 1 (written before the TTL counted from samples) is the same without the newest sample
+//! timestamp; it is still read, and rewritten as version 2 when its cluster is next written.
+//!
+//! A file is served only if the magic and a known version match, `p` is exactly what follows the header
 //! (nothing is allocated from a declared length before that is checked against the file's size),
 //! the checksum matches and the name is the hash of the id inside. Any other file is moved to
 //! `DIR/corrupt/<name>.<unix seconds>` with a warning.
@@ -72,7 +87,7 @@ use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use fs2::FileExt;
-use telemeter_common::handoff;
+use telemeter_common::{handoff, wire};
 
 use commit::{JournalState, Mode, Request};
 use file::ReadError;
@@ -94,7 +109,8 @@ const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 pub struct StoreConfig {
     /// The storage directory (created if missing).
     pub dir: PathBuf,
-    /// A cluster not written for this long is no longer served, and its file is removed.
+    /// A cluster whose newest sample is older than this is no longer served, and its file is
+    /// removed.
     pub ttl: Duration,
     /// Most uploads one group commit takes.
     pub max_batch: usize,
@@ -234,6 +250,8 @@ struct Shared {
 #[derive(Clone, Debug)]
 struct Entry {
     received_millis: u64,
+    /// The TTL counts from this: the newest sample's timestamp (see [`newest_sample_ms`]).
+    newest_sample_ms: i64,
     payload_bytes: u64,
     location: Location,
 }
@@ -261,12 +279,20 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Whether an upload received at `received` is still served at `now`.
-fn is_live(received: SystemTime, now: SystemTime, ttl: Duration) -> bool {
-    match now.duration_since(received) {
-        Ok(age) => age <= ttl,
-        // Received in the future (clock stepped back): keep it.
-        Err(_) => true,
+/// Whether an upload whose newest sample is stamped `newest_sample_ms` is still served at `now`.
+fn is_live(newest_sample_ms: i64, now: SystemTime, ttl: Duration) -> bool {
+    let now_ms = i64::try_from(file::to_millis(now)).unwrap_or(i64::MAX);
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    // A sample from the future (within the allowed skew, or the clock stepped back) is live.
+    newest_sample_ms >= now_ms.saturating_sub(ttl_ms)
+}
+
+/// The time the TTL of `payload`, received at `received_millis`, counts from: its newest sample's
+/// timestamp; its receive time when it has none or does not decode (then it is not served anyway).
+fn newest_sample_ms(payload: &[u8], received_millis: u64) -> i64 {
+    match wire::newest_timestamp(payload) {
+        Ok(Some(newest)) => newest,
+        Ok(None) | Err(_) => i64::try_from(received_millis).unwrap_or(i64::MAX),
     }
 }
 
@@ -409,11 +435,15 @@ impl Store {
             .clone()
             .ok_or(StoreError::Closed)?;
         let (reply, answer) = handoff::oneshot();
+        let received_millis = file::to_millis(received);
+        // Read here, on the caller's thread, so the committer's batches do not wait for it.
+        let newest_sample_ms = newest_sample_ms(&payload, received_millis);
         requests
             .send(Request {
                 cluster_id: cluster_id.to_string(),
                 payload,
-                received_millis: file::to_millis(received),
+                received_millis,
+                newest_sample_ms,
                 mode,
                 reply,
             })
@@ -424,18 +454,18 @@ impl Store {
         answer.recv().ok_or(StoreError::Closed)?
     }
 
-    /// The clusters served now (written within the TTL), in a stable order (by cluster id).
+    /// The clusters served now (newest sample within the TTL), in a stable order (by cluster id).
     pub fn clusters(&self) -> Vec<ClusterEntry> {
         let shared = &self.handle.shared;
         let now = SystemTime::now();
         lock(&shared.index)
             .iter()
+            .filter(|(_, entry)| is_live(entry.newest_sample_ms, now, shared.ttl))
             .map(|(cluster_id, entry)| ClusterEntry {
                 cluster_id: cluster_id.clone(),
                 received: file::from_millis(entry.received_millis),
                 payload_bytes: entry.payload_bytes,
             })
-            .filter(|entry| is_live(entry.received, now, shared.ttl))
             .collect()
     }
 
@@ -450,7 +480,7 @@ impl Store {
         self.handle.shared.remove(cluster_id)
     }
 
-    /// Removes every cluster not written since `now - ttl`; returns how many.
+    /// Removes every cluster whose newest sample is older than `now - ttl`; returns how many.
     pub fn sweep(&self, now: SystemTime) -> usize {
         self.handle.shared.sweep(now)
     }
@@ -550,11 +580,19 @@ impl Shared {
                 continue;
             }
             match file::read(&path, false) {
-                Ok((header, _)) if file::file_name(&header.cluster_id) == name => {
+                Ok((header, payload)) if file::file_name(&header.cluster_id) == name => {
+                    // Version 1 files do not record it: they hand their payload out instead.
+                    let newest_sample_ms = header.newest_sample_ms.unwrap_or_else(|| {
+                        newest_sample_ms(
+                            payload.as_deref().unwrap_or_default(),
+                            header.received_millis,
+                        )
+                    });
                     index.insert(
                         header.cluster_id,
                         Entry {
                             received_millis: header.received_millis,
+                            newest_sample_ms,
                             payload_bytes: header.payload_len,
                             location: Location::File,
                         },
@@ -651,9 +689,14 @@ impl Shared {
             "{TEMP_PREFIX}{}",
             self.next_temp.fetch_add(1, Ordering::Relaxed)
         ));
-        let header =
-            file::encode_header(&cluster_id, record.header.received_millis, &record.payload)
-                .map_err(|reason| io::Error::new(io::ErrorKind::InvalidData, reason))?;
+        let newest_sample_ms = newest_sample_ms(&record.payload, record.header.received_millis);
+        let header = file::encode_header(
+            &cluster_id,
+            record.header.received_millis,
+            newest_sample_ms,
+            &record.payload,
+        )
+        .map_err(|reason| io::Error::new(io::ErrorKind::InvalidData, reason))?;
         let mut out = File::options().write(true).create_new(true).open(&temp)?;
         out.write_all(&header)?;
         out.write_all(&record.payload)?;
@@ -663,6 +706,7 @@ impl Shared {
             cluster_id,
             Entry {
                 received_millis: record.header.received_millis,
+                newest_sample_ms,
                 payload_bytes: record.payload.len() as u64,
                 location: Location::File,
             },
@@ -701,11 +745,7 @@ impl Shared {
         let Some(entry) = lock(&self.index).get(cluster_id).cloned() else {
             return Ok(None);
         };
-        if !is_live(
-            file::from_millis(entry.received_millis),
-            SystemTime::now(),
-            self.ttl,
-        ) {
+        if !is_live(entry.newest_sample_ms, SystemTime::now(), self.ttl) {
             return Ok(None);
         }
         if let Location::Journal { segment, offset } = &entry.location {
@@ -816,7 +856,7 @@ impl Shared {
         let _mutation = lock(&self.mutation);
         let expired: Vec<String> = lock(&self.index)
             .iter()
-            .filter(|(_, entry)| !is_live(file::from_millis(entry.received_millis), now, self.ttl))
+            .filter(|(_, entry)| !is_live(entry.newest_sample_ms, now, self.ttl))
             .map(|(cluster_id, _)| cluster_id.clone())
             .collect();
         let mut removed = 0;
@@ -831,7 +871,16 @@ impl Shared {
                     continue;
                 }
             }
-            lock(&self.index).remove(&cluster_id);
+            // A put since the listing (the committer does not take the mutation lock) made the
+            // cluster live again: its upload is in the journal, and its entry must stay.
+            let mut index = lock(&self.index);
+            if index
+                .get(&cluster_id)
+                .is_some_and(|entry| is_live(entry.newest_sample_ms, now, self.ttl))
+            {
+                continue;
+            }
+            index.remove(&cluster_id);
             removed += 1;
         }
         // No directory sync: a file that comes back after a crash is still expired and is swept
@@ -1207,7 +1256,7 @@ mod tests {
 
     /// Where the payload-length field of `cluster_id`'s file is.
     fn payload_len_offset(cluster_id: &str) -> usize {
-        (file::PREFIX_LEN as usize) + cluster_id.len() + 8
+        (file::PREFIX_LEN + file::NEWEST_LEN) as usize + cluster_id.len() + 8
     }
 
     fn corrupt_names(dir: &Path) -> Vec<String> {
@@ -1324,6 +1373,134 @@ mod tests {
         assert!(store.clusters().is_empty());
     }
 
+    /// A payload of one gauge series stamped `ms_ago` milliseconds before now.
+    fn sampled(ms_ago: i64) -> Vec<u8> {
+        use telemeter_common::model::{Gauge, Metric, MetricFamily, MetricType};
+        let now = file::to_millis(SystemTime::now()) as i64;
+        telemeter_common::delimited::encode(&[MetricFamily {
+            name: Some("up".into()),
+            help: None,
+            r#type: Some(MetricType::Gauge as i32),
+            metric: vec![Metric {
+                gauge: Some(Gauge { value: Some(1.0) }),
+                timestamp_ms: Some(now - ms_ago),
+                ..Default::default()
+            }],
+        }])
+    }
+
+    fn listed(store: &Store) -> Vec<String> {
+        store.clusters().into_iter().map(|c| c.cluster_id).collect()
+    }
+
+    #[test]
+    fn the_ttl_counts_from_the_newest_sample_not_the_receive_time() {
+        let dir = TempDir::new("ttl-samples");
+        // A 10 minute TTL; everything received just now.
+        let ttl = Duration::from_secs(600);
+        let store = Store::open(StoreConfig {
+            ttl,
+            ..config(&dir)
+        })
+        .unwrap();
+        let minute = 60_000;
+        store.put("stale", sampled(20 * minute), at(0)).unwrap();
+        store.put("fresh", sampled(9 * minute), at(0)).unwrap();
+        // Samples in the future (within the skew validation allows) are fresh.
+        store.put("ahead", sampled(-4 * minute), at(0)).unwrap();
+        assert_eq!(listed(&store), ["ahead", "fresh"]);
+        assert_eq!(store.get("stale").unwrap(), None);
+        assert!(store.get("fresh").unwrap().is_some());
+        // The sweeper removes the stale one now, the fresh one a minute later (9 + 1 = 10).
+        assert_eq!(store.sweep(SystemTime::now()), 1);
+        assert!(!file_of(&store, "stale").exists());
+        assert_eq!(store.sweep(SystemTime::now() + Duration::from_secs(50)), 0);
+        assert_eq!(store.sweep(SystemTime::now() + Duration::from_secs(70)), 1);
+        assert_eq!(listed(&store), ["ahead"]);
+        // A later upload of older samples replaces a fresh one, and is not served: as upstream,
+        // which kept the latest upload and dropped its old samples at read time.
+        store.put("ahead", sampled(11 * minute), at(0)).unwrap();
+        assert!(listed(&store).is_empty());
+    }
+
+    #[test]
+    fn the_newest_sample_survives_a_checkpoint_a_replay_and_a_restart() {
+        let dir = TempDir::new("ttl-restart");
+        let ttl = Duration::from_secs(600);
+        let minute = 60_000;
+        {
+            let store = Store::open(StoreConfig {
+                ttl,
+                ..config(&dir)
+            })
+            .unwrap();
+            // In a cluster file (checkpointed), and left in the journal (replayed at the next open).
+            store
+                .put("stale-file", sampled(20 * minute), at(0))
+                .unwrap();
+            store.put("fresh-file", sampled(minute), at(0)).unwrap();
+            checkpoint_now(&store);
+            store
+                .put("stale-journal", sampled(20 * minute), at(0))
+                .unwrap();
+            store.put("fresh-journal", sampled(minute), at(0)).unwrap();
+            // A crash: nothing checkpoints the segment (taken away from the closing store).
+            let segment = lock(&store.handle.shared.journal).segment.take().unwrap();
+            drop(store);
+            assert!(segment.path.exists());
+        }
+        let store = Store::open(StoreConfig {
+            ttl,
+            ..config(&dir)
+        })
+        .unwrap();
+        assert_eq!(listed(&store), ["fresh-file", "fresh-journal"]);
+        // The replayed clusters were written as version 2 files, with their newest sample.
+        drop(store);
+        let store = Store::open(StoreConfig {
+            ttl,
+            ..config(&dir)
+        })
+        .unwrap();
+        assert_eq!(listed(&store), ["fresh-file", "fresh-journal"]);
+        let (header, _) = file::read(&file_of(&store, "stale-journal"), false).unwrap();
+        assert!(header.newest_sample_ms.is_some());
+    }
+
+    #[test]
+    fn a_version_1_file_is_read_and_its_newest_sample_taken_from_its_payload() {
+        let dir = TempDir::new("ttl-v1");
+        fs::create_dir_all(&dir.0).unwrap();
+        let minute = 60_000;
+        for (id, payload) in [("old", sampled(20 * minute)), ("new", sampled(minute))] {
+            let received = file::to_millis(SystemTime::now());
+            let header = file::tests::encode_header_v1(id, received, &payload);
+            fs::write(dir.0.join(file::file_name(id)), [header, payload].concat()).unwrap();
+        }
+        let ttl = Duration::from_secs(600);
+        let store = Store::open(StoreConfig {
+            ttl,
+            ..config(&dir)
+        })
+        .unwrap();
+        assert_eq!(listed(&store), ["new"]);
+        assert_eq!(
+            store.get("new").unwrap().unwrap().payload,
+            sampled_like(&store, "new")
+        );
+        assert_eq!(store.stats().corrupt_files, 0);
+        // Rewritten as version 2 when its cluster is next written.
+        store.put("new", sampled(0), at(0)).unwrap();
+        checkpoint_now(&store);
+        let (header, _) = file::read(&file_of(&store, "new"), false).unwrap();
+        assert!(header.newest_sample_ms.is_some());
+    }
+
+    /// The payload `store` holds for `id` (read from its file directly).
+    fn sampled_like(store: &Store, id: &str) -> Vec<u8> {
+        file::read(&file_of(store, id), true).unwrap().1.unwrap()
+    }
+
     #[test]
     fn put_if_newer_keeps_the_newer_upload() {
         let dir = TempDir::new("ifnewer");
@@ -1362,6 +1539,7 @@ mod tests {
                 cluster_id: id.to_string(),
                 payload: payload.as_bytes().to_vec(),
                 received_millis: file::to_millis(received),
+                newest_sample_ms: file::to_millis(received) as i64,
                 mode,
                 reply,
             });
@@ -1514,7 +1692,7 @@ mod tests {
                     use std::io::Write;
                     for i in 0..PUTS {
                         let id = format!("bench-{t}");
-                        let header = file::encode_header(&id, 0, &payload).unwrap();
+                        let header = file::encode_header(&id, 0, 0, &payload).unwrap();
                         let temp = dir.join(format!(".tmp-{t}-{i}"));
                         let mut out = File::create(&temp).unwrap();
                         out.write_all(&header).unwrap();
@@ -1545,7 +1723,7 @@ mod tests {
                     for i in 0..SERIAL_PUTS {
                         let _one_at_a_time = lock(&serial_lock);
                         let id = format!("bench-{t}");
-                        let header = file::encode_header(&id, 0, &payload).unwrap();
+                        let header = file::encode_header(&id, 0, 0, &payload).unwrap();
                         let temp = dir.join(format!(".tmp-s{t}-{i}"));
                         let mut out = File::create(&temp).unwrap();
                         out.write_all(&header).unwrap();

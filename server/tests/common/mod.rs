@@ -426,3 +426,150 @@ pub fn metric_value(metrics_text: &str, name: &str, matching: &[&str]) -> f64 {
         // Not `sum()`: its empty sum is -0.0, which prints oddly.
         .fold(0.0, |total, v| total + v)
 }
+
+/// An upload whose series `/federate` could not serve: Prometheus would refuse its line, and with
+/// it the whole scrape. Validation must refuse it (400).
+pub struct Unservable {
+    /// What it tries.
+    pub name: &'static str,
+    /// Its Content-Type (PD or text).
+    pub content_type: &'static str,
+    /// The body, not compressed.
+    pub body: Vec<u8>,
+    /// A fragment the one-line reason must contain: the family and the label.
+    pub reason: &'static str,
+}
+
+/// The text Content-Type.
+pub const TEXT: &str = "text/plain; version=0.0.4";
+
+/// Every kind of [`Unservable`] upload, as protobuf (stamped with `_id` = `cluster`, as upstream
+/// clients send, so the wire fast path has to see the problem itself) and as text.
+pub fn unservable_uploads(cluster: &str) -> Vec<Unservable> {
+    use telemeter_common::model::{Bucket, Histogram, Quantile, Summary};
+    let ts = now_ms();
+    let series = |labels: &[(&str, &str)]| {
+        let mut label: Vec<LabelPair> = labels.iter().map(|(n, v)| LabelPair::new(n, v)).collect();
+        label.push(LabelPair::new("_id", cluster));
+        Metric {
+            label,
+            timestamp_ms: Some(ts),
+            ..Default::default()
+        }
+    };
+    let family = |name: &str, kind: MetricType, metric: Metric| {
+        delimited::encode(&[MetricFamily {
+            name: Some(name.into()),
+            help: Some("Hostile.".into()),
+            r#type: Some(kind as i32),
+            metric: vec![metric],
+        }])
+    };
+    let gauge = |labels: &[(&str, &str)]| Metric {
+        gauge: Some(Gauge { value: Some(1.0) }),
+        ..series(labels)
+    };
+    let histogram = Metric {
+        histogram: Some(Histogram {
+            sample_count: Some(2),
+            sample_sum: Some(1.5),
+            bucket: vec![Bucket {
+                cumulative_count: Some(1),
+                upper_bound: Some(0.5),
+            }],
+        }),
+        ..series(&[("le", "0.5")])
+    };
+    let summary = Metric {
+        summary: Some(Summary {
+            sample_count: Some(2),
+            sample_sum: Some(1.5),
+            quantile: vec![Quantile {
+                quantile: Some(0.5),
+                value: Some(1.0),
+            }],
+        }),
+        ..series(&[("quantile", "0.5")])
+    };
+    let pd = |name, body, reason| Unservable {
+        name,
+        content_type: PROTO_DELIMITED,
+        body,
+        reason,
+    };
+    let text = |name, body: String, reason| Unservable {
+        name,
+        content_type: TEXT,
+        body: body.into_bytes(),
+        reason,
+    };
+    vec![
+        pd(
+            "le on a histogram series (protobuf)",
+            family("h", MetricType::Histogram, histogram),
+            "series of h has label \"le\"",
+        ),
+        pd(
+            "quantile on a summary series (protobuf)",
+            family("s", MetricType::Summary, summary),
+            "series of s has label \"quantile\"",
+        ),
+        pd(
+            "__name__ label (protobuf)",
+            family("m", MetricType::Gauge, gauge(&[("__name__", "other")])),
+            "series of m has label \"__name__\"",
+        ),
+        pd(
+            "__foo label (protobuf)",
+            family("m", MetricType::Gauge, gauge(&[("__foo", "x")])),
+            "series of m has label \"__foo\"",
+        ),
+        pd(
+            "one label name twice, stamped (protobuf)",
+            family("m", MetricType::Gauge, gauge(&[("a", "1"), ("a", "2")])),
+            "series of m has invalid labels: label \"a\" appears more than once",
+        ),
+        text(
+            "le twice on a histogram bucket (text)",
+            format!("# TYPE h histogram\nh_bucket{{le=\"0.5\",le=\"1\",_id=\"{cluster}\"}} 1 {ts}\nh_sum{{_id=\"{cluster}\"}} 1 {ts}\nh_count{{_id=\"{cluster}\"}} 1 {ts}\n"),
+            "duplicate label name \"le\" in a series of \"h\"",
+        ),
+        text(
+            "quantile twice on a summary (text)",
+            format!("# TYPE s summary\ns{{quantile=\"0.5\",quantile=\"0.9\",_id=\"{cluster}\"}} 1 {ts}\n"),
+            "duplicate label name \"quantile\" in a series of \"s\"",
+        ),
+        text(
+            "__name__ label (text)",
+            format!("m{{__name__=\"other\",_id=\"{cluster}\"}} 1 {ts}\n"),
+            "\"__name__\" is reserved (a series of \"m\")",
+        ),
+        text(
+            "__foo label (text)",
+            format!("m{{__foo=\"x\",_id=\"{cluster}\"}} 1 {ts}\n"),
+            "series of m has label \"__foo\"",
+        ),
+        text(
+            "one label name twice (text)",
+            format!("m{{a=\"1\",a=\"2\",_id=\"{cluster}\"}} 1 {ts}\n"),
+            "duplicate label name \"a\" in a series of \"m\"",
+        ),
+    ]
+}
+
+/// Posts `body` to `/upload` with `upload_token` and `content_type`, not compressed.
+pub fn upload_as(
+    server: &ServerProcess,
+    upload_token: &str,
+    content_type: &str,
+    body: &[u8],
+) -> Reply {
+    post(
+        &server.url("/upload"),
+        &[
+            ("Authorization", &format!("Bearer {upload_token}")),
+            ("Content-Type", content_type),
+        ],
+        body,
+    )
+}
