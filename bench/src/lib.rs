@@ -13,5 +13,6 @@ pub mod http;
 pub mod ingest;
 pub mod latency;
 pub mod load;
-pub mod payload;
+// The payload lives in testkit so the server's federate probe scrapes the same series.
+pub use testkit::payload;
 pub mod report;

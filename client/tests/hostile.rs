@@ -23,6 +23,7 @@ use telemeter_client::scrape::DECODED_BYTES_PER_LIMIT_BYTE;
 use telemeter_common::delimited;
 use telemeter_common::media::PROTO_DELIMITED;
 use telemeter_common::model::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use testkit::wait_output;
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_telemeter-client");
 /// The client's default `--limit-bytes`, which the hostile replies fill.
@@ -242,19 +243,6 @@ fn run_client(args: &[&str]) -> Run {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         max_rss: max_rss_kib * 1024,
     }
-}
-
-/// Waits for `child` with a bound, killing it when the bound passes.
-fn wait_output(mut child: std::process::Child, within: Duration) -> std::process::Output {
-    let deadline = Instant::now() + within;
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().expect("helper output")
 }
 
 /// Not a test: the helper process of [`run_client`]. Runs the client (its stderr is this process's),

@@ -18,11 +18,10 @@
 //! The seed corpus can be rebuilt from the Prometheus fixtures with
 //! `cargo test -p telemeter-common --test fuzz -- --ignored regenerate_seed_corpus`.
 //!
-//! Other crates reuse the harness (see `fuzz/harness.rs`); the gossip packet decoder, which lives in
-//! the server crate, gets its target there: see "Gossip packets" below for the code to add.
+//! The harness is `testkit::fuzz`, shared with other crates; the gossip packet decoder, which lives
+//! in the server crate, gets its target there: see "Gossip packets" below for the code to add.
 
-#[path = "fuzz/harness.rs"]
-mod harness;
+use testkit::fuzz as harness;
 
 use harness::{escape, Target, Verdict};
 use std::collections::BTreeMap;
@@ -1529,8 +1528,7 @@ fn http_request_head_and_chunked_body() {
 // `server/tests/fuzz.rs`, reusing this harness; seeds are real packets from the encoder (plus any
 // files under `tests/fixtures/fuzz/gossip_packet/`):
 //
-//     #[path = "../../common/tests/fuzz/harness.rs"]
-//     mod harness;
+//     use testkit::fuzz as harness;
 //     use telemeter_common::token::{KeyPurpose, SharedKey};
 //     use telemeter_server::cluster::packet;
 //
@@ -1555,33 +1553,7 @@ fn http_request_head_and_chunked_body() {
 // reaches the field parser behind the MAC, which byte mutations of whole packets never do.
 
 // ---------------------------------------------------------------------------------------------
-// The harness itself
-
-#[test]
-fn harness_reports_a_panicking_input() {
-    let caught = std::panic::catch_unwind(|| {
-        harness::run(
-            Target {
-                name: "no-such-corpus",
-                dict: &[],
-                seeds: vec![b"fine".to_vec(), b"bo\x00om".to_vec()],
-            },
-            |input| {
-                if input.contains(&0) {
-                    panic!("zero byte");
-                }
-                Ok(())
-            },
-        )
-    });
-    let payload = caught.expect_err("the second seed panics, so the run must fail");
-    let message = payload
-        .downcast_ref::<String>()
-        .cloned()
-        .unwrap_or_default();
-    assert!(message.contains("panic: zero byte"), "{message}");
-    assert!(message.contains(r#"b"bo\x00om""#), "{message}");
-}
+// The helpers of the targets above
 
 #[test]
 fn crc32c_matches_the_snappy_test_vector() {

@@ -9,7 +9,7 @@ use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{families, get, now_ms, post, series_lines, ServerProcess, TempDir};
+use common::{families, get, now_ms, post, series_lines, ServerProcess, Signal, TempDir};
 use telemeter_common::hashring::{HashRing, DEFAULT_VNODES};
 use telemeter_common::token::{KeyPurpose, SharedKey};
 use telemeter_server::cluster::packet::Heartbeat;
@@ -196,7 +196,7 @@ impl Cluster {
 
     fn kill(&mut self, i: usize) {
         if let Some(mut process) = self.nodes[i].process.take() {
-            process.signal_and_wait(libc::SIGKILL);
+            process.signal_and_wait(Signal::Kill);
         }
     }
 }
@@ -422,5 +422,5 @@ fn forged_and_replayed_gossip_is_dropped_and_unsigned_forwards_refused() {
     // A clustered server still stops cleanly on SIGTERM.
     let mut cluster = cluster;
     let mut process = cluster.nodes[0].process.take().unwrap();
-    assert!(process.signal_and_wait(libc::SIGTERM).success());
+    assert!(process.signal_and_wait(Signal::Term).success());
 }

@@ -299,7 +299,7 @@ fn sigkill_during_an_upload_storm_loses_nothing_acknowledged() {
             problems.join("\n")
         );
         if round == rounds {
-            server.signal_and_wait(libc::SIGTERM);
+            server.signal_and_wait(Signal::Term);
             break;
         }
         if tokens_by_cluster.is_empty() {
@@ -353,7 +353,7 @@ fn sigkill_during_an_upload_storm_loses_nothing_acknowledged() {
             .collect();
         let delay = Duration::from_millis(rng.between(50, 1000));
         std::thread::sleep(delay);
-        let status = server.signal_and_wait(libc::SIGKILL);
+        let status = server.signal_and_wait(Signal::Kill);
         assert_eq!(status.code(), None, "killed by a signal");
         stop.store(true, Ordering::SeqCst);
         let (mut sent, mut acked) = (0, 0);
@@ -601,7 +601,7 @@ fn sigkill_of_the_owner_mid_forward_loses_nothing_acknowledged() {
             .process
             .take()
             .unwrap()
-            .signal_and_wait(libc::SIGKILL);
+            .signal_and_wait(Signal::Kill);
         // Keep pushing while the survivors notice and fail over.
         std::thread::sleep(Duration::from_millis(1500));
         stop.store(true, Ordering::SeqCst);

@@ -24,7 +24,7 @@ fn uploads_survive_sigkill_and_restart() {
     let r = first.upload(&token, &families(Some("test"), 20, now_ms()));
     assert_eq!(r.status, 200, "{}", r.body);
     // 200 means durable: no graceful shutdown gets a chance to flush anything.
-    first.signal_and_wait(libc::SIGKILL);
+    first.signal_and_wait(Signal::Kill);
 
     let second = ServerProcess::start(&storage, &args);
     let text = second.federate();
@@ -77,7 +77,7 @@ fn restart_removes_temp_files_and_sets_corrupt_files_aside() {
         assert_eq!(r.status, 200, "{}", r.body);
     }
     // SIGTERM checkpoints the journal into the cluster files.
-    assert!(first.signal_and_wait(libc::SIGTERM).success());
+    assert!(first.signal_and_wait(Signal::Term).success());
 
     // A bit flipped in the payload of one file, and a checkpoint cut short by a crash.
     let damaged = cluster_file(&storage, "damaged");
@@ -148,7 +148,7 @@ fn clusters_not_pushed_for_the_ttl_are_no_longer_served_and_their_files_go() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     // Gone from disk too, also after a restart (the removal is durable).
-    assert!(s.signal_and_wait(libc::SIGTERM).success());
+    assert!(s.signal_and_wait(Signal::Term).success());
     let files: Vec<_> = std::fs::read_dir(&storage)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -192,7 +192,7 @@ fn the_ttl_counts_from_the_newest_sample() {
     };
     assert_eq!(served(&s), (false, 4));
     // Also once reopened from its files (the newest sample is in their headers).
-    assert!(s.signal_and_wait(libc::SIGTERM).success());
+    assert!(s.signal_and_wait(Signal::Term).success());
     let s = ServerProcess::start(&storage, &args);
     assert_eq!(served(&s), (false, 4));
     drop(s);

@@ -1,6 +1,6 @@
 //! A throughput probe of `GET /federate` (not a benchmark harness): loads 2,000 clusters of 500
-//! series each (shaped like the `make bench` payload: node-exporter counters and gauges plus
-//! histograms, non-integer values) into a real server, then times one full scrape, counting the
+//! series each (the `make bench` payload, `testkit::payload`: node-exporter counters and gauges
+//! plus histograms, non-integer values) into a real server, then times one full scrape, counting the
 //! series lines as they arrive. Run a release build with
 //!
 //! ```text
@@ -18,183 +18,7 @@ use std::time::Instant;
 
 use common::*;
 use telemeter_common::media::PROTO_DELIMITED;
-use telemeter_common::model::{
-    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
-};
-
-/// A cheap deterministic value spread, so values format like real ones (mostly non-integers).
-struct Values(u64);
-
-impl Values {
-    fn next(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % 10_000_000) as f64 / 7.0
-    }
-}
-
-/// A scalar family: name, type and extra labels.
-type Scalars = (
-    &'static str,
-    MetricType,
-    &'static [(&'static str, &'static str)],
-);
-
-fn push(families: &mut Vec<MetricFamily>, name: &str, kind: MetricType, metric: Metric) {
-    if families.last().and_then(|f| f.name.as_deref()) != Some(name) {
-        families.push(MetricFamily {
-            name: Some(name.to_string()),
-            help: Some(format!("{name} as the node exporter reports it.")),
-            r#type: Some(kind as i32),
-            metric: Vec::new(),
-        });
-    }
-    if let Some(last) = families.last_mut() {
-        last.metric.push(metric);
-    }
-}
-
-/// 500 Prometheus series: 5 nodes × (32 cpu counters, 10 memory gauges, 15 filesystem gauges,
-/// 10 disk and 8 network counters, 4 other gauges, one 10-bucket histogram), plus three 13-bucket
-/// histograms. The server stamps `_id`.
-fn payload(seed: u64, ts: i64) -> Vec<MetricFamily> {
-    let mut v = Values(seed | 1);
-    let mut out = Vec::new();
-    let labels = |instance: &str, job: &str, extra: &[(&str, &str)]| {
-        let mut l = vec![
-            LabelPair::new("instance", instance),
-            LabelPair::new("job", job),
-        ];
-        l.extend(extra.iter().map(|(k, v)| LabelPair::new(k, v)));
-        l
-    };
-    let scalar = |label: Vec<LabelPair>, kind: MetricType, value: f64| Metric {
-        label,
-        counter: (kind == MetricType::Counter).then_some(Counter { value: Some(value) }),
-        gauge: (kind == MetricType::Gauge).then_some(Gauge { value: Some(value) }),
-        timestamp_ms: Some(ts),
-        ..Default::default()
-    };
-    let instances: Vec<String> = (0..5).map(|n| format!("10.0.0.{}:9100", 10 + n)).collect();
-    for i in &instances {
-        for cpu in 0..4 {
-            for mode in [
-                "idle", "iowait", "irq", "nice", "softirq", "steal", "system", "user",
-            ] {
-                let l = labels(
-                    i,
-                    "node-exporter",
-                    &[("cpu", &cpu.to_string()), ("mode", mode)],
-                );
-                let m = scalar(l, MetricType::Counter, v.next());
-                push(&mut out, "node_cpu_seconds_total", MetricType::Counter, m);
-            }
-        }
-    }
-    let simple: [Scalars; 6] = [
-        ("node_memory_bytes", MetricType::Gauge, &[]),
-        (
-            "node_filesystem_avail_bytes",
-            MetricType::Gauge,
-            &[("device", "/dev/nvme0n1p4"), ("fstype", "xfs")],
-        ),
-        (
-            "node_disk_read_bytes_total",
-            MetricType::Counter,
-            &[("device", "nvme0n1")],
-        ),
-        (
-            "node_network_receive_bytes_total",
-            MetricType::Counter,
-            &[("device", "ens3")],
-        ),
-        ("node_load1", MetricType::Gauge, &[]),
-        ("node_uname_info", MetricType::Gauge, &[("release", "5.14")]),
-    ];
-    // 10 + 15 + 10 + 8 + 2 + 2 = 47 scalar series per node, spread over the families above.
-    let per_node = [10, 15, 10, 8, 2, 2];
-    for (f, (name, kind, extra)) in simple.iter().enumerate() {
-        for i in &instances {
-            for k in 0..per_node[f] {
-                let mut l = labels(i, "node-exporter", extra);
-                l.push(LabelPair::new("n", &k.to_string()));
-                let m = scalar(l, *kind, v.next());
-                push(&mut out, name, *kind, m);
-            }
-        }
-    }
-    let mut histogram = |out: &mut Vec<MetricFamily>, name: &str, label, bounds: &[f64]| {
-        let mut count = 0u64;
-        let bucket = bounds
-            .iter()
-            .map(|&upper| {
-                count += (v.next() as u64) % 1000;
-                Bucket {
-                    cumulative_count: Some(count),
-                    upper_bound: Some(upper),
-                }
-            })
-            .collect();
-        let m = Metric {
-            label,
-            histogram: Some(Histogram {
-                sample_count: Some(count),
-                sample_sum: Some(v.next()),
-                bucket,
-            }),
-            timestamp_ms: Some(ts),
-            ..Default::default()
-        };
-        push(out, name, MetricType::Histogram, m);
-    };
-    let node_buckets = [
-        0.005,
-        0.01,
-        0.025,
-        0.05,
-        0.1,
-        0.25,
-        0.5,
-        1.0,
-        2.5,
-        f64::INFINITY,
-    ];
-    for i in &instances {
-        let l = labels(i, "node-exporter", &[("handler", "/metrics")]);
-        histogram(
-            &mut out,
-            "node_http_request_duration_seconds",
-            l,
-            &node_buckets,
-        );
-    }
-    let api_buckets = [
-        0.005,
-        0.01,
-        0.025,
-        0.05,
-        0.1,
-        0.2,
-        0.4,
-        0.6,
-        0.8,
-        1.0,
-        2.0,
-        5.0,
-        f64::INFINITY,
-    ];
-    for verb in ["GET", "LIST", "WATCH"] {
-        let l = labels("10.0.0.1:6443", "apiserver", &[("verb", verb)]);
-        histogram(
-            &mut out,
-            "apiserver_request_duration_seconds",
-            l,
-            &api_buckets,
-        );
-    }
-    out
-}
+use testkit::payload;
 
 /// Series lines (not comments) in a text body read in blocks.
 struct LineCounter {
@@ -227,7 +51,12 @@ fn cpu_seconds(pid: u32) -> f64 {
 #[test]
 fn series_per_line_count_of_the_payload_is_500() {
     let mut text = Vec::new();
-    telemeter_common::text::encode(&mut text, &payload(7, 1), false).unwrap();
+    telemeter_common::text::encode(
+        &mut text,
+        &payload::families(&payload::cluster_id(7), 1),
+        false,
+    )
+    .unwrap();
     let mut c = LineCounter {
         series: 0,
         at_line_start: true,
@@ -267,7 +96,7 @@ fn full_federate_scrape() {
                 }
                 let id = format!("cluster-{i:06}");
                 let token = s.upload_token("wild", &id);
-                let r = s.upload(&token, &payload(i as u64 + 1, now_ms()));
+                let r = s.upload(&token, &payload::families(&id, now_ms()));
                 assert_eq!(r.status, 200, "upload {id}: {}", r.body);
             })
         })
@@ -363,12 +192,7 @@ fn in_process_parts_of_a_scrape() {
     let now = std::time::SystemTime::now();
     for i in 0..clusters {
         let id = format!("cluster-{i:06}");
-        let mut families = payload(i as u64 + 1, now_ms());
-        for f in &mut families {
-            for m in &mut f.metric {
-                m.label.push(LabelPair::new("_id", &id));
-            }
-        }
+        let families = payload::families(&id, now_ms());
         store.put(&id, delimited::encode(&families), now).unwrap();
     }
     let ids: Vec<String> = store.clusters().into_iter().map(|e| e.cluster_id).collect();

@@ -1,9 +1,8 @@
 //! Fuzz targets of the server crate's own parser: gossip heartbeat datagrams, which arrive over
 //! UDP from anyone who can reach `--listen-cluster`. Reuses the workspace's mutation harness
-//! (`common/tests/fuzz/harness.rs`; `FUZZ_SECONDS`, `FUZZ_SEED` apply).
+//! (`testkit::fuzz`; `FUZZ_SECONDS`, `FUZZ_SEED` apply).
 
-#[path = "../../common/tests/fuzz/harness.rs"]
-mod harness;
+use testkit::fuzz as harness;
 
 use telemeter_common::token::{mac, KeyPurpose, SharedKey};
 use telemeter_server::cluster::packet::Heartbeat;

@@ -1030,7 +1030,7 @@ fn hostile_inputs_get_exact_statuses_and_the_server_keeps_serving() {
     println!("server peak resident memory over the catalogue: {hwm_kib} KiB");
     assert!(hwm_kib < 256 << 10, "the server peaked at {hwm_kib} KiB");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    s.signal_and_wait(libc::SIGTERM);
+    s.signal_and_wait(Signal::Term);
 }
 
 /// NaN and ±Inf are valid Prometheus sample values (NaN is even the staleness marker): they are

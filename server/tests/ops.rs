@@ -82,7 +82,7 @@ fn metrics_health_and_sigterm() {
         r.body
     );
 
-    let status = s.signal_and_wait(libc::SIGTERM);
+    let status = s.signal_and_wait(Signal::Term);
     assert_eq!(status.code(), Some(0));
 }
 
@@ -121,11 +121,9 @@ fn slow_clients_do_not_block_uploads() {
 fn sigint_stops_cleanly_and_sighup_does_not() {
     let dir = TempDir::new("sigint");
     let mut s = ServerProcess::start(&dir.path().join("data"), &["--insecure-accept-any-token"]);
-    unsafe {
-        libc::kill(s.child.id() as i32, libc::SIGHUP);
-    }
+    testkit::kill(s.child.id(), Signal::Hup).unwrap();
     // Give a (wrongly) fatal SIGHUP time to act before checking the server is still there.
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(get(&s.url("/healthz"), &[]).status, 200);
-    assert_eq!(s.signal_and_wait(libc::SIGINT).code(), Some(0));
+    assert_eq!(s.signal_and_wait(Signal::Int).code(), Some(0));
 }

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,22 +9,7 @@ use common::*;
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use testkit::Guard as Killed;
 
 #[test]
 fn prometheus_scrapes_federate() {
@@ -166,15 +150,9 @@ fn last_scrape(port: u16, job: &str) -> Option<(String, String)> {
 }
 
 /// Waits (bounded) until `check` gives `Some`; its value.
-fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
+fn wait_for<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
+    testkit::wait_for(Duration::from_secs(30), check)
+        .unwrap_or_else(|| panic!("timed out waiting for {what}"))
 }
 
 /// One tenant tries every upload whose line would make Prometheus refuse the whole scrape (a

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -67,9 +66,7 @@ impl Prometheus {
     /// Stops it (SIGTERM, bounded wait).
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
-            }
+            testkit::kill(child.id(), Signal::Term).unwrap();
             if wait_bounded(&mut child, Duration::from_secs(20)).is_none() {
                 panic!("prometheus did not stop");
             }
@@ -117,14 +114,6 @@ impl Drop for Prometheus {
             let _ = child.wait();
         }
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// These tests exist to run against the real Prometheus: without it they fail, not skip.
@@ -466,7 +455,7 @@ fn shutdown_sends_what_is_queued() {
     let mut s = start_server(&dir, &url);
     let token = s.upload_token("secret", "test");
     assert_eq!(s.upload(&token, &families(None, 1, now_ms())).status, 200);
-    let status = s.signal_and_wait(libc::SIGTERM);
+    let status = s.signal_and_wait(Signal::Term);
     assert!(status.success(), "{status:?}");
     assert_eq!(stub.seen.lock().unwrap().len(), 1);
     // The log reader may still be draining the pipe after the exit.
@@ -608,10 +597,8 @@ fn remote_write_throughput() {
         .map(|i| s.upload_token("wild", &format!("probe-{i}")))
         .collect();
     let ts = now_ms() - 10_000;
-    let pid = prom.child.as_ref().unwrap().id() as i32;
-    unsafe {
-        libc::kill(pid, libc::SIGSTOP);
-    }
+    let pid = prom.child.as_ref().unwrap().id();
+    testkit::kill(pid, Signal::Stop).unwrap();
     let started = Instant::now();
     for token in &tokens {
         let r = s.upload(token, &families(None, SERIES, ts));
@@ -620,9 +607,7 @@ fn remote_write_throughput() {
     let pushed = started.elapsed();
     let queued = own_metric(&s, "telemeter_server_remote_write_queue_length").unwrap_or(0.0);
     let resumed = Instant::now();
-    unsafe {
-        libc::kill(pid, libc::SIGCONT);
-    }
+    testkit::kill(pid, Signal::Cont).unwrap();
     let samples = (UPLOADS * (SERIES + 1)) as f64;
     wait_own_metric(
         &s,

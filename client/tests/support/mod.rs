@@ -1,17 +1,20 @@
-//! Helpers of the client's end-to-end tests: an in-test telemeter-server stand-in that records what
-//! the client sends, a real Prometheus, and running the real client binary with bounded waits.
+//! Helpers of the client's end-to-end tests, built on `testkit`: an in-test telemeter-server
+//! stand-in that records what the client sends, a real Prometheus, and running the real client
+//! binary with bounded waits.
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
 use std::io::Read;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use telemeter_common::http::{Handler, Request, Response, Server, ServerHandle};
 use telemeter_common::model::MetricFamily;
 use telemeter_common::{delimited, snappy};
+// Each test binary uses some of these; the rest would warn as unused.
+#[allow(unused_imports)]
+pub use testkit::{free_port, wait_exit, wait_output, Guard, Signal, TempDir};
 
 /// The client binary under test.
 pub const CLIENT: &str = env!("CARGO_BIN_EXE_telemeter-client");
@@ -19,36 +22,6 @@ pub const CLIENT: &str = env!("CARGO_BIN_EXE_telemeter-client");
 /// The directory of the test TLS certificates.
 pub fn tls_fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tls")
-}
-
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
-}
-
-/// A fresh temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let p = std::env::temp_dir().join(format!("tc-e2e-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// One request the receiver saw.
@@ -231,14 +204,8 @@ impl Receiver {
 
     /// Waits (bounded) until `n` requests to `path` were seen.
     pub fn wait_for(&self, path: &str, n: usize, within: Duration) -> Vec<Seen> {
-        let deadline = Instant::now() + within;
-        loop {
-            let seen = self.seen(path);
-            if seen.len() >= n || Instant::now() > deadline {
-                return seen;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        testkit::wait_until(within, || self.seen(path).len() >= n);
+        self.seen(path)
     }
 }
 
@@ -263,53 +230,9 @@ pub fn run_client(args: &[&str], within: Duration) -> Output {
     wait_output(child, within)
 }
 
-/// Waits for `child` with a bound, killing it when the bound passes.
-pub fn wait_output(mut child: Child, within: Duration) -> Output {
-    let deadline = Instant::now() + within;
-    loop {
-        match child.try_wait().expect("try_wait") {
-            Some(_) => break,
-            None if Instant::now() > deadline => {
-                let _ = child.kill();
-                break;
-            }
-            None => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-    child.wait_with_output().expect("client output")
-}
-
-/// A child process killed on drop, so a failing assertion never leaves it running.
-pub struct Guard(pub Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
-/// Waits (bounded) for a child to exit.
-pub fn wait_exit(child: &mut Child, within: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            return Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
-/// Sends SIGTERM to a child (through kill(1): the client crate does not link libc).
+/// Sends SIGTERM to a child.
 pub fn sigterm(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    testkit::kill(child.id(), Signal::Term).expect("kill");
 }
 
 /// An HTTP GET with a short timeout: status and body.

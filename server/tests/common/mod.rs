@@ -1,68 +1,32 @@
-//! Helpers for tests that run the real `telemeter-server` binary: temp dirs, starting the binary on
-//! free ports and waiting for it (bounded), an HTTP client, and metric bodies like the upstream Go
-//! client sends.
+//! Helpers for tests that run the real `telemeter-server` binary, built on `testkit` (temp dirs,
+//! ports, bounded waits, processes): starting the binary on free ports and waiting for it
+//! (bounded), an HTTP client, and metric bodies like the upstream Go client sends.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use telemeter_common::delimited;
 use telemeter_common::media::PROTO_DELIMITED;
 use telemeter_common::model::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use telemeter_common::snappy;
+// Each test binary uses some of these; the rest would warn as unused.
+#[allow(unused_imports)]
+pub use testkit::{free_port, wait_until, Logs, Signal, TempDir};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_telemeter-server");
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// A directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "telemeter-{tag}-{}-{}-{nanos}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    pub fn file(&self, name: &str, contents: &str) -> PathBuf {
-        let p = self.0.join(name);
-        std::fs::write(&p, contents).unwrap();
-        p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A running `telemeter-server`, killed on drop.
 pub struct ServerProcess {
     pub child: Child,
     pub external: SocketAddr,
     pub internal: SocketAddr,
-    pub logs: Arc<Mutex<Vec<String>>>,
+    pub logs: Logs,
 }
 
 /// The default tokens file of the tests: `secret` for cluster `test` and `other`, `wild` for any.
@@ -95,24 +59,15 @@ impl ServerProcess {
             .spawn()
             .expect("start telemeter-server");
         let stderr = child.stderr.take().unwrap();
-        let logs = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
-        {
-            let logs = logs.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    eprintln!("[server] {line}");
-                    if let Some(rest) = line.split("listening external=").nth(1) {
-                        let mut parts = rest.split(" internal=");
-                        let ext = parts.next().unwrap_or("").trim().to_string();
-                        let int = parts.next().unwrap_or("").trim().to_string();
-                        let _ = tx.send((ext, int));
-                    }
-                    logs.lock().unwrap().push(line);
-                }
-            });
-        }
+        let logs = testkit::capture_lines(stderr, "server", move |line| {
+            if let Some(rest) = line.split("listening external=").nth(1) {
+                let mut parts = rest.split(" internal=");
+                let ext = parts.next().unwrap_or("").trim().to_string();
+                let int = parts.next().unwrap_or("").trim().to_string();
+                let _ = tx.send((ext, int));
+            }
+        });
         let (ext, int) = match rx.recv_timeout(START_TIMEOUT) {
             Ok(pair) => pair,
             Err(_) => {
@@ -130,15 +85,12 @@ impl ServerProcess {
             internal: int.parse().expect("internal address"),
             logs,
         };
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let r = get(&server.url_internal("/healthz"), &[]);
-            if r.status == 200 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "server never became healthy");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        assert!(
+            wait_until(START_TIMEOUT, || get(&server.url_internal("/healthz"), &[])
+                .status
+                == 200),
+            "server never became healthy"
+        );
         server
     }
 
@@ -168,10 +120,8 @@ impl ServerProcess {
     }
 
     /// Sends `signal` and waits (bounded) for the exit.
-    pub fn signal_and_wait(&mut self, signal: i32) -> ExitStatus {
-        unsafe {
-            libc::kill(self.child.id() as i32, signal);
-        }
+    pub fn signal_and_wait(&mut self, signal: Signal) -> ExitStatus {
+        testkit::kill(self.child.id(), signal).expect("signal the server");
         wait_bounded(&mut self.child, Duration::from_secs(20)).expect("server should exit")
     }
 
@@ -214,19 +164,9 @@ impl Drop for ServerProcess {
     }
 }
 
+/// Waits (bounded) for `child` to exit, killing it when the bound passes.
 pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    testkit::wait_or_kill(child, timeout)
 }
 
 /// An HTTP reply.

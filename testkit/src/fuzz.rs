@@ -4,17 +4,15 @@
 //! Each target gets a seed corpus (files under `tests/fixtures/fuzz/<target>/`, plus seeds built at
 //! run time), a dictionary of tokens its format cares about, and a time budget. Every input runs
 //! under `catch_unwind`; a panic or a broken property fails the test with the input escaped, the
-//! seed, and a copy of the input written under `CARGO_TARGET_TMPDIR`.
+//! seed, and a copy of the input written under cargo's `target/tmp`.
 //!
 //! Environment:
 //! - `FUZZ_SECONDS`: the budget per target (default 3, so CI stays quick);
 //! - `FUZZ_SEED`: the base seed (default: from the clock); the run is deterministic given the seed,
 //!   so a failure at exec N reproduces with the same seed.
 //!
-//! Shared with other crates' fuzz tests through `#[path = ".../common/tests/fuzz/harness.rs"] mod
-//! harness;` — hence no dependency on `telemeter_common` here.
-
-#![allow(dead_code)]
+//! Each crate's fuzz tests call [`run`] with their own targets; the corpus lives in the workspace's
+//! `tests/fixtures/fuzz/`.
 
 use std::fmt::Write as _;
 use std::panic::{self, AssertUnwindSafe};
@@ -425,9 +423,19 @@ pub fn run(target: Target<'_>, mut exec: impl FnMut(&[u8]) -> Verdict) {
     );
 }
 
+/// Where a failing input is saved: cargo's `target/tmp` (the `CARGO_TARGET_TMPDIR` of integration
+/// tests, which a library does not get), found from the test binary's own path
+/// (`target/<profile>/deps/<test>`); the system temp dir when that does not exist.
+fn failure_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.join("tmp")))
+        .filter(|dir| dir.is_dir())
+        .unwrap_or_else(std::env::temp_dir)
+}
+
 fn fail(target: &str, seed: u64, exec: u64, seed_pass: bool, input: &[u8], failure: &str) -> ! {
-    let saved = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("fuzz-{target}-{seed:#x}-{exec}.bin"));
+    let saved = failure_dir().join(format!("fuzz-{target}-{seed:#x}-{exec}.bin"));
     let saved_note = match std::fs::write(&saved, input) {
         Ok(()) => format!("saved to {}", saved.display()),
         Err(e) => format!("could not save it: {e}"),
@@ -444,4 +452,35 @@ fn fail(target: &str, seed: u64, exec: u64, seed_pass: bool, input: &[u8], failu
         escape(input),
         hex(input)
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn harness_reports_a_panicking_input() {
+        let caught = std::panic::catch_unwind(|| {
+            run(
+                Target {
+                    name: "no-such-corpus",
+                    dict: &[],
+                    seeds: vec![b"fine".to_vec(), b"bo\x00om".to_vec()],
+                },
+                |input| {
+                    if input.contains(&0) {
+                        panic!("zero byte");
+                    }
+                    Ok(())
+                },
+            )
+        });
+        let payload = caught.expect_err("the second seed panics, so the run must fail");
+        let message = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default();
+        assert!(message.contains("panic: zero byte"), "{message}");
+        assert!(message.contains(r#"b"bo\x00om""#), "{message}");
+    }
 }

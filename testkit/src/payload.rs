@@ -1,4 +1,5 @@
-//! The benchmark's upload: what one cluster's client pushes, shaped like a node exporter's output.
+//! The realistic upload, shared by `make bench` and the server's federate probe: what one
+//! cluster's client pushes, shaped like a node exporter's output.
 //!
 //! Five nodes, each with CPU, memory, filesystem, disk, network and load families (counters and
 //! gauges) and one request-duration histogram, plus a cluster-wide API server histogram: 500
