@@ -1,11 +1,12 @@
 //! telemeter-client: scrapes an isolated Prometheus, cleans and anonymizes, pushes to telemeter-server.
 //!
 //! The parts, each with one job: [`config`] (flags), [`scrape`], [`transform`] (the pipeline),
-//! [`push`] (authorize + upload), [`run`] (the loop and `--once`), [`metrics`] (the daemon's own
-//! endpoints).
+//! [`anonymize`] (the salted hash of label values, upstream's), [`push`] (authorize + upload),
+//! [`run`] (the loop and `--once`), [`metrics`] (the daemon's own endpoints).
 #![deny(missing_docs)]
 
 pub mod agent;
+pub mod anonymize;
 pub mod config;
 pub mod metrics;
 pub mod prescan;

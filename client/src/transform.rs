@@ -179,7 +179,7 @@ pub fn anonymize(families: &mut [MetricFamily], salt: &str, names: &[String]) {
     if names.is_empty() {
         return;
     }
-    telemeter_common::anonymize::anonymize_labels(families, salt, names);
+    crate::anonymize::anonymize_labels(families, salt, names);
 }
 
 /// Sets the labels `/authorize` returned on every series, replacing existing values (the server
@@ -404,7 +404,7 @@ mod tests {
         assert_eq!(m.label_value("tmp"), None);
         assert_eq!(
             m.label_value("site").map(str::to_string),
-            Some(telemeter_common::anonymize::anonymize("salt", "s1"))
+            Some(crate::anonymize::anonymize("salt", "s1"))
         );
         assert_eq!(m.timestamp_ms, Some(NOW));
     }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::*;
-use telemeter_common::anonymize::anonymize;
+use telemeter_client::anonymize::anonymize;
 use telemeter_common::media::PROTO_DELIMITED;
 use telemeter_common::model::MetricFamily;
 

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
-use telemeter_common::anonymize::anonymize;
+use telemeter_client::anonymize::anonymize;
 
 fn server_binary() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
