@@ -1068,7 +1068,6 @@ fn nan_and_infinities_are_stored_and_served() {
 // The cluster's ports: gossip datagrams and forwarded pushes
 
 use std::net::UdpSocket;
-use std::time::Instant;
 use telemeter_server::cluster::forward::{
     ForwardKind, Signer, HEADER_DESTINATION, HEADER_HOP, HEADER_TIME,
 };
@@ -1085,14 +1084,12 @@ fn gossip_dropped(s: &ServerProcess, reason: &str) -> f64 {
 
 /// Waits (bounded) until the drop counter for `reason` reaches `want`; the value seen.
 fn wait_dropped(s: &ServerProcess, reason: &str, want: f64) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let seen = gossip_dropped(s, reason);
-        if seen >= want || Instant::now() > deadline {
-            return seen;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut seen = 0.0;
+    wait_until(Duration::from_secs(10), || {
+        seen = gossip_dropped(s, reason);
+        seen >= want
+    });
+    seen
 }
 
 #[test]

@@ -47,11 +47,10 @@ impl Prometheus {
             child: Some(child),
             port,
         };
-        let deadline = Instant::now() + WAIT;
-        while get(&prometheus.url("/-/ready"), &[]).status != 200 {
-            assert!(Instant::now() < deadline, "prometheus never became ready");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        assert!(
+            wait_until(WAIT, || get(&prometheus.url("/-/ready"), &[]).status == 200),
+            "prometheus never became ready"
+        );
         prometheus
     }
 
@@ -91,19 +90,16 @@ impl Prometheus {
 
     /// Polls `query` at `time_s` until it returns at least `n` results (bounded).
     fn wait_for(&self, query: &str, time_s: f64, n: usize) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let result = self.query(query, time_s);
-            if result.len() >= n {
-                return result;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{query} at {time_s}: {} results, wanted {n}",
-                result.len()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let mut result = Vec::new();
+        assert!(
+            wait_until(WAIT, || {
+                result = self.query(query, time_s);
+                result.len() >= n
+            }),
+            "{query} at {time_s}: {} results, wanted {n}",
+            result.len()
+        );
+        result
     }
 }
 
@@ -136,18 +132,14 @@ fn own_metric(s: &ServerProcess, series: &str) -> Option<f64> {
 
 /// Polls the server's metric `series` until it reaches `want` (bounded).
 fn wait_own_metric(s: &ServerProcess, series: &str, want: f64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let got = own_metric(s, series);
-        if got == Some(want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series}: {got:?}, wanted {want}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut got = None;
+    assert!(
+        wait_until(WAIT, || {
+            got = own_metric(s, series);
+            got == Some(want)
+        }),
+        "{series}: {got:?}, wanted {want}"
+    );
 }
 
 fn start_server(dir: &TempDir, url: &str) -> ServerProcess {

@@ -420,14 +420,12 @@ fn front(s: &ServerProcess) -> (f64, f64, f64) {
 
 /// Polls the front metrics (bounded, 20 s) until `check` holds; the last values seen.
 fn wait_front(s: &ServerProcess, check: impl Fn((f64, f64, f64)) -> bool) -> (f64, f64, f64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let seen = front(s);
-        if check(seen) || Instant::now() > deadline {
-            return seen;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut seen = (0.0, 0.0, 0.0);
+    wait_until(Duration::from_secs(20), || {
+        seen = front(s);
+        check(seen)
+    });
+    seen
 }
 
 /// Found (2026-12): 300 connections each sending only an `/upload` head with

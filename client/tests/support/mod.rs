@@ -300,22 +300,16 @@ impl Prometheus {
             "{}/federate?match%5B%5D=%7B__name__%3D%22up%22%7D",
             prom.url
         );
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some((200, body)) = get(&probe) {
-                let jobs_up = body.lines().filter(|l| l.starts_with("up{")).count();
-                if jobs_up >= jobs {
-                    // One more scrape interval so every job's series are in the head block.
-                    std::thread::sleep(Duration::from_millis(1500));
-                    return prom;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "Prometheus did not have data within 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        assert!(
+            testkit::wait_until(Duration::from_secs(60), || {
+                matches!(get(&probe), Some((200, body))
+                    if body.lines().filter(|l| l.starts_with("up{")).count() >= jobs)
+            }),
+            "Prometheus did not have data within 60 s"
+        );
+        // One more scrape interval so every job's series are in the head block.
+        std::thread::sleep(Duration::from_millis(1500));
+        prom
     }
 }
 
