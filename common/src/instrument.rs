@@ -13,6 +13,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::sync::lock;
+
 /// All metrics of one process.
 #[derive(Clone, Default)]
 pub struct Registry {
@@ -50,7 +52,7 @@ impl<T> Children<T> {
     fn members(&self) -> MutexGuard<'_, BTreeMap<Vec<String>, Arc<T>>> {
         // A panic while holding this lock cannot leave the map half-updated (insert is atomic from
         // our point of view), so a poisoned lock is still good to use.
-        self.members.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.members)
     }
 
     fn get_or_insert(&self, label_values: &[&str], make: impl FnOnce() -> T) -> Arc<T> {
@@ -155,7 +157,7 @@ impl Registry {
     }
 
     fn families(&self) -> MutexGuard<'_, BTreeMap<String, Family>> {
-        self.families.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.families)
     }
 
     fn register(&self, name: &str, help: &str, label_names: &[&str], kind: Kind) {

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::handoff;
+use crate::sync::{self, lock};
 
 use super::head::{
     framing, head_end, is_token, leading_empty_lines, parse_head, ChunkedDecoder, Framing,
@@ -447,11 +447,11 @@ impl Connection {
             mut close,
             _body,
         } = parsed;
-        let (reply, answer) = handoff::oneshot();
+        let (reply, answer) = sync::oneshot();
         {
             // Queued under the lock rather than with a clone of the sender: a clone and its drop
             // would take the queue's own lock twice more, against every worker.
-            let jobs = self.shared.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            let jobs = lock(&self.shared.jobs);
             match jobs.as_ref() {
                 // With the workers gone the job is given back and dropped, and so is its reply
                 // sender.

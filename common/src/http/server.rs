@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::handoff;
+use crate::sync::{self, lock};
 
 use super::connection::serve_connection;
 use super::shared::{Job, PeerKey, Refused, Shared, Table};
@@ -65,7 +65,7 @@ impl Server {
 
     /// Starts the accept loop and the workers on their own threads.
     pub fn spawn(self) -> ServerHandle {
-        let (jobs, queue) = handoff::queue::<Job>();
+        let (jobs, queue) = sync::queue::<Job>();
         let name = self.config.name.clone();
         let shared = Arc::new(Shared {
             addr: self.addr,
@@ -166,11 +166,7 @@ impl ServerHandle {
         // Requests being read when shutdown began still reach the workers; now nothing more can
         // come, so closing the queue ends the workers. A handler stuck past the grace period is
         // left behind rather than hanging shutdown.
-        self.shared
-            .jobs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        lock(&self.shared.jobs).take();
         let deadline = Instant::now() + grace.max(Duration::from_secs(1));
         for worker in std::mem::take(&mut self.workers) {
             while !worker.is_finished() && Instant::now() < deadline {
@@ -190,7 +186,7 @@ impl Drop for ServerHandle {
         self.shared.stop();
     }
 }
-pub(super) fn work(name: &str, handler: &dyn Handler, queue: handoff::Receiver<Job>) {
+pub(super) fn work(name: &str, handler: &dyn Handler, queue: sync::Receiver<Job>) {
     for (request, reply) in queue.iter() {
         let what = format!("{} {}", request.method, request.path);
         let response = match catch_unwind(AssertUnwindSafe(|| handler.handle(request))) {

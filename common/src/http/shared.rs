@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::handoff;
+use crate::sync::{self, lock};
 
 use super::{Config, Handler, Request, Response};
 
@@ -19,7 +19,7 @@ pub(super) const BODY_STEP: usize = 16 << 10;
 /// at the connection cap; one silent for longer may be, after every idle connection.
 pub(super) const BODY_PROGRESS_GRACE: Duration = Duration::from_secs(5);
 
-pub(super) type Job = (Request, handoff::ReplySender<Response>);
+pub(super) type Job = (Request, sync::ReplySender<Response>);
 
 /// What the accept loop, connections and the handle share.
 pub(super) struct Shared {
@@ -41,7 +41,7 @@ pub(super) struct Shared {
     pub(super) body_bytes_in_flight: AtomicUsize,
     /// Taken once shutdown has drained the connections, which ends the workers. Without a
     /// shutdown, the queue closes when the last holder of `Shared` goes.
-    pub(super) jobs: Mutex<Option<handoff::Sender<Job>>>,
+    pub(super) jobs: Mutex<Option<sync::Sender<Job>>>,
     pub(super) connections: Mutex<Table>,
     pub(super) next_connection: AtomicU64,
 }
@@ -127,7 +127,7 @@ pub(super) enum BudgetFull {
 
 impl Shared {
     pub(super) fn connections(&self) -> MutexGuard<'_, Table> {
-        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.connections)
     }
 
     pub(super) fn stopping(&self) -> bool {
