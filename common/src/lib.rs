@@ -25,6 +25,7 @@ pub mod signal;
 pub mod snappy;
 pub mod sync;
 pub mod text;
+pub mod time;
 pub mod tls;
 pub mod token;
 pub mod wire;

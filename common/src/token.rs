@@ -12,6 +12,8 @@ use std::fmt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use crate::time::unix_seconds;
+
 /// The issuer written into and required of every token (upstream's value).
 pub const ISSUER: &str = "telemeter.selfsigned";
 /// The audience written into and required of every upload token (upstream's value).
@@ -285,12 +287,6 @@ struct WireClaims {
     telemeter: TelemeterClaims,
     #[serde(default)]
     cluster_id: String,
-}
-
-fn unix_seconds(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Issues and verifies upload tokens with the key derived for [`KeyPurpose::UploadToken`].
