@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::sync::lock;
+use crate::text::format_float;
 
 /// All metrics of one process.
 #[derive(Clone, Default)]
@@ -357,19 +358,6 @@ fn label_set(names: &[String], values: &[String], le: Option<&str>) -> String {
     }
     out.push('}');
     out
-}
-
-/// A sample value as the text format spells it (`+Inf`, `-Inf`, `NaN`, else the shortest decimal).
-fn format_float(value: f64) -> String {
-    if value.is_nan() {
-        "NaN".to_owned()
-    } else if value == f64::INFINITY {
-        "+Inf".to_owned()
-    } else if value == f64::NEG_INFINITY {
-        "-Inf".to_owned()
-    } else {
-        format!("{value}")
-    }
 }
 
 /// Adds `delta` to an f64 stored as bits.
