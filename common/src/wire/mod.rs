@@ -24,12 +24,13 @@
 //!
 //! Where each part lives: this file holds the views and the schema's field numbers; `fields` the
 //! one field reader everything walks messages with; `parse` each message read into its view;
-//! `check` a whole family checked; `write` the one protobuf writer (timestamps dropped).
+//! `check` a whole family checked; `count` what decoding would allocate, counted first; `write` the one protobuf writer (timestamps dropped).
 
 use crate::delimited::{DecodeError, Limits};
 use crate::model::MetricType;
 
 mod check;
+pub mod count;
 pub(crate) mod fields;
 mod parse;
 mod write;
