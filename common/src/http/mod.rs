@@ -104,16 +104,53 @@ impl Request {
         urlencoded_values(body, name).into_iter().next()
     }
 
-    /// The bearer token of the `Authorization` header (scheme matched case-insensitively).
-    pub fn bearer_token(&self) -> Option<&str> {
-        let value = self.header("Authorization")?.trim();
-        let (scheme, token) = value.split_once([' ', '\t'])?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return None;
-        }
-        let token = token.trim();
-        (!token.is_empty()).then_some(token)
+    /// The bearer token of the `Authorization` header, as [`bearer`] reads it.
+    pub fn bearer_token(&self) -> Result<&str, BearerError> {
+        bearer(self.header("Authorization"))
     }
+}
+
+/// Why a request carries no usable bearer token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BearerError {
+    /// No `Authorization` header, or one with another scheme.
+    NotBearer,
+    /// The `Bearer` scheme without a token.
+    Empty,
+}
+
+impl BearerError {
+    /// The one-line reason a `401` gives (the words upstream telemeter answers with).
+    pub fn reason(self) -> &'static str {
+        match self {
+            BearerError::NotBearer => "Only bearer authorization allowed",
+            BearerError::Empty => "Invalid Authorization header",
+        }
+    }
+}
+
+impl fmt::Display for BearerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.reason())
+    }
+}
+
+impl std::error::Error for BearerError {}
+
+/// THE bearer parser: the token of an `Authorization` header value (`None`: no header). The scheme
+/// is matched case-insensitively and ends at the first space; the token is what follows, trimmed,
+/// and is never empty. Every endpoint that takes a bearer token reads it with this function.
+pub fn bearer(authorization: Option<&str>) -> Result<&str, BearerError> {
+    let header = authorization.ok_or(BearerError::NotBearer)?.trim();
+    let (scheme, token) = header.split_once(' ').unwrap_or((header, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(BearerError::NotBearer);
+    }
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(BearerError::Empty);
+    }
+    Ok(token)
 }
 
 /// A function that writes a response body as it goes (for large responses such as `/federate`).

@@ -1177,6 +1177,7 @@ fn finds_bearer_tokens() {
     let token = |value: &str| {
         request("", &[("authorization", value)], b"")
             .bearer_token()
+            .ok()
             .map(str::to_owned)
     };
     assert_eq!(token("Bearer abc").as_deref(), Some("abc"));
@@ -1184,7 +1185,10 @@ fn finds_bearer_tokens() {
     assert_eq!(token("Basic abc"), None);
     assert_eq!(token("Bearer "), None);
     assert_eq!(token("Bearer"), None);
-    assert_eq!(request("", &[], b"").bearer_token(), None);
+    assert_eq!(
+        request("", &[], b"").bearer_token(),
+        Err(BearerError::NotBearer)
+    );
     assert_eq!(
         request("", &[("X-A", "1")], b"").header("x-a"),
         Some("1"),
@@ -1222,4 +1226,20 @@ fn idle_connection_cost() {
     );
     drop(clients);
     server.shutdown(Duration::from_secs(5));
+}
+
+#[test]
+fn the_bearer_parser_is_the_one_authorize_answers_with() {
+    assert_eq!(bearer(Some(" Bearer  tok ")), Ok("tok"));
+    assert_eq!(bearer(Some("BEARER x y")), Ok("x y"));
+    // The scheme ends at a space only, as production has always read it.
+    assert_eq!(bearer(Some("Bearer\ttok")), Err(BearerError::NotBearer));
+    assert_eq!(bearer(Some("Basic abc")), Err(BearerError::NotBearer));
+    assert_eq!(bearer(None), Err(BearerError::NotBearer));
+    assert_eq!(bearer(Some("Bearer   ")), Err(BearerError::Empty));
+    assert_eq!(
+        BearerError::NotBearer.to_string(),
+        "Only bearer authorization allowed"
+    );
+    assert_eq!(BearerError::Empty.reason(), "Invalid Authorization header");
 }
