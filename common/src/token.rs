@@ -133,7 +133,6 @@ impl SharedKey {
         let mut secret = vec![0u8; MIN_KEY_BYTES];
         // Without a working system random source no key is safe to use, and nothing the caller
         // could do would fix that: stopping is the only sound reaction.
-        #[allow(clippy::expect_used)]
         rand::SecureRandom::fill(&rand::SystemRandom::new(), &mut secret)
             .expect("the system random number generator failed");
         SharedKey { secret }
