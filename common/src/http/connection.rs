@@ -18,7 +18,7 @@ use super::head::{
 use super::server::panic_message;
 use super::shared::{BodyBuffer, BudgetFull, PeerKey, Phase, Shared, Tracked, BODY_STEP};
 use super::stream::{is_timeout, Deadlined, Stream};
-use super::{Body, Config, Request, Response};
+use super::{reason_phrase, Body, Config, Request, Response};
 
 /// How long a closing connection keeps reading (and discarding) what the peer still sends, so the
 /// kernel does not answer unread data with a reset that would destroy the error response.
@@ -624,44 +624,5 @@ impl<W: Write> Write for Chunked<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.0.flush()
-    }
-}
-
-pub(super) fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        201 => "Created",
-        202 => "Accepted",
-        204 => "No Content",
-        206 => "Partial Content",
-        301 => "Moved Permanently",
-        302 => "Found",
-        304 => "Not Modified",
-        307 => "Temporary Redirect",
-        308 => "Permanent Redirect",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        406 => "Not Acceptable",
-        408 => "Request Timeout",
-        409 => "Conflict",
-        410 => "Gone",
-        411 => "Length Required",
-        413 => "Content Too Large",
-        415 => "Unsupported Media Type",
-        417 => "Expectation Failed",
-        422 => "Unprocessable Content",
-        429 => "Too Many Requests",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        505 => "HTTP Version Not Supported",
-        507 => "Insufficient Storage",
-        _ => "Status",
     }
 }
