@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use telemeter_common::signal::Signal;
 
 /// The first wait after a failure; it doubles with each consecutive failure up to `--interval`.
 pub const BACKOFF_START: Duration = Duration::from_secs(5);
@@ -138,12 +139,12 @@ pub fn backoff(failures: u32, cap: Duration, random: f64) -> Duration {
 
 /// Waits up to `wait` for a termination signal; true when one came. SIGHUP is logged and ignored
 /// (there is no reload: restart to reconfigure).
-pub fn wait_for_termination(signals: &Receiver<i32>, wait: Duration) -> bool {
+pub fn wait_for_termination(signals: &Receiver<Signal>, wait: Duration) -> bool {
     let deadline = Instant::now() + wait;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match signals.recv_timeout(left) {
-            Ok(sig) if sig == libc_sighup() => {
+            Ok(Signal::Reload) => {
                 log::info!("SIGHUP ignored: restart the client to change its configuration");
             }
             Ok(sig) => {
@@ -157,10 +158,6 @@ pub fn wait_for_termination(signals: &Receiver<i32>, wait: Duration) -> bool {
             }
         }
     }
-}
-
-const fn libc_sighup() -> i32 {
-    1
 }
 
 impl Client {
@@ -253,7 +250,7 @@ impl Client {
     }
 
     /// Cycles every interval until a termination signal arrives.
-    pub fn run(&mut self, signals: &Receiver<i32>) {
+    pub fn run(&mut self, signals: &Receiver<Signal>) {
         let mut failures = 0u32;
         loop {
             let started = Instant::now();
@@ -329,8 +326,8 @@ mod tests {
     #[test]
     fn termination_wait_ends_on_signal_and_ignores_hup() {
         let (tx, rx) = crossbeam_channel::unbounded();
-        tx.send(1).unwrap();
-        tx.send(15).unwrap();
+        tx.send(Signal::Reload).unwrap();
+        tx.send(Signal::Terminate).unwrap();
         assert!(wait_for_termination(&rx, Duration::from_secs(30)));
         assert!(!wait_for_termination(&rx, Duration::from_millis(10)));
     }

@@ -4,6 +4,7 @@
 //! make it allocate more than the limits allow.
 
 use crate::model::MetricFamily;
+use crate::wire::fields::length_prefix;
 use prost::Message;
 use std::fmt;
 
@@ -96,7 +97,7 @@ pub fn decode(body: &[u8], limits: &Limits) -> Result<Vec<MetricFamily>, DecodeE
     let mut series = 0usize;
     let mut rest = body;
     while !rest.is_empty() {
-        let (size, prefix) = read_varint(rest)?;
+        let (size, prefix) = length_prefix(rest)?;
         // Every check happens on the declared size before prost sees (and allocates for) the message.
         if size > limits.max_message_bytes as u64 {
             return Err(DecodeError::MessageTooLarge {
@@ -124,22 +125,6 @@ pub fn decode(body: &[u8], limits: &Limits) -> Result<Vec<MetricFamily>, DecodeE
         rest = after_prefix.get(size..).unwrap_or_default();
     }
     Ok(families)
-}
-
-/// Reads a base-128 varint from the front of `buf`: its value and how many bytes it took.
-fn read_varint(buf: &[u8]) -> Result<(u64, usize), DecodeError> {
-    let mut value = 0u64;
-    for (i, &byte) in buf.iter().enumerate() {
-        if i == 9 && byte > 1 {
-            // The tenth byte may only contribute bit 63; anything more overflows (or continues).
-            return Err(DecodeError::VarintOverflow);
-        }
-        value |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Ok((value, i + 1));
-        }
-    }
-    Err(DecodeError::Truncated)
 }
 
 /// Appends `family` to `out` as one length-prefixed message.

@@ -13,6 +13,9 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::sync::lock;
+use crate::text::format_float;
+
 /// All metrics of one process.
 #[derive(Clone, Default)]
 pub struct Registry {
@@ -50,7 +53,7 @@ impl<T> Children<T> {
     fn members(&self) -> MutexGuard<'_, BTreeMap<Vec<String>, Arc<T>>> {
         // A panic while holding this lock cannot leave the map half-updated (insert is atomic from
         // our point of view), so a poisoned lock is still good to use.
-        self.members.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.members)
     }
 
     fn get_or_insert(&self, label_values: &[&str], make: impl FnOnce() -> T) -> Arc<T> {
@@ -155,7 +158,7 @@ impl Registry {
     }
 
     fn families(&self) -> MutexGuard<'_, BTreeMap<String, Family>> {
-        self.families.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.families)
     }
 
     fn register(&self, name: &str, help: &str, label_names: &[&str], kind: Kind) {
@@ -355,19 +358,6 @@ fn label_set(names: &[String], values: &[String], le: Option<&str>) -> String {
     }
     out.push('}');
     out
-}
-
-/// A sample value as the text format spells it (`+Inf`, `-Inf`, `NaN`, else the shortest decimal).
-fn format_float(value: f64) -> String {
-    if value.is_nan() {
-        "NaN".to_owned()
-    } else if value == f64::INFINITY {
-        "+Inf".to_owned()
-    } else if value == f64::NEG_INFINITY {
-        "-Inf".to_owned()
-    } else {
-        format!("{value}")
-    }
 }
 
 /// Adds `delta` to an f64 stored as bits.

@@ -6,12 +6,13 @@
 //! small synchronous HTTP front both binaries serve their endpoints with.
 
 #![deny(missing_docs)]
+// Every `unsafe` block says why it is sound (`// SAFETY: ...`); clippy runs with -D warnings.
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod anonymize;
 pub mod base64;
 pub mod delimited;
 pub mod duration;
-pub mod handoff;
 pub mod hashring;
 pub mod http;
 pub mod instrument;
@@ -24,7 +25,9 @@ mod promtool;
 pub mod selector;
 pub mod signal;
 pub mod snappy;
+pub mod sync;
 pub mod text;
+pub mod time;
 pub mod tls;
 pub mod token;
 pub mod wire;

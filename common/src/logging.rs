@@ -2,7 +2,7 @@
 //! UTC timestamp, the level and the module, on standard error.
 
 use std::io::Write;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 /// Initializes `log` with `env_logger`. Safe to call more than once (later calls do nothing).
 pub fn init() {
@@ -36,9 +36,7 @@ pub fn init_with(filter: Option<&str>) {
 
 /// The current time as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
 pub fn rfc3339_now() -> String {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let since = crate::time::since_epoch(SystemTime::now());
     rfc3339(since.as_secs(), since.subsec_millis())
 }
 

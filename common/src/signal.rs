@@ -1,9 +1,55 @@
 //! Termination signals as a channel, so main loops can select on them like on any other event.
+//!
+//! The channel carries a [`Signal`] rather than the raw number, so no caller hard-codes what
+//! `SIGHUP` is on this platform.
 
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// A signal [`termination_channel`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// `SIGTERM`: stop (what service managers send).
+    Terminate,
+    /// `SIGINT`: stop (Ctrl-C).
+    Interrupt,
+    /// `SIGHUP`: by convention, reload the configuration.
+    Reload,
+}
+
+impl Signal {
+    /// The signal of number `number`, if it is one of those reported.
+    pub fn from_number(number: libc::c_int) -> Option<Signal> {
+        match number {
+            libc::SIGTERM => Some(Signal::Terminate),
+            libc::SIGINT => Some(Signal::Interrupt),
+            libc::SIGHUP => Some(Signal::Reload),
+            _ => None,
+        }
+    }
+
+    /// The platform's number for this signal.
+    pub fn number(self) -> libc::c_int {
+        match self {
+            Signal::Terminate => libc::SIGTERM,
+            Signal::Interrupt => libc::SIGINT,
+            Signal::Reload => libc::SIGHUP,
+        }
+    }
+}
+
+impl fmt::Display for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Signal::Terminate => "SIGTERM",
+            Signal::Interrupt => "SIGINT",
+            Signal::Reload => "SIGHUP",
+        })
+    }
+}
+
 /// The signals [`termination_channel`] turns into messages.
-const SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+const SIGNALS: [Signal; 3] = [Signal::Terminate, Signal::Interrupt, Signal::Reload];
 
 /// The `pthread_t` of the last waiting thread started, so tests can direct a signal at it.
 static WAITER: AtomicU64 = AtomicU64::new(0);
@@ -14,21 +60,21 @@ fn signal_set() -> libc::sigset_t {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         for signal in SIGNALS {
-            libc::sigaddset(&mut set, signal);
+            libc::sigaddset(&mut set, signal.number());
         }
         set
     }
 }
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and so in every thread it starts later)
-/// and starts a thread that waits for them with `sigwait`, sending each signal number on the
+/// and starts a thread that waits for them with `sigwait`, sending each as a [`Signal`] on the
 /// returned channel. Call it first thing in `main`, before any other thread starts.
 ///
 /// Threads started before the call keep the signals unblocked, and the kernel may deliver a
 /// process-directed signal to one of them, which then takes the default action (termination). If
 /// the receiver is dropped, the next signal also takes its default action, so a process that
 /// stopped listening can still be stopped.
-pub fn termination_channel() -> crossbeam_channel::Receiver<i32> {
+pub fn termination_channel() -> crossbeam_channel::Receiver<Signal> {
     let set = signal_set();
     // SAFETY: `set` is initialised; a null old-set pointer is allowed. The call only fails for an
     // invalid `how`, which SIG_BLOCK is not.
@@ -57,7 +103,11 @@ pub fn termination_channel() -> crossbeam_channel::Receiver<i32> {
                     );
                     return;
                 }
-                if sender.send(signal).is_err() {
+                // sigwait only returns members of `set`, which are all reported signals.
+                let Some(reported) = Signal::from_number(signal) else {
+                    continue;
+                };
+                if sender.send(reported).is_err() {
                     // Nobody listens any more: let the signal do what it would have done.
                     // SAFETY: unblocking in this thread then raising to this thread is the
                     // documented way to get a signal's default action.
@@ -102,7 +152,16 @@ mod tests {
         assert_eq!(rc, 0);
         assert_eq!(
             receiver.recv_timeout(Duration::from_secs(10)),
-            Ok(libc::SIGHUP)
+            Ok(Signal::Reload)
         );
+    }
+
+    #[test]
+    fn numbers_round_trip() {
+        for signal in SIGNALS {
+            assert_eq!(Signal::from_number(signal.number()), Some(signal));
+        }
+        assert_eq!(Signal::from_number(libc::SIGKILL), None);
+        assert_eq!(Signal::Reload.to_string(), "SIGHUP");
     }
 }

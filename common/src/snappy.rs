@@ -35,7 +35,6 @@ pub fn encode_framed(data: &[u8]) -> Vec<u8> {
     let mut encoder = snap::write::FrameEncoder::new(Vec::with_capacity(data.len() / 2 + 64));
     // The sink is a Vec, whose writes cannot fail, and the encoder has no failure of its own for
     // writes (it chunks any input into 64 KiB blocks).
-    #[allow(clippy::expect_used)]
     {
         encoder
             .write_all(data)
@@ -139,7 +138,6 @@ fn corrupt_len() -> SnappyError {
 /// Compresses `data` as one snappy block (remote write).
 pub fn encode_block(data: &[u8]) -> Vec<u8> {
     // snap refuses only inputs over 2^32 - 1 bytes; every body we build is capped far below that.
-    #[allow(clippy::expect_used)]
     snap::raw::Encoder::new()
         .compress_vec(data)
         .expect("snappy block input is far below 4 GiB")

@@ -12,6 +12,8 @@ use std::fmt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use crate::time::unix_seconds;
+
 /// The issuer written into and required of every token (upstream's value).
 pub const ISSUER: &str = "telemeter.selfsigned";
 /// The audience written into and required of every upload token (upstream's value).
@@ -131,7 +133,6 @@ impl SharedKey {
         let mut secret = vec![0u8; MIN_KEY_BYTES];
         // Without a working system random source no key is safe to use, and nothing the caller
         // could do would fix that: stopping is the only sound reaction.
-        #[allow(clippy::expect_used)]
         rand::SecureRandom::fill(&rand::SystemRandom::new(), &mut secret)
             .expect("the system random number generator failed");
         SharedKey { secret }
@@ -285,12 +286,6 @@ struct WireClaims {
     telemeter: TelemeterClaims,
     #[serde(default)]
     cluster_id: String,
-}
-
-fn unix_seconds(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Issues and verifies upload tokens with the key derived for [`KeyPurpose::UploadToken`].

@@ -1279,7 +1279,12 @@ fn http_exec(input: &[u8]) -> Verdict {
         ));
     }
     let _ = request.form_param("a");
-    if let Some(token) = request.bearer_token() {
+    if let Ok(token) = request.bearer_token() {
+        if token.is_empty() || token != token.trim() {
+            return Err(format!("bearer token {token:?} from {text:?}"));
+        }
+    }
+    if let Ok(token) = telemeter_common::http::bearer(Some(&text)) {
         if token.is_empty() || token != token.trim() {
             return Err(format!("bearer token {token:?} from {text:?}"));
         }

@@ -590,17 +590,8 @@ pub fn bearer(request: &Request) -> Result<&str, &'static str> {
 
 /// [`bearer`] on the value of an `Authorization` header, when there is one (for a request head).
 pub fn bearer_in(authorization: Option<&str>) -> Result<&str, &'static str> {
-    let header = authorization.ok_or("Only bearer authorization allowed")?;
-    let header = header.trim();
-    let (scheme, token) = header.split_once(' ').unwrap_or((header, ""));
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err("Only bearer authorization allowed");
-    }
-    let token = token.trim();
-    if token.is_empty() {
-        return Err("Invalid Authorization header");
-    }
-    Ok(token)
+    telemeter_common::http::bearer(authorization)
+        .map_err(telemeter_common::http::BearerError::reason)
 }
 
 /// A 401 with the challenge that says which scheme to use.

@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use log::info;
-use telemeter_common::{logging, signal};
+use telemeter_common::logging;
+use telemeter_common::signal::{self, Signal};
 use telemeter_server::{Flags, Server};
 
 fn main() -> ExitCode {
@@ -45,7 +46,7 @@ fn main() -> ExitCode {
     loop {
         match signals.recv() {
             // SIGHUP: nothing to reload yet; keep running.
-            Ok(libc::SIGHUP) => info!("SIGHUP ignored"),
+            Ok(Signal::Reload) => info!("SIGHUP ignored"),
             Ok(signal) => {
                 info!("signal {signal}: shutting down");
                 break;

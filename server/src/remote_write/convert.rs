@@ -127,27 +127,7 @@ fn series(
 /// `quantile`): the shortest digits that read back as `f`, in exponent form below 1e-4 and from
 /// 1e6 up, and `NaN`, `+Inf`, `-Inf`.
 pub fn format_float(f: f64) -> String {
-    if f.is_nan() {
-        return "NaN".into();
-    }
-    if f.is_infinite() {
-        return if f > 0.0 { "+Inf" } else { "-Inf" }.into();
-    }
-    // Rust's `{:e}` gives the same shortest round-trip digits, as `d.ddde<exp>`.
-    let sci = format!("{f:e}");
-    let Some((mantissa, exp)) = sci.split_once('e') else {
-        return format!("{f}");
-    };
-    let Ok(exp) = exp.parse::<i32>() else {
-        return format!("{f}");
-    };
-    // Go decides by the exponent alone when the precision is the shortest: `eprec` is 6.
-    if !(-4..6).contains(&exp) {
-        let sign = if exp < 0 { '-' } else { '+' };
-        format!("{mantissa}e{sign}{:02}", exp.unsigned_abs())
-    } else {
-        format!("{f}")
-    }
+    telemeter_common::text::format_float(f)
 }
 
 #[cfg(test)]

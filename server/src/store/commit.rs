@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
-use telemeter_common::handoff::ReplySender;
+use telemeter_common::sync::ReplySender;
 
 use super::journal::{self, Segment};
 use super::{file, lock, Entry, Location, Shared, StoreError};

@@ -87,7 +87,7 @@ use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use fs2::FileExt;
-use telemeter_common::{handoff, wire};
+use telemeter_common::{sync as handoff, wire};
 
 use commit::{JournalState, Mode, Request};
 use file::ReadError;

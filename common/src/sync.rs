@@ -1,4 +1,10 @@
-//! Hand-offs between threads that park at once: a FIFO work queue and a one-shot reply.
+//! Sharing between threads: a poison-tolerant [`lock`], and hand-offs that park at once (a FIFO
+//! work queue and a one-shot reply).
+//!
+//! Why one `lock`: every mutex in telemeter guards state that stays consistent if a holder panics
+//! (no code holding one leaves it half-updated across a panic point), so a poisoned lock is taken
+//! as it is rather than spreading the panic to every later user. Written once here, that
+//! decision is made in one place instead of at each call site.
 //!
 //! Why not crossbeam-channel here: its `recv` spins and then calls `sched_yield` in a loop before
 //! it parks. That is cheap with a few receivers, but the HTTP front has hundreds of workers waiting
@@ -11,11 +17,16 @@
 //! sender went away, then `None`; a reply whose sender is dropped unsent answers `None`.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, LockResult, Mutex, MutexGuard, PoisonError};
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Nothing here panics while holding the lock; a poisoned lock still holds consistent state.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+/// Locks `mutex`, taking it as it is if a holder panicked (see the module doc for why).
+pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    unpoison(mutex.lock())
+}
+
+/// The guard of a [`Condvar`] wait, taken as it is if a holder panicked, as [`lock`] does.
+pub fn unpoison<G>(result: LockResult<G>) -> G {
+    result.unwrap_or_else(PoisonError::into_inner)
 }
 
 struct QueueState<T> {
@@ -104,11 +115,7 @@ impl<T> Receiver<T> {
             if state.senders == 0 {
                 return None;
             }
-            state = self
-                .queue
-                .ready
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
+            state = unpoison(self.queue.ready.wait(state));
         }
     }
 
@@ -206,11 +213,7 @@ impl<T> ReplyReceiver<T> {
     pub fn recv(self) -> Option<T> {
         let mut slot = lock(&self.reply.slot);
         while matches!(*slot, Slot::Empty) {
-            slot = self
-                .reply
-                .ready
-                .wait(slot)
-                .unwrap_or_else(PoisonError::into_inner);
+            slot = unpoison(self.reply.ready.wait(slot));
         }
         // Taken out for good: the receiver is consumed, so nothing looks at the slot again.
         match std::mem::replace(&mut *slot, Slot::Dropped) {

@@ -1,0 +1,628 @@
+//! One connection's state machine: read a head, ask the handler, read the body, queue the
+//! request for a worker, write the response, then keep alive or linger and close.
+
+use std::io::{self, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::sync::{self, lock};
+
+use super::head::{
+    framing, head_end, is_token, leading_empty_lines, parse_head, ChunkedDecoder, Framing,
+    RequestError,
+};
+use super::server::panic_message;
+use super::shared::{BodyBuffer, BudgetFull, PeerKey, Phase, Shared, Tracked, BODY_STEP};
+use super::stream::{is_timeout, Deadlined, Stream};
+use super::{reason_phrase, Body, Config, Request, Response};
+
+/// How long a closing connection keeps reading (and discarding) what the peer still sends, so the
+/// kernel does not answer unread data with a reset that would destroy the error response.
+pub(super) const LINGER: Duration = Duration::from_secs(1);
+
+/// The most bytes discarded while lingering.
+pub(super) const LINGER_BYTES: usize = 1 << 20;
+
+/// How often a receiving body records its progress (a lock of the connection table each time).
+pub(super) const PROGRESS_MARK_EVERY: Duration = Duration::from_millis(250);
+
+/// One open connection; dropping it forgets it in the tracking table before the socket closes.
+pub(super) struct Connection {
+    shared: Arc<Shared>,
+    id: u64,
+    remote: SocketAddr,
+    peer: PeerKey,
+    stream: Stream,
+    /// Bytes read past the current request (the next pipelined request, or the start of a body).
+    pending: Vec<u8>,
+    /// When a body being received last recorded its progress in the table.
+    progress_marked: Instant,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        {
+            let mut table = self.shared.connections();
+            table.connections.remove(&self.id);
+            if let Some(usage) = table.peers.get_mut(&self.peer) {
+                usage.connections = usage.connections.saturating_sub(1);
+            }
+            table.forget_if_unused(self.peer);
+        }
+        self.shared.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A request read and checked, with what the front needs to answer it.
+pub(super) struct Parsed {
+    request: Request,
+    http10: bool,
+    head_only: bool,
+    /// Close after answering (asked by the peer, HTTP/1.0, or shutting down).
+    close: bool,
+    /// Released once the answer is written, so the budget covers the handler's use of the body.
+    _body: BodyBuffer,
+}
+
+/// Why a connection stops reading requests.
+pub(super) enum Stop {
+    /// Close quietly: the peer left, went idle past its time, or we are shutting down.
+    Close,
+    /// Answer this protocol error, then close.
+    Refuse(Response),
+    /// Answer the handler's refusal of a head ([`Handler::admit`]), then close: its body, if
+    /// any, was not read.
+    Refused(Response),
+}
+
+impl From<RequestError> for Stop {
+    fn from(e: RequestError) -> Stop {
+        Stop::Refuse(Response::text(e.status(), &e.to_string()))
+    }
+}
+
+impl From<BudgetFull> for Stop {
+    fn from(full: BudgetFull) -> Stop {
+        let reason = match full {
+            BudgetFull::All => "too many request bodies in flight; retry",
+            BudgetFull::Peer => "too many request bodies in flight from your address; retry",
+        };
+        Stop::Refuse(Response::text(503, reason).with_header("Retry-After", "1"))
+    }
+}
+
+pub(super) fn serve_connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    peer: PeerKey,
+) {
+    let accepted_at = Instant::now();
+    let id = shared.next_connection.fetch_add(1, Ordering::SeqCst);
+    shared.connections().connections.insert(
+        id,
+        Tracked {
+            fd: tcp.as_raw_fd(),
+            peer,
+            idle: true,
+            closed_by_server: false,
+            phase: Phase::Waiting(accepted_at),
+        },
+    );
+    let _ = tcp.set_nodelay(true);
+    let _ = tcp.set_write_timeout(Some(shared.config.write_timeout));
+    let socket = Deadlined {
+        tcp,
+        deadline: Some(accepted_at + shared.config.header_timeout),
+    };
+    let stream = match &shared.config.tls {
+        None => Stream::Plain(socket),
+        Some(tls) => match rustls::ServerConnection::new(tls.clone()) {
+            Ok(session) => Stream::Tls(Box::new(rustls::StreamOwned::new(session, socket))),
+            Err(e) => {
+                log::warn!("{}: starting TLS for {remote}: {e}", shared.config.name);
+                shared.connections().connections.remove(&id);
+                shared.release_connection(peer);
+                shared.open.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
+        },
+    };
+    let mut connection = Connection {
+        shared,
+        id,
+        remote,
+        peer,
+        stream,
+        pending: Vec::new(),
+        progress_marked: accepted_at,
+    };
+    // A panic in a stream body or here must still close the connection and release its slot,
+    // which `Connection`'s drop does during unwinding; catching it keeps the log tidy.
+    let name = connection.shared.config.name.clone();
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| connection.run(accepted_at))) {
+        log::error!(
+            "{name}: connection from {remote} panicked: {}",
+            panic_message(&*panic)
+        );
+    }
+}
+
+impl Connection {
+    fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    fn run(&mut self, accepted_at: Instant) {
+        let mut first = true;
+        loop {
+            let head_deadline = match self.wait_for_request(first, accepted_at) {
+                Some(deadline) => deadline,
+                None => return,
+            };
+            first = false;
+            let (response, refused_head) = match self.read_request(head_deadline) {
+                Ok(parsed) => {
+                    if !self.set_phase(Phase::Busy) || !self.answer(parsed) {
+                        return;
+                    }
+                    continue;
+                }
+                Err(Stop::Close) => return,
+                Err(Stop::Refuse(response)) => {
+                    self.shared.protocol_error();
+                    (response, false)
+                }
+                Err(Stop::Refused(response)) => {
+                    self.shared.refused_heads.fetch_add(1, Ordering::SeqCst);
+                    (response, true)
+                }
+            };
+            log::debug!(
+                "{}: {} from {}{}",
+                self.config().name,
+                response.status,
+                self.remote,
+                if refused_head {
+                    " (refused by the handler)"
+                } else {
+                    ""
+                }
+            );
+            let _ = self.write_response(response, false, false, true);
+            self.linger();
+            return;
+        }
+    }
+
+    /// Waits for the first byte of a request while marked idle (so shutdown may close us), and
+    /// returns the deadline for the whole head; `None` to close.
+    fn wait_for_request(&mut self, first: bool, accepted_at: Instant) -> Option<Instant> {
+        if !self.set_idle(true) {
+            return None;
+        }
+        if self.pending.is_empty() {
+            let deadline = if first {
+                accepted_at + self.config().header_timeout
+            } else {
+                Instant::now() + self.config().idle_timeout
+            };
+            self.stream.set_deadline(deadline);
+            match self.fill() {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+        if !self.set_idle(false) {
+            return None;
+        }
+        Some(if first {
+            accepted_at + self.config().header_timeout
+        } else {
+            Instant::now() + self.config().header_timeout
+        })
+    }
+
+    /// Marks the connection idle (waiting for a request) or not (receiving one); false when
+    /// shutdown or eviction has claimed it. A head being received keeps the time its wait began,
+    /// so a trickled head stays first in line for eviction.
+    fn set_idle(&self, idle: bool) -> bool {
+        let mut table = self.shared.connections();
+        match table.connections.get_mut(&self.id) {
+            Some(tracked) if !(tracked.closed_by_server || idle && self.shared.stopping()) => {
+                tracked.idle = idle;
+                if idle {
+                    tracked.phase = Phase::Waiting(Instant::now());
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Records what the connection is doing; false when eviction or shutdown has claimed it.
+    fn set_phase(&self, phase: Phase) -> bool {
+        let mut table = self.shared.connections();
+        match table.connections.get_mut(&self.id) {
+            Some(tracked) if !tracked.closed_by_server => {
+                tracked.phase = phase;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Reads more bytes into `pending`; the count read (0 at end of stream).
+    fn fill(&mut self) -> io::Result<usize> {
+        // Read into the stack, not into spare heap capacity, so an idle connection blocked here
+        // holds no buffer of its own.
+        let mut chunk = [0u8; 4096];
+        let read = self.stream.read(&mut chunk)?;
+        self.pending
+            .extend_from_slice(chunk.get(..read).unwrap_or(&[]));
+        Ok(read)
+    }
+
+    /// Reads some body bytes into `buf` under the body deadline, recording progress now and then.
+    fn read_body_bytes(&mut self, buf: &mut [u8]) -> Result<usize, Stop> {
+        loop {
+            match self.stream.read(buf) {
+                Ok(0) => return Err(Stop::Close),
+                Ok(n) => {
+                    let now = Instant::now();
+                    if now.duration_since(self.progress_marked) >= PROGRESS_MARK_EVERY {
+                        self.progress_marked = now;
+                        // An eviction shows on the next read, as the end of the stream.
+                        self.set_phase(Phase::Body(now));
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => {
+                    return Err(Stop::Refuse(Response::text(
+                        408,
+                        "the request body took too long",
+                    )))
+                }
+                Err(_) => return Err(Stop::Close),
+            }
+        }
+    }
+
+    /// Reads and checks one request: head, the handler's admission, body.
+    fn read_request(&mut self, deadline: Instant) -> Result<Parsed, Stop> {
+        let max = self.config().max_header_bytes;
+        self.stream.set_deadline(deadline);
+        let mut scanned = 0;
+        let head_end = loop {
+            // Empty lines before a request line are ignored (RFC 9112 §2.2): some clients send a
+            // CRLF after a body.
+            let blank = leading_empty_lines(&self.pending);
+            if blank > 0 {
+                self.pending.drain(..blank);
+                scanned = 0;
+            }
+            if let Some(end) = head_end(&self.pending, &mut scanned, max)? {
+                break end;
+            }
+            match self.fill() {
+                Ok(0) => return Err(Stop::Close),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) && !self.pending.is_empty() => {
+                    return Err(Stop::Refuse(Response::text(
+                        408,
+                        "the request head took too long",
+                    )))
+                }
+                Err(_) => return Err(Stop::Close),
+            }
+        };
+        let head = parse_head(self.pending.get(..head_end).unwrap_or(&[]))?;
+        self.pending.drain(..head_end);
+        let framing = framing(&head)?;
+        let limit = self
+            .shared
+            .handler
+            .admit(&head, self.remote)
+            .map_err(Stop::Refused)?;
+        let most = match framing {
+            Framing::Length(length) if length > limit => {
+                return Err(RequestError::BodyTooLarge {
+                    declared: Some(length as u64),
+                    limit,
+                }
+                .into())
+            }
+            Framing::Length(length) => length,
+            Framing::Chunked => limit,
+        };
+        let has_body = framing != Framing::Length(0);
+        if let Some(expect) = head.header("Expect") {
+            if !expect.eq_ignore_ascii_case("100-continue") {
+                return Err(RequestError::Expectation.into());
+            }
+            let arrived = match framing {
+                Framing::Length(length) => self.pending.len() >= length,
+                Framing::Chunked => !self.pending.is_empty(),
+            };
+            if !head.http10 && has_body && !arrived {
+                let sent = self
+                    .stream
+                    .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    .and_then(|()| self.stream.flush());
+                if sent.is_err() {
+                    return Err(Stop::Close);
+                }
+            }
+        }
+        let mut body = BodyBuffer::new(self.shared.clone(), self.peer, most);
+        if has_body {
+            let now = Instant::now();
+            self.progress_marked = now;
+            if !self.set_phase(Phase::Body(now)) {
+                return Err(Stop::Close);
+            }
+            self.stream.set_deadline(now + self.config().body_timeout);
+            match framing {
+                Framing::Length(length) => self.read_sized_body(length, &mut body)?,
+                Framing::Chunked => self.read_chunked_body(limit, &mut body)?,
+            }
+        }
+        // A large head or a chunked body's reads may have grown the buffer; an idle keep-alive
+        // connection should not keep that.
+        if self.pending.capacity() > 2 * BODY_STEP {
+            self.pending.shrink_to(4 << 10);
+        }
+        let close = head.wants_close() || self.shared.stopping();
+        let head_only = head.method == "HEAD";
+        let request = Request {
+            method: head.method,
+            path: head.path,
+            query: head.query,
+            headers: head.headers,
+            body: body.take(),
+            remote: self.remote,
+        };
+        Ok(Parsed {
+            request,
+            http10: head.http10,
+            head_only,
+            close,
+            _body: body,
+        })
+    }
+
+    /// Reads a body of `length` bytes (already checked against the cap).
+    fn read_sized_body(&mut self, length: usize, body: &mut BodyBuffer) -> Result<(), Stop> {
+        let from_pending = length.min(self.pending.len());
+        body.append(self.pending.get(..from_pending).unwrap_or(&[]))?;
+        self.pending.drain(..from_pending);
+        // Read straight into the stack, never past the body: what follows it stays unread.
+        let mut chunk = [0u8; BODY_STEP];
+        while body.bytes.len() < length {
+            let want = (length - body.bytes.len()).min(chunk.len());
+            let read = self.read_body_bytes(&mut chunk[..want])?;
+            body.append(chunk.get(..read).unwrap_or(&[]))?;
+        }
+        Ok(())
+    }
+
+    /// Reads a chunked body of at most `limit` bytes; bytes past its end stay in `pending`.
+    fn read_chunked_body(&mut self, limit: usize, body: &mut BodyBuffer) -> Result<(), Stop> {
+        let mut decoder = ChunkedDecoder::new(limit, self.config().max_header_bytes);
+        let mut chunk = [0u8; BODY_STEP];
+        loop {
+            // Steps move a cursor; `pending` is drained once per read, not once per chunk.
+            let mut at = 0;
+            while !decoder.is_done() {
+                let input = self.pending.get(at..).unwrap_or(&[]);
+                let step = decoder.step(input)?;
+                if step.consumed == 0 {
+                    break;
+                }
+                body.append(input.get(step.data).unwrap_or(&[]))?;
+                at += step.consumed;
+            }
+            self.pending.drain(..at);
+            if decoder.is_done() {
+                return Ok(());
+            }
+            let read = self.read_body_bytes(&mut chunk)?;
+            self.pending
+                .extend_from_slice(chunk.get(..read).unwrap_or(&[]));
+        }
+    }
+
+    /// Hands the request to the workers and writes their answer; false to close the connection.
+    fn answer(&mut self, parsed: Parsed) -> bool {
+        let Parsed {
+            request,
+            http10,
+            head_only,
+            mut close,
+            _body,
+        } = parsed;
+        let (reply, answer) = sync::oneshot();
+        {
+            // Queued under the lock rather than with a clone of the sender: a clone and its drop
+            // would take the queue's own lock twice more, against every worker.
+            let jobs = lock(&self.shared.jobs);
+            match jobs.as_ref() {
+                // With the workers gone the job is given back and dropped, and so is its reply
+                // sender.
+                Some(jobs) => drop(jobs.send((request, reply))),
+                // Shutting down: no queue to take it.
+                None => drop(reply),
+            }
+        }
+        // `None`: shutting down, or the workers are gone.
+        let response = match answer.recv() {
+            Some(response) => response,
+            None => {
+                close = true;
+                Response::text(503, "shutting down")
+            }
+        };
+        drop(_body);
+        if self.shared.stopping() {
+            close = true;
+        }
+        match self.write_response(response, http10, head_only, close) {
+            Ok(keep_alive) => keep_alive,
+            Err(e) => {
+                log::debug!(
+                    "{}: writing a response to {}: {e}",
+                    self.config().name,
+                    self.remote
+                );
+                false
+            }
+        }
+    }
+
+    /// Writes `response`; whether the connection may carry another request.
+    fn write_response(
+        &mut self,
+        response: Response,
+        http10: bool,
+        head_only: bool,
+        mut close: bool,
+    ) -> io::Result<bool> {
+        let Response {
+            mut status,
+            headers,
+            body,
+        } = response;
+        if !(200..=599).contains(&status) {
+            log::error!(
+                "{}: the handler answered status {status}; sending 500",
+                self.config().name
+            );
+            status = 500;
+        }
+        if headers.iter().any(|(n, v)| {
+            n.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close")
+        }) {
+            close = true;
+        }
+        // HTTP/1.0 has no chunked encoding: a streamed body ends where the connection does.
+        let chunked = matches!(body, Body::Stream(_)) && !http10;
+        if matches!(body, Body::Stream(_)) && http10 {
+            close = true;
+        }
+        let mut head = String::with_capacity(256);
+        head.push_str("HTTP/1.1 ");
+        head.push_str(&status.to_string());
+        head.push(' ');
+        head.push_str(reason_phrase(status));
+        head.push_str("\r\n");
+        for (name, value) in &headers {
+            let framing = ["content-length", "transfer-encoding", "connection"]
+                .iter()
+                .any(|f| name.eq_ignore_ascii_case(f));
+            let unsafe_text = !is_token(name) || value.bytes().any(|b| b == b'\r' || b == b'\n');
+            if framing {
+                continue;
+            }
+            if unsafe_text {
+                log::error!(
+                    "{}: dropping response header {name:?} with characters that would split the response",
+                    self.config().name
+                );
+                continue;
+            }
+            head.push_str(name);
+            head.push_str(": ");
+            head.push_str(value);
+            head.push_str("\r\n");
+        }
+        let no_body_status = status == 204 || status == 304;
+        match &body {
+            _ if no_body_status => {}
+            Body::Empty => head.push_str("Content-Length: 0\r\n"),
+            Body::Bytes(bytes) => head.push_str(&format!("Content-Length: {}\r\n", bytes.len())),
+            Body::Stream(_) if chunked => head.push_str("Transfer-Encoding: chunked\r\n"),
+            Body::Stream(_) => {}
+        }
+        if close {
+            head.push_str("Connection: close\r\n");
+        } else if http10 {
+            head.push_str("Connection: keep-alive\r\n");
+        }
+        head.push_str("\r\n");
+
+        let name = self.shared.config.name.clone();
+        let mut out = BufWriter::with_capacity(8 << 10, &mut self.stream);
+        out.write_all(head.as_bytes())?;
+        if !head_only && !no_body_status {
+            match body {
+                Body::Empty => {}
+                Body::Bytes(bytes) => out.write_all(&bytes)?,
+                Body::Stream(write_body) => {
+                    let written = if chunked {
+                        let mut chunks = BufWriter::with_capacity(16 << 10, Chunked(&mut out));
+                        let written = write_body(&mut chunks).and_then(|()| chunks.flush());
+                        drop(chunks);
+                        written.and_then(|()| out.write_all(b"0\r\n\r\n"))
+                    } else {
+                        write_body(&mut out)
+                    };
+                    if let Err(e) = written {
+                        // Without the last chunk the peer sees a broken body, not a short one.
+                        log::warn!("{name}: a streamed response body failed: {e}");
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        out.flush()?;
+        drop(out);
+        if close {
+            if let Stream::Tls(tls) = &mut self.stream {
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        }
+        Ok(!close)
+    }
+
+    /// Closes our side, then reads and drops what the peer still sends for a moment, so an error
+    /// response is not lost to a reset caused by unread request bytes.
+    fn linger(&mut self) {
+        let socket = self.stream.socket();
+        let _ = socket.tcp.shutdown(std::net::Shutdown::Write);
+        socket.deadline = Some(Instant::now() + LINGER);
+        let mut discarded = 0;
+        let mut sink = [0u8; 4096];
+        while discarded < LINGER_BYTES {
+            match socket.read(&mut sink) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => discarded += n,
+            }
+        }
+    }
+}
+
+/// Wraps each write in one HTTP/1.1 chunk.
+pub(super) struct Chunked<W: Write>(W);
+
+impl<W: Write> Write for Chunked<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        write!(self.0, "{:x}\r\n", buf.len())?;
+        self.0.write_all(buf)?;
+        self.0.write_all(b"\r\n")?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}

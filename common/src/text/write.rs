@@ -1,0 +1,444 @@
+//! The text format writers: from decoded families ([`write_family`]) and from zero-copy protobuf
+//! views ([`write_family_view`]), byte for byte as Go's `expfmt` writes them.
+
+use crate::delimited::DecodeError;
+use crate::labels;
+use crate::model::{LabelPair, Metric, MetricFamily, MetricType};
+use crate::wire::{FamilyView, MetricView, Value};
+use std::io::{self, Write};
+
+use super::float::{write_float, NumBuf};
+use super::skip::{label_problem, series_problem, SeenNames, SkipReason, Skipped};
+
+/// Writes one family in text format: `# HELP` (when there is help text), `# TYPE`, then one line per
+/// sample. With `timestamps` false, sample timestamps are left out.
+///
+/// The output is byte for byte what Go's `expfmt.MetricFamilyToText` writes, except that a family
+/// without series writes nothing, empty help is left out, a gauge histogram is written as a
+/// histogram, and a series that cannot be written as lines Prometheus accepts is left out (a
+/// family left with none writes nothing): see [`SkipReason`] and [`write_family_counted`].
+pub fn write_family<W: Write>(
+    w: &mut W,
+    family: &MetricFamily,
+    timestamps: bool,
+) -> io::Result<()> {
+    write_family_counted(w, family, timestamps, &mut Skipped::default())
+}
+
+/// As [`write_family`], counting each series left out in `skipped`.
+pub fn write_family_counted<W: Write>(
+    w: &mut W,
+    family: &MetricFamily,
+    timestamps: bool,
+    skipped: &mut Skipped,
+) -> io::Result<()> {
+    let name = family.name.as_deref().unwrap_or("");
+    if !labels::is_valid_metric_name(name) {
+        for _ in &family.metric {
+            skipped.add(SkipReason::MetricName);
+        }
+        return Ok(());
+    }
+    let metric_type = family.metric_type();
+    // The header waits for the first series written: a dangling `# TYPE x histogram` makes a
+    // following `# TYPE x_count ...` a second TYPE line for `x`, which Go's parser and ours
+    // refuse, failing the whole body.
+    let mut header_written = false;
+    for metric in &family.metric {
+        if let Some(problem) = series_problem(metric, metric_type) {
+            skipped.add(problem);
+            continue;
+        }
+        if !header_written {
+            header_written = true;
+            if let Some(help) = family.help.as_deref().filter(|h| !h.is_empty()) {
+                w.write_all(b"# HELP ")?;
+                w.write_all(name.as_bytes())?;
+                w.write_all(b" ")?;
+                write_escaped(w, help, false)?;
+                w.write_all(b"\n")?;
+            }
+            w.write_all(b"# TYPE ")?;
+            w.write_all(name.as_bytes())?;
+            w.write_all(type_line_end(metric_type))?;
+        }
+        let ts = if timestamps {
+            metric.timestamp_ms
+        } else {
+            None
+        };
+        let sample = |w: &mut W, suffix: &str, extra: Option<(&str, f64)>, value: f64| {
+            write_sample(w, name, suffix, &metric.label, extra, value, ts)
+        };
+        match metric_type {
+            MetricType::Counter | MetricType::Gauge | MetricType::Untyped => {
+                let value = match metric_type {
+                    MetricType::Counter => metric.counter.map(|c| c.value),
+                    MetricType::Gauge => metric.gauge.map(|g| g.value),
+                    _ => metric.untyped.map(|u| u.value),
+                };
+                if let Some(value) = value {
+                    sample(w, "", None, value.unwrap_or(0.0))?;
+                }
+            }
+            MetricType::Summary => {
+                let Some(summary) = &metric.summary else {
+                    continue;
+                };
+                for q in &summary.quantile {
+                    let rank = q.quantile.unwrap_or(0.0);
+                    sample(w, "", Some(("quantile", rank)), q.value.unwrap_or(0.0))?;
+                }
+                sample(w, "_sum", None, summary.sample_sum.unwrap_or(0.0))?;
+                let count = summary.sample_count.unwrap_or(0) as f64;
+                sample(w, "_count", None, count)?;
+            }
+            MetricType::Histogram | MetricType::GaugeHistogram => {
+                let Some(histogram) = &metric.histogram else {
+                    continue;
+                };
+                let count = histogram.sample_count.unwrap_or(0) as f64;
+                let mut inf_seen = false;
+                for b in &histogram.bucket {
+                    let le = b.upper_bound.unwrap_or(0.0);
+                    inf_seen |= le == f64::INFINITY;
+                    let cumulative = b.cumulative_count.unwrap_or(0) as f64;
+                    sample(w, "_bucket", Some(("le", le)), cumulative)?;
+                }
+                if !inf_seen {
+                    sample(w, "_bucket", Some(("le", f64::INFINITY)), count)?;
+                }
+                sample(w, "_sum", None, histogram.sample_sum.unwrap_or(0.0))?;
+                sample(w, "_count", None, count)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The end of a `# TYPE` line: the type as Go's `expfmt` names it.
+pub(super) fn type_line_end(metric_type: MetricType) -> &'static [u8] {
+    match metric_type {
+        MetricType::Counter => b" counter\n",
+        MetricType::Gauge => b" gauge\n",
+        MetricType::Summary => b" summary\n",
+        MetricType::Untyped => b" untyped\n",
+        MetricType::Histogram | MetricType::GaugeHistogram => b" histogram\n",
+    }
+}
+
+/// Whether `metric` carries the value a family of type `metric_type` is written from.
+pub(super) fn has_value_for(metric: &Metric, metric_type: MetricType) -> bool {
+    match metric_type {
+        MetricType::Counter => metric.counter.is_some(),
+        MetricType::Gauge => metric.gauge.is_some(),
+        MetricType::Untyped => metric.untyped.is_some(),
+        MetricType::Summary => metric.summary.is_some(),
+        MetricType::Histogram | MetricType::GaugeHistogram => metric.histogram.is_some(),
+    }
+}
+
+/// One sample line: `name_suffix{labels,extra="x"} value [timestamp]`.
+pub(super) fn write_sample<W: Write>(
+    w: &mut W,
+    name: &str,
+    suffix: &str,
+    labels: &[LabelPair],
+    extra: Option<(&str, f64)>,
+    value: f64,
+    timestamp: Option<i64>,
+) -> io::Result<()> {
+    w.write_all(name.as_bytes())?;
+    w.write_all(suffix.as_bytes())?;
+    let mut separator = b"{";
+    for label in labels {
+        w.write_all(separator)?;
+        separator = b",";
+        w.write_all(label.name.as_deref().unwrap_or("").as_bytes())?;
+        w.write_all(b"=\"")?;
+        write_escaped(w, label.value.as_deref().unwrap_or(""), true)?;
+        w.write_all(b"\"")?;
+    }
+    finish_sample(w, separator, extra, value, timestamp)
+}
+
+/// The rest of a sample line after its labels (`separator` is `{` when none was written).
+pub(super) fn finish_sample<W: Write>(
+    w: &mut W,
+    mut separator: &[u8; 1],
+    extra: Option<(&str, f64)>,
+    value: f64,
+    timestamp: Option<i64>,
+) -> io::Result<()> {
+    if let Some((extra_name, extra_value)) = extra {
+        w.write_all(separator)?;
+        separator = b",";
+        w.write_all(extra_name.as_bytes())?;
+        w.write_all(b"=\"")?;
+        write_float(w, extra_value)?;
+        w.write_all(b"\"")?;
+    }
+    // The value (and timestamp) are formatted on the stack and written at once.
+    let mut buf = NumBuf::new();
+    if separator == b"," {
+        buf.push(b'}');
+    }
+    buf.push(b' ');
+    buf.push_float(value);
+    if let Some(ts) = timestamp {
+        buf.push(b' ');
+        buf.push_i64(ts);
+    }
+    buf.push(b'\n');
+    w.write_all(buf.as_bytes())
+}
+
+/// Writes one family read from a protobuf body without decoding it (see [`crate::wire`]): the
+/// bytes [`write_family`] writes for the same family decoded, with nothing allocated per series
+/// (`out` grows, nothing else); each series left out is counted in `skipped`, as
+/// [`write_family_counted`] counts it.
+///
+/// The family's series are checked as they are written, not before: on a message that does not
+/// decode, an [`io::ErrorKind::InvalidData`] error (wrapping the [`DecodeError`]) is returned and
+/// part of the family may already be in `out`; throw it away when that matters. (A series whose
+/// value is not the family's is skipped unread, so its labels are not checked.)
+pub fn write_family_view(
+    out: &mut Vec<u8>,
+    family: &FamilyView<'_>,
+    timestamps: bool,
+    skipped: &mut Skipped,
+) -> io::Result<()> {
+    let name = family.name.as_bytes();
+    let name_ok = labels::is_valid_metric_name(family.name);
+    let metric_type = family.metric_type();
+    let mut header_written = false;
+    for metric in family.metrics() {
+        let metric = metric.map_err(invalid_data)?;
+        if !name_ok {
+            skipped.add(SkipReason::MetricName);
+            continue;
+        }
+        let value = metric.value_for(metric_type).map_err(invalid_data)?;
+        if matches!(value, Value::Missing | Value::Several) {
+            skipped.add(SkipReason::NoValue);
+            continue;
+        }
+        // The labels are checked as the series' first line renders them; a series that fails
+        // is taken back out, with the header when it was the one to bring it.
+        let start = out.len();
+        let brought_header = !header_written;
+        if brought_header {
+            header_written = true;
+            if !family.help.is_empty() {
+                out.extend_from_slice(b"# HELP ");
+                out.extend_from_slice(name);
+                out.push(b' ');
+                write_escaped(out, family.help, false)?;
+                out.push(b'\n');
+            }
+            out.extend_from_slice(b"# TYPE ");
+            out.extend_from_slice(name);
+            out.extend_from_slice(type_line_end(metric_type));
+        }
+        let mut lines = SeriesLines {
+            name,
+            metric: &metric,
+            metric_type,
+            labels: None,
+            timestamp: if timestamps {
+                metric.timestamp_ms
+            } else {
+                None
+            },
+        };
+        match lines.write_all(out, value) {
+            Ok(()) => {}
+            Err(LineError::Skip(reason)) => {
+                out.truncate(start);
+                header_written = !brought_header;
+                skipped.add(reason);
+            }
+            Err(LineError::Io(e)) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn invalid_data(e: DecodeError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Why a series' lines stopped.
+pub(super) enum LineError {
+    /// A label cannot be written: the series is left out.
+    Skip(SkipReason),
+    /// A message does not decode: the family fails.
+    Io(io::Error),
+}
+
+impl From<io::Error> for LineError {
+    fn from(e: io::Error) -> Self {
+        LineError::Io(e)
+    }
+}
+
+/// The sample lines of one borrowed series. Its labels are decoded, checked and escaped for the
+/// first line only; later lines (a histogram has a dozen) copy that first rendering from `out`.
+pub(super) struct SeriesLines<'a, 'b> {
+    name: &'a [u8],
+    metric: &'a MetricView<'b>,
+    metric_type: MetricType,
+    /// Where the rendered `{a="b",c="d"` (without the closing brace) sits in `out`.
+    labels: Option<std::ops::Range<usize>>,
+    timestamp: Option<i64>,
+}
+
+impl SeriesLines<'_, '_> {
+    /// Every line of the series, whose value is `value`.
+    fn write_all(&mut self, out: &mut Vec<u8>, value: Value<'_>) -> Result<(), LineError> {
+        match value {
+            Value::Gauge(v) | Value::Counter(v) | Value::Untyped(v) => {
+                self.write(out, b"", None, v)?
+            }
+            Value::Summary(summary) => {
+                for q in summary.quantiles() {
+                    let (rank, value) = q.map_err(invalid_data)?;
+                    self.write(out, b"", Some((b"quantile", rank)), value)?;
+                }
+                self.write(out, b"_sum", None, summary.sample_sum)?;
+                self.write(out, b"_count", None, summary.sample_count as f64)?;
+            }
+            Value::Histogram(histogram) => {
+                let count = histogram.sample_count as f64;
+                let mut inf_seen = false;
+                for b in histogram.buckets() {
+                    let (le, cumulative) = b.map_err(invalid_data)?;
+                    inf_seen |= le == f64::INFINITY;
+                    self.write(out, b"_bucket", Some((b"le", le)), cumulative as f64)?;
+                }
+                if !inf_seen {
+                    self.write(out, b"_bucket", Some((b"le", f64::INFINITY)), count)?;
+                }
+                self.write(out, b"_sum", None, histogram.sample_sum)?;
+                self.write(out, b"_count", None, count)?;
+            }
+            Value::Missing | Value::Several => {}
+        }
+        Ok(())
+    }
+
+    /// One line: `name_suffix{labels,extra="x"} value [timestamp]`.
+    fn write(
+        &mut self,
+        out: &mut Vec<u8>,
+        suffix: &[u8],
+        extra: Option<(&[u8], f64)>,
+        value: f64,
+    ) -> Result<(), LineError> {
+        out.extend_from_slice(self.name);
+        out.extend_from_slice(suffix);
+        let labels = match &self.labels {
+            Some(range) => {
+                let range = range.clone();
+                out.extend_from_within(range.clone());
+                range
+            }
+            None => {
+                let start = out.len();
+                let mut separator = b'{';
+                let mut seen = SeenNames::new();
+                for label in self.metric.label_bytes() {
+                    let (label_name, label_value) = label.map_err(invalid_data)?;
+                    if let Some(problem) = label_problem(self.metric_type, label_name) {
+                        return Err(LineError::Skip(problem));
+                    }
+                    if !seen.insert(label_name) {
+                        return Err(LineError::Skip(SkipReason::DuplicateLabel));
+                    }
+                    out.push(separator);
+                    separator = b',';
+                    out.extend_from_slice(label_name);
+                    out.extend_from_slice(b"=\"");
+                    escape_into(out, label_value, true);
+                    out.push(b'"');
+                }
+                let range = start..out.len();
+                self.labels = Some(range.clone());
+                range
+            }
+        };
+        let mut buf = NumBuf::new();
+        let mut open = !labels.is_empty();
+        if let Some((extra_name, extra_value)) = extra {
+            buf.push(if open { b',' } else { b'{' });
+            open = true;
+            buf.push_slice(extra_name);
+            buf.push_slice(b"=\"");
+            buf.push_float(extra_value);
+            buf.push(b'"');
+        }
+        if open {
+            buf.push(b'}');
+        }
+        buf.push(b' ');
+        buf.push_float(value);
+        if let Some(ts) = self.timestamp {
+            buf.push(b' ');
+            buf.push_i64(ts);
+        }
+        buf.push(b'\n');
+        out.extend_from_slice(buf.as_bytes());
+        Ok(())
+    }
+}
+
+/// As [`write_escaped`], for bytes into a `Vec`.
+pub(super) fn escape_into(out: &mut Vec<u8>, bytes: &[u8], quotes: bool) {
+    let special = bytes.iter().fold(false, |acc, &b| {
+        acc | (b == b'\\') | (b == b'\n') | (quotes & (b == b'"'))
+    });
+    if !special {
+        return out.extend_from_slice(bytes);
+    }
+    for &b in bytes {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'"' if quotes => out.extend_from_slice(b"\\\""),
+            _ => out.push(b),
+        }
+    }
+}
+
+/// Writes `s` with `\` and newline escaped, and `"` too in label values.
+pub(super) fn write_escaped<W: Write>(w: &mut W, s: &str, quotes: bool) -> io::Result<()> {
+    let bytes = s.as_bytes();
+    // Almost no value needs escaping; a branch-free scan (which vectorizes) settles that first.
+    let special = bytes.iter().fold(false, |acc, &b| {
+        acc | (b == b'\\') | (b == b'\n') | (quotes & (b == b'"'))
+    });
+    if !special {
+        return w.write_all(bytes);
+    }
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'"' if quotes => b"\\\"",
+            _ => continue,
+        };
+        w.write_all(bytes.get(start..i).unwrap_or_default())?;
+        w.write_all(escaped)?;
+        start = i + 1;
+    }
+    w.write_all(bytes.get(start..).unwrap_or_default())
+}
+
+/// Writes all `families` in text format (see [`write_family`]).
+pub fn encode<W: Write>(w: &mut W, families: &[MetricFamily], timestamps: bool) -> io::Result<()> {
+    for family in families {
+        write_family(w, family, timestamps)?;
+    }
+    Ok(())
+}

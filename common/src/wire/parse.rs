@@ -1,0 +1,218 @@
+//! Reading each message of the schema into its view: a family's header, a series, a label, a
+//! value. Each checks what prost would check of that message's own fields.
+
+use crate::model::MetricType;
+
+use super::fields::{Bad, Fields};
+use super::{
+    FamilyView, HistogramView, MetricView, SummaryView, Value, COUNTER_FIELD, FAMILY_DEPTH,
+    GAUGE_FIELD, HISTOGRAM_FIELD, ITEM_FIELD, LABEL_FIELD, METRIC_DEPTH, METRIC_FIELD,
+    SUMMARY_FIELD, TIMESTAMP_FIELD, UNTYPED_FIELD, VALUE_DEPTH,
+};
+
+// One bit per value field of a metric.
+pub(super) const GAUGE: u8 = 1;
+pub(super) const COUNTER: u8 = 2;
+pub(super) const UNTYPED: u8 = 4;
+pub(super) const SUMMARY: u8 = 8;
+pub(super) const HISTOGRAM: u8 = 16;
+pub(super) const ALL_KINDS: u8 = GAUGE | COUNTER | UNTYPED | SUMMARY | HISTOGRAM;
+
+pub(super) fn kind_of(metric_type: MetricType) -> u8 {
+    match metric_type {
+        MetricType::Counter => COUNTER,
+        MetricType::Gauge => GAUGE,
+        MetricType::Untyped => UNTYPED,
+        MetricType::Summary => SUMMARY,
+        MetricType::Histogram | MetricType::GaugeHistogram => HISTOGRAM,
+    }
+}
+
+pub(super) fn value_kind(value: &Value<'_>) -> u8 {
+    match value {
+        Value::Missing | Value::Several => 0,
+        Value::Gauge(_) => GAUGE,
+        Value::Counter(_) => COUNTER,
+        Value::Untyped(_) => UNTYPED,
+        Value::Summary(_) => SUMMARY,
+        Value::Histogram(_) => HISTOGRAM,
+    }
+}
+
+pub(super) fn family_header(message: &[u8]) -> Result<FamilyView<'_>, Bad> {
+    let mut view = FamilyView {
+        name: "",
+        help: "",
+        raw_type: None,
+        message,
+    };
+    let mut fields = Fields::new(message, FAMILY_DEPTH);
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => view.name = wire.str()?,
+            2 => view.help = wire.str()?,
+            // An enum is an int32 on the wire: prost keeps the low 32 bits of the varint.
+            3 => view.raw_type = Some(wire.varint()? as i32),
+            METRIC_FIELD => {
+                wire.bytes()?;
+            }
+            _ => {}
+        }
+    }
+    Ok(view)
+}
+
+/// Reads a metric's own fields; value fields whose kind is not in `kinds` are passed over.
+pub(super) fn parse_metric(message: &[u8], kinds: u8) -> Result<MetricView<'_>, Bad> {
+    let mut timestamp_ms = None;
+    let mut seen = 0u8;
+    let mut last = 0u8;
+    let mut simple = 0.0;
+    let mut summary = Distribution::default();
+    let mut histogram = Distribution::default();
+    let mut fields = Fields::new(message, METRIC_DEPTH);
+    while let Some((tag, wire)) = fields.next()? {
+        let kind = match tag {
+            LABEL_FIELD => {
+                wire.bytes()?;
+                continue;
+            }
+            TIMESTAMP_FIELD => {
+                timestamp_ms = Some(wire.varint()? as i64);
+                continue;
+            }
+            GAUGE_FIELD => GAUGE,
+            COUNTER_FIELD => COUNTER,
+            UNTYPED_FIELD => UNTYPED,
+            SUMMARY_FIELD => SUMMARY,
+            HISTOGRAM_FIELD => HISTOGRAM,
+            _ => continue,
+        };
+        if kinds & kind == 0 {
+            continue;
+        }
+        let bytes = wire.bytes()?;
+        match kind {
+            SUMMARY => summary.merge(bytes)?,
+            HISTOGRAM => histogram.merge(bytes)?,
+            // Gauge, counter, untyped: with several kinds set only `Several` is reported, so one
+            // simple value suffices; merging keeps it when a later occurrence has none.
+            _ => {
+                if last != kind {
+                    simple = 0.0;
+                }
+                if let Some(v) = simple_value(bytes)? {
+                    simple = v;
+                }
+            }
+        }
+        seen |= kind;
+        last = kind;
+    }
+    let value = if seen.count_ones() > 1 {
+        Value::Several
+    } else {
+        match seen {
+            GAUGE => Value::Gauge(simple),
+            COUNTER => Value::Counter(simple),
+            UNTYPED => Value::Untyped(simple),
+            SUMMARY => Value::Summary(SummaryView {
+                sample_count: summary.count,
+                sample_sum: summary.sum,
+                message: summary.last,
+                merged_from: (summary.occurrences > 1).then_some(message),
+            }),
+            HISTOGRAM => Value::Histogram(HistogramView {
+                sample_count: histogram.count,
+                sample_sum: histogram.sum,
+                message: histogram.last,
+                merged_from: (histogram.occurrences > 1).then_some(message),
+            }),
+            _ => Value::Missing,
+        }
+    };
+    Ok(MetricView {
+        message,
+        timestamp_ms,
+        value,
+    })
+}
+
+/// The merged own fields of a summary's or histogram's occurrences.
+#[derive(Default)]
+pub(super) struct Distribution<'a> {
+    count: u64,
+    sum: f64,
+    last: &'a [u8],
+    occurrences: usize,
+}
+
+impl<'a> Distribution<'a> {
+    fn merge(&mut self, message: &'a [u8]) -> Result<(), Bad> {
+        let mut fields = Fields::new(message, VALUE_DEPTH);
+        while let Some((tag, wire)) = fields.next()? {
+            match tag {
+                1 => self.count = wire.varint()?,
+                2 => self.sum = wire.double()?,
+                ITEM_FIELD => {
+                    wire.bytes()?;
+                }
+                _ => {}
+            }
+        }
+        self.last = message;
+        self.occurrences += 1;
+        Ok(())
+    }
+}
+
+/// The `value` of a gauge, counter or untyped message, if it has one.
+pub(super) fn simple_value(message: &[u8]) -> Result<Option<f64>, Bad> {
+    let mut value = None;
+    let mut fields = Fields::new(message, VALUE_DEPTH);
+    while let Some((tag, wire)) = fields.next()? {
+        if tag == 1 {
+            value = Some(wire.double()?);
+        }
+    }
+    Ok(value)
+}
+
+#[inline]
+pub(super) fn parse_label(message: &[u8]) -> Result<(&str, &str), Bad> {
+    let (mut name, mut value) = ("", "");
+    let mut fields = Fields::new(message, VALUE_DEPTH);
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => name = wire.str()?,
+            2 => value = wire.str()?,
+            _ => {}
+        }
+    }
+    Ok((name, value))
+}
+
+/// As [`parse_label`], as bytes: for writers, which need no `&str`. The UTF-8 check is the same;
+/// ASCII (nearly every label) is settled by a quicker scan first.
+#[inline]
+pub(super) fn parse_label_bytes(message: &[u8]) -> Result<(&[u8], &[u8]), Bad> {
+    let (mut name, mut value): (&[u8], &[u8]) = (b"", b"");
+    let mut fields = Fields::new(message, VALUE_DEPTH);
+    while let Some((tag, wire)) = fields.next()? {
+        match tag {
+            1 => name = utf8_bytes(wire.bytes()?)?,
+            2 => value = utf8_bytes(wire.bytes()?)?,
+            _ => {}
+        }
+    }
+    Ok((name, value))
+}
+
+#[inline]
+pub(super) fn utf8_bytes(bytes: &[u8]) -> Result<&[u8], Bad> {
+    if bytes.is_ascii() || std::str::from_utf8(bytes).is_ok() {
+        Ok(bytes)
+    } else {
+        Err(Bad("string is not UTF-8"))
+    }
+}
