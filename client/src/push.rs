@@ -177,9 +177,7 @@ fn sha256_hex(text: &str) -> String {
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    telemeter_common::time::unix_seconds(t)
 }
 
 /// Writes `bytes` to `path` atomically (temp file in the same directory, fsync, rename), readable

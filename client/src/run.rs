@@ -11,7 +11,7 @@ use crate::transform::{Filtered, Pipeline};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 use telemeter_common::signal::Signal;
 
 /// The first wait after a failure; it doubles with each consecutive failure up to `--interval`.
@@ -107,10 +107,7 @@ pub struct Client {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    telemeter_common::time::now_millis()
 }
 
 /// A random number in `[0, 1)`, for jitter.
@@ -119,10 +116,7 @@ fn unit_random() -> f64 {
     let mut b = [0u8; 4];
     if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
         // Without randomness, sub-second clock noise still spreads clients apart.
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
+        let nanos = telemeter_common::time::since_epoch(SystemTime::now()).subsec_nanos();
         b = nanos.to_le_bytes();
     }
     f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0)
@@ -226,10 +220,7 @@ impl Client {
         timings.push = pushing.elapsed();
         match result {
             Ok(pushed) => {
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or(0.0);
+                let now = telemeter_common::time::since_epoch(SystemTime::now()).as_secs_f64();
                 self.metrics.push_succeeded(pushed.samples, now);
                 Ok(CycleReport {
                     scraped_series,

@@ -9,7 +9,6 @@
 // Every `unsafe` block says why it is sound (`// SAFETY: ...`); clippy runs with -D warnings.
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-pub mod anonymize;
 pub mod base64;
 pub mod delimited;
 pub mod duration;
