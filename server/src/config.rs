@@ -561,7 +561,7 @@ impl Flags {
                     .map(|(name, _)| ("--required-label", name)),
             );
         for (flag, name) in added {
-            if let Some(reason) = crate::validate::server_label_problem(name) {
+            if let Some(reason) = crate::ingest::validate::server_label_problem(name) {
                 return Err(ConfigError::Invalid { flag, reason });
             }
         }

@@ -11,10 +11,10 @@ use crate::cluster::forward::FORWARD_PATH;
 use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::Cluster;
 use crate::federate;
+use crate::ingest::upload::UploadHandler;
 use crate::metrics::Metrics;
 use crate::remote_write::RemoteWriter;
 use crate::store::Store;
-use crate::upload::UploadHandler;
 
 /// The paths the external port serves, listed by `GET /`.
 pub const EXTERNAL_PATHS: &[&str] = &["/", "/authorize", "/upload", "/healthz", "/healthz/ready"];

@@ -16,14 +16,14 @@ use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::router::ClusterRouter;
 use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::config::{Config, TlsFiles};
+use crate::ingest::placement::{LocalRouter, Router};
+use crate::ingest::ratelimit::RateLimiter;
+use crate::ingest::upload::{UploadHandler, UploadLimits};
+use crate::ingest::validate::Rules;
 use crate::metrics::Metrics;
-use crate::ratelimit::RateLimiter;
 use crate::remote_write::{RemoteWriteError, RemoteWriter};
-use crate::route::{LocalRouter, Router};
 use crate::routes::{ClusterRoutes, External, Fronts, Internal};
 use crate::store::{Store, StoreConfig, StoreError};
-use crate::upload::{UploadHandler, UploadLimits};
-use crate::validate::Rules;
 
 /// How long shutdown waits for in-flight requests.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

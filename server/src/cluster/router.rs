@@ -12,8 +12,8 @@ use std::time::SystemTime;
 
 use super::forward::ForwardKind;
 use super::Cluster;
+use crate::ingest::placement::{RouteError, Router};
 use crate::remote_write::RemoteWriter;
-use crate::route::{RouteError, Router};
 use crate::store::Store;
 
 /// Routes uploads through the ring.

@@ -14,7 +14,7 @@
 //! invalid, left empty by the whitelist, an empty body, or not stored for want of a store: 503)
 //! costs one of
 //! [`REFUSALS_PER_WINDOW`] refusals per window instead, paid before the body is read (see
-//! [`crate::ratelimit`]). A separate budget rather than the slot, so that one refused upload does
+//! [`crate::ingest::ratelimit`]). A separate budget rather than the slot, so that one refused upload does
 //! not cost a client a whole window (it can fix and retry at once), and an empty upload does not
 //! delay the next real one. Over either: 429 with `Retry-After` before anything is read, so one
 //! token makes the server read at most `1 + REFUSALS_PER_WINDOW` uploads per window. Clients that
@@ -38,11 +38,11 @@ use telemeter_common::text;
 use telemeter_common::token::{Claims, TokenSigner};
 
 use crate::authorize::{bearer_in, check_cluster_id, unauthorized};
+use crate::ingest::placement::{RouteError, Router};
+use crate::ingest::ratelimit::{retry_after_secs, RateLimiter, Wait, REFUSALS_PER_WINDOW};
+use crate::ingest::validate::{Rules, WireCheck};
 use crate::metrics::Metrics;
 use crate::prescan;
-use crate::ratelimit::{retry_after_secs, RateLimiter, Wait, REFUSALS_PER_WINDOW};
-use crate::route::{RouteError, Router};
-use crate::validate::{Rules, WireCheck};
 
 /// Memory an upload reserves per byte of its decompressed body before it is decompressed: the
 /// body itself, the structs the owned path may decode it into, and the payload re-encoded from
