@@ -5,7 +5,7 @@
 //! [`ingest`] (the push pipeline, one file per step: upload, rate limit, gate, decode, validate,
 //! placement), [`cluster`] (membership, hash ring, forwarding and handoff between
 //! servers), [`store`] (durable files), [`federate`] (serving them), [`remote_write`] (shipping
-//! stored uploads to a remote-write receiver), [`metrics`], [`routes`] (the two HTTP applications)
+//! stored uploads to a remote-write receiver), [`metrics`], [`ports`] (the HTTP applications on each listening port)
 //! and [`server`] (wiring it all up).
 #![deny(missing_docs)]
 
@@ -17,9 +17,9 @@ pub mod federate;
 pub mod ingest;
 pub mod metrics;
 pub mod oidc;
+pub mod ports;
 mod prescan;
 pub mod remote_write;
-pub mod routes;
 pub mod server;
 pub mod store;
 

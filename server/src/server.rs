@@ -13,7 +13,7 @@ use telemeter_common::token::{KeyError, SharedKey, TokenSigner};
 use crate::authorize::{self, AuthorizeHandler, TokensFileError};
 use crate::cluster::handoff::Handoff;
 use crate::cluster::metrics::ClusterMetrics;
-use crate::cluster::router::ClusterRouter;
+use crate::cluster::placement::ClusterRouter;
 use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::config::{Config, TlsFiles};
 use crate::ingest::placement::{LocalRouter, Router};
@@ -21,8 +21,8 @@ use crate::ingest::ratelimit::RateLimiter;
 use crate::ingest::upload::{UploadHandler, UploadLimits};
 use crate::ingest::validate::Rules;
 use crate::metrics::Metrics;
+use crate::ports::{ClusterRoutes, External, Fronts, Internal};
 use crate::remote_write::{RemoteWriteError, RemoteWriter};
-use crate::routes::{ClusterRoutes, External, Fronts, Internal};
 use crate::store::{Store, StoreConfig, StoreError};
 
 /// How long shutdown waits for in-flight requests.

@@ -27,9 +27,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use telemeter_common::hashring::{HashRing, DEFAULT_VNODES};
-
 use super::packet::{Heartbeat, PacketError};
+use super::ring::{HashRing, DEFAULT_VNODES};
 
 /// How many replaced boot ids are remembered per member.
 const RETIRED_BOOTS: usize = 8;

@@ -3,11 +3,12 @@
 //!
 //! - [`packet`]: the heartbeat datagram and its MAC;
 //! - [`membership`]: the member table and the ring, a pure state machine;
+//! - [`ring`]: the consistent hash ring over member names;
 //! - [`gossip`]: the thread that sends and receives heartbeats;
 //! - [`forward`]: signing, verifying and sending forwarded pushes;
 //! - [`endpoint`]: the internal endpoint that stores forwarded pushes;
 //! - [`handoff`]: moving files to their new owner when ownership moves;
-//! - [`router`]: the upload pipeline's router: store locally or forward to the owner;
+//! - [`placement`]: where an upload is stored in a cluster: locally or forwarded to the owner;
 //! - [`metrics`]: the cluster's families in `/metrics`.
 //!
 //! [`Cluster`] ties them together for the server: where should this cluster id's upload go, in
@@ -31,7 +32,8 @@ pub mod handoff;
 pub mod membership;
 pub mod metrics;
 pub mod packet;
-pub mod router;
+pub mod placement;
+pub mod ring;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -40,7 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use ring::rand::{SecureRandom, SystemRandom};
+use ::ring::rand::{SecureRandom, SystemRandom};
 use serde_json::{json, Value};
 use telemeter_common::token::{KeyPurpose, SharedKey};
 

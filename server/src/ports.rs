@@ -1,4 +1,5 @@
-//! The two HTTP applications: the external port (clients) and the internal port (scrapers, operators).
+//! The HTTP applications on each listening port: the external port (clients), the internal port
+//! (scrapers, operators) and the cluster port (peers).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

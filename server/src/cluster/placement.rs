@@ -1,4 +1,4 @@
-//! The cluster's [`Router`]: store an accepted upload on the node that owns its cluster id.
+//! Where an upload is stored in a cluster: on the node that owns its cluster id (a [`Router`]).
 //!
 //! The owner is the first live member of the ring's preference order for the cluster id. This
 //! node stores locally when that is itself; otherwise it forwards synchronously and answers the
