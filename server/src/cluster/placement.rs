@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use super::forward::ForwardKind;
 use super::Cluster;
-use crate::ingest::placement::{RouteError, Router};
+use crate::ingest::placement::{store_then_queue, RouteError, Router};
 use crate::remote_write::RemoteWriter;
 use crate::store::Store;
 
@@ -54,21 +54,20 @@ impl Router for ClusterRouter {
         let mut payload = Some(payload);
         for (i, owner) in candidates.iter().enumerate() {
             let result = if owner.is_self {
-                // Keep a copy only if someone else may still need it.
-                let bytes = if i == last && self.remote_write.is_none() {
+                // Keep a copy only if a later member may still need it.
+                let bytes = if i == last {
                     payload.take().unwrap_or_default()
                 } else {
                     payload.clone().unwrap_or_default()
                 };
-                self.store
-                    .put(cluster_id, bytes, received)
-                    .map(|()| {
-                        if let (Some(writer), Some(payload)) = (&self.remote_write, payload.take())
-                        {
-                            writer.enqueue(cluster_id, payload, received);
-                        }
-                    })
-                    .map_err(|e| e.to_string())
+                store_then_queue(
+                    &self.store,
+                    self.remote_write.as_ref(),
+                    cluster_id,
+                    bytes,
+                    received,
+                )
+                .map_err(|e| e.to_string())
             } else {
                 let bytes = payload.as_deref().unwrap_or_default();
                 self.cluster

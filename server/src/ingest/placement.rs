@@ -1,7 +1,9 @@
 //! Where an accepted upload is stored.
 //!
-//! A single server stores every upload itself; the cluster work adds a router that looks up the
-//! cluster's owner on the hash ring and forwards to it. The upload pipeline only sees [`Router`].
+//! A single server stores every upload itself ([`LocalRouter`]); in a cluster,
+//! [`crate::cluster::placement`] looks up the cluster's owner on the hash ring and forwards to it.
+//! The upload pipeline only sees [`Router`]. Whoever stores an upload locally does it through
+//! [`store_then_queue`], the one place that orders "durable, then shipped to remote write".
 
 use std::fmt;
 use std::time::SystemTime;
@@ -87,14 +89,33 @@ impl Router for LocalRouter {
         payload: Vec<u8>,
         received: SystemTime,
     ) -> Result<(), RouteError> {
-        match &self.remote_write {
-            None => Ok(self.store.put(cluster_id, payload, received)?),
-            Some(writer) => {
-                // Shipped only once stored: the receiver never holds what the client was told failed.
-                self.store.put(cluster_id, payload.clone(), received)?;
-                writer.enqueue(cluster_id, payload, received);
-                Ok(())
-            }
+        Ok(store_then_queue(
+            &self.store,
+            self.remote_write.as_ref(),
+            cluster_id,
+            payload,
+            received,
+        )?)
+    }
+}
+
+/// Stores `payload` durably as `cluster_id`'s latest upload, then queues it on `remote_write`
+/// (if any). Every path that stores a push it owns (an upload stored here, a push forwarded to
+/// this node) goes through here, so none can ship before storing.
+pub fn store_then_queue(
+    store: &Store,
+    remote_write: Option<&RemoteWriter>,
+    cluster_id: &str,
+    payload: Vec<u8>,
+    received: SystemTime,
+) -> Result<(), StoreError> {
+    match remote_write {
+        None => store.put(cluster_id, payload, received),
+        Some(writer) => {
+            // Shipped only once stored: the receiver never holds what the client was told failed.
+            store.put(cluster_id, payload.clone(), received)?;
+            writer.enqueue(cluster_id, payload, received);
+            Ok(())
         }
     }
 }
