@@ -14,6 +14,7 @@
 //! 6. [`placement`]: where the upload is stored (here, or on its owner in a cluster), and THE one
 //!    place that stores an upload and then queues it for remote write.
 
+pub mod decode;
 pub mod gate;
 pub mod placement;
 pub mod ratelimit;

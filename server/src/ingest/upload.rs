@@ -29,21 +29,17 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use log::{debug, info, warn};
-use telemeter_common::delimited::{self, DecodeError};
+use telemeter_common::delimited;
 use telemeter_common::http::{Head, Request, Response};
-use telemeter_common::media::Format;
-use telemeter_common::model::MetricFamily;
-use telemeter_common::snappy::{self, SnappyError};
-use telemeter_common::text;
 use telemeter_common::token::{Claims, TokenSigner};
 
 use crate::authorize::{bearer_in, check_cluster_id, unauthorized};
+use crate::ingest::decode::{self, Decoded, Rejection};
 use crate::ingest::gate::Gate;
 use crate::ingest::placement::{RouteError, Router};
 use crate::ingest::ratelimit::{retry_after_secs, RateLimiter, Wait, REFUSALS_PER_WINDOW};
-use crate::ingest::validate::{Rules, WireCheck};
+use crate::ingest::validate::Rules;
 use crate::metrics::Metrics;
-use crate::prescan;
 
 /// Memory an upload reserves per byte of its decompressed body before it is decompressed: the
 /// body itself, the structs the owned path may decode it into, and the payload re-encoded from
@@ -55,9 +51,6 @@ const RESERVED_BYTES_PER_BODY_BYTE: usize = 24;
 
 /// What every upload reserves besides its per-byte share: its small buffers and structs.
 const RESERVED_BYTES_PER_UPLOAD: usize = 64 << 10;
-
-/// What stamping the token's labels may add to one series of the re-encoded payload.
-const STAMP_BYTES_PER_SERIES: usize = 128;
 
 /// What a client hears when its upload could not be stored (503).
 const STORE_FAILED: &str = "the upload could not be stored now; retry later";
@@ -98,6 +91,12 @@ struct Refusal {
     status: u16,
     message: String,
     retry_after: Option<u64>,
+}
+
+impl From<Rejection> for Refusal {
+    fn from(rejection: Rejection) -> Refusal {
+        Refusal::new(rejection.status, rejection.message)
+    }
 }
 
 impl Refusal {
@@ -143,19 +142,6 @@ struct Prepared {
     series: usize,
     /// Series dropped by the whitelist.
     filtered: usize,
-}
-
-/// A decoded body.
-enum Decoded {
-    /// Families for the owned path ([`Rules::apply`]).
-    Families(Vec<MetricFamily>),
-    /// A protobuf-delimited body valid as it is, to store unchanged.
-    Unchanged {
-        /// The decompressed body.
-        body: Vec<u8>,
-        /// Its series.
-        series: usize,
-    },
 }
 
 /// What an accepted upload did.
@@ -290,7 +276,7 @@ impl UploadHandler {
 
         let mut token_labels: BTreeMap<String, String> = claims.labels;
         token_labels.insert(self.partition_label.clone(), cluster_id.clone());
-        let decompressed = self.decompressed_len(request)?;
+        let decompressed = decode::decompressed_len(request, &self.limits)?;
         let mut memory = self.memory.enter(
             decompressed
                 .saturating_mul(RESERVED_BYTES_PER_BODY_BYTE)
@@ -345,19 +331,6 @@ impl UploadHandler {
         Ok(Accepted::Stored)
     }
 
-    /// The length the body decompresses to, from its snappy frames' headers (its own length when
-    /// it is not compressed); 413 past the cap, before anything is decompressed.
-    fn decompressed_len(&self, request: &Request) -> Result<usize, Refusal> {
-        let max = self.limits.max_decompressed_bytes;
-        let snappy = request
-            .header("Content-Encoding")
-            .is_some_and(|e| e.trim().eq_ignore_ascii_case("snappy"));
-        if !snappy {
-            return Ok(request.body.len());
-        }
-        snappy::framed_len(&request.body, max).map_err(|e| snappy_refusal(e, max))
-    }
-
     /// The CPU part of an upload: decompress, decode, validate, stamp, encode what is stored,
     /// within `memory` bytes (what the upload reserved).
     fn prepare(
@@ -367,7 +340,14 @@ impl UploadHandler {
         now: SystemTime,
         memory: usize,
     ) -> Result<Prepared, Refusal> {
-        let families = match self.decode(request, token_labels, now, memory)? {
+        let families = match decode::decode(
+            request,
+            &self.limits,
+            &self.rules,
+            token_labels,
+            now,
+            memory,
+        )? {
             Decoded::Families(families) => families,
             Decoded::Unchanged { body, series } => {
                 return Ok(Prepared {
@@ -392,166 +372,6 @@ impl UploadHandler {
             filtered: validated.filtered,
         })
     }
-
-    /// Decompresses and decodes the body by its Content-Encoding and Content-Type. A
-    /// protobuf-delimited body that is valid and needs no rewrite for a token with
-    /// `token_labels` at `now` is not decoded at all (see [`Rules::check_wire`]).
-    fn decode(
-        &self,
-        request: &Request,
-        token_labels: &BTreeMap<String, String>,
-        now: SystemTime,
-        memory: usize,
-    ) -> Result<Decoded, Refusal> {
-        let limits = &self.limits;
-        if request.body.len() > limits.max_upload_bytes {
-            return Err(Refusal::new(
-                413,
-                format!("body is larger than {} bytes", limits.max_upload_bytes),
-            ));
-        }
-        let format = match request.header("Content-Type").map(str::trim) {
-            None | Some("") => Format::ProtoDelimited,
-            Some(content_type) => Format::from_content_type(content_type).ok_or_else(|| {
-                Refusal::new(
-                    415,
-                    format!("unsupported Content-Type {content_type:?}: send protobuf-delimited MetricFamily or text/plain"),
-                )
-            })?,
-        };
-        let decompressed: Option<Vec<u8>> = match request
-            .header("Content-Encoding")
-            .map(|e| e.trim().to_ascii_lowercase())
-            .as_deref()
-        {
-            None | Some("") | Some("identity") => None,
-            Some("snappy") => Some(
-                snappy::decode_framed(&request.body, limits.max_decompressed_bytes)
-                    .map_err(|e| snappy_refusal(e, limits.max_decompressed_bytes))?,
-            ),
-            Some(other) => {
-                return Err(Refusal::new(
-                    415,
-                    format!("unsupported Content-Encoding {other:?}: send snappy or identity"),
-                ))
-            }
-        };
-        let body: &[u8] = decompressed.as_deref().unwrap_or(&request.body);
-        if body.len() > limits.max_decompressed_bytes {
-            return Err(Refusal::new(
-                413,
-                format!(
-                    "decompressed body is larger than {} bytes",
-                    limits.max_decompressed_bytes
-                ),
-            ));
-        }
-        match format {
-            Format::ProtoDelimited => {
-                let decode_limits = delimited::Limits {
-                    max_message_bytes: limits.max_decompressed_bytes,
-                    max_total_bytes: limits.max_decompressed_bytes,
-                    max_families: limits.max_series,
-                    max_series: limits.max_series,
-                };
-                // What the owned path may spend on structs: the reservation less the body and
-                // the payload it re-encodes.
-                let budget = |series: usize| {
-                    memory.saturating_sub(
-                        body.len()
-                            .saturating_mul(2)
-                            .saturating_add(series.saturating_mul(STAMP_BYTES_PER_SERIES)),
-                    )
-                };
-                // The fast path counts what the pre-decode scan below counts, so the same caps
-                // hold without that scan.
-                if let WireCheck::Unchanged {
-                    series,
-                    element_bytes,
-                    ..
-                } = self
-                    .rules
-                    .check_wire(body, &decode_limits, token_labels, now)
-                {
-                    if element_bytes <= budget(series) {
-                        // A decompressed body is stored as it is, not copied again.
-                        let body = decompressed.unwrap_or_else(|| request.body.clone());
-                        return Ok(Decoded::Unchanged { body, series });
-                    }
-                }
-                // The decoder checks its caps only after building each family, so they are
-                // checked here first on counts taken from the wire (see `prescan`).
-                let counts = prescan::count(body);
-                if counts.series > limits.max_series {
-                    return Err(Refusal::new(
-                        413,
-                        format!(
-                            "invalid protobuf body: more than {} series",
-                            limits.max_series
-                        ),
-                    ));
-                }
-                let budget = budget(counts.series);
-                if counts.decode_bytes() > budget {
-                    return Err(Refusal::new(
-                        413,
-                        format!(
-                            "invalid protobuf body: {} series with {} labels, quantiles and buckets would take more than {budget} bytes to decode",
-                            counts.series,
-                            counts.labels + counts.quantiles + counts.buckets
-                        ),
-                    ));
-                }
-                delimited::decode(body, &decode_limits)
-                    .map(Decoded::Families)
-                    .map_err(|e| {
-                        let status = match e {
-                            DecodeError::MessageTooLarge { .. }
-                            | DecodeError::TooLarge { .. }
-                            | DecodeError::TooManyFamilies { .. }
-                            | DecodeError::TooManySeries { .. } => 413,
-                            _ => 400,
-                        };
-                        Refusal::new(status, format!("invalid protobuf body: {e}"))
-                    })
-            }
-            Format::Text => {
-                let counts = prescan::count_text(body);
-                let budget = memory.saturating_sub(
-                    body.len()
-                        .saturating_mul(2)
-                        .saturating_add(counts.series.saturating_mul(STAMP_BYTES_PER_SERIES)),
-                );
-                if counts.decode_bytes() > budget {
-                    return Err(Refusal::new(
-                        413,
-                        format!(
-                            "invalid text body: up to {} series with {} labels would take more than {budget} bytes to decode",
-                            counts.series, counts.labels
-                        ),
-                    ));
-                }
-                let text_limits = text::Limits {
-                    max_families: limits.max_series,
-                    max_series: limits.max_series,
-                    ..text::Limits::default()
-                };
-                text::parse(body, &text_limits)
-                    .map(Decoded::Families)
-                    .map_err(|e| Refusal::new(400, format!("invalid text body: {e}")))
-            }
-        }
-    }
-}
-
-/// The refusal for a snappy body that could not be decompressed within `max` bytes.
-fn snappy_refusal(e: SnappyError, max: usize) -> Refusal {
-    match e {
-        SnappyError::TooLarge { .. } => {
-            Refusal::new(413, format!("decompressed body is larger than {max} bytes"))
-        }
-        SnappyError::Corrupt(_) => Refusal::new(400, format!("invalid snappy body: {e}")),
-    }
 }
 
 #[cfg(test)]
@@ -561,8 +381,9 @@ mod tests {
     use std::sync::Mutex;
     use std::time::Duration;
     use telemeter_common::media::PROTO_DELIMITED;
-    use telemeter_common::model::{Gauge, LabelPair, Metric, MetricType};
+    use telemeter_common::model::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
     use telemeter_common::selector::Selector;
+    use telemeter_common::snappy;
     use telemeter_common::token::SharedKey;
 
     /// Records what it stores; fails while `fail` is set.
