@@ -74,24 +74,27 @@
 mod commit;
 mod file;
 mod journal;
+mod state;
+mod types;
 
 use std::collections::BTreeMap;
-use std::fmt;
+
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use fs2::FileExt;
-use telemeter_common::{handoff, wire};
+use telemeter_common::handoff;
 
 use commit::{JournalState, Mode, Request};
 use file::ReadError;
-use journal::Segment;
+use state::{is_live, lock, newest_sample_ms, sync_file_system, Counters, Entry, Location, Shared};
+pub use types::{ClusterEntry, StoreConfig, StoreError, StoreStats, StoredUpload};
 
 /// The lock file inside the storage directory.
 const LOCK_FILE: &str = ".lock";
@@ -103,110 +106,6 @@ const TEMP_PREFIX: &str = ".tmp-";
 const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 /// Nor less often than this.
 const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
-
-/// How the store runs.
-#[derive(Clone, Debug)]
-pub struct StoreConfig {
-    /// The storage directory (created if missing).
-    pub dir: PathBuf,
-    /// A cluster whose newest sample is older than this is no longer served, and its file is
-    /// removed.
-    pub ttl: Duration,
-    /// Most uploads one group commit takes.
-    pub max_batch: usize,
-}
-
-/// Why the store could not open or write.
-#[derive(Debug)]
-pub enum StoreError {
-    /// Another process holds the directory's lock.
-    Locked {
-        /// The directory.
-        dir: PathBuf,
-    },
-    /// A file system operation failed (disk full, read-only, permissions...).
-    Io {
-        /// What was being done, e.g. "writing /var/lib/telemeter/.tmp-1".
-        context: String,
-        /// The error.
-        source: io::Error,
-    },
-    /// The committer thread has stopped (the store is shutting down).
-    Closed,
-}
-
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StoreError::Locked { dir } => write!(
-                f,
-                "{}: another telemeter-server is using this storage directory (it holds {}); \
-                 stop it or choose another --storage-path",
-                dir.display(),
-                dir.join(LOCK_FILE).display()
-            ),
-            StoreError::Io { context, source } => write!(f, "{context}: {source}"),
-            StoreError::Closed => write!(f, "the store is closed"),
-        }
-    }
-}
-
-impl std::error::Error for StoreError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            StoreError::Io { source, .. } => Some(source),
-            StoreError::Locked { .. } | StoreError::Closed => None,
-        }
-    }
-}
-
-impl StoreError {
-    fn io(context: impl Into<String>, source: io::Error) -> StoreError {
-        StoreError::Io {
-            context: context.into(),
-            source,
-        }
-    }
-}
-
-/// One cluster's stored upload.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoredUpload {
-    /// The cluster id.
-    pub cluster_id: String,
-    /// When the server accepted the upload.
-    pub received: SystemTime,
-    /// The validated families, protobuf-delimited.
-    pub payload: Vec<u8>,
-}
-
-/// What the store knows of one cluster without reading its file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClusterEntry {
-    /// The cluster id.
-    pub cluster_id: String,
-    /// When the stored upload was accepted.
-    pub received: SystemTime,
-    /// The size of the payload in bytes.
-    pub payload_bytes: u64,
-}
-
-/// Counters for `/metrics`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StoreStats {
-    /// Clusters stored now.
-    pub clusters: u64,
-    /// Bytes of payload stored now.
-    pub bytes: u64,
-    /// Group commits done since start.
-    pub commits: u64,
-    /// Uploads written since start.
-    pub writes: u64,
-    /// Files moved aside as corrupt since start.
-    pub corrupt_files: u64,
-    /// Files removed by the sweeper since start.
-    pub expired: u64,
-}
 
 /// The store. Cheap to clone; all clones share one directory and one committer.
 #[derive(Clone)]
@@ -222,78 +121,6 @@ struct Handle {
     /// Dropping it wakes and stops the sweeper.
     stop_sweeper: Mutex<Option<Sender<()>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-}
-
-/// The state the committer, the sweeper and the callers share.
-struct Shared {
-    dir: PathBuf,
-    ttl: Duration,
-    /// The directory itself, for `syncfs` and the directory fsync.
-    dir_file: File,
-    /// Held only for its fs2 lock, released when the store is gone.
-    _lock_file: File,
-    /// Cluster id → what is on disk. Sorted, so listings are stable.
-    index: Mutex<BTreeMap<String, Entry>>,
-    /// Serializes changes to the directory's cluster files (rename, remove, set aside) with the
-    /// index updates that follow them.
-    mutation: Mutex<()>,
-    /// Number of the next temp file.
-    next_temp: AtomicU64,
-    /// The journal's writing end. Lock order: `mutation`, then `journal`, then `index`.
-    journal: Mutex<JournalState>,
-    /// A segment this full is closed ([`journal::SEGMENT_BYTES`]; tests lower it).
-    segment_bytes: AtomicU64,
-    counters: Counters,
-}
-
-/// One indexed cluster.
-#[derive(Clone, Debug)]
-struct Entry {
-    received_millis: u64,
-    /// The TTL counts from this: the newest sample's timestamp (see [`newest_sample_ms`]).
-    newest_sample_ms: i64,
-    payload_bytes: u64,
-    location: Location,
-}
-
-/// Where a cluster's newest upload is.
-#[derive(Clone, Debug)]
-enum Location {
-    /// In its cluster file.
-    File,
-    /// In a journal segment, not yet checkpointed; `offset` is where its record's image starts.
-    Journal { segment: Arc<Segment>, offset: u64 },
-}
-
-#[derive(Default)]
-struct Counters {
-    commits: AtomicU64,
-    writes: AtomicU64,
-    corrupt_files: AtomicU64,
-    expired: AtomicU64,
-}
-
-/// A poisoned lock only means another thread panicked while holding it; the data it guards (an
-/// index, or nothing) is still consistent enough to go on, and the store must not panic.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Whether an upload whose newest sample is stamped `newest_sample_ms` is still served at `now`.
-fn is_live(newest_sample_ms: i64, now: SystemTime, ttl: Duration) -> bool {
-    let now_ms = i64::try_from(file::to_millis(now)).unwrap_or(i64::MAX);
-    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-    // A sample from the future (within the allowed skew, or the clock stepped back) is live.
-    newest_sample_ms >= now_ms.saturating_sub(ttl_ms)
-}
-
-/// The time the TTL of `payload`, received at `received_millis`, counts from: its newest sample's
-/// timestamp; its receive time when it has none or does not decode (then it is not served anyway).
-fn newest_sample_ms(payload: &[u8], received_millis: u64) -> i64 {
-    match wire::newest_timestamp(payload) {
-        Ok(Some(newest)) => newest,
-        Ok(None) | Err(_) => i64::try_from(received_millis).unwrap_or(i64::MAX),
-    }
 }
 
 impl Store {
@@ -550,10 +377,6 @@ fn sweep_until_stopped(shared: &Shared, stopped: &Receiver<()>) {
 }
 
 impl Shared {
-    fn path_of(&self, cluster_id: &str) -> PathBuf {
-        self.dir.join(file::file_name(cluster_id))
-    }
-
     /// Removes temp files, verifies every cluster file, sets aside the bad ones and indexes the rest.
     fn recover(&self) -> Result<(), StoreError> {
         let context = || format!("listing directory {}", self.dir.display());
@@ -890,27 +713,6 @@ impl Shared {
             .fetch_add(removed as u64, Ordering::Relaxed);
         removed
     }
-}
-
-/// Flushes the whole file system holding the directory; false when that failed or is unavailable.
-#[cfg(target_os = "linux")]
-fn sync_file_system(shared: &Shared) -> bool {
-    use std::os::unix::io::AsRawFd;
-    // SAFETY: syncfs only reads the descriptor, which `shared.dir_file` keeps open.
-    let status = unsafe { libc::syncfs(shared.dir_file.as_raw_fd()) };
-    if status != 0 {
-        log::warn!(
-            "syncfs on {} failed ({}); syncing each file instead",
-            shared.dir.display(),
-            io::Error::last_os_error()
-        );
-    }
-    status == 0
-}
-
-#[cfg(not(target_os = "linux"))]
-fn sync_file_system(_shared: &Shared) -> bool {
-    false
 }
 
 #[cfg(test)]

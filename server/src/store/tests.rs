@@ -1,6 +1,7 @@
 //! The store's tests: puts, reads, recovery, replay, the sweeper and the group commit.
 
 use super::*;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 
 /// A fresh directory under the system temp dir, removed when dropped.
