@@ -14,12 +14,11 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use telemeter_common::handoff::ReplySender;
 
 use super::journal::{self, Segment};
@@ -43,21 +42,6 @@ pub(super) struct Request {
     pub(super) newest_sample_ms: i64,
     pub(super) mode: Mode,
     pub(super) reply: ReplySender<Result<bool, StoreError>>,
-}
-
-/// The journal's writing end: the current segment and how full it is.
-pub(super) struct JournalState {
-    /// Appended to; `None` until the first append, or after starting a new one failed.
-    pub(super) segment: Option<Arc<Segment>>,
-    /// Bytes written to it and synced.
-    pub(super) len: u64,
-    /// A write or sync failed: what follows `len` is unknown, so the next append starts a new
-    /// segment rather than write after bytes a replay could misread.
-    pub(super) broken: bool,
-    /// The number of the next segment.
-    pub(super) next_number: u64,
-    /// Where full segments go to be checkpointed; `None` once the store closes.
-    pub(super) retired: Option<Sender<Arc<Segment>>>,
 }
 
 /// Runs until every sender is gone and the queue is drained, then hands the last segment to the
@@ -89,74 +73,6 @@ fn copy_error(error: &io::Error) -> io::Error {
     match error.raw_os_error() {
         Some(code) => io::Error::from_raw_os_error(code),
         None => io::Error::new(error.kind(), error.to_string()),
-    }
-}
-
-impl Shared {
-    /// Appends `bytes` to the journal and syncs them, with the journal locked for `then`, which
-    /// gets the segment and the offset `bytes` start at (so index updates follow the journal's
-    /// order). Starts a new segment first when the current one is full or broken.
-    pub(super) fn append<T>(
-        &self,
-        bytes: &[u8],
-        then: impl FnOnce(&Arc<Segment>, u64) -> T,
-    ) -> Result<T, StoreError> {
-        let mut journal = lock(&self.journal);
-        let full = journal.len >= self.segment_bytes.load(Ordering::Relaxed);
-        if journal.segment.is_none() || journal.broken || full {
-            if let Some(old) = journal.segment.take() {
-                if let Some(retired) = &journal.retired {
-                    // Its records stay readable through the index until the checkpoint is done.
-                    let _ = retired.send(old);
-                }
-            }
-            let number = journal.next_number;
-            journal.next_number += 1;
-            let segment = Segment::create(&self.dir, number)
-                .and_then(|segment| self.dir_file.sync_all().map(|()| segment))
-                .map_err(|e| {
-                    StoreError::io(
-                        format!(
-                            "creating {}",
-                            self.dir
-                                .join(format!("{}{number}", journal::PREFIX))
-                                .display()
-                        ),
-                        e,
-                    )
-                })?;
-            journal.segment = Some(Arc::new(segment));
-            journal.len = 0;
-            journal.broken = false;
-        }
-        let Some(segment) = journal.segment.clone() else {
-            return Err(StoreError::Closed);
-        };
-        // Each commit starts on a fresh page: the previous commit's last page is never written
-        // again (a page under writeback would make this write wait for it), and a commit always
-        // needs new space, so a full disk is refused at once rather than after the slack of the
-        // last page is used up. The gap is a hole that replay skips.
-        let offset = journal.len.next_multiple_of(journal::PAGE);
-        // Opened by its path for each commit (a few microseconds, next to a sync's milliseconds),
-        // as the per-upload temp files were: a storage directory that became read-only, also
-        // through a read-only mount on top of it, refuses the commit instead of taking it
-        // through a descriptor opened before.
-        let written = File::options()
-            .write(true)
-            .open(&segment.path)
-            .and_then(|out| {
-                out.write_all_at(bytes, offset)?;
-                out.sync_data()
-            });
-        if let Err(error) = written {
-            journal.broken = true;
-            return Err(StoreError::io(
-                format!("appending to {}", segment.path.display()),
-                error,
-            ));
-        }
-        journal.len = offset + bytes.len() as u64;
-        Ok(then(&segment, offset))
     }
 }
 

@@ -93,7 +93,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use fs2::FileExt;
 use telemeter_common::handoff;
 
-use commit::{JournalState, Mode, Request};
+use commit::{Mode, Request};
+use journal::JournalState;
 use state::{is_live, lock, newest_sample_ms, sync_file_system, Counters, Entry, Location, Shared};
 pub use types::{ClusterEntry, StoreConfig, StoreError, StoreStats, StoredUpload};
 

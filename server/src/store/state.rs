@@ -11,9 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use telemeter_common::wire;
 
-use super::commit::JournalState;
 use super::file;
-use super::journal::Segment;
+use super::journal::{JournalState, Segment};
 
 /// The state the committer, the sweeper and the callers share.
 pub(super) struct Shared {
