@@ -71,6 +71,7 @@
 //! so a replay does not bring a removed cluster back. A failed checkpoint keeps its segment (and
 //! every later one) for the next open to replay; reads keep using it meanwhile.
 
+mod checkpoint;
 mod commit;
 mod file;
 mod journal;
@@ -95,7 +96,7 @@ use telemeter_common::handoff;
 
 use commit::{Mode, Request};
 use journal::JournalState;
-use state::{is_live, lock, newest_sample_ms, sync_file_system, Counters, Entry, Location, Shared};
+use state::{is_live, lock, newest_sample_ms, Counters, Entry, Location, Shared};
 pub use types::{ClusterEntry, StoreConfig, StoreError, StoreStats, StoredUpload};
 
 /// The lock file inside the storage directory.
@@ -178,7 +179,7 @@ impl Store {
             let shared = Arc::clone(&shared);
             thread::Builder::new()
                 .name("store-checkpointer".to_string())
-                .spawn(move || commit::checkpoint_until_closed(&shared, &retired))
+                .spawn(move || checkpoint::checkpoint_until_closed(&shared, &retired))
                 .map_err(|e| StoreError::io("starting the store's checkpointer thread", e))?
         };
         let (requests, queue) = crossbeam_channel::unbounded();

@@ -51,7 +51,7 @@ fn checkpoint_now(store: &Store) {
     let shared = &store.handle.shared;
     let segment = lock(&shared.journal).segment.take();
     if let Some(segment) = segment {
-        assert!(commit::checkpoint(shared, &segment, false));
+        assert!(checkpoint::checkpoint(shared, &segment, false));
     }
 }
 
