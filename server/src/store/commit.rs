@@ -11,7 +11,6 @@
 
 use std::collections::HashMap;
 
-use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -63,14 +62,6 @@ pub(super) fn run(shared: Arc<Shared>, requests: Receiver<Request>, max_batch: u
     }
     // The checkpointer ends once it has done what is queued.
     journal.retired = None;
-}
-
-/// io::Error is not Clone; every caller sharing a failure gets an equal copy.
-fn copy_error(error: &io::Error) -> io::Error {
-    match error.raw_os_error() {
-        Some(code) => io::Error::from_raw_os_error(code),
-        None => io::Error::new(error.kind(), error.to_string()),
-    }
 }
 
 /// Commits one batch and answers every request in it.
@@ -186,35 +177,25 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
     // Only now, with the records durable, answer.
     for (g, group) in groups.iter().enumerate() {
         let result = match (&written, refused.iter().find(|(r, _)| *r == g)) {
-            (_, Some((_, reason))) => Err(StoreError::Io {
-                context: format!(
+            (_, Some((_, reason))) => Err(StoreError::format(
+                format!(
                     "encoding the file of cluster {:?}",
                     batch
                         .get(group.winner)
                         .map(|r| r.cluster_id.as_str())
                         .unwrap_or_default()
                 ),
-                source: io::Error::new(io::ErrorKind::InvalidInput, reason.clone()),
-            }),
+                reason.clone(),
+            )),
             (Ok(_), None) => Ok(true),
-            (Err(StoreError::Io { context, source }), None) => Err(StoreError::Io {
-                context: context.clone(),
-                source: copy_error(source),
-            }),
-            (Err(StoreError::Locked { dir }), None) => Err(StoreError::Locked { dir: dir.clone() }),
-            (Err(StoreError::Closed), None) => Err(StoreError::Closed),
+            (Err(error), None) => Err(error.duplicate()),
         };
         for &i in std::iter::once(&group.winner).chain(&group.superseded) {
             if let Some(request) = batch.get(i) {
                 // The caller may have given up waiting; nothing to do then.
                 request.reply.send(match &result {
                     Ok(v) => Ok(*v),
-                    Err(StoreError::Io { context, source }) => Err(StoreError::Io {
-                        context: context.clone(),
-                        source: copy_error(source),
-                    }),
-                    Err(StoreError::Locked { dir }) => Err(StoreError::Locked { dir: dir.clone() }),
-                    Err(StoreError::Closed) => Err(StoreError::Closed),
+                    Err(error) => Err(error.duplicate()),
                 });
             }
         }

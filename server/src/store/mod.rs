@@ -386,10 +386,7 @@ impl Shared {
         // A removal record first, or a replay of the journal could bring the cluster back.
         let mut record = Vec::new();
         journal::encode(journal::REMOVE, cluster_id, 0, b"", &mut record).map_err(|reason| {
-            StoreError::io(
-                format!("removing cluster {cluster_id:?}"),
-                io::Error::new(io::ErrorKind::InvalidInput, reason),
-            )
+            StoreError::format(format!("removing cluster {cluster_id:?}"), reason)
         })?;
         self.append(&record, |_, _| {
             lock(&self.index).remove(cluster_id);

@@ -29,17 +29,11 @@ impl Shared {
                         payload,
                     }))
                 }
-                Ok((header, _)) => Err(StoreError::io(
+                Ok((header, _)) => Err(StoreError::format(
                     context(),
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("holds cluster {:?}", header.cluster_id),
-                    ),
+                    format!("holds cluster {:?}", header.cluster_id),
                 )),
-                Err(ReadError::Corrupt(reason)) => Err(StoreError::io(
-                    context(),
-                    io::Error::new(io::ErrorKind::InvalidData, reason),
-                )),
+                Err(ReadError::Corrupt(reason)) => Err(StoreError::format(context(), reason)),
                 Err(ReadError::Io(error)) => Err(StoreError::io(context(), error)),
             };
         }

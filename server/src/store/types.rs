@@ -34,6 +34,14 @@ pub enum StoreError {
         /// The error.
         source: io::Error,
     },
+    /// Bytes the store wrote or is asked to write do not have the expected form (a journal
+    /// record that does not verify, an id too long to encode).
+    Format {
+        /// What was being done, e.g. "reading /var/lib/telemeter/journal-3 at 4096".
+        context: String,
+        /// What is wrong with them.
+        reason: String,
+    },
     /// The committer thread has stopped (the store is shutting down).
     Closed,
 }
@@ -49,6 +57,7 @@ impl fmt::Display for StoreError {
                 dir.join(LOCK_FILE).display()
             ),
             StoreError::Io { context, source } => write!(f, "{context}: {source}"),
+            StoreError::Format { context, reason } => write!(f, "{context}: {reason}"),
             StoreError::Closed => write!(f, "the store is closed"),
         }
     }
@@ -58,7 +67,7 @@ impl std::error::Error for StoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             StoreError::Io { source, .. } => Some(source),
-            StoreError::Locked { .. } | StoreError::Closed => None,
+            StoreError::Locked { .. } | StoreError::Format { .. } | StoreError::Closed => None,
         }
     }
 }
@@ -69,6 +78,33 @@ impl StoreError {
         StoreError::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    /// Bytes of the wrong form met while doing `context`.
+    pub(super) fn format(context: impl Into<String>, reason: impl Into<String>) -> StoreError {
+        StoreError::Format {
+            context: context.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An equal error, for each caller that shares one failure (`io::Error` is not `Clone`).
+    pub(super) fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::Locked { dir } => StoreError::Locked { dir: dir.clone() },
+            StoreError::Io { context, source } => StoreError::Io {
+                context: context.clone(),
+                source: match source.raw_os_error() {
+                    Some(code) => io::Error::from_raw_os_error(code),
+                    None => io::Error::new(source.kind(), source.to_string()),
+                },
+            },
+            StoreError::Format { context, reason } => StoreError::Format {
+                context: context.clone(),
+                reason: reason.clone(),
+            },
+            StoreError::Closed => StoreError::Closed,
         }
     }
 }
