@@ -1,4 +1,11 @@
-//! The durable store: one file per cluster, replaced atomically on every accepted upload.
+//! The durable store: every accepted upload made durable in a write-ahead journal, then kept in
+//! one file per cluster.
+//!
+//! One file per job: this one is the facade ([`Store`]: open, put, read, list, remove) and the
+//! TTL sweeper; `types` (config, errors, what it hands out), `state` (what its threads share),
+//! `commit` (the group committer), `journal` (the segments: record format, append + `fdatasync`,
+//! replay), `checkpoint` (segments into cluster files), `recover` (opening a directory), `read`
+//! (one cluster's upload) and `file` (a cluster file's format).
 //!
 //! `DIR/<hex SHA-256 of the cluster id>` holds a small header (magic, format version, cluster id,
 //! receive time, payload length, checksum) and the validated families as protobuf-delimited bytes.
@@ -229,7 +236,8 @@ impl Store {
     }
 
     /// Stores `payload` as `cluster_id`'s upload received at `received`, replacing the previous one.
-    /// Returns only once the data and the rename are durable on disk.
+    /// Returns only once its journal record is durable on disk (synced; for a new segment, its
+    /// directory too).
     pub fn put(
         &self,
         cluster_id: &str,
