@@ -1,7 +1,8 @@
 //! `/authorize`: exchanging a client token for a signed upload token.
 //!
-//! Client tokens are checked by one [`ClientAuthorizer`]: a tokens file, an upstream authorization
-//! service ("tollbooth"), or, for tests only, anything. Upstream accepted any token when no service
+//! Client tokens are checked by one [`ClientAuthorizer`]: a tokens file ([`TokensFile`], in
+//! `tokens_file.rs`), an upstream authorization service ("tollbooth", [`Tollbooth`], in
+//! `tollbooth.rs`), or, for tests only, anything. Upstream accepted any token when no service
 //! was configured; here that needs `--insecure-accept-any-token`.
 //!
 //! `/authorize` runs on the same worker threads as `/upload`, so a slow authorization service must
@@ -9,23 +10,23 @@
 //! try-acquire; over it the client gets 503 with Retry-After at once) and each has a deadline
 //! (`--authorize-timeout`, `--authorize-connect-timeout`) covering its OIDC token fetch too.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
-use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use log::{info, warn};
-use ring::digest;
 use serde::Deserialize;
 use telemeter_common::http::{Request, Response};
-use telemeter_common::tls;
 use telemeter_common::token::TokenSigner;
 
-use crate::config::TollboothConfig;
 use crate::metrics::Metrics;
-use crate::oidc::TokenSource;
+
+mod tokens_file;
+mod tollbooth;
+
+pub use tokens_file::{TokensFile, TokensFileError};
+pub use tollbooth::Tollbooth;
 
 /// Longest cluster id accepted, in bytes.
 pub const MAX_CLUSTER_ID_BYTES: usize = 255;
@@ -117,167 +118,6 @@ pub trait ClientAuthorizer: Send + Sync + 'static {
     fn authorize(&self, token: &str, cluster_id: &str) -> Result<String, AuthorizeError>;
 }
 
-/// Why a tokens file could not be loaded.
-#[derive(Debug)]
-pub enum TokensFileError {
-    /// The file could not be read.
-    Read(std::io::Error),
-    /// The JSON form is invalid.
-    Json(serde_json::Error),
-    /// A line of the line form is invalid.
-    Line {
-        /// The 1-based line number.
-        line: usize,
-        /// What was wrong.
-        reason: String,
-    },
-    /// The file names no token.
-    Empty,
-}
-
-impl fmt::Display for TokensFileError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TokensFileError::Read(e) => write!(f, "{e}"),
-            TokensFileError::Json(e) => write!(f, "invalid JSON: {e}"),
-            TokensFileError::Line { line, reason } => write!(f, "line {line}: {reason}"),
-            TokensFileError::Empty => f.write_str("no token in the file"),
-        }
-    }
-}
-
-impl std::error::Error for TokensFileError {}
-
-/// Client tokens from a file, each allowed for some cluster ids or all (`*`, or a JSON entry
-/// without `clusters`, which is upstream's tokens file `[{"token":"a"}]`).
-///
-/// Tokens are kept as SHA-256 digests, so a lookup's timing says nothing useful about a token.
-#[derive(Debug, Default)]
-pub struct TokensFile {
-    tokens: HashMap<[u8; 32], Allowed>,
-}
-
-#[derive(Debug, Clone, Default)]
-struct Allowed {
-    any: bool,
-    clusters: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct JsonEntry {
-    token: String,
-    /// Absent: any cluster (upstream's authorization server knew no restriction).
-    #[serde(default)]
-    clusters: Option<Vec<String>>,
-}
-
-impl TokensFile {
-    /// Reads and parses a tokens file.
-    pub fn load(path: &Path) -> Result<TokensFile, TokensFileError> {
-        let contents = std::fs::read_to_string(path).map_err(TokensFileError::Read)?;
-        TokensFile::parse(&contents)
-    }
-
-    /// Parses a tokens file: JSON `[{"token":"…","clusters":["id","*"]}]` when the first
-    /// non-space character is `[` (an entry without `clusters` may push for any cluster id; other
-    /// fields are ignored), else lines `TOKEN ID1,ID2` or `TOKEN *` (`#` comments, blank lines
-    /// skipped).
-    pub fn parse(contents: &str) -> Result<TokensFile, TokensFileError> {
-        let mut file = TokensFile::default();
-        if contents.trim_start().starts_with('[') {
-            let entries: Vec<JsonEntry> =
-                serde_json::from_str(contents).map_err(TokensFileError::Json)?;
-            for (i, entry) in entries.into_iter().enumerate() {
-                if entry.token.is_empty() {
-                    return Err(TokensFileError::Line {
-                        line: i + 1,
-                        reason: "entry has an empty token".into(),
-                    });
-                }
-                match &entry.clusters {
-                    None => file.add(&entry.token, std::iter::once("*")),
-                    Some(clusters) if clusters.is_empty() => {
-                        return Err(TokensFileError::Line {
-                            line: i + 1,
-                            reason: "entry has an empty \"clusters\" list: list cluster ids or \"*\", or leave the field out to allow any".into(),
-                        })
-                    }
-                    Some(clusters) => file.add(&entry.token, clusters.iter().map(String::as_str)),
-                }
-            }
-        } else {
-            for (i, line) in contents.lines().enumerate() {
-                let line = line.trim();
-                if line.is_empty() || line.starts_with('#') {
-                    continue;
-                }
-                let mut words = line.split_whitespace();
-                let (Some(token), Some(clusters), None) =
-                    (words.next(), words.next(), words.next())
-                else {
-                    return Err(TokensFileError::Line {
-                        line: i + 1,
-                        reason: "expected TOKEN CLUSTER1,CLUSTER2 or TOKEN *".into(),
-                    });
-                };
-                file.add(token, clusters.split(',').filter(|c| !c.is_empty()));
-            }
-        }
-        if file.tokens.is_empty() {
-            return Err(TokensFileError::Empty);
-        }
-        Ok(file)
-    }
-
-    /// How many tokens the file holds.
-    pub fn len(&self) -> usize {
-        self.tokens.len()
-    }
-
-    /// Whether the file holds no token.
-    pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
-    }
-
-    /// How many tokens may push for any cluster id.
-    pub fn unrestricted(&self) -> usize {
-        self.tokens.values().filter(|a| a.any).count()
-    }
-
-    fn add<'a>(&mut self, token: &str, clusters: impl Iterator<Item = &'a str>) {
-        let allowed = self.tokens.entry(token_digest(token)).or_default();
-        for cluster in clusters {
-            if cluster == "*" {
-                allowed.any = true;
-            } else {
-                allowed.clusters.push(cluster.to_string());
-            }
-        }
-    }
-}
-
-fn token_digest(token: &str) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(digest::digest(&digest::SHA256, token.as_bytes()).as_ref());
-    out
-}
-
-impl ClientAuthorizer for TokensFile {
-    fn authorize(&self, token: &str, cluster_id: &str) -> Result<String, AuthorizeError> {
-        let allowed = self
-            .tokens
-            .get(&token_digest(token))
-            .ok_or(AuthorizeError::UnknownToken)?;
-        if allowed.any || allowed.clusters.iter().any(|c| c == cluster_id) {
-            Ok(cluster_id.to_string())
-        } else {
-            Err(AuthorizeError::NotAllowed {
-                cluster_id: cluster_id.to_string(),
-            })
-        }
-    }
-}
-
 /// Accepts every token for every cluster (`--insecure-accept-any-token`).
 #[derive(Debug, Default)]
 pub struct AnyToken;
@@ -285,184 +125,6 @@ pub struct AnyToken;
 impl ClientAuthorizer for AnyToken {
     fn authorize(&self, _token: &str, cluster_id: &str) -> Result<String, AuthorizeError> {
         Ok(cluster_id.to_string())
-    }
-}
-
-/// An upstream authorization service speaking the tollbooth protocol.
-pub struct Tollbooth {
-    url: String,
-    agent: ureq::Agent,
-    oidc: Option<TokenSource>,
-    slots: Slots,
-    timeout: Duration,
-}
-
-#[derive(serde::Serialize)]
-struct TollboothRequest<'a> {
-    cluster_id: &'a str,
-    authorization_token: &'a str,
-    account_id: &'a str,
-}
-
-#[derive(Deserialize)]
-struct TollboothAnswer {
-    #[serde(default)]
-    account_id: String,
-}
-
-/// A counting semaphore that never waits: a call either gets a slot now or is refused.
-struct Slots {
-    in_flight: AtomicUsize,
-    max: usize,
-}
-
-/// A taken slot, given back when dropped.
-struct Slot<'a>(&'a AtomicUsize);
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl Slots {
-    fn try_acquire(&self) -> Option<Slot<'_>> {
-        self.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Slot(&self.in_flight))
-    }
-}
-
-impl Tollbooth {
-    /// A client of the service `config` names, trusting the system's root certificates for
-    /// `https://` (the rustls crypto provider must be installed).
-    pub fn new(config: &TollboothConfig) -> Tollbooth {
-        // ureq is built without its bundled roots: without explicit roots an https call panics.
-        let roots: Vec<ureq::tls::Certificate<'static>> = tls::system_roots()
-            .iter()
-            .map(|der| ureq::tls::Certificate::from_der(der.as_ref()).to_owned())
-            .collect();
-        let agent_config = ureq::Agent::config_builder()
-            .timeout_connect(Some(config.connect_timeout))
-            // Each call also gets what is left of its deadline; this is the most it can be.
-            .timeout_global(Some(config.timeout))
-            .http_status_as_error(false)
-            .tls_config(
-                ureq::tls::TlsConfig::builder()
-                    .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
-                    .build(),
-            )
-            .build();
-        let agent = ureq::Agent::new_with_config(agent_config);
-        Tollbooth {
-            url: config.url.clone(),
-            oidc: config
-                .oidc
-                .clone()
-                .map(|oidc| TokenSource::new(oidc, agent.clone())),
-            agent,
-            slots: Slots {
-                in_flight: AtomicUsize::new(0),
-                max: config.concurrency.max(1),
-            },
-            timeout: config.timeout,
-        }
-    }
-
-    /// Calls now in flight.
-    pub fn in_flight(&self) -> usize {
-        self.slots.in_flight.load(Ordering::Acquire)
-    }
-
-    /// One call to the service, with `bearer` as its `Authorization`, before `deadline`.
-    fn call(
-        &self,
-        token: &str,
-        cluster_id: &str,
-        bearer: Option<&str>,
-        deadline: Instant,
-    ) -> Result<String, AuthorizeError> {
-        let body = serde_json::to_vec(&TollboothRequest {
-            cluster_id,
-            authorization_token: token,
-            account_id: "",
-        })
-        .map_err(|e| AuthorizeError::BadAnswer(e.to_string()))?;
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(AuthorizeError::Unavailable("deadline passed".into()));
-        }
-        let mut request = self
-            .agent
-            .post(&self.url)
-            .header("Content-Type", "application/json")
-            .header("Accept", "application/json");
-        if let Some(bearer) = bearer {
-            request = request.header("Authorization", format!("Bearer {bearer}"));
-        }
-        let mut response = request
-            .config()
-            .timeout_global(Some(left))
-            .build()
-            .send(&body[..])
-            .map_err(|e| AuthorizeError::Unavailable(e.to_string()))?;
-        let status = response.status().as_u16();
-        match status {
-            200 | 201 => {}
-            401 => return Err(AuthorizeError::UnknownToken),
-            429 => {
-                let retry_after = response
-                    .headers()
-                    .get("Retry-After")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(DEFAULT_RETRY_AFTER_SECS);
-                return Err(AuthorizeError::RateLimited { retry_after });
-            }
-            other => return Err(AuthorizeError::Rejected { status: other }),
-        }
-        let bytes = response
-            .body_mut()
-            .with_config()
-            .limit(16 << 10)
-            .read_to_vec()
-            .map_err(|e| AuthorizeError::BadAnswer(e.to_string()))?;
-        let answer: TollboothAnswer = serde_json::from_slice(&bytes)
-            .map_err(|e| AuthorizeError::BadAnswer(format!("invalid JSON: {e}")))?;
-        if answer.account_id.is_empty() {
-            return Err(AuthorizeError::BadAnswer("no account_id".into()));
-        }
-        Ok(answer.account_id)
-    }
-}
-
-impl ClientAuthorizer for Tollbooth {
-    fn authorize(&self, token: &str, cluster_id: &str) -> Result<String, AuthorizeError> {
-        let Some(_slot) = self.slots.try_acquire() else {
-            return Err(AuthorizeError::Busy {
-                retry_after: BUSY_RETRY_AFTER_SECS,
-            });
-        };
-        let deadline = Instant::now() + self.timeout;
-        let Some(oidc) = &self.oidc else {
-            return self.call(token, cluster_id, None, deadline);
-        };
-        let bearer = oidc
-            .token(deadline)
-            .map_err(|e| AuthorizeError::Unavailable(e.to_string()))?;
-        match self.call(token, cluster_id, Some(&bearer), deadline) {
-            // The service may have revoked our access token: once, with a fresh one.
-            Err(AuthorizeError::UnknownToken) if oidc.refused(&bearer) => {
-                let bearer = oidc
-                    .token(deadline)
-                    .map_err(|e| AuthorizeError::Unavailable(e.to_string()))?;
-                self.call(token, cluster_id, Some(&bearer), deadline)
-            }
-            other => other,
-        }
     }
 }
 

@@ -1,6 +1,9 @@
 //! Unit tests of `authorize`, beside it so the module reads as the module.
 
 use super::*;
+use crate::config::TollboothConfig;
+use std::time::Instant;
+use telemeter_common::tls;
 
 #[test]
 fn tokens_file_line_form() {
