@@ -1,6 +1,8 @@
 //! Unit tests of `validate`, beside it so the module reads as the module.
 
 use super::*;
+use telemeter_common::delimited;
+use telemeter_common::model::{Bucket, LabelPair, Quantile};
 use telemeter_common::model::{Counter, Gauge, Histogram, Summary};
 
 const NOW_MS: i64 = 1_700_000_000_000;
