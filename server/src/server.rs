@@ -13,10 +13,10 @@ use telemeter_common::token::{KeyError, SharedKey, TokenSigner};
 use crate::authorize::{self, AuthorizeHandler, TokensFileError};
 use crate::cluster::handoff::Handoff;
 use crate::cluster::metrics::ClusterMetrics;
-use crate::cluster::placement::ClusterRouter;
+use crate::cluster::placement::ClusterPlacement;
 use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::config::{Config, TlsFiles};
-use crate::ingest::placement::{LocalRouter, Router};
+use crate::ingest::placement::{LocalPlacement, Placement};
 use crate::ingest::ratelimit::RateLimiter;
 use crate::ingest::upload::{UploadHandler, UploadLimits};
 use crate::ingest::validate::Rules;
@@ -145,14 +145,14 @@ impl Server {
                 }
             },
         };
-        // Only the node that stores an upload ships it: the router when it stores locally, the
+        // Only the node that stores an upload ships it: the placement when it stores locally, the
         // forward endpoint when a peer forwarded the push here.
-        let router: Arc<dyn Router> = match &cluster {
+        let placement: Arc<dyn Placement> = match &cluster {
             Some(cluster) => Arc::new(
-                ClusterRouter::new(cluster.clone(), store.clone())
+                ClusterPlacement::new(cluster.clone(), store.clone())
                     .shipping_to(remote_write.clone()),
             ),
-            None => Arc::new(LocalRouter::new(store.clone()).shipping_to(remote_write.clone())),
+            None => Arc::new(LocalPlacement::new(store.clone()).shipping_to(remote_write.clone())),
         };
 
         let external_handler = External {
@@ -181,7 +181,7 @@ impl Server {
                     max_samples: config.max_series.saturating_mul(SAMPLES_PER_SERIES),
                 },
                 RateLimiter::new(config.ratelimit),
-                router,
+                placement,
                 metrics.clone(),
             ),
         };

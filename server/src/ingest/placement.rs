@@ -1,8 +1,8 @@
 //! Where an accepted upload is stored.
 //!
-//! A single server stores every upload itself ([`LocalRouter`]); in a cluster,
+//! A single server stores every upload itself ([`LocalPlacement`]); in a cluster,
 //! [`crate::cluster::placement`] looks up the cluster's owner on the hash ring and forwards to it.
-//! The upload pipeline only sees [`Router`]. Whoever stores an upload locally does it through
+//! The upload pipeline only sees [`Placement`]. Whoever stores an upload locally does it through
 //! [`store_then_queue`], the one place that orders "durable, then shipped to remote write".
 
 use std::fmt;
@@ -13,7 +13,7 @@ use crate::store::{Store, StoreError};
 
 /// Why an upload could not be stored anywhere.
 #[derive(Debug)]
-pub enum RouteError {
+pub enum PlacementError {
     /// The local store failed.
     Store(StoreError),
     /// Neither this server nor any live peer could store it (cluster degraded). Each failure is
@@ -22,7 +22,7 @@ pub enum RouteError {
     Unavailable,
 }
 
-impl RouteError {
+impl PlacementError {
     /// The HTTP status for the client: 503 (retry later), since none of these are the client's fault
     /// and the data was not stored.
     pub fn status(&self) -> u16 {
@@ -30,65 +30,65 @@ impl RouteError {
     }
 }
 
-impl fmt::Display for RouteError {
+impl fmt::Display for PlacementError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RouteError::Store(e) => write!(f, "storing the upload failed: {e}"),
-            RouteError::Unavailable => f.write_str("no server could store the upload; retry"),
+            PlacementError::Store(e) => write!(f, "storing the upload failed: {e}"),
+            PlacementError::Unavailable => f.write_str("no server could store the upload; retry"),
         }
     }
 }
 
-impl std::error::Error for RouteError {}
+impl std::error::Error for PlacementError {}
 
-impl From<StoreError> for RouteError {
+impl From<StoreError> for PlacementError {
     fn from(e: StoreError) -> Self {
-        RouteError::Store(e)
+        PlacementError::Store(e)
     }
 }
 
 /// Decides where an accepted upload is stored, and stores it durably before returning.
-pub trait Router: Send + Sync + 'static {
+pub trait Placement: Send + Sync + 'static {
     /// Stores `payload` (validated families, protobuf-delimited) as `cluster_id`'s latest upload.
-    fn route(
+    fn place(
         &self,
         cluster_id: &str,
         payload: Vec<u8>,
         received: SystemTime,
-    ) -> Result<(), RouteError>;
+    ) -> Result<(), PlacementError>;
 }
 
 /// Stores everything in the local store, and ships what it stored to the remote-write receiver if
 /// there is one.
 #[derive(Clone)]
-pub struct LocalRouter {
+pub struct LocalPlacement {
     store: Store,
     remote_write: Option<RemoteWriter>,
 }
 
-impl LocalRouter {
-    /// A router writing to `store`.
-    pub fn new(store: Store) -> LocalRouter {
-        LocalRouter {
+impl LocalPlacement {
+    /// A placement writing to `store`.
+    pub fn new(store: Store) -> LocalPlacement {
+        LocalPlacement {
             store,
             remote_write: None,
         }
     }
 
-    /// The same router, also queueing every stored upload on `writer` (None: nothing is shipped).
-    pub fn shipping_to(mut self, writer: Option<RemoteWriter>) -> LocalRouter {
+    /// The same placement, also queueing every stored upload on `writer` (None: nothing is shipped).
+    pub fn shipping_to(mut self, writer: Option<RemoteWriter>) -> LocalPlacement {
         self.remote_write = writer;
         self
     }
 }
 
-impl Router for LocalRouter {
-    fn route(
+impl Placement for LocalPlacement {
+    fn place(
         &self,
         cluster_id: &str,
         payload: Vec<u8>,
         received: SystemTime,
-    ) -> Result<(), RouteError> {
+    ) -> Result<(), PlacementError> {
         Ok(store_then_queue(
             &self.store,
             self.remote_write.as_ref(),

@@ -1,7 +1,7 @@
 //! `/upload`: the push pipeline.
 //!
 //! method → upload token → rate-limit admission → Content-Encoding → Content-Type → decode (with
-//! caps before and after decompression) → validate and stamp → reserve the rate-limit slot → route
+//! caps before and after decompression) → validate and stamp → reserve the rate-limit slot → place
 //! (store durably) → 200. Every refusal is one line of text with a status saying whose fault it is.
 //!
 //! Status choices: an absent Content-Type is read as protobuf-delimited (what every upstream client
@@ -36,7 +36,7 @@ use telemeter_common::token::{Claims, TokenSigner};
 use crate::authorize::{bearer_in, check_cluster_id, unauthorized};
 use crate::ingest::decode::{self, Decoded, Rejection};
 use crate::ingest::gate::Gate;
-use crate::ingest::placement::{RouteError, Router};
+use crate::ingest::placement::{Placement, PlacementError};
 use crate::ingest::ratelimit::{retry_after_secs, RateLimiter, Wait, REFUSALS_PER_WINDOW};
 use crate::ingest::validate::Rules;
 use crate::metrics::Metrics;
@@ -73,7 +73,7 @@ pub struct UploadHandler {
     limits: UploadLimits,
     rules: Rules,
     limiter: RateLimiter,
-    router: Arc<dyn Router>,
+    placement: Arc<dyn Placement>,
     metrics: Metrics,
     cpu: Gate,
     memory: Gate,
@@ -152,14 +152,14 @@ enum Accepted {
 
 impl UploadHandler {
     /// A handler verifying tokens with `signer`, enforcing `limits` and `rules`, one stored upload
-    /// per cluster per `limiter` window, storing through `router`.
+    /// per cluster per `limiter` window, storing through `placement`.
     pub fn new(
         signer: TokenSigner,
         partition_label: &str,
         limits: UploadLimits,
         rules: Rules,
         limiter: RateLimiter,
-        router: Arc<dyn Router>,
+        placement: Arc<dyn Placement>,
         metrics: Metrics,
     ) -> UploadHandler {
         UploadHandler {
@@ -168,7 +168,7 @@ impl UploadHandler {
             limits,
             rules,
             limiter,
-            router,
+            placement,
             metrics,
             cpu: Gate::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
             memory: Gate::new(MAX_UPLOAD_MEMORY_BYTES),
@@ -305,7 +305,7 @@ impl UploadHandler {
         // Only the payload is held from here until the store answers.
         memory.shrink_to(payload.len());
         let started = Instant::now();
-        let stored = self.router.route(&cluster_id, payload, now);
+        let stored = self.placement.place(&cluster_id, payload, now);
         self.metrics
             .store_write_seconds
             .with(&[])
@@ -316,8 +316,8 @@ impl UploadHandler {
             // A store error names storage paths and OS errors: that stays in the log, the client
             // is on the other side of the security boundary.
             let message = match &e {
-                RouteError::Store(_) => STORE_FAILED.to_string(),
-                RouteError::Unavailable => e.to_string(),
+                PlacementError::Store(_) => STORE_FAILED.to_string(),
+                PlacementError::Unavailable => e.to_string(),
             };
             return Err(Refusal::new(e.status(), message));
         }

@@ -12,20 +12,20 @@ use telemeter_common::token::SharedKey;
 
 /// Records what it stores; fails while `fail` is set.
 #[derive(Default)]
-struct FakeRouter {
+struct FakePlacement {
     stored: Mutex<Vec<(String, Vec<u8>)>>,
     fail: Mutex<bool>,
 }
 
-impl Router for Arc<FakeRouter> {
-    fn route(
+impl Placement for Arc<FakePlacement> {
+    fn place(
         &self,
         cluster_id: &str,
         payload: Vec<u8>,
         _received: SystemTime,
-    ) -> Result<(), RouteError> {
+    ) -> Result<(), PlacementError> {
         if *self.fail.lock().unwrap() {
-            return Err(RouteError::Store(StoreError::Closed));
+            return Err(PlacementError::Store(StoreError::Closed));
         }
         self.stored
             .lock()
@@ -39,7 +39,7 @@ fn signer() -> TokenSigner {
     TokenSigner::new(&SharedKey::from_bytes(&[1u8; 32]).unwrap())
 }
 
-fn handler(router: Arc<FakeRouter>, whitelist: Vec<Selector>) -> UploadHandler {
+fn handler(placement: Arc<FakePlacement>, whitelist: Vec<Selector>) -> UploadHandler {
     UploadHandler::new(
         signer(),
         "_id",
@@ -57,7 +57,7 @@ fn handler(router: Arc<FakeRouter>, whitelist: Vec<Selector>) -> UploadHandler {
             max_samples: 10_000,
         },
         RateLimiter::new(Duration::from_secs(3600)),
-        Arc::new(router),
+        Arc::new(placement),
         Metrics::new(),
     )
 }
@@ -101,14 +101,14 @@ fn token(id: &str) -> String {
 
 #[test]
 fn a_failed_store_does_not_use_the_slot() {
-    let router = Arc::new(FakeRouter::default());
-    let h = handler(router.clone(), vec![]);
-    *router.fail.lock().unwrap() = true;
+    let placement = Arc::new(FakePlacement::default());
+    let h = handler(placement.clone(), vec![]);
+    *placement.fail.lock().unwrap() = true;
     let r = h.handle(&request(&token("a"), body("up")));
     assert_eq!(r.status, 503);
-    *router.fail.lock().unwrap() = false;
+    *placement.fail.lock().unwrap() = false;
     assert_eq!(h.handle(&request(&token("a"), body("up"))).status, 200);
-    let stored = router.stored.lock().unwrap().clone();
+    let stored = placement.stored.lock().unwrap().clone();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].0, "a");
     let families = delimited::decode(&stored[0].1, &delimited::Limits::default()).unwrap();
@@ -125,9 +125,9 @@ fn a_failed_store_does_not_use_the_slot() {
 /// Fails like a full disk does.
 struct DiskFull;
 
-impl Router for DiskFull {
-    fn route(&self, _: &str, _: Vec<u8>, _: SystemTime) -> Result<(), RouteError> {
-        Err(RouteError::Store(StoreError::Io {
+impl Placement for DiskFull {
+    fn place(&self, _: &str, _: Vec<u8>, _: SystemTime) -> Result<(), PlacementError> {
+        Err(PlacementError::Store(StoreError::Io {
             context: "writing /var/lib/secret-place/.tmp-7".into(),
             source: std::io::Error::from_raw_os_error(28),
         }))
@@ -136,8 +136,8 @@ impl Router for DiskFull {
 
 #[test]
 fn a_store_failure_is_503_without_server_details() {
-    let mut h = handler(Arc::new(FakeRouter::default()), vec![]);
-    h.router = Arc::new(DiskFull);
+    let mut h = handler(Arc::new(FakePlacement::default()), vec![]);
+    h.placement = Arc::new(DiskFull);
     let r = h.handle(&request(&token("a"), body("up")));
     assert_eq!(r.status, 503);
     let telemeter_common::http::Body::Bytes(text) = &r.body else {
@@ -158,16 +158,16 @@ fn series_over_the_cap_are_refused_before_decoding() {
     let mut body = Vec::new();
     prost::encoding::encode_varint(family.len() as u64, &mut body);
     body.extend_from_slice(&family);
-    let router = Arc::new(FakeRouter::default());
-    let r = handler(router.clone(), vec![]).handle(&request(&token("a"), body));
+    let placement = Arc::new(FakePlacement::default());
+    let r = handler(placement.clone(), vec![]).handle(&request(&token("a"), body));
     assert_eq!(r.status, 413);
-    assert!(router.stored.lock().unwrap().is_empty());
+    assert!(placement.stored.lock().unwrap().is_empty());
 }
 
 #[test]
 fn a_stamped_upload_is_stored_byte_for_byte_and_an_unstamped_one_is_stamped() {
-    let router = Arc::new(FakeRouter::default());
-    let h = handler(router.clone(), vec![]);
+    let placement = Arc::new(FakePlacement::default());
+    let h = handler(placement.clone(), vec![]);
     let ts = SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -189,23 +189,23 @@ fn a_stamped_upload_is_stored_byte_for_byte_and_an_unstamped_one_is_stamped() {
         .push(("Content-Encoding".into(), "snappy".into()));
     assert_eq!(h.handle(&compressed).status, 200);
     // Stored as sent (after decompression): no decode, no re-encode.
-    assert_eq!(router.stored.lock().unwrap()[0].1, stamped);
+    assert_eq!(placement.stored.lock().unwrap()[0].1, stamped);
 
-    let h = handler(router.clone(), vec![]);
+    let h = handler(placement.clone(), vec![]);
     assert_eq!(h.handle(&request(&token("b"), body("up"))).status, 200);
-    let stored = router.stored.lock().unwrap()[1].1.clone();
+    let stored = placement.stored.lock().unwrap()[1].1.clone();
     let families = delimited::decode(&stored, &delimited::Limits::default()).unwrap();
     assert_eq!(families[0].metric[0].label_value("_id"), Some("b"));
 }
 
 #[test]
 fn an_empty_upload_stores_nothing_and_keeps_the_slot() {
-    let router = Arc::new(FakeRouter::default());
-    let h = handler(router.clone(), vec![Selector::parse("up").unwrap()]);
+    let placement = Arc::new(FakePlacement::default());
+    let h = handler(placement.clone(), vec![Selector::parse("up").unwrap()]);
     assert_eq!(h.handle(&request(&token("a"), body("other"))).status, 200);
-    assert!(router.stored.lock().unwrap().is_empty());
+    assert!(placement.stored.lock().unwrap().is_empty());
     assert_eq!(h.handle(&request(&token("a"), body("up"))).status, 200);
-    assert_eq!(router.stored.lock().unwrap().len(), 1);
+    assert_eq!(placement.stored.lock().unwrap().len(), 1);
 }
 
 fn retry_after(r: &Response) -> Option<u64> {
@@ -224,8 +224,8 @@ fn reason(r: &Response) -> String {
 
 #[test]
 fn uploads_read_but_not_stored_cost_the_sender_a_refusal_each() {
-    let router = Arc::new(FakeRouter::default());
-    let h = handler(router.clone(), vec![]);
+    let placement = Arc::new(FakePlacement::default());
+    let h = handler(placement.clone(), vec![]);
     // Refused after a full decode (the sample is a day and a bit old).
     let old = |name: &str| {
         let mut families = delimited::decode(&body(name), &Default::default()).unwrap();
@@ -245,19 +245,19 @@ fn uploads_read_but_not_stored_cost_the_sender_a_refusal_each() {
     }
     // Other clusters are not affected.
     assert_eq!(h.handle(&request(&token("b"), body("up"))).status, 200);
-    assert_eq!(router.stored.lock().unwrap().len(), 1);
+    assert_eq!(placement.stored.lock().unwrap().len(), 1);
 }
 
 #[test]
 fn empty_uploads_cost_a_refusal_and_not_the_slot() {
-    let router = Arc::new(FakeRouter::default());
-    let h = handler(router.clone(), vec![Selector::parse("up").unwrap()]);
+    let placement = Arc::new(FakePlacement::default());
+    let h = handler(placement.clone(), vec![Selector::parse("up").unwrap()]);
     for _ in 0..REFUSALS_PER_WINDOW - 1 {
         assert_eq!(h.handle(&request(&token("a"), body("other"))).status, 200);
     }
     // With one refusal left, a real upload is read and stored: it gives the refusal back.
     assert_eq!(h.handle(&request(&token("a"), body("up"))).status, 200);
-    assert_eq!(router.stored.lock().unwrap().len(), 1);
+    assert_eq!(placement.stored.lock().unwrap().len(), 1);
     // Now the slot is used: not read at all.
     let r = h.handle(&request(&token("a"), body("other")));
     assert_eq!((r.status, retry_after(&r)), (429, Some(3600)));
@@ -270,8 +270,8 @@ fn empty_uploads_cost_a_refusal_and_not_the_slot() {
 
 #[test]
 fn refusals() {
-    let router = Arc::new(FakeRouter::default());
-    let h = handler(router.clone(), vec![]);
+    let placement = Arc::new(FakePlacement::default());
+    let h = handler(placement.clone(), vec![]);
     let mut r = request(&token("a"), body("up"));
     r.method = "GET".into();
     assert_eq!(h.handle(&r).status, 405);
@@ -286,5 +286,5 @@ fn refusals() {
     let mut r = request(&token("a"), body("up"));
     r.headers.remove(1);
     assert_eq!(h.handle(&r).status, 200);
-    assert_eq!(router.stored.lock().unwrap().len(), 1);
+    assert_eq!(placement.stored.lock().unwrap().len(), 1);
 }
