@@ -1,6 +1,7 @@
 //! Unit tests of `cluster`, beside it so the module reads as the module.
 
 use super::*;
+use crate::cluster::testing::wait_for;
 use std::thread;
 
 fn key() -> SharedKey {
@@ -17,17 +18,6 @@ fn config(name: &str, join: Vec<String>) -> ClusterConfig {
     config.gossip_interval = Duration::from_millis(50);
     config.peer_timeout = Duration::from_millis(1_000);
     config
-}
-
-fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    cond()
 }
 
 #[test]

@@ -2,6 +2,7 @@
 
 use super::super::membership::MembershipConfig;
 use super::*;
+use crate::cluster::testing::wait_for;
 
 fn start(name: &str, join: Vec<String>, key: DerivedKey) -> (Gossip, Arc<Mutex<Membership>>) {
     let mut config = MembershipConfig::new(name, &format!("{name}:9004"), rand_boot(name));
@@ -23,18 +24,6 @@ fn start(name: &str, join: Vec<String>, key: DerivedKey) -> (Gossip, Arc<Mutex<M
 fn rand_boot(name: &str) -> u64 {
     name.bytes()
         .fold(now_ms(), |h, b| h.rotate_left(7) ^ u64::from(b))
-}
-
-/// Polls `cond` for up to 10 s.
-fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    cond()
 }
 
 #[test]
