@@ -80,6 +80,7 @@
 
 mod checkpoint;
 mod commit;
+mod crc32c;
 mod file;
 mod journal;
 mod read;

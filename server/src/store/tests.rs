@@ -842,3 +842,52 @@ fn bench_group_commit_against_naive_fsync() {
         serial
     );
 }
+
+#[test]
+fn a_journal_written_in_format_version_1_is_replayed_on_open() {
+    // What a server from before CRC-32C left behind when it crashed: a segment of version 1
+    // records and no cluster files yet.
+    let dir = TempDir::new("journal-v1");
+    fs::create_dir_all(&dir.0).unwrap();
+    let received = at(-1_000);
+    let mut bytes = Vec::new();
+    for (kind, id, payload) in [
+        (journal::PUT, "kept", &b"old format"[..]),
+        (journal::PUT, "gone", &b"removed later"[..]),
+        (journal::REMOVE, "gone", &b""[..]),
+    ] {
+        journal::encode_as(
+            journal::Checksum::Hash64,
+            kind,
+            id,
+            file::to_millis(received),
+            payload,
+            &mut bytes,
+        )
+        .unwrap();
+    }
+    fs::write(dir.0.join(format!("{}0", journal::PREFIX)), &bytes).unwrap();
+
+    let store = open(&dir);
+    let upload = store.get("kept").unwrap().unwrap();
+    assert_eq!(
+        (upload.payload.as_slice(), upload.received),
+        (&b"old format"[..], received)
+    );
+    assert_eq!(store.get("gone").unwrap(), None);
+    // Replayed into cluster files, the old segment is gone, and new records are version 2.
+    assert!(file_of(&store, "kept").exists());
+    assert!(!dir.0.join(format!("{}0", journal::PREFIX)).exists());
+    store.put("new", b"new format".to_vec(), at(0)).unwrap();
+    let records = journal_records(&dir.0);
+    assert_eq!(
+        records,
+        vec![(journal::PUT, "new".to_string(), b"new format".to_vec())]
+    );
+    let segment = names_in(&dir.0)
+        .into_iter()
+        .find(|n| journal::is_segment_name(n))
+        .unwrap();
+    assert_eq!(fs::read(dir.0.join(segment)).unwrap()[0], journal::PUT + 2);
+    store.close();
+}
