@@ -1,4 +1,4 @@
-//! `/upload`: the push pipeline.
+//! `/upload`: the HTTP mapping of the push pipeline, and the order of its steps (see `ingest`).
 //!
 //! method → upload token → rate-limit admission → Content-Encoding → Content-Type → decode (with
 //! caps before and after decompression) → validate and stamp → reserve the rate-limit slot → place

@@ -13,7 +13,7 @@
 //! the labels the server adds (partition, `--label`, `--required-label`) are held to it at start
 //! ([`server_label_problem`]).
 //!
-//! Caps: the series count is capped by the decoder (413, see `upload`); this module caps samples at
+//! Caps: the series count is capped by the decoder (413, see `decode`); this module caps samples at
 //! ten per allowed series (413), which bounds histogram and summary uploads as well.
 //!
 //! Two paths, one set of rules: [`Rules::apply`] here on decoded families (the owned path), and
