@@ -491,11 +491,18 @@ impl Shared {
 mod tests {
     use super::*;
 
-    #[test]
-    fn records_round_trip_and_a_torn_tail_is_reported() {
-        let dir = std::env::temp_dir().join(format!("telemeter-journal-{}", std::process::id()));
+    /// A fresh directory for one test (`tag` tells the tests apart).
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("telemeter-journal-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn records_round_trip_and_a_torn_tail_is_reported() {
+        let dir = temp_dir("round-trip");
         let segment = Segment::create(&dir, 7).unwrap();
         let mut bytes = Vec::new();
         let first = encode(PUT, "a", 5, b"payload", &mut bytes).unwrap();
@@ -537,10 +544,7 @@ mod tests {
 
     #[test]
     fn a_changed_byte_fails_the_checksum() {
-        let dir =
-            std::env::temp_dir().join(format!("telemeter-journal-flip-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir("flip");
         let segment = Segment::create(&dir, 1).unwrap();
         let mut bytes = Vec::new();
         encode(PUT, "a", 5, &[7u8; 100], &mut bytes).unwrap();
@@ -570,9 +574,7 @@ mod tests {
 
     #[test]
     fn version_1_records_are_still_read_and_version_2_is_written() {
-        let dir = std::env::temp_dir().join(format!("telemeter-journal-v1-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir("v1");
         let segment = Segment::create(&dir, 3).unwrap();
         let mut old = Vec::new();
         let first = encode_as(Checksum::Hash64, PUT, "a", 5, b"old payload", &mut old).unwrap();

@@ -38,33 +38,28 @@ impl Shared {
             };
         }
         let path = self.path_of(cluster_id);
-        match self.read_upload(cluster_id, &path) {
-            Ok(upload) => Ok(Some(upload)),
-            Err(ReadError::Io(error)) if error.kind() == io::ErrorKind::NotFound => {
-                // Removed or swept since the index was read.
-                Ok(None)
-            }
+        // The upload, or none; `Err` inside when the file is corrupt (with the reason).
+        let read = || match self.read_upload(cluster_id, &path) {
+            Ok(upload) => Ok(Ok(Some(upload))),
+            // Removed or swept since the index was read.
+            Err(ReadError::Io(error)) if error.kind() == io::ErrorKind::NotFound => Ok(Ok(None)),
             Err(ReadError::Io(error)) => {
                 Err(StoreError::io(format!("reading {}", path.display()), error))
             }
-            Err(ReadError::Corrupt(_)) => {
-                // Read again under the mutation lock: the committer may have replaced the file
-                // in between, and a good new file must not be set aside.
-                let _mutation = lock(&self.mutation);
-                match self.read_upload(cluster_id, &path) {
-                    Ok(upload) => Ok(Some(upload)),
-                    Err(ReadError::Io(error)) if error.kind() == io::ErrorKind::NotFound => {
-                        Ok(None)
-                    }
-                    Err(ReadError::Io(error)) => {
-                        Err(StoreError::io(format!("reading {}", path.display()), error))
-                    }
-                    Err(ReadError::Corrupt(reason)) => {
-                        lock(&self.index).remove(cluster_id);
-                        self.set_aside(&file::file_name(cluster_id), &reason);
-                        Ok(None)
-                    }
-                }
+            Err(ReadError::Corrupt(reason)) => Ok(Err(reason)),
+        };
+        if let Ok(found) = read()? {
+            return Ok(found);
+        }
+        // Read again under the mutation lock: the committer may have replaced the file in
+        // between, and a good new file must not be set aside.
+        let _mutation = lock(&self.mutation);
+        match read()? {
+            Ok(found) => Ok(found),
+            Err(reason) => {
+                lock(&self.index).remove(cluster_id);
+                self.set_aside(&file::file_name(cluster_id), &reason);
+                Ok(None)
             }
         }
     }
