@@ -2,10 +2,10 @@
 //!
 //! One module per job: [`config`] (flags), [`authorize`] (client tokens → upload tokens),
 //! [`oidc`] (the access token for the upstream authorization service),
-//! [`upload`] (the push pipeline), [`validate`] (checks and stamping), [`ratelimit`], [`route`]
-//! (where an upload is stored), [`cluster`] (membership, hash ring, forwarding and handoff between
+//! [`ingest`] (the push pipeline, one file per step: upload, rate limit, gate, decode, validate,
+//! placement), [`cluster`] (membership, hash ring, forwarding and handoff between
 //! servers), [`store`] (durable files), [`federate`] (serving them), [`remote_write`] (shipping
-//! stored uploads to a remote-write receiver), [`metrics`], [`routes`] (the two HTTP applications)
+//! stored uploads to a remote-write receiver), [`metrics`], [`ports`] (the HTTP applications on each listening port)
 //! and [`server`] (wiring it all up).
 #![deny(missing_docs)]
 
@@ -14,17 +14,17 @@ pub mod authorize;
 pub mod cluster;
 pub mod config;
 pub mod federate;
+pub mod ingest;
 pub mod metrics;
 pub mod oidc;
+pub mod ports;
 mod prescan;
-pub mod ratelimit;
 pub mod remote_write;
-pub mod route;
-pub mod routes;
 pub mod server;
 pub mod store;
-pub mod upload;
-pub mod validate;
+
+// The paths these modules had before they moved under `ingest`, for code written against them.
+pub use ingest::{ratelimit, upload, validate};
 
 pub use config::{Config, Flags};
 pub use server::{RunningServer, Server, StartError};

@@ -13,17 +13,17 @@ use telemeter_common::token::{KeyError, SharedKey, TokenSigner};
 use crate::authorize::{self, AuthorizeHandler, TokensFileError};
 use crate::cluster::handoff::Handoff;
 use crate::cluster::metrics::ClusterMetrics;
-use crate::cluster::router::ClusterRouter;
+use crate::cluster::placement::ClusterPlacement;
 use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::config::{Config, TlsFiles};
+use crate::ingest::placement::{LocalPlacement, Placement};
+use crate::ingest::ratelimit::RateLimiter;
+use crate::ingest::upload::{UploadHandler, UploadLimits};
+use crate::ingest::validate::Rules;
 use crate::metrics::Metrics;
-use crate::ratelimit::RateLimiter;
+use crate::ports::{ClusterRoutes, External, Fronts, Internal};
 use crate::remote_write::{RemoteWriteError, RemoteWriter};
-use crate::route::{LocalRouter, Router};
-use crate::routes::{ClusterRoutes, External, Fronts, Internal};
 use crate::store::{Store, StoreConfig, StoreError};
-use crate::upload::{UploadHandler, UploadLimits};
-use crate::validate::Rules;
 
 /// How long shutdown waits for in-flight requests.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -145,14 +145,14 @@ impl Server {
                 }
             },
         };
-        // Only the node that stores an upload ships it: the router when it stores locally, the
+        // Only the node that stores an upload ships it: the placement when it stores locally, the
         // forward endpoint when a peer forwarded the push here.
-        let router: Arc<dyn Router> = match &cluster {
+        let placement: Arc<dyn Placement> = match &cluster {
             Some(cluster) => Arc::new(
-                ClusterRouter::new(cluster.clone(), store.clone())
+                ClusterPlacement::new(cluster.clone(), store.clone())
                     .shipping_to(remote_write.clone()),
             ),
-            None => Arc::new(LocalRouter::new(store.clone()).shipping_to(remote_write.clone())),
+            None => Arc::new(LocalPlacement::new(store.clone()).shipping_to(remote_write.clone())),
         };
 
         let external_handler = External {
@@ -181,7 +181,7 @@ impl Server {
                     max_samples: config.max_series.saturating_mul(SAMPLES_PER_SERIES),
                 },
                 RateLimiter::new(config.ratelimit),
-                router,
+                placement,
                 metrics.clone(),
             ),
         };

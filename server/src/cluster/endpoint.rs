@@ -9,6 +9,7 @@ use telemeter_common::http::{Request, Response};
 
 use super::forward::{ForwardKind, FORWARD_METHOD};
 use super::Cluster;
+use crate::ingest::placement::store_then_queue;
 use crate::remote_write::RemoteWriter;
 use crate::store::Store;
 
@@ -39,13 +40,10 @@ pub fn handle_forward(
     let id = &forwarded.cluster_id;
     let bytes = request.body.len();
     let result = match forwarded.kind {
-        ForwardKind::Push => match remote_write {
-            None => store.put(id, request.body, forwarded.received),
-            Some(writer) => store
-                .put(id, request.body.clone(), forwarded.received)
-                .map(|()| writer.enqueue(id, request.body, forwarded.received)),
+        ForwardKind::Push => {
+            store_then_queue(store, remote_write, id, request.body, forwarded.received)
+                .map(|()| true)
         }
-        .map(|()| true),
         ForwardKind::Handoff => store.put_if_newer(id, request.body, forwarded.received),
     };
     match result {

@@ -3,11 +3,12 @@
 //!
 //! - [`packet`]: the heartbeat datagram and its MAC;
 //! - [`membership`]: the member table and the ring, a pure state machine;
+//! - [`ring`]: the consistent hash ring over member names;
 //! - [`gossip`]: the thread that sends and receives heartbeats;
 //! - [`forward`]: signing, verifying and sending forwarded pushes;
 //! - [`endpoint`]: the internal endpoint that stores forwarded pushes;
 //! - [`handoff`]: moving files to their new owner when ownership moves;
-//! - [`router`]: the upload pipeline's router: store locally or forward to the owner;
+//! - [`placement`]: where an upload is stored in a cluster: locally or forwarded to the owner;
 //! - [`metrics`]: the cluster's families in `/metrics`.
 //!
 //! [`Cluster`] ties them together for the server: where should this cluster id's upload go, in
@@ -31,7 +32,8 @@ pub mod handoff;
 pub mod membership;
 pub mod metrics;
 pub mod packet;
-pub mod router;
+pub mod placement;
+pub mod ring;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -40,7 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use ring::rand::{SecureRandom, SystemRandom};
+use ::ring::rand::{SecureRandom, SystemRandom};
 use serde_json::{json, Value};
 use telemeter_common::token::{KeyPurpose, SharedKey};
 
@@ -545,238 +547,7 @@ impl DropReason {
 
 /// Helpers for the cluster's unit tests: temporary stores and started clusters.
 #[cfg(test)]
-pub(crate) mod testing {
-    use super::*;
-    use crate::store::{Store, StoreConfig};
-    use std::path::PathBuf;
-    use std::sync::atomic::AtomicUsize;
-    use std::thread;
-
-    /// The shared key of the tests.
-    pub fn key() -> SharedKey {
-        SharedKey::from_bytes(&[7u8; 32]).unwrap()
-    }
-
-    /// A store in a fresh temporary directory, removed on drop.
-    pub struct TempStore {
-        pub store: Store,
-        dir: PathBuf,
-    }
-
-    impl TempStore {
-        pub fn new(tag: &str) -> TempStore {
-            static NEXT: AtomicUsize = AtomicUsize::new(0);
-            let dir = std::env::temp_dir().join(format!(
-                "telemeter-cluster-{}-{tag}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = std::fs::remove_dir_all(&dir);
-            let store = Store::open(StoreConfig {
-                dir: dir.clone(),
-                ttl: Duration::from_secs(3600),
-                max_batch: 16,
-            })
-            .unwrap();
-            TempStore { store, dir }
-        }
-    }
-
-    impl Drop for TempStore {
-        fn drop(&mut self) {
-            self.store.close();
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-
-    /// A cluster node on a free UDP port, fast timings, advertising `internal`.
-    pub fn node(name: &str, internal: &str, join: Vec<String>) -> Cluster {
-        let mut config = ClusterConfig::new(name, SocketAddr::from(([127, 0, 0, 1], 0)), internal);
-        config.join = join;
-        config.gossip_interval = Duration::from_millis(50);
-        config.peer_timeout = Duration::from_millis(1_000);
-        config.forward_timeout = Duration::from_secs(5);
-        Cluster::start(config, &key()).unwrap()
-    }
-
-    /// Polls `cond` for up to 10 s.
-    pub fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if cond() {
-                return true;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        cond()
-    }
-
-    /// An internal address where nothing listens (bound, then closed).
-    pub fn closed_addr() -> String {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .to_string()
-    }
-
-    /// Two nodes `a` and `b` that see each other; `b` advertises `b_internal`.
-    pub fn pair(b_internal: &str) -> (Cluster, Cluster) {
-        let a = node("a", "127.0.0.1:1", vec![]);
-        let b = node("b", b_internal, vec![a.gossip_addr().to_string()]);
-        assert!(wait_for(
-            || a.alive() == ["a", "b"] && b.alive() == ["a", "b"]
-        ));
-        (a, b)
-    }
-
-    /// A cluster id the ring gives to `owner` in `cluster`'s view.
-    pub fn id_owned_by(cluster: &Cluster, owner: &str) -> String {
-        (0..1000)
-            .map(|i| format!("id-{i}"))
-            .find(|id| lock(&cluster.membership).ring().owner(id) == Some(owner))
-            .unwrap()
-    }
-}
+pub(crate) mod testing;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::thread;
-
-    fn key() -> SharedKey {
-        SharedKey::from_bytes(&[7u8; 32]).unwrap()
-    }
-
-    fn config(name: &str, join: Vec<String>) -> ClusterConfig {
-        let mut config = ClusterConfig::new(
-            name,
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            &format!("{name}.internal:9004"),
-        );
-        config.join = join;
-        config.gossip_interval = Duration::from_millis(50);
-        config.peer_timeout = Duration::from_millis(1_000);
-        config
-    }
-
-    fn wait_for(mut cond: impl FnMut() -> bool) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if cond() {
-                return true;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        cond()
-    }
-
-    #[test]
-    fn bad_configs_are_refused() {
-        let mut c = config("", vec![]);
-        assert!(matches!(
-            Cluster::start(c.clone(), &key()),
-            Err(ClusterError::Config(_))
-        ));
-        c.name = "a".into();
-        c.peer_timeout = c.gossip_interval;
-        assert!(matches!(
-            Cluster::start(c, &key()),
-            Err(ClusterError::Config(_))
-        ));
-    }
-
-    #[test]
-    fn serves_nothing_until_settled() {
-        let alone = Cluster::start(config("alone", vec![]), &key()).unwrap();
-        assert!(alone.settled());
-        assert!(alone.serves("c1"));
-        alone.shutdown();
-
-        // A peer that never answers: settled after the peer timeout.
-        let quiet = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let a = Cluster::start(
-            config("a", vec![quiet.local_addr().unwrap().to_string()]),
-            &key(),
-        )
-        .unwrap();
-        assert!(a.owns("c1"));
-        assert!(!a.serves("c1"));
-        assert!(wait_for(|| a.serves("c1")));
-        assert!(a.started.elapsed() >= a.peer_timeout);
-        a.shutdown();
-    }
-
-    #[test]
-    fn no_heartbeat_before_the_internal_address_is_known() {
-        let a = Cluster::start(config("a", vec![]), &key()).unwrap();
-        let mut unknown = config("b", vec![a.gossip_addr().to_string()]);
-        unknown.internal_addr = String::new();
-        let b = Cluster::start(unknown, &key()).unwrap();
-        thread::sleep(Duration::from_millis(300));
-        assert_eq!(a.alive(), ["a"]);
-        assert_eq!(b.stats().heartbeats_sent, 0);
-        b.set_internal_addr("127.0.0.1:4444").unwrap();
-        assert!(wait_for(|| a.alive() == ["a", "b"]));
-        let addr = lock(&a.membership)
-            .member("b")
-            .map(|m| m.internal_addr.clone());
-        assert_eq!(addr.as_deref(), Some("127.0.0.1:4444"));
-        a.shutdown();
-        b.shutdown();
-    }
-
-    #[test]
-    fn two_nodes_agree_on_owners_and_skip_suspects() {
-        let a = Cluster::start(config("a", vec![]), &key()).unwrap();
-        let b = Cluster::start(config("b", vec![a.gossip_addr().to_string()]), &key()).unwrap();
-        assert!(wait_for(
-            || a.alive() == ["a", "b"] && b.alive() == ["a", "b"]
-        ));
-
-        let ids: Vec<String> = (0..100).map(|i| format!("cluster-{i}")).collect();
-        let mut owned_by_a = 0;
-        for id in &ids {
-            let pa = a.owner_preference(id);
-            let pb = b.owner_preference(id);
-            let names = |p: &[Owner]| p.iter().map(|o| o.name.clone()).collect::<Vec<_>>();
-            assert_eq!(names(&pa), names(&pb), "{id}");
-            assert_eq!(pa.len(), 2);
-            assert_eq!(a.owns(id), pa[0].name == "a");
-            assert_ne!(a.owns(id), b.owns(id), "{id} must have exactly one owner");
-            let peer = pa.iter().find(|o| !o.is_self).unwrap();
-            assert_eq!(peer.internal_addr, "b.internal:9004");
-            owned_by_a += usize::from(a.owns(id));
-        }
-        assert!(owned_by_a > 0 && owned_by_a < ids.len());
-
-        // A suspect peer is skipped by a, but ownership does not move.
-        let generation = a.generation();
-        a.mark_suspect("b");
-        for id in &ids {
-            let pa = a.owner_preference(id);
-            assert_eq!(pa.len(), 1);
-            assert!(pa[0].is_self);
-        }
-        assert_eq!(a.generation(), generation);
-        assert_eq!(a.stats().members_suspect, 1);
-
-        let debug = a.debug_json();
-        assert_eq!(debug["name"], "a");
-        assert_eq!(debug["ring"]["members"], json!(["a", "b"]));
-        assert_eq!(debug["members"][1]["state"], "suspect");
-        assert!(
-            debug["members"][1]["last_heartbeat_age_seconds"]
-                .as_f64()
-                .unwrap()
-                < 10.0
-        );
-
-        // b stops: a sees it dead and owns everything.
-        b.shutdown();
-        assert!(wait_for(|| a.alive() == ["a"]));
-        assert!(ids.iter().all(|id| a.owns(id)));
-        assert_eq!(a.stats().members_dead, 1);
-        a.shutdown();
-    }
-}
+mod tests;

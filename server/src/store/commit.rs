@@ -1,4 +1,4 @@
-//! The group committer and the checkpointer: the only writers of the journal and the cluster files.
+//! The group committer: the thread that turns every `put` into a durable journal record.
 //!
 //! Every `put` becomes a [`Request`] on a channel. The committer takes whatever is pending (up to
 //! `max_batch`), keeps per cluster the last request allowed to replace (a later request for the
@@ -7,23 +7,18 @@
 //! and only then answers every caller. So N concurrent uploads cost one sync instead of N; while a
 //! sync runs, new requests queue up and form the next, bigger batch.
 //!
-//! Full segments go to the checkpointer thread, which writes the cluster files of the clusters
-//! whose newest upload is in that segment, syncs and renames them, and deletes the segment (see
-//! the `journal` module).
+//! Full segments go to the checkpointer thread (the `checkpoint` module).
 
 use std::collections::HashMap;
-use std::fs::{self, File};
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use telemeter_common::sync::ReplySender;
 
-use super::journal::{self, Segment};
-use super::{file, lock, Entry, Location, Shared, StoreError};
+use super::journal;
+use super::{lock, Entry, Location, Shared, StoreError};
 
 /// Whether a request replaces unconditionally or only when newer than what is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,21 +38,6 @@ pub(super) struct Request {
     pub(super) newest_sample_ms: i64,
     pub(super) mode: Mode,
     pub(super) reply: ReplySender<Result<bool, StoreError>>,
-}
-
-/// The journal's writing end: the current segment and how full it is.
-pub(super) struct JournalState {
-    /// Appended to; `None` until the first append, or after starting a new one failed.
-    pub(super) segment: Option<Arc<Segment>>,
-    /// Bytes written to it and synced.
-    pub(super) len: u64,
-    /// A write or sync failed: what follows `len` is unknown, so the next append starts a new
-    /// segment rather than write after bytes a replay could misread.
-    pub(super) broken: bool,
-    /// The number of the next segment.
-    pub(super) next_number: u64,
-    /// Where full segments go to be checkpointed; `None` once the store closes.
-    pub(super) retired: Option<Sender<Arc<Segment>>>,
 }
 
 /// Runs until every sender is gone and the queue is drained, then hands the last segment to the
@@ -82,82 +62,6 @@ pub(super) fn run(shared: Arc<Shared>, requests: Receiver<Request>, max_batch: u
     }
     // The checkpointer ends once it has done what is queued.
     journal.retired = None;
-}
-
-/// io::Error is not Clone; every caller sharing a failure gets an equal copy.
-fn copy_error(error: &io::Error) -> io::Error {
-    match error.raw_os_error() {
-        Some(code) => io::Error::from_raw_os_error(code),
-        None => io::Error::new(error.kind(), error.to_string()),
-    }
-}
-
-impl Shared {
-    /// Appends `bytes` to the journal and syncs them, with the journal locked for `then`, which
-    /// gets the segment and the offset `bytes` start at (so index updates follow the journal's
-    /// order). Starts a new segment first when the current one is full or broken.
-    pub(super) fn append<T>(
-        &self,
-        bytes: &[u8],
-        then: impl FnOnce(&Arc<Segment>, u64) -> T,
-    ) -> Result<T, StoreError> {
-        let mut journal = lock(&self.journal);
-        let full = journal.len >= self.segment_bytes.load(Ordering::Relaxed);
-        if journal.segment.is_none() || journal.broken || full {
-            if let Some(old) = journal.segment.take() {
-                if let Some(retired) = &journal.retired {
-                    // Its records stay readable through the index until the checkpoint is done.
-                    let _ = retired.send(old);
-                }
-            }
-            let number = journal.next_number;
-            journal.next_number += 1;
-            let segment = Segment::create(&self.dir, number)
-                .and_then(|segment| self.dir_file.sync_all().map(|()| segment))
-                .map_err(|e| {
-                    StoreError::io(
-                        format!(
-                            "creating {}",
-                            self.dir
-                                .join(format!("{}{number}", journal::PREFIX))
-                                .display()
-                        ),
-                        e,
-                    )
-                })?;
-            journal.segment = Some(Arc::new(segment));
-            journal.len = 0;
-            journal.broken = false;
-        }
-        let Some(segment) = journal.segment.clone() else {
-            return Err(StoreError::Closed);
-        };
-        // Each commit starts on a fresh page: the previous commit's last page is never written
-        // again (a page under writeback would make this write wait for it), and a commit always
-        // needs new space, so a full disk is refused at once rather than after the slack of the
-        // last page is used up. The gap is a hole that replay skips.
-        let offset = journal.len.next_multiple_of(journal::PAGE);
-        // Opened by its path for each commit (a few microseconds, next to a sync's milliseconds),
-        // as the per-upload temp files were: a storage directory that became read-only, also
-        // through a read-only mount on top of it, refuses the commit instead of taking it
-        // through a descriptor opened before.
-        let written = File::options()
-            .write(true)
-            .open(&segment.path)
-            .and_then(|out| {
-                out.write_all_at(bytes, offset)?;
-                out.sync_data()
-            });
-        if let Err(error) = written {
-            journal.broken = true;
-            return Err(StoreError::io(
-                format!("appending to {}", segment.path.display()),
-                error,
-            ));
-        }
-        journal.len = offset + bytes.len() as u64;
-        Ok(then(&segment, offset))
-    }
 }
 
 /// Commits one batch and answers every request in it.
@@ -273,35 +177,25 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
     // Only now, with the records durable, answer.
     for (g, group) in groups.iter().enumerate() {
         let result = match (&written, refused.iter().find(|(r, _)| *r == g)) {
-            (_, Some((_, reason))) => Err(StoreError::Io {
-                context: format!(
+            (_, Some((_, reason))) => Err(StoreError::format(
+                format!(
                     "encoding the file of cluster {:?}",
                     batch
                         .get(group.winner)
                         .map(|r| r.cluster_id.as_str())
                         .unwrap_or_default()
                 ),
-                source: io::Error::new(io::ErrorKind::InvalidInput, reason.clone()),
-            }),
+                reason.clone(),
+            )),
             (Ok(_), None) => Ok(true),
-            (Err(StoreError::Io { context, source }), None) => Err(StoreError::Io {
-                context: context.clone(),
-                source: copy_error(source),
-            }),
-            (Err(StoreError::Locked { dir }), None) => Err(StoreError::Locked { dir: dir.clone() }),
-            (Err(StoreError::Closed), None) => Err(StoreError::Closed),
+            (Err(error), None) => Err(error.duplicate()),
         };
         for &i in std::iter::once(&group.winner).chain(&group.superseded) {
             if let Some(request) = batch.get(i) {
                 // The caller may have given up waiting; nothing to do then.
                 request.reply.send(match &result {
                     Ok(v) => Ok(*v),
-                    Err(StoreError::Io { context, source }) => Err(StoreError::Io {
-                        context: context.clone(),
-                        source: copy_error(source),
-                    }),
-                    Err(StoreError::Locked { dir }) => Err(StoreError::Locked { dir: dir.clone() }),
-                    Err(StoreError::Closed) => Err(StoreError::Closed),
+                    Err(error) => Err(error.duplicate()),
                 });
             }
         }
@@ -311,158 +205,4 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
             request.reply.send(Ok(false));
         }
     }
-}
-
-/// The checkpointer thread's loop: checkpoints each retired segment in turn.
-pub(super) fn checkpoint_until_closed(shared: &Shared, retired: &Receiver<Arc<Segment>>) {
-    // Once a segment could not be checkpointed it stays to be replayed, and so must every later
-    // one: replaying it alone would put its older uploads over newer cluster files.
-    let mut keep = false;
-    for segment in retired {
-        keep = !checkpoint(shared, &segment, keep) || keep;
-    }
-}
-
-/// Writes the cluster files of the clusters whose newest upload is in `segment`, then deletes it.
-/// On failure the segment stays: reads keep using it, and the next open replays it. With `keep`
-/// the segment stays even on success. Returns whether it succeeded.
-pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) -> bool {
-    let in_segment: Vec<(String, u64, u64, i64)> = lock(&shared.index)
-        .iter()
-        .filter_map(|(id, entry)| match &entry.location {
-            Location::Journal { segment: s, offset } if s.number == segment.number => Some((
-                id.clone(),
-                *offset,
-                entry.payload_bytes,
-                entry.newest_sample_ms,
-            )),
-            _ => None,
-        })
-        .collect();
-
-    let mut written: Vec<(String, u64, PathBuf, File)> = Vec::new();
-    let mut failed = false;
-    for (cluster_id, offset, payload_bytes, newest_sample_ms) in in_segment {
-        let temp = shared.dir.join(format!(
-            "{}{}",
-            super::TEMP_PREFIX,
-            shared.next_temp.fetch_add(1, Ordering::Relaxed)
-        ));
-        let done = segment
-            .read_put(&cluster_id, offset, payload_bytes)
-            .map_err(|e| match e {
-                file::ReadError::Io(e) => e,
-                file::ReadError::Corrupt(reason) => {
-                    io::Error::new(io::ErrorKind::InvalidData, reason)
-                }
-            })
-            .and_then(|(header, payload)| {
-                let image = file::encode_header(
-                    &header.cluster_id,
-                    header.received_millis,
-                    newest_sample_ms,
-                    &payload,
-                )
-                .map_err(|reason| io::Error::new(io::ErrorKind::InvalidInput, reason))?;
-                let mut out = File::options().write(true).create_new(true).open(&temp)?;
-                out.write_all(&image)?;
-                out.write_all(&payload)?;
-                Ok(out)
-            });
-        match done {
-            Ok(out) => written.push((cluster_id, offset, temp, out)),
-            Err(error) => {
-                log::warn!(
-                    "checkpointing {}: writing {} for cluster {cluster_id:?}: {error}",
-                    segment.path.display(),
-                    temp.display()
-                );
-                let _ = fs::remove_file(&temp);
-                failed = true;
-            }
-        }
-    }
-    if !written.is_empty() && !super::sync_file_system(shared) {
-        for (cluster_id, _, temp, out) in &written {
-            if let Err(error) = out.sync_data() {
-                log::warn!(
-                    "checkpointing cluster {cluster_id:?}: syncing {}: {error}",
-                    temp.display()
-                );
-                failed = true;
-            }
-        }
-    }
-    if failed {
-        for (_, _, temp, _) in &written {
-            let _ = fs::remove_file(temp);
-        }
-        log::warn!(
-            "checkpointing {} failed; it stays and is replayed at the next start",
-            segment.path.display()
-        );
-        return false;
-    }
-
-    {
-        // Rename under the mutation lock, and only files whose cluster still has this upload
-        // as its newest: a later put, a remove or the sweeper may have moved on.
-        let _mutation = lock(&shared.mutation);
-        let mut renamed = Vec::new();
-        for (cluster_id, offset, temp, _) in &written {
-            let current = matches!(
-                lock(&shared.index).get(cluster_id).map(|e| &e.location),
-                Some(Location::Journal { segment: s, offset: o }) if s.number == segment.number && o == offset
-            );
-            if !current {
-                let _ = fs::remove_file(temp);
-                continue;
-            }
-            match fs::rename(temp, shared.path_of(cluster_id)) {
-                Ok(()) => renamed.push((cluster_id, *offset)),
-                Err(error) => {
-                    log::warn!(
-                        "checkpointing cluster {cluster_id:?}: renaming {}: {error}",
-                        temp.display()
-                    );
-                    let _ = fs::remove_file(temp);
-                    failed = true;
-                }
-            }
-        }
-        if let Err(error) = shared.dir_file.sync_all() {
-            log::warn!(
-                "checkpointing: syncing directory {}: {error}",
-                shared.dir.display()
-            );
-            failed = true;
-        }
-        if !failed {
-            let mut index = lock(&shared.index);
-            for (cluster_id, offset) in renamed {
-                if let Some(entry) = index.get_mut(cluster_id.as_str()) {
-                    if matches!(&entry.location, Location::Journal { segment: s, offset: o } if s.number == segment.number && *o == offset)
-                    {
-                        entry.location = Location::File;
-                    }
-                }
-            }
-        }
-    }
-    if failed {
-        log::warn!(
-            "checkpointing {} failed; it stays and is replayed at the next start",
-            segment.path.display()
-        );
-        return false;
-    }
-    if keep {
-        return true;
-    }
-    // Synced, so a crash cannot bring the segment back to be replayed over newer files.
-    let removed = fs::remove_file(&segment.path).and_then(|()| shared.dir_file.sync_all());
-    if let Err(error) = removed {
-        log::warn!("removing checkpointed {}: {error}", segment.path.display());
-    }
-    true
 }

@@ -18,16 +18,39 @@
 //! ends its segment's replay (a crash during an append, which was never answered Ok).
 //!
 //! The checksum only has to catch a torn or stale tail, not an adversary, and every accepted byte
-//! passes through it on the commit path: a 64-bit multiply-rotate hash (several GB/s) instead of
-//! the cluster files' SHA-256 (~0.5 GB/s here, which cost the committer 0.1 ms per upload).
-//! Checkpoints compute the SHA-256 of the cluster files, once per cluster.
+//! passes through it on the commit path, so it is not the cluster files' SHA-256 (~0.5 GB/s here,
+//! which cost the committer 0.1 ms per upload; checkpoints compute that once per cluster).
+//!
+//! # Versions
+//!
+//! The kind byte says the record's format version, so a segment written by an older server is
+//! still replayed after an upgrade:
+//!
+//! | kind byte | record                | checksum, over the prefix before it, the id, the payload |
+//! |-----------|-----------------------|-----------------------------------------------------------|
+//! | 1, 2      | version 1: put, remove | a 64-bit multiply-rotate hash of this codebase's own     |
+//! | 3, 4      | version 2: put, remove | CRC-32C (as the Prometheus WAL), in the low 32 bits       |
+//!
+//! Only version 2 is written.
+//!
+//! This module owns the journal's writing end ([`JournalState`]): `Shared::append` is the one
+//! place that writes to a segment and `fdatasync`s it, for the committer's batches and for
+//! removals alike.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+
+use super::crc32c;
 use super::file::{Header, ReadError};
+use super::state::{lock, Shared};
+use super::StoreError;
 
 /// Segment files are named this followed by their number.
 pub(super) const PREFIX: &str = "journal-";
@@ -39,17 +62,45 @@ pub(super) const PAGE: u64 = 4096;
 pub(super) const PUT: u8 = 1;
 /// The record of a removal.
 pub(super) const REMOVE: u8 = 2;
+/// Added to [`PUT`] or [`REMOVE`] in the kind byte of a version 2 record.
+const VERSION_2_KINDS: u8 = 2;
 /// Bytes before a record's cluster id: kind, id length, receive time, payload length, checksum.
 const PREFIX_LEN: usize = 1 + 2 + 8 + 8 + 8;
 /// The part of the prefix the checksum covers (all but the checksum itself).
 const CHECKED_PREFIX_LEN: usize = PREFIX_LEN - 8;
 
-/// The checksum of a record: a 64-bit hash over its checked prefix, id and payload.
-fn checksum(prefix: &[u8], cluster_id: &[u8], payload: &[u8]) -> u64 {
-    hash(payload, hash(cluster_id, hash(prefix, 0)))
+/// How a record is checksummed, by its format version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Checksum {
+    /// Version 1: [`hash`].
+    Hash64,
+    /// Version 2: CRC-32C.
+    Crc32c,
 }
 
-/// A fast non-cryptographic 64-bit hash (four independent multiply-rotate lanes over 8-byte
+/// The record kind ([`PUT`] or [`REMOVE`]) and checksum of a kind byte; `None` for another byte.
+fn kind_of(byte: u8) -> Option<(u8, Checksum)> {
+    match byte {
+        PUT | REMOVE => Some((byte, Checksum::Hash64)),
+        _ => {
+            let kind = byte.checked_sub(VERSION_2_KINDS)?;
+            (kind == PUT || kind == REMOVE).then_some((kind, Checksum::Crc32c))
+        }
+    }
+}
+
+/// The checksum of a record over its checked prefix, id and payload.
+fn checksum(method: Checksum, prefix: &[u8], cluster_id: &[u8], payload: &[u8]) -> u64 {
+    match method {
+        Checksum::Hash64 => hash(payload, hash(cluster_id, hash(prefix, 0))),
+        Checksum::Crc32c => u64::from(crc32c::extend(
+            crc32c::extend(crc32c::extend(0, prefix), cluster_id),
+            payload,
+        )),
+    }
+}
+
+/// A fast non-cryptographic 64-bit hash (version 1 records) (four independent multiply-rotate lanes over 8-byte
 /// words, then the length mixed in), chained through `seed`.
 fn hash(bytes: &[u8], seed: u64) -> u64 {
     const P1: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -92,6 +143,7 @@ fn hash(bytes: &[u8], seed: u64) -> u64 {
 
 /// The fixed-size start of a record, read.
 struct Prefix {
+    /// The kind byte as written (version included).
     kind: u8,
     id_len: usize,
     received_millis: u64,
@@ -124,8 +176,14 @@ fn verify(
     id: Vec<u8>,
     payload: Vec<u8>,
 ) -> Result<(Header, Vec<u8>), ReadError> {
+    let Some((_, method)) = kind_of(prefix.kind) else {
+        return Err(ReadError::Corrupt(format!(
+            "unknown record kind {}",
+            prefix.kind
+        )));
+    };
     let checked = prefix_bytes.get(..CHECKED_PREFIX_LEN).unwrap_or_default();
-    if checksum(checked, &id, &payload) != prefix.checksum {
+    if checksum(method, checked, &id, &payload) != prefix.checksum {
         return Err(ReadError::Corrupt("fails its checksum".to_string()));
     }
     let cluster_id = String::from_utf8(id)
@@ -178,7 +236,7 @@ impl Segment {
             .read_exact_at(&mut prefix_bytes, offset)
             .map_err(ReadError::Io)?;
         let prefix = parse_prefix(&prefix_bytes);
-        if prefix.kind != PUT
+        if kind_of(prefix.kind).map(|(kind, _)| kind) != Some(PUT)
             || prefix.id_len != cluster_id.len()
             || prefix.payload_len != payload_bytes
         {
@@ -202,9 +260,29 @@ impl Segment {
     }
 }
 
-/// Appends a record of `kind` to `out`; returns its offset relative to `out`'s start. Fails only
-/// when the cluster id does not fit its u16 length field.
+/// Appends a record of `kind` ([`PUT`] or [`REMOVE`]) to `out`, in the current version; returns
+/// its offset relative to `out`'s start. Fails only when the cluster id does not fit its u16
+/// length field.
 pub(super) fn encode(
+    kind: u8,
+    cluster_id: &str,
+    received_millis: u64,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<usize, String> {
+    encode_as(
+        Checksum::Crc32c,
+        kind,
+        cluster_id,
+        received_millis,
+        payload,
+        out,
+    )
+}
+
+/// [`encode`] in the version that checksums with `method` (tests write version 1 with it).
+pub(super) fn encode_as(
+    method: Checksum,
     kind: u8,
     cluster_id: &str,
     received_millis: u64,
@@ -214,11 +292,15 @@ pub(super) fn encode(
     let id_len = u16::try_from(cluster_id.len())
         .map_err(|_| format!("cluster id is {} bytes, more than 65535", cluster_id.len()))?;
     let start = out.len();
-    out.push(kind);
+    out.push(match method {
+        Checksum::Hash64 => kind,
+        Checksum::Crc32c => kind + VERSION_2_KINDS,
+    });
     out.extend_from_slice(&id_len.to_le_bytes());
     out.extend_from_slice(&received_millis.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     let sum = checksum(
+        method,
         out.get(start..).unwrap_or_default(),
         cluster_id.as_bytes(),
         payload,
@@ -295,9 +377,9 @@ pub(super) fn replay(
         let mut prefix_bytes = [0u8; PREFIX_LEN];
         reader.read_exact(&mut prefix_bytes)?;
         let prefix = parse_prefix(&prefix_bytes);
-        if prefix.kind != PUT && prefix.kind != REMOVE {
+        let Some((kind, _)) = kind_of(prefix.kind) else {
             return torn(&format!("unknown record kind {}", prefix.kind));
-        }
+        };
         let size = (PREFIX_LEN + prefix.id_len) as u64;
         if prefix.payload_len > left.saturating_sub(size) || size > left {
             return torn("ends inside a record");
@@ -312,7 +394,7 @@ pub(super) fn replay(
             Ok((header, payload)) => {
                 at += size + prefix.payload_len;
                 apply(Record {
-                    kind: prefix.kind,
+                    kind,
                     header,
                     payload,
                 })?;
@@ -324,15 +406,103 @@ pub(super) fn replay(
     Ok(None)
 }
 
+/// The journal's writing end: the current segment and how full it is.
+pub(super) struct JournalState {
+    /// Appended to; `None` until the first append, or after starting a new one failed.
+    pub(super) segment: Option<Arc<Segment>>,
+    /// Bytes written to it and synced.
+    pub(super) len: u64,
+    /// A write or sync failed: what follows `len` is unknown, so the next append starts a new
+    /// segment rather than write after bytes a replay could misread.
+    pub(super) broken: bool,
+    /// The number of the next segment.
+    pub(super) next_number: u64,
+    /// Where full segments go to be checkpointed; `None` once the store closes.
+    pub(super) retired: Option<Sender<Arc<Segment>>>,
+}
+
+impl Shared {
+    /// Appends `bytes` to the journal and syncs them, with the journal locked for `then`, which
+    /// gets the segment and the offset `bytes` start at (so index updates follow the journal's
+    /// order). Starts a new segment first when the current one is full or broken.
+    pub(super) fn append<T>(
+        &self,
+        bytes: &[u8],
+        then: impl FnOnce(&Arc<Segment>, u64) -> T,
+    ) -> Result<T, StoreError> {
+        let mut journal = lock(&self.journal);
+        let full = journal.len >= self.segment_bytes.load(Ordering::Relaxed);
+        if journal.segment.is_none() || journal.broken || full {
+            if let Some(old) = journal.segment.take() {
+                if let Some(retired) = &journal.retired {
+                    // Its records stay readable through the index until the checkpoint is done.
+                    let _ = retired.send(old);
+                }
+            }
+            let number = journal.next_number;
+            journal.next_number += 1;
+            let segment = Segment::create(&self.dir, number)
+                .and_then(|segment| self.dir_file.sync_all().map(|()| segment))
+                .map_err(|e| {
+                    StoreError::io(
+                        format!(
+                            "creating {}",
+                            self.dir.join(format!("{}{number}", PREFIX)).display()
+                        ),
+                        e,
+                    )
+                })?;
+            journal.segment = Some(Arc::new(segment));
+            journal.len = 0;
+            journal.broken = false;
+        }
+        let Some(segment) = journal.segment.clone() else {
+            return Err(StoreError::Closed);
+        };
+        // Each commit starts on a fresh page: the previous commit's last page is never written
+        // again (a page under writeback would make this write wait for it), and a commit always
+        // needs new space, so a full disk is refused at once rather than after the slack of the
+        // last page is used up. The gap is a hole that replay skips.
+        let offset = journal.len.next_multiple_of(PAGE);
+        // Opened by its path for each commit (a few microseconds, next to a sync's milliseconds),
+        // as the per-upload temp files were: a storage directory that became read-only, also
+        // through a read-only mount on top of it, refuses the commit instead of taking it
+        // through a descriptor opened before.
+        let written = File::options()
+            .write(true)
+            .open(&segment.path)
+            .and_then(|out| {
+                out.write_all_at(bytes, offset)?;
+                out.sync_data()
+            });
+        if let Err(error) = written {
+            journal.broken = true;
+            return Err(StoreError::io(
+                format!("appending to {}", segment.path.display()),
+                error,
+            ));
+        }
+        journal.len = offset + bytes.len() as u64;
+        Ok(then(&segment, offset))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn records_round_trip_and_a_torn_tail_is_reported() {
-        let dir = std::env::temp_dir().join(format!("telemeter-journal-{}", std::process::id()));
+    /// A fresh directory for one test (`tag` tells the tests apart).
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("telemeter-journal-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn records_round_trip_and_a_torn_tail_is_reported() {
+        let dir = temp_dir("round-trip");
         let segment = Segment::create(&dir, 7).unwrap();
         let mut bytes = Vec::new();
         let first = encode(PUT, "a", 5, b"payload", &mut bytes).unwrap();
@@ -374,10 +544,7 @@ mod tests {
 
     #[test]
     fn a_changed_byte_fails_the_checksum() {
-        let dir =
-            std::env::temp_dir().join(format!("telemeter-journal-flip-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir("flip");
         let segment = Segment::create(&dir, 1).unwrap();
         let mut bytes = Vec::new();
         encode(PUT, "a", 5, &[7u8; 100], &mut bytes).unwrap();
@@ -402,6 +569,56 @@ mod tests {
             );
         }
         assert_ne!(hash(&[0u8; 3], 0), hash(&[0u8; 4], 0));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn version_1_records_are_still_read_and_version_2_is_written() {
+        let dir = temp_dir("v1");
+        let segment = Segment::create(&dir, 3).unwrap();
+        let mut old = Vec::new();
+        let first = encode_as(Checksum::Hash64, PUT, "a", 5, b"old payload", &mut old).unwrap();
+        encode_as(Checksum::Hash64, REMOVE, "b", 0, b"", &mut old).unwrap();
+        let mut new = Vec::new();
+        encode(PUT, "a", 5, b"old payload", &mut new).unwrap();
+        // Same layout, another kind byte and checksum.
+        assert_eq!((old[first], new[0]), (1, 3));
+        assert_eq!(old.get(1..19), new.get(1..19));
+        assert_ne!(old.get(19..27), new.get(19..27));
+        let crc = crc32c::extend(
+            crc32c::extend(crc32c::extend(0, &new[..19]), b"a"),
+            b"old payload",
+        );
+        assert_eq!(new.get(19..27), Some(&u64::from(crc).to_le_bytes()[..]));
+
+        segment.file.write_all_at(&old, 0).unwrap();
+        let (header, payload) = segment.read_put("a", first as u64, 11).unwrap();
+        assert_eq!(
+            (header.cluster_id.as_str(), &payload[..]),
+            ("a", &b"old payload"[..])
+        );
+        let mut seen = Vec::new();
+        let torn = replay(&segment.path, |r| {
+            seen.push((r.kind, r.header.cluster_id));
+            Ok(())
+        })
+        .unwrap();
+        assert!(torn.is_none());
+        assert_eq!(
+            seen,
+            vec![(PUT, "a".to_string()), (REMOVE, "b".to_string())]
+        );
+        // A version 1 record whose bytes changed still fails its (version 1) checksum.
+        let mut flipped = old.clone();
+        flipped[first + 30] ^= 1;
+        segment.file.write_all_at(&flipped, 0).unwrap();
+        assert!(segment.read_put("a", first as u64, 11).is_err());
+        // A kind byte of no version ends the replay.
+        let mut unknown = old.clone();
+        unknown[first] = 5;
+        segment.file.write_all_at(&unknown, 0).unwrap();
+        let torn = replay(&segment.path, |_| Ok(())).unwrap();
+        assert_eq!(torn.map(|(left, _)| left), Some(old.len() as u64));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,4 +1,4 @@
-//! The cluster's [`Router`]: store an accepted upload on the node that owns its cluster id.
+//! Where an upload is stored in a cluster: on the node that owns its cluster id (a [`Placement`]).
 //!
 //! The owner is the first live member of the ring's preference order for the cluster id. This
 //! node stores locally when that is itself; otherwise it forwards synchronously and answers the
@@ -12,63 +12,62 @@ use std::time::SystemTime;
 
 use super::forward::ForwardKind;
 use super::Cluster;
+use crate::ingest::placement::{store_then_queue, Placement, PlacementError};
 use crate::remote_write::RemoteWriter;
-use crate::route::{RouteError, Router};
 use crate::store::Store;
 
 /// Routes uploads through the ring.
-pub struct ClusterRouter {
+pub struct ClusterPlacement {
     cluster: Arc<Cluster>,
     store: Store,
     remote_write: Option<RemoteWriter>,
 }
 
-impl ClusterRouter {
-    /// A router storing locally in `store` what `cluster` says this node owns.
-    pub fn new(cluster: Arc<Cluster>, store: Store) -> ClusterRouter {
-        ClusterRouter {
+impl ClusterPlacement {
+    /// A placement storing locally in `store` what `cluster` says this node owns.
+    pub fn new(cluster: Arc<Cluster>, store: Store) -> ClusterPlacement {
+        ClusterPlacement {
             cluster,
             store,
             remote_write: None,
         }
     }
 
-    /// The same router, also queueing on `writer` every upload it stores locally (a forwarded one
+    /// The same placement, also queueing on `writer` every upload it stores locally (a forwarded one
     /// is shipped by the node that stores it).
-    pub fn shipping_to(mut self, writer: Option<RemoteWriter>) -> ClusterRouter {
+    pub fn shipping_to(mut self, writer: Option<RemoteWriter>) -> ClusterPlacement {
         self.remote_write = writer;
         self
     }
 }
 
-impl Router for ClusterRouter {
-    fn route(
+impl Placement for ClusterPlacement {
+    fn place(
         &self,
         cluster_id: &str,
         payload: Vec<u8>,
         received: SystemTime,
-    ) -> Result<(), RouteError> {
+    ) -> Result<(), PlacementError> {
         let candidates = self.cluster.owner_preference(cluster_id);
         let mut failures = Vec::new();
         let last = candidates.len().saturating_sub(1);
         let mut payload = Some(payload);
         for (i, owner) in candidates.iter().enumerate() {
             let result = if owner.is_self {
-                // Keep a copy only if someone else may still need it.
-                let bytes = if i == last && self.remote_write.is_none() {
+                // Keep a copy only if a later member may still need it.
+                let bytes = if i == last {
                     payload.take().unwrap_or_default()
                 } else {
                     payload.clone().unwrap_or_default()
                 };
-                self.store
-                    .put(cluster_id, bytes, received)
-                    .map(|()| {
-                        if let (Some(writer), Some(payload)) = (&self.remote_write, payload.take())
-                        {
-                            writer.enqueue(cluster_id, payload, received);
-                        }
-                    })
-                    .map_err(|e| e.to_string())
+                store_then_queue(
+                    &self.store,
+                    self.remote_write.as_ref(),
+                    cluster_id,
+                    bytes,
+                    received,
+                )
+                .map_err(|e| e.to_string())
             } else {
                 let bytes = payload.as_deref().unwrap_or_default();
                 self.cluster
@@ -102,7 +101,7 @@ impl Router for ClusterRouter {
             "cluster {cluster_id}: no server could store the upload: {}",
             failures.join("; ")
         );
-        Err(RouteError::Unavailable)
+        Err(PlacementError::Unavailable)
     }
 }
 
@@ -114,11 +113,11 @@ mod tests {
 
     #[test]
     fn alone_stores_locally() {
-        let store = TempStore::new("router-alone");
+        let store = TempStore::new("placement-alone");
         let cluster = Arc::new(node("solo", "127.0.0.1:1", vec![]));
-        let router = ClusterRouter::new(cluster.clone(), store.store.clone());
-        router
-            .route("c1", b"payload".to_vec(), SystemTime::now())
+        let placement = ClusterPlacement::new(cluster.clone(), store.store.clone());
+        placement
+            .place("c1", b"payload".to_vec(), SystemTime::now())
             .unwrap();
         assert_eq!(
             store.store.get("c1").unwrap().unwrap().payload,
@@ -129,16 +128,16 @@ mod tests {
 
     #[test]
     fn nobody_able_to_store_is_unavailable() {
-        let store = TempStore::new("router-none");
+        let store = TempStore::new("placement-none");
         let (a, b) = pair(&closed_addr());
         let a = Arc::new(a);
         let id = id_owned_by(&a, "b");
         store.store.close();
-        let router = ClusterRouter::new(a.clone(), store.store.clone());
-        let err = router
-            .route(&id, b"payload".to_vec(), SystemTime::now())
+        let placement = ClusterPlacement::new(a.clone(), store.store.clone());
+        let err = placement
+            .place(&id, b"payload".to_vec(), SystemTime::now())
             .unwrap_err();
-        assert!(matches!(err, RouteError::Unavailable));
+        assert!(matches!(err, PlacementError::Unavailable));
         assert_eq!(err.status(), 503);
         assert_eq!(err.to_string(), "no server could store the upload; retry");
         a.shutdown();
@@ -147,13 +146,13 @@ mod tests {
 
     #[test]
     fn unreachable_owner_is_suspected_and_the_next_stores() {
-        let store = TempStore::new("router-failover");
+        let store = TempStore::new("placement-failover");
         let (a, b) = pair(&closed_addr());
         let a = Arc::new(a);
         let id = id_owned_by(&a, "b");
-        let router = ClusterRouter::new(a.clone(), store.store.clone());
-        router
-            .route(&id, b"payload".to_vec(), SystemTime::now())
+        let placement = ClusterPlacement::new(a.clone(), store.store.clone());
+        placement
+            .place(&id, b"payload".to_vec(), SystemTime::now())
             .unwrap();
         // Stored here, b suspect, ownership unchanged.
         assert!(store.store.get(&id).unwrap().is_some());
@@ -170,8 +169,8 @@ mod tests {
             .map(|(_, _, n)| *n);
         assert_eq!(unreachable, Some(1));
         // The next push does not try b again while it is suspect.
-        router
-            .route(&id, b"second".to_vec(), SystemTime::now())
+        placement
+            .place(&id, b"second".to_vec(), SystemTime::now())
             .unwrap();
         assert_eq!(
             store.store.get(&id).unwrap().unwrap().payload,

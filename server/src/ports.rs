@@ -1,4 +1,5 @@
-//! The two HTTP applications: the external port (clients) and the internal port (scrapers, operators).
+//! The HTTP applications on each listening port: the external port (clients), the internal port
+//! (scrapers, operators) and the cluster port (peers).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -11,10 +12,10 @@ use crate::cluster::forward::FORWARD_PATH;
 use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::Cluster;
 use crate::federate;
+use crate::ingest::upload::UploadHandler;
 use crate::metrics::Metrics;
 use crate::remote_write::RemoteWriter;
 use crate::store::Store;
-use crate::upload::UploadHandler;
 
 /// The paths the external port serves, listed by `GET /`.
 pub const EXTERNAL_PATHS: &[&str] = &["/", "/authorize", "/upload", "/healthz", "/healthz/ready"];

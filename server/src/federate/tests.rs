@@ -1,0 +1,255 @@
+//! Unit tests of `federate`, beside it so the module reads as the module.
+
+use super::*;
+use crate::store::StoreConfig;
+use std::time::{Duration, SystemTime};
+use telemeter_common::model::{
+    Bucket, Counter, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
+
+const METRICS_PB: &[u8] = include_bytes!("../../../tests/fixtures/prometheus-metrics.pb");
+
+/// Now, in milliseconds: stored samples older than the TTL are not served.
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn families(id: &str) -> Vec<MetricFamily> {
+    vec![
+        MetricFamily {
+            name: Some("requests_total".into()),
+            help: Some("Requests.".into()),
+            r#type: Some(MetricType::Counter as i32),
+            metric: vec![Metric {
+                label: vec![LabelPair::new("_id", id)],
+                counter: Some(Counter { value: Some(3.0) }),
+                timestamp_ms: Some(now_ms()),
+                ..Default::default()
+            }],
+        },
+        MetricFamily {
+            name: Some("latency_seconds".into()),
+            help: None,
+            r#type: Some(MetricType::Histogram as i32),
+            metric: vec![Metric {
+                label: vec![LabelPair::new("_id", id)],
+                histogram: Some(Histogram {
+                    sample_count: Some(2),
+                    sample_sum: Some(0.25),
+                    bucket: vec![Bucket {
+                        cumulative_count: Some(1),
+                        upper_bound: Some(0.1),
+                    }],
+                }),
+                timestamp_ms: Some(now_ms() + 1),
+                ..Default::default()
+            }],
+        },
+    ]
+}
+
+fn payload(id: &str) -> Vec<u8> {
+    delimited::encode(&families(id))
+}
+
+#[test]
+fn text_has_no_timestamps() {
+    let mut out = Vec::new();
+    write_cluster(&payload("a"), Format::Text, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("requests_total{_id=\"a\"} 3\n"), "{text}");
+    assert!(
+        text.contains("latency_seconds_bucket{_id=\"a\",le=\"+Inf\"} 2\n"),
+        "{text}"
+    );
+    // No 13-digit number (a timestamp in milliseconds) anywhere.
+    assert!(!text.contains(&now_ms().to_string()[..8]), "{text}");
+}
+
+#[test]
+fn text_is_what_the_owned_decoding_writes() {
+    for body in [METRICS_PB.to_vec(), payload("x")] {
+        let mut ours = Vec::new();
+        write_cluster(&body, Format::Text, &mut ours).unwrap();
+        let owned = delimited::decode(&body, &stored_limits()).unwrap();
+        let mut theirs = Vec::new();
+        text::encode(&mut theirs, &owned, false).unwrap();
+        assert_eq!(ours, theirs);
+    }
+}
+
+#[test]
+fn protobuf_has_no_timestamps() {
+    for body in [METRICS_PB.to_vec(), payload("a")] {
+        let mut out = Vec::new();
+        write_cluster(&body, Format::ProtoDelimited, &mut out).unwrap();
+        let decoded = delimited::decode(&out, &stored_limits()).unwrap();
+        let mut expected = delimited::decode(&body, &stored_limits()).unwrap();
+        for family in &mut expected {
+            for metric in &mut family.metric {
+                metric.timestamp_ms = None;
+            }
+        }
+        assert_eq!(delimited::encode(&decoded), delimited::encode(&expected));
+    }
+    let mut out = Vec::new();
+    write_cluster(&payload("a"), Format::ProtoDelimited, &mut out).unwrap();
+    let decoded = delimited::decode(&out, &delimited::Limits::default()).unwrap();
+    assert_eq!(decoded[0].metric[0].timestamp_ms, None);
+    assert_eq!(
+        decoded[0].metric[0].counter,
+        Some(Counter { value: Some(3.0) })
+    );
+}
+
+#[test]
+fn a_payload_that_does_not_decode_is_an_error() {
+    let mut body = payload("a");
+    body.truncate(body.len() - 3);
+    for format in [Format::Text, Format::ProtoDelimited] {
+        let err = write_cluster(&body, format, &mut Vec::new()).unwrap_err();
+        assert!(matches!(err, ServeError::Decode(_)), "{err}");
+    }
+    // A label that is not UTF-8, deep inside an otherwise well-framed family.
+    let mut body = payload("\u{e9}");
+    let at = body
+        .windows(2)
+        .position(|w| w == "\u{e9}".as_bytes())
+        .unwrap();
+    body[at] = 0xff;
+    for format in [Format::Text, Format::ProtoDelimited] {
+        let err = write_cluster(&body, format, &mut Vec::new()).unwrap_err();
+        assert!(matches!(err, ServeError::Decode(_)), "{err}");
+    }
+}
+
+#[test]
+fn series_that_cannot_be_written_validly_are_left_out_and_counted() {
+    // What validation refuses, stored anyway (an older server's file, or a peer's).
+    let mut stored = families("a");
+    stored[1].metric[0].label.push(LabelPair::new("le", "0.5"));
+    let mut dup = stored[0].metric[0].clone();
+    dup.label.push(LabelPair::new("_id", "again"));
+    let mut name = stored[0].metric[0].clone();
+    name.label.push(LabelPair::new("__name__", "other"));
+    stored[0].metric.extend([dup, name]);
+    stored.push(MetricFamily {
+        name: None,
+        ..families("a").remove(0)
+    });
+    let mut text = Vec::new();
+    let skipped = write_cluster(&delimited::encode(&stored), Format::Text, &mut text).unwrap();
+    // Protobuf leaves out the same series (but keeps a series without its value).
+    let mut pd = Vec::new();
+    let pd_skipped =
+        write_cluster(&delimited::encode(&stored), Format::ProtoDelimited, &mut pd).unwrap();
+    assert_eq!(pd_skipped, skipped);
+    let served = delimited::decode(&pd, &stored_limits()).unwrap();
+    assert_eq!(served.len(), 1, "{served:?}");
+    assert_eq!(served[0].metric.len(), 1);
+    assert_eq!(served[0].metric[0].label, vec![LabelPair::new("_id", "a")]);
+    assert_eq!(served[0].metric[0].timestamp_ms, None);
+    let text = String::from_utf8(text).unwrap();
+    // Only the one valid series is served, with its header; the rest is counted.
+    assert_eq!(
+            text,
+            "# HELP requests_total Requests.\n# TYPE requests_total counter\nrequests_total{_id=\"a\"} 3\n"
+        );
+    assert_eq!(skipped.count(SkipReason::TypeLabel), 1);
+    assert_eq!(skipped.count(SkipReason::DuplicateLabel), 1);
+    assert_eq!(skipped.count(SkipReason::ReservedLabel), 1);
+    assert_eq!(skipped.count(SkipReason::MetricName), 1);
+    assert_eq!(skipped.total(), 4);
+
+    let dir = std::env::temp_dir().join(format!("telemeter-federate-skip-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = Store::open(StoreConfig {
+        dir: dir.clone(),
+        ttl: Duration::from_secs(3600),
+        max_batch: 8,
+    })
+    .unwrap();
+    let now = SystemTime::now();
+    store.put("good", payload("good"), now).unwrap();
+    store.put("mixed", delimited::encode(&stored), now).unwrap();
+    let mut out = Vec::new();
+    let skips = write_all(&store, Format::Text, None, &mut out).unwrap();
+    assert_eq!(skips.series, skipped);
+    assert_eq!(skips.first_cluster.as_deref(), Some("mixed"));
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.contains("requests_total{_id=\"good\"} 3\n"), "{out}");
+    assert!(
+        out.contains("latency_seconds_count{_id=\"good\"} 2\n"),
+        "{out}"
+    );
+    store.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn serves_every_readable_cluster_the_filter_accepts() {
+    let dir = std::env::temp_dir().join(format!("telemeter-federate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = Store::open(StoreConfig {
+        dir: dir.clone(),
+        ttl: Duration::from_secs(3600),
+        max_batch: 8,
+    })
+    .unwrap();
+    let now = SystemTime::now();
+    store.put("a", payload("a"), now).unwrap();
+    store.put("bad", b"\x05\x0a\x03".to_vec(), now).unwrap();
+    store.put("c", payload("c"), now).unwrap();
+    store.put("d", payload("d"), now).unwrap();
+    let filter: ClusterFilter = Arc::new(|id: &str| id != "d");
+    for format in [Format::Text, Format::ProtoDelimited] {
+        let mut out = Vec::new();
+        write_all(&store, format, Some(&filter), &mut out).unwrap();
+        let mut expected = Vec::new();
+        for id in ["a", "c"] {
+            write_cluster(&payload(id), format, &mut expected).unwrap();
+        }
+        assert_eq!(out, expected);
+    }
+    // Many clusters, so that every worker takes several, in order.
+    let ids: Vec<String> = (0..40).map(|i| format!("m{i:02}")).collect();
+    for id in &ids {
+        store.put(id, payload(id), now).unwrap();
+    }
+    let mut out = Vec::new();
+    write_all(&store, Format::Text, None, &mut out).unwrap();
+    let mut expected = Vec::new();
+    for id in ["a", "c", "d"]
+        .iter()
+        .copied()
+        .chain(ids.iter().map(String::as_str))
+    {
+        write_cluster(&payload(id), Format::Text, &mut expected).unwrap();
+    }
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        String::from_utf8(expected).unwrap()
+    );
+
+    // A client that goes away stops the scrape with its error, without hanging.
+    struct Fails(usize);
+    impl Write for Fails {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.0 == 0 {
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "gone"));
+            }
+            self.0 -= 1;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let err = write_all(&store, Format::Text, None, &mut Fails(3)).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+    store.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,121 @@
+//! Where an accepted upload is stored.
+//!
+//! A single server stores every upload itself ([`LocalPlacement`]); in a cluster,
+//! [`crate::cluster::placement`] looks up the cluster's owner on the hash ring and forwards to it.
+//! The upload pipeline only sees [`Placement`]. Whoever stores an upload locally does it through
+//! [`store_then_queue`], the one place that orders "durable, then shipped to remote write".
+
+use std::fmt;
+use std::time::SystemTime;
+
+use crate::remote_write::RemoteWriter;
+use crate::store::{Store, StoreError};
+
+/// Why an upload could not be stored anywhere.
+#[derive(Debug)]
+pub enum PlacementError {
+    /// The local store failed.
+    Store(StoreError),
+    /// Neither this server nor any live peer could store it (cluster degraded). Each failure is
+    /// logged where it happens; the client only learns that it should retry, not the peers'
+    /// internal addresses.
+    Unavailable,
+}
+
+impl PlacementError {
+    /// The HTTP status for the client: 503 (retry later), since none of these are the client's fault
+    /// and the data was not stored.
+    pub fn status(&self) -> u16 {
+        503
+    }
+}
+
+impl fmt::Display for PlacementError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PlacementError::Store(e) => write!(f, "storing the upload failed: {e}"),
+            PlacementError::Unavailable => f.write_str("no server could store the upload; retry"),
+        }
+    }
+}
+
+impl std::error::Error for PlacementError {}
+
+impl From<StoreError> for PlacementError {
+    fn from(e: StoreError) -> Self {
+        PlacementError::Store(e)
+    }
+}
+
+/// Decides where an accepted upload is stored, and stores it durably before returning.
+pub trait Placement: Send + Sync + 'static {
+    /// Stores `payload` (validated families, protobuf-delimited) as `cluster_id`'s latest upload.
+    fn place(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<(), PlacementError>;
+}
+
+/// Stores everything in the local store, and ships what it stored to the remote-write receiver if
+/// there is one.
+#[derive(Clone)]
+pub struct LocalPlacement {
+    store: Store,
+    remote_write: Option<RemoteWriter>,
+}
+
+impl LocalPlacement {
+    /// A placement writing to `store`.
+    pub fn new(store: Store) -> LocalPlacement {
+        LocalPlacement {
+            store,
+            remote_write: None,
+        }
+    }
+
+    /// The same placement, also queueing every stored upload on `writer` (None: nothing is shipped).
+    pub fn shipping_to(mut self, writer: Option<RemoteWriter>) -> LocalPlacement {
+        self.remote_write = writer;
+        self
+    }
+}
+
+impl Placement for LocalPlacement {
+    fn place(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<(), PlacementError> {
+        Ok(store_then_queue(
+            &self.store,
+            self.remote_write.as_ref(),
+            cluster_id,
+            payload,
+            received,
+        )?)
+    }
+}
+
+/// Stores `payload` durably as `cluster_id`'s latest upload, then queues it on `remote_write`
+/// (if any). Every path that stores a push it owns (an upload stored here, a push forwarded to
+/// this node) goes through here, so none can ship before storing.
+pub fn store_then_queue(
+    store: &Store,
+    remote_write: Option<&RemoteWriter>,
+    cluster_id: &str,
+    payload: Vec<u8>,
+    received: SystemTime,
+) -> Result<(), StoreError> {
+    match remote_write {
+        None => store.put(cluster_id, payload, received),
+        Some(writer) => {
+            // Shipped only once stored: the receiver never holds what the client was told failed.
+            store.put(cluster_id, payload.clone(), received)?;
+            writer.enqueue(cluster_id, payload, received);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! `/upload`: the HTTP mapping of the push pipeline, and the order of its steps (see `ingest`).
+//!
+//! method → upload token → rate-limit admission → Content-Encoding → Content-Type → decode (with
+//! caps before and after decompression) → validate and stamp → reserve the rate-limit slot → place
+//! (store durably) → 200. Every refusal is one line of text with a status saying whose fault it is.
+//!
+//! Status choices: an absent Content-Type is read as protobuf-delimited (what every upstream client
+//! sends); an unknown one is 415 (upstream parsed it as text). Too many series or samples is 413,
+//! like a body over the byte caps. An upload left empty by the whitelist is answered 200, stores
+//! nothing and does not use the cluster's rate-limit slot.
+//!
+//! What a read costs the sender: an upload that is stored uses the cluster's slot (one per
+//! `--ratelimit` window); every other upload that passes the token check (refused as malformed or
+//! invalid, left empty by the whitelist, an empty body, or not stored for want of a store: 503)
+//! costs one of
+//! [`REFUSALS_PER_WINDOW`] refusals per window instead, paid before the body is read (see
+//! [`crate::ingest::ratelimit`]). A separate budget rather than the slot, so that one refused upload does
+//! not cost a client a whole window (it can fix and retry at once), and an empty upload does not
+//! delay the next real one. Over either: 429 with `Retry-After` before anything is read, so one
+//! token makes the server read at most `1 + REFUSALS_PER_WINDOW` uploads per window. Clients that
+//! send empty uploads (upstream ones may, and a whitelist can empty any upload) are never locked
+//! out: an empty upload costs one refusal, refusals come back with time alone (one every window /
+//! [`REFUSALS_PER_WINDOW`], whether or not anything is stored meanwhile), and a 429 costs nothing,
+//! so retrying never pushes the next turn further away.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use log::{debug, info, warn};
+use telemeter_common::delimited;
+use telemeter_common::http::{Head, Request, Response};
+use telemeter_common::token::{Claims, TokenSigner};
+
+use crate::authorize::{bearer_in, check_cluster_id, unauthorized};
+use crate::ingest::decode::{self, Decoded, Rejection};
+use crate::ingest::gate::Gate;
+use crate::ingest::placement::{Placement, PlacementError};
+use crate::ingest::ratelimit::{retry_after_secs, RateLimiter, Wait, REFUSALS_PER_WINDOW};
+use crate::ingest::validate::Rules;
+use crate::metrics::Metrics;
+
+/// Memory an upload reserves per byte of its decompressed body before it is decompressed: the
+/// body itself, the structs the owned path may decode it into, and the payload re-encoded from
+/// them. A label pair of one-character name and value is 9 bytes on the wire and up to 160 in
+/// memory (its slot in a vector that grows by doubling, and two heap strings of glibc's smallest
+/// chunk), so valid uploads stay within 20×; hostile ones (runs of empty elements) are refused by
+/// their counts before they are decoded.
+const RESERVED_BYTES_PER_BODY_BYTE: usize = 24;
+
+/// What every upload reserves besides its per-byte share: its small buffers and structs.
+const RESERVED_BYTES_PER_UPLOAD: usize = 64 << 10;
+
+/// What a client hears when its upload could not be stored (503).
+const STORE_FAILED: &str = "the upload could not be stored now; retry later";
+
+/// Byte and count caps on one upload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UploadLimits {
+    /// Largest body as sent.
+    pub max_upload_bytes: usize,
+    /// Largest body after decompression.
+    pub max_decompressed_bytes: usize,
+    /// Most series.
+    pub max_series: usize,
+}
+
+/// Serves `/upload`.
+pub struct UploadHandler {
+    signer: TokenSigner,
+    partition_label: String,
+    limits: UploadLimits,
+    rules: Rules,
+    limiter: RateLimiter,
+    placement: Arc<dyn Placement>,
+    metrics: Metrics,
+    cpu: Gate,
+    memory: Gate,
+}
+
+/// Bytes that uploads may hold at once past the HTTP front (their decompressed bodies, what they
+/// are decoded into, and their payloads until stored). Each upload reserves its share before it
+/// is decompressed, from the length its snappy frames declare, and keeps it until the store has
+/// answered: so however many workers there are, uploads hold at most this much besides their
+/// bodies as sent (the front's own cap). One upload larger than this still runs, alone.
+pub const MAX_UPLOAD_MEMORY_BYTES: usize = 256 << 20;
+
+/// A refused upload: status, one-line message, and for 429 the seconds to wait.
+struct Refusal {
+    status: u16,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl From<Rejection> for Refusal {
+    fn from(rejection: Rejection) -> Refusal {
+        Refusal::new(rejection.status, rejection.message)
+    }
+}
+
+impl Refusal {
+    fn new(status: u16, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn rate_limited(wait: std::time::Duration) -> Refusal {
+        let secs = retry_after_secs(wait);
+        Refusal {
+            status: 429,
+            message: format!("rate limited: next upload accepted in {secs}s"),
+            retry_after: Some(secs),
+        }
+    }
+
+    fn not_admitted(wait: Wait) -> Refusal {
+        match wait {
+            Wait::Slot(wait) => Refusal::rate_limited(wait),
+            Wait::Refusals(wait) => {
+                let secs = retry_after_secs(wait);
+                Refusal {
+                    status: 429,
+                    message: format!(
+                        "rate limited: {REFUSALS_PER_WINDOW} uploads of this cluster were refused or empty within the window; next upload read in {secs}s"
+                    ),
+                    retry_after: Some(secs),
+                }
+            }
+        }
+    }
+}
+
+/// An upload ready to store.
+struct Prepared {
+    /// The protobuf-delimited families to store; `None` when the whitelist left nothing.
+    payload: Option<Vec<u8>>,
+    /// Series kept.
+    series: usize,
+    /// Series dropped by the whitelist.
+    filtered: usize,
+}
+
+/// What an accepted upload did.
+enum Accepted {
+    Stored,
+    Empty,
+}
+
+impl UploadHandler {
+    /// A handler verifying tokens with `signer`, enforcing `limits` and `rules`, one stored upload
+    /// per cluster per `limiter` window, storing through `placement`.
+    pub fn new(
+        signer: TokenSigner,
+        partition_label: &str,
+        limits: UploadLimits,
+        rules: Rules,
+        limiter: RateLimiter,
+        placement: Arc<dyn Placement>,
+        metrics: Metrics,
+    ) -> UploadHandler {
+        UploadHandler {
+            signer,
+            partition_label: partition_label.to_string(),
+            limits,
+            rules,
+            limiter,
+            placement,
+            metrics,
+            cpu: Gate::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            memory: Gate::new(MAX_UPLOAD_MEMORY_BYTES),
+        }
+    }
+
+    /// The body cap the HTTP front enforces before reading an upload.
+    pub fn body_limit(&self) -> usize {
+        self.limits.max_upload_bytes
+    }
+
+    /// Checks an `/upload` head before any of its body is read: a POST without a valid upload
+    /// token is refused (401) here, so a peer without one holds no body memory and no worker. The
+    /// body cap when it passes. Other methods pass, to be answered 405 by [`UploadHandler::handle`].
+    pub fn admit(&self, head: &Head, remote: SocketAddr) -> Result<usize, Response> {
+        if head.method == "POST" {
+            if let Err(refusal) = self.authenticate(head.header("Authorization"), SystemTime::now())
+            {
+                self.metrics.upload("rejected", refusal.status);
+                return Err(self.refuse(refusal, remote));
+            }
+        }
+        Ok(self.body_limit())
+    }
+
+    /// Answers one `/upload` request.
+    pub fn handle(&self, request: &Request) -> Response {
+        self.metrics.upload_bytes.add(request.body.len() as u64);
+        match self.accept(request) {
+            Ok(Accepted::Stored) => {
+                self.metrics.upload("stored", 200);
+                Response::empty(200)
+            }
+            Ok(Accepted::Empty) => {
+                self.metrics.upload("empty", 200);
+                Response::empty(200)
+            }
+            Err(refusal) => {
+                let result = if refusal.status >= 500 {
+                    "failed"
+                } else {
+                    "rejected"
+                };
+                self.metrics.upload(result, refusal.status);
+                if refusal.status == 429 {
+                    self.metrics.ratelimited.inc();
+                }
+                self.refuse(refusal, request.remote)
+            }
+        }
+    }
+
+    /// The response of a refusal.
+    fn refuse(&self, refusal: Refusal, remote: SocketAddr) -> Response {
+        let mut response = if refusal.status == 401 {
+            // A failed token check is worth a line: it may be an attack or a misconfigured client.
+            info!("upload from {remote} refused: {}", refusal.message);
+            unauthorized(&refusal.message)
+        } else {
+            Response::text(refusal.status, &refusal.message)
+        };
+        if let Some(secs) = refusal.retry_after {
+            response = response.with_header("Retry-After", &secs.to_string());
+        }
+        if refusal.status == 405 {
+            response = response.with_header("Allow", "POST");
+        }
+        response
+    }
+
+    /// The claims of the upload token in `authorization` (an `Authorization` header value), with
+    /// a cluster id that can be used.
+    fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        now: SystemTime,
+    ) -> Result<Claims, Refusal> {
+        let token = bearer_in(authorization).map_err(|reason| Refusal::new(401, reason))?;
+        let claims = self
+            .signer
+            .verify(token, now)
+            .map_err(|e| Refusal::new(401, format!("Not authorized: {e}")))?;
+        if check_cluster_id(&claims.cluster_id).is_err() {
+            return Err(Refusal::new(
+                401,
+                "Not authorized: the token names no valid cluster",
+            ));
+        }
+        Ok(claims)
+    }
+
+    fn accept(&self, request: &Request) -> Result<Accepted, Refusal> {
+        if request.method != "POST" {
+            return Err(Refusal::new(405, "only POST is allowed"));
+        }
+        let now = SystemTime::now();
+        let claims = self.authenticate(request.header("Authorization"), now)?;
+        let cluster_id = claims.cluster_id;
+        // Paid for before the body costs any decoding: a read that does not end stored costs a
+        // refusal from the cluster's budget, one that does gives it back for the slot.
+        let read = self
+            .limiter
+            .admit(&cluster_id, Instant::now())
+            .map_err(Refusal::not_admitted)?;
+
+        let mut token_labels: BTreeMap<String, String> = claims.labels;
+        token_labels.insert(self.partition_label.clone(), cluster_id.clone());
+        let decompressed = decode::decompressed_len(request, &self.limits)?;
+        let mut memory = self.memory.enter(
+            decompressed
+                .saturating_mul(RESERVED_BYTES_PER_BODY_BYTE)
+                .saturating_add(RESERVED_BYTES_PER_UPLOAD),
+        );
+        let prepared = {
+            let _cpu = self.cpu.enter(1);
+            self.prepare(request, &token_labels, now, memory.units())
+        }
+        .inspect_err(|refusal| {
+            info!(
+                "upload from cluster {cluster_id:?} refused: {}",
+                refusal.message
+            );
+        })?;
+        self.metrics.filtered_series.add(prepared.filtered as u64);
+        let Some(payload) = prepared.payload else {
+            debug!("upload from cluster {cluster_id:?} is empty after filtering");
+            return Ok(Accepted::Empty);
+        };
+
+        let slot = self
+            .limiter
+            .try_acquire(&cluster_id, Instant::now())
+            .map_err(Refusal::rate_limited)?;
+        // Only the payload is held from here until the store answers.
+        memory.shrink_to(payload.len());
+        let started = Instant::now();
+        let stored = self.placement.place(&cluster_id, payload, now);
+        self.metrics
+            .store_write_seconds
+            .with(&[])
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = stored {
+            // The slot is dropped unused: the client may retry at once.
+            warn!("upload from cluster {cluster_id:?} not stored: {e}");
+            // A store error names storage paths and OS errors: that stays in the log, the client
+            // is on the other side of the security boundary.
+            let message = match &e {
+                PlacementError::Store(_) => STORE_FAILED.to_string(),
+                PlacementError::Unavailable => e.to_string(),
+            };
+            return Err(Refusal::new(e.status(), message));
+        }
+        slot.commit();
+        read.stored();
+        self.metrics.upload_series.add(prepared.series as u64);
+        debug!(
+            "stored {} series for cluster {cluster_id:?}",
+            prepared.series
+        );
+        Ok(Accepted::Stored)
+    }
+
+    /// The CPU part of an upload: decompress, decode, validate, stamp, encode what is stored,
+    /// within `memory` bytes (what the upload reserved).
+    fn prepare(
+        &self,
+        request: &Request,
+        token_labels: &BTreeMap<String, String>,
+        now: SystemTime,
+        memory: usize,
+    ) -> Result<Prepared, Refusal> {
+        let families = match decode::decode(
+            request,
+            &self.limits,
+            &self.rules,
+            token_labels,
+            now,
+            memory,
+        )? {
+            Decoded::Families(families) => families,
+            Decoded::Unchanged { body, series } => {
+                return Ok(Prepared {
+                    payload: Some(body),
+                    series,
+                    filtered: 0,
+                })
+            }
+        };
+        let validated = self
+            .rules
+            .apply(families, token_labels, now)
+            .map_err(|e| Refusal::new(e.status(), e.to_string()))?;
+        let payload = if validated.families.is_empty() {
+            None
+        } else {
+            Some(delimited::encode(&validated.families))
+        };
+        Ok(Prepared {
+            payload,
+            series: validated.series,
+            filtered: validated.filtered,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

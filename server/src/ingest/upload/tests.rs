@@ -1,0 +1,290 @@
+//! Unit tests of `upload`, beside it so the module reads as the module.
+
+use super::*;
+use crate::store::StoreError;
+use std::sync::Mutex;
+use std::time::Duration;
+use telemeter_common::media::PROTO_DELIMITED;
+use telemeter_common::model::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use telemeter_common::selector::Selector;
+use telemeter_common::snappy;
+use telemeter_common::token::SharedKey;
+
+/// Records what it stores; fails while `fail` is set.
+#[derive(Default)]
+struct FakePlacement {
+    stored: Mutex<Vec<(String, Vec<u8>)>>,
+    fail: Mutex<bool>,
+}
+
+impl Placement for Arc<FakePlacement> {
+    fn place(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        _received: SystemTime,
+    ) -> Result<(), PlacementError> {
+        if *self.fail.lock().unwrap() {
+            return Err(PlacementError::Store(StoreError::Closed));
+        }
+        self.stored
+            .lock()
+            .unwrap()
+            .push((cluster_id.to_string(), payload));
+        Ok(())
+    }
+}
+
+fn signer() -> TokenSigner {
+    TokenSigner::new(&SharedKey::from_bytes(&[1u8; 32]).unwrap())
+}
+
+fn handler(placement: Arc<FakePlacement>, whitelist: Vec<Selector>) -> UploadHandler {
+    UploadHandler::new(
+        signer(),
+        "_id",
+        UploadLimits {
+            max_upload_bytes: 1 << 20,
+            max_decompressed_bytes: 4 << 20,
+            max_series: 1000,
+        },
+        Rules {
+            partition_label: "_id".into(),
+            extra_labels: vec![],
+            whitelist,
+            max_sample_age: Duration::from_secs(86_400),
+            max_future_skew: Duration::from_secs(300),
+            max_samples: 10_000,
+        },
+        RateLimiter::new(Duration::from_secs(3600)),
+        Arc::new(placement),
+        Metrics::new(),
+    )
+}
+
+fn request(token: &str, body: Vec<u8>) -> Request {
+    Request {
+        method: "POST".into(),
+        path: "/upload".into(),
+        query: String::new(),
+        headers: vec![
+            ("Authorization".into(), format!("Bearer {token}")),
+            ("Content-Type".into(), PROTO_DELIMITED.into()),
+        ],
+        body,
+        remote: "127.0.0.1:1".parse().unwrap(),
+    }
+}
+
+fn body(name: &str) -> Vec<u8> {
+    let ts = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    delimited::encode(&[MetricFamily {
+        name: Some(name.into()),
+        help: None,
+        r#type: Some(MetricType::Gauge as i32),
+        metric: vec![Metric {
+            label: vec![LabelPair::new("job", "x")],
+            gauge: Some(Gauge { value: Some(1.0) }),
+            timestamp_ms: Some(ts),
+            ..Default::default()
+        }],
+    }])
+}
+
+fn token(id: &str) -> String {
+    let labels = BTreeMap::from([("_id".to_string(), id.to_string())]);
+    signer().issue(id, id, &labels, Duration::from_secs(60), SystemTime::now())
+}
+
+#[test]
+fn a_failed_store_does_not_use_the_slot() {
+    let placement = Arc::new(FakePlacement::default());
+    let h = handler(placement.clone(), vec![]);
+    *placement.fail.lock().unwrap() = true;
+    let r = h.handle(&request(&token("a"), body("up")));
+    assert_eq!(r.status, 503);
+    *placement.fail.lock().unwrap() = false;
+    assert_eq!(h.handle(&request(&token("a"), body("up"))).status, 200);
+    let stored = placement.stored.lock().unwrap().clone();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].0, "a");
+    let families = delimited::decode(&stored[0].1, &delimited::Limits::default()).unwrap();
+    assert_eq!(families[0].metric[0].label_value("_id"), Some("a"));
+    // Now the slot is used.
+    let r = h.handle(&request(&token("a"), body("up")));
+    assert_eq!(r.status, 429);
+    assert!(r
+        .headers
+        .iter()
+        .any(|(n, v)| n == "Retry-After" && v.parse::<u64>().unwrap() > 3500));
+}
+
+/// Fails like a full disk does.
+struct DiskFull;
+
+impl Placement for DiskFull {
+    fn place(&self, _: &str, _: Vec<u8>, _: SystemTime) -> Result<(), PlacementError> {
+        Err(PlacementError::Store(StoreError::Io {
+            context: "writing /var/lib/secret-place/.tmp-7".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        }))
+    }
+}
+
+#[test]
+fn a_store_failure_is_503_without_server_details() {
+    let mut h = handler(Arc::new(FakePlacement::default()), vec![]);
+    h.placement = Arc::new(DiskFull);
+    let r = h.handle(&request(&token("a"), body("up")));
+    assert_eq!(r.status, 503);
+    let telemeter_common::http::Body::Bytes(text) = &r.body else {
+        panic!("a 503 has a text body");
+    };
+    let text = String::from_utf8_lossy(text);
+    assert_eq!(text.trim_end(), STORE_FAILED);
+    assert!(!text.contains("secret-place") && !text.contains("os error"));
+}
+
+#[test]
+fn series_over_the_cap_are_refused_before_decoding() {
+    // 1,001 empty series (the handler's cap is 1,000) in one family, two bytes each.
+    let mut family = vec![0x0a, 1, b'm'];
+    for _ in 0..1001 {
+        family.extend_from_slice(&[0x22, 0]);
+    }
+    let mut body = Vec::new();
+    prost::encoding::encode_varint(family.len() as u64, &mut body);
+    body.extend_from_slice(&family);
+    let placement = Arc::new(FakePlacement::default());
+    let r = handler(placement.clone(), vec![]).handle(&request(&token("a"), body));
+    assert_eq!(r.status, 413);
+    assert!(placement.stored.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_stamped_upload_is_stored_byte_for_byte_and_an_unstamped_one_is_stamped() {
+    let placement = Arc::new(FakePlacement::default());
+    let h = handler(placement.clone(), vec![]);
+    let ts = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let stamped = delimited::encode(&[MetricFamily {
+        name: Some("up".into()),
+        help: Some("Up.".into()),
+        r#type: Some(MetricType::Gauge as i32),
+        metric: vec![Metric {
+            label: vec![LabelPair::new("_id", "a"), LabelPair::new("job", "x")],
+            gauge: Some(Gauge { value: Some(1.0) }),
+            timestamp_ms: Some(ts),
+            ..Default::default()
+        }],
+    }]);
+    let mut compressed = request(&token("a"), snappy::encode_framed(&stamped));
+    compressed
+        .headers
+        .push(("Content-Encoding".into(), "snappy".into()));
+    assert_eq!(h.handle(&compressed).status, 200);
+    // Stored as sent (after decompression): no decode, no re-encode.
+    assert_eq!(placement.stored.lock().unwrap()[0].1, stamped);
+
+    let h = handler(placement.clone(), vec![]);
+    assert_eq!(h.handle(&request(&token("b"), body("up"))).status, 200);
+    let stored = placement.stored.lock().unwrap()[1].1.clone();
+    let families = delimited::decode(&stored, &delimited::Limits::default()).unwrap();
+    assert_eq!(families[0].metric[0].label_value("_id"), Some("b"));
+}
+
+#[test]
+fn an_empty_upload_stores_nothing_and_keeps_the_slot() {
+    let placement = Arc::new(FakePlacement::default());
+    let h = handler(placement.clone(), vec![Selector::parse("up").unwrap()]);
+    assert_eq!(h.handle(&request(&token("a"), body("other"))).status, 200);
+    assert!(placement.stored.lock().unwrap().is_empty());
+    assert_eq!(h.handle(&request(&token("a"), body("up"))).status, 200);
+    assert_eq!(placement.stored.lock().unwrap().len(), 1);
+}
+
+fn retry_after(r: &Response) -> Option<u64> {
+    r.headers
+        .iter()
+        .find(|(n, _)| n == "Retry-After")
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+fn reason(r: &Response) -> String {
+    match &r.body {
+        telemeter_common::http::Body::Bytes(text) => String::from_utf8_lossy(text).into_owned(),
+        _ => String::new(),
+    }
+}
+
+#[test]
+fn uploads_read_but_not_stored_cost_the_sender_a_refusal_each() {
+    let placement = Arc::new(FakePlacement::default());
+    let h = handler(placement.clone(), vec![]);
+    // Refused after a full decode (the sample is a day and a bit old).
+    let old = |name: &str| {
+        let mut families = delimited::decode(&body(name), &Default::default()).unwrap();
+        families[0].metric[0].timestamp_ms = Some(1_000);
+        delimited::encode(&families)
+    };
+    for _ in 0..REFUSALS_PER_WINDOW {
+        assert_eq!(h.handle(&request(&token("a"), old("up"))).status, 400);
+    }
+    // Over the budget: 429 before anything is read (read, it would be 400), valid or not.
+    for upload in [old("up"), body("up")] {
+        let r = h.handle(&request(&token("a"), upload));
+        assert_eq!(r.status, 429);
+        // The handler's window is an hour: one refusal comes back every 20 minutes.
+        assert_eq!(retry_after(&r), Some(1200));
+        assert!(reason(&r).contains("refused or empty"), "{}", reason(&r));
+    }
+    // Other clusters are not affected.
+    assert_eq!(h.handle(&request(&token("b"), body("up"))).status, 200);
+    assert_eq!(placement.stored.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn empty_uploads_cost_a_refusal_and_not_the_slot() {
+    let placement = Arc::new(FakePlacement::default());
+    let h = handler(placement.clone(), vec![Selector::parse("up").unwrap()]);
+    for _ in 0..REFUSALS_PER_WINDOW - 1 {
+        assert_eq!(h.handle(&request(&token("a"), body("other"))).status, 200);
+    }
+    // With one refusal left, a real upload is read and stored: it gives the refusal back.
+    assert_eq!(h.handle(&request(&token("a"), body("up"))).status, 200);
+    assert_eq!(placement.stored.lock().unwrap().len(), 1);
+    // Now the slot is used: not read at all.
+    let r = h.handle(&request(&token("a"), body("other")));
+    assert_eq!((r.status, retry_after(&r)), (429, Some(3600)));
+    assert!(
+        reason(&r).contains("next upload accepted"),
+        "{}",
+        reason(&r)
+    );
+}
+
+#[test]
+fn refusals() {
+    let placement = Arc::new(FakePlacement::default());
+    let h = handler(placement.clone(), vec![]);
+    let mut r = request(&token("a"), body("up"));
+    r.method = "GET".into();
+    assert_eq!(h.handle(&r).status, 405);
+    assert_eq!(h.handle(&request("garbage", body("up"))).status, 401);
+    let mut r = request(&token("a"), body("up"));
+    r.headers[1].1 = "application/json".into();
+    assert_eq!(h.handle(&r).status, 415);
+    let mut r = request(&token("a"), body("up"));
+    r.headers.push(("Content-Encoding".into(), "br".into()));
+    assert_eq!(h.handle(&r).status, 415);
+    // No Content-Type: protobuf-delimited, as upstream clients send.
+    let mut r = request(&token("a"), body("up"));
+    r.headers.remove(1);
+    assert_eq!(h.handle(&r).status, 200);
+    assert_eq!(placement.stored.lock().unwrap().len(), 1);
+}

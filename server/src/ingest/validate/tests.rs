@@ -1,0 +1,588 @@
+//! Unit tests of `validate`, beside it so the module reads as the module.
+
+use super::*;
+use telemeter_common::delimited;
+use telemeter_common::model::{Bucket, LabelPair, Quantile};
+use telemeter_common::model::{Counter, Gauge, Histogram, Summary};
+
+const NOW_MS: i64 = 1_700_000_000_000;
+
+fn now() -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(NOW_MS as u64)
+}
+
+fn rules() -> Rules {
+    Rules {
+        partition_label: "_id".into(),
+        extra_labels: vec![],
+        whitelist: vec![],
+        max_sample_age: Duration::from_secs(86_400),
+        max_future_skew: Duration::from_secs(300),
+        max_samples: 1000,
+    }
+}
+
+fn token() -> BTreeMap<String, String> {
+    BTreeMap::from([("_id".to_string(), "a".to_string())])
+}
+
+fn gauge(name: &str, series: &[(&[(&str, &str)], i64)]) -> MetricFamily {
+    MetricFamily {
+        name: Some(name.into()),
+        help: None,
+        r#type: Some(MetricType::Gauge as i32),
+        metric: series
+            .iter()
+            .map(|(labels, ts)| Metric {
+                label: labels.iter().map(|(n, v)| LabelPair::new(n, v)).collect(),
+                gauge: Some(Gauge { value: Some(1.0) }),
+                timestamp_ms: Some(*ts),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn stamps_the_partition_label_and_extra_labels() {
+    let mut r = rules();
+    r.extra_labels = vec![("region".into(), "eu".into())];
+    let v = r
+        .apply(
+            vec![gauge("up", &[(&[("job", "x")], NOW_MS)])],
+            &token(),
+            now(),
+        )
+        .unwrap();
+    assert_eq!(v.series, 1);
+    let m = &v.families[0].metric[0];
+    assert_eq!(m.label_value("_id"), Some("a"));
+    assert_eq!(m.label_value("region"), Some("eu"));
+    assert_eq!(m.label_value("job"), Some("x"));
+}
+
+#[test]
+fn a_matching_partition_label_is_accepted() {
+    let v = rules()
+        .apply(
+            vec![gauge("up", &[(&[("_id", "a")], NOW_MS)])],
+            &token(),
+            now(),
+        )
+        .unwrap();
+    assert_eq!(v.families[0].metric[0].label.len(), 1);
+}
+
+#[test]
+fn another_partition_value_is_forbidden() {
+    let err = rules()
+        .apply(
+            vec![gauge("up", &[(&[("_id", "b")], NOW_MS)])],
+            &token(),
+            now(),
+        )
+        .unwrap_err();
+    assert_eq!(err.status(), 403);
+    assert_eq!(
+        err.to_string(),
+        "series up carries _id=\"b\" but the token is for cluster \"a\""
+    );
+}
+
+#[test]
+fn timestamps_are_checked() {
+    let r = rules();
+    let old = NOW_MS - 86_400_000 - 1;
+    let err = r
+        .apply(vec![gauge("up", &[(&[], old)])], &token(), now())
+        .unwrap_err();
+    assert!(matches!(err, ValidationError::TooOld { .. }), "{err}");
+    let future = NOW_MS + 300_001;
+    let err = r
+        .apply(vec![gauge("up", &[(&[], future)])], &token(), now())
+        .unwrap_err();
+    assert!(matches!(err, ValidationError::InFuture { .. }), "{err}");
+    let err = r
+        .apply(
+            vec![gauge(
+                "up",
+                &[(&[("a", "1")], NOW_MS), (&[("a", "2")], NOW_MS - 1)],
+            )],
+            &token(),
+            now(),
+        )
+        .unwrap_err();
+    assert_eq!(err, ValidationError::Decreasing("up".into()));
+    let mut f = gauge("up", &[(&[], NOW_MS)]);
+    f.metric[0].timestamp_ms = None;
+    let err = r.apply(vec![f], &token(), now()).unwrap_err();
+    assert_eq!(err, ValidationError::MissingTimestamp("up".into()));
+    assert_eq!(err.status(), 400);
+}
+
+#[test]
+fn names_types_and_values_are_checked() {
+    let r = rules();
+    let err = r
+        .apply(vec![gauge("1bad", &[(&[], NOW_MS)])], &token(), now())
+        .unwrap_err();
+    assert_eq!(err, ValidationError::FamilyName("1bad".into()));
+    let mut f = gauge("up", &[(&[], NOW_MS)]);
+    f.r#type = Some(42);
+    assert!(matches!(
+        r.apply(vec![f], &token(), now()).unwrap_err(),
+        ValidationError::UnknownType { value: 42, .. }
+    ));
+    let mut f = gauge("up", &[(&[], NOW_MS)]);
+    f.metric[0].gauge = None;
+    f.metric[0].counter = Some(Counter { value: Some(1.0) });
+    assert!(matches!(
+        r.apply(vec![f], &token(), now()).unwrap_err(),
+        ValidationError::ValueMismatch {
+            expected: "gauge",
+            ..
+        }
+    ));
+    let err = r
+        .apply(
+            vec![gauge("up", &[(&[("bad-name", "x")], NOW_MS)])],
+            &token(),
+            now(),
+        )
+        .unwrap_err();
+    assert!(matches!(err, ValidationError::Labels { .. }), "{err}");
+}
+
+/// `family` as a family of `kind`, each series with the value that type calls for.
+fn typed(mut family: MetricFamily, kind: MetricType) -> MetricFamily {
+    family.r#type = Some(kind as i32);
+    for m in &mut family.metric {
+        m.gauge = None;
+        match kind {
+            MetricType::Counter => m.counter = Some(Counter { value: Some(1.0) }),
+            MetricType::Gauge => m.gauge = Some(Gauge { value: Some(1.0) }),
+            MetricType::Untyped => {
+                m.untyped = Some(telemeter_common::model::Untyped { value: Some(1.0) })
+            }
+            MetricType::Summary => {
+                m.summary = Some(Summary {
+                    sample_count: Some(1),
+                    sample_sum: Some(1.0),
+                    quantile: vec![Quantile {
+                        quantile: Some(0.5),
+                        value: Some(1.0),
+                    }],
+                })
+            }
+            MetricType::Histogram | MetricType::GaugeHistogram => {
+                m.histogram = Some(Histogram {
+                    sample_count: Some(1),
+                    sample_sum: Some(1.0),
+                    bucket: vec![Bucket {
+                        cumulative_count: Some(1),
+                        upper_bound: Some(1.0),
+                    }],
+                })
+            }
+        }
+    }
+    family
+}
+
+#[test]
+fn labels_the_exposition_cannot_carry_are_refused_on_both_paths() {
+    let r = rules();
+    for (kind, label, message) in [
+            (
+                MetricType::Histogram,
+                "le",
+                "a series of f has label \"le\", which the exposition of a histogram sets itself",
+            ),
+            (
+                MetricType::GaugeHistogram,
+                "le",
+                "a series of f has label \"le\", which the exposition of a histogram sets itself",
+            ),
+            (
+                MetricType::Summary,
+                "quantile",
+                "a series of f has label \"quantile\", which the exposition of a summary sets itself",
+            ),
+            (
+                MetricType::Gauge,
+                "__name__",
+                "a series of f has label \"__name__\": names starting with \"__\" are reserved for Prometheus",
+            ),
+            (
+                MetricType::Counter,
+                "__foo",
+                "a series of f has label \"__foo\": names starting with \"__\" are reserved for Prometheus",
+            ),
+        ] {
+            // Stamped, so that the fast path would take it were the label fine.
+            let family = typed(
+                stamped("f", &[("_id", "a"), (label, "1")], &[NOW_MS]),
+                kind,
+            );
+            assert_eq!(both_paths(&r, vec![family.clone()]), WireCheck::Owned, "{label}");
+            let err = r.apply(vec![family], &token(), now()).unwrap_err();
+            assert_eq!((err.status(), err.to_string().as_str()), (400, message));
+        }
+    // On the other types, le and quantile are ordinary labels, on both paths.
+    for kind in [MetricType::Gauge, MetricType::Counter, MetricType::Untyped] {
+        let family = typed(
+            stamped(
+                "f",
+                &[("_id", "a"), ("le", "1"), ("quantile", "x")],
+                &[NOW_MS],
+            ),
+            kind,
+        );
+        assert!(
+            matches!(both_paths(&r, vec![family]), WireCheck::Unchanged { .. }),
+            "{kind:?}"
+        );
+    }
+    // A name given twice names the family and the label.
+    let err = r
+        .apply(
+            vec![stamped("f", &[("a", "1"), ("a", "2")], &[NOW_MS])],
+            &token(),
+            now(),
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "a series of f has invalid labels: label \"a\" appears more than once"
+    );
+}
+
+#[test]
+fn labels_the_server_adds_must_be_servable_on_every_series() {
+    for fine in ["_id", "region", "cluster", "_x"] {
+        assert_eq!(server_label_problem(fine), None, "{fine}");
+    }
+    for (bad, says) in [
+        ("le", "histogram"),
+        ("quantile", "summary"),
+        ("__name__", "reserved"),
+        ("__x", "reserved"),
+    ] {
+        let problem = server_label_problem(bad).unwrap();
+        assert!(problem.contains(says) && problem.contains(bad), "{problem}");
+    }
+}
+
+#[test]
+fn whitelist_keeps_matching_series_only() {
+    let mut r = rules();
+    r.whitelist = vec![Selector::parse("up{job=\"keep\"}").unwrap()];
+    let v = r
+        .apply(
+            vec![
+                gauge(
+                    "up",
+                    &[(&[("job", "keep")], NOW_MS), (&[("job", "drop")], NOW_MS)],
+                ),
+                gauge("other", &[(&[("job", "keep")], NOW_MS)]),
+            ],
+            &token(),
+            now(),
+        )
+        .unwrap();
+    assert_eq!(v.series, 1);
+    assert_eq!(v.filtered, 2);
+    assert_eq!(v.families.len(), 1);
+    assert_eq!(v.families[0].metric[0].label_value("job"), Some("keep"));
+}
+
+#[test]
+fn samples_are_capped() {
+    let mut r = rules();
+    r.max_samples = 1;
+    let err = r
+        .apply(
+            vec![gauge(
+                "up",
+                &[(&[("a", "1")], NOW_MS), (&[("a", "2")], NOW_MS)],
+            )],
+            &token(),
+            now(),
+        )
+        .unwrap_err();
+    assert_eq!(err.status(), 413);
+}
+
+#[test]
+fn empty_families_are_dropped() {
+    let v = rules()
+        .apply(vec![gauge("up", &[])], &token(), now())
+        .unwrap();
+    assert!(v.families.is_empty());
+    assert_eq!(v.series, 0);
+}
+
+/// Runs both paths on `families`; a fast-path `Unchanged` must be exactly what the owned path
+/// stores for the same body.
+fn both_paths(r: &Rules, families: Vec<MetricFamily>) -> WireCheck {
+    let body = delimited::encode(&families);
+    let limits = delimited::Limits::default();
+    let check = r.check_wire(&body, &limits, &token(), now());
+    if let WireCheck::Unchanged {
+        series,
+        samples,
+        element_bytes,
+    } = check
+    {
+        let counts = crate::prescan::count(&body);
+        assert_eq!(
+            (counts.series, counts.element_bytes()),
+            (series, element_bytes)
+        );
+        let decoded = delimited::decode(&body, &limits).unwrap();
+        let owned = r.apply(decoded.clone(), &token(), now()).unwrap();
+        assert_eq!(owned.families, decoded, "the owned path would rewrite it");
+        assert_eq!((owned.series, owned.filtered), (series, 0));
+        let counted: usize = decoded.iter().map(MetricFamily::sample_count).sum();
+        assert_eq!(samples, counted);
+    }
+    check
+}
+
+fn stamped(name: &str, labels: &[(&str, &str)], ts: &[i64]) -> MetricFamily {
+    let series: Vec<(&[(&str, &str)], i64)> = ts.iter().map(|t| (labels, *t)).collect();
+    gauge(name, &series)
+}
+
+#[test]
+fn the_fast_path_takes_stamped_valid_uploads_unchanged() {
+    let r = rules();
+    let ok = [("_id", "a"), ("job", "x")];
+    assert!(matches!(
+        both_paths(
+            &r,
+            vec![
+                stamped("up", &ok, &[NOW_MS, NOW_MS]),
+                stamped("b", &ok, &[NOW_MS])
+            ]
+        ),
+        WireCheck::Unchanged {
+            series: 3,
+            samples: 3,
+            ..
+        }
+    ));
+    // Unsorted labels are fine, as long as none repeats.
+    let unsorted = [("job", "x"), ("_id", "a")];
+    assert!(matches!(
+        both_paths(&r, vec![stamped("up", &unsorted, &[NOW_MS])]),
+        WireCheck::Unchanged {
+            series: 1,
+            samples: 1,
+            ..
+        }
+    ));
+    let mut summary = stamped("s", &ok, &[NOW_MS]);
+    summary.r#type = Some(MetricType::Summary as i32);
+    summary.metric[0].gauge = None;
+    summary.metric[0].summary = Some(Summary {
+        sample_count: Some(3),
+        sample_sum: Some(1.5),
+        quantile: vec![Quantile {
+            quantile: Some(0.5),
+            value: Some(1.0),
+        }],
+    });
+    let mut histogram = stamped("h", &ok, &[NOW_MS]);
+    histogram.r#type = Some(MetricType::Histogram as i32);
+    histogram.metric[0].gauge = None;
+    histogram.metric[0].histogram = Some(Histogram {
+        sample_count: Some(3),
+        sample_sum: Some(1.5),
+        bucket: vec![Bucket {
+            cumulative_count: Some(3),
+            upper_bound: Some(1.0),
+        }],
+    });
+    assert!(matches!(
+        both_paths(&r, vec![summary.clone(), histogram.clone()]),
+        WireCheck::Unchanged {
+            series: 2,
+            samples: 6,
+            ..
+        }
+    ));
+    // Each of them carries 3 samples: a cap of 5 is over the limit, 6 is not.
+    let mut capped = rules();
+    capped.max_samples = 5;
+    assert_eq!(
+        both_paths(&capped, vec![summary.clone(), histogram.clone()]),
+        WireCheck::Owned
+    );
+    capped.max_samples = 6;
+    assert!(matches!(
+        both_paths(&capped, vec![summary, histogram]),
+        WireCheck::Unchanged {
+            series: 2,
+            samples: 6,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn the_fast_path_leaves_rewrites_and_refusals_to_the_owned_path() {
+    let r = rules();
+    let ok: &[(&str, &str)] = &[("_id", "a")];
+    let owned = |r: &Rules, families: Vec<MetricFamily>| {
+        assert_eq!(both_paths(r, families), WireCheck::Owned);
+    };
+    // Rewrites: the partition label to stamp, --label, a whitelist, an empty family.
+    owned(&r, vec![stamped("up", &[("job", "x")], &[NOW_MS])]);
+    let mut extra = rules();
+    extra.extra_labels = vec![("region".into(), "eu".into())];
+    owned(&extra, vec![stamped("up", ok, &[NOW_MS])]);
+    let mut listed = rules();
+    listed.whitelist = vec![Selector::parse("up").unwrap()];
+    owned(&listed, vec![stamped("up", ok, &[NOW_MS])]);
+    owned(&r, vec![stamped("up", ok, &[NOW_MS]), gauge("empty", &[])]);
+    owned(&r, vec![]);
+    // Refusals.
+    owned(&r, vec![stamped("up", &[("_id", "b")], &[NOW_MS])]);
+    owned(&r, vec![stamped("up", ok, &[NOW_MS - 86_400_000 - 1])]);
+    owned(&r, vec![stamped("up", ok, &[NOW_MS + 300_001])]);
+    owned(&r, vec![stamped("up", ok, &[NOW_MS, NOW_MS - 1])]);
+    owned(&r, vec![stamped("1bad", ok, &[NOW_MS])]);
+    owned(
+        &r,
+        vec![stamped("up", &[("_id", "a"), ("bad-name", "x")], &[NOW_MS])],
+    );
+    owned(
+        &r,
+        vec![stamped(
+            "up",
+            &[("_id", "a"), ("x", "1"), ("x", "2")],
+            &[NOW_MS],
+        )],
+    );
+    owned(
+        &r,
+        vec![stamped(
+            "up",
+            &[("x", "1"), ("_id", "a"), ("x", "1")],
+            &[NOW_MS],
+        )],
+    );
+    owned(
+        &r,
+        vec![stamped("up", &[("_id", "a"), ("x", "")], &[NOW_MS])],
+    );
+    // Many unsorted labels, with and without a duplicate (past the kept names).
+    let names: Vec<String> = (0..20).rev().map(|i| format!("l{i:02}")).collect();
+    let mut many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    many.push(("_id", "a"));
+    assert!(matches!(
+        both_paths(&r, vec![stamped("up", &many, &[NOW_MS])]),
+        WireCheck::Unchanged { series: 1, .. }
+    ));
+    many.push(("l03", "w"));
+    owned(&r, vec![stamped("up", &many, &[NOW_MS])]);
+    // Unsorted and few: the kept names catch the duplicate.
+    owned(
+        &r,
+        vec![stamped(
+            "up",
+            &[("x", "1"), ("_id", "a"), ("x", "2")],
+            &[NOW_MS],
+        )],
+    );
+    let long = "v".repeat(labels::MAX_VALUE_BYTES + 1);
+    owned(
+        &r,
+        vec![stamped("up", &[("_id", "a"), ("x", &long)], &[NOW_MS])],
+    );
+    let mut f = stamped("up", ok, &[NOW_MS]);
+    f.metric[0].timestamp_ms = None;
+    owned(&r, vec![f]);
+    let mut f = stamped("up", ok, &[NOW_MS]);
+    f.r#type = Some(42);
+    owned(&r, vec![f]);
+    let mut f = stamped("up", ok, &[NOW_MS]);
+    f.metric[0].gauge = None;
+    f.metric[0].counter = Some(Counter { value: Some(1.0) });
+    owned(&r, vec![f]);
+    let mut f = stamped("up", ok, &[NOW_MS]);
+    f.metric[0].counter = Some(Counter { value: Some(1.0) });
+    owned(&r, vec![f]);
+    let mut capped = rules();
+    capped.max_samples = 1;
+    owned(&capped, vec![stamped("up", ok, &[NOW_MS, NOW_MS])]);
+    // A body that does not decode.
+    let check = r.check_wire(
+        &[0x05, 0x0a],
+        &delimited::Limits::default(),
+        &token(),
+        now(),
+    );
+    assert_eq!(check, WireCheck::Owned);
+}
+
+#[test]
+fn the_fast_path_refuses_what_the_decoder_refuses_deep_inside() {
+    fn varint(mut v: u64, out: &mut Vec<u8>) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    fn field(tag: u8, bytes: &[u8], out: &mut Vec<u8>) {
+        out.push(tag);
+        varint(bytes.len() as u64, out);
+        out.extend_from_slice(bytes);
+    }
+    // A gauge series whose second label holds a field of wire type 7 (none exists).
+    let body = |second_label: &[u8]| {
+        let mut label = Vec::new();
+        field(0x0a, b"_id", &mut label);
+        field(0x12, b"a", &mut label);
+        let mut gauge = vec![0x09];
+        gauge.extend_from_slice(&1.0f64.to_le_bytes());
+        let mut metric = Vec::new();
+        field(0x0a, &label, &mut metric);
+        field(0x0a, second_label, &mut metric);
+        field(0x12, &gauge, &mut metric);
+        metric.push(0x30);
+        varint(NOW_MS as u64, &mut metric);
+        let mut family = Vec::new();
+        field(0x0a, b"up", &mut family);
+        family.extend_from_slice(&[0x18, MetricType::Gauge as u8]);
+        field(0x22, &metric, &mut family);
+        let mut body = Vec::new();
+        varint(family.len() as u64, &mut body);
+        body.extend_from_slice(&family);
+        body
+    };
+    let limits = delimited::Limits::default();
+    let good = body(&[0x0a, 1, b'j', 0x12, 1, b'x']);
+    assert!(delimited::decode(&good, &limits).is_ok());
+    assert!(matches!(
+        rules().check_wire(&good, &limits, &token(), now()),
+        WireCheck::Unchanged { series: 1, .. }
+    ));
+    let bad = body(&[0x0a, 1, b'j', 0x0f, 0]);
+    assert!(delimited::decode(&bad, &limits).is_err());
+    assert_eq!(
+        rules().check_wire(&bad, &limits, &token(), now()),
+        WireCheck::Owned
+    );
+    // Over the series cap.
+    let capped = delimited::Limits {
+        max_series: 0,
+        ..limits
+    };
+    assert_eq!(
+        rules().check_wire(&good, &capped, &token(), now()),
+        WireCheck::Owned
+    );
+}

@@ -1,0 +1,170 @@
+//! The checkpointer: for each full journal segment, writes the cluster files of the clusters whose
+//! newest upload is in it (temp file, synced, renamed over the cluster's file, one directory sync
+//! for all), then deletes the segment. A cluster uploaded many times per segment is written once.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crossbeam_channel::Receiver;
+
+use super::file;
+use super::journal::Segment;
+use super::state::{lock, sync_file_system, Location, Shared};
+use super::TEMP_PREFIX;
+
+/// The checkpointer thread's loop: checkpoints each retired segment in turn.
+pub(super) fn checkpoint_until_closed(shared: &Shared, retired: &Receiver<Arc<Segment>>) {
+    // Once a segment could not be checkpointed it stays to be replayed, and so must every later
+    // one: replaying it alone would put its older uploads over newer cluster files.
+    let mut keep = false;
+    for segment in retired {
+        keep = !checkpoint(shared, &segment, keep) || keep;
+    }
+}
+
+/// Writes the cluster files of the clusters whose newest upload is in `segment`, then deletes it.
+/// On failure the segment stays: reads keep using it, and the next open replays it. With `keep`
+/// the segment stays even on success. Returns whether it succeeded.
+pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) -> bool {
+    let in_segment: Vec<(String, u64, u64, i64)> = lock(&shared.index)
+        .iter()
+        .filter_map(|(id, entry)| match &entry.location {
+            Location::Journal { segment: s, offset } if s.number == segment.number => Some((
+                id.clone(),
+                *offset,
+                entry.payload_bytes,
+                entry.newest_sample_ms,
+            )),
+            _ => None,
+        })
+        .collect();
+
+    let mut written: Vec<(String, u64, PathBuf, File)> = Vec::new();
+    let mut failed = false;
+    for (cluster_id, offset, payload_bytes, newest_sample_ms) in in_segment {
+        let temp = shared.dir.join(format!(
+            "{}{}",
+            TEMP_PREFIX,
+            shared.next_temp.fetch_add(1, Ordering::Relaxed)
+        ));
+        let done = segment
+            .read_put(&cluster_id, offset, payload_bytes)
+            .map_err(|e| match e {
+                file::ReadError::Io(e) => e,
+                file::ReadError::Corrupt(reason) => {
+                    io::Error::new(io::ErrorKind::InvalidData, reason)
+                }
+            })
+            .and_then(|(header, payload)| {
+                let image = file::encode_header(
+                    &header.cluster_id,
+                    header.received_millis,
+                    newest_sample_ms,
+                    &payload,
+                )
+                .map_err(|reason| io::Error::new(io::ErrorKind::InvalidInput, reason))?;
+                let mut out = File::options().write(true).create_new(true).open(&temp)?;
+                out.write_all(&image)?;
+                out.write_all(&payload)?;
+                Ok(out)
+            });
+        match done {
+            Ok(out) => written.push((cluster_id, offset, temp, out)),
+            Err(error) => {
+                log::warn!(
+                    "checkpointing {}: writing {} for cluster {cluster_id:?}: {error}",
+                    segment.path.display(),
+                    temp.display()
+                );
+                let _ = fs::remove_file(&temp);
+                failed = true;
+            }
+        }
+    }
+    if !written.is_empty() && !sync_file_system(shared) {
+        for (cluster_id, _, temp, out) in &written {
+            if let Err(error) = out.sync_data() {
+                log::warn!(
+                    "checkpointing cluster {cluster_id:?}: syncing {}: {error}",
+                    temp.display()
+                );
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        for (_, _, temp, _) in &written {
+            let _ = fs::remove_file(temp);
+        }
+        log::warn!(
+            "checkpointing {} failed; it stays and is replayed at the next start",
+            segment.path.display()
+        );
+        return false;
+    }
+
+    {
+        // Rename under the mutation lock, and only files whose cluster still has this upload
+        // as its newest: a later put, a remove or the sweeper may have moved on.
+        let _mutation = lock(&shared.mutation);
+        let mut renamed = Vec::new();
+        for (cluster_id, offset, temp, _) in &written {
+            let current = matches!(
+                lock(&shared.index).get(cluster_id).map(|e| &e.location),
+                Some(Location::Journal { segment: s, offset: o }) if s.number == segment.number && o == offset
+            );
+            if !current {
+                let _ = fs::remove_file(temp);
+                continue;
+            }
+            match fs::rename(temp, shared.path_of(cluster_id)) {
+                Ok(()) => renamed.push((cluster_id, *offset)),
+                Err(error) => {
+                    log::warn!(
+                        "checkpointing cluster {cluster_id:?}: renaming {}: {error}",
+                        temp.display()
+                    );
+                    let _ = fs::remove_file(temp);
+                    failed = true;
+                }
+            }
+        }
+        if let Err(error) = shared.dir_file.sync_all() {
+            log::warn!(
+                "checkpointing: syncing directory {}: {error}",
+                shared.dir.display()
+            );
+            failed = true;
+        }
+        if !failed {
+            let mut index = lock(&shared.index);
+            for (cluster_id, offset) in renamed {
+                if let Some(entry) = index.get_mut(cluster_id.as_str()) {
+                    if matches!(&entry.location, Location::Journal { segment: s, offset: o } if s.number == segment.number && *o == offset)
+                    {
+                        entry.location = Location::File;
+                    }
+                }
+            }
+        }
+    }
+    if failed {
+        log::warn!(
+            "checkpointing {} failed; it stays and is replayed at the next start",
+            segment.path.display()
+        );
+        return false;
+    }
+    if keep {
+        return true;
+    }
+    // Synced, so a crash cannot bring the segment back to be replayed over newer files.
+    let removed = fs::remove_file(&segment.path).and_then(|()| shared.dir_file.sync_all());
+    if let Err(error) = removed {
+        log::warn!("removing checkpointed {}: {error}", segment.path.display());
+    }
+    true
+}

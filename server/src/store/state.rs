@@ -1,0 +1,115 @@
+//! The state the committer, the checkpointer, the sweeper and the callers share: the index of
+//! what is on disk and where, the journal's writing end, the counters.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use telemeter_common::wire;
+
+use super::file;
+use super::journal::{JournalState, Segment};
+
+/// The state the committer, the sweeper and the callers share.
+pub(super) struct Shared {
+    pub(super) dir: PathBuf,
+    pub(super) ttl: Duration,
+    /// The directory itself, for `syncfs` and the directory fsync.
+    pub(super) dir_file: File,
+    /// Held only for its fs2 lock, released when the store is gone.
+    pub(super) _lock_file: File,
+    /// Cluster id → what is on disk. Sorted, so listings are stable.
+    pub(super) index: Mutex<BTreeMap<String, Entry>>,
+    /// Serializes changes to the directory's cluster files (rename, remove, set aside) with the
+    /// index updates that follow them.
+    pub(super) mutation: Mutex<()>,
+    /// Number of the next temp file.
+    pub(super) next_temp: AtomicU64,
+    /// The journal's writing end. Lock order: `mutation`, then `journal`, then `index`.
+    pub(super) journal: Mutex<JournalState>,
+    /// A segment this full is closed ([`super::journal::SEGMENT_BYTES`]; tests lower it).
+    pub(super) segment_bytes: AtomicU64,
+    pub(super) counters: Counters,
+}
+
+/// One indexed cluster.
+#[derive(Clone, Debug)]
+pub(super) struct Entry {
+    pub(super) received_millis: u64,
+    /// The TTL counts from this: the newest sample's timestamp (see [`newest_sample_ms`]).
+    pub(super) newest_sample_ms: i64,
+    pub(super) payload_bytes: u64,
+    pub(super) location: Location,
+}
+
+/// Where a cluster's newest upload is.
+#[derive(Clone, Debug)]
+pub(super) enum Location {
+    /// In its cluster file.
+    File,
+    /// In a journal segment, not yet checkpointed; `offset` is where its record's image starts.
+    Journal { segment: Arc<Segment>, offset: u64 },
+}
+
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) commits: AtomicU64,
+    pub(super) writes: AtomicU64,
+    pub(super) corrupt_files: AtomicU64,
+    pub(super) expired: AtomicU64,
+}
+
+/// A poisoned lock only means another thread panicked while holding it; the data it guards (an
+/// index, or nothing) is still consistent enough to go on, and the store must not panic.
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Whether an upload whose newest sample is stamped `newest_sample_ms` is still served at `now`.
+pub(super) fn is_live(newest_sample_ms: i64, now: SystemTime, ttl: Duration) -> bool {
+    let now_ms = i64::try_from(file::to_millis(now)).unwrap_or(i64::MAX);
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    // A sample from the future (within the allowed skew, or the clock stepped back) is live.
+    newest_sample_ms >= now_ms.saturating_sub(ttl_ms)
+}
+
+/// The time the TTL of `payload`, received at `received_millis`, counts from: its newest sample's
+/// timestamp; its receive time when it has none or does not decode (then it is not served anyway).
+pub(super) fn newest_sample_ms(payload: &[u8], received_millis: u64) -> i64 {
+    match wire::newest_timestamp(payload) {
+        Ok(Some(newest)) => newest,
+        Ok(None) | Err(_) => i64::try_from(received_millis).unwrap_or(i64::MAX),
+    }
+}
+
+impl Shared {
+    /// Where `cluster_id`'s file is.
+    pub(super) fn path_of(&self, cluster_id: &str) -> PathBuf {
+        self.dir.join(file::file_name(cluster_id))
+    }
+}
+
+/// Flushes the whole file system holding the directory; false when that failed or is unavailable.
+#[cfg(target_os = "linux")]
+pub(super) fn sync_file_system(shared: &Shared) -> bool {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: syncfs only reads the descriptor, which `shared.dir_file` keeps open.
+    let status = unsafe { libc::syncfs(shared.dir_file.as_raw_fd()) };
+    if status != 0 {
+        log::warn!(
+            "syncfs on {} failed ({}); syncing each file instead",
+            shared.dir.display(),
+            io::Error::last_os_error()
+        );
+    }
+    status == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(super) fn sync_file_system(_shared: &Shared) -> bool {
+    false
+}

@@ -1,0 +1,893 @@
+//! The store's tests: puts, reads, recovery, replay, the sweeper and the group commit.
+
+use super::*;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+
+/// A fresh directory under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("telemeter-store-{}-{name}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn config(dir: &TempDir) -> StoreConfig {
+    StoreConfig {
+        dir: dir.0.clone(),
+        ttl: Duration::from_secs(3600),
+        max_batch: 64,
+    }
+}
+
+fn open(dir: &TempDir) -> Store {
+    Store::open(config(dir)).unwrap()
+}
+
+/// A receive time the file format keeps exactly (whole milliseconds), near now.
+fn at(offset_ms: i64) -> SystemTime {
+    let now = file::to_millis(SystemTime::now()) as i64;
+    file::from_millis((now + offset_ms) as u64)
+}
+
+fn file_of(store: &Store, cluster_id: &str) -> PathBuf {
+    store.dir().join(file::file_name(cluster_id))
+}
+
+/// Checkpoints the current journal segment now, as a full one would be.
+fn checkpoint_now(store: &Store) {
+    let shared = &store.handle.shared;
+    let segment = lock(&shared.journal).segment.take();
+    if let Some(segment) = segment {
+        assert!(checkpoint::checkpoint(shared, &segment, false));
+    }
+}
+
+/// Every record in the journal's segments, read straight from disk: (kind, cluster, payload).
+fn journal_records(dir: &Path) -> Vec<(u8, String, Vec<u8>)> {
+    let mut records = Vec::new();
+    for number in journal::list(dir).unwrap() {
+        let torn = journal::replay(&dir.join(format!("{}{number}", journal::PREFIX)), |r| {
+            records.push((r.kind, r.header.cluster_id, r.payload));
+            Ok(())
+        })
+        .unwrap();
+        assert!(torn.is_none());
+    }
+    records
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn put_then_get_round_trips() {
+    let dir = TempDir::new("roundtrip");
+    let store = open(&dir);
+    let received = at(0);
+    store
+        .put("cluster-a", b"payload-a".to_vec(), received)
+        .unwrap();
+
+    let upload = store.get("cluster-a").unwrap().unwrap();
+    assert_eq!(
+        upload,
+        StoredUpload {
+            cluster_id: "cluster-a".to_string(),
+            received,
+            payload: b"payload-a".to_vec(),
+        }
+    );
+    assert_eq!(store.get("cluster-b").unwrap(), None);
+    assert_eq!(
+        store.clusters(),
+        vec![ClusterEntry {
+            cluster_id: "cluster-a".to_string(),
+            received,
+            payload_bytes: 9,
+        }]
+    );
+    let stats = store.stats();
+    assert_eq!(
+        (stats.clusters, stats.bytes, stats.writes, stats.commits),
+        (1, 9, 1, 1)
+    );
+}
+
+#[test]
+fn put_replaces_the_previous_upload() {
+    let dir = TempDir::new("replace");
+    let store = open(&dir);
+    store.put("c", b"first".to_vec(), at(-10)).unwrap();
+    store.put("c", b"second, longer".to_vec(), at(0)).unwrap();
+    let upload = store.get("c").unwrap().unwrap();
+    assert_eq!(upload.payload, b"second, longer");
+    assert_eq!(store.stats().bytes, 14);
+    assert_eq!(store.clusters().len(), 1);
+    checkpoint_now(&store);
+    assert_eq!(store.get("c").unwrap().unwrap().payload, b"second, longer");
+    // One cluster file and the lock: the old file was replaced, no temp file or segment left.
+    assert_eq!(
+        names_in(store.dir()),
+        vec![".lock".to_string(), file::file_name("c")]
+    );
+}
+
+#[test]
+fn put_returns_only_after_the_file_holds_the_new_content() {
+    let dir = TempDir::new("durable");
+    let store = open(&dir);
+    for round in 0..5u8 {
+        let payload = vec![round; 1000 + usize::from(round)];
+        store.put("c", payload.clone(), at(0)).unwrap();
+        // Read straight from disk, bypassing the store: the journal holds it...
+        let records = journal_records(store.dir());
+        assert_eq!(
+            records.last().unwrap(),
+            &(journal::PUT, "c".to_string(), payload.clone())
+        );
+        // ...and after a checkpoint, the cluster file.
+        if round % 2 == 1 {
+            checkpoint_now(&store);
+            let (header, on_disk) = file::read(&file_of(&store, "c"), true).unwrap();
+            assert_eq!(header.cluster_id, "c");
+            assert_eq!(on_disk.unwrap(), payload);
+        }
+    }
+}
+
+#[test]
+fn acknowledged_uploads_in_the_journal_are_replayed_on_open() {
+    let dir = TempDir::new("replay");
+    let d_received = at(0);
+    {
+        let store = open(&dir);
+        store.put("a", b"a-first".to_vec(), at(-30)).unwrap();
+        store.put("b", b"b-only".to_vec(), at(-20)).unwrap();
+        checkpoint_now(&store);
+        store.put("a", b"a-second".to_vec(), at(-10)).unwrap();
+        store.put("c", b"c-gone".to_vec(), at(-10)).unwrap();
+        store.remove("c").unwrap();
+        store
+            .put("d", b"d-journal-only".to_vec(), d_received)
+            .unwrap();
+        // A crash: nothing checkpoints the segment (taken away from the closing store), which
+        // ends in a record cut short.
+        let shared = &store.handle.shared;
+        let segment = lock(&shared.journal).segment.take().unwrap();
+        let len = segment.file.metadata().unwrap().len();
+        std::os::unix::fs::FileExt::write_all_at(
+            &segment.file,
+            &[journal::PUT, b'T', b'L', b'M'],
+            len,
+        )
+        .unwrap();
+        drop(store);
+        assert!(dir
+            .0
+            .join(format!("{}{}", journal::PREFIX, segment.number))
+            .exists());
+    }
+    let store = open(&dir);
+    assert_eq!(store.get("a").unwrap().unwrap().payload, b"a-second");
+    assert_eq!(store.get("b").unwrap().unwrap().payload, b"b-only");
+    assert_eq!(store.get("c").unwrap(), None);
+    let d = store.get("d").unwrap().unwrap();
+    assert_eq!(
+        (d.payload, d.received),
+        (b"d-journal-only".to_vec(), d_received)
+    );
+    // Replayed into cluster files, and the segments are gone.
+    let mut expected = vec![".lock".to_string()];
+    expected.extend(["a", "b", "d"].map(file::file_name));
+    expected.sort();
+    assert_eq!(names_in(store.dir()), expected);
+    let (_, on_disk) = file::read(&file_of(&store, "a"), true).unwrap();
+    assert_eq!(on_disk.unwrap(), b"a-second");
+}
+
+#[test]
+fn full_segments_are_checkpointed_and_reads_follow() {
+    let dir = TempDir::new("segments");
+    let store = open(&dir);
+    // Every commit starts a new segment and retires the previous one.
+    store
+        .handle
+        .shared
+        .segment_bytes
+        .store(1, Ordering::Relaxed);
+    for round in 0..20u8 {
+        for id in ["x", "y"] {
+            store.put(id, vec![round; 100], at(0)).unwrap();
+            assert_eq!(store.get(id).unwrap().unwrap().payload, vec![round; 100]);
+        }
+    }
+    drop(store);
+    // A clean close checkpoints everything: only cluster files remain.
+    let mut expected = vec![".lock".to_string()];
+    expected.extend(["x", "y"].map(file::file_name));
+    expected.sort();
+    assert_eq!(names_in(&dir.0), expected);
+    let store = open(&dir);
+    assert_eq!(store.get("y").unwrap().unwrap().payload, vec![19u8; 100]);
+}
+
+#[test]
+fn concurrent_puts_are_all_stored_and_share_commits() {
+    let dir = TempDir::new("concurrent");
+    let store = open(&dir);
+    const THREADS: usize = 64;
+    const ROUNDS: usize = 10;
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let store = store.clone();
+            thread::spawn(move || {
+                for round in 0..ROUNDS {
+                    let own = format!("own-{t}");
+                    store
+                        .put(&own, format!("{t}/{round}").into_bytes(), at(0))
+                        .unwrap();
+                    // Shared ids: several threads replace the same cluster.
+                    let shared = format!("shared-{}", t % 4);
+                    let received = at(round as i64);
+                    store
+                        .put(&shared, format!("{t}/{round}").into_bytes(), received)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().unwrap();
+    }
+
+    for t in 0..THREADS {
+        let upload = store.get(&format!("own-{t}")).unwrap().unwrap();
+        assert_eq!(upload.payload, format!("{t}/{}", ROUNDS - 1).into_bytes());
+    }
+    for s in 0..4 {
+        let upload = store.get(&format!("shared-{s}")).unwrap().unwrap();
+        let text = String::from_utf8(upload.payload).unwrap();
+        let (t, round) = text.split_once('/').unwrap();
+        assert_eq!(t.parse::<usize>().unwrap() % 4, s);
+        assert!(round.parse::<usize>().unwrap() < ROUNDS);
+    }
+    let stats = store.stats();
+    assert_eq!(stats.clusters, THREADS as u64 + 4);
+    assert_eq!(stats.writes, (THREADS * ROUNDS * 2) as u64);
+    assert!(
+        stats.commits < stats.writes,
+        "no group commit: {} commits for {} writes",
+        stats.commits,
+        stats.writes
+    );
+    assert!(!names_in(store.dir())
+        .iter()
+        .any(|n| n.starts_with(TEMP_PREFIX)));
+}
+
+#[test]
+fn uploads_answered_ok_are_served_after_reopening() {
+    let dir = TempDir::new("reopen");
+    let received = at(-5);
+    {
+        let store = open(&dir);
+        let clone = store.clone();
+        for i in 0..20 {
+            clone
+                .put(&format!("c{i}"), vec![i as u8; 100 + i], received)
+                .unwrap();
+        }
+        // Dropping every clone closes the store and releases the lock (else reopening fails).
+    }
+    let store = open(&dir);
+    assert_eq!(store.clusters().len(), 20);
+    for i in 0..20 {
+        let upload = store.get(&format!("c{i}")).unwrap().unwrap();
+        assert_eq!(upload.payload, vec![i as u8; 100 + i]);
+        assert_eq!(upload.received, received);
+    }
+    assert_eq!(
+        store.stats().bytes,
+        (0..20).map(|i| 100 + i as u64).sum::<u64>()
+    );
+}
+
+#[test]
+fn a_second_store_on_the_same_directory_is_refused() {
+    let dir = TempDir::new("locked");
+    let first = open(&dir);
+    match Store::open(config(&dir)) {
+        Err(error @ StoreError::Locked { .. }) => {
+            assert!(
+                error.to_string().contains("another telemeter-server"),
+                "{error}"
+            );
+        }
+        Err(other) => panic!("expected Locked, got {other}"),
+        Ok(_) => panic!("a second store opened a locked directory"),
+    }
+    drop(first);
+    open(&dir);
+}
+
+#[test]
+fn open_removes_leftover_temp_files() {
+    let dir = TempDir::new("leftover");
+    fs::create_dir_all(&dir.0).unwrap();
+    fs::write(dir.0.join(".tmp-7"), b"half a write").unwrap();
+    fs::write(dir.0.join(".tmp-junk"), b"").unwrap();
+    let store = open(&dir);
+    assert_eq!(names_in(store.dir()), vec![".lock".to_string()]);
+    assert!(store.clusters().is_empty());
+}
+
+/// Where the payload-length field of `cluster_id`'s file is.
+fn payload_len_offset(cluster_id: &str) -> usize {
+    (file::PREFIX_LEN + file::NEWEST_LEN) as usize + cluster_id.len() + 8
+}
+
+fn corrupt_names(dir: &Path) -> Vec<String> {
+    names_in(&dir.join(CORRUPT_DIR))
+}
+
+#[test]
+fn corrupt_files_are_set_aside_on_open_and_never_served() {
+    let dir = TempDir::new("corrupt");
+    {
+        let store = open(&dir);
+        for id in ["flipped", "truncated", "magic", "huge", "good", "renamed"] {
+            store.put(id, vec![7u8; 300], at(0)).unwrap();
+        }
+        store.close();
+    }
+    let path = |id: &str| dir.0.join(file::file_name(id));
+
+    let mut bytes = fs::read(path("flipped")).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    fs::write(path("flipped"), &bytes).unwrap();
+
+    let bytes = fs::read(path("truncated")).unwrap();
+    fs::write(path("truncated"), &bytes[..bytes.len() - 10]).unwrap();
+
+    let mut bytes = fs::read(path("magic")).unwrap();
+    bytes[..8].copy_from_slice(b"NOTSTORE");
+    fs::write(path("magic"), &bytes).unwrap();
+
+    let mut bytes = fs::read(path("huge")).unwrap();
+    let at_len = payload_len_offset("huge");
+    bytes[at_len..at_len + 8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    fs::write(path("huge"), &bytes).unwrap();
+
+    // A valid file under the wrong name.
+    fs::rename(path("renamed"), dir.0.join(file::file_name("elsewhere"))).unwrap();
+
+    let store = open(&dir);
+    for id in [
+        "flipped",
+        "truncated",
+        "magic",
+        "huge",
+        "elsewhere",
+        "renamed",
+    ] {
+        assert_eq!(store.get(id).unwrap(), None, "{id} was served");
+    }
+    assert_eq!(store.get("good").unwrap().unwrap().payload, vec![7u8; 300]);
+    let listed: Vec<String> = store.clusters().into_iter().map(|c| c.cluster_id).collect();
+    assert_eq!(listed, vec!["good".to_string()]);
+    assert_eq!(store.stats().corrupt_files, 5);
+    let set_aside = corrupt_names(store.dir());
+    assert_eq!(set_aside.len(), 5);
+    for id in ["flipped", "truncated", "magic", "huge", "elsewhere"] {
+        let prefix = format!("{}.", file::file_name(id));
+        assert!(
+            set_aside.iter().any(|n| n.starts_with(&prefix)),
+            "{id} not in corrupt/"
+        );
+        assert!(!path(id).exists());
+    }
+}
+
+#[test]
+fn a_file_damaged_while_running_is_set_aside_on_read() {
+    let dir = TempDir::new("damaged");
+    let store = open(&dir);
+    store.put("a", b"aaaa".to_vec(), at(0)).unwrap();
+    store.put("b", b"bbbb".to_vec(), at(0)).unwrap();
+    checkpoint_now(&store);
+    let path = file_of(&store, "a");
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(&path, &bytes).unwrap();
+
+    assert_eq!(store.get("a").unwrap(), None);
+    assert_eq!(store.get("b").unwrap().unwrap().payload, b"bbbb");
+    assert_eq!(store.clusters().len(), 1);
+    assert_eq!(store.stats().corrupt_files, 1);
+    assert_eq!(corrupt_names(store.dir()).len(), 1);
+    // The cluster can be written again afterwards.
+    store.put("a", b"again".to_vec(), at(0)).unwrap();
+    assert_eq!(store.get("a").unwrap().unwrap().payload, b"again");
+}
+
+#[test]
+fn expired_clusters_are_hidden_then_swept() {
+    let dir = TempDir::new("ttl");
+    let store = open(&dir);
+    store
+        .put("old", b"old".to_vec(), at(-2 * 3600 * 1000))
+        .unwrap();
+    store.put("fresh", b"fresh".to_vec(), at(0)).unwrap();
+    checkpoint_now(&store);
+
+    let listed: Vec<String> = store.clusters().into_iter().map(|c| c.cluster_id).collect();
+    assert_eq!(listed, vec!["fresh".to_string()]);
+    assert_eq!(store.get("old").unwrap(), None);
+    assert!(file_of(&store, "old").exists());
+
+    assert_eq!(store.sweep(SystemTime::now()), 1);
+    assert!(!file_of(&store, "old").exists());
+    assert!(file_of(&store, "fresh").exists());
+    let stats = store.stats();
+    assert_eq!((stats.clusters, stats.expired), (1, 1));
+    // Later, the fresh one expires too.
+    assert_eq!(
+        store.sweep(SystemTime::now() + Duration::from_secs(7200)),
+        1
+    );
+    assert!(store.clusters().is_empty());
+}
+
+/// A payload of one gauge series stamped `ms_ago` milliseconds before now.
+fn sampled(ms_ago: i64) -> Vec<u8> {
+    use telemeter_common::model::{Gauge, Metric, MetricFamily, MetricType};
+    let now = file::to_millis(SystemTime::now()) as i64;
+    telemeter_common::delimited::encode(&[MetricFamily {
+        name: Some("up".into()),
+        help: None,
+        r#type: Some(MetricType::Gauge as i32),
+        metric: vec![Metric {
+            gauge: Some(Gauge { value: Some(1.0) }),
+            timestamp_ms: Some(now - ms_ago),
+            ..Default::default()
+        }],
+    }])
+}
+
+fn listed(store: &Store) -> Vec<String> {
+    store.clusters().into_iter().map(|c| c.cluster_id).collect()
+}
+
+#[test]
+fn the_ttl_counts_from_the_newest_sample_not_the_receive_time() {
+    let dir = TempDir::new("ttl-samples");
+    // A 10 minute TTL; everything received just now.
+    let ttl = Duration::from_secs(600);
+    let store = Store::open(StoreConfig {
+        ttl,
+        ..config(&dir)
+    })
+    .unwrap();
+    let minute = 60_000;
+    store.put("stale", sampled(20 * minute), at(0)).unwrap();
+    store.put("fresh", sampled(9 * minute), at(0)).unwrap();
+    // Samples in the future (within the skew validation allows) are fresh.
+    store.put("ahead", sampled(-4 * minute), at(0)).unwrap();
+    assert_eq!(listed(&store), ["ahead", "fresh"]);
+    assert_eq!(store.get("stale").unwrap(), None);
+    assert!(store.get("fresh").unwrap().is_some());
+    // The sweeper removes the stale one now, the fresh one a minute later (9 + 1 = 10).
+    assert_eq!(store.sweep(SystemTime::now()), 1);
+    assert!(!file_of(&store, "stale").exists());
+    assert_eq!(store.sweep(SystemTime::now() + Duration::from_secs(50)), 0);
+    assert_eq!(store.sweep(SystemTime::now() + Duration::from_secs(70)), 1);
+    assert_eq!(listed(&store), ["ahead"]);
+    // A later upload of older samples replaces a fresh one, and is not served: as upstream,
+    // which kept the latest upload and dropped its old samples at read time.
+    store.put("ahead", sampled(11 * minute), at(0)).unwrap();
+    assert!(listed(&store).is_empty());
+}
+
+#[test]
+fn the_newest_sample_survives_a_checkpoint_a_replay_and_a_restart() {
+    let dir = TempDir::new("ttl-restart");
+    let ttl = Duration::from_secs(600);
+    let minute = 60_000;
+    {
+        let store = Store::open(StoreConfig {
+            ttl,
+            ..config(&dir)
+        })
+        .unwrap();
+        // In a cluster file (checkpointed), and left in the journal (replayed at the next open).
+        store
+            .put("stale-file", sampled(20 * minute), at(0))
+            .unwrap();
+        store.put("fresh-file", sampled(minute), at(0)).unwrap();
+        checkpoint_now(&store);
+        store
+            .put("stale-journal", sampled(20 * minute), at(0))
+            .unwrap();
+        store.put("fresh-journal", sampled(minute), at(0)).unwrap();
+        // A crash: nothing checkpoints the segment (taken away from the closing store).
+        let segment = lock(&store.handle.shared.journal).segment.take().unwrap();
+        drop(store);
+        assert!(segment.path.exists());
+    }
+    let store = Store::open(StoreConfig {
+        ttl,
+        ..config(&dir)
+    })
+    .unwrap();
+    assert_eq!(listed(&store), ["fresh-file", "fresh-journal"]);
+    // The replayed clusters were written as version 2 files, with their newest sample.
+    drop(store);
+    let store = Store::open(StoreConfig {
+        ttl,
+        ..config(&dir)
+    })
+    .unwrap();
+    assert_eq!(listed(&store), ["fresh-file", "fresh-journal"]);
+    let (header, _) = file::read(&file_of(&store, "stale-journal"), false).unwrap();
+    assert!(header.newest_sample_ms.is_some());
+}
+
+#[test]
+fn a_version_1_file_is_read_and_its_newest_sample_taken_from_its_payload() {
+    let dir = TempDir::new("ttl-v1");
+    fs::create_dir_all(&dir.0).unwrap();
+    let minute = 60_000;
+    for (id, payload) in [("old", sampled(20 * minute)), ("new", sampled(minute))] {
+        let received = file::to_millis(SystemTime::now());
+        let header = file::tests::encode_header_v1(id, received, &payload);
+        fs::write(dir.0.join(file::file_name(id)), [header, payload].concat()).unwrap();
+    }
+    let ttl = Duration::from_secs(600);
+    let store = Store::open(StoreConfig {
+        ttl,
+        ..config(&dir)
+    })
+    .unwrap();
+    assert_eq!(listed(&store), ["new"]);
+    assert_eq!(
+        store.get("new").unwrap().unwrap().payload,
+        sampled_like(&store, "new")
+    );
+    assert_eq!(store.stats().corrupt_files, 0);
+    // Rewritten as version 2 when its cluster is next written.
+    store.put("new", sampled(0), at(0)).unwrap();
+    checkpoint_now(&store);
+    let (header, _) = file::read(&file_of(&store, "new"), false).unwrap();
+    assert!(header.newest_sample_ms.is_some());
+}
+
+/// The payload `store` holds for `id` (read from its file directly).
+fn sampled_like(store: &Store, id: &str) -> Vec<u8> {
+    file::read(&file_of(store, id), true).unwrap().1.unwrap()
+}
+
+#[test]
+fn put_if_newer_keeps_the_newer_upload() {
+    let dir = TempDir::new("ifnewer");
+    let store = open(&dir);
+    // Taken together: a put can take over 100 ms on a loaded machine, and a time taken after
+    // it would then not be older at all.
+    let (first, older, newest) = (at(-100), at(-200), at(0));
+    assert!(store.put_if_newer("c", b"first".to_vec(), first).unwrap());
+    assert!(!store.put_if_newer("c", b"older".to_vec(), older).unwrap());
+    assert_eq!(store.get("c").unwrap().unwrap().payload, b"first");
+    assert!(store.put_if_newer("c", b"newer".to_vec(), newest).unwrap());
+    let upload = store.get("c").unwrap().unwrap();
+    assert_eq!(
+        (upload.payload, upload.received),
+        (b"newer".to_vec(), newest)
+    );
+}
+
+#[test]
+fn a_batch_writes_each_cluster_once_and_answers_everyone() {
+    let dir = TempDir::new("batch");
+    let store = open(&dir);
+    let shared = &store.handle.shared;
+    store.put("kept", b"stored".to_vec(), at(0)).unwrap();
+    let mut answers = Vec::new();
+    let mut batch = Vec::new();
+    for (id, payload, received, mode) in [
+        ("c", "one", at(-30), Mode::Replace),
+        ("c", "two", at(-20), Mode::Replace),
+        ("d", "three", at(-10), Mode::Replace),
+        ("kept", "stale", at(-1000), Mode::IfNewer),
+    ] {
+        let (reply, answer) = handoff::oneshot();
+        answers.push(answer);
+        batch.push(Request {
+            cluster_id: id.to_string(),
+            payload: payload.as_bytes().to_vec(),
+            received_millis: file::to_millis(received),
+            newest_sample_ms: file::to_millis(received) as i64,
+            mode,
+            reply,
+        });
+    }
+    let records_before = journal_records(store.dir()).len();
+    commit::commit(shared, batch);
+    let results: Vec<bool> = answers
+        .into_iter()
+        .map(|a| a.recv().unwrap().unwrap())
+        .collect();
+    assert_eq!(results, vec![true, true, true, false]);
+    // Two records written ("c" once, "d"), none for the skipped one.
+    let records = journal_records(store.dir());
+    assert_eq!(records.len() - records_before, 2);
+    assert_eq!(records[records_before].2, b"two");
+    assert_eq!(store.get("c").unwrap().unwrap().payload, b"two");
+    assert_eq!(store.get("d").unwrap().unwrap().payload, b"three");
+    assert_eq!(store.get("kept").unwrap().unwrap().payload, b"stored");
+}
+
+#[test]
+fn remove_deletes_the_file_and_the_entry() {
+    let dir = TempDir::new("remove");
+    let store = open(&dir);
+    store.put("c", b"x".to_vec(), at(0)).unwrap();
+    store.remove("c").unwrap();
+    assert_eq!(store.get("c").unwrap(), None);
+    assert!(!file_of(&store, "c").exists());
+    assert!(store.clusters().is_empty());
+    // Removing what is not there is fine.
+    store.remove("never").unwrap();
+}
+
+#[test]
+fn a_failed_write_is_an_error_and_leaves_the_old_upload() {
+    let dir = TempDir::new("ioerror");
+    let store = open(&dir);
+    let old = at(-10);
+    store.put("c", b"old".to_vec(), old).unwrap();
+
+    checkpoint_now(&store);
+
+    // Root ignores permissions, so make the next journal segments impossible to create: a
+    // directory stands where each would go (the same create failure a full or read-only
+    // disk gives).
+    let next = lock(&store.handle.shared.journal).next_number;
+    let blockers: Vec<PathBuf> = (next..next + 4)
+        .map(|n| store.dir().join(format!("{}{n}", journal::PREFIX)))
+        .collect();
+    for blocker in &blockers {
+        fs::create_dir(blocker).unwrap();
+    }
+    match store.put("c", b"new".to_vec(), at(0)) {
+        Err(StoreError::Io { context, .. }) => {
+            assert!(context.contains(journal::PREFIX), "{context}");
+            assert!(context.contains(&dir.0.display().to_string()), "{context}");
+        }
+        other => panic!("expected an Io error, got {other:?}"),
+    }
+    let upload = store.get("c").unwrap().unwrap();
+    assert_eq!((upload.payload, upload.received), (b"old".to_vec(), old));
+    let (_, on_disk) = file::read(&file_of(&store, "c"), true).unwrap();
+    assert_eq!(on_disk.unwrap(), b"old");
+
+    // Once the cause is gone, the next put works: no sticky failure.
+    for blocker in &blockers {
+        fs::remove_dir(blocker).unwrap();
+    }
+    store.put("c", b"newer".to_vec(), at(0)).unwrap();
+    assert_eq!(store.get("c").unwrap().unwrap().payload, b"newer");
+}
+
+#[test]
+fn a_read_only_directory_is_an_error_when_permissions_apply() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // Root writes through 0555; the previous test covers the failure path instead.
+        return;
+    }
+    let dir = TempDir::new("readonly");
+    let store = open(&dir);
+    store.put("c", b"old".to_vec(), at(-10)).unwrap();
+    fs::set_permissions(store.dir(), fs::Permissions::from_mode(0o555)).unwrap();
+    let result = store.put("c", b"new".to_vec(), at(0));
+    fs::set_permissions(store.dir(), fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(matches!(result, Err(StoreError::Io { .. })), "{result:?}");
+    assert_eq!(store.get("c").unwrap().unwrap().payload, b"old");
+    store.put("c", b"new".to_vec(), at(0)).unwrap();
+}
+
+#[test]
+fn a_closed_store_refuses_puts_and_drop_does_not_hang() {
+    let dir = TempDir::new("closed");
+    let store = open(&dir);
+    let clone = store.clone();
+    store.put("c", b"x".to_vec(), at(0)).unwrap();
+    store.close();
+    assert!(matches!(
+        clone.put("c", b"y".to_vec(), at(0)),
+        Err(StoreError::Closed)
+    ));
+    // Reads still work from the index and the files.
+    assert_eq!(clone.get("c").unwrap().unwrap().payload, b"x");
+    drop(store);
+    drop(clone);
+    open(&dir);
+}
+
+/// Not a test: compares group commit with a naive write + fsync + rename + dir fsync per put.
+/// `cargo test -p telemeter-server store::tests::bench -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bench_group_commit_against_naive_fsync() {
+    const THREADS: usize = 64;
+    const PUTS: usize = 200;
+    let payload = vec![0x5au8; 20 * 1024];
+
+    let dir = TempDir::new("bench-group");
+    let store = open(&dir);
+    let started = std::time::Instant::now();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let store = store.clone();
+            let payload = payload.clone();
+            thread::spawn(move || {
+                for _ in 0..PUTS {
+                    store
+                        .put(&format!("bench-{t}"), payload.clone(), at(0))
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().unwrap();
+    }
+    let group = started.elapsed();
+    let stats = store.stats();
+    drop(store);
+
+    let naive_dir = TempDir::new("bench-naive");
+    fs::create_dir_all(&naive_dir.0).unwrap();
+    let started = std::time::Instant::now();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let dir = naive_dir.0.clone();
+            let payload = payload.clone();
+            thread::spawn(move || {
+                use std::io::Write;
+                for i in 0..PUTS {
+                    let id = format!("bench-{t}");
+                    let header = file::encode_header(&id, 0, 0, &payload).unwrap();
+                    let temp = dir.join(format!(".tmp-{t}-{i}"));
+                    let mut out = File::create(&temp).unwrap();
+                    out.write_all(&header).unwrap();
+                    out.write_all(&payload).unwrap();
+                    out.sync_data().unwrap();
+                    fs::rename(&temp, dir.join(file::file_name(&id))).unwrap();
+                    File::open(&dir).unwrap().sync_all().unwrap();
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().unwrap();
+    }
+    let naive = started.elapsed();
+
+    // The same, one put at a time (a single writer, as without group commit in one thread).
+    const SERIAL_PUTS: usize = 25;
+    let serial_lock = Arc::new(Mutex::new(()));
+    let started = std::time::Instant::now();
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let dir = naive_dir.0.clone();
+            let payload = payload.clone();
+            let serial_lock = Arc::clone(&serial_lock);
+            thread::spawn(move || {
+                use std::io::Write;
+                for i in 0..SERIAL_PUTS {
+                    let _one_at_a_time = lock(&serial_lock);
+                    let id = format!("bench-{t}");
+                    let header = file::encode_header(&id, 0, 0, &payload).unwrap();
+                    let temp = dir.join(format!(".tmp-s{t}-{i}"));
+                    let mut out = File::create(&temp).unwrap();
+                    out.write_all(&header).unwrap();
+                    out.write_all(&payload).unwrap();
+                    out.sync_data().unwrap();
+                    fs::rename(&temp, dir.join(file::file_name(&id))).unwrap();
+                    File::open(&dir).unwrap().sync_all().unwrap();
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().unwrap();
+    }
+    let serial = started.elapsed();
+
+    let total = (THREADS * PUTS) as f64;
+    println!(
+        "group commit: {:.0} puts/s ({} puts in {} commits, {:.2?}); \
+         naive fsync per put, 64 threads at once: {:.0} puts/s ({:.2?}); \
+         naive, one put at a time: {:.0} puts/s ({} puts in {:.2?})",
+        total / group.as_secs_f64(),
+        stats.writes,
+        stats.commits,
+        group,
+        total / naive.as_secs_f64(),
+        naive,
+        (THREADS * SERIAL_PUTS) as f64 / serial.as_secs_f64(),
+        THREADS * SERIAL_PUTS,
+        serial
+    );
+}
+
+#[test]
+fn a_journal_written_in_format_version_1_is_replayed_on_open() {
+    // What a server from before CRC-32C left behind when it crashed: a segment of version 1
+    // records and no cluster files yet.
+    let dir = TempDir::new("journal-v1");
+    fs::create_dir_all(&dir.0).unwrap();
+    let received = at(-1_000);
+    let mut bytes = Vec::new();
+    for (kind, id, payload) in [
+        (journal::PUT, "kept", &b"old format"[..]),
+        (journal::PUT, "gone", &b"removed later"[..]),
+        (journal::REMOVE, "gone", &b""[..]),
+    ] {
+        journal::encode_as(
+            journal::Checksum::Hash64,
+            kind,
+            id,
+            file::to_millis(received),
+            payload,
+            &mut bytes,
+        )
+        .unwrap();
+    }
+    fs::write(dir.0.join(format!("{}0", journal::PREFIX)), &bytes).unwrap();
+
+    let store = open(&dir);
+    let upload = store.get("kept").unwrap().unwrap();
+    assert_eq!(
+        (upload.payload.as_slice(), upload.received),
+        (&b"old format"[..], received)
+    );
+    assert_eq!(store.get("gone").unwrap(), None);
+    // Replayed into cluster files, the old segment is gone, and new records are version 2.
+    assert!(file_of(&store, "kept").exists());
+    assert!(!dir.0.join(format!("{}0", journal::PREFIX)).exists());
+    store.put("new", b"new format".to_vec(), at(0)).unwrap();
+    let records = journal_records(&dir.0);
+    assert_eq!(
+        records,
+        vec![(journal::PUT, "new".to_string(), b"new format".to_vec())]
+    );
+    let segment = names_in(&dir.0)
+        .into_iter()
+        .find(|n| journal::is_segment_name(n))
+        .unwrap();
+    assert_eq!(fs::read(dir.0.join(segment)).unwrap()[0], journal::PUT + 2);
+    store.close();
+}
