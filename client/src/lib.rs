@@ -5,7 +5,6 @@
 //! [`run`] (the loop and `--once`), [`metrics`] (the daemon's own endpoints).
 #![deny(missing_docs)]
 
-pub mod agent;
 pub mod anonymize;
 pub mod config;
 pub mod metrics;
@@ -14,3 +13,6 @@ pub mod push;
 pub mod run;
 pub mod scrape;
 pub mod transform;
+
+/// How the client names itself to its scrape source and to the server.
+pub const USER_AGENT: &str = concat!("telemeter-client/", env!("CARGO_PKG_VERSION"));

@@ -1,14 +1,15 @@
 //! Pushing to telemeter-server: `POST /authorize?id=` for an upload token (cached in memory and,
 //! with `--token-cache`, on disk), then `POST /upload` of protobuf-delimited, snappy-framed families.
 
-use crate::agent::{self, AgentError};
 use crate::transform;
+use crate::USER_AGENT;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use telemeter_common::agent::{self, AgentError};
 use telemeter_common::http::percent_encode;
 use telemeter_common::media::PROTO_DELIMITED;
 use telemeter_common::model::MetricFamily;
@@ -151,11 +152,6 @@ pub fn refresh_at(issued: SystemTime, expires_in_seconds: i64) -> SystemTime {
     }
 }
 
-/// A `Retry-After` value in seconds (HTTP dates are not honoured: the back-off applies instead).
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
-}
-
 /// The token cache file's contents.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct CacheFile {
@@ -247,7 +243,7 @@ impl Pusher {
         cache_file: Option<PathBuf>,
     ) -> Result<Pusher, AgentError> {
         let mut pusher = Pusher {
-            agent: agent::build(ca_file, timeout, agent::Redirects::Refuse)?,
+            agent: agent::build(ca_file, timeout, agent::Redirects::Refuse, USER_AGENT)?,
             authorize_url: authorize_url.to_string(),
             upload_url: upload_url.to_string(),
             id: id.to_string(),
@@ -470,7 +466,7 @@ impl Pusher {
             .headers()
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
+            .and_then(agent::parse_retry_after);
         let reply = response
             .body_mut()
             .with_config()
@@ -505,8 +501,14 @@ mod tests {
 
     #[test]
     fn retry_after_seconds() {
-        assert_eq!(parse_retry_after(" 120 "), Some(Duration::from_secs(120)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(
+            agent::parse_retry_after(" 120 "),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            agent::parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            None
+        );
     }
 
     #[test]

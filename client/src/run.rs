@@ -1,7 +1,6 @@
 //! The client's loop: scrape → transform → push, once (`--once`) or every `--interval`, with
 //! `Retry-After` honoured on 429 and exponential back-off with jitter after other failures.
 
-use crate::agent::AgentError;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::prescan;
@@ -12,6 +11,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+use telemeter_common::agent::AgentError;
 use telemeter_common::signal::Signal;
 
 /// The first wait after a failure; it doubles with each consecutive failure up to `--interval`.

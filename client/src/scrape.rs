@@ -1,10 +1,11 @@
 //! Scraping the isolated Prometheus: `GET <from>?match[]=…`, protobuf preferred, text accepted.
 
-use crate::agent::{self, AgentError};
 use crate::prescan::{self, Estimate, Refusal, Transform};
+use crate::USER_AGENT;
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
+use telemeter_common::agent::{self, AgentError};
 use telemeter_common::http::percent_encode;
 use telemeter_common::media::{Format, ACCEPT_PD_THEN_TEXT};
 use telemeter_common::model::MetricFamily;
@@ -266,7 +267,7 @@ impl Scraper {
         limits: ReplyLimits,
     ) -> Result<Scraper, AgentError> {
         Ok(Scraper {
-            agent: agent::build(ca_file, timeout, agent::Redirects::Follow)?,
+            agent: agent::build(ca_file, timeout, agent::Redirects::Follow, USER_AGENT)?,
             url: url.to_string(),
             matches: matches.iter().map(|s| s.source.clone()).collect(),
             token,

@@ -9,10 +9,10 @@
 // Every `unsafe` block says why it is sound (`// SAFETY: ...`); clippy runs with -D warnings.
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod agent;
 pub mod base64;
 pub mod delimited;
 pub mod duration;
-pub mod hashring;
 pub mod http;
 pub mod instrument;
 pub mod labels;

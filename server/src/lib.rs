@@ -18,7 +18,6 @@ pub mod ingest;
 pub mod metrics;
 pub mod oidc;
 pub mod ports;
-mod prescan;
 pub mod remote_write;
 pub mod server;
 pub mod store;

@@ -203,7 +203,7 @@ impl Metrics {
     /// Copies the store's and the HTTP fronts' counters in, then renders everything.
     pub fn render(&self, store: StoreStats, fronts: &[(&str, Stats)]) -> String {
         {
-            let _guard = self.refresh.lock().unwrap_or_else(|e| e.into_inner());
+            let _guard = telemeter_common::sync::lock(&self.refresh);
             self.stored_clusters.with(&[]).set(store.clusters as f64);
             self.stored_bytes.with(&[]).set(store.bytes as f64);
             catch_up(&self.store_commits.with(&[]), store.commits);

@@ -232,7 +232,7 @@ impl TokenSource {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        telemeter_common::sync::lock(&self.state)
     }
 
     /// Discovers the endpoint (when not known yet) and requests a token.

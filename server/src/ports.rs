@@ -86,7 +86,7 @@ impl Fronts {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(&'static str, ServerHandle)>> {
-        self.handles.lock().unwrap_or_else(|e| e.into_inner())
+        telemeter_common::sync::lock(&self.handles)
     }
 }
 

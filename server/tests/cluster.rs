@@ -10,9 +10,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{families, get, now_ms, post, series_lines, ServerProcess, Signal, TempDir};
-use telemeter_common::hashring::{HashRing, DEFAULT_VNODES};
 use telemeter_common::token::{KeyPurpose, SharedKey};
 use telemeter_server::cluster::packet::Heartbeat;
+use telemeter_server::cluster::ring::{HashRing, DEFAULT_VNODES};
 
 const INTERVAL: &str = "200ms";
 const PEER_TIMEOUT: &str = "1s";

@@ -387,7 +387,7 @@ fn sigkill_during_an_upload_storm_loses_nothing_acknowledged() {
 // Three nodes: SIGKILL the owner while the others forward pushes to it
 
 use std::net::UdpSocket;
-use telemeter_common::hashring::{HashRing, DEFAULT_VNODES};
+use telemeter_server::cluster::ring::{HashRing, DEFAULT_VNODES};
 
 const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
 /// The node killed every round: it owns the clusters under test.

@@ -474,7 +474,7 @@ fn free_udp_port() -> u16 {
 
 #[test]
 fn in_a_cluster_only_the_owner_ships_each_upload_once() {
-    use telemeter_common::hashring::{HashRing, DEFAULT_VNODES};
+    use telemeter_server::cluster::ring::{HashRing, DEFAULT_VNODES};
 
     let (stub, handle) = stub(vec![(200, None)]);
     let url = format!("http://{}/api/v1/write", handle.local_addr());

@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use telemeter_common::delimited;
-use telemeter_common::hashring::{HashRing, DEFAULT_VNODES};
 use telemeter_common::http::{self as front, Handler, Request, Response};
 use telemeter_common::media::PROTO_DELIMITED;
 use telemeter_common::snappy;
+use telemeter_server::cluster::ring::{HashRing, DEFAULT_VNODES};
 
 const WAIT: Duration = Duration::from_secs(30);
 

@@ -27,7 +27,7 @@ pub fn capture_lines(
             let Ok(line) = line else { break };
             eprintln!("[{prefix}] {line}");
             on_line(&line);
-            kept.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            telemeter_common::sync::lock(&kept).push(line);
         }
     });
     logs

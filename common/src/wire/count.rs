@@ -40,8 +40,7 @@ pub struct Counts {
 
 impl Counts {
     /// Bytes of the structs decoding would allocate for labels, quantiles and buckets (strings
-    /// aside, which are bounded by the body's size).
-    #[cfg(test)]
+    /// aside, which are bounded by the body's size): what the fast path's element cap counts.
     pub fn element_bytes(&self) -> usize {
         self.labels
             .saturating_mul(size_of::<LabelPair>())

@@ -169,8 +169,8 @@ impl Signer {
         body: &[u8],
         now: SystemTime,
     ) -> Vec<(&'static str, String)> {
-        let received = epoch_ms(received).to_string();
-        let time = epoch_ms(now).to_string();
+        let received = telemeter_common::time::unix_millis(received).to_string();
+        let time = telemeter_common::time::unix_millis(now).to_string();
         let hop = "1";
         let tag = self.tag(
             FORWARD_METHOD,
@@ -247,16 +247,12 @@ impl Signer {
         if hop != "1" {
             return Err(VerifyError::HopExceeded(hop.to_owned()));
         }
-        let now_ms = epoch_ms(now);
+        let now_ms = telemeter_common::time::unix_millis(now);
         let skew_ms = time_ms.abs_diff(now_ms);
         if u128::from(skew_ms) > self.window.as_millis() {
             return Err(VerifyError::OutsideWindow { skew_ms });
         }
-        let fresh = self
-            .seen
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(tag, now_ms, self.window);
+        let fresh = telemeter_common::sync::lock(&self.seen).insert(tag, now_ms, self.window);
         if !fresh {
             return Err(VerifyError::Replayed);
         }
@@ -329,13 +325,6 @@ fn header<'a>(headers: &'a [(String, String)], name: &'static str) -> Result<&'a
         .find(|(n, _)| n.eq_ignore_ascii_case(name))
         .map(|(_, v)| v.trim())
         .ok_or(VerifyError::MissingHeader(name))
-}
-
-/// Milliseconds since the epoch (0 before it, saturating far after it).
-pub fn epoch_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -14,7 +14,7 @@ use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use telemeter_common::token::DerivedKey;
 
@@ -97,17 +97,12 @@ pub struct Gossip {
 
 /// Locks the membership even if a thread panicked while holding it: the table stays usable.
 pub fn lock(membership: &Mutex<Membership>) -> MutexGuard<'_, Membership> {
-    membership
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    telemeter_common::sync::lock(membership)
 }
 
 /// Milliseconds since the Unix epoch on our wall clock (0 before 1970).
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    telemeter_common::time::unix_millis(SystemTime::now())
 }
 
 impl Gossip {

@@ -59,7 +59,7 @@ impl ClusterMetrics {
 
     /// Copies `stats` in; call before rendering the registry.
     pub fn refresh(&self, stats: &ClusterStats) {
-        let _guard = self.refresh.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = telemeter_common::sync::lock(&self.refresh);
         for (state, n) in [
             ("alive", stats.members_alive),
             ("suspect", stats.members_suspect),

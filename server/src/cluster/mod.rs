@@ -289,10 +289,7 @@ impl Cluster {
 
     /// The bound UDP address.
     pub fn gossip_addr(&self) -> SocketAddr {
-        self.gossip
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .local_addr()
+        telemeter_common::sync::lock(&self.gossip).local_addr()
     }
 
     /// The shared member table (for tests and the debug page; hold the lock briefly).
@@ -444,7 +441,7 @@ impl Cluster {
     /// Counters for `/metrics`.
     pub fn stats(&self) -> ClusterStats {
         let (sent, send_errors) = {
-            let gossip = self.gossip.lock().unwrap_or_else(|p| p.into_inner());
+            let gossip = telemeter_common::sync::lock(&self.gossip);
             let c = gossip.counters();
             (
                 c.sent.load(Ordering::Relaxed),
@@ -531,10 +528,7 @@ impl Cluster {
 
     /// Stops gossiping. Peers see this node dead after their peer timeout.
     pub fn shutdown(&self) {
-        self.gossip
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .shutdown();
+        telemeter_common::sync::lock(&self.gossip).shutdown();
     }
 }
 

@@ -1,5 +1,5 @@
 //! Turning an upload's body into families: Content-Encoding and Content-Type, the caps before and
-//! after decompression, counts taken from the wire before anything is built (see `prescan`),
+//! after decompression, counts taken from the wire before anything is built (see `wire::count` in common),
 //! then the fast wire check ([`Rules::check_wire`]) or a full decode.
 
 use std::collections::BTreeMap;
@@ -14,7 +14,7 @@ use telemeter_common::text;
 
 use crate::ingest::upload::UploadLimits;
 use crate::ingest::validate::{Rules, WireCheck};
-use crate::prescan;
+use telemeter_common::wire::count as prescan;
 
 /// What stamping the token's labels may add to one series of the re-encoded payload.
 const STAMP_BYTES_PER_SERIES: usize = 128;
@@ -149,7 +149,7 @@ pub fn decode(
                 }
             }
             // The decoder checks its caps only after building each family, so they are
-            // checked here first on counts taken from the wire (see `prescan`).
+            // checked here first on counts taken from the wire (see `telemeter_common::wire::count`).
             let counts = prescan::count(body);
             if counts.series > limits.max_series {
                 return Err(Rejection::new(

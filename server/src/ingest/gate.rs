@@ -1,7 +1,7 @@
 //! The gate an upload passes before its CPU work and before it holds memory: a weighted,
 //! first-come-first-served counting semaphore (one for CPU units, one for bytes).
 
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Condvar, Mutex};
 
 /// A weighted counting semaphore. Many workers wait for the store at once, but only as many decode
 /// and validate at once as there are cores (one unit each), so a burst of uploads does not
@@ -61,7 +61,7 @@ impl Gate {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        telemeter_common::sync::lock(&self.state)
     }
 
     /// Waits for `units` (at most the whole gate), after every earlier waiter. The holders only
@@ -73,10 +73,7 @@ impl Gate {
         let ticket = state.next;
         state.next += 1;
         while state.serving != ticket || state.free < units {
-            state = self
-                .freed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
+            state = telemeter_common::sync::unpoison(self.freed.wait(state));
         }
         state.free -= units;
         state.serving += 1;

@@ -215,7 +215,7 @@ impl RateLimiter {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // The state stays consistent even if a holder panicked: every update is one insert/remove.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        telemeter_common::sync::lock(&self.state)
     }
 }
 

@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use telemeter_common::labels::{self, LabelError};
 use telemeter_common::model::{Metric, MetricFamily, MetricType};
@@ -232,9 +232,12 @@ impl Rules {
         token_labels: &BTreeMap<String, String>,
         now: SystemTime,
     ) -> Result<Validated, ValidationError> {
-        let now_ms = millis(now);
-        let oldest = now_ms.saturating_sub(duration_ms(self.max_sample_age));
-        let newest = now_ms.saturating_add(duration_ms(self.max_future_skew));
+        let now_ms = telemeter_common::time::sample_millis(now);
+        let oldest =
+            now_ms.saturating_sub(telemeter_common::time::duration_millis(self.max_sample_age));
+        let newest = now_ms.saturating_add(telemeter_common::time::duration_millis(
+            self.max_future_skew,
+        ));
         let samples: usize = families.iter().map(MetricFamily::sample_count).sum();
         if samples > self.max_samples {
             return Err(ValidationError::TooManySamples {
@@ -399,17 +402,6 @@ fn check_value(family: &str, kind: MetricType, metric: &Metric) -> Result<(), Va
             expected,
         })
     }
-}
-
-fn millis(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
-        Err(_) => 0,
-    }
-}
-
-fn duration_ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

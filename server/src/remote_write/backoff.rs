@@ -45,11 +45,6 @@ impl Default for Backoff {
     }
 }
 
-/// Reads a `Retry-After` value given in seconds (the HTTP-date form is ignored: the backoff applies).
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,12 +68,5 @@ mod tests {
         assert_eq!(b.next(Some(Duration::from_secs(86_400))), MAX_RETRY_AFTER);
         // The backoff still advanced underneath.
         assert_eq!(b.next(None), Duration::from_secs(2));
-    }
-
-    #[test]
-    fn retry_after_seconds_only() {
-        assert_eq!(parse_retry_after(" 12 "), Some(Duration::from_secs(12)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
-        assert_eq!(parse_retry_after("-1"), None);
     }
 }

@@ -19,18 +19,17 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, info, warn};
 use prost::Message;
 use telemeter_common::delimited;
 use telemeter_common::instrument::{CounterVec, Gauge, Registry};
 use telemeter_common::snappy;
-use telemeter_common::tls;
-use ureq::tls::{Certificate, RootCerts, TlsConfig};
 
-use self::backoff::{parse_retry_after, Backoff};
+use self::backoff::Backoff;
 use self::proto::{TimeSeries, WriteRequest};
+use telemeter_common::agent::{self, first_line, parse_retry_after};
 
 /// Most series one remote-write request carries; larger uploads are sent in parts.
 pub const MAX_SERIES_PER_REQUEST: usize = 5000;
@@ -175,7 +174,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        telemeter_common::sync::lock(&self.state)
     }
 }
 
@@ -260,7 +259,7 @@ impl RemoteWriter {
         state.queue.push_back(Pending {
             cluster_id: cluster_id.to_string(),
             payload,
-            received_ms: millis(received),
+            received_ms: telemeter_common::time::sample_millis(received),
         });
         metrics.queue_length.set(state.queue.len() as f64);
         drop(state);
@@ -282,7 +281,7 @@ impl RemoteWriter {
             }
         }
         self.shared.wake.notify_all();
-        let done = self.done.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let done = telemeter_common::sync::lock(&self.done).take();
         if let Some(done) = done {
             // A request in flight may outlast the grace by its own timeout; do not wait for that.
             if done.recv_timeout(grace + Duration::from_secs(1)).is_err() {
@@ -349,11 +348,7 @@ impl Sender {
             if state.deadline.is_some() {
                 return None;
             }
-            state = self
-                .shared
-                .wake
-                .wait(state)
-                .unwrap_or_else(|e| e.into_inner());
+            state = telemeter_common::sync::unpoison(self.shared.wake.wait(state));
         }
     }
 
@@ -508,37 +503,14 @@ pub fn encode(series: &[TimeSeries]) -> Vec<u8> {
 }
 
 fn build_agent(config: &RemoteWriteConfig) -> Result<ureq::Agent, RemoteWriteError> {
-    tls::install_crypto_provider();
-    let der = match &config.ca_file {
-        Some(path) => {
-            let certs = tls::load_certificates(path)
-                .map_err(|e| RemoteWriteError::CaFile(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(RemoteWriteError::CaFile(format!(
-                    "{} holds no PEM certificate",
-                    path.display()
-                )));
-            }
-            certs
-        }
-        None => tls::system_roots(),
-    };
-    let roots: Vec<Certificate<'static>> = der
-        .iter()
-        .map(|c| Certificate::from_der(c.as_ref()).to_owned())
-        .collect();
-    let tls_config = TlsConfig::builder()
-        .root_certs(RootCerts::Specific(Arc::new(roots)))
-        .build();
-    let agent_config = ureq::Agent::config_builder()
-        .tls_config(tls_config)
-        .http_status_as_error(false)
-        // A redirected POST may come back as a GET without its body: report the 3xx instead.
-        .max_redirects(0)
-        .timeout_global(Some(config.timeout))
-        .user_agent(concat!("telemeter-server/", env!("CARGO_PKG_VERSION")))
-        .build();
-    Ok(agent_config.new_agent())
+    // A redirected POST may come back as a GET without its body: report the 3xx instead.
+    agent::build(
+        config.ca_file.as_deref(),
+        config.timeout,
+        agent::Redirects::Refuse,
+        concat!("telemeter-server/", env!("CARGO_PKG_VERSION")),
+    )
+    .map_err(|e| RemoteWriteError::CaFile(e.0))
 }
 
 fn read_token(path: &PathBuf) -> Result<String, RemoteWriteError> {
@@ -554,23 +526,6 @@ fn read_token(path: &PathBuf) -> Result<String, RemoteWriteError> {
         });
     }
     Ok(token.to_string())
-}
-
-fn millis(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// The first non-empty line of a reply, at most 200 characters, for the log.
-fn first_line(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let line = text
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("");
-    line.chars().take(200).collect()
 }
 
 #[cfg(test)]

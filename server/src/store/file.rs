@@ -6,7 +6,6 @@
 use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::digest;
 
@@ -44,20 +43,6 @@ pub(super) fn is_cluster_file_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-/// Milliseconds since the Unix epoch; times before it count as the epoch.
-pub(super) fn to_millis(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// The inverse of [`to_millis`] (saturating far in the future).
-pub(super) fn from_millis(millis: u64) -> SystemTime {
-    UNIX_EPOCH
-        .checked_add(Duration::from_millis(millis))
-        .unwrap_or(UNIX_EPOCH)
 }
 
 /// Builds the (current version's) header for `payload`, whose newest sample is stamped
@@ -245,13 +230,6 @@ pub(super) mod tests {
         assert!(is_cluster_file_name(&file_name("x")));
         assert!(!is_cluster_file_name(".lock"));
         assert!(!is_cluster_file_name(&file_name("x").to_uppercase()));
-    }
-
-    #[test]
-    fn millis_round_trip() {
-        let t = from_millis(1_700_000_000_123);
-        assert_eq!(to_millis(t), 1_700_000_000_123);
-        assert_eq!(to_millis(UNIX_EPOCH - Duration::from_secs(5)), 0);
     }
 
     #[test]

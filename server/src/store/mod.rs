@@ -274,7 +274,7 @@ impl Store {
             .clone()
             .ok_or(StoreError::Closed)?;
         let (reply, answer) = handoff::oneshot();
-        let received_millis = file::to_millis(received);
+        let received_millis = telemeter_common::time::unix_millis(received);
         // Read here, on the caller's thread, so the committer's batches do not wait for it.
         let newest_sample_ms = newest_sample_ms(&payload, received_millis);
         requests
@@ -302,7 +302,7 @@ impl Store {
             .filter(|(_, entry)| is_live(entry.newest_sample_ms, now, shared.ttl))
             .map(|(cluster_id, entry)| ClusterEntry {
                 cluster_id: cluster_id.clone(),
-                received: file::from_millis(entry.received_millis),
+                received: telemeter_common::time::from_unix_millis(entry.received_millis),
                 payload_bytes: entry.payload_bytes,
             })
             .collect()

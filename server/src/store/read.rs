@@ -25,7 +25,7 @@ impl Shared {
                 Ok((header, payload)) if header.cluster_id == cluster_id => {
                     Ok(Some(StoredUpload {
                         cluster_id: header.cluster_id,
-                        received: file::from_millis(header.received_millis),
+                        received: telemeter_common::time::from_unix_millis(header.received_millis),
                         payload,
                     }))
                 }
@@ -75,7 +75,7 @@ impl Shared {
         }
         Ok(StoredUpload {
             cluster_id: header.cluster_id,
-            received: file::from_millis(header.received_millis),
+            received: telemeter_common::time::from_unix_millis(header.received_millis),
             payload: payload.unwrap_or_default(),
         })
     }

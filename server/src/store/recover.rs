@@ -177,7 +177,7 @@ impl Shared {
     pub(super) fn set_aside(&self, name: &str, reason: &str) {
         let path = self.dir.join(name);
         let corrupt = self.dir.join(CORRUPT_DIR);
-        let seconds = file::to_millis(SystemTime::now()) / 1000;
+        let seconds = telemeter_common::time::unix_millis(SystemTime::now()) / 1000;
         let mut target = corrupt.join(format!("{name}.{seconds}"));
         let mut n = 1;
         while target.exists() {

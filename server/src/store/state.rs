@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use telemeter_common::wire;
@@ -66,12 +66,12 @@ pub(super) struct Counters {
 /// A poisoned lock only means another thread panicked while holding it; the data it guards (an
 /// index, or nothing) is still consistent enough to go on, and the store must not panic.
 pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+    telemeter_common::sync::lock(mutex)
 }
 
 /// Whether an upload whose newest sample is stamped `newest_sample_ms` is still served at `now`.
 pub(super) fn is_live(newest_sample_ms: i64, now: SystemTime, ttl: Duration) -> bool {
-    let now_ms = i64::try_from(file::to_millis(now)).unwrap_or(i64::MAX);
+    let now_ms = i64::try_from(telemeter_common::time::unix_millis(now)).unwrap_or(i64::MAX);
     let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
     // A sample from the future (within the allowed skew, or the clock stepped back) is live.
     newest_sample_ms >= now_ms.saturating_sub(ttl_ms)

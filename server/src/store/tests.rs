@@ -38,8 +38,8 @@ fn open(dir: &TempDir) -> Store {
 
 /// A receive time the file format keeps exactly (whole milliseconds), near now.
 fn at(offset_ms: i64) -> SystemTime {
-    let now = file::to_millis(SystemTime::now()) as i64;
-    file::from_millis((now + offset_ms) as u64)
+    let now = telemeter_common::time::unix_millis(SystemTime::now()) as i64;
+    telemeter_common::time::from_unix_millis((now + offset_ms) as u64)
 }
 
 fn file_of(store: &Store, cluster_id: &str) -> PathBuf {
@@ -462,7 +462,7 @@ fn expired_clusters_are_hidden_then_swept() {
 /// A payload of one gauge series stamped `ms_ago` milliseconds before now.
 fn sampled(ms_ago: i64) -> Vec<u8> {
     use telemeter_common::model::{Gauge, Metric, MetricFamily, MetricType};
-    let now = file::to_millis(SystemTime::now()) as i64;
+    let now = telemeter_common::time::unix_millis(SystemTime::now()) as i64;
     telemeter_common::delimited::encode(&[MetricFamily {
         name: Some("up".into()),
         help: None,
@@ -559,7 +559,7 @@ fn a_version_1_file_is_read_and_its_newest_sample_taken_from_its_payload() {
     fs::create_dir_all(&dir.0).unwrap();
     let minute = 60_000;
     for (id, payload) in [("old", sampled(20 * minute)), ("new", sampled(minute))] {
-        let received = file::to_millis(SystemTime::now());
+        let received = telemeter_common::time::unix_millis(SystemTime::now());
         let header = file::tests::encode_header_v1(id, received, &payload);
         fs::write(dir.0.join(file::file_name(id)), [header, payload].concat()).unwrap();
     }
@@ -624,8 +624,8 @@ fn a_batch_writes_each_cluster_once_and_answers_everyone() {
         batch.push(Request {
             cluster_id: id.to_string(),
             payload: payload.as_bytes().to_vec(),
-            received_millis: file::to_millis(received),
-            newest_sample_ms: file::to_millis(received) as i64,
+            received_millis: telemeter_common::time::unix_millis(received),
+            newest_sample_ms: telemeter_common::time::unix_millis(received) as i64,
             mode,
             reply,
         });
@@ -860,7 +860,7 @@ fn a_journal_written_in_format_version_1_is_replayed_on_open() {
             journal::Checksum::Hash64,
             kind,
             id,
-            file::to_millis(received),
+            telemeter_common::time::unix_millis(received),
             payload,
             &mut bytes,
         )

@@ -1,6 +1,7 @@
 //! Unit tests of `validate`, beside it so the module reads as the module.
 
 use super::*;
+use std::time::UNIX_EPOCH;
 use telemeter_common::delimited;
 use telemeter_common::model::{Bucket, LabelPair, Quantile};
 use telemeter_common::model::{Counter, Gauge, Histogram, Summary};
@@ -334,7 +335,7 @@ fn both_paths(r: &Rules, families: Vec<MetricFamily>) -> WireCheck {
         element_bytes,
     } = check
     {
-        let counts = crate::prescan::count(&body);
+        let counts = telemeter_common::wire::count::count(&body);
         assert_eq!(
             (counts.series, counts.element_bytes()),
             (series, element_bytes)

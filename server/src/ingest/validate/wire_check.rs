@@ -11,7 +11,7 @@ use telemeter_common::model::{Bucket, LabelPair, MetricType, Quantile};
 use telemeter_common::text;
 use telemeter_common::wire::{self, FamilyView, MetricView, Value};
 
-use super::{duration_ms, millis, Rules};
+use super::Rules;
 
 /// What [`Rules::check_wire`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,10 +52,12 @@ impl Rules {
         if !self.whitelist.is_empty() || !self.extra_labels.is_empty() {
             return WireCheck::Owned;
         }
-        let now_ms = millis(now);
+        let now_ms = telemeter_common::time::sample_millis(now);
         let bounds = (
-            now_ms.saturating_sub(duration_ms(self.max_sample_age)),
-            now_ms.saturating_add(duration_ms(self.max_future_skew)),
+            now_ms.saturating_sub(telemeter_common::time::duration_millis(self.max_sample_age)),
+            now_ms.saturating_add(telemeter_common::time::duration_millis(
+                self.max_future_skew,
+            )),
         );
         // One pass reads every field the owned decoder would (the views check each message as it
         // is read, and every series, label, quantile and bucket is read below), so a body it

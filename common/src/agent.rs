@@ -1,10 +1,12 @@
-//! The HTTP client agents (ureq) for the scrape and the push, each with its own trust roots.
+//! The HTTP client side both binaries share: ureq agents with their own trust roots (the
+//! client's scrape and push, the server's remote write), and reading what a peer's reply says
+//! (its first line, `Retry-After`, `Location`) for errors and retries.
 
+use crate::tls;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use telemeter_common::tls;
 use ureq::tls::{Certificate, RootCerts, TlsConfig};
 
 /// Why an agent could not be built.
@@ -31,12 +33,13 @@ pub enum Redirects {
 }
 
 /// An agent that trusts the CA certificates of `ca_file` (the system roots when `None`), gives
-/// each request `timeout` in all, follows redirects or not, and hands every status back to the
-/// caller instead of erroring.
+/// each request `timeout` in all, follows redirects or not, names itself `user_agent`, and hands
+/// every status back to the caller instead of erroring.
 pub fn build(
     ca_file: Option<&Path>,
     timeout: Duration,
     redirects: Redirects,
+    user_agent: &str,
 ) -> Result<ureq::Agent, AgentError> {
     tls::install_crypto_provider();
     let roots: Vec<Certificate<'static>> = match ca_file {
@@ -69,7 +72,7 @@ pub fn build(
             Redirects::Refuse => 0,
         })
         .timeout_global(Some(timeout))
-        .user_agent(concat!("telemeter-client/", env!("CARGO_PKG_VERSION")))
+        .user_agent(user_agent)
         .build();
     Ok(config.new_agent())
 }
@@ -83,6 +86,12 @@ pub fn first_line(body: &[u8]) -> String {
         .find(|l| !l.is_empty())
         .unwrap_or("");
     line.chars().take(200).collect()
+}
+
+/// A `Retry-After` value in seconds (the HTTP-date form is not used by the peers we talk to, and
+/// is ignored).
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
 /// The `Location` of a reply, for an error message: at most 200 characters, `(none)` when absent.
@@ -112,6 +121,13 @@ mod tests {
         let long = "x".repeat(500);
         headers.insert("location", long.parse().unwrap());
         assert_eq!(location(&headers).len(), 202);
+    }
+
+    #[test]
+    fn retry_after_seconds_only() {
+        assert_eq!(parse_retry_after(" 12 "), Some(Duration::from_secs(12)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("-1"), None);
     }
 
     #[test]
