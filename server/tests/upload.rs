@@ -288,6 +288,21 @@ fn rate_limit() {
         r.body
     );
 
+    // The 429 comes from the head: a sender over its limit is answered before its body is read
+    // (here a head declaring a megabyte that never comes).
+    let mut tcp = std::net::TcpStream::connect(s.external).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        tcp,
+        "POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 1000000\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 64];
+    let n = tcp.read(&mut head).unwrap();
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 429 "), "{head}");
+
     // Other clusters have their own slot.
     let other = s.upload_token("secret", "other");
     let r = s.upload(&other, &families(None, 1, now_ms()));

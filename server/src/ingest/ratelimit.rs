@@ -103,6 +103,28 @@ impl RateLimiter {
         self.window
     }
 
+    /// Whether [`RateLimiter::admit`] would admit `cluster_id` at `now`, taking nothing: the
+    /// HTTP front asks from the request head, so a cluster that would get 429 is answered before
+    /// its body is read.
+    pub fn peek(&self, cluster_id: &str, now: Instant) -> Result<(), Wait> {
+        if self.window.is_zero() {
+            return Ok(());
+        }
+        let state = self.lock();
+        if let Some(&last) = state.last.get(cluster_id) {
+            self.wait(last, now).map_err(Wait::Slot)?;
+        }
+        let whole_at = state
+            .refused_until
+            .get(cluster_id)
+            .map_or(now, |&until| until.max(now));
+        let after = whole_at + self.refusal_interval();
+        if after > now + self.window {
+            return Err(Wait::Refusals(after - now - self.window));
+        }
+        Ok(())
+    }
+
     /// Admits reading one upload of `cluster_id` at `now`: when its slot is free (see
     /// [`RateLimiter::check`]) and its refusal budget has one left, which this takes. `Err(wait)`
     /// otherwise, with the time until it would be admitted; that costs nothing.

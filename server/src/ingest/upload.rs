@@ -181,13 +181,24 @@ impl UploadHandler {
     }
 
     /// Checks an `/upload` head before any of its body is read: a POST without a valid upload
-    /// token is refused (401) here, so a peer without one holds no body memory and no worker. The
-    /// body cap when it passes. Other methods pass, to be answered 405 by [`UploadHandler::handle`].
+    /// token is refused (401) here, so a peer without one holds no body memory and no worker; and
+    /// one whose cluster would be rate limited gets its 429 here too, so a refused sender's bodies
+    /// are not even read. The body cap when it passes. Other methods pass, to be answered 405 by
+    /// [`UploadHandler::handle`].
     pub fn admit(&self, head: &Head, remote: SocketAddr) -> Result<usize, Response> {
         if head.method == "POST" {
-            if let Err(refusal) = self.authenticate(head.header("Authorization"), SystemTime::now())
-            {
+            let admitted = self
+                .authenticate(head.header("Authorization"), SystemTime::now())
+                .and_then(|claims| {
+                    self.limiter
+                        .peek(&claims.cluster_id, Instant::now())
+                        .map_err(Refusal::not_admitted)
+                });
+            if let Err(refusal) = admitted {
                 self.metrics.upload("rejected", refusal.status);
+                if refusal.status == 429 {
+                    self.metrics.ratelimited.inc();
+                }
                 return Err(self.refuse(refusal, remote));
             }
         }
