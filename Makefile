@@ -30,8 +30,9 @@ check: setup fmt-check clippy test
 fmt-check:
 	$(CARGO) fmt --all -- --check
 
+# Every `unsafe` block says why it is sound (a `// SAFETY:` comment), in every crate.
 clippy:
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings -D clippy::undocumented_unsafe_blocks
 
 # The binaries are built first: end-to-end tests of one crate start the other crate's binary too.
 test:
@@ -66,7 +67,7 @@ demo: setup build
 	./tests/integration.sh --demo
 
 # Static binaries are for copying onto hosts with nothing installed, so size matters more than the
-# last percent of speed: optimized for size (the server's throughput is bound by fsync, not CPU),
+# last percent of speed: optimized for size (edge devices and appliances care about the download),
 # and non-PIE so they are plain static executables (`file`: statically linked). ring's C and
 # assembly parts build with musl-gcc (musl-tools), which the cc crate finds by itself.
 STATIC_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static

@@ -67,8 +67,9 @@ impl fmt::Display for Report {
 
 /// CPU seconds (user + system) this process has used so far.
 pub fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage only writes into the struct we pass.
+    // SAFETY: rusage is plain integers and timevals, for which all zero bytes are a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage only writes into the struct we pass, which lives across the call.
     let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     if rc != 0 {
         return 0.0;
