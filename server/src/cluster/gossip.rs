@@ -16,10 +16,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use telemeter_common::token::DerivedKey;
-
 use super::membership::{Change, DropReason, MemberState, Membership, Rejection};
-use super::packet::{Heartbeat, MAX_DATAGRAM, MAX_MEMBERS};
+use super::packet::{Heartbeat, Keyring, MAX_DATAGRAM, MAX_MEMBERS};
 
 /// How often a clash of node names is logged at most.
 const NAME_CLASH_WARNING: Duration = Duration::from_secs(60);
@@ -114,7 +112,7 @@ impl Gossip {
     /// Binds the socket and starts the thread.
     pub fn start(
         config: GossipConfig,
-        key: DerivedKey,
+        keys: Keyring,
         membership: Arc<Mutex<Membership>>,
     ) -> Result<Gossip, GossipError> {
         let socket_err = |source| GossipError::Socket {
@@ -129,7 +127,7 @@ impl Gossip {
             socket,
             local_addr,
             config,
-            key,
+            keys,
             membership,
             shutdown: shutdown.clone(),
             counters: counters.clone(),
@@ -180,7 +178,7 @@ struct Worker {
     socket: UdpSocket,
     local_addr: SocketAddr,
     config: GossipConfig,
-    key: DerivedKey,
+    keys: Keyring,
     membership: Arc<Mutex<Membership>>,
     shutdown: Arc<AtomicBool>,
     counters: Arc<GossipCounters>,
@@ -249,10 +247,10 @@ impl Worker {
     /// Handles one datagram; true when membership changed (a member joined or restarted).
     fn receive(&mut self, datagram: &[u8], from: SocketAddr) -> bool {
         self.counters.received.fetch_add(1, Ordering::Relaxed);
-        let decoded = Heartbeat::decode(datagram, &self.key);
+        let decoded = Heartbeat::decode(datagram, &self.keys);
         let mut membership = lock(&self.membership);
-        let hb = match decoded {
-            Ok(hb) => hb,
+        let (hb, key_id) = match decoded {
+            Ok(opened) => opened,
             Err(err) => {
                 membership.count_drop(DropReason::of_packet_error(&err));
                 log::debug!("gossip: dropped datagram from {from}: {err}");
@@ -264,6 +262,9 @@ impl Worker {
             return false;
         }
         let result = membership.on_heartbeat(&hb, from, Instant::now(), now_ms());
+        if result.is_ok() {
+            membership.record_key(&hb.name, key_id);
+        }
         match &result {
             Ok(Change::Joined) => log::info!(
                 "cluster: member {} is alive (internal {}, gossip {from}); members now {:?}, ring generation {}",
@@ -336,7 +337,7 @@ impl Worker {
                 internal_addr: membership.internal_addr().to_owned(),
                 members,
             };
-            let datagram = match hb.encode(&self.key) {
+            let datagram = match hb.encode(&self.keys) {
                 Ok(datagram) => datagram,
                 Err(err) => {
                     log::error!("gossip: cannot encode our heartbeat: {err}");
@@ -387,6 +388,11 @@ impl Worker {
 mod tests {
     use super::super::membership::MembershipConfig;
     use super::*;
+    use telemeter_common::token::DerivedKey;
+
+    fn keyring(key: &DerivedKey) -> Keyring {
+        Keyring::new(std::slice::from_ref(key)).unwrap()
+    }
 
     fn start(name: &str, join: Vec<String>, key: DerivedKey) -> (Gossip, Arc<Mutex<Membership>>) {
         let mut config = MembershipConfig::new(name, &format!("{name}:9004"), rand_boot(name));
@@ -398,7 +404,7 @@ mod tests {
                 join,
                 interval: Duration::from_millis(50),
             },
-            key,
+            keyring(&key),
             membership.clone(),
         )
         .unwrap();
@@ -427,7 +433,7 @@ mod tests {
         let key = DerivedKey([3; 32]);
         let (mut a, ma) = start("a", vec![], key.clone());
         // Only b lists a: a learns b's address from its heartbeats.
-        let (mut b, mb) = start("b", vec![a.local_addr().to_string()], key);
+        let (mut b, mb) = start("b", vec![a.local_addr().to_string()], key.clone());
         assert!(wait_for(|| lock(&ma).alive() == ["a", "b"]
             && lock(&mb).alive() == ["a", "b"]
             && lock(&ma).converged()
@@ -460,7 +466,7 @@ mod tests {
                 .map(|(_, n)| n)
                 .unwrap_or(0)
         };
-        assert!(wait_for(|| count(DropReason::BadMac) >= 2
+        assert!(wait_for(|| count(DropReason::UnknownKey) >= 2
             && count(DropReason::Garbage) >= 1
             && count(DropReason::Oversized) >= 1));
         assert_eq!(lock(&ma).alive(), ["a"]);
@@ -486,7 +492,7 @@ mod tests {
                 join: vec![a.local_addr().to_string(), b_addr.to_string()],
                 interval: Duration::from_millis(50),
             },
-            key,
+            keyring(&key),
             mb.clone(),
         )
         .unwrap();
@@ -523,6 +529,7 @@ mod tests {
     fn replayed_and_skewed_heartbeats_are_dropped_and_counted() {
         let key = DerivedKey([5; 32]);
         let (mut a, ma) = start("a", vec![], key.clone());
+        let sealing = keyring(&key);
         let attacker = UdpSocket::bind("127.0.0.1:0").unwrap();
         let heartbeat = |seq: u64, sent_ms: u64| {
             Heartbeat {
@@ -533,7 +540,7 @@ mod tests {
                 internal_addr: "x:1".into(),
                 members: vec!["x".into()],
             }
-            .encode(&key)
+            .encode(&sealing)
             .unwrap()
         };
         let first = heartbeat(1, now_ms());
