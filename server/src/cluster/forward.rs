@@ -452,6 +452,8 @@ impl Forwarder {
             .agent
             .post(&url)
             .content_type(FORWARD_CONTENT_TYPE)
+            // The peer's address is in the IP header already; the payload need not repeat it.
+            .header("Host", "peer")
             .send(&body[..])
             .map_err(|err| ForwardError::Unreachable(err.to_string()))?;
         let status = response.status().as_u16();
