@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use telemeter_common::media::PROTO_DELIMITED;
 use telemeter_common::token::TokenSigner;
+use telemeter_server::cluster::ring::{HashRing, DEFAULT_VNODES};
 
 use crate::http::{Connection, Request, Target};
 use crate::load::Workload;
@@ -79,11 +80,41 @@ pub struct Upload {
     pub target: Target,
     /// Where tokens come from.
     pub tokens: Tokens,
+    /// The cluster ids to send, by index; `None`: [`payload::cluster_id`] of the index.
+    pub ids: Option<Vec<String>>,
+}
+
+/// The first `count` cluster ids (in [`payload::cluster_id`] order) that the ring of `members`
+/// does not give to `node`: uploads of them to `node` are all forwarded to their owners, which
+/// measures ingest through a non-owner (sealing, the peer hop, the owner's store).
+pub fn ids_not_owned_by(
+    node: &str,
+    members: &[String],
+    count: usize,
+) -> Result<Vec<String>, String> {
+    if !members.iter().any(|m| m == node) {
+        return Err(format!("--ring must list --forwarded-from {node:?}"));
+    }
+    if members.len() < 2 {
+        return Err("--ring needs another member to forward to".into());
+    }
+    let ring = HashRing::new(members, DEFAULT_VNODES);
+    Ok((0..)
+        .map(payload::cluster_id)
+        .filter(|id| ring.owner(id) != Some(node))
+        .take(count)
+        .collect())
 }
 
 impl Workload for Upload {
     fn request(&self, cluster: usize) -> Result<Request, String> {
-        let id = payload::cluster_id(cluster);
+        let id = match &self.ids {
+            Some(ids) => ids
+                .get(cluster)
+                .cloned()
+                .ok_or_else(|| format!("no cluster id number {cluster}"))?,
+            None => payload::cluster_id(cluster),
+        };
         let token = self.tokens.upload_token(&id)?;
         Ok(Request {
             method: "POST",
@@ -151,6 +182,7 @@ mod tests {
     #[test]
     fn upload_requests_carry_what_a_client_sends() {
         let w = Upload {
+            ids: None,
             target: Target::parse("http://127.0.0.1:1").unwrap_or_else(|e| panic!("{e}")),
             tokens: Tokens::Signed(TokenSigner::new(&SharedKey::generate())),
         };
@@ -177,5 +209,18 @@ mod tests {
         assert_eq!(r.method, "PUT");
         assert_eq!(r.path, "/metrics/job/bench-00000009");
         assert!(String::from_utf8_lossy(&r.body).contains("_id=\"bench-00000009\""));
+    }
+
+    #[test]
+    fn ids_not_owned_by_a_node_are_owned_by_the_others() {
+        let members: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let ids = ids_not_owned_by("a", &members, 50).unwrap();
+        assert_eq!(ids.len(), 50);
+        let ring = HashRing::new(&members, DEFAULT_VNODES);
+        assert!(ids
+            .iter()
+            .all(|id| ring.owner(id).is_some_and(|o| o != "a")));
+        assert!(ids_not_owned_by("z", &members, 1).is_err());
+        assert!(ids_not_owned_by("a", &members[..1], 1).is_err());
     }
 }

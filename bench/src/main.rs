@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use telemeter_bench::http::Target;
-use telemeter_bench::ingest::{Pushgateway, Tokens, Upload};
+use telemeter_bench::ingest::{self, Pushgateway, Tokens, Upload};
 use telemeter_bench::load::{self, Plan};
 use telemeter_bench::{decode, disk, federate, payload};
 use telemeter_common::token::{SharedKey, TokenSigner};
@@ -90,6 +90,13 @@ enum Command {
         /// Per-request timeout in seconds.
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
+        /// The --name of the node at --url: send only cluster ids it does not own on the ring of
+        /// --ring, so every upload is forwarded to its owner (ingest through a non-owner).
+        #[arg(long, requires = "ring")]
+        forwarded_from: Option<String>,
+        /// Every member's --name, comma separated (with --forwarded-from).
+        #[arg(long, value_delimiter = ',', requires = "forwarded_from")]
+        ring: Vec<String>,
     },
     /// PUT the same series as text to a Pushgateway, under /metrics/job/<cluster id>.
     Pushgateway {
@@ -191,8 +198,15 @@ fn run(cli: Cli) -> Result<String, String> {
             clusters,
             once,
             timeout,
+            forwarded_from,
+            ring,
         } => {
             let target = target(&url)?;
+            let clusters = clusters.unwrap_or(senders.max(1) * 4);
+            let ids = match forwarded_from {
+                Some(node) => Some(ingest::ids_not_owned_by(&node, &ring, clusters)?),
+                None => None,
+            };
             let tokens = match (shared_key, token) {
                 (Some(path), _) => {
                     let key = SharedKey::from_file(&path).map_err(|e| e.to_string())?;
@@ -206,7 +220,7 @@ fn run(cli: Cli) -> Result<String, String> {
             };
             let plan = Plan {
                 senders,
-                clusters: clusters.unwrap_or(senders.max(1) * 4),
+                clusters,
                 duration: seconds(duration),
                 once,
                 samples_per_request: payload::SAMPLES_PER_UPLOAD,
@@ -219,6 +233,7 @@ fn run(cli: Cli) -> Result<String, String> {
                 Arc::new(Upload {
                     target: target.clone(),
                     tokens,
+                    ids,
                 }),
             )
             .to_string())

@@ -28,8 +28,44 @@ pub enum KeyPurpose {
     UploadToken,
     /// Signing pushes forwarded between servers.
     PeerForward,
-    /// Authenticating gossip heartbeats.
+    /// Authenticating gossip heartbeats (format version 1, MAC only).
     Gossip,
+    /// Sealing gossip datagrams (AEAD, format version 2).
+    GossipSeal,
+    /// Sealing pushes forwarded between servers (AEAD).
+    ForwardSeal,
+}
+
+/// A short public name of a derived key: the first 4 bytes of SHA-256 over a label and the key.
+///
+/// Sent in the clear so that a receiver holding several keys (during a rotation) picks the right
+/// one without trial decryption. It reveals nothing usable about the key: finding a key from 32
+/// bits of its hash is no easier than guessing the key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KeyId(pub [u8; 4]);
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl DerivedKey {
+    /// This key's [`KeyId`].
+    pub fn id(&self) -> KeyId {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"telemeter/v2/key-id\0");
+        ctx.update(&self.0);
+        let digest = ctx.finish();
+        let mut id = [0u8; 4];
+        for (dst, src) in id.iter_mut().zip(digest.as_ref()) {
+            *dst = *src;
+        }
+        KeyId(id)
+    }
 }
 
 /// A 256-bit key derived from the shared key for one purpose.
@@ -103,6 +139,8 @@ impl KeyPurpose {
             KeyPurpose::UploadToken => "telemeter/v1/upload-token",
             KeyPurpose::PeerForward => "telemeter/v1/peer-forward",
             KeyPurpose::Gossip => "telemeter/v1/gossip",
+            KeyPurpose::GossipSeal => "telemeter/v2/gossip-seal",
+            KeyPurpose::ForwardSeal => "telemeter/v2/forward-seal",
         }
     }
 }
@@ -289,21 +327,37 @@ struct WireClaims {
 }
 
 /// Issues and verifies upload tokens with the key derived for [`KeyPurpose::UploadToken`].
+///
+/// During a key rotation it holds several keys: the first signs, every one verifies, so tokens
+/// issued under a key that is still listed keep working until they expire.
 #[derive(Clone, Debug)]
 pub struct TokenSigner {
-    key: DerivedKey,
+    signing: DerivedKey,
+    /// The other keys tokens are still accepted under.
+    others: Vec<DerivedKey>,
 }
 
 impl TokenSigner {
     /// A signer using `shared`'s upload-token key.
     pub fn new(shared: &SharedKey) -> TokenSigner {
+        TokenSigner::with_keys(std::slice::from_ref(shared))
+    }
+
+    /// A signer that signs with the first of `shared` and verifies with any of them. With no key
+    /// at all it signs with a fresh random one (as a server without `--shared-key` does).
+    pub fn with_keys(shared: &[SharedKey]) -> TokenSigner {
+        let mut keys = shared.iter().map(|k| k.derive(KeyPurpose::UploadToken));
+        let signing = keys
+            .next()
+            .unwrap_or_else(|| SharedKey::generate().derive(KeyPurpose::UploadToken));
         TokenSigner {
-            key: shared.derive(KeyPurpose::UploadToken),
+            signing,
+            others: keys.collect(),
         }
     }
 
     fn hmac_key(&self) -> hmac::Key {
-        hmac::Key::new(hmac::HMAC_SHA256, &self.key.0)
+        hmac::Key::new(hmac::HMAC_SHA256, &self.signing.0)
     }
 
     /// A compact HS256 JWT for `cluster_id`, valid from `now` for `lifetime`. The JSON claims are
@@ -359,8 +413,15 @@ impl TokenSigner {
         let signature = crate::base64::decode_url(signature_b64).ok_or(TokenError::Malformed)?;
         let signed_len = header_b64.len() + 1 + payload_b64.len();
         let signed = token.get(..signed_len).ok_or(TokenError::Malformed)?;
-        hmac::verify(&self.hmac_key(), signed.as_bytes(), &signature)
-            .map_err(|_| TokenError::BadSignature)?;
+        // A token has no key id (upstream's format), so each listed key is tried: at most a few,
+        // and only during a rotation.
+        let genuine = std::iter::once(&self.signing).chain(&self.others).any(|k| {
+            let key = hmac::Key::new(hmac::HMAC_SHA256, &k.0);
+            hmac::verify(&key, signed.as_bytes(), &signature).is_ok()
+        });
+        if !genuine {
+            return Err(TokenError::BadSignature);
+        }
 
         let payload = crate::base64::decode_url(payload_b64).ok_or(TokenError::Malformed)?;
         let claims: WireClaims =
@@ -833,5 +894,37 @@ mod tests {
             assert!(!s.contains('\n') && s.len() < 100, "{s}");
         }
         assert_eq!(TokenError::Expired.to_string(), "token has expired");
+    }
+
+    #[test]
+    fn rotation_signs_with_the_first_key_and_verifies_with_any() {
+        let now = SystemTime::now();
+        let old = TokenSigner::new(&shared(1));
+        let rolling = TokenSigner::with_keys(&[shared(2), shared(1)]);
+        let new = TokenSigner::new(&shared(2));
+        let by_old = old.issue("c", "s", &labels(), Duration::from_secs(60), now);
+        let by_rolling = rolling.issue("c", "s", &labels(), Duration::from_secs(60), now);
+        assert!(rolling.verify(&by_old, now).is_ok());
+        assert!(new.verify(&by_rolling, now).is_ok());
+        assert!(matches!(
+            old.verify(&by_rolling, now),
+            Err(TokenError::BadSignature)
+        ));
+        assert!(matches!(
+            new.verify(&by_old, now),
+            Err(TokenError::BadSignature)
+        ));
+    }
+
+    #[test]
+    fn key_ids_are_short_stable_and_differ_per_key() {
+        let a = shared(1).derive(KeyPurpose::GossipSeal);
+        let b = shared(2).derive(KeyPurpose::GossipSeal);
+        assert_eq!(a.id(), shared(1).derive(KeyPurpose::GossipSeal).id());
+        assert_ne!(a.id(), b.id());
+        assert_ne!(a.id(), shared(1).derive(KeyPurpose::ForwardSeal).id());
+        assert_eq!(a.id().to_string().len(), 8);
+        // The id is a hash of the key, not a piece of it.
+        assert_ne!(a.id().0[..], a.0[..4]);
     }
 }

@@ -92,14 +92,15 @@ impl Server {
     /// Opens the store, builds the handlers and starts serving both ports.
     pub fn start(config: Config) -> Result<RunningServer, StartError> {
         tls::install_crypto_provider();
-        let shared = match &config.shared_key {
-            Some(path) => SharedKey::from_file(path).map_err(StartError::SharedKey)?,
-            None => {
-                warn!("no --shared-key: signing upload tokens with a random key; they stop working when this process ends");
-                SharedKey::generate()
-            }
-        };
-        let signer = TokenSigner::new(&shared);
+        let mut shared = Vec::with_capacity(config.shared_key.len());
+        for path in &config.shared_key {
+            shared.push(SharedKey::from_file(path).map_err(StartError::SharedKey)?);
+        }
+        if shared.is_empty() {
+            warn!("no --shared-key: signing upload tokens with a random key; they stop working when this process ends");
+            shared.push(SharedKey::generate());
+        }
+        let signer = TokenSigner::with_keys(&shared);
         let authorizer =
             authorize::from_source(&config.token_source).map_err(StartError::TokensFile)?;
         let external_tls = load_tls(config.tls.as_ref())?;
@@ -295,7 +296,7 @@ impl Server {
 
 fn start_cluster(
     flags: &crate::config::ClusterFlags,
-    shared: &SharedKey,
+    shared: &[SharedKey],
 ) -> Result<Cluster, StartError> {
     // A host name is resolved, as --listen and --listen-internal are (`localhost:9006`).
     let listen_cluster = flags

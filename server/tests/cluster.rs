@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{families, get, now_ms, post, series_lines, ServerProcess, Signal, TempDir};
 use telemeter_common::token::{KeyPurpose, SharedKey};
-use telemeter_server::cluster::packet::Heartbeat;
+use telemeter_server::cluster::packet::{Heartbeat, Keyring};
 use telemeter_server::cluster::ring::{HashRing, DEFAULT_VNODES};
 
 const INTERVAL: &str = "200ms";
@@ -343,7 +343,7 @@ fn forged_and_replayed_gossip_is_dropped_and_unsigned_forwards_refused() {
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
 
     let key = SharedKey::from_bytes(KEY.as_bytes()).unwrap();
-    let gossip_key = key.derive(KeyPurpose::Gossip);
+    let gossip_key = Keyring::derive(std::slice::from_ref(&key), KeyPurpose::GossipSeal).unwrap();
     let heartbeat = |seq: u64, sent_ms: u64| Heartbeat {
         name: "mallory".into(),
         boot_id: 42,
@@ -356,9 +356,11 @@ fn forged_and_replayed_gossip_is_dropped_and_unsigned_forwards_refused() {
     let genuine = heartbeat(1, now).encode(&gossip_key).unwrap();
     let forged = heartbeat(2, now)
         .encode(
-            &SharedKey::from_bytes(&[9; 32])
-                .unwrap()
-                .derive(KeyPurpose::Gossip),
+            &Keyring::derive(
+                &[SharedKey::from_bytes(&[9; 32]).unwrap()],
+                KeyPurpose::GossipSeal,
+            )
+            .unwrap(),
         )
         .unwrap();
     let skewed = heartbeat(3, now - 120_000).encode(&gossip_key).unwrap();
@@ -377,7 +379,7 @@ fn forged_and_replayed_gossip_is_dropped_and_unsigned_forwards_refused() {
     };
     let started = Instant::now();
     while !(dropped("replay") == 1.0
-        && dropped("bad_mac") == 1.0
+        && dropped("unknown_key") == 1.0
         && dropped("clock_skew") == 1.0
         && dropped("garbage") == 1.0
         && dropped("oversized") == 1.0)
@@ -392,22 +394,26 @@ fn forged_and_replayed_gossip_is_dropped_and_unsigned_forwards_refused() {
     let debug = debug_cluster(process);
     assert_eq!(debug["dropped_packets"]["replay"], 1);
 
-    // Forwards without a signature, or signed with another key, are refused.
+    // Forwards not sealed, or sealed with another key, are refused.
     let url = process.url_internal("/internal/forward");
     let r = post(&url, &[], b"payload");
     assert_eq!(r.status, 401, "{}", r.body);
     let other =
-        telemeter_server::cluster::forward::Signer::new(&SharedKey::from_bytes(&[9; 32]).unwrap());
-    let headers = other.headers(
-        "solo",
-        "c1",
-        std::time::SystemTime::now(),
-        telemeter_server::cluster::forward::ForwardKind::Push,
-        b"payload",
-        std::time::SystemTime::now(),
-    );
-    let refs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-    let r = post(&url, &refs, b"payload");
+        telemeter_server::cluster::forward::Sealer::new(
+            &[SharedKey::from_bytes(&[9; 32]).unwrap()],
+        )
+        .unwrap();
+    let body = other
+        .seal(
+            "solo",
+            "c1",
+            std::time::SystemTime::now(),
+            telemeter_server::cluster::forward::ForwardKind::Push,
+            b"payload",
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+    let r = post(&url, &[], &body);
     assert_eq!(r.status, 401, "{}", r.body);
     assert_eq!(
         metric(

@@ -1068,10 +1068,8 @@ fn nan_and_infinities_are_stored_and_served() {
 // The cluster's ports: gossip datagrams and forwarded pushes
 
 use std::net::UdpSocket;
-use telemeter_server::cluster::forward::{
-    ForwardKind, Signer, HEADER_DESTINATION, HEADER_HOP, HEADER_TIME,
-};
-use telemeter_server::cluster::packet::Heartbeat;
+use telemeter_server::cluster::forward::{ForwardKind, Sealer};
+use telemeter_server::cluster::packet::{Heartbeat, Keyring, HEADER_LEN};
 
 fn gossip_dropped(s: &ServerProcess, reason: &str) -> f64 {
     let metrics = get(&s.url_internal("/metrics"), &[]).body;
@@ -1125,7 +1123,8 @@ fn hostile_cluster_traffic_is_dropped_counted_or_refused() {
     let bystander = s.upload_token("wild", "bystander");
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     let shared = SharedKey::from_bytes(KEY.as_bytes()).unwrap();
-    let gossip_key = shared.derive(KeyPurpose::Gossip);
+    let gossip_key =
+        Keyring::derive(std::slice::from_ref(&shared), KeyPurpose::GossipSeal).unwrap();
     let boot = 4242;
     let heartbeat = |name: &str, seq: u64, sent_ms: u64| Heartbeat {
         name: name.into(),
@@ -1140,15 +1139,31 @@ fn hostile_cluster_traffic_is_dropped_counted_or_refused() {
     let mut flipped = genuine.clone();
     let mid = flipped.len() / 2;
     flipped[mid] ^= 0x01;
-    let other_key = SharedKey::from_bytes(&[9; 32])
-        .unwrap()
-        .derive(KeyPurpose::Gossip);
+    let other = SharedKey::from_bytes(&[9; 32]).unwrap();
+    let other_key = Keyring::derive(std::slice::from_ref(&other), KeyPurpose::GossipSeal).unwrap();
+    // Another key presenting our key id: only the tag can tell.
+    let mut impostor = heartbeat("mallory", 2, now()).encode(&other_key).unwrap();
+    impostor[1..5].copy_from_slice(&genuine[1..5]);
+    let cut_tag = {
+        let g = heartbeat("mallory", 5, now()).encode(&gossip_key).unwrap();
+        g[..g.len() - 1].to_vec()
+    };
 
     // (case, datagrams sent in order, the drop reason the last one must be counted under)
     let datagrams: Vec<(&str, Vec<Vec<u8>>, &str)> = vec![
         (
-            "forged MAC (another deployment's key)",
+            "sealed with another deployment's key",
             vec![heartbeat("mallory", 1, now()).encode(&other_key).unwrap()],
+            "unknown_key",
+        ),
+        (
+            "sealed with another key under our key id",
+            vec![impostor],
+            "bad_mac",
+        ),
+        (
+            "genuine heartbeat, tag cut by one byte",
+            vec![cut_tag],
             "bad_mac",
         ),
         (
@@ -1229,106 +1244,104 @@ fn hostile_cluster_traffic_is_dropped_counted_or_refused() {
 
     // Forwarded pushes on the internal port.
     let url = s.url_internal("/internal/forward");
-    let ours = Signer::new(&shared);
-    let theirs = Signer::new(&SharedKey::from_bytes(&[9; 32]).unwrap());
+    let ours = Sealer::new(std::slice::from_ref(&shared)).unwrap();
+    let theirs = Sealer::new(&[other]).unwrap();
     let body = delimited::encode(&families(Some("fwd"), 1, now_ms()));
-    let signed_to = |node: &str, signer: &Signer, body: &[u8], at: SystemTime| {
-        signer.headers(node, "fwd", SystemTime::now(), ForwardKind::Push, body, at)
+    let sealed_to = |node: &str, sealer: &Sealer, at: SystemTime| {
+        sealer
+            .seal(node, "fwd", SystemTime::now(), ForwardKind::Push, &body, at)
+            .unwrap()
     };
-    let signed = |signer: &Signer, body: &[u8], at: SystemTime| signed_to("solo", signer, body, at);
-    let send = |headers: &[(&str, String)], body: &[u8]| {
-        let refs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-        post(&url, &refs, body)
-    };
-    let genuine_headers = signed(&ours, &body, SystemTime::now());
-    let r = send(&genuine_headers, &body);
+    let sealed = |sealer: &Sealer, at: SystemTime| sealed_to("solo", sealer, at);
+    let send = |body: &[u8]| post(&url, &[("Content-Type", "application/octet-stream")], body);
+    let genuine_forward = sealed(&ours, SystemTime::now());
+    let r = send(&genuine_forward);
     assert_eq!(r.status, 200, "a genuine forward: {}", r.body);
-    let set = |headers: &[(&'static str, String)], name: &str, value: &str| {
-        let mut h = headers.to_vec();
-        for (n, v) in h.iter_mut() {
-            if *n == name {
-                *v = value.to_string();
-            }
-        }
-        h
+    let flipped_forward = {
+        let mut f = sealed(&ours, SystemTime::now());
+        // One bit of the ciphertext, past the clear header.
+        f[HEADER_LEN + 10] ^= 0x01;
+        f
     };
-    // (case, headers, body, what the 401's reason must say)
-    type Forward = (
-        &'static str,
-        Vec<(&'static str, String)>,
-        Vec<u8>,
-        &'static str,
-    );
-    let forwards: Vec<Forward> = vec![
-        ("unsigned forward", vec![], body.clone(), "missing header"),
+    let cut_forward = {
+        let f = sealed(&ours, SystemTime::now());
+        f[..f.len() - 1].to_vec()
+    };
+    // (case, body, what the 401's reason must say)
+    let forwards: Vec<(&str, Vec<u8>, &str)> = vec![
         (
-            "forward signed with another key",
-            signed(&theirs, &body, SystemTime::now()),
+            "plain families, not sealed",
             body.clone(),
-            "bad forward signature",
+            "malformed forward",
         ),
         (
-            "genuine signature, tampered body",
-            signed(&ours, &body, SystemTime::now()),
-            delimited::encode(&families(Some("fwd"), 9, now_ms())),
-            "bad forward signature",
+            "forward sealed with another key",
+            sealed(&theirs, SystemTime::now()),
+            "which is not ours",
+        ),
+        (
+            "genuine forward with one flipped bit",
+            flipped_forward,
+            "does not open",
+        ),
+        (
+            "genuine forward, tag cut by one byte",
+            cut_forward,
+            "does not open",
         ),
         (
             "replayed genuine forward",
-            genuine_headers.clone(),
-            body.clone(),
+            genuine_forward.clone(),
             "replayed",
         ),
         (
-            "genuine forward signed ten minutes ago",
-            signed(&ours, &body, SystemTime::now() - Duration::from_secs(600)),
-            body.clone(),
+            "genuine forward sealed ten minutes ago",
+            sealed(&ours, SystemTime::now() - Duration::from_secs(600)),
             "away from our clock",
         ),
         (
-            "genuine forward with its time header changed",
-            set(
-                &signed(&ours, &body, SystemTime::now()),
-                HEADER_TIME,
-                // Still inside the window, so only the signature can catch it.
-                &(now_ms() + 5_000).to_string(),
-            ),
-            body.clone(),
-            "forward",
-        ),
-        (
-            "forward with hop 2",
-            set(&signed(&ours, &body, SystemTime::now()), HEADER_HOP, "2"),
-            body.clone(),
-            "forward",
-        ),
-        (
             // Captured on its way to another node of the cluster and replayed here: our replay
-            // cache has never seen it, the destination in the signature catches it.
-            "genuine forward signed for another node",
-            signed_to("node-b", &ours, &body, SystemTime::now()),
-            body.clone(),
+            // cache has never seen it, the destination inside the seal catches it.
+            "genuine forward sealed for another node",
+            sealed_to("node-b", &ours, SystemTime::now()),
             "addressed to node \"node-b\"",
         ),
-        (
-            "genuine forward with its destination changed to us",
-            set(
-                &signed_to("node-b", &ours, &body, SystemTime::now()),
-                HEADER_DESTINATION,
-                "solo",
-            ),
-            body.clone(),
-            "bad forward signature",
-        ),
     ];
-    for (name, headers, body, reason) in forwards {
-        let r = send(&headers, &body);
+    let unauthorized = || {
+        metric_value(
+            &get(&s.url_internal("/metrics"), &[]).body,
+            "telemeter_server_cluster_forwards_received_total",
+            &["result=\"unauthorized\""],
+        )
+    };
+    for (name, body, reason) in forwards {
+        let before = unauthorized();
+        let r = send(&body);
         let line = r.body.trim_end();
         println!("forward: {name:<44} → {} {line:?}", r.status);
         if r.status != 401 || !line.contains(reason) || line.contains('\n') {
             failures.push(format!(
                 "{name}: {} {line:?}, want 401 saying {reason:?}",
                 r.status
+            ));
+        }
+        let after = unauthorized();
+        if after != before + 1.0 {
+            failures.push(format!("{name}: unauthorized went {before} → {after}"));
+        }
+        let ok = post(
+            &s.url("/upload"),
+            &[
+                ("Authorization", &format!("Bearer {bystander}")),
+                ("Content-Type", PROTO_DELIMITED),
+                ("Content-Encoding", "snappy"),
+            ],
+            &pd_snappy(&families(None, 2, now_ms())),
+        );
+        if ok.status != 200 {
+            failures.push(format!(
+                "{name}: a normal upload afterwards got {}: {}",
+                ok.status, ok.body
             ));
         }
     }

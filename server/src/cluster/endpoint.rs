@@ -1,7 +1,7 @@
 //! The internal `/internal/forward` endpoint: stores a push another server forwarded to us.
 //!
-//! Only signed requests addressed to this node are accepted (401 otherwise, counted as
-//! `unauthorized`). A forwarded push is never forwarded again,
+//! Only requests sealed under one of our keys, fresh, and addressed to this node are accepted
+//! (401 otherwise, counted as `unauthorized`). A forwarded push is never forwarded again,
 //! whoever the ring names as owner: the sender chose us, and if we do not own the cluster the
 //! handoff thread moves the file on later. The reply is 200 only once the upload is durable.
 
@@ -24,35 +24,36 @@ pub fn handle_forward(
     if request.method != FORWARD_METHOD {
         return Response::text(405, "only POST is allowed").with_header("Allow", "POST");
     }
-    let forwarded = match cluster.verify_forward(
-        &request.method,
-        &request.path,
-        &request.headers,
-        &request.body,
-    ) {
-        Ok(forwarded) => forwarded,
+    let Request {
+        method,
+        path,
+        body,
+        remote,
+        ..
+    } = request;
+    let (forwarded, families) = match cluster.open_forward(&method, &path, body) {
+        Ok(opened) => opened,
         Err(err) => {
             cluster.count_received_forward("unauthorized");
-            log::warn!("cluster: refused a forward from {}: {err}", request.remote);
+            log::warn!("cluster: refused a forward from {remote}: {err}");
             return Response::text(401, &format!("forward refused: {err}"));
         }
     };
     let id = &forwarded.cluster_id;
-    let bytes = request.body.len();
+    let bytes = families.len();
     let result = match forwarded.kind {
         ForwardKind::Push => {
-            store_then_queue(store, remote_write, id, request.body, forwarded.received)
-                .map(|()| true)
+            store_then_queue(store, remote_write, id, families, forwarded.received).map(|()| true)
         }
-        ForwardKind::Handoff => store.put_if_newer(id, request.body, forwarded.received),
+        ForwardKind::Handoff => store.put_if_newer(id, families, forwarded.received),
     };
     match result {
         Ok(written) => {
             cluster.count_received_forward(forwarded.kind.as_str());
             log::debug!(
-                "cluster: stored a forwarded {} for cluster {id} from {} ({bytes} bytes, written: {written})",
+                "cluster: stored a forwarded {} for cluster {id} from {remote} ({bytes} bytes, written: {written}, key id {})",
                 forwarded.kind.as_str(),
-                request.remote
+                forwarded.key_id
             );
             Response::empty(200)
         }
@@ -66,21 +67,18 @@ pub fn handle_forward(
 
 #[cfg(test)]
 mod tests {
-    use super::super::forward::{Signer, FORWARD_PATH};
+    use super::super::forward::{Sealer, FORWARD_PATH};
     use super::super::testing::{key, node, TempStore};
     use super::*;
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-    fn request(method: &str, headers: Vec<(&'static str, String)>, body: &[u8]) -> Request {
+    fn request(method: &str, body: Vec<u8>) -> Request {
         Request {
             method: method.into(),
             path: FORWARD_PATH.into(),
             query: String::new(),
-            headers: headers
-                .into_iter()
-                .map(|(n, v)| (n.to_owned(), v))
-                .collect(),
-            body: body.to_vec(),
+            headers: Vec::new(),
+            body,
             remote: "127.0.0.1:5555".parse().unwrap(),
         }
     }
@@ -90,46 +88,46 @@ mod tests {
     }
 
     #[test]
-    fn signed_forwards_are_stored_others_refused() {
+    fn sealed_forwards_are_stored_others_refused() {
         let store = TempStore::new("endpoint");
         let cluster = node("solo", "127.0.0.1:1", vec![]);
-        let signer = Signer::new(&key());
+        let sealer = Sealer::new(&[key()]).unwrap();
         let now = SystemTime::now();
         let recent = now - Duration::from_secs(5);
 
-        let headers = signer.headers("solo", "c1", recent, ForwardKind::Push, b"new", now);
-        let reply = handle_forward(
-            &cluster,
-            &store.store,
-            None,
-            request("POST", headers, b"new"),
-        );
+        let body = sealer
+            .seal("solo", "c1", recent, ForwardKind::Push, b"new", now)
+            .unwrap();
+        let reply = handle_forward(&cluster, &store.store, None, request("POST", body));
         assert_eq!(reply.status, 200);
         let stored = store.store.get("c1").unwrap().unwrap();
         assert_eq!(stored.payload, b"new".to_vec());
 
         // A handoff of an older upload does not replace it, but is acknowledged.
-        let headers = signer.headers("solo", "c1", at(1_000), ForwardKind::Handoff, b"old", now);
-        let reply = handle_forward(
-            &cluster,
-            &store.store,
-            None,
-            request("POST", headers, b"old"),
-        );
+        let body = sealer
+            .seal("solo", "c1", at(1_000), ForwardKind::Handoff, b"old", now)
+            .unwrap();
+        let reply = handle_forward(&cluster, &store.store, None, request("POST", body));
         assert_eq!(reply.status, 200);
         assert_eq!(
             store.store.get("c1").unwrap().unwrap().payload,
             b"new".to_vec()
         );
 
-        // Unsigned, tampered, addressed to another node, wrong method.
-        let reply = handle_forward(&cluster, &store.store, None, request("POST", vec![], b"x"));
+        // Not sealed, tampered, addressed to another node, wrong method.
+        let reply = handle_forward(&cluster, &store.store, None, request("POST", b"x".to_vec()));
         assert_eq!(reply.status, 401);
-        let headers = signer.headers("solo", "c2", recent, ForwardKind::Push, b"a", now);
-        let reply = handle_forward(&cluster, &store.store, None, request("POST", headers, b"b"));
+        let mut body = sealer
+            .seal("solo", "c2", recent, ForwardKind::Push, b"a", now)
+            .unwrap();
+        let last = body.len() - 1;
+        body[last] ^= 1;
+        let reply = handle_forward(&cluster, &store.store, None, request("POST", body));
         assert_eq!(reply.status, 401);
-        let headers = signer.headers("other", "c2", recent, ForwardKind::Push, b"a", now);
-        let reply = handle_forward(&cluster, &store.store, None, request("POST", headers, b"a"));
+        let body = sealer
+            .seal("other", "c2", recent, ForwardKind::Push, b"a", now)
+            .unwrap();
+        let reply = handle_forward(&cluster, &store.store, None, request("POST", body));
         assert_eq!(reply.status, 401);
         match &reply.body {
             telemeter_common::http::Body::Bytes(body) => assert!(
@@ -138,13 +136,13 @@ mod tests {
             ),
             _ => panic!("a 401 carries its reason"),
         }
-        let reply = handle_forward(&cluster, &store.store, None, request("GET", vec![], b""));
+        let reply = handle_forward(&cluster, &store.store, None, request("GET", Vec::new()));
         assert_eq!(reply.status, 405);
         assert!(store.store.get("c2").unwrap().is_none());
 
-        let received: Vec<(&str, u64)> = cluster.stats().received_forwards;
+        let stats = cluster.stats();
         assert_eq!(
-            received,
+            stats.received_forwards,
             vec![
                 ("push", 1),
                 ("handoff", 1),
@@ -152,6 +150,12 @@ mod tests {
                 ("store_error", 0)
             ]
         );
+        // The two stored were accepted under our key; refused ones are not counted by key.
+        let id = key()
+            .derive(telemeter_common::token::KeyPurpose::ForwardSeal)
+            .id()
+            .to_string();
+        assert_eq!(stats.forwards_opened, vec![(id, 2)]);
         cluster.shutdown();
     }
 }

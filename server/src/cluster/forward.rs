@@ -1,54 +1,51 @@
-//! Pushes forwarded between servers: how they are signed, verified and sent.
+//! Pushes forwarded between servers: how they are sealed, opened and sent.
 //!
-//! A forwarded push is `POST /internal/forward` on the owner's internal port. The body is exactly
-//! what the owner stores: the validated, stamped families as protobuf-delimited bytes. Headers:
+//! A forwarded push is `POST /internal/forward` on the owner's internal port, with
+//! `Content-Type: application/octet-stream` and a body that is one envelope (see `packet`) of
+//! version [`FORWARD_VERSION`], sealed with the key derived for [`KeyPurpose::ForwardSeal`], whose
+//! associated data binds the method and the path. The plaintext (integers big endian):
 //!
-//! - `X-Telemeter-Destination`: the name of the node the push is for (its `--name`);
-//! - `X-Telemeter-Cluster-Id`: the cluster id the body belongs to;
-//! - `X-Telemeter-Received`: when the first server accepted the upload, ms since the epoch;
-//! - `X-Telemeter-Time`: when this request was signed, ms since the epoch;
-//! - `X-Telemeter-Hop`: `1`. A forwarded push is never forwarded again;
-//! - `X-Telemeter-Kind`: `push` (a client's upload: store it) or `handoff` (a file moving to its
-//!   new owner after membership changed: store it only if newer than what is there);
-//! - `X-Telemeter-Signature`: hex of `mac(PeerForward key, [method, path, destination, cluster id,
-//!   received, time, hop, kind, SHA-256(body)])`.
+//! ```text
+//! size  field
+//! 1     destination length d (1..=255), then d bytes: the name of the node the push is for
+//! 2     cluster id length c (1..=65535), then c bytes
+//! 8     received: when the first server accepted the upload, ms since the epoch
+//! 8     time: when this forward was sealed, ms since the epoch
+//! 1     hop: 1. A forwarded push is never forwarded again
+//! 1     kind: 1 push (a client's upload: store it), 2 handoff (a file moving to its new owner
+//!       after membership changed: store it only if newer than what is there)
+//! rest  the families, exactly what the owner stores (validated, stamped, protobuf-delimited)
+//! ```
 //!
-//! The receiver checks the signature, that it is the destination named (every node shares the
-//! key, so without this a forward captured on its way to one node could be replayed to another,
-//! whose replay cache has not seen it), that the time is within a window of its clock, that the
-//! hop is 1, and that it has not seen the same signature within the window (a replayed request
-//! could otherwise put an older upload back over a newer one).
+//! Nothing about the push travels in the clear: not the cluster id, not the destination, not a
+//! metric. The receiver opens the envelope (a wrong key id, a flipped bit or a cut tag: 401), then
+//! checks that it is the destination named (every node shares the key, so without this a forward
+//! captured on its way to one node could be replayed to another, whose replay cache has not seen
+//! it), that the time is within a window of its clock, that the hop is 1, and that it has not
+//! opened the same nonce within the window (a replayed request could otherwise put an older
+//! upload back over a newer one). Nonces never repeat for a key (see `packet`), so a genuine
+//! forward is never mistaken for a replay.
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ring::digest;
-use telemeter_common::media;
-use telemeter_common::token::{mac, verify_mac, DerivedKey, KeyPurpose, SharedKey};
+use telemeter_common::token::{KeyId, KeyPurpose, SharedKey};
+
+use super::packet::{Keyring, KeyringError, OpenError, SealError, HEADER_LEN};
 
 /// The internal endpoint forwarded pushes are sent to.
 pub const FORWARD_PATH: &str = "/internal/forward";
 /// The method of a forwarded push.
 pub const FORWARD_METHOD: &str = "POST";
-/// Header: the name of the node the forward is addressed to.
-pub const HEADER_DESTINATION: &str = "X-Telemeter-Destination";
-/// Header: the cluster id.
-pub const HEADER_CLUSTER_ID: &str = "X-Telemeter-Cluster-Id";
-/// Header: when the upload was first received, ms since the epoch.
-pub const HEADER_RECEIVED: &str = "X-Telemeter-Received";
-/// Header: when the request was signed, ms since the epoch.
-pub const HEADER_TIME: &str = "X-Telemeter-Time";
-/// Header: the hop count, always 1.
-pub const HEADER_HOP: &str = "X-Telemeter-Hop";
-/// Header: `push` or `handoff`.
-pub const HEADER_KIND: &str = "X-Telemeter-Kind";
-/// Header: the hex HMAC.
-pub const HEADER_SIGNATURE: &str = "X-Telemeter-Signature";
-/// How far the signing time may be from the receiver's clock.
+/// The envelope version of a forwarded push.
+pub const FORWARD_VERSION: u8 = 1;
+/// The content type of a forwarded push: opaque bytes.
+pub const FORWARD_CONTENT_TYPE: &str = "application/octet-stream";
+/// How far the sealing time may be from the receiver's clock.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(30);
-/// Most signatures remembered for replay detection.
+/// Most nonces remembered for replay detection.
 const REPLAY_CACHE: usize = 100_000;
 
 /// Why a push is being forwarded.
@@ -61,7 +58,7 @@ pub enum ForwardKind {
 }
 
 impl ForwardKind {
-    /// The header value.
+    /// The name in logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
             ForwardKind::Push => "push",
@@ -69,16 +66,23 @@ impl ForwardKind {
         }
     }
 
-    fn parse(value: &str) -> Option<ForwardKind> {
-        match value {
-            "push" => Some(ForwardKind::Push),
-            "handoff" => Some(ForwardKind::Handoff),
+    fn code(self) -> u8 {
+        match self {
+            ForwardKind::Push => 1,
+            ForwardKind::Handoff => 2,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<ForwardKind> {
+        match code {
+            1 => Some(ForwardKind::Push),
+            2 => Some(ForwardKind::Handoff),
             _ => None,
         }
     }
 }
 
-/// A verified forwarded push: what the receiver should store.
+/// An opened forwarded push: what the receiver should store, and under which key it came.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Forwarded {
     /// The cluster id.
@@ -87,27 +91,29 @@ pub struct Forwarded {
     pub received: SystemTime,
     /// Push or handoff.
     pub kind: ForwardKind,
+    /// The key that opened it.
+    pub key_id: KeyId,
 }
 
 /// Why a forwarded push was refused (the endpoint answers 401 for all of them).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VerifyError {
-    /// A required header is absent.
-    MissingHeader(&'static str),
-    /// A header's value cannot be parsed.
-    BadHeader(&'static str),
-    /// The signature does not match (tampered, or another cluster's key).
-    BadSignature,
-    /// The signing time is `skew_ms` away from our clock, over the window.
+    /// Not an envelope, or its plaintext does not parse.
+    Malformed(&'static str),
+    /// Sealed under a key we do not hold (another deployment's, or rotated out).
+    UnknownKey(KeyId),
+    /// The tag does not verify: tampered, truncated, or moved to another method or path.
+    BadSeal,
+    /// The sealing time is `skew_ms` away from our clock, over the window.
     OutsideWindow {
         /// Absolute difference, ms.
         skew_ms: u64,
     },
     /// The hop marker is not 1: the push was already forwarded once.
-    HopExceeded(String),
-    /// The same signed request was seen before.
+    HopExceeded(u8),
+    /// The same sealed request was opened before.
     Replayed,
-    /// The forward is signed for another node (captured on its way there and replayed here).
+    /// The forward is sealed for another node (captured on its way there and replayed here).
     WrongDestination {
         /// The node the forward names.
         to: String,
@@ -117,14 +123,16 @@ pub enum VerifyError {
 impl fmt::Display for VerifyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            VerifyError::MissingHeader(h) => write!(f, "missing header {h}"),
-            VerifyError::BadHeader(h) => write!(f, "malformed header {h}"),
-            VerifyError::BadSignature => f.write_str("bad forward signature"),
+            VerifyError::Malformed(what) => write!(f, "malformed forward: {what}"),
+            VerifyError::UnknownKey(id) => {
+                write!(f, "forward sealed under key id {id}, which is not ours")
+            }
+            VerifyError::BadSeal => f.write_str("forward does not open (bad tag)"),
             VerifyError::OutsideWindow { skew_ms } => {
-                write!(f, "forward signed {skew_ms} ms away from our clock")
+                write!(f, "forward sealed {skew_ms} ms away from our clock")
             }
             VerifyError::HopExceeded(hop) => {
-                write!(f, "hop {hop:?}: a forwarded push is never forwarded again")
+                write!(f, "hop {hop}: a forwarded push is never forwarded again")
             }
             VerifyError::Replayed => f.write_str("forwarded request replayed"),
             VerifyError::WrongDestination { to } => {
@@ -136,227 +144,179 @@ impl fmt::Display for VerifyError {
 
 impl std::error::Error for VerifyError {}
 
-/// Signs and verifies forwarded pushes with the key derived for [`KeyPurpose::PeerForward`].
+/// Seals and opens forwarded pushes with the keys derived for [`KeyPurpose::ForwardSeal`].
 #[derive(Debug)]
-pub struct Signer {
-    key: DerivedKey,
+pub struct Sealer {
+    keys: Keyring,
     window: Duration,
     seen: Mutex<ReplayCache>,
 }
 
-impl Signer {
-    /// A signer with `shared`'s forward key and the default window.
-    pub fn new(shared: &SharedKey) -> Signer {
-        Signer::with_key(shared.derive(KeyPurpose::PeerForward), DEFAULT_WINDOW)
+impl Sealer {
+    /// A sealer with the forward keys of `shared` (the first seals) and the default window.
+    pub fn new(shared: &[SharedKey]) -> Result<Sealer, KeyringError> {
+        Ok(Sealer::with_keys(
+            Keyring::derive(shared, KeyPurpose::ForwardSeal)?,
+            DEFAULT_WINDOW,
+        ))
     }
 
-    /// A signer with an explicit key and window.
-    pub fn with_key(key: DerivedKey, window: Duration) -> Signer {
-        Signer {
-            key,
+    /// A sealer with an explicit keyring and window.
+    pub fn with_keys(keys: Keyring, window: Duration) -> Sealer {
+        Sealer {
+            keys,
             window,
             seen: Mutex::new(ReplayCache::default()),
         }
     }
 
-    /// The headers of a forwarded push of `body` to the node named `destination`, signed at `now`.
-    pub fn headers(
+    /// The body of a forwarded push of `families` to the node named `destination`, sealed at
+    /// `now`.
+    pub fn seal(
         &self,
         destination: &str,
         cluster_id: &str,
         received: SystemTime,
         kind: ForwardKind,
-        body: &[u8],
+        families: &[u8],
         now: SystemTime,
-    ) -> Vec<(&'static str, String)> {
-        let received = telemeter_common::time::unix_millis(received).to_string();
-        let time = telemeter_common::time::unix_millis(now).to_string();
-        let hop = "1";
-        let tag = self.tag(
-            FORWARD_METHOD,
-            FORWARD_PATH,
-            destination,
-            cluster_id,
-            &received,
-            &time,
-            hop,
-            kind.as_str(),
-            body,
-        );
-        vec![
-            (HEADER_DESTINATION, destination.to_owned()),
-            (HEADER_CLUSTER_ID, cluster_id.to_owned()),
-            (HEADER_RECEIVED, received),
-            (HEADER_TIME, time),
-            (HEADER_HOP, hop.to_owned()),
-            (HEADER_KIND, kind.as_str().to_owned()),
-            (HEADER_SIGNATURE, hex(&tag)),
-        ]
+    ) -> Result<Vec<u8>, SealError> {
+        let dest_len = u8::try_from(destination.len())
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or(SealError::TooLong("destination name"))?;
+        let id_len = u16::try_from(cluster_id.len())
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or(SealError::TooLong("cluster id"))?;
+        let mut plain =
+            Vec::with_capacity(32 + destination.len() + cluster_id.len() + families.len());
+        plain.push(dest_len);
+        plain.extend_from_slice(destination.as_bytes());
+        plain.extend_from_slice(&id_len.to_be_bytes());
+        plain.extend_from_slice(cluster_id.as_bytes());
+        plain.extend_from_slice(&telemeter_common::time::unix_millis(received).to_be_bytes());
+        plain.extend_from_slice(&telemeter_common::time::unix_millis(now).to_be_bytes());
+        plain.push(1);
+        plain.push(kind.code());
+        plain.extend_from_slice(families);
+        self.keys.seal(
+            FORWARD_VERSION,
+            &[FORWARD_METHOD.as_bytes(), FORWARD_PATH.as_bytes()],
+            &plain,
+        )
     }
 
-    /// Verifies a forwarded request as received by the node named `local_name`: its method, path,
-    /// headers (names compared case-insensitively) and body, at `now`.
-    pub fn verify(
+    /// Opens a forwarded request's `body` as received by the node named `local_name` with
+    /// `method` and `path`, at `now`: what to store, and the families (in `body`'s buffer).
+    pub fn open(
         &self,
         local_name: &str,
         method: &str,
         path: &str,
-        headers: &[(String, String)],
-        body: &[u8],
+        body: Vec<u8>,
         now: SystemTime,
-    ) -> Result<Forwarded, VerifyError> {
-        let destination = header(headers, HEADER_DESTINATION)?;
-        let cluster_id = header(headers, HEADER_CLUSTER_ID)?;
-        let received = header(headers, HEADER_RECEIVED)?;
-        let time = header(headers, HEADER_TIME)?;
-        let hop = header(headers, HEADER_HOP)?;
-        let kind_text = header(headers, HEADER_KIND)?;
-        let signature = header(headers, HEADER_SIGNATURE)?;
-        let tag = unhex(signature).ok_or(VerifyError::BadHeader(HEADER_SIGNATURE))?;
-        let received_ms: u64 = received
-            .parse()
-            .map_err(|_| VerifyError::BadHeader(HEADER_RECEIVED))?;
-        let time_ms: u64 = time
-            .parse()
-            .map_err(|_| VerifyError::BadHeader(HEADER_TIME))?;
-        let kind = ForwardKind::parse(kind_text).ok_or(VerifyError::BadHeader(HEADER_KIND))?;
-        if cluster_id.is_empty() {
-            return Err(VerifyError::BadHeader(HEADER_CLUSTER_ID));
-        }
-        let parts = self.parts(
-            method,
-            path,
-            destination,
-            cluster_id,
-            received,
-            time,
-            hop,
-            kind_text,
-            body,
-        );
-        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
-        if !verify_mac(&self.key, &refs, &tag) {
-            return Err(VerifyError::BadSignature);
-        }
-        // Checked after the signature, so an unsigned request cannot probe our clock or hop rules.
+    ) -> Result<(Forwarded, Vec<u8>), VerifyError> {
+        // Key id and nonce: unique per genuine forward, so they name it in the replay cache.
+        let replay_key = body.get(1..HEADER_LEN).map(<[u8]>::to_vec);
+        let (mut plain, key_id) = self
+            .keys
+            .open(FORWARD_VERSION, &[method.as_bytes(), path.as_bytes()], body)
+            .map_err(|err| match err {
+                OpenError::Truncated => VerifyError::Malformed("shorter than an envelope"),
+                OpenError::BadVersion(_) => VerifyError::Malformed("unknown envelope version"),
+                OpenError::UnknownKey(id) => VerifyError::UnknownKey(id),
+                OpenError::BadTag => VerifyError::BadSeal,
+            })?;
+        let replay_key = replay_key.ok_or(VerifyError::Malformed("shorter than an envelope"))?;
+        // Genuine from here on: a parse failure is our peer's bug, still refused.
+        let mut r = Cursor {
+            buf: &plain,
+            pos: 0,
+        };
+        let dest_len = usize::from(r.u8()?);
+        let destination = r.str(dest_len, "destination")?;
+        let id_len = usize::from(u16::from_be_bytes(r.array()?));
+        let cluster_id = r.str(id_len, "cluster id")?;
+        let received_ms = u64::from_be_bytes(r.array()?);
+        let time_ms = u64::from_be_bytes(r.array()?);
+        let hop = r.u8()?;
+        let kind = ForwardKind::from_code(r.u8()?).ok_or(VerifyError::Malformed("unknown kind"))?;
+        let start = r.pos;
         if destination != local_name {
-            return Err(VerifyError::WrongDestination {
-                to: destination.to_owned(),
-            });
+            return Err(VerifyError::WrongDestination { to: destination });
         }
-        if hop != "1" {
-            return Err(VerifyError::HopExceeded(hop.to_owned()));
+        if cluster_id.is_empty() {
+            return Err(VerifyError::Malformed("empty cluster id"));
+        }
+        if hop != 1 {
+            return Err(VerifyError::HopExceeded(hop));
         }
         let now_ms = telemeter_common::time::unix_millis(now);
         let skew_ms = time_ms.abs_diff(now_ms);
         if u128::from(skew_ms) > self.window.as_millis() {
             return Err(VerifyError::OutsideWindow { skew_ms });
         }
-        let fresh = telemeter_common::sync::lock(&self.seen).insert(tag, now_ms, self.window);
+        let fresh =
+            telemeter_common::sync::lock(&self.seen).insert(replay_key, now_ms, self.window);
         if !fresh {
             return Err(VerifyError::Replayed);
         }
-        Ok(Forwarded {
-            cluster_id: cluster_id.to_owned(),
-            received: UNIX_EPOCH + Duration::from_millis(received_ms),
-            kind,
-        })
+        plain.drain(..start);
+        Ok((
+            Forwarded {
+                cluster_id,
+                received: UNIX_EPOCH + Duration::from_millis(received_ms),
+                kind,
+                key_id,
+            },
+            plain,
+        ))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn tag(
-        &self,
-        method: &str,
-        path: &str,
-        destination: &str,
-        cluster_id: &str,
-        received: &str,
-        time: &str,
-        hop: &str,
-        kind: &str,
-        body: &[u8],
-    ) -> [u8; 32] {
-        let parts = self.parts(
-            method,
-            path,
-            destination,
-            cluster_id,
-            received,
-            time,
-            hop,
-            kind,
-            body,
-        );
-        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
-        mac(&self.key, &refs)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn parts(
-        &self,
-        method: &str,
-        path: &str,
-        destination: &str,
-        cluster_id: &str,
-        received: &str,
-        time: &str,
-        hop: &str,
-        kind: &str,
-        body: &[u8],
-    ) -> Vec<Vec<u8>> {
-        let digest = digest::digest(&digest::SHA256, body);
-        vec![
-            method.as_bytes().to_vec(),
-            path.as_bytes().to_vec(),
-            destination.as_bytes().to_vec(),
-            cluster_id.as_bytes().to_vec(),
-            received.as_bytes().to_vec(),
-            time.as_bytes().to_vec(),
-            hop.as_bytes().to_vec(),
-            kind.as_bytes().to_vec(),
-            digest.as_ref().to_vec(),
-        ]
+    /// The ids of the forward keys, the sealing key first.
+    pub fn key_ids(&self) -> Vec<KeyId> {
+        self.keys.key_ids()
     }
 }
 
-fn header<'a>(headers: &'a [(String, String)], name: &'static str) -> Result<&'a str, VerifyError> {
-    headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.trim())
-        .ok_or(VerifyError::MissingHeader(name))
+/// Reads the opened plaintext; running out is `Malformed`, never a panic.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+impl Cursor<'_> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&[u8], VerifyError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or(VerifyError::Malformed(what))?;
+        let bytes = self
+            .buf
+            .get(self.pos..end)
+            .ok_or(VerifyError::Malformed(what))?;
+        self.pos = end;
+        Ok(bytes)
     }
-    out
-}
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() != 64 {
-        return None;
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], VerifyError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N, "truncated header")?);
+        Ok(out)
     }
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    };
-    text.as_bytes()
-        .chunks(2)
-        .map(|pair| match pair {
-            [hi, lo] => Some(digit(*hi)? << 4 | digit(*lo)?),
-            _ => None,
-        })
-        .collect()
+
+    fn u8(&mut self) -> Result<u8, VerifyError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn str(&mut self, len: usize, what: &'static str) -> Result<String, VerifyError> {
+        let bytes = self.take(len, what)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| VerifyError::Malformed(what))
+    }
 }
 
-/// Signatures seen within the window, bounded: the oldest are forgotten first.
+/// Nonces opened within the window, bounded: the oldest are forgotten first.
 #[derive(Debug, Default)]
 struct ReplayCache {
     order: VecDeque<(u64, Vec<u8>)>,
@@ -411,24 +371,23 @@ impl fmt::Display for ForwardError {
 
 impl std::error::Error for ForwardError {}
 
-/// Sends signed pushes to peers' internal endpoints, synchronously.
+/// Sends sealed pushes to peers' internal endpoints, synchronously.
 #[derive(Debug)]
 pub struct Forwarder {
     agent: ureq::Agent,
-    signer: std::sync::Arc<Signer>,
+    sealer: std::sync::Arc<Sealer>,
     scheme: &'static str,
 }
 
 impl Forwarder {
-    /// A client signing with `signer`; `timeout` bounds a whole request (connect, send, the
+    /// A client sealing with `sealer`; `timeout` bounds a whole request (connect, send, the
     /// owner's fsync, reply). With `tls`, peers' internal ports serve TLS (`--internal-tls-*`)
     /// and forwards go over `https://`.
     ///
     /// The peer's certificate is not verified: peers are reached by the address they advertise
-    /// (often a pod IP), which upstream's certificates (a service name) never name, and what makes
-    /// a forward genuine is its signature under the shared key, not the channel. TLS adds
-    /// confidentiality against a passive listener on the internal network.
-    pub fn new(signer: std::sync::Arc<Signer>, timeout: Duration, tls: bool) -> Forwarder {
+    /// (often a pod IP), which upstream's certificates (a service name) never name. The body is
+    /// sealed whatever the scheme, so TLS adds nothing but hiding the path.
+    pub fn new(sealer: std::sync::Arc<Sealer>, timeout: Duration, tls: bool) -> Forwarder {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .tls_config(
                 ureq::tls::TlsConfig::builder()
@@ -441,17 +400,18 @@ impl Forwarder {
             .proxy(None)
             .timeout_connect(Some(timeout.min(Duration::from_secs(2))))
             .timeout_global(Some(timeout))
-            .user_agent(concat!("telemeter-server/", env!("CARGO_PKG_VERSION")))
+            // No version in the clear either: the peers know it.
+            .user_agent("telemeter-server")
             .build()
             .into();
         Forwarder {
             agent,
-            signer,
+            sealer,
             scheme: if tls { "https" } else { "http" },
         }
     }
 
-    /// POSTs `body` to the peer named `destination` whose internal address is `peer`
+    /// POSTs `families` to the peer named `destination` whose internal address is `peer`
     /// ("host:port"). Ok only when the peer answered 200, which it does only once the push is
     /// durable.
     pub fn forward(
@@ -461,22 +421,30 @@ impl Forwarder {
         cluster_id: &str,
         received: SystemTime,
         kind: ForwardKind,
-        body: &[u8],
+        families: &[u8],
     ) -> Result<(), ForwardError> {
+        let body = self
+            .sealer
+            .seal(
+                destination,
+                cluster_id,
+                received,
+                kind,
+                families,
+                SystemTime::now(),
+            )
+            .map_err(|err| ForwardError::Rejected {
+                status: 0,
+                reason: format!("not sent, cannot seal it: {err}"),
+            })?;
         let url = format!("{}://{peer}{FORWARD_PATH}", self.scheme);
-        let mut request = self.agent.post(&url).content_type(media::PROTO_DELIMITED);
-        for (name, value) in self.signer.headers(
-            destination,
-            cluster_id,
-            received,
-            kind,
-            body,
-            SystemTime::now(),
-        ) {
-            request = request.header(name, value);
-        }
-        let mut response = request
-            .send(body)
+        let mut response = self
+            .agent
+            .post(&url)
+            .content_type(FORWARD_CONTENT_TYPE)
+            // The peer's address is in the IP header already; the payload need not repeat it.
+            .header("Host", "peer")
+            .send(&body[..])
             .map_err(|err| ForwardError::Unreachable(err.to_string()))?;
         let status = response.status().as_u16();
         if status == 200 {

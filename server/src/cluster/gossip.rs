@@ -16,10 +16,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
-use telemeter_common::token::DerivedKey;
-
 use super::membership::{Change, DropReason, MemberState, Membership, Rejection};
-use super::packet::{Heartbeat, MAX_DATAGRAM, MAX_MEMBERS};
+use super::packet::{Heartbeat, Keyring, MAX_DATAGRAM, MAX_MEMBERS};
 
 /// How often a clash of node names is logged at most.
 const NAME_CLASH_WARNING: Duration = Duration::from_secs(60);
@@ -109,7 +107,7 @@ impl Gossip {
     /// Binds the socket and starts the thread.
     pub fn start(
         config: GossipConfig,
-        key: DerivedKey,
+        keys: Keyring,
         membership: Arc<Mutex<Membership>>,
     ) -> Result<Gossip, GossipError> {
         let socket_err = |source| GossipError::Socket {
@@ -124,7 +122,7 @@ impl Gossip {
             socket,
             local_addr,
             config,
-            key,
+            keys,
             membership,
             shutdown: shutdown.clone(),
             counters: counters.clone(),
@@ -175,7 +173,7 @@ struct Worker {
     socket: UdpSocket,
     local_addr: SocketAddr,
     config: GossipConfig,
-    key: DerivedKey,
+    keys: Keyring,
     membership: Arc<Mutex<Membership>>,
     shutdown: Arc<AtomicBool>,
     counters: Arc<GossipCounters>,
@@ -244,10 +242,10 @@ impl Worker {
     /// Handles one datagram; true when membership changed (a member joined or restarted).
     fn receive(&mut self, datagram: &[u8], from: SocketAddr) -> bool {
         self.counters.received.fetch_add(1, Ordering::Relaxed);
-        let decoded = Heartbeat::decode(datagram, &self.key);
+        let decoded = Heartbeat::decode(datagram, &self.keys);
         let mut membership = lock(&self.membership);
-        let hb = match decoded {
-            Ok(hb) => hb,
+        let (hb, key_id) = match decoded {
+            Ok(opened) => opened,
             Err(err) => {
                 membership.count_drop(DropReason::of_packet_error(&err));
                 log::debug!("gossip: dropped datagram from {from}: {err}");
@@ -259,6 +257,9 @@ impl Worker {
             return false;
         }
         let result = membership.on_heartbeat(&hb, from, Instant::now(), now_ms());
+        if result.is_ok() {
+            membership.record_key(&hb.name, key_id);
+        }
         match &result {
             Ok(Change::Joined) => log::info!(
                 "cluster: member {} is alive (internal {}, gossip {from}); members now {:?}, ring generation {}",
@@ -331,7 +332,7 @@ impl Worker {
                 internal_addr: membership.internal_addr().to_owned(),
                 members,
             };
-            let datagram = match hb.encode(&self.key) {
+            let datagram = match hb.encode(&self.keys) {
                 Ok(datagram) => datagram,
                 Err(err) => {
                     log::error!("gossip: cannot encode our heartbeat: {err}");

@@ -27,6 +27,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use telemeter_common::token::KeyId;
+
 use super::packet::{Heartbeat, PacketError};
 use super::ring::{HashRing, DEFAULT_VNODES};
 
@@ -112,14 +114,18 @@ pub struct Member {
     pub suspected_at: Option<Instant>,
     /// The members it sees alive, from its last heartbeat.
     pub view: Vec<String>,
+    /// The id of the key that opened its last accepted heartbeat (shows a key rotation's progress).
+    pub key_id: Option<KeyId>,
     retired_boots: VecDeque<u64>,
 }
 
 /// Why a heartbeat (or datagram) was dropped: the label of the drop counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DropReason {
-    /// The MAC did not verify.
+    /// The AEAD tag did not verify (forged, tampered, truncated).
     BadMac,
+    /// Sealed under a key id we do not hold (another deployment's key, or one rotated out).
+    UnknownKey,
     /// A sequence number that did not increase for the current boot.
     Replay,
     /// A boot id that was replaced, or an older boot replayed.
@@ -138,8 +144,9 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in the order metrics list them.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::BadMac,
+        DropReason::UnknownKey,
         DropReason::Replay,
         DropReason::StaleBoot,
         DropReason::ClockSkew,
@@ -153,6 +160,7 @@ impl DropReason {
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::BadMac => "bad_mac",
+            DropReason::UnknownKey => "unknown_key",
             DropReason::Replay => "replay",
             DropReason::StaleBoot => "stale_boot",
             DropReason::ClockSkew => "clock_skew",
@@ -168,6 +176,7 @@ impl DropReason {
         match err {
             PacketError::TooLarge { .. } => DropReason::Oversized,
             PacketError::BadMac => DropReason::BadMac,
+            PacketError::UnknownKey(_) => DropReason::UnknownKey,
             PacketError::Truncated | PacketError::BadVersion(_) | PacketError::Malformed(_) => {
                 DropReason::Garbage
             }
@@ -359,6 +368,7 @@ impl Membership {
                     state: MemberState::Alive,
                     suspected_at: None,
                     view: hb.members.clone(),
+                    key_id: None,
                     retired_boots: VecDeque::new(),
                 },
             );
@@ -503,6 +513,13 @@ impl Membership {
     /// A member's record.
     pub fn member(&self, name: &str) -> Option<&Member> {
         self.members.get(name)
+    }
+
+    /// Records which key opened `name`'s heartbeat that was just accepted.
+    pub fn record_key(&mut self, name: &str, key_id: KeyId) {
+        if let Some(member) = self.members.get_mut(name) {
+            member.key_id = Some(key_id);
+        }
     }
 
     /// Every known peer (self excluded), dead ones included, by name.

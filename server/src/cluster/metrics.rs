@@ -1,5 +1,6 @@
 //! The cluster's metrics, registered in the server's registry and refreshed at scrape time.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use telemeter_common::instrument::{Counter, CounterVec, GaugeVec, Registry};
@@ -15,6 +16,9 @@ pub struct ClusterMetrics {
     dropped: CounterVec,
     forwards: CounterVec,
     received: CounterVec,
+    peer_key: GaugeVec,
+    forwards_opened: CounterVec,
+    peer_keys_seen: Arc<Mutex<BTreeMap<String, String>>>,
     // Counters are copied in as deltas; the lock keeps two scrapes from adding one delta twice.
     refresh: Arc<Mutex<()>>,
 }
@@ -53,6 +57,17 @@ impl ClusterMetrics {
                 "Forwarded pushes received, by result (push, handoff, unauthorized, store_error).",
                 &["result"],
             ),
+            peer_key: registry.gauge(
+                "telemeter_server_cluster_peer_key_info",
+                "1 for the id of the key that opened each peer's last accepted heartbeat (a hash, never the key): shows a key rotation's progress.",
+                &["peer", "key_id"],
+            ),
+            forwards_opened: registry.counter(
+                "telemeter_server_cluster_forwards_opened_total",
+                "Forwarded pushes accepted (opened, fresh, addressed to this server), by the id of the key that opened them.",
+                &["key_id"],
+            ),
+            peer_keys_seen: Arc::default(),
             refresh: Arc::default(),
         }
     }
@@ -85,6 +100,22 @@ impl ClusterMetrics {
         }
         for (result, n) in &stats.received_forwards {
             catch_up(&self.received.with(&[result]), *n);
+        }
+        // A peer's previous key id goes to 0 when it changes, so one series per peer reads 1.
+        for (peer, key_id) in &stats.peer_keys {
+            let mut previous = self
+                .peer_keys_seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(old) = previous.insert(peer.clone(), key_id.clone()) {
+                if old != *key_id {
+                    self.peer_key.with(&[peer, &old]).set(0.0);
+                }
+            }
+            self.peer_key.with(&[peer, key_id]).set(1.0);
+        }
+        for (key_id, n) in &stats.forwards_opened {
+            catch_up(&self.forwards_opened.with(&[key_id]), *n);
         }
     }
 }

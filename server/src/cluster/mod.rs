@@ -1,11 +1,11 @@
 //! The cluster: static membership over UDP heartbeats, a consistent hash ring over the live
 //! members, and signed forwarding of pushes to the member that owns their cluster id (DESIGN §6).
 //!
-//! - [`packet`]: the heartbeat datagram and its MAC;
+//! - [`packet`]: the sealed envelope (ChaCha20-Poly1305, rotatable keys) and the heartbeat;
 //! - [`membership`]: the member table and the ring, a pure state machine;
 //! - [`ring`]: the consistent hash ring over member names;
 //! - [`gossip`]: the thread that sends and receives heartbeats;
-//! - [`forward`]: signing, verifying and sending forwarded pushes;
+//! - [`forward`]: sealing, opening and sending forwarded pushes;
 //! - [`endpoint`]: the internal endpoint that stores forwarded pushes;
 //! - [`handoff`]: moving files to their new owner when ownership moves;
 //! - [`placement`]: where an upload is stored in a cluster: locally or forwarded to the owner;
@@ -23,7 +23,9 @@
 //!   cluster only while their views differ: about one peer timeout after a change, or for as long
 //!   as a network partition lasts (there is no consensus: each side of a partition owns all of
 //!   its clusters);
-//! - nodes' clocks must agree within 30 s (heartbeats and forwards carry signed send times).
+//! - nodes' clocks must agree within 30 s (heartbeats and forwards carry sealed send times);
+//! - every byte between servers is sealed under a key derived from `--shared-key`: a listener on
+//!   the internal network sees sizes, timing and which addresses talk, nothing else.
 
 pub mod endpoint;
 pub mod forward;
@@ -44,12 +46,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ::ring::rand::{SecureRandom, SystemRandom};
 use serde_json::{json, Value};
-use telemeter_common::token::{KeyPurpose, SharedKey};
+use telemeter_common::token::{KeyId, KeyPurpose, SharedKey};
 
-use forward::{ForwardError, ForwardKind, Forwarded, Forwarder, Signer, VerifyError};
+use forward::{ForwardError, ForwardKind, Forwarded, Forwarder, Sealer, VerifyError};
 use gossip::{lock, Gossip, GossipConfig};
 use membership::{DropReason, MemberState, Membership, MembershipConfig};
-use packet::MAX_NAME;
+use packet::{Keyring, KeyringError, MAX_NAME};
 
 /// How this node takes part in the cluster.
 #[derive(Clone, Debug)]
@@ -99,6 +101,8 @@ pub enum ClusterError {
     Gossip(gossip::GossipError),
     /// No randomness for the boot id.
     Random,
+    /// The shared keys cannot be used (none, or one listed twice).
+    Keys(KeyringError),
 }
 
 impl fmt::Display for ClusterError {
@@ -107,6 +111,7 @@ impl fmt::Display for ClusterError {
             ClusterError::Config(why) => write!(f, "invalid cluster configuration: {why}"),
             ClusterError::Gossip(err) => err.fmt(f),
             ClusterError::Random => f.write_str("no randomness available for the boot id"),
+            ClusterError::Keys(err) => write!(f, "--shared-key: {err}"),
         }
     }
 }
@@ -154,6 +159,10 @@ pub struct ClusterStats {
     pub forwards: Vec<(&'static str, &'static str, u64)>,
     /// Forwards received, by result (`push`, `handoff`: stored; `unauthorized`; `store_error`).
     pub received_forwards: Vec<(&'static str, u64)>,
+    /// Each peer's name and the id of the key that opened its last accepted heartbeat.
+    pub peer_keys: Vec<(String, String)>,
+    /// Forwards accepted, by the id of the key that opened them.
+    pub forwards_opened: Vec<(String, u64)>,
 }
 
 /// Results of forwards received, in [`ClusterStats::received_forwards`] order.
@@ -197,7 +206,9 @@ impl ForwardCounters {
 pub struct Cluster {
     membership: Arc<Mutex<Membership>>,
     gossip: Mutex<Gossip>,
-    signer: Arc<Signer>,
+    sealer: Arc<Sealer>,
+    gossip_keys: Vec<KeyId>,
+    forwards_opened: Mutex<BTreeMap<KeyId, u64>>,
     forwarder: Forwarder,
     forwards: ForwardCounters,
     received: [AtomicU64; 4],
@@ -208,8 +219,12 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Checks the configuration, binds the gossip socket and starts heartbeating.
-    pub fn start(config: ClusterConfig, shared_key: &SharedKey) -> Result<Cluster, ClusterError> {
+    /// Checks the configuration, binds the gossip socket and starts heartbeating. The first of
+    /// `shared_keys` seals; every one of them opens (a key rotation lists two).
+    pub fn start(
+        config: ClusterConfig,
+        shared_keys: &[SharedKey],
+    ) -> Result<Cluster, ClusterError> {
         if config.name.is_empty() || config.name.len() > MAX_NAME {
             return Err(ClusterError::Config(format!(
                 "--name must be 1 to {MAX_NAME} bytes, got {:?}",
@@ -233,6 +248,10 @@ impl Cluster {
                 config.peer_timeout, config.gossip_interval
             )));
         }
+        let gossip_keys =
+            Keyring::derive(shared_keys, KeyPurpose::GossipSeal).map_err(ClusterError::Keys)?;
+        let sealer = Arc::new(Sealer::new(shared_keys).map_err(ClusterError::Keys)?);
+        let gossip_key_ids = gossip_keys.key_ids();
         let mut boot = [0u8; 8];
         SystemRandom::new()
             .fill(&mut boot)
@@ -250,16 +269,18 @@ impl Cluster {
                 join: config.join.clone(),
                 interval: config.gossip_interval,
             },
-            shared_key.derive(KeyPurpose::Gossip),
+            gossip_keys,
             membership.clone(),
         )
         .map_err(ClusterError::Gossip)?;
         log::info!(
-            "cluster: node {} (boot {:016x}) gossiping on udp {} with peers {:?}",
+            "cluster: node {} (boot {:016x}) gossiping on udp {} with peers {:?}; sealing with key id {}, opening {}",
             config.name,
             u64::from_be_bytes(boot),
             gossip.local_addr(),
             config.join,
+            gossip_key_ids.first().map(KeyId::to_string).unwrap_or_default(),
+            key_list(&gossip_key_ids),
         );
         if !config.internal_addr.is_empty() {
             log::info!(
@@ -267,12 +288,13 @@ impl Cluster {
                 config.internal_addr
             );
         }
-        let signer = Arc::new(Signer::new(shared_key));
         Ok(Cluster {
             membership,
             gossip: Mutex::new(gossip),
-            forwarder: Forwarder::new(signer.clone(), config.forward_timeout, config.internal_tls),
-            signer,
+            forwarder: Forwarder::new(sealer.clone(), config.forward_timeout, config.internal_tls),
+            sealer,
+            gossip_keys: gossip_key_ids,
+            forwards_opened: Mutex::new(BTreeMap::new()),
             forwards: ForwardCounters::default(),
             received: Default::default(),
             started: Instant::now(),
@@ -403,7 +425,7 @@ impl Cluster {
         }
     }
 
-    /// Forwards `body` to `owner` (a peer), signed, and counts the result. Ok only once the owner
+    /// Forwards `body` to `owner` (a peer), sealed, and counts the result. Ok only once the owner
     /// stored it durably.
     pub fn forward(
         &self,
@@ -425,17 +447,25 @@ impl Cluster {
         result
     }
 
-    /// Verifies a request to the internal forward endpoint: signed, and addressed to this node.
-    pub fn verify_forward(
+    /// Opens a request to the internal forward endpoint: sealed under one of our keys, fresh, and
+    /// addressed to this node. What to store and the families.
+    pub fn open_forward(
         &self,
         method: &str,
         path: &str,
-        headers: &[(String, String)],
-        body: &[u8],
-    ) -> Result<Forwarded, VerifyError> {
+        body: Vec<u8>,
+    ) -> Result<(Forwarded, Vec<u8>), VerifyError> {
         let name = self.name();
-        self.signer
-            .verify(&name, method, path, headers, body, SystemTime::now())
+        let opened = self
+            .sealer
+            .open(&name, method, path, body, SystemTime::now())?;
+        *self
+            .forwards_opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(opened.0.key_id)
+            .or_insert(0) += 1;
+        Ok(opened)
     }
 
     /// Counters for `/metrics`.
@@ -465,6 +495,17 @@ impl Cluster {
                 .iter()
                 .zip(&self.received)
                 .map(|(result, n)| (*result, n.load(Ordering::Relaxed)))
+                .collect(),
+            peer_keys: membership
+                .members()
+                .filter_map(|m| Some((m.name.clone(), m.key_id?.to_string())))
+                .collect(),
+            forwards_opened: self
+                .forwards_opened
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(id, n)| (id.to_string(), *n))
                 .collect(),
             ..ClusterStats::default()
         };
@@ -503,6 +544,7 @@ impl Cluster {
                 "last_heartbeat_age_seconds":
                     now.saturating_duration_since(m.last_heard).as_secs_f64(),
                 "view": m.view,
+                "key_id": m.key_id.map(|id| id.to_string()),
             }));
         }
         let shares: BTreeMap<String, f64> = membership.ring().shares().into_iter().collect();
@@ -523,6 +565,17 @@ impl Cluster {
                 "shares": shares,
             },
             "dropped_packets": drops,
+            "keys": {
+                "gossip": key_strings(&self.gossip_keys),
+                "forward": key_strings(&self.sealer.key_ids()),
+                "forwards_opened": self
+                    .forwards_opened
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .map(|(id, n)| (id.to_string(), *n))
+                    .collect::<BTreeMap<String, u64>>(),
+            },
         })
     }
 
@@ -530,6 +583,16 @@ impl Cluster {
     pub fn shutdown(&self) {
         telemeter_common::sync::lock(&self.gossip).shutdown();
     }
+}
+
+/// Key ids as strings, the sealing key first.
+fn key_strings(ids: &[KeyId]) -> Vec<String> {
+    ids.iter().map(KeyId::to_string).collect()
+}
+
+/// Key ids for a log line: "a1b2c3d4, e5f6a7b8".
+fn key_list(ids: &[KeyId]) -> String {
+    key_strings(ids).join(", ")
 }
 
 impl DropReason {

@@ -50,7 +50,7 @@ pub fn node(name: &str, internal: &str, join: Vec<String>) -> Cluster {
     config.gossip_interval = Duration::from_millis(50);
     config.peer_timeout = Duration::from_millis(1_000);
     config.forward_timeout = Duration::from_secs(5);
-    Cluster::start(config, &key()).unwrap()
+    Cluster::start(config, &[key()]).unwrap()
 }
 
 /// Polls `cond` for up to 10 s.

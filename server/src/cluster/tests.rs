@@ -1,12 +1,8 @@
 //! Unit tests of `cluster`, beside it so the module reads as the module.
 
 use super::*;
-use crate::cluster::testing::wait_for;
+use crate::cluster::testing::{key, wait_for};
 use std::thread;
-
-fn key() -> SharedKey {
-    SharedKey::from_bytes(&[7u8; 32]).unwrap()
-}
 
 fn config(name: &str, join: Vec<String>) -> ClusterConfig {
     let mut config = ClusterConfig::new(
@@ -24,20 +20,20 @@ fn config(name: &str, join: Vec<String>) -> ClusterConfig {
 fn bad_configs_are_refused() {
     let mut c = config("", vec![]);
     assert!(matches!(
-        Cluster::start(c.clone(), &key()),
+        Cluster::start(c.clone(), &[key()]),
         Err(ClusterError::Config(_))
     ));
     c.name = "a".into();
     c.peer_timeout = c.gossip_interval;
     assert!(matches!(
-        Cluster::start(c, &key()),
+        Cluster::start(c, &[key()]),
         Err(ClusterError::Config(_))
     ));
 }
 
 #[test]
 fn serves_nothing_until_settled() {
-    let alone = Cluster::start(config("alone", vec![]), &key()).unwrap();
+    let alone = Cluster::start(config("alone", vec![]), &[key()]).unwrap();
     assert!(alone.settled());
     assert!(alone.serves("c1"));
     alone.shutdown();
@@ -46,7 +42,7 @@ fn serves_nothing_until_settled() {
     let quiet = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let a = Cluster::start(
         config("a", vec![quiet.local_addr().unwrap().to_string()]),
-        &key(),
+        &[key()],
     )
     .unwrap();
     assert!(a.owns("c1"));
@@ -58,10 +54,10 @@ fn serves_nothing_until_settled() {
 
 #[test]
 fn no_heartbeat_before_the_internal_address_is_known() {
-    let a = Cluster::start(config("a", vec![]), &key()).unwrap();
+    let a = Cluster::start(config("a", vec![]), &[key()]).unwrap();
     let mut unknown = config("b", vec![a.gossip_addr().to_string()]);
     unknown.internal_addr = String::new();
-    let b = Cluster::start(unknown, &key()).unwrap();
+    let b = Cluster::start(unknown, &[key()]).unwrap();
     thread::sleep(Duration::from_millis(300));
     assert_eq!(a.alive(), ["a"]);
     assert_eq!(b.stats().heartbeats_sent, 0);
@@ -77,8 +73,8 @@ fn no_heartbeat_before_the_internal_address_is_known() {
 
 #[test]
 fn two_nodes_agree_on_owners_and_skip_suspects() {
-    let a = Cluster::start(config("a", vec![]), &key()).unwrap();
-    let b = Cluster::start(config("b", vec![a.gossip_addr().to_string()]), &key()).unwrap();
+    let a = Cluster::start(config("a", vec![]), &[key()]).unwrap();
+    let b = Cluster::start(config("b", vec![a.gossip_addr().to_string()]), &[key()]).unwrap();
     assert!(wait_for(
         || a.alive() == ["a", "b"] && b.alive() == ["a", "b"]
     ));

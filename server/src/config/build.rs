@@ -162,7 +162,7 @@ impl Flags {
                 Ok(n)
             }
         };
-        let has_shared_key = self.shared_key.is_some();
+        let has_shared_key = !self.shared_key.is_empty();
         let has_internal_tls = self.internal_tls_key.is_some();
         Ok(Config {
             listen: self.listen,

@@ -42,11 +42,12 @@ pub struct Flags {
     pub internal_tls_crt: Option<PathBuf>,
 
     /// File whose contents (at least 32 bytes, any format: upstream's PEM or DER EC or RSA private
-    /// key works as it is) are the secret every server of a cluster shares; upload tokens, forwards
-    /// and heartbeats are signed with keys derived from its bytes. Without it a random key is made
-    /// at start, and tokens stop working when the process ends.
+    /// key works as it is) are the secret every server of a cluster shares; upload tokens are
+    /// signed, and heartbeats and forwards sealed, with keys derived from its bytes. Repeatable,
+    /// to rotate keys: the first signs and seals, every one verifies and opens. Without it a
+    /// random key is made at start, and tokens stop working when the process ends.
     #[arg(long, value_name = "FILE")]
-    pub shared_key: Option<PathBuf>,
+    pub shared_key: Vec<PathBuf>,
 
     /// Lifetime of the upload tokens /authorize hands out, in seconds.
     #[arg(long, default_value_t = 86_400, value_name = "SECONDS")]

@@ -128,8 +128,8 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// TLS of the internal port.
     pub internal_tls: Option<TlsFiles>,
-    /// The shared key file, if any.
-    pub shared_key: Option<PathBuf>,
+    /// The shared key files, the one that signs and seals first; none for a random key.
+    pub shared_key: Vec<PathBuf>,
     /// Upload token lifetime.
     pub token_lifetime: Duration,
     /// Where client tokens are checked.

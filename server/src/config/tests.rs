@@ -207,6 +207,23 @@ fn remote_write_flags() {
 }
 
 #[test]
+fn shared_key_is_repeatable_in_order() {
+    let c = flags(&[
+        "--insecure-accept-any-token",
+        "--shared-key=/new",
+        "--shared-key",
+        "/old",
+    ])
+    .into_config()
+    .unwrap();
+    assert_eq!(c.shared_key, [PathBuf::from("/new"), PathBuf::from("/old")]);
+    let c = flags(&["--insecure-accept-any-token"])
+        .into_config()
+        .unwrap();
+    assert!(c.shared_key.is_empty());
+}
+
+#[test]
 fn join_takes_lists_and_defaults_the_port() {
     let c = flags(&[
         "--insecure-accept-any-token",

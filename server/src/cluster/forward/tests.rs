@@ -4,16 +4,13 @@ use super::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
+use telemeter_common::token::DerivedKey;
 
-fn signer(byte: u8) -> Signer {
-    Signer::with_key(DerivedKey([byte; 32]), DEFAULT_WINDOW)
-}
-
-fn owned(headers: Vec<(&'static str, String)>) -> Vec<(String, String)> {
-    headers
-        .into_iter()
-        .map(|(n, v)| (n.to_ascii_lowercase(), v))
-        .collect()
+fn sealer(byte: u8) -> Sealer {
+    Sealer::with_keys(
+        Keyring::new(&[DerivedKey([byte; 32])]).unwrap(),
+        DEFAULT_WINDOW,
+    )
 }
 
 fn t(ms: u64) -> SystemTime {
@@ -21,217 +18,204 @@ fn t(ms: u64) -> SystemTime {
 }
 
 const NOW: u64 = 1_800_000_000_000;
-/// The node the test forwards are addressed to, and the one verifying them.
+/// The node the test forwards are addressed to, and the one opening them.
 const DEST: &str = "node-b";
 
-fn signed(s: &Signer, body: &[u8], kind: ForwardKind) -> Vec<(String, String)> {
-    owned(s.headers(DEST, "cluster-1", t(NOW - 5_000), kind, body, t(NOW)))
+fn sealed(s: &Sealer, body: &[u8], kind: ForwardKind) -> Vec<u8> {
+    s.seal(DEST, "cluster-1", t(NOW - 5_000), kind, body, t(NOW))
+        .unwrap()
 }
 
-fn set(headers: &mut [(String, String)], name: &str, value: &str) {
-    for (n, v) in headers.iter_mut() {
-        if n.eq_ignore_ascii_case(name) {
-            *v = value.to_owned();
-        }
-    }
+fn open(s: &Sealer, body: Vec<u8>, at: u64) -> Result<(Forwarded, Vec<u8>), VerifyError> {
+    s.open(DEST, "POST", FORWARD_PATH, body, t(at))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[test]
-fn signed_push_verifies() {
-    let s = signer(1);
-    let headers = signed(&s, b"families", ForwardKind::Push);
-    let got = s
-        .verify(
-            DEST,
-            "POST",
-            FORWARD_PATH,
-            &headers,
-            b"families",
-            t(NOW + 1_000),
-        )
-        .unwrap();
+fn sealed_push_opens_and_hides_everything() {
+    let s = sealer(1);
+    let body = sealed(&s, b"families", ForwardKind::Push);
+    for secret in [&b"families"[..], b"cluster-1", DEST.as_bytes()] {
+        assert!(!contains(&body, secret), "{secret:?} is readable");
+    }
+    let (got, families) = open(&s, body, NOW + 1_000).unwrap();
     assert_eq!(
         got,
         Forwarded {
             cluster_id: "cluster-1".into(),
             received: t(NOW - 5_000),
             kind: ForwardKind::Push,
+            key_id: DerivedKey([1; 32]).id(),
         }
     );
-    let handoff = signed(&s, b"families", ForwardKind::Handoff);
-    let got = s
-        .verify(DEST, "POST", FORWARD_PATH, &handoff, b"families", t(NOW))
-        .unwrap();
-    assert_eq!(got.kind, ForwardKind::Handoff);
+    assert_eq!(families, b"families");
+    let handoff = sealed(&s, b"families", ForwardKind::Handoff);
+    assert_eq!(open(&s, handoff, NOW).unwrap().0.kind, ForwardKind::Handoff);
+    let empty = sealed(&s, b"", ForwardKind::Push);
+    assert_eq!(open(&s, empty, NOW).unwrap().1, b"");
 }
 
 #[test]
-fn tampered_body_is_bad_signature() {
-    let s = signer(1);
-    let headers = signed(&s, b"families", ForwardKind::Push);
-    assert_eq!(
-        s.verify(DEST, "POST", FORWARD_PATH, &headers, b"famil1es", t(NOW)),
-        Err(VerifyError::BadSignature)
-    );
-}
-
-#[test]
-fn tampered_headers_are_bad_signature() {
-    let s = signer(1);
-    for (name, value) in [
-        (HEADER_DESTINATION, "node-c"),
-        (HEADER_CLUSTER_ID, "cluster-2"),
-        (HEADER_RECEIVED, "1"),
-        (HEADER_TIME, "1800000000001"),
-        (HEADER_KIND, "handoff"),
-    ] {
-        let mut headers = signed(&s, b"b", ForwardKind::Push);
-        set(&mut headers, name, value);
-        assert_eq!(
-            s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW)),
-            Err(VerifyError::BadSignature),
-            "{name}"
+fn any_flipped_bit_or_cut_is_refused() {
+    let s = sealer(1);
+    let body = sealed(&s, b"families", ForwardKind::Push);
+    for i in 0..body.len() {
+        let mut forged = body.clone();
+        forged[i] ^= 0x01;
+        assert!(
+            open(&s, forged, NOW).is_err(),
+            "bit flip at {i} went unnoticed"
         );
     }
-    let headers = signed(&s, b"b", ForwardKind::Push);
+    for len in 0..body.len() {
+        assert!(open(&s, body[..len].to_vec(), NOW).is_err(), "length {len}");
+    }
+    let mut forged = body.clone();
+    forged[HEADER_LEN + 3] ^= 0x80;
+    assert_eq!(open(&s, forged, NOW), Err(VerifyError::BadSeal));
+}
+
+#[test]
+fn method_and_path_are_bound() {
+    let s = sealer(1);
+    let body = sealed(&s, b"b", ForwardKind::Push);
     assert_eq!(
-        s.verify(DEST, "PUT", FORWARD_PATH, &headers, b"b", t(NOW)),
-        Err(VerifyError::BadSignature)
+        s.open(DEST, "PUT", FORWARD_PATH, body.clone(), t(NOW)),
+        Err(VerifyError::BadSeal)
     );
     assert_eq!(
-        s.verify(DEST, "POST", "/upload", &headers, b"b", t(NOW)),
-        Err(VerifyError::BadSignature)
+        s.open(DEST, "POST", "/upload", body, t(NOW)),
+        Err(VerifyError::BadSeal)
     );
 }
 
 #[test]
-fn wrong_key_is_bad_signature() {
-    let headers = signed(&signer(1), b"b", ForwardKind::Push);
+fn wrong_key_is_unknown_key_and_rotation_opens_both() {
+    let body = sealed(&sealer(1), b"b", ForwardKind::Push);
     assert_eq!(
-        signer(2).verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW)),
-        Err(VerifyError::BadSignature)
+        open(&sealer(2), body.clone(), NOW),
+        Err(VerifyError::UnknownKey(DerivedKey([1; 32]).id()))
+    );
+    let rolling = Sealer::with_keys(
+        Keyring::new(&[DerivedKey([2; 32]), DerivedKey([1; 32])]).unwrap(),
+        DEFAULT_WINDOW,
+    );
+    assert_eq!(
+        open(&rolling, body, NOW).unwrap().0.key_id,
+        DerivedKey([1; 32]).id()
+    );
+    let by_rolling = sealed(&rolling, b"b", ForwardKind::Push);
+    assert_eq!(
+        open(&sealer(2), by_rolling, NOW).unwrap().0.key_id,
+        DerivedKey([2; 32]).id()
     );
 }
 
 #[test]
 fn old_or_future_time_is_outside_window() {
-    let s = signer(1);
-    let headers = signed(&s, b"b", ForwardKind::Push);
+    let s = sealer(1);
     assert_eq!(
-        s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW + 30_001)),
+        open(&s, sealed(&s, b"b", ForwardKind::Push), NOW + 30_001),
         Err(VerifyError::OutsideWindow { skew_ms: 30_001 })
     );
     assert_eq!(
-        s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW - 60_000)),
+        open(&s, sealed(&s, b"b", ForwardKind::Push), NOW - 60_000),
         Err(VerifyError::OutsideWindow { skew_ms: 60_000 })
     );
 }
 
 #[test]
-fn second_hop_is_refused() {
-    let s = signer(1);
-    // A peer that signs hop 2 (it would only do so if it re-forwarded) is still refused.
-    let mut headers = signed(&s, b"b", ForwardKind::Push);
-    set(&mut headers, HEADER_HOP, "2");
-    let received = (NOW - 5_000).to_string();
-    let time = NOW.to_string();
-    let tag = s.tag(
-        "POST",
-        FORWARD_PATH,
-        DEST,
-        "cluster-1",
-        &received,
-        &time,
-        "2",
-        "push",
-        b"b",
-    );
-    set(&mut headers, HEADER_SIGNATURE, &hex(&tag));
+fn second_hop_and_bad_fields_are_refused() {
+    let s = sealer(1);
+    let seal_plain = |plain: &[u8]| {
+        s.keys
+            .seal(
+                FORWARD_VERSION,
+                &[FORWARD_METHOD.as_bytes(), FORWARD_PATH.as_bytes()],
+                plain,
+            )
+            .unwrap()
+    };
+    let plain = |hop: u8, kind: u8| {
+        let mut p = vec![DEST.len() as u8];
+        p.extend_from_slice(DEST.as_bytes());
+        p.extend_from_slice(&1u16.to_be_bytes());
+        p.push(b'c');
+        p.extend_from_slice(&NOW.to_be_bytes());
+        p.extend_from_slice(&NOW.to_be_bytes());
+        p.push(hop);
+        p.push(kind);
+        p
+    };
+    assert!(open(&s, seal_plain(&plain(1, 1)), NOW).is_ok());
     assert_eq!(
-        s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW)),
-        Err(VerifyError::HopExceeded("2".into()))
+        open(&s, seal_plain(&plain(2, 1)), NOW),
+        Err(VerifyError::HopExceeded(2))
     );
-    // An unsigned change of the hop is a bad signature.
-    let mut headers = signed(&s, b"b", ForwardKind::Push);
-    set(&mut headers, HEADER_HOP, "2");
     assert_eq!(
-        s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW)),
-        Err(VerifyError::BadSignature)
+        open(&s, seal_plain(&plain(1, 9)), NOW),
+        Err(VerifyError::Malformed("unknown kind"))
     );
+    let short = plain(1, 1);
+    assert!(matches!(
+        open(&s, seal_plain(&short[..10]), NOW),
+        Err(VerifyError::Malformed(_))
+    ));
+    assert!(matches!(
+        open(&s, b"not an envelope".to_vec(), NOW),
+        Err(VerifyError::Malformed(_))
+    ));
 }
 
 #[test]
 fn replay_is_refused() {
-    let s = signer(1);
-    let headers = signed(&s, b"b", ForwardKind::Push);
-    assert!(s
-        .verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW))
-        .is_ok());
-    assert_eq!(
-        s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW + 10)),
-        Err(VerifyError::Replayed)
-    );
+    let s = sealer(1);
+    let body = sealed(&s, b"b", ForwardKind::Push);
+    assert!(open(&s, body.clone(), NOW).is_ok());
+    assert_eq!(open(&s, body, NOW + 10), Err(VerifyError::Replayed));
+    // The same push sealed again is a new forward (a fresh nonce), not a replay.
+    assert!(open(&s, sealed(&s, b"b", ForwardKind::Push), NOW).is_ok());
 }
 
 #[test]
 fn a_forward_for_another_node_is_refused() {
-    let s = signer(1);
-    // Genuinely signed, for node-a: captured on its way there and replayed to node-b.
-    let headers = owned(s.headers(
-        "node-a",
-        "cluster-1",
-        t(NOW - 5_000),
-        ForwardKind::Push,
-        b"b",
-        t(NOW),
-    ));
+    let s = sealer(1);
+    // Genuinely sealed, for node-a: captured on its way there and replayed to node-b.
+    let body = s
+        .seal(
+            "node-a",
+            "cluster-1",
+            t(NOW),
+            ForwardKind::Push,
+            b"b",
+            t(NOW),
+        )
+        .unwrap();
     assert_eq!(
-        s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW)),
+        open(&s, body.clone(), NOW),
         Err(VerifyError::WrongDestination {
             to: "node-a".into()
         })
     );
     // Refusing it did not mark it seen: node-a still takes it once.
-    assert!(s
-        .verify("node-a", "POST", FORWARD_PATH, &headers, b"b", t(NOW))
-        .is_ok());
-    let mut headers = headers;
-    headers.retain(|(n, _)| !n.eq_ignore_ascii_case(HEADER_DESTINATION));
-    assert_eq!(
-        s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW)),
-        Err(VerifyError::MissingHeader(HEADER_DESTINATION))
-    );
+    assert!(s.open("node-a", "POST", FORWARD_PATH, body, t(NOW)).is_ok());
 }
 
 #[test]
-fn missing_and_malformed_headers() {
-    let s = signer(1);
+fn seal_refuses_empty_or_long_fields() {
+    let s = sealer(1);
+    let long = "x".repeat(256);
     assert_eq!(
-        s.verify(DEST, "POST", FORWARD_PATH, &[], b"b", t(NOW)),
-        Err(VerifyError::MissingHeader(HEADER_DESTINATION))
+        s.seal(&long, "c", t(NOW), ForwardKind::Push, b"", t(NOW)),
+        Err(SealError::TooLong("destination name"))
     );
-    let mut headers = signed(&s, b"b", ForwardKind::Push);
-    headers.retain(|(n, _)| !n.eq_ignore_ascii_case(HEADER_SIGNATURE));
     assert_eq!(
-        s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW)),
-        Err(VerifyError::MissingHeader(HEADER_SIGNATURE))
+        s.seal(DEST, "", t(NOW), ForwardKind::Push, b"", t(NOW)),
+        Err(SealError::TooLong("cluster id"))
     );
-    for (name, value) in [
-        (HEADER_SIGNATURE, "zz"),
-        (HEADER_SIGNATURE, &"g".repeat(64)),
-        (HEADER_RECEIVED, "yesterday"),
-        (HEADER_TIME, "-1"),
-        (HEADER_KIND, "copy"),
-        (HEADER_CLUSTER_ID, ""),
-    ] {
-        let mut headers = signed(&s, b"b", ForwardKind::Push);
-        set(&mut headers, name, value);
-        assert_eq!(
-            s.verify(DEST, "POST", FORWARD_PATH, &headers, b"b", t(NOW)),
-            Err(VerifyError::BadHeader(name)),
-            "{name}={value}"
-        );
-    }
 }
 
 #[test]
@@ -283,42 +267,31 @@ fn one_shot(status: u16) -> (String, std::thread::JoinHandle<(String, Vec<u8>)>)
 }
 
 #[test]
-fn forwarder_posts_a_verifiable_request() {
-    let s = Arc::new(signer(1));
+fn forwarder_posts_an_openable_request_with_nothing_in_the_clear() {
+    let s = Arc::new(sealer(1));
     let forwarder = Forwarder::new(s.clone(), Duration::from_secs(5), false);
     let (addr, server) = one_shot(200);
     forwarder
         .forward(DEST, &addr, "c1", t(NOW), ForwardKind::Push, b"payload")
         .unwrap();
     let (head, body) = server.join().unwrap();
-    assert_eq!(body, b"payload");
     assert!(
         head.starts_with("POST /internal/forward HTTP/1.1"),
         "{head}"
     );
-    let headers: Vec<(String, String)> = head
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.to_owned(), v.trim().to_owned()))
-        .collect();
-    let got = s
-        .verify(
-            DEST,
-            "POST",
-            FORWARD_PATH,
-            &headers,
-            &body,
-            SystemTime::now(),
-        )
+    assert!(!head.contains(DEST) && !head.contains("c1"), "{head}");
+    assert!(!contains(&body, b"payload"));
+    let (got, families) = s
+        .open(DEST, "POST", FORWARD_PATH, body, SystemTime::now())
         .unwrap();
+    assert_eq!(families, b"payload");
     assert_eq!(got.cluster_id, "c1");
     assert_eq!(got.received, t(NOW));
 }
 
 #[test]
 fn forwarder_reports_rejection_and_unreachable() {
-    let forwarder = Forwarder::new(Arc::new(signer(1)), Duration::from_secs(5), false);
+    let forwarder = Forwarder::new(Arc::new(sealer(1)), Duration::from_secs(5), false);
     let (addr, server) = one_shot(401);
     assert_eq!(
         forwarder.forward(DEST, &addr, "c1", t(NOW), ForwardKind::Push, b"x"),

@@ -3,6 +3,11 @@
 use super::super::membership::MembershipConfig;
 use super::*;
 use crate::cluster::testing::wait_for;
+use telemeter_common::token::DerivedKey;
+
+fn keyring(key: &DerivedKey) -> Keyring {
+    Keyring::new(std::slice::from_ref(key)).unwrap()
+}
 
 fn start(name: &str, join: Vec<String>, key: DerivedKey) -> (Gossip, Arc<Mutex<Membership>>) {
     let mut config = MembershipConfig::new(name, &format!("{name}:9004"), rand_boot(name));
@@ -14,7 +19,7 @@ fn start(name: &str, join: Vec<String>, key: DerivedKey) -> (Gossip, Arc<Mutex<M
             join,
             interval: Duration::from_millis(50),
         },
-        key,
+        keyring(&key),
         membership.clone(),
     )
     .unwrap();
@@ -31,7 +36,7 @@ fn two_nodes_see_each_other_alive() {
     let key = DerivedKey([3; 32]);
     let (mut a, ma) = start("a", vec![], key.clone());
     // Only b lists a: a learns b's address from its heartbeats.
-    let (mut b, mb) = start("b", vec![a.local_addr().to_string()], key);
+    let (mut b, mb) = start("b", vec![a.local_addr().to_string()], key.clone());
     assert!(wait_for(|| lock(&ma).alive() == ["a", "b"]
         && lock(&mb).alive() == ["a", "b"]
         && lock(&ma).converged()
@@ -64,7 +69,7 @@ fn packets_under_another_key_are_dropped_and_counted() {
             .map(|(_, n)| n)
             .unwrap_or(0)
     };
-    assert!(wait_for(|| count(DropReason::BadMac) >= 2
+    assert!(wait_for(|| count(DropReason::UnknownKey) >= 2
         && count(DropReason::Garbage) >= 1
         && count(DropReason::Oversized) >= 1));
     assert_eq!(lock(&ma).alive(), ["a"]);
@@ -90,7 +95,7 @@ fn own_address_in_join_is_ignored() {
             join: vec![a.local_addr().to_string(), b_addr.to_string()],
             interval: Duration::from_millis(50),
         },
-        key,
+        keyring(&key),
         mb.clone(),
     )
     .unwrap();
@@ -127,6 +132,7 @@ fn unresolvable_join_is_not_fatal() {
 fn replayed_and_skewed_heartbeats_are_dropped_and_counted() {
     let key = DerivedKey([5; 32]);
     let (mut a, ma) = start("a", vec![], key.clone());
+    let sealing = keyring(&key);
     let attacker = UdpSocket::bind("127.0.0.1:0").unwrap();
     let heartbeat = |seq: u64, sent_ms: u64| {
         Heartbeat {
@@ -137,7 +143,7 @@ fn replayed_and_skewed_heartbeats_are_dropped_and_counted() {
             internal_addr: "x:1".into(),
             members: vec!["x".into()],
         }
-        .encode(&key)
+        .encode(&sealing)
         .unwrap()
     };
     let first = heartbeat(1, now_ms());

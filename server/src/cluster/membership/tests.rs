@@ -288,6 +288,10 @@ fn decode_errors_map_to_reasons() {
         DropReason::BadMac
     );
     assert_eq!(
+        DropReason::of_packet_error(&PacketError::UnknownKey(KeyId([1, 2, 3, 4]))),
+        DropReason::UnknownKey
+    );
+    assert_eq!(
         DropReason::of_packet_error(&PacketError::BadVersion(9)),
         DropReason::Garbage
     );
