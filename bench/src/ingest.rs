@@ -161,7 +161,7 @@ impl Workload for Pushgateway {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use telemeter_common::token::SharedKey;
+    use telemeter_common::keys::SharedKey;
 
     #[test]
     fn signed_tokens_name_the_cluster() {

@@ -11,7 +11,8 @@ use telemeter_bench::http::Target;
 use telemeter_bench::ingest::{self, Pushgateway, Tokens, Upload};
 use telemeter_bench::load::{self, Plan};
 use telemeter_bench::{decode, disk, federate, payload};
-use telemeter_common::token::{SharedKey, TokenSigner};
+use telemeter_common::keys::SharedKey;
+use telemeter_common::token::TokenSigner;
 use telemeter_common::{delimited, text};
 
 #[derive(Parser, Debug)]

@@ -15,6 +15,7 @@ pub mod delimited;
 pub mod duration;
 pub mod http;
 pub mod instrument;
+pub mod keys;
 pub mod labels;
 pub mod logging;
 pub mod media;

@@ -27,8 +27,9 @@ use harness::{escape, Target, Verdict};
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 use telemeter_common::http::{self, ChunkedDecoder, Framing, Head, RequestError};
+use telemeter_common::keys::{KeyPurpose, SharedKey};
 use telemeter_common::model::{Bucket, LabelPair, Metric, MetricFamily, MetricType};
-use telemeter_common::token::{KeyPurpose, SharedKey, TokenSigner};
+use telemeter_common::token::TokenSigner;
 use telemeter_common::{base64, delimited, duration, labels, selector, snappy, text};
 
 // ---------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use log::{info, warn};
 use telemeter_common::http::{self, HttpError};
+use telemeter_common::keys::{KeyError, SharedKey};
 use telemeter_common::tls::{self, TlsError};
-use telemeter_common::token::{KeyError, SharedKey, TokenSigner};
+use telemeter_common::token::TokenSigner;
 
 use crate::authorize::{self, AuthorizeHandler, TokensFileError};
 use crate::cluster::handoff::Handoff;

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{families, get, now_ms, post, series_lines, ServerProcess, Signal, TempDir};
-use telemeter_common::token::{KeyPurpose, SharedKey};
+use telemeter_common::keys::{KeyPurpose, SharedKey};
 use telemeter_server::cluster::packet::{Heartbeat, Keyring};
 use telemeter_server::cluster::ring::{HashRing, DEFAULT_VNODES};
 

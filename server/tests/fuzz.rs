@@ -4,7 +4,7 @@
 
 use testkit::fuzz as harness;
 
-use telemeter_common::token::{KeyPurpose, SharedKey};
+use telemeter_common::keys::{KeyPurpose, SharedKey};
 use telemeter_server::cluster::packet::{Heartbeat, Keyring, VERSION};
 
 fn heartbeats() -> Vec<Heartbeat> {

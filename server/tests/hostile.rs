@@ -15,10 +15,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use common::*;
 use telemeter_common::base64;
 use telemeter_common::delimited;
+use telemeter_common::keys::{KeyPurpose, SharedKey};
 use telemeter_common::media::PROTO_DELIMITED;
 use telemeter_common::model::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use telemeter_common::snappy;
-use telemeter_common::token::{KeyPurpose, SharedKey, TokenSigner, AUDIENCE, ISSUER};
+use telemeter_common::token::{TokenSigner, AUDIENCE, ISSUER};
 
 const KEY: &str = "0123456789abcdef0123456789abcdef-hostile-shared-key";
 /// What `--max-upload-bytes` is set to (the default).

@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use common::{get, metric_value, now_ms, post, series_lines, ServerProcess, Signal, TempDir};
 use telemeter_common::delimited;
+use telemeter_common::keys::{KeyPurpose, SharedKey};
 use telemeter_common::media::PROTO_DELIMITED;
 use telemeter_common::model::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use telemeter_common::snappy;
-use telemeter_common::token::{KeyPurpose, SharedKey};
 use telemeter_server::cluster::packet::Keyring;
 
 const INTERVAL: &str = "200ms";

@@ -7,10 +7,11 @@ use std::time::{Duration, SystemTime};
 
 use common::*;
 use telemeter_common::delimited;
+use telemeter_common::keys::SharedKey;
 use telemeter_common::media::PROTO_DELIMITED;
 use telemeter_common::model::MetricFamily;
 use telemeter_common::snappy;
-use telemeter_common::token::{SharedKey, TokenSigner};
+use telemeter_common::token::TokenSigner;
 
 const KEY: &str = "0123456789abcdef0123456789abcdef-test-shared-key";
 

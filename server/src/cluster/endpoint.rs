@@ -152,7 +152,7 @@ mod tests {
         );
         // The two stored were accepted under our key; refused ones are not counted by key.
         let id = key()
-            .derive(telemeter_common::token::KeyPurpose::ForwardSeal)
+            .derive(telemeter_common::keys::KeyPurpose::ForwardSeal)
             .id()
             .to_string();
         assert_eq!(stats.forwards_opened, vec![(id, 2)]);

@@ -31,7 +31,7 @@ use std::fmt;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use telemeter_common::token::{KeyId, KeyPurpose, SharedKey};
+use telemeter_common::keys::{KeyId, KeyPurpose, SharedKey};
 
 use super::packet::{Keyring, KeyringError, OpenError, SealError, HEADER_LEN};
 

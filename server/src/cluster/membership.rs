@@ -27,7 +27,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use telemeter_common::token::KeyId;
+use telemeter_common::keys::KeyId;
 
 use super::packet::{Heartbeat, PacketError};
 use super::ring::{HashRing, DEFAULT_VNODES};

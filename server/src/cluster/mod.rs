@@ -46,7 +46,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ::ring::rand::{SecureRandom, SystemRandom};
 use serde_json::{json, Value};
-use telemeter_common::token::{KeyId, KeyPurpose, SharedKey};
+use telemeter_common::keys::{KeyId, KeyPurpose, SharedKey};
 
 use forward::{ForwardError, ForwardKind, Forwarded, Forwarder, Sealer, VerifyError};
 use gossip::{lock, Gossip, GossipConfig};

@@ -59,7 +59,7 @@ use std::sync::Mutex;
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
-use telemeter_common::token::{DerivedKey, KeyId, KeyPurpose, SharedKey};
+use telemeter_common::keys::{DerivedKey, KeyId, KeyPurpose, SharedKey};
 
 /// The heartbeat format version this module writes and accepts (1 was MAC'd, not sealed).
 pub const VERSION: u8 = 2;

@@ -4,7 +4,7 @@ use super::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
-use telemeter_common::token::DerivedKey;
+use telemeter_common::keys::DerivedKey;
 
 fn sealer(byte: u8) -> Sealer {
     Sealer::with_keys(

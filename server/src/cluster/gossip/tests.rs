@@ -3,7 +3,7 @@
 use super::super::membership::MembershipConfig;
 use super::*;
 use crate::cluster::testing::wait_for;
-use telemeter_common::token::DerivedKey;
+use telemeter_common::keys::DerivedKey;
 
 fn keyring(key: &DerivedKey) -> Keyring {
     Keyring::new(std::slice::from_ref(key)).unwrap()

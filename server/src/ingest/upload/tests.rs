@@ -4,11 +4,11 @@ use super::*;
 use crate::store::StoreError;
 use std::sync::Mutex;
 use std::time::Duration;
+use telemeter_common::keys::SharedKey;
 use telemeter_common::media::PROTO_DELIMITED;
 use telemeter_common::model::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use telemeter_common::selector::Selector;
 use telemeter_common::snappy;
-use telemeter_common::token::SharedKey;
 
 /// Records what it stores; fails while `fail` is set.
 #[derive(Default)]
