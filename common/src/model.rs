@@ -170,6 +170,61 @@ impl Metric {
             None => self.label.push(LabelPair::new(name, value)),
         }
     }
+
+    /// Calls `each` with every sample this series stands for in a family of `metric_type`, as
+    /// Prometheus exposes them: the suffix to the family's name, the one label a summary or a
+    /// histogram adds (`quantile`, `le`), and the value. A histogram gets its `+Inf` bucket when
+    /// it lacks one; a series without the value its type is written from stands for none. The text
+    /// writer and the remote-write conversion both walk series this way, so both see the same ones.
+    pub fn try_for_each_sample<E>(
+        &self,
+        metric_type: MetricType,
+        mut each: impl FnMut(&'static str, Option<(&'static str, f64)>, f64) -> Result<(), E>,
+    ) -> Result<(), E> {
+        match metric_type {
+            MetricType::Counter | MetricType::Gauge | MetricType::Untyped => {
+                let value = match metric_type {
+                    MetricType::Counter => self.counter.map(|c| c.value),
+                    MetricType::Gauge => self.gauge.map(|g| g.value),
+                    _ => self.untyped.map(|u| u.value),
+                };
+                if let Some(value) = value {
+                    each("", None, value.unwrap_or(0.0))?;
+                }
+            }
+            MetricType::Summary => {
+                if let Some(summary) = &self.summary {
+                    for q in &summary.quantile {
+                        let rank = q.quantile.unwrap_or(0.0);
+                        each("", Some(("quantile", rank)), q.value.unwrap_or(0.0))?;
+                    }
+                    each("_sum", None, summary.sample_sum.unwrap_or(0.0))?;
+                    each("_count", None, summary.sample_count.unwrap_or(0) as f64)?;
+                }
+            }
+            MetricType::Histogram | MetricType::GaugeHistogram => {
+                if let Some(histogram) = &self.histogram {
+                    let count = histogram.sample_count.unwrap_or(0) as f64;
+                    let mut inf_seen = false;
+                    for b in &histogram.bucket {
+                        let le = b.upper_bound.unwrap_or(0.0);
+                        inf_seen |= le == f64::INFINITY;
+                        each(
+                            "_bucket",
+                            Some(("le", le)),
+                            b.cumulative_count.unwrap_or(0) as f64,
+                        )?;
+                    }
+                    if !inf_seen {
+                        each("_bucket", Some(("le", f64::INFINITY)), count)?;
+                    }
+                    each("_sum", None, histogram.sample_sum.unwrap_or(0.0))?;
+                    each("_count", None, count)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl LabelPair {

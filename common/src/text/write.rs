@@ -67,51 +67,9 @@ pub fn write_family_counted<W: Write>(
         } else {
             None
         };
-        let sample = |w: &mut W, suffix: &str, extra: Option<(&str, f64)>, value: f64| {
+        metric.try_for_each_sample(metric_type, |suffix, extra, value| {
             write_sample(w, name, suffix, &metric.label, extra, value, ts)
-        };
-        match metric_type {
-            MetricType::Counter | MetricType::Gauge | MetricType::Untyped => {
-                let value = match metric_type {
-                    MetricType::Counter => metric.counter.map(|c| c.value),
-                    MetricType::Gauge => metric.gauge.map(|g| g.value),
-                    _ => metric.untyped.map(|u| u.value),
-                };
-                if let Some(value) = value {
-                    sample(w, "", None, value.unwrap_or(0.0))?;
-                }
-            }
-            MetricType::Summary => {
-                let Some(summary) = &metric.summary else {
-                    continue;
-                };
-                for q in &summary.quantile {
-                    let rank = q.quantile.unwrap_or(0.0);
-                    sample(w, "", Some(("quantile", rank)), q.value.unwrap_or(0.0))?;
-                }
-                sample(w, "_sum", None, summary.sample_sum.unwrap_or(0.0))?;
-                let count = summary.sample_count.unwrap_or(0) as f64;
-                sample(w, "_count", None, count)?;
-            }
-            MetricType::Histogram | MetricType::GaugeHistogram => {
-                let Some(histogram) = &metric.histogram else {
-                    continue;
-                };
-                let count = histogram.sample_count.unwrap_or(0) as f64;
-                let mut inf_seen = false;
-                for b in &histogram.bucket {
-                    let le = b.upper_bound.unwrap_or(0.0);
-                    inf_seen |= le == f64::INFINITY;
-                    let cumulative = b.cumulative_count.unwrap_or(0) as f64;
-                    sample(w, "_bucket", Some(("le", le)), cumulative)?;
-                }
-                if !inf_seen {
-                    sample(w, "_bucket", Some(("le", f64::INFINITY)), count)?;
-                }
-                sample(w, "_sum", None, histogram.sample_sum.unwrap_or(0.0))?;
-                sample(w, "_count", None, count)?;
-            }
-        }
+        })?;
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! summary is `{quantile}` series, `_sum` and `_count`. `le` and `quantile` values are written as
 //! Go formats floats, so the series are the same ones a scrape of `/federate` produces.
 
-use telemeter_common::model::{LabelPair, Metric, MetricFamily, MetricType};
+use telemeter_common::model::{LabelPair, MetricFamily};
 
 use super::proto::{Label, Sample, TimeSeries};
 
@@ -20,48 +20,11 @@ pub fn to_series(families: &[MetricFamily], fallback_ms: i64) -> Vec<TimeSeries>
         let metric_type = family.metric_type();
         for metric in &family.metric {
             let timestamp = metric.timestamp_ms.unwrap_or(fallback_ms);
-            let mut push = |suffix: &str, extra: Option<(&str, f64)>, value: f64| {
+            let pushed = metric.try_for_each_sample(metric_type, |suffix, extra, value| {
                 out.push(series(name, suffix, &metric.label, extra, value, timestamp));
-            };
-            match metric_type {
-                MetricType::Counter | MetricType::Gauge | MetricType::Untyped => {
-                    if let Some(value) = simple_value(metric, metric_type) {
-                        push("", None, value);
-                    }
-                }
-                MetricType::Summary => {
-                    let Some(summary) = &metric.summary else {
-                        continue;
-                    };
-                    for q in &summary.quantile {
-                        let rank = q.quantile.unwrap_or(0.0);
-                        push("", Some(("quantile", rank)), q.value.unwrap_or(0.0));
-                    }
-                    push("_sum", None, summary.sample_sum.unwrap_or(0.0));
-                    push("_count", None, summary.sample_count.unwrap_or(0) as f64);
-                }
-                MetricType::Histogram | MetricType::GaugeHistogram => {
-                    let Some(histogram) = &metric.histogram else {
-                        continue;
-                    };
-                    let count = histogram.sample_count.unwrap_or(0) as f64;
-                    let mut inf_seen = false;
-                    for b in &histogram.bucket {
-                        let le = b.upper_bound.unwrap_or(0.0);
-                        inf_seen |= le == f64::INFINITY;
-                        push(
-                            "_bucket",
-                            Some(("le", le)),
-                            b.cumulative_count.unwrap_or(0) as f64,
-                        );
-                    }
-                    if !inf_seen {
-                        push("_bucket", Some(("le", f64::INFINITY)), count);
-                    }
-                    push("_sum", None, histogram.sample_sum.unwrap_or(0.0));
-                    push("_count", None, count);
-                }
-            }
+                Ok::<(), std::convert::Infallible>(())
+            });
+            let Ok(()) = pushed;
         }
     }
     out
@@ -70,15 +33,6 @@ pub fn to_series(families: &[MetricFamily], fallback_ms: i64) -> Vec<TimeSeries>
 /// How many samples `to_series` makes of `families` (one per series).
 pub fn sample_count(series: &[TimeSeries]) -> usize {
     series.iter().map(|s| s.samples.len()).sum()
-}
-
-fn simple_value(metric: &Metric, metric_type: MetricType) -> Option<f64> {
-    let value = match metric_type {
-        MetricType::Counter => metric.counter.map(|c| c.value),
-        MetricType::Gauge => metric.gauge.map(|g| g.value),
-        _ => metric.untyped.map(|u| u.value),
-    }?;
-    Some(value.unwrap_or(0.0))
 }
 
 /// One series: `__name__`, the metric's labels and the extra one, sorted by name as remote write
@@ -134,6 +88,7 @@ pub fn format_float(f: f64) -> String {
 mod tests {
     use super::*;
     use telemeter_common::model::{Bucket, Counter, Gauge, Histogram, Quantile, Summary, Untyped};
+    use telemeter_common::model::{Metric, MetricType};
 
     fn family(name: &str, t: MetricType, metric: Metric) -> MetricFamily {
         MetricFamily {
