@@ -7,7 +7,8 @@
 #
 # Sections, all on the same 500-sample uploads (distinct cluster ids, node-exporter-like labels):
 #   1. disk ceiling   temp file + write + fsync + rename + dir fsync per upload, no HTTP
-#   2. ingest         our server (durable) and prometheus-pushgateway, N = 1, 16, 64 senders
+#   2. ingest         our server (durable) and prometheus-pushgateway, N = 1, 16, 64 senders;
+#                     and through a non-owner of a 2-node cluster (every upload sealed and forwarded)
 #   3. federate       one full GET /federate after loading 10,000 clusters x 500 series
 #   4. decode         snappy + the upload's validation (wire fast path, else decode + validate), one thread
 #   5. client         telemeter-client --once scraping >= 10,000 series from a real Prometheus
@@ -247,6 +248,54 @@ if [ "$server_ready" = 1 ]; then
   done
 fi
 
+# 2c. Ingest through a non-owner: a 2-node cluster, every upload sent to node a for a cluster node b
+# owns, so each one is sealed, forwarded and stored by b before a answers.
+fwd_line=
+fwd_cpu=
+if [ "$server_ready" = 1 ] && "$bin/telemeter-server" --help 2>/dev/null | grep -q -- '--listen-cluster'; then
+  log "ingest through a non-owner (2 nodes, 64 senders)"
+  declare -A node_ext node_int node_pid
+  gossip_a=$(free_port)
+  gossip_b=$(free_port)
+  for node in a b; do
+    node_ext[$node]=$(free_port)
+    node_int[$node]=$(free_port)
+  done
+  for node in a b; do
+    if [ "$node" = a ]; then own=$gossip_a peer=$gossip_b; else own=$gossip_b peer=$gossip_a; fi
+    "$bin/telemeter-server" --listen "127.0.0.1:${node_ext[$node]}" \
+      --listen-internal "127.0.0.1:${node_int[$node]}" --storage-path "$work/store-fwd-$node" \
+      --shared-key "$work/shared.key" --tokens-file "$work/tokens.json" --ratelimit 0s --ttl 1h \
+      --name "node-$node" --listen-cluster "127.0.0.1:$own" --join "127.0.0.1:$peer" \
+      >"$work/server-fwd-$node.log" 2>&1 &
+    node_pid[$node]=$!
+    pids+=("${node_pid[$node]}")
+  done
+  for node in a b; do wait_http "http://127.0.0.1:${node_int[$node]}/healthz" 30; done
+  # Both members alive on both nodes before the load starts (bounded).
+  for _ in $(seq 1 100); do
+    alive=0
+    for node in a b; do
+      n=$(curl -s --max-time 2 "http://127.0.0.1:${node_int[$node]}/debug/cluster" |
+        jq '[.members[]? | select(.state == "alive")] | length' 2>/dev/null || echo 0)
+      [ "${n:-0}" -ge 2 ] && alive=$((alive + 1))
+    done
+    [ "$alive" = 2 ] && break
+    sleep 0.1
+  done
+  cpu_a0=$(cpu_s "${node_pid[a]}")
+  cpu_b0=$(cpu_s "${node_pid[b]}")
+  fwd_line=$(timeout "$(limit $((point_s + 60)))" "$loadgen" ingest \
+    --url "http://127.0.0.1:${node_ext[a]}" --shared-key "$work/shared.key" \
+    --senders 64 --duration "$point_s" --clusters 256 \
+    --forwarded-from node-a --ring node-a,node-b) || fwd_line=
+  cpu_a1=$(cpu_s "${node_pid[a]}")
+  cpu_b1=$(cpu_s "${node_pid[b]}")
+  fwd_cpu=$(awk -v a0="$cpu_a0" -v a1="$cpu_a1" -v b0="$cpu_b0" -v b1="$cpu_b1" 'BEGIN { print (a1 - a0) + (b1 - b0) }')
+  for node in a b; do stop_pid "${node_pid[$node]}"; rm -rf "$work/store-fwd-$node"; done
+  raw+=("forwarded N=64: $fwd_line servers_cpu_s=$fwd_cpu")
+fi
+
 # 2b. The same series, as text, to a Pushgateway.
 declare -A pg_rate pg_line pg_rss pg_cpu
 for n in "${senders_list[@]}"; do
@@ -432,6 +481,11 @@ done
 row "2. Ratio ours / pushgateway (uploads/s)" "$(IFS=,; echo "${ours_pg[*]}" | sed 's/,/ · /g')" "" ""
 disk64=$(awk -v a="${ours_rate[64]:-}" -v b="${disk_rate[64]}" 'BEGIN { if (a != "" && b > 0) print a / b }')
 row "2. Ratio ours / disk ceiling (uploads/s)" "$(IFS=,; echo "${ours_disk[*]}" | sed 's/,/ · /g')" "≥ 1.5× at N=64" "$(met "$disk64" ">=" 1.5)"
+if [ -n "$fwd_line" ]; then
+  fwd_rate=$(field "$fwd_line" uploads_per_s)
+  row "2. Ingest through a non-owner, 64 senders (2 nodes; sealed forward, stored by the owner)" \
+    "$(num "$fwd_rate") uploads/s · p99 $(field "$fwd_line" p99_ms) ms · CPU of both servers $(awk -v c="$fwd_cpu" -v r="$fwd_rate" -v d="$point_s" 'BEGIN { if (r > 0) printf "%.0f µs", c / (r * d) * 1e6; else print "n/a" }') an upload" "" ""
+fi
 if [ -n "$fed_line" ]; then
   fs=$(field "$fed_line" series)
   row "3. Federate, full GET after $(num "$fed_clusters") clusters × 500 series" \
