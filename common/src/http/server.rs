@@ -214,6 +214,9 @@ pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
     }
 }
 
+/// How long a new connection may wait at a cap for evicted connections to leave.
+const DEPARTURE_WAIT: Duration = Duration::from_millis(500);
+
 pub(super) fn accept_loop(shared: &Arc<Shared>) {
     let name = &shared.config.name;
     loop {
@@ -239,7 +242,17 @@ pub(super) fn accept_loop(shared: &Arc<Shared>) {
         };
         shared.accepted.fetch_add(1, Ordering::SeqCst);
         let peer = PeerKey::of(remote.ip());
-        match shared.admit_connection(peer) {
+        let mut admitted = shared.admit_connection(peer);
+        // At a cap, with the connections closed to make room still on their way out (their
+        // threads need only be scheduled to end, which a busy machine may take a while to do):
+        // wait a moment for them rather than refuse a client while room is being made. Bounded,
+        // and only when something is departing, so a full server still answers 503 at once.
+        let give_up = Instant::now() + DEPARTURE_WAIT;
+        while admitted.is_err() && Instant::now() < give_up && shared.departing() > 0 {
+            std::thread::sleep(Duration::from_millis(2));
+            admitted = shared.admit_connection(peer);
+        }
+        match admitted {
             Ok(()) => {}
             Err(Refused::All) => {
                 shared.rejected.fetch_add(1, Ordering::SeqCst);

@@ -239,6 +239,15 @@ impl Shared {
         }
     }
 
+    /// Connections closed to make room whose threads have not ended yet.
+    pub(super) fn departing(&self) -> usize {
+        self.connections()
+            .connections
+            .values()
+            .filter(|t| t.closed_by_server)
+            .count()
+    }
+
     /// Uncounts a connection of `peer` (admitted by [`Shared::admit_connection`]).
     pub(super) fn release_connection(&self, peer: PeerKey) {
         let mut table = self.connections();
