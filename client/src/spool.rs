@@ -260,7 +260,9 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         spool.put(b"second", t + Duration::from_secs(1)).unwrap();
         spool.put(b"first", t).unwrap();
-        spool.put(b"second-bis", t + Duration::from_secs(1)).unwrap();
+        spool
+            .put(b"second-bis", t + Duration::from_secs(1))
+            .unwrap();
         // Something else in the directory is not an upload.
         std::fs::write(dir.join("notes.txt"), b"x").unwrap();
         std::fs::write(dir.join(".tmp-0000000000000-0000.upload-1"), b"partial").unwrap();
@@ -268,7 +270,11 @@ mod tests {
         let bodies: Vec<Vec<u8>> = entries.iter().map(|e| spool.read(e).unwrap()).collect();
         assert_eq!(
             bodies,
-            vec![b"first".to_vec(), b"second".to_vec(), b"second-bis".to_vec()]
+            vec![
+                b"first".to_vec(),
+                b"second".to_vec(),
+                b"second-bis".to_vec()
+            ]
         );
         // A new run removes a crashed run's temporary file.
         Spool::open(&dir, 1 << 20, Duration::from_secs(3600)).unwrap();
@@ -315,7 +321,10 @@ mod tests {
 
     #[test]
     fn only_spool_names_are_read() {
-        assert_eq!(parse_name("1700000000000-0000.upload"), Some(1_700_000_000_000));
+        assert_eq!(
+            parse_name("1700000000000-0000.upload"),
+            Some(1_700_000_000_000)
+        );
         assert_eq!(parse_name("170000000000-0000.upload"), None);
         assert_eq!(parse_name("1700000000000-.upload"), None);
         assert_eq!(parse_name("1700000000000-0000.upload.tmp"), None);

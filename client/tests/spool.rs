@@ -127,7 +127,11 @@ fn an_outage_of_five_runs_loses_nothing() {
     assert_eq!(spooled, 5);
 
     let tokens = dir.path().join("tokens.json");
-    std::fs::write(&tokens, r#"[{"token": "edge-token", "clusters": ["edge"]}]"#).unwrap();
+    std::fs::write(
+        &tokens,
+        r#"[{"token": "edge-token", "clusters": ["edge"]}]"#,
+    )
+    .unwrap();
     // The default --ratelimit (4m30s): the five late uploads must not be refused by it.
     let server = Command::new(server_binary())
         .args(["--listen", &external, "--listen-internal", &internal])
@@ -156,7 +160,11 @@ fn an_outage_of_five_runs_loses_nothing() {
         "sixth run: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0, "spool not empty");
+    assert_eq!(
+        std::fs::read_dir(&spool).unwrap().count(),
+        0,
+        "spool not empty"
+    );
 
     // /federate serves the newest value: the sixth scrape's.
     let (status, body) = get(&format!("http://{internal}/federate")).expect("federate");
@@ -194,6 +202,66 @@ fn an_outage_of_five_runs_loses_nothing() {
         "receiver has {samples:?}"
     );
     assert_eq!(samples.len(), 6, "{samples:?}");
-    assert!(samples.windows(2).all(|w| w[1] == w[0] + 1.0), "{samples:?}");
+    assert!(
+        samples.windows(2).all(|w| w[1] == w[0] + 1.0),
+        "{samples:?}"
+    );
     assert_eq!(samples[5], newest, "{samples:?} vs /federate {newest}");
+}
+
+/// A 503 is spooled and the next run sends the exact same bytes, marked as a backfill; a 400 (it
+/// would be refused again) is not spooled.
+#[test]
+fn a_5xx_is_spooled_byte_for_byte_and_a_4xx_is_not() {
+    use std::collections::VecDeque;
+    let dir = TempDir::new("spool-status");
+    let spool = dir.path().join("spool");
+    let receiver = Receiver::start(Behaviour {
+        upload_replies: VecDeque::from([(503, None), (200, None), (400, None)]),
+        ..Behaviour::default()
+    });
+    let from = format!("{}/metrics", receiver.url);
+    let args = [
+        "--once",
+        "--from",
+        &from,
+        "--to",
+        &receiver.url,
+        "--to-token",
+        "client-secret",
+        "--id",
+        "c1",
+        "--match",
+        "source_up",
+        "--spool-dir",
+        spool.to_str().unwrap(),
+    ];
+    let out = run_client(&args, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("status 503") && stderr.contains("kept in the spool"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 1);
+
+    let out = run_client(&args, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("status 400") && !stderr.contains("spool"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+
+    let uploads = receiver.seen("/upload");
+    assert_eq!(uploads.len(), 3);
+    assert_eq!(
+        uploads[1].body, uploads[0].body,
+        "the spooled upload was not sent as kept"
+    );
+    assert_eq!(uploads[0].header("x-telemeter-backfill"), None);
+    assert_eq!(uploads[1].header("x-telemeter-backfill"), Some("1"));
+    assert_eq!(uploads[2].header("x-telemeter-backfill"), None);
+    assert_ne!(uploads[2].body, uploads[0].body);
 }

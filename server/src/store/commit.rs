@@ -91,7 +91,9 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
             };
             let keep_current = match request.mode {
                 Mode::Replace => false,
-                Mode::IfNewer => current.is_some_and(|(stored, _)| stored > request.received_millis),
+                Mode::IfNewer => {
+                    current.is_some_and(|(stored, _)| stored > request.received_millis)
+                }
                 Mode::UnlessOlder => {
                     current.is_some_and(|(_, stored)| stored > request.newest_sample_ms)
                 }
