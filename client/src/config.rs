@@ -140,7 +140,26 @@ pub struct Flags {
     /// Time allowed for each HTTP request (scrape, authorize, upload).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
+
+    /// Directory where a push that failed for a reason worth retrying (connection, timeout, 5xx,
+    /// 429) is kept as the exact prepared upload; later runs send what is kept, oldest first,
+    /// before their own scrape. A 4xx other than 429 is not kept (it would be refused again).
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+
+    /// Most bytes the spool holds; over it the oldest uploads are dropped (and logged).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_SPOOL_MAX_BYTES)]
+    pub spool_max_bytes: u64,
+
+    /// Oldest upload the spool keeps; older ones are dropped (and logged). Keep it below the
+    /// server's --max-sample-age (24h by default), which would refuse them.
+    #[arg(long, value_name = "DURATION", default_value = "12h", value_parser = parse_duration)]
+    pub spool_max_age: Duration,
 }
+
+/// The default of `--spool-max-bytes`: 4 MiB, a day of a typical 4m30s push of a few hundred
+/// series, small enough for an appliance's flash.
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 4 << 20;
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     telemeter_common::duration::parse(text).map_err(|e| e.to_string())
@@ -205,6 +224,12 @@ pub struct Config {
     pub token_cache: Option<PathBuf>,
     /// Per-request timeout.
     pub timeout: Duration,
+    /// Where failed uploads are kept for later runs.
+    pub spool_dir: Option<PathBuf>,
+    /// Byte bound of the spool.
+    pub spool_max_bytes: u64,
+    /// Age bound of the spool.
+    pub spool_max_age: Duration,
 }
 
 fn read_secret(path: &Path, what: &str) -> Result<String, ConfigError> {
@@ -470,6 +495,9 @@ impl Config {
             once: flags.once,
             token_cache: flags.token_cache,
             timeout: flags.timeout,
+            spool_dir: flags.spool_dir,
+            spool_max_bytes: flags.spool_max_bytes,
+            spool_max_age: flags.spool_max_age,
         })
     }
 }

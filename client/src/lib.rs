@@ -2,7 +2,7 @@
 //!
 //! The parts, each with one job: [`config`] (flags), [`scrape`], [`transform`] (the pipeline),
 //! [`anonymize`] (the salted hash of label values, upstream's), [`push`] (authorize + upload),
-//! [`run`] (the loop and `--once`), [`metrics`] (the daemon's own endpoints).
+//! [`run`] (the loop and `--once`), [`spool`] (uploads kept through outages), [`metrics`] (the daemon's own endpoints).
 #![deny(missing_docs)]
 
 pub mod anonymize;
@@ -12,6 +12,7 @@ pub mod prescan;
 pub mod push;
 pub mod run;
 pub mod scrape;
+pub mod spool;
 pub mod transform;
 
 /// How the client names itself to its scrape source and to the server.

@@ -22,6 +22,9 @@ const MAX_ERROR_REPLY: u64 = 4 << 10;
 /// A token is refreshed this long before it expires (upstream's margin).
 const EXPIRY_MARGIN: Duration = Duration::from_secs(15);
 
+/// The request header that marks an upload as a backfill (sent late, from the spool or a bundle).
+pub const BACKFILL_HEADER: &str = "X-Telemeter-Backfill";
+
 /// Why a push failed.
 #[derive(Debug)]
 pub enum PushError {
@@ -108,6 +111,22 @@ impl fmt::Display for PushError {
 }
 
 impl std::error::Error for PushError {}
+
+impl PushError {
+    /// Whether the same upload may succeed later (connection, timeout, 5xx, 429), so it is worth
+    /// spooling; a 4xx other than 429, a redirect or an oversized body would fail again.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            PushError::Transport { .. } | PushError::RateLimited { .. } => true,
+            PushError::Authorize { status, .. } | PushError::Upload { status, .. } => {
+                *status >= 500 || *status == 429
+            }
+            PushError::BadAuthorizeReply(_)
+            | PushError::Redirected { .. }
+            | PushError::TooLarge { .. } => false,
+        }
+    }
+}
 
 /// The `/authorize` reply.
 #[derive(Debug, Clone, Deserialize)]
@@ -409,26 +428,21 @@ impl Pusher {
     /// authorizes again and retries once.
     pub fn push(&mut self, families: &mut [MetricFamily]) -> Result<Pushed, PushError> {
         let token = self.token()?;
-        match self.upload(families, &token) {
-            Err(PushError::Upload { status: 401, .. }) => {
-                log::info!(
-                    "cluster {}: upload token refused (401), authorizing again",
-                    self.id
-                );
-                self.forget_token();
-                let token = self.token()?;
-                self.upload(families, &token)
-            }
-            other => other,
-        }
+        let prepared = self.prepare(families, Some(&token.labels))?;
+        self.send(&prepared, false)?;
+        Ok(prepared.pushed)
     }
 
-    fn upload(
+    /// The upload of `families` as it goes on the wire: `labels` (the token's) stamped, encoded,
+    /// compressed, and checked against `--limit-bytes`. Without labels the server stamps them.
+    pub fn prepare(
         &self,
         families: &mut [MetricFamily],
-        token: &UploadToken,
-    ) -> Result<Pushed, PushError> {
-        transform::stamp_labels(families, &token.labels);
+        labels: Option<&BTreeMap<String, String>>,
+    ) -> Result<Prepared, PushError> {
+        if let Some(labels) = labels {
+            transform::stamp_labels(families, labels);
+        }
         let body = snappy::encode_framed(&delimited::encode(families));
         if body.len() > self.limit_bytes {
             return Err(PushError::TooLarge {
@@ -436,23 +450,50 @@ impl Pusher {
                 limit: self.limit_bytes,
             });
         }
-        let pushed = Pushed {
-            series: families.iter().map(|f| f.metric.len()).sum(),
-            samples: families.iter().map(|f| f.sample_count()).sum(),
-            bytes: body.len(),
-        };
+        Ok(Prepared {
+            pushed: Pushed {
+                series: families.iter().map(|f| f.metric.len()).sum(),
+                samples: families.iter().map(|f| f.sample_count()).sum(),
+                bytes: body.len(),
+            },
+            body,
+        })
+    }
+
+    /// Uploads a prepared body; `backfill` marks an upload sent late (from the spool), which the
+    /// server counts against its backfill budget rather than the fresh-push rate limit. A 401
+    /// drops the token, authorizes again and retries once.
+    pub fn send(&mut self, prepared: &Prepared, backfill: bool) -> Result<(), PushError> {
+        let token = self.token()?;
+        match self.upload(&prepared.body, &token, backfill) {
+            Err(PushError::Upload { status: 401, .. }) => {
+                log::info!(
+                    "cluster {}: upload token refused (401), authorizing again",
+                    self.id
+                );
+                self.forget_token();
+                let token = self.token()?;
+                self.upload(&prepared.body, &token, backfill)
+            }
+            other => other,
+        }
+    }
+
+    fn upload(&self, body: &[u8], token: &UploadToken, backfill: bool) -> Result<(), PushError> {
         let transport = |e: ureq::Error| PushError::Transport {
             url: self.upload_url.clone(),
             message: e.to_string(),
         };
-        let mut response = self
+        let mut request = self
             .agent
             .post(&self.upload_url)
             .header("Authorization", format!("Bearer {}", token.token))
             .header("Content-Type", PROTO_DELIMITED)
-            .header("Content-Encoding", "snappy")
-            .send(&body[..])
-            .map_err(transport)?;
+            .header("Content-Encoding", "snappy");
+        if backfill {
+            request = request.header(BACKFILL_HEADER, "1");
+        }
+        let mut response = request.send(body).map_err(transport)?;
         let status = response.status().as_u16();
         if (300..400).contains(&status) {
             return Err(PushError::Redirected {
@@ -474,7 +515,7 @@ impl Pusher {
             .read_to_vec()
             .unwrap_or_default();
         match status {
-            200..=299 => Ok(pushed),
+            200..=299 => Ok(()),
             429 => Err(PushError::RateLimited { retry_after }),
             _ => Err(PushError::Upload {
                 status,
@@ -482,6 +523,15 @@ impl Pusher {
             }),
         }
     }
+}
+
+/// An upload ready to send: the exact bytes, and what they hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    /// Snappy-framed, protobuf-delimited families.
+    pub body: Vec<u8>,
+    /// What the body holds.
+    pub pushed: Pushed,
 }
 
 #[cfg(test)]

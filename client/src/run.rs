@@ -4,8 +4,9 @@
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::prescan;
-use crate::push::{PushError, Pushed, Pusher};
+use crate::push::{Prepared, PushError, Pushed, Pusher};
 use crate::scrape::{ReplyLimits, ScrapeError, Scraper};
+use crate::spool::{Spool, SpoolError};
 use crate::transform::{Filtered, Pipeline};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::fmt;
@@ -13,6 +14,32 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use telemeter_common::agent::AgentError;
 use telemeter_common::signal::Signal;
+
+/// Why a client could not be built.
+#[derive(Debug)]
+pub enum ClientError {
+    /// The HTTP agent (a CA file).
+    Agent(AgentError),
+    /// The spool directory.
+    Spool(SpoolError),
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Agent(e) => e.fmt(f),
+            ClientError::Spool(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl From<AgentError> for ClientError {
+    fn from(e: AgentError) -> ClientError {
+        ClientError::Agent(e)
+    }
+}
 
 /// The first wait after a failure; it doubles with each consecutive failure up to `--interval`.
 pub const BACKOFF_START: Duration = Duration::from_secs(5);
@@ -24,6 +51,10 @@ pub enum CycleError {
     Scrape(ScrapeError),
     /// The push failed.
     Push(PushError),
+    /// The push failed for a reason worth retrying and the upload is in the spool.
+    Spooled(PushError),
+    /// The push failed for a reason worth retrying and the spool could not keep it.
+    Spool(PushError, SpoolError),
 }
 
 impl fmt::Display for CycleError {
@@ -31,6 +62,8 @@ impl fmt::Display for CycleError {
         match self {
             CycleError::Scrape(e) => e.fmt(f),
             CycleError::Push(e) => e.fmt(f),
+            CycleError::Spooled(e) => write!(f, "{e}; the upload is kept in the spool"),
+            CycleError::Spool(e, spool) => write!(f, "{e}; and it could not be spooled: {spool}"),
         }
     }
 }
@@ -48,6 +81,19 @@ pub struct CycleReport {
     pub pushed: Option<Pushed>,
     /// Time spent scraping, transforming and pushing.
     pub timings: Timings,
+    /// What the spool did this cycle (all zero without `--spool-dir`).
+    pub spool: SpoolReport,
+}
+
+/// What sending the spool did in one cycle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpoolReport {
+    /// Spooled uploads the server accepted (and removed from the spool).
+    pub sent: usize,
+    /// Spooled uploads dropped: refused for good, or over the spool's bounds.
+    pub dropped: usize,
+    /// Uploads left in the spool for a later run.
+    pub left: usize,
 }
 
 /// Where the time of one cycle went.
@@ -75,6 +121,13 @@ impl fmt::Display for Timings {
 
 impl fmt::Display for CycleReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.spool != SpoolReport::default() {
+            write!(
+                f,
+                "spool: sent {}, dropped {}, left {}; ",
+                self.spool.sent, self.spool.dropped, self.spool.left
+            )?;
+        }
         match self.pushed {
             Some(p) => write!(
                 f,
@@ -104,6 +157,7 @@ pub struct Client {
     pusher: Pusher,
     pipeline: Pipeline,
     metrics: Arc<Metrics>,
+    spool: Option<Spool>,
 }
 
 fn now_ms() -> i64 {
@@ -156,7 +210,7 @@ pub fn wait_for_termination(signals: &Receiver<Signal>, wait: Duration) -> bool 
 
 impl Client {
     /// Builds the scraper and the pusher from `config`.
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Client, AgentError> {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Client, ClientError> {
         let transform =
             prescan::Transform::of(&config.labels, &config.id, config.anonymize_labels.len());
         let scraper = Scraper::new(
@@ -177,7 +231,15 @@ impl Client {
             config.limit_bytes,
             config.token_cache.clone(),
         )?;
+        let spool = match &config.spool_dir {
+            Some(dir) => Some(
+                Spool::open(dir, config.spool_max_bytes, config.spool_max_age)
+                    .map_err(ClientError::Spool)?,
+            ),
+            None => None,
+        };
         Ok(Client {
+            spool,
             id: config.id.clone(),
             interval: config.interval,
             scraper,
@@ -194,18 +256,21 @@ impl Client {
         })
     }
 
-    /// One scrape, transform and push.
+    /// Sends what is spooled (oldest first), then one scrape, transform and push; a push that
+    /// fails for a reason worth retrying is spooled.
     pub fn cycle(&mut self) -> Result<CycleReport, CycleError> {
-        let scrape_time = now_ms();
         let started = Instant::now();
+        let spool = self.send_spool(started);
+        let scrape_time = now_ms();
+        let scraping = Instant::now();
         let mut timings = Timings::default();
         let scraped = self.scraper.scrape();
-        timings.scrape = started.elapsed();
+        timings.scrape = scraping.elapsed();
         self.metrics.scrape(scraped.is_ok());
         let mut families = scraped.map_err(CycleError::Scrape)?.families;
         let scraped_series = families.iter().map(|f| f.metric.len()).sum();
         let filtered = self.pipeline.apply(&mut families, scrape_time);
-        timings.transform = started.elapsed() - timings.scrape;
+        timings.transform = scraping.elapsed() - timings.scrape;
         self.metrics.filtered(filtered.unselected, filtered.invalid);
         if families.is_empty() {
             return Ok(CycleReport {
@@ -213,10 +278,21 @@ impl Client {
                 filtered,
                 pushed: None,
                 timings,
+                spool,
             });
         }
         let pushing = Instant::now();
-        let result = self.pusher.push(&mut families);
+        let result = match self.pusher.token() {
+            Ok(token) => match self.pusher.prepare(&mut families, Some(&token.labels)) {
+                Ok(prepared) => self
+                    .pusher
+                    .send(&prepared, false)
+                    .map(|()| prepared.pushed)
+                    .map_err(|e| (e, Some(prepared))),
+                Err(e) => Err((e, None)),
+            },
+            Err(e) => Err((e, None)),
+        };
         timings.push = pushing.elapsed();
         match result {
             Ok(pushed) => {
@@ -227,17 +303,106 @@ impl Client {
                     filtered,
                     pushed: Some(pushed),
                     timings,
+                    spool,
                 })
             }
-            Err(e) => {
+            Err((e, prepared)) => {
                 let result = match e {
                     PushError::RateLimited { .. } => "rate_limited",
                     _ => "error",
                 };
                 self.metrics.push_failed(result);
-                Err(CycleError::Push(e))
+                let Some(store) = self.spool.as_ref().filter(|_| e.is_retryable()) else {
+                    return Err(CycleError::Push(e));
+                };
+                // Without a token (the server was not reached) the labels it would stamp are
+                // left to the server, which stamps them on every upload anyway.
+                let prepared = match prepared {
+                    Some(p) => p,
+                    None => match self.pusher.prepare(&mut families, None) {
+                        Ok(p) => p,
+                        Err(_) => return Err(CycleError::Push(e)),
+                    },
+                };
+                match store.put(&prepared.body, SystemTime::now()) {
+                    // Drops over the bounds are logged by the spool itself.
+                    Ok(_) => Err(CycleError::Spooled(e)),
+                    Err(spool_error) => Err(CycleError::Spool(e, spool_error)),
+                }
             }
         }
+    }
+
+    /// Sends the spooled uploads oldest first while the run's time budget (half the interval,
+    /// leaving the other half to the fresh scrape) lasts; stops at the first failure worth
+    /// retrying, drops an upload refused for good.
+    fn send_spool(&mut self, started: Instant) -> SpoolReport {
+        let mut report = SpoolReport::default();
+        let Some(spool) = self.spool.clone() else {
+            return report;
+        };
+        let dropped = spool.enforce(SystemTime::now());
+        report.dropped += dropped.expired + dropped.over_size;
+        let entries = match spool.entries() {
+            Ok(entries) => entries,
+            Err(e) => {
+                log::warn!("cluster {}: {e}", self.id);
+                return report;
+            }
+        };
+        let budget = self.interval / 2;
+        for (i, entry) in entries.iter().enumerate() {
+            if started.elapsed() >= budget {
+                log::warn!(
+                    "cluster {}: spool: time budget spent, {} uploads left for the next run",
+                    self.id,
+                    entries.len() - i
+                );
+                report.left = entries.len() - i;
+                break;
+            }
+            let body = match spool.read(entry) {
+                Ok(body) => body,
+                Err(e) => {
+                    log::warn!("cluster {}: {e}", self.id);
+                    report.left += 1;
+                    continue;
+                }
+            };
+            let prepared = Prepared {
+                pushed: Pushed {
+                    series: 0,
+                    samples: 0,
+                    bytes: body.len(),
+                },
+                body,
+            };
+            match self.pusher.send(&prepared, true) {
+                Ok(()) => {
+                    spool.remove(entry);
+                    report.sent += 1;
+                }
+                Err(e) if e.is_retryable() => {
+                    log::warn!(
+                        "cluster {}: spool: {e}; {} uploads left for the next run",
+                        self.id,
+                        entries.len() - i
+                    );
+                    report.left = entries.len() - i;
+                    break;
+                }
+                Err(e) => {
+                    log::warn!(
+                        "cluster {}: spool: dropped {}: {e}",
+                        self.id,
+                        entry.path.display()
+                    );
+                    spool.remove(entry);
+                    report.dropped += 1;
+                }
+            }
+        }
+        report
     }
 
     /// Cycles every interval until a termination signal arrives.

@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod base64;
+pub mod bundle;
 pub mod delimited;
 pub mod duration;
 pub mod http;

@@ -149,6 +149,10 @@ pub struct Flags {
 
     /// Each cluster may store one upload per this window (a duration, as Prometheus writes it,
     /// `4m30s`, or Go, `4.5m`); more are answered 429 with Retry-After. 0s turns the limit off.
+    /// Uploads a client sends late from its spool (header `X-Telemeter-Backfill: 1`) are not
+    /// counted here but against a budget of their own: 12 per cluster per window, one back every
+    /// window / 12; they never replace newer samples on /federate, and are shipped to
+    /// --remote-write-url with their original timestamps.
     #[arg(long, default_value = "4m30s", value_name = "DURATION")]
     pub ratelimit: String,
 

@@ -99,9 +99,12 @@ impl Placement for LocalPlacement {
     }
 }
 
-/// Stores `payload` durably as `cluster_id`'s latest upload, then queues it on `remote_write`
-/// (if any). Every path that stores a push it owns (an upload stored here, a push forwarded to
-/// this node) goes through here, so none can ship before storing.
+/// Stores `payload` durably as `cluster_id`'s latest upload unless the stored one has newer
+/// samples (a late upload never replaces fresher values on `/federate`), then queues it on
+/// `remote_write` (if any) either way: the receiver keeps history, so a late upload gives it the
+/// samples an outage would have lost, with their original timestamps. Every path that stores a
+/// push it owns (an upload stored here, a push forwarded to this node) goes through here, so none
+/// can ship before storing.
 pub fn store_then_queue(
     store: &Store,
     remote_write: Option<&RemoteWriter>,
@@ -110,10 +113,12 @@ pub fn store_then_queue(
     received: SystemTime,
 ) -> Result<(), StoreError> {
     match remote_write {
-        None => store.put(cluster_id, payload, received),
+        None => store
+            .put_unless_older(cluster_id, payload, received)
+            .map(|_| ()),
         Some(writer) => {
             // Shipped only once stored: the receiver never holds what the client was told failed.
-            store.put(cluster_id, payload.clone(), received)?;
+            store.put_unless_older(cluster_id, payload.clone(), received)?;
             writer.enqueue(cluster_id, payload, received);
             Ok(())
         }

@@ -34,6 +34,7 @@ use telemeter_common::http::{Head, Request, Response};
 use telemeter_common::token::{Claims, TokenSigner};
 
 use crate::authorize::{bearer_in, check_cluster_id, unauthorized};
+use crate::ingest::backfill::{BackfillBudget, BACKFILLS_PER_WINDOW};
 use crate::ingest::decode::{self, Decoded, Rejection};
 use crate::ingest::gate::Gate;
 use crate::ingest::placement::{Placement, PlacementError};
@@ -66,6 +67,14 @@ pub struct UploadLimits {
     pub max_series: usize,
 }
 
+/// The request header that marks an upload as sent late (from a client's spool): it is counted
+/// against the backfill budget instead of the fresh-push rate limit.
+pub const BACKFILL_HEADER: &str = "X-Telemeter-Backfill";
+
+fn is_backfill(value: Option<&str>) -> bool {
+    value.is_some_and(|v| v.trim() == "1")
+}
+
 /// Serves `/upload`.
 pub struct UploadHandler {
     signer: TokenSigner,
@@ -73,6 +82,7 @@ pub struct UploadHandler {
     limits: UploadLimits,
     rules: Rules,
     limiter: RateLimiter,
+    backfill: BackfillBudget,
     placement: Arc<dyn Placement>,
     metrics: Metrics,
     cpu: Gate,
@@ -113,6 +123,17 @@ impl Refusal {
         Refusal {
             status: 429,
             message: format!("rate limited: next upload accepted in {secs}s"),
+            retry_after: Some(secs),
+        }
+    }
+
+    fn backfill_spent(wait: std::time::Duration) -> Refusal {
+        let secs = retry_after_secs(wait);
+        Refusal {
+            status: 429,
+            message: format!(
+                "rate limited: {BACKFILLS_PER_WINDOW} backfilled uploads of this cluster within the window; next one read in {secs}s"
+            ),
             retry_after: Some(secs),
         }
     }
@@ -167,6 +188,7 @@ impl UploadHandler {
             partition_label: partition_label.to_string(),
             limits,
             rules,
+            backfill: BackfillBudget::new(limiter.window()),
             limiter,
             placement,
             metrics,
@@ -190,9 +212,15 @@ impl UploadHandler {
             let admitted = self
                 .authenticate(head.header("Authorization"), SystemTime::now())
                 .and_then(|claims| {
-                    self.limiter
-                        .peek(&claims.cluster_id, Instant::now())
-                        .map_err(Refusal::not_admitted)
+                    if is_backfill(head.header(BACKFILL_HEADER)) {
+                        self.backfill
+                            .peek(&claims.cluster_id, Instant::now())
+                            .map_err(Refusal::backfill_spent)
+                    } else {
+                        self.limiter
+                            .peek(&claims.cluster_id, Instant::now())
+                            .map_err(Refusal::not_admitted)
+                    }
                 });
             if let Err(refusal) = admitted {
                 self.metrics.upload("rejected", refusal.status);
@@ -278,12 +306,22 @@ impl UploadHandler {
         let now = SystemTime::now();
         let claims = self.authenticate(request.header("Authorization"), now)?;
         let cluster_id = claims.cluster_id;
+        // A backfill pays its own budget up front, whatever becomes of it (see `backfill`).
+        let backfill = is_backfill(request.header(BACKFILL_HEADER));
         // Paid for before the body costs any decoding: a read that does not end stored costs a
         // refusal from the cluster's budget, one that does gives it back for the slot.
-        let read = self
-            .limiter
-            .admit(&cluster_id, Instant::now())
-            .map_err(Refusal::not_admitted)?;
+        let read = if backfill {
+            self.backfill
+                .take(&cluster_id, Instant::now())
+                .map_err(Refusal::backfill_spent)?;
+            None
+        } else {
+            Some(
+                self.limiter
+                    .admit(&cluster_id, Instant::now())
+                    .map_err(Refusal::not_admitted)?,
+            )
+        };
 
         let mut token_labels: BTreeMap<String, String> = claims.labels;
         token_labels.insert(self.partition_label.clone(), cluster_id.clone());
@@ -309,10 +347,15 @@ impl UploadHandler {
             return Ok(Accepted::Empty);
         };
 
-        let slot = self
-            .limiter
-            .try_acquire(&cluster_id, Instant::now())
-            .map_err(Refusal::rate_limited)?;
+        let slot = if backfill {
+            None
+        } else {
+            Some(
+                self.limiter
+                    .try_acquire(&cluster_id, Instant::now())
+                    .map_err(Refusal::rate_limited)?,
+            )
+        };
         // Only the payload is held from here until the store answers.
         memory.shrink_to(payload.len());
         let started = Instant::now();
@@ -332,8 +375,12 @@ impl UploadHandler {
             };
             return Err(Refusal::new(e.status(), message));
         }
-        slot.commit();
-        read.stored();
+        if let Some(slot) = slot {
+            slot.commit();
+        }
+        if let Some(read) = read {
+            read.stored();
+        }
         self.metrics.upload_series.add(prepared.series as u64);
         debug!(
             "stored {} series for cluster {cluster_id:?}",

@@ -27,6 +27,8 @@ pub(super) enum Mode {
     Replace,
     /// [`super::Store::put_if_newer`].
     IfNewer,
+    /// [`super::Store::put_unless_older`].
+    UnlessOlder,
 }
 
 /// One upload waiting to be committed. The reply says whether it was written.
@@ -71,6 +73,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         winner: usize,
         superseded: Vec<usize>,
         received_millis: u64,
+        newest_sample_ms: i64,
         image: usize,
     }
     let mut groups: Vec<Group> = Vec::new();
@@ -81,14 +84,21 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         for (i, request) in batch.iter().enumerate() {
             let group = by_cluster.get(request.cluster_id.as_str()).copied();
             let current = match group.and_then(|g| groups.get(g)) {
-                Some(group) => Some(group.received_millis),
+                Some(group) => Some((group.received_millis, group.newest_sample_ms)),
                 None => index
                     .get(&request.cluster_id)
-                    .map(|entry| entry.received_millis),
+                    .map(|entry| (entry.received_millis, entry.newest_sample_ms)),
             };
-            if request.mode == Mode::IfNewer
-                && current.is_some_and(|stored| stored > request.received_millis)
-            {
+            let keep_current = match request.mode {
+                Mode::Replace => false,
+                Mode::IfNewer => {
+                    current.is_some_and(|(stored, _)| stored > request.received_millis)
+                }
+                Mode::UnlessOlder => {
+                    current.is_some_and(|(_, stored)| stored > request.newest_sample_ms)
+                }
+            };
+            if keep_current {
                 skipped.push(i);
                 continue;
             }
@@ -97,6 +107,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                     group.superseded.push(group.winner);
                     group.winner = i;
                     group.received_millis = request.received_millis;
+                    group.newest_sample_ms = request.newest_sample_ms;
                 }
                 None => {
                     by_cluster.insert(&request.cluster_id, groups.len());
@@ -104,6 +115,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                         winner: i,
                         superseded: Vec::new(),
                         received_millis: request.received_millis,
+                        newest_sample_ms: request.newest_sample_ms,
                         image: 0,
                     });
                 }

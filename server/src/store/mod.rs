@@ -260,6 +260,18 @@ impl Store {
         self.submit(cluster_id, payload, received, Mode::IfNewer)
     }
 
+    /// Like [`Store::put`], but keeps the stored upload when its newest sample is newer than
+    /// `payload`'s: an upload sent late (spooled through an outage, imported across an air gap)
+    /// never replaces fresher values. Returns whether `payload` was written.
+    pub fn put_unless_older(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<bool, StoreError> {
+        self.submit(cluster_id, payload, received, Mode::UnlessOlder)
+    }
+
     /// Hands one upload to the committer and waits for its answer.
     fn submit(
         &self,

@@ -891,3 +891,21 @@ fn a_journal_written_in_format_version_1_is_replayed_on_open() {
     assert_eq!(fs::read(dir.0.join(segment)).unwrap()[0], journal::PUT + 2);
     store.close();
 }
+
+#[test]
+fn put_unless_older_never_lets_older_samples_replace_newer_ones() {
+    let dir = TempDir::new("unlessolder");
+    let store = open(&dir);
+    let (old, new) = (sampled(60_000), sampled(1_000));
+    // Received later, but its samples are older (a spooled upload after a fresh one): kept out.
+    assert!(store.put_unless_older("c", new.clone(), at(-10)).unwrap());
+    assert!(!store.put_unless_older("c", old.clone(), at(0)).unwrap());
+    assert_eq!(store.get("c").unwrap().unwrap().payload, new);
+    // From an empty store: the first is written, then only what is not older.
+    let dir2 = TempDir::new("unlessolder-batch");
+    let store2 = open(&dir2);
+    assert!(store2.put_unless_older("d", old.clone(), at(0)).unwrap());
+    assert!(store2.put_unless_older("d", new.clone(), at(0)).unwrap());
+    assert!(!store2.put_unless_older("d", old, at(0)).unwrap());
+    assert_eq!(store2.get("d").unwrap().unwrap().payload, new);
+}

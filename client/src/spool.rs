@@ -1,0 +1,333 @@
+//! The spool (`--spool-dir`): pushes that failed for a reason worth retrying, kept on disk as the
+//! exact prepared upload (cleaned, anonymized, compressed) until a later run sends them.
+//!
+//! One file per upload, named `<creation unix ms, 13 digits>-<sequence>.upload`, so the name
+//! order is the age order and a run needs no index: an index would be one more file to keep
+//! consistent through a crash. Every file is written to a hidden temporary name, synced and then
+//! renamed, and the directory synced, so a crash leaves either the whole upload or none of it;
+//! leftover temporary files are removed on the next run.
+//!
+//! Bounds: `--spool-max-bytes` over all files and `--spool-max-age` per file. Over them the
+//! oldest are dropped first (the newest carry the values a reader wants most), each drop
+//! counted and logged.
+
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+/// The suffix of a spooled upload's file name.
+const SUFFIX: &str = ".upload";
+/// The prefix of a file being written.
+const TMP_PREFIX: &str = ".tmp-";
+
+/// Why the spool could not be used.
+#[derive(Debug)]
+pub struct SpoolError {
+    /// What was being done.
+    pub what: String,
+    /// The OS error.
+    pub error: std::io::Error,
+}
+
+impl fmt::Display for SpoolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "spool: {}: {}", self.what, self.error)
+    }
+}
+
+impl std::error::Error for SpoolError {}
+
+fn spool_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SpoolError {
+    let what = what.into();
+    move |error| SpoolError { what, error }
+}
+
+/// One spooled upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Its file.
+    pub path: PathBuf,
+    /// When it was spooled, ms since the Unix epoch (from its name).
+    pub created_ms: u64,
+    /// Its size.
+    pub bytes: u64,
+}
+
+/// A spool directory and its bounds.
+#[derive(Debug, Clone)]
+pub struct Spool {
+    dir: PathBuf,
+    max_bytes: u64,
+    max_age: Duration,
+}
+
+/// What [`Spool::enforce`] dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    /// Uploads older than `--spool-max-age`.
+    pub expired: usize,
+    /// Uploads dropped to stay within `--spool-max-bytes`.
+    pub over_size: usize,
+}
+
+impl Spool {
+    /// A spool in `dir` (created, mode 0700, when missing).
+    pub fn open(dir: &Path, max_bytes: u64, max_age: Duration) -> Result<Spool, SpoolError> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(spool_error(format!("creating {}", dir.display())))?;
+        let spool = Spool {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            max_age,
+        };
+        spool.remove_leftovers();
+        Ok(spool)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Temporary files of a run that crashed while writing: never complete, so never sent.
+    fn remove_leftovers(&self) {
+        let Ok(read) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in read.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// The spooled uploads, oldest first. Files that are not spooled uploads are left alone.
+    pub fn entries(&self) -> Result<Vec<Entry>, SpoolError> {
+        let read = std::fs::read_dir(&self.dir)
+            .map_err(spool_error(format!("reading {}", self.dir.display())))?;
+        let mut entries = Vec::new();
+        for entry in read.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(created_ms) = parse_name(&name) else {
+                continue;
+            };
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            entries.push(Entry {
+                path: entry.path(),
+                created_ms,
+                bytes: meta.len(),
+            });
+        }
+        entries.sort_by(|a, b| a.path.file_name().cmp(&b.path.file_name()));
+        Ok(entries)
+    }
+
+    /// Keeps `body` (a prepared upload) created at `created`, then enforces the bounds.
+    pub fn put(&self, body: &[u8], created: SystemTime) -> Result<Dropped, SpoolError> {
+        let created_ms = telemeter_common::time::unix_millis(created);
+        // The sequence keeps two uploads of the same millisecond apart and in order.
+        let existing = self.entries()?;
+        let sequence = existing
+            .iter()
+            .filter(|e| e.created_ms == created_ms)
+            .count();
+        let name = format!("{created_ms:013}-{sequence:04}{SUFFIX}");
+        write_atomically(&self.dir, &name, body)?;
+        log::info!(
+            "spooled {} bytes as {}",
+            body.len(),
+            self.dir.join(&name).display()
+        );
+        Ok(self.enforce(created))
+    }
+
+    /// Reads one spooled upload.
+    pub fn read(&self, entry: &Entry) -> Result<Vec<u8>, SpoolError> {
+        std::fs::read(&entry.path).map_err(spool_error(format!("reading {}", entry.path.display())))
+    }
+
+    /// Removes one spooled upload (sent, or refused for good).
+    pub fn remove(&self, entry: &Entry) {
+        if let Err(e) = std::fs::remove_file(&entry.path) {
+            log::warn!("spool: cannot remove {}: {e}", entry.path.display());
+        }
+    }
+
+    /// Drops what is older than the maximum age, then the oldest until the total fits the
+    /// maximum size; each drop logged.
+    pub fn enforce(&self, now: SystemTime) -> Dropped {
+        let mut dropped = Dropped::default();
+        let entries = match self.entries() {
+            Ok(entries) => entries,
+            Err(e) => {
+                log::warn!("{e}");
+                return dropped;
+            }
+        };
+        let now_ms = telemeter_common::time::unix_millis(now);
+        let max_age_ms = u64::try_from(self.max_age.as_millis()).unwrap_or(u64::MAX);
+        let mut total: u64 = entries.iter().map(|e| e.bytes).sum();
+        for entry in &entries {
+            let expired = now_ms.saturating_sub(entry.created_ms) > max_age_ms;
+            if !expired && total <= self.max_bytes {
+                continue;
+            }
+            log::warn!(
+                "spool: dropped {} ({} bytes): {}",
+                entry.path.display(),
+                entry.bytes,
+                if expired {
+                    "older than --spool-max-age"
+                } else {
+                    "over --spool-max-bytes"
+                }
+            );
+            self.remove(entry);
+            total = total.saturating_sub(entry.bytes);
+            if expired {
+                dropped.expired += 1;
+            } else {
+                dropped.over_size += 1;
+            }
+        }
+        dropped
+    }
+}
+
+/// The creation time in a spooled upload's file name, or `None` for any other name.
+fn parse_name(name: &str) -> Option<u64> {
+    let stem = name.strip_suffix(SUFFIX)?;
+    let (millis, sequence) = stem.split_once('-')?;
+    if millis.len() != 13
+        || !millis.bytes().all(|b| b.is_ascii_digit())
+        || sequence.is_empty()
+        || !sequence.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    millis.parse().ok()
+}
+
+/// Writes `bytes` as `dir/name`: a temporary file, synced, renamed, then the directory synced, so
+/// the name appears only with the whole content and survives a crash.
+pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), SpoolError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(spool_error(format!("writing {}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tc-spool-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn uploads_come_back_oldest_first_and_exact() {
+        let dir = temp_dir("order");
+        let spool = Spool::open(&dir, 1 << 20, Duration::from_secs(3600)).unwrap();
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        spool.put(b"second", t + Duration::from_secs(1)).unwrap();
+        spool.put(b"first", t).unwrap();
+        spool
+            .put(b"second-bis", t + Duration::from_secs(1))
+            .unwrap();
+        // Something else in the directory is not an upload.
+        std::fs::write(dir.join("notes.txt"), b"x").unwrap();
+        std::fs::write(dir.join(".tmp-0000000000000-0000.upload-1"), b"partial").unwrap();
+        let entries = spool.entries().unwrap();
+        let bodies: Vec<Vec<u8>> = entries.iter().map(|e| spool.read(e).unwrap()).collect();
+        assert_eq!(
+            bodies,
+            vec![
+                b"first".to_vec(),
+                b"second".to_vec(),
+                b"second-bis".to_vec()
+            ]
+        );
+        // A new run removes a crashed run's temporary file.
+        Spool::open(&dir, 1 << 20, Duration::from_secs(3600)).unwrap();
+        assert!(!dir.join(".tmp-0000000000000-0000.upload-1").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bounds_drop_the_oldest_and_count_them() {
+        let dir = temp_dir("bounds");
+        let spool = Spool::open(&dir, 25, Duration::from_secs(60)).unwrap();
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(spool.put(&[1; 10], t).unwrap(), Dropped::default());
+        assert_eq!(
+            spool.put(&[2; 10], t + Duration::from_secs(1)).unwrap(),
+            Dropped::default()
+        );
+        // 30 bytes > 25: the oldest goes.
+        assert_eq!(
+            spool.put(&[3; 10], t + Duration::from_secs(2)).unwrap(),
+            Dropped {
+                expired: 0,
+                over_size: 1
+            }
+        );
+        let left: Vec<u8> = spool
+            .entries()
+            .unwrap()
+            .iter()
+            .map(|e| spool.read(e).unwrap()[0])
+            .collect();
+        assert_eq!(left, vec![2, 3]);
+        // 61 s after the second: it expired, the third (60 s old) did not.
+        assert_eq!(
+            spool.enforce(t + Duration::from_secs(62)),
+            Dropped {
+                expired: 1,
+                over_size: 0
+            }
+        );
+        assert_eq!(spool.entries().unwrap().len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_spool_names_are_read() {
+        assert_eq!(
+            parse_name("1700000000000-0000.upload"),
+            Some(1_700_000_000_000)
+        );
+        assert_eq!(parse_name("170000000000-0000.upload"), None);
+        assert_eq!(parse_name("1700000000000-.upload"), None);
+        assert_eq!(parse_name("1700000000000-0000.upload.tmp"), None);
+        assert_eq!(parse_name("x700000000000-0000.upload"), None);
+    }
+}
