@@ -7,6 +7,7 @@
 
 pub mod anonymize;
 pub mod config;
+pub mod file;
 pub mod metrics;
 pub mod prescan;
 pub mod push;

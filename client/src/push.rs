@@ -6,7 +6,6 @@ use crate::USER_AGENT;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use telemeter_common::agent::{self, AgentError};
@@ -195,10 +194,8 @@ fn unix_secs(t: SystemTime) -> u64 {
     telemeter_common::time::unix_seconds(t)
 }
 
-/// Writes `bytes` to `path` atomically (temp file in the same directory, fsync, rename), readable
-/// by the owner only.
+/// Writes `bytes` to `path` whole or not at all, readable by the owner only.
 fn write_private_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -208,21 +205,7 @@ fn write_private_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "token-cache".into());
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::file::write_private(path, &tmp, bytes)
 }
 
 /// Authorizes and uploads to one server as one cluster.

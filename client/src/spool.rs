@@ -12,7 +12,6 @@
 //! counted and logged.
 
 use std::fmt;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -218,28 +217,13 @@ fn parse_name(name: &str) -> Option<u64> {
     millis.parse().ok()
 }
 
-/// Writes `bytes` as `dir/name`: a temporary file, synced, renamed, then the directory synced, so
-/// the name appears only with the whole content and survives a crash.
+/// Writes `bytes` as `dir/name`, readable by the owner only (see [`crate::file::write_private`]);
+/// the temporary name starts with [`TMP_PREFIX`], which a crashed run leaves and the next removes.
 pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), SpoolError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(name);
     let tmp = dir.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(spool_error(format!("writing {}", path.display())))
+    crate::file::write_private(&path, &tmp, bytes)
+        .map_err(spool_error(format!("writing {}", path.display())))
 }
 
 #[cfg(test)]
