@@ -95,6 +95,8 @@ impl Fronts {
 pub struct Internal {
     /// The store `/federate` reads.
     pub store: Store,
+    /// The label naming the cluster (`_id`), on `/federate`'s last-push series.
+    pub partition_label: String,
     /// The metrics `/metrics` renders.
     pub metrics: Metrics,
     /// The HTTP fronts, for their counters.
@@ -124,7 +126,13 @@ impl Handler for Internal {
                     let serves: federate::ClusterFilter = Arc::new(move |id| cluster.serves(id));
                     serves
                 });
-                federate::handle(&request, &self.store, &self.metrics, filter)
+                federate::handle(
+                    &request,
+                    &self.store,
+                    &self.metrics,
+                    filter,
+                    &self.partition_label,
+                )
             }
             FORWARD_PATH => match &self.cluster {
                 Some(c) => {

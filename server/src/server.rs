@@ -189,6 +189,7 @@ impl Server {
         let fronts = Arc::new(Fronts::default());
         let internal_handler = Internal {
             store: store.clone(),
+            partition_label: config.partition_label.clone(),
             cluster: cluster.as_ref().map(|cluster| ClusterRoutes {
                 cluster: cluster.clone(),
                 metrics: ClusterMetrics::register(&metrics.registry),
