@@ -304,3 +304,76 @@ fn as_text(families: &[MetricFamily]) -> String {
     }
     String::from_utf8(out).unwrap()
 }
+
+fn temp_store(name: &str) -> (Store, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("telemeter-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = Store::open(StoreConfig {
+        dir: dir.clone(),
+        ttl: Duration::from_secs(3600),
+        max_batch: 8,
+    })
+    .unwrap();
+    (store, dir)
+}
+
+#[test]
+fn a_family_whose_type_differs_from_the_first_clusters_is_left_out_and_counted() {
+    let (store, dir) = temp_store("federate-conflict");
+    let now = SystemTime::now();
+    store.put("a", payload("a"), now).unwrap();
+    let mut other = families("b");
+    other[0].r#type = Some(MetricType::Gauge as i32);
+    other[0].metric[0].gauge = Some(telemeter_common::model::Gauge { value: Some(1.0) });
+    other[0].metric[0].counter = None;
+    store.put("b", delimited::encode(&other), now).unwrap();
+    let mut out = Vec::new();
+    let skips = write_all(&store, Format::Text, None, &mut out).unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert_eq!(skips.series.count(SkipReason::TypeConflict), 1, "{out}");
+    assert_eq!(skips.first_cluster.as_deref(), Some("b"));
+    assert_eq!(out.matches("# TYPE requests_total").count(), 1, "{out}");
+    assert!(out.contains("# TYPE requests_total counter\n"), "{out}");
+    assert!(!out.contains("requests_total{_id=\"b\"}"), "{out}");
+    // b's other family is still served.
+    assert!(
+        out.contains("latency_seconds_count{_id=\"b\"} 2\n"),
+        "{out}"
+    );
+    store.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_pinned_upload_reads_the_version_indexed_after_a_newer_one_is_checkpointed() {
+    let (store, dir) = temp_store("federate-pinned");
+    let now = SystemTime::now();
+    let first = payload("a");
+    store.put("a", first.clone(), now).unwrap();
+    // Once from its journal segment, once from its file after a checkpoint (on close).
+    let from_journal = store.get_pinned("a").unwrap().unwrap();
+    // Dropped, not only closed: the directory's lock goes with the last clone.
+    drop(store);
+    let store = Store::open(StoreConfig {
+        dir: dir.clone(),
+        ttl: Duration::from_secs(3600),
+        max_batch: 8,
+    })
+    .unwrap();
+    let from_file = store.get_pinned("a").unwrap().unwrap();
+    let mut newer = families("a");
+    newer.truncate(1);
+    store.put("a", delimited::encode(&newer), now).unwrap();
+    store.close();
+    for pinned in [from_journal, from_file] {
+        let mut bytes = Vec::new();
+        pinned
+            .read_range(0, first.len() as u64, &mut bytes)
+            .unwrap();
+        assert_eq!(bytes, first);
+        assert!(pinned
+            .read_range(0, first.len() as u64 + 1, &mut bytes)
+            .is_err());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
