@@ -18,7 +18,7 @@ pub const DEFAULT_LIMIT_BYTES: usize = 8 << 20;
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "telemeter-client",
-    version,
+    version = crate::VERSION_TEXT,
     about = "Scrapes an isolated Prometheus, cleans and anonymizes the series, and pushes them to telemeter-server.",
     long_about = None
 )]

@@ -53,6 +53,13 @@ fn metrics_health_and_sigterm() {
         "telemeter_server_stored_clusters 1",
         "telemeter_server_store_write_seconds_count 1",
         "telemeter_server_federate_seconds_count 1",
+        "# TYPE process_cpu_seconds_total counter",
+        "process_resident_memory_bytes ",
+        "process_virtual_memory_bytes ",
+        "process_open_fds ",
+        "process_max_fds ",
+        "process_start_time_seconds ",
+        "telemeter_server_build_info{version=\"",
     ] {
         assert!(r.body.contains(name), "missing {name}:\n{}", r.body);
     }
@@ -84,6 +91,36 @@ fn metrics_health_and_sigterm() {
 
     let status = s.signal_and_wait(Signal::Term);
     assert_eq!(status.code(), Some(0));
+}
+
+/// `--version` prints the version and the git revision baked in at build time, in both binaries.
+#[test]
+fn version_prints_version_and_revision() {
+    let revision = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string());
+    for binary in ["telemeter-server", "telemeter-client"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/debug")
+            .join(binary);
+        let out = Command::new(&path).arg("--version").output().unwrap();
+        assert!(out.status.success(), "{binary} --version");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            text.starts_with(&format!(
+                "{binary} {} (revision ",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
+        // Built from this checkout (a commit since the build would differ: build first).
+        if let Some(revision) = &revision {
+            assert!(text.contains(revision.as_str()), "{text} lacks {revision}");
+        }
+    }
 }
 
 #[test]

@@ -11,7 +11,7 @@ use super::Secret;
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "telemeter-server",
-    version,
+    version = crate::VERSION_TEXT,
     about = "Receives pushed Prometheus metrics from telemeter clients, stores them durably and serves them on /federate.",
     after_help = "Durations are written as Prometheus writes them (15s, 4m30s, 1d) or as Go does (1.5m, 300ms, 1h30m).\nAn empty value (--authorize-issuer-url=) means the flag is not set, as it did upstream."
 )]
