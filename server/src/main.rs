@@ -46,8 +46,11 @@ fn main() -> ExitCode {
     };
     loop {
         match signals.recv() {
-            // SIGHUP: nothing to reload yet; keep running.
-            Ok(Signal::Reload) => info!("SIGHUP ignored"),
+            // SIGHUP: read the tokens and whitelist files again; a bad file keeps the old ones
+            // (the reloader logs why).
+            Ok(Signal::Reload) => {
+                let _ = running.reload("SIGHUP");
+            }
             Ok(signal) => {
                 info!("signal {signal}: shutting down");
                 break;

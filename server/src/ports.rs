@@ -14,13 +14,21 @@ use crate::cluster::Cluster;
 use crate::federate;
 use crate::ingest::upload::UploadHandler;
 use crate::metrics::Metrics;
+use crate::reload::Reloader;
 use crate::remote_write::RemoteWriter;
 use crate::store::Store;
 
 /// The paths the external port serves, listed by `GET /`.
 pub const EXTERNAL_PATHS: &[&str] = &["/", "/authorize", "/upload", "/healthz", "/healthz/ready"];
 /// The paths the internal port serves, listed by `GET /`.
-pub const INTERNAL_PATHS: &[&str] = &["/", "/federate", "/metrics", "/healthz", "/healthz/ready"];
+pub const INTERNAL_PATHS: &[&str] = &[
+    "/",
+    "/federate",
+    "/metrics",
+    "/healthz",
+    "/healthz/ready",
+    "/-/reload",
+];
 /// The paths the internal port serves besides [`INTERNAL_PATHS`] when clustered.
 pub const CLUSTER_PATHS: &[&str] = &["/debug/cluster", FORWARD_PATH];
 
@@ -97,6 +105,8 @@ pub struct Internal {
     pub store: Store,
     /// The label naming the cluster (`_id`), on `/federate`'s last-push series.
     pub partition_label: String,
+    /// What `POST /-/reload` runs.
+    pub reloader: Arc<Reloader>,
     /// The metrics `/metrics` renders.
     pub metrics: Metrics,
     /// The HTTP fronts, for their counters.
@@ -134,6 +144,17 @@ impl Handler for Internal {
                     &self.partition_label,
                 )
             }
+            "/-/reload" => match request.method.as_str() {
+                // PUT too, as Prometheus accepts both.
+                "POST" | "PUT" => match self.reloader.reload("POST /-/reload") {
+                    Ok(()) => Response::text(200, "reloaded"),
+                    Err(reason) => Response::text(
+                        500,
+                        &format!("reload failed, keeping the old configuration: {reason}"),
+                    ),
+                },
+                _ => Response::text(405, "only POST or PUT").with_header("Allow", "POST, PUT"),
+            },
             FORWARD_PATH => match &self.cluster {
                 Some(c) => {
                     handle_forward(&c.cluster, &self.store, c.remote_write.as_ref(), request)

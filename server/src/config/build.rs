@@ -99,26 +99,20 @@ impl Flags {
             });
         }
 
-        let mut whitelist = Vec::new();
-        for text in &self.whitelist {
-            whitelist.push(Selector::parse(text).map_err(|e| ConfigError::Invalid {
-                flag: "--whitelist",
-                reason: e.to_string(),
-            })?);
-        }
-        if let Some(path) = &self.whitelist_file {
-            let contents = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-                flag: "--whitelist-file",
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-            whitelist.extend(selector::parse_file(&contents).map_err(|e| {
-                ConfigError::Invalid {
-                    flag: "--whitelist-file",
-                    reason: e.to_string(),
-                }
-            })?);
-        }
+        let whitelist_source = WhitelistSource {
+            inline: self
+                .whitelist
+                .iter()
+                .map(|text| {
+                    Selector::parse(text).map_err(|e| ConfigError::Invalid {
+                        flag: "--whitelist",
+                        reason: e.to_string(),
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            file: self.whitelist_file.clone(),
+        };
+        let whitelist = whitelist_source.load()?;
 
         let remote_write = match self.remote_write_url {
             None => None,
@@ -176,6 +170,7 @@ impl Flags {
             labels,
             required_labels,
             whitelist,
+            whitelist_source,
             ratelimit: parse_duration("--ratelimit", &self.ratelimit)?,
             ttl: parse_duration("--ttl", &self.ttl)?,
             storage_path: self.storage_path,
@@ -405,4 +400,25 @@ pub fn parse_label_pairs(
         out.push((name.to_string(), value.to_string()));
     }
     Ok(out)
+}
+
+impl WhitelistSource {
+    /// The whitelist: the `--whitelist` selectors, then those of `--whitelist-file` read now.
+    pub fn load(&self) -> Result<Vec<Selector>, ConfigError> {
+        let mut whitelist = self.inline.clone();
+        if let Some(path) = &self.file {
+            let contents = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                flag: "--whitelist-file",
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            whitelist.extend(selector::parse_file(&contents).map_err(|e| {
+                ConfigError::Invalid {
+                    flag: "--whitelist-file",
+                    reason: e.to_string(),
+                }
+            })?);
+        }
+        Ok(whitelist)
+    }
 }

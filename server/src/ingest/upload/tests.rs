@@ -51,7 +51,7 @@ fn handler(placement: Arc<FakePlacement>, whitelist: Vec<Selector>) -> UploadHan
         Rules {
             partition_label: "_id".into(),
             extra_labels: vec![],
-            whitelist,
+            whitelist: telemeter_common::sync::Swap::new(Arc::new(whitelist)),
             max_sample_age: Duration::from_secs(86_400),
             max_future_skew: Duration::from_secs(300),
             max_samples: 10_000,
