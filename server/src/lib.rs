@@ -21,6 +21,7 @@ pub mod ports;
 pub mod reload;
 pub mod remote_write;
 pub mod server;
+pub mod status;
 pub mod store;
 
 /// What this binary was built from (the revision and compiler baked in by `build.rs`).

@@ -16,6 +16,7 @@ use crate::ingest::upload::UploadHandler;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::remote_write::RemoteWriter;
+use crate::status::{self, Status};
 use crate::store::Store;
 
 /// The paths the external port serves, listed by `GET /`.
@@ -28,6 +29,7 @@ pub const INTERNAL_PATHS: &[&str] = &[
     "/healthz",
     "/healthz/ready",
     "/-/reload",
+    "/api/v1/clusters",
 ];
 /// The paths the internal port serves besides [`INTERNAL_PATHS`] when clustered.
 pub const CLUSTER_PATHS: &[&str] = &["/debug/cluster", FORWARD_PATH];
@@ -107,6 +109,8 @@ pub struct Internal {
     pub partition_label: String,
     /// What `POST /-/reload` runs.
     pub reloader: Arc<Reloader>,
+    /// The status page and the clusters API.
+    pub status: Status,
     /// The metrics `/metrics` renders.
     pub metrics: Metrics,
     /// The HTTP fronts, for their counters.
@@ -179,12 +183,11 @@ impl Handler for Internal {
                 )
             }
             "/healthz" | "/healthz/ready" => Response::text(200, "ok"),
-            "/" => {
-                let mut paths = INTERNAL_PATHS.to_vec();
-                if self.cluster.is_some() {
-                    paths.extend_from_slice(CLUSTER_PATHS);
-                }
-                Response::json(200, &serde_json::json!({ "paths": paths }))
+            "/" => self.status.page(&request),
+            path if path == status::CLUSTERS_PATH
+                || path.starts_with(&format!("{}/", status::CLUSTERS_PATH)) =>
+            {
+                self.status.api(&request)
             }
             _ => not_found(),
         }

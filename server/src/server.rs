@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::ports::{ClusterRoutes, External, Fronts, Internal};
 use crate::reload::Reloader;
 use crate::remote_write::{RemoteWriteError, RemoteWriter};
+use crate::status::Status;
 use crate::store::{Store, StoreConfig, StoreError};
 
 /// How long shutdown waits for in-flight requests.
@@ -172,6 +173,7 @@ impl Server {
             None => Arc::new(LocalPlacement::new(store.clone()).shipping_to(remote_write.clone())),
         };
 
+        let limiter = Arc::new(RateLimiter::new(config.ratelimit));
         let external_handler = External {
             authorize: AuthorizeHandler::new(
                 authorizer,
@@ -197,7 +199,7 @@ impl Server {
                     max_future_skew: config.max_future_skew,
                     max_samples: config.max_series.saturating_mul(SAMPLES_PER_SERIES),
                 },
-                RateLimiter::new(config.ratelimit),
+                limiter.clone(),
                 placement,
                 metrics.clone(),
             ),
@@ -207,6 +209,11 @@ impl Server {
             store: store.clone(),
             partition_label: config.partition_label.clone(),
             reloader: reloader.clone(),
+            status: Status {
+                store: store.clone(),
+                cluster: cluster.clone(),
+                limiter,
+            },
             cluster: cluster.as_ref().map(|cluster| ClusterRoutes {
                 cluster: cluster.clone(),
                 metrics: ClusterMetrics::register(&metrics.registry),

@@ -72,7 +72,7 @@ pub struct UploadHandler {
     partition_label: String,
     limits: UploadLimits,
     rules: Rules,
-    limiter: RateLimiter,
+    limiter: Arc<RateLimiter>,
     placement: Arc<dyn Placement>,
     metrics: Metrics,
     cpu: Gate,
@@ -152,13 +152,14 @@ enum Accepted {
 
 impl UploadHandler {
     /// A handler verifying tokens with `signer`, enforcing `limits` and `rules`, one stored upload
-    /// per cluster per `limiter` window, storing through `placement`.
+    /// per cluster per `limiter` window (shared with the status page, which shows it), storing
+    /// through `placement`.
     pub fn new(
         signer: TokenSigner,
         partition_label: &str,
         limits: UploadLimits,
         rules: Rules,
-        limiter: RateLimiter,
+        limiter: Arc<RateLimiter>,
         placement: Arc<dyn Placement>,
         metrics: Metrics,
     ) -> UploadHandler {

@@ -56,7 +56,7 @@ fn handler(placement: Arc<FakePlacement>, whitelist: Vec<Selector>) -> UploadHan
             max_future_skew: Duration::from_secs(300),
             max_samples: 10_000,
         },
-        RateLimiter::new(Duration::from_secs(3600)),
+        Arc::new(RateLimiter::new(Duration::from_secs(3600))),
         Arc::new(placement),
         Metrics::new(),
     )
