@@ -287,7 +287,8 @@ fn rate_limit() {
     let r = s.upload(&token, &families(None, 1, now_ms()));
     assert_eq!(r.status, 429, "{}", r.body);
     let retry: u64 = r.header("Retry-After").unwrap().parse().unwrap();
-    assert!(retry > 3500 && retry <= 3600, "{retry}");
+    // Accepted from a quarter of the window before it is due (the client's own schedule).
+    assert!(retry > 2600 && retry <= 2700, "{retry}");
     assert!(
         r.body.starts_with("rate limited: next upload accepted in "),
         "{}",

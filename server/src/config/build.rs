@@ -172,7 +172,7 @@ impl Flags {
             whitelist,
             whitelist_source,
             ratelimit: parse_duration("--ratelimit", &self.ratelimit)?,
-            ttl: parse_duration("--ttl", &self.ttl)?,
+            ttl: nonzero_duration("--ttl", &self.ttl)?,
             storage_path: self.storage_path,
             max_upload_bytes: positive("--max-upload-bytes", self.max_upload_bytes)?,
             max_decompressed_bytes: positive(
@@ -372,6 +372,19 @@ fn parse_duration(flag: &'static str, text: &str) -> Result<Duration, ConfigErro
         flag,
         reason: e.to_string(),
     })
+}
+
+/// As [`parse_duration`], refusing zero: a `--ttl` of 0s was accepted, and then every cluster
+/// was expired on arrival and nothing was ever served.
+fn nonzero_duration(flag: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    let value = parse_duration(flag, text)?;
+    if value.is_zero() {
+        return Err(ConfigError::Invalid {
+            flag,
+            reason: "must be greater than 0s (a cluster would be expired as soon as it pushed, and nothing served)".to_string(),
+        });
+    }
+    Ok(value)
 }
 
 /// Parses `NAME=VALUE` pairs, checking the name is a valid label name and the value non-empty.
