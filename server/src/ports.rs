@@ -71,6 +71,12 @@ impl Handler for External {
             path => Ok(self.body_limit(&head.method, path)),
         }
     }
+
+    fn body_too_large(&self, head: &Head, limit: usize, remote: SocketAddr) {
+        if head.path == "/upload" {
+            self.upload.body_too_large(head, limit, remote);
+        }
+    }
 }
 
 /// The HTTP fronts whose counters `/metrics` reports, filled in once they run.

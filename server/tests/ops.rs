@@ -164,3 +164,68 @@ fn sigint_stops_cleanly_and_sighup_does_not() {
     assert_eq!(get(&s.url("/healthz"), &[]).status, 200);
     assert_eq!(s.signal_and_wait(Signal::Int).code(), Some(0));
 }
+
+/// A 413 (from the HTTP front, which the upload handler never sees) is counted and logged with
+/// the peer, a 429 is logged, and `/authorize` log lines name the peer.
+#[test]
+fn refusals_are_counted_and_logged_with_the_peer() {
+    let dir = TempDir::new("ops-refusals");
+    let tokens = dir.file("tokens", TOKENS);
+    let s = ServerProcess::start(
+        &dir.path().join("data"),
+        &[
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+            "--ratelimit",
+            "1h",
+            "--max-upload-bytes",
+            "2000",
+        ],
+    );
+    let logged = |needle: &str| {
+        wait_until(Duration::from_secs(10), || {
+            s.logs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|line| line.contains(needle))
+        })
+    };
+    let token = s.upload_token("secret", "test");
+    assert!(logged("authorized cluster \"test\" from 127.0.0.1:"));
+    let denied = post(
+        &s.url("/authorize?id=test"),
+        &[("Authorization", "Bearer wrong")],
+        b"",
+    );
+    assert_eq!(denied.status, 401);
+    assert!(logged("authorize from 127.0.0.1:"));
+
+    // Refused from its declared length, before any of it is read.
+    let r = post(
+        &s.url("/upload"),
+        &[
+            ("Authorization", &format!("Bearer {token}")),
+            ("Content-Type", telemeter_common::media::PROTO_DELIMITED),
+            ("Content-Encoding", "snappy"),
+        ],
+        &[0u8; 5000],
+    );
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert!(logged("refused: body over 2000 bytes"));
+    let metrics = get(&s.url_internal("/metrics"), &[]).body;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "telemeter_server_uploads_total",
+            &["result=\"rejected\"", "status=\"413\""]
+        ),
+        1.0,
+        "{metrics}"
+    );
+
+    assert_eq!(s.upload(&token, &families(None, 1, now_ms())).status, 200);
+    let r = s.upload(&token, &families(None, 1, now_ms()));
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(logged("refused: rate limited: next upload accepted in "));
+}
