@@ -641,7 +641,6 @@ fn write_last_push(
         ),
         r#type: Some(MetricType::Gauge as i32),
         metric,
-        ..MetricFamily::default()
     };
     match format {
         Format::Text => {
