@@ -1,5 +1,6 @@
 //! `/federate` as a central Prometheus and its tools see it: promtool accepts it with several
-//! clusters sharing family names, `match[]` selects, and a real Prometheus gets the same series
+//! clusters sharing family names, `match[]` selects (also from a real Prometheus scrape job), and a
+//! real Prometheus gets the same series
 //! with gzip as without.
 
 mod common;
@@ -246,7 +247,7 @@ fn plain_proxy(upstream: std::net::SocketAddr, encoded: Arc<AtomicUsize>) -> u16
 }
 
 #[test]
-fn prometheus_gets_the_same_series_with_gzip_as_without() {
+fn prometheus_gets_the_same_series_with_gzip_as_without_and_match_splits() {
     assert!(
         std::path::Path::new(PROMETHEUS).exists(),
         "{PROMETHEUS} is not installed: run `make setup` (Debian package prometheus)"
@@ -279,8 +280,9 @@ fn prometheus_gets_the_same_series_with_gzip_as_without() {
     let config = dir.file(
         "prometheus.yml",
         &format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: gzip\n    honor_labels: true\n    metrics_path: /federate\n    static_configs:\n      - targets: ['{}']\n  - job_name: plain\n    honor_labels: true\n    metrics_path: /federate\n    static_configs:\n      - targets: ['127.0.0.1:{proxy}']\n",
-            s.internal
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: gzip\n    honor_labels: true\n    metrics_path: /federate\n    static_configs:\n      - targets: ['{}']\n  - job_name: plain\n    honor_labels: true\n    metrics_path: /federate\n    static_configs:\n      - targets: ['127.0.0.1:{proxy}']\n  - job_name: split\n    honor_labels: true\n    metrics_path: /federate\n    params:\n      'match[]': ['{{_id=\"b\"}}']\n    static_configs:\n      - targets: ['localhost:{}']\n",
+            s.internal,
+            s.internal.port()
         ),
     );
     let port = free_port();
@@ -349,5 +351,22 @@ fn prometheus_gets_the_same_series_with_gzip_as_without() {
         encoded.load(Ordering::Relaxed),
         0,
         "the proxy passed gzip on"
+    );
+
+    // A scrape job with match[] (as a central Prometheus splits the fleet) gets cluster b only:
+    // up, 2 test_metric, 4 histogram series, its last push.
+    let split_target = format!("localhost:{}", s.internal.port());
+    let split = testkit::wait_for(Duration::from_secs(30), || {
+        series(&split_target).filter(|s| s.len() == 8)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the match[] job never saw 8 series: {:?}",
+            series(&split_target)
+        )
+    });
+    assert!(
+        split.iter().all(|s| s.contains("\"_id\": String(\"b\")")),
+        "{split:?}"
     );
 }
