@@ -1,7 +1,6 @@
 //! `/federate` as a central Prometheus and its tools see it: promtool accepts it with several
 //! clusters sharing family names, `match[]` selects (also from a real Prometheus scrape job), and a
-//! real Prometheus gets the same series
-//! with gzip as without.
+//! real Prometheus gets the same series with gzip as without.
 
 mod common;
 
