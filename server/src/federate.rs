@@ -195,15 +195,18 @@ pub fn write_all(
     write_selected(store, format, filter, &[], "_id", w)
 }
 
-/// One cluster's pinned upload and where its families are in the payload.
+/// One cluster's pinned upload.
 struct ClusterIndex {
     cluster_id: String,
     /// Seconds since the epoch of the upload's receipt.
     received_seconds: f64,
     pinned: PinnedUpload,
-    /// (family name, type, payload byte range of the family message without its prefix).
-    families: Vec<(String, MetricType, u64, u64)>,
 }
+
+/// Where one cluster's families are in its payload: (name, type, byte range of the family
+/// message without its prefix). Merged into the [`FamilyPlan`]s as each cluster is indexed, so
+/// the names are held once per family, not once per cluster.
+type FamilyRanges = Vec<(String, MetricType, u64, u64)>;
 
 /// One family to write: its type (the first cluster's) and its parts, (cluster, range), in
 /// cluster order.
@@ -237,46 +240,51 @@ pub fn write_selected(
         .map_or(1, usize::from)
         .min(MAX_WORKERS);
 
-    // Pass 1: pin and index every cluster, keeping no payload.
+    // Pass 1: pin and index every cluster, keeping no payload; the families in name order, each
+    // with its parts from every cluster.
     let mut clusters: Vec<ClusterIndex> = Vec::with_capacity(ids.len());
+    let mut by_name: BTreeMap<String, usize> = BTreeMap::new();
+    let mut plans: Vec<FamilyPlan> = Vec::new();
     in_order(
         &ids,
         workers,
         |id: &String, _: &mut Vec<u8>| index_cluster(store, id),
         |_, _, index| {
-            clusters.extend(index);
+            let Some((cluster, families)) = index else {
+                return Ok(());
+            };
+            let c = clusters.len();
+            clusters.push(cluster);
+            for (name, metric_type, start, end) in families {
+                // Ours: a payload's family of this name would make it a second TYPE line.
+                if name == LAST_PUSH_FAMILY {
+                    continue;
+                }
+                let at = match by_name.get(&name) {
+                    Some(&at) => at,
+                    None => {
+                        plans.push(FamilyPlan {
+                            name: name.clone(),
+                            metric_type,
+                            parts: Vec::new(),
+                            conflicting: Vec::new(),
+                        });
+                        by_name.insert(name, plans.len() - 1);
+                        plans.len() - 1
+                    }
+                };
+                if let Some(plan) = plans.get_mut(at) {
+                    if plan.metric_type == metric_type {
+                        plan.parts.push((c, start, end));
+                    } else {
+                        plan.conflicting.push((c, start, end));
+                    }
+                }
+            }
             Ok(())
         },
     )?;
-
-    // The families in name order, each with its parts from every cluster.
-    let mut by_name: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut plans: Vec<FamilyPlan> = Vec::new();
-    for (c, cluster) in clusters.iter().enumerate() {
-        for (name, metric_type, start, end) in &cluster.families {
-            // Ours: a payload's family of this name would make it a second TYPE line.
-            if name == LAST_PUSH_FAMILY {
-                continue;
-            }
-            let at = *by_name.entry(name.as_str()).or_insert_with(|| {
-                plans.push(FamilyPlan {
-                    name: name.clone(),
-                    metric_type: *metric_type,
-                    parts: Vec::new(),
-                    conflicting: Vec::new(),
-                });
-                plans.len() - 1
-            });
-            if let Some(plan) = plans.get_mut(at) {
-                if plan.metric_type == *metric_type {
-                    plan.parts.push((c, *start, *end));
-                } else {
-                    plan.conflicting.push((c, *start, *end));
-                }
-            }
-        }
-    }
-    let order: Vec<usize> = by_name.values().copied().collect();
+    let order: Vec<usize> = by_name.into_values().collect();
 
     // Pass 2: each family from the pinned files, in name order.
     let mut skips = Skips::default();
@@ -367,7 +375,7 @@ fn in_order<T: Sync, R: Send>(
 
 /// Pins cluster `id`'s upload and indexes its families; `None` (with a warning) when it cannot
 /// be read or its families cannot be listed, so one bad file never fails a scrape.
-fn index_cluster(store: &Store, id: &str) -> Option<ClusterIndex> {
+fn index_cluster(store: &Store, id: &str) -> Option<(ClusterIndex, FamilyRanges)> {
     let mut pinned = match store.get_pinned(id) {
         Ok(Some(pinned)) => pinned,
         // Expired or removed between listing and reading.
@@ -399,12 +407,14 @@ fn index_cluster(store: &Store, id: &str) -> Option<ClusterIndex> {
         .received
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
-    Some(ClusterIndex {
-        cluster_id: id.to_string(),
-        received_seconds,
-        pinned,
+    Some((
+        ClusterIndex {
+            cluster_id: id.to_string(),
+            received_seconds,
+            pinned,
+        },
         families,
-    })
+    ))
 }
 
 /// Whether a series of family `name` (of `metric_type`) with `labels` is selected: always without
