@@ -9,9 +9,12 @@
 //! (name, type, byte range) is kept; the payload is dropped. Then the families are written in
 //! name order, each from the byte ranges of every cluster that has it, read again from the pinned
 //! files, straight through [`wire`]'s views (text transcoded, protobuf copied without the
-//! timestamps). Memory is the indexes plus a few families in flight, however many clusters are
-//! stored; a scrape holds one open file per cluster (the server raises its soft descriptor limit
-//! to the hard one for that). Both passes are spread over a few workers.
+//! timestamps). A family is encoded in chunks of a few hundred KB of input, by a few workers, and
+//! written in order (the header once, from the first chunk with a series), so memory is the
+//! indexes plus a few chunks in flight, however many clusters are stored or share a family. In
+//! protobuf each chunk is a message of its own: a family shared by many clusters comes as several
+//! messages of the same name (each with the family's name, help and type). A scrape holds one open
+//! file per cluster (the server raises its soft descriptor limit to the hard one for that).
 //!
 //! `match[]` (Prometheus series selectors, any of them matching) restricts the series, as on
 //! Prometheus's own `/federate`, so a central Prometheus can split the fleet over scrape jobs;
@@ -284,34 +287,46 @@ pub fn write_selected(
             Ok(())
         },
     )?;
-    let order: Vec<usize> = by_name.into_values().collect();
+    let chunks = chunks(&plans, by_name.into_values());
 
-    // Pass 2: each family from the pinned files, in name order.
+    // Pass 2: each family from the pinned files, in name order, a chunk of clusters at a time.
     let mut skips = Skips::default();
+    // The family whose header is out: later chunks of it drop theirs.
+    let mut header_out: Option<usize> = None;
     in_order(
-        &order,
+        &chunks,
         workers,
-        |&at: &usize, buffer: &mut Vec<u8>| {
-            let mut family_skips = Skips::default();
+        |chunk: &Chunk, buffer: &mut Vec<u8>| {
+            let mut chunk_skips = Skips::default();
             buffer.clear();
-            if let Some(plan) = plans.get(at) {
-                encode_family(
+            let header_len = match plans.get(chunk.family) {
+                Some(plan) => encode_chunk(
                     plan,
+                    chunk,
                     &clusters,
                     format,
                     selectors,
                     buffer,
-                    &mut family_skips,
-                );
-            }
-            family_skips
+                    &mut chunk_skips,
+                ),
+                None => 0,
+            };
+            (chunk_skips, header_len)
         },
-        |_, buffer, family_skips| {
-            skips.series.merge(&family_skips.series);
+        |chunk, buffer, (chunk_skips, header_len)| {
+            skips.series.merge(&chunk_skips.series);
             if skips.first_cluster.is_none() {
-                skips.first_cluster = family_skips.first_cluster;
+                skips.first_cluster = chunk_skips.first_cluster;
             }
-            w.write_all(buffer)
+            if buffer.is_empty() {
+                return Ok(());
+            }
+            if header_out == Some(chunk.family) {
+                w.write_all(buffer.get(header_len..).unwrap_or_default())
+            } else {
+                header_out = Some(chunk.family);
+                w.write_all(buffer)
+            }
         },
     )?;
 
@@ -320,6 +335,52 @@ pub fn write_selected(
     w.write_all(&last_push)?;
     w.flush()?;
     Ok(skips)
+}
+
+/// Most input bytes (stored protobuf) one chunk of a family reads: its text is about three times
+/// that, and a few chunks per worker are in memory at once, so a scrape's memory stays a few MB
+/// however many clusters share a family.
+const CHUNK_BYTES: u64 = 256 << 10;
+
+/// Part of one family for a worker: its parts `parts` (indexes into [`FamilyPlan::parts`]);
+/// the first chunk of a family also counts its conflicting parts.
+struct Chunk {
+    family: usize,
+    parts: std::ops::Range<usize>,
+    first: bool,
+}
+
+/// The families `order` (indexes into `plans`) cut into chunks of at most [`CHUNK_BYTES`] of
+/// input (at least one part each), in order.
+fn chunks(plans: &[FamilyPlan], order: impl Iterator<Item = usize>) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    for family in order {
+        let Some(plan) = plans.get(family) else {
+            continue;
+        };
+        let mut start = 0;
+        let mut bytes = 0u64;
+        for (i, &(_, from, to)) in plan.parts.iter().enumerate() {
+            bytes += to.saturating_sub(from);
+            if bytes >= CHUNK_BYTES {
+                chunks.push(Chunk {
+                    family,
+                    parts: start..i + 1,
+                    first: start == 0,
+                });
+                start = i + 1;
+                bytes = 0;
+            }
+        }
+        if start < plan.parts.len() || start == 0 {
+            chunks.push(Chunk {
+                family,
+                parts: start..plan.parts.len(),
+                first: start == 0,
+            });
+        }
+    }
+    chunks
 }
 
 /// Runs `work` on every item, spread over up to `workers` threads (each taking every n-th item,
@@ -455,23 +516,27 @@ fn owned_labels(metric: &wire::MetricView<'_>) -> Option<Vec<LabelPair>> {
         .collect()
 }
 
-/// Appends family `plan` to `out` in `format`: one header, then the selected series of each of
-/// its parts, read from the pinned files. A part that cannot be read or decoded is left out with
-/// a warning; the series of conflicting parts are counted.
-fn encode_family(
+/// Appends one chunk of family `plan` to `out` in `format`: in text, the header, then the
+/// selected series of each of the chunk's parts, read from the pinned files; in protobuf, one
+/// message of them. A part that cannot be read or decoded is left out with a warning; the first
+/// chunk counts the series of the conflicting parts. Returns the length of the text header `out`
+/// starts with (0 in protobuf, or without series).
+fn encode_chunk(
     plan: &FamilyPlan,
+    chunk: &Chunk,
     clusters: &[ClusterIndex],
     format: Format,
     selectors: &[Selector],
     out: &mut Vec<u8>,
     skips: &mut Skips,
-) {
+) -> usize {
     let mut bytes = Vec::new();
     let mut header_written = false;
     // Protobuf: the family's message body, then written with its length prefix.
     let mut message = Vec::new();
     let mut series = 0usize;
-    for &(c, start, end) in &plan.parts {
+    let parts = plan.parts.get(chunk.parts.clone()).unwrap_or_default();
+    for &(c, start, end) in parts {
         let Some(cluster) = clusters.get(c) else {
             continue;
         };
@@ -541,7 +606,8 @@ fn encode_family(
         }
         skips.add(id, &skipped);
     }
-    for &(c, start, end) in &plan.conflicting {
+    let conflicting: &[(usize, u64, u64)] = if chunk.first { &plan.conflicting } else { &[] };
+    for &(c, start, end) in conflicting {
         let Some(cluster) = clusters.get(c) else {
             continue;
         };
@@ -559,6 +625,28 @@ fn encode_family(
         prost::encoding::encode_varint(message.len() as u64, out);
         out.extend_from_slice(&message);
     }
+    match format {
+        Format::Text => header_len(out),
+        // A chunk is a message of its own (see the module doc): nothing to drop.
+        Format::ProtoDelimited => 0,
+    }
+}
+
+/// The length of the `# HELP`/`# TYPE` lines a text chunk starts with (0 without series): a
+/// later chunk of a family whose header is out already is written without them. Help text has
+/// its newlines escaped, so each is one line.
+fn header_len(text: &[u8]) -> usize {
+    let mut at = 0;
+    for prefix in [&b"# HELP "[..], &b"# TYPE "[..]] {
+        let rest = text.get(at..).unwrap_or_default();
+        if rest.starts_with(prefix) {
+            at += rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(rest.len(), |end| end + 1);
+        }
+    }
+    at
 }
 
 /// Appends one cluster's part of a family to `message` as protobuf fields without timestamps:

@@ -377,3 +377,96 @@ fn a_pinned_upload_reads_the_version_indexed_after_a_newer_one_is_checkpointed()
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_family_larger_than_a_chunk_is_written_once_with_one_header() {
+    let (store, dir) = temp_store("federate-chunks");
+    let now = SystemTime::now();
+    let ids: Vec<String> = (0..40).map(testkit::payload::cluster_id).collect();
+    let mut expected: std::collections::BTreeMap<String, MetricFamily> = Default::default();
+    for id in &ids {
+        let families = testkit::payload::families(id, now_ms());
+        store.put(id, delimited::encode(&families), now).unwrap();
+        for mut family in families {
+            for metric in &mut family.metric {
+                metric.timestamp_ms = None;
+            }
+            match expected.get_mut(family.name.as_deref().unwrap()) {
+                Some(merged) => merged.metric.extend(family.metric),
+                None => {
+                    expected.insert(family.name.clone().unwrap(), family);
+                }
+            }
+        }
+    }
+    // Some family spans several chunks.
+    let biggest: usize = expected
+        .values()
+        .map(|f| delimited::encode(std::slice::from_ref(f)).len())
+        .max()
+        .unwrap();
+    assert!(biggest as u64 > 2 * CHUNK_BYTES, "{biggest}");
+
+    let mut out = Vec::new();
+    write_all(&store, Format::Text, None, &mut out).unwrap();
+    let out = String::from_utf8(out).unwrap();
+    let expected: Vec<MetricFamily> = expected.into_values().collect();
+    let expected_series: usize = expected.iter().map(|f| f.metric.len()).sum();
+    let mut want = as_text(&expected);
+    // Then the last push of each, checked apart.
+    let at = out
+        .find("# HELP telemeter_last_push_timestamp_seconds")
+        .unwrap();
+    assert_eq!(&out[..at], want.as_str());
+    assert_eq!(out[at..].lines().count(), 2 + ids.len());
+    want.clear();
+
+    // Protobuf: the same series, a large family in several messages of the same name.
+    let mut pd = Vec::new();
+    write_all(&store, Format::ProtoDelimited, None, &mut pd).unwrap();
+    let served = delimited::decode(&pd, &stored_limits()).unwrap();
+    let series: usize = served
+        .iter()
+        .filter(|f| f.name.as_deref() != Some(LAST_PUSH_FAMILY))
+        .map(|f| f.metric.len())
+        .sum();
+    assert_eq!(series, expected_series);
+    assert!(
+        served.len() > expected.len() + 1,
+        "a family over a chunk comes in several messages"
+    );
+    store.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn chunks_cut_families_by_input_bytes_and_headers_are_measured() {
+    let plan = |sizes: &[u64]| FamilyPlan {
+        name: "f".into(),
+        metric_type: MetricType::Gauge,
+        parts: sizes.iter().enumerate().map(|(c, &n)| (c, 0, n)).collect(),
+        conflicting: Vec::new(),
+    };
+    let plans = vec![
+        plan(&[CHUNK_BYTES / 2, CHUNK_BYTES / 2, 1, CHUNK_BYTES]),
+        plan(&[]),
+        plan(&[1]),
+    ];
+    let cut: Vec<(usize, std::ops::Range<usize>, bool)> = chunks(&plans, [0, 1, 2].into_iter())
+        .into_iter()
+        .map(|c| (c.family, c.parts, c.first))
+        .collect();
+    assert_eq!(
+        cut,
+        [
+            (0, 0..2, true),
+            (0, 2..4, false),
+            (1, 0..0, true),
+            (2, 0..1, true)
+        ]
+    );
+    // The help's newline is escaped: `\n` is two bytes of one line.
+    assert_eq!(header_len(b"# HELP a x\\ny\n# TYPE a gauge\na 1\n"), 29);
+    assert_eq!(header_len(b"# TYPE a gauge\na 1\n"), 15);
+    assert_eq!(header_len(b""), 0);
+}
