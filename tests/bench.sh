@@ -9,7 +9,8 @@
 #   1. disk ceiling   temp file + write + fsync + rename + dir fsync per upload, no HTTP
 #   2. ingest         our server (durable) and prometheus-pushgateway, N = 1, 16, 64 senders;
 #                     and through a non-owner of a 2-node cluster (every upload sealed and forwarded)
-#   3. federate       one full GET /federate after loading 10,000 clusters x 500 series
+#   3. federate       one full GET /federate after loading 10,000 clusters x 500 series, plain
+#                     and again with gzip (as Prometheus asks): series/s and bytes on the wire
 #   4. decode         snappy + the upload's validation (wire fast path, else decode + validate), one thread
 #   5. client         telemeter-client --once scraping >= 10,000 series from a real Prometheus
 #   6. static sizes   make static (musl)
@@ -317,6 +318,8 @@ done
 # ---------------------------------------------------------------------------------------------
 # 3. Federate after loading fed_clusters clusters.
 fed_line=
+fed_gz_line=
+fed_gz_cpu=
 fed_rss=
 fed_cpu=
 load_line=
@@ -338,6 +341,14 @@ if [ "$server_ready" = 1 ]; then
   cpu1=$(cpu_s "$server_pid")
   fed_rss=$(peak_rss_kib "$server_pid")
   fed_cpu=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')
+  # The same scrape as Prometheus makes it: gzip, decompressed by the load generator as it streams.
+  log "GET /federate with Accept-Encoding: gzip"
+  cpu0=$(cpu_s "$server_pid")
+  fed_gz_line=$(timeout "$(limit 180)" "$loadgen" federate --gzip --url "http://127.0.0.1:$int_port") ||
+    fail "federate with gzip failed"
+  cpu1=$(cpu_s "$server_pid")
+  fed_gz_cpu=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')
+  raw+=("federate gzip: $fed_gz_line server_cpu_s=$fed_gz_cpu")
   curl -s --max-time 5 "http://127.0.0.1:$int_port/metrics" >"$work/metrics-federate.txt" || true
   stop_pid "$server_pid"
   rm -rf "$work/store-federate"
@@ -494,6 +505,12 @@ if [ -n "$fed_line" ]; then
     "$(all_met "$(met "$(field "$fed_line" series_per_s)" ">=" 2000000)" "$(met "$fed_rss" "<" 102400)" "$(met "$fs" ">=" $((fed_clusters * 500)))")"
 else
   row "3. Federate" "not measured: server not yet merged" "≥ 2M series/s, RSS < 100 MB" "n/a"
+fi
+if [ -n "$fed_gz_line" ]; then
+  row "3. Federate with gzip (as Prometheus scrapes), same data" \
+    "$(num "$(field "$fed_gz_line" series)") series in $(field "$fed_gz_line" seconds) s · $(millions "$(field "$fed_gz_line" series_per_s)") series/s · $(awk -v b="$(field "$fed_gz_line" bytes)" -v t="$(field "$fed_gz_line" text_bytes)" 'BEGIN { printf "%.0f MB on the wire (%.0f MB of text, %.1f×)", b / 1e6, t / 1e6, (b > 0 ? t / b : 0) }') · $(awk -v b="$(field "$fed_gz_line" bytes_per_s)" 'BEGIN { printf "%.0f MB/s", b / 1e6 }') on the wire · CPU server $(cores "$fed_gz_cpu" "$(field "$fed_gz_line" seconds)") + loadgen $(cores "$(field "$fed_gz_line" loadgen_cpu_s)" "$(field "$fed_gz_line" seconds)") cores" \
+    "series as plain" \
+    "$(met "$(field "$fed_gz_line" series)" ">=" "$(field "$fed_line" series)")"
 fi
 row "4. Decode + validate in process, 1 thread ($(field "$decode" validator), as the upload runs it)" \
   "$(millions "$dec_rate") samples/s per core ($(num "$(field "$decode" uploads_per_s)") uploads/s; $(field "$decode" path) path: snappy $(field "$decode" snappy_us) µs + wire check $(field "$decode" wire_check_us) µs an upload) · owned path alone (an upload that needs a rewrite): $(millions "$(field "$decode" owned_samples_per_cpu_s)") samples/s per core" \

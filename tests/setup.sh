@@ -2,7 +2,8 @@
 # What the tests, the demo and the static build need on a fresh Debian machine, installed only if
 # missing (so it is quick once done): a real Prometheus and promtool, the Pushgateway (benchmark
 # baseline), musl-tools and file (static build), openssl, curl and jq (scripts), Go and python3 (the
-# interop tests upload through net/http and http.client, as real clients do), and the rustfmt
+# interop tests upload through net/http and http.client, as real clients do), chromium (the status
+# page is tested in a real headless browser), and the rustfmt
 # and clippy components and the musl target of the Rust toolchain. `make check`, `make demo` and
 # `.ci/run` run it first. Needs root (or sudo) only when a Debian package is missing.
 set -euo pipefail
@@ -18,6 +19,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v jq >/dev/null 2>&1 || need+=(jq)
 command -v go >/dev/null 2>&1 || need+=(golang-go)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+# The status page test renders the page in a real headless browser.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   # prometheus appears twice when both binaries are missing; apt-get does not mind.
   sudo=()

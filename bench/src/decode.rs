@@ -36,7 +36,7 @@ impl Validator {
             rules: Rules {
                 partition_label: payload::PARTITION_LABEL.to_string(),
                 extra_labels: Vec::new(),
-                whitelist: Vec::new(),
+                whitelist: telemeter_common::sync::Swap::new(std::sync::Arc::new(Vec::new())),
                 max_sample_age: Duration::from_secs(24 * 3600),
                 max_future_skew: Duration::from_secs(300),
                 max_samples: MAX_SERIES * SAMPLES_PER_SERIES,

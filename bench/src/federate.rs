@@ -1,6 +1,11 @@
-//! One full `GET /federate`, read as it streams: series lines and bytes counted, never kept.
+//! One full `GET /federate`, read as it streams: series lines and bytes counted, never kept. With
+//! gzip (as Prometheus always asks), the body is decompressed as it arrives: the bytes counted are
+//! those on the wire, the series those in the decompressed text.
 
+use std::io::Write;
 use std::time::{Duration, Instant};
+
+use flate2::write::GzDecoder;
 
 use crate::http::{Connection, Error, Request, Target};
 use crate::report::{cpu_seconds, Report};
@@ -57,31 +62,78 @@ impl LineCounter {
     }
 }
 
-/// GETs `path` under `target` once and reports series, bytes, time and rates.
-pub fn run(target: &Target, path: &str, timeout: Duration) -> Result<Report, Error> {
+/// Feeds what is written to it (the decompressed body) to a [`LineCounter`].
+struct Counting<'a>(&'a mut LineCounter);
+
+impl Write for Counting<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.feed(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// GETs `path` under `target` once (asking for gzip when `gzip`) and reports series, bytes on
+/// the wire (and, with gzip, decompressed), time and rates.
+pub fn run(target: &Target, path: &str, timeout: Duration, gzip: bool) -> Result<Report, Error> {
     let mut conn = Connection::new(target.clone(), timeout);
+    let mut headers = vec![("Accept", "text/plain;version=0.0.4".to_string())];
+    if gzip {
+        headers.push(("Accept-Encoding", "gzip".to_string()));
+    }
     let request = Request {
         method: "GET",
         path: target.path(path),
-        headers: vec![("Accept", "text/plain;version=0.0.4".to_string())],
+        headers,
         body: Vec::new(),
     };
-    let mut counter = LineCounter::default();
+    let mut plain = LineCounter::default();
+    let mut unzipped = LineCounter::default();
+    let mut wire_bytes = 0u64;
+    let mut gunzip_error: Option<String> = None;
     let mut first_byte: Option<Duration> = None;
     let cpu_before = cpu_seconds();
     let started = Instant::now();
-    let status = conn.send_streaming(&request, &mut |piece| {
-        if first_byte.is_none() {
-            first_byte = Some(started.elapsed());
+    let status = {
+        let mut decoder = gzip.then(|| GzDecoder::new(Counting(&mut unzipped)));
+        let status = conn.send_streaming(&request, &mut |piece| {
+            if first_byte.is_none() {
+                first_byte = Some(started.elapsed());
+            }
+            wire_bytes += piece.len() as u64;
+            match decoder.as_mut() {
+                Some(decoder) => {
+                    if let Err(e) = decoder.write_all(piece) {
+                        gunzip_error.get_or_insert_with(|| e.to_string());
+                    }
+                }
+                None => plain.feed(piece),
+            }
+        })?;
+        if let Some(decoder) = decoder {
+            if let Err(e) = decoder.finish() {
+                gunzip_error.get_or_insert_with(|| e.to_string());
+            }
         }
-        counter.feed(piece);
-    })?;
+        status
+    };
+    let counter = if gzip { unzipped } else { plain };
+    if let Some(e) = gunzip_error {
+        return Err(Error::Protocol(format!(
+            "the gzip body does not decompress: {e}"
+        )));
+    }
     let wall = started.elapsed().as_secs_f64().max(1e-9);
     let mut report = Report::new();
     report
         .int("status", u64::from(status))
+        .int("gzip", u64::from(gzip))
         .int("series", counter.series())
-        .int("bytes", counter.bytes)
+        .int("bytes", wire_bytes)
+        .int("text_bytes", counter.bytes)
         .float("seconds", wall, 3)
         .float(
             "first_byte_ms",
@@ -89,7 +141,7 @@ pub fn run(target: &Target, path: &str, timeout: Duration) -> Result<Report, Err
             1,
         )
         .float("series_per_s", counter.series() as f64 / wall, 0)
-        .float("bytes_per_s", counter.bytes as f64 / wall, 0)
+        .float("bytes_per_s", wire_bytes as f64 / wall, 0)
         .float("loadgen_cpu_s", cpu_seconds() - cpu_before, 2);
     Ok(report)
 }
@@ -97,6 +149,23 @@ pub fn run(target: &Target, path: &str, timeout: Duration) -> Result<Report, Err
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gzip_body_is_counted_decompressed_across_any_split() {
+        let body = b"# HELP a x\n# TYPE a gauge\na{x=\"#\"} 1\na 2\n\nb 3\n#c\nd 4\n".repeat(50);
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(&body).unwrap();
+        let zipped = encoder.finish().unwrap();
+        for split in [1, 7, zipped.len() / 2, zipped.len() - 1] {
+            let mut counter = LineCounter::default();
+            let mut decoder = GzDecoder::new(Counting(&mut counter));
+            decoder.write_all(&zipped[..split]).unwrap();
+            decoder.write_all(&zipped[split..]).unwrap();
+            decoder.finish().unwrap();
+            assert_eq!(counter.series(), 200, "split at {split}");
+            assert_eq!(counter.bytes, body.len() as u64);
+        }
+    }
 
     #[test]
     fn counts_series_lines_across_any_split() {

@@ -131,6 +131,9 @@ enum Command {
         /// Seconds the whole response may take between reads.
         #[arg(long, default_value_t = 120.0)]
         timeout: f64,
+        /// Ask for gzip (as Prometheus does) and decompress as it streams.
+        #[arg(long)]
+        gzip: bool,
     },
     /// Decode + validate the upload body in process, on one thread.
     Decode {
@@ -266,11 +269,14 @@ fn run(cli: Cli) -> Result<String, String> {
             )
             .to_string())
         }
-        Command::Federate { url, path, timeout } => {
-            federate::run(&target(&url)?, &path, seconds(timeout))
-                .map(|r| r.to_string())
-                .map_err(|e| e.to_string())
-        }
+        Command::Federate {
+            url,
+            path,
+            timeout,
+            gzip,
+        } => federate::run(&target(&url)?, &path, seconds(timeout), gzip)
+            .map(|r| r.to_string())
+            .map_err(|e| e.to_string()),
         Command::Decode { seconds: s } => decode::run(seconds(s)).map(|r| r.to_string()),
     }
 }

@@ -14,13 +14,33 @@ pub const DEFAULT_MATCH: &str = r#"{__name__="up"}"#;
 /// format, small enough that a misconfigured `--match` cannot make the client buffer gigabytes.
 pub const DEFAULT_LIMIT_BYTES: usize = 8 << 20;
 
+/// What `--help` adds after the flags: exit codes and the environment.
+pub const AFTER_HELP: &str = "\
+Exit codes of --once (a systemd timer or cron job shows anything but 0 as failed):
+  0  pushed (the one-line summary is printed on standard error)
+  1  the scrape or the push failed (the reason on standard error)
+  2  bad flags or configuration
+  3  nothing to push: every series was filtered out (check --match and the source)
+
+Environment:
+  RUST_LOG     log filter, e.g. info, debug, telemeter_client=debug (default info; warn with
+               --once, whose summary line is printed whatever the filter)
+  HTTPS_PROXY, HTTP_PROXY, ALL_PROXY (or lower case)
+               proxy for the scrape and the push: the first one set is used for every URL,
+               http://, socks5:// ...
+  NO_PROXY     hosts that bypass it (comma-separated; .example.com matches subdomains)";
+
+/// `--once` exit code when the cycle left nothing to push.
+pub const EXIT_NOTHING_TO_PUSH: u8 = 3;
+
 /// The raw command line.
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "telemeter-client",
-    version,
+    version = crate::VERSION_TEXT,
     about = "Scrapes an isolated Prometheus, cleans and anonymizes the series, and pushes them to telemeter-server.",
-    long_about = None
+    long_about = None,
+    after_help = AFTER_HELP
 )]
 pub struct Flags {
     /// The Prometheus to scrape. A URL with an empty path means `<URL>/federate`; any other path

@@ -16,5 +16,22 @@ pub mod scrape;
 pub mod spool;
 pub mod transform;
 
+/// What this binary was built from (the revision and compiler baked in by `build.rs`).
+pub const BUILD: telemeter_common::process::BuildInfo = telemeter_common::process::BuildInfo {
+    version: env!("CARGO_PKG_VERSION"),
+    revision: env!("TELEMETER_REVISION"),
+    rustc: env!("TELEMETER_RUSTC"),
+};
+
+/// `--version`'s text: the version and the git revision.
+pub const VERSION_TEXT: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (revision ",
+    env!("TELEMETER_REVISION"),
+    ", ",
+    env!("TELEMETER_RUSTC"),
+    ")"
+);
+
 /// How the client names itself to its scrape source and to the server.
 pub const USER_AGENT: &str = concat!("telemeter-client/", env!("CARGO_PKG_VERSION"));

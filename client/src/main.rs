@@ -77,12 +77,14 @@ fn once(flags: Flags) -> ExitCode {
         Err(e) => return usage(&e.to_string()),
     };
     match client.cycle() {
+        // The summary is printed whatever RUST_LOG says: it is what a timer's journal shows.
+        Ok(report) if report.pushed.is_none() => {
+            eprintln!("telemeter-client: cluster {}: {report}", config.id);
+            // Its own code, so a timer whose --match selects nothing shows as failed.
+            ExitCode::from(telemeter_client::config::EXIT_NOTHING_TO_PUSH)
+        }
         Ok(report) => {
-            if report.pushed.is_none() {
-                log::warn!("cluster {}: {report}", config.id);
-            } else {
-                log::info!("cluster {}: {report}", config.id);
-            }
+            eprintln!("telemeter-client: cluster {}: {report}", config.id);
             ExitCode::SUCCESS
         }
         Err(e) => {

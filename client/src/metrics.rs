@@ -20,6 +20,12 @@ impl Metrics {
     /// Registers every metric.
     pub fn new() -> Metrics {
         let registry = Registry::new();
+        telemeter_common::process::register_process_metrics(&registry);
+        telemeter_common::process::register_build_info(
+            &registry,
+            "telemeter_client_build_info",
+            crate::BUILD,
+        );
         let scrapes = registry.counter(
             "telemeter_client_scrapes_total",
             "Scrapes of the source Prometheus, by result (success or error).",
@@ -131,5 +137,62 @@ impl Handler for Endpoints {
 
     fn body_limit(&self, _method: &str, _path: &str) -> usize {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    /// The client's `/metrics` has the standard process metrics and its build info, and
+    /// Prometheus's own linter accepts it.
+    #[test]
+    fn metrics_have_process_and_build_info_and_pass_promtool() {
+        let text = Metrics::new().render();
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_virtual_memory_bytes ",
+            "process_open_fds ",
+            "process_max_fds ",
+            "process_start_time_seconds ",
+            "# TYPE process_cpu_seconds_total counter",
+        ] {
+            assert!(text.contains(name), "missing {name}:\n{text}");
+        }
+        let build = format!(
+            "telemeter_client_build_info{{version=\"{}\",revision=\"{}\",rustc=\"{}\"}} 1",
+            crate::BUILD.version,
+            crate::BUILD.revision,
+            crate::BUILD.rustc
+        );
+        assert!(text.contains(&build), "missing {build}:\n{text}");
+        let promtool = "/usr/bin/promtool";
+        assert!(
+            std::path::Path::new(promtool).exists(),
+            "{promtool} is not installed: run `make setup` (Debian package prometheus)"
+        );
+        let mut child = Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool: {}{}\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -428,3 +428,34 @@ fn tls_with_ca_files_for_both_sides() {
     assert!(err.contains("scraping"), "{err}");
     assert_eq!(receiver.seen("/upload").len(), 1);
 }
+
+/// `--once` prints its one-line summary without RUST_LOG (a timer's journal shows it), and a run
+/// that leaves nothing to push exits with its own code, 3, so a misconfigured timer shows failed.
+#[test]
+fn once_prints_its_summary_and_nothing_to_push_has_its_own_exit_code() {
+    let receiver = Receiver::start(Behaviour::default());
+    let from = format!("{}/metrics", receiver.url);
+    let out = run_client(&once_args(&receiver, &from), WAIT);
+    assert!(out.status.success(), "client failed: {}", stderr_of(&out));
+    let stderr = stderr_of(&out);
+    assert!(
+        stderr.contains("telemeter-client: cluster cluster-x: pushed "),
+        "{stderr}"
+    );
+
+    let mut args = once_args(&receiver, &from);
+    let selector = args
+        .iter()
+        .position(|a| a.starts_with("{__name__"))
+        .expect("the --match selector");
+    args[selector] = r#"{__name__="selects_nothing"}"#;
+    let out = run_client(&args, WAIT);
+    let stderr = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("telemeter-client: cluster cluster-x: nothing to push: "),
+        "{stderr}"
+    );
+    // Nothing was uploaded by that run.
+    assert_eq!(receiver.seen("/upload").len(), 1);
+}

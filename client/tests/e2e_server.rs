@@ -96,7 +96,15 @@ fn prometheus_client_server_federate() {
         get(&format!("http://{internal}/federate")).expect("server /federate reachable");
     assert_eq!(status, 200);
     let anonymized = anonymize("s1", &format!("127.0.0.1:{}", prom.port));
-    let series: Vec<&str> = body.lines().filter(|l| !l.starts_with('#')).collect();
+    // What was pushed: the server adds each cluster's last push time beside it.
+    assert!(
+        body.contains("telemeter_last_push_timestamp_seconds{_id=\"e2e\"} "),
+        "{body}"
+    );
+    let series: Vec<&str> = body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("telemeter_last_push_timestamp_seconds"))
+        .collect();
     assert!(
         series.iter().any(|l| l.starts_with("up{")),
         "up missing: {body}"

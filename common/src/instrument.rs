@@ -32,6 +32,7 @@ enum Kind {
     Gauge(Arc<Children<AtomicU64>>),
     Histogram(Arc<Children<HistogramCore>>),
     GaugeFn(Box<dyn Fn() -> f64 + Send + Sync>),
+    CounterFn(Box<dyn Fn() -> f64 + Send + Sync>),
 }
 
 /// The members of one family, by label values (a `BTreeMap` so rendering comes out sorted).
@@ -243,6 +244,12 @@ impl Registry {
         self.register(name, help, &[], Kind::GaugeFn(read));
     }
 
+    /// Registers a counter whose value is read by calling `read` at render time (one the process
+    /// keeps elsewhere, such as its CPU time).
+    pub fn counter_fn(&self, name: &str, help: &str, read: Box<dyn Fn() -> f64 + Send + Sync>) {
+        self.register(name, help, &[], Kind::CounterFn(read));
+    }
+
     /// Every metric in text format 0.0.4, families sorted by name, `promtool check metrics` clean.
     pub fn render(&self) -> String {
         let families = self.families();
@@ -274,6 +281,10 @@ impl Registry {
                 }
                 Kind::GaugeFn(read) => {
                     header(&mut out, name, &family.help, "gauge");
+                    let _ = writeln!(out, "{name} {}", format_float(read()));
+                }
+                Kind::CounterFn(read) => {
+                    header(&mut out, name, &family.help, "counter");
                     let _ = writeln!(out, "{name} {}", format_float(read()));
                 }
                 Kind::Histogram(children) => {

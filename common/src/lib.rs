@@ -21,6 +21,7 @@ pub mod labels;
 pub mod logging;
 pub mod media;
 pub mod model;
+pub mod process;
 #[cfg(test)]
 mod promtool;
 pub mod selector;

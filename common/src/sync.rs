@@ -321,3 +321,58 @@ mod tests {
         assert_eq!(answer.recv(), None);
     }
 }
+
+/// A value read by many threads and replaced whole now and then (a reloaded tokens file or
+/// whitelist): readers take the current `Arc` under a brief lock and keep using it, so a
+/// replacement never waits for them and they never see half of one. Clones share the value.
+pub struct Swap<T: ?Sized> {
+    current: Arc<Mutex<Arc<T>>>,
+}
+
+impl<T: ?Sized> Swap<T> {
+    /// A holder of `value`.
+    pub fn new(value: Arc<T>) -> Swap<T> {
+        Swap {
+            current: Arc::new(Mutex::new(value)),
+        }
+    }
+
+    /// The value now.
+    pub fn current(&self) -> Arc<T> {
+        Arc::clone(&lock(&self.current))
+    }
+
+    /// Replaces the value; readers holding the old one keep it until they drop it.
+    pub fn replace(&self, value: Arc<T>) {
+        *lock(&self.current) = value;
+    }
+}
+
+impl<T: ?Sized> Clone for Swap<T> {
+    fn clone(&self) -> Self {
+        Swap {
+            current: Arc::clone(&self.current),
+        }
+    }
+}
+
+impl<T: ?Sized + std::fmt::Debug> std::fmt::Debug for Swap<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.current().fmt(f)
+    }
+}
+
+#[cfg(test)]
+mod swap_tests {
+    use super::*;
+
+    #[test]
+    fn a_replacement_is_seen_by_every_clone_and_old_readers_keep_theirs() {
+        let swap = Swap::new(Arc::new(vec![1]));
+        let other = swap.clone();
+        let old = swap.current();
+        other.replace(Arc::new(vec![2, 3]));
+        assert_eq!(*swap.current(), vec![2, 3]);
+        assert_eq!(*old, vec![1]);
+    }
+}

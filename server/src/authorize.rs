@@ -211,7 +211,11 @@ impl AuthorizeHandler {
         let subject = match self.authorizer.authorize(token, &id) {
             Ok(subject) => subject,
             Err(e) => {
-                info!("authorize refused for cluster {id:?}: {e}");
+                // With the peer: the first thing to look up when a site cannot push.
+                info!(
+                    "authorize from {} refused for cluster {id:?}: {e}",
+                    request.remote
+                );
                 return match e {
                     AuthorizeError::UnknownToken => unauthorized(&e.to_string()),
                     AuthorizeError::RateLimited { retry_after } => {
@@ -232,7 +236,7 @@ impl AuthorizeHandler {
         let token = self
             .signer
             .issue(&id, &subject, &labels, self.lifetime, SystemTime::now());
-        info!("authorized cluster {id:?}");
+        info!("authorized cluster {id:?} from {}", request.remote);
         Response::json(
             200,
             &TokenResponse {

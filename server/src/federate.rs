@@ -1,11 +1,32 @@
-//! `GET /federate`: every live cluster's series, streamed one cluster at a time.
+//! `GET /federate`: every live cluster's series, each family once with the series of every
+//! cluster that has it together (what `promtool check metrics` and Prometheus's metadata expect),
+//! then `telemeter_last_push_timestamp_seconds{_id}` per cluster served.
 //!
 //! Timestamps are left out (upstream behaviour): the central Prometheus stamps samples at scrape
-//! time, so a cluster's series stay fresh until its next push. Payloads are served straight from
-//! their stored bytes through [`wire`]'s views (text transcoded, protobuf copied without the
-//! timestamps), by a few workers, and only a few clusters are in memory at a time however many
-//! are stored. A cluster whose file cannot be read or decoded is skipped with a warning rather
-//! than failing the whole scrape.
+//! time, so a cluster's series stay fresh until its next push. A scrape is two passes. First each
+//! cluster's upload is read, verified and *pinned* ([`PinnedUpload`]: its file stays open, so the
+//! version read stays readable whatever is stored meanwhile), and only an index of its families
+//! (name, type, byte range) is kept; the payload is dropped. Then the families are written in
+//! name order, each from the byte ranges of every cluster that has it, read again from the pinned
+//! files, straight through [`wire`]'s views (text transcoded, protobuf copied without the
+//! timestamps). A family is encoded in chunks of a few hundred KB of input, by a few workers, and
+//! written in order (the header once, from the first chunk with a series), so memory is the
+//! indexes plus a few chunks in flight, however many clusters are stored or share a family. In
+//! protobuf each chunk is a message of its own: a family shared by many clusters comes as several
+//! messages of the same name (each with the family's name, help and type). A scrape holds one open
+//! file per cluster (the server raises its soft descriptor limit to the hard one for that).
+//!
+//! `match[]` (Prometheus series selectors, any of them matching) restricts the series, as on
+//! Prometheus's own `/federate`, so a central Prometheus can split the fleet over scrape jobs;
+//! without `match[]` everything is served (upstream behaviour). A selector on `__name__` matches a
+//! family's name, and for a histogram or summary also its `_bucket`, `_sum` and `_count` names.
+//! With `Accept-Encoding: gzip` (Prometheus always sends it) the body is gzip-compressed at the
+//! fast level as it is written.
+//!
+//! A cluster whose file cannot be read, or a family part that cannot be decoded, is skipped with
+//! a warning rather than failing the whole scrape. When two clusters have a family of the same
+//! name with different types, the type of the first cluster (by id) wins and the other's series
+//! are left out (counted as `type_conflict`).
 //!
 //! One line Prometheus refuses (a label named twice, `le` on a histogram series, `__name__`, an
 //! invalid name) fails the whole scrape, and with it every cluster this server serves. Validation
@@ -14,21 +35,29 @@
 //! protobuf alike, counts it in `telemeter_server_federate_series_skipped_total{reason}` and logs
 //! one warning per scrape.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, Write};
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::time::{Instant, UNIX_EPOCH};
 
+use flate2::write::GzEncoder;
+use flate2::Compression;
 use log::warn;
 use telemeter_common::delimited::{self, DecodeError};
 use telemeter_common::http::{Request, Response};
 use telemeter_common::media::Format;
-use telemeter_common::model::{Metric, MetricFamily};
+use telemeter_common::model::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use telemeter_common::selector::Selector;
 use telemeter_common::text::{SkipReason, Skipped};
 use telemeter_common::{labels, text, wire};
 
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{PinnedUpload, Store};
+
+/// The family `/federate` adds: when each cluster served last pushed (like pushgateway's
+/// `push_time_seconds`), so a silent cluster can be alerted on long before the TTL drops it.
+pub const LAST_PUSH_FAMILY: &str = "telemeter_last_push_timestamp_seconds";
 
 /// Limits for decoding our own stored payloads: they were validated on the way in, so these only
 /// guard against a damaged file the checksum missed.
@@ -52,20 +81,43 @@ pub fn handle(
     store: &Store,
     metrics: &Metrics,
     filter: Option<ClusterFilter>,
+    id_label: &str,
 ) -> Response {
     if request.method != "GET" {
         return Response::text(405, "only GET is allowed").with_header("Allow", "GET");
     }
     let format = Format::negotiate(request.header("Accept"));
+    let mut selectors = Vec::new();
+    for text in request.query_params("match[]") {
+        match Selector::parse(&text) {
+            Ok(selector) => selectors.push(selector),
+            Err(e) => return Response::text(400, &format!("bad match[] selector {text:?}: {e}")),
+        }
+    }
+    let gzip = accepts_gzip(request.header("Accept-Encoding"));
     let store = store.clone();
+    let id_label = id_label.to_string();
     let histogram = metrics.federate_seconds.with(&[]);
     let skipped_series = metrics.federate_skipped.clone();
-    Response::stream(
+    let response = Response::stream(
         200,
         format.content_type(),
         Box::new(move |w: &mut dyn Write| {
             let started = Instant::now();
-            let result = write_all(&store, format, filter.as_ref(), w);
+            let result = if gzip {
+                let mut encoder = GzEncoder::new(w, Compression::fast());
+                write_selected(
+                    &store,
+                    format,
+                    filter.as_ref(),
+                    &selectors,
+                    &id_label,
+                    &mut encoder,
+                )
+                .and_then(|skips| encoder.finish().map(|_| skips))
+            } else {
+                write_selected(&store, format, filter.as_ref(), &selectors, &id_label, w)
+            };
             histogram.observe(started.elapsed().as_secs_f64());
             let skips = result?;
             if skips.series.total() > 0 {
@@ -86,7 +138,29 @@ pub fn handle(
             }
             Ok(())
         }),
-    )
+    );
+    let response = response.with_header("Vary", "Accept-Encoding");
+    if gzip {
+        response.with_header("Content-Encoding", "gzip")
+    } else {
+        response
+    }
+}
+
+/// Whether an `Accept-Encoding` value takes gzip (named, or `*`, without `q=0`).
+pub fn accepts_gzip(accept_encoding: Option<&str>) -> bool {
+    accept_encoding.is_some_and(|value| {
+        value.split(',').any(|coding| {
+            let mut parts = coding.split(';');
+            let name = parts.next().unwrap_or("").trim();
+            let refused = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .is_some_and(|q| q.trim().parse::<f64>().is_ok_and(|q| q <= 0.0))
+            });
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
+        })
+    })
 }
 
 /// The series one scrape left out because they could not be written validly.
@@ -107,20 +181,56 @@ impl Skips {
     }
 }
 
-/// Most clusters a worker may have read and encoded ahead of the writer.
+/// Most items (clusters to index, families to encode) a worker may have done ahead of the writer.
 const AHEAD_PER_WORKER: usize = 2;
 /// Most workers one scrape uses.
 const MAX_WORKERS: usize = 4;
 
-/// Writes every live cluster's families to `w` in `format`, without timestamps, in the store's
-/// order; returns the series left out. Reading and encoding (nearly all the work) is spread over
-/// one worker per core, each taking every n-th cluster and at most [`AHEAD_PER_WORKER`] ahead, so
-/// memory stays a few clusters' worth however many are stored; this thread writes their buffers
-/// in order.
+/// Writes every live cluster's families to `w` in `format`, without timestamps, each family once;
+/// returns the series left out. As [`write_selected`] without selectors, with the default
+/// partition label.
 pub fn write_all(
     store: &Store,
     format: Format,
     filter: Option<&ClusterFilter>,
+    w: &mut dyn Write,
+) -> io::Result<Skips> {
+    write_selected(store, format, filter, &[], "_id", w)
+}
+
+/// One cluster's pinned upload.
+struct ClusterIndex {
+    cluster_id: String,
+    /// Seconds since the epoch of the upload's receipt.
+    received_seconds: f64,
+    pinned: PinnedUpload,
+}
+
+/// Where one cluster's families are in its payload: (name, type, byte range of the family
+/// message without its prefix). Merged into the [`FamilyPlan`]s as each cluster is indexed, so
+/// the names are held once per family, not once per cluster.
+type FamilyRanges = Vec<(String, MetricType, u64, u64)>;
+
+/// One family to write: its type (the first cluster's) and its parts, (cluster, range), in
+/// cluster order.
+struct FamilyPlan {
+    name: String,
+    metric_type: MetricType,
+    parts: Vec<(usize, u64, u64)>,
+    /// Series of clusters whose family of this name has another type (left out).
+    conflicting: Vec<(usize, u64, u64)>,
+}
+
+/// Writes the live clusters (those `filter` accepts) to `w` in `format`: each family once, in
+/// name order, with the series of every cluster that has it (in cluster order), only the series
+/// some selector matches (every series without selectors), then the last-push family. Returns
+/// the series left out because they could not be written validly.
+pub fn write_selected(
+    store: &Store,
+    format: Format,
+    filter: Option<&ClusterFilter>,
+    selectors: &[Selector],
+    id_label: &str,
     w: &mut dyn Write,
 ) -> io::Result<Skips> {
     let ids: Vec<String> = store
@@ -131,31 +241,179 @@ pub fn write_all(
         .collect();
     let workers = std::thread::available_parallelism()
         .map_or(1, usize::from)
-        .min(MAX_WORKERS)
-        .min(ids.len());
+        .min(MAX_WORKERS);
+
+    // Pass 1: pin and index every cluster, keeping no payload; the families in name order, each
+    // with its parts from every cluster.
+    let mut clusters: Vec<ClusterIndex> = Vec::with_capacity(ids.len());
+    let mut by_name: BTreeMap<String, usize> = BTreeMap::new();
+    let mut plans: Vec<FamilyPlan> = Vec::new();
+    in_order(
+        &ids,
+        workers,
+        |id: &String, _: &mut Vec<u8>| index_cluster(store, id),
+        |_, _, index| {
+            let Some((cluster, families)) = index else {
+                return Ok(());
+            };
+            let c = clusters.len();
+            clusters.push(cluster);
+            for (name, metric_type, start, end) in families {
+                // Ours: a payload's family of this name would make it a second TYPE line.
+                if name == LAST_PUSH_FAMILY {
+                    continue;
+                }
+                let at = match by_name.get(&name) {
+                    Some(&at) => at,
+                    None => {
+                        plans.push(FamilyPlan {
+                            name: name.clone(),
+                            metric_type,
+                            parts: Vec::new(),
+                            conflicting: Vec::new(),
+                        });
+                        by_name.insert(name, plans.len() - 1);
+                        plans.len() - 1
+                    }
+                };
+                if let Some(plan) = plans.get_mut(at) {
+                    if plan.metric_type == metric_type {
+                        plan.parts.push((c, start, end));
+                    } else {
+                        plan.conflicting.push((c, start, end));
+                    }
+                }
+            }
+            Ok(())
+        },
+    )?;
+    let chunks = chunks(&plans, by_name.into_values());
+
+    // Pass 2: each family from the pinned files, in name order, a chunk of clusters at a time.
     let mut skips = Skips::default();
+    // The family whose header is out: later chunks of it drop theirs.
+    let mut header_out: Option<usize> = None;
+    in_order(
+        &chunks,
+        workers,
+        |chunk: &Chunk, buffer: &mut Vec<u8>| {
+            let mut chunk_skips = Skips::default();
+            buffer.clear();
+            let header_len = match plans.get(chunk.family) {
+                Some(plan) => encode_chunk(
+                    plan,
+                    chunk,
+                    &clusters,
+                    format,
+                    selectors,
+                    buffer,
+                    &mut chunk_skips,
+                ),
+                None => 0,
+            };
+            (chunk_skips, header_len)
+        },
+        |chunk, buffer, (chunk_skips, header_len)| {
+            skips.series.merge(&chunk_skips.series);
+            if skips.first_cluster.is_none() {
+                skips.first_cluster = chunk_skips.first_cluster;
+            }
+            if buffer.is_empty() {
+                return Ok(());
+            }
+            if header_out == Some(chunk.family) {
+                w.write_all(buffer.get(header_len..).unwrap_or_default())
+            } else {
+                header_out = Some(chunk.family);
+                w.write_all(buffer)
+            }
+        },
+    )?;
+
+    let mut last_push = Vec::new();
+    write_last_push(&clusters, format, selectors, id_label, &mut last_push);
+    w.write_all(&last_push)?;
+    w.flush()?;
+    Ok(skips)
+}
+
+/// Most input bytes (stored protobuf) one chunk of a family reads: its text is about three times
+/// that, and a few chunks per worker are in memory at once, so a scrape's memory stays a few MB
+/// however many clusters share a family.
+const CHUNK_BYTES: u64 = 256 << 10;
+
+/// Part of one family for a worker: its parts `parts` (indexes into [`FamilyPlan::parts`]);
+/// the first chunk of a family also counts its conflicting parts.
+struct Chunk {
+    family: usize,
+    parts: std::ops::Range<usize>,
+    first: bool,
+}
+
+/// The families `order` (indexes into `plans`) cut into chunks of at most [`CHUNK_BYTES`] of
+/// input (at least one part each), in order.
+fn chunks(plans: &[FamilyPlan], order: impl Iterator<Item = usize>) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    for family in order {
+        let Some(plan) = plans.get(family) else {
+            continue;
+        };
+        let mut start = 0;
+        let mut bytes = 0u64;
+        for (i, &(_, from, to)) in plan.parts.iter().enumerate() {
+            bytes += to.saturating_sub(from);
+            if bytes >= CHUNK_BYTES {
+                chunks.push(Chunk {
+                    family,
+                    parts: start..i + 1,
+                    first: start == 0,
+                });
+                start = i + 1;
+                bytes = 0;
+            }
+        }
+        if start < plan.parts.len() || start == 0 {
+            chunks.push(Chunk {
+                family,
+                parts: start..plan.parts.len(),
+                first: start == 0,
+            });
+        }
+    }
+    chunks
+}
+
+/// Runs `work` on every item, spread over up to `workers` threads (each taking every n-th item,
+/// at most [`AHEAD_PER_WORKER`] ahead), and hands the results to `sink` on this thread in the
+/// items' order, with the buffer `work` filled (handed back to the worker for reuse). Stops at
+/// the first error of `sink` (the client went away), which stops the workers.
+fn in_order<T: Sync, R: Send>(
+    items: &[T],
+    workers: usize,
+    work: impl Fn(&T, &mut Vec<u8>) -> R + Sync,
+    mut sink: impl FnMut(&T, &[u8], R) -> io::Result<()>,
+) -> io::Result<()> {
+    let workers = workers.min(items.len());
     if workers <= 1 {
         let mut buffer = Vec::new();
-        for id in &ids {
-            let skipped = encode_stored(store, id, format, &mut buffer);
-            skips.add(id, &skipped);
-            w.write_all(&buffer)?;
+        for item in items {
+            let result = work(item, &mut buffer);
+            sink(item, &buffer, result)?;
         }
-        w.flush()?;
-        return Ok(skips);
+        return Ok(());
     }
+    let work = &work;
     std::thread::scope(|scope| {
         let mut lanes = Vec::with_capacity(workers);
         for first in 0..workers {
-            let (ready, from_worker) = mpsc::sync_channel::<(Vec<u8>, Skipped)>(AHEAD_PER_WORKER);
+            let (ready, from_worker) = mpsc::sync_channel::<(Vec<u8>, R)>(AHEAD_PER_WORKER);
             let (to_worker, spares) = mpsc::channel::<Vec<u8>>();
-            let ids = &ids;
             scope.spawn(move || {
-                for id in ids.iter().skip(first).step_by(workers) {
+                for item in items.iter().skip(first).step_by(workers) {
                     let mut buffer = spares.try_recv().unwrap_or_default();
-                    let skipped = encode_stored(store, id, format, &mut buffer);
-                    // An error means the writer stopped (the client went away): stop too.
-                    if ready.send((buffer, skipped)).is_err() {
+                    let result = work(item, &mut buffer);
+                    // An error means the writer stopped: stop too.
+                    if ready.send((buffer, result)).is_err() {
                         break;
                     }
                 }
@@ -163,42 +421,331 @@ pub fn write_all(
             lanes.push((from_worker, to_worker));
         }
         // Returning early (a write error) drops the lanes, which stops the workers.
-        for (lane, id) in lanes.iter().cycle().zip(&ids) {
+        for (lane, item) in lanes.iter().cycle().zip(items) {
             let (from_worker, to_worker) = lane;
-            let Ok((buffer, skipped)) = from_worker.recv() else {
+            let Ok((buffer, result)) = from_worker.recv() else {
                 break;
             };
-            skips.add(id, &skipped);
-            w.write_all(&buffer)?;
-            // Handed back for the worker's next cluster, so buffers are not reallocated.
+            sink(item, &buffer, result)?;
+            // Handed back for the worker's next item, so buffers are not reallocated.
             let _ = to_worker.send(buffer);
         }
-        w.flush()?;
-        Ok(skips)
+        Ok(())
     })
 }
 
-/// Replaces `buffer` with cluster `id`'s families in `format`, or with nothing when its file
-/// cannot be read or decoded (skipped with a warning, so one bad file never fails a scrape); the
-/// series left out. A cluster is written whole (but for those series) or not at all.
-fn encode_stored(store: &Store, id: &str, format: Format, buffer: &mut Vec<u8>) -> Skipped {
-    buffer.clear();
-    let upload = match store.get(id) {
-        Ok(Some(upload)) => upload,
+/// Pins cluster `id`'s upload and indexes its families; `None` (with a warning) when it cannot
+/// be read or its families cannot be listed, so one bad file never fails a scrape.
+fn index_cluster(store: &Store, id: &str) -> Option<(ClusterIndex, FamilyRanges)> {
+    let mut pinned = match store.get_pinned(id) {
+        Ok(Some(pinned)) => pinned,
         // Expired or removed between listing and reading.
-        Ok(None) => return Skipped::default(),
+        Ok(None) => return None,
         Err(e) => {
             warn!("federate: skipping cluster {id:?}: {e}");
-            return Skipped::default();
+            return None;
         }
     };
-    match write_cluster(&upload.payload, format, buffer) {
-        Ok(skipped) => skipped,
-        Err(e) => {
-            warn!("federate: skipping cluster {id:?}: {e}");
-            buffer.clear();
-            Skipped::default()
+    let payload = std::mem::take(&mut pinned.upload.payload);
+    let base = payload.as_ptr() as usize;
+    let mut families = Vec::new();
+    for family in wire::families(&payload, &stored_limits()) {
+        match family {
+            Ok(family) => {
+                // The view borrows from `payload`: its offset there is the pointer difference.
+                let start = (family.message.as_ptr() as usize).saturating_sub(base) as u64;
+                let end = start + family.message.len() as u64;
+                families.push((family.name.to_string(), family.metric_type(), start, end));
+            }
+            Err(e) => {
+                warn!("federate: skipping cluster {id:?}: stored payload does not decode: {e}");
+                return None;
+            }
         }
+    }
+    let received_seconds = pinned
+        .upload
+        .received
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    Some((
+        ClusterIndex {
+            cluster_id: id.to_string(),
+            received_seconds,
+            pinned,
+        },
+        families,
+    ))
+}
+
+/// Whether a series of family `name` (of `metric_type`) with `labels` is selected: always without
+/// selectors, else when any selector matches the family name (or, for a histogram or summary, one
+/// of the names its lines carry).
+fn selected(
+    selectors: &[Selector],
+    name: &str,
+    metric_type: MetricType,
+    labels: &[LabelPair],
+) -> bool {
+    if selectors.is_empty() {
+        return true;
+    }
+    if telemeter_common::selector::any_matches(selectors, name, labels) {
+        return true;
+    }
+    let suffixes: &[&str] = match metric_type {
+        MetricType::Histogram | MetricType::GaugeHistogram => &["_bucket", "_sum", "_count"],
+        MetricType::Summary => &["_sum", "_count"],
+        _ => &[],
+    };
+    suffixes.iter().any(|suffix| {
+        telemeter_common::selector::any_matches(selectors, &format!("{name}{suffix}"), labels)
+    })
+}
+
+/// A borrowed series' labels, owned, for the selectors; `None` when they do not decode.
+fn owned_labels(metric: &wire::MetricView<'_>) -> Option<Vec<LabelPair>> {
+    metric
+        .labels()
+        .map(|label| {
+            label.ok().map(|(name, value)| LabelPair {
+                name: Some(name.to_string()),
+                value: Some(value.to_string()),
+            })
+        })
+        .collect()
+}
+
+/// Appends one chunk of family `plan` to `out` in `format`: in text, the header, then the
+/// selected series of each of the chunk's parts, read from the pinned files; in protobuf, one
+/// message of them. A part that cannot be read or decoded is left out with a warning; the first
+/// chunk counts the series of the conflicting parts. Returns the length of the text header `out`
+/// starts with (0 in protobuf, or without series).
+fn encode_chunk(
+    plan: &FamilyPlan,
+    chunk: &Chunk,
+    clusters: &[ClusterIndex],
+    format: Format,
+    selectors: &[Selector],
+    out: &mut Vec<u8>,
+    skips: &mut Skips,
+) -> usize {
+    let mut bytes = Vec::new();
+    let mut header_written = false;
+    // Protobuf: the family's message body, then written with its length prefix.
+    let mut message = Vec::new();
+    let mut series = 0usize;
+    let parts = plan.parts.get(chunk.parts.clone()).unwrap_or_default();
+    for &(c, start, end) in parts {
+        let Some(cluster) = clusters.get(c) else {
+            continue;
+        };
+        let id = cluster.cluster_id.as_str();
+        if let Err(e) = cluster.pinned.read_range(start, end, &mut bytes) {
+            warn!(
+                "federate: skipping family {:?} of cluster {id:?}: {e}",
+                plan.name
+            );
+            continue;
+        }
+        let family = match wire::FamilyView::parse(&bytes) {
+            Ok(family) => family,
+            Err(e) => {
+                warn!(
+                    "federate: skipping family {:?} of cluster {id:?}: {e}",
+                    plan.name
+                );
+                continue;
+            }
+        };
+        let mut skipped = Skipped::default();
+        let result = match format {
+            Format::Text => {
+                let mark = out.len();
+                let header_before = header_written;
+                let mut keep = |metric: &wire::MetricView<'_>| {
+                    selectors.is_empty()
+                        || owned_labels(metric).is_some_and(|labels| {
+                            selected(selectors, family.name, plan.metric_type, &labels)
+                        })
+                };
+                let result = text::write_family_view_part(
+                    out,
+                    &family,
+                    false,
+                    &mut skipped,
+                    &mut header_written,
+                    &mut keep,
+                );
+                if result.is_err() {
+                    out.truncate(mark);
+                    header_written = header_before;
+                }
+                result.map_err(|e| e.to_string())
+            }
+            Format::ProtoDelimited => {
+                let mark = message.len();
+                let result = protobuf_part(&family, selectors, &mut message, &mut skipped);
+                match result {
+                    Ok(n) => {
+                        series += n;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        message.truncate(mark);
+                        Err(e.to_string())
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
+            warn!(
+                "federate: skipping family {:?} of cluster {id:?}: {e}",
+                plan.name
+            );
+        }
+        skips.add(id, &skipped);
+    }
+    let conflicting: &[(usize, u64, u64)] = if chunk.first { &plan.conflicting } else { &[] };
+    for &(c, start, end) in conflicting {
+        let Some(cluster) = clusters.get(c) else {
+            continue;
+        };
+        let mut skipped = Skipped::default();
+        if cluster.pinned.read_range(start, end, &mut bytes).is_ok() {
+            if let Ok(family) = wire::FamilyView::parse(&bytes) {
+                for _ in family.metrics() {
+                    skipped.add(SkipReason::TypeConflict);
+                }
+            }
+        }
+        skips.add(&cluster.cluster_id, &skipped);
+    }
+    if format == Format::ProtoDelimited && series > 0 {
+        prost::encoding::encode_varint(message.len() as u64, out);
+        out.extend_from_slice(&message);
+    }
+    match format {
+        Format::Text => header_len(out),
+        // A chunk is a message of its own (see the module doc): nothing to drop.
+        Format::ProtoDelimited => 0,
+    }
+}
+
+/// The length of the `# HELP`/`# TYPE` lines a text chunk starts with (0 without series): a
+/// later chunk of a family whose header is out already is written without them. Help text has
+/// its newlines escaped, so each is one line.
+fn header_len(text: &[u8]) -> usize {
+    let mut at = 0;
+    for prefix in [&b"# HELP "[..], &b"# TYPE "[..]] {
+        let rest = text.get(at..).unwrap_or_default();
+        if rest.starts_with(prefix) {
+            at += rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(rest.len(), |end| end + 1);
+        }
+    }
+    at
+}
+
+/// Appends one cluster's part of a family to `message` as protobuf fields without timestamps:
+/// concatenated, the parts of a family form one message (repeated `metric` fields append; the
+/// name, help and type repeat with the same values). Returns how many series it holds.
+fn protobuf_part(
+    family: &wire::FamilyView<'_>,
+    selectors: &[Selector],
+    message: &mut Vec<u8>,
+    skipped: &mut Skipped,
+) -> Result<usize, ServeError> {
+    let mut part = Vec::new();
+    if selectors.is_empty() {
+        write_family_protobuf(&mut part, family, skipped)?;
+    } else {
+        let mut owned = <MetricFamily as prost::Message>::decode(family.message)
+            .map_err(|e| ServeError::Decode(DecodeError::Invalid(e.to_string())))?;
+        let metric_type = family.metric_type();
+        owned
+            .metric
+            .retain(|metric| selected(selectors, family.name, metric_type, &metric.label));
+        if owned.metric.is_empty() {
+            return Ok(0);
+        }
+        let mut filtered = Vec::new();
+        delimited::encode_family(&owned, &mut filtered);
+        let Ok(view) = wire::FamilyView::parse(strip_prefix(&filtered)) else {
+            return Ok(0);
+        };
+        write_family_protobuf(&mut part, &view, skipped)?;
+    }
+    if part.is_empty() {
+        return Ok(0);
+    }
+    let body = strip_prefix(&part);
+    let series = wire::FamilyView::parse(body)
+        .map(|view| view.metrics().count())
+        .unwrap_or(0);
+    message.extend_from_slice(body);
+    Ok(series)
+}
+
+/// A length-prefixed message without its prefix (empty when the prefix does not read).
+fn strip_prefix(framed: &[u8]) -> &[u8] {
+    let mut rest = framed;
+    match prost::encoding::decode_varint(&mut rest) {
+        Ok(_) => rest,
+        Err(_) => &[],
+    }
+}
+
+/// Appends the last-push family: one gauge per cluster served (and selected), its value the time
+/// the server accepted the cluster's stored upload.
+fn write_last_push(
+    clusters: &[ClusterIndex],
+    format: Format,
+    selectors: &[Selector],
+    id_label: &str,
+    out: &mut Vec<u8>,
+) {
+    let metric = clusters
+        .iter()
+        .map(|cluster| Metric {
+            label: vec![LabelPair {
+                name: Some(id_label.to_string()),
+                value: Some(cluster.cluster_id.clone()),
+            }],
+            gauge: Some(Gauge {
+                value: Some(cluster.received_seconds),
+            }),
+            ..Metric::default()
+        })
+        .filter(|metric| {
+            selected(
+                selectors,
+                LAST_PUSH_FAMILY,
+                MetricType::Gauge,
+                &metric.label,
+            )
+        })
+        .collect::<Vec<_>>();
+    if metric.is_empty() {
+        return;
+    }
+    let family = MetricFamily {
+        name: Some(LAST_PUSH_FAMILY.to_string()),
+        help: Some(
+            "When this server accepted the cluster's stored upload, in seconds since the epoch."
+                .to_string(),
+        ),
+        r#type: Some(MetricType::Gauge as i32),
+        metric,
+    };
+    match format {
+        Format::Text => {
+            // Writing to a Vec cannot fail.
+            let _ = text::write_family(out, &family, false);
+        }
+        Format::ProtoDelimited => delimited::encode_family(&family, out),
     }
 }
 

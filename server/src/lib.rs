@@ -18,9 +18,28 @@ pub mod ingest;
 pub mod metrics;
 pub mod oidc;
 pub mod ports;
+pub mod reload;
 pub mod remote_write;
 pub mod server;
+pub mod status;
 pub mod store;
+
+/// What this binary was built from (the revision and compiler baked in by `build.rs`).
+pub const BUILD: telemeter_common::process::BuildInfo = telemeter_common::process::BuildInfo {
+    version: env!("CARGO_PKG_VERSION"),
+    revision: env!("TELEMETER_REVISION"),
+    rustc: env!("TELEMETER_RUSTC"),
+};
+
+/// `--version`'s text: the version and the git revision.
+pub const VERSION_TEXT: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (revision ",
+    env!("TELEMETER_REVISION"),
+    ", ",
+    env!("TELEMETER_RUSTC"),
+    ")"
+);
 
 // The paths these modules had before they moved under `ingest`, for code written against them.
 pub use ingest::{ratelimit, upload, validate};

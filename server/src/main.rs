@@ -36,6 +36,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    raise_open_files_limit();
     let running = match Server::start(config) {
         Ok(running) => running,
         Err(e) => {
@@ -45,8 +46,11 @@ fn main() -> ExitCode {
     };
     loop {
         match signals.recv() {
-            // SIGHUP: nothing to reload yet; keep running.
-            Ok(Signal::Reload) => info!("SIGHUP ignored"),
+            // SIGHUP: read the tokens and whitelist files again; a bad file keeps the old ones
+            // (the reloader logs why).
+            Ok(Signal::Reload) => {
+                let _ = running.reload("SIGHUP");
+            }
             Ok(signal) => {
                 info!("signal {signal}: shutting down");
                 break;
@@ -56,4 +60,35 @@ fn main() -> ExitCode {
     }
     running.shutdown();
     ExitCode::SUCCESS
+}
+
+/// Raises the soft limit on open files to the hard one, as Go's runtime and Prometheus do: a
+/// `/federate` scrape holds one open file per cluster served (see `federate`), beside the
+/// connections, and the usual soft limit of 1024 would cap a server at fewer clusters than its
+/// hard limit allows. A failure is logged and the server runs with the limit it has.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid, writable rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        log::warn!(
+            "reading the open files limit: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    if limit.rlim_cur >= limit.rlim_max {
+        return;
+    }
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: `limit` is a valid rlimit; setrlimit only reads it.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        log::warn!(
+            "raising the open files limit to {}: {}",
+            limit.rlim_max,
+            std::io::Error::last_os_error()
+        );
+    }
 }

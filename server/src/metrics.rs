@@ -57,6 +57,12 @@ impl Metrics {
     /// Registers every metric in a new registry.
     pub fn new() -> Metrics {
         let r = Registry::new();
+        telemeter_common::process::register_process_metrics(&r);
+        telemeter_common::process::register_build_info(
+            &r,
+            "telemeter_server_build_info",
+            crate::BUILD,
+        );
         Metrics {
             uploads: r.counter(
                 "telemeter_server_uploads_total",

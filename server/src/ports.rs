@@ -14,13 +14,23 @@ use crate::cluster::Cluster;
 use crate::federate;
 use crate::ingest::upload::UploadHandler;
 use crate::metrics::Metrics;
+use crate::reload::Reloader;
 use crate::remote_write::RemoteWriter;
+use crate::status::{self, Status};
 use crate::store::Store;
 
 /// The paths the external port serves, listed by `GET /`.
 pub const EXTERNAL_PATHS: &[&str] = &["/", "/authorize", "/upload", "/healthz", "/healthz/ready"];
 /// The paths the internal port serves, listed by `GET /`.
-pub const INTERNAL_PATHS: &[&str] = &["/", "/federate", "/metrics", "/healthz", "/healthz/ready"];
+pub const INTERNAL_PATHS: &[&str] = &[
+    "/",
+    "/federate",
+    "/metrics",
+    "/healthz",
+    "/healthz/ready",
+    "/-/reload",
+    "/api/v1/clusters",
+];
 /// The paths the internal port serves besides [`INTERNAL_PATHS`] when clustered.
 pub const CLUSTER_PATHS: &[&str] = &["/debug/cluster", FORWARD_PATH];
 
@@ -61,6 +71,12 @@ impl Handler for External {
             path => Ok(self.body_limit(&head.method, path)),
         }
     }
+
+    fn body_too_large(&self, head: &Head, limit: usize, remote: SocketAddr) {
+        if head.path == "/upload" {
+            self.upload.body_too_large(head, limit, remote);
+        }
+    }
 }
 
 /// The HTTP fronts whose counters `/metrics` reports, filled in once they run.
@@ -95,6 +111,12 @@ impl Fronts {
 pub struct Internal {
     /// The store `/federate` reads.
     pub store: Store,
+    /// The label naming the cluster (`_id`), on `/federate`'s last-push series.
+    pub partition_label: String,
+    /// What `POST /-/reload` runs.
+    pub reloader: Arc<Reloader>,
+    /// The status page and the clusters API.
+    pub status: Status,
     /// The metrics `/metrics` renders.
     pub metrics: Metrics,
     /// The HTTP fronts, for their counters.
@@ -124,8 +146,25 @@ impl Handler for Internal {
                     let serves: federate::ClusterFilter = Arc::new(move |id| cluster.serves(id));
                     serves
                 });
-                federate::handle(&request, &self.store, &self.metrics, filter)
+                federate::handle(
+                    &request,
+                    &self.store,
+                    &self.metrics,
+                    filter,
+                    &self.partition_label,
+                )
             }
+            "/-/reload" => match request.method.as_str() {
+                // PUT too, as Prometheus accepts both.
+                "POST" | "PUT" => match self.reloader.reload("POST /-/reload") {
+                    Ok(()) => Response::text(200, "reloaded"),
+                    Err(reason) => Response::text(
+                        500,
+                        &format!("reload failed, keeping the old configuration: {reason}"),
+                    ),
+                },
+                _ => Response::text(405, "only POST or PUT").with_header("Allow", "POST, PUT"),
+            },
             FORWARD_PATH => match &self.cluster {
                 Some(c) => {
                     handle_forward(&c.cluster, &self.store, c.remote_write.as_ref(), request)
@@ -150,12 +189,11 @@ impl Handler for Internal {
                 )
             }
             "/healthz" | "/healthz/ready" => Response::text(200, "ok"),
-            "/" => {
-                let mut paths = INTERNAL_PATHS.to_vec();
-                if self.cluster.is_some() {
-                    paths.extend_from_slice(CLUSTER_PATHS);
-                }
-                Response::json(200, &serde_json::json!({ "paths": paths }))
+            "/" => self.status.page(&request),
+            path if path == status::CLUSTERS_PATH
+                || path.starts_with(&format!("{}/", status::CLUSTERS_PATH)) =>
+            {
+                self.status.api(&request)
             }
             _ => not_found(),
         }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use log::{info, warn};
 use telemeter_common::http::{self, HttpError};
 use telemeter_common::keys::{KeyError, SharedKey};
+use telemeter_common::sync::Swap;
 use telemeter_common::tls::{self, TlsError};
 use telemeter_common::token::TokenSigner;
 
@@ -23,7 +24,9 @@ use crate::ingest::upload::{UploadHandler, UploadLimits};
 use crate::ingest::validate::Rules;
 use crate::metrics::Metrics;
 use crate::ports::{ClusterRoutes, External, Fronts, Internal};
+use crate::reload::Reloader;
 use crate::remote_write::{RemoteWriteError, RemoteWriter};
+use crate::status::Status;
 use crate::store::{Store, StoreConfig, StoreError};
 
 /// How long shutdown waits for in-flight requests.
@@ -87,6 +90,7 @@ pub struct RunningServer {
     cluster: Option<Arc<Cluster>>,
     handoff: Option<Handoff>,
     remote_write: Option<RemoteWriter>,
+    reloader: Arc<Reloader>,
 }
 
 impl Server {
@@ -119,6 +123,19 @@ impl Server {
         })
         .map_err(StartError::Store)?;
         let metrics = Metrics::new();
+        let whitelist = Swap::new(Arc::new(config.whitelist.clone()));
+        let tokens_file = match &config.token_source {
+            crate::config::TokenSource::File(path) => Some(path.clone()),
+            _ => None,
+        };
+        let (reloader, authorizer) = Reloader::new(
+            tokens_file,
+            authorizer,
+            config.whitelist_source.clone(),
+            whitelist.clone(),
+            &metrics.registry,
+        );
+        let reloader = Arc::new(reloader);
         let remote_write = match &config.remote_write {
             Some(rw) => match RemoteWriter::start(rw, &metrics.registry) {
                 Ok(writer) => Some(writer),
@@ -157,6 +174,7 @@ impl Server {
             None => Arc::new(LocalPlacement::new(store.clone()).shipping_to(remote_write.clone())),
         };
 
+        let limiter = Arc::new(RateLimiter::new(config.ratelimit));
         let external_handler = External {
             authorize: AuthorizeHandler::new(
                 authorizer,
@@ -177,12 +195,12 @@ impl Server {
                 Rules {
                     partition_label: config.partition_label.clone(),
                     extra_labels: config.labels.clone(),
-                    whitelist: config.whitelist.clone(),
+                    whitelist,
                     max_sample_age: config.max_sample_age,
                     max_future_skew: config.max_future_skew,
                     max_samples: config.max_series.saturating_mul(SAMPLES_PER_SERIES),
                 },
-                RateLimiter::new(config.ratelimit),
+                limiter.clone(),
                 placement,
                 metrics.clone(),
             ),
@@ -190,6 +208,13 @@ impl Server {
         let fronts = Arc::new(Fronts::default());
         let internal_handler = Internal {
             store: store.clone(),
+            partition_label: config.partition_label.clone(),
+            reloader: reloader.clone(),
+            status: Status {
+                store: store.clone(),
+                cluster: cluster.clone(),
+                limiter,
+            },
             cluster: cluster.as_ref().map(|cluster| ClusterRoutes {
                 cluster: cluster.clone(),
                 metrics: ClusterMetrics::register(&metrics.registry),
@@ -284,6 +309,7 @@ impl Server {
             cluster,
             handoff,
             remote_write,
+            reloader,
         };
         running.fronts.add("external", external);
         running.fronts.add("internal", internal);
@@ -373,6 +399,11 @@ fn load_tls(files: Option<&TlsFiles>) -> Result<Option<Arc<rustls::ServerConfig>
 }
 
 impl RunningServer {
+    /// Reads the tokens and whitelist files again (SIGHUP): see [`Reloader::reload`].
+    pub fn reload(&self, cause: &str) -> Result<(), String> {
+        self.reloader.reload(cause)
+    }
+
     /// The external port's address.
     pub fn external_addr(&self) -> SocketAddr {
         self.external

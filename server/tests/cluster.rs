@@ -430,3 +430,63 @@ fn forged_and_replayed_gossip_is_dropped_and_unsigned_forwards_refused() {
     let mut process = cluster.nodes[0].process.take().unwrap();
     assert!(process.signal_and_wait(Signal::Term).success());
 }
+
+/// `DELETE /api/v1/clusters/<id>` on a server that does not own the cluster is forwarded (sealed)
+/// to its owner, which removes it; the status API of each node names the members.
+#[test]
+fn delete_on_a_non_owner_removes_the_cluster_at_its_owner() {
+    let cluster = Cluster::start(&["node-a", "node-b"]);
+    cluster.wait_converged();
+    let ids: Vec<String> = (0..20).map(|i| format!("cluster-{i:03}")).collect();
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    cluster.push_all(&ids, 1.0, &mut seed);
+    cluster.wait_owned(&ids, "1");
+    let ring = cluster.ring();
+    let id = ids
+        .iter()
+        .find(|id| ring.owner(id) == Some("node-b"))
+        .expect("node-b owns one of 20");
+    let (_, a) = cluster.running().find(|(n, _)| n.name == "node-a").unwrap();
+    let (_, b) = cluster.running().find(|(n, _)| n.name == "node-b").unwrap();
+
+    let api: serde_json::Value =
+        serde_json::from_str(&get(&b.url_internal("/api/v1/clusters"), &[]).body).unwrap();
+    assert!(api["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["id"] == id.as_str() && c["owner"] == "node-b"));
+    let members: Vec<&str> = api["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(members, ["node-b", "node-a"]);
+
+    let r = common::raw_request(
+        a.internal,
+        format!("DELETE /api/v1/clusters/{id} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("at its owner node-b"), "{}", r.body);
+    let needle = format!("_id=\"{id}\"");
+    assert!(!b.federate().contains(&needle));
+    assert!(!a.federate().contains(&needle));
+    // The others stay.
+    let other = ids.iter().find(|other| *other != id).unwrap();
+    let owner = if ring.owner(other) == Some("node-b") {
+        b
+    } else {
+        a
+    };
+    assert!(owner.federate().contains(&format!("_id=\"{other}\"")));
+    assert_eq!(
+        metric(
+            a,
+            "telemeter_server_cluster_forwards_total{kind=\"remove\",result=\"ok\"}"
+        ),
+        1.0
+    );
+}

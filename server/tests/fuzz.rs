@@ -114,7 +114,7 @@ fn rules() -> Rules {
     Rules {
         partition_label: "_id".into(),
         extra_labels: vec![],
-        whitelist: vec![],
+        whitelist: telemeter_common::sync::Swap::new(std::sync::Arc::new(vec![])),
         max_sample_age: Duration::from_secs(u64::MAX / 4),
         max_future_skew: Duration::from_secs(u64::MAX / 4),
         max_samples: 100_000,

@@ -53,6 +53,13 @@ fn metrics_health_and_sigterm() {
         "telemeter_server_stored_clusters 1",
         "telemeter_server_store_write_seconds_count 1",
         "telemeter_server_federate_seconds_count 1",
+        "# TYPE process_cpu_seconds_total counter",
+        "process_resident_memory_bytes ",
+        "process_virtual_memory_bytes ",
+        "process_open_fds ",
+        "process_max_fds ",
+        "process_start_time_seconds ",
+        "telemeter_server_build_info{version=\"",
     ] {
         assert!(r.body.contains(name), "missing {name}:\n{}", r.body);
     }
@@ -84,6 +91,36 @@ fn metrics_health_and_sigterm() {
 
     let status = s.signal_and_wait(Signal::Term);
     assert_eq!(status.code(), Some(0));
+}
+
+/// `--version` prints the version and the git revision baked in at build time, in both binaries.
+#[test]
+fn version_prints_version_and_revision() {
+    let revision = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string());
+    for binary in ["telemeter-server", "telemeter-client"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/debug")
+            .join(binary);
+        let out = Command::new(&path).arg("--version").output().unwrap();
+        assert!(out.status.success(), "{binary} --version");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            text.starts_with(&format!(
+                "{binary} {} (revision ",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
+        // Built from this checkout (a commit since the build would differ: build first).
+        if let Some(revision) = &revision {
+            assert!(text.contains(revision.as_str()), "{text} lacks {revision}");
+        }
+    }
 }
 
 #[test]
@@ -126,4 +163,69 @@ fn sigint_stops_cleanly_and_sighup_does_not() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(get(&s.url("/healthz"), &[]).status, 200);
     assert_eq!(s.signal_and_wait(Signal::Int).code(), Some(0));
+}
+
+/// A 413 (from the HTTP front, which the upload handler never sees) is counted and logged with
+/// the peer, a 429 is logged, and `/authorize` log lines name the peer.
+#[test]
+fn refusals_are_counted_and_logged_with_the_peer() {
+    let dir = TempDir::new("ops-refusals");
+    let tokens = dir.file("tokens", TOKENS);
+    let s = ServerProcess::start(
+        &dir.path().join("data"),
+        &[
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+            "--ratelimit",
+            "1h",
+            "--max-upload-bytes",
+            "2000",
+        ],
+    );
+    let logged = |needle: &str| {
+        wait_until(Duration::from_secs(10), || {
+            s.logs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|line| line.contains(needle))
+        })
+    };
+    let token = s.upload_token("secret", "test");
+    assert!(logged("authorized cluster \"test\" from 127.0.0.1:"));
+    let denied = post(
+        &s.url("/authorize?id=test"),
+        &[("Authorization", "Bearer wrong")],
+        b"",
+    );
+    assert_eq!(denied.status, 401);
+    assert!(logged("authorize from 127.0.0.1:"));
+
+    // Refused from its declared length, before any of it is read.
+    let r = post(
+        &s.url("/upload"),
+        &[
+            ("Authorization", &format!("Bearer {token}")),
+            ("Content-Type", telemeter_common::media::PROTO_DELIMITED),
+            ("Content-Encoding", "snappy"),
+        ],
+        &[0u8; 5000],
+    );
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert!(logged("refused: body over 2000 bytes"));
+    let metrics = get(&s.url_internal("/metrics"), &[]).body;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "telemeter_server_uploads_total",
+            &["result=\"rejected\"", "status=\"413\""]
+        ),
+        1.0,
+        "{metrics}"
+    );
+
+    assert_eq!(s.upload(&token, &families(None, 1, now_ms())).status, 200);
+    let r = s.upload(&token, &families(None, 1, now_ms()));
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(logged("refused: rate limited: next upload accepted in "));
 }

@@ -332,11 +332,14 @@ impl Connection {
             .map_err(Stop::Refused)?;
         let most = match framing {
             Framing::Length(length) if length > limit => {
+                self.shared
+                    .handler
+                    .body_too_large(&head, limit, self.remote);
                 return Err(RequestError::BodyTooLarge {
                     declared: Some(length as u64),
                     limit,
                 }
-                .into())
+                .into());
             }
             Framing::Length(length) => length,
             Framing::Chunked => limit,
@@ -370,7 +373,15 @@ impl Connection {
             self.stream.set_deadline(now + self.config().body_timeout);
             match framing {
                 Framing::Length(length) => self.read_sized_body(length, &mut body)?,
-                Framing::Chunked => self.read_chunked_body(limit, &mut body)?,
+                Framing::Chunked => {
+                    let read = self.read_chunked_body(limit, &mut body);
+                    if matches!(&read, Err(Stop::Refuse(response)) if response.status == 413) {
+                        self.shared
+                            .handler
+                            .body_too_large(&head, limit, self.remote);
+                    }
+                    read?
+                }
             }
         }
         // A large head or a chunked body's reads may have grown the buffer; an idle keep-alive

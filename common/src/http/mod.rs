@@ -248,6 +248,11 @@ pub trait Handler: Send + Sync + 'static {
     fn admit(&self, head: &Head, _remote: SocketAddr) -> Result<usize, Response> {
         Ok(self.body_limit(&head.method, &head.path))
     }
+
+    /// Told when the front answers `413` to a request whose head it admitted, because the body
+    /// was over `limit` (declared, or as a chunked body arrived): the handler never sees that
+    /// request, so this is where it counts and logs it. Default: nothing.
+    fn body_too_large(&self, _head: &Head, _limit: usize, _remote: SocketAddr) {}
 }
 
 /// How a [`Server`] runs.

@@ -25,17 +25,21 @@ pub enum SkipReason {
     DuplicateLabel,
     /// The series lacks the value its family's type calls for: there is nothing to write.
     NoValue,
+    /// Another source (cluster) served first has a family of the same name with another type:
+    /// one name has one type in an exposition, so the later one's series are left out.
+    TypeConflict,
 }
 
 impl SkipReason {
     /// Every reason, in a stable order.
-    pub const ALL: [SkipReason; 6] = [
+    pub const ALL: [SkipReason; 7] = [
         SkipReason::MetricName,
         SkipReason::LabelName,
         SkipReason::ReservedLabel,
         SkipReason::TypeLabel,
         SkipReason::DuplicateLabel,
         SkipReason::NoValue,
+        SkipReason::TypeConflict,
     ];
 
     /// The reason as a metric label value.
@@ -47,6 +51,7 @@ impl SkipReason {
             SkipReason::TypeLabel => "type_label",
             SkipReason::DuplicateLabel => "duplicate_label",
             SkipReason::NoValue => "no_value",
+            SkipReason::TypeConflict => "type_conflict",
         }
     }
 }

@@ -166,14 +166,31 @@ pub fn write_family_view(
     timestamps: bool,
     skipped: &mut Skipped,
 ) -> io::Result<()> {
+    write_family_view_part(out, family, timestamps, skipped, &mut false, &mut |_| true)
+}
+
+/// As [`write_family_view`], for one part of a family written from several sources (the same
+/// family from many clusters on `/federate`): the `# HELP`/`# TYPE` header is written only while
+/// `header_written` is false (and then sets it), so the parts after the first add only series;
+/// and only the series `keep` accepts are written (those it refuses are not counted as skipped).
+pub fn write_family_view_part(
+    out: &mut Vec<u8>,
+    family: &FamilyView<'_>,
+    timestamps: bool,
+    skipped: &mut Skipped,
+    header_written: &mut bool,
+    keep: &mut dyn FnMut(&MetricView<'_>) -> bool,
+) -> io::Result<()> {
     let name = family.name.as_bytes();
     let name_ok = labels::is_valid_metric_name(family.name);
     let metric_type = family.metric_type();
-    let mut header_written = false;
     for metric in family.metrics() {
         let metric = metric.map_err(invalid_data)?;
         if !name_ok {
             skipped.add(SkipReason::MetricName);
+            continue;
+        }
+        if !keep(&metric) {
             continue;
         }
         let value = metric.value_for(metric_type).map_err(invalid_data)?;
@@ -184,9 +201,9 @@ pub fn write_family_view(
         // The labels are checked as the series' first line renders them; a series that fails
         // is taken back out, with the header when it was the one to bring it.
         let start = out.len();
-        let brought_header = !header_written;
+        let brought_header = !*header_written;
         if brought_header {
-            header_written = true;
+            *header_written = true;
             if !family.help.is_empty() {
                 out.extend_from_slice(b"# HELP ");
                 out.extend_from_slice(name);
@@ -213,7 +230,7 @@ pub fn write_family_view(
             Ok(()) => {}
             Err(LineError::Skip(reason)) => {
                 out.truncate(start);
-                header_written = !brought_header;
+                *header_written = !brought_header;
                 skipped.add(reason);
             }
             Err(LineError::Io(e)) => return Err(e),

@@ -46,6 +46,7 @@ pub fn handle_forward(
             store_then_queue(store, remote_write, id, families, forwarded.received).map(|()| true)
         }
         ForwardKind::Handoff => store.put_if_newer(id, families, forwarded.received),
+        ForwardKind::Remove => store.remove(id).map(|()| true),
     };
     match result {
         Ok(written) => {

@@ -55,6 +55,9 @@ pub enum ForwardKind {
     Push,
     /// A stored file moving to its new owner: stored only when newer than the owner's.
     Handoff,
+    /// An operator's `DELETE /api/v1/clusters/<id>` on another server: the owner removes the
+    /// cluster (durably). The body is empty.
+    Remove,
 }
 
 impl ForwardKind {
@@ -63,6 +66,7 @@ impl ForwardKind {
         match self {
             ForwardKind::Push => "push",
             ForwardKind::Handoff => "handoff",
+            ForwardKind::Remove => "remove",
         }
     }
 
@@ -70,6 +74,7 @@ impl ForwardKind {
         match self {
             ForwardKind::Push => 1,
             ForwardKind::Handoff => 2,
+            ForwardKind::Remove => 3,
         }
     }
 
@@ -77,6 +82,7 @@ impl ForwardKind {
         match code {
             1 => Some(ForwardKind::Push),
             2 => Some(ForwardKind::Handoff),
+            3 => Some(ForwardKind::Remove),
             _ => None,
         }
     }

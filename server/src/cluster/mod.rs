@@ -168,18 +168,22 @@ pub struct ClusterStats {
 /// Results of forwards received, in [`ClusterStats::received_forwards`] order.
 const RECEIVED: [&str; 4] = ["push", "handoff", "unauthorized", "store_error"];
 
-/// Forward results by kind (push, handoff) × result (ok, unreachable, rejected).
+/// Forward results by kind (push, handoff, remove) × result (ok, unreachable, rejected).
 #[derive(Debug, Default)]
 struct ForwardCounters {
-    counts: [[AtomicU64; 3]; 2],
+    counts: [[AtomicU64; 3]; 3],
 }
 
 const RESULTS: [&str; 3] = ["ok", "unreachable", "rejected"];
-const KINDS: [ForwardKind; 2] = [ForwardKind::Push, ForwardKind::Handoff];
+const KINDS: [ForwardKind; 3] = [ForwardKind::Push, ForwardKind::Handoff, ForwardKind::Remove];
 
 impl ForwardCounters {
     fn count(&self, kind: ForwardKind, result: &Result<(), ForwardError>) {
-        let k = usize::from(kind == ForwardKind::Handoff);
+        let k = match kind {
+            ForwardKind::Push => 0,
+            ForwardKind::Handoff => 1,
+            ForwardKind::Remove => 2,
+        };
         let r = match result {
             Ok(()) => 0,
             Err(ForwardError::Unreachable(_)) => 1,

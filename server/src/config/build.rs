@@ -99,26 +99,20 @@ impl Flags {
             });
         }
 
-        let mut whitelist = Vec::new();
-        for text in &self.whitelist {
-            whitelist.push(Selector::parse(text).map_err(|e| ConfigError::Invalid {
-                flag: "--whitelist",
-                reason: e.to_string(),
-            })?);
-        }
-        if let Some(path) = &self.whitelist_file {
-            let contents = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-                flag: "--whitelist-file",
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-            whitelist.extend(selector::parse_file(&contents).map_err(|e| {
-                ConfigError::Invalid {
-                    flag: "--whitelist-file",
-                    reason: e.to_string(),
-                }
-            })?);
-        }
+        let whitelist_source = WhitelistSource {
+            inline: self
+                .whitelist
+                .iter()
+                .map(|text| {
+                    Selector::parse(text).map_err(|e| ConfigError::Invalid {
+                        flag: "--whitelist",
+                        reason: e.to_string(),
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            file: self.whitelist_file.clone(),
+        };
+        let whitelist = whitelist_source.load()?;
 
         let remote_write = match self.remote_write_url {
             None => None,
@@ -176,8 +170,9 @@ impl Flags {
             labels,
             required_labels,
             whitelist,
+            whitelist_source,
             ratelimit: parse_duration("--ratelimit", &self.ratelimit)?,
-            ttl: parse_duration("--ttl", &self.ttl)?,
+            ttl: nonzero_duration("--ttl", &self.ttl)?,
             storage_path: self.storage_path,
             max_upload_bytes: positive("--max-upload-bytes", self.max_upload_bytes)?,
             max_decompressed_bytes: positive(
@@ -379,6 +374,19 @@ fn parse_duration(flag: &'static str, text: &str) -> Result<Duration, ConfigErro
     })
 }
 
+/// As [`parse_duration`], refusing zero: a `--ttl` of 0s was accepted, and then every cluster
+/// was expired on arrival and nothing was ever served.
+fn nonzero_duration(flag: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    let value = parse_duration(flag, text)?;
+    if value.is_zero() {
+        return Err(ConfigError::Invalid {
+            flag,
+            reason: "must be greater than 0s (a cluster would be expired as soon as it pushed, and nothing served)".to_string(),
+        });
+    }
+    Ok(value)
+}
+
 /// Parses `NAME=VALUE` pairs, checking the name is a valid label name and the value non-empty.
 pub fn parse_label_pairs(
     flag: &'static str,
@@ -405,4 +413,25 @@ pub fn parse_label_pairs(
         out.push((name.to_string(), value.to_string()));
     }
     Ok(out)
+}
+
+impl WhitelistSource {
+    /// The whitelist: the `--whitelist` selectors, then those of `--whitelist-file` read now.
+    pub fn load(&self) -> Result<Vec<Selector>, ConfigError> {
+        let mut whitelist = self.inline.clone();
+        if let Some(path) = &self.file {
+            let contents = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                flag: "--whitelist-file",
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            whitelist.extend(selector::parse_file(&contents).map_err(|e| {
+                ConfigError::Invalid {
+                    flag: "--whitelist-file",
+                    reason: e.to_string(),
+                }
+            })?);
+        }
+        Ok(whitelist)
+    }
 }

@@ -69,6 +69,16 @@ pub struct ClusterFlags {
     pub peer_timeout: Duration,
 }
 
+/// Where the whitelist comes from: selectors given on the command line, and a file read at start
+/// and at each reload.
+#[derive(Clone, Debug, Default)]
+pub struct WhitelistSource {
+    /// The `--whitelist` selectors.
+    pub inline: Vec<Selector>,
+    /// The `--whitelist-file`.
+    pub file: Option<PathBuf>,
+}
+
 /// Where client tokens are checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TokenSource {
@@ -142,6 +152,8 @@ pub struct Config {
     pub required_labels: Vec<(String, String)>,
     /// Whitelist selectors; empty = accept all.
     pub whitelist: Vec<Selector>,
+    /// Where the whitelist came from, to read it again on a reload.
+    pub whitelist_source: WhitelistSource,
     /// Rate limit window; zero = off.
     pub ratelimit: Duration,
     /// How long a cluster is served after its last push.

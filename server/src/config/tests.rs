@@ -40,6 +40,22 @@ fn token_sources_exclude_each_other() {
 }
 
 #[test]
+fn a_zero_ttl_is_refused() {
+    let err = flags(&["--insecure-accept-any-token", "--ttl", "0s"])
+        .into_config()
+        .unwrap_err();
+    assert!(
+        matches!(err, ConfigError::Invalid { flag: "--ttl", .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("greater than 0s"), "{err}");
+    let config = flags(&["--insecure-accept-any-token", "--ttl", "1s"])
+        .into_config()
+        .unwrap();
+    assert_eq!(config.ttl, std::time::Duration::from_secs(1));
+}
+
+#[test]
 fn label_pairs_are_checked() {
     assert_eq!(
         parse_label_pairs("--label", &["a=b".into(), "c=d=e".into()]).unwrap(),

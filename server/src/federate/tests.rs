@@ -208,31 +208,27 @@ fn serves_every_readable_cluster_the_filter_accepts() {
     for format in [Format::Text, Format::ProtoDelimited] {
         let mut out = Vec::new();
         write_all(&store, format, Some(&filter), &mut out).unwrap();
-        let mut expected = Vec::new();
-        for id in ["a", "c"] {
-            write_cluster(&payload(id), format, &mut expected).unwrap();
+        let expected = merged(&["a", "c"], now);
+        match format {
+            Format::Text => assert_eq!(String::from_utf8(out).unwrap(), as_text(&expected)),
+            Format::ProtoDelimited => {
+                assert_eq!(delimited::decode(&out, &stored_limits()).unwrap(), expected)
+            }
         }
-        assert_eq!(out, expected);
     }
     // Many clusters, so that every worker takes several, in order.
     let ids: Vec<String> = (0..40).map(|i| format!("m{i:02}")).collect();
     for id in &ids {
         store.put(id, payload(id), now).unwrap();
     }
-    let mut out = Vec::new();
-    write_all(&store, Format::Text, None, &mut out).unwrap();
-    let mut expected = Vec::new();
-    for id in ["a", "c", "d"]
+    let all: Vec<&str> = ["a", "c", "d"]
         .iter()
         .copied()
         .chain(ids.iter().map(String::as_str))
-    {
-        write_cluster(&payload(id), Format::Text, &mut expected).unwrap();
-    }
-    assert_eq!(
-        String::from_utf8(out).unwrap(),
-        String::from_utf8(expected).unwrap()
-    );
+        .collect();
+    let mut out = Vec::new();
+    write_all(&store, Format::Text, None, &mut out).unwrap();
+    assert_eq!(String::from_utf8(out).unwrap(), as_text(&merged(&all, now)));
 
     // A client that goes away stops the scrape with its error, without hanging.
     struct Fails(usize);
@@ -248,8 +244,229 @@ fn serves_every_readable_cluster_the_filter_accepts() {
             Ok(())
         }
     }
-    let err = write_all(&store, Format::Text, None, &mut Fails(3)).unwrap_err();
+    let err = write_all(&store, Format::Text, None, &mut Fails(1)).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
     store.close();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What `/federate` serves for clusters `ids` (each stored from [`payload`], received at
+/// `received`): each family once in name order with every cluster's series in cluster order,
+/// without timestamps, then the last-push family.
+fn merged(ids: &[&str], received: SystemTime) -> Vec<MetricFamily> {
+    let mut by_name: std::collections::BTreeMap<String, MetricFamily> = Default::default();
+    for id in ids {
+        for mut family in families(id) {
+            for metric in &mut family.metric {
+                metric.timestamp_ms = None;
+            }
+            let name = family.name.clone().unwrap();
+            match by_name.get_mut(&name) {
+                Some(merged) => merged.metric.extend(family.metric),
+                None => {
+                    by_name.insert(name, family);
+                }
+            }
+        }
+    }
+    let seconds = received
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64
+        / 1000.0;
+    let mut out: Vec<MetricFamily> = by_name.into_values().collect();
+    out.push(MetricFamily {
+        name: Some(LAST_PUSH_FAMILY.into()),
+        help: Some(
+            "When this server accepted the cluster's stored upload, in seconds since the epoch."
+                .into(),
+        ),
+        r#type: Some(MetricType::Gauge as i32),
+        metric: ids
+            .iter()
+            .map(|id| Metric {
+                label: vec![LabelPair::new("_id", id)],
+                gauge: Some(telemeter_common::model::Gauge {
+                    value: Some(seconds),
+                }),
+                ..Default::default()
+            })
+            .collect(),
+    });
+    out
+}
+
+/// Families in the text format, without timestamps.
+fn as_text(families: &[MetricFamily]) -> String {
+    let mut out = Vec::new();
+    for family in families {
+        text::write_family(&mut out, family, false).unwrap();
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn temp_store(name: &str) -> (Store, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("telemeter-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = Store::open(StoreConfig {
+        dir: dir.clone(),
+        ttl: Duration::from_secs(3600),
+        max_batch: 8,
+    })
+    .unwrap();
+    (store, dir)
+}
+
+#[test]
+fn a_family_whose_type_differs_from_the_first_clusters_is_left_out_and_counted() {
+    let (store, dir) = temp_store("federate-conflict");
+    let now = SystemTime::now();
+    store.put("a", payload("a"), now).unwrap();
+    let mut other = families("b");
+    other[0].r#type = Some(MetricType::Gauge as i32);
+    other[0].metric[0].gauge = Some(telemeter_common::model::Gauge { value: Some(1.0) });
+    other[0].metric[0].counter = None;
+    store.put("b", delimited::encode(&other), now).unwrap();
+    let mut out = Vec::new();
+    let skips = write_all(&store, Format::Text, None, &mut out).unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert_eq!(skips.series.count(SkipReason::TypeConflict), 1, "{out}");
+    assert_eq!(skips.first_cluster.as_deref(), Some("b"));
+    assert_eq!(out.matches("# TYPE requests_total").count(), 1, "{out}");
+    assert!(out.contains("# TYPE requests_total counter\n"), "{out}");
+    assert!(!out.contains("requests_total{_id=\"b\"}"), "{out}");
+    // b's other family is still served.
+    assert!(
+        out.contains("latency_seconds_count{_id=\"b\"} 2\n"),
+        "{out}"
+    );
+    store.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_pinned_upload_reads_the_version_indexed_after_a_newer_one_is_checkpointed() {
+    let (store, dir) = temp_store("federate-pinned");
+    let now = SystemTime::now();
+    let first = payload("a");
+    store.put("a", first.clone(), now).unwrap();
+    // Once from its journal segment, once from its file after a checkpoint (on close).
+    let from_journal = store.get_pinned("a").unwrap().unwrap();
+    // Dropped, not only closed: the directory's lock goes with the last clone.
+    drop(store);
+    let store = Store::open(StoreConfig {
+        dir: dir.clone(),
+        ttl: Duration::from_secs(3600),
+        max_batch: 8,
+    })
+    .unwrap();
+    let from_file = store.get_pinned("a").unwrap().unwrap();
+    let mut newer = families("a");
+    newer.truncate(1);
+    store.put("a", delimited::encode(&newer), now).unwrap();
+    store.close();
+    for pinned in [from_journal, from_file] {
+        let mut bytes = Vec::new();
+        pinned
+            .read_range(0, first.len() as u64, &mut bytes)
+            .unwrap();
+        assert_eq!(bytes, first);
+        assert!(pinned
+            .read_range(0, first.len() as u64 + 1, &mut bytes)
+            .is_err());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_family_larger_than_a_chunk_is_written_once_with_one_header() {
+    let (store, dir) = temp_store("federate-chunks");
+    let now = SystemTime::now();
+    let ids: Vec<String> = (0..40).map(testkit::payload::cluster_id).collect();
+    let mut expected: std::collections::BTreeMap<String, MetricFamily> = Default::default();
+    for id in &ids {
+        let families = testkit::payload::families(id, now_ms());
+        store.put(id, delimited::encode(&families), now).unwrap();
+        for mut family in families {
+            for metric in &mut family.metric {
+                metric.timestamp_ms = None;
+            }
+            match expected.get_mut(family.name.as_deref().unwrap()) {
+                Some(merged) => merged.metric.extend(family.metric),
+                None => {
+                    expected.insert(family.name.clone().unwrap(), family);
+                }
+            }
+        }
+    }
+    // Some family spans several chunks.
+    let biggest: usize = expected
+        .values()
+        .map(|f| delimited::encode(std::slice::from_ref(f)).len())
+        .max()
+        .unwrap();
+    assert!(biggest as u64 > 2 * CHUNK_BYTES, "{biggest}");
+
+    let mut out = Vec::new();
+    write_all(&store, Format::Text, None, &mut out).unwrap();
+    let out = String::from_utf8(out).unwrap();
+    let expected: Vec<MetricFamily> = expected.into_values().collect();
+    let expected_series: usize = expected.iter().map(|f| f.metric.len()).sum();
+    let mut want = as_text(&expected);
+    // Then the last push of each, checked apart.
+    let at = out
+        .find("# HELP telemeter_last_push_timestamp_seconds")
+        .unwrap();
+    assert_eq!(&out[..at], want.as_str());
+    assert_eq!(out[at..].lines().count(), 2 + ids.len());
+    want.clear();
+
+    // Protobuf: the same series, a large family in several messages of the same name.
+    let mut pd = Vec::new();
+    write_all(&store, Format::ProtoDelimited, None, &mut pd).unwrap();
+    let served = delimited::decode(&pd, &stored_limits()).unwrap();
+    let series: usize = served
+        .iter()
+        .filter(|f| f.name.as_deref() != Some(LAST_PUSH_FAMILY))
+        .map(|f| f.metric.len())
+        .sum();
+    assert_eq!(series, expected_series);
+    assert!(
+        served.len() > expected.len() + 1,
+        "a family over a chunk comes in several messages"
+    );
+    store.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn chunks_cut_families_by_input_bytes_and_headers_are_measured() {
+    let plan = |sizes: &[u64]| FamilyPlan {
+        name: "f".into(),
+        metric_type: MetricType::Gauge,
+        parts: sizes.iter().enumerate().map(|(c, &n)| (c, 0, n)).collect(),
+        conflicting: Vec::new(),
+    };
+    let plans = vec![
+        plan(&[CHUNK_BYTES / 2, CHUNK_BYTES / 2, 1, CHUNK_BYTES]),
+        plan(&[]),
+        plan(&[1]),
+    ];
+    let cut: Vec<(usize, std::ops::Range<usize>, bool)> = chunks(&plans, [0, 1, 2].into_iter())
+        .into_iter()
+        .map(|c| (c.family, c.parts, c.first))
+        .collect();
+    assert_eq!(
+        cut,
+        [
+            (0, 0..2, true),
+            (0, 2..4, false),
+            (1, 0..0, true),
+            (2, 0..1, true)
+        ]
+    );
+    // The help's newline is escaped: `\n` is two bytes of one line.
+    assert_eq!(header_len(b"# HELP a x\\ny\n# TYPE a gauge\na 1\n"), 29);
+    assert_eq!(header_len(b"# TYPE a gauge\na 1\n"), 15);
+    assert_eq!(header_len(b""), 0);
 }

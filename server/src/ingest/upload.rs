@@ -81,12 +81,14 @@ pub struct UploadHandler {
     partition_label: String,
     limits: UploadLimits,
     rules: Rules,
-    limiter: RateLimiter,
+    limiter: Arc<RateLimiter>,
     backfill: BackfillBudget,
     placement: Arc<dyn Placement>,
     metrics: Metrics,
     cpu: Gate,
     memory: Gate,
+    /// Throttles the log lines of 429s.
+    rate_limited_log: LogThrottle,
 }
 
 /// Bytes that uploads may hold at once past the HTTP front (their decompressed bodies, what they
@@ -95,6 +97,36 @@ pub struct UploadHandler {
 /// answered: so however many workers there are, uploads hold at most this much besides their
 /// bodies as sent (the front's own cap). One upload larger than this still runs, alone.
 pub const MAX_UPLOAD_MEMORY_BYTES: usize = 256 << 20;
+
+/// At most one log line a second for a kind of event that can come at line rate.
+#[derive(Default)]
+struct LogThrottle {
+    /// The second (since `started`) of the last line, plus one; 0 before the first.
+    last: std::sync::atomic::AtomicU64,
+    /// Events not logged since the last line.
+    suppressed: std::sync::atomic::AtomicU64,
+    started: std::sync::OnceLock<Instant>,
+}
+
+impl LogThrottle {
+    /// `Some(events not logged since the last line)` when this one should be logged.
+    fn admit(&self, now: Instant) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let started = *self.started.get_or_init(|| now);
+        let second = now.saturating_duration_since(started).as_secs() + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        if last != second
+            && self
+                .last
+                .compare_exchange(last, second, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
 
 /// A refused upload: status, one-line message, and for 429 the seconds to wait.
 struct Refusal {
@@ -173,13 +205,14 @@ enum Accepted {
 
 impl UploadHandler {
     /// A handler verifying tokens with `signer`, enforcing `limits` and `rules`, one stored upload
-    /// per cluster per `limiter` window, storing through `placement`.
+    /// per cluster per `limiter` window (shared with the status page, which shows it), storing
+    /// through `placement`.
     pub fn new(
         signer: TokenSigner,
         partition_label: &str,
         limits: UploadLimits,
         rules: Rules,
-        limiter: RateLimiter,
+        limiter: Arc<RateLimiter>,
         placement: Arc<dyn Placement>,
         metrics: Metrics,
     ) -> UploadHandler {
@@ -193,6 +226,7 @@ impl UploadHandler {
             placement,
             metrics,
             cpu: Gate::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            rate_limited_log: LogThrottle::default(),
             memory: Gate::new(MAX_UPLOAD_MEMORY_BYTES),
         }
     }
@@ -233,6 +267,16 @@ impl UploadHandler {
         Ok(self.body_limit())
     }
 
+    /// Counts and logs an upload the HTTP front answered `413` because its body was over
+    /// `limit` bytes as sent: this handler never sees that request.
+    pub fn body_too_large(&self, head: &Head, limit: usize, remote: SocketAddr) {
+        if head.method != "POST" {
+            return;
+        }
+        self.metrics.upload("rejected", 413);
+        info!("upload from {remote} refused: body over {limit} bytes (--max-upload-bytes)");
+    }
+
     /// Answers one `/upload` request.
     pub fn handle(&self, request: &Request) -> Response {
         self.metrics.upload_bytes.add(request.body.len() as u64);
@@ -266,6 +310,19 @@ impl UploadHandler {
             // A failed token check is worth a line: it may be an attack or a misconfigured client.
             info!("upload from {remote} refused: {}", refusal.message);
             unauthorized(&refusal.message)
+        } else if refusal.status == 429 {
+            // Worth a line too (a client pushing faster than --ratelimit is misconfigured), but a
+            // client retrying in a loop gets its 429s from the head alone, at line rate: at most
+            // one line a second, saying how many were not logged.
+            if let Some(suppressed) = self.rate_limited_log.admit(Instant::now()) {
+                let more = if suppressed > 0 {
+                    format!(" ({suppressed} more 429s not logged since the last line)")
+                } else {
+                    String::new()
+                };
+                info!("upload from {remote} refused: {}{more}", refusal.message);
+            }
+            Response::text(refusal.status, &refusal.message)
         } else {
             Response::text(refusal.status, &refusal.message)
         };

@@ -27,6 +27,7 @@ use std::time::{Duration, SystemTime};
 use telemeter_common::labels::{self, LabelError};
 use telemeter_common::model::{Metric, MetricFamily, MetricType};
 use telemeter_common::selector::{self, Selector};
+use telemeter_common::sync::Swap;
 use telemeter_common::text::{self, SkipReason};
 
 mod wire_check;
@@ -40,8 +41,9 @@ pub struct Rules {
     pub partition_label: String,
     /// Labels added to every series after validation (`--label`).
     pub extra_labels: Vec<(String, String)>,
-    /// Keep only series matching one of these; empty keeps all.
-    pub whitelist: Vec<Selector>,
+    /// Keep only series matching one of these; empty keeps all. Shared with the reloader, which
+    /// replaces it when `--whitelist-file` is read again.
+    pub whitelist: Swap<Vec<Selector>>,
     /// Samples older than now minus this are refused.
     pub max_sample_age: Duration,
     /// Samples newer than now plus this are refused.
@@ -233,6 +235,8 @@ impl Rules {
         now: SystemTime,
     ) -> Result<Validated, ValidationError> {
         let now_ms = telemeter_common::time::sample_millis(now);
+        // One whitelist for the whole upload, even if a reload replaces it meanwhile.
+        let whitelist = self.whitelist.current();
         let oldest =
             now_ms.saturating_sub(telemeter_common::time::duration_millis(self.max_sample_age));
         let newest = now_ms.saturating_add(telemeter_common::time::duration_millis(
@@ -294,10 +298,10 @@ impl Rules {
                 stamp_token_labels(&name, metric, token_labels, &self.partition_label)?;
             }
             let before = family.metric.len();
-            if !self.whitelist.is_empty() {
+            if !whitelist.is_empty() {
                 family
                     .metric
-                    .retain(|m| selector::any_matches(&self.whitelist, &name, &m.label));
+                    .retain(|m| selector::any_matches(&whitelist, &name, &m.label));
             }
             out.filtered += before - family.metric.len();
             if family.metric.is_empty() {

@@ -118,6 +118,16 @@ pub(super) fn read(
     keep_payload: bool,
 ) -> Result<(Header, Option<Vec<u8>>), ReadError> {
     let file = File::open(path).map_err(ReadError::Io)?;
+    read_open(&file, keep_payload)
+}
+
+/// As [`read`], from a file already open (at its start): `/federate` keeps it open after reading,
+/// so the version it verified stays readable (the payload is the file's last `payload_len`
+/// bytes) even when a checkpoint renames a newer one over it.
+pub(super) fn read_open(
+    file: &File,
+    keep_payload: bool,
+) -> Result<(Header, Option<Vec<u8>>), ReadError> {
     let file_len = file.metadata().map_err(ReadError::Io)?.len();
     if file_len < MIN_HEADER_LEN {
         return Err(ReadError::Corrupt(format!(

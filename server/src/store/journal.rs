@@ -260,6 +260,11 @@ impl Segment {
     }
 }
 
+/// Where the payload of the put record at `offset` for `cluster_id` starts in its segment.
+pub(super) fn payload_offset(offset: u64, cluster_id: &str) -> u64 {
+    offset + PREFIX_LEN as u64 + cluster_id.len() as u64
+}
+
 /// Appends a record of `kind` ([`PUT`] or [`REMOVE`]) to `out`, in the current version; returns
 /// its offset relative to `out`'s start. Fails only when the cluster id does not fit its u16
 /// length field.

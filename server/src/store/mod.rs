@@ -104,6 +104,7 @@ use telemeter_common::sync as handoff;
 
 use commit::{Mode, Request};
 use journal::JournalState;
+pub use read::PinnedUpload;
 use state::{is_live, lock, newest_sample_ms, Counters, Entry, Location, Shared};
 pub use types::{ClusterEntry, StoreConfig, StoreError, StoreStats, StoredUpload};
 
@@ -324,6 +325,12 @@ impl Store {
     /// (after being moved aside) corrupt.
     pub fn get(&self, cluster_id: &str) -> Result<Option<StoredUpload>, StoreError> {
         self.handle.shared.get(cluster_id)
+    }
+
+    /// As [`Store::get`], keeping the file read open so the payload can be read again in parts
+    /// ([`PinnedUpload::read_range`]) without being held in memory.
+    pub fn get_pinned(&self, cluster_id: &str) -> Result<Option<PinnedUpload>, StoreError> {
+        self.handle.shared.get_pinned(cluster_id)
     }
 
     /// Removes a cluster's file (used when another server took ownership of it).

@@ -1,18 +1,74 @@
 //! Reading one cluster's upload: from the journal segment that holds it until the checkpoint,
-//! then from its cluster file, verified on every read.
+//! then from its cluster file, verified on every read; or pinned ([`PinnedUpload`]) for
+//! `/federate`, which reads each family's bytes again later.
 
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::file::{self, ReadError};
+use super::journal::{self, Segment};
 use super::state::{is_live, lock, Location, Shared};
 use super::{StoreError, StoredUpload};
+
+/// A verified upload whose payload bytes stay readable, unchanged, for as long as this is held,
+/// whatever the store does meanwhile (a newer upload, a checkpoint, a removal): it holds the
+/// file or journal segment it was read from open, and those are only ever renamed or unlinked,
+/// never rewritten in place. `/federate` indexes a payload's families, drops the payload, and
+/// reads each family again when its turn comes, so a scrape holds one open file per cluster
+/// rather than every payload.
+pub struct PinnedUpload {
+    /// The upload as read (payload included: the caller drops it when done indexing).
+    pub upload: StoredUpload,
+    pin: Pin,
+    /// Where the payload starts in the pinned file.
+    payload_offset: u64,
+    payload_len: u64,
+}
+
+enum Pin {
+    File(File),
+    Segment(Arc<Segment>),
+}
+
+impl PinnedUpload {
+    /// Replaces `buffer` with the payload bytes `start..end` (offsets into the payload, as
+    /// [`StoredUpload::payload`] had them). The bytes were verified when pinned; a range past
+    /// the payload's end is refused.
+    pub fn read_range(&self, start: u64, end: u64, buffer: &mut Vec<u8>) -> io::Result<()> {
+        if start > end || end > self.payload_len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "range {start}..{end} outside a payload of {} bytes",
+                    self.payload_len
+                ),
+            ));
+        }
+        let len = usize::try_from(end - start)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "range too long"))?;
+        buffer.clear();
+        buffer.resize(len, 0);
+        let file = match &self.pin {
+            Pin::File(file) => file,
+            Pin::Segment(segment) => &segment.file,
+        };
+        file.read_exact_at(buffer, self.payload_offset + start)
+    }
+}
 
 impl Shared {
     /// `cluster_id`'s upload if it is live: from its journal record until that is checkpointed,
     /// then from its file, verified; a corrupt file is set aside and reads as absent.
     pub(super) fn get(&self, cluster_id: &str) -> Result<Option<StoredUpload>, StoreError> {
+        Ok(self.get_pinned(cluster_id)?.map(|pinned| pinned.upload))
+    }
+
+    /// As [`Shared::get`], keeping the file it was read from open ([`PinnedUpload`]).
+    pub(super) fn get_pinned(&self, cluster_id: &str) -> Result<Option<PinnedUpload>, StoreError> {
         let Some(entry) = lock(&self.index).get(cluster_id).cloned() else {
             return Ok(None);
         };
@@ -23,10 +79,17 @@ impl Shared {
             let context = || format!("reading {} at {offset}", segment.path.display());
             return match segment.read_put(cluster_id, *offset, entry.payload_bytes) {
                 Ok((header, payload)) if header.cluster_id == cluster_id => {
-                    Ok(Some(StoredUpload {
-                        cluster_id: header.cluster_id,
-                        received: telemeter_common::time::from_unix_millis(header.received_millis),
-                        payload,
+                    Ok(Some(PinnedUpload {
+                        payload_offset: journal::payload_offset(*offset, cluster_id),
+                        payload_len: payload.len() as u64,
+                        pin: Pin::Segment(Arc::clone(segment)),
+                        upload: StoredUpload {
+                            cluster_id: header.cluster_id,
+                            received: telemeter_common::time::from_unix_millis(
+                                header.received_millis,
+                            ),
+                            payload,
+                        },
                     }))
                 }
                 Ok((header, _)) => Err(StoreError::format(
@@ -64,19 +127,28 @@ impl Shared {
         }
     }
 
-    /// Reads and verifies `cluster_id`'s file.
-    fn read_upload(&self, cluster_id: &str, path: &Path) -> Result<StoredUpload, ReadError> {
-        let (header, payload) = file::read(path, true)?;
+    /// Reads and verifies `cluster_id`'s file, keeping it open.
+    fn read_upload(&self, cluster_id: &str, path: &Path) -> Result<PinnedUpload, ReadError> {
+        let opened = File::open(path).map_err(ReadError::Io)?;
+        let (header, payload) = file::read_open(&opened, true)?;
+        let file_len = opened.metadata().map_err(ReadError::Io)?.len();
         if header.cluster_id != cluster_id {
             return Err(ReadError::Corrupt(format!(
                 "holds cluster {:?}, whose file has another name",
                 header.cluster_id
             )));
         }
-        Ok(StoredUpload {
-            cluster_id: header.cluster_id,
-            received: telemeter_common::time::from_unix_millis(header.received_millis),
-            payload: payload.unwrap_or_default(),
+        let payload = payload.unwrap_or_default();
+        Ok(PinnedUpload {
+            // The payload is the file's tail (`read_open` checked the lengths add up).
+            payload_offset: file_len.saturating_sub(payload.len() as u64),
+            payload_len: payload.len() as u64,
+            pin: Pin::File(opened),
+            upload: StoredUpload {
+                cluster_id: header.cluster_id,
+                received: telemeter_common::time::from_unix_millis(header.received_millis),
+                payload,
+            },
         })
     }
 }

@@ -16,7 +16,7 @@ fn rules() -> Rules {
     Rules {
         partition_label: "_id".into(),
         extra_labels: vec![],
-        whitelist: vec![],
+        whitelist: telemeter_common::sync::Swap::new(std::sync::Arc::new(vec![])),
         max_sample_age: Duration::from_secs(86_400),
         max_future_skew: Duration::from_secs(300),
         max_samples: 1000,
@@ -277,7 +277,10 @@ fn labels_the_server_adds_must_be_servable_on_every_series() {
 #[test]
 fn whitelist_keeps_matching_series_only() {
     let mut r = rules();
-    r.whitelist = vec![Selector::parse("up{job=\"keep\"}").unwrap()];
+    r.whitelist = telemeter_common::sync::Swap::new(std::sync::Arc::new(vec![Selector::parse(
+        "up{job=\"keep\"}",
+    )
+    .unwrap()]));
     let v = r
         .apply(
             vec![
@@ -444,7 +447,10 @@ fn the_fast_path_leaves_rewrites_and_refusals_to_the_owned_path() {
     extra.extra_labels = vec![("region".into(), "eu".into())];
     owned(&extra, vec![stamped("up", ok, &[NOW_MS])]);
     let mut listed = rules();
-    listed.whitelist = vec![Selector::parse("up").unwrap()];
+    listed.whitelist =
+        telemeter_common::sync::Swap::new(std::sync::Arc::new(
+            vec![Selector::parse("up").unwrap()],
+        ));
     owned(&listed, vec![stamped("up", ok, &[NOW_MS])]);
     owned(&r, vec![stamped("up", ok, &[NOW_MS]), gauge("empty", &[])]);
     owned(&r, vec![]);

@@ -49,7 +49,7 @@ impl Rules {
         token_labels: &BTreeMap<String, String>,
         now: SystemTime,
     ) -> WireCheck {
-        if !self.whitelist.is_empty() || !self.extra_labels.is_empty() {
+        if !self.whitelist.current().is_empty() || !self.extra_labels.is_empty() {
             return WireCheck::Owned;
         }
         let now_ms = telemeter_common::time::sample_millis(now);
