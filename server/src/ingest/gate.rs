@@ -1,7 +1,8 @@
 //! The gate an upload passes before its CPU work and before it holds memory: a weighted,
 //! first-come-first-served counting semaphore (one for CPU units, one for bytes).
 
-use std::sync::{Condvar, Mutex};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
 
 /// A weighted counting semaphore. Many workers wait for the store at once, but only as many decode
 /// and validate at once as there are cores (one unit each), so a burst of uploads does not
@@ -9,20 +10,28 @@ use std::sync::{Condvar, Mutex};
 /// ([`crate::ingest::upload::MAX_UPLOAD_MEMORY_BYTES`]) before it is taken.
 ///
 /// Waiters are served first come, first served: without that, a large reservation (which needs
-/// most of the gate free at once) would wait for ever behind a steady stream of small ones.
+/// most of the gate free at once) would wait for ever behind a steady stream of small ones. Each
+/// waiter sleeps on a condition variable of its own and only the head of the line is woken, so a
+/// gate with dozens of waiters (the CPU gate under load) does not wake them all at every change.
 pub struct Gate {
     total: usize,
     state: Mutex<GateState>,
-    freed: Condvar,
 }
 
-/// The units free, and the tickets that order the waiters.
+/// The units free, and the waiters in the order they came.
 struct GateState {
     free: usize,
-    /// The ticket the next waiter takes.
-    next: u64,
-    /// The ticket whose holder may enter next.
-    serving: u64,
+    /// Each waiter's wake-up, first in line first.
+    line: VecDeque<Arc<Condvar>>,
+}
+
+impl GateState {
+    /// Wakes the head of the line, if any: the only waiter that may enter.
+    fn wake_head(&self) {
+        if let Some(head) = self.line.front() {
+            head.notify_one();
+        }
+    }
 }
 
 /// Units held from a [`Gate`], given back on drop.
@@ -53,10 +62,8 @@ impl Gate {
             total,
             state: Mutex::new(GateState {
                 free: total,
-                next: 0,
-                serving: 0,
+                line: VecDeque::new(),
             }),
-            freed: Condvar::new(),
         }
     }
 
@@ -70,29 +77,38 @@ impl Gate {
     pub fn enter(&self, units: usize) -> Permit<'_> {
         let units = units.clamp(1, self.total);
         let mut state = self.state();
-        let ticket = state.next;
-        state.next += 1;
-        while state.serving != ticket || state.free < units {
-            state = telemeter_common::sync::unpoison(self.freed.wait(state));
+        if state.line.is_empty() && state.free >= units {
+            state.free -= units;
+            return Permit(self, units);
         }
+        let wake = Arc::new(Condvar::new());
+        state.line.push_back(wake.clone());
+        loop {
+            let first = state
+                .line
+                .front()
+                .is_some_and(|head| Arc::ptr_eq(head, &wake));
+            if first && state.free >= units {
+                break;
+            }
+            state = telemeter_common::sync::unpoison(wake.wait(state));
+        }
+        state.line.pop_front();
         state.free -= units;
-        state.serving += 1;
-        drop(state);
         // The next in line may fit too.
-        self.freed.notify_all();
+        if state.free > 0 {
+            state.wake_head();
+        }
         Permit(self, units)
     }
-}
 
-impl Gate {
     fn give_back(&self, units: usize) {
         let idle = {
             let mut state = self.state();
             state.free += units;
+            state.wake_head();
             state.free == self.total
         };
-        // Waiters want different amounts: let each see whether it fits now.
-        self.freed.notify_all();
         if idle && units >= TRIM_AFTER_BYTES && self.total > TRIM_AFTER_BYTES {
             // A large upload has just let go of its memory and nothing else holds any: hand the
             // freed pages back to the system rather than keep the peak for good.
@@ -132,7 +148,7 @@ mod tests {
         // Wait (bounded) until the big one holds its ticket, then keep taking small units: they
         // queue behind it instead of overtaking it.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while gate.state().next < 2 {
+        while gate.state().line.is_empty() {
             assert!(Instant::now() < deadline, "the big waiter never queued");
             std::thread::sleep(Duration::from_millis(1));
         }
