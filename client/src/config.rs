@@ -21,6 +21,7 @@ Exit codes of --once (a systemd timer or cron job shows anything but 0 as failed
   1  the scrape or the push failed (the reason on standard error)
   2  bad flags or configuration
   3  nothing to push: every series was filtered out (check --match and the source)
+With --to-file, 0 means the bundle was written (the line names the file).
 
 Environment:
   RUST_LOG     log filter, e.g. info, debug, telemeter_client=debug (default info; warn with
@@ -175,6 +176,21 @@ pub struct Flags {
     /// server's --max-sample-age (24h by default), which would refuse them.
     #[arg(long, value_name = "DURATION", default_value = "12h", value_parser = parse_duration)]
     pub spool_max_age: Duration,
+
+    /// Across an air gap: with `--once`, write the prepared upload (cleaned, anonymized,
+    /// compressed: exactly what would be pushed) as a bundle file into DIR instead of pushing it,
+    /// then carry DIR to the connected side and run `telemeter-server import FILE…` (or `POST
+    /// /import`). Needs no network to the server, so no `--to`: the bundle is authenticated with
+    /// a tag keyed by the SHA-256 of the client token (`--to-token(-file)`), which the server
+    /// knows from its tokens file. The labels `/authorize` would add cannot be known offline:
+    /// the server stamps its partition label (the cluster id) when it imports the bundle.
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "once",
+        conflicts_with_all = ["to", "to_auth", "to_upload", "spool_dir", "token_cache"]
+    )]
+    pub to_file: Option<PathBuf>,
 }
 
 /// The default of `--spool-max-bytes`: 4 MiB, a day of a typical 4m30s push of a few hundred
@@ -250,6 +266,8 @@ pub struct Config {
     pub spool_max_bytes: u64,
     /// Age bound of the spool.
     pub spool_max_age: Duration,
+    /// `--to-file`: where bundles are written instead of pushing (then the URLs are empty).
+    pub to_file: Option<PathBuf>,
 }
 
 fn read_secret(path: &Path, what: &str) -> Result<String, ConfigError> {
@@ -382,18 +400,28 @@ impl Config {
             (None, None) => None,
         };
 
-        let authorize_url = match (&flags.to_auth, &flags.to) {
-            (Some(u), _) => u.clone(),
-            (None, Some(to)) => join_url(to, "/authorize"),
-            (None, None) => return err("--to (or both --to-auth and --to-upload) is required"),
+        let (authorize_url, upload_url) = if flags.to_file.is_some() {
+            // Nothing is pushed: the bundle is carried to the server instead.
+            (String::new(), String::new())
+        } else {
+            let authorize_url = match (&flags.to_auth, &flags.to) {
+                (Some(u), _) => u.clone(),
+                (None, Some(to)) => join_url(to, "/authorize"),
+                (None, None) => {
+                    return err("--to (or both --to-auth and --to-upload, or --to-file) is required")
+                }
+            };
+            let upload_url = match (&flags.to_upload, &flags.to) {
+                (Some(u), _) => u.clone(),
+                (None, Some(to)) => join_url(to, "/upload"),
+                (None, None) => {
+                    return err("--to (or both --to-auth and --to-upload, or --to-file) is required")
+                }
+            };
+            check_http_url(&authorize_url, "--to-auth")?;
+            check_http_url(&upload_url, "--to-upload")?;
+            (authorize_url, upload_url)
         };
-        let upload_url = match (&flags.to_upload, &flags.to) {
-            (Some(u), _) => u.clone(),
-            (None, Some(to)) => join_url(to, "/upload"),
-            (None, None) => return err("--to (or both --to-auth and --to-upload) is required"),
-        };
-        check_http_url(&authorize_url, "--to-auth")?;
-        check_http_url(&upload_url, "--to-upload")?;
 
         let to_token = match (&flags.to_token, &flags.to_token_file) {
             (Some(t), _) => t.clone(),
@@ -518,6 +546,7 @@ impl Config {
             spool_dir: flags.spool_dir,
             spool_max_bytes: flags.spool_max_bytes,
             spool_max_age: flags.spool_max_age,
+            to_file: flags.to_file,
         })
     }
 }

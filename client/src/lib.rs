@@ -2,10 +2,11 @@
 //!
 //! The parts, each with one job: [`config`] (flags), [`scrape`], [`transform`] (the pipeline),
 //! [`anonymize`] (the salted hash of label values, upstream's), [`push`] (authorize + upload),
-//! [`run`] (the loop and `--once`), [`spool`] (uploads kept through outages), [`metrics`] (the daemon's own endpoints).
+//! [`run`] (the loop and `--once`), [`spool`] (uploads kept through outages), [`bundle`] (`--to-file`, the air gap), [`metrics`] (the daemon's own endpoints).
 #![deny(missing_docs)]
 
 pub mod anonymize;
+pub mod bundle;
 pub mod config;
 pub mod file;
 pub mod metrics;

@@ -1,6 +1,7 @@
 //! The client's loop: scrape → transform → push, once (`--once`) or every `--interval`, with
 //! `Retry-After` honoured on 429 and exponential back-off with jitter after other failures.
 
+use crate::bundle::BundleWriteError;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::prescan;
@@ -10,6 +11,7 @@ use crate::spool::{Spool, SpoolError};
 use crate::transform::{Filtered, Pipeline};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use telemeter_common::agent::AgentError;
@@ -55,6 +57,8 @@ pub enum CycleError {
     Spooled(PushError),
     /// The push failed for a reason worth retrying and the spool could not keep it.
     Spool(PushError, SpoolError),
+    /// `--to-file`: the bundle could not be written.
+    Bundle(BundleWriteError),
 }
 
 impl fmt::Display for CycleError {
@@ -64,6 +68,7 @@ impl fmt::Display for CycleError {
             CycleError::Push(e) => e.fmt(f),
             CycleError::Spooled(e) => write!(f, "{e}; the upload is kept in the spool"),
             CycleError::Spool(e, spool) => write!(f, "{e}; and it could not be spooled: {spool}"),
+            CycleError::Bundle(e) => e.fmt(f),
         }
     }
 }
@@ -71,7 +76,7 @@ impl fmt::Display for CycleError {
 impl std::error::Error for CycleError {}
 
 /// What one successful cycle did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CycleReport {
     /// Series scraped.
     pub scraped_series: usize,
@@ -83,6 +88,8 @@ pub struct CycleReport {
     pub timings: Timings,
     /// What the spool did this cycle (all zero without `--spool-dir`).
     pub spool: SpoolReport,
+    /// `--to-file`: the bundle written instead of a push.
+    pub bundle: Option<PathBuf>,
 }
 
 /// What sending the spool did in one cycle.
@@ -128,10 +135,14 @@ impl fmt::Display for CycleReport {
                 self.spool.sent, self.spool.dropped, self.spool.left
             )?;
         }
+        if let Some(path) = &self.bundle {
+            write!(f, "wrote bundle {}: ", path.display())?;
+        }
         match self.pushed {
             Some(p) => write!(
                 f,
-                "pushed {} series ({} samples, {} bytes) of {} scraped; {} unselected, {} invalid; {}",
+                "{} {} series ({} samples, {} bytes) of {} scraped; {} unselected, {} invalid; {}",
+                if self.bundle.is_some() { "holding" } else { "pushed" },
                 p.series,
                 p.samples,
                 p.bytes,
@@ -158,6 +169,8 @@ pub struct Client {
     pipeline: Pipeline,
     metrics: Arc<Metrics>,
     spool: Option<Spool>,
+    /// `--to-file` and the client token that keys the bundles' tags.
+    to_file: Option<(PathBuf, String)>,
 }
 
 fn now_ms() -> i64 {
@@ -240,6 +253,10 @@ impl Client {
         };
         Ok(Client {
             spool,
+            to_file: config
+                .to_file
+                .clone()
+                .map(|dir| (dir, config.to_token.clone())),
             id: config.id.clone(),
             interval: config.interval,
             scraper,
@@ -279,9 +296,36 @@ impl Client {
                 pushed: None,
                 timings,
                 spool,
+                bundle: None,
             });
         }
         let pushing = Instant::now();
+        if let Some((dir, client_token)) = &self.to_file {
+            // Offline: the labels /authorize would stamp are not known; the server stamps its
+            // partition label when it imports the bundle.
+            let prepared = self
+                .pusher
+                .prepare(&mut families, None)
+                .map_err(CycleError::Push)?;
+            let pushed = prepared.pushed;
+            let path = crate::bundle::write(
+                dir,
+                &self.id,
+                prepared.body,
+                SystemTime::now(),
+                client_token,
+            )
+            .map_err(CycleError::Bundle)?;
+            timings.push = pushing.elapsed();
+            return Ok(CycleReport {
+                scraped_series,
+                filtered,
+                pushed: Some(pushed),
+                timings,
+                spool,
+                bundle: Some(path),
+            });
+        }
         let result = match self.pusher.token() {
             Ok(token) => match self.pusher.prepare(&mut families, Some(&token.labels)) {
                 Ok(prepared) => self
@@ -304,6 +348,7 @@ impl Client {
                     pushed: Some(pushed),
                     timings,
                     spool,
+                    bundle: None,
                 })
             }
             Err((e, prepared)) => {
