@@ -32,7 +32,12 @@ pub struct BundleWriteError {
 
 impl fmt::Display for BundleWriteError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "--to-file: writing {}: {}", self.path.display(), self.error)
+        write!(
+            f,
+            "--to-file: writing {}: {}",
+            self.path.display(),
+            self.error
+        )
     }
 }
 
@@ -111,7 +116,14 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_millis(1_700_000_000_000);
         let a = write(&dir, "site/a b", b"body".to_vec(), t, "tok").unwrap();
         let b = write(&dir, "site/a b", b"body2".to_vec(), t, "tok").unwrap();
-        let c = write(&dir, "site/a b", b"x".to_vec(), t + Duration::from_millis(1), "tok").unwrap();
+        let c = write(
+            &dir,
+            "site/a b",
+            b"x".to_vec(),
+            t + Duration::from_millis(1),
+            "tok",
+        )
+        .unwrap();
         assert_eq!(
             a.file_name().unwrap().to_str().unwrap(),
             "1700000000000-site_a_b.bundle"

@@ -400,28 +400,31 @@ impl Config {
             (None, None) => None,
         };
 
-        let (authorize_url, upload_url) = if flags.to_file.is_some() {
-            // Nothing is pushed: the bundle is carried to the server instead.
-            (String::new(), String::new())
-        } else {
-            let authorize_url = match (&flags.to_auth, &flags.to) {
-                (Some(u), _) => u.clone(),
-                (None, Some(to)) => join_url(to, "/authorize"),
-                (None, None) => {
-                    return err("--to (or both --to-auth and --to-upload, or --to-file) is required")
-                }
+        let (authorize_url, upload_url) =
+            if flags.to_file.is_some() {
+                // Nothing is pushed: the bundle is carried to the server instead.
+                (String::new(), String::new())
+            } else {
+                let authorize_url =
+                    match (&flags.to_auth, &flags.to) {
+                        (Some(u), _) => u.clone(),
+                        (None, Some(to)) => join_url(to, "/authorize"),
+                        (None, None) => return err(
+                            "--to (or both --to-auth and --to-upload, or --to-file) is required",
+                        ),
+                    };
+                let upload_url =
+                    match (&flags.to_upload, &flags.to) {
+                        (Some(u), _) => u.clone(),
+                        (None, Some(to)) => join_url(to, "/upload"),
+                        (None, None) => return err(
+                            "--to (or both --to-auth and --to-upload, or --to-file) is required",
+                        ),
+                    };
+                check_http_url(&authorize_url, "--to-auth")?;
+                check_http_url(&upload_url, "--to-upload")?;
+                (authorize_url, upload_url)
             };
-            let upload_url = match (&flags.to_upload, &flags.to) {
-                (Some(u), _) => u.clone(),
-                (None, Some(to)) => join_url(to, "/upload"),
-                (None, None) => {
-                    return err("--to (or both --to-auth and --to-upload, or --to-file) is required")
-                }
-            };
-            check_http_url(&authorize_url, "--to-auth")?;
-            check_http_url(&upload_url, "--to-upload")?;
-            (authorize_url, upload_url)
-        };
 
         let to_token = match (&flags.to_token, &flags.to_token_file) {
             (Some(t), _) => t.clone(),

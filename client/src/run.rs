@@ -139,7 +139,8 @@ impl fmt::Display for CycleReport {
             write!(f, "wrote bundle {}: ", path.display())?;
         }
         match self.pushed {
-            Some(p) => write!(
+            Some(p) => {
+                write!(
                 f,
                 "{} {} series ({} samples, {} bytes) of {} scraped; {} unselected, {} invalid; {}",
                 if self.bundle.is_some() { "holding" } else { "pushed" },
@@ -150,7 +151,8 @@ impl fmt::Display for CycleReport {
                 self.filtered.unselected,
                 self.filtered.invalid,
                 self.timings
-            ),
+            )
+            }
             None => write!(
                 f,
                 "nothing to push: {} series scraped, {} unselected, {} invalid",

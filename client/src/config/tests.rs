@@ -300,7 +300,10 @@ fn to_file_needs_once_and_no_server() {
     assert_eq!(c.upload_url, "");
     let mut full = vec!["telemeter-client"];
     full.extend_from_slice(&args);
-    assert!(Flags::try_parse_from(&full).is_err(), "--to-file without --once");
+    assert!(
+        Flags::try_parse_from(&full).is_err(),
+        "--to-file without --once"
+    );
     full.extend_from_slice(&["--once", "--to", "http://s:9003"]);
     assert!(Flags::try_parse_from(&full).is_err(), "--to-file with --to");
 }
