@@ -1,6 +1,7 @@
 //! Command-line flags (upstream names, so existing command lines keep working) and the checked
 //! configuration the rest of the client runs from.
 
+use crate::sources::{self, Source};
 use clap::Parser;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,8 @@ Exit codes of --once (a systemd timer or cron job shows anything but 0 as failed
   1  the scrape or the push failed (the reason on standard error)
   2  bad flags or configuration
   3  nothing to push: every series was filtered out (check --match and the source)
+  4  pushed, but some --from endpoints did not answer (each named on standard error, and
+     pushed as up{job,instance} 0); 1 when none answered
 With --to-file, 0 means the bundle was written (the line names the file).
 
 Environment:
@@ -34,6 +37,9 @@ Environment:
 /// `--once` exit code when the cycle left nothing to push.
 pub const EXIT_NOTHING_TO_PUSH: u8 = 3;
 
+/// `--once` exit code when the push went out but some `--from` endpoints did not answer.
+pub const EXIT_SOURCES_DOWN: u8 = 4;
+
 /// The raw command line.
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -45,9 +51,13 @@ pub const EXIT_NOTHING_TO_PUSH: u8 = 3;
 )]
 pub struct Flags {
     /// The Prometheus to scrape. A URL with an empty path means `<URL>/federate`; any other path
-    /// (for example an exporter's `/metrics`) is scraped as given.
-    #[arg(long, value_name = "URL")]
-    pub from: String,
+    /// (for example an exporter's `/metrics`) is scraped as given, and its series get `job` (NAME
+    /// of `NAME=URL`, else `telemeter-client`) and `instance` (host:port of the URL) unless they
+    /// carry their own (Prometheus's honor_labels), plus an `up` series (1 answered, 0 not).
+    /// Repeat for several endpoints in one push: one that does not answer is logged and pushed
+    /// as `up{job,instance} 0`, the others are pushed all the same (see exit code 4).
+    #[arg(long, value_name = "[NAME=]URL", required = true)]
+    pub from: Vec<String>,
 
     /// Bearer token sent with the scrape.
     #[arg(long, value_name = "TOKEN")]
@@ -220,8 +230,8 @@ fn err<T>(message: impl Into<String>) -> Result<T, ConfigError> {
 /// The checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The scrape URL without query (`/federate` filled in for an empty path).
-    pub from: String,
+    /// The scrape sources, in the order given (at least one).
+    pub sources: Vec<Source>,
     /// Bearer token for the scrape.
     pub from_token: Option<String>,
     /// CA file for the scrape.
@@ -391,8 +401,13 @@ fn join_url(base: &str, path: &str) -> String {
 impl Config {
     /// Checks the flags and reads the files they name.
     pub fn from_flags(flags: Flags) -> Result<Config, ConfigError> {
-        check_http_url(&flags.from, "--from")?;
-        let from = scrape_url(&flags.from);
+        let mut sources = Vec::with_capacity(flags.from.len());
+        for from in &flags.from {
+            let source = Source::parse(from, |url| check_http_url(url, "--from").map_err(|e| e.0))
+                .map_err(|e| ConfigError(e.0))?;
+            sources.push(source);
+        }
+        sources::check_distinct(&sources).map_err(|e| ConfigError(e.0))?;
 
         let from_token = match (&flags.from_token, &flags.from_token_file) {
             (Some(t), _) => Some(t.clone()),
@@ -526,7 +541,7 @@ impl Config {
         };
 
         Ok(Config {
-            from,
+            sources,
             from_token,
             from_ca_file: flags.from_ca_file,
             authorize_url,

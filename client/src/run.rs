@@ -7,6 +7,7 @@ use crate::metrics::Metrics;
 use crate::prescan;
 use crate::push::{Prepared, PushError, Pushed, Pusher};
 use crate::scrape::{ReplyLimits, ScrapeError, Scraper};
+use crate::sources::{self, Source};
 use crate::spool::{Spool, SpoolError};
 use crate::transform::{Filtered, Pipeline};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -90,6 +91,8 @@ pub struct CycleReport {
     pub spool: SpoolReport,
     /// `--to-file`: the bundle written instead of a push.
     pub bundle: Option<PathBuf>,
+    /// `--from` endpoints that did not answer (pushed as `up 0`).
+    pub sources_down: usize,
 }
 
 /// What sending the spool did in one cycle.
@@ -135,6 +138,9 @@ impl fmt::Display for CycleReport {
                 self.spool.sent, self.spool.dropped, self.spool.left
             )?;
         }
+        if self.sources_down > 0 {
+            write!(f, "{} --from endpoints did not answer; ", self.sources_down)?;
+        }
         if let Some(path) = &self.bundle {
             write!(f, "wrote bundle {}: ", path.display())?;
         }
@@ -166,7 +172,8 @@ impl fmt::Display for CycleReport {
 pub struct Client {
     id: String,
     interval: Duration,
-    scraper: Scraper,
+    /// Every `--from` and its scraper.
+    sources: Vec<(Source, Scraper)>,
     pusher: Pusher,
     pipeline: Pipeline,
     metrics: Arc<Metrics>,
@@ -226,16 +233,26 @@ pub fn wait_for_termination(signals: &Receiver<Signal>, wait: Duration) -> bool 
 impl Client {
     /// Builds the scraper and the pusher from `config`.
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Client, ClientError> {
-        let transform =
-            prescan::Transform::of(&config.labels, &config.id, config.anonymize_labels.len());
-        let scraper = Scraper::new(
-            &config.from,
-            &config.matches,
-            config.from_token.clone(),
-            config.from_ca_file.as_deref(),
-            config.timeout,
-            ReplyLimits::new(config.limit_bytes, transform),
-        )?;
+        let mut sources = Vec::with_capacity(config.sources.len());
+        for source in &config.sources {
+            // An exporter's series get two labels more, which its reply's estimate must count.
+            let mut labels = config.labels.clone();
+            if source.exporter {
+                labels.push(("job".into(), source.job.clone()));
+                labels.push(("instance".into(), source.instance.clone()));
+            }
+            let transform =
+                prescan::Transform::of(&labels, &config.id, config.anonymize_labels.len());
+            let scraper = Scraper::new(
+                &source.url,
+                &config.matches,
+                config.from_token.clone(),
+                config.from_ca_file.as_deref(),
+                config.timeout,
+                ReplyLimits::new(config.limit_bytes, transform),
+            )?;
+            sources.push((source.clone(), scraper));
+        }
         let pusher = Pusher::new(
             &config.authorize_url,
             &config.upload_url,
@@ -261,7 +278,7 @@ impl Client {
                 .map(|dir| (dir, config.to_token.clone())),
             id: config.id.clone(),
             interval: config.interval,
-            scraper,
+            sources,
             pusher,
             pipeline: Pipeline {
                 matches: config.matches.clone(),
@@ -283,14 +300,65 @@ impl Client {
         let scrape_time = now_ms();
         let scraping = Instant::now();
         let mut timings = Timings::default();
-        let scraped = self.scraper.scrape();
+        let mut families = Vec::new();
+        let mut ups = Vec::new();
+        let mut first_error = None;
+        let mut sources_down = 0;
+        for (source, scraper) in &self.sources {
+            let scraped = scraper.scrape();
+            self.metrics.scrape(scraped.is_ok());
+            match scraped {
+                Ok(scraped) => {
+                    let mut scraped = scraped.families;
+                    source.label(&mut scraped);
+                    families.append(&mut scraped);
+                    if source.exporter {
+                        ups.push(source.up(true, scrape_time));
+                    }
+                }
+                Err(e) => {
+                    sources_down += 1;
+                    if self.sources.len() > 1 {
+                        log::warn!(
+                            "cluster {}: --from {}: {e}; pushed as up{{job={:?},instance={:?}}} 0",
+                            self.id,
+                            source.url,
+                            source.job,
+                            source.instance
+                        );
+                    }
+                    ups.push(source.up(false, scrape_time));
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
         timings.scrape = scraping.elapsed();
-        self.metrics.scrape(scraped.is_ok());
-        let mut families = scraped.map_err(CycleError::Scrape)?.families;
+        if let Some(e) = first_error.filter(|_| sources_down == self.sources.len()) {
+            return Err(CycleError::Scrape(e));
+        }
         let scraped_series = families.iter().map(|f| f.metric.len()).sum();
         let filtered = self.pipeline.apply(&mut families, scrape_time);
         timings.transform = scraping.elapsed() - timings.scrape;
         self.metrics.filtered(filtered.unselected, filtered.invalid);
+        // Nothing selected is a configuration to check, unless a dead endpoint is to be reported.
+        if !families.is_empty() || sources_down > 0 {
+            // The `up` series go through every step but the selection: a dead endpoint is
+            // reported whatever --match names.
+            let mut up_families = Vec::new();
+            sources::add_up(&mut up_families, ups);
+            let all = Pipeline {
+                matches: Vec::new(),
+                ..self.pipeline.clone()
+            };
+            all.apply(&mut up_families, scrape_time);
+            for family in up_families {
+                if family.name.as_deref() == Some(sources::UP) {
+                    sources::add_up(&mut families, family.metric);
+                } else {
+                    families.push(family);
+                }
+            }
+        }
         if families.is_empty() {
             return Ok(CycleReport {
                 scraped_series,
@@ -299,6 +367,7 @@ impl Client {
                 timings,
                 spool,
                 bundle: None,
+                sources_down,
             });
         }
         let pushing = Instant::now();
@@ -326,6 +395,7 @@ impl Client {
                 timings,
                 spool,
                 bundle: Some(path),
+                sources_down,
             });
         }
         let result = match self.pusher.token() {
@@ -351,6 +421,7 @@ impl Client {
                     timings,
                     spool,
                     bundle: None,
+                    sources_down,
                 })
             }
             Err((e, prepared)) => {

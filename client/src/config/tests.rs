@@ -29,7 +29,7 @@ fn empty_path_means_federate() {
 #[test]
 fn urls_derive_from_to() {
     let c = Config::from_flags(flags(BASE)).unwrap();
-    assert_eq!(c.from, "http://localhost:9090/federate");
+    assert_eq!(c.sources[0].url, "http://localhost:9090/federate");
     assert_eq!(c.authorize_url, "http://server:9003/authorize");
     assert_eq!(c.upload_url, "http://server:9003/upload");
     assert_eq!(c.interval, Duration::from_secs(270));
