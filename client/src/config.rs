@@ -53,9 +53,10 @@ pub struct Flags {
     /// The Prometheus to scrape. A URL with an empty path means `<URL>/federate`; any other path
     /// (for example an exporter's `/metrics`) is scraped as given, and its series get `job` (NAME
     /// of `NAME=URL`, else `telemeter-client`) and `instance` (host:port of the URL) unless they
-    /// carry their own (Prometheus's honor_labels), plus an `up` series (1 answered, 0 not).
-    /// Repeat for several endpoints in one push: one that does not answer is logged and pushed
-    /// as `up{job,instance} 0`, the others are pushed all the same (see exit code 4).
+    /// carry their own (Prometheus's honor_labels). Repeat for several endpoints in one push:
+    /// then every exporter also gets an `up` series (1 answered, 0 not; kept whatever --match
+    /// says), and one that does not answer is logged and pushed as `up{job,instance} 0` while the
+    /// others are pushed all the same (see exit code 4).
     #[arg(long, value_name = "[NAME=]URL", required = true)]
     pub from: Vec<String>,
 

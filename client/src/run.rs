@@ -312,7 +312,9 @@ impl Client {
                     let mut scraped = scraped.families;
                     source.label(&mut scraped);
                     families.append(&mut scraped);
-                    if source.exporter {
+                    // One source alone gets no `up`: if it fails the run fails, so `up` would
+                    // only ever say 1, and a single --from pushes what it did before.
+                    if source.exporter && self.sources.len() > 1 {
                         ups.push(source.up(true, scrape_time));
                     }
                 }

@@ -4,8 +4,10 @@
 //! A source whose path is `/federate` is a Prometheus: its series already carry the `job` and
 //! `instance` of their own targets, and are pushed as they come. Any other path is an exporter
 //! (`/metrics`): every series gets `job` (NAME, or [`DEFAULT_JOB`]) and `instance` (the host:port
-//! of the URL, the scheme's default port filled in), and the target gets an `up` series, 1 when it
-//! answered and 0 when it did not, as Prometheus records for every scrape.
+//! of the URL, the scheme's default port filled in), and, when several `--from` are given, the
+//! target gets an `up` series, 1 when it answered and 0 when it did not, as Prometheus records for
+//! every scrape. A single `--from` gets none: when it fails the run fails and nothing is pushed,
+//! so its `up` could only ever say 1, and a single-source command line pushes what it always has.
 //!
 //! The rule for a label the exporter already sets is Prometheus's `honor_labels: true`: the
 //! exporter's value is kept (an empty value counts as absent, as in Prometheus). It is the rule a
