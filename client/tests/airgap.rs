@@ -1,7 +1,8 @@
 //! The air gap, end to end with the real binaries: three `--once --to-file` runs of the real
 //! client against a real scrape source write three bundles; on the connected side the first two
 //! are imported by `telemeter-server import` (server stopped) and the third by `POST /import`
-//! (server running). A bundle with a flipped byte, a truncated one and one made with a revoked
+//! (server running, with curl). A token removed from the tokens file (then a reload) has its
+//! bundles refused from then on. A bundle with a flipped byte, a truncated one and one made with a revoked
 //! token are each refused with their reason, by both ways, and store nothing. `/federate` shows
 //! the newest value (an older bundle imported after it does not replace it), and a real
 //! Prometheus behind `--remote-write-url` has exactly the three samples with the timestamps the
@@ -314,8 +315,16 @@ fn three_bundles_cross_the_gap_and_bad_ones_are_refused() {
         "{reason}"
     );
     assert_eq!(federate(), second, "a refused bundle changed /federate");
-    let (status, reason) = post(&url, &std::fs::read(&written[2]).unwrap());
-    assert_eq!(status, 200, "{reason}");
+    // The third by curl, as the README does it.
+    let out = Command::new("curl")
+        .args(["-sS", "--fail-with-body", "--data-binary"])
+        .arg(format!("@{}", written[2].display()))
+        .arg(&url)
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl");
+    let reason = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{reason}");
     assert!(
         reason.contains("imported 1 series of cluster \"edge\""),
         "{reason}"
@@ -326,6 +335,28 @@ fn three_bundles_cross_the_gap_and_bad_ones_are_refused() {
     let (status, reason) = post(&url, &std::fs::read(&written[0]).unwrap());
     assert_eq!(status, 200, "{reason}");
     assert_eq!(federate(), newest);
+
+    // Revoking the token (removed from the file, then a reload) refuses its bundles from now on.
+    std::fs::write(
+        &tokens,
+        r#"[{"token": "other-token", "clusters": ["edge"]}]"#,
+    )
+    .unwrap();
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let reload = agent
+        .post(&format!("http://{internal}/-/reload"))
+        .send(&[][..])
+        .expect("reload");
+    assert_eq!(reload.status().as_u16(), 200);
+    let (status, reason) = post(&url, &std::fs::read(&written[2]).unwrap());
+    assert_eq!(
+        (status, reason.contains("bundle tag does not verify")),
+        (403, true),
+        "{reason}"
+    );
 
     // The receiver has the three samples, with the timestamps the client gave them.
     let query = format!(
