@@ -1,6 +1,7 @@
 //! Command-line flags (upstream names, so existing command lines keep working) and the checked
 //! configuration the rest of the client runs from.
 
+use crate::sources::{self, Source};
 use clap::Parser;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,9 @@ Exit codes of --once (a systemd timer or cron job shows anything but 0 as failed
   1  the scrape or the push failed (the reason on standard error)
   2  bad flags or configuration
   3  nothing to push: every series was filtered out (check --match and the source)
+  4  pushed, but some --from endpoints did not answer (each named on standard error, and
+     pushed as up{job,instance} 0); 1 when none answered
+With --to-file, 0 means the bundle was written (the line names the file).
 
 Environment:
   RUST_LOG     log filter, e.g. info, debug, telemeter_client=debug (default info; warn with
@@ -33,6 +37,9 @@ Environment:
 /// `--once` exit code when the cycle left nothing to push.
 pub const EXIT_NOTHING_TO_PUSH: u8 = 3;
 
+/// `--once` exit code when the push went out but some `--from` endpoints did not answer.
+pub const EXIT_SOURCES_DOWN: u8 = 4;
+
 /// The raw command line.
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -44,9 +51,14 @@ pub const EXIT_NOTHING_TO_PUSH: u8 = 3;
 )]
 pub struct Flags {
     /// The Prometheus to scrape. A URL with an empty path means `<URL>/federate`; any other path
-    /// (for example an exporter's `/metrics`) is scraped as given.
-    #[arg(long, value_name = "URL")]
-    pub from: String,
+    /// (for example an exporter's `/metrics`) is scraped as given, and its series get `job` (NAME
+    /// of `NAME=URL`, else `telemeter-client`) and `instance` (host:port of the URL) unless they
+    /// carry their own (Prometheus's honor_labels). Repeat for several endpoints in one push:
+    /// then every exporter also gets an `up` series (1 answered, 0 not; kept whatever --match
+    /// says), and one that does not answer is logged and pushed as `up{job,instance} 0` while the
+    /// others are pushed all the same (see exit code 4).
+    #[arg(long, value_name = "[NAME=]URL", required = true)]
+    pub from: Vec<String>,
 
     /// Bearer token sent with the scrape.
     #[arg(long, value_name = "TOKEN")]
@@ -175,6 +187,21 @@ pub struct Flags {
     /// server's --max-sample-age (24h by default), which would refuse them.
     #[arg(long, value_name = "DURATION", default_value = "12h", value_parser = parse_duration)]
     pub spool_max_age: Duration,
+
+    /// Across an air gap: with `--once`, write the prepared upload (cleaned, anonymized,
+    /// compressed: exactly what would be pushed) as a bundle file into DIR instead of pushing it,
+    /// then carry DIR to the connected side and run `telemeter-server import FILE…` (or `POST
+    /// /import`). Needs no network to the server, so no `--to`: the bundle is authenticated with
+    /// a tag keyed by the SHA-256 of the client token (`--to-token(-file)`), which the server
+    /// knows from its tokens file. The labels `/authorize` would add cannot be known offline:
+    /// the server stamps its partition label (the cluster id) when it imports the bundle.
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "once",
+        conflicts_with_all = ["to", "to_auth", "to_upload", "spool_dir", "token_cache"]
+    )]
+    pub to_file: Option<PathBuf>,
 }
 
 /// The default of `--spool-max-bytes`: 4 MiB, a day of a typical 4m30s push of a few hundred
@@ -204,8 +231,8 @@ fn err<T>(message: impl Into<String>) -> Result<T, ConfigError> {
 /// The checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The scrape URL without query (`/federate` filled in for an empty path).
-    pub from: String,
+    /// The scrape sources, in the order given (at least one).
+    pub sources: Vec<Source>,
     /// Bearer token for the scrape.
     pub from_token: Option<String>,
     /// CA file for the scrape.
@@ -250,6 +277,8 @@ pub struct Config {
     pub spool_max_bytes: u64,
     /// Age bound of the spool.
     pub spool_max_age: Duration,
+    /// `--to-file`: where bundles are written instead of pushing (then the URLs are empty).
+    pub to_file: Option<PathBuf>,
 }
 
 fn read_secret(path: &Path, what: &str) -> Result<String, ConfigError> {
@@ -373,8 +402,13 @@ fn join_url(base: &str, path: &str) -> String {
 impl Config {
     /// Checks the flags and reads the files they name.
     pub fn from_flags(flags: Flags) -> Result<Config, ConfigError> {
-        check_http_url(&flags.from, "--from")?;
-        let from = scrape_url(&flags.from);
+        let mut sources = Vec::with_capacity(flags.from.len());
+        for from in &flags.from {
+            let source = Source::parse(from, |url| check_http_url(url, "--from").map_err(|e| e.0))
+                .map_err(|e| ConfigError(e.0))?;
+            sources.push(source);
+        }
+        sources::check_distinct(&sources).map_err(|e| ConfigError(e.0))?;
 
         let from_token = match (&flags.from_token, &flags.from_token_file) {
             (Some(t), _) => Some(t.clone()),
@@ -382,18 +416,31 @@ impl Config {
             (None, None) => None,
         };
 
-        let authorize_url = match (&flags.to_auth, &flags.to) {
-            (Some(u), _) => u.clone(),
-            (None, Some(to)) => join_url(to, "/authorize"),
-            (None, None) => return err("--to (or both --to-auth and --to-upload) is required"),
-        };
-        let upload_url = match (&flags.to_upload, &flags.to) {
-            (Some(u), _) => u.clone(),
-            (None, Some(to)) => join_url(to, "/upload"),
-            (None, None) => return err("--to (or both --to-auth and --to-upload) is required"),
-        };
-        check_http_url(&authorize_url, "--to-auth")?;
-        check_http_url(&upload_url, "--to-upload")?;
+        let (authorize_url, upload_url) =
+            if flags.to_file.is_some() {
+                // Nothing is pushed: the bundle is carried to the server instead.
+                (String::new(), String::new())
+            } else {
+                let authorize_url =
+                    match (&flags.to_auth, &flags.to) {
+                        (Some(u), _) => u.clone(),
+                        (None, Some(to)) => join_url(to, "/authorize"),
+                        (None, None) => return err(
+                            "--to (or both --to-auth and --to-upload, or --to-file) is required",
+                        ),
+                    };
+                let upload_url =
+                    match (&flags.to_upload, &flags.to) {
+                        (Some(u), _) => u.clone(),
+                        (None, Some(to)) => join_url(to, "/upload"),
+                        (None, None) => return err(
+                            "--to (or both --to-auth and --to-upload, or --to-file) is required",
+                        ),
+                    };
+                check_http_url(&authorize_url, "--to-auth")?;
+                check_http_url(&upload_url, "--to-upload")?;
+                (authorize_url, upload_url)
+            };
 
         let to_token = match (&flags.to_token, &flags.to_token_file) {
             (Some(t), _) => t.clone(),
@@ -495,7 +542,7 @@ impl Config {
         };
 
         Ok(Config {
-            from,
+            sources,
             from_token,
             from_ca_file: flags.from_ca_file,
             authorize_url,
@@ -518,6 +565,7 @@ impl Config {
             spool_dir: flags.spool_dir,
             spool_max_bytes: flags.spool_max_bytes,
             spool_max_age: flags.spool_max_age,
+            to_file: flags.to_file,
         })
     }
 }

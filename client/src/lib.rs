@@ -1,11 +1,12 @@
 //! telemeter-client: scrapes an isolated Prometheus, cleans and anonymizes, pushes to telemeter-server.
 //!
-//! The parts, each with one job: [`config`] (flags), [`scrape`], [`transform`] (the pipeline),
+//! The parts, each with one job: [`config`] (flags), [`scrape`], [`sources`] (several `--from`), [`transform`] (the pipeline),
 //! [`anonymize`] (the salted hash of label values, upstream's), [`push`] (authorize + upload),
-//! [`run`] (the loop and `--once`), [`spool`] (uploads kept through outages), [`metrics`] (the daemon's own endpoints).
+//! [`run`] (the loop and `--once`), [`spool`] (uploads kept through outages), [`bundle`] (`--to-file`, the air gap), [`metrics`] (the daemon's own endpoints).
 #![deny(missing_docs)]
 
 pub mod anonymize;
+pub mod bundle;
 pub mod config;
 pub mod file;
 pub mod metrics;
@@ -13,6 +14,7 @@ pub mod prescan;
 pub mod push;
 pub mod run;
 pub mod scrape;
+pub mod sources;
 pub mod spool;
 pub mod transform;
 

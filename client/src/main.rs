@@ -55,7 +55,12 @@ fn main() -> ExitCode {
     log::info!(
         "cluster {}: pushing {} to {} every {}",
         config.id,
-        config.from,
+        config
+            .sources
+            .iter()
+            .map(|s| s.url.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
         config.upload_url,
         telemeter_common::duration::format(config.interval)
     );
@@ -82,6 +87,10 @@ fn once(flags: Flags) -> ExitCode {
             eprintln!("telemeter-client: cluster {}: {report}", config.id);
             // Its own code, so a timer whose --match selects nothing shows as failed.
             ExitCode::from(telemeter_client::config::EXIT_NOTHING_TO_PUSH)
+        }
+        Ok(report) if report.sources_down > 0 => {
+            eprintln!("telemeter-client: cluster {}: {report}", config.id);
+            ExitCode::from(telemeter_client::config::EXIT_SOURCES_DOWN)
         }
         Ok(report) => {
             eprintln!("telemeter-client: cluster {}: {report}", config.id);

@@ -1,15 +1,18 @@
 //! The client's loop: scrape → transform → push, once (`--once`) or every `--interval`, with
 //! `Retry-After` honoured on 429 and exponential back-off with jitter after other failures.
 
+use crate::bundle::BundleWriteError;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::prescan;
 use crate::push::{Prepared, PushError, Pushed, Pusher};
 use crate::scrape::{ReplyLimits, ScrapeError, Scraper};
+use crate::sources::{self, Source};
 use crate::spool::{Spool, SpoolError};
 use crate::transform::{Filtered, Pipeline};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use telemeter_common::agent::AgentError;
@@ -55,6 +58,8 @@ pub enum CycleError {
     Spooled(PushError),
     /// The push failed for a reason worth retrying and the spool could not keep it.
     Spool(PushError, SpoolError),
+    /// `--to-file`: the bundle could not be written.
+    Bundle(BundleWriteError),
 }
 
 impl fmt::Display for CycleError {
@@ -64,6 +69,7 @@ impl fmt::Display for CycleError {
             CycleError::Push(e) => e.fmt(f),
             CycleError::Spooled(e) => write!(f, "{e}; the upload is kept in the spool"),
             CycleError::Spool(e, spool) => write!(f, "{e}; and it could not be spooled: {spool}"),
+            CycleError::Bundle(e) => e.fmt(f),
         }
     }
 }
@@ -71,7 +77,7 @@ impl fmt::Display for CycleError {
 impl std::error::Error for CycleError {}
 
 /// What one successful cycle did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CycleReport {
     /// Series scraped.
     pub scraped_series: usize,
@@ -83,6 +89,10 @@ pub struct CycleReport {
     pub timings: Timings,
     /// What the spool did this cycle (all zero without `--spool-dir`).
     pub spool: SpoolReport,
+    /// `--to-file`: the bundle written instead of a push.
+    pub bundle: Option<PathBuf>,
+    /// `--from` endpoints that did not answer (pushed as `up 0`).
+    pub sources_down: usize,
 }
 
 /// What sending the spool did in one cycle.
@@ -128,10 +138,18 @@ impl fmt::Display for CycleReport {
                 self.spool.sent, self.spool.dropped, self.spool.left
             )?;
         }
+        if self.sources_down > 0 {
+            write!(f, "{} --from endpoints did not answer; ", self.sources_down)?;
+        }
+        if let Some(path) = &self.bundle {
+            write!(f, "wrote bundle {}: ", path.display())?;
+        }
         match self.pushed {
-            Some(p) => write!(
+            Some(p) => {
+                write!(
                 f,
-                "pushed {} series ({} samples, {} bytes) of {} scraped; {} unselected, {} invalid; {}",
+                "{} {} series ({} samples, {} bytes) of {} scraped; {} unselected, {} invalid; {}",
+                if self.bundle.is_some() { "holding" } else { "pushed" },
                 p.series,
                 p.samples,
                 p.bytes,
@@ -139,7 +157,8 @@ impl fmt::Display for CycleReport {
                 self.filtered.unselected,
                 self.filtered.invalid,
                 self.timings
-            ),
+            )
+            }
             None => write!(
                 f,
                 "nothing to push: {} series scraped, {} unselected, {} invalid",
@@ -153,11 +172,14 @@ impl fmt::Display for CycleReport {
 pub struct Client {
     id: String,
     interval: Duration,
-    scraper: Scraper,
+    /// Every `--from` and its scraper.
+    sources: Vec<(Source, Scraper)>,
     pusher: Pusher,
     pipeline: Pipeline,
     metrics: Arc<Metrics>,
     spool: Option<Spool>,
+    /// `--to-file` and the client token that keys the bundles' tags.
+    to_file: Option<(PathBuf, String)>,
 }
 
 fn now_ms() -> i64 {
@@ -211,16 +233,26 @@ pub fn wait_for_termination(signals: &Receiver<Signal>, wait: Duration) -> bool 
 impl Client {
     /// Builds the scraper and the pusher from `config`.
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Client, ClientError> {
-        let transform =
-            prescan::Transform::of(&config.labels, &config.id, config.anonymize_labels.len());
-        let scraper = Scraper::new(
-            &config.from,
-            &config.matches,
-            config.from_token.clone(),
-            config.from_ca_file.as_deref(),
-            config.timeout,
-            ReplyLimits::new(config.limit_bytes, transform),
-        )?;
+        let mut sources = Vec::with_capacity(config.sources.len());
+        for source in &config.sources {
+            // An exporter's series get two labels more, which its reply's estimate must count.
+            let mut labels = config.labels.clone();
+            if source.exporter {
+                labels.push(("job".into(), source.job.clone()));
+                labels.push(("instance".into(), source.instance.clone()));
+            }
+            let transform =
+                prescan::Transform::of(&labels, &config.id, config.anonymize_labels.len());
+            let scraper = Scraper::new(
+                &source.url,
+                &config.matches,
+                config.from_token.clone(),
+                config.from_ca_file.as_deref(),
+                config.timeout,
+                ReplyLimits::new(config.limit_bytes, transform),
+            )?;
+            sources.push((source.clone(), scraper));
+        }
         let pusher = Pusher::new(
             &config.authorize_url,
             &config.upload_url,
@@ -240,9 +272,13 @@ impl Client {
         };
         Ok(Client {
             spool,
+            to_file: config
+                .to_file
+                .clone()
+                .map(|dir| (dir, config.to_token.clone())),
             id: config.id.clone(),
             interval: config.interval,
-            scraper,
+            sources,
             pusher,
             pipeline: Pipeline {
                 matches: config.matches.clone(),
@@ -264,14 +300,67 @@ impl Client {
         let scrape_time = now_ms();
         let scraping = Instant::now();
         let mut timings = Timings::default();
-        let scraped = self.scraper.scrape();
+        let mut families = Vec::new();
+        let mut ups = Vec::new();
+        let mut first_error = None;
+        let mut sources_down = 0;
+        for (source, scraper) in &self.sources {
+            let scraped = scraper.scrape();
+            self.metrics.scrape(scraped.is_ok());
+            match scraped {
+                Ok(scraped) => {
+                    let mut scraped = scraped.families;
+                    source.label(&mut scraped);
+                    families.append(&mut scraped);
+                    // One source alone gets no `up`: if it fails the run fails, so `up` would
+                    // only ever say 1, and a single --from pushes what it did before.
+                    if source.exporter && self.sources.len() > 1 {
+                        ups.push(source.up(true, scrape_time));
+                    }
+                }
+                Err(e) => {
+                    sources_down += 1;
+                    if self.sources.len() > 1 {
+                        log::warn!(
+                            "cluster {}: --from {}: {e}; pushed as up{{job={:?},instance={:?}}} 0",
+                            self.id,
+                            source.url,
+                            source.job,
+                            source.instance
+                        );
+                    }
+                    ups.push(source.up(false, scrape_time));
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
         timings.scrape = scraping.elapsed();
-        self.metrics.scrape(scraped.is_ok());
-        let mut families = scraped.map_err(CycleError::Scrape)?.families;
+        if let Some(e) = first_error.filter(|_| sources_down == self.sources.len()) {
+            return Err(CycleError::Scrape(e));
+        }
         let scraped_series = families.iter().map(|f| f.metric.len()).sum();
         let filtered = self.pipeline.apply(&mut families, scrape_time);
         timings.transform = scraping.elapsed() - timings.scrape;
         self.metrics.filtered(filtered.unselected, filtered.invalid);
+        // Nothing selected is a configuration to check, unless a dead endpoint is to be reported.
+        if !families.is_empty() || sources_down > 0 {
+            // The `up` series go through every step but the selection: a dead endpoint is
+            // reported whatever --match names.
+            let mut up_families = Vec::new();
+            sources::add_up(&mut up_families, ups);
+            let all = Pipeline {
+                matches: Vec::new(),
+                ..self.pipeline.clone()
+            };
+            all.apply(&mut up_families, scrape_time);
+            for family in up_families {
+                if family.name.as_deref() == Some(sources::UP) {
+                    sources::add_up(&mut families, family.metric);
+                } else {
+                    families.push(family);
+                }
+            }
+        }
         if families.is_empty() {
             return Ok(CycleReport {
                 scraped_series,
@@ -279,9 +368,38 @@ impl Client {
                 pushed: None,
                 timings,
                 spool,
+                bundle: None,
+                sources_down,
             });
         }
         let pushing = Instant::now();
+        if let Some((dir, client_token)) = &self.to_file {
+            // Offline: the labels /authorize would stamp are not known; the server stamps its
+            // partition label when it imports the bundle.
+            let prepared = self
+                .pusher
+                .prepare(&mut families, None)
+                .map_err(CycleError::Push)?;
+            let pushed = prepared.pushed;
+            let path = crate::bundle::write(
+                dir,
+                &self.id,
+                prepared.body,
+                SystemTime::now(),
+                client_token,
+            )
+            .map_err(CycleError::Bundle)?;
+            timings.push = pushing.elapsed();
+            return Ok(CycleReport {
+                scraped_series,
+                filtered,
+                pushed: Some(pushed),
+                timings,
+                spool,
+                bundle: Some(path),
+                sources_down,
+            });
+        }
         let result = match self.pusher.token() {
             Ok(token) => match self.pusher.prepare(&mut families, Some(&token.labels)) {
                 Ok(prepared) => self
@@ -304,6 +422,8 @@ impl Client {
                     pushed: Some(pushed),
                     timings,
                     spool,
+                    bundle: None,
+                    sources_down,
                 })
             }
             Err((e, prepared)) => {

@@ -178,7 +178,9 @@ fn comma_lists_work_like_repeated_flags_and_empty_values_stay_unhashed() {
         .to_string(),
         ..Behaviour::default()
     });
-    let from = format!("{}/metrics", receiver.url);
+    // What a Prometheus federates (the ALERTS line is its form): from /metrics, the client would
+    // treat instance="" as absent and fill in the exporter's host:port, as a scrape does.
+    let from = format!("{}/federate", receiver.url);
     let mut args = once_args(&receiver, &from);
     args.extend_from_slice(&[
         "--label",

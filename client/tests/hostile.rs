@@ -310,10 +310,11 @@ fn once(peer: &Peer, source: &str) -> Run {
     ])
 }
 
-/// A source of one reply on `/source`, that also takes the push (token, then 200).
+/// A source of one reply on `/source` (an exporter) and `/federate` (a Prometheus), that also
+/// takes the push (token, then 200).
 fn source(reply: Reply) -> Peer {
     Peer::start(move |path| match path {
-        "/source" => reply.clone(),
+        "/source" | "/federate" => reply.clone(),
         "/authorize" => Reply::token(),
         "/upload" => Reply::new(200, "text/plain", Vec::new()),
         _ => Reply::new(404, "text/plain", b"not found".to_vec()),
@@ -520,7 +521,9 @@ fn edge_of_the_budget(content_type: &str, make: impl Fn(usize) -> Vec<u8>, proto
     let body = make(n);
     assert!(body.len() <= LIMIT);
     let peer = source(Reply::new(200, content_type, body));
-    let run = once(&peer, "/source");
+    // From /federate: an exporter's series would also get job and instance, which the client's
+    // estimate counts and `largest_admitted` does not.
+    let run = once(&peer, "/federate");
     assert_eq!(run.code, Some(0), "{n} series refused: {}", run.stderr);
     let uploads: Vec<_> = peer
         .seen()
@@ -541,7 +544,7 @@ fn edge_of_the_budget(content_type: &str, make: impl Fn(usize) -> Vec<u8>, proto
     );
 
     let over = source(Reply::new(200, content_type, make(n + n / 20)));
-    let run = once(&over, "/source");
+    let run = once(&over, "/federate");
     assert_refused(&run, "MiB to decode");
 }
 

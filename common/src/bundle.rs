@@ -88,6 +88,16 @@ impl fmt::Display for BundleError {
 
 impl std::error::Error for BundleError {}
 
+/// The largest file a bundle whose body holds at most `max_body` bytes can be: what a reader
+/// reads at most before [`parse`] refuses it.
+pub fn max_file_bytes(max_body: usize) -> usize {
+    MAGIC
+        .len()
+        .saturating_add(MAX_HEADER_BYTES)
+        .saturating_add(max_body)
+        .saturating_add(TAG_BYTES)
+}
+
 /// The tag key of a client token: its SHA-256.
 pub fn key_of(client_token: &str) -> [u8; 32] {
     let mut key = [0u8; 32];

@@ -116,6 +116,13 @@ impl std::error::Error for AuthorizeError {}
 pub trait ClientAuthorizer: Send + Sync + 'static {
     /// Whether `token` may push for `cluster_id`; the token subject (an account id) when it may.
     fn authorize(&self, token: &str, cluster_id: &str) -> Result<String, AuthorizeError>;
+
+    /// The SHA-256 of every client token allowed for `cluster_id`, the keys of the tags of its
+    /// air-gap bundles (`/import`); `None` when this source does not hold its tokens (an
+    /// authorization service, any token), so no bundle can be verified.
+    fn bundle_keys(&self, _cluster_id: &str) -> Option<Vec<[u8; 32]>> {
+        None
+    }
 }
 
 /// Accepts every token for every cluster (`--insecure-accept-any-token`).

@@ -14,6 +14,7 @@ pub mod authorize;
 pub mod cluster;
 pub mod config;
 pub mod federate;
+pub mod import;
 pub mod ingest;
 pub mod metrics;
 pub mod oidc;

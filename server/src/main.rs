@@ -9,6 +9,11 @@ use telemeter_common::signal::{self, Signal};
 use telemeter_server::{Flags, Server};
 
 fn main() -> ExitCode {
+    // The import command runs before the signal mask below: Ctrl-C ends it at once, which is safe
+    // (each bundle is stored whole or not at all).
+    if std::env::args_os().nth(1).is_some_and(|a| a == "import") {
+        return telemeter_server::import::main(std::env::args_os().skip(2));
+    }
     // First, before any thread exists, so every thread inherits the blocked signal mask.
     let signals = signal::termination_channel();
     telemeter_server::allocator::tune();

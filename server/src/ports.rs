@@ -12,6 +12,7 @@ use crate::cluster::forward::FORWARD_PATH;
 use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::Cluster;
 use crate::federate;
+use crate::import::ImportHandler;
 use crate::ingest::upload::UploadHandler;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
@@ -20,7 +21,14 @@ use crate::status::{self, Status};
 use crate::store::Store;
 
 /// The paths the external port serves, listed by `GET /`.
-pub const EXTERNAL_PATHS: &[&str] = &["/", "/authorize", "/upload", "/healthz", "/healthz/ready"];
+pub const EXTERNAL_PATHS: &[&str] = &[
+    "/",
+    "/authorize",
+    "/upload",
+    "/import",
+    "/healthz",
+    "/healthz/ready",
+];
 /// The paths the internal port serves, listed by `GET /`.
 pub const INTERNAL_PATHS: &[&str] = &[
     "/",
@@ -43,6 +51,8 @@ pub struct External {
     pub authorize: AuthorizeHandler,
     /// `/upload`.
     pub upload: UploadHandler,
+    /// `/import` (air-gap bundles; authenticated by their own tags).
+    pub import: ImportHandler,
 }
 
 impl Handler for External {
@@ -50,6 +60,7 @@ impl Handler for External {
         match request.path.as_str() {
             "/authorize" => self.authorize.handle(&request),
             "/upload" => self.upload.handle(&request),
+            "/import" => self.import.handle(&request),
             "/healthz" | "/healthz/ready" => Response::text(200, "ok"),
             "/" => Response::json(200, &serde_json::json!({ "paths": EXTERNAL_PATHS })),
             _ => not_found(),
@@ -59,6 +70,7 @@ impl Handler for External {
     fn body_limit(&self, _method: &str, path: &str) -> usize {
         match path {
             "/upload" => self.upload.body_limit(),
+            "/import" => self.import.body_limit(),
             "/authorize" => MAX_BODY_BYTES,
             _ => SMALL_BODY,
         }

@@ -29,6 +29,10 @@ impl ClientAuthorizer for ReloadableAuthorizer {
     fn authorize(&self, token: &str, cluster_id: &str) -> Result<String, AuthorizeError> {
         self.current.current().authorize(token, cluster_id)
     }
+
+    fn bundle_keys(&self, cluster_id: &str) -> Option<Vec<[u8; 32]>> {
+        self.current.current().bundle_keys(cluster_id)
+    }
 }
 
 /// Reads the reloadable files again and swaps in what they say.

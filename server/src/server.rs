@@ -18,6 +18,7 @@ use crate::cluster::metrics::ClusterMetrics;
 use crate::cluster::placement::ClusterPlacement;
 use crate::cluster::{Cluster, ClusterConfig, ClusterError};
 use crate::config::{Config, TlsFiles};
+use crate::import::{ImportHandler, Importer};
 use crate::ingest::placement::{LocalPlacement, Placement};
 use crate::ingest::ratelimit::RateLimiter;
 use crate::ingest::upload::{UploadHandler, UploadLimits};
@@ -41,7 +42,7 @@ const STORE_MAX_BATCH: usize = DEFAULT_WORKERS;
 /// stack each, not CPU.
 pub const DEFAULT_WORKERS: usize = 256;
 /// Samples allowed per allowed series (histograms and summaries carry several).
-const SAMPLES_PER_SERIES: usize = 10;
+pub(crate) const SAMPLES_PER_SERIES: usize = 10;
 
 /// Why the server could not start.
 #[derive(Debug)]
@@ -175,7 +176,14 @@ impl Server {
         };
 
         let limiter = Arc::new(RateLimiter::new(config.ratelimit));
+        let import = ImportHandler::new(
+            Importer::from_config(&config, whitelist.clone()),
+            authorizer.clone(),
+            placement.clone(),
+            config.ratelimit,
+        );
         let external_handler = External {
+            import,
             authorize: AuthorizeHandler::new(
                 authorizer,
                 signer.clone(),

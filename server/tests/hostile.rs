@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use telemeter_common::base64;
+use telemeter_common::bundle;
 use telemeter_common::delimited;
 use telemeter_common::keys::{KeyPurpose, SharedKey};
 use telemeter_common::media::PROTO_DELIMITED;
@@ -926,7 +927,115 @@ fn catalogue_without_unservable(key: &'static [u8]) -> Vec<Case> {
             "HTTP/1",
             Box::new(|c| c.raw(b"GET /healthz HTTP/3.0\r\nHost: x\r\n\r\n")),
         ),
+        // --- /import (air-gap bundles, authenticated by their tag) ---
+        case(
+            "import: GET",
+            405,
+            "only POST",
+            Box::new(|c| get(&c.s.url("/import"), &[])),
+        ),
+        case(
+            "import: not a bundle",
+            400,
+            "not a telemeter bundle",
+            Box::new(|c| import(c, b"hello".to_vec())),
+        ),
+        case(
+            "import: a flipped byte in the upload",
+            403,
+            "tag does not verify",
+            Box::new(|c| {
+                let mut b = sealed("test", "secret", &pd_snappy(&families(None, 1, now_ms())));
+                let i = b.len() - bundle::TAG_BYTES - 2;
+                b[i] ^= 0x01;
+                import(c, b)
+            }),
+        ),
+        case(
+            "import: truncated",
+            400,
+            "truncated",
+            Box::new(|c| {
+                let b = sealed("test", "secret", &pd_snappy(&families(None, 1, now_ms())));
+                import(c, b[..b.len() - 1].to_vec())
+            }),
+        ),
+        case(
+            "import: re-labelled for another cluster the token may not push for",
+            403,
+            "tag does not verify",
+            Box::new(|c| {
+                let mut b = sealed("test", "secret", &pd_snappy(&families(None, 1, now_ms())));
+                // The header's `cluster=test` made `cluster=tesu`: same length, other cluster.
+                let at = b.windows(12).position(|w| w == b"cluster=test").unwrap() + 11;
+                b[at] = b'u';
+                import(c, b)
+            }),
+        ),
+        case(
+            "import: made with a token not in the tokens file",
+            403,
+            "tag does not verify",
+            Box::new(|c| {
+                import(
+                    c,
+                    sealed("test", "revoked", &pd_snappy(&families(None, 1, now_ms()))),
+                )
+            }),
+        ),
+        case(
+            "import: a header declaring a body over the cap",
+            413,
+            "over the limit",
+            Box::new(|c| {
+                let mut b = b"TELEMETER-BUNDLE/1\ncluster=test\ncreated_ms=1\nbody_bytes=".to_vec();
+                b.extend_from_slice(format!("{}\n\nxx", MAX_UPLOAD + 1).as_bytes());
+                import(c, b)
+            }),
+        ),
+        case(
+            "import: a body over the front's cap",
+            413,
+            "over the limit",
+            Box::new(|c| import(c, vec![b'x'; MAX_UPLOAD + (64 << 10)])),
+        ),
+        case(
+            "import: a valid tag over an upload that is not snappy",
+            400,
+            "invalid snappy body",
+            Box::new(|c| import(c, sealed("test", "secret", b"not snappy at all"))),
+        ),
+        case(
+            "import: a valid tag over an upload claiming another cluster's label",
+            403,
+            "_id",
+            Box::new(|c| {
+                import(
+                    c,
+                    sealed(
+                        "test",
+                        "secret",
+                        &pd_snappy(&families(Some("other"), 1, now_ms())),
+                    ),
+                )
+            }),
+        ),
     ]
+}
+
+/// A bundle of `body` for `cluster`, tagged with the key of client token `token`.
+fn sealed(cluster: &str, token: &str, body: &[u8]) -> Vec<u8> {
+    bundle::Bundle {
+        cluster_id: cluster.into(),
+        created_ms: now_ms() as u64,
+        body: body.to_vec(),
+    }
+    .seal(&bundle::key_of(token))
+}
+
+/// `POST /import` of `bundle`.
+fn import(c: &Ctx, bundle: Vec<u8>) -> Reply {
+    post(&c.s.url("/import"), &[], &bundle)
 }
 
 fn start(dir: &TempDir) -> ServerProcess {

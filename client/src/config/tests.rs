@@ -29,7 +29,7 @@ fn empty_path_means_federate() {
 #[test]
 fn urls_derive_from_to() {
     let c = Config::from_flags(flags(BASE)).unwrap();
-    assert_eq!(c.from, "http://localhost:9090/federate");
+    assert_eq!(c.sources[0].url, "http://localhost:9090/federate");
     assert_eq!(c.authorize_url, "http://server:9003/authorize");
     assert_eq!(c.upload_url, "http://server:9003/upload");
     assert_eq!(c.interval, Duration::from_secs(270));
@@ -279,4 +279,31 @@ fn secrets_come_from_files_trimmed() {
     let e = Config::from_flags(flags(&args)).unwrap_err();
     assert!(e.0.contains("--to-token-file"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn to_file_needs_once_and_no_server() {
+    let args = [
+        "--from",
+        "http://p:9090",
+        "--to-token",
+        "t",
+        "--id",
+        "c",
+        "--to-file",
+        "/tmp/bundles",
+    ];
+    let mut with_once = args.to_vec();
+    with_once.push("--once");
+    let c = Config::from_flags(flags(&with_once)).unwrap();
+    assert_eq!(c.to_file.as_deref(), Some(Path::new("/tmp/bundles")));
+    assert_eq!(c.upload_url, "");
+    let mut full = vec!["telemeter-client"];
+    full.extend_from_slice(&args);
+    assert!(
+        Flags::try_parse_from(&full).is_err(),
+        "--to-file without --once"
+    );
+    full.extend_from_slice(&["--once", "--to", "http://s:9003"]);
+    assert!(Flags::try_parse_from(&full).is_err(), "--to-file with --to");
 }

@@ -58,7 +58,7 @@ pub struct Behaviour {
     pub expires_in: i64,
     /// Replies of the next uploads, in order: status and optional Retry-After; 200 once empty.
     pub upload_replies: VecDeque<(u16, Option<u64>)>,
-    /// The body served on `GET /metrics` (a plain exporter to scrape).
+    /// The body served on `GET /metrics` (a plain exporter to scrape) and `GET /federate`.
     pub metrics_body: String,
 }
 
@@ -105,7 +105,9 @@ impl Handler for Recorder {
             at: Instant::now(),
         });
         match request.path.as_str() {
-            "/metrics" => Response::bytes(
+            // /federate too, for bodies that stand for what a Prometheus federates: the client
+            // adds job and instance only to an exporter's series.
+            "/metrics" | "/federate" => Response::bytes(
                 200,
                 "text/plain; version=0.0.4",
                 state.behaviour.metrics_body.clone().into_bytes(),

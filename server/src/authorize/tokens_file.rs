@@ -137,6 +137,18 @@ impl TokensFile {
         self.tokens.values().filter(|a| a.any).count()
     }
 
+    /// The SHA-256 of every token allowed for `cluster_id` (tokens allowed for any cluster
+    /// included): the keys of the tags of that cluster's air-gap bundles (see
+    /// `telemeter_common::bundle`). A token removed from the file is gone from here at the next
+    /// reload, so its bundles are refused too.
+    pub fn hashes_for(&self, cluster_id: &str) -> Vec<[u8; 32]> {
+        self.tokens
+            .iter()
+            .filter(|(_, a)| a.any || a.clusters.iter().any(|c| c == cluster_id))
+            .map(|(hash, _)| *hash)
+            .collect()
+    }
+
     fn add<'a>(&mut self, token: &str, clusters: impl Iterator<Item = &'a str>) {
         let allowed = self.tokens.entry(token_digest(token)).or_default();
         for cluster in clusters {
@@ -168,5 +180,9 @@ impl ClientAuthorizer for TokensFile {
                 cluster_id: cluster_id.to_string(),
             })
         }
+    }
+
+    fn bundle_keys(&self, cluster_id: &str) -> Option<Vec<[u8; 32]>> {
+        Some(self.hashes_for(cluster_id))
     }
 }

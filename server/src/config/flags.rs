@@ -13,7 +13,7 @@ use super::Secret;
     name = "telemeter-server",
     version = crate::VERSION_TEXT,
     about = "Receives pushed Prometheus metrics from telemeter clients, stores them durably and serves them on /federate.",
-    after_help = "Durations are written as Prometheus writes them (15s, 4m30s, 1d) or as Go does (1.5m, 300ms, 1h30m).\nAn empty value (--authorize-issuer-url=) means the flag is not set, as it did upstream.\n\nSIGHUP (or POST /-/reload on the internal port) reads --tokens-file and --whitelist-file again.\n\nEnvironment:\n  RUST_LOG   log filter, e.g. info, debug, telemeter_server=debug (default info); -v and\n             --log-level override it\n  HTTPS_PROXY, HTTP_PROXY, ALL_PROXY (or lower case), NO_PROXY\n             proxy for the outgoing calls (--authorize service, its OIDC issuer, remote write)"
+    after_help = "`telemeter-server import FILE…` imports air-gap bundles written by `telemeter-client --to-file` (see `telemeter-server import --help`); a running server takes them by POST /import on the external port.\n\nDurations are written as Prometheus writes them (15s, 4m30s, 1d) or as Go does (1.5m, 300ms, 1h30m).\nAn empty value (--authorize-issuer-url=) means the flag is not set, as it did upstream.\n\nSIGHUP (or POST /-/reload on the internal port) reads --tokens-file and --whitelist-file again.\n\nEnvironment:\n  RUST_LOG   log filter, e.g. info, debug, telemeter_server=debug (default info); -v and\n             --log-level override it\n  HTTPS_PROXY, HTTP_PROXY, ALL_PROXY (or lower case), NO_PROXY\n             proxy for the outgoing calls (--authorize service, its OIDC issuer, remote write)"
 )]
 pub struct Flags {
     /// Address of the external port, where clients call /authorize and /upload.
