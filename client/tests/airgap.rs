@@ -17,40 +17,6 @@ use support::*;
 use telemeter_common::{bundle, delimited, snappy};
 use testkit::wait_until;
 
-fn server_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("telemeter-server");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first",
-        bin.display()
-    );
-    bin
-}
-
-/// A counter that goes up by one per scrape.
-const SOURCE: &str = r##"
-import http.server, sys
-runs = 0
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        global runs
-        runs += 1
-        body = ("# TYPE edge_runs_total counter\nedge_runs_total %d\n" % runs).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"##;
-
 fn post(url: &str, body: &[u8]) -> (u16, String) {
     let agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -86,19 +52,7 @@ fn three_bundles_cross_the_gap_and_bad_ones_are_refused() {
         "{PROMETHEUS} is not installed: run `make setup`"
     );
     let dir = TempDir::new("airgap");
-    let source_port = free_port();
-    let _source = Guard(
-        Command::new("python3")
-            .args(["-c", SOURCE, &source_port.to_string()])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("python3"),
-    );
-    let source = format!("http://127.0.0.1:{source_port}/metrics");
-    assert!(
-        wait_until(Duration::from_secs(20), || get(&source).is_some()),
-        "python source not up"
-    );
+    let (_source, source) = counter_source();
     // Probing scraped once: the client's runs see 2, 3, 4.
 
     // The isolated side: three runs, no server anywhere.

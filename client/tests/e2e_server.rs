@@ -7,27 +7,14 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
 use telemeter_client::anonymize::anonymize;
 
-fn server_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    // target/<profile>/deps/e2e_server-<hash> → target/<profile>/telemeter-server
-    let bin = exe.parent()?.parent()?.join("telemeter-server");
-    bin.exists().then_some(bin)
-}
-
 #[test]
 fn prometheus_client_server_federate() {
-    let Some(server_bin) = server_binary() else {
-        eprintln!(
-            "NOTE: telemeter-server is not built next to this test; skipping (run `make test`)"
-        );
-        return;
-    };
+    let server_bin = server_binary();
     let prom = Prometheus::start(1);
     let dir = TempDir::new("server");
     let tokens = dir.path().join("tokens.json");

@@ -164,21 +164,8 @@ impl Importer {
         whitelist: Swap<Vec<telemeter_common::selector::Selector>>,
     ) -> Importer {
         Importer::new(
-            UploadLimits {
-                max_upload_bytes: config.max_upload_bytes,
-                max_decompressed_bytes: config.max_decompressed_bytes,
-                max_series: config.max_series,
-            },
-            Rules {
-                partition_label: config.partition_label.clone(),
-                extra_labels: config.labels.clone(),
-                whitelist,
-                max_sample_age: config.max_sample_age,
-                max_future_skew: config.max_future_skew,
-                max_samples: config
-                    .max_series
-                    .saturating_mul(crate::server::SAMPLES_PER_SERIES),
-            },
+            crate::server::upload_limits(config),
+            crate::server::upload_rules(config, whitelist),
             &config.partition_label,
         )
     }
@@ -401,13 +388,7 @@ pub fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
         Ok(flags) => flags,
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
-            let text = e.to_string();
-            let message: Vec<&str> = text
-                .lines()
-                .map(str::trim)
-                .take_while(|l| !l.is_empty())
-                .collect();
-            return usage(&message.join(" "));
+            return usage(&crate::config::one_line_error(&e));
         }
     };
     // The per-file lines are the output; the store's own info lines would bury them.

@@ -6,6 +6,7 @@ use clap::Parser;
 use log::info;
 use telemeter_common::logging;
 use telemeter_common::signal::{self, Signal};
+use telemeter_server::config::one_line_error;
 use telemeter_server::{Flags, Server};
 
 fn main() -> ExitCode {
@@ -21,14 +22,7 @@ fn main() -> ExitCode {
         Ok(flags) => flags,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => {
-            // clap's message spans lines (error, usage, hint); keep the promise of one line.
-            let text = e.to_string();
-            let message: Vec<&str> = text
-                .lines()
-                .map(str::trim)
-                .take_while(|l| !l.is_empty())
-                .collect();
-            eprintln!("telemeter-server: {}", message.join(" "));
+            eprintln!("telemeter-server: {}", one_line_error(&e));
             return ExitCode::from(1);
         }
     };

@@ -8,6 +8,7 @@ use std::time::Duration;
 use log::{info, warn};
 use telemeter_common::http::{self, HttpError};
 use telemeter_common::keys::{KeyError, SharedKey};
+use telemeter_common::selector::Selector;
 use telemeter_common::sync::Swap;
 use telemeter_common::tls::{self, TlsError};
 use telemeter_common::token::TokenSigner;
@@ -42,7 +43,29 @@ const STORE_MAX_BATCH: usize = DEFAULT_WORKERS;
 /// stack each, not CPU.
 pub const DEFAULT_WORKERS: usize = 256;
 /// Samples allowed per allowed series (histograms and summaries carry several).
-pub(crate) const SAMPLES_PER_SERIES: usize = 10;
+const SAMPLES_PER_SERIES: usize = 10;
+
+/// The size caps of an upload, from the flags; `/upload` and `import` take the same.
+pub(crate) fn upload_limits(config: &Config) -> UploadLimits {
+    UploadLimits {
+        max_upload_bytes: config.max_upload_bytes,
+        max_decompressed_bytes: config.max_decompressed_bytes,
+        max_series: config.max_series,
+    }
+}
+
+/// What an accepted upload must satisfy, from the flags, with the whitelist as `whitelist` holds
+/// it now (a reload swaps it); `/upload` and `import` check the same.
+pub(crate) fn upload_rules(config: &Config, whitelist: Swap<Vec<Selector>>) -> Rules {
+    Rules {
+        partition_label: config.partition_label.clone(),
+        extra_labels: config.labels.clone(),
+        whitelist,
+        max_sample_age: config.max_sample_age,
+        max_future_skew: config.max_future_skew,
+        max_samples: config.max_series.saturating_mul(SAMPLES_PER_SERIES),
+    }
+}
 
 /// Why the server could not start.
 #[derive(Debug)]
@@ -195,19 +218,8 @@ impl Server {
             upload: UploadHandler::new(
                 signer,
                 &config.partition_label,
-                UploadLimits {
-                    max_upload_bytes: config.max_upload_bytes,
-                    max_decompressed_bytes: config.max_decompressed_bytes,
-                    max_series: config.max_series,
-                },
-                Rules {
-                    partition_label: config.partition_label.clone(),
-                    extra_labels: config.labels.clone(),
-                    whitelist,
-                    max_sample_age: config.max_sample_age,
-                    max_future_skew: config.max_future_skew,
-                    max_samples: config.max_series.saturating_mul(SAMPLES_PER_SERIES),
-                },
+                upload_limits(&config),
+                upload_rules(&config, whitelist),
                 limiter.clone(),
                 placement,
                 metrics.clone(),

@@ -321,3 +321,58 @@ impl Drop for Prometheus {
         let _ = self.child.wait();
     }
 }
+
+/// The telemeter-server binary built next to the test binary
+/// (`target/<profile>/deps/<test>-<hash>` → `target/<profile>/telemeter-server`).
+pub fn server_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("telemeter-server");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        bin.display()
+    );
+    bin
+}
+
+/// A python3 http.server exposing `edge_runs_total`, a counter that goes up by one per scrape.
+const COUNTER_SOURCE: &str = r##"
+import http.server, sys
+runs = 0
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        global runs
+        runs += 1
+        body = ("# TYPE edge_runs_total counter\nedge_runs_total %d\n" % runs).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"##;
+
+/// Starts the counter source (see `COUNTER_SOURCE`) on a free port and waits until it answers.
+/// Returns its process (killed on drop) and its `/metrics` URL.
+pub fn counter_source() -> (Guard, String) {
+    let port = free_port();
+    let guard = Guard(
+        Command::new("python3")
+            .args(["-c", COUNTER_SOURCE, &port.to_string()])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("python3"),
+    );
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    assert!(
+        testkit::wait_until(Duration::from_secs(20), || get(&url).is_some()),
+        "python source not up"
+    );
+    (guard, url)
+}

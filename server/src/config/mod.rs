@@ -23,6 +23,18 @@ mod tests;
 pub use build::{host_name, join_addresses, parse_label_pairs};
 pub use flags::Flags;
 
+/// A clap error as one line: clap's message spans lines (error, usage, hint), and a bad flag
+/// promises one line on stderr.
+pub fn one_line_error(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    lines.join(" ")
+}
+
 /// The cluster port of upstream's memberlist (its default), for a `--join` without a port when
 /// `--listen-cluster` has none to offer (port 0).
 pub const DEFAULT_CLUSTER_PORT: u16 = 7946;
