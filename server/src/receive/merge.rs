@@ -1,0 +1,396 @@
+//! Merging a remote-write request's samples into what a cluster has stored.
+//!
+//! A remote-write request carries some of a cluster's series (a shard's batch), so storing it
+//! would erase the others from `/federate`: it is merged instead. Series are identified by family
+//! name and label set (order-independent); the newer sample wins; a Prometheus staleness marker
+//! newer than the stored sample removes the series (Prometheus sends one when a series ends);
+//! series whose sample is older than the TTL are dropped, so a cluster's payload does not grow
+//! with every series it ever sent.
+//!
+//! Read, merge and put of one cluster run under one of [`STRIPES`] locks chosen by its id, so two
+//! requests of a cluster cannot both read the same payload and each write back only their own
+//! series. Striped (not one lock per cluster) so the locks take fixed memory whatever the number of
+//! cluster ids; two clusters sharing a stripe only wait for each other's merge.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use telemeter_common::delimited::{self, Limits};
+use telemeter_common::model::{
+    Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType, Untyped,
+};
+
+use crate::ingest::placement::store_merged_then_ship;
+use crate::remote_write::RemoteWriter;
+use crate::store::{Store, StoreError};
+
+/// Locks around read-merge-put, chosen by cluster id.
+const STRIPE_COUNT: usize = 64;
+
+/// The stripes; see the module documentation.
+static STRIPES: [Mutex<()>; STRIPE_COUNT] = [const { Mutex::new(()) }; STRIPE_COUNT];
+
+/// The bit pattern Prometheus writes as a staleness marker (`value.StaleNaN`).
+const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
+
+/// Whether `value` is Prometheus's staleness marker.
+pub fn is_stale_marker(value: f64) -> bool {
+    value.to_bits() == STALE_NAN_BITS
+}
+
+/// Why a merge could not be stored.
+#[derive(Debug)]
+pub enum MergeError {
+    /// Reading or writing the store failed.
+    Store(StoreError),
+    /// The merged series would pass the per-cluster cap.
+    TooManySeries {
+        /// The cap.
+        limit: usize,
+    },
+}
+
+impl std::fmt::Display for MergeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MergeError::Store(e) => write!(f, "{e}"),
+            MergeError::TooManySeries { limit } => write!(
+                f,
+                "the cluster would hold more than {limit} series (--max-series)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for MergeError {}
+
+impl From<StoreError> for MergeError {
+    fn from(e: StoreError) -> Self {
+        MergeError::Store(e)
+    }
+}
+
+/// Merges `delta` (validated families, protobuf-delimited) into `cluster_id`'s stored payload and
+/// stores the result durably, then ships `delta` (only the request's samples: re-shipping stored
+/// ones would make the receiver refuse them as out of order) to `remote_write`. Every path that
+/// stores a remote-write request it owns (received here, forwarded here) goes through here.
+pub fn store_received(
+    store: &Store,
+    remote_write: Option<&RemoteWriter>,
+    cluster_id: &str,
+    delta: Vec<u8>,
+    received: SystemTime,
+    max_series: usize,
+) -> Result<(), MergeError> {
+    let limits = Limits {
+        max_message_bytes: usize::MAX,
+        max_total_bytes: usize::MAX,
+        max_families: usize::MAX,
+        max_series: usize::MAX,
+    };
+    // Only this server's own validated payloads are decoded here; a failure means corruption the
+    // store's checksum missed, and the cluster starts over rather than being stuck.
+    let delta_families = delimited::decode(&delta, &limits).unwrap_or_default();
+    let _stripe = telemeter_common::sync::lock(stripe(cluster_id));
+    let stored = match store.get(cluster_id)? {
+        Some(upload) => delimited::decode(&upload.payload, &limits).unwrap_or_else(|e| {
+            log::warn!(
+                "cluster {cluster_id:?}: stored payload unreadable ({e}); merging into nothing"
+            );
+            Vec::new()
+        }),
+        None => Vec::new(),
+    };
+    let oldest_ms = telemeter_common::time::sample_millis(received)
+        .saturating_sub(telemeter_common::time::duration_millis(store.ttl()));
+    let merged = merge(stored, delta_families, oldest_ms);
+    let series: usize = merged.iter().map(|f| f.metric.len()).sum();
+    if series > max_series {
+        return Err(MergeError::TooManySeries { limit: max_series });
+    }
+    let payload = delimited::encode(&merged);
+    store_merged_then_ship(store, remote_write, cluster_id, payload, delta, received)?;
+    Ok(())
+}
+
+/// The stripe lock of `cluster_id`.
+fn stripe(cluster_id: &str) -> &'static Mutex<()> {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    cluster_id.hash(&mut hasher);
+    &STRIPES[(hasher.finish() as usize) % STRIPE_COUNT]
+}
+
+/// A series' identity within its family: its labels, sorted.
+fn identity(metric: &Metric) -> Vec<(String, String)> {
+    let mut labels: Vec<(String, String)> = metric
+        .label
+        .iter()
+        .map(|l| {
+            (
+                l.name.clone().unwrap_or_default(),
+                l.value.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    labels.sort();
+    labels
+}
+
+/// Whether a family of this type holds one plain value per series (so series can move between
+/// these types by carrying their value over).
+fn is_plain(kind: MetricType) -> bool {
+    matches!(
+        kind,
+        MetricType::Counter | MetricType::Gauge | MetricType::Untyped
+    )
+}
+
+fn kind_of(family: &MetricFamily) -> MetricType {
+    family
+        .r#type
+        .and_then(|t| MetricType::try_from(t).ok())
+        .unwrap_or(MetricType::Untyped)
+}
+
+/// The plain value of a counter, gauge or untyped series.
+fn plain_value(metric: &Metric) -> Option<f64> {
+    metric
+        .untyped
+        .and_then(|v| v.value)
+        .or_else(|| metric.gauge.and_then(|v| v.value))
+        .or_else(|| metric.counter.and_then(|v| v.value))
+}
+
+/// Makes `metric` carry `value` as a series of a `kind` family.
+fn set_plain(metric: &mut Metric, kind: MetricType, value: f64) {
+    metric.untyped = None;
+    metric.gauge = None;
+    metric.counter = None;
+    match kind {
+        MetricType::Counter => metric.counter = Some(Counter { value: Some(value) }),
+        MetricType::Gauge => metric.gauge = Some(Gauge { value: Some(value) }),
+        _ => metric.untyped = Some(Untyped { value: Some(value) }),
+    }
+}
+
+/// Merges `delta` into `stored`: per series the newer sample wins (a staleness marker that wins
+/// removes the series), then series older than `oldest_ms` are dropped, and empty families with
+/// them. When a family changes type, the delta's type wins: plain series carry their value over,
+/// and a histogram or summary family is replaced whole (its series cannot be mixed with others).
+pub fn merge(
+    stored: Vec<MetricFamily>,
+    delta: Vec<MetricFamily>,
+    oldest_ms: i64,
+) -> Vec<MetricFamily> {
+    let mut families = stored;
+    let mut by_name: HashMap<String, usize> = families
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.name.clone().unwrap_or_default(), i))
+        .collect();
+    // Per family, series identity → position; built on first use.
+    let mut indexes: HashMap<usize, HashMap<Vec<(String, String)>, usize>> = HashMap::new();
+    for incoming in delta {
+        let name = incoming.name.clone().unwrap_or_default();
+        let kind = kind_of(&incoming);
+        let Some(&at) = by_name.get(&name) else {
+            by_name.insert(name, families.len());
+            families.push(incoming);
+            continue;
+        };
+        let existing_kind = kind_of(&families[at]);
+        if existing_kind != kind {
+            if is_plain(kind) && is_plain(existing_kind) {
+                let family = &mut families[at];
+                for metric in &mut family.metric {
+                    if let Some(v) = plain_value(metric) {
+                        set_plain(metric, kind, v);
+                    }
+                }
+                family.r#type = incoming.r#type;
+            } else {
+                families[at] = incoming;
+                indexes.remove(&at);
+                continue;
+            }
+        }
+        let family = &mut families[at];
+        let index = indexes.entry(at).or_insert_with(|| {
+            family
+                .metric
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (identity(m), i))
+                .collect()
+        });
+        for metric in incoming.metric {
+            let id = identity(&metric);
+            match index.get(&id) {
+                Some(&i) => {
+                    let current = &mut family.metric[i];
+                    if metric.timestamp_ms.unwrap_or(i64::MIN)
+                        >= current.timestamp_ms.unwrap_or(i64::MIN)
+                    {
+                        *current = metric;
+                    }
+                }
+                None => {
+                    index.insert(id, family.metric.len());
+                    family.metric.push(metric);
+                }
+            }
+        }
+    }
+    for family in &mut families {
+        family.metric.retain(|m| {
+            m.timestamp_ms.unwrap_or(i64::MIN) >= oldest_ms
+                && !plain_value(m).is_some_and(is_stale_marker)
+        });
+    }
+    families.retain(|f| !f.metric.is_empty());
+    families
+}
+
+/// One series of a remote-write family: sorted `labels` (without `__name__`), `value` at
+/// `timestamp_ms`.
+pub fn untyped_series(labels: Vec<LabelPair>, value: f64, timestamp_ms: i64) -> Metric {
+    Metric {
+        label: labels,
+        untyped: Some(Untyped { value: Some(value) }),
+        timestamp_ms: Some(timestamp_ms),
+        ..Metric::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn family(name: &str, kind: MetricType, series: &[(&str, f64, i64)]) -> MetricFamily {
+        MetricFamily {
+            name: Some(name.into()),
+            help: None,
+            r#type: Some(kind as i32),
+            metric: series
+                .iter()
+                .map(|(job, v, ts)| {
+                    let mut m = untyped_series(vec![LabelPair::new("job", job)], *v, *ts);
+                    set_plain(&mut m, kind, *v);
+                    m
+                })
+                .collect(),
+        }
+    }
+
+    fn values(families: &[MetricFamily]) -> Vec<(String, String, f64, i64)> {
+        let mut out: Vec<_> = families
+            .iter()
+            .flat_map(|f| {
+                f.metric.iter().map(move |m| {
+                    (
+                        f.name.clone().unwrap(),
+                        m.label_value("job").unwrap().to_string(),
+                        plain_value(m).unwrap(),
+                        m.timestamp_ms.unwrap(),
+                    )
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        out
+    }
+
+    #[test]
+    fn disjoint_series_are_both_kept_and_newer_samples_win() {
+        let stored = vec![family(
+            "up",
+            MetricType::Untyped,
+            &[("a", 1.0, 100), ("b", 1.0, 100)],
+        )];
+        let delta = vec![
+            family(
+                "up",
+                MetricType::Untyped,
+                &[("b", 0.0, 200), ("c", 1.0, 200)],
+            ),
+            family("x", MetricType::Untyped, &[("a", 5.0, 200)]),
+        ];
+        let merged = merge(stored, delta, 0);
+        assert_eq!(
+            values(&merged),
+            vec![
+                ("up".into(), "a".into(), 1.0, 100),
+                ("up".into(), "b".into(), 0.0, 200),
+                ("up".into(), "c".into(), 1.0, 200),
+                ("x".into(), "a".into(), 5.0, 200),
+            ]
+        );
+        // An older sample does not replace a newer one.
+        let merged = merge(
+            merged,
+            vec![family("up", MetricType::Untyped, &[("b", 9.0, 150)])],
+            0,
+        );
+        assert!(values(&merged).contains(&("up".into(), "b".into(), 0.0, 200)));
+    }
+
+    #[test]
+    fn ttl_and_staleness_markers_drop_series() {
+        let stored = vec![family(
+            "up",
+            MetricType::Untyped,
+            &[("a", 1.0, 100), ("b", 1.0, 300)],
+        )];
+        let stale = f64::from_bits(STALE_NAN_BITS);
+        let merged = merge(
+            stored,
+            vec![family("up", MetricType::Untyped, &[("b", stale, 400)])],
+            200,
+        );
+        assert!(merged.is_empty(), "{merged:?}");
+    }
+
+    #[test]
+    fn the_delta_type_wins() {
+        let stored = vec![family("up", MetricType::Gauge, &[("a", 1.0, 100)])];
+        let merged = merge(
+            stored,
+            vec![family("up", MetricType::Untyped, &[("b", 2.0, 100)])],
+            0,
+        );
+        assert_eq!(kind_of(&merged[0]), MetricType::Untyped);
+        assert_eq!(values(&merged).len(), 2);
+        assert!(merged[0]
+            .metric
+            .iter()
+            .all(|m| m.untyped.is_some() && m.gauge.is_none()));
+    }
+
+    #[test]
+    fn label_order_does_not_change_identity() {
+        let mut one = untyped_series(
+            vec![LabelPair::new("a", "1"), LabelPair::new("b", "2")],
+            1.0,
+            100,
+        );
+        let stored = vec![MetricFamily {
+            name: Some("m".into()),
+            r#type: Some(MetricType::Untyped as i32),
+            metric: vec![one.clone()],
+            help: None,
+        }];
+        one.label.reverse();
+        one.timestamp_ms = Some(200);
+        let delta = vec![MetricFamily {
+            name: Some("m".into()),
+            r#type: Some(MetricType::Untyped as i32),
+            metric: vec![one],
+            help: None,
+        }];
+        let merged = merge(stored, delta, 0);
+        assert_eq!(merged[0].metric.len(), 1);
+        assert_eq!(merged[0].metric[0].timestamp_ms, Some(200));
+    }
+}
