@@ -604,3 +604,49 @@ fn receive_through_a_non_owner_is_stored_on_the_owner() {
         "{sent}"
     );
 }
+
+#[test]
+fn uploads_merge_once_a_cluster_uses_remote_write_even_after_a_restart() {
+    let dir = TempDir::new("receive-upload");
+    let args = ["--receive-ratelimit", "0", "--ratelimit", "0s"];
+    let s = start(&dir, &args);
+    let token = s.upload_token("secret", "test");
+    // Before any remote write an upload replaces: 3 series, then 1 series.
+    let r = s.upload(&token, &families(Some("test"), 2, now_ms()));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(federated(&s, "test").len(), 3);
+    let r = s.upload(&token, &families(Some("test"), 0, now_ms()));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let up = "up{job=\"prometheus\",_id=\"test\"} 1".to_string();
+    assert_eq!(federated(&s, "test"), vec![up.clone()]);
+
+    // Remote write merges into the upload's series.
+    let r = receive(
+        &s,
+        "secret",
+        "test",
+        &body(vec![series("rw_metric", &[("_id", "test")], 7.0, now_ms())]),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        federated(&s, "test"),
+        vec!["rw_metric{_id=\"test\"} 7".to_string(), up]
+    );
+    // From now on an upload merges too: it neither erases the remote-write series nor its own
+    // earlier ones (they stay until the TTL).
+    let r = s.upload(&token, &families(Some("test"), 1, now_ms()));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let lines = federated(&s, "test");
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(lines.contains(&"rw_metric{_id=\"test\"} 7".to_string()), "{lines:?}");
+
+    // The knowledge survives a restart: it is in the stored payload.
+    drop(s);
+    let s = start(&dir, &args);
+    let token = s.upload_token("secret", "test");
+    let r = s.upload(&token, &families(Some("test"), 0, now_ms()));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let lines = federated(&s, "test");
+    assert!(lines.contains(&"rw_metric{_id=\"test\"} 7".to_string()), "{lines:?}");
+    assert_eq!(lines.len(), 3, "{lines:?}");
+}

@@ -112,6 +112,17 @@ pub fn store_then_queue(
     payload: Vec<u8>,
     received: SystemTime,
 ) -> Result<(), StoreError> {
+    // A cluster that also pushes by remote write: merged, so neither path erases the other's
+    // series (README, "Remote write and uploads together").
+    if crate::receive::merge::uses_remote_write(store, cluster_id, received) {
+        return crate::receive::merge::store_upload_merged(
+            store,
+            remote_write,
+            cluster_id,
+            payload,
+            received,
+        );
+    }
     match remote_write {
         None => store
             .put_unless_older(cluster_id, payload, received)

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
@@ -39,6 +40,95 @@ const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
 pub fn is_stale_marker(value: f64) -> bool {
     value.to_bits() == STALE_NAN_BITS
 }
+
+/// The help text of every family remote write builds. It is what makes "this cluster has
+/// remote-write series" durable: it travels in the stored payload (journal, checkpoint, handoff
+/// to another owner) and disappears with the last such series when the TTL drops it, so a restart
+/// or a move learns it back from the payload itself ([`uses_remote_write`]).
+pub const REMOTE_WRITE_HELP: &str = "Received by remote write.";
+
+/// Per store directory, per cluster: the newest remote-write sample stored (ms), `i64::MIN` when
+/// the stored payload has none. Learned from the payload at a cluster's first upload after start,
+/// kept up to date by every merge, so an upload reads its cluster's payload at most once per
+/// process unless the cluster uses remote write. One entry per cluster that pushed, as the
+/// store's own index.
+static NEWEST_RECEIVED: Mutex<Option<HashMap<PathBuf, HashMap<String, i64>>>> = Mutex::new(None);
+
+/// Records what a merge stored (`learned` false), or what a payload read says (`learned` true:
+/// then only if nothing is known yet, so a read that raced with a merge cannot undo it).
+fn note_newest(store: &Store, cluster_id: &str, newest_ms: i64, learned: bool) {
+    let mut all = telemeter_common::sync::lock(&NEWEST_RECEIVED);
+    let clusters = all
+        .get_or_insert_with(HashMap::new)
+        .entry(store.dir().to_path_buf())
+        .or_default();
+    if learned {
+        clusters.entry(cluster_id.to_string()).or_insert(newest_ms);
+    } else {
+        clusters.insert(cluster_id.to_string(), newest_ms);
+    }
+}
+
+/// The newest remote-write sample in `families`, `i64::MIN` when none.
+fn newest_received(families: &[MetricFamily]) -> i64 {
+    families
+        .iter()
+        .filter(|f| f.help.as_deref() == Some(REMOTE_WRITE_HELP))
+        .flat_map(|f| f.metric.iter().filter_map(|m| m.timestamp_ms))
+        .max()
+        .unwrap_or(i64::MIN)
+}
+
+/// Whether `cluster_id` has remote-write series within the TTL: then its uploads are merged
+/// into its series (like remote write) rather than replacing them. Reads the stored payload
+/// only the first time a cluster is asked about in this process.
+pub fn uses_remote_write(store: &Store, cluster_id: &str, now: SystemTime) -> bool {
+    let oldest = telemeter_common::time::sample_millis(now)
+        .saturating_sub(telemeter_common::time::duration_millis(store.ttl()));
+    let known = telemeter_common::sync::lock(&NEWEST_RECEIVED)
+        .as_ref()
+        .and_then(|all| all.get(store.dir()))
+        .and_then(|clusters| clusters.get(cluster_id).copied());
+    let newest = match known {
+        Some(newest) => newest,
+        None => {
+            let newest = match store.get(cluster_id) {
+                Ok(Some(upload)) => delimited::decode(&upload.payload, &UNLIMITED)
+                    .map(|families| newest_received(&families))
+                    .unwrap_or(i64::MIN),
+                Ok(None) => i64::MIN,
+                // Unreadable now: not remembered, asked again next time.
+                Err(_) => return false,
+            };
+            note_newest(store, cluster_id, newest, true);
+            newest
+        }
+    };
+    newest >= oldest
+}
+
+/// Stores an upload of a cluster that [`uses_remote_write`]: merged into its series like a
+/// remote-write request (so neither path erases the other's series), and shipped as it came.
+pub fn store_upload_merged(
+    store: &Store,
+    remote_write: Option<&RemoteWriter>,
+    cluster_id: &str,
+    payload: Vec<u8>,
+    received: SystemTime,
+) -> Result<(), StoreError> {
+    match store_received(store, remote_write, cluster_id, payload, received, usize::MAX) {
+        Ok(()) | Err(MergeError::TooManySeries { .. }) => Ok(()),
+        Err(MergeError::Store(e)) => Err(e),
+    }
+}
+
+/// Decoding limits for payloads this server wrote itself.
+const UNLIMITED: Limits = Limits {
+    max_message_bytes: usize::MAX,
+    max_total_bytes: usize::MAX,
+    max_families: usize::MAX,
+    max_series: usize::MAX,
+};
 
 /// Why a merge could not be stored.
 #[derive(Debug)]
@@ -84,12 +174,7 @@ pub fn store_received(
     received: SystemTime,
     max_series: usize,
 ) -> Result<(), MergeError> {
-    let limits = Limits {
-        max_message_bytes: usize::MAX,
-        max_total_bytes: usize::MAX,
-        max_families: usize::MAX,
-        max_series: usize::MAX,
-    };
+    let limits = UNLIMITED;
     // Only this server's own validated payloads are decoded here; a failure means corruption the
     // store's checksum missed, and the cluster starts over rather than being stuck.
     let delta_families = delimited::decode(&delta, &limits).unwrap_or_default();
@@ -110,8 +195,10 @@ pub fn store_received(
     if series > max_series {
         return Err(MergeError::TooManySeries { limit: max_series });
     }
+    let newest = newest_received(&merged);
     let payload = delimited::encode(&merged);
     store_merged_then_ship(store, remote_write, cluster_id, payload, delta, received)?;
+    note_newest(store, cluster_id, newest, false);
     Ok(())
 }
 
@@ -217,6 +304,9 @@ pub fn merge(
             }
         }
         let family = &mut families[at];
+        if incoming.help.as_deref() == Some(REMOTE_WRITE_HELP) {
+            family.help = incoming.help.clone();
+        }
         let index = indexes.entry(at).or_insert_with(|| {
             family
                 .metric

@@ -206,7 +206,7 @@ pub fn convert(
         }
         let family = by_name.entry(name.clone()).or_insert_with(|| MetricFamily {
             name: Some(name),
-            help: None,
+            help: Some(super::merge::REMOTE_WRITE_HELP.to_string()),
             r#type: Some(MetricType::Untyped as i32),
             metric: Vec::new(),
         });
