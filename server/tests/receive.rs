@@ -129,7 +129,10 @@ fn sender(dir: &TempDir, receive_url: &str, id: &str, agent: bool) -> (Killed, u
     let storage = if agent {
         vec![
             "--enable-feature=agent".to_string(),
-            format!("--storage.agent.path={}", dir.path().join(format!("agent-{id}")).display()),
+            format!(
+                "--storage.agent.path={}",
+                dir.path().join(format!("agent-{id}")).display()
+            ),
         ]
     } else {
         vec![format!(
@@ -155,7 +158,10 @@ fn prometheus_and_its_agent_remote_write_to_receive_and_it_ships_on() {
         &receiver_config,
         receiver_port,
         &[
-            format!("--storage.tsdb.path={}", dir.path().join("receiver").display()),
+            format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("receiver").display()
+            ),
             "--web.enable-remote-write-receiver".to_string(),
         ],
     );
@@ -197,7 +203,9 @@ fn prometheus_and_its_agent_remote_write_to_receive_and_it_ships_on() {
     }
     let lines = federated(&s, "test");
     assert!(
-        lines.iter().any(|l| l.starts_with("up{") && l.contains("job=\"self\"")),
+        lines
+            .iter()
+            .any(|l| l.starts_with("up{") && l.contains("job=\"self\"")),
         "{lines:?}"
     );
     assert!(requests_counted(&s, "stored") > 0.0);
@@ -294,7 +302,12 @@ fn refusals_are_exact_counted_and_harm_no_bystander() {
         Case {
             what: "a label named twice",
             authorization: bearer("secret", "test"),
-            body: body(vec![series("m", &[("_id", "test"), ("a", "1"), ("a", "2")], 1.0, now)]),
+            body: body(vec![series(
+                "m",
+                &[("_id", "test"), ("a", "1"), ("a", "2")],
+                1.0,
+                now,
+            )]),
             status: 400,
             reason: "has label \"a\" more than once",
             result: "bad_series",
@@ -302,7 +315,12 @@ fn refusals_are_exact_counted_and_harm_no_bystander() {
         Case {
             what: "a reserved label",
             authorization: bearer("secret", "test"),
-            body: body(vec![series("m", &[("_id", "test"), ("__x", "1")], 1.0, now)]),
+            body: body(vec![series(
+                "m",
+                &[("_id", "test"), ("__x", "1")],
+                1.0,
+                now,
+            )]),
             status: 400,
             reason: "names starting with __ are reserved",
             result: "bad_series",
@@ -422,7 +440,12 @@ fn refusals_are_exact_counted_and_harm_no_bystander() {
     assert_eq!(requests_counted(&s, "bad_encoding"), 1.0);
     assert_eq!(requests_counted(&s, "method"), 1.0);
     // Nothing accepted was lost.
-    assert_eq!(federated(&s, "test").len(), 1, "{:?}", federated(&s, "test"));
+    assert_eq!(
+        federated(&s, "test").len(),
+        1,
+        "{:?}",
+        federated(&s, "test")
+    );
     for id in &bystanders {
         assert_eq!(federated(&s, id).len(), 1, "{id}");
     }
@@ -450,7 +473,12 @@ fn partial_batches_merge_newer_wins_and_concurrent_ones_lose_nothing() {
         &s,
         "secret",
         "test",
-        &body(vec![series("b", &[("_id", "test"), ("k", "v")], 2.0, now - 1000)]),
+        &body(vec![series(
+            "b",
+            &[("_id", "test"), ("k", "v")],
+            2.0,
+            now - 1000,
+        )]),
     );
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(
@@ -486,12 +514,19 @@ fn partial_batches_merge_newer_wins_and_concurrent_ones_lose_nothing() {
                     let r = post(
                         &url,
                         &[
-                            ("Authorization", &format!("Bearer {}", bearer_for("secret", "test"))),
+                            (
+                                "Authorization",
+                                &format!("Bearer {}", bearer_for("secret", "test")),
+                            ),
                             ("Content-Encoding", "snappy"),
                         ],
                         &body(vec![series(
                             "c",
-                            &[("_id", "test"), ("t", &t.to_string()), ("i", &i.to_string())],
+                            &[
+                                ("_id", "test"),
+                                ("t", &t.to_string()),
+                                ("i", &i.to_string()),
+                            ],
                             1.0,
                             now,
                         )]),
@@ -582,7 +617,10 @@ fn receive_through_a_non_owner_is_stored_on_the_owner() {
     // Both batches merged on the owner, nothing on the non-owner.
     let lines = federated(owner_node, "test");
     assert_eq!(lines.len(), 2, "{lines:?}");
-    assert!(other_node.federate().lines().all(|l| !l.contains("_id=\"test\"")));
+    assert!(other_node
+        .federate()
+        .lines()
+        .all(|l| !l.contains("_id=\"test\"")));
     let received = get(&owner_node.url_internal("/metrics"), &[]).body;
     assert_eq!(
         metric_value(
@@ -638,7 +676,10 @@ fn uploads_merge_once_a_cluster_uses_remote_write_even_after_a_restart() {
     assert_eq!(r.status, 200, "{}", r.body);
     let lines = federated(&s, "test");
     assert_eq!(lines.len(), 3, "{lines:?}");
-    assert!(lines.contains(&"rw_metric{_id=\"test\"} 7".to_string()), "{lines:?}");
+    assert!(
+        lines.contains(&"rw_metric{_id=\"test\"} 7".to_string()),
+        "{lines:?}"
+    );
 
     // The knowledge survives a restart: it is in the stored payload.
     drop(s);
@@ -647,6 +688,9 @@ fn uploads_merge_once_a_cluster_uses_remote_write_even_after_a_restart() {
     let r = s.upload(&token, &families(Some("test"), 0, now_ms()));
     assert_eq!(r.status, 200, "{}", r.body);
     let lines = federated(&s, "test");
-    assert!(lines.contains(&"rw_metric{_id=\"test\"} 7".to_string()), "{lines:?}");
+    assert!(
+        lines.contains(&"rw_metric{_id=\"test\"} 7".to_string()),
+        "{lines:?}"
+    );
     assert_eq!(lines.len(), 3, "{lines:?}");
 }

@@ -12,8 +12,9 @@
 //! series. Striped (not one lock per cluster) so the locks take fixed memory whatever the number of
 //! cluster ids; two clusters sharing a stripe only wait for each other's merge.
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -116,7 +117,15 @@ pub fn store_upload_merged(
     payload: Vec<u8>,
     received: SystemTime,
 ) -> Result<(), StoreError> {
-    match store_received(store, remote_write, cluster_id, payload, received, usize::MAX) {
+    match store_received(
+        store,
+        remote_write,
+        cluster_id,
+        payload,
+        None,
+        received,
+        usize::MAX,
+    ) {
         Ok(()) | Err(MergeError::TooManySeries { .. }) => Ok(()),
         Err(MergeError::Store(e)) => Err(e),
     }
@@ -166,18 +175,24 @@ impl From<StoreError> for MergeError {
 /// stores the result durably, then ships `delta` (only the request's samples: re-shipping stored
 /// ones would make the receiver refuse them as out of order) to `remote_write`. Every path that
 /// stores a remote-write request it owns (received here, forwarded here) goes through here.
+/// `delta_families` are `delta` decoded, when the caller has them (else they are decoded here).
 pub fn store_received(
     store: &Store,
     remote_write: Option<&RemoteWriter>,
     cluster_id: &str,
     delta: Vec<u8>,
+    delta_families: Option<Vec<MetricFamily>>,
     received: SystemTime,
     max_series: usize,
 ) -> Result<(), MergeError> {
     let limits = UNLIMITED;
-    // Only this server's own validated payloads are decoded here; a failure means corruption the
-    // store's checksum missed, and the cluster starts over rather than being stuck.
-    let delta_families = delimited::decode(&delta, &limits).unwrap_or_default();
+    // Only this server's own validated payloads are decoded here (a sealed forward's too); a
+    // failure means corruption the store's checksum missed, and the cluster starts over rather
+    // than being stuck.
+    let delta_families = match delta_families {
+        Some(families) => families,
+        None => delimited::decode(&delta, &limits).unwrap_or_default(),
+    };
     let _stripe = telemeter_common::sync::lock(stripe(cluster_id));
     let stored = match store.get(cluster_id)? {
         Some(upload) => delimited::decode(&upload.payload, &limits).unwrap_or_else(|e| {
@@ -209,20 +224,27 @@ fn stripe(cluster_id: &str) -> &'static Mutex<()> {
     &STRIPES[(hasher.finish() as usize) % STRIPE_COUNT]
 }
 
-/// A series' identity within its family: its labels, sorted.
-fn identity(metric: &Metric) -> Vec<(String, String)> {
-    let mut labels: Vec<(String, String)> = metric
+/// A series' labels as sorted pairs of references (its identity within its family, whatever
+/// order the labels came in).
+fn sorted_labels(metric: &Metric) -> Vec<(&str, &str)> {
+    let mut labels: Vec<(&str, &str)> = metric
         .label
         .iter()
         .map(|l| {
             (
-                l.name.clone().unwrap_or_default(),
-                l.value.clone().unwrap_or_default(),
+                l.name.as_deref().unwrap_or_default(),
+                l.value.as_deref().unwrap_or_default(),
             )
         })
         .collect();
-    labels.sort();
+    labels.sort_unstable();
     labels
+}
+
+/// The hash of a series' identity, keyed per merge (random keys: a sender cannot craft
+/// collisions); equal hashes are confirmed by comparing the labels.
+fn identity_hash(keys: &RandomState, metric: &Metric) -> u64 {
+    keys.hash_one(sorted_labels(metric))
 }
 
 /// Whether a family of this type holds one plain value per series (so series can move between
@@ -277,8 +299,9 @@ pub fn merge(
         .enumerate()
         .map(|(i, f)| (f.name.clone().unwrap_or_default(), i))
         .collect();
-    // Per family, series identity → position; built on first use.
-    let mut indexes: HashMap<usize, HashMap<Vec<(String, String)>, usize>> = HashMap::new();
+    // Per family, series identity hash → positions; built on first use.
+    let keys = RandomState::new();
+    let mut indexes: HashMap<usize, HashMap<u64, Vec<usize>>> = HashMap::new();
     for incoming in delta {
         let name = incoming.name.clone().unwrap_or_default();
         let kind = kind_of(&incoming);
@@ -308,17 +331,23 @@ pub fn merge(
             family.help = incoming.help.clone();
         }
         let index = indexes.entry(at).or_insert_with(|| {
-            family
-                .metric
-                .iter()
-                .enumerate()
-                .map(|(i, m)| (identity(m), i))
-                .collect()
+            let mut index: HashMap<u64, Vec<usize>> = HashMap::with_capacity(family.metric.len());
+            for (i, m) in family.metric.iter().enumerate() {
+                index.entry(identity_hash(&keys, m)).or_default().push(i);
+            }
+            index
         });
         for metric in incoming.metric {
-            let id = identity(&metric);
-            match index.get(&id) {
-                Some(&i) => {
+            let hash = identity_hash(&keys, &metric);
+            let positions = index.entry(hash).or_default();
+            let wanted = sorted_labels(&metric);
+            let found = positions
+                .iter()
+                .copied()
+                .find(|&i| sorted_labels(&family.metric[i]) == wanted);
+            drop(wanted);
+            match found {
+                Some(i) => {
                     let current = &mut family.metric[i];
                     if metric.timestamp_ms.unwrap_or(i64::MIN)
                         >= current.timestamp_ms.unwrap_or(i64::MIN)
@@ -327,7 +356,7 @@ pub fn merge(
                     }
                 }
                 None => {
-                    index.insert(id, family.metric.len());
+                    positions.push(family.metric.len());
                     family.metric.push(metric);
                 }
             }

@@ -32,6 +32,7 @@ use prost::Message;
 use telemeter_common::delimited;
 use telemeter_common::http::{Head, Request, Response};
 use telemeter_common::instrument::{Counter, CounterVec};
+use telemeter_common::model::MetricFamily;
 use telemeter_common::selector::Selector;
 use telemeter_common::sync::Swap;
 
@@ -364,23 +365,24 @@ impl ReceiveHandler {
             let _cpu = self.cpu.enter(1);
             self.prepare(request, &creds.cluster_id, now)?
         };
-        let Some(delta) = delta else {
+        let Some((delta, families)) = delta else {
             return Ok("empty");
         };
-        memory.shrink_to(delta.len().saturating_mul(4));
-        self.place(&creds.cluster_id, delta, now)?;
+        memory.shrink_to(delta.len().saturating_mul(8));
+        self.place(&creds.cluster_id, delta, families, now)?;
         self.samples.add(samples as u64);
         Ok("stored")
     }
 
-    /// Decompresses, decodes and converts the body: the delta to store (None when the request
-    /// holds no samples: metadata only, or all filtered) and its sample count.
+    /// Decompresses, decodes and converts the body: the delta to store, encoded and as families
+    /// (None when the request holds no samples: metadata only, or all filtered), and its sample
+    /// count.
     fn prepare(
         &self,
         request: &Request,
         cluster_id: &str,
         now: SystemTime,
-    ) -> Result<(Option<Vec<u8>>, usize), Refusal> {
+    ) -> Result<(Option<(Vec<u8>, Vec<MetricFamily>)>, usize), Refusal> {
         let body = telemeter_common::snappy::decode_block(
             &request.body,
             self.config.max_decompressed_bytes,
@@ -439,16 +441,20 @@ impl ReceiveHandler {
         if converted.families.is_empty() {
             return Ok((None, 0));
         }
-        Ok((
-            Some(delimited::encode(&converted.families)),
-            converted.samples,
-        ))
+        let delta = delimited::encode(&converted.families);
+        Ok((Some((delta, converted.families)), converted.samples))
     }
 
-    fn place(&self, cluster_id: &str, delta: Vec<u8>, received: SystemTime) -> Result<(), Refusal> {
+    fn place(
+        &self,
+        cluster_id: &str,
+        delta: Vec<u8>,
+        families: Vec<MetricFamily>,
+        received: SystemTime,
+    ) -> Result<(), Refusal> {
         let started = Instant::now();
         let result = match &self.route {
-            Route::Local => self.store_here(cluster_id, delta, received),
+            Route::Local => self.store_here(cluster_id, delta, Some(families), received),
             Route::Cluster(cluster) => {
                 // A refusal here (not a failure) is the client's answer, not a reason to try the
                 // next member.
@@ -459,7 +465,7 @@ impl ReceiveHandler {
                     ForwardKind::Receive,
                     delta,
                     received,
-                    |bytes| match self.store_here(cluster_id, bytes, received) {
+                    |bytes| match self.store_here(cluster_id, bytes, None, received) {
                         Err(refusal) if refusal.status < 500 => {
                             let message = refusal.message.clone();
                             *refused.borrow_mut() = Some(refusal);
@@ -487,6 +493,7 @@ impl ReceiveHandler {
         &self,
         cluster_id: &str,
         delta: Vec<u8>,
+        families: Option<Vec<MetricFamily>>,
         received: SystemTime,
     ) -> Result<(), Refusal> {
         merge::store_received(
@@ -494,6 +501,7 @@ impl ReceiveHandler {
             self.remote_write.as_ref(),
             cluster_id,
             delta,
+            families,
             received,
             self.max_series,
         )
@@ -558,7 +566,15 @@ pub fn store_forwarded(
 ) -> Result<(), crate::store::StoreError> {
     // The sender held the request to its caps; the merged payload is not capped here, so that an
     // owner never refuses what a peer already accepted.
-    match merge::store_received(store, remote_write, cluster_id, delta, received, usize::MAX) {
+    match merge::store_received(
+        store,
+        remote_write,
+        cluster_id,
+        delta,
+        None,
+        received,
+        usize::MAX,
+    ) {
         Ok(()) | Err(MergeError::TooManySeries { .. }) => Ok(()),
         Err(MergeError::Store(e)) => Err(e),
     }
