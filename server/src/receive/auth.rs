@@ -67,8 +67,11 @@ pub struct Authenticator {
     /// Whether the authorizer is local (tokens file, any-token): cheap enough to run on the
     /// connection's thread for every request head, and never cached.
     local: bool,
-    cache: Mutex<HashMap<(String, String), (Result<(), AuthorizeError>, Instant)>>,
+    cache: Mutex<HashMap<(String, String), Cached>>,
 }
+
+/// A cached answer of the authorizer and until when it is used.
+type Cached = (Result<(), AuthorizeError>, Instant);
 
 impl Authenticator {
     /// An authenticator over `authorizer`; `local` when calling it costs no network round trip.

@@ -146,6 +146,9 @@ impl Refusal {
     }
 }
 
+/// A request's samples to store: encoded (what is shipped, and forwarded) and as families.
+type Delta = (Vec<u8>, Vec<MetricFamily>);
+
 /// Serves `POST /metrics/v1/receive`.
 pub struct ReceiveHandler {
     config: ReceiveConfig,
@@ -382,7 +385,7 @@ impl ReceiveHandler {
         request: &Request,
         cluster_id: &str,
         now: SystemTime,
-    ) -> Result<(Option<(Vec<u8>, Vec<MetricFamily>)>, usize), Refusal> {
+    ) -> Result<(Option<Delta>, usize), Refusal> {
         let body = telemeter_common::snappy::decode_block(
             &request.body,
             self.config.max_decompressed_bytes,

@@ -137,7 +137,7 @@ pub fn convert(
                     label.name
                 )));
             }
-            if rules.elide.iter().any(|e| *e == label.name) {
+            if rules.elide.contains(&label.name) {
                 continue;
             }
             pairs.push(LabelPair::new(&label.name, &label.value));
