@@ -469,10 +469,10 @@ impl ReceiveHandler {
                     delta,
                     received,
                     |bytes| match self.store_here(cluster_id, bytes, None, received) {
+                        // Answered (not stored): no other member is tried.
                         Err(refusal) if refusal.status < 500 => {
-                            let message = refusal.message.clone();
                             *refused.borrow_mut() = Some(refusal);
-                            Err(message)
+                            Ok(())
                         }
                         other => other.map_err(|refusal| refusal.message),
                     },
