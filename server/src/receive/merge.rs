@@ -19,10 +19,11 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use telemeter_common::delimited::{self, Limits};
-use telemeter_common::model::{
-    Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType, Untyped,
-};
+use prost::encoding::{encode_key, encode_varint, int32, string, WireType};
+use prost::Message;
+use telemeter_common::delimited::{DecodeError, Limits};
+use telemeter_common::model::{Counter, Gauge, LabelPair, Metric, MetricType, Untyped};
+use telemeter_common::wire::{self, MetricView, Value};
 
 use crate::ingest::placement::store_merged_then_ship;
 use crate::remote_write::RemoteWriter;
@@ -70,14 +71,25 @@ fn note_newest(store: &Store, cluster_id: &str, newest_ms: i64, learned: bool) {
     }
 }
 
-/// The newest remote-write sample in `families`, `i64::MIN` when none.
-fn newest_received(families: &[MetricFamily]) -> i64 {
-    families
-        .iter()
-        .filter(|f| f.help.as_deref() == Some(REMOTE_WRITE_HELP))
-        .flat_map(|f| f.metric.iter().filter_map(|m| m.timestamp_ms))
-        .max()
-        .unwrap_or(i64::MIN)
+/// The newest remote-write sample in `payload` (protobuf-delimited families), `i64::MIN` when
+/// none (or unreadable).
+fn newest_received(payload: &[u8]) -> i64 {
+    let mut newest = i64::MIN;
+    for family in wire::families(payload, &UNLIMITED) {
+        let Ok(family) = family else {
+            break;
+        };
+        if family.help != REMOTE_WRITE_HELP {
+            continue;
+        }
+        for metric in family.metrics() {
+            let Ok(metric) = metric else {
+                break;
+            };
+            newest = newest.max(metric.timestamp_ms.unwrap_or(i64::MIN));
+        }
+    }
+    newest
 }
 
 /// Whether `cluster_id` has remote-write series within the TTL: then its uploads are merged
@@ -94,9 +106,7 @@ pub fn uses_remote_write(store: &Store, cluster_id: &str, now: SystemTime) -> bo
         Some(newest) => newest,
         None => {
             let newest = match store.get(cluster_id) {
-                Ok(Some(upload)) => delimited::decode(&upload.payload, &UNLIMITED)
-                    .map(|families| newest_received(&families))
-                    .unwrap_or(i64::MIN),
+                Ok(Some(upload)) => newest_received(&upload.payload),
                 Ok(None) => i64::MIN,
                 // Unreadable now: not remembered, asked again next time.
                 Err(_) => return false,
@@ -122,7 +132,6 @@ pub fn store_upload_merged(
         remote_write,
         cluster_id,
         payload,
-        None,
         received,
         usize::MAX,
     ) {
@@ -175,45 +184,48 @@ impl From<StoreError> for MergeError {
 /// stores the result durably, then ships `delta` (only the request's samples: re-shipping stored
 /// ones would make the receiver refuse them as out of order) to `remote_write`. Every path that
 /// stores a remote-write request it owns (received here, forwarded here) goes through here.
-/// `delta_families` are `delta` decoded, when the caller has them (else they are decoded here).
 pub fn store_received(
     store: &Store,
     remote_write: Option<&RemoteWriter>,
     cluster_id: &str,
     delta: Vec<u8>,
-    delta_families: Option<Vec<MetricFamily>>,
     received: SystemTime,
     max_series: usize,
 ) -> Result<(), MergeError> {
-    let limits = UNLIMITED;
-    // Only this server's own validated payloads are decoded here (a sealed forward's too); a
-    // failure means corruption the store's checksum missed, and the cluster starts over rather
-    // than being stuck.
-    let delta_families = match delta_families {
-        Some(families) => families,
-        None => delimited::decode(&delta, &limits).unwrap_or_default(),
-    };
     let _stripe = telemeter_common::sync::lock(stripe(cluster_id));
-    let stored = match store.get(cluster_id)? {
-        Some(upload) => delimited::decode(&upload.payload, &limits).unwrap_or_else(|e| {
+    let stored = store.get(cluster_id)?.map(|upload| upload.payload);
+    let oldest_ms = telemeter_common::time::sample_millis(received)
+        .saturating_sub(telemeter_common::time::duration_millis(store.ttl()));
+    let merged = match merge_payloads(stored.as_deref().unwrap_or_default(), &delta, oldest_ms) {
+        Ok(merged) => merged,
+        // Only this server's own validated payloads are read here (a sealed forward's too): a
+        // failure means corruption the store's checksum missed, and the cluster starts over from
+        // the request rather than being stuck.
+        Err(e) => {
             log::warn!(
                 "cluster {cluster_id:?}: stored payload unreadable ({e}); merging into nothing"
             );
-            Vec::new()
-        }),
-        None => Vec::new(),
+            merge_payloads(&[], &delta, oldest_ms).map_err(|e| {
+                MergeError::Store(StoreError::Format {
+                    context: format!("merging a remote-write request of cluster {cluster_id:?}"),
+                    reason: e.to_string(),
+                })
+            })?
+        }
     };
-    let oldest_ms = telemeter_common::time::sample_millis(received)
-        .saturating_sub(telemeter_common::time::duration_millis(store.ttl()));
-    let merged = merge(stored, delta_families, oldest_ms);
-    let series: usize = merged.iter().map(|f| f.metric.len()).sum();
-    if series > max_series {
+    drop(stored);
+    if merged.series > max_series {
         return Err(MergeError::TooManySeries { limit: max_series });
     }
-    let newest = newest_received(&merged);
-    let payload = delimited::encode(&merged);
-    store_merged_then_ship(store, remote_write, cluster_id, payload, delta, received)?;
-    note_newest(store, cluster_id, newest, false);
+    store_merged_then_ship(
+        store,
+        remote_write,
+        cluster_id,
+        merged.payload,
+        delta,
+        received,
+    )?;
+    note_newest(store, cluster_id, merged.newest_received, false);
     Ok(())
 }
 
@@ -224,27 +236,57 @@ fn stripe(cluster_id: &str) -> &'static Mutex<()> {
     &STRIPES[(hasher.finish() as usize) % STRIPE_COUNT]
 }
 
-/// A series' labels as sorted pairs of references (its identity within its family, whatever
-/// order the labels came in).
-fn sorted_labels(metric: &Metric) -> Vec<(&str, &str)> {
-    let mut labels: Vec<(&str, &str)> = metric
-        .label
-        .iter()
-        .map(|l| {
-            (
-                l.name.as_deref().unwrap_or_default(),
-                l.value.as_deref().unwrap_or_default(),
-            )
-        })
-        .collect();
-    labels.sort_unstable();
-    labels
+/// What [`merge_payloads`] made.
+pub struct Merged {
+    /// The merged families, protobuf-delimited.
+    pub payload: Vec<u8>,
+    /// Series in it.
+    pub series: usize,
+    /// Its newest remote-write sample (ms), `i64::MIN` when none.
+    pub newest_received: i64,
 }
 
-/// The hash of a series' identity, keyed per merge (random keys: a sender cannot craft
-/// collisions); equal hashes are confirmed by comparing the labels.
-fn identity_hash(keys: &RandomState, metric: &Metric) -> u64 {
-    keys.hash_one(sorted_labels(metric))
+/// One series of the merge: the source's encoded `Metric` (re-encoded only when its family
+/// changed type), its timestamp, and whether its value is a staleness marker.
+struct Series<'a> {
+    /// The series as read (its labels, for comparisons).
+    view: MetricView<'a>,
+    message: std::borrow::Cow<'a, [u8]>,
+    timestamp_ms: i64,
+    stale: bool,
+}
+
+/// One family of the merge.
+struct Family<'a> {
+    name: &'a str,
+    help: &'a str,
+    raw_type: Option<i32>,
+    series: Vec<Series<'a>>,
+    /// Identity hash → position in `series`; `overflow` holds series whose hash was taken by
+    /// another label set (found by comparing labels).
+    index: HashMap<u64, usize>,
+    overflow: Vec<usize>,
+}
+
+/// Sorts `metric`'s labels into `into` (its identity, whatever order they came in).
+fn sorted_labels<'a>(
+    metric: &MetricView<'a>,
+    into: &mut Vec<(&'a str, &'a str)>,
+) -> Result<(), DecodeError> {
+    into.clear();
+    for label in metric.labels() {
+        into.push(label?);
+    }
+    into.sort_unstable();
+    Ok(())
+}
+
+/// The plain value (counter, gauge, untyped) of a series.
+fn plain(value: &Value<'_>) -> Option<f64> {
+    match value {
+        Value::Gauge(v) | Value::Counter(v) | Value::Untyped(v) => Some(*v),
+        _ => None,
+    }
 }
 
 /// Whether a family of this type holds one plain value per series (so series can move between
@@ -256,11 +298,149 @@ fn is_plain(kind: MetricType) -> bool {
     )
 }
 
-fn kind_of(family: &MetricFamily) -> MetricType {
-    family
-        .r#type
+fn kind(raw_type: Option<i32>) -> MetricType {
+    raw_type
         .and_then(|t| MetricType::try_from(t).ok())
         .unwrap_or(MetricType::Untyped)
+}
+
+/// `message` (an encoded plain `Metric`) re-encoded as a series of a `kind` family.
+fn converted(message: &[u8], kind: MetricType) -> Result<Vec<u8>, DecodeError> {
+    let mut metric = Metric::decode(message).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+    if let Some(value) = plain_value(&metric) {
+        set_plain(&mut metric, kind, value);
+    }
+    Ok(metric.encode_to_vec())
+}
+
+/// Merges `delta` into `stored` (both protobuf-delimited families) on the wire, copying each
+/// series' bytes rather than decoding it: per series (family name and label set, in any order)
+/// the newer sample wins (a staleness marker that wins removes the series), then series older
+/// than `oldest_ms` are dropped, and empty families with them. When a family changes type, the
+/// delta's type wins: plain series carry their value over, and a histogram or summary family is
+/// replaced whole (its series cannot be mixed with others).
+pub fn merge_payloads(stored: &[u8], delta: &[u8], oldest_ms: i64) -> Result<Merged, DecodeError> {
+    let keys = RandomState::new();
+    let mut families: Vec<Family<'_>> = Vec::new();
+    let mut by_name: HashMap<&str, usize> = HashMap::new();
+    let mut scratch: Vec<(&str, &str)> = Vec::new();
+    let mut other: Vec<(&str, &str)> = Vec::new();
+    for (from_delta, body) in [(false, stored), (true, delta)] {
+        for view in wire::families(body, &UNLIMITED) {
+            let view = view?;
+            let at = match by_name.get(view.name) {
+                Some(&at) => at,
+                None => {
+                    by_name.insert(view.name, families.len());
+                    families.push(Family {
+                        name: view.name,
+                        help: view.help,
+                        raw_type: view.raw_type,
+                        series: Vec::new(),
+                        index: HashMap::new(),
+                        overflow: Vec::new(),
+                    });
+                    families.len() - 1
+                }
+            };
+            let family = &mut families[at];
+            if from_delta {
+                let (old, new) = (kind(family.raw_type), kind(view.raw_type));
+                if old != new {
+                    if is_plain(old) && is_plain(new) {
+                        for series in &mut family.series {
+                            series.message = converted(&series.message, new)?.into();
+                        }
+                    } else {
+                        family.series.clear();
+                        family.index.clear();
+                        family.overflow.clear();
+                    }
+                    family.raw_type = view.raw_type;
+                }
+                if view.help == REMOTE_WRITE_HELP || family.help != REMOTE_WRITE_HELP {
+                    family.help = view.help;
+                }
+            }
+            for metric in view.metrics() {
+                let metric = metric?;
+                sorted_labels(&metric, &mut scratch)?;
+                let hash = keys.hash_one(&scratch);
+                let series = Series {
+                    view: metric,
+                    message: metric.message.into(),
+                    timestamp_ms: metric.timestamp_ms.unwrap_or(i64::MIN),
+                    stale: plain(&metric.value).is_some_and(is_stale_marker),
+                };
+                // The same series already in the family: the index's, or one of the overflow.
+                let mut found = None;
+                let candidates = family.index.get(&hash).copied().into_iter();
+                for i in candidates.chain(family.overflow.iter().copied()) {
+                    let Some(existing) = family.series.get(i) else {
+                        continue;
+                    };
+                    sorted_labels(&existing.view, &mut other)?;
+                    if other == scratch {
+                        found = Some(i);
+                        break;
+                    }
+                }
+                match found {
+                    Some(i) => {
+                        if series.timestamp_ms >= family.series[i].timestamp_ms {
+                            family.series[i] = series;
+                        }
+                    }
+                    None => {
+                        let i = family.series.len();
+                        if family.index.contains_key(&hash) {
+                            family.overflow.push(i);
+                        } else {
+                            family.index.insert(hash, i);
+                        }
+                        family.series.push(series);
+                    }
+                }
+            }
+        }
+    }
+    let mut out = Merged {
+        payload: Vec::with_capacity(stored.len() + delta.len()),
+        series: 0,
+        newest_received: i64::MIN,
+    };
+    let mut message = Vec::new();
+    for family in &families {
+        message.clear();
+        let mut kept = 0;
+        for series in &family.series {
+            if series.timestamp_ms < oldest_ms || series.stale {
+                continue;
+            }
+            if kept == 0 {
+                string::encode(1, &family.name.to_string(), &mut message);
+                if !family.help.is_empty() {
+                    string::encode(2, &family.help.to_string(), &mut message);
+                }
+                if let Some(t) = family.raw_type {
+                    int32::encode(3, &t, &mut message);
+                }
+            }
+            encode_key(4, WireType::LengthDelimited, &mut message);
+            encode_varint(series.message.len() as u64, &mut message);
+            message.extend_from_slice(&series.message);
+            kept += 1;
+            if family.help == REMOTE_WRITE_HELP {
+                out.newest_received = out.newest_received.max(series.timestamp_ms);
+            }
+        }
+        if kept > 0 {
+            encode_varint(message.len() as u64, &mut out.payload);
+            out.payload.extend_from_slice(&message);
+            out.series += kept;
+        }
+    }
+    Ok(out)
 }
 
 /// The plain value of a counter, gauge or untyped series.
@@ -284,94 +464,6 @@ fn set_plain(metric: &mut Metric, kind: MetricType, value: f64) {
     }
 }
 
-/// Merges `delta` into `stored`: per series the newer sample wins (a staleness marker that wins
-/// removes the series), then series older than `oldest_ms` are dropped, and empty families with
-/// them. When a family changes type, the delta's type wins: plain series carry their value over,
-/// and a histogram or summary family is replaced whole (its series cannot be mixed with others).
-pub fn merge(
-    stored: Vec<MetricFamily>,
-    delta: Vec<MetricFamily>,
-    oldest_ms: i64,
-) -> Vec<MetricFamily> {
-    let mut families = stored;
-    let mut by_name: HashMap<String, usize> = families
-        .iter()
-        .enumerate()
-        .map(|(i, f)| (f.name.clone().unwrap_or_default(), i))
-        .collect();
-    // Per family, series identity hash → positions; built on first use.
-    let keys = RandomState::new();
-    let mut indexes: HashMap<usize, HashMap<u64, Vec<usize>>> = HashMap::new();
-    for incoming in delta {
-        let name = incoming.name.clone().unwrap_or_default();
-        let kind = kind_of(&incoming);
-        let Some(&at) = by_name.get(&name) else {
-            by_name.insert(name, families.len());
-            families.push(incoming);
-            continue;
-        };
-        let existing_kind = kind_of(&families[at]);
-        if existing_kind != kind {
-            if is_plain(kind) && is_plain(existing_kind) {
-                let family = &mut families[at];
-                for metric in &mut family.metric {
-                    if let Some(v) = plain_value(metric) {
-                        set_plain(metric, kind, v);
-                    }
-                }
-                family.r#type = incoming.r#type;
-            } else {
-                families[at] = incoming;
-                indexes.remove(&at);
-                continue;
-            }
-        }
-        let family = &mut families[at];
-        if incoming.help.as_deref() == Some(REMOTE_WRITE_HELP) {
-            family.help = incoming.help.clone();
-        }
-        let index = indexes.entry(at).or_insert_with(|| {
-            let mut index: HashMap<u64, Vec<usize>> = HashMap::with_capacity(family.metric.len());
-            for (i, m) in family.metric.iter().enumerate() {
-                index.entry(identity_hash(&keys, m)).or_default().push(i);
-            }
-            index
-        });
-        for metric in incoming.metric {
-            let hash = identity_hash(&keys, &metric);
-            let positions = index.entry(hash).or_default();
-            let wanted = sorted_labels(&metric);
-            let found = positions
-                .iter()
-                .copied()
-                .find(|&i| sorted_labels(&family.metric[i]) == wanted);
-            drop(wanted);
-            match found {
-                Some(i) => {
-                    let current = &mut family.metric[i];
-                    if metric.timestamp_ms.unwrap_or(i64::MIN)
-                        >= current.timestamp_ms.unwrap_or(i64::MIN)
-                    {
-                        *current = metric;
-                    }
-                }
-                None => {
-                    positions.push(family.metric.len());
-                    family.metric.push(metric);
-                }
-            }
-        }
-    }
-    for family in &mut families {
-        family.metric.retain(|m| {
-            m.timestamp_ms.unwrap_or(i64::MIN) >= oldest_ms
-                && !plain_value(m).is_some_and(is_stale_marker)
-        });
-    }
-    families.retain(|f| !f.metric.is_empty());
-    families
-}
-
 /// One series of a remote-write family: sorted `labels` (without `__name__`), `value` at
 /// `timestamp_ms`.
 pub fn untyped_series(labels: Vec<LabelPair>, value: f64, timestamp_ms: i64) -> Metric {
@@ -386,6 +478,8 @@ pub fn untyped_series(labels: Vec<LabelPair>, value: f64, timestamp_ms: i64) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use telemeter_common::delimited;
+    use telemeter_common::model::MetricFamily;
 
     fn family(name: &str, kind: MetricType, series: &[(&str, f64, i64)]) -> MetricFamily {
         MetricFamily {
@@ -401,6 +495,25 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    fn merge(
+        stored: Vec<MetricFamily>,
+        delta: Vec<MetricFamily>,
+        oldest: i64,
+    ) -> Vec<MetricFamily> {
+        let merged = merge_payloads(
+            &delimited::encode(&stored),
+            &delimited::encode(&delta),
+            oldest,
+        )
+        .unwrap();
+        let families = delimited::decode(&merged.payload, &UNLIMITED).unwrap();
+        assert_eq!(
+            merged.series,
+            families.iter().map(|f| f.metric.len()).sum::<usize>()
+        );
+        families
     }
 
     fn values(families: &[MetricFamily]) -> Vec<(String, String, f64, i64)> {
@@ -479,7 +592,7 @@ mod tests {
             vec![family("up", MetricType::Untyped, &[("b", 2.0, 100)])],
             0,
         );
-        assert_eq!(kind_of(&merged[0]), MetricType::Untyped);
+        assert_eq!(merged[0].metric_type(), MetricType::Untyped);
         assert_eq!(values(&merged).len(), 2);
         assert!(merged[0]
             .metric
@@ -488,7 +601,7 @@ mod tests {
     }
 
     #[test]
-    fn label_order_does_not_change_identity() {
+    fn label_order_does_not_change_identity_and_the_marker_is_kept() {
         let mut one = untyped_series(
             vec![LabelPair::new("a", "1"), LabelPair::new("b", "2")],
             1.0,
@@ -498,7 +611,7 @@ mod tests {
             name: Some("m".into()),
             r#type: Some(MetricType::Untyped as i32),
             metric: vec![one.clone()],
-            help: None,
+            help: Some(REMOTE_WRITE_HELP.into()),
         }];
         one.label.reverse();
         one.timestamp_ms = Some(200);
@@ -506,10 +619,16 @@ mod tests {
             name: Some("m".into()),
             r#type: Some(MetricType::Untyped as i32),
             metric: vec![one],
-            help: None,
+            help: Some("from an upload".into()),
         }];
         let merged = merge(stored, delta, 0);
         assert_eq!(merged[0].metric.len(), 1);
         assert_eq!(merged[0].metric[0].timestamp_ms, Some(200));
+        assert_eq!(merged[0].help.as_deref(), Some(REMOTE_WRITE_HELP));
+        assert_eq!(
+            newest_received(&delimited::encode(&merged)),
+            200,
+            "the newest remote-write sample is read back from the payload"
+        );
     }
 }

@@ -29,10 +29,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, info, warn};
 use prost::Message;
-use telemeter_common::delimited;
 use telemeter_common::http::{Head, Request, Response};
 use telemeter_common::instrument::{Counter, CounterVec};
-use telemeter_common::model::MetricFamily;
 use telemeter_common::selector::Selector;
 use telemeter_common::sync::Swap;
 
@@ -145,9 +143,6 @@ impl Refusal {
         }
     }
 }
-
-/// A request's samples to store: encoded (what is shipped, and forwarded) and as families.
-type Delta = (Vec<u8>, Vec<MetricFamily>);
 
 /// Serves `POST /metrics/v1/receive`.
 pub struct ReceiveHandler {
@@ -368,24 +363,23 @@ impl ReceiveHandler {
             let _cpu = self.cpu.enter(1);
             self.prepare(request, &creds.cluster_id, now)?
         };
-        let Some((delta, families)) = delta else {
+        let Some(delta) = delta else {
             return Ok("empty");
         };
-        memory.shrink_to(delta.len().saturating_mul(8));
-        self.place(&creds.cluster_id, delta, families, now)?;
+        memory.shrink_to(delta.len().saturating_mul(4));
+        self.place(&creds.cluster_id, delta, now)?;
         self.samples.add(samples as u64);
         Ok("stored")
     }
 
-    /// Decompresses, decodes and converts the body: the delta to store, encoded and as families
-    /// (None when the request holds no samples: metadata only, or all filtered), and its sample
-    /// count.
+    /// Decompresses, decodes and converts the body: the delta to store (None when the request
+    /// holds no samples: metadata only, or all filtered) and its sample count.
     fn prepare(
         &self,
         request: &Request,
         cluster_id: &str,
         now: SystemTime,
-    ) -> Result<(Option<Delta>, usize), Refusal> {
+    ) -> Result<(Option<Vec<u8>>, usize), Refusal> {
         let body = telemeter_common::snappy::decode_block(
             &request.body,
             self.config.max_decompressed_bytes,
@@ -431,7 +425,7 @@ impl ReceiveHandler {
             )),
             max_samples: self.max_series.saturating_mul(10),
         };
-        let converted = series::convert(write, &rules, now).map_err(|e| Refusal {
+        let converted = series::convert(&write, &rules).map_err(|e| Refusal {
             status: e.status,
             result: if e.status == 413 {
                 "too_large"
@@ -441,23 +435,16 @@ impl ReceiveHandler {
             message: e.message,
             retry_after: None,
         })?;
-        if converted.families.is_empty() {
+        if converted.payload.is_empty() {
             return Ok((None, 0));
         }
-        let delta = delimited::encode(&converted.families);
-        Ok((Some((delta, converted.families)), converted.samples))
+        Ok((Some(converted.payload), converted.samples))
     }
 
-    fn place(
-        &self,
-        cluster_id: &str,
-        delta: Vec<u8>,
-        families: Vec<MetricFamily>,
-        received: SystemTime,
-    ) -> Result<(), Refusal> {
+    fn place(&self, cluster_id: &str, delta: Vec<u8>, received: SystemTime) -> Result<(), Refusal> {
         let started = Instant::now();
         let result = match &self.route {
-            Route::Local => self.store_here(cluster_id, delta, Some(families), received),
+            Route::Local => self.store_here(cluster_id, delta, received),
             Route::Cluster(cluster) => {
                 // A refusal here (not a failure) is the client's answer, not a reason to try the
                 // next member.
@@ -468,7 +455,7 @@ impl ReceiveHandler {
                     ForwardKind::Receive,
                     delta,
                     received,
-                    |bytes| match self.store_here(cluster_id, bytes, None, received) {
+                    |bytes| match self.store_here(cluster_id, bytes, received) {
                         // Answered (not stored): no other member is tried.
                         Err(refusal) if refusal.status < 500 => {
                             *refused.borrow_mut() = Some(refusal);
@@ -496,7 +483,6 @@ impl ReceiveHandler {
         &self,
         cluster_id: &str,
         delta: Vec<u8>,
-        families: Option<Vec<MetricFamily>>,
         received: SystemTime,
     ) -> Result<(), Refusal> {
         merge::store_received(
@@ -504,7 +490,6 @@ impl ReceiveHandler {
             self.remote_write.as_ref(),
             cluster_id,
             delta,
-            families,
             received,
             self.max_series,
         )
@@ -569,15 +554,7 @@ pub fn store_forwarded(
 ) -> Result<(), crate::store::StoreError> {
     // The sender held the request to its caps; the merged payload is not capped here, so that an
     // owner never refuses what a peer already accepted.
-    match merge::store_received(
-        store,
-        remote_write,
-        cluster_id,
-        delta,
-        None,
-        received,
-        usize::MAX,
-    ) {
+    match merge::store_received(store, remote_write, cluster_id, delta, received, usize::MAX) {
         Ok(()) | Err(MergeError::TooManySeries { .. }) => Ok(()),
         Err(MergeError::Store(e)) => Err(e),
     }

@@ -12,13 +12,13 @@
 //! Prometheus something the sender never said.
 
 use std::collections::BTreeMap;
-use std::time::SystemTime;
 
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
 use telemeter_common::labels;
-use telemeter_common::model::{LabelPair, MetricFamily, MetricType};
+use telemeter_common::model::{LabelPair, MetricType};
 use telemeter_common::selector::{self, Selector};
 
-use super::merge::untyped_series;
+use super::merge::REMOTE_WRITE_HELP;
 use crate::remote_write::proto::{TimeSeries, WriteRequest};
 
 /// What the conversion enforces.
@@ -41,11 +41,12 @@ pub struct SeriesRules<'a> {
     pub max_samples: usize,
 }
 
-/// A request's families, and what became of its series.
+/// A request's samples as the store keeps them, and what became of its series.
 #[derive(Debug, Default)]
 pub struct Converted {
-    /// Families of untyped series, one per sample, by metric name.
-    pub families: Vec<MetricFamily>,
+    /// Protobuf-delimited families of untyped series, one series per sample, by metric name
+    /// (empty when no sample is left: metadata only, or all filtered).
+    pub payload: Vec<u8>,
     /// Samples kept.
     pub samples: usize,
     /// Series dropped by the whitelist.
@@ -91,12 +92,78 @@ fn describe(series: &TimeSeries) -> String {
     text
 }
 
-/// Converts `request` under `rules`; `now` only names the time in messages.
-pub fn convert(
-    request: WriteRequest,
-    rules: &SeriesRules<'_>,
-    _now: SystemTime,
-) -> Result<Converted, SeriesError> {
+/// Appends one `Metric` message (labels, `untyped { value }`, timestamp) as a `metric` field of
+/// a family being built in `family`. Encoded here rather than through owned structs: a request
+/// is thousands of series, and each owned label would be two allocations.
+fn encode_series(family: &mut Vec<u8>, labels: &[(&str, &str)], value: f64, timestamp_ms: i64) {
+    let label_len = |(n, v): &(&str, &str)| {
+        let inner = 1
+            + encoded_len_varint(n.len() as u64)
+            + n.len()
+            + 1
+            + encoded_len_varint(v.len() as u64)
+            + v.len();
+        1 + encoded_len_varint(inner as u64) + inner
+    };
+    // untyped { value }: key + len + (key + 8); timestamp: key + varint.
+    let len: usize = labels.iter().map(label_len).sum::<usize>()
+        + 1
+        + 1
+        + 9
+        + 1
+        + encoded_len_varint(timestamp_ms as u64);
+    encode_key(4, WireType::LengthDelimited, family);
+    encode_varint(len as u64, family);
+    for (n, v) in labels {
+        let inner = 1
+            + encoded_len_varint(n.len() as u64)
+            + n.len()
+            + 1
+            + encoded_len_varint(v.len() as u64)
+            + v.len();
+        encode_key(1, WireType::LengthDelimited, family);
+        encode_varint(inner as u64, family);
+        encode_key(1, WireType::LengthDelimited, family);
+        encode_varint(n.len() as u64, family);
+        family.extend_from_slice(n.as_bytes());
+        encode_key(2, WireType::LengthDelimited, family);
+        encode_varint(v.len() as u64, family);
+        family.extend_from_slice(v.as_bytes());
+    }
+    encode_key(5, WireType::LengthDelimited, family);
+    encode_varint(9, family);
+    encode_key(1, WireType::SixtyFourBit, family);
+    family.extend_from_slice(&value.to_le_bytes());
+    encode_key(6, WireType::Varint, family);
+    encode_varint(timestamp_ms as u64, family);
+}
+
+/// Checks one label as `/upload` does (valid name, lengths).
+fn check_label(series: &TimeSeries, name: &str, value: &str) -> Result<(), SeriesError> {
+    if name.len() > labels::MAX_NAME_BYTES {
+        return Err(bad(format!(
+            "series {}: label name {name:?} is too long",
+            describe(series)
+        )));
+    }
+    if !labels::is_valid_label_name(name) {
+        return Err(bad(format!(
+            "series {}: invalid label name {name:?}",
+            describe(series)
+        )));
+    }
+    if value.len() > labels::MAX_VALUE_BYTES {
+        return Err(bad(format!(
+            "series {}: the value of label {name:?} is longer than {} bytes",
+            describe(series),
+            labels::MAX_VALUE_BYTES
+        )));
+    }
+    Ok(())
+}
+
+/// Converts `request` under `rules`.
+pub fn convert(request: &WriteRequest, rules: &SeriesRules<'_>) -> Result<Converted, SeriesError> {
     let samples: usize = request.timeseries.iter().map(|s| s.samples.len()).sum();
     if samples > rules.max_samples {
         return Err(SeriesError {
@@ -107,57 +174,60 @@ pub fn convert(
             ),
         });
     }
-    let mut by_name: BTreeMap<String, MetricFamily> = BTreeMap::new();
+    // Metric name → its family's `metric` fields so far.
+    let mut by_name: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
     let mut out = Converted::default();
-    for series in request.timeseries {
-        let mut name = None;
-        let mut pairs: Vec<LabelPair> = Vec::with_capacity(series.labels.len() + 2);
-        let mut names_seen = std::collections::HashSet::with_capacity(series.labels.len());
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    let mut names_seen = std::collections::HashSet::new();
+    for series in &request.timeseries {
+        names_seen.clear();
         for label in &series.labels {
             if !names_seen.insert(label.name.as_str()) {
                 return Err(bad(format!(
                     "series {} has label {:?} more than once",
-                    describe(&series),
+                    describe(series),
                     label.name
                 )));
             }
         }
+        let mut name = None;
+        pairs.clear();
         for label in &series.labels {
             if label.value.is_empty() {
                 continue;
             }
             if label.name == "__name__" {
-                name = Some(label.value.clone());
+                name = Some(label.value.as_str());
                 continue;
             }
             if label.name.starts_with("__") {
                 return Err(bad(format!(
                     "series {} has label {:?}: names starting with __ are reserved",
-                    describe(&series),
+                    describe(series),
                     label.name
                 )));
             }
             if rules.elide.contains(&label.name) {
                 continue;
             }
-            pairs.push(LabelPair::new(&label.name, &label.value));
+            pairs.push((&label.name, &label.value));
         }
         let Some(name) = name.filter(|n| labels::check_metric_name(n).is_ok()) else {
             return Err(bad(format!(
                 "series {} has no valid metric name (__name__)",
-                describe(&series)
+                describe(series)
             )));
         };
         match pairs
             .iter()
-            .find(|p| p.name.as_deref() == Some(rules.partition_label))
-            .and_then(|p| p.value.as_deref())
+            .find(|(n, _)| *n == rules.partition_label)
+            .map(|(_, v)| *v)
         {
             Some(id) if id == rules.cluster_id => {}
             Some(id) => {
                 return Err(bad(format!(
                     "series {} has {}={id:?}, not the cluster id {:?} of the token",
-                    describe(&series),
+                    describe(series),
                     rules.partition_label,
                     rules.cluster_id
                 )))
@@ -165,38 +235,49 @@ pub fn convert(
             None => {
                 return Err(bad(format!(
                     "series {} lacks the label {}={:?}",
-                    describe(&series),
+                    describe(series),
                     rules.partition_label,
                     rules.cluster_id
                 )))
             }
         }
-        if !rules.whitelist.is_empty() && !selector::any_matches(rules.whitelist, &name, &pairs) {
-            out.filtered += 1;
-            continue;
-        }
-        for (label, value) in rules.extra_labels {
-            match pairs.iter_mut().find(|p| p.name.as_deref() == Some(label)) {
-                Some(pair) => pair.value = Some(value.clone()),
-                None => pairs.push(LabelPair::new(label, value)),
+        if !rules.whitelist.is_empty() {
+            let owned: Vec<LabelPair> = pairs.iter().map(|(n, v)| LabelPair::new(n, v)).collect();
+            if !selector::any_matches(rules.whitelist, name, &owned) {
+                out.filtered += 1;
+                continue;
             }
         }
-        pairs.sort_by(|a, b| a.name.cmp(&b.name));
-        let probe = untyped_series(pairs, 0.0, 0);
-        labels::check_series_labels(&probe)
-            .map_err(|e| bad(format!("series {}: {e}", describe(&series))))?;
+        for (label, value) in rules.extra_labels {
+            match pairs.iter_mut().find(|(n, _)| n == label) {
+                Some(pair) => pair.1 = value,
+                None => pairs.push((label, value)),
+            }
+        }
+        if pairs.len() > labels::MAX_LABELS {
+            return Err(bad(format!(
+                "series {} has {} labels, more than {}",
+                describe(series),
+                pairs.len(),
+                labels::MAX_LABELS
+            )));
+        }
+        for (n, v) in &pairs {
+            check_label(series, n, v)?;
+        }
+        pairs.sort_unstable_by(|a, b| a.0.cmp(b.0));
         for sample in &series.samples {
             if sample.timestamp < rules.oldest_ms {
                 return Err(bad(format!(
                     "series {} has a sample at {} ms, older than --max-sample-age",
-                    describe(&series),
+                    describe(series),
                     sample.timestamp
                 )));
             }
             if sample.timestamp > rules.newest_ms {
                 return Err(bad(format!(
                     "series {} has a sample at {} ms, further in the future than --max-future-skew",
-                    describe(&series),
+                    describe(series),
                     sample.timestamp
                 )));
             }
@@ -204,27 +285,27 @@ pub fn convert(
         if series.samples.is_empty() {
             continue;
         }
-        let family = by_name.entry(name.clone()).or_insert_with(|| MetricFamily {
-            name: Some(name),
-            help: Some(super::merge::REMOTE_WRITE_HELP.to_string()),
-            r#type: Some(MetricType::Untyped as i32),
-            metric: Vec::new(),
-        });
-        let last = series.samples.len() - 1;
-        let mut labels_for = Some(probe.label);
-        for (i, sample) in series.samples.iter().enumerate() {
-            let labels = if i == last {
-                labels_for.take().unwrap_or_default()
-            } else {
-                labels_for.clone().unwrap_or_default()
-            };
-            family
-                .metric
-                .push(untyped_series(labels, sample.value, sample.timestamp));
+        let family = by_name.entry(name).or_default();
+        for sample in &series.samples {
+            encode_series(family, &pairs, sample.value, sample.timestamp);
             out.samples += 1;
         }
     }
-    out.families = by_name.into_values().collect();
+    let mut message = Vec::new();
+    for (name, metrics) in by_name {
+        message.clear();
+        encode_key(1, WireType::LengthDelimited, &mut message);
+        encode_varint(name.len() as u64, &mut message);
+        message.extend_from_slice(name.as_bytes());
+        encode_key(2, WireType::LengthDelimited, &mut message);
+        encode_varint(REMOTE_WRITE_HELP.len() as u64, &mut message);
+        message.extend_from_slice(REMOTE_WRITE_HELP.as_bytes());
+        encode_key(3, WireType::Varint, &mut message);
+        encode_varint(MetricType::Untyped as u64, &mut message);
+        message.extend_from_slice(&metrics);
+        encode_varint(message.len() as u64, &mut out.payload);
+        out.payload.extend_from_slice(&message);
+    }
     Ok(out)
 }
 
@@ -267,11 +348,10 @@ mod tests {
 
     fn convert_one(ts: TimeSeries) -> Result<Converted, SeriesError> {
         convert(
-            WriteRequest {
+            &WriteRequest {
                 timeseries: vec![ts],
             },
             &rules(&[], &[]),
-            SystemTime::now(),
         )
     }
 
@@ -280,7 +360,7 @@ mod tests {
         let elide = vec!["pod".to_string()];
         let extra = vec![("region".to_string(), "eu".to_string())];
         let converted = convert(
-            WriteRequest {
+            &WriteRequest {
                 timeseries: vec![series(
                     &[
                         ("__name__", "up"),
@@ -293,11 +373,14 @@ mod tests {
                 )],
             },
             &rules(&elide, &extra),
-            SystemTime::now(),
         )
         .unwrap();
         assert_eq!(converted.samples, 2);
-        let family = &converted.families[0];
+        let families =
+            telemeter_common::delimited::decode(&converted.payload, &Default::default()).unwrap();
+        let family = &families[0];
+        assert_eq!(family.help.as_deref(), Some(REMOTE_WRITE_HELP));
+        assert_eq!(family.metric[0].untyped.and_then(|u| u.value), Some(1.0));
         assert_eq!(family.name.as_deref(), Some("up"));
         assert_eq!(family.r#type, Some(MetricType::Untyped as i32));
         let names: Vec<_> = family.metric[0]
