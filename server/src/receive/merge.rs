@@ -393,10 +393,13 @@ pub fn merge_payloads(stored: &[u8], delta: &[u8], oldest_ms: i64) -> Result<Mer
                     }
                     None => {
                         let i = family.series.len();
-                        if family.index.contains_key(&hash) {
-                            family.overflow.push(i);
-                        } else {
-                            family.index.insert(hash, i);
+                        match family.index.entry(hash) {
+                            std::collections::hash_map::Entry::Occupied(_) => {
+                                family.overflow.push(i)
+                            }
+                            std::collections::hash_map::Entry::Vacant(slot) => {
+                                slot.insert(i);
+                            }
                         }
                         family.series.push(series);
                     }

@@ -28,7 +28,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, info, warn};
-use prost::Message;
 use telemeter_common::http::{Head, Request, Response};
 use telemeter_common::instrument::{Counter, CounterVec};
 use telemeter_common::selector::Selector;
@@ -40,7 +39,6 @@ use crate::cluster::Cluster;
 use crate::ingest::gate::Gate;
 use crate::ingest::ratelimit::retry_after_secs;
 use crate::metrics::Metrics;
-use crate::remote_write::proto::WriteRequest;
 use crate::remote_write::RemoteWriter;
 use crate::store::Store;
 
@@ -391,25 +389,6 @@ impl ReceiveHandler {
                 format!("body is not snappy block data: {e}"),
             )
         })?;
-        let write = WriteRequest::decode(&body[..]).map_err(|e| {
-            Refusal::new(
-                400,
-                "bad_protobuf",
-                format!("body is not a prometheus.WriteRequest: {e}"),
-            )
-        })?;
-        drop(body);
-        if write.timeseries.len() > self.max_series {
-            return Err(Refusal::new(
-                413,
-                "too_large",
-                format!(
-                    "{} series in one request, more than {} (--max-series)",
-                    write.timeseries.len(),
-                    self.max_series
-                ),
-            ));
-        }
         let now_ms = telemeter_common::time::sample_millis(now);
         let whitelist = self.whitelist.current();
         let rules = SeriesRules {
@@ -423,15 +402,12 @@ impl ReceiveHandler {
             newest_ms: now_ms.saturating_add(telemeter_common::time::duration_millis(
                 self.max_future_skew,
             )),
+            max_series: self.max_series,
             max_samples: self.max_series.saturating_mul(10),
         };
-        let converted = series::convert(&write, &rules).map_err(|e| Refusal {
+        let converted = series::convert(&body, &rules).map_err(|e| Refusal {
             status: e.status,
-            result: if e.status == 413 {
-                "too_large"
-            } else {
-                "bad_series"
-            },
+            result: e.result,
             message: e.message,
             retry_after: None,
         })?;

@@ -13,13 +13,12 @@
 
 use std::collections::BTreeMap;
 
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+use prost::encoding::{decode_varint, encode_key, encode_varint, encoded_len_varint, WireType};
 use telemeter_common::labels;
 use telemeter_common::model::{LabelPair, MetricType};
 use telemeter_common::selector::{self, Selector};
 
 use super::merge::REMOTE_WRITE_HELP;
-use crate::remote_write::proto::{TimeSeries, WriteRequest};
 
 /// What the conversion enforces.
 pub struct SeriesRules<'a> {
@@ -37,6 +36,8 @@ pub struct SeriesRules<'a> {
     pub oldest_ms: i64,
     /// Newest sample accepted, ms.
     pub newest_ms: i64,
+    /// Most series in one request.
+    pub max_series: usize,
     /// Most samples in one request.
     pub max_samples: usize,
 }
@@ -53,11 +54,14 @@ pub struct Converted {
     pub filtered: usize,
 }
 
-/// Why a request was refused: the status (400 or 413) and the one-line reason.
+/// Why a request was refused: the status (400 or 413), the counted result and the one-line
+/// reason.
 #[derive(Debug, PartialEq, Eq)]
 pub struct SeriesError {
     /// 400 or 413.
     pub status: u16,
+    /// `bad_protobuf`, `bad_series` or `too_large`.
+    pub result: &'static str,
     /// The reason, naming the series.
     pub message: String,
 }
@@ -65,19 +69,133 @@ pub struct SeriesError {
 fn bad(message: String) -> SeriesError {
     SeriesError {
         status: 400,
+        result: "bad_series",
         message,
     }
 }
 
+fn bad_protobuf(reason: &str) -> SeriesError {
+    SeriesError {
+        status: 400,
+        result: "bad_protobuf",
+        message: format!("body is not a prometheus.WriteRequest: {reason}"),
+    }
+}
+
+fn too_large(message: String) -> SeriesError {
+    SeriesError {
+        status: 413,
+        result: "too_large",
+        message,
+    }
+}
+
+/// One `TimeSeries` as read from the body, borrowing its strings (refilled for each series, so a
+/// request of thousands of series allocates nothing per series).
+#[derive(Default)]
+struct Parsed<'a> {
+    labels: Vec<(&'a str, &'a str)>,
+    samples: Vec<(f64, i64)>,
+}
+
+/// A field's value as the wire carries it.
+enum Field<'a> {
+    Varint(u64),
+    Fixed64(u64),
+    Bytes(&'a [u8]),
+    Fixed32,
+}
+
+/// The next field of a message: its number and value; `None` at the end. Prost's rules: a key
+/// fits 32 bits with a number above 0; groups (never sent by remote write) are refused.
+fn next_field<'a>(rest: &mut &'a [u8]) -> Result<Option<(u64, Field<'a>)>, &'static str> {
+    if rest.is_empty() {
+        return Ok(None);
+    }
+    let key = decode_varint(rest).map_err(|_| "bad field key")?;
+    if key > u64::from(u32::MAX) || key >> 3 == 0 {
+        return Err("bad field key");
+    }
+    let value = match key & 7 {
+        0 => Field::Varint(decode_varint(rest).map_err(|_| "bad varint")?),
+        1 => {
+            let (bytes, after) = rest.split_first_chunk::<8>().ok_or("truncated")?;
+            *rest = after;
+            Field::Fixed64(u64::from_le_bytes(*bytes))
+        }
+        2 => {
+            let len = decode_varint(rest).map_err(|_| "bad length")?;
+            let len = usize::try_from(len).map_err(|_| "truncated")?;
+            if len > rest.len() {
+                return Err("truncated");
+            }
+            let (bytes, after) = rest.split_at(len);
+            *rest = after;
+            Field::Bytes(bytes)
+        }
+        5 => {
+            *rest = rest.get(4..).ok_or("truncated")?;
+            Field::Fixed32
+        }
+        _ => return Err("unsupported wire type"),
+    };
+    Ok(Some((key >> 3, value)))
+}
+
+fn utf8(bytes: &[u8]) -> Result<&str, &'static str> {
+    std::str::from_utf8(bytes).map_err(|_| "string is not UTF-8")
+}
+
+/// Reads one `TimeSeries` message into `into` (labels and samples; exemplars and native
+/// histograms are skipped).
+fn parse_series<'a>(message: &'a [u8], into: &mut Parsed<'a>) -> Result<(), &'static str> {
+    into.labels.clear();
+    into.samples.clear();
+    let mut rest = message;
+    while let Some((number, field)) = next_field(&mut rest)? {
+        match (number, field) {
+            (1, Field::Bytes(label)) => {
+                let (mut name, mut value) = ("", "");
+                let mut fields = label;
+                while let Some((number, field)) = next_field(&mut fields)? {
+                    match (number, field) {
+                        (1, Field::Bytes(b)) => name = utf8(b)?,
+                        (2, Field::Bytes(b)) => value = utf8(b)?,
+                        (1 | 2, _) => return Err("wrong wire type for a label"),
+                        _ => {}
+                    }
+                }
+                into.labels.push((name, value));
+            }
+            (2, Field::Bytes(sample)) => {
+                let (mut value, mut timestamp) = (0.0, 0);
+                let mut fields = sample;
+                while let Some((number, field)) = next_field(&mut fields)? {
+                    match (number, field) {
+                        (1, Field::Fixed64(v)) => value = f64::from_bits(v),
+                        (2, Field::Varint(v)) => timestamp = v as i64,
+                        (1 | 2, _) => return Err("wrong wire type for a sample"),
+                        _ => {}
+                    }
+                }
+                into.samples.push((value, timestamp));
+            }
+            (1 | 2, _) => return Err("wrong wire type for a series field"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// The series as Prometheus prints it, for messages (bounded: at most the first 10 labels).
-fn describe(series: &TimeSeries) -> String {
+fn describe(series: &Parsed<'_>) -> String {
     let mut name = "";
     let mut pairs = Vec::new();
-    for label in &series.labels {
-        if label.name == "__name__" {
-            name = &label.value;
+    for (n, v) in &series.labels {
+        if *n == "__name__" {
+            name = v;
         } else if pairs.len() < 10 {
-            pairs.push(format!("{}={:?}", label.name, label.value));
+            pairs.push(format!("{n}={v:?}"));
         }
     }
     let mut text = format!("{name}{{{}}}", pairs.join(", "));
@@ -139,7 +257,7 @@ fn encode_series(family: &mut Vec<u8>, labels: &[(&str, &str)], value: f64, time
 }
 
 /// Checks one label as `/upload` does (valid name, lengths).
-fn check_label(series: &TimeSeries, name: &str, value: &str) -> Result<(), SeriesError> {
+fn check_label(series: &Parsed<'_>, name: &str, value: &str) -> Result<(), SeriesError> {
     if name.len() > labels::MAX_NAME_BYTES {
         return Err(bad(format!(
             "series {}: label name {name:?} is too long",
@@ -162,60 +280,71 @@ fn check_label(series: &TimeSeries, name: &str, value: &str) -> Result<(), Serie
     Ok(())
 }
 
-/// Converts `request` under `rules`.
-pub fn convert(request: &WriteRequest, rules: &SeriesRules<'_>) -> Result<Converted, SeriesError> {
-    let samples: usize = request.timeseries.iter().map(|s| s.samples.len()).sum();
-    if samples > rules.max_samples {
-        return Err(SeriesError {
-            status: 413,
-            message: format!(
-                "{samples} samples in one request, more than {}",
-                rules.max_samples
-            ),
-        });
-    }
+/// Reads the `prometheus.WriteRequest` in `body` (decompressed) and converts its series under
+/// `rules`, reading strings in place (metadata, field 3, is skipped).
+pub fn convert<'a>(body: &'a [u8], rules: &SeriesRules<'a>) -> Result<Converted, SeriesError> {
     // Metric name → its family's `metric` fields so far.
-    let mut by_name: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
+    let mut by_name: BTreeMap<&'a str, Vec<u8>> = BTreeMap::new();
     let mut out = Converted::default();
-    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    let mut pairs: Vec<(&'a str, &'a str)> = Vec::new();
     let mut names_seen = std::collections::HashSet::new();
-    for series in &request.timeseries {
+    let mut series = Parsed::default();
+    let mut count = 0usize;
+    let mut rest = body;
+    while let Some((number, field)) = next_field(&mut rest).map_err(bad_protobuf)? {
+        let message = match (number, field) {
+            (1, Field::Bytes(message)) => message,
+            (1, _) => return Err(bad_protobuf("wrong wire type for timeseries")),
+            _ => continue,
+        };
+        count += 1;
+        if count > rules.max_series {
+            return Err(too_large(format!(
+                "more than {} series in one request (--max-series)",
+                rules.max_series
+            )));
+        }
+        parse_series(message, &mut series).map_err(bad_protobuf)?;
+        if out.samples + series.samples.len() > rules.max_samples {
+            return Err(too_large(format!(
+                "more than {} samples in one request",
+                rules.max_samples
+            )));
+        }
         names_seen.clear();
-        for label in &series.labels {
-            if !names_seen.insert(label.name.as_str()) {
+        for (n, _) in &series.labels {
+            if !names_seen.insert(*n) {
                 return Err(bad(format!(
-                    "series {} has label {:?} more than once",
-                    describe(series),
-                    label.name
+                    "series {} has label {n:?} more than once",
+                    describe(&series)
                 )));
             }
         }
         let mut name = None;
         pairs.clear();
-        for label in &series.labels {
-            if label.value.is_empty() {
+        for &(n, v) in &series.labels {
+            if v.is_empty() {
                 continue;
             }
-            if label.name == "__name__" {
-                name = Some(label.value.as_str());
+            if n == "__name__" {
+                name = Some(v);
                 continue;
             }
-            if label.name.starts_with("__") {
+            if n.starts_with("__") {
                 return Err(bad(format!(
-                    "series {} has label {:?}: names starting with __ are reserved",
-                    describe(series),
-                    label.name
+                    "series {} has label {n:?}: names starting with __ are reserved",
+                    describe(&series)
                 )));
             }
-            if rules.elide.contains(&label.name) {
+            if rules.elide.iter().any(|e| e == n) {
                 continue;
             }
-            pairs.push((&label.name, &label.value));
+            pairs.push((n, v));
         }
         let Some(name) = name.filter(|n| labels::check_metric_name(n).is_ok()) else {
             return Err(bad(format!(
                 "series {} has no valid metric name (__name__)",
-                describe(series)
+                describe(&series)
             )));
         };
         match pairs
@@ -227,7 +356,7 @@ pub fn convert(request: &WriteRequest, rules: &SeriesRules<'_>) -> Result<Conver
             Some(id) => {
                 return Err(bad(format!(
                     "series {} has {}={id:?}, not the cluster id {:?} of the token",
-                    describe(series),
+                    describe(&series),
                     rules.partition_label,
                     rules.cluster_id
                 )))
@@ -235,7 +364,7 @@ pub fn convert(request: &WriteRequest, rules: &SeriesRules<'_>) -> Result<Conver
             None => {
                 return Err(bad(format!(
                     "series {} lacks the label {}={:?}",
-                    describe(series),
+                    describe(&series),
                     rules.partition_label,
                     rules.cluster_id
                 )))
@@ -257,28 +386,26 @@ pub fn convert(request: &WriteRequest, rules: &SeriesRules<'_>) -> Result<Conver
         if pairs.len() > labels::MAX_LABELS {
             return Err(bad(format!(
                 "series {} has {} labels, more than {}",
-                describe(series),
+                describe(&series),
                 pairs.len(),
                 labels::MAX_LABELS
             )));
         }
         for (n, v) in &pairs {
-            check_label(series, n, v)?;
+            check_label(&series, n, v)?;
         }
         pairs.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        for sample in &series.samples {
-            if sample.timestamp < rules.oldest_ms {
+        for &(_, timestamp) in &series.samples {
+            if timestamp < rules.oldest_ms {
                 return Err(bad(format!(
-                    "series {} has a sample at {} ms, older than --max-sample-age",
-                    describe(series),
-                    sample.timestamp
+                    "series {} has a sample at {timestamp} ms, older than --max-sample-age",
+                    describe(&series)
                 )));
             }
-            if sample.timestamp > rules.newest_ms {
+            if timestamp > rules.newest_ms {
                 return Err(bad(format!(
-                    "series {} has a sample at {} ms, further in the future than --max-future-skew",
-                    describe(series),
-                    sample.timestamp
+                    "series {} has a sample at {timestamp} ms, further in the future than --max-future-skew",
+                    describe(&series)
                 )));
             }
         }
@@ -286,8 +413,8 @@ pub fn convert(request: &WriteRequest, rules: &SeriesRules<'_>) -> Result<Conver
             continue;
         }
         let family = by_name.entry(name).or_default();
-        for sample in &series.samples {
-            encode_series(family, &pairs, sample.value, sample.timestamp);
+        for &(value, timestamp) in &series.samples {
+            encode_series(family, &pairs, value, timestamp);
             out.samples += 1;
         }
     }
@@ -312,7 +439,8 @@ pub fn convert(request: &WriteRequest, rules: &SeriesRules<'_>) -> Result<Conver
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::remote_write::proto::{Label, Sample};
+    use crate::remote_write::proto::{Label, Sample, TimeSeries, WriteRequest};
+    use prost::Message;
 
     fn series(labels: &[(&str, &str)], samples: &[(f64, i64)]) -> TimeSeries {
         TimeSeries {
@@ -342,39 +470,37 @@ mod tests {
             whitelist: &[],
             oldest_ms: 0,
             newest_ms: 10_000,
+            max_series: 10,
             max_samples: 100,
         }
     }
 
     fn convert_one(ts: TimeSeries) -> Result<Converted, SeriesError> {
-        convert(
-            &WriteRequest {
-                timeseries: vec![ts],
-            },
-            &rules(&[], &[]),
-        )
+        let body = WriteRequest {
+            timeseries: vec![ts],
+        }
+        .encode_to_vec();
+        convert(&body, &rules(&[], &[]))
     }
 
     #[test]
     fn sorts_drops_empty_elides_and_adds_labels() {
         let elide = vec!["pod".to_string()];
         let extra = vec![("region".to_string(), "eu".to_string())];
-        let converted = convert(
-            &WriteRequest {
-                timeseries: vec![series(
-                    &[
-                        ("__name__", "up"),
-                        ("z", "1"),
-                        ("_id", "c1"),
-                        ("empty", ""),
-                        ("pod", "p"),
-                    ],
-                    &[(1.0, 5), (2.0, 6)],
-                )],
-            },
-            &rules(&elide, &extra),
-        )
-        .unwrap();
+        let body = WriteRequest {
+            timeseries: vec![series(
+                &[
+                    ("__name__", "up"),
+                    ("z", "1"),
+                    ("_id", "c1"),
+                    ("empty", ""),
+                    ("pod", "p"),
+                ],
+                &[(1.0, 5), (2.0, 6)],
+            )],
+        }
+        .encode_to_vec();
+        let converted = convert(&body, &rules(&elide, &extra)).unwrap();
         assert_eq!(converted.samples, 2);
         let families =
             telemeter_common::delimited::decode(&converted.payload, &Default::default()).unwrap();
@@ -429,5 +555,35 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.status, 400);
+    }
+
+    #[test]
+    fn the_wire_reader_refuses_what_prost_would_and_skips_metadata() {
+        let rules = rules(&[], &[]);
+        // Metadata only (field 3): nothing to store.
+        let converted = convert(b"\x1a\x03\x12\x01m", &rules).unwrap();
+        assert!(converted.payload.is_empty());
+        // A label name that is not UTF-8.
+        let e = convert(b"\x0a\x06\x0a\x04\x0a\x02\xff\xfe", &rules).unwrap_err();
+        assert_eq!((e.status, e.result), (400, "bad_protobuf"), "{}", e.message);
+        // Truncated, and a timeseries field that is not length-delimited.
+        for body in [&b"\x0a\x05\x0a"[..], b"\x08\x01"] {
+            let e = convert(body, &rules).unwrap_err();
+            assert_eq!(e.result, "bad_protobuf", "{}", e.message);
+        }
+        // More series than allowed.
+        let many = WriteRequest {
+            timeseries: (0..11)
+                .map(|i| {
+                    series(
+                        &[("__name__", "m"), ("_id", "c1"), ("i", &i.to_string())],
+                        &[(1.0, 5)],
+                    )
+                })
+                .collect(),
+        }
+        .encode_to_vec();
+        let e = convert(&many, &rules).unwrap_err();
+        assert_eq!((e.status, e.result), (413, "too_large"), "{}", e.message);
     }
 }
