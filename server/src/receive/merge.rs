@@ -268,16 +268,26 @@ struct Family<'a> {
     overflow: Vec<usize>,
 }
 
-/// Sorts `metric`'s labels into `into` (its identity, whatever order they came in).
-fn sorted_labels<'a>(
+/// Writes `metric`'s identity into `key`: its labels sorted, each name and value followed by a
+/// 0xff byte (which UTF-8 never contains, so different label sets never give the same bytes).
+/// One flat buffer so that it is hashed in one call; `pairs` is scratch space.
+fn identity<'a>(
     metric: &MetricView<'a>,
-    into: &mut Vec<(&'a str, &'a str)>,
+    pairs: &mut Vec<(&'a str, &'a str)>,
+    key: &mut Vec<u8>,
 ) -> Result<(), DecodeError> {
-    into.clear();
+    pairs.clear();
     for label in metric.labels() {
-        into.push(label?);
+        pairs.push(label?);
     }
-    into.sort_unstable();
+    pairs.sort_unstable();
+    key.clear();
+    for (name, value) in pairs.iter() {
+        key.extend_from_slice(name.as_bytes());
+        key.push(0xff);
+        key.extend_from_slice(value.as_bytes());
+        key.push(0xff);
+    }
     Ok(())
 }
 
@@ -323,8 +333,9 @@ pub fn merge_payloads(stored: &[u8], delta: &[u8], oldest_ms: i64) -> Result<Mer
     let keys = RandomState::new();
     let mut families: Vec<Family<'_>> = Vec::new();
     let mut by_name: HashMap<&str, usize> = HashMap::new();
-    let mut scratch: Vec<(&str, &str)> = Vec::new();
-    let mut other: Vec<(&str, &str)> = Vec::new();
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    let mut key: Vec<u8> = Vec::new();
+    let mut other: Vec<u8> = Vec::new();
     for (from_delta, body) in [(false, stored), (true, delta)] {
         for view in wire::families(body, &UNLIMITED) {
             let view = view?;
@@ -364,8 +375,8 @@ pub fn merge_payloads(stored: &[u8], delta: &[u8], oldest_ms: i64) -> Result<Mer
             }
             for metric in view.metrics() {
                 let metric = metric?;
-                sorted_labels(&metric, &mut scratch)?;
-                let hash = keys.hash_one(&scratch);
+                identity(&metric, &mut pairs, &mut key)?;
+                let hash = keys.hash_one(key.as_slice());
                 let series = Series {
                     view: metric,
                     message: metric.message.into(),
@@ -379,8 +390,8 @@ pub fn merge_payloads(stored: &[u8], delta: &[u8], oldest_ms: i64) -> Result<Mer
                     let Some(existing) = family.series.get(i) else {
                         continue;
                     };
-                    sorted_labels(&existing.view, &mut other)?;
-                    if other == scratch {
+                    identity(&existing.view, &mut pairs, &mut other)?;
+                    if other == key {
                         found = Some(i);
                         break;
                     }

@@ -287,7 +287,7 @@ pub fn convert<'a>(body: &'a [u8], rules: &SeriesRules<'a>) -> Result<Converted,
     let mut by_name: BTreeMap<&'a str, Vec<u8>> = BTreeMap::new();
     let mut out = Converted::default();
     let mut pairs: Vec<(&'a str, &'a str)> = Vec::new();
-    let mut names_seen = std::collections::HashSet::new();
+    let mut names_seen: Vec<&str> = Vec::new();
     let mut series = Parsed::default();
     let mut count = 0usize;
     let mut rest = body;
@@ -311,12 +311,17 @@ pub fn convert<'a>(body: &'a [u8], rules: &SeriesRules<'a>) -> Result<Converted,
                 rules.max_samples
             )));
         }
-        names_seen.clear();
-        for (n, _) in &series.labels {
-            if !names_seen.insert(*n) {
+        // Senders sort labels by name (remote write requires it), so a strictly increasing
+        // list is the common case and has no duplicate; otherwise sort a copy to find one.
+        if !series.labels.windows(2).all(|w| w[0].0 < w[1].0) {
+            names_seen.clear();
+            names_seen.extend(series.labels.iter().map(|(n, _)| *n));
+            names_seen.sort_unstable();
+            if let Some(w) = names_seen.windows(2).find(|w| w[0] == w[1]) {
                 return Err(bad(format!(
-                    "series {} has label {n:?} more than once",
-                    describe(&series)
+                    "series {} has label {:?} more than once",
+                    describe(&series),
+                    w[0]
                 )));
             }
         }
