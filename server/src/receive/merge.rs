@@ -249,8 +249,8 @@ pub struct Merged {
 /// One series of the merge: the source's encoded `Metric` (re-encoded only when its family
 /// changed type), its timestamp, and whether its value is a staleness marker.
 struct Series<'a> {
-    /// The series as read (its labels, for comparisons).
-    view: MetricView<'a>,
+    /// Where its identity bytes are in the merge's key arena (to confirm a hash match).
+    key: std::ops::Range<usize>,
     message: std::borrow::Cow<'a, [u8]>,
     timestamp_ms: i64,
     stale: bool,
@@ -335,7 +335,9 @@ pub fn merge_payloads(stored: &[u8], delta: &[u8], oldest_ms: i64) -> Result<Mer
     let mut by_name: HashMap<&str, usize> = HashMap::new();
     let mut pairs: Vec<(&str, &str)> = Vec::new();
     let mut key: Vec<u8> = Vec::new();
-    let mut other: Vec<u8> = Vec::new();
+    // Every kept series' identity bytes, one after the other: read once per series, and no
+    // allocation per series.
+    let mut arena: Vec<u8> = Vec::new();
     for (from_delta, body) in [(false, stored), (true, delta)] {
         for view in wire::families(body, &UNLIMITED) {
             let view = view?;
@@ -377,8 +379,8 @@ pub fn merge_payloads(stored: &[u8], delta: &[u8], oldest_ms: i64) -> Result<Mer
                 let metric = metric?;
                 identity(&metric, &mut pairs, &mut key)?;
                 let hash = keys.hash_one(key.as_slice());
-                let series = Series {
-                    view: metric,
+                let mut series = Series {
+                    key: 0..0,
                     message: metric.message.into(),
                     timestamp_ms: metric.timestamp_ms.unwrap_or(i64::MIN),
                     stale: plain(&metric.value).is_some_and(is_stale_marker),
@@ -390,8 +392,7 @@ pub fn merge_payloads(stored: &[u8], delta: &[u8], oldest_ms: i64) -> Result<Mer
                     let Some(existing) = family.series.get(i) else {
                         continue;
                     };
-                    identity(&existing.view, &mut pairs, &mut other)?;
-                    if other == key {
+                    if arena.get(existing.key.clone()) == Some(key.as_slice()) {
                         found = Some(i);
                         break;
                     }
@@ -399,10 +400,13 @@ pub fn merge_payloads(stored: &[u8], delta: &[u8], oldest_ms: i64) -> Result<Mer
                 match found {
                     Some(i) => {
                         if series.timestamp_ms >= family.series[i].timestamp_ms {
+                            series.key = family.series[i].key.clone();
                             family.series[i] = series;
                         }
                     }
                     None => {
+                        series.key = arena.len()..arena.len() + key.len();
+                        arena.extend_from_slice(&key);
                         let i = family.series.len();
                         match family.index.entry(hash) {
                             std::collections::hash_map::Entry::Occupied(_) => {
