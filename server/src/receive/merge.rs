@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use prost::encoding::{encode_key, encode_varint, int32, string, WireType};
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, int32, WireType};
 use prost::Message;
 use telemeter_common::delimited::{DecodeError, Limits};
 use telemeter_common::model::{Counter, Gauge, LabelPair, Metric, MetricType, Untyped};
@@ -427,36 +427,49 @@ pub fn merge_payloads(stored: &[u8], delta: &[u8], oldest_ms: i64) -> Result<Mer
         series: 0,
         newest_received: i64::MIN,
     };
-    let mut message = Vec::new();
     for family in &families {
-        message.clear();
-        let mut kept = 0;
-        for series in &family.series {
-            if series.timestamp_ms < oldest_ms || series.stale {
-                continue;
-            }
-            if kept == 0 {
-                string::encode(1, &family.name.to_string(), &mut message);
-                if !family.help.is_empty() {
-                    string::encode(2, &family.help.to_string(), &mut message);
-                }
-                if let Some(t) = family.raw_type {
-                    int32::encode(3, &t, &mut message);
-                }
-            }
-            encode_key(4, WireType::LengthDelimited, &mut message);
-            encode_varint(series.message.len() as u64, &mut message);
-            message.extend_from_slice(&series.message);
-            kept += 1;
+        let kept = |series: &&Series<'_>| series.timestamp_ms >= oldest_ms && !series.stale;
+        // Sized first, then written straight into the payload (no intermediate copy).
+        let mut len = 0;
+        let mut count = 0;
+        for series in family.series.iter().filter(kept) {
+            len += 1 + encoded_len_varint(series.message.len() as u64) + series.message.len();
+            count += 1;
+        }
+        if count == 0 {
+            continue;
+        }
+        let name = family.name.as_bytes();
+        let help = family.help.as_bytes();
+        len += 1 + encoded_len_varint(name.len() as u64) + name.len();
+        if !help.is_empty() {
+            len += 1 + encoded_len_varint(help.len() as u64) + help.len();
+        }
+        if let Some(t) = family.raw_type {
+            len += int32::encoded_len(3, &t);
+        }
+        let payload = &mut out.payload;
+        encode_varint(len as u64, payload);
+        encode_key(1, WireType::LengthDelimited, payload);
+        encode_varint(name.len() as u64, payload);
+        payload.extend_from_slice(name);
+        if !help.is_empty() {
+            encode_key(2, WireType::LengthDelimited, payload);
+            encode_varint(help.len() as u64, payload);
+            payload.extend_from_slice(help);
+        }
+        if let Some(t) = family.raw_type {
+            int32::encode(3, &t, payload);
+        }
+        for series in family.series.iter().filter(kept) {
+            encode_key(4, WireType::LengthDelimited, payload);
+            encode_varint(series.message.len() as u64, payload);
+            payload.extend_from_slice(&series.message);
             if family.help == REMOTE_WRITE_HELP {
                 out.newest_received = out.newest_received.max(series.timestamp_ms);
             }
         }
-        if kept > 0 {
-            encode_varint(message.len() as u64, &mut out.payload);
-            out.payload.extend_from_slice(&message);
-            out.series += kept;
-        }
+        out.series += count;
     }
     Ok(out)
 }

@@ -423,20 +423,33 @@ pub fn convert<'a>(body: &'a [u8], rules: &SeriesRules<'a>) -> Result<Converted,
             out.samples += 1;
         }
     }
-    let mut message = Vec::new();
+    // Each family written straight into the payload (no intermediate copy), sized first.
+    let header = |name: &str| {
+        2 + encoded_len_varint(name.len() as u64)
+            + name.len()
+            + encoded_len_varint(REMOTE_WRITE_HELP.len() as u64)
+            + REMOTE_WRITE_HELP.len()
+            + 2
+    };
+    let total: usize = by_name
+        .iter()
+        .map(|(name, metrics)| {
+            let len = header(name) + metrics.len();
+            encoded_len_varint(len as u64) + len
+        })
+        .sum();
+    out.payload.reserve_exact(total);
     for (name, metrics) in by_name {
-        message.clear();
-        encode_key(1, WireType::LengthDelimited, &mut message);
-        encode_varint(name.len() as u64, &mut message);
-        message.extend_from_slice(name.as_bytes());
-        encode_key(2, WireType::LengthDelimited, &mut message);
-        encode_varint(REMOTE_WRITE_HELP.len() as u64, &mut message);
-        message.extend_from_slice(REMOTE_WRITE_HELP.as_bytes());
-        encode_key(3, WireType::Varint, &mut message);
-        encode_varint(MetricType::Untyped as u64, &mut message);
-        message.extend_from_slice(&metrics);
-        encode_varint(message.len() as u64, &mut out.payload);
-        out.payload.extend_from_slice(&message);
+        encode_varint((header(name) + metrics.len()) as u64, &mut out.payload);
+        encode_key(1, WireType::LengthDelimited, &mut out.payload);
+        encode_varint(name.len() as u64, &mut out.payload);
+        out.payload.extend_from_slice(name.as_bytes());
+        encode_key(2, WireType::LengthDelimited, &mut out.payload);
+        encode_varint(REMOTE_WRITE_HELP.len() as u64, &mut out.payload);
+        out.payload.extend_from_slice(REMOTE_WRITE_HELP.as_bytes());
+        encode_key(3, WireType::Varint, &mut out.payload);
+        encode_varint(MetricType::Untyped as u64, &mut out.payload);
+        out.payload.extend_from_slice(&metrics);
     }
     Ok(out)
 }
