@@ -50,9 +50,11 @@ use series::SeriesRules;
 /// The path.
 pub const RECEIVE_PATH: &str = "/metrics/v1/receive";
 
-/// Memory a request reserves per byte of its decompressed body: the body, the decoded request
-/// (strings and vectors of each label), the families built from it and their encoding.
-const RESERVED_BYTES_PER_BODY_BYTE: usize = 24;
+/// Memory a request reserves per byte of its decompressed body: the body (read in place, no
+/// decoded copy), the request's encoded series (about the body's size), and the cluster's stored
+/// and merged payloads (each about the size of a batch carrying all its series), with room to
+/// spare; a cluster holding many batches' worth of series costs more, bounded by `--max-series`.
+const RESERVED_BYTES_PER_BODY_BYTE: usize = 8;
 /// Memory all requests past the front may reserve at once (see `ingest::upload`'s equivalent).
 const MAX_MEMORY_BYTES: usize = 256 << 20;
 
