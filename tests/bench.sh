@@ -297,6 +297,34 @@ if [ "$server_ready" = 1 ] && "$bin/telemeter-server" --help 2>/dev/null | grep 
   raw+=("forwarded N=64: $fwd_line servers_cpu_s=$fwd_cpu")
 fi
 
+# 2d. Remote-write ingest: 64 senders of Prometheus-sized batches (2,000 samples, one per series,
+# snappy block) to /metrics/v1/receive, each merged into its cluster's series and stored durably.
+rw_line=
+rw_cpu=
+rw_rss=
+if [ "$server_ready" = 1 ] && "$bin/telemeter-server" --help 2>/dev/null | grep -q -- '--receive-ratelimit'; then
+  log "remote-write ingest into telemeter-server, 64 senders"
+  ext_port=$(free_port)
+  int_port=$(free_port)
+  "$bin/telemeter-server" --listen "127.0.0.1:$ext_port" --listen-internal "127.0.0.1:$int_port" \
+    --storage-path "$work/store-receive" --shared-key "$work/shared.key" \
+    --tokens-file "$work/tokens.json" --ratelimit 0s --receive-ratelimit 0 --ttl 1h \
+    >"$work/server-receive.log" 2>&1 &
+  server_pid=$!
+  pids+=("$server_pid")
+  wait_http "http://127.0.0.1:$int_port/healthz" 30
+  cpu0=$(cpu_s "$server_pid")
+  rw_line=$(timeout "$(limit $((point_s + 60)))" "$loadgen" receive \
+    --url "http://127.0.0.1:$ext_port" --token "$client_token" \
+    --senders 64 --duration "$point_s" --clusters 256) || rw_line=
+  cpu1=$(cpu_s "$server_pid")
+  rw_cpu=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')
+  rw_rss=$(peak_rss_kib "$server_pid")
+  stop_pid "$server_pid"
+  rm -rf "$work/store-receive"
+  raw+=("receive N=64: $rw_line server_cpu_s=$rw_cpu server_peak_rss_kib=$rw_rss")
+fi
+
 # 2b. The same series, as text, to a Pushgateway.
 declare -A pg_rate pg_line pg_rss pg_cpu
 for n in "${senders_list[@]}"; do
@@ -492,6 +520,13 @@ done
 row "2. Ratio ours / pushgateway (uploads/s)" "$(IFS=,; echo "${ours_pg[*]}" | sed 's/,/ · /g')" "" ""
 disk64=$(awk -v a="${ours_rate[64]:-}" -v b="${disk_rate[64]}" 'BEGIN { if (a != "" && b > 0) print a / b }')
 row "2. Ratio ours / disk ceiling (uploads/s)" "$(IFS=,; echo "${ours_disk[*]}" | sed 's/,/ · /g')" "≥ 1.5× at N=64" "$(met "$disk64" ">=" 1.5)"
+if [ -n "$rw_line" ]; then
+  rw_samples=$(field "$rw_line" samples_per_s)
+  up_samples=$(field "${ours_line[64]:-}" samples_per_s)
+  row "2. Remote-write ingest (/metrics/v1/receive), N=64, 2,000-sample batches, merged + durable" \
+    "$(num "$(field "$rw_line" uploads_per_s)") requests/s · $(millions "$rw_samples") samples/s · p99 $(field "$rw_line" p99_ms) ms · RSS $(mb "$rw_rss") · /upload N=64: $(millions "$up_samples") samples/s" \
+    "≥ /upload samples/s" "$(met "$(awk -v a="$rw_samples" -v b="$up_samples" 'BEGIN { if (b > 0) print a / b }')" ">=" 1)"
+fi
 if [ -n "$fwd_line" ]; then
   fwd_rate=$(field "$fwd_line" uploads_per_s)
   row "2. Ingest through a non-owner, 64 senders (2 nodes; sealed forward, stored by the owner)" \

@@ -3,7 +3,8 @@
 //! Each subcommand of `telemeter-loadgen` measures one thing and prints one line of `key=value`
 //! figures: [`disk`] (the durable-write ceiling of the disk), [`load`] with [`ingest`] (uploads to
 //! our server, or the same series to a Pushgateway), [`federate`] (one full scrape), [`decode`]
-//! (decode + validate on one thread) and [`payload`] (the realistic 500-sample upload they share).
+//! (decode + validate on one thread), [`receive`] (remote write to `/metrics/v1/receive`) and
+//! [`payload`] (the realistic 500-sample upload they share).
 #![deny(missing_docs)]
 
 pub mod decode;
@@ -15,4 +16,5 @@ pub mod latency;
 pub mod load;
 // The payload lives in testkit so the server's federate probe scrapes the same series.
 pub use testkit::payload;
+pub mod receive;
 pub mod report;

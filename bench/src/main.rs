@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use telemeter_bench::http::Target;
 use telemeter_bench::ingest::{self, Pushgateway, Tokens, Upload};
 use telemeter_bench::load::{self, Plan};
-use telemeter_bench::{decode, disk, federate, payload};
+use telemeter_bench::{decode, disk, federate, payload, receive};
 use telemeter_common::keys::SharedKey;
 use telemeter_common::token::TokenSigner;
 use telemeter_common::{delimited, text};
@@ -98,6 +98,28 @@ enum Command {
         /// Every member's --name, comma separated (with --forwarded-from).
         #[arg(long, value_delimiter = ',', requires = "forwarded_from")]
         ring: Vec<String>,
+    },
+    /// Remote write to /metrics/v1/receive as a Prometheus sends it (2,000-sample snappy-block
+    /// WriteRequests, base64 JSON bearer of --token and the cluster id).
+    Receive {
+        /// The server's external URL.
+        #[arg(long)]
+        url: String,
+        /// A client token of the server's tokens file, allowed for every cluster id.
+        #[arg(long)]
+        token: String,
+        /// Sender threads, each with one keep-alive connection.
+        #[arg(long, default_value_t = 1)]
+        senders: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Distinct cluster ids over all senders (default: 4 per sender).
+        #[arg(long)]
+        clusters: Option<usize>,
+        /// Per-request timeout in seconds.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
     },
     /// PUT the same series as text to a Pushgateway, under /metrics/job/<cluster id>.
     Pushgateway {
@@ -238,6 +260,34 @@ fn run(cli: Cli) -> Result<String, String> {
                     target: target.clone(),
                     tokens,
                     ids,
+                }),
+            )
+            .to_string())
+        }
+        Command::Receive {
+            url,
+            token,
+            senders,
+            duration,
+            clusters,
+            timeout,
+        } => {
+            let target = target(&url)?;
+            let plan = Plan {
+                senders,
+                clusters: clusters.unwrap_or(senders.max(1) * 4),
+                duration: seconds(duration),
+                once: false,
+                samples_per_request: receive::SAMPLES_PER_REQUEST,
+                expected_status: 200,
+                timeout: seconds(timeout),
+            };
+            Ok(load::run(
+                &plan,
+                &target,
+                Arc::new(receive::Receive {
+                    target: target.clone(),
+                    client_token: token,
                 }),
             )
             .to_string())

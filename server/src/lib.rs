@@ -19,6 +19,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod oidc;
 pub mod ports;
+pub mod receive;
 pub mod reload;
 pub mod remote_write;
 pub mod server;

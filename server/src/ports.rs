@@ -15,6 +15,7 @@ use crate::federate;
 use crate::import::ImportHandler;
 use crate::ingest::upload::UploadHandler;
 use crate::metrics::Metrics;
+use crate::receive::{ReceiveHandler, RECEIVE_PATH};
 use crate::reload::Reloader;
 use crate::remote_write::RemoteWriter;
 use crate::status::{self, Status};
@@ -26,6 +27,7 @@ pub const EXTERNAL_PATHS: &[&str] = &[
     "/authorize",
     "/upload",
     "/import",
+    RECEIVE_PATH,
     "/healthz",
     "/healthz/ready",
 ];
@@ -45,7 +47,7 @@ pub const CLUSTER_PATHS: &[&str] = &["/debug/cluster", FORWARD_PATH];
 /// Body cap for requests that carry none worth reading.
 const SMALL_BODY: usize = 4 << 10;
 
-/// The external port: `/authorize`, `/upload`, health.
+/// The external port: `/authorize`, `/upload`, `/metrics/v1/receive`, health.
 pub struct External {
     /// `/authorize`.
     pub authorize: AuthorizeHandler,
@@ -53,6 +55,8 @@ pub struct External {
     pub upload: UploadHandler,
     /// `/import` (air-gap bundles; authenticated by their own tags).
     pub import: ImportHandler,
+    /// `/metrics/v1/receive`.
+    pub receive: ReceiveHandler,
 }
 
 impl Handler for External {
@@ -61,6 +65,7 @@ impl Handler for External {
             "/authorize" => self.authorize.handle(&request),
             "/upload" => self.upload.handle(&request),
             "/import" => self.import.handle(&request),
+            RECEIVE_PATH => self.receive.handle(&request),
             "/healthz" | "/healthz/ready" => Response::text(200, "ok"),
             "/" => Response::json(200, &serde_json::json!({ "paths": EXTERNAL_PATHS })),
             _ => not_found(),
@@ -71,15 +76,17 @@ impl Handler for External {
         match path {
             "/upload" => self.upload.body_limit(),
             "/import" => self.import.body_limit(),
+            RECEIVE_PATH => self.receive.body_limit(),
             "/authorize" => MAX_BODY_BYTES,
             _ => SMALL_BODY,
         }
     }
-    /// `/upload` checks its token before the body (see [`UploadHandler::admit`]); the rest only
-    /// cap their bodies. `/authorize` bodies stay allowed without a token: they are tiny.
+    /// `/upload` and `/metrics/v1/receive` check their tokens before the body (see
+    /// [`UploadHandler::admit`], [`ReceiveHandler::admit`]); the rest only cap their bodies. `/authorize` bodies stay allowed without a token: they are tiny.
     fn admit(&self, head: &Head, remote: SocketAddr) -> Result<usize, Response> {
         match head.path.as_str() {
             "/upload" => self.upload.admit(head, remote),
+            RECEIVE_PATH => self.receive.admit(head, remote),
             path => Ok(self.body_limit(&head.method, path)),
         }
     }
@@ -87,6 +94,8 @@ impl Handler for External {
     fn body_too_large(&self, head: &Head, limit: usize, remote: SocketAddr) {
         if head.path == "/upload" {
             self.upload.body_too_large(head, limit, remote);
+        } else if head.path == RECEIVE_PATH {
+            self.receive.body_too_large(head, limit, remote);
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::ingest::upload::{UploadHandler, UploadLimits};
 use crate::ingest::validate::Rules;
 use crate::metrics::Metrics;
 use crate::ports::{ClusterRoutes, External, Fronts, Internal};
+use crate::receive::{ReceiveHandler, ReceiveParts, Route};
 use crate::reload::Reloader;
 use crate::remote_write::{RemoteWriteError, RemoteWriter};
 use crate::status::Status;
@@ -205,8 +206,32 @@ impl Server {
             placement.clone(),
             config.ratelimit,
         );
+        let receive = ReceiveHandler::new(
+            config.receive.clone(),
+            ReceiveParts {
+                authorizer: authorizer.clone(),
+                local_authorizer: !matches!(
+                    config.token_source,
+                    crate::config::TokenSource::Tollbooth(_)
+                ),
+                partition_label: config.partition_label.clone(),
+                extra_labels: config.labels.clone(),
+                whitelist: whitelist.clone(),
+                max_sample_age: config.max_sample_age,
+                max_future_skew: config.max_future_skew,
+                max_series: config.max_series,
+                store: store.clone(),
+                remote_write: remote_write.clone(),
+                route: match &cluster {
+                    Some(cluster) => Route::Cluster(cluster.clone()),
+                    None => Route::Local,
+                },
+                metrics: metrics.clone(),
+            },
+        );
         let external_handler = External {
             import,
+            receive,
             authorize: AuthorizeHandler::new(
                 authorizer,
                 signer.clone(),

@@ -4,6 +4,7 @@
 //! (401 otherwise, counted as `unauthorized`). A forwarded push is never forwarded again,
 //! whoever the ring names as owner: the sender chose us, and if we do not own the cluster the
 //! handoff thread moves the file on later. The reply is 200 only once the upload is durable.
+//! A forwarded remote-write request (`receive`) is merged into the cluster's series.
 
 use telemeter_common::http::{Request, Response};
 
@@ -47,6 +48,11 @@ pub fn handle_forward(
         }
         ForwardKind::Handoff => store.put_if_newer(id, families, forwarded.received),
         ForwardKind::Remove => store.remove(id).map(|()| true),
+        // Merged into the cluster's series (never forwarded again, like a push).
+        ForwardKind::Receive => {
+            crate::receive::store_forwarded(store, remote_write, id, families, forwarded.received)
+                .map(|()| true)
+        }
     };
     match result {
         Ok(written) => {
@@ -148,7 +154,8 @@ mod tests {
                 ("push", 1),
                 ("handoff", 1),
                 ("unauthorized", 3),
-                ("store_error", 0)
+                ("store_error", 0),
+                ("receive", 0)
             ]
         );
         // The two stored were accepted under our key; refused ones are not counted by key.

@@ -58,6 +58,9 @@ pub enum ForwardKind {
     /// An operator's `DELETE /api/v1/clusters/<id>` on another server: the owner removes the
     /// cluster (durably). The body is empty.
     Remove,
+    /// A remote-write request accepted by another server (its validated families): the owner
+    /// merges it into the cluster's series.
+    Receive,
 }
 
 impl ForwardKind {
@@ -67,6 +70,7 @@ impl ForwardKind {
             ForwardKind::Push => "push",
             ForwardKind::Handoff => "handoff",
             ForwardKind::Remove => "remove",
+            ForwardKind::Receive => "receive",
         }
     }
 
@@ -75,6 +79,7 @@ impl ForwardKind {
             ForwardKind::Push => 1,
             ForwardKind::Handoff => 2,
             ForwardKind::Remove => 3,
+            ForwardKind::Receive => 4,
         }
     }
 
@@ -83,6 +88,7 @@ impl ForwardKind {
             1 => Some(ForwardKind::Push),
             2 => Some(ForwardKind::Handoff),
             3 => Some(ForwardKind::Remove),
+            4 => Some(ForwardKind::Receive),
             _ => None,
         }
     }

@@ -49,12 +49,12 @@ impl ClusterMetrics {
             ),
             forwards: registry.counter(
                 "telemeter_server_cluster_forwards_total",
-                "Pushes forwarded to other servers, by kind (push, handoff) and result.",
+                "Pushes forwarded to other servers, by kind (push, handoff, remove, receive) and result.",
                 &["kind", "result"],
             ),
             received: registry.counter(
                 "telemeter_server_cluster_forwards_received_total",
-                "Forwarded pushes received, by result (push, handoff, unauthorized, store_error).",
+                "Forwarded pushes received, by result (push, handoff, unauthorized, store_error, receive).",
                 &["result"],
             ),
             peer_key: registry.gauge(

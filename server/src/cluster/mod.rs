@@ -166,16 +166,21 @@ pub struct ClusterStats {
 }
 
 /// Results of forwards received, in [`ClusterStats::received_forwards`] order.
-const RECEIVED: [&str; 4] = ["push", "handoff", "unauthorized", "store_error"];
+const RECEIVED: [&str; 5] = ["push", "handoff", "unauthorized", "store_error", "receive"];
 
-/// Forward results by kind (push, handoff, remove) × result (ok, unreachable, rejected).
+/// Forward results by kind (push, handoff, remove, receive) × result (ok, unreachable, rejected).
 #[derive(Debug, Default)]
 struct ForwardCounters {
-    counts: [[AtomicU64; 3]; 3],
+    counts: [[AtomicU64; 3]; 4],
 }
 
 const RESULTS: [&str; 3] = ["ok", "unreachable", "rejected"];
-const KINDS: [ForwardKind; 3] = [ForwardKind::Push, ForwardKind::Handoff, ForwardKind::Remove];
+const KINDS: [ForwardKind; 4] = [
+    ForwardKind::Push,
+    ForwardKind::Handoff,
+    ForwardKind::Remove,
+    ForwardKind::Receive,
+];
 
 impl ForwardCounters {
     fn count(&self, kind: ForwardKind, result: &Result<(), ForwardError>) {
@@ -183,6 +188,7 @@ impl ForwardCounters {
             ForwardKind::Push => 0,
             ForwardKind::Handoff => 1,
             ForwardKind::Remove => 2,
+            ForwardKind::Receive => 3,
         };
         let r = match result {
             Ok(()) => 0,
@@ -215,7 +221,7 @@ pub struct Cluster {
     forwards_opened: Mutex<BTreeMap<KeyId, u64>>,
     forwarder: Forwarder,
     forwards: ForwardCounters,
-    received: [AtomicU64; 4],
+    received: [AtomicU64; 5],
     started: Instant,
     peer_timeout: Duration,
     join_count: usize,

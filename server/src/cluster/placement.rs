@@ -48,18 +48,13 @@ impl Placement for ClusterPlacement {
         payload: Vec<u8>,
         received: SystemTime,
     ) -> Result<(), PlacementError> {
-        let candidates = self.cluster.owner_preference(cluster_id);
-        let mut failures = Vec::new();
-        let last = candidates.len().saturating_sub(1);
-        let mut payload = Some(payload);
-        for (i, owner) in candidates.iter().enumerate() {
-            let result = if owner.is_self {
-                // Keep a copy only if a later member may still need it.
-                let bytes = if i == last {
-                    payload.take().unwrap_or_default()
-                } else {
-                    payload.clone().unwrap_or_default()
-                };
+        place_on_owner(
+            &self.cluster,
+            cluster_id,
+            ForwardKind::Push,
+            payload,
+            received,
+            |bytes| {
                 store_then_queue(
                     &self.store,
                     self.remote_write.as_ref(),
@@ -68,41 +63,70 @@ impl Placement for ClusterPlacement {
                     received,
                 )
                 .map_err(|e| e.to_string())
+            },
+        )
+    }
+}
+
+/// Stores `payload` on `cluster_id`'s owner: `store_here` when that is this node, else forwarded
+/// as `kind` (the owner stores it durably before answering); a failed owner is marked suspect and
+/// the next in the ring's preference order is tried. Shared by uploads and remote write.
+pub fn place_on_owner<E: std::fmt::Display>(
+    cluster: &Cluster,
+    cluster_id: &str,
+    kind: ForwardKind,
+    payload: Vec<u8>,
+    received: SystemTime,
+    store_here: impl Fn(Vec<u8>) -> Result<(), E>,
+) -> Result<(), PlacementError> {
+    let candidates = cluster.owner_preference(cluster_id);
+    let mut failures = Vec::new();
+    let last = candidates.len().saturating_sub(1);
+    let mut payload = Some(payload);
+    for (i, owner) in candidates.iter().enumerate() {
+        let result = if owner.is_self {
+            // Keep a copy only if a later member may still need it.
+            let bytes = if i == last {
+                payload.take().unwrap_or_default()
             } else {
-                let bytes = payload.as_deref().unwrap_or_default();
-                self.cluster
-                    .forward(owner, cluster_id, received, ForwardKind::Push, bytes)
-                    .map_err(|e| {
-                        self.cluster.mark_suspect(&owner.name);
-                        e.to_string()
-                    })
+                payload.clone().unwrap_or_default()
             };
-            match result {
-                Ok(()) => {
-                    if i > 0 {
-                        log::info!(
-                            "cluster {cluster_id}: stored on {} after {} failed",
-                            owner.name,
-                            failures.join("; ")
-                        );
-                    }
-                    return Ok(());
-                }
-                Err(err) => {
-                    log::warn!(
-                        "cluster {cluster_id}: storing on {} failed: {err}",
-                        owner.name
+            store_here(bytes).map_err(|e| e.to_string())
+        } else {
+            let bytes = payload.as_deref().unwrap_or_default();
+            cluster
+                .forward(owner, cluster_id, received, kind, bytes)
+                .map_err(|e| {
+                    cluster.mark_suspect(&owner.name);
+                    e.to_string()
+                })
+        };
+        match result {
+            Ok(()) => {
+                if i > 0 {
+                    log::info!(
+                        "cluster {cluster_id}: stored on {} after {} failed",
+                        owner.name,
+                        failures.join("; ")
                     );
-                    failures.push(format!("{}: {err}", owner.name));
                 }
+                return Ok(());
+            }
+            Err(err) => {
+                log::warn!(
+                    "cluster {cluster_id}: storing on {} failed: {err}",
+                    owner.name
+                );
+                failures.push(format!("{}: {err}", owner.name));
             }
         }
-        log::error!(
-            "cluster {cluster_id}: no server could store the upload: {}",
-            failures.join("; ")
-        );
-        Err(PlacementError::Unavailable)
     }
+    log::error!(
+        "cluster {cluster_id}: no server could store the {}: {}",
+        kind.as_str(),
+        failures.join("; ")
+    );
+    Err(PlacementError::Unavailable)
 }
 
 #[cfg(test)]

@@ -157,6 +157,41 @@ impl Flags {
             }
         };
         let has_shared_key = !self.shared_key.is_empty();
+        let receive = crate::receive::ReceiveConfig {
+            max_bytes: positive("--receive-max-bytes", self.receive_max_bytes)?,
+            max_decompressed_bytes: positive(
+                "--receive-max-decompressed-bytes",
+                self.receive_max_decompressed_bytes,
+            )?,
+            rate: match self.receive_ratelimit {
+                rate if rate.is_finite() && rate >= 0.0 => rate,
+                rate => {
+                    return Err(ConfigError::Invalid {
+                        flag: "--receive-ratelimit",
+                        reason: format!("{rate} is not a rate (0 or more per second)"),
+                    })
+                }
+            },
+            elide_labels: {
+                for name in &self.elide_labels {
+                    if !labels::is_valid_label_name(name) {
+                        return Err(ConfigError::Invalid {
+                            flag: "--elide-label",
+                            reason: format!("{name:?} is not a valid label name"),
+                        });
+                    }
+                    if *name == self.partition_label {
+                        return Err(ConfigError::Invalid {
+                            flag: "--elide-label",
+                            reason: format!(
+                                "{name:?} is the partition label, which every series must carry"
+                            ),
+                        });
+                    }
+                }
+                self.elide_labels.clone()
+            },
+        };
         let has_internal_tls = self.internal_tls_key.is_some();
         Ok(Config {
             listen: self.listen,
@@ -205,6 +240,7 @@ impl Flags {
                 timeout => timeout,
             },
             remote_write,
+            receive,
             cluster: match self.listen_cluster {
                 None => None,
                 Some(listen_cluster) => {

@@ -226,6 +226,29 @@ pub struct Flags {
     #[arg(long, default_value = "30s", value_name = "DURATION")]
     pub body_timeout: String,
 
+    /// Largest remote-write body accepted on /metrics/v1/receive as sent (snappy-compressed), in
+    /// bytes; larger ones get 413, which a Prometheus does not retry. Upstream's default.
+    #[arg(long, default_value_t = 128 << 10, value_name = "BYTES")]
+    pub receive_max_bytes: usize,
+
+    /// Largest remote-write body after decompression, in bytes, checked from snappy's declared
+    /// length before decompressing; larger ones get 413.
+    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES")]
+    pub receive_max_decompressed_bytes: usize,
+
+    /// Remote-write requests per second accepted from each cluster on /metrics/v1/receive, with a
+    /// burst of 10 seconds' worth (a Prometheus sends one batch every few seconds per shard, and
+    /// replays its WAL quickly after an outage). Over it: 429 with Retry-After, which Prometheus
+    /// retries without dropping anything (set `queue_config.retry_on_http_429: true` on 2.42). 0
+    /// turns the limit off.
+    #[arg(long, default_value_t = 20.0, value_name = "N")]
+    pub receive_ratelimit: f64,
+
+    /// A label removed from every series received by remote write (repeatable, or
+    /// comma-separated), as upstream's --elide-label; /upload clients elide with their own flag.
+    #[arg(long = "elide-label", value_name = "NAME", value_delimiter = ',')]
+    pub elide_labels: Vec<String>,
+
     /// Also ship every upload this server stores, with its original timestamps, as Prometheus
     /// remote-write 1.0 to this URL (Prometheus with --web.enable-remote-write-receiver, Thanos
     /// receive, Mimir, Cortex, VictoriaMetrics).

@@ -196,6 +196,8 @@ pub struct Config {
     pub cluster: Option<ClusterFlags>,
     /// Where stored uploads are also shipped, if anywhere.
     pub remote_write: Option<RemoteWriteConfig>,
+    /// `/metrics/v1/receive` (remote write from the edge).
+    pub receive: crate::receive::ReceiveConfig,
 }
 
 /// Why the flags do not make a usable configuration.

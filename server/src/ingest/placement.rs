@@ -112,6 +112,17 @@ pub fn store_then_queue(
     payload: Vec<u8>,
     received: SystemTime,
 ) -> Result<(), StoreError> {
+    // A cluster that also pushes by remote write: merged, so neither path erases the other's
+    // series (README, "Remote write and uploads together").
+    if crate::receive::merge::uses_remote_write(store, cluster_id, received) {
+        return crate::receive::merge::store_upload_merged(
+            store,
+            remote_write,
+            cluster_id,
+            payload,
+            received,
+        );
+    }
     match remote_write {
         None => store
             .put_unless_older(cluster_id, payload, received)
@@ -123,4 +134,23 @@ pub fn store_then_queue(
             Ok(())
         }
     }
+}
+
+/// Stores `merged` (a cluster's series after a remote-write request was merged into them) durably
+/// as `cluster_id`'s payload, then queues only `delta` (the request's own samples) on
+/// `remote_write`: the merged payload holds samples shipped before, which a receiver would refuse
+/// as out of order. The one place a received remote-write request goes from durable to shipped.
+pub fn store_merged_then_ship(
+    store: &Store,
+    remote_write: Option<&RemoteWriter>,
+    cluster_id: &str,
+    merged: Vec<u8>,
+    delta: Vec<u8>,
+    received: SystemTime,
+) -> Result<(), StoreError> {
+    store.put(cluster_id, merged, received)?;
+    if let Some(writer) = remote_write {
+        writer.enqueue(cluster_id, delta, received);
+    }
+    Ok(())
 }

@@ -338,6 +338,12 @@ impl Store {
         self.handle.shared.remove(cluster_id)
     }
 
+    /// How long a cluster's newest sample keeps it served (`--ttl`): remote write's merge drops
+    /// series older than this.
+    pub fn ttl(&self) -> std::time::Duration {
+        self.handle.shared.ttl
+    }
+
     /// Removes every cluster whose newest sample is older than `now - ttl`; returns how many.
     pub fn sweep(&self, now: SystemTime) -> usize {
         self.handle.shared.sweep(now)

@@ -1,0 +1,665 @@
+//! Merging a remote-write request's samples into what a cluster has stored.
+//!
+//! A remote-write request carries some of a cluster's series (a shard's batch), so storing it
+//! would erase the others from `/federate`: it is merged instead. Series are identified by family
+//! name and label set (order-independent); the newer sample wins; a Prometheus staleness marker
+//! newer than the stored sample removes the series (Prometheus sends one when a series ends);
+//! series whose sample is older than the TTL are dropped, so a cluster's payload does not grow
+//! with every series it ever sent.
+//!
+//! Read, merge and put of one cluster run under one of [`STRIPES`] locks chosen by its id, so two
+//! requests of a cluster cannot both read the same payload and each write back only their own
+//! series. Striped (not one lock per cluster) so the locks take fixed memory whatever the number of
+//! cluster ids; two clusters sharing a stripe only wait for each other's merge.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, int32, WireType};
+use prost::Message;
+use telemeter_common::delimited::{DecodeError, Limits};
+use telemeter_common::model::{Counter, Gauge, LabelPair, Metric, MetricType, Untyped};
+use telemeter_common::wire::{self, MetricView, Value};
+
+use crate::ingest::placement::store_merged_then_ship;
+use crate::remote_write::RemoteWriter;
+use crate::store::{Store, StoreError};
+
+/// Locks around read-merge-put, chosen by cluster id.
+const STRIPE_COUNT: usize = 64;
+
+/// The stripes; see the module documentation.
+static STRIPES: [Mutex<()>; STRIPE_COUNT] = [const { Mutex::new(()) }; STRIPE_COUNT];
+
+/// The bit pattern Prometheus writes as a staleness marker (`value.StaleNaN`).
+const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
+
+/// Whether `value` is Prometheus's staleness marker.
+pub fn is_stale_marker(value: f64) -> bool {
+    value.to_bits() == STALE_NAN_BITS
+}
+
+/// The help text of every family remote write builds. It is what makes "this cluster has
+/// remote-write series" durable: it travels in the stored payload (journal, checkpoint, handoff
+/// to another owner) and disappears with the last such series when the TTL drops it, so a restart
+/// or a move learns it back from the payload itself ([`uses_remote_write`]).
+pub const REMOTE_WRITE_HELP: &str = "Received by remote write.";
+
+/// Per store directory, per cluster: the newest remote-write sample stored (ms), `i64::MIN` when
+/// the stored payload has none. Learned from the payload at a cluster's first upload after start,
+/// kept up to date by every merge, so an upload reads its cluster's payload at most once per
+/// process unless the cluster uses remote write. One entry per cluster that pushed, as the
+/// store's own index.
+static NEWEST_RECEIVED: Mutex<Option<HashMap<PathBuf, HashMap<String, i64>>>> = Mutex::new(None);
+
+/// Records what a merge stored (`learned` false), or what a payload read says (`learned` true:
+/// then only if nothing is known yet, so a read that raced with a merge cannot undo it).
+fn note_newest(store: &Store, cluster_id: &str, newest_ms: i64, learned: bool) {
+    let mut all = telemeter_common::sync::lock(&NEWEST_RECEIVED);
+    let clusters = all
+        .get_or_insert_with(HashMap::new)
+        .entry(store.dir().to_path_buf())
+        .or_default();
+    if learned {
+        clusters.entry(cluster_id.to_string()).or_insert(newest_ms);
+    } else {
+        clusters.insert(cluster_id.to_string(), newest_ms);
+    }
+}
+
+/// The newest remote-write sample in `payload` (protobuf-delimited families), `i64::MIN` when
+/// none (or unreadable).
+fn newest_received(payload: &[u8]) -> i64 {
+    let mut newest = i64::MIN;
+    for family in wire::families(payload, &UNLIMITED) {
+        let Ok(family) = family else {
+            break;
+        };
+        if family.help != REMOTE_WRITE_HELP {
+            continue;
+        }
+        for metric in family.metrics() {
+            let Ok(metric) = metric else {
+                break;
+            };
+            newest = newest.max(metric.timestamp_ms.unwrap_or(i64::MIN));
+        }
+    }
+    newest
+}
+
+/// Whether `cluster_id` has remote-write series within the TTL: then its uploads are merged
+/// into its series (like remote write) rather than replacing them. Reads the stored payload
+/// only the first time a cluster is asked about in this process.
+pub fn uses_remote_write(store: &Store, cluster_id: &str, now: SystemTime) -> bool {
+    let oldest = telemeter_common::time::sample_millis(now)
+        .saturating_sub(telemeter_common::time::duration_millis(store.ttl()));
+    let known = telemeter_common::sync::lock(&NEWEST_RECEIVED)
+        .as_ref()
+        .and_then(|all| all.get(store.dir()))
+        .and_then(|clusters| clusters.get(cluster_id).copied());
+    let newest = match known {
+        Some(newest) => newest,
+        None => {
+            let newest = match store.get(cluster_id) {
+                Ok(Some(upload)) => newest_received(&upload.payload),
+                Ok(None) => i64::MIN,
+                // Unreadable now: not remembered, asked again next time.
+                Err(_) => return false,
+            };
+            note_newest(store, cluster_id, newest, true);
+            newest
+        }
+    };
+    newest >= oldest
+}
+
+/// Stores an upload of a cluster that [`uses_remote_write`]: merged into its series like a
+/// remote-write request (so neither path erases the other's series), and shipped as it came.
+pub fn store_upload_merged(
+    store: &Store,
+    remote_write: Option<&RemoteWriter>,
+    cluster_id: &str,
+    payload: Vec<u8>,
+    received: SystemTime,
+) -> Result<(), StoreError> {
+    match store_received(
+        store,
+        remote_write,
+        cluster_id,
+        payload,
+        received,
+        usize::MAX,
+    ) {
+        Ok(()) | Err(MergeError::TooManySeries { .. }) => Ok(()),
+        Err(MergeError::Store(e)) => Err(e),
+    }
+}
+
+/// Decoding limits for payloads this server wrote itself.
+const UNLIMITED: Limits = Limits {
+    max_message_bytes: usize::MAX,
+    max_total_bytes: usize::MAX,
+    max_families: usize::MAX,
+    max_series: usize::MAX,
+};
+
+/// Why a merge could not be stored.
+#[derive(Debug)]
+pub enum MergeError {
+    /// Reading or writing the store failed.
+    Store(StoreError),
+    /// The merged series would pass the per-cluster cap.
+    TooManySeries {
+        /// The cap.
+        limit: usize,
+    },
+}
+
+impl std::fmt::Display for MergeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MergeError::Store(e) => write!(f, "{e}"),
+            MergeError::TooManySeries { limit } => write!(
+                f,
+                "the cluster would hold more than {limit} series (--max-series)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for MergeError {}
+
+impl From<StoreError> for MergeError {
+    fn from(e: StoreError) -> Self {
+        MergeError::Store(e)
+    }
+}
+
+/// Merges `delta` (validated families, protobuf-delimited) into `cluster_id`'s stored payload and
+/// stores the result durably, then ships `delta` (only the request's samples: re-shipping stored
+/// ones would make the receiver refuse them as out of order) to `remote_write`. Every path that
+/// stores a remote-write request it owns (received here, forwarded here) goes through here.
+pub fn store_received(
+    store: &Store,
+    remote_write: Option<&RemoteWriter>,
+    cluster_id: &str,
+    delta: Vec<u8>,
+    received: SystemTime,
+    max_series: usize,
+) -> Result<(), MergeError> {
+    let _stripe = telemeter_common::sync::lock(stripe(cluster_id));
+    let stored = store.get(cluster_id)?.map(|upload| upload.payload);
+    let oldest_ms = telemeter_common::time::sample_millis(received)
+        .saturating_sub(telemeter_common::time::duration_millis(store.ttl()));
+    let merged = match merge_payloads(stored.as_deref().unwrap_or_default(), &delta, oldest_ms) {
+        Ok(merged) => merged,
+        // Only this server's own validated payloads are read here (a sealed forward's too): a
+        // failure means corruption the store's checksum missed, and the cluster starts over from
+        // the request rather than being stuck.
+        Err(e) => {
+            log::warn!(
+                "cluster {cluster_id:?}: stored payload unreadable ({e}); merging into nothing"
+            );
+            merge_payloads(&[], &delta, oldest_ms).map_err(|e| {
+                MergeError::Store(StoreError::Format {
+                    context: format!("merging a remote-write request of cluster {cluster_id:?}"),
+                    reason: e.to_string(),
+                })
+            })?
+        }
+    };
+    drop(stored);
+    if merged.series > max_series {
+        return Err(MergeError::TooManySeries { limit: max_series });
+    }
+    store_merged_then_ship(
+        store,
+        remote_write,
+        cluster_id,
+        merged.payload,
+        delta,
+        received,
+    )?;
+    note_newest(store, cluster_id, merged.newest_received, false);
+    Ok(())
+}
+
+/// The stripe lock of `cluster_id`.
+fn stripe(cluster_id: &str) -> &'static Mutex<()> {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    cluster_id.hash(&mut hasher);
+    &STRIPES[(hasher.finish() as usize) % STRIPE_COUNT]
+}
+
+/// What [`merge_payloads`] made.
+pub struct Merged {
+    /// The merged families, protobuf-delimited.
+    pub payload: Vec<u8>,
+    /// Series in it.
+    pub series: usize,
+    /// Its newest remote-write sample (ms), `i64::MIN` when none.
+    pub newest_received: i64,
+}
+
+/// One series of the merge: the source's encoded `Metric` (re-encoded only when its family
+/// changed type), its timestamp, and whether its value is a staleness marker.
+struct Series<'a> {
+    /// Where its identity bytes are in the merge's key arena (to confirm a hash match).
+    key: std::ops::Range<usize>,
+    message: std::borrow::Cow<'a, [u8]>,
+    timestamp_ms: i64,
+    stale: bool,
+}
+
+/// One family of the merge.
+struct Family<'a> {
+    name: &'a str,
+    help: &'a str,
+    raw_type: Option<i32>,
+    series: Vec<Series<'a>>,
+    /// Identity hash → position in `series`; `overflow` holds series whose hash was taken by
+    /// another label set (found by comparing labels).
+    index: HashMap<u64, usize>,
+    overflow: Vec<usize>,
+}
+
+/// Writes `metric`'s identity into `key`: its labels sorted, each name and value followed by a
+/// 0xff byte (which UTF-8 never contains, so different label sets never give the same bytes).
+/// One flat buffer so that it is hashed in one call; `pairs` is scratch space.
+fn identity<'a>(
+    metric: &MetricView<'a>,
+    pairs: &mut Vec<(&'a str, &'a str)>,
+    key: &mut Vec<u8>,
+) -> Result<(), DecodeError> {
+    pairs.clear();
+    for label in metric.labels() {
+        pairs.push(label?);
+    }
+    pairs.sort_unstable();
+    key.clear();
+    for (name, value) in pairs.iter() {
+        key.extend_from_slice(name.as_bytes());
+        key.push(0xff);
+        key.extend_from_slice(value.as_bytes());
+        key.push(0xff);
+    }
+    Ok(())
+}
+
+/// The plain value (counter, gauge, untyped) of a series.
+fn plain(value: &Value<'_>) -> Option<f64> {
+    match value {
+        Value::Gauge(v) | Value::Counter(v) | Value::Untyped(v) => Some(*v),
+        _ => None,
+    }
+}
+
+/// Whether a family of this type holds one plain value per series (so series can move between
+/// these types by carrying their value over).
+fn is_plain(kind: MetricType) -> bool {
+    matches!(
+        kind,
+        MetricType::Counter | MetricType::Gauge | MetricType::Untyped
+    )
+}
+
+fn kind(raw_type: Option<i32>) -> MetricType {
+    raw_type
+        .and_then(|t| MetricType::try_from(t).ok())
+        .unwrap_or(MetricType::Untyped)
+}
+
+/// `message` (an encoded plain `Metric`) re-encoded as a series of a `kind` family.
+fn converted(message: &[u8], kind: MetricType) -> Result<Vec<u8>, DecodeError> {
+    let mut metric = Metric::decode(message).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+    if let Some(value) = plain_value(&metric) {
+        set_plain(&mut metric, kind, value);
+    }
+    Ok(metric.encode_to_vec())
+}
+
+/// Merges `delta` into `stored` (both protobuf-delimited families) on the wire, copying each
+/// series' bytes rather than decoding it: per series (family name and label set, in any order)
+/// the newer sample wins (a staleness marker that wins removes the series), then series older
+/// than `oldest_ms` are dropped, and empty families with them. When a family changes type, the
+/// delta's type wins: plain series carry their value over, and a histogram or summary family is
+/// replaced whole (its series cannot be mixed with others).
+pub fn merge_payloads(stored: &[u8], delta: &[u8], oldest_ms: i64) -> Result<Merged, DecodeError> {
+    let keys = RandomState::new();
+    let mut families: Vec<Family<'_>> = Vec::new();
+    let mut by_name: HashMap<&str, usize> = HashMap::new();
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    let mut key: Vec<u8> = Vec::new();
+    // Every kept series' identity bytes, one after the other: read once per series, and no
+    // allocation per series.
+    let mut arena: Vec<u8> = Vec::new();
+    for (from_delta, body) in [(false, stored), (true, delta)] {
+        for view in wire::families(body, &UNLIMITED) {
+            let view = view?;
+            let at = match by_name.get(view.name) {
+                Some(&at) => at,
+                None => {
+                    by_name.insert(view.name, families.len());
+                    families.push(Family {
+                        name: view.name,
+                        help: view.help,
+                        raw_type: view.raw_type,
+                        series: Vec::new(),
+                        index: HashMap::new(),
+                        overflow: Vec::new(),
+                    });
+                    families.len() - 1
+                }
+            };
+            let family = &mut families[at];
+            if from_delta {
+                let (old, new) = (kind(family.raw_type), kind(view.raw_type));
+                if old != new {
+                    if is_plain(old) && is_plain(new) {
+                        for series in &mut family.series {
+                            series.message = converted(&series.message, new)?.into();
+                        }
+                    } else {
+                        family.series.clear();
+                        family.index.clear();
+                        family.overflow.clear();
+                    }
+                    family.raw_type = view.raw_type;
+                }
+                if view.help == REMOTE_WRITE_HELP || family.help != REMOTE_WRITE_HELP {
+                    family.help = view.help;
+                }
+            }
+            for metric in view.metrics() {
+                let metric = metric?;
+                identity(&metric, &mut pairs, &mut key)?;
+                let hash = keys.hash_one(key.as_slice());
+                let mut series = Series {
+                    key: 0..0,
+                    message: metric.message.into(),
+                    timestamp_ms: metric.timestamp_ms.unwrap_or(i64::MIN),
+                    stale: plain(&metric.value).is_some_and(is_stale_marker),
+                };
+                // The same series already in the family: the index's, or one of the overflow.
+                let mut found = None;
+                let candidates = family.index.get(&hash).copied().into_iter();
+                for i in candidates.chain(family.overflow.iter().copied()) {
+                    let Some(existing) = family.series.get(i) else {
+                        continue;
+                    };
+                    if arena.get(existing.key.clone()) == Some(key.as_slice()) {
+                        found = Some(i);
+                        break;
+                    }
+                }
+                match found {
+                    Some(i) => {
+                        if series.timestamp_ms >= family.series[i].timestamp_ms {
+                            series.key = family.series[i].key.clone();
+                            family.series[i] = series;
+                        }
+                    }
+                    None => {
+                        series.key = arena.len()..arena.len() + key.len();
+                        arena.extend_from_slice(&key);
+                        let i = family.series.len();
+                        match family.index.entry(hash) {
+                            std::collections::hash_map::Entry::Occupied(_) => {
+                                family.overflow.push(i)
+                            }
+                            std::collections::hash_map::Entry::Vacant(slot) => {
+                                slot.insert(i);
+                            }
+                        }
+                        family.series.push(series);
+                    }
+                }
+            }
+        }
+    }
+    let mut out = Merged {
+        payload: Vec::with_capacity(stored.len() + delta.len()),
+        series: 0,
+        newest_received: i64::MIN,
+    };
+    for family in &families {
+        let kept = |series: &&Series<'_>| series.timestamp_ms >= oldest_ms && !series.stale;
+        // Sized first, then written straight into the payload (no intermediate copy).
+        let mut len = 0;
+        let mut count = 0;
+        for series in family.series.iter().filter(kept) {
+            len += 1 + encoded_len_varint(series.message.len() as u64) + series.message.len();
+            count += 1;
+        }
+        if count == 0 {
+            continue;
+        }
+        let name = family.name.as_bytes();
+        let help = family.help.as_bytes();
+        len += 1 + encoded_len_varint(name.len() as u64) + name.len();
+        if !help.is_empty() {
+            len += 1 + encoded_len_varint(help.len() as u64) + help.len();
+        }
+        if let Some(t) = family.raw_type {
+            len += int32::encoded_len(3, &t);
+        }
+        let payload = &mut out.payload;
+        encode_varint(len as u64, payload);
+        encode_key(1, WireType::LengthDelimited, payload);
+        encode_varint(name.len() as u64, payload);
+        payload.extend_from_slice(name);
+        if !help.is_empty() {
+            encode_key(2, WireType::LengthDelimited, payload);
+            encode_varint(help.len() as u64, payload);
+            payload.extend_from_slice(help);
+        }
+        if let Some(t) = family.raw_type {
+            int32::encode(3, &t, payload);
+        }
+        for series in family.series.iter().filter(kept) {
+            encode_key(4, WireType::LengthDelimited, payload);
+            encode_varint(series.message.len() as u64, payload);
+            payload.extend_from_slice(&series.message);
+            if family.help == REMOTE_WRITE_HELP {
+                out.newest_received = out.newest_received.max(series.timestamp_ms);
+            }
+        }
+        out.series += count;
+    }
+    Ok(out)
+}
+
+/// The plain value of a counter, gauge or untyped series.
+fn plain_value(metric: &Metric) -> Option<f64> {
+    metric
+        .untyped
+        .and_then(|v| v.value)
+        .or_else(|| metric.gauge.and_then(|v| v.value))
+        .or_else(|| metric.counter.and_then(|v| v.value))
+}
+
+/// Makes `metric` carry `value` as a series of a `kind` family.
+fn set_plain(metric: &mut Metric, kind: MetricType, value: f64) {
+    metric.untyped = None;
+    metric.gauge = None;
+    metric.counter = None;
+    match kind {
+        MetricType::Counter => metric.counter = Some(Counter { value: Some(value) }),
+        MetricType::Gauge => metric.gauge = Some(Gauge { value: Some(value) }),
+        _ => metric.untyped = Some(Untyped { value: Some(value) }),
+    }
+}
+
+/// One series of a remote-write family: sorted `labels` (without `__name__`), `value` at
+/// `timestamp_ms`.
+pub fn untyped_series(labels: Vec<LabelPair>, value: f64, timestamp_ms: i64) -> Metric {
+    Metric {
+        label: labels,
+        untyped: Some(Untyped { value: Some(value) }),
+        timestamp_ms: Some(timestamp_ms),
+        ..Metric::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use telemeter_common::delimited;
+    use telemeter_common::model::MetricFamily;
+
+    fn family(name: &str, kind: MetricType, series: &[(&str, f64, i64)]) -> MetricFamily {
+        MetricFamily {
+            name: Some(name.into()),
+            help: None,
+            r#type: Some(kind as i32),
+            metric: series
+                .iter()
+                .map(|(job, v, ts)| {
+                    let mut m = untyped_series(vec![LabelPair::new("job", job)], *v, *ts);
+                    set_plain(&mut m, kind, *v);
+                    m
+                })
+                .collect(),
+        }
+    }
+
+    fn merge(
+        stored: Vec<MetricFamily>,
+        delta: Vec<MetricFamily>,
+        oldest: i64,
+    ) -> Vec<MetricFamily> {
+        let merged = merge_payloads(
+            &delimited::encode(&stored),
+            &delimited::encode(&delta),
+            oldest,
+        )
+        .unwrap();
+        let families = delimited::decode(&merged.payload, &UNLIMITED).unwrap();
+        assert_eq!(
+            merged.series,
+            families.iter().map(|f| f.metric.len()).sum::<usize>()
+        );
+        families
+    }
+
+    fn values(families: &[MetricFamily]) -> Vec<(String, String, f64, i64)> {
+        let mut out: Vec<_> = families
+            .iter()
+            .flat_map(|f| {
+                f.metric.iter().map(move |m| {
+                    (
+                        f.name.clone().unwrap(),
+                        m.label_value("job").unwrap().to_string(),
+                        plain_value(m).unwrap(),
+                        m.timestamp_ms.unwrap(),
+                    )
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        out
+    }
+
+    #[test]
+    fn disjoint_series_are_both_kept_and_newer_samples_win() {
+        let stored = vec![family(
+            "up",
+            MetricType::Untyped,
+            &[("a", 1.0, 100), ("b", 1.0, 100)],
+        )];
+        let delta = vec![
+            family(
+                "up",
+                MetricType::Untyped,
+                &[("b", 0.0, 200), ("c", 1.0, 200)],
+            ),
+            family("x", MetricType::Untyped, &[("a", 5.0, 200)]),
+        ];
+        let merged = merge(stored, delta, 0);
+        assert_eq!(
+            values(&merged),
+            vec![
+                ("up".into(), "a".into(), 1.0, 100),
+                ("up".into(), "b".into(), 0.0, 200),
+                ("up".into(), "c".into(), 1.0, 200),
+                ("x".into(), "a".into(), 5.0, 200),
+            ]
+        );
+        // An older sample does not replace a newer one.
+        let merged = merge(
+            merged,
+            vec![family("up", MetricType::Untyped, &[("b", 9.0, 150)])],
+            0,
+        );
+        assert!(values(&merged).contains(&("up".into(), "b".into(), 0.0, 200)));
+    }
+
+    #[test]
+    fn ttl_and_staleness_markers_drop_series() {
+        let stored = vec![family(
+            "up",
+            MetricType::Untyped,
+            &[("a", 1.0, 100), ("b", 1.0, 300)],
+        )];
+        let stale = f64::from_bits(STALE_NAN_BITS);
+        let merged = merge(
+            stored,
+            vec![family("up", MetricType::Untyped, &[("b", stale, 400)])],
+            200,
+        );
+        assert!(merged.is_empty(), "{merged:?}");
+    }
+
+    #[test]
+    fn the_delta_type_wins() {
+        let stored = vec![family("up", MetricType::Gauge, &[("a", 1.0, 100)])];
+        let merged = merge(
+            stored,
+            vec![family("up", MetricType::Untyped, &[("b", 2.0, 100)])],
+            0,
+        );
+        assert_eq!(merged[0].metric_type(), MetricType::Untyped);
+        assert_eq!(values(&merged).len(), 2);
+        assert!(merged[0]
+            .metric
+            .iter()
+            .all(|m| m.untyped.is_some() && m.gauge.is_none()));
+    }
+
+    #[test]
+    fn label_order_does_not_change_identity_and_the_marker_is_kept() {
+        let mut one = untyped_series(
+            vec![LabelPair::new("a", "1"), LabelPair::new("b", "2")],
+            1.0,
+            100,
+        );
+        let stored = vec![MetricFamily {
+            name: Some("m".into()),
+            r#type: Some(MetricType::Untyped as i32),
+            metric: vec![one.clone()],
+            help: Some(REMOTE_WRITE_HELP.into()),
+        }];
+        one.label.reverse();
+        one.timestamp_ms = Some(200);
+        let delta = vec![MetricFamily {
+            name: Some("m".into()),
+            r#type: Some(MetricType::Untyped as i32),
+            metric: vec![one],
+            help: Some("from an upload".into()),
+        }];
+        let merged = merge(stored, delta, 0);
+        assert_eq!(merged[0].metric.len(), 1);
+        assert_eq!(merged[0].metric[0].timestamp_ms, Some(200));
+        assert_eq!(merged[0].help.as_deref(), Some(REMOTE_WRITE_HELP));
+        assert_eq!(
+            newest_received(&delimited::encode(&merged)),
+            200,
+            "the newest remote-write sample is read back from the payload"
+        );
+    }
+}

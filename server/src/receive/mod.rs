@@ -1,0 +1,539 @@
+//! `POST /metrics/v1/receive`: Prometheus remote write 1.0 from the edge (upstream telemeter v2).
+//!
+//! The order of a request: method → bearer (base64 JSON of the client token and cluster id, checked
+//! by the `/authorize` authorizer) → the cluster's rate limit → Content-Encoding (snappy block) and
+//! Content-Type → the body caps (as sent, then snappy's declared length before decompressing) →
+//! protobuf → series rules ([`series`]) → merge into the cluster's stored series and store durably
+//! (on the cluster's owner when clustered) → ship the request's own samples → 200.
+//!
+//! Admission from the head, as `/upload` does: with a tokens file (or any-token) the bearer is
+//! checked and the rate limit peeked before any of the body is read, so a peer without a valid
+//! token holds no body memory. With `--authorize` a call to the service cannot run on the
+//! connection's thread: a cached answer is used at the head, and a bearer not seen within the
+//! cache time is checked after its body (capped by `--receive-max-bytes`) is read.
+//!
+//! Status codes follow the remote-write spec so a sender neither retries a refusal forever nor
+//! drops data during an overload: 400/401/403/413/415 are never retried by Prometheus; 429 (with
+//! `Retry-After`) and 5xx are retried. Every answer is counted in
+//! `telemeter_server_receive_requests_total{result}`, and every refusal but 429 is logged once
+//! with the cluster id (429s at debug: a sender retrying can make them come at line rate).
+
+pub mod auth;
+pub mod limit;
+pub mod merge;
+pub mod series;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use log::{debug, info, warn};
+use telemeter_common::http::{Head, Request, Response};
+use telemeter_common::instrument::{Counter, CounterVec};
+use telemeter_common::selector::Selector;
+use telemeter_common::sync::Swap;
+
+use crate::authorize::{AuthorizeError, ClientAuthorizer};
+use crate::cluster::forward::ForwardKind;
+use crate::cluster::Cluster;
+use crate::ingest::gate::Gate;
+use crate::ingest::ratelimit::retry_after_secs;
+use crate::metrics::Metrics;
+use crate::remote_write::RemoteWriter;
+use crate::store::Store;
+
+use auth::{Authenticator, Credentials};
+use limit::Limiter;
+use merge::MergeError;
+use series::SeriesRules;
+
+/// The path.
+pub const RECEIVE_PATH: &str = "/metrics/v1/receive";
+
+/// Memory a request reserves per byte of its decompressed body: the body (read in place, no
+/// decoded copy), the request's encoded series (about the body's size), and the cluster's stored
+/// and merged payloads (each about the size of a batch carrying all its series), with room to
+/// spare; a cluster holding many batches' worth of series costs more, bounded by `--max-series`.
+const RESERVED_BYTES_PER_BODY_BYTE: usize = 8;
+/// Memory all requests past the front may reserve at once (see `ingest::upload`'s equivalent).
+const MAX_MEMORY_BYTES: usize = 256 << 20;
+
+/// Every `result` label value of the requests counter, created at start so an alert on an
+/// increase sees the first one.
+pub const RESULTS: &[&str] = &[
+    "stored",
+    "empty",
+    "unauthorized",
+    "forbidden",
+    "rate_limited",
+    "too_large",
+    "bad_encoding",
+    "bad_snappy",
+    "bad_protobuf",
+    "bad_series",
+    "method",
+    "auth_unavailable",
+    "store_failed",
+];
+
+/// The flags of the endpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReceiveConfig {
+    /// Largest body as sent (snappy-compressed), bytes.
+    pub max_bytes: usize,
+    /// Largest body after decompression, bytes (from snappy's declared length).
+    pub max_decompressed_bytes: usize,
+    /// Requests a second per cluster (0: no limit).
+    pub rate: f64,
+    /// Labels removed from every series.
+    pub elide_labels: Vec<String>,
+}
+
+/// Where a received request's families are stored.
+pub enum Route {
+    /// In this server's store.
+    Local,
+    /// On the cluster id's owner in the ring (here or forwarded).
+    Cluster(Arc<Cluster>),
+}
+
+/// Why a request was refused: status, counted result, reason, and for 429 the wait.
+struct Refusal {
+    status: u16,
+    result: &'static str,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl Refusal {
+    fn new(status: u16, result: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            result,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn rate_limited(wait: Duration) -> Refusal {
+        let secs = retry_after_secs(wait);
+        Refusal {
+            retry_after: Some(secs),
+            ..Refusal::new(
+                429,
+                "rate_limited",
+                format!("rate limited (--receive-ratelimit): retry in {secs}s"),
+            )
+        }
+    }
+
+    fn from_authorize(e: AuthorizeError) -> Refusal {
+        let status = e.status();
+        let message = e.to_string();
+        match e {
+            AuthorizeError::UnknownToken => Refusal::new(401, "unauthorized", message),
+            AuthorizeError::NotAllowed { .. } => Refusal::new(403, "forbidden", message),
+            AuthorizeError::RateLimited { retry_after } | AuthorizeError::Busy { retry_after } => {
+                Refusal {
+                    retry_after: Some(retry_after),
+                    ..Refusal::new(status, "auth_unavailable", message)
+                }
+            }
+            _ => Refusal::new(status, "auth_unavailable", message),
+        }
+    }
+}
+
+/// Serves `POST /metrics/v1/receive`.
+pub struct ReceiveHandler {
+    config: ReceiveConfig,
+    auth: Authenticator,
+    limiter: Limiter,
+    partition_label: String,
+    extra_labels: Vec<(String, String)>,
+    whitelist: Swap<Vec<Selector>>,
+    max_sample_age: Duration,
+    max_future_skew: Duration,
+    max_series: usize,
+    store: Store,
+    remote_write: Option<RemoteWriter>,
+    route: Route,
+    memory: Gate,
+    cpu: Gate,
+    requests: CounterVec,
+    samples: Counter,
+}
+
+/// What [`ReceiveHandler::new`] needs besides the flags.
+pub struct ReceiveParts {
+    /// Checks client tokens (the `/authorize` one, reloaded with it).
+    pub authorizer: Arc<dyn ClientAuthorizer>,
+    /// Whether `authorizer` is local (tokens file or any-token): checked on the request head.
+    pub local_authorizer: bool,
+    /// `--partition-label`.
+    pub partition_label: String,
+    /// `--label`.
+    pub extra_labels: Vec<(String, String)>,
+    /// The whitelist, shared with the reloader.
+    pub whitelist: Swap<Vec<Selector>>,
+    /// `--max-sample-age`.
+    pub max_sample_age: Duration,
+    /// `--max-future-skew`.
+    pub max_future_skew: Duration,
+    /// `--max-series`: per request, and per cluster after merging.
+    pub max_series: usize,
+    /// The store.
+    pub store: Store,
+    /// Where stored samples are shipped, if anywhere.
+    pub remote_write: Option<RemoteWriter>,
+    /// Local or clustered.
+    pub route: Route,
+    /// The server's metrics (the counters are registered there).
+    pub metrics: Metrics,
+}
+
+impl ReceiveHandler {
+    /// A handler under `config`.
+    pub fn new(config: ReceiveConfig, parts: ReceiveParts) -> ReceiveHandler {
+        let requests = parts.metrics.registry.counter(
+            "telemeter_server_receive_requests_total",
+            "Remote-write requests to /metrics/v1/receive, by result (stored, empty, or the refusal).",
+            &["result"],
+        );
+        for result in RESULTS {
+            requests.with(&[result]);
+        }
+        let samples = parts
+            .metrics
+            .registry
+            .counter(
+                "telemeter_server_receive_samples_total",
+                "Samples stored from remote-write requests.",
+                &[],
+            )
+            .with(&[]);
+        ReceiveHandler {
+            limiter: Limiter::new(config.rate),
+            config,
+            auth: Authenticator::new(parts.authorizer, parts.local_authorizer),
+            partition_label: parts.partition_label,
+            extra_labels: parts.extra_labels,
+            whitelist: parts.whitelist,
+            max_sample_age: parts.max_sample_age,
+            max_future_skew: parts.max_future_skew,
+            max_series: parts.max_series,
+            store: parts.store,
+            remote_write: parts.remote_write,
+            route: parts.route,
+            memory: Gate::new(MAX_MEMORY_BYTES),
+            cpu: Gate::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            requests,
+            samples,
+        }
+    }
+
+    /// The body cap as sent.
+    pub fn body_limit(&self) -> usize {
+        self.config.max_bytes
+    }
+
+    /// Decides on the head: a POST whose bearer is not valid (or, with a local authorizer or a
+    /// cached answer, not allowed) is refused before its body is read; so is one whose cluster is
+    /// over its rate. Other methods pass, to be answered 405.
+    pub fn admit(&self, head: &Head, remote: SocketAddr) -> Result<usize, Response> {
+        if head.method != "POST" {
+            return Ok(self.body_limit());
+        }
+        let checked = auth::credentials(head.header("Authorization"))
+            .map_err(|reason| Refusal::new(401, "unauthorized", reason))
+            .and_then(|creds| {
+                if let Some(answer) = self.auth.known(&creds, Instant::now()) {
+                    answer.map_err(Refusal::from_authorize)?;
+                    self.limiter
+                        .peek(&creds.cluster_id, Instant::now())
+                        .map_err(Refusal::rate_limited)?;
+                }
+                Ok(creds)
+            });
+        match checked {
+            Ok(_) => Ok(self.body_limit()),
+            Err(refusal) => {
+                let id = auth::credentials(head.header("Authorization"))
+                    .ok()
+                    .map(|c| c.cluster_id);
+                Err(self.refuse(refusal, id.as_deref(), remote))
+            }
+        }
+    }
+
+    /// Counts and logs a request the front answered 413 (body over `limit` as sent).
+    pub fn body_too_large(&self, head: &Head, limit: usize, remote: SocketAddr) {
+        if head.method != "POST" {
+            return;
+        }
+        self.requests.with(&["too_large"]).inc();
+        let id = auth::credentials(head.header("Authorization"))
+            .ok()
+            .map(|c| c.cluster_id);
+        info!(
+            "remote write from {remote} (cluster {:?}) refused: body over {limit} bytes (--receive-max-bytes)",
+            id.unwrap_or_default()
+        );
+    }
+
+    /// Answers one request.
+    pub fn handle(&self, request: &Request) -> Response {
+        let mut cluster_id = None;
+        match self.accept(request, &mut cluster_id) {
+            Ok(result) => {
+                self.requests.with(&[result]).inc();
+                Response::empty(200)
+            }
+            Err(refusal) => self.refuse(refusal, cluster_id.as_deref(), request.remote),
+        }
+    }
+
+    fn refuse(&self, refusal: Refusal, cluster_id: Option<&str>, remote: SocketAddr) -> Response {
+        self.requests.with(&[refusal.result]).inc();
+        let line = format!(
+            "remote write from {remote} (cluster {:?}) refused: {} {}",
+            cluster_id.unwrap_or_default(),
+            refusal.status,
+            refusal.message
+        );
+        match refusal.status {
+            429 => debug!("{line}"),
+            500.. => warn!("{line}"),
+            _ => info!("{line}"),
+        }
+        let mut response = Response::text(refusal.status, &refusal.message);
+        match refusal.status {
+            401 => response = response.with_header("WWW-Authenticate", "Bearer"),
+            405 => response = response.with_header("Allow", "POST"),
+            _ => {}
+        }
+        if let Some(secs) = refusal.retry_after {
+            response = response.with_header("Retry-After", &secs.to_string());
+        }
+        response
+    }
+
+    fn accept(
+        &self,
+        request: &Request,
+        cluster_id: &mut Option<String>,
+    ) -> Result<&'static str, Refusal> {
+        if request.method != "POST" {
+            return Err(Refusal::new(405, "method", "only POST is allowed"));
+        }
+        let creds: Credentials = auth::credentials(request.header("Authorization"))
+            .map_err(|reason| Refusal::new(401, "unauthorized", reason))?;
+        *cluster_id = Some(creds.cluster_id.clone());
+        self.auth
+            .check(&creds, Instant::now())
+            .map_err(Refusal::from_authorize)?;
+        self.limiter
+            .take(&creds.cluster_id, Instant::now())
+            .map_err(Refusal::rate_limited)?;
+        check_encoding(request)?;
+        let declared = snap::raw::decompress_len(&request.body).map_err(|e| {
+            Refusal::new(
+                400,
+                "bad_snappy",
+                format!("body is not snappy block data: {e}"),
+            )
+        })?;
+        if declared > self.config.max_decompressed_bytes {
+            return Err(Refusal::new(
+                413,
+                "too_large",
+                format!(
+                    "body decompresses to {declared} bytes, more than {} (--receive-max-decompressed-bytes)",
+                    self.config.max_decompressed_bytes
+                ),
+            ));
+        }
+        let mut memory = self.memory.enter(
+            declared
+                .saturating_mul(RESERVED_BYTES_PER_BODY_BYTE)
+                .saturating_add(64 << 10),
+        );
+        let now = SystemTime::now();
+        let (delta, samples) = {
+            let _cpu = self.cpu.enter(1);
+            self.prepare(request, &creds.cluster_id, now)?
+        };
+        let Some(delta) = delta else {
+            return Ok("empty");
+        };
+        memory.shrink_to(delta.len().saturating_mul(4));
+        self.place(&creds.cluster_id, delta, now)?;
+        self.samples.add(samples as u64);
+        Ok("stored")
+    }
+
+    /// Decompresses, decodes and converts the body: the delta to store (None when the request
+    /// holds no samples: metadata only, or all filtered) and its sample count.
+    fn prepare(
+        &self,
+        request: &Request,
+        cluster_id: &str,
+        now: SystemTime,
+    ) -> Result<(Option<Vec<u8>>, usize), Refusal> {
+        let body = telemeter_common::snappy::decode_block(
+            &request.body,
+            self.config.max_decompressed_bytes,
+        )
+        .map_err(|e| {
+            Refusal::new(
+                400,
+                "bad_snappy",
+                format!("body is not snappy block data: {e}"),
+            )
+        })?;
+        let now_ms = telemeter_common::time::sample_millis(now);
+        let whitelist = self.whitelist.current();
+        let rules = SeriesRules {
+            partition_label: &self.partition_label,
+            cluster_id,
+            elide: &self.config.elide_labels,
+            extra_labels: &self.extra_labels,
+            whitelist: &whitelist,
+            oldest_ms: now_ms
+                .saturating_sub(telemeter_common::time::duration_millis(self.max_sample_age)),
+            newest_ms: now_ms.saturating_add(telemeter_common::time::duration_millis(
+                self.max_future_skew,
+            )),
+            max_series: self.max_series,
+            max_samples: self.max_series.saturating_mul(10),
+        };
+        let converted = series::convert(&body, &rules).map_err(|e| Refusal {
+            status: e.status,
+            result: e.result,
+            message: e.message,
+            retry_after: None,
+        })?;
+        if converted.payload.is_empty() {
+            return Ok((None, 0));
+        }
+        Ok((Some(converted.payload), converted.samples))
+    }
+
+    fn place(&self, cluster_id: &str, delta: Vec<u8>, received: SystemTime) -> Result<(), Refusal> {
+        let started = Instant::now();
+        let result = match &self.route {
+            Route::Local => self.store_here(cluster_id, delta, received),
+            Route::Cluster(cluster) => {
+                // A refusal here (not a failure) is the client's answer, not a reason to try the
+                // next member.
+                let refused = std::cell::RefCell::new(None);
+                let placed = crate::cluster::placement::place_on_owner(
+                    cluster,
+                    cluster_id,
+                    ForwardKind::Receive,
+                    delta,
+                    received,
+                    |bytes| match self.store_here(cluster_id, bytes, received) {
+                        // Answered (not stored): no other member is tried.
+                        Err(refusal) if refusal.status < 500 => {
+                            *refused.borrow_mut() = Some(refusal);
+                            Ok(())
+                        }
+                        other => other.map_err(|refusal| refusal.message),
+                    },
+                );
+                match (refused.into_inner(), placed) {
+                    (Some(refusal), _) => Err(refusal),
+                    (None, placed) => {
+                        placed.map_err(|e| Refusal::new(e.status(), "store_failed", e.to_string()))
+                    }
+                }
+            }
+        };
+        debug!(
+            "remote write for cluster {cluster_id:?} stored in {:?}",
+            started.elapsed()
+        );
+        result
+    }
+
+    fn store_here(
+        &self,
+        cluster_id: &str,
+        delta: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<(), Refusal> {
+        merge::store_received(
+            &self.store,
+            self.remote_write.as_ref(),
+            cluster_id,
+            delta,
+            received,
+            self.max_series,
+        )
+        .map_err(|e| match e {
+            MergeError::TooManySeries { .. } => Refusal::new(413, "too_large", e.to_string()),
+            MergeError::Store(e) => {
+                // Storage paths and OS errors stay in the log.
+                warn!("remote write for cluster {cluster_id:?} not stored: {e}");
+                Refusal::new(
+                    503,
+                    "store_failed",
+                    "the samples could not be stored now; retry later",
+                )
+            }
+        })
+    }
+}
+
+/// Content-Encoding must be snappy (remote write 1.0 has no other); Content-Type, when given,
+/// protobuf (a remote-write 2.0 sender gets 415 and, per the spec, falls back to 1.0).
+fn check_encoding(request: &Request) -> Result<(), Refusal> {
+    match request.header("Content-Encoding").map(str::trim) {
+        Some(e) if e.eq_ignore_ascii_case("snappy") => {}
+        other => {
+            return Err(Refusal::new(
+                415,
+                "bad_encoding",
+                format!(
+                    "Content-Encoding must be snappy (remote write 1.0), not {:?}",
+                    other.unwrap_or("")
+                ),
+            ))
+        }
+    }
+    if let Some(content_type) = request.header("Content-Type") {
+        let media = content_type.split(';').next().unwrap_or("").trim();
+        let proto = content_type
+            .split(';')
+            .skip(1)
+            .filter_map(|p| p.trim().strip_prefix("proto="))
+            .next();
+        let v1 = proto.is_none_or(|p| p == "prometheus.WriteRequest");
+        if !media.eq_ignore_ascii_case("application/x-protobuf") || !v1 {
+            return Err(Refusal::new(
+                415,
+                "bad_encoding",
+                format!("Content-Type must be application/x-protobuf (remote write 1.0), not {content_type:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Stores a remote-write request another server forwarded here (its validated families): merged
+/// into the cluster's series like one received here.
+pub fn store_forwarded(
+    store: &Store,
+    remote_write: Option<&RemoteWriter>,
+    cluster_id: &str,
+    delta: Vec<u8>,
+    received: SystemTime,
+) -> Result<(), crate::store::StoreError> {
+    // The sender held the request to its caps; the merged payload is not capped here, so that an
+    // owner never refuses what a peer already accepted.
+    match merge::store_received(store, remote_write, cluster_id, delta, received, usize::MAX) {
+        Ok(()) | Err(MergeError::TooManySeries { .. }) => Ok(()),
+        Err(MergeError::Store(e)) => Err(e),
+    }
+}
