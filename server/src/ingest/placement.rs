@@ -100,27 +100,20 @@ impl Placement for LocalPlacement {
 }
 
 /// Stores `payload` durably as `cluster_id`'s latest upload unless the stored one has newer
-/// samples (a late upload never replaces fresher values on `/federate`), then queues it on
-/// `remote_write` (if any) either way: the receiver keeps history, so a late upload gives it the
-/// samples an outage would have lost, with their original timestamps. Every path that stores a
-/// push it owns (an upload stored here, a push forwarded to this node) goes through here, so none
-/// can ship before storing.
+/// samples (a late upload never replaces fresher values on `/federate`). With `remote_write` on,
+/// the store journals it to be shipped either way (the receiver keeps history, so a late upload
+/// gives it the samples an outage would have lost, with their original timestamps): the journal
+/// is the egress backlog, so nothing is shipped that was not stored, and nothing stored is lost
+/// by a crash before it is shipped. Every path that stores a push it owns (an upload stored here,
+/// a push forwarded to this node) goes through here.
 pub fn store_then_queue(
     store: &Store,
-    remote_write: Option<&RemoteWriter>,
+    _remote_write: Option<&RemoteWriter>,
     cluster_id: &str,
     payload: Vec<u8>,
     received: SystemTime,
 ) -> Result<(), StoreError> {
-    match remote_write {
-        None => store
-            .put_unless_older(cluster_id, payload, received)
-            .map(|_| ()),
-        Some(writer) => {
-            // Shipped only once stored: the receiver never holds what the client was told failed.
-            store.put_unless_older(cluster_id, payload.clone(), received)?;
-            writer.enqueue(cluster_id, payload, received);
-            Ok(())
-        }
-    }
+    store
+        .put_unless_older(cluster_id, payload, received)
+        .map(|_| ())
 }

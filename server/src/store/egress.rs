@@ -1,0 +1,422 @@
+//! The journal as the durable egress backlog of `--remote-write-url`.
+//!
+//! With egress on ([`super::Store::open_shipping`]) every acknowledged upload is already in a
+//! journal segment, durably, so the backlog costs no extra write or sync on the upload path: a
+//! checkpointed segment is moved to `DIR/egress/` instead of deleted (never replayed into the
+//! store again), and the sender reads records in order from a persisted cursor (segment, offset)
+//! with a [`BacklogReader`]. Saving the cursor ([`Backlog::save_cursor`], atomically: temp file,
+//! sync, rename, directory sync) deletes the segments wholly before it. A crash between shipping
+//! and saving the cursor ships those records again: the rule is at least once.
+//!
+//! Lock order: `egress.moves` is taken alone, or after nothing the journal holds.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::journal::{self, Next};
+use super::state::{lock, Shared};
+use super::StoreError;
+
+/// The directory, inside the store's, holding checkpointed segments not yet shipped.
+pub(super) const EGRESS_DIR: &str = "egress";
+/// The cursor's file inside [`EGRESS_DIR`].
+const CURSOR_FILE: &str = "cursor";
+/// The first word of the cursor file, naming its format.
+const CURSOR_MAGIC: &str = "telemeter-egress-cursor-1";
+
+/// What the store shares with egress when it is on.
+pub(super) struct EgressShared {
+    /// Segments numbered below this are shipped (or dropped): a checkpoint deletes them rather
+    /// than setting them aside. Also held while a segment moves, so a reader finds it.
+    pub(super) shipped_below: Mutex<u64>,
+    /// Signalled after each append (capacity 1: one pending wake-up is enough).
+    pub(super) appended: Sender<()>,
+    appended_rx: Receiver<()>,
+}
+
+impl EgressShared {
+    pub(super) fn new(shipped_below: u64) -> EgressShared {
+        let (appended, appended_rx) = crossbeam_channel::bounded(1);
+        EgressShared {
+            shipped_below: Mutex::new(shipped_below),
+            appended,
+            appended_rx,
+        }
+    }
+}
+
+/// A place in the journal: a segment's number and a byte offset in it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    /// The segment's number.
+    pub segment: u64,
+    /// Bytes into it.
+    pub offset: u64,
+}
+
+/// One record to ship, read from the backlog.
+#[derive(Debug)]
+pub struct ShipRecord {
+    /// Whose upload it is.
+    pub cluster_id: String,
+    /// When it was received, milliseconds since the Unix epoch.
+    pub received_millis: u64,
+    /// Validated families, protobuf-delimited.
+    pub payload: Vec<u8>,
+    /// Where the next record starts.
+    pub end: Position,
+}
+
+/// The egress side of a store opened with [`super::Store::open_shipping`]. Cheap to clone.
+#[derive(Clone)]
+pub struct Backlog {
+    pub(super) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Backlog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backlog")
+            .field("dir", &self.shared.dir)
+            .finish()
+    }
+}
+
+impl Backlog {
+    fn egress(&self) -> Result<&EgressShared, StoreError> {
+        self.shared.egress.as_ref().ok_or(StoreError::Closed)
+    }
+
+    /// The saved cursor; the start of the oldest segment kept when none was saved.
+    pub fn cursor(&self) -> Result<Position, StoreError> {
+        if let Some(position) = load_cursor(&self.shared.dir)? {
+            return Ok(position);
+        }
+        let oldest = segment_numbers(&self.shared.dir)?.first().copied();
+        Ok(Position {
+            segment: oldest.unwrap_or(0),
+            offset: 0,
+        })
+    }
+
+    /// Saves `position` as the cursor (atomically and durably), then deletes the segments wholly
+    /// before it.
+    pub fn save_cursor(&self, position: Position) -> Result<(), StoreError> {
+        let egress = self.egress()?;
+        save_cursor(&self.shared.dir, position)?;
+        let mut shipped_below = lock(&egress.shipped_below);
+        if position.segment <= *shipped_below {
+            return Ok(());
+        }
+        *shipped_below = position.segment;
+        let dir = self.shared.dir.join(EGRESS_DIR);
+        for number in segment_numbers(&self.shared.dir)? {
+            if number >= position.segment {
+                break;
+            }
+            let path = dir.join(format!("{}{number}", journal::PREFIX));
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                // Not checkpointed yet: the checkpoint deletes it, seeing `shipped_below`.
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => log::warn!("removing shipped {}: {error}", path.display()),
+            }
+        }
+        Ok(())
+    }
+
+    /// A reader of the records to ship, from `from`.
+    pub fn reader(&self, from: Position) -> BacklogReader {
+        BacklogReader {
+            backlog: self.clone(),
+            at: from,
+            open: None,
+        }
+    }
+
+    /// Waits at most `timeout` for an append to the journal.
+    pub fn wait_for_append(&self, timeout: Duration) {
+        if let Ok(egress) = self.egress() {
+            let _ = egress.appended_rx.recv_timeout(timeout);
+        }
+    }
+
+    /// Ready (for a `select!`) after an append to the journal; never ready without egress.
+    pub fn appended(&self) -> Receiver<()> {
+        match self.egress() {
+            Ok(egress) => egress.appended_rx.clone(),
+            Err(_) => crossbeam_channel::never(),
+        }
+    }
+
+    /// Bytes of journal from `from` to the newest synced record (what is waiting to be shipped,
+    /// counting the records that are not shipped and the gaps between commits).
+    pub fn bytes_after(&self, from: Position) -> Result<u64, StoreError> {
+        let tip = self.tip();
+        let mut total = 0u64;
+        for number in segment_numbers(&self.shared.dir)? {
+            if number < from.segment {
+                continue;
+            }
+            let len = match tip {
+                Some((live, len)) if live == number => len,
+                _ => self.find(number)?.map_or(0, |(_, len)| len),
+            };
+            total += if number == from.segment {
+                len.saturating_sub(from.offset)
+            } else {
+                len
+            };
+        }
+        Ok(total)
+    }
+
+    /// The segment being appended to and how much of it is synced.
+    fn tip(&self) -> Option<(u64, u64)> {
+        let journal = lock(&self.shared.journal);
+        journal
+            .segment
+            .as_ref()
+            .map(|segment| (segment.number, journal.len))
+    }
+
+    /// Segment `number` opened for reading, with its length; `None` when it is gone.
+    fn find(&self, number: u64) -> Result<Option<(File, u64)>, StoreError> {
+        let egress = self.egress()?;
+        // A checkpoint moves segments with this held: the file is at one of the two paths.
+        let _moves = lock(&egress.shipped_below);
+        let name = format!("{}{number}", journal::PREFIX);
+        for path in [
+            self.shared.dir.join(&name),
+            self.shared.dir.join(EGRESS_DIR).join(&name),
+        ] {
+            match File::open(&path) {
+                Ok(file) => {
+                    let len = file
+                        .metadata()
+                        .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?
+                        .len();
+                    return Ok(Some((file, len)));
+                }
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    return Err(StoreError::io(format!("opening {}", path.display()), error))
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Reads the records to ship, in journal order.
+pub struct BacklogReader {
+    backlog: Backlog,
+    at: Position,
+    /// The segment `at` is in, open.
+    open: Option<File>,
+}
+
+impl BacklogReader {
+    /// Where the next record is read from.
+    pub fn position(&self) -> Position {
+        self.at
+    }
+
+    /// The next record to ship, skipping those that are not (serve only, removals); `None` when
+    /// every synced record is read.
+    pub fn next(&mut self) -> Result<Option<ShipRecord>, StoreError> {
+        // Bounded: each turn reads a record or moves to a later segment.
+        loop {
+            let tip = self.backlog.tip();
+            if self.open.is_none() {
+                match self.backlog.find(self.at.segment)? {
+                    Some((file, _)) => self.open = Some(file),
+                    None => {
+                        // Gone (dropped, or never written): the next one kept, if any.
+                        let next = segment_numbers(&self.backlog.shared.dir)?
+                            .into_iter()
+                            .find(|&n| n > self.at.segment);
+                        match next {
+                            Some(number) => {
+                                self.at = Position {
+                                    segment: number,
+                                    offset: 0,
+                                };
+                                continue;
+                            }
+                            None => return Ok(None),
+                        }
+                    }
+                }
+            }
+            let Some(file) = &self.open else {
+                return Ok(None);
+            };
+            let live = matches!(tip, Some((number, _)) if number == self.at.segment);
+            let len = match tip {
+                Some((number, len)) if number == self.at.segment => len,
+                _ => file
+                    .metadata()
+                    .map_err(|e| StoreError::io("reading a journal segment's length", e))?
+                    .len(),
+            };
+            let next = journal::read_at(file, self.at.offset, len).map_err(|e| {
+                StoreError::io(format!("reading journal segment {}", self.at.segment), e)
+            })?;
+            match next {
+                Next::Record(record, end) => {
+                    self.at.offset = end;
+                    if matches!(record.kind, journal::PUT | journal::SHIP) {
+                        return Ok(Some(ShipRecord {
+                            cluster_id: record.header.cluster_id,
+                            received_millis: record.header.received_millis,
+                            payload: record.payload,
+                            end: self.at,
+                        }));
+                    }
+                }
+                Next::End if live => return Ok(None),
+                Next::Torn(reason) if live => {
+                    // The committer wrote past `len` only if that write failed; wait for the next.
+                    log::debug!("egress: segment {} {reason}", self.at.segment);
+                    return Ok(None);
+                }
+                end => {
+                    if let Next::Torn(reason) = end {
+                        log::info!(
+                            "egress: the rest of journal segment {} is no whole record ({reason}); skipped",
+                            self.at.segment
+                        );
+                    }
+                    // A whole segment: on to the next one, if it exists yet.
+                    let next = segment_numbers(&self.backlog.shared.dir)?
+                        .into_iter()
+                        .find(|&n| n > self.at.segment);
+                    match next {
+                        Some(number) => {
+                            self.open = None;
+                            self.at = Position {
+                                segment: number,
+                                offset: 0,
+                            };
+                        }
+                        None => return Ok(None),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Skips what is left of the current segment (dropping it).
+    pub fn skip_segment(&mut self) -> Result<bool, StoreError> {
+        let next = segment_numbers(&self.backlog.shared.dir)?
+            .into_iter()
+            .find(|&n| n > self.at.segment);
+        match next {
+            Some(number) => {
+                self.open = None;
+                self.at = Position {
+                    segment: number,
+                    offset: 0,
+                };
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+/// The numbers of the segments in the store's directory and in `egress/`, ascending, once each.
+pub(super) fn segment_numbers(dir: &Path) -> Result<Vec<u64>, StoreError> {
+    let mut numbers = journal::list(dir)
+        .map_err(|e| StoreError::io(format!("listing directory {}", dir.display()), e))?;
+    let egress = dir.join(EGRESS_DIR);
+    match journal::list(&egress) {
+        Ok(more) => numbers.extend(more),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => {
+            return Err(StoreError::io(
+                format!("listing directory {}", egress.display()),
+                error,
+            ))
+        }
+    }
+    numbers.sort_unstable();
+    numbers.dedup();
+    Ok(numbers)
+}
+
+fn cursor_path(dir: &Path) -> PathBuf {
+    dir.join(EGRESS_DIR).join(CURSOR_FILE)
+}
+
+/// The saved cursor, if any. A cursor file that does not parse is logged and ignored (shipping
+/// from the oldest segment kept ships more twice, and loses nothing).
+pub(super) fn load_cursor(dir: &Path) -> Result<Option<Position>, StoreError> {
+    let path = cursor_path(dir);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) if error.kind() == io::ErrorKind::InvalidData => String::new(),
+        Err(error) => return Err(StoreError::io(format!("reading {}", path.display()), error)),
+    };
+    let mut words = text.split_ascii_whitespace();
+    let parsed = match (words.next(), words.next(), words.next(), words.next()) {
+        (Some(CURSOR_MAGIC), Some(segment), Some(offset), None) => {
+            match (segment.parse(), offset.parse()) {
+                (Ok(segment), Ok(offset)) => Some(Position { segment, offset }),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    if parsed.is_none() {
+        log::warn!(
+            "{}: not a cursor; shipping from the oldest segment kept",
+            path.display()
+        );
+    }
+    Ok(parsed)
+}
+
+/// Writes the cursor the durable way: temp file, synced, renamed over, directory synced.
+fn save_cursor(dir: &Path, position: Position) -> Result<(), StoreError> {
+    let egress = dir.join(EGRESS_DIR);
+    let temp = egress.join(".tmp-cursor");
+    let target = cursor_path(dir);
+    let written = (|| {
+        let mut out = File::create(&temp)?;
+        writeln!(
+            out,
+            "{CURSOR_MAGIC} {} {}",
+            position.segment, position.offset
+        )?;
+        out.sync_data()?;
+        fs::rename(&temp, &target)?;
+        File::open(&egress)?.sync_all()
+    })();
+    written.map_err(|e| StoreError::io(format!("saving {}", target.display()), e))
+}
+
+impl Shared {
+    /// Sets a fully replayed or checkpointed segment aside for egress, or deletes it when egress
+    /// is off or has shipped past it. Returns whether it is gone from the store's directory.
+    pub(super) fn retire_segment(&self, path: &Path, number: u64) -> io::Result<()> {
+        let Some(egress) = &self.egress else {
+            return fs::remove_file(path);
+        };
+        let shipped_below = lock(&egress.shipped_below);
+        if number < *shipped_below {
+            return fs::remove_file(path);
+        }
+        let dir = self.dir.join(EGRESS_DIR);
+        fs::create_dir_all(&dir)?;
+        fs::rename(path, dir.join(format!("{}{number}", journal::PREFIX)))?;
+        // The new name first, so a crash between the two leaves the segment somewhere.
+        File::open(&dir)?.sync_all()
+    }
+}
