@@ -1,6 +1,7 @@
 //! Unit tests of `remote_write`, beside it so the module reads as the module.
 
 use super::*;
+use crate::store::Store;
 use telemeter_common::model::{Gauge, Metric, MetricFamily, MetricType};
 
 fn value(registry: &Registry, series: &str) -> Option<f64> {
@@ -13,54 +14,136 @@ fn value(registry: &Registry, series: &str) -> Option<f64> {
     })
 }
 
-#[test]
-fn a_full_queue_drops_its_oldest_and_shutdown_counts_what_is_left() {
-    // Nothing listens on port 1: every attempt fails and is retried, so uploads pile up.
-    let config = RemoteWriteConfig {
-        url: "http://127.0.0.1:1/api/v1/write".into(),
-        queue_capacity: 2,
-        timeout: Duration::from_secs(1),
-        ca_file: None,
-        bearer_token_file: None,
-    };
-    let registry = Registry::new();
-    let writer = RemoteWriter::start(&config, &registry).unwrap();
-    let payload = delimited::encode(&[MetricFamily {
-        name: Some("up".into()),
+/// A receiver taking everything, keeping each request's series.
+struct Sink(Arc<Mutex<Vec<WriteRequest>>>);
+
+impl telemeter_common::http::Handler for Sink {
+    fn handle(&self, request: telemeter_common::http::Request) -> telemeter_common::http::Response {
+        let body = snappy::decode_block(&request.body, 64 << 20).unwrap();
+        self.0
+            .lock()
+            .unwrap()
+            .push(WriteRequest::decode(&body[..]).unwrap());
+        telemeter_common::http::Response::text(204, "")
+    }
+
+    fn body_limit(&self, _method: &str, _path: &str) -> usize {
+        64 << 20
+    }
+}
+
+/// `series` gauges `g{i}` of cluster `id` at `ts`, as stored.
+fn upload(series: usize, ts: i64) -> Vec<u8> {
+    delimited::encode(&[MetricFamily {
+        name: Some("g".into()),
         help: None,
         r#type: Some(MetricType::Gauge as i32),
-        metric: vec![Metric {
-            gauge: Some(Gauge { value: Some(1.0) }),
-            timestamp_ms: Some(1),
-            ..Default::default()
-        }],
-    }]);
-    for id in ["a", "b", "c", "d"] {
-        writer.enqueue(id, payload.clone(), SystemTime::now());
-    }
-    // At most one upload is in the sender's hands; the queue never holds more than 2.
-    assert!((1..=2).contains(&writer.queue_length()));
-    let full = value(
-        &registry,
-        r#"telemeter_server_remote_write_dropped_total{reason="queue_full"}"#,
-    )
-    .unwrap();
-    assert!((1.0..=2.0).contains(&full), "{full}");
+        metric: (0..series)
+            .map(|i| Metric {
+                label: vec![telemeter_common::model::LabelPair::new("i", &i.to_string())],
+                gauge: Some(Gauge {
+                    value: Some(ts as f64),
+                }),
+                timestamp_ms: Some(ts),
+                ..Default::default()
+            })
+            .collect(),
+    }])
+}
 
-    let started = Instant::now();
-    writer.shutdown(Duration::from_millis(200));
-    assert!(started.elapsed() < Duration::from_secs(5));
-    let shutdown = value(
-        &registry,
-        r#"telemeter_server_remote_write_dropped_total{reason="shutdown"}"#,
+#[test]
+fn shards_keep_each_series_in_order_and_a_restart_ships_nothing_twice() {
+    const UPLOADS: i64 = 60;
+    const SERIES: usize = 40;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let receiver = telemeter_common::http::Server::bind(
+        "127.0.0.1:0",
+        telemeter_common::http::Config {
+            name: "sink".into(),
+            ..telemeter_common::http::Config::default()
+        },
+        Arc::new(Sink(seen.clone())),
     )
-    .unwrap();
-    // Every upload is accounted for: dropped when full, or left at shutdown.
-    assert_eq!(full + shutdown, 4.0, "full {full}, shutdown {shutdown}");
-    assert_eq!(writer.queue_length(), 0);
-    // Enqueueing after shutdown is counted, not queued.
-    writer.enqueue("e", payload, SystemTime::now());
-    assert_eq!(writer.queue_length(), 0);
+    .unwrap()
+    .spawn();
+    let dir = testkit::TempDir::new("rw-shards");
+    let store_config = crate::store::StoreConfig {
+        dir: dir.path().to_path_buf(),
+        ttl: Duration::from_secs(3600),
+        max_batch: 64,
+    };
+    let config = RemoteWriteConfig {
+        shards: 4,
+        // Small batches: many requests per shard, so order across requests is tested.
+        max_samples_per_send: 7,
+        ..RemoteWriteConfig::new(&format!("http://{}/", receiver.local_addr()))
+    };
+    let base = telemeter_common::time::sample_millis(SystemTime::now()) - 100_000;
+    {
+        let store = Store::open_shipping(store_config.clone()).unwrap();
+        let registry = Registry::new();
+        let writer = RemoteWriter::start(&config, &registry, store.backlog().unwrap()).unwrap();
+        for n in 0..UPLOADS {
+            store
+                .put("c", upload(SERIES, base + n), SystemTime::now())
+                .unwrap();
+        }
+        let want = (UPLOADS as f64) * SERIES as f64;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while value(
+            &registry,
+            r#"telemeter_server_remote_write_samples_total{result="sent"}"#,
+        )
+        .is_none_or(|sent| sent < want)
+        {
+            assert!(Instant::now() < deadline, "{}", registry.render());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        writer.shutdown(Duration::from_secs(5));
+        store.close();
+    }
+    let mut by_series: std::collections::HashMap<String, Vec<i64>> = Default::default();
+    let requests = std::mem::take(&mut *seen.lock().unwrap());
+    assert!(requests.len() >= (UPLOADS as usize * SERIES) / 7);
+    for request in &requests {
+        assert!(convert::sample_count(&request.timeseries) <= 7);
+        for series in &request.timeseries {
+            let key = format!("{:?}", series.labels);
+            by_series
+                .entry(key)
+                .or_default()
+                .extend(series.samples.iter().map(|s| s.timestamp));
+        }
+    }
+    assert_eq!(by_series.len(), SERIES);
+    for (series, stamps) in &by_series {
+        let want: Vec<i64> = (0..UPLOADS).map(|n| base + n).collect();
+        assert_eq!(stamps, &want, "{series}: every sample once, in order");
+    }
+
+    // The cursor was saved at shutdown: a restart ships only what is new.
+    let store = Store::open_shipping(store_config).unwrap();
+    let registry = Registry::new();
+    let writer = RemoteWriter::start(&config, &registry, store.backlog().unwrap()).unwrap();
+    store
+        .put("c", upload(1, base + UPLOADS), SystemTime::now())
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while value(
+        &registry,
+        r#"telemeter_server_remote_write_samples_total{result="sent"}"#,
+    ) != Some(1.0)
+    {
+        assert!(Instant::now() < deadline, "{}", registry.render());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    writer.shutdown(Duration::from_secs(5));
+    let again = seen.lock().unwrap();
+    assert_eq!(again.len(), 1, "only the new upload");
+    assert_eq!(again[0].timeseries[0].samples[0].timestamp, base + UPLOADS);
+    drop(again);
+    store.close();
+    receiver.shutdown(Duration::from_secs(1));
 }
 
 #[test]

@@ -389,6 +389,7 @@ fn save_cursor(dir: &Path, position: Position) -> Result<(), StoreError> {
     let temp = egress.join(".tmp-cursor");
     let target = cursor_path(dir);
     let written = (|| {
+        fs::create_dir_all(&egress)?;
         let mut out = File::create(&temp)?;
         writeln!(
             out,
@@ -418,5 +419,165 @@ impl Shared {
         fs::rename(path, dir.join(format!("{}{number}", journal::PREFIX)))?;
         // The new name first, so a crash between the two leaves the segment somewhere.
         File::open(&dir)?.sync_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{checkpoint, Ship, Store, StoreConfig};
+    use super::*;
+    use std::time::SystemTime;
+    use telemeter_common::delimited;
+    use telemeter_common::model::{Gauge, Metric, MetricFamily, MetricType};
+
+    fn config(dir: &Path) -> StoreConfig {
+        StoreConfig {
+            dir: dir.to_path_buf(),
+            ttl: Duration::from_secs(3600),
+            max_batch: 64,
+        }
+    }
+
+    /// One gauge sample of `value` at `ts` (ms), as the store holds uploads.
+    fn payload(value: f64, ts: i64) -> Vec<u8> {
+        delimited::encode(&[MetricFamily {
+            name: Some("g".into()),
+            help: None,
+            r#type: Some(MetricType::Gauge as i32),
+            metric: vec![Metric {
+                gauge: Some(Gauge { value: Some(value) }),
+                timestamp_ms: Some(ts),
+                ..Default::default()
+            }],
+        }])
+    }
+
+    fn drain(reader: &mut BacklogReader) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        while let Some(record) = reader.next().unwrap() {
+            out.push((record.cluster_id, record.payload));
+        }
+        out
+    }
+
+    fn checkpoint_now(store: &Store) {
+        let shared = &store.handle.shared;
+        let segment = lock(&shared.journal).segment.take();
+        if let Some(segment) = segment {
+            assert!(checkpoint::checkpoint(shared, &segment, false));
+        }
+    }
+
+    #[test]
+    fn what_is_acknowledged_is_shipped_in_order_across_checkpoints_and_restarts() {
+        let dir = testkit::TempDir::new("egress-order");
+        let now = telemeter_common::time::sample_millis(SystemTime::now());
+        let (fresh, late, merged, delta, handed) = (
+            payload(1.0, now),
+            payload(2.0, now - 60_000),
+            payload(3.0, now),
+            payload(4.0, now),
+            payload(5.0, now),
+        );
+        {
+            let store = Store::open_shipping(config(dir.path())).unwrap();
+            let backlog = store.backlog().unwrap();
+            assert_eq!(backlog.cursor().unwrap(), Position::default());
+            store.put("a", fresh.clone(), SystemTime::now()).unwrap();
+            // Older than what is served: not served, but shipped.
+            assert!(!store
+                .put_unless_older("a", late.clone(), SystemTime::now())
+                .unwrap());
+            assert_eq!(store.get("a").unwrap().unwrap().payload, fresh);
+            // Serve one payload, ship another, in one batch.
+            assert!(store
+                .put_shipping(
+                    "b",
+                    Some(merged.clone()),
+                    Ship::Payload(delta.clone()),
+                    SystemTime::now()
+                )
+                .unwrap());
+            // A handoff is served, never shipped again; a ship-only put is not served.
+            store.put_if_newer("c", handed, SystemTime::now()).unwrap();
+            assert!(!store
+                .put_shipping("d", None, Ship::Payload(delta.clone()), SystemTime::now())
+                .unwrap());
+            assert!(store.get("d").unwrap().is_none());
+            assert_eq!(store.get("b").unwrap().unwrap().payload, merged);
+
+            let mut reader = backlog.reader(backlog.cursor().unwrap());
+            let want = vec![
+                ("a".to_string(), fresh.clone()),
+                ("a".to_string(), late.clone()),
+                ("b".to_string(), delta.clone()),
+                ("d".to_string(), delta.clone()),
+            ];
+            assert_eq!(drain(&mut reader), want);
+            // A checkpoint sets the segment aside, still readable, not served from again.
+            checkpoint_now(&store);
+            assert!(journal::list(dir.path()).unwrap().is_empty());
+            assert_eq!(journal::list(&dir.path().join(EGRESS_DIR)).unwrap(), [0]);
+            assert_eq!(
+                drain(&mut backlog.reader(Position::default())),
+                want,
+                "read again from egress/"
+            );
+            assert!(backlog.bytes_after(Position::default()).unwrap() > 0);
+            // New records go to a new segment, read on from the first.
+            store.put("e", fresh.clone(), SystemTime::now()).unwrap();
+            assert_eq!(drain(&mut reader), [("e".to_string(), fresh.clone())]);
+            assert_eq!(reader.position().segment, 1);
+            store.close();
+        }
+        {
+            // Closing checkpointed segment 1 too; nothing was saved, so all is shipped again.
+            let store = Store::open_shipping(config(dir.path())).unwrap();
+            assert_eq!(store.get("a").unwrap().unwrap().payload, fresh);
+            assert!(store.get("d").unwrap().is_none(), "ship-only is never served");
+            let backlog = store.backlog().unwrap();
+            let mut reader = backlog.reader(backlog.cursor().unwrap());
+            assert_eq!(drain(&mut reader).len(), 5);
+            // Saving the cursor deletes what is wholly behind it, and survives a restart.
+            let end = reader.position();
+            backlog.save_cursor(end).unwrap();
+            assert_eq!(journal::list(&dir.path().join(EGRESS_DIR)).unwrap(), [1]);
+            assert_eq!(backlog.bytes_after(end).unwrap(), 0);
+            store.put("f", late.clone(), SystemTime::now()).unwrap();
+            store.close();
+        }
+        let store = Store::open_shipping(config(dir.path())).unwrap();
+        let backlog = store.backlog().unwrap();
+        let mut reader = backlog.reader(backlog.cursor().unwrap());
+        assert_eq!(drain(&mut reader), [("f".to_string(), late)]);
+        // A new segment never takes the number of one set aside.
+        store.put("g", fresh, SystemTime::now()).unwrap();
+        assert_eq!(reader.next().unwrap().unwrap().end.segment, 3);
+    }
+
+    #[test]
+    fn without_egress_nothing_is_kept_or_journaled_to_ship() {
+        let dir = testkit::TempDir::new("egress-off");
+        let store = Store::open(config(dir.path())).unwrap();
+        assert!(store.backlog().is_none());
+        let now = telemeter_common::time::sample_millis(SystemTime::now());
+        assert!(!store
+            .put_shipping("a", None, Ship::Payload(payload(1.0, now)), SystemTime::now())
+            .unwrap());
+        store.put("b", payload(1.0, now), SystemTime::now()).unwrap();
+        assert!(!store
+            .put_unless_older("b", payload(1.0, now - 1000), SystemTime::now())
+            .unwrap());
+        let segment = lock(&store.handle.shared.journal).segment.clone().unwrap();
+        let mut kinds = Vec::new();
+        journal::replay(&segment.path, |r| {
+            kinds.push(r.kind);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(kinds, [journal::PUT], "only the served put");
+        checkpoint_now(&store);
+        assert!(!dir.path().join(EGRESS_DIR).exists());
+        assert!(journal::list(dir.path()).unwrap().is_empty());
     }
 }
