@@ -38,13 +38,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, info, warn};
-use prost::Message;
 use telemeter_common::delimited;
 use telemeter_common::instrument::{CounterVec, Gauge, Registry};
 use telemeter_common::snappy;
 
 use self::backoff::Backoff;
-use self::proto::{TimeSeries, WriteRequest};
+use self::proto::TimeSeries;
 use crate::store::{Backlog, BacklogReader, Position, ShipRecord};
 use telemeter_common::agent::{self, first_line, parse_retry_after};
 
@@ -804,7 +803,12 @@ fn shard_of(series: &TimeSeries, shards: usize) -> usize {
 /// What became of one request.
 enum Outcome {
     Sent,
-    Refused { reason: &'static str },
+    /// Not to be sent again as it is; `out_of_order` when the receiver said a sample was older
+    /// than its series' newest (or a duplicate): the rest of the request would be taken.
+    Refused {
+        reason: &'static str,
+        out_of_order: bool,
+    },
     Retry { retry_after: Option<Duration> },
 }
 
@@ -834,48 +838,70 @@ impl Shard {
 
     /// Sends one batch, retrying until it is taken, refused or dropped; false when the shutdown
     /// deadline passed first (the batch is not acknowledged, so its records stay in the backlog).
+    ///
+    /// A receiver that refuses a request for holding a sample older than its series' newest
+    /// (Prometheus refuses the whole request, 400) would take every other sample in it: the
+    /// request is split in halves, each sent in order, until only the refused samples are left.
+    /// Such samples are what at-least-once re-ships after a crash, and late uploads.
     fn ship(&mut self, batch: Batch) -> bool {
         let metrics = self.control.metrics.clone();
-        let samples = batch.samples as u64;
-        let body = encode_owned(batch.series);
-        loop {
-            if batch.last_seq < self.control.drop_below.load(Ordering::Relaxed) {
-                metrics.samples.with(&["dropped"]).add(samples);
-                metrics.drop("backlog_bytes");
-                return true;
-            }
-            if self.control.too_old(batch.oldest_received_ms) {
-                metrics.samples.with(&["dropped"]).add(samples);
-                metrics.drop("backlog_age");
-                warn!(
-                    "remote write: dropped a batch of {samples} samples past --remote-write-max-backlog-age"
-                );
-                return true;
-            }
-            if self.control.past_deadline() {
-                return false;
-            }
-            match self.send(&body) {
-                Outcome::Sent => {
-                    self.backoff.reset();
-                    metrics.samples.with(&["sent"]).add(samples);
-                    metrics.sent_bytes.with(&[]).add(body.len() as u64);
-                    debug!("remote write: shard {} sent {samples} samples", self.number);
+        // Oldest first: the front is sent next, so each series' samples keep their order.
+        let mut parts: VecDeque<Vec<TimeSeries>> = VecDeque::from([batch.series]);
+        while let Some(part) = parts.pop_front() {
+            let samples = convert::sample_count(&part) as u64;
+            let body = encode(&part);
+            loop {
+                if batch.last_seq < self.control.drop_below.load(Ordering::Relaxed) {
+                    let left = samples
+                        + parts.iter().map(|p| convert::sample_count(p) as u64).sum::<u64>();
+                    metrics.samples.with(&["dropped"]).add(left);
+                    metrics.drop("backlog_bytes");
                     return true;
                 }
-                Outcome::Refused { reason } => {
-                    metrics.samples.with(&["rejected"]).add(samples);
-                    metrics.drop(reason);
+                if self.control.too_old(batch.oldest_received_ms) {
+                    let left = samples
+                        + parts.iter().map(|p| convert::sample_count(p) as u64).sum::<u64>();
+                    metrics.samples.with(&["dropped"]).add(left);
+                    metrics.drop("backlog_age");
+                    warn!(
+                        "remote write: dropped a batch of {left} samples past --remote-write-max-backlog-age"
+                    );
                     return true;
                 }
-                Outcome::Retry { retry_after } => {
-                    let wait = self.backoff.next(retry_after);
-                    if !self.control.sleep(wait) {
-                        return false;
+                if self.control.past_deadline() {
+                    return false;
+                }
+                match self.send(&body) {
+                    Outcome::Sent => {
+                        self.backoff.reset();
+                        metrics.samples.with(&["sent"]).add(samples);
+                        metrics.sent_bytes.with(&[]).add(body.len() as u64);
+                        debug!("remote write: shard {} sent {samples} samples", self.number);
+                        break;
+                    }
+                    Outcome::Refused {
+                        out_of_order: true, ..
+                    } if samples > 1 => {
+                        let (first, second) = split(part);
+                        parts.push_front(second);
+                        parts.push_front(first);
+                        break;
+                    }
+                    Outcome::Refused { reason, .. } => {
+                        metrics.samples.with(&["rejected"]).add(samples);
+                        metrics.drop(reason);
+                        break;
+                    }
+                    Outcome::Retry { retry_after } => {
+                        let wait = self.backoff.next(retry_after);
+                        if !self.control.sleep(wait) {
+                            return false;
+                        }
                     }
                 }
             }
         }
+        true
     }
 
     fn send(&self, body: &[u8]) -> Outcome {
@@ -930,22 +956,56 @@ impl Shard {
                     "remote write to {}: status {status} {reply:?}; dropping the batch",
                     self.url
                 );
-                Outcome::Refused { reason }
+                Outcome::Refused {
+                    reason,
+                    out_of_order: (400..500).contains(&status) && is_out_of_order(&reply),
+                }
             }
         }
     }
 }
 
-/// A remote-write request body: the protobuf `WriteRequest`, snappy block-compressed.
-pub fn encode(series: &[TimeSeries]) -> Vec<u8> {
-    encode_owned(series.to_vec())
+/// Whether a refusal's text says a sample came too late for its series: Prometheus ("out of
+/// order sample", "duplicate sample for timestamp", "out of bounds"), Mimir and Cortex
+/// ("out-of-order", "too old"), Thanos receive ("out of order").
+fn is_out_of_order(reply: &str) -> bool {
+    let reply = reply.to_ascii_lowercase();
+    ["out of order", "out-of-order", "duplicate sample", "out of bounds", "too old"]
+        .iter()
+        .any(|needle| reply.contains(needle))
 }
 
-/// [`encode`], taking the series.
-fn encode_owned(timeseries: Vec<TimeSeries>) -> Vec<u8> {
-    let request = WriteRequest { timeseries };
-    snappy::encode_block(&request.encode_to_vec())
+/// `series` in two halves with about half the samples each, in order (a single series with
+/// several samples is split between its samples).
+fn split(mut series: Vec<TimeSeries>) -> (Vec<TimeSeries>, Vec<TimeSeries>) {
+    if series.len() == 1 {
+        if let Some(mut one) = series.pop() {
+            let second = TimeSeries {
+                labels: one.labels.clone(),
+                samples: one.samples.split_off(one.samples.len() / 2),
+            };
+            return (vec![one], vec![second]);
+        }
+    }
+    let second = series.split_off(series.len() / 2);
+    (series, second)
 }
+
+/// A remote-write request body: the protobuf `WriteRequest`, snappy block-compressed.
+pub fn encode(series: &[TimeSeries]) -> Vec<u8> {
+    // Field 1 of `WriteRequest`, repeated, written from the slice: no copy of the series.
+    let len: usize = series
+        .iter()
+        .map(|s| prost::encoding::message::encoded_len(1, s))
+        .sum();
+    let mut bytes = Vec::with_capacity(len);
+    for one in series {
+        prost::encoding::message::encode(1, one, &mut bytes);
+    }
+    snappy::encode_block(&bytes)
+}
+
+
 
 fn build_agent(config: &RemoteWriteConfig) -> Result<ureq::Agent, RemoteWriteError> {
     // A redirected POST may come back as a GET without its body: report the 3xx instead.

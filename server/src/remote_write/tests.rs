@@ -2,6 +2,8 @@
 
 use super::*;
 use crate::store::Store;
+use prost::Message;
+use proto::{Label, Sample, WriteRequest};
 use telemeter_common::model::{Gauge, Metric, MetricFamily, MetricType};
 
 fn value(registry: &Registry, series: &str) -> Option<f64> {
@@ -160,4 +162,47 @@ fn a_token_file_must_hold_one_line() {
     assert!(read_token(&bad).is_err());
     assert!(read_token(&dir.join("missing")).is_err());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn series(name: &str, stamps: &[i64]) -> TimeSeries {
+    TimeSeries {
+        labels: vec![Label {
+            name: "__name__".into(),
+            value: name.into(),
+        }],
+        samples: stamps
+            .iter()
+            .map(|&timestamp| Sample {
+                value: 1.0,
+                timestamp,
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn a_request_is_the_write_request_prometheus_decodes() {
+    let all = vec![series("a", &[1, 2]), series("b", &[3])];
+    let body = snappy::decode_block(&encode(&all), 1 << 20).unwrap();
+    let want = WriteRequest {
+        timeseries: all.clone(),
+    };
+    assert_eq!(body, want.encode_to_vec());
+    assert_eq!(WriteRequest::decode(&body[..]).unwrap(), want);
+}
+
+#[test]
+fn an_out_of_order_refusal_splits_the_request_in_order() {
+    assert!(is_out_of_order(
+        "out of order sample for series {__name__=\"x\"}"
+    ));
+    assert!(is_out_of_order("err-mimir-sample-out-of-order"));
+    assert!(is_out_of_order("duplicate sample for timestamp"));
+    assert!(!is_out_of_order("unauthorized"));
+    let (first, second) = split(vec![series("a", &[1]), series("b", &[2]), series("c", &[3])]);
+    assert_eq!((first.len(), second.len()), (1, 2));
+    assert_eq!(second[0], series("b", &[2]));
+    // One series: its samples are split, oldest first.
+    let (first, second) = split(vec![series("a", &[1, 2, 3, 4])]);
+    assert_eq!((first, second), (vec![series("a", &[1, 2])], vec![series("a", &[3, 4])]));
 }
