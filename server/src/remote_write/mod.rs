@@ -436,10 +436,12 @@ impl RemoteWriter {
     }
 }
 
-/// Series on their way to one shard. `first_seq`..=`last_seq` are the records they come from.
+/// Series on their way to one shard, in the order their records were read.
 #[derive(Default)]
 struct Batch {
     series: Vec<TimeSeries>,
+    /// The number of the record each series comes from (non-decreasing).
+    seqs: Vec<u64>,
     samples: usize,
     first_seq: u64,
     last_seq: u64,
@@ -457,6 +459,23 @@ impl Batch {
         self.oldest_received_ms = self.oldest_received_ms.min(received_ms);
         self.samples += series.samples.len();
         self.series.push(series);
+        self.seqs.push(seq);
+    }
+
+    /// Removes the series of records numbered below `seq` (a prefix); returns their samples.
+    fn drop_below(&mut self, seq: u64) -> u64 {
+        let cut = self.seqs.partition_point(|&s| s < seq);
+        if cut == 0 {
+            return 0;
+        }
+        let gone: Vec<TimeSeries> = self.series.drain(..cut).collect();
+        self.seqs.drain(..cut);
+        let samples = convert::sample_count(&gone);
+        self.samples -= samples;
+        if let Some(&first) = self.seqs.first() {
+            self.first_seq = first;
+        }
+        samples as u64
     }
 }
 
@@ -470,11 +489,14 @@ struct ShardQueue {
 }
 
 impl ShardQueue {
-    /// The oldest record with series in this shard not yet taken.
-    fn pending_from(&self) -> Option<u64> {
-        self.sent.front().copied().or_else(|| {
-            (!self.partial.series.is_empty()).then_some(self.partial.first_seq)
-        })
+    /// The oldest record with series in this shard not yet taken; records below `dropped_below`
+    /// count as taken (the shard drops them before it sends again).
+    fn pending_from(&self, dropped_below: u64) -> Option<u64> {
+        self.sent
+            .front()
+            .copied()
+            .or_else(|| (!self.partial.series.is_empty()).then_some(self.partial.first_seq))
+            .map(|first| first.max(dropped_below))
     }
 }
 
@@ -578,10 +600,11 @@ impl Reader {
 
     /// Moves the cursor past every record wholly taken.
     fn advance(&mut self) {
+        let dropped_below = self.control.drop_below.load(Ordering::Relaxed);
         let pending = self
             .shards
             .iter()
-            .filter_map(ShardQueue::pending_from)
+            .filter_map(|s| s.pending_from(dropped_below))
             .min()
             .unwrap_or(self.next_seq);
         while let Some(&(seq, end)) = self.in_flight.front() {
@@ -749,41 +772,61 @@ impl Reader {
         if bytes <= self.max_backlog_bytes {
             return;
         }
-        // Everything read so far goes, queued batches included (oldest first), then unread
-        // records until what is left fits.
+        // The oldest go first, until what is left fits in half the bound (so the next drop is not
+        // one upload later): records in hand (read, batched, not taken), then unread ones.
+        let target = self.max_backlog_bytes / 2;
         let metrics = self.control.metrics.clone();
-        self.control.drop_below.store(self.next_seq, Ordering::Relaxed);
-        self.control.wake.notify_all();
+        let in_hand: Vec<(u64, Position)> = self.in_flight.iter().copied().collect();
+        // Binary search: the fewest records in hand whose dropping leaves at most `target`.
+        let (mut low, mut high) = (0usize, in_hand.len());
+        while low < high {
+            let mid = (low + high) / 2;
+            let left = in_hand
+                .get(mid)
+                .and_then(|&(_, end)| self.backlog.bytes_after(end).ok())
+                .unwrap_or(u64::MAX);
+            if left <= target {
+                high = mid;
+            } else {
+                low = mid + 1;
+            }
+        }
         let mut dropped = 0u64;
+        let drop_below = match in_hand.get(low) {
+            Some(&(seq, _)) => seq + 1,
+            None => self.next_seq,
+        };
+        dropped += in_hand
+            .iter()
+            .filter(|&&(seq, _)| seq < drop_below)
+            .count() as u64;
+        self.control.drop_below.store(drop_below, Ordering::Relaxed);
+        self.control.wake.notify_all();
         for s in &mut self.shards {
-            if !s.partial.series.is_empty() {
-                let batch = std::mem::take(&mut s.partial);
-                metrics.samples.with(&["dropped"]).add(batch.samples as u64);
-                metrics.drop("backlog_bytes");
-            }
+            let dropped_samples = s.partial.drop_below(drop_below);
+            metrics.samples.with(&["dropped"]).add(dropped_samples);
         }
-        // Bounded: each turn skips one record or ends.
-        loop {
-            let left = self
-                .backlog
-                .bytes_after(self.reader.position())
-                .unwrap_or(0);
-            if left <= self.max_backlog_bytes / 2 {
-                break;
-            }
-            match self.reader.next() {
-                Ok(Some(_)) => {
-                    dropped += 1;
-                    metrics.drop("backlog_bytes");
+        if in_hand.get(low).is_none() {
+            // Bounded: each turn skips one record or ends.
+            loop {
+                let left = self
+                    .backlog
+                    .bytes_after(self.reader.position())
+                    .unwrap_or(0);
+                if left <= target {
+                    break;
                 }
-                Ok(None) => break,
-                Err(_) => break,
+                match self.reader.next() {
+                    Ok(Some(_)) => dropped += 1,
+                    Ok(None) | Err(_) => break,
+                }
             }
         }
+        metrics.dropped.with(&["backlog_bytes"]).add(dropped);
         let (since, total) = self.dropping_since.unwrap_or((Instant::now(), 0));
         self.dropping_since = Some((since, total + dropped));
         warn!(
-            "remote write: the backlog holds {bytes} bytes, over --remote-write-max-backlog-bytes {}: dropped the oldest ({dropped} uploads unread, and the batches in hand)",
+            "remote write: the backlog holds {bytes} bytes, over --remote-write-max-backlog-bytes {}: dropped the oldest {dropped} uploads",
             self.max_backlog_bytes
         );
         self.advance();
@@ -845,22 +888,24 @@ impl Shard {
     /// Such samples are what at-least-once re-ships after a crash, and late uploads.
     fn ship(&mut self, batch: Batch) -> bool {
         let metrics = self.control.metrics.clone();
+        let oldest_received_ms = batch.oldest_received_ms;
         // Oldest first: the front is sent next, so each series' samples keep their order.
-        let mut parts: VecDeque<Vec<TimeSeries>> = VecDeque::from([batch.series]);
-        while let Some(part) = parts.pop_front() {
-            let samples = convert::sample_count(&part) as u64;
-            let body = encode(&part);
+        let mut parts: VecDeque<Batch> = VecDeque::from([batch]);
+        while let Some(mut part) = parts.pop_front() {
+            let mut body = None;
             loop {
-                if batch.last_seq < self.control.drop_below.load(Ordering::Relaxed) {
-                    let left = samples
-                        + parts.iter().map(|p| convert::sample_count(p) as u64).sum::<u64>();
-                    metrics.samples.with(&["dropped"]).add(left);
-                    metrics.drop("backlog_bytes");
-                    return true;
+                // Records the reader dropped for the bytes bound (counted there, in uploads).
+                let dropped = part.drop_below(self.control.drop_below.load(Ordering::Relaxed));
+                if dropped > 0 {
+                    metrics.samples.with(&["dropped"]).add(dropped);
+                    body = None;
                 }
-                if self.control.too_old(batch.oldest_received_ms) {
-                    let left = samples
-                        + parts.iter().map(|p| convert::sample_count(p) as u64).sum::<u64>();
+                if part.series.is_empty() {
+                    break;
+                }
+                if self.control.too_old(oldest_received_ms) {
+                    let left = part.samples as u64
+                        + parts.iter().map(|p| p.samples as u64).sum::<u64>();
                     metrics.samples.with(&["dropped"]).add(left);
                     metrics.drop("backlog_age");
                     warn!(
@@ -871,11 +916,13 @@ impl Shard {
                 if self.control.past_deadline() {
                     return false;
                 }
-                match self.send(&body) {
+                let samples = part.samples as u64;
+                let bytes = body.get_or_insert_with(|| encode(&part.series));
+                match self.send(bytes) {
                     Outcome::Sent => {
                         self.backoff.reset();
                         metrics.samples.with(&["sent"]).add(samples);
-                        metrics.sent_bytes.with(&[]).add(body.len() as u64);
+                        metrics.sent_bytes.with(&[]).add(bytes.len() as u64);
                         debug!("remote write: shard {} sent {samples} samples", self.number);
                         break;
                     }
@@ -975,20 +1022,34 @@ fn is_out_of_order(reply: &str) -> bool {
         .any(|needle| reply.contains(needle))
 }
 
-/// `series` in two halves with about half the samples each, in order (a single series with
+/// `batch` in two halves with about half the series each, in order (a single series with
 /// several samples is split between its samples).
-fn split(mut series: Vec<TimeSeries>) -> (Vec<TimeSeries>, Vec<TimeSeries>) {
-    if series.len() == 1 {
-        if let Some(mut one) = series.pop() {
-            let second = TimeSeries {
+fn split(mut batch: Batch) -> (Batch, Batch) {
+    let mut second = Batch {
+        first_seq: batch.first_seq,
+        last_seq: batch.last_seq,
+        oldest_received_ms: batch.oldest_received_ms,
+        ..Batch::default()
+    };
+    if batch.series.len() == 1 {
+        if let Some(one) = batch.series.first_mut() {
+            second.series.push(TimeSeries {
                 labels: one.labels.clone(),
                 samples: one.samples.split_off(one.samples.len() / 2),
-            };
-            return (vec![one], vec![second]);
+            });
+            second.seqs = batch.seqs.clone();
         }
+    } else {
+        let half = batch.series.len() / 2;
+        second.series = batch.series.split_off(half);
+        second.seqs = batch.seqs.split_off(half);
     }
-    let second = series.split_off(series.len() / 2);
-    (series, second)
+    batch.samples = convert::sample_count(&batch.series);
+    second.samples = convert::sample_count(&second.series);
+    if let Some(&first) = second.seqs.first() {
+        second.first_seq = first;
+    }
+    (batch, second)
 }
 
 /// A remote-write request body: the protobuf `WriteRequest`, snappy block-compressed.

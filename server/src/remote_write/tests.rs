@@ -199,10 +199,30 @@ fn an_out_of_order_refusal_splits_the_request_in_order() {
     assert!(is_out_of_order("err-mimir-sample-out-of-order"));
     assert!(is_out_of_order("duplicate sample for timestamp"));
     assert!(!is_out_of_order("unauthorized"));
-    let (first, second) = split(vec![series("a", &[1]), series("b", &[2]), series("c", &[3])]);
-    assert_eq!((first.len(), second.len()), (1, 2));
-    assert_eq!(second[0], series("b", &[2]));
+    let batch = |all: Vec<TimeSeries>| {
+        let mut b = Batch::default();
+        for (seq, one) in all.into_iter().enumerate() {
+            b.push(one, seq as u64 + 1, 0);
+        }
+        b
+    };
+    let (first, second) = split(batch(vec![
+        series("a", &[1]),
+        series("b", &[2]),
+        series("c", &[3]),
+    ]));
+    assert_eq!((first.series.len(), second.series.len()), (1, 2));
+    assert_eq!((first.samples, second.samples), (1, 2));
+    assert_eq!(second.series[0], series("b", &[2]));
+    assert_eq!((second.seqs.clone(), second.first_seq), (vec![2, 3], 2));
     // One series: its samples are split, oldest first.
-    let (first, second) = split(vec![series("a", &[1, 2, 3, 4])]);
-    assert_eq!((first, second), (vec![series("a", &[1, 2])], vec![series("a", &[3, 4])]));
+    let (first, second) = split(batch(vec![series("a", &[1, 2, 3, 4])]));
+    assert_eq!(
+        (first.series, second.series),
+        (vec![series("a", &[1, 2])], vec![series("a", &[3, 4])])
+    );
+    // Dropping the oldest records removes their series only.
+    let mut b = batch(vec![series("a", &[1]), series("b", &[2, 3]), series("c", &[4])]);
+    assert_eq!(b.drop_below(3), 3);
+    assert_eq!((b.series.len(), b.samples, b.first_seq), (1, 1, 3));
 }
