@@ -428,10 +428,19 @@ impl RemoteWriter {
         }
         self.control.wake.notify_all();
         let threads = std::mem::take(&mut *telemeter_common::sync::lock(&self.threads));
+        // Each thread checks the deadline between requests; one in a request may outlast the
+        // grace by the request's timeout: it is not waited for (the cursor is saved by the
+        // reader, which never sends).
+        let wait_until = Instant::now() + grace + Duration::from_secs(1);
         for thread in threads {
-            // Each thread checks the deadline at least every request timeout; a request in flight
-            // may outlast the grace by that much.
-            let _ = thread.join();
+            while !thread.is_finished() && Instant::now() < wait_until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                warn!("remote write: a sender is still busy with a request; not waiting for it");
+            }
         }
     }
 }
