@@ -144,9 +144,7 @@ impl Server {
         let remote_write = match &config.remote_write {
             Some(rw) => match store
                 .backlog()
-                .ok_or_else(|| {
-                    RemoteWriteError::Backlog("the store keeps no backlog".to_string())
-                })
+                .ok_or_else(|| RemoteWriteError::Backlog("the store keeps no backlog".to_string()))
                 .and_then(|backlog| RemoteWriter::start(rw, &metrics.registry, backlog))
             {
                 Ok(writer) => Some(writer),

@@ -575,11 +575,7 @@ fn a_backlog_over_its_bound_drops_the_oldest_counted_and_logged() {
     let dir = TempDir::new("rw-bound");
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}/api/v1/write");
-    let s = start_server_with(
-        &dir,
-        &url,
-        &["--remote-write-max-backlog-bytes", "200000"],
-    );
+    let s = start_server_with(&dir, &url, &["--remote-write-max-backlog-bytes", "200000"]);
     let token = s.upload_token("secret", "test");
     let base = now_ms() - 120_000;
     // About 8 KB of journal each: 60 are well over the bound.
@@ -618,8 +614,11 @@ fn a_backlog_over_its_bound_drops_the_oldest_counted_and_logged() {
     .unwrap();
     assert!(kept >= 1.0 && kept < UPLOADS as f64, "{kept}");
     assert!(
-        prom.query(r#"test_metric{_id="test",i="0"}"#, base as f64 / 1000.0 + 0.5)
-            .is_empty(),
+        prom.query(
+            r#"test_metric{_id="test",i="0"}"#,
+            base as f64 / 1000.0 + 0.5
+        )
+        .is_empty(),
         "the oldest upload was dropped"
     );
 }

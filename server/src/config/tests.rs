@@ -221,7 +221,12 @@ fn remote_write_flags() {
             "--remote-write-timeout",
             "0s",
         ],
-        vec!["--remote-write-url", "http://x", "--remote-write-shards", "0"],
+        vec![
+            "--remote-write-url",
+            "http://x",
+            "--remote-write-shards",
+            "0",
+        ],
         vec![
             "--remote-write-url",
             "http://x",

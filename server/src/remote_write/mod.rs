@@ -543,7 +543,7 @@ impl Reader {
             }
             self.check_bound();
             self.maybe_save(false);
-            match self.reader.next() {
+            match self.reader.next_record() {
                 Ok(Some(record)) => {
                     if !self.distribute(record) {
                         break;
@@ -636,8 +636,7 @@ impl Reader {
     }
 
     fn maybe_save(&mut self, now: bool) {
-        if self.cursor == self.saved || (!now && self.last_save.elapsed() < CURSOR_SAVE_INTERVAL)
-        {
+        if self.cursor == self.saved || (!now && self.last_save.elapsed() < CURSOR_SAVE_INTERVAL) {
             return;
         }
         match self.backlog.save_cursor(self.cursor) {
@@ -691,12 +690,10 @@ impl Reader {
                 continue;
             };
             s.partial.push(one, seq, received_ms);
-            if s.partial.samples >= self.max_samples
-                || s.partial.series.len() >= MAX_SERIES_PER_REQUEST
-            {
-                if !self.send(shard) {
-                    return false;
-                }
+            let full = s.partial.samples >= self.max_samples
+                || s.partial.series.len() >= MAX_SERIES_PER_REQUEST;
+            if full && !self.send(shard) {
+                return false;
             }
         }
         true
@@ -805,10 +802,7 @@ impl Reader {
             Some(&(seq, _)) => seq + 1,
             None => self.next_seq,
         };
-        dropped += in_hand
-            .iter()
-            .filter(|&&(seq, _)| seq < drop_below)
-            .count() as u64;
+        dropped += in_hand.iter().filter(|&&(seq, _)| seq < drop_below).count() as u64;
         self.control.drop_below.store(drop_below, Ordering::Relaxed);
         self.control.wake.notify_all();
         for s in &mut self.shards {
@@ -825,7 +819,7 @@ impl Reader {
                 if left <= target {
                     break;
                 }
-                match self.reader.next() {
+                match self.reader.next_record() {
                     Ok(Some(_)) => dropped += 1,
                     Ok(None) | Err(_) => break,
                 }
@@ -861,7 +855,9 @@ enum Outcome {
         reason: &'static str,
         out_of_order: bool,
     },
-    Retry { retry_after: Option<Duration> },
+    Retry {
+        retry_after: Option<Duration>,
+    },
 }
 
 /// One sender thread.
@@ -913,8 +909,8 @@ impl Shard {
                     break;
                 }
                 if self.control.too_old(oldest_received_ms) {
-                    let left = part.samples as u64
-                        + parts.iter().map(|p| p.samples as u64).sum::<u64>();
+                    let left =
+                        part.samples as u64 + parts.iter().map(|p| p.samples as u64).sum::<u64>();
                     metrics.samples.with(&["dropped"]).add(left);
                     metrics.drop("backlog_age");
                     warn!(
@@ -1026,9 +1022,15 @@ impl Shard {
 /// ("out-of-order", "too old"), Thanos receive ("out of order").
 fn is_out_of_order(reply: &str) -> bool {
     let reply = reply.to_ascii_lowercase();
-    ["out of order", "out-of-order", "duplicate sample", "out of bounds", "too old"]
-        .iter()
-        .any(|needle| reply.contains(needle))
+    [
+        "out of order",
+        "out-of-order",
+        "duplicate sample",
+        "out of bounds",
+        "too old",
+    ]
+    .iter()
+    .any(|needle| reply.contains(needle))
 }
 
 /// `batch` in two halves with about half the series each, in order (a single series with
@@ -1074,8 +1076,6 @@ pub fn encode(series: &[TimeSeries]) -> Vec<u8> {
     }
     snappy::encode_block(&bytes)
 }
-
-
 
 fn build_agent(config: &RemoteWriteConfig) -> Result<ureq::Agent, RemoteWriteError> {
     // A redirected POST may come back as a GET without its body: report the 3xx instead.

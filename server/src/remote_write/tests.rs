@@ -222,7 +222,11 @@ fn an_out_of_order_refusal_splits_the_request_in_order() {
         (vec![series("a", &[1, 2])], vec![series("a", &[3, 4])])
     );
     // Dropping the oldest records removes their series only.
-    let mut b = batch(vec![series("a", &[1]), series("b", &[2, 3]), series("c", &[4])]);
+    let mut b = batch(vec![
+        series("a", &[1]),
+        series("b", &[2, 3]),
+        series("c", &[4]),
+    ]);
     assert_eq!(b.drop_below(3), 3);
     assert_eq!((b.series.len(), b.samples, b.first_seq), (1, 1, 3));
 }

@@ -228,7 +228,7 @@ impl BacklogReader {
 
     /// The next record to ship, skipping those that are not (serve only, removals); `None` when
     /// every synced record is read.
-    pub fn next(&mut self) -> Result<Option<ShipRecord>, StoreError> {
+    pub fn next_record(&mut self) -> Result<Option<ShipRecord>, StoreError> {
         // Bounded: each turn reads a record or moves to a later segment.
         loop {
             let tip = self.backlog.tip();
@@ -308,24 +308,6 @@ impl BacklogReader {
                     }
                 }
             }
-        }
-    }
-
-    /// Skips what is left of the current segment (dropping it).
-    pub fn skip_segment(&mut self) -> Result<bool, StoreError> {
-        let next = segment_numbers(&self.backlog.shared.dir)?
-            .into_iter()
-            .find(|&n| n > self.at.segment);
-        match next {
-            Some(number) => {
-                self.open = None;
-                self.at = Position {
-                    segment: number,
-                    offset: 0,
-                };
-                Ok(true)
-            }
-            None => Ok(false),
         }
     }
 }
@@ -454,7 +436,7 @@ mod tests {
 
     fn drain(reader: &mut BacklogReader) -> Vec<(String, Vec<u8>)> {
         let mut out = Vec::new();
-        while let Some(record) = reader.next().unwrap() {
+        while let Some(record) = reader.next_record().unwrap() {
             out.push((record.cluster_id, record.payload));
         }
         out
@@ -534,7 +516,10 @@ mod tests {
             // Closing checkpointed segment 1 too; nothing was saved, so all is shipped again.
             let store = Store::open_shipping(config(dir.path())).unwrap();
             assert_eq!(store.get("a").unwrap().unwrap().payload, fresh);
-            assert!(store.get("d").unwrap().is_none(), "ship-only is never served");
+            assert!(
+                store.get("d").unwrap().is_none(),
+                "ship-only is never served"
+            );
             let backlog = store.backlog().unwrap();
             let mut reader = backlog.reader(backlog.cursor().unwrap());
             assert_eq!(drain(&mut reader).len(), 5);
@@ -552,7 +537,7 @@ mod tests {
         assert_eq!(drain(&mut reader), [("f".to_string(), late)]);
         // A new segment never takes the number of one set aside.
         store.put("g", fresh, SystemTime::now()).unwrap();
-        assert_eq!(reader.next().unwrap().unwrap().end.segment, 3);
+        assert_eq!(reader.next_record().unwrap().unwrap().end.segment, 3);
     }
 
     #[test]
@@ -562,9 +547,16 @@ mod tests {
         assert!(store.backlog().is_none());
         let now = telemeter_common::time::sample_millis(SystemTime::now());
         assert!(!store
-            .put_shipping("a", None, Ship::Payload(payload(1.0, now)), SystemTime::now())
+            .put_shipping(
+                "a",
+                None,
+                Ship::Payload(payload(1.0, now)),
+                SystemTime::now()
+            )
             .unwrap());
-        store.put("b", payload(1.0, now), SystemTime::now()).unwrap();
+        store
+            .put("b", payload(1.0, now), SystemTime::now())
+            .unwrap();
         assert!(!store
             .put_unless_older("b", payload(1.0, now - 1000), SystemTime::now())
             .unwrap());

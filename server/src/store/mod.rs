@@ -295,8 +295,14 @@ impl Store {
         payload: Vec<u8>,
         received: SystemTime,
     ) -> Result<(), StoreError> {
-        self.submit(cluster_id, Some(payload), Ship::Served, received, Mode::Replace)
-            .map(|_| ())
+        self.submit(
+            cluster_id,
+            Some(payload),
+            Ship::Served,
+            received,
+            Mode::Replace,
+        )
+        .map(|_| ())
     }
 
     /// Stores `serve` (if any) as `cluster_id`'s upload received at `received`, replacing the
@@ -329,7 +335,13 @@ impl Store {
         received: SystemTime,
     ) -> Result<bool, StoreError> {
         // The server that received it shipped it.
-        self.submit(cluster_id, Some(payload), Ship::Nothing, received, Mode::IfNewer)
+        self.submit(
+            cluster_id,
+            Some(payload),
+            Ship::Nothing,
+            received,
+            Mode::IfNewer,
+        )
     }
 
     /// Like [`Store::put`], but keeps the stored upload when its newest sample is newer than
