@@ -34,6 +34,9 @@ pub(super) struct EgressShared {
     /// Segments numbered below this are shipped (or dropped): a checkpoint deletes them rather
     /// than setting them aside. Also held while a segment moves, so a reader finds it.
     pub(super) shipped_below: Mutex<u64>,
+    /// The segment appended to last and how much of it is synced, set after each append: read by
+    /// egress without the journal's lock, which a commit holds through its `fdatasync`.
+    pub(super) tip: Mutex<Option<(u64, u64)>>,
     /// Signalled after each append (capacity 1: one pending wake-up is enough).
     pub(super) appended: Sender<()>,
     appended_rx: Receiver<()>,
@@ -44,6 +47,7 @@ impl EgressShared {
         let (appended, appended_rx) = crossbeam_channel::bounded(1);
         EgressShared {
             shipped_below: Mutex::new(shipped_below),
+            tip: Mutex::new(None),
             appended,
             appended_rx,
         }
@@ -177,11 +181,7 @@ impl Backlog {
 
     /// The segment being appended to and how much of it is synced.
     fn tip(&self) -> Option<(u64, u64)> {
-        let journal = lock(&self.shared.journal);
-        journal
-            .segment
-            .as_ref()
-            .map(|segment| (segment.number, journal.len))
+        self.egress().ok().and_then(|egress| *lock(&egress.tip))
     }
 
     /// Segment `number` opened for reading, with its length; `None` when it is gone.

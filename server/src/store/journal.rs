@@ -569,6 +569,7 @@ impl Shared {
         journal.len = offset + bytes.len() as u64;
         let result = then(&segment, offset);
         if let Some(egress) = &self.egress {
+            *lock(&egress.tip) = Some((segment.number, journal.len));
             let _ = egress.appended.try_send(());
         }
         Ok(result)
