@@ -564,6 +564,60 @@ fn every_acknowledged_sample_survives_a_receiver_outage_and_kill_9() {
     wait_own_metric(&s, "telemeter_server_remote_write_backlog_bytes", 0.0);
 }
 
+/// At least once, with duplicates: killed (-9) while shipping into a live Prometheus, then
+/// restarted: the receiver holds every acknowledged sample, once (a TSDB keeps one sample per
+/// series and timestamp). What was shipped after the last cursor save is sent again; Prometheus
+/// refuses those samples as out of order (counted as rejected), and the split of refused requests
+/// lets every fresh sample batched with them through: nothing is dropped.
+#[test]
+fn a_kill_9_while_shipping_re_ships_and_loses_nothing() {
+    need_prometheus();
+    const UPLOADS: i64 = 300;
+    const SERIES: usize = 20;
+    let dir = TempDir::new("rw-reship");
+    let prom = Prometheus::start(dir.path(), free_port());
+    let mut s = start_server(&dir, &prom.write_url());
+    let token = s.upload_token("secret", "test");
+    let base = now_ms() - 300_000;
+    for n in 0..UPLOADS {
+        let r = s.upload(&token, &families(None, SERIES, base + n * 100));
+        assert_eq!(r.status, 200, "upload {n}: {}", r.body);
+    }
+    let sent = r#"telemeter_server_remote_write_samples_total{result="sent"}"#;
+    let sent_before = own_metric(&s, sent).unwrap_or(0.0);
+    let status = s.signal_and_wait(Signal::Kill);
+    assert!(!status.success(), "{status:?}");
+
+    let s = start_server(&dir, &prom.write_url());
+    let total = (UPLOADS * (SERIES as i64 + 1)) as f64;
+    let at = (base + UPLOADS * 100) as f64 / 1000.0;
+    let query = r#"sum(count_over_time({_id="test"}[10m]))"#;
+    assert_eq!(wait_scalar(&prom, query, at, total), Some(total), "{query}");
+    wait_own_metric(&s, "telemeter_server_remote_write_backlog_bytes", 0.0);
+    wait_own_metric(&s, "telemeter_server_remote_write_queue_length", 0.0);
+    let sent_after = own_metric(&s, sent).unwrap_or(0.0);
+    let rejected = own_metric(
+        &s,
+        r#"telemeter_server_remote_write_samples_total{result="rejected"}"#,
+    )
+    .unwrap_or(0.0);
+    assert_eq!(
+        own_metric(
+            &s,
+            r#"telemeter_server_remote_write_samples_total{result="dropped"}"#
+        ),
+        Some(0.0)
+    );
+    // Everything was handed over at least once; what went twice was refused or taken again.
+    assert!(
+        sent_before + sent_after + rejected >= total,
+        "sent {sent_before} + {sent_after}, rejected {rejected}, of {total}"
+    );
+    eprintln!(
+        "shipped before the kill {sent_before}, after {sent_after}, refused as already held {rejected}, of {total}"
+    );
+}
+
 /// Issue 17 point 4: only `--remote-write-max-backlog-bytes` drops data while the receiver is
 /// down: the oldest uploads, counted and logged; every upload is still acknowledged, and what is
 /// left is shipped when the receiver comes back.

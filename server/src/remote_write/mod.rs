@@ -63,8 +63,8 @@ pub const DEFAULT_MAX_BACKLOG_AGE: Duration = Duration::from_secs(24 * 3600);
 pub const CURSOR_SAVE_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the backlog's size is checked against its bound.
 const BOUND_CHECK_INTERVAL: Duration = Duration::from_millis(200);
-/// Batches waiting per shard: memory stays bounded by shards × this × a batch.
-const SHARD_QUEUE: usize = 2;
+/// Uploads waiting per shard: memory stays bounded by shards × (this + a batch's worth).
+const SHARD_QUEUE: usize = 8;
 /// Most bytes of a receiver's reply read (for the log line).
 const MAX_REPLY_BYTES: u64 = 4096;
 /// Why an upload or a batch was dropped, as counted in `telemeter_server_remote_write_dropped_total`.
@@ -332,7 +332,7 @@ impl RemoteWriter {
             threads
         };
         for number in 0..shard_count {
-            let (queue, batches) = crossbeam_channel::bounded(SHARD_QUEUE);
+            let (queue, items) = crossbeam_channel::bounded(SHARD_QUEUE);
             let shard = Shard {
                 number,
                 control: control.clone(),
@@ -341,10 +341,11 @@ impl RemoteWriter {
                 bearer: bearer.clone(),
                 backoff: Backoff::new(),
                 acks: acks.clone(),
+                max_samples: config.max_samples_per_send.max(1),
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("remote-write-{number}"))
-                .spawn(move || shard.run(batches));
+                .spawn(move || shard.run(items));
             match spawned {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
@@ -367,7 +368,6 @@ impl RemoteWriter {
                 .into_iter()
                 .map(|queue| ShardQueue {
                     queue,
-                    partial: Batch::default(),
                     sent: VecDeque::new(),
                 })
                 .collect(),
@@ -379,7 +379,6 @@ impl RemoteWriter {
             saved: cursor,
             last_save: Instant::now(),
             last_bound_check: Instant::now() - BOUND_CHECK_INTERVAL,
-            max_samples: config.max_samples_per_send.max(1),
             max_backlog_bytes: config.max_backlog_bytes,
             dropping_since: None,
         };
@@ -445,27 +444,22 @@ impl RemoteWriter {
     }
 }
 
-/// Series on their way to one shard, in the order their records were read.
+/// Series on their way to the receiver, in the order their records were read.
 #[derive(Default)]
 struct Batch {
     series: Vec<TimeSeries>,
     /// The number of the record each series comes from (non-decreasing).
     seqs: Vec<u64>,
     samples: usize,
-    first_seq: u64,
-    last_seq: u64,
     /// The oldest receive time of those records, ms since the epoch.
     oldest_received_ms: i64,
 }
 
 impl Batch {
     fn push(&mut self, series: TimeSeries, seq: u64, received_ms: i64) {
-        if self.series.is_empty() {
-            self.first_seq = seq;
+        if self.series.is_empty() || received_ms < self.oldest_received_ms {
             self.oldest_received_ms = received_ms;
         }
-        self.last_seq = seq;
-        self.oldest_received_ms = self.oldest_received_ms.min(received_ms);
         self.samples += series.samples.len();
         self.series.push(series);
         self.seqs.push(seq);
@@ -481,42 +475,66 @@ impl Batch {
         self.seqs.drain(..cut);
         let samples = convert::sample_count(&gone);
         self.samples -= samples;
-        if let Some(&first) = self.seqs.first() {
-            self.first_seq = first;
-        }
         samples as u64
     }
+
+    /// Takes the first series holding up to `max_samples` samples (at least one series).
+    fn take_front(&mut self, max_samples: usize) -> Batch {
+        let mut samples = 0;
+        let mut count = 0;
+        for one in &self.series {
+            if count > 0
+                && (samples + one.samples.len() > max_samples || count >= MAX_SERIES_PER_REQUEST)
+            {
+                break;
+            }
+            samples += one.samples.len();
+            count += 1;
+        }
+        let rest_series = self.series.split_off(count);
+        let rest_seqs = self.seqs.split_off(count);
+        let front = Batch {
+            series: std::mem::replace(&mut self.series, rest_series),
+            seqs: std::mem::replace(&mut self.seqs, rest_seqs),
+            samples,
+            oldest_received_ms: self.oldest_received_ms,
+        };
+        self.samples -= samples;
+        front
+    }
+}
+
+/// One record on its way to a shard.
+struct Item {
+    seq: u64,
+    cluster_id: String,
+    received_ms: i64,
+    payload: Vec<u8>,
 }
 
 /// The reader's view of one shard.
 struct ShardQueue {
-    queue: Sender<Batch>,
-    /// Series not sent to the shard yet.
-    partial: Batch,
-    /// The `first_seq` of each batch sent and not acknowledged yet, oldest first.
+    queue: Sender<Item>,
+    /// The records handed to the shard and not yet taken, oldest first.
     sent: VecDeque<u64>,
 }
 
 impl ShardQueue {
-    /// The oldest record with series in this shard not yet taken; records below `dropped_below`
-    /// count as taken (the shard drops them before it sends again).
+    /// The oldest record handed to this shard not yet taken; records below `dropped_below` count
+    /// as taken (the shard drops them before it sends again).
     fn pending_from(&self, dropped_below: u64) -> Option<u64> {
-        self.sent
-            .front()
-            .copied()
-            .or_else(|| (!self.partial.series.is_empty()).then_some(self.partial.first_seq))
-            .map(|first| first.max(dropped_below))
+        self.sent.front().map(|&first| first.max(dropped_below))
     }
 }
 
-/// Reads the backlog, splits records into the shards, advances and saves the cursor.
+/// Reads the backlog, hands each record to its shard, advances and saves the cursor.
 struct Reader {
     control: Arc<Control>,
     backlog: Backlog,
     reader: BacklogReader,
     shards: Vec<ShardQueue>,
-    /// A shard's number each time it finished a batch.
-    acked: Receiver<usize>,
+    /// (shard, n): shard `shard` has taken every record it was handed up to number `n`.
+    acked: Receiver<(usize, u64)>,
     /// Records read and not wholly taken: their number and where the next record starts.
     in_flight: VecDeque<(u64, Position)>,
     in_flight_gauge: Arc<AtomicU64>,
@@ -526,7 +544,6 @@ struct Reader {
     saved: Position,
     last_save: Instant,
     last_bound_check: Instant,
-    max_samples: usize,
     max_backlog_bytes: u64,
     /// While dropping for the bytes bound: when the episode started and how many were dropped.
     dropping_since: Option<(Instant, u64)>,
@@ -545,15 +562,11 @@ impl Reader {
             self.maybe_save(false);
             match self.reader.next_record() {
                 Ok(Some(record)) => {
-                    if !self.distribute(record) {
+                    if !self.hand_over(record) {
                         break;
                     }
                 }
                 Ok(None) => {
-                    // Caught up: send what waits, then wait for more.
-                    if !self.flush() {
-                        break;
-                    }
                     self.advance();
                     self.maybe_save(false);
                     if let Some((since, dropped)) = self.dropping_since.take() {
@@ -572,15 +585,13 @@ impl Reader {
                 }
             }
         }
-        // Shutting down: what was read is still sent until the deadline.
-        self.flush();
+        // Shutting down: what was handed over is still sent until the deadline.
         while self.shards.iter().any(|s| !s.sent.is_empty()) && !self.control.past_deadline() {
-            if let Ok(shard) = self.acked.recv_timeout(Duration::from_millis(50)) {
-                self.ack(shard);
+            if let Ok((shard, upto)) = self.acked.recv_timeout(Duration::from_millis(50)) {
+                self.ack(shard, upto);
             }
         }
         self.take_acks();
-        self.advance();
         self.maybe_save(true);
         let left = self.in_flight.len();
         // Dropping the queues ends the shards.
@@ -595,15 +606,17 @@ impl Reader {
     }
 
     fn take_acks(&mut self) {
-        while let Ok(shard) = self.acked.try_recv() {
-            self.ack(shard);
+        while let Ok((shard, upto)) = self.acked.try_recv() {
+            self.ack(shard, upto);
         }
         self.advance();
     }
 
-    fn ack(&mut self, shard: usize) {
+    fn ack(&mut self, shard: usize, upto: u64) {
         if let Some(s) = self.shards.get_mut(shard) {
-            s.sent.pop_front();
+            while s.sent.front().is_some_and(|&seq| seq <= upto) {
+                s.sent.pop_front();
+            }
         }
     }
 
@@ -646,12 +659,12 @@ impl Reader {
         self.last_save = Instant::now();
     }
 
-    /// Splits `record` into the shards; false when shutdown came while a shard's queue was full.
-    fn distribute(&mut self, record: ShipRecord) -> bool {
+    /// Hands `record` to the shard of its cluster, waiting while that shard's queue is full
+    /// (taking acks meanwhile); false when the shutdown deadline passed first.
+    fn hand_over(&mut self, record: ShipRecord) -> bool {
         let received_ms = i64::try_from(record.received_millis).unwrap_or(i64::MAX);
-        let metrics = self.control.metrics.clone();
         if self.control.too_old(received_ms) {
-            metrics.drop("backlog_age");
+            self.control.metrics.drop("backlog_age");
             debug!(
                 "remote write: dropped an upload of cluster {:?} past --remote-write-max-backlog-age",
                 record.cluster_id
@@ -659,88 +672,39 @@ impl Reader {
             self.advance();
             return true;
         }
-        let limits = delimited::Limits {
-            max_message_bytes: record.payload.len(),
-            max_total_bytes: record.payload.len(),
-            max_families: usize::MAX,
-            max_series: usize::MAX,
-        };
-        let families = match delimited::decode(&record.payload, &limits) {
-            Ok(families) => families,
-            Err(e) => {
-                // The store journaled these bytes from validated families; this is a bug, not input.
-                warn!(
-                    "remote write: cannot decode an upload of cluster {:?}: {e}",
-                    record.cluster_id
-                );
-                metrics.drop("invalid");
-                self.advance();
-                return true;
-            }
-        };
-        let series = convert::to_series(&families, received_ms);
-        drop(families);
         let seq = self.next_seq;
         self.next_seq += 1;
         self.in_flight.push_back((seq, record.end));
-        let count = self.shards.len();
-        for one in series {
-            let shard = shard_of(&one, count);
-            let Some(s) = self.shards.get_mut(shard) else {
-                continue;
-            };
-            s.partial.push(one, seq, received_ms);
-            let full = s.partial.samples >= self.max_samples
-                || s.partial.series.len() >= MAX_SERIES_PER_REQUEST;
-            if full && !self.send(shard) {
-                return false;
-            }
-        }
-        true
-    }
-
-    /// Sends every partial batch.
-    fn flush(&mut self) -> bool {
-        for shard in 0..self.shards.len() {
-            if !self.send(shard) {
-                return false;
-            }
-        }
-        true
-    }
-
-    /// Sends shard `shard`'s partial batch, waiting while its queue is full (taking acks
-    /// meanwhile); false when the shutdown deadline passed first.
-    fn send(&mut self, shard: usize) -> bool {
-        let Some(s) = self.shards.get_mut(shard) else {
-            return true;
+        let shard = shard_of(&record.cluster_id, self.shards.len());
+        let mut item = Item {
+            seq,
+            cluster_id: record.cluster_id,
+            received_ms,
+            payload: record.payload,
         };
-        if s.partial.series.is_empty() {
-            return true;
-        }
-        let mut batch = std::mem::take(&mut s.partial);
-        let first_seq = batch.first_seq;
         loop {
             let Some(s) = self.shards.get_mut(shard) else {
                 return true;
             };
-            match s.queue.send_timeout(batch, Duration::from_millis(100)) {
+            match s.queue.send_timeout(item, Duration::from_millis(100)) {
                 Ok(()) => {
-                    s.sent.push_back(first_seq);
+                    s.sent.push_back(seq);
                     return true;
                 }
                 Err(crossbeam_channel::SendTimeoutError::Timeout(back)) => {
-                    batch = back;
+                    item = back;
                     if self.control.past_deadline() {
-                        // Not sent: the records stay in the backlog.
-                        if let Some(s) = self.shards.get_mut(shard) {
-                            s.partial = batch;
-                        }
+                        // Not handed over: the record stays in the backlog.
                         return false;
                     }
                     self.take_acks();
                     self.maybe_save(false);
                     self.check_bound();
+                    if item.seq < self.control.drop_below.load(Ordering::Relaxed) {
+                        // Dropped for the bytes bound while waiting.
+                        self.advance();
+                        return true;
+                    }
                 }
                 Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return false,
             }
@@ -751,9 +715,9 @@ impl Reader {
     fn wait(&mut self) {
         let appended = self.backlog.appended();
         crossbeam_channel::select! {
-            recv(self.acked) -> shard => {
-                if let Ok(shard) = shard {
-                    self.ack(shard);
+            recv(self.acked) -> ack => {
+                if let Ok((shard, upto)) = ack {
+                    self.ack(shard, upto);
                 }
             }
             recv(appended) -> _ => {}
@@ -779,9 +743,8 @@ impl Reader {
             return;
         }
         // The oldest go first, until what is left fits in half the bound (so the next drop is not
-        // one upload later): records in hand (read, batched, not taken), then unread ones.
+        // one upload later): records in hand (read, not taken), then unread ones.
         let target = self.max_backlog_bytes / 2;
-        let metrics = self.control.metrics.clone();
         let in_hand: Vec<(u64, Position)> = self.in_flight.iter().copied().collect();
         // Binary search: the fewest records in hand whose dropping leaves at most `target`.
         let (mut low, mut high) = (0usize, in_hand.len());
@@ -797,18 +760,13 @@ impl Reader {
                 low = mid + 1;
             }
         }
-        let mut dropped = 0u64;
         let drop_below = match in_hand.get(low) {
             Some(&(seq, _)) => seq + 1,
             None => self.next_seq,
         };
-        dropped += in_hand.iter().filter(|&&(seq, _)| seq < drop_below).count() as u64;
+        let mut dropped = in_hand.iter().filter(|&&(seq, _)| seq < drop_below).count() as u64;
         self.control.drop_below.store(drop_below, Ordering::Relaxed);
         self.control.wake.notify_all();
-        for s in &mut self.shards {
-            let dropped_samples = s.partial.drop_below(drop_below);
-            metrics.samples.with(&["dropped"]).add(dropped_samples);
-        }
         if in_hand.get(low).is_none() {
             // Bounded: each turn skips one record or ends.
             loop {
@@ -825,7 +783,11 @@ impl Reader {
                 }
             }
         }
-        metrics.dropped.with(&["backlog_bytes"]).add(dropped);
+        self.control
+            .metrics
+            .dropped
+            .with(&["backlog_bytes"])
+            .add(dropped);
         let (since, total) = self.dropping_since.unwrap_or((Instant::now(), 0));
         self.dropping_since = Some((since, total + dropped));
         warn!(
@@ -836,13 +798,11 @@ impl Reader {
     }
 }
 
-/// The shard of `series`: a hash of its labels, so each series always goes through one shard.
-fn shard_of(series: &TimeSeries, shards: usize) -> usize {
+/// The shard of a cluster's uploads: a hash of its id. Every series carries its cluster's id, so
+/// each series always goes through one shard, and its samples arrive in order.
+fn shard_of(cluster_id: &str, shards: usize) -> usize {
     let mut hasher = DefaultHasher::new();
-    for label in &series.labels {
-        label.name.hash(&mut hasher);
-        label.value.hash(&mut hasher);
-    }
+    cluster_id.hash(&mut hasher);
     (hasher.finish() % shards.max(1) as u64) as usize
 }
 
@@ -860,7 +820,7 @@ enum Outcome {
     },
 }
 
-/// One sender thread.
+/// One sender thread: converts its clusters' records ([`convert`]) and sends them in batches.
 struct Shard {
     number: usize,
     control: Arc<Control>,
@@ -868,24 +828,93 @@ struct Shard {
     url: String,
     bearer: Option<String>,
     backoff: Backoff,
-    acks: Sender<usize>,
+    acks: Sender<(usize, u64)>,
+    max_samples: usize,
 }
 
 impl Shard {
-    fn run(mut self, batches: Receiver<Batch>) {
+    fn run(mut self, items: Receiver<Item>) {
+        let mut batch = Batch::default();
+        // The newest record handed over, and the newest acknowledged to the reader.
+        let (mut last_seq, mut acked) = (0, 0);
         // Ends when the reader drops its queue, or at the shutdown deadline.
-        while let Ok(batch) = batches.recv() {
-            if !self.ship(batch) {
-                return;
+        loop {
+            // Fill the batch with what is queued; send when full, or when nothing more waits.
+            let item = if batch.series.is_empty() {
+                match items.recv() {
+                    Ok(item) => Some(item),
+                    Err(_) => return,
+                }
+            } else {
+                items.try_recv().ok()
+            };
+            match item {
+                Some(item) => {
+                    last_seq = item.seq;
+                    self.convert(item, &mut batch);
+                    while batch.samples >= self.max_samples {
+                        let front = batch.take_front(self.max_samples);
+                        if !self.ship(front) {
+                            return;
+                        }
+                    }
+                }
+                None => {
+                    let all = std::mem::take(&mut batch);
+                    if !self.ship(all) {
+                        return;
+                    }
+                }
             }
-            if self.acks.send(self.number).is_err() {
-                return;
+            // Every record before the first one still in the batch is wholly sent.
+            let done = batch
+                .seqs
+                .first()
+                .map_or(last_seq, |&first| first.saturating_sub(1));
+            if done > acked {
+                acked = done;
+                if self.acks.send((self.number, done)).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Decodes a record's payload into `batch`'s series, unless it was dropped.
+    fn convert(&self, item: Item, batch: &mut Batch) {
+        let metrics = &self.control.metrics;
+        if item.seq < self.control.drop_below.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.control.too_old(item.received_ms) {
+            metrics.drop("backlog_age");
+            return;
+        }
+        let limits = delimited::Limits {
+            max_message_bytes: item.payload.len(),
+            max_total_bytes: item.payload.len(),
+            max_families: usize::MAX,
+            max_series: usize::MAX,
+        };
+        match delimited::decode(&item.payload, &limits) {
+            Ok(families) => {
+                for series in convert::to_series(&families, item.received_ms) {
+                    batch.push(series, item.seq, item.received_ms);
+                }
+            }
+            Err(e) => {
+                // The store journaled these bytes from validated families; a bug, not input.
+                warn!(
+                    "remote write: cannot decode an upload of cluster {:?}: {e}",
+                    item.cluster_id
+                );
+                metrics.drop("invalid");
             }
         }
     }
 
     /// Sends one batch, retrying until it is taken, refused or dropped; false when the shutdown
-    /// deadline passed first (the batch is not acknowledged, so its records stay in the backlog).
+    /// deadline passed first (its records are not acknowledged, so they stay in the backlog).
     ///
     /// A receiver that refuses a request for holding a sample older than its series' newest
     /// (Prometheus refuses the whole request, 400) would take every other sample in it: the
@@ -1037,8 +1066,6 @@ fn is_out_of_order(reply: &str) -> bool {
 /// several samples is split between its samples).
 fn split(mut batch: Batch) -> (Batch, Batch) {
     let mut second = Batch {
-        first_seq: batch.first_seq,
-        last_seq: batch.last_seq,
         oldest_received_ms: batch.oldest_received_ms,
         ..Batch::default()
     };
@@ -1057,9 +1084,6 @@ fn split(mut batch: Batch) -> (Batch, Batch) {
     }
     batch.samples = convert::sample_count(&batch.series);
     second.samples = convert::sample_count(&second.series);
-    if let Some(&first) = second.seqs.first() {
-        second.first_seq = first;
-    }
     (batch, second)
 }
 

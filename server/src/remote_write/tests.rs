@@ -34,15 +34,18 @@ impl telemeter_common::http::Handler for Sink {
     }
 }
 
-/// `series` gauges `g{i}` of cluster `id` at `ts`, as stored.
-fn upload(series: usize, ts: i64) -> Vec<u8> {
+/// `series` gauges `g{i}` of cluster `id` at `ts`, as stored (with `_id`).
+fn upload(id: &str, series: usize, ts: i64) -> Vec<u8> {
     delimited::encode(&[MetricFamily {
         name: Some("g".into()),
         help: None,
         r#type: Some(MetricType::Gauge as i32),
         metric: (0..series)
             .map(|i| Metric {
-                label: vec![telemeter_common::model::LabelPair::new("i", &i.to_string())],
+                label: vec![
+                    telemeter_common::model::LabelPair::new("i", &i.to_string()),
+                    telemeter_common::model::LabelPair::new("_id", id),
+                ],
                 gauge: Some(Gauge {
                     value: Some(ts as f64),
                 }),
@@ -57,6 +60,7 @@ fn upload(series: usize, ts: i64) -> Vec<u8> {
 fn shards_keep_each_series_in_order_and_a_restart_ships_nothing_twice() {
     const UPLOADS: i64 = 60;
     const SERIES: usize = 40;
+    const CLUSTERS: i64 = 6;
     let seen = Arc::new(Mutex::new(Vec::new()));
     let receiver = telemeter_common::http::Server::bind(
         "127.0.0.1:0",
@@ -85,9 +89,11 @@ fn shards_keep_each_series_in_order_and_a_restart_ships_nothing_twice() {
         let store = Store::open_shipping(store_config.clone()).unwrap();
         let registry = Registry::new();
         let writer = RemoteWriter::start(&config, &registry, store.backlog().unwrap()).unwrap();
+        // Uploads of several clusters, so several shards send at once.
         for n in 0..UPLOADS {
+            let id = format!("c{}", n % CLUSTERS);
             store
-                .put("c", upload(SERIES, base + n), SystemTime::now())
+                .put(&id, upload(&id, SERIES, base + n), SystemTime::now())
                 .unwrap();
         }
         let want = (UPLOADS as f64) * SERIES as f64;
@@ -117,9 +123,18 @@ fn shards_keep_each_series_in_order_and_a_restart_ships_nothing_twice() {
                 .extend(series.samples.iter().map(|s| s.timestamp));
         }
     }
-    assert_eq!(by_series.len(), SERIES);
+    assert_eq!(by_series.len(), SERIES * CLUSTERS as usize);
     for (series, stamps) in &by_series {
-        let want: Vec<i64> = (0..UPLOADS).map(|n| base + n).collect();
+        let cluster: i64 = series
+            .split("value: \"c")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        let want: Vec<i64> = (0..UPLOADS)
+            .filter(|n| n % CLUSTERS == cluster)
+            .map(|n| base + n)
+            .collect();
         assert_eq!(stamps, &want, "{series}: every sample once, in order");
     }
 
@@ -128,7 +143,7 @@ fn shards_keep_each_series_in_order_and_a_restart_ships_nothing_twice() {
     let registry = Registry::new();
     let writer = RemoteWriter::start(&config, &registry, store.backlog().unwrap()).unwrap();
     store
-        .put("c", upload(1, base + UPLOADS), SystemTime::now())
+        .put("c0", upload("c0", 1, base + UPLOADS), SystemTime::now())
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while value(
@@ -214,7 +229,7 @@ fn an_out_of_order_refusal_splits_the_request_in_order() {
     assert_eq!((first.series.len(), second.series.len()), (1, 2));
     assert_eq!((first.samples, second.samples), (1, 2));
     assert_eq!(second.series[0], series("b", &[2]));
-    assert_eq!((second.seqs.clone(), second.first_seq), (vec![2, 3], 2));
+    assert_eq!(second.seqs, vec![2, 3]);
     // One series: its samples are split, oldest first.
     let (first, second) = split(batch(vec![series("a", &[1, 2, 3, 4])]));
     assert_eq!(
@@ -228,5 +243,22 @@ fn an_out_of_order_refusal_splits_the_request_in_order() {
         series("c", &[4]),
     ]);
     assert_eq!(b.drop_below(3), 3);
-    assert_eq!((b.series.len(), b.samples, b.first_seq), (1, 1, 3));
+    assert_eq!((b.series.len(), b.samples, b.seqs.clone()), (1, 1, vec![3]));
+    // A full request is taken from the front, whole series only.
+    let mut b = batch(vec![
+        series("a", &[1, 2]),
+        series("b", &[3, 4]),
+        series("c", &[5]),
+    ]);
+    let front = b.take_front(3);
+    assert_eq!(
+        (front.series.len(), front.samples, front.seqs),
+        (1, 2, vec![1])
+    );
+    assert_eq!(
+        (b.series.len(), b.samples, b.seqs.clone()),
+        (2, 3, vec![2, 3])
+    );
+    // A series larger than the request still goes, alone.
+    assert_eq!(b.take_front(1).samples, 2);
 }
