@@ -40,6 +40,7 @@ use crossbeam_channel::{Receiver, Sender};
 use log::{debug, info, warn};
 use telemeter_common::delimited;
 use telemeter_common::instrument::{CounterVec, Gauge, Registry};
+use telemeter_common::model::MetricFamily;
 use telemeter_common::snappy;
 
 use self::backoff::Backoff;
@@ -444,63 +445,80 @@ impl RemoteWriter {
     }
 }
 
-/// Series on their way to the receiver, in the order their records were read.
+/// Series on their way to the receiver, in the order their records were read, already encoded
+/// as the entries of a `WriteRequest` ([`convert::encode_series`]): a request body is any run of
+/// them, snappy-compressed. Each series carries one sample.
 #[derive(Default)]
 struct Batch {
-    series: Vec<TimeSeries>,
+    bytes: Vec<u8>,
+    /// Where each series' entry ends in `bytes`.
+    ends: Vec<usize>,
     /// The number of the record each series comes from (non-decreasing).
     seqs: Vec<u64>,
-    samples: usize,
     /// The oldest receive time of those records, ms since the epoch.
     oldest_received_ms: i64,
 }
 
 impl Batch {
-    fn push(&mut self, series: TimeSeries, seq: u64, received_ms: i64) {
-        if self.series.is_empty() || received_ms < self.oldest_received_ms {
+    /// Series (and samples: one each).
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Appends the series of `families`, decoded from record `seq`.
+    fn extend(&mut self, families: &[MetricFamily], seq: u64, received_ms: i64) {
+        if self.is_empty() || received_ms < self.oldest_received_ms {
             self.oldest_received_ms = received_ms;
         }
-        self.samples += series.samples.len();
-        self.series.push(series);
-        self.seqs.push(seq);
+        let (ends, seqs) = (&mut self.ends, &mut self.seqs);
+        convert::encode_series(families, received_ms, &mut self.bytes, |end| {
+            ends.push(end);
+            seqs.push(seq);
+        });
     }
 
-    /// Removes the series of records numbered below `seq` (a prefix); returns their samples.
+    /// Splits off the series from index `at` on.
+    fn split_off(&mut self, at: usize) -> Batch {
+        let offset = match at.checked_sub(1) {
+            Some(last) => self.ends.get(last).copied().unwrap_or(self.bytes.len()),
+            None => 0,
+        };
+        let mut ends = self.ends.split_off(at);
+        for end in &mut ends {
+            *end -= offset;
+        }
+        Batch {
+            bytes: self.bytes.split_off(offset),
+            ends,
+            seqs: self.seqs.split_off(at),
+            oldest_received_ms: self.oldest_received_ms,
+        }
+    }
+
+    /// Removes the series of records numbered below `seq` (a prefix); returns how many.
     fn drop_below(&mut self, seq: u64) -> u64 {
         let cut = self.seqs.partition_point(|&s| s < seq);
-        if cut == 0 {
-            return 0;
+        if cut > 0 {
+            let rest = self.split_off(cut);
+            *self = rest;
         }
-        let gone: Vec<TimeSeries> = self.series.drain(..cut).collect();
-        self.seqs.drain(..cut);
-        let samples = convert::sample_count(&gone);
-        self.samples -= samples;
-        samples as u64
+        cut as u64
     }
 
-    /// Takes the first series holding up to `max_samples` samples (at least one series).
+    /// Takes the first `max_samples` series (at least one).
     fn take_front(&mut self, max_samples: usize) -> Batch {
-        let mut samples = 0;
-        let mut count = 0;
-        for one in &self.series {
-            if count > 0
-                && (samples + one.samples.len() > max_samples || count >= MAX_SERIES_PER_REQUEST)
-            {
-                break;
-            }
-            samples += one.samples.len();
-            count += 1;
-        }
-        let rest_series = self.series.split_off(count);
-        let rest_seqs = self.seqs.split_off(count);
-        let front = Batch {
-            series: std::mem::replace(&mut self.series, rest_series),
-            seqs: std::mem::replace(&mut self.seqs, rest_seqs),
-            samples,
-            oldest_received_ms: self.oldest_received_ms,
-        };
-        self.samples -= samples;
-        front
+        let count = max_samples.clamp(1, MAX_SERIES_PER_REQUEST).min(self.len());
+        let rest = self.split_off(count);
+        std::mem::replace(self, rest)
+    }
+
+    /// The request body: the entries, snappy block-compressed.
+    fn body(&self) -> Vec<u8> {
+        snappy::encode_block(&self.bytes)
     }
 }
 
@@ -840,7 +858,7 @@ impl Shard {
         // Ends when the reader drops its queue, or at the shutdown deadline.
         loop {
             // Fill the batch with what is queued; send when full, or when nothing more waits.
-            let item = if batch.series.is_empty() {
+            let item = if batch.is_empty() {
                 match items.recv() {
                     Ok(item) => Some(item),
                     Err(_) => return,
@@ -852,7 +870,7 @@ impl Shard {
                 Some(item) => {
                     last_seq = item.seq;
                     self.convert(item, &mut batch);
-                    while batch.samples >= self.max_samples {
+                    while batch.len() >= self.max_samples {
                         let front = batch.take_front(self.max_samples);
                         if !self.ship(front) {
                             return;
@@ -897,11 +915,7 @@ impl Shard {
             max_series: usize::MAX,
         };
         match delimited::decode(&item.payload, &limits) {
-            Ok(families) => {
-                for series in convert::to_series(&families, item.received_ms) {
-                    batch.push(series, item.seq, item.received_ms);
-                }
-            }
+            Ok(families) => batch.extend(&families, item.seq, item.received_ms),
             Err(e) => {
                 // The store journaled these bytes from validated families; a bug, not input.
                 warn!(
@@ -934,12 +948,12 @@ impl Shard {
                     metrics.samples.with(&["dropped"]).add(dropped);
                     body = None;
                 }
-                if part.series.is_empty() {
+                if part.is_empty() {
                     break;
                 }
                 if self.control.too_old(oldest_received_ms) {
                     let left =
-                        part.samples as u64 + parts.iter().map(|p| p.samples as u64).sum::<u64>();
+                        part.len() as u64 + parts.iter().map(|p| p.len() as u64).sum::<u64>();
                     metrics.samples.with(&["dropped"]).add(left);
                     metrics.drop("backlog_age");
                     warn!(
@@ -950,8 +964,8 @@ impl Shard {
                 if self.control.past_deadline() {
                     return false;
                 }
-                let samples = part.samples as u64;
-                let bytes = body.get_or_insert_with(|| encode(&part.series));
+                let samples = part.len() as u64;
+                let bytes = body.get_or_insert_with(|| part.body());
                 match self.send(bytes) {
                     Outcome::Sent => {
                         self.backoff.reset();
@@ -1062,28 +1076,9 @@ fn is_out_of_order(reply: &str) -> bool {
     .any(|needle| reply.contains(needle))
 }
 
-/// `batch` in two halves with about half the series each, in order (a single series with
-/// several samples is split between its samples).
+/// `batch` in two halves, in order.
 fn split(mut batch: Batch) -> (Batch, Batch) {
-    let mut second = Batch {
-        oldest_received_ms: batch.oldest_received_ms,
-        ..Batch::default()
-    };
-    if batch.series.len() == 1 {
-        if let Some(one) = batch.series.first_mut() {
-            second.series.push(TimeSeries {
-                labels: one.labels.clone(),
-                samples: one.samples.split_off(one.samples.len() / 2),
-            });
-            second.seqs = batch.seqs.clone();
-        }
-    } else {
-        let half = batch.series.len() / 2;
-        second.series = batch.series.split_off(half);
-        second.seqs = batch.seqs.split_off(half);
-    }
-    batch.samples = convert::sample_count(&batch.series);
-    second.samples = convert::sample_count(&second.series);
+    let second = batch.split_off(batch.len() / 2);
     (batch, second)
 }
 
