@@ -5,7 +5,9 @@
 //! summary is `{quantile}` series, `_sum` and `_count`. `le` and `quantile` values are written as
 //! Go formats floats, so the series are the same ones a scrape of `/federate` produces.
 
+use telemeter_common::delimited::{self, DecodeError};
 use telemeter_common::model::{LabelPair, MetricFamily};
+use telemeter_common::wire;
 
 use super::proto::{Label, Sample, TimeSeries};
 
@@ -130,6 +132,92 @@ pub fn encode_series(
             let Ok(()) = pushed;
         }
     }
+}
+
+/// As [`encode_series`], reading the protobuf-delimited `payload` in place
+/// ([`telemeter_common::wire`]) instead of decoding it: nothing is allocated per series or label.
+/// On an error, what was written for the payload stays in `out`: the caller cuts it off.
+pub fn encode_payload(
+    payload: &[u8],
+    fallback_ms: i64,
+    out: &mut Vec<u8>,
+    mut each: impl FnMut(usize),
+) -> Result<(), DecodeError> {
+    let limits = delimited::Limits {
+        max_message_bytes: payload.len(),
+        max_total_bytes: payload.len(),
+        max_families: usize::MAX,
+        max_series: usize::MAX,
+    };
+    let mut name = String::new();
+    let mut extra_value = String::new();
+    let mut base: Vec<(&str, &str)> = Vec::new();
+    for family in wire::families(payload, &limits) {
+        let family = family?;
+        if family.name.is_empty() {
+            continue;
+        }
+        let metric_type = family.metric_type();
+        for metric in family.metrics() {
+            let metric = metric?;
+            let timestamp = metric.timestamp_ms.unwrap_or(fallback_ms);
+            base.clear();
+            for label in metric.labels() {
+                let (n, v) = label?;
+                if n.is_empty() || v.is_empty() || n == "__name__" {
+                    continue;
+                }
+                base.push((n, v));
+            }
+            base.sort_by(|a, b| a.0.cmp(b.0));
+            let mut one = |suffix: &str, extra: Option<(&'static str, f64)>, value: f64| {
+                name.clear();
+                name.push_str(family.name);
+                name.push_str(suffix);
+                let extra = extra.map(|(n, v)| {
+                    extra_value = format_float(v);
+                    (n, extra_value.as_str())
+                });
+                let labels = Labels {
+                    base: &base,
+                    name: &name,
+                    extra,
+                };
+                write_series(&labels, value, timestamp, out);
+                each(out.len());
+            };
+            // The walk of `Metric::try_for_each_sample`, on the borrowed view.
+            match metric.value_for(metric_type)? {
+                wire::Value::Gauge(v) | wire::Value::Counter(v) | wire::Value::Untyped(v) => {
+                    one("", None, v)
+                }
+                wire::Value::Summary(summary) => {
+                    for quantile in summary.quantiles() {
+                        let (rank, value) = quantile?;
+                        one("", Some(("quantile", rank)), value);
+                    }
+                    one("_sum", None, summary.sample_sum);
+                    one("_count", None, summary.sample_count as f64);
+                }
+                wire::Value::Histogram(histogram) => {
+                    let count = histogram.sample_count as f64;
+                    let mut inf_seen = false;
+                    for bucket in histogram.buckets() {
+                        let (le, cumulative) = bucket?;
+                        inf_seen |= le == f64::INFINITY;
+                        one("_bucket", Some(("le", le)), cumulative as f64);
+                    }
+                    if !inf_seen {
+                        one("_bucket", Some(("le", f64::INFINITY)), count);
+                    }
+                    one("_sum", None, histogram.sample_sum);
+                    one("_count", None, count);
+                }
+                wire::Value::Missing | wire::Value::Several => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A series' labels in name order, as [`series`] sorts them: the metric's own (sorted), with
@@ -259,6 +347,7 @@ mod tests {
         use prost::Message;
         let labels = vec![
             LabelPair::new("zone", "a"),
+            LabelPair::new("Job", "x"),
             LabelPair::new("_id", "c1"),
             LabelPair::new("le", "shadowed"),
             LabelPair::new("empty", ""),
@@ -326,6 +415,17 @@ mod tests {
         let mut ends = Vec::new();
         encode_series(&families, 42, &mut got, |end| ends.push(end));
         assert_eq!(got, want);
+        // Read in place from the stored bytes: the same request.
+        let mut in_place = Vec::new();
+        let mut in_place_ends = Vec::new();
+        encode_payload(
+            &telemeter_common::delimited::encode(&families),
+            42,
+            &mut in_place,
+            |end| in_place_ends.push(end),
+        )
+        .unwrap();
+        assert_eq!((&in_place, &in_place_ends), (&got, &ends));
         assert_eq!(ends.len(), to_series(&families, 42).len());
         assert_eq!(ends.last(), Some(&got.len()));
         // Each entry on its own is a request with that one series.

@@ -38,9 +38,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
 use log::{debug, info, warn};
-use telemeter_common::delimited;
 use telemeter_common::instrument::{CounterVec, Gauge, Registry};
-use telemeter_common::model::MetricFamily;
 use telemeter_common::snappy;
 
 use self::backoff::Backoff;
@@ -469,16 +467,29 @@ impl Batch {
         self.ends.is_empty()
     }
 
-    /// Appends the series of `families`, decoded from record `seq`.
-    fn extend(&mut self, families: &[MetricFamily], seq: u64, received_ms: i64) {
-        if self.is_empty() || received_ms < self.oldest_received_ms {
-            self.oldest_received_ms = received_ms;
-        }
+    /// Appends the series of `payload` (protobuf-delimited families) of record `seq`; on a
+    /// decoding error nothing of it stays.
+    fn extend(
+        &mut self,
+        payload: &[u8],
+        seq: u64,
+        received_ms: i64,
+    ) -> Result<(), telemeter_common::delimited::DecodeError> {
+        let (bytes, series) = (self.bytes.len(), self.ends.len());
         let (ends, seqs) = (&mut self.ends, &mut self.seqs);
-        convert::encode_series(families, received_ms, &mut self.bytes, |end| {
+        let written = convert::encode_payload(payload, received_ms, &mut self.bytes, |end| {
             ends.push(end);
             seqs.push(seq);
         });
+        if written.is_err() {
+            self.bytes.truncate(bytes);
+            self.ends.truncate(series);
+            self.seqs.truncate(series);
+        } else if self.ends.len() > series && (series == 0 || received_ms < self.oldest_received_ms)
+        {
+            self.oldest_received_ms = received_ms;
+        }
+        written
     }
 
     /// Splits off the series from index `at` on.
@@ -908,14 +919,8 @@ impl Shard {
             metrics.drop("backlog_age");
             return;
         }
-        let limits = delimited::Limits {
-            max_message_bytes: item.payload.len(),
-            max_total_bytes: item.payload.len(),
-            max_families: usize::MAX,
-            max_series: usize::MAX,
-        };
-        match delimited::decode(&item.payload, &limits) {
-            Ok(families) => batch.extend(&families, item.seq, item.received_ms),
+        match batch.extend(&item.payload, item.seq, item.received_ms) {
+            Ok(()) => {}
             Err(e) => {
                 // The store journaled these bytes from validated families; a bug, not input.
                 warn!(

@@ -4,6 +4,7 @@ use super::*;
 use crate::store::Store;
 use prost::Message;
 use proto::{Label, Sample, WriteRequest};
+use telemeter_common::delimited;
 use telemeter_common::model::{Gauge, Metric, MetricFamily, MetricType};
 
 fn value(registry: &Registry, series: &str) -> Option<f64> {
@@ -228,7 +229,12 @@ fn an_out_of_order_refusal_splits_the_request_in_order() {
     let batch = || {
         let mut b = Batch::default();
         for (seq, name) in ["a", "b", "c"].iter().enumerate() {
-            b.extend(&[gauge(name, seq as i64 + 1)], seq as u64 + 1, 0);
+            b.extend(
+                &delimited::encode(&[gauge(name, seq as i64 + 1)]),
+                seq as u64 + 1,
+                0,
+            )
+            .unwrap();
         }
         b
     };
