@@ -541,6 +541,57 @@ mod tests {
     }
 
     #[test]
+    fn a_put_superseded_or_kept_out_in_one_batch_is_still_shipped_in_order() {
+        use super::super::commit::{self, Mode, Request};
+        let dir = testkit::TempDir::new("egress-batch");
+        let store = Store::open_shipping(config(dir.path())).unwrap();
+        let now = telemeter_common::time::sample_millis(SystemTime::now());
+        let (first, second, older) = (
+            payload(1.0, now - 1000),
+            payload(2.0, now),
+            payload(3.0, now - 5000),
+        );
+        let mut answers = Vec::new();
+        let mut batch = Vec::new();
+        for (payload, mode) in [
+            (first.clone(), Mode::Replace),
+            (second.clone(), Mode::Replace),
+            (older.clone(), Mode::UnlessOlder),
+        ] {
+            let (reply, answer) = telemeter_common::sync::oneshot();
+            answers.push(answer);
+            batch.push(Request {
+                cluster_id: "a".to_string(),
+                newest_sample_ms: super::super::state::newest_sample_ms(&payload, 0),
+                payload,
+                serve: true,
+                ship: Ship::Served,
+                received_millis: telemeter_common::time::unix_millis(SystemTime::now()),
+                mode,
+                reply,
+            });
+        }
+        commit::commit(&store.handle.shared, batch);
+        let results: Vec<bool> = answers
+            .into_iter()
+            .map(|a| a.recv().unwrap().unwrap())
+            .collect();
+        // The second replaces the first in the same batch; the older one is kept out.
+        assert_eq!(results, [true, true, false]);
+        assert_eq!(store.get("a").unwrap().unwrap().payload, second);
+        let backlog = store.backlog().unwrap();
+        let shipped: Vec<Vec<u8>> = drain(&mut backlog.reader(Position::default()))
+            .into_iter()
+            .map(|(_, payload)| payload)
+            .collect();
+        assert_eq!(
+            shipped,
+            [first, second, older],
+            "all three, in the order asked"
+        );
+    }
+
+    #[test]
     fn without_egress_nothing_is_kept_or_journaled_to_ship() {
         let dir = testkit::TempDir::new("egress-off");
         let store = Store::open(config(dir.path())).unwrap();
