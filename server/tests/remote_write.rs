@@ -677,6 +677,39 @@ fn a_backlog_over_its_bound_drops_the_oldest_counted_and_logged() {
     );
 }
 
+/// `--remote-write-max-backlog-age`: an upload that waited longer than that for a receiver that
+/// was down is dropped, counted and logged; a fresh one is still shipped.
+#[test]
+fn an_upload_older_than_the_backlog_age_is_dropped_counted_and_logged() {
+    need_prometheus();
+    let dir = TempDir::new("rw-age");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/api/v1/write");
+    let s = start_server_with(&dir, &url, &["--remote-write-max-backlog-age", "2s"]);
+    let token = s.upload_token("secret", "test");
+    let old = now_ms() - 20_000;
+    assert_eq!(s.upload(&token, &families(None, 1, old)).status, 200);
+    let dropped = r#"telemeter_server_remote_write_dropped_total{reason="backlog_age"}"#;
+    assert!(
+        wait_until(WAIT, || own_metric(&s, dropped).unwrap_or(0.0) >= 1.0),
+        "nothing dropped for its age"
+    );
+    let logs = s.logs.lock().unwrap().join("\n");
+    assert!(
+        logs.contains("past --remote-write-max-backlog-age"),
+        "{logs}"
+    );
+    let prom = Prometheus::start(dir.path(), port);
+    let fresh = now_ms() - 1_000;
+    assert_eq!(s.upload(&token, &families(None, 1, fresh)).status, 200);
+    prom.wait_for(r#"test_metric{_id="test"}"#, fresh as f64 / 1000.0 + 0.5, 1);
+    assert!(
+        prom.query(r#"test_metric{_id="test"}"#, old as f64 / 1000.0 + 0.5)
+            .is_empty(),
+        "the upload past the age bound was never shipped"
+    );
+}
+
 /// Issue 19's gap, closed: an upload older than what `/federate` serves is not served, but it is
 /// journaled to be shipped, so it reaches the receiver even across a `kill -9`.
 #[test]

@@ -276,11 +276,16 @@ impl Control {
         }
     }
 
-    /// Whether an upload received at `received_ms` is past the age bound now.
-    fn too_old(&self, received_ms: i64) -> bool {
+    /// Uploads received before this (ms since the epoch) are past the age bound now.
+    fn age_cutoff_ms(&self) -> i64 {
         let now = telemeter_common::time::sample_millis(SystemTime::now());
         let max = i64::try_from(self.max_age.as_millis()).unwrap_or(i64::MAX);
-        received_ms < now.saturating_sub(max)
+        now.saturating_sub(max)
+    }
+
+    /// Whether an upload received at `received_ms` is past the age bound now.
+    fn too_old(&self, received_ms: i64) -> bool {
+        received_ms < self.age_cutoff_ms()
     }
 }
 
@@ -380,6 +385,8 @@ impl RemoteWriter {
             last_bound_check: Instant::now() - BOUND_CHECK_INTERVAL,
             max_backlog_bytes: config.max_backlog_bytes,
             dropping_since: None,
+            age_dropped: 0,
+            age_logged: None,
         };
         let spawned = std::thread::Builder::new()
             .name("remote-write-reader".into())
@@ -453,8 +460,8 @@ struct Batch {
     ends: Vec<usize>,
     /// The number of the record each series comes from (non-decreasing).
     seqs: Vec<u64>,
-    /// The oldest receive time of those records, ms since the epoch.
-    oldest_received_ms: i64,
+    /// The receive time of each series' record, ms since the epoch.
+    received: Vec<i64>,
 }
 
 impl Batch {
@@ -476,18 +483,17 @@ impl Batch {
         received_ms: i64,
     ) -> Result<(), telemeter_common::delimited::DecodeError> {
         let (bytes, series) = (self.bytes.len(), self.ends.len());
-        let (ends, seqs) = (&mut self.ends, &mut self.seqs);
+        let (ends, seqs, received) = (&mut self.ends, &mut self.seqs, &mut self.received);
         let written = convert::encode_payload(payload, received_ms, &mut self.bytes, |end| {
             ends.push(end);
             seqs.push(seq);
+            received.push(received_ms);
         });
         if written.is_err() {
             self.bytes.truncate(bytes);
             self.ends.truncate(series);
             self.seqs.truncate(series);
-        } else if self.ends.len() > series && (series == 0 || received_ms < self.oldest_received_ms)
-        {
-            self.oldest_received_ms = received_ms;
+            self.received.truncate(series);
         }
         written
     }
@@ -506,13 +512,24 @@ impl Batch {
             bytes: self.bytes.split_off(offset),
             ends,
             seqs: self.seqs.split_off(at),
-            oldest_received_ms: self.oldest_received_ms,
+            received: self.received.split_off(at),
         }
     }
 
     /// Removes the series of records numbered below `seq` (a prefix); returns how many.
     fn drop_below(&mut self, seq: u64) -> u64 {
         let cut = self.seqs.partition_point(|&s| s < seq);
+        if cut > 0 {
+            let rest = self.split_off(cut);
+            *self = rest;
+        }
+        cut as u64
+    }
+
+    /// Removes the leading series of records received before `cutoff_ms` (records are read in
+    /// about the order they were received); returns how many.
+    fn drop_received_before(&mut self, cutoff_ms: i64) -> u64 {
+        let cut = self.received.iter().take_while(|&&r| r < cutoff_ms).count();
         if cut > 0 {
             let rest = self.split_off(cut);
             *self = rest;
@@ -576,6 +593,9 @@ struct Reader {
     max_backlog_bytes: u64,
     /// While dropping for the bytes bound: when the episode started and how many were dropped.
     dropping_since: Option<(Instant, u64)>,
+    /// Uploads dropped for their age since the last log line, and when that was.
+    age_dropped: u64,
+    age_logged: Option<Instant>,
 }
 
 impl Reader {
@@ -694,10 +714,19 @@ impl Reader {
         let received_ms = i64::try_from(record.received_millis).unwrap_or(i64::MAX);
         if self.control.too_old(received_ms) {
             self.control.metrics.drop("backlog_age");
-            debug!(
-                "remote write: dropped an upload of cluster {:?} past --remote-write-max-backlog-age",
-                record.cluster_id
-            );
+            // One line per 10 s at most: after a long outage, every upload of it is this old.
+            self.age_dropped += 1;
+            if self
+                .age_logged
+                .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
+            {
+                warn!(
+                    "remote write: dropped {} uploads received past --remote-write-max-backlog-age (the last of cluster {:?})",
+                    self.age_dropped, record.cluster_id
+                );
+                self.age_dropped = 0;
+                self.age_logged = Some(Instant::now());
+            }
             self.advance();
             return true;
         }
@@ -941,7 +970,6 @@ impl Shard {
     /// Such samples are what at-least-once re-ships after a crash, and late uploads.
     fn ship(&mut self, batch: Batch) -> bool {
         let metrics = self.control.metrics.clone();
-        let oldest_received_ms = batch.oldest_received_ms;
         // Oldest first: the front is sent next, so each series' samples keep their order.
         let mut parts: VecDeque<Batch> = VecDeque::from([batch]);
         while let Some(mut part) = parts.pop_front() {
@@ -956,15 +984,15 @@ impl Shard {
                 if part.is_empty() {
                     break;
                 }
-                if self.control.too_old(oldest_received_ms) {
-                    let left =
-                        part.len() as u64 + parts.iter().map(|p| p.len() as u64).sum::<u64>();
-                    metrics.samples.with(&["dropped"]).add(left);
+                let too_old = part.drop_received_before(self.control.age_cutoff_ms());
+                if too_old > 0 {
+                    body = None;
+                    metrics.samples.with(&["dropped"]).add(too_old);
                     metrics.drop("backlog_age");
                     warn!(
-                        "remote write: dropped a batch of {left} samples past --remote-write-max-backlog-age"
+                        "remote write: dropped {too_old} samples past --remote-write-max-backlog-age"
                     );
-                    return true;
+                    continue;
                 }
                 if self.control.past_deadline() {
                     return false;

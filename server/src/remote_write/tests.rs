@@ -260,4 +260,9 @@ fn an_out_of_order_refusal_splits_the_request_in_order() {
     assert_eq!((decoded(&b), b.len()), (vec![series("c", &[3])], 1));
     assert_eq!(b.take_front(0).len(), 1, "at least one series");
     assert!(b.is_empty());
+    // The age bound drops the series of records received before the cut-off (all at 0 here).
+    let mut b = batch();
+    assert_eq!(b.drop_received_before(0), 0);
+    assert_eq!(b.drop_received_before(1), 3);
+    assert!(b.is_empty());
 }
