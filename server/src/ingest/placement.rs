@@ -58,8 +58,8 @@ pub trait Placement: Send + Sync + 'static {
     ) -> Result<(), PlacementError>;
 }
 
-/// Stores everything in the local store, and ships what it stored to the remote-write receiver if
-/// there is one.
+/// Stores everything in the local store; with remote write on, the store's journal is the egress
+/// backlog, so what it stores is shipped.
 #[derive(Clone)]
 pub struct LocalPlacement {
     store: Store,
@@ -75,7 +75,8 @@ impl LocalPlacement {
         }
     }
 
-    /// The same placement, also queueing every stored upload on `writer` (None: nothing is shipped).
+    /// The same placement, for a server shipping with `writer` (what is shipped is decided by the
+    /// store, opened with `Store::open_shipping`; kept so every placement is built alike).
     pub fn shipping_to(mut self, writer: Option<RemoteWriter>) -> LocalPlacement {
         self.remote_write = writer;
         self
