@@ -14,6 +14,11 @@
 #   4. decode         snappy + the upload's validation (wire fast path, else decode + validate), one thread
 #   5. client         telemeter-client --once scraping >= 10,000 series from a real Prometheus
 #   6. static sizes   make static (musl)
+#   7. egress         remote write (--remote-write-url) into victoria-metrics and into a Prometheus
+#                     receiver while ingesting at full speed (64 senders): shipped vs accepted
+#                     samples/s, dropped, and how long the backlog takes to drain after the load
+#
+#   tests/bench.sh egress   only section 7 (prints its rows; bench/RESULTS.md is left alone)
 #
 # Bounded: every wait and every measurement has a time limit, and the whole run (after the release
 # build) stays under BENCH_BUDGET seconds (default 570). Every process started here is stopped on
@@ -21,13 +26,14 @@
 # Environment: BENCH_SECONDS (per ingest point, default 10), BENCH_FEDERATE_CLUSTERS (10000),
 # BENCH_NO_BUILD=1 (use the binaries in target/release as they are), BENCH_NO_STATIC=1,
 # TELEMETER_BIN (where telemeter-server and telemeter-client are, default target/release),
+# TELEMETER_LOADGEN (the load generator, default target/release/telemeter-loadgen),
 # KEEP_WORKDIR=1 (keep logs and data), BENCH_RESULTS (output file, default bench/RESULTS.md).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 bin=${TELEMETER_BIN:-$root/target/release}
-loadgen=$root/target/release/telemeter-loadgen
+loadgen=${TELEMETER_LOADGEN:-$root/target/release/telemeter-loadgen}
 point_s=${BENCH_SECONDS:-10}
 fed_clusters=${BENCH_FEDERATE_CLUSTERS:-10000}
 budget=${BENCH_BUDGET:-570}
@@ -172,7 +178,7 @@ start_server() {
   int_port=$(free_port)
   "$bin/telemeter-server" --listen "127.0.0.1:$ext_port" --listen-internal "127.0.0.1:$int_port" \
     --storage-path "$work/store-$name" --shared-key "$work/shared.key" \
-    --tokens-file "$work/tokens.json" --ratelimit 0s --ttl 1h \
+    --tokens-file "$work/tokens.json" --ratelimit 0s --ttl 1h "${@:2}" \
     >"$work/server-$name.log" 2>&1 &
   server_pid=$!
   pids+=("$server_pid")
@@ -192,6 +198,107 @@ start_pushgateway() {
   pids+=("$pg_pid")
   wait_http "http://127.0.0.1:$pg_port/-/ready" 20
 }
+
+# ---------------------------------------------------------------------------------------------
+# 7. Remote-write egress while ingesting at full speed: a fresh server shipping to a real receiver,
+# 64 senders for point_s seconds, then the time until the backlog is empty.
+# metric FILE SERIES: the value of one exact series line of a /metrics text (empty if absent).
+metric() { awk -v s="$2" '$1 == s { print $2 }' "$1" 2>/dev/null | head -n 1; }
+declare -A egress_line
+egress_point() { # RECEIVER: victoria-metrics | prometheus
+  local name=$1 rport rpid url
+  rport=$(free_port)
+  case $name in
+    victoria-metrics)
+      /usr/bin/victoria-metrics -httpListenAddr="127.0.0.1:$rport" \
+        -storageDataPath="$work/store-vm" -loggerLevel=ERROR >"$work/victoria-metrics.log" 2>&1 &
+      rpid=$!
+      pids+=("$rpid")
+      wait_http "http://127.0.0.1:$rport/health" 30
+      ;;
+    prometheus)
+      printf 'global:\n  scrape_interval: 1m\n' >"$work/prometheus-rw.yml"
+      /usr/bin/prometheus --config.file="$work/prometheus-rw.yml" \
+        --storage.tsdb.path="$work/store-prom-rw" --web.listen-address="127.0.0.1:$rport" \
+        --web.enable-remote-write-receiver --log.level=warn >"$work/prometheus-rw.log" 2>&1 &
+      rpid=$!
+      pids+=("$rpid")
+      wait_http "http://127.0.0.1:$rport/-/ready" 30
+      ;;
+  esac
+  url="http://127.0.0.1:$rport/api/v1/write"
+  log "egress into $name while ingesting, 64 senders"
+  start_server "egress-$name" --remote-write-url "$url"
+  local cpu0 cpu1 line t0 t1 t2 m=$work/metrics-egress-$name.txt
+  cpu0=$(cpu_s "$server_pid")
+  line=$(timeout "$(limit $((point_s + 60)))" "$loadgen" ingest \
+    --url "http://127.0.0.1:$ext_port" --shared-key "$work/shared.key" \
+    --senders 64 --duration "$point_s" --clusters 256) || fail "egress ingest failed"
+  t1=$(date +%s.%N)
+  curl -s --max-time 5 "http://127.0.0.1:$int_port/metrics" >"$m" || true
+  local sent_at_end backlog_at_end
+  sent_at_end=$(metric "$m" 'telemeter_server_remote_write_samples_total{result="sent"}')
+  backlog_at_end=$(metric "$m" telemeter_server_remote_write_backlog_bytes)
+  # Drained: nothing between the cursor and the newest record, nothing in hand (bounded wait).
+  local drained=0 deadline=$((SECONDS + $(limit 180)))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    curl -s --max-time 5 "http://127.0.0.1:$int_port/metrics" >"$m" || true
+    if [ "$(metric "$m" telemeter_server_remote_write_backlog_bytes)" = 0 ] &&
+      [ "$(metric "$m" telemeter_server_remote_write_queue_length)" = 0 ]; then
+      drained=1
+      break
+    fi
+    sleep 0.1
+  done
+  t2=$(date +%s.%N)
+  cpu1=$(cpu_s "$server_pid")
+  local sent rejected dropped_samples dropped
+  sent=$(metric "$m" 'telemeter_server_remote_write_samples_total{result="sent"}')
+  rejected=$(metric "$m" 'telemeter_server_remote_write_samples_total{result="rejected"}')
+  dropped_samples=$(metric "$m" 'telemeter_server_remote_write_samples_total{result="dropped"}')
+  dropped=$(awk '/^telemeter_server_remote_write_dropped_total/ { d += $2 } END { print d + 0 }' "$m")
+  local requests
+  requests=$(awk '/^telemeter_server_remote_write_requests_total/ { r += $2 } END { print r + 0 }' "$m")
+  stop_pid "$server_pid"
+  stop_pid "$rpid"
+  rm -rf "$work/store-egress-$name" "$work/store-vm" "$work/store-prom-rw"
+  local seconds accepted_s
+  seconds=$(field "$line" seconds)
+  accepted_s=$(field "$line" samples_per_s)
+  egress_line[$name]="$line shipped_during_load_per_s=$(awk -v s="$sent_at_end" -v w="$seconds" 'BEGIN { if (w > 0) printf "%.0f", s / w }') backlog_bytes_at_load_end=$backlog_at_end drained=$drained drain_s=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.2f", b - a }') sent=$sent accepted=$(awk -v r="$accepted_s" -v w="$seconds" 'BEGIN { printf "%.0f", r * w }') rejected=$rejected dropped=$dropped dropped_samples=$dropped_samples requests=$requests server_cpu_s=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')"
+  raw+=("egress $name: ${egress_line[$name]}")
+}
+egress_rows() {
+  local name l
+  for name in victoria-metrics prometheus; do
+    l=${egress_line[$name]:-}
+    if [ -z "$l" ]; then
+      row "7. Remote-write egress into $name while ingesting" "not measured" "" "n/a"
+      continue
+    fi
+    row "7. Remote-write egress into $name while ingesting (64 senders, $(field "$l" seconds) s)" \
+      "accepted $(millions "$(field "$l" samples_per_s)") samples/s · shipped $(millions "$(field "$l" shipped_during_load_per_s)") samples/s during the load · $(num "$(field "$l" sent)") samples sent of $(num "$(field "$l" accepted)") accepted · dropped $(field "$l" dropped) · rejected $(field "$l" rejected) · backlog at the end of the load $(num "$(field "$l" backlog_bytes_at_load_end)") bytes, drained in $(field "$l" drain_s) s · $(num "$(field "$l" requests)") requests · CPU server $(cores "$(field "$l" server_cpu_s)" "$(awk -v a="$(field "$l" seconds)" -v b="$(field "$l" drain_s)" 'BEGIN { print a + b }')") cores" \
+      "shipped/s ≥ accepted/s, 0 dropped, drained within seconds" \
+      "$(all_met "$(met "$(field "$l" shipped_during_load_per_s)" ">=" "$(field "$l" samples_per_s)")" "$(met "$(field "$l" dropped)" "<" 1)" "$(met "$(field "$l" drained)" ">=" 1)" "$(met "$(field "$l" drain_s)" "<" 10)")"
+  done
+}
+egress_section() {
+  [ "$server_ready" = 1 ] || return 0
+  "$bin/telemeter-server" --help 2>/dev/null | grep -q -- '--remote-write-max-backlog-bytes' || return 0
+  [ -x /usr/bin/victoria-metrics ] && egress_point victoria-metrics
+  [ -x /usr/bin/prometheus ] && egress_point prometheus
+  return 0
+}
+if [ "${1:-}" = egress ]; then
+  egress_section
+  egress_rows
+  echo
+  echo "| Measurement | Result | Target | Met |"
+  echo "|---|---|---|---|"
+  printf '%s\n' "${rows[@]}"
+  printf '%s\n' "${raw[@]}" >&2
+  exit 0
+fi
 
 # ---------------------------------------------------------------------------------------------
 # 4 (run first, on a quiet machine). Decode + validate in process.
@@ -454,6 +561,9 @@ EOF
   stop_pid "$pg_pid"
 fi
 
+# 7. Egress (defined above).
+egress_section
+
 # ---------------------------------------------------------------------------------------------
 # 6. Static musl binaries.
 static_note=
@@ -558,6 +668,7 @@ if [ -n "$client_wall" ]; then
 else
   row "5. telemeter-client --once" "$client_note" "< 150 ms, < 20 MB" "n/a"
 fi
+egress_rows
 if [ -z "$static_note" ]; then
   for b in telemeter-server telemeter-client; do
     s=${static_size[$b]:-}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the tests, the demo and the static build need on a fresh Debian machine, installed only if
 # missing (so it is quick once done): a real Prometheus and promtool, the Pushgateway (benchmark
-# baseline), musl-tools and file (static build), openssl, curl and jq (scripts), Go and python3 (the
+# baseline), VictoriaMetrics (a remote-write receiver for the benchmark), musl-tools and file (static build), openssl, curl and jq (scripts), Go and python3 (the
 # interop tests upload through net/http and http.client, as real clients do), chromium (the status
 # page is tested in a real headless browser), and the rustfmt
 # and clippy components and the musl target of the Rust toolchain. `make check`, `make demo` and
@@ -12,6 +12,8 @@ need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v prometheus-pushgateway >/dev/null 2>&1 || need+=(prometheus-pushgateway)
+# The remote-write egress benchmark ships into a real VictoriaMetrics.
+command -v victoria-metrics >/dev/null 2>&1 || need+=(victoria-metrics)
 command -v musl-gcc >/dev/null 2>&1 || need+=(musl-tools)
 command -v file >/dev/null 2>&1 || need+=(file)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)

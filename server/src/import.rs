@@ -46,15 +46,12 @@ use crate::ingest::placement::{store_then_queue, Placement};
 use crate::ingest::ratelimit::retry_after_secs;
 use crate::ingest::upload::UploadLimits;
 use crate::ingest::validate::Rules;
-use crate::remote_write::RemoteWriter;
 use crate::store::{Store, StoreConfig, StoreError};
 
 /// Memory the decoder may plan for per decompressed byte, as `/upload` reserves it.
 const DECODE_BYTES_PER_BODY_BYTE: usize = 24;
 /// Memory the decoder may plan for besides, as `/upload` reserves it.
 const DECODE_BYTES_PER_UPLOAD: usize = 64 << 10;
-/// How long the command keeps sending imported uploads to `--remote-write-url` before it exits.
-pub const REMOTE_WRITE_GRACE: Duration = Duration::from_secs(60);
 
 /// Exit status of `import` when some bundle was refused (the others were imported).
 pub const EXIT_REFUSED: u8 = 1;
@@ -342,9 +339,10 @@ bundles' tags are verified against the tokens it allows for each bundle's cluste
 
 Each bundle is verified and validated as /upload validates a push, then stored as a late upload:
 it never replaces newer values on /federate, and --remote-write-url gets its samples with their
-original timestamps (the command waits up to 60s for the receiver). A refused bundle (tampered,
-truncated, a token not in the tokens file or not allowed for its cluster, samples older than
---max-sample-age) stores nothing and is named with its reason; the other files are still imported.
+original timestamps (they join the durable egress backlog, which the server ships once it runs).
+A refused bundle (tampered, truncated, a token not in the tokens file or not allowed for its
+cluster, samples older than --max-sample-age) stores nothing and is named with its reason; the
+other files are still imported.
 
 Exit status: 0 every bundle imported, 1 some refused (each named on standard error), 2 nothing
 tried (bad flags, no tokens file, the storage directory in use).";
@@ -411,11 +409,19 @@ pub fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
         _ => return usage(&ImportError::NoTokensFile),
     };
     let importer = Importer::from_config(&config, Swap::new(Arc::new(config.whitelist.clone())));
-    let store = match Store::open(StoreConfig {
+    let store_config = StoreConfig {
         dir: config.storage_path.clone(),
         ttl: config.ttl,
         max_batch: 1,
-    }) {
+    };
+    // With --remote-write-url the imports are journaled to be shipped: the server ships them
+    // from its durable backlog once it runs, so the command never waits for the receiver.
+    let opened = if config.remote_write.is_some() {
+        Store::open_shipping(store_config)
+    } else {
+        Store::open(store_config)
+    };
+    let store = match opened {
         Ok(store) => store,
         Err(StoreError::Locked { dir }) => {
             return usage(&format_args!(
@@ -425,17 +431,6 @@ pub fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
         }
         Err(e) => return usage(&format_args!("--storage-path: {e}")),
     };
-    let registry = crate::metrics::Metrics::new().registry;
-    let writer = match &config.remote_write {
-        Some(rw) => match RemoteWriter::start(rw, &registry) {
-            Ok(writer) => Some(writer),
-            Err(e) => {
-                store.close();
-                return usage(&e);
-            }
-        },
-        None => None,
-    };
     let mut refused = 0;
     for path in &files {
         let result = read_bundle(path, importer.max_file_bytes()).and_then(|bytes| {
@@ -444,7 +439,7 @@ pub fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
             if let Some(payload) = &imported.payload {
                 store_then_queue(
                     &store,
-                    writer.as_ref(),
+                    None,
                     &imported.cluster_id,
                     payload.clone(),
                     imported.created,
@@ -473,9 +468,6 @@ pub fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
                 );
             }
         }
-    }
-    if let Some(writer) = &writer {
-        writer.shutdown(REMOTE_WRITE_GRACE);
     }
     store.close();
     if refused > 0 {

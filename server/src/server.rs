@@ -141,11 +141,16 @@ impl Server {
             info!("whitelist: {} selectors", config.whitelist.len());
         }
 
-        let store = Store::open(StoreConfig {
+        let store_config = StoreConfig {
             dir: config.storage_path.clone(),
             ttl: config.ttl,
             max_batch: STORE_MAX_BATCH,
-        })
+        };
+        // With remote write, the journal is also its durable backlog.
+        let store = match config.remote_write {
+            Some(_) => Store::open_shipping(store_config),
+            None => Store::open(store_config),
+        }
         .map_err(StartError::Store)?;
         let metrics = Metrics::new();
         let whitelist = Swap::new(Arc::new(config.whitelist.clone()));
@@ -162,7 +167,11 @@ impl Server {
         );
         let reloader = Arc::new(reloader);
         let remote_write = match &config.remote_write {
-            Some(rw) => match RemoteWriter::start(rw, &metrics.registry) {
+            Some(rw) => match store
+                .backlog()
+                .ok_or_else(|| RemoteWriteError::Backlog("the store keeps no backlog".to_string()))
+                .and_then(|backlog| RemoteWriter::start(rw, &metrics.registry, backlog))
+            {
                 Ok(writer) => Some(writer),
                 Err(e) => {
                     store.close();
@@ -486,7 +495,7 @@ impl RunningServer {
         }
         if let Some(writer) = &self.remote_write {
             info!(
-                "remote write: sending {} queued uploads before stopping",
+                "remote write: shipping for up to {REMOTE_WRITE_GRACE:?} before stopping ({} uploads in hand; the rest of the backlog stays on disk)",
                 writer.queue_length()
             );
             writer.shutdown(REMOTE_WRITE_GRACE);

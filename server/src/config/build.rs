@@ -136,12 +136,42 @@ impl Flags {
                         reason: "must be greater than 0s".into(),
                     });
                 }
+                let max_backlog_age = parse_duration(
+                    "--remote-write-max-backlog-age",
+                    &self.remote_write_max_backlog_age,
+                )?;
+                for (flag, n) in [
+                    ("--remote-write-shards", self.remote_write_shards as u64),
+                    (
+                        "--remote-write-max-samples-per-send",
+                        self.remote_write_max_samples_per_send as u64,
+                    ),
+                    (
+                        "--remote-write-max-backlog-bytes",
+                        self.remote_write_max_backlog_bytes,
+                    ),
+                    (
+                        "--remote-write-max-backlog-age",
+                        u64::from(!max_backlog_age.is_zero()),
+                    ),
+                ] {
+                    if n == 0 {
+                        return Err(ConfigError::Invalid {
+                            flag,
+                            reason: "must be greater than 0".into(),
+                        });
+                    }
+                }
                 Some(RemoteWriteConfig {
                     url,
                     queue_capacity: self.remote_write_queue,
                     timeout,
                     ca_file: self.remote_write_ca_file,
                     bearer_token_file: self.remote_write_bearer_token_file,
+                    shards: self.remote_write_shards,
+                    max_samples_per_send: self.remote_write_max_samples_per_send,
+                    max_backlog_bytes: self.remote_write_max_backlog_bytes,
+                    max_backlog_age,
                 })
             }
         };

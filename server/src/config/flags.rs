@@ -255,9 +255,27 @@ pub struct Flags {
     #[arg(long, value_name = "URL")]
     pub remote_write_url: Option<String>,
 
-    /// Most uploads waiting to be sent to --remote-write-url; when full, the oldest is dropped.
+    /// No effect, kept for compatibility: the remote-write backlog is the journal on disk, bounded
+    /// by --remote-write-max-backlog-bytes and --remote-write-max-backlog-age.
     #[arg(long, default_value_t = 1000, value_name = "N")]
     pub remote_write_queue: usize,
+
+    /// Parallel remote-write senders; each series always goes through the same one (in order).
+    #[arg(long, default_value_t = crate::remote_write::DEFAULT_SHARDS, value_name = "N")]
+    pub remote_write_shards: usize,
+
+    /// Most samples in one remote-write request.
+    #[arg(long, default_value_t = crate::remote_write::DEFAULT_MAX_SAMPLES_PER_SEND, value_name = "N")]
+    pub remote_write_max_samples_per_send: usize,
+
+    /// Most journal bytes kept waiting for --remote-write-url (an outage of the receiver); beyond,
+    /// the oldest are dropped, counted and logged.
+    #[arg(long, default_value_t = crate::remote_write::DEFAULT_MAX_BACKLOG_BYTES, value_name = "BYTES")]
+    pub remote_write_max_backlog_bytes: u64,
+
+    /// Uploads received longer ago than this (duration) are dropped unsent, counted and logged.
+    #[arg(long, default_value = "24h", value_name = "DURATION")]
+    pub remote_write_max_backlog_age: String,
 
     /// Time allowed for one remote-write request (duration).
     #[arg(long, default_value = "30s", value_name = "DURATION")]

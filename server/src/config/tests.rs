@@ -187,17 +187,24 @@ fn remote_write_flags() {
         "5",
         "--remote-write-timeout",
         "2s",
+        "--remote-write-shards",
+        "3",
+        "--remote-write-max-backlog-bytes",
+        "1000000",
+        "--remote-write-max-backlog-age",
+        "1h",
     ])
     .into_config()
     .unwrap();
     assert_eq!(
         c.remote_write,
         Some(RemoteWriteConfig {
-            url: "http://127.0.0.1:9090/api/v1/write".into(),
             queue_capacity: 5,
             timeout: Duration::from_secs(2),
-            ca_file: None,
-            bearer_token_file: None,
+            shards: 3,
+            max_backlog_bytes: 1_000_000,
+            max_backlog_age: Duration::from_secs(3600),
+            ..RemoteWriteConfig::new("http://127.0.0.1:9090/api/v1/write")
         })
     );
     for bad in [
@@ -212,6 +219,24 @@ fn remote_write_flags() {
             "--remote-write-url",
             "http://x",
             "--remote-write-timeout",
+            "0s",
+        ],
+        vec![
+            "--remote-write-url",
+            "http://x",
+            "--remote-write-shards",
+            "0",
+        ],
+        vec![
+            "--remote-write-url",
+            "http://x",
+            "--remote-write-max-backlog-bytes",
+            "0",
+        ],
+        vec![
+            "--remote-write-url",
+            "http://x",
+            "--remote-write-max-backlog-age",
             "0s",
         ],
     ] {

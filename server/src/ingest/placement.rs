@@ -9,7 +9,7 @@ use std::fmt;
 use std::time::SystemTime;
 
 use crate::remote_write::RemoteWriter;
-use crate::store::{Store, StoreError};
+use crate::store::{Ship, Store, StoreError};
 
 /// Why an upload could not be stored anywhere.
 #[derive(Debug)]
@@ -58,8 +58,8 @@ pub trait Placement: Send + Sync + 'static {
     ) -> Result<(), PlacementError>;
 }
 
-/// Stores everything in the local store, and ships what it stored to the remote-write receiver if
-/// there is one.
+/// Stores everything in the local store; with remote write on, the store's journal is the egress
+/// backlog, so what it stores is shipped.
 #[derive(Clone)]
 pub struct LocalPlacement {
     store: Store,
@@ -75,7 +75,8 @@ impl LocalPlacement {
         }
     }
 
-    /// The same placement, also queueing every stored upload on `writer` (None: nothing is shipped).
+    /// The same placement, for a server shipping with `writer` (what is shipped is decided by the
+    /// store, opened with `Store::open_shipping`; kept so every placement is built alike).
     pub fn shipping_to(mut self, writer: Option<RemoteWriter>) -> LocalPlacement {
         self.remote_write = writer;
         self
@@ -100,11 +101,12 @@ impl Placement for LocalPlacement {
 }
 
 /// Stores `payload` durably as `cluster_id`'s latest upload unless the stored one has newer
-/// samples (a late upload never replaces fresher values on `/federate`), then queues it on
-/// `remote_write` (if any) either way: the receiver keeps history, so a late upload gives it the
-/// samples an outage would have lost, with their original timestamps. Every path that stores a
-/// push it owns (an upload stored here, a push forwarded to this node) goes through here, so none
-/// can ship before storing.
+/// samples (a late upload never replaces fresher values on `/federate`). With `remote_write` on,
+/// the store journals it to be shipped either way (the receiver keeps history, so a late upload
+/// gives it the samples an outage would have lost, with their original timestamps): the journal
+/// is the egress backlog, so nothing is shipped that was not stored, and nothing stored is lost
+/// by a crash before it is shipped. Every path that stores a push it owns (an upload stored here,
+/// a push forwarded to this node) goes through here.
 pub fn store_then_queue(
     store: &Store,
     remote_write: Option<&RemoteWriter>,
@@ -123,34 +125,24 @@ pub fn store_then_queue(
             received,
         );
     }
-    match remote_write {
-        None => store
-            .put_unless_older(cluster_id, payload, received)
-            .map(|_| ()),
-        Some(writer) => {
-            // Shipped only once stored: the receiver never holds what the client was told failed.
-            store.put_unless_older(cluster_id, payload.clone(), received)?;
-            writer.enqueue(cluster_id, payload, received);
-            Ok(())
-        }
-    }
+    store
+        .put_unless_older(cluster_id, payload, received)
+        .map(|_| ())
 }
 
 /// Stores `merged` (a cluster's series after a remote-write request was merged into them) durably
-/// as `cluster_id`'s payload, then queues only `delta` (the request's own samples) on
-/// `remote_write`: the merged payload holds samples shipped before, which a receiver would refuse
-/// as out of order. The one place a received remote-write request goes from durable to shipped.
+/// as `cluster_id`'s payload, and has egress ship only `delta` (the request's own samples): the
+/// merged payload holds samples shipped before, which a receiver would refuse as out of order. The one place a received remote-write request goes from durable to shipped.
 pub fn store_merged_then_ship(
     store: &Store,
-    remote_write: Option<&RemoteWriter>,
+    _remote_write: Option<&RemoteWriter>,
     cluster_id: &str,
     merged: Vec<u8>,
     delta: Vec<u8>,
     received: SystemTime,
 ) -> Result<(), StoreError> {
-    store.put(cluster_id, merged, received)?;
-    if let Some(writer) = remote_write {
-        writer.enqueue(cluster_id, delta, received);
-    }
-    Ok(())
+    // One journal batch: the merged view served, the delta shipped (ignored without egress).
+    store
+        .put_shipping(cluster_id, Some(merged), Ship::Payload(delta), received)
+        .map(|_| ())
 }

@@ -1,6 +1,10 @@
 //! Unit tests of `remote_write`, beside it so the module reads as the module.
 
 use super::*;
+use crate::store::Store;
+use prost::Message;
+use proto::{Label, Sample, WriteRequest};
+use telemeter_common::delimited;
 use telemeter_common::model::{Gauge, Metric, MetricFamily, MetricType};
 
 fn value(registry: &Registry, series: &str) -> Option<f64> {
@@ -13,54 +17,151 @@ fn value(registry: &Registry, series: &str) -> Option<f64> {
     })
 }
 
-#[test]
-fn a_full_queue_drops_its_oldest_and_shutdown_counts_what_is_left() {
-    // Nothing listens on port 1: every attempt fails and is retried, so uploads pile up.
-    let config = RemoteWriteConfig {
-        url: "http://127.0.0.1:1/api/v1/write".into(),
-        queue_capacity: 2,
-        timeout: Duration::from_secs(1),
-        ca_file: None,
-        bearer_token_file: None,
-    };
-    let registry = Registry::new();
-    let writer = RemoteWriter::start(&config, &registry).unwrap();
-    let payload = delimited::encode(&[MetricFamily {
-        name: Some("up".into()),
+/// A receiver taking everything, keeping each request's series.
+struct Sink(Arc<Mutex<Vec<WriteRequest>>>);
+
+impl telemeter_common::http::Handler for Sink {
+    fn handle(&self, request: telemeter_common::http::Request) -> telemeter_common::http::Response {
+        let body = snappy::decode_block(&request.body, 64 << 20).unwrap();
+        self.0
+            .lock()
+            .unwrap()
+            .push(WriteRequest::decode(&body[..]).unwrap());
+        telemeter_common::http::Response::text(204, "")
+    }
+
+    fn body_limit(&self, _method: &str, _path: &str) -> usize {
+        64 << 20
+    }
+}
+
+/// `series` gauges `g{i}` of cluster `id` at `ts`, as stored (with `_id`).
+fn upload(id: &str, series: usize, ts: i64) -> Vec<u8> {
+    delimited::encode(&[MetricFamily {
+        name: Some("g".into()),
         help: None,
         r#type: Some(MetricType::Gauge as i32),
-        metric: vec![Metric {
-            gauge: Some(Gauge { value: Some(1.0) }),
-            timestamp_ms: Some(1),
-            ..Default::default()
-        }],
-    }]);
-    for id in ["a", "b", "c", "d"] {
-        writer.enqueue(id, payload.clone(), SystemTime::now());
-    }
-    // At most one upload is in the sender's hands; the queue never holds more than 2.
-    assert!((1..=2).contains(&writer.queue_length()));
-    let full = value(
-        &registry,
-        r#"telemeter_server_remote_write_dropped_total{reason="queue_full"}"#,
-    )
-    .unwrap();
-    assert!((1.0..=2.0).contains(&full), "{full}");
+        metric: (0..series)
+            .map(|i| Metric {
+                label: vec![
+                    telemeter_common::model::LabelPair::new("i", &i.to_string()),
+                    telemeter_common::model::LabelPair::new("_id", id),
+                ],
+                gauge: Some(Gauge {
+                    value: Some(ts as f64),
+                }),
+                timestamp_ms: Some(ts),
+                ..Default::default()
+            })
+            .collect(),
+    }])
+}
 
-    let started = Instant::now();
-    writer.shutdown(Duration::from_millis(200));
-    assert!(started.elapsed() < Duration::from_secs(5));
-    let shutdown = value(
-        &registry,
-        r#"telemeter_server_remote_write_dropped_total{reason="shutdown"}"#,
+#[test]
+fn shards_keep_each_series_in_order_and_a_restart_ships_nothing_twice() {
+    const UPLOADS: i64 = 60;
+    const SERIES: usize = 40;
+    const CLUSTERS: i64 = 6;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let receiver = telemeter_common::http::Server::bind(
+        "127.0.0.1:0",
+        telemeter_common::http::Config {
+            name: "sink".into(),
+            ..telemeter_common::http::Config::default()
+        },
+        Arc::new(Sink(seen.clone())),
     )
-    .unwrap();
-    // Every upload is accounted for: dropped when full, or left at shutdown.
-    assert_eq!(full + shutdown, 4.0, "full {full}, shutdown {shutdown}");
-    assert_eq!(writer.queue_length(), 0);
-    // Enqueueing after shutdown is counted, not queued.
-    writer.enqueue("e", payload, SystemTime::now());
-    assert_eq!(writer.queue_length(), 0);
+    .unwrap()
+    .spawn();
+    let dir = testkit::TempDir::new("rw-shards");
+    let store_config = crate::store::StoreConfig {
+        dir: dir.path().to_path_buf(),
+        ttl: Duration::from_secs(3600),
+        max_batch: 64,
+    };
+    let config = RemoteWriteConfig {
+        shards: 4,
+        // Small batches: many requests per shard, so order across requests is tested.
+        max_samples_per_send: 7,
+        ..RemoteWriteConfig::new(&format!("http://{}/", receiver.local_addr()))
+    };
+    let base = telemeter_common::time::sample_millis(SystemTime::now()) - 100_000;
+    {
+        let store = Store::open_shipping(store_config.clone()).unwrap();
+        let registry = Registry::new();
+        let writer = RemoteWriter::start(&config, &registry, store.backlog().unwrap()).unwrap();
+        // Uploads of several clusters, so several shards send at once.
+        for n in 0..UPLOADS {
+            let id = format!("c{}", n % CLUSTERS);
+            store
+                .put(&id, upload(&id, SERIES, base + n), SystemTime::now())
+                .unwrap();
+        }
+        let want = (UPLOADS as f64) * SERIES as f64;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while value(
+            &registry,
+            r#"telemeter_server_remote_write_samples_total{result="sent"}"#,
+        )
+        .is_none_or(|sent| sent < want)
+        {
+            assert!(Instant::now() < deadline, "{}", registry.render());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        writer.shutdown(Duration::from_secs(5));
+        store.close();
+    }
+    let mut by_series: std::collections::HashMap<String, Vec<i64>> = Default::default();
+    let requests = std::mem::take(&mut *seen.lock().unwrap());
+    assert!(requests.len() >= (UPLOADS as usize * SERIES) / 7);
+    for request in &requests {
+        assert!(convert::sample_count(&request.timeseries) <= 7);
+        for series in &request.timeseries {
+            let key = format!("{:?}", series.labels);
+            by_series
+                .entry(key)
+                .or_default()
+                .extend(series.samples.iter().map(|s| s.timestamp));
+        }
+    }
+    assert_eq!(by_series.len(), SERIES * CLUSTERS as usize);
+    for (series, stamps) in &by_series {
+        let cluster: i64 = series
+            .split("value: \"c")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        let want: Vec<i64> = (0..UPLOADS)
+            .filter(|n| n % CLUSTERS == cluster)
+            .map(|n| base + n)
+            .collect();
+        assert_eq!(stamps, &want, "{series}: every sample once, in order");
+    }
+
+    // The cursor was saved at shutdown: a restart ships only what is new.
+    let store = Store::open_shipping(store_config).unwrap();
+    let registry = Registry::new();
+    let writer = RemoteWriter::start(&config, &registry, store.backlog().unwrap()).unwrap();
+    store
+        .put("c0", upload("c0", 1, base + UPLOADS), SystemTime::now())
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while value(
+        &registry,
+        r#"telemeter_server_remote_write_samples_total{result="sent"}"#,
+    ) != Some(1.0)
+    {
+        assert!(Instant::now() < deadline, "{}", registry.render());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    writer.shutdown(Duration::from_secs(5));
+    let again = seen.lock().unwrap();
+    assert_eq!(again.len(), 1, "only the new upload");
+    assert_eq!(again[0].timeseries[0].samples[0].timestamp, base + UPLOADS);
+    drop(again);
+    store.close();
+    receiver.shutdown(Duration::from_secs(1));
 }
 
 #[test]
@@ -77,4 +178,91 @@ fn a_token_file_must_hold_one_line() {
     assert!(read_token(&bad).is_err());
     assert!(read_token(&dir.join("missing")).is_err());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn series(name: &str, stamps: &[i64]) -> TimeSeries {
+    TimeSeries {
+        labels: vec![Label {
+            name: "__name__".into(),
+            value: name.into(),
+        }],
+        samples: stamps
+            .iter()
+            .map(|&timestamp| Sample {
+                value: 1.0,
+                timestamp,
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn a_request_is_the_write_request_prometheus_decodes() {
+    let all = vec![series("a", &[1, 2]), series("b", &[3])];
+    let body = snappy::decode_block(&encode(&all), 1 << 20).unwrap();
+    let want = WriteRequest {
+        timeseries: all.clone(),
+    };
+    assert_eq!(body, want.encode_to_vec());
+    assert_eq!(WriteRequest::decode(&body[..]).unwrap(), want);
+}
+
+#[test]
+fn an_out_of_order_refusal_splits_the_request_in_order() {
+    assert!(is_out_of_order(
+        "out of order sample for series {__name__=\"x\"}"
+    ));
+    assert!(is_out_of_order("err-mimir-sample-out-of-order"));
+    assert!(is_out_of_order("duplicate sample for timestamp"));
+    assert!(!is_out_of_order("unauthorized"));
+    // Records 1, 2, 3 of one gauge series each: a, b, c.
+    let gauge = |name: &str, ts: i64| MetricFamily {
+        name: Some(name.into()),
+        help: None,
+        r#type: Some(MetricType::Gauge as i32),
+        metric: vec![Metric {
+            gauge: Some(Gauge { value: Some(1.0) }),
+            timestamp_ms: Some(ts),
+            ..Default::default()
+        }],
+    };
+    let batch = || {
+        let mut b = Batch::default();
+        for (seq, name) in ["a", "b", "c"].iter().enumerate() {
+            b.extend(
+                &delimited::encode(&[gauge(name, seq as i64 + 1)]),
+                seq as u64 + 1,
+                0,
+            )
+            .unwrap();
+        }
+        b
+    };
+    let decoded = |b: &Batch| -> Vec<TimeSeries> {
+        let body = snappy::decode_block(&b.body(), 1 << 20).unwrap();
+        WriteRequest::decode(&body[..]).unwrap().timeseries
+    };
+    let (first, second) = split(batch());
+    assert_eq!(decoded(&first), vec![series("a", &[1])]);
+    assert_eq!(decoded(&second), vec![series("b", &[2]), series("c", &[3])]);
+    assert_eq!(second.seqs, vec![2, 3]);
+    // Dropping the oldest records removes their series only.
+    let mut b = batch();
+    assert_eq!(b.drop_below(3), 2);
+    assert_eq!(
+        (decoded(&b), b.seqs.clone()),
+        (vec![series("c", &[3])], vec![3])
+    );
+    // A full request is taken from the front.
+    let mut b = batch();
+    let front = b.take_front(2);
+    assert_eq!(decoded(&front), vec![series("a", &[1]), series("b", &[2])]);
+    assert_eq!((decoded(&b), b.len()), (vec![series("c", &[3])], 1));
+    assert_eq!(b.take_front(0).len(), 1, "at least one series");
+    assert!(b.is_empty());
+    // The age bound drops the series of records received before the cut-off (all at 0 here).
+    let mut b = batch();
+    assert_eq!(b.drop_received_before(0), 0);
+    assert_eq!(b.drop_received_before(1), 3);
+    assert!(b.is_empty());
 }

@@ -1,6 +1,7 @@
 //! The checkpointer: for each full journal segment, writes the cluster files of the clusters whose
 //! newest upload is in it (temp file, synced, renamed over the cluster's file, one directory sync
-//! for all), then deletes the segment. A cluster uploaded many times per segment is written once.
+//! for all), then deletes the segment (or, with egress on, moves it to `egress/` until it is
+//! shipped). A cluster uploaded many times per segment is written once.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -161,8 +162,11 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
     if keep {
         return true;
     }
-    // Synced, so a crash cannot bring the segment back to be replayed over newer files.
-    let removed = fs::remove_file(&segment.path).and_then(|()| shared.dir_file.sync_all());
+    // Synced, so a crash cannot bring the segment back to be replayed over newer files. With
+    // egress on, it is set aside until shipped rather than deleted.
+    let removed = shared
+        .retire_segment(&segment.path, segment.number)
+        .and_then(|()| shared.dir_file.sync_all());
     if let Err(error) = removed {
         log::warn!("removing checkpointed {}: {error}", segment.path.display());
     }

@@ -7,6 +7,10 @@
 //! and only then answers every caller. So N concurrent uploads cost one sync instead of N; while a
 //! sync runs, new requests queue up and form the next, bigger batch.
 //!
+//! With egress on, what must be shipped is journaled in the same batch even when it is not served:
+//! a superseded or older upload, or a separate payload to ship, becomes a "ship only" record;
+//! a served payload that is not shipped a "serve only" one (the `journal` module's kinds).
+//!
 //! Full segments go to the checkpointer thread (the `checkpoint` module).
 
 use std::collections::HashMap;
@@ -18,7 +22,7 @@ use crossbeam_channel::Receiver;
 use telemeter_common::sync::ReplySender;
 
 use super::journal;
-use super::{lock, Entry, Location, Shared, StoreError};
+use super::{lock, Entry, Location, Shared, Ship, StoreError};
 
 /// Whether a request replaces unconditionally or only when newer than what is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,10 +35,15 @@ pub(super) enum Mode {
     UnlessOlder,
 }
 
-/// One upload waiting to be committed. The reply says whether it was written.
+/// One upload waiting to be committed. The reply says whether it was written (to be served).
 pub(super) struct Request {
     pub(super) cluster_id: String,
+    /// What to serve (empty when `serve` is false).
     pub(super) payload: Vec<u8>,
+    /// Whether `payload` is to be served (false: the request only ships).
+    pub(super) serve: bool,
+    /// What egress ships of this request (when it is on).
+    pub(super) ship: Ship,
     pub(super) received_millis: u64,
     /// The payload's newest sample time (the TTL counts from it), read by the caller.
     pub(super) newest_sample_ms: i64,
@@ -76,12 +85,27 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         newest_sample_ms: i64,
         image: usize,
     }
+    /// What became of one request in the grouping.
+    #[derive(Clone, Copy)]
+    enum Role {
+        /// Its payload is served: the winner of this group.
+        Winner(usize),
+        /// Replaced by a later request of the same batch (group).
+        Superseded,
+        /// Not served (kept the stored upload, or asked only to be shipped).
+        Skipped,
+    }
+    let egress = shared.egress.is_some();
     let mut groups: Vec<Group> = Vec::new();
-    let mut skipped: Vec<usize> = Vec::new();
+    let mut roles: Vec<Role> = Vec::with_capacity(batch.len());
     {
         let index = lock(&shared.index);
         let mut by_cluster: HashMap<&str, usize> = HashMap::new();
         for (i, request) in batch.iter().enumerate() {
+            if !request.serve {
+                roles.push(Role::Skipped);
+                continue;
+            }
             let group = by_cluster.get(request.cluster_id.as_str()).copied();
             let current = match group.and_then(|g| groups.get(g)) {
                 Some(group) => Some((group.received_millis, group.newest_sample_ms)),
@@ -99,18 +123,25 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                 }
             };
             if keep_current {
-                skipped.push(i);
+                roles.push(Role::Skipped);
                 continue;
             }
-            match group.and_then(|g| groups.get_mut(g)) {
-                Some(group) => {
-                    group.superseded.push(group.winner);
-                    group.winner = i;
-                    group.received_millis = request.received_millis;
-                    group.newest_sample_ms = request.newest_sample_ms;
+            match group {
+                Some(g) => {
+                    if let Some(group) = groups.get_mut(g) {
+                        if let Some(role) = roles.get_mut(group.winner) {
+                            *role = Role::Superseded;
+                        }
+                        group.superseded.push(group.winner);
+                        group.winner = i;
+                        group.received_millis = request.received_millis;
+                        group.newest_sample_ms = request.newest_sample_ms;
+                    }
+                    roles.push(Role::Winner(g));
                 }
                 None => {
                     by_cluster.insert(&request.cluster_id, groups.len());
+                    roles.push(Role::Winner(groups.len()));
                     groups.push(Group {
                         winner: i,
                         superseded: Vec::new(),
@@ -123,28 +154,57 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         }
     }
 
-    // One buffer, one write, one sync for the whole batch.
+    // One buffer, one write, one sync for the whole batch, its records in the order asked (so
+    // egress ships each cluster's payloads in that order).
     let mut bytes = Vec::with_capacity(
-        groups
+        batch
             .iter()
-            .filter_map(|g| batch.get(g.winner))
-            .map(|r| r.payload.len() + 128 + r.cluster_id.len())
+            .map(|r| r.payload.len() + r.ship.len() + 256 + 2 * r.cluster_id.len())
             .sum(),
     );
-    let mut refused: Vec<(usize, String)> = Vec::new();
-    for (g, group) in groups.iter_mut().enumerate() {
-        let Some(request) = batch.get(group.winner) else {
-            continue;
-        };
-        match journal::encode(
-            journal::PUT,
-            &request.cluster_id,
-            request.received_millis,
-            &request.payload,
-            &mut bytes,
-        ) {
-            Ok(image) => group.image = image,
-            Err(reason) => refused.push((g, reason)),
+    let mut refused: HashMap<usize, String> = HashMap::new();
+    // Whether a request's answer depends on the append (it wrote a record).
+    let mut recorded = vec![false; batch.len()];
+    for (i, request) in batch.iter().enumerate() {
+        let role = roles.get(i).copied().unwrap_or(Role::Skipped);
+        let mut records: Vec<(u8, &[u8])> = Vec::with_capacity(2);
+        if let Role::Winner(_) = role {
+            let kind = match (&request.ship, egress) {
+                (Ship::Served, _) | (_, false) => journal::PUT,
+                _ => journal::SERVE,
+            };
+            records.push((kind, &request.payload));
+        }
+        if egress {
+            match (&request.ship, role) {
+                (Ship::Payload(ship), _) => records.push((journal::SHIP, ship)),
+                (Ship::Served, Role::Superseded | Role::Skipped) if request.serve => {
+                    records.push((journal::SHIP, &request.payload))
+                }
+                _ => {}
+            }
+        }
+        for (n, (kind, payload)) in records.into_iter().enumerate() {
+            match journal::encode(
+                kind,
+                &request.cluster_id,
+                request.received_millis,
+                payload,
+                &mut bytes,
+            ) {
+                Ok(image) => {
+                    recorded[i] = true;
+                    if let (0, Role::Winner(g)) = (n, role) {
+                        if let Some(group) = groups.get_mut(g) {
+                            group.image = image;
+                        }
+                    }
+                }
+                Err(reason) => {
+                    refused.insert(i, reason);
+                    break;
+                }
+            }
         }
     }
     let written: Result<u64, StoreError> = if bytes.is_empty() {
@@ -153,8 +213,8 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         shared.append(&bytes, |segment, base| {
             let mut index = lock(&shared.index);
             let mut written = 0;
-            for (g, group) in groups.iter().enumerate() {
-                if refused.iter().any(|(r, _)| *r == g) {
+            for group in &groups {
+                if refused.contains_key(&group.winner) {
                     continue;
                 }
                 if let Some(request) = batch.get(group.winner) {
@@ -187,34 +247,48 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
     }
 
     // Only now, with the records durable, answer.
-    for (g, group) in groups.iter().enumerate() {
-        let result = match (&written, refused.iter().find(|(r, _)| *r == g)) {
-            (_, Some((_, reason))) => Err(StoreError::format(
-                format!(
-                    "encoding the file of cluster {:?}",
-                    batch
-                        .get(group.winner)
-                        .map(|r| r.cluster_id.as_str())
-                        .unwrap_or_default()
-                ),
-                reason.clone(),
-            )),
+    let encoding_error = |i: usize, reason: &str| {
+        StoreError::format(
+            format!(
+                "encoding the journal record of cluster {:?}",
+                batch
+                    .get(i)
+                    .map(|r| r.cluster_id.as_str())
+                    .unwrap_or_default()
+            ),
+            reason.to_string(),
+        )
+    };
+    for group in &groups {
+        let result = match (&written, refused.get(&group.winner)) {
+            (_, Some(reason)) => Err(encoding_error(group.winner, reason)),
             (Ok(_), None) => Ok(true),
             (Err(error), None) => Err(error.duplicate()),
         };
         for &i in std::iter::once(&group.winner).chain(&group.superseded) {
             if let Some(request) = batch.get(i) {
+                // A superseded request whose own ship record could not be encoded failed.
+                let result = match refused.get(&i) {
+                    Some(reason) if i != group.winner => Err(encoding_error(i, reason)),
+                    _ => match &result {
+                        Ok(v) => Ok(*v),
+                        Err(error) => Err(error.duplicate()),
+                    },
+                };
                 // The caller may have given up waiting; nothing to do then.
-                request.reply.send(match &result {
-                    Ok(v) => Ok(*v),
-                    Err(error) => Err(error.duplicate()),
-                });
+                request.reply.send(result);
             }
         }
     }
-    for i in skipped {
-        if let Some(request) = batch.get(i) {
-            request.reply.send(Ok(false));
+    for (i, request) in batch.iter().enumerate() {
+        if !matches!(roles.get(i), Some(Role::Skipped)) {
+            continue;
         }
+        let result = match (refused.get(&i), &written) {
+            (Some(reason), _) => Err(encoding_error(i, reason)),
+            (None, Err(error)) if recorded[i] => Err(error.duplicate()),
+            _ => Ok(false),
+        };
+        request.reply.send(result);
     }
 }

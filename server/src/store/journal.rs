@@ -30,8 +30,16 @@
 //! |-----------|-----------------------|-----------------------------------------------------------|
 //! | 1, 2      | version 1: put, remove | a 64-bit multiply-rotate hash of this codebase's own     |
 //! | 3, 4      | version 2: put, remove | CRC-32C (as the Prometheus WAL), in the low 32 bits       |
+//! | 5         | version 2: ship only   | CRC-32C                                                    |
+//! | 6         | version 2: serve only  | CRC-32C                                                    |
 //!
-//! Only version 2 is written.
+//! Only version 2 is written. With `--remote-write-url` the journal is also the egress backlog
+//! (`remote_write`): a put (1, 3) is served and shipped; "ship only" (5) carries what must reach
+//! the remote-write receiver but not `/federate` (a late upload older than what is served, the
+//! delta of a remote-write request whose merged view is put separately); "serve only" (6) is a put
+//! whose payload is not shipped (that merged view, or a handoff between servers). A replay into
+//! the store skips kind 5 and treats 6 as a put; egress ships 1, 3 and 5. Kinds 5 and 6 are read
+//! by this version on; an older server stops its replay at them as at a torn tail.
 //!
 //! This module owns the journal's writing end ([`JournalState`]): `Shared::append` is the one
 //! place that writes to a segment and `fdatasync`s it, for the committer's batches and for
@@ -62,6 +70,10 @@ pub(super) const PAGE: u64 = 4096;
 pub(super) const PUT: u8 = 1;
 /// The record of a removal.
 pub(super) const REMOVE: u8 = 2;
+/// The record of a payload to ship but not serve (written only as version 2).
+pub(super) const SHIP: u8 = 5;
+/// The record of an upload to serve but not ship (written only as version 2).
+pub(super) const SERVE: u8 = 6;
 /// Added to [`PUT`] or [`REMOVE`] in the kind byte of a version 2 record.
 const VERSION_2_KINDS: u8 = 2;
 /// Bytes before a record's cluster id: kind, id length, receive time, payload length, checksum.
@@ -78,14 +90,24 @@ pub(super) enum Checksum {
     Crc32c,
 }
 
-/// The record kind ([`PUT`] or [`REMOVE`]) and checksum of a kind byte; `None` for another byte.
+/// The record kind ([`PUT`], [`REMOVE`], [`SHIP`] or [`SERVE`]) and checksum of a kind byte;
+/// `None` for another byte.
 fn kind_of(byte: u8) -> Option<(u8, Checksum)> {
     match byte {
         PUT | REMOVE => Some((byte, Checksum::Hash64)),
+        SHIP | SERVE => Some((byte, Checksum::Crc32c)),
         _ => {
             let kind = byte.checked_sub(VERSION_2_KINDS)?;
             (kind == PUT || kind == REMOVE).then_some((kind, Checksum::Crc32c))
         }
+    }
+}
+
+/// The kind byte of a record of `kind` checksummed with `method`.
+fn kind_byte(method: Checksum, kind: u8) -> u8 {
+    match (method, kind) {
+        (Checksum::Hash64, _) | (Checksum::Crc32c, SHIP | SERVE) => kind,
+        (Checksum::Crc32c, _) => kind + VERSION_2_KINDS,
     }
 }
 
@@ -236,7 +258,7 @@ impl Segment {
             .read_exact_at(&mut prefix_bytes, offset)
             .map_err(ReadError::Io)?;
         let prefix = parse_prefix(&prefix_bytes);
-        if kind_of(prefix.kind).map(|(kind, _)| kind) != Some(PUT)
+        if !matches!(kind_of(prefix.kind), Some((PUT | SERVE, _)))
             || prefix.id_len != cluster_id.len()
             || prefix.payload_len != payload_bytes
         {
@@ -265,7 +287,7 @@ pub(super) fn payload_offset(offset: u64, cluster_id: &str) -> u64 {
     offset + PREFIX_LEN as u64 + cluster_id.len() as u64
 }
 
-/// Appends a record of `kind` ([`PUT`] or [`REMOVE`]) to `out`, in the current version; returns
+/// Appends a record of `kind` ([`PUT`], [`REMOVE`], [`SHIP`] or [`SERVE`]) to `out`, in the current version; returns
 /// its offset relative to `out`'s start. Fails only when the cluster id does not fit its u16
 /// length field.
 pub(super) fn encode(
@@ -297,10 +319,7 @@ pub(super) fn encode_as(
     let id_len = u16::try_from(cluster_id.len())
         .map_err(|_| format!("cluster id is {} bytes, more than 65535", cluster_id.len()))?;
     let start = out.len();
-    out.push(match method {
-        Checksum::Hash64 => kind,
-        Checksum::Crc32c => kind + VERSION_2_KINDS,
-    });
+    out.push(kind_byte(method, kind));
     out.extend_from_slice(&id_len.to_le_bytes());
     out.extend_from_slice(&received_millis.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
@@ -342,7 +361,7 @@ pub(super) fn is_segment_name(name: &str) -> bool {
 
 /// One replayed record.
 pub(super) struct Record {
-    /// [`PUT`] or [`REMOVE`].
+    /// [`PUT`], [`REMOVE`], [`SHIP`] or [`SERVE`].
     pub(super) kind: u8,
     /// The image's header.
     pub(super) header: Header,
@@ -409,6 +428,66 @@ pub(super) fn replay(
         }
     }
     Ok(None)
+}
+
+/// What [`read_at`] found at an offset.
+pub(super) enum Next {
+    /// A whole valid record, and the offset just past it.
+    Record(Record, u64),
+    /// Nothing more before `len`.
+    End,
+    /// Bytes that are no whole valid record (a torn tail); the reason.
+    Torn(String),
+}
+
+/// Reads the record at or after `at` (skipping the zeros between commits) of the segment open as
+/// `file`, of which only the first `len` bytes are known written. Memory holds one record.
+pub(super) fn read_at(file: &File, mut at: u64, len: u64) -> io::Result<Next> {
+    if at >= len {
+        return Ok(Next::End);
+    }
+    if at % PAGE != 0 {
+        let mut kind = [0u8; 1];
+        file.read_exact_at(&mut kind, at)?;
+        if kind[0] == 0 {
+            at = at.next_multiple_of(PAGE);
+            if at >= len {
+                return Ok(Next::End);
+            }
+        }
+    }
+    let left = len - at;
+    if left < PREFIX_LEN as u64 {
+        return Ok(Next::Torn("ends inside a record's prefix".to_string()));
+    }
+    let mut prefix_bytes = [0u8; PREFIX_LEN];
+    file.read_exact_at(&mut prefix_bytes, at)?;
+    let prefix = parse_prefix(&prefix_bytes);
+    let Some((kind, _)) = kind_of(prefix.kind) else {
+        return Ok(Next::Torn(format!("unknown record kind {}", prefix.kind)));
+    };
+    let size = (PREFIX_LEN + prefix.id_len) as u64;
+    if size > left || prefix.payload_len > left - size {
+        return Ok(Next::Torn("ends inside a record".to_string()));
+    }
+    // Both lengths were just shown to be backed by the file.
+    let payload_len = usize::try_from(prefix.payload_len).unwrap_or(0);
+    let mut id = vec![0u8; prefix.id_len];
+    let mut payload = vec![0u8; payload_len];
+    file.read_exact_at(&mut id, at + PREFIX_LEN as u64)?;
+    file.read_exact_at(&mut payload, at + size)?;
+    match verify(&prefix_bytes, &prefix, id, payload) {
+        Ok((header, payload)) => Ok(Next::Record(
+            Record {
+                kind,
+                header,
+                payload,
+            },
+            at + size + prefix.payload_len,
+        )),
+        Err(ReadError::Corrupt(reason)) => Ok(Next::Torn(reason)),
+        Err(ReadError::Io(error)) => Err(error),
+    }
 }
 
 /// The journal's writing end: the current segment and how full it is.
@@ -488,7 +567,12 @@ impl Shared {
             ));
         }
         journal.len = offset + bytes.len() as u64;
-        Ok(then(&segment, offset))
+        let result = then(&segment, offset);
+        if let Some(egress) = &self.egress {
+            *lock(&egress.tip) = Some((segment.number, journal.len));
+            let _ = egress.appended.try_send(());
+        }
+        Ok(result)
     }
 }
 
@@ -620,7 +704,7 @@ mod tests {
         assert!(segment.read_put("a", first as u64, 11).is_err());
         // A kind byte of no version ends the replay.
         let mut unknown = old.clone();
-        unknown[first] = 5;
+        unknown[first] = 9;
         segment.file.write_all_at(&unknown, 0).unwrap();
         let torn = replay(&segment.path, |_| Ok(())).unwrap();
         assert_eq!(torn.map(|(left, _)| left), Some(old.len() as u64));

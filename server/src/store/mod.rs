@@ -64,6 +64,8 @@
 //!   removed.
 //! - `.tmp-<n>`: a checkpoint in progress; removed on open (its data is still in the journal).
 //! - `corrupt/`: files set aside.
+//! - `egress/`: with `--remote-write-url`, checkpointed segments not yet shipped and the egress
+//!   cursor (the `egress` module); never replayed into the store.
 //!
 //! Memory holds only the index (cluster id → receive time, payload size, where it is), never
 //! payloads.
@@ -81,6 +83,7 @@
 mod checkpoint;
 mod commit;
 mod crc32c;
+mod egress;
 mod file;
 mod journal;
 mod read;
@@ -103,6 +106,7 @@ use fs2::FileExt;
 use telemeter_common::sync as handoff;
 
 use commit::{Mode, Request};
+pub use egress::{Backlog, BacklogReader, Position, ShipRecord};
 use journal::JournalState;
 pub use read::PinnedUpload;
 use state::{is_live, lock, newest_sample_ms, Counters, Entry, Location, Shared};
@@ -118,6 +122,27 @@ const TEMP_PREFIX: &str = ".tmp-";
 const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 /// Nor less often than this.
 const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What egress ships of a put (when the store was opened with [`Store::open_shipping`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ship {
+    /// The payload put, whether or not it is served (a late upload is shipped, not served).
+    Served,
+    /// This payload instead (the delta of a remote-write request whose merged view is served).
+    Payload(Vec<u8>),
+    /// Nothing (a handoff of a cluster's file between servers: shipped where it was received).
+    Nothing,
+}
+
+impl Ship {
+    /// Bytes of a separate payload.
+    fn len(&self) -> usize {
+        match self {
+            Ship::Payload(payload) => payload.len(),
+            Ship::Served | Ship::Nothing => 0,
+        }
+    }
+}
 
 /// The store. Cheap to clone; all clones share one directory and one committer.
 #[derive(Clone)]
@@ -139,6 +164,17 @@ impl Store {
     /// Locks the directory, recovers it (temp files removed, corrupt files set aside), indexes the
     /// clusters it holds, and starts the committer and the TTL sweeper threads.
     pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
+        Store::open_as(config, false)
+    }
+
+    /// As [`Store::open`], keeping the journal as the egress backlog ([`Store::backlog`]):
+    /// checkpointed segments go to `DIR/egress/` until shipped, and what must be shipped but not
+    /// served is journaled too.
+    pub fn open_shipping(config: StoreConfig) -> Result<Store, StoreError> {
+        Store::open_as(config, true)
+    }
+
+    fn open_as(config: StoreConfig, shipping: bool) -> Result<Store, StoreError> {
         let dir = config.dir.clone();
         fs::create_dir_all(&dir)
             .map_err(|e| StoreError::io(format!("creating directory {}", dir.display()), e))?;
@@ -161,6 +197,7 @@ impl Store {
         }
         let dir_file = File::open(&dir)
             .map_err(|e| StoreError::io(format!("opening directory {}", dir.display()), e))?;
+        let dir_for_egress = dir.clone();
 
         let shared = Arc::new(Shared {
             dir,
@@ -179,7 +216,19 @@ impl Store {
             }),
             segment_bytes: AtomicU64::new(journal::SEGMENT_BYTES),
             counters: Counters::default(),
+            egress: match shipping {
+                false => None,
+                true => Some(egress::EgressShared::new(
+                    egress::load_cursor(&dir_for_egress)?.map_or(0, |c| c.segment),
+                )),
+            },
         });
+        if !shipping && dir_for_egress.join(egress::EGRESS_DIR).exists() {
+            log::warn!(
+                "{}: segments kept for --remote-write-url, which is off; they stay until it is on again",
+                dir_for_egress.join(egress::EGRESS_DIR).display()
+            );
+        }
         shared.recover()?;
 
         let (retire, retired) = crossbeam_channel::unbounded();
@@ -246,8 +295,35 @@ impl Store {
         payload: Vec<u8>,
         received: SystemTime,
     ) -> Result<(), StoreError> {
-        self.submit(cluster_id, payload, received, Mode::Replace)
-            .map(|_| ())
+        self.submit(
+            cluster_id,
+            Some(payload),
+            Ship::Served,
+            received,
+            Mode::Replace,
+        )
+        .map(|_| ())
+    }
+
+    /// Stores `serve` (if any) as `cluster_id`'s upload received at `received`, replacing the
+    /// previous one, and has egress ship `ship`, both in one journal batch: durable together
+    /// before this returns. Without egress ([`Store::open`]) `ship` is ignored. Returns whether a
+    /// payload was stored to be served.
+    pub fn put_shipping(
+        &self,
+        cluster_id: &str,
+        serve: Option<Vec<u8>>,
+        ship: Ship,
+        received: SystemTime,
+    ) -> Result<bool, StoreError> {
+        self.submit(cluster_id, serve, ship, received, Mode::Replace)
+    }
+
+    /// The egress backlog, when the store was opened with [`Store::open_shipping`].
+    pub fn backlog(&self) -> Option<Backlog> {
+        self.handle.shared.egress.as_ref().map(|_| Backlog {
+            shared: Arc::clone(&self.handle.shared),
+        })
     }
 
     /// Like [`Store::put`], but keeps the stored upload when it is newer than `received` (used when
@@ -258,29 +334,49 @@ impl Store {
         payload: Vec<u8>,
         received: SystemTime,
     ) -> Result<bool, StoreError> {
-        self.submit(cluster_id, payload, received, Mode::IfNewer)
+        // The server that received it shipped it.
+        self.submit(
+            cluster_id,
+            Some(payload),
+            Ship::Nothing,
+            received,
+            Mode::IfNewer,
+        )
     }
 
     /// Like [`Store::put`], but keeps the stored upload when its newest sample is newer than
     /// `payload`'s: an upload sent late (spooled through an outage, imported across an air gap)
-    /// never replaces fresher values. Returns whether `payload` was written.
+    /// never replaces fresher values. Egress ships it either way (the receiver keeps history).
+    /// Returns whether `payload` was written to be served.
     pub fn put_unless_older(
         &self,
         cluster_id: &str,
         payload: Vec<u8>,
         received: SystemTime,
     ) -> Result<bool, StoreError> {
-        self.submit(cluster_id, payload, received, Mode::UnlessOlder)
+        self.submit(
+            cluster_id,
+            Some(payload),
+            Ship::Served,
+            received,
+            Mode::UnlessOlder,
+        )
     }
 
     /// Hands one upload to the committer and waits for its answer.
     fn submit(
         &self,
         cluster_id: &str,
-        payload: Vec<u8>,
+        serve: Option<Vec<u8>>,
+        ship: Ship,
         received: SystemTime,
         mode: Mode,
     ) -> Result<bool, StoreError> {
+        let shipping = self.handle.shared.egress.is_some()
+            && !matches!((&serve, &ship), (None, Ship::Served) | (_, Ship::Nothing));
+        if serve.is_none() && !shipping {
+            return Ok(false);
+        }
         // Cloned so the lock is not held while waiting; a clone keeps the committer alive until
         // this request is queued, so a racing close() still commits it.
         let requests = lock(&self.handle.requests)
@@ -289,11 +385,15 @@ impl Store {
         let (reply, answer) = handoff::oneshot();
         let received_millis = telemeter_common::time::unix_millis(received);
         // Read here, on the caller's thread, so the committer's batches do not wait for it.
+        let serving = serve.is_some();
+        let payload = serve.unwrap_or_default();
         let newest_sample_ms = newest_sample_ms(&payload, received_millis);
         requests
             .send(Request {
                 cluster_id: cluster_id.to_string(),
                 payload,
+                serve: serving,
+                ship,
                 received_millis,
                 newest_sample_ms,
                 mode,

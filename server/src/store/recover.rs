@@ -1,5 +1,6 @@
 //! Opening a storage directory: temp files removed, every cluster file verified (the bad ones set
-//! aside in `corrupt/`) and indexed, then the journal replayed over them and removed.
+//! aside in `corrupt/`) and indexed, then the journal replayed over them and removed (or, with
+//! egress on, moved to `egress/` until shipped).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -31,7 +32,11 @@ impl Shared {
                     .map_err(|e| StoreError::io(format!("removing {}", path.display()), e))?;
                 continue;
             }
-            if name == LOCK_FILE || name == CORRUPT_DIR || journal::is_segment_name(&name) {
+            if name == LOCK_FILE
+                || name == CORRUPT_DIR
+                || name == super::egress::EGRESS_DIR
+                || journal::is_segment_name(&name)
+            {
                 continue;
             }
             if !file::is_cluster_file_name(&name) {
@@ -79,9 +84,13 @@ impl Shared {
     fn replay_journal(&self) -> Result<(), StoreError> {
         let numbers = journal::list(&self.dir)
             .map_err(|e| StoreError::io(format!("listing directory {}", self.dir.display()), e))?;
-        let Some(&last) = numbers.last() else {
+        // Segments set aside for egress count too: a new one must never take their numbers.
+        if let Some(&newest) = super::egress::segment_numbers(&self.dir)?.last() {
+            lock(&self.journal).next_number = newest + 1;
+        }
+        if numbers.is_empty() {
             return Ok(());
-        };
+        }
         let mut applied = 0u64;
         for &number in &numbers {
             let path = self.dir.join(format!("{}{number}", journal::PREFIX));
@@ -117,13 +126,12 @@ impl Shared {
             })
         };
         sync_dir("after replaying the journal")?;
-        for number in &numbers {
+        for &number in &numbers {
             let path = self.dir.join(format!("{}{number}", journal::PREFIX));
-            fs::remove_file(&path)
+            self.retire_segment(&path, number)
                 .map_err(|e| StoreError::io(format!("removing {}", path.display()), e))?;
         }
         sync_dir("after removing the journal")?;
-        lock(&self.journal).next_number = last + 1;
         log::info!(
             "replayed {applied} journal records from {} segment(s)",
             numbers.len()
@@ -135,6 +143,10 @@ impl Shared {
     fn apply(&self, record: journal::Record) -> io::Result<()> {
         let cluster_id = record.header.cluster_id;
         let target = self.path_of(&cluster_id);
+        if record.kind == journal::SHIP {
+            // Shipped by egress from the segment; never served.
+            return Ok(());
+        }
         if record.kind == journal::REMOVE {
             match fs::remove_file(&target) {
                 Ok(()) => {}

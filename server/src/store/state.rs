@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use telemeter_common::wire;
 
+use super::egress::EgressShared;
 use super::file;
 use super::journal::{JournalState, Segment};
 
@@ -34,6 +35,8 @@ pub(super) struct Shared {
     /// A segment this full is closed ([`super::journal::SEGMENT_BYTES`]; tests lower it).
     pub(super) segment_bytes: AtomicU64,
     pub(super) counters: Counters,
+    /// Set when the journal is also the egress backlog ([`super::Store::open_shipping`]).
+    pub(super) egress: Option<EgressShared>,
 }
 
 /// One indexed cluster.

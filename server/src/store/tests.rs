@@ -624,6 +624,8 @@ fn a_batch_writes_each_cluster_once_and_answers_everyone() {
         batch.push(Request {
             cluster_id: id.to_string(),
             payload: payload.as_bytes().to_vec(),
+            serve: true,
+            ship: Ship::Served,
             received_millis: telemeter_common::time::unix_millis(received),
             newest_sample_ms: telemeter_common::time::unix_millis(received) as i64,
             mode,
