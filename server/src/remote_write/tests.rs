@@ -1,5 +1,7 @@
 //! Unit tests of `remote_write`, beside it so the module reads as the module.
 
+use super::batch::{split, Batch};
+use super::shard::is_out_of_order;
 use super::*;
 use crate::store::Store;
 use prost::Message;

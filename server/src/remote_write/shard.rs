@@ -1,0 +1,257 @@
+//! One sender shard: converts its clusters' records and sends them in batches, retrying what
+//! the receiver may take later and splitting what it refused as out of order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use log::{debug, warn};
+
+use super::backoff::Backoff;
+use super::batch::{split, Batch};
+use super::reader::Item;
+use super::*;
+
+/// What became of one request.
+pub(super) enum Outcome {
+    Sent,
+    /// Not to be sent again as it is; `out_of_order` when the receiver said a sample was older
+    /// than its series' newest (or a duplicate): the rest of the request would be taken.
+    Refused {
+        reason: &'static str,
+        out_of_order: bool,
+    },
+    Retry {
+        retry_after: Option<Duration>,
+    },
+}
+
+/// One sender thread: converts its clusters' records ([`convert`]) and sends them in batches.
+pub(super) struct Shard {
+    pub(super) number: usize,
+    pub(super) control: Arc<Control>,
+    pub(super) agent: ureq::Agent,
+    pub(super) url: String,
+    pub(super) bearer: Option<String>,
+    pub(super) backoff: Backoff,
+    pub(super) acks: Sender<(usize, u64)>,
+    pub(super) max_samples: usize,
+}
+
+impl Shard {
+    pub(super) fn run(mut self, items: Receiver<Item>) {
+        let mut batch = Batch::default();
+        // The newest record handed over, and the newest acknowledged to the reader.
+        let (mut last_seq, mut acked) = (0, 0);
+        // Ends when the reader drops its queue, or at the shutdown deadline.
+        loop {
+            // Fill the batch with what is queued; send when full, or when nothing more waits.
+            let item = if batch.is_empty() {
+                match items.recv() {
+                    Ok(item) => Some(item),
+                    Err(_) => return,
+                }
+            } else {
+                items.try_recv().ok()
+            };
+            match item {
+                Some(item) => {
+                    last_seq = item.seq;
+                    self.convert(item, &mut batch);
+                    while batch.len() >= self.max_samples {
+                        let front = batch.take_front(self.max_samples);
+                        if !self.ship(front) {
+                            return;
+                        }
+                    }
+                }
+                None => {
+                    let all = std::mem::take(&mut batch);
+                    if !self.ship(all) {
+                        return;
+                    }
+                }
+            }
+            // Every record before the first one still in the batch is wholly sent.
+            let done = batch
+                .first_record()
+                .map_or(last_seq, |first| first.saturating_sub(1));
+            if done > acked {
+                acked = done;
+                if self.acks.send((self.number, done)).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Decodes a record's payload into `batch`'s series, unless it was dropped.
+    pub(super) fn convert(&self, item: Item, batch: &mut Batch) {
+        let metrics = &self.control.metrics;
+        if item.seq < self.control.drop_below.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.control.too_old(item.received_ms) {
+            metrics.drop("backlog_age");
+            return;
+        }
+        match batch.extend(&item.payload, item.seq, item.received_ms) {
+            Ok(()) => {}
+            Err(e) => {
+                // The store journaled these bytes from validated families; a bug, not input.
+                warn!(
+                    "remote write: cannot decode an upload of cluster {:?}: {e}",
+                    item.cluster_id
+                );
+                metrics.drop("invalid");
+            }
+        }
+    }
+
+    /// Sends one batch, retrying until it is taken, refused or dropped; false when the shutdown
+    /// deadline passed first (its records are not acknowledged, so they stay in the backlog).
+    ///
+    /// A receiver that refuses a request for holding a sample older than its series' newest
+    /// (Prometheus refuses the whole request, 400) would take every other sample in it: the
+    /// request is split in halves, each sent in order, until only the refused samples are left.
+    /// Such samples are what at-least-once re-ships after a crash, and late uploads.
+    pub(super) fn ship(&mut self, batch: Batch) -> bool {
+        let metrics = self.control.metrics.clone();
+        // Oldest first: the front is sent next, so each series' samples keep their order.
+        let mut parts: VecDeque<Batch> = VecDeque::from([batch]);
+        while let Some(mut part) = parts.pop_front() {
+            let mut body = None;
+            loop {
+                // Records the reader dropped for the bytes bound (counted there, in uploads).
+                let dropped = part.drop_below(self.control.drop_below.load(Ordering::Relaxed));
+                if dropped > 0 {
+                    metrics.samples.with(&["dropped"]).add(dropped);
+                    body = None;
+                }
+                if part.is_empty() {
+                    break;
+                }
+                let too_old = part.drop_received_before(self.control.age_cutoff_ms());
+                if too_old > 0 {
+                    body = None;
+                    metrics.samples.with(&["dropped"]).add(too_old);
+                    metrics.drop("backlog_age");
+                    warn!(
+                        "remote write: dropped {too_old} samples past --remote-write-max-backlog-age"
+                    );
+                    continue;
+                }
+                if self.control.past_deadline() {
+                    return false;
+                }
+                let samples = part.len() as u64;
+                let bytes = body.get_or_insert_with(|| part.body());
+                match self.send(bytes) {
+                    Outcome::Sent => {
+                        self.backoff.reset();
+                        metrics.samples.with(&["sent"]).add(samples);
+                        metrics.sent_bytes.with(&[]).add(bytes.len() as u64);
+                        debug!("remote write: shard {} sent {samples} samples", self.number);
+                        break;
+                    }
+                    Outcome::Refused {
+                        out_of_order: true, ..
+                    } if samples > 1 => {
+                        let (first, second) = split(part);
+                        parts.push_front(second);
+                        parts.push_front(first);
+                        break;
+                    }
+                    Outcome::Refused { reason, .. } => {
+                        metrics.samples.with(&["rejected"]).add(samples);
+                        metrics.drop(reason);
+                        break;
+                    }
+                    Outcome::Retry { retry_after } => {
+                        let wait = self.backoff.next(retry_after);
+                        if !self.control.sleep(wait) {
+                            return false;
+                        }
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    pub(super) fn send(&self, body: &[u8]) -> Outcome {
+        let metrics = &self.control.metrics;
+        let mut request = self
+            .agent
+            .post(&self.url)
+            .header("Content-Type", "application/x-protobuf")
+            .header("Content-Encoding", "snappy")
+            .header("X-Prometheus-Remote-Write-Version", PROTOCOL_VERSION);
+        if let Some(token) = &self.bearer {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        let mut response = match request.send(body) {
+            Ok(response) => response,
+            Err(e) => {
+                metrics.requests.with(&["error"]).inc();
+                warn!("remote write to {}: {e}; retrying", self.url);
+                return Outcome::Retry { retry_after: None };
+            }
+        };
+        let status = response.status().as_u16();
+        metrics.requests.with(&[&status.to_string()]).inc();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let reply = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_REPLY_BYTES)
+            .read_to_vec()
+            .unwrap_or_default();
+        let reply = first_line(&reply);
+        match status {
+            200..=299 => Outcome::Sent,
+            429 | 500..=599 => {
+                warn!(
+                    "remote write to {}: status {status} {reply:?}; retrying",
+                    self.url
+                );
+                Outcome::Retry { retry_after }
+            }
+            _ => {
+                let reason = if (400..500).contains(&status) {
+                    "rejected_4xx"
+                } else {
+                    "rejected_other"
+                };
+                warn!(
+                    "remote write to {}: status {status} {reply:?}; dropping the batch",
+                    self.url
+                );
+                Outcome::Refused {
+                    reason,
+                    out_of_order: (400..500).contains(&status) && is_out_of_order(&reply),
+                }
+            }
+        }
+    }
+}
+
+/// Whether a refusal's text says a sample came too late for its series: Prometheus ("out of
+/// order sample", "duplicate sample for timestamp", "out of bounds"), Mimir and Cortex
+/// ("out-of-order", "too old"), Thanos receive ("out of order").
+pub(super) fn is_out_of_order(reply: &str) -> bool {
+    let reply = reply.to_ascii_lowercase();
+    [
+        "out of order",
+        "out-of-order",
+        "duplicate sample",
+        "out of bounds",
+        "too old",
+    ]
+    .iter()
+    .any(|needle| reply.contains(needle))
+}
