@@ -449,7 +449,8 @@ impl Connection {
         }
     }
 
-    /// Hands the request to the workers and writes their answer; false to close the connection.
+    /// Runs the request through the handler (here, on an inline path, else on a worker) and
+    /// writes its answer; false to close the connection.
     fn answer(&mut self, parsed: Parsed) -> bool {
         let Parsed {
             request,
@@ -458,25 +459,47 @@ impl Connection {
             mut close,
             _body,
         } = parsed;
-        let (reply, answer) = sync::oneshot();
-        {
-            // Queued under the lock rather than with a clone of the sender: a clone and its drop
-            // would take the queue's own lock twice more, against every worker.
-            let jobs = lock(&self.shared.jobs);
-            match jobs.as_ref() {
-                // With the workers gone the job is given back and dropped, and so is its reply
-                // sender.
-                Some(jobs) => drop(jobs.send((request, reply))),
-                // Shutting down: no queue to take it.
-                None => drop(reply),
+        let inline = self
+            .config()
+            .inline_paths
+            .iter()
+            .position(|path| *path == request.path);
+        let response = if let Some(inline) = inline {
+            // No copy of the path for the log line: the request is the handler's, and this runs
+            // once per upload.
+            match catch_unwind(AssertUnwindSafe(|| self.shared.handler.handle(request))) {
+                Ok(response) => response,
+                Err(panic) => {
+                    let path = self.config().inline_paths.get(inline).map_or("", |p| p);
+                    log::error!(
+                        "{}: the handler panicked on a request to {path}: {}",
+                        self.config().name,
+                        panic_message(&*panic)
+                    );
+                    Response::text(500, "internal error")
+                }
             }
-        }
-        // `None`: shutting down, or the workers are gone.
-        let response = match answer.recv() {
-            Some(response) => response,
-            None => {
-                close = true;
-                Response::text(503, "shutting down")
+        } else {
+            let (reply, answer) = sync::oneshot();
+            {
+                // Queued under the lock rather than with a clone of the sender: a clone and its
+                // drop would take the queue's own lock twice more, against every worker.
+                let jobs = lock(&self.shared.jobs);
+                match jobs.as_ref() {
+                    // With the workers gone the job is given back and dropped, and so is its
+                    // reply sender.
+                    Some(jobs) => drop(jobs.send((request, reply))),
+                    // Shutting down: no queue to take it.
+                    None => drop(reply),
+                }
+            }
+            // `None`: shutting down, or the workers are gone.
+            match answer.recv() {
+                Some(response) => response,
+                None => {
+                    close = true;
+                    Response::text(503, "shutting down")
+                }
             }
         };
         drop(_body);
