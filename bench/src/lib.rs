@@ -4,8 +4,10 @@
 //! figures: [`disk`] (the durable-write ceiling of the disk), [`load`] with [`ingest`] (uploads to
 //! our server, or the same series to a Pushgateway), [`federate`] (one full scrape), [`decode`]
 //! (decode + validate on one thread) and [`payload`] (the realistic 500-sample upload they share).
+//! `telemeter-allocs` counts the server's allocations per upload with [`alloc`].
 #![deny(missing_docs)]
 
+pub mod alloc;
 pub mod decode;
 pub mod disk;
 pub mod federate;
