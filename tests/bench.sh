@@ -9,8 +9,11 @@
 #   1. disk ceiling   temp file + write + fsync + rename + dir fsync per upload, no HTTP
 #   2. ingest         our server (durable) and prometheus-pushgateway, N = 1, 16, 64 senders;
 #                     and through a non-owner of a 2-node cluster (every upload sealed and forwarded)
+#                     and the server's heap allocations per upload (telemeter-allocs, in process)
 #   3. federate       one full GET /federate after loading 10,000 clusters x 500 series, plain
-#                     and again with gzip (as Prometheus asks): series/s and bytes on the wire
+#                     and again with gzip (as Prometheus asks): series/s and bytes on the wire;
+#                     and the store's recovery: opening 10,000 clusters' files + a full journal
+#                     segment left by a crash
 #   4. decode         snappy + the upload's validation (wire fast path, else decode + validate), one thread
 #   5. client         telemeter-client --once scraping >= 10,000 series from a real Prometheus
 #   6. static sizes   make static (musl)
@@ -356,6 +359,16 @@ if [ "$server_ready" = 1 ]; then
   done
 fi
 
+# 2d. The server's heap allocations per durable upload: the real server in process behind a
+# counting allocator (telemeter-allocs; the server binary never counts).
+allocs_line=
+if [ "$server_ready" = 1 ] && [ -x "$root/target/release/telemeter-allocs" ]; then
+  log "allocations per upload (in process, 64 senders)"
+  allocs_line=$(timeout "$(limit 60)" "$root/target/release/telemeter-allocs" --senders 64 \
+    --seconds 5) || allocs_line=
+  raw+=("allocs N=64: $allocs_line")
+fi
+
 # 2c. Ingest through a non-owner: a 2-node cluster, every upload sent to node a for a cluster node b
 # owns, so each one is sealed, forwarded and stored by b before a answers.
 fwd_line=
@@ -490,6 +503,17 @@ if [ "$server_ready" = 1 ]; then
   raw+=("federate: $fed_line server_cpu_s=$fed_cpu server_peak_rss_kib=$fed_rss ($rss_scope)")
 fi
 
+# 3b. Store recovery: a store of fed_clusters clusters' files plus a nearly full journal segment,
+# left as a crash leaves it (filled by a child process that exits without closing), then opened.
+recovery_line=
+if [ "$server_ready" = 1 ]; then
+  log "store recovery: $fed_clusters clusters + a full journal segment"
+  recovery_line=$(timeout "$(limit 300)" "$loadgen" recovery --dir "$work/store-recovery" \
+    --clusters "$fed_clusters") || recovery_line=
+  rm -rf "$work/store-recovery"
+  raw+=("recovery: $recovery_line")
+fi
+
 # ---------------------------------------------------------------------------------------------
 # 5. Client one-shot against a real Prometheus serving >= 10,000 series.
 client_note=
@@ -604,13 +628,17 @@ for n in "${senders_list[@]}"; do
     d=$(desc "${ours_line[$n]}" "${ours_rss[$n]}" "${ours_cpu[$n]}")
     [ -n "${ours_store[$n]}" ] && d="$d · store write avg ${ours_store[$n]} ms"
     [ -n "${ours_batch[$n]}" ] && d="$d · ${ours_batch[$n]} uploads per fsync batch"
+    # Server CPU per upload: the figure a noisy, shared machine leaves stable.
+    us=$(awk -v c="${ours_cpu[$n]}" -v ok="$(field "${ours_line[$n]}" ok)" 'BEGIN { if (ok > 0) printf "%.0f", c / ok * 1e6 }')
+    d="**${us:-n/a} µs of server CPU an upload** · $d"
     if [ "$n" = 64 ]; then
       l=${ours_line[$n]}
-      ok=$(all_met "$(met "$(field "$l" uploads_per_s)" ">=" 5000)" \
-        "$(met "$(field "$l" p99_ms)" "<" 50)" "$(met "${ours_rss[$n]}" "<" 102400)" \
-        "$(met "$(awk -v a="${ours_rate[$n]}" -v b="${disk_rate[$n]}" 'BEGIN { print (b > 0) ? a / b : "" }')" ">=" 1.5)")
+      ok=$(all_met "$(met "$us" "<" 100.5)" "$(met "$(field "$l" uploads_per_s)" ">=" 12000)" \
+        "$(met "$(field "$l" p99_ms)" "<" 30)" "$(met "${ours_rss[$n]}" "<" 65536)")
       [ "$(field "$l" failed)" = 0 ] || ok="**no**"
-      row "2. Ingest, telemeter-server, N=$n" "$d" "≥ 5,000 uploads/s, p99 < 50 ms, RSS < 100 MB, ≥ 1.5× disk ceiling" "$ok"
+      row "2. Ingest, telemeter-server, N=$n" "$d" "≤ 100 µs server CPU an upload, ≥ 12,000 uploads/s, p99 < 30 ms, RSS < 64 MB" "$ok"
+    elif [ "$n" = 1 ]; then
+      row "2. Ingest, telemeter-server, N=$n" "$d" "≥ 2,500 uploads/s" "$(met "$(field "${ours_line[$n]}" uploads_per_s)" ">=" 2500)"
     else
       row "2. Ingest, telemeter-server, N=$n" "$d" "" ""
     fi
@@ -637,6 +665,10 @@ if [ -n "$rw_line" ]; then
     "$(num "$(field "$rw_line" uploads_per_s)") requests/s · $(millions "$rw_samples") samples/s · p99 $(field "$rw_line" p99_ms) ms · RSS $(mb "$rw_rss") · /upload N=64: $(millions "$up_samples") samples/s" \
     "≥ /upload samples/s" "$(met "$(awk -v a="$rw_samples" -v b="$up_samples" 'BEGIN { if (b > 0) print a / b }')" ">=" 1)"
 fi
+if [ -n "$allocs_line" ]; then
+  row "2. Heap allocations per durable upload, server side (in process, 64 senders)" \
+    "$(field "$allocs_line" server_allocations_per_upload) allocations · $(awk -v b="$(field "$allocs_line" server_bytes_allocated_per_upload)" 'BEGIN { printf "%.0f KB", b / 1000 }') allocated an upload" "" ""
+fi
 if [ -n "$fwd_line" ]; then
   fwd_rate=$(field "$fwd_line" uploads_per_s)
   row "2. Ingest through a non-owner, 64 senders (2 nodes; sealed forward, stored by the owner)" \
@@ -646,20 +678,25 @@ if [ -n "$fed_line" ]; then
   fs=$(field "$fed_line" series)
   row "3. Federate, full GET after $(num "$fed_clusters") clusters × 500 series" \
     "$(num "$fs") series in $(field "$fed_line" seconds) s · $(millions "$(field "$fed_line" series_per_s)") series/s · $(awk -v b="$(field "$fed_line" bytes_per_s)" 'BEGIN { printf "%.0f MB/s", b / 1e6 }') · $(awk -v b="$(field "$fed_line" bytes)" 'BEGIN { printf "%.0f MB", b / 1e6 }') · first byte $(field "$fed_line" first_byte_ms) ms · RSS $(mb "$fed_rss") ($rss_scope) · CPU server $(cores "$fed_cpu" "$(field "$fed_line" seconds)") + loadgen $(cores "$(field "$fed_line" loadgen_cpu_s)" "$(field "$fed_line" seconds)") cores · loaded at $(num "$(field "$load_line" uploads_per_s)") uploads/s" \
-    "≥ 2M series/s, RSS < 100 MB (5M series)" \
-    "$(all_met "$(met "$(field "$fed_line" series_per_s)" ">=" 2000000)" "$(met "$fed_rss" "<" 102400)" "$(met "$fs" ">=" $((fed_clusters * 500)))")"
+    "≥ 5M series/s, RSS < 100 MB (5M series)" \
+    "$(all_met "$(met "$(field "$fed_line" series_per_s)" ">=" 5000000)" "$(met "$fed_rss" "<" 102400)" "$(met "$fs" ">=" $((fed_clusters * 500)))")"
 else
-  row "3. Federate" "not measured: server not yet merged" "≥ 2M series/s, RSS < 100 MB" "n/a"
+  row "3. Federate" "not measured: server not yet merged" "≥ 5M series/s, RSS < 100 MB" "n/a"
 fi
 if [ -n "$fed_gz_line" ]; then
   row "3. Federate with gzip (as Prometheus scrapes), same data" \
     "$(num "$(field "$fed_gz_line" series)") series in $(field "$fed_gz_line" seconds) s · $(millions "$(field "$fed_gz_line" series_per_s)") series/s · $(awk -v b="$(field "$fed_gz_line" bytes)" -v t="$(field "$fed_gz_line" text_bytes)" 'BEGIN { printf "%.0f MB on the wire (%.0f MB of text, %.1f×)", b / 1e6, t / 1e6, (b > 0 ? t / b : 0) }') · $(awk -v b="$(field "$fed_gz_line" bytes_per_s)" 'BEGIN { printf "%.0f MB/s", b / 1e6 }') on the wire · CPU server $(cores "$fed_gz_cpu" "$(field "$fed_gz_line" seconds)") + loadgen $(cores "$(field "$fed_gz_line" loadgen_cpu_s)" "$(field "$fed_gz_line" seconds)") cores" \
-    "series as plain" \
-    "$(met "$(field "$fed_gz_line" series)" ">=" "$(field "$fed_line" series)")"
+    "series as plain, ≥ 1M series/s" \
+    "$(all_met "$(met "$(field "$fed_gz_line" series)" ">=" "$(field "$fed_line" series)")" "$(met "$(field "$fed_gz_line" series_per_s)" ">=" 1000000)")"
+fi
+if [ -n "$recovery_line" ]; then
+  row "3. Store recovery: open after a crash, $(num "$(field "$recovery_line" clusters)") clusters' files + a journal segment of $(awk -v b="$(field "$recovery_line" journal_bytes)" 'BEGIN { printf "%.0f MB", b / 1e6 }')" \
+    "$(field "$recovery_line" open_seconds) s wall · $(field "$recovery_line" open_cpu_s) s CPU" \
+    "< 1 s" "$(met "$(field "$recovery_line" open_seconds)" "<" 1)"
 fi
 row "4. Decode + validate in process, 1 thread ($(field "$decode" validator), as the upload runs it)" \
   "$(millions "$dec_rate") samples/s per core ($(num "$(field "$decode" uploads_per_s)") uploads/s; $(field "$decode" path) path: snappy $(field "$decode" snappy_us) µs + wire check $(field "$decode" wire_check_us) µs an upload) · owned path alone (an upload that needs a rewrite): $(millions "$(field "$decode" owned_samples_per_cpu_s)") samples/s per core" \
-  "≥ 5M samples/s per core" "$(met "$dec_rate" ">=" 5000000)"
+  "≥ 10M samples/s per core" "$(met "$dec_rate" ">=" 10000000)"
 if [ -n "$client_wall" ]; then
   row "5. telemeter-client --once, $(num "$series") series from Prometheus → server" \
     "$(awk -v w="$client_wall" 'BEGIN { printf "%.0f ms", w * 1000 }') wall (median of 3; runs ${walls[*]} s, client CPU ${client_cpus[*]} s; Prometheus /federate alone ${source_ms[*]} ms) · peak RSS $(mb "$client_rss")" \

@@ -4,9 +4,11 @@
 //! figures: [`disk`] (the durable-write ceiling of the disk), [`load`] with [`ingest`] (uploads to
 //! our server, or the same series to a Pushgateway), [`federate`] (one full scrape), [`decode`]
 //! (decode + validate on one thread), [`receive`] (remote write to `/metrics/v1/receive`) and
-//! [`payload`] (the realistic 500-sample upload they share).
+//! [`payload`] (the realistic 500-sample upload they share). [`recovery`] times the store's open
+//! after a crash; `telemeter-allocs` counts the server's allocations per upload with [`alloc`].
 #![deny(missing_docs)]
 
+pub mod alloc;
 pub mod decode;
 pub mod disk;
 pub mod federate;
@@ -14,6 +16,7 @@ pub mod http;
 pub mod ingest;
 pub mod latency;
 pub mod load;
+pub mod recovery;
 // The payload lives in testkit so the server's federate probe scrapes the same series.
 pub use testkit::payload;
 pub mod receive;

@@ -70,6 +70,8 @@ fn sender(
     workload: &dyn Workload,
     start: &Barrier,
 ) -> Tally {
+    // For `telemeter-allocs`, which runs the server in the same process.
+    crate::alloc::mark_client_thread();
     let mine: Vec<usize> = (index..plan.clusters).step_by(plan.senders).collect();
     let cache_ok = plan.clusters.saturating_mul(workload.body_size_hint()) <= CACHE_BUDGET;
     let mut cache: Vec<Option<Request>> = vec![None; if cache_ok { mine.len() } else { 0 }];

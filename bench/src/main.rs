@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use telemeter_bench::http::Target;
 use telemeter_bench::ingest::{self, Pushgateway, Tokens, Upload};
 use telemeter_bench::load::{self, Plan};
-use telemeter_bench::{decode, disk, federate, payload, receive};
+use telemeter_bench::{decode, disk, federate, payload, receive, recovery};
 use telemeter_common::keys::SharedKey;
 use telemeter_common::token::TokenSigner;
 use telemeter_common::{delimited, text};
@@ -64,6 +64,33 @@ enum Command {
         /// Distinct files, each replaced over and over (default: 4 per thread).
         #[arg(long)]
         clusters: Option<usize>,
+    },
+    /// Store recovery: the time `Store::open` takes on 10,000 clusters' files plus a full journal
+    /// segment left by a crash (built first in a child process that exits without closing).
+    Recovery {
+        /// An empty directory for the store (same file system as the server's storage).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Clusters, each with its file.
+        #[arg(long, default_value_t = 10_000)]
+        clusters: usize,
+    },
+    /// The first half of `recovery`, in its child process: fill the store, then exit at once.
+    #[command(hide = true)]
+    RecoveryFill {
+        /// The store's directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Clusters.
+        #[arg(long)]
+        clusters: usize,
+    },
+    /// The second half of `recovery` alone, for profiling it: open (and close) a filled store.
+    #[command(hide = true)]
+    RecoveryOpen {
+        /// The store's directory.
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// Upload to telemeter-server as clients do (PD, snappy framed, bearer upload token).
     Ingest {
@@ -215,6 +242,37 @@ fn run(cli: Cli) -> Result<String, String> {
         })
         .map(|r| r.to_string())
         .map_err(|e| e.to_string()),
+        Command::Recovery { dir, clusters } => {
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let fill = std::process::Command::new(exe)
+                .arg("recovery-fill")
+                .arg("--dir")
+                .arg(&dir)
+                .arg("--clusters")
+                .arg(clusters.to_string())
+                .output()
+                .map_err(|e| format!("running the fill: {e}"))?;
+            if !fill.status.success() {
+                return Err(format!(
+                    "the fill failed: {}",
+                    String::from_utf8_lossy(&fill.stderr).trim()
+                ));
+            }
+            let filled = String::from_utf8_lossy(&fill.stdout)
+                .trim()
+                .replace(' ', " fill_");
+            let opened = recovery::measure(&dir)?;
+            Ok(format!("{opened} fill_{filled}"))
+        }
+        Command::RecoveryOpen { dir } => recovery::measure(&dir),
+        Command::RecoveryFill { dir, clusters } => {
+            let (line, store) = recovery::fill(&dir, clusters)?;
+            println!("{line}");
+            let _ = std::io::stdout().flush();
+            // As a crash would: no close, so the last segment is not checkpointed on the way out.
+            std::mem::forget(store);
+            std::process::exit(0);
+        }
         Command::Ingest {
             url,
             shared_key,

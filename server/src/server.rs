@@ -38,10 +38,12 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const REMOTE_WRITE_GRACE: Duration = Duration::from_secs(5);
 /// Most uploads one group commit of the store takes: every upload waiting may join the next one.
 const STORE_MAX_BATCH: usize = DEFAULT_WORKERS;
-/// Worker threads per port without `--workers`. An upload holds its worker until the store has
-/// made it durable, so this is how many uploads can share one commit; the CPU part of an upload
-/// (decode, validate) is gated to one per core separately, so idle waiting workers cost a thread
-/// stack each, not CPU.
+/// Worker threads per port without `--workers`: `/authorize` (which may wait for a remote
+/// authorizer), forwarded pushes and the internal endpoints hold one while they run. `/upload`
+/// runs on its connection's thread instead and waits there for the store, so up to
+/// `--max-connections` uploads can be waiting for a commit at once; the CPU part of an upload
+/// (decode, validate) is gated to one per core separately, so idle waiting threads cost a stack
+/// each, not CPU.
 pub const DEFAULT_WORKERS: usize = 256;
 /// Samples allowed per allowed series (histograms and summaries carry several).
 const SAMPLES_PER_SERIES: usize = 10;
@@ -280,7 +282,7 @@ impl Server {
             max_forward_bytes: config.max_decompressed_bytes.saturating_mul(2),
         };
 
-        let front_config = |name: &str, tls| {
+        let front_config = |name: &str, tls, inline_paths: &[&str]| {
             let mut c = http::Config {
                 name: name.to_string(),
                 max_connections: config.max_connections,
@@ -288,6 +290,7 @@ impl Server {
                 max_body_bytes_per_peer: config.max_body_bytes_per_peer,
                 body_timeout: config.body_timeout,
                 tls,
+                inline_paths: inline_paths.iter().map(|p| p.to_string()).collect(),
                 ..http::Config::default()
             };
             c.workers = config.workers.unwrap_or(DEFAULT_WORKERS);
@@ -295,13 +298,16 @@ impl Server {
         };
         let bound = http::Server::bind(
             &config.listen,
-            front_config("external", external_tls),
+            // `/upload` gates its own CPU (one upload decoding per core) and memory (its
+            // reservation), so it runs on the connection's thread: the only thread it wakes is
+            // the store's committer, and the one wake-up it waits for is the committer's answer.
+            front_config("external", external_tls, &["/upload"]),
             Arc::new(external_handler),
         )
         .and_then(|external| {
             http::Server::bind(
                 &config.listen_internal,
-                front_config("internal", internal_tls),
+                front_config("internal", internal_tls, &[]),
                 Arc::new(internal_handler),
             )
             .map(|internal| (external, internal))

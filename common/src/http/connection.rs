@@ -27,6 +27,9 @@ pub(super) const LINGER: Duration = Duration::from_secs(1);
 /// The most bytes discarded while lingering.
 pub(super) const LINGER_BYTES: usize = 1 << 20;
 
+/// A response body up to this size is sent in the same write as its head.
+pub(super) const RESPONSE_BUFFER_BYTES: usize = 8 << 10;
+
 /// How often a receiving body records its progress (a lock of the connection table each time).
 pub(super) const PROGRESS_MARK_EVERY: Duration = Duration::from_millis(250);
 
@@ -41,6 +44,8 @@ pub(super) struct Connection {
     pending: Vec<u8>,
     /// When a body being received last recorded its progress in the table.
     progress_marked: Instant,
+    /// The last response's head (and small body), kept for the next one.
+    response_head: Vec<u8>,
 }
 
 impl Drop for Connection {
@@ -140,6 +145,7 @@ pub(super) fn serve_connection(
         stream,
         pending: Vec::new(),
         progress_marked: accepted_at,
+        response_head: Vec::new(),
     };
     // A panic in a stream body or here must still close the connection and release its slot,
     // which `Connection`'s drop does during unwinding; catching it keeps the log tidy.
@@ -449,7 +455,8 @@ impl Connection {
         }
     }
 
-    /// Hands the request to the workers and writes their answer; false to close the connection.
+    /// Runs the request through the handler (here, on an inline path, else on a worker) and
+    /// writes its answer; false to close the connection.
     fn answer(&mut self, parsed: Parsed) -> bool {
         let Parsed {
             request,
@@ -458,25 +465,47 @@ impl Connection {
             mut close,
             _body,
         } = parsed;
-        let (reply, answer) = sync::oneshot();
-        {
-            // Queued under the lock rather than with a clone of the sender: a clone and its drop
-            // would take the queue's own lock twice more, against every worker.
-            let jobs = lock(&self.shared.jobs);
-            match jobs.as_ref() {
-                // With the workers gone the job is given back and dropped, and so is its reply
-                // sender.
-                Some(jobs) => drop(jobs.send((request, reply))),
-                // Shutting down: no queue to take it.
-                None => drop(reply),
+        let inline = self
+            .config()
+            .inline_paths
+            .iter()
+            .position(|path| *path == request.path);
+        let response = if let Some(inline) = inline {
+            // No copy of the path for the log line: the request is the handler's, and this runs
+            // once per upload.
+            match catch_unwind(AssertUnwindSafe(|| self.shared.handler.handle(request))) {
+                Ok(response) => response,
+                Err(panic) => {
+                    let path = self.config().inline_paths.get(inline).map_or("", |p| p);
+                    log::error!(
+                        "{}: the handler panicked on a request to {path}: {}",
+                        self.config().name,
+                        panic_message(&*panic)
+                    );
+                    Response::text(500, "internal error")
+                }
             }
-        }
-        // `None`: shutting down, or the workers are gone.
-        let response = match answer.recv() {
-            Some(response) => response,
-            None => {
-                close = true;
-                Response::text(503, "shutting down")
+        } else {
+            let (reply, answer) = sync::oneshot();
+            {
+                // Queued under the lock rather than with a clone of the sender: a clone and its
+                // drop would take the queue's own lock twice more, against every worker.
+                let jobs = lock(&self.shared.jobs);
+                match jobs.as_ref() {
+                    // With the workers gone the job is given back and dropped, and so is its
+                    // reply sender.
+                    Some(jobs) => drop(jobs.send((request, reply))),
+                    // Shutting down: no queue to take it.
+                    None => drop(reply),
+                }
+            }
+            // `None`: shutting down, or the workers are gone.
+            match answer.recv() {
+                Some(response) => response,
+                None => {
+                    close = true;
+                    Response::text(503, "shutting down")
+                }
             }
         };
         drop(_body);
@@ -526,12 +555,15 @@ impl Connection {
         if matches!(body, Body::Stream(_)) && http10 {
             close = true;
         }
-        let mut head = String::with_capacity(256);
-        head.push_str("HTTP/1.1 ");
-        head.push_str(&status.to_string());
-        head.push(' ');
-        head.push_str(reason_phrase(status));
-        head.push_str("\r\n");
+        // The head is written into the connection's own buffer, kept from one response to the
+        // next: a response to an upload allocates nothing here.
+        let mut head = std::mem::take(&mut self.response_head);
+        head.clear();
+        head.extend_from_slice(b"HTTP/1.1 ");
+        // Writing into a Vec cannot fail.
+        let _ = write!(head, "{status} ");
+        head.extend_from_slice(reason_phrase(status).as_bytes());
+        head.extend_from_slice(b"\r\n");
         for (name, value) in &headers {
             let framing = ["content-length", "transfer-encoding", "connection"]
                 .iter()
@@ -547,34 +579,45 @@ impl Connection {
                 );
                 continue;
             }
-            head.push_str(name);
-            head.push_str(": ");
-            head.push_str(value);
-            head.push_str("\r\n");
+            head.extend_from_slice(name.as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
         }
         let no_body_status = status == 204 || status == 304;
         match &body {
             _ if no_body_status => {}
-            Body::Empty => head.push_str("Content-Length: 0\r\n"),
-            Body::Bytes(bytes) => head.push_str(&format!("Content-Length: {}\r\n", bytes.len())),
-            Body::Stream(_) if chunked => head.push_str("Transfer-Encoding: chunked\r\n"),
+            Body::Empty => head.extend_from_slice(b"Content-Length: 0\r\n"),
+            Body::Bytes(bytes) => {
+                let _ = write!(head, "Content-Length: {}\r\n", bytes.len());
+            }
+            Body::Stream(_) if chunked => head.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
             Body::Stream(_) => {}
         }
         if close {
-            head.push_str("Connection: close\r\n");
+            head.extend_from_slice(b"Connection: close\r\n");
         } else if http10 {
-            head.push_str("Connection: keep-alive\r\n");
+            head.extend_from_slice(b"Connection: keep-alive\r\n");
         }
-        head.push_str("\r\n");
-
-        let name = self.shared.config.name.clone();
-        let mut out = BufWriter::with_capacity(8 << 10, &mut self.stream);
-        out.write_all(head.as_bytes())?;
-        if !head_only && !no_body_status {
-            match body {
-                Body::Empty => {}
-                Body::Bytes(bytes) => out.write_all(&bytes)?,
-                Body::Stream(write_body) => {
+        head.extend_from_slice(b"\r\n");
+        let send_body = !head_only && !no_body_status;
+        let written = match body {
+            // A small answer goes out in one write (one packet), as the buffered writer sent it.
+            Body::Empty => self.stream.write_all(&head),
+            Body::Bytes(bytes) if !send_body => self.stream.write_all(&head).map(|()| drop(bytes)),
+            Body::Bytes(bytes) if bytes.len() <= RESPONSE_BUFFER_BYTES => {
+                head.extend_from_slice(&bytes);
+                self.stream.write_all(&head)
+            }
+            Body::Bytes(bytes) => self
+                .stream
+                .write_all(&head)
+                .and_then(|()| self.stream.write_all(&bytes)),
+            Body::Stream(write_body) => {
+                let name = self.shared.config.name.clone();
+                let mut out = BufWriter::with_capacity(8 << 10, &mut self.stream);
+                out.write_all(&head)?;
+                if send_body {
                     let written = if chunked {
                         let mut chunks = BufWriter::with_capacity(16 << 10, Chunked(&mut out));
                         let written = write_body(&mut chunks).and_then(|()| chunks.flush());
@@ -589,10 +632,14 @@ impl Connection {
                         return Ok(false);
                     }
                 }
+                out.flush()
             }
+        };
+        if head.capacity() <= 2 * RESPONSE_BUFFER_BYTES {
+            self.response_head = head;
         }
-        out.flush()?;
-        drop(out);
+        written?;
+        self.stream.flush()?;
         if close {
             if let Stream::Tls(tls) = &mut self.stream {
                 tls.conn.send_close_notify();

@@ -13,7 +13,9 @@
 //!   extensions ignored, trailers read and dropped), held in memory that grows with the bytes that
 //!   arrive, never with what was declared, and counted against a budget over all connections and
 //!   one per peer address;
-//! - a fixed pool of worker threads running the [`Handler`] (CPU work is bounded by the pool size);
+//! - a fixed pool of worker threads running the [`Handler`] (CPU work is bounded by the pool size),
+//!   except on the paths a handler bounds itself ([`Config::inline_paths`]), which run on the
+//!   connection's thread;
 //! - optional TLS with rustls ≥ 0.23.5;
 //! - the protocol errors answered here, one line each, and the connection closed after them:
 //!   `400` malformed (including lone-LF line ends, control characters in header values, folded
@@ -285,11 +287,18 @@ pub struct Config {
     pub max_body_bytes_per_peer: usize,
     /// TLS, when set.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Paths whose requests the connection's own thread runs through the handler, instead of
+    /// handing them to a worker and waiting for its answer: two thread wake-ups fewer per request.
+    /// Only for a handler that bounds its own CPU and memory on these paths (the server's
+    /// `/upload` gates both), since the worker pool no longer does: up to
+    /// [`Config::max_connections`] of them may be in the handler at once.
+    pub inline_paths: Vec<String>,
 }
 
 impl Default for Config {
     /// 1,024 connections (256 per peer), 2× cores workers (at least 4), 10 s head, 30 s body,
-    /// 60 s idle, 30 s write, 16 KiB head, 128 MiB of bodies in flight (64 MiB per peer), no TLS.
+    /// 60 s idle, 30 s write, 16 KiB head, 128 MiB of bodies in flight (64 MiB per peer), no TLS,
+    /// every request handed to a worker.
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Config {
@@ -307,6 +316,7 @@ impl Default for Config {
             max_body_bytes_in_flight: 128 << 20,
             max_body_bytes_per_peer: 64 << 20,
             tls: None,
+            inline_paths: Vec::new(),
         }
     }
 }

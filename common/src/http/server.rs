@@ -20,6 +20,11 @@ use super::{Config, Handler, HttpError, Response, Stats};
 /// memory, so 1,000 idle connections stay at a few MiB of resident stack.
 pub(super) const CONNECTION_STACK_BYTES: usize = 256 << 10;
 
+/// The stack of a connection thread that may run the handler itself ([`Config::inline_paths`]):
+/// a worker's (Rust's default), since the handler was written for one. Still only the touched
+/// pages cost memory.
+pub(super) const INLINE_CONNECTION_STACK_BYTES: usize = 2 << 20;
+
 /// A bound, not yet running, server.
 pub struct Server {
     listener: TcpListener,
@@ -274,7 +279,11 @@ pub(super) fn accept_loop(shared: &Arc<Shared>) {
         let connection_shared = shared.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("{name}-conn"))
-            .stack_size(CONNECTION_STACK_BYTES)
+            .stack_size(if shared.config.inline_paths.is_empty() {
+                CONNECTION_STACK_BYTES
+            } else {
+                INLINE_CONNECTION_STACK_BYTES
+            })
             .spawn(move || serve_connection(connection_shared, tcp, remote, peer));
         if let Err(e) = spawned {
             shared.open.fetch_sub(1, Ordering::SeqCst);

@@ -37,6 +37,7 @@ impl Handler for TestApp {
                 Response::text(200, "slow done")
             }
             "/panic" => panic!("test handler panics on purpose"),
+            "/thread" => Response::text(200, std::thread::current().name().unwrap_or("(unnamed)")),
             "/stream-panic" => Response::stream(
                 200,
                 "text/plain",
@@ -90,6 +91,7 @@ fn test_config() -> Config {
         max_body_bytes_in_flight: 1 << 20,
         max_body_bytes_per_peer: 1 << 20,
         tls: None,
+        inline_paths: Vec::new(),
     }
 }
 
@@ -974,6 +976,35 @@ fn expect_100_continue_is_answered_before_the_body() {
     send(&mut client, b"abcde");
     let reply = read_reply(&mut client, false);
     assert_eq!((reply.status, reply.text().as_str()), (200, "abcde"));
+    server.shutdown(Duration::from_secs(5));
+}
+
+#[test]
+fn inline_paths_run_on_the_connection_thread_the_rest_on_a_worker() {
+    let mut config = test_config();
+    config.inline_paths = vec!["/thread".into(), "/panic".into()];
+    let server = start(config);
+    let mut client = connect(&server);
+    send(&mut client, b"GET /thread HTTP/1.1\r\n\r\n");
+    assert_eq!(read_reply(&mut client, false).text(), "test-conn\n");
+    // A panic there is a 500 too, and the connection serves the next request.
+    send(&mut client, b"GET /panic HTTP/1.1\r\n\r\n");
+    let reply = read_reply(&mut client, false);
+    assert_eq!(
+        (reply.status, reply.text().as_str()),
+        (500, "internal error\n")
+    );
+    send(&mut client, b"GET /thread?x HTTP/1.1\r\n\r\n");
+    assert_eq!(read_reply(&mut client, false).text(), "test-conn\n");
+    server.shutdown(Duration::from_secs(5));
+
+    // Without the setting, the same path is a worker's.
+    let server = start(test_config());
+    let mut client = connect(&server);
+    send(&mut client, b"GET /thread HTTP/1.1\r\n\r\n");
+    assert!(read_reply(&mut client, false)
+        .text()
+        .starts_with("test-worker-"));
     server.shutdown(Duration::from_secs(5));
 }
 

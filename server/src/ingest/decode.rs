@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use telemeter_common::delimited::{self, DecodeError};
 use telemeter_common::http::Request;
-use telemeter_common::media::Format;
+use telemeter_common::media::{Format, PROTO_DELIMITED};
 use telemeter_common::model::MetricFamily;
 use telemeter_common::snappy::{self, SnappyError};
 use telemeter_common::text;
@@ -83,6 +83,8 @@ pub fn decode(
     }
     let format = match request.header("Content-Type").map(str::trim) {
         None | Some("") => Format::ProtoDelimited,
+        // What every client of ours and upstream's sends, recognised without the parse's copies.
+        Some(PROTO_DELIMITED) => Format::ProtoDelimited,
         Some(content_type) => Format::from_content_type(content_type).ok_or_else(|| {
             Rejection::new(
                 415,
@@ -90,21 +92,20 @@ pub fn decode(
             )
         })?,
     };
-    let decompressed: Option<Vec<u8>> = match request
-        .header("Content-Encoding")
-        .map(|e| e.trim().to_ascii_lowercase())
-        .as_deref()
-    {
-        None | Some("") | Some("identity") => None,
-        Some("snappy") => Some(
+    // Compared without case rather than lowercased: no copy of the header per upload.
+    let decompressed: Option<Vec<u8>> = match request.header("Content-Encoding").map(str::trim) {
+        None | Some("") => None,
+        Some(e) if e.eq_ignore_ascii_case("identity") => None,
+        Some(e) if e.eq_ignore_ascii_case("snappy") => Some(
             snappy::decode_framed(&request.body, limits.max_decompressed_bytes)
                 .map_err(|e| snappy_rejection(e, limits.max_decompressed_bytes))?,
         ),
         Some(other) => {
+            let other = other.to_ascii_lowercase();
             return Err(Rejection::new(
                 415,
                 format!("unsupported Content-Encoding {other:?}: send snappy or identity"),
-            ))
+            ));
         }
     };
     let body: &[u8] = decompressed.as_deref().unwrap_or(&request.body);

@@ -289,3 +289,52 @@ fn refusals() {
     assert_eq!(h.handle(&r).status, 200);
     assert_eq!(placement.stored.lock().unwrap().len(), 1);
 }
+
+fn head_of(request: &Request) -> Head {
+    let mut raw = format!("{} {} HTTP/1.1\r\n", request.method, request.path);
+    for (name, value) in &request.headers {
+        raw.push_str(&format!("{name}: {value}\r\n"));
+    }
+    raw.push_str("\r\n");
+    telemeter_common::http::parse_head(raw.as_bytes()).unwrap()
+}
+
+fn carried_claims() -> bool {
+    ADMITTED.with(|slot| slot.borrow().claims.is_some())
+}
+
+#[test]
+fn the_token_admitted_from_the_head_is_verified_once_and_only_for_its_own_request() {
+    let placement = Arc::new(FakePlacement::default());
+    let h = handler(placement.clone(), vec![]);
+    let remote = "127.0.0.1:1".parse().unwrap();
+    let a = request(&token("a"), body("up"));
+    assert!(h.admit(&head_of(&a), remote).is_ok());
+    assert!(carried_claims());
+    assert_eq!(h.handle(&a).status, 200);
+    // Taken by the request it was admitted for.
+    assert!(!carried_claims());
+
+    // Another handler, whose key did not sign the token, verifies it itself: 401.
+    let other_key = SharedKey::from_bytes(&[2u8; 32]).unwrap();
+    let other = UploadHandler {
+        signer: TokenSigner::new(&other_key),
+        ..handler(placement.clone(), vec![])
+    };
+    let b = request(&token("b"), body("up"));
+    assert!(h.admit(&head_of(&b), remote).is_ok());
+    assert_eq!(other.handle(&b).status, 401);
+    assert!(!carried_claims());
+
+    // A request with another token than the admitted one verifies its own.
+    let c = request(&token("c"), body("up"));
+    assert!(h.admit(&head_of(&c), remote).is_ok());
+    let forged = request(&format!("{}x", token("d")), body("up"));
+    assert_eq!(h.handle(&forged).status, 401);
+
+    // A refused head leaves nothing behind.
+    assert!(h.admit(&head_of(&c), remote).is_ok());
+    assert!(h.admit(&head_of(&forged), remote).is_err());
+    assert!(!carried_claims());
+    assert_eq!(placement.stored.lock().unwrap().len(), 1);
+}
