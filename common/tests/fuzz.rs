@@ -1269,6 +1269,7 @@ fn http_exec(input: &[u8]) -> Verdict {
         ],
         body: input.to_vec(),
         remote: std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
+        admitted: None,
     };
     let values = request.query_params("match[]");
     if values.first().map(String::as_str) != Some(&*text)

@@ -199,6 +199,7 @@ impl Importer {
             headers: vec![("Content-Encoding".into(), "snappy".into())],
             body: bundle.body,
             remote: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            admitted: None,
         };
         let invalid = |status, message| ImportError::Invalid { status, message };
         let token_labels = BTreeMap::from([(self.partition_label.clone(), cluster_id.clone())]);

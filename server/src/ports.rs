@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use telemeter_common::http::{Handler, Head, Request, Response, ServerHandle, Stats};
+use telemeter_common::http::{Admission, Handler, Head, Request, Response, ServerHandle, Stats};
 
 use crate::authorize::{AuthorizeHandler, MAX_BODY_BYTES};
 use crate::cluster::endpoint::handle_forward;
@@ -83,11 +83,11 @@ impl Handler for External {
     }
     /// `/upload` and `/metrics/v1/receive` check their tokens before the body (see
     /// [`UploadHandler::admit`], [`ReceiveHandler::admit`]); the rest only cap their bodies. `/authorize` bodies stay allowed without a token: they are tiny.
-    fn admit(&self, head: &Head, remote: SocketAddr) -> Result<usize, Response> {
+    fn admit(&self, head: &Head, remote: SocketAddr) -> Result<Admission, Response> {
         match head.path.as_str() {
             "/upload" => self.upload.admit(head, remote),
-            RECEIVE_PATH => self.receive.admit(head, remote),
-            path => Ok(self.body_limit(&head.method, path)),
+            RECEIVE_PATH => self.receive.admit(head, remote).map(Admission::from),
+            path => Ok(self.body_limit(&head.method, path).into()),
         }
     }
 

@@ -331,11 +331,12 @@ impl Connection {
         let head = parse_head(self.pending.get(..head_end).unwrap_or(&[]))?;
         self.pending.drain(..head_end);
         let framing = framing(&head)?;
-        let limit = self
+        let admission = self
             .shared
             .handler
             .admit(&head, self.remote)
             .map_err(Stop::Refused)?;
+        let limit = admission.body_limit;
         let most = match framing {
             Framing::Length(length) if length > limit => {
                 self.shared
@@ -404,6 +405,7 @@ impl Connection {
             headers: head.headers,
             body: body.take(),
             remote: self.remote,
+            admitted: admission.note,
         };
         Ok(Parsed {
             request,

@@ -38,6 +38,7 @@
 //! machine; `shared` the connection table, caps, eviction and body budget; `server` binding, the
 //! accept loop, the workers and shutdown.
 
+use std::any::Any;
 use std::fmt;
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -76,6 +77,49 @@ pub struct Request {
     pub body: Vec<u8>,
     /// The peer's address.
     pub remote: SocketAddr,
+    /// What the handler's [`Handler::admit`] noted of this request's head, handed back with it.
+    pub admitted: Option<Note>,
+}
+
+/// What a handler learned from a request's head in [`Handler::admit`] (a verified token's
+/// claims) and wants back with that request in [`Handler::handle`], so it need not work it out
+/// again. The front carries it from the head to the request it belongs to, and to no other.
+pub struct Note(Box<dyn Any + Send>);
+
+impl Note {
+    /// A note holding `value`.
+    pub fn new<T: Any + Send>(value: T) -> Note {
+        Note(Box::new(value))
+    }
+
+    /// The value, if it is a `T`.
+    pub fn get<T: Any>(&self) -> Option<&T> {
+        self.0.downcast_ref()
+    }
+}
+
+impl fmt::Debug for Note {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Note(..)")
+    }
+}
+
+/// What [`Handler::admit`] decided for a head it lets in.
+#[derive(Debug)]
+pub struct Admission {
+    /// The largest body accepted for this request.
+    pub body_limit: usize,
+    /// Handed back in [`Request::admitted`].
+    pub note: Option<Note>,
+}
+
+impl From<usize> for Admission {
+    fn from(body_limit: usize) -> Admission {
+        Admission {
+            body_limit,
+            note: None,
+        }
+    }
 }
 
 impl Request {
@@ -244,11 +288,12 @@ pub trait Handler: Send + Sync + 'static {
     }
 
     /// Decides on a request from its head alone, before any of its body is read or any memory is
-    /// set aside for it: `Ok` with the body cap, or the response that refuses it (the connection is
-    /// closed after it, since the body was not read). Runs on the connection's thread, so it must
-    /// be cheap (a token's MAC, not a call to another service). Default: [`Handler::body_limit`].
-    fn admit(&self, head: &Head, _remote: SocketAddr) -> Result<usize, Response> {
-        Ok(self.body_limit(&head.method, &head.path))
+    /// set aside for it: `Ok` with the body cap (and a [`Note`] for the handler, if any), or the
+    /// response that refuses it (the connection is closed after it, since the body was not read).
+    /// Runs on the connection's thread, so it must be cheap (a token's MAC, not a call to another
+    /// service). Default: [`Handler::body_limit`].
+    fn admit(&self, head: &Head, _remote: SocketAddr) -> Result<Admission, Response> {
+        Ok(self.body_limit(&head.method, &head.path).into())
     }
 
     /// Told when the front answers `413` to a request whose head it admitted, because the body

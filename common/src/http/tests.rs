@@ -68,11 +68,11 @@ impl Handler for TestApp {
         }
     }
 
-    fn admit(&self, head: &Head, _remote: SocketAddr) -> Result<usize, Response> {
+    fn admit(&self, head: &Head, _remote: SocketAddr) -> Result<Admission, Response> {
         match (head.path.as_str(), head.header("X-Key")) {
-            ("/guarded", Some("open")) => Ok(10),
+            ("/guarded", Some("open")) => Ok(10.into()),
             ("/guarded", _) => Err(Response::text(401, "no key")),
-            (path, _) => Ok(self.body_limit(&head.method, path)),
+            (path, _) => Ok(self.body_limit(&head.method, path).into()),
         }
     }
 }
@@ -1172,6 +1172,7 @@ fn request(query: &str, headers: &[(&str, &str)], body: &[u8]) -> Request {
             .collect(),
         body: body.to_vec(),
         remote: SocketAddr::from(([127, 0, 0, 1], 1)),
+        admitted: None,
     }
 }
 

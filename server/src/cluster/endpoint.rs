@@ -87,6 +87,7 @@ mod tests {
             headers: Vec::new(),
             body,
             remote: "127.0.0.1:5555".parse().unwrap(),
+            admitted: None,
         }
     }
 

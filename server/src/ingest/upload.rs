@@ -30,7 +30,7 @@ use std::time::{Instant, SystemTime};
 
 use log::{debug, info, warn};
 use telemeter_common::delimited;
-use telemeter_common::http::{Head, Request, Response};
+use telemeter_common::http::{Admission, Head, Note, Request, Response};
 use telemeter_common::token::{Claims, TokenSigner};
 
 use crate::authorize::{bearer_in, check_cluster_id, unauthorized};
@@ -77,8 +77,6 @@ fn is_backfill(value: Option<&str>) -> bool {
 
 /// Serves `/upload`.
 pub struct UploadHandler {
-    /// Tells this handler's carried tokens from another's (see `ADMITTED`).
-    id: u64,
     signer: TokenSigner,
     partition_label: String,
     limits: UploadLimits,
@@ -99,37 +97,6 @@ pub struct UploadHandler {
 /// answered: so however many workers there are, uploads hold at most this much besides their
 /// bodies as sent (the front's own cap). One upload larger than this still runs, alone.
 pub const MAX_UPLOAD_MEMORY_BYTES: usize = 256 << 20;
-
-thread_local! {
-    /// The upload token [`UploadHandler::admit`] verified last on this thread, with its claims.
-    /// The HTTP front runs `/upload` on the connection's thread, right after admitting its head
-    /// on the same thread, so [`UploadHandler::handle`] takes the claims from here instead of
-    /// verifying the token a second time (two JSON decodes and an HMAC). Keyed by the token
-    /// itself: a request whose token is not this one (a handler run elsewhere, a test) verifies
-    /// its own, and so does one on another handler (the id: tests run several in one process).
-    /// The claims are taken, so one admission serves one request; the token's buffer stays for
-    /// the next one.
-    static ADMITTED: std::cell::RefCell<Admitted> = const {
-        std::cell::RefCell::new(Admitted {
-            handler: 0,
-            authorization: String::new(),
-            claims: None,
-        })
-    };
-}
-
-/// Where each [`UploadHandler`] gets its id (from 1: 0 is no handler).
-static HANDLER_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-/// A verified upload token, carried from a head's admission to its request (see `ADMITTED`).
-struct Admitted {
-    /// The [`UploadHandler::id`] that verified it.
-    handler: u64,
-    /// The `Authorization` header value it came in.
-    authorization: String,
-    /// Its claims, until a request takes them.
-    claims: Option<Claims>,
-}
 
 /// At most one log line a second for a kind of event that can come at line rate.
 #[derive(Default)]
@@ -250,7 +217,6 @@ impl UploadHandler {
         metrics: Metrics,
     ) -> UploadHandler {
         UploadHandler {
-            id: HANDLER_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             signer,
             partition_label: partition_label.to_string(),
             limits,
@@ -275,7 +241,7 @@ impl UploadHandler {
     /// one whose cluster would be rate limited gets its 429 here too, so a refused sender's bodies
     /// are not even read. The body cap when it passes. Other methods pass, to be answered 405 by
     /// [`UploadHandler::handle`].
-    pub fn admit(&self, head: &Head, remote: SocketAddr) -> Result<usize, Response> {
+    pub fn admit(&self, head: &Head, remote: SocketAddr) -> Result<Admission, Response> {
         if head.method == "POST" {
             let authorization = head.header("Authorization");
             let admitted = self
@@ -292,28 +258,22 @@ impl UploadHandler {
                     }
                     Ok(claims)
                 });
-            // Whatever was left here before is stale now; an accepted token replaces it.
-            let admitted = ADMITTED.with(|slot| {
-                let mut slot = slot.borrow_mut();
-                slot.authorization.clear();
-                slot.claims = None;
-                let claims = admitted?;
-                if let Some(authorization) = authorization {
-                    slot.handler = self.id;
-                    slot.authorization.push_str(authorization);
-                    slot.claims = Some(claims);
+            return match admitted {
+                // Carried to `accept` with the request, so the token is verified once.
+                Ok(claims) => Ok(Admission {
+                    body_limit: self.body_limit(),
+                    note: Some(Note::new(claims)),
+                }),
+                Err(refusal) => {
+                    self.metrics.upload("rejected", refusal.status);
+                    if refusal.status == 429 {
+                        self.metrics.ratelimited.inc();
+                    }
+                    Err(self.refuse(refusal, remote))
                 }
-                Ok::<(), Refusal>(())
-            });
-            if let Err(refusal) = admitted {
-                self.metrics.upload("rejected", refusal.status);
-                if refusal.status == 429 {
-                    self.metrics.ratelimited.inc();
-                }
-                return Err(self.refuse(refusal, remote));
-            }
+            };
         }
-        Ok(self.body_limit())
+        Ok(self.body_limit().into())
     }
 
     /// Counts and logs an upload the HTTP front answered `413` because its body was over
@@ -410,16 +370,12 @@ impl UploadHandler {
             return Err(Refusal::new(405, "only POST is allowed"));
         }
         let now = SystemTime::now();
-        let authorization = request.header("Authorization");
-        let carried = ADMITTED.with(|slot| {
-            let mut slot = slot.borrow_mut();
-            let same =
-                slot.handler == self.id && Some(slot.authorization.as_str()) == authorization;
-            slot.claims.take().filter(|_| same)
-        });
-        let claims = match carried {
-            Some(claims) => claims,
-            None => self.authenticate(authorization, now)?,
+        // Verified when the head was admitted; a request that was not (a test, a caller other
+        // than the front) verifies its own.
+        let admitted = request.admitted.as_ref().and_then(Note::get::<Claims>);
+        let claims = match admitted {
+            Some(claims) => claims.clone(),
+            None => self.authenticate(request.header("Authorization"), now)?,
         };
         let cluster_id = claims.cluster_id;
         // A backfill pays its own budget up front, whatever becomes of it (see `backfill`).
