@@ -123,17 +123,20 @@ pub fn store_then_queue(
             received,
         );
     }
-    match remote_write {
+    let stored = match remote_write {
         None => store
             .put_unless_older(cluster_id, payload, received)
             .map(|_| ()),
         Some(writer) => {
             // Shipped only once stored: the receiver never holds what the client was told failed.
-            store.put_unless_older(cluster_id, payload.clone(), received)?;
-            writer.enqueue(cluster_id, payload, received);
-            Ok(())
+            store
+                .put_unless_older(cluster_id, payload.clone(), received)
+                .map(|_| writer.enqueue(cluster_id, payload, received))
         }
-    }
+    };
+    // Replaced without the remote-write merge: what the merge cached of it is stale now.
+    crate::receive::cache::forget(store, cluster_id);
+    stored
 }
 
 /// Stores `merged` (a cluster's series after a remote-write request was merged into them) durably

@@ -19,6 +19,7 @@
 //! with the cluster id (429s at debug: a sender retrying can make them come at line rate).
 
 pub mod auth;
+pub mod cache;
 pub mod limit;
 pub mod merge;
 pub mod series;
