@@ -24,10 +24,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use telemeter_common::delimited::Limits;
 use telemeter_common::model::MetricType;
+use telemeter_common::selector::Selector;
 use telemeter_common::wire::{self, Value};
 
 use super::merge::{is_stale_marker, REMOTE_WRITE_HELP};
@@ -206,6 +207,10 @@ struct Slot {
     labels: u32,
     family: u32,
     timestamp_ms: i64,
+    /// Whether its labels are what this process's conversion made of a request's series under
+    /// the cache's `whitelist`: then a request carrying `__name__` and exactly these label bytes
+    /// converts to them again, and is merged without converting ([`CachedCluster::merge_raw`]).
+    converted: bool,
 }
 
 /// A cluster's payload as stored, with where each series is in it.
@@ -221,6 +226,8 @@ pub struct CachedCluster {
     keys: RandomState,
     series: usize,
     newest_received: i64,
+    /// The whitelist the `converted` marks were set under (kept alive, so compared by identity).
+    whitelist: Option<Arc<Vec<Selector>>>,
 }
 
 impl CachedCluster {
@@ -238,6 +245,7 @@ impl CachedCluster {
                 index,
                 keys,
                 newest_received,
+                whitelist: None,
             }),
             None => Err(payload),
         }
@@ -281,6 +289,7 @@ impl CachedCluster {
                     labels: labels.unwrap_or(0) as u32,
                     family: f,
                     timestamp_ms: metric.timestamp_ms.unwrap_or(i64::MIN),
+                    converted: false,
                 });
                 if let Some(labels) = labels {
                     let hash = key_hash(&keys, f, &metric.message[..labels]);
@@ -338,6 +347,8 @@ impl CachedCluster {
             let start = slot.start as usize;
             self.payload[start..start + slot.len as usize].copy_from_slice(message);
             slot.timestamp_ms = timestamp_ms;
+            // Written by whoever made `delta`: converted here only if the caller marks it so.
+            slot.converted = false;
             if &*self.families[slot.family as usize].help == REMOTE_WRITE_HELP {
                 self.newest_received = self.newest_received.max(timestamp_ms);
             }
@@ -396,6 +407,228 @@ impl CachedCluster {
         }
         Some(patches)
     }
+}
+
+/// What a request merged without converting ([`CachedCluster::merge_raw`]) is held to: the same
+/// limits [`super::series::convert`] applies.
+pub struct RawRules<'a> {
+    /// Oldest sample accepted, ms.
+    pub oldest_ms: i64,
+    /// Newest sample accepted, ms.
+    pub newest_ms: i64,
+    /// Most series in one request.
+    pub max_series: usize,
+    /// The whitelist in force.
+    pub whitelist: &'a Arc<Vec<Selector>>,
+}
+
+impl CachedCluster {
+    /// Marks the series of `delta` (what this process's conversion made of a request, under
+    /// `whitelist`) as converted; every mark set under another whitelist is dropped first.
+    pub fn mark_converted(&mut self, delta: &[u8], whitelist: &Arc<Vec<Selector>>) {
+        if !self
+            .whitelist
+            .as_ref()
+            .is_some_and(|w| Arc::ptr_eq(w, whitelist))
+        {
+            for slot in &mut self.slots {
+                slot.converted = false;
+            }
+            self.whitelist = Some(Arc::clone(whitelist));
+        }
+        for family in wire::families(delta, &UNLIMITED) {
+            let Ok(family) = family else {
+                return;
+            };
+            let Some(&f) = self.by_name.get(family.name) else {
+                continue;
+            };
+            for metric in family.metrics() {
+                let Ok(metric) = metric else {
+                    return;
+                };
+                let Some(labels) = label_prefix(metric.message) else {
+                    continue;
+                };
+                if let Some(s) = self.find(f, &metric.message[..labels]) {
+                    self.slots[s as usize].converted = true;
+                }
+            }
+        }
+    }
+
+    /// The slot of the series with identity bytes `identity` in family `f`.
+    fn find(&self, f: u32, identity: &[u8]) -> Option<u32> {
+        let s = *self.index.get(&key_hash(&self.keys, f, identity))?;
+        let slot = self.slots[s as usize];
+        let start = slot.start as usize;
+        (slot.family == f
+            && slot.labels as usize == identity.len()
+            && self.payload.get(start..start + identity.len()) == Some(identity))
+        .then_some(s)
+    }
+
+    /// Merges a decompressed `prometheus.WriteRequest` without converting it, when every series
+    /// in it is one sample of a series marked converted, sent as `__name__` then exactly the
+    /// stored label bytes: such a request converts to those same series (labels already valid,
+    /// sorted, elided, with the partition label; the whitelist unchanged), so only its samples
+    /// are checked (age, skew, staleness) and written in place. Returns the samples merged, or
+    /// None (nothing changed) for anything else, which the full conversion then decides,
+    /// refusals included.
+    pub fn merge_raw(
+        &mut self,
+        body: &[u8],
+        rules: &RawRules<'_>,
+        oldest_ms: i64,
+    ) -> Option<usize> {
+        if !self
+            .whitelist
+            .as_ref()
+            .is_some_and(|w| Arc::ptr_eq(w, rules.whitelist))
+        {
+            return None;
+        }
+        let mut newest: Vec<i64> = self.slots.iter().map(|s| s.timestamp_ms).collect();
+        let mut patches: Vec<(u32, f64, i64)> = Vec::new();
+        let mut count = 0usize;
+        let mut rest = body;
+        while !rest.is_empty() {
+            let (key, field) = next_field(&mut rest)?;
+            if key >> 3 != 1 {
+                continue;
+            }
+            let series = field.filter(|_| key & 7 == 2)?;
+            count += 1;
+            if count > rules.max_series {
+                return None;
+            }
+            let (name, identity, value, timestamp_ms) = raw_series(series)?;
+            if timestamp_ms < rules.oldest_ms
+                || timestamp_ms > rules.newest_ms
+                || is_stale_marker(value)
+            {
+                return None;
+            }
+            let f = *self.by_name.get(name)?;
+            let family = &self.families[f as usize];
+            if kind(family.raw_type) != MetricType::Untyped || &*family.help != REMOTE_WRITE_HELP {
+                return None;
+            }
+            let s = self.find(f, identity)?;
+            let slot = self.slots[s as usize];
+            if !slot.converted {
+                return None;
+            }
+            if timestamp_ms >= newest[s as usize] {
+                if (slot.len - slot.labels) as usize != tail_len(timestamp_ms) {
+                    return None;
+                }
+                newest[s as usize] = timestamp_ms;
+                patches.push((s, value, timestamp_ms));
+            }
+        }
+        if count == 0 || newest.iter().any(|&t| t < oldest_ms) {
+            return None;
+        }
+        let mut tail = Vec::with_capacity(32);
+        for (s, value, timestamp_ms) in patches {
+            let slot = &mut self.slots[s as usize];
+            tail.clear();
+            // As `series::encode_series` writes it: untyped { value }, timestamp_ms.
+            tail.extend_from_slice(&[0x2a, 0x09, 0x09]);
+            tail.extend_from_slice(&value.to_le_bytes());
+            tail.push(0x30);
+            prost::encoding::encode_varint(timestamp_ms as u64, &mut tail);
+            let start = (slot.start + slot.labels) as usize;
+            self.payload[start..start + tail.len()].copy_from_slice(&tail);
+            slot.timestamp_ms = timestamp_ms;
+            self.newest_received = self.newest_received.max(timestamp_ms);
+        }
+        Some(count)
+    }
+}
+
+/// The length of a converted series' value and timestamp fields.
+fn tail_len(timestamp_ms: i64) -> usize {
+    12 + prost::encoding::encoded_len_varint(timestamp_ms as u64)
+}
+
+/// One `TimeSeries` in the form [`CachedCluster::merge_raw`] takes: first the `__name__` label,
+/// then the other labels, then one sample (exemplars and histograms skipped, as the conversion
+/// skips them). Returns the name, the other labels' bytes, the value and the timestamp.
+fn raw_series(series: &[u8]) -> Option<(&str, &[u8], f64, i64)> {
+    const NAME: &[u8] = b"\x0a\x08__name__\x12";
+    let mut rest = series;
+    let (key, first) = next_field(&mut rest)?;
+    let first = first.filter(|_| key == 0x0a)?;
+    let after = first.strip_prefix(NAME)?;
+    let (len, n) = varint(after)?;
+    let name = after.get(n..).filter(|v| v.len() as u64 == len)?;
+    let name = std::str::from_utf8(name).ok()?;
+    let labels_start = series.len() - rest.len();
+    let mut labels_end = labels_start;
+    let mut in_labels = true;
+    let mut sample = None;
+    while !rest.is_empty() {
+        let (key, field) = next_field(&mut rest)?;
+        match (key >> 3, key & 7) {
+            (1, 2) if in_labels => labels_end = series.len() - rest.len(),
+            (1, _) => return None,
+            (2, 2) => {
+                in_labels = false;
+                if sample.replace(field?).is_some() {
+                    return None;
+                }
+            }
+            (2, _) => return None,
+            _ => in_labels = false,
+        }
+    }
+    let (value, timestamp_ms) = raw_sample(sample?)?;
+    Some((name, &series[labels_start..labels_end], value, timestamp_ms))
+}
+
+/// A `Sample`'s value and timestamp, read as the conversion reads them (absent: 0).
+fn raw_sample(sample: &[u8]) -> Option<(f64, i64)> {
+    let (mut value, mut timestamp_ms) = (0.0, 0);
+    let mut rest = sample;
+    while !rest.is_empty() {
+        let before = rest;
+        let (key, _) = next_field(&mut rest)?;
+        match key {
+            0x09 => {
+                let bytes = before.get(1..9)?;
+                value = f64::from_bits(u64::from_le_bytes(bytes.try_into().ok()?));
+            }
+            0x10 => timestamp_ms = varint(&before[1..])?.0 as i64,
+            k if k >> 3 == 1 || k >> 3 == 2 => return None,
+            _ => {}
+        }
+    }
+    Some((value, timestamp_ms))
+}
+
+/// Reads one field at the start of `rest` (a key that fits 32 bits with a number above 0, and
+/// wire type 0, 1, 2 or 5) and moves past it: the key, and a length-delimited field's bytes.
+fn next_field<'a>(rest: &mut &'a [u8]) -> Option<(u64, Option<&'a [u8]>)> {
+    let (key, n) = varint(rest)?;
+    if key > u64::from(u32::MAX) || key >> 3 == 0 {
+        return None;
+    }
+    let body = rest.get(n..)?;
+    let (bytes, used) = match key & 7 {
+        0 => (None, varint(body)?.1),
+        1 => (None, 8),
+        2 => {
+            let (len, m) = varint(body)?;
+            let len = usize::try_from(len).ok()?;
+            (Some(body.get(m..m.checked_add(len)?)?), m + len)
+        }
+        5 => (None, 4),
+        _ => return None,
+    };
+    *rest = body.get(used..)?;
+    Some((key, bytes))
 }
 
 /// The hash of one series' identity within family `family`.
@@ -572,6 +805,114 @@ mod tests {
         reversed.metric[0].label.reverse();
         // The same series to the full merge, not byte-equal labels: the full merge decides.
         assert!(!merged(&mut entry, &delimited::encode(&[reversed]), 0));
+    }
+
+    /// A remote-write body: per series its labels (in the order given) and samples.
+    fn request(series: &[(&[(&str, &str)], &[(f64, i64)])]) -> Vec<u8> {
+        use crate::remote_write::proto::{Label, Sample, TimeSeries, WriteRequest};
+        let timeseries = series
+            .iter()
+            .map(|(labels, samples)| TimeSeries {
+                labels: labels
+                    .iter()
+                    .map(|(n, v)| Label {
+                        name: n.to_string(),
+                        value: v.to_string(),
+                    })
+                    .collect(),
+                samples: samples
+                    .iter()
+                    .map(|&(value, timestamp)| Sample { value, timestamp })
+                    .collect(),
+            })
+            .collect();
+        prost::Message::encode_to_vec(&WriteRequest { timeseries })
+    }
+
+    fn convert(body: &[u8]) -> Vec<u8> {
+        let rules = crate::receive::series::SeriesRules {
+            partition_label: "_id",
+            cluster_id: "c",
+            elide: &[],
+            extra_labels: &[],
+            whitelist: &[],
+            oldest_ms: 1000,
+            newest_ms: 1 << 40,
+            max_series: 100,
+            max_samples: 1000,
+        };
+        crate::receive::series::convert(body, &rules)
+            .unwrap()
+            .payload
+    }
+
+    const A: &[(&str, &str)] = &[("__name__", "up"), ("_id", "c"), ("job", "a")];
+    const B: &[(&str, &str)] = &[("__name__", "up"), ("_id", "c"), ("job", "b")];
+
+    #[test]
+    fn a_request_of_converted_series_merges_raw_exactly_as_converted() {
+        let whitelist = Arc::new(Vec::new());
+        let rules = RawRules {
+            oldest_ms: 1000,
+            newest_ms: 1 << 40,
+            max_series: 100,
+            whitelist: &whitelist,
+        };
+        let first = convert(&request(&[(A, &[(1.0, 2000)]), (B, &[(1.0, 2000)])]));
+        let mut entry = cached(first.clone());
+        let next = request(&[(B, &[(2.0, 3000)]), (A, &[(3.0, 1500)])]);
+        assert_eq!(entry.merge_raw(&next, &rules, 0), None, "not marked yet");
+        entry.mark_converted(&first, &whitelist);
+        let full = merge_payloads(entry.payload(), &convert(&next), 0).unwrap();
+        assert_eq!(entry.merge_raw(&next, &rules, 0), Some(2));
+        assert_eq!(entry.payload(), &full.payload[..]);
+        assert_eq!(entry.newest_received(), full.newest_received);
+
+        // Anything else is left to the conversion, and changes nothing.
+        let reordered: &[(&str, &str)] = &[("__name__", "up"), ("job", "a"), ("_id", "c")];
+        let stale = f64::from_bits(0x7ff0_0000_0000_0002);
+        let other = &[("__name__", "up"), ("_id", "d"), ("job", "a")][..];
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("labels to sort", request(&[(reordered, &[(1.0, 4000)])])),
+            ("a new series", request(&[(other, &[(1.0, 4000)])])),
+            ("too old", request(&[(A, &[(1.0, 999)])])),
+            ("too new", request(&[(A, &[(1.0, (1 << 40) + 1)])])),
+            ("a staleness marker", request(&[(A, &[(stale, 4000)])])),
+            ("two samples", request(&[(A, &[(1.0, 4000), (1.0, 4001)])])),
+            ("no sample", request(&[(A, &[])])),
+            ("no series", request(&[])),
+            (
+                "one known, one not",
+                request(&[(A, &[(1.0, 4000)]), (other, &[(1.0, 4000)])]),
+            ),
+        ];
+        for (what, body) in cases {
+            let before = entry.payload().to_vec();
+            assert_eq!(entry.merge_raw(&body, &rules, 0), None, "{what}");
+            assert_eq!(entry.payload(), &before[..], "{what}");
+        }
+        let body = request(&[(A, &[(1.0, 4000)])]);
+        let reloaded = Arc::new(Vec::new());
+        let reloaded_rules = RawRules {
+            whitelist: &reloaded,
+            ..rules
+        };
+        assert_eq!(
+            entry.merge_raw(&body, &reloaded_rules, 0),
+            None,
+            "whitelist reloaded"
+        );
+        assert_eq!(entry.merge_raw(&body, &rules, 3500), None, "B past the TTL");
+        assert_eq!(entry.merge_raw(&body, &rules, 0), Some(1));
+        // A series written by another path (an upload merged in place) is not converted any more.
+        let upload = delimited::encode(&[family("up", "from an upload", &[("a", 5.0, 5000)])]);
+        assert!(merged(&mut entry, &upload, 0));
+        let body = request(&[(A, &[(1.0, 6000)])]);
+        assert_eq!(
+            entry.merge_raw(&body, &rules, 0),
+            None,
+            "written by an upload"
+        );
     }
 
     #[test]

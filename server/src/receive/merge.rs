@@ -16,16 +16,17 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, int32, WireType};
 use prost::Message;
 use telemeter_common::delimited::{DecodeError, Limits};
 use telemeter_common::model::{Counter, Gauge, LabelPair, Metric, MetricType, Untyped};
+use telemeter_common::selector::Selector;
 use telemeter_common::wire::{self, MetricView, Value};
 
-use super::cache::{self, CachedCluster};
+use super::cache::{self, CachedCluster, RawRules};
 use crate::ingest::placement::store_merged_then_ship;
 use crate::remote_write::RemoteWriter;
 use crate::store::{Store, StoreError};
@@ -193,6 +194,29 @@ pub fn store_received(
     received: SystemTime,
     max_series: usize,
 ) -> Result<(), MergeError> {
+    store_delta(
+        store,
+        remote_write,
+        cluster_id,
+        delta,
+        received,
+        max_series,
+        None,
+    )
+}
+
+/// As [`store_received`]; `converted` is the whitelist `delta` was converted under when this
+/// process converted it from a request of `cluster_id` (then its series are marked for
+/// [`store_raw`]).
+pub fn store_delta(
+    store: &Store,
+    remote_write: Option<&RemoteWriter>,
+    cluster_id: &str,
+    delta: Vec<u8>,
+    received: SystemTime,
+    max_series: usize,
+    converted: Option<&Arc<Vec<Selector>>>,
+) -> Result<(), MergeError> {
     let _stripe = telemeter_common::sync::lock(stripe(cluster_id));
     let oldest_ms = telemeter_common::time::sample_millis(received)
         .saturating_sub(telemeter_common::time::duration_millis(store.ttl()));
@@ -205,7 +229,7 @@ pub fn store_received(
         },
         None => Err(None),
     };
-    let entry = match in_place {
+    let mut entry = match in_place {
         Ok(entry) => {
             if entry.series() > max_series {
                 return Err(MergeError::TooManySeries { limit: max_series });
@@ -240,6 +264,9 @@ pub fn store_received(
             }
         }
     };
+    if let Some(whitelist) = converted {
+        entry.mark_converted(&delta, whitelist);
+    }
     store_merged_then_ship(
         store,
         remote_write,
@@ -251,6 +278,43 @@ pub fn store_received(
     note_newest(store, cluster_id, entry.newest_received(), false);
     claim.keep(entry);
     Ok(())
+}
+
+/// Merges a request (`body`, decompressed) of series this process converted before straight into
+/// `cluster_id`'s cached payload ([`CachedCluster::merge_raw`]) and stores it. `Ok(None)` when the
+/// cluster is not cached or the request is not all such series: nothing was stored, and the
+/// request takes the full conversion. Only for a local store without remote-write egress (no
+/// converted delta is made here to ship or forward).
+pub fn store_raw(
+    store: &Store,
+    cluster_id: &str,
+    body: &[u8],
+    rules: &RawRules<'_>,
+    received: SystemTime,
+) -> Result<Option<usize>, MergeError> {
+    let _stripe = telemeter_common::sync::lock(stripe(cluster_id));
+    let oldest_ms = telemeter_common::time::sample_millis(received)
+        .saturating_sub(telemeter_common::time::duration_millis(store.ttl()));
+    let (claim, cached) = cache::claim(store, cluster_id);
+    let Some(mut entry) = cached else {
+        return Ok(None);
+    };
+    let Some(samples) = entry.merge_raw(body, rules, oldest_ms) else {
+        // Unchanged: still what the store holds.
+        claim.keep(entry);
+        return Ok(None);
+    };
+    store_merged_then_ship(
+        store,
+        None,
+        cluster_id,
+        entry.payload().to_vec(),
+        Vec::new(),
+        received,
+    )?;
+    note_newest(store, cluster_id, entry.newest_received(), false);
+    claim.keep(entry);
+    Ok(Some(samples))
 }
 
 /// `delta` merged into `stored` (the cluster's payload, None when it has none).
