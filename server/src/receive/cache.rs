@@ -1,23 +1,26 @@
 //! The merged series of recently received clusters, kept in memory so that a remote-write request
 //! does not read, re-check and re-parse its cluster's whole stored payload.
 //!
-//! A request carries a batch of a cluster's series; before this cache each one read the stored
+//! A request carries a batch of a cluster's series; without this cache each one read the stored
 //! payload (file read and checksum), parsed and hashed every stored series, merged and re-encoded
-//! them: about ten times the work of the request's own samples. A cached cluster keeps the payload
-//! exactly as last stored and where each series sits in it, so a request whose series are all
-//! known (the steady state of a Prometheus sending the same series every interval) overwrites
-//! each winning series' bytes in place — same length, so the family layout is unchanged — and the
-//! result is byte for byte what [`super::merge::merge_payloads`] makes from the same inputs.
-//! Anything else (a new series, a staleness marker, a type or help change, a length change, a
-//! series past the TTL) is merged in full from the cached payload, and only a cluster not cached
-//! reads the store.
+//! them. A cached cluster keeps the payload exactly as last stored and where each series sits in
+//! it, so a request whose series are all known (the steady state of a Prometheus sending the same
+//! series every interval) overwrites each winning series' bytes in place — same length, so the
+//! family layout is unchanged — and the result is byte for byte what
+//! [`super::merge::merge_payloads`] makes from the same inputs. A series this process converted
+//! itself is marked, so the next request carrying it the same way is merged straight from the
+//! request's bytes, without converting it again ([`CachedCluster::merge_raw`]). Anything else (a
+//! new series, a staleness marker, a type or help change, a length change, a series past the TTL,
+//! any refusal) takes the full conversion and merge from the cached payload, and only a cluster
+//! not cached reads the store.
 //!
 //! The store stays the truth. An entry is only read and replaced under the cluster's stripe lock
 //! (as the merge is), taken out while a request works on it so a failed write leaves nothing
 //! stale, and put back only after the store wrote the payload. Every other path that writes a
 //! cluster (an upload stored without merging, a handoff, a removal) calls [`forget`] after writing;
-//! a merge in flight for that cluster then caches nothing ([`Claim`]). Bounded by [`CACHE_BYTES`] per store, least recently used evicted first; a cluster bigger than a
-//! quarter of that is not cached.
+//! a merge in flight for that cluster then caches nothing ([`Claim`]). A restart starts empty.
+//! Bounded by [`CACHE_BYTES`] per store, least recently used evicted first; a cluster bigger than a
+//! quarter of that is not cached. Only authenticated clusters' merges fill it.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
@@ -213,6 +216,19 @@ struct Slot {
     converted: bool,
 }
 
+/// Identity hash → slot.
+type SlotIndex = HashMap<u64, u32, BuildHasherDefault<PassHasher>>;
+
+/// What [`CachedCluster::index`] reads from a payload: families, their names, slots, the index
+/// and its hash keys.
+type Indexed = (
+    Vec<CachedFamily>,
+    HashMap<Box<str>, u32>,
+    Vec<Slot>,
+    SlotIndex,
+    RandomState,
+);
+
 /// A cluster's payload as stored, with where each series is in it.
 pub struct CachedCluster {
     payload: Vec<u8>,
@@ -222,7 +238,7 @@ pub struct CachedCluster {
     /// Hash of (family, identity bytes) → slot. A series whose hash another took, or whose
     /// message does not start with its labels, is not indexed: a request naming it takes the full
     /// merge.
-    index: HashMap<u64, u32, BuildHasherDefault<PassHasher>>,
+    index: SlotIndex,
     keys: RandomState,
     series: usize,
     newest_received: i64,
@@ -251,22 +267,14 @@ impl CachedCluster {
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn index(
-        payload: &[u8],
-    ) -> Option<(
-        Vec<CachedFamily>,
-        HashMap<Box<str>, u32>,
-        Vec<Slot>,
-        HashMap<u64, u32, BuildHasherDefault<PassHasher>>,
-        RandomState,
-    )> {
+    /// The families, slots and index of `payload`.
+    fn index(payload: &[u8]) -> Option<Indexed> {
         u32::try_from(payload.len()).ok()?;
         let keys = RandomState::new();
         let mut families = Vec::new();
         let mut by_name: HashMap<Box<str>, u32> = HashMap::new();
         let mut slots = Vec::new();
-        let mut index: HashMap<u64, u32, BuildHasherDefault<PassHasher>> = HashMap::default();
+        let mut index: SlotIndex = HashMap::default();
         let base = payload.as_ptr() as usize;
         for family in wire::families(payload, &UNLIMITED) {
             let family = family.ok()?;
@@ -807,8 +815,11 @@ mod tests {
         assert!(!merged(&mut entry, &delimited::encode(&[reversed]), 0));
     }
 
-    /// A remote-write body: per series its labels (in the order given) and samples.
-    fn request(series: &[(&[(&str, &str)], &[(f64, i64)])]) -> Vec<u8> {
+    /// One series of a test request: its labels (in the order given) and samples.
+    type RawSeries<'a> = (&'a [(&'a str, &'a str)], &'a [(f64, i64)]);
+
+    /// A remote-write body.
+    fn request(series: &[RawSeries<'_>]) -> Vec<u8> {
         use crate::remote_write::proto::{Label, Sample, TimeSeries, WriteRequest};
         let timeseries = series
             .iter()

@@ -4,7 +4,9 @@
 //! by the `/authorize` authorizer) → the cluster's rate limit → Content-Encoding (snappy block) and
 //! Content-Type → the body caps (as sent, then snappy's declared length before decompressing) →
 //! protobuf → series rules ([`series`]) → merge into the cluster's stored series and store durably
-//! (on the cluster's owner when clustered) → ship the request's own samples → 200.
+//! (on the cluster's owner when clustered) → ship the request's own samples → 200. A request of
+//! series this server converted before is merged from its bytes without converting them again
+//! ([`cache`]; a local store without egress only), with the same result.
 //!
 //! Admission from the head, as `/upload` does: with a tokens file (or any-token) the bearer is
 //! checked and the rate limit peeked before any of the body is read, so a peer without a valid
