@@ -344,7 +344,7 @@ fn merge_stored(
 }
 
 /// The stripe lock of `cluster_id`.
-pub(super) fn stripe(cluster_id: &str) -> &'static Mutex<()> {
+fn stripe(cluster_id: &str) -> &'static Mutex<()> {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     cluster_id.hash(&mut hasher);
     &STRIPES[(hasher.finish() as usize) % STRIPE_COUNT]
