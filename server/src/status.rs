@@ -185,7 +185,9 @@ impl Status {
         let stored_here = self.store.clusters().iter().any(|e| e.cluster_id == id);
         let mut removed_at = Vec::new();
         if stored_here {
-            if let Err(e) = self.store.remove(id) {
+            let removed = self.store.remove(id);
+            crate::receive::cache::forget(&self.store, id);
+            if let Err(e) = removed {
                 log::error!("status: removing cluster {id:?} failed: {e}");
                 return Response::text(503, &format!("removing cluster {id:?} failed: {e}"));
             }

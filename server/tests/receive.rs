@@ -694,3 +694,53 @@ fn uploads_merge_once_a_cluster_uses_remote_write_even_after_a_restart() {
     );
     assert_eq!(lines.len(), 3, "{lines:?}");
 }
+
+#[test]
+fn an_upload_stored_as_sent_is_what_the_next_remote_write_merges_into() {
+    let dir = TempDir::new("receive-upload-after-ttl");
+    let ttl_ms = 3_000;
+    let args = [
+        "--receive-ratelimit",
+        "0",
+        "--ratelimit",
+        "0s",
+        "--ttl",
+        "3s",
+    ];
+    let s = start(&dir, &args);
+    let token = s.upload_token("secret", "test");
+    // Twice: the second request is merged from the server's memory of the cluster.
+    let mut last = 0;
+    for value in [1.0, 2.0] {
+        last = now_ms();
+        let request = body(vec![series("rw_metric", &[("_id", "test")], value, last)]);
+        let r = receive(&s, "secret", "test", &request);
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert_eq!(
+        federated(&s, "test"),
+        vec!["rw_metric{_id=\"test\"} 2".to_string()]
+    );
+    // Once the remote-write series is past the TTL the cluster's uploads replace again: this one
+    // is stored as sent.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while now_ms() <= last + ttl_ms + 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clock did not move"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let r = s.upload(&token, &families(Some("test"), 0, now_ms()));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let up = "up{job=\"prometheus\",_id=\"test\"} 1".to_string();
+    assert_eq!(federated(&s, "test"), vec![up.clone()]);
+    // The next request merges into the upload, not into the series remembered from before it.
+    let request = body(vec![series("rw_metric", &[("_id", "test")], 3.0, now_ms())]);
+    let r = receive(&s, "secret", "test", &request);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        federated(&s, "test"),
+        vec!["rw_metric{_id=\"test\"} 3".to_string(), up]
+    );
+}

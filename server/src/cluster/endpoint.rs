@@ -46,8 +46,17 @@ pub fn handle_forward(
         ForwardKind::Push => {
             store_then_queue(store, remote_write, id, families, forwarded.received).map(|()| true)
         }
-        ForwardKind::Handoff => store.put_if_newer(id, families, forwarded.received),
-        ForwardKind::Remove => store.remove(id).map(|()| true),
+        // Written without the remote-write merge: its cached series are stale now.
+        ForwardKind::Handoff => {
+            let written = store.put_if_newer(id, families, forwarded.received);
+            crate::receive::cache::forget(store, id);
+            written
+        }
+        ForwardKind::Remove => {
+            let removed = store.remove(id).map(|()| true);
+            crate::receive::cache::forget(store, id);
+            removed
+        }
         // Merged into the cluster's series (never forwarded again, like a push).
         ForwardKind::Receive => {
             crate::receive::store_forwarded(store, remote_write, id, families, forwarded.received)

@@ -79,7 +79,9 @@ pub fn handoff_pass(cluster: &Cluster, store: &Store) -> PassReport {
                 let unchanged =
                     matches!(store.get(id), Ok(Some(now)) if now.received == upload.received);
                 if unchanged {
-                    if let Err(err) = store.remove(id) {
+                    let removed = store.remove(id);
+                    crate::receive::cache::forget(store, id);
+                    if let Err(err) = removed {
                         log::warn!("cluster: handoff of cluster {id}: cannot remove it: {err}");
                     }
                 }

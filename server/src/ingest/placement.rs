@@ -125,9 +125,12 @@ pub fn store_then_queue(
             received,
         );
     }
-    store
+    let stored = store
         .put_unless_older(cluster_id, payload, received)
-        .map(|_| ())
+        .map(|_| ());
+    // Replaced without the remote-write merge: what the merge cached of it is stale now.
+    crate::receive::cache::forget(store, cluster_id);
+    stored
 }
 
 /// Stores `merged` (a cluster's series after a remote-write request was merged into them) durably

@@ -16,15 +16,17 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, int32, WireType};
 use prost::Message;
 use telemeter_common::delimited::{DecodeError, Limits};
 use telemeter_common::model::{Counter, Gauge, LabelPair, Metric, MetricType, Untyped};
+use telemeter_common::selector::Selector;
 use telemeter_common::wire::{self, MetricView, Value};
 
+use super::cache::{self, CachedCluster, RawRules};
 use crate::ingest::placement::store_merged_then_ship;
 use crate::remote_write::RemoteWriter;
 use crate::store::{Store, StoreError};
@@ -192,12 +194,138 @@ pub fn store_received(
     received: SystemTime,
     max_series: usize,
 ) -> Result<(), MergeError> {
+    store_delta(
+        store,
+        remote_write,
+        cluster_id,
+        delta,
+        received,
+        max_series,
+        None,
+    )
+}
+
+/// As [`store_received`]; `converted` is the whitelist `delta` was converted under when this
+/// process converted it from a request of `cluster_id` (then its series are marked for
+/// [`store_raw`]).
+pub fn store_delta(
+    store: &Store,
+    remote_write: Option<&RemoteWriter>,
+    cluster_id: &str,
+    delta: Vec<u8>,
+    received: SystemTime,
+    max_series: usize,
+    converted: Option<&Arc<Vec<Selector>>>,
+) -> Result<(), MergeError> {
     let _stripe = telemeter_common::sync::lock(stripe(cluster_id));
-    let stored = store.get(cluster_id)?.map(|upload| upload.payload);
     let oldest_ms = telemeter_common::time::sample_millis(received)
         .saturating_sub(telemeter_common::time::duration_millis(store.ttl()));
-    let merged = match merge_payloads(stored.as_deref().unwrap_or_default(), &delta, oldest_ms) {
-        Ok(merged) => merged,
+    // Held until the store has the merged payload: only then is it cached again.
+    let (claim, cached) = cache::claim(store, cluster_id);
+    let in_place = match cached {
+        Some(mut entry) => match entry.merge_in_place(&delta, oldest_ms) {
+            true => Ok(entry),
+            false => Err(Some(entry.into_payload())),
+        },
+        None => Err(None),
+    };
+    let mut entry = match in_place {
+        Ok(entry) => {
+            if entry.series() > max_series {
+                return Err(MergeError::TooManySeries { limit: max_series });
+            }
+            entry
+        }
+        Err(cached) => {
+            let stored = match cached {
+                Some(payload) => Some(payload),
+                None => store.get(cluster_id)?.map(|upload| upload.payload),
+            };
+            let merged = merge_stored(cluster_id, stored.as_deref(), &delta, oldest_ms)?;
+            drop(stored);
+            if merged.series > max_series {
+                return Err(MergeError::TooManySeries { limit: max_series });
+            }
+            match CachedCluster::build(merged.payload, merged.newest_received) {
+                Ok(entry) => entry,
+                Err(payload) => {
+                    // Not indexable (over 4 GiB): stored, not cached.
+                    store_merged_then_ship(
+                        store,
+                        remote_write,
+                        cluster_id,
+                        payload,
+                        delta,
+                        received,
+                    )?;
+                    note_newest(store, cluster_id, merged.newest_received, false);
+                    return Ok(());
+                }
+            }
+        }
+    };
+    if let Some(whitelist) = converted {
+        entry.mark_converted(&delta, whitelist);
+    }
+    store_merged_then_ship(
+        store,
+        remote_write,
+        cluster_id,
+        entry.payload().to_vec(),
+        delta,
+        received,
+    )?;
+    note_newest(store, cluster_id, entry.newest_received(), false);
+    claim.keep(entry);
+    Ok(())
+}
+
+/// Merges a request (`body`, decompressed) of series this process converted before straight into
+/// `cluster_id`'s cached payload ([`CachedCluster::merge_raw`]) and stores it. `Ok(None)` when the
+/// cluster is not cached or the request is not all such series: nothing was stored, and the
+/// request takes the full conversion. Only for a local store without remote-write egress (no
+/// converted delta is made here to ship or forward).
+pub fn store_raw(
+    store: &Store,
+    cluster_id: &str,
+    body: &[u8],
+    rules: &RawRules<'_>,
+    received: SystemTime,
+) -> Result<Option<usize>, MergeError> {
+    let _stripe = telemeter_common::sync::lock(stripe(cluster_id));
+    let oldest_ms = telemeter_common::time::sample_millis(received)
+        .saturating_sub(telemeter_common::time::duration_millis(store.ttl()));
+    let (claim, cached) = cache::claim(store, cluster_id);
+    let Some(mut entry) = cached else {
+        return Ok(None);
+    };
+    let Some(samples) = entry.merge_raw(body, rules, oldest_ms) else {
+        // Unchanged: still what the store holds.
+        claim.keep(entry);
+        return Ok(None);
+    };
+    store_merged_then_ship(
+        store,
+        None,
+        cluster_id,
+        entry.payload().to_vec(),
+        Vec::new(),
+        received,
+    )?;
+    note_newest(store, cluster_id, entry.newest_received(), false);
+    claim.keep(entry);
+    Ok(Some(samples))
+}
+
+/// `delta` merged into `stored` (the cluster's payload, None when it has none).
+fn merge_stored(
+    cluster_id: &str,
+    stored: Option<&[u8]>,
+    delta: &[u8],
+    oldest_ms: i64,
+) -> Result<Merged, MergeError> {
+    match merge_payloads(stored.unwrap_or_default(), delta, oldest_ms) {
+        Ok(merged) => Ok(merged),
         // Only this server's own validated payloads are read here (a sealed forward's too): a
         // failure means corruption the store's checksum missed, and the cluster starts over from
         // the request rather than being stuck.
@@ -205,28 +333,14 @@ pub fn store_received(
             log::warn!(
                 "cluster {cluster_id:?}: stored payload unreadable ({e}); merging into nothing"
             );
-            merge_payloads(&[], &delta, oldest_ms).map_err(|e| {
+            merge_payloads(&[], delta, oldest_ms).map_err(|e| {
                 MergeError::Store(StoreError::Format {
                     context: format!("merging a remote-write request of cluster {cluster_id:?}"),
                     reason: e.to_string(),
                 })
-            })?
+            })
         }
-    };
-    drop(stored);
-    if merged.series > max_series {
-        return Err(MergeError::TooManySeries { limit: max_series });
     }
-    store_merged_then_ship(
-        store,
-        remote_write,
-        cluster_id,
-        merged.payload,
-        delta,
-        received,
-    )?;
-    note_newest(store, cluster_id, merged.newest_received, false);
-    Ok(())
 }
 
 /// The stripe lock of `cluster_id`.
@@ -629,6 +743,79 @@ mod tests {
             .metric
             .iter()
             .all(|m| m.untyped.is_some() && m.gauge.is_none()));
+    }
+
+    #[test]
+    fn a_payload_written_past_the_merge_replaces_the_cached_one() {
+        use crate::store::StoreConfig;
+        use std::time::Duration;
+        let dir =
+            std::env::temp_dir().join(format!("telemeter-merge-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(StoreConfig {
+            dir: dir.clone(),
+            ttl: Duration::from_secs(3600),
+            max_batch: 8,
+        })
+        .unwrap();
+        let series = |help: &str, job: &str, at: SystemTime| {
+            delimited::encode(&[MetricFamily {
+                name: Some("up".into()),
+                help: Some(help.into()),
+                r#type: Some(MetricType::Untyped as i32),
+                metric: vec![untyped_series(
+                    vec![LabelPair::new("_id", "c"), LabelPair::new("job", job)],
+                    1.0,
+                    telemeter_common::time::sample_millis(at),
+                )],
+            }])
+        };
+        let now = SystemTime::now();
+        let before = now - Duration::from_secs(90 * 60);
+        store_received(
+            &store,
+            None,
+            "c",
+            series(REMOTE_WRITE_HELP, "rw", before),
+            before,
+            usize::MAX,
+        )
+        .unwrap();
+        assert!(cache::is_cached(&store, "c"));
+        // An upload once the remote-write series is past the TTL: stored as sent, not merged.
+        crate::ingest::placement::store_then_queue(
+            &store,
+            None,
+            "c",
+            series("up", "upload", now),
+            now,
+        )
+        .unwrap();
+        assert!(
+            !cache::is_cached(&store, "c"),
+            "the upload made the cached series stale"
+        );
+        // The next request merges into the upload, not into what was cached before it.
+        store_received(
+            &store,
+            None,
+            "c",
+            series(REMOTE_WRITE_HELP, "rw", now),
+            now,
+            usize::MAX,
+        )
+        .unwrap();
+        let stored = store.get("c").unwrap().unwrap().payload;
+        let jobs: Vec<String> = delimited::decode(&stored, &UNLIMITED)
+            .unwrap()
+            .iter()
+            .flat_map(|f| f.metric.iter())
+            .map(|m| m.label_value("job").unwrap().to_string())
+            .collect();
+        assert_eq!(jobs, vec!["upload", "rw"]);
+        assert!(cache::is_cached(&store, "c"));
+        store.close();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! by the `/authorize` authorizer) → the cluster's rate limit → Content-Encoding (snappy block) and
 //! Content-Type → the body caps (as sent, then snappy's declared length before decompressing) →
 //! protobuf → series rules ([`series`]) → merge into the cluster's stored series and store durably
-//! (on the cluster's owner when clustered) → ship the request's own samples → 200.
+//! (on the cluster's owner when clustered) → ship the request's own samples → 200. A request of
+//! series this server converted before is merged from its bytes without converting them again
+//! ([`cache`]; a local store without egress only), with the same result.
 //!
 //! Admission from the head, as `/upload` does: with a tokens file (or any-token) the bearer is
 //! checked and the rate limit peeked before any of the body is read, so a peer without a valid
@@ -19,6 +21,7 @@
 //! with the cluster id (429s at debug: a sender retrying can make them come at line rate).
 
 pub mod auth;
+pub mod cache;
 pub mod limit;
 pub mod merge;
 pub mod series;
@@ -43,6 +46,7 @@ use crate::remote_write::RemoteWriter;
 use crate::store::Store;
 
 use auth::{Authenticator, Credentials};
+use cache::RawRules;
 use limit::Limiter;
 use merge::MergeError;
 use series::SeriesRules;
@@ -359,55 +363,93 @@ impl ReceiveHandler {
                 .saturating_add(64 << 10),
         );
         let now = SystemTime::now();
+        let whitelist = self.whitelist.current();
+        let body = {
+            let _cpu = self.cpu.enter(1);
+            telemeter_common::snappy::decode_block(
+                &request.body,
+                self.config.max_decompressed_bytes,
+            )
+            .map_err(|e| {
+                Refusal::new(
+                    400,
+                    "bad_snappy",
+                    format!("body is not snappy block data: {e}"),
+                )
+            })?
+        };
+        let raw = self.raw_path(&whitelist);
+        if let Some(whitelist) = raw {
+            let (oldest_ms, newest_ms) = self.sample_bounds(now);
+            let rules = RawRules {
+                oldest_ms,
+                newest_ms,
+                max_series: self.max_series,
+                whitelist,
+            };
+            let stored = merge::store_raw(&self.store, &creds.cluster_id, &body, &rules, now)
+                .map_err(|e| self.store_refusal(&creds.cluster_id, e))?;
+            if let Some(samples) = stored {
+                self.samples.add(samples as u64);
+                return Ok("stored");
+            }
+        }
         let (delta, samples) = {
             let _cpu = self.cpu.enter(1);
-            self.prepare(request, &creds.cluster_id, now)?
+            self.prepare(&body, &creds.cluster_id, now, &whitelist)?
         };
+        drop(body);
         let Some(delta) = delta else {
             return Ok("empty");
         };
         memory.shrink_to(delta.len().saturating_mul(4));
-        self.place(&creds.cluster_id, delta, now)?;
+        self.place(&creds.cluster_id, delta, now, raw)?;
         self.samples.add(samples as u64);
         Ok("stored")
     }
 
-    /// Decompresses, decodes and converts the body: the delta to store (None when the request
+    /// The whitelist, when a request may be merged without converting it ([`merge::store_raw`]):
+    /// stored here, nothing shipped (egress ships the converted delta), and the whitelist does
+    /// not see labels that `--label` rewrote (it is matched before they are set, so a rewritten
+    /// series might not match again).
+    fn raw_path<'w>(&self, whitelist: &'w Arc<Vec<Selector>>) -> Option<&'w Arc<Vec<Selector>>> {
+        let local = matches!(self.route, Route::Local) && self.remote_write.is_none();
+        (local && (whitelist.is_empty() || self.extra_labels.is_empty())).then_some(whitelist)
+    }
+
+    /// The oldest and newest sample timestamps accepted at `now`, ms.
+    fn sample_bounds(&self, now: SystemTime) -> (i64, i64) {
+        let now_ms = telemeter_common::time::sample_millis(now);
+        (
+            now_ms.saturating_sub(telemeter_common::time::duration_millis(self.max_sample_age)),
+            now_ms.saturating_add(telemeter_common::time::duration_millis(
+                self.max_future_skew,
+            )),
+        )
+    }
+
+    /// Decodes and converts the decompressed body: the delta to store (None when the request
     /// holds no samples: metadata only, or all filtered) and its sample count.
     fn prepare(
         &self,
-        request: &Request,
+        body: &[u8],
         cluster_id: &str,
         now: SystemTime,
+        whitelist: &[Selector],
     ) -> Result<(Option<Vec<u8>>, usize), Refusal> {
-        let body = telemeter_common::snappy::decode_block(
-            &request.body,
-            self.config.max_decompressed_bytes,
-        )
-        .map_err(|e| {
-            Refusal::new(
-                400,
-                "bad_snappy",
-                format!("body is not snappy block data: {e}"),
-            )
-        })?;
-        let now_ms = telemeter_common::time::sample_millis(now);
-        let whitelist = self.whitelist.current();
+        let (oldest_ms, newest_ms) = self.sample_bounds(now);
         let rules = SeriesRules {
             partition_label: &self.partition_label,
             cluster_id,
             elide: &self.config.elide_labels,
             extra_labels: &self.extra_labels,
-            whitelist: &whitelist,
-            oldest_ms: now_ms
-                .saturating_sub(telemeter_common::time::duration_millis(self.max_sample_age)),
-            newest_ms: now_ms.saturating_add(telemeter_common::time::duration_millis(
-                self.max_future_skew,
-            )),
+            whitelist,
+            oldest_ms,
+            newest_ms,
             max_series: self.max_series,
             max_samples: self.max_series.saturating_mul(10),
         };
-        let converted = series::convert(&body, &rules).map_err(|e| Refusal {
+        let converted = series::convert(body, &rules).map_err(|e| Refusal {
             status: e.status,
             result: e.result,
             message: e.message,
@@ -419,10 +461,16 @@ impl ReceiveHandler {
         Ok((Some(converted.payload), converted.samples))
     }
 
-    fn place(&self, cluster_id: &str, delta: Vec<u8>, received: SystemTime) -> Result<(), Refusal> {
+    fn place(
+        &self,
+        cluster_id: &str,
+        delta: Vec<u8>,
+        received: SystemTime,
+        converted: Option<&Arc<Vec<Selector>>>,
+    ) -> Result<(), Refusal> {
         let started = Instant::now();
         let result = match &self.route {
-            Route::Local => self.store_here(cluster_id, delta, received),
+            Route::Local => self.store_here(cluster_id, delta, received, converted),
             Route::Cluster(cluster) => {
                 // A refusal here (not a failure) is the client's answer, not a reason to try the
                 // next member.
@@ -433,7 +481,7 @@ impl ReceiveHandler {
                     ForwardKind::Receive,
                     delta,
                     received,
-                    |bytes| match self.store_here(cluster_id, bytes, received) {
+                    |bytes| match self.store_here(cluster_id, bytes, received, None) {
                         // Answered (not stored): no other member is tried.
                         Err(refusal) if refusal.status < 500 => {
                             *refused.borrow_mut() = Some(refusal);
@@ -462,16 +510,22 @@ impl ReceiveHandler {
         cluster_id: &str,
         delta: Vec<u8>,
         received: SystemTime,
+        converted: Option<&Arc<Vec<Selector>>>,
     ) -> Result<(), Refusal> {
-        merge::store_received(
+        merge::store_delta(
             &self.store,
             self.remote_write.as_ref(),
             cluster_id,
             delta,
             received,
             self.max_series,
+            converted,
         )
-        .map_err(|e| match e {
+        .map_err(|e| self.store_refusal(cluster_id, e))
+    }
+
+    fn store_refusal(&self, cluster_id: &str, e: MergeError) -> Refusal {
+        match e {
             MergeError::TooManySeries { .. } => Refusal::new(413, "too_large", e.to_string()),
             MergeError::Store(e) => {
                 // Storage paths and OS errors stay in the log.
@@ -482,7 +536,7 @@ impl ReceiveHandler {
                     "the samples could not be stored now; retry later",
                 )
             }
-        })
+        }
     }
 }
 

@@ -1,0 +1,954 @@
+//! The merged series of recently received clusters, kept in memory so that a remote-write request
+//! does not read, re-check and re-parse its cluster's whole stored payload.
+//!
+//! A request carries a batch of a cluster's series; without this cache each one read the stored
+//! payload (file read and checksum), parsed and hashed every stored series, merged and re-encoded
+//! them. A cached cluster keeps the payload exactly as last stored and where each series sits in
+//! it, so a request whose series are all known (the steady state of a Prometheus sending the same
+//! series every interval) overwrites each winning series' bytes in place — same length, so the
+//! family layout is unchanged — and the result is byte for byte what
+//! [`super::merge::merge_payloads`] makes from the same inputs. A series this process converted
+//! itself is marked, so the next request carrying it the same way is merged straight from the
+//! request's bytes, without converting it again ([`CachedCluster::merge_raw`]). Anything else (a
+//! new series, a staleness marker, a type or help change, a length change, a series past the TTL,
+//! any refusal) takes the full conversion and merge from the cached payload, and only a cluster
+//! not cached reads the store.
+//!
+//! The store stays the truth. An entry is only read and replaced under the cluster's stripe lock
+//! (as the merge is), taken out while a request works on it so a failed write leaves nothing
+//! stale, and put back only after the store wrote the payload. Every other path that writes a
+//! cluster (an upload stored without merging, a handoff, a removal) calls [`forget`] after writing;
+//! a merge in flight for that cluster then caches nothing ([`Claim`]). A restart starts empty.
+//! Bounded by [`CACHE_BYTES`] per store, least recently used evicted first; a cluster bigger than a
+//! quarter of that is not cached. Only authenticated clusters' merges fill it.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use telemeter_common::delimited::Limits;
+use telemeter_common::model::MetricType;
+use telemeter_common::selector::Selector;
+use telemeter_common::wire::{self, Value};
+
+use super::merge::{is_stale_marker, REMOTE_WRITE_HELP};
+use crate::store::Store;
+
+/// Memory the cache of one store may hold: half of what requests in flight may reserve
+/// (`RESERVED_BYTES_PER_BODY_BYTE` in `receive`), enough for a few hundred clusters of a few
+/// thousand series each.
+pub const CACHE_BYTES: usize = 128 << 20;
+
+/// Decoding limits for payloads this server wrote itself.
+const UNLIMITED: Limits = Limits {
+    max_message_bytes: usize::MAX,
+    max_total_bytes: usize::MAX,
+    max_families: usize::MAX,
+    max_series: usize::MAX,
+};
+
+/// Per store directory, its cache.
+static CACHES: Mutex<Option<HashMap<PathBuf, Lru>>> = Mutex::new(None);
+
+/// Whether anything was ever claimed: until then [`forget`] (on every upload) takes no lock.
+static USED: AtomicBool = AtomicBool::new(false);
+
+/// A merge's hold on one cluster's cache entry, from [`claim`] until the entry is put back with
+/// [`Claim::keep`] or dropped. While it is held, a [`forget`] of the cluster makes `keep` cache
+/// nothing: the store may then hold what another path wrote after this merge's write.
+pub struct Claim {
+    dir: PathBuf,
+    cluster_id: String,
+}
+
+/// Claims `cluster_id`'s entry, taking it out of the cache (the caller holds the cluster's stripe
+/// lock, so there is one claim per cluster at a time).
+pub fn claim(store: &Store, cluster_id: &str) -> (Claim, Option<CachedCluster>) {
+    let dir = store.dir().to_path_buf();
+    let mut all = telemeter_common::sync::lock(&CACHES);
+    USED.store(true, Ordering::SeqCst);
+    let lru = all
+        .get_or_insert_with(HashMap::new)
+        .entry(dir.clone())
+        .or_default();
+    lru.in_flight.insert(cluster_id.to_string(), false);
+    let entry = lru.take(cluster_id);
+    drop(all);
+    let claim = Claim {
+        dir,
+        cluster_id: cluster_id.to_string(),
+    };
+    (claim, entry)
+}
+
+impl Claim {
+    /// Caches `entry` as what the store holds for the cluster now (the caller wrote it), unless
+    /// the cluster was forgotten meanwhile; evicts the least recently used clusters past
+    /// [`CACHE_BYTES`]. A cluster bigger than a quarter of that is not cached.
+    pub fn keep(self, entry: CachedCluster) {
+        let mut all = telemeter_common::sync::lock(&CACHES);
+        let Some(lru) = all.as_mut().and_then(|all| all.get_mut(&self.dir)) else {
+            return;
+        };
+        let forgotten = lru.in_flight.remove(&self.cluster_id).unwrap_or(true);
+        if !forgotten && entry.bytes() <= CACHE_BYTES / 4 {
+            lru.put(&self.cluster_id, entry, CACHE_BYTES);
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut all = telemeter_common::sync::lock(&CACHES);
+        if let Some(lru) = all.as_mut().and_then(|all| all.get_mut(&self.dir)) {
+            lru.in_flight.remove(&self.cluster_id);
+        }
+    }
+}
+
+/// Drops what is cached for `cluster_id`: called by every path that writes the cluster's payload
+/// without going through the remote-write merge, after writing it. A merge holding a [`Claim`] on
+/// it then caches nothing. Takes no stripe lock, so an upload never waits for a merge.
+pub fn forget(store: &Store, cluster_id: &str) {
+    // Set under the lock before any claim exists, so a claim this misses was made after this
+    // forget's write and reads (or caches) what that write left.
+    if !USED.load(Ordering::SeqCst) {
+        return;
+    }
+    let mut all = telemeter_common::sync::lock(&CACHES);
+    if let Some(lru) = all.as_mut().and_then(|all| all.get_mut(store.dir())) {
+        lru.take(cluster_id);
+        if let Some(forgotten) = lru.in_flight.get_mut(cluster_id) {
+            *forgotten = true;
+        }
+    }
+}
+
+/// Whether `cluster_id` is cached now (for tests and the debug log).
+pub fn is_cached(store: &Store, cluster_id: &str) -> bool {
+    telemeter_common::sync::lock(&CACHES)
+        .as_ref()
+        .and_then(|all| all.get(store.dir()))
+        .is_some_and(|lru| lru.entries.contains_key(cluster_id))
+}
+
+/// The clusters of one store, least recently used first out.
+#[derive(Default)]
+struct Lru {
+    entries: HashMap<String, (u64, CachedCluster)>,
+    /// Use tick → cluster id: the first is the least recently used.
+    order: BTreeMap<u64, String>,
+    tick: u64,
+    bytes: usize,
+    /// Clusters claimed by a merge now → whether they were forgotten since.
+    in_flight: HashMap<String, bool>,
+}
+
+impl Lru {
+    fn take(&mut self, cluster_id: &str) -> Option<CachedCluster> {
+        let (tick, entry) = self.entries.remove(cluster_id)?;
+        self.order.remove(&tick);
+        self.bytes = self.bytes.saturating_sub(entry.bytes());
+        Some(entry)
+    }
+
+    fn put(&mut self, cluster_id: &str, entry: CachedCluster, limit: usize) {
+        self.take(cluster_id);
+        self.tick += 1;
+        self.bytes += entry.bytes();
+        self.order.insert(self.tick, cluster_id.to_string());
+        self.entries
+            .insert(cluster_id.to_string(), (self.tick, entry));
+        while self.bytes > limit {
+            let Some((_, oldest)) = self.order.pop_first() else {
+                break;
+            };
+            if let Some((_, evicted)) = self.entries.remove(&oldest) {
+                self.bytes = self.bytes.saturating_sub(evicted.bytes());
+            }
+        }
+    }
+}
+
+/// Hashes the index's keys, which are already hashes.
+#[derive(Default)]
+struct PassHasher(u64);
+
+impl Hasher for PassHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed; kept total for any other use.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// One family of a cached payload.
+struct CachedFamily {
+    help: Box<str>,
+    raw_type: Option<i32>,
+}
+
+/// Where one series is in the payload.
+#[derive(Clone, Copy)]
+struct Slot {
+    /// Its encoded `Metric` message: start and length.
+    start: u32,
+    len: u32,
+    /// The length of the message's leading labels (its identity bytes; see [`label_prefix`]).
+    labels: u32,
+    family: u32,
+    timestamp_ms: i64,
+    /// Whether its labels are what this process's conversion made of a request's series under
+    /// the cache's `whitelist`: then a request carrying `__name__` and exactly these label bytes
+    /// converts to them again, and is merged without converting ([`CachedCluster::merge_raw`]).
+    converted: bool,
+}
+
+/// Identity hash → slot.
+type SlotIndex = HashMap<u64, u32, BuildHasherDefault<PassHasher>>;
+
+/// What [`CachedCluster::index`] reads from a payload: families, their names, slots, the index
+/// and its hash keys.
+type Indexed = (
+    Vec<CachedFamily>,
+    HashMap<Box<str>, u32>,
+    Vec<Slot>,
+    SlotIndex,
+    RandomState,
+);
+
+/// A cluster's payload as stored, with where each series is in it.
+pub struct CachedCluster {
+    payload: Vec<u8>,
+    families: Vec<CachedFamily>,
+    by_name: HashMap<Box<str>, u32>,
+    slots: Vec<Slot>,
+    /// Hash of (family, identity bytes) → slot. A series whose hash another took, or whose
+    /// message does not start with its labels, is not indexed: a request naming it takes the full
+    /// merge.
+    index: SlotIndex,
+    keys: RandomState,
+    series: usize,
+    newest_received: i64,
+    /// The whitelist the `converted` marks were set under (kept alive, so compared by identity).
+    whitelist: Option<Arc<Vec<Selector>>>,
+}
+
+impl CachedCluster {
+    /// Indexes `payload` (a merge's output: families with distinct names, `newest_received` its
+    /// newest remote-write sample). Gives it back when it cannot be indexed (over 4 GiB,
+    /// unreadable).
+    pub fn build(payload: Vec<u8>, newest_received: i64) -> Result<CachedCluster, Vec<u8>> {
+        match Self::index(&payload) {
+            Some((families, by_name, slots, index, keys)) => Ok(CachedCluster {
+                series: slots.len(),
+                payload,
+                families,
+                by_name,
+                slots,
+                index,
+                keys,
+                newest_received,
+                whitelist: None,
+            }),
+            None => Err(payload),
+        }
+    }
+
+    /// The families, slots and index of `payload`.
+    fn index(payload: &[u8]) -> Option<Indexed> {
+        u32::try_from(payload.len()).ok()?;
+        let keys = RandomState::new();
+        let mut families = Vec::new();
+        let mut by_name: HashMap<Box<str>, u32> = HashMap::new();
+        let mut slots = Vec::new();
+        let mut index: SlotIndex = HashMap::default();
+        let base = payload.as_ptr() as usize;
+        for family in wire::families(payload, &UNLIMITED) {
+            let family = family.ok()?;
+            let f = u32::try_from(families.len()).ok()?;
+            if by_name.insert(family.name.into(), f).is_some() {
+                return None;
+            }
+            families.push(CachedFamily {
+                help: family.help.into(),
+                raw_type: family.raw_type,
+            });
+            for metric in family.metrics() {
+                let metric = metric.ok()?;
+                let start = metric.message.as_ptr() as usize - base;
+                let s = u32::try_from(slots.len()).ok()?;
+                let labels = label_prefix(metric.message);
+                slots.push(Slot {
+                    start: start as u32,
+                    len: metric.message.len() as u32,
+                    labels: labels.unwrap_or(0) as u32,
+                    family: f,
+                    timestamp_ms: metric.timestamp_ms.unwrap_or(i64::MIN),
+                    converted: false,
+                });
+                if let Some(labels) = labels {
+                    let hash = key_hash(&keys, f, &metric.message[..labels]);
+                    index.entry(hash).or_insert(s);
+                }
+            }
+        }
+        Some((families, by_name, slots, index, keys))
+    }
+
+    /// The payload as stored.
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
+    /// The payload, the index dropped.
+    pub fn into_payload(self) -> Vec<u8> {
+        self.payload
+    }
+
+    /// Series in the payload.
+    pub fn series(&self) -> usize {
+        self.series
+    }
+
+    /// The newest remote-write sample in the payload (ms), `i64::MIN` when none.
+    pub fn newest_received(&self) -> i64 {
+        self.newest_received
+    }
+
+    /// Memory it holds, roughly.
+    pub fn bytes(&self) -> usize {
+        self.payload.capacity()
+            + self.slots.capacity() * std::mem::size_of::<Slot>()
+            + self.index.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
+            + self
+                .families
+                .iter()
+                .map(|f| f.help.len() + std::mem::size_of::<CachedFamily>() + 48)
+                .sum::<usize>()
+            + self.by_name.keys().map(|n| n.len()).sum::<usize>()
+            + 256
+    }
+
+    /// Merges `delta` in place when every series of it is already here with the same encoded
+    /// length, none is a staleness marker, no family changes type or help, and no series ends up
+    /// older than `oldest_ms`: then the result is exactly [`super::merge::merge_payloads`]'s.
+    /// Returns false (and leaves everything unchanged) otherwise.
+    pub fn merge_in_place(&mut self, delta: &[u8], oldest_ms: i64) -> bool {
+        let Some(patches) = self.patches(delta, oldest_ms) else {
+            return false;
+        };
+        for (s, message, timestamp_ms) in patches {
+            let slot = &mut self.slots[s as usize];
+            let start = slot.start as usize;
+            self.payload[start..start + slot.len as usize].copy_from_slice(message);
+            slot.timestamp_ms = timestamp_ms;
+            // Written by whoever made `delta`: converted here only if the caller marks it so.
+            slot.converted = false;
+            if &*self.families[slot.family as usize].help == REMOTE_WRITE_HELP {
+                self.newest_received = self.newest_received.max(timestamp_ms);
+            }
+        }
+        true
+    }
+
+    /// What [`CachedCluster::merge_in_place`] writes: (slot, message, timestamp) in order; None
+    /// when `delta` needs the full merge.
+    fn patches<'d>(&self, delta: &'d [u8], oldest_ms: i64) -> Option<Vec<(u32, &'d [u8], i64)>> {
+        // Each series' timestamp as the merge goes (a request may name a series twice).
+        let mut newest: Vec<i64> = self.slots.iter().map(|s| s.timestamp_ms).collect();
+        let mut patches = Vec::new();
+        for family in wire::families(delta, &UNLIMITED) {
+            let family = family.ok()?;
+            let f = *self.by_name.get(family.name)?;
+            let cached = &self.families[f as usize];
+            if kind(cached.raw_type) != kind(family.raw_type) {
+                return None;
+            }
+            // The merge takes the request's help unless that would replace remote write's own:
+            // any other help change needs it.
+            if family.help != &*cached.help
+                && (family.help == REMOTE_WRITE_HELP || &*cached.help != REMOTE_WRITE_HELP)
+            {
+                return None;
+            }
+            for metric in family.metrics() {
+                let metric = metric.ok()?;
+                if plain(&metric.value).is_some_and(is_stale_marker) {
+                    return None;
+                }
+                let labels = label_prefix(metric.message)?;
+                let identity = &metric.message[..labels];
+                let s = *self.index.get(&key_hash(&self.keys, f, identity))?;
+                let slot = self.slots[s as usize];
+                let start = slot.start as usize;
+                if slot.family != f
+                    || slot.labels as usize != labels
+                    || self.payload.get(start..start + labels) != Some(identity)
+                {
+                    return None;
+                }
+                let timestamp_ms = metric.timestamp_ms.unwrap_or(i64::MIN);
+                if timestamp_ms >= newest[s as usize] {
+                    if metric.message.len() != slot.len as usize {
+                        return None;
+                    }
+                    newest[s as usize] = timestamp_ms;
+                    patches.push((s, metric.message, timestamp_ms));
+                }
+            }
+        }
+        if newest.iter().any(|&t| t < oldest_ms) {
+            return None;
+        }
+        Some(patches)
+    }
+}
+
+/// What a request merged without converting ([`CachedCluster::merge_raw`]) is held to: the same
+/// limits [`super::series::convert`] applies.
+pub struct RawRules<'a> {
+    /// Oldest sample accepted, ms.
+    pub oldest_ms: i64,
+    /// Newest sample accepted, ms.
+    pub newest_ms: i64,
+    /// Most series in one request.
+    pub max_series: usize,
+    /// The whitelist in force.
+    pub whitelist: &'a Arc<Vec<Selector>>,
+}
+
+impl CachedCluster {
+    /// Marks the series of `delta` (what this process's conversion made of a request, under
+    /// `whitelist`) as converted; every mark set under another whitelist is dropped first.
+    pub fn mark_converted(&mut self, delta: &[u8], whitelist: &Arc<Vec<Selector>>) {
+        if !self
+            .whitelist
+            .as_ref()
+            .is_some_and(|w| Arc::ptr_eq(w, whitelist))
+        {
+            for slot in &mut self.slots {
+                slot.converted = false;
+            }
+            self.whitelist = Some(Arc::clone(whitelist));
+        }
+        for family in wire::families(delta, &UNLIMITED) {
+            let Ok(family) = family else {
+                return;
+            };
+            let Some(&f) = self.by_name.get(family.name) else {
+                continue;
+            };
+            for metric in family.metrics() {
+                let Ok(metric) = metric else {
+                    return;
+                };
+                let Some(labels) = label_prefix(metric.message) else {
+                    continue;
+                };
+                if let Some(s) = self.find(f, &metric.message[..labels]) {
+                    self.slots[s as usize].converted = true;
+                }
+            }
+        }
+    }
+
+    /// The slot of the series with identity bytes `identity` in family `f`.
+    fn find(&self, f: u32, identity: &[u8]) -> Option<u32> {
+        let s = *self.index.get(&key_hash(&self.keys, f, identity))?;
+        let slot = self.slots[s as usize];
+        let start = slot.start as usize;
+        (slot.family == f
+            && slot.labels as usize == identity.len()
+            && self.payload.get(start..start + identity.len()) == Some(identity))
+        .then_some(s)
+    }
+
+    /// Merges a decompressed `prometheus.WriteRequest` without converting it, when every series
+    /// in it is one sample of a series marked converted, sent as `__name__` then exactly the
+    /// stored label bytes: such a request converts to those same series (labels already valid,
+    /// sorted, elided, with the partition label; the whitelist unchanged), so only its samples
+    /// are checked (age, skew, staleness) and written in place. Returns the samples merged, or
+    /// None (nothing changed) for anything else, which the full conversion then decides,
+    /// refusals included.
+    pub fn merge_raw(
+        &mut self,
+        body: &[u8],
+        rules: &RawRules<'_>,
+        oldest_ms: i64,
+    ) -> Option<usize> {
+        if !self
+            .whitelist
+            .as_ref()
+            .is_some_and(|w| Arc::ptr_eq(w, rules.whitelist))
+        {
+            return None;
+        }
+        let mut newest: Vec<i64> = self.slots.iter().map(|s| s.timestamp_ms).collect();
+        let mut patches: Vec<(u32, f64, i64)> = Vec::new();
+        let mut count = 0usize;
+        let mut rest = body;
+        while !rest.is_empty() {
+            let (key, field) = next_field(&mut rest)?;
+            if key >> 3 != 1 {
+                continue;
+            }
+            let series = field.filter(|_| key & 7 == 2)?;
+            count += 1;
+            if count > rules.max_series {
+                return None;
+            }
+            let (name, identity, value, timestamp_ms) = raw_series(series)?;
+            if timestamp_ms < rules.oldest_ms
+                || timestamp_ms > rules.newest_ms
+                || is_stale_marker(value)
+            {
+                return None;
+            }
+            let f = *self.by_name.get(name)?;
+            let family = &self.families[f as usize];
+            if kind(family.raw_type) != MetricType::Untyped || &*family.help != REMOTE_WRITE_HELP {
+                return None;
+            }
+            let s = self.find(f, identity)?;
+            let slot = self.slots[s as usize];
+            if !slot.converted {
+                return None;
+            }
+            if timestamp_ms >= newest[s as usize] {
+                if (slot.len - slot.labels) as usize != tail_len(timestamp_ms) {
+                    return None;
+                }
+                newest[s as usize] = timestamp_ms;
+                patches.push((s, value, timestamp_ms));
+            }
+        }
+        if count == 0 || newest.iter().any(|&t| t < oldest_ms) {
+            return None;
+        }
+        let mut tail = Vec::with_capacity(32);
+        for (s, value, timestamp_ms) in patches {
+            let slot = &mut self.slots[s as usize];
+            tail.clear();
+            // As `series::encode_series` writes it: untyped { value }, timestamp_ms.
+            tail.extend_from_slice(&[0x2a, 0x09, 0x09]);
+            tail.extend_from_slice(&value.to_le_bytes());
+            tail.push(0x30);
+            prost::encoding::encode_varint(timestamp_ms as u64, &mut tail);
+            let start = (slot.start + slot.labels) as usize;
+            self.payload[start..start + tail.len()].copy_from_slice(&tail);
+            slot.timestamp_ms = timestamp_ms;
+            self.newest_received = self.newest_received.max(timestamp_ms);
+        }
+        Some(count)
+    }
+}
+
+/// The length of a converted series' value and timestamp fields.
+fn tail_len(timestamp_ms: i64) -> usize {
+    12 + prost::encoding::encoded_len_varint(timestamp_ms as u64)
+}
+
+/// One `TimeSeries` in the form [`CachedCluster::merge_raw`] takes: first the `__name__` label,
+/// then the other labels, then one sample (exemplars and histograms skipped, as the conversion
+/// skips them). Returns the name, the other labels' bytes, the value and the timestamp.
+fn raw_series(series: &[u8]) -> Option<(&str, &[u8], f64, i64)> {
+    const NAME: &[u8] = b"\x0a\x08__name__\x12";
+    let mut rest = series;
+    let (key, first) = next_field(&mut rest)?;
+    let first = first.filter(|_| key == 0x0a)?;
+    let after = first.strip_prefix(NAME)?;
+    let (len, n) = varint(after)?;
+    let name = after.get(n..).filter(|v| v.len() as u64 == len)?;
+    let name = std::str::from_utf8(name).ok()?;
+    let labels_start = series.len() - rest.len();
+    let mut labels_end = labels_start;
+    let mut in_labels = true;
+    let mut sample = None;
+    while !rest.is_empty() {
+        let (key, field) = next_field(&mut rest)?;
+        match (key >> 3, key & 7) {
+            (1, 2) if in_labels => labels_end = series.len() - rest.len(),
+            (1, _) => return None,
+            (2, 2) => {
+                in_labels = false;
+                if sample.replace(field?).is_some() {
+                    return None;
+                }
+            }
+            (2, _) => return None,
+            _ => in_labels = false,
+        }
+    }
+    let (value, timestamp_ms) = raw_sample(sample?)?;
+    Some((name, &series[labels_start..labels_end], value, timestamp_ms))
+}
+
+/// A `Sample`'s value and timestamp, read as the conversion reads them (absent: 0).
+fn raw_sample(sample: &[u8]) -> Option<(f64, i64)> {
+    let (mut value, mut timestamp_ms) = (0.0, 0);
+    let mut rest = sample;
+    while !rest.is_empty() {
+        let before = rest;
+        let (key, _) = next_field(&mut rest)?;
+        match key {
+            0x09 => {
+                let bytes = before.get(1..9)?;
+                value = f64::from_bits(u64::from_le_bytes(bytes.try_into().ok()?));
+            }
+            0x10 => timestamp_ms = varint(&before[1..])?.0 as i64,
+            k if k >> 3 == 1 || k >> 3 == 2 => return None,
+            _ => {}
+        }
+    }
+    Some((value, timestamp_ms))
+}
+
+/// Reads one field at the start of `rest` (a key that fits 32 bits with a number above 0, and
+/// wire type 0, 1, 2 or 5) and moves past it: the key, and a length-delimited field's bytes.
+fn next_field<'a>(rest: &mut &'a [u8]) -> Option<(u64, Option<&'a [u8]>)> {
+    let (key, n) = varint(rest)?;
+    if key > u64::from(u32::MAX) || key >> 3 == 0 {
+        return None;
+    }
+    let body = rest.get(n..)?;
+    let (bytes, used) = match key & 7 {
+        0 => (None, varint(body)?.1),
+        1 => (None, 8),
+        2 => {
+            let (len, m) = varint(body)?;
+            let len = usize::try_from(len).ok()?;
+            (Some(body.get(m..m.checked_add(len)?)?), m + len)
+        }
+        5 => (None, 4),
+        _ => return None,
+    };
+    *rest = body.get(used..)?;
+    Some((key, bytes))
+}
+
+/// The hash of one series' identity within family `family`.
+fn key_hash(keys: &RandomState, family: u32, identity: &[u8]) -> u64 {
+    let mut hasher = keys.build_hasher();
+    hasher.write_u32(family);
+    hasher.write(identity);
+    hasher.finish()
+}
+
+/// The length of the leading `label` fields (field 1) of an encoded `Metric` message: its
+/// identity bytes. Two messages with the same identity bytes have the same label set (so are the
+/// same series to the merge). None when a label field comes after another field (its labels are
+/// not a prefix) or the message cannot be walked.
+fn label_prefix(message: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    let mut prefix = 0;
+    let mut in_labels = true;
+    while at < message.len() {
+        let (key, n) = varint(&message[at..])?;
+        at += n;
+        let number = key >> 3;
+        match key & 7 {
+            0 => at += varint(message.get(at..)?)?.1,
+            1 => at += 8,
+            2 => {
+                let (len, n) = varint(message.get(at..)?)?;
+                at = at.checked_add(n)?.checked_add(usize::try_from(len).ok()?)?;
+            }
+            5 => at += 4,
+            _ => return None,
+        }
+        if at > message.len() {
+            return None;
+        }
+        if number == 1 {
+            if !in_labels || key & 7 != 2 {
+                return None;
+            }
+            prefix = at;
+        } else {
+            in_labels = false;
+        }
+    }
+    Some(prefix)
+}
+
+/// A protobuf varint at the start of `bytes`: its value and length.
+fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, &b) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b < 0x80 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+fn kind(raw_type: Option<i32>) -> MetricType {
+    raw_type
+        .and_then(|t| MetricType::try_from(t).ok())
+        .unwrap_or(MetricType::Untyped)
+}
+
+fn plain(value: &Value<'_>) -> Option<f64> {
+    match value {
+        Value::Gauge(v) | Value::Counter(v) | Value::Untyped(v) => Some(*v),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::receive::merge::{merge_payloads, untyped_series};
+    use telemeter_common::delimited;
+    use telemeter_common::model::{LabelPair, MetricFamily};
+
+    fn family(name: &str, help: &str, series: &[(&str, f64, i64)]) -> MetricFamily {
+        MetricFamily {
+            name: Some(name.into()),
+            help: Some(help.into()),
+            r#type: Some(MetricType::Untyped as i32),
+            metric: series
+                .iter()
+                .map(|(job, v, ts)| {
+                    untyped_series(
+                        vec![LabelPair::new("_id", "c"), LabelPair::new("job", job)],
+                        *v,
+                        *ts,
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn rw(name: &str, series: &[(&str, f64, i64)]) -> Vec<u8> {
+        delimited::encode(&[family(name, REMOTE_WRITE_HELP, series)])
+    }
+
+    /// The cached entry after `delta`, by the in-place path when it applies (says which), checked
+    /// byte for byte against the full merge of the same inputs.
+    fn merged(entry: &mut CachedCluster, delta: &[u8], oldest_ms: i64) -> bool {
+        let full = merge_payloads(entry.payload(), delta, oldest_ms).unwrap();
+        let in_place = entry.merge_in_place(delta, oldest_ms);
+        if in_place {
+            assert_eq!(entry.payload(), &full.payload[..]);
+            assert_eq!(entry.series(), full.series);
+            assert_eq!(entry.newest_received(), full.newest_received);
+        }
+        in_place
+    }
+
+    fn cached(payload: Vec<u8>) -> CachedCluster {
+        let full = merge_payloads(&[], &payload, 0).unwrap();
+        CachedCluster::build(full.payload, full.newest_received).unwrap_or_else(|_| panic!())
+    }
+
+    #[test]
+    fn known_series_merge_in_place_exactly_as_the_full_merge() {
+        let mut payload = rw("up", &[("a", 1.0, 1000), ("b", 1.0, 1000)]);
+        payload.extend(rw("x", &[("a", 1.0, 1000)]));
+        let mut entry = cached(payload);
+        // Newer samples win, an older one is ignored, a series named twice takes the last.
+        let mut delta = rw("up", &[("b", 2.0, 2000), ("a", 7.0, 500)]);
+        delta.extend(rw("x", &[("a", 3.0, 1500), ("a", 4.0, 1500)]));
+        assert!(merged(&mut entry, &delta, 0));
+        let families = delimited::decode(entry.payload(), &UNLIMITED).unwrap();
+        let values: Vec<(f64, i64)> = families
+            .iter()
+            .flat_map(|f| f.metric.iter())
+            .map(|m| (m.untyped.unwrap().value.unwrap(), m.timestamp_ms.unwrap()))
+            .collect();
+        assert_eq!(values, vec![(1.0, 1000), (2.0, 2000), (4.0, 1500)]);
+        assert_eq!(entry.newest_received(), 2000);
+    }
+
+    #[test]
+    fn anything_else_takes_the_full_merge_and_changes_nothing() {
+        let payload = rw("up", &[("a", 1.0, 1000), ("b", 1.0, 1000)]);
+        let stale = f64::from_bits(0x7ff0_0000_0000_0002);
+        let upload = delimited::encode(&[family("up", "from an upload", &[("a", 1.0, 3000)])]);
+        let mut gauge = family("up", REMOTE_WRITE_HELP, &[("a", 1.0, 3000)]);
+        gauge.r#type = Some(MetricType::Gauge as i32);
+        let cases: Vec<(&str, Vec<u8>, i64)> = vec![
+            ("a new series", rw("up", &[("c", 1.0, 2000)]), 0),
+            ("a new family", rw("down", &[("a", 1.0, 2000)]), 0),
+            ("a staleness marker", rw("up", &[("a", stale, 2000)]), 0),
+            // A longer timestamp varint: the message changes length.
+            ("a longer message", rw("up", &[("a", 1.0, 1 << 40)]), 0),
+            ("a series past the TTL", rw("up", &[("a", 1.0, 2000)]), 1500),
+            ("a type change", delimited::encode(&[gauge]), 0),
+        ];
+        for (what, delta, oldest_ms) in cases {
+            let mut entry = cached(payload.clone());
+            let before = entry.payload().to_vec();
+            assert!(!merged(&mut entry, &delta, oldest_ms), "{what}");
+            assert_eq!(entry.payload(), &before[..], "{what}");
+        }
+        // Remote write's help replaces an upload's: a help change.
+        let mut entry = cached(upload);
+        assert!(!merged(&mut entry, &rw("up", &[("a", 1.0, 3000)]), 0));
+        // The other way round: an upload's help is kept under remote write's, in place.
+        let mut entry = cached(payload);
+        let upload = delimited::encode(&[family("up", "from an upload", &[("a", 1.0, 3000)])]);
+        assert!(merged(&mut entry, &upload, 0));
+    }
+
+    #[test]
+    fn labels_in_another_order_are_not_matched_in_place() {
+        let mut entry = cached(rw("up", &[("a", 1.0, 1000)]));
+        let mut reversed = family("up", REMOTE_WRITE_HELP, &[("a", 2.0, 2000)]);
+        reversed.metric[0].label.reverse();
+        // The same series to the full merge, not byte-equal labels: the full merge decides.
+        assert!(!merged(&mut entry, &delimited::encode(&[reversed]), 0));
+    }
+
+    /// One series of a test request: its labels (in the order given) and samples.
+    type RawSeries<'a> = (&'a [(&'a str, &'a str)], &'a [(f64, i64)]);
+
+    /// A remote-write body.
+    fn request(series: &[RawSeries<'_>]) -> Vec<u8> {
+        use crate::remote_write::proto::{Label, Sample, TimeSeries, WriteRequest};
+        let timeseries = series
+            .iter()
+            .map(|(labels, samples)| TimeSeries {
+                labels: labels
+                    .iter()
+                    .map(|(n, v)| Label {
+                        name: n.to_string(),
+                        value: v.to_string(),
+                    })
+                    .collect(),
+                samples: samples
+                    .iter()
+                    .map(|&(value, timestamp)| Sample { value, timestamp })
+                    .collect(),
+            })
+            .collect();
+        prost::Message::encode_to_vec(&WriteRequest { timeseries })
+    }
+
+    fn convert(body: &[u8]) -> Vec<u8> {
+        let rules = crate::receive::series::SeriesRules {
+            partition_label: "_id",
+            cluster_id: "c",
+            elide: &[],
+            extra_labels: &[],
+            whitelist: &[],
+            oldest_ms: 1000,
+            newest_ms: 1 << 40,
+            max_series: 100,
+            max_samples: 1000,
+        };
+        crate::receive::series::convert(body, &rules)
+            .unwrap()
+            .payload
+    }
+
+    const A: &[(&str, &str)] = &[("__name__", "up"), ("_id", "c"), ("job", "a")];
+    const B: &[(&str, &str)] = &[("__name__", "up"), ("_id", "c"), ("job", "b")];
+
+    #[test]
+    fn a_request_of_converted_series_merges_raw_exactly_as_converted() {
+        let whitelist = Arc::new(Vec::new());
+        let rules = RawRules {
+            oldest_ms: 1000,
+            newest_ms: 1 << 40,
+            max_series: 100,
+            whitelist: &whitelist,
+        };
+        let first = convert(&request(&[(A, &[(1.0, 2000)]), (B, &[(1.0, 2000)])]));
+        let mut entry = cached(first.clone());
+        let next = request(&[(B, &[(2.0, 3000)]), (A, &[(3.0, 1500)])]);
+        assert_eq!(entry.merge_raw(&next, &rules, 0), None, "not marked yet");
+        entry.mark_converted(&first, &whitelist);
+        let full = merge_payloads(entry.payload(), &convert(&next), 0).unwrap();
+        assert_eq!(entry.merge_raw(&next, &rules, 0), Some(2));
+        assert_eq!(entry.payload(), &full.payload[..]);
+        assert_eq!(entry.newest_received(), full.newest_received);
+
+        // Anything else is left to the conversion, and changes nothing.
+        let reordered: &[(&str, &str)] = &[("__name__", "up"), ("job", "a"), ("_id", "c")];
+        let stale = f64::from_bits(0x7ff0_0000_0000_0002);
+        let other = &[("__name__", "up"), ("_id", "d"), ("job", "a")][..];
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("labels to sort", request(&[(reordered, &[(1.0, 4000)])])),
+            ("a new series", request(&[(other, &[(1.0, 4000)])])),
+            ("too old", request(&[(A, &[(1.0, 999)])])),
+            ("too new", request(&[(A, &[(1.0, (1 << 40) + 1)])])),
+            ("a staleness marker", request(&[(A, &[(stale, 4000)])])),
+            ("two samples", request(&[(A, &[(1.0, 4000), (1.0, 4001)])])),
+            ("no sample", request(&[(A, &[])])),
+            ("no series", request(&[])),
+            (
+                "one known, one not",
+                request(&[(A, &[(1.0, 4000)]), (other, &[(1.0, 4000)])]),
+            ),
+        ];
+        for (what, body) in cases {
+            let before = entry.payload().to_vec();
+            assert_eq!(entry.merge_raw(&body, &rules, 0), None, "{what}");
+            assert_eq!(entry.payload(), &before[..], "{what}");
+        }
+        let body = request(&[(A, &[(1.0, 4000)])]);
+        let reloaded = Arc::new(Vec::new());
+        let reloaded_rules = RawRules {
+            whitelist: &reloaded,
+            ..rules
+        };
+        assert_eq!(
+            entry.merge_raw(&body, &reloaded_rules, 0),
+            None,
+            "whitelist reloaded"
+        );
+        assert_eq!(entry.merge_raw(&body, &rules, 3500), None, "B past the TTL");
+        assert_eq!(entry.merge_raw(&body, &rules, 0), Some(1));
+        // A series written by another path (an upload merged in place) is not converted any more.
+        let upload = delimited::encode(&[family("up", "from an upload", &[("a", 5.0, 5000)])]);
+        assert!(merged(&mut entry, &upload, 0));
+        let body = request(&[(A, &[(1.0, 6000)])]);
+        assert_eq!(
+            entry.merge_raw(&body, &rules, 0),
+            None,
+            "written by an upload"
+        );
+    }
+
+    #[test]
+    fn label_prefix_is_the_leading_labels_only() {
+        let m = untyped_series(vec![LabelPair::new("a", "1")], 1.0, 5);
+        let bytes = prost::Message::encode_to_vec(&m);
+        let prefix = label_prefix(&bytes).unwrap();
+        assert_eq!(prefix, 8, "key, length, then name and value: 2 + 2 + 2 + 2");
+        // A label after the value: not a prefix.
+        let mut late = bytes.clone();
+        late.extend_from_slice(&bytes[..prefix]);
+        assert_eq!(label_prefix(&late), None);
+        assert_eq!(label_prefix(&[0x0a, 0x05, 0x01]), None, "truncated");
+    }
+
+    #[test]
+    fn the_lru_is_bounded_by_bytes() {
+        let mut lru = Lru::default();
+        let one = cached(rw("up", &[("a", 1.0, 1000)]));
+        let size = one.bytes();
+        lru.put("one", one, size * 2);
+        lru.put("two", cached(rw("up", &[("a", 1.0, 1000)])), size * 2);
+        lru.put("three", cached(rw("up", &[("a", 1.0, 1000)])), size * 2);
+        assert!(!lru.entries.contains_key("one"), "least recently used out");
+        assert!(lru.entries.contains_key("two") && lru.entries.contains_key("three"));
+        assert!(lru.bytes <= size * 2);
+    }
+}
