@@ -6,7 +6,7 @@
 //! tokens file allows for the bundle's cluster id: so a token removed from the file, or one of
 //! another cluster, verifies nothing), validated exactly as `/upload` validates (the same decoder
 //! and [`Rules`], with the partition label stamped to the bundle's cluster id), and stored as a
-//! late upload through [`store_then_queue`] (or the server's placement, which ends there): it
+//! late upload through [`store_push`] (or the server's placement, which ends there): it
 //! never replaces newer values on `/federate`, and `--remote-write-url` gets its samples with
 //! their original timestamps. A bundle refused for any reason stores nothing; the other bundles
 //! of the same command are imported all the same.
@@ -42,7 +42,7 @@ use crate::authorize::{check_cluster_id, ClientAuthorizer, TokensFile};
 use crate::config::{Config, Flags, TokenSource};
 use crate::ingest::backfill::{BackfillBudget, BACKFILLS_PER_WINDOW};
 use crate::ingest::decode::{self, Decoded};
-use crate::ingest::placement::{store_then_queue, Placement};
+use crate::ingest::placement::{store_push, Placement};
 use crate::ingest::ratelimit::retry_after_secs;
 use crate::ingest::upload::UploadLimits;
 use crate::ingest::validate::Rules;
@@ -438,9 +438,8 @@ pub fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
             let bundle = importer.verify(&bytes, |id| Some(tokens.hashes_for(id)))?;
             let imported = importer.validate(bundle, SystemTime::now())?;
             if let Some(payload) = &imported.payload {
-                store_then_queue(
+                store_push(
                     &store,
-                    None,
                     &imported.cluster_id,
                     payload.clone(),
                     imported.created,

@@ -17,7 +17,6 @@ use crate::ingest::upload::UploadHandler;
 use crate::metrics::Metrics;
 use crate::receive::{ReceiveHandler, RECEIVE_PATH};
 use crate::reload::Reloader;
-use crate::remote_write::RemoteWriter;
 use crate::status::{self, Status};
 use crate::store::Store;
 
@@ -154,8 +153,6 @@ pub struct ClusterRoutes {
     pub cluster: Arc<Cluster>,
     /// Its metric families, refreshed at each `/metrics` scrape.
     pub metrics: ClusterMetrics,
-    /// Where pushes forwarded here are shipped once stored, if anywhere.
-    pub remote_write: Option<RemoteWriter>,
 }
 
 impl Handler for Internal {
@@ -187,9 +184,7 @@ impl Handler for Internal {
                 _ => Response::text(405, "only POST or PUT").with_header("Allow", "POST, PUT"),
             },
             FORWARD_PATH => match &self.cluster {
-                Some(c) => {
-                    handle_forward(&c.cluster, &self.store, c.remote_write.as_ref(), request)
-                }
+                Some(c) => handle_forward(&c.cluster, &self.store, request),
                 None => not_found(),
             },
             "/debug/cluster" => match &self.cluster {

@@ -203,11 +203,8 @@ impl Server {
         // Only the node that stores an upload ships it: the placement when it stores locally, the
         // forward endpoint when a peer forwarded the push here.
         let placement: Arc<dyn Placement> = match &cluster {
-            Some(cluster) => Arc::new(
-                ClusterPlacement::new(cluster.clone(), store.clone())
-                    .shipping_to(remote_write.clone()),
-            ),
-            None => Arc::new(LocalPlacement::new(store.clone()).shipping_to(remote_write.clone())),
+            Some(cluster) => Arc::new(ClusterPlacement::new(cluster.clone(), store.clone())),
+            None => Arc::new(LocalPlacement::new(store.clone())),
         };
 
         let limiter = Arc::new(RateLimiter::new(config.ratelimit));
@@ -232,7 +229,6 @@ impl Server {
                 max_future_skew: config.max_future_skew,
                 max_series: config.max_series,
                 store: store.clone(),
-                remote_write: remote_write.clone(),
                 route: match &cluster {
                     Some(cluster) => Route::Cluster(cluster.clone()),
                     None => Route::Local,
@@ -274,7 +270,6 @@ impl Server {
             cluster: cluster.as_ref().map(|cluster| ClusterRoutes {
                 cluster: cluster.clone(),
                 metrics: ClusterMetrics::register(&metrics.registry),
-                remote_write: remote_write.clone(),
             }),
             metrics,
             fronts: fronts.clone(),

@@ -10,18 +10,12 @@ use telemeter_common::http::{Request, Response};
 
 use super::forward::{ForwardKind, FORWARD_METHOD};
 use super::Cluster;
-use crate::ingest::placement::store_then_queue;
-use crate::remote_write::RemoteWriter;
+use crate::ingest::placement::store_push;
 use crate::store::Store;
 
 /// Answers one request to the forward endpoint. A forwarded push is shipped to `remote_write` once
 /// stored (this node is its owner); a handoff is not, its first owner shipped it already.
-pub fn handle_forward(
-    cluster: &Cluster,
-    store: &Store,
-    remote_write: Option<&RemoteWriter>,
-    request: Request,
-) -> Response {
+pub fn handle_forward(cluster: &Cluster, store: &Store, request: Request) -> Response {
     if request.method != FORWARD_METHOD {
         return Response::text(405, "only POST is allowed").with_header("Allow", "POST");
     }
@@ -43,9 +37,7 @@ pub fn handle_forward(
     let id = &forwarded.cluster_id;
     let bytes = families.len();
     let result = match forwarded.kind {
-        ForwardKind::Push => {
-            store_then_queue(store, remote_write, id, families, forwarded.received).map(|()| true)
-        }
+        ForwardKind::Push => store_push(store, id, families, forwarded.received).map(|()| true),
         // Written without the remote-write merge: its cached series are stale now.
         ForwardKind::Handoff => {
             let written = store.put_if_newer(id, families, forwarded.received);
@@ -59,8 +51,7 @@ pub fn handle_forward(
         }
         // Merged into the cluster's series (never forwarded again, like a push).
         ForwardKind::Receive => {
-            crate::receive::store_forwarded(store, remote_write, id, families, forwarded.received)
-                .map(|()| true)
+            crate::receive::store_forwarded(store, id, families, forwarded.received).map(|()| true)
         }
     };
     match result {
@@ -115,7 +106,7 @@ mod tests {
         let body = sealer
             .seal("solo", "c1", recent, ForwardKind::Push, b"new", now)
             .unwrap();
-        let reply = handle_forward(&cluster, &store.store, None, request("POST", body));
+        let reply = handle_forward(&cluster, &store.store, request("POST", body));
         assert_eq!(reply.status, 200);
         let stored = store.store.get("c1").unwrap().unwrap();
         assert_eq!(stored.payload, b"new".to_vec());
@@ -124,7 +115,7 @@ mod tests {
         let body = sealer
             .seal("solo", "c1", at(1_000), ForwardKind::Handoff, b"old", now)
             .unwrap();
-        let reply = handle_forward(&cluster, &store.store, None, request("POST", body));
+        let reply = handle_forward(&cluster, &store.store, request("POST", body));
         assert_eq!(reply.status, 200);
         assert_eq!(
             store.store.get("c1").unwrap().unwrap().payload,
@@ -132,19 +123,19 @@ mod tests {
         );
 
         // Not sealed, tampered, addressed to another node, wrong method.
-        let reply = handle_forward(&cluster, &store.store, None, request("POST", b"x".to_vec()));
+        let reply = handle_forward(&cluster, &store.store, request("POST", b"x".to_vec()));
         assert_eq!(reply.status, 401);
         let mut body = sealer
             .seal("solo", "c2", recent, ForwardKind::Push, b"a", now)
             .unwrap();
         let last = body.len() - 1;
         body[last] ^= 1;
-        let reply = handle_forward(&cluster, &store.store, None, request("POST", body));
+        let reply = handle_forward(&cluster, &store.store, request("POST", body));
         assert_eq!(reply.status, 401);
         let body = sealer
             .seal("other", "c2", recent, ForwardKind::Push, b"a", now)
             .unwrap();
-        let reply = handle_forward(&cluster, &store.store, None, request("POST", body));
+        let reply = handle_forward(&cluster, &store.store, request("POST", body));
         assert_eq!(reply.status, 401);
         match &reply.body {
             telemeter_common::http::Body::Bytes(body) => assert!(
@@ -153,7 +144,7 @@ mod tests {
             ),
             _ => panic!("a 401 carries its reason"),
         }
-        let reply = handle_forward(&cluster, &store.store, None, request("GET", Vec::new()));
+        let reply = handle_forward(&cluster, &store.store, request("GET", Vec::new()));
         assert_eq!(reply.status, 405);
         assert!(store.store.get("c2").unwrap().is_none());
 

@@ -12,32 +12,19 @@ use std::time::SystemTime;
 
 use super::forward::ForwardKind;
 use super::Cluster;
-use crate::ingest::placement::{store_then_queue, Placement, PlacementError};
-use crate::remote_write::RemoteWriter;
+use crate::ingest::placement::{store_push, Placement, PlacementError};
 use crate::store::Store;
 
 /// Routes uploads through the ring.
 pub struct ClusterPlacement {
     cluster: Arc<Cluster>,
     store: Store,
-    remote_write: Option<RemoteWriter>,
 }
 
 impl ClusterPlacement {
     /// A placement storing locally in `store` what `cluster` says this node owns.
     pub fn new(cluster: Arc<Cluster>, store: Store) -> ClusterPlacement {
-        ClusterPlacement {
-            cluster,
-            store,
-            remote_write: None,
-        }
-    }
-
-    /// The same placement, also queueing on `writer` every upload it stores locally (a forwarded one
-    /// is shipped by the node that stores it).
-    pub fn shipping_to(mut self, writer: Option<RemoteWriter>) -> ClusterPlacement {
-        self.remote_write = writer;
-        self
+        ClusterPlacement { cluster, store }
     }
 }
 
@@ -54,16 +41,7 @@ impl Placement for ClusterPlacement {
             ForwardKind::Push,
             payload,
             received,
-            |bytes| {
-                store_then_queue(
-                    &self.store,
-                    self.remote_write.as_ref(),
-                    cluster_id,
-                    bytes,
-                    received,
-                )
-                .map_err(|e| e.to_string())
-            },
+            |bytes| store_push(&self.store, cluster_id, bytes, received).map_err(|e| e.to_string()),
         )
     }
 }

@@ -3,12 +3,12 @@
 //! A single server stores every upload itself ([`LocalPlacement`]); in a cluster,
 //! [`crate::cluster::placement`] looks up the cluster's owner on the hash ring and forwards to it.
 //! The upload pipeline only sees [`Placement`]. Whoever stores an upload locally does it through
-//! [`store_then_queue`], the one place that orders "durable, then shipped to remote write".
+//! [`store_push`] (or, for a remote-write request, [`store_merged`]): with `--remote-write-url` the
+//! store's journal is the egress backlog, so what these store is what gets shipped.
 
 use std::fmt;
 use std::time::SystemTime;
 
-use crate::remote_write::RemoteWriter;
 use crate::store::{Ship, Store, StoreError};
 
 /// Why an upload could not be stored anywhere.
@@ -63,23 +63,12 @@ pub trait Placement: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct LocalPlacement {
     store: Store,
-    remote_write: Option<RemoteWriter>,
 }
 
 impl LocalPlacement {
     /// A placement writing to `store`.
     pub fn new(store: Store) -> LocalPlacement {
-        LocalPlacement {
-            store,
-            remote_write: None,
-        }
-    }
-
-    /// The same placement, for a server shipping with `writer` (what is shipped is decided by the
-    /// store, opened with `Store::open_shipping`; kept so every placement is built alike).
-    pub fn shipping_to(mut self, writer: Option<RemoteWriter>) -> LocalPlacement {
-        self.remote_write = writer;
-        self
+        LocalPlacement { store }
     }
 }
 
@@ -90,26 +79,19 @@ impl Placement for LocalPlacement {
         payload: Vec<u8>,
         received: SystemTime,
     ) -> Result<(), PlacementError> {
-        Ok(store_then_queue(
-            &self.store,
-            self.remote_write.as_ref(),
-            cluster_id,
-            payload,
-            received,
-        )?)
+        Ok(store_push(&self.store, cluster_id, payload, received)?)
     }
 }
 
 /// Stores `payload` durably as `cluster_id`'s latest upload unless the stored one has newer
-/// samples (a late upload never replaces fresher values on `/federate`). With `remote_write` on,
+/// samples (a late upload never replaces fresher values on `/federate`). With egress on,
 /// the store journals it to be shipped either way (the receiver keeps history, so a late upload
 /// gives it the samples an outage would have lost, with their original timestamps): the journal
 /// is the egress backlog, so nothing is shipped that was not stored, and nothing stored is lost
 /// by a crash before it is shipped. Every path that stores a push it owns (an upload stored here,
 /// a push forwarded to this node) goes through here.
-pub fn store_then_queue(
+pub fn store_push(
     store: &Store,
-    remote_write: Option<&RemoteWriter>,
     cluster_id: &str,
     payload: Vec<u8>,
     received: SystemTime,
@@ -117,13 +99,7 @@ pub fn store_then_queue(
     // A cluster that also pushes by remote write: merged, so neither path erases the other's
     // series (README, "Remote write and uploads together").
     if crate::receive::merge::uses_remote_write(store, cluster_id, received) {
-        return crate::receive::merge::store_upload_merged(
-            store,
-            remote_write,
-            cluster_id,
-            payload,
-            received,
-        );
+        return crate::receive::merge::store_upload_merged(store, cluster_id, payload, received);
     }
     let stored = store
         .put_unless_older(cluster_id, payload, received)
@@ -135,10 +111,10 @@ pub fn store_then_queue(
 
 /// Stores `merged` (a cluster's series after a remote-write request was merged into them) durably
 /// as `cluster_id`'s payload, and has egress ship only `delta` (the request's own samples): the
-/// merged payload holds samples shipped before, which a receiver would refuse as out of order. The one place a received remote-write request goes from durable to shipped.
-pub fn store_merged_then_ship(
+/// merged payload holds samples shipped before, which a receiver would refuse as out of order.
+/// The one place a received remote-write request is stored.
+pub fn store_merged(
     store: &Store,
-    _remote_write: Option<&RemoteWriter>,
     cluster_id: &str,
     merged: Vec<u8>,
     delta: Vec<u8>,

@@ -27,8 +27,7 @@ use telemeter_common::selector::Selector;
 use telemeter_common::wire::{self, MetricView, Value};
 
 use super::cache::{self, CachedCluster, RawRules};
-use crate::ingest::placement::store_merged_then_ship;
-use crate::remote_write::RemoteWriter;
+use crate::ingest::placement::store_merged;
 use crate::store::{Store, StoreError};
 
 /// Locks around read-merge-put, chosen by cluster id.
@@ -124,19 +123,11 @@ pub fn uses_remote_write(store: &Store, cluster_id: &str, now: SystemTime) -> bo
 /// remote-write request (so neither path erases the other's series), and shipped as it came.
 pub fn store_upload_merged(
     store: &Store,
-    remote_write: Option<&RemoteWriter>,
     cluster_id: &str,
     payload: Vec<u8>,
     received: SystemTime,
 ) -> Result<(), StoreError> {
-    match store_received(
-        store,
-        remote_write,
-        cluster_id,
-        payload,
-        received,
-        usize::MAX,
-    ) {
+    match store_received(store, cluster_id, payload, received, usize::MAX) {
         Ok(()) | Err(MergeError::TooManySeries { .. }) => Ok(()),
         Err(MergeError::Store(e)) => Err(e),
     }
@@ -188,21 +179,12 @@ impl From<StoreError> for MergeError {
 /// stores a remote-write request it owns (received here, forwarded here) goes through here.
 pub fn store_received(
     store: &Store,
-    remote_write: Option<&RemoteWriter>,
     cluster_id: &str,
     delta: Vec<u8>,
     received: SystemTime,
     max_series: usize,
 ) -> Result<(), MergeError> {
-    store_delta(
-        store,
-        remote_write,
-        cluster_id,
-        delta,
-        received,
-        max_series,
-        None,
-    )
+    store_delta(store, cluster_id, delta, received, max_series, None)
 }
 
 /// As [`store_received`]; `converted` is the whitelist `delta` was converted under when this
@@ -210,7 +192,6 @@ pub fn store_received(
 /// [`store_raw`]).
 pub fn store_delta(
     store: &Store,
-    remote_write: Option<&RemoteWriter>,
     cluster_id: &str,
     delta: Vec<u8>,
     received: SystemTime,
@@ -250,14 +231,7 @@ pub fn store_delta(
                 Ok(entry) => entry,
                 Err(payload) => {
                     // Not indexable (over 4 GiB): stored, not cached.
-                    store_merged_then_ship(
-                        store,
-                        remote_write,
-                        cluster_id,
-                        payload,
-                        delta,
-                        received,
-                    )?;
+                    store_merged(store, cluster_id, payload, delta, received)?;
                     note_newest(store, cluster_id, merged.newest_received, false);
                     return Ok(());
                 }
@@ -267,14 +241,7 @@ pub fn store_delta(
     if let Some(whitelist) = converted {
         entry.mark_converted(&delta, whitelist);
     }
-    store_merged_then_ship(
-        store,
-        remote_write,
-        cluster_id,
-        entry.payload().to_vec(),
-        delta,
-        received,
-    )?;
+    store_merged(store, cluster_id, entry.payload().to_vec(), delta, received)?;
     note_newest(store, cluster_id, entry.newest_received(), false);
     claim.keep(entry);
     Ok(())
@@ -304,9 +271,8 @@ pub fn store_raw(
         claim.keep(entry);
         return Ok(None);
     };
-    store_merged_then_ship(
+    store_merged(
         store,
-        None,
         cluster_id,
         entry.payload().to_vec(),
         Vec::new(),
@@ -774,7 +740,6 @@ mod tests {
         let before = now - Duration::from_secs(90 * 60);
         store_received(
             &store,
-            None,
             "c",
             series(REMOTE_WRITE_HELP, "rw", before),
             before,
@@ -783,14 +748,8 @@ mod tests {
         .unwrap();
         assert!(cache::is_cached(&store, "c"));
         // An upload once the remote-write series is past the TTL: stored as sent, not merged.
-        crate::ingest::placement::store_then_queue(
-            &store,
-            None,
-            "c",
-            series("up", "upload", now),
-            now,
-        )
-        .unwrap();
+        crate::ingest::placement::store_push(&store, "c", series("up", "upload", now), now)
+            .unwrap();
         assert!(
             !cache::is_cached(&store, "c"),
             "the upload made the cached series stale"
@@ -798,7 +757,6 @@ mod tests {
         // The next request merges into the upload, not into what was cached before it.
         store_received(
             &store,
-            None,
             "c",
             series(REMOTE_WRITE_HELP, "rw", now),
             now,

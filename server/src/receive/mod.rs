@@ -42,7 +42,6 @@ use crate::cluster::Cluster;
 use crate::ingest::gate::Gate;
 use crate::ingest::ratelimit::retry_after_secs;
 use crate::metrics::Metrics;
-use crate::remote_write::RemoteWriter;
 use crate::store::Store;
 
 use auth::{Authenticator, Credentials};
@@ -160,7 +159,6 @@ pub struct ReceiveHandler {
     max_future_skew: Duration,
     max_series: usize,
     store: Store,
-    remote_write: Option<RemoteWriter>,
     route: Route,
     memory: Gate,
     cpu: Gate,
@@ -188,8 +186,6 @@ pub struct ReceiveParts {
     pub max_series: usize,
     /// The store.
     pub store: Store,
-    /// Where stored samples are shipped, if anywhere.
-    pub remote_write: Option<RemoteWriter>,
     /// Local or clustered.
     pub route: Route,
     /// The server's metrics (the counters are registered there).
@@ -227,7 +223,6 @@ impl ReceiveHandler {
             max_future_skew: parts.max_future_skew,
             max_series: parts.max_series,
             store: parts.store,
-            remote_write: parts.remote_write,
             route: parts.route,
             memory: Gate::new(MAX_MEMORY_BYTES),
             cpu: Gate::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -413,7 +408,7 @@ impl ReceiveHandler {
     /// not see labels that `--label` rewrote (it is matched before they are set, so a rewritten
     /// series might not match again).
     fn raw_path<'w>(&self, whitelist: &'w Arc<Vec<Selector>>) -> Option<&'w Arc<Vec<Selector>>> {
-        let local = matches!(self.route, Route::Local) && self.remote_write.is_none();
+        let local = matches!(self.route, Route::Local) && self.store.backlog().is_none();
         (local && (whitelist.is_empty() || self.extra_labels.is_empty())).then_some(whitelist)
     }
 
@@ -514,7 +509,6 @@ impl ReceiveHandler {
     ) -> Result<(), Refusal> {
         merge::store_delta(
             &self.store,
-            self.remote_write.as_ref(),
             cluster_id,
             delta,
             received,
@@ -579,14 +573,13 @@ fn check_encoding(request: &Request) -> Result<(), Refusal> {
 /// into the cluster's series like one received here.
 pub fn store_forwarded(
     store: &Store,
-    remote_write: Option<&RemoteWriter>,
     cluster_id: &str,
     delta: Vec<u8>,
     received: SystemTime,
 ) -> Result<(), crate::store::StoreError> {
     // The sender held the request to its caps; the merged payload is not capped here, so that an
     // owner never refuses what a peer already accepted.
-    match merge::store_received(store, remote_write, cluster_id, delta, received, usize::MAX) {
+    match merge::store_received(store, cluster_id, delta, received, usize::MAX) {
         Ok(()) | Err(MergeError::TooManySeries { .. }) => Ok(()),
         Err(MergeError::Store(e)) => Err(e),
     }
