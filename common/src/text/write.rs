@@ -5,9 +5,10 @@ use crate::delimited::DecodeError;
 use crate::labels;
 use crate::model::{LabelPair, Metric, MetricFamily, MetricType};
 use crate::wire::{FamilyView, MetricView, Value};
+use std::cell::RefCell;
 use std::io::{self, Write};
 
-use super::float::{write_float, NumBuf};
+use super::float::{write_float, FloatCache, NumBuf};
 use super::skip::{label_problem, series_problem, SeenNames, SkipReason, Skipped};
 
 /// Writes one family in text format: `# HELP` (when there is help text), `# TYPE`, then one line per
@@ -310,15 +311,19 @@ impl SeriesLines<'_, '_> {
         extra: Option<(&[u8], f64)>,
         value: f64,
     ) -> Result<(), LineError> {
-        out.extend_from_slice(self.name);
-        out.extend_from_slice(suffix);
         let labels = match &self.labels {
             Some(range) => {
+                // Every line after the first: one reservation for the whole line, then copies.
                 let range = range.clone();
+                out.reserve(self.name.len() + suffix.len() + range.len() + MAX_LINE_TAIL);
+                out.extend_from_slice(self.name);
+                out.extend_from_slice(suffix);
                 out.extend_from_within(range.clone());
                 range
             }
             None => {
+                out.extend_from_slice(self.name);
+                out.extend_from_slice(suffix);
                 let start = out.len();
                 let mut separator = b'{';
                 let mut seen = SeenNames::new();
@@ -349,7 +354,16 @@ impl SeriesLines<'_, '_> {
             open = true;
             buf.push_slice(extra_name);
             buf.push_slice(b"=\"");
-            buf.push_float(extra_value);
+            let cached = EXTRA_VALUES.try_with(|cache| match cache.try_borrow_mut() {
+                Ok(mut cache) => {
+                    cache.push_float(&mut buf, extra_value);
+                    true
+                }
+                Err(_) => false,
+            });
+            if !matches!(cached, Ok(true)) {
+                buf.push_float(extra_value);
+            }
             buf.push(b'"');
         }
         if open {
@@ -365,6 +379,14 @@ impl SeriesLines<'_, '_> {
         out.extend_from_slice(buf.as_bytes());
         Ok(())
     }
+}
+
+/// Most bytes a line has after its labels: `,quantile="<float>"} <float> <i64>\n` (84).
+const MAX_LINE_TAIL: usize = 96;
+
+thread_local! {
+    /// The `le` and `quantile` values this thread wrote last (see [`FloatCache`]).
+    static EXTRA_VALUES: RefCell<FloatCache> = const { RefCell::new(FloatCache::new()) };
 }
 
 /// As [`write_escaped`], for bytes into a `Vec`.
