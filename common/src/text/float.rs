@@ -58,31 +58,9 @@ impl NumBuf {
         }
     }
 
-    fn push_u64(&mut self, mut n: u64) {
-        // Two digits a division, from a table: half the divisions of one digit at a time.
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        while n >= 100 && i >= 2 {
-            let pair = (n % 100) as usize * 2;
-            n /= 100;
-            i -= 2;
-            if let (Some(slot), Some(pair)) = (digits.get_mut(i..i + 2), DIGIT_PAIRS.get(pair..pair + 2)) {
-                slot.copy_from_slice(pair);
-            }
-        }
-        if n >= 10 && i >= 2 {
-            let pair = n as usize * 2;
-            i -= 2;
-            if let (Some(slot), Some(pair)) = (digits.get_mut(i..i + 2), DIGIT_PAIRS.get(pair..pair + 2)) {
-                slot.copy_from_slice(pair);
-            }
-        } else if i >= 1 {
-            i -= 1;
-            if let Some(d) = digits.get_mut(i) {
-                *d = b'0' + n as u8;
-            }
-        }
-        self.push_slice(digits.get(i..).unwrap_or_default());
+    fn push_u64(&mut self, n: u64) {
+        let mut room = [0u8; 20];
+        self.push_slice(u64_digits(n, &mut room));
     }
 
     pub(super) fn push_i64(&mut self, n: i64) {
@@ -99,11 +77,14 @@ impl NumBuf {
         let abs = f.abs();
         // Integers below 1e6 (counts, most counters and gauges, 0 and 1, negative zero as "0"):
         // their shortest digits are the integer itself, which Go writes without an exponent.
-        if abs < 1e6 && abs.fract() == 0.0 {
+        // (A round trip through u64, not `fract`: that is a call to libm's `trunc` without
+        // SSE4.1, a few percent of a scrape.)
+        let integer = abs as u64;
+        if abs < 1e6 && integer as f64 == abs {
             if f < 0.0 {
                 self.push(b'-');
             }
-            return self.push_u64(abs as u64);
+            return self.push_u64(integer);
         }
         self.push_float_general(f)
     }
@@ -123,9 +104,10 @@ impl NumBuf {
         }
         let abs = f.abs();
         // The shortest digits that read back as `abs`, as an integer and its power of ten.
-        let (mut mantissa, mut power) = if abs < 9_007_199_254_740_992.0 && abs.fract() == 0.0 {
+        let integer = abs as u64;
+        let (mut mantissa, mut power) = if abs < 9_007_199_254_740_992.0 && integer as f64 == abs {
             // Integers below 2^53 are exact, so their digits are their shortest form.
-            (abs as u64, 0)
+            (integer, 0)
         } else {
             ryu::shortest(abs)
         };
@@ -133,9 +115,8 @@ impl NumBuf {
             mantissa /= 10;
             power += 1;
         }
-        let mut all = NumBuf::new();
-        all.push_u64(mantissa);
-        let digits = all.as_bytes();
+        let mut room = [0u8; 20];
+        let digits = u64_digits(mantissa, &mut room);
         // The decimal exponent of the first digit, as Go's `%e` would write it.
         let exp = power + digits.len() as i32 - 1;
         if f < 0.0 {
@@ -210,7 +191,12 @@ impl FloatCache {
             return buf.push_float(f);
         };
         if cached.len > 0 && cached.bits == bits {
-            return buf.push_slice(cached.text.get(..usize::from(cached.len)).unwrap_or_default());
+            return buf.push_slice(
+                cached
+                    .text
+                    .get(..usize::from(cached.len))
+                    .unwrap_or_default(),
+            );
         }
         let start = buf.len;
         buf.push_float(f);
@@ -221,6 +207,35 @@ impl FloatCache {
             cached.len = text.len() as u8;
         }
     }
+}
+
+/// `n`'s decimal digits, written at the end of `room`. Two digits a division, from a table:
+/// half the divisions of one digit at a time.
+fn u64_digits(mut n: u64, room: &mut [u8; 20]) -> &[u8] {
+    let mut i = room.len();
+    while n >= 100 && i >= 2 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        i -= 2;
+        if let (Some(slot), Some(pair)) = (room.get_mut(i..i + 2), DIGIT_PAIRS.get(pair..pair + 2))
+        {
+            slot.copy_from_slice(pair);
+        }
+    }
+    if n >= 10 && i >= 2 {
+        let pair = n as usize * 2;
+        i -= 2;
+        if let (Some(slot), Some(pair)) = (room.get_mut(i..i + 2), DIGIT_PAIRS.get(pair..pair + 2))
+        {
+            slot.copy_from_slice(pair);
+        }
+    } else if i >= 1 {
+        i -= 1;
+        if let Some(d) = room.get_mut(i) {
+            *d = b'0' + n as u8;
+        }
+    }
+    room.get(i..).unwrap_or_default()
 }
 
 /// "00", "01", .. "99": the digits of every number below 100, two at a time.
@@ -328,8 +343,8 @@ mod ryu {
                 while vm % 10 == 0 && vm > 0 {
                     vr_is_trailing_zeros &= last_removed_digit == 0;
                     last_removed_digit = vr % 10;
+                    // The upper bound is not read again: only `vr` and `vm` go on shrinking.
                     vr /= 10;
-                    vp /= 10;
                     vm /= 10;
                     removed += 1;
                 }
@@ -340,7 +355,8 @@ mod ryu {
             }
             output = vr
                 + u64::from(
-                    (vr == vm && (!accept_bounds || !vm_is_trailing_zeros)) || last_removed_digit >= 5,
+                    (vr == vm && (!accept_bounds || !vm_is_trailing_zeros))
+                        || last_removed_digit >= 5,
                 );
         } else {
             let mut round_up = false;
@@ -442,7 +458,8 @@ mod ryu {
     }
 
     fn bit(big: &[u32], at: usize) -> u128 {
-        big.get(at / 32).map_or(0, |l| u128::from((l >> (at % 32)) & 1))
+        big.get(at / 32)
+            .map_or(0, |l| u128::from((l >> (at % 32)) & 1))
     }
 
     /// The `n` top bits of `big` (of `len` bits), shifted up with zeros when it has fewer.
@@ -486,7 +503,10 @@ mod ryu {
     fn less(a: &[u32], b: &[u32]) -> bool {
         let n = a.len().max(b.len());
         for at in (0..n).rev() {
-            let (x, y) = (a.get(at).copied().unwrap_or(0), b.get(at).copied().unwrap_or(0));
+            let (x, y) = (
+                a.get(at).copied().unwrap_or(0),
+                b.get(at).copied().unwrap_or(0),
+            );
             if x != y {
                 return x < y;
             }
@@ -527,7 +547,12 @@ mod tests {
             return "0".into();
         }
         let shortest = format!("{:e}", f.abs());
-        let length = shortest.split('e').next().unwrap().chars().filter(char::is_ascii_digit);
+        let length = shortest
+            .split('e')
+            .next()
+            .unwrap()
+            .chars()
+            .filter(char::is_ascii_digit);
         let sci = format!("{:.*e}", length.count() - 1, f.abs());
         let (mantissa, exp) = sci.split_once('e').unwrap();
         let exp: i32 = exp.parse().unwrap();
@@ -590,7 +615,15 @@ mod tests {
 
     #[test]
     fn fast_paths_write_what_the_general_formatter_writes() {
-        for f in [0.0, -0.0, 1.0, -1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        for f in [
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ] {
             check(f);
         }
         assert_eq!(fast(-0.0), "0");
@@ -602,7 +635,14 @@ mod tests {
         assert_eq!(fast(-123.25), "-123.25");
         // The edges of the fast paths: 1e6 and 1e-4, and integers near 2^53 and 2^64.
         let two53 = 9_007_199_254_740_992.0f64;
-        for f in [1e6, 1e-4, 999_999.5, two53, 2.0 * two53, 1.8446744073709552e19] {
+        for f in [
+            1e6,
+            1e-4,
+            999_999.5,
+            two53,
+            2.0 * two53,
+            1.8446744073709552e19,
+        ] {
             check_around(f);
         }
         for k in 0..2_000u64 {
