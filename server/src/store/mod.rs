@@ -96,7 +96,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, SystemTime};
@@ -175,6 +175,16 @@ impl Store {
     }
 
     fn open_as(config: StoreConfig, shipping: bool) -> Result<Store, StoreError> {
+        Store::open_checkpointing(config, shipping, true)
+    }
+
+    /// Opens the store; without `checkpointing` (tests modelling a crash right after open) the
+    /// checkpointer writes nothing.
+    fn open_checkpointing(
+        config: StoreConfig,
+        shipping: bool,
+        checkpointing: bool,
+    ) -> Result<Store, StoreError> {
         let dir = config.dir.clone();
         fs::create_dir_all(&dir)
             .map_err(|e| StoreError::io(format!("creating directory {}", dir.display()), e))?;
@@ -216,6 +226,7 @@ impl Store {
             }),
             segment_bytes: AtomicU64::new(journal::SEGMENT_BYTES),
             counters: Counters::default(),
+            checkpointing: AtomicBool::new(checkpointing),
             egress: match shipping {
                 false => None,
                 true => Some(egress::EgressShared::new(
@@ -229,9 +240,14 @@ impl Store {
                 dir_for_egress.join(egress::EGRESS_DIR).display()
             );
         }
-        shared.recover()?;
+        let replayed = shared.recover()?;
 
         let (retire, retired) = crossbeam_channel::unbounded();
+        // The replayed segments are checkpointed first, in order, in the background: open
+        // returns without writing their cluster files (reads find the records in them).
+        for segment in replayed {
+            let _ = retire.send(segment);
+        }
         lock(&shared.journal).retired = Some(retire);
         let checkpointer = {
             let shared = Arc::clone(&shared);
