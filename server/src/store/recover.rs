@@ -90,7 +90,10 @@ impl Shared {
         for &number in &numbers {
             let segment = Arc::new(Segment::open(&self.dir, number).map_err(|e| {
                 StoreError::io(
-                    format!("opening {}{number}", self.dir.join(journal::PREFIX).display()),
+                    format!(
+                        "opening {}{number}",
+                        self.dir.join(journal::PREFIX).display()
+                    ),
                     e,
                 )
             })?);
@@ -192,7 +195,10 @@ fn index_file(path: &Path) -> Result<(String, Entry), ReadError> {
     let (header, payload) = file::read_as(&opened, metadata.len(), Reading::HeaderOnly)?;
     let verified = payload.is_some();
     let newest_sample_ms = header.newest_sample_ms.unwrap_or_else(|| {
-        newest_sample_ms(payload.as_deref().unwrap_or_default(), header.received_millis)
+        newest_sample_ms(
+            payload.as_deref().unwrap_or_default(),
+            header.received_millis,
+        )
     });
     Ok((
         header.cluster_id,

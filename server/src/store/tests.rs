@@ -948,7 +948,11 @@ fn a_payload_damaged_on_disk_is_found_by_its_first_read_and_never_served() {
     let store = open(&dir);
     assert_eq!(store.stats().corrupt_files, 0);
     assert!(path("damaged").exists());
-    assert_eq!(store.get("damaged").unwrap(), None, "damaged payload served");
+    assert_eq!(
+        store.get("damaged").unwrap(),
+        None,
+        "damaged payload served"
+    );
     assert_eq!(store.get_pinned("damaged").unwrap().map(|p| p.upload), None);
     assert_eq!(store.stats().corrupt_files, 1);
     assert!(!path("damaged").exists());
@@ -961,7 +965,9 @@ fn a_payload_damaged_on_disk_is_found_by_its_first_read_and_never_served() {
     // The first read verifies and remembers it; later reads of that file skip the SHA-256.
     let verified = |store: &Store| {
         matches!(
-            lock(&store.handle.shared.index).get("good").map(|e| &e.location),
+            lock(&store.handle.shared.index)
+                .get("good")
+                .map(|e| &e.location),
             Some(Location::File { verified: true, .. })
         )
     };
