@@ -5,6 +5,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -22,6 +23,10 @@ pub(super) fn checkpoint_until_closed(shared: &Shared, retired: &Receiver<Arc<Se
     // one: replaying it alone would put its older uploads over newer cluster files.
     let mut keep = false;
     for segment in retired {
+        if !shared.checkpointing.load(Ordering::Relaxed) {
+            // A test's crash: the segment stays on disk as it is, for the next open.
+            continue;
+        }
         keep = !checkpoint(shared, &segment, keep) || keep;
     }
 }
@@ -43,7 +48,8 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
         })
         .collect();
 
-    let mut written: Vec<(String, u64, PathBuf, File)> = Vec::new();
+    // (cluster, its record's offset, temp file, its inode, the temp file open)
+    let mut written: Vec<(String, u64, PathBuf, u64, File)> = Vec::new();
     let mut failed = false;
     for (cluster_id, offset, payload_bytes, newest_sample_ms) in in_segment {
         let temp = shared.dir.join(format!(
@@ -70,10 +76,12 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
                 let mut out = File::options().write(true).create_new(true).open(&temp)?;
                 out.write_all(&image)?;
                 out.write_all(&payload)?;
-                Ok(out)
+                // The rename keeps it: the index tells this version of the file by it.
+                let inode = out.metadata()?.ino();
+                Ok((inode, out))
             });
         match done {
-            Ok(out) => written.push((cluster_id, offset, temp, out)),
+            Ok((inode, out)) => written.push((cluster_id, offset, temp, inode, out)),
             Err(error) => {
                 log::warn!(
                     "checkpointing {}: writing {} for cluster {cluster_id:?}: {error}",
@@ -86,7 +94,7 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
         }
     }
     if !written.is_empty() && !sync_file_system(shared) {
-        for (cluster_id, _, temp, out) in &written {
+        for (cluster_id, _, temp, _, out) in &written {
             if let Err(error) = out.sync_data() {
                 log::warn!(
                     "checkpointing cluster {cluster_id:?}: syncing {}: {error}",
@@ -97,7 +105,7 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
         }
     }
     if failed {
-        for (_, _, temp, _) in &written {
+        for (_, _, temp, _, _) in &written {
             let _ = fs::remove_file(temp);
         }
         log::warn!(
@@ -112,7 +120,7 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
         // as its newest: a later put, a remove or the sweeper may have moved on.
         let _mutation = lock(&shared.mutation);
         let mut renamed = Vec::new();
-        for (cluster_id, offset, temp, _) in &written {
+        for (cluster_id, offset, temp, inode, _) in &written {
             let current = matches!(
                 lock(&shared.index).get(cluster_id).map(|e| &e.location),
                 Some(Location::Journal { segment: s, offset: o }) if s.number == segment.number && o == offset
@@ -122,7 +130,7 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
                 continue;
             }
             match fs::rename(temp, shared.path_of(cluster_id)) {
-                Ok(()) => renamed.push((cluster_id, *offset)),
+                Ok(()) => renamed.push((cluster_id, *offset, *inode)),
                 Err(error) => {
                     log::warn!(
                         "checkpointing cluster {cluster_id:?}: renaming {}: {error}",
@@ -142,11 +150,16 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
         }
         if !failed {
             let mut index = lock(&shared.index);
-            for (cluster_id, offset) in renamed {
+            for (cluster_id, offset, inode) in renamed {
                 if let Some(entry) = index.get_mut(cluster_id.as_str()) {
                     if matches!(&entry.location, Location::Journal { segment: s, offset: o } if s.number == segment.number && *o == offset)
                     {
-                        entry.location = Location::File;
+                        // Verified by its first read, as every file version is: the bytes on
+                        // disk are what that read checks, not what was meant to be written.
+                        entry.location = Location::File {
+                            inode,
+                            verified: false,
+                        };
                     }
                 }
             }

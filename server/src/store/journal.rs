@@ -230,11 +230,19 @@ pub(super) struct Segment {
     pub(super) number: u64,
     /// Where it is.
     pub(super) path: PathBuf,
-    /// Open for reading and writing.
+    /// Open for reading (and writing, when this run created it).
     pub(super) file: File,
 }
 
 impl Segment {
+    /// Opens segment `number` of `dir`, left by an earlier run, for reading: its records are
+    /// served from it until the checkpointer has written them to their cluster files.
+    pub(super) fn open(dir: &Path, number: u64) -> io::Result<Segment> {
+        let path = dir.join(format!("{PREFIX}{number}"));
+        let file = File::open(&path)?;
+        Ok(Segment { number, path, file })
+    }
+
     /// Creates segment `number` in `dir` (which the caller syncs before relying on it).
     pub(super) fn create(dir: &Path, number: u64) -> io::Result<Segment> {
         let path = dir.join(format!("{PREFIX}{number}"));
@@ -367,6 +375,8 @@ pub(super) struct Record {
     pub(super) header: Header,
     /// The image's payload (empty for a removal).
     pub(super) payload: Vec<u8>,
+    /// Where the record starts in its segment (what [`Segment::read_put`] takes).
+    pub(super) offset: u64,
 }
 
 /// Reads the records of the segment at `path` one by one (memory holds one record at a time) and
@@ -416,11 +426,13 @@ pub(super) fn replay(
         reader.read_exact(&mut payload)?;
         match verify(&prefix_bytes, &prefix, id, payload) {
             Ok((header, payload)) => {
+                let offset = at;
                 at += size + prefix.payload_len;
                 apply(Record {
                     kind,
                     header,
                     payload,
+                    offset,
                 })?;
             }
             Err(ReadError::Corrupt(reason)) => return torn(&reason),
@@ -482,6 +494,7 @@ pub(super) fn read_at(file: &File, mut at: u64, len: u64) -> io::Result<Next> {
                 kind,
                 header,
                 payload,
+                offset: at,
             },
             at + size + prefix.payload_len,
         )),

@@ -18,7 +18,14 @@
 //! file per upload (figures in the `journal` module).
 //!
 //! The directory is locked (fs2) so a second server on it refuses to start. On open, temp files are
-//! removed and files that fail their checksum are moved to `DIR/corrupt/` and never served.
+//! removed, cluster files are indexed from their headers alone (a header that does not hold up
+//! sets its file aside in `DIR/corrupt/`), and the journal is replayed into the index: open reads
+//! ~100 bytes per cluster file and the segments, and writes nothing. The replayed segments are
+//! served from until the checkpointer, started with the store, has written their cluster files in
+//! the background (as for a full segment). A payload's SHA-256 is checked by the first read of
+//! each version of its file, which the index remembers (by inode), so `/federate` scrapes do not
+//! hash every file again; a file that fails then is set aside and never served. (A file damaged
+//! in place after its first read is not noticed until the next open.)
 //!
 //! # The TTL counts from the newest sample
 //!
@@ -53,15 +60,16 @@
 //!
 //! A file is served only if the magic and a known version match, `p` is exactly what follows the header
 //! (nothing is allocated from a declared length before that is checked against the file's size),
-//! the checksum matches and the name is the hash of the id inside. Any other file is moved to
-//! `DIR/corrupt/<name>.<unix seconds>` with a warning.
+//! the checksum matches (checked by the first read of the payload, see above) and the name is the
+//! hash of the id inside. Any other file is moved to `DIR/corrupt/<name>.<unix seconds>` with a
+//! warning.
 //!
 //! # Layout of the directory
 //!
 //! - `.lock`: held (fs2 exclusive lock) for the store's lifetime.
 //! - `<64 hex digits>`: one cluster's file.
-//! - `journal-<n>`: a journal segment not yet checkpointed; replayed in order on open, then
-//!   removed.
+//! - `journal-<n>`: a journal segment not yet checkpointed; replayed into the index in order on
+//!   open, and removed by the checkpointer once its cluster files are written.
 //! - `.tmp-<n>`: a checkpoint in progress; removed on open (its data is still in the journal).
 //! - `corrupt/`: files set aside.
 //! - `egress/`: with `--remote-write-url`, checkpointed segments not yet shipped and the egress
@@ -96,7 +104,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, SystemTime};
@@ -175,6 +183,16 @@ impl Store {
     }
 
     fn open_as(config: StoreConfig, shipping: bool) -> Result<Store, StoreError> {
+        Store::open_checkpointing(config, shipping, true)
+    }
+
+    /// Opens the store; without `checkpointing` (tests modelling a crash right after open) the
+    /// checkpointer writes nothing.
+    fn open_checkpointing(
+        config: StoreConfig,
+        shipping: bool,
+        checkpointing: bool,
+    ) -> Result<Store, StoreError> {
         let dir = config.dir.clone();
         fs::create_dir_all(&dir)
             .map_err(|e| StoreError::io(format!("creating directory {}", dir.display()), e))?;
@@ -216,6 +234,7 @@ impl Store {
             }),
             segment_bytes: AtomicU64::new(journal::SEGMENT_BYTES),
             counters: Counters::default(),
+            checkpointing: AtomicBool::new(checkpointing),
             egress: match shipping {
                 false => None,
                 true => Some(egress::EgressShared::new(
@@ -229,9 +248,14 @@ impl Store {
                 dir_for_egress.join(egress::EGRESS_DIR).display()
             );
         }
-        shared.recover()?;
+        let replayed = shared.recover()?;
 
         let (retire, retired) = crossbeam_channel::unbounded();
+        // The replayed segments are checkpointed first, in order, in the background: open
+        // returns without writing their cluster files (reads find the records in them).
+        for segment in replayed {
+            let _ = retire.send(segment);
+        }
         lock(&shared.journal).retired = Some(retire);
         let checkpointer = {
             let shared = Arc::clone(&shared);

@@ -1,17 +1,18 @@
 //! Reading one cluster's upload: from the journal segment that holds it until the checkpoint,
-//! then from its cluster file, verified on every read; or pinned ([`PinnedUpload`]) for
+//! then from its cluster file, verified by the first read of each file version (the index
+//! remembers it, so later `/federate` scrapes skip the SHA-256); or pinned ([`PinnedUpload`]) for
 //! `/federate`, which reads each family's bytes again later.
 
 use std::fs::File;
-use std::io;
-use std::os::unix::fs::FileExt;
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::file::{self, ReadError};
+use super::file::{self, ReadError, Reading};
 use super::journal::{self, Segment};
-use super::state::{is_live, lock, Location, Shared};
+use super::state::{is_live, lock, Entry, Location, Shared};
 use super::{StoreError, StoredUpload};
 
 /// A verified upload whose payload bytes stay readable, unchanged, for as long as this is held,
@@ -102,7 +103,7 @@ impl Shared {
         }
         let path = self.path_of(cluster_id);
         // The upload, or none; `Err` inside when the file is corrupt (with the reason).
-        let read = || match self.read_upload(cluster_id, &path) {
+        let read = || match self.read_upload(cluster_id, &path, &entry) {
             Ok(upload) => Ok(Ok(Some(upload))),
             // Removed or swept since the index was read.
             Err(ReadError::Io(error)) if error.kind() == io::ErrorKind::NotFound => Ok(Ok(None)),
@@ -127,20 +128,68 @@ impl Shared {
         }
     }
 
-    /// Reads and verifies `cluster_id`'s file, keeping it open.
-    fn read_upload(&self, cluster_id: &str, path: &Path) -> Result<PinnedUpload, ReadError> {
-        let opened = File::open(path).map_err(ReadError::Io)?;
-        let (header, payload) = file::read_open(&opened, true)?;
-        let file_len = opened.metadata().map_err(ReadError::Io)?.len();
+    /// Reads `cluster_id`'s file, keeping it open: verified, unless it is the very file the index
+    /// `entry` says a read has verified already (same inode, same receive time and payload
+    /// length); a verified file is then marked so in the index.
+    fn read_upload(
+        &self,
+        cluster_id: &str,
+        path: &Path,
+        entry: &Entry,
+    ) -> Result<PinnedUpload, ReadError> {
+        let mut opened = File::open(path).map_err(ReadError::Io)?;
+        let metadata = opened.metadata().map_err(ReadError::Io)?;
+        let (file_len, inode) = (metadata.len(), metadata.ino());
+        let trusted = matches!(
+            entry.location,
+            Location::File { inode: known, verified: true } if known == inode
+        );
+        let mut read = file::read_as(
+            &opened,
+            file_len,
+            if trusted {
+                Reading::Trusted
+            } else {
+                Reading::Verified { keep_payload: true }
+            },
+        )?;
+        let (header, _) = &read;
+        if trusted
+            && (header.received_millis != entry.received_millis
+                || header.payload_len != entry.payload_bytes)
+        {
+            // Another file under a reused inode number: not the one verified.
+            opened.seek(SeekFrom::Start(0)).map_err(ReadError::Io)?;
+            read = file::read_as(&opened, file_len, Reading::Verified { keep_payload: true })?;
+        }
+        let (header, payload) = read;
         if header.cluster_id != cluster_id {
             return Err(ReadError::Corrupt(format!(
                 "holds cluster {:?}, whose file has another name",
                 header.cluster_id
             )));
         }
+        if !trusted {
+            // Only the entry of this very file: a checkpoint may have renamed a newer one over
+            // it since, which its own first read verifies.
+            if let Some(current) = lock(&self.index).get_mut(cluster_id) {
+                if let Location::File {
+                    inode: known,
+                    verified,
+                } = &mut current.location
+                {
+                    if *known == inode
+                        && current.received_millis == header.received_millis
+                        && current.payload_bytes == header.payload_len
+                    {
+                        *verified = true;
+                    }
+                }
+            }
+        }
         let payload = payload.unwrap_or_default();
         Ok(PinnedUpload {
-            // The payload is the file's tail (`read_open` checked the lengths add up).
+            // The payload is the file's tail (`read_as` checked the lengths add up).
             payload_offset: file_len.saturating_sub(payload.len() as u64),
             payload_len: payload.len() as u64,
             pin: Pin::File(opened),

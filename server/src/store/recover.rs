@@ -1,21 +1,30 @@
-//! Opening a storage directory: temp files removed, every cluster file verified (the bad ones set
-//! aside in `corrupt/`) and indexed, then the journal replayed over them and removed (or, with
-//! egress on, moved to `egress/` until shipped).
+//! Opening a storage directory: temp files removed, every cluster file indexed from its header
+//! (the bad headers set aside in `corrupt/`; a payload is verified by its first read), then the
+//! journal replayed into the index. The replayed segments stay, served from, until the
+//! checkpointer (started by the caller) has written their cluster files in the background and
+//! removed them (or, with egress on, moved them to `egress/` until shipped), as it does for a
+//! full segment: so open writes and syncs nothing, and a crash at any point of this leaves the
+//! segments to be replayed again.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::file::{self, ReadError};
-use super::journal;
-use super::state::{lock, newest_sample_ms, sync_file_system, Entry, Location, Shared};
+use super::file::{self, ReadError, Reading};
+use super::journal::{self, Segment};
+use super::state::{lock, newest_sample_ms, Entry, Location, Shared};
 use super::{StoreError, CORRUPT_DIR, LOCK_FILE, TEMP_PREFIX};
 
 impl Shared {
-    /// Removes temp files, verifies every cluster file, sets aside the bad ones and indexes the rest.
-    pub(super) fn recover(&self) -> Result<(), StoreError> {
+    /// Removes temp files, indexes every cluster file by its header (setting aside the bad
+    /// ones), then replays the journal into the index. Returns the replayed segments, oldest
+    /// first, for the checkpointer.
+    pub(super) fn recover(&self) -> Result<Vec<Arc<Segment>>, StoreError> {
         let context = || format!("listing directory {}", self.dir.display());
         let entries = fs::read_dir(&self.dir).map_err(|e| StoreError::io(context(), e))?;
         let mut index = BTreeMap::new();
@@ -43,32 +52,14 @@ impl Shared {
                 log::warn!("{}: unexpected file in the store, ignored", path.display());
                 continue;
             }
-            match file::read(&path, false) {
-                Ok((header, payload)) if file::file_name(&header.cluster_id) == name => {
-                    // Version 1 files do not record it: they hand their payload out instead.
-                    let newest_sample_ms = header.newest_sample_ms.unwrap_or_else(|| {
-                        newest_sample_ms(
-                            payload.as_deref().unwrap_or_default(),
-                            header.received_millis,
-                        )
-                    });
-                    index.insert(
-                        header.cluster_id,
-                        Entry {
-                            received_millis: header.received_millis,
-                            newest_sample_ms,
-                            payload_bytes: header.payload_len,
-                            location: Location::File,
-                        },
-                    );
-                }
-                Ok((header, _)) => self.set_aside(
+            match index_file(&path) {
+                Ok((cluster_id, _)) if file::file_name(&cluster_id) != name => self.set_aside(
                     &name,
-                    &format!(
-                        "holds cluster {:?}, whose file has another name",
-                        header.cluster_id
-                    ),
+                    &format!("holds cluster {cluster_id:?}, whose file has another name"),
                 ),
+                Ok((cluster_id, entry)) => {
+                    index.insert(cluster_id, entry);
+                }
                 Err(ReadError::Corrupt(reason)) => self.set_aside(&name, &reason),
                 Err(ReadError::Io(error)) => {
                     return Err(StoreError::io(format!("reading {}", path.display()), error))
@@ -79,75 +70,70 @@ impl Shared {
         self.replay_journal()
     }
 
-    /// Applies the journal's segments, in order, to the cluster files, syncs them and deletes the
-    /// segments. Every acknowledged upload not yet checkpointed is in a segment.
-    fn replay_journal(&self) -> Result<(), StoreError> {
+    /// Applies the journal's segments, in order, to the index: reads find each cluster's newest
+    /// record in its segment until the checkpointer has written it to the cluster's file. Every
+    /// acknowledged upload not yet checkpointed is in a segment.
+    fn replay_journal(&self) -> Result<Vec<Arc<Segment>>, StoreError> {
         let numbers = journal::list(&self.dir)
             .map_err(|e| StoreError::io(format!("listing directory {}", self.dir.display()), e))?;
-        // Segments set aside for egress count too: a new one must never take their numbers.
-        if let Some(&newest) = super::egress::segment_numbers(&self.dir)?.last() {
+        // Segments set aside for egress count too, and the replayed ones stay until
+        // checkpointed: a new one must never take their numbers.
+        let newest = super::egress::segment_numbers(&self.dir)?
+            .last()
+            .copied()
+            .max(numbers.last().copied());
+        if let Some(newest) = newest {
             lock(&self.journal).next_number = newest + 1;
         }
-        if numbers.is_empty() {
-            return Ok(());
-        }
         let mut applied = 0u64;
+        let mut segments = Vec::with_capacity(numbers.len());
         for &number in &numbers {
-            let path = self.dir.join(format!("{}{number}", journal::PREFIX));
-            let torn = journal::replay(&path, |record| {
+            let segment = Arc::new(Segment::open(&self.dir, number).map_err(|e| {
+                StoreError::io(
+                    format!(
+                        "opening {}{number}",
+                        self.dir.join(journal::PREFIX).display()
+                    ),
+                    e,
+                )
+            })?);
+            let torn = journal::replay(&segment.path, |record| {
                 applied += 1;
-                self.apply(record)
+                self.apply(&segment, record)
             })
-            .map_err(|e| StoreError::io(format!("replaying {}", path.display()), e))?;
+            .map_err(|e| StoreError::io(format!("replaying {}", segment.path.display()), e))?;
             if let Some((bytes, reason)) = torn {
                 // An append a crash cut off; it was never answered Ok.
                 log::info!(
                     "{}: the last {bytes} bytes are no whole record ({reason}); ignored",
-                    path.display()
+                    segment.path.display()
                 );
             }
+            segments.push(segment);
         }
-        // Durable before the segments go: a crash now replays them again, which is harmless.
-        if !sync_file_system(self) {
-            for entry in lock(&self.index).keys() {
-                let path = self.path_of(entry);
-                if let Ok(file) = File::open(&path) {
-                    file.sync_data()
-                        .map_err(|e| StoreError::io(format!("syncing {}", path.display()), e))?;
-                }
-            }
+        if !numbers.is_empty() {
+            log::info!(
+                "replayed {applied} journal records from {} segment(s); their cluster files are \
+                 written in the background",
+                numbers.len()
+            );
         }
-        let sync_dir = |what: &str| {
-            self.dir_file.sync_all().map_err(|e| {
-                StoreError::io(
-                    format!("syncing directory {} ({what})", self.dir.display()),
-                    e,
-                )
-            })
-        };
-        sync_dir("after replaying the journal")?;
-        for &number in &numbers {
-            let path = self.dir.join(format!("{}{number}", journal::PREFIX));
-            self.retire_segment(&path, number)
-                .map_err(|e| StoreError::io(format!("removing {}", path.display()), e))?;
-        }
-        sync_dir("after removing the journal")?;
-        log::info!(
-            "replayed {applied} journal records from {} segment(s)",
-            numbers.len()
-        );
-        Ok(())
+        Ok(segments)
     }
 
-    /// Applies one replayed journal record to the directory and the index.
-    fn apply(&self, record: journal::Record) -> io::Result<()> {
+    /// Applies one replayed journal record of `segment` to the index (and, for a removal, the
+    /// directory).
+    fn apply(&self, segment: &Arc<Segment>, record: journal::Record) -> io::Result<()> {
         let cluster_id = record.header.cluster_id;
-        let target = self.path_of(&cluster_id);
         if record.kind == journal::SHIP {
             // Shipped by egress from the segment; never served.
             return Ok(());
         }
         if record.kind == journal::REMOVE {
+            // The removal may not have reached the file before the crash. Not synced here: the
+            // segment holding this record is deleted only after the checkpoint syncs the
+            // directory.
+            let target = self.path_of(&cluster_id);
             match fs::remove_file(&target) {
                 Ok(()) => {}
                 Err(error) if error.kind() == io::ErrorKind::NotFound => {}
@@ -156,30 +142,17 @@ impl Shared {
             lock(&self.index).remove(&cluster_id);
             return Ok(());
         }
-        let temp = self.dir.join(format!(
-            "{TEMP_PREFIX}{}",
-            self.next_temp.fetch_add(1, Ordering::Relaxed)
-        ));
         let newest_sample_ms = newest_sample_ms(&record.payload, record.header.received_millis);
-        let header = file::encode_header(
-            &cluster_id,
-            record.header.received_millis,
-            newest_sample_ms,
-            &record.payload,
-        )
-        .map_err(|reason| io::Error::new(io::ErrorKind::InvalidData, reason))?;
-        let mut out = File::options().write(true).create_new(true).open(&temp)?;
-        out.write_all(&header)?;
-        out.write_all(&record.payload)?;
-        drop(out);
-        fs::rename(&temp, &target)?;
         lock(&self.index).insert(
             cluster_id,
             Entry {
                 received_millis: record.header.received_millis,
                 newest_sample_ms,
                 payload_bytes: record.payload.len() as u64,
-                location: Location::File,
+                location: Location::Journal {
+                    segment: Arc::clone(segment),
+                    offset: record.offset,
+                },
             },
         );
         Ok(())
@@ -211,4 +184,32 @@ impl Shared {
             ),
         }
     }
+}
+
+/// Indexes the cluster file at `path` from its header: its lengths are checked against its size,
+/// its checksum is left to the first read of its payload (except in a version 1 file, read whole
+/// for its newest sample's time, and so verified now).
+fn index_file(path: &Path) -> Result<(String, Entry), ReadError> {
+    let opened = File::open(path).map_err(ReadError::Io)?;
+    let metadata = opened.metadata().map_err(ReadError::Io)?;
+    let (header, payload) = file::read_as(&opened, metadata.len(), Reading::HeaderOnly)?;
+    let verified = payload.is_some();
+    let newest_sample_ms = header.newest_sample_ms.unwrap_or_else(|| {
+        newest_sample_ms(
+            payload.as_deref().unwrap_or_default(),
+            header.received_millis,
+        )
+    });
+    Ok((
+        header.cluster_id,
+        Entry {
+            received_millis: header.received_millis,
+            newest_sample_ms,
+            payload_bytes: header.payload_len,
+            location: Location::File {
+                inode: metadata.ino(),
+                verified,
+            },
+        },
+    ))
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -35,6 +35,9 @@ pub(super) struct Shared {
     /// A segment this full is closed ([`super::journal::SEGMENT_BYTES`]; tests lower it).
     pub(super) segment_bytes: AtomicU64,
     pub(super) counters: Counters,
+    /// Cleared only by tests, to model a crash from then on: the checkpointer drops the
+    /// segments it is handed instead of writing their cluster files.
+    pub(super) checkpointing: AtomicBool,
     /// Set when the journal is also the egress backlog ([`super::Store::open_shipping`]).
     pub(super) egress: Option<EgressShared>,
 }
@@ -52,8 +55,11 @@ pub(super) struct Entry {
 /// Where a cluster's newest upload is.
 #[derive(Clone, Debug)]
 pub(super) enum Location {
-    /// In its cluster file.
-    File,
+    /// In its cluster file, the one with this inode. `verified` once a read checked that file's
+    /// checksum: open indexes files from their headers only, and a checkpoint's new file is
+    /// unverified too, so each file version's payload is hashed by its first read, not by
+    /// every `/federate` scrape.
+    File { inode: u64, verified: bool },
     /// In a journal segment, not yet checkpointed; `offset` is where its record's image starts.
     Journal { segment: Arc<Segment>, offset: u64 },
 }

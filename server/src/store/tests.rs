@@ -55,6 +55,19 @@ fn checkpoint_now(store: &Store) {
     }
 }
 
+/// Waits (at most 10 s) until the checkpointer has written the segments open replayed, as it
+/// does in the background, and removed them.
+fn wait_for_checkpoints(store: &Store) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !journal::list(store.dir()).unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replayed segments still not checkpointed after 10 s"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Every record in the journal's segments, read straight from disk: (kind, cluster, payload).
 fn journal_records(dir: &Path) -> Vec<(u8, String, Vec<u8>)> {
     let mut records = Vec::new();
@@ -195,7 +208,8 @@ fn acknowledged_uploads_in_the_journal_are_replayed_on_open() {
         (d.payload, d.received),
         (b"d-journal-only".to_vec(), d_received)
     );
-    // Replayed into cluster files, and the segments are gone.
+    // Replayed into cluster files in the background, and the segments are gone.
+    wait_for_checkpoints(&store);
     let mut expected = vec![".lock".to_string()];
     expected.extend(["a", "b", "d"].map(file::file_name));
     expected.sort();
@@ -877,7 +891,9 @@ fn a_journal_written_in_format_version_1_is_replayed_on_open() {
         (&b"old format"[..], received)
     );
     assert_eq!(store.get("gone").unwrap(), None);
-    // Replayed into cluster files, the old segment is gone, and new records are version 2.
+    // Replayed into cluster files (in the background), the old segment is gone, and new records
+    // are version 2.
+    wait_for_checkpoints(&store);
     assert!(file_of(&store, "kept").exists());
     assert!(!dir.0.join(format!("{}0", journal::PREFIX)).exists());
     store.put("new", b"new format".to_vec(), at(0)).unwrap();
@@ -910,4 +926,120 @@ fn put_unless_older_never_lets_older_samples_replace_newer_ones() {
     assert!(store2.put_unless_older("d", new.clone(), at(0)).unwrap());
     assert!(!store2.put_unless_older("d", old, at(0)).unwrap());
     assert_eq!(store2.get("d").unwrap().unwrap().payload, new);
+}
+
+#[test]
+fn a_payload_damaged_on_disk_is_found_by_its_first_read_and_never_served() {
+    let dir = TempDir::new("lazy-verify");
+    {
+        let store = open(&dir);
+        for id in ["damaged", "good"] {
+            store.put(id, vec![7u8; 300], at(0)).unwrap();
+        }
+        store.close();
+    }
+    let path = |id: &str| dir.0.join(file::file_name(id));
+    let mut bytes = fs::read(path("damaged")).unwrap();
+    let middle = bytes.len() - 150;
+    bytes[middle] ^= 0x01;
+    fs::write(path("damaged"), &bytes).unwrap();
+
+    // Open reads headers only: the damage is in the payload, so it is found by the first read.
+    let store = open(&dir);
+    assert_eq!(store.stats().corrupt_files, 0);
+    assert!(path("damaged").exists());
+    assert_eq!(
+        store.get("damaged").unwrap(),
+        None,
+        "damaged payload served"
+    );
+    assert_eq!(store.get_pinned("damaged").unwrap().map(|p| p.upload), None);
+    assert_eq!(store.stats().corrupt_files, 1);
+    assert!(!path("damaged").exists());
+    let prefix = format!("{}.", file::file_name("damaged"));
+    assert!(corrupt_names(store.dir())
+        .iter()
+        .any(|n| n.starts_with(&prefix)));
+    assert_eq!(listed(&store), ["good"]);
+
+    // The first read verifies and remembers it; later reads of that file skip the SHA-256.
+    let verified = |store: &Store| {
+        matches!(
+            lock(&store.handle.shared.index)
+                .get("good")
+                .map(|e| &e.location),
+            Some(Location::File { verified: true, .. })
+        )
+    };
+    assert!(!verified(&store));
+    assert_eq!(store.get("good").unwrap().unwrap().payload, vec![7u8; 300]);
+    assert!(verified(&store));
+    assert_eq!(store.get("good").unwrap().unwrap().payload, vec![7u8; 300]);
+    // A new version of the file is not: damaged after its checkpoint, it is never served.
+    store.put("good", vec![8u8; 300], at(0)).unwrap();
+    checkpoint_now(&store);
+    assert!(!verified(&store));
+    let mut bytes = fs::read(path("good")).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    fs::write(path("good"), &bytes).unwrap();
+    assert_eq!(store.get("good").unwrap(), None);
+    assert_eq!(store.stats().corrupt_files, 2);
+}
+
+#[test]
+fn open_leaves_the_journal_to_the_checkpointer_and_crashes_around_it_lose_nothing() {
+    let dir = TempDir::new("crash-open-crash-open");
+    // Opened as after a crash, with the checkpointer dead from the start: whatever open did
+    // is all that reached the disk.
+    let open_then_crash = || Store::open_checkpointing(config(&dir), false, false).unwrap();
+    let mut want: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    {
+        let store = open(&dir);
+        for (id, byte) in [("filed", 1u8), ("replaced", 2), ("removed", 3)] {
+            store.put(id, vec![byte; 200], at(0)).unwrap();
+            want.insert(id.to_string(), vec![byte; 200]);
+        }
+        checkpoint_now(&store);
+        store.put("replaced", vec![4u8; 200], at(0)).unwrap();
+        store.put("journaled", vec![5u8; 200], at(0)).unwrap();
+        store.remove("removed").unwrap();
+        want.insert("replaced".to_string(), vec![4u8; 200]);
+        want.insert("journaled".to_string(), vec![5u8; 200]);
+        want.remove("removed");
+        // A crash: nothing checkpoints the segment.
+        let _segment = lock(&store.handle.shared.journal).segment.take().unwrap();
+    }
+    let check = |store: &Store, want: &BTreeMap<String, Vec<u8>>| {
+        let listed: Vec<String> = store.clusters().into_iter().map(|c| c.cluster_id).collect();
+        assert_eq!(listed, want.keys().cloned().collect::<Vec<_>>());
+        for (id, payload) in want {
+            assert_eq!(&store.get(id).unwrap().unwrap().payload, payload, "{id}");
+        }
+        assert_eq!(store.get("removed").unwrap(), None);
+    };
+    for round in 0..3u8 {
+        let store = open_then_crash();
+        check(&store, &want);
+        // Open wrote no cluster file: the replayed segments are still there.
+        assert!(!journal::list(&dir.0).unwrap().is_empty());
+        // Acknowledged after open, in a segment of its own, numbered after the replayed ones.
+        let id = format!("after-open-{round}");
+        store.put(&id, vec![round; 100], at(0)).unwrap();
+        store.put("replaced", vec![10 + round; 200], at(0)).unwrap();
+        want.insert(id, vec![round; 100]);
+        want.insert("replaced".to_string(), vec![10 + round; 200]);
+        check(&store, &want);
+        drop(store);
+    }
+    {
+        let store = open(&dir);
+        check(&store, &want);
+        wait_for_checkpoints(&store);
+        check(&store, &want);
+    }
+    // Everything is in cluster files now.
+    let store = open(&dir);
+    assert!(journal::list(&dir.0).unwrap().is_empty());
+    check(&store, &want);
 }
