@@ -17,9 +17,11 @@
 #   4. decode         snappy + the upload's validation (wire fast path, else decode + validate), one thread
 #   5. client         telemeter-client --once scraping >= 10,000 series from a real Prometheus
 #   6. static sizes   make static (musl)
-#   7. egress         remote write (--remote-write-url) into victoria-metrics and into a Prometheus
-#                     receiver while ingesting at full speed (64 senders): shipped vs accepted
-#                     samples/s, dropped, and how long the backlog takes to drain after the load
+#   7. egress         remote write (--remote-write-url) while ingesting at full speed (64 senders)
+#                     into a sink that checks each request and keeps nothing (our egress capacity
+#                     alone), into victoria-metrics and into a Prometheus receiver: shipped vs
+#                     accepted samples/s, dropped, how long the backlog takes to drain after the
+#                     load, and the egress threads' CPU per sample shipped
 #
 #   tests/bench.sh egress   only section 7 (prints its rows; bench/RESULTS.md is left alone)
 #
@@ -30,7 +32,8 @@
 # BENCH_NO_BUILD=1 (use the binaries in target/release as they are), BENCH_NO_STATIC=1,
 # TELEMETER_BIN (where telemeter-server and telemeter-client are, default target/release),
 # TELEMETER_LOADGEN (the load generator, default target/release/telemeter-loadgen),
-# KEEP_WORKDIR=1 (keep logs and data), BENCH_RESULTS (output file, default bench/RESULTS.md).
+# KEEP_WORKDIR=1 (keep logs and data), BENCH_RESULTS (output file, default bench/RESULTS.md),
+# BENCH_EGRESS_RECEIVERS (section 7's receivers, default "sink victoria-metrics prometheus").
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -203,15 +206,31 @@ start_pushgateway() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# 7. Remote-write egress while ingesting at full speed: a fresh server shipping to a real receiver,
+# 7. Remote-write egress while ingesting at full speed: a fresh server shipping to a receiver,
 # 64 senders for point_s seconds, then the time until the backlog is empty.
 # metric FILE SERIES: the value of one exact series line of a /metrics text (empty if absent).
 metric() { awk -v s="$2" '$1 == s { print $2 }' "$1" 2>/dev/null | head -n 1; }
+# CPU seconds of a process's egress threads (named remote-write-N and remote-write-reader; the
+# kernel keeps 15 characters of a thread's name).
+egress_cpu_s() {
+  local tck
+  tck=$(getconf CLK_TCK)
+  cat /proc/"$1"/task/*/stat 2>/dev/null |
+    awk -v t="$tck" '/\(remote-write-/ { sub(/^.*\) /, ""); c += $12 + $13 } END { print c / t }'
+}
 declare -A egress_line
-egress_point() { # RECEIVER: victoria-metrics | prometheus
+egress_point() { # RECEIVER: sink | victoria-metrics | prometheus
   local name=$1 rport rpid url
   rport=$(free_port)
   case $name in
+    sink)
+      # Our egress alone: the receiver checks each request (snappy + WriteRequest) and keeps
+      # nothing, as if it ran on its own machine.
+      "$loadgen" sink --listen "127.0.0.1:$rport" --max-seconds "$(left)" >"$work/sink.log" 2>&1 &
+      rpid=$!
+      pids+=("$rpid")
+      wait_http "http://127.0.0.1:$rport/stats" 10
+      ;;
     victoria-metrics)
       /usr/bin/victoria-metrics -httpListenAddr="127.0.0.1:$rport" \
         -storageDataPath="$work/store-vm" -loggerLevel=ERROR >"$work/victoria-metrics.log" 2>&1 &
@@ -232,8 +251,9 @@ egress_point() { # RECEIVER: victoria-metrics | prometheus
   url="http://127.0.0.1:$rport/api/v1/write"
   log "egress into $name while ingesting, 64 senders"
   start_server "egress-$name" --remote-write-url "$url"
-  local cpu0 cpu1 line t0 t1 t2 m=$work/metrics-egress-$name.txt
+  local cpu0 cpu1 ecpu0 ecpu1 line t0 t1 t2 m=$work/metrics-egress-$name.txt
   cpu0=$(cpu_s "$server_pid")
+  ecpu0=$(egress_cpu_s "$server_pid")
   line=$(timeout "$(limit $((point_s + 60)))" "$loadgen" ingest \
     --url "http://127.0.0.1:$ext_port" --shared-key "$work/shared.key" \
     --senders 64 --duration "$point_s" --clusters 256) || fail "egress ingest failed"
@@ -255,6 +275,9 @@ egress_point() { # RECEIVER: victoria-metrics | prometheus
   done
   t2=$(date +%s.%N)
   cpu1=$(cpu_s "$server_pid")
+  ecpu1=$(egress_cpu_s "$server_pid")
+  local sink_stats=
+  [ "$name" = sink ] && sink_stats=$(curl -s --max-time 5 "http://127.0.0.1:$rport/stats" | sed 's/^/sink_/; s/ / sink_/g')
   local sent rejected dropped_samples dropped
   sent=$(metric "$m" 'telemeter_server_remote_write_samples_total{result="sent"}')
   rejected=$(metric "$m" 'telemeter_server_remote_write_samples_total{result="rejected"}')
@@ -268,19 +291,22 @@ egress_point() { # RECEIVER: victoria-metrics | prometheus
   local seconds accepted_s
   seconds=$(field "$line" seconds)
   accepted_s=$(field "$line" samples_per_s)
-  egress_line[$name]="$line shipped_during_load_per_s=$(awk -v s="$sent_at_end" -v w="$seconds" 'BEGIN { if (w > 0) printf "%.0f", s / w }') backlog_bytes_at_load_end=$backlog_at_end drained=$drained drain_s=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.2f", b - a }') sent=$sent accepted=$(awk -v r="$accepted_s" -v w="$seconds" 'BEGIN { printf "%.0f", r * w }') rejected=$rejected dropped=$dropped dropped_samples=$dropped_samples requests=$requests server_cpu_s=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')"
+  egress_line[$name]="$line shipped_during_load_per_s=$(awk -v s="$sent_at_end" -v w="$seconds" 'BEGIN { if (w > 0) printf "%.0f", s / w }') backlog_bytes_at_load_end=$backlog_at_end drained=$drained drain_s=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.2f", b - a }') sent=$sent accepted=$(awk -v r="$accepted_s" -v w="$seconds" 'BEGIN { printf "%.0f", r * w }') rejected=$rejected dropped=$dropped dropped_samples=$dropped_samples requests=$requests server_cpu_s=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }') egress_cpu_s=$(awk -v a="$ecpu0" -v b="$ecpu1" 'BEGIN { print b - a }') egress_us_per_sample=$(awk -v a="$ecpu0" -v b="$ecpu1" -v n="$sent" 'BEGIN { if (n > 0) printf "%.3f", (b - a) * 1e6 / n }') $sink_stats"
   raw+=("egress $name: ${egress_line[$name]}")
 }
 egress_rows() {
   local name l
-  for name in victoria-metrics prometheus; do
+  for name in ${BENCH_EGRESS_RECEIVERS:-sink victoria-metrics prometheus}; do
     l=${egress_line[$name]:-}
+    local what=$name extra=
+    [ "$name" = sink ] && what="a sink (checks each request, keeps nothing: our egress alone)" &&
+      extra=" · the sink took $(num "$(field "$l" sink_samples)") samples in $(num "$(field "$l" sink_requests)") requests, refused $(field "$l" sink_refused), its CPU $(field "$l" sink_cpu_s) s"
     if [ -z "$l" ]; then
-      row "7. Remote-write egress into $name while ingesting" "not measured" "" "n/a"
+      row "7. Remote-write egress into $what while ingesting" "not measured" "" "n/a"
       continue
     fi
-    row "7. Remote-write egress into $name while ingesting (64 senders, $(field "$l" seconds) s)" \
-      "accepted $(millions "$(field "$l" samples_per_s)") samples/s · shipped $(millions "$(field "$l" shipped_during_load_per_s)") samples/s during the load · $(num "$(field "$l" sent)") samples sent of $(num "$(field "$l" accepted)") accepted · dropped $(field "$l" dropped) · rejected $(field "$l" rejected) · backlog at the end of the load $(num "$(field "$l" backlog_bytes_at_load_end)") bytes, drained in $(field "$l" drain_s) s · $(num "$(field "$l" requests)") requests · CPU server $(cores "$(field "$l" server_cpu_s)" "$(awk -v a="$(field "$l" seconds)" -v b="$(field "$l" drain_s)" 'BEGIN { print a + b }')") cores" \
+    row "7. Remote-write egress into $what while ingesting (64 senders, $(field "$l" seconds) s)" \
+      "**egress $(field "$l" egress_us_per_sample) µs of CPU a sample shipped** · accepted $(millions "$(field "$l" samples_per_s)") samples/s · shipped $(millions "$(field "$l" shipped_during_load_per_s)") samples/s during the load · $(num "$(field "$l" sent)") samples sent of $(num "$(field "$l" accepted)") accepted · dropped $(field "$l" dropped) · rejected $(field "$l" rejected) · backlog at the end of the load $(num "$(field "$l" backlog_bytes_at_load_end)") bytes, drained in $(field "$l" drain_s) s · $(num "$(field "$l" requests)") requests · CPU server $(cores "$(field "$l" server_cpu_s)" "$(awk -v a="$(field "$l" seconds)" -v b="$(field "$l" drain_s)" 'BEGIN { print a + b }')") cores$extra" \
       "shipped/s ≥ accepted/s, 0 dropped, drained within seconds" \
       "$(all_met "$(met "$(field "$l" shipped_during_load_per_s)" ">=" "$(field "$l" samples_per_s)")" "$(met "$(field "$l" dropped)" "<" 1)" "$(met "$(field "$l" drained)" ">=" 1)" "$(met "$(field "$l" drain_s)" "<" 10)")"
   done
@@ -288,8 +314,13 @@ egress_rows() {
 egress_section() {
   [ "$server_ready" = 1 ] || return 0
   "$bin/telemeter-server" --help 2>/dev/null | grep -q -- '--remote-write-max-backlog-bytes' || return 0
-  [ -x /usr/bin/victoria-metrics ] && egress_point victoria-metrics
-  [ -x /usr/bin/prometheus ] && egress_point prometheus
+  local r
+  for r in ${BENCH_EGRESS_RECEIVERS:-sink victoria-metrics prometheus}; do
+    case $r in
+      sink) egress_point sink ;;
+      *) [ -x "/usr/bin/$r" ] && egress_point "$r" ;;
+    esac
+  done
   return 0
 }
 if [ "${1:-}" = egress ]; then

@@ -3,7 +3,8 @@
 //! Each subcommand of `telemeter-loadgen` measures one thing and prints one line of `key=value`
 //! figures: [`disk`] (the durable-write ceiling of the disk), [`load`] with [`ingest`] (uploads to
 //! our server, or the same series to a Pushgateway), [`federate`] (one full scrape), [`decode`]
-//! (decode + validate on one thread), [`receive`] (remote write to `/metrics/v1/receive`) and
+//! (decode + validate on one thread), [`receive`] (remote write to `/metrics/v1/receive`), [`sink`] (a
+//! remote-write receiver that checks and counts, keeping nothing) and
 //! [`payload`] (the realistic 500-sample upload they share). [`recovery`] times the store's open
 //! after a crash; `telemeter-allocs` counts the server's allocations per upload with [`alloc`].
 #![deny(missing_docs)]
@@ -21,3 +22,4 @@ pub mod recovery;
 pub use testkit::payload;
 pub mod receive;
 pub mod report;
+pub mod sink;

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use telemeter_bench::http::Target;
 use telemeter_bench::ingest::{self, Pushgateway, Tokens, Upload};
 use telemeter_bench::load::{self, Plan};
-use telemeter_bench::{decode, disk, federate, payload, receive, recovery};
+use telemeter_bench::{decode, disk, federate, payload, receive, recovery, sink};
 use telemeter_common::keys::SharedKey;
 use telemeter_common::token::TokenSigner;
 use telemeter_common::{delimited, text};
@@ -183,6 +183,16 @@ enum Command {
         /// Ask for gzip (as Prometheus does) and decompress as it streams.
         #[arg(long)]
         gzip: bool,
+    },
+    /// A remote-write receiver that checks and counts every request (snappy + WriteRequest) and
+    /// keeps nothing, answering 204 (400 to a malformed one); `GET /stats` gives its figures.
+    Sink {
+        /// The address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// Stop after this many seconds anyway.
+        #[arg(long, default_value_t = 600.0)]
+        max_seconds: f64,
     },
     /// Decode + validate the upload body in process, on one thread.
     Decode {
@@ -385,6 +395,17 @@ fn run(cli: Cli) -> Result<String, String> {
         } => federate::run(&target(&url)?, &path, seconds(timeout), gzip)
             .map(|r| r.to_string())
             .map_err(|e| e.to_string()),
+        Command::Sink {
+            listen,
+            max_seconds,
+        } => {
+            let listener = std::net::TcpListener::bind(&listen)
+                .map_err(|e| format!("listening on {listen}: {e}"))?;
+            let stats = Arc::new(sink::Stats::default());
+            let deadline = std::time::Instant::now() + seconds(max_seconds);
+            sink::serve(listener, stats.clone(), deadline).map_err(|e| e.to_string())?;
+            Ok(stats.line())
+        }
         Command::Decode { seconds: s } => decode::run(seconds(s)).map(|r| r.to_string()),
     }
 }

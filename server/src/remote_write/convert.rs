@@ -137,6 +137,13 @@ pub fn encode_series(
 /// As [`encode_series`], reading the protobuf-delimited `payload` in place
 /// ([`telemeter_common::wire`]) instead of decoding it: nothing is allocated per series or label.
 /// On an error, what was written for the payload stays in `out`: the caller cuts it off.
+///
+/// Every sample is its own entry with its series' full label set (remote write 1.0 has no other
+/// way), and a histogram or summary metric makes many series that share the metric's labels. So
+/// each metric's labels are encoded once, sorted, into `labels.bytes`; each of its series is then
+/// those bytes copied in at most three runs around `__name__` and the bound or rank. Per sample
+/// that is a few `memcpy`s instead of two walks over the labels writing varints (which cost about
+/// a third of egress's CPU).
 pub fn encode_payload(
     payload: &[u8],
     fallback_ms: i64,
@@ -149,9 +156,9 @@ pub fn encode_payload(
         max_families: usize::MAX,
         max_series: usize::MAX,
     };
-    let mut name = String::new();
-    let mut extra_value = String::new();
     let mut base: Vec<(&str, &str)> = Vec::new();
+    let mut labels = EncodedLabels::default();
+    let mut bounds = Bounds::default();
     for family in wire::families(payload, &limits) {
         let family = family?;
         if family.name.is_empty() {
@@ -169,21 +176,13 @@ pub fn encode_payload(
                 }
                 base.push((n, v));
             }
-            base.sort_by(|a, b| a.0.cmp(b.0));
-            let mut one = |suffix: &str, extra: Option<(&'static str, f64)>, value: f64| {
-                name.clear();
-                name.push_str(family.name);
-                name.push_str(suffix);
-                let extra = extra.map(|(n, v)| {
-                    extra_value = format_float(v);
-                    (n, extra_value.as_str())
-                });
-                let labels = Labels {
-                    base: &base,
-                    name: &name,
-                    extra,
-                };
-                write_series(&labels, value, timestamp, out);
+            // Stored series were sorted by validation: checking is cheaper than sorting.
+            if !base.is_sorted_by(|a, b| name_order(a.0, b.0).is_le()) {
+                base.sort_by(|a, b| name_order(a.0, b.0));
+            }
+            labels.set(&base);
+            let mut one = |suffix: &str, extra: Option<(&'static str, &str)>, value: f64| {
+                labels.write_series(family.name, suffix, extra, value, timestamp, out);
                 each(out.len());
             };
             // The walk of `Metric::try_for_each_sample`, on the borrowed view.
@@ -192,9 +191,9 @@ pub fn encode_payload(
                     one("", None, v)
                 }
                 wire::Value::Summary(summary) => {
-                    for quantile in summary.quantiles() {
+                    for (i, quantile) in summary.quantiles().enumerate() {
                         let (rank, value) = quantile?;
-                        one("", Some(("quantile", rank)), value);
+                        one("", Some(("quantile", bounds.get(i, rank))), value);
                     }
                     one("_sum", None, summary.sample_sum);
                     one("_count", None, summary.sample_count as f64);
@@ -202,13 +201,20 @@ pub fn encode_payload(
                 wire::Value::Histogram(histogram) => {
                     let count = histogram.sample_count as f64;
                     let mut inf_seen = false;
-                    for bucket in histogram.buckets() {
+                    let mut buckets = 0;
+                    for (i, bucket) in histogram.buckets().enumerate() {
                         let (le, cumulative) = bucket?;
                         inf_seen |= le == f64::INFINITY;
-                        one("_bucket", Some(("le", le)), cumulative as f64);
+                        one(
+                            "_bucket",
+                            Some(("le", bounds.get(i, le))),
+                            cumulative as f64,
+                        );
+                        buckets = i + 1;
                     }
                     if !inf_seen {
-                        one("_bucket", Some(("le", f64::INFINITY)), count);
+                        let inf = bounds.get(buckets, f64::INFINITY);
+                        one("_bucket", Some(("le", inf)), count);
                     }
                     one("_sum", None, histogram.sample_sum);
                     one("_count", None, count);
@@ -218,6 +224,231 @@ pub fn encode_payload(
         }
     }
     Ok(())
+}
+
+/// The bounds and ranks of the previous histogram or summary, formatted, by position: the metrics
+/// of a family share them, so each is formatted (which allocates) once per record, not per series.
+#[derive(Default)]
+struct Bounds {
+    formatted: Vec<(u64, String)>,
+}
+
+impl Bounds {
+    /// `value` formatted as the `index`-th bound of a metric.
+    fn get(&mut self, index: usize, value: f64) -> &str {
+        let bits = value.to_bits();
+        if index >= self.formatted.len() {
+            self.formatted.resize(index + 1, (0, String::new()));
+        }
+        let slot = &mut self.formatted[index];
+        if slot.0 != bits || slot.1.is_empty() {
+            *slot = (bits, format_float(value));
+        }
+        &slot.1
+    }
+}
+
+/// One metric's labels (sorted, none named `__name__`), each already encoded as a
+/// `TimeSeries.labels` field, back to back.
+#[derive(Default)]
+struct EncodedLabels {
+    bytes: Vec<u8>,
+    /// Where each label's field starts in `bytes`, and its name.
+    starts: Vec<usize>,
+    names: Vec<(usize, usize)>,
+    /// Where `__name__` goes; where the last bound or rank label went, and the label it replaces.
+    at_name: usize,
+    extra_at: Option<(&'static str, usize, usize)>,
+}
+
+impl EncodedLabels {
+    fn set(&mut self, base: &[(&str, &str)]) {
+        self.bytes.clear();
+        self.starts.clear();
+        self.names.clear();
+        for &(n, v) in base {
+            let start = self.bytes.len();
+            self.starts.push(start);
+            write_label(n, v, &mut self.bytes);
+            // The name's bytes follow the field's key and length, then the name's key and length.
+            let name_at = start
+                + 1
+                + varint_len(label_payload_len(n.len(), v.len()) as u64)
+                + 1
+                + varint_len(n.len() as u64);
+            self.names.push((name_at, n.len()));
+        }
+        self.starts.push(self.bytes.len());
+        // Once per metric, not per series: comparing names is a call to memcmp each.
+        self.at_name = self.position("__name__");
+        self.extra_at = None;
+    }
+
+    /// Where the label `name` goes, and past which label (the one it replaces, if any).
+    fn extra_position(&mut self, name: &'static str) -> (usize, usize) {
+        match self.extra_at {
+            Some((cached, at, past)) if cached == name => (at, past),
+            _ => {
+                let at = self.position(name);
+                let past =
+                    at + usize::from(at < self.names.len() && self.name(at) == name.as_bytes());
+                self.extra_at = Some((name, at, past));
+                (at, past)
+            }
+        }
+    }
+
+    fn name(&self, i: usize) -> &[u8] {
+        let (at, len) = self.names[i];
+        &self.bytes[at..at + len]
+    }
+
+    /// The index of the first label whose name sorts after `name` (labels before it sort before).
+    fn position(&self, name: &str) -> usize {
+        let (mut low, mut high) = (0, self.names.len());
+        while low < high {
+            let mid = (low + high) / 2;
+            if name_order_bytes(self.name(mid), name.as_bytes()).is_lt() {
+                low = mid + 1;
+            } else {
+                high = mid;
+            }
+        }
+        low
+    }
+
+    /// The encoded labels `from..to`.
+    fn run(&self, from: usize, to: usize) -> &[u8] {
+        &self.bytes[self.starts[from]..self.starts[to]]
+    }
+
+    /// One `WriteRequest.timeseries` entry: these labels with `__name__` (`name` + `suffix`) and
+    /// `extra` (replacing a label of its name) merged in, as [`write_series`] writes it.
+    fn write_series(
+        &mut self,
+        name: &str,
+        suffix: &str,
+        extra: Option<(&'static str, &str)>,
+        value: f64,
+        timestamp: i64,
+        out: &mut Vec<u8>,
+    ) {
+        let count = self.names.len();
+        // Up to two inserted labels, in name order, each with where it goes and what it skips.
+        let at_name = self.at_name;
+        let name_len = name.len() + suffix.len();
+        let mut cuts: [(usize, usize); 2] = [(at_name, at_name); 2];
+        let mut extra_first = false;
+        if let Some((n, _)) = extra {
+            cuts[1] = self.extra_position(n);
+            if n < "__name__" {
+                extra_first = true;
+                cuts.swap(0, 1);
+            }
+        }
+        let name_field = field_len(label_payload_len("__name__".len(), name_len));
+        let extra_field = extra.map_or(0, |(n, v)| field_len(label_payload_len(n.len(), v.len())));
+        let sample_len = (if value != 0.0 { 9 } else { 0 })
+            + (if timestamp != 0 {
+                1 + varint_len(timestamp as u64)
+            } else {
+                0
+            });
+        let runs = if extra.is_some() {
+            [(0, cuts[0].0), (cuts[0].1, cuts[1].0), (cuts[1].1, count)]
+        } else {
+            [(0, at_name), (at_name, count), (count, count)]
+        };
+        let series_len = runs
+            .iter()
+            .map(|&(from, to)| self.run(from, to).len())
+            .sum::<usize>()
+            + name_field
+            + extra_field
+            + field_len(sample_len);
+        out.reserve(field_len(series_len));
+        out.push(0x0a); // WriteRequest.timeseries, length-delimited
+        prost::encoding::encode_varint(series_len as u64, out);
+        let write_name = |out: &mut Vec<u8>| {
+            out.push(0x0a); // TimeSeries.labels
+            prost::encoding::encode_varint(label_payload_len(8, name_len) as u64, out);
+            out.push(0x0a);
+            out.push(8);
+            out.extend_from_slice(b"__name__");
+            out.push(0x12);
+            prost::encoding::encode_varint(name_len as u64, out);
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(suffix.as_bytes());
+        };
+        out.extend_from_slice(self.run(runs[0].0, runs[0].1));
+        match extra {
+            None => {
+                write_name(out);
+                out.extend_from_slice(self.run(runs[1].0, runs[1].1));
+            }
+            Some((n, v)) => {
+                if extra_first {
+                    write_label(n, v, out);
+                } else {
+                    write_name(out);
+                }
+                out.extend_from_slice(self.run(runs[1].0, runs[1].1));
+                if extra_first {
+                    write_name(out);
+                } else {
+                    write_label(n, v, out);
+                }
+                out.extend_from_slice(self.run(runs[2].0, runs[2].1));
+            }
+        }
+        write_sample(value, timestamp, sample_len, out);
+    }
+}
+
+/// Byte order of label names, deciding on the first byte where it can: label names mostly differ
+/// there, and comparing slices calls memcmp (5% of egress's CPU went to it).
+fn name_order(a: &str, b: &str) -> std::cmp::Ordering {
+    name_order_bytes(a.as_bytes(), b.as_bytes())
+}
+
+fn name_order_bytes(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    match (a.first(), b.first()) {
+        (Some(x), Some(y)) if x != y => x.cmp(y),
+        _ => a.cmp(b),
+    }
+}
+
+/// Bytes of a `Label` message with a name and value of these lengths (proto3: an empty string is
+/// left out).
+fn label_payload_len(name: usize, value: usize) -> usize {
+    (if name == 0 { 0 } else { field_len(name) }) + (if value == 0 { 0 } else { field_len(value) })
+}
+
+/// One `TimeSeries.labels` field.
+fn write_label(n: &str, v: &str, out: &mut Vec<u8>) {
+    out.push(0x0a); // TimeSeries.labels
+    prost::encoding::encode_varint(label_payload_len(n.len(), v.len()) as u64, out);
+    for (key, text) in [(0x0a, n), (0x12, v)] {
+        if !text.is_empty() {
+            out.push(key); // Label.name, Label.value
+            prost::encoding::encode_varint(text.len() as u64, out);
+            out.extend_from_slice(text.as_bytes());
+        }
+    }
+}
+
+/// The `TimeSeries.samples` field of one sample, `sample_len` bytes of payload.
+fn write_sample(value: f64, timestamp: i64, sample_len: usize, out: &mut Vec<u8>) {
+    out.push(0x12); // TimeSeries.samples
+    prost::encoding::encode_varint(sample_len as u64, out);
+    if value != 0.0 {
+        out.push(0x09); // Sample.value, 64-bit
+        out.extend_from_slice(&value.to_le_bytes());
+    }
+    if timestamp != 0 {
+        out.push(0x10); // Sample.timestamp, varint
+        prost::encoding::encode_varint(timestamp as u64, out);
+    }
 }
 
 /// A series' labels in name order, as [`series`] sorts them: the metric's own (sorted), with
@@ -431,6 +662,65 @@ mod tests {
         // Each entry on its own is a request with that one series.
         let first = crate::remote_write::proto::WriteRequest::decode(&got[..ends[0]]).unwrap();
         assert_eq!(first.timeseries, to_series(&families, 42)[..1].to_vec());
+    }
+
+    #[test]
+    fn in_place_encoding_matches_prost_on_realistic_and_varied_payloads() {
+        use prost::Message;
+        let histogram = |labels: Vec<LabelPair>, bounds: &[f64]| Metric {
+            label: labels,
+            histogram: Some(Histogram {
+                sample_count: Some(9),
+                sample_sum: Some(1.5),
+                bucket: bounds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &b)| Bucket {
+                        cumulative_count: Some(i as u64),
+                        upper_bound: Some(b),
+                    })
+                    .collect(),
+            }),
+            timestamp_ms: Some(77),
+            ..Default::default()
+        };
+        // Metrics of one family whose bounds differ in number and value (the formatted bounds
+        // are reused by position only while they are the same), labels unsorted and sorted, one
+        // sorting before `__name__`, one named as the bound it is replaced by.
+        let varied = MetricFamily {
+            name: Some("lat".into()),
+            help: None,
+            r#type: Some(MetricType::Histogram as i32),
+            metric: vec![
+                histogram(
+                    vec![LabelPair::new("z", "1"), LabelPair::new("A", "2")],
+                    &[0.1, 1.0],
+                ),
+                histogram(vec![LabelPair::new("le", "x")], &[0.1, 2.0, f64::INFINITY]),
+                histogram(vec![], &[0.5]),
+                histogram(vec![LabelPair::new("_id", "c")], &[]),
+            ],
+        };
+        for families in [
+            testkit::payload::families("cluster-a", 1_700_000_000_000),
+            vec![varied],
+        ] {
+            let want = crate::remote_write::proto::WriteRequest {
+                timeseries: to_series(&families, 42),
+            }
+            .encode_to_vec();
+            let mut got = Vec::new();
+            let mut ends = Vec::new();
+            encode_payload(
+                &telemeter_common::delimited::encode(&families),
+                42,
+                &mut got,
+                |end| ends.push(end),
+            )
+            .unwrap();
+            assert_eq!(got, want);
+            assert_eq!(ends.len(), to_series(&families, 42).len());
+        }
     }
 
     #[test]

@@ -348,6 +348,10 @@ impl RemoteWriter {
                 backoff: Backoff::new(),
                 acks: acks.clone(),
                 max_samples: config.max_samples_per_send.max(1),
+                spare: batch::Batch::default(),
+                encoder: snap::raw::Encoder::new(),
+                body: Vec::new(),
+                body_len: 0,
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("remote-write-{number}"))

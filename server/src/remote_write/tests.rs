@@ -256,12 +256,20 @@ fn an_out_of_order_refusal_splits_the_request_in_order() {
         (vec![series("c", &[3])], vec![3])
     );
     // A full request is taken from the front.
+    // The rest goes into the spare's buffers, whatever they held before.
     let mut b = batch();
-    let front = b.take_front(2);
+    let front = b.take_front(2, batch());
     assert_eq!(decoded(&front), vec![series("a", &[1]), series("b", &[2])]);
     assert_eq!((decoded(&b), b.len()), (vec![series("c", &[3])], 1));
-    assert_eq!(b.take_front(0).len(), 1, "at least one series");
+    assert_eq!(b.seqs, vec![3]);
+    assert_eq!(b.take_front(0, front).len(), 1, "at least one series");
     assert!(b.is_empty());
+    // The body written into reused buffers is the same request.
+    let (mut encoder, mut body) = (snap::raw::Encoder::new(), vec![7u8; 3]);
+    for b in [batch(), b] {
+        let len = b.body_into(&mut encoder, &mut body);
+        assert_eq!(body[..len], b.body());
+    }
     // The age bound drops the series of records received before the cut-off (all at 0 here).
     let mut b = batch();
     assert_eq!(b.drop_received_before(0), 0);
