@@ -181,66 +181,8 @@ pub fn decode_framed(body: &[u8], max_decompressed: usize) -> Result<Vec<u8>, Sn
 /// The checksum a framed chunk carries: CRC-32C of its data, masked as the framing format says
 /// (so that a CRC of data that itself holds CRCs is not weak).
 fn masked_crc32c(data: &[u8]) -> u32 {
-    let crc = crc32c(data);
+    let crc = crate::crc32c::extend(0, data);
     (crc.rotate_right(15)).wrapping_add(0xa282_ead8)
-}
-
-/// CRC-32C (Castagnoli) of `data`: the SSE 4.2 `crc32` instruction where the CPU has it (every
-/// x86-64 server of the last decade), else bit by bit through a small table.
-fn crc32c(data: &[u8]) -> u32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("sse4.2") {
-        // SAFETY: the CPU has SSE 4.2, which was just detected.
-        return !unsafe { crc32c_sse42(!0, data) };
-    }
-    !crc32c_table(!0, data)
-}
-
-/// The CRC-32C register after `data`, by the SSE 4.2 instruction.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "sse4.2")]
-fn crc32c_sse42(state: u32, data: &[u8]) -> u32 {
-    use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
-    let mut state = u64::from(state);
-    let mut words = data.chunks_exact(8);
-    for word in &mut words {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(word);
-        state = _mm_crc32_u64(state, u64::from_le_bytes(w));
-    }
-    // The instruction leaves the upper half zero.
-    let mut state = state as u32;
-    for &byte in words.remainder() {
-        state = _mm_crc32_u8(state, byte);
-    }
-    state
-}
-
-/// The CRC-32C register after `data`, a byte at a time (the portable way).
-fn crc32c_table(mut state: u32, data: &[u8]) -> u32 {
-    static TABLE: [u32; 256] = {
-        let mut table = [0u32; 256];
-        let mut byte = 0;
-        while byte < 256 {
-            let mut crc = byte as u32;
-            let mut bit = 0;
-            while bit < 8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0x82F6_3B78
-                } else {
-                    crc >> 1
-                };
-                bit += 1;
-            }
-            table[byte] = crc;
-            byte += 1;
-        }
-        table
-    };
-    for &byte in data {
-        state = (state >> 8) ^ TABLE[((state ^ u32::from(byte)) & 0xFF) as usize];
-    }
-    state
 }
 
 fn corrupt_len() -> SnappyError {
@@ -351,18 +293,6 @@ mod tests {
             decode_framed(&bomb, 1 << 20),
             Err(SnappyError::TooLarge { limit: 1 << 20 })
         );
-    }
-
-    #[test]
-    fn crc32c_known_values_and_both_ways_agree() {
-        // The check value of CRC-32C (RFC 3720 appendix B.4).
-        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
-        assert_eq!(crc32c(&[0u8; 32]), 0x8A91_36AA);
-        let data = sample(1000);
-        for len in 0..40 {
-            assert_eq!(!crc32c_table(!0, &data[..len]), crc32c(&data[..len]));
-        }
-        assert_eq!(!crc32c_table(!0, &data), crc32c(&data));
     }
 
     #[test]

@@ -55,10 +55,10 @@ use std::sync::Arc;
 
 use crossbeam_channel::Sender;
 
-use super::crc32c;
 use super::file::{Header, ReadError};
 use super::state::{lock, Shared};
 use super::StoreError;
+use telemeter_common::crc32c;
 
 /// Segment files are named this followed by their number.
 pub(super) const PREFIX: &str = "journal-";

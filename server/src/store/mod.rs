@@ -90,7 +90,6 @@
 
 mod checkpoint;
 mod commit;
-mod crc32c;
 mod egress;
 mod file;
 mod journal;
