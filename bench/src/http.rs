@@ -90,7 +90,7 @@ pub struct Request {
     pub body: Vec<u8>,
 }
 
-/// A response whose body was read (its first [`KEPT_BODY`] bytes kept).
+/// A response whose body was read (its first `KEPT_BODY` bytes kept).
 #[derive(Clone, Debug)]
 pub struct Response {
     /// The status code.

@@ -225,7 +225,7 @@ pub fn check_body(body: &[u8]) -> Result<(u64, u64), Invalid> {
     check_write_request(&bytes)
 }
 
-/// Serves `listener` until `deadline`: one thread per connection (at most [`MAX_CONNECTIONS`]).
+/// Serves `listener` until `deadline`: one thread per connection (at most `MAX_CONNECTIONS`).
 pub fn serve(listener: TcpListener, stats: Arc<Stats>, deadline: Instant) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     while Instant::now() < deadline {

@@ -218,7 +218,7 @@ fn parse_name(name: &str) -> Option<u64> {
 }
 
 /// Writes `bytes` as `dir/name`, readable by the owner only (see [`crate::file::write_private`]);
-/// the temporary name starts with [`TMP_PREFIX`], which a crashed run leaves and the next removes.
+/// the temporary name starts with `TMP_PREFIX`, which a crashed run leaves and the next removes.
 pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), SpoolError> {
     let path = dir.join(name);
     let tmp = dir.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));

@@ -117,7 +117,7 @@ const COMMON_TOKENS: &[&[u8]] = &[
 ];
 
 /// Applies one to a few stacked mutations to `input`, drawing on `corpus` for splices and on
-/// `dict` (plus [`COMMON_TOKENS`]) for insertions.
+/// `dict` (plus `COMMON_TOKENS`) for insertions.
 pub fn mutate(rng: &mut Rng, input: &mut Vec<u8>, corpus: &[Vec<u8>], dict: &[&[u8]]) {
     let rounds = if rng.one_in(4) {
         1 + rng.below(16)

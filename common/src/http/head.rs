@@ -11,7 +11,7 @@ pub const MAX_HEADERS: usize = 128;
 /// Longest chunk-size line (size, extensions, CRLF), as Go's net/http allows.
 pub const MAX_CHUNK_LINE: usize = 4096;
 
-/// A request head, as [`Handler::admit`] sees it before any of the body is read.
+/// A request head, as [`Handler::admit`](super::Handler::admit) sees it before any of the body is read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Head {
     /// The method, as sent.

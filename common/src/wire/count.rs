@@ -8,7 +8,7 @@
 //! and counts the repeated messages of the schema, so the caps hold before prost runs.
 //!
 //! The scan is lenient: on anything malformed it stops and returns what it counted; the real
-//! decoder then reports the error. It walks messages with [`Fields`], the reader prost's rules are
+//! decoder then reports the error. It walks messages with `Fields`, the reader prost's rules are
 //! written down in once, so it skips exactly what prost skips (unknown groups included) and stops
 //! where prost would refuse: what it counts is what decoding would build up to that point.
 //!

@@ -10,7 +10,7 @@ use super::{FamilyView, FAMILY_DEPTH, METRIC_DEPTH, METRIC_FIELD, METRIC_KEY, TI
 /// Appends `family` to `out` as one length-prefixed message with every series' timestamp
 /// (`Metric` field 6) dropped, copying every other byte: what prost would give for decode, clear
 /// the timestamps, encode (but unknown fields are kept). The family is checked whole first
-/// ([`check_family`]), so nothing invalid is ever copied; on error `out` is left as it was.
+/// (`check_family`), so nothing invalid is ever copied; on error `out` is left as it was.
 pub fn write_family_without_timestamps(
     out: &mut Vec<u8>,
     family: &FamilyView<'_>,

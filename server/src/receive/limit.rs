@@ -6,7 +6,7 @@
 //! [`BURST_SECONDS`] seconds' worth; over it, 429 with the seconds until the next token, which a
 //! Prometheus retries after (`Retry-After`) without dropping anything.
 //!
-//! Buckets exist only for clusters that authenticated, and at most [`MAX_BUCKETS`] of them: past
+//! Buckets exist only for clusters that authenticated, and at most `MAX_BUCKETS` of them: past
 //! that, full buckets (idle clusters, which lose nothing by being forgotten) are dropped first,
 //! then all of them (the only effect is one burst allowed again).
 

@@ -7,7 +7,7 @@
 //! series whose sample is older than the TTL are dropped, so a cluster's payload does not grow
 //! with every series it ever sent.
 //!
-//! Read, merge and put of one cluster run under one of [`STRIPES`] locks chosen by its id, so two
+//! Read, merge and put of one cluster run under one of `STRIPES` locks chosen by its id, so two
 //! requests of a cluster cannot both read the same payload and each write back only their own
 //! series. Striped (not one lock per cluster) so the locks take fixed memory whatever the number of
 //! cluster ids; two clusters sharing a stripe only wait for each other's merge.

@@ -21,7 +21,7 @@ pub enum WireCheck {
     Unchanged {
         /// Series in the body.
         series: usize,
-        /// Samples in the body (counted as [`MetricFamily::sample_count`] counts them).
+        /// Samples in the body (counted as `MetricFamily::sample_count` counts them).
         samples: usize,
         /// Bytes decoding it would allocate for label, quantile and bucket structs (as the
         /// upload's pre-decode scan counts them, so the same cap can be applied without it).
