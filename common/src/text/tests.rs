@@ -306,6 +306,25 @@ fn model_round_trips_through_text() {
         .all(|m| m.timestamp_ms.is_none()));
 }
 
+/// Found by the text fuzz target (seed 0x18ee55595f8c0f8a): an untyped `h_bucket` parsed before
+/// `# TYPE h histogram` was written after `h`'s own lines as `# TYPE h_bucket untyped`, a second
+/// TYPE for `h`'s bucket lines, and the whole encoding failed to parse.
+#[test]
+fn a_family_named_like_a_histograms_lines_is_left_out_so_the_text_parses() {
+    let input = "h_bucket{a=\"1\",le=\"1\"} 1 7\nh_count{a=\"1\"} 1 7\n# TYPE h histogram\n\
+                 h_bucket{le=\"0.5\"} 2\nh_bucket{le=\"+Inf\"} 5\nh_sum 1.5\nh_count 5\n\
+                 # TYPE s summary\ns_sum 3\ns_count 2\ns_count{b=\"x\"} 1\n";
+    let families = parse_ok(input);
+    let names: Vec<_> = families.iter().filter_map(|f| f.name.as_deref()).collect();
+    assert_eq!(names, ["h_bucket", "h_count", "h", "s"]);
+    let text = encode_to_string(&families, true);
+    let again = parse(text.as_bytes(), &Limits::default()).unwrap_or_else(|e| {
+        panic!("the encoding does not parse: {e}\n{text}");
+    });
+    let names: Vec<_> = again.iter().filter_map(|f| f.name.as_deref()).collect();
+    assert_eq!(names, ["h", "s"], "{text}");
+}
+
 #[test]
 fn encoder_adds_the_inf_bucket_and_skips_what_it_cannot_write() {
     let families = vec![

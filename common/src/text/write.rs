@@ -454,10 +454,46 @@ pub(super) fn write_escaped<W: Write>(w: &mut W, s: &str, quotes: bool) -> io::R
 
 /// Writes all `families` in text format (see [`write_family`]).
 pub fn encode<W: Write>(w: &mut W, families: &[MetricFamily], timestamps: bool) -> io::Result<()> {
+    let parts = part_names(families);
     for family in families {
+        // A family named like another's lines (an untyped `x_bucket` beside a histogram `x`)
+        // would be a second TYPE for `x`'s lines, and a parser (Go's, ours) refuses the whole
+        // text for it: left out, as a series that cannot be written is.
+        if family.name.as_deref().is_some_and(|n| parts.contains(n)) {
+            continue;
+        }
         write_family(w, family, timestamps)?;
     }
     Ok(())
+}
+
+/// The names a histogram or summary family among `families` writes lines under besides its own
+/// (`x_bucket`, `x_sum`, `x_count`; a summary has no `_bucket`), if it writes any series.
+fn part_names(families: &[MetricFamily]) -> std::collections::HashSet<String> {
+    let mut parts = std::collections::HashSet::new();
+    for family in families {
+        let kind = family.metric_type();
+        let suffixes: &[&str] = match kind {
+            MetricType::Histogram | MetricType::GaugeHistogram => &["_bucket", "_sum", "_count"],
+            MetricType::Summary => &["_sum", "_count"],
+            _ => continue,
+        };
+        if !family
+            .metric
+            .iter()
+            .any(|m| series_problem(m, kind).is_none())
+        {
+            continue;
+        }
+        if let Some(name) = family
+            .name
+            .as_deref()
+            .filter(|n| labels::is_valid_metric_name(n))
+        {
+            parts.extend(suffixes.iter().map(|suffix| format!("{name}{suffix}")));
+        }
+    }
+    parts
 }
 
 #[cfg(test)]
