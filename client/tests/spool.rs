@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::*;
@@ -16,38 +15,12 @@ use testkit::wait_until;
 
 #[test]
 fn an_outage_of_five_runs_loses_nothing() {
-    assert!(
-        Path::new(PROMETHEUS).exists(),
-        "{PROMETHEUS} is not installed: run `make setup`"
-    );
     let dir = TempDir::new("spool-outage");
     let (_source, source) = counter_source();
 
     // The remote-write receiver: a real Prometheus.
-    let prom_port = free_port();
-    let prom_config = dir.path().join("prometheus.yml");
-    std::fs::write(&prom_config, "global:\n  scrape_interval: 1m\n").unwrap();
-    let _prometheus = Guard(
-        Command::new(PROMETHEUS)
-            .arg(format!("--config.file={}", prom_config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-            .arg("--web.enable-remote-write-receiver")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus"),
-    );
-    let prom = format!("http://127.0.0.1:{prom_port}");
-    assert!(
-        wait_until(Duration::from_secs(60), || get(&format!("{prom}/-/ready"))
-            .is_some_and(|(s, _)| s == 200)),
-        "prometheus not ready"
-    );
+    let receiver = Prometheus::receiver();
+    let prom = receiver.url.clone();
 
     let external = format!("127.0.0.1:{}", free_port());
     let internal = format!("127.0.0.1:{}", free_port());

@@ -315,6 +315,50 @@ impl Prometheus {
     }
 }
 
+impl Prometheus {
+    /// Starts Prometheus as a remote-write receiver only (`--web.enable-remote-write-receiver`,
+    /// no scrape jobs) and waits (bounded) until it is ready. Panics when Prometheus is not
+    /// installed.
+    pub fn receiver() -> Prometheus {
+        assert!(
+            Path::new(PROMETHEUS).exists(),
+            "{PROMETHEUS} is not installed: run `make setup` (Debian package prometheus)"
+        );
+        let dir = TempDir::new("prom-receiver");
+        let port = free_port();
+        let config_path = dir.path().join("prometheus.yml");
+        std::fs::write(&config_path, "global:\n  scrape_interval: 1m\n")
+            .expect("write prometheus.yml");
+        let child = Command::new(PROMETHEUS)
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--web.enable-remote-write-receiver")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus");
+        let prom = Prometheus {
+            child,
+            _dir: dir,
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+        };
+        let ready = format!("{}/-/ready", prom.url);
+        assert!(
+            testkit::wait_until(Duration::from_secs(60), || {
+                get(&ready).is_some_and(|(s, _)| s == 200)
+            }),
+            "prometheus not ready"
+        );
+        prom
+    }
+}
+
 impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();
