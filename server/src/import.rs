@@ -46,6 +46,7 @@ use crate::ingest::placement::{store_push, Placement};
 use crate::ingest::ratelimit::retry_after_secs;
 use crate::ingest::upload::UploadLimits;
 use crate::ingest::validate::Rules;
+use crate::receive::merge::Merger;
 use crate::store::{Store, StoreConfig, StoreError};
 
 /// Memory the decoder may plan for per decompressed byte, as `/upload` reserves it.
@@ -432,6 +433,8 @@ pub fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
         }
         Err(e) => return usage(&format_args!("--storage-path: {e}")),
     };
+    // This process's own merge of the store (the server is not running: the lock says so).
+    let merger = Merger::new(store.clone());
     let mut refused = 0;
     for path in &files {
         let result = read_bundle(path, importer.max_file_bytes()).and_then(|bytes| {
@@ -439,7 +442,7 @@ pub fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
             let imported = importer.validate(bundle, SystemTime::now())?;
             if let Some(payload) = &imported.payload {
                 store_push(
-                    &store,
+                    &merger,
                     &imported.cluster_id,
                     payload.clone(),
                     imported.created,

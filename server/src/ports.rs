@@ -15,6 +15,7 @@ use crate::federate;
 use crate::import::ImportHandler;
 use crate::ingest::upload::UploadHandler;
 use crate::metrics::Metrics;
+use crate::receive::merge::Merger;
 use crate::receive::{ReceiveHandler, RECEIVE_PATH};
 use crate::reload::Reloader;
 use crate::status::{self, Status};
@@ -153,6 +154,8 @@ pub struct ClusterRoutes {
     pub cluster: Arc<Cluster>,
     /// Its metric families, refreshed at each `/metrics` scrape.
     pub metrics: ClusterMetrics,
+    /// The store's remote-write merge, which forwarded pushes go through.
+    pub merger: Merger,
 }
 
 impl Handler for Internal {
@@ -184,7 +187,7 @@ impl Handler for Internal {
                 _ => Response::text(405, "only POST or PUT").with_header("Allow", "POST, PUT"),
             },
             FORWARD_PATH => match &self.cluster {
-                Some(c) => handle_forward(&c.cluster, &self.store, request),
+                Some(c) => handle_forward(&c.cluster, &c.merger, request),
                 None => not_found(),
             },
             "/debug/cluster" => match &self.cluster {

@@ -26,6 +26,7 @@ use crate::ingest::upload::{UploadHandler, UploadLimits};
 use crate::ingest::validate::Rules;
 use crate::metrics::Metrics;
 use crate::ports::{ClusterRoutes, External, Fronts, Internal};
+use crate::receive::merge::Merger;
 use crate::receive::{ReceiveHandler, ReceiveParts, Route};
 use crate::reload::Reloader;
 use crate::remote_write::{RemoteWriteError, RemoteWriter};
@@ -200,11 +201,14 @@ impl Server {
                 }
             },
         };
+        // The one remote-write merge of this store: every path that stores a push goes through
+        // it (uploads, remote write, forwards).
+        let merger = Merger::new(store.clone());
         // Only the node that stores an upload ships it: the placement when it stores locally, the
         // forward endpoint when a peer forwarded the push here.
         let placement: Arc<dyn Placement> = match &cluster {
-            Some(cluster) => Arc::new(ClusterPlacement::new(cluster.clone(), store.clone())),
-            None => Arc::new(LocalPlacement::new(store.clone())),
+            Some(cluster) => Arc::new(ClusterPlacement::new(cluster.clone(), merger.clone())),
+            None => Arc::new(LocalPlacement::new(merger.clone())),
         };
 
         let limiter = Arc::new(RateLimiter::new(config.ratelimit));
@@ -228,7 +232,7 @@ impl Server {
                 max_sample_age: config.max_sample_age,
                 max_future_skew: config.max_future_skew,
                 max_series: config.max_series,
-                store: store.clone(),
+                merger: merger.clone(),
                 route: match &cluster {
                     Some(cluster) => Route::Cluster(cluster.clone()),
                     None => Route::Local,
@@ -270,6 +274,7 @@ impl Server {
             cluster: cluster.as_ref().map(|cluster| ClusterRoutes {
                 cluster: cluster.clone(),
                 metrics: ClusterMetrics::register(&metrics.registry),
+                merger,
             }),
             metrics,
             fronts: fronts.clone(),

@@ -185,9 +185,7 @@ impl Status {
         let stored_here = self.store.clusters().iter().any(|e| e.cluster_id == id);
         let mut removed_at = Vec::new();
         if stored_here {
-            let removed = self.store.remove(id);
-            crate::receive::cache::forget(&self.store, id);
-            if let Err(e) = removed {
+            if let Err(e) = self.store.remove(id) {
                 log::error!("status: removing cluster {id:?} failed: {e}");
                 return Response::text(503, &format!("removing cluster {id:?} failed: {e}"));
             }

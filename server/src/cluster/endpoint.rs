@@ -11,11 +11,12 @@ use telemeter_common::http::{Request, Response};
 use super::forward::{ForwardKind, FORWARD_METHOD};
 use super::Cluster;
 use crate::ingest::placement::store_push;
-use crate::store::Store;
+use crate::receive::merge::Merger;
 
-/// Answers one request to the forward endpoint. A forwarded push is shipped to `remote_write` once
-/// stored (this node is its owner); a handoff is not, its first owner shipped it already.
-pub fn handle_forward(cluster: &Cluster, store: &Store, request: Request) -> Response {
+/// Answers one request to the forward endpoint, storing through `merger` (the server's, over its
+/// store). A forwarded push is shipped to `remote_write` once stored (this node is its owner); a
+/// handoff is not, its first owner shipped it already.
+pub fn handle_forward(cluster: &Cluster, merger: &Merger, request: Request) -> Response {
     if request.method != FORWARD_METHOD {
         return Response::text(405, "only POST is allowed").with_header("Allow", "POST");
     }
@@ -36,22 +37,16 @@ pub fn handle_forward(cluster: &Cluster, store: &Store, request: Request) -> Res
     };
     let id = &forwarded.cluster_id;
     let bytes = families.len();
+    let store = merger.store();
     let result = match forwarded.kind {
-        ForwardKind::Push => store_push(store, id, families, forwarded.received).map(|()| true),
-        // Written without the remote-write merge: its cached series are stale now.
-        ForwardKind::Handoff => {
-            let written = store.put_if_newer(id, families, forwarded.received);
-            crate::receive::cache::forget(store, id);
-            written
-        }
-        ForwardKind::Remove => {
-            let removed = store.remove(id).map(|()| true);
-            crate::receive::cache::forget(store, id);
-            removed
-        }
+        ForwardKind::Push => store_push(merger, id, families, forwarded.received).map(|()| true),
+        // Written without the remote-write merge: the store's new version of the cluster tells
+        // the merger that what it cached is stale.
+        ForwardKind::Handoff => store.put_if_newer(id, families, forwarded.received),
+        ForwardKind::Remove => store.remove(id).map(|()| true),
         // Merged into the cluster's series (never forwarded again, like a push).
         ForwardKind::Receive => {
-            crate::receive::store_forwarded(store, id, families, forwarded.received).map(|()| true)
+            crate::receive::store_forwarded(merger, id, families, forwarded.received).map(|()| true)
         }
     };
     match result {
@@ -98,6 +93,7 @@ mod tests {
     #[test]
     fn sealed_forwards_are_stored_others_refused() {
         let store = TempStore::new("endpoint");
+        let merger = Merger::new(store.store.clone());
         let cluster = node("solo", "127.0.0.1:1", vec![]);
         let sealer = Sealer::new(&[key()]).unwrap();
         let now = SystemTime::now();
@@ -106,7 +102,7 @@ mod tests {
         let body = sealer
             .seal("solo", "c1", recent, ForwardKind::Push, b"new", now)
             .unwrap();
-        let reply = handle_forward(&cluster, &store.store, request("POST", body));
+        let reply = handle_forward(&cluster, &merger, request("POST", body));
         assert_eq!(reply.status, 200);
         let stored = store.store.get("c1").unwrap().unwrap();
         assert_eq!(stored.payload, b"new".to_vec());
@@ -115,7 +111,7 @@ mod tests {
         let body = sealer
             .seal("solo", "c1", at(1_000), ForwardKind::Handoff, b"old", now)
             .unwrap();
-        let reply = handle_forward(&cluster, &store.store, request("POST", body));
+        let reply = handle_forward(&cluster, &merger, request("POST", body));
         assert_eq!(reply.status, 200);
         assert_eq!(
             store.store.get("c1").unwrap().unwrap().payload,
@@ -123,19 +119,19 @@ mod tests {
         );
 
         // Not sealed, tampered, addressed to another node, wrong method.
-        let reply = handle_forward(&cluster, &store.store, request("POST", b"x".to_vec()));
+        let reply = handle_forward(&cluster, &merger, request("POST", b"x".to_vec()));
         assert_eq!(reply.status, 401);
         let mut body = sealer
             .seal("solo", "c2", recent, ForwardKind::Push, b"a", now)
             .unwrap();
         let last = body.len() - 1;
         body[last] ^= 1;
-        let reply = handle_forward(&cluster, &store.store, request("POST", body));
+        let reply = handle_forward(&cluster, &merger, request("POST", body));
         assert_eq!(reply.status, 401);
         let body = sealer
             .seal("other", "c2", recent, ForwardKind::Push, b"a", now)
             .unwrap();
-        let reply = handle_forward(&cluster, &store.store, request("POST", body));
+        let reply = handle_forward(&cluster, &merger, request("POST", body));
         assert_eq!(reply.status, 401);
         match &reply.body {
             telemeter_common::http::Body::Bytes(body) => assert!(
@@ -144,7 +140,7 @@ mod tests {
             ),
             _ => panic!("a 401 carries its reason"),
         }
-        let reply = handle_forward(&cluster, &store.store, request("GET", Vec::new()));
+        let reply = handle_forward(&cluster, &merger, request("GET", Vec::new()));
         assert_eq!(reply.status, 405);
         assert!(store.store.get("c2").unwrap().is_none());
 

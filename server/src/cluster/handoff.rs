@@ -79,9 +79,7 @@ pub fn handoff_pass(cluster: &Cluster, store: &Store) -> PassReport {
                 let unchanged =
                     matches!(store.get(id), Ok(Some(now)) if now.received == upload.received);
                 if unchanged {
-                    let removed = store.remove(id);
-                    crate::receive::cache::forget(store, id);
-                    if let Err(err) = removed {
+                    if let Err(err) = store.remove(id) {
                         log::warn!("cluster: handoff of cluster {id}: cannot remove it: {err}");
                     }
                 }

@@ -13,18 +13,19 @@ use std::time::SystemTime;
 use super::forward::ForwardKind;
 use super::Cluster;
 use crate::ingest::placement::{store_push, Placement, PlacementError};
-use crate::store::Store;
+use crate::receive::merge::Merger;
 
 /// Routes uploads through the ring.
 pub struct ClusterPlacement {
     cluster: Arc<Cluster>,
-    store: Store,
+    merger: Merger,
 }
 
 impl ClusterPlacement {
-    /// A placement storing locally in `store` what `cluster` says this node owns.
-    pub fn new(cluster: Arc<Cluster>, store: Store) -> ClusterPlacement {
-        ClusterPlacement { cluster, store }
+    /// A placement storing locally, through `merger` (the server's, over its store), what
+    /// `cluster` says this node owns.
+    pub fn new(cluster: Arc<Cluster>, merger: Merger) -> ClusterPlacement {
+        ClusterPlacement { cluster, merger }
     }
 }
 
@@ -41,7 +42,9 @@ impl Placement for ClusterPlacement {
             ForwardKind::Push,
             payload,
             received,
-            |bytes| store_push(&self.store, cluster_id, bytes, received).map_err(|e| e.to_string()),
+            |bytes| {
+                store_push(&self.merger, cluster_id, bytes, received).map_err(|e| e.to_string())
+            },
         )
     }
 }
@@ -117,7 +120,7 @@ mod tests {
     fn alone_stores_locally() {
         let store = TempStore::new("placement-alone");
         let cluster = Arc::new(node("solo", "127.0.0.1:1", vec![]));
-        let placement = ClusterPlacement::new(cluster.clone(), store.store.clone());
+        let placement = ClusterPlacement::new(cluster.clone(), Merger::new(store.store.clone()));
         placement
             .place("c1", b"payload".to_vec(), SystemTime::now())
             .unwrap();
@@ -135,7 +138,7 @@ mod tests {
         let a = Arc::new(a);
         let id = id_owned_by(&a, "b");
         store.store.close();
-        let placement = ClusterPlacement::new(a.clone(), store.store.clone());
+        let placement = ClusterPlacement::new(a.clone(), Merger::new(store.store.clone()));
         let err = placement
             .place(&id, b"payload".to_vec(), SystemTime::now())
             .unwrap_err();
@@ -152,7 +155,7 @@ mod tests {
         let (a, b) = pair(&closed_addr());
         let a = Arc::new(a);
         let id = id_owned_by(&a, "b");
-        let placement = ClusterPlacement::new(a.clone(), store.store.clone());
+        let placement = ClusterPlacement::new(a.clone(), Merger::new(store.store.clone()));
         placement
             .place(&id, b"payload".to_vec(), SystemTime::now())
             .unwrap();

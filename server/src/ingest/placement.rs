@@ -4,11 +4,14 @@
 //! [`crate::cluster::placement`] looks up the cluster's owner on the hash ring and forwards to it.
 //! The upload pipeline only sees [`Placement`]. Whoever stores an upload locally does it through
 //! [`store_push`] (or, for a remote-write request, [`store_merged`]): with `--remote-write-url` the
-//! store's journal is the egress backlog, so what these store is what gets shipped.
+//! store's journal is the egress backlog, so what these store is what gets shipped. Both work on
+//! the store through the server's [`Merger`], which merges the uploads of a cluster that uses
+//! remote write.
 
 use std::fmt;
 use std::time::SystemTime;
 
+use crate::receive::merge::{uses_remote_write, Merger};
 use crate::store::{Ship, Store, StoreError};
 
 /// Why an upload could not be stored anywhere.
@@ -62,13 +65,13 @@ pub trait Placement: Send + Sync + 'static {
 /// backlog, so what it stores is shipped.
 #[derive(Clone)]
 pub struct LocalPlacement {
-    store: Store,
+    merger: Merger,
 }
 
 impl LocalPlacement {
-    /// A placement writing to `store`.
-    pub fn new(store: Store) -> LocalPlacement {
-        LocalPlacement { store }
+    /// A placement writing to `merger`'s store.
+    pub fn new(merger: Merger) -> LocalPlacement {
+        LocalPlacement { merger }
     }
 }
 
@@ -79,7 +82,7 @@ impl Placement for LocalPlacement {
         payload: Vec<u8>,
         received: SystemTime,
     ) -> Result<(), PlacementError> {
-        Ok(store_push(&self.store, cluster_id, payload, received)?)
+        Ok(store_push(&self.merger, cluster_id, payload, received)?)
     }
 }
 
@@ -90,38 +93,48 @@ impl Placement for LocalPlacement {
 /// is the egress backlog, so nothing is shipped that was not stored, and nothing stored is lost
 /// by a crash before it is shipped. Every path that stores a push it owns (an upload stored here,
 /// a push forwarded to this node) goes through here.
+///
+/// A cluster that never used remote write (the store's index says so) takes no lock but the
+/// store's own: the merger is only used for a cluster that did.
 pub fn store_push(
-    store: &Store,
+    merger: &Merger,
     cluster_id: &str,
     payload: Vec<u8>,
     received: SystemTime,
 ) -> Result<(), StoreError> {
+    let store = merger.store();
     // A cluster that also pushes by remote write: merged, so neither path erases the other's
     // series (README, "Remote write and uploads together").
-    if crate::receive::merge::uses_remote_write(store, cluster_id, received) {
-        return crate::receive::merge::store_upload_merged(store, cluster_id, payload, received);
+    if uses_remote_write(store, cluster_id, received) {
+        return merger.store_accepted(cluster_id, payload, received);
     }
-    let stored = store
+    // Replaced without the merge: the store gives it a new version, so whatever the merger
+    // cached of the cluster is not used again.
+    store
         .put_unless_older(cluster_id, payload, received)
-        .map(|_| ());
-    // Replaced without the remote-write merge: what the merge cached of it is stale now.
-    crate::receive::cache::forget(store, cluster_id);
-    stored
+        .map(|_| ())
 }
 
 /// Stores `merged` (a cluster's series after a remote-write request was merged into them) durably
 /// as `cluster_id`'s payload, and has egress ship only `delta` (the request's own samples): the
 /// merged payload holds samples shipped before, which a receiver would refuse as out of order.
-/// The one place a received remote-write request is stored.
+/// The one place a received remote-write request is stored. `newest_received_ms` is `merged`'s
+/// newest remote-write sample, kept by the store beside it ([`Store::newest_received`]). Returns
+/// the store's version of the put ([`Store::put_merged`]).
 pub fn store_merged(
     store: &Store,
     cluster_id: &str,
     merged: Vec<u8>,
     delta: Vec<u8>,
     received: SystemTime,
-) -> Result<(), StoreError> {
+    newest_received_ms: i64,
+) -> Result<Option<u64>, StoreError> {
     // One journal batch: the merged view served, the delta shipped (ignored without egress).
-    store
-        .put_shipping(cluster_id, Some(merged), Ship::Payload(delta), received)
-        .map(|_| ())
+    store.put_merged(
+        cluster_id,
+        merged,
+        Ship::Payload(delta),
+        received,
+        newest_received_ms,
+    )
 }

@@ -14,19 +14,20 @@
 //! any refusal) takes the full conversion and merge from the cached payload, and only a cluster
 //! not cached reads the store.
 //!
-//! The store stays the truth. An entry is only read and replaced under the cluster's stripe lock
-//! (as the merge is), taken out while a request works on it so a failed write leaves nothing
-//! stale, and put back only after the store wrote the payload. Every other path that writes a
-//! cluster (an upload stored without merging, a handoff, a removal) calls [`forget`] after writing;
-//! a merge in flight for that cluster then caches nothing ([`Claim`]). A restart starts empty.
-//! Bounded by [`CACHE_BYTES`] per store, least recently used evicted first; a cluster bigger than a
-//! quarter of that is not cached. Only authenticated clusters' merges fill it.
+//! The store stays the truth. Each entry remembers which put of the store it is a copy of (the
+//! [`Store::version`] that [`Store::put_merged`] answered), and is used only while the store
+//! still holds that very put: any other write of the cluster (an upload stored without merging,
+//! a handoff, a removal, the sweeper) changes the version, so no other path has to tell the cache
+//! anything. An entry is only read and replaced under the cluster's stripe lock (as the merge
+//! is), taken out while a request works on it so a failed write leaves nothing stale, and put
+//! back only after the store wrote the payload. A restart starts empty. Bounded by
+//! [`CACHE_BYTES`], least recently used evicted first; a cluster bigger than a quarter of that is
+//! not cached. Only authenticated clusters' merges fill it. Owned by the server's
+//! [`super::merge::Merger`], one per store: nothing here is global.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use telemeter_common::delimited::Limits;
@@ -35,6 +36,7 @@ use telemeter_common::selector::Selector;
 use telemeter_common::wire::{self, Value};
 
 use super::merge::{is_stale_marker, REMOTE_WRITE_HELP};
+#[cfg(doc)]
 use crate::store::Store;
 
 /// Memory the cache of one store may hold: half of what requests in flight may reserve
@@ -50,123 +52,76 @@ const UNLIMITED: Limits = Limits {
     max_series: usize::MAX,
 };
 
-/// Per store directory, its cache.
-static CACHES: Mutex<Option<HashMap<PathBuf, Lru>>> = Mutex::new(None);
-
-/// Whether anything was ever claimed: until then [`forget`] (on every upload) takes no lock.
-static USED: AtomicBool = AtomicBool::new(false);
-
-/// A merge's hold on one cluster's cache entry, from [`claim`] until the entry is put back with
-/// [`Claim::keep`] or dropped. While it is held, a [`forget`] of the cluster makes `keep` cache
-/// nothing: the store may then hold what another path wrote after this merge's write.
-pub struct Claim {
-    dir: PathBuf,
-    cluster_id: String,
+/// The merged series of recently received clusters of one store (see the module documentation).
+#[derive(Default)]
+pub struct Cache {
+    lru: Mutex<Lru>,
 }
 
-/// Claims `cluster_id`'s entry, taking it out of the cache (the caller holds the cluster's stripe
-/// lock, so there is one claim per cluster at a time).
-pub fn claim(store: &Store, cluster_id: &str) -> (Claim, Option<CachedCluster>) {
-    let dir = store.dir().to_path_buf();
-    let mut all = telemeter_common::sync::lock(&CACHES);
-    USED.store(true, Ordering::SeqCst);
-    let lru = all
-        .get_or_insert_with(HashMap::new)
-        .entry(dir.clone())
-        .or_default();
-    lru.in_flight.insert(cluster_id.to_string(), false);
-    let entry = lru.take(cluster_id);
-    drop(all);
-    let claim = Claim {
-        dir,
-        cluster_id: cluster_id.to_string(),
-    };
-    (claim, entry)
-}
+impl Cache {
+    /// An empty cache.
+    pub fn new() -> Cache {
+        Cache::default()
+    }
 
-impl Claim {
-    /// Caches `entry` as what the store holds for the cluster now (the caller wrote it), unless
-    /// the cluster was forgotten meanwhile; evicts the least recently used clusters past
-    /// [`CACHE_BYTES`]. A cluster bigger than a quarter of that is not cached.
-    pub fn keep(self, entry: CachedCluster) {
-        let mut all = telemeter_common::sync::lock(&CACHES);
-        let Some(lru) = all.as_mut().and_then(|all| all.get_mut(&self.dir)) else {
-            return;
-        };
-        let forgotten = lru.in_flight.remove(&self.cluster_id).unwrap_or(true);
-        if !forgotten && entry.bytes() <= CACHE_BYTES / 4 {
-            lru.put(&self.cluster_id, entry, CACHE_BYTES);
+    /// Takes `cluster_id`'s entry out, if it is a copy of what the store holds now (`version`,
+    /// the store's [`Store::version`] of the cluster); an entry of another version is dropped.
+    /// The caller holds the cluster's stripe lock, so one merge at a time works on an entry.
+    pub fn take(&self, cluster_id: &str, version: Option<u64>) -> Option<CachedCluster> {
+        let (cached, entry) = telemeter_common::sync::lock(&self.lru).take(cluster_id)?;
+        (Some(cached) == version).then_some(entry)
+    }
+
+    /// Caches `entry` as the copy of the store's put `version` of `cluster_id` (the caller wrote
+    /// it); evicts the least recently used clusters past [`CACHE_BYTES`]. A cluster bigger than a
+    /// quarter of that is not cached.
+    pub fn keep(&self, cluster_id: &str, entry: CachedCluster, version: u64) {
+        if entry.bytes() <= CACHE_BYTES / 4 {
+            telemeter_common::sync::lock(&self.lru).put(cluster_id, version, entry, CACHE_BYTES);
         }
     }
-}
 
-impl Drop for Claim {
-    fn drop(&mut self) {
-        let mut all = telemeter_common::sync::lock(&CACHES);
-        if let Some(lru) = all.as_mut().and_then(|all| all.get_mut(&self.dir)) {
-            lru.in_flight.remove(&self.cluster_id);
-        }
+    /// Whether `cluster_id` is cached now as a copy of the store's `version` of it (for tests
+    /// and the debug log).
+    pub fn is_cached(&self, cluster_id: &str, version: Option<u64>) -> bool {
+        telemeter_common::sync::lock(&self.lru)
+            .entries
+            .get(cluster_id)
+            .is_some_and(|(_, cached, _)| Some(*cached) == version)
     }
 }
 
-/// Drops what is cached for `cluster_id`: called by every path that writes the cluster's payload
-/// without going through the remote-write merge, after writing it. A merge holding a [`Claim`] on
-/// it then caches nothing. Takes no stripe lock, so an upload never waits for a merge.
-pub fn forget(store: &Store, cluster_id: &str) {
-    // Set under the lock before any claim exists, so a claim this misses was made after this
-    // forget's write and reads (or caches) what that write left.
-    if !USED.load(Ordering::SeqCst) {
-        return;
-    }
-    let mut all = telemeter_common::sync::lock(&CACHES);
-    if let Some(lru) = all.as_mut().and_then(|all| all.get_mut(store.dir())) {
-        lru.take(cluster_id);
-        if let Some(forgotten) = lru.in_flight.get_mut(cluster_id) {
-            *forgotten = true;
-        }
-    }
-}
-
-/// Whether `cluster_id` is cached now (for tests and the debug log).
-pub fn is_cached(store: &Store, cluster_id: &str) -> bool {
-    telemeter_common::sync::lock(&CACHES)
-        .as_ref()
-        .and_then(|all| all.get(store.dir()))
-        .is_some_and(|lru| lru.entries.contains_key(cluster_id))
-}
-
-/// The clusters of one store, least recently used first out.
+/// The cached clusters, least recently used first out.
 #[derive(Default)]
 struct Lru {
-    entries: HashMap<String, (u64, CachedCluster)>,
+    /// Cluster id → (use tick, the store's version it copies, the entry).
+    entries: HashMap<String, (u64, u64, CachedCluster)>,
     /// Use tick → cluster id: the first is the least recently used.
     order: BTreeMap<u64, String>,
     tick: u64,
     bytes: usize,
-    /// Clusters claimed by a merge now → whether they were forgotten since.
-    in_flight: HashMap<String, bool>,
 }
 
 impl Lru {
-    fn take(&mut self, cluster_id: &str) -> Option<CachedCluster> {
-        let (tick, entry) = self.entries.remove(cluster_id)?;
+    fn take(&mut self, cluster_id: &str) -> Option<(u64, CachedCluster)> {
+        let (tick, version, entry) = self.entries.remove(cluster_id)?;
         self.order.remove(&tick);
         self.bytes = self.bytes.saturating_sub(entry.bytes());
-        Some(entry)
+        Some((version, entry))
     }
 
-    fn put(&mut self, cluster_id: &str, entry: CachedCluster, limit: usize) {
+    fn put(&mut self, cluster_id: &str, version: u64, entry: CachedCluster, limit: usize) {
         self.take(cluster_id);
         self.tick += 1;
         self.bytes += entry.bytes();
         self.order.insert(self.tick, cluster_id.to_string());
         self.entries
-            .insert(cluster_id.to_string(), (self.tick, entry));
+            .insert(cluster_id.to_string(), (self.tick, version, entry));
         while self.bytes > limit {
             let Some((_, oldest)) = self.order.pop_first() else {
                 break;
             };
-            if let Some((_, evicted)) = self.entries.remove(&oldest) {
+            if let Some((_, _, evicted)) = self.entries.remove(&oldest) {
                 self.bytes = self.bytes.saturating_sub(evicted.bytes());
             }
         }
@@ -944,9 +899,9 @@ mod tests {
         let mut lru = Lru::default();
         let one = cached(rw("up", &[("a", 1.0, 1000)]));
         let size = one.bytes();
-        lru.put("one", one, size * 2);
-        lru.put("two", cached(rw("up", &[("a", 1.0, 1000)])), size * 2);
-        lru.put("three", cached(rw("up", &[("a", 1.0, 1000)])), size * 2);
+        lru.put("one", 1, one, size * 2);
+        lru.put("two", 2, cached(rw("up", &[("a", 1.0, 1000)])), size * 2);
+        lru.put("three", 3, cached(rw("up", &[("a", 1.0, 1000)])), size * 2);
         assert!(!lru.entries.contains_key("one"), "least recently used out");
         assert!(lru.entries.contains_key("two") && lru.entries.contains_key("three"));
         assert!(lru.bytes <= size * 2);

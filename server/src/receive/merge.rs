@@ -7,16 +7,22 @@
 //! series whose sample is older than the TTL are dropped, so a cluster's payload does not grow
 //! with every series it ever sent.
 //!
-//! Read, merge and put of one cluster run under one of `STRIPES` locks chosen by its id, so two
-//! requests of a cluster cannot both read the same payload and each write back only their own
-//! series. Striped (not one lock per cluster) so the locks take fixed memory whatever the number of
-//! cluster ids; two clusters sharing a stripe only wait for each other's merge.
+//! Read, merge and put of one cluster run under one of the [`Merger`]'s stripe locks chosen by
+//! its id, so two requests of a cluster cannot both read the same payload and each write back only
+//! their own series. Striped (not one lock per cluster) so the locks take fixed memory whatever
+//! the number of cluster ids; two clusters sharing a stripe only wait for each other's merge.
+//!
+//! The [`Merger`] (stripes and the merge cache, [`super::cache`]) is built once per store by the
+//! server's wiring and handed to whatever stores pushes (the receive handler, the placements,
+//! the forward endpoint, `import`). Whether a cluster uses remote write at all is the store's to
+//! answer ([`Store::newest_received`], from its index), so an upload of a cluster that never did
+//! takes none of the merger's locks.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, int32, WireType};
@@ -26,15 +32,12 @@ use telemeter_common::model::{Counter, Gauge, LabelPair, Metric, MetricType, Unt
 use telemeter_common::selector::Selector;
 use telemeter_common::wire::{self, MetricView, Value};
 
-use super::cache::{self, CachedCluster, RawRules};
+use super::cache::{Cache, CachedCluster, RawRules};
 use crate::ingest::placement::store_merged;
 use crate::store::{Store, StoreError};
 
 /// Locks around read-merge-put, chosen by cluster id.
 const STRIPE_COUNT: usize = 64;
-
-/// The stripes; see the module documentation.
-static STRIPES: [Mutex<()>; STRIPE_COUNT] = [const { Mutex::new(()) }; STRIPE_COUNT];
 
 /// The bit pattern Prometheus writes as a staleness marker (`value.StaleNaN`).
 const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
@@ -45,91 +48,276 @@ pub fn is_stale_marker(value: f64) -> bool {
 }
 
 /// The help text of every family remote write builds. It is what makes "this cluster has
-/// remote-write series" durable: it travels in the stored payload (journal, checkpoint, handoff
-/// to another owner) and disappears with the last such series when the TTL drops it, so a restart
-/// or a move learns it back from the payload itself ([`uses_remote_write`]).
-pub const REMOTE_WRITE_HELP: &str = "Received by remote write.";
-
-/// Per store directory, per cluster: the newest remote-write sample stored (ms), `i64::MIN` when
-/// the stored payload has none. Learned from the payload at a cluster's first upload after start,
-/// kept up to date by every merge, so an upload reads its cluster's payload at most once per
-/// process unless the cluster uses remote write. One entry per cluster that pushed, as the
-/// store's own index.
-static NEWEST_RECEIVED: Mutex<Option<HashMap<PathBuf, HashMap<String, i64>>>> = Mutex::new(None);
-
-/// Records what a merge stored (`learned` false), or what a payload read says (`learned` true:
-/// then only if nothing is known yet, so a read that raced with a merge cannot undo it).
-fn note_newest(store: &Store, cluster_id: &str, newest_ms: i64, learned: bool) {
-    let mut all = telemeter_common::sync::lock(&NEWEST_RECEIVED);
-    let clusters = all
-        .get_or_insert_with(HashMap::new)
-        .entry(store.dir().to_path_buf())
-        .or_default();
-    if learned {
-        clusters.entry(cluster_id.to_string()).or_insert(newest_ms);
-    } else {
-        clusters.insert(cluster_id.to_string(), newest_ms);
-    }
-}
-
-/// The newest remote-write sample in `payload` (protobuf-delimited families), `i64::MIN` when
-/// none (or unreadable).
-fn newest_received(payload: &[u8]) -> i64 {
-    let mut newest = i64::MIN;
-    for family in wire::families(payload, &UNLIMITED) {
-        let Ok(family) = family else {
-            break;
-        };
-        if family.help != REMOTE_WRITE_HELP {
-            continue;
-        }
-        for metric in family.metrics() {
-            let Ok(metric) = metric else {
-                break;
-            };
-            newest = newest.max(metric.timestamp_ms.unwrap_or(i64::MIN));
-        }
-    }
-    newest
-}
+/// remote-write series" readable from a payload alone: it travels in the stored payload (journal,
+/// checkpoint, handoff to another owner) and disappears with the last such series when the TTL
+/// drops it, so a store or a peer that did not record the marker beside the payload learns it
+/// from the payload itself ([`crate::store::newest_received_in`]).
+pub use crate::store::REMOTE_WRITE_HELP;
 
 /// Whether `cluster_id` has remote-write series within the TTL: then its uploads are merged
-/// into its series (like remote write) rather than replacing them. Reads the stored payload
-/// only the first time a cluster is asked about in this process.
+/// into its series (like remote write) rather than replacing them. Asks the store's index (no
+/// payload read, but once for a cluster last written before the store recorded the marker) and
+/// takes no lock of the merger's.
 pub fn uses_remote_write(store: &Store, cluster_id: &str, now: SystemTime) -> bool {
     let oldest = telemeter_common::time::sample_millis(now)
         .saturating_sub(telemeter_common::time::duration_millis(store.ttl()));
-    let known = telemeter_common::sync::lock(&NEWEST_RECEIVED)
-        .as_ref()
-        .and_then(|all| all.get(store.dir()))
-        .and_then(|clusters| clusters.get(cluster_id).copied());
-    let newest = match known {
-        Some(newest) => newest,
-        None => {
-            let newest = match store.get(cluster_id) {
-                Ok(Some(upload)) => newest_received(&upload.payload),
-                Ok(None) => i64::MIN,
-                // Unreadable now: not remembered, asked again next time.
-                Err(_) => return false,
-            };
-            note_newest(store, cluster_id, newest, true);
-            newest
-        }
-    };
-    newest >= oldest
+    match store.newest_received(cluster_id) {
+        Ok(newest) => newest.is_some_and(|newest| newest >= oldest),
+        // Unreadable now: stored as sent; asked again next time.
+        Err(_) => false,
+    }
 }
 
-/// Stores an upload of a cluster that [`uses_remote_write`]: merged into its series like a
-/// remote-write request (so neither path erases the other's series), and shipped as it came.
-pub fn store_upload_merged(
-    store: &Store,
-    cluster_id: &str,
-    payload: Vec<u8>,
-    received: SystemTime,
-) -> Result<(), StoreError> {
-    match store_received(store, cluster_id, payload, received, usize::MAX) {
-        Ok(()) | Err(MergeError::TooManySeries { .. }) => Ok(()),
-        Err(MergeError::Store(e)) => Err(e),
+/// The remote-write merge of one store: its stripe locks and its cache. Cheap to clone; clones
+/// share both. Built once by the server's wiring, so two stores (tests open several in one
+/// process) never share state.
+#[derive(Clone)]
+pub struct Merger {
+    store: Store,
+    shared: Arc<Shared>,
+}
+
+/// What clones of a [`Merger`] share.
+struct Shared {
+    stripes: [Mutex<()>; STRIPE_COUNT],
+    cache: Cache,
+    /// Locks of this merger's taken (stripes and cache), for tests that show a path takes none.
+    #[cfg(test)]
+    locks_taken: std::sync::atomic::AtomicU64,
+}
+
+impl Merger {
+    /// The merge of `store`'s remote-write series, with an empty cache.
+    pub fn new(store: Store) -> Merger {
+        Merger {
+            store,
+            shared: Arc::new(Shared {
+                stripes: [const { Mutex::new(()) }; STRIPE_COUNT],
+                cache: Cache::new(),
+                #[cfg(test)]
+                locks_taken: std::sync::atomic::AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The store it merges into.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Whether `cluster_id` is cached now, as a copy of what the store holds (for tests and the
+    /// debug log).
+    pub fn is_cached(&self, cluster_id: &str) -> bool {
+        let version = self.store.version(cluster_id);
+        self.count_lock();
+        self.shared.cache.is_cached(cluster_id, version)
+    }
+
+    /// How many of its locks were taken so far.
+    #[cfg(test)]
+    pub fn locks_taken(&self) -> u64 {
+        self.shared
+            .locks_taken
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_lock(&self) {
+        #[cfg(test)]
+        self.shared
+            .locks_taken
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The stripe lock of `cluster_id`, taken.
+    fn stripe(&self, cluster_id: &str) -> MutexGuard<'_, ()> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        cluster_id.hash(&mut hasher);
+        self.count_lock();
+        telemeter_common::sync::lock(
+            &self.shared.stripes[(hasher.finish() as usize) % STRIPE_COUNT],
+        )
+    }
+
+    /// `cluster_id`'s cached entry, if it is still a copy of what the store holds, and the
+    /// store's version it copies.
+    fn cached(&self, cluster_id: &str) -> Option<(CachedCluster, u64)> {
+        let version = self.store.version(cluster_id)?;
+        self.count_lock();
+        let entry = self.shared.cache.take(cluster_id, Some(version))?;
+        Some((entry, version))
+    }
+
+    /// Stores `merged` (with its newest remote-write sample) and ships `delta`; caches `entry`
+    /// (whose payload `merged` is) as what the store now holds, unless a later put replaced it
+    /// in the same commit.
+    fn store_and_keep(
+        &self,
+        cluster_id: &str,
+        entry: CachedCluster,
+        delta: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<(), StoreError> {
+        let version = store_merged(
+            &self.store,
+            cluster_id,
+            entry.payload().to_vec(),
+            delta,
+            received,
+            entry.newest_received(),
+        )?;
+        if let Some(version) = version {
+            self.count_lock();
+            self.shared.cache.keep(cluster_id, entry, version);
+        }
+        Ok(())
+    }
+
+    /// Merges `delta` (validated families, protobuf-delimited) into `cluster_id`'s stored payload
+    /// and stores the result durably, then ships `delta` (only the request's samples: re-shipping
+    /// stored ones would make the receiver refuse them as out of order). Refused when the merged
+    /// series would pass `max_series`. `converted` is the whitelist `delta` was converted under
+    /// when this process converted it from a request of `cluster_id` (then its series are marked
+    /// for [`Merger::store_raw`]).
+    pub fn store_received(
+        &self,
+        cluster_id: &str,
+        delta: Vec<u8>,
+        received: SystemTime,
+        max_series: usize,
+        converted: Option<&Arc<Vec<Selector>>>,
+    ) -> Result<(), MergeError> {
+        self.merge(cluster_id, delta, received, converted, |series| {
+            match series > max_series {
+                true => Err(MergeError::TooManySeries { limit: max_series }),
+                false => Ok(()),
+            }
+        })
+        .map_err(MergeError::from)
+    }
+
+    /// As [`Merger::store_received`] with no cap on the merged series: for what this server, or
+    /// a peer, already accepted (an upload of a cluster that [`uses_remote_write`], a remote-write
+    /// request a peer forwarded), which an owner never refuses.
+    pub fn store_accepted(
+        &self,
+        cluster_id: &str,
+        delta: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<(), StoreError> {
+        self.merge(cluster_id, delta, received, None, |_| {
+            Ok::<(), Infallible>(())
+        })
+        .map_err(|e| match e {
+            Capped::Store(e) => e,
+            Capped::Refused(never) => match never {},
+        })
+    }
+
+    /// The merge itself: `admit` sees the merged series count before anything is stored.
+    fn merge<E>(
+        &self,
+        cluster_id: &str,
+        delta: Vec<u8>,
+        received: SystemTime,
+        converted: Option<&Arc<Vec<Selector>>>,
+        admit: impl Fn(usize) -> Result<(), E>,
+    ) -> Result<(), Capped<E>> {
+        let _stripe = self.stripe(cluster_id);
+        let oldest_ms = telemeter_common::time::sample_millis(received)
+            .saturating_sub(telemeter_common::time::duration_millis(self.store.ttl()));
+        // Out of the cache until the store has the merged payload: only then is it cached again.
+        let in_place = match self.cached(cluster_id) {
+            Some((mut entry, _)) => match entry.merge_in_place(&delta, oldest_ms) {
+                true => Ok(entry),
+                false => Err(Some(entry.into_payload())),
+            },
+            None => Err(None),
+        };
+        let mut entry = match in_place {
+            Ok(entry) => {
+                admit(entry.series()).map_err(Capped::Refused)?;
+                entry
+            }
+            Err(cached) => {
+                let stored = match cached {
+                    Some(payload) => Some(payload),
+                    None => self.store.get(cluster_id)?.map(|upload| upload.payload),
+                };
+                let merged = merge_stored(cluster_id, stored.as_deref(), &delta, oldest_ms)?;
+                drop(stored);
+                admit(merged.series).map_err(Capped::Refused)?;
+                match CachedCluster::build(merged.payload, merged.newest_received) {
+                    Ok(entry) => entry,
+                    Err(payload) => {
+                        // Not indexable (over 4 GiB): stored, not cached.
+                        store_merged(
+                            &self.store,
+                            cluster_id,
+                            payload,
+                            delta,
+                            received,
+                            merged.newest_received,
+                        )?;
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        if let Some(whitelist) = converted {
+            entry.mark_converted(&delta, whitelist);
+        }
+        self.store_and_keep(cluster_id, entry, delta, received)?;
+        Ok(())
+    }
+
+    /// Merges a request (`body`, decompressed) of series this process converted before straight
+    /// into `cluster_id`'s cached payload ([`CachedCluster::merge_raw`]) and stores it. `Ok(None)`
+    /// when the cluster is not cached or the request is not all such series: nothing was stored,
+    /// and the request takes the full conversion. Only for a local store without remote-write
+    /// egress (no converted delta is made here to ship or forward).
+    pub fn store_raw(
+        &self,
+        cluster_id: &str,
+        body: &[u8],
+        rules: &RawRules<'_>,
+        received: SystemTime,
+    ) -> Result<Option<usize>, MergeError> {
+        let _stripe = self.stripe(cluster_id);
+        let oldest_ms = telemeter_common::time::sample_millis(received)
+            .saturating_sub(telemeter_common::time::duration_millis(self.store.ttl()));
+        let Some((mut entry, version)) = self.cached(cluster_id) else {
+            return Ok(None);
+        };
+        let Some(samples) = entry.merge_raw(body, rules, oldest_ms) else {
+            // Unchanged: still a copy of the store's `version` (if the store moved on since,
+            // the next merge sees it).
+            self.count_lock();
+            self.shared.cache.keep(cluster_id, entry, version);
+            return Ok(None);
+        };
+        self.store_and_keep(cluster_id, entry, Vec::new(), received)?;
+        Ok(Some(samples))
+    }
+}
+
+/// Why [`Merger::merge`] stored nothing: the store failed, or `admit` refused.
+enum Capped<E> {
+    Store(StoreError),
+    Refused(E),
+}
+
+impl<E> From<StoreError> for Capped<E> {
+    fn from(e: StoreError) -> Self {
+        Capped::Store(e)
+    }
+}
+
+impl From<Capped<MergeError>> for MergeError {
+    fn from(e: Capped<MergeError>) -> Self {
+        match e {
+            Capped::Store(e) => MergeError::Store(e),
+            Capped::Refused(e) => e,
+        }
     }
 }
 
@@ -173,123 +361,13 @@ impl From<StoreError> for MergeError {
     }
 }
 
-/// Merges `delta` (validated families, protobuf-delimited) into `cluster_id`'s stored payload and
-/// stores the result durably, then ships `delta` (only the request's samples: re-shipping stored
-/// ones would make the receiver refuse them as out of order) to `remote_write`. Every path that
-/// stores a remote-write request it owns (received here, forwarded here) goes through here.
-pub fn store_received(
-    store: &Store,
-    cluster_id: &str,
-    delta: Vec<u8>,
-    received: SystemTime,
-    max_series: usize,
-) -> Result<(), MergeError> {
-    store_delta(store, cluster_id, delta, received, max_series, None)
-}
-
-/// As [`store_received`]; `converted` is the whitelist `delta` was converted under when this
-/// process converted it from a request of `cluster_id` (then its series are marked for
-/// [`store_raw`]).
-pub fn store_delta(
-    store: &Store,
-    cluster_id: &str,
-    delta: Vec<u8>,
-    received: SystemTime,
-    max_series: usize,
-    converted: Option<&Arc<Vec<Selector>>>,
-) -> Result<(), MergeError> {
-    let _stripe = telemeter_common::sync::lock(stripe(cluster_id));
-    let oldest_ms = telemeter_common::time::sample_millis(received)
-        .saturating_sub(telemeter_common::time::duration_millis(store.ttl()));
-    // Held until the store has the merged payload: only then is it cached again.
-    let (claim, cached) = cache::claim(store, cluster_id);
-    let in_place = match cached {
-        Some(mut entry) => match entry.merge_in_place(&delta, oldest_ms) {
-            true => Ok(entry),
-            false => Err(Some(entry.into_payload())),
-        },
-        None => Err(None),
-    };
-    let mut entry = match in_place {
-        Ok(entry) => {
-            if entry.series() > max_series {
-                return Err(MergeError::TooManySeries { limit: max_series });
-            }
-            entry
-        }
-        Err(cached) => {
-            let stored = match cached {
-                Some(payload) => Some(payload),
-                None => store.get(cluster_id)?.map(|upload| upload.payload),
-            };
-            let merged = merge_stored(cluster_id, stored.as_deref(), &delta, oldest_ms)?;
-            drop(stored);
-            if merged.series > max_series {
-                return Err(MergeError::TooManySeries { limit: max_series });
-            }
-            match CachedCluster::build(merged.payload, merged.newest_received) {
-                Ok(entry) => entry,
-                Err(payload) => {
-                    // Not indexable (over 4 GiB): stored, not cached.
-                    store_merged(store, cluster_id, payload, delta, received)?;
-                    note_newest(store, cluster_id, merged.newest_received, false);
-                    return Ok(());
-                }
-            }
-        }
-    };
-    if let Some(whitelist) = converted {
-        entry.mark_converted(&delta, whitelist);
-    }
-    store_merged(store, cluster_id, entry.payload().to_vec(), delta, received)?;
-    note_newest(store, cluster_id, entry.newest_received(), false);
-    claim.keep(entry);
-    Ok(())
-}
-
-/// Merges a request (`body`, decompressed) of series this process converted before straight into
-/// `cluster_id`'s cached payload ([`CachedCluster::merge_raw`]) and stores it. `Ok(None)` when the
-/// cluster is not cached or the request is not all such series: nothing was stored, and the
-/// request takes the full conversion. Only for a local store without remote-write egress (no
-/// converted delta is made here to ship or forward).
-pub fn store_raw(
-    store: &Store,
-    cluster_id: &str,
-    body: &[u8],
-    rules: &RawRules<'_>,
-    received: SystemTime,
-) -> Result<Option<usize>, MergeError> {
-    let _stripe = telemeter_common::sync::lock(stripe(cluster_id));
-    let oldest_ms = telemeter_common::time::sample_millis(received)
-        .saturating_sub(telemeter_common::time::duration_millis(store.ttl()));
-    let (claim, cached) = cache::claim(store, cluster_id);
-    let Some(mut entry) = cached else {
-        return Ok(None);
-    };
-    let Some(samples) = entry.merge_raw(body, rules, oldest_ms) else {
-        // Unchanged: still what the store holds.
-        claim.keep(entry);
-        return Ok(None);
-    };
-    store_merged(
-        store,
-        cluster_id,
-        entry.payload().to_vec(),
-        Vec::new(),
-        received,
-    )?;
-    note_newest(store, cluster_id, entry.newest_received(), false);
-    claim.keep(entry);
-    Ok(Some(samples))
-}
-
 /// `delta` merged into `stored` (the cluster's payload, None when it has none).
 fn merge_stored(
     cluster_id: &str,
     stored: Option<&[u8]>,
     delta: &[u8],
     oldest_ms: i64,
-) -> Result<Merged, MergeError> {
+) -> Result<Merged, StoreError> {
     match merge_payloads(stored.unwrap_or_default(), delta, oldest_ms) {
         Ok(merged) => Ok(merged),
         // Only this server's own validated payloads are read here (a sealed forward's too): a
@@ -299,21 +377,12 @@ fn merge_stored(
             log::warn!(
                 "cluster {cluster_id:?}: stored payload unreadable ({e}); merging into nothing"
             );
-            merge_payloads(&[], delta, oldest_ms).map_err(|e| {
-                MergeError::Store(StoreError::Format {
-                    context: format!("merging a remote-write request of cluster {cluster_id:?}"),
-                    reason: e.to_string(),
-                })
+            merge_payloads(&[], delta, oldest_ms).map_err(|e| StoreError::Format {
+                context: format!("merging a remote-write request of cluster {cluster_id:?}"),
+                reason: e.to_string(),
             })
         }
     }
-}
-
-/// The stripe lock of `cluster_id`.
-fn stripe(cluster_id: &str) -> &'static Mutex<()> {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    cluster_id.hash(&mut hasher);
-    &STRIPES[(hasher.finish() as usize) % STRIPE_COUNT]
 }
 
 /// What [`merge_payloads`] made.
@@ -736,33 +805,36 @@ mod tests {
                 )],
             }])
         };
+        let merger = Merger::new(store.clone());
         let now = SystemTime::now();
         let before = now - Duration::from_secs(90 * 60);
-        store_received(
-            &store,
-            "c",
-            series(REMOTE_WRITE_HELP, "rw", before),
-            before,
-            usize::MAX,
-        )
-        .unwrap();
-        assert!(cache::is_cached(&store, "c"));
+        merger
+            .store_received(
+                "c",
+                series(REMOTE_WRITE_HELP, "rw", before),
+                before,
+                usize::MAX,
+                None,
+            )
+            .unwrap();
+        assert!(merger.is_cached("c"));
         // An upload once the remote-write series is past the TTL: stored as sent, not merged.
-        crate::ingest::placement::store_push(&store, "c", series("up", "upload", now), now)
+        crate::ingest::placement::store_push(&merger, "c", series("up", "upload", now), now)
             .unwrap();
         assert!(
-            !cache::is_cached(&store, "c"),
+            !merger.is_cached("c"),
             "the upload made the cached series stale"
         );
         // The next request merges into the upload, not into what was cached before it.
-        store_received(
-            &store,
-            "c",
-            series(REMOTE_WRITE_HELP, "rw", now),
-            now,
-            usize::MAX,
-        )
-        .unwrap();
+        merger
+            .store_received(
+                "c",
+                series(REMOTE_WRITE_HELP, "rw", now),
+                now,
+                usize::MAX,
+                None,
+            )
+            .unwrap();
         let stored = store.get("c").unwrap().unwrap().payload;
         let jobs: Vec<String> = delimited::decode(&stored, &UNLIMITED)
             .unwrap()
@@ -771,9 +843,131 @@ mod tests {
             .map(|m| m.label_value("job").unwrap().to_string())
             .collect();
         assert_eq!(jobs, vec!["upload", "rw"]);
-        assert!(cache::is_cached(&store, "c"));
+        assert!(merger.is_cached("c"));
         store.close();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A store in a fresh directory (removed by the caller) with a one-hour TTL.
+    fn temp_store(tag: &str) -> (Store, std::path::PathBuf) {
+        use crate::store::StoreConfig;
+        let dir =
+            std::env::temp_dir().join(format!("telemeter-merge-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(StoreConfig {
+            dir: dir.clone(),
+            ttl: std::time::Duration::from_secs(3600),
+            max_batch: 8,
+        })
+        .unwrap();
+        (store, dir)
+    }
+
+    fn one_series(help: &str, job: &str, at: SystemTime) -> Vec<u8> {
+        delimited::encode(&[MetricFamily {
+            name: Some("up".into()),
+            help: Some(help.into()),
+            r#type: Some(MetricType::Untyped as i32),
+            metric: vec![untyped_series(
+                vec![LabelPair::new("_id", "c"), LabelPair::new("job", job)],
+                1.0,
+                telemeter_common::time::sample_millis(at),
+            )],
+        }])
+    }
+
+    #[test]
+    fn an_upload_of_a_cluster_that_never_used_remote_write_takes_no_lock_of_the_merger() {
+        use crate::ingest::placement::store_push;
+        let (store, dir) = temp_store("no-lock");
+        let merger = Merger::new(store.clone());
+        let now = SystemTime::now();
+        // Uploads only, the first of a cluster too.
+        for n in 0..20 {
+            let id = format!("plain-{}", n % 4);
+            store_push(&merger, &id, one_series("up", "upload", now), now).unwrap();
+        }
+        assert_eq!(merger.locks_taken(), 0);
+        // One whose payload names remote write's help itself is still a plain upload.
+        store_push(
+            &merger,
+            "spoof",
+            one_series(REMOTE_WRITE_HELP, "x", now),
+            now,
+        )
+        .unwrap();
+        store_push(
+            &merger,
+            "spoof",
+            one_series(REMOTE_WRITE_HELP, "x", now),
+            now,
+        )
+        .unwrap();
+        assert_eq!(merger.locks_taken(), 0);
+        assert_eq!(store.newest_received("spoof").unwrap(), Some(i64::MIN));
+        // The probe counts: a cluster that used remote write has its uploads merged.
+        merger
+            .store_received(
+                "rw",
+                one_series(REMOTE_WRITE_HELP, "rw", now),
+                now,
+                10,
+                None,
+            )
+            .unwrap();
+        let after_merge = merger.locks_taken();
+        assert!(after_merge > 0);
+        store_push(&merger, "rw", one_series("up", "upload", now), now).unwrap();
+        assert!(merger.locks_taken() > after_merge);
+        let jobs: Vec<String> =
+            delimited::decode(&store.get("rw").unwrap().unwrap().payload, &UNLIMITED)
+                .unwrap()
+                .iter()
+                .flat_map(|f| f.metric.iter())
+                .map(|m| m.label_value("job").unwrap().to_string())
+                .collect();
+        assert_eq!(jobs, ["rw", "upload"], "merged, not replaced");
+        store.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn two_stores_in_one_process_have_their_own_merge_state() {
+        let (one, one_dir) = temp_store("state-one");
+        let (two, two_dir) = temp_store("state-two");
+        let (first, second) = (Merger::new(one.clone()), Merger::new(two.clone()));
+        let now = SystemTime::now();
+        first
+            .store_received("c", one_series(REMOTE_WRITE_HELP, "a", now), now, 10, None)
+            .unwrap();
+        assert!(first.is_cached("c") && !second.is_cached("c"));
+        // The same cluster id in the other store merges into that store's payload alone.
+        second
+            .store_received("c", one_series(REMOTE_WRITE_HELP, "b", now), now, 10, None)
+            .unwrap();
+        assert!(first.is_cached("c") && second.is_cached("c"));
+        for (store, job) in [(&one, "a"), (&two, "b")] {
+            let families =
+                delimited::decode(&store.get("c").unwrap().unwrap().payload, &UNLIMITED).unwrap();
+            assert_eq!(families[0].metric.len(), 1);
+            assert_eq!(families[0].metric[0].label_value("job"), Some(job));
+        }
+        // Over the cap: refused, nothing stored.
+        let wider = [
+            one_series(REMOTE_WRITE_HELP, "x", now),
+            one_series(REMOTE_WRITE_HELP, "y", now),
+        ]
+        .concat();
+        assert!(matches!(
+            first.store_received("c", wider, now, 2, None),
+            Err(MergeError::TooManySeries { limit: 2 })
+        ));
+        let stored = delimited::decode(&one.get("c").unwrap().unwrap().payload, &UNLIMITED);
+        assert_eq!(stored.unwrap()[0].metric.len(), 1, "nothing stored");
+        one.close();
+        two.close();
+        let _ = std::fs::remove_dir_all(&one_dir);
+        let _ = std::fs::remove_dir_all(&two_dir);
     }
 
     #[test]
@@ -802,7 +996,7 @@ mod tests {
         assert_eq!(merged[0].metric[0].timestamp_ms, Some(200));
         assert_eq!(merged[0].help.as_deref(), Some(REMOTE_WRITE_HELP));
         assert_eq!(
-            newest_received(&delimited::encode(&merged)),
+            crate::store::newest_received_in(&delimited::encode(&merged)),
             200,
             "the newest remote-write sample is read back from the payload"
         );

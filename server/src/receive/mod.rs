@@ -42,12 +42,12 @@ use crate::cluster::Cluster;
 use crate::ingest::gate::Gate;
 use crate::ingest::ratelimit::retry_after_secs;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::StoreError;
 
 use auth::{Authenticator, Credentials};
 use cache::RawRules;
 use limit::Limiter;
-use merge::MergeError;
+use merge::{MergeError, Merger};
 use series::SeriesRules;
 
 /// The path.
@@ -158,7 +158,7 @@ pub struct ReceiveHandler {
     max_sample_age: Duration,
     max_future_skew: Duration,
     max_series: usize,
-    store: Store,
+    merger: Merger,
     route: Route,
     memory: Gate,
     cpu: Gate,
@@ -184,8 +184,8 @@ pub struct ReceiveParts {
     pub max_future_skew: Duration,
     /// `--max-series`: per request, and per cluster after merging.
     pub max_series: usize,
-    /// The store.
-    pub store: Store,
+    /// The store's remote-write merge (the server's one).
+    pub merger: Merger,
     /// Local or clustered.
     pub route: Route,
     /// The server's metrics (the counters are registered there).
@@ -222,7 +222,7 @@ impl ReceiveHandler {
             max_sample_age: parts.max_sample_age,
             max_future_skew: parts.max_future_skew,
             max_series: parts.max_series,
-            store: parts.store,
+            merger: parts.merger,
             route: parts.route,
             memory: Gate::new(MAX_MEMORY_BYTES),
             cpu: Gate::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -382,7 +382,9 @@ impl ReceiveHandler {
                 max_series: self.max_series,
                 whitelist,
             };
-            let stored = merge::store_raw(&self.store, &creds.cluster_id, &body, &rules, now)
+            let stored = self
+                .merger
+                .store_raw(&creds.cluster_id, &body, &rules, now)
                 .map_err(|e| self.store_refusal(&creds.cluster_id, e))?;
             if let Some(samples) = stored {
                 self.samples.add(samples as u64);
@@ -408,7 +410,7 @@ impl ReceiveHandler {
     /// not see labels that `--label` rewrote (it is matched before they are set, so a rewritten
     /// series might not match again).
     fn raw_path<'w>(&self, whitelist: &'w Arc<Vec<Selector>>) -> Option<&'w Arc<Vec<Selector>>> {
-        let local = matches!(self.route, Route::Local) && self.store.backlog().is_none();
+        let local = matches!(self.route, Route::Local) && self.merger.store().backlog().is_none();
         (local && (whitelist.is_empty() || self.extra_labels.is_empty())).then_some(whitelist)
     }
 
@@ -507,15 +509,9 @@ impl ReceiveHandler {
         received: SystemTime,
         converted: Option<&Arc<Vec<Selector>>>,
     ) -> Result<(), Refusal> {
-        merge::store_delta(
-            &self.store,
-            cluster_id,
-            delta,
-            received,
-            self.max_series,
-            converted,
-        )
-        .map_err(|e| self.store_refusal(cluster_id, e))
+        self.merger
+            .store_received(cluster_id, delta, received, self.max_series, converted)
+            .map_err(|e| self.store_refusal(cluster_id, e))
     }
 
     fn store_refusal(&self, cluster_id: &str, e: MergeError) -> Refusal {
@@ -572,15 +568,12 @@ fn check_encoding(request: &Request) -> Result<(), Refusal> {
 /// Stores a remote-write request another server forwarded here (its validated families): merged
 /// into the cluster's series like one received here.
 pub fn store_forwarded(
-    store: &Store,
+    merger: &Merger,
     cluster_id: &str,
     delta: Vec<u8>,
     received: SystemTime,
-) -> Result<(), crate::store::StoreError> {
+) -> Result<(), StoreError> {
     // The sender held the request to its caps; the merged payload is not capped here, so that an
     // owner never refuses what a peer already accepted.
-    match merge::store_received(store, cluster_id, delta, received, usize::MAX) {
-        Ok(()) | Err(MergeError::TooManySeries { .. }) => Ok(()),
-        Err(MergeError::Store(e)) => Err(e),
-    }
+    merger.store_accepted(cluster_id, delta, received)
 }

@@ -35,7 +35,7 @@ pub(super) fn checkpoint_until_closed(shared: &Shared, retired: &Receiver<Arc<Se
 /// On failure the segment stays: reads keep using it, and the next open replays it. With `keep`
 /// the segment stays even on success. Returns whether it succeeded.
 pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) -> bool {
-    let in_segment: Vec<(String, u64, u64, i64)> = lock(&shared.index)
+    let in_segment: Vec<(String, u64, u64, i64, Option<i64>)> = lock(&shared.index)
         .iter()
         .filter_map(|(id, entry)| match &entry.location {
             Location::Journal { segment: s, offset } if s.number == segment.number => Some((
@@ -43,6 +43,7 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
                 *offset,
                 entry.payload_bytes,
                 entry.newest_sample_ms,
+                entry.newest_received_ms,
             )),
             _ => None,
         })
@@ -51,7 +52,7 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
     // (cluster, its record's offset, temp file, its inode, the temp file open)
     let mut written: Vec<(String, u64, PathBuf, u64, File)> = Vec::new();
     let mut failed = false;
-    for (cluster_id, offset, payload_bytes, newest_sample_ms) in in_segment {
+    for (cluster_id, offset, payload_bytes, newest_sample_ms, newest_received_ms) in in_segment {
         let temp = shared.dir.join(format!(
             "{}{}",
             TEMP_PREFIX,
@@ -70,6 +71,8 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
                     &header.cluster_id,
                     header.received_millis,
                     newest_sample_ms,
+                    // A journal entry always has it; the payload says otherwise.
+                    newest_received_ms.unwrap_or_else(|| super::newest_received_in(&payload)),
                     &payload,
                 )
                 .map_err(|reason| io::Error::new(io::ErrorKind::InvalidInput, reason))?;

@@ -35,7 +35,25 @@ pub(super) enum Mode {
     UnlessOlder,
 }
 
-/// One upload waiting to be committed. The reply says whether it was written (to be served).
+/// What became of one request, once committed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// Not stored to be served (the stored upload kept, or only shipped).
+    Kept,
+    /// Stored, and replaced by a later request of the same batch.
+    Superseded,
+    /// Stored, and served now as the index entry of this [`super::Entry::version`].
+    Stored(u64),
+}
+
+impl Outcome {
+    /// Whether the payload was written to be served.
+    pub(super) fn written(self) -> bool {
+        !matches!(self, Outcome::Kept)
+    }
+}
+
+/// One upload waiting to be committed. The reply says what became of it.
 pub(super) struct Request {
     pub(super) cluster_id: String,
     /// What to serve (empty when `serve` is false).
@@ -47,8 +65,10 @@ pub(super) struct Request {
     pub(super) received_millis: u64,
     /// The payload's newest sample time (the TTL counts from it), read by the caller.
     pub(super) newest_sample_ms: i64,
+    /// The payload's newest remote-write sample (`i64::MIN`: none), as the caller knows it.
+    pub(super) newest_received_ms: i64,
     pub(super) mode: Mode,
-    pub(super) reply: ReplySender<Result<bool, StoreError>>,
+    pub(super) reply: ReplySender<Result<Outcome, StoreError>>,
 }
 
 /// Runs until every sender is gone and the queue is drained, then hands the last segment to the
@@ -84,6 +104,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         received_millis: u64,
         newest_sample_ms: i64,
         image: usize,
+        version: u64,
     }
     /// What became of one request in the grouping.
     #[derive(Clone, Copy)]
@@ -148,6 +169,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                         received_millis: request.received_millis,
                         newest_sample_ms: request.newest_sample_ms,
                         image: 0,
+                        version: 0,
                     });
                 }
             }
@@ -185,13 +207,25 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
             }
         }
         for (n, (kind, payload)) in records.into_iter().enumerate() {
-            match journal::encode(
-                kind,
-                &request.cluster_id,
-                request.received_millis,
-                payload,
-                &mut bytes,
-            ) {
+            // A served payload's record carries its remote-write marker, so a replay restores it.
+            let encoded = match kind {
+                journal::PUT | journal::SERVE => journal::encode_marked(
+                    kind,
+                    &request.cluster_id,
+                    request.received_millis,
+                    payload,
+                    request.newest_received_ms,
+                    &mut bytes,
+                ),
+                _ => journal::encode(
+                    kind,
+                    &request.cluster_id,
+                    request.received_millis,
+                    payload,
+                    &mut bytes,
+                ),
+            };
+            match encoded {
                 Ok(image) => {
                     recorded[i] = true;
                     if let (0, Role::Winner(g)) = (n, role) {
@@ -213,21 +247,24 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         shared.append(&bytes, |segment, base| {
             let mut index = lock(&shared.index);
             let mut written = 0;
-            for group in &groups {
+            for group in &mut groups {
                 if refused.contains_key(&group.winner) {
                     continue;
                 }
                 if let Some(request) = batch.get(group.winner) {
+                    group.version = shared.versions.fetch_add(1, Ordering::Relaxed);
                     index.insert(
                         request.cluster_id.clone(),
                         Entry {
                             received_millis: request.received_millis,
                             newest_sample_ms: request.newest_sample_ms,
+                            newest_received_ms: Some(request.newest_received_ms),
                             payload_bytes: request.payload.len() as u64,
                             location: Location::Journal {
                                 segment: Arc::clone(segment),
                                 offset: base + group.image as u64,
                             },
+                            version: group.version,
                         },
                     );
                     written += 1 + group.superseded.len() as u64;
@@ -262,7 +299,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
     for group in &groups {
         let result = match (&written, refused.get(&group.winner)) {
             (_, Some(reason)) => Err(encoding_error(group.winner, reason)),
-            (Ok(_), None) => Ok(true),
+            (Ok(_), None) => Ok(Outcome::Stored(group.version)),
             (Err(error), None) => Err(error.duplicate()),
         };
         for &i in std::iter::once(&group.winner).chain(&group.superseded) {
@@ -271,7 +308,8 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                 let result = match refused.get(&i) {
                     Some(reason) if i != group.winner => Err(encoding_error(i, reason)),
                     _ => match &result {
-                        Ok(v) => Ok(*v),
+                        Ok(_) if i != group.winner => Ok(Outcome::Superseded),
+                        Ok(outcome) => Ok(*outcome),
                         Err(error) => Err(error.duplicate()),
                     },
                 };
@@ -287,7 +325,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         let result = match (refused.get(&i), &written) {
             (Some(reason), _) => Err(encoding_error(i, reason)),
             (None, Err(error)) if recorded[i] => Err(error.duplicate()),
-            _ => Ok(false),
+            _ => Ok(Outcome::Kept),
         };
         request.reply.send(result);
     }

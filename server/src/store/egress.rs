@@ -567,6 +567,7 @@ mod tests {
                 serve: true,
                 ship: Ship::Served,
                 received_millis: telemeter_common::time::unix_millis(SystemTime::now()),
+                newest_received_ms: i64::MIN,
                 mode,
                 reply,
             });
@@ -574,7 +575,7 @@ mod tests {
         commit::commit(&store.handle.shared, batch);
         let results: Vec<bool> = answers
             .into_iter()
-            .map(|a| a.recv().unwrap().unwrap())
+            .map(|a| a.recv().unwrap().unwrap().written())
             .collect();
         // The second replaces the first in the same batch; the older one is kept out.
         assert_eq!(results, [true, true, false]);

@@ -10,10 +10,13 @@ use ring::digest;
 
 /// The first eight bytes of every cluster file.
 pub(super) const MAGIC: &[u8; 8] = b"TLMSTORE";
-/// The format version this code writes: 2 records the newest sample's time.
-pub(super) const VERSION: u16 = 2;
+/// The format version this code writes: 3 records the newest remote-write sample's time too.
+pub(super) const VERSION: u16 = 3;
+/// The second version, still read: without the newest remote-write sample's time, which the store
+/// learns from the payload when first asked ([`super::Store::newest_received`]).
+pub(super) const VERSION_2: u16 = 2;
 /// The first version, still read: without the newest sample's time, which is then read from the
-/// payload.
+/// payload (and so is the newest remote-write sample's).
 pub(super) const VERSION_1: u16 = 1;
 /// Bytes of the checksum (SHA-256).
 pub(super) const CHECKSUM_LEN: u64 = 32;
@@ -23,6 +26,8 @@ pub(super) const PREFIX_LEN: u64 = 8 + 2 + 2;
 pub(super) const TIMES_LEN: u64 = 8 + 8;
 /// Bytes of the newest sample's time, after the receive time, from version 2.
 pub(super) const NEWEST_LEN: u64 = 8;
+/// Bytes of the newest remote-write sample's time, after the newest sample's, from version 3.
+pub(super) const RECEIVED_LEN: u64 = 8;
 /// The smallest possible header: an empty cluster id, version 1.
 const MIN_HEADER_LEN: u64 = PREFIX_LEN + TIMES_LEN + CHECKSUM_LEN;
 
@@ -45,23 +50,28 @@ pub(super) fn is_cluster_file_name(name: &str) -> bool {
 }
 
 /// Builds the (current version's) header for `payload`, whose newest sample is stamped
-/// `newest_sample_ms`; the payload itself follows it in the file. Fails only when the cluster id
-/// does not fit its u16 length field.
+/// `newest_sample_ms` and newest remote-write sample `newest_received_ms` (`i64::MIN`: none); the
+/// payload itself follows it in the file. Fails only when the cluster id does not fit its u16
+/// length field.
 pub(super) fn encode_header(
     cluster_id: &str,
     received_millis: u64,
     newest_sample_ms: i64,
+    newest_received_ms: i64,
     payload: &[u8],
 ) -> Result<Vec<u8>, String> {
     let id_len = u16::try_from(cluster_id.len())
         .map_err(|_| format!("cluster id is {} bytes, more than 65535", cluster_id.len()))?;
-    let mut header = Vec::with_capacity((MIN_HEADER_LEN + NEWEST_LEN) as usize + cluster_id.len());
+    let mut header = Vec::with_capacity(
+        (MIN_HEADER_LEN + NEWEST_LEN + RECEIVED_LEN) as usize + cluster_id.len(),
+    );
     header.extend_from_slice(MAGIC);
     header.extend_from_slice(&VERSION.to_le_bytes());
     header.extend_from_slice(&id_len.to_le_bytes());
     header.extend_from_slice(cluster_id.as_bytes());
     header.extend_from_slice(&received_millis.to_le_bytes());
     header.extend_from_slice(&newest_sample_ms.to_le_bytes());
+    header.extend_from_slice(&newest_received_ms.to_le_bytes());
     header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     let mut checksum = digest::Context::new(&digest::SHA256);
     checksum.update(&header);
@@ -80,6 +90,9 @@ pub(super) struct Header {
     /// The newest sample's timestamp, ms since the epoch; `None` where the format does not record
     /// it (version 1 files, journal records), so it is read from the payload.
     pub(super) newest_sample_ms: Option<i64>,
+    /// The newest remote-write sample's timestamp (`i64::MIN`: none); `None` where the format
+    /// does not record it (version 1 and 2 files, journal records before version 3).
+    pub(super) newest_received_ms: Option<i64>,
     /// Payload bytes.
     pub(super) payload_len: u64,
 }
@@ -184,12 +197,13 @@ pub(super) fn read_as(
         ));
     }
     let version: [u8; 2] = read_array(&mut reader)?;
-    let with_newest = match u16::from_le_bytes(version) {
-        VERSION => true,
-        VERSION_1 => false,
+    let (with_newest, with_received) = match u16::from_le_bytes(version) {
+        VERSION => (true, true),
+        VERSION_2 => (true, false),
+        VERSION_1 => (false, false),
         other => {
             return Err(ReadError::Corrupt(format!(
-                "has format version {other}, this server reads {VERSION_1} and {VERSION}"
+                "has format version {other}, this server reads {VERSION_1} to {VERSION}"
             )))
         }
     };
@@ -200,7 +214,9 @@ pub(super) fn read_as(
     };
     let id_len: [u8; 2] = read_array(&mut reader)?;
     let newest_len = if with_newest { NEWEST_LEN } else { 0 };
-    let header_len = MIN_HEADER_LEN + newest_len + u64::from(u16::from_le_bytes(id_len));
+    let received_len = if with_received { RECEIVED_LEN } else { 0 };
+    let header_len =
+        MIN_HEADER_LEN + newest_len + received_len + u64::from(u16::from_le_bytes(id_len));
     if file_len < header_len {
         return Err(ReadError::Corrupt(format!(
             "is {file_len} bytes, shorter than its header ({header_len})"
@@ -217,6 +233,13 @@ pub(super) fn read_as(
     let received: [u8; 8] = read_array(&mut reader)?;
     checksum.update(&received);
     let newest_sample_ms = if with_newest {
+        let newest: [u8; 8] = read_array(&mut reader)?;
+        checksum.update(&newest);
+        Some(i64::from_le_bytes(newest))
+    } else {
+        None
+    };
+    let newest_received_ms = if with_received {
         let newest: [u8; 8] = read_array(&mut reader)?;
         checksum.update(&newest);
         Some(i64::from_le_bytes(newest))
@@ -269,6 +292,7 @@ pub(super) fn read_as(
         cluster_id,
         received_millis: u64::from_le_bytes(received),
         newest_sample_ms,
+        newest_received_ms,
         payload_len: declared,
     };
     Ok((header, payload))
@@ -292,20 +316,24 @@ pub(super) mod tests {
 
     #[test]
     fn header_layout() {
-        let header = encode_header("ab", 7, -9, b"xyz").unwrap();
-        assert_eq!(header.len() as u64, MIN_HEADER_LEN + NEWEST_LEN + 2);
+        let header = encode_header("ab", 7, -9, 11, b"xyz").unwrap();
+        assert_eq!(
+            header.len() as u64,
+            MIN_HEADER_LEN + NEWEST_LEN + RECEIVED_LEN + 2
+        );
         assert_eq!(&header[..8], MAGIC);
-        assert_eq!(&header[8..10], &2u16.to_le_bytes());
+        assert_eq!(&header[8..10], &3u16.to_le_bytes());
         assert_eq!(&header[10..12], &2u16.to_le_bytes());
         assert_eq!(&header[12..14], b"ab");
         assert_eq!(&header[14..22], &7u64.to_le_bytes());
         assert_eq!(&header[22..30], &(-9i64).to_le_bytes());
-        assert_eq!(&header[30..38], &3u64.to_le_bytes());
+        assert_eq!(&header[30..38], &11i64.to_le_bytes());
+        assert_eq!(&header[38..46], &3u64.to_le_bytes());
         let mut ctx = digest::Context::new(&digest::SHA256);
-        ctx.update(&header[..38]);
+        ctx.update(&header[..46]);
         ctx.update(b"xyz");
-        assert_eq!(&header[38..], ctx.finish().as_ref());
-        assert!(encode_header(&"x".repeat(70_000), 0, 0, b"").is_err());
+        assert_eq!(&header[46..], ctx.finish().as_ref());
+        assert!(encode_header(&"x".repeat(70_000), 0, 0, 0, b"").is_err());
     }
 
     /// A version 1 header, as servers before version 2 wrote it.
@@ -328,18 +356,51 @@ pub(super) mod tests {
         header
     }
 
+    /// A version 2 header, as servers before version 3 wrote it.
+    pub(in crate::store) fn encode_header_v2(
+        cluster_id: &str,
+        received_millis: u64,
+        newest_sample_ms: i64,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut header = Vec::new();
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&VERSION_2.to_le_bytes());
+        header.extend_from_slice(&(cluster_id.len() as u16).to_le_bytes());
+        header.extend_from_slice(cluster_id.as_bytes());
+        header.extend_from_slice(&received_millis.to_le_bytes());
+        header.extend_from_slice(&newest_sample_ms.to_le_bytes());
+        header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        let mut checksum = digest::Context::new(&digest::SHA256);
+        checksum.update(&header);
+        checksum.update(payload);
+        header.extend_from_slice(checksum.finish().as_ref());
+        header
+    }
+
     #[test]
-    fn both_versions_are_read() {
+    fn every_version_is_read() {
         let dir = std::env::temp_dir().join(format!("telemeter-file-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("f");
-        for (bytes, newest) in [
+        for (bytes, newest, received) in [
             (
-                [encode_header("c", 5, 42, b"pay").unwrap(), b"pay".to_vec()].concat(),
+                [
+                    encode_header("c", 5, 42, 41, b"pay").unwrap(),
+                    b"pay".to_vec(),
+                ]
+                .concat(),
                 Some(42),
+                Some(41),
+            ),
+            (
+                [encode_header_v2("c", 5, 42, b"pay"), b"pay".to_vec()].concat(),
+                Some(42),
+                None,
             ),
             (
                 [encode_header_v1("c", 5, b"pay"), b"pay".to_vec()].concat(),
+                None,
                 None,
             ),
         ] {
@@ -349,9 +410,10 @@ pub(super) mod tests {
                 (
                     header.cluster_id.as_str(),
                     header.received_millis,
-                    header.newest_sample_ms
+                    header.newest_sample_ms,
+                    header.newest_received_ms
                 ),
-                ("c", 5, newest)
+                ("c", 5, newest, received)
             );
             // Version 1 hands its payload out anyway: the newest sample is read from it.
             assert_eq!(payload.is_some(), newest.is_none());

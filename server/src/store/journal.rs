@@ -76,6 +76,14 @@ pub(super) const SHIP: u8 = 5;
 pub(super) const SERVE: u8 = 6;
 /// Added to [`PUT`] or [`REMOVE`] in the kind byte of a version 2 record.
 const VERSION_2_KINDS: u8 = 2;
+/// The kind byte of a version 3 [`PUT`]: a version 2 put followed by [`MARKER_LEN`] bytes, the
+/// payload's newest remote-write sample.
+pub(super) const PUT_MARKED: u8 = 7;
+/// The kind byte of a version 3 [`SERVE`], with the same trailing marker as [`PUT_MARKED`].
+const SERVE_MARKED: u8 = 8;
+/// Bytes of a version 3 record's marker, after its payload: the newest remote-write sample (ms,
+/// i64, `i64::MIN` when none), under the checksum.
+const MARKER_LEN: usize = 8;
 /// Bytes before a record's cluster id: kind, id length, receive time, payload length, checksum.
 const PREFIX_LEN: usize = 1 + 2 + 8 + 8 + 8;
 /// The part of the prefix the checksum covers (all but the checksum itself).
@@ -96,10 +104,20 @@ fn kind_of(byte: u8) -> Option<(u8, Checksum)> {
     match byte {
         PUT | REMOVE => Some((byte, Checksum::Hash64)),
         SHIP | SERVE => Some((byte, Checksum::Crc32c)),
+        PUT_MARKED => Some((PUT, Checksum::Crc32c)),
+        SERVE_MARKED => Some((SERVE, Checksum::Crc32c)),
         _ => {
             let kind = byte.checked_sub(VERSION_2_KINDS)?;
             (kind == PUT || kind == REMOVE).then_some((kind, Checksum::Crc32c))
         }
+    }
+}
+
+/// Bytes after the payload of a record whose kind byte is `byte`: a version 3 record's marker.
+fn marker_len(byte: u8) -> usize {
+    match byte {
+        PUT_MARKED | SERVE_MARKED => MARKER_LEN,
+        _ => 0,
     }
 }
 
@@ -191,12 +209,13 @@ fn parse_prefix(prefix: &[u8; PREFIX_LEN]) -> Prefix {
     }
 }
 
-/// Verifies a record whose prefix, id and payload were read; returns what it holds.
+/// Verifies a record whose prefix, id and payload (followed by its marker, for a version 3
+/// record) were read; returns what it holds, the payload without the marker.
 fn verify(
     prefix_bytes: &[u8; PREFIX_LEN],
     prefix: &Prefix,
     id: Vec<u8>,
-    payload: Vec<u8>,
+    mut payload: Vec<u8>,
 ) -> Result<(Header, Vec<u8>), ReadError> {
     let Some((_, method)) = kind_of(prefix.kind) else {
         return Err(ReadError::Corrupt(format!(
@@ -208,6 +227,17 @@ fn verify(
     if checksum(method, checked, &id, &payload) != prefix.checksum {
         return Err(ReadError::Corrupt("fails its checksum".to_string()));
     }
+    let newest_received_ms = match marker_len(prefix.kind) {
+        0 => None,
+        len => {
+            let at = payload.len().checked_sub(len).ok_or_else(|| {
+                ReadError::Corrupt("ends before its remote-write marker".to_string())
+            })?;
+            let marker = read_u64(&payload, at) as i64;
+            payload.truncate(at);
+            Some(marker)
+        }
+    };
     let cluster_id = String::from_utf8(id)
         .map_err(|_| ReadError::Corrupt("holds a cluster id that is not UTF-8".to_string()))?;
     Ok((
@@ -216,6 +246,7 @@ fn verify(
             received_millis: prefix.received_millis,
             // Not recorded: the store reads it from the payload.
             newest_sample_ms: None,
+            newest_received_ms,
             payload_len: prefix.payload_len,
         },
         payload,
@@ -275,7 +306,9 @@ impl Segment {
             ));
         }
         let payload_len = usize::try_from(payload_bytes)
-            .map_err(|_| ReadError::Corrupt(format!("payload of {payload_bytes} bytes")))?;
+            .ok()
+            .and_then(|len| len.checked_add(marker_len(prefix.kind)))
+            .ok_or_else(|| ReadError::Corrupt(format!("payload of {payload_bytes} bytes")))?;
         let mut id = vec![0u8; prefix.id_len];
         let mut payload = vec![0u8; payload_len];
         let id_at = offset + PREFIX_LEN as u64;
@@ -340,6 +373,45 @@ pub(super) fn encode_as(
     out.extend_from_slice(&sum.to_le_bytes());
     out.extend_from_slice(cluster_id.as_bytes());
     out.extend_from_slice(payload);
+    Ok(start)
+}
+
+/// Appends a version 3 record of a served payload: `kind` is [`PUT`] or [`SERVE`], and the
+/// payload's newest remote-write sample `newest_received_ms` (`i64::MIN`: none) follows it, so a
+/// replay restores it rather than guessing it from the payload. Returns its offset relative to
+/// `out`'s start. Fails when `kind` is another kind, or the cluster id does not fit its u16
+/// length field.
+pub(super) fn encode_marked(
+    kind: u8,
+    cluster_id: &str,
+    received_millis: u64,
+    payload: &[u8],
+    newest_received_ms: i64,
+    out: &mut Vec<u8>,
+) -> Result<usize, String> {
+    let byte = match kind {
+        PUT => PUT_MARKED,
+        SERVE => SERVE_MARKED,
+        other => return Err(format!("record kind {other} carries no served payload")),
+    };
+    let id_len = u16::try_from(cluster_id.len())
+        .map_err(|_| format!("cluster id is {} bytes, more than 65535", cluster_id.len()))?;
+    let marker = newest_received_ms.to_le_bytes();
+    let start = out.len();
+    out.push(byte);
+    out.extend_from_slice(&id_len.to_le_bytes());
+    out.extend_from_slice(&received_millis.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    let prefix = out.get(start..).unwrap_or_default();
+    let sum = crc32c::extend(
+        crc32c::extend(crc32c::extend(0, prefix), cluster_id.as_bytes()),
+        payload,
+    );
+    let sum = u64::from(crc32c::extend(sum, &marker));
+    out.extend_from_slice(&sum.to_le_bytes());
+    out.extend_from_slice(cluster_id.as_bytes());
+    out.extend_from_slice(payload);
+    out.extend_from_slice(&marker);
     Ok(start)
 }
 
@@ -414,14 +486,14 @@ pub(super) fn replay(
         let Some((kind, _)) = kind_of(prefix.kind) else {
             return torn(&format!("unknown record kind {}", prefix.kind));
         };
-        let size = (PREFIX_LEN + prefix.id_len) as u64;
+        let size = (PREFIX_LEN + prefix.id_len + marker_len(prefix.kind)) as u64;
         if prefix.payload_len > left.saturating_sub(size) || size > left {
             return torn("ends inside a record");
         }
         // Both lengths were just shown to be backed by the file.
         let payload_len = usize::try_from(prefix.payload_len).unwrap_or(0);
         let mut id = vec![0u8; prefix.id_len];
-        let mut payload = vec![0u8; payload_len];
+        let mut payload = vec![0u8; payload_len + marker_len(prefix.kind)];
         reader.read_exact(&mut id)?;
         reader.read_exact(&mut payload)?;
         match verify(&prefix_bytes, &prefix, id, payload) {
@@ -478,16 +550,17 @@ pub(super) fn read_at(file: &File, mut at: u64, len: u64) -> io::Result<Next> {
     let Some((kind, _)) = kind_of(prefix.kind) else {
         return Ok(Next::Torn(format!("unknown record kind {}", prefix.kind)));
     };
-    let size = (PREFIX_LEN + prefix.id_len) as u64;
+    let marker = marker_len(prefix.kind);
+    let size = (PREFIX_LEN + prefix.id_len + marker) as u64;
     if size > left || prefix.payload_len > left - size {
         return Ok(Next::Torn("ends inside a record".to_string()));
     }
     // Both lengths were just shown to be backed by the file.
     let payload_len = usize::try_from(prefix.payload_len).unwrap_or(0);
     let mut id = vec![0u8; prefix.id_len];
-    let mut payload = vec![0u8; payload_len];
+    let mut payload = vec![0u8; payload_len + marker];
     file.read_exact_at(&mut id, at + PREFIX_LEN as u64)?;
-    file.read_exact_at(&mut payload, at + size)?;
+    file.read_exact_at(&mut payload, at + (PREFIX_LEN + prefix.id_len) as u64)?;
     match verify(&prefix_bytes, &prefix, id, payload) {
         Ok((header, payload)) => Ok(Next::Record(
             Record {

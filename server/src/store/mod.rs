@@ -112,11 +112,13 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use fs2::FileExt;
 use telemeter_common::sync as handoff;
 
-use commit::{Mode, Request};
+use commit::{Mode, Outcome, Request};
 pub use egress::{Backlog, BacklogReader, Position, ShipRecord};
 use journal::JournalState;
 pub use read::PinnedUpload;
 use state::{is_live, lock, newest_sample_ms, Counters, Entry, Location, Shared};
+use telemeter_common::delimited::Limits;
+use telemeter_common::wire;
 pub use types::{ClusterEntry, StoreConfig, StoreError, StoreStats, StoredUpload};
 
 /// The lock file inside the storage directory.
@@ -129,6 +131,40 @@ const TEMP_PREFIX: &str = ".tmp-";
 const MIN_SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 /// Nor less often than this.
 const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The help text of every family remote write builds (`receive`): what marks a stored series as
+/// received by remote write. It travels in the payload (journal, cluster file, handoff to another
+/// owner), so a store, a file or a peer that does not record the marker beside the payload learns
+/// it from the payload ([`newest_received_in`]).
+pub const REMOTE_WRITE_HELP: &str = "Received by remote write.";
+
+/// The newest sample (ms) of `payload`'s remote-write families ([`REMOTE_WRITE_HELP`]), `i64::MIN`
+/// when it has none (or does not decode past some point: what was read counts). For payloads this
+/// server wrote; what a client sent says nothing (an upload may name a family with that help).
+pub fn newest_received_in(payload: &[u8]) -> i64 {
+    const UNLIMITED: Limits = Limits {
+        max_message_bytes: usize::MAX,
+        max_total_bytes: usize::MAX,
+        max_families: usize::MAX,
+        max_series: usize::MAX,
+    };
+    let mut newest = i64::MIN;
+    for family in wire::families(payload, &UNLIMITED) {
+        let Ok(family) = family else {
+            break;
+        };
+        if family.help != REMOTE_WRITE_HELP {
+            continue;
+        }
+        for metric in family.metrics() {
+            let Ok(metric) = metric else {
+                break;
+            };
+            newest = newest.max(metric.timestamp_ms.unwrap_or(i64::MIN));
+        }
+    }
+    newest
+}
 
 /// What egress ships of a put (when the store was opened with [`Store::open_shipping`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -240,6 +276,7 @@ impl Store {
                     egress::load_cursor(&dir_for_egress)?.map_or(0, |c| c.segment),
                 )),
             },
+            versions: AtomicU64::new(0),
         });
         if !shipping && dir_for_egress.join(egress::EGRESS_DIR).exists() {
             log::warn!(
@@ -311,7 +348,7 @@ impl Store {
 
     /// Stores `payload` as `cluster_id`'s upload received at `received`, replacing the previous one.
     /// Returns only once its journal record is durable on disk (synced; for a new segment, its
-    /// directory too).
+    /// directory too). An upload as sent: it holds no remote-write series.
     pub fn put(
         &self,
         cluster_id: &str,
@@ -324,6 +361,7 @@ impl Store {
             Ship::Served,
             received,
             Mode::Replace,
+            Some(i64::MIN),
         )
         .map(|_| ())
     }
@@ -339,7 +377,35 @@ impl Store {
         ship: Ship,
         received: SystemTime,
     ) -> Result<bool, StoreError> {
-        self.submit(cluster_id, serve, ship, received, Mode::Replace)
+        // Nobody said whether `serve` holds remote-write series: its families say.
+        self.submit(cluster_id, serve, ship, received, Mode::Replace, None)
+            .map(Outcome::written)
+    }
+
+    /// As [`Store::put_shipping`] for a payload whose newest remote-write sample the caller knows
+    /// (`newest_received_ms`, `i64::MIN` when none: the remote-write merge, which made it).
+    /// Returns the [`Store::version`] the index gave it, or `None` when a later put of the same
+    /// commit replaced it already.
+    pub fn put_merged(
+        &self,
+        cluster_id: &str,
+        merged: Vec<u8>,
+        ship: Ship,
+        received: SystemTime,
+        newest_received_ms: i64,
+    ) -> Result<Option<u64>, StoreError> {
+        let outcome = self.submit(
+            cluster_id,
+            Some(merged),
+            ship,
+            received,
+            Mode::Replace,
+            Some(newest_received_ms),
+        )?;
+        Ok(match outcome {
+            Outcome::Stored(version) => Some(version),
+            Outcome::Kept | Outcome::Superseded => None,
+        })
     }
 
     /// The egress backlog, when the store was opened with [`Store::open_shipping`].
@@ -357,14 +423,17 @@ impl Store {
         payload: Vec<u8>,
         received: SystemTime,
     ) -> Result<bool, StoreError> {
-        // The server that received it shipped it.
+        // The server that received it shipped it. A handoff carries no marker (a peer sends the
+        // payload alone): the payload's families say whether it holds remote-write series.
         self.submit(
             cluster_id,
             Some(payload),
             Ship::Nothing,
             received,
             Mode::IfNewer,
+            None,
         )
+        .map(Outcome::written)
     }
 
     /// Like [`Store::put`], but keeps the stored upload when its newest sample is newer than
@@ -383,10 +452,13 @@ impl Store {
             Ship::Served,
             received,
             Mode::UnlessOlder,
+            Some(i64::MIN),
         )
+        .map(Outcome::written)
     }
 
-    /// Hands one upload to the committer and waits for its answer.
+    /// Hands one upload to the committer and waits for its answer. `newest_received_ms` is the
+    /// payload's newest remote-write sample; `None`: read from the payload.
     fn submit(
         &self,
         cluster_id: &str,
@@ -394,11 +466,12 @@ impl Store {
         ship: Ship,
         received: SystemTime,
         mode: Mode,
-    ) -> Result<bool, StoreError> {
+        newest_received_ms: Option<i64>,
+    ) -> Result<Outcome, StoreError> {
         let shipping = self.handle.shared.egress.is_some()
             && !matches!((&serve, &ship), (None, Ship::Served) | (_, Ship::Nothing));
         if serve.is_none() && !shipping {
-            return Ok(false);
+            return Ok(Outcome::Kept);
         }
         // Cloned so the lock is not held while waiting; a clone keeps the committer alive until
         // this request is queued, so a racing close() still commits it.
@@ -411,6 +484,7 @@ impl Store {
         let serving = serve.is_some();
         let payload = serve.unwrap_or_default();
         let newest_sample_ms = newest_sample_ms(&payload, received_millis);
+        let newest_received_ms = newest_received_ms.unwrap_or_else(|| newest_received_in(&payload));
         requests
             .send(Request {
                 cluster_id: cluster_id.to_string(),
@@ -419,6 +493,7 @@ impl Store {
                 ship,
                 received_millis,
                 newest_sample_ms,
+                newest_received_ms,
                 mode,
                 reply,
             })
@@ -454,6 +529,46 @@ impl Store {
     /// ([`PinnedUpload::read_range`]) without being held in memory.
     pub fn get_pinned(&self, cluster_id: &str) -> Result<Option<PinnedUpload>, StoreError> {
         self.handle.shared.get_pinned(cluster_id)
+    }
+
+    /// The newest remote-write sample (ms) of `cluster_id`'s stored payload, `i64::MIN` when it has
+    /// none; `None` when the cluster has no entry (never pushed, removed, or swept). Answered from
+    /// the index, which keeps it beside the newest sample, except once for a cluster indexed from
+    /// a version 2 file (written before the marker was recorded): that payload is read then, and
+    /// what it says is kept until the cluster is next written (as version 3). Expired but not yet
+    /// swept entries answer too: the caller compares with the TTL.
+    pub fn newest_received(&self, cluster_id: &str) -> Result<Option<i64>, StoreError> {
+        let shared = &self.handle.shared;
+        let version = match lock(&shared.index).get(cluster_id) {
+            None => return Ok(None),
+            Some(Entry {
+                newest_received_ms: Some(newest),
+                ..
+            }) => return Ok(Some(*newest)),
+            Some(entry) => entry.version,
+        };
+        let newest = match shared.get(cluster_id)? {
+            Some(upload) => newest_received_in(&upload.payload),
+            // Expired (so nothing of it is served or merged into) or gone meanwhile.
+            None => return Ok(Some(i64::MIN)),
+        };
+        // Only into the entry that was read: a put since has its own marker.
+        if let Some(entry) = lock(&shared.index).get_mut(cluster_id) {
+            if entry.version == version {
+                entry.newest_received_ms = Some(newest);
+            }
+        }
+        Ok(Some(newest))
+    }
+
+    /// Which put `cluster_id`'s stored payload is: a number that changes with every payload the
+    /// store takes for it (not with a checkpoint, which moves the same payload), so whoever keeps
+    /// a copy of a payload it stored ([`Store::put_merged`]) knows whether it is still the one
+    /// stored. `None` when the cluster has no entry.
+    pub fn version(&self, cluster_id: &str) -> Option<u64> {
+        lock(&self.handle.shared.index)
+            .get(cluster_id)
+            .map(|entry| entry.version)
     }
 
     /// Removes a cluster's file (used when another server took ownership of it).

@@ -17,6 +17,7 @@ use std::time::SystemTime;
 
 use super::file::{self, ReadError, Reading};
 use super::journal::{self, Segment};
+use super::newest_received_in;
 use super::state::{lock, newest_sample_ms, Entry, Location, Shared};
 use super::{StoreError, CORRUPT_DIR, LOCK_FILE, TEMP_PREFIX};
 
@@ -57,7 +58,8 @@ impl Shared {
                     &name,
                     &format!("holds cluster {cluster_id:?}, whose file has another name"),
                 ),
-                Ok((cluster_id, entry)) => {
+                Ok((cluster_id, mut entry)) => {
+                    entry.version = self.versions.fetch_add(1, Ordering::Relaxed);
                     index.insert(cluster_id, entry);
                 }
                 Err(ReadError::Corrupt(reason)) => self.set_aside(&name, &reason),
@@ -143,16 +145,24 @@ impl Shared {
             return Ok(());
         }
         let newest_sample_ms = newest_sample_ms(&record.payload, record.header.received_millis);
+        // A record written before version 3 does not carry the marker: its payload says (the
+        // payload is in memory now anyway).
+        let newest_received_ms = record
+            .header
+            .newest_received_ms
+            .unwrap_or_else(|| newest_received_in(&record.payload));
         lock(&self.index).insert(
             cluster_id,
             Entry {
                 received_millis: record.header.received_millis,
                 newest_sample_ms,
+                newest_received_ms: Some(newest_received_ms),
                 payload_bytes: record.payload.len() as u64,
                 location: Location::Journal {
                     segment: Arc::clone(segment),
                     offset: record.offset,
                 },
+                version: self.versions.fetch_add(1, Ordering::Relaxed),
             },
         );
         Ok(())
@@ -188,7 +198,10 @@ impl Shared {
 
 /// Indexes the cluster file at `path` from its header: its lengths are checked against its size,
 /// its checksum is left to the first read of its payload (except in a version 1 file, read whole
-/// for its newest sample's time, and so verified now).
+/// for its newest sample's time, and so verified now). A version 2 file's newest remote-write
+/// sample is left unknown, learned from its payload when first asked
+/// ([`super::Store::newest_received`]), so open still reads headers only. The entry's version is
+/// the caller's to set.
 fn index_file(path: &Path) -> Result<(String, Entry), ReadError> {
     let opened = File::open(path).map_err(ReadError::Io)?;
     let metadata = opened.metadata().map_err(ReadError::Io)?;
@@ -200,16 +213,22 @@ fn index_file(path: &Path) -> Result<(String, Entry), ReadError> {
             header.received_millis,
         )
     });
+    // A version 1 payload was read whole anyway.
+    let newest_received_ms = header
+        .newest_received_ms
+        .or_else(|| payload.as_deref().map(newest_received_in));
     Ok((
         header.cluster_id,
         Entry {
             received_millis: header.received_millis,
             newest_sample_ms,
+            newest_received_ms,
             payload_bytes: header.payload_len,
             location: Location::File {
                 inode: metadata.ino(),
                 verified,
             },
+            version: 0,
         },
     ))
 }

@@ -40,6 +40,8 @@ pub(super) struct Shared {
     pub(super) checkpointing: AtomicBool,
     /// Set when the journal is also the egress backlog ([`super::Store::open_shipping`]).
     pub(super) egress: Option<EgressShared>,
+    /// The next [`Entry::version`].
+    pub(super) versions: AtomicU64,
 }
 
 /// One indexed cluster.
@@ -48,8 +50,17 @@ pub(super) struct Entry {
     pub(super) received_millis: u64,
     /// The TTL counts from this: the newest sample's timestamp (see [`newest_sample_ms`]).
     pub(super) newest_sample_ms: i64,
+    /// The payload's newest remote-write sample (`i64::MIN`: none), as the caller of the put said
+    /// (see [`super::Store::newest_received`]); `None` until learned for a cluster indexed from
+    /// a version 2 file, which does not record it.
+    pub(super) newest_received_ms: Option<i64>,
     pub(super) payload_bytes: u64,
     pub(super) location: Location,
+    /// Which put this is: a new number for every payload the index takes (a put, a replayed
+    /// record, an indexed file), kept by a checkpoint (same payload, another place). Tells a
+    /// caller that remembers a payload whether it is still the one stored
+    /// ([`super::Store::version`]).
+    pub(super) version: u64,
 }
 
 /// Where a cluster's newest upload is.

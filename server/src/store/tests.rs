@@ -642,6 +642,7 @@ fn a_batch_writes_each_cluster_once_and_answers_everyone() {
             ship: Ship::Served,
             received_millis: telemeter_common::time::unix_millis(received),
             newest_sample_ms: telemeter_common::time::unix_millis(received) as i64,
+            newest_received_ms: i64::MIN,
             mode,
             reply,
         });
@@ -650,7 +651,7 @@ fn a_batch_writes_each_cluster_once_and_answers_everyone() {
     commit::commit(shared, batch);
     let results: Vec<bool> = answers
         .into_iter()
-        .map(|a| a.recv().unwrap().unwrap())
+        .map(|a| a.recv().unwrap().unwrap().written())
         .collect();
     assert_eq!(results, vec![true, true, true, false]);
     // Two records written ("c" once, "d"), none for the skipped one.
@@ -794,7 +795,7 @@ fn bench_group_commit_against_naive_fsync() {
                 use std::io::Write;
                 for i in 0..PUTS {
                     let id = format!("bench-{t}");
-                    let header = file::encode_header(&id, 0, 0, &payload).unwrap();
+                    let header = file::encode_header(&id, 0, 0, i64::MIN, &payload).unwrap();
                     let temp = dir.join(format!(".tmp-{t}-{i}"));
                     let mut out = File::create(&temp).unwrap();
                     out.write_all(&header).unwrap();
@@ -825,7 +826,7 @@ fn bench_group_commit_against_naive_fsync() {
                 for i in 0..SERIAL_PUTS {
                     let _one_at_a_time = lock(&serial_lock);
                     let id = format!("bench-{t}");
-                    let header = file::encode_header(&id, 0, 0, &payload).unwrap();
+                    let header = file::encode_header(&id, 0, 0, i64::MIN, &payload).unwrap();
                     let temp = dir.join(format!(".tmp-s{t}-{i}"));
                     let mut out = File::create(&temp).unwrap();
                     out.write_all(&header).unwrap();
@@ -892,7 +893,7 @@ fn a_journal_written_in_format_version_1_is_replayed_on_open() {
     );
     assert_eq!(store.get("gone").unwrap(), None);
     // Replayed into cluster files (in the background), the old segment is gone, and new records
-    // are version 2.
+    // are version 3.
     wait_for_checkpoints(&store);
     assert!(file_of(&store, "kept").exists());
     assert!(!dir.0.join(format!("{}0", journal::PREFIX)).exists());
@@ -906,7 +907,10 @@ fn a_journal_written_in_format_version_1_is_replayed_on_open() {
         .into_iter()
         .find(|n| journal::is_segment_name(n))
         .unwrap();
-    assert_eq!(fs::read(dir.0.join(segment)).unwrap()[0], journal::PUT + 2);
+    assert_eq!(
+        fs::read(dir.0.join(segment)).unwrap()[0],
+        journal::PUT_MARKED
+    );
     store.close();
 }
 
@@ -1042,4 +1046,202 @@ fn open_leaves_the_journal_to_the_checkpointer_and_crashes_around_it_lose_nothin
     let store = open(&dir);
     assert!(journal::list(&dir.0).unwrap().is_empty());
     check(&store, &want);
+}
+
+/// A payload of one series stamped `ms_ago` milliseconds before now, in a family with `help`
+/// (remote write's, [`REMOTE_WRITE_HELP`], or another); and that timestamp.
+fn with_help(help: &str, ms_ago: i64) -> (Vec<u8>, i64) {
+    use telemeter_common::model::{Metric, MetricFamily, MetricType, Untyped};
+    let stamp = telemeter_common::time::unix_millis(SystemTime::now()) as i64 - ms_ago;
+    let payload = telemeter_common::delimited::encode(&[MetricFamily {
+        name: Some("up".into()),
+        help: Some(help.into()),
+        r#type: Some(MetricType::Untyped as i32),
+        metric: vec![Metric {
+            untyped: Some(Untyped { value: Some(1.0) }),
+            timestamp_ms: Some(stamp),
+            ..Default::default()
+        }],
+    }]);
+    (payload, stamp)
+}
+
+/// Puts the three kinds of marker the store must keep as given, none of which its payload says:
+/// a merge's marker over a payload with no remote-write family, a merge's "none" over a payload
+/// with one, and a plain upload whose client named a family with remote write's help (a client
+/// cannot make its cluster's uploads merge). Returns what each must read back.
+fn put_markers(store: &Store) -> Vec<(&'static str, Option<i64>)> {
+    let (plain, _) = with_help("from an upload", 1_000);
+    let (received, stamp) = with_help(REMOTE_WRITE_HELP, 2_000);
+    store
+        .put_merged("merged", plain, Ship::Nothing, at(0), 1234)
+        .unwrap();
+    store
+        .put_merged("dropped", received.clone(), Ship::Nothing, at(0), i64::MIN)
+        .unwrap();
+    store.put("spoofed", received, at(0)).unwrap();
+    assert_ne!(stamp, 1234);
+    vec![
+        ("dropped", Some(i64::MIN)),
+        ("merged", Some(1234)),
+        ("never", None),
+        ("spoofed", Some(i64::MIN)),
+    ]
+}
+
+fn markers(store: &Store, ids: &[(&'static str, Option<i64>)]) -> Vec<(&'static str, Option<i64>)> {
+    ids.iter()
+        .map(|(id, _)| (*id, store.newest_received(id).unwrap()))
+        .collect()
+}
+
+#[test]
+fn the_remote_write_marker_survives_a_journal_replay() {
+    let dir = TempDir::new("marker-replay");
+    let expected = {
+        let store = open(&dir);
+        let expected = put_markers(&store);
+        assert_eq!(markers(&store, &expected), expected, "before the restart");
+        // A crash: nothing checkpoints the segment (taken away from the closing store).
+        let segment = lock(&store.handle.shared.journal).segment.take().unwrap();
+        drop(store);
+        assert!(segment.path.exists());
+        expected
+    };
+    let store = Store::open_checkpointing(config(&dir), false, false).unwrap();
+    assert!(store
+        .handle
+        .shared
+        .index
+        .lock()
+        .unwrap()
+        .values()
+        .all(|e| matches!(e.location, Location::Journal { .. })));
+    assert_eq!(markers(&store, &expected), expected, "replayed");
+}
+
+#[test]
+fn the_remote_write_marker_survives_a_checkpoint_in_the_file_header() {
+    let dir = TempDir::new("marker-file");
+    let expected = {
+        let store = open(&dir);
+        let expected = put_markers(&store);
+        checkpoint_now(&store);
+        store.close();
+        expected
+    };
+    assert!(journal::list(&dir.0).unwrap().is_empty());
+    for (id, marker) in &expected {
+        if let Some(marker) = marker {
+            let (header, _) = file::read(&dir.0.join(file::file_name(id)), false).unwrap();
+            assert_eq!(header.newest_received_ms, Some(*marker), "{id}");
+        }
+    }
+    let store = open(&dir);
+    assert_eq!(markers(&store, &expected), expected, "from the headers");
+    // Answered from the index: a file whose payload was damaged since is not read (a read would
+    // set it aside), and a removed one still answers until the store notices.
+    let damaged = file_of(&store, "merged");
+    let mut bytes = fs::read(&damaged).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    fs::write(&damaged, &bytes).unwrap();
+    assert_eq!(store.newest_received("merged").unwrap(), Some(1234));
+    assert_eq!(store.stats().corrupt_files, 0, "no payload was read");
+    assert_eq!(
+        store.get("merged").unwrap(),
+        None,
+        "a read does see the damage"
+    );
+    assert_eq!(store.stats().corrupt_files, 1);
+    assert_eq!(store.newest_received("merged").unwrap(), None, "set aside");
+    // The sweeper forgets it with the entry.
+    assert_eq!(
+        store.sweep(SystemTime::now() + Duration::from_secs(7200)),
+        2
+    );
+    assert_eq!(store.newest_received("dropped").unwrap(), None);
+}
+
+#[test]
+fn a_version_2_file_opens_serves_and_learns_its_marker_from_its_payload_once() {
+    let dir = TempDir::new("marker-v2");
+    fs::create_dir_all(&dir.0).unwrap();
+    let (received, stamp) = with_help(REMOTE_WRITE_HELP, 2_000);
+    let (plain, _) = with_help("from an upload", 1_000);
+    for (id, payload) in [("received", &received), ("plain", &plain)] {
+        let millis = telemeter_common::time::unix_millis(SystemTime::now());
+        let header = file::tests::encode_header_v2(id, millis, millis as i64, payload);
+        fs::write(
+            dir.0.join(file::file_name(id)),
+            [header, payload.clone()].concat(),
+        )
+        .unwrap();
+    }
+    let store = open(&dir);
+    assert_eq!(listed(&store), ["plain", "received"]);
+    assert_eq!(store.get("received").unwrap().unwrap().payload, received);
+    assert_eq!(store.newest_received("received").unwrap(), Some(stamp));
+    assert_eq!(store.newest_received("plain").unwrap(), Some(i64::MIN));
+    // Learned once: kept in the index, not read from the file again.
+    fs::remove_file(file_of(&store, "received")).unwrap();
+    assert_eq!(store.newest_received("received").unwrap(), Some(stamp));
+    // Rewritten as version 3 with its marker when its cluster is next written.
+    store
+        .put_merged("plain", plain, Ship::Nothing, at(0), 77)
+        .unwrap();
+    checkpoint_now(&store);
+    let bytes = fs::read(file_of(&store, "plain")).unwrap();
+    assert_eq!(&bytes[8..10], &3u16.to_le_bytes());
+    let (header, _) = file::read(&file_of(&store, "plain"), false).unwrap();
+    assert_eq!(header.newest_received_ms, Some(77));
+}
+
+#[test]
+fn a_journal_of_version_2_records_gives_the_marker_its_payload_says() {
+    let dir = TempDir::new("marker-journal-v2");
+    fs::create_dir_all(&dir.0).unwrap();
+    let (received, stamp) = with_help(REMOTE_WRITE_HELP, 2_000);
+    let (plain, _) = with_help("from an upload", 1_000);
+    let mut bytes = Vec::new();
+    let millis = telemeter_common::time::unix_millis(SystemTime::now());
+    journal::encode(journal::PUT, "received", millis, &received, &mut bytes).unwrap();
+    journal::encode(journal::SERVE, "plain", millis, &plain, &mut bytes).unwrap();
+    fs::write(dir.0.join(format!("{}0", journal::PREFIX)), &bytes).unwrap();
+    let store = open(&dir);
+    assert_eq!(store.newest_received("received").unwrap(), Some(stamp));
+    assert_eq!(store.newest_received("plain").unwrap(), Some(i64::MIN));
+    assert_eq!(store.get("received").unwrap().unwrap().payload, received);
+}
+
+#[test]
+fn a_version_3_record_whose_marker_changed_fails_its_checksum() {
+    let dir = TempDir::new("marker-flip");
+    fs::create_dir_all(&dir.0).unwrap();
+    let mut bytes = Vec::new();
+    journal::encode_marked(journal::PUT, "a", 5, b"payload", 99, &mut bytes).unwrap();
+    journal::encode_marked(journal::SERVE, "b", 5, b"payload", 98, &mut bytes).unwrap();
+    assert!(journal::encode_marked(journal::SHIP, "c", 5, b"", 0, &mut Vec::new()).is_err());
+    let path = dir.0.join("journal-0");
+    fs::write(&path, &bytes).unwrap();
+    let mut seen = Vec::new();
+    let torn = journal::replay(&path, |r| {
+        seen.push((r.kind, r.header.newest_received_ms, r.payload));
+        Ok(())
+    })
+    .unwrap();
+    assert!(torn.is_none());
+    assert_eq!(
+        seen,
+        [
+            (journal::PUT, Some(99), b"payload".to_vec()),
+            (journal::SERVE, Some(98), b"payload".to_vec())
+        ]
+    );
+    // The first record's marker is its last 8 bytes before the second record.
+    let first_len = bytes.len() / 2;
+    bytes[first_len - 1] ^= 0x01;
+    fs::write(&path, &bytes).unwrap();
+    let torn = journal::replay(&path, |_| Ok(())).unwrap();
+    assert_eq!(torn.map(|(left, _)| left), Some(bytes.len() as u64));
 }
