@@ -12,7 +12,9 @@
 //! are written once.
 //!
 //! A record is: kind (u8), cluster id length (u16), receive time (u64 ms), payload length (u64),
-//! checksum (u64), cluster id, payload; integers little endian. [`PUT`] carries an upload,
+//! checksum (u64), cluster id, payload, and in a version 3 record the payload's newest
+//! remote-write sample (i64, `i64::MIN`: none; see the store's "remote-write marker");
+//! integers little endian. [`PUT`] carries an upload,
 //! [`REMOVE`] (empty payload) says the cluster's file was removed, so a replay does not bring it
 //! back. On open, segments are replayed in order; a record that is cut short or fails its checksum
 //! ends its segment's replay (a crash during an append, which was never answered Ok).
@@ -32,14 +34,20 @@
 //! | 3, 4      | version 2: put, remove | CRC-32C (as the Prometheus WAL), in the low 32 bits       |
 //! | 5         | version 2: ship only   | CRC-32C                                                    |
 //! | 6         | version 2: serve only  | CRC-32C                                                    |
+//! | 7, 8      | version 3: put, serve only, + marker | CRC-32C, the marker included            |
 //!
-//! Only version 2 is written. With `--remote-write-url` the journal is also the egress backlog
-//! (`remote_write`): a put (1, 3) is served and shipped; "ship only" (5) carries what must reach
-//! the remote-write receiver but not `/federate` (a late upload older than what is served, the
-//! delta of a remote-write request whose merged view is put separately); "serve only" (6) is a put
-//! whose payload is not shipped (that merged view, or a handoff between servers). A replay into
-//! the store skips kind 5 and treats 6 as a put; egress ships 1, 3 and 5. Kinds 5 and 6 are read
-//! by this version on; an older server stops its replay at them as at a torn tail.
+//! A served payload (put, serve only) is written as version 3, everything else (remove, ship only)
+//! as version 2: the marker only means something beside a served payload. A replay restores the
+//! marker of a version 3 record, and reads it from the payload of an older one. With
+//! `--remote-write-url` the journal is also the egress backlog
+//! (`remote_write`): a put (1, 3, 7) is served and shipped; "ship only" (5) carries what must
+//! reach the remote-write receiver but not `/federate` (a late upload older than what is served,
+//! the delta of a remote-write request whose merged view is put separately); "serve only" (6, 8)
+//! is a put whose payload is not shipped (that merged view, or a handoff between servers). A
+//! replay into the store skips kind 5 and treats 6 and 8 as a put; egress ships 1, 3, 7 and 5.
+//! Kinds 5 and 6 are read by this version on, 7 and 8 by version 3 on; an older server stops its
+//! replay at them as at a torn tail (as it refuses the version 3 cluster files: there is no
+//! downgrade past a format version).
 //!
 //! This module owns the journal's writing end ([`JournalState`]): `Shared::append` is the one
 //! place that writes to a segment and `fdatasync`s it, for the committer's batches and for

@@ -39,24 +39,47 @@
 //! file is opened. A payload with no sample timestamp (validation accepts none such) counts from
 //! its receive time.
 //!
-//! # File format (version 2)
+//! # The remote-write marker
+//!
+//! Beside the newest sample, the index keeps each cluster's newest *remote-write* sample
+//! (`i64::MIN`: none; [`Store::newest_received`]), which decides whether the cluster's uploads are
+//! merged (`receive::merge`). The caller of the put says it: the merge, which made the payload,
+//! through [`Store::put_merged`]; an upload stored as sent ([`Store::put`],
+//! [`Store::put_unless_older`]) has none, whatever help its families carry. It is kept in each
+//! journal record of a served payload (version 3 records) and, from version 3, in the cluster
+//! file's header, and restored from them on open. Where a put, a record or a file carries none (a
+//! handoff from a peer, [`Store::put_if_newer`]; a record written before version 3; a version 1
+//! file), it is read from the payload's families with [`REMOTE_WRITE_HELP`]
+//! ([`newest_received_in`]): they are in memory then anyway. A version 2 file is indexed from
+//! its header alone, so its marker is learned from its payload lazily, once, at the first
+//! [`Store::newest_received`] of its cluster: open stays ~100 bytes per file with 10,000 clusters,
+//! and only the clusters that push after an upgrade pay one read each, until their next
+//! checkpoint writes them as version 3. The sweeper forgets it with the entry.
+//!
+//! Every payload the index takes gets a new [`Store::version`] (a checkpoint keeps it: same
+//! payload, another place), so the merge's cache knows whether its copy is still what is stored.
+//!
+//! # File format (version 3)
 //!
 //! All integers little endian.
 //!
 //! | bytes        | field                                                          |
 //! |--------------|----------------------------------------------------------------|
 //! | 8            | magic `TLMSTORE`                                               |
-//! | 2            | format version, u16 (2)                                        |
+//! | 2            | format version, u16 (3)                                        |
 //! | 2            | cluster id length `n`, u16                                     |
 //! | n            | cluster id, UTF-8                                              |
 //! | 8            | receive time, u64 milliseconds since the Unix epoch            |
 //! | 8            | newest sample timestamp, i64 milliseconds since the Unix epoch |
+//! | 8            | newest remote-write sample, i64 ms (`i64::MIN`: none)          |
 //! | 8            | payload length `p`, u64                                        |
 //! | 32           | SHA-256 of every header byte above + the payload               |
 //! | p            | payload: protobuf-delimited families                           |
 //!
-//! Version 1 (written before the TTL counted from samples) is the same without the newest sample
-//! timestamp; it is still read, and rewritten as version 2 when its cluster is next written.
+//! Version 2 (written before the remote-write marker was recorded) is the same without the newest
+//! remote-write sample; version 1 (written before the TTL counted from samples) is version 2
+//! without the newest sample timestamp. Both are still read, and rewritten as version 3 when their
+//! cluster is next written.
 //!
 //! A file is served only if the magic and a known version match, `p` is exactly what follows the header
 //! (nothing is allocated from a declared length before that is checked against the file's size),
