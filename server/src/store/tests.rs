@@ -1245,3 +1245,16 @@ fn a_version_3_record_whose_marker_changed_fails_its_checksum() {
     let torn = journal::replay(&path, |_| Ok(())).unwrap();
     assert_eq!(torn.map(|(left, _)| left), Some(bytes.len() as u64));
 }
+
+#[test]
+fn a_handoff_carries_the_marker_in_its_payload() {
+    // A peer hands over the payload alone (old peers and new alike): its families say.
+    let dir = TempDir::new("marker-handoff");
+    let store = open(&dir);
+    let (received, stamp) = with_help(REMOTE_WRITE_HELP, 2_000);
+    let (plain, _) = with_help("from an upload", 1_000);
+    assert!(store.put_if_newer("received", received, at(0)).unwrap());
+    assert!(store.put_if_newer("plain", plain, at(0)).unwrap());
+    assert_eq!(store.newest_received("received").unwrap(), Some(stamp));
+    assert_eq!(store.newest_received("plain").unwrap(), Some(i64::MIN));
+}
