@@ -141,10 +141,11 @@ impl Merger {
     /// `cluster_id`'s cached entry, if it is still a copy of what the store holds, and the
     /// store's version it copies.
     fn cached(&self, cluster_id: &str) -> Option<(CachedCluster, u64)> {
-        let version = self.store.version(cluster_id)?;
+        // Taken out even when the store has no entry (removed, swept): a stale copy is dropped.
+        let version = self.store.version(cluster_id);
         self.count_lock();
-        let entry = self.shared.cache.take(cluster_id, Some(version))?;
-        Some((entry, version))
+        let entry = self.shared.cache.take(cluster_id, version)?;
+        Some((entry, version?))
     }
 
     /// Stores `merged` (with its newest remote-write sample) and ships `delta`; caches `entry`
@@ -927,6 +928,61 @@ mod tests {
                 .map(|m| m.label_value("job").unwrap().to_string())
                 .collect();
         assert_eq!(jobs, ["rw", "upload"], "merged, not replaced");
+        store.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_handoff_or_a_removal_makes_the_cached_copy_stale_without_telling_the_merger() {
+        let (store, dir) = temp_store("stale");
+        let merger = Merger::new(store.clone());
+        let now = SystemTime::now();
+        let jobs = |store: &Store| -> Vec<String> {
+            delimited::decode(&store.get("c").unwrap().unwrap().payload, &UNLIMITED)
+                .unwrap()
+                .iter()
+                .flat_map(|f| f.metric.iter())
+                .map(|m| m.label_value("job").unwrap().to_string())
+                .collect()
+        };
+        merger
+            .store_received("c", one_series(REMOTE_WRITE_HELP, "a", now), now, 10, None)
+            .unwrap();
+        assert!(merger.is_cached("c"));
+        // A handoff from another owner replaces the payload (the store, not the merger, is told).
+        let later = now + std::time::Duration::from_secs(1);
+        assert!(store
+            .put_if_newer("c", one_series(REMOTE_WRITE_HELP, "handed", now), later)
+            .unwrap());
+        assert!(!merger.is_cached("c"));
+        merger
+            .store_received(
+                "c",
+                one_series(REMOTE_WRITE_HELP, "b", now),
+                later,
+                10,
+                None,
+            )
+            .unwrap();
+        assert_eq!(
+            jobs(&store),
+            ["handed", "b"],
+            "merged into the handoff, not the copy"
+        );
+        // A removal: the next request starts from nothing.
+        assert!(merger.is_cached("c"));
+        store.remove("c").unwrap();
+        assert!(!merger.is_cached("c"));
+        merger
+            .store_received(
+                "c",
+                one_series(REMOTE_WRITE_HELP, "d", now),
+                later,
+                10,
+                None,
+            )
+            .unwrap();
+        assert_eq!(jobs(&store), ["d"]);
         store.close();
         let _ = std::fs::remove_dir_all(&dir);
     }
