@@ -4,18 +4,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 use telemeter_common::model::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
-
-const PROMETHEUS: &str = "/usr/bin/prometheus";
-const PROMTOOL: &str = "/usr/bin/promtool";
 
 /// [`families`] plus a histogram, so a family with suffixed lines is merged too.
 fn with_histogram(id: &str, n: usize) -> Vec<MetricFamily> {
@@ -45,52 +41,13 @@ fn with_histogram(id: &str, n: usize) -> Vec<MetricFamily> {
 
 /// A server holding clusters `a` (4 series), `b` (2) and `c` (3), all with the same family names.
 fn three_clusters(dir: &TempDir) -> ServerProcess {
-    let tokens = dir.file("tokens", TOKENS);
-    let s = ServerProcess::start(
-        &dir.path().join("data"),
-        &[
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--ratelimit",
-            "0s",
-        ],
-    );
+    let s = ServerProcess::setup(dir).start();
     for (id, n) in [("a", 4), ("b", 2), ("c", 3)] {
         let token = s.upload_token("wild", id);
         let r = s.upload(&token, &with_histogram(id, n));
         assert_eq!(r.status, 200, "{}", r.body);
     }
     s
-}
-
-fn promtool_check(body: &str) -> Result<(), String> {
-    assert!(
-        std::path::Path::new(PROMTOOL).exists(),
-        "{PROMTOOL} is not installed: run `make setup` (Debian package prometheus)"
-    );
-    let mut promtool = Command::new(PROMTOOL)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
 }
 
 #[test]
@@ -249,10 +206,7 @@ fn plain_proxy(upstream: std::net::SocketAddr, heads: Arc<Mutex<Vec<String>>>) -
 
 #[test]
 fn prometheus_gets_the_same_series_with_gzip_as_without_and_match_splits() {
-    assert!(
-        std::path::Path::new(PROMETHEUS).exists(),
-        "{PROMETHEUS} is not installed: run `make setup` (Debian package prometheus)"
-    );
+    need(PROMETHEUS);
     let dir = TempDir::new("federate-gzip");
     let s = three_clusters(&dir);
 
@@ -278,43 +232,22 @@ fn prometheus_gets_the_same_series_with_gzip_as_without_and_match_splits() {
 
     let heads = Arc::new(Mutex::new(Vec::new()));
     let proxy = plain_proxy(s.internal, heads.clone());
-    let config = dir.file(
-        "prometheus.yml",
-        &format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: gzip\n    honor_labels: true\n    metrics_path: /federate\n    static_configs:\n      - targets: ['{}']\n  - job_name: plain\n    honor_labels: true\n    metrics_path: /federate\n    static_configs:\n      - targets: ['127.0.0.1:{proxy}']\n  - job_name: split\n    honor_labels: true\n    metrics_path: /federate\n    params:\n      'match[]': ['{{_id=\"b\"}}']\n    static_configs:\n      - targets: ['localhost:{}']\n",
-            s.internal,
-            s.internal.port()
+    let jobs = [
+        federate_job("gzip", &s.internal.to_string(), None),
+        federate_job("plain", &format!("127.0.0.1:{proxy}"), None),
+        federate_job(
+            "split",
+            &format!("localhost:{}", s.internal.port()),
+            Some("{_id=\"b\"}"),
         ),
-    );
-    let port = free_port();
-    let _prom = testkit::Guard(
-        Command::new(PROMETHEUS)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("prom").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus"),
-    );
+    ];
+    let prom = Prometheus::scraping(&dir, &jobs.concat());
     // By instance: with honor_labels, the pushed `up` keeps its own job label.
     let gzip_target = s.internal.to_string();
     let plain_target = format!("127.0.0.1:{proxy}");
     let series = |instance: &str| -> Option<Vec<String>> {
-        let query = telemeter_common::http::percent_encode(&format!(
-            "{{instance=\"{instance}\",_id!=\"\"}}"
-        ));
-        let r = get(
-            &format!("http://127.0.0.1:{port}/api/v1/query?query={query}"),
-            &[],
-        );
-        let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
-        let mut out: Vec<String> = v["data"]["result"]
-            .as_array()?
+        let mut out: Vec<String> = prom
+            .query(&format!("{{instance=\"{instance}\",_id!=\"\"}}"))?
             .iter()
             .map(|r| {
                 let mut metric = r["metric"].as_object().cloned().unwrap_or_default();
@@ -420,16 +353,7 @@ fn one_family(name: &str, kind: MetricType, help: &str) -> MetricFamily {
 /// `normal`.
 fn colliding_tenants(dir: &TempDir) -> ServerProcess {
     use MetricType::{Counter, Gauge, Histogram, Summary, Untyped};
-    let tokens = dir.file("tokens", TOKENS);
-    let s = ServerProcess::start(
-        &dir.path().join("data"),
-        &[
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--ratelimit",
-            "0s",
-        ],
-    );
+    let s = ServerProcess::setup(dir).start();
     let uploads = [
         (
             "a",
@@ -497,100 +421,19 @@ fn text_series(body: &str) -> Vec<String> {
     out
 }
 
-/// Starts the real Prometheus on `config` (a `scrape_configs` list, scraping every second),
-/// with `features` enabled; its guard and port.
-fn start_prometheus(
-    dir: &TempDir,
-    name: &str,
-    scrape_configs: &str,
-    features: &[&str],
-) -> (testkit::Guard, u16) {
-    assert!(
-        std::path::Path::new(PROMETHEUS).exists(),
-        "{PROMETHEUS} is not installed: run `make setup` (Debian package prometheus)"
-    );
-    let config = dir.file(
-        &format!("{name}.yml"),
-        &format!("global:\n  scrape_interval: 1s\nscrape_configs:\n{scrape_configs}"),
-    );
-    let port = free_port();
-    let mut command = Command::new(PROMETHEUS);
-    command
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join(name).display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"));
-    for feature in features {
-        command.arg(format!("--enable-feature={feature}"));
-    }
-    let prom = testkit::Guard(
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus"),
-    );
-    (prom, port)
-}
-
-/// The results of the instant `query` on the Prometheus at `port`: each one's labels (but
-/// `job` and `instance`) and value; `None` until it answers.
-fn query(port: u16, query: &str) -> Option<Vec<(BTreeMap<String, String>, String)>> {
-    let url = format!(
-        "http://127.0.0.1:{port}/api/v1/query?query={}",
-        telemeter_common::http::percent_encode(query)
-    );
-    let v: serde_json::Value = serde_json::from_str(&get(&url, &[]).body).ok()?;
-    let results = v["data"]["result"].as_array()?;
-    Some(
-        results
-            .iter()
-            .map(|r| {
-                let labels = r["metric"]
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .filter(|(name, _)| *name != "job" && *name != "instance")
-                    .map(|(name, value)| (name.clone(), value.as_str().unwrap_or("").to_string()))
-                    .collect();
-                (labels, r["value"][1].as_str().unwrap_or("").to_string())
-            })
-            .collect(),
-    )
-}
-
-/// The health and last error of the scrape target of `job`, once it has been scraped.
-fn target_health(port: u16, job: &str) -> Option<(String, String)> {
-    let r = get(&format!("http://127.0.0.1:{port}/api/v1/targets"), &[]);
-    let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
-    v["data"]["activeTargets"]
-        .as_array()?
-        .iter()
-        .find(|t| t["labels"]["job"] == job && t["health"] != "unknown")
-        .map(|t| {
-            (
-                t["health"].as_str().unwrap_or("").to_string(),
-                t["lastError"].as_str().unwrap_or("").to_string(),
-            )
-        })
-}
-
-/// `name{_id}` of the series Prometheus at `port` scraped in `job` (the last push but for),
-/// once it has `want` of them (bounded wait); what it had last otherwise.
-fn scraped(port: u16, job: &str, want: usize) -> Result<Vec<String>, String> {
+/// `name{_id}` of the series `prom` scraped in `job` (the last push but for), once it has
+/// `want` of them (bounded wait); what it had last otherwise.
+fn scraped(prom: &Prometheus, job: &str, want: usize) -> Result<Vec<String>, String> {
     let series = || {
         let selector = format!(
             "{{job=\"{job}\",_id!=\"\",__name__!=\"telemeter_last_push_timestamp_seconds\"}}"
         );
-        let mut out: Vec<String> = query(port, &selector)?
-            .into_iter()
-            .map(|(labels, _)| {
-                let name = labels.get("__name__").cloned().unwrap_or_default();
-                let id = labels.get("_id").cloned().unwrap_or_default();
-                format!("{name}{{{id}}}")
+        let mut out: Vec<String> = prom
+            .query(&selector)?
+            .iter()
+            .map(|r| {
+                let label = |name: &str| r["metric"][name].as_str().unwrap_or("").to_string();
+                format!("{}{{{}}}", label("__name__"), label("_id"))
             })
             .collect();
         out.sort();
@@ -701,59 +544,61 @@ fn a_tenant_naming_a_family_like_anothers_lines_or_types_cannot_break_the_federa
     );
 
     // The real Prometheus: text (with gzip, as it always asks), a job per kind of collision.
-    let target = s.internal;
-    let job = |name: &str, selector: Option<&str>| {
-        let params = selector
-            .map(|m| format!("    params:\n      'match[]': ['{m}']\n"))
-            .unwrap_or_default();
-        format!(
-            "  - job_name: {name}\n    honor_labels: true\n    metrics_path: /federate\n{params}    static_configs:\n      - targets: ['{target}']\n"
-        )
-    };
+    let target = s.internal.to_string();
     let text_jobs = [
-        job("all", None),
-        job("lines", Some(kinds[0].0)),
-        job("types", Some(kinds[1].0)),
-        job("help", Some(kinds[2].0)),
-    ]
-    .concat();
-    let (_text_prom, text_port) = start_prometheus(&dir, "prom-text", &text_jobs, &[]);
+        federate_job("all", &target, None),
+        federate_job("lines", &target, Some(kinds[0].0)),
+        federate_job("types", &target, Some(kinds[1].0)),
+        federate_job("help", &target, Some(kinds[2].0)),
+    ];
+    let text_prom = Prometheus::scraping(&dir, &text_jobs.concat());
     // Protobuf: Prometheus 2.42 asks for it first only with native histograms enabled. One job
     // straight (gzip), one through a proxy that drops Accept-Encoding and shows the format.
     let heads = Arc::new(Mutex::new(Vec::new()));
     let proxy = plain_proxy(s.internal, heads.clone());
-    let pb_jobs = format!(
-        "{}  - job_name: pb_plain\n    honor_labels: true\n    metrics_path: /federate\n    static_configs:\n      - targets: ['127.0.0.1:{proxy}']\n",
-        job("pb_gzip", None)
-    );
-    let (_pb_prom, pb_port) = start_prometheus(&dir, "prom-pb", &pb_jobs, &["native-histograms"]);
-
-    let checks: [(u16, &str, &[&str]); 6] = [
-        (text_port, "all", &NOT_COLLIDING),
-        (text_port, "lines", &NOT_COLLIDING[..9]),
-        (text_port, "types", &["x_total{a}"]),
-        (text_port, "help", &["y{a}", "y{b}"]),
-        (pb_port, "pb_gzip", &NOT_COLLIDING),
-        (pb_port, "pb_plain", &NOT_COLLIDING),
+    let pb_jobs = [
+        federate_job("pb_gzip", &target, None),
+        federate_job("pb_plain", &format!("127.0.0.1:{proxy}"), None),
     ];
-    for (port, job, want) in checks {
-        let series = scraped(port, job, want.len()).unwrap_or_else(|e| panic!("{e}"));
+    let pb_prom = Prometheus::start(
+        &dir,
+        "prometheus-pb",
+        &format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n{}",
+            pb_jobs.concat()
+        ),
+        free_port(),
+        &["--enable-feature=native-histograms"],
+    );
+
+    let checks: [(&Prometheus, &str, &[&str]); 6] = [
+        (&text_prom, "all", &NOT_COLLIDING),
+        (&text_prom, "lines", &NOT_COLLIDING[..9]),
+        (&text_prom, "types", &["x_total{a}"]),
+        (&text_prom, "help", &["y{a}", "y{b}"]),
+        (&pb_prom, "pb_gzip", &NOT_COLLIDING),
+        (&pb_prom, "pb_plain", &NOT_COLLIDING),
+    ];
+    for (prom, job, want) in checks {
+        let series = scraped(prom, job, want.len()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(series, want, "{job}");
-        let health = target_health(port, job);
+        let health = prom.target(job);
         assert_eq!(
             health,
             Some(("up".to_string(), String::new())),
             "{job}: {health:?}"
         );
-        let up = query(port, &format!("up{{job=\"{job}\"}}")).unwrap_or_default();
-        assert_eq!(up.len(), 1, "{job}: {up:?}");
-        assert_eq!(up[0].1, "1", "{job}");
+        assert_eq!(
+            prom.query_one(&format!("up{{job=\"{job}\"}}")).as_deref(),
+            Some("1"),
+            "{job}"
+        );
     }
     // Absent by name: b's families named like a's lines, and b's x_total of another type.
     for name in ["h_bucket", "h_count", "s_sum", "x_total"] {
-        for port in [text_port, pb_port] {
+        for prom in [&text_prom, &pb_prom] {
             assert_eq!(
-                query(port, &format!("{name}{{_id=\"b\"}}")),
+                prom.query(&format!("{name}{{_id=\"b\"}}")),
                 Some(vec![]),
                 "{name} of b"
             );
