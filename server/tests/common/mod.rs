@@ -731,6 +731,19 @@ impl Prometheus {
         )
     }
 
+    /// Starts one receiving remote write (see [`Prometheus::write_url`]) on `port`, scraping
+    /// nothing; waits (bounded) until it is ready. Again on the same `dir` and `port` after a
+    /// [`Prometheus::stop`], it keeps what it had received.
+    pub fn receiver(dir: &TempDir, port: u16) -> Prometheus {
+        Prometheus::start(
+            dir,
+            "prometheus",
+            "global:\n  scrape_interval: 1m\n",
+            port,
+            &["--web.enable-remote-write-receiver"],
+        )
+    }
+
     /// Starts one with `config` (YAML) written to `dir/NAME.yml`, its TSDB in `dir/NAME` (so a
     /// restart under the same name keeps it), on `port`, with `flags` added; waits (bounded)
     /// until it is ready.
@@ -771,6 +784,16 @@ impl Prometheus {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// Where a [`Prometheus::receiver`] takes remote write.
+    pub fn write_url(&self) -> String {
+        self.url("/api/v1/write")
+    }
+
+    /// Its process id (`None` once stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Stops it (SIGTERM, bounded wait).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -798,6 +821,21 @@ impl Prometheus {
         }
         let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
         v["data"]["result"].as_array().cloned()
+    }
+
+    /// Polls the instant `query` at `time` until it has at least `n` results (bounded: 60 s,
+    /// then the test fails); them.
+    pub fn wait_results(&self, query: &str, time: f64, n: usize) -> Vec<serde_json::Value> {
+        let mut results = Vec::new();
+        assert!(
+            wait_until(Duration::from_secs(60), || {
+                results = self.query_at(query, Some(time)).unwrap_or_default();
+                results.len() >= n
+            }),
+            "{query} at {time}: {} results, wanted {n}",
+            results.len()
+        );
+        results
     }
 
     /// The results of the instant `query` now (see [`Prometheus::query_at`]).
