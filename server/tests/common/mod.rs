@@ -177,13 +177,14 @@ impl ServerProcess {
 }
 
 /// How a test starts its server, with the flags most tests share written once: storage in
-/// `dir/data`, `--tokens-file` with [`TOKENS`] written to `dir/tokens`, optionally
-/// `--shared-key` with a key written to `dir/key`, `--ratelimit 0s` (tests push when they like),
-/// then the test's own flags, in that order.
+/// `dir/data`, `--tokens-file` with [`TOKENS`] written to `dir/tokens` (or
+/// `--insecure-accept-any-token`), optionally `--shared-key` with a key written to `dir/key`,
+/// `--ratelimit 0s` (tests push when they like), then the test's own flags, in that order.
 pub struct Setup {
     dir: PathBuf,
     storage: PathBuf,
     tokens: Option<PathBuf>,
+    any_token: bool,
     key: Option<PathBuf>,
     ratelimit: Option<String>,
     args: Vec<String>,
@@ -195,6 +196,7 @@ impl Setup {
             dir: dir.path().to_path_buf(),
             storage: dir.path().join("data"),
             tokens: Some(dir.file("tokens", TOKENS)),
+            any_token: false,
             key: None,
             ratelimit: Some("0s".into()),
             args: Vec::new(),
@@ -215,9 +217,10 @@ impl Setup {
         self
     }
 
-    /// No `--tokens-file` (the test authorizes some other way).
-    pub fn no_tokens(mut self) -> Setup {
+    /// `--insecure-accept-any-token` instead of a tokens file.
+    pub fn any_token(mut self) -> Setup {
         self.tokens = None;
+        self.any_token = true;
         self
     }
 
@@ -253,6 +256,9 @@ impl Setup {
         let path = |p: &PathBuf| p.display().to_string();
         if let Some(tokens) = &self.tokens {
             flags.extend(["--tokens-file".to_string(), path(tokens)]);
+        }
+        if self.any_token {
+            flags.push("--insecure-accept-any-token".to_string());
         }
         if let Some(key) = &self.key {
             flags.extend(["--shared-key".to_string(), path(key)]);
