@@ -655,10 +655,11 @@ pub fn free_udp_port_on(ip: &str) -> u16 {
         .port()
 }
 
-/// What the server says of its cluster on `/debug/cluster` (`Null` when it does not answer).
-pub fn cluster_view(server: &ServerProcess) -> serde_json::Value {
+/// What the server says of its cluster on `/debug/cluster`.
+pub fn debug_cluster(server: &ServerProcess) -> serde_json::Value {
     let r = get(&server.url_internal("/debug/cluster"), &[]);
-    serde_json::from_str(&r.body).unwrap_or_default()
+    assert_eq!(r.status, 200, "/debug/cluster: {}", r.body);
+    serde_json::from_str(&r.body).expect("/debug/cluster is JSON")
 }
 
 /// Whether a `/debug/cluster` view has exactly the nodes `alive` alive (in any order) and
