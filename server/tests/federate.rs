@@ -204,13 +204,8 @@ fn plain_proxy(upstream: std::net::SocketAddr, heads: Arc<Mutex<Vec<String>>>) -
     port
 }
 
-#[test]
-fn prometheus_gets_the_same_series_with_gzip_as_without_and_match_splits() {
-    need(PROMETHEUS);
-    let dir = TempDir::new("federate-gzip");
-    let s = three_clusters(&dir);
-
-    // What Prometheus asks for, compressed: gzip, and the same body once decompressed.
+/// `/federate` as Prometheus asks for it, compressed (and that it was), decompressed by curl.
+fn federate_gzip(s: &ServerProcess) -> String {
     let gz = Command::new("curl")
         .args([
             "-sS",
@@ -220,15 +215,25 @@ fn prometheus_gets_the_same_series_with_gzip_as_without_and_match_splits() {
             &s.url_internal("/federate"),
         ])
         .output()
-        .unwrap();
+        .expect("run curl");
     let gz = String::from_utf8_lossy(&gz.stdout).to_string();
     assert!(
         gz.to_ascii_lowercase().contains("content-encoding: gzip"),
         "{gz}"
     );
+    gz.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
+}
+
+#[test]
+fn prometheus_gets_the_same_series_with_gzip_as_without_and_match_splits() {
+    need(PROMETHEUS);
+    let dir = TempDir::new("federate-gzip");
+    let s = three_clusters(&dir);
+
+    // What Prometheus asks for, compressed: gzip, and the same body once decompressed.
+    let gz_body = federate_gzip(&s);
     let plain = s.federate();
-    let gz_body = gz.split("\r\n\r\n").nth(1).unwrap_or("");
-    assert_eq!(series_lines(gz_body), series_lines(&plain));
+    assert_eq!(series_lines(&gz_body), series_lines(&plain));
 
     let heads = Arc::new(Mutex::new(Vec::new()));
     let proxy = plain_proxy(s.internal, heads.clone());
@@ -463,24 +468,9 @@ fn a_tenant_naming_a_family_like_anothers_lines_or_types_cannot_break_the_federa
     let plain = s.federate();
     promtool_check(&plain).unwrap_or_else(|e| panic!("promtool: {e}\n{plain}"));
     assert_eq!(text_series(&plain), NOT_COLLIDING, "{plain}");
-    let gz = Command::new("curl")
-        .args([
-            "-sS",
-            "--compressed",
-            "-D",
-            "-",
-            &s.url_internal("/federate"),
-        ])
-        .output()
-        .unwrap();
-    let gz = String::from_utf8_lossy(&gz.stdout).to_string();
-    assert!(
-        gz.to_ascii_lowercase().contains("content-encoding: gzip"),
-        "{gz}"
-    );
-    let gz_body = gz.split("\r\n\r\n").nth(1).unwrap_or("");
-    promtool_check(gz_body).unwrap_or_else(|e| panic!("promtool (gzip): {e}\n{gz_body}"));
-    assert_eq!(text_series(gz_body), NOT_COLLIDING);
+    let gz_body = federate_gzip(&s);
+    promtool_check(&gz_body).unwrap_or_else(|e| panic!("promtool (gzip): {e}\n{gz_body}"));
+    assert_eq!(text_series(&gz_body), NOT_COLLIDING);
     // Each kind of collision alone: (match[], the series served).
     let kinds: [(&str, &[&str]); 3] = [
         (
@@ -616,13 +606,7 @@ fn a_tenant_naming_a_family_like_anothers_lines_or_types_cannot_break_the_federa
 
     // Counted by reason, and warned about once per scrape.
     let metrics = get(&s.url_internal("/metrics"), &[]).body;
-    let skipped = |reason: &str| {
-        metric_value(
-            &metrics,
-            "telemeter_server_federate_series_skipped_total",
-            &[&format!("reason=\"{reason}\"")],
-        )
-    };
+    let skipped = |reason: &str| federate_skipped(&metrics, reason);
     // At least the 3 of the first promtool scrape; every scrape since added as many.
     assert!(skipped("name_collision") >= 3.0, "{metrics}");
     assert_eq!(skipped("name_collision") % 3.0, 0.0, "{metrics}");

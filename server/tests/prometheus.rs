@@ -204,13 +204,7 @@ fn a_hostile_tenant_cannot_blind_the_central_prometheus() {
 
     // Left out, counted by reason, and warned about.
     let metrics = get(&s.url_internal("/metrics"), &[]).body;
-    let skipped = |reason: &str| {
-        metric_value(
-            &metrics,
-            "telemeter_server_federate_series_skipped_total",
-            &[&format!("reason=\"{reason}\"")],
-        )
-    };
+    let skipped = |reason: &str| federate_skipped(&metrics, reason);
     assert!(skipped("reserved_label") >= 1.0, "{metrics}");
     assert!(skipped("duplicate_label") >= 1.0, "{metrics}");
     assert!(skipped("type_label") >= 1.0, "{metrics}");

@@ -494,6 +494,15 @@ pub fn metric_value(metrics_text: &str, name: &str, matching: &[&str]) -> f64 {
         .fold(0.0, |total, v| total + v)
 }
 
+/// How many series `/federate` left out for `reason` so far, from a `/metrics` text.
+pub fn federate_skipped(metrics_text: &str, reason: &str) -> f64 {
+    metric_value(
+        metrics_text,
+        "telemeter_server_federate_series_skipped_total",
+        &[&format!("reason=\"{reason}\"")],
+    )
+}
+
 /// An upload whose series `/federate` could not serve: Prometheus would refuse its line, and with
 /// it the whole scrape. Validation must refuse it (400).
 pub struct Unservable {
