@@ -311,80 +311,40 @@ fn prometheus_gets_the_same_series_with_gzip_as_without_and_match_splits() {
     );
 }
 
-/// A family of `name`, `kind` and `help` with one series (the server stamps `_id`).
-fn one_family(name: &str, kind: MetricType, help: &str) -> MetricFamily {
-    use telemeter_common::model::{Counter, Gauge, Quantile, Summary, Untyped};
-    let mut metric = Metric {
-        timestamp_ms: Some(now_ms()),
-        ..Default::default()
-    };
-    match kind {
-        MetricType::Histogram => {
-            metric.histogram = Some(Histogram {
-                sample_count: Some(2),
-                sample_sum: Some(1.5),
-                bucket: vec![Bucket {
-                    cumulative_count: Some(1),
-                    upper_bound: Some(0.5),
-                }],
-            })
-        }
-        MetricType::Summary => {
-            metric.summary = Some(Summary {
-                sample_count: Some(2),
-                sample_sum: Some(3.0),
-                quantile: vec![Quantile {
-                    quantile: Some(0.5),
-                    value: Some(1.0),
-                }],
-            })
-        }
-        MetricType::Counter => metric.counter = Some(Counter { value: Some(5.0) }),
-        MetricType::Untyped => metric.untyped = Some(Untyped { value: Some(3.0) }),
-        _ => metric.gauge = Some(Gauge { value: Some(7.0) }),
-    }
-    MetricFamily {
-        name: Some(name.into()),
-        help: Some(help.into()),
-        r#type: Some(kind as i32),
-        metric: vec![metric],
-    }
-}
-
 /// Three tenants whose family names collide across clusters in every way a text exposition
 /// cares about: `a` has a histogram `h`, a summary `s`, a counter `x_total` and a gauge `y`;
 /// `b` has an untyped `h_bucket`, gauges `h_count` and `s_sum` (named like a's lines), a gauge
 /// `x_total` (another type), a gauge `y` with another help text, and a gauge `g`; `c` a gauge
-/// `normal`.
+/// `normal`. Uploaded as text, the way a tenant writes them.
 fn colliding_tenants(dir: &TempDir) -> ServerProcess {
-    use MetricType::{Counter, Gauge, Histogram, Summary, Untyped};
     let s = ServerProcess::setup(dir).start();
     let uploads = [
         (
             "a",
-            vec![
-                one_family("h", Histogram, "A histogram."),
-                one_family("s", Summary, "A summary."),
-                one_family("x_total", Counter, "A counter."),
-                one_family("y", Gauge, "Help one."),
-            ],
+            "# HELP h A histogram.\n# TYPE h histogram\nh_bucket{le=\"0.5\"} 1 T\n\
+             h_bucket{le=\"+Inf\"} 2 T\nh_sum 1.5 T\nh_count 2 T\n\
+             # HELP s A summary.\n# TYPE s summary\ns{quantile=\"0.5\"} 1 T\ns_sum 3 T\n\
+             s_count 2 T\n# HELP x_total A counter.\n# TYPE x_total counter\nx_total 5 T\n\
+             # HELP y Help one.\n# TYPE y gauge\ny 1 T\n",
         ),
         (
             "b",
-            vec![
-                one_family("g", Gauge, "A gauge."),
-                one_family("h_bucket", Untyped, "Like h's buckets."),
-                one_family("h_count", Gauge, "Like h's count."),
-                one_family("s_sum", Gauge, "Like s's sum."),
-                one_family("x_total", Gauge, "Another type."),
-                one_family("y", Gauge, "Help two."),
-            ],
+            "# HELP g A gauge.\n# TYPE g gauge\ng 7 T\n\
+             # HELP h_bucket Like h's buckets.\n# TYPE h_bucket untyped\nh_bucket 3 T\n\
+             # HELP h_count Like h's count.\n# TYPE h_count gauge\nh_count 3 T\n\
+             # HELP s_sum Like s's sum.\n# TYPE s_sum gauge\ns_sum 7 T\n\
+             # HELP x_total Another type.\n# TYPE x_total gauge\nx_total 2 T\n\
+             # HELP y Help two.\n# TYPE y gauge\ny 2 T\n",
         ),
-        ("c", vec![one_family("normal", Gauge, "A bystander.")]),
+        (
+            "c",
+            "# HELP normal A bystander.\n# TYPE normal gauge\nnormal 1 T\n",
+        ),
     ];
-    for (id, families) in uploads {
+    for (id, text) in uploads {
         let token = s.upload_token("wild", id);
-        let r = s.upload(&token, &families);
+        let body = text.replace(" T\n", &format!(" {}\n", now_ms()));
+        let r = upload_as(&s, &token, TEXT, body.as_bytes());
         assert_eq!(r.status, 200, "{id}: {}", r.body);
     }
     s
