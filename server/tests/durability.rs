@@ -70,7 +70,7 @@ fn restart_removes_temp_files_and_sets_corrupt_files_aside() {
     assert!(first.signal_and_wait(Signal::Term).success());
 
     // A bit flipped in the payload of one file, and a checkpoint cut short by a crash.
-    let damaged = cluster_file(&storage, "damaged");
+    let damaged = cluster_file(storage, "damaged");
     let mut bytes = std::fs::read(&damaged).unwrap();
     *bytes.last_mut().unwrap() ^= 0x01;
     std::fs::write(&damaged, bytes).unwrap();
@@ -135,7 +135,7 @@ fn clusters_not_pushed_for_the_ttl_are_no_longer_served_and_their_files_go() {
     }
     // Gone from disk too, also after a restart (the removal is durable).
     assert!(s.signal_and_wait(Signal::Term).success());
-    let files: Vec<_> = std::fs::read_dir(&storage)
+    let files: Vec<_> = std::fs::read_dir(storage)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter(|n| n.len() == 64 || n.starts_with("journal-"))
