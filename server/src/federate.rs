@@ -26,7 +26,13 @@
 //! A cluster whose file cannot be read, or a family part that cannot be decoded, is skipped with
 //! a warning rather than failing the whole scrape. When two clusters have a family of the same
 //! name with different types, the type of the first cluster (by id) wins and the other's series
-//! are left out (counted as `type_conflict`).
+//! are left out (counted as `type_conflict`). A family named like the lines of a histogram or
+//! summary this response writes (an untyped `h_bucket` or a gauge `h_count` beside a histogram
+//! `h`, from any cluster) is left out too (counted as `name_collision`): in text its `# TYPE`
+//! would be a second TYPE for the histogram's lines, and Go's parser (`promtool`, `expfmt`, an
+//! upstream client scraping us) and ours refuse the whole text for it. Protobuf has no such
+//! problem, but both formats serve the same series. The histogram or summary always wins: it
+//! sorts first (its name is a prefix), so whether it wrote any series is known by then.
 //!
 //! One line Prometheus refuses (a label named twice, `le` on a histogram series, `__name__`, an
 //! invalid name) fails the whole scrape, and with it every cluster this server serves. Validation
@@ -35,7 +41,7 @@
 //! protobuf alike, counts it in `telemeter_server_federate_series_skipped_total{reason}` and logs
 //! one warning per scrape.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::{self, Write};
 use std::sync::{mpsc, Arc};
@@ -120,6 +126,19 @@ pub fn handle(
             };
             histogram.observe(started.elapsed().as_secs_f64());
             let skips = result?;
+            if skips.name_collisions > 0 {
+                skipped_series
+                    .with(&[NAME_COLLISION])
+                    .add(skips.name_collisions);
+                let (family, owner) = skips.first_collision.clone().unwrap_or_default();
+                // Once per scrape, as below.
+                warn!(
+                    "federate: left out {} series of families named like a histogram's or \
+                     summary's lines, which would have made the text unparsable; the first: \
+                     {family:?}, beside {owner:?}",
+                    skips.name_collisions
+                );
+            }
             if skips.series.total() > 0 {
                 for reason in SkipReason::ALL {
                     skipped_series
@@ -163,6 +182,10 @@ pub fn accepts_gzip(accept_encoding: Option<&str>) -> bool {
     })
 }
 
+/// The label value of `telemeter_server_federate_series_skipped_total` for the series of a
+/// family named like a histogram's or summary's lines (see the module doc).
+pub const NAME_COLLISION: &str = "name_collision";
+
 /// The series one scrape left out because they could not be written validly.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Skips {
@@ -170,6 +193,10 @@ pub struct Skips {
     pub series: Skipped,
     /// The first cluster that had any, for the log.
     pub first_cluster: Option<String>,
+    /// Series of families named like the lines of a histogram or summary written before them.
+    pub name_collisions: u64,
+    /// The first such family and the histogram or summary it collided with, for the log.
+    pub first_collision: Option<(String, String)>,
 }
 
 impl Skips {
@@ -293,13 +320,18 @@ pub fn write_selected(
     let mut skips = Skips::default();
     // The family whose header is out: later chunks of it drop theirs.
     let mut header_out: Option<usize> = None;
+    // The names the histograms and summaries written so far write lines under besides their
+    // own (`h_bucket`, `h_sum`, `h_count` of `h`), with the family's name: a family of one of
+    // these names comes later (the owner's name is a prefix of it) and is left out. At most
+    // three names per family already planned, so no more than the plans themselves hold.
+    let mut line_names: HashMap<String, usize> = HashMap::new();
     in_order(
         &chunks,
         workers,
         |chunk: &Chunk, buffer: &mut Vec<u8>| {
             let mut chunk_skips = Skips::default();
             buffer.clear();
-            let header_len = match plans.get(chunk.family) {
+            let (header_len, written) = match plans.get(chunk.family) {
                 Some(plan) => encode_chunk(
                     plan,
                     chunk,
@@ -309,17 +341,33 @@ pub fn write_selected(
                     buffer,
                     &mut chunk_skips,
                 ),
-                None => 0,
+                None => (0, 0),
             };
-            (chunk_skips, header_len)
+            (chunk_skips, header_len, written)
         },
-        |chunk, buffer, (chunk_skips, header_len)| {
+        |chunk, buffer, (chunk_skips, header_len, written)| {
             skips.series.merge(&chunk_skips.series);
             if skips.first_cluster.is_none() {
                 skips.first_cluster = chunk_skips.first_cluster;
             }
             if buffer.is_empty() {
                 return Ok(());
+            }
+            let Some(plan) = plans.get(chunk.family) else {
+                return Ok(());
+            };
+            if let Some(&owner) = line_names.get(&plan.name) {
+                skips.name_collisions += written as u64;
+                if skips.first_collision.is_none() {
+                    let owner = plans.get(owner).map(|p| p.name.clone()).unwrap_or_default();
+                    skips.first_collision = Some((plan.name.clone(), owner));
+                }
+                return Ok(());
+            }
+            if header_out != Some(chunk.family) {
+                for suffix in line_suffixes(plan.metric_type) {
+                    line_names.insert(format!("{}{suffix}", plan.name), chunk.family);
+                }
             }
             if header_out == Some(chunk.family) {
                 w.write_all(buffer.get(header_len..).unwrap_or_default())
@@ -493,14 +541,18 @@ fn selected(
     if telemeter_common::selector::any_matches(selectors, name, labels) {
         return true;
     }
-    let suffixes: &[&str] = match metric_type {
+    line_suffixes(metric_type).iter().any(|suffix| {
+        telemeter_common::selector::any_matches(selectors, &format!("{name}{suffix}"), labels)
+    })
+}
+
+/// The suffixes of the names a family of `metric_type` writes lines under besides its own.
+fn line_suffixes(metric_type: MetricType) -> &'static [&'static str] {
+    match metric_type {
         MetricType::Histogram | MetricType::GaugeHistogram => &["_bucket", "_sum", "_count"],
         MetricType::Summary => &["_sum", "_count"],
         _ => &[],
-    };
-    suffixes.iter().any(|suffix| {
-        telemeter_common::selector::any_matches(selectors, &format!("{name}{suffix}"), labels)
-    })
+    }
 }
 
 /// A borrowed series' labels, owned, for the selectors; `None` when they do not decode.
@@ -520,7 +572,7 @@ fn owned_labels(metric: &wire::MetricView<'_>) -> Option<Vec<LabelPair>> {
 /// selected series of each of the chunk's parts, read from the pinned files; in protobuf, one
 /// message of them. A part that cannot be read or decoded is left out with a warning; the first
 /// chunk counts the series of the conflicting parts. Returns the length of the text header `out`
-/// starts with (0 in protobuf, or without series).
+/// starts with (0 in protobuf, or without series) and how many series it wrote.
 fn encode_chunk(
     plan: &FamilyPlan,
     chunk: &Chunk,
@@ -529,11 +581,12 @@ fn encode_chunk(
     selectors: &[Selector],
     out: &mut Vec<u8>,
     skips: &mut Skips,
-) -> usize {
+) -> (usize, usize) {
     let mut bytes = Vec::new();
     let mut header_written = false;
     // Protobuf: the family's message body, then written with its length prefix.
     let mut message = Vec::new();
+    // Series written, in either format.
     let mut series = 0usize;
     let parts = plan.parts.get(chunk.parts.clone()).unwrap_or_default();
     for &(c, start, end) in parts {
@@ -563,11 +616,14 @@ fn encode_chunk(
             Format::Text => {
                 let mark = out.len();
                 let header_before = header_written;
+                let mut kept = 0usize;
                 let mut keep = |metric: &wire::MetricView<'_>| {
-                    selectors.is_empty()
+                    let keep = selectors.is_empty()
                         || owned_labels(metric).is_some_and(|labels| {
                             selected(selectors, family.name, plan.metric_type, &labels)
-                        })
+                        });
+                    kept += usize::from(keep);
+                    keep
                 };
                 let result = text::write_family_view_part(
                     out,
@@ -580,6 +636,10 @@ fn encode_chunk(
                 if result.is_err() {
                     out.truncate(mark);
                     header_written = header_before;
+                } else {
+                    // Every series `keep` accepted is written or counted as skipped; the only
+                    // skip before `keep` (an invalid family name) comes with none accepted.
+                    series += kept.saturating_sub(skipped.total() as usize);
                 }
                 result.map_err(|e| e.to_string())
             }
@@ -626,9 +686,9 @@ fn encode_chunk(
         out.extend_from_slice(&message);
     }
     match format {
-        Format::Text => header_len(out),
+        Format::Text => (header_len(out), series),
         // A chunk is a message of its own (see the module doc): nothing to drop.
-        Format::ProtoDelimited => 0,
+        Format::ProtoDelimited => (0, series),
     }
 }
 

@@ -117,6 +117,7 @@ impl Metrics {
                 for reason in telemeter_common::text::SkipReason::ALL {
                     skipped.with(&[reason.as_str()]);
                 }
+                skipped.with(&[crate::federate::NAME_COLLISION]);
                 skipped
             },
             ratelimited: r

@@ -14,17 +14,10 @@ fn bearer(token: &str) -> String {
 #[test]
 fn tokens_file_authorize() {
     let dir = TempDir::new("authz");
-    let tokens = dir.file("tokens", TOKENS);
-    let storage = dir.path().join("data");
-    let s = ServerProcess::start(
-        &storage,
-        &[
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--required-label",
-            "env=prod",
-        ],
-    );
+    let s = ServerProcess::setup(&dir)
+        .ratelimit(None)
+        .args(&["--required-label", "env=prod"])
+        .start();
 
     let r = post(
         &s.url("/authorize?id=test"),

@@ -18,16 +18,7 @@ use telemeter_common::snappy;
 #[ignore]
 fn uploads_per_second() {
     let dir = TempDir::new("bench");
-    let tokens = dir.file("tokens", TOKENS);
-    let s = ServerProcess::start(
-        &dir.path().join("data"),
-        &[
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--ratelimit",
-            "0s",
-        ],
-    );
+    let s = ServerProcess::setup(&dir).start();
     let senders = 32;
     let run = Duration::from_secs(10);
     let ok = Arc::new(AtomicU64::new(0));

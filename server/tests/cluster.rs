@@ -9,7 +9,10 @@ use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{families, get, now_ms, post, series_lines, ServerProcess, Signal, TempDir};
+use common::{
+    debug_cluster, families, free_udp_port, get, now_ms, post, series_lines, wait_converged,
+    ServerProcess, Signal, TempDir,
+};
 use telemeter_common::keys::{KeyPurpose, SharedKey};
 use telemeter_server::cluster::packet::{Heartbeat, Keyring};
 use telemeter_server::cluster::ring::{HashRing, DEFAULT_VNODES};
@@ -18,15 +21,6 @@ const INTERVAL: &str = "200ms";
 const PEER_TIMEOUT: &str = "1s";
 const WAIT: Duration = Duration::from_secs(30);
 const KEY: &str = "0123456789abcdef0123456789abcdef-test-shared-key";
-
-/// A UDP port free now (bound, then released).
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Node {
     name: String,
@@ -107,7 +101,8 @@ impl Cluster {
     /// Waits until every running node sees exactly the running nodes alive and views agree.
     /// Returns how long it took.
     fn wait_converged(&self) -> Duration {
-        wait_converged(self.convergence_probe())
+        let (names, urls) = self.convergence_probe();
+        wait_converged(&urls, &names, WAIT)
     }
 
     /// What [`wait_converged`] needs, to run it on another thread.
@@ -201,42 +196,6 @@ impl Cluster {
     }
 }
 
-/// Polls every `/debug/cluster` URL until each sees exactly `expected` alive with agreeing views.
-fn wait_converged((expected, urls): (Vec<String>, Vec<String>)) -> Duration {
-    let started = Instant::now();
-    loop {
-        let all = urls.iter().all(|url| {
-            let r = get(url, &[]);
-            let Ok(debug) = serde_json::from_str::<serde_json::Value>(&r.body) else {
-                return false;
-            };
-            let alive: Vec<String> = debug["alive"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
-            alive == expected && debug["converged"] == true
-        });
-        if all {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < WAIT,
-            "cluster did not converge on {expected:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn debug_cluster(p: &ServerProcess) -> serde_json::Value {
-    let r = get(&p.url_internal("/debug/cluster"), &[]);
-    assert_eq!(r.status, 200, "/debug/cluster: {}", r.body);
-    serde_json::from_str(&r.body).unwrap()
-}
-
 fn metric(p: &ServerProcess, series: &str) -> f64 {
     let body = get(&p.url_internal("/metrics"), &[]).body;
     body.lines()
@@ -275,7 +234,7 @@ fn three_nodes_own_fail_over_and_take_back() {
     cluster.kill(2);
     let probe = std::thread::spawn({
         let probe = cluster.convergence_probe();
-        move || wait_converged(probe)
+        move || wait_converged(&probe.1, &probe.0, WAIT)
     });
     // Pushed at once, before the survivors notice: pushes owned by node-c fail over to the next
     // node on the ring (which is also its owner once node-c is gone); every one gets 200.

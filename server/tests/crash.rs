@@ -208,20 +208,6 @@ fn leftovers_after_start(storage: &std::path::Path) -> Vec<String> {
     }
 }
 
-fn start(storage: &std::path::Path, tokens: &str, key: &str) -> ServerProcess {
-    ServerProcess::start(
-        storage,
-        &[
-            "--tokens-file",
-            tokens,
-            "--shared-key",
-            key,
-            "--ratelimit",
-            "0s",
-        ],
-    )
-}
-
 #[test]
 fn sigkill_during_an_upload_storm_loses_nothing_acknowledged() {
     let seed = std::env::var("CRASH_SEED")
@@ -242,10 +228,8 @@ fn sigkill_during_an_upload_storm_loses_nothing_acknowledged() {
     let mut rng = Rng(seed);
 
     let dir = TempDir::new("crash");
-    let tokens = dir.file("tokens", TOKENS);
-    let key = dir.file("key", KEY);
-    let (tokens, key) = (tokens.to_str().unwrap(), key.to_str().unwrap());
-    let storage = dir.path().join("data");
+    let setup = ServerProcess::setup(&dir).key(KEY);
+    let storage = setup.storage_path();
 
     let clusters: Vec<String> = (0..OWN_CLUSTERS)
         .map(|i| format!("own-{i}"))
@@ -276,9 +260,9 @@ fn sigkill_during_an_upload_storm_loses_nothing_acknowledged() {
     let mut total_acked = 0usize;
     let mut total_sent = 0usize;
     for round in 0..=rounds {
-        let mut server = start(&storage, tokens, key);
+        let mut server = setup.start();
         // --- after a restart: the directory is clean and everything acknowledged is served ---
-        let leftovers = leftovers_after_start(&storage);
+        let leftovers = leftovers_after_start(storage);
         assert!(
             leftovers.is_empty(),
             "round {round}: left after start: {leftovers:?}"
@@ -401,7 +385,6 @@ fn sigkill_during_an_upload_storm_loses_nothing_acknowledged() {
 // ---------------------------------------------------------------------------------------------
 // Three nodes: SIGKILL the owner while the others forward pushes to it
 
-use std::net::UdpSocket;
 use telemeter_server::cluster::ring::{HashRing, DEFAULT_VNODES};
 
 const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
@@ -417,37 +400,22 @@ struct Node {
 
 struct Cluster {
     nodes: Vec<Node>,
-    tokens: String,
-    key: String,
-    _dir: TempDir,
+    /// Where the tokens and key files are.
+    dir: TempDir,
 }
 
 impl Cluster {
     fn start() -> Cluster {
         let dir = TempDir::new("crash-cluster");
-        let tokens = dir.file("tokens", TOKENS).display().to_string();
-        let key = dir.file("key", KEY).display().to_string();
         let nodes = NODES
             .iter()
             .map(|name| Node {
-                cluster_addr: format!(
-                    "127.0.0.1:{}",
-                    UdpSocket::bind("127.0.0.1:0")
-                        .unwrap()
-                        .local_addr()
-                        .unwrap()
-                        .port()
-                ),
+                cluster_addr: format!("127.0.0.1:{}", free_udp_port()),
                 storage: TempDir::new(&format!("crash-{name}")),
                 process: None,
             })
             .collect();
-        let mut cluster = Cluster {
-            nodes,
-            tokens,
-            key,
-            _dir: dir,
-        };
+        let mut cluster = Cluster { nodes, dir };
         for i in 0..NODES.len() {
             cluster.start_node(i);
         }
@@ -456,12 +424,6 @@ impl Cluster {
 
     fn start_node(&mut self, i: usize) {
         let mut args: Vec<String> = [
-            "--tokens-file",
-            &self.tokens,
-            "--shared-key",
-            &self.key,
-            "--ratelimit",
-            "0s",
             "--name",
             NODES[i],
             "--listen-cluster",
@@ -480,8 +442,11 @@ impl Cluster {
                 args.push(other.cluster_addr.clone());
             }
         }
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let process = ServerProcess::start(self.nodes[i].storage.path(), &refs);
+        let process = ServerProcess::setup(&self.dir)
+            .key(KEY)
+            .storage(self.nodes[i].storage.path())
+            .args(&args)
+            .start();
         self.nodes[i].process = Some(process);
     }
 
@@ -491,22 +456,10 @@ impl Cluster {
 
     /// Waits (bounded) until every node sees all three alive and their views agree.
     fn wait_converged(&self) {
-        let deadline = Instant::now() + SETTLE;
-        loop {
-            let all = (0..NODES.len()).all(|i| {
-                let r = get(&self.process(i).url_internal("/debug/cluster"), &[]);
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(&r.body) else {
-                    return false;
-                };
-                v["alive"].as_array().map(|a| a.len()) == Some(NODES.len())
-                    && v["converged"] == true
-            });
-            if all {
-                return;
-            }
-            assert!(Instant::now() < deadline, "the cluster did not converge");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let urls: Vec<String> = (0..NODES.len())
+            .map(|i| self.process(i).url_internal("/debug/cluster"))
+            .collect();
+        wait_converged(&urls, &NODES, SETTLE);
     }
 
     /// What every node serves, by cluster id: (node, what it serves).

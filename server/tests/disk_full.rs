@@ -137,17 +137,8 @@ fn full_or_read_only_storage_gets_503_keeps_data_and_recovers() {
             return;
         }
     };
-    let tokens = dir.file("tokens", TOKENS);
-    let key = dir.file("key", KEY);
-    let args = [
-        "--tokens-file",
-        tokens.to_str().unwrap(),
-        "--shared-key",
-        key.to_str().unwrap(),
-        "--ratelimit",
-        "0s",
-    ];
-    let s = ServerProcess::start(&storage, &args);
+    let setup = ServerProcess::setup(&dir).key(KEY).storage(&storage);
+    let s = setup.start();
     let a = s.upload_token("wild", "a");
     let b = s.upload_token("wild", "b");
     let c = s.upload_token("wild", "c");
@@ -215,7 +206,7 @@ fn full_or_read_only_storage_gets_503_keeps_data_and_recovers() {
 
     // A restart on the same directory finds everything intact.
     drop(s);
-    let s = ServerProcess::start(&storage, &args);
+    let s = setup.start();
     assert_eq!(cluster_lines(&s, "a"), stored_a);
     assert_eq!(cluster_lines(&s, "b").len(), 4);
     assert_eq!(cluster_lines(&s, "c").len(), 3);

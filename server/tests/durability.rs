@@ -7,26 +7,16 @@ use common::*;
 #[test]
 fn uploads_survive_sigkill_and_restart() {
     let dir = TempDir::new("durable");
-    let tokens = dir.file("tokens", TOKENS);
-    let key = dir.file("key", "a shared key of at least thirty-two bytes........");
-    let storage = dir.path().join("data");
-    let args = [
-        "--tokens-file",
-        tokens.to_str().unwrap(),
-        "--shared-key",
-        key.to_str().unwrap(),
-        "--ratelimit",
-        "0s",
-    ];
+    let setup = ServerProcess::setup(&dir).key("a shared key of at least thirty-two bytes........");
 
-    let mut first = ServerProcess::start(&storage, &args);
+    let mut first = setup.start();
     let token = first.upload_token("secret", "test");
     let r = first.upload(&token, &families(Some("test"), 20, now_ms()));
     assert_eq!(r.status, 200, "{}", r.body);
     // 200 means durable: no graceful shutdown gets a chance to flush anything.
     first.signal_and_wait(Signal::Kill);
 
-    let second = ServerProcess::start(&storage, &args);
+    let second = setup.start();
     let text = second.federate();
     let lines = series_lines(&text);
     assert_eq!(lines.len(), 21, "{text}");
@@ -68,9 +58,9 @@ fn cluster_file(storage: &std::path::Path, id: &str) -> std::path::PathBuf {
 #[test]
 fn restart_removes_temp_files_and_sets_corrupt_files_aside() {
     let dir = TempDir::new("recovery");
-    let storage = dir.path().join("data");
-    let args = ["--insecure-accept-any-token", "--ratelimit", "0s"];
-    let mut first = ServerProcess::start(&storage, &args);
+    let setup = ServerProcess::setup(&dir).any_token();
+    let storage = setup.storage_path();
+    let mut first = setup.start();
     for id in ["good", "damaged"] {
         let token = first.upload_token("any", id);
         let r = first.upload(&token, &families(Some(id), 5, now_ms()));
@@ -80,14 +70,14 @@ fn restart_removes_temp_files_and_sets_corrupt_files_aside() {
     assert!(first.signal_and_wait(Signal::Term).success());
 
     // A bit flipped in the payload of one file, and a checkpoint cut short by a crash.
-    let damaged = cluster_file(&storage, "damaged");
+    let damaged = cluster_file(storage, "damaged");
     let mut bytes = std::fs::read(&damaged).unwrap();
     *bytes.last_mut().unwrap() ^= 0x01;
     std::fs::write(&damaged, bytes).unwrap();
     let temp = storage.join(".tmp-999");
     std::fs::write(&temp, b"half a checkpoint").unwrap();
 
-    let second = ServerProcess::start(&storage, &args);
+    let second = setup.start();
     let text = second.federate();
     let lines = series_lines(&text);
     assert_eq!(lines.len(), 6, "{text}");
@@ -119,15 +109,11 @@ fn restart_removes_temp_files_and_sets_corrupt_files_aside() {
 #[test]
 fn clusters_not_pushed_for_the_ttl_are_no_longer_served_and_their_files_go() {
     let dir = TempDir::new("ttl");
-    let storage = dir.path().join("data");
-    let args = [
-        "--insecure-accept-any-token",
-        "--ratelimit",
-        "0s",
-        "--ttl",
-        "2s",
-    ];
-    let mut s = ServerProcess::start(&storage, &args);
+    let setup = ServerProcess::setup(&dir)
+        .any_token()
+        .args(&["--ttl", "2s"]);
+    let storage = setup.storage_path();
+    let mut s = setup.start();
     let token = s.upload_token("any", "fleeting");
     let r = s.upload(&token, &families(Some("fleeting"), 3, now_ms()));
     assert_eq!(r.status, 200, "{}", r.body);
@@ -149,13 +135,13 @@ fn clusters_not_pushed_for_the_ttl_are_no_longer_served_and_their_files_go() {
     }
     // Gone from disk too, also after a restart (the removal is durable).
     assert!(s.signal_and_wait(Signal::Term).success());
-    let files: Vec<_> = std::fs::read_dir(&storage)
+    let files: Vec<_> = std::fs::read_dir(storage)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter(|n| n.len() == 64 || n.starts_with("journal-"))
         .collect();
     assert!(files.is_empty(), "left on disk: {files:?}");
-    let again = ServerProcess::start(&storage, &args);
+    let again = setup.start();
     assert!(series_lines(&again.federate()).is_empty());
 }
 
@@ -165,15 +151,10 @@ fn clusters_not_pushed_for_the_ttl_are_no_longer_served_and_their_files_go() {
 #[test]
 fn the_ttl_counts_from_the_newest_sample() {
     let dir = TempDir::new("ttl-samples");
-    let storage = dir.path().join("data");
-    let args = [
-        "--insecure-accept-any-token",
-        "--ratelimit",
-        "0s",
-        "--ttl",
-        "10m",
-    ];
-    let mut s = ServerProcess::start(&storage, &args);
+    let setup = ServerProcess::setup(&dir)
+        .any_token()
+        .args(&["--ttl", "10m"]);
+    let mut s = setup.start();
     let late = s.upload_token("any", "late");
     let r = s.upload(&late, &families(Some("late"), 3, now_ms() - 20 * 60_000));
     assert_eq!(r.status, 200, "{}", r.body);
@@ -193,20 +174,15 @@ fn the_ttl_counts_from_the_newest_sample() {
     assert_eq!(served(&s), (false, 4));
     // Also once reopened from its files (the newest sample is in their headers).
     assert!(s.signal_and_wait(Signal::Term).success());
-    let s = ServerProcess::start(&storage, &args);
+    let s = setup.start();
     assert_eq!(served(&s), (false, 4));
     drop(s);
 
     let dir = TempDir::new("ttl-samples-short");
-    let storage = dir.path().join("data");
-    let args = [
-        "--insecure-accept-any-token",
-        "--ratelimit",
-        "0s",
-        "--ttl",
-        "12s",
-    ];
-    let s = ServerProcess::start(&storage, &args);
+    let setup = ServerProcess::setup(&dir)
+        .any_token()
+        .args(&["--ttl", "12s"]);
+    let s = setup.start();
     let token = s.upload_token("any", "aging");
     let pushed = std::time::Instant::now();
     let r = s.upload(&token, &families(Some("aging"), 3, now_ms() - 6_000));

@@ -6,16 +6,12 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 use telemeter_common::model::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
-
-const PROMETHEUS: &str = "/usr/bin/prometheus";
-const PROMTOOL: &str = "/usr/bin/promtool";
 
 /// [`families`] plus a histogram, so a family with suffixed lines is merged too.
 fn with_histogram(id: &str, n: usize) -> Vec<MetricFamily> {
@@ -45,52 +41,13 @@ fn with_histogram(id: &str, n: usize) -> Vec<MetricFamily> {
 
 /// A server holding clusters `a` (4 series), `b` (2) and `c` (3), all with the same family names.
 fn three_clusters(dir: &TempDir) -> ServerProcess {
-    let tokens = dir.file("tokens", TOKENS);
-    let s = ServerProcess::start(
-        &dir.path().join("data"),
-        &[
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--ratelimit",
-            "0s",
-        ],
-    );
+    let s = ServerProcess::setup(dir).start();
     for (id, n) in [("a", 4), ("b", 2), ("c", 3)] {
         let token = s.upload_token("wild", id);
         let r = s.upload(&token, &with_histogram(id, n));
         assert_eq!(r.status, 200, "{}", r.body);
     }
     s
-}
-
-fn promtool_check(body: &str) -> Result<(), String> {
-    assert!(
-        std::path::Path::new(PROMTOOL).exists(),
-        "{PROMTOOL} is not installed: run `make setup` (Debian package prometheus)"
-    );
-    let mut promtool = Command::new(PROMTOOL)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
 }
 
 #[test]
@@ -194,14 +151,15 @@ fn match_selects_series() {
 }
 
 /// A loopback proxy in front of `upstream` that drops the request's `Accept-Encoding`, for a
-/// Prometheus that always asks for gzip; counts the responses it saw with `Content-Encoding`.
-fn plain_proxy(upstream: std::net::SocketAddr, encoded: Arc<AtomicUsize>) -> u16 {
+/// Prometheus that always asks for gzip; keeps the head of every response it passed on,
+/// lowercased, in `heads`.
+fn plain_proxy(upstream: std::net::SocketAddr, heads: Arc<Mutex<Vec<String>>>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for client in listener.incoming() {
             let Ok(mut client) = client else { return };
-            let encoded = encoded.clone();
+            let heads = heads.clone();
             std::thread::spawn(move || {
                 let _ = client.set_read_timeout(Some(Duration::from_secs(10)));
                 let mut head = Vec::new();
@@ -234,9 +192,10 @@ fn plain_proxy(upstream: std::net::SocketAddr, encoded: Arc<AtomicUsize>) -> u16
                 let _ = server.read_to_end(&mut response);
                 let text = String::from_utf8_lossy(&response).to_ascii_lowercase();
                 if let Some(end) = text.find("\r\n\r\n") {
-                    if text[..end].contains("content-encoding: gzip") {
-                        encoded.fetch_add(1, Ordering::Relaxed);
-                    }
+                    heads
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(text[..end].to_string());
                 }
                 let _ = client.write_all(&response);
             });
@@ -245,16 +204,8 @@ fn plain_proxy(upstream: std::net::SocketAddr, encoded: Arc<AtomicUsize>) -> u16
     port
 }
 
-#[test]
-fn prometheus_gets_the_same_series_with_gzip_as_without_and_match_splits() {
-    assert!(
-        std::path::Path::new(PROMETHEUS).exists(),
-        "{PROMETHEUS} is not installed: run `make setup` (Debian package prometheus)"
-    );
-    let dir = TempDir::new("federate-gzip");
-    let s = three_clusters(&dir);
-
-    // What Prometheus asks for, compressed: gzip, and the same body once decompressed.
+/// `/federate` as Prometheus asks for it, compressed (and that it was), decompressed by curl.
+fn federate_gzip(s: &ServerProcess) -> String {
     let gz = Command::new("curl")
         .args([
             "-sS",
@@ -264,55 +215,44 @@ fn prometheus_gets_the_same_series_with_gzip_as_without_and_match_splits() {
             &s.url_internal("/federate"),
         ])
         .output()
-        .unwrap();
+        .expect("run curl");
     let gz = String::from_utf8_lossy(&gz.stdout).to_string();
     assert!(
         gz.to_ascii_lowercase().contains("content-encoding: gzip"),
         "{gz}"
     );
-    let plain = s.federate();
-    let gz_body = gz.split("\r\n\r\n").nth(1).unwrap_or("");
-    assert_eq!(series_lines(gz_body), series_lines(&plain));
+    gz.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
+}
 
-    let encoded = Arc::new(AtomicUsize::new(0));
-    let proxy = plain_proxy(s.internal, encoded.clone());
-    let config = dir.file(
-        "prometheus.yml",
-        &format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: gzip\n    honor_labels: true\n    metrics_path: /federate\n    static_configs:\n      - targets: ['{}']\n  - job_name: plain\n    honor_labels: true\n    metrics_path: /federate\n    static_configs:\n      - targets: ['127.0.0.1:{proxy}']\n  - job_name: split\n    honor_labels: true\n    metrics_path: /federate\n    params:\n      'match[]': ['{{_id=\"b\"}}']\n    static_configs:\n      - targets: ['localhost:{}']\n",
-            s.internal,
-            s.internal.port()
+#[test]
+fn prometheus_gets_the_same_series_with_gzip_as_without_and_match_splits() {
+    need(PROMETHEUS);
+    let dir = TempDir::new("federate-gzip");
+    let s = three_clusters(&dir);
+
+    // What Prometheus asks for, compressed: gzip, and the same body once decompressed.
+    let gz_body = federate_gzip(&s);
+    let plain = s.federate();
+    assert_eq!(series_lines(&gz_body), series_lines(&plain));
+
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let proxy = plain_proxy(s.internal, heads.clone());
+    let jobs = [
+        federate_job("gzip", &s.internal.to_string(), None),
+        federate_job("plain", &format!("127.0.0.1:{proxy}"), None),
+        federate_job(
+            "split",
+            &format!("localhost:{}", s.internal.port()),
+            Some("{_id=\"b\"}"),
         ),
-    );
-    let port = free_port();
-    let _prom = testkit::Guard(
-        Command::new(PROMETHEUS)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("prom").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus"),
-    );
+    ];
+    let prom = Prometheus::scraping(&dir, &jobs.concat());
     // By instance: with honor_labels, the pushed `up` keeps its own job label.
     let gzip_target = s.internal.to_string();
     let plain_target = format!("127.0.0.1:{proxy}");
     let series = |instance: &str| -> Option<Vec<String>> {
-        let query = telemeter_common::http::percent_encode(&format!(
-            "{{instance=\"{instance}\",_id!=\"\"}}"
-        ));
-        let r = get(
-            &format!("http://127.0.0.1:{port}/api/v1/query?query={query}"),
-            &[],
-        );
-        let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
-        let mut out: Vec<String> = v["data"]["result"]
-            .as_array()?
+        let mut out: Vec<String> = prom
+            .query(&format!("{{instance=\"{instance}\",_id!=\"\"}}"))?
             .iter()
             .map(|r| {
                 let mut metric = r["metric"].as_object().cloned().unwrap_or_default();
@@ -346,10 +286,11 @@ fn prometheus_gets_the_same_series_with_gzip_as_without_and_match_splits() {
     });
     // The values are the same too, but for the last push time (the same pushes: equal).
     assert_eq!(gzip, plain);
-    assert_eq!(
-        encoded.load(Ordering::Relaxed),
-        0,
-        "the proxy passed gzip on"
+    let heads = heads.lock().unwrap().clone();
+    assert!(!heads.is_empty());
+    assert!(
+        heads.iter().all(|h| !h.contains("content-encoding: gzip")),
+        "the proxy passed gzip on: {heads:?}"
     );
 
     // A scrape job with match[] (as a central Prometheus splits the fleet) gets cluster b only:
@@ -367,5 +308,274 @@ fn prometheus_gets_the_same_series_with_gzip_as_without_and_match_splits() {
     assert!(
         split.iter().all(|s| s.contains("\"_id\": String(\"b\")")),
         "{split:?}"
+    );
+}
+
+/// Three tenants whose family names collide across clusters in every way a text exposition
+/// cares about: `a` has a histogram `h`, a summary `s`, a counter `x_total` and a gauge `y`;
+/// `b` has an untyped `h_bucket`, gauges `h_count` and `s_sum` (named like a's lines), a gauge
+/// `x_total` (another type), a gauge `y` with another help text, and a gauge `g`; `c` a gauge
+/// `normal`. Uploaded as text, the way a tenant writes them.
+fn colliding_tenants(dir: &TempDir) -> ServerProcess {
+    let s = ServerProcess::setup(dir).start();
+    let uploads = [
+        (
+            "a",
+            "# HELP h A histogram.\n# TYPE h histogram\nh_bucket{le=\"0.5\"} 1 T\n\
+             h_bucket{le=\"+Inf\"} 2 T\nh_sum 1.5 T\nh_count 2 T\n\
+             # HELP s A summary.\n# TYPE s summary\ns{quantile=\"0.5\"} 1 T\ns_sum 3 T\n\
+             s_count 2 T\n# HELP x_total A counter.\n# TYPE x_total counter\nx_total 5 T\n\
+             # HELP y Help one.\n# TYPE y gauge\ny 1 T\n",
+        ),
+        (
+            "b",
+            "# HELP g A gauge.\n# TYPE g gauge\ng 7 T\n\
+             # HELP h_bucket Like h's buckets.\n# TYPE h_bucket untyped\nh_bucket 3 T\n\
+             # HELP h_count Like h's count.\n# TYPE h_count gauge\nh_count 3 T\n\
+             # HELP s_sum Like s's sum.\n# TYPE s_sum gauge\ns_sum 7 T\n\
+             # HELP x_total Another type.\n# TYPE x_total gauge\nx_total 2 T\n\
+             # HELP y Help two.\n# TYPE y gauge\ny 2 T\n",
+        ),
+        (
+            "c",
+            "# HELP normal A bystander.\n# TYPE normal gauge\nnormal 1 T\n",
+        ),
+    ];
+    for (id, text) in uploads {
+        let token = s.upload_token("wild", id);
+        let body = text.replace(" T\n", &format!(" {}\n", now_ms()));
+        let r = upload_as(&s, &token, TEXT, body.as_bytes());
+        assert_eq!(r.status, 200, "{id}: {}", r.body);
+    }
+    s
+}
+
+/// The series a central Prometheus must get from [`colliding_tenants`] (the last push but
+/// for), as `name{_id}`: a's histogram and summary lines, `x_total` of the first cluster, both
+/// `y`, and the families that collide with nothing.
+const NOT_COLLIDING: [&str; 12] = [
+    "g{b}",
+    "h_bucket{a}",
+    "h_bucket{a}",
+    "h_count{a}",
+    "h_sum{a}",
+    "normal{c}",
+    "s_count{a}",
+    "s_sum{a}",
+    "s{a}",
+    "x_total{a}",
+    "y{a}",
+    "y{b}",
+];
+
+/// `name{_id}` of every series line of a text body (the last push but for), sorted.
+fn text_series(body: &str) -> Vec<String> {
+    let mut out: Vec<String> = series_lines(body)
+        .iter()
+        .map(|line| {
+            let name = line.split(['{', ' ']).next().unwrap_or("");
+            let id = line
+                .split("_id=\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or("");
+            format!("{name}{{{id}}}")
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// `name{_id}` of the series `prom` scraped in `job` (the last push but for), once it has
+/// `want` of them (bounded wait); what it had last otherwise.
+fn scraped(prom: &Prometheus, job: &str, want: usize) -> Result<Vec<String>, String> {
+    let series = || {
+        let selector = format!(
+            "{{job=\"{job}\",_id!=\"\",__name__!=\"telemeter_last_push_timestamp_seconds\"}}"
+        );
+        let mut out: Vec<String> = prom
+            .query(&selector)?
+            .iter()
+            .map(|r| {
+                let label = |name: &str| r["metric"][name].as_str().unwrap_or("").to_string();
+                format!("{}{{{}}}", label("__name__"), label("_id"))
+            })
+            .collect();
+        out.sort();
+        Some(out)
+    };
+    testkit::wait_for(Duration::from_secs(60), || {
+        series().filter(|s| s.len() == want)
+    })
+    .ok_or_else(|| format!("{job}: never {want} series; last {:?}", series()))
+}
+
+/// The first round's lesson, across tenants: a family named like another cluster's histogram or
+/// summary lines (an untyped `h_bucket` beside a histogram `h`) made a second TYPE for `h`'s
+/// lines, and Go's parser (promtool, an upstream client, anything on `expfmt`) refused the whole
+/// `/federate` text. Such a family is left out, counted and warned about; the same name with
+/// another type, and another help text, keep the text parseable too. Checked with promtool (plain
+/// and gzip, all of it and each kind of collision alone), with a real Prometheus scraping text
+/// (gzip) in a job per kind, and with one scraping protobuf (gzip, and plain through a proxy
+/// that shows the format), which must all get the same series.
+#[test]
+fn a_tenant_naming_a_family_like_anothers_lines_or_types_cannot_break_the_federate_text() {
+    let dir = TempDir::new("federate-collide");
+    let s = colliding_tenants(&dir);
+    let enc = telemeter_common::http::percent_encode;
+
+    // promtool: the whole text, plain and gzip (curl decompresses), then each kind alone.
+    let plain = s.federate();
+    promtool_check(&plain).unwrap_or_else(|e| panic!("promtool: {e}\n{plain}"));
+    assert_eq!(text_series(&plain), NOT_COLLIDING, "{plain}");
+    let gz_body = federate_gzip(&s);
+    promtool_check(&gz_body).unwrap_or_else(|e| panic!("promtool (gzip): {e}\n{gz_body}"));
+    assert_eq!(text_series(&gz_body), NOT_COLLIDING);
+    // Each kind of collision alone: (match[], the series served).
+    let kinds: [(&str, &[&str]); 3] = [
+        (
+            "{__name__=~\"h|s|g|normal|h_.+|s_.+\"}",
+            &NOT_COLLIDING[..9],
+        ),
+        ("{__name__=\"x_total\"}", &["x_total{a}"]),
+        ("{__name__=\"y\"}", &["y{a}", "y{b}"]),
+    ];
+    for (selector, want) in kinds {
+        let r = get(
+            &s.url_internal(&format!("/federate?match[]={}", enc(selector))),
+            &[],
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        promtool_check(&r.body).unwrap_or_else(|e| panic!("promtool {selector}: {e}\n{}", r.body));
+        assert_eq!(text_series(&r.body), want, "{selector}: {}", r.body);
+    }
+    // The help of the first cluster, once.
+    assert_eq!(plain.matches("# HELP y ").count(), 1, "{plain}");
+    assert!(plain.contains("# HELP y Help one.\n"), "{plain}");
+
+    // Protobuf: the same series (a collision is no parse problem there; the series served do
+    // not depend on the format).
+    let r = get(
+        &s.url_internal("/federate"),
+        &[("Accept", telemeter_common::media::PROTO_DELIMITED)],
+    );
+    assert_eq!(r.status, 200);
+    let families =
+        telemeter_common::delimited::decode(&r.bytes, &Default::default()).expect("protobuf");
+    let mut pb_series: Vec<String> = Vec::new();
+    for family in &families {
+        let name = family.name.clone().unwrap_or_default();
+        if name == "telemeter_last_push_timestamp_seconds" {
+            continue;
+        }
+        for metric in &family.metric {
+            let id = metric
+                .label
+                .iter()
+                .find(|l| l.name.as_deref() == Some("_id"))
+                .and_then(|l| l.value.clone())
+                .unwrap_or_default();
+            pb_series.push(format!("{name}{{{id}}}"));
+        }
+    }
+    pb_series.sort();
+    // A histogram or summary is one series in protobuf, its lines in text.
+    assert_eq!(
+        pb_series,
+        [
+            "g{b}",
+            "h{a}",
+            "normal{c}",
+            "s{a}",
+            "x_total{a}",
+            "y{a}",
+            "y{b}"
+        ]
+    );
+
+    // The real Prometheus: text (with gzip, as it always asks), a job per kind of collision.
+    let target = s.internal.to_string();
+    let text_jobs = [
+        federate_job("all", &target, None),
+        federate_job("lines", &target, Some(kinds[0].0)),
+        federate_job("types", &target, Some(kinds[1].0)),
+        federate_job("help", &target, Some(kinds[2].0)),
+    ];
+    let text_prom = Prometheus::scraping(&dir, &text_jobs.concat());
+    // Protobuf: Prometheus 2.42 asks for it first only with native histograms enabled. One job
+    // straight (gzip), one through a proxy that drops Accept-Encoding and shows the format.
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let proxy = plain_proxy(s.internal, heads.clone());
+    let pb_jobs = [
+        federate_job("pb_gzip", &target, None),
+        federate_job("pb_plain", &format!("127.0.0.1:{proxy}"), None),
+    ];
+    let pb_prom = Prometheus::start(
+        &dir,
+        "prometheus-pb",
+        &format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n{}",
+            pb_jobs.concat()
+        ),
+        free_port(),
+        &["--enable-feature=native-histograms"],
+    );
+
+    let checks: [(&Prometheus, &str, &[&str]); 6] = [
+        (&text_prom, "all", &NOT_COLLIDING),
+        (&text_prom, "lines", &NOT_COLLIDING[..9]),
+        (&text_prom, "types", &["x_total{a}"]),
+        (&text_prom, "help", &["y{a}", "y{b}"]),
+        (&pb_prom, "pb_gzip", &NOT_COLLIDING),
+        (&pb_prom, "pb_plain", &NOT_COLLIDING),
+    ];
+    for (prom, job, want) in checks {
+        let series = scraped(prom, job, want.len()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(series, want, "{job}");
+        let health = prom.target(job);
+        assert_eq!(
+            health,
+            Some(("up".to_string(), String::new())),
+            "{job}: {health:?}"
+        );
+        assert_eq!(
+            prom.query_one(&format!("up{{job=\"{job}\"}}")).as_deref(),
+            Some("1"),
+            "{job}"
+        );
+    }
+    // Absent by name: b's families named like a's lines, and b's x_total of another type.
+    for name in ["h_bucket", "h_count", "s_sum", "x_total"] {
+        for prom in [&text_prom, &pb_prom] {
+            assert_eq!(
+                prom.query(&format!("{name}{{_id=\"b\"}}")),
+                Some(vec![]),
+                "{name} of b"
+            );
+        }
+    }
+    let heads = heads.lock().unwrap().clone();
+    assert!(!heads.is_empty());
+    assert!(
+        heads.iter().all(
+            |h| h.contains("content-type: application/vnd.google.protobuf")
+                && !h.contains("content-encoding")
+        ),
+        "{heads:?}"
+    );
+
+    // Counted by reason, and warned about once per scrape.
+    let metrics = get(&s.url_internal("/metrics"), &[]).body;
+    let skipped = |reason: &str| federate_skipped(&metrics, reason);
+    // At least the 3 of the first promtool scrape; every scrape since added as many.
+    assert!(skipped("name_collision") >= 3.0, "{metrics}");
+    assert_eq!(skipped("name_collision") % 3.0, 0.0, "{metrics}");
+    assert!(skipped("type_conflict") >= 1.0, "{metrics}");
+    let logs = s.logs.lock().unwrap();
+    assert!(
+        logs.iter().any(|l| l.contains("WARN")
+            && l.contains("left out 3 series of families named like")
+            && l.contains("\"h_bucket\", beside \"h\"")),
+        "{logs:?}"
     );
 }

@@ -1039,24 +1039,11 @@ fn import(c: &Ctx, bundle: Vec<u8>) -> Reply {
 }
 
 fn start(dir: &TempDir) -> ServerProcess {
-    let tokens = dir.file("tokens", TOKENS);
-    let key = dir.file("key", KEY);
     let max_upload = MAX_UPLOAD.to_string();
-    ServerProcess::start(
-        &dir.path().join("data"),
-        &[
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--shared-key",
-            key.to_str().unwrap(),
-            "--ratelimit",
-            "0s",
-            "--max-upload-bytes",
-            &max_upload,
-            "--body-timeout",
-            "2s",
-        ],
-    )
+    ServerProcess::setup(dir)
+        .key(KEY)
+        .args(&["--max-upload-bytes", &max_upload, "--body-timeout", "2s"])
+        .start()
 }
 
 #[test]
@@ -1203,23 +1190,10 @@ fn wait_dropped(s: &ServerProcess, reason: &str, want: f64) -> f64 {
 #[test]
 fn hostile_cluster_traffic_is_dropped_counted_or_refused() {
     let dir = TempDir::new("hostile-cluster");
-    let tokens = dir.file("tokens", TOKENS);
-    let key_file = dir.file("key", KEY);
-    let udp_port = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let cluster_addr = format!("127.0.0.1:{udp_port}");
-    let s = ServerProcess::start(
-        &dir.path().join("data"),
-        &[
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--shared-key",
-            key_file.to_str().unwrap(),
-            "--ratelimit",
-            "0s",
+    let cluster_addr = format!("127.0.0.1:{}", free_udp_port());
+    let s = ServerProcess::setup(&dir)
+        .key(KEY)
+        .args(&[
             "--name",
             "solo",
             "--listen-cluster",
@@ -1228,8 +1202,8 @@ fn hostile_cluster_traffic_is_dropped_counted_or_refused() {
             "200ms",
             "--peer-timeout",
             "1s",
-        ],
-    );
+        ])
+        .start();
     let bystander = s.upload_token("wild", "bystander");
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     let shared = SharedKey::from_bytes(KEY.as_bytes()).unwrap();

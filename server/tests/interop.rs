@@ -19,10 +19,7 @@ use telemeter_common::snappy;
 
 /// A server accepting any client token, without a rate limit (every test pushes once per cluster).
 fn start(dir: &TempDir) -> ServerProcess {
-    ServerProcess::start(
-        &dir.path().join("data"),
-        &["--insecure-accept-any-token", "--ratelimit", "0s"],
-    )
+    ServerProcess::setup(dir).any_token().start()
 }
 
 /// Runs `command`, failing the test with `setup` advice when the program is not installed.

@@ -201,17 +201,9 @@ fn kinds() -> Vec<Kind> {
 #[ignore = "heavy: run by make test-memory against the release binary"]
 fn concurrent_worst_case_uploads_stay_under_the_documented_memory_bound() {
     let dir = TempDir::new("memory");
-    let tokens = dir.file("tokens", TOKENS);
-    let storage = dir.path().join("store");
-    let server = ServerProcess::start(
-        &storage,
-        &[
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--ratelimit",
-            "0s",
-        ],
-    );
+    let server = ServerProcess::setup(&dir)
+        .storage(&dir.path().join("store"))
+        .start();
     let pid = server.child.id();
     let token = server.upload_token("wild", CLUSTER);
     let url = server.url("/upload");

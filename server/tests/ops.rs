@@ -4,7 +4,7 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -12,16 +12,7 @@ use common::*;
 #[test]
 fn metrics_health_and_sigterm() {
     let dir = TempDir::new("ops");
-    let tokens = dir.file("tokens", TOKENS);
-    let mut s = ServerProcess::start(
-        &dir.path().join("data"),
-        &[
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--ratelimit",
-            "0s",
-        ],
-    );
+    let mut s = ServerProcess::setup(&dir).start();
     let token = s.upload_token("secret", "test");
     assert_eq!(s.upload(&token, &families(None, 3, now_ms())).status, 200);
     assert_eq!(s.upload("bad", &families(None, 3, now_ms())).status, 401);
@@ -63,31 +54,9 @@ fn metrics_health_and_sigterm() {
     ] {
         assert!(r.body.contains(name), "missing {name}:\n{}", r.body);
     }
-    assert!(
-        std::path::Path::new("/usr/bin/promtool").exists(),
-        "/usr/bin/promtool is not installed: run `make setup` (Debian package prometheus)"
-    );
-    let mut promtool = Command::new("/usr/bin/promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(r.body.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool: {}{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        r.body
-    );
+    if let Err(e) = promtool_check(&r.body) {
+        panic!("promtool: {e}\n{}", r.body);
+    }
 
     let status = s.signal_and_wait(Signal::Term);
     assert_eq!(status.code(), Some(0));
@@ -126,16 +95,7 @@ fn version_prints_version_and_revision() {
 #[test]
 fn slow_clients_do_not_block_uploads() {
     let dir = TempDir::new("slow");
-    let tokens = dir.file("tokens", TOKENS);
-    let s = ServerProcess::start(
-        &dir.path().join("data"),
-        &[
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--ratelimit",
-            "0s",
-        ],
-    );
+    let s = ServerProcess::setup(&dir).start();
     let token = s.upload_token("secret", "test");
     let mut slow = Vec::new();
     for _ in 0..200 {
@@ -170,18 +130,10 @@ fn sigint_stops_cleanly_and_sighup_does_not() {
 #[test]
 fn refusals_are_counted_and_logged_with_the_peer() {
     let dir = TempDir::new("ops-refusals");
-    let tokens = dir.file("tokens", TOKENS);
-    let s = ServerProcess::start(
-        &dir.path().join("data"),
-        &[
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--ratelimit",
-            "1h",
-            "--max-upload-bytes",
-            "2000",
-        ],
-    );
+    let s = ServerProcess::setup(&dir)
+        .ratelimit(Some("1h"))
+        .args(&["--max-upload-bytes", "2000"])
+        .start();
     let logged = |needle: &str| {
         wait_until(Duration::from_secs(10), || {
             s.logs

@@ -3,31 +3,17 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-
-const PROMETHEUS: &str = "/usr/bin/prometheus";
 
 use testkit::Guard as Killed;
 
 #[test]
 fn prometheus_scrapes_federate() {
-    assert!(
-        std::path::Path::new(PROMETHEUS).exists(),
-        "{PROMETHEUS} is not installed: run `make setup` (Debian package prometheus)"
-    );
+    need(PROMETHEUS);
     let dir = TempDir::new("prom");
-    let tokens = dir.file("tokens", TOKENS);
-    let s = ServerProcess::start(
-        &dir.path().join("data"),
-        &[
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--ratelimit",
-            "0s",
-        ],
-    );
+    let s = ServerProcess::setup(&dir).start();
     let token = s.upload_token("secret", "test");
     let r = s.upload(&token, &families(Some("test"), 25, now_ms()));
     assert_eq!(r.status, 200, "{}", r.body);
@@ -37,120 +23,26 @@ fn prometheus_scrapes_federate() {
     let r = s.upload(&other, &families(None, 5, now_ms()));
     assert_eq!(r.status, 200, "{}", r.body);
 
-    let config = dir.file(
-        "prometheus.yml",
-        &format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: telemeter\n    honor_labels: true\n    metrics_path: /federate\n    static_configs:\n      - targets: ['{}']\n",
-            s.internal
-        ),
+    let prom = Prometheus::scraping(
+        &dir,
+        &federate_job("telemeter", &s.internal.to_string(), None),
     );
-    let port = free_port();
-    let prom = Killed(
-        Command::new(PROMETHEUS)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("prom").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus"),
-    );
-
-    let count = |selector: &str| -> Option<String> {
-        let query = format!(
-            "http://127.0.0.1:{port}/api/v1/query?query={}",
-            telemeter_common::http::percent_encode(&format!("count({selector})"))
-        );
-        let r = get(&query, &[]);
-        let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
-        v["data"]["result"][0]["value"][1]
-            .as_str()
-            .map(String::from)
-    };
+    let count = |selector: &str| prom.query_one(&format!("count({selector})"));
     // Pushed series only: /federate adds each cluster's last push time beside them.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let last = count("{_id=\"test\",__name__!=\"telemeter_last_push_timestamp_seconds\"}");
-        if last.as_deref() == Some("26") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "Prometheus never counted 26 series with _id=\"test\"; last answer: {last:?}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let mut last = None;
+    let counted = wait_until(Duration::from_secs(30), || {
+        last = count("{_id=\"test\",__name__!=\"telemeter_last_push_timestamp_seconds\"}");
+        last.as_deref() == Some("26")
+    });
+    assert!(
+        counted,
+        "Prometheus never counted 26 series with _id=\"test\"; last answer: {last:?}"
+    );
     assert_eq!(
         count("{_id=\"other\",__name__!=\"telemeter_last_push_timestamp_seconds\"}").as_deref(),
         Some("6")
     );
     assert_eq!(count("up{job=\"prometheus\"}").as_deref(), Some("2"));
-    drop(prom);
-}
-
-/// Starts the real Prometheus with `scrape_configs` (YAML, indented as a list under the key),
-/// scraping every second; its port.
-fn start_prometheus(dir: &TempDir, scrape_configs: &str) -> (Killed, u16) {
-    assert!(
-        std::path::Path::new(PROMETHEUS).exists(),
-        "{PROMETHEUS} is not installed: run `make setup` (Debian package prometheus)"
-    );
-    let config = dir.file(
-        "prometheus.yml",
-        &format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{scrape_configs}"
-        ),
-    );
-    let port = free_port();
-    let prom = Killed(
-        Command::new(PROMETHEUS)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("prom").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus"),
-    );
-    (prom, port)
-}
-
-/// The value of the instant `query` on the Prometheus at `port`, when it has one result.
-fn query_one(port: u16, query: &str) -> Option<String> {
-    let url = format!(
-        "http://127.0.0.1:{port}/api/v1/query?query={}",
-        telemeter_common::http::percent_encode(query)
-    );
-    let v: serde_json::Value = serde_json::from_str(&get(&url, &[]).body).ok()?;
-    let result = v["data"]["result"].as_array()?;
-    if result.len() != 1 {
-        return None;
-    }
-    result[0]["value"][1].as_str().map(String::from)
-}
-
-/// The `lastError` of the scrape target of `job`, once it has been scraped (health not unknown).
-fn last_scrape(port: u16, job: &str) -> Option<(String, String)> {
-    let r = get(&format!("http://127.0.0.1:{port}/api/v1/targets"), &[]);
-    let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
-    v["data"]["activeTargets"]
-        .as_array()?
-        .iter()
-        .find(|t| t["labels"]["job"] == job && t["health"] != "unknown")
-        .map(|t| {
-            (
-                t["health"].as_str().unwrap_or("").to_string(),
-                t["lastError"].as_str().unwrap_or("").to_string(),
-            )
-        })
 }
 
 /// Waits (bounded) until `check` gives `Some`; its value.
@@ -231,16 +123,7 @@ fn a_hostile_tenant_cannot_blind_the_central_prometheus() {
     store.close();
     drop(store);
 
-    let tokens = dir.file("tokens", TOKENS);
-    let s = ServerProcess::start(
-        &data,
-        &[
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--ratelimit",
-            "0s",
-        ],
-    );
+    let s = ServerProcess::setup(&dir).storage(&data).start();
     let bystander = s.upload_token("wild", "bystander");
     let r = s.upload(&bystander, &families(Some("bystander"), 5, now_ms()));
     assert_eq!(r.status, 200, "{}", r.body);
@@ -276,65 +159,52 @@ fn a_hostile_tenant_cannot_blind_the_central_prometheus() {
             .spawn()
             .expect("start python3 -m http.server"),
     );
-    let (_prom, port) = start_prometheus(
+    let prom = Prometheus::scraping(
         &dir,
         &format!(
-            "  - job_name: telemeter\n    honor_labels: true\n    metrics_path: /federate\n    static_configs:\n      - targets: ['{}']\n  - job_name: control\n    metrics_path: /metrics.txt\n    static_configs:\n      - targets: ['127.0.0.1:{control_port}']\n",
-            s.internal
+            "{}  - job_name: control\n    metrics_path: /metrics.txt\n    static_configs:\n      - targets: ['127.0.0.1:{control_port}']\n",
+            federate_job("telemeter", &s.internal.to_string(), None)
         ),
     );
 
     wait_for("the bystander's 6 series in Prometheus", || {
-        query_one(
-            port,
+        prom.query_one(
             "count({_id=\"bystander\",__name__!=\"telemeter_last_push_timestamp_seconds\"})",
         )
         .filter(|n| n == "6")
     });
     assert_eq!(
-        query_one(port, "up{job=\"telemeter\"}").as_deref(),
+        prom.query_one("up{job=\"telemeter\"}").as_deref(),
         Some("1")
     );
     let (health, error) = wait_for("a scrape of the telemeter target", || {
-        last_scrape(port, "telemeter")
+        prom.target("telemeter")
     });
     assert_eq!((health.as_str(), error.as_str()), ("up", ""));
     // The planted cluster: its servable series are there, the others are not.
     assert_eq!(
-        query_one(
-            port,
+        prom.query_one(
             "count({_id=\"legacy\",__name__!=\"telemeter_last_push_timestamp_seconds\"})"
         )
         .as_deref(),
         Some("5"),
         "legacy_gauge{{ok}} and legacy_seconds{{ok}}: 2 buckets, sum and count"
     );
-    assert_eq!(query_one(port, "count(legacy_gauge)").as_deref(), Some("1"));
+    assert_eq!(prom.query_one("count(legacy_gauge)").as_deref(), Some("1"));
     // Nothing of the hostile tenant was stored.
     assert_eq!(
-        query_one(
-            port,
-            "count({_id=\"test\",__name__!=\"telemeter_last_push_timestamp_seconds\"})"
-        ),
+        prom.query_one("count({_id=\"test\",__name__!=\"telemeter_last_push_timestamp_seconds\"})"),
         None
     );
     // The control: this Prometheus refuses a whole scrape for one such line.
-    let (health, error) = wait_for("a scrape of the control target", || {
-        last_scrape(port, "control")
-    });
+    let (health, error) = wait_for("a scrape of the control target", || prom.target("control"));
     assert_eq!(health, "down", "{error}");
     assert!(error.contains("not unique"), "{error}");
-    assert_eq!(query_one(port, "up{job=\"control\"}").as_deref(), Some("0"));
+    assert_eq!(prom.query_one("up{job=\"control\"}").as_deref(), Some("0"));
 
     // Left out, counted by reason, and warned about.
     let metrics = get(&s.url_internal("/metrics"), &[]).body;
-    let skipped = |reason: &str| {
-        metric_value(
-            &metrics,
-            "telemeter_server_federate_series_skipped_total",
-            &[&format!("reason=\"{reason}\"")],
-        )
-    };
+    let skipped = |reason: &str| federate_skipped(&metrics, reason);
     assert!(skipped("reserved_label") >= 1.0, "{metrics}");
     assert!(skipped("duplicate_label") >= 1.0, "{metrics}");
     assert!(skipped("type_label") >= 1.0, "{metrics}");

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,109 +14,7 @@ use telemeter_common::model::{Bucket, Histogram, LabelPair, Metric, MetricFamily
 use telemeter_common::snappy;
 use telemeter_server::remote_write::proto::WriteRequest;
 
-const PROMETHEUS: &str = "/usr/bin/prometheus";
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A Prometheus receiving remote write, killed on drop.
-struct Prometheus {
-    child: Option<Child>,
-    port: u16,
-}
-
-impl Prometheus {
-    /// Starts Prometheus on `port` with its TSDB in `dir`; waits (bounded) until it is ready.
-    fn start(dir: &Path, port: u16) -> Prometheus {
-        let config = dir.join("prometheus.yml");
-        std::fs::write(&config, "global:\n  scrape_interval: 1m\n").unwrap();
-        let child = Command::new(PROMETHEUS)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--web.enable-remote-write-receiver")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus");
-        let prometheus = Prometheus {
-            child: Some(child),
-            port,
-        };
-        assert!(
-            wait_until(WAIT, || get(&prometheus.url("/-/ready"), &[]).status == 200),
-            "prometheus never became ready"
-        );
-        prometheus
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn write_url(&self) -> String {
-        self.url("/api/v1/write")
-    }
-
-    /// Stops it (SIGTERM, bounded wait).
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            testkit::kill(child.id(), Signal::Term).unwrap();
-            if wait_bounded(&mut child, Duration::from_secs(20)).is_none() {
-                panic!("prometheus did not stop");
-            }
-        }
-    }
-
-    /// The result vector or matrix of an instant query at `time_s`.
-    fn query(&self, query: &str, time_s: f64) -> Vec<serde_json::Value> {
-        let r = get(
-            &self.url(&format!(
-                "/api/v1/query?query={}&time={time_s}",
-                http::percent_encode(query)
-            )),
-            &[],
-        );
-        if r.status != 200 {
-            return vec![];
-        }
-        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-        v["data"]["result"].as_array().cloned().unwrap_or_default()
-    }
-
-    /// Polls `query` at `time_s` until it returns at least `n` results (bounded).
-    fn wait_for(&self, query: &str, time_s: f64, n: usize) -> Vec<serde_json::Value> {
-        let mut result = Vec::new();
-        assert!(
-            wait_until(WAIT, || {
-                result = self.query(query, time_s);
-                result.len() >= n
-            }),
-            "{query} at {time_s}: {} results, wanted {n}",
-            result.len()
-        );
-        result
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// These tests exist to run against the real Prometheus: without it they fail, not skip.
-fn need_prometheus() {
-    assert!(
-        Path::new(PROMETHEUS).exists(),
-        "{PROMETHEUS} is not installed: run `make setup` (Debian package prometheus)"
-    );
-}
 
 /// The value of the server's own metric line `series` (exact name and labels), if present.
 fn own_metric(s: &ServerProcess, series: &str) -> Option<f64> {
@@ -148,17 +44,10 @@ fn start_server(dir: &TempDir, url: &str) -> ServerProcess {
 
 /// [`start_server`] with `extra` flags; the same storage directory each time.
 fn start_server_with(dir: &TempDir, url: &str, extra: &[&str]) -> ServerProcess {
-    let tokens = dir.file("tokens", TOKENS);
-    let mut args = vec![
-        "--tokens-file",
-        tokens.to_str().unwrap(),
-        "--ratelimit",
-        "0s",
-        "--remote-write-url",
-        url,
-    ];
-    args.extend_from_slice(extra);
-    ServerProcess::start(&dir.path().join("data"), &args)
+    ServerProcess::setup(dir)
+        .args(&["--remote-write-url", url])
+        .args(extra)
+        .start()
 }
 
 /// `families` plus a histogram `rw_latency_seconds` with two buckets, all at `ts`.
@@ -193,9 +82,9 @@ fn upload_families(n: usize, ts: i64) -> Vec<MetricFamily> {
 
 #[test]
 fn series_arrive_in_prometheus_with_id_and_their_original_timestamps() {
-    need_prometheus();
+    need(PROMETHEUS);
     let dir = TempDir::new("rw-prom");
-    let prom = Prometheus::start(dir.path(), free_port());
+    let prom = Prometheus::receiver(&dir, free_port());
     let s = start_server(&dir, &prom.write_url());
 
     // A minute in the past: Prometheus must store this time, not its receive time.
@@ -206,7 +95,7 @@ fn series_arrive_in_prometheus_with_id_and_their_original_timestamps() {
 
     // A range selector returns the raw samples with their own timestamps.
     let at = ts as f64 / 1000.0 + 1.0;
-    let result = prom.wait_for(r#"test_metric{_id="test"}[10s]"#, at, 3);
+    let result = prom.wait_results(r#"test_metric{_id="test"}[10s]"#, at, 3);
     assert_eq!(result.len(), 3, "{result:?}");
     for series in &result {
         assert_eq!(series["metric"]["_id"], "test");
@@ -216,19 +105,20 @@ fn series_arrive_in_prometheus_with_id_and_their_original_timestamps() {
         assert_eq!(values[0][0].as_f64().unwrap(), ts as f64 / 1000.0);
         assert_eq!(values[0][1].as_str().unwrap().parse::<f64>().unwrap(), i);
     }
-    let up = prom.wait_for(r#"up{_id="test",job="prometheus"}"#, at, 1);
+    let up = prom.wait_results(r#"up{_id="test",job="prometheus"}"#, at, 1);
     assert_eq!(up[0]["value"][1], "1");
     // Histograms arrive as the series a scrape would have made, `le` written as Prometheus does.
-    let inf = prom.wait_for(r#"rw_latency_seconds_bucket{_id="test",le="+Inf"}"#, at, 1);
+    let inf = prom.wait_results(r#"rw_latency_seconds_bucket{_id="test",le="+Inf"}"#, at, 1);
     assert_eq!(inf[0]["value"][1], "7");
-    let bucket = prom.wait_for(r#"rw_latency_seconds_bucket{_id="test",le="0.1"}"#, at, 1);
+    let bucket = prom.wait_results(r#"rw_latency_seconds_bucket{_id="test",le="0.1"}"#, at, 1);
     assert_eq!(bucket[0]["value"][1], "3");
-    let sum = prom.wait_for(r#"rw_latency_seconds_sum{_id="test"}"#, at, 1);
+    let sum = prom.wait_results(r#"rw_latency_seconds_sum{_id="test"}"#, at, 1);
     assert_eq!(sum[0]["value"][1], "1.25");
     // Nothing at all was stamped at receive time: an instant query just before the original
     // timestamp sees nothing.
     assert!(prom
-        .query(r#"test_metric{_id="test"}"#, ts as f64 / 1000.0 - 1.0)
+        .query_at(r#"test_metric{_id="test"}"#, Some(ts as f64 / 1000.0 - 1.0))
+        .unwrap_or_default()
         .is_empty());
 
     // 3 test_metric + up + 3 buckets (+Inf added) + sum + count.
@@ -255,17 +145,17 @@ fn series_arrive_in_prometheus_with_id_and_their_original_timestamps() {
 
 #[test]
 fn a_receiver_that_goes_down_and_comes_back_loses_nothing_queued() {
-    need_prometheus();
+    need(PROMETHEUS);
     let dir = TempDir::new("rw-down");
     let port = free_port();
-    let mut prom = Prometheus::start(dir.path(), port);
+    let mut prom = Prometheus::receiver(&dir, port);
     let s = start_server(&dir, &prom.write_url());
     let ts = now_ms() - 30_000;
     let at = ts as f64 / 1000.0 + 1.0;
 
     let token = s.upload_token("wild", "rw-first");
     assert_eq!(s.upload(&token, &families(None, 2, ts)).status, 200);
-    prom.wait_for(r#"test_metric{_id="rw-first"}"#, at, 2);
+    prom.wait_results(r#"test_metric{_id="rw-first"}"#, at, 2);
 
     prom.stop();
     let ids: Vec<String> = (0..5).map(|i| format!("rw-{i}")).collect();
@@ -288,12 +178,12 @@ fn a_receiver_that_goes_down_and_comes_back_loses_nothing_queued() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let prom = Prometheus::start(dir.path(), port);
+    let prom = Prometheus::receiver(&dir, port);
     // Each upload's series may come through different shards: wait for all of them.
     let query = r#"count by (_id) (test_metric{_id=~"rw-[0-9]"})"#;
     let mut result = Vec::new();
     wait_until(WAIT, || {
-        result = prom.query(query, at);
+        result = prom.query_at(query, Some(at)).unwrap_or_default();
         result.len() == 5 && result.iter().all(|r| r["value"][1] == "2")
     });
     let mut got: Vec<String> = result
@@ -496,7 +386,7 @@ fn shutdown_sends_what_is_queued() {
 
 /// The value of the instant query `query` at `time_s` when it returns one sample, else `None`.
 fn scalar(prom: &Prometheus, query: &str, time_s: f64) -> Option<f64> {
-    let result = prom.query(query, time_s);
+    let result = prom.query_at(query, Some(time_s)).unwrap_or_default();
     match result.as_slice() {
         [one] => one["value"][1].as_str()?.parse().ok(),
         _ => None,
@@ -519,7 +409,7 @@ fn wait_scalar(prom: &Prometheus, query: &str, time_s: f64, want: f64) -> Option
 /// duplicate here: exactly 2,000 samples are sent (1,000 × test_metric and up), none refused.
 #[test]
 fn every_acknowledged_sample_survives_a_receiver_outage_and_kill_9() {
-    need_prometheus();
+    need(PROMETHEUS);
     const UPLOADS: i64 = 1000;
     let dir = TempDir::new("rw-loss");
     let port = free_port();
@@ -536,7 +426,7 @@ fn every_acknowledged_sample_survives_a_receiver_outage_and_kill_9() {
     assert!(!status.success(), "{status:?}");
 
     let s = start_server(&dir, &url);
-    let prom = Prometheus::start(dir.path(), port);
+    let prom = Prometheus::receiver(&dir, port);
     let at = (base + UPLOADS * 100) as f64 / 1000.0;
     for series in [r#"test_metric{_id="test",i="0"}"#, r#"up{_id="test"}"#] {
         let query = format!("count_over_time({series}[10m])");
@@ -571,11 +461,11 @@ fn every_acknowledged_sample_survives_a_receiver_outage_and_kill_9() {
 /// lets every fresh sample batched with them through: nothing is dropped.
 #[test]
 fn a_kill_9_while_shipping_re_ships_and_loses_nothing() {
-    need_prometheus();
+    need(PROMETHEUS);
     const UPLOADS: i64 = 300;
     const SERIES: usize = 20;
     let dir = TempDir::new("rw-reship");
-    let prom = Prometheus::start(dir.path(), free_port());
+    let prom = Prometheus::receiver(&dir, free_port());
     let mut s = start_server(&dir, &prom.write_url());
     let token = s.upload_token("secret", "test");
     let base = now_ms() - 300_000;
@@ -623,7 +513,7 @@ fn a_kill_9_while_shipping_re_ships_and_loses_nothing() {
 /// left is shipped when the receiver comes back.
 #[test]
 fn a_backlog_over_its_bound_drops_the_oldest_counted_and_logged() {
-    need_prometheus();
+    need(PROMETHEUS);
     const UPLOADS: i64 = 60;
     const BOUND: f64 = 200_000.0;
     let dir = TempDir::new("rw-bound");
@@ -657,9 +547,9 @@ fn a_backlog_over_its_bound_drops_the_oldest_counted_and_logged() {
     );
 
     // The receiver comes back: the newest upload arrives, the oldest never does.
-    let prom = Prometheus::start(dir.path(), port);
+    let prom = Prometheus::receiver(&dir, port);
     let last = (base + (UPLOADS - 1) * 1000) as f64 / 1000.0;
-    prom.wait_for(r#"test_metric{_id="test",i="0"}"#, last, 1);
+    prom.wait_results(r#"test_metric{_id="test",i="0"}"#, last, 1);
     let kept = scalar(
         &prom,
         r#"count_over_time(test_metric{_id="test",i="0"}[10m])"#,
@@ -668,10 +558,11 @@ fn a_backlog_over_its_bound_drops_the_oldest_counted_and_logged() {
     .unwrap();
     assert!(kept >= 1.0 && kept < UPLOADS as f64, "{kept}");
     assert!(
-        prom.query(
+        prom.query_at(
             r#"test_metric{_id="test",i="0"}"#,
-            base as f64 / 1000.0 + 0.5
+            Some(base as f64 / 1000.0 + 0.5)
         )
+        .unwrap_or_default()
         .is_empty(),
         "the oldest upload was dropped"
     );
@@ -681,7 +572,7 @@ fn a_backlog_over_its_bound_drops_the_oldest_counted_and_logged() {
 /// was down is dropped, counted and logged; a fresh one is still shipped.
 #[test]
 fn an_upload_older_than_the_backlog_age_is_dropped_counted_and_logged() {
-    need_prometheus();
+    need(PROMETHEUS);
     let dir = TempDir::new("rw-age");
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}/api/v1/write");
@@ -699,13 +590,17 @@ fn an_upload_older_than_the_backlog_age_is_dropped_counted_and_logged() {
         logs.contains("past --remote-write-max-backlog-age"),
         "{logs}"
     );
-    let prom = Prometheus::start(dir.path(), port);
+    let prom = Prometheus::receiver(&dir, port);
     let fresh = now_ms() - 1_000;
     assert_eq!(s.upload(&token, &families(None, 1, fresh)).status, 200);
-    prom.wait_for(r#"test_metric{_id="test"}"#, fresh as f64 / 1000.0 + 0.5, 1);
+    prom.wait_results(r#"test_metric{_id="test"}"#, fresh as f64 / 1000.0 + 0.5, 1);
     assert!(
-        prom.query(r#"test_metric{_id="test"}"#, old as f64 / 1000.0 + 0.5)
-            .is_empty(),
+        prom.query_at(
+            r#"test_metric{_id="test"}"#,
+            Some(old as f64 / 1000.0 + 0.5)
+        )
+        .unwrap_or_default()
+        .is_empty(),
         "the upload past the age bound was never shipped"
     );
 }
@@ -714,7 +609,7 @@ fn an_upload_older_than_the_backlog_age_is_dropped_counted_and_logged() {
 /// journaled to be shipped, so it reaches the receiver even across a `kill -9`.
 #[test]
 fn a_late_upload_is_journaled_and_shipped_after_kill_9() {
-    need_prometheus();
+    need(PROMETHEUS);
     let dir = TempDir::new("rw-late");
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}/api/v1/write");
@@ -742,19 +637,10 @@ fn a_late_upload_is_journaled_and_shipped_after_kill_9() {
     assert!(!status.success(), "{status:?}");
 
     let _s = start_server(&dir, &url);
-    let prom = Prometheus::start(dir.path(), port);
-    let got = prom.wait_for(r#"late_metric{_id="test"}"#, late as f64 / 1000.0 + 1.0, 1);
+    let prom = Prometheus::receiver(&dir, port);
+    let got = prom.wait_results(r#"late_metric{_id="test"}"#, late as f64 / 1000.0 + 1.0, 1);
     assert_eq!(got[0]["value"][1], "42");
-    prom.wait_for(r#"test_metric{_id="test"}"#, fresh as f64 / 1000.0 + 1.0, 1);
-}
-
-/// A UDP port free now (bound, then released).
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    prom.wait_results(r#"test_metric{_id="test"}"#, fresh as f64 / 1000.0 + 1.0, 1);
 }
 
 #[test]
@@ -799,18 +685,11 @@ fn in_a_cluster_only_the_owner_ships_each_upload_once() {
             (storage, process)
         })
         .collect();
-    let deadline = Instant::now() + WAIT;
-    for (_, p) in &nodes {
-        loop {
-            let r = get(&p.url_internal("/debug/cluster"), &[]);
-            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
-            if v["converged"] == true && v["alive"].as_array().map(Vec::len) == Some(2) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "cluster did not converge: {v}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|(_, p)| p.url_internal("/debug/cluster"))
+        .collect();
+    wait_converged(&urls, &names, WAIT);
 
     // Every push goes to node a; the ring sends about half of them on to node b.
     let ids: Vec<String> = (0..20).map(|i| format!("rw-cluster-{i:02}")).collect();
@@ -865,17 +744,17 @@ fn in_a_cluster_only_the_owner_ships_each_upload_once() {
 #[test]
 #[ignore]
 fn remote_write_throughput() {
-    need_prometheus();
+    need(PROMETHEUS);
     const UPLOADS: usize = 200;
     const SERIES: usize = 1000;
     let dir = TempDir::new("rw-probe");
-    let prom = Prometheus::start(dir.path(), free_port());
+    let prom = Prometheus::receiver(&dir, free_port());
     let s = start_server(&dir, &prom.write_url());
     let tokens: Vec<String> = (0..UPLOADS)
         .map(|i| s.upload_token("wild", &format!("probe-{i}")))
         .collect();
     let ts = now_ms() - 10_000;
-    let pid = prom.child.as_ref().unwrap().id();
+    let pid = prom.pid().expect("prometheus runs");
     testkit::kill(pid, Signal::Stop).unwrap();
     let started = Instant::now();
     for token in &tokens {
@@ -901,7 +780,7 @@ fn remote_write_throughput() {
         samples / drained.as_secs_f64(),
         bytes / samples
     );
-    let count = prom.wait_for(
+    let count = prom.wait_results(
         r#"count(test_metric{_id=~"probe-.*"})"#,
         ts as f64 / 1000.0 + 1.0,
         1,

@@ -15,9 +15,12 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{get, metric_value, now_ms, post, series_lines, ServerProcess, Signal, TempDir};
+use common::{
+    debug_cluster, free_udp_port, get, metric_value, now_ms, post, series_lines, wait_converged,
+    ServerProcess, Signal, TempDir,
+};
 use telemeter_common::delimited;
 use telemeter_common::keys::{KeyPurpose, SharedKey};
 use telemeter_common::media::PROTO_DELIMITED;
@@ -33,15 +36,6 @@ const KEY2: &str = "second-shared-key-of-the-secure-transport-test-9876543210";
 /// Where the relays listen: a loopback address no node uses.
 const RELAY_IP: [u8; 4] = [127, 0, 0, 7];
 const POLL: Duration = Duration::from_millis(50);
-
-/// A UDP port free now (bound, then released).
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// One family whose metric name and label value are distinctive enough to search for.
 fn secret_families(ts: i64) -> Vec<MetricFamily> {
@@ -87,42 +81,13 @@ fn push(external: SocketAddr, token: &str, families: &[MetricFamily]) -> (u16, S
     (r.status, r.body)
 }
 
-fn debug_cluster(p: &ServerProcess) -> serde_json::Value {
-    let r = get(&p.url_internal("/debug/cluster"), &[]);
-    assert_eq!(r.status, 200, "/debug/cluster: {}", r.body);
-    serde_json::from_str(&r.body).unwrap()
-}
-
 /// Waits (bounded) until each of `processes` sees exactly `names` alive, with agreeing views.
-fn wait_converged(processes: &[&ServerProcess], names: &[&str]) {
-    let want: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-    let started = Instant::now();
-    loop {
-        let all = processes.iter().all(|p| {
-            let debug = debug_cluster(p);
-            let alive: Vec<String> = debug["alive"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
-            alive == want && debug["converged"] == true
-        });
-        if all {
-            return;
-        }
-        assert!(
-            started.elapsed() < WAIT,
-            "cluster did not converge on {want:?}: {:?}",
-            processes
-                .iter()
-                .map(|p| debug_cluster(p))
-                .collect::<Vec<_>>()
-        );
-        thread::sleep(POLL);
-    }
+fn wait_converged_on(processes: &[&ServerProcess], names: &[&str]) {
+    let urls: Vec<String> = processes
+        .iter()
+        .map(|p| p.url_internal("/debug/cluster"))
+        .collect();
+    wait_converged(&urls, names, WAIT);
 }
 
 /// Which nodes serve each cluster id (by the `_id` label of any series) on /federate.
@@ -311,7 +276,7 @@ fn recorded_cluster_traffic_reveals_no_name_address_id_or_metric() {
         processes.push(process);
     }
     let refs: Vec<&ServerProcess> = processes.iter().collect();
-    wait_converged(&refs, &names);
+    wait_converged_on(&refs, &names);
 
     // Every cluster id pushed to every node: two of three pushes of each are forwarded.
     let ids: Vec<String> = (0..6).map(|i| format!("tenant-confidential-{i}")).collect();
@@ -536,7 +501,7 @@ fn a_key_rolls_through_a_live_cluster_without_refusing_a_push() {
     let converge = |nodes: &[RollingNode]| {
         let processes: Vec<&ServerProcess> =
             nodes.iter().filter_map(|n| n.process.as_ref()).collect();
-        wait_converged(&processes, &names);
+        wait_converged_on(&processes, &names);
     };
     converge(&nodes);
     let up: UpNodes = Arc::new(Mutex::new(

@@ -192,22 +192,11 @@ fn slow_and_idle_connections_do_not_starve_a_normal_client() {
     }
 
     let dir = TempDir::new("slow");
-    let tokens = dir.file("tokens", TOKENS);
-    let key = dir.file("key", KEY);
     let max = max_connections.to_string();
-    let s = ServerProcess::start(
-        &dir.path().join("data"),
-        &[
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--shared-key",
-            key.to_str().unwrap(),
-            "--ratelimit",
-            "0s",
-            "--max-connections",
-            &max,
-        ],
-    );
+    let s = ServerProcess::setup(&dir)
+        .key(KEY)
+        .args(&["--max-connections", &max])
+        .start();
     let pid = s.child.id();
     let token = s.upload_token("secret", "test");
     let (threads0, rss0, _) = proc_status(pid).unwrap();
@@ -444,19 +433,7 @@ fn wait_front(s: &ServerProcess, check: impl Fn((f64, f64, f64)) -> bool) -> (f6
 #[test]
 fn stalled_upload_heads_hold_no_body_memory_and_a_bystander_keeps_uploading() {
     let dir = TempDir::new("stalled-heads");
-    let tokens = dir.file("tokens", TOKENS);
-    let key = dir.file("key", KEY);
-    let s = ServerProcess::start(
-        &dir.path().join("data"),
-        &[
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--shared-key",
-            key.to_str().unwrap(),
-            "--ratelimit",
-            "0s",
-        ],
-    );
+    let s = ServerProcess::setup(&dir).key(KEY).start();
     let addr = s.external;
     let token = s.upload_token("secret", "test");
     let bystander_token = s.upload_token("wild", "bystander");
@@ -540,21 +517,10 @@ fn stalled_upload_heads_hold_no_body_memory_and_a_bystander_keeps_uploading() {
 #[test]
 fn a_trickling_upload_survives_a_flood_at_the_connection_cap() {
     let dir = TempDir::new("trickle-flood");
-    let tokens = dir.file("tokens", TOKENS);
-    let key = dir.file("key", KEY);
-    let s = ServerProcess::start(
-        &dir.path().join("data"),
-        &[
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--shared-key",
-            key.to_str().unwrap(),
-            "--ratelimit",
-            "0s",
-            "--max-connections",
-            "16",
-        ],
-    );
+    let s = ServerProcess::setup(&dir)
+        .key(KEY)
+        .args(&["--max-connections", "16"])
+        .start();
     let addr = s.external;
     let token = s.upload_token("secret", "test");
     let body = snappy::encode_framed(&delimited::encode(&families(None, 400, now_ms())));

@@ -11,17 +11,9 @@ use common::*;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
-/// A server holding clusters `a` (3 series), `b` (5) and `c` (2).
-fn start(data: &Path, tokens: &Path) -> ServerProcess {
-    ServerProcess::start(
-        data,
-        &[
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--ratelimit",
-            "1h",
-        ],
-    )
+/// The server (again on the same storage after a stop), each cluster rate limited for an hour.
+fn start(dir: &TempDir) -> ServerProcess {
+    ServerProcess::setup(dir).ratelimit(Some("1h")).start()
 }
 
 fn push_three(s: &ServerProcess) {
@@ -73,8 +65,7 @@ fn chromium(dir: &TempDir, profile: &str, url: &str, args: &[&str]) -> std::proc
 #[test]
 fn status_page_in_headless_chromium_and_the_clusters_api() {
     let dir = TempDir::new("status-page");
-    let tokens = dir.file("tokens", TOKENS);
-    let s = start(&dir.path().join("data"), &tokens);
+    let s = start(&dir);
     push_three(&s);
 
     let r = get(&s.url_internal("/api/v1/clusters"), &[]);
@@ -156,9 +147,7 @@ fn status_page_in_headless_chromium_and_the_clusters_api() {
 #[test]
 fn delete_removes_a_cluster_durably() {
     let dir = TempDir::new("status-delete");
-    let tokens = dir.file("tokens", TOKENS);
-    let data = dir.path().join("data");
-    let mut s = start(&data, &tokens);
+    let mut s = start(&dir);
     push_three(&s);
 
     let r = delete(&s, "b");
@@ -177,7 +166,7 @@ fn delete_removes_a_cluster_durably() {
 
     // Gone after a restart too (the removal was journaled), the others still there.
     assert_eq!(s.signal_and_wait(Signal::Term).code(), Some(0));
-    let s = start(&data, &tokens);
+    let s = start(&dir);
     let text = s.federate();
     assert!(!text.contains("_id=\"b\""), "{text}");
     assert!(text.contains("_id=\"a\""), "{text}");

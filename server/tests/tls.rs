@@ -65,18 +65,15 @@ fn external_port_serves_tls() {
             return;
         }
     }
-    let tokens = dir.file("tokens", TOKENS);
-    let s = ServerProcess::start(
-        &dir.path().join("data"),
-        &[
-            "--tokens-file",
-            tokens.to_str().unwrap(),
+    let s = ServerProcess::setup(&dir)
+        .ratelimit(None)
+        .args(&[
             "--tls-crt",
             cert.to_str().unwrap(),
             "--tls-key",
             key.to_str().unwrap(),
-        ],
-    );
+        ])
+        .start();
 
     telemeter_common::tls::install_crypto_provider();
     let pem = std::fs::read(&ca).unwrap();

@@ -16,22 +16,14 @@ use telemeter_common::token::TokenSigner;
 const KEY: &str = "0123456789abcdef0123456789abcdef-test-shared-key";
 
 fn start(dir: &TempDir, extra: &[&str]) -> ServerProcess {
-    let tokens = dir.file("tokens", TOKENS);
-    let key = dir.file("key", KEY);
-    let mut args = vec![
-        "--tokens-file",
-        tokens.to_str().unwrap(),
-        "--shared-key",
-        key.to_str().unwrap(),
-    ];
-    if !extra.contains(&"--ratelimit") {
-        args.extend(["--ratelimit", "0s"]);
-    }
-    args.extend_from_slice(extra);
-    // The paths live in `dir`, which outlives the server.
-    let args: Vec<String> = args.into_iter().map(String::from).collect();
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    ServerProcess::start(&dir.path().join("data"), &refs)
+    let setup = ServerProcess::setup(dir).key(KEY);
+    // A test that sets its own rate limit gets only that one.
+    let setup = if extra.contains(&"--ratelimit") {
+        setup.ratelimit(None)
+    } else {
+        setup
+    };
+    setup.args(extra).start()
 }
 
 /// Whether every series line of a text body has no timestamp (`name{...} value`).

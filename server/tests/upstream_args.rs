@@ -7,11 +7,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -80,63 +78,18 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-fn free_udp_port(ip: &str) -> u16 {
-    UdpSocket::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `telemeter-server` with exactly `args` (nothing added) in `cwd`; waits (bounded) for its
 /// addresses. `RUST_LOG` is left unset: the arguments decide the log level.
 fn start_exactly(cwd: &Path, args: &[String]) -> ServerProcess {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start telemeter-server");
-    let stderr = child.stderr.take().unwrap();
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = mpsc::channel();
-    {
-        let logs = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[server] {line}");
-                if let Some(rest) = line.split("listening external=").nth(1) {
-                    let mut parts = rest.split(" internal=");
-                    let ext = parts.next().unwrap_or("").trim().to_string();
-                    let int = parts.next().unwrap_or("").trim().to_string();
-                    let _ = tx.send((ext, int));
-                }
-                logs.lock().unwrap().push(line);
-            }
-        });
-    }
-    let Ok((ext, int)) = rx.recv_timeout(START_TIMEOUT) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("server did not start: {:?}", logs.lock().unwrap());
-    };
-    let loopback = |addr: String| -> SocketAddr {
-        let mut addr: SocketAddr = addr.parse().expect("address");
-        if addr.ip().is_unspecified() {
-            addr.set_ip([127, 0, 0, 1].into());
-        }
-        addr
-    };
-    ServerProcess {
-        child,
-        external: loopback(ext),
-        internal: loopback(int),
-        logs,
-    }
+    ServerProcess::spawn(
+        Command::new(BIN)
+            .args(args)
+            .current_dir(cwd)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
 }
 
 /// Polls `url` with `agent` (bounded) until it answers 200 and `done(body)`.
@@ -176,7 +129,7 @@ fn integration_script_arguments_start_the_server() {
     );
     let authz = authorization_server();
     let authorize = format!("http://{}", authz.local_addr());
-    let (cluster, nobody) = (free_udp_port("127.0.0.1"), free_udp_port("127.0.0.1"));
+    let (cluster, nobody) = (free_udp_port(), free_udp_port());
     let listen_cluster = format!("127.0.0.1:{cluster}");
     let join = format!("127.0.0.1:{nobody}");
     let s = start_exactly(
@@ -277,7 +230,7 @@ fn kubernetes_manifest_arguments_form_a_tls_cluster() {
     let authorize = format!("--authorize=http://{}/", authz.local_addr());
     // Every pod listens on the same cluster port; here each on its own loopback address.
     let ips = ["127.0.0.2", "127.0.0.3"];
-    let port = free_udp_port(ips[0]);
+    let port = free_udp_port_on(ips[0]);
     let names = ["telemeter-server-0", "telemeter-server-1"];
     let nodes: Vec<ServerProcess> = (0..2)
         .map(|i| {

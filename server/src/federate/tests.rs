@@ -470,3 +470,163 @@ fn chunks_cut_families_by_input_bytes_and_headers_are_measured() {
     assert_eq!(header_len(b"# TYPE a gauge\na 1\n"), 15);
     assert_eq!(header_len(b""), 0);
 }
+
+/// A family of `name` and `kind` with one series of cluster `id`, stamped now.
+fn one_series(name: &str, kind: MetricType, id: &str) -> MetricFamily {
+    use telemeter_common::model::{Gauge, Quantile, Summary};
+    let mut metric = Metric {
+        label: vec![LabelPair::new("_id", id)],
+        timestamp_ms: Some(now_ms()),
+        ..Default::default()
+    };
+    match kind {
+        MetricType::Histogram => {
+            metric.histogram = Some(Histogram {
+                sample_count: Some(2),
+                sample_sum: Some(1.5),
+                bucket: vec![Bucket {
+                    cumulative_count: Some(1),
+                    upper_bound: Some(0.5),
+                }],
+            })
+        }
+        MetricType::Summary => {
+            metric.summary = Some(Summary {
+                sample_count: Some(2),
+                sample_sum: Some(3.0),
+                quantile: vec![Quantile {
+                    quantile: Some(0.5),
+                    value: Some(1.0),
+                }],
+            })
+        }
+        MetricType::Counter => metric.counter = Some(Counter { value: Some(5.0) }),
+        MetricType::Untyped => {
+            metric.untyped = Some(telemeter_common::model::Untyped { value: Some(3.0) })
+        }
+        _ => metric.gauge = Some(Gauge { value: Some(7.0) }),
+    }
+    MetricFamily {
+        name: Some(name.into()),
+        help: None,
+        r#type: Some(kind as i32),
+        metric: vec![metric],
+    }
+}
+
+/// `a`: a histogram `h` and a summary `s`; `b`: an untyped `h_bucket`, gauges `h_count` and
+/// `s_sum` (named like their lines) and a gauge `g`; `c`: a gauge `normal`.
+fn colliding_store(name: &str) -> (Store, std::path::PathBuf) {
+    let (store, dir) = temp_store(name);
+    let now = SystemTime::now();
+    let a = [
+        one_series("h", MetricType::Histogram, "a"),
+        one_series("s", MetricType::Summary, "a"),
+    ];
+    let b = [
+        one_series("g", MetricType::Gauge, "b"),
+        one_series("h_bucket", MetricType::Untyped, "b"),
+        one_series("h_count", MetricType::Gauge, "b"),
+        one_series("s_sum", MetricType::Gauge, "b"),
+    ];
+    let c = [one_series("normal", MetricType::Gauge, "c")];
+    store.put("a", delimited::encode(&a), now).unwrap();
+    store.put("b", delimited::encode(&b), now).unwrap();
+    store.put("c", delimited::encode(&c), now).unwrap();
+    (store, dir)
+}
+
+/// Every (family, cluster) of a served body, the last-push family but for.
+fn served_series(families: &[MetricFamily]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = families
+        .iter()
+        .filter(|f| f.name.as_deref() != Some(LAST_PUSH_FAMILY))
+        .flat_map(|f| {
+            f.metric.iter().map(move |m| {
+                let id = m.label.iter().find(|l| l.name.as_deref() == Some("_id"));
+                (
+                    f.name.clone().unwrap_or_default(),
+                    id.and_then(|l| l.value.clone()).unwrap_or_default(),
+                )
+            })
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_family_named_like_another_clusters_histogram_lines_is_left_out_so_the_text_parses() {
+    let (store, dir) = colliding_store("federate-collide");
+    let mut out = Vec::new();
+    let skips = write_all(&store, Format::Text, None, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    // Our parser refuses a second TYPE for a histogram's lines, as Go's does.
+    let parsed = text::parse(text.as_bytes(), &text::Limits::default())
+        .unwrap_or_else(|e| panic!("the text does not parse: {e}\n{text}"));
+    let want = [("g", "b"), ("h", "a"), ("normal", "c"), ("s", "a")]
+        .map(|(n, c)| (n.to_string(), c.to_string()));
+    assert_eq!(served_series(&parsed), want, "{text}");
+    assert_eq!(skips.name_collisions, 3, "{text}");
+    assert_eq!(
+        skips.first_collision,
+        Some(("h_bucket".to_string(), "h".to_string()))
+    );
+    assert_eq!(skips.series.total(), 0);
+    assert!(!text.contains("_id=\"b\"} 3"), "{text}");
+
+    // Protobuf: the same series, the same count.
+    let mut pd = Vec::new();
+    let pd_skips = write_all(&store, Format::ProtoDelimited, None, &mut pd).unwrap();
+    let served = delimited::decode(&pd, &stored_limits()).unwrap();
+    assert_eq!(served_series(&served), want);
+    assert_eq!(pd_skips, skips);
+    store.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_family_named_like_histogram_lines_stays_when_the_histogram_writes_nothing() {
+    let (store, dir) = colliding_store("federate-collide-match");
+    // Only b's series: a's histogram and summary are not written, so nothing collides.
+    let selectors = [Selector::parse("{_id=\"b\"}").unwrap()];
+    for format in [Format::Text, Format::ProtoDelimited] {
+        let mut out = Vec::new();
+        let skips = write_selected(&store, format, None, &selectors, "_id", &mut out).unwrap();
+        let served = match format {
+            Format::Text => text::parse(&out, &text::Limits::default()).unwrap(),
+            Format::ProtoDelimited => delimited::decode(&out, &stored_limits()).unwrap(),
+        };
+        let want = ["g", "h_bucket", "h_count", "s_sum"].map(|n| (n.to_string(), "b".to_string()));
+        assert_eq!(served_series(&served), want, "{format:?}");
+        assert_eq!(skips.name_collisions, 0);
+    }
+    store.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn one_clusters_family_named_like_its_own_histograms_lines_is_left_out() {
+    let (store, dir) = temp_store("federate-collide-own");
+    let families = [
+        one_series("h", MetricType::Histogram, "a"),
+        one_series("h_bucket", MetricType::Gauge, "a"),
+        // A histogram named like h's lines is left out too; then its own lines collide with
+        // nothing written, so a family named like them stays.
+        one_series("h_sum", MetricType::Histogram, "a"),
+        one_series("h_sum_count", MetricType::Gauge, "a"),
+    ];
+    store
+        .put("a", delimited::encode(&families), SystemTime::now())
+        .unwrap();
+    let mut out = Vec::new();
+    let skips = write_all(&store, Format::Text, None, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let parsed = text::parse(text.as_bytes(), &text::Limits::default())
+        .unwrap_or_else(|e| panic!("the text does not parse: {e}\n{text}"));
+    let want = [("h", "a"), ("h_sum_count", "a")].map(|(n, c)| (n.to_string(), c.to_string()));
+    assert_eq!(served_series(&parsed), want, "{text}");
+    assert_eq!(skips.name_collisions, 2);
+    store.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}

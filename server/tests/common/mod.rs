@@ -1,14 +1,16 @@
 //! Helpers for tests that run the real `telemeter-server` binary, built on `testkit` (temp dirs,
-//! ports, bounded waits, processes): starting the binary on free ports and waiting for it
-//! (bounded), an HTTP client, and metric bodies like the upstream Go client sends.
+//! ports, bounded waits, processes): starting the binary on free ports with the flags most tests
+//! share and waiting for it (bounded), a cluster's convergence, the real Prometheus and promtool,
+//! an HTTP client, and metric bodies like the upstream Go client sends.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::Path;
+use std::io::Write;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use telemeter_common::delimited;
 use telemeter_common::media::PROTO_DELIMITED;
@@ -55,9 +57,26 @@ fn command(storage: &Path, args: &[&str]) -> Command {
 impl ServerProcess {
     /// Starts the server on free ports with `storage` and `args`; waits (bounded) until it serves.
     pub fn start(storage: &Path, args: &[&str]) -> ServerProcess {
-        let mut child = command(storage, args)
-            .spawn()
-            .expect("start telemeter-server");
+        let server = ServerProcess::spawn(&mut command(storage, args));
+        assert!(
+            wait_until(START_TIMEOUT, || get(&server.url_internal("/healthz"), &[])
+                .status
+                == 200),
+            "server never became healthy"
+        );
+        server
+    }
+
+    /// The usual start in `dir` (see [`Setup`]), to adjust before [`Setup::start`].
+    pub fn setup(dir: &TempDir) -> Setup {
+        Setup::new(dir)
+    }
+
+    /// Runs `command` (a `telemeter-server` whose stderr is piped) and waits (bounded) until it
+    /// logs the addresses it listens on; an unspecified address (`0.0.0.0`) is reached on
+    /// loopback.
+    pub fn spawn(command: &mut Command) -> ServerProcess {
+        let mut child = command.spawn().expect("start telemeter-server");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
         let logs = testkit::capture_lines(stderr, "server", move |line| {
@@ -79,19 +98,19 @@ impl ServerProcess {
                 );
             }
         };
-        let server = ServerProcess {
-            child,
-            external: ext.parse().expect("external address"),
-            internal: int.parse().expect("internal address"),
-            logs,
+        let loopback = |addr: String| -> SocketAddr {
+            let mut addr: SocketAddr = addr.parse().expect("address");
+            if addr.ip().is_unspecified() {
+                addr.set_ip([127, 0, 0, 1].into());
+            }
+            addr
         };
-        assert!(
-            wait_until(START_TIMEOUT, || get(&server.url_internal("/healthz"), &[])
-                .status
-                == 200),
-            "server never became healthy"
-        );
-        server
+        ServerProcess {
+            child,
+            external: loopback(ext),
+            internal: loopback(int),
+            logs,
+        }
     }
 
     /// Runs the server expecting it to fail at start: its exit status and standard error.
@@ -154,6 +173,108 @@ impl ServerProcess {
         let r = get(&self.url_internal("/federate"), &[]);
         assert_eq!(r.status, 200, "federate: {}", r.body);
         r.body
+    }
+}
+
+/// How a test starts its server, with the flags most tests share written once: storage in
+/// `dir/data`, `--tokens-file` with [`TOKENS`] written to `dir/tokens` (or
+/// `--insecure-accept-any-token`), optionally `--shared-key` with a key written to `dir/key`,
+/// `--ratelimit 0s` (tests push when they like), then the test's own flags, in that order.
+pub struct Setup {
+    dir: PathBuf,
+    storage: PathBuf,
+    tokens: Option<PathBuf>,
+    any_token: bool,
+    key: Option<PathBuf>,
+    ratelimit: Option<String>,
+    args: Vec<String>,
+}
+
+impl Setup {
+    fn new(dir: &TempDir) -> Setup {
+        Setup {
+            dir: dir.path().to_path_buf(),
+            storage: dir.path().join("data"),
+            tokens: Some(dir.file("tokens", TOKENS)),
+            any_token: false,
+            key: None,
+            ratelimit: Some("0s".into()),
+            args: Vec::new(),
+        }
+    }
+
+    /// Stores in `storage` instead of `dir/data`.
+    pub fn storage(mut self, storage: &Path) -> Setup {
+        self.storage = storage.to_path_buf();
+        self
+    }
+
+    /// `tokens` in `dir/tokens` instead of [`TOKENS`].
+    pub fn tokens(mut self, tokens: &str) -> Setup {
+        let path = self.dir.join("tokens");
+        std::fs::write(&path, tokens).expect("write the tokens file");
+        self.tokens = Some(path);
+        self
+    }
+
+    /// `--insecure-accept-any-token` instead of a tokens file.
+    pub fn any_token(mut self) -> Setup {
+        self.tokens = None;
+        self.any_token = true;
+        self
+    }
+
+    /// `--shared-key` with `key` written to `dir/key`.
+    pub fn key(mut self, key: &str) -> Setup {
+        let path = self.dir.join("key");
+        std::fs::write(&path, key).expect("write the key file");
+        self.key = Some(path);
+        self
+    }
+
+    /// `--ratelimit window`, or the server's default for `None`.
+    pub fn ratelimit(mut self, window: Option<&str>) -> Setup {
+        self.ratelimit = window.map(String::from);
+        self
+    }
+
+    /// Adds `args` after the shared flags.
+    pub fn args<S: AsRef<str>>(mut self, args: &[S]) -> Setup {
+        self.args
+            .extend(args.iter().map(|arg| arg.as_ref().to_string()));
+        self
+    }
+
+    /// Where the server stores.
+    pub fn storage_path(&self) -> &Path {
+        &self.storage
+    }
+
+    /// The flags, in order.
+    pub fn flags(&self) -> Vec<String> {
+        let mut flags = Vec::new();
+        let path = |p: &PathBuf| p.display().to_string();
+        if let Some(tokens) = &self.tokens {
+            flags.extend(["--tokens-file".to_string(), path(tokens)]);
+        }
+        if self.any_token {
+            flags.push("--insecure-accept-any-token".to_string());
+        }
+        if let Some(key) = &self.key {
+            flags.extend(["--shared-key".to_string(), path(key)]);
+        }
+        if let Some(window) = &self.ratelimit {
+            flags.extend(["--ratelimit".to_string(), window.clone()]);
+        }
+        flags.extend(self.args.iter().cloned());
+        flags
+    }
+
+    /// Starts it (see [`ServerProcess::start`]); again after a stop, on the same storage.
+    pub fn start(&self) -> ServerProcess {
+        let flags = self.flags();
+        let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+        ServerProcess::start(&self.storage, &refs)
     }
 }
 
@@ -373,6 +494,15 @@ pub fn metric_value(metrics_text: &str, name: &str, matching: &[&str]) -> f64 {
         .fold(0.0, |total, v| total + v)
 }
 
+/// How many series `/federate` left out for `reason` so far, from a `/metrics` text.
+pub fn federate_skipped(metrics_text: &str, reason: &str) -> f64 {
+    metric_value(
+        metrics_text,
+        "telemeter_server_federate_series_skipped_total",
+        &[&format!("reason=\"{reason}\"")],
+    )
+}
+
 /// An upload whose series `/federate` could not serve: Prometheus would refuse its line, and with
 /// it the whole scrape. Validation must refuse it (400).
 pub struct Unservable {
@@ -518,4 +648,276 @@ pub fn upload_as(
         ],
         body,
     )
+}
+
+/// A UDP port on loopback free now (bound, then released): a node's `--listen-cluster`.
+pub fn free_udp_port() -> u16 {
+    free_udp_port_on("127.0.0.1")
+}
+
+/// A UDP port on `ip` free now (bound, then released).
+pub fn free_udp_port_on(ip: &str) -> u16 {
+    UdpSocket::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// What the server says of its cluster on `/debug/cluster`.
+pub fn debug_cluster(server: &ServerProcess) -> serde_json::Value {
+    let r = get(&server.url_internal("/debug/cluster"), &[]);
+    assert_eq!(r.status, 200, "/debug/cluster: {}", r.body);
+    serde_json::from_str(&r.body).expect("/debug/cluster is JSON")
+}
+
+/// Whether a `/debug/cluster` view has exactly the nodes `alive` alive (in any order) and
+/// agrees with its peers.
+pub fn converged_on<S: AsRef<str>>(view: &serde_json::Value, alive: &[S]) -> bool {
+    let mut want: Vec<&str> = alive.iter().map(AsRef::as_ref).collect();
+    want.sort_unstable();
+    let seen: Option<Vec<&str>> = view["alive"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect());
+    seen.as_deref() == Some(&want[..]) && view["converged"] == true
+}
+
+/// Polls the `/debug/cluster` URLs `urls` until each view has exactly `alive` alive and
+/// agrees (see [`converged_on`]); how long that took. Fails the test after `within`, with the
+/// views.
+pub fn wait_converged<S: AsRef<str>>(urls: &[String], alive: &[S], within: Duration) -> Duration {
+    let started = Instant::now();
+    let view = |url: &String| -> serde_json::Value {
+        serde_json::from_str(&get(url, &[]).body).unwrap_or_default()
+    };
+    let names: Vec<&str> = alive.iter().map(AsRef::as_ref).collect();
+    let done = wait_until(within, || {
+        urls.iter().all(|url| converged_on(&view(url), &names))
+    });
+    assert!(
+        done,
+        "cluster did not converge on {names:?}: {:?}",
+        urls.iter().map(view).collect::<Vec<_>>()
+    );
+    started.elapsed()
+}
+
+/// Where Debian's `prometheus` package puts the binary.
+pub const PROMETHEUS: &str = "/usr/bin/prometheus";
+/// Where it puts promtool.
+pub const PROMTOOL: &str = "/usr/bin/promtool";
+
+/// Fails the test (tests against the real Prometheus exist to run: they never skip) when
+/// `program` is not installed.
+pub fn need(program: &str) {
+    assert!(
+        Path::new(program).exists(),
+        "{program} is not installed: run `make setup` (Debian package prometheus)"
+    );
+}
+
+/// A scrape job (YAML, as an item of `scrape_configs`) of a central Prometheus: `/federate` of
+/// `target` with `honor_labels`, restricted to `selector` (`match[]`) when given.
+pub fn federate_job(name: &str, target: &str, selector: Option<&str>) -> String {
+    let params = selector
+        .map(|m| format!("    params:\n      'match[]': ['{m}']\n"))
+        .unwrap_or_default();
+    format!(
+        "  - job_name: {name}\n    honor_labels: true\n    metrics_path: /federate\n{params}    static_configs:\n      - targets: ['{target}']\n"
+    )
+}
+
+/// A real Prometheus on loopback, killed on drop.
+pub struct Prometheus {
+    child: Option<Child>,
+    /// Its web port.
+    pub port: u16,
+}
+
+impl Prometheus {
+    /// Starts one scraping every second with `scrape_configs` (a YAML list, indented under its
+    /// key), on a free port; waits (bounded) until it is ready.
+    pub fn scraping(dir: &TempDir, scrape_configs: &str) -> Prometheus {
+        Prometheus::start(
+            dir,
+            "prometheus",
+            &format!("global:\n  scrape_interval: 1s\nscrape_configs:\n{scrape_configs}"),
+            free_port(),
+            &[],
+        )
+    }
+
+    /// Starts one receiving remote write (see [`Prometheus::write_url`]) on `port`, scraping
+    /// nothing; waits (bounded) until it is ready. Again on the same `dir` and `port` after a
+    /// [`Prometheus::stop`], it keeps what it had received.
+    pub fn receiver(dir: &TempDir, port: u16) -> Prometheus {
+        Prometheus::start(
+            dir,
+            "prometheus",
+            "global:\n  scrape_interval: 1m\n",
+            port,
+            &["--web.enable-remote-write-receiver"],
+        )
+    }
+
+    /// Starts one with `config` (YAML) written to `dir/NAME.yml`, its TSDB in `dir/NAME` (so a
+    /// restart under the same name keeps it), on `port`, with `flags` added; waits (bounded)
+    /// until it is ready.
+    pub fn start(dir: &TempDir, name: &str, config: &str, port: u16, flags: &[&str]) -> Prometheus {
+        need(PROMETHEUS);
+        let config = dir.file(&format!("{name}.yml"), config);
+        let child = Command::new(PROMETHEUS)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join(name).display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .args(flags)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus");
+        let prometheus = Prometheus {
+            child: Some(child),
+            port,
+        };
+        assert!(
+            wait_until(Duration::from_secs(60), || get(
+                &prometheus.url("/-/ready"),
+                &[]
+            )
+            .status
+                == 200),
+            "prometheus never became ready"
+        );
+        prometheus
+    }
+
+    /// The URL of `path` on it.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Where a [`Prometheus::receiver`] takes remote write.
+    pub fn write_url(&self) -> String {
+        self.url("/api/v1/write")
+    }
+
+    /// Its process id (`None` once stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stops it (SIGTERM, bounded wait).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            testkit::kill(child.id(), Signal::Term).expect("signal prometheus");
+            assert!(
+                wait_bounded(&mut child, Duration::from_secs(20)).is_some(),
+                "prometheus did not stop"
+            );
+        }
+    }
+
+    /// The results of the instant `query` (at `time`, seconds since the epoch, or now); `None`
+    /// while it does not answer one.
+    pub fn query_at(&self, query: &str, time: Option<f64>) -> Option<Vec<serde_json::Value>> {
+        let mut url = self.url(&format!(
+            "/api/v1/query?query={}",
+            telemeter_common::http::percent_encode(query)
+        ));
+        if let Some(time) = time {
+            url.push_str(&format!("&time={time}"));
+        }
+        let r = get(&url, &[]);
+        if r.status != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
+        v["data"]["result"].as_array().cloned()
+    }
+
+    /// Polls the instant `query` at `time` until it has at least `n` results (bounded: 60 s,
+    /// then the test fails); them.
+    pub fn wait_results(&self, query: &str, time: f64, n: usize) -> Vec<serde_json::Value> {
+        let mut results = Vec::new();
+        assert!(
+            wait_until(Duration::from_secs(60), || {
+                results = self.query_at(query, Some(time)).unwrap_or_default();
+                results.len() >= n
+            }),
+            "{query} at {time}: {} results, wanted {n}",
+            results.len()
+        );
+        results
+    }
+
+    /// The results of the instant `query` now (see [`Prometheus::query_at`]).
+    pub fn query(&self, query: &str) -> Option<Vec<serde_json::Value>> {
+        self.query_at(query, None)
+    }
+
+    /// The value of the instant `query` now, when it has exactly one result.
+    pub fn query_one(&self, query: &str) -> Option<String> {
+        let results = self.query(query)?;
+        match results.as_slice() {
+            [one] => one["value"][1].as_str().map(String::from),
+            _ => None,
+        }
+    }
+
+    /// The health and last error of the scrape target of `job`, once it has been scraped.
+    pub fn target(&self, job: &str) -> Option<(String, String)> {
+        let r = get(&self.url("/api/v1/targets"), &[]);
+        let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
+        v["data"]["activeTargets"]
+            .as_array()?
+            .iter()
+            .find(|t| t["labels"]["job"] == job && t["health"] != "unknown")
+            .map(|t| {
+                (
+                    t["health"].as_str().unwrap_or("").to_string(),
+                    t["lastError"].as_str().unwrap_or("").to_string(),
+                )
+            })
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `promtool check metrics` on `body`: `Err` with what it printed when it refuses it (a
+/// parse error, or a lint).
+pub fn promtool_check(body: &str) -> Result<(), String> {
+    need(PROMTOOL);
+    let mut promtool = Command::new(PROMTOOL)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start promtool");
+    let mut stdin = promtool.stdin.take().expect("promtool's stdin");
+    let body = body.as_bytes().to_vec();
+    // From another thread, so a large body cannot fill both pipes at once.
+    let writer = std::thread::spawn(move || stdin.write_all(&body));
+    let out = promtool.wait_with_output().expect("run promtool");
+    let _ = writer.join();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
 }
