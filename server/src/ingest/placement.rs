@@ -56,6 +56,20 @@ pub trait Placement: Send + Sync + 'static {
         payload: Vec<u8>,
         received: SystemTime,
     ) -> Result<(), PlacementError>;
+
+    /// As [`Placement::place`], for a `payload` that arrived as `frames` (snappy framed) and
+    /// passed validation unchanged: a placement that stores it locally may keep the frames
+    /// (the store's packed journal records). By default the frames are dropped.
+    fn place_packed(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        frames: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<(), PlacementError> {
+        drop(frames);
+        self.place(cluster_id, payload, received)
+    }
 }
 
 /// Stores everything in the local store; with remote write on, the store's journal is the egress
@@ -81,6 +95,22 @@ impl Placement for LocalPlacement {
     ) -> Result<(), PlacementError> {
         Ok(store_push(&self.store, cluster_id, payload, received)?)
     }
+
+    fn place_packed(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        frames: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<(), PlacementError> {
+        Ok(store_push_packed(
+            &self.store,
+            cluster_id,
+            payload,
+            frames,
+            received,
+        )?)
+    }
 }
 
 /// Stores `payload` durably as `cluster_id`'s latest upload unless the stored one has newer
@@ -105,6 +135,26 @@ pub fn store_push(
         .put_unless_older(cluster_id, payload, received)
         .map(|_| ());
     // Replaced without the remote-write merge: what the merge cached of it is stale now.
+    crate::receive::cache::forget(store, cluster_id);
+    stored
+}
+
+/// [`store_push`] of a `payload` that arrived as `frames` (snappy framed) and is stored
+/// unchanged: the journal keeps the frames. A cluster that also pushes by remote write is merged
+/// as by [`store_push`] (the merged view is not what arrived).
+pub fn store_push_packed(
+    store: &Store,
+    cluster_id: &str,
+    payload: Vec<u8>,
+    frames: Vec<u8>,
+    received: SystemTime,
+) -> Result<(), StoreError> {
+    if crate::receive::merge::uses_remote_write(store, cluster_id, received) {
+        return crate::receive::merge::store_upload_merged(store, cluster_id, payload, received);
+    }
+    let stored = store
+        .put_unless_older_packed(cluster_id, payload, frames, received)
+        .map(|_| ());
     crate::receive::cache::forget(store, cluster_id);
     stored
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use telemeter_common::sync::ReplySender;
 
-use super::journal;
+use super::journal::{self, Encoding};
 use super::{lock, Entry, Location, Shared, Ship, StoreError};
 
 /// Whether a request replaces unconditionally or only when newer than what is stored.
@@ -38,8 +38,11 @@ pub(super) enum Mode {
 /// One upload waiting to be committed. The reply says whether it was written (to be served).
 pub(super) struct Request {
     pub(super) cluster_id: String,
-    /// What to serve (empty when `serve` is false).
+    /// What to serve (empty when `serve` is false): families, or with `packed` the upload as it
+    /// arrived, snappy framed.
     pub(super) payload: Vec<u8>,
+    /// `Some(decompressed length)` when `payload` is snappy framed: it is journaled packed.
+    pub(super) packed: Option<u64>,
     /// Whether `payload` is to be served (false: the request only ships).
     pub(super) serve: bool,
     /// What egress ships of this request (when it is on).
@@ -167,31 +170,45 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
     let mut recorded = vec![false; batch.len()];
     for (i, request) in batch.iter().enumerate() {
         let role = roles.get(i).copied().unwrap_or(Role::Skipped);
-        let mut records: Vec<(u8, &[u8])> = Vec::with_capacity(2);
+        // (kind, payload, whether it is packed)
+        let mut records: Vec<(u8, &[u8], bool)> = Vec::with_capacity(2);
+        let packed = request.packed.is_some();
         if let Role::Winner(_) = role {
             let kind = match (&request.ship, egress) {
                 (Ship::Served, _) | (_, false) => journal::PUT,
                 _ => journal::SERVE,
             };
-            records.push((kind, &request.payload));
+            records.push((kind, &request.payload, packed));
         }
         if egress {
             match (&request.ship, role) {
-                (Ship::Payload(ship), _) => records.push((journal::SHIP, ship)),
+                (Ship::Payload(ship), _) => records.push((journal::SHIP, ship, false)),
                 (Ship::Served, Role::Superseded | Role::Skipped) if request.serve => {
-                    records.push((journal::SHIP, &request.payload))
+                    records.push((journal::SHIP, &request.payload, packed))
                 }
                 _ => {}
             }
         }
-        for (n, (kind, payload)) in records.into_iter().enumerate() {
-            match journal::encode(
-                kind,
-                &request.cluster_id,
-                request.received_millis,
-                payload,
-                &mut bytes,
-            ) {
+        for (n, (kind, payload, packed)) in records.into_iter().enumerate() {
+            let encoded = match (packed, request.packed) {
+                (true, Some(plain_len)) => journal::encode_packed(
+                    kind,
+                    &request.cluster_id,
+                    request.received_millis,
+                    plain_len,
+                    request.newest_sample_ms,
+                    payload,
+                    &mut bytes,
+                ),
+                _ => journal::encode(
+                    kind,
+                    &request.cluster_id,
+                    request.received_millis,
+                    payload,
+                    &mut bytes,
+                ),
+            };
+            match encoded {
                 Ok(image) => {
                     recorded[i] = true;
                     if let (0, Role::Winner(g)) = (n, role) {
@@ -210,30 +227,63 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
     let written: Result<u64, StoreError> = if bytes.is_empty() {
         Ok(0)
     } else {
-        shared.append(&bytes, |segment, base| {
+        shared.append_packed(&bytes, |segment, base| {
             let mut index = lock(&shared.index);
             let mut written = 0;
+            // Decompressed bytes of packed payloads the index finds in this segment: what reads
+            // of it may hold in memory (see `journal::PACKED_BUDGET`).
+            let mut packed_bytes = 0i64;
             for group in &groups {
                 if refused.contains_key(&group.winner) {
                     continue;
                 }
                 if let Some(request) = batch.get(group.winner) {
-                    index.insert(
+                    let (payload_bytes, encoding) = match request.packed {
+                        Some(plain_len) => {
+                            packed_bytes += i64::try_from(plain_len).unwrap_or(i64::MAX);
+                            (
+                                plain_len,
+                                Encoding::Packed {
+                                    record_bytes: journal::packed_record_bytes(
+                                        request.payload.len(),
+                                    ),
+                                },
+                            )
+                        }
+                        None => (request.payload.len() as u64, Encoding::Plain),
+                    };
+                    let replaced = index.insert(
                         request.cluster_id.clone(),
                         Entry {
                             received_millis: request.received_millis,
                             newest_sample_ms: request.newest_sample_ms,
-                            payload_bytes: request.payload.len() as u64,
+                            payload_bytes,
                             location: Location::Journal {
                                 segment: Arc::clone(segment),
                                 offset: base + group.image as u64,
+                                encoding,
                             },
                         },
                     );
+                    if let Some(Entry {
+                        payload_bytes,
+                        location:
+                            Location::Journal {
+                                segment: s,
+                                encoding: Encoding::Packed { .. },
+                                ..
+                            },
+                        ..
+                    }) = replaced
+                    {
+                        if s.number == segment.number {
+                            packed_bytes -= i64::try_from(payload_bytes).unwrap_or(i64::MAX);
+                        }
+                    }
                     written += 1 + group.superseded.len() as u64;
                 }
             }
-            written
+            (written, packed_bytes)
         })
     };
     if let Ok(written) = &written {

@@ -564,6 +564,7 @@ mod tests {
                 cluster_id: "a".to_string(),
                 newest_sample_ms: super::super::state::newest_sample_ms(&payload, 0),
                 payload,
+                packed: None,
                 serve: true,
                 ship: Ship::Served,
                 received_millis: telemeter_common::time::unix_millis(SystemTime::now()),

@@ -230,6 +230,8 @@ impl Store {
                 broken: false,
                 next_number: 0,
                 retired: None,
+                packed_bytes: 0,
+                packed_budget: journal::PACKED_BUDGET,
             }),
             segment_bytes: AtomicU64::new(journal::SEGMENT_BYTES),
             counters: Counters::default(),
@@ -321,6 +323,7 @@ impl Store {
         self.submit(
             cluster_id,
             Some(payload),
+            None,
             Ship::Served,
             received,
             Mode::Replace,
@@ -339,7 +342,7 @@ impl Store {
         ship: Ship,
         received: SystemTime,
     ) -> Result<bool, StoreError> {
-        self.submit(cluster_id, serve, ship, received, Mode::Replace)
+        self.submit(cluster_id, serve, None, ship, received, Mode::Replace)
     }
 
     /// The egress backlog, when the store was opened with [`Store::open_shipping`].
@@ -361,6 +364,7 @@ impl Store {
         self.submit(
             cluster_id,
             Some(payload),
+            None,
             Ship::Nothing,
             received,
             Mode::IfNewer,
@@ -380,17 +384,41 @@ impl Store {
         self.submit(
             cluster_id,
             Some(payload),
+            None,
             Ship::Served,
             received,
             Mode::UnlessOlder,
         )
     }
 
-    /// Hands one upload to the committer and waits for its answer.
+    /// As [`Store::put_unless_older`], for a payload that arrived as `frames` (snappy framed,
+    /// decompressing to exactly `payload`, which passed validation unchanged): the journal keeps
+    /// the frames (packed, ~6× fewer bytes than the families), every read gets `payload` back.
+    /// `payload` is only read here (its newest sample) and dropped before the commit.
+    pub fn put_unless_older_packed(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        frames: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<bool, StoreError> {
+        self.submit(
+            cluster_id,
+            Some(payload),
+            Some(frames),
+            Ship::Served,
+            received,
+            Mode::UnlessOlder,
+        )
+    }
+
+    /// Hands one upload to the committer and waits for its answer. With `frames` (the served
+    /// payload as it arrived, snappy framed) the record is packed.
     fn submit(
         &self,
         cluster_id: &str,
         serve: Option<Vec<u8>>,
+        frames: Option<Vec<u8>>,
         ship: Ship,
         received: SystemTime,
         mode: Mode,
@@ -411,10 +439,16 @@ impl Store {
         let serving = serve.is_some();
         let payload = serve.unwrap_or_default();
         let newest_sample_ms = newest_sample_ms(&payload, received_millis);
+        // Packed: the families are not needed past this point, only their length.
+        let (payload, packed) = match frames {
+            Some(frames) if serving => (frames, Some(payload.len() as u64)),
+            _ => (payload, None),
+        };
         requests
             .send(Request {
                 cluster_id: cluster_id.to_string(),
                 payload,
+                packed,
                 serve: serving,
                 ship,
                 received_millis,

@@ -124,6 +124,7 @@ impl Shared {
     /// Applies one replayed journal record of `segment` to the index (and, for a removal, the
     /// directory).
     fn apply(&self, segment: &Arc<Segment>, record: journal::Record) -> io::Result<()> {
+        let (encoding, payload_bytes, recorded_newest) = record.encoding();
         let cluster_id = record.header.cluster_id;
         if record.kind == journal::SHIP {
             // Shipped by egress from the segment; never served.
@@ -142,16 +143,20 @@ impl Shared {
             lock(&self.index).remove(&cluster_id);
             return Ok(());
         }
-        let newest_sample_ms = newest_sample_ms(&record.payload, record.header.received_millis);
+        // A packed record says its decompressed length and newest sample: replay decompresses
+        // nothing.
+        let newest_sample_ms = recorded_newest
+            .unwrap_or_else(|| newest_sample_ms(&record.payload, record.header.received_millis));
         lock(&self.index).insert(
             cluster_id,
             Entry {
                 received_millis: record.header.received_millis,
                 newest_sample_ms,
-                payload_bytes: record.payload.len() as u64,
+                payload_bytes,
                 location: Location::Journal {
                     segment: Arc::clone(segment),
                     offset: record.offset,
+                    encoding,
                 },
             },
         );
