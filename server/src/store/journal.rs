@@ -32,8 +32,31 @@
 //! | 3, 4      | version 2: put, remove | CRC-32C (as the Prometheus WAL), in the low 32 bits       |
 //! | 5         | version 2: ship only   | CRC-32C                                                    |
 //! | 6         | version 2: serve only  | CRC-32C                                                    |
+//! | 0x13      | version 2: put, packed (below) | CRC-32C                                           |
+//! | 0x15      | version 2: ship only, packed   | CRC-32C                                           |
+//! | 0x16      | version 2: serve only, packed  | CRC-32C                                           |
 //!
-//! Only version 2 is written. With `--remote-write-url` the journal is also the egress backlog
+//! # Packed records
+//!
+//! An upload that passed the wire check unchanged (snappy framed, already stamped, nothing to
+//! rewrite: what `telemeter-client` and the upstream client send) is journaled as it arrived: the
+//! kind byte has [`PACKED`] (0x10) set and the payload is the decompressed length (u64), the
+//! newest sample's timestamp (i64), then the body's snappy frames, all under the record's
+//! checksum. The benchmark's upload is ~8 KB that way instead of ~51 KB, so the committer copies,
+//! checksums and syncs ~6× fewer bytes, and a 256 MiB segment holds ~6× more uploads before a
+//! checkpoint. Replay indexes a packed record from those two fields without decompressing it (its
+//! frames' chunk headers are checked to declare exactly that length, and at most 64 bytes per
+//! byte of frames, so a read never allocates from a length the record cannot back); every read
+//! (`Store::get`, `/federate`'s pins, the checkpointer, egress) decompresses it, and frames that
+//! do not decompress to that length are a corrupt record, refused as one that fails its checksum
+//! is. A read that must keep the payload (a `/federate` pin) holds it decompressed in memory, so
+//! a segment is also closed (and checkpointed into plain cluster files) once the packed payloads
+//! the index finds in it would decompress to [`PACKED_BUDGET`] (64 MiB).
+//!
+//! Only version 2 is written, packed or not (a body the server rewrote, a remote-write merge, a
+//! forward or handoff between servers: plain). A server from before packed records stops its
+//! replay at the first packed one as at a torn tail, so a downgrade must follow a clean stop (which
+//! checkpoints every segment and deletes it). With `--remote-write-url` the journal is also the egress backlog
 //! (`remote_write`): a put (1, 3) is served and shipped; "ship only" (5) carries what must reach
 //! the remote-write receiver but not `/federate` (a late upload older than what is served, the
 //! delta of a remote-write request whose merged view is put separately); "serve only" (6) is a put
