@@ -74,6 +74,10 @@ enum Command {
         /// Clusters, each with its file.
         #[arg(long, default_value_t = 10_000)]
         clusters: usize,
+        /// Fill the journal segment with packed uploads (snappy framed, as clients send them)
+        /// of this many of the clusters instead (0: plain uploads of all of them).
+        #[arg(long, default_value_t = 0)]
+        packed: usize,
     },
     /// The first half of `recovery`, in its child process: fill the store, then exit at once.
     #[command(hide = true)]
@@ -84,6 +88,9 @@ enum Command {
         /// Clusters.
         #[arg(long)]
         clusters: usize,
+        /// See `recovery`.
+        #[arg(long, default_value_t = 0)]
+        packed: usize,
     },
     /// The second half of `recovery` alone, for profiling it: open (and close) a filled store.
     #[command(hide = true)]
@@ -252,7 +259,11 @@ fn run(cli: Cli) -> Result<String, String> {
         })
         .map(|r| r.to_string())
         .map_err(|e| e.to_string()),
-        Command::Recovery { dir, clusters } => {
+        Command::Recovery {
+            dir,
+            clusters,
+            packed,
+        } => {
             let exe = std::env::current_exe().map_err(|e| e.to_string())?;
             let fill = std::process::Command::new(exe)
                 .arg("recovery-fill")
@@ -260,6 +271,8 @@ fn run(cli: Cli) -> Result<String, String> {
                 .arg(&dir)
                 .arg("--clusters")
                 .arg(clusters.to_string())
+                .arg("--packed")
+                .arg(packed.to_string())
                 .output()
                 .map_err(|e| format!("running the fill: {e}"))?;
             if !fill.status.success() {
@@ -275,8 +288,12 @@ fn run(cli: Cli) -> Result<String, String> {
             Ok(format!("{opened} fill_{filled}"))
         }
         Command::RecoveryOpen { dir } => recovery::measure(&dir),
-        Command::RecoveryFill { dir, clusters } => {
-            let (line, store) = recovery::fill(&dir, clusters)?;
+        Command::RecoveryFill {
+            dir,
+            clusters,
+            packed,
+        } => {
+            let (line, store) = recovery::fill(&dir, clusters, packed)?;
             println!("{line}");
             let _ = std::io::stdout().flush();
             // As a crash would: no close, so the last segment is not checkpointed on the way out.

@@ -219,7 +219,7 @@ impl Importer {
         )
         .map_err(|r| invalid(r.status, r.message))?
         {
-            Decoded::Unchanged { body, series } => (Some(body), series),
+            Decoded::Unchanged { body, series, .. } => (Some(body), series),
             Decoded::Families(families) => {
                 let validated = self
                     .rules

@@ -46,6 +46,9 @@ pub enum Decoded {
     Unchanged {
         /// The decompressed body.
         body: Vec<u8>,
+        /// The body as it arrived when that was snappy framed: the store journals it so, packed
+        /// (~8 KB instead of ~51 KB for the benchmark's upload).
+        frames: Option<Vec<u8>>,
         /// Its series.
         series: usize,
     },
@@ -144,9 +147,20 @@ pub fn decode(
             } = rules.check_wire(body, &decode_limits, token_labels, now)
             {
                 if element_bytes <= budget(series) {
-                    // A decompressed body is stored as it is, not copied again.
-                    let body = decompressed.unwrap_or_else(|| request.body.clone());
-                    return Ok(Decoded::Unchanged { body, series });
+                    // A decompressed body is stored as it is, not copied again; its frames are
+                    // what the journal keeps.
+                    return Ok(match decompressed {
+                        Some(body) => Decoded::Unchanged {
+                            body,
+                            frames: Some(request.body.clone()),
+                            series,
+                        },
+                        None => Decoded::Unchanged {
+                            body: request.body.clone(),
+                            frames: None,
+                            series,
+                        },
+                    });
                 }
             }
             // The decoder checks its caps only after building each family, so they are

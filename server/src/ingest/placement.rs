@@ -59,6 +59,20 @@ pub trait Placement: Send + Sync + 'static {
         payload: Vec<u8>,
         received: SystemTime,
     ) -> Result<(), PlacementError>;
+
+    /// As [`Placement::place`], for a `payload` that arrived as `frames` (snappy framed) and
+    /// passed validation unchanged: a placement that stores it locally may keep the frames
+    /// (the store's packed journal records). By default the frames are dropped.
+    fn place_packed(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        frames: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<(), PlacementError> {
+        drop(frames);
+        self.place(cluster_id, payload, received)
+    }
 }
 
 /// Stores everything in the local store; with remote write on, the store's journal is the egress
@@ -83,6 +97,22 @@ impl Placement for LocalPlacement {
         received: SystemTime,
     ) -> Result<(), PlacementError> {
         Ok(store_push(&self.merger, cluster_id, payload, received)?)
+    }
+
+    fn place_packed(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        frames: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<(), PlacementError> {
+        Ok(store_push_packed(
+            &self.merger,
+            cluster_id,
+            payload,
+            frames,
+            received,
+        )?)
     }
 }
 
@@ -112,6 +142,25 @@ pub fn store_push(
     // cached of the cluster is not used again.
     store
         .put_unless_older(cluster_id, payload, received)
+        .map(|_| ())
+}
+
+/// [`store_push`] of a `payload` that arrived as `frames` (snappy framed) and is stored
+/// unchanged: the journal keeps the frames. A cluster that also pushes by remote write is merged
+/// as by [`store_push`] (the merged view is not what arrived).
+pub fn store_push_packed(
+    merger: &Merger,
+    cluster_id: &str,
+    payload: Vec<u8>,
+    frames: Vec<u8>,
+    received: SystemTime,
+) -> Result<(), StoreError> {
+    let store = merger.store();
+    if uses_remote_write(store, cluster_id, received) {
+        return merger.store_accepted(cluster_id, payload, received);
+    }
+    store
+        .put_unless_older_packed(cluster_id, payload, frames, received)
         .map(|_| ())
 }
 

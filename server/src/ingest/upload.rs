@@ -191,6 +191,9 @@ impl Refusal {
 struct Prepared {
     /// The protobuf-delimited families to store; `None` when the whitelist left nothing.
     payload: Option<Vec<u8>>,
+    /// The body as it arrived (snappy framed), when `payload` is exactly what it decompressed
+    /// to: the store journals these bytes instead.
+    frames: Option<Vec<u8>>,
     /// Series kept.
     series: usize,
     /// Series dropped by the whitelist.
@@ -428,10 +431,16 @@ impl UploadHandler {
                     .map_err(Refusal::rate_limited)?,
             )
         };
-        // Only the payload is held from here until the store answers.
-        memory.shrink_to(payload.len());
+        // Only the payload (and its frames) is held from here until the store answers.
+        let frames = prepared.frames;
+        memory.shrink_to(payload.len() + frames.as_ref().map_or(0, Vec::len));
         let started = Instant::now();
-        let stored = self.placement.place(&cluster_id, payload, now);
+        let stored = match frames {
+            Some(frames) => self
+                .placement
+                .place_packed(&cluster_id, payload, frames, now),
+            None => self.placement.place(&cluster_id, payload, now),
+        };
         self.metrics
             .store_write_seconds
             .with(&[])
@@ -479,9 +488,14 @@ impl UploadHandler {
             memory,
         )? {
             Decoded::Families(families) => families,
-            Decoded::Unchanged { body, series } => {
+            Decoded::Unchanged {
+                body,
+                frames,
+                series,
+            } => {
                 return Ok(Prepared {
                     payload: Some(body),
+                    frames,
                     series,
                     filtered: 0,
                 })
@@ -498,6 +512,7 @@ impl UploadHandler {
         };
         Ok(Prepared {
             payload,
+            frames: None,
             series: validated.series,
             filtered: validated.filtered,
         })

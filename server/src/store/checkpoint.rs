@@ -2,6 +2,13 @@
 //! newest upload is in it (temp file, synced, renamed over the cluster's file, one directory sync
 //! for all), then deletes the segment (or, with egress on, moves it to `egress/` until it is
 //! shipped). A cluster uploaded many times per segment is written once.
+//!
+//! A packed record (the upload as it arrived, snappy framed) is decompressed into a plain file,
+//! in the same format as before: `/federate` reads each family's byte range of every cluster's
+//! file with one `pread` and holds no payload in memory, which a compressed file would not allow
+//! (it would have to be decompressed whole, for every cluster at once, by every scrape). The
+//! bytes saved by packing are the journal's: it takes every upload, the files one per cluster
+//! and segment.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -13,7 +20,7 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 
 use super::file;
-use super::journal::Segment;
+use super::journal::{Encoding, Segment};
 use super::state::{lock, sync_file_system, Location, Shared};
 use super::TEMP_PREFIX;
 
@@ -35,15 +42,20 @@ pub(super) fn checkpoint_until_closed(shared: &Shared, retired: &Receiver<Arc<Se
 /// On failure the segment stays: reads keep using it, and the next open replays it. With `keep`
 /// the segment stays even on success. Returns whether it succeeded.
 pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) -> bool {
-    let in_segment: Vec<(String, u64, u64, i64, Option<i64>)> = lock(&shared.index)
+    let in_segment: Vec<(String, u64, u64, i64, Option<i64>, Encoding)> = lock(&shared.index)
         .iter()
         .filter_map(|(id, entry)| match &entry.location {
-            Location::Journal { segment: s, offset } if s.number == segment.number => Some((
+            Location::Journal {
+                segment: s,
+                offset,
+                encoding,
+            } if s.number == segment.number => Some((
                 id.clone(),
                 *offset,
                 entry.payload_bytes,
                 entry.newest_sample_ms,
                 entry.newest_received_ms,
+                *encoding,
             )),
             _ => None,
         })
@@ -52,14 +64,16 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
     // (cluster, its record's offset, temp file, its inode, the temp file open)
     let mut written: Vec<(String, u64, PathBuf, u64, File)> = Vec::new();
     let mut failed = false;
-    for (cluster_id, offset, payload_bytes, newest_sample_ms, newest_received_ms) in in_segment {
+    for (cluster_id, offset, payload_bytes, newest_sample_ms, newest_received_ms, encoding) in
+        in_segment
+    {
         let temp = shared.dir.join(format!(
             "{}{}",
             TEMP_PREFIX,
             shared.next_temp.fetch_add(1, Ordering::Relaxed)
         ));
         let done = segment
-            .read_put(&cluster_id, offset, payload_bytes)
+            .read_put(&cluster_id, offset, payload_bytes, encoding)
             .map_err(|e| match e {
                 file::ReadError::Io(e) => e,
                 file::ReadError::Corrupt(reason) => {
@@ -126,7 +140,7 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
         for (cluster_id, offset, temp, inode, _) in &written {
             let current = matches!(
                 lock(&shared.index).get(cluster_id).map(|e| &e.location),
-                Some(Location::Journal { segment: s, offset: o }) if s.number == segment.number && o == offset
+                Some(Location::Journal { segment: s, offset: o, .. }) if s.number == segment.number && o == offset
             );
             if !current {
                 let _ = fs::remove_file(temp);
@@ -155,7 +169,7 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
             let mut index = lock(&shared.index);
             for (cluster_id, offset, inode) in renamed {
                 if let Some(entry) = index.get_mut(cluster_id.as_str()) {
-                    if matches!(&entry.location, Location::Journal { segment: s, offset: o } if s.number == segment.number && *o == offset)
+                    if matches!(&entry.location, Location::Journal { segment: s, offset: o, .. } if s.number == segment.number && *o == offset)
                     {
                         // Verified by its first read, as every file version is: the bytes on
                         // disk are what that read checks, not what was meant to be written.

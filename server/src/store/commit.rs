@@ -21,7 +21,7 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use telemeter_common::sync::ReplySender;
 
-use super::journal;
+use super::journal::{self, Encoding};
 use super::{lock, Entry, Location, Shared, Ship, StoreError};
 
 /// Whether a request replaces unconditionally or only when newer than what is stored.
@@ -56,8 +56,11 @@ impl Outcome {
 /// One upload waiting to be committed. The reply says what became of it.
 pub(super) struct Request {
     pub(super) cluster_id: String,
-    /// What to serve (empty when `serve` is false).
+    /// What to serve (empty when `serve` is false): families, or with `packed` the upload as it
+    /// arrived, snappy framed.
     pub(super) payload: Vec<u8>,
+    /// `Some(decompressed length)` when `payload` is snappy framed: it is journaled packed.
+    pub(super) packed: Option<u64>,
     /// Whether `payload` is to be served (false: the request only ships).
     pub(super) serve: bool,
     /// What egress ships of this request (when it is on).
@@ -189,27 +192,39 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
     let mut recorded = vec![false; batch.len()];
     for (i, request) in batch.iter().enumerate() {
         let role = roles.get(i).copied().unwrap_or(Role::Skipped);
-        let mut records: Vec<(u8, &[u8])> = Vec::with_capacity(2);
+        // (kind, payload, whether it is packed)
+        let mut records: Vec<(u8, &[u8], bool)> = Vec::with_capacity(2);
+        let packed = request.packed.is_some();
         if let Role::Winner(_) = role {
             let kind = match (&request.ship, egress) {
                 (Ship::Served, _) | (_, false) => journal::PUT,
                 _ => journal::SERVE,
             };
-            records.push((kind, &request.payload));
+            records.push((kind, &request.payload, packed));
         }
         if egress {
             match (&request.ship, role) {
-                (Ship::Payload(ship), _) => records.push((journal::SHIP, ship)),
+                (Ship::Payload(ship), _) => records.push((journal::SHIP, ship, false)),
                 (Ship::Served, Role::Superseded | Role::Skipped) if request.serve => {
-                    records.push((journal::SHIP, &request.payload))
+                    records.push((journal::SHIP, &request.payload, packed))
                 }
                 _ => {}
             }
         }
-        for (n, (kind, payload)) in records.into_iter().enumerate() {
-            // A served payload's record carries its remote-write marker, so a replay restores it.
-            let encoded = match kind {
-                journal::PUT | journal::SERVE => journal::encode_marked(
+        for (n, (kind, payload, packed)) in records.into_iter().enumerate() {
+            // A served payload's record carries its remote-write marker, so a replay restores it;
+            // a packed one is an upload as sent, which has none.
+            let encoded = match (packed, request.packed, kind) {
+                (true, Some(plain_len), _) => journal::encode_packed(
+                    kind,
+                    &request.cluster_id,
+                    request.received_millis,
+                    plain_len,
+                    request.newest_sample_ms,
+                    payload,
+                    &mut bytes,
+                ),
+                (_, _, journal::PUT | journal::SERVE) => journal::encode_marked(
                     kind,
                     &request.cluster_id,
                     request.received_millis,
@@ -244,33 +259,66 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
     let written: Result<u64, StoreError> = if bytes.is_empty() {
         Ok(0)
     } else {
-        shared.append(&bytes, |segment, base| {
+        shared.append_packed(&bytes, |segment, base| {
             let mut index = lock(&shared.index);
             let mut written = 0;
+            // Decompressed bytes of packed payloads the index finds in this segment: what reads
+            // of it may hold in memory (see `journal::PACKED_BUDGET`).
+            let mut packed_bytes = 0i64;
             for group in &mut groups {
                 if refused.contains_key(&group.winner) {
                     continue;
                 }
                 if let Some(request) = batch.get(group.winner) {
                     group.version = shared.versions.fetch_add(1, Ordering::Relaxed);
-                    index.insert(
+                    let (payload_bytes, encoding) = match request.packed {
+                        Some(plain_len) => {
+                            packed_bytes += i64::try_from(plain_len).unwrap_or(i64::MAX);
+                            (
+                                plain_len,
+                                Encoding::Packed {
+                                    record_bytes: journal::packed_record_bytes(
+                                        request.payload.len(),
+                                    ),
+                                },
+                            )
+                        }
+                        None => (request.payload.len() as u64, Encoding::Plain),
+                    };
+                    let replaced = index.insert(
                         request.cluster_id.clone(),
                         Entry {
                             received_millis: request.received_millis,
                             newest_sample_ms: request.newest_sample_ms,
                             newest_received_ms: Some(request.newest_received_ms),
-                            payload_bytes: request.payload.len() as u64,
+                            payload_bytes,
                             location: Location::Journal {
                                 segment: Arc::clone(segment),
                                 offset: base + group.image as u64,
+                                encoding,
                             },
                             version: group.version,
                         },
                     );
+                    if let Some(Entry {
+                        payload_bytes,
+                        location:
+                            Location::Journal {
+                                segment: s,
+                                encoding: Encoding::Packed { .. },
+                                ..
+                            },
+                        ..
+                    }) = replaced
+                    {
+                        if s.number == segment.number {
+                            packed_bytes -= i64::try_from(payload_bytes).unwrap_or(i64::MAX);
+                        }
+                    }
                     written += 1 + group.superseded.len() as u64;
                 }
             }
-            written
+            (written, packed_bytes)
         })
     };
     if let Ok(written) = &written {

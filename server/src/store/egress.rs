@@ -70,7 +70,8 @@ pub struct ShipRecord {
     pub cluster_id: String,
     /// When it was received, milliseconds since the Unix epoch.
     pub received_millis: u64,
-    /// Validated families, protobuf-delimited.
+    /// Validated families, protobuf-delimited (a packed record's decompressed: a record whose
+    /// frames do not decompress ends its segment's reading as a failed checksum does).
     pub payload: Vec<u8>,
     /// Where the next record starts.
     pub end: Position,
@@ -564,6 +565,7 @@ mod tests {
                 cluster_id: "a".to_string(),
                 newest_sample_ms: super::super::state::newest_sample_ms(&payload, 0),
                 payload,
+                packed: None,
                 serve: true,
                 ship: Ship::Served,
                 received_millis: telemeter_common::time::unix_millis(SystemTime::now()),

@@ -35,19 +35,42 @@
 //! | 5         | version 2: ship only   | CRC-32C                                                    |
 //! | 6         | version 2: serve only  | CRC-32C                                                    |
 //! | 7, 8      | version 3: put, serve only, + marker | CRC-32C, the marker included            |
+//! | 0x13      | version 2: put, packed (below) | CRC-32C                                           |
+//! | 0x15      | version 2: ship only, packed   | CRC-32C                                           |
+//! | 0x16      | version 2: serve only, packed  | CRC-32C                                           |
 //!
-//! A served payload (put, serve only) is written as version 3, everything else (remove, ship only)
-//! as version 2: the marker only means something beside a served payload. A replay restores the
-//! marker of a version 3 record, and reads it from the payload of an older one. With
-//! `--remote-write-url` the journal is also the egress backlog
-//! (`remote_write`): a put (1, 3, 7) is served and shipped; "ship only" (5) carries what must
-//! reach the remote-write receiver but not `/federate` (a late upload older than what is served,
-//! the delta of a remote-write request whose merged view is put separately); "serve only" (6, 8)
-//! is a put whose payload is not shipped (that merged view, or a handoff between servers). A
-//! replay into the store skips kind 5 and treats 6 and 8 as a put; egress ships 1, 3, 7 and 5.
-//! Kinds 5 and 6 are read by this version on, 7 and 8 by version 3 on; an older server stops its
+//! A served payload that is not packed (put, serve only) is written as version 3, everything else
+//! (remove, ship only, packed records) as version 2: the marker only means something beside a
+//! served payload, and a packed record is a plain upload, whose marker is always "none". A replay
+//! restores the marker of a version 3 record, reads it from the payload of an older one, and
+//! takes "none" for a packed one. With `--remote-write-url` the journal is also the egress
+//! backlog (`remote_write`): a put (1, 3, 7, 0x13) is served and shipped; "ship only" (5, 0x15)
+//! carries what must reach the remote-write receiver but not `/federate` (a late upload older
+//! than what is served, the delta of a remote-write request whose merged view is put
+//! separately); "serve only" (6, 8, 0x16) is a put whose payload is not shipped (that merged
+//! view, or a handoff between servers). A replay into the store skips ship only records and
+//! treats serve only ones as a put; egress ships puts and ship only records. Kinds 5 and 6 are
+//! read by this version on, 7, 8 and the packed kinds by version 3 on; an older server stops its
 //! replay at them as at a torn tail (as it refuses the version 3 cluster files: there is no
-//! downgrade past a format version).
+//! downgrade past a format version without a clean stop, which checkpoints and deletes every
+//! segment).
+//!
+//! # Packed records
+//!
+//! An upload that passed the wire check unchanged (snappy framed, already stamped, nothing to
+//! rewrite: what `telemeter-client` and the upstream client send) is journaled as it arrived: the
+//! kind byte has [`PACKED`] (0x10) set and the payload is the decompressed length (u64), the
+//! newest sample's timestamp (i64), then the body's snappy frames, all under the record's
+//! checksum. The benchmark's upload is ~8 KB that way instead of ~51 KB, so the committer copies,
+//! checksums and syncs ~6× fewer bytes, and a 256 MiB segment holds ~6× more uploads before a
+//! checkpoint. Replay indexes a packed record from those two fields without decompressing it (its
+//! frames' chunk headers are checked to declare exactly that length, and at most 64 bytes per
+//! byte of frames, so a read never allocates from a length the record cannot back); every read
+//! (`Store::get`, `/federate`'s pins, the checkpointer, egress) decompresses it, and frames that
+//! do not decompress to that length are a corrupt record, refused as one that fails its checksum
+//! is. A read that must keep the payload (a `/federate` pin) holds it decompressed in memory, so
+//! a segment is also closed (and checkpointed into plain cluster files) once the packed payloads
+//! the index finds in it would decompress to [`PACKED_BUDGET`] (64 MiB).
 //!
 //! This module owns the journal's writing end ([`JournalState`]): `Shared::append` is the one
 //! place that writes to a segment and `fdatasync`s it, for the committer's batches and for
@@ -66,7 +89,7 @@ use crossbeam_channel::Sender;
 use super::file::{Header, ReadError};
 use super::state::{lock, Shared};
 use super::StoreError;
-use telemeter_common::crc32c;
+use telemeter_common::{crc32c, snappy};
 
 /// Segment files are named this followed by their number.
 pub(super) const PREFIX: &str = "journal-";
@@ -92,6 +115,15 @@ const SERVE_MARKED: u8 = 8;
 /// Bytes of a version 3 record's marker, after its payload: the newest remote-write sample (ms,
 /// i64, `i64::MIN` when none), under the checksum.
 const MARKER_LEN: usize = 8;
+/// Set in the kind byte of a version 2 put, ship or serve record whose payload is the upload as
+/// it arrived, snappy framed, after a [`PACKED_HEADER_LEN`]-byte header (see the module doc).
+pub(super) const PACKED: u8 = 0x10;
+/// Bytes before the snappy frames in a packed record's payload: the decompressed length (u64)
+/// and the newest sample's timestamp (i64), both little endian.
+const PACKED_HEADER_LEN: usize = 8 + 8;
+/// The most one byte of snappy frames can decompress to, with slack: a packed record that claims
+/// more is corrupt, so no read allocates from a length its bytes cannot back.
+const MAX_SNAPPY_RATIO: u64 = 64;
 /// Bytes before a record's cluster id: kind, id length, receive time, payload length, checksum.
 const PREFIX_LEN: usize = 1 + 2 + 8 + 8 + 8;
 /// The part of the prefix the checksum covers (all but the checksum itself).
@@ -106,9 +138,18 @@ pub(super) enum Checksum {
     Crc32c,
 }
 
-/// The record kind ([`PUT`], [`REMOVE`], [`SHIP`] or [`SERVE`]) and checksum of a kind byte;
-/// `None` for another byte.
+/// The record kind ([`PUT`], [`REMOVE`], [`SHIP`] or [`SERVE`]) and checksum of a kind byte
+/// (the [`PACKED`] flag aside: see [`is_packed`]); `None` for another byte.
 fn kind_of(byte: u8) -> Option<(u8, Checksum)> {
+    if is_packed(byte) {
+        // Only a version 2 put, ship or serve record can be packed: a removal has no payload,
+        // and a packed payload is a plain upload, which has no remote-write marker (7, 8).
+        let base = byte & !PACKED;
+        return match base == PUT + VERSION_2_KINDS || base == SHIP || base == SERVE {
+            true => kind_of(base),
+            false => None,
+        };
+    }
     match byte {
         PUT | REMOVE => Some((byte, Checksum::Hash64)),
         SHIP | SERVE => Some((byte, Checksum::Crc32c)),
@@ -129,6 +170,11 @@ fn marker_len(byte: u8) -> usize {
     }
 }
 
+/// Whether the kind byte `byte` says the payload is packed (snappy framed as received).
+fn is_packed(byte: u8) -> bool {
+    byte & PACKED != 0
+}
+
 /// The kind byte of a record of `kind` checksummed with `method`.
 fn kind_byte(method: Checksum, kind: u8) -> u8 {
     match (method, kind) {
@@ -139,11 +185,19 @@ fn kind_byte(method: Checksum, kind: u8) -> u8 {
 
 /// The checksum of a record over its checked prefix, id and payload.
 fn checksum(method: Checksum, prefix: &[u8], cluster_id: &[u8], payload: &[u8]) -> u64 {
+    checksum_parts(method, prefix, cluster_id, &[payload])
+}
+
+/// [`checksum`] of a payload written in `parts` (a packed record's header, then its frames).
+fn checksum_parts(method: Checksum, prefix: &[u8], cluster_id: &[u8], parts: &[&[u8]]) -> u64 {
     match method {
-        Checksum::Hash64 => hash(payload, hash(cluster_id, hash(prefix, 0))),
-        Checksum::Crc32c => u64::from(crc32c::extend(
+        Checksum::Hash64 => {
+            let payload = parts.concat();
+            hash(&payload, hash(cluster_id, hash(prefix, 0)))
+        }
+        Checksum::Crc32c => u64::from(parts.iter().fold(
             crc32c::extend(crc32c::extend(0, prefix), cluster_id),
-            payload,
+            |crc, part| crc32c::extend(crc, part),
         )),
     }
 }
@@ -246,6 +300,16 @@ fn verify(
             Some(marker)
         }
     };
+    let newest_received_ms = match is_packed(prefix.kind) {
+        // Its frames must declare the length its header says (a walk over the chunk headers,
+        // nothing decompressed), so what a read allocates is what the record holds. A packed
+        // record is a plain upload, which never carries remote-write series.
+        true => {
+            packed_parts(&payload)?;
+            Some(i64::MIN)
+        }
+        false => newest_received_ms,
+    };
     let cluster_id = String::from_utf8(id)
         .map_err(|_| ReadError::Corrupt("holds a cluster id that is not UTF-8".to_string()))?;
     Ok((
@@ -259,6 +323,62 @@ fn verify(
         },
         payload,
     ))
+}
+
+/// How a put's payload is kept in its record (the index remembers it for every journal location).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Encoding {
+    /// Protobuf-delimited families, as served.
+    Plain,
+    /// Packed ([`PACKED`]): the upload as it arrived, snappy framed, behind a small header;
+    /// `record_bytes` is the record's payload length (header and frames).
+    Packed {
+        /// The record's payload length.
+        record_bytes: u64,
+    },
+}
+
+/// A packed record payload's parts: the decompressed length, the newest sample's timestamp and
+/// the snappy frames. `Corrupt` when it is too short for its header, or its frames do not
+/// declare exactly that length (or more than they could hold).
+pub(super) fn packed_parts(payload: &[u8]) -> Result<(usize, i64, &[u8]), ReadError> {
+    let corrupt = |why: &str| ReadError::Corrupt(format!("holds a packed payload {why}"));
+    let frames = payload
+        .get(PACKED_HEADER_LEN..)
+        .ok_or_else(|| corrupt("shorter than its header"))?;
+    let plain_len = read_u64(payload, 0);
+    let newest_sample_ms = read_u64(payload, 8) as i64;
+    if plain_len > (frames.len() as u64).saturating_mul(MAX_SNAPPY_RATIO) {
+        return Err(corrupt(&format!(
+            "of {} bytes that claims {plain_len} bytes decompressed",
+            frames.len()
+        )));
+    }
+    let plain_len = usize::try_from(plain_len).map_err(|_| corrupt("too long for this machine"))?;
+    match snappy::framed_len(frames, plain_len) {
+        Ok(declared) if declared == plain_len => Ok((plain_len, newest_sample_ms, frames)),
+        Ok(declared) => Err(corrupt(&format!(
+            "whose frames declare {declared} bytes, not {plain_len}"
+        ))),
+        Err(e) => Err(corrupt(&format!("whose frames do not hold: {e}"))),
+    }
+}
+
+/// The families a packed record's `payload` holds, decompressed: exactly the length its header
+/// says (at most what ingest's cap let through when it was written), or `Corrupt`, as a record
+/// that fails its checksum is.
+pub(super) fn unpack(payload: &[u8]) -> Result<Vec<u8>, ReadError> {
+    let (plain_len, _, frames) = packed_parts(payload)?;
+    match snappy::decode_framed(frames, plain_len) {
+        Ok(plain) if plain.len() == plain_len => Ok(plain),
+        Ok(plain) => Err(ReadError::Corrupt(format!(
+            "holds snappy frames that decompress to {} bytes, not {plain_len}",
+            plain.len()
+        ))),
+        Err(e) => Err(ReadError::Corrupt(format!(
+            "holds snappy frames that do not decompress: {e}"
+        ))),
+    }
 }
 
 /// One segment file, shared by the index entries whose data it holds. Reads go through the open
@@ -293,30 +413,38 @@ impl Segment {
         Ok(Segment { number, path, file })
     }
 
-    /// Reads and verifies the record at `offset` of a put of `payload_bytes` for `cluster_id`.
+    /// Reads and verifies the record at `offset` of a put of `payload_bytes` (decompressed) for
+    /// `cluster_id`, kept as `encoding` says; returns the families decompressed. A packed payload
+    /// that does not decompress to `payload_bytes` is `Corrupt`, as a failed checksum is.
     pub(super) fn read_put(
         &self,
         cluster_id: &str,
         offset: u64,
         payload_bytes: u64,
+        encoding: Encoding,
     ) -> Result<(Header, Vec<u8>), ReadError> {
         let mut prefix_bytes = [0u8; PREFIX_LEN];
         self.file
             .read_exact_at(&mut prefix_bytes, offset)
             .map_err(ReadError::Io)?;
         let prefix = parse_prefix(&prefix_bytes);
+        let record_bytes = match encoding {
+            Encoding::Plain => payload_bytes,
+            Encoding::Packed { record_bytes } => record_bytes,
+        };
         if !matches!(kind_of(prefix.kind), Some((PUT | SERVE, _)))
+            || is_packed(prefix.kind) != matches!(encoding, Encoding::Packed { .. })
             || prefix.id_len != cluster_id.len()
-            || prefix.payload_len != payload_bytes
+            || prefix.payload_len != record_bytes
         {
             return Err(ReadError::Corrupt(
                 "holds another record than the index says".to_string(),
             ));
         }
-        let payload_len = usize::try_from(payload_bytes)
+        let payload_len = usize::try_from(record_bytes)
             .ok()
             .and_then(|len| len.checked_add(marker_len(prefix.kind)))
-            .ok_or_else(|| ReadError::Corrupt(format!("payload of {payload_bytes} bytes")))?;
+            .ok_or_else(|| ReadError::Corrupt(format!("payload of {record_bytes} bytes")))?;
         let mut id = vec![0u8; prefix.id_len];
         let mut payload = vec![0u8; payload_len];
         let id_at = offset + PREFIX_LEN as u64;
@@ -327,7 +455,18 @@ impl Segment {
                     .read_exact_at(&mut payload, id_at + id.len() as u64)
             })
             .map_err(ReadError::Io)?;
-        verify(&prefix_bytes, &prefix, id, payload)
+        let (mut header, payload) = verify(&prefix_bytes, &prefix, id, payload)?;
+        if encoding == Encoding::Plain {
+            return Ok((header, payload));
+        }
+        let plain = unpack(&payload)?;
+        if plain.len() as u64 != payload_bytes {
+            return Err(ReadError::Corrupt(
+                "holds another record than the index says".to_string(),
+            ));
+        }
+        header.payload_len = payload_bytes;
+        Ok((header, plain))
     }
 }
 
@@ -365,22 +504,77 @@ pub(super) fn encode_as(
     payload: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<usize, String> {
+    encode_parts(
+        method,
+        kind_byte(method, kind),
+        cluster_id,
+        received_millis,
+        &[payload],
+        out,
+    )
+}
+
+/// The payload length of a packed record holding `frames_len` bytes of snappy frames.
+pub(super) fn packed_record_bytes(frames_len: usize) -> u64 {
+    (PACKED_HEADER_LEN + frames_len) as u64
+}
+
+/// Appends a packed record of `kind` ([`PUT`], [`SHIP`] or [`SERVE`]): `frames`, an upload's body
+/// as it arrived (snappy framed), which decompresses to `plain_len` bytes of families whose newest
+/// sample is stamped `newest_sample_ms` (kept so a replay indexes it without decompressing).
+pub(super) fn encode_packed(
+    kind: u8,
+    cluster_id: &str,
+    received_millis: u64,
+    plain_len: u64,
+    newest_sample_ms: i64,
+    frames: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<usize, String> {
+    if kind == REMOVE {
+        return Err("a removal has no payload to pack".to_string());
+    }
+    let mut header = [0u8; PACKED_HEADER_LEN];
+    header[..8].copy_from_slice(&plain_len.to_le_bytes());
+    header[8..].copy_from_slice(&newest_sample_ms.to_le_bytes());
+    encode_parts(
+        Checksum::Crc32c,
+        kind_byte(Checksum::Crc32c, kind) | PACKED,
+        cluster_id,
+        received_millis,
+        &[&header, frames],
+        out,
+    )
+}
+
+/// Appends a record with kind byte `kind` whose payload is `parts`, one after the other.
+fn encode_parts(
+    method: Checksum,
+    kind: u8,
+    cluster_id: &str,
+    received_millis: u64,
+    parts: &[&[u8]],
+    out: &mut Vec<u8>,
+) -> Result<usize, String> {
     let id_len = u16::try_from(cluster_id.len())
         .map_err(|_| format!("cluster id is {} bytes, more than 65535", cluster_id.len()))?;
+    let payload_len: usize = parts.iter().map(|part| part.len()).sum();
     let start = out.len();
-    out.push(kind_byte(method, kind));
+    out.push(kind);
     out.extend_from_slice(&id_len.to_le_bytes());
     out.extend_from_slice(&received_millis.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    let sum = checksum(
+    out.extend_from_slice(&(payload_len as u64).to_le_bytes());
+    let sum = checksum_parts(
         method,
         out.get(start..).unwrap_or_default(),
         cluster_id.as_bytes(),
-        payload,
+        parts,
     );
     out.extend_from_slice(&sum.to_le_bytes());
     out.extend_from_slice(cluster_id.as_bytes());
-    out.extend_from_slice(payload);
+    for part in parts {
+        out.extend_from_slice(part);
+    }
     Ok(start)
 }
 
@@ -453,10 +647,33 @@ pub(super) struct Record {
     pub(super) kind: u8,
     /// The image's header.
     pub(super) header: Header,
-    /// The image's payload (empty for a removal).
+    /// The image's payload as the record holds it (empty for a removal; packed when `packed`,
+    /// which [`read_at`] never hands out: it decompresses).
     pub(super) payload: Vec<u8>,
+    /// Whether `payload` is packed ([`PACKED`]).
+    pub(super) packed: bool,
     /// Where the record starts in its segment (what [`Segment::read_put`] takes).
     pub(super) offset: u64,
+}
+
+impl Record {
+    /// How the record keeps its payload, the decompressed length and, for a packed one, the
+    /// newest sample's timestamp it recorded (read without decompressing).
+    pub(super) fn encoding(&self) -> (Encoding, u64, Option<i64>) {
+        if !self.packed {
+            return (Encoding::Plain, self.payload.len() as u64, None);
+        }
+        let record_bytes = self.payload.len() as u64;
+        match packed_parts(&self.payload) {
+            Ok((plain_len, newest_sample_ms, _)) => (
+                Encoding::Packed { record_bytes },
+                plain_len as u64,
+                Some(newest_sample_ms),
+            ),
+            // `verify` checked the parts when the record was read.
+            Err(_) => (Encoding::Packed { record_bytes }, 0, None),
+        }
+    }
 }
 
 /// Reads the records of the segment at `path` one by one (memory holds one record at a time) and
@@ -511,6 +728,7 @@ pub(super) fn replay(
                 apply(Record {
                     kind,
                     header,
+                    packed: is_packed(prefix.kind),
                     payload,
                     offset,
                 })?;
@@ -533,7 +751,8 @@ pub(super) enum Next {
 }
 
 /// Reads the record at or after `at` (skipping the zeros between commits) of the segment open as
-/// `file`, of which only the first `len` bytes are known written. Memory holds one record.
+/// `file`, of which only the first `len` bytes are known written, its payload decompressed if
+/// packed. Memory holds one record.
 pub(super) fn read_at(file: &File, mut at: u64, len: u64) -> io::Result<Next> {
     if at >= len {
         return Ok(Next::End);
@@ -569,11 +788,20 @@ pub(super) fn read_at(file: &File, mut at: u64, len: u64) -> io::Result<Next> {
     let mut payload = vec![0u8; payload_len + marker];
     file.read_exact_at(&mut id, at + PREFIX_LEN as u64)?;
     file.read_exact_at(&mut payload, at + (PREFIX_LEN + prefix.id_len) as u64)?;
-    match verify(&prefix_bytes, &prefix, id, payload) {
+    // A packed payload is handed out decompressed; one that does not decompress ends the
+    // segment's reading as a failed checksum does.
+    let read = verify(&prefix_bytes, &prefix, id, payload).and_then(|(header, payload)| {
+        match is_packed(prefix.kind) {
+            false => Ok((header, payload)),
+            true => unpack(&payload).map(|plain| (header, plain)),
+        }
+    });
+    match read {
         Ok((header, payload)) => Ok(Next::Record(
             Record {
                 kind,
                 header,
+                packed: false,
                 payload,
                 offset: at,
             },
@@ -597,7 +825,18 @@ pub(super) struct JournalState {
     pub(super) next_number: u64,
     /// Where full segments go to be checkpointed; `None` once the store closes.
     pub(super) retired: Option<Sender<Arc<Segment>>>,
+    /// Decompressed bytes of the packed payloads the index finds in the current segment (an
+    /// upper bound: a removal or a sweep does not lower it). A read of one holds it decompressed
+    /// in memory (a `/federate` scrape pins every cluster at once), so the segment is closed and
+    /// checkpointed into plain cluster files once this passes `packed_budget`.
+    pub(super) packed_bytes: u64,
+    /// See `packed_bytes` ([`PACKED_BUDGET`]; tests lower it).
+    pub(super) packed_budget: u64,
 }
+
+/// Decompressed bytes of packed payloads a segment may hold reads to (see
+/// [`JournalState::packed_bytes`]): at 51 KB an upload, ~1,300 clusters' uploads.
+pub(super) const PACKED_BUDGET: u64 = 64 << 20;
 
 impl Shared {
     /// Appends `bytes` to the journal and syncs them, with the journal locked for `then`, which
@@ -608,8 +847,20 @@ impl Shared {
         bytes: &[u8],
         then: impl FnOnce(&Arc<Segment>, u64) -> T,
     ) -> Result<T, StoreError> {
+        self.append_packed(bytes, |segment, offset| (then(segment, offset), 0))
+    }
+
+    /// As [`Shared::append`], where `then` also returns by how much the decompressed bytes of
+    /// the packed payloads the index finds in the segment changed
+    /// ([`JournalState::packed_bytes`]).
+    pub(super) fn append_packed<T>(
+        &self,
+        bytes: &[u8],
+        then: impl FnOnce(&Arc<Segment>, u64) -> (T, i64),
+    ) -> Result<T, StoreError> {
         let mut journal = lock(&self.journal);
-        let full = journal.len >= self.segment_bytes.load(Ordering::Relaxed);
+        let full = journal.len >= self.segment_bytes.load(Ordering::Relaxed)
+            || journal.packed_bytes >= journal.packed_budget;
         if journal.segment.is_none() || journal.broken || full {
             if let Some(old) = journal.segment.take() {
                 if let Some(retired) = &journal.retired {
@@ -632,6 +883,7 @@ impl Shared {
                 })?;
             journal.segment = Some(Arc::new(segment));
             journal.len = 0;
+            journal.packed_bytes = 0;
             journal.broken = false;
         }
         let Some(segment) = journal.segment.clone() else {
@@ -661,7 +913,8 @@ impl Shared {
             ));
         }
         journal.len = offset + bytes.len() as u64;
-        let result = then(&segment, offset);
+        let (result, packed) = then(&segment, offset);
+        journal.packed_bytes = journal.packed_bytes.saturating_add_signed(packed);
         if let Some(egress) = &self.egress {
             *lock(&egress.tip) = Some((segment.number, journal.len));
             let _ = egress.appended.try_send(());
@@ -695,7 +948,9 @@ mod tests {
         bytes.truncate(bytes.len() - 3);
         segment.file.write_all_at(&bytes, 0).unwrap();
 
-        let (header, payload) = segment.read_put("a", first as u64, 7).unwrap();
+        let (header, payload) = segment
+            .read_put("a", first as u64, 7, Encoding::Plain)
+            .unwrap();
         assert_eq!(
             (header.cluster_id.as_str(), payload.as_slice()),
             ("a", &b"payload"[..])
@@ -737,7 +992,9 @@ mod tests {
             flipped[at] ^= 0x10;
             segment.file.write_all_at(&flipped, 0).unwrap();
             assert!(
-                segment.read_put("b", second as u64, 100).is_err(),
+                segment
+                    .read_put("b", second as u64, 100, Encoding::Plain)
+                    .is_err(),
                 "byte {at}"
             );
             let mut seen = 0;
@@ -753,6 +1010,19 @@ mod tests {
         }
         assert_ne!(hash(&[0u8; 3], 0), hash(&[0u8; 4], 0));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_a_plain_uploads_put_ship_or_serve_kind_can_be_packed() {
+        // A packed payload is an upload as sent: never a removal, a version 1 record, or a
+        // record carrying a remote-write marker (whose bytes would be read as snappy frames).
+        for base in [PUT + VERSION_2_KINDS, SHIP, SERVE] {
+            assert!(kind_of(base | PACKED).is_some(), "{base}");
+        }
+        for base in [PUT, REMOVE, REMOVE + VERSION_2_KINDS, PUT_MARKED, SERVE_MARKED] {
+            assert_eq!(kind_of(base | PACKED), None, "{base}");
+        }
+        assert_eq!(marker_len(PUT_MARKED | PACKED), 0);
     }
 
     #[test]
@@ -775,7 +1045,9 @@ mod tests {
         assert_eq!(new.get(19..27), Some(&u64::from(crc).to_le_bytes()[..]));
 
         segment.file.write_all_at(&old, 0).unwrap();
-        let (header, payload) = segment.read_put("a", first as u64, 11).unwrap();
+        let (header, payload) = segment
+            .read_put("a", first as u64, 11, Encoding::Plain)
+            .unwrap();
         assert_eq!(
             (header.cluster_id.as_str(), &payload[..]),
             ("a", &b"old payload"[..])
@@ -795,13 +1067,211 @@ mod tests {
         let mut flipped = old.clone();
         flipped[first + 30] ^= 1;
         segment.file.write_all_at(&flipped, 0).unwrap();
-        assert!(segment.read_put("a", first as u64, 11).is_err());
+        assert!(segment
+            .read_put("a", first as u64, 11, Encoding::Plain)
+            .is_err());
         // A kind byte of no version ends the replay.
         let mut unknown = old.clone();
         unknown[first] = 9;
         segment.file.write_all_at(&unknown, 0).unwrap();
         let torn = replay(&segment.path, |_| Ok(())).unwrap();
         assert_eq!(torn.map(|(left, _)| left), Some(old.len() as u64));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A compressible payload of `len` bytes and its snappy frames.
+    fn packable(len: u32) -> (Vec<u8>, Vec<u8>) {
+        let plain: Vec<u8> = (0..len)
+            .map(|i| (i % 97) as u8 ^ (i / 4096) as u8)
+            .collect();
+        let frames = snappy::encode_framed(&plain);
+        assert!(
+            frames.len() < plain.len() / 4,
+            "the test payload compresses"
+        );
+        (plain, frames)
+    }
+
+    #[test]
+    fn a_packed_record_is_read_decompressed_and_replayed_without_decompressing() {
+        let dir = temp_dir("packed");
+        let segment = Segment::create(&dir, 1).unwrap();
+        let (plain, frames) = packable(50_000);
+        let mut bytes = Vec::new();
+        let first =
+            encode_packed(PUT, "a", 5, plain.len() as u64, 1234, &frames, &mut bytes).unwrap();
+        let second = encode(PUT, "b", 6, b"plain", &mut bytes).unwrap();
+        let shipped =
+            encode_packed(SHIP, "c", 7, plain.len() as u64, 99, &frames, &mut bytes).unwrap();
+        segment.file.write_all_at(&bytes, 0).unwrap();
+        // A version 2 put with the packed flag; its payload is the frames behind 16 bytes.
+        assert_eq!(bytes[first], (PUT + VERSION_2_KINDS) | PACKED);
+        assert_eq!(bytes[shipped], SHIP | PACKED);
+        let record_bytes = packed_record_bytes(frames.len());
+        assert_eq!(
+            bytes.len() - shipped,
+            PREFIX_LEN + 1 + record_bytes as usize
+        );
+        assert!(encode_packed(REMOVE, "d", 0, 0, 0, b"", &mut Vec::new()).is_err());
+
+        let packed = Encoding::Packed { record_bytes };
+        let (header, payload) = segment
+            .read_put("a", first as u64, plain.len() as u64, packed)
+            .unwrap();
+        assert_eq!((header.payload_len, &payload), (plain.len() as u64, &plain));
+        // Read as the index says it is kept, or not at all.
+        assert!(segment
+            .read_put("a", first as u64, record_bytes, Encoding::Plain)
+            .is_err());
+        assert!(segment
+            .read_put("a", first as u64, plain.len() as u64 + 1, packed)
+            .is_err());
+        assert!(segment
+            .read_put("b", second as u64, 5, Encoding::Packed { record_bytes: 5 })
+            .is_err());
+
+        let mut seen = Vec::new();
+        let torn = replay(&segment.path, |r| {
+            seen.push((
+                r.kind,
+                r.header.cluster_id.clone(),
+                r.encoding(),
+                r.payload.len(),
+            ));
+            Ok(())
+        })
+        .unwrap();
+        assert!(torn.is_none());
+        assert_eq!(
+            seen,
+            vec![
+                (
+                    PUT,
+                    "a".to_string(),
+                    (packed, plain.len() as u64, Some(1234)),
+                    record_bytes as usize
+                ),
+                (PUT, "b".to_string(), (Encoding::Plain, 5, None), 5),
+                (
+                    SHIP,
+                    "c".to_string(),
+                    (packed, plain.len() as u64, Some(99)),
+                    record_bytes as usize
+                ),
+            ]
+        );
+
+        // Egress reads every record's families.
+        let mut at = 0;
+        let mut read = Vec::new();
+        while let Next::Record(record, next) =
+            read_at(&segment.file, at, bytes.len() as u64).unwrap()
+        {
+            read.push((record.kind, record.payload));
+            at = next;
+        }
+        assert_eq!(
+            read,
+            vec![
+                (PUT, plain.clone()),
+                (PUT, b"plain".to_vec()),
+                (SHIP, plain.clone())
+            ]
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_packed_record_whose_bytes_changed_is_refused_as_a_failed_checksum_is() {
+        let dir = temp_dir("packed-flip");
+        let segment = Segment::create(&dir, 1).unwrap();
+        let (plain, frames) = packable(50_000);
+        let mut bytes = Vec::new();
+        encode(PUT, "a", 5, b"before", &mut bytes).unwrap();
+        let second =
+            encode_packed(PUT, "b", 6, plain.len() as u64, 1, &frames, &mut bytes).unwrap();
+        let packed = Encoding::Packed {
+            record_bytes: packed_record_bytes(frames.len()),
+        };
+        let expect_refused = |image: &[u8], what: &str| {
+            segment.file.set_len(0).unwrap();
+            segment.file.write_all_at(image, 0).unwrap();
+            assert!(
+                matches!(
+                    segment.read_put("b", second as u64, plain.len() as u64, packed),
+                    Err(ReadError::Corrupt(_))
+                ),
+                "{what}: read"
+            );
+            let mut seen = 0;
+            let torn = replay(&segment.path, |_| {
+                seen += 1;
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(
+                (seen, torn.map(|(left, _)| left)),
+                (1, Some((image.len() - second) as u64)),
+                "{what}: replay"
+            );
+            let after_first = match read_at(&segment.file, 0, image.len() as u64).unwrap() {
+                Next::Record(_, next) => next,
+                _ => panic!("{what}: the first record reads"),
+            };
+            assert!(
+                matches!(
+                    read_at(&segment.file, after_first, image.len() as u64).unwrap(),
+                    Next::Torn(_)
+                ),
+                "{what}: egress"
+            );
+        };
+        // A byte of the prefix, the packed header, the frames' header, the compressed data.
+        let payload_at = second + PREFIX_LEN + 1;
+        for at in [
+            second + 5,
+            payload_at + 3,
+            payload_at + PACKED_HEADER_LEN + 2,
+            bytes.len() - 100,
+        ] {
+            let mut flipped = bytes.clone();
+            flipped[at] ^= 0x10;
+            expect_refused(&flipped, &format!("byte {at} flipped"));
+        }
+        // Frames that the journal's checksum vouches for but that do not decompress (a flipped
+        // byte inside the compressed data, caught by snappy's own checksum), or that declare
+        // another length than the record says.
+        let mut bad_frames = frames.clone();
+        let last = bad_frames.len() - 50;
+        bad_frames[last] ^= 0x10;
+        for (plain_len, frames, what) in [
+            (plain.len() as u64, &bad_frames, "bad frames"),
+            (plain.len() as u64 + 1, &frames, "another length"),
+            (u64::MAX, &frames, "an absurd length"),
+        ] {
+            let mut image = Vec::new();
+            encode(PUT, "a", 5, b"before", &mut image).unwrap();
+            encode_packed(PUT, "b", 6, plain_len, 1, frames, &mut image).unwrap();
+            if what == "bad frames" {
+                // Its declared lengths hold, so the replay indexes it; the read refuses it.
+                segment.file.set_len(0).unwrap();
+                segment.file.write_all_at(&image, 0).unwrap();
+                assert!(matches!(
+                    segment.read_put("b", second as u64, plain.len() as u64, packed),
+                    Err(ReadError::Corrupt(_))
+                ));
+                let after_first = match read_at(&segment.file, 0, image.len() as u64).unwrap() {
+                    Next::Record(_, next) => next,
+                    _ => panic!("the first record reads"),
+                };
+                assert!(matches!(
+                    read_at(&segment.file, after_first, image.len() as u64).unwrap(),
+                    Next::Torn(_)
+                ));
+            } else {
+                expect_refused(&image, what);
+            }
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,7 +1,8 @@
-//! Reading one cluster's upload: from the journal segment that holds it until the checkpoint,
-//! then from its cluster file, verified by the first read of each file version (the index
-//! remembers it, so later `/federate` scrapes skip the SHA-256); or pinned ([`PinnedUpload`]) for
-//! `/federate`, which reads each family's bytes again later.
+//! Reading one cluster's upload: from the journal segment that holds it until the checkpoint
+//! (decompressed when the record is packed), then from its cluster file, verified by the first
+//! read of each file version (the index remembers it, so later `/federate` scrapes skip the
+//! SHA-256); or pinned ([`PinnedUpload`]) for `/federate`, which reads each family's bytes again
+//! later.
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::file::{self, ReadError, Reading};
-use super::journal::{self, Segment};
+use super::journal::{self, Encoding, Segment};
 use super::state::{is_live, lock, Entry, Location, Shared};
 use super::{StoreError, StoredUpload};
 
@@ -20,7 +21,10 @@ use super::{StoreError, StoredUpload};
 /// file or journal segment it was read from open, and those are only ever renamed or unlinked,
 /// never rewritten in place. `/federate` indexes a payload's families, drops the payload, and
 /// reads each family again when its turn comes, so a scrape holds one open file per cluster
-/// rather than every payload.
+/// rather than every payload. A packed journal record (snappy framed as it arrived) cannot be
+/// read in ranges: its pin holds the payload decompressed, and the journal bounds what those
+/// can take (a segment is checkpointed into plain files once the packed payloads the index
+/// finds in it pass `journal::PACKED_BUDGET` decompressed).
 pub struct PinnedUpload {
     /// The upload as read (payload included: the caller drops it when done indexing).
     pub upload: StoredUpload,
@@ -33,6 +37,8 @@ pub struct PinnedUpload {
 enum Pin {
     File(File),
     Segment(Arc<Segment>),
+    /// A packed record's payload, decompressed (empty when nothing will read ranges of it).
+    Memory(Vec<u8>),
 }
 
 impl PinnedUpload {
@@ -52,11 +58,26 @@ impl PinnedUpload {
         let len = usize::try_from(end - start)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "range too long"))?;
         buffer.clear();
-        buffer.resize(len, 0);
         let file = match &self.pin {
             Pin::File(file) => file,
             Pin::Segment(segment) => &segment.file,
+            Pin::Memory(payload) => {
+                // `start..end` is within `payload_len`, its length.
+                let range = usize::try_from(start).ok().zip(usize::try_from(end).ok());
+                let bytes = range.and_then(|(start, end)| payload.get(start..end));
+                return match bytes {
+                    Some(bytes) => {
+                        buffer.extend_from_slice(bytes);
+                        Ok(())
+                    }
+                    None => Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "the pinned payload is not held",
+                    )),
+                };
+            }
         };
+        buffer.resize(len, 0);
         file.read_exact_at(buffer, self.payload_offset + start)
     }
 }
@@ -65,25 +86,51 @@ impl Shared {
     /// `cluster_id`'s upload if it is live: from its journal record until that is checkpointed,
     /// then from its file, verified; a corrupt file is set aside and reads as absent.
     pub(super) fn get(&self, cluster_id: &str) -> Result<Option<StoredUpload>, StoreError> {
-        Ok(self.get_pinned(cluster_id)?.map(|pinned| pinned.upload))
+        Ok(self
+            .read_pinned(cluster_id, false)?
+            .map(|pinned| pinned.upload))
     }
 
     /// As [`Shared::get`], keeping the file it was read from open ([`PinnedUpload`]).
     pub(super) fn get_pinned(&self, cluster_id: &str) -> Result<Option<PinnedUpload>, StoreError> {
+        self.read_pinned(cluster_id, true)
+    }
+
+    /// [`Shared::get_pinned`]; a packed record's pin holds a copy of its payload only when
+    /// `ranges` (ranges will be read from it).
+    fn read_pinned(
+        &self,
+        cluster_id: &str,
+        ranges: bool,
+    ) -> Result<Option<PinnedUpload>, StoreError> {
         let Some(entry) = lock(&self.index).get(cluster_id).cloned() else {
             return Ok(None);
         };
         if !is_live(entry.newest_sample_ms, SystemTime::now(), self.ttl) {
             return Ok(None);
         }
-        if let Location::Journal { segment, offset } = &entry.location {
+        if let Location::Journal {
+            segment,
+            offset,
+            encoding,
+        } = &entry.location
+        {
             let context = || format!("reading {} at {offset}", segment.path.display());
-            return match segment.read_put(cluster_id, *offset, entry.payload_bytes) {
+            return match segment.read_put(cluster_id, *offset, entry.payload_bytes, *encoding) {
                 Ok((header, payload)) if header.cluster_id == cluster_id => {
+                    let pin = match encoding {
+                        Encoding::Plain => Pin::Segment(Arc::clone(segment)),
+                        // The one copy the ranges need; the upload's own is the caller's.
+                        Encoding::Packed { .. } if ranges => Pin::Memory(payload.clone()),
+                        Encoding::Packed { .. } => Pin::Memory(Vec::new()),
+                    };
                     Ok(Some(PinnedUpload {
-                        payload_offset: journal::payload_offset(*offset, cluster_id),
+                        payload_offset: match encoding {
+                            Encoding::Plain => journal::payload_offset(*offset, cluster_id),
+                            Encoding::Packed { .. } => 0,
+                        },
                         payload_len: payload.len() as u64,
-                        pin: Pin::Segment(Arc::clone(segment)),
+                        pin,
                         upload: StoredUpload {
                             cluster_id: header.cluster_id,
                             received: telemeter_common::time::from_unix_millis(

@@ -126,6 +126,7 @@ impl Shared {
     /// Applies one replayed journal record of `segment` to the index (and, for a removal, the
     /// directory).
     fn apply(&self, segment: &Arc<Segment>, record: journal::Record) -> io::Result<()> {
+        let (encoding, payload_bytes, recorded_newest) = record.encoding();
         let cluster_id = record.header.cluster_id;
         if record.kind == journal::SHIP {
             // Shipped by egress from the segment; never served.
@@ -144,9 +145,13 @@ impl Shared {
             lock(&self.index).remove(&cluster_id);
             return Ok(());
         }
-        let newest_sample_ms = newest_sample_ms(&record.payload, record.header.received_millis);
+        // A packed record says its decompressed length and newest sample: replay decompresses
+        // nothing.
+        let newest_sample_ms = recorded_newest
+            .unwrap_or_else(|| newest_sample_ms(&record.payload, record.header.received_millis));
         // A record written before version 3 does not carry the marker: its payload says (the
-        // payload is in memory now anyway).
+        // payload is in memory now anyway). A packed record always carries "none" (it is a plain
+        // upload), so its frames are never read as families here.
         let newest_received_ms = record
             .header
             .newest_received_ms
@@ -157,10 +162,11 @@ impl Shared {
                 received_millis: record.header.received_millis,
                 newest_sample_ms,
                 newest_received_ms: Some(newest_received_ms),
-                payload_bytes: record.payload.len() as u64,
+                payload_bytes,
                 location: Location::Journal {
                     segment: Arc::clone(segment),
                     offset: record.offset,
+                    encoding,
                 },
                 version: self.versions.fetch_add(1, Ordering::Relaxed),
             },

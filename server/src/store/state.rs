@@ -13,7 +13,7 @@ use telemeter_common::wire;
 
 use super::egress::EgressShared;
 use super::file;
-use super::journal::{JournalState, Segment};
+use super::journal::{Encoding, JournalState, Segment};
 
 /// The state the committer, the sweeper and the callers share.
 pub(super) struct Shared {
@@ -71,8 +71,14 @@ pub(super) enum Location {
     /// unverified too, so each file version's payload is hashed by its first read, not by
     /// every `/federate` scrape.
     File { inode: u64, verified: bool },
-    /// In a journal segment, not yet checkpointed; `offset` is where its record's image starts.
-    Journal { segment: Arc<Segment>, offset: u64 },
+    /// In a journal segment, not yet checkpointed; `offset` is where its record's image starts,
+    /// `encoding` how the record keeps the payload (packed: read decompressed, its length is
+    /// the entry's `payload_bytes`).
+    Journal {
+        segment: Arc<Segment>,
+        offset: u64,
+        encoding: Encoding,
+    },
 }
 
 #[derive(Default)]

@@ -638,6 +638,7 @@ fn a_batch_writes_each_cluster_once_and_answers_everyone() {
         batch.push(Request {
             cluster_id: id.to_string(),
             payload: payload.as_bytes().to_vec(),
+            packed: None,
             serve: true,
             ship: Ship::Served,
             received_millis: telemeter_common::time::unix_millis(received),
@@ -1257,4 +1258,145 @@ fn a_handoff_carries_the_marker_in_its_payload() {
     assert!(store.put_if_newer("plain", plain, at(0)).unwrap());
     assert_eq!(store.newest_received("received").unwrap(), Some(stamp));
     assert_eq!(store.newest_received("plain").unwrap(), Some(i64::MIN));
+}
+
+/// A payload of `series` gauge series (compressible, as real ones are), newest sample stamped
+/// `ms_ago` before now, and its snappy frames.
+fn packable(series: usize, ms_ago: i64) -> (Vec<u8>, Vec<u8>) {
+    use telemeter_common::model::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
+    let now = telemeter_common::time::unix_millis(SystemTime::now()) as i64;
+    let payload = telemeter_common::delimited::encode(&[MetricFamily {
+        name: Some("node_cpu_seconds_total".into()),
+        help: Some("Seconds the CPUs spent in each mode.".into()),
+        r#type: Some(MetricType::Gauge as i32),
+        metric: (0..series)
+            .map(|i| Metric {
+                label: vec![LabelPair {
+                    name: Some("cpu".into()),
+                    value: Some(i.to_string()),
+                }],
+                gauge: Some(Gauge {
+                    value: Some(i as f64),
+                }),
+                timestamp_ms: Some(now - ms_ago - i as i64),
+                ..Default::default()
+            })
+            .collect(),
+    }]);
+    let frames = telemeter_common::snappy::encode_framed(&payload);
+    assert!(series < 100 || frames.len() * 2 < payload.len());
+    (payload, frames)
+}
+
+/// Whether `needle` occurs in `haystack`.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+#[test]
+fn a_packed_upload_is_journaled_as_it_arrived_and_every_read_gets_its_families() {
+    let dir = TempDir::new("packed");
+    let (payload, frames) = packable(200, 0);
+    let newer = sampled(0);
+    let received = at(0);
+    {
+        let store = open(&dir);
+        assert!(store
+            .put_unless_older_packed("a", payload.clone(), frames.clone(), received)
+            .unwrap());
+        // The journal holds the frames, not the families.
+        let segment = fs::read(dir.0.join(format!("{}0", journal::PREFIX))).unwrap();
+        assert!(contains(&segment, &frames) && !contains(&segment, &payload));
+        assert_eq!(store.get("a").unwrap().unwrap().payload, payload);
+        assert_eq!(
+            store.clusters(),
+            vec![ClusterEntry {
+                cluster_id: "a".to_string(),
+                received,
+                payload_bytes: payload.len() as u64,
+            }]
+        );
+        let pinned = store.get_pinned("a").unwrap().unwrap();
+        assert_eq!(pinned.upload.payload, payload);
+        // A newer upload does not change what the pin reads.
+        store.put("a", newer.clone(), at(1)).unwrap();
+        let mut range = Vec::new();
+        pinned.read_range(7, 300, &mut range).unwrap();
+        assert_eq!(range, payload[7..300]);
+        assert!(pinned
+            .read_range(0, payload.len() as u64 + 1, &mut range)
+            .is_err());
+        // An older upload, packed, does not replace it (its newest sample is older).
+        let (older, older_frames) = packable(10, 60_000);
+        assert!(!store
+            .put_unless_older_packed("a", older, older_frames, at(2))
+            .unwrap());
+        store
+            .put_unless_older_packed("b", payload.clone(), frames.clone(), received)
+            .unwrap();
+        store.close();
+    }
+    // Replayed (the crash before the checkpoint): served from the packed record.
+    {
+        let store = Store::open_checkpointing(config(&dir), false, false).unwrap();
+        assert_eq!(store.get("b").unwrap().unwrap().payload, payload);
+        assert_eq!(store.get("a").unwrap().unwrap().payload, newer);
+        let pinned = store.get_pinned("b").unwrap().unwrap();
+        let mut range = Vec::new();
+        pinned
+            .read_range(0, payload.len() as u64, &mut range)
+            .unwrap();
+        assert_eq!(range, payload);
+    }
+    // Checkpointed: the cluster file holds the families, plain, as before.
+    let store = open(&dir);
+    wait_for_checkpoints(&store);
+    let file = fs::read(file_of(&store, "b")).unwrap();
+    assert!(file.ends_with(&payload));
+    assert_eq!(store.get("b").unwrap().unwrap().payload, payload);
+}
+
+#[test]
+fn packed_payloads_past_the_budget_close_the_segment_and_repeated_clusters_count_once() {
+    let dir = TempDir::new("packed-budget");
+    let store = open(&dir);
+    let shared = &store.handle.shared;
+    let (payload, frames) = packable(200, 0);
+    lock(&shared.journal).packed_budget = 3 * payload.len() as u64;
+    let segment_now = || lock(&shared.journal).segment.as_ref().map(|s| s.number);
+    let put = |id: &str| {
+        store
+            .put_unless_older_packed(id, payload.clone(), frames.clone(), at(0))
+            .unwrap()
+    };
+    // One cluster put again and again holds one payload in the segment.
+    for _ in 0..10 {
+        put("a");
+    }
+    assert_eq!(segment_now(), Some(0));
+    // Plain puts do not count.
+    store.put("plain", payload.clone(), at(0)).unwrap();
+    put("b");
+    assert_eq!(segment_now(), Some(0));
+    put("c");
+    assert_eq!(lock(&shared.journal).packed_bytes, 3 * payload.len() as u64);
+    // Three payloads' worth: the next put starts a new segment, and the checkpointer writes
+    // the full one's files.
+    put("d");
+    assert_eq!(segment_now(), Some(1));
+    assert_eq!(lock(&shared.journal).packed_bytes, payload.len() as u64);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while journal::list(store.dir()).unwrap() != [1] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "segment 0 not checkpointed"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    for id in ["a", "b", "c", "d"] {
+        assert_eq!(store.get(id).unwrap().unwrap().payload, payload, "{id}");
+    }
+    assert!(fs::read(file_of(&store, "c")).unwrap().ends_with(&payload));
 }

@@ -10,10 +10,12 @@ use telemeter_common::model::{Gauge, LabelPair, Metric, MetricFamily, MetricType
 use telemeter_common::selector::Selector;
 use telemeter_common::snappy;
 
-/// Records what it stores; fails while `fail` is set.
+/// Records what it stores (and the frames of what it was handed packed); fails while `fail`
+/// is set.
 #[derive(Default)]
 struct FakePlacement {
     stored: Mutex<Vec<(String, Vec<u8>)>>,
+    frames: Mutex<Vec<Option<Vec<u8>>>>,
     fail: Mutex<bool>,
 }
 
@@ -31,6 +33,21 @@ impl Placement for Arc<FakePlacement> {
             .lock()
             .unwrap()
             .push((cluster_id.to_string(), payload));
+        self.frames.lock().unwrap().push(None);
+        Ok(())
+    }
+
+    fn place_packed(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        frames: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<(), PlacementError> {
+        self.place(cluster_id, payload, received)?;
+        if let Some(last) = self.frames.lock().unwrap().last_mut() {
+            *last = Some(frames);
+        }
         Ok(())
     }
 }
@@ -332,4 +349,57 @@ fn the_token_admitted_from_the_head_is_verified_once() {
     // A refused head is answered there, with nothing to carry.
     assert!(h.admit(&head_of(&forged), remote).is_err());
     assert_eq!(placement.stored.lock().unwrap().len(), 1);
+}
+
+/// A body already stamped with cluster `id`, labels in order: valid as it is (the wire fast path).
+fn stamped(id: &str) -> Vec<u8> {
+    let ts = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    delimited::encode(&[MetricFamily {
+        name: Some("up".into()),
+        help: None,
+        r#type: Some(MetricType::Gauge as i32),
+        metric: vec![Metric {
+            label: vec![LabelPair::new("_id", id), LabelPair::new("job", "x")],
+            gauge: Some(Gauge { value: Some(1.0) }),
+            timestamp_ms: Some(ts),
+            ..Default::default()
+        }],
+    }])
+}
+
+#[test]
+fn only_a_snappy_body_stored_unchanged_is_handed_on_with_its_frames() {
+    let placement = Arc::new(FakePlacement::default());
+    let h = handler(placement.clone(), vec![]);
+    let snappy_request = |id: &str, plain: &[u8]| {
+        let mut r = request(&token(id), snappy::encode_framed(plain));
+        r.headers.push(("Content-Encoding".into(), "snappy".into()));
+        r
+    };
+    let packed = snappy_request("a", &stamped("a"));
+    assert_eq!(h.handle(&packed).status, 200);
+    // Stamped by the server (the owned path re-encodes it): the families only.
+    assert_eq!(h.handle(&snappy_request("b", &body("up"))).status, 200);
+    // Not compressed: nothing to keep as it arrived.
+    let plain_c = stamped("c");
+    assert_eq!(h.handle(&request(&token("c"), plain_c.clone())).status, 200);
+    let stored = placement.stored.lock().unwrap().clone();
+    let frames = placement.frames.lock().unwrap().clone();
+    assert_eq!(stored.len(), 3);
+    assert_eq!(
+        stored[0],
+        (
+            "a".to_string(),
+            snappy::decode_framed(&packed.body, 1 << 20).unwrap()
+        )
+    );
+    assert_eq!(frames[0].as_ref(), Some(&packed.body));
+    assert_eq!(stored[1].0, "b");
+    assert_ne!(stored[1].1, body("up"));
+    assert_eq!(frames[1], None);
+    assert_eq!(stored[2], ("c".to_string(), plain_c));
+    assert_eq!(frames[2], None);
 }
