@@ -1019,7 +1019,13 @@ mod tests {
         for base in [PUT + VERSION_2_KINDS, SHIP, SERVE] {
             assert!(kind_of(base | PACKED).is_some(), "{base}");
         }
-        for base in [PUT, REMOVE, REMOVE + VERSION_2_KINDS, PUT_MARKED, SERVE_MARKED] {
+        for base in [
+            PUT,
+            REMOVE,
+            REMOVE + VERSION_2_KINDS,
+            PUT_MARKED,
+            SERVE_MARKED,
+        ] {
             assert_eq!(kind_of(base | PACKED), None, "{base}");
         }
         assert_eq!(marker_len(PUT_MARKED | PACKED), 0);
