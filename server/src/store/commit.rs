@@ -138,6 +138,12 @@ impl Queue {
         Ok(())
     }
 
+    /// Whether a commit runs now (tests wait for one to start).
+    #[cfg(test)]
+    pub(super) fn committing(&self) -> bool {
+        self.lock().committing
+    }
+
     /// Refuses further puts; the committer thread commits what is queued, then stops.
     pub(super) fn close(&self) {
         self.lock().closed = true;
