@@ -12,11 +12,11 @@
 //! A put is first made durable in a write-ahead journal (the `journal` module): one commit at a
 //! time appends every pending upload to the current segment `DIR/journal-<n>` with one write and
 //! one `fdatasync`, and only then answers each caller (group commit; a caller that finds the
-//! journal idle commits on its own thread, the committer thread takes what queues meanwhile). Reads find uploads in the
-//! segment until a checkpoint (when a segment is full, and on close) writes each cluster's newest
-//! upload to its file the durable way (`DIR/.tmp-…`, synced, renamed over the cluster's file, one
-//! directory sync) and deletes the segment. On ext4 that is several times cheaper than syncing one
-//! file per upload (figures in the `journal` module).
+//! journal idle commits on its own thread, the committer thread takes what queues meanwhile).
+//! Reads find uploads in the segment until a checkpoint (when a segment is full, and on close)
+//! writes each cluster's newest upload to its file the durable way (`DIR/.tmp-…`, synced, renamed
+//! over the cluster's file, one directory sync) and deletes the segment. On ext4 that is several
+//! times cheaper than syncing one file per upload (figures in the `journal` module).
 //!
 //! The directory is locked (fs2) so a second server on it refuses to start. On open, temp files are
 //! removed, cluster files are indexed from their headers alone (a header that does not hold up
