@@ -18,12 +18,14 @@
 //! the order they took the queue's lock, so a later put of a cluster is never overwritten by an
 //! earlier one.
 //!
-//! Measured (release, 1 sender, the shared 2-core VM): with the scheduler not contended (server
-//! and load generator under `chrt -f 1`) 1,477–1,640 uploads/s and 334–374 µs of server CPU an
-//! upload against 1,456–1,503/s and 430–449 µs with the hand-off; at 64 senders 2,600–3,300/s
-//! against 1,700–2,750/s. The price: while other processes keep both cores busy, the connection
-//! thread, woken several times inside `fdatasync`, often waits a scheduler tick (4 ms) for a core
-//! each time, where the light committer thread did not (p50 ~4 ms against 0.6–1.8 ms then).
+//! Measured (release, the shared 2-core VM, alternating with the hand-off to a committer thread):
+//! 1 sender with the scheduler not contended (server and load generator under `chrt -f 1`), p50
+//! 0.48–0.62 ms and 320–456 µs of server CPU an upload against 0.55–0.61 ms and 398–458 µs; 64
+//! senders 2,612–3,400 uploads/s and 253–286 µs an upload against 1,720–2,924/s and 258–315 µs.
+//! The price: while other processes keep both cores busy, the connection thread, woken several
+//! times inside `fdatasync` (the disk's interrupts all land on one core), often waits a
+//! scheduler tick (4 ms) for its core, which the light committer thread, woken on the interrupts'
+//! core, did less often: 1 sender's p50 is then ~4 ms against 0.5–2 ms (README, 1 sender).
 //!
 //! With egress on, what must be shipped is journaled in the same batch even when it is not served:
 //! a superseded or older upload, or a separate payload to ship, becomes a "ship only" record;
