@@ -9,17 +9,18 @@
 //!
 //! `DIR/<hex SHA-256 of the cluster id>` holds a small header (magic, format version, cluster id,
 //! receive time, payload length, checksum) and the validated families as protobuf-delimited bytes.
-//! A put is first made durable in a write-ahead journal (the `journal` module): a single committer
-//! thread appends every pending upload to the current segment `DIR/journal-<n>` with one write and
-//! one `fdatasync`, and only then wakes each caller (group commit). Reads find uploads in the
-//! segment until a checkpoint (when a segment is full, and on close) writes each cluster's newest
-//! upload to its file the durable way (`DIR/.tmp-…`, synced, renamed over the cluster's file, one
-//! directory sync) and deletes the segment. On ext4 that is several times cheaper than syncing one
-//! file per upload (figures in the `journal` module). An upload stored unchanged as it arrived
-//! (snappy framed) is journaled so, *packed* (~6× fewer bytes; the `journal` module's "Packed
-//! records"); every read gets the families decompressed, and the checkpointer writes cluster
-//! files plain, in the format below, so `/federate` reads each family's range from them as
-//! before.
+//! A put is first made durable in a write-ahead journal (the `journal` module): one commit at a
+//! time appends every pending upload to the current segment `DIR/journal-<n>` with one write and
+//! one `fdatasync`, and only then answers each caller (group commit; a caller that finds the
+//! journal idle commits on its own thread, the committer thread takes what queues meanwhile).
+//! Reads find uploads in the segment until a checkpoint (when a segment is full, and on close)
+//! writes each cluster's newest upload to its file the durable way (`DIR/.tmp-…`, synced, renamed
+//! over the cluster's file, one directory sync) and deletes the segment. On ext4 that is several
+//! times cheaper than syncing one file per upload (figures in the `journal` module). An upload
+//! stored unchanged as it arrived (snappy framed) is journaled so, *packed* (~6× fewer bytes; the
+//! `journal` module's "Packed records"); every read gets the families decompressed, and the
+//! checkpointer writes cluster files plain, in the format below, so `/federate` reads each
+//! family's range from them as before.
 //!
 //! The directory is locked (fs2) so a second server on it refuses to start. On open, temp files are
 //! removed, cluster files are indexed from their headers alone (a header that does not hold up
@@ -141,7 +142,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use fs2::FileExt;
 use telemeter_common::sync as handoff;
 
-use commit::{Mode, Outcome, Request};
+use commit::{Mode, Outcome, Queue, Request};
 pub use egress::{Backlog, BacklogReader, Position, ShipRecord};
 use journal::JournalState;
 pub use read::PinnedUpload;
@@ -225,8 +226,8 @@ pub struct Store {
 /// What the clones share. Dropping the last clone closes the store.
 struct Handle {
     shared: Arc<Shared>,
-    /// `None` once closed; the committer stops when every sender is gone.
-    requests: Mutex<Option<Sender<Request>>>,
+    /// Where puts are committed; closing it stops the committer thread once it is drained.
+    queue: Arc<Queue>,
     /// Dropping it wakes and stops the sweeper.
     stop_sweeper: Mutex<Option<Sender<()>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -345,14 +346,14 @@ impl Store {
                 .spawn(move || checkpoint::checkpoint_until_closed(&shared, &retired))
                 .map_err(|e| StoreError::io("starting the store's checkpointer thread", e))?
         };
-        let (requests, queue) = crossbeam_channel::unbounded();
+        let queue = Arc::new(Queue::new(config.max_batch));
         let (stop_sweeper, stopped) = crossbeam_channel::bounded::<()>(0);
         let committer = {
             let shared_clone = Arc::clone(&shared);
-            let max_batch = config.max_batch;
+            let queue = Arc::clone(&queue);
             let spawned = thread::Builder::new()
                 .name("store-committer".to_string())
-                .spawn(move || commit::run(shared_clone, queue, max_batch));
+                .spawn(move || commit::run(shared_clone, queue));
             match spawned {
                 Ok(committer) => committer,
                 Err(error) => {
@@ -374,7 +375,7 @@ impl Store {
         let sweeper = match sweeper {
             Ok(sweeper) => sweeper,
             Err(error) => {
-                drop(requests);
+                queue.close();
                 let _ = committer.join();
                 let _ = checkpointer.join();
                 return Err(StoreError::io("starting the store's sweeper thread", error));
@@ -383,7 +384,7 @@ impl Store {
         Ok(Store {
             handle: Arc::new(Handle {
                 shared,
-                requests: Mutex::new(Some(requests)),
+                queue,
                 stop_sweeper: Mutex::new(Some(stop_sweeper)),
                 // Joined in this order: the committer hands its last segment to the checkpointer.
                 threads: Mutex::new(vec![committer, checkpointer, sweeper]),
@@ -550,7 +551,8 @@ impl Store {
         .map(Outcome::written)
     }
 
-    /// Hands one upload to the committer and waits for its answer. With `frames` (the served
+    /// Commits one upload (here, or through the committer thread) and waits for its answer. With
+    /// `frames` (the served
     /// payload as it arrived, snappy framed) the record is packed. `newest_received_ms` is the
     /// payload's newest remote-write sample; `None`: read from the payload.
     fn submit(&self, cluster_id: &str, put: Put) -> Result<Outcome, StoreError> {
@@ -567,11 +569,6 @@ impl Store {
         if serve.is_none() && !shipping {
             return Ok(Outcome::Kept);
         }
-        // Cloned so the lock is not held while waiting; a clone keeps the committer alive until
-        // this request is queued, so a racing close() still commits it.
-        let requests = lock(&self.handle.requests)
-            .clone()
-            .ok_or(StoreError::Closed)?;
         let (reply, answer) = handoff::oneshot();
         let received_millis = telemeter_common::time::unix_millis(received);
         // Read here, on the caller's thread, so the committer's batches do not wait for it.
@@ -584,8 +581,9 @@ impl Store {
             Some(frames) if serving => (frames, Some(payload.len() as u64)),
             _ => (payload, None),
         };
-        requests
-            .send(Request {
+        self.handle.queue.submit(
+            &self.handle.shared,
+            Request {
                 cluster_id: cluster_id.to_string(),
                 payload,
                 packed,
@@ -596,11 +594,10 @@ impl Store {
                 newest_received_ms,
                 mode,
                 reply,
-            })
-            .map_err(|_| StoreError::Closed)?;
-        drop(requests);
-        // The committer answers every request it takes; if it died instead, the reply sender is
-        // dropped and this returns.
+            },
+        )?;
+        // Whoever commits answers every request it takes (a commit on this thread already has);
+        // if the committer thread died instead, the reply sender is dropped and this returns.
         answer.recv().ok_or(StoreError::Closed)?
     }
 
@@ -719,7 +716,8 @@ impl Store {
 
 impl Handle {
     fn close(&self) {
-        drop(lock(&self.requests).take());
+        // What was queued before is still committed: the committer thread drains the queue.
+        self.queue.close();
         drop(lock(&self.stop_sweeper).take());
         let threads = std::mem::take(&mut *lock(&self.threads));
         for thread in threads {

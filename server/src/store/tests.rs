@@ -1400,3 +1400,173 @@ fn packed_payloads_past_the_budget_close_the_segment_and_repeated_clusters_count
     }
     assert!(fs::read(file_of(&store, "c")).unwrap().ends_with(&payload));
 }
+
+/// The records of every segment as a fresh replay reads them from disk now, while other threads
+/// may be appending: a record cut short at the tail ends the replay, as it would on open.
+fn replayed_now(dir: &Path) -> Vec<(u8, String, Vec<u8>)> {
+    let mut records = Vec::new();
+    for number in journal::list(dir).unwrap() {
+        journal::replay(&dir.join(format!("{}{number}", journal::PREFIX)), |r| {
+            records.push((r.kind, r.header.cluster_id, r.payload));
+            Ok(())
+        })
+        .unwrap();
+    }
+    records
+}
+
+/// A request for `commit` straight from a test, and the receiver of its answer.
+fn commit_request(
+    cluster_id: &str,
+    payload: &[u8],
+) -> (Request, handoff::ReplyReceiver<Result<Outcome, StoreError>>) {
+    let (reply, answer) = handoff::oneshot();
+    let received_millis = telemeter_common::time::unix_millis(at(0));
+    let request = Request {
+        cluster_id: cluster_id.to_string(),
+        payload: payload.to_vec(),
+        packed: None,
+        serve: true,
+        ship: Ship::Served,
+        received_millis,
+        newest_sample_ms: received_millis as i64,
+        newest_received_ms: i64::MIN,
+        mode: Mode::Replace,
+        reply,
+    };
+    (request, answer)
+}
+
+/// Waits (at most 10 s) for `answer` on another thread, so a request nobody commits fails the
+/// test instead of hanging it.
+fn answer_within_10s(
+    answer: handoff::ReplyReceiver<Result<Outcome, StoreError>>,
+) -> Option<Result<bool, StoreError>> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let _ = tx.send(answer.recv().map(|r| r.map(Outcome::written)));
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("no answer within 10 s")
+}
+
+#[test]
+fn every_concurrent_put_is_in_the_journal_when_it_is_answered() {
+    // Callers that find the journal idle commit on their own threads, the others queue for the
+    // committer thread: either way an Ok means a fresh replay of the segments on disk finds the
+    // record, with the payload that caller put. (Each thread has its own clusters: of two puts of
+    // one cluster in one batch only the later is written, and the earlier is answered Ok.)
+    let dir = TempDir::new("leader");
+    let store = open(&dir);
+    const THREADS: usize = 8;
+    const PUTS: usize = 20;
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let store = store.clone();
+            thread::spawn(move || {
+                for n in 0..PUTS {
+                    let cluster = format!("c{t}-{}", n % 3);
+                    let payload = format!("{t}/{n}").into_bytes();
+                    store.put(&cluster, payload.clone(), at(0)).unwrap();
+                    let replayed = replayed_now(store.dir());
+                    assert!(
+                        replayed.iter().any(|(kind, c, p)| *kind == journal::PUT
+                            && *c == cluster
+                            && *p == payload),
+                        "{cluster} {t}/{n} answered Ok but not in the journal"
+                    );
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().unwrap();
+    }
+    let stats = store.stats();
+    assert_eq!(stats.writes, (THREADS * PUTS) as u64);
+    assert!(
+        stats.commits >= 1 && stats.commits <= stats.writes,
+        "{stats:?}"
+    );
+    drop(store);
+    // And a restart serves, per cluster, one of the payloads put last by some thread.
+    let store = open(&dir);
+    assert_eq!(store.clusters().len(), THREADS * 3);
+}
+
+#[test]
+fn a_put_alone_commits_on_its_callers_thread() {
+    let dir = TempDir::new("alone");
+    let store = open(&dir);
+    // A queue no committer thread serves: only a commit on the caller's thread can answer.
+    let queue = Queue::new(8);
+    let (request, answer) = commit_request("c", b"mine");
+    queue.submit(&store.handle.shared, request).unwrap();
+    assert_eq!(answer_within_10s(answer).map(|r| r.ok()), Some(Some(true)));
+    assert_eq!(store.get("c").unwrap().unwrap().payload, b"mine");
+    assert!(replayed_now(store.dir())
+        .iter()
+        .any(|(_, c, p)| c == "c" && p == b"mine"));
+    queue.close();
+    let (request, _answer) = commit_request("c", b"late");
+    assert!(matches!(
+        queue.submit(&store.handle.shared, request),
+        Err(StoreError::Closed)
+    ));
+}
+
+#[test]
+fn puts_during_a_commit_queue_and_share_the_next_one() {
+    let dir = TempDir::new("queued");
+    let store = open(&dir);
+    let shared = Arc::clone(&store.handle.shared);
+    let queue = Arc::clone(&store.handle.queue);
+    // Holding the journal stops the first put inside its own commit, after it took the permit.
+    let journal_held = lock(&shared.journal);
+    let first = {
+        let store = store.clone();
+        thread::spawn(move || store.put("first", b"1".to_vec(), at(0)))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !queue.committing() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first put never started committing"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    // These must queue, not commit: a commit here would wait for the journal held above, so
+    // they are submitted from another thread and must all return within the bound.
+    let submitted = {
+        let (shared, queue) = (Arc::clone(&shared), Arc::clone(&queue));
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        thread::spawn(move || {
+            let answers: Vec<_> = (0..8)
+                .map(|i| {
+                    let (request, answer) =
+                        commit_request(&format!("q{i}"), format!("{i}").as_bytes());
+                    queue.submit(&shared, request).map(|()| answer)
+                })
+                .collect();
+            let _ = tx.send(answers);
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("a put during a commit did not queue")
+    };
+    assert_eq!(store.stats().commits, 0);
+    drop(journal_held);
+    first.join().unwrap().unwrap();
+    for answer in submitted {
+        let answer = answer.unwrap();
+        assert_eq!(answer_within_10s(answer).map(|r| r.ok()), Some(Some(true)));
+    }
+    // One commit for the first put, one for the eight queued behind it.
+    let stats = store.stats();
+    assert_eq!((stats.commits, stats.writes), (2, 9), "{stats:?}");
+    for i in 0..8 {
+        assert_eq!(
+            store.get(&format!("q{i}")).unwrap().unwrap().payload,
+            format!("{i}").into_bytes()
+        );
+    }
+}
