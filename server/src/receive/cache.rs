@@ -36,6 +36,7 @@ use telemeter_common::selector::Selector;
 use telemeter_common::wire::{self, Value};
 
 use super::merge::{is_stale_marker, REMOTE_WRITE_HELP};
+use crate::store::Patch;
 #[cfg(doc)]
 use crate::store::Store;
 
@@ -199,6 +200,9 @@ pub struct CachedCluster {
     newest_received: i64,
     /// The whitelist the `converted` marks were set under (kept alive, so compared by identity).
     whitelist: Option<Arc<Vec<Selector>>>,
+    /// What the in-place merges wrote since [`CachedCluster::record_patch`], so the store can
+    /// journal that rather than the whole payload.
+    patch: Option<Patch>,
 }
 
 impl CachedCluster {
@@ -217,6 +221,7 @@ impl CachedCluster {
                 keys,
                 newest_received,
                 whitelist: None,
+                patch: None,
             }),
             None => Err(payload),
         }
@@ -261,6 +266,17 @@ impl CachedCluster {
             }
         }
         Some((families, by_name, slots, index, keys))
+    }
+
+    /// Starts recording what the in-place merges write over the payload, which is the store's
+    /// `version` of the cluster ([`Store::put_patched`]).
+    pub fn record_patch(&mut self, version: u64) {
+        self.patch = Some(Patch::new(version));
+    }
+
+    /// What was recorded since [`CachedCluster::record_patch`], if that was called.
+    pub fn take_patch(&mut self) -> Option<Patch> {
+        self.patch.take()
     }
 
     /// The payload as stored.
@@ -309,6 +325,14 @@ impl CachedCluster {
             let slot = &mut self.slots[s as usize];
             let start = slot.start as usize;
             self.payload[start..start + slot.len as usize].copy_from_slice(message);
+            if let Some(patch) = &mut self.patch {
+                // The labels are the same bytes (that is how the slot was found): only the rest.
+                let labels = slot.labels as usize;
+                patch.push(
+                    slot.start + slot.labels,
+                    message.get(labels..).unwrap_or_default(),
+                );
+            }
             slot.timestamp_ms = timestamp_ms;
             // Written by whoever made `delta`: converted here only if the caller marks it so.
             slot.converted = false;
@@ -504,6 +528,9 @@ impl CachedCluster {
             prost::encoding::encode_varint(timestamp_ms as u64, &mut tail);
             let start = (slot.start + slot.labels) as usize;
             self.payload[start..start + tail.len()].copy_from_slice(&tail);
+            if let Some(patch) = &mut self.patch {
+                patch.push(slot.start + slot.labels, &tail);
+            }
             slot.timestamp_ms = timestamp_ms;
             self.newest_received = self.newest_received.max(timestamp_ms);
         }

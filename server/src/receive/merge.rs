@@ -34,7 +34,7 @@ use telemeter_common::wire::{self, MetricView, Value};
 
 use super::cache::{Cache, CachedCluster, RawRules};
 use crate::ingest::placement::store_merged;
-use crate::store::{Store, StoreError};
+use crate::store::{Ship, Store, StoreError};
 
 /// Locks around read-merge-put, chosen by cluster id.
 const STRIPE_COUNT: usize = 64;
@@ -154,18 +154,30 @@ impl Merger {
     fn store_and_keep(
         &self,
         cluster_id: &str,
-        entry: CachedCluster,
+        mut entry: CachedCluster,
         delta: Vec<u8>,
         received: SystemTime,
     ) -> Result<(), StoreError> {
-        let version = store_merged(
-            &self.store,
-            cluster_id,
-            entry.payload().to_vec(),
-            delta,
-            received,
-            entry.newest_received(),
-        )?;
+        // Merged in place: the store may journal only what changed (the delta is shipped in the
+        // same batch, as `store_merged` does).
+        let version = match entry.take_patch() {
+            Some(patch) => self.store.put_patched(
+                cluster_id,
+                entry.payload().to_vec(),
+                patch,
+                Ship::Payload(delta),
+                received,
+                entry.newest_received(),
+            )?,
+            None => store_merged(
+                &self.store,
+                cluster_id,
+                entry.payload().to_vec(),
+                delta,
+                received,
+                entry.newest_received(),
+            )?,
+        };
         if let Some(version) = version {
             self.count_lock();
             self.shared.cache.keep(cluster_id, entry, version);
@@ -228,7 +240,10 @@ impl Merger {
             .saturating_sub(telemeter_common::time::duration_millis(self.store.ttl()));
         // Out of the cache until the store has the merged payload: only then is it cached again.
         let in_place = match self.cached(cluster_id) {
-            Some((mut entry, _)) => match entry.merge_in_place(&delta, oldest_ms) {
+            Some((mut entry, version)) => match {
+                entry.record_patch(version);
+                entry.merge_in_place(&delta, oldest_ms)
+            } {
                 true => Ok(entry),
                 false => Err(Some(entry.into_payload())),
             },
@@ -289,7 +304,9 @@ impl Merger {
         let Some((mut entry, version)) = self.cached(cluster_id) else {
             return Ok(None);
         };
+        entry.record_patch(version);
         let Some(samples) = entry.merge_raw(body, rules, oldest_ms) else {
+            entry.take_patch();
             // Unchanged: still a copy of the store's `version` (if the store moved on since,
             // the next merge sees it).
             self.count_lock();

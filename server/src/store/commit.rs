@@ -11,6 +11,11 @@
 //! a superseded or older upload, or a separate payload to ship, becomes a "ship only" record;
 //! a served payload that is not shipped a "serve only" one (the `journal` module's kinds).
 //!
+//! A request that says how its payload differs from the stored one (a remote-write merge done
+//! in place) is journaled as a patch of it when that is allowed (the `patch` module); the
+//! journal stays locked from that decision to the append, so no other append (a removal) can
+//! start a segment between them.
+//!
 //! Full segments go to the checkpointer thread (the `checkpoint` module).
 
 use std::collections::HashMap;
@@ -21,7 +26,8 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use telemeter_common::sync::ReplySender;
 
-use super::journal;
+use super::journal::{self, Segment};
+use super::patch::{Patch, MAX_PATCHES};
 use super::{lock, Entry, Location, Shared, Ship, StoreError};
 
 /// Whether a request replaces unconditionally or only when newer than what is stored.
@@ -67,6 +73,10 @@ pub(super) struct Request {
     pub(super) newest_sample_ms: i64,
     /// The payload's newest remote-write sample (`i64::MIN`: none), as the caller knows it.
     pub(super) newest_received_ms: i64,
+    /// How `payload` differs from the stored payload it was made from, sealed: journaled
+    /// instead of `payload` when the index still holds that one as a chain of the segment
+    /// appended to (the `patch` module).
+    pub(super) patch: Option<Patch>,
     pub(super) mode: Mode,
     pub(super) reply: ReplySender<Result<Outcome, StoreError>>,
 }
@@ -105,6 +115,15 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         newest_sample_ms: i64,
         image: usize,
         version: u64,
+        /// The chain the winner's patch extends, when it is journaled as a patch.
+        chain: Option<Chain>,
+    }
+    /// An index entry's chain that a patch extends.
+    struct Chain {
+        segment: Arc<Segment>,
+        image: u64,
+        patches: Vec<u64>,
+        patch_bytes: u64,
     }
     /// What became of one request in the grouping.
     #[derive(Clone, Copy)]
@@ -170,8 +189,49 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                         newest_sample_ms: request.newest_sample_ms,
                         image: 0,
                         version: 0,
+                        chain: None,
                     });
                 }
+            }
+        }
+    }
+
+    // Locked from the choice between patch and image to the append: a patch only extends a
+    // chain in the segment it is appended to (see the `patch` module).
+    let mut journal_state = lock(&shared.journal);
+    let target = shared.appending_to(&journal_state);
+    if let Some(target) = target {
+        let index = lock(&shared.index);
+        for group in &mut groups {
+            let Some(request) = batch.get(group.winner) else {
+                continue;
+            };
+            let (Some(patch), Some(entry)) = (&request.patch, index.get(&request.cluster_id))
+            else {
+                continue;
+            };
+            let (segment, image, patches, patch_bytes) = match &entry.location {
+                Location::Journal { segment, offset } => (segment, *offset, &[][..], 0),
+                Location::Chain {
+                    segment,
+                    image,
+                    patches,
+                    patch_bytes,
+                } => (segment, *image, &patches[..], *patch_bytes),
+                Location::File { .. } => continue,
+            };
+            let allowed = entry.version == patch.base_version
+                && segment.number == target
+                && entry.payload_bytes == request.payload.len() as u64
+                && patches.len() < MAX_PATCHES
+                && patch_bytes + patch.len() as u64 <= entry.payload_bytes;
+            if allowed {
+                group.chain = Some(Chain {
+                    segment: Arc::clone(segment),
+                    image,
+                    patches: patches.to_vec(),
+                    patch_bytes: patch_bytes + patch.len() as u64,
+                });
             }
         }
     }
@@ -190,12 +250,18 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
     for (i, request) in batch.iter().enumerate() {
         let role = roles.get(i).copied().unwrap_or(Role::Skipped);
         let mut records: Vec<(u8, &[u8])> = Vec::with_capacity(2);
-        if let Role::Winner(_) = role {
-            let kind = match (&request.ship, egress) {
-                (Ship::Served, _) | (_, false) => journal::PUT,
-                _ => journal::SERVE,
-            };
-            records.push((kind, &request.payload));
+        if let Role::Winner(g) = role {
+            let patched = groups.get(g).is_some_and(|group| group.chain.is_some());
+            match (&request.patch, patched) {
+                (Some(patch), true) => records.push((journal::PATCH, &patch.bytes)),
+                _ => {
+                    let kind = match (&request.ship, egress) {
+                        (Ship::Served, _) | (_, false) => journal::PUT,
+                        _ => journal::SERVE,
+                    };
+                    records.push((kind, &request.payload));
+                }
+            }
         }
         if egress {
             match (&request.ship, role) {
@@ -244,7 +310,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
     let written: Result<u64, StoreError> = if bytes.is_empty() {
         Ok(0)
     } else {
-        shared.append(&bytes, |segment, base| {
+        shared.append_locked(&mut journal_state, &bytes, |segment, base| {
             let mut index = lock(&shared.index);
             let mut written = 0;
             for group in &mut groups {
@@ -253,6 +319,22 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                 }
                 if let Some(request) = batch.get(group.winner) {
                     group.version = shared.versions.fetch_add(1, Ordering::Relaxed);
+                    let offset = base + group.image as u64;
+                    let location = match group.chain.take() {
+                        Some(mut chain) => {
+                            chain.patches.push(offset);
+                            Location::Chain {
+                                segment: chain.segment,
+                                image: chain.image,
+                                patches: chain.patches,
+                                patch_bytes: chain.patch_bytes,
+                            }
+                        }
+                        None => Location::Journal {
+                            segment: Arc::clone(segment),
+                            offset,
+                        },
+                    };
                     index.insert(
                         request.cluster_id.clone(),
                         Entry {
@@ -260,10 +342,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                             newest_sample_ms: request.newest_sample_ms,
                             newest_received_ms: Some(request.newest_received_ms),
                             payload_bytes: request.payload.len() as u64,
-                            location: Location::Journal {
-                                segment: Arc::clone(segment),
-                                offset: base + group.image as u64,
-                            },
+                            location,
                             version: group.version,
                         },
                     );
@@ -273,6 +352,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
             written
         })
     };
+    drop(journal_state);
     if let Ok(written) = &written {
         if *written > 0 {
             shared.counters.commits.fetch_add(1, Ordering::Relaxed);

@@ -35,6 +35,7 @@
 //! | 5         | version 2: ship only   | CRC-32C                                                    |
 //! | 6         | version 2: serve only  | CRC-32C                                                    |
 //! | 7, 8      | version 3: put, serve only, + marker | CRC-32C, the marker included            |
+//! | 9         | patch of the served payload (the `patch` module) | CRC-32C                      |
 //!
 //! A served payload (put, serve only) is written as version 3, everything else (remove, ship only)
 //! as version 2: the marker only means something beside a served payload. A replay restores the
@@ -45,6 +46,8 @@
 //! the delta of a remote-write request whose merged view is put separately); "serve only" (6, 8)
 //! is a put whose payload is not shipped (that merged view, or a handoff between servers). A
 //! replay into the store skips kind 5 and treats 6 and 8 as a put; egress ships 1, 3, 7 and 5.
+//! A patch (9) changes the served payload of its cluster's put earlier in the same segment;
+//! egress skips it (a remote-write request's delta is shipped in its own ship-only record).
 //! Kinds 5 and 6 are read by this version on, 7 and 8 by version 3 on; an older server stops its
 //! replay at them as at a torn tail (as it refuses the version 3 cluster files: there is no
 //! downgrade past a format version).
@@ -82,6 +85,10 @@ pub(super) const REMOVE: u8 = 2;
 pub(super) const SHIP: u8 = 5;
 /// The record of an upload to serve but not ship (written only as version 2).
 pub(super) const SERVE: u8 = 6;
+/// The record of a patch of the cluster's payload (the `patch` module), after its image in the
+/// same segment. Version 2 layout and checksum; its own byte, so an older server stops its replay
+/// at it as at a torn tail.
+pub(super) const PATCH: u8 = 9;
 /// Added to [`PUT`] or [`REMOVE`] in the kind byte of a version 2 record.
 const VERSION_2_KINDS: u8 = 2;
 /// The kind byte of a version 3 [`PUT`]: a version 2 put followed by [`MARKER_LEN`] bytes, the
@@ -111,7 +118,7 @@ pub(super) enum Checksum {
 fn kind_of(byte: u8) -> Option<(u8, Checksum)> {
     match byte {
         PUT | REMOVE => Some((byte, Checksum::Hash64)),
-        SHIP | SERVE => Some((byte, Checksum::Crc32c)),
+        SHIP | SERVE | PATCH => Some((byte, Checksum::Crc32c)),
         PUT_MARKED => Some((PUT, Checksum::Crc32c)),
         SERVE_MARKED => Some((SERVE, Checksum::Crc32c)),
         _ => {
@@ -132,7 +139,7 @@ fn marker_len(byte: u8) -> usize {
 /// The kind byte of a record of `kind` checksummed with `method`.
 fn kind_byte(method: Checksum, kind: u8) -> u8 {
     match (method, kind) {
-        (Checksum::Hash64, _) | (Checksum::Crc32c, SHIP | SERVE) => kind,
+        (Checksum::Hash64, _) | (Checksum::Crc32c, SHIP | SERVE | PATCH) => kind,
         (Checksum::Crc32c, _) => kind + VERSION_2_KINDS,
     }
 }
@@ -449,7 +456,7 @@ pub(super) fn is_segment_name(name: &str) -> bool {
 
 /// One replayed record.
 pub(super) struct Record {
-    /// [`PUT`], [`REMOVE`], [`SHIP`] or [`SERVE`].
+    /// [`PUT`], [`REMOVE`], [`SHIP`], [`SERVE`] or [`PATCH`].
     pub(super) kind: u8,
     /// The image's header.
     pub(super) header: Header,
@@ -609,8 +616,28 @@ impl Shared {
         then: impl FnOnce(&Arc<Segment>, u64) -> T,
     ) -> Result<T, StoreError> {
         let mut journal = lock(&self.journal);
+        self.append_locked(&mut journal, bytes, then)
+    }
+
+    /// The number of the segment the next append to `journal` (locked by the caller) writes
+    /// to, when it is the current one; `None` when that append starts a new segment.
+    pub(super) fn appending_to(&self, journal: &JournalState) -> Option<u64> {
         let full = journal.len >= self.segment_bytes.load(Ordering::Relaxed);
-        if journal.segment.is_none() || journal.broken || full {
+        match (&journal.segment, journal.broken || full) {
+            (Some(segment), false) => Some(segment.number),
+            _ => None,
+        }
+    }
+
+    /// [`Shared::append`] with the journal already locked by the caller (the committer, which
+    /// decides what to encode by the segment it goes to: [`Shared::appending_to`]).
+    pub(super) fn append_locked<T>(
+        &self,
+        journal: &mut JournalState,
+        bytes: &[u8],
+        then: impl FnOnce(&Arc<Segment>, u64) -> T,
+    ) -> Result<T, StoreError> {
+        if self.appending_to(journal).is_none() {
             if let Some(old) = journal.segment.take() {
                 if let Some(retired) = &journal.retired {
                     // Its records stay readable through the index until the checkpoint is done.

@@ -116,6 +116,7 @@ mod commit;
 mod egress;
 mod file;
 mod journal;
+mod patch;
 mod read;
 mod recover;
 mod state;
@@ -138,6 +139,7 @@ use telemeter_common::sync as handoff;
 use commit::{Mode, Outcome, Request};
 pub use egress::{Backlog, BacklogReader, Position, ShipRecord};
 use journal::JournalState;
+pub use patch::Patch;
 pub use read::PinnedUpload;
 use state::{is_live, lock, newest_sample_ms, Counters, Entry, Location, Shared};
 use telemeter_common::delimited::Limits;
@@ -188,6 +190,21 @@ pub fn newest_received_in(payload: &[u8]) -> i64 {
     }
     newest
 }
+
+/// Segments are closed at [`journal::SEGMENT_BYTES`], or at what the environment variable
+/// [`SEGMENT_BYTES_ENV`] says: a test hook, so end-to-end tests cross segment boundaries (and
+/// checkpoints) within a few requests.
+fn segment_bytes() -> u64 {
+    std::env::var(SEGMENT_BYTES_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&bytes| bytes > 0)
+        .unwrap_or(journal::SEGMENT_BYTES)
+}
+
+/// The environment variable that lowers the journal's segment size (tests only; see
+/// [`segment_bytes`]).
+pub const SEGMENT_BYTES_ENV: &str = "TELEMETER_TEST_SEGMENT_BYTES";
 
 /// What egress ships of a put (when the store was opened with [`Store::open_shipping`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -290,7 +307,7 @@ impl Store {
                 next_number: 0,
                 retired: None,
             }),
-            segment_bytes: AtomicU64::new(journal::SEGMENT_BYTES),
+            segment_bytes: AtomicU64::new(segment_bytes()),
             counters: Counters::default(),
             checkpointing: AtomicBool::new(checkpointing),
             egress: match shipping {
@@ -385,6 +402,7 @@ impl Store {
             received,
             Mode::Replace,
             Some(i64::MIN),
+            None,
         )
         .map(|_| ())
     }
@@ -401,7 +419,7 @@ impl Store {
         received: SystemTime,
     ) -> Result<bool, StoreError> {
         // Nobody said whether `serve` holds remote-write series: its families say.
-        self.submit(cluster_id, serve, ship, received, Mode::Replace, None)
+        self.submit(cluster_id, serve, ship, received, Mode::Replace, None, None)
             .map(Outcome::written)
     }
 
@@ -424,6 +442,35 @@ impl Store {
             received,
             Mode::Replace,
             Some(newest_received_ms),
+            None,
+        )?;
+        Ok(match outcome {
+            Outcome::Stored(version) => Some(version),
+            Outcome::Kept | Outcome::Superseded => None,
+        })
+    }
+
+    /// As [`Store::put_merged`] for a payload made by editing the stored payload of
+    /// [`Store::version`] `patch.base_version` in place: the journal then holds only `patch`
+    /// (what changed) where it can, and the whole payload otherwise (the `patch` module). Either
+    /// way `merged` is what is served, durable before this returns.
+    pub fn put_patched(
+        &self,
+        cluster_id: &str,
+        merged: Vec<u8>,
+        patch: Patch,
+        ship: Ship,
+        received: SystemTime,
+        newest_received_ms: i64,
+    ) -> Result<Option<u64>, StoreError> {
+        let outcome = self.submit(
+            cluster_id,
+            Some(merged),
+            ship,
+            received,
+            Mode::Replace,
+            Some(newest_received_ms),
+            Some(patch),
         )?;
         Ok(match outcome {
             Outcome::Stored(version) => Some(version),
@@ -455,6 +502,7 @@ impl Store {
             received,
             Mode::IfNewer,
             None,
+            None,
         )
         .map(Outcome::written)
     }
@@ -476,6 +524,7 @@ impl Store {
             received,
             Mode::UnlessOlder,
             Some(i64::MIN),
+            None,
         )
         .map(Outcome::written)
     }
@@ -490,6 +539,7 @@ impl Store {
         received: SystemTime,
         mode: Mode,
         newest_received_ms: Option<i64>,
+        patch: Option<Patch>,
     ) -> Result<Outcome, StoreError> {
         let shipping = self.handle.shared.egress.is_some()
             && !matches!((&serve, &ship), (None, Ship::Served) | (_, Ship::Nothing));
@@ -508,6 +558,10 @@ impl Store {
         let payload = serve.unwrap_or_default();
         let newest_sample_ms = newest_sample_ms(&payload, received_millis);
         let newest_received_ms = newest_received_ms.unwrap_or_else(|| newest_received_in(&payload));
+        let patch = patch.filter(|_| serving).map(|mut patch| {
+            patch.seal(payload.len() as u64, newest_sample_ms, newest_received_ms);
+            patch
+        });
         requests
             .send(Request {
                 cluster_id: cluster_id.to_string(),
@@ -517,6 +571,7 @@ impl Store {
                 received_millis,
                 newest_sample_ms,
                 newest_received_ms,
+                patch,
                 mode,
                 reply,
             })

@@ -12,6 +12,7 @@ use std::time::SystemTime;
 
 use super::file::{self, ReadError, Reading};
 use super::journal::{self, Segment};
+use super::patch;
 use super::state::{is_live, lock, Entry, Location, Shared};
 use super::{StoreError, StoredUpload};
 
@@ -33,6 +34,8 @@ pub struct PinnedUpload {
 enum Pin {
     File(File),
     Segment(Arc<Segment>),
+    /// A payload rebuilt from a chain (the `patch` module), which no file holds whole.
+    Memory(Arc<[u8]>),
 }
 
 impl PinnedUpload {
@@ -56,6 +59,21 @@ impl PinnedUpload {
         let file = match &self.pin {
             Pin::File(file) => file,
             Pin::Segment(segment) => &segment.file,
+            Pin::Memory(payload) => {
+                // `end` is within the payload (checked above), so this range is too.
+                let from = usize::try_from(start).unwrap_or(usize::MAX);
+                let range = payload.get(from..).and_then(|rest| rest.get(..len));
+                return match range {
+                    Some(bytes) => {
+                        buffer.copy_from_slice(bytes);
+                        Ok(())
+                    }
+                    None => Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "range outside the payload",
+                    )),
+                };
+            }
         };
         file.read_exact_at(buffer, self.payload_offset + start)
     }
@@ -75,6 +93,35 @@ impl Shared {
         };
         if !is_live(entry.newest_sample_ms, SystemTime::now(), self.ttl) {
             return Ok(None);
+        }
+        if let Location::Chain {
+            segment,
+            image,
+            patches,
+            ..
+        } = &entry.location
+        {
+            let context = || format!("reading {} at {image}", segment.path.display());
+            return match patch::read_chain(
+                segment,
+                cluster_id,
+                *image,
+                patches,
+                entry.payload_bytes,
+            ) {
+                Ok((received_millis, payload)) => Ok(Some(PinnedUpload {
+                    payload_offset: 0,
+                    payload_len: payload.len() as u64,
+                    pin: Pin::Memory(Arc::from(payload.as_slice())),
+                    upload: StoredUpload {
+                        cluster_id: cluster_id.to_string(),
+                        received: telemeter_common::time::from_unix_millis(received_millis),
+                        payload,
+                    },
+                })),
+                Err(ReadError::Corrupt(reason)) => Err(StoreError::format(context(), reason)),
+                Err(ReadError::Io(error)) => Err(StoreError::io(context(), error)),
+            };
         }
         if let Location::Journal { segment, offset } = &entry.location {
             let context = || format!("reading {} at {offset}", segment.path.display());

@@ -643,6 +643,7 @@ fn a_batch_writes_each_cluster_once_and_answers_everyone() {
             received_millis: telemeter_common::time::unix_millis(received),
             newest_sample_ms: telemeter_common::time::unix_millis(received) as i64,
             newest_received_ms: i64::MIN,
+            patch: None,
             mode,
             reply,
         });
@@ -1257,4 +1258,122 @@ fn a_handoff_carries_the_marker_in_its_payload() {
     assert!(store.put_if_newer("plain", plain, at(0)).unwrap());
     assert_eq!(store.newest_received("received").unwrap(), Some(stamp));
     assert_eq!(store.newest_received("plain").unwrap(), Some(i64::MIN));
+}
+
+/// A payload edited in place `n` times: a few 4-byte ranges a time, as a remote-write merge
+/// rewrites samples, each edit also given as a [`Patch`] of the store's version it was made over.
+fn edit(payload: &mut [u8], n: usize, base_version: u64) -> Patch {
+    let mut patch = Patch::new(base_version);
+    for k in 0..3 {
+        let at = (n * 131 + k * 617) % (payload.len() - 4);
+        let bytes = [(n % 256) as u8, k as u8, 0xaa, (n / 256) as u8];
+        payload[at..at + 4].copy_from_slice(&bytes);
+        patch.push(at as u32, &bytes);
+    }
+    patch
+}
+
+#[test]
+fn patches_are_journaled_instead_of_images_and_a_crash_replays_them_to_what_was_served() {
+    for segment_bytes in [journal::SEGMENT_BYTES, 3 * journal::PAGE, 1] {
+        let dir = TempDir::new("patches");
+        let mut payload: Vec<u8> = (0..2000u32).map(|i| (i % 251) as u8).collect();
+        let mut n = 0;
+        // Crashes after 1 request, around the image interval (16 patches after an image), and
+        // further on; each session starts from what the previous one served.
+        for requests in [1, 15, 16, 17, 18, 40] {
+            let store = Store::open_checkpointing(config(&dir), false, false).unwrap();
+            store
+                .handle
+                .shared
+                .segment_bytes
+                .store(segment_bytes, Ordering::Relaxed);
+            if n == 0 {
+                store
+                    .put_merged("c", payload.clone(), Ship::Nothing, at(0), 7)
+                    .unwrap();
+            }
+            for _ in 0..requests {
+                n += 1;
+                let base = store.version("c").unwrap();
+                let patch = edit(&mut payload, n, base);
+                let version = store
+                    .put_patched(
+                        "c",
+                        payload.clone(),
+                        patch,
+                        Ship::Nothing,
+                        at(0),
+                        7 + n as i64,
+                    )
+                    .unwrap();
+                assert_eq!(version, store.version("c"));
+                assert_eq!(
+                    store.get("c").unwrap().unwrap().payload,
+                    payload,
+                    "after {n}"
+                );
+            }
+            // A crash: nothing checkpointed, the segments as they are.
+            drop(store);
+            let store = Store::open_checkpointing(config(&dir), false, false).unwrap();
+            let upload = store.get("c").unwrap().unwrap();
+            assert_eq!(
+                upload.payload, payload,
+                "replayed after {n} ({segment_bytes})"
+            );
+            assert_eq!(store.newest_received("c").unwrap(), Some(7 + n as i64));
+        }
+        let kinds: Vec<u8> = journal_records(&dir.0).iter().map(|r| r.0).collect();
+        let patches = kinds.iter().filter(|&&k| k == journal::PATCH).count();
+        if segment_bytes == 1 {
+            // Every commit starts a segment: no chain can be extended.
+            assert_eq!(patches, 0, "{kinds:?}");
+        } else if segment_bytes == journal::SEGMENT_BYTES {
+            // An image per 16 patches, and one per restart (a new segment).
+            let images = kinds.len() - patches;
+            assert!(images <= 6 + n / 16 + 1, "{kinds:?}");
+            assert!(patches >= n - images, "{kinds:?}");
+        } else {
+            assert!(patches > 0 && patches < n, "{kinds:?}");
+        }
+        // A clean open checkpoints the chains into the cluster's file, which then serves it.
+        let store = open(&dir);
+        wait_for_checkpoints(&store);
+        assert_eq!(store.get("c").unwrap().unwrap().payload, payload);
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(store.get("c").unwrap().unwrap().payload, payload);
+    }
+}
+
+#[test]
+fn a_patch_over_another_payload_than_the_stored_one_is_journaled_as_the_whole_payload() {
+    let dir = TempDir::new("patch-base");
+    let store = open(&dir);
+    let mut payload = vec![1u8; 500];
+    store
+        .put_merged("c", payload.clone(), Ship::Nothing, at(0), 1)
+        .unwrap();
+    let base = store.version("c").unwrap();
+    // Another write comes between the merge's read and its put.
+    store.put("c", vec![2u8; 500], at(0)).unwrap();
+    let patch = edit(&mut payload, 1, base);
+    store
+        .put_patched("c", payload.clone(), patch, Ship::Nothing, at(0), 2)
+        .unwrap();
+    assert_eq!(store.get("c").unwrap().unwrap().payload, payload);
+    let kinds: Vec<u8> = journal_records(&dir.0).iter().map(|r| r.0).collect();
+    assert!(!kinds.contains(&journal::PATCH), "{kinds:?}");
+    // A patch past the payload's size in total is written whole as well.
+    let mut big = Patch::new(store.version("c").unwrap());
+    big.push(0, &[3u8; 500]);
+    payload = vec![3u8; 500];
+    store
+        .put_patched("c", payload.clone(), big, Ship::Nothing, at(0), 3)
+        .unwrap();
+    let kinds: Vec<u8> = journal_records(&dir.0).iter().map(|r| r.0).collect();
+    assert!(!kinds.contains(&journal::PATCH), "{kinds:?}");
+    drop(store);
+    assert_eq!(open(&dir).get("c").unwrap().unwrap().payload, payload);
 }
