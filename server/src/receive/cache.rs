@@ -271,12 +271,23 @@ impl CachedCluster {
     /// Starts recording what the in-place merges write over the payload, which is the store's
     /// `version` of the cluster ([`Store::put_patched`]).
     pub fn record_patch(&mut self, version: u64) {
-        self.patch = Some(Patch::new(version));
+        self.patch = Some(Patch::new(version, self.payload.len()));
     }
 
     /// What was recorded since [`CachedCluster::record_patch`], if that was called.
     pub fn take_patch(&mut self) -> Option<Patch> {
         self.patch.take()
+    }
+
+    /// The newest sample timestamp of the payload (ms), as the store reads it from a payload
+    /// (`wire::newest_timestamp`), from the slots rather than the bytes; `None` when no series
+    /// has one.
+    pub fn newest_sample(&self) -> Option<i64> {
+        self.slots
+            .iter()
+            .map(|slot| slot.timestamp_ms)
+            .filter(|&ts| ts != i64::MIN)
+            .max()
     }
 
     /// The payload as stored.

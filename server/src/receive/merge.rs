@@ -34,7 +34,7 @@ use telemeter_common::wire::{self, MetricView, Value};
 
 use super::cache::{Cache, CachedCluster, RawRules};
 use crate::ingest::placement::store_merged;
-use crate::store::{Ship, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// Locks around read-merge-put, chosen by cluster id.
 const STRIPE_COUNT: usize = 64;
@@ -161,14 +161,20 @@ impl Merger {
         // Merged in place: the store may journal only what changed (the delta is shipped in the
         // same batch, as `store_merged` does).
         let version = match entry.take_patch() {
-            Some(patch) => self.store.put_patched(
-                cluster_id,
-                entry.payload().to_vec(),
-                patch,
-                Ship::Payload(delta),
-                received,
-                entry.newest_received(),
-            )?,
+            Some(patch) => {
+                let newest_sample = entry.newest_sample().unwrap_or_else(|| {
+                    i64::try_from(telemeter_common::time::unix_millis(received)).unwrap_or(i64::MAX)
+                });
+                self.store.put_patched(
+                    cluster_id,
+                    patch,
+                    || entry.payload().to_vec(),
+                    delta,
+                    received,
+                    newest_sample,
+                    entry.newest_received(),
+                )?
+            }
             None => store_merged(
                 &self.store,
                 cluster_id,

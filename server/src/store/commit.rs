@@ -50,19 +50,22 @@ pub(super) enum Outcome {
     Superseded,
     /// Stored, and served now as the index entry of this [`super::Entry::version`].
     Stored(u64),
+    /// Not stored, nothing journaled: the request's patch cannot extend what the index holds
+    /// (another payload, a full chain, another segment); the caller puts the whole payload.
+    Unpatchable,
 }
 
 impl Outcome {
     /// Whether the payload was written to be served.
     pub(super) fn written(self) -> bool {
-        !matches!(self, Outcome::Kept)
+        !matches!(self, Outcome::Kept | Outcome::Unpatchable)
     }
 }
 
 /// One upload waiting to be committed. The reply says what became of it.
 pub(super) struct Request {
     pub(super) cluster_id: String,
-    /// What to serve (empty when `serve` is false).
+    /// What to serve (empty when `serve` is false, or when `patch` says it instead).
     pub(super) payload: Vec<u8>,
     /// Whether `payload` is to be served (false: the request only ships).
     pub(super) serve: bool,
@@ -73,9 +76,10 @@ pub(super) struct Request {
     pub(super) newest_sample_ms: i64,
     /// The payload's newest remote-write sample (`i64::MIN`: none), as the caller knows it.
     pub(super) newest_received_ms: i64,
-    /// How `payload` differs from the stored payload it was made from, sealed: journaled
-    /// instead of `payload` when the index still holds that one as a chain of the segment
-    /// appended to (the `patch` module).
+    /// What to serve as a change of the stored payload it was made over, sealed (the `patch`
+    /// module), instead of `payload`: journaled when the index still holds that payload as a
+    /// chain of the segment appended to with room for it, else answered
+    /// [`Outcome::Unpatchable`] with nothing journaled (its ship record neither).
     pub(super) patch: Option<Patch>,
     pub(super) mode: Mode,
     pub(super) reply: ReplySender<Result<Outcome, StoreError>>,
@@ -118,13 +122,6 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         /// The chain the winner's patch extends, when it is journaled as a patch.
         chain: Option<Chain>,
     }
-    /// An index entry's chain that a patch extends.
-    struct Chain {
-        segment: Arc<Segment>,
-        image: u64,
-        patches: Vec<u64>,
-        patch_bytes: u64,
-    }
     /// What became of one request in the grouping.
     #[derive(Clone, Copy)]
     enum Role {
@@ -134,10 +131,17 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         Superseded,
         /// Not served (kept the stored upload, or asked only to be shipped).
         Skipped,
+        /// A patch that cannot be journaled: nothing of it is.
+        Unpatchable,
     }
     let egress = shared.egress.is_some();
     let mut groups: Vec<Group> = Vec::new();
     let mut roles: Vec<Role> = Vec::with_capacity(batch.len());
+    // Locked from the choice between patch and image to the append: a patch only extends a
+    // chain in the segment it is appended to (see the `patch` module), and no other append (a
+    // removal) may start a segment in between.
+    let mut journal_state = lock(&shared.journal);
+    let target = shared.appending_to(&journal_state);
     {
         let index = lock(&shared.index);
         let mut by_cluster: HashMap<&str, usize> = HashMap::new();
@@ -166,9 +170,27 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                 roles.push(Role::Skipped);
                 continue;
             }
+            // A patch extends only the stored payload it was made over, never one of this batch.
+            let chain = match (&request.patch, group) {
+                (None, _) => None,
+                (Some(_), Some(_)) => {
+                    roles.push(Role::Unpatchable);
+                    continue;
+                }
+                (Some(patch), None) => {
+                    match extendable(index.get(&request.cluster_id), patch, target) {
+                        Some(chain) => Some(chain),
+                        None => {
+                            roles.push(Role::Unpatchable);
+                            continue;
+                        }
+                    }
+                }
+            };
             match group {
                 Some(g) => {
                     if let Some(group) = groups.get_mut(g) {
+                        group.chain = None;
                         if let Some(role) = roles.get_mut(group.winner) {
                             *role = Role::Superseded;
                         }
@@ -189,49 +211,9 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                         newest_sample_ms: request.newest_sample_ms,
                         image: 0,
                         version: 0,
-                        chain: None,
+                        chain,
                     });
                 }
-            }
-        }
-    }
-
-    // Locked from the choice between patch and image to the append: a patch only extends a
-    // chain in the segment it is appended to (see the `patch` module).
-    let mut journal_state = lock(&shared.journal);
-    let target = shared.appending_to(&journal_state);
-    if let Some(target) = target {
-        let index = lock(&shared.index);
-        for group in &mut groups {
-            let Some(request) = batch.get(group.winner) else {
-                continue;
-            };
-            let (Some(patch), Some(entry)) = (&request.patch, index.get(&request.cluster_id))
-            else {
-                continue;
-            };
-            let (segment, image, patches, patch_bytes) = match &entry.location {
-                Location::Journal { segment, offset } => (segment, *offset, &[][..], 0),
-                Location::Chain {
-                    segment,
-                    image,
-                    patches,
-                    patch_bytes,
-                } => (segment, *image, &patches[..], *patch_bytes),
-                Location::File { .. } => continue,
-            };
-            let allowed = entry.version == patch.base_version
-                && segment.number == target
-                && entry.payload_bytes == request.payload.len() as u64
-                && patches.len() < MAX_PATCHES
-                && patch_bytes + patch.len() as u64 <= entry.payload_bytes;
-            if allowed {
-                group.chain = Some(Chain {
-                    segment: Arc::clone(segment),
-                    image,
-                    patches: patches.to_vec(),
-                    patch_bytes: patch_bytes + patch.len() as u64,
-                });
             }
         }
     }
@@ -250,11 +232,13 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
     for (i, request) in batch.iter().enumerate() {
         let role = roles.get(i).copied().unwrap_or(Role::Skipped);
         let mut records: Vec<(u8, &[u8])> = Vec::with_capacity(2);
-        if let Role::Winner(g) = role {
-            let patched = groups.get(g).is_some_and(|group| group.chain.is_some());
-            match (&request.patch, patched) {
-                (Some(patch), true) => records.push((journal::PATCH, &patch.bytes)),
-                _ => {
+        if let Role::Unpatchable = role {
+            continue;
+        }
+        if let Role::Winner(_) = role {
+            match &request.patch {
+                Some(patch) => records.push((journal::PATCH, &patch.bytes)),
+                None => {
                     let kind = match (&request.ship, egress) {
                         (Ship::Served, _) | (_, false) => journal::PUT,
                         _ => journal::SERVE,
@@ -341,7 +325,10 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                             received_millis: request.received_millis,
                             newest_sample_ms: request.newest_sample_ms,
                             newest_received_ms: Some(request.newest_received_ms),
-                            payload_bytes: request.payload.len() as u64,
+                            payload_bytes: request
+                                .patch
+                                .as_ref()
+                                .map_or(request.payload.len() as u64, Patch::payload_len),
                             location,
                             version: group.version,
                         },
@@ -399,6 +386,10 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         }
     }
     for (i, request) in batch.iter().enumerate() {
+        if let Some(Role::Unpatchable) = roles.get(i) {
+            request.reply.send(Ok(Outcome::Unpatchable));
+            continue;
+        }
         if !matches!(roles.get(i), Some(Role::Skipped)) {
             continue;
         }
@@ -409,4 +400,42 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         };
         request.reply.send(result);
     }
+}
+
+/// An index entry's chain that a patch extends: the chain with the patch's bytes counted.
+struct Chain {
+    segment: Arc<Segment>,
+    image: u64,
+    patches: Vec<u64>,
+    patch_bytes: u64,
+}
+
+/// The chain `patch` extends when it can be journaled over `entry` in the segment `target` (the
+/// one the append goes to, `None` when it starts a new one): the entry is the payload the patch
+/// was made over, an image or chain of that segment, of the same length, with fewer than
+/// [`MAX_PATCHES`] patches, and its patches' bytes stay within the payload's size.
+fn extendable(entry: Option<&Entry>, patch: &Patch, target: Option<u64>) -> Option<Chain> {
+    let entry = entry?;
+    let (segment, image, patches, patch_bytes) = match &entry.location {
+        Location::Journal { segment, offset } => (segment, *offset, &[][..], 0),
+        Location::Chain {
+            segment,
+            image,
+            patches,
+            patch_bytes,
+        } => (segment, *image, &patches[..], *patch_bytes),
+        Location::File { .. } => return None,
+    };
+    let patch_bytes = patch_bytes + patch.len() as u64;
+    (entry.version == patch.base_version
+        && Some(segment.number) == target
+        && entry.payload_bytes == patch.payload_len()
+        && patches.len() < MAX_PATCHES
+        && patch_bytes <= entry.payload_bytes)
+        .then(|| Chain {
+            segment: Arc::clone(segment),
+            image,
+            patches: patches.to_vec(),
+            patch_bytes,
+        })
 }

@@ -446,36 +446,80 @@ impl Store {
         )?;
         Ok(match outcome {
             Outcome::Stored(version) => Some(version),
-            Outcome::Kept | Outcome::Superseded => None,
+            Outcome::Kept | Outcome::Superseded | Outcome::Unpatchable => None,
         })
     }
 
     /// As [`Store::put_merged`] for a payload made by editing the stored payload of
-    /// [`Store::version`] `patch.base_version` in place: the journal then holds only `patch`
-    /// (what changed) where it can, and the whole payload otherwise (the `patch` module). Either
-    /// way `merged` is what is served, durable before this returns.
+    /// [`Store::version`] `patch.base_version` in place, where `patch` says what changed: the
+    /// journal then holds only that (the `patch` module), and `whole` (the edited payload) is
+    /// asked for only when the patch cannot be journaled (another write came between, the chain
+    /// is full, the segment changed). `newest_sample_ms` and `newest_received_ms` are the edited
+    /// payload's. Either way what is served is the edited payload, durable before this returns,
+    /// and `delta` is shipped once.
+    #[allow(clippy::too_many_arguments)]
     pub fn put_patched(
         &self,
         cluster_id: &str,
-        merged: Vec<u8>,
         patch: Patch,
-        ship: Ship,
+        whole: impl FnOnce() -> Vec<u8>,
+        delta: Vec<u8>,
         received: SystemTime,
+        newest_sample_ms: i64,
         newest_received_ms: i64,
     ) -> Result<Option<u64>, StoreError> {
+        let stored = |outcome: Outcome| match outcome {
+            Outcome::Stored(version) => Some(version),
+            Outcome::Kept | Outcome::Superseded | Outcome::Unpatchable => None,
+        };
+        // Most refusals are known from the index already (another version, a full chain): then
+        // the whole payload at once, rather than after a commit that refuses the patch.
+        let hopeful = lock(&self.handle.shared.index)
+            .get(cluster_id)
+            .is_some_and(|entry| {
+                let (patches, patch_bytes) = match &entry.location {
+                    Location::Journal { .. } => (0, 0),
+                    Location::Chain {
+                        patches,
+                        patch_bytes,
+                        ..
+                    } => (patches.len(), *patch_bytes),
+                    Location::File { .. } => return false,
+                };
+                entry.version == patch.base_version
+                    && patches < patch::MAX_PATCHES
+                    && patch_bytes + patch.len() as u64 <= entry.payload_bytes
+            });
+        if hopeful {
+            // Without egress the delta goes nowhere; with it, a refused patch journals nothing
+            // (its ship record neither), so the retry below ships it.
+            let ship = match self.handle.shared.egress {
+                Some(_) => Ship::Payload(delta.clone()),
+                None => Ship::Nothing,
+            };
+            let outcome = self.submit(
+                cluster_id,
+                Some(Vec::new()),
+                ship,
+                received,
+                Mode::Replace,
+                Some(newest_received_ms),
+                Some((patch, newest_sample_ms)),
+            )?;
+            if outcome != Outcome::Unpatchable {
+                return Ok(stored(outcome));
+            }
+        }
         let outcome = self.submit(
             cluster_id,
-            Some(merged),
-            ship,
+            Some(whole()),
+            Ship::Payload(delta),
             received,
             Mode::Replace,
             Some(newest_received_ms),
-            Some(patch),
+            None,
         )?;
-        Ok(match outcome {
-            Outcome::Stored(version) => Some(version),
-            Outcome::Kept | Outcome::Superseded => None,
-        })
+        Ok(stored(outcome))
     }
 
     /// The egress backlog, when the store was opened with [`Store::open_shipping`].
@@ -539,7 +583,7 @@ impl Store {
         received: SystemTime,
         mode: Mode,
         newest_received_ms: Option<i64>,
-        patch: Option<Patch>,
+        patch: Option<(Patch, i64)>,
     ) -> Result<Outcome, StoreError> {
         let shipping = self.handle.shared.egress.is_some()
             && !matches!((&serve, &ship), (None, Ship::Served) | (_, Ship::Nothing));
@@ -556,12 +600,17 @@ impl Store {
         // Read here, on the caller's thread, so the committer's batches do not wait for it.
         let serving = serve.is_some();
         let payload = serve.unwrap_or_default();
-        let newest_sample_ms = newest_sample_ms(&payload, received_millis);
         let newest_received_ms = newest_received_ms.unwrap_or_else(|| newest_received_in(&payload));
-        let patch = patch.filter(|_| serving).map(|mut patch| {
-            patch.seal(payload.len() as u64, newest_sample_ms, newest_received_ms);
-            patch
-        });
+        // A patch says the payload's length and newest sample itself (its caller knows them:
+        // no pass over the payload, which is not here).
+        let (newest_sample_ms, patch) = match patch {
+            Some((mut patch, newest_sample_ms)) => {
+                let len = patch.base_len;
+                patch.seal(len, newest_sample_ms, newest_received_ms);
+                (newest_sample_ms, Some(patch))
+            }
+            None => (newest_sample_ms(&payload, received_millis), None),
+        };
         requests
             .send(Request {
                 cluster_id: cluster_id.to_string(),

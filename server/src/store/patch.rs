@@ -38,15 +38,18 @@ pub(super) const HEADER_LEN: usize = 8 + 8 + 8;
 pub struct Patch {
     /// The [`super::Store::version`] of the payload the ranges were written over.
     pub base_version: u64,
+    /// That payload's length (and the edited one's: ranges are written in place).
+    pub(super) base_len: u64,
     /// [`HEADER_LEN`] bytes the store fills in, then the ranges ([`Patch::push`]).
     pub(super) bytes: Vec<u8>,
 }
 
 impl Patch {
-    /// An empty patch of the payload the store holds as `base_version`.
-    pub fn new(base_version: u64) -> Patch {
+    /// An empty patch of the payload of `payload_len` bytes the store holds as `base_version`.
+    pub fn new(base_version: u64, payload_len: usize) -> Patch {
         Patch {
             base_version,
+            base_len: payload_len as u64,
             bytes: vec![0; HEADER_LEN],
         }
     }
@@ -57,6 +60,11 @@ impl Patch {
         self.bytes
             .extend_from_slice(&(bytes.len() as u32).to_le_bytes());
         self.bytes.extend_from_slice(bytes);
+    }
+
+    /// The length of the payload it is a change of (as sealed).
+    pub(super) fn payload_len(&self) -> u64 {
+        header(&self.bytes).map_or(u64::MAX, |(len, _, _)| len)
     }
 
     /// Bytes of its ranges (what journaling it costs beyond a record's prefix).
@@ -164,7 +172,7 @@ mod tests {
 
     #[test]
     fn a_patch_applies_its_ranges_in_order_and_refuses_another_payload() {
-        let mut patch = Patch::new(3);
+        let mut patch = Patch::new(3, 5);
         assert!(patch.is_empty());
         patch.push(1, b"xy");
         patch.push(2, b"z");
@@ -175,7 +183,7 @@ mod tests {
         assert_eq!(payload, b"axzde");
         // Another length, or a range past the end, changes nothing the caller keeps.
         assert!(apply(&mut [0u8; 4], &patch.bytes).is_err());
-        let mut past = Patch::new(3);
+        let mut past = Patch::new(3, 5);
         past.push(4, b"xy");
         past.seal(5, 0, 0);
         assert!(apply(&mut [0u8; 5], &past.bytes).is_err());

@@ -1260,10 +1260,15 @@ fn a_handoff_carries_the_marker_in_its_payload() {
     assert_eq!(store.newest_received("plain").unwrap(), Some(i64::MIN));
 }
 
+/// Now in milliseconds: the newest sample of the test payloads (which hold no series).
+fn now_ms() -> i64 {
+    telemeter_common::time::unix_millis(SystemTime::now()) as i64
+}
+
 /// A payload edited in place `n` times: a few 4-byte ranges a time, as a remote-write merge
 /// rewrites samples, each edit also given as a [`Patch`] of the store's version it was made over.
 fn edit(payload: &mut [u8], n: usize, base_version: u64) -> Patch {
-    let mut patch = Patch::new(base_version);
+    let mut patch = Patch::new(base_version, payload.len());
     for k in 0..3 {
         let at = (n * 131 + k * 617) % (payload.len() - 4);
         let bytes = [(n % 256) as u8, k as u8, 0xaa, (n / 256) as u8];
@@ -1300,10 +1305,11 @@ fn patches_are_journaled_instead_of_images_and_a_crash_replays_them_to_what_was_
                 let version = store
                     .put_patched(
                         "c",
-                        payload.clone(),
                         patch,
-                        Ship::Nothing,
+                        || payload.clone(),
+                        Vec::new(),
                         at(0),
+                        now_ms(),
                         7 + n as i64,
                     )
                     .unwrap();
@@ -1360,17 +1366,25 @@ fn a_patch_over_another_payload_than_the_stored_one_is_journaled_as_the_whole_pa
     store.put("c", vec![2u8; 500], at(0)).unwrap();
     let patch = edit(&mut payload, 1, base);
     store
-        .put_patched("c", payload.clone(), patch, Ship::Nothing, at(0), 2)
+        .put_patched(
+            "c",
+            patch,
+            || payload.clone(),
+            Vec::new(),
+            at(0),
+            now_ms(),
+            2,
+        )
         .unwrap();
     assert_eq!(store.get("c").unwrap().unwrap().payload, payload);
     let kinds: Vec<u8> = journal_records(&dir.0).iter().map(|r| r.0).collect();
     assert!(!kinds.contains(&journal::PATCH), "{kinds:?}");
     // A patch past the payload's size in total is written whole as well.
-    let mut big = Patch::new(store.version("c").unwrap());
+    let mut big = Patch::new(store.version("c").unwrap(), 500);
     big.push(0, &[3u8; 500]);
     payload = vec![3u8; 500];
     store
-        .put_patched("c", payload.clone(), big, Ship::Nothing, at(0), 3)
+        .put_patched("c", big, || payload.clone(), Vec::new(), at(0), now_ms(), 3)
         .unwrap();
     let kinds: Vec<u8> = journal_records(&dir.0).iter().map(|r| r.0).collect();
     assert!(!kinds.contains(&journal::PATCH), "{kinds:?}");
