@@ -191,6 +191,15 @@ pub fn newest_received_in(payload: &[u8]) -> i64 {
     newest
 }
 
+/// Applies `patch`'s ranges to `payload` (for the tests of whoever records patches: what a
+/// replay does with it).
+#[cfg(test)]
+pub fn apply_patch(payload: &mut [u8], patch: &Patch) -> Result<(), String> {
+    let mut sealed = patch.clone();
+    sealed.seal(payload.len() as u64, 0, 0);
+    patch::apply(payload, &sealed.bytes)
+}
+
 /// Segments are closed at [`journal::SEGMENT_BYTES`], or at what the environment variable
 /// [`SEGMENT_BYTES_ENV`] says: a test hook, so end-to-end tests cross segment boundaries (and
 /// checkpoints) within a few requests.
