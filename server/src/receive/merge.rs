@@ -246,13 +246,14 @@ impl Merger {
             .saturating_sub(telemeter_common::time::duration_millis(self.store.ttl()));
         // Out of the cache until the store has the merged payload: only then is it cached again.
         let in_place = match self.cached(cluster_id) {
-            Some((mut entry, version)) => match {
+            Some((mut entry, version)) => {
+                // What it writes in place is what the store journals (`Store::put_patched`).
                 entry.record_patch(version);
-                entry.merge_in_place(&delta, oldest_ms)
-            } {
-                true => Ok(entry),
-                false => Err(Some(entry.into_payload())),
-            },
+                match entry.merge_in_place(&delta, oldest_ms) {
+                    true => Ok(entry),
+                    false => Err(Some(entry.into_payload())),
+                }
+            }
             None => Err(None),
         };
         let mut entry = match in_place {

@@ -56,6 +56,14 @@
 //! and only the clusters that push after an upgrade pay one read each, until their next
 //! checkpoint writes them as version 3. The sweeper forgets it with the entry.
 //!
+//! # Patches
+//!
+//! A remote-write request merged in place changes only some bytes of its cluster's payload;
+//! [`Store::put_patched`] journals those (a patch record) after the cluster's image in the same
+//! segment, and the index keeps the chain; reads and checkpoints rebuild the payload from it (the
+//! `patch` module says when a full image is written instead, and why a chain never crosses a
+//! segment).
+//!
 //! Every payload the index takes gets a new [`Store::version`] (a checkpoint keeps it: same
 //! payload, another place), so the merge's cache knows whether its copy is still what is stored.
 //!
@@ -99,7 +107,7 @@
 //!   cursor (the `egress` module); never replayed into the store.
 //!
 //! Memory holds only the index (cluster id → receive time, payload size, where it is), never
-//! payloads.
+//! payloads, but for a chain's payload rebuilt by a read while the read pins it.
 //!
 //! # Durability
 //!
@@ -583,7 +591,9 @@ impl Store {
     }
 
     /// Hands one upload to the committer and waits for its answer. `newest_received_ms` is the
-    /// payload's newest remote-write sample; `None`: read from the payload.
+    /// payload's newest remote-write sample; `None`: read from the payload. With `patch` (and
+    /// the edited payload's newest sample beside it) the request is that patch alone.
+    #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
         cluster_id: &str,
