@@ -770,3 +770,131 @@ fn an_upload_stored_as_sent_is_what_the_next_remote_write_merges_into() {
         vec!["rw_metric{_id=\"test\"} 3".to_string(), up]
     );
 }
+
+/// Starts the server on `storage` as [`start`] does, with journal segments closed at
+/// `segment_bytes` (the store's test hook) when given, so a few requests cross segments.
+fn start_with_segments(dir: &TempDir, segment_bytes: Option<u64>) -> ServerProcess {
+    let tokens = dir.file("tokens", TOKENS);
+    let mut command = Command::new(BIN);
+    command
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--listen-internal",
+            "127.0.0.1:0",
+        ])
+        .arg("--storage-path")
+        .arg(dir.path().join("data"))
+        .arg("--tokens-file")
+        .arg(&tokens)
+        .args(["--receive-ratelimit", "0"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(bytes) = segment_bytes {
+        command.env(
+            telemeter_server::store::SEGMENT_BYTES_ENV,
+            bytes.to_string(),
+        );
+    }
+    let mut child = command.spawn().expect("start telemeter-server");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let logs = testkit::capture_lines(child.stderr.take().unwrap(), "server", move |line| {
+        if let Some(rest) = line.split("listening external=").nth(1) {
+            let mut parts = rest.split(" internal=");
+            let ext = parts.next().unwrap_or("").trim().to_string();
+            let int = parts.next().unwrap_or("").trim().to_string();
+            let _ = tx.send((ext, int));
+        }
+    });
+    let (ext, int) = rx
+        .recv_timeout(START_TIMEOUT)
+        .expect("the server reports its addresses");
+    let server = ServerProcess {
+        child,
+        external: ext.parse().unwrap(),
+        internal: int.parse().unwrap(),
+        logs,
+    };
+    assert!(wait_until(START_TIMEOUT, || get(
+        &server.url_internal("/healthz"),
+        &[]
+    )
+    .status
+        == 200));
+    server
+}
+
+/// Request `n` of cluster `test`: 40 series with long labels (so a request changes a small part
+/// of the cluster's payload, and up to 16 patches follow each image) at value `n`, and from
+/// the fifth request on every seventh adds a series (a new series takes the full merge: an image).
+fn batch(n: usize, now: i64) -> Vec<u8> {
+    let long = "x".repeat(600);
+    let mut all: Vec<TimeSeries> = (0..40)
+        .map(|i| {
+            series(
+                "rw_crash",
+                &[("_id", "test"), ("i", &i.to_string()), ("pad", &long)],
+                (n * 1000 + i) as f64,
+                now + n as i64,
+            )
+        })
+        .collect();
+    for extra in (5..=n).filter(|k| k % 7 == 0) {
+        all.push(series(
+            "rw_added",
+            &[("_id", "test"), ("k", &extra.to_string())],
+            n as f64,
+            now + n as i64,
+        ));
+    }
+    body(all)
+}
+
+#[test]
+fn a_kill_9_after_any_acknowledged_request_serves_what_was_served_before() {
+    // Default segments, and segments of 3 pages: commits start on a fresh page, so the latter
+    // close every request or two and chains keep meeting segment boundaries (and checkpoints).
+    for segment_bytes in [None, Some(3 * 4096)] {
+        let dir = TempDir::new("receive-crash");
+        let mut s = start_with_segments(&dir, segment_bytes);
+        let now = now_ms() - 60_000;
+        let mut sent = 0;
+        // Crashes after 1 request, around the image interval (16 patches), and further on.
+        for requests in [1, 2, 14, 1, 1, 1, 1, 30] {
+            for _ in 0..requests {
+                sent += 1;
+                let r = receive(&s, "secret", "test", &batch(sent, now));
+                assert_eq!(r.status, 200, "{}", r.body);
+            }
+            // The padding shortened, so a failure prints what differs.
+            let short = |lines: Vec<String>| -> Vec<String> {
+                lines
+                    .iter()
+                    .map(|l| l.replace(&"x".repeat(600), "x…"))
+                    .collect()
+            };
+            let served = short(federated(&s, "test"));
+            assert_eq!(
+                served.len(),
+                40 + (5..=sent).filter(|k| k % 7 == 0).count(),
+                "{served:?}"
+            );
+            assert!(
+                served.contains(&format!(
+                    "rw_crash{{_id=\"test\",i=\"3\",pad=\"x…\"}} {}",
+                    sent * 1000 + 3
+                )),
+                "{served:?}"
+            );
+            s.signal_and_wait(Signal::Kill);
+            s = start_with_segments(&dir, segment_bytes);
+            assert_eq!(
+                short(federated(&s, "test")),
+                served,
+                "after {sent} requests ({segment_bytes:?})"
+            );
+        }
+    }
+}

@@ -154,18 +154,36 @@ impl Merger {
     fn store_and_keep(
         &self,
         cluster_id: &str,
-        entry: CachedCluster,
+        mut entry: CachedCluster,
         delta: Vec<u8>,
         received: SystemTime,
     ) -> Result<(), StoreError> {
-        let version = store_merged(
-            &self.store,
-            cluster_id,
-            entry.payload().to_vec(),
-            delta,
-            received,
-            entry.newest_received(),
-        )?;
+        // Merged in place: the store may journal only what changed (the delta is shipped in the
+        // same batch, as `store_merged` does).
+        let version = match entry.take_patch() {
+            Some(patch) => {
+                let newest_sample = entry.newest_sample().unwrap_or_else(|| {
+                    i64::try_from(telemeter_common::time::unix_millis(received)).unwrap_or(i64::MAX)
+                });
+                self.store.put_patched(
+                    cluster_id,
+                    patch,
+                    || entry.payload().to_vec(),
+                    delta,
+                    received,
+                    newest_sample,
+                    entry.newest_received(),
+                )?
+            }
+            None => store_merged(
+                &self.store,
+                cluster_id,
+                entry.payload().to_vec(),
+                delta,
+                received,
+                entry.newest_received(),
+            )?,
+        };
         if let Some(version) = version {
             self.count_lock();
             self.shared.cache.keep(cluster_id, entry, version);
@@ -228,10 +246,14 @@ impl Merger {
             .saturating_sub(telemeter_common::time::duration_millis(self.store.ttl()));
         // Out of the cache until the store has the merged payload: only then is it cached again.
         let in_place = match self.cached(cluster_id) {
-            Some((mut entry, _)) => match entry.merge_in_place(&delta, oldest_ms) {
-                true => Ok(entry),
-                false => Err(Some(entry.into_payload())),
-            },
+            Some((mut entry, version)) => {
+                // What it writes in place is what the store journals (`Store::put_patched`).
+                entry.record_patch(version);
+                match entry.merge_in_place(&delta, oldest_ms) {
+                    true => Ok(entry),
+                    false => Err(Some(entry.into_payload())),
+                }
+            }
             None => Err(None),
         };
         let mut entry = match in_place {
@@ -289,7 +311,9 @@ impl Merger {
         let Some((mut entry, version)) = self.cached(cluster_id) else {
             return Ok(None);
         };
+        entry.record_patch(version);
         let Some(samples) = entry.merge_raw(body, rules, oldest_ms) else {
+            entry.take_patch();
             // Unchanged: still a copy of the store's `version` (if the store moved on since,
             // the next merge sees it).
             self.count_lock();

@@ -21,6 +21,7 @@ use crossbeam_channel::Receiver;
 
 use super::file;
 use super::journal::{Encoding, Segment};
+use super::patch;
 use super::state::{lock, sync_file_system, Location, Shared};
 use super::TEMP_PREFIX;
 
@@ -42,20 +43,19 @@ pub(super) fn checkpoint_until_closed(shared: &Shared, retired: &Receiver<Arc<Se
 /// On failure the segment stays: reads keep using it, and the next open replays it. With `keep`
 /// the segment stays even on success. Returns whether it succeeded.
 pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) -> bool {
-    let in_segment: Vec<(String, u64, u64, i64, Option<i64>, Encoding)> = lock(&shared.index)
+    // (cluster, its newest record's offset, its location, payload bytes, newest sample, newest
+    // remote-write sample)
+    type InSegment = (String, u64, Location, u64, i64, Option<i64>);
+    let in_segment: Vec<InSegment> = lock(&shared.index)
         .iter()
-        .filter_map(|(id, entry)| match &entry.location {
-            Location::Journal {
-                segment: s,
-                offset,
-                encoding,
-            } if s.number == segment.number => Some((
+        .filter_map(|(id, entry)| match entry.location.newest_record() {
+            Some((number, offset)) if number == segment.number => Some((
                 id.clone(),
-                *offset,
+                offset,
+                entry.location.clone(),
                 entry.payload_bytes,
                 entry.newest_sample_ms,
                 entry.newest_received_ms,
-                *encoding,
             )),
             _ => None,
         })
@@ -64,7 +64,7 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
     // (cluster, its record's offset, temp file, its inode, the temp file open)
     let mut written: Vec<(String, u64, PathBuf, u64, File)> = Vec::new();
     let mut failed = false;
-    for (cluster_id, offset, payload_bytes, newest_sample_ms, newest_received_ms, encoding) in
+    for (cluster_id, offset, location, payload_bytes, newest_sample_ms, newest_received_ms) in
         in_segment
     {
         let temp = shared.dir.join(format!(
@@ -72,18 +72,31 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
             TEMP_PREFIX,
             shared.next_temp.fetch_add(1, Ordering::Relaxed)
         ));
-        let done = segment
-            .read_put(&cluster_id, offset, payload_bytes, encoding)
+        // A chain is written as the payload it rebuilds, received when its last patch was.
+        let read = match &location {
+            Location::Chain { image, patches, .. } => {
+                patch::read_chain(segment, &cluster_id, *image, patches, payload_bytes).map(
+                    |(received_millis, payload)| (cluster_id.clone(), received_millis, payload),
+                )
+            }
+            Location::Journal { encoding, .. } => segment
+                .read_put(&cluster_id, offset, payload_bytes, *encoding)
+                .map(|(header, payload)| (header.cluster_id, header.received_millis, payload)),
+            Location::File { .. } => segment
+                .read_put(&cluster_id, offset, payload_bytes, Encoding::Plain)
+                .map(|(header, payload)| (header.cluster_id, header.received_millis, payload)),
+        };
+        let done = read
             .map_err(|e| match e {
                 file::ReadError::Io(e) => e,
                 file::ReadError::Corrupt(reason) => {
                     io::Error::new(io::ErrorKind::InvalidData, reason)
                 }
             })
-            .and_then(|(header, payload)| {
+            .and_then(|(id, received_millis, payload)| {
                 let image = file::encode_header(
-                    &header.cluster_id,
-                    header.received_millis,
+                    &id,
+                    received_millis,
                     newest_sample_ms,
                     // A journal entry always has it; the payload says otherwise.
                     newest_received_ms.unwrap_or_else(|| super::newest_received_in(&payload)),
@@ -138,10 +151,10 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
         let _mutation = lock(&shared.mutation);
         let mut renamed = Vec::new();
         for (cluster_id, offset, temp, inode, _) in &written {
-            let current = matches!(
-                lock(&shared.index).get(cluster_id).map(|e| &e.location),
-                Some(Location::Journal { segment: s, offset: o, .. }) if s.number == segment.number && o == offset
-            );
+            let current = lock(&shared.index)
+                .get(cluster_id)
+                .and_then(|e| e.location.newest_record())
+                == Some((segment.number, *offset));
             if !current {
                 let _ = fs::remove_file(temp);
                 continue;
@@ -169,8 +182,7 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
             let mut index = lock(&shared.index);
             for (cluster_id, offset, inode) in renamed {
                 if let Some(entry) = index.get_mut(cluster_id.as_str()) {
-                    if matches!(&entry.location, Location::Journal { segment: s, offset: o, .. } if s.number == segment.number && *o == offset)
-                    {
+                    if entry.location.newest_record() == Some((segment.number, offset)) {
                         // Verified by its first read, as every file version is: the bytes on
                         // disk are what that read checks, not what was meant to be written.
                         entry.location = Location::File {

@@ -31,6 +31,11 @@
 //! a superseded or older upload, or a separate payload to ship, becomes a "ship only" record;
 //! a served payload that is not shipped a "serve only" one (the `journal` module's kinds).
 //!
+//! A request that says how its payload differs from the stored one (a remote-write merge done
+//! in place) is journaled as a patch of it when that is allowed (the `patch` module); the
+//! journal stays locked from that decision to the append, so no other append (a removal) can
+//! start a segment between them.
+//!
 //! Full segments go to the checkpointer thread (the `checkpoint` module).
 
 use std::collections::{HashMap, VecDeque};
@@ -40,7 +45,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use telemeter_common::sync::{unpoison, ReplySender};
 
-use super::journal::{self, Encoding};
+use super::journal::{self, Encoding, Held, Segment};
+use super::patch::{Patch, MAX_PATCHES};
 use super::{lock, Entry, Location, Shared, Ship, StoreError};
 
 /// Whether a request replaces unconditionally or only when newer than what is stored.
@@ -63,20 +69,23 @@ pub(super) enum Outcome {
     Superseded,
     /// Stored, and served now as the index entry of this [`super::Entry::version`].
     Stored(u64),
+    /// Not stored, nothing journaled: the request's patch cannot extend what the index holds
+    /// (another payload, a full chain, another segment); the caller puts the whole payload.
+    Unpatchable,
 }
 
 impl Outcome {
     /// Whether the payload was written to be served.
     pub(super) fn written(self) -> bool {
-        !matches!(self, Outcome::Kept)
+        !matches!(self, Outcome::Kept | Outcome::Unpatchable)
     }
 }
 
 /// One upload waiting to be committed. The reply says what became of it.
 pub(super) struct Request {
     pub(super) cluster_id: String,
-    /// What to serve (empty when `serve` is false): families, or with `packed` the upload as it
-    /// arrived, snappy framed.
+    /// What to serve (empty when `serve` is false, or when `patch` says it instead): families,
+    /// or with `packed` the upload as it arrived, snappy framed.
     pub(super) payload: Vec<u8>,
     /// `Some(decompressed length)` when `payload` is snappy framed: it is journaled packed.
     pub(super) packed: Option<u64>,
@@ -89,6 +98,11 @@ pub(super) struct Request {
     pub(super) newest_sample_ms: i64,
     /// The payload's newest remote-write sample (`i64::MIN`: none), as the caller knows it.
     pub(super) newest_received_ms: i64,
+    /// What to serve as a change of the stored payload it was made over, sealed (the `patch`
+    /// module), instead of `payload`: journaled when the index still holds that payload as a
+    /// chain of the segment appended to with room for it, else answered
+    /// [`Outcome::Unpatchable`] with nothing journaled (its ship record neither).
+    pub(super) patch: Option<Patch>,
     pub(super) mode: Mode,
     pub(super) reply: ReplySender<Result<Outcome, StoreError>>,
 }
@@ -242,6 +256,8 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         newest_sample_ms: i64,
         image: usize,
         version: u64,
+        /// The chain the winner's patch extends, when it is journaled as a patch.
+        chain: Option<Chain>,
     }
     /// What became of one request in the grouping.
     #[derive(Clone, Copy)]
@@ -252,10 +268,17 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         Superseded,
         /// Not served (kept the stored upload, or asked only to be shipped).
         Skipped,
+        /// A patch that cannot be journaled: nothing of it is.
+        Unpatchable,
     }
     let egress = shared.egress.is_some();
     let mut groups: Vec<Group> = Vec::new();
     let mut roles: Vec<Role> = Vec::with_capacity(batch.len());
+    // Locked from the choice between patch and image to the append: a patch only extends a
+    // chain in the segment it is appended to (see the `patch` module), and no other append (a
+    // removal) may start a segment in between.
+    let mut journal_state = lock(&shared.journal);
+    let target = shared.appending_to(&journal_state);
     {
         let index = lock(&shared.index);
         let mut by_cluster: HashMap<&str, usize> = HashMap::new();
@@ -284,9 +307,27 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                 roles.push(Role::Skipped);
                 continue;
             }
+            // A patch extends only the stored payload it was made over, never one of this batch.
+            let chain = match (&request.patch, group) {
+                (None, _) => None,
+                (Some(_), Some(_)) => {
+                    roles.push(Role::Unpatchable);
+                    continue;
+                }
+                (Some(patch), None) => {
+                    match extendable(index.get(&request.cluster_id), patch, target) {
+                        Some(chain) => Some(chain),
+                        None => {
+                            roles.push(Role::Unpatchable);
+                            continue;
+                        }
+                    }
+                }
+            };
             match group {
                 Some(g) => {
                     if let Some(group) = groups.get_mut(g) {
+                        group.chain = None;
                         if let Some(role) = roles.get_mut(group.winner) {
                             *role = Role::Superseded;
                         }
@@ -307,6 +348,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                         newest_sample_ms: request.newest_sample_ms,
                         image: 0,
                         version: 0,
+                        chain,
                     });
                 }
             }
@@ -329,12 +371,20 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         // (kind, payload, whether it is packed)
         let mut records: Vec<(u8, &[u8], bool)> = Vec::with_capacity(2);
         let packed = request.packed.is_some();
+        if let Role::Unpatchable = role {
+            continue;
+        }
         if let Role::Winner(_) = role {
-            let kind = match (&request.ship, egress) {
-                (Ship::Served, _) | (_, false) => journal::PUT,
-                _ => journal::SERVE,
-            };
-            records.push((kind, &request.payload, packed));
+            match &request.patch {
+                Some(patch) => records.push((journal::PATCH, &patch.bytes, false)),
+                None => {
+                    let kind = match (&request.ship, egress) {
+                        (Ship::Served, _) | (_, false) => journal::PUT,
+                        _ => journal::SERVE,
+                    };
+                    records.push((kind, &request.payload, packed));
+                }
+            }
         }
         if egress {
             match (&request.ship, role) {
@@ -393,68 +443,64 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
     let written: Result<u64, StoreError> = if bytes.is_empty() {
         Ok(0)
     } else {
-        shared.append_packed(&bytes, |segment, base| {
+        shared.append_locked(&mut journal_state, &bytes, |segment, base| {
             let mut index = lock(&shared.index);
             let mut written = 0;
-            // Decompressed bytes of packed payloads the index finds in this segment: what reads
-            // of it may hold in memory (see `journal::PACKED_BUDGET`).
-            let mut packed_bytes = 0i64;
+            // Bytes of payloads the index finds in this segment that reads of it hold in memory
+            // (packed records, chains): see `journal::Held`.
+            let mut held = Held::default();
             for group in &mut groups {
                 if refused.contains_key(&group.winner) {
                     continue;
                 }
                 if let Some(request) = batch.get(group.winner) {
                     group.version = shared.versions.fetch_add(1, Ordering::Relaxed);
-                    let (payload_bytes, encoding) = match request.packed {
-                        Some(plain_len) => {
-                            packed_bytes += i64::try_from(plain_len).unwrap_or(i64::MAX);
-                            (
-                                plain_len,
-                                Encoding::Packed {
-                                    record_bytes: journal::packed_record_bytes(
-                                        request.payload.len(),
-                                    ),
-                                },
-                            )
-                        }
-                        None => (request.payload.len() as u64, Encoding::Plain),
+                    let offset = base + group.image as u64;
+                    let (payload_bytes, encoding) = match (&request.patch, request.packed) {
+                        (Some(patch), _) => (patch.payload_len(), Encoding::Plain),
+                        (None, Some(plain_len)) => (
+                            plain_len,
+                            Encoding::Packed {
+                                record_bytes: journal::packed_record_bytes(request.payload.len()),
+                            },
+                        ),
+                        (None, None) => (request.payload.len() as u64, Encoding::Plain),
                     };
-                    let replaced = index.insert(
-                        request.cluster_id.clone(),
-                        Entry {
-                            received_millis: request.received_millis,
-                            newest_sample_ms: request.newest_sample_ms,
-                            newest_received_ms: Some(request.newest_received_ms),
-                            payload_bytes,
-                            location: Location::Journal {
-                                segment: Arc::clone(segment),
-                                offset: base + group.image as u64,
-                                encoding,
-                            },
-                            version: group.version,
-                        },
-                    );
-                    if let Some(Entry {
-                        payload_bytes,
-                        location:
-                            Location::Journal {
-                                segment: s,
-                                encoding: Encoding::Packed { .. },
-                                ..
-                            },
-                        ..
-                    }) = replaced
-                    {
-                        if s.number == segment.number {
-                            packed_bytes -= i64::try_from(payload_bytes).unwrap_or(i64::MAX);
+                    let location = match group.chain.take() {
+                        Some(mut chain) => {
+                            chain.patches.push(offset);
+                            Location::Chain {
+                                segment: chain.segment,
+                                image: chain.image,
+                                patches: chain.patches,
+                                patch_bytes: chain.patch_bytes,
+                            }
                         }
+                        None => Location::Journal {
+                            segment: Arc::clone(segment),
+                            offset,
+                            encoding,
+                        },
+                    };
+                    let entry = Entry {
+                        received_millis: request.received_millis,
+                        newest_sample_ms: request.newest_sample_ms,
+                        newest_received_ms: Some(request.newest_received_ms),
+                        payload_bytes,
+                        location,
+                        version: group.version,
+                    };
+                    held.add(&entry, segment.number);
+                    if let Some(replaced) = index.insert(request.cluster_id.clone(), entry) {
+                        held.remove(&replaced, segment.number);
                     }
                     written += 1 + group.superseded.len() as u64;
                 }
             }
-            (written, packed_bytes)
+            (written, held)
         })
     };
+    drop(journal_state);
     if let Ok(written) = &written {
         if *written > 0 {
             shared.counters.commits.fetch_add(1, Ordering::Relaxed);
@@ -501,6 +547,10 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         }
     }
     for (i, request) in batch.iter().enumerate() {
+        if let Some(Role::Unpatchable) = roles.get(i) {
+            request.reply.send(Ok(Outcome::Unpatchable));
+            continue;
+        }
         if !matches!(roles.get(i), Some(Role::Skipped)) {
             continue;
         }
@@ -511,4 +561,48 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         };
         request.reply.send(result);
     }
+}
+
+/// An index entry's chain that a patch extends: the chain with the patch's bytes counted.
+struct Chain {
+    segment: Arc<Segment>,
+    image: u64,
+    patches: Vec<u64>,
+    patch_bytes: u64,
+}
+
+/// The chain `patch` extends when it can be journaled over `entry` in the segment `target` (the
+/// one the append goes to, `None` when it starts a new one): the entry is the payload the patch
+/// was made over, an image or chain of that segment, of the same length, with fewer than
+/// [`MAX_PATCHES`] patches, and its patches' bytes stay within the payload's size.
+fn extendable(entry: Option<&Entry>, patch: &Patch, target: Option<u64>) -> Option<Chain> {
+    let entry = entry?;
+    let (segment, image, patches, patch_bytes) = match &entry.location {
+        Location::Journal {
+            segment,
+            offset,
+            encoding: Encoding::Plain,
+        } => (segment, *offset, &[][..], 0),
+        // A packed payload is an upload as sent, never a merge's: nothing to patch.
+        Location::Journal { .. } => return None,
+        Location::Chain {
+            segment,
+            image,
+            patches,
+            patch_bytes,
+        } => (segment, *image, &patches[..], *patch_bytes),
+        Location::File { .. } => return None,
+    };
+    let patch_bytes = patch_bytes + patch.len() as u64;
+    (entry.version == patch.base_version
+        && Some(segment.number) == target
+        && entry.payload_bytes == patch.payload_len()
+        && patches.len() < MAX_PATCHES
+        && patch_bytes <= entry.payload_bytes)
+        .then(|| Chain {
+            segment: Arc::clone(segment),
+            image,
+            patches: patches.to_vec(),
+            patch_bytes,
+        })
 }

@@ -570,6 +570,7 @@ mod tests {
                 ship: Ship::Served,
                 received_millis: telemeter_common::time::unix_millis(SystemTime::now()),
                 newest_received_ms: i64::MIN,
+                patch: None,
                 mode,
                 reply,
             });

@@ -38,19 +38,22 @@
 //! | 0x13      | version 2: put, packed (below) | CRC-32C                                           |
 //! | 0x15      | version 2: ship only, packed   | CRC-32C                                           |
 //! | 0x16      | version 2: serve only, packed  | CRC-32C                                           |
+//! | 9         | patch of the served payload (the `patch` module) | CRC-32C                      |
 //!
 //! A served payload that is not packed (put, serve only) is written as version 3, everything else
-//! (remove, ship only, packed records) as version 2: the marker only means something beside a
-//! served payload, and a packed record is a plain upload, whose marker is always "none". A replay
-//! restores the marker of a version 3 record, reads it from the payload of an older one, and
-//! takes "none" for a packed one. With `--remote-write-url` the journal is also the egress
+//! (remove, ship only, packed records, patches) as version 2: the marker only means something
+//! beside a served payload, and a packed record is a plain upload, whose marker is always "none".
+//! A replay restores the marker of a version 3 record, reads it from the payload of an older one,
+//! and takes "none" for a packed one. With `--remote-write-url` the journal is also the egress
 //! backlog (`remote_write`): a put (1, 3, 7, 0x13) is served and shipped; "ship only" (5, 0x15)
 //! carries what must reach the remote-write receiver but not `/federate` (a late upload older
 //! than what is served, the delta of a remote-write request whose merged view is put
 //! separately); "serve only" (6, 8, 0x16) is a put whose payload is not shipped (that merged
 //! view, or a handoff between servers). A replay into the store skips ship only records and
-//! treats serve only ones as a put; egress ships puts and ship only records. Kinds 5 and 6 are
-//! read by this version on, 7, 8 and the packed kinds by version 3 on; an older server stops its
+//! treats serve only ones as a put; egress ships puts and ship only records. A patch (9) changes
+//! the served payload of its cluster's plain (not packed) put earlier in the same segment; egress
+//! skips it (a remote-write request's delta is shipped in its own ship-only record). Kinds 5 and
+//! 6 are read by this version on, 7, 8, 9 and the packed kinds by version 3 on; an older server stops its
 //! replay at them as at a torn tail (as it refuses the version 3 cluster files: there is no
 //! downgrade past a format version without a clean stop, which checkpoints and deletes every
 //! segment).
@@ -87,7 +90,7 @@ use std::sync::Arc;
 use crossbeam_channel::Sender;
 
 use super::file::{Header, ReadError};
-use super::state::{lock, Shared};
+use super::state::{lock, Entry, Location, Shared};
 use super::StoreError;
 use telemeter_common::{crc32c, snappy};
 
@@ -105,6 +108,10 @@ pub(super) const REMOVE: u8 = 2;
 pub(super) const SHIP: u8 = 5;
 /// The record of an upload to serve but not ship (written only as version 2).
 pub(super) const SERVE: u8 = 6;
+/// The record of a patch of the cluster's payload (the `patch` module), after its image in the
+/// same segment. Version 2 layout and checksum; its own byte, so an older server stops its replay
+/// at it as at a torn tail.
+pub(super) const PATCH: u8 = 9;
 /// Added to [`PUT`] or [`REMOVE`] in the kind byte of a version 2 record.
 const VERSION_2_KINDS: u8 = 2;
 /// The kind byte of a version 3 [`PUT`]: a version 2 put followed by [`MARKER_LEN`] bytes, the
@@ -152,7 +159,7 @@ fn kind_of(byte: u8) -> Option<(u8, Checksum)> {
     }
     match byte {
         PUT | REMOVE => Some((byte, Checksum::Hash64)),
-        SHIP | SERVE => Some((byte, Checksum::Crc32c)),
+        SHIP | SERVE | PATCH => Some((byte, Checksum::Crc32c)),
         PUT_MARKED => Some((PUT, Checksum::Crc32c)),
         SERVE_MARKED => Some((SERVE, Checksum::Crc32c)),
         _ => {
@@ -178,7 +185,7 @@ fn is_packed(byte: u8) -> bool {
 /// The kind byte of a record of `kind` checksummed with `method`.
 fn kind_byte(method: Checksum, kind: u8) -> u8 {
     match (method, kind) {
-        (Checksum::Hash64, _) | (Checksum::Crc32c, SHIP | SERVE) => kind,
+        (Checksum::Hash64, _) | (Checksum::Crc32c, SHIP | SERVE | PATCH) => kind,
         (Checksum::Crc32c, _) => kind + VERSION_2_KINDS,
     }
 }
@@ -643,7 +650,7 @@ pub(super) fn is_segment_name(name: &str) -> bool {
 
 /// One replayed record.
 pub(super) struct Record {
-    /// [`PUT`], [`REMOVE`], [`SHIP`] or [`SERVE`].
+    /// [`PUT`], [`REMOVE`], [`SHIP`], [`SERVE`] or [`PATCH`].
     pub(super) kind: u8,
     /// The image's header.
     pub(super) header: Header,
@@ -832,11 +839,59 @@ pub(super) struct JournalState {
     pub(super) packed_bytes: u64,
     /// See `packed_bytes` ([`PACKED_BUDGET`]; tests lower it).
     pub(super) packed_budget: u64,
+    /// The same for the payloads of chains (the `patch` module) in the current segment: a read
+    /// of one holds the payload it rebuilds in memory.
+    pub(super) chained_bytes: u64,
+    /// See `chained_bytes` ([`CHAIN_BUDGET`]; tests lower it).
+    pub(super) chain_budget: u64,
 }
 
 /// Decompressed bytes of packed payloads a segment may hold reads to (see
 /// [`JournalState::packed_bytes`]): at 51 KB an upload, ~1,300 clusters' uploads.
 pub(super) const PACKED_BUDGET: u64 = 64 << 20;
+
+/// Bytes of chained payloads a segment may hold reads to (see [`JournalState::chained_bytes`]):
+/// ~470 clusters of 280 KB that push by remote write. Past it the segment is closed, and each
+/// cluster's next request starts a new chain with a whole image there.
+pub(super) const CHAIN_BUDGET: u64 = 128 << 20;
+
+/// How an append changed the bytes of the current segment's payloads that reads hold in memory
+/// ([`JournalState::packed_bytes`], [`JournalState::chained_bytes`]), as the index entries it
+/// made and replaced say.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Held {
+    packed: i64,
+    chained: i64,
+}
+
+impl Held {
+    /// Counts `entry`, just indexed, when a read of it from segment `number` holds its payload.
+    pub(super) fn add(&mut self, entry: &Entry, number: u64) {
+        self.change(entry, number, 1);
+    }
+
+    /// Uncounts `entry`, just replaced in the index.
+    pub(super) fn remove(&mut self, entry: &Entry, number: u64) {
+        self.change(entry, number, -1);
+    }
+
+    fn change(&mut self, entry: &Entry, number: u64, sign: i64) {
+        let bytes = i64::try_from(entry.payload_bytes)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(sign);
+        match &entry.location {
+            Location::Journal {
+                segment,
+                encoding: Encoding::Packed { .. },
+                ..
+            } if segment.number == number => self.packed = self.packed.saturating_add(bytes),
+            Location::Chain { segment, .. } if segment.number == number => {
+                self.chained = self.chained.saturating_add(bytes)
+            }
+            _ => {}
+        }
+    }
+}
 
 impl Shared {
     /// Appends `bytes` to the journal and syncs them, with the journal locked for `then`, which
@@ -847,21 +902,35 @@ impl Shared {
         bytes: &[u8],
         then: impl FnOnce(&Arc<Segment>, u64) -> T,
     ) -> Result<T, StoreError> {
-        self.append_packed(bytes, |segment, offset| (then(segment, offset), 0))
+        let mut journal = lock(&self.journal);
+        self.append_locked(&mut journal, bytes, |segment, offset| {
+            (then(segment, offset), Held::default())
+        })
     }
 
-    /// As [`Shared::append`], where `then` also returns by how much the decompressed bytes of
-    /// the packed payloads the index finds in the segment changed
-    /// ([`JournalState::packed_bytes`]).
-    pub(super) fn append_packed<T>(
-        &self,
-        bytes: &[u8],
-        then: impl FnOnce(&Arc<Segment>, u64) -> (T, i64),
-    ) -> Result<T, StoreError> {
-        let mut journal = lock(&self.journal);
+    /// The number of the segment the next append to `journal` (locked by the caller) writes
+    /// to, when it is the current one; `None` when that append starts a new segment (the current
+    /// one is full, by bytes or by the packed payloads its reads may hold, or broken).
+    pub(super) fn appending_to(&self, journal: &JournalState) -> Option<u64> {
         let full = journal.len >= self.segment_bytes.load(Ordering::Relaxed)
-            || journal.packed_bytes >= journal.packed_budget;
-        if journal.segment.is_none() || journal.broken || full {
+            || journal.packed_bytes >= journal.packed_budget
+            || journal.chained_bytes >= journal.chain_budget;
+        match (&journal.segment, journal.broken || full) {
+            (Some(segment), false) => Some(segment.number),
+            _ => None,
+        }
+    }
+
+    /// [`Shared::append`] with the journal already locked by the caller (the committer, which
+    /// decides what to encode by the segment it goes to: [`Shared::appending_to`]); `then` also
+    /// says how the payloads reads of the segment hold in memory changed.
+    pub(super) fn append_locked<T>(
+        &self,
+        journal: &mut JournalState,
+        bytes: &[u8],
+        then: impl FnOnce(&Arc<Segment>, u64) -> (T, Held),
+    ) -> Result<T, StoreError> {
+        if self.appending_to(journal).is_none() {
             if let Some(old) = journal.segment.take() {
                 if let Some(retired) = &journal.retired {
                     // Its records stay readable through the index until the checkpoint is done.
@@ -884,6 +953,7 @@ impl Shared {
             journal.segment = Some(Arc::new(segment));
             journal.len = 0;
             journal.packed_bytes = 0;
+            journal.chained_bytes = 0;
             journal.broken = false;
         }
         let Some(segment) = journal.segment.clone() else {
@@ -913,8 +983,9 @@ impl Shared {
             ));
         }
         journal.len = offset + bytes.len() as u64;
-        let (result, packed) = then(&segment, offset);
-        journal.packed_bytes = journal.packed_bytes.saturating_add_signed(packed);
+        let (result, held) = then(&segment, offset);
+        journal.packed_bytes = journal.packed_bytes.saturating_add_signed(held.packed);
+        journal.chained_bytes = journal.chained_bytes.saturating_add_signed(held.chained);
         if let Some(egress) = &self.egress {
             *lock(&egress.tip) = Some((segment.number, journal.len));
             let _ = egress.appended.try_send(());

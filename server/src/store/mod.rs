@@ -61,6 +61,16 @@
 //! and only the clusters that push after an upgrade pay one read each, until their next
 //! checkpoint writes them as version 3. The sweeper forgets it with the entry.
 //!
+//! # Patches
+//!
+//! A remote-write request merged in place changes only some bytes of its cluster's payload;
+//! [`Store::put_patched`] journals those (a patch record) after the cluster's image in the same
+//! segment, and the index keeps the chain; reads and checkpoints rebuild the payload from it (the
+//! `patch` module says when a full image is written instead, and why a chain never crosses a
+//! segment). A read of a chain holds the payload it rebuilds, so a segment is closed once the
+//! chains in it would rebuild to 128 MiB (as packed records are bounded): the clusters' next
+//! requests start new chains, with an image, in the next one.
+//!
 //! Every payload the index takes gets a new [`Store::version`] (a checkpoint keeps it: same
 //! payload, another place), so the merge's cache knows whether its copy is still what is stored.
 //!
@@ -104,9 +114,10 @@
 //!   cursor (the `egress` module); never replayed into the store.
 //!
 //! Memory holds only the index (cluster id → receive time, payload size, where it is and, in the
-//! journal, whether packed), never payloads, but while a `/federate` scrape pins a packed record:
-//! the pin holds its families decompressed, at most what the journal's packed budget (64 MiB per
-//! segment not yet checkpointed) lets the index point to.
+//! journal, whether packed), never payloads, but while a read pins a packed record or a chain
+//! (`/federate` pins every cluster): the pin holds the families decompressed or rebuilt, at most
+//! what the journal's budgets (64 MiB of packed payloads and 128 MiB of chained ones per segment
+//! not yet checkpointed) let the index point to.
 //!
 //! # Durability
 //!
@@ -123,6 +134,7 @@ mod commit;
 mod egress;
 mod file;
 mod journal;
+mod patch;
 mod read;
 mod recover;
 mod state;
@@ -144,7 +156,8 @@ use telemeter_common::sync as handoff;
 
 use commit::{Mode, Outcome, Queue, Request};
 pub use egress::{Backlog, BacklogReader, Position, ShipRecord};
-use journal::JournalState;
+use journal::{Encoding, JournalState};
+pub use patch::Patch;
 pub use read::PinnedUpload;
 use state::{is_live, lock, newest_sample_ms, Counters, Entry, Location, Shared};
 use telemeter_common::delimited::Limits;
@@ -196,6 +209,30 @@ pub fn newest_received_in(payload: &[u8]) -> i64 {
     newest
 }
 
+/// Applies `patch`'s ranges to `payload` (for the tests of whoever records patches: what a
+/// replay does with it).
+#[cfg(test)]
+pub fn apply_patch(payload: &mut [u8], patch: &Patch) -> Result<(), String> {
+    let mut sealed = patch.clone();
+    sealed.seal(payload.len() as u64, 0, 0);
+    patch::apply(payload, &sealed.bytes)
+}
+
+/// Segments are closed at [`journal::SEGMENT_BYTES`], or at what the environment variable
+/// [`SEGMENT_BYTES_ENV`] says: a test hook, so end-to-end tests cross segment boundaries (and
+/// checkpoints) within a few requests.
+fn segment_bytes() -> u64 {
+    std::env::var(SEGMENT_BYTES_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&bytes| bytes > 0)
+        .unwrap_or(journal::SEGMENT_BYTES)
+}
+
+/// The environment variable that lowers the journal's segment size (tests only; see
+/// [`segment_bytes`]).
+pub const SEGMENT_BYTES_ENV: &str = "TELEMETER_TEST_SEGMENT_BYTES";
+
 /// What egress ships of a put (when the store was opened with [`Store::open_shipping`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ship {
@@ -245,6 +282,8 @@ struct Put {
     mode: Mode,
     /// `serve`'s newest remote-write sample; `None`: read from the payload.
     newest_received_ms: Option<i64>,
+    /// The request is this patch alone (with the patched payload's newest sample).
+    patch: Option<(Patch, i64)>,
 }
 
 impl Store {
@@ -312,8 +351,10 @@ impl Store {
                 retired: None,
                 packed_bytes: 0,
                 packed_budget: journal::PACKED_BUDGET,
+                chained_bytes: 0,
+                chain_budget: journal::CHAIN_BUDGET,
             }),
-            segment_bytes: AtomicU64::new(journal::SEGMENT_BYTES),
+            segment_bytes: AtomicU64::new(segment_bytes()),
             counters: Counters::default(),
             checkpointing: AtomicBool::new(checkpointing),
             egress: match shipping {
@@ -410,6 +451,7 @@ impl Store {
                 received,
                 mode: Mode::Replace,
                 newest_received_ms: Some(i64::MIN),
+                patch: None,
             },
         )
         .map(|_| ())
@@ -436,6 +478,7 @@ impl Store {
                 received,
                 mode: Mode::Replace,
                 newest_received_ms: None,
+                patch: None,
             },
         )
         .map(Outcome::written)
@@ -462,12 +505,96 @@ impl Store {
                 received,
                 mode: Mode::Replace,
                 newest_received_ms: Some(newest_received_ms),
+                patch: None,
             },
         )?;
         Ok(match outcome {
             Outcome::Stored(version) => Some(version),
-            Outcome::Kept | Outcome::Superseded => None,
+            Outcome::Kept | Outcome::Superseded | Outcome::Unpatchable => None,
         })
+    }
+
+    /// As [`Store::put_merged`] for a payload made by editing the stored payload of
+    /// [`Store::version`] `patch.base_version` in place, where `patch` says what changed: the
+    /// journal then holds only that (the `patch` module), and `whole` (the edited payload) is
+    /// asked for only when the patch cannot be journaled (another write came between, the chain
+    /// is full, the segment changed). `newest_sample_ms` and `newest_received_ms` are the edited
+    /// payload's. Either way what is served is the edited payload, durable before this returns,
+    /// and `delta` is shipped once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn put_patched(
+        &self,
+        cluster_id: &str,
+        patch: Patch,
+        whole: impl FnOnce() -> Vec<u8>,
+        delta: Vec<u8>,
+        received: SystemTime,
+        newest_sample_ms: i64,
+        newest_received_ms: i64,
+    ) -> Result<Option<u64>, StoreError> {
+        let stored = |outcome: Outcome| match outcome {
+            Outcome::Stored(version) => Some(version),
+            Outcome::Kept | Outcome::Superseded | Outcome::Unpatchable => None,
+        };
+        // Most refusals are known from the index already (another version, a full chain): then
+        // the whole payload at once, rather than after a commit that refuses the patch.
+        let hopeful = lock(&self.handle.shared.index)
+            .get(cluster_id)
+            .is_some_and(|entry| {
+                let (patches, patch_bytes) = match &entry.location {
+                    Location::Journal {
+                        encoding: Encoding::Plain,
+                        ..
+                    } => (0, 0),
+                    // An upload as sent (packed) is never a merge's payload.
+                    Location::Journal { .. } => return false,
+                    Location::Chain {
+                        patches,
+                        patch_bytes,
+                        ..
+                    } => (patches.len(), *patch_bytes),
+                    Location::File { .. } => return false,
+                };
+                entry.version == patch.base_version
+                    && patches < patch::MAX_PATCHES
+                    && patch_bytes + patch.len() as u64 <= entry.payload_bytes
+            });
+        if hopeful {
+            // Without egress the delta goes nowhere; with it, a refused patch journals nothing
+            // (its ship record neither), so the retry below ships it.
+            let ship = match self.handle.shared.egress {
+                Some(_) => Ship::Payload(delta.clone()),
+                None => Ship::Nothing,
+            };
+            let outcome = self.submit(
+                cluster_id,
+                Put {
+                    serve: Some(Vec::new()),
+                    frames: None,
+                    ship,
+                    received,
+                    mode: Mode::Replace,
+                    newest_received_ms: Some(newest_received_ms),
+                    patch: Some((patch, newest_sample_ms)),
+                },
+            )?;
+            if outcome != Outcome::Unpatchable {
+                return Ok(stored(outcome));
+            }
+        }
+        let outcome = self.submit(
+            cluster_id,
+            Put {
+                serve: Some(whole()),
+                frames: None,
+                ship: Ship::Payload(delta),
+                received,
+                mode: Mode::Replace,
+                newest_received_ms: Some(newest_received_ms),
+                patch: None,
+            },
+        )?;
+        Ok(stored(outcome))
     }
 
     /// The egress backlog, when the store was opened with [`Store::open_shipping`].
@@ -496,6 +623,7 @@ impl Store {
                 received,
                 mode: Mode::IfNewer,
                 newest_received_ms: None,
+                patch: None,
             },
         )
         .map(Outcome::written)
@@ -520,6 +648,7 @@ impl Store {
                 received,
                 mode: Mode::UnlessOlder,
                 newest_received_ms: Some(i64::MIN),
+                patch: None,
             },
         )
         .map(Outcome::written)
@@ -546,15 +675,17 @@ impl Store {
                 received,
                 mode: Mode::UnlessOlder,
                 newest_received_ms: Some(i64::MIN),
+                patch: None,
             },
         )
         .map(Outcome::written)
     }
 
     /// Commits one upload (here, or through the committer thread) and waits for its answer. With
-    /// `frames` (the served
-    /// payload as it arrived, snappy framed) the record is packed. `newest_received_ms` is the
-    /// payload's newest remote-write sample; `None`: read from the payload.
+    /// `frames` (the served payload as it arrived, snappy framed) the record is packed.
+    /// `newest_received_ms` is the payload's newest remote-write sample; `None`: read from the
+    /// payload. With `patch` (and the edited payload's newest sample beside it) the request is
+    /// that patch alone.
     fn submit(&self, cluster_id: &str, put: Put) -> Result<Outcome, StoreError> {
         let Put {
             serve,
@@ -563,6 +694,7 @@ impl Store {
             received,
             mode,
             newest_received_ms,
+            patch,
         } = put;
         let shipping = self.handle.shared.egress.is_some()
             && !matches!((&serve, &ship), (None, Ship::Served) | (_, Ship::Nothing));
@@ -574,8 +706,17 @@ impl Store {
         // Read here, on the caller's thread, so the committer's batches do not wait for it.
         let serving = serve.is_some();
         let payload = serve.unwrap_or_default();
-        let newest_sample_ms = newest_sample_ms(&payload, received_millis);
         let newest_received_ms = newest_received_ms.unwrap_or_else(|| newest_received_in(&payload));
+        // A patch says the payload's length and newest sample itself (its caller knows them:
+        // no pass over the payload, which is not here).
+        let (newest_sample_ms, patch) = match patch {
+            Some((mut patch, newest_sample_ms)) => {
+                let len = patch.base_len;
+                patch.seal(len, newest_sample_ms, newest_received_ms);
+                (newest_sample_ms, Some(patch))
+            }
+            None => (newest_sample_ms(&payload, received_millis), None),
+        };
         // Packed: the families are not needed past this point, only their length.
         let (payload, packed) = match frames {
             Some(frames) if serving => (frames, Some(payload.len() as u64)),
@@ -592,6 +733,7 @@ impl Store {
                 received_millis,
                 newest_sample_ms,
                 newest_received_ms,
+                patch,
                 mode,
                 reply,
             },

@@ -13,6 +13,7 @@ use std::time::SystemTime;
 
 use super::file::{self, ReadError, Reading};
 use super::journal::{self, Encoding, Segment};
+use super::patch;
 use super::state::{is_live, lock, Entry, Location, Shared};
 use super::{StoreError, StoredUpload};
 
@@ -37,7 +38,8 @@ pub struct PinnedUpload {
 enum Pin {
     File(File),
     Segment(Arc<Segment>),
-    /// A packed record's payload, decompressed (empty when nothing will read ranges of it).
+    /// A payload no file holds whole: a packed record's, decompressed, or one rebuilt from a
+    /// chain (the `patch` module); empty when nothing will read ranges of it.
     Memory(Vec<u8>),
 }
 
@@ -108,6 +110,39 @@ impl Shared {
         };
         if !is_live(entry.newest_sample_ms, SystemTime::now(), self.ttl) {
             return Ok(None);
+        }
+        if let Location::Chain {
+            segment,
+            image,
+            patches,
+            ..
+        } = &entry.location
+        {
+            let context = || format!("reading {} at {image}", segment.path.display());
+            return match patch::read_chain(
+                segment,
+                cluster_id,
+                *image,
+                patches,
+                entry.payload_bytes,
+            ) {
+                Ok((received_millis, payload)) => Ok(Some(PinnedUpload {
+                    payload_offset: 0,
+                    payload_len: payload.len() as u64,
+                    // The one copy the ranges need; the upload's own is the caller's.
+                    pin: Pin::Memory(match ranges {
+                        true => payload.clone(),
+                        false => Vec::new(),
+                    }),
+                    upload: StoredUpload {
+                        cluster_id: cluster_id.to_string(),
+                        received: telemeter_common::time::from_unix_millis(received_millis),
+                        payload,
+                    },
+                })),
+                Err(ReadError::Corrupt(reason)) => Err(StoreError::format(context(), reason)),
+                Err(ReadError::Io(error)) => Err(StoreError::io(context(), error)),
+            };
         }
         if let Location::Journal {
             segment,

@@ -16,8 +16,9 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::file::{self, ReadError, Reading};
-use super::journal::{self, Segment};
+use super::journal::{self, Encoding, Segment};
 use super::newest_received_in;
+use super::patch;
 use super::state::{lock, newest_sample_ms, Entry, Location, Shared};
 use super::{StoreError, CORRUPT_DIR, LOCK_FILE, TEMP_PREFIX};
 
@@ -145,6 +146,17 @@ impl Shared {
             lock(&self.index).remove(&cluster_id);
             return Ok(());
         }
+        if record.kind == journal::PATCH {
+            let received_millis = record.header.received_millis;
+            self.apply_patch(
+                segment,
+                &cluster_id,
+                received_millis,
+                &record.payload,
+                record.offset,
+            );
+            return Ok(());
+        }
         // A packed record says its decompressed length and newest sample: replay decompresses
         // nothing.
         let newest_sample_ms = recorded_newest
@@ -172,6 +184,93 @@ impl Shared {
             },
         );
         Ok(())
+    }
+
+    /// Extends `cluster_id`'s chain with the replayed patch `record` of `segment`: the index
+    /// entry is the put (or chain) this patch was written over, earlier in the same segment (the
+    /// committer never lets a chain cross a segment). Not applied here (that is a read's, or the
+    /// checkpoint's), only checked against the entry and indexed. A patch that does not fit what
+    /// the index holds (which the committer never writes) is left out with a warning: the
+    /// cluster is served as before it.
+    fn apply_patch(
+        &self,
+        segment: &Arc<Segment>,
+        cluster_id: &str,
+        received_millis: u64,
+        payload: &[u8],
+        offset: u64,
+    ) {
+        let header = patch::header(payload);
+        let mut index = lock(&self.index);
+        let entry = index.get_mut(cluster_id);
+        let fits = match (&header, &entry) {
+            (Ok((len, _, _)), Some(entry)) => {
+                *len == entry.payload_bytes
+                    && entry
+                        .location
+                        .newest_record()
+                        .is_some_and(|(number, _)| number == segment.number)
+                    // Only a plain image is patched (a packed one is an upload as sent, which
+                    // the remote-write merge never patches).
+                    && !matches!(
+                        entry.location,
+                        Location::Journal {
+                            encoding: Encoding::Packed { .. },
+                            ..
+                        }
+                    )
+            }
+            _ => false,
+        };
+        let (Ok((_, newest_sample_ms, newest_received_ms)), Some(entry), true) =
+            (header, entry, fits)
+        else {
+            log::warn!(
+                "{}: the patch of cluster {cluster_id:?} at {} does not follow its put in this \
+                 segment; left out",
+                segment.path.display(),
+                offset
+            );
+            return;
+        };
+        let location = match std::mem::replace(
+            &mut entry.location,
+            Location::File {
+                inode: 0,
+                verified: false,
+            },
+        ) {
+            Location::Journal {
+                segment,
+                offset: image,
+                ..
+            } => Location::Chain {
+                segment,
+                image,
+                patches: vec![offset],
+                patch_bytes: payload.len() as u64,
+            },
+            Location::Chain {
+                segment,
+                image,
+                mut patches,
+                patch_bytes,
+            } => {
+                patches.push(offset);
+                Location::Chain {
+                    segment,
+                    image,
+                    patches,
+                    patch_bytes: patch_bytes + payload.len() as u64,
+                }
+            }
+            file @ Location::File { .. } => file,
+        };
+        entry.location = location;
+        entry.received_millis = received_millis;
+        entry.newest_sample_ms = newest_sample_ms;
+        entry.newest_received_ms = Some(newest_received_ms);
+        entry.version = self.versions.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Moves a damaged file to `corrupt/` so it is never served again, but kept for inspection.

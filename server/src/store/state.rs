@@ -79,6 +79,34 @@ pub(super) enum Location {
         offset: u64,
         encoding: Encoding,
     },
+    /// In a journal segment as a chain (the `patch` module): the (plain) image record at
+    /// `image`, then the patch records at `patches`, all in `segment`, applied in order.
+    Chain {
+        segment: Arc<Segment>,
+        image: u64,
+        patches: Vec<u64>,
+        /// Bytes of the patches' payloads, so a read stays within twice the payload.
+        patch_bytes: u64,
+    },
+}
+
+impl Location {
+    /// The segment and offset of the newest record of a journal location (an image's, or a
+    /// chain's last patch): a checkpoint writes a cluster's file only while this is unchanged.
+    pub(super) fn newest_record(&self) -> Option<(u64, u64)> {
+        match self {
+            Location::File { .. } => None,
+            Location::Journal {
+                segment, offset, ..
+            } => Some((segment.number, *offset)),
+            Location::Chain {
+                segment,
+                image,
+                patches,
+                ..
+            } => Some((segment.number, patches.last().copied().unwrap_or(*image))),
+        }
+    }
 }
 
 #[derive(Default)]

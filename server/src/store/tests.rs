@@ -644,6 +644,7 @@ fn a_batch_writes_each_cluster_once_and_answers_everyone() {
             received_millis: telemeter_common::time::unix_millis(received),
             newest_sample_ms: telemeter_common::time::unix_millis(received) as i64,
             newest_received_ms: i64::MIN,
+            patch: None,
             mode,
             reply,
         });
@@ -1431,6 +1432,7 @@ fn commit_request(
         received_millis,
         newest_sample_ms: received_millis as i64,
         newest_received_ms: i64::MIN,
+        patch: None,
         mode: Mode::Replace,
         reply,
     };
@@ -1568,5 +1570,185 @@ fn puts_during_a_commit_queue_and_share_the_next_one() {
             store.get(&format!("q{i}")).unwrap().unwrap().payload,
             format!("{i}").into_bytes()
         );
+    }
+}
+
+/// Now in milliseconds: the newest sample of the test payloads (which hold no series).
+fn now_ms() -> i64 {
+    telemeter_common::time::unix_millis(SystemTime::now()) as i64
+}
+
+/// A payload edited in place `n` times: a few 4-byte ranges a time, as a remote-write merge
+/// rewrites samples, each edit also given as a [`Patch`] of the store's version it was made over.
+fn edit(payload: &mut [u8], n: usize, base_version: u64) -> Patch {
+    let mut patch = Patch::new(base_version, payload.len());
+    for k in 0..3 {
+        let at = (n * 131 + k * 617) % (payload.len() - 4);
+        let bytes = [(n % 256) as u8, k as u8, 0xaa, (n / 256) as u8];
+        payload[at..at + 4].copy_from_slice(&bytes);
+        patch.push(at as u32, &bytes);
+    }
+    patch
+}
+
+#[test]
+fn patches_are_journaled_instead_of_images_and_a_crash_replays_them_to_what_was_served() {
+    for segment_bytes in [journal::SEGMENT_BYTES, 3 * journal::PAGE, 1] {
+        let dir = TempDir::new("patches");
+        let mut payload: Vec<u8> = (0..2000u32).map(|i| (i % 251) as u8).collect();
+        let mut n = 0;
+        // Crashes after 1 request, around the image interval (16 patches after an image), and
+        // further on; each session starts from what the previous one served.
+        for requests in [1, 15, 16, 17, 18, 40] {
+            let store = Store::open_checkpointing(config(&dir), false, false).unwrap();
+            store
+                .handle
+                .shared
+                .segment_bytes
+                .store(segment_bytes, Ordering::Relaxed);
+            if n == 0 {
+                store
+                    .put_merged("c", payload.clone(), Ship::Nothing, at(0), 7)
+                    .unwrap();
+            }
+            for _ in 0..requests {
+                n += 1;
+                let base = store.version("c").unwrap();
+                let patch = edit(&mut payload, n, base);
+                let version = store
+                    .put_patched(
+                        "c",
+                        patch,
+                        || payload.clone(),
+                        Vec::new(),
+                        at(0),
+                        now_ms(),
+                        7 + n as i64,
+                    )
+                    .unwrap();
+                assert_eq!(version, store.version("c"));
+                assert_eq!(
+                    store.get("c").unwrap().unwrap().payload,
+                    payload,
+                    "after {n}"
+                );
+            }
+            // A crash: nothing checkpointed, the segments as they are.
+            drop(store);
+            let store = Store::open_checkpointing(config(&dir), false, false).unwrap();
+            let upload = store.get("c").unwrap().unwrap();
+            assert_eq!(
+                upload.payload, payload,
+                "replayed after {n} ({segment_bytes})"
+            );
+            assert_eq!(store.newest_received("c").unwrap(), Some(7 + n as i64));
+        }
+        let kinds: Vec<u8> = journal_records(&dir.0).iter().map(|r| r.0).collect();
+        let patches = kinds.iter().filter(|&&k| k == journal::PATCH).count();
+        if segment_bytes == 1 {
+            // Every commit starts a segment: no chain can be extended.
+            assert_eq!(patches, 0, "{kinds:?}");
+        } else if segment_bytes == journal::SEGMENT_BYTES {
+            // An image per 16 patches, and one per restart (a new segment).
+            let images = kinds.len() - patches;
+            assert!(images <= 6 + n / 16 + 1, "{kinds:?}");
+            assert!(patches >= n - images, "{kinds:?}");
+        } else {
+            assert!(patches > 0 && patches < n, "{kinds:?}");
+        }
+        // A clean open checkpoints the chains into the cluster's file, which then serves it.
+        let store = open(&dir);
+        wait_for_checkpoints(&store);
+        assert_eq!(store.get("c").unwrap().unwrap().payload, payload);
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(store.get("c").unwrap().unwrap().payload, payload);
+    }
+}
+
+#[test]
+fn a_patch_over_another_payload_than_the_stored_one_is_journaled_as_the_whole_payload() {
+    let dir = TempDir::new("patch-base");
+    let store = open(&dir);
+    let mut payload = vec![1u8; 500];
+    store
+        .put_merged("c", payload.clone(), Ship::Nothing, at(0), 1)
+        .unwrap();
+    let base = store.version("c").unwrap();
+    // Another write comes between the merge's read and its put.
+    store.put("c", vec![2u8; 500], at(0)).unwrap();
+    let patch = edit(&mut payload, 1, base);
+    store
+        .put_patched(
+            "c",
+            patch,
+            || payload.clone(),
+            Vec::new(),
+            at(0),
+            now_ms(),
+            2,
+        )
+        .unwrap();
+    assert_eq!(store.get("c").unwrap().unwrap().payload, payload);
+    let kinds: Vec<u8> = journal_records(&dir.0).iter().map(|r| r.0).collect();
+    assert!(!kinds.contains(&journal::PATCH), "{kinds:?}");
+    // A patch past the payload's size in total is written whole as well.
+    let mut big = Patch::new(store.version("c").unwrap(), 500);
+    big.push(0, &[3u8; 500]);
+    payload = vec![3u8; 500];
+    store
+        .put_patched("c", big, || payload.clone(), Vec::new(), at(0), now_ms(), 3)
+        .unwrap();
+    let kinds: Vec<u8> = journal_records(&dir.0).iter().map(|r| r.0).collect();
+    assert!(!kinds.contains(&journal::PATCH), "{kinds:?}");
+    drop(store);
+    assert_eq!(open(&dir).get("c").unwrap().unwrap().payload, payload);
+}
+
+#[test]
+fn chained_payloads_past_the_budget_close_the_segment_so_pins_stay_bounded() {
+    // A read of a chain holds the payload it rebuilds in memory (a `/federate` scrape pins every
+    // cluster), so the chains a segment holds are bounded as packed payloads are.
+    let dir = TempDir::new("chain-budget");
+    let store = open(&dir);
+    let shared = &store.handle.shared;
+    let payloads: Vec<Vec<u8>> = (0..3u32)
+        .map(|c| (0..2000u32).map(|i| ((i + c) % 251) as u8).collect())
+        .collect();
+    let len = payloads[0].len() as u64;
+    lock(&shared.journal).chain_budget = 2 * len;
+    let segment_now = || lock(&shared.journal).segment.as_ref().map(|s| s.number);
+    let mut payloads = payloads;
+    let mut n = 0;
+    let mut patch = |store: &Store, id: &str, payload: &mut Vec<u8>| {
+        n += 1;
+        let base = store.version(id).unwrap();
+        let edit = edit(payload, n, base);
+        store
+            .put_patched(id, edit, || payload.clone(), Vec::new(), at(0), now_ms(), 7)
+            .unwrap();
+    };
+    for (id, payload) in ["a", "b", "c"].iter().zip(payloads.iter()) {
+        store
+            .put_merged(id, payload.clone(), Ship::Nothing, at(0), 7)
+            .unwrap();
+    }
+    // Images are read from the segment file: they hold nothing.
+    assert_eq!(lock(&shared.journal).chained_bytes, 0);
+    // A chain of one cluster counts once, however long.
+    for _ in 0..5 {
+        patch(&store, "a", &mut payloads[0]);
+    }
+    assert_eq!(lock(&shared.journal).chained_bytes, len);
+    patch(&store, "b", &mut payloads[1]);
+    assert_eq!(lock(&shared.journal).chained_bytes, 2 * len);
+    assert_eq!(segment_now(), Some(0));
+    // At the budget: the next request starts a segment, where its cluster's chain starts over
+    // with a whole image.
+    patch(&store, "c", &mut payloads[2]);
+    assert_eq!(segment_now(), Some(1));
+    assert_eq!(lock(&shared.journal).chained_bytes, 0);
+    for (id, payload) in ["a", "b", "c"].iter().zip(payloads.iter()) {
+        assert_eq!(&store.get(id).unwrap().unwrap().payload, payload, "{id}");
     }
 }
