@@ -195,7 +195,7 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
     // Synced, so a crash cannot bring the segment back to be replayed over newer files. With
     // egress on, it is set aside until shipped rather than deleted.
     let removed = shared
-        .retire_segment(&segment.path, segment.number)
+        .retire_segment(&segment.path, segment.number, segment.written())
         .and_then(|()| shared.dir_file.sync_all());
     if let Err(error) = removed {
         log::warn!("removing checkpointed {}: {error}", segment.path.display());

@@ -387,15 +387,22 @@ fn save_cursor(dir: &Path, position: Position) -> Result<(), StoreError> {
 }
 
 impl Shared {
-    /// Sets a fully replayed or checkpointed segment aside for egress, or deletes it when egress
-    /// is off or has shipped past it. Returns whether it is gone from the store's directory.
-    pub(super) fn retire_segment(&self, path: &Path, number: u64) -> io::Result<()> {
+    /// Sets a fully replayed or checkpointed segment aside for egress, cut to `written` (the end
+    /// of its records: the zeros written ahead after them are never read there), or deletes it
+    /// when egress is off or has shipped past it. Returns whether it is gone from the store's
+    /// directory.
+    pub(super) fn retire_segment(&self, path: &Path, number: u64, written: u64) -> io::Result<()> {
         let Some(egress) = &self.egress else {
             return fs::remove_file(path);
         };
         let shipped_below = lock(&egress.shipped_below);
         if number < *shipped_below {
             return fs::remove_file(path);
+        }
+        // Not synced: a crash that undoes it leaves zeros, which every reader stops at.
+        let out = File::options().write(true).open(path)?;
+        if out.metadata()?.len() > written {
+            out.set_len(written)?;
         }
         let dir = self.dir.join(EGRESS_DIR);
         fs::create_dir_all(&dir)?;
