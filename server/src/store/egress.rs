@@ -387,22 +387,15 @@ fn save_cursor(dir: &Path, position: Position) -> Result<(), StoreError> {
 }
 
 impl Shared {
-    /// Sets a fully replayed or checkpointed segment aside for egress, cut to `written` (the end
-    /// of its records: the zeros written ahead after them are never read there), or deletes it
-    /// when egress is off or has shipped past it. Returns whether it is gone from the store's
-    /// directory.
-    pub(super) fn retire_segment(&self, path: &Path, number: u64, written: u64) -> io::Result<()> {
+    /// Sets a fully replayed or checkpointed segment aside for egress, or deletes it when egress
+    /// is off or has shipped past it. Returns whether it is gone from the store's directory.
+    pub(super) fn retire_segment(&self, path: &Path, number: u64) -> io::Result<()> {
         let Some(egress) = &self.egress else {
             return fs::remove_file(path);
         };
         let shipped_below = lock(&egress.shipped_below);
         if number < *shipped_below {
             return fs::remove_file(path);
-        }
-        // Not synced: a crash that undoes it leaves zeros, which every reader stops at.
-        let out = File::options().write(true).open(path)?;
-        if out.metadata()?.len() > written {
-            out.set_len(written)?;
         }
         let dir = self.dir.join(EGRESS_DIR);
         fs::create_dir_all(&dir)?;
@@ -504,10 +497,24 @@ mod tests {
                 ("d".to_string(), delta.clone()),
             ];
             assert_eq!(drain(&mut reader), want);
+            // The segment has zeros written ahead of its records; set aside, it is cut to them.
+            let records_end = reader.position().offset;
+            let segment_len = |path: PathBuf| fs::metadata(path).unwrap().len();
+            let written_ahead = segment_len(dir.path().join(format!("{}0", journal::PREFIX)));
+            assert!(written_ahead > records_end + (1 << 20), "{written_ahead}");
             // A checkpoint sets the segment aside, still readable, not served from again.
             checkpoint_now(&store);
             assert!(journal::list(dir.path()).unwrap().is_empty());
             assert_eq!(journal::list(&dir.path().join(EGRESS_DIR)).unwrap(), [0]);
+            let set_aside = dir
+                .path()
+                .join(EGRESS_DIR)
+                .join(format!("{}0", journal::PREFIX));
+            assert_eq!(segment_len(set_aside), records_end);
+            assert_eq!(
+                backlog.bytes_after(Position::default()).unwrap(),
+                records_end
+            );
             assert_eq!(
                 drain(&mut backlog.reader(Position::default())),
                 want,
