@@ -117,8 +117,6 @@ pub(super) const SEGMENT_BYTES: u64 = 256 << 20;
 pub(super) const PAGE: u64 = 4096;
 /// Bytes of zeros written ahead of the records at a time (see "Zeros written ahead").
 pub(super) const ZEROS_AHEAD: u64 = 8 << 20;
-/// What the zeros written ahead are copied from, a few writes per chunk.
-static ZEROS: [u8; 1 << 20] = [0u8; 1 << 20];
 /// The record of an upload.
 pub(super) const PUT: u8 = 1;
 /// The record of a removal.
@@ -1034,11 +1032,14 @@ impl Shared {
     }
 }
 
-/// Writes zeros to `out` from `from` to `to`.
+/// Writes zeros to `out` from `from` to `to`, 1 MiB a write (allocated once a chunk, zeroed by
+/// the allocator: not a static, which would put the megabyte in the binary).
 fn write_zeros(out: &File, mut from: u64, to: u64) -> io::Result<()> {
+    let zeros =
+        vec![0u8; usize::try_from(to.saturating_sub(from)).map_or(1 << 20, |n| n.min(1 << 20))];
     while from < to {
-        let n = usize::try_from(to - from).map_or(ZEROS.len(), |n| n.min(ZEROS.len()));
-        out.write_all_at(ZEROS.get(..n).unwrap_or_default(), from)?;
+        let n = usize::try_from(to - from).map_or(zeros.len(), |n| n.min(zeros.len()));
+        out.write_all_at(zeros.get(..n).unwrap_or_default(), from)?;
         from += n as u64;
     }
     Ok(())
