@@ -81,7 +81,9 @@
 //! [`ZEROS_AHEAD`] of zeros past it (never past the segment's size limit): that commit's sync
 //! pays the metadata once per chunk, and the appends after it overwrite blocks in place. Real
 //! zeros, not `fallocate`: ext4 keeps fallocated blocks as unwritten extents, and the first
-//! write into one converts it, a metadata update again on the sync.
+//! write into one converts it, a metadata update again on the sync. On a disk too full for a
+//! chunk, what was written of it is cut off again (zeros must never take the space records and
+//! cluster files need) and that segment appends past its end as before.
 //!
 //! A record never starts with a zero byte (no kind is 0), and every commit starts on a page
 //! boundary, so a zero kind byte at a page boundary is the end of the written part of a segment:
@@ -99,7 +101,7 @@ use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::Sender;
@@ -416,6 +418,8 @@ pub(super) struct Segment {
     written: AtomicU64,
     /// Where the zeros written ahead end (this run's appends only).
     zeroed: AtomicU64,
+    /// Writing zeros ahead failed (a full disk): the appends to it no longer try.
+    zeros_failed: AtomicBool,
 }
 
 impl Segment {
@@ -435,6 +439,7 @@ impl Segment {
             file,
             written: AtomicU64::new(written),
             zeroed: AtomicU64::new(written),
+            zeros_failed: AtomicBool::new(false),
         }
     }
 
@@ -991,7 +996,7 @@ impl Shared {
         let zeroed = segment.zeroed.load(Ordering::Relaxed);
         // The next chunk of zeros, when this append passes the last one (see "Zeros written
         // ahead"), up to the segment's limit at most: a full segment is closed, not grown.
-        let ahead = (end > zeroed).then(|| {
+        let ahead = (end > zeroed && !segment.zeros_failed.load(Ordering::Relaxed)).then(|| {
             let limit = self.segment_bytes.load(Ordering::Relaxed);
             (zeroed.max(end), end.saturating_add(ZEROS_AHEAD).min(limit))
         });
@@ -1002,13 +1007,20 @@ impl Shared {
                 out.write_all_at(bytes, offset)?;
                 if let Some((from, to)) = ahead.filter(|(from, to)| from < to) {
                     // Only what later syncs cost: a failure (a full disk) leaves this append
-                    // to be synced as any append past the end is, and the next one to try again.
+                    // to be synced as any append past the end is. The zeros that were written
+                    // go, so they never take the space the records and cluster files need,
+                    // and this segment stops trying (each try would fill the disk again).
                     match write_zeros(&out, from, to) {
                         Ok(()) => segment.zeroed.store(to, Ordering::Relaxed),
-                        Err(error) => log::debug!(
-                            "writing zeros ahead in {}: {error}",
-                            segment.path.display()
-                        ),
+                        Err(error) => {
+                            segment.zeros_failed.store(true, Ordering::Relaxed);
+                            log::info!(
+                                "writing zeros ahead in {}: {error}; its appends sync the file's \
+                                 size from now on",
+                                segment.path.display()
+                            );
+                            out.set_len(from)?;
+                        }
                     }
                 }
                 out.sync_data()
