@@ -43,6 +43,21 @@ pub(super) fn checkpoint_until_closed(shared: &Shared, retired: &Receiver<Arc<Se
 /// On failure the segment stays: reads keep using it, and the next open replays it. With `keep`
 /// the segment stays even on success. Returns whether it succeeded.
 pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) -> bool {
+    if shared.egress.is_some() {
+        // Egress reads it until shipped and counts its length as backlog: the zeros written
+        // ahead after its records (and a torn tail a crash left) go first. Not synced: a crash
+        // that undoes it leaves zeros, which every reader stops at.
+        let cut = File::options()
+            .write(true)
+            .open(&segment.path)
+            .and_then(|out| match out.metadata()?.len() > segment.written() {
+                true => out.set_len(segment.written()),
+                false => Ok(()),
+            });
+        if let Err(error) = cut {
+            log::warn!("cutting {} to its records: {error}", segment.path.display());
+        }
+    }
     // (cluster, its newest record's offset, its location, payload bytes, newest sample, newest
     // remote-write sample)
     type InSegment = (String, u64, Location, u64, i64, Option<i64>);

@@ -497,10 +497,24 @@ mod tests {
                 ("d".to_string(), delta.clone()),
             ];
             assert_eq!(drain(&mut reader), want);
+            // The segment has zeros written ahead of its records; set aside, it is cut to them.
+            let records_end = reader.position().offset;
+            let segment_len = |path: PathBuf| fs::metadata(path).unwrap().len();
+            let written_ahead = segment_len(dir.path().join(format!("{}0", journal::PREFIX)));
+            assert!(written_ahead > records_end + (1 << 20), "{written_ahead}");
             // A checkpoint sets the segment aside, still readable, not served from again.
             checkpoint_now(&store);
             assert!(journal::list(dir.path()).unwrap().is_empty());
             assert_eq!(journal::list(&dir.path().join(EGRESS_DIR)).unwrap(), [0]);
+            let set_aside = dir
+                .path()
+                .join(EGRESS_DIR)
+                .join(format!("{}0", journal::PREFIX));
+            assert_eq!(segment_len(set_aside), records_end);
+            assert_eq!(
+                backlog.bytes_after(Position::default()).unwrap(),
+                records_end
+            );
             assert_eq!(
                 drain(&mut backlog.reader(Position::default())),
                 want,

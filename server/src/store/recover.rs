@@ -100,11 +100,14 @@ impl Shared {
                     e,
                 )
             })?);
-            let torn = journal::replay(&segment.path, |record| {
+            let (end, torn) = journal::replay_to_end(&segment.path, |record| {
                 applied += 1;
                 self.apply(&segment, record)
             })
             .map_err(|e| StoreError::io(format!("replaying {}", segment.path.display()), e))?;
+            // What a retirement cuts the segment to: the zeros written ahead (and a torn tail)
+            // never reach egress.
+            segment.set_written(end);
             if let Some((bytes, reason)) = torn {
                 // An append a crash cut off; it was never answered Ok.
                 log::info!(
