@@ -284,10 +284,17 @@ pub struct Labels<'a> {
 impl<'a> Iterator for Labels<'a> {
     type Item = Result<(&'a str, &'a str), DecodeError>;
 
-    #[inline]
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         if self.done {
             return None;
+        }
+        // Encoders write a series' labels first, each short: read those without the general
+        // field reader (the rest, and anything else, goes through it).
+        if let Some(label) = self.fields.next_short(LABEL_KEY) {
+            let item = parse_label(label).map_err(DecodeError::from);
+            self.done = item.is_err();
+            return Some(item);
         }
         loop {
             let item = match self.fields.next() {
@@ -315,6 +322,12 @@ impl<'a> Iterator for LabelBytes<'a> {
     fn next(&mut self) -> Option<Self::Item> {
         if self.done {
             return None;
+        }
+        // As in [`Labels::next`].
+        if let Some(label) = self.fields.next_short(LABEL_KEY) {
+            let item = parse_label_bytes(label).map_err(DecodeError::from);
+            self.done = item.is_err();
+            return Some(item);
         }
         loop {
             let item = match self.fields.next() {
@@ -463,6 +476,8 @@ pub fn newest_timestamp(body: &[u8]) -> Result<Option<i64>, DecodeError> {
 pub(super) const METRIC_FIELD: u32 = 4;
 pub(super) const METRIC_KEY: u8 = (4 << 3) | 2;
 pub(super) const LABEL_FIELD: u32 = 1;
+/// A label field's key when it fits one byte: field 1, length-delimited.
+pub(super) const LABEL_KEY: u8 = (1 << 3) | 2;
 pub(super) const GAUGE_FIELD: u32 = 2;
 pub(super) const COUNTER_FIELD: u32 = 3;
 pub(super) const SUMMARY_FIELD: u32 = 4;

@@ -3,7 +3,7 @@
 
 use crate::model::MetricType;
 
-use super::fields::{Bad, Fields};
+use super::fields::{utf8, Bad, Fields};
 use super::{
     FamilyView, HistogramView, MetricView, SummaryView, Value, COUNTER_FIELD, FAMILY_DEPTH,
     GAUGE_FIELD, HISTOGRAM_FIELD, ITEM_FIELD, LABEL_FIELD, METRIC_DEPTH, METRIC_FIELD,
@@ -178,8 +178,11 @@ pub(super) fn simple_value(message: &[u8]) -> Result<Option<f64>, Bad> {
     Ok(value)
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn parse_label(message: &[u8]) -> Result<(&str, &str), Bad> {
+    if let Some((name, value)) = short_label(message) {
+        return Ok((utf8(name)?, utf8(value)?));
+    }
     let (mut name, mut value) = ("", "");
     let mut fields = Fields::new(message, VALUE_DEPTH);
     while let Some((tag, wire)) = fields.next()? {
@@ -192,10 +195,29 @@ pub(super) fn parse_label(message: &[u8]) -> Result<(&str, &str), Bad> {
     Ok((name, value))
 }
 
+/// The name and value of a label message written as every encoder writes it: the name's field
+/// then the value's, each with a one-byte key and length, and nothing else. What the general
+/// reading of the fields would find in such a message, read in a few comparisons; `None` for
+/// any other message, which the general reading then takes (or refuses).
+#[inline(always)]
+fn short_label(message: &[u8]) -> Option<(&[u8], &[u8])> {
+    let mut fields = Fields::new(message, VALUE_DEPTH);
+    let name = fields.next_short(NAME_KEY)?;
+    let value = fields.next_short(VALUE_KEY)?;
+    fields.is_empty().then_some((name, value))
+}
+
+/// The one-byte keys of a label's name (field 1) and value (field 2), both length-delimited.
+const NAME_KEY: u8 = (1 << 3) | 2;
+const VALUE_KEY: u8 = (2 << 3) | 2;
+
 /// As [`parse_label`], as bytes: for writers, which need no `&str`. The UTF-8 check is the same;
 /// ASCII (nearly every label) is settled by a quicker scan first.
 #[inline]
 pub(super) fn parse_label_bytes(message: &[u8]) -> Result<(&[u8], &[u8]), Bad> {
+    if let Some((name, value)) = short_label(message) {
+        return Ok((utf8_bytes(name)?, utf8_bytes(value)?));
+    }
     let (mut name, mut value): (&[u8], &[u8]) = (b"", b"");
     let mut fields = Fields::new(message, VALUE_DEPTH);
     while let Some((tag, wire)) = fields.next()? {

@@ -305,6 +305,43 @@ fn varints_read_as_prost_reads_them() {
     assert!(read_varint(&mut &[0x80; 11][..]).is_err());
 }
 
+/// The eight-bytes-at-once reading against prost's byte loop: every length from 1 to 10 bytes,
+/// minimal or padded with continuation bytes, at the end of the buffer or followed by more bytes.
+#[test]
+fn every_varint_length_reads_as_prost_reads_it() {
+    let mut r = 0x2545_f491_4f6c_dd1du64;
+    let mut values: Vec<u64> = (0..64).flat_map(|bit| [1u64 << bit, (1u64 << bit) - 1]).collect();
+    for _ in 0..5000 {
+        r ^= r << 13;
+        r ^= r >> 7;
+        r ^= r << 17;
+        values.push(r >> (r % 64));
+    }
+    for v in values {
+        let mut minimal = Vec::new();
+        put_varint(&mut minimal, v);
+        // The same value with a continuation byte of zero bits added, while within 10 bytes.
+        let mut padded = minimal.clone();
+        if padded.len() < 10 {
+            let last = padded.len() - 1;
+            padded[last] |= 0x80;
+            padded.push(0);
+        }
+        for encoded in [minimal, padded] {
+            for tail in [&[][..], &[0xAA][..], &[0xff; 12][..]] {
+                let bytes = [encoded.as_slice(), tail].concat();
+                let mut buf = bytes.as_slice();
+                let mut prost_buf = bytes.as_slice();
+                let ours = read_varint(&mut buf).map_err(|_| ());
+                let theirs = prost::encoding::decode_varint(&mut prost_buf).map_err(|_| ());
+                assert_eq!(ours, theirs, "{bytes:02x?}");
+                assert_eq!(ours, Ok(v), "{bytes:02x?}");
+                assert_eq!(buf, tail, "{bytes:02x?}");
+            }
+        }
+    }
+}
+
 #[test]
 fn prometheus_fixtures_read_as_the_owned_decoding() {
     for body in [METRICS_PB, FEDERATE_PB] {

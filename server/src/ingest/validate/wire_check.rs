@@ -62,13 +62,14 @@ impl Rules {
         // One pass reads every field the owned decoder would (the views check each message as it
         // is read, and every series, label, quantile and bucket is read below), so a body it
         // accepts decodes too.
+        let token = TokenNames::new(token_labels);
         let mut total = Counted::default();
         for family in wire::families(body, limits) {
             let Ok(family) = family else {
                 return WireCheck::Owned;
             };
             if self
-                .check_wire_family(&family, token_labels, bounds, &mut total)
+                .check_wire_family(&family, &token, bounds, &mut total)
                 .is_none()
             {
                 return WireCheck::Owned;
@@ -96,7 +97,7 @@ impl Rules {
     fn check_wire_family(
         &self,
         family: &FamilyView<'_>,
-        token_labels: &BTreeMap<String, String>,
+        token: &TokenNames<'_>,
         (oldest, newest): (i64, i64),
         total: &mut Counted,
     ) -> Option<()> {
@@ -116,7 +117,7 @@ impl Rules {
                 return None;
             }
             previous_ts = ts;
-            let labels = check_wire_labels(&metric, kind, token_labels)?;
+            let labels = check_wire_labels(&metric, kind, token)?;
             total.labels = total.labels.saturating_add(labels);
         }
         total.series = total.series.saturating_add(series);
@@ -173,47 +174,121 @@ fn count_wire_samples(
 /// Label names kept per series for the duplicate check without re-reading the labels.
 const KEPT_NAMES: usize = 16;
 
+/// A valid label name with its key: its first eight bytes, big-endian and zero-padded. A valid
+/// name holds no zero byte, so two names compare as their keys do wherever the keys differ, and
+/// order and equality are nearly always settled by one integer comparison instead of a call to
+/// `memcmp` (which was a sixth of the fast path's time, measured).
+#[derive(Clone, Copy)]
+struct Name<'a> {
+    key: u64,
+    bytes: &'a [u8],
+}
+
+impl<'a> Name<'a> {
+    const NONE: Name<'static> = Name { key: 0, bytes: b"" };
+
+    #[inline(always)]
+    fn new(bytes: &'a [u8]) -> Name<'a> {
+        let key = match bytes.first_chunk::<8>() {
+            Some(head) => u64::from_be_bytes(*head),
+            None => {
+                let packed = bytes
+                    .iter()
+                    .fold(0u64, |key, &b| key << 8 | u64::from(b));
+                // Shorter than 8 bytes, so the shift is below 64 (at most 64 for an empty name,
+                // whose key is 0 either way).
+                packed
+                    .checked_shl(8 * (8 - bytes.len() as u32))
+                    .unwrap_or(0)
+            }
+        };
+        Name { key, bytes }
+    }
+
+    /// The same name.
+    #[inline(always)]
+    fn is(&self, other: &Name<'_>) -> bool {
+        // Equal keys of names up to eight bytes are equal names (no zero byte); longer ones
+        // compare the rest.
+        self.key == other.key
+            && self.bytes.len() == other.bytes.len()
+            && self.bytes.get(8..) == other.bytes.get(8..)
+    }
+
+    /// Sorts strictly before `other`, as `str` orders them.
+    #[inline(always)]
+    fn precedes(&self, other: &Name<'_>) -> bool {
+        self.key < other.key || (self.key == other.key && self.bytes < other.bytes)
+    }
+
+    /// Starts with `__`, the prefix reserved for Prometheus.
+    #[inline(always)]
+    fn is_reserved(&self) -> bool {
+        self.key >> 48 == u64::from(u16::from_be_bytes(*b"__"))
+    }
+}
+
+/// What every series of an upload is held to on the fast path: the token's labels, as names
+/// with keys, taken once per upload rather than once per label.
+pub(super) struct TokenNames<'t> {
+    labels: Vec<(Name<'t>, &'t str)>,
+}
+
+impl<'t> TokenNames<'t> {
+    pub(super) fn new(token_labels: &'t BTreeMap<String, String>) -> TokenNames<'t> {
+        TokenNames {
+            labels: token_labels
+                .iter()
+                .map(|(name, value)| (Name::new(name.as_bytes()), value.as_str()))
+                .collect(),
+        }
+    }
+}
+
 /// [`labels::check_series_labels`], [`check_servable`] and the token labels on the wire: `Some`
 /// when every label is valid and servable in a family of `kind`, and every token label is already
 /// there with its value. An empty value is sent to the owned path, which alone can tell an
 /// absent value (refused) from an empty one.
+///
+/// [`check_servable`]: super::check_servable
 fn check_wire_labels(
     metric: &MetricView<'_>,
     kind: MetricType,
-    token_labels: &BTreeMap<String, String>,
+    token: &TokenNames<'_>,
 ) -> Option<usize> {
+    // The label the exposition of this type sets itself ([`text::reserved_label`]'s rule).
+    let type_label = text::type_label(kind).map_or(Name::NONE, |n| Name::new(n.as_bytes()));
     // The first names, kept for the duplicate check of unsorted labels (small, so cheap to set up).
-    let mut names: [&str; KEPT_NAMES] = [""; KEPT_NAMES];
+    let mut names = [Name::NONE; KEPT_NAMES];
     let mut count = 0usize;
     let mut sorted = true;
-    let mut previous = "";
+    let mut previous = Name::NONE;
     let mut found = 0usize;
     for label in metric.labels() {
         let (name, value) = label.ok()?;
-        if name.len() > labels::MAX_NAME_BYTES
-            || !labels::is_valid_label_name(name)
-            || text::reserved_label(kind, name).is_some()
+        let name_bytes = name.as_bytes();
+        if name_bytes.len() > labels::MAX_NAME_BYTES
+            || !labels::is_valid_label_name_bytes(name_bytes)
             || value.is_empty()
             || value.len() > labels::MAX_VALUE_BYTES
         {
+            return None;
+        }
+        let name = Name::new(name_bytes);
+        if name.is_reserved() || name.is(&type_label) {
             return None;
         }
         count += 1;
         if count > labels::MAX_LABELS {
             return None;
         }
-        sorted &= count == 1 || previous < name;
+        sorted &= count == 1 || previous.precedes(&name);
         previous = name;
         if let Some(slot) = names.get_mut(count - 1) {
             *slot = name;
         }
-        // A scan with the length compared first: the token has one or two labels, and most names
-        // differ from them in length, so no string comparison runs for them.
-        if let Some((_, expected)) = token_labels
-            .iter()
-            .find(|(k, _)| k.len() == name.len() && *k == name)
-        {
-            if expected != value {
+        if let Some((_, expected)) = token.labels.iter().find(|(n, _)| n.is(&name)) {
+            if *expected != value {
                 return None;
             }
             found += 1;
@@ -224,7 +299,12 @@ fn check_wire_labels(
     if !sorted && count <= KEPT_NAMES {
         let kept = names.get(..count).unwrap_or_default();
         for (i, name) in kept.iter().enumerate() {
-            if kept.get(i + 1..).unwrap_or_default().contains(name) {
+            if kept
+                .get(i + 1..)
+                .unwrap_or_default()
+                .iter()
+                .any(|other| other.is(name))
+            {
                 return None;
             }
         }
@@ -241,5 +321,5 @@ fn check_wire_labels(
         }
     }
     // Every token label present (no duplicates, so each was counted once).
-    (found == token_labels.len()).then_some(count)
+    (found == token.labels.len()).then_some(count)
 }
