@@ -38,7 +38,8 @@ mod write;
 use check::{check_family_message, Items};
 use fields::{length_prefix, Fields};
 use parse::{
-    family_header, kind_of, parse_label, parse_label_bytes, parse_metric, value_kind, ALL_KINDS,
+    family_header, kind_of, parse_label, parse_label_bytes, parse_label_unchecked_name,
+    parse_metric, value_kind, ALL_KINDS,
 };
 
 pub use write::write_family_without_timestamps;
@@ -229,6 +230,18 @@ impl<'a> MetricView<'a> {
         }
     }
 
+    /// As [`MetricView::labels`], with each name as bytes that are not checked for UTF-8 when
+    /// the label is written the usual way (one name field, one value field, short), the values
+    /// checked as ever. For a caller that holds every name to the label-name rule, which admits
+    /// only ASCII: a name it accepts is UTF-8, so the check would be paid twice. A caller that
+    /// accepts other names must check them itself.
+    pub fn labels_unchecked_names(&self) -> UncheckedNameLabels<'a> {
+        UncheckedNameLabels {
+            fields: Fields::new(self.message, METRIC_DEPTH),
+            done: false,
+        }
+    }
+
     /// As [`MetricView::labels`], as UTF-8-checked bytes (for the text writer).
     pub(crate) fn label_bytes(&self) -> LabelBytes<'a> {
         LabelBytes {
@@ -306,6 +319,43 @@ impl<'a> Iterator for Labels<'a> {
             self.done = !matches!(item, Some(Ok(_)));
             return item.map(|r| r.map_err(DecodeError::from));
         }
+    }
+}
+
+/// An iterator over the labels of a series (see [`MetricView::labels_unchecked_names`]). After
+/// an error it ends.
+pub struct UncheckedNameLabels<'a> {
+    fields: Fields<'a>,
+    done: bool,
+}
+
+impl<'a> Iterator for UncheckedNameLabels<'a> {
+    type Item = Result<(&'a [u8], &'a str), DecodeError>;
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let item = match self.fields.next_short(LABEL_KEY) {
+            Some(label) => parse_label_unchecked_name(label),
+            // Anything else, read and checked as [`Labels::next`] reads it.
+            None => loop {
+                match self.fields.next() {
+                    Ok(None) => return None,
+                    Ok(Some((LABEL_FIELD, wire))) => {
+                        break wire
+                            .bytes()
+                            .and_then(parse_label)
+                            .map(|(name, value)| (name.as_bytes(), value));
+                    }
+                    Ok(Some(_)) => continue,
+                    Err(bad) => break Err(bad),
+                }
+            },
+        };
+        self.done = item.is_err();
+        Some(item.map_err(DecodeError::from))
     }
 }
 

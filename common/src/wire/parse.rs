@@ -6,7 +6,7 @@ use crate::model::MetricType;
 use super::fields::{utf8, Bad, Fields};
 use super::{
     FamilyView, HistogramView, MetricView, SummaryView, Value, COUNTER_FIELD, FAMILY_DEPTH,
-    GAUGE_FIELD, HISTOGRAM_FIELD, ITEM_FIELD, LABEL_FIELD, METRIC_DEPTH, METRIC_FIELD,
+    GAUGE_FIELD, HISTOGRAM_FIELD, ITEM_FIELD, LABEL_FIELD, LABEL_KEY, METRIC_DEPTH, METRIC_FIELD,
     SUMMARY_FIELD, TIMESTAMP_FIELD, UNTYPED_FIELD, VALUE_DEPTH,
 };
 
@@ -71,6 +71,9 @@ pub(super) fn parse_metric(message: &[u8], kinds: u8) -> Result<MetricView<'_>, 
     let mut summary = Distribution::default();
     let mut histogram = Distribution::default();
     let mut fields = Fields::new(message, METRIC_DEPTH);
+    // The labels, written first, passed over without the general field reader (they are read
+    // when asked for).
+    while fields.next_short(LABEL_KEY).is_some() {}
     while let Some((tag, wire)) = fields.next()? {
         let kind = match tag {
             LABEL_FIELD => {
@@ -168,6 +171,12 @@ impl<'a> Distribution<'a> {
 
 /// The `value` of a gauge, counter or untyped message, if it has one.
 pub(super) fn simple_value(message: &[u8]) -> Result<Option<f64>, Bad> {
+    // As every encoder writes it: the value's key (field 1, a double) and its eight bytes.
+    if let [VALUE_DOUBLE_KEY, ref value @ ..] = *message {
+        if let Ok(bits) = <[u8; 8]>::try_from(value) {
+            return Ok(Some(f64::from_le_bytes(bits)));
+        }
+    }
     let mut value = None;
     let mut fields = Fields::new(message, VALUE_DEPTH);
     while let Some((tag, wire)) = fields.next()? {
@@ -195,6 +204,17 @@ pub(super) fn parse_label(message: &[u8]) -> Result<(&str, &str), Bad> {
     Ok((name, value))
 }
 
+/// As [`parse_label`], leaving the name unchecked for UTF-8 when the label is written the usual
+/// way (see [`super::MetricView::labels_unchecked_names`]); any other way, every name field is
+/// checked, as prost checks each occurrence.
+#[inline(always)]
+pub(super) fn parse_label_unchecked_name(message: &[u8]) -> Result<(&[u8], &str), Bad> {
+    if let Some((name, value)) = short_label(message) {
+        return Ok((name, utf8(value)?));
+    }
+    parse_label(message).map(|(name, value)| (name.as_bytes(), value))
+}
+
 /// The name and value of a label message written as every encoder writes it: the name's field
 /// then the value's, each with a one-byte key and length, and nothing else. What the general
 /// reading of the fields would find in such a message, read in a few comparisons; `None` for
@@ -206,6 +226,9 @@ fn short_label(message: &[u8]) -> Option<(&[u8], &[u8])> {
     let value = fields.next_short(VALUE_KEY)?;
     fields.is_empty().then_some((name, value))
 }
+
+/// The key of a gauge's, counter's or untyped value's field 1, a double.
+const VALUE_DOUBLE_KEY: u8 = (1 << 3) | 1;
 
 /// The one-byte keys of a label's name (field 1) and value (field 2), both length-delimited.
 const NAME_KEY: u8 = (1 << 3) | 2;

@@ -310,7 +310,9 @@ fn varints_read_as_prost_reads_them() {
 #[test]
 fn every_varint_length_reads_as_prost_reads_it() {
     let mut r = 0x2545_f491_4f6c_dd1du64;
-    let mut values: Vec<u64> = (0..64).flat_map(|bit| [1u64 << bit, (1u64 << bit) - 1]).collect();
+    let mut values: Vec<u64> = (0..64)
+        .flat_map(|bit| [1u64 << bit, (1u64 << bit) - 1])
+        .collect();
     for _ in 0..5000 {
         r ^= r << 13;
         r ^= r >> 7;
@@ -872,4 +874,39 @@ fn encoded_messages_are_unchanged_by_prost() {
     let back = delimited::decode(&body, &Limits::default()).unwrap();
     let bytes = |f: &[MetricFamily]| f.iter().map(Message::encode_to_vec).collect::<Vec<_>>();
     assert_eq!(bytes(&back), bytes(&families));
+}
+
+/// `labels_unchecked_names` leaves a short label's name to its caller, and otherwise checks
+/// every name field as prost does (an earlier name field that is not UTF-8 is refused even when
+/// a later one replaces it).
+#[test]
+fn unchecked_names_are_only_those_written_the_usual_way() {
+    fn labels_of(label: &[u8]) -> Vec<u8> {
+        let mut metric = Vec::new();
+        metric.push(0x0a);
+        put_varint(&mut metric, label.len() as u64);
+        metric.extend_from_slice(label);
+        metric
+    }
+    let read = |metric: &[u8]| -> Vec<Result<(Vec<u8>, String), ()>> {
+        let view = super::parse::parse_metric(metric, super::parse::ALL_KINDS).unwrap();
+        view.labels_unchecked_names()
+            .map(|l| l.map(|(n, v)| (n.to_vec(), v.to_string())).map_err(|_| ()))
+            .collect()
+    };
+    // Short: the name as it is, the value checked.
+    let short = labels_of(&[0x0a, 2, 0xff, b'a', 0x12, 1, b'v']);
+    assert_eq!(read(&short), vec![Ok((vec![0xff, b'a'], "v".to_string()))]);
+    let bad_value = labels_of(&[0x0a, 1, b'a', 0x12, 1, 0xff]);
+    assert_eq!(read(&bad_value), vec![Err(())]);
+    // The name given twice: the general reading, which checks each occurrence.
+    let twice = labels_of(&[0x0a, 1, 0xff, 0x0a, 1, b'b', 0x12, 1, b'v']);
+    assert_eq!(read(&twice), vec![Err(())]);
+    let twice_ok = labels_of(&[0x0a, 1, b'a', 0x0a, 1, b'b', 0x12, 1, b'v']);
+    assert_eq!(read(&twice_ok), vec![Ok((b"b".to_vec(), "v".to_string()))]);
+    // Value first, then name: the general reading too; the same label as `labels` reads it.
+    let swapped = labels_of(&[0x12, 1, b'v', 0x0a, 1, b'a']);
+    assert_eq!(read(&swapped), vec![Ok((b"a".to_vec(), "v".to_string()))]);
+    let view = super::parse::parse_metric(&swapped, super::parse::ALL_KINDS).unwrap();
+    assert_eq!(view.labels().next().unwrap().unwrap(), ("a", "v"));
 }

@@ -593,3 +593,112 @@ fn the_fast_path_refuses_what_the_decoder_refuses_deep_inside() {
         WireCheck::Owned
     );
 }
+
+/// The fast path compares names by their first eight bytes first: names that share them (or are
+/// prefixes of one another) must still be told apart, ordered and matched exactly as the owned
+/// path does.
+#[test]
+fn names_alike_in_their_first_eight_bytes_are_told_apart() {
+    let r = rules();
+    let unchanged = |labels: &[(&str, &str)], kind: MetricType| {
+        let family = typed(stamped("f", labels, &[NOW_MS]), kind);
+        matches!(both_paths(&r, vec![family]), WireCheck::Unchanged { .. })
+    };
+    // Sorted, unsorted, and names that are prefixes of others: all distinct, all taken.
+    for labels in [
+        &[
+            ("_id", "a"),
+            ("instance", "1"),
+            ("instance_a", "2"),
+            ("instance_b", "3"),
+        ][..],
+        &[
+            ("instance_b", "3"),
+            ("_id", "a"),
+            ("instance_a", "2"),
+            ("instance", "1"),
+        ],
+        &[
+            ("_id", "a"),
+            ("i", "1"),
+            ("in", "2"),
+            ("ins", "3"),
+            ("instanc", "4"),
+        ],
+        &[("ins", "3"), ("in", "2"), ("_id", "a"), ("i", "1")],
+        &[
+            ("_id", "a"),
+            ("abcdefgh", "1"),
+            ("abcdefghi", "2"),
+            ("abcdefgi", "3"),
+        ],
+    ] {
+        assert!(unchanged(labels, MetricType::Gauge), "{labels:?}");
+    }
+    // A repeat whose first eight bytes other names share too, unsorted: refused as the owned path
+    // refuses it.
+    for labels in [
+        &[
+            ("instance_a", "1"),
+            ("_id", "a"),
+            ("instance_b", "2"),
+            ("instance_a", "3"),
+        ][..],
+        &[("instance", "1"), ("_id", "a"), ("instance", "2")],
+        &[("_id", "a"), ("b", "1"), ("a", "1"), ("b", "2")],
+    ] {
+        assert!(!unchanged(labels, MetricType::Gauge), "{labels:?}");
+        let family = stamped("f", labels, &[NOW_MS]);
+        let err = r.apply(vec![family], &token(), now()).unwrap_err();
+        assert!(err.to_string().contains("appears more than once"), "{err}");
+    }
+    // The type's own label is refused, names that only start like it are not.
+    assert!(!unchanged(
+        &[("_id", "a"), ("le", "1")],
+        MetricType::Histogram
+    ));
+    assert!(unchanged(
+        &[("_id", "a"), ("lex", "1"), ("l", "2")],
+        MetricType::Histogram
+    ));
+    assert!(!unchanged(
+        &[("_id", "a"), ("quantile", "1")],
+        MetricType::Summary
+    ));
+    assert!(unchanged(
+        &[("_id", "a"), ("quantile_x", "1"), ("quantil", "2")],
+        MetricType::Summary
+    ));
+    // Reserved: two leading underscores, not one.
+    assert!(!unchanged(&[("_id", "a"), ("__", "1")], MetricType::Gauge));
+    assert!(unchanged(&[("_id", "a"), ("_x_", "1")], MetricType::Gauge));
+    // A token label is matched on the whole name: `_id_x` is not `_id`.
+    assert!(!unchanged(&[("_id_x", "a")], MetricType::Gauge));
+    assert!(unchanged(
+        &[("_id_x", "b"), ("_id", "a")],
+        MetricType::Gauge
+    ));
+}
+
+/// Label names are read on the fast path without a UTF-8 check of their own (the label-name rule
+/// admits only ASCII): a name that is not UTF-8, or not ASCII, is still never taken.
+#[test]
+fn names_that_are_not_ascii_are_never_taken_unchanged() {
+    let good = delimited::encode(&[stamped("up", &[("_id", "a"), ("job", "x")], &[NOW_MS])]);
+    let limits = delimited::Limits::default();
+    assert!(matches!(
+        rules().check_wire(&good, &limits, &token(), now()),
+        WireCheck::Unchanged { series: 1, .. }
+    ));
+    // Same length, so every length prefix stays right: "job" becomes invalid UTF-8, then
+    // valid UTF-8 that is not ASCII ("é" and one letter).
+    for replacement in [&[0xff, b'o', b'b'][..], "éb".as_bytes()] {
+        let at = good.windows(3).position(|w| w == b"job").unwrap();
+        let mut bad = good.clone();
+        bad[at..at + 3].copy_from_slice(replacement);
+        assert_eq!(
+            rules().check_wire(&bad, &limits, &token(), now()),
+            WireCheck::Owned
+        );
+    }
+}

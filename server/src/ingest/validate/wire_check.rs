@@ -106,6 +106,8 @@ impl Rules {
             None => MetricType::Untyped,
             Some(value) => MetricType::try_from(value).ok()?,
         };
+        // The label the exposition of this type sets itself ([`text::reserved_label`]'s rule).
+        let type_label = text::type_label(kind).map_or(Name::NONE, |n| Name::new(n.as_bytes()));
         let mut previous_ts = i64::MIN;
         let mut series = 0usize;
         for metric in family.metrics() {
@@ -117,7 +119,7 @@ impl Rules {
                 return None;
             }
             previous_ts = ts;
-            let labels = check_wire_labels(&metric, kind, token)?;
+            let labels = check_wire_labels(&metric, &type_label, token)?;
             total.labels = total.labels.saturating_add(labels);
         }
         total.series = total.series.saturating_add(series);
@@ -192,9 +194,7 @@ impl<'a> Name<'a> {
         let key = match bytes.first_chunk::<8>() {
             Some(head) => u64::from_be_bytes(*head),
             None => {
-                let packed = bytes
-                    .iter()
-                    .fold(0u64, |key, &b| key << 8 | u64::from(b));
+                let packed = bytes.iter().fold(0u64, |key, &b| key << 8 | u64::from(b));
                 // Shorter than 8 bytes, so the shift is below 64 (at most 64 for an empty name,
                 // whose key is 0 either way).
                 packed
@@ -246,27 +246,26 @@ impl<'t> TokenNames<'t> {
 }
 
 /// [`labels::check_series_labels`], [`check_servable`] and the token labels on the wire: `Some`
-/// when every label is valid and servable in a family of `kind`, and every token label is already
-/// there with its value. An empty value is sent to the owned path, which alone can tell an
-/// absent value (refused) from an empty one.
+/// when every label is valid and servable in a family whose type sets `type_label` itself, and
+/// every token label is already there with its value. An empty value is sent to the owned path,
+/// which alone can tell an absent value (refused) from an empty one.
 ///
 /// [`check_servable`]: super::check_servable
 fn check_wire_labels(
     metric: &MetricView<'_>,
-    kind: MetricType,
+    type_label: &Name<'_>,
     token: &TokenNames<'_>,
 ) -> Option<usize> {
-    // The label the exposition of this type sets itself ([`text::reserved_label`]'s rule).
-    let type_label = text::type_label(kind).map_or(Name::NONE, |n| Name::new(n.as_bytes()));
-    // The first names, kept for the duplicate check of unsorted labels (small, so cheap to set up).
-    let mut names = [Name::NONE; KEPT_NAMES];
+    // The keys of the first names, for the duplicate check of unsorted labels: only keys, so
+    // that setting them up per series costs two vector stores, not a copy of every name.
+    let mut keys = [0u64; KEPT_NAMES];
     let mut count = 0usize;
     let mut sorted = true;
     let mut previous = Name::NONE;
     let mut found = 0usize;
-    for label in metric.labels() {
-        let (name, value) = label.ok()?;
-        let name_bytes = name.as_bytes();
+    // Names unchecked for UTF-8: the label-name rule below admits only ASCII.
+    for label in metric.labels_unchecked_names() {
+        let (name_bytes, value) = label.ok()?;
         if name_bytes.len() > labels::MAX_NAME_BYTES
             || !labels::is_valid_label_name_bytes(name_bytes)
             || value.is_empty()
@@ -275,7 +274,7 @@ fn check_wire_labels(
             return None;
         }
         let name = Name::new(name_bytes);
-        if name.is_reserved() || name.is(&type_label) {
+        if name.is_reserved() || name.is(type_label) {
             return None;
         }
         count += 1;
@@ -284,8 +283,8 @@ fn check_wire_labels(
         }
         sorted &= count == 1 || previous.precedes(&name);
         previous = name;
-        if let Some(slot) = names.get_mut(count - 1) {
-            *slot = name;
+        if let Some(slot) = keys.get_mut(count - 1) {
+            *slot = name.key;
         }
         if let Some((_, expected)) = token.labels.iter().find(|(n, _)| n.is(&name)) {
             if *expected != value {
@@ -295,20 +294,9 @@ fn check_wire_labels(
         }
     }
     // Sorted labels rule out duplicates at once. Clients that stamp `_id` append it, so unsorted
-    // is common too: compare the kept names pairwise, or re-read the labels when there are more.
-    if !sorted && count <= KEPT_NAMES {
-        let kept = names.get(..count).unwrap_or_default();
-        for (i, name) in kept.iter().enumerate() {
-            if kept
-                .get(i + 1..)
-                .unwrap_or_default()
-                .iter()
-                .any(|other| other.is(name))
-            {
-                return None;
-            }
-        }
-    } else if !sorted {
+    // is common too: names whose keys all differ differ. Only names sharing their first eight
+    // bytes (or more names than kept) need the labels read again and compared whole.
+    if !sorted && (count > KEPT_NAMES || repeats(keys.get(..count).unwrap_or_default())) {
         for (i, label) in metric.labels().enumerate() {
             let (name, _) = label.ok()?;
             if metric
@@ -322,4 +310,12 @@ fn check_wire_labels(
     }
     // Every token label present (no duplicates, so each was counted once).
     (found == token.labels.len()).then_some(count)
+}
+
+/// True when a key appears twice in `keys`.
+#[inline]
+fn repeats(keys: &[u64]) -> bool {
+    keys.iter()
+        .enumerate()
+        .any(|(i, key)| keys.get(i + 1..).unwrap_or_default().contains(key))
 }
