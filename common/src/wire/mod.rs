@@ -230,13 +230,12 @@ impl<'a> MetricView<'a> {
         }
     }
 
-    /// As [`MetricView::labels`], with each name as bytes that are not checked for UTF-8 when
-    /// the label is written the usual way (one name field, one value field, short), the values
-    /// checked as ever. For a caller that holds every name to the label-name rule, which admits
-    /// only ASCII: a name it accepts is UTF-8, so the check would be paid twice. A caller that
-    /// accepts other names must check them itself.
-    pub fn labels_unchecked_names(&self) -> UncheckedNameLabels<'a> {
-        UncheckedNameLabels {
+    /// The series' label messages in wire order, each still encoded: read one with
+    /// [`label_unchecked_name`]. For a caller that can pass over a label it has read before (the
+    /// same bytes read the same), as the upload's check does for the labels a series shares with
+    /// the one before it.
+    pub fn label_messages(&self) -> LabelMessages<'a> {
+        LabelMessages {
             fields: Fields::new(self.message, METRIC_DEPTH),
             done: false,
         }
@@ -322,41 +321,47 @@ impl<'a> Iterator for Labels<'a> {
     }
 }
 
-/// An iterator over the labels of a series (see [`MetricView::labels_unchecked_names`]). After
-/// an error it ends.
-pub struct UncheckedNameLabels<'a> {
+/// An iterator over the encoded label messages of a series (see [`MetricView::label_messages`]).
+/// After an error it ends.
+pub struct LabelMessages<'a> {
     fields: Fields<'a>,
     done: bool,
 }
 
-impl<'a> Iterator for UncheckedNameLabels<'a> {
-    type Item = Result<(&'a [u8], &'a str), DecodeError>;
+impl<'a> Iterator for LabelMessages<'a> {
+    type Item = Result<&'a [u8], DecodeError>;
 
     #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         if self.done {
             return None;
         }
-        let item = match self.fields.next_short(LABEL_KEY) {
-            Some(label) => parse_label_unchecked_name(label),
-            // Anything else, read and checked as [`Labels::next`] reads it.
-            None => loop {
-                match self.fields.next() {
-                    Ok(None) => return None,
-                    Ok(Some((LABEL_FIELD, wire))) => {
-                        break wire
-                            .bytes()
-                            .and_then(parse_label)
-                            .map(|(name, value)| (name.as_bytes(), value));
-                    }
-                    Ok(Some(_)) => continue,
-                    Err(bad) => break Err(bad),
-                }
-            },
+        // As in [`Labels::next`].
+        if let Some(label) = self.fields.next_short(LABEL_KEY) {
+            return Some(Ok(label));
+        }
+        let item = loop {
+            match self.fields.next() {
+                Ok(None) => return None,
+                Ok(Some((LABEL_FIELD, wire))) => break wire.bytes(),
+                Ok(Some(_)) => continue,
+                Err(bad) => break Err(bad),
+            }
         };
         self.done = item.is_err();
         Some(item.map_err(DecodeError::from))
     }
+}
+
+/// Reads one label message (from [`MetricView::label_messages`]) as `(name, value)`, as
+/// [`MetricView::labels`] reads it, except that the name's bytes are not checked for UTF-8 when
+/// the label is written the usual way (one name field and one value field, each short): for a
+/// caller that holds every name to the label-name rule, which admits only ASCII, so that a name it
+/// accepts is UTF-8 and the check would be paid twice. Written any other way, every name field
+/// is checked, as prost checks each occurrence. A caller that accepts other names must check them.
+#[inline(always)]
+pub fn label_unchecked_name(message: &[u8]) -> Result<(&[u8], &str), DecodeError> {
+    Ok(parse_label_unchecked_name(message)?)
 }
 
 /// An iterator over the labels of a series as bytes (see [`MetricView::label_bytes`]).

@@ -205,7 +205,7 @@ pub(super) fn parse_label(message: &[u8]) -> Result<(&str, &str), Bad> {
 }
 
 /// As [`parse_label`], leaving the name unchecked for UTF-8 when the label is written the usual
-/// way (see [`super::MetricView::labels_unchecked_names`]); any other way, every name field is
+/// way (see [`super::label_unchecked_name`]); any other way, every name field is
 /// checked, as prost checks each occurrence.
 #[inline(always)]
 pub(super) fn parse_label_unchecked_name(message: &[u8]) -> Result<(&[u8], &str), Bad> {

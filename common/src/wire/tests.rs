@@ -876,7 +876,7 @@ fn encoded_messages_are_unchanged_by_prost() {
     assert_eq!(bytes(&back), bytes(&families));
 }
 
-/// `labels_unchecked_names` leaves a short label's name to its caller, and otherwise checks
+/// `label_unchecked_name` leaves a short label's name to its caller, and otherwise checks
 /// every name field as prost does (an earlier name field that is not UTF-8 is refused even when
 /// a later one replaces it).
 #[test]
@@ -890,8 +890,12 @@ fn unchecked_names_are_only_those_written_the_usual_way() {
     }
     let read = |metric: &[u8]| -> Vec<Result<(Vec<u8>, String), ()>> {
         let view = super::parse::parse_metric(metric, super::parse::ALL_KINDS).unwrap();
-        view.labels_unchecked_names()
-            .map(|l| l.map(|(n, v)| (n.to_vec(), v.to_string())).map_err(|_| ()))
+        view.label_messages()
+            .map(|m| {
+                m.and_then(|m| super::label_unchecked_name(m))
+                    .map(|(n, v)| (n.to_vec(), v.to_string()))
+                    .map_err(|_| ())
+            })
             .collect()
     };
     // Short: the name as it is, the value checked.

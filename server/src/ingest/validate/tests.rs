@@ -702,3 +702,43 @@ fn names_that_are_not_ascii_are_never_taken_unchanged() {
         );
     }
 }
+
+/// The fast path passes over a label byte for byte the same as one at the same position of the
+/// family's previous series: what differs from it, or sits elsewhere, is still checked, and
+/// nothing carries over from one family to the next.
+#[test]
+fn labels_repeated_from_the_series_before_are_still_held_to_every_rule() {
+    let r = rules();
+    fn series<'a>(labels: &[&'a [(&'a str, &'a str)]]) -> Vec<(&'a [(&'a str, &'a str)], i64)> {
+        labels.iter().map(|l| (*l, NOW_MS)).collect()
+    }
+    let first: &[(&str, &str)] = &[("_id", "a"), ("job", "x")];
+    let taken = |second: &[(&str, &str)]| {
+        matches!(
+            both_paths(&r, vec![gauge("up", &series(&[first, second]))]),
+            WireCheck::Unchanged { series: 2, .. }
+        )
+    };
+    assert!(taken(first));
+    assert!(taken(&[("job", "x"), ("_id", "a")]));
+    assert!(taken(&[("_id", "a"), ("job", "y"), ("mode", "z")]));
+    // Repeats, other values, a missing token label, an empty value, an invalid name.
+    assert!(!taken(&[("_id", "a"), ("job", "x"), ("job", "x")]));
+    assert!(!taken(&[("_id", "a"), ("job", "x"), ("_id", "a")]));
+    assert!(!taken(&[("_id", "b"), ("job", "x")]));
+    assert!(!taken(&[("job", "x"), ("job", "x")]));
+    assert!(!taken(&[("job", "x")]));
+    assert!(!taken(&[("_id", "a"), ("job", "")]));
+    assert!(!taken(&[("_id", "a"), ("jo-b", "x")]));
+    // `le` is an ordinary label on a gauge, the type's own on the histogram that follows.
+    let labelled: &[(&str, &str)] = &[("_id", "a"), ("le", "1")];
+    let histogram = typed(gauge("h", &series(&[labelled])), MetricType::Histogram);
+    assert!(matches!(
+        both_paths(&r, vec![gauge("g", &series(&[labelled]))]),
+        WireCheck::Unchanged { .. }
+    ));
+    assert_eq!(
+        both_paths(&r, vec![gauge("g", &series(&[labelled])), histogram]),
+        WireCheck::Owned
+    );
+}

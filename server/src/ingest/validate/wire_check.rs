@@ -108,6 +108,7 @@ impl Rules {
         };
         // The label the exposition of this type sets itself ([`text::reserved_label`]'s rule).
         let type_label = text::type_label(kind).map_or(Name::NONE, |n| Name::new(n.as_bytes()));
+        let mut seen = SeenLabels::default();
         let mut previous_ts = i64::MIN;
         let mut series = 0usize;
         for metric in family.metrics() {
@@ -119,7 +120,7 @@ impl Rules {
                 return None;
             }
             previous_ts = ts;
-            let labels = check_wire_labels(&metric, &type_label, token)?;
+            let labels = check_wire_labels(&metric, &type_label, token, &mut seen)?;
             total.labels = total.labels.saturating_add(labels);
         }
         total.series = total.series.saturating_add(series);
@@ -245,16 +246,59 @@ impl<'t> TokenNames<'t> {
     }
 }
 
+/// A label that passed its own checks in this family, at its position in the series before.
+#[derive(Clone, Copy)]
+struct SeenLabel<'a> {
+    /// The encoded label message.
+    message: &'a [u8],
+    name: Name<'a>,
+    /// Whether it is one of the token's labels (with the token's value).
+    token: bool,
+}
+
+/// The labels of a family's previous series, by position: the series of a family mostly share
+/// labels (cluster, job, instance, ...) at the same positions, and a label byte for byte the same
+/// as one already checked in the family passes the same checks, so only its position in this
+/// series (order, repeats, count) is checked again.
+#[derive(Default)]
+struct SeenLabels<'a> {
+    labels: [Option<SeenLabel<'a>>; KEPT_NAMES],
+}
+
+/// `a == b`, for short slices without a call to `memcmp`: the label messages compared are a few
+/// dozen bytes, where the call costs more than the comparison.
+#[inline(always)]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    // Words from both ends, overlapping in the middle, cover 8 to 16 bytes; two more pairs 32.
+    let word = |s: &[u8], at: usize| s.get(at..).and_then(|s| s.first_chunk::<8>()).copied();
+    match n {
+        8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
+        17..=32 => {
+            word(a, 0) == word(b, 0)
+                && word(a, 8) == word(b, 8)
+                && word(a, n - 16) == word(b, n - 16)
+                && word(a, n - 8) == word(b, n - 8)
+        }
+        _ => a == b,
+    }
+}
+
 /// [`labels::check_series_labels`], [`check_servable`] and the token labels on the wire: `Some`
 /// when every label is valid and servable in a family whose type sets `type_label` itself, and
 /// every token label is already there with its value. An empty value is sent to the owned path,
-/// which alone can tell an absent value (refused) from an empty one.
+/// which alone can tell an absent value (refused) from an empty one. `seen` holds the labels of
+/// the family's previous series, and takes this one's.
 ///
 /// [`check_servable`]: super::check_servable
-fn check_wire_labels(
-    metric: &MetricView<'_>,
+fn check_wire_labels<'a>(
+    metric: &MetricView<'a>,
     type_label: &Name<'_>,
     token: &TokenNames<'_>,
+    seen: &mut SeenLabels<'a>,
 ) -> Option<usize> {
     // The keys of the first names, for the duplicate check of unsorted labels: only keys, so
     // that setting them up per series costs two vector stores, not a copy of every name.
@@ -263,20 +307,20 @@ fn check_wire_labels(
     let mut sorted = true;
     let mut previous = Name::NONE;
     let mut found = 0usize;
-    // Names unchecked for UTF-8: the label-name rule below admits only ASCII.
-    for label in metric.labels_unchecked_names() {
-        let (name_bytes, value) = label.ok()?;
-        if name_bytes.len() > labels::MAX_NAME_BYTES
-            || !labels::is_valid_label_name_bytes(name_bytes)
-            || value.is_empty()
-            || value.len() > labels::MAX_VALUE_BYTES
-        {
-            return None;
-        }
-        let name = Name::new(name_bytes);
-        if name.is_reserved() || name.is(type_label) {
-            return None;
-        }
+    for message in metric.label_messages() {
+        let message = message.ok()?;
+        let slot = seen.labels.get_mut(count);
+        let label = match slot.as_deref().copied().flatten() {
+            Some(label) if same_bytes(label.message, message) => label,
+            _ => {
+                let label = check_wire_label(message, type_label, token)?;
+                if let Some(slot) = slot {
+                    *slot = Some(label);
+                }
+                label
+            }
+        };
+        let name = label.name;
         count += 1;
         if count > labels::MAX_LABELS {
             return None;
@@ -286,12 +330,7 @@ fn check_wire_labels(
         if let Some(slot) = keys.get_mut(count - 1) {
             *slot = name.key;
         }
-        if let Some((_, expected)) = token.labels.iter().find(|(n, _)| n.is(&name)) {
-            if *expected != value {
-                return None;
-            }
-            found += 1;
-        }
+        found += usize::from(label.token);
     }
     // Sorted labels rule out duplicates at once. Clients that stamp `_id` append it, so unsorted
     // is common too: names whose keys all differ differ. Only names sharing their first eight
@@ -312,10 +351,64 @@ fn check_wire_labels(
     (found == token.labels.len()).then_some(count)
 }
 
+/// The checks of one label on its own: a valid name, not reserved nor the type's own label, a
+/// value present and not too long, and the token's value if it is a token label.
+#[inline(always)]
+fn check_wire_label<'a>(
+    message: &'a [u8],
+    type_label: &Name<'_>,
+    token: &TokenNames<'_>,
+) -> Option<SeenLabel<'a>> {
+    // The name unchecked for UTF-8: the label-name rule below admits only ASCII.
+    let (name_bytes, value) = wire::label_unchecked_name(message).ok()?;
+    if name_bytes.len() > labels::MAX_NAME_BYTES
+        || !labels::is_valid_label_name_bytes(name_bytes)
+        || value.is_empty()
+        || value.len() > labels::MAX_VALUE_BYTES
+    {
+        return None;
+    }
+    let name = Name::new(name_bytes);
+    if name.is_reserved() || name.is(type_label) {
+        return None;
+    }
+    let token = match token.labels.iter().find(|(n, _)| n.is(&name)) {
+        Some((_, expected)) if *expected != value => return None,
+        Some(_) => true,
+        None => false,
+    };
+    Some(SeenLabel {
+        message,
+        name,
+        token,
+    })
+}
+
 /// True when a key appears twice in `keys`.
 #[inline]
 fn repeats(keys: &[u64]) -> bool {
     keys.iter()
         .enumerate()
         .any(|(i, key)| keys.get(i + 1..).unwrap_or_default().contains(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_bytes_is_slice_equality_at_every_length_and_position() {
+        for n in 0..48usize {
+            let a: Vec<u8> = (0..n as u8).map(|b| b.wrapping_mul(37)).collect();
+            assert!(same_bytes(&a, &a.clone()), "{n}");
+            for at in 0..n {
+                let mut b = a.clone();
+                b[at] ^= 0x40;
+                assert!(!same_bytes(&a, &b), "{n} {at}");
+            }
+            let mut longer = a.clone();
+            longer.push(0);
+            assert!(!same_bytes(&a, &longer), "{n}");
+        }
+    }
 }
