@@ -135,6 +135,22 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// As [`Fields::next_short`], for a length of one or two bytes (under 16 KiB): a series'
+    /// message, passed over by a family's header and read by its series iterator.
+    #[inline(always)]
+    pub(super) fn next_bytes(&mut self, key: u8) -> Option<&'a [u8]> {
+        let (len, tail) = match *self.rest {
+            [k, len, ref tail @ ..] if k == key && len < 0x80 => (usize::from(len), tail),
+            [k, low, high, ref tail @ ..] if k == key && low >= 0x80 && high < 0x80 => {
+                (usize::from(low & 0x7f) | usize::from(high) << 7, tail)
+            }
+            _ => return None,
+        };
+        let (bytes, rest) = tail.split_at_checked(len)?;
+        self.rest = rest;
+        Some(bytes)
+    }
+
     /// True when every field has been read.
     #[inline(always)]
     pub(super) fn is_empty(&self) -> bool {

@@ -195,6 +195,13 @@ impl<'a> Iterator for Metrics<'a> {
         if self.done {
             return None;
         }
+        // A series written the usual way (a one-byte key, a length of one or two bytes), without
+        // the general field reader.
+        if let Some(metric) = self.fields.next_bytes(METRIC_KEY) {
+            let item = parse_metric(metric, ALL_KINDS).map_err(DecodeError::from);
+            self.done = item.is_err();
+            return Some(item);
+        }
         loop {
             let item = match self.fields.next() {
                 Ok(None) => None,

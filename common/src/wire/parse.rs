@@ -7,7 +7,7 @@ use super::fields::{utf8, Bad, Fields};
 use super::{
     FamilyView, HistogramView, MetricView, SummaryView, Value, COUNTER_FIELD, FAMILY_DEPTH,
     GAUGE_FIELD, HISTOGRAM_FIELD, ITEM_FIELD, LABEL_FIELD, LABEL_KEY, METRIC_DEPTH, METRIC_FIELD,
-    SUMMARY_FIELD, TIMESTAMP_FIELD, UNTYPED_FIELD, VALUE_DEPTH,
+    METRIC_KEY, SUMMARY_FIELD, TIMESTAMP_FIELD, UNTYPED_FIELD, VALUE_DEPTH,
 };
 
 // One bit per value field of a metric.
@@ -47,7 +47,15 @@ pub(super) fn family_header(message: &[u8]) -> Result<FamilyView<'_>, Bad> {
         message,
     };
     let mut fields = Fields::new(message, FAMILY_DEPTH);
-    while let Some((tag, wire)) = fields.next()? {
+    loop {
+        // The series, checked here only for their framing, passed over without the general
+        // field reader when written the usual way.
+        if fields.next_bytes(METRIC_KEY).is_some() {
+            continue;
+        }
+        let Some((tag, wire)) = fields.next()? else {
+            break;
+        };
         match tag {
             1 => view.name = wire.str()?,
             2 => view.help = wire.str()?,
