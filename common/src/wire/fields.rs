@@ -262,20 +262,36 @@ pub(super) fn read_varint(buf: &mut &[u8]) -> Result<u64, Bad> {
 pub(super) fn read_long_varint(buf: &mut &[u8]) -> Result<u64, Bad> {
     // Up to eight bytes at once: every sample's timestamp (milliseconds since 1970 take six)
     // comes here, and a byte-at-a-time loop was a few percent of an upload's check (measured).
-    if let Some(head) = buf.first_chunk::<8>() {
-        let word = u64::from_le_bytes(*head);
-        // The high bit of each byte is clear on the varint's last byte.
-        let ends = !word & 0x8080_8080_8080_8080;
-        if ends != 0 {
-            let len = (ends.trailing_zeros() / 8 + 1) as usize;
-            let x = (word & (u64::MAX >> (64 - 8 * len))) & 0x7f7f_7f7f_7f7f_7f7f;
-            // Close the gaps the continuation bits leave: byte pairs, then 16-bit and 32-bit halves.
-            let x = (x & 0x007f_007f_007f_007f) | ((x & 0x7f00_7f00_7f00_7f00) >> 1);
-            let x = (x & 0x0000_3fff_0000_3fff) | ((x & 0x3fff_0000_3fff_0000) >> 2);
-            let x = (x & 0x0000_0000_0fff_ffff) | ((x & 0x0fff_ffff_0000_0000) >> 4);
-            *buf = buf.get(len..).unwrap_or_default();
-            return Ok(x);
-        }
+    // A timestamp is the last field of its series, so fewer than eight bytes may remain: four to
+    // seven are gathered with two loads that overlap in the middle (the same bytes there, which
+    // OR keeps), and only an end among them counts.
+    let (word, present) = match buf.first_chunk::<8>() {
+        Some(head) => (u64::from_le_bytes(*head), u64::MAX),
+        None => match (buf.first_chunk::<4>(), buf.last_chunk::<4>()) {
+            (Some(low), Some(high)) => {
+                // Four to seven bytes here, so both shifts are below 64.
+                let shift = 8 * (buf.len() as u32 - 4);
+                (
+                    u64::from(u32::from_le_bytes(*low))
+                        | u64::from(u32::from_le_bytes(*high)) << shift,
+                    (1u64 << (8 * buf.len())) - 1,
+                )
+            }
+            // Fewer than four: the loop below.
+            _ => (0, 0),
+        },
+    };
+    // The high bit of each byte is clear on the varint's last byte.
+    let ends = !word & 0x8080_8080_8080_8080 & present;
+    if ends != 0 {
+        let len = (ends.trailing_zeros() / 8 + 1) as usize;
+        let x = (word & (u64::MAX >> (64 - 8 * len))) & 0x7f7f_7f7f_7f7f_7f7f;
+        // Close the gaps the continuation bits leave: byte pairs, then 16-bit and 32-bit halves.
+        let x = (x & 0x007f_007f_007f_007f) | ((x & 0x7f00_7f00_7f00_7f00) >> 1);
+        let x = (x & 0x0000_3fff_0000_3fff) | ((x & 0x3fff_0000_3fff_0000) >> 2);
+        let x = (x & 0x0000_0000_0fff_ffff) | ((x & 0x0fff_ffff_0000_0000) >> 4);
+        *buf = buf.get(len..).unwrap_or_default();
+        return Ok(x);
     }
     let bytes: &[u8] = buf;
     let mut value = 0u64;
