@@ -742,3 +742,40 @@ fn labels_repeated_from_the_series_before_are_still_held_to_every_rule() {
         WireCheck::Owned
     );
 }
+
+/// Tokens with several labels (held inline up to four, in a list beyond): a series is taken
+/// unchanged only with every one of them, each with the token's value.
+#[test]
+fn every_token_label_is_required_however_many_the_token_has() {
+    let r = rules();
+    let limits = delimited::Limits::default();
+    for n in [1usize, 2, 4, 5, 7] {
+        let token: BTreeMap<String, String> = (0..n)
+            .map(|i| match i {
+                0 => ("_id".to_string(), "a".to_string()),
+                i => (format!("t{i}"), format!("v{i}")),
+            })
+            .collect();
+        let all: Vec<(String, String)> = token.clone().into_iter().collect();
+        let check = |labels: &[(String, String)]| {
+            let labels: Vec<(&str, &str)> = labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let body = delimited::encode(&[stamped("up", &labels, &[NOW_MS])]);
+            r.check_wire(&body, &limits, &token, now())
+        };
+        assert!(
+            matches!(check(&all), WireCheck::Unchanged { series: 1, .. }),
+            "{n}"
+        );
+        for i in 0..n {
+            let mut missing = all.clone();
+            missing.remove(i);
+            assert_eq!(check(&missing), WireCheck::Owned, "{n} without {i}");
+            let mut other = all.clone();
+            other[i].1.push('x');
+            assert_eq!(check(&other), WireCheck::Owned, "{n} with {i} changed");
+        }
+    }
+}

@@ -230,18 +230,46 @@ impl<'a> Name<'a> {
 }
 
 /// What every series of an upload is held to on the fast path: the token's labels, as names
-/// with keys, taken once per upload rather than once per label.
+/// with keys, taken once per upload rather than once per label. Held inline (a token has one or
+/// two labels), so the upload's check allocates nothing for them.
 pub(super) struct TokenNames<'t> {
-    labels: Vec<(Name<'t>, &'t str)>,
+    inline: [(Name<'t>, &'t str); INLINE_TOKEN_LABELS],
+    len: usize,
+    /// All of them, when there are more than fit inline.
+    more: Vec<(Name<'t>, &'t str)>,
 }
+
+/// Token labels held without an allocation.
+const INLINE_TOKEN_LABELS: usize = 4;
 
 impl<'t> TokenNames<'t> {
     pub(super) fn new(token_labels: &'t BTreeMap<String, String>) -> TokenNames<'t> {
-        TokenNames {
-            labels: token_labels
-                .iter()
-                .map(|(name, value)| (Name::new(name.as_bytes()), value.as_str()))
-                .collect(),
+        let mut names = TokenNames {
+            inline: [(Name::NONE, ""); INLINE_TOKEN_LABELS],
+            len: 0,
+            more: Vec::new(),
+        };
+        let all = token_labels
+            .iter()
+            .map(|(name, value)| (Name::new(name.as_bytes()), value.as_str()));
+        if token_labels.len() > INLINE_TOKEN_LABELS {
+            names.more = all.collect();
+        } else {
+            for (slot, label) in names.inline.iter_mut().zip(all) {
+                *slot = label;
+                names.len += 1;
+            }
+        }
+        names
+    }
+
+    /// The token's labels and their values.
+    #[inline(always)]
+    fn labels(&self) -> &[(Name<'t>, &'t str)] {
+        if self.more.is_empty() {
+            self.inline.get(..self.len).unwrap_or_default()
+        } else {
+            &self.more
         }
     }
 }
@@ -348,7 +376,7 @@ fn check_wire_labels<'a>(
         }
     }
     // Every token label present (no duplicates, so each was counted once).
-    (found == token.labels.len()).then_some(count)
+    (found == token.labels().len()).then_some(count)
 }
 
 /// The checks of one label on its own: a valid name, not reserved nor the type's own label, a
@@ -372,7 +400,7 @@ fn check_wire_label<'a>(
     if name.is_reserved() || name.is(type_label) {
         return None;
     }
-    let token = match token.labels.iter().find(|(n, _)| n.is(&name)) {
+    let token = match token.labels().iter().find(|(n, _)| n.is(&name)) {
         Some((_, expected)) if *expected != value => return None,
         Some(_) => true,
         None => false,
