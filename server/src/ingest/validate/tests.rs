@@ -441,7 +441,8 @@ fn the_fast_path_leaves_rewrites_and_refusals_to_the_owned_path() {
     let owned = |r: &Rules, families: Vec<MetricFamily>| {
         assert_eq!(both_paths(r, families), WireCheck::Owned);
     };
-    // Rewrites: the partition label to stamp, --label, a whitelist, an empty family.
+    // Rewrites: the partition label to stamp, --label, a whitelist that drops a family, an
+    // empty family.
     owned(&r, vec![stamped("up", &[("job", "x")], &[NOW_MS])]);
     let mut extra = rules();
     extra.extra_labels = vec![("region".into(), "eu".into())];
@@ -451,7 +452,10 @@ fn the_fast_path_leaves_rewrites_and_refusals_to_the_owned_path() {
         telemeter_common::sync::Swap::new(std::sync::Arc::new(
             vec![Selector::parse("up").unwrap()],
         ));
-    owned(&listed, vec![stamped("up", ok, &[NOW_MS])]);
+    owned(
+        &listed,
+        vec![stamped("up", ok, &[NOW_MS]), stamped("down", ok, &[NOW_MS])],
+    );
     owned(&r, vec![stamped("up", ok, &[NOW_MS]), gauge("empty", &[])]);
     owned(&r, vec![]);
     // Refusals.
@@ -778,4 +782,60 @@ fn every_token_label_is_required_however_many_the_token_has() {
             assert_eq!(check(&other), WireCheck::Owned, "{n} with {i} changed");
         }
     }
+}
+
+/// A whitelist whose selectors name families (`up`, `{__name__=~"node_.*"}`, as upstream's do)
+/// is decided once per family on the fast path: a body whose every family it selects is taken
+/// unchanged; one with a family it does not select, or under selectors on other labels (which
+/// only the owned path can apply per series), is left to the owned path.
+#[test]
+fn the_fast_path_decides_a_whitelist_of_family_names_once_per_family() {
+    let listed = |selectors: &[&str]| {
+        let mut r = rules();
+        r.whitelist = telemeter_common::sync::Swap::new(std::sync::Arc::new(
+            selectors
+                .iter()
+                .map(|s| Selector::parse(s).unwrap())
+                .collect(),
+        ));
+        r
+    };
+    let ok: &[(&str, &str)] = &[("_id", "a"), ("job", "x")];
+    let body = || {
+        vec![
+            stamped("up", ok, &[NOW_MS, NOW_MS]),
+            stamped("node_load1", ok, &[NOW_MS]),
+        ]
+    };
+    for selectors in [
+        &["up", "node_load1"][..],
+        &["up", "{__name__=~\"node_.*\"}"],
+        &["{__name__=~\"up|node_load1\"}", "other{job=\"y\"}"],
+        &["{__name__!=\"down\", __name__=~\".+\"}"],
+    ] {
+        assert!(
+            matches!(
+                both_paths(&listed(selectors), body()),
+                WireCheck::Unchanged { series: 3, .. }
+            ),
+            "{selectors:?}"
+        );
+    }
+    for selectors in [
+        // A family no selector names: the owned path drops it.
+        &["up"][..],
+        &["{__name__=~\"node_.*\"}"],
+        // Selectors on other labels: kept or dropped per series, by the owned path.
+        &["up{job=\"x\"}", "node_load1"],
+        &["{job=\"x\"}"],
+    ] {
+        assert_eq!(
+            both_paths(&listed(selectors), body()),
+            WireCheck::Owned,
+            "{selectors:?}"
+        );
+    }
+    // What the owned path then does with them: the same whitelist, applied per series.
+    let v = listed(&["up"]).apply(body(), &token(), now()).unwrap();
+    assert_eq!((v.series, v.filtered), (2, 1));
 }

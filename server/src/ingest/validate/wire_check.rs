@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use telemeter_common::delimited;
 use telemeter_common::labels;
 use telemeter_common::model::{Bucket, LabelPair, MetricType, Quantile};
+use telemeter_common::selector::{self, Selector};
 use telemeter_common::text;
 use telemeter_common::wire::{self, FamilyView, MetricView, Value};
 
@@ -28,7 +29,7 @@ pub enum WireCheck {
         element_bytes: usize,
     },
     /// The body needs the owned path: it has to be rewritten (a token label to stamp, `--label`,
-    /// a whitelist, an empty family), or it is refused, and the owned path says why in the very
+    /// series the whitelist may drop, an empty family), or it is refused, and the owned path says why in the very
     /// words it always has.
     Owned,
 }
@@ -49,9 +50,11 @@ impl Rules {
         token_labels: &BTreeMap<String, String>,
         now: SystemTime,
     ) -> WireCheck {
-        if !self.whitelist.current().is_empty() || !self.extra_labels.is_empty() {
+        if !self.extra_labels.is_empty() {
             return WireCheck::Owned;
         }
+        // One whitelist for the whole upload, as on the owned path.
+        let whitelist = self.whitelist.current();
         let now_ms = telemeter_common::time::sample_millis(now);
         let bounds = (
             now_ms.saturating_sub(telemeter_common::time::duration_millis(self.max_sample_age)),
@@ -68,6 +71,9 @@ impl Rules {
             let Ok(family) = family else {
                 return WireCheck::Owned;
             };
+            if !whitelist.is_empty() && !keeps_whole_family(&whitelist, family.name) {
+                return WireCheck::Owned;
+            }
             if self
                 .check_wire_family(&family, &token, bounds, &mut total)
                 .is_none()
@@ -127,6 +133,20 @@ impl Rules {
         // An empty family is dropped by the owned path: the body would change.
         (series > 0).then_some(())
     }
+}
+
+/// Whether the whitelist keeps every series of a family named `name` whatever their labels:
+/// some selector that matches on `__name__` alone selects it. Decided once per family instead
+/// of once per series; a family it cannot decide so (a selector on other labels, or none that
+/// selects the name) is left to the owned path, which may drop some of its series.
+fn keeps_whole_family(whitelist: &[Selector], name: &str) -> bool {
+    whitelist.iter().any(|selector| {
+        selector
+            .matchers
+            .iter()
+            .all(|m| m.name == selector::METRIC_NAME_LABEL)
+            && selector.matches(name, &[])
+    })
 }
 
 /// What the fast path counted so far.
