@@ -38,7 +38,8 @@ mod write;
 use check::{check_family_message, Items};
 use fields::{length_prefix, Fields};
 use parse::{
-    family_header, kind_of, parse_label, parse_label_bytes, parse_metric, value_kind, ALL_KINDS,
+    family_header, kind_of, parse_label, parse_label_bytes, parse_label_unchecked_name,
+    parse_metric, value_kind, ALL_KINDS,
 };
 
 pub use write::write_family_without_timestamps;
@@ -194,6 +195,13 @@ impl<'a> Iterator for Metrics<'a> {
         if self.done {
             return None;
         }
+        // A series written the usual way (a one-byte key, a length of one or two bytes), without
+        // the general field reader.
+        if let Some(metric) = self.fields.next_bytes(METRIC_KEY) {
+            let item = parse_metric(metric, ALL_KINDS).map_err(DecodeError::from);
+            self.done = item.is_err();
+            return Some(item);
+        }
         loop {
             let item = match self.fields.next() {
                 Ok(None) => None,
@@ -224,6 +232,17 @@ impl<'a> MetricView<'a> {
     /// The series' labels in wire order, as `(name, value)`; an absent name or value reads as "".
     pub fn labels(&self) -> Labels<'a> {
         Labels {
+            fields: Fields::new(self.message, METRIC_DEPTH),
+            done: false,
+        }
+    }
+
+    /// The series' label messages in wire order, each still encoded: read one with
+    /// [`label_unchecked_name`]. For a caller that can pass over a label it has read before (the
+    /// same bytes read the same), as the upload's check does for the labels a series shares with
+    /// the one before it.
+    pub fn label_messages(&self) -> LabelMessages<'a> {
+        LabelMessages {
             fields: Fields::new(self.message, METRIC_DEPTH),
             done: false,
         }
@@ -284,10 +303,17 @@ pub struct Labels<'a> {
 impl<'a> Iterator for Labels<'a> {
     type Item = Result<(&'a str, &'a str), DecodeError>;
 
-    #[inline]
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         if self.done {
             return None;
+        }
+        // Encoders write a series' labels first, each short: read those without the general
+        // field reader (the rest, and anything else, goes through it).
+        if let Some(label) = self.fields.next_short(LABEL_KEY) {
+            let item = parse_label(label).map_err(DecodeError::from);
+            self.done = item.is_err();
+            return Some(item);
         }
         loop {
             let item = match self.fields.next() {
@@ -300,6 +326,49 @@ impl<'a> Iterator for Labels<'a> {
             return item.map(|r| r.map_err(DecodeError::from));
         }
     }
+}
+
+/// An iterator over the encoded label messages of a series (see [`MetricView::label_messages`]).
+/// After an error it ends.
+pub struct LabelMessages<'a> {
+    fields: Fields<'a>,
+    done: bool,
+}
+
+impl<'a> Iterator for LabelMessages<'a> {
+    type Item = Result<&'a [u8], DecodeError>;
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        // As in [`Labels::next`].
+        if let Some(label) = self.fields.next_short(LABEL_KEY) {
+            return Some(Ok(label));
+        }
+        let item = loop {
+            match self.fields.next() {
+                Ok(None) => return None,
+                Ok(Some((LABEL_FIELD, wire))) => break wire.bytes(),
+                Ok(Some(_)) => continue,
+                Err(bad) => break Err(bad),
+            }
+        };
+        self.done = item.is_err();
+        Some(item.map_err(DecodeError::from))
+    }
+}
+
+/// Reads one label message (from [`MetricView::label_messages`]) as `(name, value)`, as
+/// [`MetricView::labels`] reads it, except that the name's bytes are not checked for UTF-8 when
+/// the label is written the usual way (one name field and one value field, each short): for a
+/// caller that holds every name to the label-name rule, which admits only ASCII, so that a name it
+/// accepts is UTF-8 and the check would be paid twice. Written any other way, every name field
+/// is checked, as prost checks each occurrence. A caller that accepts other names must check them.
+#[inline(always)]
+pub fn label_unchecked_name(message: &[u8]) -> Result<(&[u8], &str), DecodeError> {
+    Ok(parse_label_unchecked_name(message)?)
 }
 
 /// An iterator over the labels of a series as bytes (see [`MetricView::label_bytes`]).
@@ -315,6 +384,12 @@ impl<'a> Iterator for LabelBytes<'a> {
     fn next(&mut self) -> Option<Self::Item> {
         if self.done {
             return None;
+        }
+        // As in [`Labels::next`].
+        if let Some(label) = self.fields.next_short(LABEL_KEY) {
+            let item = parse_label_bytes(label).map_err(DecodeError::from);
+            self.done = item.is_err();
+            return Some(item);
         }
         loop {
             let item = match self.fields.next() {
@@ -463,6 +538,8 @@ pub fn newest_timestamp(body: &[u8]) -> Result<Option<i64>, DecodeError> {
 pub(super) const METRIC_FIELD: u32 = 4;
 pub(super) const METRIC_KEY: u8 = (4 << 3) | 2;
 pub(super) const LABEL_FIELD: u32 = 1;
+/// A label field's key when it fits one byte: field 1, length-delimited.
+pub(super) const LABEL_KEY: u8 = (1 << 3) | 2;
 pub(super) const GAUGE_FIELD: u32 = 2;
 pub(super) const COUNTER_FIELD: u32 = 3;
 pub(super) const SUMMARY_FIELD: u32 = 4;

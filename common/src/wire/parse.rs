@@ -3,11 +3,11 @@
 
 use crate::model::MetricType;
 
-use super::fields::{Bad, Fields};
+use super::fields::{utf8, Bad, Fields};
 use super::{
     FamilyView, HistogramView, MetricView, SummaryView, Value, COUNTER_FIELD, FAMILY_DEPTH,
-    GAUGE_FIELD, HISTOGRAM_FIELD, ITEM_FIELD, LABEL_FIELD, METRIC_DEPTH, METRIC_FIELD,
-    SUMMARY_FIELD, TIMESTAMP_FIELD, UNTYPED_FIELD, VALUE_DEPTH,
+    GAUGE_FIELD, HISTOGRAM_FIELD, ITEM_FIELD, LABEL_FIELD, LABEL_KEY, METRIC_DEPTH, METRIC_FIELD,
+    METRIC_KEY, SUMMARY_FIELD, TIMESTAMP_FIELD, UNTYPED_FIELD, VALUE_DEPTH,
 };
 
 // One bit per value field of a metric.
@@ -47,7 +47,15 @@ pub(super) fn family_header(message: &[u8]) -> Result<FamilyView<'_>, Bad> {
         message,
     };
     let mut fields = Fields::new(message, FAMILY_DEPTH);
-    while let Some((tag, wire)) = fields.next()? {
+    loop {
+        // The series, checked here only for their framing, passed over without the general
+        // field reader when written the usual way.
+        if fields.next_bytes(METRIC_KEY).is_some() {
+            continue;
+        }
+        let Some((tag, wire)) = fields.next()? else {
+            break;
+        };
         match tag {
             1 => view.name = wire.str()?,
             2 => view.help = wire.str()?,
@@ -71,6 +79,9 @@ pub(super) fn parse_metric(message: &[u8], kinds: u8) -> Result<MetricView<'_>, 
     let mut summary = Distribution::default();
     let mut histogram = Distribution::default();
     let mut fields = Fields::new(message, METRIC_DEPTH);
+    // The labels, written first, passed over without the general field reader (they are read
+    // when asked for).
+    while fields.next_short(LABEL_KEY).is_some() {}
     while let Some((tag, wire)) = fields.next()? {
         let kind = match tag {
             LABEL_FIELD => {
@@ -168,6 +179,12 @@ impl<'a> Distribution<'a> {
 
 /// The `value` of a gauge, counter or untyped message, if it has one.
 pub(super) fn simple_value(message: &[u8]) -> Result<Option<f64>, Bad> {
+    // As every encoder writes it: the value's key (field 1, a double) and its eight bytes.
+    if let [VALUE_DOUBLE_KEY, ref value @ ..] = *message {
+        if let Ok(bits) = <[u8; 8]>::try_from(value) {
+            return Ok(Some(f64::from_le_bytes(bits)));
+        }
+    }
     let mut value = None;
     let mut fields = Fields::new(message, VALUE_DEPTH);
     while let Some((tag, wire)) = fields.next()? {
@@ -178,8 +195,11 @@ pub(super) fn simple_value(message: &[u8]) -> Result<Option<f64>, Bad> {
     Ok(value)
 }
 
-#[inline]
+#[inline(always)]
 pub(super) fn parse_label(message: &[u8]) -> Result<(&str, &str), Bad> {
+    if let Some((name, value)) = short_label(message) {
+        return Ok((utf8(name)?, utf8(value)?));
+    }
     let (mut name, mut value) = ("", "");
     let mut fields = Fields::new(message, VALUE_DEPTH);
     while let Some((tag, wire)) = fields.next()? {
@@ -192,10 +212,43 @@ pub(super) fn parse_label(message: &[u8]) -> Result<(&str, &str), Bad> {
     Ok((name, value))
 }
 
+/// As [`parse_label`], leaving the name unchecked for UTF-8 when the label is written the usual
+/// way (see [`super::label_unchecked_name`]); any other way, every name field is
+/// checked, as prost checks each occurrence.
+#[inline(always)]
+pub(super) fn parse_label_unchecked_name(message: &[u8]) -> Result<(&[u8], &str), Bad> {
+    if let Some((name, value)) = short_label(message) {
+        return Ok((name, utf8(value)?));
+    }
+    parse_label(message).map(|(name, value)| (name.as_bytes(), value))
+}
+
+/// The name and value of a label message written as every encoder writes it: the name's field
+/// then the value's, each with a one-byte key and length, and nothing else. What the general
+/// reading of the fields would find in such a message, read in a few comparisons; `None` for
+/// any other message, which the general reading then takes (or refuses).
+#[inline(always)]
+fn short_label(message: &[u8]) -> Option<(&[u8], &[u8])> {
+    let mut fields = Fields::new(message, VALUE_DEPTH);
+    let name = fields.next_short(NAME_KEY)?;
+    let value = fields.next_short(VALUE_KEY)?;
+    fields.is_empty().then_some((name, value))
+}
+
+/// The key of a gauge's, counter's or untyped value's field 1, a double.
+const VALUE_DOUBLE_KEY: u8 = (1 << 3) | 1;
+
+/// The one-byte keys of a label's name (field 1) and value (field 2), both length-delimited.
+const NAME_KEY: u8 = (1 << 3) | 2;
+const VALUE_KEY: u8 = (2 << 3) | 2;
+
 /// As [`parse_label`], as bytes: for writers, which need no `&str`. The UTF-8 check is the same;
 /// ASCII (nearly every label) is settled by a quicker scan first.
 #[inline]
 pub(super) fn parse_label_bytes(message: &[u8]) -> Result<(&[u8], &[u8]), Bad> {
+    if let Some((name, value)) = short_label(message) {
+        return Ok((utf8_bytes(name)?, utf8_bytes(value)?));
+    }
     let (mut name, mut value): (&[u8], &[u8]) = (b"", b"");
     let mut fields = Fields::new(message, VALUE_DEPTH);
     while let Some((tag, wire)) = fields.next()? {

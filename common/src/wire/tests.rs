@@ -305,6 +305,45 @@ fn varints_read_as_prost_reads_them() {
     assert!(read_varint(&mut &[0x80; 11][..]).is_err());
 }
 
+/// The eight-bytes-at-once reading against prost's byte loop: every length from 1 to 10 bytes,
+/// minimal or padded with continuation bytes, at the end of the buffer or followed by more bytes.
+#[test]
+fn every_varint_length_reads_as_prost_reads_it() {
+    let mut r = 0x2545_f491_4f6c_dd1du64;
+    let mut values: Vec<u64> = (0..64)
+        .flat_map(|bit| [1u64 << bit, (1u64 << bit) - 1])
+        .collect();
+    for _ in 0..5000 {
+        r ^= r << 13;
+        r ^= r >> 7;
+        r ^= r << 17;
+        values.push(r >> (r % 64));
+    }
+    for v in values {
+        let mut minimal = Vec::new();
+        put_varint(&mut minimal, v);
+        // The same value with a continuation byte of zero bits added, while within 10 bytes.
+        let mut padded = minimal.clone();
+        if padded.len() < 10 {
+            let last = padded.len() - 1;
+            padded[last] |= 0x80;
+            padded.push(0);
+        }
+        for encoded in [minimal, padded] {
+            for tail in [&[][..], &[0xAA][..], &[0xff; 12][..]] {
+                let bytes = [encoded.as_slice(), tail].concat();
+                let mut buf = bytes.as_slice();
+                let mut prost_buf = bytes.as_slice();
+                let ours = read_varint(&mut buf).map_err(|_| ());
+                let theirs = prost::encoding::decode_varint(&mut prost_buf).map_err(|_| ());
+                assert_eq!(ours, theirs, "{bytes:02x?}");
+                assert_eq!(ours, Ok(v), "{bytes:02x?}");
+                assert_eq!(buf, tail, "{bytes:02x?}");
+            }
+        }
+    }
+}
+
 #[test]
 fn prometheus_fixtures_read_as_the_owned_decoding() {
     for body in [METRICS_PB, FEDERATE_PB] {
@@ -835,4 +874,43 @@ fn encoded_messages_are_unchanged_by_prost() {
     let back = delimited::decode(&body, &Limits::default()).unwrap();
     let bytes = |f: &[MetricFamily]| f.iter().map(Message::encode_to_vec).collect::<Vec<_>>();
     assert_eq!(bytes(&back), bytes(&families));
+}
+
+/// `label_unchecked_name` leaves a short label's name to its caller, and otherwise checks
+/// every name field as prost does (an earlier name field that is not UTF-8 is refused even when
+/// a later one replaces it).
+#[test]
+fn unchecked_names_are_only_those_written_the_usual_way() {
+    fn labels_of(label: &[u8]) -> Vec<u8> {
+        let mut metric = Vec::new();
+        metric.push(0x0a);
+        put_varint(&mut metric, label.len() as u64);
+        metric.extend_from_slice(label);
+        metric
+    }
+    let read = |metric: &[u8]| -> Vec<Result<(Vec<u8>, String), ()>> {
+        let view = super::parse::parse_metric(metric, super::parse::ALL_KINDS).unwrap();
+        view.label_messages()
+            .map(|m| {
+                m.and_then(|m| super::label_unchecked_name(m))
+                    .map(|(n, v)| (n.to_vec(), v.to_string()))
+                    .map_err(|_| ())
+            })
+            .collect()
+    };
+    // Short: the name as it is, the value checked.
+    let short = labels_of(&[0x0a, 2, 0xff, b'a', 0x12, 1, b'v']);
+    assert_eq!(read(&short), vec![Ok((vec![0xff, b'a'], "v".to_string()))]);
+    let bad_value = labels_of(&[0x0a, 1, b'a', 0x12, 1, 0xff]);
+    assert_eq!(read(&bad_value), vec![Err(())]);
+    // The name given twice: the general reading, which checks each occurrence.
+    let twice = labels_of(&[0x0a, 1, 0xff, 0x0a, 1, b'b', 0x12, 1, b'v']);
+    assert_eq!(read(&twice), vec![Err(())]);
+    let twice_ok = labels_of(&[0x0a, 1, b'a', 0x0a, 1, b'b', 0x12, 1, b'v']);
+    assert_eq!(read(&twice_ok), vec![Ok((b"b".to_vec(), "v".to_string()))]);
+    // Value first, then name: the general reading too; the same label as `labels` reads it.
+    let swapped = labels_of(&[0x12, 1, b'v', 0x0a, 1, b'a']);
+    assert_eq!(read(&swapped), vec![Ok((b"a".to_vec(), "v".to_string()))]);
+    let view = super::parse::parse_metric(&swapped, super::parse::ALL_KINDS).unwrap();
+    assert_eq!(view.labels().next().unwrap().unwrap(), ("a", "v"));
 }

@@ -441,7 +441,8 @@ fn the_fast_path_leaves_rewrites_and_refusals_to_the_owned_path() {
     let owned = |r: &Rules, families: Vec<MetricFamily>| {
         assert_eq!(both_paths(r, families), WireCheck::Owned);
     };
-    // Rewrites: the partition label to stamp, --label, a whitelist, an empty family.
+    // Rewrites: the partition label to stamp, --label, a whitelist that drops a family, an
+    // empty family.
     owned(&r, vec![stamped("up", &[("job", "x")], &[NOW_MS])]);
     let mut extra = rules();
     extra.extra_labels = vec![("region".into(), "eu".into())];
@@ -451,7 +452,10 @@ fn the_fast_path_leaves_rewrites_and_refusals_to_the_owned_path() {
         telemeter_common::sync::Swap::new(std::sync::Arc::new(
             vec![Selector::parse("up").unwrap()],
         ));
-    owned(&listed, vec![stamped("up", ok, &[NOW_MS])]);
+    owned(
+        &listed,
+        vec![stamped("up", ok, &[NOW_MS]), stamped("down", ok, &[NOW_MS])],
+    );
     owned(&r, vec![stamped("up", ok, &[NOW_MS]), gauge("empty", &[])]);
     owned(&r, vec![]);
     // Refusals.
@@ -592,4 +596,246 @@ fn the_fast_path_refuses_what_the_decoder_refuses_deep_inside() {
         rules().check_wire(&good, &capped, &token(), now()),
         WireCheck::Owned
     );
+}
+
+/// The fast path compares names by their first eight bytes first: names that share them (or are
+/// prefixes of one another) must still be told apart, ordered and matched exactly as the owned
+/// path does.
+#[test]
+fn names_alike_in_their_first_eight_bytes_are_told_apart() {
+    let r = rules();
+    let unchanged = |labels: &[(&str, &str)], kind: MetricType| {
+        let family = typed(stamped("f", labels, &[NOW_MS]), kind);
+        matches!(both_paths(&r, vec![family]), WireCheck::Unchanged { .. })
+    };
+    // Sorted, unsorted, and names that are prefixes of others: all distinct, all taken.
+    for labels in [
+        &[
+            ("_id", "a"),
+            ("instance", "1"),
+            ("instance_a", "2"),
+            ("instance_b", "3"),
+        ][..],
+        &[
+            ("instance_b", "3"),
+            ("_id", "a"),
+            ("instance_a", "2"),
+            ("instance", "1"),
+        ],
+        &[
+            ("_id", "a"),
+            ("i", "1"),
+            ("in", "2"),
+            ("ins", "3"),
+            ("instanc", "4"),
+        ],
+        &[("ins", "3"), ("in", "2"), ("_id", "a"), ("i", "1")],
+        &[
+            ("_id", "a"),
+            ("abcdefgh", "1"),
+            ("abcdefghi", "2"),
+            ("abcdefgi", "3"),
+        ],
+    ] {
+        assert!(unchanged(labels, MetricType::Gauge), "{labels:?}");
+    }
+    // A repeat whose first eight bytes other names share too, unsorted: refused as the owned path
+    // refuses it.
+    for labels in [
+        &[
+            ("instance_a", "1"),
+            ("_id", "a"),
+            ("instance_b", "2"),
+            ("instance_a", "3"),
+        ][..],
+        &[("instance", "1"), ("_id", "a"), ("instance", "2")],
+        &[("_id", "a"), ("b", "1"), ("a", "1"), ("b", "2")],
+    ] {
+        assert!(!unchanged(labels, MetricType::Gauge), "{labels:?}");
+        let family = stamped("f", labels, &[NOW_MS]);
+        let err = r.apply(vec![family], &token(), now()).unwrap_err();
+        assert!(err.to_string().contains("appears more than once"), "{err}");
+    }
+    // The type's own label is refused, names that only start like it are not.
+    assert!(!unchanged(
+        &[("_id", "a"), ("le", "1")],
+        MetricType::Histogram
+    ));
+    assert!(unchanged(
+        &[("_id", "a"), ("lex", "1"), ("l", "2")],
+        MetricType::Histogram
+    ));
+    assert!(!unchanged(
+        &[("_id", "a"), ("quantile", "1")],
+        MetricType::Summary
+    ));
+    assert!(unchanged(
+        &[("_id", "a"), ("quantile_x", "1"), ("quantil", "2")],
+        MetricType::Summary
+    ));
+    // Reserved: two leading underscores, not one.
+    assert!(!unchanged(&[("_id", "a"), ("__", "1")], MetricType::Gauge));
+    assert!(unchanged(&[("_id", "a"), ("_x_", "1")], MetricType::Gauge));
+    // A token label is matched on the whole name: `_id_x` is not `_id`.
+    assert!(!unchanged(&[("_id_x", "a")], MetricType::Gauge));
+    assert!(unchanged(
+        &[("_id_x", "b"), ("_id", "a")],
+        MetricType::Gauge
+    ));
+}
+
+/// Label names are read on the fast path without a UTF-8 check of their own (the label-name rule
+/// admits only ASCII): a name that is not UTF-8, or not ASCII, is still never taken.
+#[test]
+fn names_that_are_not_ascii_are_never_taken_unchanged() {
+    let good = delimited::encode(&[stamped("up", &[("_id", "a"), ("job", "x")], &[NOW_MS])]);
+    let limits = delimited::Limits::default();
+    assert!(matches!(
+        rules().check_wire(&good, &limits, &token(), now()),
+        WireCheck::Unchanged { series: 1, .. }
+    ));
+    // Same length, so every length prefix stays right: "job" becomes invalid UTF-8, then
+    // valid UTF-8 that is not ASCII ("é" and one letter).
+    for replacement in [&[0xff, b'o', b'b'][..], "éb".as_bytes()] {
+        let at = good.windows(3).position(|w| w == b"job").unwrap();
+        let mut bad = good.clone();
+        bad[at..at + 3].copy_from_slice(replacement);
+        assert_eq!(
+            rules().check_wire(&bad, &limits, &token(), now()),
+            WireCheck::Owned
+        );
+    }
+}
+
+/// The fast path passes over a label byte for byte the same as one at the same position of the
+/// family's previous series: what differs from it, or sits elsewhere, is still checked, and
+/// nothing carries over from one family to the next.
+#[test]
+fn labels_repeated_from_the_series_before_are_still_held_to_every_rule() {
+    let r = rules();
+    fn series<'a>(labels: &[&'a [(&'a str, &'a str)]]) -> Vec<(&'a [(&'a str, &'a str)], i64)> {
+        labels.iter().map(|l| (*l, NOW_MS)).collect()
+    }
+    let first: &[(&str, &str)] = &[("_id", "a"), ("job", "x")];
+    let taken = |second: &[(&str, &str)]| {
+        matches!(
+            both_paths(&r, vec![gauge("up", &series(&[first, second]))]),
+            WireCheck::Unchanged { series: 2, .. }
+        )
+    };
+    assert!(taken(first));
+    assert!(taken(&[("job", "x"), ("_id", "a")]));
+    assert!(taken(&[("_id", "a"), ("job", "y"), ("mode", "z")]));
+    // Repeats, other values, a missing token label, an empty value, an invalid name.
+    assert!(!taken(&[("_id", "a"), ("job", "x"), ("job", "x")]));
+    assert!(!taken(&[("_id", "a"), ("job", "x"), ("_id", "a")]));
+    assert!(!taken(&[("_id", "b"), ("job", "x")]));
+    assert!(!taken(&[("job", "x"), ("job", "x")]));
+    assert!(!taken(&[("job", "x")]));
+    assert!(!taken(&[("_id", "a"), ("job", "")]));
+    assert!(!taken(&[("_id", "a"), ("jo-b", "x")]));
+    // `le` is an ordinary label on a gauge, the type's own on the histogram that follows.
+    let labelled: &[(&str, &str)] = &[("_id", "a"), ("le", "1")];
+    let histogram = typed(gauge("h", &series(&[labelled])), MetricType::Histogram);
+    assert!(matches!(
+        both_paths(&r, vec![gauge("g", &series(&[labelled]))]),
+        WireCheck::Unchanged { .. }
+    ));
+    assert_eq!(
+        both_paths(&r, vec![gauge("g", &series(&[labelled])), histogram]),
+        WireCheck::Owned
+    );
+}
+
+/// Tokens with several labels (held inline up to four, in a list beyond): a series is taken
+/// unchanged only with every one of them, each with the token's value.
+#[test]
+fn every_token_label_is_required_however_many_the_token_has() {
+    let r = rules();
+    let limits = delimited::Limits::default();
+    for n in [1usize, 2, 4, 5, 7] {
+        let token: BTreeMap<String, String> = (0..n)
+            .map(|i| match i {
+                0 => ("_id".to_string(), "a".to_string()),
+                i => (format!("t{i}"), format!("v{i}")),
+            })
+            .collect();
+        let all: Vec<(String, String)> = token.clone().into_iter().collect();
+        let check = |labels: &[(String, String)]| {
+            let labels: Vec<(&str, &str)> = labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let body = delimited::encode(&[stamped("up", &labels, &[NOW_MS])]);
+            r.check_wire(&body, &limits, &token, now())
+        };
+        assert!(
+            matches!(check(&all), WireCheck::Unchanged { series: 1, .. }),
+            "{n}"
+        );
+        for i in 0..n {
+            let mut missing = all.clone();
+            missing.remove(i);
+            assert_eq!(check(&missing), WireCheck::Owned, "{n} without {i}");
+            let mut other = all.clone();
+            other[i].1.push('x');
+            assert_eq!(check(&other), WireCheck::Owned, "{n} with {i} changed");
+        }
+    }
+}
+
+/// A whitelist whose selectors name families (`up`, `{__name__=~"node_.*"}`, as upstream's do)
+/// is decided once per family on the fast path: a body whose every family it selects is taken
+/// unchanged; one with a family it does not select, or under selectors on other labels (which
+/// only the owned path can apply per series), is left to the owned path.
+#[test]
+fn the_fast_path_decides_a_whitelist_of_family_names_once_per_family() {
+    let listed = |selectors: &[&str]| {
+        let mut r = rules();
+        r.whitelist = telemeter_common::sync::Swap::new(std::sync::Arc::new(
+            selectors
+                .iter()
+                .map(|s| Selector::parse(s).unwrap())
+                .collect(),
+        ));
+        r
+    };
+    let ok: &[(&str, &str)] = &[("_id", "a"), ("job", "x")];
+    let body = || {
+        vec![
+            stamped("up", ok, &[NOW_MS, NOW_MS]),
+            stamped("node_load1", ok, &[NOW_MS]),
+        ]
+    };
+    for selectors in [
+        &["up", "node_load1"][..],
+        &["up", "{__name__=~\"node_.*\"}"],
+        &["{__name__=~\"up|node_load1\"}", "other{job=\"y\"}"],
+        &["{__name__!=\"down\", __name__=~\".+\"}"],
+    ] {
+        assert!(
+            matches!(
+                both_paths(&listed(selectors), body()),
+                WireCheck::Unchanged { series: 3, .. }
+            ),
+            "{selectors:?}"
+        );
+    }
+    for selectors in [
+        // A family no selector names: the owned path drops it.
+        &["up"][..],
+        &["{__name__=~\"node_.*\"}"],
+        // Selectors on other labels: kept or dropped per series, by the owned path.
+        &["up{job=\"x\"}", "node_load1"],
+        &["{job=\"x\"}"],
+    ] {
+        assert_eq!(
+            both_paths(&listed(selectors), body()),
+            WireCheck::Owned,
+            "{selectors:?}"
+        );
+    }
+    // What the owned path then does with them: the same whitelist, applied per series.
+    let v = listed(&["up"]).apply(body(), &token(), now()).unwrap();
+    assert_eq!((v.series, v.filtered), (2, 1));
 }
