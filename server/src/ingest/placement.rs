@@ -132,17 +132,7 @@ pub fn store_push(
     payload: Vec<u8>,
     received: SystemTime,
 ) -> Result<(), StoreError> {
-    let store = merger.store();
-    // A cluster that also pushes by remote write: merged, so neither path erases the other's
-    // series (README, "Remote write and uploads together").
-    if uses_remote_write(store, cluster_id, received) {
-        return merger.store_accepted(cluster_id, payload, received);
-    }
-    // Replaced without the merge: the store gives it a new version, so whatever the merger
-    // cached of the cluster is not used again.
-    store
-        .put_unless_older(cluster_id, payload, received)
-        .map(|_| ())
+    store_upload(merger, cluster_id, payload, None, received)
 }
 
 /// [`store_push`] of a `payload` that arrived as `frames` (snappy framed) and is stored
@@ -155,13 +145,30 @@ pub fn store_push_packed(
     frames: Vec<u8>,
     received: SystemTime,
 ) -> Result<(), StoreError> {
+    store_upload(merger, cluster_id, payload, Some(frames), received)
+}
+
+/// [`store_push`], with the `frames` the payload arrived as when it is stored unchanged.
+fn store_upload(
+    merger: &Merger,
+    cluster_id: &str,
+    payload: Vec<u8>,
+    frames: Option<Vec<u8>>,
+    received: SystemTime,
+) -> Result<(), StoreError> {
     let store = merger.store();
+    // A cluster that also pushes by remote write: merged, so neither path erases the other's
+    // series (README, "Remote write and uploads together"); the merged view is not what arrived.
     if uses_remote_write(store, cluster_id, received) {
         return merger.store_accepted(cluster_id, payload, received);
     }
-    store
-        .put_unless_older_packed(cluster_id, payload, frames, received)
-        .map(|_| ())
+    // Replaced without the merge: the store gives it a new version, so whatever the merger
+    // cached of the cluster is not used again.
+    match frames {
+        Some(frames) => store.put_unless_older_packed(cluster_id, payload, frames, received),
+        None => store.put_unless_older(cluster_id, payload, received),
+    }
+    .map(|_| ())
 }
 
 /// Stores `merged` (a cluster's series after a remote-write request was merged into them) durably

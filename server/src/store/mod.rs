@@ -639,19 +639,7 @@ impl Store {
         payload: Vec<u8>,
         received: SystemTime,
     ) -> Result<bool, StoreError> {
-        self.submit(
-            cluster_id,
-            Put {
-                serve: Some(payload),
-                frames: None,
-                ship: Ship::Served,
-                received,
-                mode: Mode::UnlessOlder,
-                newest_received_ms: Some(i64::MIN),
-                patch: None,
-            },
-        )
-        .map(Outcome::written)
+        self.put_upload(cluster_id, payload, None, received)
     }
 
     /// As [`Store::put_unless_older`], for a payload that arrived as `frames` (snappy framed,
@@ -666,11 +654,23 @@ impl Store {
         frames: Vec<u8>,
         received: SystemTime,
     ) -> Result<bool, StoreError> {
+        self.put_upload(cluster_id, payload, Some(frames), received)
+    }
+
+    /// An upload as sent (it holds no remote-write series), put unless older than the stored
+    /// one, packed with its `frames` if any.
+    fn put_upload(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        frames: Option<Vec<u8>>,
+        received: SystemTime,
+    ) -> Result<bool, StoreError> {
         self.submit(
             cluster_id,
             Put {
                 serve: Some(payload),
-                frames: Some(frames),
+                frames,
                 ship: Ship::Served,
                 received,
                 mode: Mode::UnlessOlder,
