@@ -35,7 +35,19 @@ pub(super) fn checkpoint_until_closed(shared: &Shared, retired: &Receiver<Arc<Se
             // A test's crash: the segment stays on disk as it is, for the next open.
             continue;
         }
-        keep = !checkpoint(shared, &segment, keep) || keep;
+        let done = checkpoint(shared, &segment, keep);
+        if done {
+            // Its clusters are read from their files now (or from later segments, which count
+            // their own): what reads of its packed payloads held is settled.
+            let settled = segment.packed.load(Ordering::Relaxed);
+            let _ =
+                shared
+                    .packed_unsettled
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        Some(n.saturating_sub(settled))
+                    });
+        }
+        keep = !done || keep;
     }
 }
 

@@ -427,6 +427,10 @@ pub(super) struct Segment {
     zeroed: AtomicU64,
     /// Writing zeros ahead failed (a full disk): the appends to it no longer try.
     zeros_failed: AtomicBool,
+    /// Decompressed bytes of the packed payloads the index found in it when it was the current
+    /// segment ([`JournalState::packed_bytes`] then): what its checkpoint settles of
+    /// [`Shared::packed_unsettled`].
+    pub(super) packed: AtomicU64,
 }
 
 impl Segment {
@@ -447,6 +451,7 @@ impl Segment {
             written: AtomicU64::new(written),
             zeroed: AtomicU64::new(written),
             zeros_failed: AtomicBool::new(false),
+            packed: AtomicU64::new(0),
         }
     }
 
@@ -944,6 +949,13 @@ pub(super) struct JournalState {
 /// [`JournalState::packed_bytes`]): at 51 KB an upload, ~1,300 clusters' uploads.
 pub(super) const PACKED_BUDGET: u64 = 64 << 20;
 
+/// Decompressed bytes of packed payloads all segments not yet checkpointed may hold reads to
+/// ([`Shared::packed_unsettled`]). The per-segment budget alone does not bound them: with many
+/// clusters, segments close faster than the checkpointer writes their files. Past it, uploads are
+/// journaled plain (as families, read from the segment file, never held) until checkpoints catch
+/// up: packing saves the commit's copies, it must not cost a `/federate` scrape its memory.
+pub(super) const PACKED_UNSETTLED_BUDGET: u64 = 32 << 20;
+
 /// Bytes of chained payloads a segment may hold reads to (see [`JournalState::chained_bytes`]):
 /// ~470 clusters of 280 KB that push by remote write. Past it the segment is closed, and each
 /// cluster's next request starts a new chain with a whole image there.
@@ -1105,7 +1117,17 @@ impl Shared {
         journal.len = end;
         segment.written.store(end, Ordering::Relaxed);
         let (result, held) = then(&segment, offset);
+        let before = journal.packed_bytes;
         journal.packed_bytes = journal.packed_bytes.saturating_add_signed(held.packed);
+        segment
+            .packed
+            .store(journal.packed_bytes, Ordering::Relaxed);
+        let after = journal.packed_bytes;
+        let _ = self
+            .packed_unsettled
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_add(after).saturating_sub(before))
+            });
         journal.chained_bytes = journal.chained_bytes.saturating_add_signed(held.chained);
         if let Some(egress) = &self.egress {
             *lock(&egress.tip) = Some((segment.number, journal.len));

@@ -364,6 +364,8 @@ impl Store {
                 )),
             },
             versions: AtomicU64::new(0),
+            packed_unsettled: AtomicU64::new(0),
+            packed_unsettled_budget: AtomicU64::new(journal::PACKED_UNSETTLED_BUDGET),
         });
         if !shipping && dir_for_egress.join(egress::EGRESS_DIR).exists() {
             log::warn!(
@@ -717,9 +719,14 @@ impl Store {
             }
             None => (newest_sample_ms(&payload, received_millis), None),
         };
-        // Packed: the families are not needed past this point, only their length.
+        // Packed: the families are not needed past this point, only their length. Plain while
+        // the packed payloads awaiting their checkpoint are over budget, so that what reads of
+        // them hold in memory stays bounded.
+        let shared = &self.handle.shared;
+        let settled = shared.packed_unsettled.load(Ordering::Relaxed)
+            < shared.packed_unsettled_budget.load(Ordering::Relaxed);
         let (payload, packed) = match frames {
-            Some(frames) if serving => (frames, Some(payload.len() as u64)),
+            Some(frames) if serving && settled => (frames, Some(payload.len() as u64)),
             _ => (payload, None),
         };
         self.handle.queue.submit(

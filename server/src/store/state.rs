@@ -42,6 +42,11 @@ pub(super) struct Shared {
     pub(super) egress: Option<EgressShared>,
     /// The next [`Entry::version`].
     pub(super) versions: AtomicU64,
+    /// Decompressed bytes of the packed payloads indexed in segments not yet checkpointed (an
+    /// upper bound; see `journal::PACKED_UNSETTLED_BUDGET`).
+    pub(super) packed_unsettled: AtomicU64,
+    /// `journal::PACKED_UNSETTLED_BUDGET` (tests lower it).
+    pub(super) packed_unsettled_budget: AtomicU64,
 }
 
 /// One indexed cluster.

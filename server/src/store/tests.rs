@@ -1752,3 +1752,56 @@ fn chained_payloads_past_the_budget_close_the_segment_so_pins_stay_bounded() {
         assert_eq!(&store.get(id).unwrap().unwrap().payload, payload, "{id}");
     }
 }
+
+#[test]
+fn packed_payloads_awaiting_their_checkpoint_past_the_budget_are_journaled_plain() {
+    // Segments can close faster than the checkpointer writes their files, and every packed
+    // payload in a segment not yet checkpointed is held in memory by a read that pins it (a
+    // `/federate` scrape pins every cluster). Past the budget, uploads are journaled plain.
+    let dir = TempDir::new("packed-unsettled");
+    let store = Store::open_checkpointing(config(&dir), false, false).unwrap();
+    let shared = &store.handle.shared;
+    let (payload, frames) = packable(200, 0);
+    let len = payload.len() as u64;
+    // Every packed put closes its segment; none is checkpointed (a crashed checkpointer).
+    lock(&shared.journal).packed_budget = 1;
+    shared
+        .packed_unsettled_budget
+        .store(3 * len, Ordering::Relaxed);
+    let encoding_of = |id: &str| match &lock(&shared.index).get(id).unwrap().location {
+        Location::Journal { encoding, .. } => *encoding,
+        other => panic!("{id} is at {other:?}"),
+    };
+    for id in ["a", "b", "c", "d", "e"] {
+        store
+            .put_unless_older_packed(id, payload.clone(), frames.clone(), at(0))
+            .unwrap();
+    }
+    for id in ["a", "b", "c"] {
+        assert!(matches!(encoding_of(id), Encoding::Packed { .. }), "{id}");
+    }
+    for id in ["d", "e"] {
+        assert_eq!(encoding_of(id), Encoding::Plain, "{id}");
+    }
+    assert_eq!(shared.packed_unsettled.load(Ordering::Relaxed), 3 * len);
+    for id in ["a", "b", "c", "d", "e"] {
+        assert_eq!(store.get(id).unwrap().unwrap().payload, payload, "{id}");
+    }
+    drop(store);
+    // Checkpoints settle what they write: a store whose checkpointer runs packs again.
+    let store = open(&dir);
+    let shared = &store.handle.shared;
+    store
+        .put_unless_older_packed("f", payload.clone(), frames.clone(), at(0))
+        .unwrap();
+    assert!(matches!(
+        &lock(&shared.index).get("f").unwrap().location,
+        Location::Journal {
+            encoding: Encoding::Packed { .. },
+            ..
+        }
+    ));
+    for id in ["a", "b", "c", "d", "e", "f"] {
+        assert_eq!(store.get(id).unwrap().unwrap().payload, payload, "{id}");
+    }
+}
