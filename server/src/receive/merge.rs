@@ -818,25 +818,13 @@ mod tests {
             max_batch: 8,
         })
         .unwrap();
-        let series = |help: &str, job: &str, at: SystemTime| {
-            delimited::encode(&[MetricFamily {
-                name: Some("up".into()),
-                help: Some(help.into()),
-                r#type: Some(MetricType::Untyped as i32),
-                metric: vec![untyped_series(
-                    vec![LabelPair::new("_id", "c"), LabelPair::new("job", job)],
-                    1.0,
-                    telemeter_common::time::sample_millis(at),
-                )],
-            }])
-        };
         let merger = Merger::new(store.clone());
         let now = SystemTime::now();
         let before = now - Duration::from_secs(90 * 60);
         merger
             .store_received(
                 "c",
-                series(REMOTE_WRITE_HELP, "rw", before),
+                one_series(REMOTE_WRITE_HELP, "rw", before),
                 before,
                 usize::MAX,
                 None,
@@ -844,7 +832,7 @@ mod tests {
             .unwrap();
         assert!(merger.is_cached("c"));
         // An upload once the remote-write series is past the TTL: stored as sent, not merged.
-        crate::ingest::placement::store_push(&merger, "c", series("up", "upload", now), now)
+        crate::ingest::placement::store_push(&merger, "c", one_series("up", "upload", now), now)
             .unwrap();
         assert!(
             !merger.is_cached("c"),
@@ -854,7 +842,7 @@ mod tests {
         merger
             .store_received(
                 "c",
-                series(REMOTE_WRITE_HELP, "rw", now),
+                one_series(REMOTE_WRITE_HELP, "rw", now),
                 now,
                 usize::MAX,
                 None,

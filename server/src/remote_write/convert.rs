@@ -524,16 +524,7 @@ fn write_series(labels: &Labels<'_>, value: f64, timestamp: i64, out: &mut Vec<u
             }
         }
     });
-    out.push(0x12); // TimeSeries.samples
-    prost::encoding::encode_varint(sample_len as u64, out);
-    if value != 0.0 {
-        out.push(0x09); // Sample.value, 64-bit
-        out.extend_from_slice(&value.to_le_bytes());
-    }
-    if timestamp != 0 {
-        out.push(0x10); // Sample.timestamp, varint
-        prost::encoding::encode_varint(timestamp as u64, out);
-    }
+    write_sample(value, timestamp, sample_len, out);
 }
 
 /// `f` as Go's `strconv.FormatFloat(f, 'g', -1, 64)` writes it (what Prometheus puts in `le` and
