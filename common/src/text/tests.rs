@@ -554,6 +554,108 @@ fn series_prometheus_would_refuse_are_left_out_and_counted() {
     assert_eq!(skipped.to_string(), "metric_name: 2");
 }
 
+/// The view writer renders labels written the usual way by copying their bytes (see
+/// `plain_labels`), and everything else the general way: random label sets that mix both (values
+/// to escape, non-ASCII, 128 bytes or longer, names reserved, invalid, repeated or alike in
+/// length, first, middle and last byte) write what the owned writer writes, and skip the same.
+#[test]
+fn labels_copied_from_their_bytes_write_what_the_general_way_writes() {
+    let names = [
+        "a", "_id", "job", "cpu", "abxc", "acxc", "instance", "le", "quantile", "__x", "a-b", "l0",
+        "l1", "l2", "l3", "l4", "l5", "l6", "l7", "l8", "l9", "m0", "m1", "m2", "m3",
+    ];
+    let long = "v".repeat(130);
+    let values = [
+        "",
+        "1",
+        "GET",
+        "10.0.0.1:9100",
+        "a\\b",
+        "a\nb",
+        "say \"hi\"",
+        "é",
+        "0123456789abcdef",
+        long.as_str(),
+        "x\\",
+    ];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    for round in 0..3_000 {
+        let metric_type = [
+            MetricType::Counter,
+            MetricType::Gauge,
+            MetricType::Untyped,
+            MetricType::Summary,
+            MetricType::Histogram,
+        ][round % 5];
+        let series: Vec<Vec<(&str, &str)>> = (0..1 + next(4))
+            .map(|_| {
+                // Mostly distinct valid names, as real series have, up to past the 16 kept.
+                let count = next(20);
+                let start = next(names.len());
+                (0..count)
+                    .map(|i| {
+                        let name = if next(8) == 0 {
+                            names[next(names.len())]
+                        } else {
+                            names[(start + i) % names.len()]
+                        };
+                        (name, values[next(values.len())])
+                    })
+                    .collect()
+            })
+            .collect();
+        let series: Vec<&[(&str, &str)]> = series.iter().map(Vec::as_slice).collect();
+        let (text, _) = written(&family_of(metric_type, &series));
+        assert!(parse(text.as_bytes(), &Limits::default()).is_ok(), "{text}");
+    }
+}
+
+/// A label message written otherwise than the usual way (its value's field first, its name's
+/// twice) is read as prost reads it, beside labels written the usual way.
+#[test]
+fn labels_written_unusually_are_read_as_prost_reads_them() {
+    let family = family_of(MetricType::Gauge, &[&[("a", "1"), ("b", "2")]]);
+    let usual = delimited::encode(std::slice::from_ref(&family));
+    // The second label, `0a 01 62 12 01 32` (b="2"), rewritten as `12 01 32 0a 01 63 0a 01 62`:
+    // value first, then the name twice (the last, b, wins).
+    let at = usual
+        .windows(6)
+        .position(|w| w == [0x0a, 0x01, b'b', 0x12, 0x01, b'2'])
+        .unwrap();
+    let mut body = usual[..at - 1].to_vec();
+    body.push(9);
+    body.extend_from_slice(&[0x12, 0x01, b'2', 0x0a, 0x01, b'c', 0x0a, 0x01, b'b']);
+    body.extend_from_slice(&usual[at + 6..]);
+    // Two more lengths grow by three: the family's prefix and its series' field.
+    let family_len = body[0] as usize;
+    body[0] = (family_len + 3) as u8;
+    // The series' field follows the type's (`18 01`, a gauge).
+    let metric_at = body
+        .windows(3)
+        .position(|w| w == [0x18, 0x01, 0x22])
+        .unwrap()
+        + 2;
+    body[metric_at + 1] += 3;
+    let view = crate::wire::families(&body, &delimited::Limits::default())
+        .next()
+        .unwrap()
+        .unwrap();
+    let mut out = Vec::new();
+    let mut skipped = Skipped::default();
+    write_family_view(&mut out, &view, false, &mut skipped).unwrap();
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "# HELP f Help.\n# TYPE f gauge\nf{a=\"1\",b=\"2\"} 1\n"
+    );
+    assert_eq!(skipped.total(), 0);
+}
+
 /// Found by fuzzing (`common/tests/fuzz.rs`): a histogram family whose series all lacked a
 /// histogram still wrote its `# TYPE` line, so the untyped `x_count` family after it read as a
 /// second TYPE line for `x` and the whole body failed to parse.

@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use std::io::{self, Write};
 
 use super::float::{write_float, FloatCache, NumBuf};
-use super::skip::{label_problem, series_problem, SeenNames, SkipReason, Skipped};
+use super::skip::{label_problem, series_problem, SeenNames, SkipReason, Skipped, KEPT_NAMES};
 
 /// Writes one family in text format: `# HELP` (when there is help text), `# TYPE`, then one line per
 /// sample. With `timestamps` false, sample timestamps are left out.
@@ -221,6 +221,7 @@ pub fn write_family_view_part(
             metric: &metric,
             metric_type,
             labels: None,
+            last_start: None,
             timestamp: if timestamps {
                 metric.timestamp_ms
             } else {
@@ -266,6 +267,9 @@ pub(super) struct SeriesLines<'a, 'b> {
     metric_type: MetricType,
     /// Where the rendered `{a="b",c="d"` (without the closing brace) sits in `out`.
     labels: Option<std::ops::Range<usize>>,
+    /// The suffix of the last line written and where its `name_suffix{a="b",c="d"` sits in
+    /// `out`: a histogram's bucket lines all start the same, so each copies the one before.
+    last_start: Option<(&'static [u8], std::ops::Range<usize>)>,
     timestamp: Option<i64>,
 }
 
@@ -307,46 +311,79 @@ impl SeriesLines<'_, '_> {
     fn write(
         &mut self,
         out: &mut Vec<u8>,
-        suffix: &[u8],
+        suffix: &'static [u8],
         extra: Option<(&[u8], f64)>,
         value: f64,
     ) -> Result<(), LineError> {
+        let line = out.len();
         let labels = match &self.labels {
             Some(range) => {
                 // Every line after the first: one reservation for the whole line, then copies.
                 let range = range.clone();
                 out.reserve(self.name.len() + suffix.len() + range.len() + MAX_LINE_TAIL);
-                out.extend_from_slice(self.name);
-                out.extend_from_slice(suffix);
-                out.extend_from_within(range.clone());
+                match &self.last_start {
+                    Some((last, start)) if *last == suffix => out.extend_from_within(start.clone()),
+                    _ => {
+                        out.extend_from_slice(self.name);
+                        out.extend_from_slice(suffix);
+                        out.extend_from_within(range.clone());
+                    }
+                }
                 range
             }
             None => {
                 out.extend_from_slice(self.name);
                 out.extend_from_slice(suffix);
                 let start = out.len();
-                let mut separator = b'{';
-                let mut seen = SeenNames::new();
-                for label in self.metric.label_bytes() {
-                    let (label_name, label_value) = label.map_err(invalid_data)?;
-                    if let Some(problem) = label_problem(self.metric_type, label_name) {
-                        return Err(LineError::Skip(problem));
+                let range = match plain_labels(out, self.metric, self.metric_type) {
+                    Some(range) => range,
+                    None => {
+                        out.truncate(start);
+                        self.checked_labels(out)?
                     }
-                    if !seen.insert(label_name) {
-                        return Err(LineError::Skip(SkipReason::DuplicateLabel));
-                    }
-                    out.push(separator);
-                    separator = b',';
-                    out.extend_from_slice(label_name);
-                    out.extend_from_slice(b"=\"");
-                    escape_into(out, label_value, true);
-                    out.push(b'"');
-                }
-                let range = start..out.len();
+                };
                 self.labels = Some(range.clone());
                 range
             }
         };
+        self.last_start = Some((suffix, line..out.len()));
+        self.finish(out, labels, extra, value);
+        Ok(())
+    }
+
+    /// Renders the series' labels (`{a="b",c="d"`, without the closing brace) into `out` the
+    /// general way: each label decoded and checked, its value escaped. Returns where they are.
+    fn checked_labels(&self, out: &mut Vec<u8>) -> Result<std::ops::Range<usize>, LineError> {
+        let start = out.len();
+        let mut separator = b'{';
+        let mut seen = SeenNames::new();
+        for label in self.metric.label_bytes() {
+            let (label_name, label_value) = label.map_err(invalid_data)?;
+            if let Some(problem) = label_problem(self.metric_type, label_name) {
+                return Err(LineError::Skip(problem));
+            }
+            if !seen.insert(label_name) {
+                return Err(LineError::Skip(SkipReason::DuplicateLabel));
+            }
+            out.push(separator);
+            separator = b',';
+            out.extend_from_slice(label_name);
+            out.extend_from_slice(b"=\"");
+            escape_into(out, label_value, true);
+            out.push(b'"');
+        }
+        Ok(start..out.len())
+    }
+
+    /// The rest of a line after its labels (in `out` at `labels`): the extra label, the closing
+    /// brace, the value and timestamp.
+    fn finish(
+        &self,
+        out: &mut Vec<u8>,
+        labels: std::ops::Range<usize>,
+        extra: Option<(&[u8], f64)>,
+        value: f64,
+    ) {
         let mut buf = NumBuf::new();
         let mut open = !labels.is_empty();
         if let Some((extra_name, extra_value)) = extra {
@@ -377,8 +414,91 @@ impl SeriesLines<'_, '_> {
         }
         buf.push(b'\n');
         out.extend_from_slice(buf.as_bytes());
-        Ok(())
     }
+}
+
+/// Renders the labels of `metric` (`{a="b",c="d"`, without the closing brace) into `out` when
+/// every label is written the usual way and needs nothing done to it: a short label message
+/// (`0a <len> name 12 <len> value`, as every encoder writes it), a valid name that is neither
+/// reserved nor repeated, an ASCII value without a character to escape. Then each label is one
+/// copy of its message's bytes from the name on, its value's two-byte key and length overwritten
+/// by `="`: the decoding, UTF-8 check and escaping of [`SeriesLines::checked_labels`] (which
+/// renders the same bytes) come down to one scan of the value. `None` as soon as one label is
+/// anything else, with part of the labels in `out`: the caller takes them back out and renders
+/// them the general way, which also decides what is wrong with them. Returns where they are.
+#[inline]
+fn plain_labels(
+    out: &mut Vec<u8>,
+    metric: &MetricView<'_>,
+    metric_type: MetricType,
+) -> Option<std::ops::Range<usize>> {
+    let start = out.len();
+    let mut separator = b'{';
+    // The names so far, for the duplicate check, each with a cheap signature (its length and
+    // three of its bytes) compared first: two names differ in it nearly always.
+    let mut names: [(u32, &[u8]); KEPT_NAMES] = [(0, &[]); KEPT_NAMES];
+    let mut count = 0;
+    for message in metric.label_messages() {
+        // A label that does not decode is reported by the general way, as it reports it.
+        let Ok(message) = message else {
+            return None;
+        };
+        let Some((name, value, copied)) = short_label_parts(message) else {
+            return None;
+        };
+        if label_problem(metric_type, name).is_some() || needs_escaping_or_utf8(value) {
+            return None;
+        }
+        let signature = name_signature(name);
+        let kept = names.get(..count).unwrap_or_default();
+        if kept
+            .iter()
+            .any(|&(other, bytes)| other == signature && bytes == name)
+        {
+            return None;
+        }
+        // More names than kept: the general way counts them.
+        *names.get_mut(count)? = (signature, name);
+        count += 1;
+        out.push(separator);
+        separator = b',';
+        let at = out.len() + name.len();
+        out.extend_from_slice(copied);
+        // `copied` is the name, the value's key and length, the value: the key and length
+        // become `="`.
+        if let Some(key) = out.get_mut(at..at + 2) {
+            key.copy_from_slice(b"=\"");
+        }
+        out.push(b'"');
+    }
+    Some(start..out.len())
+}
+
+/// A cheap fingerprint of a (non-empty, valid) label name: equal names have equal ones.
+#[inline(always)]
+fn name_signature(name: &[u8]) -> u32 {
+    let first = name.first().copied().unwrap_or(0);
+    let last = name.last().copied().unwrap_or(0);
+    let middle = name.get(name.len() / 2).copied().unwrap_or(0);
+    u32::from_le_bytes([name.len() as u8, first, middle, last])
+}
+
+/// A label message written the usual way, `0a <name len> name 12 <value len> value` with both
+/// lengths under 128 and nothing else: its name, its value, and its bytes from the name on.
+#[inline(always)]
+fn short_label_parts(message: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+    const NAME_KEY: u8 = (1 << 3) | 2;
+    const VALUE_KEY: u8 = (2 << 3) | 2;
+    let [NAME_KEY, name_len, ref copied @ ..] = *message else {
+        return None;
+    };
+    let name_len = usize::from(name_len);
+    let (name, rest) = copied.split_at_checked(name_len)?;
+    let [VALUE_KEY, value_len, ref value @ ..] = *rest else {
+        return None;
+    };
+    (name_len < 0x80 && value_len < 0x80 && value.len() == usize::from(value_len))
+        .then_some((name, value, copied))
 }
 
 /// Most bytes a line has after its labels: `,quantile="<float>"} <float> <i64>\n` (84).
@@ -414,6 +534,32 @@ fn needs_escaping(bytes: &[u8], quotes: bool) -> bool {
         .remainder()
         .iter()
         .any(|&b| b == b'\\' || b == b'\n' || (quotes && b == b'"'))
+}
+
+/// Whether `bytes` holds a byte [`escape_into`] would escape (with quotes), or any byte that is
+/// not ASCII (which then needs the UTF-8 check): the one scan a label value written the usual
+/// way gets, eight bytes at a time as [`needs_escaping`].
+#[inline]
+fn needs_escaping_or_utf8(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let has = |word: u64, b: u8| {
+        let x = word ^ (u64::from(b) * ONES);
+        x.wrapping_sub(ONES) & !x & HIGHS != 0
+    };
+    let mut words = bytes.chunks_exact(8);
+    for chunk in &mut words {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let word = u64::from_le_bytes(word);
+        if word & HIGHS != 0 || has(word, b'\\') || has(word, b'\n') || has(word, b'"') {
+            return true;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .any(|&b| b >= 0x80 || b == b'\\' || b == b'\n' || b == b'"')
 }
 
 /// As [`write_escaped`], for bytes into a `Vec`.
@@ -498,7 +644,30 @@ fn part_names(families: &[MetricFamily]) -> std::collections::HashSet<String> {
 
 #[cfg(test)]
 mod escaping_tests {
-    use super::needs_escaping;
+    use super::{needs_escaping, needs_escaping_or_utf8};
+
+    #[test]
+    fn the_word_scan_for_plain_values_finds_what_the_byte_scan_finds() {
+        let naive = |bytes: &[u8]| {
+            bytes
+                .iter()
+                .any(|&b| b >= 0x80 || b == b'\\' || b == b'\n' || b == b'"')
+        };
+        let fillers = [b'a', b']', b'[', b'\x0b', b'#', b'!', b'\x7f', b'\x00'];
+        for len in 0..40 {
+            for &filler in &fillers {
+                let mut bytes = vec![filler; len];
+                assert_eq!(needs_escaping_or_utf8(&bytes), naive(&bytes));
+                for at in 0..len {
+                    for special in [b'\\', b'\n', b'"', b'\\' ^ 1, b'"' ^ 1, 0x80, 0xc3, 0xff] {
+                        bytes[at] = special;
+                        assert_eq!(needs_escaping_or_utf8(&bytes), naive(&bytes), "{bytes:?}");
+                        bytes[at] = filler;
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_word_scan_finds_what_the_byte_scan_finds() {
