@@ -594,14 +594,17 @@ fn encode_chunk(
             continue;
         };
         let id = cluster.cluster_id.as_str();
-        if let Err(e) = cluster.pinned.read_range(start, end, &mut bytes) {
-            warn!(
-                "federate: skipping family {:?} of cluster {id:?}: {e}",
-                plan.name
-            );
-            continue;
-        }
-        let family = match wire::FamilyView::parse(&bytes) {
+        let read = match cluster.pinned.read_range_reusing(start, end, &mut bytes) {
+            Ok(read) => read,
+            Err(e) => {
+                warn!(
+                    "federate: skipping family {:?} of cluster {id:?}: {e}",
+                    plan.name
+                );
+                continue;
+            }
+        };
+        let family = match wire::FamilyView::parse(read) {
             Ok(family) => family,
             Err(e) => {
                 warn!(
@@ -672,8 +675,8 @@ fn encode_chunk(
             continue;
         };
         let mut skipped = Skipped::default();
-        if cluster.pinned.read_range(start, end, &mut bytes).is_ok() {
-            if let Ok(family) = wire::FamilyView::parse(&bytes) {
+        if let Ok(read) = cluster.pinned.read_range_reusing(start, end, &mut bytes) {
+            if let Ok(family) = wire::FamilyView::parse(read) {
                 for _ in family.metrics() {
                     skipped.add(SkipReason::TypeConflict);
                 }

@@ -374,6 +374,19 @@ fn a_pinned_upload_reads_the_version_indexed_after_a_newer_one_is_checkpointed()
         assert!(pinned
             .read_range(0, first.len() as u64 + 1, &mut bytes)
             .is_err());
+        // Reusing one buffer, as a scrape does: a shorter range after a longer one is only
+        // its own bytes, and a range past the end is refused.
+        let mut reused = Vec::new();
+        let whole = pinned
+            .read_range_reusing(0, first.len() as u64, &mut reused)
+            .unwrap();
+        assert_eq!(whole, first);
+        let part = pinned.read_range_reusing(3, 10, &mut reused).unwrap();
+        assert_eq!(part, &first[3..10]);
+        assert!(pinned
+            .read_range_reusing(5, first.len() as u64 + 1, &mut reused)
+            .is_err());
+        assert!(pinned.read_range_reusing(6, 5, &mut reused).is_err());
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

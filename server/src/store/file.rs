@@ -262,8 +262,16 @@ pub(super) fn read_as(
         // `declared` equals the real remaining size, so this allocation is backed by the file.
         let len = usize::try_from(declared)
             .map_err(|_| ReadError::Corrupt(format!("payload of {declared} bytes")))?;
-        let mut payload = vec![0u8; len];
-        reader.read_exact(&mut payload).map_err(early_end)?;
+        // Read into spare capacity rather than over zeros: a `/federate` scrape reads every
+        // cluster's payload, and zeroing each first was one more pass over all of them.
+        let mut payload = Vec::with_capacity(len);
+        (&mut reader)
+            .take(declared)
+            .read_to_end(&mut payload)
+            .map_err(ReadError::Io)?;
+        if payload.len() != len {
+            return Err(early_end(io::ErrorKind::UnexpectedEof.into()));
+        }
         if verify {
             checksum.update(&payload);
         }

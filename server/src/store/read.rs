@@ -84,6 +84,54 @@ impl PinnedUpload {
     }
 }
 
+impl PinnedUpload {
+    /// The payload bytes `start..end`, as [`PinnedUpload::read_range`] reads them, read into the
+    /// front of `buffer` (which only ever grows, so a scrape that reads every family of every
+    /// cluster does not zero each range before reading it) or, when the pin holds them in
+    /// memory, borrowed from there without a copy.
+    pub fn read_range_reusing<'b>(
+        &'b self,
+        start: u64,
+        end: u64,
+        buffer: &'b mut Vec<u8>,
+    ) -> io::Result<&'b [u8]> {
+        if start > end || end > self.payload_len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "range {start}..{end} outside a payload of {} bytes",
+                    self.payload_len
+                ),
+            ));
+        }
+        let len = usize::try_from(end - start)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "range too long"))?;
+        let file = match &self.pin {
+            Pin::File(file) => file,
+            Pin::Segment(segment) => &segment.file,
+            Pin::Memory(payload) => {
+                let range = usize::try_from(start).ok().zip(usize::try_from(end).ok());
+                return range
+                    .and_then(|(start, end)| payload.get(start..end))
+                    .ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            "the pinned payload is not held",
+                        )
+                    });
+            }
+        };
+        if buffer.len() < len {
+            buffer.resize(len, 0);
+        }
+        let bytes = buffer
+            .get_mut(..len)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "range too long"))?;
+        file.read_exact_at(bytes, self.payload_offset + start)?;
+        Ok(bytes)
+    }
+}
+
 impl Shared {
     /// `cluster_id`'s upload if it is live: from its journal record until that is checkpointed,
     /// then from its file, verified; a corrupt file is set aside and reads as absent.
