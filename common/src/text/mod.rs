@@ -6,6 +6,7 @@
 
 mod float;
 mod parse;
+mod series;
 mod skip;
 mod write;
 

@@ -185,7 +185,7 @@ pub fn write_family_view_part(
     let name = family.name.as_bytes();
     let name_ok = labels::is_valid_metric_name(family.name);
     let metric_type = family.metric_type();
-    for metric in family.metrics() {
+    for metric in super::series::series(family) {
         let metric = metric.map_err(invalid_data)?;
         if !name_ok {
             skipped.add(SkipReason::MetricName);

@@ -1,0 +1,273 @@
+//! The series of a family as the text writer reads them: exactly [`FamilyView::metrics`]'s
+//! items, with the shape nearly every series has read in one short pass of its bytes.
+//!
+//! `/federate` reads every series of every cluster: the general reading (each series' fields
+//! through the one field reader, the timestamp through its long varint path, the value's
+//! kind matched to the family's) was a tenth of a scrape. A series of short labels, then one
+//! gauge, counter or untyped value as every encoder writes it, then a timestamp or nothing, is
+//! read here into the very view the general reading makes of it; any other series is read
+//! the general way, and a family whose fields are not its header then its series, each framed
+//! the usual way, is read the general way throughout. So the items, errors included, are the
+//! same (tests compare both readings on mutated families).
+
+use crate::delimited::DecodeError;
+use crate::wire::{FamilyView, MetricView, Metrics, Value};
+
+/// The series of `family`, as [`FamilyView::metrics`] reads them.
+pub(super) fn series<'a>(family: &FamilyView<'a>) -> Series<'a> {
+    match series_fields(family.message) {
+        Some(rest) => Series::Usual {
+            family: *family,
+            rest,
+            done: false,
+        },
+        None => Series::General(family.metrics()),
+    }
+}
+
+/// An iterator over a family's series (see [`series`]). After an error it ends.
+pub(super) enum Series<'a> {
+    /// A family framed the usual way: `rest` is its series' fields still to read.
+    Usual {
+        family: FamilyView<'a>,
+        rest: &'a [u8],
+        done: bool,
+    },
+    /// Any other family.
+    General(Metrics<'a>),
+}
+
+impl<'a> Iterator for Series<'a> {
+    type Item = Result<MetricView<'a>, DecodeError>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Self::Item> {
+        let (family, rest, done) = match self {
+            Series::General(metrics) => return metrics.next(),
+            Series::Usual { family, rest, done } => (family, rest, done),
+        };
+        if *done || rest.is_empty() {
+            return None;
+        }
+        let field = *rest;
+        // Every field was framed by `series_fields`; should one not be, the general reading
+        // below reports it.
+        if let Some((message, after)) = series_field(field) {
+            *rest = after;
+            if let Some(view) = usual_series(message) {
+                return Some(Ok(view));
+            }
+        }
+        // The general reading of the family from this series on reads this series first.
+        let from_here = FamilyView {
+            message: field,
+            ..*family
+        };
+        let item = from_here.metrics().next();
+        *done = !matches!(item, Some(Ok(_)));
+        item
+    }
+}
+
+/// Where a family's series' fields start, when its message is its header's fields (name,
+/// help, type, each once and in that order, any of them absent) followed by nothing but series
+/// fields, each with a one-byte key and a length of one or two bytes (as the general reading's
+/// quick path reads them); `None` for any other family.
+fn series_fields(message: &[u8]) -> Option<&[u8]> {
+    let mut rest = message;
+    // Name and help: a length-delimited field each.
+    for key in [NAME_KEY, HELP_KEY] {
+        if let [k, ref tail @ ..] = *rest {
+            if k == key {
+                let (len, tail) = short_varint(tail)?;
+                rest = tail.get(usize::try_from(len).ok()?..)?;
+            }
+        }
+    }
+    if let [TYPE_KEY, ref tail @ ..] = *rest {
+        let (_, tail) = short_varint(tail)?;
+        rest = tail;
+    }
+    let mut check = rest;
+    while !check.is_empty() {
+        let (_, after) = series_field(check)?;
+        check = after;
+    }
+    Some(rest)
+}
+
+/// One series field at the start of `bytes` written the usual way (see [`series_fields`]): the
+/// series' message and what follows it.
+#[inline(always)]
+fn series_field(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, tail) = match *bytes {
+        [SERIES_KEY, len, ref tail @ ..] if len < 0x80 => (usize::from(len), tail),
+        [SERIES_KEY, low, high, ref tail @ ..] if low >= 0x80 && high < 0x80 => {
+            (usize::from(low & 0x7f) | usize::from(high) << 7, tail)
+        }
+        _ => return None,
+    };
+    tail.split_at_checked(len)
+}
+
+/// The view of a series written the usual way: short labels (each `0a <len under 128>`, read
+/// later), one gauge, counter or untyped value (`<key> 09 09 <8 bytes>`), then a timestamp
+/// (`30 <varint of at most 9 bytes>`) or nothing. `None` for anything else.
+#[inline(always)]
+fn usual_series(message: &[u8]) -> Option<MetricView<'_>> {
+    let mut rest = message;
+    while let [LABEL_KEY, len, ref tail @ ..] = *rest {
+        if len >= 0x80 {
+            return None;
+        }
+        rest = tail.get(usize::from(len)..)?;
+    }
+    let [key, 9, VALUE_KEY, b0, b1, b2, b3, b4, b5, b6, b7, ref tail @ ..] = *rest else {
+        return None;
+    };
+    let v = f64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]);
+    let value = match key {
+        GAUGE_KEY => Value::Gauge(v),
+        COUNTER_KEY => Value::Counter(v),
+        UNTYPED_KEY => Value::Untyped(v),
+        _ => return None,
+    };
+    let timestamp_ms = match *tail {
+        [] => None,
+        [TIMESTAMP_KEY, ref varint @ ..] => match short_varint(varint)? {
+            (ts, []) => Some(ts as i64),
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some(MetricView {
+        message,
+        timestamp_ms,
+        value,
+    })
+}
+
+/// A varint of at most nine bytes (which cannot overflow 64 bits) at the start of `bytes`: its
+/// value and what follows it. `None` for a longer one, or one cut short.
+#[inline(always)]
+fn short_varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let mut value = 0u64;
+    for (i, &b) in bytes.iter().take(9).enumerate() {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b < 0x80 {
+            return Some((value, bytes.get(i + 1..)?));
+        }
+    }
+    None
+}
+
+// The one-byte keys of metrics.proto's fields read here: (field << 3) | wire type.
+const NAME_KEY: u8 = (1 << 3) | 2;
+const HELP_KEY: u8 = (2 << 3) | 2;
+const TYPE_KEY: u8 = 3 << 3;
+const SERIES_KEY: u8 = (4 << 3) | 2;
+const LABEL_KEY: u8 = (1 << 3) | 2;
+const GAUGE_KEY: u8 = (2 << 3) | 2;
+const COUNTER_KEY: u8 = (3 << 3) | 2;
+const UNTYPED_KEY: u8 = (5 << 3) | 2;
+/// A gauge's, counter's or untyped value's field 1, a double.
+const VALUE_KEY: u8 = (1 << 3) | 1;
+const TIMESTAMP_KEY: u8 = 6 << 3;
+
+#[cfg(test)]
+mod tests {
+    use super::series;
+    use crate::delimited;
+    use crate::wire::FamilyView;
+
+    /// Both readings of `message` (a family without its prefix), item by item.
+    fn both(message: &[u8]) -> Option<(Vec<String>, Vec<String>)> {
+        let family = FamilyView::parse(message).ok()?;
+        let general: Vec<String> = family.metrics().map(|m| format!("{m:?}")).collect();
+        let usual: Vec<String> = series(&family).map(|m| format!("{m:?}")).collect();
+        Some((general, usual))
+    }
+
+    #[test]
+    fn the_usual_reading_reads_what_the_general_reading_reads() {
+        let mut bodies: Vec<Vec<u8>> = Vec::new();
+        for i in 0..3 {
+            let cluster = format!("c{i}");
+            // The bench's realistic upload (testkit's own build of this crate made it, so it
+            // comes across as bytes).
+            let upload = testkit::payload::upload_body(&cluster, 1_700_000_000_000 + i);
+            bodies.push(crate::snappy::decode_framed(&upload, 1 << 24).unwrap());
+        }
+        let limits = delimited::Limits::default();
+        let mut messages: Vec<Vec<u8>> = Vec::new();
+        for body in &bodies {
+            for family in crate::wire::families(body, &limits) {
+                messages.push(family.unwrap().message.to_vec());
+            }
+        }
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let mut compared = 0;
+        let mut usual_read = 0;
+        for round in 0..20_000 {
+            let mut message = messages[round % messages.len()].clone();
+            // Unchanged, then one to three bytes changed (to anything, or to a key or length
+            // byte the usual reading looks for), or cut short.
+            if round >= messages.len() {
+                for _ in 0..1 + next(3) {
+                    let at = next(message.len());
+                    message[at] = match next(4) {
+                        0 => next(256) as u8,
+                        1 => [0x0a, 0x12, 0x18, 0x1a, 0x22, 0x2a, 0x30, 0x09][next(8)],
+                        2 => message[at] ^ 0x80,
+                        _ => message[at].wrapping_add(1),
+                    };
+                }
+                if next(5) == 0 {
+                    message.truncate(next(message.len()));
+                }
+            }
+            let Some((general, usual)) = both(&message) else {
+                continue;
+            };
+            assert_eq!(general, usual, "{message:02x?}");
+            compared += 1;
+            let family = FamilyView::parse(&message).unwrap();
+            usual_read += usize::from(matches!(series(&family), super::Series::Usual { .. }));
+        }
+        // Both ways were taken, often.
+        assert!(compared > 10_000, "{compared}");
+        assert!(usual_read > 5_000, "{usual_read}");
+    }
+
+    #[test]
+    fn timestamps_too_long_and_values_written_otherwise_are_read_the_general_way() {
+        // A series `0a 06 <label a=1>`, then its value or timestamp written in other ways.
+        let label = [0x0a, 0x06, 0x0a, 0x01, b'a', 0x12, 0x01, b'1'];
+        let value = [0x12, 0x09, 0x09, 0, 0, 0, 0, 0, 0, 0xf0, 0x3f];
+        let cases: Vec<Vec<u8>> = vec![
+            // A negative timestamp: ten bytes.
+            [&value[..], &[0x30], &[0xff; 9], &[0x01]].concat(),
+            // The timestamp first.
+            [&[0x30, 0x05][..], &value].concat(),
+            // Two values.
+            [&value[..], &value].concat(),
+            // A value without its double.
+            vec![0x12, 0x00],
+            // A counter, the usual way, and a timestamp.
+            [&[0x1a, 0x09, 0x09][..], &[0; 8], &[0x30, 0x05]].concat(),
+        ];
+        for tail in cases {
+            let series = [&label[..], &tail].concat();
+            let mut message = vec![0x0a, 0x01, b'f', 0x18, 0x01, 0x22, series.len() as u8];
+            message.extend_from_slice(&series);
+            let (general, usual) = both(&message).unwrap();
+            assert_eq!(general, usual, "{message:02x?}");
+        }
+    }
+}
