@@ -437,15 +437,9 @@ fn plain_labels(
     // The names so far, for the duplicate check, each with a cheap signature (its length and
     // three of its bytes) compared first: two names differ in it nearly always.
     let mut names: [(u32, &[u8]); KEPT_NAMES] = [(0, &[]); KEPT_NAMES];
-    let mut count = 0;
-    for message in metric.label_messages() {
+    for (count, message) in metric.label_messages().enumerate() {
         // A label that does not decode is reported by the general way, as it reports it.
-        let Ok(message) = message else {
-            return None;
-        };
-        let Some((name, value, copied)) = short_label_parts(message) else {
-            return None;
-        };
+        let (name, value, copied) = short_label_parts(message.ok()?)?;
         if label_problem(metric_type, name).is_some() || needs_escaping_or_utf8(value) {
             return None;
         }
@@ -459,7 +453,6 @@ fn plain_labels(
         }
         // More names than kept: the general way counts them.
         *names.get_mut(count)? = (signature, name);
-        count += 1;
         out.push(separator);
         separator = b',';
         let at = out.len() + name.len();
