@@ -517,7 +517,34 @@ mod ryu {
 
 #[cfg(test)]
 mod tests {
-    use super::{FloatCache, NumBuf};
+    use super::{u64_digits, FloatCache, NumBuf};
+
+    #[test]
+    fn integer_digits_are_rusts() {
+        let mut values = vec![0, u64::MAX, u64::MAX - 1];
+        let mut power = 1u64;
+        for _ in 0..20 {
+            values.extend([
+                power - 1,
+                power,
+                power.saturating_add(1),
+                power.wrapping_mul(7) / 3,
+            ]);
+            power = power.saturating_mul(10);
+        }
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            values.push(x);
+            values.push(x >> (x % 64));
+        }
+        for n in values {
+            let mut room = [0u8; 20];
+            assert_eq!(u64_digits(n, &mut room), n.to_string().as_bytes(), "{n}");
+        }
+    }
 
     fn fast(f: f64) -> String {
         let mut buf = NumBuf::new();
