@@ -159,30 +159,32 @@ pub fn encode_payload(
     let mut base: Vec<(&str, &str)> = Vec::new();
     let mut labels = EncodedLabels::default();
     let mut bounds = Bounds::default();
+    let mut names = NameFields::default();
     for family in wire::families(payload, &limits) {
         let family = family?;
         if family.name.is_empty() {
             continue;
         }
+        names.clear();
         let metric_type = family.metric_type();
         for metric in family.metrics() {
             let metric = metric?;
-            let timestamp = metric.timestamp_ms.unwrap_or(fallback_ms);
-            base.clear();
-            for label in metric.labels() {
-                let (n, v) = label?;
-                if n.is_empty() || v.is_empty() || n == "__name__" {
-                    continue;
+            let timestamp = Stamp::new(metric.timestamp_ms.unwrap_or(fallback_ms));
+            if !labels.copy_from(&metric)? {
+                base.clear();
+                for label in metric.labels() {
+                    let (n, v) = label?;
+                    if n.is_empty() || v.is_empty() || n == "__name__" {
+                        continue;
+                    }
+                    base.push((n, v));
                 }
-                base.push((n, v));
-            }
-            // Stored series were sorted by validation: checking is cheaper than sorting.
-            if !base.is_sorted_by(|a, b| name_order(a.0, b.0).is_le()) {
                 base.sort_by(|a, b| name_order(a.0, b.0));
+                labels.set(&base);
             }
-            labels.set(&base);
             let mut one = |suffix: &str, extra: Option<(&'static str, &str)>, value: f64| {
-                labels.write_series(family.name, suffix, extra, value, timestamp, out);
+                let name = names.get(family.name, suffix);
+                labels.write_series(name, extra, value, &timestamp, out);
                 each(out.len());
             };
             // The walk of `Metric::try_for_each_sample`, on the borrowed view.
@@ -226,6 +228,77 @@ pub fn encode_payload(
     Ok(())
 }
 
+/// The `__name__` label fields of one family's series (`name`, `name_bucket`, `name_sum`,
+/// `name_count`), each encoded once per family rather than once per series.
+#[derive(Default)]
+struct NameFields {
+    /// By suffix: "", "_bucket", "_sum", "_count", and any other (written each time).
+    fields: [Vec<u8>; 5],
+}
+
+impl NameFields {
+    /// For the next family.
+    fn clear(&mut self) {
+        for field in &mut self.fields {
+            field.clear();
+        }
+    }
+
+    /// The `TimeSeries.labels` field of `__name__` = `name` + `suffix`.
+    fn get(&mut self, name: &str, suffix: &str) -> &[u8] {
+        let slot = match suffix {
+            "" => 0,
+            "_bucket" => 1,
+            "_sum" => 2,
+            "_count" => 3,
+            _ => 4,
+        };
+        let field = &mut self.fields[slot];
+        if field.is_empty() || slot == 4 {
+            field.clear();
+            let len = name.len() + suffix.len();
+            field.push(0x0a); // TimeSeries.labels
+            prost::encoding::encode_varint(label_payload_len(8, len) as u64, field);
+            field.push(0x0a);
+            field.push(8);
+            field.extend_from_slice(b"__name__");
+            field.push(0x12);
+            prost::encoding::encode_varint(len as u64, field);
+            field.extend_from_slice(name.as_bytes());
+            field.extend_from_slice(suffix.as_bytes());
+        }
+        field
+    }
+}
+
+/// A metric's timestamp as its series' samples write it (`Sample.timestamp`, left out when 0 as
+/// proto3 does), encoded once per metric rather than once per series.
+struct Stamp {
+    bytes: [u8; 11],
+    len: usize,
+}
+
+impl Stamp {
+    fn new(timestamp: i64) -> Stamp {
+        let mut stamp = Stamp {
+            bytes: [0; 11],
+            len: 0,
+        };
+        if timestamp != 0 {
+            let mut field = Vec::with_capacity(11);
+            field.push(0x10); // Sample.timestamp, varint
+            prost::encoding::encode_varint(timestamp as u64, &mut field);
+            stamp.len = field.len();
+            stamp.bytes[..field.len()].copy_from_slice(&field);
+        }
+        stamp
+    }
+
+    fn field(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
 /// The bounds and ranks of the previous histogram or summary, formatted, by position: the metrics
 /// of a family share them, so each is formatted (which allocates) once per record, not per series.
 #[derive(Default)]
@@ -263,21 +336,77 @@ struct EncodedLabels {
 
 impl EncodedLabels {
     fn set(&mut self, base: &[(&str, &str)]) {
-        self.bytes.clear();
-        self.starts.clear();
-        self.names.clear();
+        self.clear();
         for &(n, v) in base {
             let start = self.bytes.len();
             self.starts.push(start);
             write_label(n, v, &mut self.bytes);
-            // The name's bytes follow the field's key and length, then the name's key and length.
-            let name_at = start
-                + 1
-                + varint_len(label_payload_len(n.len(), v.len()) as u64)
-                + 1
-                + varint_len(n.len() as u64);
-            self.names.push((name_at, n.len()));
+            self.name_written(start, n.len(), v.len());
         }
+        self.done();
+    }
+
+    /// As [`EncodedLabels::set`] with `metric`'s labels, copying each label's bytes as they are
+    /// stored: a stored `LabelPair` written the usual way (name, then value, each non-empty and
+    /// shorter than 128 bytes) is byte for byte a remote-write `Label`, in a field of the same
+    /// number. False (and nothing usable set) when the labels are not in name order, which
+    /// validation makes them, or a name is not ASCII, which the label-name rule makes it: the
+    /// caller then reads and sorts them as `set` takes them.
+    fn copy_from(&mut self, metric: &wire::MetricView<'_>) -> Result<bool, DecodeError> {
+        self.clear();
+        let mut previous: &[u8] = b"";
+        for message in metric.label_messages() {
+            let message = message?;
+            let (n, v) = wire::label_unchecked_name(message)?;
+            if n.is_empty() || v.is_empty() || n == b"__name__" {
+                continue;
+            }
+            if !n.is_ascii() || name_order_bytes(previous, n).is_gt() {
+                return Ok(false);
+            }
+            previous = n;
+            let start = self.bytes.len();
+            self.starts.push(start);
+            let usual = n.len() < 128
+                && v.len() < 128
+                && message.len() == 4 + n.len() + v.len()
+                && message[0] == 0x0a
+                && message[1] == n.len() as u8
+                && message[2 + n.len()] == 0x12
+                && message[3 + n.len()] == v.len() as u8;
+            if usual {
+                self.bytes.push(0x0a); // TimeSeries.labels
+                prost::encoding::encode_varint(message.len() as u64, &mut self.bytes);
+                self.bytes.extend_from_slice(message);
+            } else {
+                // ASCII, checked above.
+                let n = std::str::from_utf8(n).unwrap_or_default();
+                write_label(n, v, &mut self.bytes);
+            }
+            self.name_written(start, n.len(), v.len());
+        }
+        self.done();
+        Ok(true)
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.starts.clear();
+        self.names.clear();
+    }
+
+    /// Notes where the name of the label just written from `start` is.
+    fn name_written(&mut self, start: usize, name_len: usize, value_len: usize) {
+        // The name's bytes follow the field's key and length, then the name's key and length.
+        let name_at = start
+            + 1
+            + varint_len(label_payload_len(name_len, value_len) as u64)
+            + 1
+            + varint_len(name_len as u64);
+        self.names.push((name_at, name_len));
+    }
+
+    fn done(&mut self) {
         self.starts.push(self.bytes.len());
         // Once per metric, not per series: comparing names is a call to memcmp each.
         self.at_name = self.position("__name__");
@@ -322,21 +451,20 @@ impl EncodedLabels {
         &self.bytes[self.starts[from]..self.starts[to]]
     }
 
-    /// One `WriteRequest.timeseries` entry: these labels with `__name__` (`name` + `suffix`) and
-    /// `extra` (replacing a label of its name) merged in, as [`write_series`] writes it.
+    /// One `WriteRequest.timeseries` entry: these labels with `__name__` (its encoded field
+    /// `name`) and `extra` (replacing a label of its name) merged in, as [`write_series`] writes
+    /// it.
     fn write_series(
         &mut self,
-        name: &str,
-        suffix: &str,
+        name: &[u8],
         extra: Option<(&'static str, &str)>,
         value: f64,
-        timestamp: i64,
+        timestamp: &Stamp,
         out: &mut Vec<u8>,
     ) {
         let count = self.names.len();
         // Up to two inserted labels, in name order, each with where it goes and what it skips.
         let at_name = self.at_name;
-        let name_len = name.len() + suffix.len();
         let mut cuts: [(usize, usize); 2] = [(at_name, at_name); 2];
         let mut extra_first = false;
         if let Some((n, _)) = extra {
@@ -346,14 +474,8 @@ impl EncodedLabels {
                 cuts.swap(0, 1);
             }
         }
-        let name_field = field_len(label_payload_len("__name__".len(), name_len));
         let extra_field = extra.map_or(0, |(n, v)| field_len(label_payload_len(n.len(), v.len())));
-        let sample_len = (if value != 0.0 { 9 } else { 0 })
-            + (if timestamp != 0 {
-                1 + varint_len(timestamp as u64)
-            } else {
-                0
-            });
+        let sample_len = (if value != 0.0 { 9 } else { 0 }) + timestamp.len;
         let runs = if extra.is_some() {
             [(0, cuts[0].0), (cuts[0].1, cuts[1].0), (cuts[1].1, count)]
         } else {
@@ -363,45 +485,40 @@ impl EncodedLabels {
             .iter()
             .map(|&(from, to)| self.run(from, to).len())
             .sum::<usize>()
-            + name_field
+            + name.len()
             + extra_field
             + field_len(sample_len);
         out.reserve(field_len(series_len));
         out.push(0x0a); // WriteRequest.timeseries, length-delimited
         prost::encoding::encode_varint(series_len as u64, out);
-        let write_name = |out: &mut Vec<u8>| {
-            out.push(0x0a); // TimeSeries.labels
-            prost::encoding::encode_varint(label_payload_len(8, name_len) as u64, out);
-            out.push(0x0a);
-            out.push(8);
-            out.extend_from_slice(b"__name__");
-            out.push(0x12);
-            prost::encoding::encode_varint(name_len as u64, out);
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(suffix.as_bytes());
-        };
         out.extend_from_slice(self.run(runs[0].0, runs[0].1));
         match extra {
             None => {
-                write_name(out);
+                out.extend_from_slice(name);
                 out.extend_from_slice(self.run(runs[1].0, runs[1].1));
             }
             Some((n, v)) => {
                 if extra_first {
                     write_label(n, v, out);
                 } else {
-                    write_name(out);
+                    out.extend_from_slice(name);
                 }
                 out.extend_from_slice(self.run(runs[1].0, runs[1].1));
                 if extra_first {
-                    write_name(out);
+                    out.extend_from_slice(name);
                 } else {
                     write_label(n, v, out);
                 }
                 out.extend_from_slice(self.run(runs[2].0, runs[2].1));
             }
         }
-        write_sample(value, timestamp, sample_len, out);
+        out.push(0x12); // TimeSeries.samples
+        prost::encoding::encode_varint(sample_len as u64, out);
+        if value != 0.0 {
+            out.push(0x09); // Sample.value, 64-bit
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        out.extend_from_slice(timestamp.field());
     }
 }
 
