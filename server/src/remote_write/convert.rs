@@ -157,6 +157,7 @@ pub fn encode_payload(
         max_series: usize::MAX,
     };
     let mut base: Vec<(&str, &str)> = Vec::new();
+    let mut found = Vec::new();
     let mut labels = EncodedLabels::default();
     let mut bounds = Bounds::default();
     let mut names = NameFields::default();
@@ -170,7 +171,7 @@ pub fn encode_payload(
         for metric in family.metrics() {
             let metric = metric?;
             let timestamp = Stamp::new(metric.timestamp_ms.unwrap_or(fallback_ms));
-            if !labels.copy_from(&metric)? {
+            if !labels.copy_from(&metric, &mut found)? {
                 base.clear();
                 for label in metric.labels() {
                     let (n, v) = label?;
@@ -182,7 +183,7 @@ pub fn encode_payload(
                 base.sort_by(|a, b| name_order(a.0, b.0));
                 labels.set(&base);
             }
-            let mut one = |suffix: &str, extra: Option<(&'static str, &str)>, value: f64| {
+            let mut one = |suffix: Suffix, extra: Option<(&'static str, &str)>, value: f64| {
                 let name = names.get(family.name, suffix);
                 labels.write_series(name, extra, value, &timestamp, out);
                 each(out.len());
@@ -190,15 +191,15 @@ pub fn encode_payload(
             // The walk of `Metric::try_for_each_sample`, on the borrowed view.
             match metric.value_for(metric_type)? {
                 wire::Value::Gauge(v) | wire::Value::Counter(v) | wire::Value::Untyped(v) => {
-                    one("", None, v)
+                    one(Suffix::None, None, v)
                 }
                 wire::Value::Summary(summary) => {
                     for (i, quantile) in summary.quantiles().enumerate() {
                         let (rank, value) = quantile?;
-                        one("", Some(("quantile", bounds.get(i, rank))), value);
+                        one(Suffix::None, Some(("quantile", bounds.get(i, rank))), value);
                     }
-                    one("_sum", None, summary.sample_sum);
-                    one("_count", None, summary.sample_count as f64);
+                    one(Suffix::Sum, None, summary.sample_sum);
+                    one(Suffix::Count, None, summary.sample_count as f64);
                 }
                 wire::Value::Histogram(histogram) => {
                     let count = histogram.sample_count as f64;
@@ -208,7 +209,7 @@ pub fn encode_payload(
                         let (le, cumulative) = bucket?;
                         inf_seen |= le == f64::INFINITY;
                         one(
-                            "_bucket",
+                            Suffix::Bucket,
                             Some(("le", bounds.get(i, le))),
                             cumulative as f64,
                         );
@@ -216,10 +217,10 @@ pub fn encode_payload(
                     }
                     if !inf_seen {
                         let inf = bounds.get(buckets, f64::INFINITY);
-                        one("_bucket", Some(("le", inf)), count);
+                        one(Suffix::Bucket, Some(("le", inf)), count);
                     }
-                    one("_sum", None, histogram.sample_sum);
-                    one("_count", None, count);
+                    one(Suffix::Sum, None, histogram.sample_sum);
+                    one(Suffix::Count, None, count);
                 }
                 wire::Value::Missing | wire::Value::Several => {}
             }
@@ -228,12 +229,32 @@ pub fn encode_payload(
     Ok(())
 }
 
+/// What a series' name adds to its family's name.
+#[derive(Clone, Copy)]
+enum Suffix {
+    None,
+    Bucket,
+    Sum,
+    Count,
+}
+
+impl Suffix {
+    fn text(self) -> &'static str {
+        match self {
+            Suffix::None => "",
+            Suffix::Bucket => "_bucket",
+            Suffix::Sum => "_sum",
+            Suffix::Count => "_count",
+        }
+    }
+}
+
 /// The `__name__` label fields of one family's series (`name`, `name_bucket`, `name_sum`,
 /// `name_count`), each encoded once per family rather than once per series.
 #[derive(Default)]
 struct NameFields {
-    /// By suffix: "", "_bucket", "_sum", "_count", and any other (written each time).
-    fields: [Vec<u8>; 5],
+    /// By [`Suffix`].
+    fields: [Vec<u8>; 4],
 }
 
 impl NameFields {
@@ -245,17 +266,10 @@ impl NameFields {
     }
 
     /// The `TimeSeries.labels` field of `__name__` = `name` + `suffix`.
-    fn get(&mut self, name: &str, suffix: &str) -> &[u8] {
-        let slot = match suffix {
-            "" => 0,
-            "_bucket" => 1,
-            "_sum" => 2,
-            "_count" => 3,
-            _ => 4,
-        };
-        let field = &mut self.fields[slot];
-        if field.is_empty() || slot == 4 {
-            field.clear();
+    fn get(&mut self, name: &str, suffix: Suffix) -> &[u8] {
+        let field = &mut self.fields[suffix as usize];
+        if field.is_empty() {
+            let suffix = suffix.text();
             let len = name.len() + suffix.len();
             field.push(0x0a); // TimeSeries.labels
             prost::encoding::encode_varint(label_payload_len(8, len) as u64, field);
@@ -285,11 +299,16 @@ impl Stamp {
             len: 0,
         };
         if timestamp != 0 {
-            let mut field = Vec::with_capacity(11);
-            field.push(0x10); // Sample.timestamp, varint
-            prost::encoding::encode_varint(timestamp as u64, &mut field);
-            stamp.len = field.len();
-            stamp.bytes[..field.len()].copy_from_slice(&field);
+            stamp.bytes[0] = 0x10; // Sample.timestamp, varint
+            let mut v = timestamp as u64;
+            let mut len = 1;
+            while v >= 0x80 {
+                stamp.bytes[len] = v as u8 | 0x80;
+                v >>= 7;
+                len += 1;
+            }
+            stamp.bytes[len] = v as u8;
+            stamp.len = len + 1;
         }
         stamp
     }
@@ -349,22 +368,33 @@ impl EncodedLabels {
     /// As [`EncodedLabels::set`] with `metric`'s labels, copying each label's bytes as they are
     /// stored: a stored `LabelPair` written the usual way (name, then value, each non-empty and
     /// shorter than 128 bytes) is byte for byte a remote-write `Label`, in a field of the same
-    /// number. False (and nothing usable set) when the labels are not in name order, which
-    /// validation makes them, or a name is not ASCII, which the label-name rule makes it: the
-    /// caller then reads and sorts them as `set` takes them.
-    fn copy_from(&mut self, metric: &wire::MetricView<'_>) -> Result<bool, DecodeError> {
+    /// number. `found` is scratch space, reused from one metric to the next. False (and nothing
+    /// usable set) when a name is not ASCII, which the label-name rule makes it: the caller then
+    /// reads the labels as `set` takes them.
+    fn copy_from<'a>(
+        &mut self,
+        metric: &wire::MetricView<'a>,
+        found: &mut Vec<(&'a [u8], &'a str, &'a [u8])>,
+    ) -> Result<bool, DecodeError> {
         self.clear();
-        let mut previous: &[u8] = b"";
+        found.clear();
         for message in metric.label_messages() {
             let message = message?;
             let (n, v) = wire::label_unchecked_name(message)?;
             if n.is_empty() || v.is_empty() || n == b"__name__" {
                 continue;
             }
-            if !n.is_ascii() || name_order_bytes(previous, n).is_gt() {
+            if !n.is_ascii() {
                 return Ok(false);
             }
-            previous = n;
+            found.push((n, v, message));
+        }
+        // Stored in the order the client sent them (validation checks, it does not sort), which
+        // is name order when the client sorts them (Prometheus does).
+        if !found.is_sorted_by(|a, b| name_order_bytes(a.0, b.0).is_le()) {
+            found.sort_by(|a, b| name_order_bytes(a.0, b.0));
+        }
+        for &(n, v, message) in found.iter() {
             let start = self.bytes.len();
             self.starts.push(start);
             let usual = n.len() < 128
@@ -770,6 +800,74 @@ mod tests {
         // Each entry on its own is a request with that one series.
         let first = crate::remote_write::proto::WriteRequest::decode(&got[..ends[0]]).unwrap();
         assert_eq!(first.timeseries, to_series(&families, 42)[..1].to_vec());
+    }
+
+    /// The request bytes prost writes for `families`, and those `encode_payload` writes from
+    /// `payload` (which holds them).
+    fn both(families: &[MetricFamily], payload: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        use prost::Message;
+        let want = crate::remote_write::proto::WriteRequest {
+            timeseries: to_series(families, 42),
+        }
+        .encode_to_vec();
+        let mut got = Vec::new();
+        encode_payload(payload, 42, &mut got, |_| {}).unwrap();
+        (got, want)
+    }
+
+    #[test]
+    fn labels_copied_as_stored_are_the_labels_prost_writes_however_they_were_stored() {
+        // An empty value, a `__name__` label, a value of 128 bytes and more (a two-byte length:
+        // written, not copied), a name sorting before `__name__`; in name order and not.
+        let long = "v".repeat(300);
+        let labels = vec![
+            LabelPair::new("A", "x"),
+            LabelPair::new("__name__", "shadowed"),
+            LabelPair::new("_id", "c1"),
+            LabelPair::new("empty", ""),
+            LabelPair::new("long", &long),
+            LabelPair::new("z", &"w".repeat(127)),
+        ];
+        let metric = |labels: Vec<LabelPair>| Metric {
+            label: labels,
+            gauge: Some(Gauge { value: Some(3.0) }),
+            timestamp_ms: Some(1_700_000_000_000),
+            ..Default::default()
+        };
+        let families = vec![
+            family("g", MetricType::Gauge, metric(labels.clone())),
+            family("h", MetricType::Gauge, metric(vec![])),
+            family(
+                "u",
+                MetricType::Gauge,
+                metric(labels.iter().rev().cloned().collect()),
+            ),
+        ];
+        let (got, want) = both(&families, &telemeter_common::delimited::encode(&families));
+        assert_eq!(got, want);
+        // A label stored value first (valid protobuf, not how prost writes it): the same series.
+        let plain = vec![family(
+            "g",
+            MetricType::Gauge,
+            metric(vec![LabelPair::new("a", "b"), LabelPair::new("c", "d")]),
+        )];
+        let mut payload = telemeter_common::delimited::encode(&plain);
+        let usual = [0x0a, 0x06, 0x0a, 0x01, b'a', 0x12, 0x01, b'b'];
+        let at = payload
+            .windows(usual.len())
+            .position(|w| w == usual)
+            .expect("the label as prost writes it");
+        payload[at + 2..at + 8].copy_from_slice(&[0x12, 0x01, b'b', 0x0a, 0x01, b'a']);
+        let (got, want) = both(&plain, &payload);
+        assert_eq!(got, want);
+        // A name that is not ASCII (the label-name rule refuses it, the wire does not).
+        let odd = vec![family(
+            "g",
+            MetricType::Gauge,
+            metric(vec![LabelPair::new("a", "2"), LabelPair::new("é", "1")]),
+        )];
+        let (got, want) = both(&odd, &telemeter_common::delimited::encode(&odd));
+        assert_eq!(got, want);
     }
 
     #[test]
