@@ -14,6 +14,8 @@ pub(super) struct Batch {
     bytes: Vec<u8>,
     /// Where each series' entry ends in `bytes`.
     ends: Vec<usize>,
+    /// The bytes of each series' sample field, the last of its entry (its labels end there).
+    samples: Vec<u8>,
     /// The number of the record each series comes from (non-decreasing).
     pub(super) seqs: Vec<u64>,
     /// The receive time of each series' record, ms since the epoch.
@@ -44,15 +46,18 @@ impl Batch {
         received_ms: i64,
     ) -> Result<(), telemeter_common::delimited::DecodeError> {
         let (bytes, series) = (self.bytes.len(), self.ends.len());
-        let (ends, seqs, received) = (&mut self.ends, &mut self.seqs, &mut self.received);
-        let written = convert::encode_payload(payload, received_ms, &mut self.bytes, |end| {
+        let (ends, samples) = (&mut self.ends, &mut self.samples);
+        let (seqs, received) = (&mut self.seqs, &mut self.received);
+        let written = convert::encode_payload(payload, received_ms, &mut self.bytes, |end, sample| {
             ends.push(end);
+            samples.push(sample);
             seqs.push(seq);
             received.push(received_ms);
         });
         if written.is_err() {
             self.bytes.truncate(bytes);
             self.ends.truncate(series);
+            self.samples.truncate(series);
             self.seqs.truncate(series);
             self.received.truncate(series);
         }
@@ -72,6 +77,7 @@ impl Batch {
         Batch {
             bytes: self.bytes.split_off(offset),
             ends,
+            samples: self.samples.split_off(at),
             seqs: self.seqs.split_off(at),
             received: self.received.split_off(at),
         }
@@ -117,6 +123,9 @@ impl Batch {
             .ends
             .extend(self.ends.iter().skip(count).map(|end| end - offset));
         spare
+            .samples
+            .extend_from_slice(self.samples.get(count..).unwrap_or_default());
+        spare
             .seqs
             .extend_from_slice(self.seqs.get(count..).unwrap_or_default());
         spare
@@ -124,6 +133,7 @@ impl Batch {
             .extend_from_slice(self.received.get(count..).unwrap_or_default());
         self.bytes.truncate(offset);
         self.ends.truncate(count);
+        self.samples.truncate(count);
         self.seqs.truncate(count);
         self.received.truncate(count);
         std::mem::replace(self, spare)
@@ -138,6 +148,7 @@ impl Batch {
     pub(super) fn clear(&mut self) {
         self.bytes.clear();
         self.ends.clear();
+        self.samples.clear();
         self.seqs.clear();
         self.received.clear();
     }
@@ -182,11 +193,11 @@ impl Batch {
                     if i > 0 && self.seqs.get(i) != self.seqs.get(i - 1) {
                         (record, record_before) = (i, Some(record));
                     }
-                    let labels = labels_of(&self.bytes, start_of(i)..end);
+                    let labels = self.labels_of(i, start_of(i)..end);
                     let same_place = record_before
                         .map(|first| first + (i - record))
                         .filter(|&j| j < record)
-                        .and_then(|j| labels_of(&self.bytes, start_of(j)..start_of(j + 1)));
+                        .and_then(|j| self.labels_of(j, start_of(j)..start_of(j + 1)));
                     if let Some(now) = labels.clone() {
                         match (previous, same_place) {
                             (Some(a), Some(b)) => block.repeat(now, &[a, b]),
@@ -205,36 +216,22 @@ impl Batch {
     }
 }
 
-/// Where the labels of the `WriteRequest.timeseries` entry `bytes[entry]` are (its `labels`
-/// fields, which [`convert`] writes before its sample); `None` for bytes that are not such an
-/// entry, which are then written as they are.
-fn labels_of(bytes: &[u8], entry: Range<usize>) -> Option<Range<usize>> {
-    let series = bytes.get(entry.clone())?;
-    if *series.first()? != 0x0a {
-        return None;
+impl Batch {
+    /// Where the labels of series `i`, the `WriteRequest.timeseries` entry `bytes[entry]`, are:
+    /// after its key and length, before its sample field (as [`convert`] writes it); `None` if
+    /// the bytes say otherwise, and the entry is then written as it is.
+    fn labels_of(&self, i: usize, entry: Range<usize>) -> Option<Range<usize>> {
+        let series = self.bytes.get(entry.clone())?;
+        let sample = usize::from(*self.samples.get(i)?);
+        let from = match series {
+            [0x0a, len, ..] if *len < 0x80 => 2,
+            [0x0a, high, low, ..] if *high >= 0x80 && *low < 0x80 => 3,
+            [0x0a, _, _, last, ..] if *last < 0x80 => 4,
+            _ => return None,
+        };
+        let to = series.len().checked_sub(sample)?;
+        (from <= to && series.get(to) == Some(&0x12)).then_some(entry.start + from..entry.start + to)
     }
-    let (_, header) = varint(series.get(1..)?)?;
-    let from = 1 + header;
-    let mut at = from;
-    while series.get(at) == Some(&0x0a) {
-        let (len, n) = varint(series.get(at + 1..)?)?;
-        at = at
-            .checked_add(1 + n)?
-            .checked_add(usize::try_from(len).ok()?)?;
-    }
-    (at <= series.len()).then_some(entry.start + from..entry.start + at)
-}
-
-/// The varint `bytes` start with, and its length.
-fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
-    let mut value = 0u64;
-    for (i, &byte) in bytes.iter().take(10).enumerate() {
-        value |= u64::from(byte & 0x7f) << (7 * i);
-        if byte < 0x80 {
-            return Some((value, i + 1));
-        }
-    }
-    None
 }
 
 /// `batch` in two halves, in order.

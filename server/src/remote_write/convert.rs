@@ -136,7 +136,9 @@ pub fn encode_series(
 
 /// As [`encode_series`], reading the protobuf-delimited `payload` in place
 /// ([`telemeter_common::wire`]) instead of decoding it: nothing is allocated per series or label.
-/// On an error, what was written for the payload stays in `out`: the caller cuts it off.
+/// On an error, what was written for the payload stays in `out`: the caller cuts it off. `each`
+/// gets where each entry ends in `out` and the bytes of its sample field, its last (so that where
+/// its labels end is known without reading it again).
 ///
 /// Every sample is its own entry with its series' full label set (remote write 1.0 has no other
 /// way), and a histogram or summary metric makes many series that share the metric's labels. So
@@ -148,7 +150,7 @@ pub fn encode_payload(
     payload: &[u8],
     fallback_ms: i64,
     out: &mut Vec<u8>,
-    mut each: impl FnMut(usize),
+    mut each: impl FnMut(usize, u8),
 ) -> Result<(), DecodeError> {
     let limits = delimited::Limits {
         max_message_bytes: payload.len(),
@@ -185,8 +187,8 @@ pub fn encode_payload(
             }
             let mut one = |suffix: Suffix, extra: Option<(&'static str, &str)>, value: f64| {
                 let name = names.get(family.name, suffix);
-                labels.write_series(name, extra, value, &timestamp, out);
-                each(out.len());
+                let sample = labels.write_series(name, extra, value, &timestamp, out);
+                each(out.len(), sample);
             };
             // The walk of `Metric::try_for_each_sample`, on the borrowed view.
             match metric.value_for(metric_type)? {
@@ -483,7 +485,7 @@ impl EncodedLabels {
 
     /// One `WriteRequest.timeseries` entry: these labels with `__name__` (its encoded field
     /// `name`) and `extra` (replacing a label of its name) merged in, as [`write_series`] writes
-    /// it.
+    /// it; returns the bytes of its sample field, which ends it (under 128: at most 21).
     fn write_series(
         &mut self,
         name: &[u8],
@@ -491,7 +493,7 @@ impl EncodedLabels {
         value: f64,
         timestamp: &Stamp,
         out: &mut Vec<u8>,
-    ) {
+    ) -> u8 {
         let count = self.names.len();
         // Up to two inserted labels, in name order, each with where it goes and what it skips.
         let at_name = self.at_name;
@@ -549,6 +551,7 @@ impl EncodedLabels {
             out.extend_from_slice(&value.to_le_bytes());
         }
         out.extend_from_slice(timestamp.field());
+        (2 + sample_len) as u8
     }
 }
 
@@ -787,14 +790,23 @@ mod tests {
         // Read in place from the stored bytes: the same request.
         let mut in_place = Vec::new();
         let mut in_place_ends = Vec::new();
+        let mut samples = Vec::new();
         encode_payload(
             &telemeter_common::delimited::encode(&families),
             42,
             &mut in_place,
-            |end| in_place_ends.push(end),
+            |end, sample| {
+                in_place_ends.push(end);
+                samples.push(end - usize::from(sample));
+            },
         )
         .unwrap();
         assert_eq!((&in_place, &in_place_ends), (&got, &ends));
+        // Each entry's last field is its sample, of the length said.
+        for (&at, &end) in samples.iter().zip(&ends) {
+            assert_eq!(in_place[at], 0x12, "TimeSeries.samples");
+            assert_eq!(usize::from(in_place[at + 1]) + 2, end - at);
+        }
         assert_eq!(ends.len(), to_series(&families, 42).len());
         assert_eq!(ends.last(), Some(&got.len()));
         // Each entry on its own is a request with that one series.
@@ -811,7 +823,7 @@ mod tests {
         }
         .encode_to_vec();
         let mut got = Vec::new();
-        encode_payload(payload, 42, &mut got, |_| {}).unwrap();
+        encode_payload(payload, 42, &mut got, |_, _| {}).unwrap();
         (got, want)
     }
 
@@ -921,7 +933,7 @@ mod tests {
                 &telemeter_common::delimited::encode(&families),
                 42,
                 &mut got,
-                |end| ends.push(end),
+                |end, _| ends.push(end),
             )
             .unwrap();
             assert_eq!(got, want);
