@@ -235,9 +235,10 @@ impl<'a> BlockWriter<'a> {
     }
 
     /// Writes `data[range]` as copies of what it shares at its start and at its end with the one
-    /// of the earlier ranges `likes` it shares most with (the bytes before `range` not yet written
-    /// go first, as a literal); its middle is left for the next call or [`BlockWriter::finish`]
-    /// to write as a literal.
+    /// of the earlier ranges `likes` it shares most with (tried in order: one that leaves less
+    /// than a copy's worth unshared ends the search), the bytes before `range` not yet written
+    /// first, as a literal; its middle is left for the next call or [`BlockWriter::finish`] to
+    /// write as a literal.
     pub fn repeat(&mut self, range: Range<usize>, likes: &[Range<usize>]) {
         let Some(now) = self.data.get(range.clone()) else {
             return;
@@ -259,6 +260,10 @@ impl<'a> BlockWriter<'a> {
             if prefix + suffix > best.0 + best.1 {
                 best = (prefix, suffix, like.clone());
             }
+            // Shares all but what a copy could not save: the others need not be compared.
+            if prefix + suffix + MIN_COPY > now.len() {
+                break;
+            }
         }
         let (prefix, suffix, like) = best;
         if prefix >= MIN_COPY {
@@ -279,6 +284,7 @@ impl<'a> BlockWriter<'a> {
     }
 
     /// Writes `data[written..to]` as one literal element.
+    #[inline]
     fn literal_to(&mut self, to: usize) {
         let Some(bytes) = self.data.get(self.written..to).filter(|b| !b.is_empty()) else {
             return;
@@ -311,6 +317,7 @@ impl<'a> BlockWriter<'a> {
         self.copy_element(offset, len);
     }
 
+    #[inline]
     fn copy_element(&mut self, offset: usize, len: usize) {
         debug_assert!((1..=64).contains(&len) && offset > 0);
         if (4..=11).contains(&len) && offset < 2048 {

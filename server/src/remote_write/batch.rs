@@ -200,7 +200,9 @@ impl Batch {
                         .and_then(|j| self.labels_of(j, start_of(j)..start_of(j + 1)));
                     if let Some(now) = labels.clone() {
                         match (previous, same_place) {
-                            (Some(a), Some(b)) => block.repeat(now, &[a, b]),
+                            // The same series of another cluster first: it differs only in
+                            // `_id` when the clusters send the same families.
+                            (Some(a), Some(b)) => block.repeat(now, &[b, a]),
                             (Some(a), None) | (None, Some(a)) => block.repeat(now, &[a]),
                             (None, None) => {}
                         }
