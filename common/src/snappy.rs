@@ -676,7 +676,12 @@ mod tests {
         assert_eq!(snap_decode(&block), data);
         assert_eq!(decode_block(&block, data.len()).unwrap(), data);
         // Each record after the first: 2 + 8 literal bytes, its varying middle, 3 copies.
-        assert!(block.len() * 5 < data.len(), "{} of {}", block.len(), data.len());
+        assert!(
+            block.len() * 5 < data.len(),
+            "{} of {}",
+            block.len(),
+            data.len()
+        );
     }
 
     #[test]
@@ -740,14 +745,28 @@ mod tests {
                 let range = at..data.len();
                 let block = write_like(&data, &[(range, like)]);
                 assert_eq!(snap_decode(&block), data, "offset {offset} length {len}");
-                assert!(block.len() < data.len() + 10, "offset {offset} length {len}");
+                assert!(
+                    block.len() < data.len() + 10,
+                    "offset {offset} length {len}"
+                );
             }
         }
     }
 
     #[test]
     fn block_writer_literals_of_every_length_form() {
-        for len in [0, 1, 60, 61, 256, 257, 65_536, 65_537, 1 << 24, (1 << 24) + 1] {
+        for len in [
+            0,
+            1,
+            60,
+            61,
+            256,
+            257,
+            65_536,
+            65_537,
+            1 << 24,
+            (1 << 24) + 1,
+        ] {
             let data = vec![7u8; len];
             let block = write_like(&data, &[]);
             assert_eq!(snap_decode(&block), data, "length {len}");

@@ -48,12 +48,13 @@ impl Batch {
         let (bytes, series) = (self.bytes.len(), self.ends.len());
         let (ends, samples) = (&mut self.ends, &mut self.samples);
         let (seqs, received) = (&mut self.seqs, &mut self.received);
-        let written = convert::encode_payload(payload, received_ms, &mut self.bytes, |end, sample| {
-            ends.push(end);
-            samples.push(sample);
-            seqs.push(seq);
-            received.push(received_ms);
-        });
+        let written =
+            convert::encode_payload(payload, received_ms, &mut self.bytes, |end, sample| {
+                ends.push(end);
+                samples.push(sample);
+                seqs.push(seq);
+                received.push(received_ms);
+            });
         if written.is_err() {
             self.bytes.truncate(bytes);
             self.ends.truncate(series);
@@ -232,7 +233,8 @@ impl Batch {
             _ => return None,
         };
         let to = series.len().checked_sub(sample)?;
-        (from <= to && series.get(to) == Some(&0x12)).then_some(entry.start + from..entry.start + to)
+        (from <= to && series.get(to) == Some(&0x12))
+            .then_some(entry.start + from..entry.start + to)
     }
 }
 
