@@ -136,7 +136,9 @@ pub fn encode_series(
 
 /// As [`encode_series`], reading the protobuf-delimited `payload` in place
 /// ([`telemeter_common::wire`]) instead of decoding it: nothing is allocated per series or label.
-/// On an error, what was written for the payload stays in `out`: the caller cuts it off.
+/// On an error, what was written for the payload stays in `out`: the caller cuts it off. `each`
+/// gets where each entry ends in `out` and the bytes of its sample field, its last (so that where
+/// its labels end is known without reading it again).
 ///
 /// Every sample is its own entry with its series' full label set (remote write 1.0 has no other
 /// way), and a histogram or summary metric makes many series that share the metric's labels. So
@@ -148,7 +150,7 @@ pub fn encode_payload(
     payload: &[u8],
     fallback_ms: i64,
     out: &mut Vec<u8>,
-    mut each: impl FnMut(usize),
+    mut each: impl FnMut(usize, u8),
 ) -> Result<(), DecodeError> {
     let limits = delimited::Limits {
         max_message_bytes: payload.len(),
@@ -157,46 +159,49 @@ pub fn encode_payload(
         max_series: usize::MAX,
     };
     let mut base: Vec<(&str, &str)> = Vec::new();
+    let mut found = Vec::new();
     let mut labels = EncodedLabels::default();
     let mut bounds = Bounds::default();
+    let mut names = NameFields::default();
     for family in wire::families(payload, &limits) {
         let family = family?;
         if family.name.is_empty() {
             continue;
         }
+        names.clear();
         let metric_type = family.metric_type();
         for metric in family.metrics() {
             let metric = metric?;
-            let timestamp = metric.timestamp_ms.unwrap_or(fallback_ms);
-            base.clear();
-            for label in metric.labels() {
-                let (n, v) = label?;
-                if n.is_empty() || v.is_empty() || n == "__name__" {
-                    continue;
+            let timestamp = Stamp::new(metric.timestamp_ms.unwrap_or(fallback_ms));
+            if !labels.copy_from(&metric, &mut found)? {
+                base.clear();
+                for label in metric.labels() {
+                    let (n, v) = label?;
+                    if n.is_empty() || v.is_empty() || n == "__name__" {
+                        continue;
+                    }
+                    base.push((n, v));
                 }
-                base.push((n, v));
-            }
-            // Stored series were sorted by validation: checking is cheaper than sorting.
-            if !base.is_sorted_by(|a, b| name_order(a.0, b.0).is_le()) {
                 base.sort_by(|a, b| name_order(a.0, b.0));
+                labels.set(&base);
             }
-            labels.set(&base);
-            let mut one = |suffix: &str, extra: Option<(&'static str, &str)>, value: f64| {
-                labels.write_series(family.name, suffix, extra, value, timestamp, out);
-                each(out.len());
+            let mut one = |suffix: Suffix, extra: Option<(&'static str, &str)>, value: f64| {
+                let name = names.get(family.name, suffix);
+                let sample = labels.write_series(name, extra, value, &timestamp, out);
+                each(out.len(), sample);
             };
             // The walk of `Metric::try_for_each_sample`, on the borrowed view.
             match metric.value_for(metric_type)? {
                 wire::Value::Gauge(v) | wire::Value::Counter(v) | wire::Value::Untyped(v) => {
-                    one("", None, v)
+                    one(Suffix::None, None, v)
                 }
                 wire::Value::Summary(summary) => {
                     for (i, quantile) in summary.quantiles().enumerate() {
                         let (rank, value) = quantile?;
-                        one("", Some(("quantile", bounds.get(i, rank))), value);
+                        one(Suffix::None, Some(("quantile", bounds.get(i, rank))), value);
                     }
-                    one("_sum", None, summary.sample_sum);
-                    one("_count", None, summary.sample_count as f64);
+                    one(Suffix::Sum, None, summary.sample_sum);
+                    one(Suffix::Count, None, summary.sample_count as f64);
                 }
                 wire::Value::Histogram(histogram) => {
                     let count = histogram.sample_count as f64;
@@ -206,7 +211,7 @@ pub fn encode_payload(
                         let (le, cumulative) = bucket?;
                         inf_seen |= le == f64::INFINITY;
                         one(
-                            "_bucket",
+                            Suffix::Bucket,
                             Some(("le", bounds.get(i, le))),
                             cumulative as f64,
                         );
@@ -214,16 +219,105 @@ pub fn encode_payload(
                     }
                     if !inf_seen {
                         let inf = bounds.get(buckets, f64::INFINITY);
-                        one("_bucket", Some(("le", inf)), count);
+                        one(Suffix::Bucket, Some(("le", inf)), count);
                     }
-                    one("_sum", None, histogram.sample_sum);
-                    one("_count", None, count);
+                    one(Suffix::Sum, None, histogram.sample_sum);
+                    one(Suffix::Count, None, count);
                 }
                 wire::Value::Missing | wire::Value::Several => {}
             }
         }
     }
     Ok(())
+}
+
+/// What a series' name adds to its family's name.
+#[derive(Clone, Copy)]
+enum Suffix {
+    None,
+    Bucket,
+    Sum,
+    Count,
+}
+
+impl Suffix {
+    fn text(self) -> &'static str {
+        match self {
+            Suffix::None => "",
+            Suffix::Bucket => "_bucket",
+            Suffix::Sum => "_sum",
+            Suffix::Count => "_count",
+        }
+    }
+}
+
+/// The `__name__` label fields of one family's series (`name`, `name_bucket`, `name_sum`,
+/// `name_count`), each encoded once per family rather than once per series.
+#[derive(Default)]
+struct NameFields {
+    /// By [`Suffix`].
+    fields: [Vec<u8>; 4],
+}
+
+impl NameFields {
+    /// For the next family.
+    fn clear(&mut self) {
+        for field in &mut self.fields {
+            field.clear();
+        }
+    }
+
+    /// The `TimeSeries.labels` field of `__name__` = `name` + `suffix`.
+    fn get(&mut self, name: &str, suffix: Suffix) -> &[u8] {
+        let field = &mut self.fields[suffix as usize];
+        if field.is_empty() {
+            let suffix = suffix.text();
+            let len = name.len() + suffix.len();
+            field.push(0x0a); // TimeSeries.labels
+            prost::encoding::encode_varint(label_payload_len(8, len) as u64, field);
+            field.push(0x0a);
+            field.push(8);
+            field.extend_from_slice(b"__name__");
+            field.push(0x12);
+            prost::encoding::encode_varint(len as u64, field);
+            field.extend_from_slice(name.as_bytes());
+            field.extend_from_slice(suffix.as_bytes());
+        }
+        field
+    }
+}
+
+/// A metric's timestamp as its series' samples write it (`Sample.timestamp`, left out when 0 as
+/// proto3 does), encoded once per metric rather than once per series.
+struct Stamp {
+    bytes: [u8; 11],
+    len: usize,
+}
+
+impl Stamp {
+    fn new(timestamp: i64) -> Stamp {
+        let mut stamp = Stamp {
+            bytes: [0; 11],
+            len: 0,
+        };
+        if timestamp != 0 {
+            stamp.bytes[0] = 0x10; // Sample.timestamp, varint
+            let mut v = timestamp as u64;
+            let mut len = 1;
+            while v >= 0x80 {
+                stamp.bytes[len] = v as u8 | 0x80;
+                v >>= 7;
+                len += 1;
+            }
+            stamp.bytes[len] = v as u8;
+            stamp.len = len + 1;
+        }
+        stamp
+    }
+
+    fn field(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 /// The bounds and ranks of the previous histogram or summary, formatted, by position: the metrics
@@ -263,21 +357,88 @@ struct EncodedLabels {
 
 impl EncodedLabels {
     fn set(&mut self, base: &[(&str, &str)]) {
-        self.bytes.clear();
-        self.starts.clear();
-        self.names.clear();
+        self.clear();
         for &(n, v) in base {
             let start = self.bytes.len();
             self.starts.push(start);
             write_label(n, v, &mut self.bytes);
-            // The name's bytes follow the field's key and length, then the name's key and length.
-            let name_at = start
-                + 1
-                + varint_len(label_payload_len(n.len(), v.len()) as u64)
-                + 1
-                + varint_len(n.len() as u64);
-            self.names.push((name_at, n.len()));
+            self.name_written(start, n.len(), v.len());
         }
+        self.done();
+    }
+
+    /// As [`EncodedLabels::set`] with `metric`'s labels, copying each label's bytes as they are
+    /// stored: a stored `LabelPair` written the usual way (name, then value, each non-empty and
+    /// shorter than 128 bytes) is byte for byte a remote-write `Label`, in a field of the same
+    /// number. `found` is scratch space, reused from one metric to the next. False (and nothing
+    /// usable set) when a name is not ASCII, which the label-name rule makes it: the caller then
+    /// reads the labels as `set` takes them.
+    fn copy_from<'a>(
+        &mut self,
+        metric: &wire::MetricView<'a>,
+        found: &mut Vec<(&'a [u8], &'a str, &'a [u8])>,
+    ) -> Result<bool, DecodeError> {
+        self.clear();
+        found.clear();
+        for message in metric.label_messages() {
+            let message = message?;
+            let (n, v) = wire::label_unchecked_name(message)?;
+            if n.is_empty() || v.is_empty() || n == b"__name__" {
+                continue;
+            }
+            if !n.is_ascii() {
+                return Ok(false);
+            }
+            found.push((n, v, message));
+        }
+        // Stored in the order the client sent them (validation checks, it does not sort), which
+        // is name order when the client sorts them (Prometheus does).
+        if !found.is_sorted_by(|a, b| name_order_bytes(a.0, b.0).is_le()) {
+            found.sort_by(|a, b| name_order_bytes(a.0, b.0));
+        }
+        for &(n, v, message) in found.iter() {
+            let start = self.bytes.len();
+            self.starts.push(start);
+            let usual = n.len() < 128
+                && v.len() < 128
+                && message.len() == 4 + n.len() + v.len()
+                && message[0] == 0x0a
+                && message[1] == n.len() as u8
+                && message[2 + n.len()] == 0x12
+                && message[3 + n.len()] == v.len() as u8;
+            if usual {
+                self.bytes.push(0x0a); // TimeSeries.labels
+                prost::encoding::encode_varint(message.len() as u64, &mut self.bytes);
+                self.bytes.extend_from_slice(message);
+            } else {
+                // ASCII, checked above.
+                let n = std::str::from_utf8(n).unwrap_or_default();
+                write_label(n, v, &mut self.bytes);
+            }
+            self.name_written(start, n.len(), v.len());
+        }
+        self.done();
+        Ok(true)
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.starts.clear();
+        self.names.clear();
+    }
+
+    /// Notes where the name of the label just written from `start` is.
+    fn name_written(&mut self, start: usize, name_len: usize, value_len: usize) {
+        // The name's bytes follow the field's key and length, then the name's key and length.
+        let name_at = start
+            + 1
+            + varint_len(label_payload_len(name_len, value_len) as u64)
+            + 1
+            + varint_len(name_len as u64);
+        self.names.push((name_at, name_len));
+    }
+
+    fn done(&mut self) {
         self.starts.push(self.bytes.len());
         // Once per metric, not per series: comparing names is a call to memcmp each.
         self.at_name = self.position("__name__");
@@ -322,21 +483,20 @@ impl EncodedLabels {
         &self.bytes[self.starts[from]..self.starts[to]]
     }
 
-    /// One `WriteRequest.timeseries` entry: these labels with `__name__` (`name` + `suffix`) and
-    /// `extra` (replacing a label of its name) merged in, as [`write_series`] writes it.
+    /// One `WriteRequest.timeseries` entry: these labels with `__name__` (its encoded field
+    /// `name`) and `extra` (replacing a label of its name) merged in, as [`write_series`] writes
+    /// it; returns the bytes of its sample field, which ends it (under 128: at most 21).
     fn write_series(
         &mut self,
-        name: &str,
-        suffix: &str,
+        name: &[u8],
         extra: Option<(&'static str, &str)>,
         value: f64,
-        timestamp: i64,
+        timestamp: &Stamp,
         out: &mut Vec<u8>,
-    ) {
+    ) -> u8 {
         let count = self.names.len();
         // Up to two inserted labels, in name order, each with where it goes and what it skips.
         let at_name = self.at_name;
-        let name_len = name.len() + suffix.len();
         let mut cuts: [(usize, usize); 2] = [(at_name, at_name); 2];
         let mut extra_first = false;
         if let Some((n, _)) = extra {
@@ -346,14 +506,8 @@ impl EncodedLabels {
                 cuts.swap(0, 1);
             }
         }
-        let name_field = field_len(label_payload_len("__name__".len(), name_len));
         let extra_field = extra.map_or(0, |(n, v)| field_len(label_payload_len(n.len(), v.len())));
-        let sample_len = (if value != 0.0 { 9 } else { 0 })
-            + (if timestamp != 0 {
-                1 + varint_len(timestamp as u64)
-            } else {
-                0
-            });
+        let sample_len = (if value != 0.0 { 9 } else { 0 }) + timestamp.len;
         let runs = if extra.is_some() {
             [(0, cuts[0].0), (cuts[0].1, cuts[1].0), (cuts[1].1, count)]
         } else {
@@ -363,45 +517,41 @@ impl EncodedLabels {
             .iter()
             .map(|&(from, to)| self.run(from, to).len())
             .sum::<usize>()
-            + name_field
+            + name.len()
             + extra_field
             + field_len(sample_len);
         out.reserve(field_len(series_len));
         out.push(0x0a); // WriteRequest.timeseries, length-delimited
         prost::encoding::encode_varint(series_len as u64, out);
-        let write_name = |out: &mut Vec<u8>| {
-            out.push(0x0a); // TimeSeries.labels
-            prost::encoding::encode_varint(label_payload_len(8, name_len) as u64, out);
-            out.push(0x0a);
-            out.push(8);
-            out.extend_from_slice(b"__name__");
-            out.push(0x12);
-            prost::encoding::encode_varint(name_len as u64, out);
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(suffix.as_bytes());
-        };
         out.extend_from_slice(self.run(runs[0].0, runs[0].1));
         match extra {
             None => {
-                write_name(out);
+                out.extend_from_slice(name);
                 out.extend_from_slice(self.run(runs[1].0, runs[1].1));
             }
             Some((n, v)) => {
                 if extra_first {
                     write_label(n, v, out);
                 } else {
-                    write_name(out);
+                    out.extend_from_slice(name);
                 }
                 out.extend_from_slice(self.run(runs[1].0, runs[1].1));
                 if extra_first {
-                    write_name(out);
+                    out.extend_from_slice(name);
                 } else {
                     write_label(n, v, out);
                 }
                 out.extend_from_slice(self.run(runs[2].0, runs[2].1));
             }
         }
-        write_sample(value, timestamp, sample_len, out);
+        out.push(0x12); // TimeSeries.samples
+        prost::encoding::encode_varint(sample_len as u64, out);
+        if value != 0.0 {
+            out.push(0x09); // Sample.value, 64-bit
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        out.extend_from_slice(timestamp.field());
+        (2 + sample_len) as u8
     }
 }
 
@@ -640,19 +790,96 @@ mod tests {
         // Read in place from the stored bytes: the same request.
         let mut in_place = Vec::new();
         let mut in_place_ends = Vec::new();
+        let mut samples = Vec::new();
         encode_payload(
             &telemeter_common::delimited::encode(&families),
             42,
             &mut in_place,
-            |end| in_place_ends.push(end),
+            |end, sample| {
+                in_place_ends.push(end);
+                samples.push(end - usize::from(sample));
+            },
         )
         .unwrap();
         assert_eq!((&in_place, &in_place_ends), (&got, &ends));
+        // Each entry's last field is its sample, of the length said.
+        for (&at, &end) in samples.iter().zip(&ends) {
+            assert_eq!(in_place[at], 0x12, "TimeSeries.samples");
+            assert_eq!(usize::from(in_place[at + 1]) + 2, end - at);
+        }
         assert_eq!(ends.len(), to_series(&families, 42).len());
         assert_eq!(ends.last(), Some(&got.len()));
         // Each entry on its own is a request with that one series.
         let first = crate::remote_write::proto::WriteRequest::decode(&got[..ends[0]]).unwrap();
         assert_eq!(first.timeseries, to_series(&families, 42)[..1].to_vec());
+    }
+
+    /// The request bytes prost writes for `families`, and those `encode_payload` writes from
+    /// `payload` (which holds them).
+    fn both(families: &[MetricFamily], payload: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        use prost::Message;
+        let want = crate::remote_write::proto::WriteRequest {
+            timeseries: to_series(families, 42),
+        }
+        .encode_to_vec();
+        let mut got = Vec::new();
+        encode_payload(payload, 42, &mut got, |_, _| {}).unwrap();
+        (got, want)
+    }
+
+    #[test]
+    fn labels_copied_as_stored_are_the_labels_prost_writes_however_they_were_stored() {
+        // An empty value, a `__name__` label, a value of 128 bytes and more (a two-byte length:
+        // written, not copied), a name sorting before `__name__`; in name order and not.
+        let long = "v".repeat(300);
+        let labels = vec![
+            LabelPair::new("A", "x"),
+            LabelPair::new("__name__", "shadowed"),
+            LabelPair::new("_id", "c1"),
+            LabelPair::new("empty", ""),
+            LabelPair::new("long", &long),
+            LabelPair::new("z", &"w".repeat(127)),
+        ];
+        let metric = |labels: Vec<LabelPair>| Metric {
+            label: labels,
+            gauge: Some(Gauge { value: Some(3.0) }),
+            timestamp_ms: Some(1_700_000_000_000),
+            ..Default::default()
+        };
+        let families = vec![
+            family("g", MetricType::Gauge, metric(labels.clone())),
+            family("h", MetricType::Gauge, metric(vec![])),
+            family(
+                "u",
+                MetricType::Gauge,
+                metric(labels.iter().rev().cloned().collect()),
+            ),
+        ];
+        let (got, want) = both(&families, &telemeter_common::delimited::encode(&families));
+        assert_eq!(got, want);
+        // A label stored value first (valid protobuf, not how prost writes it): the same series.
+        let plain = vec![family(
+            "g",
+            MetricType::Gauge,
+            metric(vec![LabelPair::new("a", "b"), LabelPair::new("c", "d")]),
+        )];
+        let mut payload = telemeter_common::delimited::encode(&plain);
+        let usual = [0x0a, 0x06, 0x0a, 0x01, b'a', 0x12, 0x01, b'b'];
+        let at = payload
+            .windows(usual.len())
+            .position(|w| w == usual)
+            .expect("the label as prost writes it");
+        payload[at + 2..at + 8].copy_from_slice(&[0x12, 0x01, b'b', 0x0a, 0x01, b'a']);
+        let (got, want) = both(&plain, &payload);
+        assert_eq!(got, want);
+        // A name that is not ASCII (the label-name rule refuses it, the wire does not).
+        let odd = vec![family(
+            "g",
+            MetricType::Gauge,
+            metric(vec![LabelPair::new("a", "2"), LabelPair::new("é", "1")]),
+        )];
+        let (got, want) = both(&odd, &telemeter_common::delimited::encode(&odd));
+        assert_eq!(got, want);
     }
 
     #[test]
@@ -706,7 +933,7 @@ mod tests {
                 &telemeter_common::delimited::encode(&families),
                 42,
                 &mut got,
-                |end| ends.push(end),
+                |end, _| ends.push(end),
             )
             .unwrap();
             assert_eq!(got, want);

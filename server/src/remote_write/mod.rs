@@ -349,7 +349,6 @@ impl RemoteWriter {
                 acks: acks.clone(),
                 max_samples: config.max_samples_per_send.max(1),
                 spare: batch::Batch::default(),
-                encoder: snap::raw::Encoder::new(),
                 body: Vec::new(),
                 body_len: 0,
             };

@@ -41,8 +41,7 @@ pub(super) struct Shard {
     pub(super) max_samples: usize,
     /// A sent batch, emptied, whose buffers the next one reuses.
     pub(super) spare: Batch,
-    /// The snappy encoder and the request body buffer, reused from one request to the next.
-    pub(super) encoder: snap::raw::Encoder,
+    /// The request body buffer, reused from one request to the next.
     pub(super) body: Vec<u8>,
     pub(super) body_len: usize,
 }
@@ -171,7 +170,7 @@ impl Shard {
                 }
                 let samples = part.len() as u64;
                 if !body {
-                    self.body_len = part.body_into(&mut self.encoder, &mut self.body);
+                    self.body_len = part.body_into(&mut self.body);
                     body = true;
                 }
                 let bytes = self.body.get(..self.body_len).unwrap_or_default();
