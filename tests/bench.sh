@@ -315,7 +315,7 @@ egress_rows() {
     [ "$name" = sink ] && row "7. Egress capacity against ingest capacity (server CPU a sample, the sink run above)" \
       "egress $(field "$l" egress_us_per_sample) µs a sample shipped · ingest $(field "$l" ingest_us_per_sample) µs a sample accepted (the server's CPU less its egress threads')" \
       "egress ≤ ingest" \
-      "$(met "$(field "$l" egress_us_per_sample)" "<=" "$(field "$l" ingest_us_per_sample)")"
+      "$(met "$(field "$l" ingest_us_per_sample)" ">=" "$(field "$l" egress_us_per_sample)")"
   done
 }
 egress_section() {
