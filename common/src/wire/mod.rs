@@ -226,13 +226,17 @@ pub struct MetricView<'a> {
     pub timestamp_ms: Option<i64>,
     /// Which value fields are present, and the simple values.
     pub value: Value<'a>,
+    /// The part of `message` that holds every label field: the run of labels it starts with when
+    /// no label comes after its other fields (as every encoder writes a series), else all of it.
+    /// The labels' readers walk only this, not the value and timestamp again.
+    labels: &'a [u8],
 }
 
 impl<'a> MetricView<'a> {
     /// The series' labels in wire order, as `(name, value)`; an absent name or value reads as "".
     pub fn labels(&self) -> Labels<'a> {
         Labels {
-            fields: Fields::new(self.message, METRIC_DEPTH),
+            fields: Fields::new(self.labels, METRIC_DEPTH),
             done: false,
         }
     }
@@ -243,7 +247,7 @@ impl<'a> MetricView<'a> {
     /// the one before it.
     pub fn label_messages(&self) -> LabelMessages<'a> {
         LabelMessages {
-            fields: Fields::new(self.message, METRIC_DEPTH),
+            fields: Fields::new(self.labels, METRIC_DEPTH),
             done: false,
         }
     }
@@ -251,7 +255,7 @@ impl<'a> MetricView<'a> {
     /// As [`MetricView::labels`], as UTF-8-checked bytes (for the text writer).
     pub(crate) fn label_bytes(&self) -> LabelBytes<'a> {
         LabelBytes {
-            fields: Fields::new(self.message, METRIC_DEPTH),
+            fields: Fields::new(self.labels, METRIC_DEPTH),
             done: false,
         }
     }
