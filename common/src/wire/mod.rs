@@ -39,7 +39,7 @@ use check::{check_family_message, Items};
 use fields::{length_prefix, Fields};
 use parse::{
     family_header, kind_of, parse_label, parse_label_bytes, parse_label_unchecked_name,
-    parse_metric, value_kind, ALL_KINDS,
+    parse_metric, parse_metric_inline, value_kind, ALL_KINDS,
 };
 
 pub use write::write_family_without_timestamps;
@@ -191,6 +191,7 @@ pub struct Metrics<'a> {
 impl<'a> Iterator for Metrics<'a> {
     type Item = Result<MetricView<'a>, DecodeError>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.done {
             return None;
@@ -198,7 +199,7 @@ impl<'a> Iterator for Metrics<'a> {
         // A series written the usual way (a one-byte key, a length of one or two bytes), without
         // the general field reader.
         if let Some(metric) = self.fields.next_bytes(METRIC_KEY) {
-            let item = parse_metric(metric, ALL_KINDS).map_err(DecodeError::from);
+            let item = parse_metric_inline(metric, ALL_KINDS).map_err(DecodeError::from);
             self.done = item.is_err();
             return Some(item);
         }

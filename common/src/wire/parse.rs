@@ -72,6 +72,13 @@ pub(super) fn family_header(message: &[u8]) -> Result<FamilyView<'_>, Bad> {
 
 /// Reads a metric's own fields; value fields whose kind is not in `kinds` are passed over.
 pub(super) fn parse_metric(message: &[u8], kinds: u8) -> Result<MetricView<'_>, Bad> {
+    parse_metric_inline(message, kinds)
+}
+
+/// [`parse_metric`], inlined into the series iterator: called, its view of a hundred bytes was
+/// copied out twice per series on the way to the upload's check, a tenth of the check (`perf`).
+#[inline(always)]
+pub(super) fn parse_metric_inline(message: &[u8], kinds: u8) -> Result<MetricView<'_>, Bad> {
     let mut timestamp_ms = None;
     let mut seen = 0u8;
     let mut last = 0u8;
