@@ -988,11 +988,31 @@ fn a_series_reads_as_prost_decodes_it_in_any_field_order() {
         assert_eq!(view.label_messages().count(), count, "layout {i}");
         assert_eq!(view.label_bytes().count(), count, "layout {i}");
     }
+    // Timestamps of every varint length, last in the series or not.
+    for shift in 0..64 {
+        for ms in [1u64 << shift, (1u64 << shift) - 1, u64::MAX >> shift] {
+            for metric in [
+                [&a[..], &gauge[..], &timestamp(ms)[..]].concat(),
+                [&a[..], &gauge[..], &timestamp(ms)[..], &b[..]].concat(),
+            ] {
+                let mut family = field(0x0a, b"f");
+                family.extend(field(0x22, &metric));
+                let mut body = Vec::new();
+                put_varint(&mut body, family.len() as u64);
+                body.extend_from_slice(&family);
+                assert_agree(&body);
+            }
+        }
+    }
     // A timestamp whose varint runs past the series is refused, however it is reached.
     let mut bad = [&a[..], &gauge[..], &[0x30, 0x80, 0x80][..]].concat();
     assert!(super::parse::parse_metric(&bad, super::parse::ALL_KINDS).is_err());
     bad.truncate(a.len() + gauge.len() + 1);
     assert!(super::parse::parse_metric(&bad, super::parse::ALL_KINDS).is_err());
+    // A varint of ten bytes that overflows 64 bits, as prost refuses it.
+    let overflow = [&a[..], &gauge[..], &[0x30][..], &[0xff; 9][..], &[0x02][..]].concat();
+    assert!(super::parse::parse_metric(&overflow, super::parse::ALL_KINDS).is_err());
+    assert!(Metric::decode(&overflow[..]).is_err());
     // A value's message cut short is refused too.
     let cut = [&a[..], &gauge[..gauge.len() - 1]].concat();
     assert!(super::parse::parse_metric(&cut, super::parse::ALL_KINDS).is_err());
