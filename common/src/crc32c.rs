@@ -248,7 +248,13 @@ mod tests {
         let short = 3 * 256;
         let long = 3 * 8192;
         let mut lens = vec![0, 1, 8, 767, 51_370, 80_000];
-        for base in [short, 2 * short, long, long + short, 2 * long + 4 * short + 464] {
+        for base in [
+            short,
+            2 * short,
+            long,
+            long + short,
+            2 * long + 4 * short + 464,
+        ] {
             lens.extend([base - 1, base, base + 1, base + 7, base + 8, base + 9]);
         }
         for len in lens {

@@ -776,16 +776,38 @@ fn a_series_that_starts_as_the_one_before_is_still_checked_whole() {
     };
     let base: &[(&str, &str)] = &[("_id", "a"), ("job", "x"), ("mode", "a")];
     assert!(taken(&[base, &[("_id", "a"), ("job", "x"), ("mode", "b")]]));
-    assert!(taken(&[base, &[("_id", "a"), ("job", "x"), ("mode", "ab")]]));
+    assert!(taken(&[
+        base,
+        &[("_id", "a"), ("job", "x"), ("mode", "ab")]
+    ]));
     assert!(taken(&[base, &[("_id", "a"), ("job", "x")], base]));
-    assert!(taken(&[base, &[("_id", "a"), ("job", "x"), ("mode", "a"), ("z", "1")]]));
+    assert!(taken(&[
+        base,
+        &[("_id", "a"), ("job", "x"), ("mode", "a"), ("z", "1")]
+    ]));
     // Unsorted after the shared labels, with no repeat: taken.
-    assert!(taken(&[base, &[("_id", "a"), ("job", "x"), ("mode", "a"), ("b", "1")]]));
+    assert!(taken(&[
+        base,
+        &[("_id", "a"), ("job", "x"), ("mode", "a"), ("b", "1")]
+    ]));
     // A repeat of a shared label after them, right after or further on.
-    assert!(!taken(&[base, &[("_id", "a"), ("job", "x"), ("mode", "a"), ("job", "y")]]));
-    assert!(!taken(&[base, &[("_id", "a"), ("job", "x"), ("mode", "a"), ("_id", "a")]]));
-    assert!(!taken(&[base, &[("_id", "a"), ("job", "x"), ("mode", "b"), ("mode", "c")]]));
-    assert!(!taken(&[base, base, &[("_id", "a"), ("job", "x"), ("job", "x")]]));
+    assert!(!taken(&[
+        base,
+        &[("_id", "a"), ("job", "x"), ("mode", "a"), ("job", "y")]
+    ]));
+    assert!(!taken(&[
+        base,
+        &[("_id", "a"), ("job", "x"), ("mode", "a"), ("_id", "a")]
+    ]));
+    assert!(!taken(&[
+        base,
+        &[("_id", "a"), ("job", "x"), ("mode", "b"), ("mode", "c")]
+    ]));
+    assert!(!taken(&[
+        base,
+        base,
+        &[("_id", "a"), ("job", "x"), ("job", "x")]
+    ]));
     // Each series against its own predecessor: the third shares its start with the second only.
     assert!(!taken(&[
         base,
@@ -794,11 +816,20 @@ fn a_series_that_starts_as_the_one_before_is_still_checked_whole() {
     ]));
     // The token's label after the shared part, in it, or missing from the second series.
     let late: &[(&str, &str)] = &[("job", "x"), ("mode", "a"), ("_id", "a")];
-    assert!(taken(&[late, &[("job", "x"), ("mode", "a"), ("_id", "a"), ("z", "1")]]));
+    assert!(taken(&[
+        late,
+        &[("job", "x"), ("mode", "a"), ("_id", "a"), ("z", "1")]
+    ]));
     assert!(taken(&[late, &[("job", "x"), ("mode", "b"), ("_id", "a")]]));
     assert!(!taken(&[late, &[("job", "x"), ("mode", "a")]]));
-    assert!(!taken(&[late, &[("job", "x"), ("mode", "a"), ("_id", "b")]]));
-    assert!(!taken(&[base, &[("_id", "b"), ("job", "x"), ("mode", "a")]]));
+    assert!(!taken(&[
+        late,
+        &[("job", "x"), ("mode", "a"), ("_id", "b")]
+    ]));
+    assert!(!taken(&[
+        base,
+        &[("_id", "b"), ("job", "x"), ("mode", "a")]
+    ]));
     // A shared label whose value only starts alike: checked again (an empty value is not taken).
     assert!(!taken(&[base, &[("_id", "a"), ("job", ""), ("mode", "a")]]));
     // More labels than the state is kept for: the labels past it are checked, repeats included.
