@@ -151,6 +151,55 @@ impl<'a> Fields<'a> {
         Some(bytes)
     }
 
+    /// The next field, when it is a gauge's, counter's or untyped value's message written as every
+    /// encoder writes it (a one-byte key, length 9, and inside the double's key and eight bytes):
+    /// its key and the double's bytes, read without the general reader. `None` (the fields left
+    /// as they were) for anything else, which [`Fields::next`] then reads or refuses.
+    #[inline(always)]
+    pub(super) fn next_simple_value(&mut self) -> Option<(u8, [u8; 8])> {
+        use super::parse::{COUNTER_KEY, GAUGE_KEY, UNTYPED_KEY, VALUE_DOUBLE_KEY};
+        match *self.rest {
+            [key, 9, VALUE_DOUBLE_KEY, ref tail @ ..]
+                if key == GAUGE_KEY || key == COUNTER_KEY || key == UNTYPED_KEY =>
+            {
+                let (bits, rest) = tail.split_first_chunk::<8>()?;
+                self.rest = rest;
+                Some((key, *bits))
+            }
+            _ => None,
+        }
+    }
+
+    /// The next field, when its key is the one byte `key` (a varint field numbered below 16):
+    /// its value, read as [`Fields::next`] reads it. `None` (the fields left as they were) for
+    /// anything else, a bad varint included, which [`Fields::next`] then reads or refuses.
+    #[inline(always)]
+    pub(super) fn next_varint(&mut self, key: u8) -> Option<u64> {
+        match *self.rest {
+            [k, ref tail @ ..] if k == key => {
+                let mut rest = tail;
+                // Inlined whole: this reads every sample's timestamp (six bytes), where the call
+                // to the long varint's reader cost more than its reading (`perf`).
+                let value = match *tail {
+                    [byte, ref after @ ..] if byte < 0x80 => {
+                        rest = after;
+                        u64::from(byte)
+                    }
+                    _ => read_long_varint_inline(&mut rest).ok()?,
+                };
+                self.rest = rest;
+                Some(value)
+            }
+            _ => None,
+        }
+    }
+
+    /// The bytes not read yet.
+    #[inline(always)]
+    pub(super) fn remaining(&self) -> usize {
+        self.rest.len()
+    }
+
     /// True when every field has been read.
     #[inline(always)]
     pub(super) fn is_empty(&self) -> bool {
@@ -260,6 +309,12 @@ pub(super) fn read_varint(buf: &mut &[u8]) -> Result<u64, Bad> {
 }
 
 pub(super) fn read_long_varint(buf: &mut &[u8]) -> Result<u64, Bad> {
+    read_long_varint_inline(buf)
+}
+
+/// [`read_long_varint`], for the one caller that inlines it (see [`Fields::next_varint`]).
+#[inline(always)]
+fn read_long_varint_inline(buf: &mut &[u8]) -> Result<u64, Bad> {
     // Up to eight bytes at once: every sample's timestamp (milliseconds since 1970 take six)
     // comes here, and a byte-at-a-time loop was a few percent of an upload's check (measured).
     // A timestamp is the last field of its series, so fewer than eight bytes may remain: four to

@@ -39,7 +39,7 @@ use check::{check_family_message, Items};
 use fields::{length_prefix, Fields};
 use parse::{
     family_header, kind_of, parse_label, parse_label_bytes, parse_label_unchecked_name,
-    parse_metric, value_kind, ALL_KINDS,
+    parse_metric, parse_metric_inline, value_kind, ALL_KINDS,
 };
 
 pub use write::write_family_without_timestamps;
@@ -191,6 +191,7 @@ pub struct Metrics<'a> {
 impl<'a> Iterator for Metrics<'a> {
     type Item = Result<MetricView<'a>, DecodeError>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.done {
             return None;
@@ -198,7 +199,7 @@ impl<'a> Iterator for Metrics<'a> {
         // A series written the usual way (a one-byte key, a length of one or two bytes), without
         // the general field reader.
         if let Some(metric) = self.fields.next_bytes(METRIC_KEY) {
-            let item = parse_metric(metric, ALL_KINDS).map_err(DecodeError::from);
+            let item = parse_metric_inline(metric, ALL_KINDS).map_err(DecodeError::from);
             self.done = item.is_err();
             return Some(item);
         }
@@ -226,13 +227,17 @@ pub struct MetricView<'a> {
     pub timestamp_ms: Option<i64>,
     /// Which value fields are present, and the simple values.
     pub value: Value<'a>,
+    /// The part of `message` that holds every label field: the run of labels it starts with when
+    /// no label comes after its other fields (as every encoder writes a series), else all of it.
+    /// The labels' readers walk only this, not the value and timestamp again.
+    labels: &'a [u8],
 }
 
 impl<'a> MetricView<'a> {
     /// The series' labels in wire order, as `(name, value)`; an absent name or value reads as "".
     pub fn labels(&self) -> Labels<'a> {
         Labels {
-            fields: Fields::new(self.message, METRIC_DEPTH),
+            fields: Fields::new(self.labels, METRIC_DEPTH),
             done: false,
         }
     }
@@ -243,7 +248,7 @@ impl<'a> MetricView<'a> {
     /// the one before it.
     pub fn label_messages(&self) -> LabelMessages<'a> {
         LabelMessages {
-            fields: Fields::new(self.message, METRIC_DEPTH),
+            fields: Fields::new(self.labels, METRIC_DEPTH),
             done: false,
         }
     }
@@ -251,7 +256,7 @@ impl<'a> MetricView<'a> {
     /// As [`MetricView::labels`], as UTF-8-checked bytes (for the text writer).
     pub(crate) fn label_bytes(&self) -> LabelBytes<'a> {
         LabelBytes {
-            fields: Fields::new(self.message, METRIC_DEPTH),
+            fields: Fields::new(self.labels, METRIC_DEPTH),
             done: false,
         }
     }

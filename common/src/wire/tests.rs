@@ -914,3 +914,106 @@ fn unchecked_names_are_only_those_written_the_usual_way() {
     let view = super::parse::parse_metric(&swapped, super::parse::ALL_KINDS).unwrap();
     assert_eq!(view.labels().next().unwrap().unwrap(), ("a", "v"));
 }
+
+/// A series' value and timestamp are read without the general reader when written as every
+/// encoder writes them, and its labels' readers stop after its leading run of labels: in any
+/// other order of its fields (labels after the value or the timestamp, the timestamp first, a
+/// value written another way, fields repeated, a kind the family does not call for, a bad
+/// varint) every view still reads what prost decodes.
+#[test]
+fn a_series_reads_as_prost_decodes_it_in_any_field_order() {
+    fn field(key: u8, bytes: &[u8]) -> Vec<u8> {
+        let mut out = vec![key];
+        put_varint(&mut out, bytes.len() as u64);
+        out.extend_from_slice(bytes);
+        out
+    }
+    let label = |name: &str, value: &str| {
+        let mut pair = field(0x0a, name.as_bytes());
+        pair.extend(field(0x12, value.as_bytes()));
+        field(0x0a, &pair)
+    };
+    let simple = |key: u8, v: f64| {
+        let mut inner = vec![0x09];
+        inner.extend_from_slice(&v.to_le_bytes());
+        field(key, &inner)
+    };
+    let timestamp = |ms: u64| {
+        let mut out = vec![0x30];
+        put_varint(&mut out, ms);
+        out
+    };
+    let (a, b) = (label("a", "1"), label("job", "node"));
+    let (gauge, counter, untyped) = (simple(0x12, 1.5), simple(0x1a, 2.5), simple(0x2a, 3.5));
+    let ts = timestamp(1_700_000_000_123);
+    // A gauge whose double is given twice (the last wins), and one with no value at all.
+    let mut twice = vec![0x09];
+    twice.extend_from_slice(&4.5f64.to_le_bytes());
+    twice.push(0x09);
+    twice.extend_from_slice(&5.5f64.to_le_bytes());
+    let gauge_twice = field(0x12, &twice);
+    let gauge_empty = field(0x12, &[]);
+    let histogram = field(0x3a, &[0x08, 3, 0x1a, 2, 0x08, 1]);
+    let layouts: Vec<Vec<&[u8]>> = vec![
+        vec![&a, &b, &gauge, &ts],
+        vec![&a, &gauge, &ts, &b],
+        vec![&a, &gauge, &b, &ts],
+        vec![&ts, &gauge, &a, &b],
+        vec![&a, &b, &ts, &gauge],
+        vec![&gauge, &a, &ts],
+        vec![&a, &counter, &ts],
+        vec![&a, &untyped, &ts],
+        vec![&a, &gauge, &gauge_empty, &ts],
+        vec![&a, &gauge, &gauge_twice, &ts],
+        vec![&a, &gauge_twice, &ts],
+        vec![&a, &gauge, &counter, &ts],
+        vec![&a, &gauge, &ts, &ts],
+        vec![&a, &b, &gauge],
+        vec![&a, &b, &ts],
+        vec![&a, &b],
+        vec![&a, &histogram, &ts, &b],
+        vec![&gauge],
+        vec![],
+    ];
+    for (i, layout) in layouts.iter().enumerate() {
+        let metric = layout.concat();
+        let mut family = field(0x0a, b"f");
+        family.extend(field(0x22, &metric));
+        let mut body = Vec::new();
+        put_varint(&mut body, family.len() as u64);
+        body.extend_from_slice(&family);
+        let owned = assert_agree(&body);
+        let view = super::parse::parse_metric(&metric, super::parse::ALL_KINDS).unwrap();
+        let count = owned[0].metric[0].label.len();
+        assert_eq!(view.label_messages().count(), count, "layout {i}");
+        assert_eq!(view.label_bytes().count(), count, "layout {i}");
+    }
+    // Timestamps of every varint length, last in the series or not.
+    for shift in 0..64 {
+        for ms in [1u64 << shift, (1u64 << shift) - 1, u64::MAX >> shift] {
+            for metric in [
+                [&a[..], &gauge[..], &timestamp(ms)[..]].concat(),
+                [&a[..], &gauge[..], &timestamp(ms)[..], &b[..]].concat(),
+            ] {
+                let mut family = field(0x0a, b"f");
+                family.extend(field(0x22, &metric));
+                let mut body = Vec::new();
+                put_varint(&mut body, family.len() as u64);
+                body.extend_from_slice(&family);
+                assert_agree(&body);
+            }
+        }
+    }
+    // A timestamp whose varint runs past the series is refused, however it is reached.
+    let mut bad = [&a[..], &gauge[..], &[0x30, 0x80, 0x80][..]].concat();
+    assert!(super::parse::parse_metric(&bad, super::parse::ALL_KINDS).is_err());
+    bad.truncate(a.len() + gauge.len() + 1);
+    assert!(super::parse::parse_metric(&bad, super::parse::ALL_KINDS).is_err());
+    // A varint of ten bytes that overflows 64 bits, as prost refuses it.
+    let overflow = [&a[..], &gauge[..], &[0x30][..], &[0xff; 9][..], &[0x02][..]].concat();
+    assert!(super::parse::parse_metric(&overflow, super::parse::ALL_KINDS).is_err());
+    assert!(Metric::decode(&overflow[..]).is_err());
+    // A value's message cut short is refused too.
+    let cut = [&a[..], &gauge[..gauge.len() - 1]].concat();
+    assert!(super::parse::parse_metric(&cut, super::parse::ALL_KINDS).is_err());
+}

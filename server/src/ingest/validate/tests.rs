@@ -747,6 +747,107 @@ fn labels_repeated_from_the_series_before_are_still_held_to_every_rule() {
     );
 }
 
+/// A series that starts with the bytes of the one before (the labels the fast path passes over
+/// as checked already) is still checked whole: whatever follows, or differs within a label, is
+/// checked against everything before it (repeats, order, the token's labels), and each series
+/// against its own predecessor, however many labels it has.
+#[test]
+fn a_series_that_starts_as_the_one_before_is_still_checked_whole() {
+    let r = rules();
+    let family = |series: &[&[(&str, &str)]]| {
+        let mut f = gauge(
+            "up",
+            &series.iter().map(|l| (*l, NOW_MS)).collect::<Vec<_>>(),
+        );
+        // Values that differ, so the series differ past their labels too.
+        for (i, m) in f.metric.iter_mut().enumerate() {
+            m.gauge = Some(Gauge {
+                value: Some(i as f64),
+            });
+        }
+        f
+    };
+    let taken = |series: &[&[(&str, &str)]]| match both_paths(&r, vec![family(series)]) {
+        WireCheck::Unchanged { series: n, .. } => {
+            assert_eq!(n, series.len());
+            true
+        }
+        WireCheck::Owned => false,
+    };
+    let base: &[(&str, &str)] = &[("_id", "a"), ("job", "x"), ("mode", "a")];
+    assert!(taken(&[base, &[("_id", "a"), ("job", "x"), ("mode", "b")]]));
+    assert!(taken(&[
+        base,
+        &[("_id", "a"), ("job", "x"), ("mode", "ab")]
+    ]));
+    assert!(taken(&[base, &[("_id", "a"), ("job", "x")], base]));
+    assert!(taken(&[
+        base,
+        &[("_id", "a"), ("job", "x"), ("mode", "a"), ("z", "1")]
+    ]));
+    // Unsorted after the shared labels, with no repeat: taken.
+    assert!(taken(&[
+        base,
+        &[("_id", "a"), ("job", "x"), ("mode", "a"), ("b", "1")]
+    ]));
+    // A repeat of a shared label after them, right after or further on.
+    assert!(!taken(&[
+        base,
+        &[("_id", "a"), ("job", "x"), ("mode", "a"), ("job", "y")]
+    ]));
+    assert!(!taken(&[
+        base,
+        &[("_id", "a"), ("job", "x"), ("mode", "a"), ("_id", "a")]
+    ]));
+    assert!(!taken(&[
+        base,
+        &[("_id", "a"), ("job", "x"), ("mode", "b"), ("mode", "c")]
+    ]));
+    assert!(!taken(&[
+        base,
+        base,
+        &[("_id", "a"), ("job", "x"), ("job", "x")]
+    ]));
+    // Each series against its own predecessor: the third shares its start with the second only.
+    assert!(!taken(&[
+        base,
+        &[("_id", "a"), ("job", "y"), ("mode", "a")],
+        &[("_id", "a"), ("job", "y"), ("mode", "a"), ("job", "z")],
+    ]));
+    // The token's label after the shared part, in it, or missing from the second series.
+    let late: &[(&str, &str)] = &[("job", "x"), ("mode", "a"), ("_id", "a")];
+    assert!(taken(&[
+        late,
+        &[("job", "x"), ("mode", "a"), ("_id", "a"), ("z", "1")]
+    ]));
+    assert!(taken(&[late, &[("job", "x"), ("mode", "b"), ("_id", "a")]]));
+    assert!(!taken(&[late, &[("job", "x"), ("mode", "a")]]));
+    assert!(!taken(&[
+        late,
+        &[("job", "x"), ("mode", "a"), ("_id", "b")]
+    ]));
+    assert!(!taken(&[
+        base,
+        &[("_id", "b"), ("job", "x"), ("mode", "a")]
+    ]));
+    // A shared label whose value only starts alike: checked again (an empty value is not taken).
+    assert!(!taken(&[base, &[("_id", "a"), ("job", ""), ("mode", "a")]]));
+    // More labels than the state is kept for: the labels past it are checked, repeats included.
+    let names: Vec<String> = (0..20).map(|i| format!("l{i:02}")).collect();
+    let many: Vec<(&str, &str)> = std::iter::once(("_id", "a"))
+        .chain(names.iter().map(|n| (n.as_str(), "v")))
+        .collect();
+    let mut more = many.clone();
+    more.push(("z", "1"));
+    assert!(taken(&[&many, &many, &more]));
+    for repeated in ["_id", "l00", "l15", "l16", "l19"] {
+        let mut again = many.clone();
+        again.push((repeated, "v"));
+        assert!(!taken(&[&many, &again]), "{repeated}");
+        assert!(!taken(&[&many, &many, &again]), "{repeated}");
+    }
+}
+
 /// Tokens with several labels (held inline up to four, in a list beyond): a series is taken
 /// unchanged only with every one of them, each with the token's value.
 #[test]

@@ -342,6 +342,9 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
 /// the family's previous series, and takes this one's.
 ///
 /// [`check_servable`]: super::check_servable
+// Inlined into the family's loop, once per series: called, it spilled and reloaded its state
+// around every series.
+#[inline(always)]
 fn check_wire_labels<'a>(
     metric: &MetricView<'a>,
     type_label: &Name<'_>,
