@@ -54,6 +54,12 @@ impl Patch {
         }
     }
 
+    /// Makes room for `bytes` more of ranges (each 8 bytes and its bytes), so pushing a request's
+    /// thousands of ranges does not grow the buffer a dozen times.
+    pub fn reserve(&mut self, bytes: usize) {
+        self.bytes.reserve(bytes);
+    }
+
     /// Records that `bytes` were written at `offset` of the payload. Ranges apply in order.
     pub fn push(&mut self, offset: u32, bytes: &[u8]) {
         self.bytes.extend_from_slice(&offset.to_le_bytes());
