@@ -474,19 +474,24 @@ impl CachedCluster {
         }
     }
 
-    /// Whether slot `s` (any number) holds the series of family `name` with identity bytes
-    /// `identity`: the check [`CachedCluster::find`] makes of what the index answers.
-    fn is_series(&self, s: u32, name: &[u8], identity: &[u8]) -> bool {
-        let Some(slot) = self.slots.get(s as usize) else {
-            return false;
-        };
-        let start = slot.start as usize;
-        slot.labels as usize == identity.len()
-            && self.payload.get(start..start + identity.len()) == Some(identity)
-            && self
-                .families
-                .get(slot.family as usize)
-                .is_some_and(|f| f.name.as_bytes() == name)
+    /// The identity bytes of slot `s` (any number: empty when there is no such slot).
+    fn identity(&self, s: u32) -> &[u8] {
+        self.slots
+            .get(s as usize)
+            .and_then(|slot| {
+                let start = slot.start as usize;
+                self.payload.get(start..start + slot.labels as usize)
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether slot `s` (any number) is a series of the family named `name`: with its identity
+    /// bytes, the check [`CachedCluster::find`] makes of what the index answers.
+    fn family_named(&self, s: u32, name: &[u8]) -> bool {
+        self.slots
+            .get(s as usize)
+            .and_then(|slot| self.families.get(slot.family as usize))
+            .is_some_and(|family| family.name.as_bytes() == name)
     }
 
     /// The slot of the series with identity bytes `identity` in family `f`.
@@ -536,18 +541,24 @@ impl CachedCluster {
             if count > rules.max_series {
                 return None;
             }
-            let (name, identity, value, timestamp_ms) = raw_series(series)?;
+            let guess = match self.slots.get(previous as usize) {
+                Some(slot) => slot.next,
+                None => NO_SLOT,
+            };
+            let RawSeries {
+                name,
+                identity,
+                value,
+                timestamp_ms,
+                expected,
+            } = raw_series(series, self.identity(guess))?;
             if timestamp_ms < rules.oldest_ms
                 || timestamp_ms > rules.newest_ms
                 || is_stale_marker(value)
             {
                 return None;
             }
-            let guess = match self.slots.get(previous as usize) {
-                Some(slot) => slot.next,
-                None => NO_SLOT,
-            };
-            let s = match self.is_series(guess, name, identity) {
+            let s = match expected && self.family_named(guess, name) {
                 true => guess,
                 false => {
                     let f = *self.by_name.get(std::str::from_utf8(name).ok()?)?;
@@ -613,10 +624,24 @@ fn tail_len(timestamp_ms: i64) -> usize {
     12 + prost::encoding::encoded_len_varint(timestamp_ms as u64)
 }
 
+/// What [`raw_series`] reads of one `TimeSeries`.
+struct RawSeries<'s> {
+    /// The `__name__` label's value, as sent.
+    name: &'s [u8],
+    /// The other labels' bytes: the series' identity within its family.
+    identity: &'s [u8],
+    value: f64,
+    timestamp_ms: i64,
+    /// Whether `identity` is the caller's `expected` identity.
+    expected: bool,
+}
+
 /// One `TimeSeries` in the form [`CachedCluster::merge_raw`] takes: first the `__name__` label,
 /// then the other labels, then one sample (exemplars and histograms skipped, as the conversion
-/// skips them). Returns the name, the other labels' bytes, the value and the timestamp.
-fn raw_series(series: &[u8]) -> Option<(&[u8], &[u8], f64, i64)> {
+/// skips them). `expected` (whole label fields: a slot's identity bytes; empty for none) is the
+/// identity the caller guesses: when the labels start with those bytes they are compared at once
+/// rather than walked label by label, with the same result.
+fn raw_series<'s>(series: &'s [u8], expected: &[u8]) -> Option<RawSeries<'s>> {
     const NAME: &[u8] = b"\x0a\x08__name__\x12";
     let mut rest = series;
     let (key, first) = next_field(&mut rest)?;
@@ -627,6 +652,12 @@ fn raw_series(series: &[u8]) -> Option<(&[u8], &[u8], f64, i64)> {
     let name = after.get(n..).filter(|v| v.len() as u64 == len)?;
     let labels_start = series.len() - rest.len();
     let mut labels_end = labels_start;
+    let skipped = !expected.is_empty() && rest.starts_with(expected);
+    if skipped {
+        // Whole label fields: walking them would have moved `labels_end` exactly here.
+        rest = rest.get(expected.len()..).unwrap_or_default();
+        labels_end += expected.len();
+    }
     let mut in_labels = true;
     let mut sample = None;
     while !rest.is_empty() {
@@ -645,7 +676,15 @@ fn raw_series(series: &[u8]) -> Option<(&[u8], &[u8], f64, i64)> {
         }
     }
     let (value, timestamp_ms) = raw_sample(sample?)?;
-    Some((name, &series[labels_start..labels_end], value, timestamp_ms))
+    let identity = series.get(labels_start..labels_end)?;
+    Some(RawSeries {
+        name,
+        identity,
+        value,
+        timestamp_ms,
+        // More labels after the expected ones: another series.
+        expected: skipped && identity.len() == expected.len(),
+    })
 }
 
 /// A `Sample`'s value and timestamp, read as the conversion reads them (absent: 0).
@@ -1070,6 +1109,16 @@ mod tests {
         let twin: &[(&str, &str)] = &[("__name__", "down"), ("_id", "c"), ("job", "a")];
         let body = request(&[(c, &[(1.0, 7000)]), (twin, &[(1.0, 7000)])]);
         let before = entry.payload().to_vec();
+        assert_eq!(entry.merge_raw(&body, &rules, 0), None, "not a known series");
+        assert_eq!(entry.payload(), &before[..]);
+        // A's labels and one more, where the hint expects A: another series too.
+        let longer: &[(&str, &str)] = &[
+            ("__name__", "up"),
+            ("_id", "c"),
+            ("job", "a"),
+            ("zone", "z"),
+        ];
+        let body = request(&[(c, &[(1.0, 7000)]), (longer, &[(1.0, 7000)])]);
         assert_eq!(entry.merge_raw(&body, &rules, 0), None, "not a known series");
         assert_eq!(entry.payload(), &before[..]);
     }
