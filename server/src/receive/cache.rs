@@ -185,6 +185,25 @@ struct Slot {
 /// No slot: a [`Slot::next`] not known yet.
 const NO_SLOT: u32 = u32::MAX;
 
+/// How many series ahead of the one being merged [`CachedCluster::merge_raw`] asks for the
+/// payload bytes of (a few hundred nanoseconds of memory latency, a few dozen of work a series).
+const PREFETCH_AHEAD: usize = 8;
+
+/// Asks the CPU to bring the cache line at the start of `bytes` in; does nothing elsewhere than
+/// x86-64, or for no bytes.
+#[inline]
+fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if !bytes.is_empty() {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: a prefetch is a hint to the cache: it reads nothing into the program, never
+        // faults, and the pointer is to the start of a live slice.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
+
 /// Identity hash → slot.
 type SlotIndex = HashMap<u64, u32, BuildHasherDefault<PassHasher>>;
 
@@ -484,6 +503,23 @@ impl CachedCluster {
         }
     }
 
+    /// The slot that followed slot `from` last time (any number: [`NO_SLOT`] when none), with
+    /// its series' bytes asked of memory ahead of use.
+    fn prefetch_next(&self, from: u32) -> u32 {
+        let Some(next) = self.slots.get(from as usize).map(|slot| slot.next) else {
+            return NO_SLOT;
+        };
+        if let Some(slot) = self.slots.get(next as usize) {
+            let end = (slot.start as usize).saturating_add(slot.len as usize);
+            let mut at = slot.start as usize;
+            while at < end {
+                prefetch(self.payload.get(at..).unwrap_or_default());
+                at += 64;
+            }
+        }
+        next
+    }
+
     /// The identity bytes of slot `s` (any number: empty when there is no such slot).
     fn identity(&self, s: u32) -> &[u8] {
         self.slots
@@ -541,6 +577,11 @@ impl CachedCluster {
         let mut rest = body;
         // The slot of the request's previous series, whose hint guesses this one's.
         let mut previous = NO_SLOT;
+        // The slot [`PREFETCH_AHEAD`] series on along the hints, whose payload bytes are asked
+        // for before they are compared and written: the cached payloads are many times the CPU's
+        // caches and a request's series are not in payload order, so each series waited for
+        // memory.
+        let mut ahead = NO_SLOT;
         while !rest.is_empty() {
             let (key, field) = next_field(&mut rest)?;
             if key >> 3 != 1 {
@@ -578,6 +619,11 @@ impl CachedCluster {
                     }
                     s
                 }
+            };
+            ahead = match s == guess {
+                true => self.prefetch_next(ahead),
+                // Off the chain: it starts again from here.
+                false => (0..PREFETCH_AHEAD).fold(s, |at, _| self.prefetch_next(at)),
             };
             previous = s;
             let slot = self.slots[s as usize];
