@@ -745,6 +745,18 @@ fn raw_series<'s>(series: &'s [u8], expected: &[u8]) -> Option<RawSeries<'s>> {
 
 /// A `Sample`'s value and timestamp, read as the conversion reads them (absent: 0).
 fn raw_sample(sample: &[u8]) -> Option<(f64, i64)> {
+    // As every sender writes it: the value, then the timestamp, nothing else.
+    if let (Some(&0x09), Some(value), Some(&0x10), Some(rest)) = (
+        sample.first(),
+        sample.get(1..9),
+        sample.get(9),
+        sample.get(10..),
+    ) {
+        if let Some((timestamp_ms, _)) = varint(rest).filter(|&(_, n)| n == rest.len()) {
+            let value = f64::from_bits(u64::from_le_bytes(value.try_into().ok()?));
+            return Some((value, timestamp_ms as i64));
+        }
+    }
     let (mut value, mut timestamp_ms) = (0.0, 0);
     let mut rest = sample;
     while !rest.is_empty() {
@@ -1201,6 +1213,34 @@ mod tests {
             "not a known series"
         );
         assert_eq!(entry.payload(), &before[..]);
+    }
+
+    #[test]
+    fn a_sample_reads_the_same_in_any_layout() {
+        let v = 2.5f64.to_le_bytes();
+        let mut usual = vec![0x09];
+        usual.extend_from_slice(&v);
+        usual.extend_from_slice(&[0x10, 0xe8, 0x07]);
+        assert_eq!(raw_sample(&usual), Some((2.5, 1000)));
+        let mut reversed = vec![0x10, 0xe8, 0x07, 0x09];
+        reversed.extend_from_slice(&v);
+        assert_eq!(raw_sample(&reversed), Some((2.5, 1000)));
+        assert_eq!(raw_sample(&usual[..9]), Some((2.5, 0)), "no timestamp");
+        let mut more = usual.clone();
+        more.extend_from_slice(&[0x18, 0x01]);
+        assert_eq!(
+            raw_sample(&more),
+            Some((2.5, 1000)),
+            "an unknown field skipped"
+        );
+        assert_eq!(raw_sample(&usual[..usual.len() - 1]), None, "cut short");
+        let mut twice = usual.clone();
+        twice.extend_from_slice(&[0x10, 0x01]);
+        assert_eq!(
+            raw_sample(&twice),
+            Some((2.5, 1)),
+            "the last one, as prost reads it"
+        );
     }
 
     #[test]

@@ -79,8 +79,8 @@ impl Patch {
     pub fn push(&mut self, offset: u32, bytes: &[u8]) {
         let offset = u64::from(offset);
         let distance = offset.wrapping_sub(self.end) as i64;
-        prost::encoding::encode_varint(zigzag(distance), &mut self.bytes);
-        prost::encoding::encode_varint(bytes.len() as u64, &mut self.bytes);
+        put_varint(zigzag(distance), &mut self.bytes);
+        put_varint(bytes.len() as u64, &mut self.bytes);
         self.bytes.extend_from_slice(bytes);
         self.end = offset + bytes.len() as u64;
     }
@@ -125,6 +125,15 @@ pub(super) fn header(record: &[u8]) -> Result<(u64, i64, i64), String> {
         i64::from_le_bytes(field(8)?),
         i64::from_le_bytes(field(16)?),
     ))
+}
+
+/// Appends `n` as a protobuf varint; most of a patch's are one byte.
+#[inline]
+fn put_varint(n: u64, out: &mut Vec<u8>) {
+    match n < 0x80 {
+        true => out.push(n as u8),
+        false => prost::encoding::encode_varint(n, out),
+    }
 }
 
 /// A signed distance as an unsigned varint's value (protobuf's sint64).
