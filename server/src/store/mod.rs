@@ -284,6 +284,8 @@ struct Put {
     newest_received_ms: Option<i64>,
     /// The request is this patch alone (with the patched payload's newest sample).
     patch: Option<(Patch, i64)>,
+    /// `serve`'s newest sample, when the caller knows it; `None`: read from the payload.
+    newest_sample_ms: Option<i64>,
 }
 
 impl Store {
@@ -454,6 +456,7 @@ impl Store {
                 mode: Mode::Replace,
                 newest_received_ms: Some(i64::MIN),
                 patch: None,
+                newest_sample_ms: None,
             },
         )
         .map(|_| ())
@@ -481,6 +484,7 @@ impl Store {
                 mode: Mode::Replace,
                 newest_received_ms: None,
                 patch: None,
+                newest_sample_ms: None,
             },
         )
         .map(Outcome::written)
@@ -508,6 +512,7 @@ impl Store {
                 mode: Mode::Replace,
                 newest_received_ms: Some(newest_received_ms),
                 patch: None,
+                newest_sample_ms: None,
             },
         )?;
         Ok(match outcome {
@@ -578,6 +583,7 @@ impl Store {
                     mode: Mode::Replace,
                     newest_received_ms: Some(newest_received_ms),
                     patch: Some((patch, newest_sample_ms)),
+                    newest_sample_ms: None,
                 },
             )?;
             if outcome != Outcome::Unpatchable {
@@ -594,6 +600,8 @@ impl Store {
                 mode: Mode::Replace,
                 newest_received_ms: Some(newest_received_ms),
                 patch: None,
+                // Said by the caller, as for the patch: no pass over the whole payload.
+                newest_sample_ms: Some(newest_sample_ms),
             },
         )?;
         Ok(stored(outcome))
@@ -626,6 +634,7 @@ impl Store {
                 mode: Mode::IfNewer,
                 newest_received_ms: None,
                 patch: None,
+                newest_sample_ms: None,
             },
         )
         .map(Outcome::written)
@@ -678,6 +687,7 @@ impl Store {
                 mode: Mode::UnlessOlder,
                 newest_received_ms: Some(i64::MIN),
                 patch: None,
+                newest_sample_ms: None,
             },
         )
         .map(Outcome::written)
@@ -697,6 +707,7 @@ impl Store {
             mode,
             newest_received_ms,
             patch,
+            newest_sample_ms: known_newest_sample_ms,
         } = put;
         let shipping = self.handle.shared.egress.is_some()
             && !matches!((&serve, &ship), (None, Ship::Served) | (_, Ship::Nothing));
@@ -717,7 +728,11 @@ impl Store {
                 patch.seal(len, newest_sample_ms, newest_received_ms);
                 (newest_sample_ms, Some(patch))
             }
-            None => (newest_sample_ms(&payload, received_millis), None),
+            None => (
+                known_newest_sample_ms
+                    .unwrap_or_else(|| newest_sample_ms(&payload, received_millis)),
+                None,
+            ),
         };
         // Packed: the families are not needed past this point, only their length. Plain while
         // the packed payloads awaiting their checkpoint are over budget, so that what reads of
