@@ -1,10 +1,10 @@
 //! The server's own metrics, served on the internal port's `/metrics`.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use telemeter_common::http::Stats;
 use telemeter_common::instrument::{
-    Counter, CounterVec, GaugeVec, HistogramVec, Registry, LATENCY_BUCKETS,
+    Counter, CounterVec, GaugeVec, Histogram, HistogramVec, Registry, LATENCY_BUCKETS,
 };
 
 use crate::store::StoreStats;
@@ -51,6 +51,21 @@ pub struct Metrics {
     // The front counters are copied in as deltas; the lock keeps two concurrent scrapes from both
     // adding the same delta.
     refresh: std::sync::Arc<Mutex<()>>,
+    /// What almost every upload counts, looked up once.
+    per_upload: Arc<PerUpload>,
+}
+
+/// The children of the vectors almost every upload counts, each looked up at its first use (so
+/// /metrics shows it from then on, as before): a `with` takes the registry's lock, which the
+/// uploads of every connection would contend for, and allocates its label values.
+#[derive(Default)]
+struct PerUpload {
+    /// `uploads{result="stored",status="200"}`.
+    stored: OnceLock<Counter>,
+    /// `uploads{result="empty",status="200"}`.
+    empty: OnceLock<Counter>,
+    /// `store_write_seconds`.
+    store_write: OnceLock<Histogram>,
 }
 
 impl Metrics {
@@ -199,12 +214,27 @@ impl Metrics {
             ),
             registry: r,
             refresh: Default::default(),
+            per_upload: Default::default(),
         }
     }
 
     /// Counts one upload answered with `status`.
     pub fn upload(&self, result: &str, status: u16) {
-        self.uploads.with(&[result, &status.to_string()]).inc();
+        let cell = match (result, status) {
+            ("stored", 200) => &self.per_upload.stored,
+            ("empty", 200) => &self.per_upload.empty,
+            _ => return self.uploads.with(&[result, &status.to_string()]).inc(),
+        };
+        cell.get_or_init(|| self.uploads.with(&[result, "200"]))
+            .inc();
+    }
+
+    /// Records the time an upload took to be stored.
+    pub fn store_write(&self, seconds: f64) {
+        self.per_upload
+            .store_write
+            .get_or_init(|| self.store_write_seconds.with(&[]))
+            .observe(seconds);
     }
 
     /// Copies the store's and the HTTP fronts' counters in, then renders everything.

@@ -1275,3 +1275,72 @@ fn the_bearer_parser_is_the_one_authorize_answers_with() {
     );
     assert_eq!(BearerError::Empty.reason(), "Invalid Authorization header");
 }
+
+/// A connected pair of loopback sockets: (ours, the peer's).
+fn socket_pair() -> (TcpStream, TcpStream) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (ours, _) = listener.accept().unwrap();
+    (ours, peer)
+}
+
+#[test]
+fn a_read_keeps_a_timeout_within_the_slack_and_still_ends_at_its_deadline() {
+    use super::stream::{Deadlined, TIMEOUT_SLACK};
+    let (ours, mut peer) = socket_pair();
+    let mut socket = Deadlined::new(ours, Some(Instant::now() + Duration::from_secs(5)));
+    let mut buf = [0u8; 16];
+    peer.write_all(b"one").unwrap();
+    assert_eq!(socket.read(&mut buf).unwrap(), 3);
+    let set = socket.tcp.read_timeout().unwrap().unwrap();
+    assert!(set > Duration::from_secs(4), "{set:?}");
+
+    // The same time left, to within the slack: the socket's timeout is not set again.
+    socket.deadline = Some(Instant::now() + set + TIMEOUT_SLACK / 2);
+    peer.write_all(b"two").unwrap();
+    assert_eq!(socket.read(&mut buf).unwrap(), 3);
+    assert_eq!(socket.tcp.read_timeout().unwrap(), Some(set));
+
+    // Far less time left: set again, so the read ends at its deadline, not 5 s later.
+    let started = Instant::now();
+    socket.deadline = Some(started + Duration::from_millis(150));
+    let err = socket.read(&mut buf).unwrap_err();
+    assert!(super::stream::is_timeout(&err), "{err:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(150) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+
+    // A kept timeout shorter than the time left (within the slack) ends the read early: it is
+    // read again, and ends no sooner than the deadline.
+    let kept = socket.tcp.read_timeout().unwrap().unwrap();
+    let started = Instant::now();
+    let deadline = started + kept + TIMEOUT_SLACK / 2;
+    socket.deadline = Some(deadline);
+    let err = socket.read(&mut buf).unwrap_err();
+    assert!(super::stream::is_timeout(&err), "{err:?}");
+    assert!(Instant::now() >= deadline);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn a_body_that_arrives_with_its_head_is_answered_whole() {
+    // Head and an 8 KiB body sent at once arrive in one read (of a body step): the body is
+    // taken from what was read with the head, on each request of a kept-alive connection.
+    let server = start(test_config());
+    let body = vec![b'x'; 8 << 10];
+    let mut request = format!(
+        "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    let mut client = connect(&server);
+    for _ in 0..3 {
+        send(&mut client, &request);
+        let reply = read_reply(&mut client, false);
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.body, body);
+    }
+}

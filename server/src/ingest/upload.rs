@@ -441,10 +441,7 @@ impl UploadHandler {
                 .place_packed(&cluster_id, payload, frames, now),
             None => self.placement.place(&cluster_id, payload, now),
         };
-        self.metrics
-            .store_write_seconds
-            .with(&[])
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.store_write(started.elapsed().as_secs_f64());
         if let Err(e) = stored {
             // The slot is dropped unused: the client may retry at once.
             warn!("upload from cluster {cluster_id:?} not stored: {e}");
