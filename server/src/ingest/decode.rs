@@ -51,6 +51,9 @@ pub enum Decoded {
         frames: Option<Vec<u8>>,
         /// Its series.
         series: usize,
+        /// Its newest sample's timestamp, as the wire check read it (see
+        /// [`WireCheck::Unchanged`]): the store need not walk the body again for it.
+        newest_sample_ms: i64,
     },
 }
 
@@ -143,6 +146,7 @@ pub fn decode(
             if let WireCheck::Unchanged {
                 series,
                 element_bytes,
+                newest_sample_ms,
                 ..
             } = rules.check_wire(body, &decode_limits, token_labels, now)
             {
@@ -154,11 +158,13 @@ pub fn decode(
                             body,
                             frames: Some(request.body.clone()),
                             series,
+                            newest_sample_ms,
                         },
                         None => Decoded::Unchanged {
                             body: request.body.clone(),
                             frames: None,
                             series,
+                            newest_sample_ms,
                         },
                     });
                 }

@@ -73,6 +73,27 @@ pub trait Placement: Send + Sync + 'static {
         drop(frames);
         self.place(cluster_id, payload, received)
     }
+
+    /// Stores a `payload` that passed validation unchanged (the wire fast path), with the
+    /// `frames` it arrived as when it was snappy framed, and `newest_sample_ms`, its newest
+    /// sample as the check read it: a placement that stores it locally may hand that to the store
+    /// rather than have it walk the payload again. By default the newest sample is dropped (the
+    /// store reads it again) and the payload goes to [`Placement::place_packed`] or
+    /// [`Placement::place`].
+    fn place_unchanged(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        frames: Option<Vec<u8>>,
+        newest_sample_ms: i64,
+        received: SystemTime,
+    ) -> Result<(), PlacementError> {
+        let _ = newest_sample_ms;
+        match frames {
+            Some(frames) => self.place_packed(cluster_id, payload, frames, received),
+            None => self.place(cluster_id, payload, received),
+        }
+    }
 }
 
 /// Stores everything in the local store; with remote write on, the store's journal is the egress
@@ -114,6 +135,24 @@ impl Placement for LocalPlacement {
             received,
         )?)
     }
+
+    fn place_unchanged(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        frames: Option<Vec<u8>>,
+        newest_sample_ms: i64,
+        received: SystemTime,
+    ) -> Result<(), PlacementError> {
+        Ok(store_upload(
+            &self.merger,
+            cluster_id,
+            payload,
+            frames,
+            Some(newest_sample_ms),
+            received,
+        )?)
+    }
 }
 
 /// Stores `payload` durably as `cluster_id`'s latest upload unless the stored one has newer
@@ -132,7 +171,7 @@ pub fn store_push(
     payload: Vec<u8>,
     received: SystemTime,
 ) -> Result<(), StoreError> {
-    store_upload(merger, cluster_id, payload, None, received)
+    store_upload(merger, cluster_id, payload, None, None, received)
 }
 
 /// [`store_push`] of a `payload` that arrived as `frames` (snappy framed) and is stored
@@ -145,15 +184,17 @@ pub fn store_push_packed(
     frames: Vec<u8>,
     received: SystemTime,
 ) -> Result<(), StoreError> {
-    store_upload(merger, cluster_id, payload, Some(frames), received)
+    store_upload(merger, cluster_id, payload, Some(frames), None, received)
 }
 
-/// [`store_push`], with the `frames` the payload arrived as when it is stored unchanged.
+/// [`store_push`], with the `frames` the payload arrived as when it is stored unchanged, and
+/// its newest sample when the caller knows it (`None`: the store reads it from the payload).
 fn store_upload(
     merger: &Merger,
     cluster_id: &str,
     payload: Vec<u8>,
     frames: Option<Vec<u8>>,
+    newest_sample_ms: Option<i64>,
     received: SystemTime,
 ) -> Result<(), StoreError> {
     let store = merger.store();
@@ -164,9 +205,14 @@ fn store_upload(
     }
     // Replaced without the merge: the store gives it a new version, so whatever the merger
     // cached of the cluster is not used again.
-    match frames {
-        Some(frames) => store.put_unless_older_packed(cluster_id, payload, frames, received),
-        None => store.put_unless_older(cluster_id, payload, received),
+    match newest_sample_ms {
+        Some(newest_sample_ms) => {
+            store.put_unchanged(cluster_id, payload, frames, newest_sample_ms, received)
+        }
+        None => match frames {
+            Some(frames) => store.put_unless_older_packed(cluster_id, payload, frames, received),
+            None => store.put_unless_older(cluster_id, payload, received),
+        },
     }
     .map(|_| ())
 }

@@ -198,6 +198,9 @@ struct Prepared {
     series: usize,
     /// Series dropped by the whitelist.
     filtered: usize,
+    /// `payload`'s newest sample when the wire check read it (the body is stored unchanged);
+    /// `None` on the owned path, where the store reads it from the payload.
+    newest_sample_ms: Option<i64>,
 }
 
 /// What an accepted upload did.
@@ -435,10 +438,11 @@ impl UploadHandler {
         let frames = prepared.frames;
         memory.shrink_to(payload.len() + frames.as_ref().map_or(0, Vec::len));
         let started = Instant::now();
-        let stored = match frames {
-            Some(frames) => self
-                .placement
-                .place_packed(&cluster_id, payload, frames, now),
+        let stored = match prepared.newest_sample_ms {
+            Some(newest_sample_ms) => {
+                self.placement
+                    .place_unchanged(&cluster_id, payload, frames, newest_sample_ms, now)
+            }
             None => self.placement.place(&cluster_id, payload, now),
         };
         self.metrics.store_write(started.elapsed().as_secs_f64());
@@ -489,12 +493,14 @@ impl UploadHandler {
                 body,
                 frames,
                 series,
+                newest_sample_ms,
             } => {
                 return Ok(Prepared {
                     payload: Some(body),
                     frames,
                     series,
                     filtered: 0,
+                    newest_sample_ms: Some(newest_sample_ms),
                 })
             }
         };
@@ -512,6 +518,7 @@ impl UploadHandler {
             frames: None,
             series: validated.series,
             filtered: validated.filtered,
+            newest_sample_ms: None,
         })
     }
 }

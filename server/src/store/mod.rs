@@ -650,7 +650,7 @@ impl Store {
         payload: Vec<u8>,
         received: SystemTime,
     ) -> Result<bool, StoreError> {
-        self.put_upload(cluster_id, payload, None, received)
+        self.put_upload(cluster_id, payload, None, None, received)
     }
 
     /// As [`Store::put_unless_older`], for a payload that arrived as `frames` (snappy framed,
@@ -665,16 +665,37 @@ impl Store {
         frames: Vec<u8>,
         received: SystemTime,
     ) -> Result<bool, StoreError> {
-        self.put_upload(cluster_id, payload, Some(frames), received)
+        self.put_upload(cluster_id, payload, Some(frames), None, received)
+    }
+
+    /// As [`Store::put_unless_older`] (with `frames`: [`Store::put_unless_older_packed`]), for
+    /// a payload whose newest sample the caller read already (`newest_sample_ms`, exactly what
+    /// `wire::newest_timestamp` of `payload` gives): the store does not walk the payload for it.
+    pub fn put_unchanged(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        frames: Option<Vec<u8>>,
+        newest_sample_ms: i64,
+        received: SystemTime,
+    ) -> Result<bool, StoreError> {
+        self.put_upload(
+            cluster_id,
+            payload,
+            frames,
+            Some(newest_sample_ms),
+            received,
+        )
     }
 
     /// An upload as sent (it holds no remote-write series), put unless older than the stored
-    /// one, packed with its `frames` if any.
+    /// one, packed with its `frames` if any; `newest_sample_ms` when the caller knows it.
     fn put_upload(
         &self,
         cluster_id: &str,
         payload: Vec<u8>,
         frames: Option<Vec<u8>>,
+        newest_sample_ms: Option<i64>,
         received: SystemTime,
     ) -> Result<bool, StoreError> {
         self.submit(
@@ -687,7 +708,7 @@ impl Store {
                 mode: Mode::UnlessOlder,
                 newest_received_ms: Some(i64::MIN),
                 patch: None,
-                newest_sample_ms: None,
+                newest_sample_ms,
             },
         )
         .map(Outcome::written)

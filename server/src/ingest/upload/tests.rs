@@ -403,3 +403,108 @@ fn only_a_snappy_body_stored_unchanged_is_handed_on_with_its_frames() {
     assert_eq!(stored[2], ("c".to_string(), plain_c));
     assert_eq!(frames[2], None);
 }
+
+/// Stores through a real [`LocalPlacement`], and records the newest sample of each upload it was
+/// handed as unchanged, and how many it was handed to store as rewritten.
+struct Recorded {
+    inner: crate::ingest::placement::LocalPlacement,
+    unchanged: Mutex<Vec<(String, i64, bool)>>,
+    rewritten: Mutex<usize>,
+}
+
+impl Placement for Recorded {
+    fn place(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<(), PlacementError> {
+        *self.rewritten.lock().unwrap() += 1;
+        self.inner.place(cluster_id, payload, received)
+    }
+
+    fn place_unchanged(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        frames: Option<Vec<u8>>,
+        newest_sample_ms: i64,
+        received: SystemTime,
+    ) -> Result<(), PlacementError> {
+        self.unchanged.lock().unwrap().push((
+            cluster_id.to_string(),
+            newest_sample_ms,
+            frames.is_some(),
+        ));
+        self.inner
+            .place_unchanged(cluster_id, payload, frames, newest_sample_ms, received)
+    }
+}
+
+/// An upload taken by the wire fast path hands the store the newest sample the check read, and
+/// the TTL counts from it: not from the receive time, nor from the last family's samples. Both
+/// ways the fast path stores (snappy framed, so packed; and plain).
+#[test]
+fn the_ttl_of_an_upload_stored_unchanged_counts_from_its_newest_sample() {
+    use crate::store::{Store, StoreConfig};
+    let dir = testkit::TempDir::new("upload-newest");
+    let store = Store::open(StoreConfig {
+        dir: dir.path().to_path_buf(),
+        ttl: Duration::from_secs(600),
+        max_batch: 64,
+    })
+    .unwrap();
+    let recorded = Arc::new(Recorded {
+        inner: crate::ingest::placement::LocalPlacement::new(crate::receive::merge::Merger::new(
+            store.clone(),
+        )),
+        unchanged: Mutex::new(Vec::new()),
+        rewritten: Mutex::new(0),
+    });
+    let mut h = handler(Arc::new(FakePlacement::default()), vec![]);
+    h.placement = recorded.clone();
+    let now_ms = telemeter_common::time::unix_millis(SystemTime::now()) as i64;
+    let minute = 60_000;
+    let family = |name: &str, id: &str, ts: i64| MetricFamily {
+        name: Some(name.into()),
+        help: None,
+        r#type: Some(MetricType::Gauge as i32),
+        metric: vec![Metric {
+            label: vec![LabelPair::new("_id", id), LabelPair::new("job", "x")],
+            gauge: Some(Gauge { value: Some(1.0) }),
+            timestamp_ms: Some(ts),
+            ..Default::default()
+        }],
+    };
+    // The newest sample (9 minutes old) first; the last family's is 20 minutes old.
+    let fresh = delimited::encode(&[
+        family("up", "fresh", now_ms - 9 * minute),
+        family("b", "fresh", now_ms - 20 * minute),
+    ]);
+    let mut packed = request(&token("fresh"), snappy::encode_framed(&fresh));
+    packed
+        .headers
+        .push(("Content-Encoding".into(), "snappy".into()));
+    assert_eq!(h.handle(&packed).status, 200);
+    let stale = delimited::encode(&[
+        family("up", "stale", now_ms - 21 * minute),
+        family("b", "stale", now_ms - 20 * minute),
+    ]);
+    assert_eq!(h.handle(&request(&token("stale"), stale)).status, 200);
+    assert_eq!(
+        *recorded.unchanged.lock().unwrap(),
+        [
+            ("fresh".to_string(), now_ms - 9 * minute, true),
+            ("stale".to_string(), now_ms - 20 * minute, false)
+        ]
+    );
+    assert_eq!(*recorded.rewritten.lock().unwrap(), 0);
+    // Served while its newest sample is within the 10 minute TTL, then swept a minute later.
+    let listed = || -> Vec<String> { store.clusters().into_iter().map(|c| c.cluster_id).collect() };
+    assert_eq!(listed(), ["fresh"]);
+    assert_eq!(store.get("stale").unwrap(), None);
+    assert_eq!(store.sweep(SystemTime::now()), 1);
+    assert_eq!(store.sweep(SystemTime::now() + Duration::from_secs(50)), 0);
+    assert_eq!(store.sweep(SystemTime::now() + Duration::from_secs(70)), 1);
+    assert!(listed().is_empty());
+}

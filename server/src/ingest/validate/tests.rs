@@ -336,12 +336,17 @@ fn both_paths(r: &Rules, families: Vec<MetricFamily>) -> WireCheck {
         series,
         samples,
         element_bytes,
+        newest_sample_ms,
     } = check
     {
         let counts = telemeter_common::wire::count::count(&body);
         assert_eq!(
             (counts.series, counts.element_bytes()),
             (series, element_bytes)
+        );
+        assert_eq!(
+            telemeter_common::wire::newest_timestamp(&body).unwrap(),
+            Some(newest_sample_ms)
         );
         let decoded = delimited::decode(&body, &limits).unwrap();
         let owned = r.apply(decoded.clone(), &token(), now()).unwrap();
@@ -939,4 +944,182 @@ fn the_fast_path_decides_a_whitelist_of_family_names_once_per_family() {
     // What the owned path then does with them: the same whitelist, applied per series.
     let v = listed(&["up"]).apply(body(), &token(), now()).unwrap();
     assert_eq!((v.series, v.filtered), (2, 1));
+}
+
+/// The newest sample the wire check reports for a body it takes unchanged is exactly what
+/// `wire::newest_timestamp` reads from it (the store's TTL counts from it, and the store no
+/// longer reads it itself): on bodies built with the newest series anywhere (first, middle or
+/// last family, every value type, a series with its timestamp written twice), on random ones, and
+/// on a deterministic run of mutations of them.
+#[test]
+fn the_newest_sample_of_an_unchanged_body_is_the_one_the_store_would_read() {
+    use prost::Message;
+    use telemeter_common::wire::newest_timestamp;
+    use testkit::fuzz::{mutate, Rng};
+
+    // No time bounds: a mutated timestamp is still taken, so mutations move the newest one.
+    let r = Rules {
+        max_sample_age: Duration::from_secs(u64::MAX / 4),
+        max_future_skew: Duration::from_secs(u64::MAX / 4),
+        max_samples: 100_000,
+        ..rules()
+    };
+    let limits = delimited::Limits::default();
+    // `Some(newest)` when the fast path takes `body`, after checking it against the store's read.
+    let check = |body: &[u8]| -> Option<i64> {
+        match r.check_wire(body, &limits, &token(), now()) {
+            WireCheck::Unchanged {
+                newest_sample_ms, ..
+            } => {
+                assert_eq!(
+                    newest_timestamp(body),
+                    Ok(Some(newest_sample_ms)),
+                    "body {:02x?}",
+                    body
+                );
+                Some(newest_sample_ms)
+            }
+            WireCheck::Owned => None,
+        }
+    };
+    let ok: &[(&str, &str)] = &[("_id", "a"), ("job", "x")];
+    let typed_as = |mut family: MetricFamily, kind: MetricType| {
+        family.r#type = Some(kind as i32);
+        for metric in &mut family.metric {
+            let value = metric.gauge.take().and_then(|g| g.value);
+            match kind {
+                MetricType::Counter => metric.counter = Some(Counter { value }),
+                MetricType::Untyped => {
+                    metric.untyped = Some(telemeter_common::model::Untyped { value })
+                }
+                MetricType::Summary => {
+                    metric.summary = Some(Summary {
+                        sample_count: Some(2),
+                        sample_sum: Some(1.0),
+                        quantile: vec![Quantile {
+                            quantile: Some(0.5),
+                            value: Some(1.0),
+                        }],
+                    })
+                }
+                MetricType::Histogram => {
+                    metric.histogram = Some(Histogram {
+                        sample_count: Some(2),
+                        sample_sum: Some(1.0),
+                        bucket: vec![Bucket {
+                            cumulative_count: Some(1),
+                            upper_bound: Some(0.5),
+                        }],
+                    })
+                }
+                _ => metric.gauge = Some(Gauge { value }),
+            }
+        }
+        family
+    };
+    let t = NOW_MS;
+    let mut seeds: Vec<(Vec<u8>, i64)> = vec![
+        // Newest in the first family, in the middle one, in the last one.
+        (
+            delimited::encode(&[
+                stamped("a", ok, &[t - 5, t + 9]),
+                stamped("b", ok, &[t - 100, t - 1]),
+            ]),
+            t + 9,
+        ),
+        (
+            delimited::encode(&[
+                stamped("a", ok, &[t - 5]),
+                typed_as(stamped("h", ok, &[t, t + 7]), MetricType::Histogram),
+                typed_as(stamped("s", ok, &[t - 3]), MetricType::Summary),
+            ]),
+            t + 7,
+        ),
+        (
+            delimited::encode(&[
+                typed_as(stamped("c", ok, &[t - 9, t - 9]), MetricType::Counter),
+                typed_as(stamped("u", ok, &[t - 2]), MetricType::Untyped),
+                typed_as(stamped("s", ok, &[t - 8, t + 1]), MetricType::Summary),
+            ]),
+            t + 1,
+        ),
+        // Before 1970 (a negative varint, ten bytes on the wire).
+        (
+            delimited::encode(&[stamped("a", ok, &[-7_000, -5]), stamped("b", ok, &[-9])]),
+            -5,
+        ),
+    ];
+    // A series whose timestamp is written twice: the last one is its timestamp, for both.
+    let mut twice = stamped("a", ok, &[t + 50]).metric.remove(0).encode_to_vec();
+    twice.push(0x30);
+    prost::encoding::encode_varint((t - 50) as u64, &mut twice);
+    let mut family = MetricFamily {
+        name: Some("a".into()),
+        help: None,
+        r#type: Some(MetricType::Gauge as i32),
+        metric: vec![],
+    }
+    .encode_to_vec();
+    family.push(0x22);
+    prost::encoding::encode_varint(twice.len() as u64, &mut family);
+    family.extend_from_slice(&twice);
+    let mut body = Vec::new();
+    prost::encoding::encode_varint(family.len() as u64, &mut body);
+    body.extend_from_slice(&family);
+    body.extend(delimited::encode(&[stamped("b", ok, &[t - 60])]));
+    seeds.push((body, t - 50));
+    for (body, newest) in &seeds {
+        assert_eq!(check(body), Some(*newest), "seed {:02x?}", body);
+    }
+
+    // Random bodies: 1 to 6 families of 1 to 5 series, timestamps not decreasing in a family
+    // (as the fast path requires) but in any order across families.
+    let mut rng = Rng::new(0x6e65_7765_7374);
+    let kinds = [
+        MetricType::Gauge,
+        MetricType::Counter,
+        MetricType::Untyped,
+        MetricType::Summary,
+        MetricType::Histogram,
+    ];
+    for _ in 0..300 {
+        let mut families = Vec::new();
+        let mut newest = i64::MIN;
+        for f in 0..1 + rng.below(6) {
+            let mut ts: Vec<i64> = (0..1 + rng.below(5))
+                .map(|_| t - 1_000_000 + rng.below(2_000_000) as i64)
+                .collect();
+            ts.sort_unstable();
+            newest = newest.max(*ts.last().unwrap());
+            let name = format!("f{f}");
+            families.push(typed_as(stamped(&name, ok, &ts), *rng.pick(&kinds)));
+        }
+        let body = delimited::encode(&families);
+        assert_eq!(check(&body), Some(newest), "families {families:?}");
+        seeds.push((body, newest));
+    }
+
+    // Mutations of all of them: whatever the fast path still takes, it reads as the store would.
+    let corpus: Vec<Vec<u8>> = seeds.into_iter().map(|(body, _)| body).collect();
+    let dict: &[&[u8]] = &[
+        b"\x30\x00",
+        b"\x30\x01",
+        b"\x30\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",
+        b"\x30\x80\xd0\xac\xf3\xbc\x31",
+        b"\x22\x00",
+        b"\x0a\x08\x0a\x03_id\x12\x01a",
+    ];
+    let (mut taken, mut moved) = (0usize, 0usize);
+    for _ in 0..20_000 {
+        let mut input = rng.pick(&corpus).clone();
+        let before = newest_timestamp(&input);
+        mutate(&mut rng, &mut input, &corpus, dict);
+        if let Some(newest) = check(&input) {
+            taken += 1;
+            moved += usize::from(before != Ok(Some(newest)));
+        }
+    }
+    println!("{taken} of 20000 mutated bodies taken unchanged, {moved} with another newest sample");
+    // The run reaches bodies taken unchanged, and mutations that move their newest sample.
+    assert!(taken > 1_000 && moved > 100, "{taken} taken, {moved} moved");
 }

@@ -27,6 +27,10 @@ pub enum WireCheck {
         /// Bytes decoding it would allocate for label, quantile and bucket structs (as the
         /// upload's pre-decode scan counts them, so the same cap can be applied without it).
         element_bytes: usize,
+        /// The newest sample's timestamp, which the store's TTL counts from: the value
+        /// `wire::newest_timestamp` reads from the body, known here without a second walk of
+        /// it. Never absent: a body taken unchanged has a timestamp on every series.
+        newest_sample_ms: i64,
     },
     /// The body needs the owned path: it has to be rewritten (a token label to stamp, `--label`,
     /// series the whitelist may drop, an empty family), or it is refused, and the owned path says why in the very
@@ -87,7 +91,12 @@ impl Rules {
         if total.samples > self.max_samples || total.series == 0 {
             return WireCheck::Owned;
         }
+        // Some series was read, and each has a timestamp: there is a newest one.
+        let Some(newest_sample_ms) = total.newest else {
+            return WireCheck::Owned;
+        };
         WireCheck::Unchanged {
+            newest_sample_ms,
             series: total.series,
             samples: total.samples,
             element_bytes: total
@@ -131,7 +140,13 @@ impl Rules {
         }
         total.series = total.series.saturating_add(series);
         // An empty family is dropped by the owned path: the body would change.
-        (series > 0).then_some(())
+        if series == 0 {
+            return None;
+        }
+        // The timestamps were checked not to decrease, so the family's newest is its last: one
+        // comparison per family, none per series.
+        total.newest = total.newest.max(Some(previous_ts));
+        Some(())
     }
 }
 
@@ -157,6 +172,8 @@ struct Counted {
     labels: usize,
     quantiles: usize,
     buckets: usize,
+    /// The largest timestamp of the families read.
+    newest: Option<i64>,
 }
 
 /// Counts the samples (and quantiles or buckets) of one series whose value field is the one
