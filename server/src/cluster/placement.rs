@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use super::forward::ForwardKind;
 use super::Cluster;
-use crate::ingest::placement::{store_push, Placement, PlacementError};
+use crate::ingest::placement::{store_push, store_upload, Placement, PlacementError};
 use crate::receive::merge::Merger;
 
 /// Routes uploads through the ring.
@@ -44,6 +44,39 @@ impl Placement for ClusterPlacement {
             received,
             |bytes| {
                 store_push(&self.merger, cluster_id, bytes, received).map_err(|e| e.to_string())
+            },
+        )
+    }
+
+    fn place_unchanged(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        frames: Option<Vec<u8>>,
+        newest_sample_ms: i64,
+        received: SystemTime,
+    ) -> Result<(), PlacementError> {
+        // Stored here, the upload keeps its frames and newest sample, as on a single server; a
+        // forward sends the payload, and the owner reads both from it. Only one member of the
+        // preference order is this node, so the frames are taken at most once.
+        let frames = std::cell::Cell::new(frames);
+        place_on_owner(
+            &self.cluster,
+            cluster_id,
+            ForwardKind::Push,
+            payload,
+            received,
+            |bytes| {
+                let frames = frames.take();
+                store_upload(
+                    &self.merger,
+                    cluster_id,
+                    bytes,
+                    frames,
+                    Some(newest_sample_ms),
+                    received,
+                )
+                .map_err(|e| e.to_string())
             },
         )
     }
@@ -128,6 +161,32 @@ mod tests {
             store.store.get("c1").unwrap().unwrap().payload,
             b"payload".to_vec()
         );
+        cluster.shutdown();
+    }
+
+    /// An unchanged upload this node owns is journaled as it arrived (its frames, not the
+    /// families) and served whole, as on a single server.
+    #[test]
+    fn an_unchanged_upload_stored_here_keeps_its_frames() {
+        let store = TempStore::new("placement-unchanged");
+        let cluster = Arc::new(node("solo", "127.0.0.1:1", vec![]));
+        let placement = ClusterPlacement::new(cluster.clone(), Merger::new(store.store.clone()));
+        let payload = b"not a family, the store does not read it; ".repeat(64);
+        let frames = telemeter_common::snappy::encode_framed(&payload);
+        let now = SystemTime::now();
+        let newest = telemeter_common::time::unix_millis(now) as i64;
+        placement
+            .place_unchanged("c1", payload.clone(), Some(frames.clone()), newest, now)
+            .unwrap();
+        assert_eq!(store.store.get("c1").unwrap().unwrap().payload, payload);
+        let journal: Vec<u8> = std::fs::read_dir(store.dir())
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.to_string_lossy().contains("journal-"))
+            .flat_map(|path| std::fs::read(path).unwrap())
+            .collect();
+        let holds = |needle: &[u8]| journal.windows(needle.len()).any(|w| w == needle);
+        assert!(holds(&frames) && !holds(&payload));
         cluster.shutdown();
     }
 

@@ -18,6 +18,11 @@ pub struct TempStore {
 }
 
 impl TempStore {
+    /// The store's directory.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     pub fn new(tag: &str) -> TempStore {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(

@@ -37,16 +37,17 @@ impl Placement for Arc<FakePlacement> {
         Ok(())
     }
 
-    fn place_packed(
+    fn place_unchanged(
         &self,
         cluster_id: &str,
         payload: Vec<u8>,
-        frames: Vec<u8>,
+        frames: Option<Vec<u8>>,
+        _newest_sample_ms: i64,
         received: SystemTime,
     ) -> Result<(), PlacementError> {
         self.place(cluster_id, payload, received)?;
         if let Some(last) = self.frames.lock().unwrap().last_mut() {
-            *last = Some(frames);
+            *last = frames;
         }
         Ok(())
     }
