@@ -122,6 +122,7 @@ fn usual_series(message: &[u8]) -> Option<MetricView<'_>> {
         }
         rest = tail.get(usize::from(len)..)?;
     }
+    let labels = &message[..message.len() - rest.len()];
     let [key, 9, VALUE_KEY, b0, b1, b2, b3, b4, b5, b6, b7, ref tail @ ..] = *rest else {
         return None;
     };
@@ -144,6 +145,7 @@ fn usual_series(message: &[u8]) -> Option<MetricView<'_>> {
         message,
         timestamp_ms,
         value,
+        labels,
     })
 }
 

@@ -230,7 +230,7 @@ pub struct MetricView<'a> {
     /// The part of `message` that holds every label field: the run of labels it starts with when
     /// no label comes after its other fields (as every encoder writes a series), else all of it.
     /// The labels' readers walk only this, not the value and timestamp again.
-    labels: &'a [u8],
+    pub(crate) labels: &'a [u8],
 }
 
 impl<'a> MetricView<'a> {
