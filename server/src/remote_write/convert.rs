@@ -164,8 +164,28 @@ pub fn encode_payload(
     let mut labels = EncodedLabels::default();
     let mut bounds = Bounds::default();
     let mut names = NameFields::default();
-    for family in wire::families(payload, &limits) {
-        let family = family?;
+    let mut rest = payload;
+    // Once a family is framed otherwise: the general reader, from that family on.
+    let mut general: Option<wire::Families<'_>> = None;
+    // Bounded: each turn consumes a family of the payload.
+    loop {
+        let family = match &mut general {
+            Some(families) => match families.next() {
+                Some(family) => family?,
+                None => break,
+            },
+            None if rest.is_empty() => break,
+            None => match usual_family(rest) {
+                Some((family, after)) => {
+                    rest = after;
+                    family
+                }
+                None => {
+                    general = Some(wire::families(rest, &limits));
+                    continue;
+                }
+            },
+        };
         if family.name.is_empty() {
             continue;
         }
@@ -436,6 +456,45 @@ impl<'a> Walk<'a> {
         .next()
         .map(|item| item.map(Next::View))
     }
+}
+
+/// The first family of a protobuf-delimited `payload` and what follows it, when it is framed
+/// the usual way: a length of at most nine bytes, then its name (UTF-8), help and type, each at
+/// most once and in that order, then nothing but series fields of a one-byte key and a length of
+/// one or two bytes. `None` for anything else, left to the general reader ([`wire::families`]),
+/// whose reading of a family's header walks every field of it through the general field reader
+/// (a twentieth of egress's CPU). Its help is not read: conversion does not use it.
+fn usual_family(payload: &[u8]) -> Option<(wire::FamilyView<'_>, &[u8])> {
+    let (len, tail) = short_varint(payload)?;
+    let (message, after) = tail.split_at_checked(usize::try_from(len).ok()?)?;
+    let mut rest = message;
+    let mut name: &[u8] = &[];
+    if let [0x0a, ref tail @ ..] = *rest {
+        let (len, tail) = short_varint(tail)?;
+        (name, rest) = tail.split_at_checked(usize::try_from(len).ok()?)?;
+    }
+    if let [0x12, ref tail @ ..] = *rest {
+        let (len, tail) = short_varint(tail)?;
+        rest = tail.get(usize::try_from(len).ok()?..)?;
+    }
+    let mut raw_type = None;
+    if let [0x18, ref tail @ ..] = *rest {
+        let (value, tail) = short_varint(tail)?;
+        // An enum is an int32 on the wire: prost keeps the varint's low 32 bits.
+        raw_type = Some(value as i32);
+        rest = tail;
+    }
+    // Bounded: each turn consumes a series' field.
+    while !rest.is_empty() {
+        (_, rest) = series_field(rest)?;
+    }
+    let family = wire::FamilyView {
+        name: std::str::from_utf8(name).ok()?,
+        help: "",
+        raw_type,
+        message,
+    };
+    Some((family, after))
 }
 
 /// Where the series' fields of a `MetricFamily` message start: after its name, help and type,
@@ -1221,9 +1280,29 @@ mod tests {
                 2,
             ),
         ];
-        for (family, entries) in families {
+        // A family renamed after its series (the last name is its name), between usual ones,
+        // and all of them in one payload: each read as the general reader reads it.
+        let renamed = [name.clone(), series(&untyped), vec![0x0a, 1, b'h']].concat();
+        let plain = [name.clone(), vec![0x18, 1], series(&usual)].concat();
+        let mut all = (families.iter().map(|(f, n)| (f.clone(), *n)).collect::<Vec<_>>(), 0);
+        all.0.insert(1, (renamed.clone(), 1));
+        all.0.insert(0, (plain.clone(), 1));
+        let framed = |family: &[u8]| {
             let mut payload = vec![0x80 | (family.len() as u8 & 0x7f), (family.len() >> 7) as u8];
-            payload.extend_from_slice(&family);
+            payload.extend_from_slice(family);
+            payload
+        };
+        let many: Vec<u8> = all.0.iter().flat_map(|(f, _)| framed(f)).collect();
+        all.1 = all.0.iter().map(|(_, n)| n).sum();
+        let decoded = telemeter_common::delimited::decode(&many, &Default::default()).unwrap();
+        let (got, want) = both(&decoded, &many);
+        assert_eq!(got, want);
+        assert!(got.windows(3).any(|w| w == [0x12, 1, b'h']), "renamed");
+        let mut ends = 0;
+        encode_payload(&many, 42, &mut Vec::new(), |_, _| ends += 1).unwrap();
+        assert_eq!(ends, all.1);
+        for (family, entries) in families {
+            let payload = framed(&family);
             let families =
                 telemeter_common::delimited::decode(&payload, &Default::default()).unwrap();
             let (got, want) = both(&families, &payload);
