@@ -398,7 +398,10 @@ enum Walk<'a> {
 /// One series of a [`Walk`].
 enum Next<'a> {
     /// Its labels are in the [`StoredFields`] given to [`Walk::next`].
-    Simple { value: f64, timestamp: Option<i64> },
+    Simple {
+        value: f64,
+        timestamp: Option<i64>,
+    },
     View(wire::MetricView<'a>),
 }
 
@@ -572,9 +575,7 @@ impl<'a> StoredFields<'a> {
         // Bounded: each turn consumes at least two bytes.
         while let [0x0a, len, ref tail @ ..] = *rest {
             let len = usize::from(len);
-            let Some(label) = tail.get(..len) else {
-                return None;
-            };
+            let label = tail.get(..len)?;
             let [0x0a, name_len, ref after_key @ ..] = *label else {
                 return None;
             };
@@ -616,7 +617,10 @@ impl<'a> StoredFields<'a> {
             _ => return None,
         };
         // Stored in the order the client sent them (validation checks, it does not sort).
-        if !self.fields.is_sorted_by(|a, b| name_order_bytes(a.0, b.0).is_le()) {
+        if !self
+            .fields
+            .is_sorted_by(|a, b| name_order_bytes(a.0, b.0).is_le())
+        {
             self.fields.sort_by(|a, b| name_order_bytes(a.0, b.0));
         }
         Some((value, timestamp))
@@ -1212,11 +1216,29 @@ mod tests {
         };
         let stamp = vec![0x30, 0xe8, 0x07]; // 1000
         let metrics: Vec<Vec<u8>> = vec![
-            [label(b"b", b"2"), gauge(1.5), label(b"a", b"1"), stamp.clone()].concat(),
+            [
+                label(b"b", b"2"),
+                gauge(1.5),
+                label(b"a", b"1"),
+                stamp.clone(),
+            ]
+            .concat(),
             [label(b"a", b"1"), gauge(1.5), gauge(2.5)].concat(),
             [label(b"a", b"1"), vec![0x12, 0], stamp.clone()].concat(),
-            [label(b"a", b"1"), gauge(3.5), stamp.clone(), label(b"c", b"3")].concat(),
-            [label(b"z", b"9"), label(b"a", b"1"), gauge(4.5), stamp.clone()].concat(),
+            [
+                label(b"a", b"1"),
+                gauge(3.5),
+                stamp.clone(),
+                label(b"c", b"3"),
+            ]
+            .concat(),
+            [
+                label(b"z", b"9"),
+                label(b"a", b"1"),
+                gauge(4.5),
+                stamp.clone(),
+            ]
+            .concat(),
         ];
         for metric in metrics {
             let mut family = vec![0x0a, 1, b'g', 0x18, 1, 0x22, metric.len() as u8];
@@ -1239,7 +1261,11 @@ mod tests {
         let name = vec![0x0a, 1, b'g'];
         let long = [label(&[b'x'; 60], &[b'y'; 60]), gauge(9.5)].concat();
         let long_series = [
-            vec![0x22, 0x80 | (long.len() as u8 & 0x7f), (long.len() >> 7) as u8],
+            vec![
+                0x22,
+                0x80 | (long.len() as u8 & 0x7f),
+                (long.len() >> 7) as u8,
+            ],
             long,
         ]
         .concat();
@@ -1271,12 +1297,24 @@ mod tests {
             ),
             // A counter family: its counters, not its gauges; untyped, with no type field.
             (
-                [name.clone(), help.clone(), vec![0x18, 0], series(&usual), series(&counter)]
-                    .concat(),
+                [
+                    name.clone(),
+                    help.clone(),
+                    vec![0x18, 0],
+                    series(&usual),
+                    series(&counter),
+                ]
+                .concat(),
                 1,
             ),
             (
-                [name.clone(), series(&untyped), series(&usual), series(&untyped)].concat(),
+                [
+                    name.clone(),
+                    series(&untyped),
+                    series(&usual),
+                    series(&untyped),
+                ]
+                .concat(),
                 2,
             ),
         ];
@@ -1284,11 +1322,20 @@ mod tests {
         // and all of them in one payload: each read as the general reader reads it.
         let renamed = [name.clone(), series(&untyped), vec![0x0a, 1, b'h']].concat();
         let plain = [name.clone(), vec![0x18, 1], series(&usual)].concat();
-        let mut all = (families.iter().map(|(f, n)| (f.clone(), *n)).collect::<Vec<_>>(), 0);
+        let mut all = (
+            families
+                .iter()
+                .map(|(f, n)| (f.clone(), *n))
+                .collect::<Vec<_>>(),
+            0,
+        );
         all.0.insert(1, (renamed.clone(), 1));
         all.0.insert(0, (plain.clone(), 1));
         let framed = |family: &[u8]| {
-            let mut payload = vec![0x80 | (family.len() as u8 & 0x7f), (family.len() >> 7) as u8];
+            let mut payload = vec![
+                0x80 | (family.len() as u8 & 0x7f),
+                (family.len() >> 7) as u8,
+            ];
             payload.extend_from_slice(family);
             payload
         };
