@@ -556,10 +556,12 @@ fn short_varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
 /// needed: for the one entry a simple series makes they were two thirds of its conversion.
 #[derive(Default)]
 struct StoredFields<'a> {
-    /// (name, the whole field), in name order once read.
-    fields: Vec<(&'a [u8], &'a [u8])>,
+    /// (its name's [`name_key`], name, the whole field), in name order once read.
+    fields: Vec<(u64, &'a [u8], &'a [u8])>,
     /// Their bytes in all.
     len: usize,
+    /// How many of them sort before `__name__`.
+    at_name: usize,
 }
 
 impl<'a> StoredFields<'a> {
@@ -594,7 +596,7 @@ impl<'a> StoredFields<'a> {
                 return None;
             }
             let field = &rest[..2 + len];
-            self.fields.push((name, field));
+            self.fields.push((name_key(name), name, field));
             self.len += field.len();
             rest = &tail[len..];
         }
@@ -616,13 +618,25 @@ impl<'a> StoredFields<'a> {
             },
             _ => return None,
         };
-        // Stored in the order the client sent them (validation checks, it does not sort).
-        if !self
-            .fields
-            .is_sorted_by(|a, b| name_order_bytes(a.0, b.0).is_le())
-        {
-            self.fields.sort_by(|a, b| name_order_bytes(a.0, b.0));
+        // Stored in the order the client sent them (validation checks, it does not sort; clients
+        // that stamp `_id` append it). A few labels are put in order by insertion, comparing
+        // their names' first eight bytes at once: the library's sort, its check that they are
+        // sorted and the comparisons' calls to memcmp were a sixth of a shard's CPU.
+        let fields = &mut self.fields;
+        if fields.len() <= 16 {
+            for i in 1..fields.len() {
+                // Bounded: at most i turns.
+                let mut j = i;
+                while j > 0 && sorts_before(&fields[j], &fields[j - 1]) {
+                    fields.swap(j, j - 1);
+                    j -= 1;
+                }
+            }
+        } else {
+            fields.sort_by(|a, b| name_order_bytes(a.1, b.1));
         }
+        let name = (name_key(b"__name__"), &b"__name__"[..], &[][..]);
+        self.at_name = fields.partition_point(|field| sorts_before(field, &name));
         Some((value, timestamp))
     }
 
@@ -634,16 +648,13 @@ impl<'a> StoredFields<'a> {
         out.reserve(field_len(series_len));
         out.push(0x0a); // WriteRequest.timeseries, length-delimited
         prost::encoding::encode_varint(series_len as u64, out);
-        let mut name_written = false;
-        for &(n, field) in &self.fields {
-            if !name_written && name_order_bytes(n, b"__name__").is_gt() {
-                out.extend_from_slice(name);
-                name_written = true;
-            }
+        let (before, after) = self.fields.split_at(self.at_name.min(self.fields.len()));
+        for &(_, _, field) in before {
             out.extend_from_slice(field);
         }
-        if !name_written {
-            out.extend_from_slice(name);
+        out.extend_from_slice(name);
+        for &(_, _, field) in after {
+            out.extend_from_slice(field);
         }
         out.push(0x12); // TimeSeries.samples
         prost::encoding::encode_varint(sample_len as u64, out);
@@ -654,6 +665,23 @@ impl<'a> StoredFields<'a> {
         out.extend_from_slice(timestamp.field());
         (2 + sample_len) as u8
     }
+}
+
+/// A label name's first eight bytes, big-endian, zeros after a shorter name: names whose keys
+/// differ sort as their keys do.
+#[inline]
+fn name_key(name: &[u8]) -> u64 {
+    let mut key = 0u64;
+    for (i, &b) in name.iter().take(8).enumerate() {
+        key |= u64::from(b) << (56 - 8 * i);
+    }
+    key
+}
+
+/// Whether the stored label `a` sorts before `b` by name, byte order.
+#[inline]
+fn sorts_before(a: &(u64, &[u8], &[u8]), b: &(u64, &[u8], &[u8])) -> bool {
+    a.0 < b.0 || (a.0 == b.0 && a.1 < b.1)
 }
 
 /// One metric's labels (sorted, none named `__name__`), each already encoded as a
@@ -1239,11 +1267,36 @@ mod tests {
                 stamp.clone(),
             ]
             .concat(),
+            // Usual, in name order once sorted: names sharing their first eight bytes or more,
+            // one sorting before `__name__`; and more labels than are sorted by insertion.
+            [
+                label(b"instance_b", b"2"),
+                label(b"instance", b"1"),
+                label(b"A", b"0"),
+                label(b"_id", b"c"),
+                label(b"instance_a", b"3"),
+                label(b"instanc", b"4"),
+                gauge(5.5),
+                stamp.clone(),
+            ]
+            .concat(),
+            [
+                (0..20u8)
+                    .rev()
+                    .flat_map(|i| label(&[b'a' + i, b'x', b'A' + i], &[b'v', i]))
+                    .collect(),
+                gauge(6.5),
+            ]
+            .concat(),
         ];
+        let varint = |n: usize| match n {
+            0..128 => vec![n as u8],
+            _ => vec![0x80 | (n & 0x7f) as u8, (n >> 7) as u8],
+        };
         for metric in metrics {
-            let mut family = vec![0x0a, 1, b'g', 0x18, 1, 0x22, metric.len() as u8];
+            let mut family = [vec![0x0a, 1, b'g', 0x18, 1, 0x22], varint(metric.len())].concat();
             family.extend_from_slice(&metric);
-            let mut payload = vec![family.len() as u8];
+            let mut payload = varint(family.len());
             payload.extend_from_slice(&family);
             let families =
                 telemeter_common::delimited::decode(&payload, &Default::default()).unwrap();
