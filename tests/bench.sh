@@ -312,10 +312,12 @@ egress_rows() {
     # Where the receiver runs on other cores, egress keeps up exactly when it spends less CPU a
     # sample than ingest does: both figures come from the same run, so the machine's load and the
     # receiver's own cost (which shares these two cores here) cancel out.
-    [ "$name" = sink ] && row "7. Egress capacity against ingest capacity (server CPU a sample, the sink run above)" \
-      "egress $(field "$l" egress_us_per_sample) µs a sample shipped · ingest $(field "$l" ingest_us_per_sample) µs a sample accepted (the server's CPU less its egress threads')" \
-      "egress ≤ ingest" \
-      "$(met "$(field "$l" ingest_us_per_sample)" ">=" "$(field "$l" egress_us_per_sample)")"
+    if [ "$name" = sink ]; then
+      row "7. Egress capacity against ingest capacity (server CPU a sample, the sink run above)" \
+        "egress $(field "$l" egress_us_per_sample) µs a sample shipped · ingest $(field "$l" ingest_us_per_sample) µs a sample accepted (the server's CPU less its egress threads')" \
+        "egress ≤ ingest" \
+        "$(met "$(field "$l" ingest_us_per_sample)" ">=" "$(field "$l" egress_us_per_sample)")"
+    fi
   done
 }
 egress_section() {
