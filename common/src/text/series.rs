@@ -11,7 +11,7 @@
 //! same (tests compare both readings on mutated families).
 
 use crate::delimited::DecodeError;
-use crate::wire::{FamilyView, MetricView, Metrics, Value};
+use crate::wire::{series_field, short_varint, FamilyView, MetricView, Metrics, Value};
 
 /// The series of `family`, as [`FamilyView::metrics`] reads them.
 pub(super) fn series<'a>(family: &FamilyView<'a>) -> Series<'a> {
@@ -96,20 +96,6 @@ fn series_fields(message: &[u8]) -> Option<&[u8]> {
     Some(rest)
 }
 
-/// One series field at the start of `bytes` written the usual way (see [`series_fields`]): the
-/// series' message and what follows it.
-#[inline(always)]
-fn series_field(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    let (len, tail) = match *bytes {
-        [SERIES_KEY, len, ref tail @ ..] if len < 0x80 => (usize::from(len), tail),
-        [SERIES_KEY, low, high, ref tail @ ..] if low >= 0x80 && high < 0x80 => {
-            (usize::from(low & 0x7f) | usize::from(high) << 7, tail)
-        }
-        _ => return None,
-    };
-    tail.split_at_checked(len)
-}
-
 /// The view of a series written the usual way: short labels (each `0a <len under 128>`, read
 /// later), one gauge, counter or untyped value (`<key> 09 09 <8 bytes>`), then a timestamp
 /// (`30 <varint of at most 9 bytes>`) or nothing. `None` for anything else.
@@ -149,25 +135,10 @@ fn usual_series(message: &[u8]) -> Option<MetricView<'_>> {
     })
 }
 
-/// A varint of at most nine bytes (which cannot overflow 64 bits) at the start of `bytes`: its
-/// value and what follows it. `None` for a longer one, or one cut short.
-#[inline(always)]
-fn short_varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
-    let mut value = 0u64;
-    for (i, &b) in bytes.iter().take(9).enumerate() {
-        value |= u64::from(b & 0x7f) << (7 * i);
-        if b < 0x80 {
-            return Some((value, bytes.get(i + 1..)?));
-        }
-    }
-    None
-}
-
 // The one-byte keys of metrics.proto's fields read here: (field << 3) | wire type.
 const NAME_KEY: u8 = (1 << 3) | 2;
 const HELP_KEY: u8 = (2 << 3) | 2;
 const TYPE_KEY: u8 = 3 << 3;
-const SERIES_KEY: u8 = (4 << 3) | 2;
 const LABEL_KEY: u8 = (1 << 3) | 2;
 const GAUGE_KEY: u8 = (2 << 3) | 2;
 const COUNTER_KEY: u8 = (3 << 3) | 2;

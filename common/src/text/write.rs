@@ -502,18 +502,22 @@ thread_local! {
     static EXTRA_VALUES: RefCell<FloatCache> = const { RefCell::new(FloatCache::new()) };
 }
 
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// Whether a byte of `word` equals `b`: the classic zero-byte test on `word ^ (b × ONES)`, which
+/// can flag a byte above a real match but never flags a word without one.
+#[inline(always)]
+fn word_has(word: u64, b: u8) -> bool {
+    let x = word ^ (u64::from(b) * ONES);
+    x.wrapping_sub(ONES) & !x & HIGHS != 0
+}
+
 /// Whether `bytes` holds a `\\` or a newline (or, with `quotes`, a `"`). Almost no label value
 /// does, and every label of every series `/federate` writes is asked: eight bytes at a time
 /// (the byte-wise scan did not vectorize, and was a few percent of a scrape).
 fn needs_escaping(bytes: &[u8], quotes: bool) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    // A byte of `word` equal to `b`: the classic zero-byte test on `word ^ (b × ONES)`, which
-    // can flag a byte above a real match but never flags a word without one.
-    let has = |word: u64, b: u8| {
-        let x = word ^ (u64::from(b) * ONES);
-        x.wrapping_sub(ONES) & !x & HIGHS != 0
-    };
+    let has = word_has;
     let mut words = bytes.chunks_exact(8);
     for chunk in &mut words {
         let mut word = [0u8; 8];
@@ -534,12 +538,7 @@ fn needs_escaping(bytes: &[u8], quotes: bool) -> bool {
 /// way gets, eight bytes at a time as [`needs_escaping`].
 #[inline]
 fn needs_escaping_or_utf8(bytes: &[u8]) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let has = |word: u64, b: u8| {
-        let x = word ^ (u64::from(b) * ONES);
-        x.wrapping_sub(ONES) & !x & HIGHS != 0
-    };
+    let has = word_has;
     let mut words = bytes.chunks_exact(8);
     for chunk in &mut words {
         let mut word = [0u8; 8];

@@ -7,7 +7,7 @@
 
 use telemeter_common::delimited::{self, DecodeError};
 use telemeter_common::model::{LabelPair, MetricFamily, MetricType};
-use telemeter_common::wire;
+use telemeter_common::wire::{self, series_field, short_varint};
 
 use super::proto::{Label, Sample, TimeSeries};
 
@@ -520,32 +520,6 @@ fn series_start(message: &[u8]) -> Option<&[u8]> {
         None | Some(&0x22) => Some(rest),
         Some(_) => None,
     }
-}
-
-/// One `MetricFamily.metric` field at the start of `bytes` with a length of one or two bytes:
-/// the series' message and what follows it.
-fn series_field(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    let (len, tail) = match *bytes {
-        [0x22, len, ref tail @ ..] if len < 0x80 => (usize::from(len), tail),
-        [0x22, low, high, ref tail @ ..] if low >= 0x80 && high < 0x80 => {
-            (usize::from(low & 0x7f) | usize::from(high) << 7, tail)
-        }
-        _ => return None,
-    };
-    tail.split_at_checked(len)
-}
-
-/// A varint of at most nine bytes (which cannot overflow 64 bits) at the start of `bytes`: its
-/// value and what follows it; `None` for a longer one, or one cut short.
-fn short_varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
-    let mut value = 0u64;
-    for (i, &b) in bytes.iter().take(9).enumerate() {
-        value |= u64::from(b & 0x7f) << (7 * i);
-        if b < 0x80 {
-            return Some((value, bytes.get(i + 1..)?));
-        }
-    }
-    None
 }
 
 /// The label fields of a gauge's, counter's or untyped series stored the usual way, in name

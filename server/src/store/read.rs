@@ -44,10 +44,8 @@ enum Pin {
 }
 
 impl PinnedUpload {
-    /// Replaces `buffer` with the payload bytes `start..end` (offsets into the payload, as
-    /// [`StoredUpload::payload`] had them). The bytes were verified when pinned; a range past
-    /// the payload's end is refused.
-    pub fn read_range(&self, start: u64, end: u64, buffer: &mut Vec<u8>) -> io::Result<()> {
+    /// The length of the payload range `start..end`; a range past the payload's end is refused.
+    fn range_len(&self, start: u64, end: u64) -> io::Result<usize> {
         if start > end || end > self.payload_len {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -57,8 +55,15 @@ impl PinnedUpload {
                 ),
             ));
         }
-        let len = usize::try_from(end - start)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "range too long"))?;
+        usize::try_from(end - start)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "range too long"))
+    }
+
+    /// Replaces `buffer` with the payload bytes `start..end` (offsets into the payload, as
+    /// [`StoredUpload::payload`] had them). The bytes were verified when pinned; a range past
+    /// the payload's end is refused.
+    pub fn read_range(&self, start: u64, end: u64, buffer: &mut Vec<u8>) -> io::Result<()> {
+        let len = self.range_len(start, end)?;
         buffer.clear();
         let file = match &self.pin {
             Pin::File(file) => file,
@@ -111,17 +116,7 @@ impl PinnedUpload {
         end: u64,
         buffer: &'b mut Vec<u8>,
     ) -> io::Result<&'b [u8]> {
-        if start > end || end > self.payload_len {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "range {start}..{end} outside a payload of {} bytes",
-                    self.payload_len
-                ),
-            ));
-        }
-        let len = usize::try_from(end - start)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "range too long"))?;
+        let len = self.range_len(start, end)?;
         let file = match &self.pin {
             Pin::File(file) => file,
             Pin::Segment(segment) => &segment.file,
