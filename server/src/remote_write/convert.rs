@@ -350,8 +350,23 @@ impl Stamp {
         stamp
     }
 
-    fn field(&self) -> &[u8] {
-        &self.bytes[..self.len]
+    /// The length of a `Sample` of `value` at this timestamp (zeros are left out, as prost does).
+    fn sample_len(&self, value: f64) -> usize {
+        (if value != 0.0 { 9 } else { 0 }) + self.len
+    }
+
+    /// A `TimeSeries.samples` field of `value` at this timestamp, which ends a series' entry;
+    /// returns its bytes (under 128: at most 21).
+    fn write_sample(&self, value: f64, out: &mut Vec<u8>) -> u8 {
+        let sample_len = self.sample_len(value);
+        out.push(0x12); // TimeSeries.samples
+        prost::encoding::encode_varint(sample_len as u64, out);
+        if value != 0.0 {
+            out.push(0x09); // Sample.value, 64-bit
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        out.extend_from_slice(&self.bytes[..self.len]);
+        (2 + sample_len) as u8
     }
 }
 
@@ -617,7 +632,7 @@ impl<'a> StoredFields<'a> {
     /// One `WriteRequest.timeseries` entry of these labels, `__name__` (its field `name`) and
     /// one sample, as [`write_series`] writes it; returns the bytes of its sample field.
     fn write_series(&self, name: &[u8], value: f64, timestamp: &Stamp, out: &mut Vec<u8>) -> u8 {
-        let sample_len = (if value != 0.0 { 9 } else { 0 }) + timestamp.len;
+        let sample_len = timestamp.sample_len(value);
         let series_len = self.len + name.len() + field_len(sample_len);
         out.reserve(field_len(series_len));
         out.push(0x0a); // WriteRequest.timeseries, length-delimited
@@ -630,14 +645,7 @@ impl<'a> StoredFields<'a> {
         for &(_, _, field) in after {
             out.extend_from_slice(field);
         }
-        out.push(0x12); // TimeSeries.samples
-        prost::encoding::encode_varint(sample_len as u64, out);
-        if value != 0.0 {
-            out.push(0x09); // Sample.value, 64-bit
-            out.extend_from_slice(&value.to_le_bytes());
-        }
-        out.extend_from_slice(timestamp.field());
-        (2 + sample_len) as u8
+        timestamp.write_sample(value, out)
     }
 }
 
@@ -823,7 +831,7 @@ impl EncodedLabels {
             }
         }
         let extra_field = extra.map_or(0, |(n, v)| field_len(label_payload_len(n.len(), v.len())));
-        let sample_len = (if value != 0.0 { 9 } else { 0 }) + timestamp.len;
+        let sample_len = timestamp.sample_len(value);
         let runs = if extra.is_some() {
             [(0, cuts[0].0), (cuts[0].1, cuts[1].0), (cuts[1].1, count)]
         } else {
@@ -860,14 +868,7 @@ impl EncodedLabels {
                 out.extend_from_slice(self.run(runs[2].0, runs[2].1));
             }
         }
-        out.push(0x12); // TimeSeries.samples
-        prost::encoding::encode_varint(sample_len as u64, out);
-        if value != 0.0 {
-            out.push(0x09); // Sample.value, 64-bit
-            out.extend_from_slice(&value.to_le_bytes());
-        }
-        out.extend_from_slice(timestamp.field());
-        (2 + sample_len) as u8
+        timestamp.write_sample(value, out)
     }
 }
 
