@@ -402,6 +402,7 @@ pub fn decode_block(body: &[u8], max_decompressed: usize) -> Result<Vec<u8>, Sna
 #[cfg(test)]
 mod tests {
     use super::*;
+    use testkit::fuzz::Rng;
 
     /// Data that compresses somewhat but not trivially: text-like with repeats.
     fn sample(len: usize) -> Vec<u8> {
@@ -619,22 +620,6 @@ mod tests {
         }
     }
 
-    /// A generator of test data: xorshift, so every run tests the same cases.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
-    }
-
     /// What `snap`'s decoder (the reference implementation's port) reads back.
     fn snap_decode(block: &[u8]) -> Vec<u8> {
         snap::raw::Decoder::new()
@@ -686,7 +671,7 @@ mod tests {
 
     #[test]
     fn block_writer_output_is_valid_snappy_for_any_ranges() {
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
         let (mut total_data, mut total_block) = (0, 0);
         for round in 0..2000 {
             // Small alphabets repeat a lot; sizes up to past 64 KiB (the 4-byte offsets).
@@ -703,7 +688,7 @@ mod tests {
                     let from = rng.below(data.len() - run);
                     data.extend_from_within(from..from + run);
                 } else {
-                    data.extend((0..run).map(|_| (rng.next() % alphabet) as u8));
+                    data.extend((0..run).map(|_| (rng.next_u64() % alphabet) as u8));
                 }
             }
             data.truncate(len);
@@ -738,8 +723,8 @@ mod tests {
         // A run repeated at offsets needing each form, for lengths around each split point.
         for offset in [8, 2047, 2048, 65_535, 65_536, 70_000] {
             for len in [8, 11, 12, 63, 64, 65, 66, 67, 68, 69, 128, 131, 1000] {
-                let mut rng = Rng(offset as u64 * 1000 + len as u64);
-                let mut data: Vec<u8> = (0..offset).map(|_| rng.next() as u8).collect();
+                let mut rng = Rng::new(offset as u64 * 1000 + len as u64);
+                let mut data: Vec<u8> = (0..offset).map(|_| rng.next_u64() as u8).collect();
                 let (like, at) = (0..len.min(offset), data.len());
                 data.extend_from_within(like.clone());
                 let range = at..data.len();
