@@ -513,24 +513,30 @@ fn word_has(word: u64, b: u8) -> bool {
     x.wrapping_sub(ONES) & !x & HIGHS != 0
 }
 
-/// Whether `bytes` holds a `\\` or a newline (or, with `quotes`, a `"`). Almost no label value
-/// does, and every label of every series `/federate` writes is asked: eight bytes at a time
-/// (the byte-wise scan did not vectorize, and was a few percent of a scrape).
-fn needs_escaping(bytes: &[u8], quotes: bool) -> bool {
-    let has = word_has;
+/// Whether any eight-byte word of `bytes` passes `word_test`, or any byte of the tail shorter
+/// than a word passes `byte_test` (the same question asked of one byte).
+#[inline(always)]
+fn any_word(bytes: &[u8], word_test: impl Fn(u64) -> bool, byte_test: impl Fn(u8) -> bool) -> bool {
     let mut words = bytes.chunks_exact(8);
     for chunk in &mut words {
         let mut word = [0u8; 8];
         word.copy_from_slice(chunk);
-        let word = u64::from_le_bytes(word);
-        if has(word, b'\\') || has(word, b'\n') || (quotes && has(word, b'"')) {
+        if word_test(u64::from_le_bytes(word)) {
             return true;
         }
     }
-    words
-        .remainder()
-        .iter()
-        .any(|&b| b == b'\\' || b == b'\n' || (quotes && b == b'"'))
+    words.remainder().iter().any(|&b| byte_test(b))
+}
+
+/// Whether `bytes` holds a `\\` or a newline (or, with `quotes`, a `"`). Almost no label value
+/// does, and every label of every series `/federate` writes is asked: eight bytes at a time
+/// (the byte-wise scan did not vectorize, and was a few percent of a scrape).
+fn needs_escaping(bytes: &[u8], quotes: bool) -> bool {
+    any_word(
+        bytes,
+        |word| word_has(word, b'\\') || word_has(word, b'\n') || (quotes && word_has(word, b'"')),
+        |b| b == b'\\' || b == b'\n' || (quotes && b == b'"'),
+    )
 }
 
 /// Whether `bytes` holds a byte [`escape_into`] would escape (with quotes), or any byte that is
@@ -538,20 +544,16 @@ fn needs_escaping(bytes: &[u8], quotes: bool) -> bool {
 /// way gets, eight bytes at a time as [`needs_escaping`].
 #[inline]
 fn needs_escaping_or_utf8(bytes: &[u8]) -> bool {
-    let has = word_has;
-    let mut words = bytes.chunks_exact(8);
-    for chunk in &mut words {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        let word = u64::from_le_bytes(word);
-        if word & HIGHS != 0 || has(word, b'\\') || has(word, b'\n') || has(word, b'"') {
-            return true;
-        }
-    }
-    words
-        .remainder()
-        .iter()
-        .any(|&b| b >= 0x80 || b == b'\\' || b == b'\n' || b == b'"')
+    any_word(
+        bytes,
+        |word| {
+            word & HIGHS != 0
+                || word_has(word, b'\\')
+                || word_has(word, b'\n')
+                || word_has(word, b'"')
+        },
+        |b| b >= 0x80 || b == b'\\' || b == b'\n' || b == b'"',
+    )
 }
 
 /// As [`write_escaped`], for bytes into a `Vec`.
