@@ -7,8 +7,9 @@
 
 use ring::hmac;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use crate::keys::{DerivedKey, KeyPurpose, SharedKey};
@@ -236,14 +237,7 @@ impl TokenSigner {
         if !claims.aud.contains(AUDIENCE) {
             return Err(TokenError::WrongAudience);
         }
-        let now = unix_seconds(now);
-        let leeway = LEEWAY.as_secs();
-        if now.saturating_add(leeway) < claims.nbf {
-            return Err(TokenError::NotYetValid);
-        }
-        if now.saturating_sub(leeway) > claims.exp {
-            return Err(TokenError::Expired);
-        }
+        check_window(claims.nbf, claims.exp, now)?;
         let labels = claims.telemeter.labels;
         let cluster_id = if claims.cluster_id.is_empty() {
             // Upstream's tokens carry the id only as the `_id` label.
@@ -261,6 +255,140 @@ impl TokenSigner {
             not_before: claims.nbf,
             expires_at: claims.exp,
         })
+    }
+}
+
+/// Whether `now` is within a token's validity window (`nbf` and `exp`, with [`LEEWAY`]).
+fn check_window(not_before: u64, expires_at: u64, now: SystemTime) -> Result<(), TokenError> {
+    let now = unix_seconds(now);
+    let leeway = LEEWAY.as_secs();
+    if now.saturating_add(leeway) < not_before {
+        return Err(TokenError::NotYetValid);
+    }
+    if now.saturating_sub(leeway) > expires_at {
+        return Err(TokenError::Expired);
+    }
+    Ok(())
+}
+
+/// The longest token [`VerifiedTokens`] keeps: a longer one is verified every time. Upload tokens
+/// this server issues are a few hundred bytes; the cap (with the entry count) bounds the memory
+/// whatever a token carries.
+pub const MAX_CACHED_TOKEN_BYTES: usize = 1024;
+
+/// Tokens verified before, each with what its caller made of its claims, so a client sending the
+/// same token upload after upload costs a lookup instead of base64, two JSON parses and an HMAC
+/// per key (~4 µs an upload).
+///
+/// Safe to trust because an entry is exactly what [`TokenSigner::verify`] (and the caller's own
+/// check) concluded of the same bytes, and every part of that conclusion but the validity window
+/// depends on those bytes and the keys alone: the window is checked again at every hit, with the
+/// same rule, so an expired token is refused as `Expired` from the cache as it would be without
+/// it. The cache owns its signer, whose keys never change: keys read anew (a restart, or a
+/// reload that ever re-reads `--shared-key`) make a new signer and so a new, empty cache. A reload
+/// of the tokens file does not touch upload tokens already issued, cached or not (they are
+/// self-contained, as upstream's).
+///
+/// Bounded against whoever sends tokens: only a token that verified and passed the caller's check
+/// enters (invalid ones, however many, neither fill nor evict it); at most `capacity` entries of
+/// tokens up to [`MAX_CACHED_TOKEN_BYTES`], whose values are made from their claims. When full,
+/// expired entries are dropped, and if none were, all are: a client able to mint more valid
+/// tokens than the capacity (through `/authorize`) can only make others verify again, never
+/// grow it.
+pub struct VerifiedTokens<V> {
+    signer: TokenSigner,
+    capacity: usize,
+    entries: Mutex<HashMap<Box<str>, Verified<V>>>,
+}
+
+/// One cached verdict.
+struct Verified<V> {
+    not_before: u64,
+    expires_at: u64,
+    value: Arc<V>,
+}
+
+/// Why [`VerifiedTokens::verify`] refused a token.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CachedTokenError<E> {
+    /// The token did not verify, or is outside its validity window now.
+    Token(TokenError),
+    /// The token verified, and the caller's check refused its claims.
+    Refused(E),
+}
+
+impl<V> VerifiedTokens<V> {
+    /// An empty cache of at most `capacity` tokens (at least one), verified with `signer`.
+    pub fn new(signer: TokenSigner, capacity: usize) -> VerifiedTokens<V> {
+        VerifiedTokens {
+            signer,
+            capacity: capacity.max(1),
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The signer tokens are verified with.
+    pub fn signer(&self) -> &TokenSigner {
+        &self.signer
+    }
+
+    /// Tokens held now.
+    pub fn len(&self) -> usize {
+        crate::sync::lock(&self.entries).len()
+    }
+
+    /// Whether no token is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// What `accept` made of `token`'s claims, from the cache when the token verified before and
+    /// is still within its validity window at `now`; else verified (and `accept`ed) now, and kept
+    /// when both passed.
+    pub fn verify<E>(
+        &self,
+        token: &str,
+        now: SystemTime,
+        accept: impl FnOnce(Claims) -> Result<V, E>,
+    ) -> Result<Arc<V>, CachedTokenError<E>> {
+        {
+            let mut entries = crate::sync::lock(&self.entries);
+            if let Some(hit) = entries.get(token) {
+                return match check_window(hit.not_before, hit.expires_at, now) {
+                    Ok(()) => Ok(hit.value.clone()),
+                    Err(e) => {
+                        if e == TokenError::Expired {
+                            entries.remove(token);
+                        }
+                        Err(CachedTokenError::Token(e))
+                    }
+                };
+            }
+        }
+        let claims = self
+            .signer
+            .verify(token, now)
+            .map_err(CachedTokenError::Token)?;
+        let (not_before, expires_at) = (claims.not_before, claims.expires_at);
+        let value = Arc::new(accept(claims).map_err(CachedTokenError::Refused)?);
+        if token.len() <= MAX_CACHED_TOKEN_BYTES {
+            let mut entries = crate::sync::lock(&self.entries);
+            if entries.len() >= self.capacity {
+                entries.retain(|_, v| check_window(v.not_before, v.expires_at, now).is_ok());
+                if entries.len() >= self.capacity {
+                    entries.clear();
+                }
+            }
+            entries.insert(
+                token.into(),
+                Verified {
+                    not_before,
+                    expires_at,
+                    value: value.clone(),
+                },
+            );
+        }
+        Ok(value)
     }
 }
 
@@ -610,5 +738,160 @@ mod tests {
             new.verify(&by_old, now),
             Err(TokenError::BadSignature)
         ));
+    }
+
+    /// A cache whose `accept` counts its calls (each one is a full verification).
+    fn cache(capacity: usize) -> (VerifiedTokens<String>, Arc<std::sync::atomic::AtomicUsize>) {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        (
+            VerifiedTokens::new(TokenSigner::new(&shared(1)), capacity),
+            calls,
+        )
+    }
+
+    fn verify_counted(
+        cache: &VerifiedTokens<String>,
+        calls: &std::sync::atomic::AtomicUsize,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<Arc<String>, CachedTokenError<()>> {
+        cache.verify(token, now, |claims| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(claims.cluster_id)
+        })
+    }
+
+    #[test]
+    fn a_cached_token_is_verified_once_and_refused_once_expired() {
+        let (cache, calls) = cache(8);
+        let token = issue(cache.signer());
+        for _ in 0..3 {
+            let value = verify_counted(&cache, &calls, &token, at(NOW + 10)).unwrap();
+            assert_eq!(*value, "cluster-1");
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // The window is checked at every hit, with verify's own rule and error.
+        let late = at(NOW + 3600 + LEEWAY.as_secs() + 1);
+        assert_eq!(
+            cache.signer().verify(&token, late).unwrap_err(),
+            TokenError::Expired
+        );
+        assert_eq!(
+            verify_counted(&cache, &calls, &token, late).unwrap_err(),
+            CachedTokenError::Token(TokenError::Expired)
+        );
+        assert!(cache.is_empty(), "an expired token stays cached");
+        // A clock set back before `nbf` refuses it as verify would.
+        let token = issue(cache.signer());
+        verify_counted(&cache, &calls, &token, at(NOW)).unwrap();
+        assert_eq!(
+            verify_counted(&cache, &calls, &token, at(NOW - LEEWAY.as_secs() - 1)).unwrap_err(),
+            CachedTokenError::Token(TokenError::NotYetValid)
+        );
+    }
+
+    #[test]
+    fn only_tokens_that_verified_and_were_accepted_enter_the_cache() {
+        let (cache, calls) = cache(4);
+        let good = issue(cache.signer());
+        verify_counted(&cache, &calls, &good, at(NOW)).unwrap();
+        // Forged, tampered, under another key, or refused by the caller: none enters, and none
+        // evicts the token that did, however many are sent.
+        let other = issue(&TokenSigner::new(&shared(2)));
+        // One character of the signature changed (not the last, whose low bits base64 drops).
+        let at_sig = good.len() - 10;
+        let swapped = if &good[at_sig..=at_sig] == "B" {
+            "C"
+        } else {
+            "B"
+        };
+        let tampered = format!("{}{swapped}{}", &good[..at_sig], &good[at_sig + 1..]);
+        for i in 0..100 {
+            let forged = format!("{good}{i}");
+            for bad in [&forged, &other, &tampered] {
+                assert!(
+                    verify_counted(&cache, &calls, bad, at(NOW)).is_err(),
+                    "{bad} verified, good {good}"
+                );
+            }
+            let refused: Result<_, CachedTokenError<&str>> =
+                cache.verify(&issue_at(cache.signer(), i), at(NOW + 100), |_| Err("no"));
+            assert_eq!(refused.unwrap_err(), CachedTokenError::Refused("no"));
+        }
+        assert_eq!(cache.len(), 1);
+        let before = calls.load(std::sync::atomic::Ordering::SeqCst);
+        verify_counted(&cache, &calls, &good, at(NOW)).unwrap();
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), before);
+    }
+
+    fn issue_at(signer: &TokenSigner, i: u64) -> String {
+        signer.issue(
+            &format!("cluster-{i}"),
+            "account-7",
+            &labels(),
+            Duration::from_secs(3600),
+            at(NOW + i),
+        )
+    }
+
+    #[test]
+    fn the_cache_holds_at_most_its_capacity_and_no_long_token() {
+        let (cache, calls) = cache(16);
+        for i in 0..200 {
+            let token = issue_at(cache.signer(), i);
+            verify_counted(&cache, &calls, &token, at(NOW + 200)).unwrap();
+            assert!(cache.len() <= 16, "{} tokens held", cache.len());
+        }
+        // Expired entries go first when it is full: the fresh ones stay.
+        let (cache, calls) = cache_with_expired();
+        assert_eq!(cache.len(), 4);
+        // Full of fresh ones: the next clears it rather than grow it.
+        verify_counted(
+            &cache,
+            &calls,
+            &issue_at(cache.signer(), 904),
+            at(NOW + 1000),
+        )
+        .unwrap();
+        assert_eq!(cache.len(), 1);
+        // A token over the byte cap verifies, and is not kept.
+        let (cache, calls) = self::cache(16);
+        let long_labels: BTreeMap<String, String> =
+            BTreeMap::from([("x".to_string(), "y".repeat(MAX_CACHED_TOKEN_BYTES))]);
+        let long = cache
+            .signer()
+            .issue("c", "s", &long_labels, Duration::from_secs(60), at(NOW));
+        assert!(long.len() > MAX_CACHED_TOKEN_BYTES);
+        verify_counted(&cache, &calls, &long, at(NOW)).unwrap();
+        assert!(cache.is_empty());
+    }
+
+    /// A full cache of 4 holding 3 expired tokens and 1 fresh, then one more fresh token put.
+    fn cache_with_expired() -> (VerifiedTokens<String>, Arc<std::sync::atomic::AtomicUsize>) {
+        let (cache, calls) = cache(4);
+        for i in 0..3 {
+            let short = cache.signer().issue(
+                &format!("old-{i}"),
+                "s",
+                &labels(),
+                Duration::from_secs(1),
+                at(NOW),
+            );
+            verify_counted(&cache, &calls, &short, at(NOW)).unwrap();
+        }
+        let later = at(NOW + 1000);
+        let fresh = [issue_at(cache.signer(), 900), issue_at(cache.signer(), 901)];
+        verify_counted(&cache, &calls, &fresh[0], later).unwrap();
+        verify_counted(&cache, &calls, &fresh[1], later).unwrap();
+        // The expired three were dropped, not the fresh one: both are hits now.
+        let before = calls.load(std::sync::atomic::Ordering::SeqCst);
+        for token in &fresh {
+            verify_counted(&cache, &calls, token, later).unwrap();
+        }
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), before);
+        // Filled up again with fresh ones.
+        verify_counted(&cache, &calls, &issue_at(cache.signer(), 902), later).unwrap();
+        verify_counted(&cache, &calls, &issue_at(cache.signer(), 903), later).unwrap();
+        (cache, calls)
     }
 }

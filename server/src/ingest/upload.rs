@@ -31,7 +31,7 @@ use std::time::{Instant, SystemTime};
 use log::{debug, info, warn};
 use telemeter_common::delimited;
 use telemeter_common::http::{Admission, Head, Note, Request, Response};
-use telemeter_common::token::{Claims, TokenSigner};
+use telemeter_common::token::{CachedTokenError, TokenSigner, VerifiedTokens};
 
 use crate::authorize::{bearer_in, check_cluster_id, unauthorized};
 use crate::ingest::backfill::{BackfillBudget, BACKFILLS_PER_WINDOW};
@@ -75,9 +75,23 @@ fn is_backfill(value: Option<&str>) -> bool {
     value.is_some_and(|v| v.trim() == "1")
 }
 
+/// Upload tokens kept verified (see [`VerifiedTokens`] for why that is safe and how it is
+/// bounded): one per cluster pushing, and a client keeps its token for its lifetime. 4,096
+/// entries of tokens up to 1 KiB and their labels: at most ~10 MB, ~1.5 MB at the usual ~300
+/// bytes a token.
+const VERIFIED_TOKENS: usize = 4096;
+
+/// What an upload token that verified says for `/upload`: its cluster, and the labels every
+/// series of the upload is stamped with (the token's, and the partition label naming the
+/// cluster). Made once per token and shared by every upload sending it.
+pub struct Admitted {
+    cluster_id: String,
+    labels: BTreeMap<String, String>,
+}
+
 /// Serves `/upload`.
 pub struct UploadHandler {
-    signer: TokenSigner,
+    tokens: VerifiedTokens<Admitted>,
     partition_label: String,
     limits: UploadLimits,
     rules: Rules,
@@ -223,7 +237,7 @@ impl UploadHandler {
         metrics: Metrics,
     ) -> UploadHandler {
         UploadHandler {
-            signer,
+            tokens: VerifiedTokens::new(signer, VERIFIED_TOKENS),
             partition_label: partition_label.to_string(),
             limits,
             rules,
@@ -252,23 +266,23 @@ impl UploadHandler {
             let authorization = head.header("Authorization");
             let admitted = self
                 .authenticate(authorization, SystemTime::now())
-                .and_then(|claims| {
+                .and_then(|admitted| {
                     if is_backfill(head.header(BACKFILL_HEADER)) {
                         self.backfill
-                            .peek(&claims.cluster_id, Instant::now())
+                            .peek(&admitted.cluster_id, Instant::now())
                             .map_err(Refusal::backfill_spent)?;
                     } else {
                         self.limiter
-                            .peek(&claims.cluster_id, Instant::now())
+                            .peek(&admitted.cluster_id, Instant::now())
                             .map_err(Refusal::not_admitted)?;
                     }
-                    Ok(claims)
+                    Ok(admitted)
                 });
             return match admitted {
                 // Carried to `accept` with the request, so the token is verified once.
-                Ok(claims) => Ok(Admission {
+                Ok(admitted) => Ok(Admission {
                     body_limit: self.body_limit(),
-                    note: Some(Note::new(claims)),
+                    note: Some(Note::new(admitted)),
                 }),
                 Err(refusal) => {
                     self.metrics.upload("rejected", refusal.status);
@@ -350,25 +364,34 @@ impl UploadHandler {
         response
     }
 
-    /// The claims of the upload token in `authorization` (an `Authorization` header value), with
-    /// a cluster id that can be used.
+    /// What the upload token in `authorization` (an `Authorization` header value) admits: a
+    /// cluster id that can be used, and the labels to stamp. From the cache of verified tokens
+    /// when the token verified before and is still valid at `now`.
     fn authenticate(
         &self,
         authorization: Option<&str>,
         now: SystemTime,
-    ) -> Result<Claims, Refusal> {
+    ) -> Result<Arc<Admitted>, Refusal> {
         let token = bearer_in(authorization).map_err(|reason| Refusal::new(401, reason))?;
-        let claims = self
-            .signer
-            .verify(token, now)
-            .map_err(|e| Refusal::new(401, format!("Not authorized: {e}")))?;
-        if check_cluster_id(&claims.cluster_id).is_err() {
-            return Err(Refusal::new(
-                401,
-                "Not authorized: the token names no valid cluster",
-            ));
-        }
-        Ok(claims)
+        self.tokens
+            .verify(token, now, |claims| {
+                if check_cluster_id(&claims.cluster_id).is_err() {
+                    return Err(Refusal::new(
+                        401,
+                        "Not authorized: the token names no valid cluster",
+                    ));
+                }
+                let mut labels = claims.labels;
+                labels.insert(self.partition_label.clone(), claims.cluster_id.clone());
+                Ok(Admitted {
+                    cluster_id: claims.cluster_id,
+                    labels,
+                })
+            })
+            .map_err(|e| match e {
+                CachedTokenError::Token(e) => Refusal::new(401, format!("Not authorized: {e}")),
+                CachedTokenError::Refused(refusal) => refusal,
+            })
     }
 
     fn accept(&self, request: &Request) -> Result<Accepted, Refusal> {
@@ -378,31 +401,33 @@ impl UploadHandler {
         let now = SystemTime::now();
         // Verified when the head was admitted; a request that was not (a test, a caller other
         // than the front) verifies its own.
-        let admitted = request.admitted.as_ref().and_then(Note::get::<Claims>);
-        let claims = match admitted {
-            Some(claims) => claims.clone(),
+        let admitted = request
+            .admitted
+            .as_ref()
+            .and_then(Note::get::<Arc<Admitted>>);
+        let admitted = match admitted {
+            Some(admitted) => admitted.clone(),
             None => self.authenticate(request.header("Authorization"), now)?,
         };
-        let cluster_id = claims.cluster_id;
+        let cluster_id = admitted.cluster_id.as_str();
         // A backfill pays its own budget up front, whatever becomes of it (see `backfill`).
         let backfill = is_backfill(request.header(BACKFILL_HEADER));
         // Paid for before the body costs any decoding: a read that does not end stored costs a
         // refusal from the cluster's budget, one that does gives it back for the slot.
         let read = if backfill {
             self.backfill
-                .take(&cluster_id, Instant::now())
+                .take(cluster_id, Instant::now())
                 .map_err(Refusal::backfill_spent)?;
             None
         } else {
             Some(
                 self.limiter
-                    .admit(&cluster_id, Instant::now())
+                    .admit(cluster_id, Instant::now())
                     .map_err(Refusal::not_admitted)?,
             )
         };
 
-        let mut token_labels: BTreeMap<String, String> = claims.labels;
-        token_labels.insert(self.partition_label.clone(), cluster_id.clone());
+        let token_labels = &admitted.labels;
         let decompressed = decode::decompressed_len(request, &self.limits)?;
         let mut memory = self.memory.enter(
             decompressed
@@ -411,7 +436,7 @@ impl UploadHandler {
         );
         let prepared = {
             let _cpu = self.cpu.enter(1);
-            self.prepare(request, &token_labels, now, memory.units())
+            self.prepare(request, token_labels, now, memory.units())
         }
         .inspect_err(|refusal| {
             info!(
@@ -430,7 +455,7 @@ impl UploadHandler {
         } else {
             Some(
                 self.limiter
-                    .try_acquire(&cluster_id, Instant::now())
+                    .try_acquire(cluster_id, Instant::now())
                     .map_err(Refusal::rate_limited)?,
             )
         };
@@ -441,9 +466,9 @@ impl UploadHandler {
         let stored = match prepared.newest_sample_ms {
             Some(newest_sample_ms) => {
                 self.placement
-                    .place_unchanged(&cluster_id, payload, frames, newest_sample_ms, now)
+                    .place_unchanged(cluster_id, payload, frames, newest_sample_ms, now)
             }
-            None => self.placement.place(&cluster_id, payload, now),
+            None => self.placement.place(cluster_id, payload, now),
         };
         self.metrics.store_write(started.elapsed().as_secs_f64());
         if let Err(e) = stored {

@@ -342,7 +342,7 @@ fn the_token_admitted_from_the_head_is_verified_once() {
     assert_eq!(h.handle(&forged).status, 401);
     let other_key = SharedKey::from_bytes(&[2u8; 32]).unwrap();
     let other = UploadHandler {
-        signer: TokenSigner::new(&other_key),
+        tokens: VerifiedTokens::new(TokenSigner::new(&other_key), 8),
         ..handler(placement.clone(), vec![])
     };
     assert_eq!(other.handle(&request(&token("b"), body("up"))).status, 401);
