@@ -26,11 +26,19 @@ struct GateState {
 }
 
 impl GateState {
-    /// Wakes the head of the line, if any: the only waiter that may enter.
-    fn wake_head(&self) {
-        if let Some(head) = self.line.front() {
-            head.notify_one();
-        }
+    /// The wake-up of the head of the line, if any: the only waiter that may enter. Woken once
+    /// the lock is let go ([`wake_up`]): a waiter woken while the lock is held wakes only to block
+    /// on it, one more sleep and wake-up per entry (with dozens waiting, most entries are a
+    /// wake-up).
+    fn head(&self) -> Option<Arc<Condvar>> {
+        self.line.front().cloned()
+    }
+}
+
+/// Wakes `head` (from [`GateState::head`], taken under the lock) after the lock was let go.
+fn wake_up(head: Option<Arc<Condvar>>) {
+    if let Some(head) = head {
+        head.notify_one();
     }
 }
 
@@ -96,19 +104,19 @@ impl Gate {
         state.line.pop_front();
         state.free -= units;
         // The next in line may fit too.
-        if state.free > 0 {
-            state.wake_head();
-        }
+        let next = if state.free > 0 { state.head() } else { None };
+        drop(state);
+        wake_up(next);
         Permit(self, units)
     }
 
     fn give_back(&self, units: usize) {
-        let idle = {
+        let (idle, head) = {
             let mut state = self.state();
             state.free += units;
-            state.wake_head();
-            state.free == self.total
+            (state.free == self.total, state.head())
         };
+        wake_up(head);
         if idle && units >= TRIM_AFTER_BYTES && self.total > TRIM_AFTER_BYTES {
             // A large upload has just let go of its memory and nothing else holds any: hand the
             // freed pages back to the system rather than keep the peak for good.
