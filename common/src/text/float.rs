@@ -210,9 +210,30 @@ impl FloatCache {
 }
 
 /// `n`'s decimal digits, written at the end of `room`. Two digits a division, from a table:
-/// half the divisions of one digit at a time.
+/// half the divisions of one digit at a time. From 10^8 up, the last eight digits are written
+/// first as four pairs computed side by side from one division by 10^8, then the rest: a
+/// value's shortest digits are often 16 or 17, and one chain of eight dependent divisions made
+/// formatting such a value ~10% slower.
 fn u64_digits(mut n: u64, room: &mut [u8; 20]) -> &[u8] {
     let mut i = room.len();
+    if n >= 100_000_000 {
+        let low = (n % 100_000_000) as u32;
+        n /= 100_000_000;
+        let (high4, low4) = (low / 10_000, low % 10_000);
+        for (at, pair) in [high4 / 100, high4 % 100, low4 / 100, low4 % 100]
+            .into_iter()
+            .enumerate()
+        {
+            let pair = pair as usize * 2;
+            let at = room.len() - 8 + at * 2;
+            if let (Some(slot), Some(pair)) =
+                (room.get_mut(at..at + 2), DIGIT_PAIRS.get(pair..pair + 2))
+            {
+                slot.copy_from_slice(pair);
+            }
+        }
+        i -= 8;
+    }
     while n >= 100 && i >= 2 {
         let pair = (n % 100) as usize * 2;
         n /= 100;

@@ -515,17 +515,42 @@ fn word_has(word: u64, b: u8) -> bool {
 
 /// Whether any eight-byte word of `bytes` passes `word_test`, or any byte of the tail shorter
 /// than a word passes `byte_test` (the same question asked of one byte).
+///
+/// Every byte is tested once at least, some twice: a tail shorter than a word is tested as the
+/// last eight bytes (overlapping the word before it), and four to seven bytes as one word made
+/// of the first four and the last four (the byte-wise tail was a loop of four tests a byte, for
+/// most label values); asking of a byte twice gives the same answer.
 #[inline(always)]
 fn any_word(bytes: &[u8], word_test: impl Fn(u64) -> bool, byte_test: impl Fn(u8) -> bool) -> bool {
-    let mut words = bytes.chunks_exact(8);
-    for chunk in &mut words {
+    let word = |at: usize| {
         let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        if word_test(u64::from_le_bytes(word)) {
+        if let Some(chunk) = bytes.get(at..at + 8) {
+            word.copy_from_slice(chunk);
+        }
+        u64::from_le_bytes(word)
+    };
+    let half = |at: usize| {
+        let mut half = [0u8; 4];
+        if let Some(chunk) = bytes.get(at..at + 4) {
+            half.copy_from_slice(chunk);
+        }
+        u64::from(u32::from_le_bytes(half))
+    };
+    let len = bytes.len();
+    if len < 4 {
+        return bytes.iter().any(|&b| byte_test(b));
+    }
+    if len < 8 {
+        return word_test(half(0) | half(len - 4) << 32);
+    }
+    let mut at = 0;
+    while at + 8 <= len {
+        if word_test(word(at)) {
             return true;
         }
+        at += 8;
     }
-    words.remainder().iter().any(|&b| byte_test(b))
+    at < len && word_test(word(len - 8))
 }
 
 /// Whether `bytes` holds a `\\` or a newline (or, with `quotes`, a `"`). Almost no label value

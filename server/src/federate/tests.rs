@@ -643,3 +643,85 @@ fn one_clusters_family_named_like_its_own_histograms_lines_is_left_out() {
     store.close();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Closes `store` (its journal checkpointed into cluster files) and opens it again.
+fn reopened(store: Store, dir: &std::path::Path) -> Store {
+    store.close();
+    drop(store);
+    Store::open(StoreConfig {
+        dir: dir.to_path_buf(),
+        ttl: Duration::from_secs(3600),
+        max_batch: 8,
+    })
+    .unwrap()
+}
+
+fn scrape(store: &Store) -> String {
+    let mut out = Vec::new();
+    write_all(store, Format::Text, None, &mut out).unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+#[test]
+fn a_file_verified_before_is_served_from_its_cached_family_index_until_a_new_version() {
+    let (store, dir) = temp_store("federate-index-cache");
+    let now = SystemTime::now();
+    store.put("cache-a", payload("cache-a"), now).unwrap();
+    store.put("cache-b", payload("cache-b"), now).unwrap();
+    let store = reopened(store, &dir);
+    // The first scrape verifies the files (and learns where their families are); after it, a
+    // lazy pin reads no payload, and the scrape from the cached index writes the same text.
+    assert!(store
+        .get_pinned_lazily("cache-a")
+        .unwrap()
+        .unwrap()
+        .payload_read());
+    let first = scrape(&store);
+    assert!(
+        first.contains("requests_total{_id=\"cache-a\"} 3\n"),
+        "{first}"
+    );
+    let lazy = store.get_pinned_lazily("cache-a").unwrap().unwrap();
+    assert!(!lazy.payload_read());
+    assert!(lazy.upload.payload.is_empty());
+    assert_eq!(lazy.payload_len(), payload("cache-a").len() as u64);
+    assert_eq!(scrape(&store), first);
+
+    // A new version of one cluster, of another length and layout: its families are found
+    // again, the other cluster's still come from the cache.
+    let mut newer = families("cache-a");
+    newer.reverse();
+    if let Some(counter) = newer[1].metric[0].counter.as_mut() {
+        counter.value = Some(12345.0);
+    }
+    newer[0].help = Some("A longer help text than before.".into());
+    store
+        .put("cache-a", delimited::encode(&newer), now)
+        .unwrap();
+    let store = reopened(store, &dir);
+    let third = scrape(&store);
+    assert!(
+        third.contains("requests_total{_id=\"cache-a\"} 12345\n"),
+        "{third}"
+    );
+    assert!(
+        !third.contains("requests_total{_id=\"cache-a\"} 3\n"),
+        "{third}"
+    );
+    assert!(
+        third.contains("requests_total{_id=\"cache-b\"} 3\n"),
+        "{third}"
+    );
+    assert!(third.contains("# HELP latency_seconds A longer help text than before.\n"));
+    assert_eq!(scrape(&store), third);
+
+    // A removed cluster is served no more, and its entry goes with the next scrape.
+    store.remove("cache-a").unwrap();
+    let fourth = scrape(&store);
+    assert!(!fourth.contains("cache-a"), "{fourth}");
+    assert!(!IndexCache::with(|cache| cache
+        .clusters
+        .contains_key("cache-a")));
+    store.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}

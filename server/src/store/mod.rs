@@ -158,7 +158,7 @@ use commit::{Mode, Outcome, Queue, Request};
 pub use egress::{Backlog, BacklogReader, Position, ShipRecord};
 use journal::{Encoding, JournalState};
 pub use patch::Patch;
-pub use read::PinnedUpload;
+pub use read::{PinVersion, PinnedUpload};
 use state::{is_live, lock, newest_sample_ms, Counters, Entry, Location, Shared};
 use telemeter_common::delimited::Limits;
 use telemeter_common::wire;
@@ -810,7 +810,15 @@ impl Store {
     /// As [`Store::get`], keeping the file read open so the payload can be read again in parts
     /// ([`PinnedUpload::read_range`]) without being held in memory.
     pub fn get_pinned(&self, cluster_id: &str) -> Result<Option<PinnedUpload>, StoreError> {
-        self.handle.shared.get_pinned(cluster_id)
+        self.handle.shared.get_pinned(cluster_id, false)
+    }
+
+    /// As [`Store::get_pinned`], except that a cluster file a read has verified before is
+    /// pinned without reading its payload ([`PinnedUpload::payload_read`] is false): `/federate`
+    /// knows where its families are from an earlier scrape of the same version
+    /// ([`PinnedUpload::version`]) and reads only those ranges.
+    pub fn get_pinned_lazily(&self, cluster_id: &str) -> Result<Option<PinnedUpload>, StoreError> {
+        self.handle.shared.get_pinned(cluster_id, true)
     }
 
     /// The newest remote-write sample (ms) of `cluster_id`'s stored payload, `i64::MIN` when it has

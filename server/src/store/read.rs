@@ -33,6 +33,24 @@ pub struct PinnedUpload {
     /// Where the payload starts in the pinned file.
     payload_offset: u64,
     payload_len: u64,
+    /// Whether `upload.payload` holds the payload: a lazy pin of a file verified before leaves
+    /// it unread ([`Store::get_pinned_lazily`](super::Store::get_pinned_lazily)).
+    payload_read: bool,
+    /// Which file version this pins, for a pin of a cluster file.
+    version: Option<PinVersion>,
+}
+
+/// Which version of a cluster's file a pin holds: two pins with equal versions hold the same
+/// bytes, by the rule the store trusts a file it verified by (the same file, by device and inode,
+/// with the same receive time and payload length), and the store's directory tells apart stores
+/// open in one process. `/federate` keeps what it learnt from a payload (where its families are)
+/// under it, and does not read that payload again while the version is unchanged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PinVersion {
+    directory: (u64, u64),
+    file: (u64, u64),
+    received_millis: u64,
+    payload_len: u64,
 }
 
 enum Pin {
@@ -44,6 +62,22 @@ enum Pin {
 }
 
 impl PinnedUpload {
+    /// The payload's length, whether or not it was read.
+    pub fn payload_len(&self) -> u64 {
+        self.payload_len
+    }
+
+    /// Whether `upload.payload` holds the payload (always, except in a lazy pin of a file
+    /// verified before: read it in ranges then).
+    pub fn payload_read(&self) -> bool {
+        self.payload_read
+    }
+
+    /// The file version this pins; `None` for a payload pinned from the journal.
+    pub fn version(&self) -> Option<PinVersion> {
+        self.version
+    }
+
     /// The length of the payload range `start..end`; a range past the payload's end is refused.
     fn range_len(&self, start: u64, end: u64) -> io::Result<usize> {
         if start > end || end > self.payload_len {
@@ -148,13 +182,19 @@ impl Shared {
     /// then from its file, verified; a corrupt file is set aside and reads as absent.
     pub(super) fn get(&self, cluster_id: &str) -> Result<Option<StoredUpload>, StoreError> {
         Ok(self
-            .read_pinned(cluster_id, false)?
+            .read_pinned(cluster_id, false, false)?
             .map(|pinned| pinned.upload))
     }
 
-    /// As [`Shared::get`], keeping the file it was read from open ([`PinnedUpload`]).
-    pub(super) fn get_pinned(&self, cluster_id: &str) -> Result<Option<PinnedUpload>, StoreError> {
-        self.read_pinned(cluster_id, true)
+    /// As [`Shared::get`], keeping the file it was read from open ([`PinnedUpload`]). With
+    /// `lazy`, a cluster file verified before is pinned without reading its payload (only its
+    /// header is read and checked): the caller reads what it needs in ranges.
+    pub(super) fn get_pinned(
+        &self,
+        cluster_id: &str,
+        lazy: bool,
+    ) -> Result<Option<PinnedUpload>, StoreError> {
+        self.read_pinned(cluster_id, true, lazy)
     }
 
     /// [`Shared::get_pinned`]; a packed record's pin holds a copy of its payload only when
@@ -163,6 +203,7 @@ impl Shared {
         &self,
         cluster_id: &str,
         ranges: bool,
+        lazy: bool,
     ) -> Result<Option<PinnedUpload>, StoreError> {
         let Some(entry) = lock(&self.index).get(cluster_id).cloned() else {
             return Ok(None);
@@ -188,6 +229,8 @@ impl Shared {
                 Ok((received_millis, payload)) => Ok(Some(PinnedUpload {
                     payload_offset: 0,
                     payload_len: payload.len() as u64,
+                    payload_read: true,
+                    version: None,
                     // The one copy the ranges need; the upload's own is the caller's.
                     pin: Pin::Memory(match ranges {
                         true => payload.clone(),
@@ -224,6 +267,8 @@ impl Shared {
                             Encoding::Packed { .. } => 0,
                         },
                         payload_len: payload.len() as u64,
+                        payload_read: true,
+                        version: None,
                         pin,
                         upload: StoredUpload {
                             cluster_id: header.cluster_id,
@@ -244,7 +289,7 @@ impl Shared {
         }
         let path = self.path_of(cluster_id);
         // The upload, or none; `Err` inside when the file is corrupt (with the reason).
-        let read = || match self.read_upload(cluster_id, &path, &entry) {
+        let read = || match self.read_upload(cluster_id, &path, &entry, lazy) {
             Ok(upload) => Ok(Ok(Some(upload))),
             // Removed or swept since the index was read.
             Err(ReadError::Io(error)) if error.kind() == io::ErrorKind::NotFound => Ok(Ok(None)),
@@ -271,12 +316,14 @@ impl Shared {
 
     /// Reads `cluster_id`'s file, keeping it open: verified, unless it is the very file the index
     /// `entry` says a read has verified already (same inode, same receive time and payload
-    /// length); a verified file is then marked so in the index.
+    /// length); a verified file is then marked so in the index. With `lazy`, such a file's
+    /// payload is not read (its header is, and checked against the file's length).
     fn read_upload(
         &self,
         cluster_id: &str,
         path: &Path,
         entry: &Entry,
+        lazy: bool,
     ) -> Result<PinnedUpload, ReadError> {
         let mut opened = open_for_reading(path).map_err(ReadError::Io)?;
         let metadata = opened.metadata().map_err(ReadError::Io)?;
@@ -288,7 +335,9 @@ impl Shared {
         let mut read = file::read_as(
             &opened,
             file_len,
-            if trusted {
+            if trusted && lazy {
+                Reading::HeaderOnly
+            } else if trusted {
                 Reading::Trusted
             } else {
                 Reading::Verified { keep_payload: true }
@@ -328,11 +377,21 @@ impl Shared {
                 }
             }
         }
+        let directory = self.dir_file.metadata().map_err(ReadError::Io)?;
+        let version = PinVersion {
+            directory: (directory.dev(), directory.ino()),
+            file: (metadata.dev(), inode),
+            received_millis: header.received_millis,
+            payload_len: header.payload_len,
+        };
+        let payload_read = payload.is_some();
         let payload = payload.unwrap_or_default();
         Ok(PinnedUpload {
             // The payload is the file's tail (`read_as` checked the lengths add up).
-            payload_offset: file_len.saturating_sub(payload.len() as u64),
-            payload_len: payload.len() as u64,
+            payload_offset: file_len.saturating_sub(header.payload_len),
+            payload_len: header.payload_len,
+            payload_read,
+            version: Some(version),
             pin: Pin::File(opened),
             upload: StoredUpload {
                 cluster_id: header.cluster_id,
