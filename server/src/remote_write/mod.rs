@@ -25,6 +25,7 @@
 pub mod backoff;
 mod batch;
 pub mod convert;
+mod pool;
 pub mod proto;
 mod reader;
 mod shard;
@@ -42,6 +43,7 @@ use telemeter_common::instrument::{CounterVec, Gauge, Registry};
 use telemeter_common::snappy;
 
 use self::backoff::Backoff;
+use self::pool::BufferPool;
 use self::proto::TimeSeries;
 use self::reader::{Reader, ShardQueue};
 use self::shard::Shard;
@@ -336,6 +338,7 @@ impl RemoteWriter {
         });
         let shard_count = config.shards.max(1);
         let (acks, acked) = crossbeam_channel::unbounded();
+        let pool = BufferPool::new();
         let mut threads = Vec::with_capacity(shard_count + 1);
         let mut queues = Vec::with_capacity(shard_count);
         let stop = |threads: Vec<JoinHandle<()>>, control: &Control| {
@@ -359,6 +362,7 @@ impl RemoteWriter {
                 body: Vec::new(),
                 body_len: 0,
                 queued_bytes: queued_bytes.clone(),
+                pool: pool.clone(),
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("remote-write-{number}"))
@@ -399,6 +403,8 @@ impl RemoteWriter {
             cursor,
             saved: cursor,
             last_save: Instant::now(),
+            unpacked: Vec::new(),
+            pool,
             last_bound_check: Instant::now() - BOUND_CHECK_INTERVAL,
             max_backlog_bytes: config.max_backlog_bytes,
             dropping_since: None,

@@ -75,6 +75,10 @@ pub(super) struct Reader {
     pub(super) cursor: Position,
     pub(super) saved: Position,
     pub(super) last_save: Instant,
+    /// Where the next packed record is decompressed: a buffer from `pool`, handed back by the
+    /// shard that converts it.
+    pub(super) unpacked: Vec<u8>,
+    pub(super) pool: BufferPool,
     pub(super) last_bound_check: Instant,
     pub(super) max_backlog_bytes: u64,
     /// While dropping for the bytes bound: when the episode started and how many were dropped.
@@ -95,7 +99,10 @@ impl Reader {
             }
             self.check_bound();
             self.maybe_save(false);
-            match self.reader.next_record() {
+            if self.unpacked.capacity() == 0 {
+                self.unpacked = self.pool.take();
+            }
+            match self.reader.next_record_into(&mut self.unpacked) {
                 Ok(Some(record)) => {
                     if !self.hand_over(record) {
                         break;

@@ -47,6 +47,8 @@ pub(super) struct Shard {
     pub(super) body_len: usize,
     /// The payload bytes in this shard's queue, which the reader bounds.
     pub(super) queued_bytes: Arc<AtomicUsize>,
+    /// Where converted payloads' buffers go back to the reader.
+    pub(super) pool: BufferPool,
 }
 
 impl Shard {
@@ -134,8 +136,14 @@ impl Shard {
         true
     }
 
-    /// Decodes a record's payload into `batch`'s series, unless it was dropped.
+    /// Decodes a record's payload into `batch`'s series, unless it was dropped; its buffer goes
+    /// back to the reader's pool.
     pub(super) fn convert(&self, item: Item, batch: &mut Batch) {
+        self.decode(&item, batch);
+        self.pool.give(item.payload);
+    }
+
+    fn decode(&self, item: &Item, batch: &mut Batch) {
         let metrics = &self.control.metrics;
         if item.seq < self.control.drop_below.load(Ordering::Relaxed) {
             return;
