@@ -64,6 +64,9 @@ pub const DEFAULT_MAX_BACKLOG_BYTES: u64 = 4 << 30;
 pub const DEFAULT_MAX_BACKLOG_AGE: Duration = Duration::from_secs(24 * 3600);
 /// The cursor is saved at most this often (each save is a file write and two syncs).
 pub const CURSOR_SAVE_INTERVAL: Duration = Duration::from_millis(250);
+/// How long the reader lets appends gather after one wakes it (the shards linger four times as
+/// long to fill a request anyway).
+const READ_LINGER: Duration = Duration::from_millis(5);
 /// How often the backlog's size is checked against its bound.
 const BOUND_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 /// Records waiting per shard. A shard lingers to fill a request and takes everything queued at
