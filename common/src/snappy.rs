@@ -99,11 +99,29 @@ const STREAM_IDENTIFIER: &[u8] = b"sNaPpY";
 /// two 64 KiB buffers per body and copies every byte twice more on its way out, which was a third
 /// of the time an upload spent here (49 µs against 33 µs for the 51 KB benchmark upload).
 pub fn decode_framed(body: &[u8], max_decompressed: usize) -> Result<Vec<u8>, SnappyError> {
+    let mut out = Vec::new();
+    decode_framed_into(body, max_decompressed, &mut out)?;
+    Ok(out)
+}
+
+/// [`decode_framed`] into `out`, which ends holding exactly the decompressed bytes (whatever it
+/// held before; on an error, anything). A buffer used again is only zeroed where it grows, and
+/// not allocated again: remote-write egress decompresses every journaled upload, and a fresh
+/// zeroed buffer for each (allocated on one thread, freed on another) cost it 3 % of its CPU.
+pub fn decode_framed_into(
+    body: &[u8],
+    max_decompressed: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), SnappyError> {
     let corrupt = |why: String| SnappyError::Corrupt(why);
     let declared = framed_len(body, max_decompressed)?;
     // Zeroed, not just reserved: `raw::Decoder` writes into an initialised slice. Cheap next to
     // the decompression, and `declared` passed the cap above.
-    let mut out = vec![0u8; declared];
+    if out.capacity() == 0 {
+        *out = vec![0u8; declared];
+    } else {
+        out.resize(declared, 0);
+    }
     let mut at = 0usize;
     let mut decoder = snap::raw::Decoder::new();
     let mut rest = body;
@@ -176,7 +194,7 @@ pub fn decode_framed(body: &[u8], max_decompressed: usize) -> Result<Vec<u8>, Sn
     if at != declared {
         return Err(corrupt_len());
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The checksum a framed chunk carries: CRC-32C of its data, masked as the framing format says
@@ -453,6 +471,30 @@ mod tests {
                 "cut at {cut}"
             );
         }
+    }
+
+    #[test]
+    fn framed_into_a_used_buffer_holds_exactly_the_data_and_keeps_its_allocation() {
+        let mut out = Vec::new();
+        // Longer, shorter, empty and longer again than what the buffer held.
+        for len in [300_000, 1, 65_537, 0, 100, 250_000] {
+            let data = sample(len);
+            let before = out.capacity();
+            decode_framed_into(&encode_framed(&data), len, &mut out).unwrap();
+            assert_eq!(out, data, "length {len}");
+            if len <= before {
+                assert_eq!(out.capacity(), before, "not allocated again for {len}");
+            }
+        }
+        // A bad body is still refused, however much the buffer holds.
+        let mut bad = encode_framed(&sample(1000));
+        let last = bad.len() - 1;
+        bad[last] ^= 0x55;
+        assert!(decode_framed_into(&bad, 1000, &mut out).is_err());
+        assert_eq!(
+            decode_framed_into(&encode_framed(&sample(1000)), 999, &mut out),
+            Err(SnappyError::TooLarge { limit: 999 })
+        );
     }
 
     #[test]

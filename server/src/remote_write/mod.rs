@@ -25,6 +25,7 @@
 pub mod backoff;
 mod batch;
 pub mod convert;
+mod pool;
 pub mod proto;
 mod reader;
 mod shard;
@@ -32,7 +33,7 @@ mod shard;
 use std::collections::VecDeque;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -42,6 +43,7 @@ use telemeter_common::instrument::{CounterVec, Gauge, Registry};
 use telemeter_common::snappy;
 
 use self::backoff::Backoff;
+use self::pool::BufferPool;
 use self::proto::TimeSeries;
 use self::reader::{Reader, ShardQueue};
 use self::shard::Shard;
@@ -62,10 +64,19 @@ pub const DEFAULT_MAX_BACKLOG_BYTES: u64 = 4 << 30;
 pub const DEFAULT_MAX_BACKLOG_AGE: Duration = Duration::from_secs(24 * 3600);
 /// The cursor is saved at most this often (each save is a file write and two syncs).
 pub const CURSOR_SAVE_INTERVAL: Duration = Duration::from_millis(250);
+/// How long the reader lets appends gather after one wakes it (the shards linger four times as
+/// long to fill a request anyway).
+const READ_LINGER: Duration = Duration::from_millis(5);
 /// How often the backlog's size is checked against its bound.
 const BOUND_CHECK_INTERVAL: Duration = Duration::from_millis(200);
-/// Uploads waiting per shard: memory stays bounded by shards × (this + a batch's worth).
-const SHARD_QUEUE: usize = 8;
+/// Records waiting per shard. A shard lingers to fill a request and takes everything queued at
+/// once, so its queue holds more than a request's worth of the usual uploads (500 samples each);
+/// the reader wakes it at half of this. Memory stays bounded by shards × (this many records or
+/// [`SHARD_QUEUE_BYTES`], whichever is less, + a batch's worth).
+const SHARD_QUEUE: usize = 32;
+/// Payload bytes waiting per shard, at most (a record larger than this goes alone): 32 uploads
+/// of the largest size `--max-decompressed-bytes` lets through would be 512 MiB a shard.
+const SHARD_QUEUE_BYTES: usize = 16 << 20;
 /// Most bytes of a receiver's reply read (for the log line).
 const MAX_REPLY_BYTES: u64 = 4096;
 /// Why an upload or a batch was dropped, as counted in `telemeter_server_remote_write_dropped_total`.
@@ -330,6 +341,7 @@ impl RemoteWriter {
         });
         let shard_count = config.shards.max(1);
         let (acks, acked) = crossbeam_channel::unbounded();
+        let pool = BufferPool::new();
         let mut threads = Vec::with_capacity(shard_count + 1);
         let mut queues = Vec::with_capacity(shard_count);
         let stop = |threads: Vec<JoinHandle<()>>, control: &Control| {
@@ -339,6 +351,7 @@ impl RemoteWriter {
         };
         for number in 0..shard_count {
             let (queue, items) = crossbeam_channel::bounded(SHARD_QUEUE);
+            let queued_bytes = Arc::new(AtomicUsize::new(0));
             let shard = Shard {
                 number,
                 control: control.clone(),
@@ -351,12 +364,17 @@ impl RemoteWriter {
                 spare: batch::Batch::default(),
                 body: Vec::new(),
                 body_len: 0,
+                queued_bytes: queued_bytes.clone(),
+                pool: pool.clone(),
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("remote-write-{number}"))
                 .spawn(move || shard.run(items));
             match spawned {
-                Ok(thread) => threads.push(thread),
+                Ok(thread) => {
+                    queues.push((queue, queued_bytes, thread.thread().clone()));
+                    threads.push(thread);
+                }
                 Err(e) => {
                     drop(queues);
                     for thread in stop(threads, &control) {
@@ -365,7 +383,6 @@ impl RemoteWriter {
                     return Err(RemoteWriteError::Thread(e.to_string()));
                 }
             }
-            queues.push(queue);
         }
         drop(acks);
         let in_flight = Arc::new(AtomicU64::new(0));
@@ -375,8 +392,10 @@ impl RemoteWriter {
             backlog,
             shards: queues
                 .into_iter()
-                .map(|queue| ShardQueue {
+                .map(|(queue, queued_bytes, thread)| ShardQueue {
                     queue,
+                    queued_bytes,
+                    thread,
                     sent: VecDeque::new(),
                 })
                 .collect(),
@@ -387,6 +406,8 @@ impl RemoteWriter {
             cursor,
             saved: cursor,
             last_save: Instant::now(),
+            unpacked: Vec::new(),
+            pool,
             last_bound_check: Instant::now() - BOUND_CHECK_INTERVAL,
             max_backlog_bytes: config.max_backlog_bytes,
             dropping_since: None,

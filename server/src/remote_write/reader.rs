@@ -24,12 +24,34 @@ pub(super) struct Item {
 
 /// The reader's view of one shard.
 pub(super) struct ShardQueue {
+    /// At most [`SHARD_QUEUE`] records, and at most [`SHARD_QUEUE_BYTES`] of payloads (one
+    /// record alone may be larger).
     pub(super) queue: Sender<Item>,
+    /// The payload bytes in `queue` (the shard takes off what it receives).
+    pub(super) queued_bytes: Arc<AtomicUsize>,
+    /// The shard's thread, woken once its queue is half full (it lingers to fill a request).
+    pub(super) thread: std::thread::Thread,
     /// The records handed to the shard and not yet taken, oldest first.
     pub(super) sent: VecDeque<u64>,
 }
 
 impl ShardQueue {
+    /// Whether `len` more payload bytes may be queued: within [`SHARD_QUEUE_BYTES`], or the
+    /// queue is empty (a record larger than the bound goes alone).
+    fn has_room_for(&self, len: usize) -> bool {
+        let queued = self.queued_bytes.load(Ordering::Relaxed);
+        queued == 0 || queued.saturating_add(len) <= SHARD_QUEUE_BYTES
+    }
+
+    /// Wakes the shard if what waits for it is worth a wake-up: half its queue, by count or bytes.
+    fn nudge(&self) {
+        if self.queue.len() >= SHARD_QUEUE / 2
+            || self.queued_bytes.load(Ordering::Relaxed) >= SHARD_QUEUE_BYTES / 2
+        {
+            self.thread.unpark();
+        }
+    }
+
     /// The oldest record handed to this shard not yet taken; records below `dropped_below` count
     /// as taken (the shard drops them before it sends again).
     pub(super) fn pending_from(&self, dropped_below: u64) -> Option<u64> {
@@ -53,6 +75,10 @@ pub(super) struct Reader {
     pub(super) cursor: Position,
     pub(super) saved: Position,
     pub(super) last_save: Instant,
+    /// Where the next packed record is decompressed: a buffer from `pool`, handed back by the
+    /// shard that converts it.
+    pub(super) unpacked: Vec<u8>,
+    pub(super) pool: BufferPool,
     pub(super) last_bound_check: Instant,
     pub(super) max_backlog_bytes: u64,
     /// While dropping for the bytes bound: when the episode started and how many were dropped.
@@ -73,7 +99,10 @@ impl Reader {
             }
             self.check_bound();
             self.maybe_save(false);
-            match self.reader.next_record() {
+            if self.unpacked.capacity() == 0 {
+                self.unpacked = self.pool.take();
+            }
+            match self.reader.next_record_into(&mut self.unpacked) {
                 Ok(Some(record)) => {
                     if !self.hand_over(record) {
                         break;
@@ -204,13 +233,34 @@ impl Reader {
             received_ms,
             payload: record.payload,
         };
+        let len = item.payload.len();
         loop {
-            let Some(s) = self.shards.get_mut(shard) else {
+            let Some(s) = self.shards.get(shard) else {
                 return true;
             };
-            match s.queue.send_timeout(item, Duration::from_millis(100)) {
+            let sent = if s.has_room_for(len) {
+                // Counted before it is queued: the shard takes it off as soon as it receives it.
+                s.queued_bytes.fetch_add(len, Ordering::Relaxed);
+                let sent = s.queue.send_timeout(item, Duration::from_millis(100));
+                if sent.is_err() {
+                    s.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                }
+                sent
+            } else {
+                // Full by bytes: the shard is woken (nudge), and the next ack or 10 ms ends the
+                // wait, as a full queue's would.
+                s.thread.unpark();
+                if let Ok((shard, upto)) = self.acked.recv_timeout(Duration::from_millis(10)) {
+                    self.ack(shard, upto);
+                }
+                Err(crossbeam_channel::SendTimeoutError::Timeout(item))
+            };
+            match sent {
                 Ok(()) => {
-                    s.sent.push_back(seq);
+                    if let Some(s) = self.shards.get_mut(shard) {
+                        s.sent.push_back(seq);
+                        s.nudge();
+                    }
                     return true;
                 }
                 Err(crossbeam_channel::SendTimeoutError::Timeout(back)) => {
@@ -233,17 +283,14 @@ impl Reader {
         }
     }
 
-    /// Waits (at most 200 ms) for an append to the journal or a shard's ack.
+    /// Waits (at most 200 ms) for an append to the journal, then [`READ_LINGER`] more, so that
+    /// one wake-up reads what several commits appended. The shards' acks are taken when it
+    /// wakes, not waited for: they only move the cursor, saved at most every 250 ms anyway.
+    /// Waking for each commit and each ack was most of the reader's context switches.
     pub(super) fn wait(&mut self) {
         let appended = self.backlog.appended();
-        crossbeam_channel::select! {
-            recv(self.acked) -> ack => {
-                if let Ok((shard, upto)) = ack {
-                    self.ack(shard, upto);
-                }
-            }
-            recv(appended) -> _ => {}
-            default(Duration::from_millis(200)) => {}
+        if appended.recv_timeout(Duration::from_millis(200)).is_ok() {
+            self.control.sleep(READ_LINGER);
         }
     }
 

@@ -324,3 +324,97 @@ fn a_request_body_is_its_series_snappy_compressed_wherever_the_batch_is_cut() {
         assert_eq!(rejoined, series, "cut at {at}");
     }
 }
+
+/// Starts one shard shipping `uploads` (cluster id, payload) to a receiver that takes the
+/// connection and never answers, and returns the records in hand once the reader can hand over
+/// no more: what the shard's request holds, its queue and the one the reader waits with.
+fn in_hand_behind_a_stalled_receiver(uploads: Vec<(String, Vec<u8>)>, least: usize) -> usize {
+    // Never accepted: the kernel completes the connection and keeps the request unread.
+    let stalled = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = testkit::TempDir::new("rw-bound");
+    let store = Store::open_shipping(crate::store::StoreConfig {
+        dir: dir.path().to_path_buf(),
+        ttl: Duration::from_secs(3600),
+        max_batch: 64,
+    })
+    .unwrap();
+    let config = RemoteWriteConfig {
+        shards: 1,
+        // One record a request: the first is sent and never answered.
+        max_samples_per_send: 1,
+        timeout: Duration::from_secs(60),
+        ..RemoteWriteConfig::new(&format!("http://{}/", stalled.local_addr().unwrap()))
+    };
+    let registry = Registry::new();
+    let writer = RemoteWriter::start(&config, &registry, store.backlog().unwrap()).unwrap();
+    let count = uploads.len();
+    for (id, payload) in uploads {
+        store.put(&id, payload, SystemTime::now()).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while writer.queue_length() < least {
+        assert!(Instant::now() < deadline, "{}", writer.queue_length());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The reader reads on as long as the queue takes more: its most over half a second.
+    let mut most = 0;
+    let watch_until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < watch_until {
+        most = most.max(writer.queue_length());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(most < count, "{most} of {count}: the reader read them all");
+    writer.shutdown(Duration::ZERO);
+    store.close();
+    // Closing the listener resets the connection: the shard's request fails and it stops.
+    drop(stalled);
+    most
+}
+
+#[test]
+fn a_shard_queue_holds_at_most_its_count_of_records() {
+    let uploads = (0..3 * SHARD_QUEUE)
+        .map(|n| {
+            let id = format!("c{n}");
+            let payload = upload(&id, 1, 1_000 + n as i64);
+            (id, payload)
+        })
+        .collect();
+    // One in the request, the queue, one in the reader's hand.
+    let most = in_hand_behind_a_stalled_receiver(uploads, SHARD_QUEUE);
+    assert!(most <= SHARD_QUEUE + 2, "{most}");
+    assert!(
+        most > 8 + 2,
+        "{most}: more than a request's worth of uploads can wait"
+    );
+}
+
+#[test]
+fn a_shard_queue_holds_at_most_its_bytes_of_records() {
+    const LABEL: usize = 1 << 20;
+    let uploads = (0..SHARD_QUEUE + 8)
+        .map(|n| {
+            let id = format!("c{n}");
+            let payload = delimited::encode(&[MetricFamily {
+                name: Some("big".into()),
+                help: None,
+                r#type: Some(MetricType::Gauge as i32),
+                metric: vec![Metric {
+                    label: vec![
+                        telemeter_common::model::LabelPair::new("v", &"x".repeat(LABEL)),
+                        telemeter_common::model::LabelPair::new("_id", &id),
+                    ],
+                    gauge: Some(Gauge { value: Some(1.0) }),
+                    timestamp_ms: Some(1_000 + n as i64),
+                    ..Default::default()
+                }],
+            }]);
+            (id, payload)
+        })
+        .collect();
+    let fit = SHARD_QUEUE_BYTES / LABEL;
+    let most = in_hand_behind_a_stalled_receiver(uploads, fit / 2);
+    // Each record is a little over LABEL bytes: fewer than `fit` are queued.
+    assert!(most <= fit + 2, "{most}");
+    assert!(fit + 2 < SHARD_QUEUE, "the bytes bound is what is tested");
+}

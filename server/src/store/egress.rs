@@ -230,6 +230,16 @@ impl BacklogReader {
     /// The next record to ship, skipping those that are not (serve only, removals); `None` when
     /// every synced record is read.
     pub fn next_record(&mut self) -> Result<Option<ShipRecord>, StoreError> {
+        self.next_record_into(&mut Vec::new())
+    }
+
+    /// [`BacklogReader::next_record`], a packed record decompressed into `unpacked`, a buffer
+    /// used again (its payload then; a plain record's leaves it), instead of a fresh zeroed one
+    /// for each upload (see [`telemeter_common::snappy::decode_framed_into`]).
+    pub fn next_record_into(
+        &mut self,
+        unpacked: &mut Vec<u8>,
+    ) -> Result<Option<ShipRecord>, StoreError> {
         // Bounded: each turn reads a record or moves to a later segment.
         loop {
             let tip = self.backlog.tip();
@@ -265,7 +275,7 @@ impl BacklogReader {
                     .map_err(|e| StoreError::io("reading a journal segment's length", e))?
                     .len(),
             };
-            let next = journal::read_at(file, self.at.offset, len).map_err(|e| {
+            let next = journal::read_at_into(file, self.at.offset, len, unpacked).map_err(|e| {
                 StoreError::io(format!("reading journal segment {}", self.at.segment), e)
             })?;
             match next {

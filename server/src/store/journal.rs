@@ -397,10 +397,17 @@ pub(super) fn packed_parts(payload: &[u8]) -> Result<(usize, i64, &[u8]), ReadEr
 /// says (at most what ingest's cap let through when it was written), or `Corrupt`, as a record
 /// that fails its checksum is.
 pub(super) fn unpack(payload: &[u8]) -> Result<Vec<u8>, ReadError> {
+    let mut plain = Vec::new();
+    unpack_into(payload, &mut plain)?;
+    Ok(plain)
+}
+
+/// [`unpack`] into `plain` (a buffer used again: see [`snappy::decode_framed_into`]).
+pub(super) fn unpack_into(payload: &[u8], plain: &mut Vec<u8>) -> Result<(), ReadError> {
     let (plain_len, _, frames) = packed_parts(payload)?;
-    match snappy::decode_framed(frames, plain_len) {
-        Ok(plain) if plain.len() == plain_len => Ok(plain),
-        Ok(plain) => Err(ReadError::Corrupt(format!(
+    match snappy::decode_framed_into(frames, plain_len, plain) {
+        Ok(()) if plain.len() == plain_len => Ok(()),
+        Ok(()) => Err(ReadError::Corrupt(format!(
             "holds snappy frames that decompress to {} bytes, not {plain_len}",
             plain.len()
         ))),
@@ -851,7 +858,18 @@ pub(super) enum Next {
 /// Reads the record at or after `at` (skipping the zeros between commits) of the segment open as
 /// `file`, of which only the first `len` bytes are known written, its payload decompressed if
 /// packed. Memory holds one record.
-pub(super) fn read_at(file: &File, mut at: u64, len: u64) -> io::Result<Next> {
+pub(super) fn read_at(file: &File, at: u64, len: u64) -> io::Result<Next> {
+    read_at_into(file, at, len, &mut Vec::new())
+}
+
+/// [`read_at`], a packed payload decompressed into `unpacked` (a buffer used again, which the
+/// record then holds: see [`snappy::decode_framed_into`]); a plain record's leaves it.
+pub(super) fn read_at_into(
+    file: &File,
+    mut at: u64,
+    len: u64,
+    unpacked: &mut Vec<u8>,
+) -> io::Result<Next> {
     if at >= len {
         return Ok(Next::End);
     }
@@ -899,7 +917,7 @@ pub(super) fn read_at(file: &File, mut at: u64, len: u64) -> io::Result<Next> {
     let read = verify(&prefix_bytes, &prefix, id, payload).and_then(|(header, payload)| {
         match is_packed(prefix.kind) {
             false => Ok((header, payload)),
-            true => unpack(&payload).map(|plain| (header, plain)),
+            true => unpack_into(&payload, unpacked).map(|()| (header, std::mem::take(unpacked))),
         }
     });
     match read {
