@@ -1236,6 +1236,45 @@ mod tests {
     }
 
     #[test]
+    fn a_simple_series_of_up_to_and_over_sixteen_labels_is_written_in_name_order() {
+        // Up to 16 stored labels are put in order by insertion, more by the library's sort (3,
+        // 4, 16, 17 and 42 here): both, stored in reverse order and shuffled, with names alike in
+        // their first eight bytes and one sorting before `__name__`; each as prost writes it.
+        for count in [1, 2, 14, 15, 40] {
+            let mut names: Vec<String> = (0..count).map(|i| format!("label_name_{i:02}")).collect();
+            names.push("A".into());
+            names.push("_id".into());
+            let reversed: Vec<LabelPair> = names
+                .iter()
+                .rev()
+                .map(|n| LabelPair::new(n, &format!("v-{n}")))
+                .collect();
+            let mut shuffled = reversed.clone();
+            // A fixed interleaving: odd positions first, then even ones.
+            shuffled.sort_by_key(|l| {
+                let i = names
+                    .iter()
+                    .position(|n| Some(n.as_str()) == l.name.as_deref());
+                i.map(|i| (i % 2 == 0, i))
+            });
+            for labels in [reversed, shuffled] {
+                let families = vec![family(
+                    "g",
+                    MetricType::Gauge,
+                    Metric {
+                        label: labels,
+                        gauge: Some(Gauge { value: Some(1.0) }),
+                        timestamp_ms: Some(1_700_000_000_000),
+                        ..Default::default()
+                    },
+                )];
+                let (got, want) = both(&families, &telemeter_common::delimited::encode(&families));
+                assert_eq!(got, want, "{count} labels");
+            }
+        }
+    }
+
+    #[test]
     fn a_simple_series_stored_otherwise_than_usual_is_read_whole() {
         // Hand-written `Metric` messages the stored-fields path must leave to the general reader:
         // a label after the value (which it would miss), a second value field, an empty gauge
