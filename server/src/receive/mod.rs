@@ -10,9 +10,11 @@
 //!
 //! Admission from the head, as `/upload` does: with a tokens file (or any-token) the bearer is
 //! checked and the rate limit peeked before any of the body is read, so a peer without a valid
-//! token holds no body memory. With `--authorize` a call to the service cannot run on the
-//! connection's thread: a cached answer is used at the head, and a bearer not seen within the
-//! cache time is checked after its body (capped by `--receive-max-bytes`) is read.
+//! token holds no body memory. With `--authorize` a call to the service does not run on the
+//! head: a cached answer is used there, and a bearer not seen within the cache time is checked
+//! after its body (capped by `--receive-max-bytes`) is read. The request then runs on its
+//! connection's thread (an inline path, as `/upload`), under SCHED_BATCH, behind its own CPU
+//! and memory gates.
 //!
 //! Status codes follow the remote-write spec so a sender neither retries a refusal forever nor
 //! drops data during an overload: 400/401/403/413/415 are never retried by Prometheus; 429 (with
@@ -39,7 +41,7 @@ use telemeter_common::sync::Swap;
 use crate::authorize::{AuthorizeError, ClientAuthorizer};
 use crate::cluster::forward::ForwardKind;
 use crate::cluster::Cluster;
-use crate::ingest::gate::Gate;
+use crate::ingest::gate::{run_as_batch, Gate, CPU_GATE_YIELD};
 use crate::ingest::ratelimit::retry_after_secs;
 use crate::metrics::Metrics;
 use crate::store::StoreError;
@@ -258,7 +260,10 @@ impl ReceiveHandler {
             merger: parts.merger,
             route: parts.route,
             memory: Gate::new(MAX_MEMORY_BYTES),
-            cpu: Gate::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            cpu: Gate::yielding(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+                CPU_GATE_YIELD,
+            ),
             buffers: Mutex::new(Vec::new()),
             requests,
             samples,
@@ -314,8 +319,9 @@ impl ReceiveHandler {
         );
     }
 
-    /// Answers one request.
+    /// Answers one request, on the connection's thread (see `server.rs`'s inline paths).
     pub fn handle(&self, request: &Request) -> Response {
+        run_as_batch();
         let mut cluster_id = None;
         match self.accept(request, &mut cluster_id) {
             Ok(result) => {
