@@ -27,7 +27,7 @@ use crate::ingest::validate::Rules;
 use crate::metrics::Metrics;
 use crate::ports::{ClusterRoutes, External, Fronts, Internal};
 use crate::receive::merge::Merger;
-use crate::receive::{ReceiveHandler, ReceiveParts, Route};
+use crate::receive::{ReceiveHandler, ReceiveParts, Route, RECEIVE_PATH};
 use crate::reload::Reloader;
 use crate::remote_write::{RemoteWriteError, RemoteWriter};
 use crate::status::Status;
@@ -298,10 +298,15 @@ impl Server {
         };
         let bound = http::Server::bind(
             &config.listen,
-            // `/upload` gates its own CPU (one upload decoding per core) and memory (its
-            // reservation), so it runs on the connection's thread: the only thread it wakes is
-            // the store's committer, and the one wake-up it waits for is the committer's answer.
-            front_config("external", external_tls, &["/upload"]),
+            // `/upload` and `/metrics/v1/receive` gate their own CPU (one decode per core) and
+            // memory (their reservations), so they run on the connection's thread: the only
+            // thread they wake is the store's committer, and the one wake-up they wait for is its
+            // answer. Before their gates they do only bounded work: the bearer (8 KiB at most)
+            // and the token, checked on the head so a peer without a valid one holds no body
+            // (receive with `--authorize` and no cached answer asks the service after the capped
+            // body, as it did on a worker: the service's own concurrency bound answers 503 past
+            // it, and the wait holds this connection's thread, not one of the shared workers).
+            front_config("external", external_tls, &["/upload", RECEIVE_PATH]),
             Arc::new(external_handler),
         )
         .and_then(|external| {

@@ -2,7 +2,8 @@
 //! remote-writing to it, its series on `/federate` and shipped on to a second Prometheus; every
 //! refusal with its status, reason and counter, followed by a bystander that still gets 200 while
 //! nothing earlier is lost; merging of partial batches, concurrent ones included; a request
-//! through a non-owner of a 2-node cluster stored on the owner.
+//! through a non-owner of a 2-node cluster stored on the owner; a request run on its connection's
+//! thread under SCHED_BATCH.
 
 mod common;
 
@@ -897,4 +898,78 @@ fn a_kill_9_after_any_acknowledged_request_serves_what_was_served_before() {
             );
         }
     }
+}
+
+/// The scheduling policy of each of `pid`'s threads, by thread name (`/proc/PID/task/*/stat`:
+/// the name in parentheses, the policy the 41st field; 3 is SCHED_BATCH).
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        // Fields after the name start at the 3rd: the 41st is the 38th of them (0-based).
+        let policy = stat[close + 1..]
+            .split_whitespace()
+            .nth(38)
+            .and_then(|p| p.parse().ok())
+            .unwrap();
+        policies.push((name, policy));
+    }
+    policies
+}
+
+#[test]
+fn receive_runs_on_its_connections_thread_as_sched_batch() {
+    const SCHED_BATCH: u32 = 3;
+    let dir = TempDir::new("receive-inline");
+    let s = start(&dir, &[]);
+    let payload = body(vec![series("a", &[("_id", "test")], 1.0, now_ms())]);
+    // A keep-alive connection held open, so its thread is still there to be looked at.
+    let mut stream = std::net::TcpStream::connect(s.external).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let head = format!(
+        "POST /metrics/v1/receive HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Encoding: snappy\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n",
+        bearer_for("secret", "test"),
+        payload.len()
+    );
+    std::io::Write::write_all(&mut stream, head.as_bytes()).unwrap();
+    std::io::Write::write_all(&mut stream, &payload).unwrap();
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let read = std::io::Read::read(&mut stream, &mut chunk).unwrap();
+        assert!(read > 0, "closed before the answer: {answer:?}");
+        answer.extend_from_slice(&chunk[..read]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let policies = thread_policies(s.child.id());
+    // On a worker it would have left the connection's thread as it was (and a worker serves
+    // `/federate` too, which must stay a normal thread).
+    assert!(
+        policies
+            .iter()
+            .any(|(name, policy)| name == "external-conn" && *policy == SCHED_BATCH),
+        "{policies:?}"
+    );
+    assert!(
+        !policies
+            .iter()
+            .any(|(name, policy)| name.contains("worker") && *policy == SCHED_BATCH),
+        "{policies:?}"
+    );
+    drop(stream);
 }

@@ -36,7 +36,7 @@ use telemeter_common::token::{CachedTokenError, TokenSigner, VerifiedTokens};
 use crate::authorize::{bearer_in, check_cluster_id, unauthorized};
 use crate::ingest::backfill::{BackfillBudget, BACKFILLS_PER_WINDOW};
 use crate::ingest::decode::{self, Decoded, Rejection};
-use crate::ingest::gate::Gate;
+use crate::ingest::gate::{run_as_batch, Gate, CPU_GATE_YIELD};
 use crate::ingest::placement::{Placement, PlacementError};
 use crate::ingest::ratelimit::{retry_after_secs, RateLimiter, Wait, REFUSALS_PER_WINDOW};
 use crate::ingest::validate::Rules;
@@ -553,35 +553,6 @@ impl UploadHandler {
             newest_sample_ms: None,
         })
     }
-}
-
-/// How long an upload that finds the CPU gate full yields before it sleeps in line (see
-/// [`Gate::yielding`]). About one upload's decode. Measured at 64 senders (release, the shared
-/// 2-core VM): 20, 50 and 100 µs all took the context switches an upload from ~3.2 to ~2.7 for
-/// the same or less CPU; sleeping at once was the 3.2.
-const CPU_GATE_YIELD: std::time::Duration = std::time::Duration::from_micros(50);
-
-/// Puts the calling thread (an upload's connection thread: `/upload` runs on it) under
-/// SCHED_BATCH, once per thread. Same CPU share as any other thread, but its wake-ups do not
-/// preempt the thread running: the committer answering a batch, a unit given back at the CPU
-/// gate or the loopback peer no longer hand the core to each upload they wake (0.3–0.7
-/// involuntary switches an upload at 64 senders), and `/federate`'s workers, still normal
-/// threads, do preempt uploads when they wake.
-fn run_as_batch() {
-    thread_local!(static BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
-    BATCH.with(|batch| {
-        if !batch.get() {
-            batch.set(true);
-            #[cfg(target_os = "linux")]
-            // SAFETY: sched_setscheduler reads one sched_param, which `param` is; pid 0 is the
-            // calling thread. Its result is not looked at: refused (a seccomp policy), the thread
-            // stays as it was, which is only slower.
-            unsafe {
-                let param = libc::sched_param { sched_priority: 0 };
-                libc::sched_setscheduler(0, libc::SCHED_BATCH, &param);
-            }
-        }
-    });
 }
 
 #[cfg(test)]
