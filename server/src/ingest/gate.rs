@@ -197,12 +197,19 @@ pub fn run_as_batch() {
         if !batch.get() {
             batch.set(true);
             #[cfg(target_os = "linux")]
-            // SAFETY: sched_setscheduler reads one sched_param, which `param` is; pid 0 is the
-            // calling thread. Its result is not looked at: refused (a seccomp policy), the thread
-            // stays as it was, which is only slower.
+            // SAFETY: `sched_param` is plain integers, for which all zeros is a valid value (musl's
+            // has more fields than glibc's, so it is not written as a literal); the system call
+            // reads that one struct; pid 0 is the calling thread. The system call itself, because
+            // musl's `sched_setscheduler` is a stub that fails with ENOSYS. Its result is not looked
+            // at: refused (a seccomp policy), the thread stays as it was, which is only slower.
             unsafe {
-                let param = libc::sched_param { sched_priority: 0 };
-                libc::sched_setscheduler(0, libc::SCHED_BATCH, &param);
+                let param: libc::sched_param = std::mem::zeroed();
+                libc::syscall(
+                    libc::SYS_sched_setscheduler,
+                    0,
+                    libc::SCHED_BATCH,
+                    &param as *const libc::sched_param,
+                );
             }
         }
     });
