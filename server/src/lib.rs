@@ -11,6 +11,7 @@
 
 pub mod allocator;
 pub mod authorize;
+pub mod buffers;
 pub mod cluster;
 pub mod config;
 pub mod federate;

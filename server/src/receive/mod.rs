@@ -29,7 +29,7 @@ pub mod merge;
 pub mod series;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, info, warn};
@@ -39,6 +39,7 @@ use telemeter_common::selector::Selector;
 use telemeter_common::sync::Swap;
 
 use crate::authorize::{AuthorizeError, ClientAuthorizer};
+use crate::buffers::BufferPool;
 use crate::cluster::forward::ForwardKind;
 use crate::cluster::Cluster;
 use crate::ingest::gate::{run_as_batch, Gate, CPU_GATE_YIELD};
@@ -62,9 +63,9 @@ pub const RECEIVE_PATH: &str = "/metrics/v1/receive";
 const RESERVED_BYTES_PER_BODY_BYTE: usize = 8;
 /// Memory all requests past the front may reserve at once (see `ingest::upload`'s equivalent).
 const MAX_MEMORY_BYTES: usize = 256 << 20;
-/// Decompression buffers kept for the next requests, the largest kept, and the most bytes kept
-/// in all: a fresh buffer per request cost its zeroing and, above the allocator's mmap
-/// threshold, a page fault per 4 KiB (a tenth of remote-write ingest's CPU). Bounded by bytes
+/// Decompression buffers kept for the next requests ([`BufferPool`]), the largest kept, and the
+/// most bytes kept in all: a fresh buffer per request cost its zeroing and, above the allocator's
+/// mmap threshold, a page fault per 4 KiB (a tenth of remote-write ingest's CPU). Bounded by bytes
 /// rather than by a count of 8: requests run on their connections' threads, so as many bodies
 /// as senders are alive at once (64 in the bench), and 8 buffers missed most of the time (the
 /// zeroing's page faults were back at ~9% of the CPU). At most 8 MiB, outside
@@ -72,6 +73,11 @@ const MAX_MEMORY_BYTES: usize = 256 << 20;
 const POOLED_BUFFERS: usize = 64;
 const POOLED_BUFFER_BYTES: usize = 1 << 20;
 const POOLED_BYTES: usize = 8 << 20;
+
+/// The pool of decompression buffers, with the bounds above.
+fn new_pool() -> BufferPool {
+    BufferPool::new(POOLED_BUFFERS, POOLED_BUFFER_BYTES, POOLED_BYTES)
+}
 
 /// Every `result` label value of the requests counter, created at start so an alert on an
 /// increase sees the first one.
@@ -175,14 +181,14 @@ pub struct ReceiveHandler {
     route: Route,
     memory: Gate,
     cpu: Gate,
-    buffers: Mutex<Vec<Vec<u8>>>,
+    buffers: BufferPool,
     requests: CounterVec,
     samples: Counter,
 }
 
 /// A request's decompressed body, in a buffer that goes back to the handler's pool when dropped.
 struct Body<'a> {
-    pool: &'a Mutex<Vec<Vec<u8>>>,
+    pool: &'a BufferPool,
     buffer: Vec<u8>,
     len: usize,
 }
@@ -197,15 +203,7 @@ impl std::ops::Deref for Body<'_> {
 
 impl Drop for Body<'_> {
     fn drop(&mut self) {
-        if self.buffer.capacity() <= POOLED_BUFFER_BYTES {
-            let mut pool = telemeter_common::sync::lock(self.pool);
-            let kept: usize = pool.iter().map(Vec::capacity).sum();
-            if pool.len() < POOLED_BUFFERS
-                && kept.saturating_add(self.buffer.capacity()) <= POOLED_BYTES
-            {
-                pool.push(std::mem::take(&mut self.buffer));
-            }
-        }
+        self.pool.give(std::mem::take(&mut self.buffer));
     }
 }
 
@@ -272,7 +270,7 @@ impl ReceiveHandler {
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
                 CPU_GATE_YIELD,
             ),
-            buffers: Mutex::new(Vec::new()),
+            buffers: new_pool(),
             requests,
             samples,
         }
@@ -572,11 +570,11 @@ impl ReceiveHandler {
 /// of `pool`, which gets it back when the body is dropped. Only the bytes snappy wrote are read:
 /// nothing of an earlier request shows.
 fn decompress<'p>(
-    pool: &'p Mutex<Vec<Vec<u8>>>,
+    pool: &'p BufferPool,
     compressed: &[u8],
     declared: usize,
 ) -> Result<Body<'p>, Refusal> {
-    let buffer = telemeter_common::sync::lock(pool).pop().unwrap_or_default();
+    let buffer = pool.take();
     let mut body = Body {
         pool,
         buffer,
@@ -653,7 +651,7 @@ mod tests {
 
     #[test]
     fn a_pooled_buffer_shows_only_the_request_it_holds() {
-        let pool = Mutex::new(Vec::new());
+        let pool = new_pool();
         let long: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let short = b"a short body".to_vec();
         for data in [&long, &short, &long] {
@@ -662,7 +660,7 @@ mod tests {
             let body = decompress(&pool, &compressed, declared).unwrap();
             assert_eq!(&body[..], &data[..]);
             drop(body);
-            assert_eq!(telemeter_common::sync::lock(&pool).len(), 1, "given back");
+            assert_eq!(pool.kept().0, 1, "given back");
         }
         // Corrupt data: the same answer as before pooling, and the buffer still given back.
         let corrupt = [0x10, 0xff, 0xff, 0xff];
@@ -675,25 +673,25 @@ mod tests {
             refusal.message,
             format!("body is not snappy block data: {expected}")
         );
-        assert_eq!(telemeter_common::sync::lock(&pool).len(), 1);
+        assert_eq!(pool.kept().0, 1);
     }
 
     #[test]
     fn the_pool_is_bounded_in_buffers_and_bytes() {
-        let pool = Mutex::new(Vec::new());
+        let pool = new_pool();
         let small = telemeter_common::snappy::encode_block(&[7u8; 1000]);
         let bodies: Vec<Body<'_>> = (0..POOLED_BUFFERS + 3)
             .map(|_| decompress(&pool, &small, 1000).unwrap())
             .collect();
         drop(bodies);
-        assert_eq!(telemeter_common::sync::lock(&pool).len(), POOLED_BUFFERS);
-        telemeter_common::sync::lock(&pool).clear();
+        assert_eq!(pool.kept().0, POOLED_BUFFERS);
+        let pool = new_pool();
         let big = vec![1u8; POOLED_BUFFER_BYTES + 1];
         let compressed = telemeter_common::snappy::encode_block(&big);
         let body = decompress(&pool, &compressed, big.len()).unwrap();
         assert_eq!(&body[..], &big[..]);
         drop(body);
-        assert!(telemeter_common::sync::lock(&pool).is_empty(), "not kept");
+        assert_eq!(pool.kept().0, 0, "not kept");
         // Buffers of the largest kept size: only as many as fit in the bytes bound.
         let largest = vec![1u8; POOLED_BUFFER_BYTES];
         let compressed = telemeter_common::snappy::encode_block(&largest);
@@ -701,8 +699,8 @@ mod tests {
             .map(|_| decompress(&pool, &compressed, largest.len()).unwrap())
             .collect();
         drop(bodies);
-        let pool = telemeter_common::sync::lock(&pool);
-        assert_eq!(pool.len(), POOLED_BYTES / POOLED_BUFFER_BYTES);
-        assert!(pool.iter().map(Vec::capacity).sum::<usize>() <= POOLED_BYTES);
+        let (buffers, bytes) = pool.kept();
+        assert_eq!(buffers, POOLED_BYTES / POOLED_BUFFER_BYTES);
+        assert!(bytes <= POOLED_BYTES);
     }
 }

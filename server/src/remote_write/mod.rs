@@ -25,7 +25,6 @@
 pub mod backoff;
 mod batch;
 pub mod convert;
-mod pool;
 pub mod proto;
 mod reader;
 mod shard;
@@ -43,10 +42,10 @@ use telemeter_common::instrument::{CounterVec, Gauge, Registry};
 use telemeter_common::snappy;
 
 use self::backoff::Backoff;
-use self::pool::BufferPool;
 use self::proto::TimeSeries;
 use self::reader::{Reader, ShardQueue};
 use self::shard::Shard;
+use crate::buffers::BufferPool;
 use crate::store::Backlog;
 use telemeter_common::agent::{self, first_line, parse_retry_after};
 
@@ -77,6 +76,15 @@ const SHARD_QUEUE: usize = 32;
 /// Payload bytes waiting per shard, at most (a record larger than this goes alone): 32 uploads
 /// of the largest size `--max-decompressed-bytes` lets through would be 512 MiB a shard.
 const SHARD_QUEUE_BYTES: usize = 16 << 20;
+/// Decompression buffers kept for the reader ([`crate::store::BacklogReader::next_record_into`]),
+/// at most: as many as two shards' queues hold, enough for the reader to find one nearly always
+/// (8 shards take them back about as fast as it reads). A fresh zeroed buffer for each upload,
+/// allocated by the reader and freed on a shard's thread, cost egress 3 % of its CPU.
+const POOL_BUFFERS: usize = 2 * SHARD_QUEUE;
+/// A buffer of more capacity than this is freed, not kept: the usual uploads are far smaller
+/// (about 51 KB decompressed for 500 samples), and a few large ones must not pin memory. With
+/// [`POOL_BUFFERS`], 16 MiB kept at most (about 3 MiB for the usual uploads).
+const POOL_BUFFER_BYTES: usize = 256 << 10;
 /// Most bytes of a receiver's reply read (for the log line).
 const MAX_REPLY_BYTES: u64 = 4096;
 /// Why an upload or a batch was dropped, as counted in `telemeter_server_remote_write_dropped_total`.
@@ -341,7 +349,11 @@ impl RemoteWriter {
         });
         let shard_count = config.shards.max(1);
         let (acks, acked) = crossbeam_channel::unbounded();
-        let pool = BufferPool::new();
+        let pool = Arc::new(BufferPool::new(
+            POOL_BUFFERS,
+            POOL_BUFFER_BYTES,
+            POOL_BUFFERS * POOL_BUFFER_BYTES,
+        ));
         let mut threads = Vec::with_capacity(shard_count + 1);
         let mut queues = Vec::with_capacity(shard_count);
         let stop = |threads: Vec<JoinHandle<()>>, control: &Control| {

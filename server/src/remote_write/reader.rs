@@ -78,7 +78,7 @@ pub(super) struct Reader {
     /// Where the next packed record is decompressed: a buffer from `pool`, handed back by the
     /// shard that converts it.
     pub(super) unpacked: Vec<u8>,
-    pub(super) pool: BufferPool,
+    pub(super) pool: Arc<BufferPool>,
     pub(super) last_bound_check: Instant,
     pub(super) max_backlog_bytes: u64,
     /// While dropping for the bytes bound: when the episode started and how many were dropped.

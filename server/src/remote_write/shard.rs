@@ -48,7 +48,7 @@ pub(super) struct Shard {
     /// The payload bytes in this shard's queue, which the reader bounds.
     pub(super) queued_bytes: Arc<AtomicUsize>,
     /// Where converted payloads' buffers go back to the reader.
-    pub(super) pool: BufferPool,
+    pub(super) pool: Arc<BufferPool>,
 }
 
 impl Shard {
