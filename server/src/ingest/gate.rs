@@ -102,15 +102,24 @@ impl Gate {
         telemeter_common::sync::lock(&self.state)
     }
 
+    /// Takes `units` when nobody is in line and they are free: entering without waiting.
+    fn enter_now(&self, state: &mut GateState, units: usize) -> bool {
+        if state.line.is_empty() && state.free >= units {
+            state.free -= units;
+            self.free_hint.store(state.free, Ordering::Relaxed);
+            true
+        } else {
+            false
+        }
+    }
+
     /// Waits for `units` (at most the whole gate), after every earlier waiter. The holders only
     /// run work that ends (CPU work, or a store commit, which answers or fails), so the wait is
     /// bounded.
     pub fn enter(&self, units: usize) -> Permit<'_> {
         let units = units.clamp(1, self.total);
         let mut state = self.state();
-        if state.line.is_empty() && state.free >= units {
-            state.free -= units;
-            self.free_hint.store(state.free, Ordering::Relaxed);
+        if self.enter_now(&mut state, units) {
             return Permit(self, units);
         }
         if !self.yield_for.is_zero() && state.line.is_empty() {
@@ -122,9 +131,7 @@ impl Gate {
                     continue;
                 }
                 let mut state = self.state();
-                if state.line.is_empty() && state.free >= units {
-                    state.free -= units;
-                    self.free_hint.store(state.free, Ordering::Relaxed);
+                if self.enter_now(&mut state, units) {
                     return Permit(self, units);
                 }
                 if !state.line.is_empty() || Instant::now() >= until {
