@@ -246,37 +246,16 @@ pub(super) fn run(shared: Arc<Shared>, queue: Arc<Queue>) {
     journal.retired = None;
 }
 
-/// The buffer a commit encodes its batch into, kept from one commit to the next: a fresh one of
-/// a batch's size (~200 KB at 64 senders) came from the top of the heap, which glibc trims after
-/// each free, so every commit faulted its pages in again.
-struct BatchBuffer;
-
-/// The largest buffer kept: a rare huge batch (15 MiB uploads) is let go rather than held.
+/// The largest batch buffer kept for the next commit ([`JournalState::batch_buffer`]): a rare
+/// huge batch (15 MiB uploads) is let go rather than held.
 const BATCH_BUFFER_KEPT: usize = 4 << 20;
 
-static BATCH_BUFFER: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-impl BatchBuffer {
-    /// The kept buffer, empty; a new one while another commit (of another store in this
-    /// process) holds it.
-    fn take() -> Vec<u8> {
-        match BATCH_BUFFER.try_lock() {
-            Ok(mut kept) => std::mem::take(&mut *kept),
-            Err(_) => Vec::new(),
-        }
-    }
-
-    /// Keeps `bytes`' memory for the next commit, unless it is over [`BATCH_BUFFER_KEPT`].
-    fn keep(mut bytes: Vec<u8>) {
-        if bytes.capacity() > BATCH_BUFFER_KEPT {
-            return;
-        }
+/// Keeps `bytes`' memory in `kept` for the next commit, emptied, unless it is over
+/// [`BATCH_BUFFER_KEPT`].
+fn keep_batch_buffer(kept: &mut Vec<u8>, mut bytes: Vec<u8>) {
+    if bytes.capacity() <= BATCH_BUFFER_KEPT {
         bytes.clear();
-        if let Ok(mut kept) = BATCH_BUFFER.try_lock() {
-            if kept.capacity() < bytes.capacity() {
-                *kept = bytes;
-            }
-        }
+        *kept = bytes;
     }
 }
 
@@ -391,7 +370,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
 
     // One buffer, one write, one sync for the whole batch, its records in the order asked (so
     // egress ships each cluster's payloads in that order).
-    let mut bytes = BatchBuffer::take();
+    let mut bytes = std::mem::take(&mut journal_state.batch_buffer);
     bytes.reserve(
         batch
             .iter()
@@ -535,8 +514,8 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
             (written, held)
         })
     };
+    keep_batch_buffer(&mut journal_state.batch_buffer, bytes);
     drop(journal_state);
-    BatchBuffer::keep(bytes);
     if let Ok(written) = &written {
         if *written > 0 {
             shared.counters.commits.fetch_add(1, Ordering::Relaxed);
@@ -649,22 +628,16 @@ mod tests {
 
     #[test]
     fn the_batch_buffer_kept_is_empty_and_never_over_its_cap() {
-        // Other tests' commits share the buffer: whatever this takes was kept by one of them or
-        // by this test, and either way it is empty and within the cap.
+        let mut kept = Vec::new();
         let mut big = Vec::with_capacity(BATCH_BUFFER_KEPT + 1);
         big.extend_from_slice(b"record");
-        BatchBuffer::keep(big);
-        let taken = BatchBuffer::take();
-        assert!(taken.is_empty());
-        assert!(
-            taken.capacity() <= BATCH_BUFFER_KEPT,
-            "{}",
-            taken.capacity()
-        );
+        keep_batch_buffer(&mut kept, big);
+        assert!(kept.is_empty());
+        assert!(kept.capacity() <= BATCH_BUFFER_KEPT, "{}", kept.capacity());
         let mut small = Vec::with_capacity(4096);
         small.extend_from_slice(b"record");
-        BatchBuffer::keep(small);
-        let taken = BatchBuffer::take();
-        assert!(taken.is_empty() && taken.capacity() <= BATCH_BUFFER_KEPT);
+        keep_batch_buffer(&mut kept, small);
+        assert!(kept.is_empty() && kept.capacity() <= BATCH_BUFFER_KEPT);
+        assert!(kept.capacity() >= 4096, "kept for the next commit");
     }
 }

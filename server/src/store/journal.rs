@@ -961,6 +961,11 @@ pub(super) struct JournalState {
     pub(super) chained_bytes: u64,
     /// See `chained_bytes` ([`CHAIN_BUDGET`]; tests lower it).
     pub(super) chain_budget: u64,
+    /// The buffer the last commit encoded its batch into, emptied, for the next (commits hold
+    /// this state, so one at a time): a fresh one of a batch's size (~200 KB at 64 senders) came
+    /// from the top of the heap, which glibc trims after each free, so every commit faulted its
+    /// pages in again.
+    pub(super) batch_buffer: Vec<u8>,
 }
 
 /// Decompressed bytes of packed payloads a segment may hold reads to (see

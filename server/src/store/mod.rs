@@ -355,6 +355,7 @@ impl Store {
                 packed_budget: journal::PACKED_BUDGET,
                 chained_bytes: 0,
                 chain_budget: journal::CHAIN_BUDGET,
+                batch_buffer: Vec::new(),
             }),
             segment_bytes: AtomicU64::new(segment_bytes()),
             counters: Counters::default(),
