@@ -27,7 +27,7 @@
 //! sets its file aside in `DIR/corrupt/`), and the journal is replayed into the index: open reads
 //! ~100 bytes per cluster file and the segments, and writes nothing. The replayed segments are
 //! served from until the checkpointer, started with the store, has written their cluster files in
-//! the background (as for a full segment). A payload's SHA-256 is checked by the first read of
+//! the background (as for a full segment). A payload's checksum is checked by the first read of
 //! each version of its file, which the index remembers (by inode), so `/federate` scrapes do not
 //! hash every file again; a file that fails then is set aside and never served. (A file damaged
 //! in place after its first read is not noticed until the next open.)
@@ -74,27 +74,30 @@
 //! Every payload the index takes gets a new [`Store::version`] (a checkpoint keeps it: same
 //! payload, another place), so the merge's cache knows whether its copy is still what is stored.
 //!
-//! # File format (version 3)
+//! # File format (version 4)
 //!
 //! All integers little endian.
 //!
 //! | bytes        | field                                                          |
 //! |--------------|----------------------------------------------------------------|
 //! | 8            | magic `TLMSTORE`                                               |
-//! | 2            | format version, u16 (3)                                        |
+//! | 2            | format version, u16 (4)                                        |
 //! | 2            | cluster id length `n`, u16                                     |
 //! | n            | cluster id, UTF-8                                              |
 //! | 8            | receive time, u64 milliseconds since the Unix epoch            |
 //! | 8            | newest sample timestamp, i64 milliseconds since the Unix epoch |
 //! | 8            | newest remote-write sample, i64 ms (`i64::MIN`: none)          |
 //! | 8            | payload length `p`, u64                                        |
-//! | 32           | SHA-256 of every header byte above + the payload               |
+//! | 4            | CRC-32C of every header byte above + the payload, u32          |
 //! | p            | payload: protobuf-delimited families                           |
 //!
-//! Version 2 (written before the remote-write marker was recorded) is the same without the newest
-//! remote-write sample; version 1 (written before the TTL counted from samples) is version 2
-//! without the newest sample timestamp. Both are still read, and rewritten as version 3 when their
-//! cluster is next written.
+//! Version 3 is the same with a 32-byte SHA-256 as the checksum: its check was a tenth of the
+//! first `/federate` after a checkpoint (each file's first read checks it), the CRC (which the
+//! journal's records use too) a hundredth; both catch damage, neither stops someone who can write
+//! the directory. Version 2 (written before the remote-write marker was recorded) is version 3
+//! without the newest remote-write sample; version 1 (written before the TTL counted from
+//! samples) is version 2 without the newest sample timestamp. All three are still read, and
+//! rewritten as version 4 when their cluster is next written.
 //!
 //! A file is served only if the magic and a known version match, `p` is exactly what follows the header
 //! (nothing is allocated from a declared length before that is checked against the file's size),

@@ -1188,15 +1188,52 @@ fn a_version_2_file_opens_serves_and_learns_its_marker_from_its_payload_once() {
     // Learned once: kept in the index, not read from the file again.
     fs::remove_file(file_of(&store, "received")).unwrap();
     assert_eq!(store.newest_received("received").unwrap(), Some(stamp));
-    // Rewritten as version 3 with its marker when its cluster is next written.
+    // Rewritten in the current version with its marker when its cluster is next written.
     store
         .put_merged("plain", plain, Ship::Nothing, at(0), 77)
         .unwrap();
     checkpoint_now(&store);
     let bytes = fs::read(file_of(&store, "plain")).unwrap();
-    assert_eq!(&bytes[8..10], &3u16.to_le_bytes());
+    assert_eq!(&bytes[8..10], &file::VERSION.to_le_bytes());
     let (header, _) = file::read(&file_of(&store, "plain"), false).unwrap();
     assert_eq!(header.newest_received_ms, Some(77));
+}
+
+#[test]
+fn a_version_3_file_is_verified_by_its_sha256_served_and_rewritten_as_version_4() {
+    let dir = TempDir::new("file-v3");
+    fs::create_dir_all(&dir.0).unwrap();
+    let (received, stamp) = with_help(REMOTE_WRITE_HELP, 2_000);
+    let (plain, _) = with_help("from an upload", 1_000);
+    let millis = telemeter_common::time::unix_millis(SystemTime::now());
+    for (id, payload, marker) in [("received", &received, stamp), ("plain", &plain, i64::MIN)] {
+        let header = file::tests::encode_header_v3(id, millis, millis as i64, marker, payload);
+        fs::write(
+            dir.0.join(file::file_name(id)),
+            [header, payload.clone()].concat(),
+        )
+        .unwrap();
+    }
+    // A third whose payload was damaged on disk: its SHA-256 no longer matches.
+    let mut damaged = file::tests::encode_header_v3("damaged", millis, millis as i64, 0, &plain);
+    damaged.extend_from_slice(&plain);
+    *damaged.last_mut().unwrap() ^= 0x10;
+    fs::write(dir.0.join(file::file_name("damaged")), damaged).unwrap();
+    let store = open(&dir);
+    assert_eq!(store.get("received").unwrap().unwrap().payload, received);
+    assert_eq!(store.newest_received("received").unwrap(), Some(stamp));
+    assert_eq!(store.get("plain").unwrap().unwrap().payload, plain);
+    assert!(store.get("damaged").unwrap().is_none());
+    assert_eq!(corrupt_names(&dir.0).len(), 1);
+    store
+        .put_merged("plain", plain.clone(), Ship::Nothing, at(0), 77)
+        .unwrap();
+    checkpoint_now(&store);
+    let bytes = fs::read(file_of(&store, "plain")).unwrap();
+    assert_eq!(&bytes[8..10], &4u16.to_le_bytes());
+    let (header, payload) = file::read(&file_of(&store, "plain"), true).unwrap();
+    assert_eq!(header.newest_received_ms, Some(77));
+    assert_eq!(payload.unwrap(), plain);
 }
 
 #[test]
