@@ -12,6 +12,7 @@
 #                     and the server's heap allocations per upload (telemeter-allocs, in process)
 #   3. federate       one full GET /federate after loading 10,000 clusters x 500 series, plain
 #                     and again with gzip (as Prometheus asks): series/s and bytes on the wire;
+#                     then plain once more (a later scrape of the unchanged store);
 #                     and the store's recovery: opening 10,000 clusters' files + a full journal
 #                     segment left by a crash
 #   4. decode         snappy + the upload's validation (wire fast path, else decode + validate), one thread
@@ -137,6 +138,8 @@ num() { awk -v x="$1" 'BEGIN { if (x == "" || x != x + 0) { print "n/a"; exit }
 mb() { awk -v k="$1" 'BEGIN { if (k == "" || k + 0 == 0) print "n/a"; else printf "%.1f MB", k / 1024 }'; }
 millions() { awk -v x="$1" 'BEGIN { if (x == "") print "n/a"; else printf "%.2fM", x / 1e6 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b + 0 == 0) print "n/a"; else printf "%.2f×", a / b }'; }
+# per_series_ns CPU_S SERIES: nanoseconds of CPU a series.
+per_series_ns() { awk -v c="$1" -v n="$2" 'BEGIN { if (n + 0 == 0) print "n/a"; else printf "%.0f", c / n * 1e9 }'; }
 cores() { awk -v c="$1" -v w="$2" 'BEGIN { if (w + 0 == 0) print "n/a"; else printf "%.2f", c / w }'; }
 # met VALUE OP BOUND: yes / **no** / n/a
 met() { awk -v v="$1" -v op="$2" -v b="$3" 'BEGIN {
@@ -508,6 +511,8 @@ done
 fed_line=
 fed_gz_line=
 fed_gz_cpu=
+fed_next_line=
+fed_next_cpu=
 fed_rss=
 fed_cpu=
 load_line=
@@ -537,6 +542,15 @@ if [ "$server_ready" = 1 ]; then
   cpu1=$(cpu_s "$server_pid")
   fed_gz_cpu=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')
   raw+=("federate gzip: $fed_gz_line server_cpu_s=$fed_gz_cpu")
+  # The next plain GET, as a central Prometheus's next scrape of an unchanged store: the files
+  # were verified and indexed by the first.
+  log "GET /federate again"
+  cpu0=$(cpu_s "$server_pid")
+  fed_next_line=$(timeout "$(limit 180)" "$loadgen" federate --url "http://127.0.0.1:$int_port") ||
+    fail "the next federate failed"
+  cpu1=$(cpu_s "$server_pid")
+  fed_next_cpu=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }')
+  raw+=("federate next: $fed_next_line server_cpu_s=$fed_next_cpu")
   curl -s --max-time 5 "http://127.0.0.1:$int_port/metrics" >"$work/metrics-federate.txt" || true
   stop_pid "$server_pid"
   rm -rf "$work/store-federate"
@@ -717,7 +731,7 @@ fi
 if [ -n "$fed_line" ]; then
   fs=$(field "$fed_line" series)
   row "3. Federate, full GET after $(num "$fed_clusters") clusters × 500 series" \
-    "$(num "$fs") series in $(field "$fed_line" seconds) s · $(millions "$(field "$fed_line" series_per_s)") series/s · $(awk -v b="$(field "$fed_line" bytes_per_s)" 'BEGIN { printf "%.0f MB/s", b / 1e6 }') · $(awk -v b="$(field "$fed_line" bytes)" 'BEGIN { printf "%.0f MB", b / 1e6 }') · first byte $(field "$fed_line" first_byte_ms) ms · RSS $(mb "$fed_rss") ($rss_scope) · CPU server $(cores "$fed_cpu" "$(field "$fed_line" seconds)") + loadgen $(cores "$(field "$fed_line" loadgen_cpu_s)" "$(field "$fed_line" seconds)") cores · loaded at $(num "$(field "$load_line" uploads_per_s)") uploads/s" \
+    "$(num "$fs") series in $(field "$fed_line" seconds) s · $(millions "$(field "$fed_line" series_per_s)") series/s · $(awk -v b="$(field "$fed_line" bytes_per_s)" 'BEGIN { printf "%.0f MB/s", b / 1e6 }') · $(awk -v b="$(field "$fed_line" bytes)" 'BEGIN { printf "%.0f MB", b / 1e6 }') · first byte $(field "$fed_line" first_byte_ms) ms · RSS $(mb "$fed_rss") ($rss_scope) · server $(per_series_ns "$fed_cpu" "$fs") ns of CPU a series · CPU server $(cores "$fed_cpu" "$(field "$fed_line" seconds)") + loadgen $(cores "$(field "$fed_line" loadgen_cpu_s)" "$(field "$fed_line" seconds)") cores · loaded at $(num "$(field "$load_line" uploads_per_s)") uploads/s" \
     "≥ 5M series/s, RSS < 100 MB (5M series)" \
     "$(all_met "$(met "$(field "$fed_line" series_per_s)" ">=" 5000000)" "$(met "$fed_rss" "<" 102400)" "$(met "$fs" ">=" $((fed_clusters * 500)))")"
 else
@@ -728,6 +742,13 @@ if [ -n "$fed_gz_line" ]; then
     "$(num "$(field "$fed_gz_line" series)") series in $(field "$fed_gz_line" seconds) s · $(millions "$(field "$fed_gz_line" series_per_s)") series/s · $(awk -v b="$(field "$fed_gz_line" bytes)" -v t="$(field "$fed_gz_line" text_bytes)" 'BEGIN { printf "%.0f MB on the wire (%.0f MB of text, %.1f×)", b / 1e6, t / 1e6, (b > 0 ? t / b : 0) }') · $(awk -v b="$(field "$fed_gz_line" bytes_per_s)" 'BEGIN { printf "%.0f MB/s", b / 1e6 }') on the wire · CPU server $(cores "$fed_gz_cpu" "$(field "$fed_gz_line" seconds)") + loadgen $(cores "$(field "$fed_gz_line" loadgen_cpu_s)" "$(field "$fed_gz_line" seconds)") cores" \
     "series as plain, ≥ 1M series/s" \
     "$(all_met "$(met "$(field "$fed_gz_line" series)" ">=" "$(field "$fed_line" series)")" "$(met "$(field "$fed_gz_line" series_per_s)" ">=" 1000000)")"
+fi
+if [ -n "$fed_next_line" ]; then
+  fns=$(field "$fed_next_line" series)
+  row "3. Federate, the next full GET (a later scrape: files verified, indexes kept)" \
+    "$(num "$fns") series in $(field "$fed_next_line" seconds) s · $(millions "$(field "$fed_next_line" series_per_s)") series/s · first byte $(field "$fed_next_line" first_byte_ms) ms · server $(per_series_ns "$fed_next_cpu" "$fns") ns of CPU a series · CPU server $(cores "$fed_next_cpu" "$(field "$fed_next_line" seconds)") + loadgen $(cores "$(field "$fed_next_line" loadgen_cpu_s)" "$(field "$fed_next_line" seconds)") cores" \
+    "≥ 5M series/s" \
+    "$(all_met "$(met "$(field "$fed_next_line" series_per_s)" ">=" 5000000)" "$(met "$fns" ">=" $((fed_clusters * 500)))")"
 fi
 if [ -n "$recovery_line" ]; then
   row "3. Store recovery: open after a crash, $(num "$(field "$recovery_line" clusters)") clusters' files + a journal segment of $(awk -v b="$(field "$recovery_line" journal_bytes)" 'BEGIN { printf "%.0f MB", b / 1e6 }')" \
