@@ -81,6 +81,29 @@ pub fn decode(
     now: SystemTime,
     memory: usize,
 ) -> Result<Decoded, Rejection> {
+    decode_into(
+        request,
+        limits,
+        rules,
+        token_labels,
+        now,
+        memory,
+        &mut Vec::new(),
+    )
+}
+
+/// [`decode`], decompressing a snappy body into `spare` (a buffer used before: it is only
+/// zeroed where it grows, and not allocated again), which the decompressed body then takes
+/// (`spare` is left empty); a body that is not snappy leaves `spare` as it was.
+pub fn decode_into(
+    request: &Request,
+    limits: &UploadLimits,
+    rules: &Rules,
+    token_labels: &BTreeMap<String, String>,
+    now: SystemTime,
+    memory: usize,
+    spare: &mut Vec<u8>,
+) -> Result<Decoded, Rejection> {
     if request.body.len() > limits.max_upload_bytes {
         return Err(Rejection::new(
             413,
@@ -102,10 +125,11 @@ pub fn decode(
     let decompressed: Option<Vec<u8>> = match request.header("Content-Encoding").map(str::trim) {
         None | Some("") => None,
         Some(e) if e.eq_ignore_ascii_case("identity") => None,
-        Some(e) if e.eq_ignore_ascii_case("snappy") => Some(
-            snappy::decode_framed(&request.body, limits.max_decompressed_bytes)
-                .map_err(|e| snappy_rejection(e, limits.max_decompressed_bytes))?,
-        ),
+        Some(e) if e.eq_ignore_ascii_case("snappy") => {
+            snappy::decode_framed_into(&request.body, limits.max_decompressed_bytes, spare)
+                .map_err(|e| snappy_rejection(e, limits.max_decompressed_bytes))?;
+            Some(std::mem::take(spare))
+        }
         Some(other) => {
             let other = other.to_ascii_lowercase();
             return Err(Rejection::new(

@@ -77,6 +77,22 @@ pub trait Placement: Send + Sync + 'static {
         let _ = (frames, newest_sample_ms);
         self.place(cluster_id, payload, received)
     }
+
+    /// [`Placement::place_unchanged`] with `payload` lent: a placement that stores the upload
+    /// locally and packed hands the buffer back (see [`Store::put_unchanged_lent`]), so the
+    /// caller can decompress its next upload into it; otherwise `payload` is taken (left
+    /// empty). By default it is always taken.
+    fn place_unchanged_lent(
+        &self,
+        cluster_id: &str,
+        payload: &mut Vec<u8>,
+        frames: Option<Vec<u8>>,
+        newest_sample_ms: i64,
+        received: SystemTime,
+    ) -> Result<(), PlacementError> {
+        let payload = std::mem::take(payload);
+        self.place_unchanged(cluster_id, payload, frames, newest_sample_ms, received)
+    }
 }
 
 /// Stores everything in the local store; with remote write on, the store's journal is the egress
@@ -119,6 +135,24 @@ impl Placement for LocalPlacement {
             Some(newest_sample_ms),
             received,
         )?)
+    }
+
+    fn place_unchanged_lent(
+        &self,
+        cluster_id: &str,
+        payload: &mut Vec<u8>,
+        frames: Option<Vec<u8>>,
+        newest_sample_ms: i64,
+        received: SystemTime,
+    ) -> Result<(), PlacementError> {
+        let store = self.merger.store();
+        // A cluster that also pushes by remote write is merged (see `store_upload`): taken.
+        if uses_remote_write(store, cluster_id, received) {
+            let payload = std::mem::take(payload);
+            return Ok(self.merger.store_accepted(cluster_id, payload, received)?);
+        }
+        store.put_unchanged_lent(cluster_id, payload, frames, newest_sample_ms, received)?;
+        Ok(())
     }
 }
 

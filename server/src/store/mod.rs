@@ -692,6 +692,36 @@ impl Store {
         )
     }
 
+    /// As [`Store::put_unchanged`], with `payload` lent rather than given: when the record is
+    /// journaled packed (the store keeps only the frames and the payload's length), `payload` is
+    /// handed back as it was, so the caller can decompress its next upload into the same buffer
+    /// instead of allocating and zeroing one (~4 µs of a 51 KB upload); otherwise it is taken
+    /// and left empty.
+    pub fn put_unchanged_lent(
+        &self,
+        cluster_id: &str,
+        payload: &mut Vec<u8>,
+        frames: Option<Vec<u8>>,
+        newest_sample_ms: i64,
+        received: SystemTime,
+    ) -> Result<bool, StoreError> {
+        self.submit_lending(
+            cluster_id,
+            Put {
+                serve: Some(std::mem::take(payload)),
+                frames,
+                ship: Ship::Served,
+                received,
+                mode: Mode::UnlessOlder,
+                newest_received_ms: Some(i64::MIN),
+                patch: None,
+                newest_sample_ms: Some(newest_sample_ms),
+            },
+            Some(payload),
+        )
+        .map(Outcome::written)
+    }
+
     /// An upload as sent (it holds no remote-write series), put unless older than the stored
     /// one, packed with its `frames` if any; `newest_sample_ms` when the caller knows it.
     fn put_upload(
@@ -724,6 +754,17 @@ impl Store {
     /// payload. With `patch` (and the edited payload's newest sample beside it) the request is
     /// that patch alone.
     fn submit(&self, cluster_id: &str, put: Put) -> Result<Outcome, StoreError> {
+        self.submit_lending(cluster_id, put, None)
+    }
+
+    /// [`Store::submit`]; a served payload journaled packed (only its length is needed) is
+    /// handed back in `lent` rather than dropped.
+    fn submit_lending(
+        &self,
+        cluster_id: &str,
+        put: Put,
+        lent: Option<&mut Vec<u8>>,
+    ) -> Result<Outcome, StoreError> {
         let Put {
             serve,
             frames,
@@ -766,7 +807,13 @@ impl Store {
         let settled = shared.packed_unsettled.load(Ordering::Relaxed)
             < shared.packed_unsettled_budget.load(Ordering::Relaxed);
         let (payload, packed) = match frames {
-            Some(frames) if serving && settled => (frames, Some(payload.len() as u64)),
+            Some(frames) if serving && settled => {
+                let len = payload.len() as u64;
+                if let Some(lent) = lent {
+                    *lent = payload;
+                }
+                (frames, Some(len))
+            }
             _ => (payload, None),
         };
         self.handle.queue.submit(

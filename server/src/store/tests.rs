@@ -1842,3 +1842,30 @@ fn packed_payloads_awaiting_their_checkpoint_past_the_budget_are_journaled_plain
         assert_eq!(store.get(id).unwrap().unwrap().payload, payload, "{id}");
     }
 }
+
+/// A lent payload journaled packed is handed back to the caller untouched (the same buffer, for
+/// its next upload), and read back whole; one that is not packed (no frames) is taken.
+#[test]
+fn a_lent_payload_comes_back_only_when_it_is_journaled_packed() {
+    let dir = TempDir::new("lent");
+    let store = open(&dir);
+    let (payload, frames) = packable(300, 1_000);
+    let newest = newest_sample_ms(&payload, 0);
+    let mut lent = payload.clone();
+    let buffer = lent.as_ptr();
+    assert!(store
+        .put_unchanged_lent("a", &mut lent, Some(frames), newest, at(0))
+        .unwrap());
+    assert_eq!((lent.as_ptr(), &lent), (buffer, &payload));
+    assert_eq!(store.get("a").unwrap().unwrap().payload, payload);
+    let mut plain = payload.clone();
+    assert!(store
+        .put_unchanged_lent("b", &mut plain, None, newest, at(0))
+        .unwrap());
+    assert_eq!(
+        plain.capacity(),
+        0,
+        "stored plain, the payload is the store's"
+    );
+    assert_eq!(store.get("b").unwrap().unwrap().payload, payload);
+}

@@ -509,3 +509,67 @@ fn the_ttl_of_an_upload_stored_unchanged_counts_from_its_newest_sample() {
     assert_eq!(store.sweep(SystemTime::now() + Duration::from_secs(70)), 1);
     assert!(listed().is_empty());
 }
+
+/// An upload stored packed hands its decompressed body's buffer back to the handler's pool, and
+/// the next upload decompresses into it (what it held before shows nowhere: a shorter body
+/// is stored exactly); the pool keeps at most its bounds whatever is handed to it.
+#[test]
+fn a_body_stored_packed_lends_its_buffer_to_the_next_upload_within_the_pool_bounds() {
+    use crate::store::{Store, StoreConfig};
+    let dir = testkit::TempDir::new("upload-lent");
+    let store = Store::open(StoreConfig {
+        dir: dir.path().to_path_buf(),
+        ttl: Duration::from_secs(600),
+        max_batch: 64,
+    })
+    .unwrap();
+    let mut h = handler(Arc::new(FakePlacement::default()), vec![]);
+    h.placement = Arc::new(crate::ingest::placement::LocalPlacement::new(
+        crate::receive::merge::Merger::new(store.clone()),
+    ));
+    let snappy_request = |id: &str, payload: &[u8]| {
+        let mut r = request(&token(id), snappy::encode_framed(payload));
+        r.headers.push(("Content-Encoding".into(), "snappy".into()));
+        r
+    };
+    let upload = |id: &str, job: &str| {
+        let ts = telemeter_common::time::unix_millis(SystemTime::now()) as i64;
+        delimited::encode(&[MetricFamily {
+            name: Some("up".into()),
+            help: None,
+            r#type: Some(MetricType::Gauge as i32),
+            metric: vec![Metric {
+                label: vec![LabelPair::new("_id", id), LabelPair::new("job", job)],
+                gauge: Some(Gauge { value: Some(1.0) }),
+                timestamp_ms: Some(ts),
+                ..Default::default()
+            }],
+        }])
+    };
+    let long = upload("a", &"x".repeat(500));
+    let short = upload("b", "x");
+    assert!(short.len() < long.len());
+    assert_eq!(h.bodies.kept().0, 0);
+    assert_eq!(h.handle(&snappy_request("a", &long)).status, 200);
+    let (buffers, bytes) = h.bodies.kept();
+    assert_eq!(buffers, 1, "the stored body's buffer came back");
+    assert!(bytes >= long.len());
+    assert_eq!(h.handle(&snappy_request("b", &short)).status, 200);
+    assert_eq!(h.bodies.kept(), (1, bytes), "the same buffer, used again");
+    assert_eq!(store.get("a").unwrap().map(|e| e.payload), Some(long));
+    assert_eq!(store.get("b").unwrap().map(|e| e.payload), Some(short));
+    // Bounded however many come back and however large.
+    h.bodies.give(vec![0; BODY_BUFFER_BYTES + 1]);
+    assert_eq!(
+        h.bodies.kept().0,
+        1,
+        "a buffer over the size bound is freed"
+    );
+    for _ in 0..BODY_BUFFERS * 2 {
+        h.bodies.give(vec![0; BODY_BUFFER_BYTES]);
+    }
+    let (buffers, bytes) = h.bodies.kept();
+    assert!(buffers <= BODY_BUFFERS, "{buffers} buffers kept");
+    assert!(bytes <= BODY_BUFFERS_BYTES, "{bytes} bytes kept");
+    assert!(buffers > 1);
+}
