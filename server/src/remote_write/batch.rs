@@ -48,9 +48,9 @@ impl Batch {
         let (bytes, series) = (self.bytes.len(), self.ends.len());
         let (ends, samples) = (&mut self.ends, &mut self.samples);
         let written =
-            convert::encode_payload(payload, received_ms, &mut self.bytes, |end, sample| {
-                ends.push(end);
-                samples.push(sample);
+            convert::encode_payload(payload, received_ms, &mut self.bytes, |entries| {
+                ends.extend(entries.iter().map(|&(end, _)| end));
+                samples.extend(entries.iter().map(|&(_, sample)| sample));
             });
         // The record's number and receive time, for each of its series at once rather than
         // pushed one series at a time.

@@ -137,8 +137,8 @@ pub fn encode_series(
 /// As [`encode_series`], reading the protobuf-delimited `payload` in place
 /// ([`telemeter_common::wire`]) instead of decoding it: nothing is allocated per series or label.
 /// On an error, what was written for the payload stays in `out`: the caller cuts it off. `each`
-/// gets where each entry ends in `out` and the bytes of its sample field, its last (so that where
-/// its labels end is known without reading it again).
+/// gets, a family at a time, where each entry ends in `out` and the bytes of its sample field,
+/// its last (so that where its labels end is known without reading it again).
 ///
 /// Every sample is its own entry with its series' full label set (remote write 1.0 has no other
 /// way), and a histogram or summary metric makes many series that share the metric's labels. So
@@ -150,7 +150,7 @@ pub fn encode_payload(
     payload: &[u8],
     fallback_ms: i64,
     out: &mut Vec<u8>,
-    mut each: impl FnMut(usize, u8),
+    mut each: impl FnMut(&[(usize, u8)]),
 ) -> Result<(), DecodeError> {
     let limits = delimited::Limits {
         max_message_bytes: payload.len(),
@@ -275,9 +275,7 @@ pub fn encode_payload(
                 wire::Value::Missing | wire::Value::Several => {}
             }
         }
-        for &(end, sample) in &pending {
-            each(end, sample);
-        }
+        each(&pending);
     }
     Ok(())
 }
@@ -1193,9 +1191,11 @@ mod tests {
             &telemeter_common::delimited::encode(&families),
             42,
             &mut in_place,
-            |end, sample| {
-                in_place_ends.push(end);
-                samples.push(end - usize::from(sample));
+            |entries| {
+                for &(end, sample) in entries {
+                    in_place_ends.push(end);
+                    samples.push(end - usize::from(sample));
+                }
             },
         )
         .unwrap();
@@ -1221,7 +1221,7 @@ mod tests {
         }
         .encode_to_vec();
         let mut got = Vec::new();
-        encode_payload(payload, 42, &mut got, |_, _| {}).unwrap();
+        encode_payload(payload, 42, &mut got, |_| {}).unwrap();
         (got, want)
     }
 
@@ -1534,7 +1534,7 @@ mod tests {
         assert_eq!(got, want);
         assert!(got.windows(3).any(|w| w == [0x12, 1, b'h']), "renamed");
         let mut ends = 0;
-        encode_payload(&many, 42, &mut Vec::new(), |_, _| ends += 1).unwrap();
+        encode_payload(&many, 42, &mut Vec::new(), |entries| ends += entries.len()).unwrap();
         assert_eq!(ends, all.1);
         for (family, entries) in families {
             let payload = framed(&family);
@@ -1543,7 +1543,7 @@ mod tests {
             let (got, want) = both(&families, &payload);
             assert_eq!(got, want, "family {family:02x?}");
             let mut ends = 0;
-            encode_payload(&payload, 42, &mut Vec::new(), |_, _| ends += 1).unwrap();
+            encode_payload(&payload, 42, &mut Vec::new(), |entries| ends += entries.len()).unwrap();
             assert_eq!(ends, entries, "family {family:02x?}");
         }
     }
@@ -1599,7 +1599,7 @@ mod tests {
                 &telemeter_common::delimited::encode(&families),
                 42,
                 &mut got,
-                |end, _| ends.push(end),
+                |entries| ends.extend(entries.iter().map(|&(end, _)| end)),
             )
             .unwrap();
             assert_eq!(got, want);
