@@ -47,11 +47,10 @@ impl Batch {
     ) -> Result<(), telemeter_common::delimited::DecodeError> {
         let (bytes, series) = (self.bytes.len(), self.ends.len());
         let (ends, samples) = (&mut self.ends, &mut self.samples);
-        let written =
-            convert::encode_payload(payload, received_ms, &mut self.bytes, |entries| {
-                ends.extend(entries.iter().map(|&(end, _)| end));
-                samples.extend(entries.iter().map(|&(_, sample)| sample));
-            });
+        let written = convert::encode_payload(payload, received_ms, &mut self.bytes, |entries| {
+            ends.extend(entries.iter().map(|&(end, _)| end));
+            samples.extend(entries.iter().map(|&(_, sample)| sample));
+        });
         // The record's number and receive time, for each of its series at once rather than
         // pushed one series at a time.
         self.seqs.resize(self.ends.len(), seq);

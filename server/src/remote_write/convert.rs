@@ -1543,7 +1543,10 @@ mod tests {
             let (got, want) = both(&families, &payload);
             assert_eq!(got, want, "family {family:02x?}");
             let mut ends = 0;
-            encode_payload(&payload, 42, &mut Vec::new(), |entries| ends += entries.len()).unwrap();
+            encode_payload(&payload, 42, &mut Vec::new(), |entries| {
+                ends += entries.len()
+            })
+            .unwrap();
             assert_eq!(ends, entries, "family {family:02x?}");
         }
     }
