@@ -47,14 +47,14 @@ impl Batch {
     ) -> Result<(), telemeter_common::delimited::DecodeError> {
         let (bytes, series) = (self.bytes.len(), self.ends.len());
         let (ends, samples) = (&mut self.ends, &mut self.samples);
-        let (seqs, received) = (&mut self.seqs, &mut self.received);
-        let written =
-            convert::encode_payload(payload, received_ms, &mut self.bytes, |end, sample| {
-                ends.push(end);
-                samples.push(sample);
-                seqs.push(seq);
-                received.push(received_ms);
-            });
+        let written = convert::encode_payload(payload, received_ms, &mut self.bytes, |entries| {
+            ends.extend(entries.iter().map(|&(end, _)| end));
+            samples.extend(entries.iter().map(|&(_, sample)| sample));
+        });
+        // The record's number and receive time, for each of its series at once rather than
+        // pushed one series at a time.
+        self.seqs.resize(self.ends.len(), seq);
+        self.received.resize(self.ends.len(), received_ms);
         if written.is_err() {
             self.bytes.truncate(bytes);
             self.ends.truncate(series);

@@ -418,3 +418,50 @@ fn a_shard_queue_holds_at_most_its_bytes_of_records() {
     assert!(most <= fit + 2, "{most}");
     assert!(fit + 2 < SHARD_QUEUE, "the bytes bound is what is tested");
 }
+
+/// Egress's CPU a sample in a shard, without HTTP: the bench's uploads of 64 clusters converted
+/// into a batch, cut into requests of the default size and each request's body written, as a
+/// shard does. For comparing changes on a machine too busy for `tests/bench.sh egress`:
+/// `cargo test --release -p telemeter-server --lib shard_cpu -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn shard_cpu_a_sample_converting_and_writing_bodies() {
+    fn thread_cpu() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+    let payloads: Vec<Vec<u8>> = (0..64)
+        .map(|i| {
+            let id = testkit::payload::cluster_id(i);
+            delimited::encode(&testkit::payload::families(&id, 1_700_000_000_000))
+        })
+        .collect();
+    let (mut batch, mut spare, mut body) = (Batch::default(), Batch::default(), Vec::new());
+    let (mut samples, mut bytes) = (0usize, 0usize);
+    let start = thread_cpu();
+    // Bounded: 200 rounds of 64 uploads.
+    for round in 0..200u64 {
+        for (i, payload) in payloads.iter().enumerate() {
+            batch.extend(payload, round * 64 + i as u64, 0).unwrap();
+            while batch.len() >= DEFAULT_MAX_SAMPLES_PER_SEND {
+                let front =
+                    batch.take_front(DEFAULT_MAX_SAMPLES_PER_SEND, std::mem::take(&mut spare));
+                bytes += front.body_into(&mut body);
+                samples += front.len();
+                spare = front;
+            }
+        }
+    }
+    let cpu = thread_cpu() - start;
+    println!(
+        "shard cpu: {:.1} ns a sample, {:.1} bytes a sample, {samples} samples",
+        cpu.as_nanos() as f64 / samples as f64,
+        bytes as f64 / samples as f64
+    );
+    assert!(samples >= 200 * 64 * 500 - DEFAULT_MAX_SAMPLES_PER_SEND);
+}
