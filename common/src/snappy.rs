@@ -134,10 +134,13 @@ pub fn decode_framed_into_unchecked(
 /// Whether a framed decode checks each chunk's CRC-32C.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ChunkChecksums {
+    /// Every chunk's CRC-32C is checked: bytes no other checksum covers.
     Check,
+    /// None is: bytes an outer checksum has just verified.
     Skip,
 }
 
+/// [`decode_framed_into`], checking the chunks' CRC-32Cs as `checksums` says.
 fn decode_framed_into_checking(
     body: &[u8],
     max_decompressed: usize,
