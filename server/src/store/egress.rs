@@ -140,6 +140,7 @@ impl Backlog {
             backlog: self.clone(),
             at: from,
             open: None,
+            record: Vec::new(),
         }
     }
 
@@ -219,6 +220,8 @@ pub struct BacklogReader {
     at: Position,
     /// The segment `at` is in, open.
     open: Option<File>,
+    /// The last packed record read, its bytes as journaled (see [`journal::read_at_into`]).
+    record: Vec<u8>,
 }
 
 impl BacklogReader {
@@ -275,9 +278,10 @@ impl BacklogReader {
                     .map_err(|e| StoreError::io("reading a journal segment's length", e))?
                     .len(),
             };
-            let next = journal::read_at_into(file, self.at.offset, len, unpacked).map_err(|e| {
-                StoreError::io(format!("reading journal segment {}", self.at.segment), e)
-            })?;
+            let next = journal::read_at_into(file, self.at.offset, len, unpacked, &mut self.record)
+                .map_err(|e| {
+                    StoreError::io(format!("reading journal segment {}", self.at.segment), e)
+                })?;
             match next {
                 Next::Record(record, end) => {
                     self.at.offset = end;
