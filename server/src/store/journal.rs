@@ -417,17 +417,7 @@ pub(super) fn unpack(payload: &[u8]) -> Result<Vec<u8>, ReadError> {
 
 /// [`unpack`] into `plain` (a buffer used again: see [`snappy::decode_framed_into`]).
 pub(super) fn unpack_into(payload: &[u8], plain: &mut Vec<u8>) -> Result<(), ReadError> {
-    let (plain_len, _, frames) = packed_parts(payload)?;
-    match snappy::decode_framed_into(frames, plain_len, plain) {
-        Ok(()) if plain.len() == plain_len => Ok(()),
-        Ok(()) => Err(ReadError::Corrupt(format!(
-            "holds snappy frames that decompress to {} bytes, not {plain_len}",
-            plain.len()
-        ))),
-        Err(e) => Err(ReadError::Corrupt(format!(
-            "holds snappy frames that do not decompress: {e}"
-        ))),
-    }
+    unpack_checking(payload, plain, true)
 }
 
 /// [`unpack_into`] of a payload whose record has just passed its checksum, which covers every
@@ -436,8 +426,22 @@ pub(super) fn unpack_into(payload: &[u8], plain: &mut Vec<u8>) -> Result<(), Rea
 /// strong as the frames'. A damaged payload that passed it anyway is still refused if it does not
 /// decompress to exactly its header's length, and never takes more memory than that.
 fn unpack_verified_into(payload: &[u8], plain: &mut Vec<u8>) -> Result<(), ReadError> {
+    unpack_checking(payload, plain, false)
+}
+
+/// [`unpack_into`], checking the frames' own CRC-32Cs only with `frame_checksums`.
+fn unpack_checking(
+    payload: &[u8],
+    plain: &mut Vec<u8>,
+    frame_checksums: bool,
+) -> Result<(), ReadError> {
     let (plain_len, _, frames) = packed_parts(payload)?;
-    match snappy::decode_framed_into_unchecked(frames, plain_len, plain) {
+    let decoded = if frame_checksums {
+        snappy::decode_framed_into(frames, plain_len, plain)
+    } else {
+        snappy::decode_framed_into_unchecked(frames, plain_len, plain)
+    };
+    match decoded {
         Ok(()) if plain.len() == plain_len => Ok(()),
         Ok(()) => Err(ReadError::Corrupt(format!(
             "holds snappy frames that decompress to {} bytes, not {plain_len}",
