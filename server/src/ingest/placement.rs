@@ -145,14 +145,14 @@ impl Placement for LocalPlacement {
         newest_sample_ms: i64,
         received: SystemTime,
     ) -> Result<(), PlacementError> {
-        let store = self.merger.store();
-        // A cluster that also pushes by remote write is merged (see `store_upload`): taken.
-        if uses_remote_write(store, cluster_id, received) {
-            let payload = std::mem::take(payload);
-            return Ok(self.merger.store_accepted(cluster_id, payload, received)?);
-        }
-        store.put_unchanged_lent(cluster_id, payload, frames, newest_sample_ms, received)?;
-        Ok(())
+        Ok(store_upload_lent(
+            &self.merger,
+            cluster_id,
+            payload,
+            frames,
+            Some(newest_sample_ms),
+            received,
+        )?)
     }
 }
 
@@ -187,22 +187,49 @@ pub fn store_upload(
     newest_sample_ms: Option<i64>,
     received: SystemTime,
 ) -> Result<(), StoreError> {
+    let mut payload = payload;
+    store_upload_lent(
+        merger,
+        cluster_id,
+        &mut payload,
+        frames,
+        newest_sample_ms,
+        received,
+    )
+}
+
+/// [`store_upload`] with `payload` lent: when the store journals it packed it is handed back
+/// (see [`Store::put_unchanged_lent`]), so the caller can decompress its next upload into it;
+/// otherwise it is taken (left empty).
+fn store_upload_lent(
+    merger: &Merger,
+    cluster_id: &str,
+    payload: &mut Vec<u8>,
+    frames: Option<Vec<u8>>,
+    newest_sample_ms: Option<i64>,
+    received: SystemTime,
+) -> Result<(), StoreError> {
     let store = merger.store();
     // A cluster that also pushes by remote write: merged, so neither path erases the other's
     // series (README, "Remote write and uploads together"); the merged view is not what arrived.
     if uses_remote_write(store, cluster_id, received) {
-        return merger.store_accepted(cluster_id, payload, received);
+        return merger.store_accepted(cluster_id, std::mem::take(payload), received);
     }
     // Replaced without the merge: the store gives it a new version, so whatever the merger
     // cached of the cluster is not used again.
     match newest_sample_ms {
         Some(newest_sample_ms) => {
-            store.put_unchanged(cluster_id, payload, frames, newest_sample_ms, received)
+            store.put_unchanged_lent(cluster_id, payload, frames, newest_sample_ms, received)
         }
-        None => match frames {
-            Some(frames) => store.put_unless_older_packed(cluster_id, payload, frames, received),
-            None => store.put_unless_older(cluster_id, payload, received),
-        },
+        None => {
+            let payload = std::mem::take(payload);
+            match frames {
+                Some(frames) => {
+                    store.put_unless_older_packed(cluster_id, payload, frames, received)
+                }
+                None => store.put_unless_older(cluster_id, payload, received),
+            }
+        }
     }
     .map(|_| ())
 }

@@ -654,7 +654,7 @@ impl Store {
         payload: Vec<u8>,
         received: SystemTime,
     ) -> Result<bool, StoreError> {
-        self.put_upload(cluster_id, payload, None, None, received)
+        self.put_upload(cluster_id, payload, None, None, received, None)
     }
 
     /// As [`Store::put_unless_older`], for a payload that arrived as `frames` (snappy framed,
@@ -669,34 +669,16 @@ impl Store {
         frames: Vec<u8>,
         received: SystemTime,
     ) -> Result<bool, StoreError> {
-        self.put_upload(cluster_id, payload, Some(frames), None, received)
+        self.put_upload(cluster_id, payload, Some(frames), None, received, None)
     }
 
     /// As [`Store::put_unless_older`] (with `frames`: [`Store::put_unless_older_packed`]), for
     /// a payload whose newest sample the caller read already (`newest_sample_ms`, exactly what
     /// `wire::newest_timestamp` of `payload` gives): the store does not walk the payload for it.
-    pub fn put_unchanged(
-        &self,
-        cluster_id: &str,
-        payload: Vec<u8>,
-        frames: Option<Vec<u8>>,
-        newest_sample_ms: i64,
-        received: SystemTime,
-    ) -> Result<bool, StoreError> {
-        self.put_upload(
-            cluster_id,
-            payload,
-            frames,
-            Some(newest_sample_ms),
-            received,
-        )
-    }
-
-    /// As [`Store::put_unchanged`], with `payload` lent rather than given: when the record is
-    /// journaled packed (the store keeps only the frames and the payload's length), `payload` is
-    /// handed back as it was, so the caller can decompress its next upload into the same buffer
-    /// instead of allocating and zeroing one (~4 µs of a 51 KB upload); otherwise it is taken
-    /// and left empty.
+    /// `payload` is lent rather than given: when the record is journaled packed (the store keeps
+    /// only the frames and the payload's length), `payload` is handed back as it was, so the
+    /// caller can decompress its next upload into the same buffer instead of allocating and
+    /// zeroing one (~4 µs of a 51 KB upload); otherwise it is taken and left empty.
     pub fn put_unchanged_lent(
         &self,
         cluster_id: &str,
@@ -705,25 +687,20 @@ impl Store {
         newest_sample_ms: i64,
         received: SystemTime,
     ) -> Result<bool, StoreError> {
-        self.submit_lending(
+        let taken = std::mem::take(payload);
+        self.put_upload(
             cluster_id,
-            Put {
-                serve: Some(std::mem::take(payload)),
-                frames,
-                ship: Ship::Served,
-                received,
-                mode: Mode::UnlessOlder,
-                newest_received_ms: Some(i64::MIN),
-                patch: None,
-                newest_sample_ms: Some(newest_sample_ms),
-            },
+            taken,
+            frames,
+            Some(newest_sample_ms),
+            received,
             Some(payload),
         )
-        .map(Outcome::written)
     }
 
     /// An upload as sent (it holds no remote-write series), put unless older than the stored
-    /// one, packed with its `frames` if any; `newest_sample_ms` when the caller knows it.
+    /// one, packed with its `frames` if any; `newest_sample_ms` when the caller knows it. With
+    /// `lent`, a payload journaled packed is handed back there ([`Store::submit_lending`]).
     fn put_upload(
         &self,
         cluster_id: &str,
@@ -731,8 +708,9 @@ impl Store {
         frames: Option<Vec<u8>>,
         newest_sample_ms: Option<i64>,
         received: SystemTime,
+        lent: Option<&mut Vec<u8>>,
     ) -> Result<bool, StoreError> {
-        self.submit(
+        self.submit_lending(
             cluster_id,
             Put {
                 serve: Some(payload),
@@ -744,6 +722,7 @@ impl Store {
                 patch: None,
                 newest_sample_ms,
             },
+            lent,
         )
         .map(Outcome::written)
     }
