@@ -195,14 +195,7 @@ pub fn stages(body: &[u8], validator: &Validator, rounds: u32) -> Result<[f64; 5
 /// CPU seconds this thread has used so far: the split of an upload between its stages, which
 /// wall time on a shared machine blurs (another process's turn lands in whichever stage it hits).
 fn thread_cpu_seconds() -> f64 {
-    // SAFETY: timespec is two integers, for which all zero bytes are a valid value.
-    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: clock_gettime only writes into the struct we pass, which lives across the call.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
-    if rc != 0 {
-        return 0.0;
-    }
-    now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
+    testkit::cpu::thread_cpu().as_secs_f64()
 }
 
 /// CPU seconds per upload of the two stages of [`decode_one`] (snappy, the wire check), each

@@ -228,6 +228,7 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
+    use testkit::cpu::thread_cpu;
 
     #[test]
     fn a_large_reservation_is_not_starved_by_a_stream_of_small_ones() {
@@ -295,17 +296,6 @@ mod tests {
             assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 3);
         });
         assert_eq!(gate.state().free, 10);
-    }
-
-    /// This thread's CPU time.
-    fn thread_cpu() -> Duration {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes one timespec, which `ts` is.
-        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
     }
 
     #[test]

@@ -426,15 +426,7 @@ fn a_shard_queue_holds_at_most_its_bytes_of_records() {
 #[test]
 #[ignore]
 fn shard_cpu_a_sample_converting_and_writing_bodies() {
-    fn thread_cpu() -> Duration {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes the timespec it is given.
-        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-    }
+    use testkit::cpu::thread_cpu;
     let payloads: Vec<Vec<u8>> = (0..64)
         .map(|i| {
             let id = testkit::payload::cluster_id(i);
