@@ -397,24 +397,60 @@ pub(super) mod tests {
         assert!(encode_header(&"x".repeat(70_000), 0, 0, 0, b"").is_err());
     }
 
-    /// A version 1 header, as servers before version 2 wrote it.
-    pub(in crate::store) fn encode_header_v1(
+    /// A header of version 1, 2 or 3 (SHA-256 checksummed), as servers before version 4 wrote
+    /// it: the newest sample's time from version 2, the newest remote-write sample's from 3.
+    fn encode_sha256_header(
+        version: u16,
         cluster_id: &str,
         received_millis: u64,
+        newest_sample_ms: i64,
+        newest_received_ms: i64,
         payload: &[u8],
     ) -> Vec<u8> {
         let mut header = Vec::new();
         header.extend_from_slice(MAGIC);
-        header.extend_from_slice(&VERSION_1.to_le_bytes());
+        header.extend_from_slice(&version.to_le_bytes());
         header.extend_from_slice(&(cluster_id.len() as u16).to_le_bytes());
         header.extend_from_slice(cluster_id.as_bytes());
         header.extend_from_slice(&received_millis.to_le_bytes());
+        if version >= VERSION_2 {
+            header.extend_from_slice(&newest_sample_ms.to_le_bytes());
+        }
+        if version >= VERSION_3 {
+            header.extend_from_slice(&newest_received_ms.to_le_bytes());
+        }
         header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
         let mut checksum = digest::Context::new(&digest::SHA256);
         checksum.update(&header);
         checksum.update(payload);
         header.extend_from_slice(checksum.finish().as_ref());
         header
+    }
+
+    /// A version 1 header, as servers before version 2 wrote it.
+    pub(in crate::store) fn encode_header_v1(
+        cluster_id: &str,
+        received_millis: u64,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        encode_sha256_header(VERSION_1, cluster_id, received_millis, 0, 0, payload)
+    }
+
+    /// A version 2 header, as servers before version 3 wrote it.
+    pub(in crate::store) fn encode_header_v2(
+        cluster_id: &str,
+        received_millis: u64,
+        newest_sample_ms: i64,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        encode_sha256_header(
+            VERSION_2,
+            cluster_id,
+            received_millis,
+            newest_sample_ms,
+            0,
+            payload,
+        )
     }
 
     /// A version 3 header, as servers before version 4 wrote it.
@@ -425,42 +461,14 @@ pub(super) mod tests {
         newest_received_ms: i64,
         payload: &[u8],
     ) -> Vec<u8> {
-        let mut header = Vec::new();
-        header.extend_from_slice(MAGIC);
-        header.extend_from_slice(&VERSION_3.to_le_bytes());
-        header.extend_from_slice(&(cluster_id.len() as u16).to_le_bytes());
-        header.extend_from_slice(cluster_id.as_bytes());
-        header.extend_from_slice(&received_millis.to_le_bytes());
-        header.extend_from_slice(&newest_sample_ms.to_le_bytes());
-        header.extend_from_slice(&newest_received_ms.to_le_bytes());
-        header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        let mut checksum = digest::Context::new(&digest::SHA256);
-        checksum.update(&header);
-        checksum.update(payload);
-        header.extend_from_slice(checksum.finish().as_ref());
-        header
-    }
-
-    /// A version 2 header, as servers before version 3 wrote it.
-    pub(in crate::store) fn encode_header_v2(
-        cluster_id: &str,
-        received_millis: u64,
-        newest_sample_ms: i64,
-        payload: &[u8],
-    ) -> Vec<u8> {
-        let mut header = Vec::new();
-        header.extend_from_slice(MAGIC);
-        header.extend_from_slice(&VERSION_2.to_le_bytes());
-        header.extend_from_slice(&(cluster_id.len() as u16).to_le_bytes());
-        header.extend_from_slice(cluster_id.as_bytes());
-        header.extend_from_slice(&received_millis.to_le_bytes());
-        header.extend_from_slice(&newest_sample_ms.to_le_bytes());
-        header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        let mut checksum = digest::Context::new(&digest::SHA256);
-        checksum.update(&header);
-        checksum.update(payload);
-        header.extend_from_slice(checksum.finish().as_ref());
-        header
+        encode_sha256_header(
+            VERSION_3,
+            cluster_id,
+            received_millis,
+            newest_sample_ms,
+            newest_received_ms,
+            payload,
+        )
     }
 
     #[test]
