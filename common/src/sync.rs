@@ -223,6 +223,17 @@ impl<T> ReplyReceiver<T> {
     }
 }
 
+/// What a caught panic said (its `&str` or `String` payload), for a log line.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(message) = panic.downcast_ref::<&str>() {
+        message
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message
+    } else {
+        "(no message)"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

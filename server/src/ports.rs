@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use telemeter_common::http::{Admission, Handler, Head, Request, Response, ServerHandle, Stats};
+use telemeter_common::http::{
+    Admission, Defer, Handler, Head, Request, Response, ServerHandle, Stats,
+};
 
 use crate::authorize::{AuthorizeHandler, MAX_BODY_BYTES};
 use crate::cluster::endpoint::handle_forward;
@@ -52,7 +54,7 @@ pub struct External {
     /// `/authorize`.
     pub authorize: AuthorizeHandler,
     /// `/upload`.
-    pub upload: UploadHandler,
+    pub upload: Arc<UploadHandler>,
     /// `/import` (air-gap bundles; authenticated by their own tags).
     pub import: ImportHandler,
     /// `/metrics/v1/receive`.
@@ -69,6 +71,13 @@ impl Handler for External {
             "/healthz" | "/healthz/ready" => Response::text(200, "ok"),
             "/" => Response::json(200, &serde_json::json!({ "paths": EXTERNAL_PATHS })),
             _ => not_found(),
+        }
+    }
+
+    fn handle_later(&self, request: Request, defer: Defer<'_>) -> Option<Response> {
+        match request.path.as_str() {
+            "/upload" => self.upload.handle_later(&request, defer),
+            _ => Some(self.handle(request)),
         }
     }
 

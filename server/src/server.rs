@@ -251,7 +251,7 @@ impl Server {
                 config.required_labels.clone(),
                 metrics.clone(),
             ),
-            upload: UploadHandler::new(
+            upload: Arc::new(UploadHandler::new(
                 signer,
                 &config.partition_label,
                 upload_limits(&config),
@@ -259,7 +259,7 @@ impl Server {
                 limiter.clone(),
                 placement,
                 metrics.clone(),
-            ),
+            )),
         };
         let fronts = Arc::new(Fronts::default());
         let internal_handler = Internal {

@@ -9,13 +9,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::sync::{self, lock};
+use crate::sync::{self, lock, panic_message};
 
 use super::head::{
     framing, head_end, is_token, leading_empty_lines, parse_head, ChunkedDecoder, Framing,
     RequestError,
 };
-use super::server::panic_message;
+use super::later::{Defer, Handback, Owed};
 use super::shared::{BodyBuffer, BudgetFull, PeerKey, Phase, Shared, Tracked, BODY_STEP};
 use super::stream::{is_timeout, Deadlined, Stream};
 use super::{reason_phrase, Body, Config, Request, Response};
@@ -46,10 +46,16 @@ pub(super) struct Connection {
     progress_marked: Instant,
     /// The last response's head (and small body), kept for the next one.
     response_head: Vec<u8>,
+    /// The answer this connection owes, when a request is answered later ([`Later`]).
+    owed: Arc<Owed>,
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        // The socket stays open until the answer owed is settled (its `Later` writes to it).
+        if let Some(handback) = self.owed.settle() {
+            self.write_handback(handback);
+        }
         {
             let mut table = self.shared.connections();
             table.connections.remove(&self.id);
@@ -108,10 +114,12 @@ pub(super) fn serve_connection(
 ) {
     let accepted_at = Instant::now();
     let id = shared.next_connection.fetch_add(1, Ordering::SeqCst);
+    let owed = Arc::new(Owed::default());
     shared.connections().connections.insert(
         id,
         Tracked {
             fd: tcp.as_raw_fd(),
+            owed: owed.clone(),
             peer,
             idle: true,
             closed_by_server: false,
@@ -143,6 +151,7 @@ pub(super) fn serve_connection(
         pending: Vec::new(),
         progress_marked: accepted_at,
         response_head: Vec::new(),
+        owed,
     };
     // A panic in a stream body or here must still close the connection and release its slot,
     // which `Connection`'s drop does during unwinding; catching it keeps the log tidy.
@@ -196,6 +205,10 @@ impl Connection {
                     ""
                 }
             );
+            if let Some(handback) = self.owed.settle() {
+                self.write_handback(handback);
+                return;
+            }
             let _ = self.write_response(response, false, false, true);
             self.linger();
             return;
@@ -475,16 +488,43 @@ impl Connection {
             mut close,
             _body,
         } = parsed;
+        // A pipelined request is answered only after the one before it.
+        if let Some(handback) = self.owed.settle() {
+            self.write_handback(handback);
+            return false;
+        }
         let inline = self
             .config()
             .inline_paths
             .iter()
             .position(|path| *path == request.path);
         let response = if let Some(inline) = inline {
+            // Answered later only on plain TCP (a TLS session is this thread's) and when the
+            // connection is kept alive as it is.
+            let deferrable = matches!(self.stream, Stream::Plain(_))
+                && !(close || http10 || head_only || self.shared.stopping());
+            let fd = self.stream.socket().tcp.as_raw_fd();
+            let handled = catch_unwind(AssertUnwindSafe(|| {
+                if deferrable {
+                    let defer = Defer {
+                        owed: &self.owed,
+                        fd,
+                        shared: &self.shared,
+                    };
+                    self.shared.handler.handle_later(request, defer)
+                } else {
+                    Some(self.shared.handler.handle(request))
+                }
+            }));
             // No copy of the path for the log line: the request is the handler's, and this runs
             // once per upload.
-            match catch_unwind(AssertUnwindSafe(|| self.shared.handler.handle(request))) {
-                Ok(response) => response,
+            match handled {
+                // Its `Later` answers; this thread reads the next request meanwhile.
+                Ok(None) => {
+                    drop(_body);
+                    return true;
+                }
+                Ok(Some(response)) => response,
                 Err(panic) => {
                     let path = self.config().inline_paths.get(inline).map_or("", |p| p);
                     log::error!(
@@ -519,6 +559,11 @@ impl Connection {
             }
         };
         drop(_body);
+        if let Some(handback) = self.owed.settle() {
+            // The handler took the answer and failed (a panic): that answer is the one written.
+            self.write_handback(handback);
+            return false;
+        }
         if self.shared.stopping() {
             close = true;
         }
@@ -541,75 +586,29 @@ impl Connection {
         response: Response,
         http10: bool,
         head_only: bool,
-        mut close: bool,
+        close: bool,
     ) -> io::Result<bool> {
         let Response {
-            mut status,
+            status,
             headers,
             body,
         } = response;
-        if !(200..=599).contains(&status) {
-            log::error!(
-                "{}: the handler answered status {status}; sending 500",
-                self.config().name
-            );
-            status = 500;
-        }
-        if headers.iter().any(|(n, v)| {
-            n.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close")
-        }) {
-            close = true;
-        }
         // HTTP/1.0 has no chunked encoding: a streamed body ends where the connection does.
         let chunked = matches!(body, Body::Stream(_)) && !http10;
-        if matches!(body, Body::Stream(_)) && http10 {
-            close = true;
-        }
         // The head is written into the connection's own buffer, kept from one response to the
         // next: a response to an upload allocates nothing here.
         let mut head = std::mem::take(&mut self.response_head);
         head.clear();
-        head.extend_from_slice(b"HTTP/1.1 ");
-        // Writing into a Vec cannot fail.
-        let _ = write!(head, "{status} ");
-        head.extend_from_slice(reason_phrase(status).as_bytes());
-        head.extend_from_slice(b"\r\n");
-        for (name, value) in &headers {
-            let framing = ["content-length", "transfer-encoding", "connection"]
-                .iter()
-                .any(|f| name.eq_ignore_ascii_case(f));
-            let unsafe_text = !is_token(name) || value.bytes().any(|b| b == b'\r' || b == b'\n');
-            if framing {
-                continue;
-            }
-            if unsafe_text {
-                log::error!(
-                    "{}: dropping response header {name:?} with characters that would split the response",
-                    self.config().name
-                );
-                continue;
-            }
-            head.extend_from_slice(name.as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
-        }
+        let (status, close) = encode_head(
+            &mut head,
+            status,
+            &headers,
+            &body,
+            http10,
+            close,
+            &self.shared.config.name,
+        );
         let no_body_status = status == 204 || status == 304;
-        match &body {
-            _ if no_body_status => {}
-            Body::Empty => head.extend_from_slice(b"Content-Length: 0\r\n"),
-            Body::Bytes(bytes) => {
-                let _ = write!(head, "Content-Length: {}\r\n", bytes.len());
-            }
-            Body::Stream(_) if chunked => head.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
-            Body::Stream(_) => {}
-        }
-        if close {
-            head.extend_from_slice(b"Connection: close\r\n");
-        } else if http10 {
-            head.extend_from_slice(b"Connection: keep-alive\r\n");
-        }
-        head.extend_from_slice(b"\r\n");
         let send_body = !head_only && !no_body_status;
         let written = match body {
             // A small answer goes out in one write (one packet), as the buffered writer sent it.
@@ -659,6 +658,26 @@ impl Connection {
         Ok(!close)
     }
 
+    /// Writes what a [`Later`] handed back (module `later`); the connection closes after it.
+    fn write_handback(&mut self, handback: Handback) {
+        let written = match handback {
+            Handback::Bytes(bytes) => self
+                .stream
+                .write_all(&bytes)
+                .and_then(|()| self.stream.flush()),
+            Handback::Response(response) => {
+                self.write_response(response, false, false, true).map(drop)
+            }
+        };
+        if let Err(e) = written {
+            log::debug!(
+                "{}: writing a response to {}: {e}",
+                self.config().name,
+                self.remote
+            );
+        }
+    }
+
     /// Closes our side, then reads and drops what the peer still sends for a moment, so an error
     /// response is not lost to a reset caused by unread request bytes.
     fn linger(&mut self) {
@@ -674,6 +693,103 @@ impl Connection {
             }
         }
     }
+}
+
+/// Writes a response's status line and headers into `head`; says the status sent (an invalid
+/// one becomes 500) and whether the connection closes after it.
+fn encode_head(
+    head: &mut Vec<u8>,
+    mut status: u16,
+    headers: &[(String, String)],
+    body: &Body,
+    http10: bool,
+    mut close: bool,
+    name: &str,
+) -> (u16, bool) {
+    if !(200..=599).contains(&status) {
+        log::error!("{name}: the handler answered status {status}; sending 500");
+        status = 500;
+    }
+    if headers.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close")
+    }) {
+        close = true;
+    }
+    // HTTP/1.0 has no chunked encoding: a streamed body ends where the connection does.
+    let chunked = matches!(body, Body::Stream(_)) && !http10;
+    if matches!(body, Body::Stream(_)) && http10 {
+        close = true;
+    }
+    head.extend_from_slice(b"HTTP/1.1 ");
+    // Writing into a Vec cannot fail.
+    let _ = write!(head, "{status} ");
+    head.extend_from_slice(reason_phrase(status).as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for (header, value) in headers {
+        let framing = ["content-length", "transfer-encoding", "connection"]
+            .iter()
+            .any(|f| header.eq_ignore_ascii_case(f));
+        let unsafe_text = !is_token(header) || value.bytes().any(|b| b == b'\r' || b == b'\n');
+        if framing {
+            continue;
+        }
+        if unsafe_text {
+            log::error!(
+                "{name}: dropping response header {header:?} with characters that would split the response"
+            );
+            continue;
+        }
+        head.extend_from_slice(header.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    let no_body_status = status == 204 || status == 304;
+    match body {
+        _ if no_body_status => {}
+        Body::Empty => head.extend_from_slice(b"Content-Length: 0\r\n"),
+        Body::Bytes(bytes) => {
+            let _ = write!(head, "Content-Length: {}\r\n", bytes.len());
+        }
+        Body::Stream(_) if chunked => head.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        Body::Stream(_) => {}
+    }
+    if close {
+        head.extend_from_slice(b"Connection: close\r\n");
+    } else if http10 {
+        head.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    (status, close)
+}
+
+/// A whole keep-alive HTTP/1.1 answer to a request that is neither HEAD nor HTTP/1.0, as the
+/// bytes to write ([`super::later::Later`]); the response back when it cannot be written so (a
+/// streamed body, or it closes the connection).
+pub(super) fn encode_small(response: Response, name: &str) -> Result<Vec<u8>, Response> {
+    if !super::later::is_small(&response)
+        || response.headers.iter().any(|(n, v)| {
+            n.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close")
+        })
+    {
+        return Err(response);
+    }
+    let mut bytes = Vec::with_capacity(128);
+    let (status, _) = encode_head(
+        &mut bytes,
+        response.status,
+        &response.headers,
+        &response.body,
+        false,
+        false,
+        name,
+    );
+    if let Body::Bytes(body) = &response.body {
+        if status != 204 && status != 304 {
+            bytes.extend_from_slice(body);
+        }
+    }
+    Ok(bytes)
 }
 
 /// Wraps each write in one HTTP/1.1 chunk.

@@ -50,6 +50,7 @@ use url::urlencoded_values;
 
 mod connection;
 mod head;
+mod later;
 mod server;
 mod shared;
 mod stream;
@@ -59,6 +60,7 @@ pub use head::{
     framing, head_end, parse_head, ChunkStep, ChunkedDecoder, Framing, Head, RequestError,
     MAX_CHUNK_LINE, MAX_HEADERS,
 };
+pub use later::{Defer, Later};
 pub use server::{Server, ServerHandle};
 pub use url::{percent_decode, percent_encode};
 
@@ -279,6 +281,16 @@ impl Response {
 pub trait Handler: Send + Sync + 'static {
     /// Answers one request.
     fn handle(&self, request: Request) -> Response;
+
+    /// Answers a request on one of [`Config::inline_paths`] that may be answered later, from
+    /// another thread: a handler that will (its answer waits for work done elsewhere) takes the
+    /// request's [`Later`] from `defer` and returns `None`, and the connection's thread goes on
+    /// reading the next request meanwhile; otherwise it returns the answer. It returns `None`
+    /// exactly when it took the [`Later`]. Default: [`Handler::handle`].
+    fn handle_later(&self, request: Request, defer: Defer<'_>) -> Option<Response> {
+        let _ = defer;
+        Some(self.handle(request))
+    }
 
     /// The largest body accepted for a request with this method and path; a declared length over it
     /// is answered `413` before any of the body is read, a chunked body as soon as it passes it.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::sync::{self, lock};
+use crate::sync::{self, lock, panic_message};
 
 use super::connection::serve_connection;
 use super::shared::{Job, PeerKey, Refused, Shared, Table};
@@ -206,16 +206,6 @@ pub(super) fn work(name: &str, handler: &dyn Handler, queue: sync::Receiver<Job>
         };
         // The connection may be gone (shutdown, peer reset); nothing to do then.
         reply.send(response);
-    }
-}
-
-pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    if let Some(message) = panic.downcast_ref::<&str>() {
-        message
-    } else if let Some(message) = panic.downcast_ref::<String>() {
-        message
-    } else {
-        "(no message)"
     }
 }
 

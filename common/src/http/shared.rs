@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::sync::{self, lock};
 
+use super::later::Owed;
 use super::{Config, Handler, Request, Response};
 
 /// a body that stops arriving holds about what it sent.
@@ -111,6 +112,8 @@ pub(super) enum Phase {
 /// `shutdown(2)` is only called under the lock.
 pub(super) struct Tracked {
     pub(super) fd: RawFd,
+    /// The answer the connection owes: while one is, it is not idle (see the `later` module).
+    pub(super) owed: Arc<Owed>,
     pub(super) peer: PeerKey,
     pub(super) idle: bool,
     pub(super) closed_by_server: bool,
@@ -163,7 +166,7 @@ impl Shared {
     /// Shuts down idle connections (all of them when `busy_too`), which wakes their blocked reads.
     pub(super) fn close_connections(&self, busy_too: bool) {
         for tracked in self.connections().connections.values_mut() {
-            if tracked.idle || busy_too {
+            if tracked.idle && !tracked.owed.outstanding() || busy_too {
                 tracked.closed_by_server = true;
                 // SAFETY: see `Tracked`: the descriptor is open while its entry exists.
                 unsafe {
@@ -217,6 +220,8 @@ impl Shared {
             .connections
             .values_mut()
             .filter(|t| !t.closed_by_server && peer.is_none_or(|p| t.peer == p))
+            // Owing an answer is being answered: not evicted (see the `later` module).
+            .filter(|t| !t.owed.outstanding())
             .filter_map(|t| match t.phase {
                 Phase::Waiting(since) => Some(((0, since), t)),
                 Phase::Body(progress) if now.duration_since(progress) >= BODY_PROGRESS_GRACE => {

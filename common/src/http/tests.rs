@@ -60,6 +60,38 @@ impl Handler for TestApp {
         }
     }
 
+    /// `/later*` are answered from another thread: `/later?q` after 200 ms with `later q`;
+    /// `/later-dropped` never (the `Later` is dropped); `/later-close` with an answer that
+    /// closes the connection; `/later-stream` with a streamed body.
+    fn handle_later(&self, request: Request, defer: Defer<'_>) -> Option<Response> {
+        let response = match request.path.as_str() {
+            "/later" => Response::text(200, &format!("later {}", request.query)),
+            "/later-dropped" => {
+                drop(defer.later());
+                return None;
+            }
+            "/later-close" => {
+                Response::text(200, "later, then closed").with_header("Connection", "close")
+            }
+            "/later-big" => Response::bytes(200, "application/octet-stream", vec![b'x'; 16 << 20]),
+            "/later-stream" => Response::stream(
+                200,
+                "text/plain",
+                Box::new(|out: &mut dyn Write| out.write_all(b"streamed later")),
+            ),
+            _ => return Some(self.handle(request)),
+        };
+        let later = defer.later();
+        if let Some(started) = &*self.slow_started.lock().unwrap() {
+            let _ = started.try_send(());
+        }
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            later.send(response);
+        });
+        None
+    }
+
     fn body_limit(&self, _method: &str, path: &str) -> usize {
         if path == "/echo" {
             64 << 10
@@ -1343,4 +1375,118 @@ fn a_body_that_arrives_with_its_head_is_answered_whole() {
         assert_eq!(reply.status, 200);
         assert_eq!(reply.body, body);
     }
+}
+
+fn later_config() -> Config {
+    let mut config = test_config();
+    config.inline_paths = [
+        "/later",
+        "/later-dropped",
+        "/later-close",
+        "/later-stream",
+        "/later-big",
+        "/hello",
+    ]
+    .map(String::from)
+    .to_vec();
+    config
+}
+
+#[test]
+fn an_answer_given_later_keeps_the_order_of_pipelined_requests() {
+    let server = start(later_config());
+    let mut client = connect(&server);
+    // Both requests in one write: the second is read while the first's answer is owed, and
+    // answered only after it.
+    send(
+        &mut client,
+        b"GET /later?1 HTTP/1.1\r\n\r\nGET /hello HTTP/1.1\r\n\r\n",
+    );
+    assert_eq!(read_reply(&mut client, false).text(), "later 1\n");
+    assert_eq!(read_reply(&mut client, false).text(), "hello\n");
+    // The connection stays kept alive for the next one.
+    send(&mut client, b"GET /later?2 HTTP/1.1\r\n\r\n");
+    let reply = read_reply(&mut client, false);
+    assert_eq!((reply.status, reply.text().as_str()), (200, "later 2\n"));
+    assert_eq!(reply.header("Connection"), None);
+    server.shutdown(Duration::from_secs(5));
+}
+
+#[test]
+fn an_answer_never_given_is_a_500_and_the_connection_closes() {
+    let server = start(later_config());
+    let mut client = connect(&server);
+    send(&mut client, b"GET /later-dropped HTTP/1.1\r\n\r\n");
+    let reply = read_reply(&mut client, false);
+    assert_eq!(
+        (reply.status, reply.text().as_str()),
+        (500, "internal error\n")
+    );
+    assert!(closed(&mut client));
+    server.shutdown(Duration::from_secs(5));
+}
+
+#[test]
+fn a_later_answer_that_closes_or_streams_is_written_whole_then_the_connection_closes() {
+    let server = start(later_config());
+    let mut client = connect(&server);
+    send(&mut client, b"GET /later-close HTTP/1.1\r\n\r\n");
+    let reply = read_reply(&mut client, false);
+    assert_eq!(reply.text(), "later, then closed\n");
+    assert_eq!(reply.header("Connection"), Some("close"));
+    assert!(closed(&mut client));
+
+    let mut client = connect(&server);
+    send(&mut client, b"GET /later-stream HTTP/1.1\r\n\r\n");
+    let reply = read_reply(&mut client, false);
+    assert_eq!(reply.text(), "streamed later");
+    assert!(closed(&mut client));
+    server.shutdown(Duration::from_secs(5));
+}
+
+#[test]
+fn shutdown_waits_for_an_answer_owed_then_closes_its_connection() {
+    let (started, started_rx) = crossbeam_channel::bounded(1);
+    let server = start_with(
+        later_config(),
+        TestApp {
+            slow_started: Mutex::new(Some(started)),
+        },
+    );
+    let mut idle = connect(&server);
+    send(&mut idle, b"GET /hello HTTP/1.1\r\n\r\n");
+    assert_eq!(read_reply(&mut idle, false).status, 200);
+    let mut client = connect(&server);
+    send(&mut client, b"GET /later?owed HTTP/1.1\r\n\r\n");
+    started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let stopper = std::thread::spawn(move || server.shutdown(Duration::from_secs(10)));
+    let reply = read_reply(&mut client, false);
+    assert_eq!((reply.status, reply.text().as_str()), (200, "later owed\n"));
+    // Then it is closed like an idle one, not left open until its idle timeout.
+    let started = Instant::now();
+    assert!(closed(&mut client));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "closed only at its timeout"
+    );
+    assert!(closed(&mut idle));
+    stopper.join().unwrap();
+}
+
+#[test]
+fn a_later_answer_larger_than_the_socket_takes_is_finished_by_the_connection() {
+    let server = start(later_config());
+    let mut client = connect(&server);
+    // 16 MiB do not fit in a loopback socket's buffers at once: the answering thread writes
+    // what fits without blocking and hands the rest back.
+    send(&mut client, b"GET /later-big HTTP/1.1\r\n\r\n");
+    let reply = read_reply(&mut client, false);
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body.len(), 16 << 20);
+    assert!(reply.body.iter().all(|&b| b == b'x'));
+    assert!(
+        closed(&mut client),
+        "a handed-back answer closes the connection"
+    );
+    server.shutdown(Duration::from_secs(5));
 }

@@ -186,6 +186,31 @@ impl Drop for Permit<'_> {
     }
 }
 
+/// Units held from a [`Gate`] through a handle on it rather than a borrow, so they can be held
+/// past the call that took them (an upload answered where its commit ends, on another thread);
+/// given back on drop.
+pub struct OwnedPermit(Arc<Gate>, usize);
+
+impl Permit<'_> {
+    /// The same units, held through `gate`, the gate they were taken from.
+    pub fn into_owned(self, gate: &Arc<Gate>) -> OwnedPermit {
+        assert!(
+            std::ptr::eq(self.0, Arc::as_ptr(gate)),
+            "a permit is held only through its own gate"
+        );
+        let units = self.1;
+        // Not given back: the owned permit holds them now.
+        std::mem::forget(self);
+        OwnedPermit(gate.clone(), units)
+    }
+}
+
+impl Drop for OwnedPermit {
+    fn drop(&mut self) {
+        self.0.give_back(self.1);
+    }
+}
+
 /// How long an upload (or a remote-write request) that finds its CPU gate full yields before it
 /// sleeps in line (see [`Gate::yielding`]). About one upload's decode. Measured at 64 senders (release, the shared
 /// 2-core VM): 20, 50 and 100 µs all took the context switches an upload from ~3.2 to ~2.7 for
@@ -277,6 +302,22 @@ mod tests {
         assert_eq!(gate.state().free, 100);
         // A reservation over the whole gate takes the whole gate, and still runs.
         assert_eq!(gate.enter(1000).units(), 100);
+    }
+
+    #[test]
+    fn an_owned_permit_holds_the_units_until_it_is_dropped_on_another_thread() {
+        let gate = Arc::new(Gate::new(100));
+        let owned = gate.enter(40).into_owned(&gate);
+        assert_eq!(gate.state().free, 60, "moved, not given back");
+        std::thread::spawn(move || drop(owned)).join().unwrap();
+        assert_eq!(gate.state().free, 100);
+    }
+
+    #[test]
+    #[should_panic(expected = "its own gate")]
+    fn a_permit_is_not_held_through_another_gate() {
+        let (gate, other) = (Arc::new(Gate::new(10)), Arc::new(Gate::new(10)));
+        let _owned = gate.enter(1).into_owned(&other);
     }
 
     #[test]

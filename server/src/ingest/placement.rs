@@ -93,7 +93,26 @@ pub trait Placement: Send + Sync + 'static {
         let payload = std::mem::take(payload);
         self.place_unchanged(cluster_id, payload, frames, newest_sample_ms, received)
     }
+
+    /// [`Placement::place_unchanged_lent`] without waiting where the placement can: `then` is
+    /// run once with the result, when the upload is durable (or failed), possibly on another
+    /// thread (the store's committer) and possibly before this returns. By default the upload is
+    /// placed on this thread and `then` run before this returns.
+    fn place_unchanged_then(
+        &self,
+        cluster_id: &str,
+        payload: &mut Vec<u8>,
+        frames: Option<Vec<u8>>,
+        newest_sample_ms: i64,
+        received: SystemTime,
+        then: Placed,
+    ) {
+        then(self.place_unchanged_lent(cluster_id, payload, frames, newest_sample_ms, received));
+    }
 }
+
+/// What [`Placement::place_unchanged_then`] runs with the result of a placement.
+pub type Placed = Box<dyn FnOnce(Result<(), PlacementError>) + Send>;
 
 /// Stores everything in the local store; with remote write on, the store's journal is the egress
 /// backlog, so what it stores is shipped.
@@ -153,6 +172,38 @@ impl Placement for LocalPlacement {
             Some(newest_sample_ms),
             received,
         )?)
+    }
+
+    fn place_unchanged_then(
+        &self,
+        cluster_id: &str,
+        payload: &mut Vec<u8>,
+        frames: Option<Vec<u8>>,
+        newest_sample_ms: i64,
+        received: SystemTime,
+        then: Placed,
+    ) {
+        let store = self.merger.store();
+        // A cluster that also pushes by remote write is merged, as `store_upload_lent` does, on
+        // this thread; every other upload is put as it is, answered where its commit ends.
+        if uses_remote_write(store, cluster_id, received) {
+            then(self.place_unchanged_lent(
+                cluster_id,
+                payload,
+                frames,
+                newest_sample_ms,
+                received,
+            ));
+            return;
+        }
+        store.put_unchanged_then(
+            cluster_id,
+            payload,
+            frames,
+            newest_sample_ms,
+            received,
+            Box::new(move |stored| then(stored.map(|_| ()).map_err(PlacementError::from))),
+        );
     }
 }
 

@@ -37,7 +37,7 @@
 //! so the state stays bounded by the clusters that pushed within one window.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// One accepted upload per cluster per window.
@@ -69,8 +69,8 @@ struct State {
 
 /// A reserved upload slot. Dropping it without [`Slot::commit`] gives the window back.
 #[must_use = "a slot is given back when dropped; commit it once the upload is stored"]
-pub struct Slot<'a> {
-    limiter: &'a RateLimiter,
+pub struct Slot {
+    limiter: Arc<RateLimiter>,
     cluster_id: String,
     /// What the cluster's entry was before the reservation, restored on drop.
     previous: Option<Instant>,
@@ -99,8 +99,8 @@ impl Wait {
 /// A read of one upload, paid for with a refusal from its cluster's budget (see the module doc).
 /// Dropped, the refusal stays spent; [`Decode::stored`] gives it back.
 #[must_use = "a read is charged as a refusal unless it is marked stored"]
-pub struct Decode<'a> {
-    limiter: &'a RateLimiter,
+pub struct Decode {
+    limiter: Arc<RateLimiter>,
     cluster_id: String,
     charged: bool,
 }
@@ -144,9 +144,9 @@ impl RateLimiter {
     /// Admits reading one upload of `cluster_id` at `now`: when its slot is free (see
     /// [`RateLimiter::check`]) and its refusal budget has one left, which this takes. `Err(wait)`
     /// otherwise, with the time until it would be admitted; that costs nothing.
-    pub fn admit(&self, cluster_id: &str, now: Instant) -> Result<Decode<'_>, Wait> {
+    pub fn admit(self: &Arc<Self>, cluster_id: &str, now: Instant) -> Result<Decode, Wait> {
         let free = Decode {
-            limiter: self,
+            limiter: self.clone(),
             cluster_id: String::new(),
             charged: false,
         };
@@ -194,10 +194,10 @@ impl RateLimiter {
     }
 
     /// Reserves `cluster_id`'s slot at `now`, or `Err(wait)` with the time until the next one.
-    pub fn try_acquire(&self, cluster_id: &str, now: Instant) -> Result<Slot<'_>, Duration> {
+    pub fn try_acquire(self: &Arc<Self>, cluster_id: &str, now: Instant) -> Result<Slot, Duration> {
         if self.window.is_zero() {
             return Ok(Slot {
-                limiter: self,
+                limiter: self.clone(),
                 cluster_id: cluster_id.to_string(),
                 previous: None,
                 reserved_at: None,
@@ -214,7 +214,7 @@ impl RateLimiter {
         let next_due = previous.map_or(now, |due| due.max(now)) + self.window;
         state.last.insert(cluster_id.to_string(), next_due);
         Ok(Slot {
-            limiter: self,
+            limiter: self.clone(),
             cluster_id: cluster_id.to_string(),
             previous,
             reserved_at: Some(next_due),
@@ -260,7 +260,7 @@ impl RateLimiter {
     }
 }
 
-impl Decode<'_> {
+impl Decode {
     /// The upload was stored: it used the cluster's slot, so the refusal is given back.
     pub fn stored(mut self) {
         self.refund();
@@ -284,14 +284,14 @@ impl Decode<'_> {
     }
 }
 
-impl Slot<'_> {
+impl Slot {
     /// Keeps the slot: the upload was stored.
     pub fn commit(mut self) {
         self.committed = true;
     }
 }
 
-impl Drop for Slot<'_> {
+impl Drop for Slot {
     fn drop(&mut self) {
         if self.committed {
             return;
@@ -328,7 +328,7 @@ mod tests {
 
     #[test]
     fn one_upload_per_window() {
-        let l = RateLimiter::new(W);
+        let l = Arc::new(RateLimiter::new(W));
         let t0 = Instant::now();
         l.try_acquire("a", t0).unwrap().commit();
         // Due again at t0 + W; accepted from a quarter of a window before that.
@@ -349,7 +349,7 @@ mod tests {
 
     #[test]
     fn a_dropped_slot_gives_the_window_back() {
-        let l = RateLimiter::new(W);
+        let l = Arc::new(RateLimiter::new(W));
         let t0 = Instant::now();
         drop(l.try_acquire("a", t0).unwrap());
         assert_eq!(l.check("a", t0), Ok(()));
@@ -365,7 +365,7 @@ mod tests {
 
     #[test]
     fn a_reserved_slot_blocks_a_concurrent_upload() {
-        let l = RateLimiter::new(W);
+        let l = Arc::new(RateLimiter::new(W));
         let t0 = Instant::now();
         let slot = l.try_acquire("a", t0).unwrap();
         assert!(l.try_acquire("a", t0).is_err());
@@ -375,7 +375,7 @@ mod tests {
 
     #[test]
     fn state_is_pruned_after_a_window() {
-        let l = RateLimiter::new(W);
+        let l = Arc::new(RateLimiter::new(W));
         let t0 = Instant::now();
         for i in 0..100 {
             l.try_acquire(&format!("c{i}"), t0).unwrap().commit();
@@ -387,7 +387,7 @@ mod tests {
 
     #[test]
     fn zero_window_is_off() {
-        let l = RateLimiter::new(Duration::ZERO);
+        let l = Arc::new(RateLimiter::new(Duration::ZERO));
         let t0 = Instant::now();
         for _ in 0..3 {
             l.try_acquire("a", t0).unwrap().commit();
@@ -400,7 +400,7 @@ mod tests {
 
     #[test]
     fn reads_not_stored_have_a_budget_that_comes_back_with_time() {
-        let l = RateLimiter::new(W);
+        let l = Arc::new(RateLimiter::new(W));
         let step = W / REFUSALS_PER_WINDOW;
         let t0 = Instant::now();
         // Three refusals at once, held together (concurrent reads count too), then no more.
@@ -431,7 +431,7 @@ mod tests {
 
     #[test]
     fn a_stored_upload_gives_its_refusal_back_and_uses_the_slot() {
-        let l = RateLimiter::new(W);
+        let l = Arc::new(RateLimiter::new(W));
         let t0 = Instant::now();
         for _ in 0..10 {
             let read = l.admit("a", t0).unwrap();
@@ -461,7 +461,7 @@ mod tests {
     /// than one upload per window over a long run.
     #[test]
     fn the_clients_own_schedule_with_jitter_is_tolerated_but_not_a_faster_one() {
-        let l = RateLimiter::new(W);
+        let l = Arc::new(RateLimiter::new(W));
         let t0 = Instant::now();
         let mut seed = 0x2545_f491_4f6c_dd1d_u64;
         for k in 1..=200u32 {

@@ -30,16 +30,18 @@ use std::time::{Instant, SystemTime};
 
 use log::{debug, info, warn};
 use telemeter_common::delimited;
-use telemeter_common::http::{Admission, Head, Note, Request, Response};
+use telemeter_common::http::{Admission, Defer, Head, Note, Request, Response};
 use telemeter_common::token::{CachedTokenError, TokenSigner, VerifiedTokens};
 
 use crate::authorize::{bearer_in, check_cluster_id, unauthorized};
 use crate::buffers::BufferPool;
 use crate::ingest::backfill::{BackfillBudget, BACKFILLS_PER_WINDOW};
 use crate::ingest::decode::{self, Decoded, Rejection};
-use crate::ingest::gate::{run_as_batch, Gate, CPU_GATE_YIELD};
+use crate::ingest::gate::{run_as_batch, Gate, OwnedPermit, CPU_GATE_YIELD};
 use crate::ingest::placement::{Placement, PlacementError};
-use crate::ingest::ratelimit::{retry_after_secs, RateLimiter, Wait, REFUSALS_PER_WINDOW};
+use crate::ingest::ratelimit::{
+    retry_after_secs, Decode, RateLimiter, Slot, Wait, REFUSALS_PER_WINDOW,
+};
 use crate::ingest::validate::Rules;
 use crate::metrics::Metrics;
 
@@ -104,7 +106,7 @@ pub struct UploadHandler {
     placement: Arc<dyn Placement>,
     metrics: Metrics,
     cpu: Gate,
-    memory: Gate,
+    memory: Arc<Gate>,
     /// Decompressed bodies kept for the next uploads (see [`BODY_BUFFERS`]).
     bodies: BufferPool,
     /// Throttles the log lines of 429s.
@@ -242,6 +244,28 @@ enum Accepted {
     Empty,
 }
 
+/// What an upload stores, and what it holds until the store has answered.
+struct ToStore {
+    payload: Vec<u8>,
+    frames: Option<Vec<u8>>,
+    /// As [`Prepared::newest_sample_ms`]: `Some` when stored as it came.
+    newest_sample_ms: Option<i64>,
+    now: SystemTime,
+    held: Held,
+}
+
+/// What an upload holds until the store has answered (see [`UploadHandler::stored`]).
+struct Held {
+    /// Its memory reservation, down to its payload and frames.
+    memory: OwnedPermit,
+    /// Its cluster's rate-limit slot (none for a backfill).
+    slot: Option<Slot>,
+    /// The refusal its read was charged (none for a backfill).
+    read: Option<Decode>,
+    series: usize,
+    admitted: Arc<Admitted>,
+}
+
 impl UploadHandler {
     /// A handler verifying tokens with `signer`, enforcing `limits` and `rules`, one stored upload
     /// per cluster per `limiter` window (shared with the status page, which shows it), storing
@@ -269,7 +293,7 @@ impl UploadHandler {
                 CPU_GATE_YIELD,
             ),
             rate_limited_log: LogThrottle::default(),
-            memory: Gate::new(MAX_UPLOAD_MEMORY_BYTES),
+            memory: Arc::new(Gate::new(MAX_UPLOAD_MEMORY_BYTES)),
             bodies: BufferPool::new(BODY_BUFFERS, BODY_BUFFER_BYTES, BODY_BUFFERS_BYTES),
         }
     }
@@ -333,7 +357,56 @@ impl UploadHandler {
     pub fn handle(&self, request: &Request) -> Response {
         run_as_batch();
         self.metrics.upload_bytes.add(request.body.len() as u64);
-        match self.accept(request) {
+        let accepted = self.ready(request).and_then(|ready| self.store(ready));
+        self.respond(accepted, request.remote)
+    }
+
+    /// [`UploadHandler::handle`], answering through `later` where the store's commit ends
+    /// rather than here: an upload stored as it came (the usual one) is handed to the store and
+    /// this returns `None` at once, so the connection's thread goes back to reading the next
+    /// request instead of sleeping until the commit and being woken for the answer (one
+    /// wake-up less an upload). Everything else is answered here, as `handle` does (`Some`).
+    pub fn handle_later(self: &Arc<Self>, request: &Request, defer: Defer<'_>) -> Option<Response> {
+        run_as_batch();
+        self.metrics.upload_bytes.add(request.body.len() as u64);
+        let ready = match self.ready(request) {
+            Ok(Some(upload)) if upload.newest_sample_ms.is_some() => upload,
+            ready => {
+                let accepted = ready.and_then(|ready| self.store(ready));
+                return Some(self.respond(accepted, request.remote));
+            }
+        };
+        let ToStore {
+            mut payload,
+            frames,
+            newest_sample_ms,
+            now,
+            held,
+        } = ready;
+        let later = defer.later();
+        let handler = self.clone();
+        let remote = request.remote;
+        let started = Instant::now();
+        let cluster_id = held.admitted.cluster_id.clone();
+        self.placement.place_unchanged_then(
+            &cluster_id,
+            &mut payload,
+            frames,
+            newest_sample_ms.unwrap_or(i64::MIN),
+            now,
+            Box::new(move |stored| {
+                let accepted = handler.stored(held, stored, started);
+                later.send(handler.respond(accepted, remote));
+            }),
+        );
+        // Lent: a body stored packed comes back, for the next upload to decompress into.
+        self.bodies.give(payload);
+        None
+    }
+
+    /// The response to an upload, counted in the metrics.
+    fn respond(&self, accepted: Result<Accepted, Refusal>, remote: SocketAddr) -> Response {
+        match accepted {
             Ok(Accepted::Stored) => {
                 self.metrics.upload("stored", 200);
                 Response::empty(200)
@@ -352,7 +425,7 @@ impl UploadHandler {
                 if refusal.status == 429 {
                     self.metrics.ratelimited.inc();
                 }
-                self.refuse(refusal, request.remote)
+                self.refuse(refusal, remote)
             }
         }
     }
@@ -418,7 +491,9 @@ impl UploadHandler {
             })
     }
 
-    fn accept(&self, request: &Request) -> Result<Accepted, Refusal> {
+    /// Everything of an upload up to storing it: admission, decode, validation, the slot;
+    /// `None` when the whitelist left nothing to store.
+    fn ready(&self, request: &Request) -> Result<Option<ToStore>, Refusal> {
         if request.method != "POST" {
             return Err(Refusal::new(405, "only POST is allowed"));
         }
@@ -471,7 +546,7 @@ impl UploadHandler {
         self.metrics.filtered_series.add(prepared.filtered as u64);
         let Some(payload) = prepared.payload else {
             debug!("upload from cluster {cluster_id:?} is empty after filtering");
-            return Ok(Accepted::Empty);
+            return Ok(None);
         };
 
         let slot = if backfill {
@@ -486,11 +561,38 @@ impl UploadHandler {
         // Only the payload (and its frames) is held from here until the store answers.
         let frames = prepared.frames;
         memory.shrink_to(payload.len() + frames.as_ref().map_or(0, Vec::len));
+        Ok(Some(ToStore {
+            payload,
+            frames,
+            newest_sample_ms: prepared.newest_sample_ms,
+            now,
+            held: Held {
+                memory: memory.into_owned(&self.memory),
+                slot,
+                read,
+                series: prepared.series,
+                admitted,
+            },
+        }))
+    }
+
+    /// Stores an upload made ready, here, waiting for the store.
+    fn store(&self, ready: Option<ToStore>) -> Result<Accepted, Refusal> {
+        let ToStore {
+            mut payload,
+            frames,
+            newest_sample_ms,
+            now,
+            held,
+        } = match ready {
+            None => return Ok(Accepted::Empty),
+            Some(upload) => upload,
+        };
+        let cluster_id = held.admitted.cluster_id.as_str();
         let started = Instant::now();
-        let stored = match prepared.newest_sample_ms {
+        let stored = match newest_sample_ms {
             Some(newest_sample_ms) => {
                 // Lent: a body stored packed comes back, for the next upload to decompress into.
-                let mut payload = payload;
                 let stored = self.placement.place_unchanged_lent(
                     cluster_id,
                     &mut payload,
@@ -503,7 +605,27 @@ impl UploadHandler {
             }
             None => self.placement.place(cluster_id, payload, now),
         };
+        self.stored(held, stored, started)
+    }
+
+    /// What the store's answer makes of an upload: the slot kept and the refusal given back
+    /// when it was stored, both let go otherwise; what it held is let go either way.
+    fn stored(
+        &self,
+        held: Held,
+        stored: Result<(), PlacementError>,
+        started: Instant,
+    ) -> Result<Accepted, Refusal> {
         self.metrics.store_write(started.elapsed().as_secs_f64());
+        let Held {
+            memory,
+            slot,
+            read,
+            series,
+            admitted,
+        } = held;
+        drop(memory);
+        let cluster_id = admitted.cluster_id.as_str();
         if let Err(e) = stored {
             // The slot is dropped unused: the client may retry at once.
             warn!("upload from cluster {cluster_id:?} not stored: {e}");
@@ -521,11 +643,8 @@ impl UploadHandler {
         if let Some(read) = read {
             read.stored();
         }
-        self.metrics.upload_series.add(prepared.series as u64);
-        debug!(
-            "stored {} series for cluster {cluster_id:?}",
-            prepared.series
-        );
+        self.metrics.upload_series.add(series as u64);
+        debug!("stored {series} series for cluster {cluster_id:?}");
         Ok(Accepted::Stored)
     }
 

@@ -38,6 +38,7 @@
 //!
 //! Full segments go to the checkpointer thread (the `checkpoint` module).
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 
 use std::sync::atomic::Ordering;
@@ -104,7 +105,61 @@ pub(super) struct Request {
     /// [`Outcome::Unpatchable`] with nothing journaled (its ship record neither).
     pub(super) patch: Option<Patch>,
     pub(super) mode: Mode,
-    pub(super) reply: ReplySender<Result<Outcome, StoreError>>,
+    pub(super) reply: Answer,
+}
+
+/// What a caller is told once its request is committed, given its outcome.
+pub(super) type Then = Box<dyn FnOnce(Result<Outcome, StoreError>) + Send>;
+
+/// Who hears what became of a request: a caller waiting on its own thread, or a continuation
+/// run where the commit ends (the committer's thread, or the caller's own when it commits
+/// alone), so that the caller need not sleep until then.
+pub(super) enum Answer {
+    /// The caller waits for the reply.
+    Wait(ReplySender<Result<Outcome, StoreError>>),
+    /// Run once with the outcome; dropped unanswered (the store closed, the committer gone),
+    /// run with [`StoreError::Closed`], as a waiting caller would hear.
+    Then(Cell<Option<Then>>),
+}
+
+impl Answer {
+    /// A continuation answer.
+    pub(super) fn then(then: Then) -> Answer {
+        Answer::Then(Cell::new(Some(then)))
+    }
+
+    /// Answers; the first answer counts.
+    pub(super) fn send(&self, result: Result<Outcome, StoreError>) {
+        match self {
+            Answer::Wait(reply) => reply.send(result),
+            Answer::Then(then) => {
+                if let Some(then) = then.take() {
+                    run_then(then, result);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if let Answer::Then(then) = self {
+            if let Some(then) = then.take() {
+                run_then(then, Err(StoreError::Closed));
+            }
+        }
+    }
+}
+
+/// Runs a continuation; a panic in it is the caller's bug and stays there: it must not end the
+/// committer thread (every later put would be refused).
+fn run_then(then: Then, result: Result<Outcome, StoreError>) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(result))) {
+        log::error!(
+            "the answer to a committed put panicked: {}",
+            telemeter_common::sync::panic_message(&*panic)
+        );
+    }
 }
 
 /// Where puts meet whoever commits them: the requests waiting for a commit, and whether one runs.

@@ -600,7 +600,7 @@ mod tests {
                 newest_received_ms: i64::MIN,
                 patch: None,
                 mode,
-                reply,
+                reply: commit::Answer::Wait(reply),
             });
         }
         commit::commit(&store.handle.shared, batch);

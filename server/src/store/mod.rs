@@ -157,7 +157,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use fs2::FileExt;
 use telemeter_common::sync as handoff;
 
-use commit::{Mode, Outcome, Queue, Request};
+use commit::{Answer, Mode, Outcome, Queue, Request};
 pub use egress::{Backlog, BacklogReader, Position, ShipRecord};
 use journal::{Encoding, JournalState};
 pub use patch::Patch;
@@ -289,6 +289,28 @@ struct Put {
     patch: Option<(Patch, i64)>,
     /// `serve`'s newest sample, when the caller knows it; `None`: read from the payload.
     newest_sample_ms: Option<i64>,
+}
+
+impl Put {
+    /// An upload as sent (it holds no remote-write series), put unless older than the stored
+    /// one, packed with its `frames` if any.
+    fn upload(
+        payload: Vec<u8>,
+        frames: Option<Vec<u8>>,
+        newest_sample_ms: Option<i64>,
+        received: SystemTime,
+    ) -> Put {
+        Put {
+            serve: Some(payload),
+            frames,
+            ship: Ship::Served,
+            received,
+            mode: Mode::UnlessOlder,
+            newest_received_ms: Some(i64::MIN),
+            patch: None,
+            newest_sample_ms,
+        }
+    }
 }
 
 impl Store {
@@ -698,6 +720,30 @@ impl Store {
         )
     }
 
+    /// As [`Store::put_unchanged_lent`], without waiting: `then` is run with the answer once the
+    /// upload is durable (or failed), where the commit ends: on the committer thread, or on
+    /// this one when it commits alone (then before this returns). So the caller's thread need
+    /// not sleep until the commit (an upload answered from there: one wake-up less an upload).
+    /// `then` runs exactly once, also when the store closes first (with [`StoreError::Closed`]);
+    /// it runs while the committer holds no lock, but should be short: the next batch waits.
+    pub fn put_unchanged_then(
+        &self,
+        cluster_id: &str,
+        payload: &mut Vec<u8>,
+        frames: Option<Vec<u8>>,
+        newest_sample_ms: i64,
+        received: SystemTime,
+        then: Box<dyn FnOnce(Result<bool, StoreError>) + Send>,
+    ) {
+        let taken = std::mem::take(payload);
+        self.enqueue(
+            cluster_id,
+            Put::upload(taken, frames, Some(newest_sample_ms), received),
+            Some(payload),
+            Answer::then(Box::new(move |result| then(result.map(Outcome::written)))),
+        );
+    }
+
     /// An upload as sent (it holds no remote-write series), put unless older than the stored
     /// one, packed with its `frames` if any; `newest_sample_ms` when the caller knows it. With
     /// `lent`, a payload journaled packed is handed back there ([`Store::submit_lending`]).
@@ -712,16 +758,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         self.submit_lending(
             cluster_id,
-            Put {
-                serve: Some(payload),
-                frames,
-                ship: Ship::Served,
-                received,
-                mode: Mode::UnlessOlder,
-                newest_received_ms: Some(i64::MIN),
-                patch: None,
-                newest_sample_ms,
-            },
+            Put::upload(payload, frames, newest_sample_ms, received),
             lent,
         )
         .map(Outcome::written)
@@ -744,6 +781,18 @@ impl Store {
         put: Put,
         lent: Option<&mut Vec<u8>>,
     ) -> Result<Outcome, StoreError> {
+        let (reply, answer) = handoff::oneshot();
+        self.enqueue(cluster_id, put, lent, Answer::Wait(reply));
+        // Whoever commits answers every request it takes (a commit on this thread already has);
+        // if the committer thread died instead, or the store is closed, the reply sender is
+        // dropped and this returns.
+        answer.recv().ok_or(StoreError::Closed)?
+    }
+
+    /// Hands one put to whoever commits; `answer` hears what became of it (also when it is
+    /// refused: a closed store drops the request, and with it the answer, which then says
+    /// [`StoreError::Closed`]).
+    fn enqueue(&self, cluster_id: &str, put: Put, lent: Option<&mut Vec<u8>>, answer: Answer) {
         let Put {
             serve,
             frames,
@@ -757,9 +806,9 @@ impl Store {
         let shipping = self.handle.shared.egress.is_some()
             && !matches!((&serve, &ship), (None, Ship::Served) | (_, Ship::Nothing));
         if serve.is_none() && !shipping {
-            return Ok(Outcome::Kept);
+            answer.send(Ok(Outcome::Kept));
+            return;
         }
-        let (reply, answer) = handoff::oneshot();
         let received_millis = telemeter_common::time::unix_millis(received);
         // Read here, on the caller's thread, so the committer's batches do not wait for it.
         let serving = serve.is_some();
@@ -795,7 +844,9 @@ impl Store {
             }
             _ => (payload, None),
         };
-        self.handle.queue.submit(
+        // Refused only when the store is closed: the request is dropped then, and its answer
+        // with it says so.
+        let _ = self.handle.queue.submit(
             &self.handle.shared,
             Request {
                 cluster_id: cluster_id.to_string(),
@@ -808,12 +859,9 @@ impl Store {
                 newest_received_ms,
                 patch,
                 mode,
-                reply,
+                reply: answer,
             },
-        )?;
-        // Whoever commits answers every request it takes (a commit on this thread already has);
-        // if the committer thread died instead, the reply sender is dropped and this returns.
-        answer.recv().ok_or(StoreError::Closed)?
+        );
     }
 
     /// The clusters served now (newest sample within the TTL), in a stable order (by cluster id).

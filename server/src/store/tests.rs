@@ -646,7 +646,7 @@ fn a_batch_writes_each_cluster_once_and_answers_everyone() {
             newest_received_ms: i64::MIN,
             patch: None,
             mode,
-            reply,
+            reply: Answer::Wait(reply),
         });
     }
     let records_before = journal_records(store.dir()).len();
@@ -1471,7 +1471,7 @@ fn commit_request(
         newest_received_ms: i64::MIN,
         patch: None,
         mode: Mode::Replace,
-        reply,
+        reply: Answer::Wait(reply),
     };
     (request, answer)
 }
@@ -1868,4 +1868,44 @@ fn a_lent_payload_comes_back_only_when_it_is_journaled_packed() {
         "stored plain, the payload is the store's"
     );
     assert_eq!(store.get("b").unwrap().unwrap().payload, payload);
+}
+
+/// An upload put without waiting is answered once, when it is durable (read back whole, and
+/// the lent buffer handed back when journaled packed); a closed store answers `Closed` rather
+/// than never.
+#[test]
+fn an_upload_put_without_waiting_is_answered_once_durable_and_a_closed_store_says_so() {
+    let dir = TempDir::new("then");
+    let store = open(&dir);
+    let (payload, frames) = packable(300, 1_000);
+    let newest = newest_sample_ms(&payload, 0);
+    let (answered, answers) = crossbeam_channel::unbounded();
+    let then = |answered: crossbeam_channel::Sender<Result<bool, StoreError>>| {
+        Box::new(move |stored| answered.send(stored).unwrap())
+    };
+    let mut lent = payload.clone();
+    store.put_unchanged_then(
+        "a",
+        &mut lent,
+        Some(frames),
+        newest,
+        at(0),
+        then(answered.clone()),
+    );
+    let stored = answers.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(stored.unwrap());
+    assert_eq!(
+        lent, payload,
+        "journaled packed, the payload is handed back"
+    );
+    assert_eq!(store.get("a").unwrap().unwrap().payload, payload);
+
+    store.close();
+    let mut late = payload.clone();
+    store.put_unchanged_then("b", &mut late, None, newest, at(0), then(answered));
+    assert!(matches!(
+        answers.recv_timeout(Duration::from_secs(10)).unwrap(),
+        Err(StoreError::Closed)
+    ));
+    assert!(answers.try_recv().is_err(), "answered once");
 }
