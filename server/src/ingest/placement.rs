@@ -202,7 +202,9 @@ impl Placement for LocalPlacement {
             frames,
             newest_sample_ms,
             received,
-            Box::new(move |stored| then(stored.map(|_| ()).map_err(PlacementError::from))),
+            move |stored: Result<bool, StoreError>| {
+                then(stored.map(|_| ()).map_err(PlacementError::from))
+            },
         );
     }
 }

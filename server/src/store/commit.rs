@@ -108,8 +108,9 @@ pub(super) struct Request {
     pub(super) reply: Answer,
 }
 
-/// What a caller is told once its request is committed, given its outcome.
-pub(super) type Then = Box<dyn FnOnce(Result<Outcome, StoreError>) + Send>;
+/// What a caller is told once its request is committed: whether its payload was written to be
+/// served ([`Outcome::written`]), or why it failed.
+pub(super) type Then = Box<dyn FnOnce(Result<bool, StoreError>) + Send>;
 
 /// Who hears what became of a request: a caller waiting on its own thread, or a continuation
 /// run where the commit ends (the committer's thread, or the caller's own when it commits
@@ -154,7 +155,8 @@ impl Drop for Answer {
 /// Runs a continuation; a panic in it is the caller's bug and stays there: it must not end the
 /// committer thread (every later put would be refused).
 fn run_then(then: Then, result: Result<Outcome, StoreError>) {
-    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(result))) {
+    let written = result.map(Outcome::written);
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(written))) {
         log::error!(
             "the answer to a committed put panicked: {}",
             telemeter_common::sync::panic_message(&*panic)

@@ -733,14 +733,14 @@ impl Store {
         frames: Option<Vec<u8>>,
         newest_sample_ms: i64,
         received: SystemTime,
-        then: Box<dyn FnOnce(Result<bool, StoreError>) + Send>,
+        then: impl FnOnce(Result<bool, StoreError>) + Send + 'static,
     ) {
         let taken = std::mem::take(payload);
         self.enqueue(
             cluster_id,
             Put::upload(taken, frames, Some(newest_sample_ms), received),
             Some(payload),
-            Answer::then(Box::new(move |result| then(result.map(Outcome::written)))),
+            Answer::then(Box::new(then)),
         );
     }
 
