@@ -231,6 +231,15 @@ pub struct CachedCluster {
     keys: u64,
     series: usize,
     newest_received: i64,
+    /// The newest sample timestamp of the slots (ms, `i64::MIN`: none): kept as the merges
+    /// write (a slot's timestamp only grows), so a request does not read every slot for it.
+    newest_sample: i64,
+    /// At most the oldest sample timestamp of the slots (ms): a slot's timestamp only grows, so
+    /// what was once the oldest stays a bound below. While it is within the TTL, no series can
+    /// have passed it and a raw merge does not read every slot to know.
+    oldest_bound: i64,
+    /// Series of the last raw merge: room for a request's writes is made once, at that size.
+    last_raw: usize,
     /// The whitelist the `converted` marks were set under (kept alive, so compared by identity).
     whitelist: Option<Arc<Vec<Selector>>>,
     /// What the in-place merges wrote since [`CachedCluster::record_patch`], so the store can
@@ -253,8 +262,14 @@ impl CachedCluster {
                 payload.shrink_to_fit();
                 slots.shrink_to_fit();
                 index.shrink_to_fit();
+                let timestamps = slots.iter().map(|slot| slot.timestamp_ms);
+                let newest_sample = timestamps.clone().max().unwrap_or(i64::MIN);
+                let oldest_bound = timestamps.min().unwrap_or(i64::MAX);
                 Ok(CachedCluster {
                     series: slots.len(),
+                    newest_sample,
+                    oldest_bound,
+                    last_raw: 0,
                     payload,
                     families,
                     by_name,
@@ -331,11 +346,7 @@ impl CachedCluster {
     /// (`wire::newest_timestamp`), from the slots rather than the bytes; `None` when no series
     /// has one.
     pub fn newest_sample(&self) -> Option<i64> {
-        self.slots
-            .iter()
-            .map(|slot| slot.timestamp_ms)
-            .filter(|&ts| ts != i64::MIN)
-            .max()
+        (self.newest_sample != i64::MIN).then_some(self.newest_sample)
     }
 
     /// The payload as stored.
@@ -393,6 +404,7 @@ impl CachedCluster {
                 );
             }
             slot.timestamp_ms = timestamp_ms;
+            self.newest_sample = self.newest_sample.max(timestamp_ms);
             // Written by whoever made `delta`: converted here only if the caller marks it so.
             slot.converted = false;
             if &*self.families[slot.family as usize].help == REMOTE_WRITE_HELP {
@@ -571,8 +583,77 @@ impl CachedCluster {
         {
             return None;
         }
-        let mut newest: Vec<i64> = self.slots.iter().map(|s| s.timestamp_ms).collect();
-        let mut patches: Vec<(u32, f64, i64)> = Vec::new();
+        let mut writes = Vec::with_capacity(self.last_raw);
+        let merged = self.raw_writes(body, rules, &mut writes).filter(|_| {
+            if self.oldest_bound >= oldest_ms {
+                return true;
+            }
+            // Past the bound: the slots themselves say whether a series would now be dropped.
+            let oldest = self.slots.iter().map(|slot| slot.timestamp_ms).min();
+            let oldest = oldest.unwrap_or(i64::MAX);
+            // The true oldest once these writes stand (they do when it passes); on a refusal
+            // they are set back, and what was read here is no bound.
+            let passes = oldest >= oldest_ms;
+            if passes {
+                self.oldest_bound = oldest;
+            }
+            passes
+        });
+        let Some(count) = merged else {
+            // Nothing written: each slot's timestamp back as it was, the last write first.
+            for write in writes.iter().rev() {
+                if let Some(slot) = self.slots.get_mut(write.slot as usize) {
+                    slot.timestamp_ms = write.before_ms;
+                }
+            }
+            return None;
+        };
+        self.last_raw = writes.len();
+        if let Some(patch) = &mut self.patch {
+            patch.reserve(writes.len() * (8 + 12 + 10));
+        }
+        // As `series::encode_series` writes it: untyped { value }, timestamp_ms; the timestamp's
+        // varint encoded once for the series that share it (most often all of a request's).
+        let mut tail = [0u8; 12 + 10];
+        tail[..3].copy_from_slice(&VALUE_KEYS);
+        tail[11] = 0x30;
+        let mut tail_len = 0;
+        let mut encoded_ms = None;
+        for write in writes {
+            if encoded_ms != Some(write.timestamp_ms) {
+                tail_len = 12 + encode_varint_into(write.timestamp_ms as u64, &mut tail[12..]);
+                encoded_ms = Some(write.timestamp_ms);
+            }
+            tail[3..11].copy_from_slice(&write.value.to_le_bytes());
+            let slot = self.slots[write.slot as usize];
+            let at = slot.start + slot.labels;
+            let stored = &mut self.payload[at as usize..at as usize + tail_len];
+            // The value's field and message keys (3 bytes) are most often there already: then
+            // the journal gets the rest only, a ninth less of every patch.
+            let kept = match stored[..3] == VALUE_KEYS {
+                true => 3,
+                false => 0,
+            };
+            stored.copy_from_slice(&tail[..tail_len]);
+            if let Some(patch) = &mut self.patch {
+                patch.push(at + kept as u32, &tail[kept..tail_len]);
+            }
+            self.newest_received = self.newest_received.max(write.timestamp_ms);
+            self.newest_sample = self.newest_sample.max(write.timestamp_ms);
+        }
+        Some(count)
+    }
+
+    /// The series of a raw request (see [`CachedCluster::merge_raw`]) and what each writes, in
+    /// order, into `writes`: each winning slot's timestamp is set as it goes (so a series named
+    /// twice is compared with its first sample), and the caller sets them back when this answers
+    /// None. The series count.
+    fn raw_writes(
+        &mut self,
+        body: &[u8],
+        rules: &RawRules<'_>,
+        writes: &mut Vec<RawWrite>,
+    ) -> Option<usize> {
         let mut count = 0usize;
         let mut rest = body;
         // The slot of the request's previous series, whose hint guesses this one's.
@@ -626,53 +707,49 @@ impl CachedCluster {
                 false => (0..PREFETCH_AHEAD).fold(s, |at, _| self.prefetch_next(at)),
             };
             previous = s;
-            let slot = self.slots[s as usize];
+            let slot = &mut self.slots[s as usize];
             if !slot.converted || !self.families[slot.family as usize].remote_write {
                 return None;
             }
-            if timestamp_ms >= newest[s as usize] {
+            if timestamp_ms >= slot.timestamp_ms {
                 if (slot.len - slot.labels) as usize != tail_len(timestamp_ms) {
                     return None;
                 }
-                newest[s as usize] = timestamp_ms;
-                patches.push((s, value, timestamp_ms));
+                writes.push(RawWrite {
+                    slot: s,
+                    value,
+                    timestamp_ms,
+                    before_ms: slot.timestamp_ms,
+                });
+                slot.timestamp_ms = timestamp_ms;
             }
         }
-        if count == 0 || newest.iter().any(|&t| t < oldest_ms) {
-            return None;
-        }
-        if let Some(patch) = &mut self.patch {
-            patch.reserve(patches.len() * (8 + 12 + 10));
-        }
-        let mut tail = Vec::with_capacity(32);
-        for (s, value, timestamp_ms) in patches {
-            let slot = &mut self.slots[s as usize];
-            tail.clear();
-            // As `series::encode_series` writes it: untyped { value }, timestamp_ms.
-            tail.extend_from_slice(&[0x2a, 0x09, 0x09]);
-            tail.extend_from_slice(&value.to_le_bytes());
-            tail.push(0x30);
-            prost::encoding::encode_varint(timestamp_ms as u64, &mut tail);
-            let start = (slot.start + slot.labels) as usize;
-            let stored = &mut self.payload[start..start + tail.len()];
-            // The value's field and message keys (3 bytes) are most often there already: then
-            // the journal gets the rest only, a ninth less of every patch.
-            let kept = match stored.get(..3) == tail.get(..3) {
-                true => 3,
-                false => 0,
-            };
-            stored.copy_from_slice(&tail);
-            if let Some(patch) = &mut self.patch {
-                patch.push(
-                    slot.start + slot.labels + kept as u32,
-                    tail.get(kept..).unwrap_or_default(),
-                );
-            }
-            slot.timestamp_ms = timestamp_ms;
-            self.newest_received = self.newest_received.max(timestamp_ms);
-        }
-        Some(count)
+        (count > 0).then_some(count)
     }
+}
+
+/// What a raw request writes over one slot ([`CachedCluster::raw_writes`]).
+struct RawWrite {
+    slot: u32,
+    value: f64,
+    timestamp_ms: i64,
+    /// The slot's timestamp before, to set back when the request is not merged after all.
+    before_ms: i64,
+}
+
+/// The keys before a converted series' value: `untyped` (field 5, 9 bytes), its `value`.
+const VALUE_KEYS: [u8; 3] = [0x2a, 0x09, 0x09];
+
+/// Writes `n` as a varint at the start of `out` (10 bytes or more); the bytes written.
+fn encode_varint_into(mut n: u64, out: &mut [u8]) -> usize {
+    let mut i = 0;
+    while n >= 0x80 && i + 1 < out.len() {
+        out[i] = (n as u8) | 0x80;
+        n >>= 7;
+        i += 1;
+    }
+    out[i] = n as u8;
+    i + 1
 }
 
 /// The length of a converted series' value and timestamp fields.
@@ -1123,6 +1200,77 @@ mod tests {
             None,
             "written by an upload"
         );
+    }
+
+    /// Merges `body` raw into `entry` and checks it against the full merge of its conversion:
+    /// payload, newest samples (kept as the merges go, against the payload's own).
+    fn merged_raw(entry: &mut CachedCluster, body: &[u8], rules: &RawRules<'_>, oldest_ms: i64) {
+        let full = merge_payloads(entry.payload(), &convert(body), oldest_ms).unwrap();
+        assert!(entry.merge_raw(body, rules, oldest_ms).is_some());
+        assert_eq!(entry.payload(), &full.payload[..]);
+        assert_eq!(entry.newest_received(), full.newest_received);
+        assert_eq!(
+            entry.newest_sample(),
+            wire::newest_timestamp(entry.payload()).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_raw_request_refused_half_way_leaves_every_timestamp_as_it_was() {
+        let whitelist = Arc::new(Vec::new());
+        let rules = RawRules {
+            oldest_ms: 1000,
+            newest_ms: 1 << 40,
+            max_series: 100,
+            whitelist: &whitelist,
+        };
+        let first = convert(&request(&[(A, &[(1.0, 2000)]), (B, &[(1.0, 2000)])]));
+        let mut entry = cached(first.clone());
+        entry.mark_converted(&first, &whitelist);
+        // A's sample would win, then a series not cached refuses the request: A is as it was, so
+        // an older sample of A than the refused one still wins next.
+        let other = &[("__name__", "up"), ("_id", "d"), ("job", "a")][..];
+        let refused = request(&[(A, &[(9.0, 5000)]), (other, &[(1.0, 5000)])]);
+        assert_eq!(entry.merge_raw(&refused, &rules, 0), None);
+        merged_raw(&mut entry, &request(&[(A, &[(2.0, 4000)])]), &rules, 0);
+        // The same when only the TTL refuses it (B would be dropped): then A is set back too.
+        let refused = request(&[(A, &[(9.0, 6000)])]);
+        assert_eq!(entry.merge_raw(&refused, &rules, 3000), None, "B past the TTL");
+        merged_raw(&mut entry, &request(&[(A, &[(3.0, 5000)])]), &rules, 0);
+        // A series named twice: compared with its first sample, the newer (or later equal) wins.
+        for twice in [
+            request(&[(A, &[(4.0, 7000)]), (A, &[(5.0, 6500)]), (B, &[(1.0, 7000)])]),
+            request(&[(A, &[(6.0, 8000)]), (A, &[(7.0, 8000)]), (B, &[(1.0, 8000)])]),
+        ] {
+            merged_raw(&mut entry, &twice, &rules, 0);
+        }
+    }
+
+    #[test]
+    fn the_oldest_bound_never_lets_a_series_past_the_ttl_be_kept() {
+        let whitelist = Arc::new(Vec::new());
+        let rules = RawRules {
+            oldest_ms: 1000,
+            newest_ms: 1 << 40,
+            max_series: 100,
+            whitelist: &whitelist,
+        };
+        let first = convert(&request(&[(A, &[(1.0, 2000)]), (B, &[(1.0, 2000)])]));
+        let mut entry = cached(first.clone());
+        entry.mark_converted(&first, &whitelist);
+        assert_eq!(entry.oldest_bound, 2000);
+        // Both moved on: the bound, still under the TTL's start, is not read again.
+        let both = request(&[(A, &[(1.0, 5000)]), (B, &[(1.0, 5000)])]);
+        merged_raw(&mut entry, &both, &rules, 0);
+        assert_eq!(entry.oldest_bound, 2000);
+        // Past the bound: the slots are read, and the bound moves up to what they hold.
+        merged_raw(&mut entry, &request(&[(A, &[(1.0, 6000)])]), &rules, 3000);
+        assert_eq!(entry.oldest_bound, 5000);
+        // B (5000) is past a TTL that starts at 5500, whatever A does: the full merge drops it.
+        let a = request(&[(A, &[(1.0, 7000)])]);
+        assert_eq!(entry.merge_raw(&a, &rules, 5500), None);
+        assert_eq!(entry.oldest_bound, 5000, "a refused merge's reads are no bound");
+        assert_eq!(entry.merge_raw(&a, &rules, 5500), None);
     }
 
     #[test]
