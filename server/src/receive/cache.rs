@@ -189,19 +189,31 @@ const NO_SLOT: u32 = u32::MAX;
 /// payload bytes of (a few hundred nanoseconds of memory latency, a few dozen of work a series).
 const PREFETCH_AHEAD: usize = 8;
 
+/// How many series ahead [`CachedCluster::merge_raw`] asks for the slot of (read then to know
+/// where its payload bytes are, [`PREFETCH_AHEAD`] series on).
+const SLOT_AHEAD: usize = 2 * PREFETCH_AHEAD;
+
 /// Asks the CPU to bring the cache line at the start of `bytes` in; does nothing elsewhere than
 /// x86-64, or for no bytes.
 #[inline]
 fn prefetch(bytes: &[u8]) {
+    if let Some(first) = bytes.first() {
+        prefetch_item(first);
+    }
+}
+
+/// Asks the CPU to bring the cache line of `item` in; does nothing elsewhere than x86-64.
+#[inline]
+fn prefetch_item<T>(item: &T) {
     #[cfg(target_arch = "x86_64")]
-    if !bytes.is_empty() {
+    {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         // SAFETY: a prefetch is a hint to the cache: it reads nothing into the program, never
-        // faults, and the pointer is to the start of a live slice.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().cast()) };
+        // faults, and the pointer is to a live value.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>((item as *const T).cast()) };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = bytes;
+    let _ = item;
 }
 
 /// Identity hash → slot.
@@ -240,6 +252,10 @@ pub struct CachedCluster {
     oldest_bound: i64,
     /// Series of the last raw merge: room for a request's writes is made once, at that size.
     last_raw: usize,
+    /// The slots of the last raw request, in its order: what the next is expected to name, series
+    /// by series, to ask memory for ahead ([`CachedCluster::prefetch_ahead`]). At most a
+    /// request's series (`RawRules::max_series`), and counted in [`CachedCluster::bytes`].
+    order: Vec<u32>,
     /// The whitelist the `converted` marks were set under (kept alive, so compared by identity).
     whitelist: Option<Arc<Vec<Selector>>>,
     /// What the in-place merges wrote since [`CachedCluster::record_patch`], so the store can
@@ -270,6 +286,7 @@ impl CachedCluster {
                     newest_sample,
                     oldest_bound,
                     last_raw: 0,
+                    order: Vec::new(),
                     payload,
                     families,
                     by_name,
@@ -373,6 +390,7 @@ impl CachedCluster {
     pub fn bytes(&self) -> usize {
         self.payload.capacity()
             + self.slots.capacity() * std::mem::size_of::<Slot>()
+            + self.order.capacity() * std::mem::size_of::<u32>()
             + self.index.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
             + self
                 .families
@@ -515,21 +533,38 @@ impl CachedCluster {
         }
     }
 
-    /// The slot that followed slot `from` last time (any number: [`NO_SLOT`] when none), with
-    /// its series' bytes asked of memory ahead of use.
-    fn prefetch_next(&self, from: u32) -> u32 {
-        let Some(next) = self.slots.get(from as usize).map(|slot| slot.next) else {
-            return NO_SLOT;
-        };
-        if let Some(slot) = self.slots.get(next as usize) {
-            let end = (slot.start as usize).saturating_add(slot.len as usize);
-            let mut at = slot.start as usize;
-            while at < end {
-                prefetch(self.payload.get(at..).unwrap_or_default());
-                at += 64;
-            }
+    /// Asks memory ahead of use for the series the last raw request had `i` series on from
+    /// series `at`: the slot of the one at `at + SLOT_AHEAD`, the payload bytes of the one at
+    /// `at + PREFETCH_AHEAD` (whose slot was asked for before). From the last request's order
+    /// rather than along the [`Slot::next`] hints, whose walk waited for each slot in turn: the
+    /// order is read in sequence, so the slots are asked for all at once.
+    fn prefetch_ahead(&self, order: &[u32], at: usize) {
+        if let Some(&s) = order.get(at + SLOT_AHEAD) {
+            self.prefetch_slot(s);
         }
-        next
+        if let Some(&s) = order.get(at + PREFETCH_AHEAD) {
+            self.prefetch_payload(s);
+        }
+    }
+
+    /// Asks memory for slot `s` (any number).
+    fn prefetch_slot(&self, s: u32) {
+        if let Some(slot) = self.slots.get(s as usize) {
+            prefetch_item(slot);
+        }
+    }
+
+    /// Asks memory for the payload bytes of slot `s` (any number).
+    fn prefetch_payload(&self, s: u32) {
+        let Some(slot) = self.slots.get(s as usize) else {
+            return;
+        };
+        let end = (slot.start as usize).saturating_add(slot.len as usize);
+        let mut line = slot.start as usize;
+        while line < end {
+            prefetch(self.payload.get(line..).unwrap_or_default());
+            line += 64;
+        }
     }
 
     /// The identity bytes of slot `s` (any number: empty when there is no such slot).
@@ -584,7 +619,10 @@ impl CachedCluster {
             return None;
         }
         let mut writes = Vec::with_capacity(self.last_raw);
-        let merged = self.raw_writes(body, rules, &mut writes).filter(|_| {
+        let mut order = std::mem::take(&mut self.order);
+        let merged = self.raw_writes(body, rules, &mut writes, &mut order);
+        self.order = order;
+        let merged = merged.filter(|_| {
             if self.oldest_bound >= oldest_ms {
                 return true;
             }
@@ -609,6 +647,7 @@ impl CachedCluster {
             return None;
         };
         self.last_raw = writes.len();
+        self.order.truncate(count);
         if let Some(patch) = &mut self.patch {
             patch.reserve(writes.len() * (8 + 12 + 10));
         }
@@ -647,22 +686,28 @@ impl CachedCluster {
     /// The series of a raw request (see [`CachedCluster::merge_raw`]) and what each writes, in
     /// order, into `writes`: each winning slot's timestamp is set as it goes (so a series named
     /// twice is compared with its first sample), and the caller sets them back when this answers
-    /// None. The series count.
+    /// None. The series count. `order` holds the slots of the last raw request in its order
+    /// (for [`CachedCluster::prefetch_ahead`]), and is rewritten with this one's as it goes.
     fn raw_writes(
         &mut self,
         body: &[u8],
         rules: &RawRules<'_>,
         writes: &mut Vec<RawWrite>,
+        order: &mut Vec<u32>,
     ) -> Option<usize> {
         let mut count = 0usize;
         let mut rest = body;
         // The slot of the request's previous series, whose hint guesses this one's.
         let mut previous = NO_SLOT;
-        // The slot [`PREFETCH_AHEAD`] series on along the hints, whose payload bytes are asked
-        // for before they are compared and written: the cached payloads are many times the CPU's
-        // caches and a request's series are not in payload order, so each series waited for
-        // memory.
-        let mut ahead = NO_SLOT;
+        // The payload bytes of the series ahead are asked for before they are compared and
+        // written: the cached payloads are many times the CPU's caches and a request's series
+        // are not in payload order, so each series waited for memory.
+        for (at, &s) in order.iter().enumerate().take(SLOT_AHEAD) {
+            match at < PREFETCH_AHEAD {
+                true => self.prefetch_payload(s),
+                false => self.prefetch_slot(s),
+            }
+        }
         while !rest.is_empty() {
             let (key, field) = next_field(&mut rest)?;
             if key >> 3 != 1 {
@@ -701,11 +746,11 @@ impl CachedCluster {
                     s
                 }
             };
-            ahead = match s == guess {
-                true => self.prefetch_next(ahead),
-                // Off the chain: it starts again from here.
-                false => (0..PREFETCH_AHEAD).fold(s, |at, _| self.prefetch_next(at)),
-            };
+            self.prefetch_ahead(order, count - 1);
+            match order.get_mut(count - 1) {
+                Some(at) => *at = s,
+                None => order.push(s),
+            }
             previous = s;
             let slot = &mut self.slots[s as usize];
             if !slot.converted || !self.families[slot.family as usize].remote_write {
@@ -1235,12 +1280,24 @@ mod tests {
         merged_raw(&mut entry, &request(&[(A, &[(2.0, 4000)])]), &rules, 0);
         // The same when only the TTL refuses it (B would be dropped): then A is set back too.
         let refused = request(&[(A, &[(9.0, 6000)])]);
-        assert_eq!(entry.merge_raw(&refused, &rules, 3000), None, "B past the TTL");
+        assert_eq!(
+            entry.merge_raw(&refused, &rules, 3000),
+            None,
+            "B past the TTL"
+        );
         merged_raw(&mut entry, &request(&[(A, &[(3.0, 5000)])]), &rules, 0);
         // A series named twice: compared with its first sample, the newer (or later equal) wins.
         for twice in [
-            request(&[(A, &[(4.0, 7000)]), (A, &[(5.0, 6500)]), (B, &[(1.0, 7000)])]),
-            request(&[(A, &[(6.0, 8000)]), (A, &[(7.0, 8000)]), (B, &[(1.0, 8000)])]),
+            request(&[
+                (A, &[(4.0, 7000)]),
+                (A, &[(5.0, 6500)]),
+                (B, &[(1.0, 7000)]),
+            ]),
+            request(&[
+                (A, &[(6.0, 8000)]),
+                (A, &[(7.0, 8000)]),
+                (B, &[(1.0, 8000)]),
+            ]),
         ] {
             merged_raw(&mut entry, &twice, &rules, 0);
         }
@@ -1269,7 +1326,10 @@ mod tests {
         // B (5000) is past a TTL that starts at 5500, whatever A does: the full merge drops it.
         let a = request(&[(A, &[(1.0, 7000)])]);
         assert_eq!(entry.merge_raw(&a, &rules, 5500), None);
-        assert_eq!(entry.oldest_bound, 5000, "a refused merge's reads are no bound");
+        assert_eq!(
+            entry.oldest_bound, 5000,
+            "a refused merge's reads are no bound"
+        );
         assert_eq!(entry.merge_raw(&a, &rules, 5500), None);
     }
 

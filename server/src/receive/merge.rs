@@ -979,7 +979,11 @@ mod tests {
         let merged = merger.store_raw("c", body, &rules, now).unwrap();
         assert!(matches!(merged, Raw::Stored(1)));
         assert_ne!(store.version("c"), stored, "stored");
-        assert_eq!(seen.get(), Some(stored), "dropped before the put was committed");
+        assert_eq!(
+            seen.get(),
+            Some(stored),
+            "dropped before the put was committed"
+        );
         store.close();
         let _ = std::fs::remove_dir_all(&dir);
     }
