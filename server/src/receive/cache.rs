@@ -584,7 +584,7 @@ impl CachedCluster {
         self.slots
             .get(s as usize)
             .and_then(|slot| self.families.get(slot.family as usize))
-            .is_some_and(|family| family.name.as_bytes() == name)
+            .is_some_and(|family| same(family.name.as_bytes(), name))
     }
 
     /// The slot of the series with identity bytes `identity` in family `f`.
@@ -594,7 +594,10 @@ impl CachedCluster {
         let start = slot.start as usize;
         (slot.family == f
             && slot.labels as usize == identity.len()
-            && self.payload.get(start..start + identity.len()) == Some(identity))
+            && self
+                .payload
+                .get(start..start + identity.len())
+                .is_some_and(|stored| same(stored, identity)))
         .then_some(s)
     }
 
@@ -797,6 +800,28 @@ fn encode_varint_into(mut n: u64, out: &mut [u8]) -> usize {
     i + 1
 }
 
+/// Whether `a` and `b` are the same bytes: as `a == b`, compared 8 bytes at a time in line. The
+/// raw merge compares a family name and a series' labels (a few dozen bytes) per series, and a
+/// call to `memcmp` for each was a twentieth of its CPU.
+#[inline]
+fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let word = |bytes: Option<&[u8; 8]>| bytes.map(|w| u64::from_ne_bytes(*w));
+    match a.len() {
+        0..8 => a.iter().zip(b).all(|(x, y)| x == y),
+        // Whole words, then the last 8 bytes (overlapping the words when the length is not a
+        // multiple of 8).
+        _ => {
+            a.chunks_exact(8)
+                .zip(b.chunks_exact(8))
+                .all(|(x, y)| word(x.first_chunk()) == word(y.first_chunk()))
+                && word(a.last_chunk()) == word(b.last_chunk())
+        }
+    }
+}
+
 /// The length of a converted series' value and timestamp fields.
 fn tail_len(timestamp_ms: i64) -> usize {
     12 + prost::encoding::encoded_len_varint(timestamp_ms as u64)
@@ -830,7 +855,10 @@ fn raw_series<'s>(series: &'s [u8], expected: &[u8]) -> Option<RawSeries<'s>> {
     let name = after.get(n..).filter(|v| v.len() as u64 == len)?;
     let labels_start = series.len() - rest.len();
     let mut labels_end = labels_start;
-    let skipped = !expected.is_empty() && rest.starts_with(expected);
+    let skipped = !expected.is_empty()
+        && rest
+            .get(..expected.len())
+            .is_some_and(|sent| same(sent, expected));
     if skipped {
         // Whole label fields: walking them would have moved `labels_end` exactly here.
         rest = rest.get(expected.len()..).unwrap_or_default();
@@ -1331,6 +1359,21 @@ mod tests {
             "a refused merge's reads are no bound"
         );
         assert_eq!(entry.merge_raw(&a, &rules, 5500), None);
+    }
+
+    #[test]
+    fn same_is_byte_equality() {
+        let bytes: Vec<u8> = (0..40u8).collect();
+        for len in 0..=bytes.len() {
+            let a = &bytes[..len];
+            assert!(same(a, &a.to_vec()), "{len}");
+            assert!(!same(a, &bytes[..len.saturating_sub(1)]) || len == 0, "{len}");
+            for at in 0..len {
+                let mut b = a.to_vec();
+                b[at] ^= 0x80;
+                assert!(!same(a, &b), "{len} differs at {at}");
+            }
+        }
     }
 
     #[test]
