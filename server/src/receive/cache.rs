@@ -866,6 +866,14 @@ fn raw_series<'s>(series: &'s [u8], expected: &[u8]) -> Option<RawSeries<'s>> {
     }
     let mut in_labels = true;
     let mut sample = None;
+    // As senders write a series of one sample: that sample's field (under 128 bytes) is all
+    // that is left once the labels are skipped, read without the field loop.
+    if let [0x12, len, one @ ..] = rest {
+        if *len < 0x80 && usize::from(*len) == one.len() {
+            sample = Some(one);
+            rest = &[];
+        }
+    }
     while !rest.is_empty() {
         let (key, field) = next_field(&mut rest)?;
         match (key >> 3, key & 7) {
@@ -1359,6 +1367,39 @@ mod tests {
             "a refused merge's reads are no bound"
         );
         assert_eq!(entry.merge_raw(&a, &rules, 5500), None);
+    }
+
+    #[test]
+    fn a_series_of_one_sample_reads_as_the_field_loop_reads_it() {
+        let labels = b"\x0a\x0b\x0a\x03_id\x12\x04c-01";
+        let sample = |value: f64, ts: u8| {
+            let mut field = vec![0x12, 11, 0x09];
+            field.extend_from_slice(&value.to_le_bytes());
+            field.extend_from_slice(&[0x10, ts]);
+            field
+        };
+        let series = |fields: &[&[u8]]| {
+            let mut out = b"\x0a\x0e\x0a\x08__name__\x12\x02up".to_vec();
+            out.extend_from_slice(labels);
+            fields.iter().for_each(|f| out.extend_from_slice(f));
+            out
+        };
+        let exemplar: &[u8] = b"\x1a\x02\x10\x05";
+        for (expected, what) in [(&labels[..], "labels skipped"), (&b""[..], "labels walked")] {
+            let one = series(&[&sample(2.5, 7)]);
+            let read = raw_series(&one, expected).unwrap();
+            assert_eq!((read.value, read.timestamp_ms, read.identity), (2.5, 7, &labels[..]));
+            // Anything after the sample: the loop reads it, with the same answer or a refusal.
+            let then_exemplar = series(&[&sample(2.5, 7), exemplar]);
+            let read = raw_series(&then_exemplar, expected).unwrap();
+            assert_eq!((read.value, read.timestamp_ms), (2.5, 7), "{what}");
+            let two = series(&[&sample(2.5, 7), &sample(3.5, 8)]);
+            assert!(raw_series(&two, expected).is_none(), "{what}");
+            // A samples field of the wrong wire type (which would read as the sample's
+            // timestamp, were the bytes after the first sample taken as part of it).
+            let wrong_type = series(&[&sample(2.5, 7), b"\x10\x09"]);
+            assert!(raw_series(&wrong_type, expected).is_none(), "{what}");
+        }
     }
 
     #[test]
