@@ -1388,7 +1388,10 @@ mod tests {
         for (expected, what) in [(&labels[..], "labels skipped"), (&b""[..], "labels walked")] {
             let one = series(&[&sample(2.5, 7)]);
             let read = raw_series(&one, expected).unwrap();
-            assert_eq!((read.value, read.timestamp_ms, read.identity), (2.5, 7, &labels[..]));
+            assert_eq!(
+                (read.value, read.timestamp_ms, read.identity),
+                (2.5, 7, &labels[..])
+            );
             // Anything after the sample: the loop reads it, with the same answer or a refusal.
             let then_exemplar = series(&[&sample(2.5, 7), exemplar]);
             let read = raw_series(&then_exemplar, expected).unwrap();
@@ -1403,12 +1406,57 @@ mod tests {
     }
 
     #[test]
+    fn the_order_kept_for_prefetching_is_the_last_request_and_counted() {
+        let whitelist = Arc::new(Vec::new());
+        let rules = RawRules {
+            oldest_ms: 1000,
+            newest_ms: 1 << 40,
+            max_series: 2,
+            whitelist: &whitelist,
+        };
+        let first = convert(&request(&[(A, &[(1.0, 2000)]), (B, &[(1.0, 2000)])]));
+        let mut entry = cached(first.clone());
+        entry.mark_converted(&first, &whitelist);
+        let bytes = entry.bytes();
+        merged_raw(
+            &mut entry,
+            &request(&[(B, &[(1.0, 3000)]), (A, &[(1.0, 3000)])]),
+            &rules,
+            0,
+        );
+        let (a, b) = (
+            entry.find(0, entry.identity(0)),
+            entry.find(0, entry.identity(1)),
+        );
+        assert_eq!(entry.order, [b.unwrap(), a.unwrap()]);
+        assert!(
+            entry.bytes() >= bytes + 2 * 4,
+            "counted in the cache's bytes"
+        );
+        merged_raw(&mut entry, &request(&[(A, &[(1.0, 4000)])]), &rules, 0);
+        assert_eq!(entry.order, [a.unwrap()], "the last request's, no more");
+        // Over the request's series cap: refused before the order passes it.
+        let over = request(&[
+            (A, &[(1.0, 5000)]),
+            (B, &[(1.0, 5000)]),
+            (A, &[(1.0, 5000)]),
+        ]);
+        assert_eq!(entry.merge_raw(&over, &rules, 0), None);
+        assert!(entry.order.len() <= rules.max_series);
+    }
+
+    #[test]
     fn same_is_byte_equality() {
         let bytes: Vec<u8> = (0..40u8).collect();
         for len in 0..=bytes.len() {
             let a = &bytes[..len];
-            assert!(same(a, &a.to_vec()), "{len}");
-            assert!(!same(a, &bytes[..len.saturating_sub(1)]) || len == 0, "{len}");
+            // Another buffer of the same bytes, not the same slice.
+            let copy = a.to_vec();
+            assert!(same(a, &copy), "{len}");
+            assert!(
+                !same(a, &bytes[..len.saturating_sub(1)]) || len == 0,
+                "{len}"
+            );
             for at in 0..len {
                 let mut b = a.to_vec();
                 b[at] ^= 0x80;

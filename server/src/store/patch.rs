@@ -344,7 +344,16 @@ mod tests {
 
     #[test]
     fn varints_are_protobufs() {
-        for n in [0, 1, 0x7f, 0x80, 300, 1 << 21, u64::from(u32::MAX), u64::MAX] {
+        for n in [
+            0,
+            1,
+            0x7f,
+            0x80,
+            300,
+            1 << 21,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             put_varint(n, &mut ours);
             prost::encoding::encode_varint(n, &mut theirs);
