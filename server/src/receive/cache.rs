@@ -189,19 +189,31 @@ const NO_SLOT: u32 = u32::MAX;
 /// payload bytes of (a few hundred nanoseconds of memory latency, a few dozen of work a series).
 const PREFETCH_AHEAD: usize = 8;
 
+/// How many series ahead [`CachedCluster::merge_raw`] asks for the slot of (read then to know
+/// where its payload bytes are, [`PREFETCH_AHEAD`] series on).
+const SLOT_AHEAD: usize = 2 * PREFETCH_AHEAD;
+
 /// Asks the CPU to bring the cache line at the start of `bytes` in; does nothing elsewhere than
 /// x86-64, or for no bytes.
 #[inline]
 fn prefetch(bytes: &[u8]) {
+    if let Some(first) = bytes.first() {
+        prefetch_item(first);
+    }
+}
+
+/// Asks the CPU to bring the cache line of `item` in; does nothing elsewhere than x86-64.
+#[inline]
+fn prefetch_item<T>(item: &T) {
     #[cfg(target_arch = "x86_64")]
-    if !bytes.is_empty() {
+    {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         // SAFETY: a prefetch is a hint to the cache: it reads nothing into the program, never
-        // faults, and the pointer is to the start of a live slice.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().cast()) };
+        // faults, and the pointer is to a live value.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>((item as *const T).cast()) };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = bytes;
+    let _ = item;
 }
 
 /// Identity hash → slot.
@@ -231,6 +243,19 @@ pub struct CachedCluster {
     keys: u64,
     series: usize,
     newest_received: i64,
+    /// The newest sample timestamp of the slots (ms, `i64::MIN`: none): kept as the merges
+    /// write (a slot's timestamp only grows), so a request does not read every slot for it.
+    newest_sample: i64,
+    /// At most the oldest sample timestamp of the slots (ms): a slot's timestamp only grows, so
+    /// what was once the oldest stays a bound below. While it is within the TTL, no series can
+    /// have passed it and a raw merge does not read every slot to know.
+    oldest_bound: i64,
+    /// Series of the last raw merge: room for a request's writes is made once, at that size.
+    last_raw: usize,
+    /// The slots of the last raw request, in its order: what the next is expected to name, series
+    /// by series, to ask memory for ahead ([`CachedCluster::prefetch_ahead`]). At most a
+    /// request's series (`RawRules::max_series`), and counted in [`CachedCluster::bytes`].
+    order: Vec<u32>,
     /// The whitelist the `converted` marks were set under (kept alive, so compared by identity).
     whitelist: Option<Arc<Vec<Selector>>>,
     /// What the in-place merges wrote since [`CachedCluster::record_patch`], so the store can
@@ -253,8 +278,15 @@ impl CachedCluster {
                 payload.shrink_to_fit();
                 slots.shrink_to_fit();
                 index.shrink_to_fit();
+                let timestamps = slots.iter().map(|slot| slot.timestamp_ms);
+                let newest_sample = timestamps.clone().max().unwrap_or(i64::MIN);
+                let oldest_bound = timestamps.min().unwrap_or(i64::MAX);
                 Ok(CachedCluster {
                     series: slots.len(),
+                    newest_sample,
+                    oldest_bound,
+                    last_raw: 0,
+                    order: Vec::new(),
                     payload,
                     families,
                     by_name,
@@ -331,11 +363,7 @@ impl CachedCluster {
     /// (`wire::newest_timestamp`), from the slots rather than the bytes; `None` when no series
     /// has one.
     pub fn newest_sample(&self) -> Option<i64> {
-        self.slots
-            .iter()
-            .map(|slot| slot.timestamp_ms)
-            .filter(|&ts| ts != i64::MIN)
-            .max()
+        (self.newest_sample != i64::MIN).then_some(self.newest_sample)
     }
 
     /// The payload as stored.
@@ -362,6 +390,7 @@ impl CachedCluster {
     pub fn bytes(&self) -> usize {
         self.payload.capacity()
             + self.slots.capacity() * std::mem::size_of::<Slot>()
+            + self.order.capacity() * std::mem::size_of::<u32>()
             + self.index.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
             + self
                 .families
@@ -393,6 +422,7 @@ impl CachedCluster {
                 );
             }
             slot.timestamp_ms = timestamp_ms;
+            self.newest_sample = self.newest_sample.max(timestamp_ms);
             // Written by whoever made `delta`: converted here only if the caller marks it so.
             slot.converted = false;
             if &*self.families[slot.family as usize].help == REMOTE_WRITE_HELP {
@@ -503,21 +533,38 @@ impl CachedCluster {
         }
     }
 
-    /// The slot that followed slot `from` last time (any number: [`NO_SLOT`] when none), with
-    /// its series' bytes asked of memory ahead of use.
-    fn prefetch_next(&self, from: u32) -> u32 {
-        let Some(next) = self.slots.get(from as usize).map(|slot| slot.next) else {
-            return NO_SLOT;
-        };
-        if let Some(slot) = self.slots.get(next as usize) {
-            let end = (slot.start as usize).saturating_add(slot.len as usize);
-            let mut at = slot.start as usize;
-            while at < end {
-                prefetch(self.payload.get(at..).unwrap_or_default());
-                at += 64;
-            }
+    /// Asks memory ahead of use for the series the last raw request had `i` series on from
+    /// series `at`: the slot of the one at `at + SLOT_AHEAD`, the payload bytes of the one at
+    /// `at + PREFETCH_AHEAD` (whose slot was asked for before). From the last request's order
+    /// rather than along the [`Slot::next`] hints, whose walk waited for each slot in turn: the
+    /// order is read in sequence, so the slots are asked for all at once.
+    fn prefetch_ahead(&self, order: &[u32], at: usize) {
+        if let Some(&s) = order.get(at + SLOT_AHEAD) {
+            self.prefetch_slot(s);
         }
-        next
+        if let Some(&s) = order.get(at + PREFETCH_AHEAD) {
+            self.prefetch_payload(s);
+        }
+    }
+
+    /// Asks memory for slot `s` (any number).
+    fn prefetch_slot(&self, s: u32) {
+        if let Some(slot) = self.slots.get(s as usize) {
+            prefetch_item(slot);
+        }
+    }
+
+    /// Asks memory for the payload bytes of slot `s` (any number).
+    fn prefetch_payload(&self, s: u32) {
+        let Some(slot) = self.slots.get(s as usize) else {
+            return;
+        };
+        let end = (slot.start as usize).saturating_add(slot.len as usize);
+        let mut line = slot.start as usize;
+        while line < end {
+            prefetch(self.payload.get(line..).unwrap_or_default());
+            line += 64;
+        }
     }
 
     /// The identity bytes of slot `s` (any number: empty when there is no such slot).
@@ -537,7 +584,7 @@ impl CachedCluster {
         self.slots
             .get(s as usize)
             .and_then(|slot| self.families.get(slot.family as usize))
-            .is_some_and(|family| family.name.as_bytes() == name)
+            .is_some_and(|family| same(family.name.as_bytes(), name))
     }
 
     /// The slot of the series with identity bytes `identity` in family `f`.
@@ -547,7 +594,10 @@ impl CachedCluster {
         let start = slot.start as usize;
         (slot.family == f
             && slot.labels as usize == identity.len()
-            && self.payload.get(start..start + identity.len()) == Some(identity))
+            && self
+                .payload
+                .get(start..start + identity.len())
+                .is_some_and(|stored| same(stored, identity)))
         .then_some(s)
     }
 
@@ -571,17 +621,96 @@ impl CachedCluster {
         {
             return None;
         }
-        let mut newest: Vec<i64> = self.slots.iter().map(|s| s.timestamp_ms).collect();
-        let mut patches: Vec<(u32, f64, i64)> = Vec::new();
+        let mut writes = Vec::with_capacity(self.last_raw);
+        let mut order = std::mem::take(&mut self.order);
+        let merged = self.raw_writes(body, rules, &mut writes, &mut order);
+        self.order = order;
+        let merged = merged.filter(|_| {
+            if self.oldest_bound >= oldest_ms {
+                return true;
+            }
+            // Past the bound: the slots themselves say whether a series would now be dropped.
+            let oldest = self.slots.iter().map(|slot| slot.timestamp_ms).min();
+            let oldest = oldest.unwrap_or(i64::MAX);
+            // The true oldest once these writes stand (they do when it passes); on a refusal
+            // they are set back, and what was read here is no bound.
+            let passes = oldest >= oldest_ms;
+            if passes {
+                self.oldest_bound = oldest;
+            }
+            passes
+        });
+        let Some(count) = merged else {
+            // Nothing written: each slot's timestamp back as it was, the last write first.
+            for write in writes.iter().rev() {
+                if let Some(slot) = self.slots.get_mut(write.slot as usize) {
+                    slot.timestamp_ms = write.before_ms;
+                }
+            }
+            return None;
+        };
+        self.last_raw = writes.len();
+        self.order.truncate(count);
+        if let Some(patch) = &mut self.patch {
+            patch.reserve(writes.len() * (8 + 12 + 10));
+        }
+        // As `series::encode_series` writes it: untyped { value }, timestamp_ms; the timestamp's
+        // varint encoded once for the series that share it (most often all of a request's).
+        let mut tail = [0u8; 12 + 10];
+        tail[..3].copy_from_slice(&VALUE_KEYS);
+        tail[11] = 0x30;
+        let mut tail_len = 0;
+        let mut encoded_ms = None;
+        for write in writes {
+            if encoded_ms != Some(write.timestamp_ms) {
+                tail_len = 12 + encode_varint_into(write.timestamp_ms as u64, &mut tail[12..]);
+                encoded_ms = Some(write.timestamp_ms);
+            }
+            tail[3..11].copy_from_slice(&write.value.to_le_bytes());
+            let slot = self.slots[write.slot as usize];
+            let at = slot.start + slot.labels;
+            let stored = &mut self.payload[at as usize..at as usize + tail_len];
+            // The value's field and message keys (3 bytes) are most often there already: then
+            // the journal gets the rest only, a ninth less of every patch.
+            let kept = match stored[..3] == VALUE_KEYS {
+                true => 3,
+                false => 0,
+            };
+            stored.copy_from_slice(&tail[..tail_len]);
+            if let Some(patch) = &mut self.patch {
+                patch.push(at + kept as u32, &tail[kept..tail_len]);
+            }
+            self.newest_received = self.newest_received.max(write.timestamp_ms);
+            self.newest_sample = self.newest_sample.max(write.timestamp_ms);
+        }
+        Some(count)
+    }
+
+    /// The series of a raw request (see [`CachedCluster::merge_raw`]) and what each writes, in
+    /// order, into `writes`: each winning slot's timestamp is set as it goes (so a series named
+    /// twice is compared with its first sample), and the caller sets them back when this answers
+    /// None. The series count. `order` holds the slots of the last raw request in its order
+    /// (for [`CachedCluster::prefetch_ahead`]), and is rewritten with this one's as it goes.
+    fn raw_writes(
+        &mut self,
+        body: &[u8],
+        rules: &RawRules<'_>,
+        writes: &mut Vec<RawWrite>,
+        order: &mut Vec<u32>,
+    ) -> Option<usize> {
         let mut count = 0usize;
         let mut rest = body;
         // The slot of the request's previous series, whose hint guesses this one's.
         let mut previous = NO_SLOT;
-        // The slot [`PREFETCH_AHEAD`] series on along the hints, whose payload bytes are asked
-        // for before they are compared and written: the cached payloads are many times the CPU's
-        // caches and a request's series are not in payload order, so each series waited for
-        // memory.
-        let mut ahead = NO_SLOT;
+        // The payload bytes of the series ahead are asked for before they are compared and
+        // written: the cached payloads are many times the CPU's caches and a request's series
+        // are not in payload order, so each series waited for memory.
+        for (at, &s) in order.iter().enumerate().take(SLOT_AHEAD) {
+            match at < PREFETCH_AHEAD {
+                true => self.prefetch_payload(s),
+                false => self.prefetch_slot(s),
+            }
+        }
         while !rest.is_empty() {
             let (key, field) = next_field(&mut rest)?;
             if key >> 3 != 1 {
@@ -620,58 +749,76 @@ impl CachedCluster {
                     s
                 }
             };
-            ahead = match s == guess {
-                true => self.prefetch_next(ahead),
-                // Off the chain: it starts again from here.
-                false => (0..PREFETCH_AHEAD).fold(s, |at, _| self.prefetch_next(at)),
-            };
+            self.prefetch_ahead(order, count - 1);
+            match order.get_mut(count - 1) {
+                Some(at) => *at = s,
+                None => order.push(s),
+            }
             previous = s;
-            let slot = self.slots[s as usize];
+            let slot = &mut self.slots[s as usize];
             if !slot.converted || !self.families[slot.family as usize].remote_write {
                 return None;
             }
-            if timestamp_ms >= newest[s as usize] {
+            if timestamp_ms >= slot.timestamp_ms {
                 if (slot.len - slot.labels) as usize != tail_len(timestamp_ms) {
                     return None;
                 }
-                newest[s as usize] = timestamp_ms;
-                patches.push((s, value, timestamp_ms));
+                writes.push(RawWrite {
+                    slot: s,
+                    value,
+                    timestamp_ms,
+                    before_ms: slot.timestamp_ms,
+                });
+                slot.timestamp_ms = timestamp_ms;
             }
         }
-        if count == 0 || newest.iter().any(|&t| t < oldest_ms) {
-            return None;
+        (count > 0).then_some(count)
+    }
+}
+
+/// What a raw request writes over one slot ([`CachedCluster::raw_writes`]).
+struct RawWrite {
+    slot: u32,
+    value: f64,
+    timestamp_ms: i64,
+    /// The slot's timestamp before, to set back when the request is not merged after all.
+    before_ms: i64,
+}
+
+/// The keys before a converted series' value: `untyped` (field 5, 9 bytes), its `value`.
+const VALUE_KEYS: [u8; 3] = [0x2a, 0x09, 0x09];
+
+/// Writes `n` as a varint at the start of `out` (10 bytes or more); the bytes written.
+fn encode_varint_into(mut n: u64, out: &mut [u8]) -> usize {
+    let mut i = 0;
+    while n >= 0x80 && i + 1 < out.len() {
+        out[i] = (n as u8) | 0x80;
+        n >>= 7;
+        i += 1;
+    }
+    out[i] = n as u8;
+    i + 1
+}
+
+/// Whether `a` and `b` are the same bytes: as `a == b`, compared 8 bytes at a time in line. The
+/// raw merge compares a family name and a series' labels (a few dozen bytes) per series, and a
+/// call to `memcmp` for each was a twentieth of its CPU.
+#[inline]
+fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let word = |bytes: Option<&[u8; 8]>| bytes.map(|w| u64::from_ne_bytes(*w));
+    match a.len() {
+        0..8 => a.iter().zip(b).all(|(x, y)| x == y),
+        // Whole words, then the last 8 bytes (overlapping the words when the length is not a
+        // multiple of 8).
+        _ => {
+            a.chunks_exact(8)
+                .zip(b.chunks_exact(8))
+                .all(|(x, y)| word(x.first_chunk()) == word(y.first_chunk()))
+                && word(a.last_chunk()) == word(b.last_chunk())
         }
-        if let Some(patch) = &mut self.patch {
-            patch.reserve(patches.len() * (8 + 12 + 10));
-        }
-        let mut tail = Vec::with_capacity(32);
-        for (s, value, timestamp_ms) in patches {
-            let slot = &mut self.slots[s as usize];
-            tail.clear();
-            // As `series::encode_series` writes it: untyped { value }, timestamp_ms.
-            tail.extend_from_slice(&[0x2a, 0x09, 0x09]);
-            tail.extend_from_slice(&value.to_le_bytes());
-            tail.push(0x30);
-            prost::encoding::encode_varint(timestamp_ms as u64, &mut tail);
-            let start = (slot.start + slot.labels) as usize;
-            let stored = &mut self.payload[start..start + tail.len()];
-            // The value's field and message keys (3 bytes) are most often there already: then
-            // the journal gets the rest only, a ninth less of every patch.
-            let kept = match stored.get(..3) == tail.get(..3) {
-                true => 3,
-                false => 0,
-            };
-            stored.copy_from_slice(&tail);
-            if let Some(patch) = &mut self.patch {
-                patch.push(
-                    slot.start + slot.labels + kept as u32,
-                    tail.get(kept..).unwrap_or_default(),
-                );
-            }
-            slot.timestamp_ms = timestamp_ms;
-            self.newest_received = self.newest_received.max(timestamp_ms);
-        }
-        Some(count)
     }
 }
 
@@ -708,7 +855,10 @@ fn raw_series<'s>(series: &'s [u8], expected: &[u8]) -> Option<RawSeries<'s>> {
     let name = after.get(n..).filter(|v| v.len() as u64 == len)?;
     let labels_start = series.len() - rest.len();
     let mut labels_end = labels_start;
-    let skipped = !expected.is_empty() && rest.starts_with(expected);
+    let skipped = !expected.is_empty()
+        && rest
+            .get(..expected.len())
+            .is_some_and(|sent| same(sent, expected));
     if skipped {
         // Whole label fields: walking them would have moved `labels_end` exactly here.
         rest = rest.get(expected.len()..).unwrap_or_default();
@@ -716,6 +866,14 @@ fn raw_series<'s>(series: &'s [u8], expected: &[u8]) -> Option<RawSeries<'s>> {
     }
     let mut in_labels = true;
     let mut sample = None;
+    // As senders write a series of one sample: that sample's field (under 128 bytes) is all
+    // that is left once the labels are skipped, read without the field loop.
+    if let [0x12, len, one @ ..] = rest {
+        if *len < 0x80 && usize::from(*len) == one.len() {
+            sample = Some(one);
+            rest = &[];
+        }
+    }
     while !rest.is_empty() {
         let (key, field) = next_field(&mut rest)?;
         match (key >> 3, key & 7) {
@@ -1123,6 +1281,188 @@ mod tests {
             None,
             "written by an upload"
         );
+    }
+
+    /// Merges `body` raw into `entry` and checks it against the full merge of its conversion:
+    /// payload, newest samples (kept as the merges go, against the payload's own).
+    fn merged_raw(entry: &mut CachedCluster, body: &[u8], rules: &RawRules<'_>, oldest_ms: i64) {
+        let full = merge_payloads(entry.payload(), &convert(body), oldest_ms).unwrap();
+        assert!(entry.merge_raw(body, rules, oldest_ms).is_some());
+        assert_eq!(entry.payload(), &full.payload[..]);
+        assert_eq!(entry.newest_received(), full.newest_received);
+        assert_eq!(
+            entry.newest_sample(),
+            wire::newest_timestamp(entry.payload()).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_raw_request_refused_half_way_leaves_every_timestamp_as_it_was() {
+        let whitelist = Arc::new(Vec::new());
+        let rules = RawRules {
+            oldest_ms: 1000,
+            newest_ms: 1 << 40,
+            max_series: 100,
+            whitelist: &whitelist,
+        };
+        let first = convert(&request(&[(A, &[(1.0, 2000)]), (B, &[(1.0, 2000)])]));
+        let mut entry = cached(first.clone());
+        entry.mark_converted(&first, &whitelist);
+        // A's sample would win, then a series not cached refuses the request: A is as it was, so
+        // an older sample of A than the refused one still wins next.
+        let other = &[("__name__", "up"), ("_id", "d"), ("job", "a")][..];
+        let refused = request(&[(A, &[(9.0, 5000)]), (other, &[(1.0, 5000)])]);
+        assert_eq!(entry.merge_raw(&refused, &rules, 0), None);
+        merged_raw(&mut entry, &request(&[(A, &[(2.0, 4000)])]), &rules, 0);
+        // The same when only the TTL refuses it (B would be dropped): then A is set back too.
+        let refused = request(&[(A, &[(9.0, 6000)])]);
+        assert_eq!(
+            entry.merge_raw(&refused, &rules, 3000),
+            None,
+            "B past the TTL"
+        );
+        merged_raw(&mut entry, &request(&[(A, &[(3.0, 5000)])]), &rules, 0);
+        // A series named twice: compared with its first sample, the newer (or later equal) wins.
+        for twice in [
+            request(&[
+                (A, &[(4.0, 7000)]),
+                (A, &[(5.0, 6500)]),
+                (B, &[(1.0, 7000)]),
+            ]),
+            request(&[
+                (A, &[(6.0, 8000)]),
+                (A, &[(7.0, 8000)]),
+                (B, &[(1.0, 8000)]),
+            ]),
+        ] {
+            merged_raw(&mut entry, &twice, &rules, 0);
+        }
+    }
+
+    #[test]
+    fn the_oldest_bound_never_lets_a_series_past_the_ttl_be_kept() {
+        let whitelist = Arc::new(Vec::new());
+        let rules = RawRules {
+            oldest_ms: 1000,
+            newest_ms: 1 << 40,
+            max_series: 100,
+            whitelist: &whitelist,
+        };
+        let first = convert(&request(&[(A, &[(1.0, 2000)]), (B, &[(1.0, 2000)])]));
+        let mut entry = cached(first.clone());
+        entry.mark_converted(&first, &whitelist);
+        assert_eq!(entry.oldest_bound, 2000);
+        // Both moved on: the bound, still under the TTL's start, is not read again.
+        let both = request(&[(A, &[(1.0, 5000)]), (B, &[(1.0, 5000)])]);
+        merged_raw(&mut entry, &both, &rules, 0);
+        assert_eq!(entry.oldest_bound, 2000);
+        // Past the bound: the slots are read, and the bound moves up to what they hold.
+        merged_raw(&mut entry, &request(&[(A, &[(1.0, 6000)])]), &rules, 3000);
+        assert_eq!(entry.oldest_bound, 5000);
+        // B (5000) is past a TTL that starts at 5500, whatever A does: the full merge drops it.
+        let a = request(&[(A, &[(1.0, 7000)])]);
+        assert_eq!(entry.merge_raw(&a, &rules, 5500), None);
+        assert_eq!(
+            entry.oldest_bound, 5000,
+            "a refused merge's reads are no bound"
+        );
+        assert_eq!(entry.merge_raw(&a, &rules, 5500), None);
+    }
+
+    #[test]
+    fn a_series_of_one_sample_reads_as_the_field_loop_reads_it() {
+        let labels = b"\x0a\x0b\x0a\x03_id\x12\x04c-01";
+        let sample = |value: f64, ts: u8| {
+            let mut field = vec![0x12, 11, 0x09];
+            field.extend_from_slice(&value.to_le_bytes());
+            field.extend_from_slice(&[0x10, ts]);
+            field
+        };
+        let series = |fields: &[&[u8]]| {
+            let mut out = b"\x0a\x0e\x0a\x08__name__\x12\x02up".to_vec();
+            out.extend_from_slice(labels);
+            fields.iter().for_each(|f| out.extend_from_slice(f));
+            out
+        };
+        let exemplar: &[u8] = b"\x1a\x02\x10\x05";
+        for (expected, what) in [(&labels[..], "labels skipped"), (&b""[..], "labels walked")] {
+            let one = series(&[&sample(2.5, 7)]);
+            let read = raw_series(&one, expected).unwrap();
+            assert_eq!(
+                (read.value, read.timestamp_ms, read.identity),
+                (2.5, 7, &labels[..])
+            );
+            // Anything after the sample: the loop reads it, with the same answer or a refusal.
+            let then_exemplar = series(&[&sample(2.5, 7), exemplar]);
+            let read = raw_series(&then_exemplar, expected).unwrap();
+            assert_eq!((read.value, read.timestamp_ms), (2.5, 7), "{what}");
+            let two = series(&[&sample(2.5, 7), &sample(3.5, 8)]);
+            assert!(raw_series(&two, expected).is_none(), "{what}");
+            // A samples field of the wrong wire type (which would read as the sample's
+            // timestamp, were the bytes after the first sample taken as part of it).
+            let wrong_type = series(&[&sample(2.5, 7), b"\x10\x09"]);
+            assert!(raw_series(&wrong_type, expected).is_none(), "{what}");
+        }
+    }
+
+    #[test]
+    fn the_order_kept_for_prefetching_is_the_last_request_and_counted() {
+        let whitelist = Arc::new(Vec::new());
+        let rules = RawRules {
+            oldest_ms: 1000,
+            newest_ms: 1 << 40,
+            max_series: 2,
+            whitelist: &whitelist,
+        };
+        let first = convert(&request(&[(A, &[(1.0, 2000)]), (B, &[(1.0, 2000)])]));
+        let mut entry = cached(first.clone());
+        entry.mark_converted(&first, &whitelist);
+        let bytes = entry.bytes();
+        merged_raw(
+            &mut entry,
+            &request(&[(B, &[(1.0, 3000)]), (A, &[(1.0, 3000)])]),
+            &rules,
+            0,
+        );
+        let (a, b) = (
+            entry.find(0, entry.identity(0)),
+            entry.find(0, entry.identity(1)),
+        );
+        assert_eq!(entry.order, [b.unwrap(), a.unwrap()]);
+        assert!(
+            entry.bytes() >= bytes + 2 * 4,
+            "counted in the cache's bytes"
+        );
+        merged_raw(&mut entry, &request(&[(A, &[(1.0, 4000)])]), &rules, 0);
+        assert_eq!(entry.order, [a.unwrap()], "the last request's, no more");
+        // Over the request's series cap: refused before the order passes it.
+        let over = request(&[
+            (A, &[(1.0, 5000)]),
+            (B, &[(1.0, 5000)]),
+            (A, &[(1.0, 5000)]),
+        ]);
+        assert_eq!(entry.merge_raw(&over, &rules, 0), None);
+        assert!(entry.order.len() <= rules.max_series);
+    }
+
+    #[test]
+    fn same_is_byte_equality() {
+        let bytes: Vec<u8> = (0..40u8).collect();
+        for len in 0..=bytes.len() {
+            let a = &bytes[..len];
+            // Another buffer of the same bytes, not the same slice.
+            let copy = a.to_vec();
+            assert!(same(a, &copy), "{len}");
+            assert!(
+                !same(a, &bytes[..len.saturating_sub(1)]) || len == 0,
+                "{len}"
+            );
+            for at in 0..len {
+                let mut b = a.to_vec();
+                b[at] ^= 0x80;
+                assert!(!same(a, &b), "{len} differs at {at}");
+            }
+        }
     }
 
     #[test]

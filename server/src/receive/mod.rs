@@ -50,7 +50,7 @@ use crate::store::StoreError;
 use auth::{Authenticator, Credentials};
 use cache::RawRules;
 use limit::Limiter;
-use merge::{MergeError, Merger};
+use merge::{MergeError, Merger, Raw};
 use series::SeriesRules;
 
 /// The path.
@@ -405,7 +405,7 @@ impl ReceiveHandler {
         );
         let now = SystemTime::now();
         let whitelist = self.whitelist.current();
-        let body = {
+        let mut body = {
             let _cpu = self.cpu.enter(1);
             decompress(&self.buffers, &request.body, declared)?
         };
@@ -420,11 +420,14 @@ impl ReceiveHandler {
             };
             let stored = self
                 .merger
-                .store_raw(&creds.cluster_id, &body, &rules, now)
+                .store_raw(&creds.cluster_id, body, &rules, now)
                 .map_err(|e| self.store_refusal(&creds.cluster_id, e))?;
-            if let Some(samples) = stored {
-                self.samples.add(samples as u64);
-                return Ok("stored");
+            match stored {
+                Raw::Stored(samples) => {
+                    self.samples.add(samples as u64);
+                    return Ok("stored");
+                }
+                Raw::Declined(declined) => body = declined,
             }
         }
         let (delta, samples) = {
