@@ -36,9 +36,9 @@ mod parse;
 mod write;
 
 use check::{check_family_message, Items};
-use fields::{length_prefix, Fields};
+use fields::{length_prefix, Bad, Fields};
 use parse::{
-    family_header, kind_of, parse_label, parse_label_bytes, parse_label_unchecked_name,
+    family_head, family_header, kind_of, parse_label, parse_label_bytes, parse_label_unchecked_name,
     parse_metric, parse_metric_inline, value_kind, ALL_KINDS,
 };
 
@@ -94,8 +94,13 @@ pub struct Families<'a> {
 }
 
 impl<'a> Families<'a> {
-    /// The next length-prefixed message, checked the way [`crate::delimited::decode`] checks it.
-    fn frame(&mut self) -> Result<FamilyView<'a>, DecodeError> {
+    /// The next length-prefixed message, checked the way [`crate::delimited::decode`] checks it,
+    /// and read into a view by `header`.
+    #[inline(always)]
+    fn frame<T>(
+        &mut self,
+        header: impl FnOnce(&'a [u8]) -> Result<T, Bad>,
+    ) -> Result<T, DecodeError> {
         let (size, prefix) = length_prefix(self.rest)?;
         if size > self.limits.max_message_bytes as u64 {
             return Err(DecodeError::MessageTooLarge {
@@ -113,17 +118,19 @@ impl<'a> Families<'a> {
                 limit: self.limits.max_families,
             });
         }
-        let view = family_header(message)?;
+        let view = header(message)?;
         self.seen += 1;
         self.rest = rest;
         Ok(view)
     }
-}
 
-impl<'a> Iterator for Families<'a> {
-    type Item = Result<FamilyView<'a>, DecodeError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
+    /// The next family read by `header`, the body's size checked first; `None` at the end and
+    /// after an error.
+    #[inline(always)]
+    fn next_with<T>(
+        &mut self,
+        header: impl FnOnce(&'a [u8]) -> Result<T, Bad>,
+    ) -> Option<Result<T, DecodeError>> {
         if self.done {
             return None;
         }
@@ -140,9 +147,66 @@ impl<'a> Iterator for Families<'a> {
             self.done = true;
             return None;
         }
-        let item = self.frame();
+        let item = self.frame(header);
         self.done = item.is_err();
         Some(item)
+    }
+}
+
+impl<'a> Iterator for Families<'a> {
+    type Item = Result<FamilyView<'a>, DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_with(family_header)
+    }
+}
+
+/// Iterates the families of a protobuf-delimited body as [`families`] does, each read only up to
+/// its first series (see [`FamilyHead`]): for a caller that reads every series anyway, which
+/// [`families`] would pass over once more to find the fields after them.
+pub fn family_heads<'a>(body: &'a [u8], limits: &Limits) -> FamilyHeads<'a> {
+    FamilyHeads {
+        families: families(body, limits),
+    }
+}
+
+/// An iterator over the families of a body, read up to their first series (see
+/// [`family_heads`]). After an error it ends.
+pub struct FamilyHeads<'a> {
+    families: Families<'a>,
+}
+
+impl<'a> Iterator for FamilyHeads<'a> {
+    type Item = Result<FamilyHead<'a>, DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.families.next_with(family_head)
+    }
+}
+
+/// A family whose fields were read up to its first series: its name, help and type as every
+/// encoder writes them, before the series. The fields after it are read only by
+/// [`FamilyHead::metrics`], which tells whether one of the family's own fields came among the
+/// series (then the view's name, help or type may not be the family's: read it with
+/// [`families`] instead).
+#[derive(Clone, Copy, Debug)]
+pub struct FamilyHead<'a> {
+    /// The family's fields read before its first series (its whole message included).
+    pub family: FamilyView<'a>,
+    /// The message from its first series on.
+    series: &'a [u8],
+}
+
+impl<'a> FamilyHead<'a> {
+    /// The family's series, in order, as [`FamilyView::metrics`] reads them; once it has
+    /// ended, [`Metrics::read_family_field`] says whether a name, help or type field came among
+    /// them.
+    pub fn metrics(&self) -> Metrics<'a> {
+        Metrics {
+            fields: Fields::new(self.series, FAMILY_DEPTH),
+            done: false,
+            family_field: false,
+        }
     }
 }
 
@@ -178,6 +242,7 @@ impl<'a> FamilyView<'a> {
         Metrics {
             fields: Fields::new(self.message, FAMILY_DEPTH),
             done: false,
+            family_field: false,
         }
     }
 }
@@ -186,12 +251,22 @@ impl<'a> FamilyView<'a> {
 pub struct Metrics<'a> {
     fields: Fields<'a>,
     done: bool,
+    /// Whether a field of the family's own (name, help, type) was passed over.
+    family_field: bool,
+}
+
+impl Metrics<'_> {
+    /// Whether a field of the family's own (its name, help or type, valid or not) was passed
+    /// over among the series read so far.
+    pub fn read_family_field(&self) -> bool {
+        self.family_field
+    }
 }
 
 impl<'a> Iterator for Metrics<'a> {
     type Item = Result<MetricView<'a>, DecodeError>;
 
-    #[inline]
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         if self.done {
             return None;
@@ -209,7 +284,10 @@ impl<'a> Iterator for Metrics<'a> {
                 Ok(Some((METRIC_FIELD, wire))) => {
                     Some(wire.bytes().and_then(|m| parse_metric(m, ALL_KINDS)))
                 }
-                Ok(Some(_)) => continue,
+                Ok(Some((tag, _))) => {
+                    self.family_field |= tag < METRIC_FIELD;
+                    continue;
+                }
                 Err(bad) => Some(Err(bad)),
             };
             self.done = !matches!(item, Some(Ok(_)));

@@ -5,7 +5,7 @@ use crate::model::MetricType;
 
 use super::fields::{utf8, Bad, Fields};
 use super::{
-    FamilyView, HistogramView, MetricView, SummaryView, Value, COUNTER_FIELD, FAMILY_DEPTH,
+    FamilyHead, FamilyView, HistogramView, MetricView, SummaryView, Value, COUNTER_FIELD, FAMILY_DEPTH,
     GAUGE_FIELD, HISTOGRAM_FIELD, ITEM_FIELD, LABEL_FIELD, LABEL_KEY, METRIC_DEPTH, METRIC_FIELD,
     METRIC_KEY, SUMMARY_FIELD, TIMESTAMP_FIELD, UNTYPED_FIELD, VALUE_DEPTH,
 };
@@ -68,6 +68,39 @@ pub(super) fn family_header(message: &[u8]) -> Result<FamilyView<'_>, Bad> {
         }
     }
     Ok(view)
+}
+
+/// Reads a family's fields up to its first series (all of them when it has none): the view
+/// they give, and the message from that series on. The fields after it are not read.
+pub(super) fn family_head(message: &[u8]) -> Result<FamilyHead<'_>, Bad> {
+    let mut family = FamilyView {
+        name: "",
+        help: "",
+        raw_type: None,
+        message,
+    };
+    let mut fields = Fields::new(message, FAMILY_DEPTH);
+    loop {
+        let at = message.len() - fields.remaining();
+        let Some((tag, wire)) = fields.next()? else {
+            return Ok(FamilyHead {
+                family,
+                series: &[],
+            });
+        };
+        match tag {
+            1 => family.name = wire.str()?,
+            2 => family.help = wire.str()?,
+            3 => family.raw_type = Some(wire.varint()? as i32),
+            METRIC_FIELD => {
+                return Ok(FamilyHead {
+                    family,
+                    series: message.get(at..).unwrap_or_default(),
+                })
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Reads a metric's own fields; value fields whose kind is not in `kinds` are passed over.

@@ -1017,3 +1017,95 @@ fn a_series_reads_as_prost_decodes_it_in_any_field_order() {
     let cut = [&a[..], &gauge[..gauge.len() - 1]].concat();
     assert!(super::parse::parse_metric(&cut, super::parse::ALL_KINDS).is_err());
 }
+
+/// What [`family_heads`] and a full read of each family's series accept, [`families`] accepts
+/// too, with the same name, help, type and series; and a family field among the series (which
+/// [`families`] reads, and which may change the family) is always reported.
+fn assert_heads_agree(body: &[u8], limits: &Limits) {
+    let mut whole = families(body, limits);
+    for head in family_heads(body, limits) {
+        let view = whole.next();
+        let Ok(head) = head else {
+            return;
+        };
+        let mut metrics = head.metrics();
+        let series: Vec<_> = metrics.by_ref().collect();
+        if series.iter().any(Result::is_err) || metrics.read_family_field() {
+            return;
+        }
+        let view = view.expect("a family").expect("a valid family");
+        assert_eq!(
+            (head.family.name, head.family.help, head.family.raw_type),
+            (view.name, view.help, view.raw_type)
+        );
+        assert_eq!(head.family.message, view.message);
+        let again: Vec<_> = view.metrics().collect::<Result<_, _>>().expect("series");
+        assert_eq!(series.len(), again.len());
+        for (a, b) in series.iter().flatten().zip(&again) {
+            assert_eq!((a.message, a.timestamp_ms), (b.message, b.timestamp_ms));
+        }
+    }
+    assert!(whole.next().is_none(), "families reads more families");
+}
+
+#[test]
+fn family_heads_read_as_families_unless_a_family_field_comes_among_the_series() {
+    for seed in 0..40 {
+        let body = delimited::encode(&generated(seed));
+        assert_heads_agree(&body, &unlimited());
+        // Encoders write a family's own fields first: none is found among the series.
+        for head in family_heads(&body, &unlimited()) {
+            let mut metrics = head.expect("head").metrics();
+            assert!(metrics.by_ref().all(|m| m.is_ok()));
+            assert!(!metrics.read_family_field(), "{seed}");
+        }
+    }
+    for fixture in [METRICS_PB, FEDERATE_PB] {
+        assert_heads_agree(fixture, &unlimited());
+    }
+    // Each family field after a series, valid or not, is reported; unknown fields are not.
+    let series = ld(
+        4,
+        &[label("a", "b"), ld(2, &double(1, 1.0)), varint_field(6, 5)].concat(),
+    );
+    let late = |after: Vec<u8>| {
+        let body = framed(&[[ld(1, b"up"), varint_field(3, 1), series.clone(), after].concat()]);
+        let head = family_heads(&body, &unlimited())
+            .next()
+            .expect("a family")
+            .expect("a head");
+        assert_eq!((head.family.name, head.family.raw_type), ("up", Some(1)));
+        let mut metrics = head.metrics();
+        assert_eq!(metrics.by_ref().filter(Result::is_ok).count(), 1);
+        assert_heads_agree(&body, &unlimited());
+        metrics.read_family_field()
+    };
+    assert!(late(ld(1, b"down")));
+    assert!(late(ld(2, b"help")));
+    assert!(late(varint_field(3, 2)));
+    assert!(late(varint_field(1, 7)));
+    assert!(late(ld(2, b"\xff")));
+    assert!(!late(Vec::new()));
+    assert!(!late(unknown_fields()));
+    // Mutated bodies: whatever the heads and their series accept, `families` accepts alike.
+    let mut r = Rng(0x2545_f491_4f6c_dd1d);
+    let bases = [
+        delimited::encode(&generated(5)),
+        framed(&[[ld(1, b"up"), series.clone(), ld(2, b"h"), series.clone()].concat()]),
+    ];
+    for i in 0..4000 {
+        let mut body = bases[i % bases.len()].clone();
+        for _ in 0..=r.below(4) {
+            let at = r.below(body.len() as u64) as usize;
+            match r.below(3) {
+                0 => body[at] = r.next() as u8,
+                1 => body.truncate(at),
+                _ => body.insert(at, r.next() as u8),
+            }
+            if body.is_empty() {
+                break;
+            }
+        }
+        assert_heads_agree(&body, &unlimited());
+    }
+}
