@@ -39,7 +39,7 @@ use check::{check_family_message, Items};
 use fields::{length_prefix, Bad, Fields};
 use parse::{
     family_head, family_header, kind_of, parse_label, parse_label_bytes, parse_label_unchecked_name,
-    parse_metric, parse_metric_inline, value_kind, ALL_KINDS,
+    parse_metric, parse_metric_after_labels, parse_metric_inline, value_kind, ALL_KINDS,
 };
 
 pub use write::write_family_without_timestamps;
@@ -255,11 +255,79 @@ pub struct Metrics<'a> {
     family_field: bool,
 }
 
-impl Metrics<'_> {
+impl<'a> Metrics<'a> {
     /// Whether a field of the family's own (its name, help or type, valid or not) was passed
     /// over among the series read so far.
     pub fn read_family_field(&self) -> bool {
         self.family_field
+    }
+
+    /// The next series as [`Iterator::next`] reads it, for a caller that reads its labels
+    /// first: the run of labels it starts with is then walked once, not passed over to find the
+    /// value and read again (see [`Series`]).
+    #[inline(always)]
+    pub fn next_series(&mut self) -> Option<Result<Series<'a>, DecodeError>> {
+        if self.done {
+            return None;
+        }
+        // As in `Iterator::next`.
+        if let Some(message) = self.fields.next_bytes(METRIC_KEY) {
+            return Some(Ok(Series::new(message)));
+        }
+        loop {
+            let item = match self.fields.next() {
+                Ok(None) => None,
+                Ok(Some((METRIC_FIELD, wire))) => Some(wire.bytes().map(Series::new)),
+                Ok(Some((tag, _))) => {
+                    self.family_field |= tag < METRIC_FIELD;
+                    continue;
+                }
+                Err(bad) => Some(Err(bad)),
+            };
+            self.done = !matches!(item, Some(Ok(_)));
+            return item.map(|r| r.map_err(DecodeError::from));
+        }
+    }
+}
+
+/// A series whose labels are read first: [`Series::next_label`] gives the labels of the run it
+/// starts with (written the usual way), then [`Series::finish`] reads the rest into its view.
+pub struct Series<'a> {
+    message: &'a [u8],
+    fields: Fields<'a>,
+    /// Whether `finish` passed over labels of the run that `next_label` did not give.
+    skipped: bool,
+}
+
+impl<'a> Series<'a> {
+    fn new(message: &'a [u8]) -> Series<'a> {
+        Series {
+            message,
+            fields: Fields::new(message, METRIC_DEPTH),
+            skipped: false,
+        }
+    }
+
+    /// The next label of the run the series starts with, still encoded (read it with
+    /// [`label_unchecked_name`]); `None` where the run ends (at the first field that is not a
+    /// label written the usual way, which [`Series::finish`] reads).
+    #[inline(always)]
+    pub fn next_label(&mut self) -> Option<&'a [u8]> {
+        self.fields.next_short(LABEL_KEY)
+    }
+
+    /// The series read whole, as [`Iterator::next`] of [`Metrics`] reads it, and whether its
+    /// labels are exactly those [`Series::next_label`] gave (none left in the run, none after
+    /// it): when not, read them from the view.
+    #[inline(always)]
+    pub fn finish(mut self) -> Result<(MetricView<'a>, bool), DecodeError> {
+        while self.fields.next_short(LABEL_KEY).is_some() {
+            self.skipped = true;
+        }
+        let run = self.message.len() - self.fields.remaining();
+        let view = parse_metric_after_labels(self.message, self.fields, ALL_KINDS)?;
+        let given = !self.skipped && view.labels.len() == run;
+        Ok((view, given))
     }
 }
 
@@ -517,8 +585,17 @@ pub struct Quantiles<'a> {
 impl Iterator for Quantiles<'_> {
     type Item = Result<(f64, f64), DecodeError>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         self.items.next(|item| {
+            // As every encoder writes a quantile: both doubles, in order.
+            if let [0x09, ref quantile @ .., 0x11, _, _, _, _, _, _, _, _] = *item {
+                if let (Ok(quantile), Some(value)) =
+                    (<[u8; 8]>::try_from(quantile), item.last_chunk::<8>())
+                {
+                    return Ok((f64::from_le_bytes(quantile), f64::from_le_bytes(*value)));
+                }
+            }
             let mut fields = Fields::new(item, ITEM_DEPTH);
             let (mut quantile, mut value) = (0.0, 0.0);
             while let Some((tag, wire)) = fields.next()? {
@@ -563,8 +640,17 @@ pub struct Buckets<'a> {
 impl Iterator for Buckets<'_> {
     type Item = Result<(f64, u64), DecodeError>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         self.items.next(|item| {
+            // As every encoder writes a bucket: the count's varint, then the bound's double.
+            if let [0x08, ref rest @ ..] = *item {
+                if let Some((count, [0x11, bound @ ..])) = short_varint(rest) {
+                    if let Ok(bound) = <[u8; 8]>::try_from(bound) {
+                        return Ok((f64::from_le_bytes(bound), count));
+                    }
+                }
+            }
             let mut fields = Fields::new(item, ITEM_DEPTH);
             let (mut upper_bound, mut cumulative_count) = (0.0, 0);
             while let Some((tag, wire)) = fields.next()? {

@@ -134,8 +134,34 @@ impl Rules {
         let mut previous_ts = i64::MIN;
         let mut series = 0usize;
         let mut metrics = head.metrics();
-        for metric in metrics.by_ref() {
-            let metric = metric.ok()?;
+        while let Some(next) = metrics.next_series() {
+            let mut next = next.ok()?;
+            // The labels first, as the series is read: the run of them it starts with is walked
+            // once, by this check, not passed over to find the value and walked again.
+            let run = check_wire_labels(
+                std::iter::from_fn(|| next.next_label().map(Ok)),
+                &type_label,
+                token,
+                seen,
+            )?;
+            let (metric, all_given) = next.finish().ok()?;
+            // Labels elsewhere too (none is, as every encoder writes a series): all of them.
+            let labels = if all_given {
+                run
+            } else {
+                check_wire_labels(metric.label_messages(), &type_label, token, seen)?
+            };
+            // Sorted labels rule out duplicates at once. Clients that stamp `_id` append it, so
+            // unsorted is common too: names whose keys all differ differ. Only names sharing
+            // their first eight bytes (or more names than kept) need the labels read again and
+            // compared whole.
+            if labels.may_repeat && repeats_a_name(&metric)? {
+                return None;
+            }
+            // Every token label present (no duplicates, so each was counted once).
+            if labels.token != token.labels().len() {
+                return None;
+            }
             series += 1;
             count_wire_samples(&metric, kind, total)?;
             let ts = metric.timestamp_ms?;
@@ -143,8 +169,7 @@ impl Rules {
                 return None;
             }
             previous_ts = ts;
-            let labels = check_wire_labels(&metric, &type_label, token, seen)?;
-            total.labels = total.labels.saturating_add(labels);
+            total.labels = total.labels.saturating_add(labels.count);
         }
         // A name, help or type after a series (no encoder writes one there) may be the one
         // that counts: doubtful, so left to the owned path.
@@ -366,22 +391,23 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     }
 }
 
-/// [`labels::check_series_labels`], [`check_servable`] and the token labels on the wire: `Some`
-/// when every label is valid and servable in a family whose type sets `type_label` itself, and
-/// every token label is already there with its value. An empty value is sent to the owned path,
-/// which alone can tell an absent value (refused) from an empty one. `seen` holds the labels of
-/// the upload's previous series, and takes this one's.
+/// [`labels::check_series_labels`], [`check_servable`] and the token labels on the wire, over a
+/// series' encoded label `messages`: `Some` when every label is valid and servable in a family
+/// whose type sets `type_label` itself, with what the caller still has to check (repeated names,
+/// every token label there). A token label is counted only with the token's value. An empty
+/// value is sent to the owned path, which alone can tell an absent value (refused) from an empty
+/// one. `seen` holds the labels of the upload's previous series, and takes this one's.
 ///
 /// [`check_servable`]: super::check_servable
 // Inlined into the family's loop, once per series: called, it spilled and reloaded its state
 // around every series.
 #[inline(always)]
 fn check_wire_labels<'a>(
-    metric: &MetricView<'a>,
+    messages: impl Iterator<Item = Result<&'a [u8], delimited::DecodeError>>,
     type_label: &Name<'_>,
     token: &TokenNames<'_>,
     seen: &mut SeenLabels<'a>,
-) -> Option<usize> {
+) -> Option<LabelsRead> {
     // The keys of the first names, for the duplicate check of unsorted labels: only keys, so
     // that setting them up per series costs two vector stores, not a copy of every name.
     let mut keys = [0u64; KEPT_NAMES];
@@ -389,7 +415,7 @@ fn check_wire_labels<'a>(
     let mut sorted = true;
     let mut previous = Name::NONE;
     let mut found = 0usize;
-    for message in metric.label_messages() {
+    for message in messages {
         let message = message.ok()?;
         let slot = seen.labels.get_mut(count);
         let before = slot.as_deref().copied().flatten();
@@ -421,23 +447,38 @@ fn check_wire_labels<'a>(
         }
         found += usize::from(label.token);
     }
-    // Sorted labels rule out duplicates at once. Clients that stamp `_id` append it, so unsorted
-    // is common too: names whose keys all differ differ. Only names sharing their first eight
-    // bytes (or more names than kept) need the labels read again and compared whole.
-    if !sorted && (count > KEPT_NAMES || repeats(keys.get(..count).unwrap_or_default())) {
-        for (i, label) in metric.labels().enumerate() {
-            let (name, _) = label.ok()?;
-            if metric
-                .labels()
-                .skip(i + 1)
-                .any(|l| l.is_ok_and(|(n, _)| n == name))
-            {
-                return None;
-            }
+    Some(LabelsRead {
+        count,
+        token: found,
+        may_repeat: !sorted
+            && (count > KEPT_NAMES || repeats(keys.get(..count).unwrap_or_default())),
+    })
+}
+
+/// What [`check_wire_labels`] found of a series' labels, each valid on its own.
+#[derive(Clone, Copy)]
+struct LabelsRead {
+    /// Labels.
+    count: usize,
+    /// The token's labels among them, each with the token's value.
+    token: usize,
+    /// Whether two names may be the same: they have to be compared whole.
+    may_repeat: bool,
+}
+
+/// Whether two labels of `metric` have the same name (`None` when a label cannot be read).
+fn repeats_a_name(metric: &MetricView<'_>) -> Option<bool> {
+    for (i, label) in metric.labels().enumerate() {
+        let (name, _) = label.ok()?;
+        if metric
+            .labels()
+            .skip(i + 1)
+            .any(|l| l.is_ok_and(|(n, _)| n == name))
+        {
+            return Some(true);
         }
     }
-    // Every token label present (no duplicates, so each was counted once).
-    (found == token.labels().len()).then_some(count)
+    Some(false)
 }
 
 /// The checks of one label on its own: a valid name, not reserved nor the type's own label, a
