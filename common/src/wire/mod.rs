@@ -38,8 +38,9 @@ mod write;
 use check::{check_family_message, Items};
 use fields::{length_prefix, Bad, Fields};
 use parse::{
-    family_head, family_header, kind_of, parse_label, parse_label_bytes, parse_label_unchecked_name,
-    parse_metric, parse_metric_after_labels, parse_metric_inline, value_kind, ALL_KINDS,
+    family_head, family_header, kind_of, parse_label, parse_label_bytes,
+    parse_label_unchecked_name, parse_metric, parse_metric_after_labels, parse_metric_inline,
+    value_kind, ALL_KINDS,
 };
 
 pub use write::write_family_without_timestamps;

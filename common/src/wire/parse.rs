@@ -5,9 +5,9 @@ use crate::model::MetricType;
 
 use super::fields::{utf8, Bad, Fields};
 use super::{
-    FamilyHead, FamilyView, HistogramView, MetricView, SummaryView, Value, COUNTER_FIELD, FAMILY_DEPTH,
-    GAUGE_FIELD, HISTOGRAM_FIELD, ITEM_FIELD, LABEL_FIELD, LABEL_KEY, METRIC_DEPTH, METRIC_FIELD,
-    METRIC_KEY, SUMMARY_FIELD, TIMESTAMP_FIELD, UNTYPED_FIELD, VALUE_DEPTH,
+    FamilyHead, FamilyView, HistogramView, MetricView, SummaryView, Value, COUNTER_FIELD,
+    FAMILY_DEPTH, GAUGE_FIELD, HISTOGRAM_FIELD, ITEM_FIELD, LABEL_FIELD, LABEL_KEY, METRIC_DEPTH,
+    METRIC_FIELD, METRIC_KEY, SUMMARY_FIELD, TIMESTAMP_FIELD, UNTYPED_FIELD, VALUE_DEPTH,
 };
 
 // One bit per value field of a metric.

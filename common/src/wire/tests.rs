@@ -1116,10 +1116,12 @@ fn family_heads_read_as_families_unless_a_family_field_comes_among_the_series() 
 #[test]
 fn series_read_labels_first_read_as_the_series_iterator_reads_them() {
     let check = |body: &[u8]| {
-        for (family, stop) in families(body, &unlimited()).flatten().zip([usize::MAX, 1].iter().cycle()) {
-            let mut metrics = family.metrics();
+        for (family, stop) in families(body, &unlimited())
+            .flatten()
+            .zip([usize::MAX, 1].iter().cycle())
+        {
             let mut series = family.metrics();
-            while let Some(view) = metrics.next() {
+            for view in family.metrics() {
                 let next = series.next_series().expect("as many series");
                 let (Ok(view), Ok(mut next)) = (view, next) else {
                     continue;
@@ -1128,10 +1130,16 @@ fn series_read_labels_first_read_as_the_series_iterator_reads_them() {
                     .take(*stop)
                     .collect();
                 let (read, all_given) = next.finish().expect("the same series");
-                assert_eq!((read.message, read.timestamp_ms), (view.message, view.timestamp_ms));
+                assert_eq!(
+                    (read.message, read.timestamp_ms),
+                    (view.message, view.timestamp_ms)
+                );
                 assert_eq!(read.labels, view.labels);
                 assert_eq!(format!("{:?}", read.value), format!("{:?}", view.value));
-                let all: Vec<&[u8]> = view.label_messages().collect::<Result<_, _>>().expect("labels");
+                let all: Vec<&[u8]> = view
+                    .label_messages()
+                    .collect::<Result<_, _>>()
+                    .expect("labels");
                 assert_eq!(all_given, given == all, "{given:?} {all:?}");
             }
             assert!(series.next_series().is_none());
@@ -1147,11 +1155,24 @@ fn series_read_labels_first_read_as_the_series_iterator_reads_them() {
     for series in [
         [label("a", "b"), value.clone(), label("c", "d")].concat(),
         [label("a", "b"), label("c", &long), value.clone()].concat(),
-        [label("a", "b"), ld(1, &[ld(2, b"d"), ld(1, b"c")].concat()), value.clone()].concat(),
-        [label("a", "b"), label("c", "d"), value.clone(), varint_field(6, 9)].concat(),
+        [
+            label("a", "b"),
+            ld(1, &[ld(2, b"d"), ld(1, b"c")].concat()),
+            value.clone(),
+        ]
+        .concat(),
+        [
+            label("a", "b"),
+            label("c", "d"),
+            value.clone(),
+            varint_field(6, 9),
+        ]
+        .concat(),
         [value.clone()].concat(),
     ] {
-        check(&framed(&[[ld(1, b"up"), ld(4, &series), ld(4, &series)].concat()]));
+        check(&framed(&[
+            [ld(1, b"up"), ld(4, &series), ld(4, &series)].concat()
+        ]));
     }
 }
 
@@ -1194,7 +1215,13 @@ fn buckets_and_quantiles_read_as_prost_reads_them_in_any_layout() {
     };
     for (field, first) in [(7u32, 1u8), (4, 2)] {
         for item in layouts(first) {
-            let value = [varint_field(1, 5), double(2, 1.5), ld(3, &item), ld(3, &item)].concat();
+            let value = [
+                varint_field(1, 5),
+                double(2, 1.5),
+                ld(3, &item),
+                ld(3, &item),
+            ]
+            .concat();
             let metric = [label("a", "b"), ld(field, &value), varint_field(6, 9)].concat();
             let kind = if field == 7 { 4 } else { 2 };
             let body = framed(&[[ld(1, b"h"), varint_field(3, kind), ld(4, &metric)].concat()]);

@@ -877,7 +877,10 @@ fn a_name_checked_at_the_same_position_before_still_has_its_value_and_type_check
             ],
         )
     };
-    for check in [&one_family as &dyn Fn(&[(&str, &str)]) -> WireCheck, &two_families] {
+    for check in [
+        &one_family as &dyn Fn(&[(&str, &str)]) -> WireCheck,
+        &two_families,
+    ] {
         assert!(matches!(check(&at("b")), WireCheck::Unchanged { .. }));
         assert!(matches!(check(&at("ab")), WireCheck::Unchanged { .. }));
         let longest = "v".repeat(labels::MAX_VALUE_BYTES);
@@ -922,7 +925,7 @@ fn a_family_field_after_a_series_is_left_to_the_owned_path() {
     let r = rules();
     let limits = delimited::Limits::default();
     let family = gauge("up", &[(&[("_id", "a")], NOW_MS)]);
-    let body = delimited::encode(&[family.clone()]);
+    let body = delimited::encode(std::slice::from_ref(&family));
     assert!(matches!(
         r.check_wire(&body, &limits, &token(), now()),
         WireCheck::Unchanged { series: 1, .. }

@@ -510,8 +510,7 @@ fn check_wire_label<'a>(
             });
         }
     }
-    if name_bytes.len() > labels::MAX_NAME_BYTES || !labels::is_valid_label_name_bytes(name_bytes)
-    {
+    if name_bytes.len() > labels::MAX_NAME_BYTES || !labels::is_valid_label_name_bytes(name_bytes) {
         return None;
     }
     let name = Name::new(name_bytes);
