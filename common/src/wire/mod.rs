@@ -22,6 +22,11 @@
 //! buckets) are checked as they are read. [`count_series`] (or [`check_family`]) checks all of it,
 //! as [`crate::delimited::decode`] does.
 //!
+//! A reader that reads every series anyway (the upload's check) walks each family once:
+//! [`family_heads`] reads a family only up to its first series, and [`Metrics::next_series`] gives
+//! each series with its labels to read before its value, so the run of labels it starts with is
+//! not passed over first.
+//!
 //! Where each part lives: this file holds the views and the schema's field numbers; `fields` the
 //! one field reader everything walks messages with; `parse` each message read into its view;
 //! `check` a whole family checked; `count` what decoding would allocate, counted first; `write` the one protobuf writer (timestamps dropped).
