@@ -10,6 +10,9 @@ use super::{
     METRIC_DEPTH, METRIC_FIELD, SUMMARY_FIELD, TIMESTAMP_FIELD, UNTYPED_FIELD, VALUE_DEPTH,
 };
 
+/// The one-byte key of a summary's quantile or a histogram's bucket field (3, length-delimited).
+const ITEM_KEY: u8 = ((ITEM_FIELD as u8) << 3) | 2;
+
 /// Checks a whole family message, series and all, and counts its series.
 pub(super) fn check_family_message(message: &[u8]) -> Result<usize, Bad> {
     family_header(message)?;
@@ -108,7 +111,13 @@ impl<'a> Items<'a> {
         }
     }
 
+    #[inline(always)]
     fn next_item(&mut self) -> Result<Option<&'a [u8]>, Bad> {
+        // An item written the usual way (every bucket and quantile is a few dozen bytes),
+        // without the general field reader.
+        if let Some(item) = self.inner.next_short(ITEM_KEY) {
+            return Ok(Some(item));
+        }
         loop {
             while let Some((tag, wire)) = self.inner.next()? {
                 if tag == ITEM_FIELD {

@@ -22,6 +22,11 @@
 //! buckets) are checked as they are read. [`count_series`] (or [`check_family`]) checks all of it,
 //! as [`crate::delimited::decode`] does.
 //!
+//! A reader that reads every series anyway (the upload's check) walks each family once:
+//! [`family_heads`] reads a family only up to its first series, and [`Metrics::next_series`] gives
+//! each series with its labels to read before its value, so the run of labels it starts with is
+//! not passed over first.
+//!
 //! Where each part lives: this file holds the views and the schema's field numbers; `fields` the
 //! one field reader everything walks messages with; `parse` each message read into its view;
 //! `check` a whole family checked; `count` what decoding would allocate, counted first; `write` the one protobuf writer (timestamps dropped).
@@ -36,10 +41,11 @@ mod parse;
 mod write;
 
 use check::{check_family_message, Items};
-use fields::{length_prefix, Fields};
+use fields::{length_prefix, Bad, Fields};
 use parse::{
-    family_header, kind_of, parse_label, parse_label_bytes, parse_label_unchecked_name,
-    parse_metric, parse_metric_inline, value_kind, ALL_KINDS,
+    family_head, family_header, kind_of, parse_label, parse_label_bytes,
+    parse_label_unchecked_name, parse_metric, parse_metric_after_labels, parse_metric_inline,
+    value_kind, ALL_KINDS,
 };
 
 pub use write::write_family_without_timestamps;
@@ -94,8 +100,13 @@ pub struct Families<'a> {
 }
 
 impl<'a> Families<'a> {
-    /// The next length-prefixed message, checked the way [`crate::delimited::decode`] checks it.
-    fn frame(&mut self) -> Result<FamilyView<'a>, DecodeError> {
+    /// The next length-prefixed message, checked the way [`crate::delimited::decode`] checks it,
+    /// and read into a view by `header`.
+    #[inline(always)]
+    fn frame<T>(
+        &mut self,
+        header: impl FnOnce(&'a [u8]) -> Result<T, Bad>,
+    ) -> Result<T, DecodeError> {
         let (size, prefix) = length_prefix(self.rest)?;
         if size > self.limits.max_message_bytes as u64 {
             return Err(DecodeError::MessageTooLarge {
@@ -113,17 +124,19 @@ impl<'a> Families<'a> {
                 limit: self.limits.max_families,
             });
         }
-        let view = family_header(message)?;
+        let view = header(message)?;
         self.seen += 1;
         self.rest = rest;
         Ok(view)
     }
-}
 
-impl<'a> Iterator for Families<'a> {
-    type Item = Result<FamilyView<'a>, DecodeError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
+    /// The next family read by `header`, the body's size checked first; `None` at the end and
+    /// after an error.
+    #[inline(always)]
+    fn next_with<T>(
+        &mut self,
+        header: impl FnOnce(&'a [u8]) -> Result<T, Bad>,
+    ) -> Option<Result<T, DecodeError>> {
         if self.done {
             return None;
         }
@@ -140,9 +153,66 @@ impl<'a> Iterator for Families<'a> {
             self.done = true;
             return None;
         }
-        let item = self.frame();
+        let item = self.frame(header);
         self.done = item.is_err();
         Some(item)
+    }
+}
+
+impl<'a> Iterator for Families<'a> {
+    type Item = Result<FamilyView<'a>, DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_with(family_header)
+    }
+}
+
+/// Iterates the families of a protobuf-delimited body as [`families`] does, each read only up to
+/// its first series (see [`FamilyHead`]): for a caller that reads every series anyway, which
+/// [`families`] would pass over once more to find the fields after them.
+pub fn family_heads<'a>(body: &'a [u8], limits: &Limits) -> FamilyHeads<'a> {
+    FamilyHeads {
+        families: families(body, limits),
+    }
+}
+
+/// An iterator over the families of a body, read up to their first series (see
+/// [`family_heads`]). After an error it ends.
+pub struct FamilyHeads<'a> {
+    families: Families<'a>,
+}
+
+impl<'a> Iterator for FamilyHeads<'a> {
+    type Item = Result<FamilyHead<'a>, DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.families.next_with(family_head)
+    }
+}
+
+/// A family whose fields were read up to its first series: its name, help and type as every
+/// encoder writes them, before the series. The fields after it are read only by
+/// [`FamilyHead::metrics`], which tells whether one of the family's own fields came among the
+/// series (then the view's name, help or type may not be the family's: read it with
+/// [`families`] instead).
+#[derive(Clone, Copy, Debug)]
+pub struct FamilyHead<'a> {
+    /// The family's fields read before its first series (its whole message included).
+    pub family: FamilyView<'a>,
+    /// The message from its first series on.
+    series: &'a [u8],
+}
+
+impl<'a> FamilyHead<'a> {
+    /// The family's series, in order, as [`FamilyView::metrics`] reads them; once it has
+    /// ended, [`Metrics::read_family_field`] says whether a name, help or type field came among
+    /// them.
+    pub fn metrics(&self) -> Metrics<'a> {
+        Metrics {
+            fields: Fields::new(self.series, FAMILY_DEPTH),
+            done: false,
+            family_field: false,
+        }
     }
 }
 
@@ -178,6 +248,7 @@ impl<'a> FamilyView<'a> {
         Metrics {
             fields: Fields::new(self.message, FAMILY_DEPTH),
             done: false,
+            family_field: false,
         }
     }
 }
@@ -186,12 +257,90 @@ impl<'a> FamilyView<'a> {
 pub struct Metrics<'a> {
     fields: Fields<'a>,
     done: bool,
+    /// Whether a field of the family's own (name, help, type) was passed over.
+    family_field: bool,
+}
+
+impl<'a> Metrics<'a> {
+    /// Whether a field of the family's own (its name, help or type, valid or not) was passed
+    /// over among the series read so far.
+    pub fn read_family_field(&self) -> bool {
+        self.family_field
+    }
+
+    /// The next series as [`Iterator::next`] reads it, for a caller that reads its labels
+    /// first: the run of labels it starts with is then walked once, not passed over to find the
+    /// value and read again (see [`Series`]).
+    #[inline(always)]
+    pub fn next_series(&mut self) -> Option<Result<Series<'a>, DecodeError>> {
+        if self.done {
+            return None;
+        }
+        // As in `Iterator::next`.
+        if let Some(message) = self.fields.next_bytes(METRIC_KEY) {
+            return Some(Ok(Series::new(message)));
+        }
+        loop {
+            let item = match self.fields.next() {
+                Ok(None) => None,
+                Ok(Some((METRIC_FIELD, wire))) => Some(wire.bytes().map(Series::new)),
+                Ok(Some((tag, _))) => {
+                    self.family_field |= tag < METRIC_FIELD;
+                    continue;
+                }
+                Err(bad) => Some(Err(bad)),
+            };
+            self.done = !matches!(item, Some(Ok(_)));
+            return item.map(|r| r.map_err(DecodeError::from));
+        }
+    }
+}
+
+/// A series whose labels are read first: [`Series::next_label`] gives the labels of the run it
+/// starts with (written the usual way), then [`Series::finish`] reads the rest into its view.
+pub struct Series<'a> {
+    message: &'a [u8],
+    fields: Fields<'a>,
+    /// Whether `finish` passed over labels of the run that `next_label` did not give.
+    skipped: bool,
+}
+
+impl<'a> Series<'a> {
+    fn new(message: &'a [u8]) -> Series<'a> {
+        Series {
+            message,
+            fields: Fields::new(message, METRIC_DEPTH),
+            skipped: false,
+        }
+    }
+
+    /// The next label of the run the series starts with, still encoded (read it with
+    /// [`label_unchecked_name`]); `None` where the run ends (at the first field that is not a
+    /// label written the usual way, which [`Series::finish`] reads).
+    #[inline(always)]
+    pub fn next_label(&mut self) -> Option<&'a [u8]> {
+        self.fields.next_short(LABEL_KEY)
+    }
+
+    /// The series read whole, as [`Iterator::next`] of [`Metrics`] reads it, and whether its
+    /// labels are exactly those [`Series::next_label`] gave (none left in the run, none after
+    /// it): when not, read them from the view.
+    #[inline(always)]
+    pub fn finish(mut self) -> Result<(MetricView<'a>, bool), DecodeError> {
+        while self.fields.next_short(LABEL_KEY).is_some() {
+            self.skipped = true;
+        }
+        let run = self.message.len() - self.fields.remaining();
+        let view = parse_metric_after_labels(self.message, self.fields, ALL_KINDS)?;
+        let given = !self.skipped && view.labels.len() == run;
+        Ok((view, given))
+    }
 }
 
 impl<'a> Iterator for Metrics<'a> {
     type Item = Result<MetricView<'a>, DecodeError>;
 
-    #[inline]
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         if self.done {
             return None;
@@ -209,7 +358,10 @@ impl<'a> Iterator for Metrics<'a> {
                 Ok(Some((METRIC_FIELD, wire))) => {
                     Some(wire.bytes().and_then(|m| parse_metric(m, ALL_KINDS)))
                 }
-                Ok(Some(_)) => continue,
+                Ok(Some((tag, _))) => {
+                    self.family_field |= tag < METRIC_FIELD;
+                    continue;
+                }
                 Err(bad) => Some(Err(bad)),
             };
             self.done = !matches!(item, Some(Ok(_)));
@@ -439,8 +591,17 @@ pub struct Quantiles<'a> {
 impl Iterator for Quantiles<'_> {
     type Item = Result<(f64, f64), DecodeError>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         self.items.next(|item| {
+            // As every encoder writes a quantile: both doubles, in order.
+            if let [0x09, ref quantile @ .., 0x11, _, _, _, _, _, _, _, _] = *item {
+                if let (Ok(quantile), Some(value)) =
+                    (<[u8; 8]>::try_from(quantile), item.last_chunk::<8>())
+                {
+                    return Ok((f64::from_le_bytes(quantile), f64::from_le_bytes(*value)));
+                }
+            }
             let mut fields = Fields::new(item, ITEM_DEPTH);
             let (mut quantile, mut value) = (0.0, 0.0);
             while let Some((tag, wire)) = fields.next()? {
@@ -485,8 +646,17 @@ pub struct Buckets<'a> {
 impl Iterator for Buckets<'_> {
     type Item = Result<(f64, u64), DecodeError>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         self.items.next(|item| {
+            // As every encoder writes a bucket: the count's varint, then the bound's double.
+            if let [0x08, ref rest @ ..] = *item {
+                if let Some((count, [0x11, bound @ ..])) = short_varint(rest) {
+                    if let Ok(bound) = <[u8; 8]>::try_from(bound) {
+                        return Ok((f64::from_le_bytes(bound), count));
+                    }
+                }
+            }
             let mut fields = Fields::new(item, ITEM_DEPTH);
             let (mut upper_bound, mut cumulative_count) = (0.0, 0);
             while let Some((tag, wire)) = fields.next()? {

@@ -5,9 +5,9 @@ use crate::model::MetricType;
 
 use super::fields::{utf8, Bad, Fields};
 use super::{
-    FamilyView, HistogramView, MetricView, SummaryView, Value, COUNTER_FIELD, FAMILY_DEPTH,
-    GAUGE_FIELD, HISTOGRAM_FIELD, ITEM_FIELD, LABEL_FIELD, LABEL_KEY, METRIC_DEPTH, METRIC_FIELD,
-    METRIC_KEY, SUMMARY_FIELD, TIMESTAMP_FIELD, UNTYPED_FIELD, VALUE_DEPTH,
+    FamilyHead, FamilyView, HistogramView, MetricView, SummaryView, Value, COUNTER_FIELD,
+    FAMILY_DEPTH, GAUGE_FIELD, HISTOGRAM_FIELD, ITEM_FIELD, LABEL_FIELD, LABEL_KEY, METRIC_DEPTH,
+    METRIC_FIELD, METRIC_KEY, SUMMARY_FIELD, TIMESTAMP_FIELD, UNTYPED_FIELD, VALUE_DEPTH,
 };
 
 // One bit per value field of a metric.
@@ -70,6 +70,39 @@ pub(super) fn family_header(message: &[u8]) -> Result<FamilyView<'_>, Bad> {
     Ok(view)
 }
 
+/// Reads a family's fields up to its first series (all of them when it has none): the view
+/// they give, and the message from that series on. The fields after it are not read.
+pub(super) fn family_head(message: &[u8]) -> Result<FamilyHead<'_>, Bad> {
+    let mut family = FamilyView {
+        name: "",
+        help: "",
+        raw_type: None,
+        message,
+    };
+    let mut fields = Fields::new(message, FAMILY_DEPTH);
+    loop {
+        let at = message.len() - fields.remaining();
+        let Some((tag, wire)) = fields.next()? else {
+            return Ok(FamilyHead {
+                family,
+                series: &[],
+            });
+        };
+        match tag {
+            1 => family.name = wire.str()?,
+            2 => family.help = wire.str()?,
+            3 => family.raw_type = Some(wire.varint()? as i32),
+            METRIC_FIELD => {
+                return Ok(FamilyHead {
+                    family,
+                    series: message.get(at..).unwrap_or_default(),
+                })
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Reads a metric's own fields; value fields whose kind is not in `kinds` are passed over.
 pub(super) fn parse_metric(message: &[u8], kinds: u8) -> Result<MetricView<'_>, Bad> {
     parse_metric_inline(message, kinds)
@@ -79,16 +112,27 @@ pub(super) fn parse_metric(message: &[u8], kinds: u8) -> Result<MetricView<'_>, 
 /// copied out twice per series on the way to the upload's check, a tenth of the check (`perf`).
 #[inline(always)]
 pub(super) fn parse_metric_inline(message: &[u8], kinds: u8) -> Result<MetricView<'_>, Bad> {
+    let mut fields = Fields::new(message, METRIC_DEPTH);
+    // The labels, written first, passed over without the general field reader (they are read
+    // when asked for).
+    while fields.next_short(LABEL_KEY).is_some() {}
+    parse_metric_after_labels(message, fields, kinds)
+}
+
+/// [`parse_metric_inline`] from the end of the run of labels the series starts with, which
+/// `fields` has passed over already.
+#[inline(always)]
+pub(super) fn parse_metric_after_labels<'a>(
+    message: &'a [u8],
+    mut fields: Fields<'a>,
+    kinds: u8,
+) -> Result<MetricView<'a>, Bad> {
     let mut timestamp_ms = None;
     let mut seen = 0u8;
     let mut last = 0u8;
     let mut simple = 0.0;
     let mut summary = Distribution::default();
     let mut histogram = Distribution::default();
-    let mut fields = Fields::new(message, METRIC_DEPTH);
-    // The labels, written first, passed over without the general field reader (they are read
-    // when asked for).
-    while fields.next_short(LABEL_KEY).is_some() {}
     // Where the labels' readers may stop: after this run, unless a label comes later.
     let mut labels = message
         .get(..message.len() - fields.remaining())
@@ -194,7 +238,15 @@ pub(super) struct Distribution<'a> {
 impl<'a> Distribution<'a> {
     fn merge(&mut self, message: &'a [u8]) -> Result<(), Bad> {
         let mut fields = Fields::new(message, VALUE_DEPTH);
-        while let Some((tag, wire)) = fields.next()? {
+        loop {
+            // The buckets or quantiles, checked as they are read, passed over without the
+            // general field reader when written the usual way.
+            if fields.next_short(ITEM_KEY).is_some() {
+                continue;
+            }
+            let Some((tag, wire)) = fields.next()? else {
+                break;
+            };
             match tag {
                 1 => self.count = wire.varint()?,
                 2 => self.sum = wire.double()?,
@@ -267,6 +319,9 @@ fn short_label(message: &[u8]) -> Option<(&[u8], &[u8])> {
     let value = fields.next_short(VALUE_KEY)?;
     fields.is_empty().then_some((name, value))
 }
+
+/// The one-byte key of a summary's quantile or a histogram's bucket field (3, length-delimited).
+const ITEM_KEY: u8 = ((ITEM_FIELD as u8) << 3) | 2;
 
 /// The key of a gauge's, counter's or untyped value's field 1, a double.
 pub(super) const VALUE_DOUBLE_KEY: u8 = (1 << 3) | 1;

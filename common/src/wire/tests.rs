@@ -1017,3 +1017,228 @@ fn a_series_reads_as_prost_decodes_it_in_any_field_order() {
     let cut = [&a[..], &gauge[..gauge.len() - 1]].concat();
     assert!(super::parse::parse_metric(&cut, super::parse::ALL_KINDS).is_err());
 }
+
+/// What [`family_heads`] and a full read of each family's series accept, [`families`] accepts
+/// too, with the same name, help, type and series; and a family field among the series (which
+/// [`families`] reads, and which may change the family) is always reported.
+fn assert_heads_agree(body: &[u8], limits: &Limits) {
+    let mut whole = families(body, limits);
+    for head in family_heads(body, limits) {
+        let view = whole.next();
+        let Ok(head) = head else {
+            return;
+        };
+        let mut metrics = head.metrics();
+        let series: Vec<_> = metrics.by_ref().collect();
+        if series.iter().any(Result::is_err) || metrics.read_family_field() {
+            return;
+        }
+        let view = view.expect("a family").expect("a valid family");
+        assert_eq!(
+            (head.family.name, head.family.help, head.family.raw_type),
+            (view.name, view.help, view.raw_type)
+        );
+        assert_eq!(head.family.message, view.message);
+        let again: Vec<_> = view.metrics().collect::<Result<_, _>>().expect("series");
+        assert_eq!(series.len(), again.len());
+        for (a, b) in series.iter().flatten().zip(&again) {
+            assert_eq!((a.message, a.timestamp_ms), (b.message, b.timestamp_ms));
+        }
+    }
+    assert!(whole.next().is_none(), "families reads more families");
+}
+
+#[test]
+fn family_heads_read_as_families_unless_a_family_field_comes_among_the_series() {
+    for seed in 0..40 {
+        let body = delimited::encode(&generated(seed));
+        assert_heads_agree(&body, &unlimited());
+        // Encoders write a family's own fields first: none is found among the series.
+        for head in family_heads(&body, &unlimited()) {
+            let mut metrics = head.expect("head").metrics();
+            assert!(metrics.by_ref().all(|m| m.is_ok()));
+            assert!(!metrics.read_family_field(), "{seed}");
+        }
+    }
+    for fixture in [METRICS_PB, FEDERATE_PB] {
+        assert_heads_agree(fixture, &unlimited());
+    }
+    // Each family field after a series, valid or not, is reported; unknown fields are not.
+    let series = ld(
+        4,
+        &[label("a", "b"), ld(2, &double(1, 1.0)), varint_field(6, 5)].concat(),
+    );
+    let late = |after: Vec<u8>| {
+        let body = framed(&[[ld(1, b"up"), varint_field(3, 1), series.clone(), after].concat()]);
+        let head = family_heads(&body, &unlimited())
+            .next()
+            .expect("a family")
+            .expect("a head");
+        assert_eq!((head.family.name, head.family.raw_type), ("up", Some(1)));
+        let mut metrics = head.metrics();
+        assert_eq!(metrics.by_ref().filter(Result::is_ok).count(), 1);
+        assert_heads_agree(&body, &unlimited());
+        metrics.read_family_field()
+    };
+    assert!(late(ld(1, b"down")));
+    assert!(late(ld(2, b"help")));
+    assert!(late(varint_field(3, 2)));
+    assert!(late(varint_field(1, 7)));
+    assert!(late(ld(2, b"\xff")));
+    assert!(!late(Vec::new()));
+    assert!(!late(unknown_fields()));
+    // Mutated bodies: whatever the heads and their series accept, `families` accepts alike.
+    let mut r = Rng(0x2545_f491_4f6c_dd1d);
+    let bases = [
+        delimited::encode(&generated(5)),
+        framed(&[[ld(1, b"up"), series.clone(), ld(2, b"h"), series.clone()].concat()]),
+    ];
+    for i in 0..4000 {
+        let mut body = bases[i % bases.len()].clone();
+        for _ in 0..=r.below(4) {
+            let at = r.below(body.len() as u64) as usize;
+            match r.below(3) {
+                0 => body[at] = r.next() as u8,
+                1 => body.truncate(at),
+                _ => body.insert(at, r.next() as u8),
+            }
+            if body.is_empty() {
+                break;
+            }
+        }
+        assert_heads_agree(&body, &unlimited());
+    }
+}
+
+/// [`Metrics::next_series`] reads each series as [`Metrics::next`] does, and [`Series::finish`]
+/// says the labels [`Series::next_label`] gave are all of them only when they are: not when the
+/// caller stopped before the run's end, nor when a label comes after it or is written otherwise.
+#[test]
+fn series_read_labels_first_read_as_the_series_iterator_reads_them() {
+    let check = |body: &[u8]| {
+        for (family, stop) in families(body, &unlimited())
+            .flatten()
+            .zip([usize::MAX, 1].iter().cycle())
+        {
+            let mut series = family.metrics();
+            for view in family.metrics() {
+                let next = series.next_series().expect("as many series");
+                let (Ok(view), Ok(mut next)) = (view, next) else {
+                    continue;
+                };
+                let given: Vec<&[u8]> = std::iter::from_fn(|| next.next_label())
+                    .take(*stop)
+                    .collect();
+                let (read, all_given) = next.finish().expect("the same series");
+                assert_eq!(
+                    (read.message, read.timestamp_ms),
+                    (view.message, view.timestamp_ms)
+                );
+                assert_eq!(read.labels, view.labels);
+                assert_eq!(format!("{:?}", read.value), format!("{:?}", view.value));
+                let all: Vec<&[u8]> = view
+                    .label_messages()
+                    .collect::<Result<_, _>>()
+                    .expect("labels");
+                assert_eq!(all_given, given == all, "{given:?} {all:?}");
+            }
+            assert!(series.next_series().is_none());
+        }
+    };
+    for seed in 0..40 {
+        check(&delimited::encode(&generated(seed)));
+    }
+    check(FEDERATE_PB);
+    // A label after the value, one too long for the run, one in another layout.
+    let value = ld(2, &double(1, 1.0));
+    let long = "v".repeat(200);
+    for series in [
+        [label("a", "b"), value.clone(), label("c", "d")].concat(),
+        [label("a", "b"), label("c", &long), value.clone()].concat(),
+        [
+            label("a", "b"),
+            ld(1, &[ld(2, b"d"), ld(1, b"c")].concat()),
+            value.clone(),
+        ]
+        .concat(),
+        [
+            label("a", "b"),
+            label("c", "d"),
+            value.clone(),
+            varint_field(6, 9),
+        ]
+        .concat(),
+        [value.clone()].concat(),
+    ] {
+        check(&framed(&[
+            [ld(1, b"up"), ld(4, &series), ld(4, &series)].concat()
+        ]));
+    }
+}
+
+/// Buckets and quantiles written the usual way are read without the general field reader; every
+/// other layout (fields swapped, repeated, absent or unknown, varints of every length, a byte too
+/// many or too few) still reads, or is refused, as prost decodes it.
+#[test]
+fn buckets_and_quantiles_read_as_prost_reads_them_in_any_layout() {
+    let mut ten = Vec::new();
+    put_varint(&mut ten, u64::MAX);
+    let layouts = |first: u8| -> Vec<Vec<u8>> {
+        let count = |v: u64| {
+            if first == 1 {
+                varint_field(1, v)
+            } else {
+                double(1, v as f64 / 3.0)
+            }
+        };
+        vec![
+            [count(7), double(2, 0.25)].concat(),
+            [count(0), double(2, f64::INFINITY)].concat(),
+            [count(1 << 62), double(2, -1.0)].concat(),
+            [count(u64::MAX), double(2, 2.5)].concat(),
+            [count(300), double(2, 1.0)].concat(),
+            [double(2, 0.5), count(3)].concat(),
+            [count(3)].concat(),
+            [double(2, 0.5)].concat(),
+            Vec::new(),
+            [count(3), double(2, 0.5), count(4)].concat(),
+            [count(3), double(2, 0.5), double(2, 0.75)].concat(),
+            [count(3), varint_field(9, 1), double(2, 0.5)].concat(),
+            [count(3), double(2, 0.5), varint_field(9, 1)].concat(),
+            // Wrong wire types and cut or overlong bytes: refused by both.
+            [double(1, 3.0), varint_field(2, 5)].concat(),
+            [count(3), double(2, 0.5)].concat()[..8].to_vec(),
+            [count(3), double(2, 0.5), vec![0x11]].concat(),
+            [key(1, 0), ten.clone(), double(2, 0.5)].concat(),
+            [key(1, 0), vec![0xff; 10], vec![0x01], double(2, 0.5)].concat(),
+        ]
+    };
+    for (field, first) in [(7u32, 1u8), (4, 2)] {
+        for item in layouts(first) {
+            let value = [
+                varint_field(1, 5),
+                double(2, 1.5),
+                ld(3, &item),
+                ld(3, &item),
+            ]
+            .concat();
+            let metric = [label("a", "b"), ld(field, &value), varint_field(6, 9)].concat();
+            let kind = if field == 7 { 4 } else { 2 };
+            let body = framed(&[[ld(1, b"h"), varint_field(3, kind), ld(4, &metric)].concat()]);
+            assert_same_class(&body, &unlimited());
+            if delimited::decode(&body, &unlimited()).is_ok() {
+                assert_agree(&body);
+            } else {
+                // The views refuse it where its items are read.
+                let family = families(&body, &unlimited()).next().unwrap().unwrap();
+                let metric = family.metrics().next().unwrap().unwrap();
+                let refused = match metric.value {
+                    Value::Histogram(h) => h.buckets().any(|b| b.is_err()),
+                    Value::Summary(s) => s.quantiles().any(|q| q.is_err()),
+                    _ => true,
+                };
+                assert!(refused, "{item:?}");
+            }
+        }
+    }
+}

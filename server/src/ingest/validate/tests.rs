@@ -853,6 +853,111 @@ fn a_series_that_starts_as_the_one_before_is_still_checked_whole() {
     }
 }
 
+/// A label whose name is the one checked before at its position (in this family or the one
+/// before), with another value, has only its value checked again: that value is still held to
+/// every rule, the token's value is still compared, and the type's own label is still refused
+/// in the family whose type sets it, whichever family the name was first checked in.
+#[test]
+fn a_name_checked_at_the_same_position_before_still_has_its_value_and_type_checked() {
+    let r = rules();
+    fn at(value: &str) -> Vec<(&str, &str)> {
+        vec![("_id", "a"), ("job", "x"), ("mode", value)]
+    }
+    let one_family = |second: &[(&str, &str)]| {
+        let first = at("a");
+        both_paths(&r, vec![gauge("up", &[(&first, NOW_MS), (second, NOW_MS)])])
+    };
+    let two_families = |second: &[(&str, &str)]| {
+        let first = at("a");
+        both_paths(
+            &r,
+            vec![
+                gauge("up", &[(&first, NOW_MS)]),
+                gauge("down", &[(second, NOW_MS)]),
+            ],
+        )
+    };
+    for check in [
+        &one_family as &dyn Fn(&[(&str, &str)]) -> WireCheck,
+        &two_families,
+    ] {
+        assert!(matches!(check(&at("b")), WireCheck::Unchanged { .. }));
+        assert!(matches!(check(&at("ab")), WireCheck::Unchanged { .. }));
+        let longest = "v".repeat(labels::MAX_VALUE_BYTES);
+        assert!(matches!(check(&at(&longest)), WireCheck::Unchanged { .. }));
+        let too_long = "v".repeat(labels::MAX_VALUE_BYTES + 1);
+        assert_eq!(check(&at(&too_long)), WireCheck::Owned);
+        assert_eq!(check(&at("")), WireCheck::Owned);
+        // The token's label with another value, where the name was checked before.
+        assert_eq!(
+            check(&[("_id", "b"), ("job", "x"), ("mode", "a")]),
+            WireCheck::Owned
+        );
+        // A name that only starts as the one before is checked whole.
+        assert_eq!(
+            check(&[("_id", "a"), ("job", "x"), ("mode-", "a")]),
+            WireCheck::Owned
+        );
+        assert_eq!(
+            check(&[("_id", "a"), ("job", "x"), ("__mode", "a")]),
+            WireCheck::Owned
+        );
+    }
+    // `le` checked on a gauge, then at the same position with another value (or the same) in a
+    // histogram, whose own label it is.
+    let gauge_le: &[(&str, &str)] = &[("_id", "a"), ("le", "1")];
+    for value in ["2", "1"] {
+        let histogram_le: &[(&str, &str)] = &[("_id", "a"), ("le", value)];
+        let histogram = typed(gauge("h", &[(histogram_le, NOW_MS)]), MetricType::Histogram);
+        assert_eq!(
+            both_paths(&r, vec![gauge("g", &[(gauge_le, NOW_MS)]), histogram]),
+            WireCheck::Owned,
+            "{value}"
+        );
+    }
+}
+
+/// The fast path reads each family's own fields up to its first series only: a name, help or
+/// type written after a series (which would be the one that counts) leaves the body to the owned
+/// path, valid or not.
+#[test]
+fn a_family_field_after_a_series_is_left_to_the_owned_path() {
+    let r = rules();
+    let limits = delimited::Limits::default();
+    let family = gauge("up", &[(&[("_id", "a")], NOW_MS)]);
+    let body = delimited::encode(std::slice::from_ref(&family));
+    assert!(matches!(
+        r.check_wire(&body, &limits, &token(), now()),
+        WireCheck::Unchanged { series: 1, .. }
+    ));
+    // One family message, length-prefixed by one byte, with a field appended to it.
+    let appended = |field: &[u8]| {
+        let message = [body.get(1..).unwrap(), field].concat();
+        assert!(message.len() < 0x80);
+        [&[message.len() as u8][..], &message].concat()
+    };
+    for field in [
+        &b"\x0a\x04down"[..],
+        b"\x12\x01h",
+        b"\x18\x01",
+        b"\x18\x02",
+        b"\x0a\x02up",
+    ] {
+        let body = appended(field);
+        assert!(delimited::decode(&body, &limits).is_ok());
+        assert_eq!(
+            r.check_wire(&body, &limits, &token(), now()),
+            WireCheck::Owned,
+            "{field:?}"
+        );
+    }
+    // An unknown field there changes nothing.
+    assert!(matches!(
+        r.check_wire(&appended(b"\x78\x01"), &limits, &token(), now()),
+        WireCheck::Unchanged { series: 1, .. }
+    ));
+}
+
 /// Tokens with several labels (held inline up to four, in a list beyond): a series is taken
 /// unchanged only with every one of them, each with the token's value.
 #[test]

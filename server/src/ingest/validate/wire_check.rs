@@ -10,7 +10,7 @@ use telemeter_common::labels;
 use telemeter_common::model::{Bucket, LabelPair, MetricType, Quantile};
 use telemeter_common::selector::{self, Selector};
 use telemeter_common::text;
-use telemeter_common::wire::{self, FamilyView, MetricView, Value};
+use telemeter_common::wire::{self, FamilyHead, MetricView, Value};
 
 use super::Rules;
 
@@ -71,15 +71,21 @@ impl Rules {
         // accepts decodes too.
         let token = TokenNames::new(token_labels);
         let mut total = Counted::default();
-        for family in wire::families(body, limits) {
-            let Ok(family) = family else {
+        // Kept for the whole upload: its families' series share most labels (`_id`, `instance`,
+        // `job`), at the same positions.
+        let mut seen = SeenLabels::default();
+        // Each family read only up to its series, which the check reads next: the series are
+        // walked once, not once more for the family's fields after them.
+        for head in wire::family_heads(body, limits) {
+            let Ok(head) = head else {
                 return WireCheck::Owned;
             };
+            let family = head.family;
             if !whitelist.is_empty() && !keeps_whole_family(&whitelist, family.name) {
                 return WireCheck::Owned;
             }
             if self
-                .check_wire_family(&family, &token, bounds, &mut total)
+                .check_wire_family(&head, &token, bounds, &mut seen, &mut total)
                 .is_none()
             {
                 return WireCheck::Owned;
@@ -109,13 +115,15 @@ impl Rules {
 
     /// One family on the fast path: `Some` when it passes every check unchanged; what it holds
     /// is added to `total`.
-    fn check_wire_family(
+    fn check_wire_family<'a>(
         &self,
-        family: &FamilyView<'_>,
+        head: &FamilyHead<'a>,
         token: &TokenNames<'_>,
         (oldest, newest): (i64, i64),
+        seen: &mut SeenLabels<'a>,
         total: &mut Counted,
     ) -> Option<()> {
+        let family = &head.family;
         labels::check_metric_name(family.name).ok()?;
         let kind = match family.raw_type {
             None => MetricType::Untyped,
@@ -123,11 +131,37 @@ impl Rules {
         };
         // The label the exposition of this type sets itself ([`text::reserved_label`]'s rule).
         let type_label = text::type_label(kind).map_or(Name::NONE, |n| Name::new(n.as_bytes()));
-        let mut seen = SeenLabels::default();
         let mut previous_ts = i64::MIN;
         let mut series = 0usize;
-        for metric in family.metrics() {
-            let metric = metric.ok()?;
+        let mut metrics = head.metrics();
+        while let Some(next) = metrics.next_series() {
+            let mut next = next.ok()?;
+            // The labels first, as the series is read: the run of them it starts with is walked
+            // once, by this check, not passed over to find the value and walked again.
+            let run = check_wire_labels(
+                std::iter::from_fn(|| next.next_label().map(Ok)),
+                &type_label,
+                token,
+                seen,
+            )?;
+            let (metric, all_given) = next.finish().ok()?;
+            // Labels elsewhere too (none is, as every encoder writes a series): all of them.
+            let labels = if all_given {
+                run
+            } else {
+                check_wire_labels(metric.label_messages(), &type_label, token, seen)?
+            };
+            // Sorted labels rule out duplicates at once. Clients that stamp `_id` append it, so
+            // unsorted is common too: names whose keys all differ differ. Only names sharing
+            // their first eight bytes (or more names than kept) need the labels read again and
+            // compared whole.
+            if labels.may_repeat && repeats_a_name(&metric)? {
+                return None;
+            }
+            // Every token label present (no duplicates, so each was counted once).
+            if labels.token != token.labels().len() {
+                return None;
+            }
             series += 1;
             count_wire_samples(&metric, kind, total)?;
             let ts = metric.timestamp_ms?;
@@ -135,8 +169,12 @@ impl Rules {
                 return None;
             }
             previous_ts = ts;
-            let labels = check_wire_labels(&metric, &type_label, token, &mut seen)?;
-            total.labels = total.labels.saturating_add(labels);
+            total.labels = total.labels.saturating_add(labels.count);
+        }
+        // A name, help or type after a series (no encoder writes one there) may be the one
+        // that counts: doubtful, so left to the owned path.
+        if metrics.read_family_field() {
+            return None;
         }
         total.series = total.series.saturating_add(series);
         // An empty family is dropped by the owned path: the body would change.
@@ -311,7 +349,7 @@ impl<'t> TokenNames<'t> {
     }
 }
 
-/// A label that passed its own checks in this family, at its position in the series before.
+/// A label that passed its own checks in this upload, at its position in the series before.
 #[derive(Clone, Copy)]
 struct SeenLabel<'a> {
     /// The encoded label message.
@@ -321,10 +359,11 @@ struct SeenLabel<'a> {
     token: bool,
 }
 
-/// The labels of a family's previous series, by position: the series of a family mostly share
+/// The labels of the upload's previous series, by position: the series of an upload mostly share
 /// labels (cluster, job, instance, ...) at the same positions, and a label byte for byte the same
-/// as one already checked in the family passes the same checks, so only its position in this
-/// series (order, repeats, count) is checked again.
+/// as one already checked passes the same checks, so only its position in this series (order,
+/// repeats, count) and the type's own label (which differs from family to family) are checked
+/// again. A label with the same name and another value has only its value checked again.
 #[derive(Default)]
 struct SeenLabels<'a> {
     labels: [Option<SeenLabel<'a>>; KEPT_NAMES],
@@ -352,22 +391,23 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     }
 }
 
-/// [`labels::check_series_labels`], [`check_servable`] and the token labels on the wire: `Some`
-/// when every label is valid and servable in a family whose type sets `type_label` itself, and
-/// every token label is already there with its value. An empty value is sent to the owned path,
-/// which alone can tell an absent value (refused) from an empty one. `seen` holds the labels of
-/// the family's previous series, and takes this one's.
+/// [`labels::check_series_labels`], [`check_servable`] and the token labels on the wire, over a
+/// series' encoded label `messages`: `Some` when every label is valid and servable in a family
+/// whose type sets `type_label` itself, with what the caller still has to check (repeated names,
+/// every token label there). A token label is counted only with the token's value. An empty
+/// value is sent to the owned path, which alone can tell an absent value (refused) from an empty
+/// one. `seen` holds the labels of the upload's previous series, and takes this one's.
 ///
 /// [`check_servable`]: super::check_servable
 // Inlined into the family's loop, once per series: called, it spilled and reloaded its state
 // around every series.
 #[inline(always)]
 fn check_wire_labels<'a>(
-    metric: &MetricView<'a>,
+    messages: impl Iterator<Item = Result<&'a [u8], delimited::DecodeError>>,
     type_label: &Name<'_>,
     token: &TokenNames<'_>,
     seen: &mut SeenLabels<'a>,
-) -> Option<usize> {
+) -> Option<LabelsRead> {
     // The keys of the first names, for the duplicate check of unsorted labels: only keys, so
     // that setting them up per series costs two vector stores, not a copy of every name.
     let mut keys = [0u64; KEPT_NAMES];
@@ -375,13 +415,20 @@ fn check_wire_labels<'a>(
     let mut sorted = true;
     let mut previous = Name::NONE;
     let mut found = 0usize;
-    for message in metric.label_messages() {
+    for message in messages {
         let message = message.ok()?;
         let slot = seen.labels.get_mut(count);
-        let label = match slot.as_deref().copied().flatten() {
-            Some(label) if same_bytes(label.message, message) => label,
+        let before = slot.as_deref().copied().flatten();
+        let label = match before {
+            // Checked before against another family's type label, maybe: that one check again.
+            Some(label) if same_bytes(label.message, message) => {
+                if label.name.is(type_label) {
+                    return None;
+                }
+                label
+            }
             _ => {
-                let label = check_wire_label(message, type_label, token)?;
+                let label = check_wire_label(message, before, type_label, token)?;
                 if let Some(slot) = slot {
                     *slot = Some(label);
                 }
@@ -400,23 +447,38 @@ fn check_wire_labels<'a>(
         }
         found += usize::from(label.token);
     }
-    // Sorted labels rule out duplicates at once. Clients that stamp `_id` append it, so unsorted
-    // is common too: names whose keys all differ differ. Only names sharing their first eight
-    // bytes (or more names than kept) need the labels read again and compared whole.
-    if !sorted && (count > KEPT_NAMES || repeats(keys.get(..count).unwrap_or_default())) {
-        for (i, label) in metric.labels().enumerate() {
-            let (name, _) = label.ok()?;
-            if metric
-                .labels()
-                .skip(i + 1)
-                .any(|l| l.is_ok_and(|(n, _)| n == name))
-            {
-                return None;
-            }
+    Some(LabelsRead {
+        count,
+        token: found,
+        may_repeat: !sorted
+            && (count > KEPT_NAMES || repeats(keys.get(..count).unwrap_or_default())),
+    })
+}
+
+/// What [`check_wire_labels`] found of a series' labels, each valid on its own.
+#[derive(Clone, Copy)]
+struct LabelsRead {
+    /// Labels.
+    count: usize,
+    /// The token's labels among them, each with the token's value.
+    token: usize,
+    /// Whether two names may be the same: they have to be compared whole.
+    may_repeat: bool,
+}
+
+/// Whether two labels of `metric` have the same name (`None` when a label cannot be read).
+fn repeats_a_name(metric: &MetricView<'_>) -> Option<bool> {
+    for (i, label) in metric.labels().enumerate() {
+        let (name, _) = label.ok()?;
+        if metric
+            .labels()
+            .skip(i + 1)
+            .any(|l| l.is_ok_and(|(n, _)| n == name))
+        {
+            return Some(true);
         }
     }
-    // Every token label present (no duplicates, so each was counted once).
-    (found == token.labels().len()).then_some(count)
+    Some(false)
 }
 
 /// The checks of one label on its own: a valid name, not reserved nor the type's own label, a
@@ -424,16 +486,31 @@ fn check_wire_labels<'a>(
 #[inline(always)]
 fn check_wire_label<'a>(
     message: &'a [u8],
+    before: Option<SeenLabel<'a>>,
     type_label: &Name<'_>,
     token: &TokenNames<'_>,
 ) -> Option<SeenLabel<'a>> {
     // The name unchecked for UTF-8: the label-name rule below admits only ASCII.
     let (name_bytes, value) = wire::label_unchecked_name(message).ok()?;
-    if name_bytes.len() > labels::MAX_NAME_BYTES
-        || !labels::is_valid_label_name_bytes(name_bytes)
-        || value.is_empty()
-        || value.len() > labels::MAX_VALUE_BYTES
-    {
+    if value.is_empty() || value.len() > labels::MAX_VALUE_BYTES {
+        return None;
+    }
+    // The same name as the label checked before at this position (`mode` of
+    // `node_cpu_seconds_total`, whose value changes every series), and not the token's: its
+    // name passed every rule of a name then, so only the type's own label is checked again.
+    if let Some(before) = before {
+        if !before.token && same_bytes(before.name.bytes, name_bytes) {
+            if before.name.is(type_label) {
+                return None;
+            }
+            return Some(SeenLabel {
+                message,
+                name: before.name,
+                token: false,
+            });
+        }
+    }
+    if name_bytes.len() > labels::MAX_NAME_BYTES || !labels::is_valid_label_name_bytes(name_bytes) {
         return None;
     }
     let name = Name::new(name_bytes);
