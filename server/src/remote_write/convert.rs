@@ -150,7 +150,116 @@ pub fn encode_payload(
     payload: &[u8],
     fallback_ms: i64,
     out: &mut Vec<u8>,
+    each: impl FnMut(&[(usize, u8)]),
+) -> Result<(), DecodeError> {
+    encode_payload_with(payload, fallback_ms, out, each, &mut Scratch::default())
+}
+
+/// The working space of [`encode_payload_with`], kept from one payload to the next: a dozen
+/// vectors and strings allocated, grown and freed for every record were a twentieth of egress's
+/// CPU in perf (malloc, realloc, free). Bounded: each vector holds what one payload needed, and
+/// one that grew past [`SCRATCH_KEEP_BYTES`] is freed after it.
+#[derive(Default)]
+pub struct Scratch {
+    /// Emptied after each payload, whose labels they borrowed ([`recycle`]).
+    base: Vec<(&'static str, &'static str)>,
+    found: Vec<(&'static [u8], &'static str, &'static [u8])>,
+    stored: Vec<(u64, &'static [u8], &'static [u8])>,
+    layout: Vec<(u64, &'static [u8])>,
+    order: Vec<usize>,
+    labels: EncodedLabels,
+    /// Kept whole: the next payload's histograms mostly have the same bounds, already formatted.
+    bounds: Bounds,
+    names: NameFields,
+    /// The entries of the family being read (where each ends, its sample field's bytes), handed
+    /// to `each` once the family is read whole: a family found framed otherwise midway is read
+    /// again the general way.
+    pending: Vec<(usize, u8)>,
+}
+
+/// The most bytes a [`Scratch`] vector keeps allocated between payloads (a family of thousands
+/// of series, or a metric of thousands of labels, is rare: its space is not kept for the next).
+pub const SCRATCH_KEEP_BYTES: usize = 256 << 10;
+
+/// An empty vector in `v`'s allocation, for elements of another lifetime: `v`'s borrowed from a
+/// payload that is gone. (Collecting an empty `IntoIter` into a vector of elements of the same
+/// size and alignment reuses its allocation.) A vector over [`SCRATCH_KEEP_BYTES`] is freed.
+fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
+    v.clear();
+    if v.capacity() * std::mem::size_of::<T>() > SCRATCH_KEEP_BYTES {
+        return Vec::new();
+    }
+    v.into_iter().filter_map(|_| None).collect()
+}
+
+impl Scratch {
+    /// Frees what grew past [`SCRATCH_KEEP_BYTES`].
+    fn trim(&mut self) {
+        self.order = recycle(std::mem::take(&mut self.order));
+        self.pending = recycle(std::mem::take(&mut self.pending));
+        let labels = &self.labels;
+        if (labels.bytes.capacity() + 8 * labels.starts.capacity() + 16 * labels.names.capacity())
+            > SCRATCH_KEEP_BYTES
+        {
+            self.labels = EncodedLabels::default();
+        }
+        if self.bounds.formatted.len() > SCRATCH_KEEP_BYTES / 64 {
+            self.bounds = Bounds::default();
+        }
+    }
+}
+
+/// As [`encode_payload`], its working space kept in `scratch` for the next payload.
+pub fn encode_payload_with(
+    payload: &[u8],
+    fallback_ms: i64,
+    out: &mut Vec<u8>,
     mut each: impl FnMut(&[(usize, u8)]),
+    scratch: &mut Scratch,
+) -> Result<(), DecodeError> {
+    let mut work = Work {
+        base: std::mem::take(&mut scratch.base),
+        found: std::mem::take(&mut scratch.found),
+        fields: StoredFields {
+            stored: std::mem::take(&mut scratch.stored),
+            layout: std::mem::take(&mut scratch.layout),
+            order: std::mem::take(&mut scratch.order),
+            ..Default::default()
+        },
+        scratch,
+    };
+    let written = encode_families(payload, fallback_ms, out, &mut each, &mut work);
+    let Work {
+        base,
+        found,
+        fields,
+        scratch,
+    } = work;
+    scratch.base = recycle(base);
+    scratch.found = recycle(found);
+    scratch.stored = recycle(fields.stored);
+    scratch.layout = recycle(fields.layout);
+    scratch.order = fields.order;
+    scratch.trim();
+    written
+}
+
+/// The working space of one payload's conversion: the vectors of [`Scratch`] that borrow from
+/// it, lent for it, and the rest.
+struct Work<'a, 's> {
+    base: Vec<(&'a str, &'a str)>,
+    found: Vec<(&'a [u8], &'a str, &'a [u8])>,
+    fields: StoredFields<'a>,
+    scratch: &'s mut Scratch,
+}
+
+/// The body of [`encode_payload_with`].
+fn encode_families<'a>(
+    payload: &'a [u8],
+    fallback_ms: i64,
+    out: &mut Vec<u8>,
+    each: &mut impl FnMut(&[(usize, u8)]),
+    work: &mut Work<'a, '_>,
 ) -> Result<(), DecodeError> {
     let limits = delimited::Limits {
         max_message_bytes: payload.len(),
@@ -158,16 +267,19 @@ pub fn encode_payload(
         max_families: usize::MAX,
         max_series: usize::MAX,
     };
-    let mut base: Vec<(&str, &str)> = Vec::new();
-    let mut found = Vec::new();
-    let mut fields = StoredFields::default();
-    let mut labels = EncodedLabels::default();
-    let mut bounds = Bounds::default();
-    let mut names = NameFields::default();
-    // The entries of the family being read (where each ends, its sample field's bytes), handed
-    // to `each` once the family is read whole: a family found framed otherwise midway is read
-    // again the general way.
-    let mut pending: Vec<(usize, u8)> = Vec::new();
+    let Work {
+        base,
+        found,
+        fields,
+        scratch,
+    } = work;
+    let Scratch {
+        labels,
+        bounds,
+        names,
+        pending,
+        ..
+    } = &mut **scratch;
     let mut rest = payload;
     // Once a family is framed otherwise: the general reader, from that family on.
     let mut general: Option<wire::Families<'_>> = None;
@@ -201,7 +313,7 @@ pub fn encode_payload(
         let metric_type = family.metric_type();
         let mut walk = Walk::new(&family, general.is_none());
         // Bounded: each turn consumes a series' field of the family's message.
-        while let Some(next) = walk.next(&mut fields) {
+        while let Some(next) = walk.next(fields) {
             let metric = match next? {
                 // Most series are a gauge's or a counter's: one entry, its stored label fields
                 // copied straight in (see [`StoredFields`]).
@@ -221,7 +333,7 @@ pub fn encode_payload(
             };
             let timestamp = Stamp::new(metric.timestamp_ms.unwrap_or(fallback_ms));
             let value = metric.value_for(metric_type)?;
-            if !labels.copy_from(&metric, &mut found)? {
+            if !labels.copy_from(&metric, found)? {
                 base.clear();
                 for label in metric.labels() {
                     let (n, v) = label?;
@@ -231,7 +343,7 @@ pub fn encode_payload(
                     base.push((n, v));
                 }
                 base.sort_by(|a, b| name_order(a.0, b.0));
-                labels.set(&base);
+                labels.set(base);
             }
             let mut one = |suffix: Suffix, extra: Option<(&'static str, &str)>, value: f64| {
                 let name = names.get(family.name, suffix);
@@ -275,7 +387,7 @@ pub fn encode_payload(
                 wire::Value::Missing | wire::Value::Several => {}
             }
         }
-        each(&pending);
+        each(pending);
     }
     Ok(())
 }
@@ -1223,6 +1335,76 @@ mod tests {
         let mut got = Vec::new();
         encode_payload(payload, 42, &mut got, |_| {}).unwrap();
         (got, want)
+    }
+
+    #[test]
+    fn a_scratch_kept_from_payload_to_payload_changes_nothing_written_and_keeps_its_space() {
+        use prost::Message;
+        let histogram = |id: &str, bounds: &[f64]| Metric {
+            label: vec![LabelPair::new("_id", id), LabelPair::new("a", "1")],
+            histogram: Some(Histogram {
+                sample_count: Some(9),
+                sample_sum: Some(1.5),
+                bucket: bounds
+                    .iter()
+                    .map(|&b| Bucket {
+                        cumulative_count: Some(1),
+                        upper_bound: Some(b),
+                    })
+                    .collect(),
+            }),
+            timestamp_ms: Some(5),
+            ..Default::default()
+        };
+        let gauge = |labels: &[(&str, &str)]| Metric {
+            label: labels.iter().map(|&(n, v)| LabelPair::new(n, v)).collect(),
+            gauge: Some(Gauge { value: Some(2.0) }),
+            ..Default::default()
+        };
+        // Payloads one after another whose bounds, label layouts and names differ from those of
+        // the one before: nothing of the one before may show in the next.
+        let payloads: Vec<Vec<MetricFamily>> = vec![
+            testkit::payload::families("cluster-a", 1_700_000_000_000),
+            vec![
+                family("h", MetricType::Histogram, histogram("x", &[0.1, 1.0])),
+                family("g", MetricType::Gauge, gauge(&[("b", "2"), ("a", "1")])),
+            ],
+            vec![
+                family("h", MetricType::Histogram, histogram("y", &[0.5, 2.0, 3.0])),
+                family("g", MetricType::Gauge, gauge(&[("c", "3"), ("_id", "y")])),
+                family("gg", MetricType::Gauge, gauge(&[("b", "2"), ("a", "1")])),
+            ],
+            testkit::payload::families("cluster-b", 1_700_000_000_001),
+        ];
+        let mut scratch = Scratch::default();
+        let mut space = None;
+        for families in &payloads {
+            let want = crate::remote_write::proto::WriteRequest {
+                timeseries: to_series(families, 42),
+            }
+            .encode_to_vec();
+            let payload = telemeter_common::delimited::encode(families);
+            let mut got = Vec::new();
+            encode_payload_with(&payload, 42, &mut got, |_| {}, &mut scratch).unwrap();
+            assert_eq!(got, want);
+            // The same allocations serve every payload (each no larger than the first's).
+            let now = (scratch.pending.as_ptr(), scratch.stored.as_ptr());
+            assert!(scratch.pending.capacity() > 0 && scratch.stored.capacity() > 0);
+            assert!(scratch.stored.is_empty() && scratch.base.is_empty());
+            assert_eq!(*space.get_or_insert(now), now);
+        }
+    }
+
+    #[test]
+    fn a_scratch_vector_grown_past_its_bound_is_freed() {
+        let mut scratch = Scratch {
+            pending: Vec::with_capacity(SCRATCH_KEEP_BYTES),
+            order: Vec::with_capacity(16),
+            ..Default::default()
+        };
+        scratch.trim();
+        assert_eq!(scratch.pending.capacity(), 0);
+        assert_eq!(scratch.order.capacity(), 16);
     }
 
     #[test]
