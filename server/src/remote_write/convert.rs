@@ -487,16 +487,27 @@ impl Stamp {
 
     /// A `TimeSeries.samples` field of `value` at this timestamp, which ends a series' entry;
     /// returns its bytes (under 128: at most 21).
+    ///
+    /// Composed in a fixed array and appended whole, then cut to its length: copies of a known
+    /// size are a few moves, where five pushes and a copy of the timestamp's length (a call to
+    /// memcpy) were a twentieth of a shard's conversion and request bodies.
     fn write_sample(&self, value: f64, out: &mut Vec<u8>) -> u8 {
         let sample_len = self.sample_len(value);
-        out.push(0x12); // TimeSeries.samples
-        put_len(sample_len, out);
+        let mut field = [0u8; 32];
+        field[0] = 0x12; // TimeSeries.samples
+        field[1] = sample_len as u8; // at most 20
+        let mut len = 2;
         if value != 0.0 {
-            out.push(0x09); // Sample.value, 64-bit
-            out.extend_from_slice(&value.to_le_bytes());
+            field[2] = 0x09; // Sample.value, 64-bit
+            field[3..11].copy_from_slice(&value.to_le_bytes());
+            len = 11;
         }
-        out.extend_from_slice(&self.bytes[..self.len]);
-        (2 + sample_len) as u8
+        field[len..len + 11].copy_from_slice(&self.bytes);
+        len += self.len;
+        let end = out.len() + len;
+        out.extend_from_slice(&field);
+        out.truncate(end);
+        len as u8
     }
 }
 
@@ -751,7 +762,8 @@ impl<'a> StoredFields<'a> {
                 return None;
             }
             self.len += 2 + len;
-            self.stored.push((name_key(name), name, self.len));
+            self.stored
+                .push((name_key_at(after_key, name_len), name, self.len));
             rest = &tail[len..];
         }
         // The value (`09` and its double), then a timestamp or nothing: any other field might be
@@ -893,6 +905,18 @@ fn runs_of(order: &[usize], runs: &mut Vec<(usize, usize)>) {
         };
     }
     runs.extend(run);
+}
+
+/// [`name_key`] of the name of `len` bytes that `bytes` starts with, read as one eight-byte word
+/// when `bytes` holds that many (in a label field, the name is followed by the value's key,
+/// length and value), rather than a byte at a time.
+#[inline]
+fn name_key_at(bytes: &[u8], len: usize) -> u64 {
+    match bytes.first_chunk::<8>() {
+        Some(&word) if len >= 8 => u64::from_be_bytes(word),
+        Some(&word) => u64::from_be_bytes(word) & !(u64::MAX >> (8 * len)),
+        None => name_key(bytes.get(..len).unwrap_or(bytes)),
+    }
 }
 
 /// A label name's first eight bytes, big-endian, zeros after a shorter name: names whose keys
@@ -1450,6 +1474,34 @@ mod tests {
             assert!(scratch.pending.capacity() > 0 && scratch.stored.capacity() > 0);
             assert!(scratch.stored.is_empty() && scratch.base.is_empty());
             assert_eq!(*space.get_or_insert(now), now);
+        }
+    }
+
+    #[test]
+    fn a_name_key_read_as_one_word_is_the_key_of_the_name() {
+        let bytes = b"instance_name\x12\x01v";
+        for len in 0..=13 {
+            let name = &bytes[..len];
+            assert_eq!(name_key_at(bytes, len), name_key(name), "{len}");
+            // Too short for a word: byte by byte.
+            assert_eq!(name_key_at(name, len), name_key(name), "{len}");
+        }
+    }
+
+    #[test]
+    fn a_sample_field_is_written_as_prost_writes_it() {
+        use prost::Message;
+        for timestamp in [0, 1, 127, 128, 1_700_000_000_000, -1, i64::MIN, i64::MAX] {
+            for value in [0.0, -0.0, 1.5, f64::NAN, f64::INFINITY] {
+                let series = TimeSeries {
+                    labels: Vec::new(),
+                    samples: vec![Sample { value, timestamp }],
+                };
+                let mut got = vec![7];
+                let len = Stamp::new(timestamp).write_sample(value, &mut got);
+                assert_eq!(got[1..], series.encode_to_vec()[..], "{timestamp} {value}");
+                assert_eq!(usize::from(len), got.len() - 1);
+            }
         }
     }
 
