@@ -354,7 +354,7 @@ fn encode_families<'a>(
             }
             let mut one = |suffix: Suffix, extra: Option<(&'static str, &str)>, value: f64| {
                 let name = names.get(family.name, suffix);
-                let sample = labels.write_series(name, extra, value, &timestamp, out);
+                let sample = labels.write_series(name, extra, value, timestamp, out);
                 pending.push((out.len(), sample));
             };
             // The walk of `Metric::try_for_each_sample`, on the borrowed view.
