@@ -20,6 +20,8 @@ pub(super) struct Batch {
     pub(super) seqs: Vec<u64>,
     /// The receive time of each series' record, ms since the epoch.
     received: Vec<i64>,
+    /// Conversion's working space, kept from one record to the next (bounded, see its doc).
+    scratch: convert::Scratch,
 }
 
 impl Batch {
@@ -47,10 +49,16 @@ impl Batch {
     ) -> Result<(), telemeter_common::delimited::DecodeError> {
         let (bytes, series) = (self.bytes.len(), self.ends.len());
         let (ends, samples) = (&mut self.ends, &mut self.samples);
-        let written = convert::encode_payload(payload, received_ms, &mut self.bytes, |entries| {
-            ends.extend(entries.iter().map(|&(end, _)| end));
-            samples.extend(entries.iter().map(|&(_, sample)| sample));
-        });
+        let written = convert::encode_payload_with(
+            payload,
+            received_ms,
+            &mut self.bytes,
+            |entries| {
+                ends.extend(entries.iter().map(|&(end, _)| end));
+                samples.extend(entries.iter().map(|&(_, sample)| sample));
+            },
+            &mut self.scratch,
+        );
         // The record's number and receive time, for each of its series at once rather than
         // pushed one series at a time.
         self.seqs.resize(self.ends.len(), seq);
@@ -81,6 +89,7 @@ impl Batch {
             samples: self.samples.split_off(at),
             seqs: self.seqs.split_off(at),
             received: self.received.split_off(at),
+            scratch: convert::Scratch::default(),
         }
     }
 
