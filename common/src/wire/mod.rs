@@ -230,6 +230,16 @@ pub struct FamilyView<'a> {
 }
 
 impl<'a> FamilyView<'a> {
+    /// A family of `message` with none of its fields read yet.
+    pub(super) fn unread(message: &'a [u8]) -> FamilyView<'a> {
+        FamilyView {
+            name: "",
+            help: "",
+            raw_type: None,
+            message,
+        }
+    }
+
     /// Reads the family fields of one encoded `MetricFamily` message (without a length prefix),
     /// checking them; the series are checked as [`FamilyView::metrics`] reads them.
     pub fn parse(message: &'a [u8]) -> Result<FamilyView<'a>, DecodeError> {
@@ -280,10 +290,19 @@ impl<'a> Metrics<'a> {
         if let Some(message) = self.fields.next_bytes(METRIC_KEY) {
             return Some(Ok(Series::new(message)));
         }
+        self.next_by_fields(|message| Ok(Series::new(message)))
+    }
+
+    /// The next series through the general field reader (any layout), read by `read`; a field
+    /// of the family's own among the series is noted ([`Metrics::read_family_field`]).
+    fn next_by_fields<T>(
+        &mut self,
+        read: impl FnOnce(&'a [u8]) -> Result<T, Bad>,
+    ) -> Option<Result<T, DecodeError>> {
         loop {
             let item = match self.fields.next() {
                 Ok(None) => None,
-                Ok(Some((METRIC_FIELD, wire))) => Some(wire.bytes().map(Series::new)),
+                Ok(Some((METRIC_FIELD, wire))) => Some(wire.bytes().and_then(read)),
                 Ok(Some((tag, _))) => {
                     self.family_field |= tag < METRIC_FIELD;
                     continue;
@@ -352,21 +371,7 @@ impl<'a> Iterator for Metrics<'a> {
             self.done = item.is_err();
             return Some(item);
         }
-        loop {
-            let item = match self.fields.next() {
-                Ok(None) => None,
-                Ok(Some((METRIC_FIELD, wire))) => {
-                    Some(wire.bytes().and_then(|m| parse_metric(m, ALL_KINDS)))
-                }
-                Ok(Some((tag, _))) => {
-                    self.family_field |= tag < METRIC_FIELD;
-                    continue;
-                }
-                Err(bad) => Some(Err(bad)),
-            };
-            self.done = !matches!(item, Some(Ok(_)));
-            return item.map(|r| r.map_err(DecodeError::from));
-        }
+        self.next_by_fields(|message| parse_metric(message, ALL_KINDS))
     }
 }
 

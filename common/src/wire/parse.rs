@@ -40,12 +40,7 @@ pub(super) fn value_kind(value: &Value<'_>) -> u8 {
 }
 
 pub(super) fn family_header(message: &[u8]) -> Result<FamilyView<'_>, Bad> {
-    let mut view = FamilyView {
-        name: "",
-        help: "",
-        raw_type: None,
-        message,
-    };
+    let mut view = FamilyView::unread(message);
     let mut fields = Fields::new(message, FAMILY_DEPTH);
     loop {
         // The series, checked here only for their framing, passed over without the general
@@ -73,12 +68,7 @@ pub(super) fn family_header(message: &[u8]) -> Result<FamilyView<'_>, Bad> {
 /// Reads a family's fields up to its first series (all of them when it has none): the view
 /// they give, and the message from that series on. The fields after it are not read.
 pub(super) fn family_head(message: &[u8]) -> Result<FamilyHead<'_>, Bad> {
-    let mut family = FamilyView {
-        name: "",
-        help: "",
-        raw_type: None,
-        message,
-    };
+    let mut family = FamilyView::unread(message);
     let mut fields = Fields::new(message, FAMILY_DEPTH);
     loop {
         let at = message.len() - fields.remaining();

@@ -1097,6 +1097,25 @@ mod tests {
         CachedCluster::build(full.payload, full.newest_received).unwrap_or_else(|_| panic!())
     }
 
+    /// The raw-merge rules of these tests: samples from 1000 ms on, at most `max_series`.
+    fn raw_rules(whitelist: &Arc<Vec<Selector>>, max_series: usize) -> RawRules<'_> {
+        RawRules {
+            oldest_ms: 1000,
+            newest_ms: 1 << 40,
+            max_series,
+            whitelist,
+        }
+    }
+
+    /// A cluster of series A and B (one sample each at 2000 ms), cached and marked as this
+    /// process's conversion under `whitelist`.
+    fn a_and_b_marked(whitelist: &Arc<Vec<Selector>>) -> CachedCluster {
+        let first = convert(&request(&[(A, &[(1.0, 2000)]), (B, &[(1.0, 2000)])]));
+        let mut entry = cached(first.clone());
+        entry.mark_converted(&first, whitelist);
+        entry
+    }
+
     #[test]
     fn known_series_merge_in_place_exactly_as_the_full_merge() {
         let mut payload = rw("up", &[("a", 1.0, 1000), ("b", 1.0, 1000)]);
@@ -1220,12 +1239,7 @@ mod tests {
     #[test]
     fn a_request_of_converted_series_merges_raw_exactly_as_converted() {
         let whitelist = Arc::new(Vec::new());
-        let rules = RawRules {
-            oldest_ms: 1000,
-            newest_ms: 1 << 40,
-            max_series: 100,
-            whitelist: &whitelist,
-        };
+        let rules = raw_rules(&whitelist, 100);
         let first = convert(&request(&[(A, &[(1.0, 2000)]), (B, &[(1.0, 2000)])]));
         let mut entry = cached(first.clone());
         let next = request(&[(B, &[(2.0, 3000)]), (A, &[(3.0, 1500)])]);
@@ -1299,15 +1313,8 @@ mod tests {
     #[test]
     fn a_raw_request_refused_half_way_leaves_every_timestamp_as_it_was() {
         let whitelist = Arc::new(Vec::new());
-        let rules = RawRules {
-            oldest_ms: 1000,
-            newest_ms: 1 << 40,
-            max_series: 100,
-            whitelist: &whitelist,
-        };
-        let first = convert(&request(&[(A, &[(1.0, 2000)]), (B, &[(1.0, 2000)])]));
-        let mut entry = cached(first.clone());
-        entry.mark_converted(&first, &whitelist);
+        let rules = raw_rules(&whitelist, 100);
+        let mut entry = a_and_b_marked(&whitelist);
         // A's sample would win, then a series not cached refuses the request: A is as it was, so
         // an older sample of A than the refused one still wins next.
         let other = &[("__name__", "up"), ("_id", "d"), ("job", "a")][..];
@@ -1342,15 +1349,8 @@ mod tests {
     #[test]
     fn the_oldest_bound_never_lets_a_series_past_the_ttl_be_kept() {
         let whitelist = Arc::new(Vec::new());
-        let rules = RawRules {
-            oldest_ms: 1000,
-            newest_ms: 1 << 40,
-            max_series: 100,
-            whitelist: &whitelist,
-        };
-        let first = convert(&request(&[(A, &[(1.0, 2000)]), (B, &[(1.0, 2000)])]));
-        let mut entry = cached(first.clone());
-        entry.mark_converted(&first, &whitelist);
+        let rules = raw_rules(&whitelist, 100);
+        let mut entry = a_and_b_marked(&whitelist);
         assert_eq!(entry.oldest_bound, 2000);
         // Both moved on: the bound, still under the TTL's start, is not read again.
         let both = request(&[(A, &[(1.0, 5000)]), (B, &[(1.0, 5000)])]);
@@ -1408,15 +1408,8 @@ mod tests {
     #[test]
     fn the_order_kept_for_prefetching_is_the_last_request_and_counted() {
         let whitelist = Arc::new(Vec::new());
-        let rules = RawRules {
-            oldest_ms: 1000,
-            newest_ms: 1 << 40,
-            max_series: 2,
-            whitelist: &whitelist,
-        };
-        let first = convert(&request(&[(A, &[(1.0, 2000)]), (B, &[(1.0, 2000)])]));
-        let mut entry = cached(first.clone());
-        entry.mark_converted(&first, &whitelist);
+        let rules = raw_rules(&whitelist, 2);
+        let mut entry = a_and_b_marked(&whitelist);
         let bytes = entry.bytes();
         merged_raw(
             &mut entry,
@@ -1468,12 +1461,7 @@ mod tests {
     #[test]
     fn a_request_in_the_order_of_the_last_finds_its_series_by_the_hints() {
         let whitelist = Arc::new(Vec::new());
-        let rules = RawRules {
-            oldest_ms: 1000,
-            newest_ms: 1 << 40,
-            max_series: 100,
-            whitelist: &whitelist,
-        };
+        let rules = raw_rules(&whitelist, 100);
         let c: &[(&str, &str)] = &[("__name__", "down"), ("_id", "c"), ("job", "c")];
         let first = request(&[
             (A, &[(1.0, 2000)]),
