@@ -767,15 +767,11 @@ fn encode_head(
 /// bytes to write ([`super::later::Later`]); the response back when it cannot be written so (a
 /// streamed body, or it closes the connection).
 pub(super) fn encode_small(response: Response, name: &str) -> Result<Vec<u8>, Response> {
-    if !super::later::is_small(&response)
-        || response.headers.iter().any(|(n, v)| {
-            n.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close")
-        })
-    {
+    if matches!(response.body, Body::Stream(_)) {
         return Err(response);
     }
     let mut bytes = Vec::with_capacity(128);
-    let (status, _) = encode_head(
+    let (status, close) = encode_head(
         &mut bytes,
         response.status,
         &response.headers,
@@ -784,6 +780,9 @@ pub(super) fn encode_small(response: Response, name: &str) -> Result<Vec<u8>, Re
         false,
         name,
     );
+    if close {
+        return Err(response);
+    }
     if let Body::Bytes(body) = &response.body {
         if status != 204 && status != 304 {
             bytes.extend_from_slice(body);

@@ -30,7 +30,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::sync::{lock, unpoison};
 
 use super::shared::Shared;
-use super::{Body, Response};
+use super::Response;
 
 /// The answer a connection owes, shared between it and its [`Later`].
 #[derive(Default)]
@@ -174,9 +174,4 @@ fn send_now(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
             return Err(e);
         }
     }
-}
-
-/// Whether a response can be written whole by [`Later::send`]: not streamed.
-pub(super) fn is_small(response: &Response) -> bool {
-    !matches!(response.body, Body::Stream(_))
 }

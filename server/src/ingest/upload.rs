@@ -369,8 +369,13 @@ impl UploadHandler {
     pub fn handle_later(self: &Arc<Self>, request: &Request, defer: Defer<'_>) -> Option<Response> {
         run_as_batch();
         self.metrics.upload_bytes.add(request.body.len() as u64);
-        let ready = match self.ready(request) {
-            Ok(Some(upload)) if upload.newest_sample_ms.is_some() => upload,
+        let (ready, newest_sample_ms) = match self.ready(request) {
+            Ok(Some(
+                upload @ ToStore {
+                    newest_sample_ms: Some(newest_sample_ms),
+                    ..
+                },
+            )) => (upload, newest_sample_ms),
             ready => {
                 let accepted = ready.and_then(|ready| self.store(ready));
                 return Some(self.respond(accepted, request.remote));
@@ -379,20 +384,21 @@ impl UploadHandler {
         let ToStore {
             mut payload,
             frames,
-            newest_sample_ms,
             now,
             held,
+            ..
         } = ready;
         let later = defer.later();
         let handler = self.clone();
         let remote = request.remote;
         let started = Instant::now();
-        let cluster_id = held.admitted.cluster_id.clone();
+        // A handle on the admission, not a copy of its id: `held` moves into the answer.
+        let admitted = held.admitted.clone();
         self.placement.place_unchanged_then(
-            &cluster_id,
+            &admitted.cluster_id,
             &mut payload,
             frames,
-            newest_sample_ms.unwrap_or(i64::MIN),
+            newest_sample_ms,
             now,
             Box::new(move |stored| {
                 let accepted = handler.stored(held, stored, started);
