@@ -766,7 +766,14 @@ impl Prometheus {
     pub fn start(dir: &TempDir, name: &str, config: &str, port: u16, flags: &[&str]) -> Prometheus {
         need(PROMETHEUS);
         let config = dir.file(&format!("{name}.yml"), config);
-        let child = Command::new(PROMETHEUS)
+        // Its log, kept (appended to across restarts) to say why it did not start.
+        let log_path = dir.path().join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("open prometheus's log");
+        let mut child = Command::new(PROMETHEUS)
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
@@ -776,23 +783,31 @@ impl Prometheus {
             .args(flags)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start prometheus");
-        let prometheus = Prometheus {
+        let ready = format!("http://127.0.0.1:{port}/-/ready");
+        let mut exited = None;
+        let up = wait_until(Duration::from_secs(60), || {
+            exited = child.try_wait().ok().flatten();
+            exited.is_some() || get(&ready, &[]).status == 200
+        });
+        if !up || exited.is_some() {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "prometheus on port {port} never became ready ({}); the end of {}:\n{}",
+                exited.map_or("still running after 60 s".to_string(), |s| format!("{s}")),
+                log_path.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        Prometheus {
             child: Some(child),
             port,
-        };
-        assert!(
-            wait_until(Duration::from_secs(60), || get(
-                &prometheus.url("/-/ready"),
-                &[]
-            )
-            .status
-                == 200),
-            "prometheus never became ready"
-        );
-        prometheus
+        }
     }
 
     /// The URL of `path` on it.
