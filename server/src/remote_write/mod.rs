@@ -378,6 +378,7 @@ impl RemoteWriter {
                 body_len: 0,
                 queued_bytes: queued_bytes.clone(),
                 pool: pool.clone(),
+                plain: Vec::new(),
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("remote-write-{number}"))

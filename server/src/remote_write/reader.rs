@@ -19,7 +19,10 @@ pub(super) struct Item {
     pub(super) seq: u64,
     pub(super) cluster_id: String,
     pub(super) received_ms: i64,
+    /// Validated families, or, when `packed`, the record's packed payload, which the shard
+    /// decompresses ([`crate::store::ShipRecord::unpack`]).
     pub(super) payload: Vec<u8>,
+    pub(super) packed: bool,
 }
 
 /// The reader's view of one shard.
@@ -75,8 +78,8 @@ pub(super) struct Reader {
     pub(super) cursor: Position,
     pub(super) saved: Position,
     pub(super) last_save: Instant,
-    /// Where the next packed record is decompressed: a buffer from `pool`, handed back by the
-    /// shard that converts it.
+    /// Where the next packed record is read: a buffer from `pool`, handed back by the shard
+    /// that converts it.
     pub(super) unpacked: Vec<u8>,
     pub(super) pool: Arc<BufferPool>,
     pub(super) last_bound_check: Instant,
@@ -102,7 +105,10 @@ impl Reader {
             if self.unpacked.capacity() == 0 {
                 self.unpacked = self.pool.take();
             }
-            match self.reader.next_record_into(&mut self.unpacked) {
+            // A packed record (the usual upload) is handed over packed, in this buffer: its
+            // shard decompresses it just before converting it, on its own core (decompressed
+            // here, ~51 KB an upload went cold in a shard's queue).
+            match self.reader.next_record_packed(&mut self.unpacked) {
                 Ok(Some(record)) => {
                     if !self.hand_over(record) {
                         break;
@@ -232,6 +238,7 @@ impl Reader {
             cluster_id: record.cluster_id,
             received_ms,
             payload: record.payload,
+            packed: record.packed,
         };
         let len = item.payload.len();
         loop {

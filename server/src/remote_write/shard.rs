@@ -12,6 +12,7 @@ use super::backoff::Backoff;
 use super::batch::{split, Batch};
 use super::reader::Item;
 use super::*;
+use crate::store::ShipRecord;
 
 /// How long a shard waits for more records to fill a request before sending what it has.
 const BATCH_LINGER: Duration = Duration::from_millis(20);
@@ -49,6 +50,10 @@ pub(super) struct Shard {
     pub(super) queued_bytes: Arc<AtomicUsize>,
     /// Where converted payloads' buffers go back to the reader.
     pub(super) pool: Arc<BufferPool>,
+    /// Where a packed record is decompressed, just before it is converted (so its families are
+    /// read from this core's cache), reused from one record to the next; freed once it held more
+    /// than [`POOL_BUFFER_BYTES`] (a rare large upload does not pin its size).
+    pub(super) plain: Vec<u8>,
 }
 
 impl Shard {
@@ -138,12 +143,15 @@ impl Shard {
 
     /// Decodes a record's payload into `batch`'s series, unless it was dropped; its buffer goes
     /// back to the reader's pool.
-    pub(super) fn convert(&self, item: Item, batch: &mut Batch) {
+    pub(super) fn convert(&mut self, item: Item, batch: &mut Batch) {
         self.decode(&item, batch);
         self.pool.give(item.payload);
+        if self.plain.capacity() > POOL_BUFFER_BYTES {
+            self.plain = Vec::new();
+        }
     }
 
-    fn decode(&self, item: &Item, batch: &mut Batch) {
+    fn decode(&mut self, item: &Item, batch: &mut Batch) {
         let metrics = &self.control.metrics;
         if item.seq < self.control.drop_below.load(Ordering::Relaxed) {
             return;
@@ -152,7 +160,22 @@ impl Shard {
             metrics.drop("backlog_age");
             return;
         }
-        match batch.extend(&item.payload, item.seq, item.received_ms) {
+        let payload = match item.packed {
+            false => &item.payload,
+            true => match ShipRecord::unpack(&item.payload, &mut self.plain) {
+                Ok(()) => &self.plain,
+                Err(e) => {
+                    // Its checksum held when it was read: a bug, not input (as below).
+                    warn!(
+                        "remote write: cannot decompress an upload of cluster {:?}: {e}",
+                        item.cluster_id
+                    );
+                    metrics.drop("invalid");
+                    return;
+                }
+            },
+        };
+        match batch.extend(payload, item.seq, item.received_ms) {
             Ok(()) => {}
             Err(e) => {
                 // The store journaled these bytes from validated families; a bug, not input.

@@ -92,12 +92,21 @@ fn shards_keep_each_series_in_order_and_a_restart_ships_nothing_twice() {
         let store = Store::open_shipping(store_config.clone()).unwrap();
         let registry = Registry::new();
         let writer = RemoteWriter::start(&config, &registry, store.backlog().unwrap()).unwrap();
-        // Uploads of several clusters, so several shards send at once.
+        // Uploads of several clusters, so several shards send at once; every other one packed
+        // (journaled as its snappy frames, as /upload keeps what it took unchanged), which the
+        // shard decompresses itself.
         for n in 0..UPLOADS {
             let id = format!("c{}", n % CLUSTERS);
-            store
-                .put(&id, upload(&id, SERIES, base + n), SystemTime::now())
-                .unwrap();
+            let families = upload(&id, SERIES, base + n);
+            match n % 2 {
+                0 => store.put(&id, families, SystemTime::now()).unwrap(),
+                _ => {
+                    let frames = telemeter_common::snappy::encode_framed(&families);
+                    store
+                        .put_unless_older_packed(&id, families, frames, SystemTime::now())
+                        .unwrap();
+                }
+            }
         }
         let want = (UPLOADS as f64) * SERIES as f64;
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -71,8 +71,11 @@ pub struct ShipRecord {
     /// When it was received, milliseconds since the Unix epoch.
     pub received_millis: u64,
     /// Validated families, protobuf-delimited (a packed record's decompressed: a record whose
-    /// frames do not decompress ends its segment's reading as a failed checksum does).
+    /// frames do not decompress ends its segment's reading as a failed checksum does), or, when
+    /// `packed`, as the record stores them ([`ShipRecord::unpack`] decompresses them).
     pub payload: Vec<u8>,
+    /// Whether `payload` is packed: only [`BacklogReader::next_record_packed`] hands one out.
+    pub packed: bool,
     /// Where the next record starts.
     pub end: Position,
 }
@@ -224,6 +227,22 @@ pub struct BacklogReader {
     record: Vec<u8>,
 }
 
+impl ShipRecord {
+    /// The families of a packed `payload` ([`BacklogReader::next_record_packed`]) decompressed
+    /// into `plain` (a buffer used again: emptied first), exactly the length its header says; a
+    /// `Format` error if they do not decompress to it (the record's checksum, verified when it was
+    /// read, covers every byte of them, so only a bug or a damage that checksum missed does that).
+    pub fn unpack(payload: &[u8], plain: &mut Vec<u8>) -> Result<(), StoreError> {
+        journal::unpack_verified_into(payload, plain).map_err(|e| StoreError::Format {
+            context: "decompressing a journaled upload to ship".to_string(),
+            reason: match e {
+                super::file::ReadError::Corrupt(reason) => reason,
+                super::file::ReadError::Io(error) => error.to_string(),
+            },
+        })
+    }
+}
+
 impl BacklogReader {
     /// Where the next record is read from.
     pub fn position(&self) -> Position {
@@ -242,6 +261,28 @@ impl BacklogReader {
     pub fn next_record_into(
         &mut self,
         unpacked: &mut Vec<u8>,
+    ) -> Result<Option<ShipRecord>, StoreError> {
+        self.next_with(Some(unpacked), &mut Vec::new())
+    }
+
+    /// [`BacklogReader::next_record`], a packed record handed out as stored (`packed`, its
+    /// checksum verified) in `buffer`'s allocation, which it then takes (a plain record's leaves
+    /// it): whoever converts it decompresses it ([`ShipRecord::unpack`]) just before, while its
+    /// families are in that core's cache. Decompressed here, ~51 KB an upload waited in a shard's
+    /// queue behind hundreds of others and was read back from memory.
+    pub fn next_record_packed(
+        &mut self,
+        buffer: &mut Vec<u8>,
+    ) -> Result<Option<ShipRecord>, StoreError> {
+        self.next_with(None, buffer)
+    }
+
+    /// The body of [`BacklogReader::next_record_into`] (with `unpacked`) and
+    /// [`BacklogReader::next_record_packed`] (without, a packed record read into `buffer`).
+    fn next_with(
+        &mut self,
+        mut unpacked: Option<&mut Vec<u8>>,
+        buffer: &mut Vec<u8>,
     ) -> Result<Option<ShipRecord>, StoreError> {
         // Bounded: each turn reads a record or moves to a later segment.
         loop {
@@ -278,10 +319,15 @@ impl BacklogReader {
                     .map_err(|e| StoreError::io("reading a journal segment's length", e))?
                     .len(),
             };
-            let next = journal::read_at_into(file, self.at.offset, len, unpacked, &mut self.record)
-                .map_err(|e| {
-                    StoreError::io(format!("reading journal segment {}", self.at.segment), e)
-                })?;
+            let next = match unpacked.as_deref_mut() {
+                Some(unpacked) => {
+                    journal::read_at_into(file, self.at.offset, len, unpacked, &mut self.record)
+                }
+                None => journal::read_at_packed(file, self.at.offset, len, buffer),
+            }
+            .map_err(|e| {
+                StoreError::io(format!("reading journal segment {}", self.at.segment), e)
+            })?;
             match next {
                 Next::Record(record, end) => {
                     self.at.offset = end;
@@ -290,6 +336,7 @@ impl BacklogReader {
                             cluster_id: record.header.cluster_id,
                             received_millis: record.header.received_millis,
                             payload: record.payload,
+                            packed: record.packed,
                             end: self.at,
                         }));
                     }
@@ -463,6 +510,58 @@ mod tests {
         if let Some(segment) = segment {
             assert!(checkpoint::checkpoint(shared, &segment, false));
         }
+    }
+
+    #[test]
+    fn a_packed_record_is_handed_out_packed_in_the_buffer_given_and_unpacks_to_its_families() {
+        let dir = testkit::TempDir::new("egress-packed");
+        let now = telemeter_common::time::sample_millis(SystemTime::now());
+        let (plain, packed) = (payload(1.0, now), payload(2.0, now));
+        // Many series, so the frames are far shorter than the families.
+        let big = delimited::encode(&testkit::payload::families("p", now));
+        let store = Store::open_shipping(config(dir.path())).unwrap();
+        store
+            .put_unless_older("a", plain.clone(), SystemTime::now())
+            .unwrap();
+        for families in [&packed, &big] {
+            let frames = telemeter_common::snappy::encode_framed(families);
+            store
+                .put_unless_older_packed("b", families.clone(), frames, SystemTime::now())
+                .unwrap();
+        }
+        let backlog = store.backlog().unwrap();
+        let mut reader = backlog.reader(backlog.cursor().unwrap());
+        let mut buffer = Vec::with_capacity(1 << 16);
+        let given = buffer.as_ptr();
+        // A plain record leaves the buffer, and is the families.
+        let record = reader.next_record_packed(&mut buffer).unwrap().unwrap();
+        assert_eq!((record.packed, &record.payload), (false, &plain));
+        assert_eq!((buffer.capacity(), buffer.as_ptr()), (1 << 16, given));
+        // A packed one takes it, and holds the frames, not the families.
+        let record = reader.next_record_packed(&mut buffer).unwrap().unwrap();
+        assert!(record.packed);
+        assert_eq!((buffer.capacity(), record.payload.as_ptr()), (0, given));
+        let mut families = vec![0xaa; 3];
+        ShipRecord::unpack(&record.payload, &mut families).unwrap();
+        assert_eq!(families, packed);
+        let record = reader.next_record_packed(&mut Vec::new()).unwrap().unwrap();
+        assert!(record.packed && record.payload.len() * 3 < big.len());
+        ShipRecord::unpack(&record.payload, &mut families).unwrap();
+        assert_eq!(families, big);
+        assert!(reader.next_record_packed(&mut buffer).unwrap().is_none());
+        // What does not decompress to its header's length is an error, never a panic.
+        let mut damaged = record.payload.clone();
+        let last = damaged.len() - 1;
+        damaged.truncate(last);
+        assert!(ShipRecord::unpack(&damaged, &mut families).is_err());
+        // The same records, decompressed by the reader as before.
+        let mut reader = backlog.reader(backlog.cursor().unwrap());
+        let want = vec![
+            ("a".to_string(), plain),
+            ("b".to_string(), packed),
+            ("b".to_string(), big),
+        ];
+        assert_eq!(drain(&mut reader), want);
     }
 
     #[test]

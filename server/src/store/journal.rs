@@ -425,7 +425,7 @@ pub(super) fn unpack_into(payload: &[u8], plain: &mut Vec<u8>) -> Result<(), Rea
 /// that). Packed records are only ever CRC-32C records ([`kind_of`]), so that checksum is as
 /// strong as the frames'. A damaged payload that passed it anyway is still refused if it does not
 /// decompress to exactly its header's length, and never takes more memory than that.
-fn unpack_verified_into(payload: &[u8], plain: &mut Vec<u8>) -> Result<(), ReadError> {
+pub(super) fn unpack_verified_into(payload: &[u8], plain: &mut Vec<u8>) -> Result<(), ReadError> {
     unpack_checking(payload, plain, false)
 }
 
@@ -758,7 +758,7 @@ pub(super) struct Record {
     /// The image's header.
     pub(super) header: Header,
     /// The image's payload as the record holds it (empty for a removal; packed when `packed`,
-    /// which [`read_at`] never hands out: it decompresses).
+    /// which only [`read_at_packed`] hands out: [`read_at`] decompresses).
     pub(super) payload: Vec<u8>,
     /// Whether `payload` is packed ([`PACKED`]).
     pub(super) packed: bool,
@@ -907,9 +907,34 @@ pub(super) fn read_at(file: &File, at: u64, len: u64) -> io::Result<Next> {
 /// record is read into `record`, also used again (its contents are of no use to the caller).
 pub(super) fn read_at_into(
     file: &File,
-    mut at: u64,
+    at: u64,
     len: u64,
     unpacked: &mut Vec<u8>,
+    record: &mut Vec<u8>,
+) -> io::Result<Next> {
+    read_at_with(file, at, len, Some(unpacked), record)
+}
+
+/// [`read_at_into`], a packed record handed out as it is stored (`packed`, its payload the
+/// header and frames [`unpack_verified_into`] decompresses, its checksum verified), in `record`'s
+/// buffer (taken: the caller gives the next read another). Remote-write egress decompresses it on
+/// the shard that converts it, so the families are read while they are in that core's cache.
+pub(super) fn read_at_packed(
+    file: &File,
+    at: u64,
+    len: u64,
+    record: &mut Vec<u8>,
+) -> io::Result<Next> {
+    read_at_with(file, at, len, None, record)
+}
+
+/// [`read_at_into`], a packed payload decompressed into `unpacked` if given, else handed out
+/// packed ([`read_at_packed`]).
+fn read_at_with(
+    file: &File,
+    mut at: u64,
+    len: u64,
+    unpacked: Option<&mut Vec<u8>>,
     record: &mut Vec<u8>,
 ) -> io::Result<Next> {
     if at >= len {
@@ -955,13 +980,28 @@ pub(super) fn read_at_into(
     let payload_at = at + (PREFIX_LEN + prefix.id_len) as u64;
     // A packed payload is handed out decompressed; one that does not decompress ends the
     // segment's reading as a failed checksum does.
-    let read = match is_packed(prefix.kind) {
-        false => {
+    let packed = is_packed(prefix.kind) && unpacked.is_none();
+    let read = match (is_packed(prefix.kind), unpacked) {
+        (false, _) => {
             let mut payload = vec![0u8; payload_len + marker];
             file.read_exact_at(&mut payload, payload_at)?;
             verify(&prefix_bytes, &prefix, id, payload)
         }
-        true => {
+        (true, None) => {
+            // As it is stored, in a buffer of the caller's (only its growth is zeroed).
+            let end = payload_len + marker;
+            if record.len() < end {
+                record.resize(end, 0);
+            }
+            record.truncate(end);
+            file.read_exact_at(record, payload_at)?;
+            verify_in_place(&prefix_bytes, &prefix, id, record).map(|(header, payload_len)| {
+                let mut payload = std::mem::take(record);
+                payload.truncate(payload_len);
+                (header, payload)
+            })
+        }
+        (true, Some(unpacked)) => {
             // Read over what the buffer held (only its growth is zeroed, not the whole record
             // each time: a fresh zeroed buffer cost egress 3 % of its CPU); the record's bytes
             // are exactly its first `payload_len + marker`.
@@ -991,7 +1031,7 @@ pub(super) fn read_at_into(
             Record {
                 kind,
                 header,
-                packed: false,
+                packed,
                 payload,
                 offset: at,
             },
