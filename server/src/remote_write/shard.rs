@@ -146,9 +146,7 @@ impl Shard {
     pub(super) fn convert(&mut self, item: Item, batch: &mut Batch) {
         self.decode(&item, batch);
         self.pool.give(item.payload);
-        if self.plain.capacity() > POOL_BUFFER_BYTES {
-            self.plain = Vec::new();
-        }
+        keep_at_most(&mut self.plain, POOL_BUFFER_BYTES);
     }
 
     fn decode(&mut self, item: &Item, batch: &mut Batch) {
@@ -330,6 +328,14 @@ impl Shard {
     }
 }
 
+/// Frees `buffer` if it holds more than `max` bytes of capacity (a rare large upload's), so
+/// that what a shard keeps between records stays within `max`.
+fn keep_at_most(buffer: &mut Vec<u8>, max: usize) {
+    if buffer.capacity() > max {
+        *buffer = Vec::new();
+    }
+}
+
 /// Whether a refusal's text says a sample came too late for its series: Prometheus ("out of
 /// order sample", "duplicate sample for timestamp", "out of bounds"), Mimir and Cortex
 /// ("out-of-order", "too old"), Thanos receive ("out of order").
@@ -344,4 +350,20 @@ pub(super) fn is_out_of_order(reply: &str) -> bool {
     ]
     .iter()
     .any(|needle| reply.contains(needle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_buffer_grown_past_its_bound_is_freed() {
+        let mut plain = Vec::with_capacity(POOL_BUFFER_BYTES);
+        plain.extend_from_slice(&[1; 100]);
+        keep_at_most(&mut plain, POOL_BUFFER_BYTES);
+        assert!(plain.capacity() >= POOL_BUFFER_BYTES, "kept");
+        plain.reserve(POOL_BUFFER_BYTES + 1);
+        keep_at_most(&mut plain, POOL_BUFFER_BYTES);
+        assert_eq!(plain.capacity(), 0);
+    }
 }
