@@ -50,9 +50,9 @@ pub(super) struct Shard {
     pub(super) queued_bytes: Arc<AtomicUsize>,
     /// Where converted payloads' buffers go back to the reader.
     pub(super) pool: Arc<BufferPool>,
-    /// Where a packed record is decompressed, just before it is converted (so its families are
-    /// read from this core's cache), reused from one record to the next; freed once it held more
-    /// than [`POOL_BUFFER_BYTES`] (a rare large upload does not pin its size).
+    /// Where a packed record is decompressed, just before it is converted, reused from one
+    /// record to the next; freed once it held more than [`POOL_BUFFER_BYTES`] (a rare large
+    /// upload does not pin its size).
     pub(super) plain: Vec<u8>,
 }
 

@@ -267,9 +267,11 @@ impl BacklogReader {
 
     /// [`BacklogReader::next_record`], a packed record handed out as stored (`packed`, its
     /// checksum verified) in `buffer`'s allocation, which it then takes (a plain record's leaves
-    /// it): whoever converts it decompresses it ([`ShipRecord::unpack`]) just before, while its
-    /// families are in that core's cache. Decompressed here, ~51 KB an upload waited in a shard's
-    /// queue behind hundreds of others and was read back from memory.
+    /// it): whoever converts it decompresses it ([`ShipRecord::unpack`]) just before. Egress's
+    /// one reader thread then no longer does the decompression of every upload for all its
+    /// shards (its share of egress's CPU fell from 20 % to 5 % in perf; the decompression itself
+    /// costs the same on a shard), its queues hold ~8 KB an upload, not ~51 KB, and the families
+    /// are read right after they are written.
     pub fn next_record_packed(
         &mut self,
         buffer: &mut Vec<u8>,

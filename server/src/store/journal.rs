@@ -918,7 +918,7 @@ pub(super) fn read_at_into(
 /// [`read_at_into`], a packed record handed out as it is stored (`packed`, its payload the
 /// header and frames [`unpack_verified_into`] decompresses, its checksum verified), in `record`'s
 /// buffer (taken: the caller gives the next read another). Remote-write egress decompresses it on
-/// the shard that converts it, so the families are read while they are in that core's cache.
+/// the shard that converts it, not on its one reader thread.
 pub(super) fn read_at_packed(
     file: &File,
     at: u64,
