@@ -1514,6 +1514,27 @@ mod tests {
             &request(&[(A, &[(5.0, 4000)]), (B, &[(2.0, 4000)])]),
         );
         assert!(!patch.is_empty());
+        // Refused after A was read, once or twice (B is a staleness marker): nothing of it
+        // stays, in the payload, the patch or the slots' timestamps (the next step compares).
+        let stale = f64::from_bits(0x7ff0_0000_0000_0002);
+        for refused in [
+            request(&[(A, &[(7.0, 5000)]), (B, &[(stale, 5000)])]),
+            request(&[
+                (A, &[(7.0, 5000)]),
+                (A, &[(8.0, 6000)]),
+                (B, &[(stale, 6000)]),
+            ]),
+        ] {
+            let before = entry.payload().to_vec();
+            entry.record_patch(1);
+            assert_eq!(entry.merge_raw(&refused, &rules, 0), None);
+            assert_eq!(entry.payload(), &before[..]);
+            assert!(entry.take_patch().unwrap().is_empty());
+        }
+        step(
+            &mut entry,
+            &request(&[(A, &[(7.0, 4000)]), (B, &[(2.0, 4500)])]),
+        );
         assert_eq!(changed(b"abcd", b"abcd"), None);
         assert_eq!(changed(b"abcd", b"xbcd"), Some((0, 1)));
         assert_eq!(changed(b"abcd", b"abxd"), Some((2, 3)));
