@@ -670,15 +670,16 @@ impl CachedCluster {
             let slot = self.slots[write.slot as usize];
             let at = slot.start + slot.labels;
             let stored = &mut self.payload[at as usize..at as usize + tail_len];
-            // The value's field and message keys (3 bytes) are most often there already: then
-            // the journal gets the rest only, a ninth less of every patch.
-            let kept = match stored[..3] == VALUE_KEYS {
-                true => 3,
-                false => 0,
-            };
-            stored.copy_from_slice(&tail[..tail_len]);
-            if let Some(patch) = &mut self.patch {
-                patch.push(at + kept as u32, &tail[kept..tail_len]);
+            // Only the bytes that differ are written and journaled: the keys are there already,
+            // a value that did not change since the last sample (a constant gauge, an idle
+            // counter) keeps its 8 bytes, and two timestamps a scrape interval apart differ in
+            // their low varint bytes only. The range of a series sharing its timestamp with the
+            // one before then ends like it, so the patch takes its offset and length alone.
+            if let Some((from, to)) = changed(stored, &tail[..tail_len]) {
+                stored[from..to].copy_from_slice(&tail[from..to]);
+                if let Some(patch) = &mut self.patch {
+                    patch.push(at + from as u32, &tail[from..to]);
+                }
             }
             self.newest_received = self.newest_received.max(write.timestamp_ms);
             self.newest_sample = self.newest_sample.max(write.timestamp_ms);
@@ -820,6 +821,18 @@ fn same(a: &[u8], b: &[u8]) -> bool {
                 && word(a.last_chunk()) == word(b.last_chunk())
         }
     }
+}
+
+/// The bytes where `old` and `new` (of one length) differ: from the first that differs to after
+/// the last; None when they are the same bytes.
+#[inline]
+fn changed(old: &[u8], new: &[u8]) -> Option<(usize, usize)> {
+    let pairs = || old.iter().zip(new);
+    let from = pairs().position(|(a, b)| a != b)?;
+    let to = pairs()
+        .rposition(|(a, b)| a != b)
+        .map_or(from, |last| last + 1);
+    Some((from, to))
 }
 
 /// The length of a converted series' value and timestamp fields.
@@ -1456,6 +1469,76 @@ mod tests {
                 assert!(!same(a, &b), "{len} differs at {at}");
             }
         }
+    }
+
+    #[test]
+    fn a_raw_merge_journals_only_the_bytes_that_changed() {
+        let whitelist = Arc::new(Vec::new());
+        let rules = raw_rules(&whitelist, 100);
+        let first = request(&[(A, &[(1.0, 2000)]), (B, &[(2.0, 2000)])]);
+        let mut entry = cached(convert(&first));
+        entry.mark_converted(&convert(&first), &whitelist);
+        // Each step: the payload is the full merge's, and the patch rebuilds it from the last.
+        let step = |entry: &mut CachedCluster, body: &[u8]| {
+            let full = merge_payloads(entry.payload(), &convert(body), 0).unwrap();
+            let mut rebuilt = entry.payload().to_vec();
+            entry.record_patch(1);
+            assert_eq!(entry.merge_raw(body, &rules, 0), Some(2));
+            assert_eq!(entry.payload(), &full.payload[..]);
+            let patch = entry.take_patch().unwrap();
+            assert_eq!(crate::store::apply_patch(&mut rebuilt, &patch), Ok(()));
+            assert_eq!(rebuilt, entry.payload());
+            patch
+        };
+        // Same values, the next timestamp (2000 and 3000 differ in both their varint bytes): the
+        // timestamps' 2 bytes once, then only where B's range is (it ends as A's does). With the
+        // whole value and timestamp, 11 bytes of A's and 8 of B's besides.
+        let patch = step(
+            &mut entry,
+            &request(&[(A, &[(1.0, 3000)]), (B, &[(2.0, 3000)])]),
+        );
+        assert!(
+            patch.len() <= 24 + (3 + 1 + 2) + (3 + 1),
+            "{} bytes",
+            patch.len()
+        );
+        // The same samples again: nothing written, nothing journaled.
+        let patch = step(
+            &mut entry,
+            &request(&[(A, &[(1.0, 3000)]), (B, &[(2.0, 3000)])]),
+        );
+        assert!(patch.is_empty());
+        // A new value: its changed bytes through the timestamp's.
+        let patch = step(
+            &mut entry,
+            &request(&[(A, &[(5.0, 4000)]), (B, &[(2.0, 4000)])]),
+        );
+        assert!(!patch.is_empty());
+        // Refused after A was read, once or twice (B is a staleness marker): nothing of it
+        // stays, in the payload, the patch or the slots' timestamps (the next step compares).
+        let stale = f64::from_bits(0x7ff0_0000_0000_0002);
+        for refused in [
+            request(&[(A, &[(7.0, 5000)]), (B, &[(stale, 5000)])]),
+            request(&[
+                (A, &[(7.0, 5000)]),
+                (A, &[(8.0, 6000)]),
+                (B, &[(stale, 6000)]),
+            ]),
+        ] {
+            let before = entry.payload().to_vec();
+            entry.record_patch(1);
+            assert_eq!(entry.merge_raw(&refused, &rules, 0), None);
+            assert_eq!(entry.payload(), &before[..]);
+            assert!(entry.take_patch().unwrap().is_empty());
+        }
+        step(
+            &mut entry,
+            &request(&[(A, &[(7.0, 4000)]), (B, &[(2.0, 4500)])]),
+        );
+        assert_eq!(changed(b"abcd", b"abcd"), None);
+        assert_eq!(changed(b"abcd", b"xbcd"), Some((0, 1)));
+        assert_eq!(changed(b"abcd", b"abxd"), Some((2, 3)));
+        assert_eq!(changed(b"abcd", b"xbcy"), Some((0, 4)));
     }
 
     #[test]
