@@ -728,7 +728,7 @@ fn encode_chunk(
                 continue;
             }
         };
-        let family = match wire::FamilyView::parse(read) {
+        let family = match parse_family(read) {
             Ok(family) => family,
             Err(e) => {
                 warn!(
@@ -800,7 +800,7 @@ fn encode_chunk(
         };
         let mut skipped = Skipped::default();
         if let Ok(read) = cluster.pinned.read_range_reusing(start, end, &mut bytes) {
-            if let Ok(family) = wire::FamilyView::parse(read) {
+            if let Ok(family) = parse_family(read) {
                 for _ in family.metrics() {
                     skipped.add(SkipReason::TypeConflict);
                 }
@@ -816,6 +816,16 @@ fn encode_chunk(
         Format::Text => (header_len(out), series),
         // A chunk is a message of its own (see the module doc): nothing to drop.
         Format::ProtoDelimited => (0, series),
+    }
+}
+
+/// A stored family part as [`wire::FamilyView::parse`] reads it: the quick way when it is framed
+/// as encoders frame it ([`text::usual_family`]: every family of every cluster is parsed once a
+/// scrape, and the general reader's walk of its series was a few percent of it).
+fn parse_family(message: &[u8]) -> Result<wire::FamilyView<'_>, DecodeError> {
+    match text::usual_family(message) {
+        Some(family) => Ok(family),
+        None => wire::FamilyView::parse(message),
     }
 }
 
