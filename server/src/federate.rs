@@ -47,6 +47,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Instant, UNIX_EPOCH};
 
@@ -234,6 +235,20 @@ struct ClusterIndex {
     /// Seconds since the epoch of the upload's receipt.
     received_seconds: f64,
     pinned: PinnedUpload,
+    /// Where its families are (with what scrapes learnt of them), in payload order.
+    families: FamilyRanges,
+}
+
+impl ClusterIndex {
+    /// [`FamilyRange::plain`] of the family whose message starts at `start` in the payload.
+    fn plain_flag(&self, start: u64) -> Option<&AtomicBool> {
+        // In payload order, so by strictly increasing start.
+        let at = self
+            .families
+            .binary_search_by_key(&start, |family| u64::from(family.start))
+            .ok()?;
+        self.families.get(at).map(|family| &family.plain)
+    }
 }
 
 /// Where one family is in a cluster's payload: its name, type and the byte range of its message
@@ -243,6 +258,12 @@ struct FamilyRange {
     metric_type: MetricType,
     start: u32,
     end: u32,
+    /// Whether a scrape without selectors found this family's bytes plain as text (every series
+    /// written, each label a short message needing no check or escape:
+    /// [`text::write_family_view_part_plain`]): later scrapes of the same file version (these
+    /// ranges are kept under it) copy its labels without those checks. One byte in the range's
+    /// padding; set and read by the scrapes' workers, so atomic.
+    plain: AtomicBool,
 }
 
 /// Where one cluster's families are in its payload. Merged into the [`FamilyPlan`]s as each
@@ -598,6 +619,7 @@ fn index_cluster(store: &Store, id: &str) -> Option<(ClusterIndex, FamilyRanges)
                         metric_type,
                         start,
                         end,
+                        plain: AtomicBool::new(false),
                     })
                     .collect()
             });
@@ -619,6 +641,7 @@ fn index_cluster(store: &Store, id: &str) -> Option<(ClusterIndex, FamilyRanges)
             cluster_id: id.to_string(),
             received_seconds,
             pinned,
+            families: Arc::clone(&families),
         },
         families,
     ))
@@ -752,13 +775,16 @@ fn encode_chunk(
                     kept += usize::from(keep);
                     keep
                 };
-                let result = text::write_family_view_part(
+                let plain_flag = cluster.plain_flag(start);
+                let known_plain = plain_flag.is_some_and(|flag| flag.load(Ordering::Relaxed));
+                let result = text::write_family_view_part_plain(
                     out,
                     &family,
                     false,
                     &mut skipped,
                     &mut header_written,
                     &mut keep,
+                    known_plain,
                 );
                 if result.is_err() {
                     out.truncate(mark);
@@ -768,7 +794,14 @@ fn encode_chunk(
                     // skip before `keep` (an invalid family name) comes with none accepted.
                     series += kept.saturating_sub(skipped.total() as usize);
                 }
-                result.map_err(|e| e.to_string())
+                // Learnt only from a scrape that kept every series (selectors leave some out,
+                // unchecked).
+                if let (Ok(plain), Some(flag)) = (&result, plain_flag) {
+                    if selectors.is_empty() && *plain != known_plain {
+                        flag.store(*plain, Ordering::Relaxed);
+                    }
+                }
+                result.map(|_| ()).map_err(|e| e.to_string())
             }
             Format::ProtoDelimited => {
                 let mark = message.len();
