@@ -235,20 +235,8 @@ struct ClusterIndex {
     /// Seconds since the epoch of the upload's receipt.
     received_seconds: f64,
     pinned: PinnedUpload,
-    /// Where its families are (with what scrapes learnt of them), in payload order.
+    /// Where its families are, for what a scrape learns of them ([`FamilyRange::plain`]).
     families: FamilyRanges,
-}
-
-impl ClusterIndex {
-    /// [`FamilyRange::plain`] of the family whose message starts at `start` in the payload.
-    fn plain_flag(&self, start: u64) -> Option<&AtomicBool> {
-        // In payload order, so by strictly increasing start.
-        let at = self
-            .families
-            .binary_search_by_key(&start, |family| u64::from(family.start))
-            .ok()?;
-        self.families.get(at).map(|family| &family.plain)
-    }
 }
 
 /// Where one family is in a cluster's payload: its name, type and the byte range of its message
@@ -313,15 +301,34 @@ impl IndexCache {
     }
 }
 
-/// One family to write: its type (the first cluster's) and its parts, (cluster, range), in
-/// cluster order.
+/// One family to write: its type (the first cluster's) and its parts, in cluster order.
 struct FamilyPlan {
     name: String,
     metric_type: MetricType,
-    parts: Vec<(usize, u64, u64)>,
+    parts: Vec<Part>,
     /// Series of clusters whose family of this name has another type (left out).
-    conflicting: Vec<(usize, u64, u64)>,
+    conflicting: Vec<Part>,
 }
+
+/// One cluster's part of a family. 32 bytes, one per family of a cluster (the plans of a
+/// scrape of 10,000 clusters of 30 families hold ~10 MB of them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Part {
+    /// The cluster, an index into the scrape's [`ClusterIndex`]es.
+    cluster: usize,
+    /// The family's place in that cluster's [`FamilyRanges`].
+    family: u32,
+    /// [`FamilyRange::plain`] as pass 1 found it: copied while it read the range anyway, since
+    /// reaching back into 10,000 clusters' ranges from pass 2 missed the cache once a part (7%
+    /// of a scrape's CPU in `perf`).
+    plain: bool,
+    /// The family's message in the payload, without its prefix.
+    start: u64,
+    end: u64,
+}
+
+// The size its doc (and the memory of a scrape) counts on.
+const _: () = assert!(std::mem::size_of::<Part>() == 32);
 
 /// Writes the live clusters (those `filter` accepts) to `w` in `format`: each family once, in
 /// name order, with the series of every cluster that has it (in cluster order), only the series
@@ -364,12 +371,16 @@ pub fn write_selected(
             };
             let c = clusters.len();
             clusters.push(cluster);
-            for family in families.iter() {
-                let (metric_type, start, end) = (
-                    family.metric_type,
-                    u64::from(family.start),
-                    u64::from(family.end),
-                );
+            for (f, family) in families.iter().enumerate() {
+                let metric_type = family.metric_type;
+                let part = Part {
+                    cluster: c,
+                    // At most a payload's families, which fit 32 bits as their offsets do.
+                    family: u32::try_from(f).unwrap_or(u32::MAX),
+                    plain: family.plain.load(Ordering::Relaxed),
+                    start: u64::from(family.start),
+                    end: u64::from(family.end),
+                };
                 // Ours: a payload's family of this name would make it a second TYPE line.
                 if &*family.name == LAST_PUSH_FAMILY {
                     continue;
@@ -389,9 +400,9 @@ pub fn write_selected(
                 };
                 if let Some(plan) = plans.get_mut(at) {
                     if plan.metric_type == metric_type {
-                        plan.parts.push((c, start, end));
+                        plan.parts.push(part);
                     } else {
-                        plan.conflicting.push((c, start, end));
+                        plan.conflicting.push(part);
                     }
                 }
             }
@@ -495,8 +506,8 @@ fn chunks(plans: &[FamilyPlan], order: impl Iterator<Item = usize>) -> Vec<Chunk
         };
         let mut start = 0;
         let mut bytes = 0u64;
-        for (i, &(_, from, to)) in plan.parts.iter().enumerate() {
-            bytes += to.saturating_sub(from);
+        for (i, part) in plan.parts.iter().enumerate() {
+            bytes += part.end.saturating_sub(part.start);
             if bytes >= CHUNK_BYTES {
                 chunks.push(Chunk {
                     family,
@@ -736,7 +747,14 @@ fn encode_chunk(
     // Series written, in either format.
     let mut series = 0usize;
     let parts = plan.parts.get(chunk.parts.clone()).unwrap_or_default();
-    for &(c, start, end) in parts {
+    for &Part {
+        cluster: c,
+        family: f,
+        plain: known_plain,
+        start,
+        end,
+    } in parts
+    {
         let Some(cluster) = clusters.get(c) else {
             continue;
         };
@@ -775,8 +793,6 @@ fn encode_chunk(
                     kept += usize::from(keep);
                     keep
                 };
-                let plain_flag = cluster.plain_flag(start);
-                let known_plain = plain_flag.is_some_and(|flag| flag.load(Ordering::Relaxed));
                 let result = text::write_family_view_part_plain(
                     out,
                     &family,
@@ -796,9 +812,11 @@ fn encode_chunk(
                 }
                 // Learnt only from a scrape that kept every series (selectors leave some out,
                 // unchecked).
-                if let (Ok(plain), Some(flag)) = (&result, plain_flag) {
-                    if selectors.is_empty() && *plain != known_plain {
-                        flag.store(*plain, Ordering::Relaxed);
+                if let Ok(plain) = result {
+                    if selectors.is_empty() && plain != known_plain {
+                        if let Some(range) = cluster.families.get(f as usize) {
+                            range.plain.store(plain, Ordering::Relaxed);
+                        }
                     }
                 }
                 result.map(|_| ()).map_err(|e| e.to_string())
@@ -826,8 +844,14 @@ fn encode_chunk(
         }
         skips.add(id, &skipped);
     }
-    let conflicting: &[(usize, u64, u64)] = if chunk.first { &plan.conflicting } else { &[] };
-    for &(c, start, end) in conflicting {
+    let conflicting: &[Part] = if chunk.first { &plan.conflicting } else { &[] };
+    for &Part {
+        cluster: c,
+        start,
+        end,
+        ..
+    } in conflicting
+    {
         let Some(cluster) = clusters.get(c) else {
             continue;
         };

@@ -457,7 +457,17 @@ fn chunks_cut_families_by_input_bytes_and_headers_are_measured() {
     let plan = |sizes: &[u64]| FamilyPlan {
         name: "f".into(),
         metric_type: MetricType::Gauge,
-        parts: sizes.iter().enumerate().map(|(c, &n)| (c, 0, n)).collect(),
+        parts: sizes
+            .iter()
+            .enumerate()
+            .map(|(c, &n)| Part {
+                cluster: c,
+                family: 0,
+                plain: false,
+                start: 0,
+                end: n,
+            })
+            .collect(),
         conflicting: Vec::new(),
     };
     let plans = vec![
