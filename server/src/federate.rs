@@ -310,12 +310,13 @@ struct FamilyPlan {
     conflicting: Vec<Part>,
 }
 
-/// One cluster's part of a family. 32 bytes, one per family of a cluster (the plans of a
-/// scrape of 10,000 clusters of 30 families hold ~10 MB of them).
+/// One cluster's part of a family. 20 bytes, one per family of a cluster (the plans of a
+/// scrape of 10,000 clusters of 30 families hold ~6 MB of them): its offsets in 32 bits, as
+/// [`FamilyRange`] keeps them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Part {
     /// The cluster, an index into the scrape's [`ClusterIndex`]es.
-    cluster: usize,
+    cluster: u32,
     /// The family's place in that cluster's [`FamilyRanges`].
     family: u32,
     /// [`FamilyRange::plain`] as pass 1 found it: copied while it read the range anyway, since
@@ -323,12 +324,12 @@ struct Part {
     /// of a scrape's CPU in `perf`).
     plain: bool,
     /// The family's message in the payload, without its prefix.
-    start: u64,
-    end: u64,
+    start: u32,
+    end: u32,
 }
 
 // The size its doc (and the memory of a scrape) counts on.
-const _: () = assert!(std::mem::size_of::<Part>() == 32);
+const _: () = assert!(std::mem::size_of::<Part>() == 20);
 
 /// Writes the live clusters (those `filter` accepts) to `w` in `format`: each family once, in
 /// name order, with the series of every cluster that has it (in cluster order), only the series
@@ -369,7 +370,10 @@ pub fn write_selected(
             let Some((cluster, families)) = index else {
                 return Ok(());
             };
-            let c = clusters.len();
+            // Fewer clusters than 2^32 are ever stored; past that, not served.
+            let Ok(c) = u32::try_from(clusters.len()) else {
+                return Ok(());
+            };
             clusters.push(cluster);
             for (f, family) in families.iter().enumerate() {
                 let metric_type = family.metric_type;
@@ -378,8 +382,8 @@ pub fn write_selected(
                     // At most a payload's families, which fit 32 bits as their offsets do.
                     family: u32::try_from(f).unwrap_or(u32::MAX),
                     plain: family.plain.load(Ordering::Relaxed),
-                    start: u64::from(family.start),
-                    end: u64::from(family.end),
+                    start: family.start,
+                    end: family.end,
                 };
                 // Ours: a payload's family of this name would make it a second TYPE line.
                 if &*family.name == LAST_PUSH_FAMILY {
@@ -507,7 +511,7 @@ fn chunks(plans: &[FamilyPlan], order: impl Iterator<Item = usize>) -> Vec<Chunk
         let mut start = 0;
         let mut bytes = 0u64;
         for (i, part) in plan.parts.iter().enumerate() {
-            bytes += part.end.saturating_sub(part.start);
+            bytes += u64::from(part.end.saturating_sub(part.start));
             if bytes >= CHUNK_BYTES {
                 chunks.push(Chunk {
                     family,
@@ -755,7 +759,8 @@ fn encode_chunk(
         end,
     } in parts
     {
-        let Some(cluster) = clusters.get(c) else {
+        let (start, end) = (u64::from(start), u64::from(end));
+        let Some(cluster) = clusters.get(c as usize) else {
             continue;
         };
         let id = cluster.cluster_id.as_str();
@@ -852,7 +857,8 @@ fn encode_chunk(
         ..
     } in conflicting
     {
-        let Some(cluster) = clusters.get(c) else {
+        let (start, end) = (u64::from(start), u64::from(end));
+        let Some(cluster) = clusters.get(c as usize) else {
             continue;
         };
         let mut skipped = Skipped::default();

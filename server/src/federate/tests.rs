@@ -461,11 +461,11 @@ fn chunks_cut_families_by_input_bytes_and_headers_are_measured() {
             .iter()
             .enumerate()
             .map(|(c, &n)| Part {
-                cluster: c,
+                cluster: c as u32,
                 family: 0,
                 plain: false,
                 start: 0,
-                end: n,
+                end: n as u32,
             })
             .collect(),
         conflicting: Vec::new(),
