@@ -254,6 +254,9 @@ struct FamilyRange {
     plain: AtomicBool,
 }
 
+// The flag fits the range's padding: still the 32 bytes [`IndexCache`]'s doc counts a family.
+const _: () = assert!(std::mem::size_of::<FamilyRange>() == 32);
+
 /// Where one cluster's families are in its payload. Merged into the [`FamilyPlan`]s as each
 /// cluster is indexed; kept between scrapes in [`INDEXES`] (the names shared, so held once per
 /// family name, not once per cluster).
