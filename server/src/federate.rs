@@ -47,6 +47,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Instant, UNIX_EPOCH};
 
@@ -234,6 +235,8 @@ struct ClusterIndex {
     /// Seconds since the epoch of the upload's receipt.
     received_seconds: f64,
     pinned: PinnedUpload,
+    /// Where its families are, for what a scrape learns of them ([`FamilyRange::plain`]).
+    families: FamilyRanges,
 }
 
 /// Where one family is in a cluster's payload: its name, type and the byte range of its message
@@ -243,7 +246,16 @@ struct FamilyRange {
     metric_type: MetricType,
     start: u32,
     end: u32,
+    /// Whether a scrape without selectors found this family's bytes plain as text (every series
+    /// written, each label a short message needing no check or escape:
+    /// [`text::write_family_view_part_plain`]): later scrapes of the same file version (these
+    /// ranges are kept under it) copy its labels without those checks. One byte in the range's
+    /// padding; set and read by the scrapes' workers, so atomic.
+    plain: AtomicBool,
 }
+
+// The flag fits the range's padding: still the 32 bytes [`IndexCache`]'s doc counts a family.
+const _: () = assert!(std::mem::size_of::<FamilyRange>() == 32);
 
 /// Where one cluster's families are in its payload. Merged into the [`FamilyPlan`]s as each
 /// cluster is indexed; kept between scrapes in [`INDEXES`] (the names shared, so held once per
@@ -292,15 +304,35 @@ impl IndexCache {
     }
 }
 
-/// One family to write: its type (the first cluster's) and its parts, (cluster, range), in
-/// cluster order.
+/// One family to write: its type (the first cluster's) and its parts, in cluster order.
 struct FamilyPlan {
     name: String,
     metric_type: MetricType,
-    parts: Vec<(usize, u64, u64)>,
+    parts: Vec<Part>,
     /// Series of clusters whose family of this name has another type (left out).
-    conflicting: Vec<(usize, u64, u64)>,
+    conflicting: Vec<Part>,
 }
+
+/// One cluster's part of a family. 20 bytes, one per family of a cluster (the plans of a
+/// scrape of 10,000 clusters of 30 families hold ~6 MB of them): its offsets in 32 bits, as
+/// [`FamilyRange`] keeps them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Part {
+    /// The cluster, an index into the scrape's [`ClusterIndex`]es.
+    cluster: u32,
+    /// The family's place in that cluster's [`FamilyRanges`].
+    family: u32,
+    /// [`FamilyRange::plain`] as pass 1 found it: copied while it read the range anyway, since
+    /// reaching back into 10,000 clusters' ranges from pass 2 missed the cache once a part (7%
+    /// of a scrape's CPU in `perf`).
+    plain: bool,
+    /// The family's message in the payload, without its prefix.
+    start: u32,
+    end: u32,
+}
+
+// The size its doc (and the memory of a scrape) counts on.
+const _: () = assert!(std::mem::size_of::<Part>() == 20);
 
 /// Writes the live clusters (those `filter` accepts) to `w` in `format`: each family once, in
 /// name order, with the series of every cluster that has it (in cluster order), only the series
@@ -341,14 +373,21 @@ pub fn write_selected(
             let Some((cluster, families)) = index else {
                 return Ok(());
             };
-            let c = clusters.len();
+            // Fewer clusters than 2^32 are ever stored; past that, not served.
+            let Ok(c) = u32::try_from(clusters.len()) else {
+                return Ok(());
+            };
             clusters.push(cluster);
-            for family in families.iter() {
-                let (metric_type, start, end) = (
-                    family.metric_type,
-                    u64::from(family.start),
-                    u64::from(family.end),
-                );
+            for (f, family) in families.iter().enumerate() {
+                let metric_type = family.metric_type;
+                let part = Part {
+                    cluster: c,
+                    // At most a payload's families, which fit 32 bits as their offsets do.
+                    family: u32::try_from(f).unwrap_or(u32::MAX),
+                    plain: family.plain.load(Ordering::Relaxed),
+                    start: family.start,
+                    end: family.end,
+                };
                 // Ours: a payload's family of this name would make it a second TYPE line.
                 if &*family.name == LAST_PUSH_FAMILY {
                     continue;
@@ -368,9 +407,9 @@ pub fn write_selected(
                 };
                 if let Some(plan) = plans.get_mut(at) {
                     if plan.metric_type == metric_type {
-                        plan.parts.push((c, start, end));
+                        plan.parts.push(part);
                     } else {
-                        plan.conflicting.push((c, start, end));
+                        plan.conflicting.push(part);
                     }
                 }
             }
@@ -474,8 +513,8 @@ fn chunks(plans: &[FamilyPlan], order: impl Iterator<Item = usize>) -> Vec<Chunk
         };
         let mut start = 0;
         let mut bytes = 0u64;
-        for (i, &(_, from, to)) in plan.parts.iter().enumerate() {
-            bytes += to.saturating_sub(from);
+        for (i, part) in plan.parts.iter().enumerate() {
+            bytes += u64::from(part.end.saturating_sub(part.start));
             if bytes >= CHUNK_BYTES {
                 chunks.push(Chunk {
                     family,
@@ -598,6 +637,7 @@ fn index_cluster(store: &Store, id: &str) -> Option<(ClusterIndex, FamilyRanges)
                         metric_type,
                         start,
                         end,
+                        plain: AtomicBool::new(false),
                     })
                     .collect()
             });
@@ -619,6 +659,7 @@ fn index_cluster(store: &Store, id: &str) -> Option<(ClusterIndex, FamilyRanges)
             cluster_id: id.to_string(),
             received_seconds,
             pinned,
+            families: Arc::clone(&families),
         },
         families,
     ))
@@ -713,8 +754,16 @@ fn encode_chunk(
     // Series written, in either format.
     let mut series = 0usize;
     let parts = plan.parts.get(chunk.parts.clone()).unwrap_or_default();
-    for &(c, start, end) in parts {
-        let Some(cluster) = clusters.get(c) else {
+    for &Part {
+        cluster: c,
+        family: f,
+        plain: known_plain,
+        start,
+        end,
+    } in parts
+    {
+        let (start, end) = (u64::from(start), u64::from(end));
+        let Some(cluster) = clusters.get(c as usize) else {
             continue;
         };
         let id = cluster.cluster_id.as_str();
@@ -728,7 +777,7 @@ fn encode_chunk(
                 continue;
             }
         };
-        let family = match wire::FamilyView::parse(read) {
+        let family = match parse_family(read) {
             Ok(family) => family,
             Err(e) => {
                 warn!(
@@ -752,13 +801,14 @@ fn encode_chunk(
                     kept += usize::from(keep);
                     keep
                 };
-                let result = text::write_family_view_part(
+                let result = text::write_family_view_part_plain(
                     out,
                     &family,
                     false,
                     &mut skipped,
                     &mut header_written,
                     &mut keep,
+                    known_plain,
                 );
                 if result.is_err() {
                     out.truncate(mark);
@@ -768,7 +818,16 @@ fn encode_chunk(
                     // skip before `keep` (an invalid family name) comes with none accepted.
                     series += kept.saturating_sub(skipped.total() as usize);
                 }
-                result.map_err(|e| e.to_string())
+                // Learnt only from a scrape that kept every series (selectors leave some out,
+                // unchecked).
+                if let Ok(plain) = result {
+                    if selectors.is_empty() && plain != known_plain {
+                        if let Some(range) = cluster.families.get(f as usize) {
+                            range.plain.store(plain, Ordering::Relaxed);
+                        }
+                    }
+                }
+                result.map(|_| ()).map_err(|e| e.to_string())
             }
             Format::ProtoDelimited => {
                 let mark = message.len();
@@ -793,14 +852,21 @@ fn encode_chunk(
         }
         skips.add(id, &skipped);
     }
-    let conflicting: &[(usize, u64, u64)] = if chunk.first { &plan.conflicting } else { &[] };
-    for &(c, start, end) in conflicting {
-        let Some(cluster) = clusters.get(c) else {
+    let conflicting: &[Part] = if chunk.first { &plan.conflicting } else { &[] };
+    for &Part {
+        cluster: c,
+        start,
+        end,
+        ..
+    } in conflicting
+    {
+        let (start, end) = (u64::from(start), u64::from(end));
+        let Some(cluster) = clusters.get(c as usize) else {
             continue;
         };
         let mut skipped = Skipped::default();
         if let Ok(read) = cluster.pinned.read_range_reusing(start, end, &mut bytes) {
-            if let Ok(family) = wire::FamilyView::parse(read) {
+            if let Ok(family) = parse_family(read) {
                 for _ in family.metrics() {
                     skipped.add(SkipReason::TypeConflict);
                 }
@@ -816,6 +882,16 @@ fn encode_chunk(
         Format::Text => (header_len(out), series),
         // A chunk is a message of its own (see the module doc): nothing to drop.
         Format::ProtoDelimited => (0, series),
+    }
+}
+
+/// A stored family part as [`wire::FamilyView::parse`] reads it: the quick way when it is framed
+/// as encoders frame it ([`text::usual_family`]: every family of every cluster is parsed once a
+/// scrape, and the general reader's walk of its series was a few percent of it).
+fn parse_family(message: &[u8]) -> Result<wire::FamilyView<'_>, DecodeError> {
+    match text::usual_family(message) {
+        Some(family) => Ok(family),
+        None => wire::FamilyView::parse(message),
     }
 }
 

@@ -12,9 +12,11 @@ mod write;
 
 pub use float::format_float;
 pub use parse::{parse, Limits, ParseError};
+pub use series::usual_family;
 pub use skip::{reserved_label, type_label, unservable_labels, SkipReason, Skipped};
 pub use write::{
     encode, write_family, write_family_counted, write_family_view, write_family_view_part,
+    write_family_view_part_plain,
 };
 
 #[cfg(test)]

@@ -1080,3 +1080,71 @@ fn encode_throughput() {
     );
     assert_eq!(parsed.len(), families.len());
 }
+
+/// A family part is plain only when every series is written with its labels the usual way and
+/// nothing checked about them could fail; written as known plain, a plain part is the same bytes.
+#[test]
+fn a_part_is_plain_only_when_every_label_needs_no_check_and_known_plain_writes_the_same() {
+    use super::write::write_family_view_part_plain;
+    let write = |family: &MetricFamily, known: bool, keep_all: bool| {
+        let body = delimited::encode(std::slice::from_ref(family));
+        let view = crate::wire::families(&body, &delimited::Limits::default())
+            .next()
+            .unwrap()
+            .unwrap();
+        let mut out = Vec::new();
+        let mut skipped = Skipped::default();
+        let mut first = true;
+        let mut keep = |_: &crate::wire::MetricView<'_>| {
+            let keep = keep_all || first;
+            first = false;
+            keep
+        };
+        let plain = write_family_view_part_plain(
+            &mut out,
+            &view,
+            false,
+            &mut skipped,
+            &mut false,
+            &mut keep,
+            known,
+        )
+        .unwrap();
+        (String::from_utf8(out).unwrap(), plain, skipped.total())
+    };
+    let clean: &[&[(&str, &str)]] = &[&[("_id", "c"), ("a", "1")], &[("_id", "c"), ("b", "2")]];
+    for kind in [
+        MetricType::Gauge,
+        MetricType::Histogram,
+        MetricType::Summary,
+    ] {
+        let family = family_of(kind, clean);
+        let (checked, plain, _) = write(&family, false, true);
+        assert!(plain, "{checked}");
+        assert_eq!(write(&family, true, true), (checked, true, 0));
+        // A series left out by `keep` was not checked: not plain.
+        assert!(!write(&family, false, false).1);
+    }
+    // Anything the checks or the escaping would act on makes the part not plain, and written
+    // as before.
+    let unplain: &[&[&[(&str, &str)]]] = &[
+        &[&[("a", "1")], &[("a", "x\"y")]],
+        &[&[("a", "1")], &[("a", "x\\y")]],
+        &[&[("a", "1")], &[("a", "é")]],
+        &[&[("a", "1")], &[("a", "1"), ("a", "2")]],
+        &[&[("a", "1")], &[("1a", "1")]],
+        &[&[("a", "1")], &[("__name__", "x")]],
+    ];
+    for series in unplain {
+        let family = family_of(MetricType::Gauge, series);
+        let (text, plain, _) = write(&family, false, true);
+        assert!(!plain, "{text}");
+    }
+    let le = family_of(MetricType::Histogram, &[&[("a", "1")], &[("le", "1")]]);
+    let (text, plain, skipped) = write(&le, false, true);
+    assert!(!plain && skipped == 1, "{text}");
+    // A series without its value.
+    let mut missing = family_of(MetricType::Gauge, clean);
+    missing.metric[1].gauge = None;
+    assert!(!write(&missing, false, true).1);
+}

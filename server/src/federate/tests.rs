@@ -457,7 +457,17 @@ fn chunks_cut_families_by_input_bytes_and_headers_are_measured() {
     let plan = |sizes: &[u64]| FamilyPlan {
         name: "f".into(),
         metric_type: MetricType::Gauge,
-        parts: sizes.iter().enumerate().map(|(c, &n)| (c, 0, n)).collect(),
+        parts: sizes
+            .iter()
+            .enumerate()
+            .map(|(c, &n)| Part {
+                cluster: c as u32,
+                family: 0,
+                plain: false,
+                start: 0,
+                end: n as u32,
+            })
+            .collect(),
         conflicting: Vec::new(),
     };
     let plans = vec![
@@ -722,6 +732,76 @@ fn a_file_verified_before_is_served_from_its_cached_family_index_until_a_new_ver
     assert!(!IndexCache::with(|cache| cache
         .clusters
         .contains_key("cache-a")));
+    store.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Cluster `id`'s cached families, scraping again while another test's scrape (they share the
+/// process's cache, and each drops the entries of clusters its store does not hold) has just
+/// dropped them: at most a few times, since it takes that race.
+fn cached_families(store: &Store, id: &str) -> FamilyRanges {
+    for _ in 0..50 {
+        let cached = IndexCache::with(|cache| cache.clusters.get(id).map(|(_, f)| Arc::clone(f)));
+        if let Some(families) = cached {
+            return families;
+        }
+        scrape(store);
+    }
+    panic!("cluster {id:?} never stayed in the index cache");
+}
+
+/// The plain flags of `families`, by family name.
+fn plain_flags(families: &FamilyRanges) -> Vec<(String, bool)> {
+    families
+        .iter()
+        .map(|f| (f.name.to_string(), f.plain.load(Ordering::Relaxed)))
+        .collect()
+}
+
+#[test]
+fn a_scrape_learns_which_families_are_plain_and_the_next_writes_the_same_text() {
+    let (store, dir) = temp_store("federate-plain");
+    let now = SystemTime::now();
+    store.put("plain-a", payload("plain-a"), now).unwrap();
+    // Cluster b's counter has a label value to escape: that family is not plain.
+    let mut escaped = families("plain-b");
+    escaped[0].metric[0]
+        .label
+        .push(LabelPair::new("path", "C:\\x \"y\""));
+    store
+        .put("plain-b", delimited::encode(&escaped), now)
+        .unwrap();
+    let store = reopened(store, &dir);
+    let first = scrape(&store);
+    assert!(
+        first.contains("requests_total{_id=\"plain-b\",path=\"C:\\\\x \\\"y\\\"\"} 3\n"),
+        "{first}"
+    );
+    // Every scrape learns (a scrape that re-indexes a cluster learns its flags as it writes it).
+    let (a, b) = (
+        cached_families(&store, "plain-a"),
+        cached_families(&store, "plain-b"),
+    );
+    let all_plain = vec![
+        ("requests_total".to_string(), true),
+        ("latency_seconds".to_string(), true),
+    ];
+    assert_eq!(plain_flags(&a), all_plain);
+    assert_eq!(
+        plain_flags(&b),
+        vec![
+            ("requests_total".to_string(), false),
+            ("latency_seconds".to_string(), true),
+        ]
+    );
+    // Written from what was learnt: the same text.
+    assert_eq!(scrape(&store), first);
+    // A scrape with selectors leaves series out unchecked: it learns nothing, forgets nothing.
+    let selectors = [Selector::parse("requests_total{_id=\"none\"}").unwrap()];
+    let mut out = Vec::new();
+    write_selected(&store, Format::Text, None, &selectors, "_id", &mut out).unwrap();
+    assert_eq!(plain_flags(&a), all_plain);
+    assert_eq!(scrape(&store), first);
     store.close();
     let _ = std::fs::remove_dir_all(&dir);
 }
