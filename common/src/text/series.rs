@@ -218,13 +218,8 @@ mod tests {
                 messages.push(family.unwrap().message.to_vec());
             }
         }
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n as u64) as usize
-        };
+        let mut rng = testkit::fuzz::Rng::new(0x9e37_79b9_7f4a_7c15);
+        let mut next = |n: usize| rng.below(n);
         let mut compared = 0;
         let mut usual_read = 0;
         for round in 0..20_000 {
@@ -232,18 +227,8 @@ mod tests {
             // Unchanged, then one to three bytes changed (to anything, or to a key or length
             // byte the usual reading looks for), or cut short.
             if round >= messages.len() {
-                for _ in 0..1 + next(3) {
-                    let at = next(message.len());
-                    message[at] = match next(4) {
-                        0 => next(256) as u8,
-                        1 => [0x0a, 0x12, 0x18, 0x1a, 0x22, 0x2a, 0x30, 0x09][next(8)],
-                        2 => message[at] ^ 0x80,
-                        _ => message[at].wrapping_add(1),
-                    };
-                }
-                if next(5) == 0 {
-                    message.truncate(next(message.len()));
-                }
+                let keys = [0x0a, 0x12, 0x18, 0x1a, 0x22, 0x2a, 0x30, 0x09];
+                mutate(&mut message, &mut next, 3, usize::MAX, keys);
             }
             let Some((general, usual)) = both(&message) else {
                 continue;
@@ -256,6 +241,33 @@ mod tests {
         // Both ways were taken, often.
         assert!(compared > 10_000, "{compared}");
         assert!(usual_read > 5_000, "{usual_read}");
+    }
+
+    /// Changes one to `changes` bytes among the first `reach` of `message` (to anything, to one
+    /// of `keys`, the key and length bytes a quick reader looks for, or by a flipped top bit or
+    /// one more), and one time in five cuts it short.
+    fn mutate(
+        message: &mut Vec<u8>,
+        next: &mut impl FnMut(usize) -> usize,
+        changes: usize,
+        reach: usize,
+        keys: [u8; 8],
+    ) {
+        for _ in 0..1 + next(changes) {
+            let at = next(message.len().min(reach));
+            let Some(byte) = message.get(at).copied() else {
+                break;
+            };
+            message[at] = match next(4) {
+                0 => next(256) as u8,
+                1 => keys[next(8)],
+                2 => byte ^ 0x80,
+                _ => byte.wrapping_add(1),
+            };
+        }
+        if next(5) == 0 {
+            message.truncate(next(message.len()));
+        }
     }
 
     #[test]
@@ -275,28 +287,13 @@ mod tests {
         }
         // Mutated, a family read the quick way is read the same way by the general reader (a
         // message that reader refuses, or reads otherwise, is never read the quick way).
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n as u64) as usize
-        };
+        let mut rng = testkit::fuzz::Rng::new(0x2545_f491_4f6c_dd1d);
+        let mut next = |n: usize| rng.below(n);
         let mut quick = 0;
         for round in 0..20_000 {
             let mut message = messages[round % messages.len()].clone();
-            for _ in 0..1 + next(2) {
-                let at = next(message.len().min(80));
-                message[at] = match next(4) {
-                    0 => next(256) as u8,
-                    1 => [0x0a, 0x12, 0x18, 0x1a, 0x22, 0x2a, 0x80, 0xff][next(8)],
-                    2 => message[at] ^ 0x80,
-                    _ => message[at].wrapping_add(1),
-                };
-            }
-            if next(5) == 0 {
-                message.truncate(next(message.len()));
-            }
+            let keys = [0x0a, 0x12, 0x18, 0x1a, 0x22, 0x2a, 0x80, 0xff];
+            mutate(&mut message, &mut next, 2, 80, keys);
             if let Some(usual) = usual_family(&message) {
                 quick += 1;
                 let general = FamilyView::parse(&message).expect("read the quick way");

@@ -419,16 +419,21 @@ fn family_of(metric_type: MetricType, series: &[&[(&str, &str)]]) -> MetricFamil
     }
 }
 
+/// The first family of a protobuf-delimited `body`, as `/federate` reads it.
+fn first_family(body: &[u8]) -> crate::wire::FamilyView<'_> {
+    crate::wire::families(body, &delimited::Limits::default())
+        .next()
+        .unwrap()
+        .unwrap()
+}
+
 /// Writes `family` with both writers, asserting they agree; the text and what was skipped.
 fn written(family: &MetricFamily) -> (String, Skipped) {
     let mut owned = Vec::new();
     let mut owned_skipped = Skipped::default();
     write_family_counted(&mut owned, family, false, &mut owned_skipped).unwrap();
     let body = delimited::encode(std::slice::from_ref(family));
-    let view = crate::wire::families(&body, &delimited::Limits::default())
-        .next()
-        .unwrap()
-        .unwrap();
+    let view = first_family(&body);
     let mut viewed = Vec::new();
     let mut view_skipped = Skipped::default();
     write_family_view(&mut viewed, &view, false, &mut view_skipped).unwrap();
@@ -578,13 +583,8 @@ fn labels_copied_from_their_bytes_write_what_the_general_way_writes() {
         long.as_str(),
         "x\\",
     ];
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut next = |n: usize| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x % n as u64) as usize
-    };
+    let mut rng = testkit::fuzz::Rng::new(0x2545_f491_4f6c_dd1d);
+    let mut next = |n: usize| rng.below(n);
     for round in 0..3_000 {
         let metric_type = [
             MetricType::Counter,
@@ -642,10 +642,7 @@ fn labels_written_unusually_are_read_as_prost_reads_them() {
         .unwrap()
         + 2;
     body[metric_at + 1] += 3;
-    let view = crate::wire::families(&body, &delimited::Limits::default())
-        .next()
-        .unwrap()
-        .unwrap();
+    let view = first_family(&body);
     let mut out = Vec::new();
     let mut skipped = Skipped::default();
     write_family_view(&mut out, &view, false, &mut skipped).unwrap();
@@ -1088,10 +1085,7 @@ fn a_part_is_plain_only_when_every_label_needs_no_check_and_known_plain_writes_t
     use super::write::write_family_view_part_plain;
     let write = |family: &MetricFamily, known: bool, keep_all: bool| {
         let body = delimited::encode(std::slice::from_ref(family));
-        let view = crate::wire::families(&body, &delimited::Limits::default())
-            .next()
-            .unwrap()
-            .unwrap();
+        let view = first_family(&body);
         let mut out = Vec::new();
         let mut skipped = Skipped::default();
         let mut first = true;

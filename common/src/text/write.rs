@@ -498,18 +498,23 @@ fn plain_labels(
         }
         // More names than kept: the general way counts them.
         *names.get_mut(count)? = (signature, name);
-        out.push(separator);
+        push_short_label(out, separator, name, copied);
         separator = b',';
-        let at = out.len() + name.len();
-        out.extend_from_slice(copied);
-        // `copied` is the name, the value's key and length, the value: the key and length
-        // become `="`.
-        if let Some(key) = out.get_mut(at..at + 2) {
-            key.copy_from_slice(b"=\"");
-        }
-        out.push(b'"');
     }
     Some(start..out.len())
+}
+
+/// Writes `separator` and one short label as text: `copied` is its name, its value's key and
+/// length, its value (see [`short_label_parts`]); the key and length become `="`.
+#[inline(always)]
+fn push_short_label(out: &mut Vec<u8>, separator: u8, name: &[u8], copied: &[u8]) {
+    out.push(separator);
+    let at = out.len() + name.len();
+    out.extend_from_slice(copied);
+    if let Some(key) = out.get_mut(at..at + 2) {
+        key.copy_from_slice(b"=\"");
+    }
+    out.push(b'"');
 }
 
 /// As [`plain_labels`], for labels found plain before (see [`write_family_view_part_plain`]):
@@ -524,14 +529,8 @@ fn known_plain_labels(
     let mut separator = b'{';
     for message in metric.label_messages() {
         let (name, _, copied) = short_label_parts(message.ok()?)?;
-        out.push(separator);
+        push_short_label(out, separator, name, copied);
         separator = b',';
-        let at = out.len() + name.len();
-        out.extend_from_slice(copied);
-        if let Some(key) = out.get_mut(at..at + 2) {
-            key.copy_from_slice(b"=\"");
-        }
-        out.push(b'"');
     }
     Some(start..out.len())
 }
