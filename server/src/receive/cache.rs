@@ -187,6 +187,8 @@ const NO_SLOT: u32 = u32::MAX;
 
 /// How many series ahead of the one being merged [`CachedCluster::merge_raw`] asks for the
 /// payload bytes of (a few hundred nanoseconds of memory latency, a few dozen of work a series).
+/// 16 was tried at 64 senders: 0.163-0.201 us of server CPU a sample against 8's 0.163-0.192,
+/// alternating (9 rounds each), about 1 % less on average and within the noise, so not kept.
 const PREFETCH_AHEAD: usize = 8;
 
 /// How many series ahead [`CachedCluster::merge_raw`] asks for the slot of (read then to know
@@ -824,7 +826,10 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The bytes where `old` and `new` (of one length) differ: from the first that differs to after
-/// the last; None when they are the same bytes.
+/// the last; None when they are the same bytes. Comparing 8 bytes at a time (zero-padded words,
+/// the first and last differing byte from the xor's trailing and leading zeros) was tried and
+/// took more server CPU a sample, not less: 0.183-0.197 us against the byte loop's 0.163-0.202,
+/// more in 5 of 6 rounds alternating in the same minutes.
 #[inline]
 fn changed(old: &[u8], new: &[u8]) -> Option<(usize, usize)> {
     let pairs = || old.iter().zip(new);
