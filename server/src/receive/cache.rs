@@ -663,6 +663,8 @@ impl CachedCluster {
         tail[11] = 0x30;
         let mut tail_len = 0;
         let mut encoded_ms = None;
+        // Prefetching each write's tail PREFETCH_AHEAD writes on was tried: more server CPU a
+        // sample in 4 of 4 rounds alternating (0.179-0.204 against 0.175-0.181 us).
         for write in writes {
             if encoded_ms != Some(write.timestamp_ms) {
                 tail_len = 12 + encode_varint_into(write.timestamp_ms as u64, &mut tail[12..]);
