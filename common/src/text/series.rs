@@ -77,7 +77,43 @@ impl<'a> Iterator for Series<'a> {
 /// other family, or a name or help that is not UTF-8: [`FamilyView::parse`] reads it, and says
 /// what is wrong.
 pub fn usual_family(message: &[u8]) -> Option<FamilyView<'_>> {
+    let UsualFamily {
+        name,
+        help,
+        raw_type,
+        ..
+    } = usual_parts(message)?;
+    Some(FamilyView {
+        name: std::str::from_utf8(name).ok()?,
+        help: std::str::from_utf8(help).ok()?,
+        raw_type,
+        message,
+    })
+}
+
+/// Where a family's series' fields start, when it is framed the usual way ([`usual_parts`]);
+/// `None` for any other family.
+fn series_fields(message: &[u8]) -> Option<&[u8]> {
+    usual_parts(message).map(|family| family.series)
+}
+
+/// A family framed the usual way, in parts.
+struct UsualFamily<'a> {
+    name: &'a [u8],
+    help: &'a [u8],
+    /// Its type as the wire has it (the low 32 bits of the varint, as an int32 enum).
+    raw_type: Option<i32>,
+    /// Its series' fields.
+    series: &'a [u8],
+}
+
+/// The parts of `message` when it is its header's fields (name, help, type, each once and in
+/// that order, any of them absent) followed by nothing but series fields, each with a one-byte
+/// key and a length of one or two bytes (as the general reading's quick path reads them); `None`
+/// for any other family.
+fn usual_parts(message: &[u8]) -> Option<UsualFamily<'_>> {
     let mut rest = message;
+    // Name and help: a length-delimited field each.
     let mut fields: [&[u8]; 2] = [&[], &[]];
     for (key, field) in [NAME_KEY, HELP_KEY].into_iter().zip(&mut fields) {
         if let [k, ref tail @ ..] = *rest {
@@ -92,40 +128,7 @@ pub fn usual_family(message: &[u8]) -> Option<FamilyView<'_>> {
     let mut raw_type = None;
     if let [TYPE_KEY, ref tail @ ..] = *rest {
         let (value, tail) = short_varint(tail)?;
-        // An enum is an int32 on the wire: the low 32 bits, as the general reader keeps them.
         raw_type = Some(value as i32);
-        rest = tail;
-    }
-    while !rest.is_empty() {
-        let (_, after) = series_field(rest)?;
-        rest = after;
-    }
-    let [name, help] = fields;
-    Some(FamilyView {
-        name: std::str::from_utf8(name).ok()?,
-        help: std::str::from_utf8(help).ok()?,
-        raw_type,
-        message,
-    })
-}
-
-/// Where a family's series' fields start, when its message is its header's fields (name,
-/// help, type, each once and in that order, any of them absent) followed by nothing but series
-/// fields, each with a one-byte key and a length of one or two bytes (as the general reading's
-/// quick path reads them); `None` for any other family.
-fn series_fields(message: &[u8]) -> Option<&[u8]> {
-    let mut rest = message;
-    // Name and help: a length-delimited field each.
-    for key in [NAME_KEY, HELP_KEY] {
-        if let [k, ref tail @ ..] = *rest {
-            if k == key {
-                let (len, tail) = short_varint(tail)?;
-                rest = tail.get(usize::try_from(len).ok()?..)?;
-            }
-        }
-    }
-    if let [TYPE_KEY, ref tail @ ..] = *rest {
-        let (_, tail) = short_varint(tail)?;
         rest = tail;
     }
     let mut check = rest;
@@ -133,7 +136,13 @@ fn series_fields(message: &[u8]) -> Option<&[u8]> {
         let (_, after) = series_field(check)?;
         check = after;
     }
-    Some(rest)
+    let [name, help] = fields;
+    Some(UsualFamily {
+        name,
+        help,
+        raw_type,
+        series: rest,
+    })
 }
 
 /// The view of a series written the usual way: short labels (each `0a <len under 128>`, read
