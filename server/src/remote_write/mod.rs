@@ -76,14 +76,15 @@ const SHARD_QUEUE: usize = 32;
 /// Payload bytes waiting per shard, at most (a record larger than this goes alone): 32 uploads
 /// of the largest size `--max-decompressed-bytes` lets through would be 512 MiB a shard.
 const SHARD_QUEUE_BYTES: usize = 16 << 20;
-/// Decompression buffers kept for the reader ([`crate::store::BacklogReader::next_record_into`]),
+/// Record buffers kept for the reader ([`crate::store::BacklogReader::next_record_packed`]),
 /// at most: as many as two shards' queues hold, enough for the reader to find one nearly always
 /// (8 shards take them back about as fast as it reads). A fresh zeroed buffer for each upload,
 /// allocated by the reader and freed on a shard's thread, cost egress 3 % of its CPU.
 const POOL_BUFFERS: usize = 2 * SHARD_QUEUE;
 /// A buffer of more capacity than this is freed, not kept: the usual uploads are far smaller
-/// (about 51 KB decompressed for 500 samples), and a few large ones must not pin memory. With
-/// [`POOL_BUFFERS`], 16 MiB kept at most (about 3 MiB for the usual uploads).
+/// (about 8 KB as journaled, 51 KB decompressed on a shard, for 500 samples), and a few large
+/// ones must not pin memory. With [`POOL_BUFFERS`], 16 MiB kept at most (about 0.5 MiB for the
+/// usual packed uploads, 3 MiB for plain ones).
 const POOL_BUFFER_BYTES: usize = 256 << 10;
 /// Most bytes of a receiver's reply read (for the log line).
 const MAX_REPLY_BYTES: u64 = 4096;
@@ -419,7 +420,7 @@ impl RemoteWriter {
             cursor,
             saved: cursor,
             last_save: Instant::now(),
-            unpacked: Vec::new(),
+            record_buffer: Vec::new(),
             pool,
             last_bound_check: Instant::now() - BOUND_CHECK_INTERVAL,
             max_backlog_bytes: config.max_backlog_bytes,

@@ -80,7 +80,7 @@ pub(super) struct Reader {
     pub(super) last_save: Instant,
     /// Where the next packed record is read: a buffer from `pool`, handed back by the shard
     /// that converts it.
-    pub(super) unpacked: Vec<u8>,
+    pub(super) record_buffer: Vec<u8>,
     pub(super) pool: Arc<BufferPool>,
     pub(super) last_bound_check: Instant,
     pub(super) max_backlog_bytes: u64,
@@ -102,13 +102,13 @@ impl Reader {
             }
             self.check_bound();
             self.maybe_save(false);
-            if self.unpacked.capacity() == 0 {
-                self.unpacked = self.pool.take();
+            if self.record_buffer.capacity() == 0 {
+                self.record_buffer = self.pool.take();
             }
             // A packed record (the usual upload) is handed over packed, in this buffer: its
             // shard decompresses it just before converting it, so this one thread does not
             // decompress for all the shards, and the queues hold ~8 KB an upload, not ~51 KB.
-            match self.reader.next_record_packed(&mut self.unpacked) {
+            match self.reader.next_record_packed(&mut self.record_buffer) {
                 Ok(Some(record)) => {
                     if !self.hand_over(record) {
                         break;
@@ -353,7 +353,8 @@ impl Reader {
                 if left <= target {
                     break;
                 }
-                match self.reader.next_record() {
+                // Skipped as journaled: a packed record dropped here is never decompressed.
+                match self.reader.next_record_packed(&mut Vec::new()) {
                     Ok(Some(_)) => dropped += 1,
                     Ok(None) | Err(_) => break,
                 }
