@@ -18,7 +18,6 @@ use telemeter_common::snappy;
 use telemeter_server::cluster::ring::{HashRing, DEFAULT_VNODES};
 use telemeter_server::receive::auth::bearer_for;
 use telemeter_server::remote_write::proto::{Label, Sample, TimeSeries, WriteRequest};
-use testkit::Guard as Killed;
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 const WAIT: Duration = Duration::from_secs(90);
@@ -101,47 +100,20 @@ fn count(port: u16, selector: &str) -> Option<u64> {
     v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
 }
 
-fn spawn_prometheus(dir: &Path, config: &Path, port: u16, extra: &[String]) -> Killed {
-    Killed(
-        Command::new(PROMETHEUS)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .args(extra)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus"),
-    )
-}
-
 /// A Prometheus scraping itself every second and remote-writing to `receive_url` as cluster
 /// `id` (token `secret`), in agent mode when `agent`.
-fn sender(dir: &TempDir, receive_url: &str, id: &str, agent: bool) -> (Killed, u16) {
+fn sender(dir: &TempDir, receive_url: &str, id: &str, agent: bool) -> Prometheus {
     let port = free_port();
-    let config = dir.file(
-        &format!("sender-{id}.yml"),
-        &format!(
+    let config = format!(
             "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: self\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\nremote_write:\n  - url: {receive_url}\n    authorization:\n      credentials: {}\n    write_relabel_configs:\n      - target_label: _id\n        replacement: {id}\n    queue_config:\n      batch_send_deadline: 1s\n      retry_on_http_429: true\n      min_backoff: 100ms\n      max_backoff: 1s\n",
             bearer_for("secret", id)
-        ),
     );
-    let storage = if agent {
-        vec![
-            "--enable-feature=agent".to_string(),
-            format!(
-                "--storage.agent.path={}",
-                dir.path().join(format!("agent-{id}")).display()
-            ),
-        ]
+    let name = format!("sender-{id}");
+    if agent {
+        Prometheus::agent(dir, &name, &config, port)
     } else {
-        vec![format!(
-            "--storage.tsdb.path={}",
-            dir.path().join(format!("tsdb-{id}")).display()
-        )]
-    };
-    (spawn_prometheus(dir.path(), &config, port, &storage), port)
+        Prometheus::start(dir, &name, &config, port, &[])
+    }
 }
 
 #[test]
@@ -152,45 +124,17 @@ fn prometheus_and_its_agent_remote_write_to_receive_and_it_ships_on() {
     );
     let dir = TempDir::new("receive-prom");
     // The receiver of our --remote-write-url: a Prometheus accepting remote write.
-    let receiver_port = free_port();
-    let receiver_config = dir.file("receiver.yml", "global:\n  scrape_interval: 1m\n");
-    let _receiver = spawn_prometheus(
-        dir.path(),
-        &receiver_config,
-        receiver_port,
-        &[
-            format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("receiver").display()
-            ),
-            "--web.enable-remote-write-receiver".to_string(),
-        ],
-    );
-    assert!(
-        wait_until(WAIT, || get(
-            &format!("http://127.0.0.1:{receiver_port}/-/ready"),
-            &[]
-        )
-        .status
-            == 200),
-        "the receiving prometheus never became ready"
-    );
-    let s = start(
-        &dir,
-        &[
-            "--remote-write-url",
-            &format!("http://127.0.0.1:{receiver_port}/api/v1/write"),
-        ],
-    );
+    let receiver = Prometheus::receiver(&dir, free_port());
+    let s = start(&dir, &["--remote-write-url", &receiver.write_url()]);
     let url = s.url("/metrics/v1/receive");
-    let (_sender, sender_port) = sender(&dir, &url, "test", false);
+    let prometheus = sender(&dir, &url, "test", false);
 
     // Bounded wait for: our /federate, the receiver and the sender itself agree on the number of
     // series (the sender's own series appear over its first scrapes, so equality is awaited).
     let deadline = Instant::now() + WAIT;
     loop {
-        let sent = count(sender_port, "{job=\"self\"}");
-        let shipped = count(receiver_port, "{_id=\"test\"}");
+        let sent = count(prometheus.port, "{job=\"self\"}");
+        let shipped = count(receiver.port, "{_id=\"test\"}");
         let served = federated(&s, "test").len();
         if sent.is_some() && sent == shipped && sent == Some(served as u64) && served > 50 {
             break;
@@ -212,7 +156,7 @@ fn prometheus_and_its_agent_remote_write_to_receive_and_it_ships_on() {
     assert!(requests_counted(&s, "stored") > 0.0);
 
     // The agent: nothing to query on it, but its series arrive with their _id.
-    let (_agent, _) = sender(&dir, &url, "other", true);
+    let _agent = sender(&dir, &url, "other", true);
     assert!(
         wait_until(WAIT, || federated(&s, "other")
             .iter()

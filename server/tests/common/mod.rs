@@ -764,6 +764,32 @@ impl Prometheus {
     /// restart under the same name keeps it), on `port`, with `flags` added; waits (bounded)
     /// until it is ready.
     pub fn start(dir: &TempDir, name: &str, config: &str, port: u16, flags: &[&str]) -> Prometheus {
+        let storage = format!("--storage.tsdb.path={}", dir.path().join(name).display());
+        Prometheus::launch(dir, name, config, port, &storage, flags)
+    }
+
+    /// As [`Prometheus::start`], in agent mode (`--enable-feature=agent`): its write-ahead log in
+    /// `dir/NAME` (agent mode refuses the TSDB flags).
+    pub fn agent(dir: &TempDir, name: &str, config: &str, port: u16) -> Prometheus {
+        let storage = format!("--storage.agent.path={}", dir.path().join(name).display());
+        Prometheus::launch(
+            dir,
+            name,
+            config,
+            port,
+            &storage,
+            &["--enable-feature=agent"],
+        )
+    }
+
+    fn launch(
+        dir: &TempDir,
+        name: &str,
+        config: &str,
+        port: u16,
+        storage: &str,
+        flags: &[&str],
+    ) -> Prometheus {
         need(PROMETHEUS);
         let config = dir.file(&format!("{name}.yml"), config);
         // Its log, kept (appended to across restarts) to say why it did not start.
@@ -775,10 +801,7 @@ impl Prometheus {
             .expect("open prometheus's log");
         let mut child = Command::new(PROMETHEUS)
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join(name).display()
-            ))
+            .arg(storage)
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .args(flags)
             .stdin(Stdio::null())
