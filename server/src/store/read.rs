@@ -24,9 +24,11 @@
 //!   record already in them; the bytes of a record are never written again. They are cut short
 //!   only past their records: the zeros written ahead, by the append whose zeros failed
 //!   (`set_len` to where its own record ends or further) and by a checkpoint for egress
-//!   (`set_len` to [`Segment::written`], where the last synced record ends); the cut of a torn
-//!   tail at recovery happens before any read, so before any pin. A patch is a record of its
-//!   own, appended; the payload it patches is read into memory, never mapped.
+//!   (`set_len` to [`Segment::written`], where the last synced record ends, or for a segment an
+//!   earlier run left, where its replay found the records end: a torn tail is never cut
+//!   shorter). A segment left by an earlier run is only read (appends start a new segment),
+//!   and a failed append starts a new one too. A patch is a record of its own, appended; the
+//!   payload it patches is read into memory, never mapped.
 //!
 //! So the pages holding a pinned payload are never past the file's end: its last page starts
 //! before the payload's end, which is at or before every length the file is cut to. That rests on
