@@ -235,6 +235,13 @@ impl PinnedUpload {
         )
     }
 
+    /// The pin as it is when mapping fails: its ranges read by `pread`.
+    #[cfg(test)]
+    pub(super) fn without_mapping(mut self) -> PinnedUpload {
+        self.mapped = None;
+        self
+    }
+
     /// Whether ranges are read from a mapping of the pinned file rather than by `pread`.
     pub fn mapped(&self) -> bool {
         self.mapped.is_some()

@@ -1953,6 +1953,11 @@ fn a_mapped_pin_reads_its_version_after_its_segment_is_cut_and_deleted_and_its_f
         assert_eq!((whole, part), (first.clone(), first[3..10].to_vec()));
         fs::remove_file(&segment).unwrap();
         assert_eq!(pinned_ranges(&from_journal, first.len()).0, first);
+        // Where mapping fails, the same bytes by `pread`.
+        let unmapped = from_journal.without_mapping();
+        assert!(!unmapped.mapped());
+        let (whole, part) = pinned_ranges(&unmapped, first.len());
+        assert_eq!((whole, part), (first.clone(), first[3..10].to_vec()));
         store.close();
     }
     let store = open(&dir);
@@ -1975,4 +1980,7 @@ fn a_mapped_pin_reads_its_version_after_its_segment_is_cut_and_deleted_and_its_f
     let lazily = store.get_pinned_lazily("b").unwrap().unwrap();
     assert!(lazily.mapped());
     assert_eq!(pinned_ranges(&lazily, newer.len()).0, newer);
+    let unmapped = lazily.without_mapping();
+    let (whole, part) = pinned_ranges(&unmapped, newer.len());
+    assert_eq!((whole, part), (newer.clone(), newer[3..10].to_vec()));
 }
