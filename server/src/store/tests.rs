@@ -1909,3 +1909,78 @@ fn an_upload_put_without_waiting_is_answered_once_durable_and_a_closed_store_say
     ));
     assert!(answers.try_recv().is_err(), "answered once");
 }
+
+/// A pin's bytes, `len` of them, read in ranges as `/federate` reads them: the whole, then a
+/// part through the same buffer.
+fn pinned_ranges(pinned: &PinnedUpload, len: usize) -> (Vec<u8>, Vec<u8>) {
+    let mut buffer = Vec::new();
+    let whole = pinned
+        .read_range_reusing(0, len as u64, &mut buffer)
+        .unwrap()
+        .to_vec();
+    let part = pinned
+        .read_range_reusing(3, 10, &mut buffer)
+        .unwrap()
+        .to_vec();
+    assert!(pinned
+        .read_range_reusing(0, len as u64 + 1, &mut buffer)
+        .is_err());
+    (whole, part)
+}
+
+#[test]
+fn a_mapped_pin_reads_its_version_after_its_segment_is_cut_and_deleted_and_its_file_replaced() {
+    let dir = TempDir::new("mapped");
+    let first = sampled(0);
+    let newer = sampled(1);
+    {
+        // Shipping: the checkpoint cuts the segment's zeros written ahead before deleting it.
+        let store = Store::open_shipping(config(&dir)).unwrap();
+        store.put("a", first.clone(), at(0)).unwrap();
+        let from_journal = store.get_pinned("a").unwrap().unwrap();
+        assert!(from_journal.mapped());
+        let segment = dir.0.join(format!("{}0", journal::PREFIX));
+        let zeroed = fs::metadata(&segment).unwrap().len();
+        checkpoint_now(&store);
+        // Cut to its record (the zeros past it are gone) and moved aside for egress: the pin's
+        // pages are all before the cut.
+        let segment = dir
+            .0
+            .join(egress::EGRESS_DIR)
+            .join(format!("{}0", journal::PREFIX));
+        assert!(fs::metadata(&segment).unwrap().len() < zeroed);
+        let (whole, part) = pinned_ranges(&from_journal, first.len());
+        assert_eq!((whole, part), (first.clone(), first[3..10].to_vec()));
+        fs::remove_file(&segment).unwrap();
+        assert_eq!(pinned_ranges(&from_journal, first.len()).0, first);
+        // Where mapping fails, the same bytes by `pread`.
+        let unmapped = from_journal.without_mapping();
+        assert!(!unmapped.mapped());
+        let (whole, part) = pinned_ranges(&unmapped, first.len());
+        assert_eq!((whole, part), (first.clone(), first[3..10].to_vec()));
+        store.close();
+    }
+    let store = open(&dir);
+    let from_file = store.get_pinned("a").unwrap().unwrap();
+    assert!(from_file.mapped() && from_file.version().is_some());
+    // Renamed over by a checkpoint of a newer upload, then removed: the pin holds the inode.
+    store.put("a", newer.clone(), at(1)).unwrap();
+    checkpoint_now(&store);
+    assert!(file_of(&store, "a").exists());
+    assert_eq!(store.get("a").unwrap().unwrap().payload, newer);
+    store.remove("a").unwrap();
+    let (whole, part) = pinned_ranges(&from_file, first.len());
+    assert_eq!((whole, part), (first.clone(), first[3..10].to_vec()));
+    let mut range = Vec::new();
+    from_file.read_range(2, 9, &mut range).unwrap();
+    assert_eq!(range, first[2..9]);
+    // A lazy pin, as `/federate` takes, maps too.
+    store.put("b", newer.clone(), at(2)).unwrap();
+    checkpoint_now(&store);
+    let lazily = store.get_pinned_lazily("b").unwrap().unwrap();
+    assert!(lazily.mapped());
+    assert_eq!(pinned_ranges(&lazily, newer.len()).0, newer);
+    let unmapped = lazily.without_mapping();
+    let (whole, part) = pinned_ranges(&unmapped, newer.len());
+    assert_eq!((whole, part), (newer.clone(), newer[3..10].to_vec()));
+}
