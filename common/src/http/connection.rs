@@ -1,7 +1,7 @@
 //! One connection's state machine: read a head, ask the handler, read the body, queue the
 //! request for a worker, write the response, then keep alive or linger and close.
 
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -622,21 +622,27 @@ impl Connection {
                 .stream
                 .write_all(&head)
                 .and_then(|()| self.stream.write_all(&bytes)),
+            Body::Stream(write_body) if send_body && chunked => {
+                let name = self.shared.config.name.clone();
+                // Each chunk goes straight to the socket, the head with the first.
+                let mut chunks =
+                    BufWriter::with_capacity(16 << 10, Chunked::new(&mut self.stream, &head));
+                let written = write_body(&mut chunks).and_then(|()| chunks.flush());
+                // Flushed above when it went well; nothing more is sent when it did not.
+                let (chunked, _) = chunks.into_parts();
+                if let Err(e) = written.and_then(|()| chunked.finish()) {
+                    // Without the last chunk the peer sees a broken body, not a short one.
+                    log::warn!("{name}: a streamed response body failed: {e}");
+                    return Ok(false);
+                }
+                Ok(())
+            }
             Body::Stream(write_body) => {
                 let name = self.shared.config.name.clone();
                 let mut out = BufWriter::with_capacity(8 << 10, &mut self.stream);
                 out.write_all(&head)?;
                 if send_body {
-                    let written = if chunked {
-                        let mut chunks = BufWriter::with_capacity(16 << 10, Chunked(&mut out));
-                        let written = write_body(&mut chunks).and_then(|()| chunks.flush());
-                        drop(chunks);
-                        written.and_then(|()| out.write_all(b"0\r\n\r\n"))
-                    } else {
-                        write_body(&mut out)
-                    };
-                    if let Err(e) = written {
-                        // Without the last chunk the peer sees a broken body, not a short one.
+                    if let Err(e) = write_body(&mut out) {
                         log::warn!("{name}: a streamed response body failed: {e}");
                         return Ok(false);
                     }
@@ -791,21 +797,66 @@ pub(super) fn encode_small(response: Response, name: &str) -> Result<Vec<u8>, Re
     Ok(bytes)
 }
 
-/// Wraps each write in one HTTP/1.1 chunk.
-pub(super) struct Chunked<W: Write>(W);
+/// Wraps each write in one HTTP/1.1 chunk, written to `W` as one vectored write (its size line,
+/// its bytes, its CRLF; the response head too, with the first): a body's bytes are not copied
+/// into a buffer first, and the size line is not a send (a packet, a wakeup of the peer) of its
+/// own, as it was through a `BufWriter` (one in two of a `/federate` response's sends).
+pub(super) struct Chunked<'h, W: Write> {
+    inner: W,
+    /// What goes out before the first chunk (the response head) until it has.
+    head: &'h [u8],
+}
 
-impl<W: Write> Write for Chunked<W> {
+impl<'h, W: Write> Chunked<'h, W> {
+    pub(super) fn new(inner: W, head: &'h [u8]) -> Chunked<'h, W> {
+        Chunked { inner, head }
+    }
+
+    /// Writes the last chunk (and the head, when no chunk did) and flushes.
+    pub(super) fn finish(mut self) -> io::Result<()> {
+        let mut parts = [IoSlice::new(self.head), IoSlice::new(b"0\r\n\r\n")];
+        write_all_vectored(&mut self.inner, &mut parts)?;
+        self.inner.flush()
+    }
+}
+
+impl<W: Write> Write for Chunked<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
         }
-        write!(self.0, "{:x}\r\n", buf.len())?;
-        self.0.write_all(buf)?;
-        self.0.write_all(b"\r\n")?;
+        // At most 16 hex digits and CRLF.
+        let mut size_line = [0u8; 18];
+        let mut cursor = io::Cursor::new(&mut size_line[..]);
+        write!(cursor, "{:x}\r\n", buf.len())?;
+        let size_len = usize::try_from(cursor.position()).unwrap_or(0);
+        let mut parts = [
+            IoSlice::new(self.head),
+            IoSlice::new(size_line.get(..size_len).unwrap_or_default()),
+            IoSlice::new(buf),
+            IoSlice::new(b"\r\n"),
+        ];
+        write_all_vectored(&mut self.inner, &mut parts)?;
+        self.head = &[];
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
+        self.inner.flush()
     }
+}
+
+/// Writes all of `parts` to `w`, in as few vectored writes as `w` takes them.
+fn write_all_vectored(w: &mut impl Write, mut parts: &mut [IoSlice<'_>]) -> io::Result<()> {
+    // Skips leading empty parts, which a write of them all would count as done.
+    IoSlice::advance_slices(&mut parts, 0);
+    while !parts.is_empty() {
+        match w.write_vectored(parts) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => IoSlice::advance_slices(&mut parts, written),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! The socket a connection reads and writes: plain or TLS, with one deadline shared by all the
 //! reads of a phase.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,11 @@ impl Write for Deadlined {
         self.tcp.write(buf)
     }
 
+    // One `writev`, not a write of the first part only (the default).
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.tcp.write_vectored(bufs)
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         self.tcp.flush()
     }
@@ -102,6 +107,13 @@ impl Write for Stream {
         match self {
             Stream::Plain(socket) => socket.write(buf),
             Stream::Tls(tls) => tls.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(socket) => socket.write_vectored(bufs),
+            Stream::Tls(tls) => tls.write_vectored(bufs),
         }
     }
 

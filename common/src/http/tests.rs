@@ -1490,3 +1490,70 @@ fn a_later_answer_larger_than_the_socket_takes_is_finished_by_the_connection() {
     );
     server.shutdown(Duration::from_secs(5));
 }
+
+/// A socket that takes at most `max` bytes a write and counts its writes.
+struct Trickle {
+    bytes: Vec<u8>,
+    writes: usize,
+    max: usize,
+}
+
+impl std::io::Write for Trickle {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_vectored(&[std::io::IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.writes += 1;
+        let mut taken = 0;
+        for buf in bufs {
+            let take = buf.len().min(self.max - taken);
+            self.bytes.extend_from_slice(&buf[..take]);
+            taken += take;
+        }
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_chunked_body_goes_out_a_write_a_chunk_with_the_head_in_the_first_whatever_the_socket_takes() {
+    use super::connection::Chunked;
+    let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let mut expected = b"HEAD\r\n".to_vec();
+    for piece in body.chunks(40_000) {
+        expected.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        expected.extend_from_slice(piece);
+        expected.extend_from_slice(b"\r\n");
+    }
+    expected.extend_from_slice(b"0\r\n\r\n");
+    for max in [usize::MAX, 7, 1] {
+        let mut socket = Trickle {
+            bytes: Vec::new(),
+            writes: 0,
+            max,
+        };
+        let mut chunked = Chunked::new(&mut socket, b"HEAD\r\n");
+        for piece in body.chunks(40_000) {
+            std::io::Write::write_all(&mut chunked, piece).unwrap();
+        }
+        chunked.finish().unwrap();
+        assert_eq!(socket.bytes, expected, "taking {max} bytes a write");
+        if max == usize::MAX {
+            // Three chunks and the last.
+            assert_eq!(socket.writes, 4);
+        }
+    }
+    // Without a chunk, the head goes out with the last one.
+    let mut socket = Trickle {
+        bytes: Vec::new(),
+        writes: 0,
+        max: usize::MAX,
+    };
+    Chunked::new(&mut socket, b"HEAD\r\n").finish().unwrap();
+    assert_eq!(socket.bytes, b"HEAD\r\n0\r\n\r\n");
+    assert_eq!(socket.writes, 1);
+}

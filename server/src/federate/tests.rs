@@ -805,3 +805,78 @@ fn a_scrape_learns_which_families_are_plain_and_the_next_writes_the_same_text() 
     store.close();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_family_at_another_place_or_another_name_at_a_place_joins_the_plan_of_its_name() {
+    let name = |n: &str| -> Arc<str> { Arc::from(n) };
+    let (a, b, c, ours) = (name("a"), name("b"), name("c"), name(LAST_PUSH_FAMILY));
+    let ranges = |families: &[(&Arc<str>, MetricType)]| -> Vec<FamilyRange> {
+        (0u32..)
+            .zip(families)
+            .map(|(f, (name, metric_type))| FamilyRange {
+                name: Arc::clone(name),
+                metric_type: *metric_type,
+                start: f * 10,
+                end: f * 10 + 5,
+                plain: AtomicBool::new(false),
+            })
+            .collect()
+    };
+    let counter = MetricType::Counter;
+    let clusters = [
+        ranges(&[(&a, counter), (&b, counter), (&c, counter)]),
+        // `c` where `b` was.
+        ranges(&[(&a, counter), (&c, counter)]),
+        // Every family at another place.
+        ranges(&[(&c, counter), (&a, counter), (&b, counter)]),
+        // The same names, other allocations (not shared).
+        ranges(&[(&name("a"), counter), (&name("c"), counter)]),
+        ranges(&[(&a, MetricType::Gauge)]),
+        // Ours left out, the family after it still at its own place.
+        ranges(&[(&a, counter), (&ours, counter), (&b, counter)]),
+    ];
+    let (mut plans, mut by_name, mut plan_at) = (Vec::new(), BTreeMap::new(), Vec::new());
+    for (c, families) in (0u32..).zip(&clusters) {
+        plan_cluster(c, families, &mut plans, &mut by_name, &mut plan_at);
+    }
+    // Each part's cluster, place in its cluster and start.
+    type Places = Vec<(u32, u32, u32)>;
+    let places = |parts: &[Part]| -> Places {
+        parts
+            .iter()
+            .map(|p| (p.cluster, p.family, p.start))
+            .collect()
+    };
+    let planned: Vec<(String, Places, Places)> = by_name
+        .values()
+        .map(|&at| {
+            let plan = &plans[at];
+            (
+                plan.name.clone(),
+                places(&plan.parts),
+                places(&plan.conflicting),
+            )
+        })
+        .collect();
+    assert_eq!(
+        planned,
+        vec![
+            (
+                "a".to_string(),
+                vec![(0, 0, 0), (1, 0, 0), (2, 1, 10), (3, 0, 0), (5, 0, 0)],
+                vec![(4, 0, 0)]
+            ),
+            (
+                "b".to_string(),
+                vec![(0, 1, 10), (2, 2, 20), (5, 2, 20)],
+                vec![]
+            ),
+            (
+                "c".to_string(),
+                vec![(0, 2, 20), (1, 1, 10), (2, 0, 0), (3, 1, 10)],
+                vec![]
+            ),
+        ]
+    );
+    assert_eq!(plans.len(), 3);
+}

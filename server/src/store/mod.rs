@@ -147,6 +147,7 @@ use std::collections::BTreeMap;
 
 use std::fs::{self, File};
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -360,12 +361,17 @@ impl Store {
         }
         let dir_file = File::open(&dir)
             .map_err(|e| StoreError::io(format!("opening directory {}", dir.display()), e))?;
+        let dir_identity = dir_file
+            .metadata()
+            .map(|metadata| (metadata.dev(), metadata.ino()))
+            .map_err(|e| StoreError::io(format!("reading directory {}", dir.display()), e))?;
         let dir_for_egress = dir.clone();
 
         let shared = Arc::new(Shared {
             dir,
             ttl: config.ttl,
             dir_file,
+            dir_identity,
             _lock_file: lock_file,
             index: Mutex::new(BTreeMap::new()),
             mutation: Mutex::new(()),

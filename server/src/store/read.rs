@@ -589,9 +589,8 @@ impl Shared {
                 }
             }
         }
-        let directory = self.dir_file.metadata().map_err(ReadError::Io)?;
         let version = PinVersion {
-            directory: (directory.dev(), directory.ino()),
+            directory: self.dir_identity,
             file: (metadata.dev(), inode),
             received_millis: header.received_millis,
             payload_len: header.payload_len,

@@ -21,6 +21,10 @@ pub(super) struct Shared {
     pub(super) ttl: Duration,
     /// The directory itself, for `syncfs` and the directory fsync.
     pub(super) dir_file: File,
+    /// `dir_file`'s device and inode, which an open directory keeps: a [`super::PinVersion`]
+    /// names its store by them, and asking the kernel once per pinned file was one of the four
+    /// syscalls of every cluster a `/federate` scrape pins.
+    pub(super) dir_identity: (u64, u64),
     /// Held only for its fs2 lock, released when the store is gone.
     pub(super) _lock_file: File,
     /// Cluster id → what is on disk. Sorted, so listings are stable.
