@@ -24,6 +24,7 @@
 
 pub mod backoff;
 mod batch;
+mod cache;
 pub mod convert;
 pub mod proto;
 mod reader;
@@ -380,6 +381,7 @@ impl RemoteWriter {
                 queued_bytes: queued_bytes.clone(),
                 pool: pool.clone(),
                 plain: Vec::new(),
+                caches: cache::Caches::default(),
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("remote-write-{number}"))

@@ -1,0 +1,612 @@
+//! A cluster's last upload as converted, so that its next one, which nearly always carries the
+//! same series with new values and timestamps, is converted by comparing and patching instead of
+//! reading every label again.
+//!
+//! A family of gauges, counters or untyped series stored the usual way ([`super::convert`]'s
+//! simple series) becomes entries that depend on its stored bytes alone, and each series' value
+//! and timestamp bytes are copied unchanged into its entry: the double as it is, the timestamp's
+//! varint as it is when it is the shortest one (what the conversion writes). So when a family's
+//! bytes equal the cached family's everywhere but in those value and timestamp bytes, and those
+//! are of the same shape (a double that is not zero, which the conversion would leave out; a
+//! shortest varint of the same length), its entries are the cached entries with the new bytes
+//! written over the old: the conversion would read the same framing and labels and write the same
+//! bytes around them.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Where one series' value (a double) or timestamp (a varint) is: in its family's stored bytes,
+/// from the family's first byte (its length), and in its entries, from the family's first entry.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Slot {
+    input_at: u32,
+    output_at: u32,
+    len: u8,
+    varint: bool,
+}
+
+impl Slot {
+    /// Whether `bytes` (this slot's length) convert to bytes of the same length copied as they
+    /// are: a double that is not ±0 (a zero value is left out of its sample), or a varint of
+    /// exactly this length that is the shortest one and not zero (a zero timestamp is left out).
+    #[inline]
+    fn fits(&self, bytes: &[u8]) -> bool {
+        if self.varint {
+            match bytes.split_last() {
+                Some((&last, init)) => last != 0 && last < 0x80 && init.iter().all(|&b| b >= 0x80),
+                None => false,
+            }
+        } else {
+            match bytes.first_chunk::<8>() {
+                Some(&double) => u64::from_le_bytes(double) << 1 != 0,
+                None => false,
+            }
+        }
+    }
+}
+
+/// One family of a cached upload: its bytes, its entries, its slots and where each entry ends.
+#[derive(Clone, Copy, Debug, Default)]
+struct Family {
+    input: (u32, u32),
+    output: (u32, u32),
+    slots: (u32, u32),
+    entries: (u32, u32),
+    /// False when something in it is not a slot the conversion copies (a series read the general
+    /// way, one without a timestamp): it is then always converted.
+    cacheable: bool,
+}
+
+/// The last upload of a cluster that was not wholly converted from the cache, as converted.
+#[derive(Default)]
+pub(super) struct ClusterCache {
+    input: Vec<u8>,
+    output: Vec<u8>,
+    families: Vec<Family>,
+    slots: Vec<Slot>,
+    /// Where each entry of a family ends, from the family's first entry, and its sample field's
+    /// bytes.
+    entries: Vec<(u32, u8)>,
+    used: Option<Instant>,
+}
+
+impl ClusterCache {
+    /// The bytes it holds allocated.
+    fn bytes(&self) -> usize {
+        self.input.capacity()
+            + self.output.capacity()
+            + self.families.capacity() * std::mem::size_of::<Family>()
+            + self.slots.capacity() * std::mem::size_of::<Slot>()
+            + self.entries.capacity() * std::mem::size_of::<(u32, u8)>()
+    }
+
+    fn clear(&mut self) {
+        self.input.clear();
+        self.output.clear();
+        self.families.clear();
+        self.slots.clear();
+        self.entries.clear();
+    }
+
+    /// When family `index` of the cached upload is the family `rest` starts with but for its
+    /// slots' bytes: its entries, with those bytes, appended to `out`, where each ends (and its
+    /// sample field's bytes) to `pending`; returns the family's length in `rest`. `None`, with
+    /// nothing written, otherwise.
+    pub(super) fn convert(
+        &self,
+        index: usize,
+        rest: &[u8],
+        out: &mut Vec<u8>,
+        pending: &mut Vec<(usize, u8)>,
+    ) -> Option<usize> {
+        let family = self.families.get(index).filter(|f| f.cacheable)?;
+        let then = range(&self.input, family.input)?;
+        let now = rest.get(..then.len())?;
+        let slots = range(&self.slots, family.slots)?;
+        let mut at = 0;
+        for slot in slots {
+            let from = slot.input_at as usize;
+            let to = from + usize::from(slot.len);
+            if now.get(at..from)? != then.get(at..from)? || !slot.fits(now.get(from..to)?) {
+                return None;
+            }
+            at = to;
+        }
+        if now.get(at..)? != then.get(at..)? {
+            return None;
+        }
+        let entries = range(&self.output, family.output)?;
+        let base = out.len();
+        out.extend_from_slice(entries);
+        let written = out.get_mut(base..).unwrap_or_default();
+        for slot in slots {
+            let (from, len) = (slot.input_at as usize, usize::from(slot.len));
+            let to = slot.output_at as usize;
+            if let (Some(to), Some(from)) =
+                (written.get_mut(to..to + len), now.get(from..from + len))
+            {
+                to.copy_from_slice(from);
+            }
+        }
+        let ends = range(&self.entries, family.entries)?;
+        pending.extend(
+            ends.iter()
+                .map(|&(end, sample)| (base + end as usize, sample)),
+        );
+        Some(now.len())
+    }
+}
+
+fn range<T>(all: &[T], (start, len): (u32, u32)) -> Option<&[T]> {
+    all.get(start as usize..start as usize + len as usize)
+}
+
+/// What one upload's conversion found out for its cluster's cache, family by family.
+#[derive(Default)]
+pub(super) struct Recording {
+    /// In order; a family converted from the cache keeps the cached family's slots and entries
+    /// (`from_cache`, their ranges in the cache), another has its own here.
+    families: Vec<(Family, bool)>,
+    slots: Vec<Slot>,
+    entries: Vec<(u32, u8)>,
+    /// Whether a family was converted, not taken from the cache.
+    converted: bool,
+    /// Whether families past the last recorded ones were read the general way (not recorded).
+    stopped: bool,
+    /// The family being converted: where it starts in the upload and in its entries, its first
+    /// slot, and whether it is cacheable so far.
+    current: Option<(u32, u32, usize, bool)>,
+}
+
+impl Recording {
+    pub(super) fn clear(&mut self) {
+        self.families.clear();
+        self.slots.clear();
+        self.entries.clear();
+        self.converted = false;
+        self.stopped = false;
+        self.current = None;
+    }
+
+    /// The next family recorded, family `index` of the cache, was converted from it: at `input`
+    /// in the upload and `output` in its entries (from the upload's first).
+    pub(super) fn cached_family(
+        &mut self,
+        cache: &ClusterCache,
+        index: usize,
+        input: usize,
+        output: usize,
+    ) {
+        match cache.families.get(index) {
+            Some(family) => self.families.push((
+                Family {
+                    input: (input as u32, family.input.1),
+                    output: (output as u32, family.output.1),
+                    ..*family
+                },
+                true,
+            )),
+            None => self.stopped = true,
+        }
+    }
+
+    /// A family starts, at `input` in the upload and `output` in its entries.
+    pub(super) fn start(&mut self, input: usize, output: usize) {
+        self.converted = true;
+        self.current = Some((input as u32, output as u32, self.slots.len(), true));
+    }
+
+    /// The family being converted holds something that is not in a slot.
+    pub(super) fn not_cacheable(&mut self) {
+        if let Some(current) = &mut self.current {
+            current.3 = false;
+        }
+    }
+
+    /// A simple series of the family being converted was written, its entry ending at `end` in
+    /// the entries (from the upload's first): its double at `value_at` in the upload (a value of
+    /// zero is left out of the entry, and its bytes are then compared, not patched) and its
+    /// timestamp's varint of `stamp_len` bytes just after, the last bytes of its entry.
+    pub(super) fn simple(&mut self, value_at: usize, value: f64, stamp_len: usize, end: usize) {
+        let Some((input, output, _, true)) = self.current else {
+            return;
+        };
+        let (Some(input_at), Some(stamp_at)) = (
+            value_at.checked_sub(input as usize),
+            end.checked_sub(output as usize + stamp_len),
+        ) else {
+            self.not_cacheable();
+            return;
+        };
+        if stamp_len == 0 || stamp_len > 9 {
+            self.not_cacheable();
+            return;
+        }
+        if value != 0.0 {
+            let Some(value_out) = stamp_at.checked_sub(9) else {
+                self.not_cacheable();
+                return;
+            };
+            self.slots.push(Slot {
+                input_at: input_at as u32,
+                // The entry ends with the double, the timestamp's key and its varint.
+                output_at: value_out as u32,
+                len: 8,
+                varint: false,
+            });
+        }
+        self.slots.push(Slot {
+            input_at: (input_at + 9) as u32,
+            output_at: stamp_at as u32,
+            len: stamp_len as u8,
+            varint: true,
+        });
+    }
+
+    /// The family being converted ends at `input` in the upload, `output` in its entries, where
+    /// `ends` (from `base`, where the upload's first entry starts) are its entries.
+    pub(super) fn end(&mut self, input: usize, output: usize, ends: &[(usize, u8)], base: usize) {
+        let Some((input_start, output_start, slots, cacheable)) = self.current.take() else {
+            return;
+        };
+        let entries = self.entries.len();
+        self.entries.extend(
+            ends.iter()
+                .map(|&(end, sample)| ((end - base - output_start as usize) as u32, sample)),
+        );
+        self.families.push((
+            Family {
+                input: (input_start, input as u32 - input_start),
+                output: (output_start, output as u32 - output_start),
+                slots: (slots as u32, (self.slots.len() - slots) as u32),
+                entries: (entries as u32, (self.entries.len() - entries) as u32),
+                cacheable,
+            },
+            false,
+        ));
+    }
+
+    /// The rest of the upload is read the general way, not recorded.
+    pub(super) fn stop(&mut self) {
+        if let Some((_, _, slots, _)) = self.current.take() {
+            self.slots.truncate(slots);
+        }
+        self.stopped = true;
+    }
+}
+
+/// Cached uploads, one a cluster, of one shard: at most [`CACHE_BYTES`], each at most
+/// [`CACHE_UPLOAD_BYTES`].
+#[derive(Default)]
+pub(super) struct Caches {
+    clusters: HashMap<String, ClusterCache>,
+    /// What a cache is rebuilt in, then swapped with it.
+    spare: ClusterCache,
+    bytes: usize,
+    swept: Option<Instant>,
+}
+
+/// The most bytes a shard's caches hold (and a spare of at most twice [`CACHE_UPLOAD_BYTES`]):
+/// about 150 KB a cluster for the usual upload of 500 samples, so 54 clusters a shard, 64 MiB
+/// for the default 8 shards. Past it, other clusters are converted without one (never
+/// evicting: a cache filled again for every upload would cost without saving).
+pub(super) const CACHE_BYTES: usize = 8 << 20;
+/// An upload larger than this (as decompressed, or as converted) is not cached.
+pub(super) const CACHE_UPLOAD_BYTES: usize = 512 << 10;
+/// A cluster's cache unused for this long is freed (a cluster that stopped uploading).
+const CACHE_IDLE: Duration = Duration::from_secs(600);
+
+impl Caches {
+    /// The cache of `cluster` and the spare, unless it has none and there is no room for one.
+    pub(super) fn get(&mut self, cluster: &str) -> Option<(&mut ClusterCache, &mut ClusterCache)> {
+        let now = Instant::now();
+        if self
+            .swept
+            .is_none_or(|at| now.duration_since(at) >= CACHE_IDLE / 10)
+        {
+            self.swept = Some(now);
+            let before = self.clusters.len();
+            self.clusters.retain(|_, cache| {
+                cache
+                    .used
+                    .is_some_and(|at| now.duration_since(at) < CACHE_IDLE)
+            });
+            if self.clusters.len() != before {
+                self.bytes = self.clusters.values().map(ClusterCache::bytes).sum();
+            }
+        }
+        if !self.clusters.contains_key(cluster) {
+            if self.bytes + CACHE_UPLOAD_BYTES / 2 > CACHE_BYTES {
+                return None;
+            }
+            self.clusters
+                .insert(cluster.to_string(), ClusterCache::default());
+        }
+        let cache = self.clusters.get_mut(cluster)?;
+        cache.used = Some(now);
+        Some((cache, &mut self.spare))
+    }
+
+    /// Accounts for `cluster`'s cache after an upload, whose size changed from `before` bytes;
+    /// frees it if it outgrew [`CACHE_UPLOAD_BYTES`] twice over.
+    pub(super) fn resized(&mut self, cluster: &str, before: usize) {
+        let Some(cache) = self.clusters.get(cluster) else {
+            return;
+        };
+        let after = cache.bytes();
+        if after > 2 * CACHE_UPLOAD_BYTES {
+            self.clusters.remove(cluster);
+            self.bytes = self.bytes.saturating_sub(before);
+        } else {
+            self.bytes = (self.bytes + after).saturating_sub(before);
+        }
+        if self.spare.bytes() > 2 * CACHE_UPLOAD_BYTES {
+            self.spare = ClusterCache::default();
+        }
+    }
+
+    /// The bytes `cluster`'s cache holds.
+    pub(super) fn bytes_of(&self, cluster: &str) -> usize {
+        self.clusters.get(cluster).map_or(0, ClusterCache::bytes)
+    }
+}
+
+/// Makes `cache` what `recording` found of an upload (`payload`, converted to `entries`), built
+/// in `spare`, unless every family came from the cache as it is (which then serves as well). A
+/// cache of an upload too large is emptied.
+pub(super) fn commit(
+    cache: &mut ClusterCache,
+    spare: &mut ClusterCache,
+    payload: &[u8],
+    entries: &[u8],
+    recording: &Recording,
+) {
+    if !recording.converted
+        && !recording.stopped
+        && recording.families.len() == cache.families.len()
+    {
+        return;
+    }
+    if payload.len() > CACHE_UPLOAD_BYTES || entries.len() > CACHE_UPLOAD_BYTES {
+        *cache = ClusterCache {
+            used: cache.used,
+            ..ClusterCache::default()
+        };
+        return;
+    }
+    spare.clear();
+    spare.input.extend_from_slice(payload);
+    spare.output.extend_from_slice(entries);
+    for &(family, from_cache) in &recording.families {
+        let (slots, ends) = match from_cache {
+            true => (&cache.slots, &cache.entries),
+            false => (&recording.slots, &recording.entries),
+        };
+        let (Some(slots), Some(ends)) = (range(slots, family.slots), range(ends, family.entries))
+        else {
+            break;
+        };
+        let (slots_at, ends_at) = (spare.slots.len() as u32, spare.entries.len() as u32);
+        spare.slots.extend_from_slice(slots);
+        spare.entries.extend_from_slice(ends);
+        spare.families.push(Family {
+            slots: (slots_at, family.slots.1),
+            entries: (ends_at, family.entries.1),
+            ..family
+        });
+    }
+    spare.used = cache.used;
+    std::mem::swap(cache, spare);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote_write::convert::{encode_payload_cached, encode_payload_with, Scratch};
+    use telemeter_common::delimited;
+    use telemeter_common::model::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
+    use testkit::fuzz::Rng;
+
+    /// The entries (and where each ends, its sample's bytes) the conversion writes of `payload`.
+    type Converted = Result<(Vec<u8>, Vec<(usize, u8)>), String>;
+
+    fn plain(payload: &[u8]) -> Converted {
+        let (mut out, mut ends) = (vec![7u8; 3], Vec::new());
+        encode_payload_with(
+            payload,
+            42,
+            &mut out,
+            |e| ends.extend_from_slice(e),
+            &mut Scratch::default(),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok((out, ends))
+    }
+
+    /// As [`plain`], through `cache`; and whether any family was converted, not taken from it.
+    fn cached(
+        payload: &[u8],
+        cache: &mut ClusterCache,
+        spare: &mut ClusterCache,
+        scratch: &mut Scratch,
+    ) -> (Converted, bool) {
+        let (mut out, mut ends) = (vec![7u8; 3], Vec::new());
+        let written = encode_payload_cached(
+            payload,
+            42,
+            &mut out,
+            |e| ends.extend_from_slice(e),
+            scratch,
+            cache,
+            spare,
+        );
+        let converted = scratch_converted(scratch);
+        (
+            written.map(|()| (out, ends)).map_err(|e| e.to_string()),
+            converted,
+        )
+    }
+
+    fn scratch_converted(scratch: &Scratch) -> bool {
+        scratch.recording().converted
+    }
+
+    fn gauges(id: &str, values: &[f64], timestamp_ms: i64) -> Vec<MetricFamily> {
+        vec![MetricFamily {
+            name: Some("g".into()),
+            help: Some("help".into()),
+            r#type: Some(MetricType::Gauge as i32),
+            metric: values
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| Metric {
+                    label: vec![
+                        LabelPair::new("_id", id),
+                        LabelPair::new("instance", &format!("node-{i}")),
+                        LabelPair::new("job", "x"),
+                    ],
+                    gauge: Some(Gauge { value: Some(v) }),
+                    timestamp_ms: Some(timestamp_ms),
+                    ..Default::default()
+                })
+                .collect(),
+        }]
+    }
+
+    #[test]
+    fn an_upload_of_the_same_series_is_taken_from_the_cache_and_written_as_converted() {
+        let (mut cache, mut spare, mut scratch) = Default::default();
+        let first = delimited::encode(&gauges("a", &[1.0, 2.0, 0.0], 1_700_000_000_000));
+        let (got, converted) = cached(&first, &mut cache, &mut spare, &mut scratch);
+        assert_eq!(got, plain(&first));
+        assert!(converted, "nothing cached yet");
+        // New values (the zero stays zero, its bytes compared), a later timestamp of the same
+        // length: from the cache.
+        let next = delimited::encode(&gauges("a", &[3.5, f64::NAN, 0.0], 1_700_000_000_999));
+        let (got, converted) = cached(&next, &mut cache, &mut spare, &mut scratch);
+        assert_eq!(got, plain(&next));
+        assert!(!converted, "every family from the cache");
+        // A value becoming zero (left out of its sample), a timestamp of another length, another
+        // label: converted again, and right.
+        for families in [
+            gauges("a", &[0.0, 1.0, 0.0], 1_700_000_000_000),
+            gauges("a", &[-0.0, 1.0, 0.0], 1_700_000_000_000),
+            gauges("a", &[1.0, 1.0, 1.0], 1_700_000_000_000),
+            gauges("a", &[1.0, 1.0, 1.0], 17),
+            gauges("b", &[1.0, 1.0, 1.0], 17),
+            gauges("b", &[1.0, 1.0], 17),
+        ] {
+            let payload = delimited::encode(&families);
+            let (got, converted) = cached(&payload, &mut cache, &mut spare, &mut scratch);
+            assert_eq!(got, plain(&payload));
+            assert!(converted, "{families:?}");
+        }
+    }
+
+    #[test]
+    fn realistic_uploads_convert_alike_through_the_cache() {
+        let (mut cache, mut spare, mut scratch) = Default::default();
+        let mut rng = Rng::new(testkit::fuzz::base_seed());
+        let mut taken = 0;
+        for round in 0..40 {
+            let mut families = testkit::payload::families("cluster-a", 1_700_000_000_000);
+            for family in &mut families {
+                for metric in &mut family.metric {
+                    if let Some(gauge) = &mut metric.gauge {
+                        gauge.value = Some(match rng.below(8) {
+                            0 => 0.0,
+                            1 => -0.0,
+                            _ => rng.next_u64() as f64 / 3.0,
+                        });
+                    }
+                    if let Some(counter) = &mut metric.counter {
+                        counter.value = Some(rng.below(1000) as f64);
+                    }
+                    if let Some(histogram) = &mut metric.histogram {
+                        for bucket in &mut histogram.bucket {
+                            bucket.cumulative_count = Some(rng.below(1 << (round % 20)) as u64);
+                        }
+                    }
+                    if rng.one_in(50) {
+                        metric.timestamp_ms = Some(rng.below(1 << 40) as i64);
+                    }
+                }
+            }
+            let payload = delimited::encode(&families);
+            let (got, converted) = cached(&payload, &mut cache, &mut spare, &mut scratch);
+            assert_eq!(got, plain(&payload), "round {round}");
+            taken += usize::from(scratch.recording().families.iter().any(|f| f.1));
+            let _ = converted;
+        }
+        assert!(
+            taken > 10,
+            "families were taken from the cache in {taken} rounds"
+        );
+    }
+
+    #[test]
+    fn damaged_uploads_convert_alike_through_the_cache() {
+        let base = delimited::encode(&testkit::payload::families("cluster-a", 1_700_000_000_000));
+        let mut rng = Rng::new(testkit::fuzz::base_seed() ^ 0x5eed);
+        let (mut cache, mut spare, mut scratch) = Default::default();
+        for round in 0..3000 {
+            let mut payload = base.clone();
+            if rng.one_in(3) {
+                testkit::fuzz::mutate(&mut rng, &mut payload, &[], &[]);
+            } else {
+                // Bytes overwritten in place, as a value or timestamp changes (or the framing).
+                for _ in 0..1 + rng.below(4) {
+                    let at = rng.below(payload.len());
+                    let len = rng.len(9).min(payload.len() - at);
+                    for byte in &mut payload[at..at + len] {
+                        *byte = match rng.below(4) {
+                            0 => 0,
+                            1 => 0x80,
+                            _ => rng.next_u64() as u8,
+                        };
+                    }
+                }
+            }
+            if rng.one_in(5) {
+                // The cache starts again from the undamaged upload.
+                let _ = cached(&base, &mut cache, &mut spare, &mut scratch);
+            }
+            let (got, _) = cached(&payload, &mut cache, &mut spare, &mut scratch);
+            assert_eq!(
+                got.as_ref().map(|g| g.0.clone()).ok(),
+                plain(&payload).map(|g| g.0).ok(),
+                "round {round}: {}",
+                testkit::fuzz::hex(&payload)
+            );
+            assert_eq!(got.ok(), plain(&payload).ok(), "round {round}");
+        }
+    }
+
+    #[test]
+    fn a_shards_caches_stay_within_their_bound() {
+        let mut caches = Caches::default();
+        let payload =
+            delimited::encode(&testkit::payload::families("cluster-a", 1_700_000_000_000));
+        let mut scratch = Scratch::default();
+        let mut cached_clusters = 0;
+        for i in 0..200 {
+            let cluster = format!("cluster-{i}");
+            let before = caches.bytes_of(&cluster);
+            if let Some((cache, spare)) = caches.get(&cluster) {
+                cached_clusters += 1;
+                let _ = cached(&payload, cache, spare, &mut scratch);
+            }
+            caches.resized(&cluster, before);
+            assert!(caches.bytes <= CACHE_BYTES, "{} bytes", caches.bytes);
+            assert_eq!(
+                caches.bytes,
+                caches
+                    .clusters
+                    .values()
+                    .map(ClusterCache::bytes)
+                    .sum::<usize>()
+            );
+        }
+        assert!((10..200).contains(&cached_clusters), "{cached_clusters}");
+    }
+}
