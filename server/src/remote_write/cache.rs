@@ -149,8 +149,6 @@ pub(super) struct Recording {
     families: Vec<(Family, bool)>,
     slots: Vec<Slot>,
     entries: Vec<(u32, u8)>,
-    /// Whether a family was converted, not taken from the cache.
-    converted: bool,
     /// Whether families past the last recorded ones were read the general way (not recorded).
     stopped: bool,
     /// The family being converted: where it starts in the upload and in its entries, its first
@@ -163,7 +161,6 @@ impl Recording {
         self.families.clear();
         self.slots.clear();
         self.entries.clear();
-        self.converted = false;
         self.stopped = false;
         self.current = None;
     }
@@ -192,7 +189,6 @@ impl Recording {
 
     /// A family starts, at `input` in the upload and `output` in its entries.
     pub(super) fn start(&mut self, input: usize, output: usize) {
-        self.converted = true;
         self.current = Some((input as u32, output as u32, self.slots.len(), true));
     }
 
@@ -351,9 +347,22 @@ impl Caches {
     }
 }
 
+/// Whether `cache` serves the next upload as well as one rebuilt from `recording`'s: it has as
+/// many families, and each was taken from it or is cacheable in neither (a histogram's, which is
+/// converted every time: rebuilding the cache for it at every upload, a copy of the upload and
+/// its entries, cost a third of what the cache saved).
+fn serves_as_it_is(cache: &ClusterCache, recording: &Recording) -> bool {
+    recording.families.len() == cache.families.len()
+        && recording
+            .families
+            .iter()
+            .zip(&cache.families)
+            .all(|(&(now, from_cache), then)| from_cache || !(now.cacheable || then.cacheable))
+}
+
 /// Makes `cache` what `recording` found of an upload (`payload`, converted to `entries`), built
-/// in `spare`, unless every family came from the cache as it is (which then serves as well). A
-/// cache of an upload too large is emptied.
+/// in `spare`, unless the cache serves as well as it is ([`serves_as_it_is`]). A cache of an
+/// upload too large is emptied.
 pub(super) fn commit(
     cache: &mut ClusterCache,
     spare: &mut ClusterCache,
@@ -361,10 +370,7 @@ pub(super) fn commit(
     entries: &[u8],
     recording: &Recording,
 ) {
-    if !recording.converted
-        && !recording.stopped
-        && recording.families.len() == cache.families.len()
-    {
+    if serves_as_it_is(cache, recording) {
         return;
     }
     if payload.len() > CACHE_UPLOAD_BYTES || entries.len() > CACHE_UPLOAD_BYTES {
@@ -448,7 +454,11 @@ mod tests {
     }
 
     fn scratch_converted(scratch: &Scratch) -> bool {
-        scratch.recording().converted
+        scratch
+            .recording()
+            .families
+            .iter()
+            .any(|&(_, from_cache)| !from_cache)
     }
 
     fn gauges(id: &str, values: &[f64], timestamp_ms: i64) -> Vec<MetricFamily> {
@@ -500,6 +510,33 @@ mod tests {
             let (got, converted) = cached(&payload, &mut cache, &mut spare, &mut scratch);
             assert_eq!(got, plain(&payload));
             assert!(converted, "{families:?}");
+        }
+    }
+
+    #[test]
+    fn a_cache_that_serves_as_it_is_is_not_rebuilt_for_the_histograms_converted_every_time() {
+        let (mut cache, mut spare, mut scratch) = Default::default();
+        let upload = |timestamp_ms| {
+            delimited::encode(&testkit::payload::families("cluster-a", timestamp_ms))
+        };
+        let first = upload(1_700_000_000_000);
+        assert_eq!(
+            cached(&first, &mut cache, &mut spare, &mut scratch).0,
+            plain(&first)
+        );
+        let kept = cache.input.as_ptr();
+        for timestamp_ms in [1_700_000_015_000, 1_700_000_030_000] {
+            let next = upload(timestamp_ms);
+            let (got, converted) = cached(&next, &mut cache, &mut spare, &mut scratch);
+            assert_eq!(got, plain(&next));
+            assert!(converted, "the histograms");
+            let recording = scratch.recording();
+            assert!(
+                recording.families.iter().any(|f| f.1),
+                "gauges from the cache"
+            );
+            assert!(serves_as_it_is(&cache, recording));
+            assert_eq!(cache.input.as_ptr(), kept, "not rebuilt");
         }
     }
 
