@@ -22,24 +22,56 @@ pub(super) struct Slot {
     input_at: u32,
     output_at: u32,
     len: u8,
-    varint: bool,
+    kind: Kind,
+}
+
+/// What a slot holds, and how its entry holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// A double, copied.
+    Double,
+    /// A timestamp's varint, copied.
+    Stamp,
+    /// A count's varint (a histogram's bucket, sample count, a summary's sample count), written
+    /// as the double of its value.
+    Count,
 }
 
 impl Slot {
-    /// Whether `bytes` (this slot's length) convert to bytes of the same length copied as they
-    /// are: a double that is not ±0 (a zero value is left out of its sample), or a varint of
-    /// exactly this length that is the shortest one and not zero (a zero timestamp is left out).
+    /// Whether `bytes` (this slot's length) convert to bytes of the same length: a double that is
+    /// not ±0 (a zero value is left out of its sample), or a varint of exactly this length that is
+    /// the shortest one and not zero (a zero timestamp or count is left out).
     #[inline]
     fn fits(&self, bytes: &[u8]) -> bool {
-        if self.varint {
-            match bytes.split_last() {
+        match self.kind {
+            Kind::Stamp | Kind::Count => match bytes.split_last() {
                 Some((&last, init)) => last != 0 && last < 0x80 && init.iter().all(|&b| b >= 0x80),
                 None => false,
-            }
-        } else {
-            match bytes.first_chunk::<8>() {
+            },
+            Kind::Double => match bytes.first_chunk::<8>() {
                 Some(&double) => u64::from_le_bytes(double) << 1 != 0,
                 None => false,
+            },
+        }
+    }
+
+    /// Writes what `bytes` (which [`Slot::fits`]) convert to at the start of `to`.
+    #[inline]
+    fn write(&self, bytes: &[u8], to: &mut [u8]) {
+        match self.kind {
+            Kind::Double | Kind::Stamp => {
+                if let Some(to) = to.get_mut(..bytes.len()) {
+                    to.copy_from_slice(bytes);
+                }
+            }
+            Kind::Count => {
+                let count = bytes
+                    .iter()
+                    .rev()
+                    .fold(0u64, |v, &b| (v << 7) | u64::from(b & 0x7f));
+                if let Some(to) = to.get_mut(..8) {
+                    to.copy_from_slice(&(count as f64).to_le_bytes());
+                }
             }
         }
     }
@@ -104,13 +136,22 @@ impl ClusterCache {
         let now = rest.get(..then.len())?;
         let slots = range(&self.slots, family.slots)?;
         let mut at = 0;
+        // In the order of their bytes; a timestamp or a count written to several entries is as
+        // many slots of the same bytes.
         for slot in slots {
             let from = slot.input_at as usize;
             let to = from + usize::from(slot.len);
-            if now.get(at..from)? != then.get(at..from)? || !slot.fits(now.get(from..to)?) {
+            if from >= at {
+                if now.get(at..from)? != then.get(at..from)? {
+                    return None;
+                }
+                at = to;
+            } else if to != at {
                 return None;
             }
-            at = to;
+            if !slot.fits(now.get(from..to)?) {
+                return None;
+            }
         }
         if now.get(at..)? != then.get(at..)? {
             return None;
@@ -121,11 +162,11 @@ impl ClusterCache {
         let written = out.get_mut(base..).unwrap_or_default();
         for slot in slots {
             let (from, len) = (slot.input_at as usize, usize::from(slot.len));
-            let to = slot.output_at as usize;
-            if let (Some(to), Some(from)) =
-                (written.get_mut(to..to + len), now.get(from..from + len))
-            {
-                to.copy_from_slice(from);
+            if let (Some(to), Some(from)) = (
+                written.get_mut(slot.output_at as usize..),
+                now.get(from..from + len),
+            ) {
+                slot.write(from, to);
             }
         }
         let ends = range(&self.entries, family.entries)?;
@@ -154,6 +195,165 @@ pub(super) struct Recording {
     /// The family being converted: where it starts in the upload and in its entries, its first
     /// slot, and whether it is cacheable so far.
     current: Option<(u32, u32, usize, bool)>,
+    /// The slots of one histogram or summary, before they are put in order.
+    found: Vec<Slot>,
+}
+
+/// The slots of a histogram's or summary's `Metric` `message` (see [`Recording::metric`]) pushed
+/// to `found`, from its family's start (`family`: in the upload, in `out`); `None` when the
+/// message holds anything else, or its entries do not hold its values and timestamp where
+/// expected.
+fn metric_slots(
+    message_at: usize,
+    message: &[u8],
+    out: &[u8],
+    ends: &[(usize, u8)],
+    family: (usize, usize),
+    found: &mut Vec<Slot>,
+) -> Option<()> {
+    use telemeter_common::wire::short_varint;
+    // Where a part of `message` starts in the upload.
+    let at = |part: &[u8]| message_at + (part.as_ptr() as usize - message.as_ptr() as usize);
+    let mut rest = message;
+    // Bounded: each turn consumes a label field.
+    while let [0x0a, ref tail @ ..] = *rest {
+        let (len, tail) = short_varint(tail)?;
+        rest = tail.get(usize::try_from(len).ok()?..)?;
+    }
+    // Its value's field (a summary's or a histogram's) and its timestamp, in either order (prost
+    // writes the timestamp, field 6, before a histogram, field 7), and nothing else. The
+    // timestamp is of at most nine bytes and the shortest varint (as it is written).
+    let stamp_of = |rest: &'_ [u8]| -> Option<(usize, usize)> {
+        let [0x30, ref stamp @ ..] = *rest else {
+            return None;
+        };
+        let (_, after) = short_varint(stamp)?;
+        let len = stamp.len() - after.len();
+        (stamp.get(len - 1) != Some(&0)).then_some((at(stamp), len))
+    };
+    /// The key, message and field length of the value field `rest` starts with.
+    fn value_of(rest: &[u8]) -> Option<(u8, &[u8], usize)> {
+        let [key @ (0x22 | 0x3a), ref tail @ ..] = *rest else {
+            return None;
+        };
+        let (len, tail) = telemeter_common::wire::short_varint(tail)?;
+        let len = usize::try_from(len).ok()?;
+        Some((key, tail.get(..len)?, rest.len() - tail.len() + len))
+    }
+    let (key, value, stamp) = match stamp_of(rest) {
+        Some((stamp_at, stamp_len)) => {
+            let after = rest.get(1 + stamp_len..)?;
+            let (key, value, len) = value_of(after)?;
+            (after.len() == len).then_some((key, value, (stamp_at, stamp_len)))?
+        }
+        None => {
+            let (key, value, len) = value_of(rest)?;
+            let after = rest.get(len..)?;
+            let (stamp_at, stamp_len) = stamp_of(after)?;
+            (after.len() == 1 + stamp_len).then_some((key, value, (stamp_at, stamp_len)))?
+        }
+    };
+    let stamp_bytes = message.get(stamp.0 - message_at..stamp.0 - message_at + stamp.1)?;
+    // Where each count, double and the values' sources are: (at, len, kind, value's bits).
+    let mut sources: Vec<Option<(usize, usize, Kind, u64)>> = Vec::new();
+    let mut rest = value;
+    let varint_field = |rest: &mut &[u8], key: u8| -> Option<Option<(usize, usize, Kind, u64)>> {
+        match **rest {
+            [k, ref tail @ ..] if k == key => {
+                let (v, after) = short_varint(tail)?;
+                *rest = after;
+                Some(Some((at(tail), tail.len() - after.len(), Kind::Count, v)))
+            }
+            _ => Some(None),
+        }
+    };
+    let double_field = |rest: &mut &[u8], key: u8| -> Option<Option<(usize, usize, Kind, u64)>> {
+        match **rest {
+            [k, ref tail @ ..] if k == key => {
+                let bits = u64::from_le_bytes(*tail.first_chunk::<8>()?);
+                *rest = tail.get(8..)?;
+                Some(Some((at(tail), 8, Kind::Double, bits)))
+            }
+            _ => Some(None),
+        }
+    };
+    let count = varint_field(&mut rest, 0x08)?;
+    let sum = double_field(&mut rest, 0x11)?;
+    // Bounded: each turn consumes a bucket or quantile field.
+    while let [0x1a, ref tail @ ..] = *rest {
+        let (len, tail) = short_varint(tail)?;
+        let (mut item, after) = tail.split_at_checked(usize::try_from(len).ok()?)?;
+        rest = after;
+        let source = match key {
+            // A histogram's bucket: its count, then its bound (part of its entry's labels).
+            0x3a => {
+                let count = varint_field(&mut item, 0x08)?;
+                double_field(&mut item, 0x11)?;
+                count
+            }
+            // A summary's quantile: its rank (a label), then its value.
+            0x22 => {
+                double_field(&mut item, 0x09)?;
+                double_field(&mut item, 0x11)?
+            }
+            _ => return None,
+        };
+        if !item.is_empty() {
+            return None;
+        }
+        sources.push(source);
+    }
+    if !rest.is_empty() {
+        return None;
+    }
+    // A histogram's entries: its buckets, the `+Inf` one if it was missing, `_sum`, `_count`; a
+    // summary's: its quantiles, `_sum`, `_count`.
+    let added = ends.len().checked_sub(sources.len() + 2)?;
+    match (key, added) {
+        (0x3a, 1) => sources.push(count),
+        (_, 0) => {}
+        _ => return None,
+    }
+    sources.push(sum);
+    sources.push(count);
+    let stamp_len = stamp.1;
+    for (&(end, _), source) in ends.iter().zip(&sources) {
+        let stamp_at = end.checked_sub(stamp_len)?;
+        if out.get(stamp_at..end)? != stamp_bytes || out.get(stamp_at.checked_sub(1)?)? != &0x10 {
+            return None;
+        }
+        found.push(Slot {
+            input_at: (stamp.0 - family.0) as u32,
+            output_at: (stamp_at - family.1) as u32,
+            len: stamp_len as u8,
+            kind: Kind::Stamp,
+        });
+        // A zero value is left out of its entry: its bytes are compared, not a slot.
+        let Some((from, len, kind, bits)) = *source else {
+            continue;
+        };
+        let double = match kind {
+            Kind::Count => (bits as f64).to_bits(),
+            _ => bits,
+        };
+        if double << 1 == 0 {
+            continue;
+        }
+        let value_at = stamp_at.checked_sub(9)?;
+        if out.get(value_at..value_at + 8)? != double.to_le_bytes()
+            || out.get(value_at.checked_sub(1)?)? != &0x09
+            || len > 9
+        {
+            return None;
+        }
+        found.push(Slot {
+            input_at: (from - family.0) as u32,
+            output_at: (value_at - family.1) as u32,
+            len: len as u8,
+            kind,
+        });
+    }
+    Some(())
 }
 
 impl Recording {
@@ -228,15 +428,43 @@ impl Recording {
                 // The entry ends with the double, the timestamp's key and its varint.
                 output_at: value_out as u32,
                 len: 8,
-                varint: false,
+                kind: Kind::Double,
             });
         }
         self.slots.push(Slot {
             input_at: (input_at + 9) as u32,
             output_at: stamp_at as u32,
             len: stamp_len as u8,
-            varint: true,
+            kind: Kind::Stamp,
         });
+    }
+
+    /// A histogram or summary of the family being converted was written, its `Metric` message
+    /// at `message_at` in the upload, its entries ending at `ends` in `out` (from `base`, where
+    /// the upload's first entry starts): its counts, sum, bucket counts or quantile values and
+    /// timestamp become slots when the message holds nothing else (labels first) and its entries
+    /// hold them where they should; else the family is not cacheable.
+    pub(super) fn metric(
+        &mut self,
+        message_at: usize,
+        message: &[u8],
+        out: &[u8],
+        ends: &[(usize, u8)],
+        base: usize,
+    ) {
+        let Some((input, output, _, true)) = self.current else {
+            return;
+        };
+        let mut found = std::mem::take(&mut self.found);
+        found.clear();
+        let family = (input as usize, base + output as usize);
+        if metric_slots(message_at, message, out, ends, family, &mut found).is_some() {
+            found.sort_by_key(|slot| slot.input_at);
+            self.slots.extend_from_slice(&found);
+        } else {
+            self.not_cacheable();
+        }
+        self.found = found;
     }
 
     /// The family being converted ends at `input` in the upload, `output` in its entries, where
@@ -410,7 +638,9 @@ mod tests {
     use super::*;
     use crate::remote_write::convert::{encode_payload_cached, encode_payload_with, Scratch};
     use telemeter_common::delimited;
-    use telemeter_common::model::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
+    use telemeter_common::model::{
+        Gauge, LabelPair, Metric, MetricFamily, MetricType, Quantile, Summary,
+    };
     use testkit::fuzz::Rng;
 
     /// The entries (and where each ends, its sample's bytes) the conversion writes of `payload`.
@@ -514,10 +744,18 @@ mod tests {
     }
 
     #[test]
-    fn a_cache_that_serves_as_it_is_is_not_rebuilt_for_the_histograms_converted_every_time() {
+    fn a_cache_that_serves_as_it_is_is_not_rebuilt_for_a_family_converted_every_time() {
         let (mut cache, mut spare, mut scratch) = Default::default();
+        // A family of series without a timestamp (they take the upload's receive time) is not
+        // cacheable.
         let upload = |timestamp_ms| {
-            delimited::encode(&testkit::payload::families("cluster-a", timestamp_ms))
+            let mut families = testkit::payload::families("cluster-a", timestamp_ms);
+            let mut untimed = gauges("cluster-a", &[1.0, 2.0], 0);
+            for metric in &mut untimed[0].metric {
+                metric.timestamp_ms = None;
+            }
+            families.extend(untimed);
+            delimited::encode(&families)
         };
         let first = upload(1_700_000_000_000);
         assert_eq!(
@@ -529,11 +767,12 @@ mod tests {
             let next = upload(timestamp_ms);
             let (got, converted) = cached(&next, &mut cache, &mut spare, &mut scratch);
             assert_eq!(got, plain(&next));
-            assert!(converted, "the histograms");
+            assert!(converted, "the family without timestamps");
             let recording = scratch.recording();
-            assert!(
-                recording.families.iter().any(|f| f.1),
-                "gauges from the cache"
+            assert_eq!(
+                recording.families.iter().filter(|f| !f.1).count(),
+                1,
+                "the others from the cache, histograms too"
             );
             assert!(serves_as_it_is(&cache, recording));
             assert_eq!(cache.input.as_ptr(), kept, "not rebuilt");
@@ -544,9 +783,44 @@ mod tests {
     fn realistic_uploads_convert_alike_through_the_cache() {
         let (mut cache, mut spare, mut scratch) = Default::default();
         let mut rng = Rng::new(testkit::fuzz::base_seed());
-        let mut taken = 0;
+        let (mut taken, mut other_kinds) = (0, 0);
         for round in 0..40 {
             let mut families = testkit::payload::families("cluster-a", 1_700_000_000_000);
+            // Counts of another length and zeros (left out of their entries) in some rounds,
+            // in the others new counts and values of the same shape.
+            let zeros = round % 4 == 0;
+            let count = |rng: &mut Rng| match zeros {
+                true => rng.below(1 << (round % 20)) as u64,
+                false => 1000 + rng.below(1000) as u64,
+            };
+            let summary = |i: usize, rng: &mut Rng| Metric {
+                label: vec![
+                    LabelPair::new("_id", "c"),
+                    LabelPair::new("n", &i.to_string()),
+                ],
+                summary: Some(Summary {
+                    sample_count: Some(count(&mut *rng)),
+                    sample_sum: Some(if zeros && rng.one_in(4) { 0.0 } else { 2.5 }),
+                    quantile: (0..i)
+                        .map(|q| Quantile {
+                            quantile: Some(q as f64 / 4.0),
+                            value: Some(if zeros && rng.one_in(4) {
+                                0.0
+                            } else {
+                                rng.below(9) as f64
+                            }),
+                        })
+                        .collect(),
+                }),
+                timestamp_ms: Some(1_700_000_000_000),
+                ..Default::default()
+            };
+            families.push(MetricFamily {
+                name: Some("s".into()),
+                help: None,
+                r#type: Some(MetricType::Summary as i32),
+                metric: (0..4).map(|i| summary(i, &mut rng)).collect(),
+            });
             for family in &mut families {
                 for metric in &mut family.metric {
                     if let Some(gauge) = &mut metric.gauge {
@@ -561,7 +835,7 @@ mod tests {
                     }
                     if let Some(histogram) = &mut metric.histogram {
                         for bucket in &mut histogram.bucket {
-                            bucket.cumulative_count = Some(rng.below(1 << (round % 20)) as u64);
+                            bucket.cumulative_count = Some(count(&mut rng));
                         }
                     }
                     if rng.one_in(50) {
@@ -572,9 +846,17 @@ mod tests {
             let payload = delimited::encode(&families);
             let (got, converted) = cached(&payload, &mut cache, &mut spare, &mut scratch);
             assert_eq!(got, plain(&payload), "round {round}");
-            taken += usize::from(scratch.recording().families.iter().any(|f| f.1));
+            let recording = scratch.recording();
+            taken += usize::from(recording.families.iter().any(|f| f.1));
+            // The histograms' and the summary's families among them.
+            let kinds = [28, 29, 30].map(|i| recording.families.get(i).is_some_and(|f| f.1));
+            other_kinds += usize::from(kinds.iter().any(|&k| k));
             let _ = converted;
         }
+        assert!(
+            other_kinds > 5,
+            "histograms or summaries from the cache in {other_kinds} rounds"
+        );
         assert!(
             taken > 10,
             "families were taken from the cache in {taken} rounds"

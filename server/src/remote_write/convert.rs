@@ -434,13 +434,9 @@ fn encode_families<'a>(
                     general = Some(wire::families(family_start, &limits));
                     continue 'families;
                 }
-                Next::View(metric) => {
-                    if let Some((_, recording)) = &mut cached {
-                        recording.not_cacheable();
-                    }
-                    metric
-                }
+                Next::View(metric) => metric,
             };
+            let first = pending.len();
             stamp.set(metric.timestamp_ms.unwrap_or(fallback_ms));
             let timestamp = &stamp;
             let value = metric.value_for(metric_type)?;
@@ -496,6 +492,16 @@ fn encode_families<'a>(
                     one(Suffix::Count, None, count);
                 }
                 wire::Value::Missing | wire::Value::Several => {}
+            }
+            if let Some((_, recording)) = &mut cached {
+                let at = (metric.message.as_ptr() as usize).wrapping_sub(payload.as_ptr() as usize);
+                match payload.get(at..at + metric.message.len()) {
+                    Some(_) => {
+                        let ends = pending.get(first..).unwrap_or_default();
+                        recording.metric(at, metric.message, out, ends, record_out);
+                    }
+                    None => recording.not_cacheable(),
+                }
             }
         }
         each(pending);
