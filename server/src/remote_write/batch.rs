@@ -4,6 +4,7 @@ use std::ops::Range;
 
 use telemeter_common::snappy;
 
+use super::cache::ClusterCache;
 use super::{convert, MAX_SERIES_PER_REQUEST};
 
 /// Series on their way to the receiver, in the order their records were read, already encoded
@@ -41,24 +42,44 @@ impl Batch {
 
     /// Appends the series of `payload` (protobuf-delimited families) of record `seq`; on a
     /// decoding error nothing of it stays.
+    #[cfg(test)]
     pub(super) fn extend(
         &mut self,
         payload: &[u8],
         seq: u64,
         received_ms: i64,
     ) -> Result<(), telemeter_common::delimited::DecodeError> {
+        self.extend_cached(payload, seq, received_ms, None)
+    }
+
+    /// [`Batch::extend`], through the cache of the record's cluster and the shard's spare one
+    /// when given ([`convert::encode_payload_cached`]).
+    pub(super) fn extend_cached(
+        &mut self,
+        payload: &[u8],
+        seq: u64,
+        received_ms: i64,
+        cache: Option<(&mut ClusterCache, &mut ClusterCache)>,
+    ) -> Result<(), telemeter_common::delimited::DecodeError> {
         let (bytes, series) = (self.bytes.len(), self.ends.len());
         let (ends, samples) = (&mut self.ends, &mut self.samples);
-        let written = convert::encode_payload_with(
-            payload,
-            received_ms,
-            &mut self.bytes,
-            |entries| {
-                ends.extend(entries.iter().map(|&(end, _)| end));
-                samples.extend(entries.iter().map(|&(_, sample)| sample));
-            },
-            &mut self.scratch,
-        );
+        let each = |entries: &[(usize, u8)]| {
+            ends.extend(entries.iter().map(|&(end, _)| end));
+            samples.extend(entries.iter().map(|&(_, sample)| sample));
+        };
+        let (out, scratch) = (&mut self.bytes, &mut self.scratch);
+        let written = match cache {
+            Some((cache, spare)) => convert::encode_payload_cached(
+                payload,
+                received_ms,
+                out,
+                each,
+                scratch,
+                cache,
+                spare,
+            ),
+            None => convert::encode_payload_with(payload, received_ms, out, each, scratch),
+        };
         // The record's number and receive time, for each of its series at once rather than
         // pushed one series at a time.
         self.seqs.resize(self.ends.len(), seq);

@@ -9,6 +9,7 @@ use telemeter_common::delimited::{self, DecodeError};
 use telemeter_common::model::{LabelPair, MetricFamily, MetricType};
 use telemeter_common::wire::{self, series_field, short_varint};
 
+use super::cache::{self, ClusterCache, Recording};
 use super::proto::{Label, Sample, TimeSeries};
 
 /// The series of `families`, each with its one sample at the metric's own timestamp (`fallback_ms`
@@ -176,6 +177,8 @@ pub struct Scratch {
     /// to `each` once the family is read whole: a family found framed otherwise midway is read
     /// again the general way.
     pending: Vec<(usize, u8)>,
+    /// What a payload's conversion finds out for its cluster's cache ([`encode_payload_cached`]).
+    recording: Recording,
 }
 
 /// The most bytes a [`Scratch`] vector keeps allocated between payloads (a family of thousands
@@ -194,6 +197,12 @@ fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
 }
 
 impl Scratch {
+    /// What the last payload converted through a cache found out.
+    #[cfg(test)]
+    pub(super) fn recording(&self) -> &Recording {
+        &self.recording
+    }
+
     /// Frees what grew past [`SCRATCH_KEEP_BYTES`].
     fn trim(&mut self) {
         self.order = recycle(std::mem::take(&mut self.order));
@@ -216,8 +225,54 @@ pub fn encode_payload_with(
     payload: &[u8],
     fallback_ms: i64,
     out: &mut Vec<u8>,
+    each: impl FnMut(&[(usize, u8)]),
+    scratch: &mut Scratch,
+) -> Result<(), DecodeError> {
+    encode_payload_inner(payload, fallback_ms, out, each, scratch, None)
+}
+
+/// As [`encode_payload_with`], the families that are `cache`'s but for their series' values and
+/// timestamps written from it ([`cache`]), and `cache` made this payload's (rebuilt in `spare`)
+/// unless it served every family as it is. A cluster's uploads nearly always carry the same
+/// series: reading and writing their labels again was most of a shard's conversion.
+pub(super) fn encode_payload_cached(
+    payload: &[u8],
+    fallback_ms: i64,
+    out: &mut Vec<u8>,
+    each: impl FnMut(&[(usize, u8)]),
+    scratch: &mut Scratch,
+    cache: &mut ClusterCache,
+    spare: &mut ClusterCache,
+) -> Result<(), DecodeError> {
+    if payload.len() > cache::CACHE_UPLOAD_BYTES {
+        return encode_payload_with(payload, fallback_ms, out, each, scratch);
+    }
+    let start = out.len();
+    let mut recording = std::mem::take(&mut scratch.recording);
+    recording.clear();
+    let written = encode_payload_inner(
+        payload,
+        fallback_ms,
+        out,
+        each,
+        scratch,
+        Some((&*cache, &mut recording)),
+    );
+    if written.is_ok() {
+        let entries = out.get(start..).unwrap_or_default();
+        cache::commit(cache, spare, payload, entries, &recording);
+    }
+    scratch.recording = recording;
+    written
+}
+
+fn encode_payload_inner(
+    payload: &[u8],
+    fallback_ms: i64,
+    out: &mut Vec<u8>,
     mut each: impl FnMut(&[(usize, u8)]),
     scratch: &mut Scratch,
+    cached: Option<(&ClusterCache, &mut Recording)>,
 ) -> Result<(), DecodeError> {
     let mut work = Work {
         base: std::mem::take(&mut scratch.base),
@@ -231,7 +286,7 @@ pub fn encode_payload_with(
         },
         scratch,
     };
-    let written = encode_families(payload, fallback_ms, out, &mut each, &mut work);
+    let written = encode_families(payload, fallback_ms, out, &mut each, &mut work, cached);
     let Work {
         base,
         found,
@@ -264,6 +319,7 @@ fn encode_families<'a>(
     out: &mut Vec<u8>,
     each: &mut impl FnMut(&[(usize, u8)]),
     work: &mut Work<'a, '_>,
+    mut cached: Option<(&ClusterCache, &mut Recording)>,
 ) -> Result<(), DecodeError> {
     let limits = delimited::Limits {
         max_message_bytes: payload.len(),
@@ -289,6 +345,10 @@ fn encode_families<'a>(
     let mut stamp = Stamp::new(0);
     // Once a family is framed otherwise: the general reader, from that family on.
     let mut general: Option<wire::Families<'_>> = None;
+    // Where this payload's entries start, and the number of the next family read the usual way.
+    let record_out = out.len();
+    let mut family_index = 0;
+    let at = |rest: &[u8]| payload.len() - rest.len();
     // Bounded: each turn consumes a family of the payload, or leaves it to the general reader
     // (which happens once).
     'families: loop {
@@ -299,18 +359,41 @@ fn encode_families<'a>(
                 None => break,
             },
             None if rest.is_empty() => break,
-            None => match usual_family(rest) {
-                Some((family, after)) => {
-                    rest = after;
-                    family
+            None => {
+                if let Some((cache, recording)) = &mut cached {
+                    pending.clear();
+                    let (input, output) = (at(rest), out.len() - record_out);
+                    if let Some(len) = cache.convert(family_index, rest, out, pending) {
+                        recording.cached_family(cache, family_index, input, output);
+                        family_index += 1;
+                        rest = rest.get(len..).unwrap_or_default();
+                        each(pending);
+                        continue;
+                    }
                 }
-                None => {
-                    general = Some(wire::families(rest, &limits));
-                    continue;
+                match usual_family(rest) {
+                    Some((family, after)) => {
+                        if let Some((_, recording)) = &mut cached {
+                            recording.start(at(rest), out.len() - record_out);
+                        }
+                        family_index += 1;
+                        rest = after;
+                        family
+                    }
+                    None => {
+                        if let Some((_, recording)) = &mut cached {
+                            recording.stop();
+                        }
+                        general = Some(wire::families(rest, &limits));
+                        continue;
+                    }
                 }
-            },
+            }
         };
         if family.name.is_empty() {
+            if let Some((_, recording)) = &mut cached {
+                recording.end(at(rest), out.len() - record_out, &[], record_out);
+            }
             continue;
         }
         names.clear();
@@ -328,15 +411,32 @@ fn encode_families<'a>(
                     let name = names.get(family.name, Suffix::None);
                     let sample = fields.write_series(name, value, &stamp, out);
                     pending.push((out.len(), sample));
+                    if let Some((_, recording)) = &mut cached {
+                        // The stored varint is the one written when it is the shortest.
+                        match timestamp {
+                            Some(_) if stamp.len == fields.stamp_len + 1 => {
+                                let message = fields.message.as_ptr() as usize;
+                                let value_at =
+                                    message - payload.as_ptr() as usize + fields.value_at;
+                                let end = out.len() - record_out;
+                                recording.simple(value_at, value, fields.stamp_len, end);
+                            }
+                            _ => recording.not_cacheable(),
+                        }
+                    }
                     continue;
                 }
                 Next::Unusual => {
+                    if let Some((_, recording)) = &mut cached {
+                        recording.stop();
+                    }
                     out.truncate(entries_start);
                     general = Some(wire::families(family_start, &limits));
                     continue 'families;
                 }
                 Next::View(metric) => metric,
             };
+            let first = pending.len();
             stamp.set(metric.timestamp_ms.unwrap_or(fallback_ms));
             let timestamp = &stamp;
             let value = metric.value_for(metric_type)?;
@@ -393,8 +493,21 @@ fn encode_families<'a>(
                 }
                 wire::Value::Missing | wire::Value::Several => {}
             }
+            if let Some((_, recording)) = &mut cached {
+                let at = (metric.message.as_ptr() as usize).wrapping_sub(payload.as_ptr() as usize);
+                match payload.get(at..at + metric.message.len()) {
+                    Some(_) => {
+                        let ends = pending.get(first..).unwrap_or_default();
+                        recording.metric(at, metric.message, out, ends, record_out);
+                    }
+                    None => recording.not_cacheable(),
+                }
+            }
         }
         each(pending);
+        if let Some((_, recording)) = &mut cached {
+            recording.end(at(rest), out.len() - record_out, pending, record_out);
+        }
     }
     Ok(())
 }
@@ -742,6 +855,10 @@ struct StoredFields<'a> {
     /// a call to memcpy: a sixth of a simple series' conversion, in perf).
     runs: Vec<(usize, usize)>,
     runs_at_name: usize,
+    /// Where the value's double is in `message`, and the bytes of the timestamp's varint after
+    /// it (0 for none): what a cluster's cache patches ([`super::cache`]).
+    value_at: usize,
+    stamp_len: usize,
 }
 
 impl<'a> StoredFields<'a> {
@@ -790,6 +907,8 @@ impl<'a> StoredFields<'a> {
             return None;
         }
         let value = f64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]);
+        self.value_at = message.len() - rest.len() + 3;
+        self.stamp_len = tail.len().saturating_sub(1);
         let timestamp = match *tail {
             [] => None,
             // As the general reader and prost read an int64: the varint's 64 bits.

@@ -10,6 +10,7 @@ use log::{debug, warn};
 
 use super::backoff::Backoff;
 use super::batch::{split, Batch};
+use super::cache::Caches;
 use super::reader::Item;
 use super::*;
 use crate::store::ShipRecord;
@@ -54,6 +55,9 @@ pub(super) struct Shard {
     /// record to the next; freed once it held more than [`POOL_BUFFER_BYTES`] (a rare large
     /// upload does not pin its size).
     pub(super) plain: Vec<u8>,
+    /// Each cluster's last upload as converted, which its next one is converted from when it
+    /// carries the same series ([`super::cache`]).
+    pub(super) caches: Caches,
 }
 
 impl Shard {
@@ -173,7 +177,12 @@ impl Shard {
                 }
             },
         };
-        match batch.extend(payload, item.seq, item.received_ms) {
+        let cluster = item.cluster_id.as_str();
+        let before = self.caches.bytes_of(cluster);
+        let cache = self.caches.get(cluster);
+        let written = batch.extend_cached(payload, item.seq, item.received_ms, cache);
+        self.caches.resized(cluster, before);
+        match written {
             Ok(()) => {}
             Err(e) => {
                 // The store journaled these bytes from validated families; a bug, not input.

@@ -430,39 +430,54 @@ fn a_shard_queue_holds_at_most_its_bytes_of_records() {
 
 /// Egress's CPU a sample in a shard, without HTTP: the bench's uploads of 64 clusters converted
 /// into a batch, cut into requests of the default size and each request's body written, as a
-/// shard does. For comparing changes on a machine too busy for `tests/bench.sh egress`:
+/// shard does, with each cluster's cache ([`super::cache`]) and without, in turns (the same
+/// minutes, for a busy machine). Each cluster's uploads alternate between two timestamps, as the
+/// bench's carry the time they were sent. For comparing changes on a machine too busy for
+/// `tests/bench.sh egress`:
 /// `cargo test --release -p telemeter-server --lib shard_cpu -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn shard_cpu_a_sample_converting_and_writing_bodies() {
+    use super::cache::Caches;
     use testkit::cpu::thread_cpu;
-    let payloads: Vec<Vec<u8>> = (0..64)
-        .map(|i| {
-            let id = testkit::payload::cluster_id(i);
-            delimited::encode(&testkit::payload::families(&id, 1_700_000_000_000))
-        })
-        .collect();
-    let (mut batch, mut spare, mut body) = (Batch::default(), Batch::default(), Vec::new());
-    let (mut samples, mut bytes) = (0usize, 0usize);
-    let start = thread_cpu();
-    // Bounded: 200 rounds of 64 uploads.
-    for round in 0..200u64 {
-        for (i, payload) in payloads.iter().enumerate() {
-            batch.extend(payload, round * 64 + i as u64, 0).unwrap();
-            while batch.len() >= DEFAULT_MAX_SAMPLES_PER_SEND {
-                let front =
-                    batch.take_front(DEFAULT_MAX_SAMPLES_PER_SEND, std::mem::take(&mut spare));
-                bytes += front.body_into(&mut body);
-                samples += front.len();
-                spare = front;
+    let uploads = |timestamp_ms: i64| -> Vec<(String, Vec<u8>)> {
+        (0..64)
+            .map(|i| {
+                let id = testkit::payload::cluster_id(i);
+                let payload = delimited::encode(&testkit::payload::families(&id, timestamp_ms));
+                (id, payload)
+            })
+            .collect()
+    };
+    let rounds_of = [uploads(1_700_000_000_000), uploads(1_700_000_015_000)];
+    for turn in 0..6 {
+        let with_cache = turn % 2 == 1;
+        let mut caches = Caches::default();
+        let (mut batch, mut spare, mut body) = (Batch::default(), Batch::default(), Vec::new());
+        let (mut samples, mut bytes) = (0usize, 0usize);
+        let start = thread_cpu();
+        // Bounded: 200 rounds of 64 uploads.
+        for round in 0..200u64 {
+            for (i, (id, payload)) in rounds_of[round as usize % 2].iter().enumerate() {
+                let seq = round * 64 + i as u64;
+                let cache = if with_cache { caches.get(id) } else { None };
+                batch.extend_cached(payload, seq, 0, cache).unwrap();
+                while batch.len() >= DEFAULT_MAX_SAMPLES_PER_SEND {
+                    let front =
+                        batch.take_front(DEFAULT_MAX_SAMPLES_PER_SEND, std::mem::take(&mut spare));
+                    bytes += front.body_into(&mut body);
+                    samples += front.len();
+                    spare = front;
+                }
             }
         }
+        let cpu = thread_cpu() - start;
+        println!(
+            "shard cpu{}: {:.1} ns a sample, {:.1} bytes a sample, {samples} samples",
+            if with_cache { " with caches" } else { "" },
+            cpu.as_nanos() as f64 / samples as f64,
+            bytes as f64 / samples as f64
+        );
+        assert!(samples >= 200 * 64 * 500 - DEFAULT_MAX_SAMPLES_PER_SEND);
     }
-    let cpu = thread_cpu() - start;
-    println!(
-        "shard cpu: {:.1} ns a sample, {:.1} bytes a sample, {samples} samples",
-        cpu.as_nanos() as f64 / samples as f64,
-        bytes as f64 / samples as f64
-    );
-    assert!(samples >= 200 * 64 * 500 - DEFAULT_MAX_SAMPLES_PER_SEND);
 }
