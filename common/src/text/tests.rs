@@ -442,6 +442,38 @@ fn written(family: &MetricFamily) -> (String, Skipped) {
         String::from_utf8_lossy(&owned)
     );
     assert_eq!(view_skipped, owned_skipped);
+    // A part found plain is written the same with the labels copied unchecked.
+    let mut part = Vec::new();
+    let (mut skipped, mut header) = (Skipped::default(), false);
+    let plain = super::write::write_family_view_part_plain(
+        &mut part,
+        &view,
+        false,
+        &mut skipped,
+        &mut header,
+        &mut |_| true,
+        false,
+    )
+    .unwrap();
+    assert_eq!(part, viewed);
+    if plain {
+        let mut known = Vec::new();
+        let (mut skipped, mut header) = (Skipped::default(), false);
+        super::write::write_family_view_part_plain(
+            &mut known,
+            &view,
+            false,
+            &mut skipped,
+            &mut header,
+            &mut |_| true,
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&known),
+            String::from_utf8_lossy(&owned)
+        );
+    }
     (String::from_utf8(owned).unwrap(), owned_skipped)
 }
 
