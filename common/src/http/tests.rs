@@ -329,13 +329,11 @@ fn a_chunked_request_body_is_decoded() {
     assert_eq!(read_reply(&mut client, false).text(), "hello\n");
     // Chunks trickled a few bytes at a time, across every boundary.
     let body: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
-    let mut wire = b"POST /echo HTTP/1.1\r\ntransfer-encoding: Chunked\r\n\r\n".to_vec();
-    for piece in body.chunks(777) {
-        wire.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
-        wire.extend_from_slice(piece);
-        wire.extend_from_slice(b"\r\n");
-    }
-    wire.extend_from_slice(b"0\r\n\r\n");
+    let wire = chunked(
+        b"POST /echo HTTP/1.1\r\ntransfer-encoding: Chunked\r\n\r\n",
+        &body,
+        777,
+    );
     for piece in wire.chunks(5) {
         send(&mut client, piece);
     }
@@ -1523,13 +1521,7 @@ impl std::io::Write for Trickle {
 fn a_chunked_body_goes_out_a_write_a_chunk_with_the_head_in_the_first_whatever_the_socket_takes() {
     use super::connection::Chunked;
     let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-    let mut expected = b"HEAD\r\n".to_vec();
-    for piece in body.chunks(40_000) {
-        expected.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
-        expected.extend_from_slice(piece);
-        expected.extend_from_slice(b"\r\n");
-    }
-    expected.extend_from_slice(b"0\r\n\r\n");
+    let expected = chunked(b"HEAD\r\n", &body, 40_000);
     for max in [usize::MAX, 7, 1] {
         let mut socket = Trickle {
             bytes: Vec::new(),
@@ -1556,4 +1548,16 @@ fn a_chunked_body_goes_out_a_write_a_chunk_with_the_head_in_the_first_whatever_t
     Chunked::new(&mut socket, b"HEAD\r\n").finish().unwrap();
     assert_eq!(socket.bytes, b"HEAD\r\n0\r\n\r\n");
     assert_eq!(socket.writes, 1);
+}
+
+/// `head` then `body` in HTTP/1.1 chunks of `piece` bytes, and the last chunk.
+fn chunked(head: &[u8], body: &[u8], piece: usize) -> Vec<u8> {
+    let mut wire = head.to_vec();
+    for piece in body.chunks(piece) {
+        wire.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        wire.extend_from_slice(piece);
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire.extend_from_slice(b"0\r\n\r\n");
+    wire
 }

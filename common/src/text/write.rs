@@ -490,25 +490,12 @@ fn plain_labels(
 ) -> Option<std::ops::Range<usize>> {
     let start = out.len();
     let mut separator = b'{';
-    // The names so far, for the duplicate check, each with a cheap signature (its length and
-    // three of its bytes) compared first: two names differ in it nearly always.
+    // The names so far, for the duplicate check (`plain_new_label`).
     let mut names: [(u32, &[u8]); KEPT_NAMES] = [(0, &[]); KEPT_NAMES];
     for (count, message) in metric.label_messages().enumerate() {
         // A label that does not decode is reported by the general way, as it reports it.
         let (name, value, copied) = short_label_parts(message.ok()?)?;
-        if label_problem(metric_type, name).is_some() || needs_escaping_or_utf8(value) {
-            return None;
-        }
-        let signature = name_signature(name);
-        let kept = names.get(..count).unwrap_or_default();
-        if kept
-            .iter()
-            .any(|&(other, bytes)| other == signature && bytes == name)
-        {
-            return None;
-        }
-        // More names than kept: the general way counts them.
-        *names.get_mut(count)? = (signature, name);
+        plain_new_label(metric_type, &mut names, count, name, value)?;
         push_short_label(out, separator, name, copied);
         separator = b',';
     }
@@ -546,6 +533,34 @@ fn known_plain_labels(
     Some(start..out.len())
 }
 
+/// Checks the `count`-th label `name="value"` of a series for the plain ways: a valid name for
+/// `metric_type`, a value without escaping, a name not among `names` (the names so far, each with
+/// a cheap signature, its length and three of its bytes, compared first: two names differ in it
+/// nearly always), which it joins. `None` sends the series the general way, which reports the
+/// problem (or counts names past [`KEPT_NAMES`]).
+#[inline(always)]
+fn plain_new_label<'m>(
+    metric_type: MetricType,
+    names: &mut [(u32, &'m [u8]); KEPT_NAMES],
+    count: usize,
+    name: &'m [u8],
+    value: &[u8],
+) -> Option<()> {
+    if label_problem(metric_type, name).is_some() || needs_escaping_or_utf8(value) {
+        return None;
+    }
+    let signature = name_signature(name);
+    let kept = names.get(..count).unwrap_or_default();
+    if kept
+        .iter()
+        .any(|&(other, bytes)| other == signature && bytes == name)
+    {
+        return None;
+    }
+    *names.get_mut(count)? = (signature, name);
+    Some(())
+}
+
 /// As [`plain_labels`] (with `CHECKED`) or [`known_plain_labels`] (without), for a series whose
 /// labels are all short messages framed the usual way (`0a <len> 0a <len> name 12 <len> value`,
 /// one-byte lengths): written into `out`'s spare capacity, each label one inline copy of its
@@ -580,18 +595,7 @@ fn usual_labels<const CHECKED: bool>(
         rest = after;
         let (name, value, _) = short_label_parts(message)?;
         if CHECKED {
-            if label_problem(metric_type, name).is_some() || needs_escaping_or_utf8(value) {
-                return None;
-            }
-            let signature = name_signature(name);
-            let kept = names.get(..count).unwrap_or_default();
-            if kept
-                .iter()
-                .any(|&(other, bytes)| other == signature && bytes == name)
-            {
-                return None;
-            }
-            *names.get_mut(count)? = (signature, name);
+            plain_new_label(metric_type, &mut names, count, name, value)?;
             count += 1;
         }
         let at = spare.len;
