@@ -965,11 +965,9 @@ mod tests {
     /// can check: random bit patterns, the bench's n/7 values, short decimals of every length.
     #[test]
     fn the_in_place_writer_writes_what_the_old_one_wrote() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rng = testkit::fuzz::Rng::new(0x9e37_79b9_7f4a_7c15);
         for i in 0..1_000_000u64 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = rng.next_u64();
             let scale = [1.0, 10.0, 1e3, 1e5, 1e6, 1e7, 1e-3, 1e-5, 1e17, 1e-300][i as usize % 10];
             for f in [
                 f64::from_bits(x),
