@@ -272,12 +272,16 @@ fn walk_write_request(bytes: &[u8]) -> Result<(u64, u64), Malformed> {
     Ok((series, samples))
 }
 
-/// Checks one `TimeSeries`: returns its samples. Labels and samples of the shape every writer
-/// gives them are read by [`plain_label`] and [`plain_sample`], a few comparisons each; any other
+/// Checks one `TimeSeries`: returns its samples. A well-formed series of the usual shape is
+/// read by [`plain_series`]; any other by the walk below, where labels and samples of the usual
+/// shape are read by [`plain_label`] and [`plain_sample`], a few comparisons each, and any other
 /// shape by the general walk ([`check_label`], [`check_sample`]), which decides exactly as the
 /// sink always has (the tests compare the two on damaged requests).
 #[inline(always)]
 fn check_series(bytes: &[u8]) -> Result<u64, Malformed> {
+    if let Some(samples) = plain_series(bytes) {
+        return Ok(samples);
+    }
     let mut fields = Fields { bytes };
     let mut previous: &[u8] = b"";
     let (mut has_name, mut samples) = (false, 0u64);
@@ -327,6 +331,53 @@ fn check_series(bytes: &[u8]) -> Result<u64, Malformed> {
         return Err(Malformed::SeriesWithoutSamples);
     }
     Ok(samples)
+}
+
+/// The samples of a well-formed series of the shape every writer gives it: plain labels, then
+/// plain samples, every length one byte, all its labels ASCII. None for anything else, valid or
+/// not, which the general walk decides. One ASCII check over all the labels, where one a label
+/// cost a tenth of the walk.
+#[inline(always)]
+fn plain_series(bytes: &[u8]) -> Option<u64> {
+    let mut rest = bytes;
+    let mut previous: &[u8] = b"";
+    let mut has_name = false;
+    while let [0x0a, n, ref tail @ ..] = *rest {
+        let n = usize::from(n);
+        if n >= 0x80 || n > tail.len() {
+            return None;
+        }
+        let (label, tail) = tail.split_at(n);
+        let (name, value) = plain_label(label)?;
+        // An empty name sorts after nothing, not even the empty `previous` of the first label.
+        if value.is_empty() || !sorts_before(previous, name) {
+            return None;
+        }
+        has_name |= name.len() == 8 && name.first_chunk::<8>() == Some(b"__name__");
+        previous = name;
+        rest = tail;
+    }
+    let labels = bytes.get(..bytes.len() - rest.len())?;
+    if !has_name || !labels.is_ascii() {
+        return None;
+    }
+    let mut samples = 0;
+    while let [0x12, n, ref tail @ ..] = *rest {
+        let n = usize::from(n);
+        if n >= 0x80 || n > tail.len() {
+            return None;
+        }
+        let (sample, tail) = tail.split_at(n);
+        if !plain_sample(sample) {
+            return None;
+        }
+        samples += 1;
+        rest = tail;
+    }
+    if !rest.is_empty() || samples == 0 {
+        return None;
+    }
+    Some(samples)
 }
 
 /// `previous < name`, with an empty `previous` before any name. Label names are short: a loop
@@ -782,6 +833,17 @@ mod tests {
                 Malformed::PastMessage,
             ),
             (vec![name], vec![b"\x0b".as_slice()], Malformed::WireType),
+            // An empty name or value written out, not left out as prost leaves it.
+            (
+                vec![name, b"\x0a\x01a\x12\x00".as_slice()],
+                vec![SAMPLE],
+                Malformed::EmptyLabelValue,
+            ),
+            (
+                vec![b"\x0a\x00\x12\x01v".as_slice(), name],
+                vec![SAMPLE],
+                Malformed::EmptyLabelName,
+            ),
             // A timestamp of 11 bytes, and one whose last byte says it goes on.
             (
                 vec![name],
