@@ -271,8 +271,9 @@ egress_point() { # RECEIVER: sink | victoria-metrics | prometheus
   url="http://127.0.0.1:$rport/api/v1/write"
   log "egress into $name while ingesting, 64 senders"
   start_server "egress-$name" --remote-write-url "$url"
-  local cpu0 cpu1 ecpu0 ecpu1 line t0 t1 t2 m=$work/metrics-egress-$name.txt
+  local cpu0 cpu1 ecpu0 ecpu1 rcpu0 rcpu1 line t0 t1 t2 m=$work/metrics-egress-$name.txt
   cpu0=$(cpu_s "$server_pid")
+  rcpu0=$(cpu_s "$rpid")
   ecpu0=$(egress_cpu_s "$server_pid")
   line=$(timeout "$(limit $((point_s + 60)))" "$loadgen" ingest \
     --url "http://127.0.0.1:$ext_port" --shared-key "$work/shared.key" \
@@ -296,6 +297,7 @@ egress_point() { # RECEIVER: sink | victoria-metrics | prometheus
   t2=$(date +%s.%N)
   cpu1=$(cpu_s "$server_pid")
   ecpu1=$(egress_cpu_s "$server_pid")
+  rcpu1=$(cpu_s "$rpid")
   local sink_stats=
   [ "$name" = sink ] && sink_stats=$(curl -s --max-time 5 "http://127.0.0.1:$rport/stats" | sed 's/^/sink_/; s/ / sink_/g')
   local sent rejected dropped_samples dropped
@@ -311,7 +313,7 @@ egress_point() { # RECEIVER: sink | victoria-metrics | prometheus
   local seconds accepted_s
   seconds=$(field "$line" seconds)
   accepted_s=$(field "$line" samples_per_s)
-  egress_line[$name]="$line shipped_during_load_per_s=$(awk -v s="$sent_at_end" -v w="$seconds" 'BEGIN { if (w > 0) printf "%.0f", s / w }') backlog_bytes_at_load_end=$backlog_at_end drained=$drained drain_s=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.2f", b - a }') sent=$sent accepted=$(awk -v r="$accepted_s" -v w="$seconds" 'BEGIN { printf "%.0f", r * w }') rejected=$rejected dropped=$dropped dropped_samples=$dropped_samples requests=$requests server_cpu_s=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }') egress_cpu_s=$(awk -v a="$ecpu0" -v b="$ecpu1" 'BEGIN { print b - a }') egress_us_per_sample=$(awk -v a="$ecpu0" -v b="$ecpu1" -v n="$sent" 'BEGIN { if (n > 0) printf "%.3f", (b - a) * 1e6 / n }') ingest_us_per_sample=$(awk -v a="$cpu0" -v b="$cpu1" -v ea="$ecpu0" -v eb="$ecpu1" -v r="$accepted_s" -v w="$seconds" 'BEGIN { if (r * w > 0) printf "%.3f", ((b - a) - (eb - ea)) * 1e6 / (r * w) }') $sink_stats"
+  egress_line[$name]="$line shipped_during_load_per_s=$(awk -v s="$sent_at_end" -v w="$seconds" 'BEGIN { if (w > 0) printf "%.0f", s / w }') backlog_bytes_at_load_end=$backlog_at_end drained=$drained drain_s=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.2f", b - a }') sent=$sent accepted=$(awk -v r="$accepted_s" -v w="$seconds" 'BEGIN { printf "%.0f", r * w }') rejected=$rejected dropped=$dropped dropped_samples=$dropped_samples requests=$requests server_cpu_s=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { print b - a }') egress_cpu_s=$(awk -v a="$ecpu0" -v b="$ecpu1" 'BEGIN { print b - a }') egress_us_per_sample=$(awk -v a="$ecpu0" -v b="$ecpu1" -v n="$sent" 'BEGIN { if (n > 0) printf "%.3f", (b - a) * 1e6 / n }') ingest_us_per_sample=$(awk -v a="$cpu0" -v b="$cpu1" -v ea="$ecpu0" -v eb="$ecpu1" -v r="$accepted_s" -v w="$seconds" 'BEGIN { if (r * w > 0) printf "%.3f", ((b - a) - (eb - ea)) * 1e6 / (r * w) }') receiver_cpu_s=$(awk -v a="$rcpu0" -v b="$rcpu1" 'BEGIN { printf "%.2f", b - a }') receiver_us_per_sample=$(awk -v a="$rcpu0" -v b="$rcpu1" -v n="$sent" 'BEGIN { if (n > 0) printf "%.3f", (b - a) * 1e6 / n }') $sink_stats"
   raw+=("egress $name: ${egress_line[$name]}")
 }
 egress_rows() {
@@ -326,7 +328,7 @@ egress_rows() {
       continue
     fi
     row "7. Remote-write egress into $what while ingesting (64 senders, $(field "$l" seconds) s)" \
-      "**egress $(field "$l" egress_us_per_sample) µs of CPU a sample shipped** · accepted $(millions "$(field "$l" samples_per_s)") samples/s · shipped $(millions "$(field "$l" shipped_during_load_per_s)") samples/s during the load · $(num "$(field "$l" sent)") samples sent of $(num "$(field "$l" accepted)") accepted · dropped $(field "$l" dropped) · rejected $(field "$l" rejected) · backlog at the end of the load $(num "$(field "$l" backlog_bytes_at_load_end)") bytes, drained in $(field "$l" drain_s) s · $(num "$(field "$l" requests)") requests · CPU server $(cores "$(field "$l" server_cpu_s)" "$(awk -v a="$(field "$l" seconds)" -v b="$(field "$l" drain_s)" 'BEGIN { print a + b }')") cores$extra" \
+      "**egress $(field "$l" egress_us_per_sample) µs of CPU a sample shipped** · accepted $(millions "$(field "$l" samples_per_s)") samples/s · shipped $(millions "$(field "$l" shipped_during_load_per_s)") samples/s during the load · $(num "$(field "$l" sent)") samples sent of $(num "$(field "$l" accepted)") accepted · dropped $(field "$l" dropped) · rejected $(field "$l" rejected) · backlog at the end of the load $(num "$(field "$l" backlog_bytes_at_load_end)") bytes, drained in $(field "$l" drain_s) s · $(num "$(field "$l" requests)") requests · CPU server $(cores "$(field "$l" server_cpu_s)" "$(awk -v a="$(field "$l" seconds)" -v b="$(field "$l" drain_s)" 'BEGIN { print a + b }')") cores · the receiver's CPU $(field "$l" receiver_cpu_s) s, $(field "$l" receiver_us_per_sample) µs a sample it took (all of these two cores would take $(awk -v u="$(field "$l" receiver_us_per_sample)" 'BEGIN { if (u > 0) printf "%.2fM", 2 / u; else print "?" }') samples/s)$extra" \
       "shipped/s ≥ accepted/s, 0 dropped, drained within seconds" \
       "$(all_met "$(met "$(field "$l" shipped_during_load_per_s)" ">=" "$(field "$l" samples_per_s)")" "$(met "$(field "$l" dropped)" "<" 1)" "$(met "$(field "$l" drained)" ">=" 1)" "$(met "$(field "$l" drain_s)" "<" 10)")"
     # Where the receiver runs on other cores, egress keeps up exactly when it spends less CPU a
