@@ -269,6 +269,16 @@ impl Merger {
                     Some(payload) => Some(payload),
                     None => self.store.get(cluster_id)?.map(|upload| upload.payload),
                 };
+                // A cluster's first request: its converted series alone are the payload.
+                if let (None, Some(whitelist)) = (&stored, converted) {
+                    if let Ok(entry) =
+                        CachedCluster::build_converted(delta.clone(), oldest_ms, whitelist)
+                    {
+                        admit(entry.series()).map_err(Capped::Refused)?;
+                        self.store_and_keep(cluster_id, entry, delta, received)?;
+                        return Ok(());
+                    }
+                }
                 let merged = merge_stored(cluster_id, stored.as_deref(), &delta, oldest_ms)?;
                 drop(stored);
                 admit(merged.series).map_err(Capped::Refused)?;
