@@ -1156,6 +1156,12 @@ fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
     if let Some(&b) = bytes.first().filter(|&&b| b < 0x80) {
         return Some((u64::from(b), 1));
     }
+    // Nor for two: a series' length (a hundred bytes or more).
+    if let [low, high, ..] = *bytes {
+        if high < 0x80 {
+            return Some((u64::from(low & 0x7f) | u64::from(high) << 7, 2));
+        }
+    }
     let mut value = 0u64;
     for (i, &b) in bytes.iter().enumerate().take(10) {
         value |= u64::from(b & 0x7f) << (7 * i);
