@@ -304,6 +304,60 @@ impl CachedCluster {
         }
     }
 
+    /// Indexes `delta` (what this process's conversion made of a request: sorted label sets,
+    /// one encoding of each) as the whole payload of a cluster that has none, and marks its
+    /// series converted under `whitelist`, when that payload is what
+    /// [`super::merge::merge_payloads`] makes of `delta` alone: every series named once in its
+    /// family, none a staleness marker, none older than `oldest_ms`. Then merging it into
+    /// nothing (hashing and re-encoding every series) and marking it (walking it again) would
+    /// give the same entry: that was most of a cluster's first request, and the bench's first
+    /// second. Gives `delta` back otherwise.
+    pub fn build_converted(
+        delta: Vec<u8>,
+        oldest_ms: i64,
+        whitelist: &Arc<Vec<Selector>>,
+    ) -> Result<CachedCluster, Vec<u8>> {
+        let mut entry = Self::build(delta, i64::MIN)?;
+        let alone = (0..entry.slots.len() as u32).all(|s| {
+            let slot = entry.slots[s as usize];
+            let at = (slot.start + slot.labels) as usize;
+            // Identity bytes and the hash index decide "named once": a label set sent twice has
+            // the same bytes (the conversion sorts and encodes them one way), so its second
+            // series is not what the index answers; nor is a series whose hash another took,
+            // which then takes the merge.
+            entry.find(slot.family, entry.identity(s)) == Some(s)
+                && slot.timestamp_ms >= oldest_ms
+                && entry
+                    .payload
+                    .get(at..at + 11)
+                    .and_then(|tail| tail.strip_prefix(&VALUE_KEYS[..]))
+                    .and_then(|value| <[u8; 8]>::try_from(value).ok())
+                    .is_some_and(|value| !is_stale_marker(f64::from_le_bytes(value)))
+        });
+        if !alone {
+            return Err(entry.into_payload());
+        }
+        // As the merge reads it: the newest sample of remote write's families.
+        entry.newest_received = entry
+            .slots
+            .iter()
+            .filter(|slot| entry.families[slot.family as usize].help.as_ref() == REMOTE_WRITE_HELP)
+            .map(|slot| slot.timestamp_ms)
+            .max()
+            .unwrap_or(i64::MIN);
+        let last = entry.slots.len().saturating_sub(1) as u32;
+        for (s, slot) in (0u32..).zip(&mut entry.slots) {
+            slot.converted = true;
+            // The next request's order is not known yet; the series after each in the request
+            // (the conversion keeps their order within a family) is the best guess.
+            if s < last {
+                slot.next = s + 1;
+            }
+        }
+        entry.whitelist = Some(Arc::clone(whitelist));
+        Ok(entry)
+    }
+
     /// The families, slots and index of `payload`.
     fn index(payload: &[u8]) -> Option<Indexed> {
         u32::try_from(payload.len()).ok()?;
@@ -625,7 +679,12 @@ impl CachedCluster {
         }
         let mut writes = Vec::with_capacity(self.last_raw);
         let mut order = std::mem::take(&mut self.order);
-        let merged = self.raw_writes(body, rules, &mut writes, &mut order);
+        let mark = self.patch.as_mut().map(|patch| {
+            patch.reserve(self.last_raw * (8 + 12 + 10));
+            patch.mark()
+        });
+        let mut newest_ms = i64::MIN;
+        let merged = self.raw_writes(body, rules, &mut writes, &mut order, &mut newest_ms);
         self.order = order;
         let merged = merged.filter(|_| {
             if self.oldest_bound >= oldest_ms {
@@ -643,51 +702,28 @@ impl CachedCluster {
             passes
         });
         let Some(count) = merged else {
-            // Nothing written: each slot's timestamp back as it was, the last write first.
+            // Not merged after all: each write's bytes and slot timestamp back as they were,
+            // the last first (a series named twice was written twice), and its patch ranges
+            // dropped.
             for write in writes.iter().rev() {
+                let at = write.at as usize;
+                let len = usize::from(write.len);
+                if let Some(stored) = self.payload.get_mut(at..at + len) {
+                    stored.copy_from_slice(&write.before[..len]);
+                }
                 if let Some(slot) = self.slots.get_mut(write.slot as usize) {
                     slot.timestamp_ms = write.before_ms;
                 }
+            }
+            if let (Some(patch), Some(mark)) = (&mut self.patch, mark) {
+                patch.rewind(mark);
             }
             return None;
         };
         self.last_raw = writes.len();
         self.order.truncate(count);
-        if let Some(patch) = &mut self.patch {
-            patch.reserve(writes.len() * (8 + 12 + 10));
-        }
-        // As `series::encode_series` writes it: untyped { value }, timestamp_ms; the timestamp's
-        // varint encoded once for the series that share it (most often all of a request's).
-        let mut tail = [0u8; 12 + 10];
-        tail[..3].copy_from_slice(&VALUE_KEYS);
-        tail[11] = 0x30;
-        let mut tail_len = 0;
-        let mut encoded_ms = None;
-        // Prefetching each write's tail PREFETCH_AHEAD writes on was tried: more server CPU a
-        // sample in 4 of 4 rounds alternating (0.179-0.204 against 0.175-0.181 us).
-        for write in writes {
-            if encoded_ms != Some(write.timestamp_ms) {
-                tail_len = 12 + encode_varint_into(write.timestamp_ms as u64, &mut tail[12..]);
-                encoded_ms = Some(write.timestamp_ms);
-            }
-            tail[3..11].copy_from_slice(&write.value.to_le_bytes());
-            let slot = self.slots[write.slot as usize];
-            let at = slot.start + slot.labels;
-            let stored = &mut self.payload[at as usize..at as usize + tail_len];
-            // Only the bytes that differ are written and journaled: the keys are there already,
-            // a value that did not change since the last sample (a constant gauge, an idle
-            // counter) keeps its 8 bytes, and two timestamps a scrape interval apart differ in
-            // their low varint bytes only. The range of a series sharing its timestamp with the
-            // one before then ends like it, so the patch takes its offset and length alone.
-            if let Some((from, to)) = changed(stored, &tail[..tail_len]) {
-                stored[from..to].copy_from_slice(&tail[from..to]);
-                if let Some(patch) = &mut self.patch {
-                    patch.push(at + from as u32, &tail[from..to]);
-                }
-            }
-            self.newest_received = self.newest_received.max(write.timestamp_ms);
-            self.newest_sample = self.newest_sample.max(write.timestamp_ms);
-        }
+        self.newest_received = self.newest_received.max(newest_ms);
+        self.newest_sample = self.newest_sample.max(newest_ms);
         Some(count)
     }
 
@@ -702,11 +738,21 @@ impl CachedCluster {
         rules: &RawRules<'_>,
         writes: &mut Vec<RawWrite>,
         order: &mut Vec<u32>,
+        newest_ms: &mut i64,
     ) -> Option<usize> {
         let mut count = 0usize;
+        // As `series::encode_series` writes it: untyped { value }, timestamp_ms; the timestamp's
+        // varint encoded once for the series that share it (most often all of a request's).
+        let mut tail = [0u8; TAIL_MAX];
+        tail[..3].copy_from_slice(&VALUE_KEYS);
+        tail[11] = 0x30;
+        let mut tail_len = 0;
+        let mut encoded_ms = None;
         let mut rest = body;
         // The slot of the request's previous series, whose hint guesses this one's.
         let mut previous = NO_SLOT;
+        // Its `__name__`, as sent.
+        let mut previous_name: &[u8] = &[];
         // The payload bytes of the series ahead are asked for before they are compared and
         // written: the cached payloads are many times the CPU's caches and a request's series
         // are not in payload order, so each series waited for memory.
@@ -746,7 +792,13 @@ impl CachedCluster {
             let s = match expected && self.family_named(guess, name) {
                 true => guess,
                 false => {
-                    let f = *self.by_name.get(std::str::from_utf8(name).ok()?)?;
+                    // A series of the family before it (most are: a sender writes a family's
+                    // series together) is of that family: no UTF-8 check and hashing of its
+                    // name, as a request without hints yet (a cluster's second) did per series.
+                    let f = match self.slots.get(previous as usize) {
+                        Some(slot) if same(previous_name, name) => slot.family,
+                        _ => *self.by_name.get(std::str::from_utf8(name).ok()?)?,
+                    };
                     let s = self.find(f, identity)?;
                     if let Some(slot) = self.slots.get_mut(previous as usize) {
                         slot.next = s;
@@ -760,35 +812,73 @@ impl CachedCluster {
                 None => order.push(s),
             }
             previous = s;
+            previous_name = name;
             let slot = &mut self.slots[s as usize];
             if !slot.converted || !self.families[slot.family as usize].remote_write {
                 return None;
             }
             if timestamp_ms >= slot.timestamp_ms {
-                if (slot.len - slot.labels) as usize != tail_len(timestamp_ms) {
+                if encoded_ms != Some(timestamp_ms) {
+                    tail_len = 12 + encode_varint_into(timestamp_ms as u64, &mut tail[12..]);
+                    encoded_ms = Some(timestamp_ms);
+                }
+                if (slot.len - slot.labels) as usize != tail_len {
                     return None;
                 }
-                writes.push(RawWrite {
+                tail[3..11].copy_from_slice(&value.to_le_bytes());
+                // Written here, while the series' bytes are in the CPU's cache from its
+                // comparison, rather than in a pass of its own once the request was walked (whose
+                // reads of the slots and payload waited for memory again); set back from
+                // `writes` when the request is not merged after all.
+                let at = slot.start + slot.labels;
+                let stored = self.payload.get_mut(at as usize..at as usize + tail_len)?;
+                let mut write = RawWrite {
                     slot: s,
-                    value,
-                    timestamp_ms,
+                    at,
+                    len: 0,
+                    before: [0; TAIL_MAX],
                     before_ms: slot.timestamp_ms,
-                });
+                };
+                // Only the bytes that differ are written and journaled: the keys are there
+                // already, a value that did not change since the last sample (a constant gauge,
+                // an idle counter) keeps its 8 bytes, and two timestamps a scrape interval apart
+                // differ in their low varint bytes only. The range of a series sharing its
+                // timestamp with the one before then ends like it, so the patch takes its offset
+                // and length alone.
+                if let Some((from, to)) = changed(stored, &tail[..tail_len]) {
+                    write.at = at + from as u32;
+                    write.len = (to - from) as u8;
+                    write.before[..to - from].copy_from_slice(&stored[from..to]);
+                    stored[from..to].copy_from_slice(&tail[from..to]);
+                    if let Some(patch) = &mut self.patch {
+                        patch.push(write.at, &tail[from..to]);
+                    }
+                }
+                writes.push(write);
                 slot.timestamp_ms = timestamp_ms;
+                *newest_ms = (*newest_ms).max(timestamp_ms);
             }
         }
         (count > 0).then_some(count)
     }
 }
 
-/// What a raw request writes over one slot ([`CachedCluster::raw_writes`]).
+/// What a raw request wrote over one slot ([`CachedCluster::raw_writes`]): what to set back
+/// when the request is not merged after all.
 struct RawWrite {
     slot: u32,
-    value: f64,
-    timestamp_ms: i64,
-    /// The slot's timestamp before, to set back when the request is not merged after all.
+    /// The payload bytes written: from `at`, `len` of them (none when the sample was there
+    /// already), and what they were before.
+    at: u32,
+    len: u8,
+    before: [u8; TAIL_MAX],
+    /// The slot's timestamp before.
     before_ms: i64,
 }
+
+/// Most bytes of a converted series' value and timestamp fields: 12 bytes of keys and value,
+/// a timestamp varint of up to 10.
+const TAIL_MAX: usize = 12 + 10;
 
 /// The keys before a converted series' value: `untyped` (field 5, 9 bytes), its `value`.
 const VALUE_KEYS: [u8; 3] = [0x2a, 0x09, 0x09];
@@ -805,25 +895,17 @@ fn encode_varint_into(mut n: u64, out: &mut [u8]) -> usize {
     i + 1
 }
 
-/// Whether `a` and `b` are the same bytes: as `a == b`, compared 8 bytes at a time in line. The
-/// raw merge compares a family name and a series' labels (a few dozen bytes) per series, and a
-/// call to `memcmp` for each was a twentieth of its CPU.
+/// Whether `a` and `b` are the same bytes: `a == b`, a name shorter than a word compared in
+/// line. A branch-free word loop (differences gathered by or) was tried for the longer ones and
+/// took 5-10 % more of the raw merge's time than `memcmp` in a bench of the merge alone.
 #[inline]
 fn same(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
-    let word = |bytes: Option<&[u8; 8]>| bytes.map(|w| u64::from_ne_bytes(*w));
     match a.len() {
         0..8 => a.iter().zip(b).all(|(x, y)| x == y),
-        // Whole words, then the last 8 bytes (overlapping the words when the length is not a
-        // multiple of 8).
-        _ => {
-            a.chunks_exact(8)
-                .zip(b.chunks_exact(8))
-                .all(|(x, y)| word(x.first_chunk()) == word(y.first_chunk()))
-                && word(a.last_chunk()) == word(b.last_chunk())
-        }
+        _ => a == b,
     }
 }
 
@@ -840,11 +922,6 @@ fn changed(old: &[u8], new: &[u8]) -> Option<(usize, usize)> {
         .rposition(|(a, b)| a != b)
         .map_or(from, |last| last + 1);
     Some((from, to))
-}
-
-/// The length of a converted series' value and timestamp fields.
-fn tail_len(timestamp_ms: i64) -> usize {
-    12 + prost::encoding::encoded_len_varint(timestamp_ms as u64)
 }
 
 /// What [`raw_series`] reads of one `TimeSeries`.
@@ -922,19 +999,51 @@ fn raw_series<'s>(series: &'s [u8], expected: &[u8]) -> Option<RawSeries<'s>> {
 }
 
 /// A `Sample`'s value and timestamp, read as the conversion reads them (absent: 0).
+#[inline]
 fn raw_sample(sample: &[u8]) -> Option<(f64, i64)> {
-    // As every sender writes it: the value, then the timestamp, nothing else.
-    if let (Some(&0x09), Some(value), Some(&0x10), Some(rest)) = (
+    // As every sender writes it: the value, then the timestamp (a varint of up to 8 bytes: ms
+    // until the year 6429), nothing else.
+    if let (Some(&0x09), Some(value), Some(&0x10), Some(timestamp)) = (
         sample.first(),
         sample.get(1..9),
         sample.get(9),
-        sample.get(10..),
+        sample.get(10..).filter(|t| (1..=8).contains(&t.len())),
     ) {
-        if let Some((timestamp_ms, _)) = varint(rest).filter(|&(_, n)| n == rest.len()) {
-            let value = f64::from_bits(u64::from_le_bytes(value.try_into().ok()?));
-            return Some((value, timestamp_ms as i64));
+        if let (Some(value), Some(last)) = (value.first_chunk::<8>(), sample.last_chunk::<8>()) {
+            // The timestamp's bytes, read at once from the last 8 of the sample.
+            let n = timestamp.len();
+            let word = u64::from_le_bytes(*last) >> (8 * (8 - n));
+            if let Some(timestamp_ms) = exact_varint(word, n) {
+                return Some((f64::from_le_bytes(*value), timestamp_ms as i64));
+            }
         }
     }
+    raw_sample_fields(sample)
+}
+
+/// The varint of exactly `n` bytes (1 to 8) held in the low bytes of `word`, little endian;
+/// None when its last byte is not the `n`th. Without a loop a byte: a timestamp is 6.
+#[inline]
+fn exact_varint(word: u64, n: usize) -> Option<u64> {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // The continuation bit set in every byte before the last, in none from it on.
+    let marks = match n {
+        2..=8 => HIGH >> (8 * (9 - n)),
+        _ => 0,
+    };
+    if !(1..=8).contains(&n) || word & HIGH != marks {
+        return None;
+    }
+    let mut value = 0;
+    for i in 0..8 {
+        value |= ((word >> (8 * i)) & 0x7f) << (7 * i);
+    }
+    Some(value)
+}
+
+/// [`raw_sample`] of a sample in any other layout: field by field.
+#[cold]
+fn raw_sample_fields(sample: &[u8]) -> Option<(f64, i64)> {
     let (mut value, mut timestamp_ms) = (0.0, 0);
     let mut rest = sample;
     while !rest.is_empty() {
@@ -955,7 +1064,7 @@ fn raw_sample(sample: &[u8]) -> Option<(f64, i64)> {
 
 /// Reads one field at the start of `rest` (a key that fits 32 bits with a number above 0, and
 /// wire type 0, 1, 2 or 5) and moves past it: the key, and a length-delimited field's bytes.
-#[inline]
+#[inline(always)]
 fn next_field<'a>(rest: &mut &'a [u8]) -> Option<(u64, Option<&'a [u8]>)> {
     let (key, n) = varint(rest)?;
     if key > u64::from(u32::MAX) || key >> 3 == 0 {
@@ -1046,6 +1155,12 @@ fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
     // Keys, label lengths and most values are one byte: no loop for them.
     if let Some(&b) = bytes.first().filter(|&&b| b < 0x80) {
         return Some((u64::from(b), 1));
+    }
+    // Nor for two: a series' length (a hundred bytes or more).
+    if let [low, high, ..] = *bytes {
+        if high < 0x80 {
+            return Some((u64::from(low & 0x7f) | u64::from(high) << 7, 2));
+        }
     }
     let mut value = 0u64;
     for (i, &b) in bytes.iter().enumerate().take(10) {
@@ -1255,6 +1370,67 @@ mod tests {
 
     const A: &[(&str, &str)] = &[("__name__", "up"), ("_id", "c"), ("job", "a")];
     const B: &[(&str, &str)] = &[("__name__", "up"), ("_id", "c"), ("job", "b")];
+
+    #[test]
+    fn a_first_request_is_its_own_payload_exactly_as_merged_into_nothing() {
+        let whitelist = Arc::new(Vec::new());
+        let c: &[(&str, &str)] = &[("__name__", "down"), ("_id", "c"), ("job", "c")];
+        let first = convert(&request(&[
+            (A, &[(1.0, 2000)]),
+            (c, &[(2.0, 2500)]),
+            (B, &[(3.0, 2000)]),
+        ]));
+        let entry = CachedCluster::build_converted(first.clone(), 1000, &whitelist)
+            .unwrap_or_else(|_| panic!("built"));
+        let full = merge_payloads(&[], &first, 1000).unwrap();
+        assert_eq!(entry.payload(), &full.payload[..]);
+        assert_eq!(entry.series(), full.series);
+        assert_eq!(entry.newest_received(), full.newest_received);
+        assert_eq!(entry.newest_sample(), Some(2500));
+        // Marked as `mark_converted` would: the next request of these series merges raw.
+        let mut marked = cached(first.clone());
+        marked.mark_converted(&first, &whitelist);
+        assert!(entry.slots.iter().all(|slot| slot.converted));
+        assert_eq!(marked.slots.len(), entry.slots.len());
+        assert!(marked.slots.iter().all(|slot| slot.converted));
+        let mut entry = entry;
+        let next = request(&[
+            (A, &[(4.0, 3000)]),
+            (c, &[(5.0, 3000)]),
+            (B, &[(6.0, 3000)]),
+        ]);
+        let full = merge_payloads(entry.payload(), &convert(&next), 0).unwrap();
+        assert_eq!(
+            entry.merge_raw(&next, &raw_rules(&whitelist, 100), 0),
+            Some(3)
+        );
+        assert_eq!(entry.payload(), &full.payload[..]);
+        // What the merge would change is left to it: a series named twice, a staleness marker,
+        // a series past the TTL.
+        let stale = f64::from_bits(0x7ff0_0000_0000_0002);
+        for (what, delta, oldest_ms) in [
+            (
+                "named twice",
+                convert(&request(&[(A, &[(1.0, 2000)]), (A, &[(2.0, 3000)])])),
+                0,
+            ),
+            (
+                "a staleness marker",
+                convert(&request(&[(A, &[(1.0, 2000)]), (B, &[(stale, 2000)])])),
+                0,
+            ),
+            (
+                "past the TTL",
+                convert(&request(&[(A, &[(1.0, 2000)]), (B, &[(1.0, 3000)])])),
+                2500,
+            ),
+        ] {
+            let merged = merge_payloads(&[], &delta, oldest_ms).unwrap();
+            assert_ne!(merged.payload, delta, "{what}");
+            let back = CachedCluster::build_converted(delta.clone(), oldest_ms, &whitelist);
+            assert_eq!(back.err(), Some(delta), "{what}");
+        }
+    }
 
     #[test]
     fn a_request_of_converted_series_merges_raw_exactly_as_converted() {
@@ -1631,6 +1807,46 @@ mod tests {
             "not a known series"
         );
         assert_eq!(entry.payload(), &before[..]);
+    }
+
+    #[test]
+    fn a_timestamp_read_at_once_is_the_varint_read_byte_by_byte() {
+        let mut values = vec![0u64, 1, 127, 128, 1000, (1 << 56) - 1];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            values.push(x >> (x % 64));
+        }
+        for value in values {
+            let mut sample = vec![0x09];
+            sample.extend_from_slice(&1.5f64.to_le_bytes());
+            sample.push(0x10);
+            prost::encoding::encode_varint(value, &mut sample);
+            let expected = match sample.len() - 10 {
+                1..=8 => Some((1.5, value as i64)),
+                _ => raw_sample_fields(&sample),
+            };
+            assert_eq!(raw_sample(&sample), expected, "{value}");
+            assert_eq!(raw_sample_fields(&sample), Some((1.5, value as i64)));
+            // Each varint of 1 to 8 bytes, read as longer or shorter than it is: refused.
+            let bytes = &sample[10..];
+            let n = bytes.len();
+            if n <= 8 {
+                let mut word = [0u8; 8];
+                word[..n].copy_from_slice(bytes);
+                let word = u64::from_le_bytes(word);
+                assert_eq!(exact_varint(word, n), Some(value));
+                for m in (1..=8).filter(|&m| m != n) {
+                    let masked = match m {
+                        8 => word,
+                        _ => word & ((1u64 << (8 * m)) - 1),
+                    };
+                    assert_eq!(exact_varint(masked, m), None, "{value} as {m} bytes");
+                }
+            }
+        }
     }
 
     #[test]

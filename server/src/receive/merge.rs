@@ -239,7 +239,7 @@ impl Merger {
     fn merge<E>(
         &self,
         cluster_id: &str,
-        delta: Vec<u8>,
+        mut delta: Vec<u8>,
         received: SystemTime,
         converted: Option<&Arc<Vec<Selector>>>,
         admit: impl Fn(usize) -> Result<(), E>,
@@ -269,6 +269,24 @@ impl Merger {
                     Some(payload) => Some(payload),
                     None => self.store.get(cluster_id)?.map(|upload| upload.payload),
                 };
+                // A cluster's first request: its converted series alone are the payload.
+                if let (None, Some(whitelist)) = (&stored, converted) {
+                    let taken = std::mem::take(&mut delta);
+                    match CachedCluster::build_converted(taken, oldest_ms, whitelist) {
+                        Ok(entry) => {
+                            admit(entry.series()).map_err(Capped::Refused)?;
+                            // The payload is the delta's bytes: copied to be shipped only where
+                            // there is egress (without, a shipped payload is not journaled).
+                            let ship = match self.store.backlog() {
+                                Some(_) => entry.payload().to_vec(),
+                                None => Vec::new(),
+                            };
+                            self.store_and_keep(cluster_id, entry, ship, received)?;
+                            return Ok(());
+                        }
+                        Err(back) => delta = back,
+                    }
+                }
                 let merged = merge_stored(cluster_id, stored.as_deref(), &delta, oldest_ms)?;
                 drop(stored);
                 admit(merged.series).map_err(Capped::Refused)?;

@@ -161,7 +161,7 @@ use telemeter_common::sync as handoff;
 use commit::{Answer, Mode, Outcome, Queue, Request};
 pub use egress::{Backlog, BacklogReader, Position, ShipRecord};
 use journal::{Encoding, JournalState};
-pub use patch::Patch;
+pub use patch::{Patch, PatchMark};
 pub use read::{PinVersion, PinnedUpload};
 use state::{is_live, lock, newest_sample_ms, Counters, Entry, Location, Shared};
 use telemeter_common::delimited::Limits;

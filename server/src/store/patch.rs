@@ -96,6 +96,14 @@ impl Tail {
     }
 }
 
+/// Where a [`Patch`] stood ([`Patch::mark`]).
+#[derive(Clone, Debug)]
+pub struct PatchMark {
+    len: usize,
+    end: u64,
+    tail: Tail,
+}
+
 /// What a caller that edited a payload in place gives the store beside the edited payload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Patch {
@@ -147,6 +155,23 @@ impl Patch {
         self.bytes.extend_from_slice(literal);
         self.end = offset + bytes.len() as u64;
         self.tail.follow_range(bytes);
+    }
+
+    /// Where it stands now, to [`Patch::rewind`] to: the ranges pushed after it are dropped.
+    pub fn mark(&self) -> PatchMark {
+        PatchMark {
+            len: self.bytes.len(),
+            end: self.end,
+            tail: self.tail.clone(),
+        }
+    }
+
+    /// Drops the ranges pushed since `mark` (taken of this patch): a caller that wrote ranges
+    /// as it went and then kept none of its writes.
+    pub fn rewind(&mut self, mark: PatchMark) {
+        self.bytes.truncate(mark.len.max(HEADER_LEN));
+        self.end = mark.end;
+        self.tail = mark.tail;
     }
 
     /// The length of the payload it is a change of (as sealed).
@@ -325,6 +350,29 @@ pub(super) fn read_chain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rewound_patch_is_the_patch_it_was_at_its_mark() {
+        let mut patch = Patch::new(3, 1000);
+        patch.push(10, b"abcdefghijklmnopq");
+        let at_mark = patch.clone();
+        let mark = patch.mark();
+        patch.push(40, b"xyzdefghijklmnopq");
+        patch.push(90, b"12");
+        assert_ne!(patch, at_mark);
+        patch.rewind(mark);
+        assert_eq!(patch, at_mark);
+        // It goes on as the patch it was: the next range after it is what it would be there.
+        let mut straight = at_mark.clone();
+        straight.push(60, b"rstdefghijklmnopq");
+        patch.push(60, b"rstdefghijklmnopq");
+        assert_eq!(patch, straight);
+        let mut empty = Patch::new(3, 1000);
+        let mark = empty.mark();
+        empty.push(0, b"a");
+        empty.rewind(mark);
+        assert!(empty.is_empty());
+    }
 
     #[test]
     fn a_tail_follows_a_whole_range_as_it_follows_its_parts() {
