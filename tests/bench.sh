@@ -329,8 +329,11 @@ egress_rows() {
     fi
     row "7. Remote-write egress into $what while ingesting (64 senders, $(field "$l" seconds) s)" \
       "**egress $(field "$l" egress_us_per_sample) µs of CPU a sample shipped** · accepted $(millions "$(field "$l" samples_per_s)") samples/s · shipped $(millions "$(field "$l" shipped_during_load_per_s)") samples/s during the load · $(num "$(field "$l" sent)") samples sent of $(num "$(field "$l" accepted)") accepted · dropped $(field "$l" dropped) · rejected $(field "$l" rejected) · backlog at the end of the load $(num "$(field "$l" backlog_bytes_at_load_end)") bytes, drained in $(field "$l" drain_s) s · $(num "$(field "$l" requests)") requests · CPU server $(cores "$(field "$l" server_cpu_s)" "$(awk -v a="$(field "$l" seconds)" -v b="$(field "$l" drain_s)" 'BEGIN { print a + b }')") cores · the receiver's CPU $(field "$l" receiver_cpu_s) s, $(field "$l" receiver_us_per_sample) µs a sample it took (all of these two cores would take $(awk -v u="$(field "$l" receiver_us_per_sample)" 'BEGIN { if (u > 0) printf "%.2fM", 2 / u; else print "?" }') samples/s)$extra" \
-      "shipped/s ≥ accepted/s, 0 dropped, drained within seconds" \
-      "$(all_met "$(met "$(field "$l" shipped_during_load_per_s)" ">=" "$(field "$l" samples_per_s)")" "$(met "$(field "$l" dropped)" "<" 1)" "$(met "$(field "$l" drained)" ">=" 1)" "$(met "$(field "$l" drain_s)" "<" 10)")"
+      "shipped/s ≥ accepted/s (within 1 %: what is in flight when the load stops), 0 dropped, drained within seconds" \
+      "$(all_met "$(met "$(field "$l" shipped_during_load_per_s)" ">=" "$(awk -v a="$(field "$l" samples_per_s)" 'BEGIN { print a * 0.99 }')")" "$(met "$(field "$l" dropped)" "<" 1)" "$(met "$(field "$l" drained)" ">=" 1)" "$(met "$(field "$l" drain_s)" "<" 10)")"
+    # What is shipped can never pass what was accepted, and a shard sends what queued once its 20 ms
+    # linger ends: at the load's last instant a few tens of ms of it are still on their way, so
+    # "shipped/s ≥ accepted/s" is checked within 1 % (0.1 s of a 10 s load).
     # Where the receiver runs on other cores, egress keeps up exactly when it spends less CPU a
     # sample than ingest does: both figures come from the same run, so the machine's load and the
     # receiver's own cost (which shares these two cores here) cancel out.
