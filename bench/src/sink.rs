@@ -210,9 +210,13 @@ impl<'a> Fields<'a> {
         Some((u64::from(key >> 3), head))
     }
 
-    /// The next field number and value, or None at the end.
+    /// The next field number and value, or None at the end. A field [`Fields::delimited`]
+    /// reads is taken from it: the same field, without the jump on the wire type.
     #[inline(always)]
     fn next_field(&mut self) -> Result<Option<(u64, Value<'a>)>, Malformed> {
+        if let Some((number, field)) = self.delimited() {
+            return Ok(Some((number, Value::Bytes(field))));
+        }
         if self.bytes.is_empty() {
             return Ok(None);
         }
@@ -251,14 +255,7 @@ pub fn check_write_request(bytes: &[u8]) -> Result<(u64, u64), Invalid> {
 fn walk_write_request(bytes: &[u8]) -> Result<(u64, u64), Malformed> {
     let (mut series, mut samples) = (0u64, 0u64);
     let mut request = Fields { bytes };
-    loop {
-        let (number, value) = match request.delimited() {
-            Some((number, entry)) => (number, Value::Bytes(entry)),
-            None => match request.next_field()? {
-                Some(field) => field,
-                None => break,
-            },
-        };
+    while let Some((number, value)) = request.next_field()? {
         match (number, value) {
             (1, Value::Bytes(entry)) => {
                 samples += check_series(entry)?;
@@ -285,14 +282,7 @@ fn check_series(bytes: &[u8]) -> Result<u64, Malformed> {
     let mut fields = Fields { bytes };
     let mut previous: &[u8] = b"";
     let (mut has_name, mut samples) = (false, 0u64);
-    loop {
-        let (number, value) = match fields.delimited() {
-            Some((number, field)) => (number, Value::Bytes(field)),
-            None => match fields.next_field()? {
-                Some(field) => field,
-                None => break,
-            },
-        };
+    while let Some((number, value)) = fields.next_field()? {
         match (number, value) {
             (1, Value::Bytes(label)) => {
                 // An ASCII label's name and value are UTF-8 without `from_utf8`'s per-call cost,
@@ -310,8 +300,7 @@ fn check_series(bytes: &[u8]) -> Result<u64, Malformed> {
                 if !sorts_before(previous, name) {
                     return Err(Malformed::LabelsNotSorted);
                 }
-                // As one 8-byte comparison: `==` on slices called `memcmp`.
-                has_name |= name.len() == 8 && name.first_chunk::<8>() == Some(b"__name__");
+                has_name |= is_metric_name(name);
                 previous = name;
             }
             (2, Value::Bytes(sample)) => {
@@ -342,18 +331,14 @@ fn plain_series(bytes: &[u8]) -> Option<u64> {
     let mut rest = bytes;
     let mut previous: &[u8] = b"";
     let mut has_name = false;
-    while let [0x0a, n, ref tail @ ..] = *rest {
-        let n = usize::from(n);
-        if n >= 0x80 || n > tail.len() {
-            return None;
-        }
-        let (label, tail) = tail.split_at(n);
+    // A field that does not read so ends the loop and is left in `rest`: not a plain series.
+    while let Some((label, tail)) = short_field(rest, 0x0a) {
         let (name, value) = plain_label(label)?;
         // An empty name sorts after nothing, not even the empty `previous` of the first label.
         if value.is_empty() || !sorts_before(previous, name) {
             return None;
         }
-        has_name |= name.len() == 8 && name.first_chunk::<8>() == Some(b"__name__");
+        has_name |= is_metric_name(name);
         previous = name;
         rest = tail;
     }
@@ -362,12 +347,7 @@ fn plain_series(bytes: &[u8]) -> Option<u64> {
         return None;
     }
     let mut samples = 0;
-    while let [0x12, n, ref tail @ ..] = *rest {
-        let n = usize::from(n);
-        if n >= 0x80 || n > tail.len() {
-            return None;
-        }
-        let (sample, tail) = tail.split_at(n);
+    while let Some((sample, tail)) = short_field(rest, 0x12) {
         if !plain_sample(sample) {
             return None;
         }
@@ -378,6 +358,13 @@ fn plain_series(bytes: &[u8]) -> Option<u64> {
         return None;
     }
     Some(samples)
+}
+
+/// Whether a label's name is `__name__`: one 8-byte comparison, where `==` on slices called
+/// `memcmp`.
+#[inline(always)]
+fn is_metric_name(name: &[u8]) -> bool {
+    name.len() == 8 && name.first_chunk::<8>() == Some(b"__name__")
 }
 
 /// `previous < name`, with an empty `previous` before any name. Label names are short: a loop
@@ -396,21 +383,23 @@ fn sorts_before(previous: &[u8], name: &[u8]) -> bool {
 /// shorter than 128 bytes, nothing else. None for any other shape, which [`check_label`] reads.
 #[inline(always)]
 fn plain_label(label: &[u8]) -> Option<(&[u8], &[u8])> {
-    let [0x0a, n, ref rest @ ..] = *label else {
-        return None;
-    };
-    let n = usize::from(n);
-    if n >= 0x80 || rest.len() < n {
-        return None;
+    let (name, rest) = short_field(label, 0x0a)?;
+    match short_field(rest, 0x12)? {
+        (value, []) => Some((name, value)),
+        _ => None,
     }
-    let (name, rest) = rest.split_at(n);
-    let [0x12, m, ref value @ ..] = *rest else {
-        return None;
-    };
-    if m >= 0x80 || value.len() != usize::from(m) {
-        return None;
+}
+
+/// The field of `key` (one byte) that `bytes` starts with, when its length is one byte (under
+/// 128) and within `bytes`: its bytes, and what follows it. None otherwise.
+#[inline(always)]
+fn short_field(bytes: &[u8], key: u8) -> Option<(&[u8], &[u8])> {
+    match *bytes {
+        [k, n, ref rest @ ..] if k == key && n < 0x80 && usize::from(n) <= rest.len() => {
+            Some(rest.split_at(usize::from(n)))
+        }
+        _ => None,
     }
-    Some((name, value))
 }
 
 /// A `Sample` as every writer writes it: its value (field 1, 8 bytes) then its timestamp
