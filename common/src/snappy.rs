@@ -149,13 +149,8 @@ fn decode_framed_into_checking(
 ) -> Result<(), SnappyError> {
     let corrupt = |why: String| SnappyError::Corrupt(why);
     let declared = framed_len(body, max_decompressed)?;
-    // Zeroed, not just reserved: `raw::Decoder` writes into an initialised slice. Cheap next to
-    // the decompression, and `declared` passed the cap above.
-    if out.capacity() == 0 {
-        *out = vec![0u8; declared];
-    } else {
-        out.resize(declared, 0);
-    }
+    // `declared` passed the cap above.
+    zeroed_to(out, declared);
     let mut at = 0usize;
     let mut decoder = snap::raw::Decoder::new();
     let mut rest = body;
@@ -436,6 +431,17 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+/// Makes `out` exactly `len` bytes for a decompression to write: zeroed, not just reserved
+/// (`raw::Decoder` writes into an initialised slice), but only where it grows, and a first
+/// buffer allocated zeroed at once. Cheap next to the decompression.
+fn zeroed_to(out: &mut Vec<u8>, len: usize) {
+    if out.capacity() == 0 {
+        *out = vec![0u8; len];
+    } else {
+        out.resize(len, 0);
+    }
+}
+
 /// Decompresses one snappy block, refusing one whose declared length passes `max_decompressed`.
 pub fn decode_block(body: &[u8], max_decompressed: usize) -> Result<Vec<u8>, SnappyError> {
     let mut out = Vec::new();
@@ -458,12 +464,7 @@ pub fn decode_block_into(
             limit: max_decompressed,
         });
     }
-    // Zeroed, not just reserved: `raw::Decoder` writes into an initialised slice.
-    if out.capacity() == 0 {
-        *out = vec![0u8; declared];
-    } else {
-        out.resize(declared, 0);
-    }
+    zeroed_to(out, declared);
     let n = snap::raw::Decoder::new()
         .decompress(body, out)
         .map_err(|e| SnappyError::Corrupt(e.to_string()))?;
