@@ -65,7 +65,7 @@ impl Handler for External {
     fn handle(&self, request: Request) -> Response {
         match request.path.as_str() {
             "/authorize" => self.authorize.handle(&request),
-            "/upload" => self.upload.handle(&request),
+            "/upload" => self.upload.handle(request),
             "/import" => self.import.handle(&request),
             RECEIVE_PATH => self.receive.handle(&request),
             "/healthz" | "/healthz/ready" => Response::text(200, "ok"),
@@ -76,7 +76,7 @@ impl Handler for External {
 
     fn handle_later(&self, request: Request, defer: Defer<'_>) -> Option<Response> {
         match request.path.as_str() {
-            "/upload" => self.upload.handle_later(&request, defer),
+            "/upload" => self.upload.handle_later(request, defer),
             _ => Some(self.handle(request)),
         }
     }

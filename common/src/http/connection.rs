@@ -434,6 +434,14 @@ impl Connection {
 
     /// Reads a body of `length` bytes (already checked against the cap).
     fn read_sized_body(&mut self, length: usize, body: &mut BodyBuffer) -> Result<(), Stop> {
+        // Exactly the body (a typical upload, its 8 KiB read with its head): the buffer it came
+        // in becomes the body, rather than a copy of it (the next read starts a buffer anew).
+        // Not when it is much larger than the body: the budget would count what it does not
+        // hold.
+        if self.pending.len() == length && self.pending.capacity() <= length + length / 2 {
+            body.adopt(std::mem::take(&mut self.pending))?;
+            return Ok(());
+        }
         let from_pending = length.min(self.pending.len());
         body.append(self.pending.get(..from_pending).unwrap_or(&[]))?;
         self.pending.drain(..from_pending);

@@ -38,9 +38,21 @@ pub(super) struct Owed {
     /// An answer is owed: from when the handler took the [`Later`] until it is settled. Read
     /// without the lock by shutdown and eviction (which leave such a connection alone).
     outstanding: AtomicBool,
-    /// What the connection must still write once settled; `None` when the answer went out.
-    handback: Mutex<Option<Handback>>,
+    /// What the connection must still write once settled, and whether its thread waits for it.
+    handback: Mutex<Settling>,
     settled: Condvar,
+}
+
+/// [`Owed`]'s state under its lock.
+#[derive(Default)]
+struct Settling {
+    /// What the connection must still write once settled; `None` when the answer went out.
+    handback: Option<Handback>,
+    /// Threads asleep in [`Owed::settle`]: the answering thread wakes them only when there are
+    /// some. Nearly always none (the connection waits only when the peer's next request beat
+    /// the answer's settling), and a condition variable's notify is a `futex` system call
+    /// whether anyone sleeps or not: one an upload, on the committer's thread, for nothing.
+    waiting: usize,
 }
 
 /// What the answering thread could not write, for the connection's thread to write and close.
@@ -59,11 +71,13 @@ impl Owed {
 
     /// Waits until no answer is owed, and takes what was handed back, if anything.
     pub(super) fn settle(&self) -> Option<Handback> {
-        let mut handback = lock(&self.handback);
+        let mut state = lock(&self.handback);
         while self.outstanding.load(Ordering::SeqCst) {
-            handback = unpoison(self.settled.wait(handback));
+            state.waiting += 1;
+            state = unpoison(self.settled.wait(state));
+            state.waiting -= 1;
         }
-        handback.take()
+        state.handback.take()
     }
 }
 
@@ -120,8 +134,8 @@ impl Later {
 
     fn settle(&self, handback: Option<Handback>) {
         let wake = handback.is_some();
-        let mut slot = lock(&self.owed.handback);
-        *slot = handback;
+        let mut state = lock(&self.owed.handback);
+        state.handback = handback;
         self.owed.outstanding.store(false, Ordering::SeqCst);
         // Under the lock, so the connection (which closes the socket only after it saw the
         // answer settled, under this lock) has not closed it yet. A handback needs the thread
@@ -134,8 +148,13 @@ impl Later {
                 libc::shutdown(self.fd, libc::SHUT_RD);
             }
         }
-        drop(slot);
-        self.owed.settled.notify_all();
+        // Read under the lock: a thread that found the answer owed counted itself before it
+        // let the lock go to sleep, so none is missed.
+        let waiting = state.waiting > 0;
+        drop(state);
+        if waiting {
+            self.owed.settled.notify_all();
+        }
     }
 }
 

@@ -1561,3 +1561,40 @@ fn chunked(head: &[u8], body: &[u8], piece: usize) -> Vec<u8> {
     wire.extend_from_slice(b"0\r\n\r\n");
     wire
 }
+
+/// A sized body read with its head is taken as it came (the buffer it was read into becomes the
+/// body): the handler gets it whole, alone or with a request pipelined after it, and its budget
+/// is given back once answered.
+#[test]
+fn a_body_that_came_with_its_head_is_handed_on_whole() {
+    let server = start(test_config());
+    let mut client = connect(&server);
+    let body: Vec<u8> = (0..8000u32).map(|i| (i % 253) as u8).collect();
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let alone = [head.as_bytes(), &body].concat();
+    send(&mut client, &alone);
+    let reply = read_reply(&mut client, false);
+    assert_eq!((reply.status, &reply.body), (200, &body));
+    assert_eq!(
+        wait_for_stats(&server, |s| s.body_bytes_in_flight == 0).body_bytes_in_flight,
+        0
+    );
+    // Another request after it in the same write: the body is only its own bytes.
+    let pipelined = [head.as_bytes(), &body, b"GET /hello HTTP/1.1\r\n\r\n"].concat();
+    send(&mut client, &pipelined);
+    let reply = read_reply(&mut client, false);
+    assert_eq!((reply.status, &reply.body), (200, &body));
+    assert_eq!(read_reply(&mut client, false).text(), "hello\n");
+    // And again on the same connection, after the buffer was handed on.
+    send(&mut client, &alone);
+    let reply = read_reply(&mut client, false);
+    assert_eq!((reply.status, &reply.body), (200, &body));
+    assert_eq!(
+        wait_for_stats(&server, |s| s.body_bytes_in_flight == 0).body_bytes_in_flight,
+        0
+    );
+    server.shutdown(Duration::from_secs(5));
+}

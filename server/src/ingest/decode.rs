@@ -81,7 +81,7 @@ pub fn decode(
     now: SystemTime,
     memory: usize,
 ) -> Result<Decoded, Rejection> {
-    decode_into(
+    let decoded = decode_framed(
         request,
         limits,
         rules,
@@ -89,13 +89,51 @@ pub fn decode(
         now,
         memory,
         &mut Vec::new(),
-    )
+    )?;
+    Ok(with_frames(decoded, || request.body.clone()))
 }
 
 /// [`decode`], decompressing a snappy body into `spare` (a buffer used before: it is only
 /// zeroed where it grows, and not allocated again), which the decompressed body then takes
-/// (`spare` is left empty); a body that is not snappy leaves `spare` as it was.
+/// (`spare` is left empty); a body that is not snappy leaves `spare` as it was. A snappy body
+/// stored unchanged takes `request`'s body as its frames rather than a copy of it (~8 KB an
+/// upload): the request's body is left empty then.
 pub fn decode_into(
+    request: &mut Request,
+    limits: &UploadLimits,
+    rules: &Rules,
+    token_labels: &BTreeMap<String, String>,
+    now: SystemTime,
+    memory: usize,
+    spare: &mut Vec<u8>,
+) -> Result<Decoded, Rejection> {
+    let decoded = decode_framed(request, limits, rules, token_labels, now, memory, spare)?;
+    Ok(with_frames(decoded, || std::mem::take(&mut request.body)))
+}
+
+/// A decoded body whose `frames` are still to be filled from the request: `Some(empty)` stands
+/// for "the request's body" (see [`decode_framed`]), which `frames` gives.
+fn with_frames(decoded: Decoded, frames: impl FnOnce() -> Vec<u8>) -> Decoded {
+    match decoded {
+        Decoded::Unchanged {
+            body,
+            frames: Some(_),
+            series,
+            newest_sample_ms,
+        } => Decoded::Unchanged {
+            body,
+            frames: Some(frames()),
+            series,
+            newest_sample_ms,
+        },
+        decoded => decoded,
+    }
+}
+
+/// [`decode_into`] without its frames: a snappy body stored unchanged is answered with
+/// `frames: Some(Vec::new())`, a stand-in for the request's body, which the caller fills in
+/// (with the body itself when it may take it, else a copy).
+fn decode_framed(
     request: &Request,
     limits: &UploadLimits,
     rules: &Rules,
@@ -180,7 +218,8 @@ pub fn decode_into(
                     return Ok(match decompressed {
                         Some(body) => Decoded::Unchanged {
                             body,
-                            frames: Some(request.body.clone()),
+                            // The request's body, filled in by the caller (see `decode_framed`).
+                            frames: Some(Vec::new()),
                             series,
                             newest_sample_ms,
                         },

@@ -354,10 +354,10 @@ impl UploadHandler {
     }
 
     /// Answers one `/upload` request.
-    pub fn handle(&self, request: &Request) -> Response {
+    pub fn handle(&self, mut request: Request) -> Response {
         run_as_batch();
         self.metrics.upload_bytes.add(request.body.len() as u64);
-        let accepted = self.ready(request).and_then(|ready| self.store(ready));
+        let accepted = self.ready(&mut request).and_then(|ready| self.store(ready));
         self.respond(accepted, request.remote)
     }
 
@@ -366,10 +366,14 @@ impl UploadHandler {
     /// this returns `None` at once, so the connection's thread goes back to reading the next
     /// request instead of sleeping until the commit and being woken for the answer (one
     /// wake-up less an upload). Everything else is answered here, as `handle` does (`Some`).
-    pub fn handle_later(self: &Arc<Self>, request: &Request, defer: Defer<'_>) -> Option<Response> {
+    pub fn handle_later(
+        self: &Arc<Self>,
+        mut request: Request,
+        defer: Defer<'_>,
+    ) -> Option<Response> {
         run_as_batch();
         self.metrics.upload_bytes.add(request.body.len() as u64);
-        let (ready, newest_sample_ms) = match self.ready(request) {
+        let (ready, newest_sample_ms) = match self.ready(&mut request) {
             Ok(Some(
                 upload @ ToStore {
                     newest_sample_ms: Some(newest_sample_ms),
@@ -498,8 +502,9 @@ impl UploadHandler {
     }
 
     /// Everything of an upload up to storing it: admission, decode, validation, the slot;
-    /// `None` when the whitelist left nothing to store.
-    fn ready(&self, request: &Request) -> Result<Option<ToStore>, Refusal> {
+    /// `None` when the whitelist left nothing to store. A snappy body stored unchanged is taken
+    /// from `request` as its frames (its body is left empty).
+    fn ready(&self, request: &mut Request) -> Result<Option<ToStore>, Refusal> {
         if request.method != "POST" {
             return Err(Refusal::new(405, "only POST is allowed"));
         }
@@ -655,10 +660,11 @@ impl UploadHandler {
     }
 
     /// The CPU part of an upload: decompress, decode, validate, stamp, encode what is stored,
-    /// within `memory` bytes (what the upload reserved).
+    /// within `memory` bytes (what the upload reserved); the frames of a body stored unchanged
+    /// are taken from `request`.
     fn prepare(
         &self,
-        request: &Request,
+        request: &mut Request,
         token_labels: &BTreeMap<String, String>,
         now: SystemTime,
         memory: usize,

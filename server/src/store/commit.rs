@@ -439,34 +439,33 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
     let mut recorded = vec![false; batch.len()];
     for (i, request) in batch.iter().enumerate() {
         let role = roles.get(i).copied().unwrap_or(Role::Skipped);
-        // (kind, payload, whether it is packed)
-        let mut records: Vec<(u8, &[u8], bool)> = Vec::with_capacity(2);
+        // (kind, payload, whether it is packed): the served record, then the shipped one; held
+        // in place rather than in a vector, one allocation an upload less.
         let packed = request.packed.is_some();
         if let Role::Unpatchable = role {
             continue;
         }
-        if let Role::Winner(_) = role {
-            match &request.patch {
-                Some(patch) => records.push((journal::PATCH, &patch.bytes, false)),
-                None => {
-                    let kind = match (&request.ship, egress) {
-                        (Ship::Served, _) | (_, false) => journal::PUT,
-                        _ => journal::SERVE,
-                    };
-                    records.push((kind, &request.payload, packed));
-                }
+        let served: Option<(u8, &[u8], bool)> = match (role, &request.patch) {
+            (Role::Winner(_), Some(patch)) => Some((journal::PATCH, &patch.bytes, false)),
+            (Role::Winner(_), None) => {
+                let kind = match (&request.ship, egress) {
+                    (Ship::Served, _) | (_, false) => journal::PUT,
+                    _ => journal::SERVE,
+                };
+                Some((kind, &request.payload, packed))
             }
-        }
-        if egress {
-            match (&request.ship, role) {
-                (Ship::Payload(ship), _) => records.push((journal::SHIP, ship, false)),
-                (Ship::Served, Role::Superseded | Role::Skipped) if request.serve => {
-                    records.push((journal::SHIP, &request.payload, packed))
-                }
-                _ => {}
+            _ => None,
+        };
+        let shipped: Option<(u8, &[u8], bool)> = match (&request.ship, role) {
+            _ if !egress => None,
+            (Ship::Payload(ship), _) => Some((journal::SHIP, ship, false)),
+            (Ship::Served, Role::Superseded | Role::Skipped) if request.serve => {
+                Some((journal::SHIP, &request.payload, packed))
             }
-        }
-        for (n, (kind, payload, packed)) in records.into_iter().enumerate() {
+            _ => None,
+        };
+        let records = served.into_iter().chain(shipped);
+        for (n, (kind, payload, packed)) in records.enumerate() {
             // A served payload's record carries its remote-write marker, so a replay restores it;
             // a packed one is an upload as sent, which has none.
             let encoded = match (packed, request.packed, kind) {
@@ -562,7 +561,13 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                         version: group.version,
                     };
                     held.add(&entry, segment.number);
-                    if let Some(replaced) = index.insert(request.cluster_id.clone(), entry) {
+                    // Replaced in place when the cluster has an entry (nearly every upload):
+                    // no copy of its id for a key the index holds already.
+                    let replaced = match index.get_mut(request.cluster_id.as_str()) {
+                        Some(slot) => Some(std::mem::replace(slot, entry)),
+                        None => index.insert(request.cluster_id.clone(), entry),
+                    };
+                    if let Some(replaced) = replaced {
                         held.remove(&replaced, segment.number);
                     }
                     written += 1 + group.superseded.len() as u64;

@@ -123,17 +123,17 @@ fn a_failed_store_does_not_use_the_slot() {
     let placement = Arc::new(FakePlacement::default());
     let h = handler(placement.clone(), vec![]);
     *placement.fail.lock().unwrap() = true;
-    let r = h.handle(&request(&token("a"), body("up")));
+    let r = h.handle(request(&token("a"), body("up")));
     assert_eq!(r.status, 503);
     *placement.fail.lock().unwrap() = false;
-    assert_eq!(h.handle(&request(&token("a"), body("up"))).status, 200);
+    assert_eq!(h.handle(request(&token("a"), body("up"))).status, 200);
     let stored = placement.stored.lock().unwrap().clone();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].0, "a");
     let families = delimited::decode(&stored[0].1, &delimited::Limits::default()).unwrap();
     assert_eq!(families[0].metric[0].label_value("_id"), Some("a"));
     // Now the slot is used.
-    let r = h.handle(&request(&token("a"), body("up")));
+    let r = h.handle(request(&token("a"), body("up")));
     assert_eq!(r.status, 429);
     assert!(r
         .headers
@@ -157,7 +157,7 @@ impl Placement for DiskFull {
 fn a_store_failure_is_503_without_server_details() {
     let mut h = handler(Arc::new(FakePlacement::default()), vec![]);
     h.placement = Arc::new(DiskFull);
-    let r = h.handle(&request(&token("a"), body("up")));
+    let r = h.handle(request(&token("a"), body("up")));
     assert_eq!(r.status, 503);
     let telemeter_common::http::Body::Bytes(text) = &r.body else {
         panic!("a 503 has a text body");
@@ -178,7 +178,7 @@ fn series_over_the_cap_are_refused_before_decoding() {
     prost::encoding::encode_varint(family.len() as u64, &mut body);
     body.extend_from_slice(&family);
     let placement = Arc::new(FakePlacement::default());
-    let r = handler(placement.clone(), vec![]).handle(&request(&token("a"), body));
+    let r = handler(placement.clone(), vec![]).handle(request(&token("a"), body));
     assert_eq!(r.status, 413);
     assert!(placement.stored.lock().unwrap().is_empty());
 }
@@ -206,12 +206,12 @@ fn a_stamped_upload_is_stored_byte_for_byte_and_an_unstamped_one_is_stamped() {
     compressed
         .headers
         .push(("Content-Encoding".into(), "snappy".into()));
-    assert_eq!(h.handle(&compressed).status, 200);
+    assert_eq!(h.handle(compressed).status, 200);
     // Stored as sent (after decompression): no decode, no re-encode.
     assert_eq!(placement.stored.lock().unwrap()[0].1, stamped);
 
     let h = handler(placement.clone(), vec![]);
-    assert_eq!(h.handle(&request(&token("b"), body("up"))).status, 200);
+    assert_eq!(h.handle(request(&token("b"), body("up"))).status, 200);
     let stored = placement.stored.lock().unwrap()[1].1.clone();
     let families = delimited::decode(&stored, &delimited::Limits::default()).unwrap();
     assert_eq!(families[0].metric[0].label_value("_id"), Some("b"));
@@ -221,9 +221,9 @@ fn a_stamped_upload_is_stored_byte_for_byte_and_an_unstamped_one_is_stamped() {
 fn an_empty_upload_stores_nothing_and_keeps_the_slot() {
     let placement = Arc::new(FakePlacement::default());
     let h = handler(placement.clone(), vec![Selector::parse("up").unwrap()]);
-    assert_eq!(h.handle(&request(&token("a"), body("other"))).status, 200);
+    assert_eq!(h.handle(request(&token("a"), body("other"))).status, 200);
     assert!(placement.stored.lock().unwrap().is_empty());
-    assert_eq!(h.handle(&request(&token("a"), body("up"))).status, 200);
+    assert_eq!(h.handle(request(&token("a"), body("up"))).status, 200);
     assert_eq!(placement.stored.lock().unwrap().len(), 1);
 }
 
@@ -252,18 +252,18 @@ fn uploads_read_but_not_stored_cost_the_sender_a_refusal_each() {
         delimited::encode(&families)
     };
     for _ in 0..REFUSALS_PER_WINDOW {
-        assert_eq!(h.handle(&request(&token("a"), old("up"))).status, 400);
+        assert_eq!(h.handle(request(&token("a"), old("up"))).status, 400);
     }
     // Over the budget: 429 before anything is read (read, it would be 400), valid or not.
     for upload in [old("up"), body("up")] {
-        let r = h.handle(&request(&token("a"), upload));
+        let r = h.handle(request(&token("a"), upload));
         assert_eq!(r.status, 429);
         // The handler's window is an hour: one refusal comes back every 20 minutes.
         assert_eq!(retry_after(&r), Some(1200));
         assert!(reason(&r).contains("refused or empty"), "{}", reason(&r));
     }
     // Other clusters are not affected.
-    assert_eq!(h.handle(&request(&token("b"), body("up"))).status, 200);
+    assert_eq!(h.handle(request(&token("b"), body("up"))).status, 200);
     assert_eq!(placement.stored.lock().unwrap().len(), 1);
 }
 
@@ -272,13 +272,13 @@ fn empty_uploads_cost_a_refusal_and_not_the_slot() {
     let placement = Arc::new(FakePlacement::default());
     let h = handler(placement.clone(), vec![Selector::parse("up").unwrap()]);
     for _ in 0..REFUSALS_PER_WINDOW - 1 {
-        assert_eq!(h.handle(&request(&token("a"), body("other"))).status, 200);
+        assert_eq!(h.handle(request(&token("a"), body("other"))).status, 200);
     }
     // With one refusal left, a real upload is read and stored: it gives the refusal back.
-    assert_eq!(h.handle(&request(&token("a"), body("up"))).status, 200);
+    assert_eq!(h.handle(request(&token("a"), body("up"))).status, 200);
     assert_eq!(placement.stored.lock().unwrap().len(), 1);
     // Now the slot is used: not read at all.
-    let r = h.handle(&request(&token("a"), body("other")));
+    let r = h.handle(request(&token("a"), body("other")));
     // Due again in an hour, accepted from a quarter of it before.
     assert_eq!((r.status, retry_after(&r)), (429, Some(2700)));
     assert!(
@@ -294,18 +294,18 @@ fn refusals() {
     let h = handler(placement.clone(), vec![]);
     let mut r = request(&token("a"), body("up"));
     r.method = "GET".into();
-    assert_eq!(h.handle(&r).status, 405);
-    assert_eq!(h.handle(&request("garbage", body("up"))).status, 401);
+    assert_eq!(h.handle(r).status, 405);
+    assert_eq!(h.handle(request("garbage", body("up"))).status, 401);
     let mut r = request(&token("a"), body("up"));
     r.headers[1].1 = "application/json".into();
-    assert_eq!(h.handle(&r).status, 415);
+    assert_eq!(h.handle(r).status, 415);
     let mut r = request(&token("a"), body("up"));
     r.headers.push(("Content-Encoding".into(), "br".into()));
-    assert_eq!(h.handle(&r).status, 415);
+    assert_eq!(h.handle(r).status, 415);
     // No Content-Type: protobuf-delimited, as upstream clients send.
     let mut r = request(&token("a"), body("up"));
     r.headers.remove(1);
-    assert_eq!(h.handle(&r).status, 200);
+    assert_eq!(h.handle(r).status, 200);
     assert_eq!(placement.stored.lock().unwrap().len(), 1);
 }
 
@@ -335,20 +335,20 @@ fn the_token_admitted_from_the_head_is_verified_once() {
     // again: a token spoilt after admission shows it.
     let mut spoilt = request(&format!("{}x", token("a")), body("up"));
     spoilt.admitted = Some(note);
-    assert_eq!(h.handle(&spoilt).status, 200);
+    assert_eq!(h.handle(spoilt).status, 200);
 
     // A request that carries none verifies its own token.
-    let forged = request(&format!("{}x", token("d")), body("up"));
-    assert_eq!(h.handle(&forged).status, 401);
+    let forged = || request(&format!("{}x", token("d")), body("up"));
+    assert_eq!(h.handle(forged()).status, 401);
     let other_key = SharedKey::from_bytes(&[2u8; 32]).unwrap();
     let other = UploadHandler {
         tokens: VerifiedTokens::new(TokenSigner::new(&other_key), 8),
         ..handler(placement.clone(), vec![])
     };
-    assert_eq!(other.handle(&request(&token("b"), body("up"))).status, 401);
+    assert_eq!(other.handle(request(&token("b"), body("up"))).status, 401);
 
     // A refused head is answered there, with nothing to carry.
-    assert!(h.admit(&head_of(&forged), remote).is_err());
+    assert!(h.admit(&head_of(&forged()), remote).is_err());
     assert_eq!(placement.stored.lock().unwrap().len(), 1);
 }
 
@@ -381,12 +381,13 @@ fn only_a_snappy_body_stored_unchanged_is_handed_on_with_its_frames() {
         r
     };
     let packed = snappy_request("a", &stamped("a"));
-    assert_eq!(h.handle(&packed).status, 200);
+    let packed_body = packed.body.clone();
+    assert_eq!(h.handle(packed).status, 200);
     // Stamped by the server (the owned path re-encodes it): the families only.
-    assert_eq!(h.handle(&snappy_request("b", &body("up"))).status, 200);
+    assert_eq!(h.handle(snappy_request("b", &body("up"))).status, 200);
     // Not compressed: nothing to keep as it arrived.
     let plain_c = stamped("c");
-    assert_eq!(h.handle(&request(&token("c"), plain_c.clone())).status, 200);
+    assert_eq!(h.handle(request(&token("c"), plain_c.clone())).status, 200);
     let stored = placement.stored.lock().unwrap().clone();
     let frames = placement.frames.lock().unwrap().clone();
     assert_eq!(stored.len(), 3);
@@ -394,10 +395,10 @@ fn only_a_snappy_body_stored_unchanged_is_handed_on_with_its_frames() {
         stored[0],
         (
             "a".to_string(),
-            snappy::decode_framed(&packed.body, 1 << 20).unwrap()
+            snappy::decode_framed(&packed_body, 1 << 20).unwrap()
         )
     );
-    assert_eq!(frames[0].as_ref(), Some(&packed.body));
+    assert_eq!(frames[0].as_ref(), Some(&packed_body));
     assert_eq!(stored[1].0, "b");
     assert_ne!(stored[1].1, body("up"));
     assert_eq!(frames[1], None);
@@ -486,12 +487,12 @@ fn the_ttl_of_an_upload_stored_unchanged_counts_from_its_newest_sample() {
     packed
         .headers
         .push(("Content-Encoding".into(), "snappy".into()));
-    assert_eq!(h.handle(&packed).status, 200);
+    assert_eq!(h.handle(packed).status, 200);
     let stale = delimited::encode(&[
         family("up", "stale", now_ms - 21 * minute),
         family("b", "stale", now_ms - 20 * minute),
     ]);
-    assert_eq!(h.handle(&request(&token("stale"), stale)).status, 200);
+    assert_eq!(h.handle(request(&token("stale"), stale)).status, 200);
     assert_eq!(
         *recorded.unchanged.lock().unwrap(),
         [
@@ -550,11 +551,11 @@ fn a_body_stored_packed_lends_its_buffer_to_the_next_upload_within_the_pool_boun
     let short = upload("b", "x");
     assert!(short.len() < long.len());
     assert_eq!(h.bodies.kept().0, 0);
-    assert_eq!(h.handle(&snappy_request("a", &long)).status, 200);
+    assert_eq!(h.handle(snappy_request("a", &long)).status, 200);
     let (buffers, bytes) = h.bodies.kept();
     assert_eq!(buffers, 1, "the stored body's buffer came back");
     assert!(bytes >= long.len());
-    assert_eq!(h.handle(&snappy_request("b", &short)).status, 200);
+    assert_eq!(h.handle(snappy_request("b", &short)).status, 200);
     assert_eq!(h.bodies.kept(), (1, bytes), "the same buffer, used again");
     assert_eq!(store.get("a").unwrap().map(|e| e.payload), Some(long));
     assert_eq!(store.get("b").unwrap().map(|e| e.payload), Some(short));

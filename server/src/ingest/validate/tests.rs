@@ -853,6 +853,54 @@ fn a_series_that_starts_as_the_one_before_is_still_checked_whole() {
     }
 }
 
+/// Unsorted labels whose names are, position by position, those of the series before (found
+/// distinct) skip the duplicate check: a series that differs in one name, or has one more, is
+/// still checked, and a repeat in it refused, however many alike series came before.
+#[test]
+fn unsorted_names_as_the_series_before_are_checked_for_repeats_when_they_differ() {
+    let r = rules();
+    let taken = |series: &[&[(&str, &str)]]| {
+        let series: Vec<(&[(&str, &str)], i64)> = series.iter().map(|l| (*l, NOW_MS)).collect();
+        matches!(
+            both_paths(&r, vec![gauge("up", &series)]),
+            WireCheck::Unchanged { .. }
+        )
+    };
+    // As the benchmark's series: `_id` after other names, the last name's value changing.
+    let node = |mode| [("job", "x"), ("_id", "a"), ("cpu", "0"), ("mode", mode)];
+    let (idle, user) = (node("idle"), node("user"));
+    assert!(taken(&[&idle, &user, &idle, &user]));
+    let repeats: [&[(&str, &str)]; 5] = [
+        // The last name another series' name (`job`, `_id`, `cpu`), its value the same or not.
+        &[("job", "x"), ("_id", "a"), ("cpu", "0"), ("job", "x")],
+        &[("job", "x"), ("_id", "a"), ("cpu", "0"), ("job", "y")],
+        &[("job", "x"), ("_id", "a"), ("cpu", "0"), ("cpu", "1")],
+        // One name more, repeating one.
+        &[
+            ("job", "x"),
+            ("_id", "a"),
+            ("cpu", "0"),
+            ("mode", "idle"),
+            ("mode", "user"),
+        ],
+        // Another value where the name is the same, and a repeat after it.
+        &[("job", "y"), ("_id", "a"), ("job", "0"), ("mode", "idle")],
+    ];
+    for repeat in repeats {
+        assert!(!taken(&[&idle, &user, repeat]), "{repeat:?}");
+        assert!(!taken(&[&idle, repeat, &user]), "{repeat:?}");
+    }
+    // The series after a refused one is not reached; one after a series with other names is
+    // checked on its own.
+    let other: &[(&str, &str)] = &[("job", "x"), ("_id", "a"), ("device", "sda"), ("z", "1")];
+    assert!(taken(&[&idle, other, &user]));
+    assert!(!taken(&[
+        &idle,
+        other,
+        &[("job", "x"), ("_id", "a"), ("z", "0"), ("z", "1")]
+    ]));
+}
+
 /// A label whose name is the one checked before at its position (in this family or the one
 /// before), with another value, has only its value checked again: that value is still held to
 /// every rule, the token's value is still compared, and the type's own label is still refused

@@ -151,13 +151,15 @@ impl Rules {
             } else {
                 check_wire_labels(metric.label_messages(), &type_label, token, seen)?
             };
-            // Sorted labels rule out duplicates at once. Clients that stamp `_id` append it, so
-            // unsorted is common too: names whose keys all differ differ. Only names sharing
+            // Sorted labels rule out duplicates at once, and so do the names of the series
+            // before at the same positions. Clients that stamp `_id` append it, so unsorted is
+            // common too: names whose keys all differ differ. Only names sharing
             // their first eight bytes (or more names than kept) need the labels read again and
             // compared whole.
             if labels.may_repeat && repeats_a_name(&metric)? {
                 return None;
             }
+            seen.distinct(&labels);
             // Every token label present (no duplicates, so each was counted once).
             if labels.token != token.labels().len() {
                 return None;
@@ -364,13 +366,29 @@ struct SeenLabel<'a> {
 /// as one already checked passes the same checks, so only its position in this series (order,
 /// repeats, count) and the type's own label (which differs from family to family) are checked
 /// again. A label with the same name and another value has only its value checked again.
+///
+/// It also remembers how many labels the previous series had when they were found to have
+/// distinct names: a series whose labels have, position by position, the same names as those
+/// has distinct names too, and its unsorted labels need no duplicate check of their own (the
+/// benchmark's series are all unsorted: `_id`, `instance`, `job`, `cpu`, `mode`).
 #[derive(Default)]
 struct SeenLabels<'a> {
     labels: [Option<SeenLabel<'a>>; KEPT_NAMES],
+    /// `Some(label count)` when the names in `labels` are those of the previous series, all of
+    /// them (at most [`KEPT_NAMES`]), and were found distinct ([`SeenLabels::distinct`]).
+    distinct: Option<usize>,
+}
+
+impl SeenLabels<'_> {
+    /// Records that the series just read by [`check_wire_labels`], `read`, has distinct names.
+    fn distinct(&mut self, read: &LabelsRead) {
+        self.distinct = (read.count <= KEPT_NAMES).then_some(read.count);
+    }
 }
 
 /// `a == b`, for short slices without a call to `memcmp`: the label messages compared are a few
-/// dozen bytes, where the call costs more than the comparison.
+/// dozen bytes, and the label names (`mode`, `cpu`, `device`: compared whenever a label's value
+/// differs from the series before's) a few, where the call costs more than the comparison.
 #[inline(always)]
 fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     let n = a.len();
@@ -379,7 +397,12 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     }
     // Words from both ends, overlapping in the middle, cover 8 to 16 bytes; two more pairs 32.
     let word = |s: &[u8], at: usize| s.get(at..).and_then(|s| s.first_chunk::<8>()).copied();
+    // The same with half words for 4 to 7 bytes, and for fewer the first, middle and last byte.
+    let half = |s: &[u8], at: usize| s.get(at..).and_then(|s| s.first_chunk::<4>()).copied();
     match n {
+        0 => true,
+        1..=3 => a.first() == b.first() && a.get(n / 2) == b.get(n / 2) && a.last() == b.last(),
+        4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
         8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
         17..=32 => {
             word(a, 0) == word(b, 0)
@@ -415,6 +438,10 @@ fn check_wire_labels<'a>(
     let mut sorted = true;
     let mut previous = Name::NONE;
     let mut found = 0usize;
+    // Taken: the slots change below, and only the caller knows whether these names are distinct.
+    let distinct_before = seen.distinct.take();
+    // Every name so far the one at its position in the series before.
+    let mut names_as_before = true;
     for message in messages {
         let message = message.ok()?;
         let slot = seen.labels.get_mut(count);
@@ -428,7 +455,8 @@ fn check_wire_labels<'a>(
                 label
             }
             _ => {
-                let label = check_wire_label(message, before, type_label, token)?;
+                let (label, same_name) = check_wire_label(message, before, type_label, token)?;
+                names_as_before &= same_name;
                 if let Some(slot) = slot {
                     *slot = Some(label);
                 }
@@ -447,10 +475,14 @@ fn check_wire_labels<'a>(
         }
         found += usize::from(label.token);
     }
+    // The names of a series found distinct, at the same positions, and no more of them (a
+    // count within the slots): distinct.
+    let as_before = names_as_before && distinct_before == Some(count);
     Some(LabelsRead {
         count,
         token: found,
         may_repeat: !sorted
+            && !as_before
             && (count > KEPT_NAMES || repeats(keys.get(..count).unwrap_or_default())),
     })
 }
@@ -489,7 +521,7 @@ fn check_wire_label<'a>(
     before: Option<SeenLabel<'a>>,
     type_label: &Name<'_>,
     token: &TokenNames<'_>,
-) -> Option<SeenLabel<'a>> {
+) -> Option<(SeenLabel<'a>, bool)> {
     // The name unchecked for UTF-8: the label-name rule below admits only ASCII.
     let (name_bytes, value) = wire::label_unchecked_name(message).ok()?;
     if value.is_empty() || value.len() > labels::MAX_VALUE_BYTES {
@@ -503,11 +535,14 @@ fn check_wire_label<'a>(
             if before.name.is(type_label) {
                 return None;
             }
-            return Some(SeenLabel {
-                message,
-                name: before.name,
-                token: false,
-            });
+            return Some((
+                SeenLabel {
+                    message,
+                    name: before.name,
+                    token: false,
+                },
+                true,
+            ));
         }
     }
     if name_bytes.len() > labels::MAX_NAME_BYTES || !labels::is_valid_label_name_bytes(name_bytes) {
@@ -522,11 +557,14 @@ fn check_wire_label<'a>(
         Some(_) => true,
         None => false,
     };
-    Some(SeenLabel {
-        message,
-        name,
-        token,
-    })
+    Some((
+        SeenLabel {
+            message,
+            name,
+            token,
+        },
+        false,
+    ))
 }
 
 /// True when a key appears twice in `keys`.
