@@ -2100,6 +2100,12 @@ fn the_checkpointer_waits_for_a_scrape_in_progress_but_no_longer_than_its_bound(
         .shared
         .max_yield_ms
         .store(600, Ordering::Relaxed);
+    // Past the packed budget too, as every bulk load is (packing has stopped then anyway).
+    store
+        .handle
+        .shared
+        .packed_unsettled_budget
+        .store(0, Ordering::Relaxed);
     store.put("a", b"\x05first".to_vec(), at(0)).unwrap();
     // Yields while the scrape runs, and goes on as soon as it ends.
     let scrape = store.scrape();
