@@ -691,7 +691,7 @@ fn a_file_verified_before_is_served_from_its_cached_family_index_until_a_new_ver
         first.contains("requests_total{_id=\"cache-a\"} 3\n"),
         "{first}"
     );
-    let known = IndexCache::with(|cache| cache.clusters.get("cache-a").map(|(v, _)| *v));
+    let known = cached_version(&store, "cache-a");
     let lazy = store.get_pinned_lazily("cache-a", known).unwrap().unwrap();
     assert!(!lazy.payload_read());
     assert!(lazy.upload.payload.is_empty());
@@ -745,6 +745,18 @@ fn cached_families(store: &Store, id: &str) -> FamilyRanges {
         let cached = IndexCache::with(|cache| cache.clusters.get(id).map(|(_, f)| Arc::clone(f)));
         if let Some(families) = cached {
             return families;
+        }
+        scrape(store);
+    }
+    panic!("cluster {id:?} never stayed in the index cache");
+}
+
+/// The version `id`'s families are cached under, as [`cached_families`] finds them.
+fn cached_version(store: &Store, id: &str) -> Option<PinVersion> {
+    for _ in 0..50 {
+        let cached = IndexCache::with(|cache| cache.clusters.get(id).map(|(v, _)| *v));
+        if cached.is_some() {
+            return cached;
         }
         scrape(store);
     }
@@ -896,7 +908,7 @@ fn a_scrape_after_a_checkpoint_serves_the_same_bytes_from_the_index_learnt_in_th
         "{first}"
     );
     let families = cached_families(&store, "ckpt-a");
-    let known = IndexCache::with(|cache| cache.clusters.get("ckpt-a").map(|(v, _)| *v));
+    let known = cached_version(&store, "ckpt-a");
     let lazy = store.get_pinned_lazily("ckpt-a", known).unwrap().unwrap();
     assert!(!lazy.payload_read());
     assert_eq!(scrape(&store), first);
