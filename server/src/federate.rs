@@ -7,7 +7,9 @@
 //! cluster's upload is *pinned* ([`PinnedUpload`]: its file stays open, so the version read stays
 //! readable whatever is stored meanwhile) and only an index of its families (name, type, byte
 //! range) is kept. A file's first read verifies it and indexes its payload, which is dropped;
-//! the index is kept for that file version, so later scrapes read only the file's header in this
+//! the index is kept for that payload's version (the store's, which a checkpoint keeps: the same
+//! index serves the journal record and then the file), so later scrapes read only the file's
+//! header (or nothing of a journal record) in this
 //! pass (not a second copy of every payload, which was a quarter of a scrape's reading). Then
 //! the families are written in
 //! name order, each from the byte ranges of every cluster that has it, read again from the pinned
@@ -252,7 +254,7 @@ struct FamilyRange {
     end: u32,
     /// Whether a scrape without selectors found this family's bytes plain as text (every series
     /// written, each label a short message needing no check or escape:
-    /// [`text::write_family_view_part_plain`]): later scrapes of the same file version (these
+    /// [`text::write_family_view_part_plain`]): later scrapes of the same payload version (these
     /// ranges are kept under it) copy its labels without those checks. One byte in the range's
     /// padding; set and read by the scrapes' workers, so atomic.
     plain: AtomicBool,
@@ -266,7 +268,7 @@ const _: () = assert!(std::mem::size_of::<FamilyRange>() == 32);
 /// family name, not once per cluster).
 type FamilyRanges = Arc<[FamilyRange]>;
 
-/// Each cluster's [`FamilyRanges`] in the file version they were read from, so that a scrape
+/// Each cluster's [`FamilyRanges`] under the payload version they were read from, so that a scrape
 /// reads a file verified before only in its families' ranges (pass 2), not whole again to find
 /// them (pass 1 read every payload, a second copy of the whole store's bytes per scrape). One
 /// entry per stored cluster at most: each scrape drops those of clusters no longer stored. About
@@ -350,6 +352,8 @@ pub fn write_selected(
     id_label: &str,
     w: &mut dyn Write,
 ) -> io::Result<Skips> {
+    // The checkpointer waits for this scrape (within its bounds): see [`Store::scrape`].
+    let _scrape = store.scrape();
     let stored: Vec<String> = store
         .clusters()
         .into_iter()
@@ -641,11 +645,20 @@ fn in_order<T: Sync, R: Send>(
     })
 }
 
-/// Pins cluster `id`'s upload and indexes its families (from the cache when the file version is
+/// Pins cluster `id`'s upload and indexes its families (from the cache when the payload version is
 /// the one they were found in); `None` (with a warning) when it cannot be read or its families
 /// cannot be listed, so one bad file never fails a scrape.
 fn index_cluster(store: &Store, id: &str) -> Option<(ClusterIndex, FamilyRanges)> {
-    let mut pinned = match store.get_pinned_lazily(id) {
+    // What an earlier scrape learnt of this cluster's payload, if it is still the one stored
+    // (the store then pins it without reading it).
+    let known = IndexCache::with(|cache| {
+        cache
+            .clusters
+            .get(id)
+            .map(|(version, families)| (*version, Arc::clone(families)))
+    });
+    let mut pinned = match store.get_pinned_lazily(id, known.as_ref().map(|(version, _)| *version))
+    {
         Ok(Some(pinned)) => pinned,
         // Expired or removed between listing and reading.
         Ok(None) => return None,
@@ -663,12 +676,10 @@ fn index_cluster(store: &Store, id: &str) -> Option<(ClusterIndex, FamilyRanges)
     let version = pinned
         .version()
         .filter(|_| pinned.payload_len() <= u64::from(u32::MAX));
-    let cached = version.and_then(|version| {
-        IndexCache::with(|cache| match cache.clusters.get(id) {
-            Some((known, families)) if *known == version => Some(Arc::clone(families)),
-            _ => None,
-        })
-    });
+    let cached = match (version, known) {
+        (Some(version), Some((known, families))) if version == known => Some(families),
+        _ => None,
+    };
     let families = match cached {
         Some(families) => families,
         None => {

@@ -682,7 +682,7 @@ fn a_file_verified_before_is_served_from_its_cached_family_index_until_a_new_ver
     // The first scrape verifies the files (and learns where their families are); after it, a
     // lazy pin reads no payload, and the scrape from the cached index writes the same text.
     assert!(store
-        .get_pinned_lazily("cache-a")
+        .get_pinned_lazily("cache-a", None)
         .unwrap()
         .unwrap()
         .payload_read());
@@ -691,7 +691,8 @@ fn a_file_verified_before_is_served_from_its_cached_family_index_until_a_new_ver
         first.contains("requests_total{_id=\"cache-a\"} 3\n"),
         "{first}"
     );
-    let lazy = store.get_pinned_lazily("cache-a").unwrap().unwrap();
+    let known = cached_version(&store, "cache-a");
+    let lazy = store.get_pinned_lazily("cache-a", known).unwrap().unwrap();
     assert!(!lazy.payload_read());
     assert!(lazy.upload.payload.is_empty());
     assert_eq!(lazy.payload_len(), payload("cache-a").len() as u64);
@@ -744,6 +745,18 @@ fn cached_families(store: &Store, id: &str) -> FamilyRanges {
         let cached = IndexCache::with(|cache| cache.clusters.get(id).map(|(_, f)| Arc::clone(f)));
         if let Some(families) = cached {
             return families;
+        }
+        scrape(store);
+    }
+    panic!("cluster {id:?} never stayed in the index cache");
+}
+
+/// The version `id`'s families are cached under, as [`cached_families`] finds them.
+fn cached_version(store: &Store, id: &str) -> Option<PinVersion> {
+    for _ in 0..50 {
+        let cached = IndexCache::with(|cache| cache.clusters.get(id).map(|(v, _)| *v));
+        if cached.is_some() {
+            return cached;
         }
         scrape(store);
     }
@@ -879,4 +892,38 @@ fn a_family_at_another_place_or_another_name_at_a_place_joins_the_plan_of_its_na
         ]
     );
     assert_eq!(plans.len(), 3);
+}
+
+#[test]
+fn a_scrape_after_a_checkpoint_serves_the_same_bytes_from_the_index_learnt_in_the_journal() {
+    let (store, dir) = temp_store("federate-checkpoint-cache");
+    let now = SystemTime::now();
+    store.put("ckpt-a", payload("ckpt-a"), now).unwrap();
+    store.put("ckpt-b", payload("ckpt-b"), now).unwrap();
+    // Both in the journal: the first scrape reads and indexes them there, the next takes the
+    // records without reading them.
+    let first = scrape(&store);
+    assert!(
+        first.contains("requests_total{_id=\"ckpt-a\"} 3\n"),
+        "{first}"
+    );
+    let families = cached_families(&store, "ckpt-a");
+    let known = cached_version(&store, "ckpt-a");
+    let lazy = store.get_pinned_lazily("ckpt-a", known).unwrap().unwrap();
+    assert!(!lazy.payload_read());
+    assert_eq!(scrape(&store), first);
+    // Checkpointed into files: the same payloads, so the same versions; what was learnt
+    // of them (ranges and plain flags) stays, and the text is the same.
+    store.checkpoint_now();
+    let after = scrape(&store);
+    assert_eq!(after, first);
+    let kept = cached_families(&store, "ckpt-a");
+    assert_eq!(plain_flags(&kept), plain_flags(&families));
+    assert!(plain_flags(&kept).iter().all(|(_, plain)| *plain));
+    let lazy = store.get_pinned_lazily("ckpt-a", known).unwrap().unwrap();
+    assert!(!lazy.payload_read());
+    assert_eq!(lazy.version(), known);
+    assert_eq!(scrape(&store), first);
+    store.close();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -9,6 +9,13 @@
 //! (it would have to be decompressed whole, for every cluster at once, by every scrape). The
 //! bytes saved by packing are the journal's: it takes every upload, the files one per cluster
 //! and segment.
+//!
+//! While a `/federate` scrape runs ([`super::Store::scrape`]) the checkpointer waits before each
+//! file it would write, within bounds (`MAX_YIELD_PER_SEGMENT`, `MAX_WAITING_TO_YIELD`): right
+//! after a bulk load its 10,000 file creations took one of two cores and the directory from the
+//! first scrape, which an operator's Prometheus (with its scrape timeout) needs more than the
+//! compaction. The journal holds every upload durably meanwhile;
+//! only its disk space grows.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -16,6 +23,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
@@ -24,6 +32,71 @@ use super::journal::{Encoding, Segment};
 use super::patch;
 use super::state::{lock, sync_file_system, Location, Shared};
 use super::TEMP_PREFIX;
+
+/// The longest the checkpoint of one segment waits for scrapes in progress, in all: a scrape
+/// of 10,000 clusters takes 1-2 s of the machine, and Prometheus's scrape timeout is 10 s by
+/// default, so one scrape (or two back to back) finishes without the checkpointer; beyond it
+/// the checkpointer goes on regardless, so scrapes every few seconds cannot starve it (a
+/// segment is then checkpointed at most this much later than otherwise).
+pub(super) const MAX_YIELD_PER_SEGMENT: Duration = Duration::from_secs(5);
+
+/// Segments waiting behind the one being checkpointed past which the checkpointer yields no
+/// more: each holds up to 256 MiB of journal on disk (and replay work at the next start), so
+/// once it falls behind by more than one the journal's growth matters more than a scrape's pace.
+pub(super) const MAX_WAITING_TO_YIELD: usize = 1;
+
+/// Whether the checkpoint of a segment may yield to scrapes, and how long it still may.
+pub(super) struct Yielding {
+    left: Duration,
+}
+
+impl Yielding {
+    /// No yielding: the checkpoint runs through.
+    #[cfg(test)]
+    fn never() -> Yielding {
+        Yielding {
+            left: Duration::ZERO,
+        }
+    }
+
+    /// Up to the store's bound per segment, unless `waiting` segments wait behind.
+    fn for_segment(shared: &Shared, waiting: usize) -> Yielding {
+        let left = match waiting > MAX_WAITING_TO_YIELD {
+            true => Duration::ZERO,
+            false => Duration::from_millis(shared.max_yield_ms.load(Ordering::Relaxed)),
+        };
+        Yielding { left }
+    }
+}
+
+/// Waits while a `/federate` scrape is in progress ([`super::Store::scrape`]), within what
+/// `yielding` has left: the checkpointer's file creations and renames took one of the two cores
+/// and the store directory from the first scrape after a bulk load (its 10,000 new files cost
+/// 3-4 s of kernel time on ext4). Also past the packed budget
+/// (`journal::PACKED_UNSETTLED_BUDGET`), which a bulk load always passes: the journal packs no more uploads then (so the memory that
+/// reads of packed records hold stays bounded whatever the checkpointer does), and yielding
+/// only keeps it journaling plain a few seconds longer.
+fn yield_to_scrapes(shared: &Shared, yielding: &mut Yielding) {
+    if yielding.left.is_zero() {
+        return;
+    }
+    let scrapes = lock(&shared.scrapes);
+    if scrapes.in_progress == 0 || scrapes.closing {
+        return;
+    }
+    let started = Instant::now();
+    let waited = shared
+        .scrapes_done
+        .wait_timeout_while(scrapes, yielding.left, |s| s.in_progress > 0 && !s.closing);
+    // A poisoned lock only means a scrape panicked holding it; the count is still right.
+    drop(waited);
+    let waited = started.elapsed();
+    yielding.left = yielding.left.saturating_sub(waited);
+    shared
+        .counters
+        .checkpoint_yielded_micros
+        .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
+}
 
 /// The checkpointer thread's loop: checkpoints each retired segment in turn.
 pub(super) fn checkpoint_until_closed(shared: &Shared, retired: &Receiver<Arc<Segment>>) {
@@ -35,7 +108,8 @@ pub(super) fn checkpoint_until_closed(shared: &Shared, retired: &Receiver<Arc<Se
             // A test's crash: the segment stays on disk as it is, for the next open.
             continue;
         }
-        let done = checkpoint(shared, &segment, keep);
+        let mut yielding = Yielding::for_segment(shared, retired.len());
+        let done = checkpoint_yielding(shared, &segment, keep, &mut yielding);
         if done {
             // Its clusters are read from their files now (or from later segments, which count
             // their own): what reads of its packed payloads held is settled.
@@ -51,10 +125,22 @@ pub(super) fn checkpoint_until_closed(shared: &Shared, retired: &Receiver<Arc<Se
     }
 }
 
+/// [`checkpoint_yielding`] without yielding, as tests checkpoint a segment.
+#[cfg(test)]
+pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) -> bool {
+    checkpoint_yielding(shared, segment, keep, &mut Yielding::never())
+}
+
 /// Writes the cluster files of the clusters whose newest upload is in `segment`, then deletes it.
 /// On failure the segment stays: reads keep using it, and the next open replays it. With `keep`
-/// the segment stays even on success. Returns whether it succeeded.
-pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) -> bool {
+/// the segment stays even on success. Returns whether it succeeded. Waits for the scrapes in
+/// progress before each file it writes and before renaming them, as `yielding` allows.
+fn checkpoint_yielding(
+    shared: &Shared,
+    segment: &Arc<Segment>,
+    keep: bool,
+    yielding: &mut Yielding,
+) -> bool {
     if shared.egress.is_some() {
         // Egress reads it until shipped and counts its length as backlog: the zeros written
         // ahead after its records (and a torn tail a crash left) go first. Not synced: a crash
@@ -94,6 +180,7 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
     for (cluster_id, offset, location, payload_bytes, newest_sample_ms, newest_received_ms) in
         in_segment
     {
+        yield_to_scrapes(shared, yielding);
         let temp = shared.dir.join(format!(
             "{}{}",
             TEMP_PREFIX,
@@ -172,6 +259,7 @@ pub(super) fn checkpoint(shared: &Shared, segment: &Arc<Segment>, keep: bool) ->
         return false;
     }
 
+    yield_to_scrapes(shared, yielding);
     {
         // Rename under the mutation lock, and only files whose cluster still has this upload
         // as its newest: a later put, a remove or the sweeper may have moved on.

@@ -147,10 +147,9 @@ use std::collections::BTreeMap;
 
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, SystemTime};
 
@@ -163,7 +162,7 @@ pub use egress::{Backlog, BacklogReader, Position, ShipRecord};
 use journal::{Encoding, JournalState};
 pub use patch::{Patch, PatchMark};
 pub use read::{PinVersion, PinnedUpload};
-use state::{is_live, lock, newest_sample_ms, Counters, Entry, Location, Shared};
+use state::{is_live, lock, newest_sample_ms, Counters, Entry, Location, Scrapes, Shared};
 use telemeter_common::delimited::Limits;
 use telemeter_common::wire;
 pub use types::{ClusterEntry, StoreConfig, StoreError, StoreStats, StoredUpload};
@@ -361,17 +360,17 @@ impl Store {
         }
         let dir_file = File::open(&dir)
             .map_err(|e| StoreError::io(format!("opening directory {}", dir.display()), e))?;
-        let dir_identity = dir_file
-            .metadata()
-            .map(|metadata| (metadata.dev(), metadata.ino()))
-            .map_err(|e| StoreError::io(format!("reading directory {}", dir.display()), e))?;
+        // Unique in this process however many stores it opens (tests, a reopen): see
+        // [`Shared::identity`].
+        static IDENTITIES: AtomicU64 = AtomicU64::new(0);
+        let identity = IDENTITIES.fetch_add(1, Ordering::Relaxed);
         let dir_for_egress = dir.clone();
 
         let shared = Arc::new(Shared {
             dir,
             ttl: config.ttl,
             dir_file,
-            dir_identity,
+            identity,
             _lock_file: lock_file,
             index: Mutex::new(BTreeMap::new()),
             mutation: Mutex::new(()),
@@ -400,6 +399,9 @@ impl Store {
             versions: AtomicU64::new(0),
             packed_unsettled: AtomicU64::new(0),
             packed_unsettled_budget: AtomicU64::new(journal::PACKED_UNSETTLED_BUDGET),
+            scrapes: Mutex::new(Scrapes::default()),
+            scrapes_done: Condvar::new(),
+            max_yield_ms: AtomicU64::new(checkpoint::MAX_YIELD_PER_SEGMENT.as_millis() as u64),
         });
         if !shipping && dir_for_egress.join(egress::EGRESS_DIR).exists() {
             log::warn!(
@@ -894,15 +896,44 @@ impl Store {
     /// As [`Store::get`], keeping the file read open so the payload can be read again in parts
     /// ([`PinnedUpload::read_range`]) without being held in memory.
     pub fn get_pinned(&self, cluster_id: &str) -> Result<Option<PinnedUpload>, StoreError> {
-        self.handle.shared.get_pinned(cluster_id, false)
+        self.handle.shared.get_pinned(cluster_id, false, None)
     }
 
-    /// As [`Store::get_pinned`], except that a cluster file a read has verified before is
-    /// pinned without reading its payload ([`PinnedUpload::payload_read`] is false): `/federate`
-    /// knows where its families are from an earlier scrape of the same version
-    /// ([`PinnedUpload::version`]) and reads only those ranges.
-    pub fn get_pinned_lazily(&self, cluster_id: &str) -> Result<Option<PinnedUpload>, StoreError> {
-        self.handle.shared.get_pinned(cluster_id, true)
+    /// As [`Store::get_pinned`], except that a payload whose [`PinVersion`] is `known` (the
+    /// caller knows where its families are from an earlier pin of it) is pinned without reading
+    /// it where that is safe ([`PinnedUpload::payload_read`] is false): a cluster file a read has
+    /// verified before (only its header is read), a file not yet verified (its checksum is
+    /// checked streaming, the payload not kept), a plain journal record (not read at all: it was
+    /// checked by the read that gave it its version, and a segment's records are never
+    /// rewritten). `/federate` then reads only the families' ranges.
+    pub fn get_pinned_lazily(
+        &self,
+        cluster_id: &str,
+        known: Option<PinVersion>,
+    ) -> Result<Option<PinnedUpload>, StoreError> {
+        self.handle.shared.get_pinned(cluster_id, true, known)
+    }
+
+    /// Checkpoints the current journal segment now, as a full one would be (for tests outside
+    /// the store: what a scrape keeps across a checkpoint).
+    #[cfg(test)]
+    pub(crate) fn checkpoint_now(&self) {
+        let shared = &self.handle.shared;
+        let segment = lock(&shared.journal).segment.take();
+        if let Some(segment) = segment {
+            assert!(checkpoint::checkpoint(shared, &segment, false));
+        }
+    }
+
+    /// Marks a scrape of the whole store in progress until the guard is dropped: meanwhile
+    /// the checkpointer waits before each cluster file it would write (within
+    /// `checkpoint::MAX_YIELD_PER_SEGMENT` a segment), so the scrape has the CPU and the
+    /// directory to itself; the journal holds the uploads durably meanwhile.
+    pub fn scrape(&self) -> ScrapeInProgress {
+        lock(&self.handle.shared.scrapes).in_progress += 1;
+        ScrapeInProgress {
+            store: self.clone(),
+        }
     }
 
     /// The newest remote-write sample (ms) of `cluster_id`'s stored payload, `i64::MIN` when it has
@@ -977,6 +1008,7 @@ impl Store {
             writes: counters.writes.load(Ordering::Relaxed),
             corrupt_files: counters.corrupt_files.load(Ordering::Relaxed),
             expired: counters.expired.load(Ordering::Relaxed),
+            checkpoint_yielded_micros: counters.checkpoint_yielded_micros.load(Ordering::Relaxed),
         }
     }
 
@@ -991,8 +1023,27 @@ impl Store {
     }
 }
 
+/// A scrape in progress ([`Store::scrape`]), which the checkpointer yields to until dropped.
+pub struct ScrapeInProgress {
+    store: Store,
+}
+
+impl Drop for ScrapeInProgress {
+    fn drop(&mut self) {
+        let shared = &self.store.handle.shared;
+        let mut scrapes = lock(&shared.scrapes);
+        scrapes.in_progress = scrapes.in_progress.saturating_sub(1);
+        if scrapes.in_progress == 0 {
+            shared.scrapes_done.notify_all();
+        }
+    }
+}
+
 impl Handle {
     fn close(&self) {
+        // The last segment is checkpointed now, whatever scrape is still running.
+        lock(&self.shared.scrapes).closing = true;
+        self.shared.scrapes_done.notify_all();
         // What was queued before is still committed: the committer thread drains the queue.
         self.queue.close();
         drop(lock(&self.stop_sweeper).take());

@@ -71,24 +71,25 @@ pub struct PinnedUpload {
     /// Whether `upload.payload` holds the payload: a lazy pin of a file verified before leaves
     /// it unread ([`Store::get_pinned_lazily`](super::Store::get_pinned_lazily)).
     payload_read: bool,
-    /// Which file version this pins, for a pin of a cluster file.
+    /// Which payload this pins; `None` for a cluster file that is not the index entry's.
     version: Option<PinVersion>,
     /// The payload's pages of the pinned file, mapped for a pin taken for ranges (see "Pins
     /// read through a mapping"); `None` reads by `pread`.
     mapped: Option<Mapping>,
 }
 
-/// Which version of a cluster's file a pin holds: two pins with equal versions hold the same
-/// bytes, by the rule the store trusts a file it verified by (the same file, by device and inode,
-/// with the same receive time and payload length), and the store's directory tells apart stores
-/// open in one process. `/federate` keeps what it learnt from a payload (where its families are)
-/// under it, and does not read that payload again while the version is unchanged.
+/// Which payload a pin holds, wherever it was read from (a journal record, a cluster file):
+/// two pins with equal versions hold the same bytes. It is the index entry's
+/// [`Entry::version`], which every payload the index takes gets anew and a checkpoint keeps
+/// (same payload, another place), with the store's identity ([`Shared::identity`]: versions
+/// start again from 0 with every open). A pin of a cluster file has it only when the file is
+/// the entry's (same inode, receive time and payload length). `/federate` keeps what it learnt
+/// from a payload (where its families are) under it, and does not read that payload again while
+/// the version is unchanged, before or after the checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PinVersion {
-    directory: (u64, u64),
-    file: (u64, u64),
-    received_millis: u64,
-    payload_len: u64,
+    store: u64,
+    payload: u64,
 }
 
 enum Pin {
@@ -258,7 +259,8 @@ impl PinnedUpload {
         self.payload_read
     }
 
-    /// The file version this pins; `None` for a payload pinned from the journal.
+    /// The payload this pins; `None` for a cluster file the index has moved past while it was
+    /// read (a newer upload checkpointed over it).
     pub fn version(&self) -> Option<PinVersion> {
         self.version
     }
@@ -386,19 +388,21 @@ impl Shared {
     /// then from its file, verified; a corrupt file is set aside and reads as absent.
     pub(super) fn get(&self, cluster_id: &str) -> Result<Option<StoredUpload>, StoreError> {
         Ok(self
-            .read_pinned(cluster_id, false, false)?
+            .read_pinned(cluster_id, false, false, None)?
             .map(|pinned| pinned.upload))
     }
 
     /// As [`Shared::get`], keeping the file it was read from open ([`PinnedUpload`]). With
-    /// `lazy`, a cluster file verified before is pinned without reading its payload (only its
-    /// header is read and checked): the caller reads what it needs in ranges.
+    /// `lazy`, a payload is pinned without reading it where that is safe and the caller knows
+    /// it (`known` is its version; see [`super::Store::get_pinned_lazily`]): the caller reads
+    /// what it needs in ranges.
     pub(super) fn get_pinned(
         &self,
         cluster_id: &str,
         lazy: bool,
+        known: Option<PinVersion>,
     ) -> Result<Option<PinnedUpload>, StoreError> {
-        self.read_pinned(cluster_id, true, lazy)
+        self.read_pinned(cluster_id, true, lazy, known)
     }
 
     /// [`Shared::get_pinned`]; a packed record's pin holds a copy of its payload only when
@@ -408,6 +412,7 @@ impl Shared {
         cluster_id: &str,
         ranges: bool,
         lazy: bool,
+        known: Option<PinVersion>,
     ) -> Result<Option<PinnedUpload>, StoreError> {
         let Some(entry) = lock(&self.index).get(cluster_id).cloned() else {
             return Ok(None);
@@ -415,6 +420,12 @@ impl Shared {
         if !is_live(entry.newest_sample_ms, SystemTime::now(), self.ttl) {
             return Ok(None);
         }
+        let version = PinVersion {
+            store: self.identity,
+            payload: entry.version,
+        };
+        // The caller knows this very payload: a lazy pin need not read it.
+        let known = lazy && known == Some(version);
         if let Location::Chain {
             segment,
             image,
@@ -434,7 +445,7 @@ impl Shared {
                     payload_offset: 0,
                     payload_len: payload.len() as u64,
                     payload_read: true,
-                    version: None,
+                    version: Some(version),
                     mapped: None,
                     // The one copy the ranges need; the upload's own is the caller's.
                     pin: Pin::Memory(match ranges {
@@ -457,6 +468,27 @@ impl Shared {
             encoding,
         } = &entry.location
         {
+            if known && *encoding == Encoding::Plain {
+                // Checked by the read that gave the caller this version, and a segment's records
+                // are never rewritten (the module doc): mapped, not read again.
+                let pinned = PinnedUpload {
+                    payload_offset: journal::payload_offset(*offset, cluster_id),
+                    payload_len: entry.payload_bytes,
+                    payload_read: false,
+                    version: Some(version),
+                    mapped: None,
+                    pin: Pin::Segment(Arc::clone(segment)),
+                    upload: StoredUpload {
+                        cluster_id: cluster_id.to_string(),
+                        received: telemeter_common::time::from_unix_millis(entry.received_millis),
+                        payload: Vec::new(),
+                    },
+                };
+                return Ok(Some(match ranges {
+                    true => pinned.with_mapping(),
+                    false => pinned,
+                }));
+            }
             let context = || format!("reading {} at {offset}", segment.path.display());
             return match segment.read_put(cluster_id, *offset, entry.payload_bytes, *encoding) {
                 Ok((header, payload)) if header.cluster_id == cluster_id => {
@@ -473,7 +505,7 @@ impl Shared {
                         },
                         payload_len: payload.len() as u64,
                         payload_read: true,
-                        version: None,
+                        version: Some(version),
                         mapped: None,
                         pin,
                         upload: StoredUpload {
@@ -500,7 +532,7 @@ impl Shared {
         }
         let path = self.path_of(cluster_id);
         // The upload, or none; `Err` inside when the file is corrupt (with the reason).
-        let read = || match self.read_upload(cluster_id, &path, &entry, lazy) {
+        let read = || match self.read_upload(cluster_id, &path, &entry, lazy, known) {
             Ok(upload) if ranges => Ok(Ok(Some(upload.with_mapping()))),
             Ok(upload) => Ok(Ok(Some(upload))),
             // Removed or swept since the index was read.
@@ -529,21 +561,27 @@ impl Shared {
     /// Reads `cluster_id`'s file, keeping it open: verified, unless it is the very file the index
     /// `entry` says a read has verified already (same inode, same receive time and payload
     /// length); a verified file is then marked so in the index. With `lazy`, such a file's
-    /// payload is not read (its header is, and checked against the file's length).
+    /// payload is not read (its header is, and checked against the file's length); with `known`
+    /// too (the caller knows this payload), an unverified file's payload is verified streaming,
+    /// not kept. The pin has the entry's version only when the file is the entry's.
     fn read_upload(
         &self,
         cluster_id: &str,
         path: &Path,
         entry: &Entry,
         lazy: bool,
+        known: bool,
     ) -> Result<PinnedUpload, ReadError> {
         let mut opened = open_for_reading(path).map_err(ReadError::Io)?;
         let metadata = opened.metadata().map_err(ReadError::Io)?;
         let (file_len, inode) = (metadata.len(), metadata.ino());
-        let trusted = matches!(
-            entry.location,
-            Location::File { inode: known, verified: true } if known == inode
-        );
+        let (entrys_inode, trusted) = match entry.location {
+            Location::File {
+                inode: known_inode,
+                verified,
+            } if known_inode == inode => (true, verified),
+            _ => (false, false),
+        };
         let mut read = file::read_as(
             &opened,
             file_len,
@@ -551,15 +589,21 @@ impl Shared {
                 Reading::HeaderOnly
             } else if trusted {
                 Reading::Trusted
+            } else if entrys_inode && known {
+                // Each file version is verified by its first read, but the caller needs none
+                // of its bytes now: the checksum is computed in passing.
+                Reading::Verified {
+                    keep_payload: false,
+                }
             } else {
                 Reading::Verified { keep_payload: true }
             },
         )?;
         let (header, _) = &read;
-        if trusted
-            && (header.received_millis != entry.received_millis
-                || header.payload_len != entry.payload_bytes)
-        {
+        let entrys = entrys_inode
+            && header.received_millis == entry.received_millis
+            && header.payload_len == entry.payload_bytes;
+        if trusted && !entrys {
             // Another file under a reused inode number: not the one verified.
             opened.seek(SeekFrom::Start(0)).map_err(ReadError::Io)?;
             read = file::read_as(&opened, file_len, Reading::Verified { keep_payload: true })?;
@@ -589,12 +633,12 @@ impl Shared {
                 }
             }
         }
-        let version = PinVersion {
-            directory: self.dir_identity,
-            file: (metadata.dev(), inode),
-            received_millis: header.received_millis,
-            payload_len: header.payload_len,
-        };
+        // A file that is not the entry's (one renamed over it since the entry was read) holds
+        // some other payload, whose version is not known here.
+        let version = entrys.then_some(PinVersion {
+            store: self.identity,
+            payload: entry.version,
+        });
         let payload_read = payload.is_some();
         let payload = payload.unwrap_or_default();
         Ok(PinnedUpload {
@@ -602,7 +646,7 @@ impl Shared {
             payload_offset: file_len.saturating_sub(header.payload_len),
             payload_len: header.payload_len,
             payload_read,
-            version: Some(version),
+            version,
             mapped: None,
             pin: Pin::File(opened),
             upload: StoredUpload {

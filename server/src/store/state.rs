@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use telemeter_common::wire;
@@ -21,10 +21,10 @@ pub(super) struct Shared {
     pub(super) ttl: Duration,
     /// The directory itself, for `syncfs` and the directory fsync.
     pub(super) dir_file: File,
-    /// `dir_file`'s device and inode, which an open directory keeps: a [`super::PinVersion`]
-    /// names its store by them, and asking the kernel once per pinned file was one of the four
-    /// syscalls of every cluster a `/federate` scrape pins.
-    pub(super) dir_identity: (u64, u64),
+    /// Which store of this process this is (a number no other open of a store in this process
+    /// has): a [`super::PinVersion`] names its store by it, since entry versions start again
+    /// from 0 with every open, and `/federate`'s cache outlives a store (tests, a reopen).
+    pub(super) identity: u64,
     /// Held only for its fs2 lock, released when the store is gone.
     pub(super) _lock_file: File,
     /// Cluster id → what is on disk. Sorted, so listings are stable.
@@ -51,6 +51,21 @@ pub(super) struct Shared {
     pub(super) packed_unsettled: AtomicU64,
     /// `journal::PACKED_UNSETTLED_BUDGET` (tests lower it).
     pub(super) packed_unsettled_budget: AtomicU64,
+    /// The scrapes in progress ([`super::Store::scrape`]), which the checkpointer yields to
+    /// (`checkpoint::yield_to_scrapes`); and whether the store is closing (it yields no more).
+    pub(super) scrapes: Mutex<Scrapes>,
+    /// Signalled when the last scrape in progress ends, or the store closes.
+    pub(super) scrapes_done: Condvar,
+    /// The longest the checkpointer yields to scrapes in one segment, in milliseconds
+    /// (`checkpoint::MAX_YIELD_PER_SEGMENT`; tests lower it).
+    pub(super) max_yield_ms: AtomicU64,
+}
+
+/// What the checkpointer waits on while it yields.
+#[derive(Default)]
+pub(super) struct Scrapes {
+    pub(super) in_progress: usize,
+    pub(super) closing: bool,
 }
 
 /// One indexed cluster.
@@ -124,6 +139,8 @@ pub(super) struct Counters {
     pub(super) writes: AtomicU64,
     pub(super) corrupt_files: AtomicU64,
     pub(super) expired: AtomicU64,
+    /// Microseconds the checkpointer waited for scrapes to end.
+    pub(super) checkpoint_yielded_micros: AtomicU64,
 }
 
 /// A poisoned lock only means another thread panicked while holding it; the data it guards (an

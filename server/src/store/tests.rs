@@ -1977,10 +1977,163 @@ fn a_mapped_pin_reads_its_version_after_its_segment_is_cut_and_deleted_and_its_f
     // A lazy pin, as `/federate` takes, maps too.
     store.put("b", newer.clone(), at(2)).unwrap();
     checkpoint_now(&store);
-    let lazily = store.get_pinned_lazily("b").unwrap().unwrap();
+    let lazily = store.get_pinned_lazily("b", None).unwrap().unwrap();
     assert!(lazily.mapped());
     assert_eq!(pinned_ranges(&lazily, newer.len()).0, newer);
     let unmapped = lazily.without_mapping();
     let (whole, part) = pinned_ranges(&unmapped, newer.len());
     assert_eq!((whole, part), (newer.clone(), newer[3..10].to_vec()));
+}
+
+/// Hands the current journal segment to the checkpointer thread, as a full one is.
+fn retire_now(store: &Store) {
+    let shared = &store.handle.shared;
+    let mut journal = lock(&shared.journal);
+    let segment = journal.segment.take().unwrap();
+    journal.retired.as_ref().unwrap().send(segment).unwrap();
+}
+
+#[test]
+fn a_payload_keeps_its_pin_version_from_the_journal_to_its_file_and_no_longer() {
+    let dir = TempDir::new("pin-version");
+    let first = b"\x05first".to_vec();
+    let store = open(&dir);
+    store.put("a", first.clone(), at(0)).unwrap();
+    let from_journal = store.get_pinned("a").unwrap().unwrap();
+    let version = from_journal.version();
+    assert!(version.is_some());
+    checkpoint_now(&store);
+    assert!(file_of(&store, "a").exists());
+    // Same payload, another place: the same version, whether read or pinned lazily (verified
+    // streaming, its payload not kept, since the caller knows it).
+    let from_file = store.get_pinned("a").unwrap().unwrap();
+    assert_eq!(from_file.version(), version);
+    assert_eq!(from_file.upload.payload, first);
+    checkpoint_now(&store);
+    store.put("b", first.clone(), at(0)).unwrap();
+    checkpoint_now(&store);
+    let lazily = store.get_pinned_lazily("b", None).unwrap().unwrap();
+    assert!(lazily.payload_read(), "an unknown, unverified file is read");
+    // A newer put of the very same bytes is another version.
+    store.put("a", first.clone(), at(1)).unwrap();
+    let newer = store.get_pinned("a").unwrap().unwrap().version();
+    assert!(newer.is_some() && newer != version);
+    // Removed, then put again: another version.
+    store.remove("a").unwrap();
+    assert!(store.get_pinned("a").unwrap().is_none());
+    store.put("a", first.clone(), at(1)).unwrap();
+    let again = store.get_pinned("a").unwrap().unwrap().version();
+    assert!(again.is_some() && again != newer && again != version);
+    // A restart numbers versions from 0 again: the store's identity tells them apart.
+    let before_restart = store.get_pinned("b").unwrap().unwrap().version();
+    store.close();
+    drop(store);
+    let store = open(&dir);
+    let after = store.get_pinned("b").unwrap().unwrap();
+    assert!(after.version().is_some() && after.version() != before_restart);
+    assert_eq!(after.upload.payload, first);
+}
+
+#[test]
+fn a_lazy_pin_of_a_known_journal_record_or_file_reads_no_payload_and_an_unknown_one_does() {
+    let dir = TempDir::new("lazy-known");
+    let payload = b"\x05hello\x03abc".to_vec();
+    let store = open(&dir);
+    store.put("a", payload.clone(), at(0)).unwrap();
+    let read = store.get_pinned_lazily("a", None).unwrap().unwrap();
+    assert!(read.payload_read());
+    assert_eq!(read.upload.payload, payload);
+    let version = read.version();
+    let lazy = store.get_pinned_lazily("a", version).unwrap().unwrap();
+    assert!(!lazy.payload_read() && lazy.upload.payload.is_empty());
+    assert_eq!(lazy.version(), version);
+    assert_eq!(lazy.payload_len(), payload.len() as u64);
+    assert_eq!(lazy.upload.received, read.upload.received);
+    assert_eq!(pinned_ranges(&lazy, payload.len()).0, payload);
+    // After the checkpoint: the unverified file is verified (not kept), then trusted.
+    checkpoint_now(&store);
+    let verifying = store.get_pinned_lazily("a", version).unwrap().unwrap();
+    assert!(!verifying.payload_read());
+    assert_eq!(verifying.version(), version);
+    assert_eq!(pinned_ranges(&verifying, payload.len()).0, payload);
+    let trusted = store.get_pinned_lazily("a", version).unwrap().unwrap();
+    assert!(!trusted.payload_read());
+    assert_eq!(pinned_ranges(&trusted, payload.len()).0, payload);
+    // A newer put: the version the caller knows is stale, so the payload is read.
+    let newer = b"\x06hello!".to_vec();
+    store.put("a", newer.clone(), at(1)).unwrap();
+    let stale = store.get_pinned_lazily("a", version).unwrap().unwrap();
+    assert!(stale.payload_read());
+    assert_eq!(stale.upload.payload, newer);
+    assert_ne!(stale.version(), version);
+}
+
+#[test]
+fn a_known_but_unverified_file_that_is_damaged_is_set_aside_not_pinned() {
+    let dir = TempDir::new("lazy-damaged");
+    let payload = b"\x05hello\x03abc".to_vec();
+    let store = open(&dir);
+    store.put("a", payload.clone(), at(0)).unwrap();
+    let version = store.get_pinned("a").unwrap().unwrap().version();
+    checkpoint_now(&store);
+    // One payload byte flipped in place (same inode, same lengths): only its checksum tells.
+    let path = file_of(&store, "a");
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    {
+        use std::io::{Seek, Write};
+        let mut out = File::options().write(true).open(&path).unwrap();
+        out.seek(io::SeekFrom::Start(0)).unwrap();
+        out.write_all(&bytes).unwrap();
+    }
+    assert!(store.get_pinned_lazily("a", version).unwrap().is_none());
+    assert!(!path.exists());
+}
+
+#[test]
+fn the_checkpointer_waits_for_a_scrape_in_progress_but_no_longer_than_its_bound() {
+    let dir = TempDir::new("yield");
+    let store = open(&dir);
+    store
+        .handle
+        .shared
+        .max_yield_ms
+        .store(600, Ordering::Relaxed);
+    // Past the packed budget too, as every bulk load is (packing has stopped then anyway).
+    store
+        .handle
+        .shared
+        .packed_unsettled_budget
+        .store(0, Ordering::Relaxed);
+    store.put("a", b"\x05first".to_vec(), at(0)).unwrap();
+    // Yields while the scrape runs, and goes on as soon as it ends.
+    let scrape = store.scrape();
+    retire_now(&store);
+    thread::sleep(Duration::from_millis(200));
+    assert!(!file_of(&store, "a").exists());
+    drop(scrape);
+    wait_for_checkpoints(&store);
+    assert!(file_of(&store, "a").exists());
+    let yielded = store.stats().checkpoint_yielded_micros;
+    assert!(yielded >= 150_000, "{yielded}");
+    // A scrape that never ends holds the checkpoint back by the bound, no more.
+    store.put("b", b"\x05first".to_vec(), at(0)).unwrap();
+    let scrape = store.scrape();
+    let started = std::time::Instant::now();
+    retire_now(&store);
+    wait_for_checkpoints(&store);
+    let took = started.elapsed();
+    assert!(file_of(&store, "b").exists());
+    assert!(took >= Duration::from_millis(550), "{took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let total = store.stats().checkpoint_yielded_micros - yielded;
+    assert!((550_000..=700_000).contains(&total), "{total}");
+    // Closing does not wait for it at all.
+    store.put("c", b"\x05first".to_vec(), at(0)).unwrap();
+    let started = std::time::Instant::now();
+    store.close();
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert!(file_of(&store, "c").exists());
+    drop(scrape);
 }

@@ -146,4 +146,6 @@ pub struct StoreStats {
     pub corrupt_files: u64,
     /// Files removed by the sweeper since start.
     pub expired: u64,
+    /// Microseconds the checkpointer waited for `/federate` scrapes to end since start.
+    pub checkpoint_yielded_micros: u64,
 }
