@@ -1,5 +1,6 @@
 //! The server's own metrics, served on the internal port's `/metrics`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use telemeter_common::http::Stats;
@@ -40,6 +41,9 @@ pub struct Metrics {
     store_writes: CounterVec,
     store_corrupt: CounterVec,
     store_expired: CounterVec,
+    /// Seconds the checkpointer waited for `/federate` scrapes, as the store last counted them
+    /// (f64 bits): the registry's counters hold whole numbers, this one is read at render time.
+    store_checkpoint_yielded: Arc<AtomicU64>,
     http_open: GaugeVec,
     http_accepted: CounterVec,
     http_rejected: CounterVec,
@@ -172,6 +176,16 @@ impl Metrics {
                 "Stored files removed because their cluster was not pushed within the TTL.",
                 &[],
             ),
+            store_checkpoint_yielded: {
+                let seconds = Arc::new(AtomicU64::new(0f64.to_bits()));
+                let read = Arc::clone(&seconds);
+                r.counter_fn(
+                    "telemeter_server_store_checkpoint_yielded_seconds_total",
+                    "Seconds the store's checkpointer waited for /federate scrapes in progress before writing cluster files (bounded per journal segment).",
+                    Box::new(move || f64::from_bits(read.load(Ordering::Relaxed))),
+                );
+                seconds
+            },
             http_open: r.gauge(
                 "telemeter_server_http_open_connections",
                 "Connections open now, by port.",
@@ -247,6 +261,10 @@ impl Metrics {
             catch_up(&self.store_writes.with(&[]), store.writes);
             catch_up(&self.store_corrupt.with(&[]), store.corrupt_files);
             catch_up(&self.store_expired.with(&[]), store.expired);
+            self.store_checkpoint_yielded.store(
+                (store.checkpoint_yielded_micros as f64 / 1e6).to_bits(),
+                Ordering::Relaxed,
+            );
             for (port, stats) in fronts {
                 self.http_open
                     .with(&[port])
@@ -293,5 +311,36 @@ fn catch_up(counter: &Counter, total: u64) {
     let now = counter.get();
     if total > now {
         counter.add(total - now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checkpointers_yield_is_rendered_in_seconds() {
+        let metrics = Metrics::new();
+        let line = |text: &str| {
+            text.lines()
+                .find(|l| l.starts_with("telemeter_server_store_checkpoint_yielded_seconds_total "))
+                .map(str::to_string)
+        };
+        let before = metrics.render(StoreStats::default(), &[]);
+        assert!(before
+            .contains("# TYPE telemeter_server_store_checkpoint_yielded_seconds_total counter"));
+        assert_eq!(
+            line(&before).as_deref(),
+            Some("telemeter_server_store_checkpoint_yielded_seconds_total 0")
+        );
+        let stats = StoreStats {
+            checkpoint_yielded_micros: 1_250_000,
+            ..StoreStats::default()
+        };
+        let after = metrics.render(stats, &[]);
+        assert_eq!(
+            line(&after).as_deref(),
+            Some("telemeter_server_store_checkpoint_yielded_seconds_total 1.25")
+        );
     }
 }
