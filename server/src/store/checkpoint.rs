@@ -14,8 +14,7 @@
 //! file it would write, within bounds (`MAX_YIELD_PER_SEGMENT`, `MAX_WAITING_TO_YIELD`): right
 //! after a bulk load its 10,000 file creations took one of two cores and the directory from the
 //! first scrape, which an operator's Prometheus (with its scrape timeout) needs more than the
-//! compaction. The journal holds every upload durably meanwhile;
-//! only its disk space grows.
+//! compaction. The journal holds every upload durably meanwhile; only its disk space grows.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -72,10 +71,10 @@ impl Yielding {
 /// Waits while a `/federate` scrape is in progress ([`super::Store::scrape`]), within what
 /// `yielding` has left: the checkpointer's file creations and renames took one of the two cores
 /// and the store directory from the first scrape after a bulk load (its 10,000 new files cost
-/// 3-4 s of kernel time on ext4). Also past the packed budget
-/// (`journal::PACKED_UNSETTLED_BUDGET`), which a bulk load always passes: the journal packs no more uploads then (so the memory that
-/// reads of packed records hold stays bounded whatever the checkpointer does), and yielding
-/// only keeps it journaling plain a few seconds longer.
+/// 3-4 s of kernel time on ext4). It yields past the packed budget too
+/// (`journal::PACKED_UNSETTLED_BUDGET`, which a bulk load always passes): the journal packs no
+/// more uploads then, so the memory that reads of packed records hold stays bounded whatever
+/// the checkpointer does, and yielding only keeps it journaling plain a few seconds longer.
 fn yield_to_scrapes(shared: &Shared, yielding: &mut Yielding) {
     if yielding.left.is_zero() {
         return;

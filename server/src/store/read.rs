@@ -224,6 +224,14 @@ impl PinnedUpload {
         self
     }
 
+    /// The pin, mapped ([`PinnedUpload::with_mapping`]) when `ranges` will be read from it.
+    fn mapped_if(self, ranges: bool) -> PinnedUpload {
+        match ranges {
+            true => self.with_mapping(),
+            false => self,
+        }
+    }
+
     /// The payload's bytes `start..end` (checked by [`PinnedUpload::range_len`]) from the
     /// mapping, when the pin has one.
     fn mapped_range(&self, start: u64, end: u64) -> Option<io::Result<&[u8]>> {
@@ -384,6 +392,14 @@ impl PinnedUpload {
 }
 
 impl Shared {
+    /// The version of the payload `entry` indexes, in this open of the store.
+    fn pin_version(&self, entry: &Entry) -> PinVersion {
+        PinVersion {
+            store: self.identity,
+            payload: entry.version,
+        }
+    }
+
     /// `cluster_id`'s upload if it is live: from its journal record until that is checkpointed,
     /// then from its file, verified; a corrupt file is set aside and reads as absent.
     pub(super) fn get(&self, cluster_id: &str) -> Result<Option<StoredUpload>, StoreError> {
@@ -420,10 +436,7 @@ impl Shared {
         if !is_live(entry.newest_sample_ms, SystemTime::now(), self.ttl) {
             return Ok(None);
         }
-        let version = PinVersion {
-            store: self.identity,
-            payload: entry.version,
-        };
+        let version = self.pin_version(&entry);
         // The caller knows this very payload: a lazy pin need not read it.
         let known = lazy && known == Some(version);
         if let Location::Chain {
@@ -468,73 +481,66 @@ impl Shared {
             encoding,
         } = &entry.location
         {
-            if known && *encoding == Encoding::Plain {
-                // Checked by the read that gave the caller this version, and a segment's records
-                // are never rewritten (the module doc): mapped, not read again.
-                let pinned = PinnedUpload {
-                    payload_offset: journal::payload_offset(*offset, cluster_id),
-                    payload_len: entry.payload_bytes,
-                    payload_read: false,
-                    version: Some(version),
-                    mapped: None,
-                    pin: Pin::Segment(Arc::clone(segment)),
-                    upload: StoredUpload {
-                        cluster_id: cluster_id.to_string(),
-                        received: telemeter_common::time::from_unix_millis(entry.received_millis),
-                        payload: Vec::new(),
-                    },
-                };
-                return Ok(Some(match ranges {
-                    true => pinned.with_mapping(),
-                    false => pinned,
-                }));
-            }
-            let context = || format!("reading {} at {offset}", segment.path.display());
-            return match segment.read_put(cluster_id, *offset, entry.payload_bytes, *encoding) {
-                Ok((header, payload)) if header.cluster_id == cluster_id => {
-                    let pin = match encoding {
-                        Encoding::Plain => Pin::Segment(Arc::clone(segment)),
-                        // The one copy the ranges need; the upload's own is the caller's.
-                        Encoding::Packed { .. } if ranges => Pin::Memory(payload.clone()),
-                        Encoding::Packed { .. } => Pin::Memory(Vec::new()),
-                    };
-                    let pinned = PinnedUpload {
-                        payload_offset: match encoding {
-                            Encoding::Plain => journal::payload_offset(*offset, cluster_id),
-                            Encoding::Packed { .. } => 0,
-                        },
-                        payload_len: payload.len() as u64,
-                        payload_read: true,
-                        version: Some(version),
-                        mapped: None,
-                        pin,
-                        upload: StoredUpload {
-                            cluster_id: header.cluster_id,
-                            received: telemeter_common::time::from_unix_millis(
-                                header.received_millis,
-                            ),
-                            payload,
-                        },
-                    };
-                    // Only a plain record's pin holds the segment (a packed one holds memory).
-                    Ok(Some(match ranges {
-                        true => pinned.with_mapping(),
-                        false => pinned,
-                    }))
+            // A known plain record is not read again: it was checked by the read that gave the
+            // caller this version, and a segment's records are never rewritten (the module doc).
+            let (id, received_millis, payload, payload_read) = match (known, encoding) {
+                (true, Encoding::Plain) => (
+                    cluster_id.to_string(),
+                    entry.received_millis,
+                    Vec::new(),
+                    false,
+                ),
+                _ => {
+                    let context = || format!("reading {} at {offset}", segment.path.display());
+                    match segment.read_put(cluster_id, *offset, entry.payload_bytes, *encoding) {
+                        Ok((header, payload)) if header.cluster_id == cluster_id => {
+                            (header.cluster_id, header.received_millis, payload, true)
+                        }
+                        Ok((header, _)) => {
+                            return Err(StoreError::format(
+                                context(),
+                                format!("holds cluster {:?}", header.cluster_id),
+                            ))
+                        }
+                        Err(ReadError::Corrupt(reason)) => {
+                            return Err(StoreError::format(context(), reason))
+                        }
+                        Err(ReadError::Io(error)) => return Err(StoreError::io(context(), error)),
+                    }
                 }
-                Ok((header, _)) => Err(StoreError::format(
-                    context(),
-                    format!("holds cluster {:?}", header.cluster_id),
-                )),
-                Err(ReadError::Corrupt(reason)) => Err(StoreError::format(context(), reason)),
-                Err(ReadError::Io(error)) => Err(StoreError::io(context(), error)),
             };
+            // Only a plain record's pin holds the segment (a packed one holds memory).
+            let pin = match encoding {
+                Encoding::Plain => Pin::Segment(Arc::clone(segment)),
+                // The one copy the ranges need; the upload's own is the caller's.
+                Encoding::Packed { .. } if ranges => Pin::Memory(payload.clone()),
+                Encoding::Packed { .. } => Pin::Memory(Vec::new()),
+            };
+            let pinned = PinnedUpload {
+                payload_offset: match encoding {
+                    Encoding::Plain => journal::payload_offset(*offset, cluster_id),
+                    Encoding::Packed { .. } => 0,
+                },
+                payload_len: match payload_read {
+                    true => payload.len() as u64,
+                    false => entry.payload_bytes,
+                },
+                payload_read,
+                version: Some(version),
+                mapped: None,
+                pin,
+                upload: StoredUpload {
+                    cluster_id: id,
+                    received: telemeter_common::time::from_unix_millis(received_millis),
+                    payload,
+                },
+            };
+            return Ok(Some(pinned.mapped_if(ranges)));
         }
         let path = self.path_of(cluster_id);
         // The upload, or none; `Err` inside when the file is corrupt (with the reason).
         let read = || match self.read_upload(cluster_id, &path, &entry, lazy, known) {
-            Ok(upload) if ranges => Ok(Ok(Some(upload.with_mapping()))),
-            Ok(upload) => Ok(Ok(Some(upload))),
+            Ok(upload) => Ok(Ok(Some(upload.mapped_if(ranges)))),
             // Removed or swept since the index was read.
             Err(ReadError::Io(error)) if error.kind() == io::ErrorKind::NotFound => Ok(Ok(None)),
             Err(ReadError::Io(error)) => {
@@ -635,10 +641,7 @@ impl Shared {
         }
         // A file that is not the entry's (one renamed over it since the entry was read) holds
         // some other payload, whose version is not known here.
-        let version = entrys.then_some(PinVersion {
-            store: self.identity,
-            payload: entry.version,
-        });
+        let version = entrys.then(|| self.pin_version(entry));
         let payload_read = payload.is_some();
         let payload = payload.unwrap_or_default();
         Ok(PinnedUpload {
