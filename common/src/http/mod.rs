@@ -45,7 +45,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use head::first_header;
 use url::urlencoded_values;
 
 mod connection;
@@ -57,8 +56,8 @@ mod stream;
 mod url;
 
 pub use head::{
-    framing, head_end, parse_head, ChunkStep, ChunkedDecoder, Framing, Head, RequestError,
-    MAX_CHUNK_LINE, MAX_HEADERS,
+    framing, head_end, parse_head, ChunkStep, ChunkedDecoder, Framing, Head, HeaderFields, Headers,
+    RequestError, MAX_CHUNK_LINE, MAX_HEADERS,
 };
 pub use later::{Defer, Later};
 pub use server::{Server, ServerHandle};
@@ -74,7 +73,7 @@ pub struct Request {
     /// The raw query string (without `?`), possibly empty.
     pub query: String,
     /// The headers in order; names as sent.
-    pub headers: Vec<(String, String)>,
+    pub headers: Headers,
     /// The body.
     pub body: Vec<u8>,
     /// The peer's address.
@@ -127,7 +126,7 @@ impl From<usize> for Admission {
 impl Request {
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        first_header(&self.headers, name)
+        self.headers.get(name)
     }
 
     /// The first value of query parameter `name`, percent- and `+`-decoded.
