@@ -1633,3 +1633,19 @@ fn header_fields_read_back_in_order_from_one_buffer() {
         r#"[("A", "1")]"#
     );
 }
+
+/// A note gives back what it holds only as its own type; one made from a shared value gives back
+/// that very value, not a copy.
+#[test]
+fn a_note_gives_back_its_value_by_type_and_a_shared_one_itself() {
+    let note = Note::new(7u32);
+    assert_eq!(note.get::<u32>(), Some(&7));
+    assert_eq!(note.get::<u64>(), None);
+    assert_eq!(note.get_shared::<u32>().as_deref(), Some(&7));
+    let shared = Arc::new(String::from("cluster"));
+    let note = Note::shared(shared.clone());
+    assert_eq!(note.get::<String>().map(String::as_str), Some("cluster"));
+    assert!(Arc::ptr_eq(&note.get_shared::<String>().unwrap(), &shared));
+    assert!(note.get_shared::<u32>().is_none());
+    assert!(note.get::<Arc<String>>().is_none());
+}
