@@ -1266,7 +1266,8 @@ fn http_exec(input: &[u8]) -> Verdict {
             ),
             ("Authorization".to_string(), text.to_string()),
             ("Accept".to_string(), text.to_string()),
-        ],
+        ]
+        .into(),
         body: input.to_vec(),
         remote: std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
         admitted: None,

@@ -197,7 +197,7 @@ impl Importer {
             method: "POST".into(),
             path: "/upload".into(),
             query: String::new(),
-            headers: vec![("Content-Encoding".into(), "snappy".into())],
+            headers: [("Content-Encoding", "snappy")].into_iter().collect(),
             body: bundle.body,
             remote: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             admitted: None,

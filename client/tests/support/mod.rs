@@ -100,7 +100,11 @@ impl Handler for Recorder {
             method: request.method.clone(),
             path: request.path.clone(),
             query: request.query.clone(),
-            headers: request.headers.clone(),
+            headers: request
+                .headers
+                .iter()
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .collect(),
             body: request.body.clone(),
             at: Instant::now(),
         });

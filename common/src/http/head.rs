@@ -21,15 +21,134 @@ pub struct Head {
     /// The raw query string (without `?`), possibly empty.
     pub query: String,
     /// The header fields in order; names as sent, values without surrounding blanks.
-    pub headers: Vec<(String, String)>,
+    pub headers: Headers,
     /// Whether the request is HTTP/1.0 (else HTTP/1.1).
     pub http10: bool,
+}
+
+/// Header fields in order, names as sent: held in one buffer, not two strings a field (an
+/// upload's five fields were ten of the twenty allocations its request cost).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Headers {
+    /// Every field's name then its value, one field after the other.
+    text: String,
+    /// Where each field's name and its value end in `text`; its name starts where the field
+    /// before it ends.
+    ends: Vec<(usize, usize)>,
+}
+
+impl Headers {
+    /// No fields.
+    pub fn new() -> Headers {
+        Headers::default()
+    }
+
+    /// No fields yet, with room for `fields` of them holding `bytes` bytes in all.
+    pub fn with_capacity(fields: usize, bytes: usize) -> Headers {
+        Headers {
+            text: String::with_capacity(bytes),
+            ends: Vec::with_capacity(fields),
+        }
+    }
+
+    /// Appends a field.
+    pub fn push(&mut self, name: &str, value: &str) {
+        self.text.push_str(name);
+        let name_end = self.text.len();
+        self.text.push_str(value);
+        self.ends.push((name_end, self.text.len()));
+    }
+
+    /// The fields in order, as `(name, value)`.
+    pub fn iter(&self) -> HeaderFields<'_> {
+        HeaderFields {
+            headers: self,
+            next: 0,
+        }
+    }
+
+    /// The first value of the field `name` (case-insensitive).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// How many fields.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The field at `index`, as `(name, value)`.
+    pub fn field(&self, index: usize) -> Option<(&str, &str)> {
+        let start = match index.checked_sub(1) {
+            None => 0,
+            Some(before) => self.ends.get(before)?.1,
+        };
+        let &(name_end, end) = self.ends.get(index)?;
+        Some((
+            self.text.get(start..name_end)?,
+            self.text.get(name_end..end)?,
+        ))
+    }
+}
+
+impl fmt::Debug for Headers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl<N: AsRef<str>, V: AsRef<str>> FromIterator<(N, V)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (N, V)>>(fields: I) -> Headers {
+        let mut headers = Headers::new();
+        for (name, value) in fields {
+            headers.push(name.as_ref(), value.as_ref());
+        }
+        headers
+    }
+}
+
+impl<N: AsRef<str>, V: AsRef<str>> From<Vec<(N, V)>> for Headers {
+    fn from(fields: Vec<(N, V)>) -> Headers {
+        fields.into_iter().collect()
+    }
+}
+
+impl<'a> IntoIterator for &'a Headers {
+    type Item = (&'a str, &'a str);
+    type IntoIter = HeaderFields<'a>;
+
+    fn into_iter(self) -> HeaderFields<'a> {
+        self.iter()
+    }
+}
+
+/// The fields of [`Headers`], in order, as `(name, value)`.
+pub struct HeaderFields<'a> {
+    headers: &'a Headers,
+    next: usize,
+}
+
+impl<'a> Iterator for HeaderFields<'a> {
+    type Item = (&'a str, &'a str);
+
+    fn next(&mut self) -> Option<(&'a str, &'a str)> {
+        let field = self.headers.field(self.next)?;
+        self.next += 1;
+        Some(field)
+    }
 }
 
 impl Head {
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        first_header(&self.headers, name)
+        self.headers.get(name)
     }
 
     /// Whether the `Connection` header lists `token`.
@@ -48,14 +167,6 @@ impl Head {
             self.connection_has("close")
         }
     }
-}
-
-/// The first value of header `name` among `headers` (case-insensitive).
-pub(super) fn first_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
 }
 
 /// Why the front refuses a request itself, before the handler sees it.
@@ -264,14 +375,16 @@ pub fn parse_head(bytes: &[u8]) -> Result<Head, RequestError> {
         return Err(RequestError::Malformed("malformed request target"));
     }
     let (path, query) = origin.split_once('?').unwrap_or((origin, ""));
-    let mut headers = Vec::with_capacity(parsed.headers.len());
+    let bytes = parsed
+        .headers
+        .iter()
+        .map(|field| field.name.len() + field.value.len())
+        .sum();
+    let mut headers = Headers::with_capacity(parsed.headers.len(), bytes);
     for field in parsed.headers.iter() {
         let value = std::str::from_utf8(field.value)
             .map_err(|_| RequestError::Malformed("a header value is not UTF-8"))?;
-        headers.push((
-            field.name.to_owned(),
-            value.trim_matches([' ', '\t']).to_owned(),
-        ));
+        headers.push(field.name, value.trim_matches([' ', '\t']));
     }
     Ok(Head {
         method: method.to_owned(),

@@ -45,7 +45,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use head::first_header;
 use url::urlencoded_values;
 
 mod connection;
@@ -57,8 +56,8 @@ mod stream;
 mod url;
 
 pub use head::{
-    framing, head_end, parse_head, ChunkStep, ChunkedDecoder, Framing, Head, RequestError,
-    MAX_CHUNK_LINE, MAX_HEADERS,
+    framing, head_end, parse_head, ChunkStep, ChunkedDecoder, Framing, Head, HeaderFields, Headers,
+    RequestError, MAX_CHUNK_LINE, MAX_HEADERS,
 };
 pub use later::{Defer, Later};
 pub use server::{Server, ServerHandle};
@@ -74,7 +73,7 @@ pub struct Request {
     /// The raw query string (without `?`), possibly empty.
     pub query: String,
     /// The headers in order; names as sent.
-    pub headers: Vec<(String, String)>,
+    pub headers: Headers,
     /// The body.
     pub body: Vec<u8>,
     /// The peer's address.
@@ -86,17 +85,28 @@ pub struct Request {
 /// What a handler learned from a request's head in [`Handler::admit`] (a verified token's
 /// claims) and wants back with that request in [`Handler::handle`], so it need not work it out
 /// again. The front carries it from the head to the request it belongs to, and to no other.
-pub struct Note(Box<dyn Any + Send>);
+pub struct Note(Arc<dyn Any + Send + Sync>);
 
 impl Note {
     /// A note holding `value`.
-    pub fn new<T: Any + Send>(value: T) -> Note {
-        Note(Box::new(value))
+    pub fn new<T: Any + Send + Sync>(value: T) -> Note {
+        Note(Arc::new(value))
+    }
+
+    /// A note holding what `shared` points to, without another allocation (an upload's verified
+    /// token is shared already: boxing its handle was one allocation an upload).
+    pub fn shared<T: Any + Send + Sync>(shared: Arc<T>) -> Note {
+        Note(shared)
     }
 
     /// The value, if it is a `T`.
     pub fn get<T: Any>(&self) -> Option<&T> {
-        self.0.downcast_ref()
+        (*self.0).downcast_ref()
+    }
+
+    /// A handle on the value, if it is a `T` (noted with [`Note::shared`] or [`Note::new`]).
+    pub fn get_shared<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        self.0.clone().downcast().ok()
     }
 }
 
@@ -127,7 +137,7 @@ impl From<usize> for Admission {
 impl Request {
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        first_header(&self.headers, name)
+        self.headers.get(name)
     }
 
     /// The first value of query parameter `name`, percent- and `+`-decoded.

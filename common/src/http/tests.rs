@@ -1598,3 +1598,54 @@ fn a_body_that_came_with_its_head_is_handed_on_whole() {
     );
     server.shutdown(Duration::from_secs(5));
 }
+
+/// A head's fields, held in one buffer, read back as parsed: in order, names as sent, values
+/// without surrounding blanks (empty ones too), the first of a repeated name by any case.
+#[test]
+fn header_fields_read_back_in_order_from_one_buffer() {
+    let raw = b"POST /upload?x=1 HTTP/1.1\r\nHost: a\r\nX-Empty:\r\nAuthorization:  Bearer t \r\n\
+                content-type: text/plain\r\nX-Twice: 1\r\nx-twice: 2\r\n\r\n";
+    let head = parse_head(raw).unwrap();
+    let fields: Vec<(&str, &str)> = head.headers.iter().collect();
+    assert_eq!(
+        fields,
+        [
+            ("Host", "a"),
+            ("X-Empty", ""),
+            ("Authorization", "Bearer t"),
+            ("content-type", "text/plain"),
+            ("X-Twice", "1"),
+            ("x-twice", "2"),
+        ]
+    );
+    assert_eq!(head.headers.len(), 6);
+    assert_eq!(head.header("Content-Type"), Some("text/plain"));
+    assert_eq!(head.header("x-empty"), Some(""));
+    assert_eq!(head.header("X-TWICE"), Some("1"));
+    assert_eq!(head.header("Missing"), None);
+    assert_eq!(head.headers.field(6), None);
+    let rebuilt: Headers = fields.into_iter().collect();
+    assert_eq!(rebuilt, head.headers);
+    assert!(Headers::new().is_empty());
+    assert_eq!(Headers::new().iter().next(), None);
+    assert_eq!(
+        format!("{:?}", Headers::from(vec![("A", "1")])),
+        r#"[("A", "1")]"#
+    );
+}
+
+/// A note gives back what it holds only as its own type; one made from a shared value gives back
+/// that very value, not a copy.
+#[test]
+fn a_note_gives_back_its_value_by_type_and_a_shared_one_itself() {
+    let note = Note::new(7u32);
+    assert_eq!(note.get::<u32>(), Some(&7));
+    assert_eq!(note.get::<u64>(), None);
+    assert_eq!(note.get_shared::<u32>().as_deref(), Some(&7));
+    let shared = Arc::new(String::from("cluster"));
+    let note = Note::shared(shared.clone());
+    assert_eq!(note.get::<String>().map(String::as_str), Some("cluster"));
+    assert!(Arc::ptr_eq(&note.get_shared::<String>().unwrap(), &shared));
+    assert!(note.get_shared::<u32>().is_none());
+    assert!(note.get::<Arc<String>>().is_none());
+}

@@ -341,6 +341,23 @@ impl<'a> Series<'a> {
         self.fields.next_short(LABEL_KEY)
     }
 
+    /// The whole encoded series: for a caller that compares the label run it starts with to a
+    /// series read before (see [`Series::pass_labels`]).
+    #[inline(always)]
+    pub fn message(&self) -> &'a [u8] {
+        self.message
+    }
+
+    /// Passes over the first `bytes` bytes of the series, before any of it is read, as labels of
+    /// the run it starts with: for a caller that found them byte for byte the same as whole label
+    /// fields of a series it read (and checked) before, which it need not read again.
+    /// [`Series::next_label`] goes on from there, and [`Series::finish`] counts them in the run.
+    /// `bytes` past the message pass over all of it.
+    #[inline(always)]
+    pub fn pass_labels(&mut self, bytes: usize) {
+        self.fields = Fields::new(self.message.get(bytes..).unwrap_or_default(), METRIC_DEPTH);
+    }
+
     /// The series read whole, as [`Iterator::next`] of [`Metrics`] reads it, and whether its
     /// labels are exactly those [`Series::next_label`] gave (none left in the run, none after
     /// it): when not, read them from the view.

@@ -73,13 +73,14 @@ mod tests {
     use super::super::testing::{key, node, TempStore};
     use super::*;
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    use telemeter_common::http::Headers;
 
     fn request(method: &str, body: Vec<u8>) -> Request {
         Request {
             method: method.into(),
             path: FORWARD_PATH.into(),
             query: String::new(),
-            headers: Vec::new(),
+            headers: Headers::new(),
             body,
             remote: "127.0.0.1:5555".parse().unwrap(),
             admitted: None,

@@ -329,7 +329,7 @@ impl UploadHandler {
                 // Carried to `accept` with the request, so the token is verified once.
                 Ok(admitted) => Ok(Admission {
                     body_limit: self.body_limit(),
-                    note: Some(Note::new(admitted)),
+                    note: Some(Note::shared(admitted)),
                 }),
                 Err(refusal) => {
                     self.metrics.upload("rejected", refusal.status);
@@ -514,9 +514,9 @@ impl UploadHandler {
         let admitted = request
             .admitted
             .as_ref()
-            .and_then(Note::get::<Arc<Admitted>>);
+            .and_then(Note::get_shared::<Admitted>);
         let admitted = match admitted {
-            Some(admitted) => admitted.clone(),
+            Some(admitted) => admitted,
             None => self.authenticate(request.header("Authorization"), now)?,
         };
         let cluster_id = admitted.cluster_id.as_str();

@@ -134,22 +134,43 @@ impl Rules {
         let mut previous_ts = i64::MIN;
         let mut series = 0usize;
         let mut metrics = head.metrics();
+        // The series before was another family's: its labels were not checked against this
+        // family's type label.
+        seen.run_labels = 0;
         while let Some(next) = metrics.next_series() {
             let mut next = next.ok()?;
+            // The labels this series starts with that are byte for byte the series before's
+            // (`_id`, `instance`, `job`, ...) passed every check there: passed over at once.
+            let message = next.message();
+            let start = seen.resume(message);
+            next.pass_labels(start.bytes);
             // The labels first, as the series is read: the run of them it starts with is walked
             // once, by this check, not passed over to find the value and walked again.
             let run = check_wire_labels(
                 std::iter::from_fn(|| next.next_label().map(Ok)),
+                message,
+                start,
                 &type_label,
                 token,
                 seen,
             )?;
             let (metric, all_given) = next.finish().ok()?;
+            seen.run = message;
+            seen.run_labels = run.count.min(KEPT_NAMES);
             // Labels elsewhere too (none is, as every encoder writes a series): all of them.
             let labels = if all_given {
                 run
             } else {
-                check_wire_labels(metric.label_messages(), &type_label, token, seen)?
+                // Positions that are not the run's: nothing for the next series to resume.
+                seen.run_labels = 0;
+                check_wire_labels(
+                    metric.label_messages(),
+                    metric.message,
+                    Resume::START,
+                    &type_label,
+                    token,
+                    seen,
+                )?
             };
             // Sorted labels rule out duplicates at once, and so do the names of the series
             // before at the same positions. Clients that stamp `_id` append it, so unsorted is
@@ -371,19 +392,123 @@ struct SeenLabel<'a> {
 /// distinct names: a series whose labels have, position by position, the same names as those
 /// has distinct names too, and its unsorted labels need no duplicate check of their own (the
 /// benchmark's series are all unsorted: `_id`, `instance`, `job`, `cpu`, `mode`).
+///
+/// It also keeps where each label of the previous series of the family ended, and what the check
+/// had found up to there: a series that starts with the same bytes as that one, up to the end of
+/// a label, resumes the check after it ([`SeenLabels::resume`]) instead of reading those labels
+/// one by one (three of the benchmark's five labels a series, ~60 bytes).
 #[derive(Default)]
 struct SeenLabels<'a> {
     labels: [Option<SeenLabel<'a>>; KEPT_NAMES],
+    /// By position, what the check had read of the previous series up to and with that label.
+    read: [ReadTo; KEPT_NAMES],
     /// `Some(label count)` when the names in `labels` are those of the previous series, all of
     /// them (at most [`KEPT_NAMES`]), and were found distinct ([`SeenLabels::distinct`]).
     distinct: Option<usize>,
+    /// The previous series of this family, when it was read by its run of labels: its message,
+    run: &'a [u8],
+    /// and how many of its first labels `read` holds (0: none to resume from).
+    run_labels: usize,
 }
 
-impl SeenLabels<'_> {
+/// What [`check_wire_labels`] had read of a series up to and with one of its labels.
+#[derive(Clone, Copy, Default)]
+struct ReadTo {
+    /// The label name's key (for the duplicate check of unsorted names).
+    key: u64,
+    /// Where the label's field ends in the series' message.
+    end: usize,
+    /// The names so far sorted.
+    sorted: bool,
+    /// The token's labels so far.
+    found: usize,
+}
+
+/// Where [`check_wire_labels`] starts a series: its first `count` labels, `bytes` of its
+/// message, already known to pass, with the state the check had after them.
+#[derive(Clone, Copy)]
+struct Resume<'a> {
+    count: usize,
+    bytes: usize,
+    sorted: bool,
+    found: usize,
+    previous: Name<'a>,
+}
+
+impl Resume<'_> {
+    /// At the first label.
+    const START: Resume<'static> = Resume {
+        count: 0,
+        bytes: 0,
+        sorted: true,
+        found: 0,
+        previous: Name::NONE,
+    };
+}
+
+impl<'a> SeenLabels<'a> {
     /// Records that the series just read by [`check_wire_labels`], `read`, has distinct names.
     fn distinct(&mut self, read: &LabelsRead) {
         self.distinct = (read.count <= KEPT_NAMES).then_some(read.count);
     }
+
+    /// Where the check of a series of the same family as the one before, `message`, starts: after
+    /// the labels it starts with that are that series' first labels byte for byte (keys and
+    /// lengths included, so the same fields). Those labels are that series' at the same
+    /// positions, checked against the same type label and token: they pass again, leave the
+    /// slots as they are, and the check after them is where it was in that series after them.
+    #[inline(always)]
+    fn resume(&self, message: &[u8]) -> Resume<'a> {
+        let Some(last) = self.run_labels.checked_sub(1) else {
+            return Resume::START;
+        };
+        let run_end = self.read.get(last).map_or(0, |read| read.end);
+        let same = same_prefix_len(message, self.run.get(..run_end).unwrap_or_default());
+        let count = self
+            .read
+            .get(..self.run_labels)
+            .unwrap_or_default()
+            .iter()
+            .take_while(|read| read.end <= same)
+            .count();
+        let (Some(at), Some(Some(label))) = (
+            count.checked_sub(1).and_then(|at| self.read.get(at)),
+            count.checked_sub(1).and_then(|at| self.labels.get(at)),
+        ) else {
+            return Resume::START;
+        };
+        Resume {
+            count,
+            bytes: at.end,
+            sorted: at.sorted,
+            found: at.found,
+            previous: label.name,
+        }
+    }
+}
+
+/// How many bytes `a` and `b` start with in common: eight at a time, a series' label run being
+/// some sixty bytes.
+#[inline(always)]
+fn same_prefix_len(a: &[u8], b: &[u8]) -> usize {
+    let mut same = 0usize;
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        let (Some(x), Some(y)) = (x.first_chunk::<8>(), y.first_chunk::<8>()) else {
+            break;
+        };
+        let differ = u64::from_le_bytes(*x) ^ u64::from_le_bytes(*y);
+        if differ != 0 {
+            // The lowest set bit is in the first byte that differs.
+            return same + (differ.trailing_zeros() / 8) as usize;
+        }
+        same += 8;
+    }
+    let tail = a.get(same..).unwrap_or_default();
+    same + tail
+        .iter()
+        .zip(b.get(same..).unwrap_or_default())
+        .take_while(|(x, y)| x == y)
+        .count()
 }
 
 /// `a == b`, for short slices without a call to `memcmp`: the label messages compared are a few
@@ -415,7 +540,8 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// [`labels::check_series_labels`], [`check_servable`] and the token labels on the wire, over a
-/// series' encoded label `messages`: `Some` when every label is valid and servable in a family
+/// series' encoded label `messages` (fields of its message `series`), after the labels `start`
+/// says passed already: `Some` when every label is valid and servable in a family
 /// whose type sets `type_label` itself, with what the caller still has to check (repeated names,
 /// every token label there). A token label is counted only with the token's value. An empty
 /// value is sent to the owned path, which alone can tell an absent value (refused) from an empty
@@ -427,17 +553,18 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
 #[inline(always)]
 fn check_wire_labels<'a>(
     messages: impl Iterator<Item = Result<&'a [u8], delimited::DecodeError>>,
+    series: &[u8],
+    start: Resume<'a>,
     type_label: &Name<'_>,
     token: &TokenNames<'_>,
     seen: &mut SeenLabels<'a>,
 ) -> Option<LabelsRead> {
-    // The keys of the first names, for the duplicate check of unsorted labels: only keys, so
-    // that setting them up per series costs two vector stores, not a copy of every name.
-    let mut keys = [0u64; KEPT_NAMES];
-    let mut count = 0usize;
-    let mut sorted = true;
-    let mut previous = Name::NONE;
-    let mut found = 0usize;
+    let mut count = start.count;
+    let mut sorted = start.sorted;
+    let mut previous = start.previous;
+    let mut found = start.found;
+    // Where each label's field ends in the series' message: what the next series resumes from.
+    let series_start = series.as_ptr() as usize;
     // Taken: the slots change below, and only the caller knows whether these names are distinct.
     let distinct_before = seen.distinct.take();
     // Every name so far the one at its position in the series before.
@@ -470,10 +597,15 @@ fn check_wire_labels<'a>(
         }
         sorted &= count == 1 || previous.precedes(&name);
         previous = name;
-        if let Some(slot) = keys.get_mut(count - 1) {
-            *slot = name.key;
-        }
         found += usize::from(label.token);
+        if let Some(read) = seen.read.get_mut(count - 1) {
+            *read = ReadTo {
+                key: name.key,
+                end: (message.as_ptr() as usize + message.len()).wrapping_sub(series_start),
+                sorted,
+                found,
+            };
+        }
     }
     // The names of a series found distinct, at the same positions, and no more of them (a
     // count within the slots): distinct.
@@ -483,7 +615,7 @@ fn check_wire_labels<'a>(
         token: found,
         may_repeat: !sorted
             && !as_before
-            && (count > KEPT_NAMES || repeats(keys.get(..count).unwrap_or_default())),
+            && (count > KEPT_NAMES || repeats(seen.read.get(..count).unwrap_or_default())),
     })
 }
 
@@ -567,17 +699,39 @@ fn check_wire_label<'a>(
     ))
 }
 
-/// True when a key appears twice in `keys`.
+/// True when a name's key appears twice in `read`.
 #[inline]
-fn repeats(keys: &[u64]) -> bool {
-    keys.iter()
-        .enumerate()
-        .any(|(i, key)| keys.get(i + 1..).unwrap_or_default().contains(key))
+fn repeats(read: &[ReadTo]) -> bool {
+    read.iter().enumerate().any(|(i, a)| {
+        read.get(i + 1..)
+            .unwrap_or_default()
+            .iter()
+            .any(|b| b.key == a.key)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_prefix_len_is_where_the_first_byte_differs() {
+        for n in 0..40usize {
+            let a: Vec<u8> = (0..n as u8).map(|b| b.wrapping_mul(29) | 1).collect();
+            assert_eq!(same_prefix_len(&a, &a), n, "{n}");
+            for m in 0..n {
+                assert_eq!(same_prefix_len(&a, &a[..m]), m, "{n} {m}");
+                assert_eq!(same_prefix_len(&a[..m], &a), m, "{n} {m}");
+            }
+            for at in 0..n {
+                let mut b = a.clone();
+                b[at] ^= 0x80;
+                assert_eq!(same_prefix_len(&a, &b), at, "{n} {at}");
+                b.truncate(at + 1);
+                assert_eq!(same_prefix_len(&b, &a), at, "{n} {at}");
+            }
+        }
+    }
 
     #[test]
     fn same_bytes_is_slice_equality_at_every_length_and_position() {
