@@ -648,6 +648,99 @@ fn labels_copied_from_their_bytes_write_what_the_general_way_writes() {
     }
 }
 
+/// Series that each repeat the one before but for one label (a value, a name, one more or one
+/// less: what the checks a series inherits from the one before must not let through) write
+/// what the owned writer writes, and are found plain exactly when every series is written with
+/// nothing to check or escape.
+#[test]
+fn series_alike_but_for_one_label_are_checked_as_if_alone() {
+    use super::write::write_family_view_part_plain;
+    let names = [
+        "_id", "a", "b", "job", "cpu", "le", "quantile", "__x", "1a", "instance",
+    ];
+    let long = "v".repeat(130);
+    let values = [
+        "",
+        "1",
+        "idle",
+        "bench-00000007",
+        "a\\b",
+        "a\nb",
+        "x\"y",
+        "é",
+        long.as_str(),
+    ];
+    let clean_value =
+        |v: &str| v.len() < 100 && v.bytes().all(|b| b < 0x80 && !b"\\\n\"".contains(&b));
+    let mut rng = testkit::fuzz::Rng::new(0x5851_f42d_4c95_7f2d);
+    let mut next = |n: usize| rng.below(n);
+    let (mut plain_parts, mut unplain_parts) = (0, 0);
+    for round in 0..4_000 {
+        let metric_type = [
+            MetricType::Counter,
+            MetricType::Gauge,
+            MetricType::Summary,
+            MetricType::Histogram,
+        ][round % 4];
+        // Mostly clean labels to start from, so that a part is often plain.
+        let mut labels: Vec<(&str, &str)> = vec![("_id", "bench-00000007"), ("job", "1")];
+        let mut series: Vec<Vec<(&str, &str)>> = vec![labels.clone()];
+        for _ in 0..1 + next(6) {
+            let at = next(labels.len() + 1);
+            let dirty = next(4) == 0;
+            let name = if dirty {
+                names[next(names.len())]
+            } else {
+                names[next(5)]
+            };
+            let value = if dirty {
+                values[next(values.len())]
+            } else {
+                values[next(4)]
+            };
+            match (next(4), labels.get_mut(at)) {
+                (0, Some(label)) => label.1 = value,
+                (1, Some(label)) => label.0 = name,
+                (2, Some(_)) => {
+                    labels.remove(at);
+                }
+                _ => labels.insert(at.min(labels.len()), (name, value)),
+            }
+            series.push(labels.clone());
+        }
+        let series: Vec<&[(&str, &str)]> = series.iter().map(Vec::as_slice).collect();
+        let family = family_of(metric_type, &series);
+        let (_, skipped) = written(&family);
+        let body = delimited::encode(std::slice::from_ref(&family));
+        let view = first_family(&body);
+        let mut out = Vec::new();
+        let plain = write_family_view_part_plain(
+            &mut out,
+            &view,
+            false,
+            &mut Skipped::default(),
+            &mut false,
+            &mut |_| true,
+            false,
+        )
+        .unwrap();
+        let expected = skipped.total() == 0
+            && series
+                .iter()
+                .all(|labels| labels.iter().all(|(_, v)| clean_value(v)));
+        assert_eq!(plain, expected, "{series:?}");
+        if plain {
+            plain_parts += 1;
+        } else {
+            unplain_parts += 1;
+        }
+    }
+    assert!(
+        plain_parts > 500 && unplain_parts > 500,
+        "{plain_parts} {unplain_parts}"
+    );
+}
+
 /// A label message written otherwise than the usual way (its value's field first, its name's
 /// twice) is read as prost reads it, beside labels written the usual way.
 #[test]
@@ -1173,4 +1266,63 @@ fn a_part_is_plain_only_when_every_label_needs_no_check_and_known_plain_writes_t
     let mut missing = family_of(MetricType::Gauge, clean);
     missing.metric[1].gauge = None;
     assert!(!write(&missing, false, true).1);
+}
+
+/// Time per series of the view writer over the bench's realistic upload, checked (a payload's
+/// first scrape) and known plain (later scrapes), for measuring by hand (no assertion on speed):
+/// `cargo test --release -p telemeter-common --lib view_writer_throughput -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn view_writer_throughput() {
+    use super::write::write_family_view_part_plain;
+    let bodies: Vec<Vec<u8>> = (0..200)
+        .map(|i| {
+            let upload = testkit::payload::upload_body(&format!("bench-{i:08}"), 1_700_000_000_000);
+            crate::snappy::decode_framed(&upload, 1 << 24).unwrap()
+        })
+        .collect();
+    let limits = delimited::Limits::default();
+    let families: Vec<crate::wire::FamilyView<'_>> = bodies
+        .iter()
+        .flat_map(|body| crate::wire::families(body, &limits).map(Result::unwrap))
+        .collect();
+    let mut out = Vec::with_capacity(64 << 20);
+    let run = |out: &mut Vec<u8>, known: bool| {
+        out.clear();
+        let mut skipped = Skipped::default();
+        for family in &families {
+            let plain = write_family_view_part_plain(
+                out,
+                family,
+                false,
+                &mut skipped,
+                &mut false,
+                &mut |_| true,
+                known,
+            )
+            .unwrap();
+            assert!(plain);
+        }
+    };
+    run(&mut out, false);
+    let checked = out.clone();
+    run(&mut out, true);
+    assert_eq!(out, checked);
+    let lines = out.iter().filter(|&&b| b == b'\n').count();
+    // The best of many short rounds, both ways alternately: the machine is shared.
+    let mut best = [f64::MAX; 2];
+    for _ in 0..30 {
+        for known in [false, true] {
+            let start = std::time::Instant::now();
+            for _ in 0..4 {
+                run(&mut out, known);
+            }
+            let ns = start.elapsed().as_secs_f64() * 1e9 / (lines * 4) as f64;
+            best[usize::from(known)] = best[usize::from(known)].min(ns);
+        }
+    }
+    println!(
+        "checked: {:.1} ns/line, known plain: {:.1} ns/line (best of 30)",
+        best[0], best[1]
+    );
 }

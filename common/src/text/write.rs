@@ -215,6 +215,7 @@ pub fn write_family_view_part_plain(
     let name = family.name.as_bytes();
     let name_ok = labels::is_valid_metric_name(family.name);
     let metric_type = family.metric_type();
+    let mut memo = LabelMemo::default();
     for metric in super::series::series(family) {
         let metric = metric.map_err(invalid_data)?;
         if !name_ok {
@@ -256,6 +257,7 @@ pub fn write_family_view_part_plain(
             labels: None,
             last_start: None,
             known_plain,
+            memo: &mut memo,
             plain: true,
             timestamp: if timestamps {
                 metric.timestamp_ms
@@ -299,6 +301,8 @@ impl From<io::Error> for LineError {
 /// first line only; later lines (a histogram has a dozen) copy that first rendering from `out`.
 pub(super) struct SeriesLines<'a, 'b> {
     name: &'a [u8],
+    /// What the series before in the family part left of its checks.
+    memo: &'a mut LabelMemo<'b>,
     metric: &'a MetricView<'b>,
     metric_type: MetricType,
     /// Where the rendered `{a="b",c="d"` (without the closing brace) sits in `out`.
@@ -313,7 +317,7 @@ pub(super) struct SeriesLines<'a, 'b> {
     timestamp: Option<i64>,
 }
 
-impl SeriesLines<'_, '_> {
+impl<'b> SeriesLines<'_, 'b> {
     /// Every line of the series, whose value is `value`.
     fn write_all(&mut self, out: &mut Vec<u8>, value: Value<'_>) -> Result<(), LineError> {
         match value {
@@ -381,14 +385,13 @@ impl SeriesLines<'_, '_> {
                 append(out, suffix);
                 let start = out.len();
                 let plain = match self.known_plain {
-                    true => usual_labels::<false>(out, self.metric, self.metric_type)
+                    true => usual_labels::<false>(out, self.metric, self.metric_type, self.memo)
                         .or_else(|| known_plain_labels(out, self.metric)),
-                    false => {
-                        usual_labels::<true>(out, self.metric, self.metric_type).or_else(|| {
+                    false => usual_labels::<true>(out, self.metric, self.metric_type, self.memo)
+                        .or_else(|| {
                             out.truncate(start);
                             plain_labels(out, self.metric, self.metric_type)
-                        })
-                    }
+                        }),
                 };
                 let range = match plain {
                     Some(range) => range,
@@ -569,10 +572,11 @@ fn plain_new_label<'m>(
 /// were a tenth of rendering a line). `None` for any other series, with `out` as it was: the
 /// caller renders it the way it did before this one.
 #[inline]
-fn usual_labels<const CHECKED: bool>(
+fn usual_labels<'b, const CHECKED: bool>(
     out: &mut Vec<u8>,
-    metric: &MetricView<'_>,
+    metric: &MetricView<'b>,
     metric_type: MetricType,
+    memo: &mut LabelMemo<'b>,
 ) -> Option<std::ops::Range<usize>> {
     const LABEL_KEY: u8 = (1 << 3) | 2;
     let start = out.len();
@@ -583,7 +587,12 @@ fn usual_labels<const CHECKED: bool>(
         spare: out.spare_capacity_mut(),
         len: 0,
     };
-    let mut names: [(u32, &[u8]); KEPT_NAMES] = [(0, &[]); KEPT_NAMES];
+    // The labels before the first that differs from the series before's are its labels: they
+    // passed the checks there, and their signatures are still in the memo at their places.
+    let before = std::mem::take(&mut memo.labels);
+    let names_before = std::mem::take(&mut memo.count);
+    let mut same = CHECKED;
+    let mut same_names = CHECKED;
     let mut separator = b'{';
     let mut rest = metric.labels;
     let mut count = 0;
@@ -591,13 +600,42 @@ fn usual_labels<const CHECKED: bool>(
         if len >= 0x80 {
             return None;
         }
+        let field = rest.get(..2 + usize::from(len))?;
         let (message, after) = tail.split_at_checked(usize::from(len))?;
-        rest = after;
         let (name, value, _) = short_label_parts(message)?;
         if CHECKED {
-            plain_new_label(metric_type, &mut names, count, name, value)?;
+            let at = metric.labels.len() - rest.len();
+            same = same
+                && before
+                    .get(at..at + field.len())
+                    .is_some_and(|b| same_bytes(b, field));
+            if !same {
+                // The names up to this one are the series before's: this one is checked
+                // already, and none before repeats it.
+                same_names = same_names
+                    && count < names_before
+                    && memo.names.get(count).is_some_and(|b| same_bytes(b, name));
+                if !same_names {
+                    if label_problem(metric_type, name).is_some() {
+                        return None;
+                    }
+                    // A name whose signature is among those before may repeat one:
+                    // `plain_labels` compares the names themselves (two names alike in
+                    // signature are rare).
+                    let signature = name_signature(name);
+                    if memo.signatures.get(..count)?.contains(&signature) {
+                        return None;
+                    }
+                    *memo.signatures.get_mut(count)? = signature;
+                    *memo.names.get_mut(count)? = name;
+                }
+                if needs_escaping_or_utf8(value) {
+                    return None;
+                }
+            }
             count += 1;
         }
+        rest = after;
         let at = spare.len;
         spare.copy(message.get(1..)?)?;
         spare.put(at, [separator])?;
@@ -608,12 +646,71 @@ fn usual_labels<const CHECKED: bool>(
     if !rest.is_empty() {
         return None;
     }
+    if CHECKED {
+        memo.labels = metric.labels;
+        memo.count = count;
+    }
     let len = spare.len;
     // SAFETY: `spare` wrote every byte of the first `len` of `out`'s spare capacity (each copy
     // starts where the one before ended, the `put`s only overwrite bytes already written), so
     // the bytes up to `start + len` are initialized, and within the capacity.
     unsafe { out.set_len(start + len) };
     Some(start..out.len())
+}
+
+/// What the checks of a family part's last series left for the next (see [`usual_labels`]):
+/// consecutive series of a family mostly begin with the same labels (the cluster's, the job's,
+/// the instance's), which need no second check, and mostly have the same label names, which
+/// need none either (only the values that differ are checked).
+#[derive(Default)]
+pub(super) struct LabelMemo<'b> {
+    /// The label fields of the last series whose labels all passed the checks, written the usual
+    /// way; empty when the last series' did not.
+    labels: &'b [u8],
+    /// How many labels that series has (0 when none passed).
+    count: usize,
+    /// That series' label names, in order (the first `count`; the same bytes, if not always
+    /// from that series), and their signatures ([`name_signature`]).
+    names: [&'b [u8]; KEPT_NAMES],
+    signatures: [u32; KEPT_NAMES],
+}
+
+/// Whether `a` and `b` (of the same length: else false) hold the same bytes, compared in a few
+/// overlapping words inline, as [`copy_short`] copies (a label field is a few dozen bytes, and a
+/// call to `bcmp` for each would cost more than the checks it spares).
+#[inline(always)]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let len = a.len();
+    if len != b.len() {
+        return false;
+    }
+    let word = |bytes: &[u8], at: usize| {
+        let mut word = [0u8; 8];
+        if let Some(chunk) = bytes.get(at..at + 8) {
+            word.copy_from_slice(chunk);
+        }
+        u64::from_le_bytes(word)
+    };
+    let half = |bytes: &[u8], at: usize| {
+        let mut half = [0u8; 4];
+        if let Some(chunk) = bytes.get(at..at + 4) {
+            half.copy_from_slice(chunk);
+        }
+        u32::from_le_bytes(half)
+    };
+    if len >= 8 {
+        let mut at = 0;
+        let mut differ = 0;
+        while at + 8 < len {
+            differ |= word(a, at) ^ word(b, at);
+            at += 8;
+        }
+        differ | (word(a, len - 8) ^ word(b, len - 8)) == 0
+    } else if len >= 4 {
+        half(a, 0) == half(b, 0) && half(a, len - 4) == half(b, len - 4)
+    } else {
+        a.iter().zip(b).all(|(x, y)| x == y)
+    }
 }
 
 /// Appends `bytes` to `out`: into its spare capacity inline when it has room (the short parts of
