@@ -50,6 +50,7 @@ use url::urlencoded_values;
 mod connection;
 mod head;
 mod later;
+mod pending;
 mod server;
 mod shared;
 mod stream;
