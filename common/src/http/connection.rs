@@ -504,7 +504,7 @@ impl Connection {
             .config()
             .inline_paths
             .iter()
-            .position(|path| *path == request.path);
+            .position(|path| request.path == *path);
         let response = if let Some(inline) = inline {
             // Answered later only on plain TCP (a TLS session is this thread's) and when the
             // connection is kept alive as it is.
