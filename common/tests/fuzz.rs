@@ -1256,8 +1256,8 @@ fn http_exec(input: &[u8]) -> Verdict {
         ));
     }
     let request = Request {
-        method: "POST".to_string(),
-        path: "/upload".to_string(),
+        method: "POST".into(),
+        path: "/upload".into(),
         query: format!("match%5B%5D={encoded}&{text}&match[]=up"),
         headers: vec![
             (

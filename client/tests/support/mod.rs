@@ -97,8 +97,8 @@ impl Handler for Recorder {
             return Response::text(500, "poisoned");
         };
         state.seen.push(Seen {
-            method: request.method.clone(),
-            path: request.path.clone(),
+            method: request.method.to_string(),
+            path: request.path.to_string(),
             query: request.query.clone(),
             headers: request
                 .headers

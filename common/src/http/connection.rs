@@ -16,6 +16,7 @@ use super::head::{
     RequestError,
 };
 use super::later::{Defer, Handback, Owed};
+use super::pending::Pending;
 use super::shared::{BodyBuffer, BudgetFull, PeerKey, Phase, Shared, Tracked, BODY_STEP};
 use super::stream::{is_timeout, Deadlined, Stream};
 use super::{reason_phrase, Body, Config, Request, Response};
@@ -40,10 +41,9 @@ pub(super) struct Connection {
     remote: SocketAddr,
     peer: PeerKey,
     stream: Stream,
-    /// Bytes read past the current request (the next pipelined request, or the start of a body).
-    pending: Vec<u8>,
-    /// What the socket is read into before `pending` takes it: zeroed once, at the first read.
-    read_space: Vec<u8>,
+    /// Bytes read past the current request (the next pipelined request, or the start of a body);
+    /// the socket is read straight into it.
+    pending: Pending,
     /// When a body being received last recorded its progress in the table.
     progress_marked: Instant,
     /// The last response's head (and small body), kept for the next one.
@@ -150,8 +150,7 @@ pub(super) fn serve_connection(
         remote,
         peer,
         stream,
-        pending: Vec::new(),
-        read_space: Vec::new(),
+        pending: Pending::default(),
         progress_marked: accepted_at,
         response_head: Vec::new(),
         owed,
@@ -278,16 +277,9 @@ impl Connection {
     /// Reads more bytes into `pending`; the count read (0 at end of stream).
     fn fill(&mut self) -> io::Result<usize> {
         // As large as a body step, so a typical upload (head and an 8 KiB body) arrives in one
-        // read: one syscall a request, not two. The connection's own, zeroed once, rather than
-        // 16 KiB of stack zeroed for every read (whose pages, once zeroed, stayed the thread's
-        // as this buffer does).
-        if self.read_space.is_empty() {
-            self.read_space = vec![0u8; BODY_STEP];
-        }
-        let read = self.stream.read(&mut self.read_space)?;
-        self.pending
-            .extend_from_slice(self.read_space.get(..read).unwrap_or(&[]));
-        Ok(read)
+        // read: one syscall a request, not two.
+        let stream = &mut self.stream;
+        self.pending.read_with(BODY_STEP, |room| stream.read(room))
     }
 
     /// Reads some body bytes into `buf` under the body deadline, recording progress now and then.
@@ -326,7 +318,7 @@ impl Connection {
             // CRLF after a body.
             let blank = leading_empty_lines(&self.pending);
             if blank > 0 {
-                self.pending.drain(..blank);
+                self.pending.consume(blank);
                 scanned = 0;
             }
             if let Some(end) = head_end(&self.pending, &mut scanned, max)? {
@@ -346,7 +338,7 @@ impl Connection {
             }
         };
         let head = parse_head(self.pending.get(..head_end).unwrap_or(&[]))?;
-        self.pending.drain(..head_end);
+        self.pending.consume(head_end);
         let framing = framing(&head)?;
         let admission = self
             .shared
@@ -414,9 +406,7 @@ impl Connection {
         }
         // A large head or a chunked body's reads may have grown the buffer; an idle keep-alive
         // connection should not keep that.
-        if self.pending.capacity() > 2 * BODY_STEP {
-            self.pending.shrink_to(4 << 10);
-        }
+        self.pending.shrink(BODY_STEP);
         let close = head.wants_close() || self.shared.stopping();
         let head_only = head.method == "HEAD";
         let request = Request {
@@ -439,17 +429,11 @@ impl Connection {
 
     /// Reads a body of `length` bytes (already checked against the cap).
     fn read_sized_body(&mut self, length: usize, body: &mut BodyBuffer) -> Result<(), Stop> {
-        // Exactly the body (a typical upload, its 8 KiB read with its head): the buffer it came
-        // in becomes the body, rather than a copy of it (the next read starts a buffer anew).
-        // Not when it is much larger than the body: the budget would count what it does not
-        // hold.
-        if self.pending.len() == length && self.pending.capacity() <= length + length / 2 {
-            body.adopt(std::mem::take(&mut self.pending))?;
-            return Ok(());
-        }
+        // A body read with its head (a typical upload's 8 KiB) is copied once, from where the
+        // socket put it into a buffer of its exact size.
         let from_pending = length.min(self.pending.len());
         body.append(self.pending.get(..from_pending).unwrap_or(&[]))?;
-        self.pending.drain(..from_pending);
+        self.pending.consume(from_pending);
         // A body that came with its head (a typical upload's 8 KiB) is complete: no 16 KiB of
         // stack zeroed for nothing.
         if body.bytes.len() >= length {
@@ -468,7 +452,6 @@ impl Connection {
     /// Reads a chunked body of at most `limit` bytes; bytes past its end stay in `pending`.
     fn read_chunked_body(&mut self, limit: usize, body: &mut BodyBuffer) -> Result<(), Stop> {
         let mut decoder = ChunkedDecoder::new(limit, self.config().max_header_bytes);
-        let mut chunk = [0u8; BODY_STEP];
         loop {
             // Steps move a cursor; `pending` is drained once per read, not once per chunk.
             let mut at = 0;
@@ -481,13 +464,24 @@ impl Connection {
                 body.append(input.get(step.data).unwrap_or(&[]))?;
                 at += step.consumed;
             }
-            self.pending.drain(..at);
+            self.pending.consume(at);
             if decoder.is_done() {
                 return Ok(());
             }
-            let read = self.read_body_bytes(&mut chunk)?;
-            self.pending
-                .extend_from_slice(chunk.get(..read).unwrap_or(&[]));
+            // Read straight into `pending`, taken out for the read (a move, no copy).
+            let mut pending = std::mem::take(&mut self.pending);
+            let mut stop = None;
+            let _ = pending.read_with(BODY_STEP, |room| match self.read_body_bytes(room) {
+                Ok(n) => Ok(n),
+                Err(e) => {
+                    stop = Some(e);
+                    Ok(0)
+                }
+            });
+            self.pending = pending;
+            if let Some(stop) = stop {
+                return Err(stop);
+            }
         }
     }
 
@@ -510,7 +504,7 @@ impl Connection {
             .config()
             .inline_paths
             .iter()
-            .position(|path| *path == request.path);
+            .position(|path| request.path == *path);
         let response = if let Some(inline) = inline {
             // Answered later only on plain TCP (a TLS session is this thread's) and when the
             // connection is kept alive as it is.

@@ -4,6 +4,8 @@
 use std::fmt;
 use std::ops::Range;
 
+use super::ShortText;
+
 /// Most header fields in a request head (httparse needs a fixed array; 128 is several times what
 /// any client we serve sends).
 pub const MAX_HEADERS: usize = 128;
@@ -15,9 +17,9 @@ pub const MAX_CHUNK_LINE: usize = 4096;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Head {
     /// The method, as sent.
-    pub method: String,
+    pub method: ShortText,
     /// The path, without the query string, percent-decoding not applied.
-    pub path: String,
+    pub path: ShortText,
     /// The raw query string (without `?`), possibly empty.
     pub query: String,
     /// The header fields in order; names as sent, values without surrounding blanks.
@@ -387,8 +389,8 @@ pub fn parse_head(bytes: &[u8]) -> Result<Head, RequestError> {
         headers.push(field.name, value.trim_matches([' ', '\t']));
     }
     Ok(Head {
-        method: method.to_owned(),
-        path: path.to_owned(),
+        method: method.into(),
+        path: path.into(),
         query: query.to_owned(),
         headers,
         http10: parsed.version == Some(0),

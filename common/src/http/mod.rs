@@ -50,8 +50,10 @@ use url::urlencoded_values;
 mod connection;
 mod head;
 mod later;
+mod pending;
 mod server;
 mod shared;
+mod short;
 mod stream;
 mod url;
 
@@ -61,15 +63,16 @@ pub use head::{
 };
 pub use later::{Defer, Later};
 pub use server::{Server, ServerHandle};
+pub use short::ShortText;
 pub use url::{percent_decode, percent_encode};
 
 /// One request, with its whole body read (up to the handler's limit).
 #[derive(Debug)]
 pub struct Request {
     /// The method, as sent (`GET`, `POST`, ...).
-    pub method: String,
+    pub method: ShortText,
     /// The path, without the query string, percent-decoding not applied.
-    pub path: String,
+    pub path: ShortText,
     /// The raw query string (without `?`), possibly empty.
     pub query: String,
     /// The headers in order; names as sent.

@@ -345,17 +345,6 @@ impl BodyBuffer {
         Ok(())
     }
 
-    /// Takes `bytes` whole as the body (the buffer is empty), setting their capacity aside
-    /// from the budget: a body that arrived with its head is moved here, not copied.
-    pub(super) fn adopt(&mut self, bytes: Vec<u8>) -> Result<(), BudgetFull> {
-        debug_assert!(self.bytes.is_empty() && self.reserved == 0);
-        let capacity = bytes.capacity();
-        self.shared.reserve_body(self.peer, capacity)?;
-        self.reserved = capacity;
-        self.bytes = bytes;
-        Ok(())
-    }
-
     /// The body, leaving the budget held until this buffer drops (after the answer is written, so
     /// the budget covers the handler's use of the body).
     pub(super) fn take(&mut self) -> Vec<u8> {
