@@ -470,18 +470,9 @@ impl Connection {
             }
             // Read straight into `pending`, taken out for the read (a move, no copy).
             let mut pending = std::mem::take(&mut self.pending);
-            let mut stop = None;
-            let _ = pending.read_with(BODY_STEP, |room| match self.read_body_bytes(room) {
-                Ok(n) => Ok(n),
-                Err(e) => {
-                    stop = Some(e);
-                    Ok(0)
-                }
-            });
+            let read = pending.read_with(BODY_STEP, |room| self.read_body_bytes(room));
             self.pending = pending;
-            if let Some(stop) = stop {
-                return Err(stop);
-            }
+            read?;
         }
     }
 

@@ -3,7 +3,6 @@
 //! copied once (into its own buffer), not three times (into a read buffer, into `pending`, and
 //! down over its head).
 
-use std::io;
 use std::ops::Deref;
 
 /// Read bytes `buf[start..end]`; `buf` is all initialised (zeroed once as it grows), so the
@@ -36,11 +35,11 @@ impl Pending {
 
     /// Reads once from `read` into the room after the bytes held, making room first (at least
     /// `step` bytes, the first read's size); the count read (0 at end of stream).
-    pub(super) fn read_with(
+    pub(super) fn read_with<E>(
         &mut self,
         step: usize,
-        read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
-    ) -> io::Result<usize> {
+        read: impl FnOnce(&mut [u8]) -> Result<usize, E>,
+    ) -> Result<usize, E> {
         self.make_room(step);
         let room = self.buf.get_mut(self.end..).unwrap_or_default();
         let count = read(room)?;
@@ -97,13 +96,14 @@ impl Pending {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io;
 
     fn feed(pending: &mut Pending, step: usize, data: &[u8]) -> usize {
         pending
             .read_with(step, |room| {
                 let n = room.len().min(data.len());
                 room[..n].copy_from_slice(&data[..n]);
-                Ok(n)
+                Ok::<_, io::Error>(n)
             })
             .unwrap()
     }
@@ -152,7 +152,7 @@ mod tests {
     #[test]
     fn a_reader_claiming_more_than_its_room_is_held_to_the_room() {
         let mut pending = Pending::default();
-        let n = pending.read_with(4, |_| Ok(10)).unwrap();
+        let n = pending.read_with(4, |_| Ok::<_, io::Error>(10)).unwrap();
         assert_eq!(n, 10);
         assert_eq!(pending.len(), 4);
     }
