@@ -1268,6 +1268,87 @@ fn a_part_is_plain_only_when_every_label_needs_no_check_and_known_plain_writes_t
     assert!(!write(&missing, false, true).1);
 }
 
+/// Wherever the writer calls a family part plain, writing it again as known plain (a later
+/// scrape of the same payload, its labels copied unchecked) gives the same bytes: over bodies
+/// with each byte in turn replaced by each byte the checks or the escaping act on (a quote, a
+/// backslash, a newline, DEL, bytes that are not ASCII or not UTF-8) or that frame fields, so
+/// that label messages and lengths are damaged too. The damaged parts the writer still calls
+/// plain are the ones a later scrape copies; not one may come out otherwise.
+#[test]
+fn known_plain_writes_what_the_checked_writer_wrote_wherever_it_found_a_part_plain() {
+    use super::write::write_family_view_part_plain;
+    let write = |family: &crate::wire::FamilyView<'_>, known: bool| {
+        let mut out = Vec::new();
+        let mut skipped = Skipped::default();
+        let plain = write_family_view_part_plain(
+            &mut out,
+            family,
+            false,
+            &mut skipped,
+            &mut false,
+            &mut |_| true,
+            known,
+        );
+        (out, plain.ok(), skipped)
+    };
+    let families = [
+        family_of(
+            MetricType::Counter,
+            &[
+                &[("_id", "c"), ("cpu", "0"), ("mode", "idle")],
+                &[("_id", "c"), ("cpu", "0"), ("mode", "user")],
+                &[("_id", "c"), ("cpu", "1"), ("mode", "idle")],
+            ],
+        ),
+        family_of(
+            MetricType::Histogram,
+            &[&[("_id", "c"), ("path", "/api/v1")]],
+        ),
+        family_of(MetricType::Summary, &[&[("rpc", "get"), ("_id", "c")]]),
+        family_of(MetricType::Gauge, &[&[("_id", "c"), ("le", "0.5")]]),
+    ];
+    let body = delimited::encode(&families);
+    let limits = delimited::Limits::default();
+    let (mut plain, mut parts) = (0usize, 0usize);
+    for at in 0..body.len() {
+        for b in [
+            b'\\', b'"', b'\n', 0x7f, 0x80, 0xc3, 0xff, b'a', b'_', 0, 0x12,
+        ] {
+            let mut damaged = body.clone();
+            damaged[at] = b;
+            for family in crate::wire::families(&damaged, &limits) {
+                let Ok(family) = family else {
+                    break;
+                };
+                parts += 1;
+                let (checked, found, skipped) = write(&family, false);
+                if found != Some(true) {
+                    continue;
+                }
+                plain += 1;
+                let (copied, again, copied_skipped) = write(&family, true);
+                assert_eq!(again, Some(true), "byte {at} set to {b:#x}");
+                assert_eq!(
+                    copied_skipped.total(),
+                    skipped.total(),
+                    "byte {at} set to {b:#x}"
+                );
+                assert!(
+                    copied == checked,
+                    "byte {at} set to {b:#x}: {:?} written known plain, {:?} checked",
+                    String::from_utf8_lossy(&copied),
+                    String::from_utf8_lossy(&checked)
+                );
+            }
+        }
+    }
+    // Not vacuous: most damaged parts that still read are plain, and many are not.
+    assert!(
+        plain > 1000 && parts > plain + 100,
+        "{plain} plain of {parts}"
+    );
+}
+
 /// Time per series of the view writer over the bench's realistic upload, checked (a payload's
 /// first scrape) and known plain (later scrapes), for measuring by hand (no assertion on speed):
 /// `cargo test --release -p telemeter-common --lib view_writer_throughput -- --ignored --nocapture`
