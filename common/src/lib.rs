@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod base64;
 pub mod bundle;
+pub mod bytes;
 pub mod crc32c;
 pub mod delimited;
 pub mod duration;

@@ -1,6 +1,7 @@
 //! The text format writers: from decoded families ([`write_family`]) and from zero-copy protobuf
 //! views ([`write_family_view`]), byte for byte as Go's `expfmt` writes them.
 
+use crate::bytes::same_bytes;
 use crate::delimited::DecodeError;
 use crate::labels;
 use crate::model::{LabelPair, Metric, MetricFamily, MetricType};
@@ -673,44 +674,6 @@ pub(super) struct LabelMemo<'b> {
     /// from that series), and their signatures ([`name_signature`]).
     names: [&'b [u8]; KEPT_NAMES],
     signatures: [u32; KEPT_NAMES],
-}
-
-/// Whether `a` and `b` (of the same length: else false) hold the same bytes, compared in a few
-/// overlapping words inline, as [`copy_short`] copies (a label field is a few dozen bytes, and a
-/// call to `bcmp` for each would cost more than the checks it spares).
-#[inline(always)]
-fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    let len = a.len();
-    if len != b.len() {
-        return false;
-    }
-    let word = |bytes: &[u8], at: usize| {
-        let mut word = [0u8; 8];
-        if let Some(chunk) = bytes.get(at..at + 8) {
-            word.copy_from_slice(chunk);
-        }
-        u64::from_le_bytes(word)
-    };
-    let half = |bytes: &[u8], at: usize| {
-        let mut half = [0u8; 4];
-        if let Some(chunk) = bytes.get(at..at + 4) {
-            half.copy_from_slice(chunk);
-        }
-        u32::from_le_bytes(half)
-    };
-    if len >= 8 {
-        let mut at = 0;
-        let mut differ = 0;
-        while at + 8 < len {
-            differ |= word(a, at) ^ word(b, at);
-            at += 8;
-        }
-        differ | (word(a, len - 8) ^ word(b, len - 8)) == 0
-    } else if len >= 4 {
-        half(a, 0) == half(b, 0) && half(a, len - 4) == half(b, len - 4)
-    } else {
-        a.iter().zip(b).all(|(x, y)| x == y)
-    }
 }
 
 /// Appends `bytes` to `out`: into its spare capacity inline when it has room (the short parts of

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::mem::size_of;
 use std::time::SystemTime;
 
+use telemeter_common::bytes::same_bytes;
 use telemeter_common::delimited;
 use telemeter_common::labels;
 use telemeter_common::model::{Bucket, LabelPair, MetricType, Quantile};
@@ -511,34 +512,6 @@ fn same_prefix_len(a: &[u8], b: &[u8]) -> usize {
         .count()
 }
 
-/// `a == b`, for short slices without a call to `memcmp`: the label messages compared are a few
-/// dozen bytes, and the label names (`mode`, `cpu`, `device`: compared whenever a label's value
-/// differs from the series before's) a few, where the call costs more than the comparison.
-#[inline(always)]
-fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    let n = a.len();
-    if n != b.len() {
-        return false;
-    }
-    // Words from both ends, overlapping in the middle, cover 8 to 16 bytes; two more pairs 32.
-    let word = |s: &[u8], at: usize| s.get(at..).and_then(|s| s.first_chunk::<8>()).copied();
-    // The same with half words for 4 to 7 bytes, and for fewer the first, middle and last byte.
-    let half = |s: &[u8], at: usize| s.get(at..).and_then(|s| s.first_chunk::<4>()).copied();
-    match n {
-        0 => true,
-        1..=3 => a.first() == b.first() && a.get(n / 2) == b.get(n / 2) && a.last() == b.last(),
-        4..=7 => half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4),
-        8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
-        17..=32 => {
-            word(a, 0) == word(b, 0)
-                && word(a, 8) == word(b, 8)
-                && word(a, n - 16) == word(b, n - 16)
-                && word(a, n - 8) == word(b, n - 8)
-        }
-        _ => a == b,
-    }
-}
-
 /// [`labels::check_series_labels`], [`check_servable`] and the token labels on the wire, over a
 /// series' encoded label `messages` (fields of its message `series`), after the labels `start`
 /// says passed already: `Some` when every label is valid and servable in a family
@@ -730,22 +703,6 @@ mod tests {
                 b.truncate(at + 1);
                 assert_eq!(same_prefix_len(&b, &a), at, "{n} {at}");
             }
-        }
-    }
-
-    #[test]
-    fn same_bytes_is_slice_equality_at_every_length_and_position() {
-        for n in 0..48usize {
-            let a: Vec<u8> = (0..n as u8).map(|b| b.wrapping_mul(37)).collect();
-            assert!(same_bytes(&a, &a.clone()), "{n}");
-            for at in 0..n {
-                let mut b = a.clone();
-                b[at] ^= 0x40;
-                assert!(!same_bytes(&a, &b), "{n} {at}");
-            }
-            let mut longer = a.clone();
-            longer.push(0);
-            assert!(!same_bytes(&a, &longer), "{n}");
         }
     }
 }
