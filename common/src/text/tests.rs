@@ -1268,6 +1268,26 @@ fn a_part_is_plain_only_when_every_label_needs_no_check_and_known_plain_writes_t
     assert!(!write(&missing, false, true).1);
 }
 
+/// [`write_family_view_part_plain`](super::write::write_family_view_part_plain) of every series
+/// of `family`, without timestamps, as the first part written: what `/federate` writes of a
+/// family without selectors.
+fn write_whole_part(
+    out: &mut Vec<u8>,
+    family: &crate::wire::FamilyView<'_>,
+    skipped: &mut Skipped,
+    known_plain: bool,
+) -> std::io::Result<bool> {
+    super::write::write_family_view_part_plain(
+        out,
+        family,
+        false,
+        skipped,
+        &mut false,
+        &mut |_| true,
+        known_plain,
+    )
+}
+
 /// Wherever the writer calls a family part plain, writing it again as known plain (a later
 /// scrape of the same payload, its labels copied unchecked) gives the same bytes: over bodies
 /// with each byte in turn replaced by each byte the checks or the escaping act on (a quote, a
@@ -1276,19 +1296,10 @@ fn a_part_is_plain_only_when_every_label_needs_no_check_and_known_plain_writes_t
 /// plain are the ones a later scrape copies; not one may come out otherwise.
 #[test]
 fn known_plain_writes_what_the_checked_writer_wrote_wherever_it_found_a_part_plain() {
-    use super::write::write_family_view_part_plain;
     let write = |family: &crate::wire::FamilyView<'_>, known: bool| {
         let mut out = Vec::new();
         let mut skipped = Skipped::default();
-        let plain = write_family_view_part_plain(
-            &mut out,
-            family,
-            false,
-            &mut skipped,
-            &mut false,
-            &mut |_| true,
-            known,
-        );
+        let plain = write_whole_part(&mut out, family, &mut skipped, known);
         (out, plain.ok(), skipped)
     };
     let families = [
@@ -1355,7 +1366,6 @@ fn known_plain_writes_what_the_checked_writer_wrote_wherever_it_found_a_part_pla
 #[test]
 #[ignore]
 fn view_writer_throughput() {
-    use super::write::write_family_view_part_plain;
     let bodies: Vec<Vec<u8>> = (0..200)
         .map(|i| {
             let upload = testkit::payload::upload_body(&format!("bench-{i:08}"), 1_700_000_000_000);
@@ -1372,16 +1382,7 @@ fn view_writer_throughput() {
         out.clear();
         let mut skipped = Skipped::default();
         for family in &families {
-            let plain = write_family_view_part_plain(
-                out,
-                family,
-                false,
-                &mut skipped,
-                &mut false,
-                &mut |_| true,
-                known,
-            )
-            .unwrap();
+            let plain = write_whole_part(out, family, &mut skipped, known).unwrap();
             assert!(plain);
         }
     };
