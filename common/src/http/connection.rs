@@ -430,12 +430,11 @@ impl Connection {
     /// Reads a body of `length` bytes (already checked against the cap).
     fn read_sized_body(&mut self, length: usize, body: &mut BodyBuffer) -> Result<(), Stop> {
         // A body read with its head (a typical upload's 8 KiB) is copied once, from where the
-        // socket put it into a buffer of its exact size.
+        // socket put it into a buffer of its exact size, and is complete: no 16 KiB of stack
+        // zeroed below for nothing.
         let from_pending = length.min(self.pending.len());
         body.append(self.pending.get(..from_pending).unwrap_or(&[]))?;
         self.pending.consume(from_pending);
-        // A body that came with its head (a typical upload's 8 KiB) is complete: no 16 KiB of
-        // stack zeroed for nothing.
         if body.bytes.len() >= length {
             return Ok(());
         }

@@ -60,11 +60,7 @@ impl Pending {
         if self.buf.len() - self.end >= least {
             return;
         }
-        if self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
+        self.compact();
         if self.buf.len() - self.end < least {
             let grown = (self.buf.len() * 2).max(self.end + step);
             self.buf.resize(grown, 0);
@@ -77,14 +73,18 @@ impl Pending {
         if self.buf.len() <= 2 * keep {
             return;
         }
-        let held = self.end - self.start;
+        self.compact();
+        self.buf.truncate(keep.max(self.end));
+        self.buf.shrink_to_fit();
+    }
+
+    /// Moves the bytes held to the front of the buffer, so all the room is after them.
+    fn compact(&mut self) {
         if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
             self.start = 0;
-            self.end = held;
         }
-        self.buf.truncate(keep.max(held));
-        self.buf.shrink_to_fit();
     }
 
     #[cfg(test)]
