@@ -302,6 +302,7 @@ fn checkpoint_yielding(
                         entry.location = Location::File {
                             inode,
                             verified: false,
+                            mapped: None,
                         };
                     }
                 }

@@ -510,12 +510,14 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
             }
         }
     }
-    let written: Result<u64, StoreError> = if bytes.is_empty() {
-        Ok(0)
+    let written: Result<(u64, Vec<Entry>), StoreError> = if bytes.is_empty() {
+        Ok((0, Vec::new()))
     } else {
         shared.append_locked(&mut journal_state, &bytes, |segment, base| {
             let mut index = lock(&shared.index);
             let mut written = 0;
+            // Replaced entries that keep a mapping: unmapped after the locks are let go.
+            let mut mapped = Vec::new();
             // Bytes of payloads the index finds in this segment that reads of it hold in memory
             // (packed records, chains): see `journal::Held`.
             let mut held = Held::default();
@@ -569,15 +571,22 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                     };
                     if let Some(replaced) = replaced {
                         held.remove(&replaced, segment.number);
+                        if replaced.location.mapped() {
+                            mapped.push(replaced);
+                        }
                     }
                     written += 1 + group.superseded.len() as u64;
                 }
             }
-            (written, held)
+            ((written, mapped), held)
         })
     };
     keep_batch_buffer(&mut journal_state.batch_buffer, bytes);
     drop(journal_state);
+    let written = written.map(|(written, mapped)| {
+        drop(mapped);
+        written
+    });
     if let Ok(written) = &written {
         if *written > 0 {
             shared.counters.commits.fetch_add(1, Ordering::Relaxed);

@@ -106,11 +106,12 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crossbeam_channel::Sender;
 
 use super::file::{Header, ReadError};
+use super::read::{self, Mapping};
 use super::state::{lock, Entry, Location, Shared};
 use super::StoreError;
 use telemeter_common::{crc32c, snappy};
@@ -482,6 +483,10 @@ pub(super) struct Segment {
     /// segment ([`JournalState::packed_bytes`] then): what its checkpoint settles of
     /// [`Shared::packed_unsettled`].
     pub(super) packed: AtomicU64,
+    /// The segment mapped whole, made by the first pin of one of its records taken for ranges
+    /// and shared by the pins of all of them (`read`'s "Pins read through a mapping"): one
+    /// mapping a segment rather than one a record a scrape. `None` inside when mapping failed.
+    mapping: OnceLock<Option<Arc<Mapping>>>,
 }
 
 impl Segment {
@@ -503,7 +508,15 @@ impl Segment {
             zeroed: AtomicU64::new(written),
             zeros_failed: AtomicBool::new(false),
             packed: AtomicU64::new(0),
+            mapping: OnceLock::new(),
         }
+    }
+
+    /// The mapping of the whole segment ([`Segment::mapping`]'s field), made on first use.
+    pub(super) fn mapping(&self) -> Option<Arc<Mapping>> {
+        self.mapping
+            .get_or_init(|| read::map_segment(&self.file))
+            .clone()
     }
 
     /// Where its records end (see the field), for cutting off the zeros when it is retired.

@@ -1135,7 +1135,10 @@ impl Shared {
             {
                 continue;
             }
-            index.remove(&cluster_id);
+            let entry = index.remove(&cluster_id);
+            // Its kept mapping, if any, is unmapped with the lock let go.
+            drop(index);
+            drop(entry);
             removed += 1;
         }
         // No directory sync: a file that comes back after a crash is still expired and is swept

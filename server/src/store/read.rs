@@ -9,13 +9,32 @@
 //! `/federate` reads each family of each pinned payload again (~30 ranges a cluster, ~300,000 a
 //! scrape of 10,000 clusters), and a `pread` apiece put a quarter of the server's scrape CPU in
 //! the kernel (the descriptor's reference count, the page cache walk, the copy). So a pin taken
-//! for ranges ([`Shared::get_pinned`]) maps the pages of its payload read-only, once, and its
-//! ranges are copied out of that mapping with no system call ([`PinnedUpload::read_range_reusing`]);
-//! dropping the pin unmaps them. When the mapping fails, or [`MAX_MAPPINGS`] are already mapped,
-//! the pin reads by `pread` as before.
+//! for ranges ([`Shared::get_pinned`]) reads its payload's pages through a read-only mapping, and
+//! its ranges are copied out of that mapping with no system call
+//! ([`PinnedUpload::read_range_reusing`]). A cluster file's pin maps the pages of its payload; a
+//! journal record's pin reads through the mapping of its whole segment ([`Segment::mapping`],
+//! made once and shared by the pins of all its records, unmapped with the segment). When the
+//! mapping fails, or [`MAX_MAPPINGS`] are already mapped, the pin reads by `pread` as before.
 //!
-//! A mapping is only safe while the mapped bytes stay in the file: a page past a file's end
-//! raises `SIGBUS`, which kills the server. What the store does to the files it maps:
+//! # Mappings kept
+//!
+//! Mapping and unmapping each file, and the page faults that fill each new mapping's page table,
+//! were a fifth of the server's CPU in a scrape of 10,000 unchanged clusters (`perf`): most
+//! clusters push every few minutes, a central Prometheus scrapes every minute or less. So the
+//! mapping of a verified cluster file is kept by its index entry ([`Location::File`]) after the
+//! first pin that made it, and a later pin of the same payload by a caller that knows it
+//! ([`Store::get_pinned_lazily`](super::Store::get_pinned_lazily) with its version) reads
+//! through that mapping without opening the file. The mapping goes when the entry lets go of the
+//! file: a newer upload (unmapped by the committer once it has let go of its locks), the TTL
+//! sweep, a removal. A mapping holds no descriptor, but it holds the file's inode (and its
+//! blocks, if the file was unlinked) and its pages count in the server's RSS (page cache, clean
+//! and shared) for as long as it is kept: ~520 MB at 10,000 clusters of 500 series, the same as
+//! during a scrape.
+//!
+//! A mapping is only safe while the bytes read through it stay in the file: a page past a file's
+//! end raises `SIGBUS`, which kills the server. A segment's mapping reaches past its end (up to
+//! [`SEGMENT_MAPPING_BYTES`]); only the payloads of its records are ever read through it. What
+//! the store does to the files it maps:
 //! - cluster files are written whole to a temp file, synced and renamed over the cluster's file
 //!   (`checkpoint`), removed (`Store::remove`, the TTL sweep) or renamed aside (a corrupt one);
 //!   never opened for writing once renamed, so never truncated or rewritten in place. A rename
@@ -74,8 +93,9 @@ pub struct PinnedUpload {
     /// Which payload this pins; `None` for a cluster file that is not the index entry's.
     version: Option<PinVersion>,
     /// The payload's pages of the pinned file, mapped for a pin taken for ranges (see "Pins
-    /// read through a mapping"); `None` reads by `pread`.
-    mapped: Option<Mapping>,
+    /// read through a mapping"); `None` reads by `pread`. Shared with the index entry of a
+    /// verified cluster file, which keeps it for the next scrape ("Mappings kept").
+    mapped: Option<MappedPayload>,
 }
 
 /// Which payload a pin holds, wherever it was read from (a journal record, a cluster file):
@@ -98,6 +118,9 @@ enum Pin {
     /// A payload no file holds whole: a packed record's, decompressed, or one rebuilt from a
     /// chain (the `patch` module); empty when nothing will read ranges of it.
     Memory(Vec<u8>),
+    /// A cluster file's payload held by the mapping its index entry kept (`mapped` is it): the
+    /// mapping keeps the file's pages, so no descriptor is needed.
+    Mapped,
 }
 
 /// How many pins may hold a mapping at once, process-wide. Each mapping is an area of the
@@ -110,46 +133,46 @@ pub(super) const MAX_MAPPINGS: usize = 16_384;
 /// Mappings held now, against [`MAX_MAPPINGS`].
 static MAPPINGS: AtomicUsize = AtomicUsize::new(0);
 
-/// A read-only, shared mapping of the pages of a pinned file that hold a payload, unmapped when
-/// dropped.
-struct Mapping {
-    /// Where the mapping starts: a page boundary of the file at or before the payload.
+/// A read-only, shared mapping of pages of a store file (a cluster file's payload, or the whole
+/// of a journal segment), unmapped when dropped.
+pub(super) struct Mapping {
+    /// Where the mapping starts: a page boundary of the file.
     base: NonNull<libc::c_void>,
-    /// Bytes mapped: from `base` to the payload's end.
+    /// Bytes mapped from `base`.
     len: usize,
-    /// Where the payload starts, from `base`.
-    payload_at: usize,
 }
 
 // SAFETY: a `Mapping` is an address range of the process that only this value unmaps (in its
 // drop), read-only, so sending it to another thread is sending ownership of that range.
 unsafe impl Send for Mapping {}
-// SAFETY: shared references only read the mapped bytes (`Mapping::payload`), which no one
+// SAFETY: shared references only read the mapped bytes (`Mapping::bytes`), which no one
 // writes (PROT_READ here, and see "Pins read through a mapping" for the file's side).
 unsafe impl Sync for Mapping {}
 
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapping").field("len", &self.len).finish()
+    }
+}
+
 impl Mapping {
-    /// Maps `file`'s bytes `payload_offset..payload_offset + payload_len` (and the start of the
-    /// page they begin in); `None` for an empty payload, past [`MAX_MAPPINGS`], or when `mmap`
-    /// fails (reads fall back to `pread`). The caller guarantees those bytes are in `file` and
-    /// stay there while it is mapped ("Pins read through a mapping").
-    fn new(file: &File, payload_offset: u64, payload_len: u64) -> Option<Mapping> {
-        if payload_len == 0 {
+    /// Maps `len` bytes of `file` from `offset`, a multiple of the page size; `None` for no
+    /// bytes, past [`MAX_MAPPINGS`], or when `mmap` fails (reads fall back to `pread`). Only the
+    /// bytes the caller reads ([`Mapping::bytes`]) must be in the file, for as long as it is
+    /// mapped ("Pins read through a mapping"): the rest may lie past the file's end.
+    fn new(file: &File, offset: u64, len: usize) -> Option<Mapping> {
+        if len == 0 {
             return None;
         }
-        let page = page_size()?;
-        let start = payload_offset - payload_offset % page;
-        let payload_at = usize::try_from(payload_offset - start).ok()?;
-        let len = payload_at.checked_add(usize::try_from(payload_len).ok()?)?;
-        let offset = libc::off_t::try_from(start).ok()?;
+        let offset = libc::off_t::try_from(offset).ok()?;
         if MAPPINGS.fetch_add(1, Ordering::Relaxed) >= MAX_MAPPINGS {
             MAPPINGS.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
         // SAFETY: a new mapping at an address the kernel picks, so no existing memory is
         // touched; the descriptor is open for reading (it is only read through the mapping).
-        // Reading the mapping is safe for as long as the pages stay within the file, which the
-        // caller guarantees (see the module doc's "Pins read through a mapping").
+        // Reading the mapping is safe for the pages within the file, which are the only ones
+        // read (see the module doc's "Pins read through a mapping").
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -168,24 +191,39 @@ impl Mapping {
             MAPPINGS.fetch_sub(1, Ordering::Relaxed);
             return None;
         };
-        Some(Mapping {
-            base,
-            len,
-            payload_at,
+        Some(Mapping { base, len })
+    }
+
+    /// Maps the pages of `file` holding `len` bytes from `offset`: the mapping, and where those
+    /// bytes start in it.
+    fn of_range(file: &File, offset: u64, len: u64) -> Option<MappedPayload> {
+        let page = page_size()?;
+        let start = offset - offset % page;
+        let at = usize::try_from(offset - start).ok()?;
+        let mapping = Mapping::new(file, start, at.checked_add(usize::try_from(len).ok()?)?)?;
+        Some(MappedPayload {
+            mapping: Arc::new(mapping),
+            at,
         })
     }
 
-    /// The payload's bytes.
-    fn payload(&self) -> &[u8] {
+    /// The mapped bytes `start..end`; `None` past the mapping. The caller asks only for bytes
+    /// of a pinned payload, which are in the file while it is pinned ("Pins read through a
+    /// mapping"): a page past the file's end would raise `SIGBUS`.
+    fn bytes(&self, start: usize, end: usize) -> Option<&[u8]> {
+        if start > end || end > self.len {
+            return None;
+        }
         // SAFETY: `base..base + len` is mapped readable for as long as `self` lives (unmapped
-        // only in its drop), `payload_at <= len`, and the mapped pages are within the file and
-        // never written (see "Pins read through a mapping"), so the bytes neither fault nor
-        // change while borrowed.
+        // only in its drop) and `start..end` lies within it; those bytes are a pinned payload's,
+        // within the file and never written (see "Pins read through a mapping"), so they
+        // neither fault nor change while borrowed. No reference to the rest of the mapping
+        // (which may lie past the file's end) is made.
         unsafe {
-            std::slice::from_raw_parts(
-                self.base.as_ptr().cast::<u8>().add(self.payload_at),
-                self.len - self.payload_at,
-            )
+            Some(std::slice::from_raw_parts(
+                self.base.as_ptr().cast::<u8>().add(start),
+                end - start,
+            ))
         }
     }
 }
@@ -193,12 +231,31 @@ impl Mapping {
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `base..base + len` is the mapping `Mapping::new` made, unmapped only here, and
-        // no borrow of it (`Mapping::payload`) outlives `self`.
+        // no borrow of it (`Mapping::bytes`) outlives `self`.
         unsafe {
             libc::munmap(self.base.as_ptr(), self.len);
         }
         MAPPINGS.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// A pinned payload in a mapping: a cluster file's own, or its record's place in the mapping of
+/// a whole journal segment ([`Segment::mapping`]).
+#[derive(Clone, Debug)]
+pub(super) struct MappedPayload {
+    mapping: Arc<Mapping>,
+    /// Where the payload starts in the mapping.
+    at: usize,
+}
+
+/// How much of a journal segment its one mapping covers: its records usually end by
+/// [`journal::SEGMENT_BYTES`] and a little; one past this is mapped on its own.
+pub(super) const SEGMENT_MAPPING_BYTES: usize = 1 << 30;
+
+/// The mapping of segment `file`'s first [`SEGMENT_MAPPING_BYTES`], shared by the pins of its
+/// records; `None` when `mmap` fails or [`MAX_MAPPINGS`] are held.
+pub(super) fn map_segment(file: &File) -> Option<Arc<Mapping>> {
+    Mapping::new(file, 0, SEGMENT_MAPPING_BYTES).map(Arc::new)
 }
 
 /// The size of a page, which a mapping's file offset must be a multiple of.
@@ -215,12 +272,22 @@ impl PinnedUpload {
     /// Maps the payload's pages when the pin holds a file (not a payload in memory), for reading
     /// ranges without a system call each; left reading by `pread` when that fails.
     fn with_mapping(mut self) -> PinnedUpload {
-        let file = match &self.pin {
-            Pin::File(file) => file,
-            Pin::Segment(segment) => &segment.file,
-            Pin::Memory(_) => return self,
+        self.mapped = match &self.pin {
+            Pin::File(file) => Mapping::of_range(file, self.payload_offset, self.payload_len),
+            // The segment's one mapping when the record lies in it, else a mapping of its own.
+            Pin::Segment(segment) => {
+                let end = self.payload_offset.saturating_add(self.payload_len);
+                match (segment.mapping(), usize::try_from(self.payload_offset)) {
+                    (Some(mapping), Ok(at))
+                        if self.payload_len > 0 && end <= SEGMENT_MAPPING_BYTES as u64 =>
+                    {
+                        Some(MappedPayload { mapping, at })
+                    }
+                    _ => Mapping::of_range(&segment.file, self.payload_offset, self.payload_len),
+                }
+            }
+            Pin::Memory(_) | Pin::Mapped => return self,
         };
-        self.mapped = Mapping::new(file, self.payload_offset, self.payload_len);
         self
     }
 
@@ -236,12 +303,26 @@ impl PinnedUpload {
     /// mapping, when the pin has one.
     fn mapped_range(&self, start: u64, end: u64) -> Option<io::Result<&[u8]>> {
         let mapped = self.mapped.as_ref()?;
+        // Checked against the payload's length by the caller, so never past the payload.
         let range = usize::try_from(start).ok().zip(usize::try_from(end).ok());
         Some(
             range
-                .and_then(|(start, end)| mapped.payload().get(start..end))
+                .and_then(|(start, end)| {
+                    let start = mapped.at.checked_add(start)?;
+                    let end = mapped.at.checked_add(end)?;
+                    mapped.mapping.bytes(start, end)
+                })
                 .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "range too long")),
         )
+    }
+
+    /// Whether this pin reads through the very mapping `other` reads through.
+    #[cfg(test)]
+    pub(super) fn shares_mapping_with(&self, other: &PinnedUpload) -> bool {
+        match (&self.mapped, &other.mapped) {
+            (Some(mine), Some(theirs)) => Arc::ptr_eq(&mine.mapping, &theirs.mapping),
+            _ => false,
+        }
     }
 
     /// The pin as it is when mapping fails: its ranges read by `pread`.
@@ -301,6 +382,7 @@ impl PinnedUpload {
         let file = match &self.pin {
             Pin::File(file) => file,
             Pin::Segment(segment) => &segment.file,
+            Pin::Mapped => return Err(only_mapped()),
             Pin::Memory(payload) => {
                 // `start..end` is within `payload_len`, its length.
                 let range = usize::try_from(start).ok().zip(usize::try_from(end).ok());
@@ -320,6 +402,15 @@ impl PinnedUpload {
         buffer.resize(len, 0);
         file.read_exact_at(buffer, self.payload_offset + start)
     }
+}
+
+/// A read by `pread` of a pin that holds no file (its mapping was all it held, and a test dropped
+/// it).
+fn only_mapped() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "the pinned payload was held only by its mapping",
+    )
 }
 
 /// Opens a cluster file for reading without updating its access time where the kernel lets us
@@ -368,6 +459,7 @@ impl PinnedUpload {
         let file = match &self.pin {
             Pin::File(file) => file,
             Pin::Segment(segment) => &segment.file,
+            Pin::Mapped => return Err(only_mapped()),
             Pin::Memory(payload) => {
                 let range = usize::try_from(start).ok().zip(usize::try_from(end).ok());
                 return range
@@ -439,6 +531,30 @@ impl Shared {
         let version = self.pin_version(&entry);
         // The caller knows this very payload: a lazy pin need not read it.
         let known = lazy && known == Some(version);
+        if let Location::File {
+            verified: true,
+            mapped: Some(mapping),
+            ..
+        } = &entry.location
+        {
+            // A verified file that an earlier pin mapped: neither opened nor mapped again
+            // ("Mappings kept").
+            if known && ranges {
+                return Ok(Some(PinnedUpload {
+                    payload_offset: 0,
+                    payload_len: entry.payload_bytes,
+                    payload_read: false,
+                    version: Some(version),
+                    mapped: Some(mapping.clone()),
+                    pin: Pin::Mapped,
+                    upload: StoredUpload {
+                        cluster_id: cluster_id.to_string(),
+                        received: telemeter_common::time::from_unix_millis(entry.received_millis),
+                        payload: Vec::new(),
+                    },
+                }));
+            }
+        }
         if let Location::Chain {
             segment,
             image,
@@ -540,7 +656,11 @@ impl Shared {
         let path = self.path_of(cluster_id);
         // The upload, or none; `Err` inside when the file is corrupt (with the reason).
         let read = || match self.read_upload(cluster_id, &path, &entry, lazy, known) {
-            Ok(upload) => Ok(Ok(Some(upload.mapped_if(ranges)))),
+            Ok(upload) => {
+                let upload = upload.mapped_if(ranges);
+                self.keep_mapping(cluster_id, &entry, &upload);
+                Ok(Ok(Some(upload)))
+            }
             // Removed or swept since the index was read.
             Err(ReadError::Io(error)) if error.kind() == io::ErrorKind::NotFound => Ok(Ok(None)),
             Err(ReadError::Io(error)) => {
@@ -560,6 +680,39 @@ impl Shared {
                 lock(&self.index).remove(cluster_id);
                 self.set_aside(&file::file_name(cluster_id), &reason);
                 Ok(None)
+            }
+        }
+    }
+
+    /// Keeps the mapping of `pinned`, a pin of `cluster_id`'s file read for `entry`, in the
+    /// index entry, when that is still `entry`'s payload in this very file, verified, and keeps
+    /// no mapping yet ("Mappings kept").
+    fn keep_mapping(&self, cluster_id: &str, entry: &Entry, pinned: &PinnedUpload) {
+        let (Some(mapping), Pin::File(file)) = (&pinned.mapped, &pinned.pin) else {
+            return;
+        };
+        if pinned.version != Some(self.pin_version(entry)) {
+            return;
+        }
+        // The pinned file's inode, against the one the index entry names now.
+        let Ok(metadata) = file.metadata() else {
+            return;
+        };
+        let mut index = lock(&self.index);
+        let Some(current) = index.get_mut(cluster_id) else {
+            return;
+        };
+        if current.version != entry.version {
+            return;
+        }
+        if let Location::File {
+            inode,
+            verified: true,
+            mapped: kept @ None,
+        } = &mut current.location
+        {
+            if *inode == metadata.ino() {
+                *kept = Some(mapping.clone());
             }
         }
     }
@@ -585,6 +738,7 @@ impl Shared {
             Location::File {
                 inode: known_inode,
                 verified,
+                ..
             } if known_inode == inode => (true, verified),
             _ => (false, false),
         };
@@ -628,6 +782,7 @@ impl Shared {
                 if let Location::File {
                     inode: known,
                     verified,
+                    ..
                 } = &mut current.location
                 {
                     if *known == inode

@@ -241,6 +241,7 @@ impl Shared {
             Location::File {
                 inode: 0,
                 verified: false,
+                mapped: None,
             },
         ) {
             Location::Journal {
@@ -335,6 +336,7 @@ fn index_file(path: &Path) -> Result<(String, Entry), ReadError> {
             location: Location::File {
                 inode: metadata.ino(),
                 verified,
+                mapped: None,
             },
             version: 0,
         },

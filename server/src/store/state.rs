@@ -14,6 +14,7 @@ use telemeter_common::wire;
 use super::egress::EgressShared;
 use super::file;
 use super::journal::{Encoding, JournalState, Segment};
+use super::read::MappedPayload;
 
 /// The state the committer, the sweeper and the callers share.
 pub(super) struct Shared {
@@ -94,7 +95,14 @@ pub(super) enum Location {
     /// checksum: open indexes files from their headers only, and a checkpoint's new file is
     /// unverified too, so each file version's payload is hashed by its first read, not by
     /// every `/federate` scrape.
-    File { inode: u64, verified: bool },
+    File {
+        inode: u64,
+        verified: bool,
+        /// The payload's pages, mapped by the first pin taken for ranges of this file once it
+        /// was verified, and kept for the pins of later scrapes while this entry names the file
+        /// (`read`'s "Mappings kept").
+        mapped: Option<MappedPayload>,
+    },
     /// In a journal segment, not yet checkpointed; `offset` is where its record's image starts,
     /// `encoding` how the record keeps the payload (packed: read decompressed, its length is
     /// the entry's `payload_bytes`).
@@ -115,6 +123,18 @@ pub(super) enum Location {
 }
 
 impl Location {
+    /// Whether this keeps a mapping of its file (unmapped when it is dropped, a system call best
+    /// not made under the index's lock).
+    pub(super) fn mapped(&self) -> bool {
+        matches!(
+            self,
+            Location::File {
+                mapped: Some(_),
+                ..
+            }
+        )
+    }
+
     /// The segment and offset of the newest record of a journal location (an image's, or a
     /// chain's last patch): a checkpoint writes a cluster's file only while this is unchanged.
     pub(super) fn newest_record(&self) -> Option<(u64, u64)> {

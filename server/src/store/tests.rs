@@ -1985,6 +1985,86 @@ fn a_mapped_pin_reads_its_version_after_its_segment_is_cut_and_deleted_and_its_f
     assert_eq!((whole, part), (newer.clone(), newer[3..10].to_vec()));
 }
 
+/// Whether `cluster_id`'s index entry keeps a mapping of its file.
+fn keeps_mapping(store: &Store, cluster_id: &str) -> bool {
+    lock(&store.handle.shared.index)
+        .get(cluster_id)
+        .is_some_and(|entry| entry.location.mapped())
+}
+
+#[test]
+fn the_records_of_a_segment_are_pinned_through_one_mapping_of_it() {
+    let dir = TempDir::new("segment-mapping");
+    let store = open(&dir);
+    let (first, second) = (sampled(0), sampled(1));
+    store.put("a", first.clone(), at(0)).unwrap();
+    store.put("b", second.clone(), at(1)).unwrap();
+    let a = store.get_pinned("a").unwrap().unwrap();
+    let b = store.get_pinned("b").unwrap().unwrap();
+    assert!(a.shares_mapping_with(&b), "one mapping for the segment");
+    assert_eq!(pinned_ranges(&a, first.len()).0, first);
+    assert_eq!(pinned_ranges(&b, second.len()).0, second);
+    // Still read through it once the segment is checkpointed and deleted.
+    checkpoint_now(&store);
+    assert!(file_of(&store, "a").exists());
+    let (whole, part) = pinned_ranges(&b, second.len());
+    assert_eq!((whole, part), (second.clone(), second[3..10].to_vec()));
+}
+
+#[test]
+fn a_verified_files_mapping_is_kept_for_later_pins_until_the_file_is_replaced_or_removed() {
+    let dir = TempDir::new("kept-mapping");
+    let store = open(&dir);
+    let (first, newer) = (sampled(0), sampled(1));
+    store.put("a", first.clone(), at(0)).unwrap();
+    checkpoint_now(&store);
+    assert!(!keeps_mapping(&store, "a"));
+    // The first pin of the file verifies it and leaves its mapping with the index entry.
+    let verified = store.get_pinned_lazily("a", None).unwrap().unwrap();
+    assert!(keeps_mapping(&store, "a"));
+    let version = verified.version();
+    assert!(version.is_some());
+    // A later pin of the same payload, by a caller that knows it, reads through that mapping
+    // without opening the file; one that does not know the payload maps and verifies anew.
+    let later = store.get_pinned_lazily("a", version).unwrap().unwrap();
+    assert!(later.shares_mapping_with(&verified));
+    assert_eq!(later.version(), version);
+    assert_eq!(later.upload.cluster_id, "a");
+    let (whole, part) = pinned_ranges(&later, first.len());
+    assert_eq!((whole, part), (first.clone(), first[3..10].to_vec()));
+    let unknown = store.get_pinned_lazily("a", None).unwrap().unwrap();
+    assert!(!unknown.shares_mapping_with(&verified));
+    assert_eq!(pinned_ranges(&unknown, first.len()).0, first);
+
+    // A newer upload: the entry lets the mapping go (the pins keep theirs).
+    store.put("a", newer.clone(), at(1)).unwrap();
+    assert!(!keeps_mapping(&store, "a"));
+    let from_journal = store.get_pinned_lazily("a", version).unwrap().unwrap();
+    assert_ne!(from_journal.version(), version);
+    assert_eq!(pinned_ranges(&from_journal, newer.len()).0, newer);
+    assert_eq!(pinned_ranges(&later, first.len()).0, first);
+    // Its file, once checkpointed and pinned, is kept mapped in turn; removed, it is served no
+    // more, and the pins taken before still read their bytes.
+    checkpoint_now(&store);
+    let newer_version = from_journal.version();
+    let first_pin = store
+        .get_pinned_lazily("a", newer_version)
+        .unwrap()
+        .unwrap();
+    assert!(keeps_mapping(&store, "a"));
+    let second_pin = store
+        .get_pinned_lazily("a", newer_version)
+        .unwrap()
+        .unwrap();
+    assert!(second_pin.shares_mapping_with(&first_pin));
+    store.remove("a").unwrap();
+    assert!(store
+        .get_pinned_lazily("a", newer_version)
+        .unwrap()
+        .is_none());
+    assert_eq!(pinned_ranges(&second_pin, newer.len()).0, newer);
+}
+
 /// Hands the current journal segment to the checkpointer thread, as a full one is.
 fn retire_now(store: &Store) {
     let shared = &store.handle.shared;
