@@ -583,10 +583,11 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
     };
     keep_batch_buffer(&mut journal_state.batch_buffer, bytes);
     drop(journal_state);
-    let written = written.map(|(written, mapped)| {
-        drop(mapped);
-        written
-    });
+    // The replaced entries' kept mappings are unmapped once every answer is out.
+    let (written, unmapped) = match written {
+        Ok((written, mapped)) => (Ok(written), mapped),
+        Err(error) => (Err(error), Vec::new()),
+    };
     if let Ok(written) = &written {
         if *written > 0 {
             shared.counters.commits.fetch_add(1, Ordering::Relaxed);
@@ -647,6 +648,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         };
         request.reply.send(result);
     }
+    drop(unmapped);
 }
 
 /// An index entry's chain that a patch extends: the chain with the patch's bytes counted.

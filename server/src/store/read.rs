@@ -195,8 +195,11 @@ impl Mapping {
     }
 
     /// Maps the pages of `file` holding `len` bytes from `offset`: the mapping, and where those
-    /// bytes start in it.
+    /// bytes start in it; `None` for no bytes, as [`Mapping::new`].
     fn of_range(file: &File, offset: u64, len: u64) -> Option<MappedPayload> {
+        if len == 0 {
+            return None;
+        }
         let page = page_size()?;
         let start = offset - offset % page;
         let at = usize::try_from(offset - start).ok()?;
