@@ -340,6 +340,13 @@ fn limit_bytes_too_small_is_a_clear_error() {
 }
 
 #[test]
+fn version_prints_version_and_revision() {
+    // The binary cargo built for this test, so built from this checkout.
+    let text = testkit::process::version_line(CLIENT);
+    testkit::process::assert_version_line("telemeter-client", env!("CARGO_PKG_VERSION"), &text);
+}
+
+#[test]
 fn usage_errors_exit_2() {
     let out = run_client(&["--once", "--from", "http://127.0.0.1:1"], WAIT);
     assert_eq!(out.status.code(), Some(2));

@@ -112,6 +112,35 @@ impl Drop for Guard {
     }
 }
 
+/// What `binary --version` prints, checked to exit 0.
+pub fn version_line(binary: &str) -> String {
+    let out = std::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("running {binary} --version: {e}"));
+    assert!(out.status.success(), "{binary} --version: {:?}", out.status);
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Checks a `--version` line of binary `name`: `name VERSION (revision R, ...)`, where R is this
+/// checkout's revision when git can tell it (the binary was built from it: cargo builds it
+/// again when HEAD moves).
+pub fn assert_version_line(name: &str, version: &str, text: &str) {
+    assert!(
+        text.starts_with(&format!("{name} {version} (revision ")),
+        "{text}"
+    );
+    let revision = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string());
+    if let Some(revision) = revision {
+        assert!(text.contains(revision.as_str()), "{text} lacks {revision}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
