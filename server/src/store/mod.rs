@@ -402,6 +402,8 @@ impl Store {
             scrapes: Mutex::new(Scrapes::default()),
             scrapes_done: Condvar::new(),
             max_yield_ms: AtomicU64::new(checkpoint::MAX_YIELD_PER_SEGMENT.as_millis() as u64),
+            #[cfg(test)]
+            remove_pause: Mutex::new(None),
         });
         if !shipping && dir_for_egress.join(egress::EGRESS_DIR).exists() {
             log::warn!(
@@ -1086,9 +1088,20 @@ impl Shared {
         journal::encode(journal::REMOVE, cluster_id, 0, b"", &mut record).map_err(|reason| {
             StoreError::format(format!("removing cluster {cluster_id:?}"), reason)
         })?;
+        // The entry goes with the record, under the journal's lock: a put committed after it
+        // (the committer does not take the mutation lock) makes an entry of its own, which
+        // nothing below may touch; its upload is in the journal, not in the file unlinked here.
         self.append(&record, |_, _| {
             lock(&self.index).remove(cluster_id);
         })?;
+        #[cfg(test)]
+        {
+            let pause = lock(&self.remove_pause).clone();
+            if let Some((appended, go_on)) = pause {
+                let _ = appended.send(());
+                let _ = go_on.recv();
+            }
+        }
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(error) if error.kind() == io::ErrorKind::NotFound => {}
@@ -1099,7 +1112,6 @@ impl Shared {
                 ))
             }
         }
-        lock(&self.index).remove(cluster_id);
         // Otherwise a crash could bring the file back, and this server would serve a cluster
         // another server now owns.
         self.dir_file

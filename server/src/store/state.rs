@@ -60,7 +60,19 @@ pub(super) struct Shared {
     /// The longest the checkpointer yields to scrapes in one segment, in milliseconds
     /// (`checkpoint::MAX_YIELD_PER_SEGMENT`; tests lower it).
     pub(super) max_yield_ms: AtomicU64,
+    /// Tests: `remove` says here that its removal record is appended, and waits for the word to
+    /// go on (a put can be committed in between: the committer does not take `mutation`).
+    #[cfg(test)]
+    pub(super) remove_pause: Mutex<Option<RemovePause>>,
 }
+
+/// [`Shared::remove_pause`]: the signal that the removal record is appended, and the word to go
+/// on.
+#[cfg(test)]
+pub(super) type RemovePause = (
+    crossbeam_channel::Sender<()>,
+    crossbeam_channel::Receiver<()>,
+);
 
 /// What the checkpointer waits on while it yields.
 #[derive(Default)]

@@ -2217,3 +2217,37 @@ fn the_checkpointer_waits_for_a_scrape_in_progress_but_no_longer_than_its_bound(
     assert!(file_of(&store, "c").exists());
     drop(scrape);
 }
+
+#[test]
+fn a_put_committed_while_a_removal_unlinks_the_old_file_is_kept() {
+    let dir = TempDir::new("remove-race");
+    let store = open(&dir);
+    store.put("a", b"old".to_vec(), at(0)).unwrap();
+    checkpoint_now(&store);
+    assert!(file_of(&store, "a").exists());
+    let (appended, removal_appended) = crossbeam_channel::bounded(0);
+    let (go_on, removal_waits) = crossbeam_channel::bounded(0);
+    *lock(&store.handle.shared.remove_pause) = Some((appended, removal_waits));
+    let remover = {
+        let store = store.clone();
+        std::thread::spawn(move || store.remove("a"))
+    };
+    // Between the removal record and the unlink of the old file, a put is committed and
+    // acknowledged: it must outlive the removal, which came before it.
+    removal_appended.recv().unwrap();
+    store.put("a", b"new".to_vec(), at(1)).unwrap();
+    go_on.send(()).unwrap();
+    remover.join().unwrap().unwrap();
+    *lock(&store.handle.shared.remove_pause) = None;
+    let read = |store: &Store| store.get("a").unwrap().map(|upload| upload.payload);
+    assert_eq!(
+        read(&store),
+        Some(b"new".to_vec()),
+        "an acknowledged put was lost"
+    );
+    checkpoint_now(&store);
+    assert_eq!(read(&store), Some(b"new".to_vec()));
+    store.close();
+    drop(store);
+    assert_eq!(read(&open(&dir)), Some(b"new".to_vec()));
+}
