@@ -485,8 +485,10 @@ pub(super) struct Segment {
     pub(super) packed: AtomicU64,
     /// The segment mapped whole, made by the first pin of one of its records taken for ranges
     /// and shared by the pins of all of them (`read`'s "Pins read through a mapping"): one
-    /// mapping a segment rather than one a record a scrape. `None` inside when mapping failed.
-    mapping: OnceLock<Option<Arc<Mapping>>>,
+    /// mapping a segment rather than one a record a scrape. Unset while mapping fails (past
+    /// `read::MAX_MAPPINGS`, which a scrape of many clusters can reach for a while): a later
+    /// pin tries again, rather than the segment's records being read by `pread` for its life.
+    mapping: OnceLock<Arc<Mapping>>,
 }
 
 impl Segment {
@@ -514,9 +516,12 @@ impl Segment {
 
     /// The mapping of the whole segment ([`Segment::mapping`]'s field), made on first use.
     pub(super) fn mapping(&self) -> Option<Arc<Mapping>> {
-        self.mapping
-            .get_or_init(|| read::map_segment(&self.file))
-            .clone()
+        if let Some(mapping) = self.mapping.get() {
+            return Some(Arc::clone(mapping));
+        }
+        // Two pins may map it at once: the one set first is kept, the other unmapped.
+        let _ = self.mapping.set(read::map_segment(&self.file)?);
+        self.mapping.get().cloned()
     }
 
     /// Where its records end (see the field), for cutting off the zeros when it is retired.

@@ -133,6 +133,13 @@ pub(super) const MAX_MAPPINGS: usize = 16_384;
 /// Mappings held now, against [`MAX_MAPPINGS`].
 static MAPPINGS: AtomicUsize = AtomicUsize::new(0);
 
+#[cfg(test)]
+thread_local! {
+    /// Tests: mappings this thread asks for fail, as past [`MAX_MAPPINGS`] (a thread's own, so
+    /// the tests running beside it still map).
+    pub(super) static REFUSE_MAPPINGS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// A read-only, shared mapping of pages of a store file (a cluster file's payload, or the whole
 /// of a journal segment), unmapped when dropped.
 pub(super) struct Mapping {
@@ -162,6 +169,10 @@ impl Mapping {
     /// mapped ("Pins read through a mapping"): the rest may lie past the file's end.
     fn new(file: &File, offset: u64, len: usize) -> Option<Mapping> {
         if len == 0 {
+            return None;
+        }
+        #[cfg(test)]
+        if REFUSE_MAPPINGS.with(std::cell::Cell::get) {
             return None;
         }
         let offset = libc::off_t::try_from(offset).ok()?;

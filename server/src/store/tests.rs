@@ -2012,6 +2012,29 @@ fn the_records_of_a_segment_are_pinned_through_one_mapping_of_it() {
 }
 
 #[test]
+fn a_segment_that_could_not_be_mapped_is_mapped_by_a_later_pin() {
+    let dir = TempDir::new("segment-mapping-retry");
+    let store = open(&dir);
+    let (first, second) = (sampled(0), sampled(1));
+    store.put("a", first.clone(), at(0)).unwrap();
+    store.put("b", second.clone(), at(1)).unwrap();
+    // No mapping to be had (as past MAX_MAPPINGS): read by `pread`.
+    read::REFUSE_MAPPINGS.with(|refuse| refuse.set(true));
+    let unmapped = store.get_pinned("a").unwrap().unwrap();
+    read::REFUSE_MAPPINGS.with(|refuse| refuse.set(false));
+    assert!(!unmapped.mapped());
+    assert_eq!(pinned_ranges(&unmapped, first.len()).0, first);
+    // Mappings to be had again: the segment is mapped whole, once, for the pins of both records.
+    let a = store.get_pinned("a").unwrap().unwrap();
+    let b = store.get_pinned("b").unwrap().unwrap();
+    assert!(
+        a.shares_mapping_with(&b),
+        "the segment was not mapped again"
+    );
+    assert_eq!(pinned_ranges(&b, second.len()).0, second);
+}
+
+#[test]
 fn a_verified_files_mapping_is_kept_for_later_pins_until_the_file_is_replaced_or_removed() {
     let dir = TempDir::new("kept-mapping");
     let store = open(&dir);
