@@ -403,7 +403,7 @@ impl Store {
             scrapes_done: Condvar::new(),
             max_yield_ms: AtomicU64::new(checkpoint::MAX_YIELD_PER_SEGMENT.as_millis() as u64),
             #[cfg(test)]
-            remove_pause: Mutex::new(None),
+            pause: Mutex::new(None),
         });
         if !shipping && dir_for_egress.join(egress::EGRESS_DIR).exists() {
             log::warn!(
@@ -1091,17 +1091,11 @@ impl Shared {
         // The entry goes with the record, under the journal's lock: a put committed after it
         // (the committer does not take the mutation lock) makes an entry of its own, which
         // nothing below may touch; its upload is in the journal, not in the file unlinked here.
-        self.append(&record, |_, _| {
-            lock(&self.index).remove(cluster_id);
-        })?;
+        // Dropped when this returns, not under the journal's and index's locks: a kept mapping
+        // of the file is unmapped then.
+        let _removed = self.append(&record, |_, _| lock(&self.index).remove(cluster_id))?;
         #[cfg(test)]
-        {
-            let pause = lock(&self.remove_pause).clone();
-            if let Some((appended, go_on)) = pause {
-                let _ = appended.send(());
-                let _ = go_on.recv();
-            }
-        }
+        self.pause_at("removal recorded");
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(error) if error.kind() == io::ErrorKind::NotFound => {}

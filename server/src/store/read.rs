@@ -691,7 +691,19 @@ impl Shared {
         match read()? {
             Ok(found) => Ok(found),
             Err(reason) => {
-                lock(&self.index).remove(cluster_id);
+                #[cfg(test)]
+                self.pause_at("corrupt file found");
+                // The entry read goes, and only it: a put committed since (the committer does
+                // not take the mutation lock) has an entry of its own, and its upload is in the
+                // journal, not in the file set aside. Dropped with the index's lock let go (a
+                // kept mapping is unmapped then).
+                let mut index = lock(&self.index);
+                let removed = match index.get(cluster_id) {
+                    Some(current) if current.version == entry.version => index.remove(cluster_id),
+                    _ => None,
+                };
+                drop(index);
+                drop(removed);
                 self.set_aside(&file::file_name(cluster_id), &reason);
                 Ok(None)
             }

@@ -60,19 +60,35 @@ pub(super) struct Shared {
     /// The longest the checkpointer yields to scrapes in one segment, in milliseconds
     /// (`checkpoint::MAX_YIELD_PER_SEGMENT`; tests lower it).
     pub(super) max_yield_ms: AtomicU64,
-    /// Tests: `remove` says here that its removal record is appended, and waits for the word to
-    /// go on (a put can be committed in between: the committer does not take `mutation`).
+    /// Tests: where a store thread stops ([`Shared::pause_at`]) until the test lets it go on.
     #[cfg(test)]
-    pub(super) remove_pause: Mutex<Option<RemovePause>>,
+    pub(super) pause: Mutex<Option<Pause>>,
 }
 
-/// [`Shared::remove_pause`]: the signal that the removal record is appended, and the word to go
-/// on.
+/// A point where a test stops the store ([`Shared::pause_at`]): to commit a put there, which the
+/// committer does at any time (it does not take `mutation`).
 #[cfg(test)]
-pub(super) type RemovePause = (
-    crossbeam_channel::Sender<()>,
-    crossbeam_channel::Receiver<()>,
-);
+#[derive(Clone)]
+pub(super) struct Pause {
+    /// The point's name, as the code passes it to [`Shared::pause_at`].
+    pub(super) at: &'static str,
+    /// Told when a thread reaches it.
+    pub(super) reached: crossbeam_channel::Sender<()>,
+    /// Waited on there.
+    pub(super) go_on: crossbeam_channel::Receiver<()>,
+}
+
+#[cfg(test)]
+impl Shared {
+    /// Stops here, at the point named `at`, when a test set a [`Pause`] for it.
+    pub(super) fn pause_at(&self, at: &'static str) {
+        let pause = lock(&self.pause).clone();
+        if let Some(pause) = pause.filter(|pause| pause.at == at) {
+            let _ = pause.reached.send(());
+            let _ = pause.go_on.recv();
+        }
+    }
+}
 
 /// What the checkpointer waits on while it yields.
 #[derive(Default)]

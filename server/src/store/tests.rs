@@ -2248,9 +2248,7 @@ fn a_put_committed_while_a_removal_unlinks_the_old_file_is_kept() {
     store.put("a", b"old".to_vec(), at(0)).unwrap();
     checkpoint_now(&store);
     assert!(file_of(&store, "a").exists());
-    let (appended, removal_appended) = crossbeam_channel::bounded(0);
-    let (go_on, removal_waits) = crossbeam_channel::bounded(0);
-    *lock(&store.handle.shared.remove_pause) = Some((appended, removal_waits));
+    let (removal_appended, go_on) = pause_at(&store, "removal recorded");
     let remover = {
         let store = store.clone();
         std::thread::spawn(move || store.remove("a"))
@@ -2261,7 +2259,7 @@ fn a_put_committed_while_a_removal_unlinks_the_old_file_is_kept() {
     store.put("a", b"new".to_vec(), at(1)).unwrap();
     go_on.send(()).unwrap();
     remover.join().unwrap().unwrap();
-    *lock(&store.handle.shared.remove_pause) = None;
+    *lock(&store.handle.shared.pause) = None;
     let read = |store: &Store| store.get("a").unwrap().map(|upload| upload.payload);
     assert_eq!(
         read(&store),
