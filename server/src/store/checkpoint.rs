@@ -325,7 +325,13 @@ fn checkpoint_yielding(
         .retire_segment(&segment.path, segment.number)
         .and_then(|()| shared.dir_file.sync_all());
     if let Err(error) = removed {
-        log::warn!("removing checkpointed {}: {error}", segment.path.display());
+        // It may stay (or come back after a crash) to be replayed: every later segment must
+        // stay too, or its older uploads would be replayed over their newer files.
+        log::warn!(
+            "removing checkpointed {}: {error}; it and every later segment stay and are replayed at the next start",
+            segment.path.display()
+        );
+        return false;
     }
     true
 }

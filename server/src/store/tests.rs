@@ -2272,3 +2272,94 @@ fn a_put_committed_while_a_removal_unlinks_the_old_file_is_kept() {
     drop(store);
     assert_eq!(read(&open(&dir)), Some(b"new".to_vec()));
 }
+
+/// Stops the store's next thread to reach `at` ([`Shared::pause_at`]): told on the first channel
+/// when one does, it goes on when the second is sent to.
+fn pause_at(
+    store: &Store,
+    at: &'static str,
+) -> (
+    crossbeam_channel::Receiver<()>,
+    crossbeam_channel::Sender<()>,
+) {
+    let (reached, reached_rx) = crossbeam_channel::bounded(0);
+    let (go_on_tx, go_on) = crossbeam_channel::bounded(0);
+    *lock(&store.handle.shared.pause) = Some(state::Pause { at, reached, go_on });
+    (reached_rx, go_on_tx)
+}
+
+#[test]
+fn a_put_committed_while_a_corrupt_file_is_set_aside_is_kept() {
+    let dir = TempDir::new("corrupt-race");
+    {
+        let store = open(&dir);
+        store.put("a", vec![7u8; 300], at(0)).unwrap();
+        store.close();
+    }
+    let path = dir.0.join(file::file_name("a"));
+    let mut bytes = fs::read(&path).unwrap();
+    let middle = bytes.len() - 150;
+    bytes[middle] ^= 0x01;
+    fs::write(&path, &bytes).unwrap();
+    let store = open(&dir);
+    let (corrupt_found, go_on) = pause_at(&store, "corrupt file found");
+    let reader = {
+        let store = store.clone();
+        std::thread::spawn(move || store.get("a"))
+    };
+    // Between finding the file corrupt and setting it aside, a put is committed and
+    // acknowledged: the file goes, the put stays.
+    corrupt_found.recv().unwrap();
+    store.put("a", b"new".to_vec(), at(1)).unwrap();
+    go_on.send(()).unwrap();
+    assert_eq!(
+        reader.join().unwrap().unwrap(),
+        None,
+        "the corrupt file was served"
+    );
+    *lock(&store.handle.shared.pause) = None;
+    assert_eq!(store.stats().corrupt_files, 1);
+    let read = |store: &Store| store.get("a").unwrap().map(|upload| upload.payload);
+    assert_eq!(
+        read(&store),
+        Some(b"new".to_vec()),
+        "an acknowledged put was lost"
+    );
+    checkpoint_now(&store);
+    store.close();
+    drop(store);
+    assert_eq!(read(&open(&dir)), Some(b"new".to_vec()));
+}
+
+#[test]
+fn a_segment_that_could_not_be_removed_keeps_every_later_one_for_the_replay() {
+    let dir = TempDir::new("retire-fails");
+    let store = open(&dir);
+    store.put("a", b"older".to_vec(), at(0)).unwrap();
+    // The segment cannot be removed once checkpointed: a directory stands at its path (root
+    // ignores permissions); the store still reads it through its open descriptor.
+    let number = lock(&store.handle.shared.journal)
+        .segment
+        .as_ref()
+        .map(|segment| segment.number)
+        .unwrap();
+    let segment = store.dir().join(format!("{}{number}", journal::PREFIX));
+    let aside = store.dir().join("aside");
+    fs::rename(&segment, &aside).unwrap();
+    fs::create_dir(&segment).unwrap();
+    retire_now(&store);
+    store.put("a", b"newer".to_vec(), at(1)).unwrap();
+    retire_now(&store);
+    store.close();
+    drop(store);
+    // The first segment stayed (as a failed unlink leaves it): the next start replays it, and
+    // must replay the later one after it, which holds the newer upload.
+    fs::remove_dir(&segment).unwrap();
+    fs::rename(&aside, &segment).unwrap();
+    let store = open(&dir);
+    assert_eq!(
+        store.get("a").unwrap().map(|upload| upload.payload),
+        Some(b"newer".to_vec()),
+        "an older upload was replayed over a newer one"
+    );
+}
