@@ -112,6 +112,19 @@ impl fmt::Display for PushError {
 impl std::error::Error for PushError {}
 
 impl PushError {
+    /// Whether the server refused this very upload's content for good: `/upload` answered 400,
+    /// 413 or 422, or the body is over `--limit-bytes`. Sending the same bytes again would fail
+    /// again whatever else changes; every other failure (an `/authorize` refusal, a redirect, a
+    /// 401 or 403 on `/upload`) is about the client's set-up or the way to the server, not about
+    /// the upload, so a spooled upload outlives it.
+    pub fn refuses_the_body(&self) -> bool {
+        match self {
+            PushError::Upload { status, .. } => matches!(status, 400 | 413 | 422),
+            PushError::TooLarge { .. } => true,
+            _ => false,
+        }
+    }
+
     /// Whether the same upload may succeed later (connection, timeout, 5xx, 429), so it is worth
     /// spooling; a 4xx other than 429, a redirect or an oversized body would fail again.
     pub fn is_retryable(&self) -> bool {

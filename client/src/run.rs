@@ -198,6 +198,20 @@ fn unit_random() -> f64 {
     f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0)
 }
 
+/// The least wait a `Retry-After` is taken for: a proxy's `Retry-After: 0` would otherwise start
+/// the next scrape and push at once, over and over.
+const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How long to wait for a `Retry-After` of `after`: at least [`MIN_RETRY_AFTER`], at most the
+/// interval, and up to a tenth longer at `random` (in [0, 1)), so the clients a server rate
+/// limited at once do not all come back in the same second.
+pub fn retry_wait(after: Duration, interval: Duration, random: f64) -> Duration {
+    let after = after.max(MIN_RETRY_AFTER);
+    after
+        .mul_f64(1.0 + 0.1 * random.clamp(0.0, 1.0))
+        .min(interval.max(MIN_RETRY_AFTER))
+}
+
 /// The wait after `failures` consecutive failures (≥ 1): `BACKOFF_START` doubled per failure,
 /// capped at `cap`, then scaled by a jitter factor in `[0.5, 1)` from `random` in `[0, 1)` so that
 /// many clients failing together do not retry together.
@@ -454,8 +468,8 @@ impl Client {
     }
 
     /// Sends the spooled uploads oldest first while the run's time budget (half the interval,
-    /// leaving the other half to the fresh scrape) lasts; stops at the first failure worth
-    /// retrying, drops an upload refused for good.
+    /// leaving the other half to the fresh scrape) lasts; drops an upload whose content the
+    /// server refuses for good ([`PushError::refuses_the_body`]), stops at any other failure.
     fn send_spool(&mut self, started: Instant) -> SpoolReport {
         let mut report = SpoolReport::default();
         let Some(spool) = self.spool.clone() else {
@@ -502,7 +516,10 @@ impl Client {
                     spool.remove(entry);
                     report.sent += 1;
                 }
-                Err(e) if e.is_retryable() => {
+                // Refused for reasons that are not this upload's (the server unreachable, an
+                // `/authorize` refusal, a redirect): the same for every upload left, so they all
+                // stay for a later run.
+                Err(e) if !e.refuses_the_body() => {
                     log::warn!(
                         "cluster {}: spool: {e}; {} uploads left for the next run",
                         self.id,
@@ -540,10 +557,17 @@ impl Client {
                     }
                     self.interval.saturating_sub(started.elapsed())
                 }
-                Err(CycleError::Push(PushError::RateLimited {
-                    retry_after: Some(after),
-                })) => {
-                    let wait = after.min(self.interval);
+                // Spooled or not, the server said when to come back: sooner, the next cycle's
+                // push (and the spool's backfill) would be refused again.
+                Err(
+                    CycleError::Push(PushError::RateLimited {
+                        retry_after: Some(after),
+                    })
+                    | CycleError::Spooled(PushError::RateLimited {
+                        retry_after: Some(after),
+                    }),
+                ) => {
+                    let wait = retry_wait(after, self.interval, unit_random());
                     log::warn!(
                         "cluster {}: upload rate limited, next attempt in {}",
                         self.id,
@@ -588,6 +612,28 @@ mod tests {
         assert_eq!(
             backoff(1, Duration::from_secs(1), 0.0),
             Duration::from_millis(500)
+        );
+    }
+
+    #[test]
+    fn a_retry_after_is_waited_with_a_floor_a_jitter_and_the_interval_as_cap() {
+        let interval = Duration::from_secs(270);
+        assert_eq!(
+            retry_wait(Duration::from_secs(10), interval, 0.0),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            retry_wait(Duration::from_secs(10), interval, 0.5),
+            Duration::from_millis(10_500)
+        );
+        assert_eq!(
+            retry_wait(Duration::ZERO, interval, 0.0),
+            MIN_RETRY_AFTER,
+            "Retry-After: 0 is a second"
+        );
+        assert_eq!(
+            retry_wait(Duration::from_secs(3600), interval, 0.9),
+            interval
         );
     }
 

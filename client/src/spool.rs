@@ -133,6 +133,23 @@ impl Spool {
 
     /// Keeps `body` (a prepared upload) created at `created`, then enforces the bounds.
     pub fn put(&self, body: &[u8], created: SystemTime) -> Result<Dropped, SpoolError> {
+        // Kept, it would push every upload out of the spool over the bound, then itself: the
+        // uploads kept stay, and the caller says this one was not.
+        if body.len() as u64 > self.max_bytes {
+            return Err(SpoolError {
+                what: format!(
+                    "keeping an upload of {} bytes",
+                    body.len()
+                ),
+                error: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "over --spool-max-bytes ({} bytes) on its own; raise it above --limit-bytes",
+                        self.max_bytes
+                    ),
+                ),
+            });
+        }
         let created_ms = telemeter_common::time::unix_millis(created);
         // The sequence keeps two uploads of the same millisecond apart and in order.
         let existing = self.entries()?;
@@ -300,6 +317,30 @@ mod tests {
             }
         );
         assert_eq!(spool.entries().unwrap().len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_upload_over_the_bound_on_its_own_is_refused_and_the_kept_ones_stay() {
+        let dir = temp_dir("too-large");
+        let spool = Spool::open(&dir, 25, Duration::from_secs(60)).unwrap();
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        spool.put(&[1; 10], t).unwrap();
+        let refused = spool
+            .put(&[2; 26], t + Duration::from_secs(1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("over --spool-max-bytes (25 bytes)"),
+            "{refused}"
+        );
+        let left: Vec<u8> = spool
+            .entries()
+            .unwrap()
+            .iter()
+            .map(|e| spool.read(e).unwrap()[0])
+            .collect();
+        assert_eq!(left, vec![1]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

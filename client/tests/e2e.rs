@@ -418,6 +418,56 @@ fn daemon_honours_retry_after_serves_metrics_and_stops_on_sigterm() {
     assert_eq!(status.and_then(|s| s.code()), Some(0), "exit 0 on SIGTERM");
 }
 
+/// With a spool, a rate-limited push is kept, and the next cycle still waits for what
+/// `Retry-After` asked (6 s here, longer than the first backoff after a failure, 2.5-5 s).
+#[test]
+fn daemon_with_a_spool_honours_retry_after() {
+    let receiver = Receiver::start(Behaviour {
+        upload_replies: [(429, Some(6))].into(),
+        ..Behaviour::default()
+    });
+    let dir = TempDir::new("retry-after-spool");
+    let spool = dir.path().join("spool");
+    let from = format!("{}/metrics", receiver.url);
+    let child = Command::new(CLIENT)
+        .args([
+            "--from",
+            &from,
+            "--to",
+            &receiver.url,
+            "--to-token",
+            "client-secret",
+            "--id",
+            "cluster-s",
+            "--match",
+            "source_up",
+            "--interval",
+            "1h",
+            "--spool-dir",
+            spool.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start client");
+    let mut child = Guard(child);
+    let uploads = receiver.wait_for("/upload", 2, Duration::from_secs(30));
+    assert!(uploads.len() >= 2, "no attempt after the 429");
+    let gap = uploads[1].at.duration_since(uploads[0].at);
+    assert!(
+        gap >= Duration::from_millis(5900),
+        "Retry-After not waited: {gap:?}"
+    );
+    assert!(gap < Duration::from_secs(30), "{gap:?}");
+    // The next cycle sent the kept upload first, as a backfill.
+    assert_eq!(uploads[1].header("x-telemeter-backfill"), Some("1"));
+    assert_eq!(uploads[1].body, uploads[0].body);
+    sigterm(&child.0);
+    let status = wait_exit(&mut child.0, Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "exit 0 on SIGTERM");
+}
+
 #[test]
 fn tls_with_ca_files_for_both_sides() {
     let receiver = Receiver::start_tls(Behaviour::default());

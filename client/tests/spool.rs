@@ -192,3 +192,71 @@ fn a_5xx_is_spooled_byte_for_byte_and_a_4xx_is_not() {
     assert_eq!(uploads[2].header("x-telemeter-backfill"), None);
     assert_ne!(uploads[2].body, uploads[0].body);
 }
+
+/// An `/authorize` refusal (a token check failing for a while, a proxy's answer) says nothing
+/// about the spooled uploads: they stay for a later run, which sends them once `/authorize`
+/// answers again.
+#[test]
+fn an_authorize_refusal_keeps_the_spool() {
+    use std::collections::VecDeque;
+    let dir = TempDir::new("spool-authorize");
+    let spool = dir.path().join("spool");
+    let receiver = Receiver::start(Behaviour {
+        upload_replies: VecDeque::from([(503, None), (503, None), (503, None)]),
+        ..Behaviour::default()
+    });
+    let from = format!("{}/metrics", receiver.url);
+    let args = [
+        "--once",
+        "--from",
+        &from,
+        "--to",
+        &receiver.url,
+        "--to-token",
+        "client-secret",
+        "--id",
+        "c1",
+        "--match",
+        "source_up",
+        "--spool-dir",
+        spool.to_str().unwrap(),
+    ];
+    // Two uploads kept.
+    for _ in 0..2 {
+        let out = run_client(&args, Duration::from_secs(60));
+        assert!(!out.status.success());
+    }
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 2);
+
+    receiver.set_authorize_status(403);
+    let out = run_client(&args, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("2 uploads left for the next run"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&spool).unwrap().count(),
+        2,
+        "the spool was dropped for an /authorize refusal: {stderr}"
+    );
+    // One /authorize a run, not one per spooled upload.
+    assert_eq!(receiver.seen("/authorize").len(), 4, "{stderr}");
+
+    receiver.set_authorize_status(200);
+    let before = receiver.seen("/upload").len();
+    let out = run_client(&args, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+    let uploads = receiver.seen("/upload");
+    let backfills = uploads[before..]
+        .iter()
+        .filter(|u| u.header("x-telemeter-backfill") == Some("1"))
+        .count();
+    assert_eq!(backfills, 2, "the kept uploads were not sent");
+}

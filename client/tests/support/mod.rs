@@ -197,6 +197,13 @@ impl Receiver {
         }
     }
 
+    /// Changes what `/authorize` answers from now on.
+    pub fn set_authorize_status(&self, status: u16) {
+        if let Ok(mut state) = self.state.lock() {
+            state.behaviour.authorize_status = status;
+        }
+    }
+
     pub fn seen(&self, path: &str) -> Vec<Seen> {
         self.state
             .lock()
