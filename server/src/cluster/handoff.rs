@@ -58,6 +58,8 @@ pub fn handoff_pass(cluster: &Cluster, store: &Store) -> PassReport {
             report.waiting += 1;
             continue;
         };
+        // The version read with it: only that upload is removed once handed off.
+        let version = store.version(id);
         let upload = match store.get(id) {
             Ok(Some(upload)) => upload,
             Ok(None) => continue,
@@ -75,13 +77,16 @@ pub fn handoff_pass(cluster: &Cluster, store: &Store) -> PassReport {
             &upload.payload,
         ) {
             Ok(()) => {
-                // A newer upload may have landed here meanwhile (a failover): keep that one.
-                let unchanged =
-                    matches!(store.get(id), Ok(Some(now)) if now.received == upload.received);
-                if unchanged {
-                    if let Err(err) = store.remove(id) {
-                        log::warn!("cluster: handoff of cluster {id}: cannot remove it: {err}");
-                    }
+                // A newer upload may have landed here meanwhile (a failover, a peer with an
+                // older view of the ring forwarding here): kept, and handed off by a later
+                // pass. Checked by version under the journal's lock, so none is committed
+                // between the check and the removal.
+                let removal = match version {
+                    Some(version) => store.remove_if_version(id, version),
+                    None => Ok(false),
+                };
+                if let Err(err) = removal {
+                    log::warn!("cluster: handoff of cluster {id}: cannot remove it: {err}");
                 }
                 report.moved += 1;
                 log::debug!("cluster: handed cluster {id} to {}", owner.name);

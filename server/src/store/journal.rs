@@ -96,9 +96,9 @@
 //! reported as a torn tail, as any other). A segment set aside for egress is first cut to the end
 //! of its records ([`Segment::written`]); one a crash left keeps its zeros until it is replayed.
 //!
-//! This module owns the journal's writing end ([`JournalState`]): `Shared::append` is the one
-//! place that writes to a segment and `fdatasync`s it, for the committer's batches and for
-//! removals alike.
+//! This module owns the journal's writing end ([`JournalState`]): `Shared::append_locked` is
+//! the one place that writes to a segment and `fdatasync`s it, for the committer's batches and
+//! for removals alike.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
@@ -1151,20 +1151,6 @@ impl Held {
 }
 
 impl Shared {
-    /// Appends `bytes` to the journal and syncs them, with the journal locked for `then`, which
-    /// gets the segment and the offset `bytes` start at (so index updates follow the journal's
-    /// order). Starts a new segment first when the current one is full or broken.
-    pub(super) fn append<T>(
-        &self,
-        bytes: &[u8],
-        then: impl FnOnce(&Arc<Segment>, u64) -> T,
-    ) -> Result<T, StoreError> {
-        let mut journal = lock(&self.journal);
-        self.append_locked(&mut journal, bytes, |segment, offset| {
-            (then(segment, offset), Held::default())
-        })
-    }
-
     /// The number of the segment the next append to `journal` (locked by the caller) writes
     /// to, when it is the current one; `None` when that append starts a new segment (the current
     /// one is full, by bytes or by the packed payloads its reads may hold, or broken).
@@ -1178,9 +1164,12 @@ impl Shared {
         }
     }
 
-    /// [`Shared::append`] with the journal already locked by the caller (the committer, which
-    /// decides what to encode by the segment it goes to: [`Shared::appending_to`]); `then` also
-    /// says how the payloads reads of the segment hold in memory changed.
+    /// Appends `bytes` to the journal, locked by the caller (the committer decides what to
+    /// encode by the segment it goes to, [`Shared::appending_to`]; a removal checks the index
+    /// first), and syncs them; `then` runs with the journal still locked, with the segment and the
+    /// offset `bytes` start at (so index updates follow the journal's order), and says how the
+    /// payloads reads of the segment hold in memory changed. Starts a new segment first when the
+    /// current one is full or broken.
     pub(super) fn append_locked<T>(
         &self,
         journal: &mut JournalState,

@@ -980,7 +980,15 @@ impl Store {
 
     /// Removes a cluster's file (used when another server took ownership of it).
     pub fn remove(&self, cluster_id: &str) -> Result<(), StoreError> {
-        self.handle.shared.remove(cluster_id)
+        self.handle.shared.remove(cluster_id, None).map(|_| ())
+    }
+
+    /// As [`Store::remove`], only while the cluster's upload is still the one of `version`
+    /// ([`Store::version`]): decided under the journal's lock, so no put is committed between the
+    /// check and the removal. The handoff removes what it handed off so, never a newer upload
+    /// stored here meanwhile. Returns whether it removed it.
+    pub fn remove_if_version(&self, cluster_id: &str, version: u64) -> Result<bool, StoreError> {
+        self.handle.shared.remove(cluster_id, Some(version))
     }
 
     /// How long a cluster's newest sample keeps it served (`--ttl`): remote write's merge drops
@@ -1080,7 +1088,9 @@ fn sweep_until_stopped(shared: &Shared, stopped: &Receiver<()>) {
 }
 
 impl Shared {
-    fn remove(&self, cluster_id: &str) -> Result<(), StoreError> {
+    /// Removes `cluster_id` (only while its entry has version `only`, when given); returns
+    /// whether it did.
+    fn remove(&self, cluster_id: &str, only: Option<u64>) -> Result<bool, StoreError> {
         let path = self.path_of(cluster_id);
         let _mutation = lock(&self.mutation);
         // A removal record first, or a replay of the journal could bring the cluster back.
@@ -1093,7 +1103,21 @@ impl Shared {
         // nothing below may touch; its upload is in the journal, not in the file unlinked here.
         // Dropped when this returns, not under the journal's and index's locks: a kept mapping
         // of the file is unmapped then.
-        let _removed = self.append(&record, |_, _| lock(&self.index).remove(cluster_id))?;
+        let mut journal = lock(&self.journal);
+        if let Some(version) = only {
+            // Under the journal's lock: the committer indexes a put with it held.
+            let current = lock(&self.index).get(cluster_id).map(|entry| entry.version);
+            if current != Some(version) {
+                return Ok(false);
+            }
+        }
+        let _removed = self.append_locked(&mut journal, &record, |_, _| {
+            (
+                lock(&self.index).remove(cluster_id),
+                journal::Held::default(),
+            )
+        })?;
+        drop(journal);
         #[cfg(test)]
         self.pause_at("removal recorded");
         match fs::remove_file(&path) {
@@ -1110,7 +1134,8 @@ impl Shared {
         // another server now owns.
         self.dir_file
             .sync_all()
-            .map_err(|e| StoreError::io(format!("syncing directory {}", self.dir.display()), e))
+            .map_err(|e| StoreError::io(format!("syncing directory {}", self.dir.display()), e))?;
+        Ok(true)
     }
 
     fn sweep(&self, now: SystemTime) -> usize {

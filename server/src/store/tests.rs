@@ -2363,3 +2363,26 @@ fn a_segment_that_could_not_be_removed_keeps_every_later_one_for_the_replay() {
         "an older upload was replayed over a newer one"
     );
 }
+
+#[test]
+fn a_removal_for_one_version_leaves_a_newer_upload() {
+    let dir = TempDir::new("remove-if-version");
+    let store = open(&dir);
+    store.put("a", b"handed off".to_vec(), at(0)).unwrap();
+    checkpoint_now(&store);
+    let handed_off = store.version("a").unwrap();
+    // A newer upload lands while the handoff sends the older one to its owner.
+    store.put("a", b"newer".to_vec(), at(1)).unwrap();
+    assert!(!store.remove_if_version("a", handed_off).unwrap());
+    let read = |store: &Store| store.get("a").unwrap().map(|upload| upload.payload);
+    assert_eq!(read(&store), Some(b"newer".to_vec()));
+    // The version handed off is removed, as `remove` does.
+    let newer = store.version("a").unwrap();
+    assert!(store.remove_if_version("a", newer).unwrap());
+    assert_eq!(read(&store), None);
+    assert!(!file_of(&store, "a").exists());
+    assert!(!store.remove_if_version("a", newer).unwrap());
+    store.close();
+    drop(store);
+    assert_eq!(read(&open(&dir)), None, "the removal did not last");
+}
