@@ -366,9 +366,14 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
             };
             let keep_current = match request.mode {
                 Mode::Replace => false,
-                Mode::IfNewer => {
-                    current.is_some_and(|(stored, _)| stored > request.received_millis)
-                }
+                // Fresher samples win, as for a push (`UnlessOlder`); of the same, the later
+                // arrival. A handoff of an upload that reached another server late (spooled
+                // through an outage, while this one was thought down) replaces nothing fresher.
+                Mode::IfNewer => current.is_some_and(|(stored_received, stored_newest)| {
+                    stored_newest > request.newest_sample_ms
+                        || (stored_newest == request.newest_sample_ms
+                            && stored_received > request.received_millis)
+                }),
                 Mode::UnlessOlder => {
                     current.is_some_and(|(_, stored)| stored > request.newest_sample_ms)
                 }

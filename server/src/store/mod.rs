@@ -650,8 +650,9 @@ impl Store {
         })
     }
 
-    /// Like [`Store::put`], but keeps the stored upload when it is newer than `received` (used when
-    /// ownership moves between servers). Returns whether `payload` was written.
+    /// Like [`Store::put`], but keeps the stored upload when it is newer (used when ownership
+    /// moves between servers): its newest sample is newer than `payload`'s, or the same and it
+    /// was received after `received`. Returns whether `payload` was written.
     pub fn put_if_newer(
         &self,
         cluster_id: &str,

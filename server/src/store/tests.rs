@@ -617,6 +617,12 @@ fn put_if_newer_keeps_the_newer_upload() {
         (upload.payload, upload.received),
         (b"newer".to_vec(), newest)
     );
+    // Received later, but with older samples (an upload that reached another server late, then
+    // handed off here): the fresher values stay.
+    let fresh = sampled(0);
+    assert!(store.put_if_newer("d", fresh.clone(), at(-1000)).unwrap());
+    assert!(!store.put_if_newer("d", sampled(60_000), at(0)).unwrap());
+    assert_eq!(store.get("d").unwrap().unwrap().payload, fresh);
 }
 
 #[test]
