@@ -10,6 +10,11 @@
 //! Bounds: `--spool-max-bytes` over all files and `--spool-max-age` per file. Over them the
 //! oldest are dropped first (the newest carry the values a reader wants most), each drop
 //! counted and logged.
+//!
+//! One process at a time: a run holds an exclusive lock on the directory's `.lock` for as long as
+//! it runs. A cron run that outlasts its slot would otherwise meet the next one in the spool,
+//! which removed its half-written file as a crash's leftover and sent every kept upload a second
+//! time.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -59,7 +64,15 @@ pub struct Spool {
     dir: PathBuf,
     max_bytes: u64,
     max_age: Duration,
+    /// The directory's lock file, locked while this process runs (see the module doc).
+    _lock: std::sync::Arc<std::fs::File>,
 }
+
+/// The name of the lock file in a spool directory.
+const LOCK_FILE: &str = ".lock";
+
+/// How long [`Spool::open`] waits for another run to let go of the spool.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// What [`Spool::enforce`] dropped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -71,18 +84,61 @@ pub struct Dropped {
 }
 
 impl Spool {
-    /// A spool in `dir` (created, mode 0700, when missing).
+    /// A spool in `dir` (created, mode 0700, when missing), locked for this process; waits up to
+    /// 10 s for another run holding it, then fails saying so.
     pub fn open(dir: &Path, max_bytes: u64, max_age: Duration) -> Result<Spool, SpoolError> {
-        use std::os::unix::fs::DirBuilderExt;
+        Spool::open_waiting(dir, max_bytes, max_age, LOCK_WAIT)
+    }
+
+    /// [`Spool::open`], waiting up to `wait` for the lock.
+    fn open_waiting(
+        dir: &Path,
+        max_bytes: u64,
+        max_age: Duration,
+        wait: Duration,
+    ) -> Result<Spool, SpoolError> {
+        use fs2::FileExt;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(spool_error(format!("creating {}", dir.display())))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(spool_error(format!("opening {}", lock_path.display())))?;
+        let deadline = std::time::Instant::now() + wait;
+        while let Err(error) = lock.try_lock_exclusive() {
+            if error.kind() != fs2::lock_contended_error().kind() {
+                return Err(spool_error(format!("locking {}", lock_path.display()))(
+                    error,
+                ));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(SpoolError {
+                    what: format!("locking {}", lock_path.display()),
+                    error: std::io::Error::new(
+                        std::io::ErrorKind::WouldBlock,
+                        format!(
+                            "another telemeter-client uses this spool (a run still going, or a daemon) and held it for {}",
+                            telemeter_common::duration::format(wait)
+                        ),
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let spool = Spool {
             dir: dir.to_path_buf(),
             max_bytes,
             max_age,
+            _lock: std::sync::Arc::new(lock),
         };
         spool.remove_leftovers();
         Ok(spool)
@@ -277,7 +333,8 @@ mod tests {
                 b"second-bis".to_vec()
             ]
         );
-        // A new run removes a crashed run's temporary file.
+        // A new run (this one gone) removes a crashed run's temporary file.
+        drop(spool);
         Spool::open(&dir, 1 << 20, Duration::from_secs(3600)).unwrap();
         assert!(!dir.join(".tmp-0000000000000-0000.upload-1").exists());
         std::fs::remove_dir_all(&dir).unwrap();
@@ -341,6 +398,31 @@ mod tests {
             .map(|e| spool.read(e).unwrap()[0])
             .collect();
         assert_eq!(left, vec![1]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn one_process_at_a_time_holds_the_spool() {
+        let dir = temp_dir("lock");
+        let first = Spool::open(&dir, 25, Duration::from_secs(60)).unwrap();
+        // A second open (another run) waits, then says why it cannot have it.
+        let second = Spool::open_waiting(&dir, 25, Duration::from_secs(60), Duration::ZERO)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            second.contains("another telemeter-client uses this spool"),
+            "{second}"
+        );
+        // Clones share the lock; once every one is gone, the next run has it.
+        let clone = first.clone();
+        drop(first);
+        assert!(Spool::open_waiting(&dir, 25, Duration::from_secs(60), Duration::ZERO).is_err());
+        drop(clone);
+        let third = Spool::open_waiting(&dir, 25, Duration::from_secs(60), Duration::ZERO).unwrap();
+        assert!(
+            third.entries().unwrap().is_empty(),
+            "the lock file is not an upload"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

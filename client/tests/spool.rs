@@ -50,7 +50,7 @@ fn an_outage_of_five_runs_loses_nothing() {
         // Distinct scrape times (ms) for every run, whatever the machine's speed.
         std::thread::sleep(Duration::from_millis(20));
     }
-    let spooled = std::fs::read_dir(&spool).unwrap().count();
+    let spooled = kept(&spool);
     assert_eq!(spooled, 5);
 
     let tokens = dir.path().join("tokens.json");
@@ -87,11 +87,7 @@ fn an_outage_of_five_runs_loses_nothing() {
         "sixth run: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        std::fs::read_dir(&spool).unwrap().count(),
-        0,
-        "spool not empty"
-    );
+    assert_eq!(kept(&spool), 0, "spool not empty");
 
     // /federate serves the newest value: the sixth scrape's.
     let (status, body) = get(&format!("http://{internal}/federate")).expect("federate");
@@ -170,7 +166,7 @@ fn a_5xx_is_spooled_byte_for_byte_and_a_4xx_is_not() {
         stderr.contains("status 503") && stderr.contains("kept in the spool"),
         "{stderr}"
     );
-    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 1);
+    assert_eq!(kept(&spool), 1);
 
     let out = run_client(&args, Duration::from_secs(60));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -179,7 +175,7 @@ fn a_5xx_is_spooled_byte_for_byte_and_a_4xx_is_not() {
         stderr.contains("status 400") && !stderr.contains("spool"),
         "{stderr}"
     );
-    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+    assert_eq!(kept(&spool), 0);
 
     let uploads = receiver.seen("/upload");
     assert_eq!(uploads.len(), 3);
@@ -226,7 +222,7 @@ fn an_authorize_refusal_keeps_the_spool() {
         let out = run_client(&args, Duration::from_secs(60));
         assert!(!out.status.success());
     }
-    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 2);
+    assert_eq!(kept(&spool), 2);
 
     receiver.set_authorize_status(403);
     let out = run_client(&args, Duration::from_secs(60));
@@ -237,7 +233,7 @@ fn an_authorize_refusal_keeps_the_spool() {
         "{stderr}"
     );
     assert_eq!(
-        std::fs::read_dir(&spool).unwrap().count(),
+        kept(&spool),
         2,
         "the spool was dropped for an /authorize refusal: {stderr}"
     );
@@ -252,11 +248,20 @@ fn an_authorize_refusal_keeps_the_spool() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+    assert_eq!(kept(&spool), 0);
     let uploads = receiver.seen("/upload");
     let backfills = uploads[before..]
         .iter()
         .filter(|u| u.header("x-telemeter-backfill") == Some("1"))
         .count();
     assert_eq!(backfills, 2, "the kept uploads were not sent");
+}
+
+/// The uploads kept in the spool directory `spool` (not its lock file).
+fn kept(spool: &std::path::Path) -> usize {
+    std::fs::read_dir(spool)
+        .unwrap()
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".upload"))
+        .count()
 }
