@@ -165,6 +165,9 @@ pub struct ClusterRoutes {
     pub metrics: ClusterMetrics,
     /// The store's remote-write merge, which forwarded pushes go through.
     pub merger: Merger,
+    /// `--max-series`: a forwarded remote-write request is refused (413) when the cluster's
+    /// series would pass it once merged, as one received here is.
+    pub max_series: usize,
 }
 
 impl Handler for Internal {
@@ -196,7 +199,7 @@ impl Handler for Internal {
                 _ => Response::text(405, "only POST or PUT").with_header("Allow", "POST, PUT"),
             },
             FORWARD_PATH => match &self.cluster {
-                Some(c) => handle_forward(&c.cluster, &c.merger, request),
+                Some(c) => handle_forward(&c.cluster, &c.merger, c.max_series, request),
                 None => not_found(),
             },
             "/debug/cluster" => match &self.cluster {

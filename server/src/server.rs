@@ -275,6 +275,7 @@ impl Server {
                 cluster: cluster.clone(),
                 metrics: ClusterMetrics::register(&metrics.registry),
                 merger,
+                max_series: config.max_series,
             }),
             metrics,
             fronts: fronts.clone(),

@@ -4,7 +4,9 @@
 //! (401 otherwise, counted as `unauthorized`). A forwarded push is never forwarded again,
 //! whoever the ring names as owner: the sender chose us, and if we do not own the cluster the
 //! handoff thread moves the file on later. The reply is 200 only once the upload is durable.
-//! A forwarded remote-write request (`receive`) is merged into the cluster's series.
+//! A forwarded remote-write request (`receive`) is merged into the cluster's series, and refused
+//! (413, which the sender passes on to its client, trying no other member) when the cluster's
+//! series would pass `--max-series` once merged: only the owner knows the merged count.
 
 use telemeter_common::http::{Request, Response};
 
@@ -16,7 +18,12 @@ use crate::receive::merge::Merger;
 /// Answers one request to the forward endpoint, storing through `merger` (the server's, over its
 /// store). A forwarded push is shipped to `remote_write` once stored (this node is its owner); a
 /// handoff is not, its first owner shipped it already.
-pub fn handle_forward(cluster: &Cluster, merger: &Merger, request: Request) -> Response {
+pub fn handle_forward(
+    cluster: &Cluster,
+    merger: &Merger,
+    max_series: usize,
+    request: Request,
+) -> Response {
     if request.method != FORWARD_METHOD {
         return Response::text(405, "only POST is allowed").with_header("Allow", "POST");
     }
@@ -44,9 +51,24 @@ pub fn handle_forward(cluster: &Cluster, merger: &Merger, request: Request) -> R
         // the merger that what it cached is stale.
         ForwardKind::Handoff => store.put_if_newer(id, families, forwarded.received),
         ForwardKind::Remove => store.remove(id).map(|()| true),
-        // Merged into the cluster's series (never forwarded again, like a push).
+        // Merged into the cluster's series (never forwarded again, like a push), within the
+        // cap on the merged series.
         ForwardKind::Receive => {
-            crate::receive::store_forwarded(merger, id, families, forwarded.received).map(|()| true)
+            match crate::receive::store_forwarded(
+                merger,
+                id,
+                families,
+                forwarded.received,
+                max_series,
+            ) {
+                Ok(()) => Ok(true),
+                Err(crate::receive::merge::MergeError::Store(e)) => Err(e),
+                Err(refused) => {
+                    cluster.count_received_forward("refused");
+                    log::info!("cluster: refused a forwarded receive for cluster {id}: {refused}");
+                    return Response::text(413, &refused.to_string());
+                }
+            }
         }
     };
     match result {
@@ -103,7 +125,7 @@ mod tests {
         let body = sealer
             .seal("solo", "c1", recent, ForwardKind::Push, b"new", now)
             .unwrap();
-        let reply = handle_forward(&cluster, &merger, request("POST", body));
+        let reply = handle_forward(&cluster, &merger, usize::MAX, request("POST", body));
         assert_eq!(reply.status, 200);
         let stored = store.store.get("c1").unwrap().unwrap();
         assert_eq!(stored.payload, b"new".to_vec());
@@ -112,7 +134,7 @@ mod tests {
         let body = sealer
             .seal("solo", "c1", at(1_000), ForwardKind::Handoff, b"old", now)
             .unwrap();
-        let reply = handle_forward(&cluster, &merger, request("POST", body));
+        let reply = handle_forward(&cluster, &merger, usize::MAX, request("POST", body));
         assert_eq!(reply.status, 200);
         assert_eq!(
             store.store.get("c1").unwrap().unwrap().payload,
@@ -120,19 +142,24 @@ mod tests {
         );
 
         // Not sealed, tampered, addressed to another node, wrong method.
-        let reply = handle_forward(&cluster, &merger, request("POST", b"x".to_vec()));
+        let reply = handle_forward(
+            &cluster,
+            &merger,
+            usize::MAX,
+            request("POST", b"x".to_vec()),
+        );
         assert_eq!(reply.status, 401);
         let mut body = sealer
             .seal("solo", "c2", recent, ForwardKind::Push, b"a", now)
             .unwrap();
         let last = body.len() - 1;
         body[last] ^= 1;
-        let reply = handle_forward(&cluster, &merger, request("POST", body));
+        let reply = handle_forward(&cluster, &merger, usize::MAX, request("POST", body));
         assert_eq!(reply.status, 401);
         let body = sealer
             .seal("other", "c2", recent, ForwardKind::Push, b"a", now)
             .unwrap();
-        let reply = handle_forward(&cluster, &merger, request("POST", body));
+        let reply = handle_forward(&cluster, &merger, usize::MAX, request("POST", body));
         assert_eq!(reply.status, 401);
         match &reply.body {
             telemeter_common::http::Body::Bytes(body) => assert!(
@@ -141,7 +168,7 @@ mod tests {
             ),
             _ => panic!("a 401 carries its reason"),
         }
-        let reply = handle_forward(&cluster, &merger, request("GET", Vec::new()));
+        let reply = handle_forward(&cluster, &merger, usize::MAX, request("GET", Vec::new()));
         assert_eq!(reply.status, 405);
         assert!(store.store.get("c2").unwrap().is_none());
 
@@ -162,6 +189,58 @@ mod tests {
             .id()
             .to_string();
         assert_eq!(stats.forwards_opened, vec![(id, 2)]);
+        cluster.shutdown();
+    }
+
+    /// Families of `n` gauge series of one family, sampled now.
+    fn series(n: usize) -> Vec<u8> {
+        use telemeter_common::model::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
+        let now = telemeter_common::time::unix_millis(SystemTime::now()) as i64;
+        telemeter_common::delimited::encode(&[MetricFamily {
+            name: Some("requests".into()),
+            help: None,
+            r#type: Some(MetricType::Gauge as i32),
+            metric: (0..n)
+                .map(|i| Metric {
+                    label: vec![LabelPair {
+                        name: Some("path".into()),
+                        value: Some(format!("/{i}")),
+                    }],
+                    gauge: Some(Gauge { value: Some(1.0) }),
+                    timestamp_ms: Some(now),
+                    ..Default::default()
+                })
+                .collect(),
+        }])
+    }
+
+    #[test]
+    fn a_forwarded_receive_past_max_series_merged_is_refused_with_413() {
+        let store = TempStore::new("endpoint-receive-cap");
+        let merger = Merger::new(store.store.clone());
+        let cluster = node("solo", "127.0.0.1:1", vec![]);
+        let sealer = Sealer::new(&[key()]).unwrap();
+        let now = SystemTime::now();
+        let seal = |body: &[u8]| {
+            sealer
+                .seal("solo", "rw", now, ForwardKind::Receive, body, now)
+                .unwrap()
+        };
+        // Two series, then three more of the same family: five merged, over a cap of four.
+        let reply = handle_forward(&cluster, &merger, 4, request("POST", seal(&series(2))));
+        assert_eq!(reply.status, 200);
+        let reply = handle_forward(&cluster, &merger, 4, request("POST", seal(&series(5))));
+        assert_eq!(reply.status, 413);
+        match &reply.body {
+            telemeter_common::http::Body::Bytes(body) => {
+                assert!(String::from_utf8_lossy(body).contains("4"), "{body:?}")
+            }
+            _ => panic!("a streamed refusal"),
+        }
+        // What was stored is as before the refused request.
+        let stored = store.store.get("rw").unwrap().unwrap().payload;
+        let families = telemeter_common::delimited::decode(&stored, &Default::default()).unwrap();
+        assert_eq!(families.iter().map(|f| f.metric.len()).sum::<usize>(), 2);
         cluster.shutdown();
     }
 }

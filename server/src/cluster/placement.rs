@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::forward::ForwardKind;
+use super::forward::{ForwardError, ForwardKind};
 use super::Cluster;
 use crate::ingest::placement::{store_push, store_upload, Placement, PlacementError};
 use crate::receive::merge::Merger;
@@ -82,9 +82,14 @@ impl Placement for ClusterPlacement {
     }
 }
 
+/// The status an owner refuses a forward's content with (`endpoint`: a remote-write request over
+/// `--max-series` merged), passed on to the client rather than tried elsewhere.
+pub const REFUSED_BY_OWNER: u16 = 413;
+
 /// Stores `payload` on `cluster_id`'s owner: `store_here` when that is this node, else forwarded
 /// as `kind` (the owner stores it durably before answering); a failed owner is marked suspect and
-/// the next in the ring's preference order is tried. Shared by uploads and remote write.
+/// the next in the ring's preference order is tried. Shared by uploads and remote write. An
+/// owner's refusal of the content ([`REFUSED_BY_OWNER`]) is the answer: no other is tried.
 pub fn place_on_owner<E: std::fmt::Display>(
     cluster: &Cluster,
     cluster_id: &str,
@@ -108,12 +113,24 @@ pub fn place_on_owner<E: std::fmt::Display>(
             store_here(bytes).map_err(|e| e.to_string())
         } else {
             let bytes = payload.as_deref().unwrap_or_default();
-            cluster
-                .forward(owner, cluster_id, received, kind, bytes)
-                .map_err(|e| {
+            match cluster.forward(owner, cluster_id, received, kind, bytes) {
+                // The owner refused the data itself: another member would take it past the
+                // owner's cap, and the owner is well.
+                Err(ForwardError::Rejected {
+                    status: REFUSED_BY_OWNER,
+                    reason,
+                }) => {
+                    return Err(PlacementError::Refused {
+                        status: REFUSED_BY_OWNER,
+                        reason,
+                    })
+                }
+                Err(e) => {
                     cluster.mark_suspect(&owner.name);
-                    e.to_string()
-                })
+                    Err(e.to_string())
+                }
+                Ok(()) => Ok(()),
+            }
         };
         match result {
             Ok(()) => {
@@ -204,6 +221,48 @@ mod tests {
         assert!(matches!(err, PlacementError::Unavailable));
         assert_eq!(err.status(), 503);
         assert_eq!(err.to_string(), "no server could store the upload; retry");
+        a.shutdown();
+        b.shutdown();
+    }
+
+    /// An internal port whose every answer is `status`.
+    struct Answers(u16);
+
+    impl telemeter_common::http::Handler for Answers {
+        fn handle(&self, _: telemeter_common::http::Request) -> telemeter_common::http::Response {
+            telemeter_common::http::Response::text(self.0, "over --max-series (4) once merged")
+        }
+
+        fn body_limit(&self, _: &str, _: &str) -> usize {
+            1 << 20
+        }
+    }
+
+    #[test]
+    fn an_owner_refusing_the_content_is_the_answer_and_no_other_member_stores_it() {
+        let store = TempStore::new("placement-refused");
+        let owner = telemeter_common::http::Server::bind(
+            "127.0.0.1:0",
+            telemeter_common::http::Config::default(),
+            Arc::new(Answers(REFUSED_BY_OWNER)),
+        )
+        .unwrap();
+        let (a, b) = pair(&owner.local_addr().to_string());
+        let _owner = owner.spawn();
+        let a = Arc::new(a);
+        let id = id_owned_by(&a, "b");
+        let placement = ClusterPlacement::new(a.clone(), Merger::new(store.store.clone()));
+        let err = placement
+            .place(&id, b"payload".to_vec(), SystemTime::now())
+            .unwrap_err();
+        assert_eq!(err.status(), 413);
+        assert_eq!(err.to_string(), "over --max-series (4) once merged");
+        // Not stored here instead, and the owner is not suspected for answering.
+        assert!(store.store.get(&id).unwrap().is_none());
+        let state = super::super::gossip::lock(a.membership())
+            .member("b")
+            .map(|m| m.state);
+        assert_eq!(state, Some(MemberState::Alive));
         a.shutdown();
         b.shutdown();
     }

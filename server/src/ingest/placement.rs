@@ -23,13 +23,24 @@ pub enum PlacementError {
     /// logged where it happens; the client only learns that it should retry, not the peers'
     /// internal addresses.
     Unavailable,
+    /// The owner refused it for its content (413: a forwarded remote-write request that would
+    /// take the cluster's merged series past `--max-series`); no other member is tried.
+    Refused {
+        /// The owner's status, passed on to the client.
+        status: u16,
+        /// The owner's reason (about the client's data, nothing of the peer's).
+        reason: String,
+    },
 }
 
 impl PlacementError {
-    /// The HTTP status for the client: 503 (retry later), since none of these are the client's fault
-    /// and the data was not stored.
+    /// The HTTP status for the client: the owner's refusal as it answered it, else 503 (retry
+    /// later): the data was not stored, and not for the client's fault.
     pub fn status(&self) -> u16 {
-        503
+        match self {
+            PlacementError::Refused { status, .. } => *status,
+            _ => 503,
+        }
     }
 }
 
@@ -38,6 +49,7 @@ impl fmt::Display for PlacementError {
         match self {
             PlacementError::Store(e) => write!(f, "storing the upload failed: {e}"),
             PlacementError::Unavailable => f.write_str("no server could store the upload; retry"),
+            PlacementError::Refused { reason, .. } => f.write_str(reason),
         }
     }
 }

@@ -44,9 +44,9 @@ use crate::buffers::BufferPool;
 use crate::cluster::forward::ForwardKind;
 use crate::cluster::Cluster;
 use crate::ingest::gate::{run_as_batch, Gate, CPU_GATE_YIELD};
+use crate::ingest::placement::PlacementError;
 use crate::ingest::ratelimit::retry_after_secs;
 use crate::metrics::Metrics;
-use crate::store::StoreError;
 
 use auth::{Authenticator, Credentials};
 use cache::RawRules;
@@ -529,6 +529,9 @@ impl ReceiveHandler {
                 );
                 match (refused.into_inner(), placed) {
                     (Some(refusal), _) => Err(refusal),
+                    (None, Err(e @ PlacementError::Refused { .. })) => {
+                        Err(Refusal::new(e.status(), "too_large", e.to_string()))
+                    }
                     (None, placed) => {
                         placed.map_err(|e| Refusal::new(e.status(), "store_failed", e.to_string()))
                     }
@@ -637,16 +640,18 @@ fn check_encoding(request: &Request) -> Result<(), Refusal> {
 }
 
 /// Stores a remote-write request another server forwarded here (its validated families): merged
-/// into the cluster's series like one received here.
+/// into the cluster's series like one received here, refused when they would pass `max_series`
+/// (`--max-series`) merged. The sender held the request itself to its caps; only the owner
+/// knows the merged count, and without this a tenant sending to any other member of the
+/// cluster grew its series past the cap without bound.
 pub fn store_forwarded(
     merger: &Merger,
     cluster_id: &str,
     delta: Vec<u8>,
     received: SystemTime,
-) -> Result<(), StoreError> {
-    // The sender held the request to its caps; the merged payload is not capped here, so that an
-    // owner never refuses what a peer already accepted.
-    merger.store_accepted(cluster_id, delta, received)
+    max_series: usize,
+) -> Result<(), MergeError> {
+    merger.store_received(cluster_id, delta, received, max_series, None)
 }
 
 #[cfg(test)]
