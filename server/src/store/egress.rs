@@ -111,30 +111,33 @@ impl Backlog {
         })
     }
 
-    /// Saves `position` as the cursor (atomically and durably), then deletes the segments wholly
-    /// before it.
+    /// Deletes the segments wholly before `position` (shipped), then saves `position` as the
+    /// cursor (atomically and durably). In that order because a full disk (a receiver down long
+    /// enough for the backlog to fill it) refuses the cursor's new file: deleting first frees it,
+    /// where saving first kept every shipped segment, and the disk full, for good. Deleting
+    /// first is safe: a reader from an older cursor skips a segment that is gone.
     pub fn save_cursor(&self, position: Position) -> Result<(), StoreError> {
         let egress = self.egress()?;
-        save_cursor(&self.shared.dir, position)?;
-        let mut shipped_below = lock(&egress.shipped_below);
-        if position.segment <= *shipped_below {
-            return Ok(());
-        }
-        *shipped_below = position.segment;
-        let dir = self.shared.dir.join(EGRESS_DIR);
-        for number in segment_numbers(&self.shared.dir)? {
-            if number >= position.segment {
-                break;
+        {
+            let mut shipped_below = lock(&egress.shipped_below);
+            if position.segment > *shipped_below {
+                *shipped_below = position.segment;
+                let dir = self.shared.dir.join(EGRESS_DIR);
+                for number in segment_numbers(&self.shared.dir)? {
+                    if number >= position.segment {
+                        break;
+                    }
+                    let path = dir.join(format!("{}{number}", journal::PREFIX));
+                    match fs::remove_file(&path) {
+                        Ok(()) => {}
+                        // Not checkpointed yet: the checkpoint deletes it, seeing `shipped_below`.
+                        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                        Err(error) => log::warn!("removing shipped {}: {error}", path.display()),
+                    }
+                }
             }
-            let path = dir.join(format!("{}{number}", journal::PREFIX));
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                // Not checkpointed yet: the checkpoint deletes it, seeing `shipped_below`.
-                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-                Err(error) => log::warn!("removing shipped {}: {error}", path.display()),
-            }
         }
-        Ok(())
+        save_cursor(&self.shared.dir, position)
     }
 
     /// A reader of the records to ship, from `from`.
@@ -668,6 +671,37 @@ mod tests {
         // A new segment never takes the number of one set aside.
         store.put("g", fresh, SystemTime::now()).unwrap();
         assert_eq!(reader.next_record().unwrap().unwrap().end.segment, 3);
+    }
+
+    #[test]
+    fn shipped_segments_are_deleted_even_when_the_cursor_cannot_be_saved() {
+        let dir = testkit::TempDir::new("egress-full");
+        let now = telemeter_common::time::sample_millis(SystemTime::now());
+        let store = Store::open_shipping(config(dir.path())).unwrap();
+        let backlog = store.backlog().unwrap();
+        store
+            .put("a", payload(1.0, now), SystemTime::now())
+            .unwrap();
+        checkpoint_now(&store);
+        store
+            .put("b", payload(2.0, now), SystemTime::now())
+            .unwrap();
+        let mut reader = backlog.reader(backlog.cursor().unwrap());
+        assert_eq!(drain(&mut reader).len(), 2);
+        assert_eq!(journal::list(&dir.path().join(EGRESS_DIR)).unwrap(), [0]);
+        // The cursor's new file cannot be made (as on a full disk; a directory in its way here).
+        fs::create_dir_all(dir.path().join(EGRESS_DIR).join(".tmp-cursor")).unwrap();
+        assert!(backlog.save_cursor(reader.position()).is_err());
+        assert!(
+            journal::list(&dir.path().join(EGRESS_DIR))
+                .unwrap()
+                .is_empty(),
+            "a shipped segment kept while the cursor could not be saved"
+        );
+        // From the cursor saved before (none: the start), the gone segment is skipped.
+        let again = drain(&mut backlog.reader(backlog.cursor().unwrap()));
+        assert_eq!(again, [("b".to_string(), payload(2.0, now))]);
+        store.close();
     }
 
     #[test]
