@@ -180,7 +180,8 @@ mod tests {
                 ("handoff", 1),
                 ("unauthorized", 3),
                 ("store_error", 0),
-                ("receive", 0)
+                ("receive", 0),
+                ("refused", 0),
             ]
         );
         // The two stored were accepted under our key; refused ones are not counted by key.
@@ -237,6 +238,13 @@ mod tests {
             }
             _ => panic!("a streamed refusal"),
         }
+        let refused = cluster
+            .stats()
+            .received_forwards
+            .iter()
+            .find(|(result, _)| *result == "refused")
+            .map(|(_, n)| *n);
+        assert_eq!(refused, Some(1), "the refusal is counted");
         // What was stored is as before the refused request.
         let stored = store.store.get("rw").unwrap().unwrap().payload;
         let families = telemeter_common::delimited::decode(&stored, &Default::default()).unwrap();

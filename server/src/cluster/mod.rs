@@ -166,7 +166,15 @@ pub struct ClusterStats {
 }
 
 /// Results of forwards received, in [`ClusterStats::received_forwards`] order.
-const RECEIVED: [&str; 5] = ["push", "handoff", "unauthorized", "store_error", "receive"];
+const RECEIVED: [&str; 6] = [
+    "push",
+    "handoff",
+    "unauthorized",
+    "store_error",
+    "receive",
+    // A forwarded remote-write request refused for its content (`--max-series` merged).
+    "refused",
+];
 
 /// Forward results by kind (push, handoff, remove, receive) × result (ok, unreachable, rejected).
 #[derive(Debug, Default)]
@@ -221,7 +229,7 @@ pub struct Cluster {
     forwards_opened: Mutex<BTreeMap<KeyId, u64>>,
     forwarder: Forwarder,
     forwards: ForwardCounters,
-    received: [AtomicU64; 5],
+    received: [AtomicU64; RECEIVED.len()],
     started: Instant,
     peer_timeout: Duration,
     join_count: usize,
