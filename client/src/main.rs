@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use telemeter_client::config::{Config, Flags};
 use telemeter_client::metrics::{Endpoints, Metrics};
-use telemeter_client::run::Client;
+use telemeter_client::run::{Client, ClientError};
 use telemeter_common::http::{self, Server};
 
 fn main() -> ExitCode {
@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     let metrics = Arc::new(Metrics::new());
     let mut client = match Client::new(&config, metrics.clone()) {
         Ok(c) => c,
-        Err(e) => return usage(&e.to_string()),
+        Err(e) => return not_started(&e),
     };
     let server = match &config.listen {
         None => None,
@@ -79,7 +79,7 @@ fn once(flags: Flags) -> ExitCode {
     };
     let mut client = match Client::new(&config, Arc::new(Metrics::new())) {
         Ok(c) => c,
-        Err(e) => return usage(&e.to_string()),
+        Err(e) => return not_started(&e),
     };
     match client.cycle() {
         // The summary is printed whatever RUST_LOG says: it is what a timer's journal shows.
@@ -100,6 +100,18 @@ fn once(flags: Flags) -> ExitCode {
             eprintln!("telemeter-client: cluster {}: {e}", config.id);
             ExitCode::from(1)
         }
+    }
+}
+
+/// Exits for a client that could not be set up: 1 when another run holds the spool (worth
+/// running again, as a failed push is: a timer retries it), 2 (as for bad flags) otherwise.
+fn not_started(e: &ClientError) -> ExitCode {
+    match e {
+        ClientError::Spool(spool) if spool.error.kind() == std::io::ErrorKind::WouldBlock => {
+            eprintln!("telemeter-client: {e}");
+            ExitCode::from(1)
+        }
+        _ => usage(&e.to_string()),
     }
 }
 

@@ -113,13 +113,14 @@ impl std::error::Error for PushError {}
 
 impl PushError {
     /// Whether the server refused this very upload's content for good: `/upload` answered 400,
-    /// 413 or 422, or the body is over `--limit-bytes`. Sending the same bytes again would fail
-    /// again whatever else changes; every other failure (an `/authorize` refusal, a redirect, a
-    /// 401 or 403 on `/upload`) is about the client's set-up or the way to the server, not about
-    /// the upload, so a spooled upload outlives it.
+    /// 403 (a label the token sets carries another value), 413 or 422, or the body is over
+    /// `--limit-bytes`. Sending the same bytes again would fail again whatever else changes;
+    /// every other failure (an `/authorize` refusal, a redirect, a 401 on `/upload`) is about the
+    /// client's set-up or the way to the server, not about the upload, so a spooled upload
+    /// outlives it.
     pub fn refuses_the_body(&self) -> bool {
         match self {
-            PushError::Upload { status, .. } => matches!(status, 400 | 413 | 422),
+            PushError::Upload { status, .. } => matches!(status, 400 | 403 | 413 | 422),
             PushError::TooLarge { .. } => true,
             _ => false,
         }
@@ -543,6 +544,26 @@ mod tests {
         assert_eq!(refresh_at(t, 30), t + Duration::from_secs(15));
         assert_eq!(refresh_at(t, 0), t);
         assert_eq!(refresh_at(t, -5), t);
+    }
+
+    #[test]
+    fn only_a_refusal_of_the_uploads_content_refuses_the_body() {
+        let upload = |status| PushError::Upload {
+            status,
+            message: String::new(),
+        };
+        for status in [400, 403, 413, 422] {
+            assert!(upload(status).refuses_the_body(), "{status}");
+        }
+        for status in [401, 404, 429, 500, 503] {
+            assert!(!upload(status).refuses_the_body(), "{status}");
+        }
+        let authorize = PushError::Authorize {
+            status: 403,
+            message: String::new(),
+        };
+        assert!(!authorize.refuses_the_body());
+        assert!(PushError::TooLarge { size: 2, limit: 1 }.refuses_the_body());
     }
 
     #[test]

@@ -468,6 +468,62 @@ fn daemon_with_a_spool_honours_retry_after() {
     assert_eq!(status.and_then(|s| s.code()), Some(0), "exit 0 on SIGTERM");
 }
 
+/// A `--once` run that finds its spool held by another client (here a daemon on the same
+/// directory) waits for it, then exits 1 saying so (a timer runs it again, as after a failed
+/// push), and pushes nothing.
+#[test]
+fn a_spool_held_by_another_client_is_exit_1_with_a_reason() {
+    let receiver = Receiver::start(Behaviour::default());
+    let dir = TempDir::new("spool-held");
+    let spool = dir.path().join("spool");
+    let from = format!("{}/metrics", receiver.url);
+    let args = |once: bool| {
+        let mut args = vec![
+            "--from".to_string(),
+            from.clone(),
+            "--to".to_string(),
+            receiver.url.clone(),
+            "--to-token".to_string(),
+            "client-secret".to_string(),
+            "--id".to_string(),
+            "cluster-h".to_string(),
+            "--match".to_string(),
+            "source_up".to_string(),
+            "--interval".to_string(),
+            "1h".to_string(),
+            "--spool-dir".to_string(),
+            spool.to_str().unwrap().to_string(),
+        ];
+        if once {
+            args.push("--once".to_string());
+        }
+        args
+    };
+    let daemon = Command::new(CLIENT)
+        .args(args(false))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start client");
+    let mut daemon = Guard(daemon);
+    // The daemon has the spool once it pushed.
+    receiver.wait_for("/upload", 1, Duration::from_secs(30));
+    let once: Vec<String> = args(true);
+    let once: Vec<&str> = once.iter().map(String::as_str).collect();
+    let out = run_client(&once, WAIT);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another telemeter-client uses this spool"),
+        "{err}"
+    );
+    assert_eq!(receiver.seen("/upload").len(), 1, "the held run pushed");
+    sigterm(&daemon.0);
+    let status = wait_exit(&mut daemon.0, Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+}
+
 #[test]
 fn tls_with_ca_files_for_both_sides() {
     let receiver = Receiver::start_tls(Behaviour::default());

@@ -110,18 +110,21 @@ pub(super) fn checkpoint_until_closed(shared: &Shared, retired: &Receiver<Arc<Se
         let mut yielding = Yielding::for_segment(shared, retired.len());
         let done = checkpoint_yielding(shared, &segment, keep, &mut yielding);
         if done {
-            // Its clusters are read from their files now (or from later segments, which count
-            // their own): what reads of its packed payloads held is settled.
-            let settled = segment.packed.load(Ordering::Relaxed);
-            let _ =
-                shared
-                    .packed_unsettled
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                        Some(n.saturating_sub(settled))
-                    });
+            settle(shared, &segment);
         }
         keep = !done || keep;
     }
+}
+
+/// Takes what reads of `segment`'s packed payloads held off [`Shared::packed_unsettled`]: its
+/// clusters are read from their files now (or from later segments, which count their own).
+fn settle(shared: &Shared, segment: &Segment) {
+    let settled = segment.packed.load(Ordering::Relaxed);
+    let _ = shared
+        .packed_unsettled
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            Some(n.saturating_sub(settled))
+        });
 }
 
 /// [`checkpoint_yielding`] without yielding, as tests checkpoint a segment.
@@ -331,6 +334,10 @@ fn checkpoint_yielding(
             "removing checkpointed {}: {error}; it and every later segment stay and are replayed at the next start",
             segment.path.display()
         );
+        // Its cluster files are written and indexed all the same: what reads of its packed
+        // payloads held is settled (else one failed unlink kept the journal from packing for
+        // the rest of the run).
+        settle(shared, segment);
         return false;
     }
     true

@@ -2341,7 +2341,13 @@ fn a_put_committed_while_a_corrupt_file_is_set_aside_is_kept() {
 fn a_segment_that_could_not_be_removed_keeps_every_later_one_for_the_replay() {
     let dir = TempDir::new("retire-fails");
     let store = open(&dir);
-    store.put("a", b"older".to_vec(), at(0)).unwrap();
+    // Kept packed (as an unchanged upload is): what reads of it hold counts until settled.
+    let older = b"older".to_vec();
+    let frames = telemeter_common::snappy::encode_framed(&older);
+    store
+        .put_unless_older_packed("a", older, frames, at(0))
+        .unwrap();
+    assert!(store.handle.shared.packed_unsettled.load(Ordering::Relaxed) > 0);
     // The segment cannot be removed once checkpointed: a directory stands at its path (root
     // ignores permissions); the store still reads it through its open descriptor.
     let number = lock(&store.handle.shared.journal)
@@ -2357,6 +2363,11 @@ fn a_segment_that_could_not_be_removed_keeps_every_later_one_for_the_replay() {
     store.put("a", b"newer".to_vec(), at(1)).unwrap();
     retire_now(&store);
     store.close();
+    // Its files are written all the same: the journal may pack again.
+    assert_eq!(
+        store.handle.shared.packed_unsettled.load(Ordering::Relaxed),
+        0
+    );
     drop(store);
     // The first segment stayed (as a failed unlink leaves it): the next start replays it, and
     // must replay the later one after it, which holds the newer upload.
