@@ -429,8 +429,12 @@ fn daemon_with_a_spool_honours_retry_after() {
     let dir = TempDir::new("retry-after-spool");
     let spool = dir.path().join("spool");
     let from = format!("{}/metrics", receiver.url);
+    // Its own port: the default one is another daemon test's too.
+    let listen = format!("127.0.0.1:{}", free_port());
     let child = Command::new(CLIENT)
         .args([
+            "--listen",
+            &listen,
             "--from",
             &from,
             "--to",
@@ -477,6 +481,8 @@ fn a_spool_held_by_another_client_is_exit_1_with_a_reason() {
     let dir = TempDir::new("spool-held");
     let spool = dir.path().join("spool");
     let from = format!("{}/metrics", receiver.url);
+    // Its own port: the default one is another daemon test's too.
+    let listen = format!("127.0.0.1:{}", free_port());
     let args = |once: bool| {
         let mut args = vec![
             "--from".to_string(),
@@ -496,6 +502,8 @@ fn a_spool_held_by_another_client_is_exit_1_with_a_reason() {
         ];
         if once {
             args.push("--once".to_string());
+        } else {
+            args.extend(["--listen".to_string(), listen.clone()]);
         }
         args
     };
