@@ -304,6 +304,17 @@ mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
 
+    /// The first byte of each kept upload, oldest first (the tests' uploads are one byte
+    /// repeated).
+    fn first_bytes(spool: &Spool) -> Vec<u8> {
+        spool
+            .entries()
+            .unwrap()
+            .iter()
+            .map(|e| spool.read(e).unwrap()[0])
+            .collect()
+    }
+
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("tc-spool-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -358,12 +369,7 @@ mod tests {
                 over_size: 1
             }
         );
-        let left: Vec<u8> = spool
-            .entries()
-            .unwrap()
-            .iter()
-            .map(|e| spool.read(e).unwrap()[0])
-            .collect();
+        let left = first_bytes(&spool);
         assert_eq!(left, vec![2, 3]);
         // 61 s after the second: it expired, the third (60 s old) did not.
         assert_eq!(
@@ -391,12 +397,7 @@ mod tests {
             refused.contains("over --spool-max-bytes (25 bytes)"),
             "{refused}"
         );
-        let left: Vec<u8> = spool
-            .entries()
-            .unwrap()
-            .iter()
-            .map(|e| spool.read(e).unwrap()[0])
-            .collect();
+        let left = first_bytes(&spool);
         assert_eq!(left, vec![1]);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -32,6 +32,18 @@ fn names(families: &[MetricFamily]) -> BTreeSet<String> {
         .collect()
 }
 
+/// Starts the client as a daemon with `args`, its output dropped; killed if the test fails.
+fn start_daemon(args: &[&str]) -> Guard {
+    let child = Command::new(CLIENT)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start client");
+    Guard(child)
+}
+
 fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -363,29 +375,22 @@ fn daemon_honours_retry_after_serves_metrics_and_stops_on_sigterm() {
     });
     let from = format!("{}/metrics", receiver.url);
     let listen = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(CLIENT)
-        .args([
-            "--from",
-            &from,
-            "--to",
-            &receiver.url,
-            "--to-token",
-            "client-secret",
-            "--id",
-            "cluster-d",
-            "--match",
-            r#"{__name__=~"source_up|ALERTS"}"#,
-            "--interval",
-            "1h",
-            "--listen",
-            &listen,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start client");
-    let mut child = Guard(child);
+    let mut child = start_daemon(&[
+        "--from",
+        &from,
+        "--to",
+        &receiver.url,
+        "--to-token",
+        "client-secret",
+        "--id",
+        "cluster-d",
+        "--match",
+        r#"{__name__=~"source_up|ALERTS"}"#,
+        "--interval",
+        "1h",
+        "--listen",
+        &listen,
+    ]);
 
     let uploads = receiver.wait_for("/upload", 2, Duration::from_secs(30));
     assert_eq!(uploads.len(), 2, "a second attempt after the 429");
@@ -431,31 +436,24 @@ fn daemon_with_a_spool_honours_retry_after() {
     let from = format!("{}/metrics", receiver.url);
     // Its own port: the default one is another daemon test's too.
     let listen = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(CLIENT)
-        .args([
-            "--listen",
-            &listen,
-            "--from",
-            &from,
-            "--to",
-            &receiver.url,
-            "--to-token",
-            "client-secret",
-            "--id",
-            "cluster-s",
-            "--match",
-            "source_up",
-            "--interval",
-            "1h",
-            "--spool-dir",
-            spool.to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start client");
-    let mut child = Guard(child);
+    let mut child = start_daemon(&[
+        "--listen",
+        &listen,
+        "--from",
+        &from,
+        "--to",
+        &receiver.url,
+        "--to-token",
+        "client-secret",
+        "--id",
+        "cluster-s",
+        "--match",
+        "source_up",
+        "--interval",
+        "1h",
+        "--spool-dir",
+        spool.to_str().unwrap(),
+    ]);
     let uploads = receiver.wait_for("/upload", 2, Duration::from_secs(30));
     assert!(uploads.len() >= 2, "no attempt after the 429");
     let gap = uploads[1].at.duration_since(uploads[0].at);
@@ -483,42 +481,13 @@ fn a_spool_held_by_another_client_is_exit_1_with_a_reason() {
     let from = format!("{}/metrics", receiver.url);
     // Its own port: the default one is another daemon test's too.
     let listen = format!("127.0.0.1:{}", free_port());
-    let args = |once: bool| {
-        let mut args = vec![
-            "--from".to_string(),
-            from.clone(),
-            "--to".to_string(),
-            receiver.url.clone(),
-            "--to-token".to_string(),
-            "client-secret".to_string(),
-            "--id".to_string(),
-            "cluster-h".to_string(),
-            "--match".to_string(),
-            "source_up".to_string(),
-            "--interval".to_string(),
-            "1h".to_string(),
-            "--spool-dir".to_string(),
-            spool.to_str().unwrap().to_string(),
-        ];
-        if once {
-            args.push("--once".to_string());
-        } else {
-            args.extend(["--listen".to_string(), listen.clone()]);
-        }
-        args
-    };
-    let daemon = Command::new(CLIENT)
-        .args(args(false))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start client");
-    let mut daemon = Guard(daemon);
+    let spool = spool.to_str().unwrap();
+    let once = [once_args(&receiver, &from), vec!["--spool-dir", spool]].concat();
+    // The same client as a daemon (`once_args` without its leading `--once`).
+    let daemon = [&once[1..], &["--interval", "1h", "--listen", &listen]].concat();
+    let mut daemon = start_daemon(&daemon);
     // The daemon has the spool once it pushed.
     receiver.wait_for("/upload", 1, Duration::from_secs(30));
-    let once: Vec<String> = args(true);
-    let once: Vec<&str> = once.iter().map(String::as_str).collect();
     let out = run_client(&once, WAIT);
     let err = stderr_of(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");

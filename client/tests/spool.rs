@@ -144,21 +144,7 @@ fn a_5xx_is_spooled_byte_for_byte_and_a_4xx_is_not() {
         ..Behaviour::default()
     });
     let from = format!("{}/metrics", receiver.url);
-    let args = [
-        "--once",
-        "--from",
-        &from,
-        "--to",
-        &receiver.url,
-        "--to-token",
-        "client-secret",
-        "--id",
-        "c1",
-        "--match",
-        "source_up",
-        "--spool-dir",
-        spool.to_str().unwrap(),
-    ];
+    let args = once_args(&receiver, &from, &spool);
     let out = run_client(&args, Duration::from_secs(60));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -202,21 +188,7 @@ fn an_authorize_refusal_keeps_the_spool() {
         ..Behaviour::default()
     });
     let from = format!("{}/metrics", receiver.url);
-    let args = [
-        "--once",
-        "--from",
-        &from,
-        "--to",
-        &receiver.url,
-        "--to-token",
-        "client-secret",
-        "--id",
-        "c1",
-        "--match",
-        "source_up",
-        "--spool-dir",
-        spool.to_str().unwrap(),
-    ];
+    let args = once_args(&receiver, &from, &spool);
     // Two uploads kept.
     for _ in 0..2 {
         let out = run_client(&args, Duration::from_secs(60));
@@ -264,4 +236,28 @@ fn kept(spool: &std::path::Path) -> usize {
         .flatten()
         .filter(|entry| entry.file_name().to_string_lossy().ends_with(".upload"))
         .count()
+}
+
+/// The args of a `--once` run of cluster `c1` scraping the receiver's own `/metrics` (`from`),
+/// spooling in `spool`.
+fn once_args<'a>(
+    receiver: &'a Receiver,
+    from: &'a str,
+    spool: &'a std::path::Path,
+) -> Vec<&'a str> {
+    vec![
+        "--once",
+        "--from",
+        from,
+        "--to",
+        &receiver.url,
+        "--to-token",
+        "client-secret",
+        "--id",
+        "c1",
+        "--match",
+        "source_up",
+        "--spool-dir",
+        spool.to_str().unwrap(),
+    ]
 }

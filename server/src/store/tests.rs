@@ -951,10 +951,7 @@ fn a_payload_damaged_on_disk_is_found_by_its_first_read_and_never_served() {
         store.close();
     }
     let path = |id: &str| dir.0.join(file::file_name(id));
-    let mut bytes = fs::read(path("damaged")).unwrap();
-    let middle = bytes.len() - 150;
-    bytes[middle] ^= 0x01;
-    fs::write(path("damaged"), &bytes).unwrap();
+    damage_payload(&path("damaged"));
 
     // Open reads headers only: the damage is in the payload, so it is found by the first read.
     let store = open(&dir);
@@ -2254,18 +2251,9 @@ fn a_put_committed_while_a_removal_unlinks_the_old_file_is_kept() {
     store.put("a", b"old".to_vec(), at(0)).unwrap();
     checkpoint_now(&store);
     assert!(file_of(&store, "a").exists());
-    let (removal_appended, go_on) = pause_at(&store, "removal recorded");
-    let remover = {
-        let store = store.clone();
-        std::thread::spawn(move || store.remove("a"))
-    };
     // Between the removal record and the unlink of the old file, a put is committed and
     // acknowledged: it must outlive the removal, which came before it.
-    removal_appended.recv().unwrap();
-    store.put("a", b"new".to_vec(), at(1)).unwrap();
-    go_on.send(()).unwrap();
-    remover.join().unwrap().unwrap();
-    *lock(&store.handle.shared.pause) = None;
+    put_while_stopped_at(&store, "removal recorded", |store| store.remove("a")).unwrap();
     let read = |store: &Store| store.get("a").unwrap().map(|upload| upload.payload);
     assert_eq!(
         read(&store),
@@ -2279,19 +2267,39 @@ fn a_put_committed_while_a_removal_unlinks_the_old_file_is_kept() {
     assert_eq!(read(&open(&dir)), Some(b"new".to_vec()));
 }
 
-/// Stops the store's next thread to reach `at` ([`Shared::pause_at`]): told on the first channel
-/// when one does, it goes on when the second is sent to.
-fn pause_at(
+/// Runs `op` on another thread, stopped where the store reaches `point`
+/// ([`Shared::pause_at`]); there, a put of "new" for cluster "a" is committed and acknowledged,
+/// then `op` goes on. Returns what `op` returned.
+fn put_while_stopped_at<T: Send + 'static>(
     store: &Store,
-    at: &'static str,
-) -> (
-    crossbeam_channel::Receiver<()>,
-    crossbeam_channel::Sender<()>,
-) {
-    let (reached, reached_rx) = crossbeam_channel::bounded(0);
-    let (go_on_tx, go_on) = crossbeam_channel::bounded(0);
-    *lock(&store.handle.shared.pause) = Some(state::Pause { at, reached, go_on });
-    (reached_rx, go_on_tx)
+    point: &'static str,
+    op: impl FnOnce(&Store) -> T + Send + 'static,
+) -> T {
+    let (reached, stopped) = crossbeam_channel::bounded(0);
+    let (go_on, waits) = crossbeam_channel::bounded(0);
+    *lock(&store.handle.shared.pause) = Some(state::Pause {
+        at: point,
+        reached,
+        go_on: waits,
+    });
+    let thread = {
+        let store = store.clone();
+        std::thread::spawn(move || op(&store))
+    };
+    stopped.recv().unwrap();
+    store.put("a", b"new".to_vec(), at(1)).unwrap();
+    go_on.send(()).unwrap();
+    let result = thread.join().unwrap();
+    *lock(&store.handle.shared.pause) = None;
+    result
+}
+
+/// Flips one bit of the payload of the cluster file at `path`: its checksum no longer holds.
+fn damage_payload(path: &Path) {
+    let mut bytes = fs::read(path).unwrap();
+    let middle = bytes.len() - 150;
+    bytes[middle] ^= 0x01;
+    fs::write(path, &bytes).unwrap();
 }
 
 #[test]
@@ -2302,28 +2310,12 @@ fn a_put_committed_while_a_corrupt_file_is_set_aside_is_kept() {
         store.put("a", vec![7u8; 300], at(0)).unwrap();
         store.close();
     }
-    let path = dir.0.join(file::file_name("a"));
-    let mut bytes = fs::read(&path).unwrap();
-    let middle = bytes.len() - 150;
-    bytes[middle] ^= 0x01;
-    fs::write(&path, &bytes).unwrap();
+    damage_payload(&dir.0.join(file::file_name("a")));
     let store = open(&dir);
-    let (corrupt_found, go_on) = pause_at(&store, "corrupt file found");
-    let reader = {
-        let store = store.clone();
-        std::thread::spawn(move || store.get("a"))
-    };
     // Between finding the file corrupt and setting it aside, a put is committed and
     // acknowledged: the file goes, the put stays.
-    corrupt_found.recv().unwrap();
-    store.put("a", b"new".to_vec(), at(1)).unwrap();
-    go_on.send(()).unwrap();
-    assert_eq!(
-        reader.join().unwrap().unwrap(),
-        None,
-        "the corrupt file was served"
-    );
-    *lock(&store.handle.shared.pause) = None;
+    let read = put_while_stopped_at(&store, "corrupt file found", |store| store.get("a"));
+    assert_eq!(read.unwrap(), None, "the corrupt file was served");
     assert_eq!(store.stats().corrupt_files, 1);
     let read = |store: &Store| store.get("a").unwrap().map(|upload| upload.payload);
     assert_eq!(
