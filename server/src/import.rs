@@ -42,11 +42,11 @@ use crate::authorize::{check_cluster_id, ClientAuthorizer, TokensFile};
 use crate::config::{Config, Flags, TokenSource};
 use crate::ingest::backfill::{BackfillBudget, BACKFILLS_PER_WINDOW};
 use crate::ingest::decode::{self, Decoded};
-use crate::ingest::placement::{store_push, Placement};
+use crate::ingest::placement::{store_push, Placement, PlacementError};
 use crate::ingest::ratelimit::retry_after_secs;
 use crate::ingest::upload::UploadLimits;
 use crate::ingest::validate::Rules;
-use crate::receive::merge::Merger;
+use crate::receive::merge::{MergeError, Merger};
 use crate::store::{Store, StoreConfig, StoreError};
 
 /// Memory the decoder may plan for per decompressed byte, as `/upload` reserves it.
@@ -144,6 +144,9 @@ pub struct Importer {
     limits: UploadLimits,
     rules: Rules,
     partition_label: String,
+    /// `--required-label`: what an upload token of this server carries besides the partition
+    /// label, so an import is held to them as an upload is.
+    required_labels: Vec<(String, String)>,
 }
 
 impl Importer {
@@ -153,7 +156,15 @@ impl Importer {
             limits,
             rules,
             partition_label: partition_label.to_string(),
+            required_labels: Vec::new(),
         }
+    }
+
+    /// This importer, holding every series to `required_labels` (`--required-label`) as an
+    /// upload with a token of this server is: set when absent, refused (403) with another value.
+    pub fn with_required_labels(mut self, required_labels: Vec<(String, String)>) -> Importer {
+        self.required_labels = required_labels;
+        self
     }
 
     /// The importer of a server started with `config`, whitelist as `whitelist` has it now.
@@ -166,6 +177,7 @@ impl Importer {
             crate::server::upload_rules(config, whitelist),
             &config.partition_label,
         )
+        .with_required_labels(config.required_labels.clone())
     }
 
     /// The largest bundle file: its upload at most `--max-upload-bytes`, as `/upload` takes it.
@@ -188,7 +200,7 @@ impl Importer {
     }
 
     /// Decodes and validates a verified bundle's upload at `now` as `/upload` does for a token of
-    /// its cluster, and stamps the partition label.
+    /// its cluster, and stamps the partition label (and the required labels).
     pub fn validate(&self, bundle: Bundle, now: SystemTime) -> Result<Imported, ImportError> {
         let cluster_id = bundle.cluster_id;
         let created = (UNIX_EPOCH + Duration::from_millis(bundle.created_ms)).min(now);
@@ -203,7 +215,10 @@ impl Importer {
             admitted: None,
         };
         let invalid = |status, message| ImportError::Invalid { status, message };
-        let token_labels = BTreeMap::from([(self.partition_label.clone(), cluster_id.clone())]);
+        // What an upload token of this server for the cluster carries.
+        let mut token_labels: BTreeMap<String, String> =
+            self.required_labels.iter().cloned().collect();
+        token_labels.insert(self.partition_label.clone(), cluster_id.clone());
         let decompressed = decode::decompressed_len(&request, &self.limits)
             .map_err(|r| invalid(r.status, r.message))?;
         let memory = decompressed
@@ -316,13 +331,20 @@ impl ImportHandler {
         };
         self.placement
             .place(&imported.cluster_id, payload, imported.created)
-            .map_err(|e| {
-                log::warn!(
-                    "import of cluster {:?} not stored: {e}",
-                    imported.cluster_id
-                );
-                // Storage paths and OS errors stay in the log.
-                ImportError::Store("retry later".into())
+            .map_err(|e| match e {
+                // Its content: merged into the cluster's remote-write series, over the cap.
+                PlacementError::Refused { status, reason } => ImportError::Invalid {
+                    status,
+                    message: reason,
+                },
+                e => {
+                    log::warn!(
+                        "import of cluster {:?} not stored: {e}",
+                        imported.cluster_id
+                    );
+                    // Storage paths and OS errors stay in the log.
+                    ImportError::Store("retry later".into())
+                }
             })?;
         Ok(format!(
             "imported {} series of cluster {:?}",
@@ -434,7 +456,7 @@ pub fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
         Err(e) => return usage(&format_args!("--storage-path: {e}")),
     };
     // This process's own merge of the store (the server is not running: the lock says so).
-    let merger = Merger::new(store.clone());
+    let merger = Merger::new(store.clone()).with_max_series(config.max_series);
     let mut refused = 0;
     for path in &files {
         let result = read_bundle(path, importer.max_file_bytes()).and_then(|bytes| {
@@ -447,7 +469,13 @@ pub fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
                     payload.clone(),
                     imported.created,
                 )
-                .map_err(|e| ImportError::Store(e.to_string()))?;
+                .map_err(|e| match e {
+                    MergeError::Store(e) => ImportError::Store(e.to_string()),
+                    refused @ MergeError::TooManySeries { .. } => ImportError::Invalid {
+                        status: 413,
+                        message: refused.to_string(),
+                    },
+                })?;
             }
             Ok(imported)
         });
@@ -576,6 +604,28 @@ mod tests {
         let e = importer.verify(&bytes, |_| None).unwrap_err();
         assert_eq!(e.status(), 403);
         assert!(e.to_string().contains("--tokens-file"), "{e}");
+    }
+
+    #[test]
+    fn a_bundle_is_held_to_the_required_labels_as_an_upload_is() {
+        let tokens = TokensFile::parse("good site-a\n").unwrap();
+        let now = SystemTime::now();
+        let ts = telemeter_common::time::unix_millis(now) as i64;
+        let keys = |id: &str| Some(tokens.hashes_for(id));
+        // Set when the series has none.
+        let acme =
+            importer().with_required_labels(vec![("tenant".to_string(), "acme".to_string())]);
+        let bundle = acme.verify(&sealed("site-a", "good", ts), keys).unwrap();
+        let imported = acme.validate(bundle, now).unwrap();
+        let families =
+            delimited::decode(&imported.payload.unwrap(), &delimited::Limits::default()).unwrap();
+        assert_eq!(families[0].metric[0].label_value("tenant"), Some("acme"));
+        // Refused with another value (the bundle's series has instance="a:1").
+        let other =
+            importer().with_required_labels(vec![("instance".to_string(), "b:2".to_string())]);
+        let bundle = other.verify(&sealed("site-a", "good", ts), keys).unwrap();
+        let e = other.validate(bundle, now).unwrap_err();
+        assert_eq!(e.status(), 403, "{e}");
     }
 
     #[test]

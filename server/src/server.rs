@@ -203,7 +203,7 @@ impl Server {
         };
         // The one remote-write merge of this store: every path that stores a push goes through
         // it (uploads, remote write, forwards).
-        let merger = Merger::new(store.clone());
+        let merger = Merger::new(store.clone()).with_max_series(config.max_series);
         // Only the node that stores an upload ships it: the placement when it stores locally, the
         // forward endpoint when a peer forwarded the push here.
         let placement: Arc<dyn Placement> = match &cluster {
@@ -228,6 +228,7 @@ impl Server {
                 ),
                 partition_label: config.partition_label.clone(),
                 extra_labels: config.labels.clone(),
+                required_labels: config.required_labels.clone(),
                 whitelist: whitelist.clone(),
                 max_sample_age: config.max_sample_age,
                 max_future_skew: config.max_future_skew,

@@ -646,6 +646,94 @@ fn uploads_merge_once_a_cluster_uses_remote_write_even_after_a_restart() {
 }
 
 #[test]
+fn an_upload_that_would_take_a_remote_write_cluster_past_max_series_is_refused_with_413() {
+    let dir = TempDir::new("receive-upload-cap");
+    let s = start(
+        &dir,
+        &[
+            "--receive-ratelimit",
+            "0",
+            "--ratelimit",
+            "0s",
+            "--max-series",
+            "4",
+        ],
+    );
+    let token = s.upload_token("secret", "test");
+    let rw = body(vec![series("rw_metric", &[("_id", "test")], 7.0, now_ms())]);
+    assert_eq!(receive(&s, "secret", "test", &rw).status, 200);
+    // Three series merged into the one of remote write: four, the cap.
+    let r = s.upload(&token, &families(Some("test"), 2, now_ms()));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(federated(&s, "test").len(), 4);
+    // Four series alone are within the cap; merged, five are not.
+    let r = s.upload(&token, &families(Some("test"), 3, now_ms()));
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert!(r.body.contains("more than 4 series"), "{}", r.body);
+    // Nothing of it stored, and the cluster's remote write goes on.
+    assert_eq!(federated(&s, "test").len(), 4);
+    assert_eq!(receive(&s, "secret", "test", &rw).status, 200);
+}
+
+#[test]
+fn remote_write_is_held_to_the_required_labels_as_an_upload_is() {
+    let dir = TempDir::new("receive-required");
+    let s = start(
+        &dir,
+        &[
+            "--receive-ratelimit",
+            "0",
+            "--required-label",
+            "tenant=acme",
+        ],
+    );
+    // Set on a series that has none, kept on one that has it.
+    let r = receive(
+        &s,
+        "secret",
+        "test",
+        &body(vec![
+            series("plain", &[("_id", "test")], 1.0, now_ms()),
+            series(
+                "tagged",
+                &[("_id", "test"), ("tenant", "acme")],
+                2.0,
+                now_ms(),
+            ),
+        ]),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        federated(&s, "test"),
+        [
+            "plain{_id=\"test\",tenant=\"acme\"} 1",
+            "tagged{_id=\"test\",tenant=\"acme\"} 2"
+        ]
+    );
+    // Another value: refused as an upload's would be, naming the series; nothing stored.
+    let r = receive(
+        &s,
+        "secret",
+        "test",
+        &body(vec![series(
+            "tagged",
+            &[("_id", "test"), ("tenant", "evil")],
+            3.0,
+            now_ms(),
+        )]),
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(
+        r.body
+            .contains("tenant=\"evil\", not \"acme\" (--required-label)"),
+        "{}",
+        r.body
+    );
+    assert_eq!(requests_counted(&s, "forbidden"), 1.0);
+    assert!(federated(&s, "test")[1].ends_with("} 2"));
+}
+
+#[test]
 fn an_upload_naming_remote_writes_help_text_does_not_make_uploads_merge() {
     let dir = TempDir::new("receive-upload-spoof");
     let args = ["--ratelimit", "0s"];

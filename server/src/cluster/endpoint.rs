@@ -4,16 +4,18 @@
 //! (401 otherwise, counted as `unauthorized`). A forwarded push is never forwarded again,
 //! whoever the ring names as owner: the sender chose us, and if we do not own the cluster the
 //! handoff thread moves the file on later. The reply is 200 only once the upload is durable.
-//! A forwarded remote-write request (`receive`) is merged into the cluster's series, and refused
-//! (413, which the sender passes on to its client, trying no other member) when the cluster's
-//! series would pass `--max-series` once merged: only the owner knows the merged count.
+//! A forwarded remote-write request (`receive`), or a push of a cluster that uses remote write, is
+//! merged into the cluster's series, and refused (413, which the sender passes on to its client,
+//! trying no other member) when the cluster's series would pass `--max-series` once merged: only
+//! the owner knows the merged count.
 
 use telemeter_common::http::{Request, Response};
 
 use super::forward::{ForwardKind, FORWARD_METHOD};
+use super::placement::REFUSED_BY_OWNER;
 use super::Cluster;
 use crate::ingest::placement::store_push;
-use crate::receive::merge::Merger;
+use crate::receive::merge::{MergeError, Merger};
 
 /// Answers one request to the forward endpoint, storing through `merger` (the server's, over its
 /// store). A forwarded push is shipped to `remote_write` once stored (this node is its owner); a
@@ -45,30 +47,37 @@ pub fn handle_forward(
     let id = &forwarded.cluster_id;
     let bytes = families.len();
     let store = merger.store();
+    let merged = |stored: Result<(), MergeError>| match stored {
+        Ok(()) => Ok(Ok(true)),
+        Err(MergeError::Store(e)) => Ok(Err(e)),
+        Err(refused) => Err(refused),
+    };
     let result = match forwarded.kind {
-        ForwardKind::Push => store_push(merger, id, families, forwarded.received).map(|()| true),
+        // Merged when the cluster uses remote write, within the cap on its merged series.
+        ForwardKind::Push => merged(store_push(merger, id, families, forwarded.received)),
         // Written without the remote-write merge: the store's new version of the cluster tells
         // the merger that what it cached is stale.
-        ForwardKind::Handoff => store.put_if_newer(id, families, forwarded.received),
-        ForwardKind::Remove => store.remove(id).map(|()| true),
+        ForwardKind::Handoff => Ok(store.put_if_newer(id, families, forwarded.received)),
+        ForwardKind::Remove => Ok(store.remove(id).map(|()| true)),
         // Merged into the cluster's series (never forwarded again, like a push), within the
         // cap on the merged series.
-        ForwardKind::Receive => {
-            match crate::receive::store_forwarded(
-                merger,
-                id,
-                families,
-                forwarded.received,
-                max_series,
-            ) {
-                Ok(()) => Ok(true),
-                Err(crate::receive::merge::MergeError::Store(e)) => Err(e),
-                Err(refused) => {
-                    cluster.count_received_forward("refused");
-                    log::info!("cluster: refused a forwarded receive for cluster {id}: {refused}");
-                    return Response::text(413, &refused.to_string());
-                }
-            }
+        ForwardKind::Receive => merged(crate::receive::store_forwarded(
+            merger,
+            id,
+            families,
+            forwarded.received,
+            max_series,
+        )),
+    };
+    let result = match result {
+        Ok(result) => result,
+        Err(refused) => {
+            cluster.count_received_forward("refused");
+            log::info!(
+                "cluster: refused a forwarded {} for cluster {id}: {refused}",
+                forwarded.kind.as_str()
+            );
+            return Response::text(REFUSED_BY_OWNER, &refused.to_string());
         }
     };
     match result {
@@ -194,12 +203,19 @@ mod tests {
     }
 
     /// Families of `n` gauge series of one family, sampled now.
+    /// `n` series of one family, as a peer forwards a remote-write request (converted: remote
+    /// write's help text).
     fn series(n: usize) -> Vec<u8> {
+        series_with(n, Some(crate::receive::merge::REMOTE_WRITE_HELP))
+    }
+
+    /// `n` series of one family with `help`.
+    fn series_with(n: usize, help: Option<&str>) -> Vec<u8> {
         use telemeter_common::model::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
         let now = telemeter_common::time::unix_millis(SystemTime::now()) as i64;
         telemeter_common::delimited::encode(&[MetricFamily {
             name: Some("requests".into()),
-            help: None,
+            help: help.map(str::to_string),
             r#type: Some(MetricType::Gauge as i32),
             metric: (0..n)
                 .map(|i| Metric {
@@ -216,9 +232,9 @@ mod tests {
     }
 
     #[test]
-    fn a_forwarded_receive_past_max_series_merged_is_refused_with_413() {
+    fn a_forwarded_receive_or_push_past_max_series_merged_is_refused_with_413() {
         let store = TempStore::new("endpoint-receive-cap");
-        let merger = Merger::new(store.store.clone());
+        let merger = Merger::new(store.store.clone()).with_max_series(4);
         let cluster = node("solo", "127.0.0.1:1", vec![]);
         let sealer = Sealer::new(&[key()]).unwrap();
         let now = SystemTime::now();
@@ -238,17 +254,36 @@ mod tests {
             }
             _ => panic!("a streamed refusal"),
         }
-        let refused = cluster
-            .stats()
-            .received_forwards
-            .iter()
-            .find(|(result, _)| *result == "refused")
-            .map(|(_, n)| *n);
-        assert_eq!(refused, Some(1), "the refusal is counted");
+        let refused = || {
+            cluster
+                .stats()
+                .received_forwards
+                .iter()
+                .find(|(result, _)| *result == "refused")
+                .map(|(_, n)| *n)
+        };
+        assert_eq!(refused(), Some(1), "the refusal is counted");
+        let stored_series = || {
+            let stored = store.store.get("rw").unwrap().unwrap().payload;
+            let families =
+                telemeter_common::delimited::decode(&stored, &Default::default()).unwrap();
+            families.iter().map(|f| f.metric.len()).sum::<usize>()
+        };
         // What was stored is as before the refused request.
-        let stored = store.store.get("rw").unwrap().unwrap().payload;
-        let families = telemeter_common::delimited::decode(&stored, &Default::default()).unwrap();
-        assert_eq!(families.iter().map(|f| f.metric.len()).sum::<usize>(), 2);
+        assert_eq!(stored_series(), 2);
+        // A push (an upload) of the cluster is merged into its remote-write series: within the
+        // same cap.
+        let push = |body: &[u8]| {
+            let sealed = sealer
+                .seal("solo", "rw", now, ForwardKind::Push, body, now)
+                .unwrap();
+            handle_forward(&cluster, &merger, 4, request("POST", sealed))
+        };
+        assert_eq!(push(&series_with(3, None)).status, 200);
+        assert_eq!(stored_series(), 3, "merged, the series named alike as one");
+        assert_eq!(push(&series_with(5, None)).status, 413);
+        assert_eq!(stored_series(), 3);
+        assert_eq!(refused(), Some(2), "the refusal is counted");
         cluster.shutdown();
     }
 }

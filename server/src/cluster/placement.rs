@@ -7,13 +7,14 @@
 //! order is tried; when none can store it the client gets 503 and retries. Never 200 for data
 //! that was not stored.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::forward::{ForwardError, ForwardKind};
 use super::Cluster;
 use crate::ingest::placement::{store_push, store_upload, Placement, PlacementError};
-use crate::receive::merge::Merger;
+use crate::receive::merge::{MergeError, Merger};
 
 /// Routes uploads through the ring.
 pub struct ClusterPlacement {
@@ -36,16 +37,21 @@ impl Placement for ClusterPlacement {
         payload: Vec<u8>,
         received: SystemTime,
     ) -> Result<(), PlacementError> {
-        place_on_owner(
+        let refused = Cell::new(None);
+        let placed = place_on_owner(
             &self.cluster,
             cluster_id,
             ForwardKind::Push,
             payload,
             received,
             |bytes| {
-                store_push(&self.merger, cluster_id, bytes, received).map_err(|e| e.to_string())
+                here(
+                    &refused,
+                    store_push(&self.merger, cluster_id, bytes, received),
+                )
             },
-        )
+        );
+        refused.take().map_or(placed, Err)
     }
 
     fn place_unchanged(
@@ -59,8 +65,9 @@ impl Placement for ClusterPlacement {
         // Stored here, the upload keeps its frames and newest sample, as on a single server; a
         // forward sends the payload, and the owner reads both from it. Only one member of the
         // preference order is this node, so the frames are taken at most once.
-        let frames = std::cell::Cell::new(frames);
-        place_on_owner(
+        let frames = Cell::new(frames);
+        let refused = Cell::new(None);
+        let placed = place_on_owner(
             &self.cluster,
             cluster_id,
             ForwardKind::Push,
@@ -68,17 +75,34 @@ impl Placement for ClusterPlacement {
             received,
             |bytes| {
                 let frames = frames.take();
-                store_upload(
+                let stored = store_upload(
                     &self.merger,
                     cluster_id,
                     bytes,
                     frames,
                     Some(newest_sample_ms),
                     received,
-                )
-                .map_err(|e| e.to_string())
+                );
+                here(&refused, stored)
             },
-        )
+        );
+        refused.take().map_or(placed, Err)
+    }
+}
+
+/// What storing on this node came to, for [`place_on_owner`]: a refusal of the content (an
+/// upload that would take its cluster's merged series past `--max-series`) is kept in `refused`
+/// as the answer, and counts as done: no other member is tried, as for an owner's 413.
+fn here(
+    refused: &Cell<Option<PlacementError>>,
+    stored: Result<(), MergeError>,
+) -> Result<(), String> {
+    match stored {
+        Err(e @ MergeError::TooManySeries { .. }) => {
+            refused.set(Some(PlacementError::from(e)));
+            Ok(())
+        }
+        other => other.map_err(|e| e.to_string()),
     }
 }
 
@@ -165,6 +189,53 @@ mod tests {
     use super::super::membership::MemberState;
     use super::super::testing::{closed_addr, id_owned_by, node, pair, TempStore};
     use super::*;
+
+    #[test]
+    fn an_upload_refused_here_for_its_content_is_the_answer() {
+        use crate::receive::merge::REMOTE_WRITE_HELP;
+        use telemeter_common::model::{LabelPair, MetricFamily, MetricType};
+        let store = TempStore::new("placement-refused");
+        let cluster = Arc::new(node("solo", "127.0.0.1:1", vec![]));
+        let merger = Merger::new(store.store.clone()).with_max_series(2);
+        let now = SystemTime::now();
+        let payload = |help: &str, jobs: &[&str]| {
+            telemeter_common::delimited::encode(&[MetricFamily {
+                name: Some("up".into()),
+                help: Some(help.into()),
+                r#type: Some(MetricType::Untyped as i32),
+                metric: jobs
+                    .iter()
+                    .map(|job| {
+                        crate::receive::merge::untyped_series(
+                            vec![LabelPair::new("job", job)],
+                            1.0,
+                            telemeter_common::time::sample_millis(now),
+                        )
+                    })
+                    .collect(),
+            }])
+        };
+        merger
+            .store_received("c1", payload(REMOTE_WRITE_HELP, &["rw"]), now, 2, None)
+            .unwrap();
+        let placement = ClusterPlacement::new(cluster.clone(), merger);
+        // One series more, merged into the remote-write one: within the cap of two.
+        placement.place("c1", payload("up", &["a"]), now).unwrap();
+        // Two more: over it, refused as the client's answer (413), not a failure of this node.
+        match placement.place("c1", payload("up", &["b", "c"]), now) {
+            Err(PlacementError::Refused {
+                status: 413,
+                reason,
+            }) => {
+                assert!(reason.contains("more than 2 series"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let stored = store.store.get("c1").unwrap().unwrap().payload;
+        let families = telemeter_common::delimited::decode(&stored, &Default::default()).unwrap();
+        assert_eq!(families.iter().map(|f| f.metric.len()).sum::<usize>(), 2);
+        cluster.shutdown();
+    }
 
     #[test]
     fn alone_stores_locally() {

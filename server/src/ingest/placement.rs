@@ -11,8 +11,8 @@
 use std::fmt;
 use std::time::SystemTime;
 
-use crate::receive::merge::{uses_remote_write, Merger};
-use crate::store::{Ship, Store, StoreError};
+use crate::receive::merge::{uses_remote_write, MergeError, Merger};
+use crate::store::{Committed, Returned, Ship, Store, StoreError};
 
 /// Why an upload could not be stored anywhere.
 #[derive(Debug)]
@@ -59,6 +59,20 @@ impl std::error::Error for PlacementError {}
 impl From<StoreError> for PlacementError {
     fn from(e: StoreError) -> Self {
         PlacementError::Store(e)
+    }
+}
+
+impl From<MergeError> for PlacementError {
+    /// A store failure, or the content refused: an upload that would take its cluster's merged
+    /// series past `--max-series` (413, as remote write answers it).
+    fn from(e: MergeError) -> Self {
+        match e {
+            MergeError::Store(e) => PlacementError::Store(e),
+            refused @ MergeError::TooManySeries { .. } => PlacementError::Refused {
+                status: 413,
+                reason: refused.to_string(),
+            },
+        }
     }
 }
 
@@ -208,17 +222,58 @@ impl Placement for LocalPlacement {
             ));
             return;
         }
+        let merger = self.merger.clone();
         store.put_unchanged_then(
             cluster_id,
             payload,
             frames,
             newest_sample_ms,
             received,
-            move |stored: Result<bool, StoreError>| {
-                then(stored.map(|_| ()).map_err(PlacementError::from))
+            move |stored: Result<bool, StoreError>| match stored {
+                // Its cluster began to push by remote write since it was asked: merged instead,
+                // on a thread of its own (this may be the committer's, which a merge waits for).
+                Err(StoreError::UsesRemoteWrite(returned)) => {
+                    merge_elsewhere(merger, returned, received, then)
+                }
+                stored => then(stored.map(|_| ()).map_err(PlacementError::from)),
             },
         );
     }
+}
+
+/// Merges an upload the store handed back ([`StoreError::UsesRemoteWrite`]) on a new thread,
+/// then runs `then`. Rare (an upload in flight in the moment its cluster's first remote-write
+/// request is stored, which then holds for `--ttl`), and bounded by the uploads in flight.
+fn merge_elsewhere(merger: Merger, returned: Returned, received: SystemTime, then: Placed) {
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(Some((returned, then))));
+    let mine = std::sync::Arc::clone(&slot);
+    let spawned = std::thread::Builder::new()
+        .name("upload-merge".to_string())
+        .spawn(move || {
+            if let Some((returned, then)) = telemeter_common::sync::lock(&mine).take() {
+                then(merge_returned(&merger, returned, received).map_err(PlacementError::from));
+            }
+        });
+    if let Err(e) = spawned {
+        // Not stored: the client hears 503 and sends it again.
+        if let Some((returned, then)) = telemeter_common::sync::lock(&slot).take() {
+            log::warn!(
+                "cluster {:?}: no thread to merge an upload into its remote-write series: {e}",
+                returned.cluster_id
+            );
+            then(Err(PlacementError::Unavailable));
+        }
+    }
+}
+
+/// Merges an upload the store handed back into its cluster's series.
+fn merge_returned(
+    merger: &Merger,
+    returned: Returned,
+    received: SystemTime,
+) -> Result<(), MergeError> {
+    let cluster_id = returned.cluster_id.clone();
+    merger.store_accepted(&cluster_id, returned.into_families()?, received)
 }
 
 /// Stores `payload` durably as `cluster_id`'s latest upload unless the stored one has newer
@@ -230,13 +285,14 @@ impl Placement for LocalPlacement {
 /// a push forwarded to this node) goes through here.
 ///
 /// A cluster that never used remote write (the store's index says so) takes no lock but the
-/// store's own: the merger is only used for a cluster that did.
+/// store's own: the merger is only used for a cluster that did, and refuses an upload that would
+/// take the cluster's merged series past its cap ([`MergeError::TooManySeries`]).
 pub fn store_push(
     merger: &Merger,
     cluster_id: &str,
     payload: Vec<u8>,
     received: SystemTime,
-) -> Result<(), StoreError> {
+) -> Result<(), MergeError> {
     store_upload(merger, cluster_id, payload, None, None, received)
 }
 
@@ -251,7 +307,7 @@ pub fn store_upload(
     frames: Option<Vec<u8>>,
     newest_sample_ms: Option<i64>,
     received: SystemTime,
-) -> Result<(), StoreError> {
+) -> Result<(), MergeError> {
     let mut payload = payload;
     store_upload_lent(
         merger,
@@ -273,7 +329,7 @@ fn store_upload_lent(
     frames: Option<Vec<u8>>,
     newest_sample_ms: Option<i64>,
     received: SystemTime,
-) -> Result<(), StoreError> {
+) -> Result<(), MergeError> {
     let store = merger.store();
     // A cluster that also pushes by remote write: merged, so neither path erases the other's
     // series (README, "Remote write and uploads together"); the merged view is not what arrived.
@@ -281,8 +337,9 @@ fn store_upload_lent(
         return merger.store_accepted(cluster_id, std::mem::take(payload), received);
     }
     // Replaced without the merge: the store gives it a new version, so whatever the merger
-    // cached of the cluster is not used again.
-    match newest_sample_ms {
+    // cached of the cluster is not used again. Unless the cluster began to push by remote write
+    // meanwhile (the store checks where it commits): then merged after all.
+    let stored = match newest_sample_ms {
         Some(newest_sample_ms) => {
             store.put_unchanged_lent(cluster_id, payload, frames, newest_sample_ms, received)
         }
@@ -295,16 +352,20 @@ fn store_upload_lent(
                 None => store.put_unless_older(cluster_id, payload, received),
             }
         }
+    };
+    match stored {
+        Err(StoreError::UsesRemoteWrite(returned)) => merge_returned(merger, returned, received),
+        stored => stored.map(|_| ()).map_err(MergeError::Store),
     }
-    .map(|_| ())
 }
 
 /// Stores `merged` (a cluster's series after a remote-write request was merged into them) durably
 /// as `cluster_id`'s payload, and has egress ship only `delta` (the request's own samples): the
 /// merged payload holds samples shipped before, which a receiver would refuse as out of order.
 /// The one place a received remote-write request is stored. `newest_received_ms` is `merged`'s
-/// newest remote-write sample, kept by the store beside it ([`Store::newest_received`]). Returns
-/// the store's version of the put ([`Store::put_merged`]).
+/// newest remote-write sample, kept by the store beside it ([`Store::newest_received`]). Stored
+/// only over the stored payload of version `base`, the one it was merged into; what became of
+/// it as [`Store::put_merged`] says.
 pub fn store_merged(
     store: &Store,
     cluster_id: &str,
@@ -312,7 +373,8 @@ pub fn store_merged(
     delta: Vec<u8>,
     received: SystemTime,
     newest_received_ms: i64,
-) -> Result<Option<u64>, StoreError> {
+    base: Option<u64>,
+) -> Result<Committed, StoreError> {
     // One journal batch: the merged view served, the delta shipped (ignored without egress).
     store.put_merged(
         cluster_id,
@@ -320,5 +382,6 @@ pub fn store_merged(
         Ship::Payload(delta),
         received,
         newest_received_ms,
+        base,
     )
 }

@@ -1357,6 +1357,7 @@ mod tests {
             cluster_id: "c",
             elide: &[],
             extra_labels: &[],
+            required_labels: &[],
             whitelist: &[],
             oldest_ms: 1000,
             newest_ms: 1 << 40,

@@ -16,11 +16,14 @@
 //! server's wiring and handed to whatever stores pushes (the receive handler, the placements,
 //! the forward endpoint, `import`). Whether a cluster uses remote write at all is the store's to
 //! answer ([`Store::newest_received`], from its index), so an upload of a cluster that never did
-//! takes none of the merger's locks.
+//! takes none of the merger's locks. Since such an upload and a cluster's first merge do not
+//! wait for each other, the store checks both where it commits: a merge is stored only over the
+//! payload it read (else it is made again over what is stored now), an upload as sent only while
+//! its cluster has no remote-write series (else it is handed back and merged). Whichever
+//! commits second is merged into the other.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -34,13 +37,18 @@ use telemeter_common::wire::{self, MetricView, Value};
 
 use super::cache::{Cache, CachedCluster, RawRules};
 use crate::ingest::placement::store_merged;
-use crate::store::{Store, StoreError};
+use crate::store::{Committed, Store, StoreError};
 
 /// Locks around read-merge-put, chosen by cluster id. A lock is held through the store's commit
 /// (an fdatasync), so two clusters on one stripe wait for each other's: with 64 stripes, 64
 /// senders of different clusters met on one most of the time (a futex sleep and wake-up each).
 /// 1,024 take 4 KiB, whatever the number of cluster ids.
 const STRIPE_COUNT: usize = 1024;
+
+/// Attempts of one merge when its cluster's stored payload keeps changing under it. Each needs a
+/// put of another path of the same cluster between the merge's read and its commit; once the
+/// first merge of a cluster is stored, its uploads are merged too (under the same lock).
+const MERGE_ATTEMPTS: usize = 8;
 
 /// The bit pattern Prometheus writes as a staleness marker (`value.StaleNaN`).
 const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
@@ -62,10 +70,12 @@ pub use crate::store::REMOTE_WRITE_HELP;
 /// payload read, but once for a cluster last written before the store recorded the marker) and
 /// takes no lock of the merger's.
 pub fn uses_remote_write(store: &Store, cluster_id: &str, now: SystemTime) -> bool {
-    let oldest = telemeter_common::time::sample_millis(now)
-        .saturating_sub(telemeter_common::time::duration_millis(store.ttl()));
+    let now = telemeter_common::time::unix_millis(now);
     match store.newest_received(cluster_id) {
-        Ok(newest) => newest.is_some_and(|newest| newest >= oldest),
+        // The store's rule: it checks it again where the upload is committed.
+        Ok(newest) => {
+            newest.is_some_and(|newest| crate::store::is_recent(newest, now, store.ttl()))
+        }
         // Unreadable now: stored as sent; asked again next time.
         Err(_) => false,
     }
@@ -78,6 +88,9 @@ pub fn uses_remote_write(store: &Store, cluster_id: &str, now: SystemTime) -> bo
 pub struct Merger {
     store: Store,
     shared: Arc<Shared>,
+    /// The most series a cluster holds once an upload is merged into its remote-write series
+    /// ([`Merger::store_accepted`]).
+    max_series: usize,
 }
 
 /// What clones of a [`Merger`] share.
@@ -90,10 +103,12 @@ struct Shared {
 }
 
 impl Merger {
-    /// The merge of `store`'s remote-write series, with an empty cache.
+    /// The merge of `store`'s remote-write series, with an empty cache, and no cap on the series
+    /// an upload merges into ([`Merger::with_max_series`]).
     pub fn new(store: Store) -> Merger {
         Merger {
             store,
+            max_series: usize::MAX,
             shared: Arc::new(Shared {
                 stripes: [const { Mutex::new(()) }; STRIPE_COUNT],
                 cache: Cache::new(),
@@ -101,6 +116,14 @@ impl Merger {
                 locks_taken: std::sync::atomic::AtomicU64::new(0),
             }),
         }
+    }
+
+    /// This merger, refusing an upload merged into a cluster's remote-write series when the
+    /// cluster would then hold more than `max_series` (`--max-series`, which caps what remote
+    /// write merges too): else a tenant mixing both paths grows its payload past it.
+    pub fn with_max_series(mut self, max_series: usize) -> Merger {
+        self.max_series = max_series;
+        self
     }
 
     /// The store it merges into.
@@ -151,19 +174,27 @@ impl Merger {
         Some((entry, version?))
     }
 
-    /// Stores `merged` (with its newest remote-write sample) and ships `delta`; caches `entry`
-    /// (whose payload `merged` is) as what the store now holds, unless a later put replaced it
-    /// in the same commit.
+    /// Stores `entry`'s payload (with its newest remote-write sample), made over the stored
+    /// payload of version `base`, and ships `ship` (`None`: the payload itself); caches `entry`
+    /// as what the store now holds, unless a later put replaced it in the same commit. When the
+    /// stored payload is no longer that of `base` ([`Committed::Moved`]) nothing is stored and
+    /// `entry` is handed back.
     fn store_and_keep(
         &self,
         cluster_id: &str,
         mut entry: CachedCluster,
-        delta: Vec<u8>,
+        ship: Option<&[u8]>,
         received: SystemTime,
-    ) -> Result<(), StoreError> {
+        base: Option<u64>,
+    ) -> Result<Option<CachedCluster>, StoreError> {
+        // Copied only where there is egress: without, nothing shipped is journaled.
+        let ship = match self.store.is_shipping() {
+            true => ship.unwrap_or_else(|| entry.payload()).to_vec(),
+            false => Vec::new(),
+        };
         // Merged in place: the store may journal only what changed (the delta is shipped in the
         // same batch, as `store_merged` does).
-        let version = match entry.take_patch() {
+        let committed = match entry.take_patch() {
             Some(patch) => {
                 let newest_sample = entry.newest_sample().unwrap_or_else(|| {
                     i64::try_from(telemeter_common::time::unix_millis(received)).unwrap_or(i64::MAX)
@@ -172,7 +203,7 @@ impl Merger {
                     cluster_id,
                     patch,
                     || entry.payload().to_vec(),
-                    delta,
+                    ship,
                     received,
                     newest_sample,
                     entry.newest_received(),
@@ -182,16 +213,21 @@ impl Merger {
                 &self.store,
                 cluster_id,
                 entry.payload().to_vec(),
-                delta,
+                ship,
                 received,
                 entry.newest_received(),
+                base,
             )?,
         };
-        if let Some(version) = version {
-            self.count_lock();
-            self.shared.cache.keep(cluster_id, entry, version);
+        match committed {
+            Committed::Current(version) => {
+                self.count_lock();
+                self.shared.cache.keep(cluster_id, entry, version);
+                Ok(None)
+            }
+            Committed::Superseded => Ok(None),
+            Committed::Moved => Ok(Some(entry)),
         }
-        Ok(())
     }
 
     /// Merges `delta` (validated families, protobuf-delimited) into `cluster_id`'s stored payload
@@ -217,25 +253,29 @@ impl Merger {
         .map_err(MergeError::from)
     }
 
-    /// As [`Merger::store_received`] with no cap on the merged series: for what this server, or
-    /// a peer, already accepted (an upload of a cluster that [`uses_remote_write`], a remote-write
-    /// request a peer forwarded), which an owner never refuses.
+    /// As [`Merger::store_received`] for an upload (validated families of a cluster that
+    /// [`uses_remote_write`]) that this server, or a peer that forwarded it, accepted: merged
+    /// into the cluster's series, within this merger's cap on them ([`Merger::with_max_series`]).
     pub fn store_accepted(
         &self,
         cluster_id: &str,
-        delta: Vec<u8>,
+        upload: Vec<u8>,
         received: SystemTime,
-    ) -> Result<(), StoreError> {
-        self.merge(cluster_id, delta, received, None, |_| {
-            Ok::<(), Infallible>(())
+    ) -> Result<(), MergeError> {
+        let limit = self.max_series;
+        self.merge(cluster_id, upload, received, None, |series| {
+            match series > limit {
+                true => Err(MergeError::TooManySeries { limit }),
+                false => Ok(()),
+            }
         })
-        .map_err(|e| match e {
-            Capped::Store(e) => e,
-            Capped::Refused(never) => match never {},
-        })
+        .map_err(MergeError::from)
     }
 
-    /// The merge itself: `admit` sees the merged series count before anything is stored.
+    /// The merge itself: `admit` sees the merged series count before anything is stored. Made
+    /// again over what is stored when a put of another path (an upload that found no
+    /// remote-write series, a handoff) committed between the read and the commit: a merge never
+    /// erases what another path stored.
     fn merge<E>(
         &self,
         cluster_id: &str,
@@ -245,6 +285,27 @@ impl Merger {
         admit: impl Fn(usize) -> Result<(), E>,
     ) -> Result<(), Capped<E>> {
         let _stripe = self.stripe(cluster_id);
+        for _ in 0..MERGE_ATTEMPTS {
+            if self.merge_once(cluster_id, &mut delta, received, converted, &admit)? {
+                return Ok(());
+            }
+            log::debug!("cluster {cluster_id:?} changed while merging into it; merging again");
+        }
+        Err(Capped::Store(StoreError::Contended {
+            cluster_id: cluster_id.to_string(),
+        }))
+    }
+
+    /// One attempt of [`Merger::merge`]: whether it stored the merge (false: the stored payload
+    /// moved on, nothing stored, `delta` as it was).
+    fn merge_once<E>(
+        &self,
+        cluster_id: &str,
+        delta: &mut Vec<u8>,
+        received: SystemTime,
+        converted: Option<&Arc<Vec<Selector>>>,
+        admit: &impl Fn(usize) -> Result<(), E>,
+    ) -> Result<bool, Capped<E>> {
         let oldest_ms = telemeter_common::time::sample_millis(received)
             .saturating_sub(telemeter_common::time::duration_millis(self.store.ttl()));
         // Out of the cache until the store has the merged payload: only then is it cached again.
@@ -252,66 +313,80 @@ impl Merger {
             Some((mut entry, version)) => {
                 // What it writes in place is what the store journals (`Store::put_patched`).
                 entry.record_patch(version);
-                match entry.merge_in_place(&delta, oldest_ms) {
-                    true => Ok(entry),
-                    false => Err(Some(entry.into_payload())),
+                match entry.merge_in_place(delta, oldest_ms) {
+                    true => Ok((entry, version)),
+                    false => Err(Some((entry.into_payload(), version))),
                 }
             }
             None => Err(None),
         };
-        let mut entry = match in_place {
-            Ok(entry) => {
+        let (mut entry, base) = match in_place {
+            Ok((entry, version)) => {
                 admit(entry.series()).map_err(Capped::Refused)?;
-                entry
+                (entry, Some(version))
             }
             Err(cached) => {
-                let stored = match cached {
-                    Some(payload) => Some(payload),
-                    None => self.store.get(cluster_id)?.map(|upload| upload.payload),
+                let (stored, base) = match cached {
+                    Some((payload, version)) => (Some(payload), Some(version)),
+                    None => {
+                        // The version before the read: a put between the two makes the commit
+                        // merge again rather than erase it.
+                        let base = self.store.version(cluster_id);
+                        let stored = self.store.get(cluster_id)?.map(|upload| upload.payload);
+                        (stored, base)
+                    }
                 };
                 // A cluster's first request: its converted series alone are the payload.
                 if let (None, Some(whitelist)) = (&stored, converted) {
-                    let taken = std::mem::take(&mut delta);
+                    let taken = std::mem::take(delta);
                     match CachedCluster::build_converted(taken, oldest_ms, whitelist) {
                         Ok(entry) => {
                             admit(entry.series()).map_err(Capped::Refused)?;
-                            // The payload is the delta's bytes: copied to be shipped only where
-                            // there is egress (without, a shipped payload is not journaled).
-                            let ship = match self.store.backlog() {
-                                Some(_) => entry.payload().to_vec(),
-                                None => Vec::new(),
+                            // The payload is the delta's bytes, shipped as they are.
+                            return match self
+                                .store_and_keep(cluster_id, entry, None, received, base)?
+                            {
+                                None => Ok(true),
+                                Some(entry) => {
+                                    *delta = entry.into_payload();
+                                    Ok(false)
+                                }
                             };
-                            self.store_and_keep(cluster_id, entry, ship, received)?;
-                            return Ok(());
                         }
-                        Err(back) => delta = back,
+                        Err(back) => *delta = back,
                     }
                 }
-                let merged = merge_stored(cluster_id, stored.as_deref(), &delta, oldest_ms)?;
+                let merged = merge_stored(cluster_id, stored.as_deref(), delta, oldest_ms)?;
                 drop(stored);
                 admit(merged.series).map_err(Capped::Refused)?;
                 match CachedCluster::build(merged.payload, merged.newest_received) {
-                    Ok(entry) => entry,
+                    Ok(entry) => (entry, base),
                     Err(payload) => {
                         // Not indexable (over 4 GiB): stored, not cached.
-                        store_merged(
+                        let ship = match self.store.is_shipping() {
+                            true => delta.clone(),
+                            false => Vec::new(),
+                        };
+                        let committed = store_merged(
                             &self.store,
                             cluster_id,
                             payload,
-                            delta,
+                            ship,
                             received,
                             merged.newest_received,
+                            base,
                         )?;
-                        return Ok(());
+                        return Ok(committed != Committed::Moved);
                     }
                 }
             }
         };
         if let Some(whitelist) = converted {
-            entry.mark_converted(&delta, whitelist);
+            entry.mark_converted(delta, whitelist);
         }
-        self.store_and_keep(cluster_id, entry, delta, received)?;
-        Ok(())
+        Ok(self
+            .store_and_keep(cluster_id, entry, Some(delta), received, base)?
+            .is_none())
     }
 
     /// Merges a request (`body`, decompressed) of series this process converted before straight
@@ -346,8 +421,15 @@ impl Merger {
         // (an fdatasync away), so the requests waiting for theirs hold none, and the next
         // requests find one there instead of zeroing (and faulting in) a fresh one.
         drop(body);
-        self.store_and_keep(cluster_id, entry, Vec::new(), received)?;
-        Ok(Raw::Stored(samples))
+        match self.store_and_keep(cluster_id, entry, None, received, Some(version))? {
+            None => Ok(Raw::Stored(samples)),
+            // Another path stored the cluster since it was cached (rare: an upload or a handoff
+            // in the same moment). The body is gone: nothing is stored, and the sender tries
+            // again (a 5xx), rather than have that put erased.
+            Some(_) => Err(MergeError::Store(StoreError::Contended {
+                cluster_id: cluster_id.to_string(),
+            })),
+        }
     }
 }
 
@@ -955,6 +1037,7 @@ mod tests {
             cluster_id: "c",
             elide: &[],
             extra_labels: &[],
+            required_labels: &[],
             whitelist: &[],
             oldest_ms: 0,
             newest_ms: i64::MAX,
@@ -1005,6 +1088,113 @@ mod tests {
             Some(stored),
             "dropped before the put was committed"
         );
+        store.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The jobs of the series `store` serves for `cluster_id`, sorted.
+    fn jobs_of(store: &Store, cluster_id: &str) -> Vec<String> {
+        let mut jobs: Vec<String> =
+            delimited::decode(&store.get(cluster_id).unwrap().unwrap().payload, &UNLIMITED)
+                .unwrap()
+                .iter()
+                .flat_map(|f| f.metric.iter())
+                .map(|m| m.label_value("job").unwrap().to_string())
+                .collect();
+        jobs.sort();
+        jobs
+    }
+
+    /// Two series of `job` and `also` (an upload that differs from another one by a series).
+    fn two_series(job: &str, also: &str, at: SystemTime) -> Vec<u8> {
+        let series = |job: &str| {
+            untyped_series(
+                vec![LabelPair::new("_id", "c"), LabelPair::new("job", job)],
+                1.0,
+                telemeter_common::time::sample_millis(at),
+            )
+        };
+        delimited::encode(&[MetricFamily {
+            name: Some("up".into()),
+            help: Some("up".into()),
+            r#type: Some(MetricType::Untyped as i32),
+            metric: vec![series(job), series(also)],
+        }])
+    }
+
+    #[test]
+    fn an_upload_stored_between_a_merges_read_and_its_commit_is_merged_into_not_erased() {
+        use crate::ingest::placement::store_push;
+        let (store, dir) = temp_store("merge-moved");
+        let merger = Merger::new(store.clone());
+        let now = SystemTime::now();
+        store_push(&merger, "c", two_series("old", "gone", now), now).unwrap();
+        // The cluster's first remote-write request reads the upload, and stops there.
+        let (reached, go_on) = store.pause_once_at("payload read");
+        let merging = {
+            let merger = merger.clone();
+            std::thread::spawn(move || {
+                let rw = one_series(REMOTE_WRITE_HELP, "rw", now);
+                merger.store_received("c", rw, now, 10, None)
+            })
+        };
+        reached.recv().unwrap();
+        // An upload comes now: the cluster uses no remote write yet, so it replaces.
+        store_push(&merger, "c", two_series("new", "old", now), now).unwrap();
+        go_on.send(()).unwrap();
+        merging.join().unwrap().unwrap();
+        // Merged over the upload acknowledged meanwhile, not over the one it read.
+        assert_eq!(jobs_of(&store, "c"), ["new", "old", "rw"]);
+        store.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_upload_that_found_no_remote_write_is_merged_when_the_first_request_commits_first() {
+        use crate::ingest::placement::{store_push, LocalPlacement, Placement};
+        let (store, dir) = temp_store("upload-unmet");
+        let merger = Merger::new(store.clone());
+        let now = SystemTime::now();
+        // Waiting for its commit (`store_push`, cluster "c"), and answered where the commit ends
+        // (the wire fast path, `place_unchanged_then`, cluster "d": the merge runs on a thread
+        // of its own).
+        for (id, answered_later) in [("c", false), ("d", true)] {
+            store_push(&merger, id, two_series("old", "gone", now), now).unwrap();
+            let (reached, go_on) = store.pause_once_at("put handed over");
+            let uploading = {
+                let merger = merger.clone();
+                std::thread::spawn(move || {
+                    let upload = two_series("new", "old", now);
+                    if !answered_later {
+                        return store_push(&merger, id, upload, now).map_err(|e| e.to_string());
+                    }
+                    let (answer, answered) = crossbeam_channel::bounded(1);
+                    let newest = telemeter_common::time::sample_millis(now);
+                    let mut payload = upload;
+                    LocalPlacement::new(merger).place_unchanged_then(
+                        id,
+                        &mut payload,
+                        None,
+                        newest,
+                        now,
+                        Box::new(move |placed| {
+                            let _ = answer.send(placed.map_err(|e| e.to_string()));
+                        }),
+                    );
+                    answered.recv().unwrap()
+                })
+            };
+            // It found the cluster without remote write, and stops before its commit; the
+            // cluster's first request is merged and stored meanwhile.
+            reached.recv().unwrap();
+            merger
+                .store_received(id, one_series(REMOTE_WRITE_HELP, "rw", now), now, 10, None)
+                .unwrap();
+            go_on.send(()).unwrap();
+            uploading.join().unwrap().unwrap();
+            // Neither request's series erased: the upload was merged.
+            assert_eq!(jobs_of(&store, id), ["gone", "new", "old", "rw"], "{id}");
+        }
         store.close();
         let _ = std::fs::remove_dir_all(&dir);
     }

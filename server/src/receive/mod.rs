@@ -174,6 +174,7 @@ pub struct ReceiveHandler {
     limiter: Limiter,
     partition_label: String,
     extra_labels: Vec<(String, String)>,
+    required_labels: Vec<(String, String)>,
     whitelist: Swap<Vec<Selector>>,
     max_sample_age: Duration,
     max_future_skew: Duration,
@@ -218,6 +219,8 @@ pub struct ReceiveParts {
     pub partition_label: String,
     /// `--label`.
     pub extra_labels: Vec<(String, String)>,
+    /// `--required-label`.
+    pub required_labels: Vec<(String, String)>,
     /// The whitelist, shared with the reloader.
     pub whitelist: Swap<Vec<Selector>>,
     /// `--max-sample-age`.
@@ -260,6 +263,7 @@ impl ReceiveHandler {
             auth: Authenticator::new(parts.authorizer, parts.local_authorizer),
             partition_label: parts.partition_label,
             extra_labels: parts.extra_labels,
+            required_labels: parts.required_labels,
             whitelist: parts.whitelist,
             max_sample_age: parts.max_sample_age,
             max_future_skew: parts.max_future_skew,
@@ -447,11 +451,12 @@ impl ReceiveHandler {
 
     /// The whitelist, when a request may be merged without converting it ([`merge::store_raw`]):
     /// stored here, nothing shipped (egress ships the converted delta), and the whitelist does
-    /// not see labels that `--label` rewrote (it is matched before they are set, so a rewritten
-    /// series might not match again).
+    /// not see labels that `--label` or `--required-label` set (it is matched before they are
+    /// set, so a series sent with them might not match again).
     fn raw_path<'w>(&self, whitelist: &'w Arc<Vec<Selector>>) -> Option<&'w Arc<Vec<Selector>>> {
         let local = matches!(self.route, Route::Local) && self.merger.store().backlog().is_none();
-        (local && (whitelist.is_empty() || self.extra_labels.is_empty())).then_some(whitelist)
+        let sets_labels = !self.extra_labels.is_empty() || !self.required_labels.is_empty();
+        (local && (whitelist.is_empty() || !sets_labels)).then_some(whitelist)
     }
 
     /// The oldest and newest sample timestamps accepted at `now`, ms.
@@ -480,6 +485,7 @@ impl ReceiveHandler {
             cluster_id,
             elide: &self.config.elide_labels,
             extra_labels: &self.extra_labels,
+            required_labels: &self.required_labels,
             whitelist,
             oldest_ms,
             newest_ms,

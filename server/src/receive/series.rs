@@ -4,7 +4,8 @@
 //! twice refused, `__name__` required and a valid metric name, every other name valid and not
 //! `__`-prefixed (reserved: Prometheus would refuse the `/federate` line), `--elide-label` names
 //! dropped, the partition label required and equal to the bearer's cluster id (400 otherwise,
-//! naming the series, as upstream), the whitelist applied, `--label` pairs set, labels sorted.
+//! naming the series, as upstream), a `--required-label` with another value refused (403, as for
+//! an upload), the whitelist applied, `--label` and `--required-label` pairs set, labels sorted.
 //! Samples are held to the same age and future-skew limits as uploads. Every sample becomes one
 //! series of an UNTYPED family named after its metric: remote write 1.0 carries no type with the
 //! samples (metadata comes in separate requests, if at all), and untyped is what Prometheus
@@ -30,6 +31,9 @@ pub struct SeriesRules<'a> {
     pub elide: &'a [String],
     /// Labels set on every series (`--label`).
     pub extra_labels: &'a [(String, String)],
+    /// Labels every series carries with this value, or is given (`--required-label`, as an
+    /// upload token carries them): a series with another value is refused (403).
+    pub required_labels: &'a [(String, String)],
     /// Keep only series matching one of these; empty keeps all.
     pub whitelist: &'a [Selector],
     /// Oldest sample accepted, ms.
@@ -375,6 +379,18 @@ pub fn convert<'a>(body: &'a [u8], rules: &SeriesRules<'a>) -> Result<Converted,
                 )))
             }
         }
+        for (label, value) in rules.required_labels {
+            if let Some((_, other)) = pairs.iter().find(|(n, v)| n == label && v != value) {
+                return Err(SeriesError {
+                    status: 403,
+                    result: "forbidden",
+                    message: format!(
+                        "series {} has {label}={other:?}, not {value:?} (--required-label)",
+                        describe(&series)
+                    ),
+                });
+            }
+        }
         if !rules.whitelist.is_empty() {
             let owned: Vec<LabelPair> = pairs.iter().map(|(n, v)| LabelPair::new(n, v)).collect();
             if !selector::any_matches(rules.whitelist, name, &owned) {
@@ -382,7 +398,7 @@ pub fn convert<'a>(body: &'a [u8], rules: &SeriesRules<'a>) -> Result<Converted,
                 continue;
             }
         }
-        for (label, value) in rules.extra_labels {
+        for (label, value) in rules.extra_labels.iter().chain(rules.required_labels) {
             match pairs.iter_mut().find(|(n, _)| n == label) {
                 Some(pair) => pair.1 = value,
                 None => pairs.push((label, value)),
@@ -485,6 +501,7 @@ mod tests {
             cluster_id: "c1",
             elide,
             extra_labels: extra,
+            required_labels: &[],
             whitelist: &[],
             oldest_ms: 0,
             newest_ms: 10_000,
@@ -499,6 +516,44 @@ mod tests {
         }
         .encode_to_vec();
         convert(&body, &rules(&[], &[]))
+    }
+
+    #[test]
+    fn a_required_label_is_set_and_another_value_refused_with_403() {
+        let required = vec![("tenant".to_string(), "acme".to_string())];
+        let rules = SeriesRules {
+            required_labels: &required,
+            ..rules(&[], &[])
+        };
+        let convert_labels = |labels: &[(&str, &str)]| {
+            let body = WriteRequest {
+                timeseries: vec![series(labels, &[(1.0, 5)])],
+            }
+            .encode_to_vec();
+            convert(&body, &rules)
+        };
+        for labels in [
+            &[("__name__", "up"), ("_id", "c1")][..],
+            &[("__name__", "up"), ("_id", "c1"), ("tenant", "acme")][..],
+        ] {
+            let converted = convert_labels(labels).unwrap();
+            let families =
+                telemeter_common::delimited::decode(&converted.payload, &Default::default())
+                    .unwrap();
+            assert_eq!(
+                families[0].metric[0].label_value("tenant"),
+                Some("acme"),
+                "{labels:?}"
+            );
+        }
+        let refused =
+            convert_labels(&[("__name__", "up"), ("_id", "c1"), ("tenant", "evil")]).unwrap_err();
+        assert_eq!((refused.status, refused.result), (403, "forbidden"));
+        assert!(
+            refused.message.contains("tenant=\"evil\", not \"acme\""),
+            "{}",
+            refused.message
+        );
     }
 
     #[test]

@@ -36,6 +36,11 @@
 //! journal stays locked from that decision to the append, so no other append (a removal) can
 //! start a segment between them.
 //!
+//! A request may hold only under a [`Condition`] on what is stored, checked under the index lock
+//! where the batch is formed (a merge over the payload it read, an upload as sent while its
+//! cluster has no remote-write series): one that does not hold journals nothing and is answered
+//! so, for its caller to merge.
+//!
 //! Full segments go to the checkpointer thread (the `checkpoint` module).
 
 use std::cell::Cell;
@@ -48,7 +53,7 @@ use telemeter_common::sync::{unpoison, ReplySender};
 
 use super::journal::{self, Encoding, Held, Segment};
 use super::patch::{Patch, MAX_PATCHES};
-use super::{lock, Entry, Location, Shared, Ship, StoreError};
+use super::{lock, Entry, Location, Returned, Shared, Ship, StoreError};
 
 /// Whether a request replaces unconditionally or only when newer than what is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +64,23 @@ pub(super) enum Mode {
     IfNewer,
     /// [`super::Store::put_unless_older`].
     UnlessOlder,
+}
+
+/// What must hold of a cluster's stored payload, when the batch is committed, for a request to be
+/// committed at all. When it does not, nothing of the request is journaled (not even what it
+/// ships), and its caller hears why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Condition {
+    /// Nothing.
+    Always,
+    /// The stored payload is still the one of this version (`None`: the cluster has no entry),
+    /// and no other put of the cluster comes before it in the batch: a merge made over that
+    /// payload would otherwise erase what was put since. Else [`Outcome::Moved`].
+    Version(Option<u64>),
+    /// The cluster has no remote-write series within the TTL, counting those of requests before
+    /// it in the batch: an upload as sent would erase them. Else
+    /// [`super::StoreError::UsesRemoteWrite`], with the payload handed back.
+    NoRemoteWrite,
 }
 
 /// What became of one request, once committed.
@@ -73,12 +95,14 @@ pub(super) enum Outcome {
     /// Not stored, nothing journaled: the request's patch cannot extend what the index holds
     /// (another payload, a full chain, another segment); the caller puts the whole payload.
     Unpatchable,
+    /// Not stored, nothing journaled: its [`Condition::Version`] does not hold.
+    Moved,
 }
 
 impl Outcome {
     /// Whether the payload was written to be served.
     pub(super) fn written(self) -> bool {
-        !matches!(self, Outcome::Kept | Outcome::Unpatchable)
+        !matches!(self, Outcome::Kept | Outcome::Unpatchable | Outcome::Moved)
     }
 }
 
@@ -105,6 +129,7 @@ pub(super) struct Request {
     /// [`Outcome::Unpatchable`] with nothing journaled (its ship record neither).
     pub(super) patch: Option<Patch>,
     pub(super) mode: Mode,
+    pub(super) condition: Condition,
     pub(super) reply: Answer,
 }
 
@@ -324,6 +349,8 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         superseded: Vec<usize>,
         received_millis: u64,
         newest_sample_ms: i64,
+        /// The winner's newest remote-write sample.
+        newest_received_ms: i64,
         image: usize,
         version: u64,
         /// The chain the winner's patch extends, when it is journaled as a patch.
@@ -340,6 +367,8 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         Skipped,
         /// A patch that cannot be journaled: nothing of it is.
         Unpatchable,
+        /// Its [`Condition`] does not hold: nothing of it is journaled.
+        Unmet,
     }
     let egress = shared.egress.is_some();
     let mut groups: Vec<Group> = Vec::new();
@@ -358,11 +387,31 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                 continue;
             }
             let group = by_cluster.get(request.cluster_id.as_str()).copied();
+            let stored = index.get(&request.cluster_id);
+            let met = match request.condition {
+                Condition::Always => true,
+                Condition::Version(base) => {
+                    group.is_none() && stored.map(|entry| entry.version) == base
+                }
+                Condition::NoRemoteWrite => {
+                    // Unknown (a file written before the store kept the marker, not read since):
+                    // as its caller found, which read it.
+                    let newest_received = match group.and_then(|g| groups.get(g)) {
+                        Some(group) => Some(group.newest_received_ms),
+                        None => stored.and_then(|entry| entry.newest_received_ms),
+                    };
+                    !newest_received.is_some_and(|newest| {
+                        super::is_recent(newest, request.received_millis, shared.ttl)
+                    })
+                }
+            };
+            if !met {
+                roles.push(Role::Unmet);
+                continue;
+            }
             let current = match group.and_then(|g| groups.get(g)) {
                 Some(group) => Some((group.received_millis, group.newest_sample_ms)),
-                None => index
-                    .get(&request.cluster_id)
-                    .map(|entry| (entry.received_millis, entry.newest_sample_ms)),
+                None => stored.map(|entry| (entry.received_millis, entry.newest_sample_ms)),
             };
             let keep_current = match request.mode {
                 Mode::Replace => false,
@@ -410,6 +459,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                         group.winner = i;
                         group.received_millis = request.received_millis;
                         group.newest_sample_ms = request.newest_sample_ms;
+                        group.newest_received_ms = request.newest_received_ms;
                     }
                     roles.push(Role::Winner(g));
                 }
@@ -421,6 +471,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                         superseded: Vec::new(),
                         received_millis: request.received_millis,
                         newest_sample_ms: request.newest_sample_ms,
+                        newest_received_ms: request.newest_received_ms,
                         image: 0,
                         version: 0,
                         chain,
@@ -447,7 +498,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         // (kind, payload, whether it is packed): the served record, then the shipped one; held
         // in place rather than in a vector, one allocation an upload less.
         let packed = request.packed.is_some();
-        if let Role::Unpatchable = role {
+        if let Role::Unpatchable | Role::Unmet = role {
             continue;
         }
         let served: Option<(u8, &[u8], bool)> = match (role, &request.patch) {
@@ -604,21 +655,21 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
     }
 
     // Only now, with the records durable, answer.
-    let encoding_error = |i: usize, reason: &str| {
+    let encoding_error = |cluster_id: &str, reason: &str| {
         StoreError::format(
-            format!(
-                "encoding the journal record of cluster {:?}",
-                batch
-                    .get(i)
-                    .map(|r| r.cluster_id.as_str())
-                    .unwrap_or_default()
-            ),
+            format!("encoding the journal record of cluster {cluster_id:?}"),
             reason.to_string(),
         )
     };
     for group in &groups {
         let result = match (&written, refused.get(&group.winner)) {
-            (_, Some(reason)) => Err(encoding_error(group.winner, reason)),
+            (_, Some(reason)) => Err(encoding_error(
+                batch
+                    .get(group.winner)
+                    .map(|r| r.cluster_id.as_str())
+                    .unwrap_or_default(),
+                reason,
+            )),
             (Ok(_), None) => Ok(Outcome::Stored(group.version)),
             (Err(error), None) => Err(error.duplicate()),
         };
@@ -626,7 +677,9 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
             if let Some(request) = batch.get(i) {
                 // A superseded request whose own ship record could not be encoded failed.
                 let result = match refused.get(&i) {
-                    Some(reason) if i != group.winner => Err(encoding_error(i, reason)),
+                    Some(reason) if i != group.winner => {
+                        Err(encoding_error(&request.cluster_id, reason))
+                    }
                     _ => match &result {
                         Ok(_) if i != group.winner => Ok(Outcome::Superseded),
                         Ok(outcome) => Ok(*outcome),
@@ -638,16 +691,28 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
             }
         }
     }
-    for (i, request) in batch.iter().enumerate() {
+    for (i, mut request) in batch.into_iter().enumerate() {
         if let Some(Role::Unpatchable) = roles.get(i) {
             request.reply.send(Ok(Outcome::Unpatchable));
+            continue;
+        }
+        if let Some(Role::Unmet) = roles.get(i) {
+            let result = match request.condition {
+                Condition::NoRemoteWrite => Err(StoreError::UsesRemoteWrite(Returned {
+                    cluster_id: std::mem::take(&mut request.cluster_id),
+                    payload: std::mem::take(&mut request.payload),
+                    packed: request.packed,
+                })),
+                Condition::Always | Condition::Version(_) => Ok(Outcome::Moved),
+            };
+            request.reply.send(result);
             continue;
         }
         if !matches!(roles.get(i), Some(Role::Skipped)) {
             continue;
         }
         let result = match (refused.get(&i), &written) {
-            (Some(reason), _) => Err(encoding_error(i, reason)),
+            (Some(reason), _) => Err(encoding_error(&request.cluster_id, reason)),
             (None, Err(error)) if recorded[i] => Err(error.duplicate()),
             _ => Ok(Outcome::Kept),
         };

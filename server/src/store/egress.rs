@@ -735,6 +735,7 @@ mod tests {
                 newest_received_ms: i64::MIN,
                 patch: None,
                 mode,
+                condition: commit::Condition::Always,
                 reply: commit::Answer::Wait(reply),
             });
         }

@@ -157,15 +157,18 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use fs2::FileExt;
 use telemeter_common::sync as handoff;
 
-use commit::{Answer, Mode, Outcome, Queue, Request};
+use commit::{Answer, Condition, Mode, Outcome, Queue, Request};
 pub use egress::{Backlog, BacklogReader, Position, ShipRecord};
 use journal::{Encoding, JournalState};
 pub use patch::{Patch, PatchMark};
 pub use read::{PinVersion, PinnedUpload};
+pub use state::is_recent;
 use state::{is_live, lock, newest_sample_ms, Counters, Entry, Location, Scrapes, Shared};
 use telemeter_common::delimited::Limits;
 use telemeter_common::wire;
-pub use types::{ClusterEntry, StoreConfig, StoreError, StoreStats, StoredUpload};
+pub use types::{
+    ClusterEntry, Committed, Returned, StoreConfig, StoreError, StoreStats, StoredUpload,
+};
 
 /// The lock file inside the storage directory.
 const LOCK_FILE: &str = ".lock";
@@ -289,6 +292,18 @@ struct Put {
     patch: Option<(Patch, i64)>,
     /// `serve`'s newest sample, when the caller knows it; `None`: read from the payload.
     newest_sample_ms: Option<i64>,
+    /// What must hold of the stored payload for it to be committed.
+    condition: Condition,
+}
+
+/// What a merge's put came to.
+fn committed(outcome: Outcome) -> Committed {
+    match outcome {
+        Outcome::Stored(version) => Committed::Current(version),
+        Outcome::Superseded | Outcome::Kept => Committed::Superseded,
+        // A patch that cannot be journaled is put whole: never answered so to a caller.
+        Outcome::Unpatchable | Outcome::Moved => Committed::Moved,
+    }
 }
 
 impl Put {
@@ -309,6 +324,7 @@ impl Put {
             newest_received_ms: Some(i64::MIN),
             patch: None,
             newest_sample_ms,
+            condition: Condition::NoRemoteWrite,
         }
     }
 }
@@ -493,6 +509,7 @@ impl Store {
                 newest_received_ms: Some(i64::MIN),
                 patch: None,
                 newest_sample_ms: None,
+                condition: Condition::Always,
             },
         )
         .map(|_| ())
@@ -521,15 +538,18 @@ impl Store {
                 newest_received_ms: None,
                 patch: None,
                 newest_sample_ms: None,
+                condition: Condition::Always,
             },
         )
         .map(Outcome::written)
     }
 
-    /// As [`Store::put_shipping`] for a payload whose newest remote-write sample the caller knows
-    /// (`newest_received_ms`, `i64::MIN` when none: the remote-write merge, which made it).
-    /// Returns the [`Store::version`] the index gave it, or `None` when a later put of the same
-    /// commit replaced it already.
+    /// As [`Store::put_shipping`] for a payload made by a merge over the stored payload of
+    /// [`Store::version`] `base` (`None`: the cluster had none), whose newest remote-write sample
+    /// the caller knows (`newest_received_ms`, `i64::MIN` when none). Stored only if that is
+    /// still the stored payload when the put is committed, so that a merge never erases a put of
+    /// another path (an upload, a handoff) that came between its read and its commit: otherwise
+    /// [`Committed::Moved`] with nothing journaled, and the caller merges again.
     pub fn put_merged(
         &self,
         cluster_id: &str,
@@ -537,7 +557,8 @@ impl Store {
         ship: Ship,
         received: SystemTime,
         newest_received_ms: i64,
-    ) -> Result<Option<u64>, StoreError> {
+        base: Option<u64>,
+    ) -> Result<Committed, StoreError> {
         let outcome = self.submit(
             cluster_id,
             Put {
@@ -549,21 +570,20 @@ impl Store {
                 newest_received_ms: Some(newest_received_ms),
                 patch: None,
                 newest_sample_ms: None,
+                condition: Condition::Version(base),
             },
         )?;
-        Ok(match outcome {
-            Outcome::Stored(version) => Some(version),
-            Outcome::Kept | Outcome::Superseded | Outcome::Unpatchable => None,
-        })
+        Ok(committed(outcome))
     }
 
     /// As [`Store::put_merged`] for a payload made by editing the stored payload of
     /// [`Store::version`] `patch.base_version` in place, where `patch` says what changed: the
     /// journal then holds only that (the `patch` module), and `whole` (the edited payload) is
-    /// asked for only when the patch cannot be journaled (another write came between, the chain
-    /// is full, the segment changed). `newest_sample_ms` and `newest_received_ms` are the edited
-    /// payload's. Either way what is served is the edited payload, durable before this returns,
-    /// and `delta` is shipped once.
+    /// asked for only when the patch cannot be journaled (the chain is full, the segment
+    /// changed). `newest_sample_ms` and `newest_received_ms` are the edited payload's. Either way
+    /// what is served is the edited payload, durable before this returns, and `delta` is
+    /// shipped once; or, when the stored payload is no longer the one edited, nothing is
+    /// ([`Committed::Moved`]).
     #[allow(clippy::too_many_arguments)]
     pub fn put_patched(
         &self,
@@ -574,11 +594,8 @@ impl Store {
         received: SystemTime,
         newest_sample_ms: i64,
         newest_received_ms: i64,
-    ) -> Result<Option<u64>, StoreError> {
-        let stored = |outcome: Outcome| match outcome {
-            Outcome::Stored(version) => Some(version),
-            Outcome::Kept | Outcome::Superseded | Outcome::Unpatchable => None,
-        };
+    ) -> Result<Committed, StoreError> {
+        let base = patch.base_version;
         // Most refusals are known from the index already (another version, a full chain): then
         // the whole payload at once, rather than after a commit that refuses the patch.
         let hopeful = lock(&self.handle.shared.index)
@@ -598,7 +615,7 @@ impl Store {
                     } => (patches.len(), *patch_bytes),
                     Location::File { .. } => return false,
                 };
-                entry.version == patch.base_version
+                entry.version == base
                     && patches < patch::MAX_PATCHES
                     && patch_bytes + patch.len() as u64 <= entry.payload_bytes
             });
@@ -620,10 +637,12 @@ impl Store {
                     newest_received_ms: Some(newest_received_ms),
                     patch: Some((patch, newest_sample_ms)),
                     newest_sample_ms: None,
+                    // A patch holds only over the payload it edits (`commit::extendable`).
+                    condition: Condition::Always,
                 },
             )?;
             if outcome != Outcome::Unpatchable {
-                return Ok(stored(outcome));
+                return Ok(committed(outcome));
             }
         }
         let outcome = self.submit(
@@ -638,9 +657,37 @@ impl Store {
                 patch: None,
                 // Said by the caller, as for the patch: no pass over the whole payload.
                 newest_sample_ms: Some(newest_sample_ms),
+                condition: Condition::Version(Some(base)),
             },
         )?;
-        Ok(stored(outcome))
+        Ok(committed(outcome))
+    }
+
+    /// Tests: the first store call to reach the point named `at` (a `Shared::pause_at` of the
+    /// store's) stops there, once. Returns where it says it got there, and where to tell it to
+    /// go on.
+    #[cfg(test)]
+    pub(crate) fn pause_once_at(
+        &self,
+        at: &'static str,
+    ) -> (
+        crossbeam_channel::Receiver<()>,
+        crossbeam_channel::Sender<()>,
+    ) {
+        let (reached, stopped) = crossbeam_channel::bounded(0);
+        let (go_on, waits) = crossbeam_channel::bounded(0);
+        *lock(&self.handle.shared.pause) = Some(state::Pause {
+            at,
+            reached,
+            go_on: waits,
+        });
+        (stopped, go_on)
+    }
+
+    /// Whether the store was opened with [`Store::open_shipping`]: only then is what a put
+    /// ships journaled.
+    pub fn is_shipping(&self) -> bool {
+        self.handle.shared.egress.is_some()
     }
 
     /// The egress backlog, when the store was opened with [`Store::open_shipping`].
@@ -672,6 +719,7 @@ impl Store {
                 newest_received_ms: None,
                 patch: None,
                 newest_sample_ms: None,
+                condition: Condition::Always,
             },
         )
         .map(Outcome::written)
@@ -804,6 +852,8 @@ impl Store {
     /// refused: a closed store drops the request, and with it the answer, which then says
     /// [`StoreError::Closed`]).
     fn enqueue(&self, cluster_id: &str, put: Put, lent: Option<&mut Vec<u8>>, answer: Answer) {
+        #[cfg(test)]
+        self.handle.shared.pause_at("put handed over");
         let Put {
             serve,
             frames,
@@ -813,6 +863,7 @@ impl Store {
             newest_received_ms,
             patch,
             newest_sample_ms: known_newest_sample_ms,
+            condition,
         } = put;
         let shipping = self.handle.shared.egress.is_some()
             && !matches!((&serve, &ship), (None, Ship::Served) | (_, Ship::Nothing));
@@ -870,6 +921,7 @@ impl Store {
                 newest_received_ms,
                 patch,
                 mode,
+                condition,
                 reply: answer,
             },
         );

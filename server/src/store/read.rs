@@ -509,9 +509,12 @@ impl Shared {
     /// `cluster_id`'s upload if it is live: from its journal record until that is checkpointed,
     /// then from its file, verified; a corrupt file is set aside and reads as absent.
     pub(super) fn get(&self, cluster_id: &str) -> Result<Option<StoredUpload>, StoreError> {
-        Ok(self
+        let upload = self
             .read_pinned(cluster_id, false, false, None)?
-            .map(|pinned| pinned.upload))
+            .map(|pinned| pinned.upload);
+        #[cfg(test)]
+        self.pause_at("payload read");
+        Ok(upload)
     }
 
     /// As [`Shared::get`], keeping the file it was read from open ([`PinnedUpload`]). With

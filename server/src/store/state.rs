@@ -68,7 +68,6 @@ pub(super) struct Shared {
 /// A point where a test stops the store ([`Shared::pause_at`]): to commit a put there, which the
 /// committer does at any time (it does not take `mutation`).
 #[cfg(test)]
-#[derive(Clone)]
 pub(super) struct Pause {
     /// The point's name, as the code passes it to [`Shared::pause_at`].
     pub(super) at: &'static str,
@@ -80,10 +79,17 @@ pub(super) struct Pause {
 
 #[cfg(test)]
 impl Shared {
-    /// Stops here, at the point named `at`, when a test set a [`Pause`] for it.
+    /// Stops here, at the point named `at`, when a test set a [`Pause`] for it: the first thread
+    /// to get there, once (the pause is taken).
     pub(super) fn pause_at(&self, at: &'static str) {
-        let pause = lock(&self.pause).clone();
-        if let Some(pause) = pause.filter(|pause| pause.at == at) {
+        let pause = {
+            let mut pause = lock(&self.pause);
+            match pause.as_ref().is_some_and(|pause| pause.at == at) {
+                true => pause.take(),
+                false => None,
+            }
+        };
+        if let Some(pause) = pause {
             let _ = pause.reached.send(());
             let _ = pause.go_on.recv();
         }
@@ -203,6 +209,15 @@ pub(super) fn is_live(newest_sample_ms: i64, now: SystemTime, ttl: Duration) -> 
     let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
     // A sample from the future (within the allowed skew, or the clock stepped back) is live.
     newest_sample_ms >= now_ms.saturating_sub(ttl_ms)
+}
+
+/// Whether a sample stamped `sample_ms` is within `ttl` of `at_millis` (a receive time): how
+/// the store, and the uploads that ask it, tell that a cluster's remote-write series are still
+/// served, so that one rule decides it on both sides.
+pub fn is_recent(sample_ms: i64, at_millis: u64, ttl: Duration) -> bool {
+    let at_ms = i64::try_from(at_millis).unwrap_or(i64::MAX);
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    sample_ms >= at_ms.saturating_sub(ttl_ms)
 }
 
 /// The time the TTL of `payload`, received at `received_millis`, counts from: its newest sample's

@@ -652,6 +652,7 @@ fn a_batch_writes_each_cluster_once_and_answers_everyone() {
             newest_received_ms: i64::MIN,
             patch: None,
             mode,
+            condition: commit::Condition::Always,
             reply: Answer::Wait(reply),
         });
     }
@@ -1079,10 +1080,17 @@ fn put_markers(store: &Store) -> Vec<(&'static str, Option<i64>)> {
     let (plain, _) = with_help("from an upload", 1_000);
     let (received, stamp) = with_help(REMOTE_WRITE_HELP, 2_000);
     store
-        .put_merged("merged", plain, Ship::Nothing, at(0), 1234)
+        .put_merged("merged", plain, Ship::Nothing, at(0), 1234, None)
         .unwrap();
     store
-        .put_merged("dropped", received.clone(), Ship::Nothing, at(0), i64::MIN)
+        .put_merged(
+            "dropped",
+            received.clone(),
+            Ship::Nothing,
+            at(0),
+            i64::MIN,
+            None,
+        )
         .unwrap();
     store.put("spoofed", received, at(0)).unwrap();
     assert_ne!(stamp, 1234);
@@ -1193,7 +1201,14 @@ fn a_version_2_file_opens_serves_and_learns_its_marker_from_its_payload_once() {
     assert_eq!(store.newest_received("received").unwrap(), Some(stamp));
     // Rewritten in the current version with its marker when its cluster is next written.
     store
-        .put_merged("plain", plain, Ship::Nothing, at(0), 77)
+        .put_merged(
+            "plain",
+            plain,
+            Ship::Nothing,
+            at(0),
+            77,
+            store.version("plain"),
+        )
         .unwrap();
     checkpoint_now(&store);
     let bytes = fs::read(file_of(&store, "plain")).unwrap();
@@ -1229,7 +1244,14 @@ fn a_version_3_file_is_verified_by_its_sha256_served_and_rewritten_as_version_4(
     assert!(store.get("damaged").unwrap().is_none());
     assert_eq!(corrupt_names(&dir.0).len(), 1);
     store
-        .put_merged("plain", plain.clone(), Ship::Nothing, at(0), 77)
+        .put_merged(
+            "plain",
+            plain.clone(),
+            Ship::Nothing,
+            at(0),
+            77,
+            store.version("plain"),
+        )
         .unwrap();
     checkpoint_now(&store);
     let bytes = fs::read(file_of(&store, "plain")).unwrap();
@@ -1474,6 +1496,7 @@ fn commit_request(
         newest_received_ms: i64::MIN,
         patch: None,
         mode: Mode::Replace,
+        condition: commit::Condition::Always,
         reply: Answer::Wait(reply),
     };
     (request, answer)
@@ -1648,7 +1671,7 @@ fn patches_are_journaled_instead_of_images_and_a_crash_replays_them_to_what_was_
                 .store(segment_bytes, Ordering::Relaxed);
             if n == 0 {
                 store
-                    .put_merged("c", payload.clone(), Ship::Nothing, at(0), 7)
+                    .put_merged("c", payload.clone(), Ship::Nothing, at(0), 7, None)
                     .unwrap();
             }
             for _ in 0..requests {
@@ -1666,7 +1689,7 @@ fn patches_are_journaled_instead_of_images_and_a_crash_replays_them_to_what_was_
                         7 + n as i64,
                     )
                     .unwrap();
-                assert_eq!(version, store.version("c"));
+                assert_eq!(version, Committed::Current(store.version("c").unwrap()));
                 assert_eq!(
                     store.get("c").unwrap().unwrap().payload,
                     payload,
@@ -1707,18 +1730,72 @@ fn patches_are_journaled_instead_of_images_and_a_crash_replays_them_to_what_was_
 }
 
 #[test]
-fn a_patch_over_another_payload_than_the_stored_one_is_journaled_as_the_whole_payload() {
+fn in_one_batch_a_merge_and_an_upload_as_sent_never_erase_each_other() {
+    let dir = TempDir::new("batch-conditions");
+    // Shipping: a refused request must not even be journaled to ship.
+    let store = Store::open_shipping(config(&dir)).unwrap();
+    store.put("c", b"stored".to_vec(), at(0)).unwrap();
+    let base = store.version("c");
+    let records = journal_records(&dir.0).len();
+    let shared = &store.handle.shared;
+    // An upload (to replace, finding no remote write), then a merge made over the stored
+    // payload: the merge would erase the upload.
+    let (mut upload, uploaded) = commit_request("c", b"upload");
+    upload.condition = commit::Condition::NoRemoteWrite;
+    let (mut merge, merged) = commit_request("c", b"merged");
+    merge.condition = commit::Condition::Version(base);
+    merge.newest_received_ms = now_ms();
+    commit::commit(shared, vec![upload, merge]);
+    assert!(matches!(uploaded.recv(), Some(Ok(Outcome::Stored(_)))));
+    assert!(matches!(merged.recv(), Some(Ok(Outcome::Moved))));
+    assert_eq!(store.get("c").unwrap().unwrap().payload, b"upload");
+    // The merge again, over the upload, then an upload that had found no remote write: it is
+    // handed back, whole, to be merged.
+    let (mut merge, merged) = commit_request("c", b"merged");
+    merge.condition = commit::Condition::Version(store.version("c"));
+    merge.newest_received_ms = now_ms();
+    let (mut upload, uploaded) = commit_request("c", b"late upload");
+    upload.condition = commit::Condition::NoRemoteWrite;
+    commit::commit(shared, vec![merge, upload]);
+    assert!(matches!(merged.recv(), Some(Ok(Outcome::Stored(_)))));
+    match uploaded.recv() {
+        Some(Err(StoreError::UsesRemoteWrite(returned))) => {
+            assert_eq!(returned.cluster_id, "c");
+            assert_eq!(returned.into_families().unwrap(), b"late upload");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.get("c").unwrap().unwrap().payload, b"merged");
+    // Nothing journaled of either refused request, not even to ship: the upload and the merge.
+    let kinds: Vec<(u8, Vec<u8>)> = journal_records(&dir.0)
+        .into_iter()
+        .skip(records)
+        .map(|(kind, _, payload)| (kind, payload))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (journal::PUT, b"upload".to_vec()),
+            (journal::PUT, b"merged".to_vec())
+        ]
+    );
+}
+
+#[test]
+fn a_merge_over_another_payload_than_the_stored_one_stores_nothing() {
     let dir = TempDir::new("patch-base");
     let store = open(&dir);
     let mut payload = vec![1u8; 500];
     store
-        .put_merged("c", payload.clone(), Ship::Nothing, at(0), 1)
+        .put_merged("c", payload.clone(), Ship::Nothing, at(0), 1, None)
         .unwrap();
     let base = store.version("c").unwrap();
-    // Another write comes between the merge's read and its put.
+    // Another write comes between the merge's read and its put: neither the patch nor the
+    // whole edited payload may erase it.
     store.put("c", vec![2u8; 500], at(0)).unwrap();
+    let records = journal_records(&dir.0).len();
     let patch = edit(&mut payload, 1, base);
-    store
+    let committed = store
         .put_patched(
             "c",
             patch,
@@ -1729,6 +1806,35 @@ fn a_patch_over_another_payload_than_the_stored_one_is_journaled_as_the_whole_pa
             2,
         )
         .unwrap();
+    assert_eq!(committed, Committed::Moved);
+    let whole = store
+        .put_merged("c", payload.clone(), Ship::Nothing, at(0), 2, Some(base))
+        .unwrap();
+    assert_eq!(whole, Committed::Moved);
+    assert_eq!(store.get("c").unwrap().unwrap().payload, vec![2u8; 500]);
+    assert_eq!(journal_records(&dir.0).len(), records);
+    // Over no payload, when the cluster has one now, neither.
+    assert_eq!(
+        store
+            .put_merged("c", payload.clone(), Ship::Nothing, at(0), 2, None)
+            .unwrap(),
+        Committed::Moved
+    );
+    assert_eq!(store.get("c").unwrap().unwrap().payload, vec![2u8; 500]);
+    // Over the stored payload, whole: stored.
+    assert!(matches!(
+        store
+            .put_merged(
+                "c",
+                payload.clone(),
+                Ship::Nothing,
+                at(0),
+                2,
+                store.version("c")
+            )
+            .unwrap(),
+        Committed::Current(_)
+    ));
     assert_eq!(store.get("c").unwrap().unwrap().payload, payload);
     let kinds: Vec<u8> = journal_records(&dir.0).iter().map(|r| r.0).collect();
     assert!(!kinds.contains(&journal::PATCH), "{kinds:?}");
@@ -1770,7 +1876,7 @@ fn chained_payloads_past_the_budget_close_the_segment_so_pins_stay_bounded() {
     };
     for (id, payload) in ["a", "b", "c"].iter().zip(payloads.iter()) {
         store
-            .put_merged(id, payload.clone(), Ship::Nothing, at(0), 7)
+            .put_merged(id, payload.clone(), Ship::Nothing, at(0), 7, None)
             .unwrap();
     }
     // Images are read from the segment file: they hold nothing.
@@ -2275,13 +2381,7 @@ fn put_while_stopped_at<T: Send + 'static>(
     point: &'static str,
     op: impl FnOnce(&Store) -> T + Send + 'static,
 ) -> T {
-    let (reached, stopped) = crossbeam_channel::bounded(0);
-    let (go_on, waits) = crossbeam_channel::bounded(0);
-    *lock(&store.handle.shared.pause) = Some(state::Pause {
-        at: point,
-        reached,
-        go_on: waits,
-    });
+    let (stopped, go_on) = store.pause_once_at(point);
     let thread = {
         let store = store.clone();
         std::thread::spawn(move || op(&store))

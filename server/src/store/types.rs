@@ -44,6 +44,57 @@ pub enum StoreError {
     },
     /// The committer thread has stopped (the store is shutting down).
     Closed,
+    /// An upload as sent was not stored: by its commit its cluster had remote-write series
+    /// within the TTL, which replacing the payload would erase. Nothing of it was journaled; its
+    /// payload is handed back, to be merged instead ([`Returned::into_families`]).
+    UsesRemoteWrite(Returned),
+    /// A merge's payload was not stored: its cluster's stored payload changed each time the
+    /// merge was made over it (a put of another path committed between the read and the
+    /// commit). Nothing of it was journaled; the sender may try again.
+    Contended {
+        /// The cluster.
+        cluster_id: String,
+    },
+}
+
+/// An upload the store handed back ([`StoreError::UsesRemoteWrite`]).
+#[derive(Debug)]
+pub struct Returned {
+    /// The cluster it was put for.
+    pub cluster_id: String,
+    pub(super) payload: Vec<u8>,
+    /// `Some(families' length)` when `payload` is the upload as it arrived (snappy framed)
+    /// rather than its families.
+    pub(super) packed: Option<u64>,
+}
+
+impl Returned {
+    /// The upload's families, protobuf-delimited (decompressed when it was handed to the store
+    /// as it arrived).
+    pub fn into_families(self) -> Result<Vec<u8>, StoreError> {
+        let Some(plain_len) = self.packed else {
+            return Ok(self.payload);
+        };
+        let plain_len = usize::try_from(plain_len).unwrap_or(usize::MAX);
+        telemeter_common::snappy::decode_framed(&self.payload, plain_len).map_err(|e| {
+            StoreError::format(
+                format!("decompressing an upload of cluster {:?}", self.cluster_id),
+                e.to_string(),
+            )
+        })
+    }
+}
+
+/// What became of a merge's payload put over one stored payload ([`super::Store::put_merged`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Committed {
+    /// Durable and served: the [`super::Store::version`] the index gave it.
+    Current(u64),
+    /// Durable, and replaced by a later put of the same commit.
+    Superseded,
+    /// Not stored, nothing journaled: the stored payload is no longer the one it was made over.
+    /// The caller merges again over what is stored now.
+    Moved,
 }
 
 impl fmt::Display for StoreError {
@@ -59,6 +110,15 @@ impl fmt::Display for StoreError {
             StoreError::Io { context, source } => write!(f, "{context}: {source}"),
             StoreError::Format { context, reason } => write!(f, "{context}: {reason}"),
             StoreError::Closed => write!(f, "the store is closed"),
+            StoreError::UsesRemoteWrite(returned) => write!(
+                f,
+                "cluster {:?} pushes by remote write now: its upload is merged, not stored as sent",
+                returned.cluster_id
+            ),
+            StoreError::Contended { cluster_id } => write!(
+                f,
+                "cluster {cluster_id:?} changed under every attempt to merge into it; try again"
+            ),
         }
     }
 }
@@ -67,7 +127,11 @@ impl std::error::Error for StoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             StoreError::Io { source, .. } => Some(source),
-            StoreError::Locked { .. } | StoreError::Format { .. } | StoreError::Closed => None,
+            StoreError::Locked { .. }
+            | StoreError::Format { .. }
+            | StoreError::Closed
+            | StoreError::UsesRemoteWrite(_)
+            | StoreError::Contended { .. } => None,
         }
     }
 }
@@ -105,6 +169,15 @@ impl StoreError {
                 reason: reason.clone(),
             },
             StoreError::Closed => StoreError::Closed,
+            // Never shared: said of one request alone. Its payload stays with it.
+            StoreError::UsesRemoteWrite(returned) => StoreError::UsesRemoteWrite(Returned {
+                cluster_id: returned.cluster_id.clone(),
+                payload: Vec::new(),
+                packed: None,
+            }),
+            StoreError::Contended { cluster_id } => StoreError::Contended {
+                cluster_id: cluster_id.clone(),
+            },
         }
     }
 }
