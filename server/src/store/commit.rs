@@ -572,7 +572,8 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
         shared.append_locked(&mut journal_state, &bytes, |segment, base| {
             let mut index = lock(&shared.index);
             let mut written = 0;
-            // Replaced entries that keep a mapping: unmapped after the locks are let go.
+            // Replaced entries that keep a mapping, or the last reference to a segment (retired
+            // while its checkpoint failed): unmapped and closed after the locks are let go.
             let mut mapped = Vec::new();
             // Bytes of payloads the index finds in this segment that reads of it hold in memory
             // (packed records, chains): see `journal::Held`.
@@ -627,7 +628,7 @@ pub(super) fn commit(shared: &Shared, batch: Vec<Request>) {
                     };
                     if let Some(replaced) = replaced {
                         held.remove(&replaced, segment.number);
-                        if replaced.location.mapped() {
+                        if replaced.location.mapped() || replaced.location.holds_last_segment() {
                             mapped.push(replaced);
                         }
                     }

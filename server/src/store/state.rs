@@ -169,6 +169,18 @@ impl Location {
         )
     }
 
+    /// Whether this holds the last reference to its journal segment, which dropping it closes
+    /// (and unmaps, when a read mapped it): a segment retired while its checkpoint failed lives
+    /// on only in the entries that point into it.
+    pub(super) fn holds_last_segment(&self) -> bool {
+        match self {
+            Location::File { .. } => false,
+            Location::Journal { segment, .. } | Location::Chain { segment, .. } => {
+                Arc::strong_count(segment) == 1
+            }
+        }
+    }
+
     /// The segment and offset of the newest record of a journal location (an image's, or a
     /// chain's last patch): a checkpoint writes a cluster's file only while this is unchanged.
     pub(super) fn newest_record(&self) -> Option<(u64, u64)> {
