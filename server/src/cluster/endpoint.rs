@@ -12,10 +12,11 @@
 use telemeter_common::http::{Request, Response};
 
 use super::forward::{ForwardKind, FORWARD_METHOD};
-use super::placement::REFUSED_BY_OWNER;
+use super::placement::{CONTENDED_AT_OWNER, REFUSED_BY_OWNER};
 use super::Cluster;
 use crate::ingest::placement::store_push;
 use crate::receive::merge::{MergeError, Merger};
+use crate::store::StoreError;
 
 /// Answers one request to the forward endpoint, storing through `merger` (the server's, over its
 /// store). A forwarded push is shipped to `remote_write` once stored (this node is its owner); a
@@ -70,6 +71,18 @@ pub fn handle_forward(
         )),
     };
     let result = match result {
+        // Overtaken every time: the sender tells its client to retry, and suspects no one.
+        Ok(Err(StoreError::Contended { .. })) => {
+            cluster.count_received_forward("contended");
+            log::info!(
+                "cluster: a forwarded {} for cluster {id} was overtaken by other writes of it; the client retries",
+                forwarded.kind.as_str()
+            );
+            return Response::text(
+                CONTENDED_AT_OWNER,
+                "the cluster's series changed while they were merged into; retry",
+            );
+        }
         Ok(result) => result,
         Err(refused) => {
             cluster.count_received_forward("refused");
@@ -191,6 +204,7 @@ mod tests {
                 ("store_error", 0),
                 ("receive", 0),
                 ("refused", 0),
+                ("contended", 0),
             ]
         );
         // The two stored were accepted under our key; refused ones are not counted by key.
@@ -284,6 +298,38 @@ mod tests {
         assert_eq!(push(&series_with(5, None)).status, 413);
         assert_eq!(stored_series(), 3);
         assert_eq!(refused(), Some(2), "the refusal is counted");
+        cluster.shutdown();
+    }
+
+    #[test]
+    fn a_forwarded_merge_overtaken_every_time_is_answered_409_and_counted() {
+        use crate::receive::merge::tests::{overtaken, two_series};
+        let store = TempStore::new("endpoint-contended");
+        let merger = Merger::new(store.store.clone());
+        let cluster = std::sync::Arc::new(node("solo", "127.0.0.1:1", vec![]));
+        let sealer = Sealer::new(&[key()]).unwrap();
+        let now = SystemTime::now();
+        // "c" holds an upload as sent; its first remote-write request, forwarded here, is
+        // overtaken by another upload after each of its reads.
+        crate::ingest::placement::store_push(&merger, "c", two_series("old", "gone", now), now)
+            .unwrap();
+        let body = sealer
+            .seal("solo", "c", now, ForwardKind::Receive, &series(1), now)
+            .unwrap();
+        let reply = {
+            let (cluster, merger) = (cluster.clone(), merger.clone());
+            overtaken(&store.store, &merger.clone(), 8, move || {
+                handle_forward(&cluster, &merger, 10, request("POST", body))
+            })
+        };
+        assert_eq!(reply.status, CONTENDED_AT_OWNER);
+        let contended = cluster
+            .stats()
+            .received_forwards
+            .iter()
+            .find(|(result, _)| *result == "contended")
+            .map(|(_, n)| *n);
+        assert_eq!(contended, Some(1));
         cluster.shutdown();
     }
 }

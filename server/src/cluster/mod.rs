@@ -166,14 +166,17 @@ pub struct ClusterStats {
 }
 
 /// Results of forwards received, in [`ClusterStats::received_forwards`] order.
-const RECEIVED: [&str; 6] = [
+const RECEIVED: [&str; 7] = [
     "push",
     "handoff",
     "unauthorized",
     "store_error",
     "receive",
-    // A forwarded remote-write request refused for its content (`--max-series` merged).
+    // A forwarded remote-write request or push refused for its content (`--max-series` merged).
     "refused",
+    // A forwarded merge overtaken by other writes of its cluster every time it was tried
+    // (`StoreError::Contended`): the client retries; the sender suspects no one.
+    "contended",
 ];
 
 /// Forward results by kind (push, handoff, remove, receive) × result (ok, unreachable, rejected).

@@ -15,6 +15,7 @@ use super::forward::{ForwardError, ForwardKind};
 use super::Cluster;
 use crate::ingest::placement::{store_push, store_upload, Placement, PlacementError};
 use crate::receive::merge::{MergeError, Merger};
+use crate::store::StoreError;
 
 /// Routes uploads through the ring.
 pub struct ClusterPlacement {
@@ -91,14 +92,18 @@ impl Placement for ClusterPlacement {
 }
 
 /// What storing on this node came to, for [`place_on_owner`]: a refusal of the content (an
-/// upload that would take its cluster's merged series past `--max-series`) is kept in `refused`
-/// as the answer, and counts as done: no other member is tried, as for an owner's 413.
+/// upload that would take its cluster's merged series past `--max-series`), or a merge overtaken
+/// every time ([`StoreError::Contended`], which the client retries), is kept in `refused` as the
+/// answer, and counts as done: no other member is tried, as for an owner's 413 or 409.
 fn here(
     refused: &Cell<Option<PlacementError>>,
     stored: Result<(), MergeError>,
 ) -> Result<(), String> {
     match stored {
-        Err(e @ MergeError::TooManySeries { .. }) => {
+        Err(
+            e
+            @ (MergeError::TooManySeries { .. } | MergeError::Store(StoreError::Contended { .. })),
+        ) => {
             refused.set(Some(PlacementError::from(e)));
             Ok(())
         }
@@ -109,6 +114,11 @@ fn here(
 /// The status an owner refuses a forward's content with (`endpoint`: a remote-write request over
 /// `--max-series` merged), passed on to the client rather than tried elsewhere.
 pub const REFUSED_BY_OWNER: u16 = 413;
+
+/// The status an owner answers a forward whose merge was overtaken by other writes of its cluster
+/// every time ([`StoreError::Contended`]): the client is told to retry (503), and the owner,
+/// which is well, is neither suspected nor passed over.
+pub const CONTENDED_AT_OWNER: u16 = 409;
 
 /// Stores `payload` on `cluster_id`'s owner: `store_here` when that is this node, else forwarded
 /// as `kind` (the owner stores it durably before answering); a failed owner is marked suspect and
@@ -149,6 +159,10 @@ pub fn place_on_owner<E: std::fmt::Display>(
                         reason,
                     })
                 }
+                Err(ForwardError::Rejected {
+                    status: CONTENDED_AT_OWNER,
+                    ..
+                }) => return Err(PlacementError::Contended),
                 Err(e) => {
                     cluster.mark_suspect(&owner.name);
                     Err(e.to_string())
@@ -194,7 +208,7 @@ mod tests {
     fn an_upload_refused_here_for_its_content_is_the_answer() {
         use crate::receive::merge::REMOTE_WRITE_HELP;
         use telemeter_common::model::{LabelPair, MetricFamily, MetricType};
-        let store = TempStore::new("placement-refused");
+        let store = TempStore::new("placement-refused-here");
         let cluster = Arc::new(node("solo", "127.0.0.1:1", vec![]));
         let merger = Merger::new(store.store.clone()).with_max_series(2);
         let now = SystemTime::now();
@@ -311,31 +325,42 @@ mod tests {
 
     #[test]
     fn an_owner_refusing_the_content_is_the_answer_and_no_other_member_stores_it() {
-        let store = TempStore::new("placement-refused");
-        let owner = telemeter_common::http::Server::bind(
-            "127.0.0.1:0",
-            telemeter_common::http::Config::default(),
-            Arc::new(Answers(REFUSED_BY_OWNER)),
-        )
-        .unwrap();
-        let (a, b) = pair(&owner.local_addr().to_string());
-        let _owner = owner.spawn();
-        let a = Arc::new(a);
-        let id = id_owned_by(&a, "b");
-        let placement = ClusterPlacement::new(a.clone(), Merger::new(store.store.clone()));
-        let err = placement
-            .place(&id, b"payload".to_vec(), SystemTime::now())
-            .unwrap_err();
-        assert_eq!(err.status(), 413);
-        assert_eq!(err.to_string(), "over --max-series (4) once merged");
-        // Not stored here instead, and the owner is not suspected for answering.
-        assert!(store.store.get(&id).unwrap().is_none());
-        let state = super::super::gossip::lock(a.membership())
-            .member("b")
-            .map(|m| m.state);
-        assert_eq!(state, Some(MemberState::Alive));
-        a.shutdown();
-        b.shutdown();
+        // Its content refused (413, passed on), or its merge overtaken every time (409: the
+        // client retries, 503).
+        for (answer, status, reason) in [
+            (REFUSED_BY_OWNER, 413, "over --max-series (4) once merged"),
+            (
+                CONTENDED_AT_OWNER,
+                503,
+                "the cluster's series changed while they were merged into; retry",
+            ),
+        ] {
+            let store = TempStore::new("placement-refused");
+            let owner = telemeter_common::http::Server::bind(
+                "127.0.0.1:0",
+                telemeter_common::http::Config::default(),
+                Arc::new(Answers(answer)),
+            )
+            .unwrap();
+            let (a, b) = pair(&owner.local_addr().to_string());
+            let _owner = owner.spawn();
+            let a = Arc::new(a);
+            let id = id_owned_by(&a, "b");
+            let placement = ClusterPlacement::new(a.clone(), Merger::new(store.store.clone()));
+            let err = placement
+                .place(&id, b"payload".to_vec(), SystemTime::now())
+                .unwrap_err();
+            assert_eq!(err.status(), status);
+            assert_eq!(err.to_string(), reason);
+            // Not stored here instead, and the owner is not suspected for answering.
+            assert!(store.store.get(&id).unwrap().is_none());
+            let state = super::super::gossip::lock(a.membership())
+                .member("b")
+                .map(|m| m.state);
+            assert_eq!(state, Some(MemberState::Alive), "{answer}");
+            a.shutdown();
+            b.shutdown();
+        }
     }
 
     #[test]

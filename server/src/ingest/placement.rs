@@ -31,6 +31,10 @@ pub enum PlacementError {
         /// The owner's reason (about the client's data, nothing of the peer's).
         reason: String,
     },
+    /// The owner's merge into the cluster's series was overtaken by other writes of the cluster
+    /// each time it was made ([`StoreError::Contended`]): nothing stored, the client retries.
+    /// No other member is tried, and the owner is well.
+    Contended,
 }
 
 impl PlacementError {
@@ -50,6 +54,9 @@ impl fmt::Display for PlacementError {
             PlacementError::Store(e) => write!(f, "storing the upload failed: {e}"),
             PlacementError::Unavailable => f.write_str("no server could store the upload; retry"),
             PlacementError::Refused { reason, .. } => f.write_str(reason),
+            PlacementError::Contended => {
+                f.write_str("the cluster's series changed while they were merged into; retry")
+            }
         }
     }
 }
@@ -63,10 +70,12 @@ impl From<StoreError> for PlacementError {
 }
 
 impl From<MergeError> for PlacementError {
-    /// A store failure, or the content refused: an upload that would take its cluster's merged
-    /// series past `--max-series` (413, as remote write answers it).
+    /// A store failure, the merge overtaken ([`PlacementError::Contended`]), or the content
+    /// refused: an upload that would take its cluster's merged series past `--max-series` (413,
+    /// as remote write answers it).
     fn from(e: MergeError) -> Self {
         match e {
+            MergeError::Store(StoreError::Contended { .. }) => PlacementError::Contended,
             MergeError::Store(e) => PlacementError::Store(e),
             refused @ MergeError::TooManySeries { .. } => PlacementError::Refused {
                 status: 413,
@@ -354,6 +363,11 @@ fn store_upload_lent(
         }
     };
     match stored {
+        // Handed back packed: the families are in `payload` already (lent back before the
+        // commit), not to be decompressed again.
+        Err(StoreError::UsesRemoteWrite(returned)) if returned.is_packed() => {
+            merger.store_accepted(cluster_id, std::mem::take(payload), received)
+        }
         Err(StoreError::UsesRemoteWrite(returned)) => merge_returned(merger, returned, received),
         stored => stored.map(|_| ()).map_err(MergeError::Store),
     }

@@ -644,7 +644,9 @@ impl UploadHandler {
             // is on the other side of the security boundary.
             let message = match &e {
                 PlacementError::Store(_) => STORE_FAILED.to_string(),
-                PlacementError::Unavailable | PlacementError::Refused { .. } => e.to_string(),
+                PlacementError::Unavailable
+                | PlacementError::Refused { .. }
+                | PlacementError::Contended => e.to_string(),
             };
             return Err(Refusal::new(e.status(), message));
         }

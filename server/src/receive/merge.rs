@@ -421,7 +421,8 @@ impl Merger {
         // (an fdatasync away), so the requests waiting for theirs hold none, and the next
         // requests find one there instead of zeroing (and faulting in) a fresh one.
         drop(body);
-        match self.store_and_keep(cluster_id, entry, None, received, Some(version))? {
+        // Nothing shipped: the raw path runs without egress (no converted delta to ship).
+        match self.store_and_keep(cluster_id, entry, Some(&[]), received, Some(version))? {
             None => Ok(Raw::Stored(samples)),
             // Another path stored the cluster since it was cached (rare: an upload or a handoff
             // in the same moment). The body is gone: nothing is stored, and the sender tries
@@ -797,7 +798,7 @@ pub fn untyped_series(labels: Vec<LabelPair>, value: f64, timestamp_ms: i64) -> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use telemeter_common::delimited;
     use telemeter_common::model::MetricFamily;
@@ -1106,7 +1107,7 @@ mod tests {
     }
 
     /// Two series of `job` and `also` (an upload that differs from another one by a series).
-    fn two_series(job: &str, also: &str, at: SystemTime) -> Vec<u8> {
+    pub(crate) fn two_series(job: &str, also: &str, at: SystemTime) -> Vec<u8> {
         let series = |job: &str| {
             untyped_series(
                 vec![LabelPair::new("_id", "c"), LabelPair::new("job", job)],
@@ -1145,6 +1146,69 @@ mod tests {
         merging.join().unwrap().unwrap();
         // Merged over the upload acknowledged meanwhile, not over the one it read.
         assert_eq!(jobs_of(&store, "c"), ["new", "old", "rw"]);
+        store.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Runs `op` on another thread while an upload of "c" is committed each time a store read
+    /// reaches "payload read", `times` times (each pause is set before the last one lets go, so
+    /// none is missed). Returns what `op` returned.
+    pub(crate) fn overtaken<T: Send + 'static>(
+        store: &Store,
+        merger: &Merger,
+        times: usize,
+        op: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        use crate::ingest::placement::store_push;
+        let now = SystemTime::now();
+        let (mut reached, mut go_on) = store.pause_once_at("payload read");
+        let thread = std::thread::spawn(op);
+        for n in 0..times {
+            reached.recv().unwrap();
+            let upload = two_series(&format!("upload-{n}"), "old", now);
+            store_push(merger, "c", upload, now).unwrap();
+            let (next_reached, next_go_on) = store.pause_once_at("payload read");
+            go_on.send(()).unwrap();
+            (reached, go_on) = (next_reached, next_go_on);
+        }
+        // A last read (the attempt after the last upload) goes on at once.
+        store.unpause();
+        drop((reached, go_on));
+        thread.join().unwrap()
+    }
+
+    #[test]
+    fn a_merge_overtaken_every_time_stores_nothing_and_says_so() {
+        use crate::ingest::placement::store_push;
+        let (store, dir) = temp_store("merge-contended");
+        let merger = Merger::new(store.clone());
+        let now = SystemTime::now();
+        store_push(&merger, "c", two_series("old", "gone", now), now).unwrap();
+        for (times, stored) in [(MERGE_ATTEMPTS - 1, true), (MERGE_ATTEMPTS, false)] {
+            let merging = merger.clone();
+            let rw = one_series(REMOTE_WRITE_HELP, "rw", now);
+            let result = overtaken(&store, &merger, times, move || {
+                merging.store_received("c", rw, now, 10, None)
+            });
+            match result {
+                Ok(()) => assert!(stored, "{times}"),
+                Err(MergeError::Store(StoreError::Contended { cluster_id })) => {
+                    assert!(!stored, "{times}");
+                    assert_eq!(cluster_id, "c");
+                }
+                Err(e) => panic!("{e}"),
+            }
+            // Merged over the last upload when stored; else that upload alone, as it came.
+            let last = format!("upload-{}", times - 1);
+            let mut expected = vec!["old", last.as_str()];
+            if stored {
+                expected.insert(1, "rw");
+            }
+            assert_eq!(jobs_of(&store, "c"), expected, "{times}");
+            // Uploads are merged from now on: the rest of the test starts as sent again.
+            store.remove("c").unwrap();
+            store_push(&merger, "c", two_series("old", "gone", now), now).unwrap();
+        }
         store.close();
         let _ = std::fs::remove_dir_all(&dir);
     }

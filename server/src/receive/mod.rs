@@ -47,6 +47,7 @@ use crate::ingest::gate::{run_as_batch, Gate, CPU_GATE_YIELD};
 use crate::ingest::placement::PlacementError;
 use crate::ingest::ratelimit::retry_after_secs;
 use crate::metrics::Metrics;
+use crate::store::StoreError;
 
 use auth::{Authenticator, Credentials};
 use cache::RawRules;
@@ -96,6 +97,7 @@ pub const RESULTS: &[&str] = &[
     "method",
     "auth_unavailable",
     "store_failed",
+    "contended",
 ];
 
 /// The flags of the endpoint.
@@ -451,12 +453,11 @@ impl ReceiveHandler {
 
     /// The whitelist, when a request may be merged without converting it ([`merge::store_raw`]):
     /// stored here, nothing shipped (egress ships the converted delta), and the whitelist does
-    /// not see labels that `--label` or `--required-label` set (it is matched before they are
-    /// set, so a series sent with them might not match again).
+    /// not see labels that `--label` rewrote (it is matched before they are set, so a rewritten
+    /// series might not match again). `--required-label` pairs are set before it: it sees them.
     fn raw_path<'w>(&self, whitelist: &'w Arc<Vec<Selector>>) -> Option<&'w Arc<Vec<Selector>>> {
         let local = matches!(self.route, Route::Local) && self.merger.store().backlog().is_none();
-        let sets_labels = !self.extra_labels.is_empty() || !self.required_labels.is_empty();
-        (local && (whitelist.is_empty() || !sets_labels)).then_some(whitelist)
+        (local && (whitelist.is_empty() || self.extra_labels.is_empty())).then_some(whitelist)
     }
 
     /// The oldest and newest sample timestamps accepted at `now`, ms.
@@ -526,7 +527,7 @@ impl ReceiveHandler {
                     received,
                     |bytes| match self.store_here(cluster_id, bytes, received, None) {
                         // Answered (not stored): no other member is tried.
-                        Err(refusal) if refusal.status < 500 => {
+                        Err(refusal) if refusal.status < 500 || refusal.result == "contended" => {
                             *refused.borrow_mut() = Some(refusal);
                             Ok(())
                         }
@@ -537,6 +538,9 @@ impl ReceiveHandler {
                     (Some(refusal), _) => Err(refusal),
                     (None, Err(e @ PlacementError::Refused { .. })) => {
                         Err(Refusal::new(e.status(), "too_large", e.to_string()))
+                    }
+                    (None, Err(e @ PlacementError::Contended)) => {
+                        Err(Refusal::new(e.status(), "contended", e.to_string()))
                     }
                     (None, placed) => {
                         placed.map_err(|e| Refusal::new(e.status(), "store_failed", e.to_string()))
@@ -566,6 +570,11 @@ impl ReceiveHandler {
     fn store_refusal(&self, cluster_id: &str, e: MergeError) -> Refusal {
         match e {
             MergeError::TooManySeries { .. } => Refusal::new(413, "too_large", e.to_string()),
+            // Overtaken by other writes of the cluster every time (rare: its first merge against
+            // a run of uploads): nothing stored, and Prometheus retries a 5xx.
+            MergeError::Store(StoreError::Contended { .. }) => {
+                Refusal::new(503, "contended", PlacementError::Contended.to_string())
+            }
             MergeError::Store(e) => {
                 // Storage paths and OS errors stay in the log.
                 warn!("remote write for cluster {cluster_id:?} not stored: {e}");

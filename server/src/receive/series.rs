@@ -4,8 +4,8 @@
 //! twice refused, `__name__` required and a valid metric name, every other name valid and not
 //! `__`-prefixed (reserved: Prometheus would refuse the `/federate` line), `--elide-label` names
 //! dropped, the partition label required and equal to the bearer's cluster id (400 otherwise,
-//! naming the series, as upstream), a `--required-label` with another value refused (403, as for
-//! an upload), the whitelist applied, `--label` and `--required-label` pairs set, labels sorted.
+//! naming the series, as upstream), `--required-label` pairs set (another value refused with 403,
+//! as for an upload), the whitelist applied, `--label` pairs set, labels sorted.
 //! Samples are held to the same age and future-skew limits as uploads. Every sample becomes one
 //! series of an UNTYPED family named after its metric: remote write 1.0 carries no type with the
 //! samples (metadata comes in separate requests, if at all), and untyped is what Prometheus
@@ -379,16 +379,21 @@ pub fn convert<'a>(body: &'a [u8], rules: &SeriesRules<'a>) -> Result<Converted,
                 )))
             }
         }
+        // Before the whitelist, as an upload's token labels are: it sees them.
         for (label, value) in rules.required_labels {
-            if let Some((_, other)) = pairs.iter().find(|(n, v)| n == label && v != value) {
-                return Err(SeriesError {
-                    status: 403,
-                    result: "forbidden",
-                    message: format!(
-                        "series {} has {label}={other:?}, not {value:?} (--required-label)",
-                        describe(&series)
-                    ),
-                });
+            match pairs.iter().find(|(n, _)| n == label) {
+                Some((_, other)) if other != value => {
+                    return Err(SeriesError {
+                        status: 403,
+                        result: "forbidden",
+                        message: format!(
+                            "series {} has {label}={other:?}, not {value:?} (--required-label)",
+                            describe(&series)
+                        ),
+                    })
+                }
+                Some(_) => {}
+                None => pairs.push((label, value)),
             }
         }
         if !rules.whitelist.is_empty() {
@@ -398,7 +403,7 @@ pub fn convert<'a>(body: &'a [u8], rules: &SeriesRules<'a>) -> Result<Converted,
                 continue;
             }
         }
-        for (label, value) in rules.extra_labels.iter().chain(rules.required_labels) {
+        for (label, value) in rules.extra_labels {
             match pairs.iter_mut().find(|(n, _)| n == label) {
                 Some(pair) => pair.1 = value,
                 None => pairs.push((label, value)),
@@ -546,6 +551,18 @@ mod tests {
                 "{labels:?}"
             );
         }
+        // Set before the whitelist, which sees it (as for an upload).
+        let whitelist = vec![Selector::parse(r#"{tenant="acme"}"#).unwrap()];
+        let filtering = SeriesRules {
+            whitelist: &whitelist,
+            ..rules
+        };
+        let body = WriteRequest {
+            timeseries: vec![series(&[("__name__", "up"), ("_id", "c1")], &[(1.0, 5)])],
+        }
+        .encode_to_vec();
+        let converted = convert(&body, &filtering).unwrap();
+        assert_eq!((converted.samples, converted.filtered), (1, 0));
         let refused =
             convert_labels(&[("__name__", "up"), ("_id", "c1"), ("tenant", "evil")]).unwrap_err();
         assert_eq!((refused.status, refused.result), (403, "forbidden"));

@@ -684,6 +684,12 @@ impl Store {
         (stopped, go_on)
     }
 
+    /// Tests: takes back a pause no store call reached ([`Store::pause_once_at`]).
+    #[cfg(test)]
+    pub(crate) fn unpause(&self) {
+        *lock(&self.handle.shared.pause) = None;
+    }
+
     /// Whether the store was opened with [`Store::open_shipping`]: only then is what a put
     /// ships journaled.
     pub fn is_shipping(&self) -> bool {

@@ -69,6 +69,12 @@ pub struct Returned {
 }
 
 impl Returned {
+    /// Whether it was handed to the store as it arrived (snappy framed): then a caller that lent
+    /// its families ([`super::Store::put_unchanged_lent`]) has them back already.
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
+    }
+
     /// The upload's families, protobuf-delimited (decompressed when it was handed to the store
     /// as it arrived).
     pub fn into_families(self) -> Result<Vec<u8>, StoreError> {
