@@ -332,4 +332,33 @@ mod tests {
         assert_eq!(contended, Some(1));
         cluster.shutdown();
     }
+
+    #[test]
+    fn a_removal_replayed_to_a_node_restarted_since_is_refused() {
+        let store = TempStore::new("endpoint-replay");
+        let merger = Merger::new(store.store.clone());
+        let sealer = Sealer::new(&[key()]).unwrap();
+        let before = node("solo", "127.0.0.1:1", vec![]);
+        let now = SystemTime::now();
+        let removal = sealer
+            .seal("solo", "c", now, ForwardKind::Remove, b"", now)
+            .unwrap();
+        store.store.put("c", b"old".to_vec(), now).unwrap();
+        let reply = handle_forward(&before, &merger, 10, request("POST", removal.clone()));
+        assert_eq!(reply.status, 200);
+        assert!(store.store.get("c").unwrap().is_none());
+        before.shutdown();
+        // The node restarts (a new process: an empty replay cache) and stores a new upload;
+        // the captured removal, sent again within the seal's window, removes nothing.
+        std::thread::sleep(Duration::from_millis(5));
+        let after = node("solo", "127.0.0.1:1", vec![]);
+        store
+            .store
+            .put("c", b"new".to_vec(), SystemTime::now())
+            .unwrap();
+        let reply = handle_forward(&after, &merger, 10, request("POST", removal));
+        assert_eq!(reply.status, 401);
+        assert_eq!(store.store.get("c").unwrap().unwrap().payload, b"new");
+        after.shutdown();
+    }
 }

@@ -23,8 +23,9 @@
 //! captured on its way to one node could be replayed to another, whose replay cache has not seen
 //! it), that the time is within a window of its clock, that the hop is 1, and that it has not
 //! opened the same nonce within the window (a replayed request could otherwise put an older
-//! upload back over a newer one). Nonces never repeat for a key (see `packet`), so a genuine
-//! forward is never mistaken for a replay.
+//! upload back over a newer one), nor was it sealed before this server started (the nonces it
+//! opened before a restart are not remembered). Nonces never repeat for a key (see `packet`), so
+//! a genuine forward is never mistaken for a replay.
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
@@ -125,6 +126,12 @@ pub enum VerifyError {
     HopExceeded(u8),
     /// The same sealed request was opened before.
     Replayed,
+    /// Sealed before this server started: its replay cache, kept in memory, cannot say whether
+    /// the forward was opened before (by the process before a restart), so it may be a replay.
+    SealedBeforeStart {
+        /// How long before the start, ms.
+        before_ms: u64,
+    },
     /// The forward is sealed for another node (captured on its way there and replayed here).
     WrongDestination {
         /// The node the forward names.
@@ -147,6 +154,10 @@ impl fmt::Display for VerifyError {
                 write!(f, "hop {hop}: a forwarded push is never forwarded again")
             }
             VerifyError::Replayed => f.write_str("forwarded request replayed"),
+            VerifyError::SealedBeforeStart { before_ms } => write!(
+                f,
+                "forward sealed {before_ms} ms before this server started: it may be a replay"
+            ),
             VerifyError::WrongDestination { to } => {
                 write!(f, "forward addressed to node {to:?}, not to this node")
             }
@@ -162,15 +173,19 @@ pub struct Sealer {
     keys: Keyring,
     window: Duration,
     seen: Mutex<ReplayCache>,
+    /// Forwards sealed before this (Unix ms) are refused: see [`Sealer::refusing_before`].
+    not_before_ms: u64,
 }
 
 impl Sealer {
     /// A sealer with the forward keys of `shared` (the first seals) and the default window.
+    /// It refuses forwards sealed before it was made ([`Sealer::refusing_before`]).
     pub fn new(shared: &[SharedKey]) -> Result<Sealer, KeyringError> {
         Ok(Sealer::with_keys(
             Keyring::derive(shared, KeyPurpose::ForwardSeal)?,
             DEFAULT_WINDOW,
-        ))
+        )
+        .refusing_before(SystemTime::now()))
     }
 
     /// A sealer with an explicit keyring and window.
@@ -179,7 +194,19 @@ impl Sealer {
             keys,
             window,
             seen: Mutex::new(ReplayCache::default()),
+            not_before_ms: 0,
         }
+    }
+
+    /// This sealer, refusing to open forwards sealed before `start` (the server's start). Its
+    /// replay cache is in memory: after a restart, a forward captured on its way to the process
+    /// before and sent again within the window would otherwise be opened a second time (a
+    /// removal run again, an older upload put back). A genuine forward is sealed for each
+    /// attempt, just before it is sent, so only one sent within a clock skew of the start is
+    /// refused with it (its sender tries the next member).
+    pub fn refusing_before(mut self, start: SystemTime) -> Sealer {
+        self.not_before_ms = telemeter_common::time::unix_millis(start);
+        self
     }
 
     /// The body of a forwarded push of `families` to the node named `destination`, sealed at
@@ -268,6 +295,11 @@ impl Sealer {
         let skew_ms = time_ms.abs_diff(now_ms);
         if u128::from(skew_ms) > self.window.as_millis() {
             return Err(VerifyError::OutsideWindow { skew_ms });
+        }
+        if time_ms < self.not_before_ms {
+            return Err(VerifyError::SealedBeforeStart {
+                before_ms: self.not_before_ms - time_ms,
+            });
         }
         let fresh =
             telemeter_common::sync::lock(&self.seen).insert(replay_key, now_ms, self.window);

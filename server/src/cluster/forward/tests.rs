@@ -171,6 +171,24 @@ fn second_hop_and_bad_fields_are_refused() {
 }
 
 #[test]
+fn a_forward_sealed_before_the_start_is_refused_as_a_possible_replay() {
+    // A restarted node's replay cache is empty: what it sealed before its start may have been
+    // opened by the process before.
+    let s = sealer(1).refusing_before(t(NOW));
+    let early = s
+        .seal(DEST, "c", t(NOW), ForwardKind::Remove, b"", t(NOW - 1_000))
+        .unwrap();
+    assert_eq!(
+        open(&s, early, NOW).unwrap_err(),
+        VerifyError::SealedBeforeStart { before_ms: 1_000 }
+    );
+    let fresh = s
+        .seal(DEST, "c", t(NOW), ForwardKind::Remove, b"", t(NOW))
+        .unwrap();
+    assert!(open(&s, fresh, NOW + 10).is_ok());
+}
+
+#[test]
 fn replay_is_refused() {
     let s = sealer(1);
     let body = sealed(&s, b"b", ForwardKind::Push);
