@@ -59,7 +59,9 @@ pub fn handle_forward(
         // Written without the remote-write merge: the store's new version of the cluster tells
         // the merger that what it cached is stale.
         ForwardKind::Handoff => Ok(store.put_if_newer(id, families, forwarded.received)),
-        ForwardKind::Remove => Ok(store.remove(id).map(|()| true)),
+        // Only what was received by the time the removal was asked (`status`'s DELETE sends
+        // its time): a removal sent again later (a replay) removes nothing stored since.
+        ForwardKind::Remove => Ok(store.remove_if_received_by(id, forwarded.received)),
         // Merged into the cluster's series (never forwarded again, like a push), within the
         // cap on the merged series.
         ForwardKind::Receive => merged(crate::receive::store_forwarded(
@@ -360,5 +362,41 @@ mod tests {
         assert_eq!(reply.status, 401);
         assert_eq!(store.store.get("c").unwrap().unwrap().payload, b"new");
         after.shutdown();
+    }
+
+    #[test]
+    fn a_removal_removes_only_what_was_received_by_its_time() {
+        // A removal whose nonce the replay cache no longer holds (evicted under load, or a clock
+        // that let it past the start check) is opened again; it still removes only what was
+        // received by the time the removal was asked.
+        let store = TempStore::new("endpoint-remove-time");
+        let merger = Merger::new(store.store.clone());
+        let cluster = node("solo", "127.0.0.1:1", vec![]);
+        let sealer = Sealer::new(&[key()]).unwrap();
+        let now = SystemTime::now();
+        store
+            .store
+            .put("c", b"after".to_vec(), now + Duration::from_secs(1))
+            .unwrap();
+        let removal = sealer
+            .seal("solo", "c", now, ForwardKind::Remove, b"", now)
+            .unwrap();
+        let reply = handle_forward(&cluster, &merger, 10, request("POST", removal));
+        assert_eq!(reply.status, 200);
+        assert_eq!(store.store.get("c").unwrap().unwrap().payload, b"after");
+        let removal = sealer
+            .seal(
+                "solo",
+                "c",
+                now + Duration::from_secs(1),
+                ForwardKind::Remove,
+                b"",
+                now,
+            )
+            .unwrap();
+        let reply = handle_forward(&cluster, &merger, 10, request("POST", removal));
+        assert_eq!(reply.status, 200);
+        assert!(store.store.get("c").unwrap().is_none());
+        cluster.shutdown();
     }
 }

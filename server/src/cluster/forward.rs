@@ -23,8 +23,8 @@
 //! captured on its way to one node could be replayed to another, whose replay cache has not seen
 //! it), that the time is within a window of its clock, that the hop is 1, and that it has not
 //! opened the same nonce within the window (a replayed request could otherwise put an older
-//! upload back over a newer one), nor was it sealed before this server started (the nonces it
-//! opened before a restart are not remembered). Nonces never repeat for a key (see `packet`), so
+//! upload back over a newer one), nor, for a removal, was it sealed before this server started
+//! (the nonces it opened before a restart are not remembered). Nonces never repeat for a key (see `packet`), so
 //! a genuine forward is never mistaken for a replay.
 
 use std::collections::{HashSet, VecDeque};
@@ -198,12 +198,12 @@ impl Sealer {
         }
     }
 
-    /// This sealer, refusing to open forwards sealed before `start` (the server's start). Its
-    /// replay cache is in memory: after a restart, a forward captured on its way to the process
-    /// before and sent again within the window would otherwise be opened a second time (a
-    /// removal run again, an older upload put back). A genuine forward is sealed for each
-    /// attempt, just before it is sent, so only one sent within a clock skew of the start is
-    /// refused with it (its sender tries the next member).
+    /// This sealer, refusing to open removals sealed before `start` (the server's start). Its
+    /// replay cache is in memory: after a restart, a removal captured on its way to the process
+    /// before and sent again within the window would otherwise be opened a second time. A
+    /// genuine forward is sealed for each attempt, just before it is sent, so only one sent
+    /// within a clock skew of the start is refused with it. The endpoint removes only what was
+    /// received by the removal's time besides, which holds whatever the clocks.
     pub fn refusing_before(mut self, start: SystemTime) -> Sealer {
         self.not_before_ms = telemeter_common::time::unix_millis(start);
         self
@@ -296,7 +296,10 @@ impl Sealer {
         if u128::from(skew_ms) > self.window.as_millis() {
             return Err(VerifyError::OutsideWindow { skew_ms });
         }
-        if time_ms < self.not_before_ms {
+        // Removals only: a push, receive or handoff opened twice replaces nothing fresher, and
+        // a node whose clock runs ahead of its peers' would refuse their genuine ones for as
+        // long as it is ahead.
+        if kind == ForwardKind::Remove && time_ms < self.not_before_ms {
             return Err(VerifyError::SealedBeforeStart {
                 before_ms: self.not_before_ms - time_ms,
             });

@@ -363,9 +363,11 @@ fn store_upload_lent(
         }
     };
     match stored {
-        // Handed back packed: the families are in `payload` already (lent back before the
-        // commit), not to be decompressed again.
-        Err(StoreError::UsesRemoteWrite(returned)) if returned.is_packed() => {
+        // Handed back packed: the families are in `payload` already when they were lent back
+        // before the commit (`put_unchanged_lent`), not to be decompressed again.
+        Err(StoreError::UsesRemoteWrite(returned))
+            if returned.is_packed() && !payload.is_empty() =>
+        {
             merger.store_accepted(cluster_id, std::mem::take(payload), received)
         }
         Err(StoreError::UsesRemoteWrite(returned)) => merge_returned(merger, returned, received),

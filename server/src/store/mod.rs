@@ -1039,7 +1039,22 @@ impl Store {
 
     /// Removes a cluster's file (used when another server took ownership of it).
     pub fn remove(&self, cluster_id: &str) -> Result<(), StoreError> {
-        self.handle.shared.remove(cluster_id, None).map(|_| ())
+        self.handle.shared.remove(cluster_id, Only::Any).map(|_| ())
+    }
+
+    /// As [`Store::remove`], only while the cluster's upload was received no later than
+    /// `received` (decided under the journal's lock, as [`Store::remove_if_version`]): a removal
+    /// asked at that time by another server. Sent again later (a replay), it removes nothing
+    /// stored since. Returns whether it removed it.
+    pub fn remove_if_received_by(
+        &self,
+        cluster_id: &str,
+        received: SystemTime,
+    ) -> Result<bool, StoreError> {
+        let received = telemeter_common::time::unix_millis(received);
+        self.handle
+            .shared
+            .remove(cluster_id, Only::ReceivedBy(received))
     }
 
     /// As [`Store::remove`], only while the cluster's upload is still the one of `version`
@@ -1047,7 +1062,9 @@ impl Store {
     /// check and the removal. The handoff removes what it handed off so, never a newer upload
     /// stored here meanwhile. Returns whether it removed it.
     pub fn remove_if_version(&self, cluster_id: &str, version: u64) -> Result<bool, StoreError> {
-        self.handle.shared.remove(cluster_id, Some(version))
+        self.handle
+            .shared
+            .remove(cluster_id, Only::Version(version))
     }
 
     /// How long a cluster's newest sample keeps it served (`--ttl`): remote write's merge drops
@@ -1146,10 +1163,20 @@ fn sweep_until_stopped(shared: &Shared, stopped: &Receiver<()>) {
     }
 }
 
+/// Which of a cluster's uploads a removal removes.
+#[derive(Clone, Copy)]
+enum Only {
+    /// Whichever is stored.
+    Any,
+    /// Only that of this version ([`Store::version`]).
+    Version(u64),
+    /// Only one received no later than this (Unix ms).
+    ReceivedBy(u64),
+}
+
 impl Shared {
-    /// Removes `cluster_id` (only while its entry has version `only`, when given); returns
-    /// whether it did.
-    fn remove(&self, cluster_id: &str, only: Option<u64>) -> Result<bool, StoreError> {
+    /// Removes `cluster_id` when its entry is what `only` says; returns whether it did.
+    fn remove(&self, cluster_id: &str, only: Only) -> Result<bool, StoreError> {
         let path = self.path_of(cluster_id);
         let _mutation = lock(&self.mutation);
         // A removal record first, or a replay of the journal could bring the cluster back.
@@ -1163,12 +1190,18 @@ impl Shared {
         // Dropped when this returns, not under the journal's and index's locks: a kept mapping
         // of the file is unmapped then.
         let mut journal = lock(&self.journal);
-        if let Some(version) = only {
-            // Under the journal's lock: the committer indexes a put with it held.
-            let current = lock(&self.index).get(cluster_id).map(|entry| entry.version);
-            if current != Some(version) {
-                return Ok(false);
+        // Under the journal's lock: the committer indexes a put with it held.
+        let wanted = match only {
+            Only::Any => true,
+            Only::Version(version) => {
+                lock(&self.index).get(cluster_id).map(|entry| entry.version) == Some(version)
             }
+            Only::ReceivedBy(received) => lock(&self.index)
+                .get(cluster_id)
+                .is_some_and(|entry| entry.received_millis <= received),
+        };
+        if !wanted {
+            return Ok(false);
         }
         let _removed = self.append_locked(&mut journal, &record, |_, _| {
             (

@@ -2474,6 +2474,20 @@ fn a_segment_that_could_not_be_removed_keeps_every_later_one_for_the_replay() {
 }
 
 #[test]
+fn a_removal_asked_at_a_time_leaves_an_upload_received_after_it() {
+    let dir = TempDir::new("remove-if-received");
+    let store = open(&dir);
+    store.put("a", b"later".to_vec(), at(1_000)).unwrap();
+    // Asked before the upload was received (a removal sent again: a replay): nothing removed.
+    assert!(!store.remove_if_received_by("a", at(0)).unwrap());
+    assert_eq!(store.get("a").unwrap().unwrap().payload, b"later");
+    // Asked at or after it: removed.
+    assert!(store.remove_if_received_by("a", at(1_000)).unwrap());
+    assert!(store.get("a").unwrap().is_none());
+    assert!(!store.remove_if_received_by("a", at(2_000)).unwrap());
+}
+
+#[test]
 fn a_removal_for_one_version_leaves_a_newer_upload() {
     let dir = TempDir::new("remove-if-version");
     let store = open(&dir);

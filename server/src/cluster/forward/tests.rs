@@ -186,6 +186,12 @@ fn a_forward_sealed_before_the_start_is_refused_as_a_possible_replay() {
         .seal(DEST, "c", t(NOW), ForwardKind::Remove, b"", t(NOW))
         .unwrap();
     assert!(open(&s, fresh, NOW + 10).is_ok());
+    // Only removals: a push opened twice replaces nothing fresher, and a node whose clock runs
+    // ahead of its peers' must not refuse their genuine pushes after its start.
+    let push = s
+        .seal(DEST, "c", t(NOW), ForwardKind::Push, b"", t(NOW - 1_000))
+        .unwrap();
+    assert!(open(&s, push, NOW).is_ok());
 }
 
 #[test]
