@@ -49,6 +49,17 @@ pub const DEFAULT_WORKERS: usize = 256;
 /// Samples allowed per allowed series (histograms and summaries carry several).
 const SAMPLES_PER_SERIES: usize = 10;
 
+/// The internal port's cap on a forward's body. A forwarded upload, or remote-write request, is
+/// validated families with their labels stamped (allow for growth), decompressed within the
+/// larger of the two caps: a forward over it would be answered 413 by the front, which the
+/// sender takes as the owner refusing the content.
+pub(crate) fn max_forward_bytes(config: &Config) -> usize {
+    config
+        .max_decompressed_bytes
+        .max(config.receive.max_decompressed_bytes)
+        .saturating_mul(2)
+}
+
 /// The size caps of an upload, from the flags; `/upload` and `import` take the same.
 pub(crate) fn upload_limits(config: &Config) -> UploadLimits {
     UploadLimits {
@@ -280,8 +291,7 @@ impl Server {
             }),
             metrics,
             fronts: fronts.clone(),
-            // The forwarded body is the validated upload with its labels stamped: allow for growth.
-            max_forward_bytes: config.max_decompressed_bytes.saturating_mul(2),
+            max_forward_bytes: max_forward_bytes(&config),
         };
 
         let front_config = |name: &str, tls, inline_paths: &[&str]| {

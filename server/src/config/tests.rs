@@ -547,3 +547,22 @@ fn partition_label_cannot_be_set_by_label_flags() {
         .unwrap_err();
     assert!(err.to_string().contains("partition label"), "{err}");
 }
+
+#[test]
+fn the_forward_cap_covers_both_decompressed_caps() {
+    // A forwarded remote-write request within --receive-max-decompressed-bytes must pass the
+    // internal port, whichever cap is the larger.
+    for (upload, receive) in [("16777216", "67108864"), ("67108864", "8388608")] {
+        let config = flags(&[
+            "--insecure-accept-any-token",
+            "--max-decompressed-bytes",
+            upload,
+            "--receive-max-decompressed-bytes",
+            receive,
+        ])
+        .into_config()
+        .unwrap();
+        // Twice the larger (64 MiB), as a forwarded upload has always had twice its own.
+        assert_eq!(crate::server::max_forward_bytes(&config), 128 << 20);
+    }
+}
