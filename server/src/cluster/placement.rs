@@ -7,7 +7,6 @@
 //! order is tried; when none can store it the client gets 503 and retries. Never 200 for data
 //! that was not stored.
 
-use std::cell::Cell;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -38,21 +37,14 @@ impl Placement for ClusterPlacement {
         payload: Vec<u8>,
         received: SystemTime,
     ) -> Result<(), PlacementError> {
-        let refused = Cell::new(None);
-        let placed = place_on_owner(
+        place_on_owner(
             &self.cluster,
             cluster_id,
             ForwardKind::Push,
             payload,
             received,
-            |bytes| {
-                here(
-                    &refused,
-                    store_push(&self.merger, cluster_id, bytes, received),
-                )
-            },
-        );
-        refused.take().map_or(placed, Err)
+            |bytes| here(store_push(&self.merger, cluster_id, bytes, received)),
+        )
     }
 
     fn place_unchanged(
@@ -66,49 +58,50 @@ impl Placement for ClusterPlacement {
         // Stored here, the upload keeps its frames and newest sample, as on a single server; a
         // forward sends the payload, and the owner reads both from it. Only one member of the
         // preference order is this node, so the frames are taken at most once.
-        let frames = Cell::new(frames);
-        let refused = Cell::new(None);
-        let placed = place_on_owner(
+        let mut frames = frames;
+        place_on_owner(
             &self.cluster,
             cluster_id,
             ForwardKind::Push,
             payload,
             received,
             |bytes| {
-                let frames = frames.take();
-                let stored = store_upload(
+                here(store_upload(
                     &self.merger,
                     cluster_id,
                     bytes,
-                    frames,
+                    frames.take(),
                     Some(newest_sample_ms),
                     received,
-                );
-                here(&refused, stored)
+                ))
             },
-        );
-        refused.take().map_or(placed, Err)
+        )
     }
 }
 
-/// What storing on this node came to, for [`place_on_owner`]: a refusal of the content (an
-/// upload that would take its cluster's merged series past `--max-series`), or a merge overtaken
-/// every time ([`StoreError::Contended`], which the client retries), is kept in `refused` as the
-/// answer, and counts as done: no other member is tried, as for an owner's 413 or 409.
-fn here(
-    refused: &Cell<Option<PlacementError>>,
-    stored: Result<(), MergeError>,
-) -> Result<(), String> {
-    match stored {
-        Err(
-            e
-            @ (MergeError::TooManySeries { .. } | MergeError::Store(StoreError::Contended { .. })),
-        ) => {
-            refused.set(Some(PlacementError::from(e)));
-            Ok(())
+/// What storing an upload on this node came to, for [`place_on_owner`]: a refusal of the content
+/// (an upload that would take its cluster's merged series past `--max-series`), or a merge
+/// overtaken every time ([`StoreError::Contended`], which the client retries), is the answer, as
+/// an owner's 413 or 409 is; any other failure passes the upload to the next member.
+fn here(stored: Result<(), MergeError>) -> Result<(), NotStoredHere<PlacementError>> {
+    stored.map_err(|e| match e {
+        answer @ (MergeError::TooManySeries { .. }
+        | MergeError::Store(StoreError::Contended { .. })) => {
+            NotStoredHere::Answer(PlacementError::from(answer))
         }
-        other => other.map_err(|e| e.to_string()),
-    }
+        failure => NotStoredHere::Failed(failure.to_string()),
+    })
+}
+
+/// Why [`place_on_owner`]'s `store_here` did not store: what it says decides whether another
+/// member is tried.
+#[derive(Debug)]
+pub enum NotStoredHere<E> {
+    /// The client's answer (the content refused, or the merge overtaken): no other member is
+    /// tried, as for an owner's [`REFUSED_BY_OWNER`] or [`CONTENDED_AT_OWNER`].
+    Answer(E),
+    /// This node failed to store it (logged with the reason): the next member is tried.
+    Failed(String),
 }
 
 /// The status an owner refuses a forward's content with (`endpoint`: a remote-write request over
@@ -123,15 +116,17 @@ pub const CONTENDED_AT_OWNER: u16 = 409;
 /// Stores `payload` on `cluster_id`'s owner: `store_here` when that is this node, else forwarded
 /// as `kind` (the owner stores it durably before answering); a failed owner is marked suspect and
 /// the next in the ring's preference order is tried. Shared by uploads and remote write. An
-/// owner's refusal of the content ([`REFUSED_BY_OWNER`]) is the answer: no other is tried.
-pub fn place_on_owner<E: std::fmt::Display>(
+/// owner's refusal of the content ([`REFUSED_BY_OWNER`]), or its merge overtaken
+/// ([`CONTENDED_AT_OWNER`]), is the answer, as is this node's own ([`NotStoredHere::Answer`]): no
+/// other is tried. The caller's error `E` is made from the [`PlacementError`]s here.
+pub fn place_on_owner<E: From<PlacementError>>(
     cluster: &Cluster,
     cluster_id: &str,
     kind: ForwardKind,
     payload: Vec<u8>,
     received: SystemTime,
-    store_here: impl Fn(Vec<u8>) -> Result<(), E>,
-) -> Result<(), PlacementError> {
+    mut store_here: impl FnMut(Vec<u8>) -> Result<(), NotStoredHere<E>>,
+) -> Result<(), E> {
     let candidates = cluster.owner_preference(cluster_id);
     let mut failures = Vec::new();
     let last = candidates.len().saturating_sub(1);
@@ -144,7 +139,11 @@ pub fn place_on_owner<E: std::fmt::Display>(
             } else {
                 payload.clone().unwrap_or_default()
             };
-            store_here(bytes).map_err(|e| e.to_string())
+            match store_here(bytes) {
+                Err(NotStoredHere::Answer(answer)) => return Err(answer),
+                Err(NotStoredHere::Failed(reason)) => Err(reason),
+                Ok(()) => Ok(()),
+            }
         } else {
             let bytes = payload.as_deref().unwrap_or_default();
             match cluster.forward(owner, cluster_id, received, kind, bytes) {
@@ -154,15 +153,15 @@ pub fn place_on_owner<E: std::fmt::Display>(
                     status: REFUSED_BY_OWNER,
                     reason,
                 }) => {
-                    return Err(PlacementError::Refused {
+                    return Err(E::from(PlacementError::Refused {
                         status: REFUSED_BY_OWNER,
                         reason,
-                    })
+                    }))
                 }
                 Err(ForwardError::Rejected {
                     status: CONTENDED_AT_OWNER,
                     ..
-                }) => return Err(PlacementError::Contended),
+                }) => return Err(E::from(PlacementError::Contended)),
                 Err(e) => {
                     cluster.mark_suspect(&owner.name);
                     Err(e.to_string())
@@ -195,40 +194,23 @@ pub fn place_on_owner<E: std::fmt::Display>(
         kind.as_str(),
         failures.join("; ")
     );
-    Err(PlacementError::Unavailable)
+    Err(E::from(PlacementError::Unavailable))
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::membership::MemberState;
-    use super::super::testing::{closed_addr, id_owned_by, node, pair, TempStore};
+    use super::super::testing::{closed_addr, id_owned_by, node, pair, up_series, TempStore};
     use super::*;
 
     #[test]
     fn an_upload_refused_here_for_its_content_is_the_answer() {
         use crate::receive::merge::REMOTE_WRITE_HELP;
-        use telemeter_common::model::{LabelPair, MetricFamily, MetricType};
         let store = TempStore::new("placement-refused-here");
         let cluster = Arc::new(node("solo", "127.0.0.1:1", vec![]));
         let merger = Merger::new(store.store.clone()).with_max_series(2);
         let now = SystemTime::now();
-        let payload = |help: &str, jobs: &[&str]| {
-            telemeter_common::delimited::encode(&[MetricFamily {
-                name: Some("up".into()),
-                help: Some(help.into()),
-                r#type: Some(MetricType::Untyped as i32),
-                metric: jobs
-                    .iter()
-                    .map(|job| {
-                        crate::receive::merge::untyped_series(
-                            vec![LabelPair::new("job", job)],
-                            1.0,
-                            telemeter_common::time::sample_millis(now),
-                        )
-                    })
-                    .collect(),
-            }])
-        };
+        let payload = |help: &str, jobs: &[&str]| up_series(help, jobs, now);
         merger
             .store_received("c1", payload(REMOTE_WRITE_HELP, &["rw"]), now, 2, None)
             .unwrap();

@@ -96,3 +96,24 @@ pub fn id_owned_by(cluster: &Cluster, owner: &str) -> String {
         .find(|id| lock(&cluster.membership).ring().owner(id) == Some(owner))
         .unwrap()
 }
+
+/// `up` series of `jobs` sampled at `at`, as remote write builds them (`help` is
+/// [`crate::receive::merge::REMOTE_WRITE_HELP`]) or as an upload sends them.
+pub fn up_series(help: &str, jobs: &[&str], at: SystemTime) -> Vec<u8> {
+    use telemeter_common::model::{LabelPair, MetricFamily, MetricType};
+    telemeter_common::delimited::encode(&[MetricFamily {
+        name: Some("up".into()),
+        help: Some(help.into()),
+        r#type: Some(MetricType::Untyped as i32),
+        metric: jobs
+            .iter()
+            .map(|job| {
+                crate::receive::merge::untyped_series(
+                    vec![LabelPair::new("job", job)],
+                    1.0,
+                    telemeter_common::time::sample_millis(at),
+                )
+            })
+            .collect(),
+    }])
+}

@@ -42,6 +42,7 @@ use telemeter_common::sync::Swap;
 use crate::authorize::{AuthorizeError, ClientAuthorizer};
 use crate::buffers::BufferPool;
 use crate::cluster::forward::ForwardKind;
+use crate::cluster::placement::NotStoredHere;
 use crate::cluster::Cluster;
 use crate::ingest::gate::{run_as_batch, Gate, CPU_GATE_YIELD};
 use crate::ingest::placement::PlacementError;
@@ -128,6 +129,19 @@ struct Refusal {
     result: &'static str,
     message: String,
     retry_after: Option<u64>,
+}
+
+impl From<PlacementError> for Refusal {
+    /// An owner's refusal of the content as it answered it, its merge overtaken (the client
+    /// retries), or no member able to store it.
+    fn from(e: PlacementError) -> Refusal {
+        let result = match e {
+            PlacementError::Refused { .. } => "too_large",
+            PlacementError::Contended => "contended",
+            PlacementError::Store(_) | PlacementError::Unavailable => "store_failed",
+        };
+        Refusal::new(e.status(), result, e.to_string())
+    }
 }
 
 impl Refusal {
@@ -515,38 +529,25 @@ impl ReceiveHandler {
         let started = Instant::now();
         let result = match &self.route {
             Route::Local => self.store_here(cluster_id, delta, received, converted),
-            Route::Cluster(cluster) => {
-                // A refusal here (not a failure) is the client's answer, not a reason to try the
-                // next member.
-                let refused = std::cell::RefCell::new(None);
-                let placed = crate::cluster::placement::place_on_owner(
-                    cluster,
-                    cluster_id,
-                    ForwardKind::Receive,
-                    delta,
-                    received,
-                    |bytes| match self.store_here(cluster_id, bytes, received, None) {
-                        // Answered (not stored): no other member is tried.
-                        Err(refusal) if refusal.status < 500 || refusal.result == "contended" => {
-                            *refused.borrow_mut() = Some(refusal);
-                            Ok(())
-                        }
-                        other => other.map_err(|refusal| refusal.message),
-                    },
-                );
-                match (refused.into_inner(), placed) {
-                    (Some(refusal), _) => Err(refusal),
-                    (None, Err(e @ PlacementError::Refused { .. })) => {
-                        Err(Refusal::new(e.status(), "too_large", e.to_string()))
-                    }
-                    (None, Err(e @ PlacementError::Contended)) => {
-                        Err(Refusal::new(e.status(), "contended", e.to_string()))
-                    }
-                    (None, placed) => {
-                        placed.map_err(|e| Refusal::new(e.status(), "store_failed", e.to_string()))
-                    }
-                }
-            }
+            Route::Cluster(cluster) => crate::cluster::placement::place_on_owner(
+                cluster,
+                cluster_id,
+                ForwardKind::Receive,
+                delta,
+                received,
+                |bytes| {
+                    self.store_here(cluster_id, bytes, received, None)
+                        .map_err(|refusal| {
+                            // Refused for its content, or overtaken: the client's answer, not
+                            // a reason to try the next member.
+                            if refusal.status < 500 || refusal.result == "contended" {
+                                NotStoredHere::Answer(refusal)
+                            } else {
+                                NotStoredHere::Failed(refusal.message)
+                            }
+                        })
+                },
+            ),
         };
         debug!(
             "remote write for cluster {cluster_id:?} stored in {:?}",
