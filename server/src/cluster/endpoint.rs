@@ -14,7 +14,7 @@ use telemeter_common::http::{Request, Response};
 use super::forward::{ForwardKind, FORWARD_METHOD};
 use super::placement::{CONTENDED_AT_OWNER, REFUSED_BY_OWNER};
 use super::Cluster;
-use crate::ingest::placement::store_push;
+use crate::ingest::placement::{store_push, PlacementError};
 use crate::receive::merge::{MergeError, Merger};
 use crate::store::StoreError;
 
@@ -56,9 +56,13 @@ pub fn handle_forward(
     let result = match forwarded.kind {
         // Merged when the cluster uses remote write, within the cap on its merged series.
         ForwardKind::Push => merged(store_push(merger, id, families, forwarded.received)),
-        // Written without the remote-write merge: the store's new version of the cluster tells
-        // the merger that what it cached is stale.
-        ForwardKind::Handoff => Ok(store.put_if_newer(id, families, forwarded.received)),
+        // Kept whole if newer; merged into (or with) the cluster's remote-write series.
+        ForwardKind::Handoff => Ok(super::handoff::store_handoff(
+            merger,
+            id,
+            families,
+            forwarded.received,
+        )),
         // Only what was received by the time the removal was asked (`status`'s DELETE sends
         // its time): a removal sent again later (a replay) removes nothing stored since.
         ForwardKind::Remove => Ok(store.remove_if_received_by(id, forwarded.received)),
@@ -80,10 +84,7 @@ pub fn handle_forward(
                 "cluster: a forwarded {} for cluster {id} was overtaken by other writes of it; the client retries",
                 forwarded.kind.as_str()
             );
-            return Response::text(
-                CONTENDED_AT_OWNER,
-                "the cluster's series changed while they were merged into; retry",
-            );
+            return Response::text(CONTENDED_AT_OWNER, &PlacementError::Contended.to_string());
         }
         Ok(result) => result,
         Err(refused) => {
@@ -300,6 +301,53 @@ mod tests {
         assert_eq!(push(&series_with(5, None)).status, 413);
         assert_eq!(stored_series(), 3);
         assert_eq!(refused(), Some(2), "the refusal is counted");
+        cluster.shutdown();
+    }
+
+    #[test]
+    fn a_handoff_of_remote_write_series_is_merged_into_the_owners() {
+        use crate::receive::merge::{untyped_series, REMOTE_WRITE_HELP};
+        use telemeter_common::model::{LabelPair, MetricFamily, MetricType};
+        let store = TempStore::new("endpoint-handoff-merged");
+        let merger = Merger::new(store.store.clone());
+        let cluster = node("solo", "127.0.0.1:1", vec![]);
+        let sealer = Sealer::new(&[key()]).unwrap();
+        let now = SystemTime::now();
+        let forward = |kind, payload: &[u8], received| {
+            let sealed = sealer
+                .seal("solo", "c", received, kind, payload, now)
+                .unwrap();
+            handle_forward(&cluster, &merger, 10, request("POST", sealed)).status
+        };
+        // The old owner's series, received before the ring changed; this node, the owner now,
+        // merged a request of other series of the cluster since.
+        let handed = telemeter_common::delimited::encode(&[MetricFamily {
+            name: Some("handed".into()),
+            help: Some(REMOTE_WRITE_HELP.into()),
+            r#type: Some(MetricType::Untyped as i32),
+            metric: vec![untyped_series(
+                vec![LabelPair::new("job", "old-owner")],
+                1.0,
+                telemeter_common::time::sample_millis(now),
+            )],
+        }]);
+        assert_eq!(forward(ForwardKind::Receive, &series(2), now), 200);
+        let before = now - Duration::from_secs(1);
+        assert_eq!(forward(ForwardKind::Handoff, &handed, before), 200);
+        let payload = store.store.get("c").unwrap().unwrap().payload;
+        let mut families: Vec<(String, usize)> = telemeter_common::delimited::decode(
+            &payload,
+            &telemeter_common::delimited::Limits::default(),
+        )
+        .unwrap()
+        .into_iter()
+        .map(|family| (family.name.unwrap_or_default(), family.metric.len()))
+        .collect();
+        families.sort();
+        assert_eq!(
+            families,
+            [("handed".to_string(), 1), ("requests".to_string(), 2)]
+        );
         cluster.shutdown();
     }
 

@@ -14,13 +14,14 @@
 use std::fmt;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::forward::{ForwardError, ForwardKind};
 use super::Cluster;
-use crate::store::Store;
+use crate::receive::merge::Merger;
+use crate::store::{Store, StoreError};
 
 /// Files are rescanned at least this often even if the ring did not change.
 pub const RESCAN: Duration = Duration::from_secs(10);
@@ -44,6 +45,38 @@ impl fmt::Display for PassReport {
             self.moved, self.failed, self.waiting
         )
     }
+}
+
+/// Stores a cluster's payload handed off to this node, its owner now, by the member that stored
+/// it before: whole when it is newer than what is stored here ([`Store::put_if_newer`]), unless
+/// either holds remote-write series. Those are merged series by series, the newer sample winning
+/// ([`Merger::store_handed_off`]): a remote-write request carries only some of a cluster's
+/// series, so the payload the owner merged its requests into since the ring changed and the one
+/// handed off each hold series the other lacks, and replacing either lost acknowledged samples.
+/// Returns whether the payload was written.
+pub fn store_handoff(
+    merger: &Merger,
+    cluster_id: &str,
+    payload: Vec<u8>,
+    received: SystemTime,
+) -> Result<bool, StoreError> {
+    let store = merger.store();
+    let payload = match crate::store::newest_received_in(&payload) {
+        // No remote-write series in it: whole, if the cluster has none here either (the store
+        // checks where it commits, and hands it back otherwise).
+        i64::MIN => match store.put_if_newer(cluster_id, payload, received) {
+            Err(StoreError::UsesRemoteWrite(returned)) => returned.into_families()?,
+            stored => return stored,
+        },
+        _ => payload,
+    };
+    // Merged, it stands for both receipts: the later one (the owner's, mostly) is kept.
+    let received = store
+        .received(cluster_id)
+        .map_or(received, |here| here.max(received));
+    merger
+        .store_handed_off(cluster_id, payload, received)
+        .map(|()| true)
 }
 
 /// Hands every stored cluster this node does not own to its owner, once.
@@ -170,9 +203,113 @@ fn run(cluster: &Cluster, store: &Store, interval: Duration, stopped: &Receiver<
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{closed_addr, id_owned_by, node, pair, TempStore};
+    use super::super::testing::{
+        closed_addr, id_owned_by, node, pair, up_series as series, TempStore,
+    };
     use super::*;
-    use std::time::SystemTime;
+
+    /// The jobs of the series `store` serves for `id`, sorted.
+    fn jobs(store: &Store, id: &str) -> Vec<String> {
+        let payload = store.get(id).unwrap().unwrap().payload;
+        let mut jobs: Vec<String> = telemeter_common::delimited::decode(
+            &payload,
+            &telemeter_common::delimited::Limits::default(),
+        )
+        .unwrap()
+        .iter()
+        .flat_map(|family| family.metric.iter())
+        .map(|metric| metric.label_value("job").unwrap().to_string())
+        .collect();
+        jobs.sort();
+        jobs
+    }
+
+    /// Now, to the millisecond the store keeps.
+    fn now() -> SystemTime {
+        telemeter_common::time::from_unix_millis(telemeter_common::time::unix_millis(
+            SystemTime::now(),
+        ))
+    }
+
+    #[test]
+    fn a_handoff_and_remote_write_series_are_merged_never_replaced() {
+        use crate::receive::merge::REMOTE_WRITE_HELP as RW;
+        let store = TempStore::new("handoff-merged");
+        let merger = Merger::new(store.store.clone());
+        let now = now();
+        let (earlier, later) = (now - Duration::from_secs(1), now + Duration::from_secs(1));
+        // The new owner merged a request since the ring changed; the old owner hands over its
+        // series, received later: each side holds series the other lacks.
+        merger
+            .store_received("c", series(RW, &["here"], now), now, 100, None)
+            .unwrap();
+        assert!(store_handoff(&merger, "c", series(RW, &["handed"], now), later).unwrap());
+        assert_eq!(jobs(&store.store, "c"), ["handed", "here"]);
+        assert_eq!(store.store.received("c"), Some(later));
+        // An upload's payload handed to a remote-write cluster: merged too (the store hands it
+        // back where it commits), the later receipt kept.
+        assert!(store_handoff(&merger, "c", series("up", &["uploaded"], now), earlier).unwrap());
+        assert_eq!(jobs(&store.store, "c"), ["handed", "here", "uploaded"]);
+        assert_eq!(store.store.received("c"), Some(later));
+        // Remote-write series handed to a cluster whose payload here is an upload: merged.
+        store
+            .store
+            .put("d", series("up", &["upload"], now), later)
+            .unwrap();
+        assert!(store_handoff(&merger, "d", series(RW, &["handed"], now), earlier).unwrap());
+        assert_eq!(jobs(&store.store, "d"), ["handed", "upload"]);
+        assert_eq!(store.store.received("d"), Some(later));
+        // Neither side remote write: whole, the newer one kept, as before.
+        store
+            .store
+            .put("e", series("up", &["old"], now), now)
+            .unwrap();
+        assert!(store_handoff(&merger, "e", series("up", &["new"], now), later).unwrap());
+        assert_eq!(jobs(&store.store, "e"), ["new"]);
+        assert!(!store_handoff(&merger, "e", series("up", &["older"], now), earlier).unwrap());
+        assert_eq!(jobs(&store.store, "e"), ["new"]);
+    }
+
+    #[test]
+    fn a_merged_handoff_is_not_shipped_again() {
+        use crate::receive::merge::REMOTE_WRITE_HELP as RW;
+        let dir = TempStore::new("handoff-shipping");
+        let config = crate::store::StoreConfig {
+            dir: dir.dir().join("shipping"),
+            ttl: Duration::from_secs(3600),
+            max_batch: 16,
+        };
+        let store = Store::open_shipping(config).unwrap();
+        let backlog = store.backlog().unwrap();
+        let merger = Merger::new(store.clone());
+        let now = now();
+        // The cluster ids of the records egress ships from `from` on.
+        let shipped = |from| {
+            let mut reader = backlog.reader(from);
+            let mut ids = Vec::new();
+            while let Some(record) = reader.next_record().unwrap() {
+                ids.push(record.cluster_id);
+            }
+            ids
+        };
+        let start = backlog.cursor().unwrap();
+        merger
+            .store_received("c", series(RW, &["here"], now), now, 100, None)
+            .unwrap();
+        assert_eq!(shipped(start), ["c"], "the request is shipped");
+        // Merged in place into the merger's copy (journaled as a patch), then (d) into what
+        // the store reads.
+        for handed in ["handed", "again"] {
+            assert!(store_handoff(&merger, "c", series(RW, &[handed], now), now).unwrap());
+        }
+        store.put("d", series("up", &["upload"], now), now).unwrap();
+        assert!(store_handoff(&merger, "d", series(RW, &["handed"], now), now).unwrap());
+        assert_eq!(jobs(&store, "c"), ["again", "handed", "here"]);
+        assert_eq!(jobs(&store, "d"), ["handed", "upload"]);
+        // Only the request and the upload: what a member received, it shipped itself.
+        assert_eq!(shipped(start), ["c", "d"]);
+        store.close();
+    }
 
     #[test]
     fn owned_files_stay() {

@@ -376,8 +376,9 @@ fn store_upload_lent(
 }
 
 /// Stores `merged` (a cluster's series after a remote-write request was merged into them) durably
-/// as `cluster_id`'s payload, and has egress ship only `delta` (the request's own samples): the
-/// merged payload holds samples shipped before, which a receiver would refuse as out of order.
+/// as `cluster_id`'s payload, and has egress ship only `ship` (the request's own samples, or
+/// nothing for a handoff): the merged payload holds samples shipped before, which a receiver
+/// would refuse as out of order.
 /// The one place a received remote-write request is stored. `newest_received_ms` is `merged`'s
 /// newest remote-write sample, kept by the store beside it ([`Store::newest_received`]). Stored
 /// only over the stored payload of version `base`, the one it was merged into; what became of
@@ -386,18 +387,11 @@ pub fn store_merged(
     store: &Store,
     cluster_id: &str,
     merged: Vec<u8>,
-    delta: Vec<u8>,
+    ship: Ship,
     received: SystemTime,
     newest_received_ms: i64,
     base: Option<u64>,
 ) -> Result<Committed, StoreError> {
     // One journal batch: the merged view served, the delta shipped (ignored without egress).
-    store.put_merged(
-        cluster_id,
-        merged,
-        Ship::Payload(delta),
-        received,
-        newest_received_ms,
-        base,
-    )
+    store.put_merged(cluster_id, merged, ship, received, newest_received_ms, base)
 }

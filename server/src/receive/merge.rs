@@ -37,7 +37,7 @@ use telemeter_common::wire::{self, MetricView, Value};
 
 use super::cache::{Cache, CachedCluster, RawRules};
 use crate::ingest::placement::store_merged;
-use crate::store::{Committed, Store, StoreError};
+use crate::store::{Committed, Ship, Store, StoreError};
 
 /// Locks around read-merge-put, chosen by cluster id. A lock is held through the store's commit
 /// (an fdatasync), so two clusters on one stripe wait for each other's: with 64 stripes, 64
@@ -183,14 +183,15 @@ impl Merger {
         &self,
         cluster_id: &str,
         mut entry: CachedCluster,
-        ship: Option<&[u8]>,
+        shipping: Shipping<'_>,
         received: SystemTime,
         base: Option<u64>,
     ) -> Result<Option<CachedCluster>, StoreError> {
         // Copied only where there is egress: without, nothing shipped is journaled.
-        let ship = match self.store.is_shipping() {
-            true => ship.unwrap_or_else(|| entry.payload()).to_vec(),
-            false => Vec::new(),
+        let ship = match (self.store.is_shipping(), shipping) {
+            (false, _) | (true, Shipping::Nothing) => Ship::Nothing,
+            (true, Shipping::Delta(delta)) => Ship::Payload(delta.to_vec()),
+            (true, Shipping::Merged) => Ship::Payload(entry.payload().to_vec()),
         };
         // Merged in place: the store may journal only what changed (the delta is shipped in the
         // same batch, as `store_merged` does).
@@ -244,12 +245,17 @@ impl Merger {
         max_series: usize,
         converted: Option<&Arc<Vec<Selector>>>,
     ) -> Result<(), MergeError> {
-        self.merge(cluster_id, delta, received, converted, |series| {
-            match series > max_series {
+        self.merge(
+            cluster_id,
+            delta,
+            received,
+            converted,
+            true,
+            |series| match series > max_series {
                 true => Err(MergeError::TooManySeries { limit: max_series }),
                 false => Ok(()),
-            }
-        })
+            },
+        )
         .map_err(MergeError::from)
     }
 
@@ -263,7 +269,7 @@ impl Merger {
         received: SystemTime,
     ) -> Result<(), MergeError> {
         let limit = self.max_series;
-        self.merge(cluster_id, upload, received, None, |series| {
+        self.merge(cluster_id, upload, received, None, true, |series| {
             match series > limit {
                 true => Err(MergeError::TooManySeries { limit }),
                 false => Ok(()),
@@ -272,21 +278,43 @@ impl Merger {
         .map_err(MergeError::from)
     }
 
-    /// The merge itself: `admit` sees the merged series count before anything is stored. Made
-    /// again over what is stored when a put of another path (an upload that found no
-    /// remote-write series, a handoff) committed between the read and the commit: a merge never
-    /// erases what another path stored.
+    /// Merges `payload`, a cluster's series handed off by the member that stored them before (its
+    /// owner until the ring changed), into `cluster_id`'s stored series: per series the newer
+    /// sample wins, so neither the requests merged here since nor what the handoff carries is
+    /// lost. Ships nothing (the member that received them shipped them), and is not held to
+    /// `--max-series`: each side was accepted within it, and a handoff refused would be lost
+    /// with its member's copy at the TTL.
+    pub fn store_handed_off(
+        &self,
+        cluster_id: &str,
+        payload: Vec<u8>,
+        received: SystemTime,
+    ) -> Result<(), StoreError> {
+        self.merge(cluster_id, payload, received, None, false, |_| {
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .map_err(|e| match e {
+            Capped::Store(e) => e,
+            Capped::Refused(never) => match never {},
+        })
+    }
+
+    /// The merge itself: `admit` sees the merged series count before anything is stored; egress
+    /// ships `delta` when `ships`. Made again over what is stored when a put of another path (an
+    /// upload that found no remote-write series, a handoff) committed between the read and the
+    /// commit: a merge never erases what another path stored.
     fn merge<E>(
         &self,
         cluster_id: &str,
         mut delta: Vec<u8>,
         received: SystemTime,
         converted: Option<&Arc<Vec<Selector>>>,
+        ships: bool,
         admit: impl Fn(usize) -> Result<(), E>,
     ) -> Result<(), Capped<E>> {
         let _stripe = self.stripe(cluster_id);
         for _ in 0..MERGE_ATTEMPTS {
-            if self.merge_once(cluster_id, &mut delta, received, converted, &admit)? {
+            if self.merge_once(cluster_id, &mut delta, received, converted, ships, &admit)? {
                 return Ok(());
             }
             log::debug!("cluster {cluster_id:?} changed while merging into it; merging again");
@@ -304,6 +332,7 @@ impl Merger {
         delta: &mut Vec<u8>,
         received: SystemTime,
         converted: Option<&Arc<Vec<Selector>>>,
+        ships: bool,
         admit: &impl Fn(usize) -> Result<(), E>,
     ) -> Result<bool, Capped<E>> {
         let oldest_ms = telemeter_common::time::sample_millis(received)
@@ -343,9 +372,13 @@ impl Merger {
                         Ok(entry) => {
                             admit(entry.series()).map_err(Capped::Refused)?;
                             // The payload is the delta's bytes, shipped as they are.
-                            return match self
-                                .store_and_keep(cluster_id, entry, None, received, base)?
-                            {
+                            return match self.store_and_keep(
+                                cluster_id,
+                                entry,
+                                Shipping::Merged,
+                                received,
+                                base,
+                            )? {
                                 None => Ok(true),
                                 Some(entry) => {
                                     *delta = entry.into_payload();
@@ -363,9 +396,9 @@ impl Merger {
                     Ok(entry) => (entry, base),
                     Err(payload) => {
                         // Not indexable (over 4 GiB): stored, not cached.
-                        let ship = match self.store.is_shipping() {
-                            true => delta.clone(),
-                            false => Vec::new(),
+                        let ship = match self.store.is_shipping() && ships {
+                            true => Ship::Payload(delta.clone()),
+                            false => Ship::Nothing,
                         };
                         let committed = store_merged(
                             &self.store,
@@ -384,8 +417,12 @@ impl Merger {
         if let Some(whitelist) = converted {
             entry.mark_converted(delta, whitelist);
         }
+        let shipping = match ships {
+            true => Shipping::Delta(delta),
+            false => Shipping::Nothing,
+        };
         Ok(self
-            .store_and_keep(cluster_id, entry, Some(delta), received, base)?
+            .store_and_keep(cluster_id, entry, shipping, received, base)?
             .is_none())
     }
 
@@ -422,7 +459,13 @@ impl Merger {
         // requests find one there instead of zeroing (and faulting in) a fresh one.
         drop(body);
         // Nothing shipped: the raw path runs without egress (no converted delta to ship).
-        match self.store_and_keep(cluster_id, entry, Some(&[]), received, Some(version))? {
+        match self.store_and_keep(
+            cluster_id,
+            entry,
+            Shipping::Nothing,
+            received,
+            Some(version),
+        )? {
             None => Ok(Raw::Stored(samples)),
             // Another path stored the cluster since it was cached (rare: an upload or a handoff
             // in the same moment). The body is gone: nothing is stored, and the sender tries
@@ -440,6 +483,18 @@ pub enum Raw<B> {
     Stored(usize),
     /// Not merged, nothing stored: the body, for the full conversion.
     Declined(B),
+}
+
+/// What a stored merge has egress ship.
+#[derive(Clone, Copy)]
+enum Shipping<'a> {
+    /// The request's own samples (re-shipping stored ones would make the receiver refuse them
+    /// as out of order).
+    Delta(&'a [u8]),
+    /// The merged payload: a cluster's first request, whose converted series are all of it.
+    Merged,
+    /// Nothing: shipped where it was received (a handoff), or no egress (the raw path).
+    Nothing,
 }
 
 /// Why [`Merger::merge`] stored nothing: the store failed, or `admit` refused.
@@ -1319,7 +1374,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_handoff_or_a_removal_makes_the_cached_copy_stale_without_telling_the_merger() {
+    fn a_put_or_a_removal_makes_the_cached_copy_stale_without_telling_the_merger() {
         let (store, dir) = temp_store("stale");
         let merger = Merger::new(store.clone());
         let now = SystemTime::now();
@@ -1335,11 +1390,12 @@ pub(crate) mod tests {
             .store_received("c", one_series(REMOTE_WRITE_HELP, "a", now), now, 10, None)
             .unwrap();
         assert!(merger.is_cached("c"));
-        // A handoff from another owner replaces the payload (the store, not the merger, is told).
+        // A put that replaces the payload, the store told and not the merger (a handoff merges
+        // through the merger now; a put replaces as an upload of another path would).
         let later = now + std::time::Duration::from_secs(1);
-        assert!(store
-            .put_if_newer("c", one_series(REMOTE_WRITE_HELP, "handed", now), later)
-            .unwrap());
+        store
+            .put("c", one_series(REMOTE_WRITE_HELP, "handed", now), later)
+            .unwrap();
         assert!(!merger.is_cached("c"));
         merger
             .store_received(

@@ -581,7 +581,7 @@ impl Store {
     /// journal then holds only that (the `patch` module), and `whole` (the edited payload) is
     /// asked for only when the patch cannot be journaled (the chain is full, the segment
     /// changed). `newest_sample_ms` and `newest_received_ms` are the edited payload's. Either way
-    /// what is served is the edited payload, durable before this returns, and `delta` is
+    /// what is served is the edited payload, durable before this returns, and `ship` is
     /// shipped once; or, when the stored payload is no longer the one edited, nothing is
     /// ([`Committed::Moved`]).
     #[allow(clippy::too_many_arguments)]
@@ -590,7 +590,7 @@ impl Store {
         cluster_id: &str,
         patch: Patch,
         whole: impl FnOnce() -> Vec<u8>,
-        delta: Vec<u8>,
+        ship: Ship,
         received: SystemTime,
         newest_sample_ms: i64,
         newest_received_ms: i64,
@@ -622,8 +622,8 @@ impl Store {
         if hopeful {
             // Without egress the delta goes nowhere; with it, a refused patch journals nothing
             // (its ship record neither), so the retry below ships it.
-            let ship = match self.handle.shared.egress {
-                Some(_) => Ship::Payload(delta.clone()),
+            let shipped = match self.handle.shared.egress {
+                Some(_) => ship.clone(),
                 None => Ship::Nothing,
             };
             let outcome = self.submit(
@@ -631,7 +631,7 @@ impl Store {
                 Put {
                     serve: Some(Vec::new()),
                     frames: None,
-                    ship,
+                    ship: shipped,
                     received,
                     mode: Mode::Replace,
                     newest_received_ms: Some(newest_received_ms),
@@ -650,7 +650,7 @@ impl Store {
             Put {
                 serve: Some(whole()),
                 frames: None,
-                ship: Ship::Payload(delta),
+                ship,
                 received,
                 mode: Mode::Replace,
                 newest_received_ms: Some(newest_received_ms),
@@ -705,7 +705,10 @@ impl Store {
 
     /// Like [`Store::put`], but keeps the stored upload when it is newer (used when ownership
     /// moves between servers): its newest sample is newer than `payload`'s, or the same and it
-    /// was received after `received`. Returns whether `payload` was written.
+    /// was received after `received`. Returns whether `payload` was written. Held, like an upload
+    /// as sent, to the cluster having no remote-write series (within the TTL, counting the
+    /// puts committed before it): otherwise it would replace their merged view, and the payload
+    /// is handed back ([`StoreError::UsesRemoteWrite`]) to be merged into it.
     pub fn put_if_newer(
         &self,
         cluster_id: &str,
@@ -725,7 +728,7 @@ impl Store {
                 newest_received_ms: None,
                 patch: None,
                 newest_sample_ms: None,
-                condition: Condition::Always,
+                condition: Condition::NoRemoteWrite,
             },
         )
         .map(Outcome::written)
@@ -1035,6 +1038,13 @@ impl Store {
         lock(&self.handle.shared.index)
             .get(cluster_id)
             .map(|entry| entry.version)
+    }
+
+    /// When `cluster_id`'s stored payload was received; `None` when the cluster has no entry.
+    pub fn received(&self, cluster_id: &str) -> Option<SystemTime> {
+        lock(&self.handle.shared.index)
+            .get(cluster_id)
+            .map(|entry| telemeter_common::time::from_unix_millis(entry.received_millis))
     }
 
     /// Removes a cluster's file (used when another server took ownership of it).

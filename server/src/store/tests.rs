@@ -1683,7 +1683,7 @@ fn patches_are_journaled_instead_of_images_and_a_crash_replays_them_to_what_was_
                         "c",
                         patch,
                         || payload.clone(),
-                        Vec::new(),
+                        Ship::Nothing,
                         at(0),
                         now_ms(),
                         7 + n as i64,
@@ -1800,7 +1800,7 @@ fn a_merge_over_another_payload_than_the_stored_one_stores_nothing() {
             "c",
             patch,
             || payload.clone(),
-            Vec::new(),
+            Ship::Nothing,
             at(0),
             now_ms(),
             2,
@@ -1843,7 +1843,15 @@ fn a_merge_over_another_payload_than_the_stored_one_stores_nothing() {
     big.push(0, &[3u8; 500]);
     payload = vec![3u8; 500];
     store
-        .put_patched("c", big, || payload.clone(), Vec::new(), at(0), now_ms(), 3)
+        .put_patched(
+            "c",
+            big,
+            || payload.clone(),
+            Ship::Nothing,
+            at(0),
+            now_ms(),
+            3,
+        )
         .unwrap();
     let kinds: Vec<u8> = journal_records(&dir.0).iter().map(|r| r.0).collect();
     assert!(!kinds.contains(&journal::PATCH), "{kinds:?}");
@@ -1871,7 +1879,15 @@ fn chained_payloads_past_the_budget_close_the_segment_so_pins_stay_bounded() {
         let base = store.version(id).unwrap();
         let edit = edit(payload, n, base);
         store
-            .put_patched(id, edit, || payload.clone(), Vec::new(), at(0), now_ms(), 7)
+            .put_patched(
+                id,
+                edit,
+                || payload.clone(),
+                Ship::Nothing,
+                at(0),
+                now_ms(),
+                7,
+            )
             .unwrap();
     };
     for (id, payload) in ["a", "b", "c"].iter().zip(payloads.iter()) {
