@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::forward::{ForwardError, ForwardKind};
 use super::Cluster;
-use crate::receive::merge::Merger;
+use crate::receive::merge::{uses_remote_write, Merger};
 use crate::store::{Store, StoreError};
 
 /// Files are rescanned at least this often even if the ring did not change.
@@ -61,14 +61,17 @@ pub fn store_handoff(
     received: SystemTime,
 ) -> Result<bool, StoreError> {
     let store = merger.store();
-    let payload = match crate::store::newest_received_in(&payload) {
-        // No remote-write series in it: whole, if the cluster has none here either (the store
-        // checks where it commits, and hands it back otherwise).
-        i64::MIN => match store.put_if_newer(cluster_id, payload, received) {
+    // No remote-write series in it nor here: whole. Asked as an upload asks (which reads the
+    // marker of a file written before the store kept it), and checked again where it commits:
+    // handed back if the cluster's first request was merged meanwhile.
+    let whole = crate::store::newest_received_in(&payload) == i64::MIN
+        && !uses_remote_write(store, cluster_id, received);
+    let payload = match whole {
+        true => match store.put_if_newer(cluster_id, payload, received) {
             Err(StoreError::UsesRemoteWrite(returned)) => returned.into_families()?,
             stored => return stored,
         },
-        _ => payload,
+        false => payload,
     };
     // Merged, it stands for both receipts: the later one (the owner's, mostly) is kept.
     let received = store

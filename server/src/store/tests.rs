@@ -1218,6 +1218,45 @@ fn a_version_2_file_opens_serves_and_learns_its_marker_from_its_payload_once() {
 }
 
 #[test]
+fn a_handoff_over_a_version_2_file_of_remote_write_series_is_merged_into_it() {
+    // The file's marker is unknown until its payload is read: a handoff asks as an upload does.
+    use telemeter_common::model::{Metric, MetricFamily, MetricType, Untyped};
+    let dir = TempDir::new("handoff-v2");
+    fs::create_dir_all(&dir.0).unwrap();
+    let (received, _) = with_help(REMOTE_WRITE_HELP, 2_000);
+    let millis = telemeter_common::time::unix_millis(SystemTime::now());
+    let header = file::tests::encode_header_v2("c", millis, millis as i64 - 2_000, &received);
+    fs::write(
+        dir.0.join(file::file_name("c")),
+        [header, received].concat(),
+    )
+    .unwrap();
+    let store = open(&dir);
+    let merger = crate::receive::merge::Merger::new(store.clone());
+    let upload = telemeter_common::delimited::encode(&[MetricFamily {
+        name: Some("node_load1".into()),
+        help: Some("from an upload".into()),
+        r#type: Some(MetricType::Untyped as i32),
+        metric: vec![Metric {
+            untyped: Some(Untyped { value: Some(0.5) }),
+            timestamp_ms: Some(telemeter_common::time::unix_millis(SystemTime::now()) as i64),
+            ..Default::default()
+        }],
+    }]);
+    let later = SystemTime::now() + Duration::from_secs(1);
+    assert!(crate::cluster::handoff::store_handoff(&merger, "c", upload, later).unwrap());
+    let families: Vec<String> = telemeter_common::delimited::decode(
+        &store.get("c").unwrap().unwrap().payload,
+        &telemeter_common::delimited::Limits::default(),
+    )
+    .unwrap()
+    .into_iter()
+    .map(|family| family.name.unwrap_or_default())
+    .collect();
+    assert_eq!(families, ["up", "node_load1"]);
+}
+
+#[test]
 fn a_version_3_file_is_verified_by_its_sha256_served_and_rewritten_as_version_4() {
     let dir = TempDir::new("file-v3");
     fs::create_dir_all(&dir.0).unwrap();
