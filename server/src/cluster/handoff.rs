@@ -274,6 +274,119 @@ mod tests {
     }
 
     #[test]
+    fn a_merged_handoff_keeps_the_receipt_of_a_request_that_committed_while_it_waited() {
+        use crate::receive::merge::REMOTE_WRITE_HELP as RW;
+        let store = TempStore::new("handoff-receipt");
+        let merger = Merger::new(store.store.clone());
+        let now = now();
+        let (r0, handed_at, request_at) = (
+            now - Duration::from_secs(3),
+            now - Duration::from_secs(2),
+            now,
+        );
+        store
+            .store
+            .put("c", series("up", &["upload"], r0), r0)
+            .unwrap();
+        // A request merges (holding the cluster's stripe), paused after its read of the store.
+        let (reached, go_on) = store.store.pause_once_at("payload read");
+        let request = std::thread::spawn({
+            let merger = merger.clone();
+            move || merger.store_received("c", series(RW, &["request"], now), request_at, 100, None)
+        });
+        reached.recv().unwrap();
+        // The handoff arrives meanwhile and waits for the stripe; the request then commits.
+        let handoff = std::thread::spawn({
+            let merger = merger.clone();
+            move || store_handoff(&merger, "c", series(RW, &["handed"], now), handed_at)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        go_on.send(()).unwrap();
+        request.join().unwrap().unwrap();
+        assert!(handoff.join().unwrap().unwrap());
+        assert_eq!(jobs(&store.store, "c"), ["handed", "request", "upload"]);
+        // The request's receipt, not the one the store had when the handoff arrived: a removal
+        // asked before the request must not remove what it stored.
+        assert_eq!(store.store.received("c"), Some(request_at));
+        assert!(!store.store.remove_if_received_by("c", handed_at).unwrap());
+    }
+
+    #[test]
+    fn a_cluster_a_handoff_took_past_the_cap_keeps_taking_samples_of_its_series() {
+        use crate::receive::merge::{MergeError, REMOTE_WRITE_HELP as RW};
+        let store = TempStore::new("handoff-cap");
+        let merger = Merger::new(store.store.clone());
+        let now = now();
+        let cap = 2;
+        merger
+            .store_received("c", series(RW, &["a", "b"], now), now, cap, None)
+            .unwrap();
+        assert!(store_handoff(&merger, "c", series(RW, &["c", "d"], now), now).unwrap());
+        assert_eq!(jobs(&store.store, "c"), ["a", "b", "c", "d"]);
+        // Samples of series it has: merged in place (cached), and by a merger that has to read
+        // the store (a restart): both within the cap, as they add no series.
+        let later = now + Duration::from_secs(1);
+        merger
+            .store_received("c", series(RW, &["a", "c"], later), later, cap, None)
+            .unwrap();
+        let restarted = Merger::new(store.store.clone());
+        restarted
+            .store_received("c", series(RW, &["d"], later), later, cap, None)
+            .unwrap();
+        // A new series is refused.
+        match restarted.store_received("c", series(RW, &["e"], later), later, cap, None) {
+            Err(MergeError::TooManySeries { limit: 2 }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(jobs(&store.store, "c"), ["a", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn the_owners_family_types_win_over_a_handoffs() {
+        use telemeter_common::model::{Gauge, LabelPair, Metric, MetricFamily, MetricType};
+        let store = TempStore::new("handoff-types");
+        let merger = Merger::new(store.store.clone());
+        let now = now();
+        let family = |kind: MetricType, job: &str, at: SystemTime| {
+            let mut metric = crate::receive::merge::untyped_series(
+                vec![LabelPair::new("job", job)],
+                1.0,
+                telemeter_common::time::sample_millis(at),
+            );
+            if kind == MetricType::Gauge {
+                metric = Metric {
+                    untyped: None,
+                    gauge: Some(Gauge { value: Some(1.0) }),
+                    ..metric
+                };
+            }
+            telemeter_common::delimited::encode(&[MetricFamily {
+                name: Some("x".into()),
+                help: Some(crate::receive::merge::REMOTE_WRITE_HELP.into()),
+                r#type: Some(kind as i32),
+                metric: vec![metric],
+            }])
+        };
+        // The owner learnt `x` is a gauge (remote write's metadata) after the ring changed; the
+        // old owner still had it untyped.
+        merger
+            .store_received("c", family(MetricType::Gauge, "here", now), now, 10, None)
+            .unwrap();
+        let earlier = now - Duration::from_secs(1);
+        let handed = family(MetricType::Untyped, "handed", earlier);
+        assert!(store_handoff(&merger, "c", handed, earlier).unwrap());
+        let families = telemeter_common::delimited::decode(
+            &store.store.get("c").unwrap().unwrap().payload,
+            &telemeter_common::delimited::Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(families.len(), 1);
+        assert_eq!(families[0].r#type, Some(MetricType::Gauge as i32));
+        assert_eq!(families[0].metric.len(), 2, "both series, as gauges");
+        assert!(families[0].metric.iter().all(|m| m.gauge.is_some()));
+    }
+
+    #[test]
     fn a_merged_handoff_is_not_shipped_again() {
         use crate::receive::merge::REMOTE_WRITE_HELP as RW;
         let dir = TempStore::new("handoff-shipping");

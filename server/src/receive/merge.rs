@@ -250,7 +250,7 @@ impl Merger {
             delta,
             received,
             converted,
-            true,
+            Source::Received,
             |series| match series > max_series {
                 true => Err(MergeError::TooManySeries { limit: max_series }),
                 false => Ok(()),
@@ -269,52 +269,64 @@ impl Merger {
         received: SystemTime,
     ) -> Result<(), MergeError> {
         let limit = self.max_series;
-        self.merge(cluster_id, upload, received, None, true, |series| {
-            match series > limit {
+        self.merge(
+            cluster_id,
+            upload,
+            received,
+            None,
+            Source::Received,
+            |series| match series > limit {
                 true => Err(MergeError::TooManySeries { limit }),
                 false => Ok(()),
-            }
-        })
+            },
+        )
         .map_err(MergeError::from)
     }
 
     /// Merges `payload`, a cluster's series handed off by the member that stored them before (its
-    /// owner until the ring changed), into `cluster_id`'s stored series: per series the newer
+    /// owner until the ring changed), with `cluster_id`'s stored series: per series the newer
     /// sample wins, so neither the requests merged here since nor what the handoff carries is
-    /// lost. Ships nothing (the member that received them shipped them), and is not held to
+    /// lost ([`Source::HandedOff`] says how it differs from a request's merge). Not held to
     /// `--max-series`: each side was accepted within it, and a handoff refused would be lost
-    /// with its member's copy at the TTL.
+    /// with its member's copy at the TTL. A cluster it takes past the cap still takes its
+    /// requests' samples of the series it has (merged in place), not new series.
     pub fn store_handed_off(
         &self,
         cluster_id: &str,
         payload: Vec<u8>,
         received: SystemTime,
     ) -> Result<(), StoreError> {
-        self.merge(cluster_id, payload, received, None, false, |_| {
-            Ok::<(), std::convert::Infallible>(())
-        })
+        self.merge(
+            cluster_id,
+            payload,
+            received,
+            None,
+            Source::HandedOff,
+            |_| Ok::<(), std::convert::Infallible>(()),
+        )
         .map_err(|e| match e {
             Capped::Store(e) => e,
             Capped::Refused(never) => match never {},
         })
     }
 
-    /// The merge itself: `admit` sees the merged series count before anything is stored; egress
-    /// ships `delta` when `ships`. Made again over what is stored when a put of another path (an
-    /// upload that found no remote-write series, a handoff) committed between the read and the
-    /// commit: a merge never erases what another path stored.
+    /// The merge itself: `admit` sees the merged series count before anything that adds series is
+    /// stored (a merge in place adds none); `source` says what `delta` is. Made again over what
+    /// is stored when a put of another path (an upload that found no remote-write series, a
+    /// handoff) committed between the read and the commit: a merge never erases what another
+    /// path stored.
     fn merge<E>(
         &self,
         cluster_id: &str,
         mut delta: Vec<u8>,
         received: SystemTime,
         converted: Option<&Arc<Vec<Selector>>>,
-        ships: bool,
+        source: Source,
         admit: impl Fn(usize) -> Result<(), E>,
     ) -> Result<(), Capped<E>> {
         let _stripe = self.stripe(cluster_id);
         for _ in 0..MERGE_ATTEMPTS {
-            if self.merge_once(cluster_id, &mut delta, received, converted, ships, &admit)? {
+            if self.merge_once(cluster_id, &mut delta, received, converted, source, &admit)? {
                 return Ok(());
             }
             log::debug!("cluster {cluster_id:?} changed while merging into it; merging again");
@@ -332,9 +344,19 @@ impl Merger {
         delta: &mut Vec<u8>,
         received: SystemTime,
         converted: Option<&Arc<Vec<Selector>>>,
-        ships: bool,
+        source: Source,
         admit: &impl Fn(usize) -> Result<(), E>,
     ) -> Result<bool, Capped<E>> {
+        // Read under the stripe, each attempt: a merge that commits over another put was made
+        // over what that put stored (else `Committed::Moved`, and this is read again).
+        let received = match source {
+            Source::Received => received,
+            Source::HandedOff => self
+                .store
+                .received(cluster_id)
+                .map_or(received, |here| here.max(received)),
+        };
+        let ships = source == Source::Received;
         let oldest_ms = telemeter_common::time::sample_millis(received)
             .saturating_sub(telemeter_common::time::duration_millis(self.store.ttl()));
         // Out of the cache until the store has the merged payload: only then is it cached again.
@@ -350,10 +372,9 @@ impl Merger {
             None => Err(None),
         };
         let (mut entry, base) = match in_place {
-            Ok((entry, version)) => {
-                admit(entry.series()).map_err(Capped::Refused)?;
-                (entry, Some(version))
-            }
+            // No series added: within the cap even when the cluster is past it (a handoff, or a
+            // cap lowered since), so its known series keep taking samples.
+            Ok((entry, version)) => (entry, Some(version)),
             Err(cached) => {
                 let (stored, base) = match cached {
                     Some((payload, version)) => (Some(payload), Some(version)),
@@ -389,9 +410,24 @@ impl Merger {
                         Err(back) => *delta = back,
                     }
                 }
-                let merged = merge_stored(cluster_id, stored.as_deref(), delta, oldest_ms)?;
+                let merged = match source {
+                    Source::Received => {
+                        merge_stored(cluster_id, stored.as_deref(), delta, oldest_ms)?
+                    }
+                    // The stored series over the handed ones: the owner's types and help win,
+                    // and its sample on a tie.
+                    Source::HandedOff => merge_stored(
+                        cluster_id,
+                        Some(delta),
+                        stored.as_deref().unwrap_or_default(),
+                        oldest_ms,
+                    )?,
+                };
                 drop(stored);
-                admit(merged.series).map_err(Capped::Refused)?;
+                // A merge that adds no series is within the cap even past it, as one in place.
+                if merged.added > 0 {
+                    admit(merged.series).map_err(Capped::Refused)?;
+                }
                 match CachedCluster::build(merged.payload, merged.newest_received) {
                     Ok(entry) => (entry, base),
                     Err(payload) => {
@@ -483,6 +519,19 @@ pub enum Raw<B> {
     Stored(usize),
     /// Not merged, nothing stored: the body, for the full conversion.
     Declined(B),
+}
+
+/// What a merge merges into a cluster's stored series.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// A remote-write request or an upload received here, or forwarded by the member that
+    /// received it: merged over the stored series (its samples win a tie, its types and help
+    /// win), shipped by egress, and its receipt is the cluster's newest.
+    Received,
+    /// A handoff: series another member stored (and shipped) before the ring changed. The stored
+    /// series are merged over it, nothing is shipped, and the later of its receipt and the
+    /// stored one's is kept.
+    HandedOff,
 }
 
 /// What a stored merge has egress ship.
@@ -588,6 +637,9 @@ pub struct Merged {
     pub payload: Vec<u8>,
     /// Series in it.
     pub series: usize,
+    /// Series of the delta the stored payload did not have (with a family that changed type,
+    /// all of its series).
+    pub added: usize,
     /// Its newest remote-write sample (ms), `i64::MIN` when none.
     pub newest_received: i64,
 }
@@ -684,6 +736,7 @@ pub fn merge_payloads(stored: &[u8], delta: &[u8], oldest_ms: i64) -> Result<Mer
     // Every kept series' identity bytes, one after the other: read once per series, and no
     // allocation per series.
     let mut arena: Vec<u8> = Vec::new();
+    let mut added = 0;
     for (from_delta, body) in [(false, stored), (true, delta)] {
         for view in wire::families(body, &UNLIMITED) {
             let view = view?;
@@ -751,6 +804,7 @@ pub fn merge_payloads(stored: &[u8], delta: &[u8], oldest_ms: i64) -> Result<Mer
                         }
                     }
                     None => {
+                        added += usize::from(from_delta);
                         series.key = arena.len()..arena.len() + key.len();
                         arena.extend_from_slice(&key);
                         let i = family.series.len();
@@ -771,6 +825,7 @@ pub fn merge_payloads(stored: &[u8], delta: &[u8], oldest_ms: i64) -> Result<Mer
     let mut out = Merged {
         payload: Vec::with_capacity(stored.len() + delta.len()),
         series: 0,
+        added,
         newest_received: i64::MIN,
     };
     for family in &families {
