@@ -73,10 +73,6 @@ pub fn store_handoff(
         },
         false => payload,
     };
-    // Merged, it stands for both receipts: the later one (the owner's, mostly) is kept.
-    let received = store
-        .received(cluster_id)
-        .map_or(received, |here| here.max(received));
     merger
         .store_handed_off(cluster_id, payload, received)
         .map(|()| true)
@@ -333,12 +329,58 @@ mod tests {
         restarted
             .store_received("c", series(RW, &["d"], later), later, cap, None)
             .unwrap();
+        // Nor does a staleness marker of a series it does not hold (dropped by the merge).
+        let stale = {
+            use telemeter_common::model::{LabelPair, MetricFamily, MetricType};
+            telemeter_common::delimited::encode(&[MetricFamily {
+                name: Some("up".into()),
+                help: Some(RW.into()),
+                r#type: Some(MetricType::Untyped as i32),
+                metric: ["a", "e"]
+                    .iter()
+                    .map(|job| {
+                        let value = match *job {
+                            "e" => f64::from_bits(0x7ff0_0000_0000_0002),
+                            _ => 2.0,
+                        };
+                        crate::receive::merge::untyped_series(
+                            vec![LabelPair::new("job", job)],
+                            value,
+                            telemeter_common::time::sample_millis(later),
+                        )
+                    })
+                    .collect(),
+            }])
+        };
+        Merger::new(store.store.clone())
+            .store_received("c", stale, later, cap, None)
+            .unwrap();
         // A new series is refused.
         match restarted.store_received("c", series(RW, &["e"], later), later, cap, None) {
             Err(MergeError::TooManySeries { limit: 2 }) => {}
             other => panic!("{other:?}"),
         }
         assert_eq!(jobs(&store.store, "c"), ["a", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn a_handoff_that_does_not_decode_is_refused_and_the_owners_series_kept() {
+        use crate::receive::merge::REMOTE_WRITE_HELP as RW;
+        let store = TempStore::new("handoff-garbage");
+        let merger = Merger::new(store.store.clone());
+        let now = now();
+        merger
+            .store_received("c", series(RW, &["here"], now), now, 100, None)
+            .unwrap();
+        // Its member keeps it (the handoff fails) rather than have it dropped unseen.
+        let garbage = vec![0x05, 0x0a, 0xff, 0xff, 0xff, 0xff];
+        match store_handoff(&merger, "c", garbage, now) {
+            Err(StoreError::Format { reason, .. }) => {
+                assert!(reason.contains("the handed payload"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(jobs(&store.store, "c"), ["here"]);
     }
 
     #[test]

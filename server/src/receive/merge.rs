@@ -347,29 +347,26 @@ impl Merger {
         source: Source,
         admit: &impl Fn(usize) -> Result<(), E>,
     ) -> Result<bool, Capped<E>> {
-        // Read under the stripe, each attempt: a merge that commits over another put was made
-        // over what that put stored (else `Committed::Moved`, and this is read again).
-        let received = match source {
-            Source::Received => received,
-            Source::HandedOff => self
-                .store
-                .received(cluster_id)
-                .map_or(received, |here| here.max(received)),
-        };
+        let mut received = received;
         let ships = source == Source::Received;
-        let oldest_ms = telemeter_common::time::sample_millis(received)
-            .saturating_sub(telemeter_common::time::duration_millis(self.store.ttl()));
+        let ttl_ms = telemeter_common::time::duration_millis(self.store.ttl());
+        let oldest =
+            |received| telemeter_common::time::sample_millis(received).saturating_sub(ttl_ms);
         // Out of the cache until the store has the merged payload: only then is it cached again.
-        let in_place = match self.cached(cluster_id) {
-            Some((mut entry, version)) => {
+        let in_place = match (self.cached(cluster_id), source) {
+            (Some((mut entry, version)), Source::Received) => {
                 // What it writes in place is what the store journals (`Store::put_patched`).
                 entry.record_patch(version);
-                match entry.merge_in_place(delta, oldest_ms) {
+                match entry.merge_in_place(delta, oldest(received)) {
                     true => Ok((entry, version)),
                     false => Err(Some((entry.into_payload(), version))),
                 }
             }
-            None => Err(None),
+            // A handoff is merged whole, under the stored series (below).
+            (Some((entry, version)), Source::HandedOff) => {
+                Err(Some((entry.into_payload(), version)))
+            }
+            (None, _) => Err(None),
         };
         let (mut entry, base) = match in_place {
             // No series added: within the cap even when the cluster is past it (a handoff, or a
@@ -386,6 +383,16 @@ impl Merger {
                         (stored, base)
                     }
                 };
+                // A handoff stands for both receipts: the later is kept. Read after the base, so
+                // that a put since makes the commit merge again (`Committed::Moved`) rather than
+                // store an older receipt over it.
+                if source == Source::HandedOff {
+                    received = self
+                        .store
+                        .received(cluster_id)
+                        .map_or(received, |here| here.max(received));
+                }
+                let oldest_ms = oldest(received);
                 // A cluster's first request: its converted series alone are the payload.
                 if let (None, Some(whitelist)) = (&stored, converted) {
                     let taken = std::mem::take(delta);
@@ -414,18 +421,14 @@ impl Merger {
                     Source::Received => {
                         merge_stored(cluster_id, stored.as_deref(), delta, oldest_ms)?
                     }
-                    // The stored series over the handed ones: the owner's types and help win,
-                    // and its sample on a tie.
-                    Source::HandedOff => merge_stored(
-                        cluster_id,
-                        Some(delta),
-                        stored.as_deref().unwrap_or_default(),
-                        oldest_ms,
-                    )?,
+                    Source::HandedOff => {
+                        merge_handed(cluster_id, delta, stored.as_deref(), oldest_ms)?
+                    }
                 };
                 drop(stored);
-                // A merge that adds no series is within the cap even past it, as one in place.
-                if merged.added > 0 {
+                // A merge that does not grow the cluster is within the cap even past it, as one
+                // in place: the cap stops new series, not samples.
+                if merged.series > merged.stored {
                     admit(merged.series).map_err(Capped::Refused)?;
                 }
                 match CachedCluster::build(merged.payload, merged.newest_received) {
@@ -631,15 +634,42 @@ fn merge_stored(
     }
 }
 
+/// The stored series (`stored`, None when the cluster has none) merged over `handed`, a handoff's
+/// payload: the owner's types and help win, and its sample on a tie. When one side does not
+/// decode: an unreadable handoff is refused (its member keeps it, and says so each pass), an
+/// unreadable stored payload is replaced by the handed series, as a request's merge replaces it.
+fn merge_handed(
+    cluster_id: &str,
+    handed: &[u8],
+    stored: Option<&[u8]>,
+    oldest_ms: i64,
+) -> Result<Merged, StoreError> {
+    let stored = stored.unwrap_or_default();
+    let refused = |side: &str, e: DecodeError| StoreError::Format {
+        context: format!("merging a handoff of cluster {cluster_id:?}"),
+        reason: format!("{side} does not decode: {e}"),
+    };
+    match merge_payloads(handed, stored, oldest_ms) {
+        Ok(merged) => Ok(merged),
+        Err(e) => {
+            let alone = merge_payloads(handed, &[], oldest_ms)
+                .map_err(|e| refused("the handed payload", e))?;
+            log::warn!(
+                "cluster {cluster_id:?}: stored payload unreadable ({e}); taking the handed series"
+            );
+            Ok(alone)
+        }
+    }
+}
+
 /// What [`merge_payloads`] made.
 pub struct Merged {
     /// The merged families, protobuf-delimited.
     pub payload: Vec<u8>,
     /// Series in it.
     pub series: usize,
-    /// Series of the delta the stored payload did not have (with a family that changed type,
-    /// all of its series).
-    pub added: usize,
+    /// Series in the stored payload it was merged from.
+    pub stored: usize,
     /// Its newest remote-write sample (ms), `i64::MIN` when none.
     pub newest_received: i64,
 }
@@ -736,7 +766,7 @@ pub fn merge_payloads(stored: &[u8], delta: &[u8], oldest_ms: i64) -> Result<Mer
     // Every kept series' identity bytes, one after the other: read once per series, and no
     // allocation per series.
     let mut arena: Vec<u8> = Vec::new();
-    let mut added = 0;
+    let mut stored_series = 0;
     for (from_delta, body) in [(false, stored), (true, delta)] {
         for view in wire::families(body, &UNLIMITED) {
             let view = view?;
@@ -776,6 +806,7 @@ pub fn merge_payloads(stored: &[u8], delta: &[u8], oldest_ms: i64) -> Result<Mer
             }
             for metric in view.metrics() {
                 let metric = metric?;
+                stored_series += usize::from(!from_delta);
                 identity(&metric, &mut pairs, &mut key)?;
                 let hash = keys.hash_one(key.as_slice());
                 let mut series = Series {
@@ -804,7 +835,6 @@ pub fn merge_payloads(stored: &[u8], delta: &[u8], oldest_ms: i64) -> Result<Mer
                         }
                     }
                     None => {
-                        added += usize::from(from_delta);
                         series.key = arena.len()..arena.len() + key.len();
                         arena.extend_from_slice(&key);
                         let i = family.series.len();
@@ -825,7 +855,7 @@ pub fn merge_payloads(stored: &[u8], delta: &[u8], oldest_ms: i64) -> Result<Mer
     let mut out = Merged {
         payload: Vec::with_capacity(stored.len() + delta.len()),
         series: 0,
-        added,
+        stored: stored_series,
         newest_received: i64::MIN,
     };
     for family in &families {
