@@ -288,8 +288,8 @@ impl Merger {
     /// sample wins, so neither the requests merged here since nor what the handoff carries is
     /// lost ([`Source::HandedOff`] says how it differs from a request's merge). Not held to
     /// `--max-series`: each side was accepted within it, and a handoff refused would be lost
-    /// with its member's copy at the TTL. A cluster it takes past the cap still takes its
-    /// requests' samples of the series it has (merged in place), not new series.
+    /// with its member's copy at the TTL. A cluster it takes past the cap still takes requests
+    /// that do not grow its count of series: the cap bounds the count, not the samples.
     pub fn store_handed_off(
         &self,
         cluster_id: &str,
@@ -651,7 +651,9 @@ fn merge_handed(
     };
     match merge_payloads(handed, stored, oldest_ms) {
         Ok(merged) => Ok(merged),
-        Err(e) => {
+        // Blamed on the stored payload only when it fails alone: a handed series can fail only
+        // in the merge (converted to the owner's type), and the owner's series must not go.
+        Err(e) if merge_payloads(stored, &[], oldest_ms).is_err() => {
             let alone = merge_payloads(handed, &[], oldest_ms)
                 .map_err(|e| refused("the handed payload", e))?;
             log::warn!(
@@ -659,6 +661,7 @@ fn merge_handed(
             );
             Ok(alone)
         }
+        Err(e) => Err(refused("the handed payload", e)),
     }
 }
 
@@ -668,7 +671,7 @@ pub struct Merged {
     pub payload: Vec<u8>,
     /// Series in it.
     pub series: usize,
-    /// Series in the stored payload it was merged from.
+    /// Series in the payload merged into (`stored`; for a handoff, the handed one).
     pub stored: usize,
     /// Its newest remote-write sample (ms), `i64::MIN` when none.
     pub newest_received: i64,
