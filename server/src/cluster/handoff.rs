@@ -206,22 +206,7 @@ mod tests {
         closed_addr, id_owned_by, node, pair, up_series as series, TempStore,
     };
     use super::*;
-
-    /// The jobs of the series `store` serves for `id`, sorted.
-    fn jobs(store: &Store, id: &str) -> Vec<String> {
-        let payload = store.get(id).unwrap().unwrap().payload;
-        let mut jobs: Vec<String> = telemeter_common::delimited::decode(
-            &payload,
-            &telemeter_common::delimited::Limits::default(),
-        )
-        .unwrap()
-        .iter()
-        .flat_map(|family| family.metric.iter())
-        .map(|metric| metric.label_value("job").unwrap().to_string())
-        .collect();
-        jobs.sort();
-        jobs
-    }
+    use crate::receive::merge::tests::jobs_of as jobs;
 
     /// Now, to the millisecond the store keeps.
     fn now() -> SystemTime {

@@ -174,8 +174,18 @@ impl Merger {
         Some((entry, version?))
     }
 
+    /// What the store journals to ship for a merge whose payload is `merged`: copied only where
+    /// there is egress (without, nothing shipped is journaled).
+    fn ship(&self, shipping: Shipping<'_>, merged: &[u8]) -> Ship {
+        match (self.store.is_shipping(), shipping) {
+            (false, _) | (true, Shipping::Nothing) => Ship::Nothing,
+            (true, Shipping::Delta(delta)) => Ship::Payload(delta.to_vec()),
+            (true, Shipping::Merged) => Ship::Payload(merged.to_vec()),
+        }
+    }
+
     /// Stores `entry`'s payload (with its newest remote-write sample), made over the stored
-    /// payload of version `base`, and ships `ship` (`None`: the payload itself); caches `entry`
+    /// payload of version `base`, and ships what `shipping` says; caches `entry`
     /// as what the store now holds, unless a later put replaced it in the same commit. When the
     /// stored payload is no longer that of `base` ([`Committed::Moved`]) nothing is stored and
     /// `entry` is handed back.
@@ -187,12 +197,7 @@ impl Merger {
         received: SystemTime,
         base: Option<u64>,
     ) -> Result<Option<CachedCluster>, StoreError> {
-        // Copied only where there is egress: without, nothing shipped is journaled.
-        let ship = match (self.store.is_shipping(), shipping) {
-            (false, _) | (true, Shipping::Nothing) => Ship::Nothing,
-            (true, Shipping::Delta(delta)) => Ship::Payload(delta.to_vec()),
-            (true, Shipping::Merged) => Ship::Payload(entry.payload().to_vec()),
-        };
+        let ship = self.ship(shipping, entry.payload());
         // Merged in place: the store may journal only what changed (the delta is shipped in the
         // same batch, as `store_merged` does).
         let committed = match entry.take_patch() {
@@ -268,19 +273,7 @@ impl Merger {
         upload: Vec<u8>,
         received: SystemTime,
     ) -> Result<(), MergeError> {
-        let limit = self.max_series;
-        self.merge(
-            cluster_id,
-            upload,
-            received,
-            None,
-            Source::Received,
-            |series| match series > limit {
-                true => Err(MergeError::TooManySeries { limit }),
-                false => Ok(()),
-            },
-        )
-        .map_err(MergeError::from)
+        self.store_received(cluster_id, upload, received, self.max_series, None)
     }
 
     /// Merges `payload`, a cluster's series handed off by the member that stored them before (its
@@ -348,7 +341,6 @@ impl Merger {
         admit: &impl Fn(usize) -> Result<(), E>,
     ) -> Result<bool, Capped<E>> {
         let mut received = received;
-        let ships = source == Source::Received;
         let ttl_ms = telemeter_common::time::duration_millis(self.store.ttl());
         let oldest =
             |received| telemeter_common::time::sample_millis(received).saturating_sub(ttl_ms);
@@ -435,10 +427,7 @@ impl Merger {
                     Ok(entry) => (entry, base),
                     Err(payload) => {
                         // Not indexable (over 4 GiB): stored, not cached.
-                        let ship = match self.store.is_shipping() && ships {
-                            true => Ship::Payload(delta.clone()),
-                            false => Ship::Nothing,
-                        };
+                        let ship = self.ship(source.shipping(delta), &payload);
                         let committed = store_merged(
                             &self.store,
                             cluster_id,
@@ -456,12 +445,8 @@ impl Merger {
         if let Some(whitelist) = converted {
             entry.mark_converted(delta, whitelist);
         }
-        let shipping = match ships {
-            true => Shipping::Delta(delta),
-            false => Shipping::Nothing,
-        };
         Ok(self
-            .store_and_keep(cluster_id, entry, shipping, received, base)?
+            .store_and_keep(cluster_id, entry, source.shipping(delta), received, base)?
             .is_none())
     }
 
@@ -535,6 +520,17 @@ enum Source {
     /// series are merged over it, nothing is shipped, and the later of its receipt and the
     /// stored one's is kept.
     HandedOff,
+}
+
+impl Source {
+    /// What a merge of `delta` from here has egress ship: a request's own samples, or nothing
+    /// of a handoff.
+    fn shipping(self, delta: &[u8]) -> Shipping<'_> {
+        match self {
+            Source::Received => Shipping::Delta(delta),
+            Source::HandedOff => Shipping::Nothing,
+        }
+    }
 }
 
 /// What a stored merge has egress ship.
@@ -1237,7 +1233,7 @@ pub(crate) mod tests {
     }
 
     /// The jobs of the series `store` serves for `cluster_id`, sorted.
-    fn jobs_of(store: &Store, cluster_id: &str) -> Vec<String> {
+    pub(crate) fn jobs_of(store: &Store, cluster_id: &str) -> Vec<String> {
         let mut jobs: Vec<String> =
             delimited::decode(&store.get(cluster_id).unwrap().unwrap().payload, &UNLIMITED)
                 .unwrap()
